@@ -1,0 +1,77 @@
+// Every fastmf op schema, in one place, and the Python module init.
+//
+// The schemas are device-neutral: each device registers its kernels with
+// TORCH_LIBRARY_IMPL(fastmf, <Device>, m) in csrc/<device>/, and PyTorch's
+// dispatcher picks one by the tensors' device. The exact meaning of every op is
+// written out in plain PyTorch in fastmf/reference.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <ATen/Config.h>
+#include <ATen/Parallel.h>
+
+#include <string>
+
+#include "checks.h"
+
+TORCH_LIBRARY(fastmf, m) {
+  // prediction[b] = global_mean + user_bias[users[b]] + item_bias[items[b]]
+  //                 + <user_factors[users[b]], item_factors[items[b]]>
+  m.def(
+      "mf_forward(Tensor users, Tensor items, Tensor user_factors, Tensor item_factors, "
+      "Tensor? user_bias, Tensor? item_bias, float global_mean) -> Tensor");
+  // Per-sample gradient rows of the dot product: (grad_out[b] * item_factors[items[b]],
+  // grad_out[b] * user_factors[users[b]]), each (B, K). Bias gradients equal grad_out.
+  m.def(
+      "mf_backward(Tensor grad_out, Tensor users, Tensor items, Tensor user_factors, "
+      "Tensor item_factors) -> (Tensor, Tensor)");
+  // Exact sparse Adagrad: sum the grad rows of each unique id (in order of occurrence),
+  // then one update per unique row. weight (N, K) or (N,); state like weight, or (N,)
+  // when rowwise.
+  m.def(
+      "sparse_adagrad_update(Tensor(a!) weight, Tensor(b!) state, Tensor ids, Tensor grad_rows, "
+      "float lr, float eps, bool rowwise) -> ()");
+  // Sparse SGD: weight[id] -= lr * (sum of the grad rows of id), once per unique id.
+  m.def("sparse_sgd_update(Tensor(a!) weight, Tensor ids, Tensor grad_rows, float lr) -> ()");
+  // Fused forward + loss gradient + backward + optimizer update; returns the mean loss
+  // (data term + reg term) as a 0-d tensor. loss: 0 mse, 1 huber (delta 1), 2 bce
+  // (with logits). optimizer: 0 sgd, 1 adagrad, 2 row-wise adagrad. States are None for
+  // sgd. Biases are both present or both None.
+  m.def(
+      "train_step(Tensor(a!) user_factors, Tensor(b!) item_factors, Tensor(c!)? user_bias, "
+      "Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, Tensor(f!)? item_factors_state, "
+      "Tensor(g!)? user_bias_state, Tensor(h!)? item_bias_state, Tensor users, Tensor items, "
+      "Tensor targets, float global_mean, int loss, float reg, int optimizer, float lr, "
+      "float eps) -> Tensor");
+}
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef FASTMF_WITH_CUDA
+  const bool with_cuda = true;
+  const char* cuda_version = FASTMF_CUDA_VERSION;
+#else
+  const bool with_cuda = false;
+  const char* cuda_version = "";
+#endif
+#if AT_PARALLEL_OPENMP && defined(_OPENMP)
+  const bool with_openmp = true;
+#else
+  const bool with_openmp = false;
+#endif
+  return Py_BuildValue(
+      "{s:s,s:O,s:O,s:s,s:i}", "torch_version", FASTMF_TORCH_VERSION, "cpu",
+      Py_True, "cuda", with_cuda ? Py_True : Py_False, "cuda_version", cuda_version,
+      "openmp", with_openmp ? 1 : 0);
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "What this extension was built with."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastmf native kernels", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -1,0 +1,104 @@
+"""Input checks shared by the Python backends (reference, Numba); the native ops make the
+same checks in C++ (csrc/checks.h) with the same exception types and messages:
+
+- ids out of range or negative            -> IndexError  "fastmf.<op>: <arg> id <v> out of range [0, <n>)"
+- float ids, weights not float32/float64  -> TypeError
+- mismatched lengths, shapes, devices,
+  NaN/inf targets                         -> ValueError
+"""
+
+from __future__ import annotations
+
+import torch
+
+ID_DTYPES = (torch.int32, torch.int64)
+WEIGHT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_ids(op: str, name: str, ids: torch.Tensor, num_rows: int) -> None:
+    """ids: (B,) int32/int64 in [0, num_rows). Reads the ids (a host sync on a GPU)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"fastmf.{op}: {name} must be a tensor, got {type(ids).__name__}")
+    if ids.dtype not in ID_DTYPES:
+        raise TypeError(f"fastmf.{op}: {name} must be int32 or int64, got {ids.dtype}")
+    if ids.dim() != 1:
+        raise ValueError(f"fastmf.{op}: {name} must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    bad = None
+    if int(lo) < 0:
+        bad = int(lo)
+    elif int(hi) >= num_rows:
+        bad = int(hi)
+    if bad is not None:
+        raise IndexError(f"fastmf.{op}: {name} id {bad} out of range [0, {num_rows})")
+
+
+def check_weight(op: str, name: str, weight: torch.Tensor, dim: int, like=None) -> None:
+    """weight: float32/float64 with ``dim`` dimensions, same dtype and device as ``like``."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"fastmf.{op}: {name} must be a tensor, got {type(weight).__name__}")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"fastmf.{op}: {name} must be float32 or float64, got {weight.dtype}")
+    if weight.dim() != dim:
+        raise ValueError(
+            f"fastmf.{op}: {name} must be {dim}-D, got shape {tuple(weight.shape)}"
+        )
+    if like is not None:
+        if weight.dtype != like.dtype:
+            raise TypeError(
+                f"fastmf.{op}: {name} has dtype {weight.dtype}, expected {like.dtype}"
+            )
+        if weight.device != like.device:
+            raise ValueError(
+                f"fastmf.{op}: {name} is on {weight.device}, expected {like.device}"
+            )
+
+
+def check_same_device(op: str, reference_name: str, reference: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(
+                f"fastmf.{op}: {name} is on {t.device} but {reference_name} is on "
+                f"{reference.device}; move them to one device"
+            )
+
+
+def check_same_length(op: str, **tensors) -> None:
+    lengths = {name: t.shape[0] for name, t in tensors.items() if t is not None}
+    if len(set(lengths.values())) > 1:
+        desc = ", ".join(f"{n} has {v}" for n, v in lengths.items())
+        raise ValueError(f"fastmf.{op}: lengths differ ({desc})")
+
+
+def check_finite(op: str, name: str, values: torch.Tensor) -> None:
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        bad = values[~torch.isfinite(values)][0].item()
+        raise ValueError(f"fastmf.{op}: {name} contains a non-finite value ({bad})")
+
+
+def check_mf_inputs(op, users, items, user_factors, item_factors, user_bias, item_bias):
+    """The checks every MF op makes (the C++ ops make the same)."""
+    check_weight(op, "user_factors", user_factors, 2)
+    check_weight(op, "item_factors", item_factors, 2, like=user_factors)
+    if user_factors.shape[1] != item_factors.shape[1]:
+        raise ValueError(
+            f"fastmf.{op}: user_factors has dim {user_factors.shape[1]} but item_factors "
+            f"has dim {item_factors.shape[1]}"
+        )
+    if (user_bias is None) != (item_bias is None):
+        raise ValueError(f"fastmf.{op}: user_bias and item_bias must both be given or both None")
+    if user_bias is not None:
+        check_weight(op, "user_bias", user_bias, 1, like=user_factors)
+        check_weight(op, "item_bias", item_bias, 1, like=user_factors)
+        if user_bias.shape[0] != user_factors.shape[0]:
+            raise ValueError(f"fastmf.{op}: user_bias has {user_bias.shape[0]} rows, "
+                             f"user_factors has {user_factors.shape[0]}")
+        if item_bias.shape[0] != item_factors.shape[0]:
+            raise ValueError(f"fastmf.{op}: item_bias has {item_bias.shape[0]} rows, "
+                             f"item_factors has {item_factors.shape[0]}")
+    check_same_device(op, "user_factors", user_factors, users=users, items=items)
+    check_ids(op, "users", users, user_factors.shape[0])
+    check_ids(op, "items", items, item_factors.shape[0])
+    check_same_length(op, users=users, items=items)

@@ -1,0 +1,50 @@
+"""Loads the native extension (fastmf._C) and checks it matches the installed torch."""
+
+from __future__ import annotations
+
+import torch
+
+_C = None
+LOAD_ERROR: str | None = None
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _load():
+    global _C, LOAD_ERROR
+    try:
+        from fastmf import _C as module  # registers torch.ops.fastmf.*
+    except ImportError as exc:
+        LOAD_ERROR = (
+            f"the native extension fastmf._C is not built ({exc}). Build it with "
+            "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
+        )
+        return
+    info = module.build_info()
+    built, installed = info["torch_version"], torch.__version__
+    if _major_minor(built) != _major_minor(installed):
+        raise ImportError(
+            f"fastmf._C was built against torch {built} but torch {installed} is installed; "
+            "rebuild it: `pip install --no-build-isolation --force-reinstall --no-deps .`"
+        )
+    if info["cuda"] and torch.version.cuda and (
+        _major_minor(info["cuda_version"]) != _major_minor(torch.version.cuda)
+    ):
+        raise ImportError(
+            f"fastmf._C was built with CUDA {info['cuda_version']} but torch uses CUDA "
+            f"{torch.version.cuda}; rebuild fastmf against the installed torch"
+        )
+    _C = module
+
+
+_load()
+
+
+def native_available() -> bool:
+    return _C is not None
+
+
+def native_build_info() -> dict:
+    return dict(_C.build_info()) if _C is not None else {"cpu": False, "cuda": False}

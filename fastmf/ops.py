@@ -1,0 +1,134 @@
+"""Thin typed wrappers over ``torch.ops.fastmf.*`` with fake kernels (for ``torch.compile``)
+and autograd formulas. The meaning of each op is in :mod:`fastmf.reference`; the schemas
+are in ``csrc/fastmf.cpp``. Device dispatch (CPU/CUDA) is PyTorch's, not ours."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastmf._extension import native_available
+
+__all__ = [
+    "mf_forward",
+    "mf_backward",
+    "sparse_adagrad_update",
+    "sparse_sgd_update",
+    "train_step",
+    "scatter_rows",
+]
+
+
+def mf_forward(
+    users: Tensor,
+    items: Tensor,
+    user_factors: Tensor,
+    item_factors: Tensor,
+    user_bias: Tensor | None,
+    item_bias: Tensor | None,
+    global_mean: float,
+) -> Tensor:
+    """Predictions (B,): ``global_mean + b_u + b_i + <P[u], Q[i]>``. Differentiable (dense
+    gradients) with respect to the four tables.
+
+    >>> pred = mf_forward(users, items, P, Q, bu, bi, 3.5)  # doctest: +SKIP
+    """
+    return torch.ops.fastmf.mf_forward.default(
+        users, items, user_factors, item_factors, user_bias, item_bias, float(global_mean)
+    )
+
+
+def mf_backward(
+    grad_out: Tensor, users: Tensor, items: Tensor, user_factors: Tensor, item_factors: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-sample gradient rows (B, K) for the user and item tables."""
+    return torch.ops.fastmf.mf_backward.default(grad_out, users, items, user_factors, item_factors)
+
+
+def sparse_adagrad_update(
+    weight: Tensor, state: Tensor, ids: Tensor, grad_rows: Tensor, lr: float, eps: float,
+    rowwise: bool,
+) -> None:
+    """In-place exact sparse Adagrad (duplicates summed, one update per unique row)."""
+    torch.ops.fastmf.sparse_adagrad_update.default(
+        weight, state, ids, grad_rows, float(lr), float(eps), bool(rowwise)
+    )
+
+
+def sparse_sgd_update(weight: Tensor, ids: Tensor, grad_rows: Tensor, lr: float) -> None:
+    """In-place sparse SGD (duplicates summed, one update per unique row)."""
+    torch.ops.fastmf.sparse_sgd_update.default(weight, ids, grad_rows, float(lr))
+
+
+def train_step(
+    user_factors, item_factors, user_bias, item_bias,
+    user_factors_state, item_factors_state, user_bias_state, item_bias_state,
+    users, items, targets, global_mean, loss: int, reg: float, optimizer: int, lr: float,
+    eps: float,
+) -> Tensor:
+    """Fused forward + loss + backward + optimizer update; returns the loss (0-d)."""
+    return torch.ops.fastmf.train_step.default(
+        user_factors, item_factors, user_bias, item_bias,
+        user_factors_state, item_factors_state, user_bias_state, item_bias_state,
+        users, items, targets, float(global_mean), int(loss), float(reg), int(optimizer),
+        float(lr), float(eps),
+    )
+
+
+def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Dense gradient of a gather: ``zeros(num_rows, ...).index_add_(0, ids, rows)``."""
+    out = rows.new_zeros((num_rows,) + tuple(rows.shape[1:]))
+    return out.index_add_(0, ids, rows)
+
+
+if native_available():
+
+    @torch.library.register_fake("fastmf::mf_forward")
+    def _mf_forward_fake(users, items, user_factors, item_factors, user_bias, item_bias,
+                         global_mean):
+        torch._check(users.dim() == 1 and items.dim() == 1, lambda: "ids must be 1-D")
+        torch._check(users.shape[0] == items.shape[0], lambda: "users and items differ in length")
+        torch._check(user_factors.dim() == 2 and item_factors.dim() == 2)
+        torch._check(user_factors.shape[1] == item_factors.shape[1])
+        return user_factors.new_empty((users.shape[0],))
+
+    @torch.library.register_fake("fastmf::mf_backward")
+    def _mf_backward_fake(grad_out, users, items, user_factors, item_factors):
+        torch._check(grad_out.shape[0] == users.shape[0])
+        batch, dim = users.shape[0], user_factors.shape[1]
+        return user_factors.new_empty((batch, dim)), user_factors.new_empty((batch, dim))
+
+    @torch.library.register_fake("fastmf::sparse_adagrad_update")
+    def _sparse_adagrad_update_fake(weight, state, ids, grad_rows, lr, eps, rowwise):
+        return None
+
+    @torch.library.register_fake("fastmf::sparse_sgd_update")
+    def _sparse_sgd_update_fake(weight, ids, grad_rows, lr):
+        return None
+
+    @torch.library.register_fake("fastmf::train_step")
+    def _train_step_fake(user_factors, *args):
+        return user_factors.new_empty(())
+
+    def _mf_forward_setup(ctx, inputs, output):
+        users, items, user_factors, item_factors, user_bias, item_bias, _ = inputs
+        ctx.save_for_backward(users, items, user_factors, item_factors)
+        ctx.num_users, ctx.num_items = user_factors.shape[0], item_factors.shape[0]
+        ctx.has_bias = user_bias is not None
+
+    def _mf_forward_backward(ctx, grad):
+        users, items, user_factors, item_factors = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_p = grad_q = grad_bu = grad_bi = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            rows_p, rows_q = mf_backward(grad, users, items, user_factors, item_factors)
+            grad_p = scatter_rows(users, rows_p, ctx.num_users)
+            grad_q = scatter_rows(items, rows_q, ctx.num_items)
+        if ctx.has_bias:
+            grad_bu = scatter_rows(users, grad, ctx.num_users)
+            grad_bi = scatter_rows(items, grad, ctx.num_items)
+        return None, None, grad_p, grad_q, grad_bu, grad_bi, None
+
+    torch.library.register_autograd(
+        "fastmf::mf_forward", _mf_forward_backward, setup_context=_mf_forward_setup
+    )
