@@ -1,0 +1,99 @@
+"""Test axes and data makers shared by the tests and the benchmarks.
+
+Every test is parametrised over these axes; CUDA cases carry ``requires_cuda`` so a
+machine without a GPU shows them as skipped rather than hiding them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"
+)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+ID_DTYPES = [torch.int32, torch.int64]
+WEIGHT_DTYPES = [torch.float32, torch.float64]
+BATCH_SIZES = [0, 1, 7, 4096]
+
+# fp32: a few ulps of accumulated rounding over K-term dot products and 20 optimizer steps.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+}
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return TOLERANCES[dtype]
+
+
+def zipf_ids(
+    num_rows: int,
+    size: int,
+    *,
+    exponent: float = 1.0,
+    generator: np.random.Generator | None = None,
+    dtype: torch.dtype = torch.int64,
+    device="cpu",
+) -> torch.Tensor:
+    """``size`` ids in [0, num_rows) with P(rank r) ∝ 1/r**exponent, ranks shuffled over
+    the ids so hot rows are spread across the table. Many duplicates by design."""
+    rng = generator if generator is not None else np.random.default_rng()
+    weights = 1.0 / np.arange(1, num_rows + 1, dtype=np.float64) ** exponent
+    weights /= weights.sum()
+    ranks = rng.choice(num_rows, size=size, p=weights)
+    perm = rng.permutation(num_rows)
+    return torch.from_numpy(perm[ranks]).to(dtype=dtype, device=device)
+
+
+def make_tables(
+    num_users: int,
+    num_items: int,
+    dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    bias: bool = True,
+    seed: int | None = None,
+):
+    """Random (never zero) tables: (user_factors, item_factors, user_bias, item_bias)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.2 - 0.1).to(
+            dtype=dtype, device=device
+        )
+
+    p, q = rand(num_users, dim), rand(num_items, dim)
+    if not bias:
+        return p, q, None, None
+    return p, q, rand(num_users), rand(num_items)
+
+
+def make_batch(
+    num_users: int,
+    num_items: int,
+    batch: int,
+    *,
+    id_dtype: torch.dtype = torch.int64,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    seed: int | None = None,
+    implicit: bool = False,
+):
+    """(users, items, targets): Zipf users and items, ratings in [1, 5] (or 0/1 labels)."""
+    rng = np.random.default_rng(seed)
+    users = zipf_ids(num_users, batch, generator=rng, dtype=id_dtype, device=device)
+    items = zipf_ids(num_items, batch, generator=rng, dtype=id_dtype, device=device)
+    if implicit:
+        targets = rng.integers(0, 2, size=batch).astype(np.float64)
+    else:
+        targets = rng.uniform(1.0, 5.0, size=batch)
+    return users, items, torch.from_numpy(targets).to(dtype=dtype, device=device)
+
+
+def clone_all(*tensors):
+    return tuple(None if t is None else t.clone() for t in tensors)
