@@ -1,7 +1,8 @@
 """Input checks shared by the Python backends (reference, Numba); the native ops make the
 same checks in C++ (csrc/checks.h) with the same exception types and messages:
 
-- ids out of range or negative            -> IndexError  "fastmf.<op>: <arg> id <v> out of range [0, <n>)"
+- ids out of range or negative            -> IndexError
+  ("fastmf.<op>: <arg> id <v> out of range [0, <n>)")
 - float ids, weights not float32/float64  -> TypeError
 - mismatched lengths, shapes, devices,
   NaN/inf targets                         -> ValueError
@@ -102,3 +103,60 @@ def check_mf_inputs(op, users, items, user_factors, item_factors, user_bias, ite
     check_ids(op, "users", users, user_factors.shape[0])
     check_ids(op, "items", items, item_factors.shape[0])
     check_same_length(op, users=users, items=items)
+
+
+def check_sparse_update(op, weight, state, ids, grad_rows, rowwise=False):
+    """Checks of sparse_adagrad_update / sparse_sgd_update (``state`` None for SGD)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
+        raise ValueError(f"fastmf.{op}: weight must be 1-D or 2-D, got {shape}")
+    check_weight(op, "weight", weight, weight.dim())
+    check_weight(op, "grad_rows", grad_rows, weight.dim(), like=weight)
+    if weight.dim() == 2 and grad_rows.shape[1] != weight.shape[1]:
+        raise ValueError(f"fastmf.{op}: grad_rows has {grad_rows.shape[1]} columns, "
+                         f"weight has {weight.shape[1]}")
+    if state is not None:
+        expected = weight.shape[:1] if rowwise else weight.shape
+        check_weight(op, "state", state, len(expected), like=weight)
+        if state.shape != expected:
+            raise ValueError(f"fastmf.{op}: state has shape {tuple(state.shape)}, "
+                             f"expected {tuple(expected)}")
+    check_same_device(op, "weight", weight, ids=ids)
+    check_ids(op, "ids", ids, weight.shape[0])
+    check_same_length(op, ids=ids, grad_rows=grad_rows)
+
+
+def check_train_step(op, tables, states, users, items, targets, loss, optimizer):
+    """Checks of train_step. ``tables``: (P, Q, b_u, b_i); ``states`` likewise (None for
+    SGD); ``loss`` and ``optimizer`` are codes."""
+    from fastmf.reference import LOSSES, OPTIMIZERS
+
+    user_factors, item_factors, user_bias, item_bias = tables
+    if not 0 <= loss < len(LOSSES):
+        raise ValueError(f"fastmf.{op}: unknown loss code {loss}; expected 0..{len(LOSSES) - 1}")
+    if not 0 <= optimizer < len(OPTIMIZERS):
+        raise ValueError(f"fastmf.{op}: unknown optimizer code {optimizer}; "
+                         f"expected 0..{len(OPTIMIZERS) - 1}")
+    check_mf_inputs(op, users, items, user_factors, item_factors, user_bias, item_bias)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"fastmf.{op}: targets must be a tensor, got {type(targets).__name__}")
+    if targets.dtype != user_factors.dtype:
+        raise TypeError(f"fastmf.{op}: targets has dtype {targets.dtype}, expected "
+                        f"{user_factors.dtype} like the weights")
+    check_same_device(op, "user_factors", user_factors, targets=targets)
+    check_same_length(op, users=users, targets=targets)
+    check_finite(op, "targets", targets)
+    if optimizer == 0:
+        return
+    rowwise = optimizer == 2
+    names = ("user_factors_state", "item_factors_state", "user_bias_state", "item_bias_state")
+    for name, table, state in zip(names, tables, states):
+        if table is None:
+            continue
+        if state is None:
+            raise ValueError(f"fastmf.{op}: {OPTIMIZERS[optimizer]} needs {name}, got None")
+        expected = table.shape[:1] if rowwise else table.shape
+        check_weight(op, name, state, len(expected), like=table)
+        if state.shape != expected:
+            raise ValueError(f"fastmf.{op}: {name} has shape {tuple(state.shape)}, "
+                             f"expected {tuple(expected)}")

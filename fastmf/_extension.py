@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 _C = None
@@ -15,7 +17,8 @@ def _major_minor(version: str) -> str:
 def _load():
     global _C, LOAD_ERROR
     try:
-        from fastmf import _C as module  # registers torch.ops.fastmf.*
+        # Importing the module registers the torch.ops.fastmf.* kernels.
+        module = importlib.import_module("fastmf._C")
     except ImportError as exc:
         LOAD_ERROR = (
             f"the native extension fastmf._C is not built ({exc}). Build it with "

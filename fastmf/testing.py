@@ -10,11 +10,26 @@ import numpy as np
 import pytest
 import torch
 
+from fastmf._extension import LOAD_ERROR as _LOAD_ERROR
+from fastmf._extension import native_available as _native_available
+from fastmf.backends import numba_available as _numba_available
+
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"
 )
 
+requires_native = pytest.mark.skipif(
+    not _native_available(), reason=f"native extension not built: {_LOAD_ERROR}"
+)
+requires_numba = pytest.mark.skipif(not _numba_available(), reason="numba is not installed")
+
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+BACKENDS = [
+    "reference",
+    pytest.param("numba", marks=requires_numba),
+    pytest.param("native", marks=requires_native),
+]
+FAST_BACKENDS = BACKENDS[1:]
 ID_DTYPES = [torch.int32, torch.int64]
 WEIGHT_DTYPES = [torch.float32, torch.float64]
 BATCH_SIZES = [0, 1, 7, 4096]

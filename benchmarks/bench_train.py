@@ -1,0 +1,177 @@
+"""Training throughput, every backend side by side in one run (pytest-benchmark).
+
+100k users × 20k items, Zipf(1.0) users and items, K ∈ {32, 64, 128},
+batch ∈ {1024, 8192, 65536}. Each case asserts its path is correct (against the
+reference, on the same model) before it is timed, and reports samples/s in extra_info.
+
+    pytest benchmarks/bench_train.py --benchmark-json=out.json
+    python benchmarks/report.py out.json       # the table for benchmarks/README.md
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmf
+from fastmf import reference
+from fastmf.testing import make_batch, requires_native, requires_numba, tolerance
+
+NUM_USERS, NUM_ITEMS = 100_000, 20_000
+DIMS = [32, 64, 128]
+BATCHES = [1024, 8192, 65536]
+LR = 0.05
+
+
+class Textbook(nn.Module):
+    """The plain model: nn.Embedding users/items/biases, mu + b_u + b_i + <p_u, q_i>."""
+
+    def __init__(self, dim, sparse):
+        super().__init__()
+        self.p = nn.Embedding(NUM_USERS, dim, sparse=sparse)
+        self.q = nn.Embedding(NUM_ITEMS, dim, sparse=sparse)
+        self.bu = nn.Embedding(NUM_USERS, 1, sparse=sparse)
+        self.bi = nn.Embedding(NUM_ITEMS, 1, sparse=sparse)
+        for e in (self.p, self.q):
+            nn.init.uniform_(e.weight, -0.05, 0.05)
+        for e in (self.bu, self.bi):
+            nn.init.zeros_(e.weight)
+        self.mu = 3.5
+
+    def forward(self, u, i):
+        return (self.mu + self.bu(u).squeeze(1) + self.bi(i).squeeze(1)
+                + (self.p(u) * self.q(i)).sum(1))
+
+
+def textbook_step(model, opt):
+    def step(u, i, r):
+        opt.zero_grad()
+        loss = F.mse_loss(model(u, i), r)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def compiled_dense_step(model, opt):
+    """The best plain-PyTorch path: dense gradients, torch.compile on the forward/loss and on
+    Adagrad.step."""
+    loss_fn = torch.compile(lambda u, i, r: F.mse_loss(model(u, i), r))
+    opt_step = torch.compile(opt.step)
+
+    def step(u, i, r):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(u, i, r)
+        loss.backward()
+        opt_step()
+        return loss
+    return step
+
+
+def fastmf_model(backend, dim, sparse=False):
+    torch.manual_seed(0)
+    return fastmf.MF(NUM_USERS, NUM_ITEMS, dim, global_mean=3.5, backend=backend, sparse=sparse)
+
+
+def fused_step(backend, dim):
+    model = fastmf_model(backend, dim)
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=LR)
+    return model, lambda u, i, r: fastmf.train_step(model, opt, u, i, r)
+
+
+def autograd_step(backend, dim):
+    model = fastmf_model(backend, dim, sparse=True)
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=LR)
+    return model, textbook_step(model, opt)
+
+
+def check_against_reference(model, step, dim):
+    """One step of ``step`` on a fresh batch equals reference.train_step on a copy."""
+    tables = [t.detach().clone() for t in model.tables()]
+    states = [torch.zeros_like(t) for t in tables]
+    u, i, r = make_batch(NUM_USERS, NUM_ITEMS, 2048, seed=123)
+    step(u, i, r)
+    reference.train_step(*tables, *states, u, i, r, model.mu, "mse", 0.0, "adagrad", LR, 1e-10)
+    for got, want in zip(model.tables(), tables, strict=True):
+        torch.testing.assert_close(got.detach(), want, **tolerance(torch.float32))
+
+
+PATHS = {
+    "reference_sparse_adagrad": None,
+    "reference_dense_adagrad": None,
+    "reference_compiled_dense": None,
+    "numba_train_step": requires_numba,
+    "native_train_step": requires_native,
+    "native_autograd_sparse_adagrad": requires_native,
+}
+
+
+def build(path, dim):
+    """(step function, samples-per-call multiplier) for one path, after a correctness check."""
+    if path.startswith("reference"):
+        torch.manual_seed(0)
+        sparse = path == "reference_sparse_adagrad"
+        model = Textbook(dim, sparse)
+        opt = torch.optim.Adagrad(model.parameters(), lr=LR)
+        step = (compiled_dense_step if path == "reference_compiled_dense" else textbook_step)(
+            model, opt)
+        u, i, r = make_batch(NUM_USERS, NUM_ITEMS, 2048, seed=5)
+        before = model.q.weight.detach().clone()
+        loss = step(u, i, r)
+        assert torch.isfinite(loss) and not torch.equal(before, model.q.weight)
+        return step
+    backend = path.split("_")[0]
+    if path.endswith("train_step"):
+        model, step = fused_step(backend, dim)
+    else:
+        model, step = autograd_step(backend, dim)
+    check_against_reference(model, step, dim)
+    return step
+
+
+def params(paths):
+    out = []
+    for path in paths:
+        mark = PATHS[path]
+        out.append(pytest.param(path, marks=mark) if mark else path)
+    return out
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("path", params(PATHS))
+def test_train(benchmark, path, dim, batch):
+    if path == "reference_compiled_dense" and benchmark.disabled and (dim, batch) != (32, 1024):
+        pytest.skip("compiling is slow; one compiled case checks the path in --benchmark-disable")
+    step = build(path, dim)
+    u, i, r = make_batch(NUM_USERS, NUM_ITEMS, batch, seed=7)
+    step(u, i, r)  # warm-up (JIT, compile, allocator)
+    benchmark.group = f"train K={dim} batch={batch}"
+    benchmark.extra_info.update(path=path, dim=dim, batch=batch, kind="train")
+    benchmark.pedantic(step, args=(u, i, r), rounds=5, iterations=max(1, 65536 // batch),
+                       warmup_rounds=1)
+    if not benchmark.disabled:
+        benchmark.extra_info["samples_per_s"] = batch / benchmark.stats.stats.mean
+
+
+FORWARD_BACKENDS = ["reference", pytest.param("numba", marks=requires_numba),
+                    pytest.param("native", marks=requires_native)]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("backend", FORWARD_BACKENDS)
+def test_forward(benchmark, backend, dim, batch):
+    model = fastmf_model(backend, dim)
+    u, i, _ = make_batch(NUM_USERS, NUM_ITEMS, batch, seed=9)
+    with torch.no_grad():
+        want = reference.mf_forward(u, i, *model.tables(), model.mu)
+        torch.testing.assert_close(model(u, i), want, **tolerance(torch.float32))
+    benchmark.group = f"forward K={dim} batch={batch}"
+    benchmark.extra_info.update(path=f"{backend}_forward", dim=dim, batch=batch, kind="forward")
+    benchmark.pedantic(model.predict, args=(u, i), rounds=5, iterations=max(1, 65536 // batch),
+                       warmup_rounds=1)
+    if not benchmark.disabled:
+        benchmark.extra_info["samples_per_s"] = batch / benchmark.stats.stats.mean

@@ -1,0 +1,91 @@
+"""``fastmf.train_step``: forward, loss gradient, backward and optimizer update fused into
+one kernel call, with no autograd graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastmf.layers import MF
+from fastmf.optim import SparseAdagrad, SparseSGD
+from fastmf.reference import LOSS_CODES, LOSSES, OPTIMIZER_CODES
+
+
+def _fused_optimizer(model: MF, optimizer) -> tuple[int, float, float, tuple]:
+    """(optimizer code, lr, eps, states of the four tables) for ``optimizer``."""
+    if not isinstance(optimizer, SparseAdagrad | SparseSGD):
+        raise TypeError(
+            "fastmf.train_step fuses fastmf.optim.SparseAdagrad or SparseSGD, got "
+            f"{type(optimizer).__name__}; for other optimizers use the unfused path "
+            "(loss.backward(); optimizer.step())"
+        )
+    tables = model.tables()
+    groups = []
+    for table in tables:
+        if table is None:
+            continue
+        try:
+            groups.append(optimizer.hyperparameters(table))
+        except KeyError:
+            raise ValueError("fastmf.train_step: the optimizer does not hold all of the "
+                             "model's parameters") from None
+    if any(g is not groups[0] for g in groups):
+        keys = ("lr", "eps", "rowwise")
+        if any(tuple(g.get(k) for k in keys) != tuple(groups[0].get(k) for k in keys)
+               for g in groups):
+            raise ValueError("fastmf.train_step: all of the model's parameters must share "
+                             "one lr (and eps/rowwise)")
+    group = groups[0]
+    if isinstance(optimizer, SparseSGD):
+        return OPTIMIZER_CODES["sgd"], group["lr"], 0.0, (None,) * 4
+    code = OPTIMIZER_CODES["rowwise_adagrad" if group["rowwise"] else "adagrad"]
+    states = tuple(None if t is None else optimizer.state_for(t) for t in tables)
+    return code, group["lr"], group["eps"], states
+
+
+def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse",
+               reg: float = 0.0) -> Tensor:
+    """One fused training step on a batch; returns the loss (0-d tensor, data term + reg).
+
+    Updates ``model``'s weights and ``optimizer``'s state in place exactly as the unfused
+    sequence would (within fp32 rounding)::
+
+        pred = model(users, items)
+        total = F.mse_loss(pred, targets)            # or huber (delta 1) / bce with logits
+        total += reg * mean_b(||P[u_b]||² + ||Q[i_b]||² + b_u[u_b]² + b_i[i_b]²)
+        total.backward(); optimizer.step(); optimizer.zero_grad()
+
+    The reg term is a per-sample L2 penalty on the rows and biases the batch touches
+    (FunkSVD style): untouched rows are not decayed, and a row seen n times in the batch is
+    penalised n times. ``optimizer`` must be :class:`fastmf.optim.SparseAdagrad` (either
+    mode) or :class:`fastmf.optim.SparseSGD` holding all of the model's parameters with one
+    learning rate. Runs on ``model.backend``'s kernels; an empty batch is a no-op returning 0.
+
+    users, items: (B,) int32/int64; targets: (B,) float (ratings, or 0/1 labels for bce).
+
+    >>> import torch, fastmf
+    >>> model = fastmf.MF(100, 50, dim=8, global_mean=3.5)
+    >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    >>> u, i = torch.randint(0, 100, (256,)), torch.randint(0, 50, (256,))
+    >>> r = torch.rand(256) * 4 + 1
+    >>> loss = fastmf.train_step(model, opt, u, i, r, reg=0.01)
+    """
+    if loss not in LOSS_CODES:
+        raise ValueError(f"fastmf.train_step: unknown loss {loss!r}; expected one of {LOSSES}")
+    if not reg >= 0.0:
+        raise ValueError(f"fastmf.train_step: reg must be >= 0, got {reg}")
+    code, lr, eps, states = _fused_optimizer(model, optimizer)
+    users, items = model.as_ids(users, "users"), model.as_ids(items, "items")
+    dtype, device = model.user_factors.dtype, model.user_factors.device
+    if isinstance(targets, Tensor):
+        if not targets.is_floating_point():
+            targets = targets.to(dtype)
+    else:
+        targets = torch.as_tensor(np.asarray(targets, dtype=np.float64), device=device)
+    targets = targets.to(dtype)
+    tables = tuple(None if t is None else t.detach() for t in model.tables())
+    with torch.no_grad():
+        return model._kernels.train_step(
+            *tables, *states, users, items, targets, model.mu, LOSS_CODES[loss], float(reg),
+            code, float(lr), float(eps))
