@@ -1,0 +1,765 @@
+"""User–item interactions in one contiguous index space.
+
+:class:`Interactions` holds parallel arrays, one entry per interaction (row):
+
+- ``users``, ``items``: (N,) int64 contiguous indices in ``[0, num_users)`` / ``[0, num_items)``
+- ``ratings``: (N,) float32 or ``None`` (implicit feedback)
+- ``timestamps``: (N,) int64/float64/datetime64 or ``None``
+
+plus the two :class:`IdMap` objects that translate raw ids (ints or strings, as they appear
+in the source data) to indices and back. Subsets and splits share the same ``IdMap``
+objects, so a train and a test set always live in the same index space.
+
+Duplicated (user, item) pairs are kept as separate rows; :meth:`Interactions.to_csr` sums
+them and :meth:`Interactions.drop_duplicates` removes them.
+
+>>> import numpy as np
+>>> data = Interactions.from_arrays(["ann", "bob", "ann"], [10, 20, 20], ratings=[4, 3, 5])
+>>> data.num_users, data.num_items, len(data)
+(2, 2, 3)
+>>> data.user_index("bob"), data.raw_item_ids([1, 0]).tolist()
+(1, [20, 10])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+__all__ = ["IdMap", "Interactions"]
+
+_UNKNOWN_POLICIES = ("error", "drop")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """numpy view of a numpy array, torch tensor, pandas object or sequence."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, (pd.Series, pd.Index)):
+        return x.to_numpy()
+    return np.asarray(x)
+
+
+def _first_rows(mask: np.ndarray) -> tuple[int, int]:
+    """(how many True, index of the first True) of a boolean mask."""
+    bad = np.flatnonzero(mask)
+    return len(bad), int(bad[0])
+
+
+def _preview(values: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in values[:limit])
+    more = f", ... ({len(values)} in all)" if len(values) > limit else ""
+    return f"[{shown}{more}]"
+
+
+class IdMap:
+    """Bijection between raw ids and contiguous indices ``0..n-1``.
+
+    ``raw_ids``: (n,) array, ``raw_ids[index] == raw id``; ints, strings or any hashable.
+    Lookups are vectorised through a :class:`pandas.Index` built on first use.
+
+    >>> m = IdMap(["b", "a", "c"])
+    >>> m.index(["c", "b"]).tolist(), m.raw(0)
+    ([2, 0], 'b')
+    """
+
+    __slots__ = ("_raw", "_lookup", "kind")
+
+    def __init__(self, raw_ids: Any, kind: str = "id") -> None:
+        raw = np.array(_to_numpy(raw_ids), copy=True)  # never alias the caller's array
+        if raw.ndim != 1:
+            raise ValueError(f"fastmf.IdMap: raw ids must be 1-D, got shape {raw.shape}")
+        self._raw = raw
+        self._lookup: pd.Index | None = None
+        self.kind = kind
+        if not self._index().is_unique:
+            dup = self._index()[self._index().duplicated()].to_numpy()
+            raise ValueError(f"fastmf.IdMap: raw {kind} ids are not unique: {_preview(dup)}")
+
+    @classmethod
+    def identity(cls, n: int, kind: str = "id") -> IdMap:
+        """The map ``i <-> i`` for ``i in range(n)`` (raw ids are the indices)."""
+        m = cls.__new__(cls)
+        m._raw = np.arange(n, dtype=np.int64)
+        m._lookup = pd.RangeIndex(n)
+        m.kind = kind
+        return m
+
+    def _index(self) -> pd.Index:
+        if self._lookup is None:
+            self._lookup = pd.Index(self._raw)
+        return self._lookup
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        return f"IdMap({len(self)} {self.kind} ids, raw dtype {self._raw.dtype})"
+
+    @property
+    def raw_ids(self) -> np.ndarray:
+        """(n,) raw id of each index (read-only view)."""
+        view = self._raw.view()
+        view.setflags(write=False)
+        return view
+
+    def lookup(self, raw_ids: Any) -> np.ndarray:
+        """(M,) int64 indices of ``raw_ids``; ``-1`` where a raw id is unknown."""
+        values = _to_numpy(raw_ids)
+        if values.ndim != 1:
+            values = values.reshape(-1)
+        if isinstance(self._lookup, pd.RangeIndex) and values.dtype.kind in "iu":
+            # Identity maps: a range check is all the lookup there is.
+            out = values.astype(np.int64, copy=True)
+            out[(out < 0) | (out >= len(self))] = -1
+            return out
+        return self._index().get_indexer(values).astype(np.int64, copy=False)
+
+    def index(self, raw_ids: Any) -> Any:
+        """Index of each raw id: an int for a scalar, an (M,) int64 array otherwise.
+
+        Raises KeyError naming the raw ids that are not in the map."""
+        scalar = np.ndim(raw_ids) == 0 and not isinstance(raw_ids, torch.Tensor)
+        values = np.asarray([raw_ids]) if scalar else _to_numpy(raw_ids).reshape(-1)
+        idx = self.lookup(values)
+        missing = idx < 0
+        if missing.any():
+            raise KeyError(
+                f"fastmf: {int(missing.sum())} unknown raw {self.kind} id(s): "
+                f"{_preview(values[missing])}"
+            )
+        return int(idx[0]) if scalar else idx
+
+    def raw(self, indices: Any) -> Any:
+        """Raw id of each index: a scalar for a scalar, an (M,) array otherwise.
+
+        Raises IndexError for an index outside ``[0, n)``."""
+        scalar = np.ndim(indices) == 0 and not isinstance(indices, torch.Tensor)
+        idx = np.asarray([indices]) if scalar else _to_numpy(indices)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"fastmf: {self.kind} indices must be integers, got {idx.dtype}")
+        bad = (idx < 0) | (idx >= len(self))
+        if bad.any():
+            raise IndexError(
+                f"fastmf: {self.kind} index {int(idx[bad][0])} out of range [0, {len(self)})"
+            )
+        out = self._raw[idx]
+        if not scalar:
+            return out
+        value = out[0]
+        return value.item() if isinstance(value, np.generic) else value
+
+
+def _encode(
+    values: Any,
+    kind: str,
+    *,
+    num: int | None,
+    id_map: IdMap | None,
+) -> tuple[np.ndarray, IdMap]:
+    """Raw ids -> (codes with -1 for unknown, map). ``num``: values already are indices."""
+    arr = _to_numpy(values)
+    if arr.ndim != 1:
+        raise ValueError(f"fastmf.Interactions: {kind}s must be 1-D, got shape {arr.shape}")
+    if num is not None and id_map is not None:
+        raise ValueError(f"fastmf.Interactions: pass num_{kind}s or {kind}_map, not both")
+    if num is not None:
+        if arr.dtype.kind not in "iu":
+            raise TypeError(
+                f"fastmf.Interactions: with num_{kind}s, {kind}s must be integer indices, "
+                f"got {arr.dtype}"
+            )
+        id_map = IdMap.identity(int(num), kind)
+    if id_map is not None:
+        return id_map.lookup(arr), id_map
+    try:
+        codes, uniques = pd.factorize(arr, sort=True)
+    except TypeError:  # mixed, unorderable raw ids: keep order of first appearance
+        codes, uniques = pd.factorize(arr, sort=False)
+    codes = codes.astype(np.int64, copy=False)
+    if len(codes) and codes.min() < 0:
+        count, first = _first_rows(codes < 0)
+        raise ValueError(
+            f"fastmf.Interactions: {kind} ids contain {count} missing value(s) "
+            f"(first at row {first})"
+        )
+    return codes, IdMap(np.asarray(uniques), kind)
+
+
+def _as_timestamps(values: Any) -> np.ndarray:
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.DatetimeTZDtype):
+        values = values.dt.tz_convert(None)
+    ts = _to_numpy(values)
+    if ts.dtype.kind in "iu":
+        return ts.astype(np.int64, copy=False)
+    if ts.dtype.kind == "f":
+        return ts.astype(np.float64, copy=False)
+    if ts.dtype.kind == "M":
+        return ts
+    raise TypeError(
+        f"fastmf.Interactions: timestamps must be numbers or datetime64, got {ts.dtype}"
+    )
+
+
+class Interactions:
+    """Interactions between users and items, indexed contiguously.
+
+    Attributes (N interactions):
+
+    - ``users``: (N,) int64 in ``[0, num_users)``; ``items``: (N,) int64 in ``[0, num_items)``
+    - ``ratings``: (N,) float32 or ``None``; ``timestamps``: (N,) int64, float64, datetime64
+      or ``None``
+    - ``user_map``, ``item_map``: :class:`IdMap` (raw id <-> index)
+    - ``item_titles``: ``dict[int, str]`` (item index -> title) or ``None``
+    - ``item_metadata``: :class:`pandas.DataFrame` indexed by item index, or ``None``
+
+    Treat instances as immutable: subsets and splits share the maps, and some derived
+    structures are cached.
+
+    The constructor takes indices; build from raw ids with :meth:`from_arrays`,
+    :meth:`from_pandas`, :meth:`from_csv`, :meth:`from_parquet` or :meth:`from_scipy`.
+    ``user_map``/``item_map`` may be an :class:`IdMap`, an int ``n`` (identity map of size
+    ``n``) or ``None`` (identity map of size ``max index + 1``).
+
+    >>> data = Interactions([0, 1, 1], [2, 0, 1], ratings=[5.0, 3.0, 4.0])
+    >>> data.to_csr().toarray()
+    array([[0., 0., 5.],
+           [3., 4., 0.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        users: Any,
+        items: Any,
+        ratings: Any = None,
+        timestamps: Any = None,
+        *,
+        user_map: IdMap | int | None = None,
+        item_map: IdMap | int | None = None,
+        item_titles: Mapping[int, str] | None = None,
+        item_metadata: pd.DataFrame | None = None,
+    ) -> None:
+        users = _to_numpy(users)
+        items = _to_numpy(items)
+        for name, arr in (("users", users), ("items", items)):
+            if arr.ndim != 1:
+                raise ValueError(f"fastmf.Interactions: {name} must be 1-D, got {arr.shape}")
+            if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and arr.size == 0):
+                raise TypeError(
+                    f"fastmf.Interactions: {name} must be integer indices, got {arr.dtype}; "
+                    "use Interactions.from_arrays for raw ids"
+                )
+        n = len(users)
+        lengths = {"users": n, "items": len(items)}
+        if ratings is not None:
+            ratings = _to_numpy(ratings).astype(np.float32, copy=False)
+            lengths["ratings"] = len(ratings) if ratings.ndim == 1 else -1
+        if timestamps is not None:
+            timestamps = _as_timestamps(timestamps)
+            lengths["timestamps"] = len(timestamps) if timestamps.ndim == 1 else -1
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"fastmf.Interactions: mismatched lengths {lengths}")
+        if n == 0:
+            raise ValueError("fastmf.Interactions: no interactions")
+
+        self.users = users.astype(np.int64, copy=False)
+        self.items = items.astype(np.int64, copy=False)
+        self.user_map = self._resolve_map(user_map, self.users, "user")
+        self.item_map = self._resolve_map(item_map, self.items, "item")
+
+        if ratings is not None:
+            bad = ~np.isfinite(ratings)
+            if bad.any():
+                count, first = _first_rows(bad)
+                raise ValueError(
+                    f"fastmf.Interactions: ratings contain {count} NaN/inf value(s) "
+                    f"(first at row {first}: {ratings[first]})"
+                )
+        if timestamps is not None:
+            bad = np.isnat(timestamps) if timestamps.dtype.kind == "M" else None
+            if timestamps.dtype.kind == "f":
+                bad = ~np.isfinite(timestamps)
+            if bad is not None and bad.any():
+                count, first = _first_rows(bad)
+                raise ValueError(
+                    f"fastmf.Interactions: timestamps contain {count} missing/non-finite "
+                    f"value(s) (first at row {first})"
+                )
+        self.ratings = ratings
+        self.timestamps = timestamps
+        self.item_titles = dict(item_titles) if item_titles is not None else None
+        self.item_metadata = item_metadata
+        self._cache: dict[str, Any] = {}
+
+    @staticmethod
+    def _resolve_map(id_map: IdMap | int | None, idx: np.ndarray, kind: str) -> IdMap:
+        lo, hi = int(idx.min()), int(idx.max())
+        if id_map is None:
+            id_map = IdMap.identity(hi + 1, kind)
+        elif isinstance(id_map, (int, np.integer)):
+            id_map = IdMap.identity(int(id_map), kind)
+        elif not isinstance(id_map, IdMap):
+            raise TypeError(
+                f"fastmf.Interactions: {kind}_map must be an IdMap, an int or None, "
+                f"got {type(id_map).__name__}"
+            )
+        bad = lo if lo < 0 else (hi if hi >= len(id_map) else None)
+        if bad is not None:
+            raise IndexError(
+                f"fastmf.Interactions: {kind} index {bad} out of range [0, {len(id_map)})"
+            )
+        return id_map
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_arrays(
+        cls,
+        users: Any,
+        items: Any,
+        ratings: Any = None,
+        timestamps: Any = None,
+        *,
+        num_users: int | None = None,
+        num_items: int | None = None,
+        user_map: IdMap | None = None,
+        item_map: IdMap | None = None,
+        unknown: str = "error",
+    ) -> Interactions:
+        """Build from raw ids: (N,) arrays (numpy, torch, pandas or lists).
+
+        By default raw ids are factorised: indices follow the sorted order of the distinct
+        raw ids (pandas' safe sort for mixed types; first-appearance order if even that
+        fails), so ids that already are ``0..n-1`` map to themselves.
+
+        - ``num_users``/``num_items``: the ids already are indices in ``[0, n)``; the map is
+          the identity of size ``n`` (items that never occur still count).
+        - ``user_map``/``item_map``: translate through an existing map, e.g. ``train.item_map``
+          to build a test set in the training index space. Ids missing from the map raise
+          KeyError (``unknown="error"``) or their rows are dropped (``unknown="drop"``).
+
+        >>> d = Interactions.from_arrays(np.array([7, 7, 9]), np.array(["x", "y", "x"]))
+        >>> d.users.tolist(), d.items.tolist()
+        ([0, 0, 1], [0, 1, 0])
+        """
+        if unknown not in _UNKNOWN_POLICIES:
+            raise ValueError(f"fastmf.Interactions: unknown must be one of {_UNKNOWN_POLICIES}")
+        u_codes, u_map = _encode(users, "user", num=num_users, id_map=user_map)
+        i_codes, i_map = _encode(items, "item", num=num_items, id_map=item_map)
+        if len(u_codes) != len(i_codes):
+            raise ValueError(
+                f"fastmf.Interactions: mismatched lengths users={len(u_codes)}, "
+                f"items={len(i_codes)}"
+            )
+        bad = (u_codes < 0) | (i_codes < 0)
+        if bad.any():
+            if unknown == "error":
+                for codes, raw, kind, num in (
+                    (u_codes, users, "user", num_users), (i_codes, items, "item", num_items)
+                ):
+                    missing = codes < 0
+                    if not missing.any():
+                        continue
+                    values = _to_numpy(raw)[missing]
+                    first = int(np.flatnonzero(missing)[0])
+                    if num is not None:
+                        raise IndexError(
+                            f"fastmf.Interactions: {kind} index {values[0]} out of range "
+                            f"[0, {num}) (row {first})"
+                        )
+                    raise KeyError(
+                        f"fastmf.Interactions: {int(missing.sum())} {kind} id(s) not in the "
+                        f"{kind} map (first at row {first}): {_preview(pd.unique(values))}"
+                    )
+            keep = ~bad
+            u_codes, i_codes = u_codes[keep], i_codes[keep]
+            ratings = None if ratings is None else _to_numpy(ratings)[keep]
+            timestamps = None if timestamps is None else _as_timestamps(timestamps)[keep]
+        return cls(
+            u_codes, i_codes, ratings, timestamps, user_map=u_map, item_map=i_map
+        )
+
+    @classmethod
+    def from_pandas(
+        cls,
+        df: pd.DataFrame,
+        user_col: str = "userId",
+        item_col: str = "movieId",
+        rating_col: str | None = "rating",
+        time_col: str | None = "timestamp",
+        **kwargs: Any,
+    ) -> Interactions:
+        """Build from a DataFrame with one row per interaction.
+
+        ``user_col`` and ``item_col`` must exist. ``rating_col``/``time_col`` are used when
+        present; with their default names they are optional, a name you pass must exist,
+        and ``None`` ignores the column. ``kwargs`` go to :meth:`from_arrays`
+        (``user_map``, ``item_map``, ``unknown``, ``num_users``, ``num_items``).
+
+        >>> df = pd.DataFrame({"userId": [1, 2], "movieId": [5, 5], "rating": [4.0, 2.5]})
+        >>> Interactions.from_pandas(df).ratings.tolist()
+        [4.0, 2.5]
+        """
+        user_col, item_col, rating_col, time_col = _resolve_columns(
+            list(df.columns), user_col, item_col, rating_col, time_col, "from_pandas"
+        )
+        return cls.from_arrays(
+            df[user_col],
+            df[item_col],
+            None if rating_col is None else df[rating_col],
+            None if time_col is None else _as_timestamps(df[time_col]),
+            **kwargs,
+        )
+
+    @classmethod
+    def from_csv(
+        cls,
+        path: str | os.PathLike,
+        user_col: str = "userId",
+        item_col: str = "movieId",
+        rating_col: str | None = "rating",
+        time_col: str | None = "timestamp",
+        *,
+        sep: str = ",",
+        read_csv_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Interactions:
+        """Build from a delimited text file with a header row (column rules as in
+        :meth:`from_pandas`). Reads only the needed columns, with pandas' pyarrow engine
+        when pyarrow is installed. ``read_csv_kwargs`` go to :func:`pandas.read_csv`.
+
+        >>> data = Interactions.from_csv("ml-latest-small/ratings.csv")  # doctest: +SKIP
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"fastmf.Interactions.from_csv: no such file: {path}")
+        extra = dict(read_csv_kwargs or {})
+        header = pd.read_csv(path, sep=sep, nrows=0, **extra)
+        cols = _resolve_columns(
+            list(header.columns), user_col, item_col, rating_col, time_col, "from_csv"
+        )
+        usecols = [c for c in cols if c is not None]
+        engine = extra.pop("engine", None)
+        if engine is None and len(sep) == 1 and not extra and _has_pyarrow():
+            engine = "pyarrow"
+        df = pd.read_csv(path, sep=sep, usecols=usecols, engine=engine, **extra)
+        return cls.from_pandas(df, *cols, **kwargs)
+
+    @classmethod
+    def from_parquet(
+        cls,
+        path: str | os.PathLike,
+        user_col: str = "userId",
+        item_col: str = "movieId",
+        rating_col: str | None = "rating",
+        time_col: str | None = "timestamp",
+        **kwargs: Any,
+    ) -> Interactions:
+        """Build from a Parquet file or dataset directory (needs pyarrow); reads only the
+        needed columns. Column rules as in :meth:`from_pandas`.
+
+        >>> data = Interactions.from_parquet("ratings.parquet")  # doctest: +SKIP
+        """
+        try:
+            import pyarrow.dataset as pads
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ImportError(
+                "fastmf.Interactions.from_parquet needs pyarrow: pip install pyarrow"
+            ) from err
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"fastmf.Interactions.from_parquet: no such path: {path}")
+        names = pads.dataset(path, format="parquet").schema.names
+        cols = _resolve_columns(names, user_col, item_col, rating_col, time_col, "from_parquet")
+        table = pq.read_table(path, columns=[c for c in cols if c is not None])
+        return cls.from_pandas(table.to_pandas(), *cols, **kwargs)
+
+    @classmethod
+    def from_scipy(cls, matrix: Any) -> Interactions:
+        """Build from any scipy.sparse matrix/array of shape (num_users, num_items).
+
+        Every stored nonzero becomes one interaction with its value as the rating
+        (duplicates summed, explicit zeros dropped); rows and columns are the indices
+        (identity maps of the matrix's shape), ordered row-major.
+
+        >>> Interactions.from_scipy(sp.csr_matrix([[0, 2], [1, 0]])).ratings.tolist()
+        [2.0, 1.0]
+        """
+        if not sp.issparse(matrix):
+            raise TypeError(
+                f"fastmf.Interactions.from_scipy: expected a scipy.sparse matrix, "
+                f"got {type(matrix).__name__}"
+            )
+        coo = sp.coo_matrix(matrix, copy=True)
+        coo.sum_duplicates()
+        coo.eliminate_zeros()
+        if coo.nnz == 0:
+            raise ValueError("fastmf.Interactions.from_scipy: matrix has no interactions")
+        if not np.isfinite(coo.data).all():
+            count, first = _first_rows(~np.isfinite(coo.data))
+            raise ValueError(
+                f"fastmf.Interactions.from_scipy: matrix has {count} NaN/inf value(s) "
+                f"(first at row {int(coo.row[first])}, column {int(coo.col[first])})"
+            )
+        num_users, num_items = coo.shape
+        return cls(
+            coo.row.astype(np.int64),
+            coo.col.astype(np.int64),
+            coo.data.astype(np.float32),
+            user_map=num_users,
+            item_map=num_items,
+        )
+
+    # ------------------------------------------------------------------ metadata
+
+    def with_item_metadata(
+        self,
+        metadata: pd.DataFrame,
+        item_col: str = "movieId",
+        title_col: str | None = "title",
+    ) -> Interactions:
+        """A copy (arrays shared) carrying item metadata: ``metadata`` has one row per raw
+        item id in ``item_col``; rows for unknown items are ignored. Sets ``item_titles``
+        from ``title_col`` and ``item_metadata`` (indexed by item index, sorted).
+
+        >>> movies = pd.read_csv("movies.csv")  # doctest: +SKIP
+        >>> data = data.with_item_metadata(movies)  # doctest: +SKIP
+        """
+        for col in (item_col, title_col):
+            if col is not None and col not in metadata.columns:
+                raise ValueError(
+                    f"fastmf.Interactions.with_item_metadata: column {col!r} not found; "
+                    f"available columns: {list(metadata.columns)}"
+                )
+        idx = self.item_map.lookup(metadata[item_col].to_numpy())
+        keep = idx >= 0
+        meta = metadata.loc[keep].copy()
+        meta.index = pd.Index(idx[keep], name="item")
+        meta = meta[~meta.index.duplicated(keep="first")].sort_index()
+        titles = None
+        if title_col is not None:
+            titles = dict(zip(meta.index.tolist(), meta[title_col].astype(str), strict=True))
+        return self._derive(
+            self.users, self.items, self.ratings, self.timestamps,
+            item_titles=titles, item_metadata=meta,
+        )
+
+    # ------------------------------------------------------------------ basic API
+
+    @property
+    def num_users(self) -> int:
+        """Size of the user index space (users without interactions in this subset count)."""
+        return len(self.user_map)
+
+    @property
+    def num_items(self) -> int:
+        """Size of the item index space."""
+        return len(self.item_map)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(num_users, num_items)``, the shape of :meth:`to_csr`."""
+        return self.num_users, self.num_items
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{len(self)} interactions",
+            f"{self.num_users} users",
+            f"{self.num_items} items",
+            f"ratings={'yes' if self.ratings is not None else 'no'}",
+            f"timestamps={'yes' if self.timestamps is not None else 'no'}",
+        ]
+        return f"Interactions({', '.join(parts)})"
+
+    def _derive(self, users, items, ratings, timestamps, **overrides) -> Interactions:
+        out = Interactions.__new__(Interactions)
+        out.users, out.items = users, items
+        out.ratings, out.timestamps = ratings, timestamps
+        out.user_map, out.item_map = self.user_map, self.item_map
+        out.item_titles = overrides.get("item_titles", self.item_titles)
+        out.item_metadata = overrides.get("item_metadata", self.item_metadata)
+        out._cache = {}
+        return out
+
+    def subset(self, rows: Any) -> Interactions:
+        """The interactions selected by ``rows``: an (N,) boolean mask or integer row
+        indices (in the given order). Shares the id maps, titles and metadata.
+
+        >>> train = data.subset(data.ratings >= 4)  # doctest: +SKIP
+        """
+        sel = _to_numpy(rows)
+        if sel.dtype == bool:
+            if sel.shape != (len(self),):
+                raise ValueError(
+                    f"fastmf.Interactions.subset: mask has shape {sel.shape}, "
+                    f"expected ({len(self)},)"
+                )
+        elif sel.dtype.kind in "iu":
+            if sel.ndim != 1:
+                raise ValueError("fastmf.Interactions.subset: row indices must be 1-D")
+            if len(sel) and (sel.min() < -len(self) or sel.max() >= len(self)):
+                raise IndexError(
+                    f"fastmf.Interactions.subset: row index out of range [0, {len(self)})"
+                )
+        else:
+            raise TypeError(
+                f"fastmf.Interactions.subset: expected a boolean mask or integer rows, "
+                f"got {sel.dtype}"
+            )
+        empty = not sel.any() if sel.dtype == bool else len(sel) == 0
+        if empty:
+            raise ValueError("fastmf.Interactions.subset: selection has no interactions")
+        return self._derive(
+            self.users[sel],
+            self.items[sel],
+            None if self.ratings is None else self.ratings[sel],
+            None if self.timestamps is None else self.timestamps[sel],
+        )
+
+    def drop_duplicates(self, keep: str = "last") -> Interactions:
+        """One row per (user, item) pair: the ``"first"`` or ``"last"`` occurrence in row
+        order (by timestamp when ``keep="latest"``). Row order is preserved."""
+        if keep not in ("first", "last", "latest"):
+            raise ValueError("fastmf.Interactions.drop_duplicates: keep must be first/last/latest")
+        key = self.users * np.int64(self.num_items) + self.items
+        rows = np.arange(len(self))
+        if keep == "latest":
+            if self.timestamps is None:
+                raise ValueError(
+                    "fastmf.Interactions.drop_duplicates: keep='latest' needs timestamps"
+                )
+            order = np.lexsort((rows, self.timestamps, key))
+        else:
+            order = np.lexsort((rows, key))
+        sorted_key = key[order]
+        if keep == "first":
+            chosen = order[np.r_[True, sorted_key[1:] != sorted_key[:-1]]]
+        else:
+            chosen = order[np.r_[sorted_key[1:] != sorted_key[:-1], True]]
+        return self.subset(np.sort(chosen))
+
+    def user_index(self, raw_ids: Any) -> Any:
+        """Indices of raw user ids (int for a scalar); KeyError names unknown ids."""
+        return self.user_map.index(raw_ids)
+
+    def item_index(self, raw_ids: Any) -> Any:
+        """Indices of raw item ids (int for a scalar); KeyError names unknown ids."""
+        return self.item_map.index(raw_ids)
+
+    def raw_user_ids(self, indices: Any) -> Any:
+        """Raw user ids of user indices (scalar for a scalar)."""
+        return self.user_map.raw(indices)
+
+    def raw_item_ids(self, indices: Any) -> Any:
+        """Raw item ids of item indices (scalar for a scalar)."""
+        return self.item_map.raw(indices)
+
+    # ------------------------------------------------------------------ conversions
+
+    def to_csr(self, binary: bool = False) -> sp.csr_matrix:
+        """(num_users, num_items) float32 CSR, canonical (sorted indices, no duplicates).
+
+        Values are the ratings (1 when there are none, or when ``binary=True``); duplicated
+        pairs are summed, so implicit data with repeats gives counts.
+
+        >>> Interactions([0, 0], [1, 1]).to_csr().toarray()
+        array([[0., 2.]], dtype=float32)
+        """
+        if binary or self.ratings is None:
+            values = np.ones(len(self), dtype=np.float32)
+        else:
+            values = self.ratings
+        csr = sp.csr_matrix((values, (self.users, self.items)), shape=self.shape)
+        csr.sum_duplicates()
+        if binary:
+            csr.data[:] = 1.0
+        return csr
+
+    def positive_structure(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr (num_users+1,), indices (nnz,)) int64 of the distinct items of each user,
+        sorted within each user. Cached (used by negative sampling and ranking metrics)."""
+        cached = self._cache.get("positives")
+        if cached is None:
+            csr = self.to_csr(binary=True)  # scipy's counting sort: O(N), no global sort
+            cached = (
+                csr.indptr.astype(np.int64, copy=False),
+                csr.indices.astype(np.int64, copy=False),
+            )
+            self._cache["positives"] = cached
+        return cached
+
+    def to_torch(self, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(users (N,) int64, items (N,) int64, ratings (N,) float32) tensors on ``device``.
+        Without ratings (implicit feedback) the third tensor is all ones.
+
+        >>> users, items, ratings = data.to_torch("cuda")  # doctest: +SKIP
+        """
+        ratings = self.ratings if self.ratings is not None else np.ones(len(self), np.float32)
+        return tuple(
+            torch.from_numpy(np.ascontiguousarray(a)).to(device)
+            for a in (self.users, self.items, ratings)
+        )
+
+    def to_pandas(self, raw_ids: bool = True) -> pd.DataFrame:
+        """One row per interaction: ``user``, ``item`` (raw ids, or indices with
+        ``raw_ids=False``), and ``rating``/``timestamp`` when present."""
+        cols: dict[str, Any] = {
+            "user": self.user_map.raw_ids[self.users] if raw_ids else self.users,
+            "item": self.item_map.raw_ids[self.items] if raw_ids else self.items,
+        }
+        if self.ratings is not None:
+            cols["rating"] = self.ratings
+        if self.timestamps is not None:
+            cols["timestamp"] = self.timestamps
+        return pd.DataFrame(cols)
+
+
+def _resolve_columns(
+    available: list[str],
+    user_col: str,
+    item_col: str,
+    rating_col: str | None,
+    time_col: str | None,
+    where: str,
+) -> tuple[str, str, str | None, str | None]:
+    """Check the requested columns exist; optional columns with default names may be absent."""
+    defaults = {"rating": "rating", "timestamp": "timestamp"}
+    resolved = []
+    for role, col, optional_default in (
+        ("user_col", user_col, None),
+        ("item_col", item_col, None),
+        ("rating_col", rating_col, defaults["rating"]),
+        ("time_col", time_col, defaults["timestamp"]),
+    ):
+        if col is None:
+            if optional_default is None:
+                raise ValueError(f"fastmf.Interactions.{where}: {role} is required")
+            resolved.append(None)
+        elif col in available:
+            resolved.append(col)
+        elif optional_default is not None and col == optional_default:
+            resolved.append(None)
+        else:
+            raise ValueError(
+                f"fastmf.Interactions.{where}: column {col!r} ({role}) not found; "
+                f"available columns: {available}"
+            )
+    return tuple(resolved)  # type: ignore[return-value]
+
+
+def _has_pyarrow() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True

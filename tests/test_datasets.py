@@ -1,0 +1,210 @@
+"""fastmf.datasets: MovieLens readers (on small fake folders and the real ml-latest-small)
+and the synthetic generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+from fastmf.data import leave_one_out, temporal_split
+from fastmf.datasets import SyntheticTruth, load_movielens, synthetic
+
+ML_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+requires_ml_small = pytest.mark.skipif(
+    not (ML_SMALL / "ratings.csv").is_file(), reason=f"MovieLens data not found at {ML_SMALL}"
+)
+
+
+# ============================================================================ MovieLens
+
+
+def write_100k(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "u.data").write_text(
+        "1\t20\t4\t881250949\n2\t10\t3\t891717742\n1\t10\t5\t878887116\n"
+    )
+    genres = ["unknown", "Action", "Comedy"]
+    (folder / "u.genre").write_text("".join(f"{g}|{i}\n" for i, g in enumerate(genres)))
+    (folder / "u.item").write_bytes(
+        "10|Amélie (2001)|01-Jan-2001||http://x|0|0|1\n"
+        "20|Heat (1995)|01-Jan-1995||http://y|0|1|1\n".encode("latin-1")
+    )
+    return folder
+
+
+def write_dat(folder: Path, encoding: str) -> Path:
+    folder.mkdir()
+    (folder / "ratings.dat").write_text("1::10::4.5::978300760\n2::20::1::978302109\n")
+    (folder / "movies.dat").write_bytes(
+        "10::Amélie (2001)::Comedy|Romance\n20::Se7en :: The Cut (1995)::Thriller\n".encode(
+            encoding
+        )
+    )
+    return folder
+
+
+def write_csv(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n3,7,0.5,1\n3,8,5.0,2\n4,7,3.5,3\n"
+    )
+    (folder / "movies.csv").write_text(
+        'movieId,title,genres\n7,"Heat, The (1995)",Action\n8,Amélie (2001),Comedy\n'
+        "9,Unrated (2000),Drama\n",
+        encoding="utf-8",
+    )
+    return folder
+
+
+def test_load_movielens_100k(tmp_path):
+    data = load_movielens(write_100k(tmp_path / "ml-100k"))
+    assert (len(data), data.num_users, data.num_items) == (3, 2, 2)
+    assert data.raw_item_ids(data.items).tolist() == [20, 10, 10]
+    assert data.ratings.tolist() == [4.0, 3.0, 5.0]
+    assert data.timestamps.tolist() == [881250949, 891717742, 878887116]
+    assert data.item_titles == {0: "Amélie (2001)", 1: "Heat (1995)"}
+    assert data.item_metadata.loc[1, "genres"] == "Action|Comedy"
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])  # ml-1m, ml-10m
+def test_load_movielens_dat(tmp_path, encoding):
+    data = load_movielens(write_dat(tmp_path / "ml-1m", encoding))
+    assert data.ratings.tolist() == [4.5, 1.0]
+    assert data.item_titles[data.item_index(10)] == "Amélie (2001)"
+    assert data.item_titles[data.item_index(20)] == "Se7en :: The Cut (1995)"
+    assert data.item_metadata.loc[0, "genres"] == "Comedy|Romance"
+
+
+def test_load_movielens_csv_and_path_forms(tmp_path):
+    folder = write_csv(tmp_path / "ml-latest-small")
+    data = load_movielens(folder)
+    assert data.ratings.tolist() == [0.5, 5.0, 3.5]
+    assert data.item_titles == {0: "Heat, The (1995)", 1: "Amélie (2001)"}  # 9: unrated
+    assert data.timestamps.dtype == np.int64
+    # A file inside the folder, or the folder the zip was extracted into, also work.
+    assert len(load_movielens(folder / "ratings.csv")) == 3
+    assert len(load_movielens(tmp_path)) == 3
+
+
+def test_load_movielens_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_movielens(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"looked for ratings.csv, ratings.dat, u.data.*README"):
+        load_movielens(tmp_path / "empty")
+    write_csv(tmp_path / "a")
+    write_csv(tmp_path / "b")
+    with pytest.raises(ValueError, match="several MovieLens folders"):
+        load_movielens(tmp_path)
+
+
+@requires_ml_small
+def test_load_movielens_latest_small():
+    data = load_movielens(ML_SMALL)
+    assert (len(data), data.num_users, data.num_items) == (100_836, 610, 9_724)
+    assert data.item_titles[data.item_index(1)] == "Toy Story (1995)"
+    assert data.ratings.min() == 0.5 and data.ratings.max() == 5.0
+    assert len(data.item_titles) == data.num_items
+    train, test = leave_one_out(data, by="time")
+    assert len(test) == 610 and len(train) + len(test) == len(data)
+
+
+# ============================================================================ synthetic
+
+
+def arrays(data):
+    return [data.users, data.items, data.timestamps] + (
+        [data.ratings] if data.ratings is not None else []
+    )
+
+
+def test_synthetic_shape_and_invariants():
+    data, truth = synthetic(300, 120, 9_000, dim=6, seed=1, return_truth=True)
+    assert (len(data), data.num_users, data.num_items) == (9_000, 300, 120)
+    assert isinstance(truth, SyntheticTruth)
+    assert truth.user_factors.shape == (300, 6) and truth.item_factors.shape == (120, 6)
+    assert truth.user_bias.shape == (300,) and truth.item_bias.shape == (120,)
+    # No duplicate pairs; per-user counts as planted, within [min, cap].
+    pairs = data.users * data.num_items + data.items
+    assert len(np.unique(pairs)) == len(data)
+    counts = np.bincount(data.users, minlength=300)
+    np.testing.assert_array_equal(counts, truth.user_counts)
+    assert counts.min() >= 5 and counts.max() <= 60
+    # Ratings on the half-star grid in [1, 5]; timestamps within the range.
+    np.testing.assert_array_equal(data.ratings * 2, np.round(data.ratings * 2))
+    assert data.ratings.min() >= 1.0 and data.ratings.max() <= 5.0
+    assert 946_684_800 <= data.timestamps.min() <= data.timestamps.max() <= 1_577_836_800
+
+
+def test_synthetic_is_deterministic_and_thread_independent():
+    a = synthetic(200, 80, 4_000, seed=3)
+    b = synthetic(200, 80, 4_000, seed=3)
+    for x, y in zip(arrays(a), arrays(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        c = synthetic(200, 80, 4_000, seed=3)
+    finally:
+        numba.set_num_threads(threads)
+    for x, y in zip(arrays(a), arrays(c), strict=True):
+        np.testing.assert_array_equal(x, y)
+    d = synthetic(200, 80, 4_000, seed=4)
+    assert not np.array_equal(a.items, d.items)
+
+
+def test_synthetic_ratings_follow_the_planted_model():
+    data, truth = synthetic(500, 200, 20_000, dim=8, noise=0.3, seed=0, return_truth=True)
+    expected = truth.expected_rating(data.users, data.items)
+    inside = (expected > 1.5) & (expected < 4.5)  # away from clipping
+    residual = data.ratings[inside] - expected[inside]
+    # Noise 0.3 plus half-star rounding (uniform, std 0.5/sqrt(12) = 0.144).
+    assert abs(residual.mean()) < 0.02
+    assert abs(residual.std() - np.hypot(0.3, 0.144)) < 0.03
+    # The interaction part carries signal beyond the biases.
+    biases = truth.global_mean + truth.user_bias[data.users] + truth.item_bias[data.items]
+    assert np.corrcoef(data.ratings - biases, truth.preference(data.users, data.items))[0, 1] > 0.6
+    # Popularity is Zipf-skewed: the most popular decile of items holds a large share.
+    counts = np.sort(np.bincount(data.items, minlength=200))[::-1]
+    assert counts[:20].sum() > 0.25 * len(data)
+
+
+def test_synthetic_implicit_picks_preferred_items():
+    data, truth = synthetic(400, 300, 12_000, dim=8, implicit=True, seed=2, return_truth=True)
+    assert data.ratings is None and truth.selection_strength > 0
+    chosen = truth.preference(data.users, data.items)
+    rng = np.random.default_rng(0)
+    random_items = rng.integers(0, 300, len(data))
+    assert chosen.mean() > truth.preference(data.users, random_items).mean() + 0.2 * truth.signal
+    pairs = data.users * 300 + data.items
+    assert len(np.unique(pairs)) == len(data)
+
+
+def test_synthetic_heavy_users_use_dense_path():
+    # Users may take up to every item: rows where rejection would crawl go dense.
+    data = synthetic(20, 50, 600, max_user_fraction=1.0, activity_exponent=0.5,
+                     implicit=True, seed=5)
+    counts = np.bincount(data.users)
+    assert counts.max() > 40
+    assert len(np.unique(data.users * 50 + data.items)) == len(data)
+
+
+def test_synthetic_supports_splits():
+    data = synthetic(100, 60, 3_000, seed=0)
+    train, test = temporal_split(data, 0.1)
+    assert train.timestamps.max() <= test.timestamps.min()
+    train, test = leave_one_out(data, by="time")
+    assert len(test) == 100
+
+
+def test_synthetic_errors():
+    with pytest.raises(ValueError, match="num_interactions=50 must lie in"):
+        synthetic(100, 10, 50)
+    with pytest.raises(ValueError, match="must lie in"):
+        synthetic(10, 10, 1_000)
+    with pytest.raises(ValueError, match=">= 1"):
+        synthetic(0, 10, 10)
