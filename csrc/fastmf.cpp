@@ -43,6 +43,17 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(g!)? user_bias_state, Tensor(h!)? item_bias_state, Tensor users, Tensor items, "
       "Tensor targets, float global_mean, int loss, float reg, int optimizer, float lr, "
       "float eps) -> Tensor");
+  // The pairwise (implicit-feedback) fused step: each sample is (user, positive item,
+  // negative item); x = b_i - b_j + <P[u], Q[i] - Q[j]>. loss: 0 bpr (mean softplus(-x)).
+  // reg * mean_b(||P[u]||^2 + ||Q[i]||^2 + ||Q[j]||^2 + b_i^2 + b_j^2). Positive and
+  // negative gradients of an item row are summed before its one update; user_bias (which
+  // cancels in x) is left untouched.
+  m.def(
+      "train_step_pairwise(Tensor(a!) user_factors, Tensor(b!) item_factors, "
+      "Tensor(c!)? user_bias, Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, "
+      "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
+      "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor neg_items, "
+      "int loss, float reg, int optimizer, float lr, float eps) -> Tensor");
 }
 
 namespace {

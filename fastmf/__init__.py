@@ -5,10 +5,29 @@
 >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
 """
 
-from fastmf import optim
+from fastmf import data, datasets, metrics, optim
 from fastmf._version import __version__
 from fastmf.build import build_info
+from fastmf.checkpoint import load, load_checkpoint
+from fastmf.evaluate import evaluate
 from fastmf.layers import MF
-from fastmf.step import train_step
+from fastmf.step import train_step, train_step_pairwise
+from fastmf.train import History, fit, suggest_dim
 
-__all__ = ["MF", "__version__", "build_info", "optim", "train_step"]
+__all__ = [
+    "MF",
+    "History",
+    "__version__",
+    "build_info",
+    "data",
+    "datasets",
+    "evaluate",
+    "fit",
+    "load",
+    "load_checkpoint",
+    "metrics",
+    "optim",
+    "suggest_dim",
+    "train_step",
+    "train_step_pairwise",
+]

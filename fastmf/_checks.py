@@ -146,6 +146,14 @@ def check_train_step(op, tables, states, users, items, targets, loss, optimizer)
     check_same_device(op, "user_factors", user_factors, targets=targets)
     check_same_length(op, users=users, targets=targets)
     check_finite(op, "targets", targets)
+    check_states(op, tables, states, optimizer)
+
+
+def check_states(op, tables, states, optimizer):
+    """Optimizer states: None for SGD (code 0); shaped like each table (element-wise
+    Adagrad) or (N,) (row-wise Adagrad)."""
+    from fastmf.reference import OPTIMIZERS
+
     if optimizer == 0:
         return
     rowwise = optimizer == 2
@@ -160,3 +168,21 @@ def check_train_step(op, tables, states, users, items, targets, loss, optimizer)
         if state.shape != expected:
             raise ValueError(f"fastmf.{op}: {name} has shape {tuple(state.shape)}, "
                              f"expected {tuple(expected)}")
+
+
+def check_train_step_pairwise(op, tables, states, users, pos_items, neg_items, loss,
+                              optimizer):
+    """Checks of train_step_pairwise (``loss``/``optimizer`` are codes)."""
+    from fastmf.reference import OPTIMIZERS, PAIRWISE_LOSSES
+
+    if not 0 <= loss < len(PAIRWISE_LOSSES):
+        raise ValueError(f"fastmf.{op}: unknown pairwise loss code {loss}; "
+                         f"expected 0..{len(PAIRWISE_LOSSES) - 1}")
+    if not 0 <= optimizer < len(OPTIMIZERS):
+        raise ValueError(f"fastmf.{op}: unknown optimizer code {optimizer}; "
+                         f"expected 0..{len(OPTIMIZERS) - 1}")
+    check_mf_inputs(op, users, pos_items, *tables)
+    check_same_device(op, "user_factors", tables[0], neg_items=neg_items)
+    check_ids(op, "neg_items", neg_items, tables[1].shape[0])
+    check_same_length(op, users=users, pos_items=pos_items, neg_items=neg_items)
+    check_states(op, tables, states, optimizer)

@@ -8,6 +8,9 @@ import torch
 
 _C = None
 LOAD_ERROR: str | None = None
+# Every op fastmf.ops wraps; a build that lacks one is older than this Python code.
+OPS = ("mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update",
+       "train_step", "train_step_pairwise")
 
 
 def _major_minor(version: str) -> str:
@@ -39,6 +42,13 @@ def _load():
             f"fastmf._C was built with CUDA {info['cuda_version']} but torch uses CUDA "
             f"{torch.version.cuda}; rebuild fastmf against the installed torch"
         )
+    missing = [op for op in OPS if not hasattr(torch.ops.fastmf, op)]
+    if missing:
+        LOAD_ERROR = (
+            f"fastmf._C is older than the Python package (no op {', '.join(missing)}); "
+            "rebuild it: `pip install --no-build-isolation -e .`"
+        )
+        return
     _C = module
 
 

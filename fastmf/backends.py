@@ -17,7 +17,8 @@ from fastmf import _checks, reference
 from fastmf._extension import LOAD_ERROR, native_available
 
 BACKENDS = ("reference", "numba", "native")
-KERNELS = ("mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step")
+KERNELS = ("mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update",
+           "train_step", "train_step_pairwise")
 
 
 def numba_available() -> bool:
@@ -83,9 +84,21 @@ def _checked_reference() -> SimpleNamespace:
         return reference.train_step(*tables, *states, users, items, targets, global_mean,
                                     loss, reg, optimizer, lr, eps)
 
+    def train_step_pairwise(user_factors, item_factors, user_bias, item_bias,
+                            user_factors_state, item_factors_state, user_bias_state,
+                            item_bias_state, users, pos_items, neg_items, loss, reg, optimizer,
+                            lr, eps):
+        tables = (user_factors, item_factors, user_bias, item_bias)
+        states = (user_factors_state, item_factors_state, user_bias_state, item_bias_state)
+        _checks.check_train_step_pairwise("train_step_pairwise", tables, states, users,
+                                          pos_items, neg_items, loss, optimizer)
+        return reference.train_step_pairwise(*tables, *states, users, pos_items, neg_items,
+                                             loss, reg, optimizer, lr, eps)
+
     return SimpleNamespace(name="reference", mf_forward=mf_forward, mf_backward=mf_backward,
                            sparse_adagrad_update=sparse_adagrad_update,
-                           sparse_sgd_update=sparse_sgd_update, train_step=train_step)
+                           sparse_sgd_update=sparse_sgd_update, train_step=train_step,
+                           train_step_pairwise=train_step_pairwise)
 
 
 _CACHE: dict[str, SimpleNamespace] = {}
@@ -101,7 +114,8 @@ def get(name: str = "auto") -> SimpleNamespace:
             module = importlib.import_module(
                 "fastmf.numba_kernels" if name == "numba" else "fastmf.ops"
             )
+            # A kernel a backend lacks stays out of its namespace (AttributeError on use).
             _CACHE[name] = SimpleNamespace(
-                name=name, **{k: getattr(module, k) for k in KERNELS}
+                name=name, **{k: getattr(module, k) for k in KERNELS if hasattr(module, k)}
             )
     return _CACHE[name]

@@ -119,6 +119,12 @@ class MF(nn.Module):
         self.sparse = bool(sparse)
         self.init_scale = float(init_scale)
         self.backend = backend
+        # Filled from the training data (fastmf.fit / attach_data): raw-id maps, titles and
+        # popularity for recommendations by raw id and the cold-start fallback.
+        self.user_map = None
+        self.item_map = None
+        self.item_titles = None
+        self.item_popularity = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -208,6 +214,178 @@ class MF(nn.Module):
             return ops.mf_forward(users, items, p, q, bu, bi, self._global_mean_value)
         return _KernelForward.apply(self._kernels, self.sparse, users, items, p, q, bu, bi,
                                     self._global_mean_value)
+
+    def attach_data(self, data) -> MF:
+        """Keep ``data``'s (an :class:`fastmf.data.Interactions`) id maps, item titles and
+        item popularity, so the model answers in raw ids and has a cold-start fallback."""
+        if data.num_users != self.num_users or data.num_items != self.num_items:
+            raise ValueError(
+                f"fastmf.MF: data has {data.num_users} users x {data.num_items} items, the "
+                f"model {self.num_users} x {self.num_items}")
+        self.user_map, self.item_map = data.user_map, data.item_map
+        self.item_titles = data.item_titles
+        self.item_popularity = np.bincount(data.items, minlength=self.num_items)
+        return self
+
+    def save(self, path, *, optimizer=None, extra: dict | None = None):
+        """Save to the checkpoint folder ``path`` atomically (see :mod:`fastmf.checkpoint`)."""
+        from fastmf.checkpoint import save
+
+        return save(self, path, optimizer=optimizer, extra=extra)
+
+    # -- serving -----------------------------------------------------------------------------
+    def _retrieval_backend(self) -> str:
+        return "auto" if self._backend == "native" else self._backend
+
+    def _exclusion_rows(self, exclude, users: np.ndarray):
+        """Per-query CSR rows of ``exclude`` (Interactions or a (num_users, num_items) sparse
+        matrix indexed by user)."""
+        import scipy.sparse as sp
+
+        from fastmf.data import Interactions
+
+        if exclude is None:
+            return None
+        if isinstance(exclude, Interactions):
+            exclude = exclude.to_csr(binary=True)
+        if not sp.issparse(exclude):
+            raise TypeError("fastmf.MF.recommend: exclude must be Interactions or a scipy "
+                            f"sparse matrix, got {type(exclude).__name__}")
+        if exclude.shape != (self.num_users, self.num_items):
+            raise ValueError(f"fastmf.MF.recommend: exclude has shape {exclude.shape}, "
+                             f"expected (num_users, num_items) = "
+                             f"{(self.num_users, self.num_items)}")
+        return sp.csr_matrix(exclude)[users]
+
+    def _index_of(self, ids, side: str, raw_ids: bool) -> np.ndarray:
+        """Indices (int64 numpy) of ``ids``; with ``raw_ids``, unknown raw ids become -1."""
+        id_map = getattr(self, f"{side}_map")
+        if raw_ids:
+            if id_map is None:
+                raise ValueError(f"fastmf.MF: raw_ids=True but the model holds no {side} id "
+                                 "map (train it with fastmf.fit or call attach_data)")
+            return id_map.lookup(ids)
+        array = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+        if array.ndim == 0:
+            array = array.reshape(1)
+        if array.size and array.dtype.kind not in "iu":
+            raise TypeError(f"fastmf.MF: {side}s must be integer indices, got {array.dtype}")
+        array = array.astype(np.int64, copy=False)
+        limit = self.num_users if side == "user" else self.num_items
+        bad = (array < 0) | (array >= limit)
+        if bad.any():
+            raise IndexError(f"fastmf.MF: {side} index {int(array[bad][0])} out of range "
+                             f"[0, {limit}) (pass raw_ids=True for raw ids)")
+        return array
+
+    def _to_raw(self, indices: Tensor):
+        """Item indices (with -1 padding) -> raw item ids (numpy; None for padding)."""
+        idx = indices.cpu().numpy()
+        raw = self.item_map.raw_ids[np.where(idx >= 0, idx, 0)]
+        if (idx < 0).any():
+            raw = raw.astype(object)
+            raw[idx < 0] = None
+        return raw
+
+    @torch.no_grad()
+    def recommend(self, users, k: int = 10, *, exclude=None, items=None,
+                  batch_size: int | None = None, raw_ids: bool = False):
+        """Exact top-``k`` items for each user: ``(items (B, k), scores (B, k))``.
+
+        Ranks by ``b_i + <P[u], Q[i]>`` (``mu`` and ``b_u`` do not change a user's order) and
+        returns the true predicted scores ``mu + b_u + b_i + <P[u], Q[i]>``. Equal scores go
+        to the lower item index. Where fewer than ``k`` items remain (``k`` above the
+        candidates, everything excluded) rows are padded with index ``-1`` and score
+        ``-inf``.
+
+        - ``exclude``: items to leave out per user, usually their training items: an
+          :class:`~fastmf.data.Interactions` or a (num_users, num_items) sparse matrix.
+        - ``items``: rank only these candidate items.
+        - ``raw_ids``: users and ``items`` are raw ids and raw item ids come back (numpy;
+          ``None`` marks padding). A raw user id the model has never seen gets the
+          cold-start fallback: the most popular training items (``item_popularity``),
+          scored ``mu + b_i``; unknown candidate items are never returned.
+
+        >>> items, scores = model.recommend([0, 1], k=10, exclude=train)  # doctest: +SKIP
+        """
+        from fastmf import retrieval
+
+        index = self._index_of(users, "user", raw_ids)
+        known = index >= 0
+        candidates = None
+        if items is not None:
+            candidates = self._index_of(items, "item", raw_ids)
+            candidates = torch.as_tensor(candidates[candidates >= 0],
+                                         device=self.user_factors.device)
+        device = self.user_factors.device
+        batch = len(index)
+        out_items = torch.full((batch, k), -1, dtype=torch.int64, device=device)
+        out_scores = torch.full((batch, k), float("-inf"), dtype=self.user_factors.dtype,
+                                device=device)
+        bias = self.item_bias.detach() if self.has_bias else None
+        if known.any():
+            rows = index[known]
+            user_rows = torch.as_tensor(rows, device=device)
+            scores, top = retrieval.topk_scores(
+                self.user_factors.detach()[user_rows], self.item_factors.detach(), bias, k,
+                exclude=self._exclusion_rows(exclude, rows), candidates=candidates,
+                backend=self._retrieval_backend(), batch_size=batch_size)
+            shift = self.mu + (self.user_bias.detach()[user_rows] if self.has_bias else 0.0)
+            scores = torch.where(top >= 0, scores + (shift.unsqueeze(1) if self.has_bias
+                                                     else shift), scores)
+            mask = torch.as_tensor(known, device=device)
+            out_items[mask], out_scores[mask] = top, scores
+        if not known.all():
+            top = self._most_popular(k, candidates)
+            scores = torch.full((k,), float("-inf"), dtype=out_scores.dtype, device=device)
+            found = top >= 0
+            scores[found] = self.mu + (bias[top[found]] if bias is not None else 0.0)
+            mask = torch.as_tensor(~known, device=device)
+            out_items[mask], out_scores[mask] = top, scores
+        if raw_ids:
+            return self._to_raw(out_items), out_scores.cpu().numpy()
+        return out_items, out_scores
+
+    def _most_popular(self, k: int, candidates: Tensor | None) -> Tensor:
+        """(k,) the most-interacted training items (among ``candidates``): the cold-start
+        ranking. Without popularity counts every item ties, so the lowest indices win."""
+        from fastmf import retrieval
+
+        device = self.user_factors.device
+        counts = np.zeros(self.num_items) if self.item_popularity is None else (
+            self.item_popularity)
+        counts = torch.as_tensor(counts, dtype=torch.float64, device=device)
+        _, top = retrieval.topk_scores(counts.new_zeros((1, 0)), counts.new_zeros((len(counts), 0)),
+                                       counts, k, candidates=candidates,
+                                       backend=self._retrieval_backend())
+        return top[0]
+
+    @torch.no_grad()
+    def _similar(self, table: Tensor, ids, side: str, k: int, metric: str, raw_ids: bool):
+        from fastmf import retrieval
+
+        index = self._index_of(ids, side, raw_ids)
+        if raw_ids and (index < 0).any():
+            raise KeyError(f"fastmf.MF: unknown raw {side} id(s): "
+                           f"{list(np.asarray(ids)[index < 0][:5])}")
+        scores, top = retrieval.similar(table.detach(), torch.as_tensor(index), k, metric,
+                                        backend=self._retrieval_backend())
+        if raw_ids:
+            id_map = getattr(self, f"{side}_map")
+            raw = id_map.raw_ids[np.where(top.numpy() >= 0, top.numpy(), 0)]
+            return raw, scores.numpy()
+        return top, scores
+
+    def similar_items(self, items, k: int = 10, metric: str = "cosine", *,
+                      raw_ids: bool = False):
+        """The ``k`` items most similar to each query item by their factors (``"cosine"`` or
+        ``"dot"``), the query itself left out: ``(items (B, k), scores (B, k))``."""
+        return self._similar(self.item_factors, items, "item", k, metric, raw_ids)
+
+    def similar_users(self, users, k: int = 10, metric: str = "cosine", *,
+                      raw_ids: bool = False):
+        """The ``k`` users most similar to each query user (see :meth:`similar_items`)."""
+        return self._similar(self.user_factors, users, "user", k, metric, raw_ids)
 
     @torch.no_grad()
     def predict(self, users, items) -> Tensor:

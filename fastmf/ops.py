@@ -15,6 +15,7 @@ __all__ = [
     "sparse_adagrad_update",
     "sparse_sgd_update",
     "train_step",
+    "train_step_pairwise",
     "scatter_rows",
 ]
 
@@ -75,6 +76,20 @@ def train_step(
     )
 
 
+def train_step_pairwise(
+    user_factors, item_factors, user_bias, item_bias,
+    user_factors_state, item_factors_state, user_bias_state, item_bias_state,
+    users, pos_items, neg_items, loss: int, reg: float, optimizer: int, lr: float, eps: float,
+) -> Tensor:
+    """Fused pairwise (BPR) step; returns the loss (0-d). See reference.train_step_pairwise."""
+    return torch.ops.fastmf.train_step_pairwise.default(
+        user_factors, item_factors, user_bias, item_bias,
+        user_factors_state, item_factors_state, user_bias_state, item_bias_state,
+        users, pos_items, neg_items, int(loss), float(reg), int(optimizer), float(lr),
+        float(eps),
+    )
+
+
 def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """Dense gradient of a gather: ``zeros(num_rows, ...).index_add_(0, ids, rows)``."""
     out = rows.new_zeros((num_rows,) + tuple(rows.shape[1:]))
@@ -108,6 +123,10 @@ if native_available():
 
     @torch.library.register_fake("fastmf::train_step")
     def _train_step_fake(user_factors, *args):
+        return user_factors.new_empty(())
+
+    @torch.library.register_fake("fastmf::train_step_pairwise")
+    def _train_step_pairwise_fake(user_factors, *args):
         return user_factors.new_empty(())
 
     def _mf_forward_setup(ctx, inputs, output):

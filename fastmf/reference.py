@@ -156,8 +156,76 @@ def train_step(
     if user_bias is not None:
         tables += [(user_bias, user_bias_state, u), (item_bias, item_bias_state, i)]
     for (weight, state, ids), g in zip(tables, grads):
-        if optimizer == "sgd":
-            sparse_sgd_update(weight, ids, g, lr)
-        else:
-            sparse_adagrad_update(weight, state, ids, g, lr, eps, optimizer == "rowwise_adagrad")
+        _apply_sparse(optimizer, weight, state, ids, g, lr, eps)
+    return total.detach()
+
+
+PAIRWISE_LOSSES = ("bpr",)
+PAIRWISE_LOSS_CODES = {name: code for code, name in enumerate(PAIRWISE_LOSSES)}
+
+
+def _apply_sparse(optimizer, weight, state, ids, grad_rows, lr, eps):
+    if optimizer == "sgd":
+        sparse_sgd_update(weight, ids, grad_rows, lr)
+    else:
+        sparse_adagrad_update(weight, state, ids, grad_rows, lr, eps,
+                              optimizer == "rowwise_adagrad")
+
+
+def train_step_pairwise(
+    user_factors,
+    item_factors,
+    user_bias,
+    item_bias,
+    user_factors_state,
+    item_factors_state,
+    user_bias_state,
+    item_bias_state,
+    users,
+    pos_items,
+    neg_items,
+    loss,
+    reg,
+    optimizer,
+    lr,
+    eps,
+):
+    """The spec of the fused pairwise step (BPR). Each sample is (u, i, j) with i a
+    positive and j a sampled negative item of user u::
+
+        x = b_i - b_j + <P[u], Q[i] - Q[j]>          (mu and b_u cancel)
+        loss = mean_b softplus(-x)  (= -mean log σ(x))
+             + reg * mean_b(||P[u]||² + ||Q[i]||² + ||Q[j]||² + b_i² + b_j²)
+
+    An item row's positive and negative gradients are summed before its single optimizer
+    update; ``user_bias`` (no gradient) is left untouched. Returns the loss (0-d)."""
+    loss = PAIRWISE_LOSSES[loss] if isinstance(loss, int) else loss
+    if loss not in PAIRWISE_LOSSES:
+        raise ValueError(f"fastmf: unknown pairwise loss {loss!r}; expected {PAIRWISE_LOSSES}")
+    optimizer = OPTIMIZERS[optimizer] if isinstance(optimizer, int) else optimizer
+    if users.numel() == 0:
+        return user_factors.new_zeros(())
+    u, i, j = users.long(), pos_items.long(), neg_items.long()
+    with torch.enable_grad():
+        p = user_factors.detach()[u].requires_grad_()
+        qi = item_factors.detach()[i].requires_grad_()
+        qj = item_factors.detach()[j].requires_grad_()
+        rows = [p, qi, qj]
+        x = (p * (qi - qj)).sum(1)
+        per_sample = p.pow(2).sum(1) + qi.pow(2).sum(1) + qj.pow(2).sum(1)
+        if item_bias is not None:
+            bi = item_bias.detach()[i].requires_grad_()
+            bj = item_bias.detach()[j].requires_grad_()
+            rows += [bi, bj]
+            x = x + bi - bj
+            per_sample = per_sample + bi.pow(2) + bj.pow(2)
+        total = F.softplus(-x).mean() + reg * per_sample.mean()
+        grads = torch.autograd.grad(total, rows)
+    both = torch.cat([i, j])
+    _apply_sparse(optimizer, user_factors, user_factors_state, u, grads[0], lr, eps)
+    _apply_sparse(optimizer, item_factors, item_factors_state, both,
+                  torch.cat([grads[1], grads[2]]), lr, eps)
+    if item_bias is not None:
+        _apply_sparse(optimizer, item_bias, item_bias_state, both,
+                      torch.cat([grads[3], grads[4]]), lr, eps)
     return total.detach()

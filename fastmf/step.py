@@ -9,7 +9,13 @@ from torch import Tensor
 
 from fastmf.layers import MF
 from fastmf.optim import SparseAdagrad, SparseSGD
-from fastmf.reference import LOSS_CODES, LOSSES, OPTIMIZER_CODES
+from fastmf.reference import (
+    LOSS_CODES,
+    LOSSES,
+    OPTIMIZER_CODES,
+    PAIRWISE_LOSS_CODES,
+    PAIRWISE_LOSSES,
+)
 
 
 def _fused_optimizer(model: MF, optimizer) -> tuple[int, float, float, tuple]:
@@ -89,3 +95,32 @@ def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse"
         return model._kernels.train_step(
             *tables, *states, users, items, targets, model.mu, LOSS_CODES[loss], float(reg),
             code, float(lr), float(eps))
+
+
+def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
+                        loss: str = "bpr", reg: float = 0.0) -> Tensor:
+    """One fused pairwise (implicit-feedback) step; returns the loss (0-d tensor).
+
+    Each sample is (user, positive item, sampled negative item); BPR minimises
+    ``mean softplus(-(x_ui - x_uj))`` with ``x_ui - x_uj = b_i - b_j + <P[u], Q[i] - Q[j]>``,
+    plus ``reg * mean_b(||P[u]||² + ||Q[i]||² + ||Q[j]||² + b_i² + b_j²)``. Every row touched
+    by the batch — an item may appear as a positive and as a negative — gets exactly one
+    optimizer update with its summed gradient, as the unfused autograd sequence would give.
+    For k negatives per positive, repeat the users and positives k times.
+
+    users, pos_items, neg_items: (B,) int32/int64.
+    """
+    if loss not in PAIRWISE_LOSS_CODES:
+        raise ValueError(f"fastmf.train_step_pairwise: unknown loss {loss!r}; expected one of "
+                         f"{PAIRWISE_LOSSES}")
+    if not reg >= 0.0:
+        raise ValueError(f"fastmf.train_step_pairwise: reg must be >= 0, got {reg}")
+    code, lr, eps, states = _fused_optimizer(model, optimizer)
+    users = model.as_ids(users, "users")
+    pos_items = model.as_ids(pos_items, "pos_items")
+    neg_items = model.as_ids(neg_items, "neg_items")
+    tables = tuple(None if t is None else t.detach() for t in model.tables())
+    with torch.no_grad():
+        return model._kernels.train_step_pairwise(
+            *tables, *states, users, pos_items, neg_items, PAIRWISE_LOSS_CODES[loss],
+            float(reg), code, float(lr), float(eps))

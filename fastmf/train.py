@@ -1,0 +1,318 @@
+"""``fastmf.fit``: epochs of fused training steps over an :class:`Interactions` set, with
+validation, early stopping, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastmf.data import Interactions, NegativeSampler
+from fastmf.layers import MF
+from fastmf.optim import SparseAdagrad, SparseSGD
+from fastmf.step import train_step, train_step_pairwise
+
+EXPLICIT = ("mse", "huber")
+IMPLICIT = ("bce", "bpr")
+
+# Defaults chosen on MovieLens (ml-latest-small, 5-fold) — see benchmarks/README.md.
+DEFAULTS = {
+    "explicit": dict(lr=0.03, reg=0.05, batch_size=1024, epochs=25),
+    "implicit": dict(lr=0.05, reg=1e-4, batch_size=4096, epochs=20),
+}
+
+
+def suggest_dim(n: int, rule: str = "fastai") -> int:
+    """A factor count for ``n`` users or items, from one of two rules of thumb:
+
+    - ``"fastai"``: fast.ai's ``min(600, round(1.6 * n ** 0.56))``;
+    - ``"fourth_root"``: ``round(n ** 0.25)`` (the TensorFlow feature-columns guide's rule).
+
+    ``fastmf demo``/``fastmf train`` use ``"fastai"`` on the smaller side (items or users),
+    capped at 128 (larger factor counts seldom pay on explicit ratings).
+
+    >>> suggest_dim(10_000), suggest_dim(10_000, "fourth_root")
+    (278, 10)
+    """
+    if n < 1:
+        raise ValueError(f"fastmf.suggest_dim: n must be >= 1, got {n}")
+    if rule == "fastai":
+        return int(min(600, round(1.6 * n**0.56)))
+    if rule == "fourth_root":
+        return max(1, int(round(n**0.25)))
+    raise ValueError(f"fastmf.suggest_dim: unknown rule {rule!r}; use 'fastai' or 'fourth_root'")
+
+
+@dataclass
+class History:
+    """Per-epoch records: ``loss``, ``samples_per_s``, ``seconds`` and validation metrics.
+
+    ``history["rmse"]`` lists a metric over the epochs; ``best_epoch`` (0-based) and
+    ``best`` refer to the monitored metric when validation ran.
+    """
+
+    epochs: list[dict] = field(default_factory=list)
+    monitor: str | None = None
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+    def __getitem__(self, key: str) -> list:
+        return [row.get(key) for row in self.epochs]
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def best(self) -> dict | None:
+        return None if self.best_epoch is None else self.epochs[self.best_epoch]
+
+    def to_dict(self) -> dict:
+        return {"epochs": self.epochs, "monitor": self.monitor, "best_epoch": self.best_epoch,
+                "stopped_early": self.stopped_early}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> History:
+        return cls(**data)
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.epochs)
+
+
+def _seed_of(*parts: int) -> int:
+    """A 63-bit seed from (seed, epoch, batch): each epoch's shuffle and each batch's
+    negatives depend only on these, so a resumed run draws exactly what a straight run does."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def _higher_is_better(metric: str) -> bool:
+    return metric.split("@")[0] not in ("rmse", "mae", "loss")
+
+
+def _make_optimizer(model: MF, lr: float, name: str):
+    if name == "adagrad":
+        return SparseAdagrad(model.parameters(), lr=lr)
+    if name == "rowwise_adagrad":
+        return SparseAdagrad(model.parameters(), lr=lr, rowwise=True)
+    if name == "sgd":
+        return SparseSGD(model.parameters(), lr=lr)
+    raise ValueError(f"fastmf.fit: unknown optimizer {name!r}; use 'adagrad', "
+                     "'rowwise_adagrad', 'sgd' or a fastmf.optim optimizer")
+
+
+def fit(
+    model: MF,
+    train: Interactions,
+    *,
+    loss: str = "mse",
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    optimizer=None,
+    lr: float | None = None,
+    reg: float | None = None,
+    num_negatives: int = 4,
+    negative_distribution: str = "uniform",
+    valid: Interactions | None = None,
+    metrics: tuple[str, ...] | None = None,
+    k: int = 10,
+    early_stopping: int | None = None,
+    monitor: str | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    seed: int | None = 0,
+    progress: bool = True,
+    set_global_mean: bool = True,
+) -> History:
+    """Train ``model`` on ``train`` with fused steps; returns a :class:`History`.
+
+    - ``loss``: ``"mse"``/``"huber"`` on the ratings (explicit), or ``"bce"`` (each positive
+      plus ``num_negatives`` sampled negatives labelled 0) / ``"bpr"`` (each positive
+      against ``num_negatives`` sampled negatives) on the interactions (implicit).
+      Negatives exclude the user's training items; ``negative_distribution`` is
+      ``"uniform"`` or ``"popularity"``.
+    - ``optimizer``: a ``fastmf.optim`` optimizer over the model, or ``"adagrad"`` (default),
+      ``"rowwise_adagrad"``, ``"sgd"`` built with ``lr``. ``epochs``, ``batch_size``,
+      ``lr``, ``reg`` default per loss kind (see ``DEFAULTS``).
+    - ``valid``: held-out interactions; explicit losses report ``rmse``/``mae``, implicit
+      ones full-catalog ranking metrics at ``k`` (training items excluded).
+    - ``early_stopping``: patience in epochs on ``monitor`` (default ``rmse`` or
+      ``ndcg@k``); the best epoch's weights are restored at the end.
+    - ``checkpoint``: a folder saved after every epoch (weights, optimizer, history);
+      ``resume=True`` continues from it and ends with the same weights as an uninterrupted
+      run. ``seed`` fixes shuffling and negatives.
+    - ``set_global_mean``: for explicit losses, set ``mu`` to the mean training rating.
+
+    >>> import fastmf
+    >>> data = fastmf.datasets.synthetic(num_users=200, num_items=100, num_interactions=5000)
+    >>> model = fastmf.MF(data.num_users, data.num_items, dim=16)
+    >>> history = fastmf.fit(model, data, epochs=2, progress=False)
+    >>> len(history)
+    2
+    """
+    from fastmf.evaluate import evaluate
+
+    if not isinstance(train, Interactions):
+        raise TypeError(f"fastmf.fit: train must be fastmf.data.Interactions, got "
+                        f"{type(train).__name__}")
+    if loss not in EXPLICIT + IMPLICIT:
+        raise ValueError(f"fastmf.fit: unknown loss {loss!r}; expected one of "
+                         f"{EXPLICIT + IMPLICIT}")
+    implicit = loss in IMPLICIT
+    defaults = DEFAULTS["implicit" if implicit else "explicit"]
+    epochs = defaults["epochs"] if epochs is None else int(epochs)
+    batch_size = defaults["batch_size"] if batch_size is None else int(batch_size)
+    reg = defaults["reg"] if reg is None else float(reg)
+    lr = defaults["lr"] if lr is None else float(lr)
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"fastmf.fit: need epochs >= 0 and batch_size >= 1, got {epochs}, "
+                         f"{batch_size}")
+    if (train.num_users, train.num_items) != (model.num_users, model.num_items):
+        raise ValueError(
+            f"fastmf.fit: train has {train.num_users} users x {train.num_items} items but the "
+            f"model has {model.num_users} x {model.num_items}")
+    if not implicit and train.ratings is None:
+        raise ValueError(f"fastmf.fit: loss {loss!r} needs ratings; these interactions have "
+                         "none (use loss='bpr' or 'bce' for implicit feedback)")
+    if optimizer is None or isinstance(optimizer, str):
+        optimizer = _make_optimizer(model, lr, optimizer or "adagrad")
+    seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+    model.attach_data(train)
+    if set_global_mean and not implicit and not resume:
+        model.set_global_mean(float(np.mean(train.ratings, dtype=np.float64)))
+
+    metric_names = tuple(metrics) if metrics else (
+        (f"ndcg@{k}", f"hr@{k}") if implicit else ("rmse", "mae"))
+    monitor = monitor or metric_names[0]
+    history = History(monitor=monitor if valid is not None else None)
+    start_epoch = 0
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    best_state = None
+    if resume:
+        if checkpoint is None:
+            raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")
+        start_epoch, history, best_state = _resume(model, optimizer, checkpoint)
+
+    device = model.user_factors.device
+    users, items, ratings = train.to_torch(device)
+    targets = ratings.to(model.user_factors.dtype) if ratings is not None else None
+    sampler = NegativeSampler(train, distribution=negative_distribution) if implicit else None
+    n = len(train)
+    bad_epochs = 0
+    if history.best_epoch is not None:
+        bad_epochs = len(history) - 1 - history.best_epoch
+
+    for epoch in range(start_epoch, epochs):
+        gen = torch.Generator().manual_seed(_seed_of(seed, epoch))
+        order = torch.randperm(n, generator=gen).to(device)
+        u_all, i_all = users[order], items[order]
+        t_all = targets[order] if targets is not None else None
+        bar = _progress(progress, n, f"epoch {epoch + 1}/{epochs}")
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        samples = 0
+        start = time.perf_counter()
+        for b, lo in enumerate(range(0, n, batch_size)):
+            u, i = u_all[lo:lo + batch_size], i_all[lo:lo + batch_size]
+            if implicit:
+                neg = sampler.sample(u, num_negatives, seed=_seed_of(seed, epoch, b))
+                step_loss, count = _implicit_step(model, optimizer, loss, u, i, neg, reg)
+            else:
+                step_loss = train_step(model, optimizer, u, i, t_all[lo:lo + batch_size],
+                                       loss=loss, reg=reg)
+                count = len(u)
+            total_loss += step_loss.double() * len(u)
+            samples += count
+            if bar is not None:
+                bar.update(len(u))
+                if b % 20 == 0:
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(loss=f"{float(step_loss):.4f}",
+                                    samples_s=f"{samples / elapsed:.3g}")
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch + 1, "loss": float(total_loss) / max(n, 1), "seconds": seconds,
+               "samples_per_s": samples / max(seconds, 1e-9)}
+        if valid is not None:
+            row.update(evaluate(model, valid, train=train, metrics=metric_names, k=k))
+        if bar is not None:
+            bar.set_postfix({key: f"{v:.4g}" for key, v in row.items()
+                             if key not in ("epoch", "seconds")})
+            bar.close()
+        history.epochs.append(row)
+        improved = False
+        if valid is not None:
+            value = row[monitor]
+            best = None if history.best_epoch is None else history.best[monitor]
+            better = _higher_is_better(monitor)
+            if best is None or (value > best if better else value < best):
+                history.best_epoch, improved, bad_epochs = epoch, True, 0
+                best_state = copy.deepcopy(model.state_dict()) if early_stopping else None
+            else:
+                bad_epochs += 1
+        if checkpoint is not None:
+            _save_progress(model, optimizer, checkpoint, history, epoch, improved, early_stopping)
+        if early_stopping and valid is not None and bad_epochs >= early_stopping:
+            history.stopped_early = True
+            break
+    if early_stopping and best_state is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+def _implicit_step(model, optimizer, loss, u, i, neg, reg):
+    """One fused implicit step on positives (u, i) and negatives (B, k)."""
+    k = neg.shape[1]
+    if loss == "bpr":
+        return train_step_pairwise(model, optimizer, u.repeat_interleave(k),
+                                   i.repeat_interleave(k), neg.reshape(-1), reg=reg), len(u) * k
+    users = torch.cat([u, u.repeat_interleave(k)])
+    items = torch.cat([i, neg.reshape(-1)])
+    labels = torch.cat([torch.ones(len(u)), torch.zeros(len(u) * k)]).to(
+        dtype=model.user_factors.dtype, device=u.device)
+    return train_step(model, optimizer, users, items, labels, loss="bce", reg=reg), len(users)
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, leave=True)
+
+
+def _save_progress(model, optimizer, path: Path, history, epoch, improved, early_stopping):
+    if improved and early_stopping:
+        model.save(path.with_name(path.name + ".best"))
+    model.save(path, optimizer=optimizer,
+               extra={"epoch": epoch + 1, "history": history.to_dict()})
+
+
+def _resume(model: MF, optimizer, path: Path):
+    """Load weights, optimizer state and history from ``path`` into ``model``/``optimizer``."""
+    from fastmf.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(path, device=model.user_factors.device, backend=model.backend)
+    if (saved.model.num_users, saved.model.num_items, saved.model.dim) != (
+            model.num_users, model.num_items, model.dim):
+        raise ValueError(f"fastmf.fit: checkpoint {path} holds a {saved.model.num_users} x "
+                         f"{saved.model.num_items} x {saved.model.dim} model, not "
+                         f"{model.num_users} x {model.num_items} x {model.dim}")
+    model.load_state_dict(saved.model.state_dict())
+    if saved.optimizer is not None and type(saved.optimizer) is type(optimizer):
+        if isinstance(optimizer, SparseAdagrad):
+            with torch.no_grad():
+                for mine, theirs in zip(model.tables(), saved.model.tables(), strict=True):
+                    if mine is not None:
+                        optimizer.state_for(mine).copy_(saved.optimizer.state_for(theirs))
+    history = History.from_dict(saved.extra["history"])
+    best_state = None
+    best_path = path.with_name(path.name + ".best")
+    if history.best_epoch is not None and best_path.is_dir():
+        from fastmf.checkpoint import load
+
+        best_state = load(best_path, device=model.user_factors.device).state_dict()
+    return int(saved.extra["epoch"]), history, best_state

@@ -1,0 +1,260 @@
+"""Checkpoints, fit, evaluate and the command line."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastmf
+from fastmf.checkpoint import CheckpointError
+from fastmf.cli import main as cli_main
+from fastmf.data import Interactions, random_split
+
+MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+requires_movielens = pytest.mark.skipif(
+    not (MOVIELENS / "ratings.csv").is_file(), reason=f"MovieLens data not found at {MOVIELENS}"
+)
+
+
+@pytest.fixture(scope="module")
+def ratings():
+    data = fastmf.datasets.synthetic(num_users=300, num_items=150, num_interactions=12_000,
+                                     dim=4, seed=3)
+    return random_split(data, test_fraction=0.2, seed=0)
+
+
+def string_id_data():
+    rng = np.random.default_rng(0)
+    users = np.array([f"user-{u}" for u in rng.integers(0, 40, 600)])
+    items = np.array([f"item-{i}" for i in rng.integers(0, 25, 600)])
+    return Interactions.from_arrays(users, items, ratings=rng.uniform(1, 5, 600))
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def trained_model(data, **kwargs):
+    torch.manual_seed(0)
+    model = fastmf.MF(data.num_users, data.num_items, 8, **kwargs)
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    fastmf.fit(model, data, epochs=2, optimizer=opt, progress=False)
+    return model, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_checkpoint_round_trip(tmp_path, dtype):
+    import pandas as pd
+
+    data = string_id_data()
+    movies = pd.DataFrame({"movieId": data.item_map.raw_ids,
+                           "title": [f"Title {i} ✓" for i in range(data.num_items)]})
+    data = data.with_item_metadata(movies)
+    model, opt = trained_model(data, dtype=dtype)
+    path = model.save(tmp_path / "ckpt", optimizer=opt, extra={"note": "x"})
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    saved = fastmf.load_checkpoint(path)
+    for a, b in zip(model.tables(), saved.model.tables(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(model.tables(), saved.model.tables(), strict=True):
+        assert torch.equal(opt.state_for(a), saved.optimizer.state_for(b))
+    assert saved.model.mu == model.mu
+    assert list(saved.model.user_map.raw_ids) == list(model.user_map.raw_ids)
+    assert saved.model.item_titles == model.item_titles
+    assert np.array_equal(saved.model.item_popularity, model.item_popularity)
+    assert saved.extra == {"note": "x"}
+
+
+def test_checkpoint_with_int_ids_and_no_bias(tmp_path, ratings):
+    train, _ = ratings
+    model, _ = trained_model(train, bias=False)
+    loaded = fastmf.load(model.save(tmp_path / "m"))
+    assert loaded.user_bias is None
+    assert loaded.user_map.raw_ids.dtype.kind == "i"
+    u = torch.arange(10)
+    torch.testing.assert_close(loaded(u, u), model(u, u))
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, ratings, monkeypatch):
+    train, _ = ratings
+    model, opt = trained_model(train)
+    path = model.save(tmp_path / "ckpt", optimizer=opt)
+    before = (path / "model.safetensors").read_bytes()
+
+    import safetensors.torch
+
+    def broken(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with torch.no_grad():
+        model.user_factors.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path, optimizer=opt)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left over
+    fastmf.load(path)
+
+
+def test_load_says_what_is_wrong(tmp_path, ratings):
+    train, _ = ratings
+    model, _ = trained_model(train)
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        fastmf.load(tmp_path / "missing")
+    path = model.save(tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["dim"] = 9
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"user_factors has shape \(300, 8\), the config"):
+        fastmf.load(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        fastmf.load(path)
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        fastmf.load(path)
+
+
+# -- fit ---------------------------------------------------------------------------------------
+
+def test_fit_learns_and_beats_the_baselines(ratings):
+    train, test = ratings
+    torch.manual_seed(0)
+    model = fastmf.MF(train.num_users, train.num_items, 16)
+    history = fastmf.fit(model, train, valid=test, epochs=15, progress=False)
+    assert len(history) == 15 and history["rmse"][-1] < history["rmse"][0]
+    assert history["loss"][-1] < history["loss"][0]
+    assert all(s > 0 for s in history["samples_per_s"])
+    mean_rmse = fastmf.metrics.rmse(np.full(len(test), train.ratings.mean()), test.ratings)
+    assert history["rmse"][-1] < mean_rmse - 0.05
+    assert model.mu == pytest.approx(float(train.ratings.mean()), rel=1e-6)
+
+
+def test_fit_early_stopping_restores_the_best_epoch(ratings):
+    train, test = ratings
+    torch.manual_seed(0)
+    model = fastmf.MF(train.num_users, train.num_items, 32)
+    # A large lr and no reg overfit quickly, so validation RMSE turns up.
+    history = fastmf.fit(model, train, valid=test, epochs=40, lr=0.3, reg=0.0,
+                         early_stopping=2, progress=False)
+    assert history.stopped_early
+    best = history.best["rmse"]
+    assert best == min(history["rmse"])
+    got = fastmf.evaluate(model, test, metrics=("rmse",))["rmse"]
+    assert got == pytest.approx(best, rel=1e-6)
+
+
+def test_resume_gives_the_same_weights(tmp_path, ratings):
+    train, test = ratings
+
+    def run(epochs, resume=False, model=None):
+        if model is None:
+            torch.manual_seed(0)
+            model = fastmf.MF(train.num_users, train.num_items, 8)
+        fastmf.fit(model, train, valid=test, epochs=epochs, checkpoint=tmp_path / "ck",
+                   resume=resume, seed=5, progress=False)
+        return model
+
+    straight = run(4)
+    run(2)
+    torch.manual_seed(123)  # a different init: resume must overwrite it
+    resumed = run(4, resume=True, model=fastmf.MF(train.num_users, train.num_items, 8))
+    for a, b in zip(straight.tables(), resumed.tables(), strict=True):
+        assert torch.equal(a, b)
+    assert fastmf.load_checkpoint(tmp_path / "ck").extra["epoch"] == 4
+
+
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+def test_fit_implicit_ranks_better_than_popularity(loss):
+    data = fastmf.datasets.synthetic(num_users=400, num_items=200, num_interactions=16_000,
+                                     implicit=True, seed=1)
+    train, test = fastmf.data.leave_one_out(data, by="time")
+    torch.manual_seed(0)
+    model = fastmf.MF(data.num_users, data.num_items, 16)
+    history = fastmf.fit(model, train, loss=loss, valid=test, epochs=12, progress=False)
+    assert history["loss"][-1] < history["loss"][0]
+    ndcg = history["ndcg@10"][-1]
+    untrained = fastmf.MF(data.num_users, data.num_items, 16)
+    untrained.attach_data(train)
+    base = fastmf.evaluate(untrained, test, train=train, metrics=("ndcg@10",))["ndcg@10"]
+    assert ndcg > base + 0.02
+
+
+def test_fit_rejects_bad_input(ratings):
+    train, _ = ratings
+    model = fastmf.MF(train.num_users, train.num_items, 4)
+    with pytest.raises(ValueError, match="unknown loss"):
+        fastmf.fit(model, train, loss="l1", progress=False)
+    with pytest.raises(ValueError, match="users x"):
+        fastmf.fit(fastmf.MF(3, 3, 2), train, progress=False)
+    implicit = Interactions(train.users, train.items, user_map=train.user_map,
+                            item_map=train.item_map)
+    with pytest.raises(ValueError, match="needs ratings"):
+        fastmf.fit(model, implicit, loss="mse", progress=False)
+    with pytest.raises(TypeError, match="Interactions"):
+        fastmf.fit(model, (train.users, train.items), progress=False)
+
+
+def test_suggest_dim_rules():
+    assert fastmf.suggest_dim(10_000) == min(600, round(1.6 * 10_000**0.56))
+    assert fastmf.suggest_dim(10**9) == 600
+    assert fastmf.suggest_dim(10_000, "fourth_root") == 10
+    with pytest.raises(ValueError):
+        fastmf.suggest_dim(0)
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def test_cli_demo_runs(capsys):
+    code = cli_main(["demo", "--users", "400", "--items", "200", "--interactions", "12000",
+                     "--dim", "8", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "max |Δ weights| vs reference" in out
+    assert "biased MF" in out and "top 10 for user" in out
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    assert cli_main(["train", "--data", str(tmp_path / "nope.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such file" in err[0]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert cli_main(["train", "--data", str(bad)]) == 2
+    assert "userId" in capsys.readouterr().err
+    nan = tmp_path / "nan.csv"
+    nan.write_text("userId,movieId,rating\n1,2,\n2,3,4.0\n")
+    assert cli_main(["train", "--data", str(nan)]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert cli_main(["recommend", "--model", str(tmp_path / "none"), "--user", "1"]) == 2
+
+
+def test_cli_train_and_recommend_on_csv(tmp_path, capsys):
+    data = string_id_data()
+    df = data.to_pandas()
+    df.columns = ["userId", "movieId", "rating"][: len(df.columns)] + list(df.columns[3:])
+    csv = tmp_path / "ratings.csv"
+    df.to_csv(csv, index=False)
+    out_dir = tmp_path / "model"
+    assert cli_main(["train", "--data", str(csv), "--epochs", "2", "--quiet",
+                     "--out", str(out_dir)]) == 0
+    assert "rmse=" in capsys.readouterr().out
+    assert cli_main(["recommend", "--model", str(out_dir), "--user", "user-3", "-k", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "top 5 for user user-3:" and len(lines) == 6
+    assert cli_main(["recommend", "--model", str(out_dir), "--user", "nobody"]) == 0
+    assert "top 10" in capsys.readouterr().out  # the cold-start fallback answers
+    assert cli_main(["evaluate", "--model", str(out_dir), "--data", str(csv)]) == 0
+    assert "rmse=" in capsys.readouterr().out
+
+
+@requires_movielens
+def test_cli_on_movielens(tmp_path, capsys):
+    out_dir = tmp_path / "ml"
+    assert cli_main(["train", "--data", str(MOVIELENS), "--epochs", "3", "--dim", "16",
+                     "--quiet", "--out", str(out_dir)]) == 0
+    assert cli_main(["recommend", "--model", str(out_dir), "--user", "1", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "(" in out.splitlines()[-1]  # MovieLens titles carry the year in parentheses
