@@ -1,14 +1,28 @@
 // Input checks shared by every fastmf kernel (CPU and CUDA). Each message names the op,
-// the argument and the bad value; the exception types match fastmf/_checks.py:
+// the argument and the bad value; the exception types and texts match fastmf/_checks.py:
 // IndexError for ids out of range, TypeError for dtypes, ValueError for the rest.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
+#include <optional>
 
 namespace fastmf {
+
+// Codes shared with fastmf/reference.py (LOSSES, OPTIMIZERS).
+constexpr int64_t kNumLosses = 3;
+constexpr int64_t kNumOptimizers = 3;
+inline const char* optimizer_name(int64_t code) {
+  switch (code) {
+    case 0: return "sgd";
+    case 1: return "adagrad";
+    case 2: return "rowwise_adagrad";
+    default: return "unknown";
+  }
+}
 
 inline void check_id_dtype(const char* op, const char* name, const at::Tensor& ids) {
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "fastmf.",
@@ -43,14 +57,97 @@ inline void check_same_length(const char* op, const char* a_name, const at::Tens
                     " has ", a.size(0), ", ", b_name, " has ", b.size(0), ")");
 }
 
-// Host-side range check: call before any kernel touches memory through these ids.
+inline void check_like_device(const char* op, const char* name, const at::Tensor& t,
+                              const char* like_name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), "fastmf.", op, ": ", name, " is on ",
+                    t.device(), " but ", like_name, " is on ", like.device(),
+                    "; move them to one device");
+}
+
+// `t` must have exactly the sizes `expected` (a state table, a grad_rows block).
+inline void check_shape(const char* op, const char* name, const at::Tensor& t,
+                        at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, "fastmf.", op, ": ", name, " has shape ",
+                    t.sizes(), ", expected ", expected);
+}
+
+// The checks every matrix-factorization op makes on its tables and ids (the ids' range
+// is checked on the host, where the kernels read them).
+inline void check_mf_tables(const char* op, const at::Tensor& users, const at::Tensor& items,
+                            const at::Tensor& user_factors, const at::Tensor& item_factors,
+                            const std::optional<at::Tensor>& user_bias,
+                            const std::optional<at::Tensor>& item_bias) {
+  check_weight(op, "user_factors", user_factors, 2);
+  check_weight(op, "item_factors", item_factors, 2);
+  check_like(op, "item_factors", item_factors, "user_factors", user_factors);
+  TORCH_CHECK_VALUE(user_factors.size(1) == item_factors.size(1), "fastmf.", op,
+                    ": user_factors has dim ", user_factors.size(1),
+                    " but item_factors has dim ", item_factors.size(1));
+  TORCH_CHECK_VALUE(user_bias.has_value() == item_bias.has_value(), "fastmf.", op,
+                    ": user_bias and item_bias must both be given or both None");
+  if (user_bias.has_value()) {
+    check_weight(op, "user_bias", *user_bias, 1);
+    check_weight(op, "item_bias", *item_bias, 1);
+    check_like(op, "user_bias", *user_bias, "user_factors", user_factors);
+    check_like(op, "item_bias", *item_bias, "user_factors", user_factors);
+    TORCH_CHECK_VALUE(user_bias->size(0) == user_factors.size(0), "fastmf.", op,
+                      ": user_bias has ", user_bias->size(0), " rows, user_factors has ",
+                      user_factors.size(0));
+    TORCH_CHECK_VALUE(item_bias->size(0) == item_factors.size(0), "fastmf.", op,
+                      ": item_bias has ", item_bias->size(0), " rows, item_factors has ",
+                      item_factors.size(0));
+  }
+  check_id_dtype(op, "users", users);
+  check_id_dtype(op, "items", items);
+  check_like_device(op, "users", users, "user_factors", user_factors);
+  check_like_device(op, "items", items, "user_factors", user_factors);
+  check_same_length(op, "users", users, "items", items);
+}
+
+inline void check_loss_code(const char* op, int64_t loss) {
+  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumLosses, "fastmf.", op, ": unknown loss code ",
+                    loss, "; expected 0..", kNumLosses - 1);
+}
+
+inline void check_optimizer_code(const char* op, int64_t optimizer) {
+  TORCH_CHECK_VALUE(optimizer >= 0 && optimizer < kNumOptimizers, "fastmf.", op,
+                    ": unknown optimizer code ", optimizer, "; expected 0..",
+                    kNumOptimizers - 1);
+}
+
+// `lo`, `hi`: the smallest and largest id of a batch.
+inline void report_id_range(const char* op, const char* name, int64_t lo, int64_t hi,
+                            int64_t num_rows) {
+  const int64_t bad = lo < 0 ? lo : hi;
+  TORCH_CHECK_INDEX(lo >= 0 && hi < num_rows, "fastmf.", op, ": ", name, " id ", bad,
+                    " out of range [0, ", num_rows, ")");
+}
+
+// Host-side range check: call before any kernel touches memory through these ids. Reports
+// the smallest id when one is negative, else the largest, as fastmf/_checks.py does.
 template <typename index_t>
 inline void check_id_range(const char* op, const char* name, const index_t* ids, int64_t n,
                            int64_t num_rows) {
-  for (int64_t b = 0; b < n; ++b) {
+  if (n == 0) return;
+  int64_t lo = static_cast<int64_t>(ids[0]), hi = lo;
+  for (int64_t b = 1; b < n; ++b) {
     const int64_t id = static_cast<int64_t>(ids[b]);
-    TORCH_CHECK_INDEX(id >= 0 && id < num_rows, "fastmf.", op, ": ", name, " id ", id,
-                      " out of range [0, ", num_rows, ")");
+    lo = id < lo ? id : lo;
+    hi = id > hi ? id : hi;
+  }
+  report_id_range(op, name, lo, hi, num_rows);
+}
+
+// Host-side: NaN or inf targets would silently poison every row they touch.
+template <typename scalar_t>
+inline void check_finite(const char* op, const char* name, const scalar_t* values,
+                         int64_t n) {
+  bool finite = true;
+  for (int64_t b = 0; b < n; ++b) finite &= std::isfinite(values[b]);
+  if (finite) return;
+  for (int64_t b = 0; b < n; ++b) {
+    TORCH_CHECK_VALUE(std::isfinite(values[b]), "fastmf.", op, ": ", name,
+                      " contains a non-finite value (", values[b], ")");
   }
 }
 

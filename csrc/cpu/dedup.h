@@ -1,0 +1,141 @@
+// Groups the positions of a batch by id, so that the gradient rows of a duplicated id can
+// be summed in a fixed order (ascending batch position) and the row updated once.
+//
+// An LSD radix sort on (id, position) keys does it in O(B) passes over the batch, using
+// only as many digit bits as the table's id range needs; its scratch is O(B) and is
+// reused between calls, never O(num_rows).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace fastmf {
+namespace cpu {
+
+struct RowGroups {
+  // Batch positions grouped by id, ascending id, ascending position within an id.
+  std::vector<int32_t> order;
+  // Group g is order[starts[g], starts[g + 1]); num_groups + 1 entries are valid.
+  std::vector<int32_t> starts;
+  // The id of group g.
+  std::vector<int64_t> rows;
+  int64_t num_groups = 0;
+
+  std::vector<uint64_t> keys, scratch;
+  std::vector<int32_t> histogram;
+  std::vector<std::pair<int64_t, int32_t>> pairs;
+
+  // First group whose start is at or after sorted position `p`: splitting [0, B) into
+  // ranges of sorted positions and taking the groups that start in each balances the work
+  // by occurrences, so a hot id cannot pile a whole thread's share onto one chunk of ids.
+  int64_t group_at(int64_t p) const {
+    const int32_t* first = starts.data();
+    return std::lower_bound(first, first + num_groups, static_cast<int32_t>(p)) - first;
+  }
+};
+
+inline int bit_width(uint64_t x) { return x == 0 ? 0 : 64 - __builtin_clzll(x); }
+
+// Sorts keys on bits [low, low + bits). Stable, so positions stay ascending per id.
+inline void radix_sort(RowGroups& g, int64_t n, int low, int bits) {
+  if (bits == 0) return;
+  const int passes = (bits + 10) / 11;
+  const int digit = (bits + passes - 1) / passes;
+  const int64_t buckets = int64_t{1} << digit;
+  const uint64_t mask = static_cast<uint64_t>(buckets - 1);
+  g.histogram.assign(static_cast<size_t>(passes * buckets), 0);
+  uint64_t* src = g.keys.data();
+  uint64_t* dst = g.scratch.data();
+  int32_t* hist = g.histogram.data();
+  for (int64_t b = 0; b < n; ++b) {
+    const uint64_t key = src[b] >> low;
+    for (int p = 0; p < passes; ++p) ++hist[p * buckets + ((key >> (p * digit)) & mask)];
+  }
+  for (int p = 0; p < passes; ++p) {
+    int32_t* h = hist + p * buckets;
+    const int shift = low + p * digit;
+    // Every key in one bucket: this pass would only copy.
+    if (h[(src[0] >> shift) & mask] == n) continue;
+    int32_t sum = 0;
+    for (int64_t d = 0; d < buckets; ++d) {
+      const int32_t c = h[d];
+      h[d] = sum;
+      sum += c;
+    }
+    for (int64_t b = 0; b < n; ++b) {
+      const uint64_t key = src[b];
+      dst[h[(key >> shift) & mask]++] = key;
+    }
+    std::swap(src, dst);
+  }
+  if (src != g.keys.data()) std::copy(src, src + n, g.keys.data());
+}
+
+// ids: n ids in [0, num_rows), already range-checked. n < 2^31.
+inline void group_rows(const int64_t* ids, int64_t n, int64_t num_rows, RowGroups& g) {
+  if (static_cast<int64_t>(g.order.size()) < n) {
+    g.order.resize(n);
+    g.starts.resize(n + 1);
+    g.rows.resize(n);
+  }
+  if (g.starts.empty()) g.starts.resize(1);
+  g.num_groups = 0;
+  g.starts[0] = 0;
+  if (n == 0) return;
+  const int pos_bits = bit_width(static_cast<uint64_t>(n - 1));
+  const int id_bits = bit_width(static_cast<uint64_t>(num_rows - 1));
+  int64_t groups = 0;
+  if (pos_bits + id_bits <= 64) {
+    if (static_cast<int64_t>(g.keys.size()) < n) {
+      g.keys.resize(n);
+      g.scratch.resize(n);
+    }
+    uint64_t* keys = g.keys.data();
+    for (int64_t b = 0; b < n; ++b) {
+      keys[b] = (static_cast<uint64_t>(ids[b]) << pos_bits) | static_cast<uint64_t>(b);
+    }
+    // Keys are unique (they hold the position), so any sort gives the same order; for
+    // tiny batches a comparison sort beats clearing the histograms.
+    if (n <= 64) {
+      std::sort(keys, keys + n);
+    } else {
+      radix_sort(g, n, pos_bits, id_bits);
+      keys = g.keys.data();
+    }
+    const uint64_t pos_mask = (uint64_t{1} << pos_bits) - 1;
+    uint64_t previous = ~uint64_t{0};
+    for (int64_t j = 0; j < n; ++j) {
+      const uint64_t key = keys[j];
+      const uint64_t id = pos_bits == 0 ? key : key >> pos_bits;
+      g.order[j] = static_cast<int32_t>(key & pos_mask);
+      if (id != previous) {
+        g.rows[groups] = static_cast<int64_t>(id);
+        g.starts[groups] = static_cast<int32_t>(j);
+        ++groups;
+        previous = id;
+      }
+    }
+  } else {
+    // Ids too wide to pack with a position into 64 bits: tables this large are rare.
+    g.pairs.resize(n);
+    for (int64_t b = 0; b < n; ++b) g.pairs[b] = {ids[b], static_cast<int32_t>(b)};
+    std::sort(g.pairs.begin(), g.pairs.begin() + n);
+    int64_t previous = -1;
+    for (int64_t j = 0; j < n; ++j) {
+      g.order[j] = g.pairs[j].second;
+      if (g.pairs[j].first != previous) {
+        g.rows[groups] = g.pairs[j].first;
+        g.starts[groups] = static_cast<int32_t>(j);
+        ++groups;
+        previous = g.pairs[j].first;
+      }
+    }
+  }
+  g.num_groups = groups;
+  g.starts[groups] = static_cast<int32_t>(n);
+}
+
+}  // namespace cpu
+}  // namespace fastmf

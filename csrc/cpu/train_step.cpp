@@ -1,0 +1,407 @@
+// train_step on the CPU: forward, loss gradient, backward and sparse optimizer update of a
+// batch, with no autograd graph, no per-sample gradient rows and no dense gradients.
+//
+// The batch is grouped by user and by item (radix sort, dedup.h). Call the side with more
+// distinct rows "first" (usually users: the larger, colder table) and the other "second".
+//   Phase 1, per first-side row r: load r's factors once; for each of its samples, gather
+//     the second-side row, predict, take the loss and g_b = dLoss/dpred_b, and sum r's
+//     gradient; keep a copy of r's old factors; step r at once.
+//   Phase 2, per second-side row: sum its gradient from g_b and the copies of the old
+//     first-side rows, and step it.
+// So every gradient comes from the weights as they were before the step, each touched row
+// of either table is written once, and the cold table's rows are read once.
+//
+// Work is split by sorted batch position, so a hot id costs its thread what its samples
+// cost and no more. Each row's sum runs in batch order on one thread and the loss is
+// summed per sample in a fixed order afterwards, so results do not depend on the thread
+// count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "../checks.h"
+#include "dedup.h"
+#include "kernels.h"
+
+namespace fastmf {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 256;
+// How far ahead (in groups, and in sorted samples) rows are prefetched.
+constexpr int64_t kPrefetchGroups = 4;
+constexpr int64_t kPrefetchSamples = 8;
+
+// Pointwise losses: grad = dLoss/dpred of the batch mean (scale = 1/B) and the sample's
+// loss value for the reported mean. New losses plug in here and in dispatch_loss.
+struct MseLoss {
+  template <typename T>
+  static void eval(T pred, T target, T scale, T& grad, double& value) {
+    const T diff = pred - target;
+    grad = (T(2) * scale) * diff;
+    value = static_cast<double>(diff) * static_cast<double>(diff);
+  }
+};
+
+struct HuberLoss {  // delta = 1, F.huber_loss's default
+  template <typename T>
+  static void eval(T pred, T target, T scale, T& grad, double& value) {
+    const T diff = pred - target;
+    const double d = static_cast<double>(diff);
+    const double a = std::fabs(d);
+    value = a < 1.0 ? 0.5 * d * d : a - 0.5;
+    grad = diff <= T(-1) ? -scale : (diff >= T(1) ? scale : scale * diff);
+  }
+};
+
+struct BceWithLogitsLoss {
+  template <typename T>
+  static void eval(T pred, T target, T scale, T& grad, double& value) {
+    const double x = static_cast<double>(pred);
+    const double t = static_cast<double>(target);
+    // max(x, 0) - x t + log(1 + e^-|x|): never overflows, never takes log(0).
+    value = std::max(x, 0.0) - x * t + std::log1p(std::exp(-std::fabs(x)));
+    const T sigmoid = T(1) / (T(1) + std::exp(-pred));
+    grad = (sigmoid - target) * scale;
+  }
+};
+
+template <typename F>
+void dispatch_loss(int64_t loss, F&& f) {
+  switch (loss) {
+    case 0: f(MseLoss{}); break;
+    case 1: f(HuberLoss{}); break;
+    default: f(BceWithLogitsLoss{}); break;
+  }
+}
+
+// One side of the factorization: a factor table, its optional bias, their states and the
+// batch's ids into them, grouped.
+template <typename T>
+struct Side {
+  T* factors;
+  T* bias;            // null without biases
+  T* factors_state;   // null for SGD
+  T* bias_state;      // null for SGD or without biases
+  const int64_t* ids;  // (B,)
+  const RowGroups* groups;
+
+  T* state_of(int64_t row, int64_t dim, int64_t opt) const {
+    if (opt == kAdagrad) return factors_state + row * dim;
+    if (opt == kRowwiseAdagrad) return factors_state + row;
+    return nullptr;
+  }
+};
+
+template <typename T>
+struct Problem {
+  Side<T> first, second;
+  int64_t batch, dim;
+  const T* targets;
+  T global_mean, scale, reg_grad, lr, eps;  // scale = 1/B, reg_grad = 2 reg / B
+  bool reg;
+  bool first_is_user;
+  // Scratch, all indexed by batch position b or first-side group s.
+  T* grad;             // (B,) g_b
+  double* loss;        // (B,) loss value of sample b
+  double* norms;       // (B,) the sample's reg term, when reg
+  int32_t* group_of;   // (B,) first-side group of sample b
+  T* old_rows;         // (first groups, dim) first-side factors before the step
+};
+
+// The row `row` of a side, with its state and bias, ahead of its update.
+template <int64_t kOpt, typename T>
+inline void prefetch_side(const Side<T>& side, int64_t row, int64_t dim) {
+  prefetch_row(side.factors + row * dim, dim, true);
+  if (kOpt == kAdagrad) prefetch_row(side.factors_state + row * dim, dim, true);
+  if (kOpt == kRowwiseAdagrad) __builtin_prefetch(side.factors_state + row, 1);
+  if (side.bias != nullptr) {
+    __builtin_prefetch(side.bias + row, 1);
+    if (kOpt != kSgd) __builtin_prefetch(side.bias_state + row, 1);
+  }
+}
+
+template <int64_t kOpt, typename T>
+inline void step_bias(const Side<T>& side, int64_t row, T g, T lr, T eps) {
+  step_scalar<kOpt>(side.bias + row, kOpt == kSgd ? nullptr : side.bias_state + row, g, lr,
+                    eps);
+}
+
+template <typename T, typename Loss, int64_t kOpt>
+void phase_first(const Problem<T>& pr) {
+  const Side<T>& a = pr.first;
+  const Side<T>& o = pr.second;
+  const RowGroups& groups = *a.groups;
+  const int64_t dim = pr.dim;
+  const int64_t num_groups = groups.num_groups;
+  const bool has_bias = a.bias != nullptr;
+  at::parallel_for(0, pr.batch, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t first = groups.group_at(begin);
+    const int64_t last = groups.group_at(end);
+    std::vector<T> acc_storage(static_cast<size_t>(dim));
+    T* acc = acc_storage.data();
+    for (int64_t s = first; s < last; ++s) {
+      if (s + kPrefetchGroups < num_groups) {
+        prefetch_side<kOpt>(a, groups.rows[s + kPrefetchGroups], dim);
+      }
+      const int64_t row = groups.rows[s];
+      T* w = a.factors + row * dim;
+      T* old = pr.old_rows + s * dim;
+      for (int64_t k = 0; k < dim; ++k) {
+        old[k] = w[k];
+        acc[k] = T(0);
+      }
+      const T own_bias = has_bias ? a.bias[row] : T(0);
+      const T own_norm = pr.reg ? dot(w, w, dim) + own_bias * own_bias : T(0);
+      T bias_sum = T(0);
+      const int32_t j0 = groups.starts[s], j1 = groups.starts[s + 1];
+      for (int32_t j = j0; j < j1; ++j) {
+        if (j + kPrefetchSamples < pr.batch) {
+          const int64_t ahead = o.ids[groups.order[j + kPrefetchSamples]];
+          prefetch_row(o.factors + ahead * dim, dim, false);
+          if (has_bias) __builtin_prefetch(o.bias + ahead, 0);
+        }
+        const int64_t b = groups.order[j];
+        const int64_t other = o.ids[b];
+        const T* q = o.factors + other * dim;
+        // The reference's association: ((<p, q> + mu) + b_u) + b_i.
+        T pred = dot(w, q, dim) + pr.global_mean;
+        if (has_bias) {
+          pred = pr.first_is_user ? (pred + own_bias) + o.bias[other]
+                                  : (pred + o.bias[other]) + own_bias;
+        }
+        T g;
+        Loss::eval(pred, pr.targets[b], pr.scale, g, pr.loss[b]);
+        pr.grad[b] = g;
+        pr.group_of[b] = static_cast<int32_t>(s);
+        if (pr.reg) {
+          const T other_bias = has_bias ? o.bias[other] : T(0);
+          pr.norms[b] =
+              static_cast<double>(own_norm + dot(q, q, dim) + other_bias * other_bias);
+          const T c = pr.reg_grad;
+          for (int64_t k = 0; k < dim; ++k) acc[k] += g * q[k] + c * w[k];
+          bias_sum += g + c * own_bias;
+        } else {
+          for (int64_t k = 0; k < dim; ++k) acc[k] += g * q[k];
+          bias_sum += g;
+        }
+      }
+      step_row<kOpt>(w, a.state_of(row, dim, kOpt), acc, dim, pr.lr, pr.eps);
+      if (has_bias) step_bias<kOpt>(a, row, bias_sum, pr.lr, pr.eps);
+    }
+  });
+}
+
+template <typename T, int64_t kOpt>
+void phase_second(const Problem<T>& pr) {
+  const Side<T>& a = pr.second;
+  const RowGroups& groups = *a.groups;
+  const int64_t dim = pr.dim;
+  const int64_t num_groups = groups.num_groups;
+  const bool has_bias = a.bias != nullptr;
+  at::parallel_for(0, pr.batch, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t first = groups.group_at(begin);
+    const int64_t last = groups.group_at(end);
+    std::vector<T> acc_storage(static_cast<size_t>(dim));
+    T* acc = acc_storage.data();
+    for (int64_t s = first; s < last; ++s) {
+      if (s + kPrefetchGroups < num_groups) {
+        prefetch_side<kOpt>(a, groups.rows[s + kPrefetchGroups], dim);
+      }
+      const int64_t row = groups.rows[s];
+      T* w = a.factors + row * dim;
+      const T own_bias = has_bias ? a.bias[row] : T(0);
+      for (int64_t k = 0; k < dim; ++k) acc[k] = T(0);
+      T bias_sum = T(0);
+      const int32_t j0 = groups.starts[s], j1 = groups.starts[s + 1];
+      for (int32_t j = j0; j < j1; ++j) {
+        const int64_t b = groups.order[j];
+        const T g = pr.grad[b];
+        const T* p = pr.old_rows + static_cast<int64_t>(pr.group_of[b]) * dim;
+        if (pr.reg) {
+          const T c = pr.reg_grad;
+          for (int64_t k = 0; k < dim; ++k) acc[k] += g * p[k] + c * w[k];
+          bias_sum += g + c * own_bias;
+        } else {
+          for (int64_t k = 0; k < dim; ++k) acc[k] += g * p[k];
+          bias_sum += g;
+        }
+      }
+      step_row<kOpt>(w, a.state_of(row, dim, kOpt), acc, dim, pr.lr, pr.eps);
+      if (has_bias) step_bias<kOpt>(a, row, bias_sum, pr.lr, pr.eps);
+    }
+  });
+}
+
+// A fixed-order sum (four interleaved partial sums, combined pairwise).
+inline double ordered_sum(const double* x, int64_t n) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t b = 0;
+  for (; b + 4 <= n; b += 4) {
+    for (int l = 0; l < 4; ++l) acc[l] += x[b + l];
+  }
+  double tail = 0.0;
+  for (; b < n; ++b) tail += x[b];
+  return ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
+}
+
+struct Workspace {
+  std::vector<int64_t> users, items;
+  RowGroups user_groups, item_groups;
+  std::vector<double> loss, norms;
+  std::vector<int32_t> group_of;
+  // Per-sample g_b and the old first-side rows, in the weights' dtype.
+  std::vector<float> float_scratch;
+  std::vector<double> double_scratch;
+  std::vector<float>& typed(float) { return float_scratch; }
+  std::vector<double>& typed(double) { return double_scratch; }
+};
+
+Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+
+void check_state(const char* op, int64_t optimizer, const char* name,
+                 const std::optional<at::Tensor>& state, const at::Tensor& table,
+                 const char* table_name) {
+  TORCH_CHECK_VALUE(state.has_value(), "fastmf.", op, ": ", optimizer_name(optimizer),
+                    " needs ", name, ", got None");
+  const bool per_row = optimizer == kRowwiseAdagrad;
+  check_weight(op, name, *state, per_row ? 1 : table.dim());
+  check_like(op, name, *state, table_name, table);
+  check_shape(op, name, *state, per_row ? table.sizes().slice(0, 1) : table.sizes());
+}
+
+at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_factors,
+                      const std::optional<at::Tensor>& user_bias,
+                      const std::optional<at::Tensor>& item_bias,
+                      const std::optional<at::Tensor>& user_factors_state,
+                      const std::optional<at::Tensor>& item_factors_state,
+                      const std::optional<at::Tensor>& user_bias_state,
+                      const std::optional<at::Tensor>& item_bias_state,
+                      const at::Tensor& users, const at::Tensor& items,
+                      const at::Tensor& targets, double global_mean, int64_t loss, double reg,
+                      int64_t optimizer, double lr, double eps) {
+  const char* op = "train_step";
+  // All checks, in the order of fastmf/_checks.py check_train_step, before any write.
+  check_loss_code(op, loss);
+  check_optimizer_code(op, optimizer);
+  check_mf_tables(op, users, items, user_factors, item_factors, user_bias, item_bias);
+  TORCH_CHECK_TYPE(targets.scalar_type() == user_factors.scalar_type(), "fastmf.", op,
+                   ": targets has dtype ", targets.scalar_type(), ", expected ",
+                   user_factors.scalar_type(), " like the weights");
+  TORCH_CHECK_VALUE(targets.dim() == 1, "fastmf.", op, ": targets must be 1-D, got shape ",
+                    targets.sizes());
+  check_like_device(op, "targets", targets, "user_factors", user_factors);
+  check_same_length(op, "users", users, "targets", targets);
+  TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 31), "fastmf.", op, ": batch of ",
+                    users.size(0), " samples; at most 2^31 - 1 are supported");
+  const bool has_bias = user_bias.has_value();
+  if (optimizer != kSgd) {
+    check_state(op, optimizer, "user_factors_state", user_factors_state, user_factors,
+                "user_factors");
+    check_state(op, optimizer, "item_factors_state", item_factors_state, item_factors,
+                "item_factors");
+    if (has_bias) {
+      check_state(op, optimizer, "user_bias_state", user_bias_state, *user_bias, "user_bias");
+      check_state(op, optimizer, "item_bias_state", item_bias_state, *item_bias, "item_bias");
+    }
+  }
+  const at::Tensor t = targets.contiguous();
+  Workspace& ws = workspace();
+  load_ids(op, "users", users.contiguous(), user_factors.size(0), ws.users);
+  load_ids(op, "items", items.contiguous(), item_factors.size(0), ws.items);
+  const int64_t batch = users.size(0);
+  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
+    check_finite(op, "targets", t.data_ptr<scalar_t>(), batch);
+  });
+  if (batch == 0) return at::zeros({}, user_factors.options());
+
+  at::parallel_for(0, 2, 1, [&](int64_t first, int64_t last) {
+    for (int64_t side = first; side < last; ++side) {
+      if (side == 0) {
+        group_rows(ws.users.data(), batch, user_factors.size(0), ws.user_groups);
+      } else {
+        group_rows(ws.items.data(), batch, item_factors.size(0), ws.item_groups);
+      }
+    }
+  });
+
+  InPlace P(user_factors), Q(item_factors);
+  std::optional<InPlace> bu, bi, Ps, Qs, bus, bis;
+  if (has_bias) {
+    bu.emplace(*user_bias);
+    bi.emplace(*item_bias);
+  }
+  if (optimizer != kSgd) {
+    Ps.emplace(*user_factors_state);
+    Qs.emplace(*item_factors_state);
+    if (has_bias) {
+      bus.emplace(*user_bias_state);
+      bis.emplace(*item_bias_state);
+    }
+  }
+  const int64_t dim = user_factors.size(1);
+  const bool users_first = ws.user_groups.num_groups >= ws.item_groups.num_groups;
+  const int64_t first_groups =
+      users_first ? ws.user_groups.num_groups : ws.item_groups.num_groups;
+  at::Tensor result = at::empty({}, user_factors.options());
+
+  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
+    using T = scalar_t;
+    auto ptr = [](std::optional<InPlace>& x) -> T* {
+      return x ? x->get().data_ptr<T>() : nullptr;
+    };
+    const Side<T> user{P.get().data_ptr<T>(), ptr(bu), ptr(Ps), ptr(bus), ws.users.data(),
+                       &ws.user_groups};
+    const Side<T> item{Q.get().data_ptr<T>(), ptr(bi), ptr(Qs), ptr(bis), ws.items.data(),
+                       &ws.item_groups};
+    Problem<T> pr;
+    pr.first = users_first ? user : item;
+    pr.second = users_first ? item : user;
+    pr.first_is_user = users_first;
+    pr.batch = batch;
+    pr.dim = dim;
+    pr.targets = t.data_ptr<T>();
+    pr.global_mean = static_cast<T>(global_mean);
+    pr.scale = static_cast<T>(1.0 / static_cast<double>(batch));
+    pr.reg_grad = static_cast<T>(2.0 * reg / static_cast<double>(batch));
+    pr.reg = reg != 0.0;
+    pr.lr = static_cast<T>(lr);
+    pr.eps = static_cast<T>(eps);
+    const int64_t elems = batch + first_groups * dim;
+    pr.grad = scratch(ws.typed(T{}), elems);
+    pr.old_rows = pr.grad + batch;
+    pr.loss = scratch(ws.loss, batch);
+    pr.norms = pr.reg ? scratch(ws.norms, batch) : nullptr;
+    pr.group_of = scratch(ws.group_of, batch);
+
+    dispatch_loss(loss, [&](auto loss_fn) {
+      dispatch_optimizer(optimizer, [&](auto opt) {
+        phase_first<T, decltype(loss_fn), decltype(opt)::value>(pr);
+        phase_second<T, decltype(opt)::value>(pr);
+      });
+    });
+    const double n = static_cast<double>(batch);
+    double total = ordered_sum(pr.loss, batch) / n;
+    if (pr.reg) total += reg * (ordered_sum(pr.norms, batch) / n);
+    result.fill_(static_cast<T>(total));
+  });
+
+  for (auto* x : {&P, &Q}) x->commit();
+  for (auto* x : {&bu, &bi, &Ps, &Qs, &bus, &bis}) {
+    if (*x) (*x)->commit();
+  }
+  return result;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmf
+
+TORCH_LIBRARY_IMPL(fastmf, CPU, m) { m.impl("train_step", &fastmf::cpu::train_step); }
