@@ -16,6 +16,7 @@ from numba import njit
 
 QUERY_BLOCK = 32
 TILE = 256
+UNITS_PER_THREAD = 4
 MIN_SEGMENT = 8192
 MAX_SPLIT_K = 4096
 
@@ -227,8 +228,8 @@ def topk_scores(queries, item_factors, item_bias, k, exclude_indptr, exclude_ind
         threads = torch.get_num_threads()
         num_blocks = (batch + QUERY_BLOCK - 1) // QUERY_BLOCK
         segments = 1
-        if num_blocks < 2 * threads and capacity <= MAX_SPLIT_K:
-            wanted = -(-2 * threads // num_blocks)
+        if num_blocks < UNITS_PER_THREAD * threads and capacity <= MAX_SPLIT_K:
+            wanted = -(-UNITS_PER_THREAD * threads // num_blocks)
             segments = max(1, min(wanted, num_positions // MIN_SEGMENT))
         part_shape = (segments, batch, capacity) if segments > 1 else (0, 0, 0)
         part_scores = np.empty(part_shape, dtype)
