@@ -8,7 +8,10 @@ then agree with the reference bit for bit, tie order included.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -59,9 +62,10 @@ def make_queries(batch, dim=8, *, dtype=torch.float32, seed=1):
     return quantised(torch.Generator().manual_seed(seed), batch, dim, dtype=dtype)
 
 
-def make_exclude(batch, num_items, *, seed=2, id_dtype=torch.int64, max_len=40):
-    """A CSR with empty rows, unsorted rows, repeated ids, and (if batch > 1) a row that
-    excludes every item."""
+def make_exclude(batch, num_items, *, seed=2, id_dtype=torch.int64, max_len=40,
+                 sort_rows=False):
+    """A CSR with empty rows, unsorted (or sorted) rows, repeated ids, and (if batch > 1) a
+    row that excludes every item."""
     rng = np.random.default_rng(seed)
     rows = []
     for b in range(batch):
@@ -71,6 +75,8 @@ def make_exclude(batch, num_items, *, seed=2, id_dtype=torch.int64, max_len=40):
             rows.append(np.zeros(0, np.int64))
         else:
             rows.append(rng.integers(0, num_items, size=rng.integers(1, max_len)))
+    if sort_rows:
+        rows = [np.sort(r) for r in rows]
     indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
     indices = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     return (torch.from_numpy(indptr).to(id_dtype), torch.from_numpy(indices).to(id_dtype))
@@ -124,10 +130,12 @@ def test_matches_reference_with_ties(backend, dtype, k):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("id_dtype", ID_DTYPES)
 @pytest.mark.parametrize("k", [1, 10, 100])
-def test_exclude_and_candidates(backend, id_dtype, k):
+@pytest.mark.parametrize("sort_rows", [False, True], ids=["unsorted", "sorted"])
+def test_exclude_and_candidates(backend, id_dtype, k, sort_rows):
     items, bias = make_items(900)
     queries = make_queries(23)
-    exclude = make_exclude(23, 900, id_dtype=id_dtype)
+    exclude = make_exclude(23, 900, id_dtype=id_dtype, sort_rows=sort_rows)
+    original = exclude[1].clone()
     candidates = make_candidates(900, 400, id_dtype=id_dtype)
     for exclude_csr, cands in ((exclude, None), ((None, None), candidates), (exclude, candidates)):
         kwargs = dict(exclude=exclude_csr if exclude_csr[0] is not None else None,
@@ -138,6 +146,7 @@ def test_exclude_and_candidates(backend, id_dtype, k):
         # The query that excludes every item gets nothing but padding.
         if kwargs["exclude"] is not None:
             assert (got[1][1] == -1).all() and (got[0][1] == float("-inf")).all()
+    assert torch.equal(exclude[1], original)  # the caller's rows are not sorted in place
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -241,6 +250,39 @@ def test_native_same_result_alone_or_batched():
         alone = topk_scores(queries[b : b + 1], items, bias, 10, backend="native")
         assert torch.equal(alone[1][0], batched[1][b])
         assert torch.equal(alone[0][0], batched[0][b])
+
+
+_KERNEL_SET_CHECK = """
+import torch
+from fastmf.retrieval import reference, topk_scores
+from tests.test_topk import make_candidates, make_exclude, make_items, make_queries
+for dtype in (torch.float32, torch.float64):
+    for dim in (5, 37):
+        items, bias = make_items(5000, dim, dtype=dtype)
+        for batch in (1, 70):
+            queries = make_queries(batch, dim, dtype=dtype)
+            exclude = make_exclude(batch, 5000)
+            candidates = make_candidates(5000, 3000)
+            for k in (1, 100):
+                got = topk_scores(queries, items, bias, k, exclude=exclude,
+                                  candidates=candidates, backend="native")
+                want = reference.topk_scores(queries, items, bias, k, *exclude, candidates)
+                assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+print("ok")
+"""
+
+
+@requires_native
+@pytest.mark.parametrize("kernel_set", ["avx2", "portable"])
+def test_lesser_kernel_sets(kernel_set):
+    # The CPU picks one kernel set at run time; the others are checked by forcing them in
+    # a fresh process (a CPU without the set falls back to the next one down).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTMF_CPU_KERNELS=kernel_set,
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", _KERNEL_SET_CHECK], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def bad_inputs():

@@ -27,7 +27,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 // The AVX2/AVX-512 kernels need GCC's target pragmas; other compilers and CPUs get the
@@ -342,17 +344,25 @@ struct Kernels {
   ChunkScan<T> scan;
 };
 
-// The best kernels this CPU runs, chosen on first use.
+// The best kernels this CPU runs, chosen on first use. FASTMF_CPU_KERNELS=avx2|portable
+// picks a lesser set instead, so the tests can check every set on one machine.
 template <typename T>
 const Kernels<T>& kernels() {
   static const Kernels<T> chosen = [] {
+    const char* env = std::getenv("FASTMF_CPU_KERNELS");
+    const std::string wanted = env != nullptr ? env : "";
+    TORCH_CHECK_VALUE(wanted.empty() || wanted == "avx512" || wanted == "avx2" ||
+                          wanted == "portable",
+                      "fastmf.", kOp, ": FASTMF_CPU_KERNELS must be avx512, avx2 or portable, "
+                      "got '", wanted, "'");
 #ifdef FASTMF_X86_SIMD
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
+    if (__builtin_cpu_supports("avx512f") && (wanted.empty() || wanted == "avx512")) {
       return Kernels<T>{&avx512::dot_tile<T>, &avx512::next_chunk_above<T, true>,
                         &avx512::next_chunk_above<T, false>};
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        wanted != "portable") {
       return Kernels<T>{&avx2::dot_tile<T>, &avx2::next_chunk_above<T, true>,
                         &avx2::next_chunk_above<T, false>};
     }
