@@ -46,8 +46,9 @@ namespace {
 
 constexpr const char* kOp = "topk_scores";
 
-// A score tile of kQueryBlock × kTileBytes/sizeof(T) stays in L2 next to the item tile.
-constexpr int64_t kQueryBlock = 64;
+// A block of queries (32 KB of fp32 at K=64: L1) meets item tiles sized so that the
+// block's scores take kTileBytes (L2).
+constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kTileBytes = 256 * 1024;
 // Small batches split the item range into segments until each thread has this many units.
 constexpr int64_t kUnitsPerThread = 4;
