@@ -152,16 +152,19 @@ void dot_tile(const T* queries, int64_t rows, const T* items, const int64_t* ids
 }
 
 template <typename T, bool kHasBias>
-int64_t next_chunk_above(const T* s, const T* b, int64_t from, int64_t n, T threshold) {
+int64_t next_above(const T* s, const T* b, int64_t from, int64_t n, T threshold) {
   int64_t j = from;
   for (; j + kChunk <= n; j += kChunk) {
     int any = 0;
     for (int64_t c = 0; c < kChunk; ++c) {
       any |= score_at<T, kHasBias>(s + j, kHasBias ? b + j : b, c) > threshold;
     }
-    if (any != 0) return j;
+    if (any != 0) break;
   }
-  return j;
+  for (; j < n; ++j) {
+    if (score_at<T, kHasBias>(s, b, j) > threshold) return j;
+  }
+  return n;
 }
 
 }  // namespace portable
@@ -199,6 +202,7 @@ struct Lanes<float> {
   static Mask greater(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static Mask either(Mask a, Mask b) { return a | b; }
   static bool any(Mask m) { return m != 0; }
+  static int first(Mask m) { return __builtin_ctz(m); }
   // Sixteen horizontal sums at once: halves (lane l + lane l+8), then l+4, l+2, l+1.
   static void reduce(const V* a, float* out) {
     V s[8], u[4], w[2];
@@ -238,6 +242,7 @@ struct Lanes<double> {
   static Mask greater(V a, V b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
   static Mask either(Mask a, Mask b) { return a | b; }
   static bool any(Mask m) { return m != 0; }
+  static int first(Mask m) { return __builtin_ctz(m); }
   static void reduce(const V* a, double* out) {
     V s[4], u[2];
     for (int i = 0; i < 4; ++i) {
@@ -285,6 +290,7 @@ struct Lanes<float> {
   static Mask greater(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static Mask either(Mask a, Mask b) { return _mm256_or_ps(a, b); }
   static bool any(Mask m) { return _mm256_movemask_ps(m) != 0; }
+  static int first(Mask m) { return __builtin_ctz(_mm256_movemask_ps(m)); }
   static void reduce(const V* a, float* out) {
     V s[4], u[2];
     for (int i = 0; i < 4; ++i) {
@@ -320,6 +326,7 @@ struct Lanes<double> {
   static Mask greater(V a, V b) { return _mm256_cmp_pd(a, b, _CMP_GT_OQ); }
   static Mask either(Mask a, Mask b) { return _mm256_or_pd(a, b); }
   static bool any(Mask m) { return _mm256_movemask_pd(m) != 0; }
+  static int first(Mask m) { return __builtin_ctz(_mm256_movemask_pd(m)); }
   static void reduce(const V* a, double* out) {
     const V s0 = _mm256_add_pd(_mm256_permute2f128_pd(a[0], a[1], 0x20),
                                _mm256_permute2f128_pd(a[0], a[1], 0x31));
@@ -359,17 +366,17 @@ const Kernels<T>& kernels() {
 #ifdef FASTMF_X86_SIMD
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && (wanted.empty() || wanted == "avx512")) {
-      return Kernels<T>{&avx512::dot_tile<T>, &avx512::next_chunk_above<T, true>,
-                        &avx512::next_chunk_above<T, false>};
+      return Kernels<T>{&avx512::dot_tile<T>, &avx512::next_above<T, true>,
+                        &avx512::next_above<T, false>};
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         wanted != "portable") {
-      return Kernels<T>{&avx2::dot_tile<T>, &avx2::next_chunk_above<T, true>,
-                        &avx2::next_chunk_above<T, false>};
+      return Kernels<T>{&avx2::dot_tile<T>, &avx2::next_above<T, true>,
+                        &avx2::next_above<T, false>};
     }
 #endif
-    return Kernels<T>{&portable::dot_tile<T>, &portable::next_chunk_above<T, true>,
-                      &portable::next_chunk_above<T, false>};
+    return Kernels<T>{&portable::dot_tile<T>, &portable::next_above<T, true>,
+                      &portable::next_above<T, false>};
   }();
   return chosen;
 }
@@ -397,11 +404,10 @@ void scan_row(const T* s, const T* b, const int64_t* ids, int64_t base, int64_t 
     const int64_t id = id_at(c);
     if (!exclude.excludes(id)) heap.replace_worst({score, id});
   };
-  const ChunkScan<T> next_chunk_above =
-      kHasBias ? kernels<T>().scan_with_bias : kernels<T>().scan;
-  while (j < n) {
-    const int64_t chunk = next_chunk_above(s, b, j, n, heap.worst_score());
-    for (j = chunk; j < std::min(n, chunk + kChunk); ++j) consider(j);
+  const ChunkScan<T> next_above = kHasBias ? kernels<T>().scan_with_bias : kernels<T>().scan;
+  for (j = next_above(s, b, j, n, heap.worst_score()); j < n;
+       j = next_above(s, b, j + 1, n, heap.worst_score())) {
+    consider(j);
   }
 }
 

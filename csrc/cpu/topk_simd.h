@@ -85,23 +85,34 @@ void dot_tile(const T* queries, int64_t rows, const T* items, const int64_t* ids
   }
 }
 
-// Start of the first chunk of kChunk columns, at or after `from`, holding a score (plus
-// bias) above `threshold`; the start of the tail (fewer than kChunk columns) if none does.
-// Ordered compares: NaN never passes.
+// The first column at or after `from` whose score (plus bias) is above `threshold`, or n.
+// Whole chunks of kChunk columns are tested with one branch; ordered compares, so NaN
+// never passes.
 template <typename T, bool kHasBias>
-int64_t next_chunk_above(const T* s, const T* b, int64_t from, int64_t n, T threshold) {
+int64_t next_above(const T* s, const T* b, int64_t from, int64_t n, T threshold) {
   using L = Lanes<T>;
   static_assert(kChunk % L::W == 0, "whole registers per chunk");
   const typename L::V t = L::broadcast(threshold);
+  auto scores_at = [&](int64_t j) {
+    typename L::V v = L::load(s + j);
+    if constexpr (kHasBias) v = L::add(v, L::load(b + j));
+    return v;
+  };
   int64_t j = from;
   for (; j + kChunk <= n; j += kChunk) {
     typename L::Mask hit = L::none();
     for (int64_t c = 0; c < kChunk; c += L::W) {
-      typename L::V v = L::load(s + j + c);
-      if constexpr (kHasBias) v = L::add(v, L::load(b + j + c));
-      hit = L::either(hit, L::greater(v, t));
+      hit = L::either(hit, L::greater(scores_at(j + c), t));
     }
-    if (L::any(hit)) return j;
+    if (!L::any(hit)) continue;
+    for (int64_t c = 0;; c += L::W) {
+      const typename L::Mask lanes = L::greater(scores_at(j + c), t);
+      if (L::any(lanes)) return j + c + L::first(lanes);
+    }
   }
-  return j;
+  for (; j < n; ++j) {
+    const T v = kHasBias ? s[j] + b[j] : s[j];
+    if (v > threshold) return j;
+  }
+  return n;
 }
