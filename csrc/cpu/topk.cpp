@@ -30,6 +30,8 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 // The AVX2/AVX-512 kernels need GCC's target pragmas; other compilers and CPUs get the
@@ -58,6 +60,9 @@ constexpr int64_t kMinSegment = 8192;
 constexpr int64_t kMaxSplitK = 4096;
 // Columns per filter chunk: vector compares, one branch per chunk.
 constexpr int64_t kChunk = 64;
+// Work below this many entries runs on the calling thread: starting a parallel region
+// costs more than it saves there (and much more on a busy machine).
+constexpr int64_t kSerialEntries = 1 << 16;
 
 template <typename T>
 struct Entry {
@@ -549,7 +554,8 @@ void topk_kernel(const Problem& p, const at::Tensor& queries, const at::Tensor& 
   });
 
   if (segments == 1) return;
-  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+  const int64_t merge_grain = std::max<int64_t>(1, kSerialEntries / (segments * p.capacity));
+  at::parallel_for(0, p.batch, merge_grain, [&](int64_t begin, int64_t end) {
     std::vector<Entry<T>> merged;
     for (int64_t b = begin; b < end; ++b) {
       merged.clear();
@@ -565,23 +571,33 @@ void topk_kernel(const Problem& p, const at::Tensor& queries, const at::Tensor& 
   });
 }
 
-// Exclude rows as int64 with every row sorted (a copy only when some row is not).
-at::Tensor sorted_exclude_rows(const at::Tensor& indptr, const at::Tensor& indices) {
-  at::Tensor out = indices.to(at::kLong).contiguous();
-  const int64_t* ptr = indptr.const_data_ptr<int64_t>();
+// The exclude rows the batch refers to, as int64 with every row sorted, and indptr made
+// relative to them. Copies only that span, and only when it must be converted or sorted;
+// the caller's tensors are never changed.
+std::pair<at::Tensor, at::Tensor> sorted_exclude_rows(const at::Tensor& indptr,
+                                                      const at::Tensor& indices,
+                                                      int64_t num_items) {
   const int64_t rows = indptr.size(0) - 1;
+  const int64_t start = indptr.const_data_ptr<int64_t>()[0];
+  const int64_t stop = indptr.const_data_ptr<int64_t>()[rows];
+  at::Tensor span = indices.narrow(0, start, stop - start).to(at::kLong).contiguous();
+  check_id_range(kOp, "exclude", span.const_data_ptr<int64_t>(), span.size(0), num_items);
+  at::Tensor relative = start == 0 ? indptr : indptr - start;
+  const int64_t* ptr = relative.const_data_ptr<int64_t>();
   bool all_sorted = true;
   for (int64_t r = 0; r < rows && all_sorted; ++r) {
-    const int64_t* row = out.const_data_ptr<int64_t>();
+    const int64_t* row = span.const_data_ptr<int64_t>();
     all_sorted = std::is_sorted(row + ptr[r], row + ptr[r + 1]);
   }
-  if (all_sorted) return out;
-  if (out.is_same(indices)) out = out.clone();
-  int64_t* row = out.data_ptr<int64_t>();
-  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+  if (all_sorted) return {relative, span};
+  if (indices.scalar_type() == at::kLong) span = span.clone();
+  int64_t* row = span.data_ptr<int64_t>();
+  const int64_t grain =
+      std::max<int64_t>(1, kSerialEntries * rows / std::max<int64_t>(1, stop - start));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) std::sort(row + ptr[r], row + ptr[r + 1]);
   });
-  return out;
+  return {relative, span};
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(
@@ -628,9 +644,7 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(
                         ": exclude_indptr must be non-decreasing, got ", ptr[b], " then ",
                         ptr[b + 1], " at query ", b);
     }
-    exclude_rows = sorted_exclude_rows(indptr, *exclude_indices);
-    const int64_t* rows = exclude_rows.const_data_ptr<int64_t>();
-    check_id_range(kOp, "exclude", rows + ptr[0], ptr[batch] - ptr[0], num_items);
+    std::tie(indptr, exclude_rows) = sorted_exclude_rows(indptr, *exclude_indices, num_items);
   }
 
   std::vector<int64_t> candidate_ids;
