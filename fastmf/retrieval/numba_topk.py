@@ -23,8 +23,8 @@ MAX_SPLIT_K = 4096
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
 def _dot(x, y):
-    # Reassociation lets LLVM vectorise the sum; it is the only relaxed flag because NaN and
-    # inf scores must keep their meaning.
+    # Reassociation (and FMA contraction) let LLVM vectorise the sum. No other fast-math
+    # flag: NaN and inf scores must keep their meaning.
     acc = x.dtype.type(0)
     for d in range(x.shape[0]):
         acc += x[d] * y[d]
