@@ -54,6 +54,12 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor neg_items, "
       "int loss, float reg, int optimizer, float lr, float eps) -> Tensor");
+  // Exact top-k of item_bias[i] + <queries[b], item_factors[i]> per query: (scores (B, k),
+  // indices (B, k) int64), best first, ties to the lower index; exclude_* is a CSR of items
+  // to leave out per query, candidates restricts the items; short rows pad with -inf / -1.
+  m.def(
+      "topk_scores(Tensor queries, Tensor item_factors, Tensor? item_bias, int k, "
+      "Tensor? exclude_indptr, Tensor? exclude_indices, Tensor? candidates) -> (Tensor, Tensor)");
 }
 
 namespace {

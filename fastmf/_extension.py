@@ -10,7 +10,7 @@ _C = None
 LOAD_ERROR: str | None = None
 # Every op fastmf.ops wraps; a build that lacks one is older than this Python code.
 OPS = ("mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update",
-       "train_step", "train_step_pairwise")
+       "train_step", "train_step_pairwise", "topk_scores")
 
 
 def _major_minor(version: str) -> str:

@@ -1,0 +1,489 @@
+"""fastmf.retrieval: every top-k backend against the reference (fastmf.retrieval.reference).
+
+Most cases use quantised factors (multiples of 1/4, K=8), so every score is exact in any
+summation order and ties are everywhere; duplicated item rows plant more. Backends must
+then agree with the reference bit for bit, tie order included.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastmf.retrieval import ANNIndex, popular_items, reference, similar, topk_scores
+from fastmf.retrieval.ops import has_native_kernel
+from fastmf.testing import ID_DTYPES, WEIGHT_DTYPES, tolerance
+
+requires_native = pytest.mark.skipif(
+    not has_native_kernel("cpu"), reason="the native extension (fastmf._C) is not built"
+)
+requires_numba = pytest.mark.skipif(
+    importlib.util.find_spec("numba") is None, reason="numba is not installed"
+)
+requires_faiss = pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None, reason="faiss is not installed (fastmf[ann])"
+)
+requires_hnswlib = pytest.mark.skipif(
+    importlib.util.find_spec("hnswlib") is None, reason="hnswlib is not installed (fastmf[ann])"
+)
+
+BACKENDS = [
+    pytest.param("native", marks=requires_native),
+    pytest.param("numba", marks=requires_numba),
+    "reference",
+    "auto",
+]
+FAST_BACKENDS = BACKENDS[:2]
+
+
+def quantised(gen, *shape, dtype=torch.float32):
+    return (torch.randint(-4, 5, shape, generator=gen) / 4).to(dtype)
+
+
+def make_items(num_items, dim=8, *, dtype=torch.float32, seed=0, bias=True):
+    """Quantised item tables with every 7th row (and bias) a copy of row 0: exact ties."""
+    gen = torch.Generator().manual_seed(seed)
+    items = quantised(gen, num_items, dim, dtype=dtype)
+    b = quantised(gen, num_items, dtype=dtype) if bias else None
+    items[1::7] = items[0]
+    if bias:
+        b[1::7] = b[0]
+    return items, b
+
+
+def make_queries(batch, dim=8, *, dtype=torch.float32, seed=1):
+    return quantised(torch.Generator().manual_seed(seed), batch, dim, dtype=dtype)
+
+
+def make_exclude(batch, num_items, *, seed=2, id_dtype=torch.int64, max_len=40,
+                 sort_rows=False):
+    """A CSR with empty rows, unsorted (or sorted) rows, repeated ids, and (if batch > 1) a
+    row that excludes every item."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in range(batch):
+        if b == 1:
+            rows.append(rng.permutation(num_items))
+        elif b % 5 == 0:
+            rows.append(np.zeros(0, np.int64))
+        else:
+            rows.append(rng.integers(0, num_items, size=rng.integers(1, max_len)))
+    if sort_rows:
+        rows = [np.sort(r) for r in rows]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    indices = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return (torch.from_numpy(indptr).to(id_dtype), torch.from_numpy(indices).to(id_dtype))
+
+
+def make_candidates(num_items, size, *, seed=3, id_dtype=torch.int64):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, num_items, size=size)).to(id_dtype)
+
+
+def assert_same_topk(got, expected):
+    """Bit-identical scores and indices (the data is exact)."""
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert got[1].dtype == torch.int64
+    assert torch.equal(got[1], expected[1])
+
+
+def assert_valid_topk(got, expected, queries, items, bias, exclude=None):
+    """For inexact (random float) data: scores close to the reference rank by rank, and each
+    returned index scores what is returned for it and is not excluded. Near-ties may order
+    differently when the dot products are summed in another order."""
+    scores, ids = got
+    tol = tolerance(queries.dtype)
+    torch.testing.assert_close(scores, expected[0], **tol)
+    valid = ids >= 0
+    assert torch.equal(valid, expected[1] >= 0)
+    rescored = torch.einsum("bk,bjk->bj", queries.double(), items.double()[ids.clamp(min=0)])
+    if bias is not None:
+        rescored += bias.double()[ids.clamp(min=0)]
+    torch.testing.assert_close(scores.double()[valid], rescored[valid], **tol)
+    for row in ids:
+        kept = row[row >= 0]
+        assert kept.unique().numel() == kept.numel()
+    if exclude is not None:
+        indptr, indices = exclude
+        for b in range(ids.shape[0]):
+            banned = set(indices[int(indptr[b]) : int(indptr[b + 1])].tolist())
+            assert not banned & set(ids[b].tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_matches_reference_with_ties(backend, dtype, k):
+    items, bias = make_items(1500, dtype=dtype)
+    queries = make_queries(70, dtype=dtype)
+    expected = reference.topk_scores(queries, items, bias, k)
+    assert_same_topk(topk_scores(queries, items, bias, k, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("k", [1, 10, 100])
+@pytest.mark.parametrize("sort_rows", [False, True], ids=["unsorted", "sorted"])
+def test_exclude_and_candidates(backend, id_dtype, k, sort_rows):
+    items, bias = make_items(900)
+    queries = make_queries(23)
+    exclude = make_exclude(23, 900, id_dtype=id_dtype, sort_rows=sort_rows)
+    original = exclude[1].clone()
+    candidates = make_candidates(900, 400, id_dtype=id_dtype)
+    for exclude_csr, cands in ((exclude, None), ((None, None), candidates), (exclude, candidates)):
+        kwargs = dict(exclude=exclude_csr if exclude_csr[0] is not None else None,
+                      candidates=cands)
+        expected = reference.topk_scores(queries, items, bias, k, *exclude_csr, cands)
+        got = topk_scores(queries, items, bias, k, backend=backend, **kwargs)
+        assert_same_topk(got, expected)
+        # The query that excludes every item gets nothing but padding.
+        if kwargs["exclude"] is not None:
+            assert (got[1][1] == -1).all() and (got[0][1] == float("-inf")).all()
+    assert torch.equal(exclude[1], original)  # the caller's rows are not sorted in place
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_above_candidate_count_pads(backend):
+    items, bias = make_items(50)
+    queries = make_queries(4)
+    candidates = torch.tensor([7, 3, 3, 40, 12], dtype=torch.int32)  # 4 unique
+    scores, ids = topk_scores(queries, items, bias, 6, candidates=candidates, backend=backend)
+    assert (ids[:, 4:] == -1).all() and (scores[:, 4:] == float("-inf")).all()
+    assert sorted(ids[0, :4].tolist()) == [3, 7, 12, 40]
+    scores, ids = topk_scores(queries, items, bias, 60, backend=backend)
+    assert (ids[:, 50:] == -1).all() and (ids[:, :50] >= 0).all()
+    assert_same_topk((scores, ids), reference.topk_scores(queries, items, bias, 60))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_random_float_data(backend, dtype):
+    gen = torch.Generator().manual_seed(5)
+    items = torch.randn(3000, 32, generator=gen, dtype=dtype)
+    bias = torch.randn(3000, generator=gen, dtype=dtype)
+    queries = torch.randn(130, 32, generator=gen, dtype=dtype)
+    exclude = make_exclude(130, 3000)
+    expected = reference.topk_scores(queries, items, bias, 20, *exclude)
+    got = topk_scores(queries, items, bias, 20, exclude=exclude, backend=backend)
+    assert_valid_topk(got, expected, queries, items, bias, exclude)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("batch", [1, 3, 200])
+def test_large_item_range_small_batch(backend, batch):
+    # Few queries and many items: the kernels split the item range across threads and
+    # merge partial heaps.
+    items, bias = make_items(40_000, dtype=torch.float64)
+    queries = make_queries(batch, dtype=torch.float64)
+    exclude = make_exclude(batch, 40_000, max_len=3000)
+    for k in (10, 100):
+        expected = reference.topk_scores(queries, items, bias, k, *exclude)
+        got = topk_scores(queries, items, bias, k, exclude=exclude, backend=backend)
+        assert_same_topk(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_bias_and_nan_scores(backend):
+    items, _ = make_items(300, bias=False)
+    items[17] = float("nan")
+    items[40] = float("-inf")
+    queries = make_queries(5)
+    queries[:, 0] = 1.0  # makes the -inf row score -inf (or NaN), never +inf
+    expected = reference.topk_scores(queries, items, None, 300)
+    got = topk_scores(queries, items, None, 300, backend=backend)
+    assert_same_topk(got, expected)
+    assert (got[1] >= 0).all()  # NaN and -inf items are ranked, not dropped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_empty_inputs(backend, dtype):
+    items, bias = make_items(20, dtype=dtype)
+    scores, ids = topk_scores(make_queries(0, dtype=dtype), items, bias, 5, backend=backend)
+    assert scores.shape == (0, 5) and ids.shape == (0, 5) and scores.dtype == dtype
+    empty = torch.zeros(0, 8, dtype=dtype)
+    scores, ids = topk_scores(make_queries(3, dtype=dtype), empty, None, 4, backend=backend)
+    assert (ids == -1).all() and (scores == float("-inf")).all()
+    scores, ids = topk_scores(
+        make_queries(3, dtype=dtype), items, bias, 4,
+        candidates=torch.zeros(0, dtype=torch.int64), backend=backend,
+    )
+    assert (ids == -1).all()
+
+
+# torch's CSR constructor warns that it is in beta and does not check invariants (these
+# rows are unsorted on purpose, which torch's invariants forbid).
+@pytest.mark.filterwarnings("ignore:Sparse")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exclude_forms_and_batching(backend):
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    items, bias = make_items(400)
+    queries = make_queries(37)
+    indptr, indices = make_exclude(37, 400, id_dtype=torch.int32)
+    expected = reference.topk_scores(queries, items, bias, 10, indptr, indices)
+    data = np.ones(indices.shape[0])
+    matrix = scipy_sparse.csr_matrix((data, indices.numpy(), indptr.numpy()), shape=(37, 400))
+    torch_csr = torch.sparse_csr_tensor(indptr.long(), indices.long(), torch.ones(len(data)),
+                                        (37, 400))
+    for exclude in ((indptr, indices), matrix, torch_csr):
+        for batch_size in (None, 8):
+            got = topk_scores(queries, items, bias, 10, exclude=exclude, backend=backend,
+                              batch_size=batch_size)
+            assert_same_topk(got, expected)
+
+
+@requires_native
+def test_native_same_result_alone_or_batched():
+    # A query's top-k must not depend on which other queries share the call.
+    gen = torch.Generator().manual_seed(9)
+    items, bias = torch.randn(20_000, 16, generator=gen), torch.randn(20_000, generator=gen)
+    queries = torch.randn(150, 16, generator=gen)
+    batched = topk_scores(queries, items, bias, 10, backend="native")
+    for b in (0, 77, 149):
+        alone = topk_scores(queries[b : b + 1], items, bias, 10, backend="native")
+        assert torch.equal(alone[1][0], batched[1][b])
+        assert torch.equal(alone[0][0], batched[0][b])
+
+
+_KERNEL_SET_CHECK = """
+import torch
+from fastmf.retrieval import reference, topk_scores
+from tests.test_topk import make_candidates, make_exclude, make_items, make_queries
+for dtype in (torch.float32, torch.float64):
+    for dim in (5, 37):
+        items, bias = make_items(5000, dim, dtype=dtype)
+        for batch in (1, 70):
+            queries = make_queries(batch, dim, dtype=dtype)
+            exclude = make_exclude(batch, 5000)
+            candidates = make_candidates(5000, 3000)
+            for k in (1, 100):
+                got = topk_scores(queries, items, bias, k, exclude=exclude,
+                                  candidates=candidates, backend="native")
+                want = reference.topk_scores(queries, items, bias, k, *exclude, candidates)
+                assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+print("ok")
+"""
+
+
+@requires_native
+@pytest.mark.parametrize("kernel_set", ["avx2", "portable"])
+def test_lesser_kernel_sets(kernel_set):
+    # The CPU picks one kernel set at run time; the others are checked by forcing them in
+    # a fresh process (a CPU without the set falls back to the next one down).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTMF_CPU_KERNELS=kernel_set,
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", _KERNEL_SET_CHECK], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def bad_inputs():
+    items, bias = make_items(10)
+    queries = make_queries(3)
+    ok_ptr, ok_ind = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 9])
+    return [
+        ("k0", dict(k=0), ValueError, "k must be positive, got 0"),
+        ("kneg", dict(k=-3), ValueError, "k must be positive, got -3"),
+        ("cand_range", dict(candidates=torch.tensor([1, 12])), IndexError,
+         "fastmf.topk_scores: candidates id 12 out of range [0, 10)"),
+        ("cand_negative", dict(candidates=torch.tensor([-1])), IndexError,
+         "candidates id -1 out of range [0, 10)"),
+        ("cand_float", dict(candidates=torch.tensor([1.0])), TypeError, "int32 or int64"),
+        ("excl_range", dict(exclude=(ok_ptr, torch.tensor([0, 10]))), IndexError,
+         "fastmf.topk_scores: exclude id 10 out of range [0, 10)"),
+        ("indptr_len", dict(exclude=(torch.tensor([0, 1, 2]), ok_ind)), ValueError,
+         "exclude_indptr must have one entry per query plus one (4), got 3"),
+        ("indptr_span", dict(exclude=(torch.tensor([0, 1, 1, 5]), ok_ind)), ValueError,
+         "exclude_indptr spans [0, 5) but exclude_indices has 2 entries"),
+        ("indptr_order", dict(exclude=(torch.tensor([0, 2, 1, 2]), ok_ind)), ValueError,
+         "exclude_indptr must be non-decreasing"),
+        ("dim", dict(queries=make_queries(3, dim=4)), ValueError,
+         "queries has dim 4 but item_factors has dim 8"),
+        ("bias_len", dict(item_bias=bias[:5]), ValueError,
+         "item_bias has 5 rows, item_factors has 10"),
+        ("dtype_mix", dict(item_factors=items.double()), TypeError, "dtype"),
+        ("int_queries", dict(queries=queries.long()), TypeError, "float32 or float64"),
+    ], items, bias, queries
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(13))
+def test_bad_inputs(backend, case):
+    cases, items, bias, queries = bad_inputs()
+    _, change, error, message = cases[case]
+    args = dict(queries=queries, item_factors=items, item_bias=bias, k=3)
+    args.update(change)
+    with pytest.raises(error, match=re.escape(message)):
+        topk_scores(args.pop("queries"), args.pop("item_factors"), args.pop("item_bias"),
+                    args.pop("k"), backend=backend, **args)
+
+
+def test_bad_backend_and_exclude_rows():
+    items, bias = make_items(10)
+    with pytest.raises(ValueError, match="unknown backend"):
+        topk_scores(make_queries(2), items, bias, 3, backend="gpu")
+    with pytest.raises(ValueError, match="exclude has 3 rows but there are 2 queries"):
+        scipy_sparse = pytest.importorskip("scipy.sparse")
+        topk_scores(make_queries(2), items, bias, 3, exclude=scipy_sparse.csr_matrix((3, 10)))
+
+
+@requires_native
+def test_opcheck():
+    items, bias = make_items(300)
+    queries = make_queries(9)
+    indptr, indices = make_exclude(9, 300, id_dtype=torch.int32)
+    candidates = make_candidates(300, 100)
+    op = torch.ops.fastmf.topk_scores.default
+    for args in (
+        (queries, items, bias, 5, indptr, indices, candidates),
+        (queries.double(), items.double(), None, 400, None, None, None),
+        (queries.requires_grad_(), items.requires_grad_(), bias.requires_grad_(), 7, None,
+         None, None),
+    ):
+        torch.library.opcheck(op, args)
+
+
+@requires_native
+def test_gradients_match_reference():
+    gen = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(6, 5, generator=gen, dtype=torch.float64),
+               torch.randn(40, 5, generator=gen, dtype=torch.float64),
+               torch.randn(40, generator=gen, dtype=torch.float64)]
+    exclude = make_exclude(6, 40)
+    weights = torch.randn(6, 45, generator=gen, dtype=torch.float64)
+    grads = []
+    for backend in ("native", "reference"):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        scores, _ = topk_scores(*leaves, 45, exclude=exclude, backend=backend)
+        (torch.where(torch.isfinite(scores), scores, 0) * weights).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for native, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(native, ref)
+
+
+@requires_native
+def test_compile_fullgraph():
+    from fastmf.retrieval import ops
+
+    items, bias = make_items(200)
+    queries = make_queries(5)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def recommend(q):
+        scores, ids = ops.topk_scores(q * 2, items, bias, 7, None, None, None)
+        return scores + 1, ids
+
+    got = recommend(queries)
+    expected = reference.topk_scores(queries * 2, items, bias, 7)
+    assert_same_topk((got[0] - 1, got[1]), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_similar(backend, metric):
+    gen = torch.Generator().manual_seed(6)
+    vectors = torch.randn(300, 12, generator=gen, dtype=torch.float64)
+    vectors[5] = vectors[3] * 2  # cosine 1 with row 3
+    vectors[8] = 0  # a zero row: cosine 0 to everything
+    query_ids = torch.tensor([3, 8, 299, 3])
+    scores, ids = similar(vectors, query_ids, 5, metric, backend=backend)
+    table = vectors if metric == "dot" else torch.nn.functional.normalize(vectors, dim=1)
+    full = table[query_ids] @ table.T
+    full[torch.arange(4), query_ids] = float("-inf")
+    for b in range(4):
+        assert query_ids[b].item() not in ids[b].tolist()
+        torch.testing.assert_close(scores[b], full[b].sort(descending=True).values[:5])
+    if metric == "cosine":
+        assert ids[0, 0] == 5
+        torch.testing.assert_close(scores[1], torch.zeros(5, dtype=torch.float64))
+        assert ids[1].tolist() == [0, 1, 2, 3, 4]  # all tie at 0: lowest indices
+    with pytest.raises(IndexError, match="query_ids id 300 out of range"):
+        similar(vectors, [300], 5, metric, backend=backend)
+    with pytest.raises(ValueError, match="unknown metric"):
+        similar(vectors, [0], 5, "l2")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_popular_items(backend):
+    counts = torch.tensor([5, 9, 1, 9, 0, 7, 9, 2])
+    scores, ids = popular_items(counts, 4, backend=backend)
+    assert ids.tolist() == [1, 3, 6, 5]
+    assert scores.tolist() == [9.0, 9.0, 9.0, 7.0]
+    exclude = (torch.tensor([0, 2, 2, 10]), torch.tensor([3, 1, 0, 1, 2, 3, 4, 5, 6, 7]))
+    scores, ids = popular_items(counts.numpy(), 3, exclude, backend=backend)
+    assert ids.tolist() == [[6, 5, 0], [1, 3, 6], [-1, -1, -1]]
+    assert scores[2].tolist() == [float("-inf")] * 3
+    assert popular_items([4, 4], 3)[1].tolist() == [0, 1, -1]
+
+
+def recall_at(found, exact):
+    hits = sum(len(set(f.tolist()) & set(e.tolist()) - {-1}) for f, e in zip(found, exact,
+                                                                             strict=True))
+    return hits / int((exact >= 0).sum())
+
+
+ANN_CASES = [
+    pytest.param("faiss", "hnsw", dict(ef_search=64), 0.9, marks=requires_faiss),
+    pytest.param("faiss", "ivf", dict(nprobe=8), 0.6, marks=requires_faiss),
+    pytest.param("faiss", "flat", {}, 1.0, marks=requires_faiss),
+    pytest.param("hnswlib", "hnsw", dict(ef_search=64), 0.9, marks=requires_hnswlib),
+]
+
+
+@pytest.mark.parametrize("backend,index,knobs,min_recall", ANN_CASES)
+def test_ann_recall(backend, index, knobs, min_recall):
+    gen = torch.Generator().manual_seed(8)
+    items = torch.randn(4000, 16, generator=gen)
+    bias = torch.randn(4000, generator=gen) * 0.5
+    queries = torch.randn(100, 16, generator=gen)
+    exclude = make_exclude(100, 4000)
+    ann = ANNIndex(items, bias, backend=backend, index=index, **knobs)
+    exact = topk_scores(queries, items, bias, 10, exclude=exclude)
+    scores, ids = ann.search(queries, 10, exclude=exclude)
+    assert ids.shape == (100, 10) and ids.dtype == torch.int64
+    assert recall_at(ids, exact[1]) >= min_recall
+    # Scores are exact for what was found, and no excluded item comes back.
+    assert_valid_topk((scores[2:], ids[2:]), (scores[2:], ids[2:]), queries[2:], items, bias)
+    for b in range(100):
+        banned = set(exclude[1][int(exclude[0][b]) : int(exclude[0][b + 1])].tolist())
+        assert not banned & set(ids[b].tolist())
+    assert (ids[1] == -1).all()  # the query that excludes everything
+    if index == "flat":
+        torch.testing.assert_close(scores, exact[0], **tolerance(torch.float32))
+
+
+@requires_faiss
+def test_ann_knobs_and_errors():
+    items = torch.randn(500, 8)
+    ann = ANNIndex(items, backend="faiss", index="hnsw", ef_search=16)
+    ann.ef_search = 200
+    assert ann.ef_search == 200 and ann._index.hnsw.efSearch == 200
+    with pytest.raises(AttributeError, match="nprobe is an IVF knob"):
+        ann.nprobe = 3
+    ivf = ANNIndex(items, backend="faiss", index="ivf", nlist=8, nprobe=1)
+    ivf.nprobe = 8  # every list: exact
+    assert ivf.nprobe == 8 and ivf._index.nprobe == 8
+    queries = torch.randn(4, 8)
+    assert torch.equal(ivf.search(queries, 5)[1], topk_scores(queries, items, None, 5)[1])
+    with pytest.raises(TypeError, match="unknown knobs"):
+        ANNIndex(items, backend="faiss", index="hnsw", nprobe=3)
+    with pytest.raises(ValueError, match="has no index"):
+        ANNIndex(items, backend="hnswlib", index="ivf")
+    assert ANNIndex(items[:3], backend="faiss", index="flat").search(
+        torch.randn(2, 8), 5)[1][:, 3:].eq(-1).all()
+
+
+def test_ann_missing_dependency_message(monkeypatch):
+    import fastmf.retrieval.ann as ann
+
+    monkeypatch.setitem(ann._MODULES, "faiss", "fastmf_no_such_module")
+    with pytest.raises(ImportError, match=r"pip install fastmf\[ann\]"):
+        ANNIndex(torch.randn(10, 4), backend="faiss")
