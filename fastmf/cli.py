@@ -36,7 +36,9 @@ def load_data(path: str, *, user_col: str, item_col: str, rating_col: str | None
         raise FileNotFoundError(f"no such file or folder: {path}")
     columns = dict(user_col=user_col, item_col=item_col, rating_col=rating_col,
                    time_col=time_col)
-    if p.is_dir() or p.name in ("ratings.csv", "ratings.dat", "u.data"):
+    # A MovieLens ratings.csv is also a plain CSV with the default column names; only the
+    # folder form brings the titles.
+    if p.is_dir() or p.name in ("ratings.dat", "u.data"):
         return datasets.load_movielens(p)
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv", ".txt"):
