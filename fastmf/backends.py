@@ -17,6 +17,11 @@ from fastmf import _checks, reference
 from fastmf._extension import LOAD_ERROR, native_available
 
 BACKENDS = ("reference", "numba", "native")
+# Where each compiled backend's kernels live (the first module that has a kernel wins).
+MODULES = {
+    "numba": ("fastmf.numba_kernels", "fastmf.numba_pairwise"),
+    "native": ("fastmf.ops",),
+}
 KERNELS = ("mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update",
            "train_step", "train_step_pairwise")
 
@@ -111,11 +116,9 @@ def get(name: str = "auto") -> SimpleNamespace:
         if name == "reference":
             _CACHE[name] = _checked_reference()
         else:
-            module = importlib.import_module(
-                "fastmf.numba_kernels" if name == "numba" else "fastmf.ops"
-            )
-            # A kernel a backend lacks stays out of its namespace (AttributeError on use).
-            _CACHE[name] = SimpleNamespace(
-                name=name, **{k: getattr(module, k) for k in KERNELS if hasattr(module, k)}
-            )
+            kernels = {}
+            for module_name in reversed(MODULES[name]):
+                module = importlib.import_module(module_name)
+                kernels.update({k: getattr(module, k) for k in KERNELS if hasattr(module, k)})
+            _CACHE[name] = SimpleNamespace(name=name, **kernels)
     return _CACHE[name]
