@@ -265,6 +265,8 @@ at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& ite
     check_contiguous(op, "user_bias", *user_bias);
     check_contiguous(op, "item_bias", *item_bias);
   }
+  // Both tables' samples go through one sort of 2B keys.
+  check_fits_32bit(op, "twice the batch size", 2 * users.size(0));
   const int64_t num_users = user_factors.size(0), num_items = item_factors.size(0);
   // Item keys go up to U + 1 + I, which must stay below kNoKey.
   TORCH_CHECK_VALUE(static_cast<uint64_t>(num_users) + static_cast<uint64_t>(num_items) + 1 <
