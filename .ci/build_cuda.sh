@@ -18,6 +18,7 @@ step() { echo; echo "== $* ($(( $(date +%s) - start ))s)"; }
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 VENV=${FASTMF_CUDA_VENV:-build/venv-cuda}
+case $VENV in /*) ;; *) VENV=$PWD/$VENV ;; esac  # the import step runs from another folder
 PY=$VENV/bin/python
 
 step "venv with torch 2.14.1 (CUDA 13.0)"

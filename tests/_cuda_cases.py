@@ -11,8 +11,8 @@ Every expectation is computed by fastmf.reference on CPU tensors.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -66,9 +66,8 @@ def make_states(optimizer: str, p, q, bu, bi):
 
 
 def check_forward(target, batch, user_dtype, item_dtype, dtype, bias, dim=16, seed=0):
-    U, I = 60, 40
-    p, q, bu, bi = make_tables(U, I, dim, dtype=dtype, bias=bias, seed=seed)
-    users, items, _ = make_batch(U, I, batch, dtype=dtype, seed=seed)
+    p, q, bu, bi = make_tables(60, 40, dim, dtype=dtype, bias=bias, seed=seed)
+    users, items, _ = make_batch(60, 40, batch, dtype=dtype, seed=seed)
     users, items = users.to(user_dtype), items.to(item_dtype)
     expected = reference.mf_forward(users, items, p, q, bu, bi, 3.5)
     got = target.ops.mf_forward(*target.to(users, items, p, q, bu, bi), 3.5)
@@ -77,9 +76,8 @@ def check_forward(target, batch, user_dtype, item_dtype, dtype, bias, dim=16, se
 
 
 def check_backward(target, batch, user_dtype, item_dtype, dtype, dim=16, seed=0):
-    U, I = 60, 40
-    p, q, _, _ = make_tables(U, I, dim, dtype=dtype, bias=False, seed=seed)
-    users, items, _ = make_batch(U, I, batch, dtype=dtype, seed=seed)
+    p, q, _, _ = make_tables(60, 40, dim, dtype=dtype, bias=False, seed=seed)
+    users, items, _ = make_batch(60, 40, batch, dtype=dtype, seed=seed)
     users, items = users.to(user_dtype), items.to(item_dtype)
     grad = torch.randn(batch, dtype=dtype)
     exp_p, exp_q = reference.mf_backward(grad, users, items, p, q)
@@ -172,11 +170,12 @@ def run_train_steps(target, loss, optimizer, steps, batch, user_dtype, item_dtyp
         assert got_loss.shape == () and got_loss.dtype == dtype
         assert_close(got_loss, exp_loss, dtype)
     for name, g, e in zip(("P", "Q", "bu", "bi", "P_state", "Q_state", "bu_state", "bi_state"),
-                          got, expected):
+                          got, expected, strict=False):
         if e is None:
             assert g is None
             continue
-        torch.testing.assert_close(g.cpu(), e, **tolerance(dtype), msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(g.cpu(), e, **tolerance(dtype),
+                                   msg=lambda m, n=name: f"{n}: {m}")
     return got
 
 
@@ -196,7 +195,7 @@ def train_twice_bitwise(target, loss, optimizer, batch, dtype, steps=3, **kw):
                                                 OPT_NAMES.index(optimizer), LR, EPS))
         outs.append((cpu(*tables), cpu(*losses)))
     (t1, l1), (t2, l2) = outs
-    for a, b in zip(t1 + l1, t2 + l2):
+    for a, b in zip(t1 + l1, t2 + l2, strict=False):
         if a is not None:
             assert torch.equal(a, b)
 
@@ -238,7 +237,8 @@ def check_forward_bad_ids(target):
     items = torch.tensor([0, 1, 2, 3])
     out = target.ops.mf_forward(*target.to(users, items, p, q, bu, bi), 0.0).cpu()
     assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()
-    with pytest.raises(IndexError, match=re.escape("fastmf.mf_forward: users id 11 out of range [0, 10)")):
+    message = "fastmf.mf_forward: users id 11 out of range [0, 10)"
+    with pytest.raises(IndexError, match=re.escape(message)):
         target.check_errors()
     gp, gq = target.ops.mf_backward(*target.to(torch.ones(4), users, items, p, q))
     assert (gp.cpu()[2] == 0).all() and (gq.cpu()[2] == 0).all()

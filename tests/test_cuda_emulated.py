@@ -11,10 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
+import _cuda_cases as cases
 import pytest
 import torch
-
-import _cuda_cases as cases
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cuda_emulation"))

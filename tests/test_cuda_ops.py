@@ -3,13 +3,20 @@ weight dtypes, Zipf batches with hot rows, all losses and optimizers over 20 ste
 bit-identical reruns, CUDA-graph replay, and bad ids / NaN targets. Skipped without a GPU;
 tests/test_cuda_emulated.py runs the same checks on the CPU through the kernels' source."""
 
+import _cuda_cases as cases
 import pytest
 import torch
 
-import _cuda_cases as cases
 import fastmf.ops
 from fastmf._extension import native_build_info
-from fastmf.testing import BATCH_SIZES, ID_DTYPES, WEIGHT_DTYPES, make_batch, make_tables, requires_cuda
+from fastmf.testing import (
+    BATCH_SIZES,
+    ID_DTYPES,
+    WEIGHT_DTYPES,
+    make_batch,
+    make_tables,
+    requires_cuda,
+)
 
 pytestmark = [
     requires_cuda,
@@ -124,13 +131,14 @@ def test_check_device_errors_refuses_capture():
 def test_cuda_graph_replay_equals_eager(optimizer, dtype):
     """A captured train_step replayed on new batches gives exactly the eager results: no
     host sync, no data-dependent allocation."""
-    U, I, K, B, steps = 500, 100, 32, 4096, 5
+    n_users, n_items, dim, batch, steps = 500, 100, 32, 4096, 5
     ocode = cases.OPT_NAMES.index(optimizer)
-    start = make_tables(U, I, K, dtype=dtype, seed=11)
+    start = make_tables(n_users, n_items, dim, dtype=dtype, seed=11)
     eager = [t.cuda() for t in start]
     eager += list(cases.make_states(optimizer, *eager))
     graphed = [None if t is None else t.clone() for t in eager]
-    batches = [CUDA.to(*make_batch(U, I, B, dtype=dtype, seed=100 + s)) for s in range(steps)]
+    batches = [CUDA.to(*make_batch(n_users, n_items, batch, dtype=dtype, seed=100 + s))
+               for s in range(steps)]
     static = [t.clone() for t in batches[0]]
 
     # Warm up on a side stream (first-use initialisation stays out of the graph), then
@@ -142,7 +150,7 @@ def test_cuda_graph_replay_equals_eager(optimizer, dtype):
         for _ in range(2):
             torch.ops.fastmf.train_step(*graphed, *static, 3.0, 0, 0.01, ocode, cases.LR, cases.EPS)
     torch.cuda.current_stream().wait_stream(side)
-    for t, b in zip(graphed, backup):
+    for t, b in zip(graphed, backup, strict=False):
         if t is not None:
             t.copy_(b)
 
@@ -153,11 +161,11 @@ def test_cuda_graph_replay_equals_eager(optimizer, dtype):
     for batch in batches:
         eager_loss = torch.ops.fastmf.train_step(*eager, *batch, 3.0, 0, 0.01, ocode, cases.LR,
                                                  cases.EPS)
-        for s, b in zip(static, batch):
+        for s, b in zip(static, batch, strict=False):
             s.copy_(b)
         graph.replay()
         assert torch.equal(static_loss, eager_loss)
-    for a, b in zip(graphed, eager):
+    for a, b in zip(graphed, eager, strict=False):
         if a is not None:
             assert torch.equal(a, b)
 
@@ -178,5 +186,5 @@ def test_cpu_and_cuda_agree():
         l_gpu = torch.ops.fastmf.train_step(*tables_gpu, *CUDA.to(users, items, targets), 3.0, 0,
                                             0.01, 1, cases.LR, cases.EPS)
         cases.assert_close(l_gpu, l_cpu, torch.float32)
-    for a, b in zip(tables_gpu, tables_cpu):
+    for a, b in zip(tables_gpu, tables_cpu, strict=False):
         cases.assert_close(a, b, torch.float32)

@@ -22,7 +22,8 @@ DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned c
 
 def rewrite(text: str) -> str:
     text = text.replace("TORCH_LIBRARY(fastmf, m)", "TORCH_LIBRARY(fastmf_emu, m)")
-    text = text.replace("TORCH_LIBRARY_IMPL(fastmf, CUDA, m)", "TORCH_LIBRARY_IMPL(fastmf_emu, CPU, m)")
+    text = text.replace("TORCH_LIBRARY_IMPL(fastmf, CUDA, m)",
+                        "TORCH_LIBRARY_IMPL(fastmf_emu, CPU, m)")
     text = text.replace(
         "TORCH_LIBRARY_IMPL(fastmf, CompositeImplicitAutograd, m)",
         "TORCH_LIBRARY_IMPL(fastmf_emu, CompositeImplicitAutograd, m)",
@@ -67,7 +68,8 @@ def build(asan: bool | None = None, verbose: bool = False) -> str:
     name = "fastmf_emu_asan" if asan else "fastmf_emu"
     build_dir = ROOT / "build" / name
     sources = prepare_sources(build_dir / "src")
-    flags = ["-std=c++20", "-O1", "-g", "-include", str(HERE / "include" / "emu_runtime.h"), "-pthread"]
+    flags = ["-std=c++20", "-O1", "-g", "-pthread",
+             "-include", str(HERE / "include" / "emu_runtime.h")]
     ldflags = ["-pthread"]
     if asan:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
