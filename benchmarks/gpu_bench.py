@@ -347,7 +347,7 @@ def main():
                         f"{100 * r / roofline:.0f}% |")
                 else:
                     why = r if isinstance(r, str) else status.get(name, "not run")
-                    log(f"| {dim} | {batch} | {name} | {why} | - | - |")
+                    log(f"| {dim} | {batch} | {name} | {why[:60]} | - | - |")
     log(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -33,6 +33,8 @@ echo "CUDA_HOME=${CUDA_HOME:-<none>}"; [ -n "$CUDA_HOME" ] && "$CUDA_HOME/bin/nv
 step "build (FASTMF_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})"
 export FASTMF_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+"$PY" -c "import setuptools" 2>/dev/null || echo "warning: setuptools missing; the build will fail"
+command -v ninja >/dev/null || echo "warning: ninja not on PATH; the build will fail"
 mkdir -p build
 if "$PY" setup.py build_ext --inplace > build/gpu_check_build.log 2>&1; then
   tail -n 2 build/gpu_check_build.log

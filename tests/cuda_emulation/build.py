@@ -31,6 +31,13 @@ def rewrite(text: str) -> str:
     text = LAUNCH.sub(lambda m: f"::emu::Launch({m.group(2)})({m.group(1)}, ", text)
     text = DYNAMIC_SHARED.sub(r"unsigned char* \1 = ::emu::dynamic_shared();", text)
     text = text.replace("__shared__", "static")
+    # A GPU faults on a misaligned 16-byte access; the CPU would not notice.
+    text = text.replace("return *reinterpret_cast<const Pack<T, V>*>(p);",
+                        "::emu::check_aligned(p, sizeof(T) * V);\n"
+                        "  return *reinterpret_cast<const Pack<T, V>*>(p);")
+    text = text.replace("*reinterpret_cast<Pack<T, V>*>(p) = x;",
+                        "::emu::check_aligned(p, sizeof(T) * V);\n"
+                        "  *reinterpret_cast<Pack<T, V>*>(p) = x;")
     return text
 
 

@@ -3,8 +3,9 @@
 // OS thread, __syncthreads is a barrier over the block, and a shuffle is an exchange
 // through a barrier over the lanes named in its mask. Blocks run one after another.
 //
-// It checks what a GPU would not report: a shuffle whose mask leaves out the calling or
-// the source lane, and dynamic shared memory beyond the default 48 KiB. Combined with
+// It checks what a GPU would report or silently get wrong and a CPU would not: a shuffle
+// whose mask leaves out the calling or the source lane, a misaligned vector access, and
+// dynamic shared memory beyond the default 48 KiB. Combined with
 // AddressSanitizer it catches every out-of-bounds access of a kernel.
 #pragma once
 
@@ -75,6 +76,10 @@ struct Block {
 
 inline thread_local Block* current_block = nullptr;
 inline std::mutex atomic_mutex;
+
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail("misaligned vector access");
+}
 
 inline unsigned char* dynamic_shared() {
   auto* p = current_block->shared.data();
