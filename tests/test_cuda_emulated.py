@@ -1,10 +1,14 @@
 """The CUDA kernels' own source, run on the CPU through tests/cuda_emulation (one OS
 thread per CUDA thread, barriers for __syncthreads and shuffles), against fastmf.reference:
 the checks of tests/test_cuda_ops.py at sizes a CPU emulation can afford. Catches logic
-errors in the kernels on machines without a GPU; with FASTMF_EMU_ASAN=1 (and libasan
-preloaded) also every out-of-bounds access.
+errors in the kernels on machines without a GPU. Under AddressSanitizer it also catches
+every out-of-bounds access:
 
-Skipped when no C++ compiler is available, or with FASTMF_SKIP_CUDA_EMULATION=1."""
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
+    ASAN_OPTIONS=detect_leaks=0 FASTMF_EMU_ASAN=1 pytest tests/test_cuda_emulated.py
+
+Skipped without a C++ compiler or ninja, or with FASTMF_SKIP_CUDA_EMULATION=1. The first
+run builds the emulation into build/fastmf_emu (a few minutes on two cores)."""
 
 import os
 import shutil
@@ -14,6 +18,7 @@ from pathlib import Path
 import _cuda_cases as cases
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "cuda_emulation"))
@@ -22,13 +27,16 @@ if os.environ.get("FASTMF_SKIP_CUDA_EMULATION") == "1":
     pytest.skip("FASTMF_SKIP_CUDA_EMULATION=1", allow_module_level=True)
 if shutil.which("c++") is None and shutil.which("g++") is None:
     pytest.skip("no C++ compiler to build the emulation", allow_module_level=True)
+if not cpp_extension.is_ninja_available():
+    pytest.skip("ninja is needed to build the emulation (pip install ninja)",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def emu():
-    import build
+    import emulation_build
 
-    torch.ops.load_library(build.build())
+    torch.ops.load_library(emulation_build.build())
     target = cases.Target("emulated", "cpu", torch.ops.fastmf_emu,
                           lambda: torch.ops.fastmf_emu.check_device_errors(0))
     cases.clear_errors(target)

@@ -3,14 +3,13 @@ kernels' own source, mechanically rewritten where CUDA syntax has no C++ spellin
 (``k<<<grid, block>>>(args)``, ``__shared__``), registered as ``torch.ops.fastmf_emu.*`` on
 CPU tensors. Only the CUB sort is replaced (sort_emulated.cpp).
 
-    python tests/cuda_emulation/build.py      # builds, prints the library path
+    python tests/cuda_emulation/emulation_build.py      # builds, prints the library path
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -41,15 +40,19 @@ def rewrite(text: str) -> str:
     return text
 
 
+def _write(path: Path, text: str) -> None:
+    # Unchanged files keep their time stamps, so ninja rebuilds only what changed.
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def prepare_sources(out: Path) -> list[str]:
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "cuda").mkdir(parents=True)
-    shutil.copy(ROOT / "csrc" / "checks.h", out / "checks.h")
+    (out / "cuda").mkdir(parents=True, exist_ok=True)
+    _write(out / "checks.h", (ROOT / "csrc" / "checks.h").read_text())
     sources = []
     main = out / "fastmf_emu.cpp"
-    main.write_text('#define FASTMF_TORCH_VERSION "emulated"\n'
-                    + rewrite((ROOT / "csrc" / "fastmf.cpp").read_text()))
+    _write(main, '#define FASTMF_TORCH_VERSION "emulated"\n'
+           + rewrite((ROOT / "csrc" / "fastmf.cpp").read_text()))
     sources.append(str(main))
     for path in sorted((ROOT / "csrc" / "cuda").iterdir()):
         if path.name == "sort.cu":
@@ -60,8 +63,8 @@ def prepare_sources(out: Path) -> list[str]:
             sources.append(str(target))
         else:
             target = out / "cuda" / path.name
-        target.write_text(text)
-    shutil.copy(HERE / "sort_emulated.cpp", out / "cuda" / "sort_emulated.cpp")
+        _write(target, text)
+    _write(out / "cuda" / "sort_emulated.cpp", (HERE / "sort_emulated.cpp").read_text())
     sources.append(str(out / "cuda" / "sort_emulated.cpp"))
     return sources
 
