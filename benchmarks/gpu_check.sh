@@ -44,7 +44,7 @@ else
   grep -E "error|Error" build/gpu_check_build.log | head -n 30
   tail -n 15 build/gpu_check_build.log
 fi
-"$PY" -c "import fastmf._C as C, json; print(json.dumps(C.build_info()))" || failed+=(import)
+"$PY" -c "import json, torch, fastmf._C as C; print(json.dumps(C.build_info()))" || failed+=(import)
 
 step "CUDA tests"
 timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" "$PY" -m pytest tests/test_cuda_ops.py -q -ra \
