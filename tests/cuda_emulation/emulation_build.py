@@ -71,12 +71,14 @@ def prepare_sources(out: Path) -> list[str]:
 
 def build(asan: bool | None = None, verbose: bool = False) -> str:
     """Builds (or reuses) the emulated library and returns its path."""
+    import torch
     from torch.utils import cpp_extension
 
     if asan is None:
         asan = os.environ.get("FASTMF_EMU_ASAN", "0") == "1"
     name = "fastmf_emu_asan" if asan else "fastmf_emu"
-    build_dir = ROOT / "build" / name
+    # One build per torch version: a library built against another torch would not load.
+    build_dir = ROOT / "build" / f"{name}-torch{torch.__version__.replace('+', '-')}"
     sources = prepare_sources(build_dir / "src")
     flags = ["-std=c++20", "-O1", "-g", "-pthread",
              "-include", str(HERE / "include" / "emu_runtime.h")]
