@@ -9,7 +9,8 @@ Methods (each checked against fastmf.reference on a small case before any timing
   ref_sparse    nn.Embedding(sparse=True) + torch.optim.Adagrad       (the baseline)
   ref_dense     nn.Embedding(sparse=False) + torch.optim.Adagrad
   compiled      dense grads, torch.compile on forward/loss and on Adagrad.step
-  native_ops    fastmf mf_forward -> mf_backward -> sparse_adagrad_update (4 tables)
+  native_ops    fastmf mf_forward, autograd for dLoss/dpred, mf_backward's per-sample
+                rows, sparse_adagrad_update on the 4 tables
   native_dense  fastmf mf_forward with autograd (dense grads) + torch.optim.Adagrad
   train_step    fastmf's fused train_step (one op per batch)
 
@@ -152,14 +153,17 @@ def make_native_ops(tables):
     states = [torch.zeros_like(t) for t in (p, q, bu, bi)]
 
     def step(users, items, targets):
-        pred = ops.mf_forward(users, items, p, q, bu, bi, MU)
-        grad_out = (2.0 / pred.numel()) * (pred - targets)  # d mse / d pred
+        # Autograd for the loss only; the per-sample rows come from mf_backward, so no
+        # table-sized gradient is ever formed.
+        pred = ops.mf_forward(users, items, p, q, bu, bi, MU).requires_grad_()
+        loss = F.mse_loss(pred, targets)
+        (grad_out,) = torch.autograd.grad(loss, pred)
         rows_p, rows_q = ops.mf_backward(grad_out, users, items, p, q)
         ops.sparse_adagrad_update(p, states[0], users, rows_p, LR, EPS, False)
         ops.sparse_adagrad_update(q, states[1], items, rows_q, LR, EPS, False)
         ops.sparse_adagrad_update(bu, states[2], users, grad_out, LR, EPS, False)
         ops.sparse_adagrad_update(bi, states[3], items, grad_out, LR, EPS, False)
-        return F.mse_loss(pred, targets)
+        return loss
 
     return step, lambda: (p, q, bu, bi)
 
