@@ -48,6 +48,7 @@ SortedRuns sort_runs(const at::Tensor& keys, const at::Tensor& positions, uint64
   cudaStream_t stream = current_stream();
 
   SortedRuns out{at::empty_like(keys), at::empty_like(positions), at::empty_like(positions)};
+  at::Tensor heads = at::empty_like(positions);
   const auto* keys_in = reinterpret_cast<const uint32_t*>(keys.data_ptr<int32_t>());
   auto* keys_out = reinterpret_cast<uint32_t*>(out.keys.data_ptr<int32_t>());
   const int32_t* pos_in = positions.data_ptr<int32_t>();
@@ -58,8 +59,10 @@ SortedRuns sort_runs(const at::Tensor& keys, const at::Tensor& positions, uint64
   size_t sort_bytes = 0, scan_bytes = 0;
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys_in, keys_out, pos_in,
                                                  pos_out, n, 0, end_bit, stream));
-  C10_CUDA_CHECK(cub::DeviceScan::InclusiveScan(nullptr, scan_bytes, run_start, MaxOp(), n,
-                                                stream));
+  // Out of place: every CUB version has this overload.
+  int32_t* head_ptr = heads.data_ptr<int32_t>();
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveScan(nullptr, scan_bytes, head_ptr, run_start, MaxOp(),
+                                                n, stream));
   // From PyTorch's caching allocator, so it is stream-ordered and graph-safe.
   at::Tensor temp = at::empty({static_cast<int64_t>(std::max<size_t>({sort_bytes, scan_bytes, 1}))},
                               keys.options().dtype(at::kByte));
@@ -67,10 +70,10 @@ SortedRuns sort_runs(const at::Tensor& keys, const at::Tensor& positions, uint64
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), sort_bytes, keys_in, keys_out,
                                                  pos_in, pos_out, n, 0, end_bit, stream));
   mark_run_heads<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream>>>(
-      keys_out, n, run_start);
+      keys_out, n, head_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(cub::DeviceScan::InclusiveScan(temp.data_ptr(), scan_bytes, run_start, MaxOp(),
-                                                n, stream));
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveScan(temp.data_ptr(), scan_bytes, head_ptr, run_start,
+                                                MaxOp(), n, stream));
   return out;
 }
 
