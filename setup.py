@@ -5,6 +5,8 @@ Environment:
                          and nvcc is found; 1: require them; 0: CPU only.
   TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0;9.0+PTX").
   FASTMF_DEBUG=1         -O0 -g, for debuggers and sanitizers.
+
+C++20: torch's own headers need it (torch >= 2.13 uses operator<=> in c10).
 """
 
 import glob
@@ -33,6 +35,27 @@ def _want_cuda() -> bool:
     return mode != "0" and available
 
 
+def _pip_cuda_include_dirs() -> list[str]:
+    """Header folders of the CUDA libraries that pip installs beside torch (cuBLAS,
+    cuSPARSE, ...), for a toolkit that ships only nvcc and the runtime. Searched after the
+    toolkit's own headers (-isystem), so a full toolkit still wins."""
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.exists(os.path.join(home, "include", "cublas_v2.h")):
+        return []
+    try:
+        import nvidia  # namespace package of the pip CUDA wheels
+    except ImportError:
+        return []
+    found = []
+    for root in list(getattr(nvidia, "__path__", [])):
+        for inc in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cublas_v2.h")) or os.path.exists(
+                os.path.join(inc, "cusparse.h")
+            ):
+                found.append(inc)
+    return found
+
+
 def _version() -> str:
     text = open(os.path.join(ROOT, "fastmf", "_version.py")).read()
     return re.search(r'__version__ = "([^"]+)"', text).group(1)
@@ -44,7 +67,7 @@ def extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     torch_version = torch.__version__.split("+")[0]
     macros = [("FASTMF_TORCH_VERSION", f'"{torch_version}"')]
-    cxx = opt + ["-fopenmp", "-std=c++17", "-fvisibility=hidden"]
+    cxx = opt + ["-fopenmp", "-std=c++20", "-fvisibility=hidden"]
     # cpp_extension does not add -fopenmp; without it at::parallel_for runs on one thread.
     link = ["-fopenmp"]
     if not with_cuda:
@@ -55,7 +78,13 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     macros += [("FASTMF_WITH_CUDA", None), ("FASTMF_CUDA_VERSION", f'"{torch.version.cuda}"')]
-    nvcc = opt + ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    # Hidden visibility keeps the CUB kernels we instantiate out of the global symbol table,
+    # where they could clash with another library's CUB of a different version.
+    nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
+                  "-Xcompiler", "-fvisibility=hidden"]
+    for inc in _pip_cuda_include_dirs():
+        nvcc += ["-isystem", inc]
+        cxx += ["-isystem", inc]
     return cpp_extension.CUDAExtension(
         "fastmf._C", sources, define_macros=macros,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link,

@@ -15,6 +15,11 @@
 #include "checks.h"
 
 TORCH_LIBRARY(fastmf, m) {
+  // The CUDA kernels never synchronise with the host, so instead of raising on a bad id or
+  // a non-finite target they skip it and record the first such error on the device (see
+  // csrc/cuda/errors.cu). This synchronises `device`, raises the recorded error (same type
+  // and message as the CPU kernels) and clears it. CUDA builds only; never inside a graph.
+  m.def("check_device_errors(int device) -> ()");
   // prediction[b] = global_mean + user_bias[users[b]] + item_bias[items[b]]
   //                 + <user_factors[users[b]], item_factors[items[b]]>
   m.def(

@@ -17,6 +17,7 @@ __all__ = [
     "train_step",
     "train_step_pairwise",
     "scatter_rows",
+    "check_device_errors",
 ]
 
 
@@ -88,6 +89,38 @@ def train_step_pairwise(
         users, pos_items, neg_items, int(loss), float(reg), int(optimizer), float(lr),
         float(eps),
     )
+
+
+def check_device_errors(device: int | str | torch.device | None = None) -> None:
+    """Raise the first bad id or non-finite target that the CUDA kernels met on ``device``
+    (default: the current CUDA device) since the last check, and clear it.
+
+    The CUDA ops never synchronise with the host, so they cannot raise: they leave a bad
+    sample out (NaN prediction or loss, no update through it) and record the error on the
+    device. This synchronises the device and raises it as the CPU kernels would
+    (``IndexError`` for ids, ``ValueError`` for targets). Call it outside CUDA graph
+    capture, where a sync is cheap: after an epoch, before evaluation, in tests. Without a
+    CUDA build or a GPU there is nothing to check.
+
+    >>> loss = train_step(...)        # doctest: +SKIP
+    >>> check_device_errors()         # doctest: +SKIP
+    """
+    if not native_available() or not torch.cuda.is_available():
+        return
+    if not hasattr(torch.ops.fastmf, "check_device_errors"):
+        return  # built before the op existed
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastmf::check_device_errors", "CompositeImplicitAutograd"
+    ):
+        return  # a CPU-only build records nothing
+    if device is None:
+        index = torch.cuda.current_device()
+    else:
+        index = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if index.type != "cuda":
+            return
+        index = index.index if index.index is not None else torch.cuda.current_device()
+    torch.ops.fastmf.check_device_errors.default(int(index))
 
 
 def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:

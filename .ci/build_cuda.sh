@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# CI: the CUDA build, on a machine with nvcc 13 and pip but no GPU, so that a CUDA compile
+# or link error fails CI. From scratch: a venv with the CUDA 13.0 build of torch, the
+# extension built with FASTMF_CUDA=1, then imported on this GPU-less machine to show that
+# it loads, that every op has its CUDA kernel, and that CPU tensors still dispatch to the
+# CPU kernels.
+#
+# The extension is built out of tree (build/cuda-lib) and imported from a staging copy of
+# the package, so the in-place CPU build that the rest of CI uses is never replaced.
+#
+# Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default
+# "8.0;9.0+PTX"), FASTMF_CUDA_VENV (default build/venv-cuda, reused when present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+start=$(date +%s)
+step() { echo; echo "== $* ($(( $(date +%s) - start ))s)"; }
+
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+VENV=${FASTMF_CUDA_VENV:-build/venv-cuda}
+case $VENV in /*) ;; *) VENV=$PWD/$VENV ;; esac  # the import step runs from another folder
+PY=$VENV/bin/python
+
+step "venv with torch 2.14.1 (CUDA 13.0)"
+if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__ != '2.14.1+cu130')" 2>/dev/null; then
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$PY" -m pip install -q torch==2.14.1 numpy ninja setuptools wheel
+fi
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+"$CUDA_HOME/bin/nvcc" --version | tail -n 2
+
+step "build (FASTMF_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX})"
+build_start=$(date +%s)
+FASTMF_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX} \
+  "$PY" setup.py -q build_ext --build-lib build/cuda-lib --build-temp build/cuda-temp
+echo "build took $(( $(date +%s) - build_start ))s"
+
+step "import on this machine (no GPU)"
+rm -rf build/cuda-stage && mkdir -p build/cuda-stage
+cp -r fastmf build/cuda-stage/
+find build/cuda-stage/fastmf -name '_C*.so' -delete
+cp build/cuda-lib/fastmf/_C*.so build/cuda-stage/fastmf/
+(cd build/cuda-stage && "$PY" - <<'PY'
+import torch
+
+import fastmf._C as C
+import fastmf.ops  # noqa: F401  (registers fake kernels and autograd)
+
+info = C.build_info()
+print("build_info:", info)
+assert info["cuda"], "extension built without CUDA"
+ops = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step"]
+for op in ops:
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmf::{op}", "CUDA"), op
+assert torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastmf::check_device_errors", "CompositeImplicitAutograd")
+print("CUDA kernels registered:", ", ".join(ops), "+ check_device_errors")
+fastmf.ops.check_device_errors()  # no GPU: nothing to check, must not fail
+
+# CPU tensors go to the CPU kernels (when this tree has them), never to the CUDA ones.
+p, q = torch.rand(5, 4), torch.rand(3, 4)
+users, items = torch.tensor([0, 4, 2]), torch.tensor([1, 2, 0])
+if torch._C._dispatch_has_kernel_for_dispatch_key("fastmf::mf_forward", "CPU"):
+    got = fastmf.ops.mf_forward(users, items, p, q, None, None, 0.5)
+    torch.testing.assert_close(got, (p[users] * q[items]).sum(1) + 0.5)
+    print("CPU dispatch: mf_forward on CPU tensors ok")
+else:
+    try:
+        fastmf.ops.mf_forward(users, items, p, q, None, None, 0.5)
+    except NotImplementedError as exc:
+        assert "CPU" in str(exc)
+        print("CPU dispatch: no CPU kernels in this tree; CPU tensors are refused, not sent to CUDA")
+PY
+)
+step "done"

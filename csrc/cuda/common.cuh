@@ -1,0 +1,155 @@
+// Building blocks shared by the fastmf CUDA kernels.
+//
+// Layout of work: a row of K scalars is spread over a *group* of L lanes (L a power of two,
+// 1..32) that each hold one or more packs of V scalars (V = 4 for float, 2 for double when
+// every row start is 16-byte aligned, else 1). Small K thus puts several groups (samples,
+// tiles) in one warp instead of leaving lanes idle, and large K gives each lane J packs.
+// All cross-lane sums are xor-shuffle trees inside the group: a fixed order, so results
+// are bit-identical from run to run.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastmf::cuda {
+
+constexpr int kThreads = 256;  // every kernel's block size
+constexpr int kWarp = 32;
+
+// ---------------------------------------------------------------------------------------
+// Device-side error record (see errors.cu for why errors are recorded, not raised).
+
+enum ErrorOp : int { kOpMfForward = 0, kOpMfBackward, kOpSparseAdagrad, kOpSparseSgd,
+                     kOpTrainStep, kNumErrorOps };
+enum ErrorArg : int { kArgUsers = 0, kArgItems, kArgIds, kArgTargets, kNumErrorArgs };
+
+struct ErrorRecord {
+  unsigned long long code;   // 0: no error; else 1 + op * kNumErrorArgs + arg
+  long long value;           // the bad id, or the bits of the bad target (a double)
+  long long limit;           // the row count the id was checked against
+  long long position;        // where in the batch
+};
+
+// The record of the current device; the first call on a device resolves its address
+// (warm an op up once before capturing it in a CUDA graph, as for any new kernel).
+ErrorRecord* error_record();
+
+// First error wins; the atomic only arbitrates which one is kept and never touches results.
+__device__ __forceinline__ void record_error(ErrorRecord* rec, int op, int arg, long long value,
+                                             long long limit, long long position) {
+  const unsigned long long code = 1ull + static_cast<unsigned long long>(op * kNumErrorArgs + arg);
+  if (atomicCAS(&rec->code, 0ull, code) == 0ull) {
+    rec->value = value;
+    rec->limit = limit;
+    rec->position = position;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ids of either dtype, read through one code path (the branch is uniform per launch).
+
+struct IdArray {
+  const void* data;
+  bool is64;
+  __device__ __forceinline__ long long operator[](long long i) const {
+    return is64 ? static_cast<long long>(static_cast<const int64_t*>(data)[i])
+                : static_cast<long long>(static_cast<const int32_t*>(data)[i]);
+  }
+};
+
+inline IdArray id_array(const at::Tensor& ids) {
+  return IdArray{ids.data_ptr(), ids.scalar_type() == at::kLong};
+}
+
+// ---------------------------------------------------------------------------------------
+// Packs: V scalars moved as one aligned 16-byte (or scalar) access.
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& x) {
+  *reinterpret_cast<Pack<T, V>*>(p) = x;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> zero_pack() {
+  Pack<T, V> x;
+#pragma unroll
+  for (int v = 0; v < V; ++v) x.v[v] = T(0);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------
+// Groups of L lanes inside a warp.
+
+struct Group {
+  int lane;       // 0..L-1
+  int size;       // L
+  unsigned mask;  // the group's lanes within the warp
+};
+
+__device__ __forceinline__ Group make_group(int lanes) {
+  const int warp_lane = static_cast<int>(threadIdx.x) % kWarp;
+  const unsigned base = lanes == kWarp ? 0xffffffffu : ((1u << lanes) - 1u);
+  const int first = warp_lane - warp_lane % lanes;
+  return Group{warp_lane % lanes, lanes, base << first};
+}
+
+template <typename T>
+__device__ __forceinline__ T group_sum(const Group& g, T x) {
+  for (int offset = g.size / 2; offset > 0; offset /= 2)
+    x += __shfl_xor_sync(g.mask, x, offset, g.size);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T group_broadcast(const Group& g, T x, int src) {
+  return __shfl_sync(g.mask, x, src, g.size);
+}
+
+// ---------------------------------------------------------------------------------------
+// Host helpers.
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+inline int next_pow2(int64_t x) {
+  int p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+// How a row of `dim` scalars is spread over a group: V scalars per pack, L lanes, J packs
+// per lane (J is a compile-time constant in the kernels, rounded up to 1, 2, 4 or 8).
+struct RowLayout {
+  int vec;
+  int lanes;
+  int packs;
+  int64_t padded() const { return static_cast<int64_t>(vec) * lanes * packs; }
+};
+
+inline RowLayout row_layout(int64_t dim, int vec) {
+  const int64_t num_packs = (dim + vec - 1) / vec;
+  const int lanes = num_packs >= kWarp ? kWarp : next_pow2(num_packs < 1 ? 1 : num_packs);
+  const int64_t per_lane = (num_packs + lanes - 1) / lanes;
+  const int packs = per_lane <= 1 ? 1 : next_pow2(per_lane);
+  return RowLayout{vec, lanes, packs};
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace fastmf::cuda

@@ -1,0 +1,112 @@
+// Bad ids and non-finite targets on the GPU.
+//
+// The CPU kernels read every id on the host and raise before touching memory. A CUDA kernel
+// cannot raise, and reading the ids back (or a flag) after every op would be a host
+// synchronisation inside each training step, which costs a round trip per step and makes
+// the step impossible to capture in a CUDA graph. So on the GPU:
+//
+//   * every kernel checks each id against its table's row count and never dereferences a
+//     bad one: mf_forward returns NaN for that sample, mf_backward a zero gradient row,
+//     and the update ops and train_step leave the sample out of every update (train_step
+//     also drops samples with a NaN/inf target and returns a NaN loss);
+//   * the first such error is written to a per-device record in device memory;
+//   * `torch.ops.fastmf.check_device_errors(device)` (fastmf.ops.check_device_errors in
+//     Python) synchronises the device, and raises the recorded error with the same type
+//     and message as the CPU kernels (IndexError for ids, ValueError for targets), then
+//     clears it. Call it where a sync is cheap: after an epoch, before evaluating, in
+//     tests. Data that is validated once when it is moved to the GPU never trips it.
+#include <torch/library.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <array>
+#include <atomic>
+#include <cstring>
+
+#include "common.cuh"
+
+namespace fastmf::cuda {
+namespace {
+
+// One record per device: a module-scope __device__ variable lives once in each device's
+// copy of the module, needs no allocation (so it is safe during graph capture) and is
+// zero-initialised when the module loads.
+__device__ ErrorRecord g_error_record;
+
+constexpr int kMaxDevices = 64;
+std::array<std::atomic<ErrorRecord*>, kMaxDevices> g_record_address{};
+
+const char* op_name(int op) {
+  switch (op) {
+    case kOpMfForward: return "mf_forward";
+    case kOpMfBackward: return "mf_backward";
+    case kOpSparseAdagrad: return "sparse_adagrad_update";
+    case kOpSparseSgd: return "sparse_sgd_update";
+    case kOpTrainStep: return "train_step";
+    default: return "unknown op";
+  }
+}
+
+const char* arg_name(int arg) {
+  switch (arg) {
+    case kArgUsers: return "users";
+    case kArgItems: return "items";
+    case kArgIds: return "ids";
+    case kArgTargets: return "targets";
+    default: return "unknown argument";
+  }
+}
+
+void check_device_errors(int64_t device) {
+  TORCH_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(),
+                    "fastmf.check_device_errors: no CUDA device ", device);
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() ==
+                  c10::cuda::CaptureStatus::None,
+              "fastmf.check_device_errors synchronises the device and cannot run while a "
+              "CUDA graph is being captured; call it outside the captured region");
+  ErrorRecord* rec = error_record();
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  ErrorRecord host{};
+  C10_CUDA_CHECK(cudaMemcpy(&host, rec, sizeof(ErrorRecord), cudaMemcpyDeviceToHost));
+  if (host.code == 0) return;
+  C10_CUDA_CHECK(cudaMemset(rec, 0, sizeof(ErrorRecord)));
+  C10_CUDA_CHECK(cudaDeviceSynchronize());
+  const int code = static_cast<int>(host.code - 1);
+  const int op = code / kNumErrorArgs, arg = code % kNumErrorArgs;
+  if (arg == kArgTargets) {
+    double value;
+    std::memcpy(&value, &host.value, sizeof(value));
+    TORCH_CHECK_VALUE(false, "fastmf.", op_name(op), ": targets contains a non-finite value (",
+                      value, ")");
+  }
+  TORCH_CHECK_INDEX(false, "fastmf.", op_name(op), ": ", arg_name(arg), " id ", host.value,
+                    " out of range [0, ", host.limit, ")");
+}
+
+}  // namespace
+
+ErrorRecord* error_record() {
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "fastmf: CUDA device ", device,
+              " is beyond the ", kMaxDevices, " devices fastmf supports");
+  ErrorRecord* rec = g_record_address[device].load(std::memory_order_acquire);
+  if (rec == nullptr) {
+    void* address = nullptr;
+    C10_CUDA_CHECK(cudaGetSymbolAddress(&address, g_error_record));
+    rec = static_cast<ErrorRecord*>(address);
+    g_record_address[device].store(rec, std::memory_order_release);
+  }
+  return rec;
+}
+
+}  // namespace fastmf::cuda
+
+// The op takes no tensor, so no backend key can select it: CompositeImplicitAutograd is
+// the kernel PyTorch runs for tensor-less ops.
+TORCH_LIBRARY_IMPL(fastmf, CompositeImplicitAutograd, m) {
+  m.impl("check_device_errors", &fastmf::cuda::check_device_errors);
+}

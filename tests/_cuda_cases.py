@@ -1,0 +1,271 @@
+"""What the CUDA kernels must do, as checks shared by two targets:
+
+- ``cuda``: the real kernels on a GPU (tests/test_cuda_ops.py);
+- ``emulated``: the same kernel source run on the CPU through the stand-in runtime of
+  tests/cuda_emulation (tests/test_cuda_emulated.py), so a machine without a GPU still
+  exercises their logic.
+
+Every expectation is computed by fastmf.reference on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from fastmf import reference
+from fastmf.testing import clone_all, make_batch, make_tables, tolerance, zipf_ids
+
+LOSS_NAMES = ("mse", "huber", "bce")
+OPT_NAMES = ("sgd", "adagrad", "rowwise_adagrad")
+LR, EPS = 0.05, 1e-8
+
+
+@dataclass
+class Target:
+    name: str
+    device: str
+    ops: object  # the torch.ops namespace holding the kernels
+    check_errors: Callable[[], None]
+
+    def to(self, *tensors):
+        return tuple(None if t is None else t.to(self.device) for t in tensors)
+
+
+def cpu(*tensors):
+    return tuple(None if t is None else t.detach().cpu() for t in tensors)
+
+
+def assert_close(actual, expected, dtype):
+    torch.testing.assert_close(actual.cpu(), expected, **tolerance(dtype))
+
+
+def clear_errors(target: Target) -> None:
+    try:
+        target.check_errors()
+    except (IndexError, ValueError):
+        pass
+
+
+def make_states(optimizer: str, p, q, bu, bi):
+    if optimizer == "sgd":
+        return None, None, None, None
+    zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+    if optimizer == "adagrad":
+        return zeros(p), zeros(q), zeros(bu), zeros(bi)
+    return p.new_zeros(p.shape[0]), q.new_zeros(q.shape[0]), zeros(bu), zeros(bi)
+
+
+# ----------------------------------------------------------------------------------------
+# mf_forward / mf_backward
+
+
+def check_forward(target, batch, user_dtype, item_dtype, dtype, bias, dim=16, seed=0):
+    p, q, bu, bi = make_tables(60, 40, dim, dtype=dtype, bias=bias, seed=seed)
+    users, items, _ = make_batch(60, 40, batch, dtype=dtype, seed=seed)
+    users, items = users.to(user_dtype), items.to(item_dtype)
+    expected = reference.mf_forward(users, items, p, q, bu, bi, 3.5)
+    got = target.ops.mf_forward(*target.to(users, items, p, q, bu, bi), 3.5)
+    assert got.dtype == dtype and got.shape == (batch,)
+    assert_close(got, expected, dtype)
+
+
+def check_backward(target, batch, user_dtype, item_dtype, dtype, dim=16, seed=0):
+    p, q, _, _ = make_tables(60, 40, dim, dtype=dtype, bias=False, seed=seed)
+    users, items, _ = make_batch(60, 40, batch, dtype=dtype, seed=seed)
+    users, items = users.to(user_dtype), items.to(item_dtype)
+    grad = torch.randn(batch, dtype=dtype)
+    exp_p, exp_q = reference.mf_backward(grad, users, items, p, q)
+    got_p, got_q = target.ops.mf_backward(*target.to(grad, users, items, p, q))
+    assert_close(got_p, exp_p, dtype)
+    assert_close(got_q, exp_q, dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# sparse_adagrad_update / sparse_sgd_update
+
+
+def check_sparse_update(target, kind, batch, id_dtype, dtype, dim, num_rows=50, seed=0,
+                        exponent=1.0):
+    """kind: sgd, adagrad, rowwise_adagrad; dim 0 means a 1-D (bias) table."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_rows,) if dim == 0 else (num_rows, dim)
+    weight = (torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5).to(dtype)
+    ids = zipf_ids(num_rows, batch, exponent=exponent, dtype=id_dtype,
+                   generator=np.random.default_rng(seed))
+    grad_rows = torch.randn((batch,) + shape[1:], generator=gen, dtype=torch.float64).to(dtype)
+    expected_w = weight.clone()
+    got_w = weight.clone().to(target.device)
+    if kind == "sgd":
+        reference.sparse_sgd_update(expected_w, ids, grad_rows, LR)
+        target.ops.sparse_sgd_update(got_w, *target.to(ids, grad_rows), LR)
+    else:
+        rowwise = kind == "rowwise_adagrad"
+        state = weight.new_zeros(num_rows) if rowwise and dim else torch.zeros_like(weight)
+        state += 0.01  # a state that has seen earlier steps
+        expected_s = state.clone()
+        got_s = state.clone().to(target.device)
+        reference.sparse_adagrad_update(expected_w, expected_s, ids, grad_rows, LR, EPS, rowwise)
+        target.ops.sparse_adagrad_update(got_w, got_s, *target.to(ids, grad_rows), LR, EPS,
+                                         rowwise)
+        assert_close(got_s, expected_s, dtype)
+    assert_close(got_w, expected_w, dtype)
+
+
+def check_sparse_update_bad_ids(target, kind):
+    """A bad id is left out of the update and reported by check_errors, not by the op."""
+    clear_errors(target)
+    dtype = torch.float32
+    weight = torch.rand(20, 8, dtype=dtype)
+    ids = torch.tensor([3, 25, 3, 7, -2, 19])
+    grad_rows = torch.randn(6, 8, dtype=dtype)
+    keep = (ids >= 0) & (ids < 20)
+    expected_w = weight.clone()
+    got_w = weight.clone().to(target.device)
+    if kind == "sgd":
+        reference.sparse_sgd_update(expected_w, ids[keep], grad_rows[keep], LR)
+        target.ops.sparse_sgd_update(got_w, *target.to(ids, grad_rows), LR)
+        op = "sparse_sgd_update"
+    else:
+        state = torch.zeros(20, 8, dtype=dtype)
+        expected_s, got_s = state.clone(), state.clone().to(target.device)
+        reference.sparse_adagrad_update(expected_w, expected_s, ids[keep], grad_rows[keep], LR,
+                                        EPS, False)
+        target.ops.sparse_adagrad_update(got_w, got_s, *target.to(ids, grad_rows), LR, EPS,
+                                         False)
+        assert_close(got_s, expected_s, dtype)
+        op = "sparse_adagrad_update"
+    assert_close(got_w, expected_w, dtype)
+    with pytest.raises(IndexError, match=rf"fastmf\.{op}: ids id (25|-2) out of range \[0, 20\)"):
+        target.check_errors()
+    target.check_errors()  # cleared
+
+
+# ----------------------------------------------------------------------------------------
+# train_step
+
+
+def run_train_steps(target, loss, optimizer, steps, batch, user_dtype, item_dtype, dtype,
+                    bias=True, dim=16, num_users=80, num_items=40, reg=0.01, seed=0):
+    """`steps` fused steps on fresh Zipf batches, on the target and with the reference;
+    compares the loss of every step and every table and state at the end."""
+    p, q, bu, bi = make_tables(num_users, num_items, dim, dtype=dtype, bias=bias, seed=seed)
+    expected = list(clone_all(p, q, bu, bi))
+    expected += list(make_states(optimizer, *expected))
+    got = list(target.to(*clone_all(*expected)))
+    lcode, ocode = LOSS_NAMES.index(loss), OPT_NAMES.index(optimizer)
+    for step in range(steps):
+        users, items, targets = make_batch(num_users, num_items, batch, dtype=dtype,
+                                           seed=seed * 1000 + step, implicit=loss == "bce")
+        users, items = users.to(user_dtype), items.to(item_dtype)
+        exp_loss = reference.train_step(*expected, users, items, targets, 3.0, lcode, reg, ocode,
+                                        LR, EPS)
+        got_loss = target.ops.train_step(*got, *target.to(users, items, targets), 3.0, lcode,
+                                         reg, ocode, LR, EPS)
+        assert got_loss.shape == () and got_loss.dtype == dtype
+        assert_close(got_loss, exp_loss, dtype)
+    for name, g, e in zip(("P", "Q", "bu", "bi", "P_state", "Q_state", "bu_state", "bi_state"),
+                          got, expected, strict=False):
+        if e is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g.cpu(), e, **tolerance(dtype),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    return got
+
+
+def train_twice_bitwise(target, loss, optimizer, batch, dtype, steps=3, **kw):
+    """Two runs from the same start: bit-identical tables and losses."""
+    outs = []
+    for _ in range(2):
+        p, q, bu, bi = make_tables(200, 30, 24, dtype=dtype, seed=5)
+        tables = list(target.to(p, q, bu, bi))
+        tables += list(make_states(optimizer, *tables))
+        losses = []
+        for step in range(steps):
+            users, items, targets = make_batch(200, 30, batch, dtype=dtype, seed=step,
+                                               implicit=loss == "bce")
+            losses.append(target.ops.train_step(*tables, *target.to(users, items, targets), 3.0,
+                                                LOSS_NAMES.index(loss), 0.01,
+                                                OPT_NAMES.index(optimizer), LR, EPS))
+        outs.append((cpu(*tables), cpu(*losses)))
+    (t1, l1), (t2, l2) = outs
+    for a, b in zip(t1 + l1, t2 + l2, strict=False):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def check_train_step_bad_samples(target, what):
+    """A bad id or a NaN target: the step runs, leaves that sample out of every update,
+    returns a NaN loss, and check_errors raises as the CPU kernels would."""
+    clear_errors(target)
+    dtype = torch.float32
+    p, q, bu, bi = make_tables(30, 20, 8, dtype=dtype, seed=3)
+    users, items, targets = make_batch(30, 20, 64, dtype=dtype, seed=3)
+    if what == "users":
+        users[5] = 30
+        pattern = r"fastmf\.train_step: users id 30 out of range \[0, 30\)"
+        error = IndexError
+    elif what == "items":
+        items[9] = -1
+        pattern = r"fastmf\.train_step: items id -1 out of range \[0, 20\)"
+        error = IndexError
+    else:
+        targets[7] = float("nan")
+        pattern = r"fastmf\.train_step: targets contains a non-finite value \(nan\)"
+        error = ValueError
+    tables = list(target.to(p, q, bu, bi)) + list(target.to(*make_states("adagrad", p, q, bu, bi)))
+    loss = target.ops.train_step(*tables, *target.to(users, items, targets), 3.0, 0, 0.01, 1,
+                                 LR, EPS)
+    assert torch.isnan(loss.cpu())
+    for t in tables:
+        assert torch.isfinite(t.cpu()).all()
+    with pytest.raises(error, match=pattern):
+        target.check_errors()
+    target.check_errors()
+
+
+def check_forward_bad_ids(target):
+    clear_errors(target)
+    p, q, bu, bi = make_tables(10, 10, 8, seed=0)
+    users = torch.tensor([1, 2, 11, 3])
+    items = torch.tensor([0, 1, 2, 3])
+    out = target.ops.mf_forward(*target.to(users, items, p, q, bu, bi), 0.0).cpu()
+    assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()
+    message = "fastmf.mf_forward: users id 11 out of range [0, 10)"
+    with pytest.raises(IndexError, match=re.escape(message)):
+        target.check_errors()
+    gp, gq = target.ops.mf_backward(*target.to(torch.ones(4), users, items, p, q))
+    assert (gp.cpu()[2] == 0).all() and (gq.cpu()[2] == 0).all()
+    with pytest.raises(IndexError, match="mf_backward: users id 11"):
+        target.check_errors()
+
+
+def check_host_side_errors(target):
+    """Errors that need no device data are raised by the op itself, as on the CPU."""
+    p, q, bu, bi = target.to(*make_tables(10, 10, 8, seed=0))
+    users, items, targets = target.to(*make_batch(10, 10, 5, seed=0))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        target.ops.mf_forward(users.float(), items, p, q, bu, bi, 0.0)
+    with pytest.raises(ValueError, match="lengths differ"):
+        target.ops.mf_forward(users, items[:3], p, q, bu, bi, 0.0)
+    with pytest.raises(ValueError, match="both be given or both None"):
+        target.ops.mf_forward(users, items, p, q, bu, None, 0.0)
+    with pytest.raises(ValueError, match="unknown loss code 7"):
+        target.ops.train_step(p, q, bu, bi, None, None, None, None, users, items, targets, 0.0,
+                              7, 0.0, 0, LR, EPS)
+    with pytest.raises(ValueError, match="adagrad needs user_factors_state"):
+        target.ops.train_step(p, q, bu, bi, None, None, None, None, users, items, targets, 0.0,
+                              0, 0.0, 1, LR, EPS)
+    with pytest.raises(TypeError, match="targets has dtype"):
+        target.ops.train_step(p, q, bu, bi, None, None, None, None, users, items,
+                              targets.double(), 0.0, 0, 0.0, 0, LR, EPS)
+    with pytest.raises(ValueError, match="contiguous"):
+        target.ops.sparse_sgd_update(p.t(), users, torch.zeros_like(p)[:5], LR)
+    with pytest.raises(ValueError, match="grad_rows has shape"):
+        target.ops.sparse_sgd_update(p, users, torch.zeros_like(p)[:4], LR)

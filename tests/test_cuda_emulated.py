@@ -1,0 +1,117 @@
+"""The CUDA kernels' own source, run on the CPU through tests/cuda_emulation (one OS
+thread per CUDA thread, barriers for __syncthreads and shuffles), against fastmf.reference:
+the checks of tests/test_cuda_ops.py at sizes a CPU emulation can afford. Catches logic
+errors in the kernels on machines without a GPU. Under AddressSanitizer it also catches
+every out-of-bounds access:
+
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \
+    ASAN_OPTIONS=detect_leaks=0 FASTMF_EMU_ASAN=1 pytest tests/test_cuda_emulated.py
+
+Skipped without a C++ compiler or ninja, or with FASTMF_SKIP_CUDA_EMULATION=1. The first
+run builds the emulation into build/fastmf_emu (a few minutes on two cores)."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import _cuda_cases as cases
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "cuda_emulation"))
+
+if os.environ.get("FASTMF_SKIP_CUDA_EMULATION") == "1":
+    pytest.skip("FASTMF_SKIP_CUDA_EMULATION=1", allow_module_level=True)
+if shutil.which("c++") is None and shutil.which("g++") is None:
+    pytest.skip("no C++ compiler to build the emulation", allow_module_level=True)
+if not cpp_extension.is_ninja_available():
+    pytest.skip("ninja is needed to build the emulation (pip install ninja)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    import emulation_build
+
+    torch.ops.load_library(emulation_build.build())
+    target = cases.Target("emulated", "cpu", torch.ops.fastmf_emu,
+                          lambda: torch.ops.fastmf_emu.check_device_errors(0))
+    cases.clear_errors(target)
+    return target
+
+
+ID_PAIRS = [(torch.int64, torch.int64), (torch.int32, torch.int64)]
+
+
+@pytest.mark.parametrize("batch", [0, 1, 7, 300])
+@pytest.mark.parametrize("ids", ID_PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [16, 3, 130])
+def test_mf_forward_backward(emu, batch, ids, dtype, dim):
+    cases.check_forward(emu, batch, *ids, dtype, True, dim=dim)
+    cases.check_forward(emu, batch, *ids, dtype, False, dim=dim)
+    cases.check_backward(emu, batch, *ids, dtype, dim=dim)
+
+
+@pytest.mark.parametrize("kind", cases.OPT_NAMES)
+@pytest.mark.parametrize("batch", [0, 1, 7, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [0, 1, 8, 33, 64])
+def test_sparse_update(emu, kind, batch, dtype, dim):
+    cases.check_sparse_update(emu, kind, batch, torch.int32 if dim % 2 else torch.int64, dtype,
+                              dim)
+
+
+@pytest.mark.parametrize("kind", cases.OPT_NAMES)
+@pytest.mark.parametrize("batch", [3000, 40000])
+def test_sparse_update_hot_rows(emu, kind, batch):
+    # 3000: runs across tens of 4-slot tiles; 40000: 8-slot tiles and a run of thousands
+    # of slots, past kSuperTile tiles, summed by a whole block.
+    cases.check_sparse_update(emu, kind, batch, torch.int64, torch.float32, 8, num_rows=5,
+                              exponent=1.5)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad"])
+def test_sparse_update_bad_ids(emu, kind):
+    cases.check_sparse_update_bad_ids(emu, kind)
+
+
+@pytest.mark.parametrize("loss", cases.LOSS_NAMES)
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_train_step(emu, loss, optimizer, dtype):
+    cases.run_train_steps(emu, loss, optimizer, 3, 257, torch.int64, torch.int32, dtype)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 7])
+@pytest.mark.parametrize("dim", [1, 3, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_train_step_shapes(emu, batch, dim, bias):
+    cases.run_train_steps(emu, "mse", "rowwise_adagrad", 2, batch, torch.int32, torch.int32,
+                          torch.float32, dim=dim, bias=bias)
+
+
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+def test_train_step_hot_rows(emu, optimizer):
+    cases.run_train_steps(emu, "huber", optimizer, 2, 3000, torch.int64, torch.int64,
+                          torch.float32, num_users=2000, num_items=4, dim=8)
+
+
+def test_train_step_bit_identical(emu):
+    cases.train_twice_bitwise(emu, "mse", "adagrad", 500, torch.float32, steps=2)
+
+
+@pytest.mark.parametrize("what", ["users", "items", "targets"])
+def test_train_step_bad_samples(emu, what):
+    cases.check_train_step_bad_samples(emu, what)
+
+
+def test_forward_bad_ids(emu):
+    cases.check_forward_bad_ids(emu)
+
+
+def test_host_side_errors(emu):
+    cases.check_host_side_errors(emu)

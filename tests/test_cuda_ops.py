@@ -1,0 +1,190 @@
+"""The CUDA kernels against fastmf.reference (computed on the CPU): every op, both id and
+weight dtypes, Zipf batches with hot rows, all losses and optimizers over 20 steps,
+bit-identical reruns, CUDA-graph replay, and bad ids / NaN targets. Skipped without a GPU;
+tests/test_cuda_emulated.py runs the same checks on the CPU through the kernels' source."""
+
+import _cuda_cases as cases
+import pytest
+import torch
+
+import fastmf.ops
+from fastmf._extension import native_build_info
+from fastmf.testing import (
+    BATCH_SIZES,
+    ID_DTYPES,
+    WEIGHT_DTYPES,
+    make_batch,
+    make_tables,
+    requires_cuda,
+)
+
+pytestmark = [
+    requires_cuda,
+    pytest.mark.skipif(not native_build_info().get("cuda"), reason="fastmf built without CUDA"),
+]
+
+CUDA = cases.Target("cuda", "cuda", torch.ops.fastmf, fastmf.ops.check_device_errors)
+ID_PAIRS = [(torch.int64, torch.int64), (torch.int32, torch.int32), (torch.int32, torch.int64)]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_errors():
+    cases.clear_errors(CUDA)
+    yield
+    cases.clear_errors(CUDA)
+
+
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+@pytest.mark.parametrize("ids", ID_PAIRS)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dim", [16, 3, 64, 130])
+def test_mf_forward(batch, ids, dtype, bias, dim):
+    cases.check_forward(CUDA, batch, *ids, dtype, bias, dim=dim)
+
+
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+@pytest.mark.parametrize("ids", ID_PAIRS)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("dim", [16, 5, 128])
+def test_mf_backward(batch, ids, dtype, dim):
+    cases.check_backward(CUDA, batch, *ids, dtype, dim=dim)
+
+
+@pytest.mark.parametrize("kind", cases.OPT_NAMES)
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("dim", [0, 1, 8, 32, 33, 64, 256])
+def test_sparse_update(kind, batch, id_dtype, dtype, dim):
+    cases.check_sparse_update(CUDA, kind, batch, id_dtype, dtype, dim)
+
+
+@pytest.mark.parametrize("kind", cases.OPT_NAMES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("batch", [20000, 300000])
+def test_sparse_update_hot_rows(kind, dtype, batch):
+    # Few rows and a steep Zipf: the hottest row spans thousands of slots, so it goes
+    # through the multi-tile and the block-per-row paths.
+    cases.check_sparse_update(CUDA, kind, batch, torch.int64, dtype, 64, num_rows=7,
+                              exponent=1.5)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad"])
+def test_sparse_update_bad_ids(kind):
+    cases.check_sparse_update_bad_ids(CUDA, kind)
+
+
+@pytest.mark.parametrize("loss", cases.LOSS_NAMES)
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("ids", ID_PAIRS[:2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_train_step_20_steps(loss, optimizer, dtype, ids, bias):
+    cases.run_train_steps(CUDA, loss, optimizer, 20, 4096, *ids, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+@pytest.mark.parametrize("dim", [1, 3, 16, 64, 128, 200])
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+def test_train_step_shapes(batch, dim, optimizer):
+    cases.run_train_steps(CUDA, "mse", optimizer, 2, batch, torch.int64, torch.int32,
+                          torch.float32, dim=dim)
+
+
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+def test_train_step_hot_rows(optimizer):
+    # 200k samples over 50 items: runs of thousands of slots in the item table.
+    cases.run_train_steps(CUDA, "mse", optimizer, 3, 200_000, torch.int64, torch.int64,
+                          torch.float32, num_users=100_000, num_items=50, dim=32)
+
+
+@pytest.mark.parametrize("loss", cases.LOSS_NAMES)
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_train_step_bit_identical(loss, optimizer, dtype):
+    cases.train_twice_bitwise(CUDA, loss, optimizer, 4096, dtype)
+
+
+@pytest.mark.parametrize("what", ["users", "items", "targets"])
+def test_train_step_bad_samples(what):
+    cases.check_train_step_bad_samples(CUDA, what)
+
+
+def test_forward_bad_ids():
+    cases.check_forward_bad_ids(CUDA)
+
+
+def test_host_side_errors():
+    cases.check_host_side_errors(CUDA)
+
+
+def test_check_device_errors_refuses_capture():
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="graph"):
+        with torch.cuda.graph(g):
+            fastmf.ops.check_device_errors()
+
+
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_cuda_graph_replay_equals_eager(optimizer, dtype):
+    """A captured train_step replayed on new batches gives exactly the eager results: no
+    host sync, no data-dependent allocation."""
+    n_users, n_items, dim, batch, steps = 500, 100, 32, 4096, 5
+    ocode = cases.OPT_NAMES.index(optimizer)
+    start = make_tables(n_users, n_items, dim, dtype=dtype, seed=11)
+    eager = [t.cuda() for t in start]
+    eager += list(cases.make_states(optimizer, *eager))
+    graphed = [None if t is None else t.clone() for t in eager]
+    batches = [CUDA.to(*make_batch(n_users, n_items, batch, dtype=dtype, seed=100 + s))
+               for s in range(steps)]
+    static = [t.clone() for t in batches[0]]
+
+    # Warm up on a side stream (first-use initialisation stays out of the graph), then
+    # restore the tables.
+    backup = [None if t is None else t.clone() for t in graphed]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            torch.ops.fastmf.train_step(*graphed, *static, 3.0, 0, 0.01, ocode, cases.LR, cases.EPS)
+    torch.cuda.current_stream().wait_stream(side)
+    for t, b in zip(graphed, backup, strict=False):
+        if t is not None:
+            t.copy_(b)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = torch.ops.fastmf.train_step(*graphed, *static, 3.0, 0, 0.01, ocode,
+                                                  cases.LR, cases.EPS)
+    for batch in batches:
+        eager_loss = torch.ops.fastmf.train_step(*eager, *batch, 3.0, 0, 0.01, ocode, cases.LR,
+                                                 cases.EPS)
+        for s, b in zip(static, batch, strict=False):
+            s.copy_(b)
+        graph.replay()
+        assert torch.equal(static_loss, eager_loss)
+    for a, b in zip(graphed, eager, strict=False):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_cpu_and_cuda_agree():
+    """Same batch, same start: the CPU kernels (when built) and the CUDA kernels give the
+    same tables to rounding, so switching devices does not change the model."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastmf::train_step", "CPU"):
+        pytest.skip("CPU kernels not built")
+    p, q, bu, bi = make_tables(300, 50, 32, seed=2)
+    users, items, targets = make_batch(300, 50, 4096, seed=2)
+    tables_cpu = [p.clone(), q.clone(), bu.clone(), bi.clone()]
+    tables_cpu += list(cases.make_states("adagrad", *tables_cpu))
+    tables_gpu = [t.cuda() for t in tables_cpu]
+    for _ in range(3):
+        l_cpu = torch.ops.fastmf.train_step(*tables_cpu, users, items, targets, 3.0, 0, 0.01, 1,
+                                            cases.LR, cases.EPS)
+        l_gpu = torch.ops.fastmf.train_step(*tables_gpu, *CUDA.to(users, items, targets), 3.0, 0,
+                                            0.01, 1, cases.LR, cases.EPS)
+        cases.assert_close(l_gpu, l_cpu, torch.float32)
+    for a, b in zip(tables_gpu, tables_cpu, strict=False):
+        cases.assert_close(a, b, torch.float32)
