@@ -4,7 +4,9 @@
 // TORCH_LIBRARY_IMPL(fastmf, <Device>, m) in csrc/<device>/, and PyTorch's
 // dispatcher picks one by the tensors' device. The exact meaning of every op is
 // written out in plain PyTorch in fastmf/reference.py.
+#ifndef FASTMF_NO_PYTHON
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
 #include <ATen/Config.h>
@@ -67,6 +69,7 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor? exclude_indptr, Tensor? exclude_indices, Tensor? candidates) -> (Tensor, Tensor)");
 }
 
+#ifndef FASTMF_NO_PYTHON
 namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
@@ -97,3 +100,4 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastmf native kernels", -1, 
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+#endif  // FASTMF_NO_PYTHON

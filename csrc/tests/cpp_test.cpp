@@ -1,0 +1,235 @@
+// C++ checks of the fastmf CPU kernels, called by name through the PyTorch dispatcher
+// (as Python does), against plain ATen versions of fastmf/reference.py. Built by
+// CMakeLists.txt as fastmf_cpp_test; run under sanitizers by .ci/sanitize.sh.
+// Exits 0 when every check passes, 1 otherwise.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+int failures = 0;
+
+void check(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "PASS" : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
+bool close(const Tensor& a, const Tensor& b, double tol = 1e-10) {
+  return a.sizes() == b.sizes() && at::allclose(a, b, tol, tol);
+}
+
+c10::OperatorHandle op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+Tensor mf_forward(const Tensor& users, const Tensor& items, const Tensor& P, const Tensor& Q,
+                  const OptTensor& bu, const OptTensor& bi, double global_mean) {
+  static auto h = op("fastmf::mf_forward")
+                      .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                    const OptTensor&, const OptTensor&, double)>();
+  return h.call(users, items, P, Q, bu, bi, global_mean);
+}
+
+void sparse_adagrad_update(const Tensor& w, const Tensor& state, const Tensor& ids,
+                           const Tensor& grad_rows, double lr, double eps, bool rowwise) {
+  static auto h = op("fastmf::sparse_adagrad_update")
+                      .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                  double, double, bool)>();
+  h.call(w, state, ids, grad_rows, lr, eps, rowwise);
+}
+
+Tensor train_step(const Tensor& P, const Tensor& Q, const OptTensor& bu, const OptTensor& bi,
+                  const OptTensor& sP, const OptTensor& sQ, const OptTensor& sbu,
+                  const OptTensor& sbi, const Tensor& users, const Tensor& items,
+                  const Tensor& targets, double global_mean, int64_t loss, double reg,
+                  int64_t optimizer, double lr, double eps) {
+  static auto h =
+      op("fastmf::train_step")
+          .typed<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                        const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                        const Tensor&, const Tensor&, const Tensor&, double, int64_t, double,
+                        int64_t, double, double)>();
+  return h.call(P, Q, bu, bi, sP, sQ, sbu, sbi, users, items, targets, global_mean, loss, reg,
+                optimizer, lr, eps);
+}
+
+// ---- plain ATen versions of fastmf/reference.py -------------------------------------------
+
+Tensor ref_forward(const Tensor& users, const Tensor& items, const Tensor& P, const Tensor& Q,
+                   const Tensor& bu, const Tensor& bi, double global_mean) {
+  auto u = users.to(at::kLong), i = items.to(at::kLong);
+  return (P.index_select(0, u) * Q.index_select(0, i)).sum(1) + global_mean +
+         bu.index_select(0, u) + bi.index_select(0, i);
+}
+
+// Element-wise Adagrad, or row-wise (state (N,)), with the grad rows of each id summed
+// first. Untouched rows get a zero sum, which leaves them exactly as they were.
+void ref_adagrad(Tensor& w, Tensor& state, const Tensor& ids, const Tensor& grad_rows,
+                 double lr, double eps, bool rowwise) {
+  auto g = at::zeros_like(w).index_add_(0, ids.to(at::kLong), grad_rows);
+  if (rowwise && w.dim() == 2) {
+    state = state + g.pow(2).mean(1);
+    w = w - lr * g / (state.sqrt() + eps).unsqueeze(1);
+  } else {
+    state = state + g.pow(2);
+    w = w - lr * g / (state.sqrt() + eps);
+  }
+}
+
+// One mse + element-wise Adagrad step with biases; returns the loss.
+Tensor ref_train_step(Tensor& P, Tensor& Q, Tensor& bu, Tensor& bi, Tensor& sP, Tensor& sQ,
+                      Tensor& sbu, Tensor& sbi, const Tensor& users, const Tensor& items,
+                      const Tensor& targets, double global_mean, double reg, double lr,
+                      double eps) {
+  auto u = users.to(at::kLong), i = items.to(at::kLong);
+  const double n = static_cast<double>(users.numel());
+  auto p = P.index_select(0, u), q = Q.index_select(0, i);
+  auto b_u = bu.index_select(0, u), b_i = bi.index_select(0, i);
+  auto pred = (p * q).sum(1) + global_mean + b_u + b_i;
+  auto err = pred - targets;
+  auto per_sample = p.pow(2).sum(1) + q.pow(2).sum(1) + b_u.pow(2) + b_i.pow(2);
+  auto loss = err.pow(2).mean() + reg * per_sample.mean();
+  auto dpred = 2.0 * err / n;
+  const double dreg = 2.0 * reg / n;
+  auto gp = dpred.unsqueeze(1) * q + dreg * p;
+  auto gq = dpred.unsqueeze(1) * p + dreg * q;
+  auto gbu = dpred + dreg * b_u;
+  auto gbi = dpred + dreg * b_i;
+  ref_adagrad(P, sP, u, gp, lr, eps, false);
+  ref_adagrad(Q, sQ, i, gq, lr, eps, false);
+  ref_adagrad(bu, sbu, u, gbu, lr, eps, false);
+  ref_adagrad(bi, sbi, i, gbi, lr, eps, false);
+  return loss;
+}
+
+// ---- checks --------------------------------------------------------------------------------
+
+const auto kF64 = at::TensorOptions().dtype(at::kDouble);
+
+Tensor id_tensor(std::vector<int64_t> values, at::ScalarType dtype = at::kLong) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(dtype);
+}
+
+void test_forward(at::ScalarType id_type) {
+  const int64_t U = 7, I = 5, K = 6, B = 40;  // B >> U, I: many duplicate ids
+  auto P = at::randn({U, K}, kF64), Q = at::randn({I, K}, kF64);
+  auto bu = at::randn({U}, kF64), bi = at::randn({I}, kF64);
+  auto users = at::randint(U, {B}, at::TensorOptions().dtype(id_type));
+  auto items = at::randint(I, {B}, at::TensorOptions().dtype(id_type));
+  auto got = mf_forward(users, items, P, Q, bu, bi, 3.5);
+  check(close(got, ref_forward(users, items, P, Q, bu, bi, 3.5)),
+        std::string("mf_forward ") + c10::toString(id_type));
+  auto no_bias = mf_forward(users, items, P, Q, std::nullopt, std::nullopt, 0.0);
+  auto u = users.to(at::kLong), i = items.to(at::kLong);
+  check(close(no_bias, (P.index_select(0, u) * Q.index_select(0, i)).sum(1)),
+        "mf_forward without biases");
+}
+
+void test_adagrad(bool rowwise, int64_t dim) {
+  const int64_t N = 9, K = 4, B = 30;
+  auto w = dim == 2 ? at::randn({N, K}, kF64) : at::randn({N}, kF64);
+  auto state = (rowwise && dim == 2) ? at::rand({N}, kF64) : at::rand_like(w);
+  auto ids = at::randint(N - 2, {B}, at::kLong);  // duplicates; rows N-2, N-1 untouched
+  auto grad_rows = dim == 2 ? at::randn({B, K}, kF64) : at::randn({B}, kF64);
+  auto w_ref = w.clone(), state_ref = state.clone();
+  sparse_adagrad_update(w, state, ids, grad_rows, 0.1, 1e-10, rowwise);
+  ref_adagrad(w_ref, state_ref, ids, grad_rows, 0.1, 1e-10, rowwise);
+  const std::string name = std::string("sparse_adagrad_update ") +
+                            (rowwise ? "rowwise " : "") + std::to_string(dim) + "-D";
+  check(close(w, w_ref) && close(state, state_ref), name);
+}
+
+void test_train_step(at::ScalarType id_type) {
+  const int64_t U = 6, I = 8, K = 5, B = 64;
+  auto P = at::randn({U, K}, kF64) * 0.3, Q = at::randn({I, K}, kF64) * 0.3;
+  auto bu = at::randn({U}, kF64) * 0.1, bi = at::randn({I}, kF64) * 0.1;
+  auto sP = at::zeros_like(P), sQ = at::zeros_like(Q);
+  auto sbu = at::zeros_like(bu), sbi = at::zeros_like(bi);
+  auto users = at::randint(U, {B}, at::TensorOptions().dtype(id_type));
+  auto items = at::randint(I, {B}, at::TensorOptions().dtype(id_type));
+  auto targets = at::rand({B}, kF64) * 4 + 1;
+  auto rP = P.clone(), rQ = Q.clone(), rbu = bu.clone(), rbi = bi.clone();
+  auto rsP = sP.clone(), rsQ = sQ.clone(), rsbu = sbu.clone(), rsbi = sbi.clone();
+  const double gm = 3.0, reg = 0.05, lr = 0.1, eps = 1e-10;
+  bool ok = true;
+  for (int step = 0; step < 3; ++step) {
+    auto loss = train_step(P, Q, bu, bi, sP, sQ, sbu, sbi, users, items, targets, gm,
+                           /*loss=mse*/ 0, reg, /*optimizer=adagrad*/ 1, lr, eps);
+    auto ref_loss = ref_train_step(rP, rQ, rbu, rbi, rsP, rsQ, rsbu, rsbi, users, items,
+                                   targets, gm, reg, lr, eps);
+    ok = ok && loss.dim() == 0 && close(loss, ref_loss) && close(P, rP) && close(Q, rQ) &&
+         close(bu, rbu) && close(bi, rbi) && close(sP, rsP) && close(sQ, rsQ) &&
+         close(sbu, rsbu) && close(sbi, rsbi);
+  }
+  check(ok, std::string("train_step mse+adagrad, 3 steps, ") + c10::toString(id_type));
+}
+
+template <class F>
+void expect_index_error(const std::string& name, F&& f) {
+  bool ok = false;
+  try {
+    f();
+  } catch (const c10::IndexError&) {
+    ok = true;
+  } catch (const std::exception& e) {
+    std::printf("  unexpected exception: %s\n", e.what());
+  }
+  check(ok, name + " raises c10::IndexError");
+}
+
+void test_out_of_range() {
+  const int64_t U = 4, I = 3, K = 2;
+  auto P = at::randn({U, K}, kF64), Q = at::randn({I, K}, kF64);
+  auto bu = at::zeros({U}, kF64), bi = at::zeros({I}, kF64);
+  auto ok_items = id_tensor({0, 1, 2}, at::kLong);
+  expect_index_error("mf_forward user id == num_users", [&] {
+    mf_forward(id_tensor({0, U, 1}, at::kLong), ok_items, P, Q, bu, bi, 0.0);
+  });
+  expect_index_error("mf_forward negative item id", [&] {
+    mf_forward(id_tensor({0, 1, 2}, at::kInt), id_tensor({0, -1, 2}, at::kInt), P, Q, bu, bi,
+               0.0);
+  });
+  auto state = at::zeros_like(P);
+  expect_index_error("sparse_adagrad_update id == num_rows", [&] {
+    sparse_adagrad_update(P, state, id_tensor({1, U}, at::kLong), at::ones({2, K}, kF64), 0.1,
+                          1e-10, false);
+  });
+  auto P0 = P.clone();
+  expect_index_error("train_step item id == num_items", [&] {
+    train_step(P, Q, bu, bi, at::zeros_like(P), at::zeros_like(Q), at::zeros_like(bu),
+               at::zeros_like(bi), id_tensor({0, 1, 2}, at::kLong),
+               id_tensor({0, I, 1}, at::kLong), at::ones({3}, kF64), 0.0, 0, 0.0, 1, 0.1,
+               1e-10);
+  });
+  check(at::equal(P, P0), "a rejected update leaves the weights untouched");
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  try {
+    test_forward(at::kLong);
+    test_forward(at::kInt);
+    test_adagrad(false, 2);
+    test_adagrad(true, 2);
+    test_adagrad(false, 1);
+    test_train_step(at::kLong);
+    test_train_step(at::kInt);
+    test_out_of_range();
+  } catch (const std::exception& e) {
+    std::printf("FAIL uncaught exception: %s\n", e.what());
+    return 1;
+  }
+  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);
+  return failures ? 1 : 0;
+}
