@@ -11,17 +11,24 @@ stable LSD radix sort over only the bits of the table size (O(B) work, no O(num_
 scratch), so each unique row becomes one segment whose gradient rows are summed in order of
 occurrence, as ``index_add_`` sums them, before one optimizer update. Segments are independent,
 so they run in parallel without atomics and the result does not depend on the thread count.
-The loss is reduced in fixed blocks of samples, in a fixed order.
+The loss is summed per segment, then over the segments in id order: an order fixed by the
+batch, not by the threads.
 
 Arithmetic stays in the weights' dtype with no fast-math, and every scale factor is formed
-the way autograd forms it, so the per-row gradients match the reference to the bit and the
-rest to rounding. Kernels compile on first call (``cache=True`` keeps them across runs); one
-compiled signature per weight dtype, because ids are widened to int64 and absent tables are
-passed as empty arrays.
+the way autograd forms it; what differs from the reference is rounding only: the K-term dot
+products are summed as a fixed tree (which vectorises), and PyTorch's vectorised float32
+sqrt is not always correctly rounded. Kernels compile on first call (``cache=True`` keeps
+them across runs), one signature per weight dtype: ids are widened to int64 and absent
+tables are passed as empty arrays.
+
+Kernels run on numba's thread pool (``numba.set_num_threads``); batches under
+``_PARALLEL_MIN_SAMPLES`` run on the calling thread.
 
 >>> import torch, fastmf.numba_kernels as nk  # doctest: +SKIP
 >>> P, Q = torch.randn(10, 4), torch.randn(20, 4)  # doctest: +SKIP
->>> nk.mf_forward(torch.tensor([1, 2]), torch.tensor([3, 3]), P, Q, None, None, 3.5)  # +SKIP
+>>> users, items = torch.tensor([1, 2]), torch.tensor([3, 3])  # doctest: +SKIP
+>>> nk.mf_forward(users, items, P, Q, None, None, 3.5).shape  # doctest: +SKIP
+torch.Size([2])
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+from torch.autograd.graph import increment_version
 
 from fastmf import _checks
 from fastmf.reference import LOSS_CODES, LOSSES, OPTIMIZER_CODES, OPTIMIZERS
@@ -46,8 +54,8 @@ _ROWWISE = OPTIMIZER_CODES["rowwise_adagrad"]
 _MSE, _HUBER, _BCE = LOSS_CODES["mse"], LOSS_CODES["huber"], LOSS_CODES["bce"]
 _OK, _BAD_IDS, _BAD_TARGETS = 0, 1, 2
 
-# Samples per parallel block of the per-sample loops; also the blocks of the loss sum,
-# fixed (not one per thread) so that the sum's order does not depend on the thread count.
+# Samples per parallel work item of mf_forward / mf_backward (each block checks its ids
+# before it reads any row).
 _BLOCK = 512
 # Parallel work items per thread for the segment loops: enough to balance the Zipf-hot rows,
 # few enough that each item's scratch allocation is noise.
@@ -307,7 +315,8 @@ def _ids_in_range(users, items, b, num_users, num_items):
 @_pjit
 def _forward_kernel(users, items, user_factors, item_factors, user_bias, item_bias, has_bias,
                     global_mean, out):
-    """out (B,) = global_mean + <P[u], Q[i]> (+ b_u + b_i), added in the reference's order."""
+    """out (B,) = global_mean + <P[u], Q[i]> (+ b_u + b_i), the terms added in the
+    reference's order."""
     num_samples = users.shape[0]
     num_users, num_items = user_factors.shape[0], item_factors.shape[0]
     dim = user_factors.shape[1]
@@ -387,6 +396,7 @@ def _sparse_update_kernel(weight, state, ids, grad_rows, optimizer, lr, eps, num
     no_bias = weight[0, :0]
     for c in prange(bounds.shape[0] - 1):
         grad = np.empty(dim, weight.dtype)
+        last_pos = starts[bounds[c + 1]]
         for s in range(bounds[c], bounds[c + 1]):
             if s + _PREFETCH_SEGMENTS < num_segments:
                 _prefetch_update_rows(weight, state, no_bias, no_bias,
@@ -395,6 +405,8 @@ def _sparse_update_kernel(weight, state, ids, grad_rows, optimizer, lr, eps, num
             for k in range(dim):
                 grad[k] = 0
             for pos in range(starts[s], starts[s + 1]):
+                if pos + _PREFETCH_SAMPLES < last_pos:
+                    _prefetch_row(grad_rows, order[pos + _PREFETCH_SAMPLES])
                 rows = grad_rows[order[pos]]
                 for k in range(dim):
                     grad[k] += rows[k]
@@ -461,11 +473,15 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
     starts = np.empty((2, num_samples + 1), np.int64)
     num_segments = np.empty(2, np.int64)
     targets_finite = np.ones(1, np.bool_)
+    item_position = np.empty(num_samples, np.int64)  # sample -> its place in item order
     for side in prange(2):
         if side == 0:
             num_segments[0] = _group_into(users, P.shape[0], sorted_ids[0], order[0], starts[0])
         else:
             num_segments[1] = _group_into(items, Q.shape[0], sorted_ids[1], order[1], starts[1])
+            if num_segments[1] >= 0:
+                for pos in range(num_samples):
+                    item_position[order[1, pos]] = pos
             for b in range(num_samples):
                 if not np.isfinite(targets[b]):
                     targets_finite[0] = False
@@ -477,14 +493,16 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
 
     # 2. Users: per sample the prediction, the loss gradient and the user's gradient row
     # (from the item rows, untouched so far); then the user's update. The old user rows
-    # are kept for the items' gradients, the losses summed per segment.
+    # are kept for the items' gradients, the losses summed per segment. What the item pass
+    # needs per sample is stored at the sample's place in item order, so that pass reads
+    # it sequentially.
     sorted_users, user_order, user_starts = sorted_ids[0], order[0], starts[0]
     num_user_segments = num_segments[0]
     old_user_rows = np.empty((num_user_segments, dim), P.dtype)
     segment_loss = np.empty(num_user_segments, np.float64)
     segment_reg = np.zeros(num_user_segments, np.float64)
-    user_segment = np.empty(num_samples, np.int64)
-    grad_pred = np.empty(num_samples, P.dtype)
+    user_segment_by_item = np.empty(num_samples, np.int64)
+    grad_pred_by_item = np.empty(num_samples, P.dtype)
     bounds = _chunk_bounds(user_starts, num_user_segments, num_threads)
     for c in prange(bounds.shape[0] - 1):
         grad = np.empty(dim, P.dtype)
@@ -510,7 +528,7 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
                 if pos + _PREFETCH_SAMPLES < last_pos:
                     _prefetch_row(Q, items[user_order[pos + _PREFETCH_SAMPLES]])
                 b = user_order[pos]
-                user_segment[b] = s
+                user_segment_by_item[item_position[b]] = s
                 i = items[b]
                 q = Q[i]
                 pred = _dot(p, q, scratch) + mean
@@ -518,7 +536,7 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
                     pred = pred + user_term
                     pred = pred + item_bias[i]
                 g, value = _loss_and_grad(pred, targets[b], loss, mse_norm, huber_norm, batch)
-                grad_pred[b] = g
+                grad_pred_by_item[item_position[b]] = g
                 loss_sum += value
                 if use_reg:
                     norms = np.float64(p_norm) + np.float64(_dot(q, q, scratch))
@@ -551,7 +569,7 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
     total = data_total / num_samples + reg * (reg_total / num_samples)
 
     # 3. Items, from the saved user rows.
-    sorted_items, item_order, item_starts = sorted_ids[1], order[1], starts[1]
+    sorted_items, item_starts = sorted_ids[1], starts[1]
     num_item_segments = num_segments[1]
     bounds = _chunk_bounds(item_starts, num_item_segments, num_threads)
     for c in prange(bounds.shape[0] - 1):
@@ -573,11 +591,9 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
             for pos in range(item_starts[s], item_starts[s + 1]):
                 if pos + _PREFETCH_SAMPLES < last_pos:
                     # written by whichever thread owned the user: often another core's cache
-                    _prefetch_row(old_user_rows,
-                                  user_segment[item_order[pos + _PREFETCH_SAMPLES]])
-                b = item_order[pos]
-                g = grad_pred[b]
-                p = old_user_rows[user_segment[b]]
+                    _prefetch_row(old_user_rows, user_segment_by_item[pos + _PREFETCH_SAMPLES])
+                g = grad_pred_by_item[pos]
+                p = old_user_rows[user_segment_by_item[pos]]
                 if use_reg:
                     for k in range(dim):
                         grad[k] += g * p[k] + reg_scale * q[k]
@@ -670,6 +686,10 @@ class _Writable:
     def commit(self) -> None:
         if self.work is not self.tensor:
             self.tensor.copy_(self.work)
+        else:
+            # Writes through numpy bypass PyTorch; bump the version as an in-place op
+            # would, so autograd still detects a saved tensor modified after its save.
+            increment_version(self.tensor)
 
 
 def _absent(like: np.ndarray, ndim: int) -> np.ndarray:

@@ -148,12 +148,27 @@ def check_train_step(id_pair, dtype, batch, loss, optimizer, reg, bias):
         assert_all_close(ours_t, tables, dtype)
 
 
-@pytest.mark.parametrize("reg", [0.0, 0.03])
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-@pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("batch", BATCH_SIZES)
-@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
-@pytest.mark.parametrize("id_pair", ID_PAIRS)
+def train_grid():
+    """Every loss x optimizer x reg x batch x weight dtype with int64 ids; int32 and mixed
+    ids (which only change the id conversion) on a diagonal of the loss x optimizer grid."""
+    diagonal = set(zip(LOSSES, OPTIMIZERS))
+    for id_pair in ID_PAIRS:
+        for dtype in WEIGHT_DTYPES:
+            for batch in BATCH_SIZES:
+                for loss in LOSSES:
+                    for optimizer in OPTIMIZERS:
+                        if id_pair != (torch.int64, torch.int64) and (
+                                (loss, optimizer) not in diagonal):
+                            continue
+                        for reg in (0.0, 0.03):
+                            name = "-".join([str(id_pair[0])[6:], str(id_pair[1])[6:],
+                                             str(dtype)[6:], str(batch), loss, optimizer,
+                                             f"reg{reg}"])
+                            yield pytest.param(id_pair, dtype, batch, loss, optimizer, reg,
+                                               id=name)
+
+
+@pytest.mark.parametrize("id_pair, dtype, batch, loss, optimizer, reg", list(train_grid()))
 def test_train_step(id_pair, dtype, batch, loss, optimizer, reg):
     check_train_step(id_pair, dtype, batch, loss, optimizer, reg, bias=True)
 
@@ -166,7 +181,7 @@ def test_train_step_without_bias(dtype, batch, loss, optimizer):
     check_train_step((torch.int64, torch.int32), dtype, batch, loss, optimizer, 0.03, bias=False)
 
 
-@pytest.mark.parametrize("loss", ["mse", "bce"])
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
 def test_train_step_repeated(dtype, optimizer, loss):
@@ -245,6 +260,21 @@ def test_parameters_that_require_grad():
     assert not torch.equal(P.detach(), before)
     pred = nk.mf_forward(users, items, P, Q, bu, bi, 3.0)
     close(pred, reference.mf_forward(users, items, P, Q, bu, bi, 3.0).detach(), torch.float32)
+
+
+def test_in_place_updates_bump_the_version():
+    """As PyTorch's own in-place ops do, so autograd notices a modified saved tensor."""
+    tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, seed=35)
+    states = make_states(tables, "adagrad", seed=36)
+    users, items, targets = make_batch(NUM_USERS, NUM_ITEMS, 64, seed=37)
+    before = [t._version for t in tables + states]
+    nk.train_step(*tables, *states, users, items, targets, 3.0, "mse", 0.0, "adagrad", 0.05,
+                  1e-8)
+    assert all(t._version > v for t, v in zip(tables + states, before))
+    weight, state = tables[0], states[0]
+    versions = weight._version, state._version
+    nk.sparse_adagrad_update(weight, state, users, torch.ones(64, DIM), 0.1, 1e-8, False)
+    assert weight._version > versions[0] and state._version > versions[1]
 
 
 # ---------------------------------------------------------------------------------------------
