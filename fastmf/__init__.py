@@ -5,7 +5,16 @@
 >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
 """
 
-from fastmf import data, datasets, metrics, optim
+import os as _os
+
+# torch ships its own OpenMP runtime; the native kernels and Numba's parallel layer use the
+# system one. With two runtimes on the same cores, the idle threads of one spin-wait and
+# starve the other (measured: a plain-PyTorch step 100x slower right after a Numba parallel
+# call). Passive waiting in the runtime loaded here removes that; set OMP_WAIT_POLICY
+# yourself to override.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fastmf import data, datasets, metrics, optim  # noqa: E402
 from fastmf._version import __version__
 from fastmf.build import build_info
 from fastmf.checkpoint import load, load_checkpoint
