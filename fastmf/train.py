@@ -21,7 +21,7 @@ IMPLICIT = ("bce", "bpr")
 
 # Defaults chosen on MovieLens (ml-latest-small, 5-fold) — see benchmarks/README.md.
 DEFAULTS = {
-    "explicit": dict(lr=0.03, reg=0.05, batch_size=1024, epochs=25),
+    "explicit": dict(lr=0.1, reg=0.1, batch_size=4096, epochs=5),
     "implicit": dict(lr=0.05, reg=1e-4, batch_size=4096, epochs=20),
 }
 
