@@ -19,7 +19,7 @@ from fastmf.step import train_step, train_step_pairwise
 EXPLICIT = ("mse", "huber")
 IMPLICIT = ("bce", "bpr")
 
-# Defaults chosen on MovieLens (ml-latest-small, 5-fold) — see benchmarks/README.md.
+# Chosen on MovieLens ml-latest-small (5-fold; benchmarks/README.md, "Accuracy").
 DEFAULTS = {
     "explicit": dict(lr=0.1, reg=0.1, batch_size=4096, epochs=5),
     "implicit": dict(lr=0.05, reg=1e-4, batch_size=4096, epochs=20),
