@@ -27,6 +27,8 @@ if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__ != '2.14.1+cu130')"
   python3 -m venv "$VENV"
   "$PY" -m pip install -q torch==2.14.1 numpy ninja setuptools wheel
 fi
+# fastmf's own runtime dependencies, for the import check below.
+"$PY" -m pip install -q numba scipy pandas tqdm safetensors
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 "$CUDA_HOME/bin/nvcc" --version | tail -n 2
 
