@@ -86,9 +86,13 @@ void run_update(const char* op, int op_code, const at::Tensor& weight,
   });
 }
 
-void sparse_adagrad_update_cuda(at::Tensor weight, at::Tensor state, const at::Tensor& ids,
-                                const at::Tensor& grad_rows, double lr, double eps,
-                                bool rowwise) {
+// The C++ signatures must equal the CPU kernels' (const references), or the dispatcher
+// refuses to register both for one op; the tensor handles are copied (cheaply) inside.
+void sparse_adagrad_update_cuda(const at::Tensor& weight_arg, const at::Tensor& state_arg,
+                                const at::Tensor& ids, const at::Tensor& grad_rows, double lr,
+                                double eps, bool rowwise) {
+  at::Tensor weight = weight_arg;
+  at::Tensor state = state_arg;
   constexpr const char* op = "sparse_adagrad_update";
   check_update_inputs(op, weight, ids, grad_rows);
   check_like(op, "state", state, "weight", weight);
@@ -105,8 +109,9 @@ void sparse_adagrad_update_cuda(at::Tensor weight, at::Tensor state, const at::T
              rowwise_2d ? kRowwiseAdagrad : kAdagrad, lr, eps);
 }
 
-void sparse_sgd_update_cuda(at::Tensor weight, const at::Tensor& ids, const at::Tensor& grad_rows,
-                            double lr) {
+void sparse_sgd_update_cuda(const at::Tensor& weight_arg, const at::Tensor& ids,
+                            const at::Tensor& grad_rows, double lr) {
+  at::Tensor weight = weight_arg;
   constexpr const char* op = "sparse_sgd_update";
   check_update_inputs(op, weight, ids, grad_rows);
   c10::cuda::CUDAGuard guard(weight.device());
