@@ -14,9 +14,10 @@
    ``fastmf.metrics.ranking_metrics`` (HR@10, NDCG@10); mean ± std over model seeds.
 
 Every library runs on ``--threads`` threads (default 1: Surprise is single-threaded, and on
-a shared machine OpenMP barriers in small per-batch kernels can make two threads far slower,
-not faster). Fit times are wall-clock and process CPU seconds; one untimed warm-up fit first
-pays fastmf's one-off costs (Numba compilation, loading the extension).
+a shared 2-core machine two threads gained nothing and, before OMP_WAIT_POLICY=PASSIVE,
+spin-waiting OpenMP runtimes made them up to 30x slower). Fit times are wall-clock and
+process CPU seconds; one untimed warm-up fit first pays fastmf's one-off costs (Numba
+compilation, loading the extension).
 
 ``--quick`` (a smoke check): one fold, one seed, every model's epochs/iterations divided
 by 4. Without the data folder the script prints why and exits 0.
@@ -34,13 +35,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
+# `import fastmf` sets this too, but an OpenMP runtime reads it when it loads, and torch's
+# loads with `import torch` below: set it first so that --threads 2 does not spin-wait
+# (see "Training throughput on CPU" in benchmarks/README.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import fastmf
-from fastmf.data import Interactions, kfold, leave_one_out
-from fastmf.metrics import ranking_metrics
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import fastmf  # noqa: E402
+from fastmf.data import Interactions, kfold, leave_one_out  # noqa: E402
+from fastmf.metrics import ranking_metrics  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 SEED = 0
