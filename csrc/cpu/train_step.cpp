@@ -25,16 +25,14 @@
 
 #include "../checks.h"
 #include "dedup.h"
+#include "fused_step.h"
 #include "kernels.h"
 
 namespace fastmf {
 namespace cpu {
 namespace {
 
-constexpr int64_t kGrain = 256;
-// How far ahead (in groups, and in sorted samples) rows are prefetched.
-constexpr int64_t kPrefetchGroups = 4;
-constexpr int64_t kPrefetchSamples = 8;
+using namespace fused;
 
 // Pointwise losses: grad = dLoss/dpred of the batch mean (scale = 1/B) and the sample's
 // loss value for the reported mean. New losses plug in here and in dispatch_loss.
@@ -89,12 +87,6 @@ struct Side {
   T* bias_state;      // null for SGD or without biases
   const int64_t* ids;  // (B,)
   const RowGroups* groups;
-
-  T* state_of(int64_t row, int64_t dim, int64_t opt) const {
-    if (opt == kAdagrad) return factors_state + row * dim;
-    if (opt == kRowwiseAdagrad) return factors_state + row;
-    return nullptr;
-  }
 };
 
 template <typename T>
@@ -112,15 +104,6 @@ struct Problem {
   int32_t* group_of;   // (B,) first-side group of sample b
   T* old_rows;         // (first groups, dim) first-side factors before the step
 };
-
-// The factor row `row` of a side and its state, ahead of their update. Not the biases:
-// their tables are small enough to stay cached, and prefetching them measured slower.
-template <int64_t kOpt, typename T>
-inline void prefetch_side(const Side<T>& side, int64_t row, int64_t dim) {
-  prefetch_row(side.factors + row * dim, dim, true);
-  if (kOpt == kAdagrad) prefetch_row(side.factors_state + row * dim, dim, true);
-  if (kOpt == kRowwiseAdagrad) __builtin_prefetch(side.factors_state + row, 1);
-}
 
 template <int64_t kOpt, typename T>
 inline void step_bias(const Side<T>& side, int64_t row, T g, T lr, T eps) {
@@ -143,7 +126,8 @@ void phase_first(const Problem<T>& pr) {
     T* acc = acc_storage.data();
     for (int64_t s = first; s < last; ++s) {
       if (s + kPrefetchGroups < num_groups) {
-        prefetch_side<kOpt>(a, groups.rows[s + kPrefetchGroups], dim);
+        prefetch_table_row<kOpt>(a.factors, a.factors_state, groups.rows[s + kPrefetchGroups],
+                                 dim);
       }
       const int64_t row = groups.rows[s];
       T* w = a.factors + row * dim;
@@ -179,104 +163,30 @@ void phase_first(const Problem<T>& pr) {
           const T other_bias = has_bias ? o.bias[other] : T(0);
           pr.norms[b] =
               static_cast<double>(own_norm + dot(q, q, dim) + other_bias * other_bias);
-          const T c = pr.reg_grad;
-          for (int64_t k = 0; k < dim; ++k) acc[k] += g * q[k] + c * w[k];
-          bias_sum += g + c * own_bias;
-        } else {
-          for (int64_t k = 0; k < dim; ++k) acc[k] += g * q[k];
-          bias_sum += g;
         }
+        add_sample(acc, g, q, w, pr.reg_grad, pr.reg, dim);
+        bias_sum += pr.reg ? g + pr.reg_grad * own_bias : g;
       }
-      step_row<kOpt>(w, a.state_of(row, dim, kOpt), acc, dim, pr.lr, pr.eps);
+      step_row<kOpt>(w, state_of(a.factors_state, row, dim, kOpt), acc, dim, pr.lr, pr.eps);
       if (has_bias) step_bias<kOpt>(a, row, bias_sum, pr.lr, pr.eps);
     }
   });
 }
 
+// Phase 2: the second side's rows, from g_b and the first side's old rows.
 template <typename T, int64_t kOpt>
 void phase_second(const Problem<T>& pr) {
   const Side<T>& a = pr.second;
-  const RowGroups& groups = *a.groups;
-  const int64_t dim = pr.dim;
-  const int64_t num_groups = groups.num_groups;
-  const bool has_bias = a.bias != nullptr;
-  at::parallel_for(0, pr.batch, kGrain, [&](int64_t begin, int64_t end) {
-    const int64_t first = groups.group_at(begin);
-    const int64_t last = groups.group_at(end);
-    std::vector<T> acc_storage(static_cast<size_t>(dim));
-    T* acc = acc_storage.data();
-    for (int64_t s = first; s < last; ++s) {
-      if (s + kPrefetchGroups < num_groups) {
-        prefetch_side<kOpt>(a, groups.rows[s + kPrefetchGroups], dim);
-      }
-      const int64_t row = groups.rows[s];
-      T* w = a.factors + row * dim;
-      const T own_bias = has_bias ? a.bias[row] : T(0);
-      for (int64_t k = 0; k < dim; ++k) acc[k] = T(0);
-      T bias_sum = T(0);
-      const int32_t j0 = groups.starts[s], j1 = groups.starts[s + 1];
-      for (int32_t j = j0; j < j1; ++j) {
-        // The copies of the old rows outgrow the L2 cache at large batches.
-        if (j + kPrefetchSamples < pr.batch) {
-          const int64_t ahead = pr.group_of[groups.order[j + kPrefetchSamples]];
-          prefetch_row(pr.old_rows + ahead * dim, dim, false);
-        }
-        const int64_t b = groups.order[j];
-        const T g = pr.grad[b];
-        const T* p = pr.old_rows + static_cast<int64_t>(pr.group_of[b]) * dim;
-        if (pr.reg) {
-          const T c = pr.reg_grad;
-          for (int64_t k = 0; k < dim; ++k) acc[k] += g * p[k] + c * w[k];
-          bias_sum += g + c * own_bias;
-        } else {
-          for (int64_t k = 0; k < dim; ++k) acc[k] += g * p[k];
-          bias_sum += g;
-        }
-      }
-      step_row<kOpt>(w, a.state_of(row, dim, kOpt), acc, dim, pr.lr, pr.eps);
-      if (has_bias) step_bias<kOpt>(a, row, bias_sum, pr.lr, pr.eps);
-    }
-  });
+  const SecondSide<T> side{a.factors, a.factors_state, a.bias, a.bias_state, a.groups,
+                           pr.batch};
+  const FirstResults<T> first{pr.grad, pr.group_of, pr.old_rows};
+  step_from_old_rows<kOpt>(side, first, pr.dim, pr.reg_grad, pr.reg, pr.lr, pr.eps,
+                           [](int64_t b) { return std::pair<int64_t, bool>(b, false); });
 }
-
-// A fixed-order sum (four interleaved partial sums, combined pairwise).
-inline double ordered_sum(const double* x, int64_t n) {
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t b = 0;
-  for (; b + 4 <= n; b += 4) {
-    for (int l = 0; l < 4; ++l) acc[l] += x[b + l];
-  }
-  double tail = 0.0;
-  for (; b < n; ++b) tail += x[b];
-  return ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
-}
-
-struct Workspace {
-  std::vector<int64_t> users, items;
-  RowGroups user_groups, item_groups;
-  std::vector<double> loss, norms;
-  std::vector<int32_t> group_of;
-  // Per-sample g_b and the old first-side rows, in the weights' dtype.
-  std::vector<float> float_scratch;
-  std::vector<double> double_scratch;
-  std::vector<float>& typed(float) { return float_scratch; }
-  std::vector<double>& typed(double) { return double_scratch; }
-};
 
 Workspace& workspace() {
   thread_local Workspace ws;
   return ws;
-}
-
-void check_state(const char* op, int64_t optimizer, const char* name,
-                 const std::optional<at::Tensor>& state, const at::Tensor& table,
-                 const char* table_name) {
-  TORCH_CHECK_VALUE(state.has_value(), "fastmf.", op, ": ", optimizer_name(optimizer),
-                    " needs ", name, ", got None");
-  const bool per_row = optimizer == kRowwiseAdagrad;
-  check_weight(op, name, *state, per_row ? 1 : table.dim());
-  check_like(op, name, *state, table_name, table);
-  check_shape(op, name, *state, per_row ? table.sizes().slice(0, 1) : table.sizes());
 }
 
 at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_factors,
@@ -303,17 +213,9 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
   check_same_length(op, "users", users, "targets", targets);
   TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 31), "fastmf.", op, ": batch of ",
                     users.size(0), " samples; at most 2^31 - 1 are supported");
-  const bool has_bias = user_bias.has_value();
-  if (optimizer != kSgd) {
-    check_state(op, optimizer, "user_factors_state", user_factors_state, user_factors,
-                "user_factors");
-    check_state(op, optimizer, "item_factors_state", item_factors_state, item_factors,
-                "item_factors");
-    if (has_bias) {
-      check_state(op, optimizer, "user_bias_state", user_bias_state, *user_bias, "user_bias");
-      check_state(op, optimizer, "item_bias_state", item_bias_state, *item_bias, "item_bias");
-    }
-  }
+  Tables::check_states(op, optimizer, user_factors, item_factors, user_bias, item_bias,
+                       user_factors_state, item_factors_state, user_bias_state,
+                       item_bias_state);
   const at::Tensor t = targets.contiguous();
   Workspace& ws = workspace();
   load_ids(op, "users", users.contiguous(), user_factors.size(0), ws.users);
@@ -334,20 +236,9 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
     }
   });
 
-  InPlace P(user_factors), Q(item_factors);
-  std::optional<InPlace> bu, bi, Ps, Qs, bus, bis;
-  if (has_bias) {
-    bu.emplace(*user_bias);
-    bi.emplace(*item_bias);
-  }
-  if (optimizer != kSgd) {
-    Ps.emplace(*user_factors_state);
-    Qs.emplace(*item_factors_state);
-    if (has_bias) {
-      bus.emplace(*user_bias_state);
-      bis.emplace(*item_bias_state);
-    }
-  }
+  Tables tables(optimizer, /*write_user_bias=*/true, user_factors, item_factors, user_bias,
+                item_bias, user_factors_state, item_factors_state, user_bias_state,
+                item_bias_state);
   const int64_t dim = user_factors.size(1);
   const bool users_first = ws.user_groups.num_groups >= ws.item_groups.num_groups;
   const int64_t first_groups =
@@ -356,13 +247,14 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
 
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
     using T = scalar_t;
-    auto ptr = [](std::optional<InPlace>& x) -> T* {
-      return x ? x->get().data_ptr<T>() : nullptr;
-    };
-    const Side<T> user{P.get().data_ptr<T>(), ptr(bu), ptr(Ps), ptr(bus), ws.users.data(),
-                       &ws.user_groups};
-    const Side<T> item{Q.get().data_ptr<T>(), ptr(bi), ptr(Qs), ptr(bis), ws.items.data(),
-                       &ws.item_groups};
+    const Side<T> user{tables.user_factors.get().data_ptr<T>(),
+                       Tables::ptr<T>(tables.user_bias),
+                       Tables::ptr<T>(tables.user_factors_state),
+                       Tables::ptr<T>(tables.user_bias_state), ws.users.data(), &ws.user_groups};
+    const Side<T> item{tables.item_factors.get().data_ptr<T>(),
+                       Tables::ptr<T>(tables.item_bias),
+                       Tables::ptr<T>(tables.item_factors_state),
+                       Tables::ptr<T>(tables.item_bias_state), ws.items.data(), &ws.item_groups};
     Problem<T> pr;
     pr.first = users_first ? user : item;
     pr.second = users_first ? item : user;
@@ -389,16 +281,10 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
         phase_second<T, decltype(opt)::value>(pr);
       });
     });
-    const double n = static_cast<double>(batch);
-    double total = ordered_sum(pr.loss, batch) / n;
-    if (pr.reg) total += reg * (ordered_sum(pr.norms, batch) / n);
-    result.fill_(static_cast<T>(total));
+    result.fill_(static_cast<T>(mean_loss(pr.loss, pr.norms, batch, reg)));
   });
 
-  for (auto* x : {&P, &Q}) x->commit();
-  for (auto* x : {&bu, &bi, &Ps, &Qs, &bus, &bis}) {
-    if (*x) (*x)->commit();
-  }
+  tables.commit();
   return result;
 }
 

@@ -25,20 +25,20 @@
 
 #include "../checks.h"
 #include "dedup.h"
+#include "fused_step.h"
 #include "kernels.h"
 
 namespace fastmf {
 namespace cpu {
 namespace {
 
+using namespace fused;
+
 constexpr const char* kOp = "train_step_pairwise";
 // fastmf/_checks.py check_train_step_pairwise validates the positives through the shared
 // MF-table checks, which call them "items"; the native messages must read the same.
 constexpr const char* kPosName = "items";
 constexpr int64_t kNumPairwiseLosses = 1;  // 0: bpr (fastmf/reference.py PAIRWISE_LOSSES)
-constexpr int64_t kGrain = 256;
-constexpr int64_t kPrefetchGroups = 4;
-constexpr int64_t kPrefetchSamples = 8;
 // F.softplus's default threshold: beyond it the reference's softplus is the identity and
 // its gradient exactly 1, and the step must agree with the reference there too.
 constexpr double kSoftplusThreshold = 20.0;
@@ -64,12 +64,6 @@ struct Pairwise {
   double* norms;      // (B,) the sample's reg term, when reg
   int32_t* group_of;  // (B,) user group of sample b
   T* old_rows;        // (user groups, dim) user factors before the step
-
-  T* state_of(T* state, int64_t row, int64_t opt) const {
-    if (opt == kAdagrad) return state + row * dim;
-    if (opt == kRowwiseAdagrad) return state + row;
-    return nullptr;
-  }
 };
 
 // softplus(z) and d/dz softplus(z) * scale, as F.softplus and its autograd formula
@@ -86,15 +80,6 @@ inline void bpr_loss(T x, T scale, T& grad, double& value) {
   value = std::log1p(std::exp(static_cast<double>(z)));
   const T e = std::exp(z);
   grad = -((scale * e) / (e + T(1)));
-}
-
-// A factor row and its state, ahead of their update. Not the bias tables: one value per
-// row keeps them small enough to stay cached.
-template <int64_t kOpt, typename T>
-inline void prefetch_table_row(const T* factors, const T* state, int64_t row, int64_t dim) {
-  prefetch_row(factors + row * dim, dim, true);
-  if (kOpt == kAdagrad) prefetch_row(state + row * dim, dim, true);
-  if (kOpt == kRowwiseAdagrad) __builtin_prefetch(state + row, 1);
 }
 
 template <typename T, int64_t kOpt>
@@ -147,109 +132,32 @@ void phase_users(const Pairwise<T>& pr) {
           T norm = own_norm + dot(qi, qi, dim) + dot(qj, qj, dim);
           if (bias != nullptr) norm = norm + bias[i] * bias[i] + bias[n] * bias[n];
           pr.norms[b] = static_cast<double>(norm);
-          const T c = pr.reg_grad;
-          for (int64_t k = 0; k < dim; ++k) acc[k] += g * diff[k] + c * w[k];
-        } else {
-          for (int64_t k = 0; k < dim; ++k) acc[k] += g * diff[k];
         }
+        add_sample(acc, g, diff, w, pr.reg_grad, pr.reg, dim);
       }
-      step_row<kOpt>(w, pr.state_of(pr.user_state, row, kOpt), acc, dim, pr.lr, pr.eps);
+      step_row<kOpt>(w, state_of(pr.user_state, row, dim, kOpt), acc, dim, pr.lr, pr.eps);
     }
   });
 }
 
+// Phase 2: the item rows over the 2B positions (b: positive of sample b, B + b: its
+// negative, whose gradient is negated).
 template <typename T, int64_t kOpt>
 void phase_items(const Pairwise<T>& pr) {
-  const RowGroups& groups = *pr.item_groups;
-  const int64_t dim = pr.dim, batch = pr.batch;
-  const int64_t positions = 2 * batch;
-  const int64_t num_groups = groups.num_groups;
-  const bool has_bias = pr.item_bias != nullptr;
-  at::parallel_for(0, positions, kGrain, [&](int64_t begin, int64_t end) {
-    const int64_t first = groups.group_at(begin);
-    const int64_t last = groups.group_at(end);
-    std::vector<T> storage(static_cast<size_t>(dim));
-    T* acc = storage.data();
-    for (int64_t s = first; s < last; ++s) {
-      if (s + kPrefetchGroups < num_groups) {
-        prefetch_table_row<kOpt>(pr.item_factors, pr.item_state,
-                                 groups.rows[s + kPrefetchGroups], dim);
-      }
-      const int64_t row = groups.rows[s];
-      T* w = pr.item_factors + row * dim;
-      const T own_bias = has_bias ? pr.item_bias[row] : T(0);
-      for (int64_t k = 0; k < dim; ++k) acc[k] = T(0);
-      T bias_sum = T(0);
-      const int32_t j0 = groups.starts[s], j1 = groups.starts[s + 1];
-      for (int32_t j = j0; j < j1; ++j) {
-        if (j + kPrefetchSamples < positions) {
-          int64_t ahead = groups.order[j + kPrefetchSamples];
-          if (ahead >= batch) ahead -= batch;
-          // written by whichever thread owned the user: often another core's cache
-          prefetch_row(pr.old_rows + static_cast<int64_t>(pr.group_of[ahead]) * dim, dim,
-                       false);
-        }
-        int64_t b = groups.order[j];
-        const bool negative = b >= batch;
-        if (negative) b -= batch;
-        // Negating is exact, so -(g p) of the reference equals (-g) p.
-        const T g = negative ? -pr.grad[b] : pr.grad[b];
-        const T* p = pr.old_rows + static_cast<int64_t>(pr.group_of[b]) * dim;
-        if (pr.reg) {
-          const T c = pr.reg_grad;
-          for (int64_t k = 0; k < dim; ++k) acc[k] += g * p[k] + c * w[k];
-          bias_sum += g + c * own_bias;
-        } else {
-          for (int64_t k = 0; k < dim; ++k) acc[k] += g * p[k];
-          bias_sum += g;
-        }
-      }
-      step_row<kOpt>(w, pr.state_of(pr.item_state, row, kOpt), acc, dim, pr.lr, pr.eps);
-      if (has_bias) {
-        step_scalar<kOpt>(pr.item_bias + row,
-                          kOpt == kSgd ? nullptr : pr.item_bias_state + row, bias_sum, pr.lr,
-                          pr.eps);
-      }
-    }
-  });
+  const int64_t batch = pr.batch;
+  const SecondSide<T> side{pr.item_factors, pr.item_state, pr.item_bias, pr.item_bias_state,
+                           pr.item_groups, 2 * batch};
+  const FirstResults<T> first{pr.grad, pr.group_of, pr.old_rows};
+  step_from_old_rows<kOpt>(side, first, pr.dim, pr.reg_grad, pr.reg, pr.lr, pr.eps,
+                           [batch](int64_t j) {
+                             return j >= batch ? std::pair<int64_t, bool>(j - batch, true)
+                                               : std::pair<int64_t, bool>(j, false);
+                           });
 }
-
-// A fixed-order sum (four interleaved partial sums, combined pairwise).
-inline double ordered_sum(const double* x, int64_t n) {
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t b = 0;
-  for (; b + 4 <= n; b += 4) {
-    for (int l = 0; l < 4; ++l) acc[l] += x[b + l];
-  }
-  double tail = 0.0;
-  for (; b < n; ++b) tail += x[b];
-  return ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
-}
-
-struct Workspace {
-  std::vector<int64_t> users, items, negatives;
-  RowGroups user_groups, item_groups;
-  std::vector<double> loss, norms;
-  std::vector<int32_t> group_of;
-  std::vector<float> float_scratch;
-  std::vector<double> double_scratch;
-  std::vector<float>& typed(float) { return float_scratch; }
-  std::vector<double>& typed(double) { return double_scratch; }
-};
 
 Workspace& workspace() {
   thread_local Workspace ws;
   return ws;
-}
-
-void check_state(int64_t optimizer, const char* name, const std::optional<at::Tensor>& state,
-                 const at::Tensor& table, const char* table_name) {
-  TORCH_CHECK_VALUE(state.has_value(), "fastmf.", kOp, ": ", optimizer_name(optimizer),
-                    " needs ", name, ", got None");
-  const bool per_row = optimizer == kRowwiseAdagrad;
-  check_weight(kOp, name, *state, per_row ? 1 : table.dim());
-  check_like(kOp, name, *state, table_name, table);
-  check_shape(kOp, name, *state, per_row ? table.sizes().slice(0, 1) : table.sizes());
 }
 
 at::Tensor train_step_pairwise(
@@ -275,17 +183,9 @@ at::Tensor train_step_pairwise(
   // The item grouping holds 2B positions in int32.
   TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 30), "fastmf.", kOp, ": batch of ",
                     users.size(0), " samples; at most 2^30 - 1 are supported");
-  const bool has_bias = user_bias.has_value();
-  if (optimizer != kSgd) {
-    check_state(optimizer, "user_factors_state", user_factors_state, user_factors,
-                "user_factors");
-    check_state(optimizer, "item_factors_state", item_factors_state, item_factors,
-                "item_factors");
-    if (has_bias) {
-      check_state(optimizer, "user_bias_state", user_bias_state, *user_bias, "user_bias");
-      check_state(optimizer, "item_bias_state", item_bias_state, *item_bias, "item_bias");
-    }
-  }
+  Tables::check_states(kOp, optimizer, user_factors, item_factors, user_bias, item_bias,
+                       user_factors_state, item_factors_state, user_bias_state,
+                       item_bias_state);
   const int64_t batch = users.size(0);
   const int64_t num_items = item_factors.size(0);
   Workspace& ws = workspace();
@@ -306,29 +206,21 @@ at::Tensor train_step_pairwise(
     }
   });
 
-  InPlace P(user_factors), Q(item_factors);
-  std::optional<InPlace> bi, Ps, Qs, bis;
-  if (has_bias) bi.emplace(*item_bias);
-  if (optimizer != kSgd) {
-    Ps.emplace(*user_factors_state);
-    Qs.emplace(*item_factors_state);
-    if (has_bias) bis.emplace(*item_bias_state);
-  }
+  Tables tables(optimizer, /*write_user_bias=*/false, user_factors, item_factors, user_bias,
+                item_bias, user_factors_state, item_factors_state, user_bias_state,
+                item_bias_state);
   const int64_t dim = user_factors.size(1);
   at::Tensor result = at::empty({}, user_factors.options());
 
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
     using T = scalar_t;
-    auto ptr = [](std::optional<InPlace>& x) -> T* {
-      return x ? x->get().data_ptr<T>() : nullptr;
-    };
     Pairwise<T> pr;
-    pr.user_factors = P.get().data_ptr<T>();
-    pr.user_state = ptr(Ps);
-    pr.item_factors = Q.get().data_ptr<T>();
-    pr.item_state = ptr(Qs);
-    pr.item_bias = ptr(bi);
-    pr.item_bias_state = ptr(bis);
+    pr.user_factors = tables.user_factors.get().data_ptr<T>();
+    pr.user_state = Tables::ptr<T>(tables.user_factors_state);
+    pr.item_factors = tables.item_factors.get().data_ptr<T>();
+    pr.item_state = Tables::ptr<T>(tables.item_factors_state);
+    pr.item_bias = Tables::ptr<T>(tables.item_bias);
+    pr.item_bias_state = Tables::ptr<T>(tables.item_bias_state);
     pr.users = ws.users.data();
     pr.items = items;
     pr.user_groups = &ws.user_groups;
@@ -350,16 +242,10 @@ at::Tensor train_step_pairwise(
       phase_users<T, decltype(opt)::value>(pr);
       phase_items<T, decltype(opt)::value>(pr);
     });
-    const double n = static_cast<double>(batch);
-    double total = ordered_sum(pr.loss, batch) / n;
-    if (pr.reg) total += reg * (ordered_sum(pr.norms, batch) / n);
-    result.fill_(static_cast<T>(total));
+    result.fill_(static_cast<T>(mean_loss(pr.loss, pr.norms, batch, reg)));
   });
 
-  for (auto* x : {&P, &Q}) x->commit();
-  for (auto* x : {&bi, &Ps, &Qs, &bis}) {
-    if (*x) (*x)->commit();
-  }
+  tables.commit();
   return result;
 }
 

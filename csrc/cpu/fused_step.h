@@ -1,0 +1,233 @@
+// What the fused CPU steps (train_step.cpp, train_step_pairwise.cpp) share: the optimizer
+// state checks, the tables they update in place, their scratch, and the second phase,
+// which steps each row of one table from per-sample gradients g_b and the copies of the
+// other table's pre-step rows that the first phase kept.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "../checks.h"
+#include "dedup.h"
+#include "kernels.h"
+
+namespace fastmf {
+namespace cpu {
+namespace fused {
+
+constexpr int64_t kGrain = 256;
+// How far ahead (in groups, and in sorted samples) rows are prefetched.
+constexpr int64_t kPrefetchGroups = 4;
+constexpr int64_t kPrefetchSamples = 8;
+
+// One sample's share of a row's gradient: acc += g x, plus the L2 term c w of the row's
+// pre-step value w when reg is on (added once per occurrence, as the reference does).
+template <typename T>
+inline void add_sample(T* __restrict acc, T g, const T* x, const T* w, T c, bool reg,
+                       int64_t dim) {
+  if (reg) {
+    for (int64_t k = 0; k < dim; ++k) acc[k] += g * x[k] + c * w[k];
+  } else {
+    for (int64_t k = 0; k < dim; ++k) acc[k] += g * x[k];
+  }
+}
+
+// The state of a factor row: dim values (Adagrad), one (row-wise Adagrad), none (SGD).
+template <typename T>
+inline T* state_of(T* state, int64_t row, int64_t dim, int64_t opt) {
+  if (opt == kAdagrad) return state + row * dim;
+  if (opt == kRowwiseAdagrad) return state + row;
+  return nullptr;
+}
+
+// A factor row and its state, ahead of their update. Not the biases: their tables are
+// small enough to stay cached, and prefetching them measured slower.
+template <int64_t kOpt, typename T>
+inline void prefetch_table_row(const T* factors, const T* state, int64_t row, int64_t dim) {
+  prefetch_row(factors + row * dim, dim, true);
+  if (kOpt == kAdagrad) prefetch_row(state + row * dim, dim, true);
+  if (kOpt == kRowwiseAdagrad) __builtin_prefetch(state + row, 1);
+}
+
+// A fixed-order sum (four interleaved partial sums, combined pairwise).
+inline double ordered_sum(const double* x, int64_t n) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t b = 0;
+  for (; b + 4 <= n; b += 4) {
+    for (int l = 0; l < 4; ++l) acc[l] += x[b + l];
+  }
+  double tail = 0.0;
+  for (; b < n; ++b) tail += x[b];
+  return ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
+}
+
+// The step's reported loss: mean data term, plus reg times the mean reg term (norms is
+// null when reg is 0), each summed in a fixed order.
+inline double mean_loss(const double* loss, const double* norms, int64_t batch, double reg) {
+  const double n = static_cast<double>(batch);
+  double total = ordered_sum(loss, batch) / n;
+  if (norms != nullptr) total += reg * (ordered_sum(norms, batch) / n);
+  return total;
+}
+
+inline void check_state(const char* op, int64_t optimizer, const char* name,
+                        const std::optional<at::Tensor>& state, const at::Tensor& table,
+                        const char* table_name) {
+  TORCH_CHECK_VALUE(state.has_value(), "fastmf.", op, ": ", optimizer_name(optimizer),
+                    " needs ", name, ", got None");
+  const bool per_row = optimizer == kRowwiseAdagrad;
+  check_weight(op, name, *state, per_row ? 1 : table.dim());
+  check_like(op, name, *state, table_name, table);
+  check_shape(op, name, *state, per_row ? table.sizes().slice(0, 1) : table.sizes());
+}
+
+// The tables of a step and their optimizer states; write_user_bias is false for the
+// pairwise step, where the user bias cancels and is never written.
+struct Tables {
+  InPlace user_factors, item_factors;
+  std::optional<InPlace> user_bias, item_bias, user_factors_state, item_factors_state,
+      user_bias_state, item_bias_state;
+
+  // Every check of the states before any write, in the order of fastmf/_checks.py.
+  static void check_states(const char* op, int64_t optimizer, const at::Tensor& P,
+                           const at::Tensor& Q, const std::optional<at::Tensor>& bu,
+                           const std::optional<at::Tensor>& bi,
+                           const std::optional<at::Tensor>& P_state,
+                           const std::optional<at::Tensor>& Q_state,
+                           const std::optional<at::Tensor>& bu_state,
+                           const std::optional<at::Tensor>& bi_state) {
+    if (optimizer == kSgd) return;
+    check_state(op, optimizer, "user_factors_state", P_state, P, "user_factors");
+    check_state(op, optimizer, "item_factors_state", Q_state, Q, "item_factors");
+    if (bu.has_value()) {
+      check_state(op, optimizer, "user_bias_state", bu_state, *bu, "user_bias");
+      check_state(op, optimizer, "item_bias_state", bi_state, *bi, "item_bias");
+    }
+  }
+
+  Tables(int64_t optimizer, bool write_user_bias, const at::Tensor& P, const at::Tensor& Q,
+         const std::optional<at::Tensor>& bu, const std::optional<at::Tensor>& bi,
+         const std::optional<at::Tensor>& P_state, const std::optional<at::Tensor>& Q_state,
+         const std::optional<at::Tensor>& bu_state, const std::optional<at::Tensor>& bi_state)
+      : user_factors(P), item_factors(Q) {
+    const bool has_bias = bi.has_value();
+    if (has_bias) {
+      if (write_user_bias) user_bias.emplace(*bu);
+      item_bias.emplace(*bi);
+    }
+    if (optimizer != kSgd) {
+      user_factors_state.emplace(*P_state);
+      item_factors_state.emplace(*Q_state);
+      if (has_bias) {
+        if (write_user_bias) user_bias_state.emplace(*bu_state);
+        item_bias_state.emplace(*bi_state);
+      }
+    }
+  }
+
+  template <typename T>
+  static T* ptr(std::optional<InPlace>& x) {
+    return x ? x->get().data_ptr<T>() : nullptr;
+  }
+
+  void commit() {
+    user_factors.commit();
+    item_factors.commit();
+    for (auto* x : {&user_bias, &item_bias, &user_factors_state, &item_factors_state,
+                    &user_bias_state, &item_bias_state}) {
+      if (*x) (*x)->commit();
+    }
+  }
+};
+
+// Scratch kept between calls (one per op and thread).
+struct Workspace {
+  std::vector<int64_t> users, items, negatives;
+  RowGroups user_groups, item_groups;
+  std::vector<double> loss, norms;
+  std::vector<int32_t> group_of;
+  // Per-sample g_b and the old first-side rows, in the weights' dtype.
+  std::vector<float> float_scratch;
+  std::vector<double> double_scratch;
+  std::vector<float>& typed(float) { return float_scratch; }
+  std::vector<double>& typed(double) { return double_scratch; }
+};
+
+// The second phase's table: its rows, their grouping over `positions` sorted positions,
+// and where each position's gradient comes from.
+template <typename T>
+struct SecondSide {
+  T* factors;
+  T* factors_state;  // null for SGD
+  T* bias;           // null without biases
+  T* bias_state;     // null for SGD or without biases
+  const RowGroups* groups;
+  int64_t positions;
+};
+
+// The first phase's results the second one reads: g_b per sample, and per sample the
+// copy of its first-side row before the step.
+template <typename T>
+struct FirstResults {
+  const T* grad;            // (B,)
+  const int32_t* group_of;  // (B,) the first-side group of sample b
+  const T* old_rows;        // (first-side groups, dim)
+};
+
+// Steps every row of `side`: its gradient is sum over its positions j of
+// sign_j g_b P_old[b] (+ the L2 term), in sorted (= batch) order, where
+// sample_of(j) -> (b, negative) maps a position to its sample. Each row is written once.
+template <int64_t kOpt, typename T, typename SampleOf>
+void step_from_old_rows(const SecondSide<T>& side, const FirstResults<T>& first, int64_t dim,
+                        T reg_grad, bool reg, T lr, T eps, SampleOf sample_of) {
+  const RowGroups& groups = *side.groups;
+  const int64_t num_groups = groups.num_groups;
+  const bool has_bias = side.bias != nullptr;
+  at::parallel_for(0, side.positions, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t first_group = groups.group_at(begin);
+    const int64_t last_group = groups.group_at(end);
+    std::vector<T> acc_storage(static_cast<size_t>(dim));
+    T* acc = acc_storage.data();
+    for (int64_t s = first_group; s < last_group; ++s) {
+      if (s + kPrefetchGroups < num_groups) {
+        prefetch_table_row<kOpt>(side.factors, side.factors_state,
+                                 groups.rows[s + kPrefetchGroups], dim);
+      }
+      const int64_t row = groups.rows[s];
+      T* w = side.factors + row * dim;
+      const T own_bias = has_bias ? side.bias[row] : T(0);
+      for (int64_t k = 0; k < dim; ++k) acc[k] = T(0);
+      T bias_sum = T(0);
+      const int32_t j0 = groups.starts[s], j1 = groups.starts[s + 1];
+      for (int32_t j = j0; j < j1; ++j) {
+        // The copies of the old rows outgrow the L2 cache at large batches, and were
+        // written by whichever thread owned the first-side row.
+        if (j + kPrefetchSamples < side.positions) {
+          const int64_t ahead = sample_of(groups.order[j + kPrefetchSamples]).first;
+          prefetch_row(first.old_rows + static_cast<int64_t>(first.group_of[ahead]) * dim,
+                       dim, false);
+        }
+        const auto [b, negative] = sample_of(groups.order[j]);
+        // Negating is exact, so -(g p) of the reference equals (-g) p.
+        const T g = negative ? -first.grad[b] : first.grad[b];
+        const T* p = first.old_rows + static_cast<int64_t>(first.group_of[b]) * dim;
+        add_sample(acc, g, p, w, reg_grad, reg, dim);
+        bias_sum += reg ? g + reg_grad * own_bias : g;
+      }
+      step_row<kOpt>(w, state_of(side.factors_state, row, dim, kOpt), acc, dim, lr, eps);
+      if (has_bias) {
+        step_scalar<kOpt>(side.bias + row, kOpt == kSgd ? nullptr : side.bias_state + row,
+                          bias_sum, lr, eps);
+      }
+    }
+  });
+}
+
+}  // namespace fused
+}  // namespace cpu
+}  // namespace fastmf
