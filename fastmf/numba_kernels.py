@@ -168,6 +168,18 @@ def _update_scalar(weight, state, row, grad, optimizer, lr, eps):
 
 
 @_jit
+def _mean_loss(segment_loss, segment_reg, num_segments, num_samples, reg):
+    """The step's loss: segment sums in segment order (fixed by the ids, not by the
+    threads), as means over the batch."""
+    data_total = 0.0
+    reg_total = 0.0
+    for s in range(num_segments):
+        data_total += segment_loss[s]
+        reg_total += segment_reg[s]
+    return data_total / num_samples + reg * (reg_total / num_samples)
+
+
+@_jit
 def _dot(a, b, scratch):
     """sum_k a[k] * b[k] for 1-D ``a``, ``b`` of length K, summed as a fixed tree: fold the
     tail onto the largest power of two, then halve. Every step is element-wise, so it
@@ -560,13 +572,7 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
             if has_bias:
                 _update_scalar(user_bias, user_bias_state, u, grad_bias, optimizer, lr_, eps_)
 
-    # The losses in segment order: fixed by the ids, not by the threads.
-    data_total = 0.0
-    reg_total = 0.0
-    for s in range(num_user_segments):
-        data_total += segment_loss[s]
-        reg_total += segment_reg[s]
-    total = data_total / num_samples + reg * (reg_total / num_samples)
+    total = _mean_loss(segment_loss, segment_reg, num_user_segments, num_samples, reg)
 
     # 3. Items, from the saved user rows.
     sorted_items, item_starts = sorted_ids[1], starts[1]
@@ -661,6 +667,19 @@ def _tables_ok(users, items, user_factors, item_factors, user_bias, item_bias) -
     return _is_ids(users) and _is_ids(items, users.shape[0])
 
 
+def _states_ok(tables, states, optimizer) -> bool:
+    """Each present table's optimizer state has its dtype and shape (row-wise Adagrad: one
+    value per row); SGD has no states."""
+    if optimizer == _SGD:
+        return True
+    for table, state in zip(tables, states):
+        if table is not None and not _is_table(
+            state, table.dtype, table.shape[:1] if optimizer == _ROWWISE else table.shape
+        ):
+            return False
+    return True
+
+
 def _ids_view(ids: torch.Tensor) -> np.ndarray:
     """ids as a contiguous int64 array (one compiled signature for both id dtypes)."""
     return ids.to(torch.int64).contiguous().numpy()
@@ -690,6 +709,35 @@ class _Writable:
             # Writes through numpy bypass PyTorch; bump the version as an in-place op
             # would, so autograd still detects a saved tensor modified after its save.
             increment_version(self.tensor)
+
+
+def _step_arrays(tables, states, optimizer, write_user_bias=True):
+    """The arrays a fused step kernel updates in place, ``(writable, arrays)``: arrays are
+    ``P, Q, b_u, b_i, P_state, Q_state, b_u_state, b_i_state`` with empty stand-ins for
+    absent ones (row-wise factor states as (N, 1)); ``writable`` commits them back. With
+    ``write_user_bias`` false the user bias and its state are left out (never written)."""
+    user_factors, item_factors, user_bias, item_bias = tables
+    writable = [_Writable(user_factors), _Writable(item_factors)]
+    empty1 = _absent(writable[0].array, 1)
+    empty2 = _absent(writable[0].array, 2)
+
+    def add(tensor, shape=None, absent=empty1):
+        if tensor is None:
+            return absent
+        writable.append(_Writable(tensor, shape))
+        return writable[-1].array
+
+    has_bias = item_bias is not None
+    arrays = [writable[0].array, writable[1].array,
+              add(user_bias if write_user_bias else None), add(item_bias)]
+    if optimizer == _SGD:
+        return writable, arrays + [empty2, empty2, empty1, empty1]
+    rowwise = optimizer == _ROWWISE
+    arrays += [add(states[0], (user_factors.shape[0], 1) if rowwise else None),
+               add(states[1], (item_factors.shape[0], 1) if rowwise else None),
+               add(states[2] if has_bias and write_user_bias else None),
+               add(states[3] if has_bias else None)]
+    return writable, arrays
 
 
 def _absent(like: np.ndarray, ndim: int) -> np.ndarray:
@@ -853,17 +901,8 @@ def _train_step_ok(tables, states, users, items, targets, loss, optimizer) -> bo
         return False
     if not _tables_ok(users, items, user_factors, item_factors, user_bias, item_bias):
         return False
-    dtype = user_factors.dtype
-    if not _is_table(targets, dtype, users.shape):
-        return False
-    if optimizer == _SGD:
-        return True
-    for table, state in zip(tables, states):
-        if table is not None and not _is_table(
-            state, dtype, table.shape[:1] if optimizer == _ROWWISE else table.shape
-        ):
-            return False
-    return True
+    return _is_table(targets, user_factors.dtype, users.shape) and _states_ok(
+        tables, states, optimizer)
 
 
 def train_step(
@@ -915,31 +954,10 @@ def train_step(
                              "backend needs separate tables")
 
     has_bias = user_bias is not None
-    writable = [_Writable(user_factors), _Writable(item_factors)]
-    if has_bias:
-        writable += [_Writable(user_bias), _Writable(item_bias)]
-    arrays = [w.array for w in writable]
-    empty1 = _absent(arrays[0], 1)
-    if not has_bias:
-        arrays += [empty1, empty1]
-    if optimizer == _SGD:
-        state_arrays = [_absent(arrays[0], 2)] * 2 + [empty1, empty1]
-    else:
-        rowwise = optimizer == _ROWWISE
-        state_writable = [
-            _Writable(user_factors_state, (user_factors.shape[0], 1) if rowwise else None),
-            _Writable(item_factors_state, (item_factors.shape[0], 1) if rowwise else None),
-        ]
-        if has_bias:
-            state_writable += [_Writable(user_bias_state), _Writable(item_bias_state)]
-        writable += state_writable
-        state_arrays = [w.array for w in state_writable]
-        if not has_bias:
-            state_arrays += [empty1, empty1]
-
+    writable, arrays = _step_arrays(tables, states, optimizer)
     status, total = _launch(
-        _train_step_kernel, users.shape[0], arrays[0], arrays[1], arrays[2], arrays[3],
-        has_bias, *state_arrays, _ids_view(users), _ids_view(items), _read_view(targets),
+        _train_step_kernel, users.shape[0], *arrays[:4], has_bias, *arrays[4:],
+        _ids_view(users), _ids_view(items), _read_view(targets),
         float(global_mean), loss, float(reg), optimizer, float(lr), float(eps),
         pass_threads=True,
     )

@@ -36,9 +36,6 @@ from fastmf.numba_kernels import (
     _OK,
     _PREFETCH_SAMPLES,
     _PREFETCH_SEGMENTS,
-    _ROWWISE,
-    _SGD,
-    _absent,
     _cast_like,
     _chunk_bounds,
     _code,
@@ -46,18 +43,19 @@ from fastmf.numba_kernels import (
     _group_into,
     _ids_view,
     _is_ids,
-    _is_table,
     _jit,
     _launch,
+    _mean_loss,
     _pjit,
     _prefetch_row,
     _prefetch_update_rows,
     _require_cpu,
+    _states_ok,
+    _step_arrays,
     _tables_ok,
     _unreachable,
     _update_row,
     _update_scalar,
-    _Writable,
 )
 from fastmf.reference import (
     OPTIMIZER_CODES,
@@ -193,13 +191,7 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
                 old[k] = p[k]
             _update_row(P, user_factors_state, u, grad, optimizer, lr_, eps_)
 
-    # The losses in segment order: fixed by the ids, not by the threads.
-    data_total = 0.0
-    reg_total = 0.0
-    for s in range(num_user_segments):
-        data_total += segment_loss[s]
-        reg_total += segment_reg[s]
-    total = data_total / num_samples + reg * (reg_total / num_samples)
+    total = _mean_loss(segment_loss, segment_reg, num_user_segments, num_samples, reg)
 
     # 3. Items, over their 2B occurrences, from the saved user rows.
     num_item_segments = num_segments[1]
@@ -258,18 +250,8 @@ def _structure_ok(tables, states, users, pos_items, neg_items, loss, optimizer) 
     """What ``_checks.check_train_step_pairwise`` demands, short of reading the ids."""
     if not (0 <= loss < len(PAIRWISE_LOSSES) and 0 <= optimizer < len(OPTIMIZERS)):
         return False
-    if not _tables_ok(users, pos_items, *tables):
-        return False
-    if not _is_ids(neg_items, users.shape[0]):
-        return False
-    if optimizer == _SGD:
-        return True
-    for table, state in zip(tables, states):
-        if table is not None and not _is_table(
-            state, table.dtype, table.shape[:1] if optimizer == _ROWWISE else table.shape
-        ):
-            return False
-    return True
+    return (_tables_ok(users, pos_items, *tables) and _is_ids(neg_items, users.shape[0])
+            and _states_ok(tables, states, optimizer))
 
 
 def train_step_pairwise(
@@ -322,30 +304,12 @@ def train_step_pairwise(
                          "backend needs separate tables")
 
     has_bias = item_bias is not None
-    P = _Writable(user_factors)
-    writable = [P, _Writable(item_factors)]
-    empty1 = _absent(P.array, 1)
-    bias_array = empty1
-    if has_bias:
-        writable.append(_Writable(item_bias))
-        bias_array = writable[-1].array
-    if optimizer == _SGD:
-        state_arrays = [_absent(P.array, 2), _absent(P.array, 2), empty1]
-    else:
-        rowwise = optimizer == _ROWWISE
-        state_writable = [
-            _Writable(user_factors_state, (user_factors.shape[0], 1) if rowwise else None),
-            _Writable(item_factors_state, (item_factors.shape[0], 1) if rowwise else None),
-        ]
-        if has_bias:
-            state_writable.append(_Writable(item_bias_state))
-        writable += state_writable
-        state_arrays = [w.array for w in state_writable] + ([] if has_bias else [empty1])
-
+    writable, arrays = _step_arrays(tables, states, optimizer, write_user_bias=False)
+    P, Q, _, bias_array, P_state, Q_state, _, bias_state = arrays
     items = torch.cat([pos_items.to(torch.int64), neg_items.to(torch.int64)]).numpy()
     status, total = _launch(
-        _pairwise_kernel, users.shape[0], writable[0].array, writable[1].array, bias_array,
-        has_bias, *state_arrays, _ids_view(users), items,
+        _pairwise_kernel, users.shape[0], P, Q, bias_array, has_bias, P_state, Q_state,
+        bias_state, _ids_view(users), items,
         float(reg), optimizer, float(lr), float(eps), pass_threads=True,
     )
     if status != _OK:
