@@ -19,6 +19,12 @@ the memory roofline, copy bandwidth / (32 K + 44) bytes per sample (two rows of 
 and Adagrad state read and written, biases, the sample), with the copy bandwidth
 measured in the same run. A method that fails is reported and the run goes on.
 
+A second, smaller section times the pairwise (BPR) step at K=64, batches 65536 and
+262144: fastmf's fused train_step_pairwise against the textbook PyTorch BPR step (sparse
+nn.Embedding and torch.optim.Adagrad), positives Zipf(1.0), negatives uniform, item
+biases, fp32. Its table is printed after the first one; its roofline counts three rows
+per sample, (48 K + 56) bytes.
+
     python benchmarks/gpu_bench.py [--quick] [--budget SECONDS]
 """
 
@@ -208,6 +214,144 @@ MAKERS = {
 
 
 # ----------------------------------------------------------------------------------------
+# Pairwise (BPR): fused train_step_pairwise against the textbook PyTorch BPR step
+
+
+BPR_DIM, BPR_BATCHES = 64, (65536, 262144)
+BPR_METHODS = ("bpr_ref_sparse", "train_step_pairwise")
+
+
+def make_bpr_reference(tables):
+    """nn.Embedding(sparse=True) + torch.optim.Adagrad; no user bias (it cancels in x)."""
+    p, q, _, bi = tables
+    users = nn.Embedding.from_pretrained(p.clone(), freeze=False, sparse=True)
+    items = nn.Embedding.from_pretrained(q.clone(), freeze=False, sparse=True)
+    item_bias = nn.Embedding.from_pretrained(bi.clone()[:, None], freeze=False, sparse=True)
+    params = [users.weight, items.weight, item_bias.weight]
+    opt = torch.optim.Adagrad(params, lr=LR, eps=EPS)
+
+    def step(u, i, j):
+        opt.zero_grad(set_to_none=True)
+        x = (users(u) * (items(i) - items(j))).sum(1) + item_bias(i)[:, 0] - item_bias(j)[:, 0]
+        loss = F.softplus(-x).mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, lambda: (users.weight, items.weight, item_bias.weight[:, 0])
+
+
+def make_bpr_native(tables):
+    import fastmf.ops as ops
+
+    p, q, bu, bi = (t.clone() for t in tables)
+    states = [torch.zeros_like(t) for t in (p, q, bu, bi)]
+
+    def step(u, i, j):
+        return ops.train_step_pairwise(p, q, bu, bi, *states, u, i, j, 0, 0.0, 1, LR, EPS)
+
+    return step, lambda: (p, q, bi)
+
+
+BPR_MAKERS = {"bpr_ref_sparse": make_bpr_reference, "train_step_pairwise": make_bpr_native}
+
+
+def make_triples(num_users, num_items, items: ZipfItems, batch, count, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    out = []
+    for _ in range(count):
+        users = torch.randint(0, num_users, (batch,), device="cuda", generator=gen)
+        neg = torch.randint(0, num_items, (batch,), device="cuda", generator=gen)
+        out.append((users, items.sample(batch, gen), neg))
+    return out
+
+
+def time_bpr_step(step, batches, iters=20):
+    """Seconds per step after two warm-up steps; 20 steps stay well under a second each."""
+    for b in batches[:2]:
+        step(*b)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for k in range(iters):
+        step(*batches[k % len(batches)])
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def bench_pairwise(started, budget):
+    """Checks both BPR methods against fastmf.reference on a small case, then times them.
+    Returns {(batch, method): samples/s or why not}."""
+    from fastmf import reference
+
+    status = {}
+    for name in BPR_METHODS:
+        try:
+            tables = make_tables(2000, 300, 16, seed=1)
+            triples = make_triples(2000, 300, ZipfItems(300, seed=1), 2048, 2, seed=1)
+            expected = [t.clone() for t in tables] + [torch.zeros_like(t) for t in tables]
+            step, read = BPR_MAKERS[name](tables)
+            for u, i, j in triples:
+                reference.train_step_pairwise(*expected, u, i, j, 0, 0.0, 1, LR, EPS)
+                step(u, i, j)
+            torch.cuda.synchronize()
+            for got, exp in zip(read(), (expected[0], expected[1], expected[3]), strict=True):
+                torch.testing.assert_close(got.detach(), exp, rtol=1e-4, atol=1e-5)
+            status[name] = "ok"
+            log(f"correctness {name}: ok")
+        except Exception as exc:  # noqa: BLE001
+            status[name] = f"incorrect/failed: {type(exc).__name__}: {str(exc)[:200]}"
+            log(f"correctness {name}: FAILED\n{traceback.format_exc(limit=3)}")
+
+    results = {}
+    tables = make_tables(NUM_USERS, NUM_ITEMS, BPR_DIM, seed=0)
+    items = ZipfItems(NUM_ITEMS, 1.0, seed=0)
+    for batch in BPR_BATCHES:
+        data = make_triples(NUM_USERS, NUM_ITEMS, items, batch, 4, seed=batch)
+        for name in BPR_METHODS:
+            if status[name] != "ok":
+                results[(batch, name)] = status[name]
+                continue
+            if time.perf_counter() - started > 1.5 * budget:
+                results[(batch, name)] = "budget"
+                continue
+            try:
+                step, _ = BPR_MAKERS[name](tables)
+                seconds = time_bpr_step(step, data)
+                results[(batch, name)] = batch / seconds
+                log(f"BPR K={BPR_DIM} B={batch:7d} {name:19s} {batch / seconds / 1e6:9.2f} "
+                    f"M samples/s")
+            except Exception as exc:  # noqa: BLE001
+                results[(batch, name)] = f"failed: {type(exc).__name__}"
+                log(f"BPR B={batch} {name}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            torch.cuda.empty_cache()
+        del data
+    del tables
+    torch.cuda.empty_cache()
+    return results
+
+
+def print_pairwise_table(results, bandwidth):
+    roofline = bandwidth / (48 * BPR_DIM + 56)
+    log("")
+    log(f"BPR: 1M users x 200K items, users uniform, positives Zipf(1.0), negatives uniform, "
+        f"item biases, element-wise Adagrad, fp32, K={BPR_DIM}; roofline = bandwidth / "
+        f"(48K+56) B per sample.")
+    log("")
+    log("| K | batch | method | M samples/s | vs bpr_ref_sparse | of roofline |")
+    log("|---:|---:|---|---:|---:|---:|")
+    for batch in BPR_BATCHES:
+        base = results.get((batch, "bpr_ref_sparse"))
+        for name in BPR_METHODS:
+            r = results.get((batch, name), "not run")
+            if isinstance(r, float):
+                ratio = f"{r / base:.1f}x" if isinstance(base, float) else "-"
+                log(f"| {BPR_DIM} | {batch} | {name} | {r / 1e6:.2f} | {ratio} | "
+                    f"{100 * r / roofline:.0f}% |")
+            else:
+                log(f"| {BPR_DIM} | {batch} | {name} | {r[:60]} | - | - |")
+
+
+# ----------------------------------------------------------------------------------------
 # Correctness on a small case, then timing
 
 
@@ -330,6 +474,8 @@ def main():
         del tables
         torch.cuda.empty_cache()
 
+    pairwise_results = bench_pairwise(started, args.budget)
+
     log("")
     log(f"## fastmf GPU training throughput — {dev}, "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
@@ -352,6 +498,7 @@ def main():
                 else:
                     why = r if isinstance(r, str) else status.get(name, "not run")
                     log(f"| {dim} | {batch} | {name} | {why[:60]} | - | - |")
+    print_pairwise_table(pairwise_results, bandwidth)
     log(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -269,3 +269,154 @@ def check_host_side_errors(target):
         target.ops.sparse_sgd_update(p.t(), users, torch.zeros_like(p)[:5], LR)
     with pytest.raises(ValueError, match="grad_rows has shape"):
         target.ops.sparse_sgd_update(p, users, torch.zeros_like(p)[:4], LR)
+
+
+# ----------------------------------------------------------------------------------------
+# train_step_pairwise
+
+
+def make_triples(num_users, num_items, batch, *, seed, user_dtype=torch.int64,
+                 item_dtype=torch.int64, exponent=1.0):
+    """(users, pos_items, neg_items), Zipf. Every fifth negative is another sample's
+    positive and every seventh the sample's own positive, so item rows sum positive and
+    negative gradients, and one sample can hold the same item twice."""
+    rng = np.random.default_rng(seed)
+    users = zipf_ids(num_users, batch, generator=rng)
+    pos = zipf_ids(num_items, batch, exponent=exponent, generator=rng)
+    neg = zipf_ids(num_items, batch, exponent=exponent, generator=rng)
+    if batch:
+        neg[::5] = pos.roll(1)[::5]
+        neg[::7] = pos[::7]
+    return users.to(user_dtype), pos.to(item_dtype), neg.to(item_dtype)
+
+
+def pairwise_step(target, tables, users, pos, neg, reg, optimizer):
+    return target.ops.train_step_pairwise(*tables, *target.to(users, pos, neg), 0, reg,
+                                          OPT_NAMES.index(optimizer), LR, EPS)
+
+
+def run_pairwise_steps(target, optimizer, steps, batch, user_dtype, item_dtype, dtype,
+                       bias=True, dim=16, num_users=80, num_items=40, reg=0.01, seed=0,
+                       exponent=1.0):
+    """`steps` fused BPR steps on fresh Zipf triples, on the target and with the reference;
+    compares the loss of every step and every table and state at the end (user_bias and
+    its state included: the step must leave them as they were)."""
+    p, q, bu, bi = make_tables(num_users, num_items, dim, dtype=dtype, bias=bias, seed=seed)
+    expected = list(clone_all(p, q, bu, bi))
+    expected += list(make_states(optimizer, *expected))
+    got = list(target.to(*clone_all(*expected)))
+    ocode = OPT_NAMES.index(optimizer)
+    for step in range(steps):
+        users, pos, neg = make_triples(num_users, num_items, batch, seed=seed * 1000 + step,
+                                       user_dtype=user_dtype, item_dtype=item_dtype,
+                                       exponent=exponent)
+        exp_loss = reference.train_step_pairwise(*expected, users, pos, neg, 0, reg, ocode, LR,
+                                                 EPS)
+        got_loss = pairwise_step(target, got, users, pos, neg, reg, optimizer)
+        assert got_loss.shape == () and got_loss.dtype == dtype
+        assert_close(got_loss, exp_loss, dtype)
+    for name, g, e in zip(("P", "Q", "bu", "bi", "P_state", "Q_state", "bu_state", "bi_state"),
+                          got, expected, strict=False):
+        if e is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g.cpu(), e, **tolerance(dtype),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    return got
+
+
+def pairwise_twice_bitwise(target, optimizer, batch, dtype, steps=3, num_items=30,
+                           exponent=1.0):
+    """Two BPR runs from the same start: bit-identical tables and losses."""
+    outs = []
+    for _ in range(2):
+        p, q, bu, bi = make_tables(200, num_items, 24, dtype=dtype, seed=5)
+        tables = list(target.to(p, q, bu, bi))
+        tables += list(make_states(optimizer, *tables))
+        losses = []
+        for step in range(steps):
+            users, pos, neg = make_triples(200, num_items, batch, seed=step, exponent=exponent)
+            losses.append(pairwise_step(target, tables, users, pos, neg, 0.01, optimizer))
+        outs.append((cpu(*tables), cpu(*losses)))
+    (t1, l1), (t2, l2) = outs
+    for a, b in zip(t1 + l1, t2 + l2, strict=False):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def check_pairwise_same_item(target, optimizer, dtype=torch.float32):
+    """Samples whose positive is their negative: x = b_i - b_i + <p, 0> = 0, the item's two
+    gradient rows cancel, and only the reg term (counted twice) moves the row."""
+    p, q, bu, bi = make_tables(20, 10, 8, dtype=dtype, seed=4)
+    expected = list(clone_all(p, q, bu, bi)) + list(make_states(optimizer, p, q, bu, bi))
+    got = list(target.to(*clone_all(*expected)))
+    users = torch.tensor([3, 3, 7, 1, 3])
+    items = torch.tensor([2, 5, 2, 9, 2])
+    ocode = OPT_NAMES.index(optimizer)
+    exp_loss = reference.train_step_pairwise(*expected, users, items, items, 0, 0.1, ocode, LR,
+                                             EPS)
+    got_loss = pairwise_step(target, got, users, items, items.clone(), 0.1, optimizer)
+    assert_close(got_loss, exp_loss, dtype)
+    for g, e in zip(got, expected, strict=False):
+        if e is not None:
+            assert_close(g, e, dtype)
+
+
+def check_pairwise_bad_samples(target, what):
+    """A bad id: the step runs, leaves that sample out of every update (and reads none of
+    its rows), returns a NaN loss, and check_errors raises as the CPU kernel would."""
+    clear_errors(target)
+    dtype = torch.float32
+    p, q, bu, bi = make_tables(30, 20, 8, dtype=dtype, seed=3)
+    users, pos, neg = make_triples(30, 20, 64, seed=3)
+    if what == "users":
+        users[5] = 30
+        pattern = r"fastmf\.train_step_pairwise: users id 30 out of range \[0, 30\)"
+    elif what == "items":
+        pos[9] = -1
+        pattern = r"fastmf\.train_step_pairwise: items id -1 out of range \[0, 20\)"
+    else:
+        neg[11] = 1 << 40
+        pattern = rf"fastmf\.train_step_pairwise: neg_items id {1 << 40} out of range \[0, 20\)"
+    # Rows only the bad sample touches stay as they were.
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[{"users": 5, "items": 9, "neg_items": 11}[what]] = False
+    start = list(clone_all(p, q, bu, bi))
+    tables = list(target.to(p, q, bu, bi)) + list(target.to(*make_states("adagrad", p, q, bu,
+                                                                           bi)))
+    loss = pairwise_step(target, tables, users, pos, neg, 0.01, "adagrad")
+    assert torch.isnan(loss.cpu())
+    for t in tables:
+        assert torch.isfinite(t.cpu()).all()
+    untouched_users = torch.ones(30, dtype=torch.bool)
+    untouched_users[users[keep]] = False
+    untouched_items = torch.ones(20, dtype=torch.bool)
+    untouched_items[torch.cat([pos[keep], neg[keep]])] = False
+    assert torch.equal(tables[0].cpu()[untouched_users], start[0][untouched_users])
+    assert torch.equal(tables[1].cpu()[untouched_items], start[1][untouched_items])
+    assert torch.equal(tables[2].cpu(), start[2])  # user_bias: never written
+    with pytest.raises(IndexError, match=pattern):
+        target.check_errors()
+    target.check_errors()
+
+
+def check_pairwise_host_side_errors(target):
+    """Errors that need no device data are raised by the op itself, as on the CPU."""
+    p, q, bu, bi = target.to(*make_tables(10, 10, 8, seed=0))
+    users, pos, neg = target.to(*make_triples(10, 10, 5, seed=0))
+    op = target.ops.train_step_pairwise
+    none4 = (None, None, None, None)
+    with pytest.raises(ValueError, match="unknown pairwise loss code 3; expected 0..0"):
+        op(p, q, bu, bi, *none4, users, pos, neg, 3, 0.0, 0, LR, EPS)
+    with pytest.raises(ValueError, match="unknown optimizer code 5"):
+        op(p, q, bu, bi, *none4, users, pos, neg, 0, 0.0, 5, LR, EPS)
+    with pytest.raises(ValueError, match="rowwise_adagrad needs user_factors_state, got None"):
+        op(p, q, bu, bi, *none4, users, pos, neg, 0, 0.0, 2, LR, EPS)
+    with pytest.raises(ValueError, match=r"lengths differ \(users has 5, pos_items has 5, "
+                                         r"neg_items has 3\)"):
+        op(p, q, bu, bi, *none4, users, pos, neg[:3], 0, 0.0, 0, LR, EPS)
+    with pytest.raises(TypeError, match="neg_items must be int32 or int64"):
+        op(p, q, bu, bi, *none4, users, pos, neg.float(), 0, 0.0, 0, LR, EPS)
+    with pytest.raises(ValueError, match="item_factors_state has shape"):
+        op(p, q, bu, bi, p.new_zeros(10, 8), q.new_zeros(9, 8), bu.new_zeros(10),
+           bi.new_zeros(10), users, pos, neg, 0, 0.0, 1, LR, EPS)

@@ -115,3 +115,48 @@ def test_forward_bad_ids(emu):
 
 def test_host_side_errors(emu):
     cases.check_host_side_errors(emu)
+
+
+# train_step_pairwise (BPR)
+
+
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+@pytest.mark.parametrize("dtype,ids", [(torch.float32, (torch.int64, torch.int32)),
+                                       (torch.float64, (torch.int32, torch.int64))])
+@pytest.mark.parametrize("bias", [True, False])
+def test_train_step_pairwise_20_steps(emu, optimizer, dtype, ids, bias):
+    cases.run_pairwise_steps(emu, optimizer, 20, 130, *ids, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 7])
+@pytest.mark.parametrize("dim", [1, 3, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_train_step_pairwise_shapes(emu, batch, dim, bias):
+    cases.run_pairwise_steps(emu, "rowwise_adagrad", 2, batch, torch.int32, torch.int32,
+                             torch.float32, dim=dim, bias=bias)
+
+
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+def test_train_step_pairwise_hot_rows(emu, optimizer):
+    # 2 * 1500 item slots over 4 items: runs of hundreds of slots, past kSuperTile 4-slot
+    # tiles, summed by a whole block, with positive and negative slots in one run.
+    cases.run_pairwise_steps(emu, optimizer, 2, 1500, torch.int64, torch.int64, torch.float32,
+                             num_users=2000, num_items=4, dim=8)
+
+
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+def test_train_step_pairwise_same_item(emu, optimizer):
+    cases.check_pairwise_same_item(emu, optimizer)
+
+
+def test_train_step_pairwise_bit_identical(emu):
+    cases.pairwise_twice_bitwise(emu, "adagrad", 1500, torch.float32, steps=2, num_items=4)
+
+
+@pytest.mark.parametrize("what", ["users", "items", "neg_items"])
+def test_train_step_pairwise_bad_samples(emu, what):
+    cases.check_pairwise_bad_samples(emu, what)
+
+
+def test_train_step_pairwise_host_side_errors(emu):
+    cases.check_pairwise_host_side_errors(emu)

@@ -25,8 +25,9 @@ constexpr int kWarp = 32;
 // Device-side error record (see errors.cu for why errors are recorded, not raised).
 
 enum ErrorOp : int { kOpMfForward = 0, kOpMfBackward, kOpSparseAdagrad, kOpSparseSgd,
-                     kOpTrainStep, kNumErrorOps };
-enum ErrorArg : int { kArgUsers = 0, kArgItems, kArgIds, kArgTargets, kNumErrorArgs };
+                     kOpTrainStep, kOpTrainStepPairwise, kNumErrorOps };
+enum ErrorArg : int { kArgUsers = 0, kArgItems, kArgIds, kArgTargets, kArgNegItems,
+                      kNumErrorArgs };
 
 struct ErrorRecord {
   unsigned long long code;   // 0: no error; else 1 + op * kNumErrorArgs + arg

@@ -7,8 +7,9 @@
 //
 //   * every kernel checks each id against its table's row count and never dereferences a
 //     bad one: mf_forward returns NaN for that sample, mf_backward a zero gradient row,
-//     and the update ops and train_step leave the sample out of every update (train_step
-//     also drops samples with a NaN/inf target and returns a NaN loss);
+//     and the update ops and the fused steps (train_step, train_step_pairwise) leave the
+//     sample out of every update (the fused steps return a NaN loss; train_step also
+//     drops samples with a NaN/inf target);
 //   * the first such error is written to a per-device record in device memory;
 //   * `torch.ops.fastmf.check_device_errors(device)` (fastmf.ops.check_device_errors in
 //     Python) synchronises the device, and raises the recorded error with the same type
@@ -46,6 +47,7 @@ const char* op_name(int op) {
     case kOpSparseAdagrad: return "sparse_adagrad_update";
     case kOpSparseSgd: return "sparse_sgd_update";
     case kOpTrainStep: return "train_step";
+    case kOpTrainStepPairwise: return "train_step_pairwise";
     default: return "unknown op";
   }
 }
@@ -56,6 +58,7 @@ const char* arg_name(int arg) {
     case kArgItems: return "items";
     case kArgIds: return "ids";
     case kArgTargets: return "targets";
+    case kArgNegItems: return "neg_items";
     default: return "unknown argument";
   }
 }

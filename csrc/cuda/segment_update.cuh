@@ -1,7 +1,7 @@
 // The fused sparse optimizer step on one table, after its samples were sorted by row
 // (sort.h): sum the gradient rows of each row's run of samples, then update the row once.
 // The same code serves sparse_adagrad_update / sparse_sgd_update and both tables of
-// train_step.
+// train_step and train_step_pairwise.
 //
 // Why tiles rather than one warp per run: under Zipf the run lengths range from 1 to
 // thousands (the hottest item of a 262144-sample batch occurs ~20000 times), so a warp per
@@ -30,6 +30,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "common.cuh"
 #include "sort.h"
@@ -61,14 +62,20 @@ struct SegmentArgs {
   scalar_t* bias = nullptr;  // optional (N,) bias updated with the same runs
   scalar_t* bias_state = nullptr;
 
-  // The gradient of sample b, one of:
+  // The gradient of the slot at batch position b, one of:
   //   given:   grad_rows[b, :]                                      (grad_rows != nullptr)
+  //            and, for b >= negated_from, -grad_rows[b - negated_from, :]
+  //            (train_step_pairwise's negative items: their rows are the positives' negated)
   //   derived: coef[b] * other[other_keys[b] - other_key_offset, :] (train_step's users)
-  // and, with a bias, coef[b] as the bias gradient.
+  //            or, with other_keys_minus, coef[b] * (other[i, :] - other[j, :]) with
+  //            i, j the rows of other_keys[b], other_keys_minus[b] (train_step_pairwise's)
+  // and, with a bias, coef[b] (negated likewise) as the bias gradient.
   const scalar_t* grad_rows = nullptr;
+  int32_t negated_from = std::numeric_limits<int32_t>::max();
   const scalar_t* coef = nullptr;
   const scalar_t* other = nullptr;
   const uint32_t* other_keys = nullptr;
+  const uint32_t* other_keys_minus = nullptr;
   uint32_t other_key_offset = 0;
 
   int optimizer = kSgd;

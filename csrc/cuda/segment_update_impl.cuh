@@ -47,11 +47,21 @@ __device__ __forceinline__ void load_gradient(const SegmentArgs<scalar_t>& a, co
     const scalar_t c = a.coef[pos];
     const int64_t other_row = static_cast<int64_t>(a.other_keys[pos] - a.other_key_offset);
     const scalar_t* src = a.other + other_row * a.dim;
+    // Uniform over a launch: the pairwise step's users subtract the negative item's row.
+    const scalar_t* minus =
+        a.other_keys_minus == nullptr
+            ? nullptr
+            : a.other + static_cast<int64_t>(a.other_keys_minus[pos] - a.other_key_offset) * a.dim;
 #pragma unroll
     for (int f = 0; f < J; ++f) {
       const int64_t col = column<V>(g, f);
       if (col < a.dim) {
-        const Pack<scalar_t, V> x = load_pack<scalar_t, V>(src + col);
+        Pack<scalar_t, V> x = load_pack<scalar_t, V>(src + col);
+        if (minus != nullptr) {
+          const Pack<scalar_t, V> y = load_pack<scalar_t, V>(minus + col);
+#pragma unroll
+          for (int v = 0; v < V; ++v) x.v[v] = x.v[v] - y.v[v];
+        }
 #pragma unroll
         for (int v = 0; v < V; ++v) r.p[f].v[v] = c * x.v[v];
       } else {
@@ -60,13 +70,20 @@ __device__ __forceinline__ void load_gradient(const SegmentArgs<scalar_t>& a, co
     }
     rb = c;
   } else {
-    const scalar_t* src = a.grad_rows + static_cast<int64_t>(pos) * a.dim;
+    // Negating is exact: -(c p) equals (-c) p, as the CPU kernel computes it.
+    const bool negated = pos >= a.negated_from;
+    const int64_t row = negated ? pos - a.negated_from : pos;
+    const scalar_t* src = a.grad_rows + row * a.dim;
 #pragma unroll
     for (int f = 0; f < J; ++f) {
       const int64_t col = column<V>(g, f);
       r.p[f] = col < a.dim ? load_pack<scalar_t, V>(src + col) : zero_pack<scalar_t, V>();
+      if (negated) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) r.p[f].v[v] = -r.p[f].v[v];
+      }
     }
-    rb = a.coef != nullptr ? a.coef[pos] : scalar_t(0);
+    rb = a.coef != nullptr ? (negated ? -a.coef[row] : a.coef[row]) : scalar_t(0);
   }
 }
 

@@ -1,22 +1,7 @@
 // train_step on the GPU: forward, loss gradient, backward and sparse optimizer update of a
-// batch, with no autograd graph, no dense gradient and no host synchronisation (the whole
-// step can be captured in a CUDA graph).
-//
-//   1. prepare:  check ids and targets (errors.cu), build one array of sort keys for both
-//                tables: user u -> u, item i -> U + 1 + i, a bad sample -> U (users) and
-//                U + 1 + I (items), which sort after every row of their table;
-//   2. sort:     one radix sort of the 2B keys (sort.h): slots [0, B) are the users' runs,
-//                [B, 2B) the items';
-//   3. forward:  per sample, prediction, loss and g_b = dLoss/dpred_b; the item-side
-//                gradient rows g_b * P[u_b] are written out now, while P is unchanged;
-//   4. users:    each user row's gradient sum_b g_b * Q[i_b] is read from Q, which is still
-//                unchanged, and the row is updated (segment_update.cuh);
-//   5. items:    each item row sums its gradient rows from step 3 and is updated;
-//   6. loss:     per-block loss sums (fixed order), then one block adds them in order.
-//
-// The L2 term of a row seen n times, n * (2 reg / B) * w, is added when the row is
-// updated, from the row as read just before its write: the pre-step value. Every gradient
-// therefore comes from the pre-step weights, as in fastmf/reference.py.
+// batch, through the pipeline of fused_step.cuh. The B user keys fill slots [0, B) of the
+// one sort, the B item keys [B, 2B). The forward pass writes the item-side gradient rows
+// g_b * P[u_b]; the user rows derive theirs, g_b * Q[i_b], from Q before it is updated.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,6 +14,7 @@
 #include <optional>
 
 #include "common.cuh"
+#include "fused_step.cuh"
 #include "inputs.h"
 #include "segment_update.cuh"
 #include "sort.h"
@@ -41,26 +27,24 @@ enum LossCode : int { kMse = 0, kHuber = 1, kBce = 2 };
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     prepare_samples(IdArray users, IdArray items, const scalar_t* __restrict__ targets,
-                    int32_t batch, int64_t num_users, int64_t num_items,
-                    uint32_t* __restrict__ keys, int32_t* __restrict__ positions,
-                    ErrorRecord* err) {
+                    int32_t batch, StepKeys key, uint32_t* __restrict__ keys,
+                    int32_t* __restrict__ positions, ErrorRecord* err) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= batch) return;
   const long long u = users[b], i = items[b];
   const scalar_t t = targets[b];
-  const bool ok_u = u >= 0 && u < num_users;
-  const bool ok_i = i >= 0 && i < num_items;
+  const bool ok_u = u >= 0 && u < key.num_users;
+  const bool ok_i = i >= 0 && i < key.num_items;
   const bool ok_t = isfinite(t);
-  if (!ok_u) record_error(err, kOpTrainStep, kArgUsers, u, num_users, b);
-  if (!ok_i) record_error(err, kOpTrainStep, kArgItems, i, num_items, b);
+  if (!ok_u) record_error(err, kOpTrainStep, kArgUsers, u, key.num_users, b);
+  if (!ok_i) record_error(err, kOpTrainStep, kArgItems, i, key.num_items, b);
   if (!ok_t) {
     record_error(err, kOpTrainStep, kArgTargets, __double_as_longlong(static_cast<double>(t)), 0,
                  b);
   }
   const bool ok = ok_u && ok_i && ok_t;
-  const uint32_t item_base = static_cast<uint32_t>(num_users) + 1u;
-  keys[b] = ok ? static_cast<uint32_t>(u) : static_cast<uint32_t>(num_users);
-  keys[batch + b] = item_base + static_cast<uint32_t>(ok ? i : num_items);
+  keys[b] = key.user(u, ok);
+  keys[batch + b] = key.item(i, ok);
   positions[b] = static_cast<int32_t>(b);
   positions[batch + b] = static_cast<int32_t>(b);
 }
@@ -110,8 +94,6 @@ __device__ __forceinline__ void pointwise_loss(int loss, scalar_t pred, scalar_t
 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) train_forward_kernel(const ForwardArgs<scalar_t> a) {
-  __shared__ double shared_loss[kThreads];
-  __shared__ double shared_l2[kThreads];
   const Group g = make_group(a.lanes);
   const int groups = kThreads / a.lanes;
   const int gi = static_cast<int>(threadIdx.x) / a.lanes;
@@ -160,71 +142,7 @@ __global__ void __launch_bounds__(kThreads) train_forward_kernel(const ForwardAr
       }
     }
   }
-  // Block sums in a fixed order: one value per group, then warp 0 adds them.
-  if (g.lane == 0) {
-    shared_loss[gi] = loss_value;
-    shared_l2[gi] = l2_value;
-  }
-  __syncthreads();
-  if (threadIdx.x < kWarp) {
-    double loss_sum = 0, l2_sum = 0;
-    for (int k = static_cast<int>(threadIdx.x); k < groups; k += kWarp) {
-      loss_sum += shared_loss[k];
-      l2_sum += shared_l2[k];
-    }
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      loss_sum += __shfl_xor_sync(0xffffffffu, loss_sum, offset);
-      l2_sum += __shfl_xor_sync(0xffffffffu, l2_sum, offset);
-    }
-    if (threadIdx.x == 0) {
-      a.block_sums[2 * blockIdx.x] = loss_sum;
-      a.block_sums[2 * blockIdx.x + 1] = l2_sum;
-    }
-  }
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    finish_loss(const double* __restrict__ block_sums, int32_t blocks, int32_t batch, double reg,
-                scalar_t* __restrict__ out) {
-  __shared__ double shared_loss[kThreads];
-  __shared__ double shared_l2[kThreads];
-  double loss_sum = 0, l2_sum = 0;
-  for (int32_t k = static_cast<int32_t>(threadIdx.x); k < blocks; k += kThreads) {
-    loss_sum += block_sums[2 * k];
-    l2_sum += block_sums[2 * k + 1];
-  }
-  shared_loss[threadIdx.x] = loss_sum;
-  shared_l2[threadIdx.x] = l2_sum;
-  __syncthreads();
-  for (int half = kThreads / 2; half > 0; half /= 2) {
-    if (static_cast<int>(threadIdx.x) < half) {
-      shared_loss[threadIdx.x] += shared_loss[threadIdx.x + half];
-      shared_l2[threadIdx.x] += shared_l2[threadIdx.x + half];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const double n = static_cast<double>(batch);
-    out[0] = static_cast<scalar_t>(shared_loss[0] / n +
-                                   (reg != 0.0 ? reg * (shared_l2[0] / n) : 0.0));
-  }
-}
-
-void check_state(const char* op, int64_t optimizer, const char* name,
-                 const std::optional<at::Tensor>& state, const at::Tensor& table) {
-  TORCH_CHECK_VALUE(state.has_value(), "fastmf.", op, ": ",
-                    optimizer == kRowwiseAdagrad ? "rowwise_adagrad" : "adagrad", " needs ",
-                    name, ", got None");
-  const bool per_row = optimizer == kRowwiseAdagrad && table.dim() == 2;
-  check_weight(op, name, *state, per_row ? 1 : table.dim());
-  check_like(op, name, *state, "user_factors", table);
-  if (per_row) {
-    check_shape(op, name, *state, {table.size(0)});
-  } else {
-    check_shape(op, name, *state, table.sizes());
-  }
-  check_contiguous(op, name, *state);
+  block_loss_sums(loss_value, l2_value, a.lanes, a.block_sums);
 }
 
 at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& item_factors,
@@ -250,29 +168,12 @@ at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& ite
                     targets.sizes());
   check_on_device(op, "targets", targets, "user_factors", user_factors);
   check_same_length(op, "users", users, "targets", targets);
+  check_step_tables(op, optimizer, user_factors, item_factors, user_bias, item_bias,
+                    user_factors_state, item_factors_state, user_bias_state, item_bias_state,
+                    /*writes_user_bias=*/true, 2 * users.size(0), "twice the batch size");
   const bool has_bias = user_bias.has_value();
-  if (optimizer != kSgd) {
-    check_state(op, optimizer, "user_factors_state", user_factors_state, user_factors);
-    check_state(op, optimizer, "item_factors_state", item_factors_state, item_factors);
-    if (has_bias) {
-      check_state(op, optimizer, "user_bias_state", user_bias_state, *user_bias);
-      check_state(op, optimizer, "item_bias_state", item_bias_state, *item_bias);
-    }
-  }
-  check_contiguous(op, "user_factors", user_factors);
-  check_contiguous(op, "item_factors", item_factors);
-  if (has_bias) {
-    check_contiguous(op, "user_bias", *user_bias);
-    check_contiguous(op, "item_bias", *item_bias);
-  }
-  // Both tables' samples go through one sort of 2B keys.
-  check_fits_32bit(op, "twice the batch size", 2 * users.size(0));
   const int64_t num_users = user_factors.size(0), num_items = item_factors.size(0);
-  // Item keys go up to U + 1 + I, which must stay below kNoKey.
-  TORCH_CHECK_VALUE(static_cast<uint64_t>(num_users) + static_cast<uint64_t>(num_items) + 1 <
-                        static_cast<uint64_t>(kNoKey),
-                    "fastmf.", op, ": ", num_users, " users and ", num_items,
-                    " items are too many for the CUDA kernels (at most 2^32 - 2 together)");
+  const StepKeys key{static_cast<uint32_t>(num_users), static_cast<uint32_t>(num_items)};
 
   c10::cuda::CUDAGuard guard(user_factors.device());
   const int64_t batch = users.size(0), dim = user_factors.size(1);
@@ -291,32 +192,26 @@ at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& ite
     const unsigned sample_blocks = static_cast<unsigned>(ceil_div(batch, kThreads));
     prepare_samples<scalar_t><<<sample_blocks, kThreads, 0, stream>>>(
         id_array(u_ids), id_array(i_ids), t.data_ptr<scalar_t>(), static_cast<int32_t>(batch),
-        num_users, num_items, key_ptr, positions.data_ptr<int32_t>(), err);
+        key, key_ptr, positions.data_ptr<int32_t>(), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const SortedRuns sorted =
-        sort_runs(keys, positions, static_cast<uint64_t>(num_users + 1 + num_items));
+    const SortedRuns sorted = sort_runs(keys, positions, key.max_key());
 
-    scalar_t* P = user_factors.data_ptr<scalar_t>();
-    scalar_t* Q = item_factors.data_ptr<scalar_t>();
-    scalar_t* bu = has_bias ? user_bias->data_ptr<scalar_t>() : nullptr;
-    scalar_t* bi = has_bias ? item_bias->data_ptr<scalar_t>() : nullptr;
-    auto state_ptr = [&](const std::optional<at::Tensor>& s) -> scalar_t* {
-      return optimizer != kSgd && s.has_value() ? s->data_ptr<scalar_t>() : nullptr;
-    };
-    scalar_t* P_state = state_ptr(user_factors_state);
-    scalar_t* Q_state = state_ptr(item_factors_state);
-    scalar_t* bu_state = has_bias ? state_ptr(user_bias_state) : nullptr;
-    scalar_t* bi_state = has_bias ? state_ptr(item_bias_state) : nullptr;
+    const StepTables<scalar_t> tab = step_tables<scalar_t>(
+        optimizer, user_factors, item_factors, user_bias, item_bias, user_factors_state,
+        item_factors_state, user_bias_state, item_bias_state);
+    scalar_t* P = tab.user_factors;
+    scalar_t* Q = tab.item_factors;
 
     // Forward: one group per sample; a fixed grid for a given batch, hence fixed sums.
-    constexpr int kVec = 16 / sizeof(scalar_t);
     at::Tensor coef = at::empty({batch}, user_factors.options());
     at::Tensor item_grad_rows = at::empty({batch, dim}, user_factors.options());
-    const bool forward_packed = dim % kVec == 0 && aligned16(P) && aligned16(Q);
+    const bool forward_packed = packed_rows<scalar_t>(dim, {P, Q});
+    constexpr int kVec = 16 / sizeof(scalar_t);
     const RowLayout fl = row_layout(dim, forward_packed ? kVec : 1);
     const int64_t forward_blocks = ceil_div(batch, kThreads / fl.lanes);
     at::Tensor block_sums = at::empty({forward_blocks * 2}, user_factors.options().dtype(at::kDouble));
-    ForwardArgs<scalar_t> fa{key_ptr, static_cast<int32_t>(batch), num_users, dim, P, Q, bu, bi,
+    ForwardArgs<scalar_t> fa{key_ptr, static_cast<int32_t>(batch), num_users, dim, P, Q,
+                             tab.user_bias, tab.item_bias,
                              t.data_ptr<scalar_t>(), static_cast<scalar_t>(global_mean),
                              static_cast<scalar_t>(1.0 / static_cast<double>(batch)),
                              static_cast<int>(loss), fl.lanes, coef.data_ptr<scalar_t>(),
@@ -330,61 +225,35 @@ at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& ite
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    const auto* sorted_keys = reinterpret_cast<const uint32_t*>(sorted.keys.data_ptr<int32_t>());
-    const int32_t* sorted_pos = sorted.positions.data_ptr<int32_t>();
-    const int32_t* run_start = sorted.run_start.data_ptr<int32_t>();
-    const int elementwise = optimizer == kAdagrad;
-
-    SegmentArgs<scalar_t> common;
-    common.n = static_cast<int32_t>(batch);
-    common.dim = dim;
-    common.optimizer = static_cast<int>(optimizer);
-    common.lr = static_cast<scalar_t>(lr);
-    common.eps = static_cast<scalar_t>(eps);
-    common.reg_scale = static_cast<scalar_t>(2.0 * reg / static_cast<double>(batch));
+    // Packed state loads only for element-wise Adagrad (row-wise reads one value per row).
+    const bool elementwise = optimizer == kAdagrad;
 
     // Users: gradient rows derived from Q (not yet updated).
-    SegmentArgs<scalar_t> ua = common;
-    ua.keys = sorted_keys;
-    ua.positions = sorted_pos;
-    ua.run_start = run_start;
-    ua.run_start_base = 0;
-    ua.key_offset = 0;
-    ua.num_rows = num_users;
-    ua.weight = P;
-    ua.state = P_state;
-    ua.bias = bu;
-    ua.bias_state = bu_state;
+    SegmentArgs<scalar_t> ua = table_segments<scalar_t>(
+        sorted, 0, batch, 0, num_users, P, tab.user_factors_state, batch, dim, optimizer, lr,
+        eps, reg);
+    ua.bias = tab.user_bias;
+    ua.bias_state = tab.user_bias_state;
     ua.coef = coef.data_ptr<scalar_t>();
     ua.other = Q;
     ua.other_keys = key_ptr + batch;
-    ua.other_key_offset = static_cast<uint32_t>(num_users) + 1u;
-    const bool user_packed = dim % kVec == 0 && aligned16(P) && aligned16(Q) &&
-                             (!elementwise || aligned16(P_state));
-    run_segment_update<scalar_t>(ua, user_packed, user_factors);
+    ua.other_key_offset = key.item_offset();
+    run_segment_update<scalar_t>(
+        ua, packed_rows<scalar_t>(dim, {P, Q, elementwise ? ua.state : nullptr}),
+        user_factors);
 
     // Items: the gradient rows written by the forward pass.
-    SegmentArgs<scalar_t> ia = common;
-    ia.keys = sorted_keys + batch;
-    ia.positions = sorted_pos + batch;
-    ia.run_start = run_start + batch;
-    ia.run_start_base = static_cast<int32_t>(batch);
-    ia.key_offset = static_cast<uint32_t>(num_users) + 1u;
-    ia.num_rows = num_items;
-    ia.weight = Q;
-    ia.state = Q_state;
-    ia.bias = bi;
-    ia.bias_state = bi_state;
+    SegmentArgs<scalar_t> ia = table_segments<scalar_t>(
+        sorted, batch, batch, key.item_offset(), num_items, Q, tab.item_factors_state, batch,
+        dim, optimizer, lr, eps, reg);
+    ia.bias = tab.item_bias;
+    ia.bias_state = tab.item_bias_state;
     ia.grad_rows = item_grad_rows.data_ptr<scalar_t>();
     ia.coef = has_bias ? coef.data_ptr<scalar_t>() : nullptr;
-    const bool item_packed = dim % kVec == 0 && aligned16(Q) &&
-                             (!elementwise || aligned16(Q_state));
-    run_segment_update<scalar_t>(ia, item_packed, item_factors);
+    run_segment_update<scalar_t>(
+        ia, packed_rows<scalar_t>(dim, {Q, elementwise ? ia.state : nullptr}), item_factors);
 
-    finish_loss<scalar_t><<<1, kThreads, 0, stream>>>(
-        block_sums.data_ptr<double>(), static_cast<int32_t>(forward_blocks),
-        static_cast<int32_t>(batch), reg, result.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish_loss<scalar_t>(block_sums, forward_blocks, batch, reg, result);
   });
   return result;
 }

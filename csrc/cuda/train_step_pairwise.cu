@@ -1,0 +1,274 @@
+// train_step_pairwise on the GPU: the fused BPR step, through the pipeline of
+// fused_step.cuh. Each sample b is (u, i, j), with
+//   x_b = b_i - b_j + <P[u], Q[i] - Q[j]>,   loss = mean_b softplus(-x_b) + reg term.
+//
+// The sort holds 3B keys: users in slots [0, B), then the item slots [B, 3B), positives
+// (batch positions 0..B-1) before negatives (B..2B-1), the reference's torch.cat order.
+// The radix sort is stable, so an item row that is a positive in some samples and a
+// negative in others sums its positive gradients in batch order, then its negative ones,
+// as the CPU kernel does, before its one update.
+//
+//   forward: per sample, x_b, the loss and g_b = dLoss/dx_b; the positive's gradient row
+//            g_b * P[u] is written out (the negative's is that row negated: read as
+//            such, not stored twice);
+//   users:   each user row sums g_b * (Q[i_b] - Q[j_b]), read from Q before it is
+//            updated; user_bias cancels in x, so it and its state are never written;
+//   items:   each item row sums +-g_b * P_old[u_b] over its 2B-slot run, and its bias
+//            +-g_b likewise.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+
+#include "common.cuh"
+#include "fused_step.cuh"
+#include "inputs.h"
+#include "segment_update.cuh"
+#include "sort.h"
+
+namespace fastmf::cuda {
+namespace {
+
+constexpr const char* kOp = "train_step_pairwise";
+constexpr int64_t kNumPairwiseLosses = 1;  // 0: bpr (fastmf/reference.py PAIRWISE_LOSSES)
+// F.softplus's default threshold, as in the CPU kernel: beyond it the reference's softplus
+// is the identity and its gradient exactly 1.
+constexpr double kSoftplusThreshold = 20.0;
+
+__global__ void __launch_bounds__(kThreads)
+    prepare_pairwise(IdArray users, IdArray pos_items, IdArray neg_items, int32_t batch,
+                     StepKeys key, uint32_t* __restrict__ keys, int32_t* __restrict__ positions,
+                     ErrorRecord* err) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (b >= batch) return;
+  const long long u = users[b], i = pos_items[b], j = neg_items[b];
+  const bool ok_u = u >= 0 && u < key.num_users;
+  const bool ok_i = i >= 0 && i < key.num_items;
+  const bool ok_j = j >= 0 && j < key.num_items;
+  if (!ok_u) record_error(err, kOpTrainStepPairwise, kArgUsers, u, key.num_users, b);
+  // The positives are "items" in the messages, as in the CPU kernel and fastmf/_checks.py.
+  if (!ok_i) record_error(err, kOpTrainStepPairwise, kArgItems, i, key.num_items, b);
+  if (!ok_j) record_error(err, kOpTrainStepPairwise, kArgNegItems, j, key.num_items, b);
+  const bool ok = ok_u && ok_i && ok_j;
+  keys[b] = key.user(u, ok);
+  keys[batch + b] = key.item(i, ok);
+  keys[2 * static_cast<int64_t>(batch) + b] = key.item(j, ok);
+  positions[b] = static_cast<int32_t>(b);
+  positions[batch + b] = static_cast<int32_t>(b);
+  positions[2 * static_cast<int64_t>(batch) + b] = static_cast<int32_t>(batch + b);
+}
+
+template <typename scalar_t>
+struct PairwiseForwardArgs {
+  const uint32_t* keys;  // (3B,) unsorted keys from prepare_pairwise
+  int32_t batch;
+  int64_t num_users;
+  int64_t dim;
+  const scalar_t* user_factors;
+  const scalar_t* item_factors;
+  const scalar_t* item_bias;  // null without biases
+  scalar_t scale;             // 1/B
+  int lanes;
+  scalar_t* coef;       // (B,) dLoss/dx
+  scalar_t* grad_rows;  // (B, dim) coef[b] * P[u_b]: the positive item's gradient row
+  double* block_sums;   // (blocks, 2): loss sum, L2 sum
+};
+
+// softplus(-x) and its gradient in x times scale, as the CPU kernel (and F.softplus with
+// its autograd formula) computes them: the value in double, the gradient in the weights'
+// type as -(scale * e) / (e + 1), e = exp(-x).
+template <typename scalar_t>
+__device__ __forceinline__ void bpr_loss(scalar_t x, scalar_t scale, scalar_t& grad,
+                                         double& value) {
+  const scalar_t z = -x;
+  if (static_cast<double>(z) > kSoftplusThreshold) {
+    value = static_cast<double>(z);
+    grad = -scale;
+    return;
+  }
+  value = log1p(exp(static_cast<double>(z)));
+  const scalar_t e = exp(z);
+  grad = -((scale * e) / (e + scalar_t(1)));
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    pairwise_forward_kernel(const PairwiseForwardArgs<scalar_t> a) {
+  const Group g = make_group(a.lanes);
+  const int groups = kThreads / a.lanes;
+  const int gi = static_cast<int>(threadIdx.x) / a.lanes;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * groups + gi;
+  const int64_t step = static_cast<int64_t>(a.lanes) * V;
+  double loss_value = 0, l2_value = 0;
+  if (b < a.batch) {
+    const uint32_t user_key = a.keys[b];
+    if (user_key >= a.num_users) {  // a bad sample: no row is read, the loss shows it
+      loss_value = std::numeric_limits<double>::quiet_NaN();
+      if (g.lane == 0) a.coef[b] = scalar_t(0);
+    } else {
+      const int64_t item_offset = a.num_users + 1;
+      const int64_t u = user_key;
+      const int64_t i = static_cast<int64_t>(a.keys[a.batch + b]) - item_offset;
+      const int64_t j = static_cast<int64_t>(a.keys[2 * static_cast<int64_t>(a.batch) + b]) -
+                        item_offset;
+      const scalar_t* p = a.user_factors + u * a.dim;
+      const scalar_t* qi = a.item_factors + i * a.dim;
+      const scalar_t* qj = a.item_factors + j * a.dim;
+      scalar_t dot = 0, norms = 0;
+      for (int64_t e = static_cast<int64_t>(g.lane) * V; e < a.dim; e += step) {
+        const Pack<scalar_t, V> pp = load_pack<scalar_t, V>(p + e);
+        const Pack<scalar_t, V> xi = load_pack<scalar_t, V>(qi + e);
+        const Pack<scalar_t, V> xj = load_pack<scalar_t, V>(qj + e);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          // The reference's association: <p, qi - qj>.
+          dot += pp.v[v] * (xi.v[v] - xj.v[v]);
+          norms += pp.v[v] * pp.v[v] + xi.v[v] * xi.v[v] + xj.v[v] * xj.v[v];
+        }
+      }
+      dot = group_sum(g, dot);
+      norms = group_sum(g, norms);
+      scalar_t x = dot;
+      if (a.item_bias != nullptr) {
+        const scalar_t bi = a.item_bias[i], bj = a.item_bias[j];
+        x = (x + bi) - bj;
+        norms = norms + bi * bi + bj * bj;
+      }
+      scalar_t grad;
+      bpr_loss(x, a.scale, grad, loss_value);
+      l2_value = static_cast<double>(norms);
+      if (g.lane == 0) a.coef[b] = grad;
+      // P's row is still in L1 from the dot product above.
+      scalar_t* out = a.grad_rows + b * a.dim;
+      for (int64_t e = static_cast<int64_t>(g.lane) * V; e < a.dim; e += step) {
+        Pack<scalar_t, V> y = load_pack<scalar_t, V>(p + e);
+#pragma unroll
+        for (int v = 0; v < V; ++v) y.v[v] = grad * y.v[v];
+        store_pack<scalar_t, V>(out + e, y);
+      }
+    }
+  }
+  block_loss_sums(loss_value, l2_value, a.lanes, a.block_sums);
+}
+
+at::Tensor train_step_pairwise_cuda(
+    const at::Tensor& user_factors, const at::Tensor& item_factors,
+    const std::optional<at::Tensor>& user_bias, const std::optional<at::Tensor>& item_bias,
+    const std::optional<at::Tensor>& user_factors_state,
+    const std::optional<at::Tensor>& item_factors_state,
+    const std::optional<at::Tensor>& user_bias_state,
+    const std::optional<at::Tensor>& item_bias_state, const at::Tensor& users,
+    const at::Tensor& pos_items, const at::Tensor& neg_items, int64_t loss, double reg,
+    int64_t optimizer, double lr, double eps) {
+  // The checks and messages of csrc/cpu/train_step_pairwise.cpp, in its order.
+  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumPairwiseLosses, "fastmf.", kOp,
+                    ": unknown pairwise loss code ", loss, "; expected 0..",
+                    kNumPairwiseLosses - 1);
+  check_optimizer_code(kOp, optimizer);
+  check_tables(kOp, users, pos_items, user_factors, item_factors, user_bias, item_bias);
+  check_on_device(kOp, "neg_items", neg_items, "user_factors", user_factors);
+  check_id_dtype(kOp, "neg_items", neg_items);
+  TORCH_CHECK_VALUE(users.size(0) == neg_items.size(0), "fastmf.", kOp, ": lengths differ (",
+                    "users has ", users.size(0), ", pos_items has ", pos_items.size(0),
+                    ", neg_items has ", neg_items.size(0), ")");
+  TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 30), "fastmf.", kOp, ": batch of ",
+                    users.size(0), " samples; at most 2^30 - 1 are supported");
+  check_step_tables(kOp, optimizer, user_factors, item_factors, user_bias, item_bias,
+                    user_factors_state, item_factors_state, user_bias_state, item_bias_state,
+                    /*writes_user_bias=*/false, 3 * users.size(0), "three times the batch size");
+  const int64_t num_users = user_factors.size(0), num_items = item_factors.size(0);
+  const StepKeys key{static_cast<uint32_t>(num_users), static_cast<uint32_t>(num_items)};
+
+  c10::cuda::CUDAGuard guard(user_factors.device());
+  const int64_t batch = users.size(0), dim = user_factors.size(1);
+  if (batch == 0) return at::zeros({}, user_factors.options());
+  const at::Tensor u_ids = users.contiguous();
+  const at::Tensor i_ids = pos_items.contiguous(), j_ids = neg_items.contiguous();
+  cudaStream_t stream = current_stream();
+  ErrorRecord* err = error_record();
+
+  at::Tensor keys = at::empty({3 * batch}, user_factors.options().dtype(at::kInt));
+  at::Tensor positions = at::empty({3 * batch}, user_factors.options().dtype(at::kInt));
+  auto* key_ptr = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  prepare_pairwise<<<static_cast<unsigned>(ceil_div(batch, kThreads)), kThreads, 0, stream>>>(
+      id_array(u_ids), id_array(i_ids), id_array(j_ids), static_cast<int32_t>(batch), key,
+      key_ptr, positions.data_ptr<int32_t>(), err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const SortedRuns sorted = sort_runs(keys, positions, key.max_key());
+  at::Tensor result = at::empty({}, user_factors.options());
+
+  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf_train_step_pairwise_cuda", [&] {
+    const StepTables<scalar_t> tab = step_tables<scalar_t>(
+        optimizer, user_factors, item_factors, user_bias, item_bias, user_factors_state,
+        item_factors_state, user_bias_state, item_bias_state);
+    scalar_t* P = tab.user_factors;
+    scalar_t* Q = tab.item_factors;
+
+    // Forward: one group per sample; a fixed grid for a given batch, hence fixed sums.
+    at::Tensor coef = at::empty({batch}, user_factors.options());
+    at::Tensor grad_rows = at::empty({batch, dim}, user_factors.options());
+    const bool forward_packed = packed_rows<scalar_t>(dim, {P, Q});
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const RowLayout fl = row_layout(dim, forward_packed ? kVec : 1);
+    const int64_t forward_blocks = ceil_div(batch, kThreads / fl.lanes);
+    at::Tensor block_sums =
+        at::empty({forward_blocks * 2}, user_factors.options().dtype(at::kDouble));
+    const PairwiseForwardArgs<scalar_t> fa{
+        key_ptr, static_cast<int32_t>(batch), num_users, dim, P, Q, tab.item_bias,
+        static_cast<scalar_t>(1.0 / static_cast<double>(batch)), fl.lanes,
+        coef.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), block_sums.data_ptr<double>()};
+    if (forward_packed) {
+      pairwise_forward_kernel<scalar_t, kVec>
+          <<<static_cast<unsigned>(forward_blocks), kThreads, 0, stream>>>(fa);
+    } else {
+      pairwise_forward_kernel<scalar_t, 1>
+          <<<static_cast<unsigned>(forward_blocks), kThreads, 0, stream>>>(fa);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    // Packed state loads only for element-wise Adagrad (row-wise reads one value per row).
+    const bool elementwise = optimizer == kAdagrad;
+
+    // Users: g_b * (Q[i_b] - Q[j_b]) from Q (not yet updated); no bias.
+    SegmentArgs<scalar_t> ua = table_segments<scalar_t>(
+        sorted, 0, batch, 0, num_users, P, tab.user_factors_state, batch, dim, optimizer, lr,
+        eps, reg);
+    ua.coef = coef.data_ptr<scalar_t>();
+    ua.other = Q;
+    ua.other_keys = key_ptr + batch;
+    ua.other_keys_minus = key_ptr + 2 * batch;
+    ua.other_key_offset = key.item_offset();
+    run_segment_update<scalar_t>(
+        ua, packed_rows<scalar_t>(dim, {P, Q, elementwise ? ua.state : nullptr}),
+        user_factors);
+
+    // Items: 2B slots; a positive reads its gradient row, a negative (batch position
+    // B + b) the row of sample b negated.
+    SegmentArgs<scalar_t> ia = table_segments<scalar_t>(
+        sorted, batch, 2 * batch, key.item_offset(), num_items, Q, tab.item_factors_state,
+        batch, dim, optimizer, lr, eps, reg);
+    ia.bias = tab.item_bias;
+    ia.bias_state = tab.item_bias_state;
+    ia.grad_rows = grad_rows.data_ptr<scalar_t>();
+    ia.negated_from = static_cast<int32_t>(batch);
+    ia.coef = tab.item_bias != nullptr ? coef.data_ptr<scalar_t>() : nullptr;
+    run_segment_update<scalar_t>(
+        ia, packed_rows<scalar_t>(dim, {Q, elementwise ? ia.state : nullptr}), item_factors);
+
+    finish_loss<scalar_t>(block_sums, forward_blocks, batch, reg, result);
+  });
+  return result;
+}
+
+}  // namespace
+}  // namespace fastmf::cuda
+
+TORCH_LIBRARY_IMPL(fastmf, CUDA, m) {
+  m.impl("train_step_pairwise", &fastmf::cuda::train_step_pairwise_cuda);
+}
