@@ -8,7 +8,9 @@
 //   * every kernel checks each id against its table's row count and never dereferences a
 //     bad one: mf_forward returns NaN for that sample, mf_backward a zero gradient row,
 //     and the update ops and train_step leave the sample out of every update (train_step
-//     also drops samples with a NaN/inf target and returns a NaN loss);
+//     also drops samples with a NaN/inf target and returns a NaN loss); topk_scores
+//     leaves a bad exclude or candidate id out, and treats the rows of a bad
+//     exclude_indptr as empty where they fall outside exclude_indices;
 //   * the first such error is written to a per-device record in device memory;
 //   * `torch.ops.fastmf.check_device_errors(device)` (fastmf.ops.check_device_errors in
 //     Python) synchronises the device, and raises the recorded error with the same type
@@ -46,6 +48,7 @@ const char* op_name(int op) {
     case kOpSparseAdagrad: return "sparse_adagrad_update";
     case kOpSparseSgd: return "sparse_sgd_update";
     case kOpTrainStep: return "train_step";
+    case kOpTopk: return "topk_scores";
     default: return "unknown op";
   }
 }
@@ -56,6 +59,8 @@ const char* arg_name(int arg) {
     case kArgItems: return "items";
     case kArgIds: return "ids";
     case kArgTargets: return "targets";
+    case kArgExclude: return "exclude";
+    case kArgCandidates: return "candidates";
     default: return "unknown argument";
   }
 }
@@ -83,6 +88,12 @@ void check_device_errors(int64_t device) {
     TORCH_CHECK_VALUE(false, "fastmf.", op_name(op), ": targets contains a non-finite value (",
                       value, ")");
   }
+  TORCH_CHECK_VALUE(arg != kArgIndptrSpan, "fastmf.", op_name(op), ": exclude_indptr spans [",
+                    host.value, ", ", host.limit, ") but exclude_indices has ", host.position,
+                    " entries");
+  TORCH_CHECK_VALUE(arg != kArgIndptrOrder, "fastmf.", op_name(op),
+                    ": exclude_indptr must be non-decreasing, got ", host.value, " then ",
+                    host.limit, " at query ", host.position);
   TORCH_CHECK_INDEX(false, "fastmf.", op_name(op), ": ", arg_name(arg), " id ", host.value,
                     " out of range [0, ", host.limit, ")");
 }
