@@ -22,4 +22,11 @@ cudaError_t cudaGetSymbolAddress(void** address, T& symbol) {
   *address = static_cast<void*>(&symbol);
   return cudaSuccess;
 }
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+// A small device: enough blocks per launch to exercise multi-block paths, few enough for
+// one OS thread per CUDA thread.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 4;
+  return cudaSuccess;
+}
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
