@@ -52,7 +52,8 @@ import fastmf.ops  # noqa: F401  (registers fake kernels and autograd)
 info = C.build_info()
 print("build_info:", info)
 assert info["cuda"], "extension built without CUDA"
-ops = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step"]
+ops = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step",
+       "topk_scores"]
 for op in ops:
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmf::{op}", "CUDA"), op
 assert torch._C._dispatch_has_kernel_for_dispatch_key(
