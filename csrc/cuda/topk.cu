@@ -203,10 +203,29 @@ __device__ __forceinline__ void insert_sorted(T* scores, int64_t* ids, long long
   __syncwarp();
 }
 
+// Stages dims [d0, d0 + kKChunk) of kRows table rows, transposed: stage[d * kStride + r].
+// row_of(r) is the table row of stage row r, or -1 for zeros. V scalars per load (a Pack)
+// when every row start is 16-byte aligned, which also makes dim a multiple of V, so a pack
+// is either wholly inside the row or wholly past its end. Consecutive threads read
+// consecutive packs of a row.
+template <typename T, int V, int kRows, int kStride, typename RowOf>
+__device__ __forceinline__ void stage_chunk(T* stage, const T* __restrict__ table,
+                                            long long dim, long long d0, RowOf row_of) {
+  constexpr int kPacks = kKChunk / V;
+  for (int e = static_cast<int>(threadIdx.x); e < kRows * kPacks; e += kThreads) {
+    const int r = e / kPacks, d = (e % kPacks) * V;
+    const long long row = row_of(r), gd = d0 + d;
+    Pack<T, V> x = zero_pack<T, V>();
+    if (row >= 0 && gd < dim) x = load_pack<T, V>(table + row * dim + gd);
+#pragma unroll
+    for (int v = 0; v < V; ++v) stage[(d + v) * kStride + r] = x.v[v];
+  }
+}
+
 // TQ x TI threads, each computing MQ queries x MI items of a BQ x BI tile (thread (tq, ti)
 // takes queries tq + j * TQ and items ti + m * TI, so a warp's shared-memory reads are
 // consecutive or broadcast).
-template <typename T, int TQ, int MQ, int MI>
+template <typename T, int TQ, int MQ, int MI, int V>
 __global__ void __launch_bounds__(kThreads) topk_partial_kernel(Problem<T> p) {
   constexpr int TI = kThreads / TQ;
   constexpr int BQ = TQ * MQ, BI = TI * MI;
@@ -266,18 +285,11 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(Problem<T> p) {
       for (int m = 0; m < MI; ++m) acc[j][m] = T(0);
     }
     for (long long d0 = 0; d0 < p.dim; d0 += kKChunk) {
-      // Consecutive threads read consecutive dims of a row; stored transposed.
-      for (int e = t; e < kKChunk * BQ; e += kThreads) {
-        const int d = e % kKChunk, q = e / kKChunk;
-        const long long gq = q0 + q, gd = d0 + d;
-        q_stage[d * kQStride + q] =
-            (gq < p.batch && gd < p.dim) ? p.queries[gq * p.dim + gd] : T(0);
-      }
-      for (int e = t; e < kKChunk * BI; e += kThreads) {
-        const int d = e % kKChunk, c = e / kKChunk;
-        const long long id = tile_ids[c], gd = d0 + d;
-        x_stage[d * kXStride + c] = (id >= 0 && gd < p.dim) ? p.items[id * p.dim + gd] : T(0);
-      }
+      stage_chunk<T, V, BQ, kQStride>(q_stage, p.queries, p.dim, d0, [&](int q) {
+        return q0 + q < p.batch ? q0 + q : -1ll;
+      });
+      stage_chunk<T, V, BI, kXStride>(x_stage, p.items, p.dim, d0,
+                                      [&](int c) { return static_cast<long long>(tile_ids[c]); });
       __syncthreads();
 #pragma unroll
       for (int d = 0; d < kKChunk; ++d) {
@@ -421,7 +433,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int TQ, int MQ, int MI>
-void launch_topk(Problem<T> p, int64_t k, at::Tensor& scores, at::Tensor& ids,
+void launch_topk(Problem<T> p, int64_t k, bool packed, at::Tensor& scores, at::Tensor& ids,
                  const at::TensorOptions& options) {
   constexpr int64_t BQ = TQ * MQ, BI = (kThreads / TQ) * MI;
   cudaStream_t stream = current_stream();
@@ -450,8 +462,13 @@ void launch_topk(Problem<T> p, int64_t k, at::Tensor& scores, at::Tensor& ids,
   p.part_ids = part_ids.data_ptr<int64_t>();
   p.part_count = part_count.data_ptr<int64_t>();
 
-  topk_partial_kernel<T, TQ, MQ, MI>
-      <<<static_cast<unsigned>(query_tiles * splits), kThreads, 0, stream>>>(p);
+  const unsigned grid = static_cast<unsigned>(query_tiles * splits);
+  constexpr int kVec = 16 / sizeof(T);
+  if (packed) {
+    topk_partial_kernel<T, TQ, MQ, MI, kVec><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    topk_partial_kernel<T, TQ, MQ, MI, 1><<<grid, kThreads, 0, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   topk_merge_kernel<T><<<static_cast<unsigned>(ceil_div(p.batch, kWarps)), kThreads, 0, stream>>>(
       p.part_scores, p.part_ids, p.part_count, p.batch, p.splits, p.capacity, k,
@@ -559,12 +576,15 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(
     p.exclude_keys = exclude_keys.defined() ? exclude_keys.data_ptr<int64_t>() : nullptr;
     p.num_exclude = exclude_keys.defined() ? exclude_keys.size(0) : 0;
     p.capacity = capacity;
+    const bool packed = p.dim % (16 / sizeof(scalar_t)) == 0 && aligned16(p.queries) &&
+                        aligned16(p.items);
+    const auto options = queries.options();
     if (batch <= kNarrowBatch) {
-      launch_topk<scalar_t, 4, 2, 4>(p, k, scores, ids, queries.options());  // 8 x 256
+      launch_topk<scalar_t, 4, 2, 4>(p, k, packed, scores, ids, options);  // 8 x 256
     } else if constexpr (sizeof(scalar_t) == 4) {
-      launch_topk<scalar_t, 16, 4, 8>(p, k, scores, ids, queries.options());  // 64 x 128
+      launch_topk<scalar_t, 16, 4, 8>(p, k, packed, scores, ids, options);  // 64 x 128
     } else {
-      launch_topk<scalar_t, 16, 4, 4>(p, k, scores, ids, queries.options());  // 64 x 64
+      launch_topk<scalar_t, 16, 4, 4>(p, k, packed, scores, ids, options);  // 64 x 64
     }
   });
   return {scores, ids};
