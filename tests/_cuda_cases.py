@@ -323,9 +323,21 @@ def assert_same_topk(got, expected):
     assert torch.equal(ids, expected[1])
 
 
+def _misaligned(t, device):
+    """A contiguous copy of t on device whose data starts one element past a 16-byte
+    boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def check_topk(target, batch, num_items, k, dtype, *, dim=8, id_dtype=torch.int64,
-               exclude=False, candidates=None, bias=True, nan=False, seed=0):
-    """candidates: None, or how many candidate ids to draw (with repeats)."""
+               exclude=False, candidates=None, bias=True, nan=False, misaligned=False,
+               seed=0):
+    """candidates: None, or how many candidate ids to draw (with repeats). misaligned:
+    queries and items that start off a 16-byte boundary (the kernels must not use packed
+    loads on them)."""
     items, b = make_topk_items(num_items, dim, dtype=dtype, seed=seed, bias=bias)
     queries = make_topk_queries(batch, dim, dtype=dtype, seed=seed + 1)
     if nan and num_items > 5:
@@ -340,7 +352,12 @@ def check_topk(target, batch, num_items, k, dtype, *, dim=8, id_dtype=torch.int6
         cands = torch.from_numpy(rng.integers(0, max(num_items, 1), size=candidates)).to(id_dtype)
     expected = retrieval.topk_scores(queries, items, b, k, indptr, indices, cands)
     original = None if indices is None else indices.clone()
-    got = target.ops.topk_scores(*target.to(queries, items, b), k,
+    queries_dev, items_dev, b_dev = target.to(queries, items, b)
+    if misaligned:
+        queries_dev = _misaligned(queries, target.device)
+        items_dev = _misaligned(items, target.device)
+        assert items_dev.data_ptr() % 16 != 0
+    got = target.ops.topk_scores(queries_dev, items_dev, b_dev, k,
                                  *target.to(indptr, indices, cands))
     assert_same_topk(got, expected)
     if exclude and batch > 1:

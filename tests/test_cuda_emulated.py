@@ -141,6 +141,11 @@ def test_topk_dims(emu, dim):
     cases.check_topk(emu, 5, 700, 10, torch.float32, dim=dim, bias=dim % 2 == 1)
 
 
+@pytest.mark.parametrize("batch", [3, 40])
+def test_topk_misaligned_rows(emu, batch):
+    cases.check_topk(emu, batch, 700, 10, torch.float32, dim=8, misaligned=True)
+
+
 def test_topk_k_above_candidate_count(emu):
     cases.check_topk(emu, 4, 50, 60, torch.float32)
     cases.check_topk(emu, 4, 50, 6, torch.float32, candidates=5, exclude=True)

@@ -222,6 +222,12 @@ def test_topk_large_k(k):
     cases.check_topk(CUDA, 70, 1500, k, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("batch", [3, 40])
+def test_topk_misaligned_rows(dtype, batch):
+    cases.check_topk(CUDA, batch, 7000, 10, dtype, dim=8, misaligned=True)
+
+
 def test_topk_k_above_candidate_count():
     cases.check_topk(CUDA, 4, 50, 60, torch.float32)
     cases.check_topk(CUDA, 4, 50, 6, torch.float32, candidates=5, exclude=True)
