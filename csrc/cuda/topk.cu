@@ -17,7 +17,8 @@
 //    only the few that beat it into that query's sorted list (in the workspace). Small
 //    batches use a narrow tile (8 queries x 256 items; bandwidth-bound: the item table is
 //    read once) and large ones a wide tile (64 x 128, 64 x 64 for float64; compute-bound).
-//    Splits give the GPU enough blocks when there are few query tiles.
+//    Splits give the GPU enough blocks when there are few query tiles; their number is
+//    chosen so that the grid fills the resident block slots in whole waves.
 // 2. topk_merge_kernel: one warp per query merges the splits' sorted lists and pads.
 //
 // Order: every comparison is (score descending, item index ascending), a total order, so
@@ -65,12 +66,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Dimensions staged in shared memory per step of the score tile.
 constexpr int kKChunk = 16;
 // The merge keeps kMaxSplits / 32 list heads per lane in registers.
-constexpr int kMaxSplits = 8 * kWarp;
+constexpr int kMaxSplits = 16 * kWarp;
 constexpr int kHeadsPerLane = kMaxSplits / kWarp;
-// Splits are made until the grid has this many blocks per SM...
-constexpr int64_t kBlocksPerSM = 4;
-// ...as long as a split keeps this many item tiles (fewer would make the partial lists and
-// the merge cost more than the split saves),
+// A split keeps at least this many item tiles (fewer would make the partial lists and the
+// merge cost more than the split saves),
 constexpr int64_t kMinTilesPerSplit = 4;
 // and the partial lists stay under this many bytes.
 constexpr int64_t kMaxWorkspaceBytes = int64_t{256} << 20;
@@ -451,6 +450,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Splits per query tile: the grid should fill the GPU's resident block slots in whole
+// waves (a last wave that is mostly empty leaves SMs idle for a whole block's time), with
+// as few splits as that takes and never more than two waves' worth.
+int64_t choose_splits(int64_t query_tiles, int64_t slots, int64_t max_splits) {
+  max_splits = std::min(max_splits, ceil_div(2 * slots, query_tiles));
+  int64_t best = 1;
+  double best_fill = 0;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t blocks = query_tiles * s;
+    const double fill = static_cast<double>(blocks) / static_cast<double>(
+                                                          ceil_div(blocks, slots) * slots);
+    if (fill > best_fill + 1e-9) {
+      best = s;
+      best_fill = fill;
+    }
+  }
+  return best;
+}
+
 template <typename T, int TQ, int MQ, int MI>
 void launch_topk(Problem<T> p, int64_t k, bool packed, at::Tensor& scores, at::Tensor& ids,
                  const at::TensorOptions& options) {
@@ -458,15 +476,20 @@ void launch_topk(Problem<T> p, int64_t k, bool packed, at::Tensor& scores, at::T
   cudaStream_t stream = current_stream();
   const int64_t query_tiles = ceil_div(p.batch, BQ);
   const int64_t item_tiles = ceil_div(p.positions, BI);
-  int sms = 0;
+  constexpr int kVec = 16 / sizeof(T);
+  void (*kernel)(Problem<T>) = packed ? &topk_partial_kernel<T, TQ, MQ, MI, kVec>
+                                      : &topk_partial_kernel<T, TQ, MQ, MI, 1>;
+  int sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
                                         c10::cuda::current_device()));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t slots = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
   const int64_t per_list = p.batch * p.capacity * static_cast<int64_t>(sizeof(T) + 8);
-  int64_t splits = ceil_div(kBlocksPerSM * std::max(sms, 1), query_tiles);
-  splits = std::min({splits, std::max<int64_t>(1, item_tiles / kMinTilesPerSplit),
-                     std::max<int64_t>(1, kMaxWorkspaceBytes / per_list),
-                     static_cast<int64_t>(kMaxSplits)});
-  splits = std::max<int64_t>(1, splits);
+  int64_t splits = choose_splits(
+      query_tiles, slots,
+      std::min({std::max<int64_t>(1, item_tiles / kMinTilesPerSplit),
+                std::max<int64_t>(1, kMaxWorkspaceBytes / per_list),
+                static_cast<int64_t>(kMaxSplits)}));
   const int64_t tiles_per_split = ceil_div(item_tiles, splits);
   p.split_len = tiles_per_split * BI;
   splits = ceil_div(item_tiles, tiles_per_split);  // no empty split
@@ -481,13 +504,7 @@ void launch_topk(Problem<T> p, int64_t k, bool packed, at::Tensor& scores, at::T
   p.part_ids = part_ids.data_ptr<int64_t>();
   p.part_count = part_count.data_ptr<int64_t>();
 
-  const unsigned grid = static_cast<unsigned>(query_tiles * splits);
-  constexpr int kVec = 16 / sizeof(T);
-  if (packed) {
-    topk_partial_kernel<T, TQ, MQ, MI, kVec><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    topk_partial_kernel<T, TQ, MQ, MI, 1><<<grid, kThreads, 0, stream>>>(p);
-  }
+  kernel<<<static_cast<unsigned>(query_tiles * splits), kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   topk_merge_kernel<T><<<static_cast<unsigned>(ceil_div(p.batch, kWarps)), kThreads, 0, stream>>>(
       p.part_scores, p.part_ids, p.part_count, p.batch, p.splits, p.capacity, k,
