@@ -117,8 +117,8 @@ def test_host_side_errors(emu):
     cases.check_host_side_errors(emu)
 
 
-# topk_scores: 1 query takes the narrow tile (3000 items: 12 tiles of 256, split over 3
-# blocks and merged); 37 queries take the wide tile (1500 items: 12 tiles of 128, 3 splits).
+# topk_scores: 1 query takes the narrow tile (3000 items: 12 tiles of 256, split over 4
+# blocks and merged); 37 queries take the wide tile (1500 items: 12 tiles of 128, 4 splits).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 10, 100])
 @pytest.mark.parametrize("batch", [1, 37])

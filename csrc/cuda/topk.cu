@@ -69,8 +69,8 @@ constexpr int kKChunk = 16;
 constexpr int kMaxSplits = 16 * kWarp;
 constexpr int kHeadsPerLane = kMaxSplits / kWarp;
 // A split keeps at least this many item tiles (fewer would make the partial lists and the
-// merge cost more than the split saves),
-constexpr int64_t kMinTilesPerSplit = 4;
+// merge cost more than the split saves; at k = 10 a tile of 256 items already dwarfs a list),
+constexpr int64_t kMinTilesPerSplit = 2;
 // and the partial lists stay under this many bytes.
 constexpr int64_t kMaxWorkspaceBytes = int64_t{256} << 20;
 // Batches up to this size take the narrow tile.
