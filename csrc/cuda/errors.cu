@@ -9,8 +9,8 @@
 //     bad one: mf_forward returns NaN for that sample, mf_backward a zero gradient row,
 //     and the update ops and train_step leave the sample out of every update (train_step
 //     also drops samples with a NaN/inf target and returns a NaN loss); topk_scores
-//     leaves a bad exclude or candidate id out, and treats the rows of a bad
-//     exclude_indptr as empty where they fall outside exclude_indices;
+//     leaves a bad exclude or candidate id out, and reads a bad exclude_indptr only as
+//     far as exclude_indices goes;
 //   * the first such error is written to a per-device record in device memory;
 //   * `torch.ops.fastmf.check_device_errors(device)` (fastmf.ops.check_device_errors in
 //     Python) synchronises the device, and raises the recorded error with the same type

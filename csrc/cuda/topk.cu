@@ -6,7 +6,7 @@
 // slow: it moves 4 bytes per score through memory twice, the fused kernel none.
 //
 // Two kernels and a fixed workspace sized from (splits, B, min(k, items)) on the host, so
-// there is no host synchronisation and no data-dependent size (graph-capturable):
+// the host never waits on the device and no size depends on the data:
 //
 // 1. topk_partial_kernel: a block takes a tile of BQ queries and one *split* (a contiguous
 //    range) of the items. It walks the split in tiles of BI items: the scores of the
@@ -39,7 +39,8 @@
 // would serve better.
 //
 // Bad exclude/candidate ids and a bad exclude_indptr are recorded in the device error
-// record (errors.cu) and never dereferenced: a bad id is left out.
+// record (errors.cu) and never dereferenced: a bad id is left out, and a bad indptr only
+// changes which entries exclude what (every entry is read within exclude_indices).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
