@@ -316,6 +316,8 @@ def time_call(fn, min_seconds=0.2, max_iters=50):
 
 def run_topk():
     """{(items, batch, method): queries/s, or a string saying why not}."""
+    import fastmf.retrieval.ops  # noqa: F401  (loads the extension: torch.ops.fastmf)
+
     results = {}
     if not torch._C._dispatch_has_kernel_for_dispatch_key("fastmf::topk_scores", "CUDA"):
         log("top-k: this build of fastmf has no CUDA topk_scores kernel")
