@@ -269,3 +269,20 @@ def test_topk_retrieval_routes_cuda_to_the_kernel():
     got = topk_scores(*CUDA.to(queries, items, bias), 10, exclude=CUDA.to(*exclude))
     assert got[0].is_cuda
     cases.assert_same_topk(got, expected)
+
+
+def test_topk_model_recommend_on_cuda():
+    import fastmf
+
+    items, bias = cases.make_topk_items(500, 8)
+    model = fastmf.MF(40, 500, dim=8)
+    with torch.no_grad():
+        model.user_factors.copy_(cases.make_topk_queries(40, 8))
+        model.item_factors.copy_(items)
+        model.item_bias.copy_(bias)
+    users = list(range(0, 40, 3))
+    expected = model.recommend(users, k=10)
+    got = model.to("cuda").recommend(users, k=10)
+    assert got[0].is_cuda
+    assert torch.equal(got[0].cpu(), expected[0])
+    torch.testing.assert_close(got[1].cpu(), expected[1], rtol=0, atol=0)
