@@ -53,7 +53,7 @@ info = C.build_info()
 print("build_info:", info)
 assert info["cuda"], "extension built without CUDA"
 ops = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step",
-       "train_step_pairwise"]
+       "train_step_pairwise", "topk_scores"]
 for op in ops:
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmf::{op}", "CUDA"), op
 assert torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -25,7 +25,15 @@ nn.Embedding and torch.optim.Adagrad), positives Zipf(1.0), negatives uniform, i
 biases, fp32. Its table is printed after the first one; its roofline counts three rows
 per sample, (48 K + 56) bytes.
 
-    python benchmarks/gpu_bench.py [--quick] [--budget SECONDS]
+Top-k retrieval (printed as the third table, last): exact top-10 of item_bias[i] +
+<q, item_factors[i]> over 1M and 100K items, K=64, fp32, batches of 1, 128 and 4096
+queries: `torch.topk(q @ X.T + b, 10)` (the reference, which writes the whole score
+matrix) against fastmf's fused topk_scores kernel. Each result is checked against the
+reference before timing: scores equal to tolerance rank by rank, every returned index
+rescored in float64 to its returned score, no index twice (random data, so near-ties may
+order differently).
+
+    python benchmarks/gpu_bench.py [--quick] [--budget SECONDS] [--no-topk]
 """
 
 from __future__ import annotations
@@ -404,12 +412,120 @@ def copy_bandwidth(gib=1.0):
     return 2 * n * 4 * iters / (time.perf_counter() - t0)  # read + write
 
 
+# ----------------------------------------------------------------------------------------
+# Top-k retrieval
+
+TOPK_ITEMS = (1_000_000, 100_000)
+TOPK_BATCHES = (1, 128, 4096)
+TOPK_DIM, TOPK_K = 64, 10
+TOPK_METHODS = ("reference", "fused")
+
+
+def topk_reference(queries, items, bias, k):
+    return torch.topk(queries @ items.T + bias, k)
+
+
+def topk_fused(queries, items, bias, k):
+    return torch.ops.fastmf.topk_scores(queries, items, bias, k, None, None, None)
+
+
+def check_topk(queries, items, bias, k, chunk=256):
+    scores, ids = topk_fused(queries, items, bias, k)
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start : start + chunk]
+        expected = topk_reference(q, items, bias, k).values
+        torch.testing.assert_close(scores[start : start + chunk], expected, rtol=1e-5, atol=1e-4)
+    rescored = torch.einsum("bd,bjd->bj", queries.double(), items.double()[ids])
+    rescored += bias.double()[ids]
+    torch.testing.assert_close(scores.double(), rescored, rtol=1e-5, atol=1e-4)
+    sorted_ids = ids.sort(dim=1).values
+    assert bool((sorted_ids[:, 1:] != sorted_ids[:, :-1]).all()), "an index returned twice"
+
+
+def time_call(fn, min_seconds=0.2, max_iters=50):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = max(time.perf_counter() - t0, 1e-6)
+    iters = int(min(max_iters, max(3, math.ceil(min_seconds / one))))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def run_topk():
+    """{(items, batch, method): queries/s, or a string saying why not}."""
+    import fastmf.retrieval.ops  # noqa: F401  (loads the extension: torch.ops.fastmf)
+
+    results = {}
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastmf::topk_scores", "CUDA"):
+        log("top-k: this build of fastmf has no CUDA topk_scores kernel")
+        return results
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for num_items in TOPK_ITEMS:
+        items = torch.randn(num_items, TOPK_DIM, device="cuda", generator=gen) * 0.1
+        bias = torch.randn(num_items, device="cuda", generator=gen) * 0.1
+        for batch in TOPK_BATCHES:
+            queries = torch.randn(batch, TOPK_DIM, device="cuda", generator=gen)
+            try:
+                check_topk(queries, items, bias, TOPK_K)
+                log(f"top-k correctness I={num_items} B={batch}: ok")
+            except Exception as exc:  # noqa: BLE001
+                log(f"top-k correctness I={num_items} B={batch}: FAILED\n"
+                    f"{traceback.format_exc(limit=3)}")
+                for name in TOPK_METHODS:
+                    results[(num_items, batch, name)] = f"incorrect: {type(exc).__name__}"
+                continue
+            for name, fn in (("reference", topk_reference), ("fused", topk_fused)):
+                try:
+                    args = (queries, items, bias, TOPK_K)
+                    seconds = time_call(lambda f=fn, a=args: f(*a))
+                    results[(num_items, batch, name)] = batch / seconds
+                    log(f"top-k I={num_items:8d} B={batch:5d} {name:10s} "
+                        f"{batch / seconds:12.0f} queries/s ({seconds * 1e3:.3f} ms)")
+                except Exception as exc:  # noqa: BLE001
+                    results[(num_items, batch, name)] = f"failed: {type(exc).__name__}"
+                    log(f"top-k I={num_items} B={batch} {name}: FAILED {exc!s:.300}")
+                torch.cuda.empty_cache()
+        del items, bias
+        torch.cuda.empty_cache()
+    return results
+
+
+def print_topk_table(results, dev):
+    log("")
+    log(f"## fastmf GPU top-k retrieval — {dev}, "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+    log(f"Exact top-{TOPK_K}, K={TOPK_DIM}, fp32, item bias; reference = "
+        f"torch.topk(q @ X.T + b, {TOPK_K}).")
+    log("")
+    log("| items | batch | method | queries/s | ms per batch | vs reference |")
+    log("|---:|---:|---|---:|---:|---:|")
+    for num_items in TOPK_ITEMS:
+        for batch in TOPK_BATCHES:
+            base = results.get((num_items, batch, "reference"))
+            for name in TOPK_METHODS:
+                r = results.get((num_items, batch, name), "not run")
+                if isinstance(r, float):
+                    ratio = f"{r / base:.1f}x" if isinstance(base, float) else "-"
+                    log(f"| {num_items} | {batch} | {name} | {r:.0f} | "
+                        f"{1e3 * batch / r:.3f} | {ratio} |")
+                else:
+                    log(f"| {num_items} | {batch} | {name} | {r[:60]} | - | - |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="K=64 and batch 65536 only")
     ap.add_argument("--budget", type=float, default=240.0,
                     help="seconds for timing; slow methods are skipped once it is spent")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--no-topk", action="store_true", help="leave out the top-k section")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         log("gpu_bench: no CUDA device; nothing to measure")
@@ -438,6 +554,17 @@ def main():
         except Exception as exc:  # noqa: BLE001
             status[name] = f"incorrect/failed: {type(exc).__name__}: {str(exc)[:200]}"
             log(f"correctness {name}: FAILED\n{traceback.format_exc(limit=3)}")
+
+    # Top-k first: a fixed, small cost (about 10-20 s on an H100) that the training
+    # budget below does not squeeze out.
+    topk_results = None
+    if not args.no_topk:
+        try:
+            topk_results = run_topk()
+        except Exception as exc:  # noqa: BLE001
+            topk_results = {}
+            log(f"top-k: FAILED {type(exc).__name__}: {exc!s:.300}")
+        torch.cuda.empty_cache()
 
     bandwidth = copy_bandwidth()
     log(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (device-to-device, read + write)")
@@ -499,6 +626,8 @@ def main():
                     why = r if isinstance(r, str) else status.get(name, "not run")
                     log(f"| {dim} | {batch} | {name} | {why[:60]} | - | - |")
     print_pairwise_table(pairwise_results, bandwidth)
+    if topk_results is not None:
+        print_topk_table(topk_results, dev)
     log(f"\n(total {time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fastmf import reference
+from fastmf.retrieval import reference as retrieval
 from fastmf.testing import clone_all, make_batch, make_tables, tolerance, zipf_ids
 
 LOSS_NAMES = ("mse", "huber", "bce")
@@ -420,3 +421,193 @@ def check_pairwise_host_side_errors(target):
     with pytest.raises(ValueError, match="item_factors_state has shape"):
         op(p, q, bu, bi, p.new_zeros(10, 8), q.new_zeros(9, 8), bu.new_zeros(10),
            bi.new_zeros(10), users, pos, neg, 0, 0.0, 1, LR, EPS)
+
+
+# topk_scores
+#
+# Quantised factors (multiples of 1/4) make every score exact in any summation order, and
+# every 7th item row is a copy of row 0: ties everywhere, so the kernels must agree with
+# fastmf.retrieval.reference bit for bit, tie order included.
+
+
+def _quantised(gen, *shape, dtype):
+    return (torch.randint(-4, 5, shape, generator=gen) / 4).to(dtype)
+
+
+def make_topk_items(num_items, dim, dtype=torch.float32, seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    items = _quantised(gen, num_items, dim, dtype=dtype)
+    b = _quantised(gen, num_items, dtype=dtype) if bias else None
+    items[1::7] = items[0]
+    if bias:
+        b[1::7] = b[0]
+    return items, b
+
+
+def make_topk_queries(batch, dim, dtype=torch.float32, seed=1):
+    return _quantised(torch.Generator().manual_seed(seed), batch, dim, dtype=dtype)
+
+
+def make_topk_exclude(batch, num_items, id_dtype=torch.int64, max_len=40, seed=2):
+    """A CSR with empty rows, unsorted rows with repeats, and (if batch > 1) a row that
+    excludes every item."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in range(batch):
+        if b == 1:
+            rows.append(rng.permutation(num_items))
+        elif b % 5 == 0:
+            rows.append(np.zeros(0, np.int64))
+        else:
+            rows.append(rng.integers(0, num_items, size=rng.integers(1, max_len)))
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    indices = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    return torch.from_numpy(indptr).to(id_dtype), torch.from_numpy(indices).to(id_dtype)
+
+
+def assert_same_topk(got, expected):
+    scores, ids = cpu(*got)
+    assert scores.dtype == expected[0].dtype and ids.dtype == torch.int64
+    assert scores.shape == expected[0].shape and ids.shape == expected[1].shape
+    torch.testing.assert_close(scores, expected[0], rtol=0, atol=0)
+    assert torch.equal(ids, expected[1])
+
+
+def _misaligned(t, device):
+    """A contiguous copy of t on device whose data starts one element past a 16-byte
+    boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=device)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def check_topk(target, batch, num_items, k, dtype, *, dim=8, id_dtype=torch.int64,
+               exclude=False, candidates=None, bias=True, nan=False, misaligned=False,
+               seed=0):
+    """candidates: None, or how many candidate ids to draw (with repeats). misaligned:
+    queries and items that start off a 16-byte boundary (the kernels must not use packed
+    loads on them)."""
+    items, b = make_topk_items(num_items, dim, dtype=dtype, seed=seed, bias=bias)
+    queries = make_topk_queries(batch, dim, dtype=dtype, seed=seed + 1)
+    if nan and num_items > 5:
+        items[3] = float("nan")
+        items[5] = float("-inf")
+        queries[:, 0] = 1.0
+    indptr = indices = cands = None
+    if exclude:
+        indptr, indices = make_topk_exclude(batch, num_items, id_dtype, seed=seed + 2)
+    if candidates is not None:
+        rng = np.random.default_rng(seed + 3)
+        cands = torch.from_numpy(rng.integers(0, max(num_items, 1), size=candidates)).to(id_dtype)
+    expected = retrieval.topk_scores(queries, items, b, k, indptr, indices, cands)
+    original = None if indices is None else indices.clone()
+    queries_dev, items_dev, b_dev = target.to(queries, items, b)
+    if misaligned:
+        queries_dev = _misaligned(queries, target.device)
+        items_dev = _misaligned(items, target.device)
+        assert items_dev.data_ptr() % 16 != 0
+    got = target.ops.topk_scores(queries_dev, items_dev, b_dev, k,
+                                 *target.to(indptr, indices, cands))
+    assert_same_topk(got, expected)
+    if exclude and batch > 1:
+        assert (got[1][1].cpu() == -1).all()  # the query that excludes everything
+    if original is not None:
+        assert torch.equal(indices, original)
+    target.check_errors()  # nothing recorded
+
+
+def check_topk_batch_independent(target, dtype, num_items=3000, dim=13):
+    """Random (inexact) data: a query's results are bit-identical alone (narrow tile) and in
+    a large batch (wide tile), and close to the reference."""
+    gen = torch.Generator().manual_seed(7)
+    items = torch.randn(num_items, dim, generator=gen, dtype=dtype)
+    bias = torch.randn(num_items, generator=gen, dtype=dtype)
+    queries = torch.randn(40, dim, generator=gen, dtype=dtype)
+    batched = cpu(*target.ops.topk_scores(*target.to(queries, items, bias), 10, None, None, None))
+    torch.testing.assert_close(batched[0], retrieval.topk_scores(queries, items, bias, 10)[0],
+                               **tolerance(dtype))
+    for b in (0, 39):
+        alone = cpu(*target.ops.topk_scores(*target.to(queries[b : b + 1], items, bias), 10,
+                                            None, None, None))
+        assert torch.equal(alone[0][0], batched[0][b]) and torch.equal(alone[1][0], batched[1][b])
+
+
+def check_topk_bad_ids(target):
+    """Bad exclude/candidate ids are left out and reported by check_errors; a bad indptr is
+    reported as the CPU kernel's ValueError."""
+    clear_errors(target)
+    items, bias = make_topk_items(10, 8)
+    queries = make_topk_queries(3, 8)
+    indptr, indices = torch.tensor([0, 1, 1, 4]), torch.tensor([0, 7, 12, 4])
+    got = target.ops.topk_scores(*target.to(queries, items, bias), 4,
+                                 *target.to(indptr, indices), None)
+    expected = retrieval.topk_scores(queries, items, bias, 4, torch.tensor([0, 1, 1, 3]),
+                                     torch.tensor([0, 7, 4]))
+    assert_same_topk(got, expected)
+    with pytest.raises(IndexError, match=re.escape(
+            "fastmf.topk_scores: exclude id 12 out of range [0, 10)")):
+        target.check_errors()
+    target.check_errors()  # cleared
+
+    cands = torch.tensor([1, -3, 5, 5, 9], dtype=torch.int32)
+    got = target.ops.topk_scores(*target.to(queries, items, bias), 4, None, None,
+                                 *target.to(cands))
+    expected = retrieval.topk_scores(queries, items, bias, 4, None, None, torch.tensor([1, 5, 9]))
+    assert_same_topk(got, expected)
+    with pytest.raises(IndexError, match=re.escape(
+            "fastmf.topk_scores: candidates id -3 out of range [0, 10)")):
+        target.check_errors()
+
+    for indptr, message in (
+        (torch.tensor([0, 1, 1, 5]), "exclude_indptr spans [0, 5) but exclude_indices has 4"),
+        (torch.tensor([0, 2, 1, 3]), "exclude_indptr must be non-decreasing, got 2 then 1 at "
+                                     "query 1"),
+    ):
+        target.ops.topk_scores(*target.to(queries, items, bias), 4,
+                               *target.to(indptr, torch.tensor([0, 7, 2, 4])), None)
+        with pytest.raises(ValueError, match=re.escape("fastmf.topk_scores: " + message)):
+            target.check_errors()
+    target.check_errors()
+
+
+def check_topk_host_errors(target):
+    """The CPU kernel's host-side checks, raised by the op itself."""
+    items, bias = target.to(*make_topk_items(10, 8))
+    queries = target.to(make_topk_queries(3, 8))[0]
+    ok_ptr, ok_ind = target.to(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 9]))
+    op = target.ops.topk_scores
+    with pytest.raises(ValueError, match="k must be positive, got 0"):
+        op(queries, items, bias, 0, None, None, None)
+    with pytest.raises(TypeError, match="candidates must be int32 or int64"):
+        op(queries, items, bias, 3, None, None, target.to(torch.tensor([1.0]))[0])
+    with pytest.raises(ValueError, match=re.escape(
+            "exclude_indptr must have one entry per query plus one (4), got 3")):
+        op(queries, items, bias, 3, ok_ptr[:3], ok_ind, None)
+    with pytest.raises(ValueError, match="must both be given or both None"):
+        op(queries, items, bias, 3, ok_ptr, None, None)
+    with pytest.raises(ValueError, match="queries has dim 4 but item_factors has dim 8"):
+        op(queries[:, :4].contiguous(), items, bias, 3, None, None, None)
+    with pytest.raises(ValueError, match="item_bias has 5 rows, item_factors has 10"):
+        op(queries, items, bias[:5], 3, None, None, None)
+    with pytest.raises(TypeError, match="item_factors has dtype"):
+        op(queries, items.double(), bias, 3, None, None, None)
+    with pytest.raises(TypeError, match="queries must be float32 or float64"):
+        op(queries.long(), items, bias, 3, None, None, None)
+
+
+def check_topk_empty(target, dtype):
+    items, bias = make_topk_items(20, 8, dtype=dtype)
+    queries = make_topk_queries(3, 8, dtype=dtype)
+    scores, ids = cpu(*target.ops.topk_scores(*target.to(queries[:0], items, bias), 5, None,
+                                              None, None))
+    assert scores.shape == (0, 5) and ids.shape == (0, 5) and scores.dtype == dtype
+    empty_ptr = torch.zeros(1, dtype=torch.int64)
+    scores, ids = cpu(*target.ops.topk_scores(*target.to(queries[:0], items, bias), 5,
+                                              *target.to(empty_ptr, empty_ptr[:0]), None))
+    assert scores.shape == (0, 5)
+    for args in ((items[:0], None, None), (items, bias, torch.zeros(0, dtype=torch.int32))):
+        scores, ids = cpu(*target.ops.topk_scores(*target.to(queries, args[0], args[1]), 4,
+                                                  None, None, *target.to(args[2])))
+        assert (ids == -1).all() and (scores == float("-inf")).all() and ids.shape == (3, 4)
+    target.check_errors()

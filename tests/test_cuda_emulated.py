@@ -160,3 +160,58 @@ def test_train_step_pairwise_bad_samples(emu, what):
 
 def test_train_step_pairwise_host_side_errors(emu):
     cases.check_pairwise_host_side_errors(emu)
+
+
+# topk_scores: 1 query takes the narrow tile (3000 items: 12 tiles of 256, split over 4
+# blocks and merged); 37 queries take the wide tile (1500 items: 12 tiles of 128, 4 splits).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 10, 100])
+@pytest.mark.parametrize("batch", [1, 37])
+def test_topk_matches_reference(emu, dtype, k, batch):
+    cases.check_topk(emu, batch, 3000 if batch == 1 else 1500, k, dtype)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_topk_exclude_and_candidates(emu, id_dtype, k):
+    cases.check_topk(emu, 23, 600, k, torch.float32, id_dtype=id_dtype, exclude=True)
+    cases.check_topk(emu, 23, 600, k, torch.float32, id_dtype=id_dtype, candidates=300)
+    cases.check_topk(emu, 6, 600, k, torch.float64, id_dtype=id_dtype, exclude=True,
+                     candidates=300)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 3, 13, 37])
+def test_topk_dims(emu, dim):
+    # Dims that are no multiple of 4 (unaligned rows) and past one staged chunk of 16.
+    cases.check_topk(emu, 5, 700, 10, torch.float32, dim=dim, bias=dim % 2 == 1)
+
+
+@pytest.mark.parametrize("batch", [3, 40])
+def test_topk_misaligned_rows(emu, batch):
+    cases.check_topk(emu, batch, 700, 10, torch.float32, dim=8, misaligned=True)
+
+
+def test_topk_k_above_candidate_count(emu):
+    cases.check_topk(emu, 4, 50, 60, torch.float32)
+    cases.check_topk(emu, 4, 50, 6, torch.float32, candidates=5, exclude=True)
+
+
+def test_topk_nan_and_inf_scores(emu):
+    cases.check_topk(emu, 5, 300, 300, torch.float32, bias=False, nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_empty(emu, dtype):
+    cases.check_topk_empty(emu, dtype)
+
+
+def test_topk_batch_independent(emu):
+    cases.check_topk_batch_independent(emu, torch.float32, num_items=1000)
+
+
+def test_topk_bad_ids(emu):
+    cases.check_topk_bad_ids(emu)
+
+
+def test_topk_host_errors(emu):
+    cases.check_topk_host_errors(emu)

@@ -314,3 +314,101 @@ def test_fastmf_train_step_pairwise_on_cuda():
     assert loss.device.type == "cuda" and torch.isfinite(loss)
     assert not torch.equal(model.item_factors.detach(), before)
     fastmf.ops.check_device_errors()
+
+
+# topk_scores: batches 1 and 7 take the narrow tile, 300 and 4096 the wide one; 40k items
+# split the item range over many blocks.
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("k", [1, 10, 100])
+@pytest.mark.parametrize("batch", [1, 7, 300, 4096])
+def test_topk_matches_reference(dtype, k, batch):
+    cases.check_topk(CUDA, batch, 40_000 if batch < 1000 else 3000, k, dtype)
+
+
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("k", [1, 10, 100])
+@pytest.mark.parametrize("batch", [3, 130])
+def test_topk_exclude_and_candidates(id_dtype, k, batch):
+    for dtype in WEIGHT_DTYPES:
+        cases.check_topk(CUDA, batch, 5000, k, dtype, id_dtype=id_dtype, exclude=True)
+        cases.check_topk(CUDA, batch, 5000, k, dtype, id_dtype=id_dtype, candidates=3000)
+        cases.check_topk(CUDA, batch, 5000, k, dtype, id_dtype=id_dtype, exclude=True,
+                         candidates=3000)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 3, 13, 37, 64, 130])
+@pytest.mark.parametrize("batch", [2, 100])
+def test_topk_dims(dim, batch):
+    cases.check_topk(CUDA, batch, 7000, 10, torch.float32, dim=dim, bias=dim % 2 == 1)
+
+
+@pytest.mark.parametrize("k", [300, 2000])
+def test_topk_large_k(k):
+    cases.check_topk(CUDA, 5, 5000, k, torch.float32, exclude=True)
+    cases.check_topk(CUDA, 70, 1500, k, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+@pytest.mark.parametrize("batch", [3, 40])
+def test_topk_misaligned_rows(dtype, batch):
+    cases.check_topk(CUDA, batch, 7000, 10, dtype, dim=8, misaligned=True)
+
+
+def test_topk_k_above_candidate_count():
+    cases.check_topk(CUDA, 4, 50, 60, torch.float32)
+    cases.check_topk(CUDA, 4, 50, 6, torch.float32, candidates=5, exclude=True)
+
+
+def test_topk_nan_and_inf_scores():
+    cases.check_topk(CUDA, 5, 300, 300, torch.float32, bias=False, nan=True)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_topk_empty(dtype):
+    cases.check_topk_empty(CUDA, dtype)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
+def test_topk_batch_independent(dtype):
+    cases.check_topk_batch_independent(CUDA, dtype, num_items=200_000, dim=64)
+
+
+def test_topk_bad_ids():
+    cases.check_topk_bad_ids(CUDA)
+
+
+def test_topk_host_errors():
+    cases.check_topk_host_errors(CUDA)
+
+
+def test_topk_retrieval_routes_cuda_to_the_kernel():
+    from fastmf.retrieval import topk_scores
+    from fastmf.retrieval.ops import has_native_kernel
+    from fastmf.retrieval.topk import resolve_backend
+
+    assert has_native_kernel("cuda")
+    assert resolve_backend("auto", torch.device("cuda")) == "native"
+    items, bias = cases.make_topk_items(2000, 8)
+    queries = cases.make_topk_queries(9, 8)
+    exclude = cases.make_topk_exclude(9, 2000)
+    expected = topk_scores(queries, items, bias, 10, exclude=exclude, backend="reference")
+    got = topk_scores(*CUDA.to(queries, items, bias), 10, exclude=CUDA.to(*exclude))
+    assert got[0].is_cuda
+    cases.assert_same_topk(got, expected)
+
+
+def test_topk_model_recommend_on_cuda():
+    import fastmf
+
+    items, bias = cases.make_topk_items(500, 8)
+    model = fastmf.MF(40, 500, dim=8)
+    with torch.no_grad():
+        model.user_factors.copy_(cases.make_topk_queries(40, 8))
+        model.item_factors.copy_(items)
+        model.item_bias.copy_(bias)
+    users = list(range(0, 40, 3))
+    expected = model.recommend(users, k=10)
+    got = model.to("cuda").recommend(users, k=10)
+    assert got[0].is_cuda
+    assert torch.equal(got[0].cpu(), expected[0])
+    torch.testing.assert_close(got[1].cpu(), expected[1], rtol=0, atol=0)

@@ -25,15 +25,21 @@ constexpr int kWarp = 32;
 // Device-side error record (see errors.cu for why errors are recorded, not raised).
 
 enum ErrorOp : int { kOpMfForward = 0, kOpMfBackward, kOpSparseAdagrad, kOpSparseSgd,
-                     kOpTrainStep, kOpTrainStepPairwise, kNumErrorOps };
+                     kOpTrainStep, kOpTrainStepPairwise, kOpTopk, kNumErrorOps };
+// kArgIndptrSpan and kArgIndptrOrder are a bad exclude_indptr (a CSR the kernel cannot
+// trust), reported as the ValueErrors of the CPU kernel.
 enum ErrorArg : int { kArgUsers = 0, kArgItems, kArgIds, kArgTargets, kArgNegItems,
+                      kArgExclude, kArgCandidates, kArgIndptrSpan, kArgIndptrOrder,
                       kNumErrorArgs };
 
 struct ErrorRecord {
   unsigned long long code;   // 0: no error; else 1 + op * kNumErrorArgs + arg
-  long long value;           // the bad id, or the bits of the bad target (a double)
-  long long limit;           // the row count the id was checked against
-  long long position;        // where in the batch
+  long long value;           // the bad id, or the bits of the bad target (a double);
+                             // indptr: its first entry (span) or the entry that drops (order)
+  long long limit;           // the row count the id was checked against; indptr: its last
+                             // entry (span) or the next entry (order)
+  long long position;        // where in the batch; indptr: the number of exclude_indices
+                             // (span) or the query (order)
 };
 
 // The record of the current device; the first call on a device resolves its address

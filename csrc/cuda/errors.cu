@@ -9,7 +9,9 @@
 //     bad one: mf_forward returns NaN for that sample, mf_backward a zero gradient row,
 //     and the update ops and the fused steps (train_step, train_step_pairwise) leave the
 //     sample out of every update (the fused steps return a NaN loss; train_step also
-//     drops samples with a NaN/inf target);
+//     drops samples with a NaN/inf target); topk_scores leaves a bad exclude or
+//     candidate id out, and reads a bad exclude_indptr only as far as
+//     exclude_indices goes;
 //   * the first such error is written to a per-device record in device memory;
 //   * `torch.ops.fastmf.check_device_errors(device)` (fastmf.ops.check_device_errors in
 //     Python) synchronises the device, and raises the recorded error with the same type
@@ -48,6 +50,7 @@ const char* op_name(int op) {
     case kOpSparseSgd: return "sparse_sgd_update";
     case kOpTrainStep: return "train_step";
     case kOpTrainStepPairwise: return "train_step_pairwise";
+    case kOpTopk: return "topk_scores";
     default: return "unknown op";
   }
 }
@@ -59,6 +62,8 @@ const char* arg_name(int arg) {
     case kArgIds: return "ids";
     case kArgTargets: return "targets";
     case kArgNegItems: return "neg_items";
+    case kArgExclude: return "exclude";
+    case kArgCandidates: return "candidates";
     default: return "unknown argument";
   }
 }
@@ -86,6 +91,12 @@ void check_device_errors(int64_t device) {
     TORCH_CHECK_VALUE(false, "fastmf.", op_name(op), ": targets contains a non-finite value (",
                       value, ")");
   }
+  TORCH_CHECK_VALUE(arg != kArgIndptrSpan, "fastmf.", op_name(op), ": exclude_indptr spans [",
+                    host.value, ", ", host.limit, ") but exclude_indices has ", host.position,
+                    " entries");
+  TORCH_CHECK_VALUE(arg != kArgIndptrOrder, "fastmf.", op_name(op),
+                    ": exclude_indptr must be non-decreasing, got ", host.value, " then ",
+                    host.limit, " at query ", host.position);
   TORCH_CHECK_INDEX(false, "fastmf.", op_name(op), ": ", arg_name(arg), " id ", host.value,
                     " out of range [0, ", host.limit, ")");
 }

@@ -22,4 +22,17 @@ cudaError_t cudaGetSymbolAddress(void** address, T& symbol) {
   *address = static_cast<void*>(&symbol);
   return cudaSuccess;
 }
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+// A small device: enough blocks per launch to exercise multi-block paths, few enough for
+// one OS thread per CUDA thread.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 4;
+  return cudaSuccess;
+}
+// One resident block per SM: the emulation runs blocks one after another anyway.
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, size_t) {
+  *blocks = 1;
+  return cudaSuccess;
+}
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }

@@ -132,6 +132,29 @@ T __shfl_xor_sync(unsigned mask, T value, int offset, int width = 32) {
   return emu::exchange(mask, value, src);
 }
 
+namespace emu {
+// Every lane of `mask` arrives; a lane reads the others' values only after all have
+// written them, so this is also the memory fence __syncwarp is.
+inline unsigned ballot(unsigned mask, bool pred) {
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (!((mask >> lane) & 1u)) fail("warp vote by a lane outside its mask");
+  Block::Exchange& e = current_block->exchange(warp, mask);
+  e.slots[lane] = pred ? 1 : 0;
+  e.barrier.arrive_and_wait();
+  unsigned out = 0;
+  for (unsigned l = 0; l < 32; ++l) {
+    if (((mask >> l) & 1u) && e.slots[l] != 0) out |= 1u << l;
+  }
+  e.barrier.arrive_and_wait();
+  return out;
+}
+}  // namespace emu
+
+inline unsigned __ballot_sync(unsigned mask, bool pred) { return emu::ballot(mask, pred); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::ballot(mask, false); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 inline unsigned long long atomicCAS(unsigned long long* address, unsigned long long compare,
                                     unsigned long long value) {
   std::lock_guard<std::mutex> lock(emu::atomic_mutex);
