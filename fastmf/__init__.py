@@ -7,11 +7,16 @@
 
 import os as _os
 
-# torch ships its own OpenMP runtime; the native kernels and Numba's parallel layer use the
-# system one. With two runtimes on the same cores, the idle threads of one spin-wait and
-# starve the other (measured: a plain-PyTorch step 100x slower right after a Numba parallel
-# call). Passive waiting in the runtime loaded here removes that; set OMP_WAIT_POLICY
-# yourself to override.
+import torch as _torch  # noqa: F401  (first: torch's OpenMP runtime keeps the caller's settings)
+
+# Two OpenMP runtimes share the cores: torch's own (which the native kernels use too) and
+# the system libgomp of Numba's parallel layer, loaded at its first parallel call. A
+# runtime whose idle threads spin-wait starves the other one (measured: a plain-PyTorch
+# step up to 100x slower right after a Numba parallel call), so the second runtime waits
+# passively. torch's runtime, already loaded, keeps its default (spin briefly, then sleep),
+# which measured ~25% faster on idle cores; on oversubscribed machines set
+# OMP_WAIT_POLICY=PASSIVE before Python starts. The variable is inherited by child
+# processes; set it yourself to choose.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from fastmf import data, datasets, metrics, optim  # noqa: E402
