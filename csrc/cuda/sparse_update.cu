@@ -37,7 +37,7 @@ void check_update_inputs(const char* op, const at::Tensor& weight, const at::Ten
   check_weight(op, "weight", weight, weight.dim());
   check_contiguous(op, "weight", weight);
   check_id_dtype(op, "ids", ids);
-  check_on_device(op, "ids", ids, "weight", weight);
+  check_like_device(op, "ids", ids, "weight", weight);
   check_like(op, "grad_rows", grad_rows, "weight", weight);
   std::vector<int64_t> expected{ids.size(0)};
   if (weight.dim() == 2) expected.push_back(weight.size(1));

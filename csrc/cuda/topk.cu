@@ -540,15 +540,15 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(
   if (exclude_indptr.has_value()) {
     check_id_dtype(kOp, "exclude_indptr", *exclude_indptr);
     check_id_dtype(kOp, "exclude_indices", *exclude_indices);
-    check_on_device(kOp, "exclude_indptr", *exclude_indptr, "queries", queries);
-    check_on_device(kOp, "exclude_indices", *exclude_indices, "queries", queries);
+    check_like_device(kOp, "exclude_indptr", *exclude_indptr, "queries", queries);
+    check_like_device(kOp, "exclude_indices", *exclude_indices, "queries", queries);
     TORCH_CHECK_VALUE(exclude_indptr->size(0) == batch + 1, "fastmf.", kOp,
                       ": exclude_indptr must have one entry per query plus one (", batch + 1,
                       "), got ", exclude_indptr->size(0));
   }
   if (candidates.has_value()) {
     check_id_dtype(kOp, "candidates", *candidates);
-    check_on_device(kOp, "candidates", *candidates, "queries", queries);
+    check_like_device(kOp, "candidates", *candidates, "queries", queries);
   }
 
   c10::cuda::CUDAGuard guard(queries.device());

@@ -166,7 +166,7 @@ at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& ite
                    user_factors.scalar_type(), " like the weights");
   TORCH_CHECK_VALUE(targets.dim() == 1, "fastmf.", op, ": targets must be 1-D, got shape ",
                     targets.sizes());
-  check_on_device(op, "targets", targets, "user_factors", user_factors);
+  check_like_device(op, "targets", targets, "user_factors", user_factors);
   check_same_length(op, "users", users, "targets", targets);
   check_step_tables(op, optimizer, user_factors, item_factors, user_bias, item_bias,
                     user_factors_state, item_factors_state, user_bias_state, item_bias_state,

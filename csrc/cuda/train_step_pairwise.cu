@@ -172,7 +172,7 @@ at::Tensor train_step_pairwise_cuda(
                     kNumPairwiseLosses - 1);
   check_optimizer_code(kOp, optimizer);
   check_tables(kOp, users, pos_items, user_factors, item_factors, user_bias, item_bias);
-  check_on_device(kOp, "neg_items", neg_items, "user_factors", user_factors);
+  check_like_device(kOp, "neg_items", neg_items, "user_factors", user_factors);
   check_id_dtype(kOp, "neg_items", neg_items);
   TORCH_CHECK_VALUE(users.size(0) == neg_items.size(0), "fastmf.", kOp, ": lengths differ (",
                     "users has ", users.size(0), ", pos_items has ", pos_items.size(0),
