@@ -49,8 +49,12 @@ fi
 "$PY" -c "import json, torch, fastmf._C as C; print(json.dumps(C.build_info()))" || failed+=(import)
 
 step "CUDA tests"
+# The expectations are computed by the reference on the CPU: spread them over 4 processes
+# when pytest-xdist is there (each has its own CUDA context and device error record).
+parallel=()
+"$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
 timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "$PY" -m pytest tests/test_cuda_ops.py -q -ra \
-  -p no:cacheprovider --durations=5 || failed+=(tests)
+  "${parallel[@]}" -p no:cacheprovider --durations=5 || failed+=(tests)
 
 step "benchmark"
 timeout "${GPU_CHECK_BENCH_TIMEOUT:-180}" "$PY" benchmarks/gpu_bench.py \
