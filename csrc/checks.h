@@ -104,6 +104,47 @@ inline void check_mf_tables(const char* op, const at::Tensor& users, const at::T
   check_same_length(op, "users", users, "items", items);
 }
 
+// topk_scores: every check that reads no id value, with the messages of
+// fastmf/retrieval/_inputs.py (which interleaves the value checks: an input with several
+// faults may be reported by another one first). The CPU kernel then checks the ids on the
+// host; the CUDA kernel records bad ones on the device.
+inline void check_topk_inputs(const char* op, const at::Tensor& queries,
+                              const at::Tensor& item_factors,
+                              const std::optional<at::Tensor>& item_bias, int64_t k,
+                              const std::optional<at::Tensor>& exclude_indptr,
+                              const std::optional<at::Tensor>& exclude_indices,
+                              const std::optional<at::Tensor>& candidates) {
+  check_weight(op, "queries", queries, 2);
+  check_weight(op, "item_factors", item_factors, 2);
+  check_like(op, "item_factors", item_factors, "queries", queries);
+  TORCH_CHECK_VALUE(queries.size(1) == item_factors.size(1), "fastmf.", op,
+                    ": queries has dim ", queries.size(1), " but item_factors has dim ",
+                    item_factors.size(1));
+  TORCH_CHECK_VALUE(k > 0, "fastmf.", op, ": k must be positive, got ", k);
+  if (item_bias.has_value()) {
+    check_weight(op, "item_bias", *item_bias, 1);
+    check_like(op, "item_bias", *item_bias, "queries", queries);
+    TORCH_CHECK_VALUE(item_bias->size(0) == item_factors.size(0), "fastmf.", op,
+                      ": item_bias has ", item_bias->size(0), " rows, item_factors has ",
+                      item_factors.size(0));
+  }
+  TORCH_CHECK_VALUE(exclude_indptr.has_value() == exclude_indices.has_value(), "fastmf.", op,
+                    ": exclude_indptr and exclude_indices must both be given or both None");
+  if (exclude_indptr.has_value()) {
+    check_id_dtype(op, "exclude_indptr", *exclude_indptr);
+    check_id_dtype(op, "exclude_indices", *exclude_indices);
+    check_like_device(op, "exclude_indptr", *exclude_indptr, "queries", queries);
+    check_like_device(op, "exclude_indices", *exclude_indices, "queries", queries);
+    TORCH_CHECK_VALUE(exclude_indptr->size(0) == queries.size(0) + 1, "fastmf.", op,
+                      ": exclude_indptr must have one entry per query plus one (",
+                      queries.size(0) + 1, "), got ", exclude_indptr->size(0));
+  }
+  if (candidates.has_value()) {
+    check_id_dtype(op, "candidates", *candidates);
+    check_like_device(op, "candidates", *candidates, "queries", queries);
+  }
+}
+
 inline void check_loss_code(const char* op, int64_t loss) {
   TORCH_CHECK_VALUE(loss >= 0 && loss < kNumLosses, "fastmf.", op, ": unknown loss code ",
                     loss, "; expected 0..", kNumLosses - 1);

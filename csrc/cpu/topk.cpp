@@ -429,13 +429,6 @@ void write_ranked(const Entry<T>* ranked, int64_t count, int64_t k, T* out_score
   }
 }
 
-void check_same_device(const char* op, const char* name, const at::Tensor& t,
-                       const at::Tensor& queries) {
-  TORCH_CHECK_VALUE(t.device() == queries.device(), "fastmf.", op, ": ", name, " is on ",
-                    t.device(), " but queries is on ", queries.device(),
-                    "; move them to one device");
-}
-
 struct Problem {
   int64_t batch, dim, k;
   int64_t capacity;            // min(k, number of candidate items): the heap size
@@ -606,33 +599,13 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(
     const std::optional<at::Tensor>& exclude_indptr,
     const std::optional<at::Tensor>& exclude_indices,
     const std::optional<at::Tensor>& candidates) {
-  check_weight(kOp, "queries", queries, 2);
-  check_weight(kOp, "item_factors", item_factors, 2);
-  check_like(kOp, "item_factors", item_factors, "queries", queries);
-  TORCH_CHECK_VALUE(queries.size(1) == item_factors.size(1), "fastmf.", kOp,
-                    ": queries has dim ", queries.size(1), " but item_factors has dim ",
-                    item_factors.size(1));
-  TORCH_CHECK_VALUE(k > 0, "fastmf.", kOp, ": k must be positive, got ", k);
+  check_topk_inputs(kOp, queries, item_factors, item_bias, k, exclude_indptr, exclude_indices,
+                    candidates);
   const int64_t batch = queries.size(0);
   const int64_t num_items = item_factors.size(0);
-  if (item_bias.has_value()) {
-    check_weight(kOp, "item_bias", *item_bias, 1);
-    check_like(kOp, "item_bias", *item_bias, "queries", queries);
-    TORCH_CHECK_VALUE(item_bias->size(0) == num_items, "fastmf.", kOp, ": item_bias has ",
-                      item_bias->size(0), " rows, item_factors has ", num_items);
-  }
-  TORCH_CHECK_VALUE(exclude_indptr.has_value() == exclude_indices.has_value(), "fastmf.", kOp,
-                    ": exclude_indptr and exclude_indices must both be given or both None");
 
   at::Tensor indptr, exclude_rows;
   if (exclude_indptr.has_value()) {
-    check_id_dtype(kOp, "exclude_indptr", *exclude_indptr);
-    check_id_dtype(kOp, "exclude_indices", *exclude_indices);
-    check_same_device(kOp, "exclude_indptr", *exclude_indptr, queries);
-    check_same_device(kOp, "exclude_indices", *exclude_indices, queries);
-    TORCH_CHECK_VALUE(exclude_indptr->size(0) == batch + 1, "fastmf.", kOp,
-                      ": exclude_indptr must have one entry per query plus one (", batch + 1,
-                      "), got ", exclude_indptr->size(0));
     indptr = exclude_indptr->to(at::kLong).contiguous();
     const int64_t* ptr = indptr.const_data_ptr<int64_t>();
     const int64_t nnz = exclude_indices->size(0);
@@ -649,8 +622,6 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(
 
   std::vector<int64_t> candidate_ids;
   if (candidates.has_value()) {
-    check_id_dtype(kOp, "candidates", *candidates);
-    check_same_device(kOp, "candidates", *candidates, queries);
     at::Tensor c = candidates->to(at::kLong).contiguous();
     const int64_t* cp = c.const_data_ptr<int64_t>();
     check_id_range(kOp, "candidates", cp, c.size(0), num_items);

@@ -520,36 +520,10 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(
     const std::optional<at::Tensor>& exclude_indices,
     const std::optional<at::Tensor>& candidates) {
   // The CPU kernel's host checks, in its order and words.
-  check_weight(kOp, "queries", queries, 2);
-  check_weight(kOp, "item_factors", item_factors, 2);
-  check_like(kOp, "item_factors", item_factors, "queries", queries);
-  TORCH_CHECK_VALUE(queries.size(1) == item_factors.size(1), "fastmf.", kOp,
-                    ": queries has dim ", queries.size(1), " but item_factors has dim ",
-                    item_factors.size(1));
-  TORCH_CHECK_VALUE(k > 0, "fastmf.", kOp, ": k must be positive, got ", k);
+  check_topk_inputs(kOp, queries, item_factors, item_bias, k, exclude_indptr, exclude_indices,
+                    candidates);
   const int64_t batch = queries.size(0);
   const int64_t num_items = item_factors.size(0);
-  if (item_bias.has_value()) {
-    check_weight(kOp, "item_bias", *item_bias, 1);
-    check_like(kOp, "item_bias", *item_bias, "queries", queries);
-    TORCH_CHECK_VALUE(item_bias->size(0) == num_items, "fastmf.", kOp, ": item_bias has ",
-                      item_bias->size(0), " rows, item_factors has ", num_items);
-  }
-  TORCH_CHECK_VALUE(exclude_indptr.has_value() == exclude_indices.has_value(), "fastmf.", kOp,
-                    ": exclude_indptr and exclude_indices must both be given or both None");
-  if (exclude_indptr.has_value()) {
-    check_id_dtype(kOp, "exclude_indptr", *exclude_indptr);
-    check_id_dtype(kOp, "exclude_indices", *exclude_indices);
-    check_like_device(kOp, "exclude_indptr", *exclude_indptr, "queries", queries);
-    check_like_device(kOp, "exclude_indices", *exclude_indices, "queries", queries);
-    TORCH_CHECK_VALUE(exclude_indptr->size(0) == batch + 1, "fastmf.", kOp,
-                      ": exclude_indptr must have one entry per query plus one (", batch + 1,
-                      "), got ", exclude_indptr->size(0));
-  }
-  if (candidates.has_value()) {
-    check_id_dtype(kOp, "candidates", *candidates);
-    check_like_device(kOp, "candidates", *candidates, "queries", queries);
-  }
 
   c10::cuda::CUDAGuard guard(queries.device());
   at::Tensor scores = at::empty({batch, k}, queries.options());
