@@ -15,6 +15,7 @@ namespace fastmf {
 // Codes shared with fastmf/reference.py (LOSSES, OPTIMIZERS).
 constexpr int64_t kNumLosses = 3;
 constexpr int64_t kNumOptimizers = 3;
+constexpr int64_t kNumPairwiseLosses = 1;  // 0: bpr (fastmf/reference.py PAIRWISE_LOSSES)
 inline const char* optimizer_name(int64_t code) {
   switch (code) {
     case 0: return "sgd";
@@ -154,6 +155,30 @@ inline void check_optimizer_code(const char* op, int64_t optimizer) {
   TORCH_CHECK_VALUE(optimizer >= 0 && optimizer < kNumOptimizers, "fastmf.", op,
                     ": unknown optimizer code ", optimizer, "; expected 0..",
                     kNumOptimizers - 1);
+}
+
+// train_step_pairwise: the codes, the tables and the three id arrays, with no id value
+// read (fastmf/_checks.py check_train_step_pairwise, which names the positives "items").
+inline void check_pairwise_step_inputs(const char* op, int64_t loss, int64_t optimizer,
+                                       const at::Tensor& users, const at::Tensor& pos_items,
+                                       const at::Tensor& neg_items,
+                                       const at::Tensor& user_factors,
+                                       const at::Tensor& item_factors,
+                                       const std::optional<at::Tensor>& user_bias,
+                                       const std::optional<at::Tensor>& item_bias) {
+  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumPairwiseLosses, "fastmf.", op,
+                    ": unknown pairwise loss code ", loss, "; expected 0..",
+                    kNumPairwiseLosses - 1);
+  check_optimizer_code(op, optimizer);
+  check_mf_tables(op, users, pos_items, user_factors, item_factors, user_bias, item_bias);
+  check_like_device(op, "neg_items", neg_items, "user_factors", user_factors);
+  check_id_dtype(op, "neg_items", neg_items);
+  TORCH_CHECK_VALUE(users.size(0) == neg_items.size(0), "fastmf.", op, ": lengths differ (",
+                    "users has ", users.size(0), ", pos_items has ", pos_items.size(0),
+                    ", neg_items has ", neg_items.size(0), ")");
+  // The CPU item grouping holds 2B positions in int32 (the CUDA sort 3B keys, checked there).
+  TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 30), "fastmf.", op, ": batch of ",
+                    users.size(0), " samples; at most 2^30 - 1 are supported");
 }
 
 // `lo`, `hi`: the smallest and largest id of a batch.

@@ -38,7 +38,6 @@ constexpr const char* kOp = "train_step_pairwise";
 // fastmf/_checks.py check_train_step_pairwise validates the positives through the shared
 // MF-table checks, which call them "items"; the native messages must read the same.
 constexpr const char* kPosName = "items";
-constexpr int64_t kNumPairwiseLosses = 1;  // 0: bpr (fastmf/reference.py PAIRWISE_LOSSES)
 // F.softplus's default threshold: beyond it the reference's softplus is the identity and
 // its gradient exactly 1, and the step must agree with the reference there too.
 constexpr double kSoftplusThreshold = 20.0;
@@ -170,19 +169,8 @@ at::Tensor train_step_pairwise(
     const at::Tensor& pos_items, const at::Tensor& neg_items, int64_t loss, double reg,
     int64_t optimizer, double lr, double eps) {
   // Every check before any write, as fastmf/_checks.py check_train_step_pairwise makes them.
-  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumPairwiseLosses, "fastmf.", kOp,
-                    ": unknown pairwise loss code ", loss, "; expected 0..",
-                    kNumPairwiseLosses - 1);
-  check_optimizer_code(kOp, optimizer);
-  check_mf_tables(kOp, users, pos_items, user_factors, item_factors, user_bias, item_bias);
-  check_like_device(kOp, "neg_items", neg_items, "user_factors", user_factors);
-  check_id_dtype(kOp, "neg_items", neg_items);
-  TORCH_CHECK_VALUE(users.size(0) == neg_items.size(0), "fastmf.", kOp, ": lengths differ (",
-                    "users has ", users.size(0), ", pos_items has ", pos_items.size(0),
-                    ", neg_items has ", neg_items.size(0), ")");
-  // The item grouping holds 2B positions in int32.
-  TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 30), "fastmf.", kOp, ": batch of ",
-                    users.size(0), " samples; at most 2^30 - 1 are supported");
+  check_pairwise_step_inputs(kOp, loss, optimizer, users, pos_items, neg_items, user_factors,
+                             item_factors, user_bias, item_bias);
   Tables::check_states(kOp, optimizer, user_factors, item_factors, user_bias, item_bias,
                        user_factors_state, item_factors_state, user_bias_state,
                        item_bias_state);

@@ -27,15 +27,22 @@ inline void check_fits_32bit(const char* op, const char* what, int64_t count) {
                     " is too large for the CUDA kernels (at most 2^31 - 1)");
 }
 
+// The 32-bit limits of the sort keys: row ids and batch positions.
+inline void check_sort_key_limits(const char* op, const at::Tensor& users,
+                                  const at::Tensor& user_factors,
+                                  const at::Tensor& item_factors) {
+  check_fits_32bit(op, "user_factors row count", user_factors.size(0));
+  check_fits_32bit(op, "item_factors row count", item_factors.size(0));
+  check_fits_32bit(op, "batch size", users.size(0));
+}
+
 // The CPU kernels' table checks (csrc/checks.h), plus the 32-bit limits of the sort keys.
 inline void check_tables(const char* op, const at::Tensor& users, const at::Tensor& items,
                          const at::Tensor& user_factors, const at::Tensor& item_factors,
                          const std::optional<at::Tensor>& user_bias,
                          const std::optional<at::Tensor>& item_bias) {
   check_mf_tables(op, users, items, user_factors, item_factors, user_bias, item_bias);
-  check_fits_32bit(op, "user_factors row count", user_factors.size(0));
-  check_fits_32bit(op, "item_factors row count", item_factors.size(0));
-  check_fits_32bit(op, "batch size", users.size(0));
+  check_sort_key_limits(op, users, user_factors, item_factors);
 }
 
 }  // namespace fastmf::cuda

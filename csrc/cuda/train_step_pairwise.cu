@@ -36,7 +36,6 @@ namespace fastmf::cuda {
 namespace {
 
 constexpr const char* kOp = "train_step_pairwise";
-constexpr int64_t kNumPairwiseLosses = 1;  // 0: bpr (fastmf/reference.py PAIRWISE_LOSSES)
 // F.softplus's default threshold, as in the CPU kernel: beyond it the reference's softplus
 // is the identity and its gradient exactly 1.
 constexpr double kSoftplusThreshold = 20.0;
@@ -167,18 +166,9 @@ at::Tensor train_step_pairwise_cuda(
     const at::Tensor& pos_items, const at::Tensor& neg_items, int64_t loss, double reg,
     int64_t optimizer, double lr, double eps) {
   // The checks and messages of csrc/cpu/train_step_pairwise.cpp, in its order.
-  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumPairwiseLosses, "fastmf.", kOp,
-                    ": unknown pairwise loss code ", loss, "; expected 0..",
-                    kNumPairwiseLosses - 1);
-  check_optimizer_code(kOp, optimizer);
-  check_tables(kOp, users, pos_items, user_factors, item_factors, user_bias, item_bias);
-  check_like_device(kOp, "neg_items", neg_items, "user_factors", user_factors);
-  check_id_dtype(kOp, "neg_items", neg_items);
-  TORCH_CHECK_VALUE(users.size(0) == neg_items.size(0), "fastmf.", kOp, ": lengths differ (",
-                    "users has ", users.size(0), ", pos_items has ", pos_items.size(0),
-                    ", neg_items has ", neg_items.size(0), ")");
-  TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 30), "fastmf.", kOp, ": batch of ",
-                    users.size(0), " samples; at most 2^30 - 1 are supported");
+  check_pairwise_step_inputs(kOp, loss, optimizer, users, pos_items, neg_items, user_factors,
+                             item_factors, user_bias, item_bias);
+  check_sort_key_limits(kOp, users, user_factors, item_factors);
   check_step_tables(kOp, optimizer, user_factors, item_factors, user_bias, item_bias,
                     user_factors_state, item_factors_state, user_bias_state, item_bias_state,
                     /*writes_user_bias=*/false, 3 * users.size(0), "three times the batch size");
