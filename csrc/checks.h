@@ -157,6 +157,26 @@ inline void check_optimizer_code(const char* op, int64_t optimizer) {
                     kNumOptimizers - 1);
 }
 
+// train_step: the codes, the tables, the ids and the targets, with no value read
+// (fastmf/_checks.py check_train_step).
+inline void check_train_step_inputs(const char* op, int64_t loss, int64_t optimizer,
+                                    const at::Tensor& users, const at::Tensor& items,
+                                    const at::Tensor& targets, const at::Tensor& user_factors,
+                                    const at::Tensor& item_factors,
+                                    const std::optional<at::Tensor>& user_bias,
+                                    const std::optional<at::Tensor>& item_bias) {
+  check_loss_code(op, loss);
+  check_optimizer_code(op, optimizer);
+  check_mf_tables(op, users, items, user_factors, item_factors, user_bias, item_bias);
+  TORCH_CHECK_TYPE(targets.scalar_type() == user_factors.scalar_type(), "fastmf.", op,
+                   ": targets has dtype ", targets.scalar_type(), ", expected ",
+                   user_factors.scalar_type(), " like the weights");
+  TORCH_CHECK_VALUE(targets.dim() == 1, "fastmf.", op, ": targets must be 1-D, got shape ",
+                    targets.sizes());
+  check_like_device(op, "targets", targets, "user_factors", user_factors);
+  check_same_length(op, "users", users, "targets", targets);
+}
+
 // train_step_pairwise: the codes, the tables and the three id arrays, with no id value
 // read (fastmf/_checks.py check_train_step_pairwise, which names the positives "items").
 inline void check_pairwise_step_inputs(const char* op, int64_t loss, int64_t optimizer,

@@ -201,16 +201,8 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
                       int64_t optimizer, double lr, double eps) {
   const char* op = "train_step";
   // All checks, in the order of fastmf/_checks.py check_train_step, before any write.
-  check_loss_code(op, loss);
-  check_optimizer_code(op, optimizer);
-  check_mf_tables(op, users, items, user_factors, item_factors, user_bias, item_bias);
-  TORCH_CHECK_TYPE(targets.scalar_type() == user_factors.scalar_type(), "fastmf.", op,
-                   ": targets has dtype ", targets.scalar_type(), ", expected ",
-                   user_factors.scalar_type(), " like the weights");
-  TORCH_CHECK_VALUE(targets.dim() == 1, "fastmf.", op, ": targets must be 1-D, got shape ",
-                    targets.sizes());
-  check_like_device(op, "targets", targets, "user_factors", user_factors);
-  check_same_length(op, "users", users, "targets", targets);
+  check_train_step_inputs(op, loss, optimizer, users, items, targets, user_factors,
+                          item_factors, user_bias, item_bias);
   TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 31), "fastmf.", op, ": batch of ",
                     users.size(0), " samples; at most 2^31 - 1 are supported");
   Tables::check_states(op, optimizer, user_factors, item_factors, user_bias, item_bias,
