@@ -19,6 +19,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <initializer_list>
@@ -124,6 +125,26 @@ bool packed_rows(int64_t dim, std::initializer_list<const void*> bases) {
     if (!aligned16(p)) return false;
   }
   return true;
+}
+
+// Step 3's grid: one group of lanes per sample, moving 16-byte packs when both factor
+// tables allow it. The grid is fixed for a given batch and dim, and so are the per-block
+// loss sums in block_sums ((blocks, 2) doubles, for finish_loss).
+struct ForwardGrid {
+  bool packed;
+  int lanes;
+  int64_t blocks;
+  at::Tensor block_sums;
+};
+
+template <typename scalar_t>
+ForwardGrid forward_grid(int64_t batch, int64_t dim, const scalar_t* user_factors,
+                         const scalar_t* item_factors, const at::TensorOptions& options) {
+  const bool packed = packed_rows<scalar_t>(dim, {user_factors, item_factors});
+  const RowLayout layout = row_layout(dim, packed ? 16 / static_cast<int>(sizeof(scalar_t)) : 1);
+  const int64_t blocks = ceil_div(batch, kThreads / layout.lanes);
+  return ForwardGrid{packed, layout.lanes, blocks,
+                     at::empty({blocks * 2}, options.dtype(at::kDouble))};
 }
 
 // One table's slots of the sorted batch [first_slot, first_slot + slots) as the segment

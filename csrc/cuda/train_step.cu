@@ -156,18 +156,10 @@ at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& ite
                            const at::Tensor& targets, double global_mean, int64_t loss,
                            double reg, int64_t optimizer, double lr, double eps) {
   constexpr const char* op = "train_step";
-  TORCH_CHECK_VALUE(loss >= 0 && loss <= 2, "fastmf.", op, ": unknown loss code ", loss,
-                    "; expected 0..2");
-  TORCH_CHECK_VALUE(optimizer >= 0 && optimizer <= 2, "fastmf.", op,
-                    ": unknown optimizer code ", optimizer, "; expected 0..2");
-  check_tables(op, users, items, user_factors, item_factors, user_bias, item_bias);
-  TORCH_CHECK_TYPE(targets.scalar_type() == user_factors.scalar_type(), "fastmf.", op,
-                   ": targets has dtype ", targets.scalar_type(), ", expected ",
-                   user_factors.scalar_type(), " like the weights");
-  TORCH_CHECK_VALUE(targets.dim() == 1, "fastmf.", op, ": targets must be 1-D, got shape ",
-                    targets.sizes());
-  check_like_device(op, "targets", targets, "user_factors", user_factors);
-  check_same_length(op, "users", users, "targets", targets);
+  // The checks and messages of csrc/cpu/train_step.cpp.
+  check_train_step_inputs(op, loss, optimizer, users, items, targets, user_factors,
+                          item_factors, user_bias, item_bias);
+  check_sort_key_limits(op, users, user_factors, item_factors);
   check_step_tables(op, optimizer, user_factors, item_factors, user_bias, item_bias,
                     user_factors_state, item_factors_state, user_bias_state, item_bias_state,
                     /*writes_user_bias=*/true, 2 * users.size(0), "twice the batch size");
@@ -205,23 +197,21 @@ at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& ite
     // Forward: one group per sample; a fixed grid for a given batch, hence fixed sums.
     at::Tensor coef = at::empty({batch}, user_factors.options());
     at::Tensor item_grad_rows = at::empty({batch, dim}, user_factors.options());
-    const bool forward_packed = packed_rows<scalar_t>(dim, {P, Q});
+    const ForwardGrid grid = forward_grid<scalar_t>(batch, dim, P, Q, user_factors.options());
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const RowLayout fl = row_layout(dim, forward_packed ? kVec : 1);
-    const int64_t forward_blocks = ceil_div(batch, kThreads / fl.lanes);
-    at::Tensor block_sums = at::empty({forward_blocks * 2}, user_factors.options().dtype(at::kDouble));
     ForwardArgs<scalar_t> fa{key_ptr, static_cast<int32_t>(batch), num_users, dim, P, Q,
                              tab.user_bias, tab.item_bias,
                              t.data_ptr<scalar_t>(), static_cast<scalar_t>(global_mean),
                              static_cast<scalar_t>(1.0 / static_cast<double>(batch)),
-                             static_cast<int>(loss), fl.lanes, coef.data_ptr<scalar_t>(),
-                             item_grad_rows.data_ptr<scalar_t>(), block_sums.data_ptr<double>()};
-    if (forward_packed) {
+                             static_cast<int>(loss), grid.lanes, coef.data_ptr<scalar_t>(),
+                             item_grad_rows.data_ptr<scalar_t>(),
+                             grid.block_sums.data_ptr<double>()};
+    if (grid.packed) {
       train_forward_kernel<scalar_t, kVec>
-          <<<static_cast<unsigned>(forward_blocks), kThreads, 0, stream>>>(fa);
+          <<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(fa);
     } else {
       train_forward_kernel<scalar_t, 1>
-          <<<static_cast<unsigned>(forward_blocks), kThreads, 0, stream>>>(fa);
+          <<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(fa);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -253,7 +243,7 @@ at::Tensor train_step_cuda(const at::Tensor& user_factors, const at::Tensor& ite
     run_segment_update<scalar_t>(
         ia, packed_rows<scalar_t>(dim, {Q, elementwise ? ia.state : nullptr}), item_factors);
 
-    finish_loss<scalar_t>(block_sums, forward_blocks, batch, reg, result);
+    finish_loss<scalar_t>(grid.block_sums, grid.blocks, batch, reg, result);
   });
   return result;
 }

@@ -203,22 +203,19 @@ at::Tensor train_step_pairwise_cuda(
     // Forward: one group per sample; a fixed grid for a given batch, hence fixed sums.
     at::Tensor coef = at::empty({batch}, user_factors.options());
     at::Tensor grad_rows = at::empty({batch, dim}, user_factors.options());
-    const bool forward_packed = packed_rows<scalar_t>(dim, {P, Q});
+    const ForwardGrid grid = forward_grid<scalar_t>(batch, dim, P, Q, user_factors.options());
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const RowLayout fl = row_layout(dim, forward_packed ? kVec : 1);
-    const int64_t forward_blocks = ceil_div(batch, kThreads / fl.lanes);
-    at::Tensor block_sums =
-        at::empty({forward_blocks * 2}, user_factors.options().dtype(at::kDouble));
     const PairwiseForwardArgs<scalar_t> fa{
         key_ptr, static_cast<int32_t>(batch), num_users, dim, P, Q, tab.item_bias,
-        static_cast<scalar_t>(1.0 / static_cast<double>(batch)), fl.lanes,
-        coef.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), block_sums.data_ptr<double>()};
-    if (forward_packed) {
+        static_cast<scalar_t>(1.0 / static_cast<double>(batch)), grid.lanes,
+        coef.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(),
+        grid.block_sums.data_ptr<double>()};
+    if (grid.packed) {
       pairwise_forward_kernel<scalar_t, kVec>
-          <<<static_cast<unsigned>(forward_blocks), kThreads, 0, stream>>>(fa);
+          <<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(fa);
     } else {
       pairwise_forward_kernel<scalar_t, 1>
-          <<<static_cast<unsigned>(forward_blocks), kThreads, 0, stream>>>(fa);
+          <<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(fa);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -251,7 +248,7 @@ at::Tensor train_step_pairwise_cuda(
     run_segment_update<scalar_t>(
         ia, packed_rows<scalar_t>(dim, {Q, elementwise ? ia.state : nullptr}), item_factors);
 
-    finish_loss<scalar_t>(block_sums, forward_blocks, batch, reg, result);
+    finish_loss<scalar_t>(grid.block_sums, grid.blocks, batch, reg, result);
   });
   return result;
 }
