@@ -318,10 +318,14 @@ def _chunk_bounds(starts, num_segments, num_threads):
 
 
 @_jit
-def _ids_in_range(users, items, b, num_users, num_items):
-    u = users[b]
-    i = items[b]
-    return (u >= 0) & (u < num_users) & (i >= 0) & (i < num_items)
+def _ids_in_range(users, items, start, end, num_users, num_items):
+    """Whether every (user, item) pair of samples [start, end) indexes a row."""
+    for b in range(start, end):
+        u = users[b]
+        i = items[b]
+        if not ((u >= 0) & (u < num_users) & (i >= 0) & (i < num_items)):
+            return False
+    return True
 
 
 @_pjit
@@ -337,11 +341,8 @@ def _forward_kernel(users, items, user_factors, item_factors, user_bias, item_bi
     bad = np.zeros(num_blocks, np.bool_)
     for blk in prange(num_blocks):
         end = min(num_samples, (blk + 1) * _BLOCK)
-        for b in range(blk * _BLOCK, end):
-            if not _ids_in_range(users, items, b, num_users, num_items):
-                bad[blk] = True
-                break
-        if bad[blk]:
+        if not _ids_in_range(users, items, blk * _BLOCK, end, num_users, num_items):
+            bad[blk] = True
             continue
         scratch = np.empty(dim, user_factors.dtype)
         for b in range(blk * _BLOCK, end):
@@ -369,11 +370,8 @@ def _backward_kernel(grad_out, users, items, user_factors, item_factors, grad_p,
     bad = np.zeros(num_blocks, np.bool_)
     for blk in prange(num_blocks):
         end = min(num_samples, (blk + 1) * _BLOCK)
-        for b in range(blk * _BLOCK, end):
-            if not _ids_in_range(users, items, b, num_users, num_items):
-                bad[blk] = True
-                break
-        if bad[blk]:
+        if not _ids_in_range(users, items, blk * _BLOCK, end, num_users, num_items):
+            bad[blk] = True
             continue
         for b in range(blk * _BLOCK, end):
             ahead = b + _PREFETCH_SAMPLES
