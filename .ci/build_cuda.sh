@@ -9,7 +9,8 @@
 # the package, so the in-place CPU build that the rest of CI uses is never replaced.
 #
 # Environment: CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default
-# "8.0;9.0+PTX"), FASTMF_CUDA_VENV (default build/venv-cuda, reused when present).
+# "8.0;9.0+PTX"), FASTMF_CUDA_VENV (default build/venv-cuda, reused when present),
+# FASTMF_CUDA_TORCH (the torch version to build against, a CUDA 13.0 build; default 2.14.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
@@ -21,11 +22,13 @@ VENV=${FASTMF_CUDA_VENV:-build/venv-cuda}
 case $VENV in /*) ;; *) VENV=$PWD/$VENV ;; esac  # the import step runs from another folder
 PY=$VENV/bin/python
 
-step "venv with torch 2.14.1 (CUDA 13.0)"
-if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__ != '2.14.1+cu130')" 2>/dev/null; then
+TORCH_VERSION=${FASTMF_CUDA_TORCH:-2.14.1}
+step "venv with torch $TORCH_VERSION (CUDA 13.0)"
+if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION' \
+    or torch.version.cuda is None)" 2>/dev/null; then
   rm -rf "$VENV"
   python3 -m venv "$VENV"
-  "$PY" -m pip install -q torch==2.14.1 numpy ninja setuptools wheel
+  "$PY" -m pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel
 fi
 # fastmf's own runtime dependencies, for the import check below.
 "$PY" -m pip install -q numba scipy pandas tqdm safetensors
