@@ -17,6 +17,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\(", re.S)
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
+# `__shared__ [__align__(n)] TYPE NAME[DIM];` or `__shared__ TYPE NAME;`
+STATIC_SHARED = re.compile(
+    r"__shared__ (?:__align__\(\d+\) )?([\w:]+(?: [\w:]+)*?) (\w+)((?:\[[^\]]+\])?);")
 
 
 def rewrite(text: str) -> str:
@@ -29,6 +32,11 @@ def rewrite(text: str) -> str:
     )
     text = LAUNCH.sub(lambda m: f"::emu::Launch({m.group(2)})({m.group(1)}, ", text)
     text = DYNAMIC_SHARED.sub(r"unsigned char* \1 = ::emu::dynamic_shared();", text)
+    # Shared memory belongs to a block: blocks that run at once (FASTMF_EMU_BLOCKS) must
+    # not see each other's, as a function-local static would let them.
+    text = STATIC_SHARED.sub(
+        r"static char \2_emu_key;\n"
+        r"  auto& \2 = ::emu::block_shared<\1\3>(&\2_emu_key);", text)
     text = text.replace("__shared__", "static")
     # A GPU faults on a misaligned 16-byte access; the CPU would not notice.
     text = text.replace("return *reinterpret_cast<const Pack<T, V>*>(p);",
@@ -69,34 +77,57 @@ def prepare_sources(out: Path) -> list[str]:
     return sources
 
 
-def build(asan: bool | None = None, verbose: bool = False) -> str:
-    """Builds (or reuses) the emulated library and returns its path."""
+SANITIZERS = {"": "fastmf_emu", "address": "fastmf_emu_asan", "thread": "fastmf_emu_tsan"}
+
+
+def build(sanitizer: str | None = None, verbose: bool = False) -> str:
+    """Builds (or reuses) the emulated library and returns its path.
+
+    ``sanitizer`` (default: the FASTMF_EMU_SANITIZE environment variable): ``"address"``
+    (AddressSanitizer + UndefinedBehaviorSanitizer: out-of-bounds accesses) or ``"thread"``
+    (ThreadSanitizer: data races between the CUDA threads of a block, and between blocks
+    when FASTMF_EMU_BLOCKS runs several at once). The Python process must load the
+    sanitizer's runtime first (LD_PRELOAD); tests/test_cuda_emulated.py shows how.
+    """
     import torch
     from torch.utils import cpp_extension
 
-    if asan is None:
-        asan = os.environ.get("FASTMF_EMU_ASAN", "0") == "1"
-    name = "fastmf_emu_asan" if asan else "fastmf_emu"
+    if sanitizer is None:
+        sanitizer = os.environ.get("FASTMF_EMU_SANITIZE", "")
+    if sanitizer not in SANITIZERS:
+        raise ValueError(f"FASTMF_EMU_SANITIZE={sanitizer!r}: expected one of "
+                         f"{sorted(k for k in SANITIZERS if k)} or empty")
+    name = SANITIZERS[sanitizer]
     # One build per torch version: a library built against another torch would not load.
     build_dir = ROOT / "build" / f"{name}-torch{torch.__version__.replace('+', '-')}"
     sources = prepare_sources(build_dir / "src")
     flags = ["-std=c++20", "-O1", "-g", "-pthread",
              "-include", str(HERE / "include" / "emu_runtime.h")]
     ldflags = ["-pthread"]
-    if asan:
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
-        ldflags += ["-fsanitize=address"]
+    if sanitizer == "address":
+        flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        ldflags += ["-fsanitize=address,undefined"]
+    elif sanitizer == "thread":
+        flags += ["-fsanitize=thread"]
+        ldflags += ["-fsanitize=thread"]
     (build_dir / "obj").mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=name,
-        sources=sources,
-        extra_cflags=flags,
-        extra_ldflags=ldflags,
-        extra_include_paths=[str(HERE / "include"), str(build_dir / "src" / "cuda")],
-        build_directory=str(build_dir / "obj"),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    # The compiler must not run with this process's preloaded sanitizer runtime (ThreadSanitizer
+    # makes it fail); the variable only matters when a process starts, so this one keeps it.
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=flags,
+            extra_ldflags=ldflags,
+            extra_include_paths=[str(HERE / "include"), str(build_dir / "src" / "cuda")],
+            build_directory=str(build_dir / "obj"),
+            is_python_module=False,
+            verbose=verbose,
+        )
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
 
 
 if __name__ == "__main__":

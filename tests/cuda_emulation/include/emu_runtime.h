@@ -1,7 +1,8 @@
 // A CPU stand-in for the parts of the CUDA programming model that csrc/cuda uses, so the
 // kernels' own source runs on a machine without a GPU: every CUDA thread of a block is an
 // OS thread, __syncthreads is a barrier over the block, and a shuffle is an exchange
-// through a barrier over the lanes named in its mask. Blocks run one after another.
+// through a barrier over the lanes named in its mask. Blocks run one after another, or
+// FASTMF_EMU_BLOCKS at a time.
 //
 // It checks what a GPU would report or silently get wrong and a CPU would not: a shuffle
 // whose mask leaves out the calling or the source lane, a misaligned vector access, and
@@ -65,6 +66,8 @@ struct Block {
   };
   std::mutex mutex;
   std::map<std::pair<unsigned, unsigned>, std::unique_ptr<Exchange>> exchanges;
+  // The block's `__shared__` variables, one zeroed buffer per declaration.
+  std::map<const void*, std::unique_ptr<unsigned char[]>> statics;
 
   Exchange& exchange(unsigned warp, unsigned mask) {
     std::lock_guard<std::mutex> lock(mutex);
@@ -79,6 +82,22 @@ inline std::mutex atomic_mutex;
 
 inline void check_aligned(const void* p, size_t bytes) {
   if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail("misaligned vector access");
+}
+
+// A `__shared__ A name;` declaration becomes `auto& name = block_shared<A>(&key)`, with a
+// `key` unique to the declaration (and to the template instance it is in).
+template <typename A>
+A& block_shared(const void* key) {
+  Block& blk = *current_block;
+  std::lock_guard<std::mutex> lock(blk.mutex);
+  auto& slot = blk.statics[key];
+  if (!slot) {
+    constexpr size_t align = alignof(A) > 16 ? alignof(A) : 16;
+    slot.reset(new unsigned char[sizeof(A) + align]());
+  }
+  auto p = reinterpret_cast<uintptr_t>(slot.get());
+  constexpr size_t align = alignof(A) > 16 ? alignof(A) : 16;
+  return *reinterpret_cast<A*>(p + (align - p % align) % align);
 }
 
 inline unsigned char* dynamic_shared() {
@@ -183,24 +202,41 @@ struct Launch {
   void operator()(Kernel kernel, Args... args) const {
     if (shared > 48 * 1024) fail("dynamic shared memory above 48 KiB without opt-in");
     if (block.x % 32 != 0 || block.x > 1024) fail("block size not a multiple of 32");
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      Block blk(block.x, shared);
+    const unsigned wave = concurrent_blocks();
+    for (unsigned first = 0; first < grid.x; first += wave) {
+      const unsigned last = std::min(grid.x, first + wave);
+      std::vector<std::unique_ptr<Block>> blocks;
       std::vector<std::thread> threads;
-      threads.reserve(block.x);
-      for (unsigned tx = 0; tx < block.x; ++tx) {
-        threads.emplace_back([&, tx] {
-          threadIdx = dim3(tx);
-          blockIdx = dim3(bx);
-          blockDim = block;
-          gridDim = grid;
-          current_block = &blk;
-          kernel(args...);
-          // An exited thread no longer takes part in __syncthreads.
-          blk.barrier.arrive_and_drop();
-        });
+      threads.reserve(static_cast<size_t>(last - first) * block.x);
+      for (unsigned bx = first; bx < last; ++bx) {
+        blocks.push_back(std::make_unique<Block>(block.x, shared));
+        Block* blk = blocks.back().get();
+        for (unsigned tx = 0; tx < block.x; ++tx) {
+          threads.emplace_back([&, blk, bx, tx] {
+            threadIdx = dim3(tx);
+            blockIdx = dim3(bx);
+            blockDim = block;
+            gridDim = grid;
+            current_block = blk;
+            kernel(args...);
+            // An exited thread no longer takes part in __syncthreads.
+            blk->barrier.arrive_and_drop();
+          });
+        }
       }
       for (auto& t : threads) t.join();
     }
+  }
+
+  // FASTMF_EMU_BLOCKS (default 1): how many blocks run at once. More than one lets
+  // ThreadSanitizer see blocks that touch the same memory, as a GPU's concurrent blocks do.
+  static unsigned concurrent_blocks() {
+    static const unsigned n = [] {
+      const char* env = std::getenv("FASTMF_EMU_BLOCKS");
+      const long v = env ? std::strtol(env, nullptr, 10) : 1;
+      return static_cast<unsigned>(v < 1 ? 1 : (v > 16 ? 16 : v));
+    }();
+    return n;
   }
 };
 
