@@ -177,6 +177,10 @@ __device__ __forceinline__ void insert_sorted(T* scores, int64_t* ids, long long
     else hi = mid;
   }
   const long long pos = lo;
+  // Every lane must finish reading before any lane writes: when nothing moves, lane 0's
+  // store below would otherwise race with the other lanes' search (and could give them
+  // another pos, so that they disagree on the loop below and its __syncwarp).
+  __syncwarp();
   // Entries [pos, last) move down by one (the worst falls off a full list), from the end
   // backwards: each step reads its 32 sources before writing over them.
   const long long last = min_ll(count, cap - 1);
