@@ -112,3 +112,53 @@ def make_batch(
 
 def clone_all(*tensors):
     return tuple(None if t is None else t.clone() for t in tensors)
+
+
+# Top-k data: quantised factors (multiples of 1/4) make every score exact in any summation
+# order, and every 7th item row (and bias) is a copy of row 0, so there are exact ties and
+# every kernel must agree with fastmf.retrieval.reference bit for bit, tie order included.
+
+
+def quantised(gen: torch.Generator, *shape, dtype: torch.dtype = torch.float32):
+    return (torch.randint(-4, 5, shape, generator=gen) / 4).to(dtype)
+
+
+def make_topk_items(num_items, dim=8, *, dtype=torch.float32, seed=0, bias=True):
+    """(items, bias): quantised item tables with every 7th row (and bias) a copy of row 0."""
+    gen = torch.Generator().manual_seed(seed)
+    items = quantised(gen, num_items, dim, dtype=dtype)
+    b = quantised(gen, num_items, dtype=dtype) if bias else None
+    items[1::7] = items[0]
+    if bias:
+        b[1::7] = b[0]
+    return items, b
+
+
+def make_topk_queries(batch, dim=8, *, dtype=torch.float32, seed=1):
+    return quantised(torch.Generator().manual_seed(seed), batch, dim, dtype=dtype)
+
+
+def make_topk_exclude(batch, num_items, *, seed=2, id_dtype=torch.int64, max_len=40,
+                      sort_rows=False):
+    """(indptr, indices): a CSR with empty rows, unsorted (or sorted) rows, repeated ids, and
+    (if batch > 1) a row that excludes every item."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for b in range(batch):
+        if b == 1:
+            rows.append(rng.permutation(num_items))
+        elif b % 5 == 0:
+            rows.append(np.zeros(0, np.int64))
+        else:
+            rows.append(rng.integers(0, num_items, size=rng.integers(1, max_len)))
+    if sort_rows:
+        rows = [np.sort(r) for r in rows]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    indices = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    return torch.from_numpy(indptr).to(id_dtype), torch.from_numpy(indices).to(id_dtype)
+
+
+def make_topk_candidates(num_items, size, *, seed=3, id_dtype=torch.int64):
+    """Candidate ids drawn with repeats."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, max(num_items, 1), size=size)).to(id_dtype)

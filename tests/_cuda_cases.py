@@ -20,7 +20,17 @@ import torch
 
 from fastmf import reference
 from fastmf.retrieval import reference as retrieval
-from fastmf.testing import clone_all, make_batch, make_tables, tolerance, zipf_ids
+from fastmf.testing import (
+    clone_all,
+    make_batch,
+    make_tables,
+    make_topk_candidates,
+    make_topk_exclude,
+    make_topk_items,
+    make_topk_queries,
+    tolerance,
+    zipf_ids,
+)
 
 LOSS_NAMES = ("mse", "huber", "bce")
 OPT_NAMES = ("sgd", "adagrad", "rowwise_adagrad")
@@ -423,46 +433,8 @@ def check_pairwise_host_side_errors(target):
            bi.new_zeros(10), users, pos, neg, 0, 0.0, 1, LR, EPS)
 
 
-# topk_scores
-#
-# Quantised factors (multiples of 1/4) make every score exact in any summation order, and
-# every 7th item row is a copy of row 0: ties everywhere, so the kernels must agree with
-# fastmf.retrieval.reference bit for bit, tie order included.
-
-
-def _quantised(gen, *shape, dtype):
-    return (torch.randint(-4, 5, shape, generator=gen) / 4).to(dtype)
-
-
-def make_topk_items(num_items, dim, dtype=torch.float32, seed=0, bias=True):
-    gen = torch.Generator().manual_seed(seed)
-    items = _quantised(gen, num_items, dim, dtype=dtype)
-    b = _quantised(gen, num_items, dtype=dtype) if bias else None
-    items[1::7] = items[0]
-    if bias:
-        b[1::7] = b[0]
-    return items, b
-
-
-def make_topk_queries(batch, dim, dtype=torch.float32, seed=1):
-    return _quantised(torch.Generator().manual_seed(seed), batch, dim, dtype=dtype)
-
-
-def make_topk_exclude(batch, num_items, id_dtype=torch.int64, max_len=40, seed=2):
-    """A CSR with empty rows, unsorted rows with repeats, and (if batch > 1) a row that
-    excludes every item."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b in range(batch):
-        if b == 1:
-            rows.append(rng.permutation(num_items))
-        elif b % 5 == 0:
-            rows.append(np.zeros(0, np.int64))
-        else:
-            rows.append(rng.integers(0, num_items, size=rng.integers(1, max_len)))
-    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-    indices = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
-    return torch.from_numpy(indptr).to(id_dtype), torch.from_numpy(indices).to(id_dtype)
+# topk_scores, on fastmf.testing's quantised top-k data (exact scores, planted ties): the
+# kernels must agree with fastmf.retrieval.reference bit for bit, tie order included.
 
 
 def assert_same_topk(got, expected):
@@ -496,10 +468,9 @@ def check_topk(target, batch, num_items, k, dtype, *, dim=8, id_dtype=torch.int6
         queries[:, 0] = 1.0
     indptr = indices = cands = None
     if exclude:
-        indptr, indices = make_topk_exclude(batch, num_items, id_dtype, seed=seed + 2)
+        indptr, indices = make_topk_exclude(batch, num_items, id_dtype=id_dtype, seed=seed + 2)
     if candidates is not None:
-        rng = np.random.default_rng(seed + 3)
-        cands = torch.from_numpy(rng.integers(0, max(num_items, 1), size=candidates)).to(id_dtype)
+        cands = make_topk_candidates(num_items, candidates, seed=seed + 3, id_dtype=id_dtype)
     expected = retrieval.topk_scores(queries, items, b, k, indptr, indices, cands)
     original = None if indices is None else indices.clone()
     queries_dev, items_dev, b_dev = target.to(queries, items, b)

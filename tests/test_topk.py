@@ -19,7 +19,15 @@ import torch
 
 from fastmf.retrieval import ANNIndex, popular_items, reference, similar, topk_scores
 from fastmf.retrieval.ops import has_native_kernel
-from fastmf.testing import ID_DTYPES, WEIGHT_DTYPES, tolerance
+from fastmf.testing import (
+    ID_DTYPES,
+    WEIGHT_DTYPES,
+    make_topk_candidates,
+    make_topk_exclude,
+    make_topk_items,
+    make_topk_queries,
+    tolerance,
+)
 
 requires_native = pytest.mark.skipif(
     not has_native_kernel("cpu"), reason="the native extension (fastmf._C) is not built"
@@ -41,50 +49,6 @@ BACKENDS = [
     "auto",
 ]
 FAST_BACKENDS = BACKENDS[:2]
-
-
-def quantised(gen, *shape, dtype=torch.float32):
-    return (torch.randint(-4, 5, shape, generator=gen) / 4).to(dtype)
-
-
-def make_items(num_items, dim=8, *, dtype=torch.float32, seed=0, bias=True):
-    """Quantised item tables with every 7th row (and bias) a copy of row 0: exact ties."""
-    gen = torch.Generator().manual_seed(seed)
-    items = quantised(gen, num_items, dim, dtype=dtype)
-    b = quantised(gen, num_items, dtype=dtype) if bias else None
-    items[1::7] = items[0]
-    if bias:
-        b[1::7] = b[0]
-    return items, b
-
-
-def make_queries(batch, dim=8, *, dtype=torch.float32, seed=1):
-    return quantised(torch.Generator().manual_seed(seed), batch, dim, dtype=dtype)
-
-
-def make_exclude(batch, num_items, *, seed=2, id_dtype=torch.int64, max_len=40,
-                 sort_rows=False):
-    """A CSR with empty rows, unsorted (or sorted) rows, repeated ids, and (if batch > 1) a
-    row that excludes every item."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for b in range(batch):
-        if b == 1:
-            rows.append(rng.permutation(num_items))
-        elif b % 5 == 0:
-            rows.append(np.zeros(0, np.int64))
-        else:
-            rows.append(rng.integers(0, num_items, size=rng.integers(1, max_len)))
-    if sort_rows:
-        rows = [np.sort(r) for r in rows]
-    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-    indices = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    return (torch.from_numpy(indptr).to(id_dtype), torch.from_numpy(indices).to(id_dtype))
-
-
-def make_candidates(num_items, size, *, seed=3, id_dtype=torch.int64):
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(rng.integers(0, num_items, size=size)).to(id_dtype)
 
 
 def assert_same_topk(got, expected):
@@ -121,8 +85,8 @@ def assert_valid_topk(got, expected, queries, items, bias, exclude=None):
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
 @pytest.mark.parametrize("k", [1, 10, 100])
 def test_matches_reference_with_ties(backend, dtype, k):
-    items, bias = make_items(1500, dtype=dtype)
-    queries = make_queries(70, dtype=dtype)
+    items, bias = make_topk_items(1500, dtype=dtype)
+    queries = make_topk_queries(70, dtype=dtype)
     expected = reference.topk_scores(queries, items, bias, k)
     assert_same_topk(topk_scores(queries, items, bias, k, backend=backend), expected)
 
@@ -132,11 +96,11 @@ def test_matches_reference_with_ties(backend, dtype, k):
 @pytest.mark.parametrize("k", [1, 10, 100])
 @pytest.mark.parametrize("sort_rows", [False, True], ids=["unsorted", "sorted"])
 def test_exclude_and_candidates(backend, id_dtype, k, sort_rows):
-    items, bias = make_items(900)
-    queries = make_queries(23)
-    exclude = make_exclude(23, 900, id_dtype=id_dtype, sort_rows=sort_rows)
+    items, bias = make_topk_items(900)
+    queries = make_topk_queries(23)
+    exclude = make_topk_exclude(23, 900, id_dtype=id_dtype, sort_rows=sort_rows)
     original = exclude[1].clone()
-    candidates = make_candidates(900, 400, id_dtype=id_dtype)
+    candidates = make_topk_candidates(900, 400, id_dtype=id_dtype)
     for exclude_csr, cands in ((exclude, None), ((None, None), candidates), (exclude, candidates)):
         kwargs = dict(exclude=exclude_csr if exclude_csr[0] is not None else None,
                       candidates=cands)
@@ -151,8 +115,8 @@ def test_exclude_and_candidates(backend, id_dtype, k, sort_rows):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_k_above_candidate_count_pads(backend):
-    items, bias = make_items(50)
-    queries = make_queries(4)
+    items, bias = make_topk_items(50)
+    queries = make_topk_queries(4)
     candidates = torch.tensor([7, 3, 3, 40, 12], dtype=torch.int32)  # 4 unique
     scores, ids = topk_scores(queries, items, bias, 6, candidates=candidates, backend=backend)
     assert (ids[:, 4:] == -1).all() and (scores[:, 4:] == float("-inf")).all()
@@ -169,7 +133,7 @@ def test_random_float_data(backend, dtype):
     items = torch.randn(3000, 32, generator=gen, dtype=dtype)
     bias = torch.randn(3000, generator=gen, dtype=dtype)
     queries = torch.randn(130, 32, generator=gen, dtype=dtype)
-    exclude = make_exclude(130, 3000)
+    exclude = make_topk_exclude(130, 3000)
     expected = reference.topk_scores(queries, items, bias, 20, *exclude)
     got = topk_scores(queries, items, bias, 20, exclude=exclude, backend=backend)
     assert_valid_topk(got, expected, queries, items, bias, exclude)
@@ -180,9 +144,9 @@ def test_random_float_data(backend, dtype):
 def test_large_item_range_small_batch(backend, batch):
     # Few queries and many items: the kernels split the item range across threads and
     # merge partial heaps.
-    items, bias = make_items(40_000, dtype=torch.float64)
-    queries = make_queries(batch, dtype=torch.float64)
-    exclude = make_exclude(batch, 40_000, max_len=3000)
+    items, bias = make_topk_items(40_000, dtype=torch.float64)
+    queries = make_topk_queries(batch, dtype=torch.float64)
+    exclude = make_topk_exclude(batch, 40_000, max_len=3000)
     for k in (10, 100):
         expected = reference.topk_scores(queries, items, bias, k, *exclude)
         got = topk_scores(queries, items, bias, k, exclude=exclude, backend=backend)
@@ -191,10 +155,10 @@ def test_large_item_range_small_batch(backend, batch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_bias_and_nan_scores(backend):
-    items, _ = make_items(300, bias=False)
+    items, _ = make_topk_items(300, bias=False)
     items[17] = float("nan")
     items[40] = float("-inf")
-    queries = make_queries(5)
+    queries = make_topk_queries(5)
     queries[:, 0] = 1.0  # makes the -inf row score -inf (or NaN), never +inf
     expected = reference.topk_scores(queries, items, None, 300)
     got = topk_scores(queries, items, None, 300, backend=backend)
@@ -205,14 +169,14 @@ def test_no_bias_and_nan_scores(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
 def test_empty_inputs(backend, dtype):
-    items, bias = make_items(20, dtype=dtype)
-    scores, ids = topk_scores(make_queries(0, dtype=dtype), items, bias, 5, backend=backend)
+    items, bias = make_topk_items(20, dtype=dtype)
+    scores, ids = topk_scores(make_topk_queries(0, dtype=dtype), items, bias, 5, backend=backend)
     assert scores.shape == (0, 5) and ids.shape == (0, 5) and scores.dtype == dtype
     empty = torch.zeros(0, 8, dtype=dtype)
-    scores, ids = topk_scores(make_queries(3, dtype=dtype), empty, None, 4, backend=backend)
+    scores, ids = topk_scores(make_topk_queries(3, dtype=dtype), empty, None, 4, backend=backend)
     assert (ids == -1).all() and (scores == float("-inf")).all()
     scores, ids = topk_scores(
-        make_queries(3, dtype=dtype), items, bias, 4,
+        make_topk_queries(3, dtype=dtype), items, bias, 4,
         candidates=torch.zeros(0, dtype=torch.int64), backend=backend,
     )
     assert (ids == -1).all()
@@ -224,9 +188,9 @@ def test_empty_inputs(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_exclude_forms_and_batching(backend):
     scipy_sparse = pytest.importorskip("scipy.sparse")
-    items, bias = make_items(400)
-    queries = make_queries(37)
-    indptr, indices = make_exclude(37, 400, id_dtype=torch.int32)
+    items, bias = make_topk_items(400)
+    queries = make_topk_queries(37)
+    indptr, indices = make_topk_exclude(37, 400, id_dtype=torch.int32)
     expected = reference.topk_scores(queries, items, bias, 10, indptr, indices)
     data = np.ones(indices.shape[0])
     matrix = scipy_sparse.csr_matrix((data, indices.numpy(), indptr.numpy()), shape=(37, 400))
@@ -255,14 +219,15 @@ def test_native_same_result_alone_or_batched():
 _KERNEL_SET_CHECK = """
 import torch
 from fastmf.retrieval import reference, topk_scores
-from tests.test_topk import make_candidates, make_exclude, make_items, make_queries
+from fastmf.testing import (make_topk_candidates, make_topk_exclude, make_topk_items,
+                            make_topk_queries)
 for dtype in (torch.float32, torch.float64):
     for dim in (5, 37):
-        items, bias = make_items(5000, dim, dtype=dtype)
+        items, bias = make_topk_items(5000, dim, dtype=dtype)
         for batch in (1, 70):
-            queries = make_queries(batch, dim, dtype=dtype)
-            exclude = make_exclude(batch, 5000)
-            candidates = make_candidates(5000, 3000)
+            queries = make_topk_queries(batch, dim, dtype=dtype)
+            exclude = make_topk_exclude(batch, 5000)
+            candidates = make_topk_candidates(5000, 3000)
             for k in (1, 100):
                 got = topk_scores(queries, items, bias, k, exclude=exclude,
                                   candidates=candidates, backend="native")
@@ -286,8 +251,8 @@ def test_lesser_kernel_sets(kernel_set):
 
 
 def bad_inputs():
-    items, bias = make_items(10)
-    queries = make_queries(3)
+    items, bias = make_topk_items(10)
+    queries = make_topk_queries(3)
     ok_ptr, ok_ind = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 9])
     return [
         ("k0", dict(k=0), ValueError, "k must be positive, got 0"),
@@ -305,7 +270,7 @@ def bad_inputs():
          "exclude_indptr spans [0, 5) but exclude_indices has 2 entries"),
         ("indptr_order", dict(exclude=(torch.tensor([0, 2, 1, 2]), ok_ind)), ValueError,
          "exclude_indptr must be non-decreasing"),
-        ("dim", dict(queries=make_queries(3, dim=4)), ValueError,
+        ("dim", dict(queries=make_topk_queries(3, dim=4)), ValueError,
          "queries has dim 4 but item_factors has dim 8"),
         ("bias_len", dict(item_bias=bias[:5]), ValueError,
          "item_bias has 5 rows, item_factors has 10"),
@@ -327,20 +292,20 @@ def test_bad_inputs(backend, case):
 
 
 def test_bad_backend_and_exclude_rows():
-    items, bias = make_items(10)
+    items, bias = make_topk_items(10)
     with pytest.raises(ValueError, match="unknown backend"):
-        topk_scores(make_queries(2), items, bias, 3, backend="gpu")
+        topk_scores(make_topk_queries(2), items, bias, 3, backend="gpu")
     with pytest.raises(ValueError, match="exclude has 3 rows but there are 2 queries"):
         scipy_sparse = pytest.importorskip("scipy.sparse")
-        topk_scores(make_queries(2), items, bias, 3, exclude=scipy_sparse.csr_matrix((3, 10)))
+        topk_scores(make_topk_queries(2), items, bias, 3, exclude=scipy_sparse.csr_matrix((3, 10)))
 
 
 @requires_native
 def test_opcheck():
-    items, bias = make_items(300)
-    queries = make_queries(9)
-    indptr, indices = make_exclude(9, 300, id_dtype=torch.int32)
-    candidates = make_candidates(300, 100)
+    items, bias = make_topk_items(300)
+    queries = make_topk_queries(9)
+    indptr, indices = make_topk_exclude(9, 300, id_dtype=torch.int32)
+    candidates = make_topk_candidates(300, 100)
     op = torch.ops.fastmf.topk_scores.default
     for args in (
         (queries, items, bias, 5, indptr, indices, candidates),
@@ -357,7 +322,7 @@ def test_gradients_match_reference():
     tensors = [torch.randn(6, 5, generator=gen, dtype=torch.float64),
                torch.randn(40, 5, generator=gen, dtype=torch.float64),
                torch.randn(40, generator=gen, dtype=torch.float64)]
-    exclude = make_exclude(6, 40)
+    exclude = make_topk_exclude(6, 40)
     weights = torch.randn(6, 45, generator=gen, dtype=torch.float64)
     grads = []
     for backend in ("native", "reference"):
@@ -373,8 +338,8 @@ def test_gradients_match_reference():
 def test_compile_fullgraph():
     from fastmf.retrieval import ops
 
-    items, bias = make_items(200)
-    queries = make_queries(5)
+    items, bias = make_topk_items(200)
+    queries = make_topk_queries(5)
 
     @torch.compile(fullgraph=True, backend="eager")
     def recommend(q):
@@ -444,7 +409,7 @@ def test_ann_recall(backend, index, knobs, min_recall):
     items = torch.randn(4000, 16, generator=gen)
     bias = torch.randn(4000, generator=gen) * 0.5
     queries = torch.randn(100, 16, generator=gen)
-    exclude = make_exclude(100, 4000)
+    exclude = make_topk_exclude(100, 4000)
     ann = ANNIndex(items, bias, backend=backend, index=index, **knobs)
     exact = topk_scores(queries, items, bias, 10, exclude=exclude)
     scores, ids = ann.search(queries, 10, exclude=exclude)
