@@ -39,6 +39,7 @@ order differently).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import platform
 import sys
@@ -380,21 +381,11 @@ def check_correct(name):
 
 
 def time_method(name, tables, batches, min_seconds=0.25, max_iters=40):
+    """Seconds per step of method `name`, cycling through `batches`."""
     step, _ = MAKERS[name](tables)
-    step(*batches[0])  # warm-up (and compilation)
-    step(*batches[1 % len(batches)])
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    step(*batches[0])
-    torch.cuda.synchronize()
-    one = max(time.perf_counter() - t0, 1e-6)
-    iters = int(min(max_iters, max(3, math.ceil(min_seconds / one))))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for k in range(iters):
-        step(*batches[k % len(batches)])
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
+    step(*batches[1 % len(batches)])  # warm-up (and compilation) on a second batch too
+    cycle = itertools.cycle(batches)
+    return time_call(lambda: step(*next(cycle)), min_seconds, max_iters)
 
 
 def copy_bandwidth(gib=1.0):
@@ -443,6 +434,8 @@ def check_topk(queries, items, bias, k, chunk=256):
 
 
 def time_call(fn, min_seconds=0.2, max_iters=50):
+    """Seconds per call of fn: one warm-up, one call to size the loop, then a timed loop of
+    enough calls for min_seconds (3 to max_iters)."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
