@@ -72,18 +72,24 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t,
                     t.sizes(), ", expected ", expected);
 }
 
+// Two (rows, dim) factor tables scored against each other: each a 2-D weight, `b` of
+// `a`'s dtype and device, and the same dim.
+inline void check_factor_pair(const char* op, const char* a_name, const at::Tensor& a,
+                              const char* b_name, const at::Tensor& b) {
+  check_weight(op, a_name, a, 2);
+  check_weight(op, b_name, b, 2);
+  check_like(op, b_name, b, a_name, a);
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "fastmf.", op, ": ", a_name, " has dim ",
+                    a.size(1), " but ", b_name, " has dim ", b.size(1));
+}
+
 // The checks every matrix-factorization op makes on its tables and ids (the ids' range
 // is checked on the host, where the kernels read them).
 inline void check_mf_tables(const char* op, const at::Tensor& users, const at::Tensor& items,
                             const at::Tensor& user_factors, const at::Tensor& item_factors,
                             const std::optional<at::Tensor>& user_bias,
                             const std::optional<at::Tensor>& item_bias) {
-  check_weight(op, "user_factors", user_factors, 2);
-  check_weight(op, "item_factors", item_factors, 2);
-  check_like(op, "item_factors", item_factors, "user_factors", user_factors);
-  TORCH_CHECK_VALUE(user_factors.size(1) == item_factors.size(1), "fastmf.", op,
-                    ": user_factors has dim ", user_factors.size(1),
-                    " but item_factors has dim ", item_factors.size(1));
+  check_factor_pair(op, "user_factors", user_factors, "item_factors", item_factors);
   TORCH_CHECK_VALUE(user_bias.has_value() == item_bias.has_value(), "fastmf.", op,
                     ": user_bias and item_bias must both be given or both None");
   if (user_bias.has_value()) {
@@ -115,12 +121,7 @@ inline void check_topk_inputs(const char* op, const at::Tensor& queries,
                               const std::optional<at::Tensor>& exclude_indptr,
                               const std::optional<at::Tensor>& exclude_indices,
                               const std::optional<at::Tensor>& candidates) {
-  check_weight(op, "queries", queries, 2);
-  check_weight(op, "item_factors", item_factors, 2);
-  check_like(op, "item_factors", item_factors, "queries", queries);
-  TORCH_CHECK_VALUE(queries.size(1) == item_factors.size(1), "fastmf.", op,
-                    ": queries has dim ", queries.size(1), " but item_factors has dim ",
-                    item_factors.size(1));
+  check_factor_pair(op, "queries", queries, "item_factors", item_factors);
   TORCH_CHECK_VALUE(k > 0, "fastmf.", op, ": k must be positive, got ", k);
   if (item_bias.has_value()) {
     check_weight(op, "item_bias", *item_bias, 1);
