@@ -19,14 +19,44 @@ import torch as _torch  # noqa: F401  (first: torch's OpenMP runtime keeps the c
 # processes; set it yourself to choose.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fastmf import data, datasets, metrics, optim  # noqa: E402
-from fastmf._version import __version__
-from fastmf.build import build_info
-from fastmf.checkpoint import load, load_checkpoint
-from fastmf.evaluate import evaluate
-from fastmf.layers import MF
-from fastmf.step import train_step, train_step_pairwise
-from fastmf.train import History, fit, suggest_dim
+from fastmf import ops, optim  # noqa: E402  (registers the ops' fake kernels and autograd)
+from fastmf._version import __version__  # noqa: E402
+from fastmf.build import build_info  # noqa: E402
+from fastmf.layers import MF  # noqa: E402
+from fastmf.step import train_step, train_step_pairwise  # noqa: E402
+
+# The workflow (data, training loop, metrics, checkpoints, retrieval) needs pandas, scipy
+# and numba, ~1 s of imports that a user of the layer and the fused step never needs: its
+# names load on first use (PEP 562).
+
+
+def __getattr__(name: str):
+    # Each branch imports its module statically; the result is bound as a global so the
+    # next access is a plain attribute (and a function such as ``evaluate`` is not shadowed
+    # by the submodule of the same name that the import binds on the package).
+    if name in ("data", "datasets", "metrics", "retrieval"):
+        import fastmf.data
+        import fastmf.datasets
+        import fastmf.metrics
+        import fastmf.retrieval
+
+        value = {"data": fastmf.data, "datasets": fastmf.datasets, "metrics": fastmf.metrics,
+                 "retrieval": fastmf.retrieval}[name]
+    elif name == "evaluate":
+        from fastmf.evaluate import evaluate as value
+    elif name in ("fit", "History", "suggest_dim"):
+        from fastmf import train
+
+        value = getattr(train, name)
+    elif name in ("load", "load_checkpoint"):
+        from fastmf import checkpoint
+
+        value = getattr(checkpoint, name)
+    else:
+        raise AttributeError(f"module 'fastmf' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "MF",
@@ -40,7 +70,9 @@ __all__ = [
     "load",
     "load_checkpoint",
     "metrics",
+    "ops",
     "optim",
+    "retrieval",
     "suggest_dim",
     "train_step",
     "train_step_pairwise",

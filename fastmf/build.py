@@ -6,7 +6,7 @@ import torch
 
 from fastmf._extension import LOAD_ERROR, native_available, native_build_info
 from fastmf._version import __version__
-from fastmf.backends import available_backends, numba_available
+from fastmf.ops import available_backends, numba_available
 
 
 def build_info() -> dict:

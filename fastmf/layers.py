@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmf import _checks, backends, ops
+from fastmf import ops
+from fastmf.ops import checks, native
 
 
 def sparse_rows_grad(ids: Tensor, rows: Tensor, shape) -> Tensor:
@@ -17,22 +17,6 @@ def sparse_rows_grad(ids: Tensor, rows: Tensor, shape) -> Tensor:
     return torch.sparse_coo_tensor(
         ids.long().unsqueeze(0), rows, shape, check_invariants=False, is_coalesced=False
     )
-
-
-class _SparseGather(torch.autograd.Function):
-    """``weight[ids]`` with a sparse COO gradient, for 1-D tables (``F.embedding`` only
-    takes 2-D weights, and a sparse gradient cannot flow back through a view)."""
-
-    @staticmethod
-    def forward(ctx, weight, ids):
-        ctx.save_for_backward(ids)
-        ctx.shape = weight.shape
-        return weight[ids.long()]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (ids,) = ctx.saved_tensors
-        return sparse_rows_grad(ids, grad.contiguous(), ctx.shape), None
 
 
 class _KernelForward(torch.autograd.Function):
@@ -63,11 +47,11 @@ class _KernelForward(torch.autograd.Function):
                 grads += [sparse_rows_grad(users, grad, (num_users,)),
                           sparse_rows_grad(items, grad, (num_items,))]
         else:
-            grads = [ops.scatter_rows(users.long(), rows_p, num_users),
-                     ops.scatter_rows(items.long(), rows_q, num_items)]
+            grads = [native.scatter_rows(users.long(), rows_p, num_users),
+                     native.scatter_rows(items.long(), rows_q, num_items)]
             if ctx.has_bias:
-                grads += [ops.scatter_rows(users.long(), grad, num_users),
-                          ops.scatter_rows(items.long(), grad, num_items)]
+                grads += [native.scatter_rows(users.long(), grad, num_users),
+                          native.scatter_rows(items.long(), grad, num_items)]
         if not ctx.has_bias:
             grads += [None, None]
         return (None, None, None, None, *grads, None)
@@ -82,9 +66,10 @@ class MF(nn.Module):
     (mu) is a buffer. Gradients are dense, or sparse COO like ``nn.Embedding(sparse=True)``
     when ``sparse=True``.
 
-    ``backend``: ``"reference"`` (plain ``F.embedding``, the spec), ``"numba"`` (Numba CPU
+    ``backend``: ``"reference"`` (plain PyTorch, the spec), ``"numba"`` (Numba CPU
     kernels), ``"native"`` (C++/CUDA ops, dispatched by device) or ``"auto"`` (native if
-    built, else numba, else reference). All backends share the same parameters, so
+    built, else numba, else reference); :func:`fastmf.ops.kernels` picks the kernels.
+    All backends share the same parameters, so
     ``model.backend = "numba"`` on a trained model changes only how it computes.
 
     Init: factors uniform(-init_scale, init_scale) from the global torch RNG (users first,
@@ -103,7 +88,7 @@ class MF(nn.Module):
         for name, value in (("num_users", num_users), ("num_items", num_items), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"fastmf.MF: {name} must be a positive int, got {value!r}")
-        if dtype not in _checks.WEIGHT_DTYPES:
+        if dtype not in checks.WEIGHT_DTYPES:
             raise TypeError(f"fastmf.MF: dtype must be float32 or float64, got {dtype}")
         factory = dict(dtype=dtype, device=device)
         self.user_factors = nn.Parameter(torch.empty(num_users, dim, **factory))
@@ -143,8 +128,7 @@ class MF(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        self._backend = backends.resolve(name)
-        self._kernels = backends.get(self._backend)
+        self._backend = ops.resolve_backend(name, op="fastmf.MF")
 
     @property
     def num_users(self) -> int:
@@ -198,21 +182,11 @@ class MF(nn.Module):
         """``users``, ``items``: (B,) int32/int64 -> predictions (B,)."""
         users, items = self.as_ids(users, "users"), self.as_ids(items, "items")
         p, q, bu, bi = self.tables()
-        if self._backend == "reference":
-            _checks.check_mf_inputs("mf_forward", users, items, p, q, bu, bi)
-            u, i = users.long(), items.long()
-            pred = (F.embedding(u, p, sparse=self.sparse) * F.embedding(i, q, sparse=self.sparse)
-                    ).sum(1) + self._global_mean_value
-            if bu is not None:
-                if self.sparse:
-                    pred = pred + _SparseGather.apply(bu, u) + _SparseGather.apply(bi, i)
-                else:
-                    pred = pred + bu[u] + bi[i]
-            return pred
         if self._backend == "native" and not self.sparse:
             # The op's registered autograd gives dense gradients and works under torch.compile.
-            return ops.mf_forward(users, items, p, q, bu, bi, self._global_mean_value)
-        return _KernelForward.apply(self._kernels, self.sparse, users, items, p, q, bu, bi,
+            return native.mf_forward(users, items, p, q, bu, bi, self._global_mean_value)
+        kernels = ops.kernels(self._backend, p.device)
+        return _KernelForward.apply(kernels, self.sparse, users, items, p, q, bu, bi,
                                     self._global_mean_value)
 
     def attach_data(self, data) -> MF:
@@ -234,9 +208,6 @@ class MF(nn.Module):
         return save(self, path, optimizer=optimizer, extra=extra)
 
     # -- serving -----------------------------------------------------------------------------
-    def _retrieval_backend(self) -> str:
-        return "auto" if self._backend == "native" else self._backend
-
     def _exclusion_rows(self, exclude, users: np.ndarray):
         """Per-query CSR rows of ``exclude`` (Interactions or a (num_users, num_items) sparse
         matrix indexed by user)."""
@@ -329,7 +300,7 @@ class MF(nn.Module):
             scores, top = retrieval.topk_scores(
                 self.user_factors.detach()[user_rows], self.item_factors.detach(), bias, k,
                 exclude=self._exclusion_rows(exclude, rows), candidates=candidates,
-                backend=self._retrieval_backend(), batch_size=batch_size)
+                backend=self._backend, batch_size=batch_size)
             shift = self.mu + (self.user_bias.detach()[user_rows] if self.has_bias else 0.0)
             scores = torch.where(top >= 0, scores + (shift.unsqueeze(1) if self.has_bias
                                                      else shift), scores)
@@ -357,7 +328,7 @@ class MF(nn.Module):
         counts = torch.as_tensor(counts, dtype=torch.float64, device=device)
         _, top = retrieval.topk_scores(counts.new_zeros((1, 0)), counts.new_zeros((len(counts), 0)),
                                        counts, k, candidates=candidates,
-                                       backend=self._retrieval_backend())
+                                       backend=self._backend)
         return top[0]
 
     @torch.no_grad()
@@ -369,7 +340,7 @@ class MF(nn.Module):
             raise KeyError(f"fastmf.MF: unknown raw {side} id(s): "
                            f"{list(np.asarray(ids)[index < 0][:5])}")
         scores, top = retrieval.similar(table.detach(), torch.as_tensor(index), k, metric,
-                                        backend=self._retrieval_backend())
+                                        backend=self._backend)
         if raw_ids:
             id_map = getattr(self, f"{side}_map")
             raw = id_map.raw_ids[np.where(top.numpy() >= 0, top.numpy(), 0)]

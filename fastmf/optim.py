@@ -14,23 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastmf import backends
-from fastmf._extension import native_available, native_build_info
+from fastmf import ops
 
 __all__ = ["SparseAdagrad", "SparseSGD"]
-
-
-def kernels_for(tensor: Tensor, backend: str):
-    """The kernels that update ``tensor``: the named backend, or for ``"auto"`` the native
-    ops where built for its device, else Numba on CPU, else the reference."""
-    if backend != "auto":
-        return backends.get(backend)
-    on_cpu = tensor.device.type == "cpu"
-    if native_available() and (on_cpu or native_build_info().get(tensor.device.type)):
-        return backends.get("native")
-    if on_cpu and backends.numba_available():
-        return backends.get("numba")
-    return backends.get("reference")
 
 
 def _sparse_parts(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,7 +28,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults, backend: str):
         super().__init__(params, defaults)
         if backend != "auto":
-            backends.resolve(backend)
+            ops.resolve_backend(backend)
         self.backend = backend
 
     def hyperparameters(self, param: Tensor) -> dict:
@@ -105,7 +91,7 @@ class SparseAdagrad(_SparseOptimizer):
                 grad, state = p.grad, self.state_for(p)
                 if grad.is_sparse:
                     ids, rows = _sparse_parts(grad)
-                    kernels_for(p, self.backend).sparse_adagrad_update(
+                    ops.kernels(self.backend, p.device).sparse_adagrad_update(
                         p.detach(), state, ids, rows.contiguous(), lr, eps, rowwise)
                 elif rowwise and p.dim() == 2:
                     state.add_(grad.pow(2).mean(1))
@@ -141,7 +127,7 @@ class SparseSGD(_SparseOptimizer):
                     continue
                 if p.grad.is_sparse:
                     ids, rows = _sparse_parts(p.grad)
-                    kernels_for(p, self.backend).sparse_sgd_update(
+                    ops.kernels(self.backend, p.device).sparse_sgd_update(
                         p.detach(), ids, rows.contiguous(), group["lr"])
                 else:
                     p.add_(p.grad, alpha=-group["lr"])

@@ -7,19 +7,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastmf import ops
 from fastmf.layers import MF
+from fastmf.ops.args import MFTables, OptimizerArgs
+from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss, names
 from fastmf.optim import SparseAdagrad, SparseSGD
-from fastmf.reference import (
-    LOSS_CODES,
-    LOSSES,
-    OPTIMIZER_CODES,
-    PAIRWISE_LOSS_CODES,
-    PAIRWISE_LOSSES,
-)
 
 
-def _fused_optimizer(model: MF, optimizer) -> tuple[int, float, float, tuple]:
-    """(optimizer code, lr, eps, states of the four tables) for ``optimizer``."""
+def _fused_optimizer(model: MF, optimizer) -> tuple[OptimizerArgs, MFTables | None]:
+    """(optimizer settings, states of the four tables or None for SGD) for ``optimizer``."""
     if not isinstance(optimizer, SparseAdagrad | SparseSGD):
         raise TypeError(
             "fastmf.train_step fuses fastmf.optim.SparseAdagrad or SparseSGD, got "
@@ -44,10 +40,20 @@ def _fused_optimizer(model: MF, optimizer) -> tuple[int, float, float, tuple]:
                              "one lr (and eps/rowwise)")
     group = groups[0]
     if isinstance(optimizer, SparseSGD):
-        return OPTIMIZER_CODES["sgd"], group["lr"], 0.0, (None,) * 4
-    code = OPTIMIZER_CODES["rowwise_adagrad" if group["rowwise"] else "adagrad"]
-    states = tuple(None if t is None else optimizer.state_for(t) for t in tables)
-    return code, group["lr"], group["eps"], states
+        return OptimizerArgs(Optimizer.SGD, group["lr"]), None
+    code = Optimizer.ROWWISE_ADAGRAD if group["rowwise"] else Optimizer.ADAGRAD
+    states = MFTables(*(None if t is None else optimizer.state_for(t) for t in tables))
+    return OptimizerArgs(code, group["lr"], group["eps"]), states
+
+
+def _parse_loss(enum, loss: str, op: str):
+    if not isinstance(loss, str) or loss.upper() not in enum.__members__:
+        raise ValueError(f"fastmf.{op}: unknown loss {loss!r}; expected one of {names(enum)}")
+    return enum[loss.upper()]
+
+
+def _detached(model: MF) -> MFTables:
+    return MFTables(*(None if t is None else t.detach() for t in model.tables()))
 
 
 def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse",
@@ -77,11 +83,10 @@ def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse"
     >>> r = torch.rand(256) * 4 + 1
     >>> loss = fastmf.train_step(model, opt, u, i, r, reg=0.01)
     """
-    if loss not in LOSS_CODES:
-        raise ValueError(f"fastmf.train_step: unknown loss {loss!r}; expected one of {LOSSES}")
+    code = _parse_loss(Loss, loss, "train_step")
     if not reg >= 0.0:
         raise ValueError(f"fastmf.train_step: reg must be >= 0, got {reg}")
-    code, lr, eps, states = _fused_optimizer(model, optimizer)
+    settings, states = _fused_optimizer(model, optimizer)
     users, items = model.as_ids(users, "users"), model.as_ids(items, "items")
     dtype, device = model.user_factors.dtype, model.user_factors.device
     if isinstance(targets, Tensor):
@@ -90,11 +95,10 @@ def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse"
     else:
         targets = torch.as_tensor(np.asarray(targets, dtype=np.float64), device=device)
     targets = targets.to(dtype)
-    tables = tuple(None if t is None else t.detach() for t in model.tables())
+    kernels = ops.kernels(model.backend, model.user_factors.device)
     with torch.no_grad():
-        return model._kernels.train_step(
-            *tables, *states, users, items, targets, model.mu, LOSS_CODES[loss], float(reg),
-            code, float(lr), float(eps))
+        return kernels.train_step(_detached(model), states, users, items, targets, model.mu,
+                                  code, float(reg), settings)
 
 
 def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
@@ -110,17 +114,14 @@ def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
 
     users, pos_items, neg_items: (B,) int32/int64.
     """
-    if loss not in PAIRWISE_LOSS_CODES:
-        raise ValueError(f"fastmf.train_step_pairwise: unknown loss {loss!r}; expected one of "
-                         f"{PAIRWISE_LOSSES}")
+    code = _parse_loss(PairwiseLoss, loss, "train_step_pairwise")
     if not reg >= 0.0:
         raise ValueError(f"fastmf.train_step_pairwise: reg must be >= 0, got {reg}")
-    code, lr, eps, states = _fused_optimizer(model, optimizer)
+    settings, states = _fused_optimizer(model, optimizer)
     users = model.as_ids(users, "users")
     pos_items = model.as_ids(pos_items, "pos_items")
     neg_items = model.as_ids(neg_items, "neg_items")
-    tables = tuple(None if t is None else t.detach() for t in model.tables())
+    kernels = ops.kernels(model.backend, model.user_factors.device)
     with torch.no_grad():
-        return model._kernels.train_step_pairwise(
-            *tables, *states, users, pos_items, neg_items, PAIRWISE_LOSS_CODES[loss],
-            float(reg), code, float(lr), float(eps))
+        return kernels.train_step_pairwise(_detached(model), states, users, pos_items,
+                                           neg_items, code, float(reg), settings)

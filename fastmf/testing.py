@@ -12,7 +12,7 @@ import torch
 
 from fastmf._extension import LOAD_ERROR as _LOAD_ERROR
 from fastmf._extension import native_available as _native_available
-from fastmf.backends import numba_available as _numba_available
+from fastmf.ops import numba_available as _numba_available
 
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"

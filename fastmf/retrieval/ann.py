@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastmf._checks import check_weight
-from fastmf.retrieval._inputs import check_k, exclude_csr
+from fastmf.ops.checks import check_k, check_weight
+from fastmf.retrieval._inputs import exclude_csr
 
 OP = "ANNIndex"
 

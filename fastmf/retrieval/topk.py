@@ -4,66 +4,17 @@ fallback)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 
-from fastmf import _extension
-from fastmf._checks import check_ids, check_weight
-from fastmf.retrieval import ops, reference
-from fastmf.retrieval._inputs import (
-    OP,
-    as_index_tensor,
-    check_k,
-    check_topk_inputs,
-    exclude_csr,
-)
+from fastmf import ops
+from fastmf.ops.checks import check_ids, check_k, check_weight
+from fastmf.retrieval._inputs import OP, as_index_tensor, exclude_csr
 
-BACKENDS = ("auto", "native", "numba", "reference")
 METRICS = ("cosine", "dot")
 # The reference materialises (batch × items) scores; by default it goes in chunks of about
 # this many so that a large batch does not exhaust memory.
 REFERENCE_CHUNK_ELEMENTS = 1 << 24
-
-
-def _numba_installed() -> bool:
-    return importlib.util.find_spec("numba") is not None
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that ``backend`` names for tensors on ``device``: ``"auto"`` is the native
-    kernel when one is registered for the device, else Numba (CPU), else the reference."""
-    if backend not in BACKENDS:
-        raise ValueError(f"fastmf.{OP}: unknown backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        if ops.has_native_kernel(device):
-            return "native"
-        if device.type == "cpu" and _numba_installed():
-            return "numba"
-        return "reference"
-    if backend == "native" and not ops.has_native_kernel(device):
-        why = _extension.LOAD_ERROR or (
-            f"this build of fastmf has no topk_scores kernel for {device.type} tensors "
-            f"(build info: {_extension.native_build_info()})"
-        )
-        raise RuntimeError(f"fastmf.{OP}: backend='native' is not available: {why}")
-    if backend == "numba" and not _numba_installed():
-        raise RuntimeError(f"fastmf.{OP}: backend='numba' needs numba: `pip install numba`")
-    return backend
-
-
-def _numba_topk(*args):
-    from fastmf.retrieval import numba_topk
-
-    return numba_topk.topk_scores(*args)
-
-
-_IMPLEMENTATIONS = {
-    "native": ops.topk_scores,
-    "numba": _numba_topk,
-    "reference": reference.topk_scores,
-}
 
 
 def topk_scores(
@@ -116,15 +67,12 @@ def topk_scores(
     if queries.dim() != 2:
         raise ValueError(f"fastmf.{OP}: queries must be 2-D, got shape {tuple(queries.shape)}")
     device = queries.device
-    impl_name = resolve_backend(backend, device)
+    impl_name = ops.resolve_backend(backend, device, op=f"fastmf.{OP}")
     batch = queries.shape[0]
     indptr, indices = exclude_csr(OP, exclude, batch, device)
     if candidates is not None:
         candidates = as_index_tensor(OP, "candidates", candidates, device)
-    if impl_name != "native":
-        # The native op checks the same things itself, with the same messages.
-        check_topk_inputs(queries, item_factors, item_bias, k, indptr, indices, candidates)
-    impl = _IMPLEMENTATIONS[impl_name]
+    impl = ops.kernels(impl_name, device).topk_scores
 
     if batch_size is None:
         batch_size = batch

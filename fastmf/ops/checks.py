@@ -1,5 +1,6 @@
-"""Input checks shared by the Python backends (reference, Numba); the native ops make the
-same checks in C++ (csrc/checks.h) with the same exception types and messages:
+"""Every host-side input check of the Python backends (reference, Numba), in one place;
+the native ops make the same checks in C++ (csrc/checks.h) with the same exception types
+and messages:
 
 - ids out of range or negative            -> IndexError
   ("fastmf.<op>: <arg> id <v> out of range [0, <n>)")
@@ -10,10 +11,19 @@ same checks in C++ (csrc/checks.h) with the same exception types and messages:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss
 
 ID_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_code(op: str, enum, code: int, what: str) -> None:
+    """``code`` is one of ``enum``'s codes (the native ops check the same in csrc/checks.h)."""
+    if not 0 <= code < len(enum):
+        raise ValueError(f"fastmf.{op}: unknown {what} code {code}; expected 0..{len(enum) - 1}")
 
 
 def check_ids(op: str, name: str, ids: torch.Tensor, num_rows: int) -> None:
@@ -129,14 +139,9 @@ def check_sparse_update(op, weight, state, ids, grad_rows, rowwise=False):
 def check_train_step(op, tables, states, users, items, targets, loss, optimizer):
     """Checks of train_step. ``tables``: (P, Q, b_u, b_i); ``states`` likewise (None for
     SGD); ``loss`` and ``optimizer`` are codes."""
-    from fastmf.reference import LOSSES, OPTIMIZERS
-
     user_factors, item_factors, user_bias, item_bias = tables
-    if not 0 <= loss < len(LOSSES):
-        raise ValueError(f"fastmf.{op}: unknown loss code {loss}; expected 0..{len(LOSSES) - 1}")
-    if not 0 <= optimizer < len(OPTIMIZERS):
-        raise ValueError(f"fastmf.{op}: unknown optimizer code {optimizer}; "
-                         f"expected 0..{len(OPTIMIZERS) - 1}")
+    check_code(op, Loss, loss, "loss")
+    check_code(op, Optimizer, optimizer, "optimizer")
     check_mf_inputs(op, users, items, user_factors, item_factors, user_bias, item_bias)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"fastmf.{op}: targets must be a tensor, got {type(targets).__name__}")
@@ -152,17 +157,16 @@ def check_train_step(op, tables, states, users, items, targets, loss, optimizer)
 def check_states(op, tables, states, optimizer):
     """Optimizer states: None for SGD (code 0); shaped like each table (element-wise
     Adagrad) or (N,) (row-wise Adagrad)."""
-    from fastmf.reference import OPTIMIZERS
-
-    if optimizer == 0:
+    if optimizer == Optimizer.SGD:
         return
-    rowwise = optimizer == 2
+    rowwise = optimizer == Optimizer.ROWWISE_ADAGRAD
     names = ("user_factors_state", "item_factors_state", "user_bias_state", "item_bias_state")
     for name, table, state in zip(names, tables, states):
         if table is None:
             continue
         if state is None:
-            raise ValueError(f"fastmf.{op}: {OPTIMIZERS[optimizer]} needs {name}, got None")
+            raise ValueError(f"fastmf.{op}: {Optimizer(optimizer).name.lower()} needs {name}, "
+                             "got None")
         expected = table.shape[:1] if rowwise else table.shape
         check_weight(op, name, state, len(expected), like=table)
         if state.shape != expected:
@@ -173,16 +177,74 @@ def check_states(op, tables, states, optimizer):
 def check_train_step_pairwise(op, tables, states, users, pos_items, neg_items, loss,
                               optimizer):
     """Checks of train_step_pairwise (``loss``/``optimizer`` are codes)."""
-    from fastmf.reference import OPTIMIZERS, PAIRWISE_LOSSES
-
-    if not 0 <= loss < len(PAIRWISE_LOSSES):
-        raise ValueError(f"fastmf.{op}: unknown pairwise loss code {loss}; "
-                         f"expected 0..{len(PAIRWISE_LOSSES) - 1}")
-    if not 0 <= optimizer < len(OPTIMIZERS):
-        raise ValueError(f"fastmf.{op}: unknown optimizer code {optimizer}; "
-                         f"expected 0..{len(OPTIMIZERS) - 1}")
+    check_code(op, PairwiseLoss, loss, "pairwise loss")
+    check_code(op, Optimizer, optimizer, "optimizer")
     check_mf_inputs(op, users, pos_items, *tables)
     check_same_device(op, "user_factors", tables[0], neg_items=neg_items)
     check_ids(op, "neg_items", neg_items, tables[1].shape[0])
     check_same_length(op, users=users, pos_items=pos_items, neg_items=neg_items)
     check_states(op, tables, states, optimizer)
+
+
+def check_k(op: str, k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise TypeError(f"fastmf.{op}: k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"fastmf.{op}: k must be positive, got {k}")
+    return int(k)
+
+
+def check_topk_inputs(
+    queries, item_factors, item_bias, k, exclude_indptr, exclude_indices, candidates
+) -> None:
+    """Everything the native op checks, in the same order and words."""
+    check_weight("topk_scores", "queries", queries, 2)
+    check_weight("topk_scores", "item_factors", item_factors, 2, like=queries)
+    if queries.shape[1] != item_factors.shape[1]:
+        raise ValueError(
+            f"fastmf.topk_scores: queries has dim {queries.shape[1]} but item_factors has dim "
+            f"{item_factors.shape[1]}"
+        )
+    check_k("topk_scores", k)
+    batch, num_items = queries.shape[0], item_factors.shape[0]
+    if item_bias is not None:
+        check_weight("topk_scores", "item_bias", item_bias, 1, like=queries)
+        if item_bias.shape[0] != num_items:
+            raise ValueError(
+                f"fastmf.topk_scores: item_bias has {item_bias.shape[0]} rows, item_factors has "
+                f"{num_items}"
+            )
+    if (exclude_indptr is None) != (exclude_indices is None):
+        raise ValueError(
+            "fastmf.topk_scores: exclude_indptr and exclude_indices must both be given or both None"
+        )
+    if exclude_indptr is not None:
+        for name, t in (("exclude_indptr", exclude_indptr), ("exclude_indices", exclude_indices)):
+            if t.dtype not in ID_DTYPES:
+                raise TypeError(f"fastmf.topk_scores: {name} must be int32 or int64, got {t.dtype}")
+            if t.dim() != 1:
+                raise ValueError(f"fastmf.topk_scores: {name} must be 1-D, got shape "
+                                 f"{tuple(t.shape)}")
+        if exclude_indptr.shape[0] != batch + 1:
+            raise ValueError(
+                f"fastmf.topk_scores: exclude_indptr must have one entry per query plus one "
+                f"({batch + 1}), got {exclude_indptr.shape[0]}"
+            )
+        indptr = exclude_indptr.long()
+        start, stop, nnz = int(indptr[0]), int(indptr[-1]), exclude_indices.shape[0]
+        if start < 0 or stop > nnz:
+            raise ValueError(
+                f"fastmf.topk_scores: exclude_indptr spans [{start}, {stop}) but "
+                f"exclude_indices has "
+                f"{nnz} entries"
+            )
+        steps = indptr[1:] - indptr[:-1]
+        if batch and bool((steps < 0).any()):
+            b = int(torch.nonzero(steps < 0)[0, 0])
+            raise ValueError(
+                f"fastmf.topk_scores: exclude_indptr must be non-decreasing, got {int(indptr[b])} "
+                f"then {int(indptr[b + 1])} at query {b}"
+            )
+        check_ids("topk_scores", "exclude", exclude_indices[start:stop], num_items)
+    if candidates is not None:
+        check_ids("topk_scores", "candidates", candidates, num_items)

@@ -1,13 +1,13 @@
 """Numba CPU backend of the fused pairwise (BPR) step, ``train_step_pairwise``.
 
-Same arguments and numbers as :func:`fastmf.reference.train_step_pairwise` and the
+Same arguments and numbers as :func:`fastmf.ops.reference.pairwise.train_step_pairwise` and the
 ``fastmf::train_step_pairwise`` op; same input checks and messages
-(:func:`fastmf._checks.check_train_step_pairwise`). Each sample is (u, i, j)::
+(:func:`fastmf.ops.checks.check_train_step_pairwise`). Each sample is (u, i, j)::
 
     x = b_i - b_j + <P[u], Q[i] - Q[j]>
     loss = mean softplus(-x) + reg * mean(||P[u]||² + ||Q[i]||² + ||Q[j]||² + b_i² + b_j²)
 
-Built from the segment machinery of :mod:`fastmf.numba_kernels`: users are grouped into
+Built from the segment machinery of :mod:`fastmf.ops.numba.pointwise`: users are grouped into
 segments of equal ids, and so are the 2B item occurrences (positives at positions 0..B-1,
 negatives at B..2B-1, the reference's ``torch.cat`` order), so an item that is a positive in
 one sample and a negative in another sums both gradients in position order before its one
@@ -17,11 +17,12 @@ gradient comes from the pre-step weights. ``user_bias`` cancels in x: it and its
 never written. Segments are independent and the loss is summed in segment order, so the
 results do not depend on the thread count.
 
->>> import torch, fastmf.numba_pairwise as npw  # doctest: +SKIP
+>>> import torch, fastmf.ops.numba as nb  # doctest: +SKIP
+>>> from fastmf.ops import MFTables, Optimizer, OptimizerArgs  # doctest: +SKIP
 >>> P, Q = torch.randn(10, 4) * 0.1, torch.randn(20, 4) * 0.1  # doctest: +SKIP
 >>> u, i, j = torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([4, 5])  # +SKIP
->>> npw.train_step_pairwise(P, Q, None, None, None, None, None, None, u, i, j,
-...                         "bpr", 0.0, "sgd", 0.1, 0.0)  # doctest: +SKIP
+>>> nb.train_step_pairwise(MFTables(P, Q), None, u, i, j, "bpr", 0.0,
+...                        OptimizerArgs(Optimizer.SGD, 0.1))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ import numpy as np
 import torch
 from numba import prange
 
-from fastmf import _checks
-from fastmf.numba_kernels import (
+from fastmf.ops import checks as _checks
+from fastmf.ops.args import MFTables, OptimizerArgs
+from fastmf.ops.codes import Optimizer, PairwiseLoss, parse
+from fastmf.ops.numba.pointwise import (
     _BAD_IDS,
     _OK,
     _PREFETCH_SAMPLES,
     _PREFETCH_SEGMENTS,
     _cast_like,
     _chunk_bounds,
-    _code,
     _dot,
     _group_into,
     _ids_view,
@@ -56,12 +58,6 @@ from fastmf.numba_kernels import (
     _unreachable,
     _update_row,
     _update_scalar,
-)
-from fastmf.reference import (
-    OPTIMIZER_CODES,
-    OPTIMIZERS,
-    PAIRWISE_LOSS_CODES,
-    PAIRWISE_LOSSES,
 )
 
 __all__ = ["train_step_pairwise"]
@@ -248,44 +244,31 @@ _NAMES = ("user_factors", "item_factors", "user_bias", "item_bias", "user_factor
 
 def _structure_ok(tables, states, users, pos_items, neg_items, loss, optimizer) -> bool:
     """What ``_checks.check_train_step_pairwise`` demands, short of reading the ids."""
-    if not (0 <= loss < len(PAIRWISE_LOSSES) and 0 <= optimizer < len(OPTIMIZERS)):
+    if not (0 <= loss < len(PairwiseLoss) and 0 <= optimizer < len(Optimizer)):
         return False
     return (_tables_ok(users, pos_items, *tables) and _is_ids(neg_items, users.shape[0])
             and _states_ok(tables, states, optimizer))
 
 
-def train_step_pairwise(
-    user_factors,
-    item_factors,
-    user_bias,
-    item_bias,
-    user_factors_state,
-    item_factors_state,
-    user_bias_state,
-    item_bias_state,
-    users,
-    pos_items,
-    neg_items,
-    loss,
-    reg,
-    optimizer,
-    lr,
-    eps,
-):
+def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
+                        neg_items, loss, reg: float, optimizer: OptimizerArgs):
     """Fused BPR step, in place on the tables and states; returns the loss (data term + reg
     term) as a 0-d tensor like the weights.
 
-    users, pos_items, neg_items: (B,) int32/int64; user_factors (U, K); item_factors (I, K);
-    user_bias (U,) and item_bias (I,), or both None; states None for SGD, else like their
-    table (row-wise Adagrad: (U,) and (I,) for the factor tables). ``user_bias`` and
-    ``user_bias_state`` are checked but never written. ``loss`` (``"bpr"``) and
-    ``optimizer`` are names or codes. An empty batch changes nothing and returns 0.
+    users, pos_items, neg_items: (B,) int32/int64; ``tables``: user_factors (U, K),
+    item_factors (I, K), user_bias (U,) and item_bias (I,), or both None; ``states`` None
+    for SGD, else like their table (row-wise Adagrad: (U,) and (I,) for the factor tables).
+    ``user_bias`` and its state are checked but never written. ``loss`` is a
+    :class:`~fastmf.ops.codes.PairwiseLoss`, code or name. An empty batch changes nothing
+    and returns 0.
     """
     op = "train_step_pairwise"
-    loss = _code(op, loss, PAIRWISE_LOSSES, PAIRWISE_LOSS_CODES, "pairwise loss")
-    optimizer = _code(op, optimizer, OPTIMIZERS, OPTIMIZER_CODES, "optimizer")
-    tables = (user_factors, item_factors, user_bias, item_bias)
-    states = (user_factors_state, item_factors_state, user_bias_state, item_bias_state)
+    loss = int(parse(PairwiseLoss, loss, op, "pairwise loss"))
+    lr, eps = optimizer.lr, optimizer.eps
+    optimizer = int(parse(Optimizer, optimizer.optimizer, op, "optimizer"))
+    tables = tuple(tables)
+    states = tuple(states) if states is not None else (None,) * 4
+    user_factors, item_factors, _, item_bias = tables
     _require_cpu(op, _NAMES, tables + states + (users, pos_items, neg_items))
 
     def full_checks():

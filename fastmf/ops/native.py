@@ -1,6 +1,8 @@
-"""Thin typed wrappers over ``torch.ops.fastmf.*`` with fake kernels (for ``torch.compile``)
-and autograd formulas. The meaning of each op is in :mod:`fastmf.reference`; the schemas
-are in ``csrc/fastmf.cpp``. Device dispatch (CPU/CUDA) is PyTorch's, not ours."""
+"""The native backend: thin typed wrappers over ``torch.ops.fastmf.*`` with fake kernels
+(for ``torch.compile``) and autograd formulas, registered when this module is imported (at
+``import fastmf``). The meaning of each op is in :mod:`fastmf.ops.reference`; the schemas
+are in ``csrc/fastmf.cpp``, the kernels in ``csrc/cpu/<family>.cpp`` and
+``csrc/cuda/<family>.cu``. Device dispatch (CPU/CUDA) is PyTorch's, not ours."""
 
 from __future__ import annotations
 
@@ -8,8 +10,14 @@ import torch
 from torch import Tensor
 
 from fastmf._extension import native_available
+from fastmf.ops.args import MFTables, OptimizerArgs
+
+NAME = "native"
 
 __all__ = [
+    "NAME",
+    "has_kernel",
+    "topk_scores",
     "mf_forward",
     "mf_backward",
     "sparse_adagrad_update",
@@ -62,33 +70,28 @@ def sparse_sgd_update(weight: Tensor, ids: Tensor, grad_rows: Tensor, lr: float)
     torch.ops.fastmf.sparse_sgd_update.default(weight, ids, grad_rows, float(lr))
 
 
-def train_step(
-    user_factors, item_factors, user_bias, item_bias,
-    user_factors_state, item_factors_state, user_bias_state, item_bias_state,
-    users, items, targets, global_mean, loss: int, reg: float, optimizer: int, lr: float,
-    eps: float,
-) -> Tensor:
+def _flat(tables: MFTables, states: MFTables | None) -> tuple:
+    """The eight table and state arguments of the flat schema."""
+    return (*tables, *(states if states is not None else (None,) * 4))
+
+
+def train_step(tables: MFTables, states: MFTables | None, users: Tensor, items: Tensor,
+               targets: Tensor, global_mean: float, loss: int, reg: float,
+               optimizer: OptimizerArgs) -> Tensor:
     """Fused forward + loss + backward + optimizer update; returns the loss (0-d)."""
     return torch.ops.fastmf.train_step.default(
-        user_factors, item_factors, user_bias, item_bias,
-        user_factors_state, item_factors_state, user_bias_state, item_bias_state,
-        users, items, targets, float(global_mean), int(loss), float(reg), int(optimizer),
-        float(lr), float(eps),
-    )
+        *_flat(tables, states), users, items, targets, float(global_mean), int(loss),
+        float(reg), int(optimizer.optimizer), float(optimizer.lr), float(optimizer.eps))
 
 
-def train_step_pairwise(
-    user_factors, item_factors, user_bias, item_bias,
-    user_factors_state, item_factors_state, user_bias_state, item_bias_state,
-    users, pos_items, neg_items, loss: int, reg: float, optimizer: int, lr: float, eps: float,
-) -> Tensor:
-    """Fused pairwise (BPR) step; returns the loss (0-d). See reference.train_step_pairwise."""
+def train_step_pairwise(tables: MFTables, states: MFTables | None, users: Tensor,
+                        pos_items: Tensor, neg_items: Tensor, loss: int, reg: float,
+                        optimizer: OptimizerArgs) -> Tensor:
+    """Fused pairwise (BPR) step; returns the loss (0-d). See
+    :func:`fastmf.ops.reference.pairwise.train_step_pairwise`."""
     return torch.ops.fastmf.train_step_pairwise.default(
-        user_factors, item_factors, user_bias, item_bias,
-        user_factors_state, item_factors_state, user_bias_state, item_bias_state,
-        users, pos_items, neg_items, int(loss), float(reg), int(optimizer), float(lr),
-        float(eps),
-    )
+        *_flat(tables, states), users, pos_items, neg_items, int(loss), float(reg),
+        int(optimizer.optimizer), float(optimizer.lr), float(optimizer.eps))
 
 
 def check_device_errors(device: int | str | torch.device | None = None) -> None:
@@ -121,6 +124,32 @@ def check_device_errors(device: int | str | torch.device | None = None) -> None:
             return
         index = index.index if index.index is not None else torch.cuda.current_device()
     torch.ops.fastmf.check_device_errors.default(int(index))
+
+
+def has_kernel(device: torch.device | str, op: str = "mf_forward") -> bool:
+    """Whether the extension registered a kernel of ``op`` for ``device``'s type (every op
+    has kernels for the same devices: csrc/cpu and csrc/cuda mirror each other)."""
+    if not native_available():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastmf::{op}", key
+    )
+
+
+def topk_scores(
+    queries: Tensor,
+    item_factors: Tensor,
+    item_bias: Tensor | None,
+    k: int,
+    exclude_indptr: Tensor | None,
+    exclude_indices: Tensor | None,
+    candidates: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``(scores (B, k), indices (B, k) int64)``: see :mod:`fastmf.ops.reference.topk`."""
+    return torch.ops.fastmf.topk_scores.default(
+        queries, item_factors, item_bias, int(k), exclude_indptr, exclude_indices, candidates
+    )
 
 
 def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
@@ -183,4 +212,53 @@ if native_available():
 
     torch.library.register_autograd(
         "fastmf::mf_forward", _mf_forward_backward, setup_context=_mf_forward_setup
+    )
+
+
+    @torch.library.register_fake("fastmf::topk_scores")
+    def _topk_scores_fake(queries, item_factors, item_bias, k, exclude_indptr, exclude_indices,
+                          candidates):
+        torch._check(k > 0, lambda: f"fastmf.topk_scores: k must be positive, got {k}")
+        torch._check(queries.dim() == 2 and item_factors.dim() == 2)
+        torch._check(queries.shape[1] == item_factors.shape[1])
+        torch._check(queries.dtype == item_factors.dtype)
+        if item_bias is not None:
+            torch._check(item_bias.shape == (item_factors.shape[0],))
+        if exclude_indptr is not None:
+            torch._check(exclude_indptr.shape[0] == queries.shape[0] + 1)
+        batch = queries.shape[0]
+        return (
+            queries.new_empty((batch, k)),
+            queries.new_empty((batch, k), dtype=torch.int64),
+        )
+
+    def _topk_setup(ctx, inputs, output):
+        queries, item_factors, item_bias = inputs[:3]
+        _, indices = output
+        ctx.save_for_backward(queries, item_factors, indices)
+        ctx.has_bias = item_bias is not None
+
+    def _topk_backward(ctx, grad_scores, _grad_indices):
+        # score[b, j] = bias[idx] + <queries[b], item_factors[idx]>; padding (idx -1) is a
+        # constant -inf and passes no gradient.
+        queries, item_factors, indices = ctx.saved_tensors
+        grad_q = grad_items = grad_bias = None
+        if grad_scores is None:
+            return None, None, None, None, None, None, None
+        valid = indices >= 0
+        idx = indices.clamp(min=0)
+        g = torch.where(valid, grad_scores, torch.zeros_like(grad_scores))
+        if ctx.needs_input_grad[0]:
+            grad_q = torch.einsum("bj,bjk->bk", g, item_factors[idx])
+        if ctx.needs_input_grad[1]:
+            rows = (g.unsqueeze(-1) * queries.unsqueeze(1)).reshape(-1, queries.shape[1])
+            grad_items = torch.zeros_like(item_factors).index_add_(0, idx.reshape(-1), rows)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = item_factors.new_zeros(item_factors.shape[0]).index_add_(
+                0, idx.reshape(-1), g.reshape(-1)
+            )
+        return grad_q, grad_items, grad_bias, None, None, None, None
+
+    torch.library.register_autograd(
+        "fastmf::topk_scores", _topk_backward, setup_context=_topk_setup
     )

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from numba import njit
 
+from fastmf.ops import checks
+
 QUERY_BLOCK = 32
 TILE = 256
 UNITS_PER_THREAD = 4
@@ -197,8 +199,9 @@ def _run_threads(fn, num_tasks, threads):
 
 def topk_scores(queries, item_factors, item_bias, k, exclude_indptr, exclude_indices,
                 candidates):
-    """Same arguments and result as :func:`fastmf.retrieval.reference.topk_scores` (inputs
-    already checked)."""
+    """Same arguments and result as :func:`fastmf.ops.reference.topk.topk_scores`."""
+    checks.check_topk_inputs(queries, item_factors, item_bias, k, exclude_indptr,
+                             exclude_indices, candidates)
     x = np.ascontiguousarray(queries.detach().cpu().numpy())
     items = np.ascontiguousarray(item_factors.detach().cpu().numpy())
     dtype = x.dtype

@@ -1,5 +1,5 @@
-"""The spec of fastmf's top-k retrieval, written plainly; every other backend (C++,
-Numba, CUDA) is tested against it.
+"""The spec of the top-k op family, written plainly; every other backend (C++, Numba,
+CUDA) is tested against it.
 
 ``topk_scores`` ranks the items of each query by ``item_bias[i] + <queries[b],
 item_factors[i]>``:
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from fastmf.ops import checks
 
 
 def rank_order(scores: Tensor) -> Tensor:
@@ -67,6 +69,8 @@ def topk_scores(
     >>> topk_scores(q, items, k=4)
     (tensor([[2., 1., 1., -inf]]), tensor([[ 1,  0,  2, -1]]))
     """
+    checks.check_topk_inputs(queries, item_factors, item_bias, k, exclude_indptr,
+                             exclude_indices, candidates)
     batch, num_items = queries.shape[0], item_factors.shape[0]
     scores = queries @ item_factors.T
     if item_bias is not None:

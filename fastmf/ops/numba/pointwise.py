@@ -1,8 +1,9 @@
-"""Numba CPU backend: the five fastmf kernels as ``@njit`` code over zero-copy numpy views of
-CPU tensors.
+"""Numba CPU backend of the pointwise op family: the five kernels as ``@njit`` code over
+zero-copy numpy views of CPU tensors.
 
-Same functions, argument order and numbers as :mod:`fastmf.reference` (and the op schemas in
-``csrc/fastmf.cpp``), same input checks as the native ops (:mod:`fastmf._checks`). Shapes:
+Same functions, argument order and numbers as :mod:`fastmf.ops.reference.pointwise` (and the
+op schemas in ``csrc/fastmf.cpp``), same input checks as the native ops
+(:mod:`fastmf.ops.checks`). Shapes:
 ``users``/``items`` (B,) int32 or int64; ``user_factors`` (U, K); ``item_factors`` (I, K);
 ``user_bias`` (U,); ``item_bias`` (I,); ``targets`` (B,) like the weights.
 
@@ -24,7 +25,7 @@ tables are passed as empty arrays.
 Kernels run on numba's thread pool (``numba.set_num_threads``); batches under
 ``_PARALLEL_MIN_SAMPLES`` run on the calling thread.
 
->>> import torch, fastmf.numba_kernels as nk  # doctest: +SKIP
+>>> import torch, fastmf.ops.numba as nk  # doctest: +SKIP
 >>> P, Q = torch.randn(10, 4), torch.randn(20, 4)  # doctest: +SKIP
 >>> users, items = torch.tensor([1, 2]), torch.tensor([3, 3])  # doctest: +SKIP
 >>> nk.mf_forward(users, items, P, Q, None, None, 3.5).shape  # doctest: +SKIP
@@ -43,15 +44,16 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from torch.autograd.graph import increment_version
 
-from fastmf import _checks
-from fastmf.reference import LOSS_CODES, LOSSES, OPTIMIZER_CODES, OPTIMIZERS
+from fastmf.ops import checks as _checks
+from fastmf.ops.args import MFTables, OptimizerArgs
+from fastmf.ops.codes import Loss, Optimizer, parse
 
 __all__ = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step"]
 
-_SGD = OPTIMIZER_CODES["sgd"]
-_ADAGRAD = OPTIMIZER_CODES["adagrad"]
-_ROWWISE = OPTIMIZER_CODES["rowwise_adagrad"]
-_MSE, _HUBER, _BCE = LOSS_CODES["mse"], LOSS_CODES["huber"], LOSS_CODES["bce"]
+# Plain ints: numba folds them as compile-time constants.
+_SGD, _ADAGRAD = int(Optimizer.SGD), int(Optimizer.ADAGRAD)
+_ROWWISE = int(Optimizer.ROWWISE_ADAGRAD)
+_MSE, _HUBER, _BCE = int(Loss.MSE), int(Loss.HUBER), int(Loss.BCE)
 _OK, _BAD_IDS, _BAD_TARGETS = 0, 1, 2
 
 # Samples per parallel work item of mf_forward / mf_backward (each block checks its ids
@@ -618,7 +620,7 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
 # Validation is split for speed: the structural checks below are cheap attribute tests; the
 # two that read every value (ids in range, finite targets) run inside the kernels, which
 # report a problem before writing anything. Whenever a fast test fails, the shared checks
-# in fastmf._checks run and raise their own error, so messages match the other backends.
+# in fastmf.ops.checks run and raise their own error, so messages match the other backends.
 
 _Tensor = torch.Tensor
 # Below this many samples the kernels run on the calling thread alone: waking the pool
@@ -742,14 +744,6 @@ def _absent(like: np.ndarray, ndim: int) -> np.ndarray:
     """An empty stand-in for an absent table or state, typed like ``like`` so the kernel
     keeps one compiled signature."""
     return np.empty((0,) * ndim, dtype=like.dtype)
-
-
-def _code(op: str, value, names: tuple, codes: dict, what: str) -> int:
-    if isinstance(value, str):
-        if value not in codes:
-            raise ValueError(f"fastmf.{op}: unknown {what} {value!r}; expected one of {names}")
-        return codes[value]
-    return int(value)
 
 
 def _launch(kernel, num_samples: int, *args, pass_threads: bool = False):
@@ -895,7 +889,7 @@ _TRAIN_STEP_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias",
 def _train_step_ok(tables, states, users, items, targets, loss, optimizer) -> bool:
     """The structure ``_checks.check_train_step`` demands, without reading any value."""
     user_factors, item_factors, user_bias, item_bias = tables
-    if not (0 <= loss < len(LOSSES) and 0 <= optimizer < len(OPTIMIZERS)):
+    if not (0 <= loss < len(Loss) and 0 <= optimizer < len(Optimizer)):
         return False
     if not _tables_ok(users, items, user_factors, item_factors, user_bias, item_bias):
         return False
@@ -903,39 +897,24 @@ def _train_step_ok(tables, states, users, items, targets, loss, optimizer) -> bo
         tables, states, optimizer)
 
 
-def train_step(
-    user_factors,
-    item_factors,
-    user_bias,
-    item_bias,
-    user_factors_state,
-    item_factors_state,
-    user_bias_state,
-    item_bias_state,
-    users,
-    items,
-    targets,
-    global_mean,
-    loss,
-    reg,
-    optimizer,
-    lr,
-    eps,
-):
+def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
+               global_mean: float, loss, reg: float, optimizer: OptimizerArgs):
     """Fused forward + loss + backward + sparse optimizer step, in place on the tables and
     states; returns the loss (data term + reg term) as a 0-d tensor like the weights.
 
-    users, items: (B,) int32/int64; user_factors (U, K); item_factors (I, K); user_bias (U,)
-    and item_bias (I,), or both None; states None for SGD, else like their table (row-wise
-    Adagrad: (U,) and (I,) for the factor tables); targets (B,) finite, dtype of the
-    weights; ``loss`` and ``optimizer`` are names or codes (``fastmf.reference.LOSSES``,
-    ``OPTIMIZERS``). An empty batch changes nothing and returns 0.
+    users, items: (B,) int32/int64; ``tables``: user_factors (U, K), item_factors (I, K),
+    user_bias (U,) and item_bias (I,), or both None; ``states`` None for SGD, else like
+    their table (row-wise Adagrad: (U,) and (I,) for the factor tables); targets (B,)
+    finite, dtype of the weights; ``loss`` a :class:`~fastmf.ops.codes.Loss`, code or name.
+    An empty batch changes nothing and returns 0.
     """
     op = "train_step"
-    loss = _code(op, loss, LOSSES, LOSS_CODES, "loss")
-    optimizer = _code(op, optimizer, OPTIMIZERS, OPTIMIZER_CODES, "optimizer")
-    tables = (user_factors, item_factors, user_bias, item_bias)
-    states = (user_factors_state, item_factors_state, user_bias_state, item_bias_state)
+    loss = int(parse(Loss, loss, op, "loss"))
+    lr, eps = optimizer.lr, optimizer.eps
+    optimizer = int(parse(Optimizer, optimizer.optimizer, op, "optimizer"))
+    tables = tuple(tables)
+    states = tuple(states) if states is not None else (None,) * 4
+    user_factors, item_factors, user_bias, item_bias = tables
     _require_cpu(op, _TRAIN_STEP_NAMES, tables + states + (users, items, targets))
 
     def full_checks():

@@ -1,0 +1,35 @@
+"""The argument bundles the fused ops take in Python (the schemas in ``csrc/fastmf.cpp``
+stay flat, as ``TORCH_LIBRARY`` requires; :mod:`fastmf.ops.native` unpacks them, and the
+C++ kernels pack them again into ``StepTables``/``OptimizerArgs`` structs at the op
+boundary). FBGEMM's ``CommonArgs``/``OptimizerArgs`` are the model."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from fastmf.ops.codes import Optimizer
+
+__all__ = ["MFTables", "OptimizerArgs"]
+
+
+class MFTables(NamedTuple):
+    """The four tables of biased MF, or their optimizer states (same slots).
+
+    user_factors (U, K), item_factors (I, K), user_bias (U,), item_bias (I,); the biases
+    are both present or both None. As states: shaped like each table (element-wise
+    Adagrad), (N,) per table (row-wise Adagrad), or the bundle is None (SGD)."""
+
+    user_factors: Tensor | None
+    item_factors: Tensor | None
+    user_bias: Tensor | None = None
+    item_bias: Tensor | None = None
+
+
+class OptimizerArgs(NamedTuple):
+    """Which sparse optimizer a fused step applies, and its settings."""
+
+    optimizer: Optimizer
+    lr: float
+    eps: float = 0.0

@@ -1,0 +1,18 @@
+"""The reference backend: every fastmf op as plain PyTorch, the spec the other backends
+are tested against. Same function names and arguments as :mod:`fastmf.ops.native` and
+:mod:`fastmf.ops.numba`; one module per op family."""
+
+from fastmf.ops.reference.pairwise import train_step_pairwise
+from fastmf.ops.reference.pointwise import (
+    mf_backward,
+    mf_forward,
+    sparse_adagrad_update,
+    sparse_sgd_update,
+    train_step,
+)
+from fastmf.ops.reference.topk import topk_scores
+
+NAME = "reference"
+
+__all__ = ["NAME", "mf_backward", "mf_forward", "sparse_adagrad_update", "sparse_sgd_update",
+           "topk_scores", "train_step", "train_step_pairwise"]

@@ -1,0 +1,60 @@
+"""The spec of the pairwise op family: the fused BPR step ``train_step_pairwise``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastmf.ops import checks
+from fastmf.ops.args import MFTables, OptimizerArgs
+from fastmf.ops.codes import Optimizer, PairwiseLoss, parse
+from fastmf.ops.reference.pointwise import apply_sparse
+
+
+def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
+                        neg_items, loss, reg: float, optimizer: OptimizerArgs):
+    """The spec of the fused pairwise step (BPR). Each sample is (u, i, j) with i a
+    positive and j a sampled negative item of user u::
+
+        x = b_i - b_j + <P[u], Q[i] - Q[j]>          (mu and b_u cancel)
+        loss = mean_b softplus(-x)  (= -mean log σ(x))
+             + reg * mean_b(||P[u]||² + ||Q[i]||² + ||Q[j]||² + b_i² + b_j²)
+
+    An item row's positive and negative gradients are summed before its single optimizer
+    update (positives first, then negatives: ``torch.cat([i, j])``); ``user_bias`` (no
+    gradient) is left untouched. Returns the loss (0-d)."""
+    op = "train_step_pairwise"
+    tables = MFTables(*tables)
+    states = MFTables(*(states if states is not None else (None,) * 4))
+    parse(PairwiseLoss, loss, op, "pairwise loss")
+    optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
+                              optimizer.lr, optimizer.eps)
+    checks.check_train_step_pairwise(op, tables, states, users, pos_items, neg_items,
+                                     PairwiseLoss.BPR, optimizer.optimizer)
+    user_factors, item_factors, _, item_bias = tables
+    if users.numel() == 0:
+        return user_factors.new_zeros(())
+    u, i, j = users.long(), pos_items.long(), neg_items.long()
+    with torch.enable_grad():
+        p = user_factors.detach()[u].requires_grad_()
+        qi = item_factors.detach()[i].requires_grad_()
+        qj = item_factors.detach()[j].requires_grad_()
+        rows = [p, qi, qj]
+        x = (p * (qi - qj)).sum(1)
+        per_sample = p.pow(2).sum(1) + qi.pow(2).sum(1) + qj.pow(2).sum(1)
+        if item_bias is not None:
+            bi = item_bias.detach()[i].requires_grad_()
+            bj = item_bias.detach()[j].requires_grad_()
+            rows += [bi, bj]
+            x = x + bi - bj
+            per_sample = per_sample + bi.pow(2) + bj.pow(2)
+        total = F.softplus(-x).mean() + reg * per_sample.mean()
+        grads = torch.autograd.grad(total, rows)
+    both = torch.cat([i, j])
+    apply_sparse(optimizer, user_factors, states.user_factors, u, grads[0])
+    apply_sparse(optimizer, item_factors, states.item_factors, both,
+                 torch.cat([grads[1], grads[2]]))
+    if item_bias is not None:
+        apply_sparse(optimizer, item_bias, states.item_bias, both,
+                     torch.cat([grads[3], grads[4]]))
+    return total.detach()

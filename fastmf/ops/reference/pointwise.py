@@ -1,0 +1,167 @@
+"""The spec of the pointwise op family (``mf_forward``, ``mf_backward``, the sparse
+optimizer updates and the fused ``train_step``), written plainly with ``nn.Embedding`` /
+``torch.optim`` semantics. Every other backend (C++, Numba, CUDA) is tested against these
+functions; each checks its inputs with :mod:`fastmf.ops.checks` as the native ops do in
+``csrc/checks.h``.
+
+Shapes: ``users``/``items``: (B,) int32 or int64; ``user_factors`` (U, K); ``item_factors``
+(I, K); ``user_bias`` (U,); ``item_bias`` (I,); ``targets`` (B,) float.
+
+Losses (``loss=`` everywhere in fastmf), each a mean over the batch:
+
+- ``"mse"``: ``mean((pred - target)**2)``  (``F.mse_loss``)
+- ``"huber"``: ``F.huber_loss(pred, target, delta=1.0)``
+- ``"bce"``: ``F.binary_cross_entropy_with_logits(pred, target)`` (targets in [0, 1])
+
+Regularisation (``reg=``), FunkSVD style: a per-sample L2 penalty on the rows and biases
+that the batch touches, added to the mean loss::
+
+    reg * mean_b(||P[u_b]||² + ||Q[i_b]||² + b_u[u_b]² + b_i[i_b]²)
+
+A row that occurs n times in a batch is penalised n times, exactly as autograd of this
+expression would do. Rows the batch does not touch are not decayed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastmf.ops import checks
+from fastmf.ops.args import MFTables, OptimizerArgs
+from fastmf.ops.codes import HUBER_DELTA, Loss, Optimizer, parse
+
+
+def mf_forward(users, items, user_factors, item_factors, user_bias, item_bias, global_mean):
+    """``global_mean + b_u + b_i + <P[u], Q[i]>`` for each (user, item) pair: (B,)."""
+    checks.check_mf_inputs("mf_forward", users, items, user_factors, item_factors, user_bias,
+                           item_bias)
+    p = F.embedding(users.long(), user_factors)
+    q = F.embedding(items.long(), item_factors)
+    pred = (p * q).sum(1) + global_mean
+    if user_bias is not None:
+        pred = pred + user_bias[users.long()] + item_bias[items.long()]
+    return pred
+
+
+def mf_backward(grad_out, users, items, user_factors, item_factors):
+    """Per-sample gradient rows of the dot product: ``(g*Q[i], g*P[u])``, each (B, K)."""
+    checks.check_mf_inputs("mf_backward", users, items, user_factors, item_factors, None, None)
+    checks.check_same_length("mf_backward", grad_out=grad_out, users=users)
+    g = grad_out.unsqueeze(1)
+    return g * item_factors[items.long()], g * user_factors[users.long()]
+
+
+def pointwise_loss(pred, targets, loss):
+    """The mean loss named by ``loss`` (a :class:`~fastmf.ops.codes.Loss`, its code or
+    name; see the module docstring)."""
+    loss = parse(Loss, loss, "train_step", "loss")
+    if loss == Loss.MSE:
+        return F.mse_loss(pred, targets)
+    if loss == Loss.HUBER:
+        return F.huber_loss(pred, targets, delta=HUBER_DELTA)
+    return F.binary_cross_entropy_with_logits(pred, targets)
+
+
+def reg_term(users, items, user_factors, item_factors, user_bias, item_bias, reg):
+    """``reg * mean_b(||P[u_b]||² + ||Q[i_b]||² + b_u² + b_i²)`` (0 when the batch is empty)."""
+    u, i = users.long(), items.long()
+    per_sample = user_factors[u].pow(2).sum(1) + item_factors[i].pow(2).sum(1)
+    if user_bias is not None:
+        per_sample = per_sample + user_bias[u].pow(2) + item_bias[i].pow(2)
+    if per_sample.numel() == 0:
+        return per_sample.sum()
+    return reg * per_sample.mean()
+
+
+def coalesce_rows(ids, grad_rows):
+    """Unique ids (ascending) and the sum of each one's grad rows: like
+    ``torch.sparse_coo_tensor(...).coalesce()``."""
+    unique, inverse = torch.unique(ids.long(), return_inverse=True)
+    summed = grad_rows.new_zeros((unique.numel(),) + tuple(grad_rows.shape[1:]))
+    summed.index_add_(0, inverse, grad_rows)
+    return unique, summed
+
+
+@torch.no_grad()
+def sparse_adagrad_update(weight, state, ids, grad_rows, lr, eps, rowwise):
+    """In place. Element-wise (``torch.optim.Adagrad``, lr_decay=0, weight_decay=0)::
+
+        g = sum of the grad rows of each unique id;  G[id] += g²;  w[id] -= lr·g/(√G[id] + eps)
+
+    Row-wise (FBGEMM's exact row-wise Adagrad; ``state`` is (N,))::
+
+        G[id] += mean_k(g²);  w[id] -= lr·g/(√G[id] + eps)
+    """
+    checks.check_sparse_update("sparse_adagrad_update", weight, state, ids, grad_rows, rowwise)
+    if ids.numel() == 0:
+        return
+    unique, g = coalesce_rows(ids, grad_rows)
+    if rowwise and weight.dim() == 2:
+        state[unique] += g.pow(2).mean(1)
+        std = state[unique].sqrt().add_(eps).unsqueeze(1)
+    else:
+        state[unique] += g.pow(2)
+        std = state[unique].sqrt().add_(eps)
+    weight[unique] -= lr * g / std
+
+
+@torch.no_grad()
+def sparse_sgd_update(weight, ids, grad_rows, lr):
+    """In place: ``w[id] -= lr · (sum of the grad rows of id)`` once per unique id."""
+    checks.check_sparse_update("sparse_sgd_update", weight, None, ids, grad_rows)
+    if ids.numel() == 0:
+        return
+    unique, g = coalesce_rows(ids, grad_rows)
+    weight[unique] -= lr * g
+
+
+def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
+               global_mean: float, loss, reg: float, optimizer: OptimizerArgs):
+    """The spec of the fused ``train_step`` op. ``tables``/``states``: the four tables and
+    their optimizer states (None for SGD); ``loss``: a :class:`~fastmf.ops.codes.Loss`, its
+    code or name. Gathers the rows as ``nn.Embedding(sparse=True)`` would, takes the loss
+    and its gradient with autograd, then applies the sparse optimizer to each table: every
+    gradient is computed from the weights as they were before the step. Returns the loss
+    (data term + reg term) as a 0-d tensor."""
+    op = "train_step"
+    tables = MFTables(*tables)
+    states = MFTables(*(states if states is not None else (None,) * 4))
+    loss = parse(Loss, loss, op, "loss")
+    optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
+                              optimizer.lr, optimizer.eps)
+    checks.check_train_step(op, tables, states, users, items, targets, loss,
+                            optimizer.optimizer)
+    user_factors, item_factors, user_bias, item_bias = tables
+    if users.numel() == 0:
+        return user_factors.new_zeros(())
+    u, i = users.long(), items.long()
+    with torch.enable_grad():
+        p = user_factors.detach()[u].requires_grad_()
+        q = item_factors.detach()[i].requires_grad_()
+        rows = [p, q]
+        pred = (p * q).sum(1) + global_mean
+        per_sample = p.pow(2).sum(1) + q.pow(2).sum(1)
+        if user_bias is not None:
+            bu = user_bias.detach()[u].requires_grad_()
+            bi = item_bias.detach()[i].requires_grad_()
+            rows += [bu, bi]
+            pred = pred + bu + bi
+            per_sample = per_sample + bu.pow(2) + bi.pow(2)
+        total = pointwise_loss(pred, targets, loss) + reg * per_sample.mean()
+        grads = torch.autograd.grad(total, rows)
+    ids = (u, i, u, i)
+    for weight, state, row_ids, g in zip(tables, states, ids, grads):
+        apply_sparse(optimizer, weight, state, row_ids, g)
+    return total.detach()
+
+
+def apply_sparse(optimizer: OptimizerArgs, weight, state, ids, grad_rows):
+    """One sparse update of ``weight`` by the optimizer ``optimizer`` names."""
+    if optimizer.optimizer == Optimizer.SGD:
+        sparse_sgd_update(weight, ids, grad_rows, optimizer.lr)
+    else:
+        sparse_adagrad_update(weight, state, ids, grad_rows, optimizer.lr, optimizer.eps,
+                              optimizer.optimizer == Optimizer.ROWWISE_ADAGRAD)
+
+
