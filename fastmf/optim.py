@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastmf import ops
+from fastmf.ops import checks
 
 __all__ = ["SparseAdagrad", "SparseSGD"]
 
@@ -30,6 +31,15 @@ class _SparseOptimizer(torch.optim.Optimizer):
         if backend != "auto":
             ops.resolve_backend(backend)
         self.backend = backend
+
+    SETTINGS = ("lr",)
+
+    def check_groups(self) -> None:
+        """Every group's settings are finite and >= 0 (they can be edited between steps,
+        e.g. by a scheduler); checked for all groups before any weight is written."""
+        op = f"{type(self).__name__}.step"
+        for group in self.param_groups:
+            checks.check_settings(op, **{k: group[k] for k in self.SETTINGS})
 
     def hyperparameters(self, param: Tensor) -> dict:
         """The group settings that apply to ``param`` (KeyError if it is not optimised)."""
@@ -50,16 +60,13 @@ class SparseAdagrad(_SparseOptimizer):
     >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
     """
 
+    SETTINGS = ("lr", "eps")
+
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-10,
                  initial_accumulator_value: float = 0.0, rowwise: bool = False,
                  backend: str = "auto"):
-        if not lr >= 0.0:
-            raise ValueError(f"fastmf.SparseAdagrad: invalid lr {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"fastmf.SparseAdagrad: invalid eps {eps}")
-        if not initial_accumulator_value >= 0.0:
-            raise ValueError("fastmf.SparseAdagrad: invalid initial_accumulator_value "
-                             f"{initial_accumulator_value}")
+        checks.check_settings("SparseAdagrad", lr=lr, eps=eps,
+                              initial_accumulator_value=initial_accumulator_value)
         defaults = dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value,
                         rowwise=bool(rowwise))
         super().__init__(params, defaults, backend)
@@ -83,6 +90,7 @@ class SparseAdagrad(_SparseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.check_groups()
         for group in self.param_groups:
             lr, eps, rowwise = group["lr"], group["eps"], group["rowwise"]
             for p in group["params"]:
@@ -111,8 +119,7 @@ class SparseSGD(_SparseOptimizer):
     """
 
     def __init__(self, params, lr: float = 1e-2, backend: str = "auto"):
-        if not lr >= 0.0:
-            raise ValueError(f"fastmf.SparseSGD: invalid lr {lr}")
+        checks.check_settings("SparseSGD", lr=lr)
         super().__init__(params, dict(lr=lr), backend)
 
     @torch.no_grad()
@@ -121,6 +128,7 @@ class SparseSGD(_SparseOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.check_groups()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fastmf import ops
 from fastmf.layers import MF
+from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss, names
 from fastmf.optim import SparseAdagrad, SparseSGD
@@ -84,9 +85,9 @@ def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse"
     >>> loss = fastmf.train_step(model, opt, u, i, r, reg=0.01)
     """
     code = _parse_loss(Loss, loss, "train_step")
-    if not reg >= 0.0:
-        raise ValueError(f"fastmf.train_step: reg must be >= 0, got {reg}")
     settings, states = _fused_optimizer(model, optimizer)
+    checks.check_settings("train_step", lr=settings.lr, eps=settings.eps, reg=reg)
+    checks.check_separate("train_step", model.tables(), states or MFTables(None, None))
     users, items = model.as_ids(users, "users"), model.as_ids(items, "items")
     dtype, device = model.user_factors.dtype, model.user_factors.device
     if isinstance(targets, Tensor):
@@ -115,9 +116,10 @@ def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
     users, pos_items, neg_items: (B,) int32/int64.
     """
     code = _parse_loss(PairwiseLoss, loss, "train_step_pairwise")
-    if not reg >= 0.0:
-        raise ValueError(f"fastmf.train_step_pairwise: reg must be >= 0, got {reg}")
     settings, states = _fused_optimizer(model, optimizer)
+    checks.check_settings("train_step_pairwise", lr=settings.lr, eps=settings.eps, reg=reg)
+    checks.check_separate("train_step_pairwise", model.tables(),
+                          states or MFTables(None, None))
     users = model.as_ids(users, "users")
     pos_items = model.as_ids(pos_items, "pos_items")
     neg_items = model.as_ids(neg_items, "neg_items")

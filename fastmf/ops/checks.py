@@ -148,10 +148,53 @@ def check_train_step(op, tables, states, users, items, targets, loss, optimizer)
     if targets.dtype != user_factors.dtype:
         raise TypeError(f"fastmf.{op}: targets has dtype {targets.dtype}, expected "
                         f"{user_factors.dtype} like the weights")
+    if targets.dim() != 1:
+        # A (B, 1) column would broadcast against the (B,) predictions into a (B, B) loss.
+        raise ValueError(f"fastmf.{op}: targets must be 1-D, got shape {list(targets.shape)}")
     check_same_device(op, "user_factors", user_factors, targets=targets)
     check_same_length(op, users=users, targets=targets)
     check_finite(op, "targets", targets)
     check_states(op, tables, states, optimizer)
+    check_separate(op, tables, states)
+
+
+TABLE_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias")
+STATE_NAMES = tuple(f"{name}_state" for name in TABLE_NAMES)
+
+
+def check_settings(op: str, **settings: float) -> None:
+    """Optimizer and loss settings (lr, eps, reg, ...) are finite and >= 0: a NaN lr would
+    otherwise fill every row a step touches with NaN while the loss still looks normal."""
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | np.floating
+                                                     | np.integer):
+            raise TypeError(f"fastmf.{op}: {name} must be a number, got {type(value).__name__}")
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"fastmf.{op}: {name} must be finite and >= 0, got {value}")
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] byte address a tensor can touch (its strides may skip some)."""
+    if t.numel() == 0:
+        return (0, -1)
+    start = t.data_ptr()
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return start, start + (span + 1) * t.element_size() - 1
+
+
+def check_separate(op: str, tables, states) -> None:
+    """No two of the tables and states overlap in memory: a fused step writes some rows
+    while it still reads others, so tied tables (``model.item_factors =
+    model.user_factors``) would make the result depend on the schedule."""
+    named = [(n, t) for n, t in zip(TABLE_NAMES + STATE_NAMES, (*tables, *states))
+             if t is not None]
+    ranges = [(n, _byte_range(t)) for n, t in named]
+    for a in range(len(ranges)):
+        for b in range(a + 1, len(ranges)):
+            (name_a, (lo_a, hi_a)), (name_b, (lo_b, hi_b)) = ranges[a], ranges[b]
+            if lo_a <= hi_b and lo_b <= hi_a:
+                raise ValueError(f"fastmf.{op}: {name_a} and {name_b} share memory; the "
+                                 "fused step needs separate tensors")
 
 
 def check_states(op, tables, states, optimizer):
@@ -160,8 +203,7 @@ def check_states(op, tables, states, optimizer):
     if optimizer == Optimizer.SGD:
         return
     rowwise = optimizer == Optimizer.ROWWISE_ADAGRAD
-    names = ("user_factors_state", "item_factors_state", "user_bias_state", "item_bias_state")
-    for name, table, state in zip(names, tables, states):
+    for name, table, state in zip(STATE_NAMES, tables, states):
         if table is None:
             continue
         if state is None:
@@ -184,6 +226,7 @@ def check_train_step_pairwise(op, tables, states, users, pos_items, neg_items, l
     check_ids(op, "neg_items", neg_items, tables[1].shape[0])
     check_same_length(op, users=users, pos_items=pos_items, neg_items=neg_items)
     check_states(op, tables, states, optimizer)
+    check_separate(op, tables, states)
 
 
 def check_k(op: str, k) -> int:

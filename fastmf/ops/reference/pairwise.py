@@ -31,6 +31,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
                               optimizer.lr, optimizer.eps)
     checks.check_train_step_pairwise(op, tables, states, users, pos_items, neg_items,
                                      PairwiseLoss.BPR, optimizer.optimizer)
+    checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
     user_factors, item_factors, _, item_bias = tables
     if users.numel() == 0:
         return user_factors.new_zeros(())

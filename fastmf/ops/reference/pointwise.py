@@ -94,6 +94,7 @@ def sparse_adagrad_update(weight, state, ids, grad_rows, lr, eps, rowwise):
         G[id] += mean_k(g²);  w[id] -= lr·g/(√G[id] + eps)
     """
     checks.check_sparse_update("sparse_adagrad_update", weight, state, ids, grad_rows, rowwise)
+    checks.check_settings("sparse_adagrad_update", lr=lr, eps=eps)
     if ids.numel() == 0:
         return
     unique, g = coalesce_rows(ids, grad_rows)
@@ -110,6 +111,7 @@ def sparse_adagrad_update(weight, state, ids, grad_rows, lr, eps, rowwise):
 def sparse_sgd_update(weight, ids, grad_rows, lr):
     """In place: ``w[id] -= lr · (sum of the grad rows of id)`` once per unique id."""
     checks.check_sparse_update("sparse_sgd_update", weight, None, ids, grad_rows)
+    checks.check_settings("sparse_sgd_update", lr=lr)
     if ids.numel() == 0:
         return
     unique, g = coalesce_rows(ids, grad_rows)
@@ -132,6 +134,7 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
                               optimizer.lr, optimizer.eps)
     checks.check_train_step(op, tables, states, users, items, targets, loss,
                             optimizer.optimizer)
+    checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
     user_factors, item_factors, user_bias, item_bias = tables
     if users.numel() == 0:
         return user_factors.new_zeros(())
