@@ -3,6 +3,8 @@ forward and backward run on fused kernels."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -17,6 +19,23 @@ def sparse_rows_grad(ids: Tensor, rows: Tensor, shape) -> Tensor:
     return torch.sparse_coo_tensor(
         ids.long().unsqueeze(0), rows, shape, check_invariants=False, is_coalesced=False
     )
+
+
+def _int64_ids(ids, what: str) -> np.ndarray:
+    """``ids`` (array-like of integers) as int64, refusing floats and values int64 cannot
+    hold (a uint64 id of 2**63 would otherwise wrap to a negative one). An empty list is
+    an empty batch, not a float64 array."""
+    array = np.asarray(ids)
+    if array.size == 0:
+        return np.zeros(array.shape, dtype=np.int64)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integer ids, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and array.dtype.itemsize == 8:
+        too_big = array > np.iinfo(np.int64).max
+        if too_big.any():
+            raise IndexError(f"{what}: id {int(array[too_big].flat[0])} is out of range "
+                             "(ids must fit in int64)")
+    return array.astype(np.int64, copy=False)
 
 
 class _KernelForward(torch.autograd.Function):
@@ -172,10 +191,7 @@ class MF(nn.Module):
         """Tensor ids on the model's device (numpy arrays and lists accepted)."""
         if isinstance(ids, Tensor):
             return ids
-        array = np.asarray(ids)
-        if array.dtype.kind not in "iu":
-            raise TypeError(f"fastmf.MF: {name} must be integer ids, got dtype {array.dtype}")
-        return torch.as_tensor(array.astype(np.int64, copy=False),
+        return torch.as_tensor(_int64_ids(ids, f"fastmf.MF: {name}"),
                                device=self.user_factors.device)
 
     def forward(self, users, items) -> Tensor:
@@ -236,18 +252,31 @@ class MF(nn.Module):
                 raise ValueError(f"fastmf.MF: raw_ids=True but the model holds no {side} id "
                                  "map (train it with fastmf.fit or call attach_data)")
             return id_map.lookup(ids)
-        array = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
-        if array.ndim == 0:
-            array = array.reshape(1)
-        if array.size and array.dtype.kind not in "iu":
-            raise TypeError(f"fastmf.MF: {side}s must be integer indices, got {array.dtype}")
-        array = array.astype(np.int64, copy=False)
+        array = _int64_ids(ids.detach().cpu().numpy() if isinstance(ids, Tensor) else ids,
+                           f"fastmf.MF: {side}s").reshape(-1)
         limit = self.num_users if side == "user" else self.num_items
         bad = (array < 0) | (array >= limit)
         if bad.any():
             raise IndexError(f"fastmf.MF: {side} index {int(array[bad][0])} out of range "
                              f"[0, {limit}) (pass raw_ids=True for raw ids)")
         return array
+
+    def _warn_unknown(self, users, known: np.ndarray) -> None:
+        """Unknown raw users get the popular-items fallback; say so, and say when the cause
+        is probably the id's type (the string "1" where the ids are integers)."""
+        values = np.asarray(users.cpu() if isinstance(users, Tensor) else users,
+                            dtype=object).reshape(-1)
+        unknown = values[~known]
+        map_kind = self.user_map.raw_ids.dtype.kind
+        hint = ""
+        typed = [v for v in unknown[:5]
+                 if isinstance(v, str) != (map_kind in "OUS")]
+        if typed:
+            hint = (f"; {typed[0]!r} is a {type(typed[0]).__name__} but the model's raw user "
+                    f"ids are {self.user_map.raw_ids.dtype}")
+        warnings.warn(f"fastmf.MF.recommend: {len(unknown)} unknown raw user id(s) "
+                      f"{list(unknown[:5])} get the popular-items fallback{hint}",
+                      stacklevel=3)
 
     def _to_raw(self, indices: Tensor):
         """Item indices (with -1 padding) -> raw item ids (numpy; None for padding)."""
@@ -281,8 +310,11 @@ class MF(nn.Module):
         """
         from fastmf import retrieval
 
+        k = checks.check_k("MF.recommend", k)
         index = self._index_of(users, "user", raw_ids)
         known = index >= 0
+        if raw_ids and not known.all():
+            self._warn_unknown(users, known)
         candidates = None
         if items is not None:
             candidates = self._index_of(items, "item", raw_ids)
