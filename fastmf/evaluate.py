@@ -54,8 +54,9 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
     - ``"serendipity@10"``: the share of each top-K list that is relevant and outside the K
       most popular ``train`` items (:func:`fastmf.metrics.serendipity`; needs ``train``);
     - ``"auc"``: full-catalog per-user ROC AUC of the test items against every item
-      neither in the test set nor in ``train`` (:func:`fastmf.metrics.auc`), computed
-      ``batch_size`` users at a time from the factors, never all users × items at once;
+      neither in the test set nor in ``train`` (:func:`fastmf.metrics.auc`), computed from
+      the factors for at most ``batch_size`` users (and about 4M scores) at a time, never
+      all users × items at once;
     - ``"coverage"``, ``"novelty"``, ``"diversity"``: catalog coverage, mean self-information
       (popularity from ``train``, else from ``test``) and intra-list diversity of the same
       top-K lists.
@@ -132,5 +133,5 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
                 out[key] = M.intra_list_diversity(top, model.item_factors.detach().cpu())
     if "auc" in bases:
         out["auc"] = M.auc(_score_source(model), test, exclude=exclude, users=users,
-                           chunk_size=batch_size)
+                           chunk_size=M.auc_chunk_size(model.num_items, batch_size))
     return {key: out[key] for key in wanted}

@@ -25,7 +25,14 @@ recall@K        ``sum_j hit[u, j] / |R_u|`` (so at most ``K / |R_u|`` when ``|R_
 NDCG@K          ``sum_j hit[u, j] disc(j) / sum_{j < min(|R_u|, K)} disc(j)``
 MRR@K           ``1 / (1 + first j with hit[u, j])``, 0 without a hit
 MAP@K           ``sum_j P@(j+1) hit[u, j] / min(|R_u|, K)``
+serendipity@K   ``sum_j hit[u, j] [item not among the K most popular] / K``
 ==============  ==================================================================
+
+:func:`auc` ranks the whole catalogue instead of a top-K list (from a score matrix or
+chunk by chunk from a score function); :func:`serendipity` needs item popularity.
+
+Metric names (``"ndcg@10"``, ``"Hit@10"``, ``"auc"``, as :func:`fastmf.evaluate` takes them)
+are case-insensitive with aliases; :func:`parse_metric` and :func:`metric_key` read them.
 
 >>> import numpy as np, scipy.sparse as sp
 >>> heldout = sp.csr_matrix(np.array([[0, 1, 0, 1], [1, 0, 0, 0]]))
@@ -62,6 +69,7 @@ __all__ = [
     "serendipity",
     "most_popular",
     "auc",
+    "auc_chunk_size",
     "sampled_rank_metrics",
     "catalog_coverage",
     "novelty",
@@ -532,7 +540,7 @@ def _padded_rows(
     indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The stored items of ``rows`` as (B, m) int64 padded with item 0 and a (B, m) mask of
-    the real entries, m the longest row."""
+    the real entries, m the longest row; a row's entries come first, in item order."""
     starts = indptr[rows]
     lengths = indptr[rows + 1] - starts
     width = int(lengths.max()) if len(rows) else 0
@@ -544,60 +552,118 @@ def _padded_rows(
     return np.where(real, cols, 0), real
 
 
-def _rows_mask(
-    indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, num_items: int, device: Any
-) -> torch.Tensor:
-    """Dense (B, num_items) bool mask of the stored items of ``rows``."""
-    cols, real = _padded_rows(indptr, indices, rows)
-    mask = torch.zeros((len(rows), num_items), dtype=torch.bool, device=device)
-    row_of = np.broadcast_to(np.arange(len(rows))[:, None], real.shape)
-    mask[torch.as_tensor(row_of[real], device=device),
-         torch.as_tensor(cols[real], device=device)] = True
-    return mask
+def _row_keys(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray,
+              num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys ``j * num_items + item`` (increasing) of the stored items of ``rows[j]``, and
+    each row's count."""
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    first = np.cumsum(lengths) - lengths
+    offsets = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - first, lengths)
+    row_of = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
+    return row_of * num_items + indices[offsets], lengths
 
 
-def _auc_rows(
-    scores: torch.Tensor,
-    pos_cols: torch.Tensor,
-    pos_real: torch.Tensor,
-    excluded: torch.Tensor | None,
+# Rows with at most this many held-out items count by comparisons, the others by sorting.
+_AUC_COMPARE_MAX = 8
+
+
+def _auc_block(
+    block: torch.Tensor,
+    heldout: tuple[np.ndarray, np.ndarray],
+    exclude: tuple[np.ndarray, np.ndarray] | None,
+    users: np.ndarray,
     name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row AUC (B,) float64 and whether it is defined (B,) bool.
+) -> tuple[float, int]:
+    """(sum of the defined per-user AUCs, their number) for the (B, I) scores of ``users``.
 
-    ``scores`` (B, I); ``pos_cols``/``pos_real`` (B, m): the held-out items, padded;
-    ``excluded`` (B, I) bool or None. Mann-Whitney: for each positive, the negatives scored
-    below it plus half those scored equal, found by binary search in the row's sorted
-    negative scores (non-negatives sorted to the end as +inf, so never counted below a
-    finite score).
+    Mann-Whitney: twice a positive's U counts each negative scored below it twice and each
+    one scored equal once. Every non-negative item gets score +inf, so it never counts below
+    a finite score. A row with at most _AUC_COMPARE_MAX positives compares each positive
+    with the whole row, ``2 U_p = I + sum_i sign(s_p - s_i)`` (a +inf item adds 1 - 1 = 0),
+    which measured ~16x cheaper per positive than sorting a 20k-item row; the other rows
+    binary-search their sorted negatives.
     """
-    if not scores.is_floating_point() or scores.dtype in (torch.float16, torch.bfloat16):
-        scores = scores.to(torch.float64 if not scores.is_floating_point() else torch.float32)
-    batch = scores.shape[0]
-    row_of = torch.arange(batch, device=scores.device)[:, None].expand_as(pos_cols)
-    is_pos = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    is_pos[row_of[pos_real], pos_cols[pos_real]] = True
-    if excluded is not None:
+    batch, num_items = block.shape
+    device = block.device
+    if not block.is_floating_point() or block.dtype in (torch.float16, torch.bfloat16):
+        block = block.to(torch.float64 if not block.is_floating_point() else torch.float32)
+    cols, real = _padded_rows(*heldout, users)
+    row_of = np.broadcast_to(np.arange(batch, dtype=np.int64)[:, None], cols.shape)
+    pos_keys = row_of * num_items + cols
+    n_rel = real.sum(axis=1)
+    if exclude is not None:
+        ex_keys, n_ex = _row_keys(*exclude, users, num_items)
+        where = np.searchsorted(ex_keys, pos_keys)
+        in_ex = ex_keys[np.minimum(where, len(ex_keys) - 1)] == pos_keys if ex_keys.size else (
+            np.zeros(cols.shape, dtype=bool))
+        in_ex &= real
         # An excluded item is not ranked at all, even when it is also held out.
-        pos_real = pos_real & ~excluded.gather(1, pos_cols)
-        negative = ~(is_pos | excluded)
+        positive = real & ~in_ex
+        n_neg = num_items - n_rel - n_ex + in_ex.sum(axis=1)
     else:
-        negative = ~is_pos
-    query = scores.gather(1, pos_cols)
-    if (~torch.isfinite(scores) & negative).any() or (~torch.isfinite(query) & pos_real).any():
-        raise ValueError(f"fastmf.metrics.{name}: scores contain NaN/inf at items that are "
-                         "ranked (neither excluded nor padding)")
-    inf = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
-    sorted_neg = torch.where(negative, scores, inf).sort(dim=1).values
-    query = torch.where(pos_real, query, torch.zeros((), dtype=query.dtype,
-                                                     device=query.device)).contiguous()
-    below = torch.searchsorted(sorted_neg, query, side="left")
-    not_above = torch.searchsorted(sorted_neg, query, side="right")
-    u_stat = ((below + not_above).to(torch.float64) * pos_real).sum(dim=1) * 0.5
-    n_pos = pos_real.sum(dim=1).to(torch.float64)
-    n_neg = negative.sum(dim=1).to(torch.float64)
+        ex_keys = np.zeros(0, dtype=np.int64)
+        positive = real
+        n_neg = num_items - n_rel
+    n_pos = positive.sum(axis=1)
+
+    # Excluded scores may be anything (a masked matrix holds -inf there); the rest must be
+    # finite. A finite sum proves every score finite at the cost of one pass (measured ~15x
+    # faster than isfinite + all); a non-finite one, even from overflow, takes the exact check.
+    ex_flat = torch.as_tensor(ex_keys, device=device)
+    if not torch.isfinite(block.sum()):
+        ranked = block.clone()
+        ranked.view(-1)[ex_flat] = 0
+        if not torch.isfinite(ranked).all():
+            raise ValueError(f"fastmf.metrics.{name}: scores contain NaN/inf at items that "
+                             "are ranked (not excluded)")
+    pos_cols = torch.as_tensor(cols, device=device)
+    weight = torch.as_tensor(positive, dtype=torch.float64, device=device)
+    # Padding slots and excluded positives may hold NaN, which a zero weight would not cancel.
+    query = torch.where(weight > 0, block.gather(1, pos_cols),
+                        torch.zeros((), dtype=block.dtype, device=device))
+    negatives = block.clone()
+    negatives.view(-1)[ex_flat] = float("inf")
+    negatives.view(-1)[torch.as_tensor(pos_keys[real], device=device)] = float("inf")
+
+    twice_u = np.zeros(batch, dtype=np.float64)
+    light = n_rel <= _AUC_COMPARE_MAX
+    if light.any():
+        # Most positives first: slot j then runs on a prefix of the rows, so the work is one
+        # pass per positive, not per row times the longest row.
+        rows = np.flatnonzero(light)
+        rows = rows[np.argsort(-n_rel[rows], kind="stable")]
+        live_per_slot = (n_rel[rows][None, :] > np.arange(int(n_rel[rows[0]]))[:, None]).sum(1)
+        index = torch.as_tensor(rows, device=device)
+        neg_l, query_l, weight_l = negatives[index], query[index], weight[index]
+        part = torch.zeros(len(rows), dtype=torch.float64, device=device)
+        # Sums of +-1 are exact in float32 below 2**24 items, and a float64 accumulator
+        # measured ~7x slower.
+        exact = torch.float32 if num_items < 2**24 else torch.float64
+        for slot, live in enumerate(live_per_slot.tolist()):
+            signs = torch.sign(query_l[:live, slot:slot + 1] - neg_l[:live]).sum(dim=1,
+                                                                                  dtype=exact)
+            part[:live] += (signs.to(torch.float64) + num_items) * weight_l[:live, slot]
+        twice_u[rows] = part.cpu().numpy()
+    if not light.all():
+        rows = np.flatnonzero(~light)
+        index = torch.as_tensor(rows, device=device)
+        sorted_neg = negatives[index].sort(dim=1).values
+        query_h = query[index].contiguous()
+        below = torch.searchsorted(sorted_neg, query_h, side="left")
+        not_above = torch.searchsorted(sorted_neg, query_h, side="right")
+        twice_u[rows] = ((below + not_above).to(torch.float64) * weight[index]).sum(
+            dim=1).cpu().numpy()
     defined = (n_pos > 0) & (n_neg > 0)
-    return torch.where(defined, u_stat / (n_pos * n_neg).clamp(min=1.0), 0.0), defined
+    values = 0.5 * twice_u[defined] / (n_pos[defined] * n_neg[defined].astype(np.float64))
+    return float(values.sum()), int(defined.sum())
+
+
+def auc_chunk_size(num_items: int, max_users: int | None = None) -> int:
+    """Users per :func:`auc` chunk: about 4M scores (a few tens of MB of float32 scores, their
+    sorted copy and masks), at most ``max_users``."""
+    rows = max(1, (1 << 22) // max(int(num_items), 1))
+    return rows if max_users is None else max(1, min(rows, int(max_users)))
 
 
 @torch.no_grad()
@@ -645,7 +711,7 @@ def auc(
             raise ValueError(f"fastmf.metrics.auc: exclude is {tuple(ex_shape)}, heldout "
                              f"{(num_users, num_items)}; they must have the same shape")
     if chunk_size is None:
-        chunk_size = max(1, (1 << 22) // max(num_items, 1))
+        chunk_size = auc_chunk_size(num_items)
     chunk_size = _int_k(chunk_size, "auc", "chunk_size")
     if chunk_size < 1:
         raise ValueError(f"fastmf.metrics.auc: chunk_size must be >= 1, got {chunk_size}")
@@ -691,15 +757,11 @@ def auc(
                                  f"({len(block_users)}, {num_items})")
         else:
             block = dense[torch.as_tensor(part, device=dense.device)]
-        block = block.detach()
-        device = block.device
-        cols, real = _padded_rows(indptr, indices, block_users)
-        excluded = (None if exclude is None else
-                    _rows_mask(ex_indptr, ex_indices, block_users, num_items, device))
-        values, defined = _auc_rows(block, torch.as_tensor(cols, device=device),
-                                    torch.as_tensor(real, device=device), excluded, "auc")
-        total += float(values.sum())
-        count += int(defined.sum())
+        part_sum, part_count = _auc_block(
+            block.detach(), (indptr, indices),
+            None if exclude is None else (ex_indptr, ex_indices), block_users, "auc")
+        total += part_sum
+        count += part_count
     if count == 0:
         raise ValueError("fastmf.metrics.auc: no evaluated user has both a held-out item and "
                          "a negative item to rank it against (all excluded or held out)")

@@ -518,8 +518,11 @@ def test_auc_hand_computed():
     assert auc(scores, heldout, exclude=exclude) == pytest.approx((3.5 / 4 + 2 / 4) / 2)
 
 
+@pytest.mark.parametrize("compare_max", [0, 3, 10**6])
 @pytest.mark.parametrize("ties", [True, False])
-def test_auc_matches_sklearn_and_pairwise_count(ties):
+def test_auc_matches_sklearn_and_pairwise_count(ties, compare_max, monkeypatch):
+    # compare_max: every user by sorting, a mix, every user by comparisons.
+    monkeypatch.setattr(fastmf.metrics, "_AUC_COMPARE_MAX", compare_max)
     scores, heldout, exclude, held, excl = auc_case(seed=5 + ties, ties=ties)
     expected = per_user_auc_reference(scores, held, excl)
     assert not {0, 1, 2, 3} & set(expected)  # the edge rows are skipped
@@ -531,6 +534,7 @@ def test_auc_matches_sklearn_and_pairwise_count(ties):
     # Excluded items may hold -inf (a masked score matrix).
     masked = np.where(excl, -np.inf, scores)
     assert auc(masked, heldout, exclude=exclude, chunk_size=1) == pytest.approx(want)
+    assert auc(np.where(excl, np.nan, scores), heldout, exclude=exclude) == pytest.approx(want)
     # Without exclusion every non-held-out item is a negative.
     no_excl = per_user_auc_reference(scores, held, np.zeros_like(excl))
     assert auc(scores, heldout) == pytest.approx(float(np.mean(list(no_excl.values()))))
