@@ -660,8 +660,8 @@ def _auc_block(
 
 
 def auc_chunk_size(num_items: int, max_users: int | None = None) -> int:
-    """Users per :func:`auc` chunk: about 4M scores (a few tens of MB of float32 scores, their
-    sorted copy and masks), at most ``max_users``."""
+    """Users per :func:`auc` chunk: about 4M scores (16 MB per float32 copy; a chunk holds a
+    few), at most ``max_users``."""
     rows = max(1, (1 << 22) // max(int(num_items), 1))
     return rows if max_users is None else max(1, min(rows, int(max_users)))
 
