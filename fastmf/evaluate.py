@@ -10,6 +10,7 @@ from fastmf.data import Interactions
 
 RATING_METRICS = ("rmse", "mae")
 BEYOND_ACCURACY = ("coverage", "novelty", "diversity")
+RANKING_METRICS = ("hr", "precision", "recall", "ndcg", "mrr", "map")
 
 
 @torch.no_grad()
@@ -26,6 +27,22 @@ def predict_pairs(model, users, items, batch_size: int = 1 << 16) -> np.ndarray:
     return out
 
 
+def _score_source(model):
+    """``users -> (len(users), num_items)`` ranking scores ``b_i + <P[u], Q[i]>`` on the model's
+    device: the order :meth:`fastmf.MF.recommend` ranks by (``mu`` and ``b_u`` shift a
+    user's scores alike, and adding them could merge near-ties in float32)."""
+    user_factors, item_factors, _, item_bias = model.tables()
+    item_factors = item_factors.detach()
+    item_bias = item_bias.detach() if item_bias is not None else None
+
+    def scores(users: np.ndarray) -> torch.Tensor:
+        rows = user_factors.detach()[torch.as_tensor(users, device=user_factors.device)]
+        out = rows @ item_factors.T
+        return out + item_bias if item_bias is not None else out
+
+    return scores
+
+
 def evaluate(model, test: Interactions, *, train: Interactions | None = None,
              metrics=("rmse", "mae"), k: int = 10, batch_size: int = 4096) -> dict[str, float]:
     """Metrics of ``model`` on ``test`` (an :class:`Interactions` in the model's index space).
@@ -34,45 +51,87 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
     - ranking metrics (``"hr@10"``, ``"ndcg@10"``, ``"recall@10"``, ``"precision@10"``,
       ``"mrr@10"``, ``"map@10"``, any K): full-catalog top-K for every test user, leaving
       out the user's ``train`` items (see :mod:`fastmf.metrics` for the definitions);
+    - ``"serendipity@10"``: the share of each top-K list that is relevant and outside the K
+      most popular ``train`` items (:func:`fastmf.metrics.serendipity`; needs ``train``);
+    - ``"auc"``: full-catalog per-user ROC AUC of the test items against every item
+      neither in the test set nor in ``train`` (:func:`fastmf.metrics.auc`), computed from
+      the factors for at most ``batch_size`` users (and about 4M scores) at a time, never
+      all users × items at once;
     - ``"coverage"``, ``"novelty"``, ``"diversity"``: catalog coverage, mean self-information
-      (popularity from ``train``) and intra-list diversity of the same top-K lists.
+      (popularity from ``train``, else from ``test``) and intra-list diversity of the same
+      top-K lists.
+
+    Names are case-insensitive with the aliases of :func:`fastmf.metrics.parse_metric`
+    (``hit@10``/``hitrate@10`` for ``hr@10``, ``p@10``/``prec@10`` for ``precision@10``,
+    ``ild`` for ``diversity``); a top-K metric without ``@K`` (``"mrr"``, ``"coverage"``)
+    uses ``k``. Results are keyed by the canonical name (:func:`fastmf.metrics.metric_key`):
+    ``metrics=("Hit@10", "MRR")`` returns ``{"hr@10": ..., "mrr": ...}``. An unknown name
+    raises ValueError listing the valid ones.
 
     >>> results = evaluate(model, test, train=train, metrics=("rmse", "ndcg@10"))  # doctest: +SKIP
     """
-    metrics = tuple(metrics)
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"fastmf.evaluate: k must be a positive int, got {k!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or (
+            batch_size < 1):
+        raise ValueError(f"fastmf.evaluate: batch_size must be a positive int, got "
+                         f"{batch_size!r}")
+    # key -> (canonical metric, cut-off), in the order asked for.
+    wanted: dict[str, tuple[str, int | None]] = {}
+    for name in metrics:
+        base, cut = M._parse_metric(name, "fastmf.evaluate")
+        wanted[base if cut is None else f"{base}@{cut}"] = (
+            base, int(k) if cut is None and base in M._CUTOFF_METRICS else cut)
+    if not wanted:
+        raise ValueError("fastmf.evaluate: metrics is empty")
+    bases = {base for base, _ in wanted.values()}
+    if "serendipity" in bases and train is None:
+        raise ValueError("fastmf.evaluate: serendipity needs train= (the item popularity of "
+                         "the training set defines the expected, popular items)")
+
     out: dict[str, float] = {}
-    if any(m in RATING_METRICS for m in metrics):
+    if bases & set(RATING_METRICS):
         if test.ratings is None:
             raise ValueError("fastmf.evaluate: rmse/mae need ratings; the test set has none")
         pred = predict_pairs(model, test.users, test.items)
-        if "rmse" in metrics:
-            out["rmse"] = M.rmse(pred, test.ratings)
-        if "mae" in metrics:
-            out["mae"] = M.mae(pred, test.ratings)
-    ranking = [m for m in metrics if "@" in m]
-    extra = [m for m in metrics if m in BEYOND_ACCURACY]
-    unknown = set(metrics) - set(RATING_METRICS) - set(ranking) - set(extra)
-    if unknown:
-        raise ValueError(f"fastmf.evaluate: unknown metrics {sorted(unknown)}")
-    if ranking or extra:
-        cutoffs = sorted({int(m.split("@")[1]) for m in ranking} | {k})
-        users = np.unique(test.users)
-        exclude = train.to_csr(binary=True) if train is not None else None
-        topk = np.empty((len(users), max(cutoffs)), dtype=np.int64)
+        for key, (base, _) in wanted.items():
+            if base in RATING_METRICS:
+                out[key] = getattr(M, base)(pred, test.ratings)
+
+    users = np.unique(test.users)
+    exclude = train.to_csr(binary=True) if train is not None else None
+    top_k = {key: cut for key, (base, cut) in wanted.items() if base in M._CUTOFF_METRICS}
+    if top_k:
+        longest = max(top_k.values())
+        topk = np.empty((len(users), longest), dtype=np.int64)
         for lo in range(0, len(users), batch_size):
             rows = users[lo:lo + batch_size]
-            items, _ = model.recommend(torch.as_tensor(rows), k=max(cutoffs), exclude=exclude)
+            items, _ = model.recommend(torch.as_tensor(rows), k=longest, exclude=exclude)
             topk[lo:lo + len(rows)] = items.cpu().numpy()
-        if ranking:
-            values = M.ranking_metrics(topk, test, k=cutoffs, users=users)
-            out.update({m: values[m] for m in ranking})
-        top = topk[:, :k]
-        if "coverage" in extra:
-            out["coverage"] = M.catalog_coverage(top, model.num_items)
-        if "novelty" in extra:
-            source = train if train is not None else test
-            pop = np.bincount(source.items, minlength=model.num_items)
-            out["novelty"] = M.novelty(top, pop, num_users=source.num_users)
-        if "diversity" in extra:
-            out["diversity"] = M.intra_list_diversity(top, model.item_factors.detach().cpu())
-    return out
+        ranking_cuts = sorted({cut for key, cut in top_k.items()
+                               if wanted[key][0] in RANKING_METRICS})
+        ranking = (M.ranking_metrics(topk, test, k=ranking_cuts, users=users)
+                   if ranking_cuts else {})
+        popularity = None
+        for key, cut in top_k.items():
+            base, top = wanted[key][0], topk[:, :cut]
+            if base in RANKING_METRICS:
+                out[key] = ranking[f"{base}@{cut}"]
+            elif base == "serendipity":
+                if popularity is None:
+                    popularity = np.bincount(train.items, minlength=model.num_items)
+                out[key] = M.serendipity(top, test, popularity, users=users)
+            elif base == "coverage":
+                out[key] = M.catalog_coverage(top, model.num_items)
+            elif base == "novelty":
+                source = train if train is not None else test
+                pop = np.bincount(source.items, minlength=model.num_items)
+                out[key] = M.novelty(top, pop, num_users=source.num_users)
+            elif base == "diversity":
+                out[key] = M.intra_list_diversity(top, model.item_factors.detach().cpu())
+    if "auc" in bases:
+        out["auc"] = M.auc(_score_source(model), test, exclude=exclude, users=users,
+                           chunk_size=M.auc_chunk_size(model.num_items, batch_size))
+    return {key: out[key] for key in wanted}

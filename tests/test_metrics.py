@@ -9,21 +9,29 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import fastmf
 from fastmf.data import Interactions
 from fastmf.metrics import (
+    METRIC_NAMES,
+    auc,
     catalog_coverage,
+    higher_is_better,
     hit_rate_at_k,
     intra_list_diversity,
     mae,
     map_at_k,
+    metric_key,
+    most_popular,
     mrr,
     ndcg_at_k,
     novelty,
+    parse_metric,
     precision_at_k,
     ranking_metrics,
     recall_at_k,
     rmse,
     sampled_rank_metrics,
+    serendipity,
 )
 
 FUNCTIONS = {
@@ -299,3 +307,349 @@ def test_intra_list_diversity_against_pairwise_loop():
     )
     same = np.ones((3, 2))
     assert intra_list_diversity(np.array([[0, 1, 2]]), same) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- metric names
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("hit@10", ("hr", 10)), ("HR@10", ("hr", 10)), ("HitRate@10", ("hr", 10)),
+    ("hit_rate@3", ("hr", 3)), ("NDCG@10", ("ndcg", 10)), ("Recall@20", ("recall", 20)),
+    ("precision@5", ("precision", 5)), ("Prec@5", ("precision", 5)), ("P@5", ("precision", 5)),
+    ("MAP@10", ("map", 10)), ("mrr", ("mrr", None)), ("MRR@10", ("mrr", 10)),
+    ("AUC", ("auc", None)), ("Serendipity@10", ("serendipity", 10)),
+    ("coverage", ("coverage", None)), ("Novelty", ("novelty", None)),
+    ("diversity", ("diversity", None)), ("ILD", ("diversity", None)),
+    ("RMSE", ("rmse", None)), ("mae", ("mae", None)), (" ndcg @ 007 ", ("ndcg", 7)),
+])
+def test_parse_metric_names_and_aliases(name, expected):
+    assert parse_metric(name) == expected
+    base, cut = expected
+    assert metric_key(name) == (base if cut is None else f"{base}@{cut}")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("ndcg@0", "positive integer, got '0'"),
+    ("ndcg@x", "positive integer, got 'x'"),
+    ("ndcg@", "positive integer, got ''"),
+    ("ndcg@-1", "positive integer, got '-1'"),
+    ("ndcg@1.5", "positive integer, got '1.5'"),
+    ("ndcg@²", "positive integer"),
+    ("auc@10", "auc takes no @K cut-off"),
+    ("rmse@5", "rmse takes no @K cut-off"),
+])
+def test_parse_metric_rejects_bad_cutoffs(name, message):
+    with pytest.raises(ValueError, match=message):
+        parse_metric(name)
+
+
+def test_unknown_metric_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown metric 'ndcq@10'") as err:
+        parse_metric("ndcq@10")
+    for name in ("hr/hit/hitrate", "precision/prec/p", "serendipity[@K]", "auc,", "ild"):
+        assert name in str(err.value)
+    with pytest.raises(TypeError, match="must be a str, got int"):
+        parse_metric(10)
+    assert set(METRIC_NAMES) == {
+        "hr", "ndcg", "recall", "precision", "map", "mrr", "serendipity", "coverage",
+        "novelty", "diversity", "auc", "rmse", "mae"}
+
+
+def test_higher_is_better():
+    assert not higher_is_better("RMSE") and not higher_is_better("mae")
+    assert higher_is_better("Hit@10") and higher_is_better("auc") and higher_is_better("ild")
+    with pytest.raises(ValueError, match="unknown metric 'loss'"):
+        higher_is_better("loss")
+
+
+def test_ranking_k_must_be_an_int():
+    topk, heldout, _ = random_case(num_users=20, k=5, seed=8)
+    with pytest.raises(TypeError, match="k must be an int, got 2.5"):
+        ndcg_at_k(topk, heldout, k=2.5)
+    with pytest.raises(TypeError, match="k must be an int, got True"):
+        ranking_metrics(topk, heldout, k=[True])
+
+
+# ----------------------------------------------------------------------------- serendipity
+
+
+def reference_serendipity(topk, relevant_sets, counts, k, primitive_k, users=None):
+    """Per user, by definition: relevant, not among the primitive_k most popular (equal
+    counts to the lower index), each item once, divided by k."""
+    order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
+    expected = set(order[:primitive_k])
+    users = range(len(topk)) if users is None else users
+    values = []
+    for row, u in zip(topk.tolist(), users, strict=True):
+        if not relevant_sets[u]:
+            continue
+        seen, good = set(), 0
+        for item in row[:k]:
+            if item >= 0 and item not in seen and item in relevant_sets[u] and (
+                    item not in expected):
+                good += 1
+            seen.add(item)
+        values.append(good / k)
+    return float(np.mean(values))
+
+
+def test_serendipity_hand_computed():
+    # Popularity 9, 1, 5, 2, 5: the 2 most popular are items 0 and 2 (2 beats 4 on index).
+    counts = np.array([9, 1, 5, 2, 5])
+    assert most_popular(counts, 3).tolist() == [0, 2, 4]
+    heldout = sp.csr_matrix(np.array([
+        [1, 1, 0, 1, 1],  # relevant 0, 1, 3, 4
+        [0, 0, 1, 0, 0],  # relevant 2 only (popular)
+        [0, 0, 0, 0, 0],  # nothing held out: skipped
+    ]))
+    topk = np.array([[0, 1, 4, 1], [2, -1, -1, -1], [1, 3, 4, 0]])
+    # user 0: 0 popular, 1 unexpected hit, 4 unexpected hit, 1 repeated -> 2/4; user 1: 0.
+    assert serendipity(topk, heldout, counts, primitive_k=2) == pytest.approx((2 / 4 + 0) / 2)
+    # primitive_k defaults to k = 4: items 0, 2, 4, 3 are expected; only item 1 is left.
+    assert serendipity(topk, heldout, counts) == pytest.approx((1 / 4 + 0) / 2)
+    # k=2 cuts the lists (and the default primitive list) to 2.
+    assert serendipity(topk, heldout, counts, k=2) == pytest.approx((1 / 2 + 0) / 2)
+
+
+@pytest.mark.parametrize("k, primitive_k", [(1, None), (5, None), (10, 3), (10, 25)])
+def test_serendipity_matches_reference(k, primitive_k):
+    topk, heldout, relevant = random_case(num_users=300, num_items=60, k=10, seed=20 + k)
+    rng = np.random.default_rng(k)
+    counts = rng.integers(1, 12, 60)  # few distinct values: many equal counts
+    topk[0, 4:] = -1
+    topk[1, 2] = topk[1, 1]
+    expected = reference_serendipity(topk, relevant, counts, k, primitive_k or k)
+    got = serendipity(topk, heldout, counts, k, primitive_k=primitive_k)
+    assert got == pytest.approx(expected)
+    assert 0 < got <= precision_at_k(topk, heldout, k)
+
+
+def test_serendipity_users_interactions_and_limits():
+    topk, heldout, relevant = random_case(num_users=120, num_items=40, k=8, seed=31)
+    rng = np.random.default_rng(2)
+    users = rng.integers(0, 120, 50)
+    sub = torch.from_numpy(topk[:50])
+    counts = rng.integers(1, 30, 40).astype(np.float32)
+    expected = reference_serendipity(sub.numpy(), relevant, counts, 8, 8, users.tolist())
+    assert serendipity(sub, heldout, counts, users=users) == pytest.approx(expected)
+    # Popularity from an Interactions: its item counts.
+    train = Interactions(rng.integers(0, 120, 900), rng.integers(0, 40, 900), user_map=120,
+                         item_map=40)
+    pop = np.bincount(train.items, minlength=40)
+    assert serendipity(topk, Interactions.from_scipy(heldout), train) == pytest.approx(
+        reference_serendipity(topk, relevant, pop, 8, 8))
+    # No primitive list: serendipity is precision. Everything expected: 0.
+    assert serendipity(topk, heldout, counts, primitive_k=0) == pytest.approx(
+        precision_at_k(topk, heldout))
+    assert serendipity(topk, heldout, counts, primitive_k=40) == 0.0
+    # Lists of padding only: nothing serendipitous, the users still count.
+    assert serendipity(np.full((120, 3), -1), heldout, counts) == 0.0
+
+
+def test_serendipity_errors():
+    topk, heldout, _ = random_case(num_users=30, num_items=20, k=4, seed=3)
+    counts = np.arange(1, 21)
+    with pytest.raises(ValueError, match=r"item_popularity must be \(20,\)"):
+        serendipity(topk, heldout, counts[:-1])
+    with pytest.raises(ValueError, match="primitive_k must be >= 0, got -1"):
+        serendipity(topk, heldout, counts, primitive_k=-1)
+    with pytest.raises(TypeError, match="primitive_k must be an int"):
+        serendipity(topk, heldout, counts, primitive_k=2.0)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        serendipity(topk, heldout, np.where(counts == 3, np.nan, counts))
+    with pytest.raises(ValueError, match=r"serendipity: k=0 must be in \[1, 0\]"):
+        serendipity(np.zeros((30, 0), dtype=np.int64), heldout, counts)
+    with pytest.raises(ValueError, match="no evaluated user has held-out items"):
+        serendipity(np.zeros((0, 4), dtype=np.int64), heldout, counts,
+                    users=np.zeros(0, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------- AUC
+
+
+def auc_case(num_users=80, num_items=30, seed=0, ties=True):
+    """Scores with many ties (small integers), held-out and excluded items drawn at random,
+    plus the edge rows: no held-out item, positives all excluded, negatives all excluded."""
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(0, 6, (num_users, num_items)) if ties
+              else rng.standard_normal((num_users, num_items))).astype(np.float64)
+    held = rng.random((num_users, num_items)) < rng.uniform(0.02, 0.3, (num_users, 1))
+    excl = (rng.random((num_users, num_items)) < 0.3) & ~held
+    held[0] = False  # no held-out item
+    held[1], excl[1] = False, False
+    held[1, :3], excl[1, :3] = True, True  # its only positives are excluded
+    held[2], excl[2] = False, True
+    held[2, 5], excl[2, 5] = True, False  # one positive, every other item excluded
+    held[3], excl[3] = True, False  # everything held out: no negative
+    overlap = (rng.random((num_users, num_items)) < 0.05) & held
+    excl[4:] |= overlap[4:]  # a few held-out items also excluded
+    return scores, sp.csr_matrix(held.astype(np.float32)), sp.csr_matrix(
+        excl.astype(np.float32)), held, excl
+
+
+def per_user_auc_reference(scores, held, excl):
+    """{user: AUC} by sklearn.metrics.roc_auc_score and by a pairwise count, over the users
+    with at least one positive and one negative."""
+    roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
+    out = {}
+    for u in range(len(scores)):
+        candidates = ~excl[u]
+        truth, s = held[u][candidates], scores[u][candidates]
+        pos, neg = s[truth], s[~truth]
+        if not len(pos) or not len(neg):
+            continue
+        pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+        sk = roc_auc_score(truth, s)
+        assert sk == pytest.approx(pairs), u
+        out[u] = sk
+    return out
+
+
+def test_auc_hand_computed():
+    heldout = sp.csr_matrix(np.array([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]]))
+    scores = np.array([[0.9, 0.5, 0.1, 0.5, 0.2],
+                       [0.3, 0.2, 0.1, 0.0, 0.4],
+                       [0.2, 0.2, 0.3, 0.2, 0.1]])
+    # user 0: pairs (0.9 > .5, .1, .2), (0.5 = .5, > .1, > .2) -> 5.5 / 6; user 1 skipped;
+    # user 2: 0.2 vs 0.2, 0.3, 0.2, 0.1 -> (0.5 + 0 + 0.5 + 1) / 4.
+    assert auc(scores, heldout) == pytest.approx((5.5 / 6 + 2 / 4) / 2)
+    # Excluding item 2 of user 0 leaves 3.5 / 4.
+    exclude = sp.csr_matrix((np.ones(1), ([0], [2])), shape=(3, 5))
+    assert auc(scores, heldout, exclude=exclude) == pytest.approx((3.5 / 4 + 2 / 4) / 2)
+
+
+@pytest.mark.parametrize("compare_max", [0, 3, 10**6])
+@pytest.mark.parametrize("ties", [True, False])
+def test_auc_matches_sklearn_and_pairwise_count(ties, compare_max, monkeypatch):
+    # compare_max: every user by sorting, a mix, every user by comparisons.
+    monkeypatch.setattr(fastmf.metrics, "_AUC_COMPARE_MAX", compare_max)
+    scores, heldout, exclude, held, excl = auc_case(seed=5 + ties, ties=ties)
+    expected = per_user_auc_reference(scores, held, excl)
+    assert not {0, 1, 2, 3} & set(expected)  # the edge rows are skipped
+    want = float(np.mean(list(expected.values())))
+    assert auc(scores, heldout, exclude=exclude) == pytest.approx(want)
+    # float32 tensors, Interactions, small chunks: the same.
+    assert auc(torch.from_numpy(scores).float(), Interactions.from_scipy(heldout),
+               exclude=Interactions.from_scipy(exclude), chunk_size=7) == pytest.approx(want)
+    # Excluded items may hold -inf (a masked score matrix).
+    masked = np.where(excl, -np.inf, scores)
+    assert auc(masked, heldout, exclude=exclude, chunk_size=1) == pytest.approx(want)
+    assert auc(np.where(excl, np.nan, scores), heldout, exclude=exclude) == pytest.approx(want)
+    # Without exclusion every non-held-out item is a negative.
+    no_excl = per_user_auc_reference(scores, held, np.zeros_like(excl))
+    assert auc(scores, heldout) == pytest.approx(float(np.mean(list(no_excl.values()))))
+
+
+def test_auc_rows_for_users_and_callable_source():
+    scores, heldout, exclude, held, excl = auc_case(num_users=60, num_items=25, seed=9)
+    expected = per_user_auc_reference(scores, held, excl)
+    users = np.random.default_rng(4).integers(0, 60, 40)
+    want = float(np.mean([expected[u] for u in users if u in expected]))
+    assert auc(scores[users], heldout, exclude=exclude, users=users) == pytest.approx(want)
+
+    calls = []
+
+    def source(rows):
+        calls.append(len(rows))
+        return torch.from_numpy(scores[rows])
+
+    assert auc(source, heldout, exclude=exclude, users=users, chunk_size=8) == pytest.approx(
+        want)
+    assert max(calls) <= 8
+    calls.clear()
+    # By default the callable is asked only for users with held-out items.
+    everyone = float(np.mean(list(expected.values())))
+    assert auc(source, heldout, exclude=exclude, chunk_size=16) == pytest.approx(everyone)
+    assert sum(calls) == int((held.sum(axis=1) > 0).sum())
+
+
+def test_auc_errors():
+    scores, heldout, exclude, held, _ = auc_case(num_users=10, num_items=8, seed=2)
+    with pytest.raises(ValueError, match=r"scores must be \(U, 8\)"):
+        auc(scores[:, :5], heldout)
+    with pytest.raises(ValueError, match="pass users="):
+        auc(scores[:4], heldout)
+    with pytest.raises(IndexError, match=r"user index out of range \[0, 10\)"):
+        auc(scores[:1], heldout, users=[10])
+    with pytest.raises(ValueError, match="exclude is"):
+        auc(scores, heldout, exclude=sp.csr_matrix((10, 9)))
+    with pytest.raises(TypeError, match="exclude must be a scipy.sparse matrix"):
+        auc(scores, heldout, exclude=held)
+    bad = scores.copy()
+    bad[5, np.flatnonzero(~held[5])[0]] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf at items that are ranked"):
+        auc(bad, heldout)
+    with pytest.raises(ValueError, match="no evaluated user has held-out items"):
+        auc(scores, sp.csr_matrix((10, 8)))
+    everything = sp.csr_matrix(np.ones((10, 8)))
+    with pytest.raises(ValueError, match="all excluded or held out"):
+        auc(scores, heldout, exclude=everything)
+    with pytest.raises(ValueError, match="returned shape"):
+        auc(lambda rows: np.zeros((len(rows), 3)), heldout)
+
+
+# ----------------------------------------------------------------------------- fastmf.evaluate
+
+
+@pytest.fixture(scope="module")
+def implicit_split():
+    rng = np.random.default_rng(17)
+    num_users, num_items = 90, 70
+    dense = rng.random((num_users, num_items)) < rng.uniform(0.05, 0.3, (num_users, 1))
+    test_mask = dense & (rng.random(dense.shape) < 0.25)
+    train = Interactions.from_scipy(sp.csr_matrix((dense & ~test_mask).astype(np.float32)))
+    test = Interactions.from_scipy(sp.csr_matrix(test_mask.astype(np.float32)))
+    torch.manual_seed(3)
+    model = fastmf.MF(num_users, num_items, 6, init_scale=0.5)
+    with torch.no_grad():
+        model.item_bias.normal_()
+    return model, train, test
+
+
+def test_evaluate_aliases_keys_and_new_metrics(implicit_split):
+    model, train, test = implicit_split
+    asked = ("Hit@10", "hr@5", "P@3", "NDCG@10", "MRR", "map@10", "Serendipity@10",
+             "serendipity@5", "AUC", "coverage", "ILD", "novelty@5")
+    got = fastmf.evaluate(model, test, train=train, metrics=asked, k=10)
+    assert list(got) == ["hr@10", "hr@5", "precision@3", "ndcg@10", "mrr", "map@10",
+                         "serendipity@10", "serendipity@5", "auc", "coverage", "diversity",
+                         "novelty@5"]
+    users = np.unique(test.users)
+    topk = model.recommend(torch.as_tensor(users), k=10, exclude=train)[0].numpy()
+    ranking = ranking_metrics(topk, test, k=[3, 5, 10], users=users)
+    assert got["hr@10"] == pytest.approx(ranking["hr@10"])
+    assert got["precision@3"] == pytest.approx(ranking["precision@3"])
+    assert got["mrr"] == pytest.approx(ranking["mrr@10"])
+    pop = np.bincount(train.items, minlength=model.num_items)
+    assert got["serendipity@5"] == pytest.approx(
+        serendipity(topk[:, :5], test, pop, users=users))
+    assert got["serendipity@10"] == pytest.approx(
+        serendipity(topk, test, pop, users=users, primitive_k=10))
+    assert got["novelty@5"] == pytest.approx(
+        novelty(topk[:, :5], pop, num_users=train.num_users))
+    # AUC from the factors, chunk by chunk, equals sklearn on the full score matrix.
+    p, q, _, bi = model.tables()
+    full = (p @ q.T + bi).detach().double().numpy()
+    held = test.to_csr(binary=True).toarray() > 0
+    excl = train.to_csr(binary=True).toarray() > 0
+    expected = per_user_auc_reference(full, held, excl)
+    assert got["auc"] == pytest.approx(float(np.mean(list(expected.values()))), abs=1e-6)
+    small = fastmf.evaluate(model, test, train=train, metrics="auc", batch_size=7)
+    assert small == pytest.approx({"auc": got["auc"]})
+    assert 0.0 < got["auc"] < 1.0
+
+
+def test_evaluate_rejects_bad_metric_names(implicit_split):
+    model, train, test = implicit_split
+    with pytest.raises(ValueError, match="fastmf.evaluate: unknown metric 'ndgc@10'.*hitrate"):
+        fastmf.evaluate(model, test, train=train, metrics=("ndgc@10",))
+    with pytest.raises(ValueError, match="fastmf.evaluate: metric 'ndcg@0'.*positive integer"):
+        fastmf.evaluate(model, test, train=train, metrics=("ndcg@0",))
+    with pytest.raises(ValueError, match="fastmf.evaluate: metric 'NDCG@x'"):
+        fastmf.evaluate(model, test, train=train, metrics=("NDCG@x",))
+    with pytest.raises(ValueError, match="serendipity needs train="):
+        fastmf.evaluate(model, test, metrics=("serendipity@10",))
+    with pytest.raises(ValueError, match="k must be a positive int, got 0"):
+        fastmf.evaluate(model, test, train=train, metrics=("mrr",), k=0)
+    with pytest.raises(ValueError, match="metrics is empty"):
+        fastmf.evaluate(model, test, train=train, metrics=())
