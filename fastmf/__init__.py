@@ -22,6 +22,7 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from fastmf import ops, optim  # noqa: E402  (registers the ops' fake kernels and autograd)
 from fastmf._version import __version__  # noqa: E402
 from fastmf.build import build_info  # noqa: E402
+from fastmf.evaluate import evaluate  # noqa: E402  (light: metrics load on first call)
 from fastmf.layers import MF  # noqa: E402
 from fastmf.step import train_step, train_step_pairwise  # noqa: E402
 
@@ -42,8 +43,6 @@ def __getattr__(name: str):
 
         value = {"data": fastmf.data, "datasets": fastmf.datasets, "metrics": fastmf.metrics,
                  "retrieval": fastmf.retrieval}[name]
-    elif name == "evaluate":
-        from fastmf.evaluate import evaluate as value
     elif name in ("fit", "History", "suggest_dim"):
         from fastmf import train
 

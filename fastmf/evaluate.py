@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
-from fastmf import metrics as M
-from fastmf.data import Interactions
+if TYPE_CHECKING:
+    from fastmf.data import Interactions
 
 RATING_METRICS = ("rmse", "mae")
 BEYOND_ACCURACY = ("coverage", "novelty", "diversity")
@@ -70,6 +72,8 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
 
     >>> results = evaluate(model, test, train=train, metrics=("rmse", "ndcg@10"))  # doctest: +SKIP
     """
+    from fastmf import metrics as M
+
     if isinstance(metrics, str):
         metrics = (metrics,)
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
