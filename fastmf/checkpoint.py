@@ -207,7 +207,7 @@ def _is_checkpoint_folder(folder: Path) -> bool:
     if CONFIG in entries:
         try:
             _read_config(folder, "fastmf.save")
-        except (CheckpointError, OSError):
+        except CheckpointError:
             return False
         return True
     return all(_PENDING.fullmatch(name) for name in entries)
@@ -216,7 +216,7 @@ def _is_checkpoint_folder(folder: Path) -> bool:
 def _check_target(path: Path, who: str) -> Path:
     try:
         info = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         info = None
     if info is None:
         # Missing parents are created by the save; the nearest existing one decides.
@@ -483,7 +483,7 @@ _ID_KINDS = ("int", "float", "str")
 
 
 def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
