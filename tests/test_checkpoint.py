@@ -255,8 +255,14 @@ def two_versions(tmp_path):
 
 def finish_and_check(model, opt, folder, n, commit, old, new):
     """After a save into ``folder`` stopped before step ``n``: the last committed version
-    loads exactly, and a later save succeeds and leaves no temporaries."""
-    assert_checkpoint_holds(folder, new if n > commit else old)
+    loads exactly (``old`` None: there is none, and the folder may still be saved into), and
+    a later save succeeds and leaves no temporaries."""
+    if n > commit or old is not None:
+        assert_checkpoint_holds(folder, new if n > commit else old)
+    else:
+        with pytest.raises((FileNotFoundError, CheckpointError)):
+            fastmf.load_checkpoint(folder)
+        check_save_target(folder)
     checkpoint.save(model, folder, optimizer=opt)
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
     assert_checkpoint_holds(folder, new)
@@ -287,32 +293,57 @@ def test_save_survives_a_failure_at_every_step(tmp_path, two_versions, monkeypat
         finish_and_check(model, opt, folder, n, commit, old, new)
 
 
+def save_killed_at(n, model, opt, folder):
+    """Exit code of a forked child that saves ``model`` to ``folder`` and is SIGKILLed just
+    before step ``n`` of the save (0 if the save ends first)."""
+
+    def child():
+        step_os = StepOS(n, lambda: os.kill(os.getpid(), signal.SIGKILL))
+        checkpoint.os = step_os
+        safetensors.torch.save_file = step_os.step("save_file", safetensors.torch.save_file)
+        checkpoint.save(model, folder, optimizer=opt)
+        os._exit(0)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(60)
+    if proc.exitcode is None:
+        proc.kill()
+        pytest.fail(f"the save killed before step {n} hung")
+    return proc.exitcode
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="kills forked children (Linux)")
 def test_save_survives_being_killed_at_every_step(tmp_path, two_versions):
     model, opt, pristine, old, new, steps, commit = two_versions
-    ctx = multiprocessing.get_context("fork")
     leftovers_seen = False
     for n in range(1, steps + 2):
         folder = tmp_path / f"kill-{n}"
         shutil.copytree(pristine, folder)
 
-        def child(n=n, folder=folder):
-            step_os = StepOS(n, lambda: os.kill(os.getpid(), signal.SIGKILL))
-            checkpoint.os = step_os
-            safetensors.torch.save_file = step_os.step("save_file", safetensors.torch.save_file)
-            checkpoint.save(model, folder, optimizer=opt)
-            os._exit(0)
-
-        proc = ctx.Process(target=child)
-        proc.start()
-        proc.join(60)
-        if proc.exitcode is None:
-            proc.kill()
-            pytest.fail(f"the save killed before step {n} hung")
-        assert proc.exitcode == (0 if n > steps else -signal.SIGKILL), n
+        exitcode = save_killed_at(n, model, opt, folder)
+        assert exitcode == (0 if n > steps else -signal.SIGKILL), n
         leftovers_seen |= len(os.listdir(folder)) > 2
         finish_and_check(model, opt, folder, n, commit, old, new)
     assert leftovers_seen  # some kills did leave temporaries for the next save to remove
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="kills forked children (Linux)")
+def test_a_first_save_survives_being_killed_at_every_step(tmp_path):
+    model, opt = make_model(3)
+    new = snapshot(model, opt)
+    log = []
+    with pytest.MonkeyPatch.context() as mp:
+        install(mp, StepOS(0, log=log))
+        checkpoint.save(model, tmp_path / "dry", optimizer=opt)
+    commit = next(k + 1 for k, (name, args) in enumerate(log)
+                  if name == "replace" and Path(args[1]).name == "config.json")
+    for n in range(1, len(log) + 1):
+        folder = tmp_path / f"kill-{n}" / "ck"
+
+        exitcode = save_killed_at(n, model, opt, folder)
+        assert exitcode == -signal.SIGKILL, n
+        finish_and_check(model, opt, folder, n, commit, None, new)
 
 
 def test_format1_checkpoints_load_and_can_be_overwritten(tmp_path):
