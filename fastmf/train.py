@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastmf.checkpoint import check_save_target
 from fastmf.data import Interactions, NegativeSampler
 from fastmf.layers import MF
 from fastmf.optim import SparseAdagrad, SparseSGD
@@ -143,9 +145,13 @@ def fit(
       ones full-catalog ranking metrics at ``k`` (training items excluded).
     - ``early_stopping``: patience in epochs on ``monitor`` (default ``rmse`` or
       ``ndcg@k``); the best epoch's weights are restored at the end.
-    - ``checkpoint``: a folder saved after every epoch (weights, optimizer, history);
-      ``resume=True`` continues from it and ends with the same weights as an uninterrupted
-      run. ``seed`` fixes shuffling and negatives.
+    - ``checkpoint``: a folder saved after every epoch (weights, optimizer, history); it
+      must be new, empty or a fastmf checkpoint (checked before training, see
+      :func:`fastmf.checkpoint.check_save_target`). ``resume=True`` continues from it and
+      ends with the same weights as an uninterrupted run; with no checkpoint there yet it
+      warns and starts fresh, and from a ``model.save`` folder it starts from those weights
+      at epoch 0 with an empty history (and a warning). Resuming Adagrad state needs the
+      same ``rowwise`` setting. ``seed`` fixes shuffling and negatives.
     - ``set_global_mean``: for explicit losses, set ``mu`` to the mean training rating.
 
     >>> import fastmf
@@ -182,21 +188,30 @@ def fit(
     if optimizer is None or isinstance(optimizer, str):
         optimizer = _make_optimizer(model, lr, optimizer or "adagrad")
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+    if resume and checkpoint is None:
+        raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")
+    if checkpoint is not None:
+        # Refuse a folder the saves could not use now, not after the first epoch.
+        checkpoint = check_save_target(checkpoint)
+        if early_stopping and valid is not None:
+            check_save_target(_best_path(checkpoint))
     model.attach_data(train)
-    if set_global_mean and not implicit and not resume:
-        model.set_global_mean(float(np.mean(train.ratings, dtype=np.float64)))
 
     metric_names = tuple(metrics) if metrics else (
         (f"ndcg@{k}", f"hr@{k}") if implicit else ("rmse", "mae"))
     monitor = monitor or metric_names[0]
     history = History(monitor=monitor if valid is not None else None)
     start_epoch = 0
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
     best_state = None
+    resumed = None
     if resume:
-        if checkpoint is None:
-            raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")
-        start_epoch, history, best_state = _resume(model, optimizer, checkpoint)
+        resumed = _resume(model, optimizer, checkpoint)
+    if resumed is not None:
+        start_epoch, saved_history, best_state = resumed
+        if saved_history is not None:
+            history = saved_history
+    elif set_global_mean and not implicit:
+        model.set_global_mean(float(np.mean(train.ratings, dtype=np.float64)))
 
     device = model.user_factors.device
     users, items, ratings = train.to_torch(device)
@@ -284,35 +299,100 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="sample", unit_scale=True, leave=True)
 
 
+def _best_path(path: Path) -> Path:
+    return path.with_name(path.name + ".best")
+
+
 def _save_progress(model, optimizer, path: Path, history, epoch, improved, early_stopping):
     if improved and early_stopping:
-        model.save(path.with_name(path.name + ".best"))
+        model.save(_best_path(path))
     model.save(path, optimizer=optimizer,
                extra={"epoch": epoch + 1, "history": history.to_dict()})
 
 
-def _resume(model: MF, optimizer, path: Path):
-    """Load weights, optimizer state and history from ``path`` into ``model``/``optimizer``."""
-    from fastmf.checkpoint import load_checkpoint
+def _saved_history(saved, path: Path) -> tuple[int, History] | None:
+    """(epochs done, history) from a checkpoint written by ``fit``; None for one written by
+    ``model.save`` (no training progress)."""
+    extra = saved.extra
+    if "epoch" not in extra and "history" not in extra:
+        return None
+    epoch, data = extra.get("epoch"), extra.get("history")
+    fields = {"epochs", "monitor", "best_epoch", "stopped_early"}
+    ok = (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
+          and isinstance(data, dict) and set(data) == fields
+          and isinstance(data["epochs"], list) and len(data["epochs"]) == epoch
+          and all(isinstance(row, dict) for row in data["epochs"])
+          and (data["monitor"] is None or isinstance(data["monitor"], str))
+          and isinstance(data["stopped_early"], bool)
+          and (data["best_epoch"] is None or (
+              isinstance(data["best_epoch"], int) and not isinstance(data["best_epoch"], bool)
+              and 0 <= data["best_epoch"] < epoch)))
+    if not ok:
+        from fastmf.checkpoint import CheckpointError
 
+        raise CheckpointError(f"fastmf.fit: checkpoint {path} holds no valid training progress "
+                              f"(extra.epoch={epoch!r} and extra.history do not agree)")
+    return epoch, History.from_dict(data)
+
+
+def _restore_optimizer(model: MF, optimizer, saved, path: Path) -> None:
+    theirs = saved.optimizer
+    if theirs is None:
+        return
+    if type(theirs) is not type(optimizer):
+        warnings.warn(f"fastmf.fit: checkpoint {path} holds {type(theirs).__name__} state but "
+                      f"this run uses {type(optimizer).__name__}; its optimizer state is not "
+                      "restored, so the run will not match an uninterrupted one", stacklevel=4)
+        return
+    if not isinstance(optimizer, SparseAdagrad):
+        return
+    saved_rowwise = saved.config["optimizer"]["rowwise"]
+    for mine in model.tables():
+        if mine is None:
+            continue
+        rowwise = optimizer.hyperparameters(mine)["rowwise"]
+        if rowwise != saved_rowwise:
+            names = {True: "'rowwise_adagrad'", False: "'adagrad'"}
+            raise ValueError(
+                f"fastmf.fit: checkpoint {path} holds SparseAdagrad(rowwise={saved_rowwise}) "
+                f"state but this run's optimizer is SparseAdagrad(rowwise={rowwise}); resume "
+                f"with optimizer={names[saved_rowwise]} or start a new checkpoint")
+    with torch.no_grad():
+        for mine, other in zip(model.tables(), saved.model.tables(), strict=True):
+            if mine is not None:
+                optimizer.state_for(mine).copy_(theirs.state_for(other))
+
+
+def _resume(model: MF, optimizer, path: Path):
+    """Load weights, optimizer state and history from ``path`` into ``model``/``optimizer``:
+    ``(start epoch, history or None, best state)``, or None when ``path`` holds no
+    checkpoint yet (a fresh start). A folder from ``model.save`` gives its weights, epoch 0
+    and no history."""
+    from fastmf.checkpoint import CONFIG, load, load_checkpoint
+
+    if not (path / CONFIG).exists():
+        warnings.warn(f"fastmf.fit: resume=True but {path} holds no checkpoint yet; "
+                      "starting from scratch", stacklevel=3)
+        return None
     saved = load_checkpoint(path, device=model.user_factors.device, backend=model.backend)
     if (saved.model.num_users, saved.model.num_items, saved.model.dim) != (
             model.num_users, model.num_items, model.dim):
         raise ValueError(f"fastmf.fit: checkpoint {path} holds a {saved.model.num_users} x "
                          f"{saved.model.num_items} x {saved.model.dim} model, not "
                          f"{model.num_users} x {model.num_items} x {model.dim}")
+    if saved.model.has_bias != model.has_bias:
+        raise ValueError(f"fastmf.fit: checkpoint {path} holds a model with "
+                         f"bias={saved.model.has_bias}, this one has bias={model.has_bias}")
+    progress = _saved_history(saved, path)
+    _restore_optimizer(model, optimizer, saved, path)
     model.load_state_dict(saved.model.state_dict())
-    if saved.optimizer is not None and type(saved.optimizer) is type(optimizer):
-        if isinstance(optimizer, SparseAdagrad):
-            with torch.no_grad():
-                for mine, theirs in zip(model.tables(), saved.model.tables(), strict=True):
-                    if mine is not None:
-                        optimizer.state_for(mine).copy_(saved.optimizer.state_for(theirs))
-    history = History.from_dict(saved.extra["history"])
+    if progress is None:
+        warnings.warn(f"fastmf.fit: {path} was written by model.save and holds no training "
+                      "progress; training starts from its weights at epoch 0", stacklevel=3)
+        return 0, None, None
+    epoch, history = progress
     best_state = None
-    best_path = path.with_name(path.name + ".best")
-    if history.best_epoch is not None and best_path.is_dir():
-        from fastmf.checkpoint import load
-
+    best_path = _best_path(path)
+    if history.best_epoch is not None and (best_path / CONFIG).exists():
         best_state = load(best_path, device=model.user_factors.device).state_dict()
-    return int(saved.extra["epoch"]), history, best_state
+    return epoch, history, best_state
