@@ -176,8 +176,8 @@ def cmd_recommend(args) -> None:
 
 def cmd_demo(args) -> None:
     import fastmf
-    from fastmf.backends import available_backends
     from fastmf.data import random_split
+    from fastmf.ops import available_backends
 
     start = time.perf_counter()
     data = fastmf.datasets.synthetic(num_users=args.users, num_items=args.items,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastmf import ops
+from fastmf import checkpoint, ops
 from fastmf.ops import checks, native
 
 
@@ -76,6 +76,7 @@ class _KernelForward(torch.autograd.Function):
         return (None, None, None, None, *grads, None)
 
 
+@checkpoint.register_model
 class MF(nn.Module):
     """Biased matrix factorisation: ``pred = mu + b_u + b_i + <P[u], Q[i]>``.
 
@@ -219,9 +220,7 @@ class MF(nn.Module):
 
     def save(self, path, *, optimizer=None, extra: dict | None = None):
         """Save to the checkpoint folder ``path`` atomically (see :mod:`fastmf.checkpoint`)."""
-        from fastmf.checkpoint import save
-
-        return save(self, path, optimizer=optimizer, extra=extra)
+        return checkpoint.save(self, path, optimizer=optimizer, extra=extra)
 
     # -- serving -----------------------------------------------------------------------------
     def _exclusion_rows(self, exclude, users: np.ndarray):

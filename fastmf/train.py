@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmf import metrics as metrics_module
 from fastmf.checkpoint import check_save_target
 from fastmf.data import Interactions, NegativeSampler
 from fastmf.layers import MF
@@ -94,7 +95,7 @@ def _seed_of(*parts: int) -> int:
 
 
 def _higher_is_better(metric: str) -> bool:
-    return metric.split("@")[0] not in ("rmse", "mae", "loss")
+    return metric != "loss" and metrics_module.higher_is_better(metric)
 
 
 def _make_optimizer(model: MF, lr: float, name: str):
@@ -199,7 +200,12 @@ def fit(
 
     metric_names = tuple(metrics) if metrics else (
         (f"ndcg@{k}", f"hr@{k}") if implicit else ("rmse", "mae"))
+    # Canonical names ("Hit@10" -> "hr@10"), as evaluate keys its results; a bad name fails
+    # here, before the first epoch.
+    metric_names = tuple(metrics_module.metric_key(m) for m in metric_names)
     monitor = monitor or metric_names[0]
+    if monitor != "loss":
+        monitor = metrics_module.metric_key(monitor)
     history = History(monitor=monitor if valid is not None else None)
     start_epoch = 0
     best_state = None

@@ -382,8 +382,9 @@ def test_topk_host_errors():
 
 
 def test_topk_retrieval_routes_cuda_to_the_kernel():
-    from fastmf.retrieval import topk_scores
     from fastmf.retrieval.ops import has_native_kernel
+
+    from fastmf.retrieval import topk_scores
     from fastmf.retrieval.topk import resolve_backend
 
     assert has_native_kernel("cuda")

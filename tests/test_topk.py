@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from fastmf.retrieval.ops import has_native_kernel
 
 from fastmf.retrieval import ANNIndex, popular_items, reference, similar, topk_scores
-from fastmf.retrieval.ops import has_native_kernel
 from fastmf.testing import (
     ID_DTYPES,
     WEIGHT_DTYPES,
