@@ -295,7 +295,7 @@ def to_device(bundle, device):
 
 def _flatten(values):
     for v in values:
-        if isinstance(v, tuple):  # MFTables or a plain tuple of tensors
+        if isinstance(v, (tuple, list)):  # MFTables, or a tuple or list of tensors
             yield from _flatten(v)
         else:
             yield v
