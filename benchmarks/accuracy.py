@@ -46,7 +46,9 @@ import torch  # noqa: E402
 
 import fastmf  # noqa: E402
 from fastmf.data import Interactions, kfold, leave_one_out  # noqa: E402
+from fastmf.evaluate import evaluate  # noqa: E402  (fastmf.evaluate can be the submodule)
 from fastmf.metrics import ranking_metrics  # noqa: E402
+from fastmf.train import DEFAULTS  # noqa: E402  (fastmf loads its workflow lazily)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 SEED = 0
@@ -172,7 +174,7 @@ def fit_fastmf_explicit(train: Interactions, test: Interactions, settings: dict,
     kw = dict(settings)
     epochs = kw.pop("epochs", None)
     if epochs is None:
-        epochs = fastmf.train.DEFAULTS["explicit"]["epochs"]
+        epochs = DEFAULTS["explicit"]["epochs"]
     epochs = scaled_epochs(epochs, quick)
     torch.manual_seed(SEED)
 
@@ -182,7 +184,7 @@ def fit_fastmf_explicit(train: Interactions, test: Interactions, settings: dict,
         return model
 
     model, wall, cpu = timed(run)
-    scores = fastmf.evaluate(model, test, metrics=("rmse", "mae"))
+    scores = evaluate(model, test, metrics=("rmse", "mae"))
     return {"rmse": scores["rmse"], "mae": scores["mae"], "wall": wall, "cpu": cpu,
             "epochs": epochs}
 
@@ -219,7 +221,7 @@ def explicit_benchmark(data: Interactions, args) -> list[Runs]:
     if surprise is None:
         print("  scikit-surprise is not installed: SVD/SVD++ rows skipped "
               "(pip install scikit-surprise)")
-    defaults = fastmf.train.DEFAULTS["explicit"]
+    defaults = DEFAULTS["explicit"]
     runs = [Runs("fastmf MF (defaults)", f"dim {DIM}, " + settings_text(defaults)),
             Runs("fastmf MF (tuned)", f"dim {DIM}, " + settings_text(EXPLICIT_TUNED))]
     if surprise is not None:
@@ -277,7 +279,7 @@ def fit_fastmf_implicit(train, test, users, train_csr, loss, settings, seed, qui
     kw = dict(settings)
     epochs = kw.pop("epochs", None)
     if epochs is None:
-        epochs = fastmf.train.DEFAULTS["implicit"]["epochs"]
+        epochs = DEFAULTS["implicit"]["epochs"]
     epochs = scaled_epochs(epochs, quick)
     torch.manual_seed(seed)
 
@@ -338,7 +340,7 @@ def implicit_benchmark(data: Interactions, args) -> list[Runs]:
     users = np.unique(test.users)
     print(f"  leave-one-out by time: {len(train):,} training interactions, {len(users)} test "
           f"users, {data.num_items:,} items")
-    defaults = settings_text(fastmf.train.DEFAULTS["implicit"])
+    defaults = settings_text(DEFAULTS["implicit"])
     tuned = settings_text(IMPLICIT_TUNED)
     fastmf_rows = [
         ("fastmf BPR (defaults)", "bpr", {}, f"dim {DIM}, 4 uniform negatives, {defaults}"),

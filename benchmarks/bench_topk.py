@@ -34,8 +34,8 @@ import time
 import pytest
 import torch
 
+from fastmf.ops.native import has_kernel
 from fastmf.retrieval import ANNIndex, topk_scores
-from fastmf.retrieval.ops import has_native_kernel
 
 K_TOP = 10
 DIM = 64
@@ -133,8 +133,8 @@ def faiss_flat(num_items: int):
 METHODS = ["reference", "native", "numba", "faiss-flat", "faiss-hnsw", "faiss-ivf",
            "hnswlib-hnsw", "reference+exclude", "native+exclude"]
 NEEDS = {
-    "native": has_native_kernel("cpu"),
-    "native+exclude": has_native_kernel("cpu"),
+    "native": has_kernel("cpu", "topk_scores"),
+    "native+exclude": has_kernel("cpu", "topk_scores"),
     "numba": installed("numba"),
     "faiss-flat": installed("faiss"),
     "faiss-hnsw": installed("faiss"),

@@ -5,7 +5,7 @@ Model: 1M users x 200K items, K in {32, 64, 128}, biases, MSE, element-wise Adag
 (lr 0.05, eps 1e-10), fp32. Batches of {8192, 65536, 262144} samples: users uniform,
 items Zipf(1.0) (a few items appear thousands of times per batch).
 
-Methods (each checked against fastmf.reference on a small case before any timing):
+Methods (each checked against fastmf.ops.reference on a small case before any timing):
   ref_sparse    nn.Embedding(sparse=True) + torch.optim.Adagrad       (the baseline)
   ref_dense     nn.Embedding(sparse=False) + torch.optim.Adagrad
   compiled      dense grads, torch.compile on forward/loss and on Adagrad.step
@@ -56,6 +56,15 @@ DIMS = (32, 64, 128)
 BATCHES = (8192, 65536, 262144)
 LR, EPS, MU = 0.05, 1e-10, 3.5
 METHODS = ("ref_sparse", "ref_dense", "compiled", "native_ops", "native_dense", "train_step")
+
+
+def adagrad():
+    """The fused ops' optimizer settings: element-wise Adagrad at LR and EPS, as the
+    torch.optim.Adagrad of the plain methods. (fastmf is imported inside the functions
+    that use it, so that a failing import is reported, not fatal.)"""
+    from fastmf.ops import Optimizer, OptimizerArgs
+
+    return OptimizerArgs(Optimizer.ADAGRAD, LR, EPS)
 
 
 def log(*args):
@@ -162,7 +171,7 @@ def make_compiled(tables):
 
 
 def make_native_ops(tables):
-    import fastmf.ops as ops
+    from fastmf.ops import native
 
     p, q, bu, bi = (t.clone() for t in tables)
     states = [torch.zeros_like(t) for t in (p, q, bu, bi)]
@@ -170,28 +179,28 @@ def make_native_ops(tables):
     def step(users, items, targets):
         # Autograd for the loss only; the per-sample rows come from mf_backward, so no
         # table-sized gradient is ever formed.
-        pred = ops.mf_forward(users, items, p, q, bu, bi, MU).requires_grad_()
+        pred = native.mf_forward(users, items, p, q, bu, bi, MU).requires_grad_()
         loss = F.mse_loss(pred, targets)
         (grad_out,) = torch.autograd.grad(loss, pred)
-        rows_p, rows_q = ops.mf_backward(grad_out, users, items, p, q)
-        ops.sparse_adagrad_update(p, states[0], users, rows_p, LR, EPS, False)
-        ops.sparse_adagrad_update(q, states[1], items, rows_q, LR, EPS, False)
-        ops.sparse_adagrad_update(bu, states[2], users, grad_out, LR, EPS, False)
-        ops.sparse_adagrad_update(bi, states[3], items, grad_out, LR, EPS, False)
+        rows_p, rows_q = native.mf_backward(grad_out, users, items, p, q)
+        native.sparse_adagrad_update(p, states[0], users, rows_p, LR, EPS, False)
+        native.sparse_adagrad_update(q, states[1], items, rows_q, LR, EPS, False)
+        native.sparse_adagrad_update(bu, states[2], users, grad_out, LR, EPS, False)
+        native.sparse_adagrad_update(bi, states[3], items, grad_out, LR, EPS, False)
         return loss
 
     return step, lambda: (p, q, bu, bi)
 
 
 def make_native_dense(tables):
-    import fastmf.ops as ops
+    from fastmf.ops import native
 
     params = [nn.Parameter(t.clone()) for t in tables]
     opt = torch.optim.Adagrad(params, lr=LR, eps=EPS)
 
     def step(users, items, targets):
         opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(ops.mf_forward(users, items, *params, MU), targets)
+        loss = F.mse_loss(native.mf_forward(users, items, *params, MU), targets)
         loss.backward()
         opt.step()
         return loss
@@ -200,16 +209,16 @@ def make_native_dense(tables):
 
 
 def make_train_step(tables):
-    import fastmf.ops as ops
+    from fastmf.ops import Loss, MFTables, native
 
-    p, q, bu, bi = (t.clone() for t in tables)
-    states = [torch.zeros_like(t) for t in (p, q, bu, bi)]
+    weights = MFTables(*(t.clone() for t in tables))
+    states = MFTables(*(torch.zeros_like(t) for t in weights))
 
     def step(users, items, targets):
-        return ops.train_step(p, q, bu, bi, *states, users, items, targets, MU, 0, 0.0, 1, LR,
-                              EPS)
+        return native.train_step(weights, states, users, items, targets, MU, Loss.MSE, 0.0,
+                                 adagrad())
 
-    return step, lambda: (p, q, bu, bi)
+    return step, lambda: tuple(weights)
 
 
 MAKERS = {
@@ -251,15 +260,16 @@ def make_bpr_reference(tables):
 
 
 def make_bpr_native(tables):
-    import fastmf.ops as ops
+    from fastmf.ops import MFTables, PairwiseLoss, native
 
-    p, q, bu, bi = (t.clone() for t in tables)
-    states = [torch.zeros_like(t) for t in (p, q, bu, bi)]
+    weights = MFTables(*(t.clone() for t in tables))
+    states = MFTables(*(torch.zeros_like(t) for t in weights))
 
     def step(u, i, j):
-        return ops.train_step_pairwise(p, q, bu, bi, *states, u, i, j, 0, 0.0, 1, LR, EPS)
+        return native.train_step_pairwise(weights, states, u, i, j, PairwiseLoss.BPR, 0.0,
+                                          adagrad())
 
-    return step, lambda: (p, q, bi)
+    return step, lambda: (weights.user_factors, weights.item_factors, weights.item_bias)
 
 
 BPR_MAKERS = {"bpr_ref_sparse": make_bpr_reference, "train_step_pairwise": make_bpr_native}
@@ -288,19 +298,22 @@ def time_bpr_step(step, batches, iters=20):
 
 
 def bench_pairwise(started, budget):
-    """Checks both BPR methods against fastmf.reference on a small case, then times them.
-    Returns {(batch, method): samples/s or why not}."""
-    from fastmf import reference
+    """Checks both BPR methods against fastmf.ops.reference on a small case, then times
+    them. Returns {(batch, method): samples/s or why not}."""
+    from fastmf.ops import MFTables, PairwiseLoss
+    from fastmf.ops import reference as spec
 
     status = {}
     for name in BPR_METHODS:
         try:
             tables = make_tables(2000, 300, 16, seed=1)
             triples = make_triples(2000, 300, ZipfItems(300, seed=1), 2048, 2, seed=1)
-            expected = [t.clone() for t in tables] + [torch.zeros_like(t) for t in tables]
+            expected = MFTables(*(t.clone() for t in tables))
+            expected_states = MFTables(*(torch.zeros_like(t) for t in tables))
             step, read = BPR_MAKERS[name](tables)
             for u, i, j in triples:
-                reference.train_step_pairwise(*expected, u, i, j, 0, 0.0, 1, LR, EPS)
+                spec.train_step_pairwise(expected, expected_states, u, i, j, PairwiseLoss.BPR,
+                                         0.0, adagrad())
                 step(u, i, j)
             torch.cuda.synchronize()
             for got, exp in zip(read(), (expected[0], expected[1], expected[3]), strict=True):
@@ -365,18 +378,21 @@ def print_pairwise_table(results, bandwidth):
 
 
 def check_correct(name):
-    from fastmf import reference
+    from fastmf.ops import Loss, MFTables
+    from fastmf.ops import reference as spec
 
     n_users, n_items, dim, batch = 2000, 300, 16, 2048
     tables = make_tables(n_users, n_items, dim, seed=1)
     batches = make_batches(n_users, ZipfItems(n_items, seed=1), batch, 2, seed=1)
-    expected = [t.clone() for t in tables] + [torch.zeros_like(t) for t in tables]
+    expected = MFTables(*(t.clone() for t in tables))
+    expected_states = MFTables(*(torch.zeros_like(t) for t in tables))
     step, read = MAKERS[name](tables)
     for users, items, targets in batches:
-        reference.train_step(*expected, users, items, targets, MU, 0, 0.0, 1, LR, EPS)
+        spec.train_step(expected, expected_states, users, items, targets, MU, Loss.MSE, 0.0,
+                        adagrad())
         step(users, items, targets)
     torch.cuda.synchronize()
-    for got, exp in zip(read(), expected[:4], strict=False):
+    for got, exp in zip(read(), expected, strict=False):
         torch.testing.assert_close(got.detach(), exp, rtol=1e-4, atol=1e-5)
 
 
@@ -453,10 +469,10 @@ def time_call(fn, min_seconds=0.2, max_iters=50):
 
 def run_topk():
     """{(items, batch, method): queries/s, or a string saying why not}."""
-    import fastmf.retrieval.ops  # noqa: F401  (loads the extension: torch.ops.fastmf)
+    from fastmf.ops import native  # loads the extension: torch.ops.fastmf
 
     results = {}
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastmf::topk_scores", "CUDA"):
+    if not native.has_kernel("cuda", "topk_scores"):
         log("top-k: this build of fastmf has no CUDA topk_scores kernel")
         return results
     gen = torch.Generator(device="cuda").manual_seed(3)

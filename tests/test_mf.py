@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmf
-from fastmf import reference
+from fastmf.ops import Loss
+from fastmf.ops.codes import names
+from fastmf.ops.reference import pointwise as reference
 from fastmf.testing import (
     BACKENDS,
     BATCH_SIZES,
@@ -177,7 +179,7 @@ def make_optimizer(kind, model, backend="auto"):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss", reference.LOSSES)
+@pytest.mark.parametrize("loss", names(Loss))
 @pytest.mark.parametrize("kind", ["adagrad", "rowwise", "sgd"])
 @pytest.mark.parametrize("reg", [0.0, 0.05])
 @pytest.mark.parametrize("id_dtype", ID_DTYPES)

@@ -1,4 +1,5 @@
-"""fastmf.retrieval: every top-k backend against the reference (fastmf.retrieval.reference).
+"""The top-k op family and fastmf.retrieval: every top-k backend against the spec
+(fastmf.ops.reference.topk).
 
 Most cases use quantised factors (multiples of 1/4, K=8), so every score is exact in any
 summation order and ties are everywhere; duplicated item rows plant more. Backends must
@@ -16,9 +17,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from fastmf.retrieval.ops import has_native_kernel
 
-from fastmf.retrieval import ANNIndex, popular_items, reference, similar, topk_scores
+from fastmf.ops import native
+from fastmf.ops.reference import topk as reference
+from fastmf.retrieval import ANNIndex, popular_items, similar, topk_scores
 from fastmf.testing import (
     ID_DTYPES,
     WEIGHT_DTYPES,
@@ -26,15 +28,11 @@ from fastmf.testing import (
     make_topk_exclude,
     make_topk_items,
     make_topk_queries,
+    requires_native,
+    requires_numba,
     tolerance,
 )
 
-requires_native = pytest.mark.skipif(
-    not has_native_kernel("cpu"), reason="the native extension (fastmf._C) is not built"
-)
-requires_numba = pytest.mark.skipif(
-    importlib.util.find_spec("numba") is None, reason="numba is not installed"
-)
 requires_faiss = pytest.mark.skipif(
     importlib.util.find_spec("faiss") is None, reason="faiss is not installed (fastmf[ann])"
 )
@@ -218,7 +216,8 @@ def test_native_same_result_alone_or_batched():
 
 _KERNEL_SET_CHECK = """
 import torch
-from fastmf.retrieval import reference, topk_scores
+from fastmf.ops.reference import topk as reference
+from fastmf.retrieval import topk_scores
 from fastmf.testing import (make_topk_candidates, make_topk_exclude, make_topk_items,
                             make_topk_queries)
 for dtype in (torch.float32, torch.float64):
@@ -330,20 +329,18 @@ def test_gradients_match_reference():
         scores, _ = topk_scores(*leaves, 45, exclude=exclude, backend=backend)
         (torch.where(torch.isfinite(scores), scores, 0) * weights).sum().backward()
         grads.append([t.grad for t in leaves])
-    for native, ref in zip(*grads, strict=True):
-        torch.testing.assert_close(native, ref)
+    for fused, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, ref)
 
 
 @requires_native
 def test_compile_fullgraph():
-    from fastmf.retrieval import ops
-
     items, bias = make_topk_items(200)
     queries = make_topk_queries(5)
 
     @torch.compile(fullgraph=True, backend="eager")
     def recommend(q):
-        scores, ids = ops.topk_scores(q * 2, items, bias, 7, None, None, None)
+        scores, ids = native.topk_scores(q * 2, items, bias, 7, None, None, None)
         return scores + 1, ids
 
     got = recommend(queries)
