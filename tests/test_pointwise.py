@@ -402,24 +402,7 @@ def test_parameters_that_require_grad(backend, device):
                                              *want, GLOBAL_MEAN), torch.float32)
 
 
-NATIVE_STEP_DEFECT = (
-    "the native mutating ops (train_step, sparse_*_update) are registered without an "
-    "ADInplaceOrView/Autograd kernel: they do not bump the version counter of what they "
-    "write, and a step on tables that require grad returns a loss that requires grad")
-
-
-def xfail_native(params):
-    """``params`` with the native ones marked as the known defect above."""
-    marked = []
-    for p in params:
-        if p.values[0] == "native":
-            p = pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.xfail(
-                strict=True, reason=NATIVE_STEP_DEFECT)])
-        marked.append(p)
-    return marked
-
-
-@pytest.mark.parametrize("backend, device", xfail_native(ALL_KERNELS))
+@pytest.mark.parametrize("backend, device", ALL_KERNELS)
 def test_step_on_parameters_returns_a_plain_loss(backend, device):
     """The fused step is an optimizer step, not part of a graph: its loss has no grad."""
     params = MFTables(*(nn.Parameter(t) for t in make_tables(NUM_USERS, NUM_ITEMS, DIM,
@@ -432,7 +415,7 @@ def test_step_on_parameters_returns_a_plain_loss(backend, device):
     assert not value.requires_grad
 
 
-@pytest.mark.parametrize("backend, device", xfail_native(ALL_KERNELS))
+@pytest.mark.parametrize("backend, device", ALL_KERNELS)
 def test_in_place_updates_bump_the_version(backend, device):
     """As PyTorch's own in-place ops do, so autograd notices a modified saved tensor."""
     tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, seed=35, device=device)
@@ -795,11 +778,6 @@ def bad_other_op_cases(kernels, device):
     }
 
 
-SPEC_GRAD_OUT_DEFECT = (
-    "fastmf.ops.reference.mf_backward does not check grad_out's dtype against the tables "
-    "(the native and Numba mf_backward raise TypeError 'grad_out has dtype ...'); it "
-    "returns rows promoted to grad_out's dtype")
-
 
 def bad_other_op_params():
     """(backend, device, case) for every checked kernel and case; the spec's known gap
@@ -807,10 +785,7 @@ def bad_other_op_params():
     params = []
     for kernel in CHECKED_KERNELS:
         for case in bad_other_op_cases(spec, "cpu"):
-            marks = list(kernel.marks)
-            if kernel.values[0] == "reference" and case == "backward grad dtype":
-                marks.append(pytest.mark.xfail(strict=True, reason=SPEC_GRAD_OUT_DEFECT))
-            params.append(pytest.param(*kernel.values, case, marks=marks,
+            params.append(pytest.param(*kernel.values, case, marks=kernel.marks,
                                        id=f"{kernel.id}-{case}"))
     return params
 

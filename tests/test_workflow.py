@@ -18,16 +18,6 @@ requires_movielens = pytest.mark.skipif(
     not (MOVIELENS / "ratings.csv").is_file(), reason=f"MovieLens data not found at {MOVIELENS}"
 )
 # Known defects of the package, each failing here until fixed (strict: a fix shows as XPASS).
-EVALUATE_SHADOWED = pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "fastmf.evaluate is the submodule, not the function, once fastmf.fit(valid=...) has "
-    "imported fastmf.evaluate: the import binds the submodule on the package before "
-    "fastmf.__getattr__ runs"))
-CLI_OLD_BACKENDS = pytest.mark.xfail(strict=True, reason=(
-    "fastmf/cli.py (demo) still imports fastmf.backends.available_backends, removed by the "
-    "fastmf.ops redesign (now fastmf.ops.available_backends)"))
-CLI_EVALUATE_SHADOWED = pytest.mark.xfail(strict=True, reason=(
-    "fastmf train calls fastmf.evaluate after fastmf.fit(valid=...): 'module' object is not "
-    "callable (see EVALUATE_SHADOWED)"))
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +133,6 @@ def test_fit_learns_and_beats_the_baselines(ratings):
     assert model.mu == pytest.approx(float(train.ratings.mean()), rel=1e-6)
 
 
-@EVALUATE_SHADOWED
 def test_fit_early_stopping_restores_the_best_epoch(ratings):
     train, test = ratings
     torch.manual_seed(0)
@@ -178,7 +167,6 @@ def test_resume_gives_the_same_weights(tmp_path, ratings):
     assert fastmf.load_checkpoint(tmp_path / "ck").extra["epoch"] == 4
 
 
-@EVALUATE_SHADOWED
 @pytest.mark.parametrize("loss", ["bpr", "bce"])
 def test_fit_implicit_ranks_better_than_popularity(loss):
     data = fastmf.datasets.synthetic(num_users=400, num_items=200, num_interactions=16_000,
@@ -220,7 +208,6 @@ def test_suggest_dim_rules():
 
 # -- command line ------------------------------------------------------------------------------
 
-@CLI_OLD_BACKENDS
 def test_cli_demo_runs(capsys):
     code = cli_main(["demo", "--users", "400", "--items", "200", "--interactions", "12000",
                      "--dim", "8", "--quiet"])
@@ -245,7 +232,6 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert cli_main(["recommend", "--model", str(tmp_path / "none"), "--user", "1"]) == 2
 
 
-@CLI_EVALUATE_SHADOWED
 def test_cli_train_and_recommend_on_csv(tmp_path, capsys):
     data = string_id_data()
     df = data.to_pandas()

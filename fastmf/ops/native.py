@@ -60,14 +60,27 @@ def sparse_adagrad_update(
     rowwise: bool,
 ) -> None:
     """In-place exact sparse Adagrad (duplicates summed, one update per unique row)."""
-    torch.ops.fastmf.sparse_adagrad_update.default(
-        weight, state, ids, grad_rows, float(lr), float(eps), bool(rowwise)
-    )
+    with torch.no_grad():
+        torch.ops.fastmf.sparse_adagrad_update.default(
+            weight, state, ids, grad_rows, float(lr), float(eps), bool(rowwise))
+    _written(weight, state)
 
 
 def sparse_sgd_update(weight: Tensor, ids: Tensor, grad_rows: Tensor, lr: float) -> None:
     """In-place sparse SGD (duplicates summed, one update per unique row)."""
-    torch.ops.fastmf.sparse_sgd_update.default(weight, ids, grad_rows, float(lr))
+    with torch.no_grad():
+        torch.ops.fastmf.sparse_sgd_update.default(weight, ids, grad_rows, float(lr))
+    _written(weight)
+
+
+def _written(*tensors: Tensor | None) -> None:
+    """Bump the version counters of what a mutating op wrote, as PyTorch's own in-place
+    ops do, so autograd refuses a backward through a tensor saved before the step. (The
+    ops are registered for CPU/CUDA only, so no ADInplaceOrView kernel does it for them.)
+    The fused steps are optimizer steps, run under no_grad: their loss is a plain value."""
+    written = tuple(t for t in tensors if t is not None)
+    if written and not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(written)
 
 
 def _flat(tables: MFTables, states: MFTables | None) -> tuple:
@@ -79,9 +92,12 @@ def train_step(tables: MFTables, states: MFTables | None, users: Tensor, items: 
                targets: Tensor, global_mean: float, loss: int, reg: float,
                optimizer: OptimizerArgs) -> Tensor:
     """Fused forward + loss + backward + optimizer update; returns the loss (0-d)."""
-    return torch.ops.fastmf.train_step.default(
-        *_flat(tables, states), users, items, targets, float(global_mean), int(loss),
-        float(reg), int(optimizer.optimizer), float(optimizer.lr), float(optimizer.eps))
+    with torch.no_grad():
+        loss_value = torch.ops.fastmf.train_step.default(
+            *_flat(tables, states), users, items, targets, float(global_mean), int(loss),
+            float(reg), int(optimizer.optimizer), float(optimizer.lr), float(optimizer.eps))
+    _written(*_flat(tables, states))
+    return loss_value
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users: Tensor,
@@ -89,9 +105,12 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users: Tensor
                         optimizer: OptimizerArgs) -> Tensor:
     """Fused pairwise (BPR) step; returns the loss (0-d). See
     :func:`fastmf.ops.reference.pairwise.train_step_pairwise`."""
-    return torch.ops.fastmf.train_step_pairwise.default(
-        *_flat(tables, states), users, pos_items, neg_items, int(loss), float(reg),
-        int(optimizer.optimizer), float(optimizer.lr), float(optimizer.eps))
+    with torch.no_grad():
+        loss_value = torch.ops.fastmf.train_step_pairwise.default(
+            *_flat(tables, states), users, pos_items, neg_items, int(loss), float(reg),
+            int(optimizer.optimizer), float(optimizer.lr), float(optimizer.eps))
+    _written(*_flat(tables, states))
+    return loss_value
 
 
 def check_device_errors(device: int | str | torch.device | None = None) -> None:

@@ -47,6 +47,7 @@ def mf_forward(users, items, user_factors, item_factors, user_bias, item_bias, g
 def mf_backward(grad_out, users, items, user_factors, item_factors):
     """Per-sample gradient rows of the dot product: ``(g*Q[i], g*P[u])``, each (B, K)."""
     checks.check_mf_inputs("mf_backward", users, items, user_factors, item_factors, None, None)
+    checks.check_weight("mf_backward", "grad_out", grad_out, 1, like=user_factors)
     checks.check_same_length("mf_backward", grad_out=grad_out, users=users)
     g = grad_out.unsqueeze(1)
     return g * item_factors[items.long()], g * user_factors[users.long()]
