@@ -119,7 +119,11 @@ def load_data(path: str, *, user_col: str, item_col: str, rating_col: str | None
     p = Path(path)
     if not p.exists():
         if p.suffix == "":  # maybe a release name: say where it looked and how to get it
-            return datasets.load_movielens(p)
+            try:
+                return datasets.load_movielens(p)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{exc}; from the command line: fastmf fetch {p.name}") \
+                    from None
         raise FileNotFoundError(f"{what}: no such file or folder: {path}")
     columns = dict(user_col=user_col, item_col=item_col, rating_col=rating_col,
                    time_col=time_col)

@@ -5,10 +5,15 @@ status and what is printed; two run ``python -m fastmf`` for the real exit statu
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import io
 import json
 import os
 import subprocess
 import sys
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -290,7 +295,7 @@ def test_missing_movielens_release_says_how_to_get_it(tmp_path, monkeypatch, cap
     assert code == 2 and out == ""
     assert str(tmp_path / "ml-latest-small") in line
     assert str(tmp_path / "home" / ".cache" / "fastmf" / "ml-latest-small") in line
-    assert "fetch_movielens('ml-latest-small')" in line
+    assert "fetch_movielens('ml-latest-small')" in line and "fastmf fetch ml-latest-small" in line
 
 
 # -- the real process --------------------------------------------------------------------------
@@ -309,3 +314,46 @@ def test_python_m_fastmf_exit_status(tmp_path):
                       cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("fastmf recommend: error:")
+
+
+def test_fetch_then_train_by_release_name(tmp_path, monkeypatch, capsys):
+    """`fastmf fetch` (from a server on 127.0.0.1) and `--data ml-latest-small` finding it."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    df = random_ratings(10)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("ml-latest-small/ratings.csv", df.to_csv(index=False))
+        z.writestr("ml-latest-small/movies.csv", "movieId,title,genres\n" + "".join(
+            f"{i},Film {i} (2001),Drama\n" for i in sorted(set(df.movieId))))
+    body = buf.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the name http.server calls)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/ml-latest-small.zip"
+        code, out, err = run(capsys, "fetch", "ml-latest-small", "--url", url, "--sha256",
+                             hashlib.sha256(body).hexdigest())
+    finally:
+        server.shutdown()
+        server.server_close()
+    folder = tmp_path / "home" / ".cache" / "fastmf" / "ml-latest-small"
+    assert code == 0 and out.strip() == str(folder), err
+    code, out, err = run(capsys, "train", "--data", "ml-latest-small", *FAST)
+    assert code == 0 and f"data: {len(df)} interactions" in out, err
+    code, _, err = run(capsys, "fetch", "ml-latest-small", "--cache-dir", tmp_path / "c2",
+                       "--url", url, "--sha256", "0" * 64)
+    assert code == 2 and "cannot download" in one_line_error(err)  # the server is gone
