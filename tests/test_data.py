@@ -712,3 +712,12 @@ def test_uint64_indices_are_reported_with_their_value():
         Interactions.from_arrays(big, [0, 1], num_users=9)
     ok = Interactions(np.array([3, 1], dtype=np.uint64), [0, 1])
     assert ok.users.dtype == np.int64 and ok.num_users == 4
+
+
+def test_from_csv_read_csv_kwargs_cannot_override_the_layout(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("userId,movieId,rating\n1,2,4.0\n2,1,3.0\n")
+    with pytest.raises(ValueError, match=r"may not set \['header', 'names'\]"):
+        Interactions.from_csv(path, read_csv_kwargs={"header": None, "names": ["a", "b"]})
+    data = Interactions.from_csv(path, read_csv_kwargs={"dtype": {"userId": str}})
+    assert data.user_map.raw_ids.tolist() == ["1", "2"]

@@ -507,8 +507,16 @@ class Interactions:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"fastmf.Interactions.from_csv: no such file: {path}")
-        layout = csv_layout(path, sep, header, encoding=encoding)
         extra = dict(read_csv_kwargs or {})
+        taken = sorted(set(extra) & {"sep", "delimiter", "header", "names", "usecols",
+                                     "encoding"})
+        if taken:
+            raise ValueError(
+                f"fastmf.Interactions.from_csv: read_csv_kwargs may not set {taken}: pass "
+                "sep, header and encoding to from_csv itself; columns are chosen by the *_col "
+                "names (or by position without a header)"
+            )
+        layout = csv_layout(path, sep, header, encoding=encoding)
         engine = extra.pop("engine", None)
         if (engine is None and len(layout.sep) == 1 and not extra
                 and encoding.lower().replace("_", "-") in ("utf-8", "utf8") and _has_pyarrow()):
