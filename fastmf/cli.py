@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -421,7 +422,10 @@ def cmd_recommend(args) -> None:
     elif known:
         _note("seen items are not excluded (the model keeps no training interactions); pass "
               "--train FILE, e.g. the training data, to leave them out")
-    items, scores = model.recommend([raw], k=args.k, raw_ids=True, exclude=seen)
+    with warnings.catch_warnings():
+        # The fallback is marked in the output below; the library's warning would repeat it.
+        warnings.filterwarnings("ignore", message=r".*unknown raw user id")
+        items, scores = model.recommend([raw], k=args.k, raw_ids=True, exclude=seen)
     items, scores = items[0], np.asarray(scores[0], dtype=np.float64)
     real = np.array([item is not None for item in items], dtype=bool)
     items, scores = items[real], scores[real]
@@ -433,6 +437,9 @@ def cmd_recommend(args) -> None:
         items, scores = items[order], scores[order]
         print(f"top {args.k} for user {args.user}: fallback, the user is not in the "
               "training data: most popular items")
+        if isinstance(raw, str) and model.user_map.raw_ids.dtype.kind in "iuf":
+            _note(f"user {args.user!r} is not a number, but the model's user ids are "
+                  f"{model.user_map.raw_ids.dtype}")
     if len(items) < args.k:
         _note(f"only {len(items)} items to recommend (the model knows {model.num_items}"
               f"{', less the seen ones' if seen is not None and known else ''})")

@@ -282,9 +282,11 @@ def test_recommend_leaves_out_seen_items_and_marks_the_fallback(tmp_path, capsys
     code, out, err = run(capsys, "recommend", "--model", model, "--user", "99999", "-k", "8")
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert "fallback" in lines[0] and len(lines) == 9
+    assert "fallback" in lines[0] and len(lines) == 9 and "Warning" not in err
     scores = [float(line.split()[2]) for line in lines[1:]]
     assert scores == sorted(scores, reverse=True)
+    code, out, err = run(capsys, "recommend", "--model", model, "--user", "abc", "-k", "3")
+    assert code == 0 and "fallback" in out and "'abc' is not a number" in err, err
 
 
 def test_missing_movielens_release_says_how_to_get_it(tmp_path, monkeypatch, capsys):
