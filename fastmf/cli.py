@@ -282,7 +282,7 @@ def _write_split(folder: Path, parts, args, force: bool) -> None:
 
 
 def _load_model(path, device_name=None):
-    import fastmf
+    from fastmf.checkpoint import load
 
     config = Path(path) / "config.json"
     if config.is_file():
@@ -295,7 +295,7 @@ def _load_model(path, device_name=None):
             raise CliError(f"--model {path}: {config} holds "
                            f"{kind.get(type(settings), 'a number')}, not a JSON object; not "
                            "a fastmf checkpoint")
-    return fastmf.load(path, device=device_name)
+    return load(path, device=device_name)
 
 
 def _metrics_for(loss: str, k: int) -> tuple[str, ...]:
@@ -312,7 +312,9 @@ def _print_metrics(title: str, values: dict) -> None:
 # -- commands ----------------------------------------------------------------------------------
 
 def cmd_train(args) -> None:
-    import fastmf
+    from fastmf.evaluate import evaluate
+    from fastmf.layers import MF
+    from fastmf.train import fit
 
     explicit = args.loss in ("mse", "huber")
     if args.test is not None and (args.split is not None or args.test_fraction is not None):
@@ -356,17 +358,17 @@ def cmd_train(args) -> None:
               f"{split_dir / 'test.csv'} ({len(test):,})")
     dim = args.dim if args.dim is not None else default_dim(data)
     torch.manual_seed(args.seed)
-    model = fastmf.MF(data.num_users, data.num_items, dim, backend=args.backend,
+    model = MF(data.num_users, data.num_items, dim, backend=args.backend,
                       device=args.device or _default_device())
     metrics = _metrics_for(args.loss, args.k)
-    history = fastmf.fit(model, train, loss=args.loss, epochs=args.epochs,
+    history = fit(model, train, loss=args.loss, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, reg=args.reg, valid=test,
                          metrics=metrics[:2] if test is not None else None, k=args.k,
                          early_stopping=args.early_stopping, seed=args.seed,
                          progress=not args.quiet)
     results = None
     if test is not None:
-        results = fastmf.evaluate(model, test, train=train, metrics=metrics, k=args.k)
+        results = evaluate(model, test, train=train, metrics=metrics, k=args.k)
         _print_metrics(f"{title}, dim={dim}, backend={model.backend}", results)
     else:
         print(f"trained on all data (dim={dim}, backend={model.backend}); not evaluated")
@@ -377,7 +379,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    import fastmf
+    from fastmf.evaluate import evaluate
 
     model = _load_model(args.model, args.device)
     data = load_data(args.data, **_data_args(args), rating_col=args.rating_col,
@@ -393,7 +395,7 @@ def cmd_evaluate(args) -> None:
     else:
         _note("the rankings include the users' training items; pass --train FILE to leave "
               "them out")
-    _print_metrics(f"{args.data}", fastmf.evaluate(model, test, train=train, metrics=metrics,
+    _print_metrics(f"{args.data}", evaluate(model, test, train=train, metrics=metrics,
                                                    k=args.k))
 
 
@@ -457,12 +459,18 @@ def cmd_fetch(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    import fastmf
+    # Functions from their modules: the package attribute ``fastmf.evaluate`` can be the
+    # submodule of that name once something has imported it.
     from fastmf.backends import available_backends
     from fastmf.data import random_split
+    from fastmf.datasets import synthetic
+    from fastmf.evaluate import evaluate
+    from fastmf.layers import MF
+    from fastmf.metrics import rmse as rmse_of
+    from fastmf.train import fit
 
     start = time.perf_counter()
-    data = fastmf.datasets.synthetic(num_users=args.users, num_items=args.items,
+    data = synthetic(num_users=args.users, num_items=args.items,
                                      num_interactions=args.interactions, dim=8, seed=args.seed)
     train, test = random_split(data, test_fraction=0.2, seed=args.seed)
     print(f"synthetic ratings: {len(data):,} interactions, {data.num_users:,} users, "
@@ -473,9 +481,9 @@ def cmd_demo(args) -> None:
     weights = {}
     for backend in available_backends():
         torch.manual_seed(args.seed)
-        model = fastmf.MF(data.num_users, data.num_items, dim, backend=backend)
-        history = fastmf.fit(model, train, epochs=2, seed=args.seed, progress=False)
-        rmse = fastmf.evaluate(model, test, metrics=("rmse",))["rmse"]
+        model = MF(data.num_users, data.num_items, dim, backend=backend)
+        history = fit(model, train, epochs=2, seed=args.seed, progress=False)
+        rmse = evaluate(model, test, metrics=("rmse",))["rmse"]
         weights[backend] = model.item_factors.detach().clone()
         diff = (weights[backend] - weights["reference"]).abs().max().item()
         print(f"  {backend:>9}: {np.mean(history['samples_per_s']) / 1e6:7.2f} M samples/s  "
@@ -487,17 +495,17 @@ def cmd_demo(args) -> None:
     best = available_backends()[-1]
     print(f"\ntraining biased MF (dim={dim}, backend={best}):")
     torch.manual_seed(args.seed)
-    model = fastmf.MF(data.num_users, data.num_items, dim, backend=best)
-    history = fastmf.fit(model, train, valid=test, seed=args.seed, progress=not args.quiet)
+    model = MF(data.num_users, data.num_items, dim, backend=best)
+    history = fit(model, train, valid=test, seed=args.seed, progress=not args.quiet)
     torch.manual_seed(args.seed)
-    biases = fastmf.MF(data.num_users, data.num_items, 1, backend=best, init_scale=0.0)
-    fastmf.fit(biases, train, seed=args.seed, progress=False)
-    mean_rmse = fastmf.metrics.rmse(np.full(len(test), train.ratings.mean()), test.ratings)
-    results = fastmf.evaluate(model, test, train=train, k=10,
+    biases = MF(data.num_users, data.num_items, 1, backend=best, init_scale=0.0)
+    fit(biases, train, seed=args.seed, progress=False)
+    mean_rmse = rmse_of(np.full(len(test), train.ratings.mean()), test.ratings)
+    results = evaluate(model, test, train=train, k=10,
                               metrics=("rmse", "mae", "hr@10", "ndcg@10", "recall@10",
                                        "coverage", "novelty"))
     print(f"\ntest RMSE: global mean {mean_rmse:.4f} | biases only "
-          f"{fastmf.evaluate(biases, test, metrics=('rmse',))['rmse']:.4f} | "
+          f"{evaluate(biases, test, metrics=('rmse',))['rmse']:.4f} | "
           f"biased MF {results['rmse']:.4f}")
     _print_metrics("ranking (full catalog, train items excluded)", results)
     print(f"training speed: {np.mean(history['samples_per_s']) / 1e6:.2f} M samples/s")
