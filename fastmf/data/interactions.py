@@ -451,8 +451,9 @@ class Interactions:
         present; with their default names they are optional, a name you pass must exist,
         and ``None`` ignores the column. Names are matched exactly (case and spaces
         included); a column that differs from a requested name only in case or spaces
-        (``Rating`` for ``rating``) raises ValueError instead of being silently skipped. ``kwargs`` go to :meth:`from_arrays`
-        (``user_map``, ``item_map``, ``unknown``, ``num_users``, ``num_items``).
+        (``Rating`` for ``rating``) raises ValueError instead of being silently skipped.
+        ``kwargs`` go to :meth:`from_arrays` (``user_map``, ``item_map``, ``unknown``,
+        ``num_users``, ``num_items``).
 
         >>> df = pd.DataFrame({"userId": [1, 2], "movieId": [5, 5], "rating": [4.0, 2.5]})
         >>> Interactions.from_pandas(df).ratings.tolist()
