@@ -1,52 +1,159 @@
-"""The ``fastmf`` command: ``demo``, ``train``, ``evaluate``, ``recommend``.
+"""The ``fastmf`` command: ``demo``, ``fetch``, ``train``, ``evaluate``, ``recommend``.
 
     fastmf demo
-    fastmf train --data ml-latest-small --loss mse --out model/
-    fastmf evaluate --model model/ --data ml-latest-small
-    fastmf recommend --model model/ --user 1 -k 10
+    fastmf fetch ml-latest-small
+    fastmf train --data ml-latest-small --loss mse --out model/ --save-split split/
+    fastmf evaluate --model model/ --data split/test.csv --train split/train.csv
+    fastmf recommend --model model/ --user 1 -k 10 --train split/train.csv
+
+Every error is one line on stderr and exit status 2 (1 for an unexpected failure; set
+``FASTMF_TRACEBACK=1`` to see its traceback); notes go to stderr, results to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import sys
+import tempfile
 import time
+import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 
 
 class CliError(Exception):
     """An error to print as one line (no traceback)."""
 
 
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+# -- option types: bad values are usage errors (exit 2) before any work ------------------------
+
+def _number(text: str, kind, what: str, ok) -> float | int:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "an integer > 0", lambda v: v > 0)
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a finite number > 0", lambda v: v > 0)
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(text, float, "a finite number >= 0", lambda v: v >= 0)
+
+
+def fraction(text: str) -> float:
+    return _number(text, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def valid_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def device(text: str) -> str:
+    devices = valid_devices()
+    if text not in devices:
+        gpu = "" if torch.cuda.is_available() else " (torch sees no CUDA GPU)"
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; valid here: {', '.join(devices)}{gpu}")
+    return text
+
+
+_SEPARATORS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|",
+               "space": " "}
+
+
+def separator(text: str) -> str:
+    sep = _SEPARATORS.get(text.lower(), text)
+    if not sep:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return sep
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # -- data --------------------------------------------------------------------------------------
 
+_MOVIELENS_FILES = ("ratings.dat", "u.data")
+_PARQUET = (".parquet", ".pq")
+
+
 def load_data(path: str, *, user_col: str, item_col: str, rating_col: str | None,
-              time_col: str | None):
-    """A MovieLens folder (any release), or a CSV / Parquet file with the given columns."""
+              time_col: str | None, sep: str | None = None, header: bool | None = None,
+              encoding: str = "utf-8", require_ratings: bool = False, what: str = "--data"):
+    """A MovieLens folder (any release; a bare release name is also looked for in the
+    download cache), a MovieLens ratings file (read as named), a Parquet file, or any
+    delimited text file with the given columns (see ``Interactions.from_csv``)."""
     from fastmf import datasets
     from fastmf.data import Interactions
+    from fastmf.data.interactions import csv_layout
 
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
+        if p.suffix == "":  # maybe a release name: say where it looked and how to get it
+            try:
+                return datasets.load_movielens(p)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"{exc}; from the command line: fastmf fetch {p.name}") \
+                    from None
+        raise FileNotFoundError(f"{what}: no such file or folder: {path}")
     columns = dict(user_col=user_col, item_col=item_col, rating_col=rating_col,
                    time_col=time_col)
-    # A MovieLens ratings.csv is also a plain CSV with the default column names; only the
-    # folder form brings the titles.
-    if p.is_dir() or p.name in ("ratings.dat", "u.data"):
-        return datasets.load_movielens(p)
-    suffix = p.suffix.lower()
-    if suffix in (".csv", ".tsv", ".txt"):
-        return Interactions.from_csv(p, **columns)
-    if suffix in (".parquet", ".pq"):
-        return Interactions.from_parquet(p, **columns)
-    raise ValueError(f"unknown data format {p.suffix!r} for {path}: give a MovieLens folder, "
-                     "a .csv or a .parquet file")
+    found = None
+    if p.is_dir() or p.name in _MOVIELENS_FILES:
+        data = datasets.load_movielens(p)
+    elif p.suffix.lower() in _PARQUET:
+        data = Interactions.from_parquet(p, **columns)
+    elif p.suffix.lower() == ".zip":
+        raise CliError(f"{what} {path}: unzip it first (or use `fastmf fetch` for MovieLens)")
+    else:
+        layout = csv_layout(p, sep, header, encoding=encoding)
+        if not layout.header or "detected from" in layout.reason:
+            _note(f"{what} {path}: {layout.reason}")
+        found = (f"found columns {layout.columns}" if layout.header else
+                 f"found {len(layout.columns)} columns and no header row")
+        data = Interactions.from_csv(p, **columns, sep=layout.sep, header=layout.header,
+                                     encoding=encoding)
+    if require_ratings and data.ratings is None:
+        raise CliError(
+            f"{what} {path} has no ratings ({found or 'no rating column'}); expected a rating "
+            f"column named exactly {rating_col!r} (choose it with --rating-col NAME), or use "
+            "--loss bpr or bce for data without ratings")
+    return data
+
+
+def _data_args(args) -> dict:
+    return dict(user_col=args.user_col, item_col=args.item_col, sep=args.sep,
+                header=args.header, encoding=args.encoding)
 
 
 def split(data, how: str, test_fraction: float, seed: int):
@@ -55,6 +162,8 @@ def split(data, how: str, test_fraction: float, seed: int):
     if how == "random":
         return random_split(data, test_fraction=test_fraction, seed=seed)
     if how == "loo":
+        if data.timestamps is None:
+            _note("no timestamps: leave-one-out holds out a random interaction per user")
         return leave_one_out(data, by="time" if data.timestamps is not None else "random",
                              seed=seed)
     if how == "temporal":
@@ -68,12 +177,106 @@ def default_dim(data) -> int:
     return min(128, suggest_dim(min(data.num_users, data.num_items)))
 
 
-def _device(name: str | None):
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch sees no CUDA GPU")
-    return name
+def _reindex(data, user_map, item_map, what: str):
+    """``data`` re-indexed into other id maps (a model's, the training data's); rows with
+    users or items the maps do not hold are dropped, with a note."""
+    from fastmf.data import Interactions
+
+    users = user_map.lookup(data.user_map.raw_ids[data.users])
+    items = item_map.lookup(data.item_map.raw_ids[data.items])
+    keep = (users >= 0) & (items >= 0)
+    if not keep.any():
+        raise CliError(f"{what}: none of its users and items are in the training data")
+    dropped = int((~keep).sum())
+    if dropped:
+        _note(f"{what}: {dropped:,} of {len(keep):,} interactions with users/items unknown "
+              "to the model skipped")
+    return Interactions(users[keep], items[keep],
+                        None if data.ratings is None else data.ratings[keep],
+                        None if data.timestamps is None else data.timestamps[keep],
+                        user_map=user_map, item_map=item_map)
+
+
+def _model_space(model, data, what: str = "--data"):
+    if model.user_map is None or model.item_map is None:
+        raise CliError("the model holds no id maps; train it with `fastmf train` or fit()")
+    return _reindex(data, model.user_map, model.item_map, what)
+
+
+# -- output locations: checked before training, so a bad path costs nothing -------------------
+
+def _probe_writable(folder: Path, what: str) -> None:
+    try:
+        probe = tempfile.mkdtemp(dir=folder, prefix=".fastmf-write-check-")
+    except OSError as exc:
+        raise CliError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
+    os.rmdir(probe)
+
+
+def _check_out(path) -> Path:
+    """The ``--out`` folder can be written, checked before any training: new, empty or a
+    fastmf checkpoint in a writable folder (fastmf.checkpoint.check_save_target's rule)."""
+    from fastmf.checkpoint import CheckpointError, check_save_target
+
+    try:
+        return check_save_target(path)
+    except CheckpointError as exc:
+        raise CliError(f"--out: {exc}") from None
+
+
+_SPLIT_FILES = ("train.csv", "test.csv")
+
+
+def _check_split_dir(path, force: bool) -> Path:
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"--save-split {path} is a file, not a folder")
+    if folder.is_dir():
+        existing = [name for name in _SPLIT_FILES if (folder / name).exists()]
+        if existing and not force:
+            raise CliError(f"--save-split {path} already holds {', '.join(existing)}; pass "
+                           "--force to overwrite")
+        _probe_writable(folder, f"--save-split {path}")
+    else:
+        parent = folder.absolute().parent
+        if not parent.is_dir():
+            raise CliError(f"--save-split {path}: the folder {parent} does not exist")
+        _probe_writable(parent, f"--save-split {path}")
+    return folder
+
+
+def _write_split(folder: Path, parts, args, force: bool) -> None:
+    """train.csv/test.csv with raw ids, under the column names the data was read with."""
+    names = {"user": args.user_col, "item": args.item_col,
+             "rating": args.rating_col or "rating", "timestamp": args.time_col or "timestamp"}
+    folder.mkdir(exist_ok=True)
+    for name, part in zip(_SPLIT_FILES, parts, strict=True):
+        target = folder / name
+        tmp = folder / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            part.to_pandas().rename(columns=names).to_csv(tmp, index=False)
+            if target.exists() and not force:
+                raise CliError(f"--save-split: {target} appeared meanwhile; not overwritten")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _load_model(path, device_name=None):
+    from fastmf.checkpoint import load
+
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            settings = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            settings = {}  # fastmf.load says what is wrong with it
+        if not isinstance(settings, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+            raise CliError(f"--model {path}: {config} holds "
+                           f"{kind.get(type(settings), 'a number')}, not a JSON object; not "
+                           "a fastmf checkpoint")
+    return load(path, device=device_name)
 
 
 def _metrics_for(loss: str, k: int) -> tuple[str, ...]:
@@ -90,97 +293,163 @@ def _print_metrics(title: str, values: dict) -> None:
 # -- commands ----------------------------------------------------------------------------------
 
 def cmd_train(args) -> None:
-    import fastmf
+    from fastmf.evaluate import evaluate
+    from fastmf.layers import MF
+    from fastmf.train import fit
 
-    data = load_data(args.data, user_col=args.user_col, item_col=args.item_col,
-                     rating_col=None if args.loss in ("bpr", "bce") else args.rating_col,
-                     time_col=args.time_col)
+    explicit = args.loss in ("mse", "huber")
+    if args.test is not None and (args.split is not None or args.test_fraction is not None):
+        raise CliError("--test gives the test set; --split and --test-fraction do not apply")
+    how = args.split or "random"
+    test_fraction = 0.2 if args.test_fraction is None else args.test_fraction
+    if how == "loo" and args.test_fraction is not None:
+        raise CliError("--split loo holds out one interaction per user; --test-fraction does "
+                       "not apply (--test-fraction 0 with --split random: no test set)")
+    if args.split is not None and test_fraction == 0:
+        raise CliError("--test-fraction 0 holds out nothing; --split does not apply")
+    held_out = args.test is not None or how == "loo" or test_fraction > 0
+    if not held_out and args.early_stopping:
+        raise CliError("--early-stopping needs a test set; --test-fraction 0 has none")
+    if args.save_split and not held_out:
+        raise CliError("--save-split: --test-fraction 0 makes no split to save")
+    if args.save_split and args.test is not None:
+        raise CliError("--save-split: --data and --test already are the split")
+    out = _check_out(args.out) if args.out else None
+    split_dir = _check_split_dir(args.save_split, args.force) if args.save_split else None
+
+    columns = dict(_data_args(args), rating_col=args.rating_col if explicit else None,
+                   time_col=args.time_col, require_ratings=explicit)
+    data = load_data(args.data, **columns)
     print(f"data: {len(data):,} interactions, {data.num_users:,} users, "
           f"{data.num_items:,} items")
-    train, test = split(data, args.split, args.test_fraction, args.seed)
-    dim = args.dim or default_dim(data)
+    if args.test is not None:
+        train = data
+        test = _reindex(load_data(args.test, **columns, what="--test"), data.user_map,
+                        data.item_map, "--test")
+        title = f"test ({args.test})"
+    elif held_out:
+        train, test = split(data, how, test_fraction, args.seed)
+        title = f"test ({how} split)"
+    else:
+        train, test = data, None
+        _note("--test-fraction 0: training on all interactions; no test evaluation")
+    if split_dir is not None:
+        _write_split(split_dir, (train, test), args, args.force)
+        print(f"split saved: {split_dir / 'train.csv'} ({len(train):,} interactions), "
+              f"{split_dir / 'test.csv'} ({len(test):,})")
+    dim = args.dim if args.dim is not None else default_dim(data)
     torch.manual_seed(args.seed)
-    model = fastmf.MF(data.num_users, data.num_items, dim, backend=args.backend,
-                      device=_device(args.device))
+    model = MF(data.num_users, data.num_items, dim, backend=args.backend,
+                      device=args.device or _default_device())
     metrics = _metrics_for(args.loss, args.k)
-    history = fastmf.fit(model, train, loss=args.loss, epochs=args.epochs,
+    history = fit(model, train, loss=args.loss, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, reg=args.reg, valid=test,
-                         metrics=metrics[:2], k=args.k, early_stopping=args.early_stopping,
-                         seed=args.seed, progress=not args.quiet)
-    results = fastmf.evaluate(model, test, train=train, metrics=metrics, k=args.k)
-    _print_metrics(f"test ({args.split} split, dim={dim}, backend={model.backend})", results)
+                         metrics=metrics[:2] if test is not None else None, k=args.k,
+                         early_stopping=args.early_stopping, seed=args.seed,
+                         progress=not args.quiet)
+    results = None
+    if test is not None:
+        results = evaluate(model, test, train=train, metrics=metrics, k=args.k)
+        _print_metrics(f"{title}, dim={dim}, backend={model.backend}", results)
+    else:
+        print(f"trained on all data (dim={dim}, backend={model.backend}); not evaluated")
     print(f"training speed: {np.mean(history['samples_per_s']) / 1e6:.2f} M samples/s")
-    if args.out:
-        model.attach_data(data)
-        path = model.save(args.out, extra={"loss": args.loss, "test": results})
+    if out is not None:
+        path = model.save(out, extra={"loss": args.loss, "test": results})
         print(f"saved {path}")
 
 
-def _model_space(model, data):
-    """``data`` re-indexed into the model's raw-id maps (unknown users/items dropped)."""
-    from fastmf.data import Interactions
-
-    if model.user_map is None or model.item_map is None:
-        raise ValueError("the model holds no id maps; train it with `fastmf train` or fit()")
-    users = model.user_map.lookup(data.user_map.raw_ids[data.users])
-    items = model.item_map.lookup(data.item_map.raw_ids[data.items])
-    keep = (users >= 0) & (items >= 0)
-    if not keep.any():
-        raise ValueError("none of the data's users and items are known to the model")
-    dropped = int((~keep).sum())
-    if dropped:
-        print(f"note: {dropped:,} interactions with users/items unknown to the model skipped")
-    return Interactions(users[keep], items[keep],
-                        None if data.ratings is None else data.ratings[keep],
-                        user_map=model.user_map, item_map=model.item_map)
-
-
 def cmd_evaluate(args) -> None:
-    import fastmf
+    from fastmf.evaluate import evaluate
 
-    model = fastmf.load(args.model, device=_device(args.device))
-    data = load_data(args.data, user_col=args.user_col, item_col=args.item_col,
-                     rating_col=args.rating_col, time_col=args.time_col)
+    model = _load_model(args.model, args.device)
+    data = load_data(args.data, **_data_args(args), rating_col=args.rating_col,
+                     time_col=args.time_col)
     test = _model_space(model, data)
     metrics = ("rmse", "mae") if test.ratings is not None else ()
     metrics += (f"hr@{args.k}", f"ndcg@{args.k}", f"recall@{args.k}", "coverage")
     train = None
     if args.train:
         train = _model_space(model, load_data(
-            args.train, user_col=args.user_col, item_col=args.item_col,
-            rating_col=args.rating_col, time_col=args.time_col))
-    _print_metrics(f"{args.data}", fastmf.evaluate(model, test, train=train, metrics=metrics,
+            args.train, **_data_args(args), rating_col=None, time_col=None, what="--train"),
+            "--train")
+    else:
+        _note("the rankings include the users' training items; pass --train FILE to leave "
+              "them out")
+    _print_metrics(f"{args.data}", evaluate(model, test, train=train, metrics=metrics,
                                                    k=args.k))
 
 
-def cmd_recommend(args) -> None:
-    import fastmf
+def _raw_user(text: str, id_map):
+    """The ``--user`` text as the model's raw id type (ints stay ints)."""
+    kind = id_map.raw_ids.dtype.kind
+    for convert, kinds in ((int, "iu"), (float, "f")):
+        if kind in kinds:
+            try:
+                return convert(text)
+            except ValueError:
+                return text
+    return text
 
-    model = fastmf.load(args.model)
-    raw = args.user
-    if model.user_map is not None and model.user_map.raw_ids.dtype.kind in "iuf":
-        try:
-            raw = int(args.user)
-        except ValueError:
-            pass
-    items, scores = model.recommend([raw], k=args.k, raw_ids=True)
+
+def cmd_recommend(args) -> None:
+    model = _load_model(args.model)
+    if model.user_map is None or model.item_map is None:
+        raise CliError("the model holds no id maps; train it with `fastmf train` or fit()")
+    raw = _raw_user(args.user, model.user_map)
+    known = bool(model.user_map.lookup(np.asarray([raw]))[0] >= 0)
+    seen = None
+    if args.train:
+        seen = _model_space(model, load_data(args.train, **_data_args(args), rating_col=None,
+                                             time_col=None, what="--train"), "--train")
+    elif known:
+        _note("seen items are not excluded (the model keeps no training interactions); pass "
+              "--train FILE, e.g. the training data, to leave them out")
+    with warnings.catch_warnings():
+        # The fallback is marked in the output below; the library's warning would repeat it.
+        warnings.filterwarnings("ignore", message=r".*unknown raw user id")
+        items, scores = model.recommend([raw], k=args.k, raw_ids=True, exclude=seen)
+    items, scores = items[0], np.asarray(scores[0], dtype=np.float64)
+    real = np.array([item is not None for item in items], dtype=bool)
+    items, scores = items[real], scores[real]
+    if known:
+        print(f"top {args.k} for user {args.user}:")
+    else:
+        # The cold-start answer ranks by popularity; shown by score like every list.
+        order = np.argsort(-scores, kind="stable")
+        items, scores = items[order], scores[order]
+        print(f"top {args.k} for user {args.user}: fallback, the user is not in the "
+              "training data: most popular items")
+        if isinstance(raw, str) and model.user_map.raw_ids.dtype.kind in "iuf":
+            _note(f"user {args.user!r} is not a number, but the model's user ids are "
+                  f"{model.user_map.raw_ids.dtype}")
+    if len(items) < args.k:
+        _note(f"only {len(items)} items to recommend (the model knows {model.num_items}"
+              f"{', less the seen ones' if seen is not None and known else ''})")
     titles = model.item_titles or {}
-    print(f"top {args.k} for user {args.user}:")
-    item_index = model.item_map.lookup(items[0]) if model.item_map is not None else None
-    for rank, (item, score) in enumerate(zip(items[0], scores[0], strict=True), 1):
-        title = ""
-        if item_index is not None:
-            title = titles.get(int(item_index[rank - 1]), "")
+    item_index = model.item_map.lookup(np.asarray(items.tolist()))
+    for rank, (item, score) in enumerate(zip(items, scores, strict=True), 1):
+        title = titles.get(int(item_index[rank - 1]), "")
         print(f"{rank:3d}. {item!s:>10}  {float(score):6.3f}  {title}")
 
 
+def cmd_fetch(args) -> None:
+    from fastmf.datasets import fetch_movielens
+
+    print(fetch_movielens(args.name, args.cache_dir, url=args.url, sha256=args.sha256))
+
+
 def cmd_demo(args) -> None:
-    import fastmf
     from fastmf.data import random_split
+    from fastmf.datasets import synthetic
+    from fastmf.evaluate import evaluate
+    from fastmf.layers import MF
+    from fastmf.metrics import rmse as rmse_of
     from fastmf.ops import available_backends
+    from fastmf.train import fit
 
     start = time.perf_counter()
-    data = fastmf.datasets.synthetic(num_users=args.users, num_items=args.items,
+    data = synthetic(num_users=args.users, num_items=args.items,
                                      num_interactions=args.interactions, dim=8, seed=args.seed)
     train, test = random_split(data, test_fraction=0.2, seed=args.seed)
     print(f"synthetic ratings: {len(data):,} interactions, {data.num_users:,} users, "
@@ -191,9 +460,9 @@ def cmd_demo(args) -> None:
     weights = {}
     for backend in available_backends():
         torch.manual_seed(args.seed)
-        model = fastmf.MF(data.num_users, data.num_items, dim, backend=backend)
-        history = fastmf.fit(model, train, epochs=2, seed=args.seed, progress=False)
-        rmse = fastmf.evaluate(model, test, metrics=("rmse",))["rmse"]
+        model = MF(data.num_users, data.num_items, dim, backend=backend)
+        history = fit(model, train, epochs=2, seed=args.seed, progress=False)
+        rmse = evaluate(model, test, metrics=("rmse",))["rmse"]
         weights[backend] = model.item_factors.detach().clone()
         diff = (weights[backend] - weights["reference"]).abs().max().item()
         print(f"  {backend:>9}: {np.mean(history['samples_per_s']) / 1e6:7.2f} M samples/s  "
@@ -205,17 +474,17 @@ def cmd_demo(args) -> None:
     best = available_backends()[-1]
     print(f"\ntraining biased MF (dim={dim}, backend={best}):")
     torch.manual_seed(args.seed)
-    model = fastmf.MF(data.num_users, data.num_items, dim, backend=best)
-    history = fastmf.fit(model, train, valid=test, seed=args.seed, progress=not args.quiet)
+    model = MF(data.num_users, data.num_items, dim, backend=best)
+    history = fit(model, train, valid=test, seed=args.seed, progress=not args.quiet)
     torch.manual_seed(args.seed)
-    biases = fastmf.MF(data.num_users, data.num_items, 1, backend=best, init_scale=0.0)
-    fastmf.fit(biases, train, seed=args.seed, progress=False)
-    mean_rmse = fastmf.metrics.rmse(np.full(len(test), train.ratings.mean()), test.ratings)
-    results = fastmf.evaluate(model, test, train=train, k=10,
+    biases = MF(data.num_users, data.num_items, 1, backend=best, init_scale=0.0)
+    fit(biases, train, seed=args.seed, progress=False)
+    mean_rmse = rmse_of(np.full(len(test), train.ratings.mean()), test.ratings)
+    results = evaluate(model, test, train=train, k=10,
                               metrics=("rmse", "mae", "hr@10", "ndcg@10", "recall@10",
                                        "coverage", "novelty"))
     print(f"\ntest RMSE: global mean {mean_rmse:.4f} | biases only "
-          f"{fastmf.evaluate(biases, test, metrics=('rmse',))['rmse']:.4f} | "
+          f"{evaluate(biases, test, metrics=('rmse',))['rmse']:.4f} | "
           f"biased MF {results['rmse']:.4f}")
     _print_metrics("ranking (full catalog, train items excluded)", results)
     print(f"training speed: {np.mean(history['samples_per_s']) / 1e6:.2f} M samples/s")
@@ -228,82 +497,167 @@ def cmd_demo(args) -> None:
 
 # -- entry point -------------------------------------------------------------------------------
 
-def _data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True,
-                   help="a MovieLens folder (ml-100k ... ml-32m, ml-latest-small) or a "
-                        ".csv/.parquet file of interactions")
-    p.add_argument("--user-col", default="userId", help="user column of a CSV/Parquet file")
-    p.add_argument("--item-col", default="movieId", help="item column of a CSV/Parquet file")
-    p.add_argument("--rating-col", default="rating", help="rating column (CSV/Parquet)")
-    p.add_argument("--time-col", default="timestamp", help="timestamp column (CSV/Parquet)")
+_DATA_HELP = (
+    "a MovieLens folder (ml-100k ... ml-32m, ml-latest-small; a bare release name that is "
+    "no folder here is looked for in ~/.cache/fastmf, see `fastmf fetch`), a MovieLens "
+    "ratings file (ratings.csv, ratings.dat, u.data: read as named), a .parquet file, or a "
+    "delimited text file (.csv, .tsv, ...; see --sep and --header)")
+
+
+def _column_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "columns of a text or Parquet file",
+        "Columns are matched by their exact names (case and spaces included); a column "
+        "differing only in case or spaces is reported, not guessed. MovieLens folders and "
+        "files need none of these.")
+    g.add_argument("--user-col", default="userId", help="user id column (default: userId)")
+    g.add_argument("--item-col", default="movieId", help="item id column (default: movieId)")
+    g.add_argument("--rating-col", default="rating",
+                   help="rating column (default: rating; required by --loss mse/huber)")
+    g.add_argument("--time-col", default="timestamp",
+                   help="timestamp column (default: timestamp; optional)")
+    g.add_argument("--sep", type=separator, default=None,
+                   help="separator of a text file; 'tab', 'comma', 'semicolon', 'pipe' or "
+                        "the character. Default: by extension (.csv comma; .tsv, .tab, "
+                        ".data tab), else the first of comma, tab, ';', '|' that splits the "
+                        "first 20 lines into the same number (>= 2) of fields")
+    g.add_argument("--header", choices=["auto", "yes", "no"], default="auto",
+                   help="whether the first row names the columns. auto (default): a first "
+                        "row made only of numbers is data, anything else a header. With no "
+                        "header, columns are taken by position: user, item, then rating and "
+                        "timestamp when there are 3 or 4 (MovieLens u.data)")
+    g.add_argument("--encoding", default="utf-8",
+                   help="text encoding of a text file (default: utf-8; e.g. latin-1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmf", description="Fast matrix-factorization recommenders for PyTorch.",
-        epilog="Start with `fastmf demo`; each command has --help.")
+        epilog="Start with `fastmf demo`; each command has --help. Errors exit with status 2.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train on a generated data set with every backend")
-    demo.add_argument("--users", type=int, default=6000)
-    demo.add_argument("--items", type=int, default=3000)
-    demo.add_argument("--interactions", type=int, default=300_000)
-    demo.add_argument("--dim", type=int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--users", type=positive_int, default=6000)
+    demo.add_argument("--items", type=positive_int, default=3000)
+    demo.add_argument("--interactions", type=positive_int, default=300_000)
+    demo.add_argument("--dim", type=positive_int, default=32)
+    demo.add_argument("--seed", type=nonnegative_int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=cmd_demo)
 
-    train = sub.add_parser("train", help="train a model on a ratings file and save it")
-    _data_options(train)
-    train.add_argument("--loss", default="mse", choices=["mse", "huber", "bce", "bpr"])
-    train.add_argument("--dim", type=int, default=None,
+    fetch = sub.add_parser(
+        "fetch", help="download a MovieLens release into ~/.cache/fastmf (once)",
+        description="Download a MovieLens zip, check its SHA-256, unzip it into the cache "
+                    "and print the folder. `--data NAME` then finds it by name.")
+    fetch.add_argument("name", nargs="?", default="ml-latest-small",
+                       help="release: ml-latest-small (default) or ml-100k; others need "
+                            "--url and --sha256")
+    fetch.add_argument("--cache-dir", default=None, help="default: ~/.cache/fastmf")
+    fetch.add_argument("--url", default=None, help="the zip's http(s) address")
+    fetch.add_argument("--sha256", default=None, help="the zip's SHA-256 (hex)")
+    fetch.set_defaults(run=cmd_fetch)
+
+    train = sub.add_parser(
+        "train", help="train a model on a ratings file and save it",
+        description="Train on --data; test on a split of it (--split, --test-fraction), on "
+                    "--test FILE, or on nothing (--test-fraction 0).")
+    train.add_argument("--data", required=True, help=_DATA_HELP)
+    train.add_argument("--test", default=None, metavar="FILE",
+                       help="a predefined test set (same format and columns); --data is then "
+                            "the training set. Test rows with users/items absent from --data "
+                            "are skipped, with a note")
+    train.add_argument("--loss", default="mse", choices=["mse", "huber", "bce", "bpr"],
+                       help="mse/huber: ratings (explicit); bce/bpr: interactions only "
+                            "(implicit, ratings ignored)")
+    train.add_argument("--dim", type=positive_int, default=None,
                        help="factors (default: fast.ai's rule of thumb, capped at 128)")
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--reg", type=float, default=None)
-    train.add_argument("--split", default="random", choices=["random", "loo", "temporal"])
-    train.add_argument("--test-fraction", type=float, default=0.2)
-    train.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE")
-    train.add_argument("-k", type=int, default=10, help="cut-off of the ranking metrics")
+    train.add_argument("--epochs", type=positive_int, default=None)
+    train.add_argument("--batch-size", type=positive_int, default=None)
+    train.add_argument("--lr", type=positive_float, default=None)
+    train.add_argument("--reg", type=nonnegative_float, default=None)
+    train.add_argument("--split", default=None, choices=["random", "loo", "temporal"],
+                       help="how to hold out the test set (default: random; loo: one "
+                            "interaction per user, the latest if there are timestamps)")
+    train.add_argument("--test-fraction", type=fraction, default=None,
+                       help="share of the data held out, in [0, 1) (default 0.2); 0 trains on "
+                            "all the data with no evaluation")
+    train.add_argument("--save-split", default=None, metavar="DIR",
+                       help="write the split as DIR/train.csv and DIR/test.csv (raw ids, the "
+                            "columns named as read), for `evaluate --train` and `recommend "
+                            "--train`; existing files are kept unless --force")
+    train.add_argument("--force", action="store_true",
+                       help="let --save-split overwrite train.csv/test.csv")
+    train.add_argument("--early-stopping", type=positive_int, default=None, metavar="PATIENCE")
+    train.add_argument("-k", type=positive_int, default=10,
+                       help="cut-off of the ranking metrics")
     train.add_argument("--backend", default="auto",
                        choices=["auto", "native", "numba", "reference"])
-    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", default=None, help="checkpoint folder to write")
+    train.add_argument("--device", type=device, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda if torch sees a GPU)")
+    train.add_argument("--seed", type=nonnegative_int, default=0)
+    train.add_argument("--out", default=None,
+                       help="checkpoint folder to write; checked before training: its parent "
+                            "must exist and be writable, and it must be new, empty or a "
+                            "fastmf checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _column_options(train)
     train.set_defaults(run=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="score a saved model on a data set")
     evaluate.add_argument("--model", required=True, help="checkpoint folder")
-    _data_options(evaluate)
-    evaluate.add_argument("-k", type=int, default=10)
-    evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--train", default=None,
-                          help="the training interactions, left out of the rankings")
+    evaluate.add_argument("--data", required=True, help="the test set: " + _DATA_HELP)
+    evaluate.add_argument("-k", type=positive_int, default=10)
+    evaluate.add_argument("--device", type=device, default=None,
+                          help="cpu, cuda or cuda:N (default: where it was saved from)")
+    evaluate.add_argument("--train", default=None, metavar="FILE",
+                          help="the training interactions, left out of the rankings (e.g. "
+                               "DIR/train.csv of `train --save-split DIR`)")
+    _column_options(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
-    rec = sub.add_parser("recommend", help="top-k items for a user (raw id)")
+    rec = sub.add_parser(
+        "recommend", help="top-k items for a user (raw id)",
+        description="Top-k items for a user. A user the model never saw gets the most "
+                    "popular training items, marked as a fallback.")
     rec.add_argument("--model", required=True, help="checkpoint folder")
     rec.add_argument("--user", required=True, help="the user's raw id, as in the data")
-    rec.add_argument("-k", type=int, default=10)
+    rec.add_argument("-k", type=positive_int, default=10)
+    rec.add_argument("--train", default=None, metavar="FILE",
+                     help="interactions whose items are left out, the user's seen items: "
+                          "the training data (a MovieLens folder, DIR/train.csv of `train "
+                          "--save-split DIR`, ...). Without it nothing is left out")
+    _column_options(rec)
     rec.set_defaults(run=cmd_recommend)
     return parser
+
+
+_HEADER = {"auto": None, "yes": True, "no": False}
 
 
 def main(argv=None) -> int:
     from fastmf.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if hasattr(args, "header"):
+        args.header = _HEADER[args.header]
     try:
         args.run(args)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, IndexError, ImportError,
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ImportError,
             CheckpointError, CliError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fastmf {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if os.environ.get("FASTMF_TRACEBACK"):
+            raise
+        print(f"fastmf {args.command}: unexpected error: {type(exc).__name__}: {exc} "
+              "(FASTMF_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
     return 0
 
 

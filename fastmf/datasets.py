@@ -1,20 +1,32 @@
 """Datasets: MovieLens readers and a seeded synthetic generator with planted structure.
 
-No data is bundled or downloaded: :func:`load_movielens` reads a folder you downloaded
-from https://grouplens.org/datasets/movielens/ and :func:`synthetic` generates data of any
-size (thousands to 100M interactions) in memory.
+No data is bundled: :func:`load_movielens` reads a MovieLens folder (downloaded from
+https://grouplens.org/datasets/movielens/, or by :func:`fetch_movielens` into a cache),
+and :func:`synthetic` generates data of any size (thousands to 100M interactions) in
+memory.
 
->>> data = load_movielens("data/ml-latest-small")  # doctest: +SKIP
+>>> folder = fetch_movielens("ml-latest-small")  # doctest: +SKIP
+>>> data = load_movielens("ml-latest-small")  # a folder here, else the cache  # doctest: +SKIP
 >>> data, truth = synthetic(10_000, 2_000, 500_000, dim=16, seed=0, return_truth=True)
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import io
 import math
 import os
+import re
+import shutil
+import stat
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -30,7 +42,7 @@ from fastmf.data.sampling import (
     stream_state,
 )
 
-__all__ = ["load_movielens", "synthetic", "SyntheticTruth"]
+__all__ = ["fetch_movielens", "load_movielens", "synthetic", "SyntheticTruth"]
 
 # ============================================================================ MovieLens
 
@@ -47,18 +59,60 @@ _ML100K_GENRES = (
 )
 
 
-def _find_movielens(path: Path) -> tuple[Path, str]:
-    """(folder, format) for a MovieLens folder, a file inside one, or a folder holding
-    exactly one MovieLens folder (e.g. the directory a zip was extracted into)."""
+MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
+# SHA-256 of the zips at MOVIELENS_URL (ml-latest-small: the release of 2018-09-26).
+MOVIELENS_SHA256 = {
+    "ml-latest-small": "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436",
+    "ml-100k": "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
+}
+
+
+def default_cache_dir() -> Path:
+    """Where :func:`fetch_movielens` puts data by default: ``~/.cache/fastmf``."""
+    return Path.home() / ".cache" / "fastmf"
+
+
+def _missing_folder(path: Path, looked: list[Path]) -> FileNotFoundError:
+    name = path.name or str(path)
+    places = " and ".join(str(p) for p in looked)
+    known = ", ".join(MOVIELENS_SHA256)
+    return FileNotFoundError(
+        f"fastmf.load_movielens: no such folder: {path} (looked in {places}); download it "
+        f"with fastmf.datasets.fetch_movielens({name!r}) (known: {known}; others with url= "
+        "and sha256=), or from https://grouplens.org/datasets/movielens/ and pass the "
+        "unzipped folder"
+    )
+
+
+def _find_movielens(path: Path) -> tuple[Path, str, Path]:
+    """(folder, format, ratings file) for a MovieLens folder, a folder holding exactly one
+    MovieLens folder (e.g. the directory a zip was extracted into), or a ratings file, which
+    is read as named even when the folder holds another one. A bare name that is no folder
+    here is looked for in :func:`default_cache_dir`."""
     if path.is_file():
-        path = path.parent
+        for name, fmt in _MOVIELENS_FORMATS:
+            if path.name == name:
+                return path.parent, fmt, path
+        formats = ", ".join(name for name, _ in _MOVIELENS_FORMATS)
+        raise ValueError(
+            f"fastmf.load_movielens: {path} is not a MovieLens ratings file ({formats}); "
+            "read other files with Interactions.from_csv"
+        )
+    if not path.exists():
+        looked = [path.absolute()]
+        if len(path.parts) == 1 and path.name not in (".", ".."):
+            cached = default_cache_dir() / path.name
+            looked.append(cached)
+            if cached.is_dir():
+                return _find_movielens(cached)
+        raise _missing_folder(path, looked)
     if not path.is_dir():
         raise FileNotFoundError(f"fastmf.load_movielens: no such folder: {path}")
     for name, fmt in _MOVIELENS_FORMATS:
         if (path / name).is_file():
-            return path, fmt
+            return path, fmt, path / name
     found = [
-        (sub, fmt)
+        (sub, fmt, sub / name)
         for sub in sorted(p for p in path.iterdir() if p.is_dir())
         for name, fmt in _MOVIELENS_FORMATS
         if (sub / name).is_file()
@@ -137,34 +191,158 @@ def load_movielens(path: str | os.PathLike) -> Interactions:
     - ``ratings.dat`` with ``::`` (+ ``movies.dat``, latin-1 or UTF-8): ml-1m, ml-10m
     - ``u.data``, tab-separated (+ ``u.item``, latin-1): ml-100k
 
-    ``path`` may also be a file inside the folder, or a folder holding exactly one
-    MovieLens folder. Users and items are indexed in sorted raw-id order; ratings are
-    float32 stars, timestamps int64 Unix seconds; ``item_titles`` and ``item_metadata``
-    (title, genres) come from the movies file when present.
+    ``path`` may also be a ratings file (``ratings.csv``, ``ratings.dat``, ``u.data``),
+    read as named (the movies file beside it gives the titles), or a folder holding exactly
+    one MovieLens folder. A bare name such as ``"ml-latest-small"`` that is not a folder
+    here is looked for in the :func:`fetch_movielens` cache (``~/.cache/fastmf``). Users and
+    items are indexed in sorted raw-id order; ratings are float32 stars, timestamps int64
+    Unix seconds; ``item_titles`` and ``item_metadata`` (title, genres) come from the
+    movies file when present.
 
-    Raises FileNotFoundError for a missing folder, ValueError when no ratings file is found.
+    Raises FileNotFoundError for a missing folder (saying where it looked and how to
+    download it), ValueError when no ratings file is found.
 
     >>> data = load_movielens("ml-latest-small")  # doctest: +SKIP
     >>> len(data), data.num_users, data.item_titles[0]  # doctest: +SKIP
     (100836, 610, 'Toy Story (1995)')
     """
-    folder, fmt = _find_movielens(Path(path))
+    folder, fmt, ratings_file = _find_movielens(Path(path))
     names = ["userId", "movieId", "rating", "timestamp"]
     if fmt == "csv":
         df = pd.read_csv(
-            folder / "ratings.csv",
+            ratings_file,
             dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float32,
                    "timestamp": np.int64},
         )
     elif fmt == "dat":
-        df = _read_double_colon(folder / "ratings.dat", names)
+        df = _read_double_colon(ratings_file, names)
     else:
-        df = pd.read_csv(folder / "u.data", sep="\t", header=None, names=names)
+        df = pd.read_csv(ratings_file, sep="\t", header=None, names=names)
     data = Interactions.from_pandas(df, "userId", "movieId", "rating", "timestamp")
     items = _movielens_items(folder, fmt)
     if items is not None:
         data = data.with_item_metadata(items, item_col="movieId", title_col="title")
     return data
+
+
+_RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def fetch_movielens(
+    name: str = "ml-latest-small",
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    url: str | None = None,
+    sha256: str | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Download a MovieLens release once and return its folder (``cache_dir/name``).
+
+    - ``name``: the release, the zip's name without ``.zip``; ``ml-latest-small`` and
+      ``ml-100k`` have known checksums (``MOVIELENS_SHA256``), any other needs ``url`` and
+      ``sha256``.
+    - ``cache_dir``: default ``~/.cache/fastmf``. When ``cache_dir/name`` already is a
+      MovieLens folder nothing is downloaded.
+    - ``url``: default ``https://files.grouplens.org/datasets/movielens/<name>.zip``;
+      http(s) only. ``timeout``: seconds per network operation.
+
+    The zip is downloaded next to the cache (proxies from the environment apply), its
+    SHA-256 checked before anything is extracted, its members checked (no absolute paths,
+    ``..`` or links), extracted into a temporary folder and moved into place with one
+    rename, so an interrupted call leaves no half-extracted release.
+    :func:`load_movielens` finds the result by ``name`` alone.
+
+    Raises ConnectionError when the server cannot be reached (offline), ValueError for a
+    checksum mismatch or an unsafe or unexpected zip.
+
+    >>> folder = fetch_movielens("ml-latest-small")  # doctest: +SKIP
+    >>> data = load_movielens(folder)  # doctest: +SKIP
+    """
+    where = "fastmf.fetch_movielens"
+    if not isinstance(name, str) or not _RELEASE_NAME.fullmatch(name):
+        raise ValueError(f"{where}: name must be a release name like 'ml-latest-small', "
+                         f"got {name!r}")
+    known = MOVIELENS_SHA256.get(name)
+    if known is None and (url is None or sha256 is None):
+        raise ValueError(
+            f"{where}: no known checksum for {name!r} (known: {', '.join(MOVIELENS_SHA256)}); "
+            "pass url= and sha256= for another release"
+        )
+    url = MOVIELENS_URL.format(name=name) if url is None else str(url)
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"{where}: url must be http:// or https://, got {url!r}")
+    expected = (sha256 or known).lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise ValueError(f"{where}: sha256 must be 64 hex digits, got {sha256!r}")
+    if not float(timeout) > 0:
+        raise ValueError(f"{where}: timeout must be > 0, got {timeout}")
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / name
+    if target.is_dir():
+        return _find_movielens(target)[0]  # ValueError if it is something else: kept
+    if target.exists():
+        raise FileExistsError(f"{where}: {target} exists and is not a folder")
+    cache.mkdir(parents=True, exist_ok=True)
+
+    fd, zip_name = tempfile.mkstemp(dir=cache, prefix=f".{name}.", suffix=".zip.part")
+    tmp_dir = None
+    try:
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(
+                url, timeout=timeout
+            ) as response:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except urllib.error.HTTPError as exc:
+            raise ConnectionError(f"{where}: {url} answered HTTP {exc.code} {exc.reason}") \
+                from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError,
+                http.client.HTTPException) as exc:
+            # Network failures only: a full disk is not "offline".
+            reason = getattr(exc, "reason", exc)
+            raise ConnectionError(
+                f"{where}: cannot download {url} ({reason}); offline? Download the zip "
+                f"elsewhere, unzip it and pass the folder to load_movielens"
+            ) from None
+        got = digest.hexdigest()
+        if got != expected:
+            raise ValueError(
+                f"{where}: {url} has SHA-256 {got}, expected {expected}; the download was "
+                "discarded (a changed release or a bad transfer)"
+            )
+        tmp_dir = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}.tmp-"))
+        _safe_extract(zip_name, tmp_dir, where)
+        folder = _find_movielens(tmp_dir)[0]
+        try:
+            os.replace(folder, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent fetch of the same release
+                raise
+        return _find_movielens(target)[0]
+    finally:
+        os.unlink(zip_name)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _safe_extract(zip_path: str, dest: Path, where: str) -> None:
+    """Extract every member under ``dest``, refusing absolute paths, ``..`` and links (a
+    zip may name any path; extracting it blindly writes outside ``dest``)."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{where}: the download is not a zip file ({exc})") from None
+    with archive:
+        for info in archive.infolist():
+            member = info.filename.replace("\\", "/")
+            parts = PurePosixPath(member).parts
+            if (member.startswith("/") or re.match(r"[A-Za-z]:", member) or ".." in parts):
+                raise ValueError(f"{where}: the zip holds an unsafe path {info.filename!r}")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ValueError(f"{where}: the zip holds a link {info.filename!r}")
+        archive.extractall(dest)
 
 
 # ============================================================================ synthetic

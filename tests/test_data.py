@@ -575,3 +575,149 @@ def test_sampler_inputs():
 def test_popularity_of_sparse_matrix():
     matrix = sp.csr_matrix(np.array([[1, 0, 2], [0, 0, 5], [0, 0, 0]]))
     assert popularity(matrix).tolist() == [1, 0, 2]
+
+
+# ============================================================================ text files
+
+
+def random_rows(rng, n=40):
+    return (rng.integers(1, 60, n), rng.integers(1, 90, n), rng.integers(1, 6, n),
+            rng.integers(874_000_000, 893_000_000, n))
+
+
+@pytest.mark.parametrize("pyarrow_engine", [True, False])
+def test_from_csv_headerless_movielens_100k_layout(tmp_path, monkeypatch, pyarrow_engine):
+    if not pyarrow_engine:
+        monkeypatch.setattr(interactions_module, "_has_pyarrow", lambda: False)
+    rng = np.random.default_rng(11)
+    users, items, stars, times = random_rows(rng)
+    path = tmp_path / "u.data"
+    path.write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in zip(
+        users, items, stars, times, strict=True)))
+    layout = interactions_module.csv_layout(path)
+    assert (layout.sep, layout.header) == ("\t", False)
+    assert layout.columns == ["user", "item", "rating", "timestamp"]
+    assert "by the .data extension" in layout.reason and "by position" in layout.reason
+    data = Interactions.from_csv(path)
+    np.testing.assert_array_equal(data.raw_user_ids(data.users), users)
+    np.testing.assert_array_equal(data.raw_item_ids(data.items), items)
+    np.testing.assert_array_equal(data.ratings, stars.astype(np.float32))
+    np.testing.assert_array_equal(data.timestamps, times)
+    # None still leaves a column out; three columns are user, item, rating.
+    assert Interactions.from_csv(path, rating_col=None).ratings is None
+    three = tmp_path / "three.tsv"
+    three.write_text("".join(f"{u}\t{i}\t{r}\n" for u, i, r in zip(
+        users, items, stars, strict=True)))
+    data = Interactions.from_csv(three)
+    assert data.timestamps is None
+    np.testing.assert_array_equal(data.ratings, stars.astype(np.float32))
+
+
+def test_from_csv_separator_and_header_rules(tmp_path):
+    rng = np.random.default_rng(12)
+    users, items, stars, _ = random_rows(rng, 10)
+    body = ["userId", "movieId", "rating"], list(zip(users, items, stars, strict=True))
+    for name, sep, how in (("r.tsv", "\t", "by the .tsv extension"),
+                           ("r.txt", ";", "detected from the first lines"),
+                           ("r.log", "|", "detected from the first lines")):
+        path = tmp_path / name
+        path.write_text(sep.join(body[0]) + "\n" + "".join(
+            sep.join(map(str, row)) + "\n" for row in body[1]))
+        layout = interactions_module.csv_layout(path)
+        assert (layout.sep, layout.header) == (sep, True) and how in layout.reason
+        data = Interactions.from_csv(path)
+        np.testing.assert_array_equal(data.ratings, stars.astype(np.float32))
+    # A comma file named .tsv needs sep: the error says so instead of reading one column.
+    wrong = tmp_path / "comma.tsv"
+    wrong.write_text("userId,movieId\n1,2\n")
+    with pytest.raises(ValueError, match="wrong separator: pass sep"):
+        Interactions.from_csv(wrong)
+    assert len(Interactions.from_csv(wrong, sep=",")) == 1
+    # header=False overrides detection: string ids with no header row.
+    plain = tmp_path / "plain.csv"
+    plain.write_text("ann,x,4\nbob,y,2\n")
+    assert Interactions.from_csv(plain, header=False).ratings.tolist() == [4.0, 2.0]
+    with pytest.raises(ValueError, match="available columns"):
+        Interactions.from_csv(plain)
+    wide = tmp_path / "wide.csv"
+    wide.write_text("1,2,3,4,5\n")
+    with pytest.raises(ValueError, match="no header row and 5 columns"):
+        Interactions.from_csv(wide)
+    (tmp_path / "empty.csv").write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        Interactions.from_csv(tmp_path / "empty.csv")
+    (tmp_path / "one.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match="cannot tell the separator"):
+        Interactions.from_csv(tmp_path / "one.txt")
+
+
+def test_column_names_match_exactly_and_typos_are_reported(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("userId,movieId,Rating,timestamp\n1,2,4.5,10\n3,2,1.0,11\n")
+    with pytest.raises(ValueError, match=r"'rating' \(rating_col\) not found, but 'Rating' is: "
+                                         r"names are matched exactly.*--rating-col"):
+        Interactions.from_csv(path)
+    assert Interactions.from_csv(path, rating_col="Rating").ratings.tolist() == [4.5, 1.0]
+    assert Interactions.from_csv(path, rating_col=None).ratings is None
+    df = pd.DataFrame({"UserId": [1], "movieId": [2]})
+    with pytest.raises(ValueError, match=r"but 'UserId' is.*available columns: \['UserId'"):
+        Interactions.from_pandas(df)
+    df = pd.DataFrame({"a": [1], "b": [2]})
+    with pytest.raises(ValueError, match=r"expected user_col='userId', item_col='movieId'.*"
+                                         r"matched exactly"):
+        Interactions.from_pandas(df)
+
+
+@pytest.mark.parametrize("pyarrow_engine", [True, False])
+def test_from_csv_reports_text_that_is_not_utf8(tmp_path, monkeypatch, pyarrow_engine):
+    if not pyarrow_engine:
+        monkeypatch.setattr(interactions_module, "_has_pyarrow", lambda: False)
+    path = tmp_path / "r.csv"
+    path.write_bytes(b"userId,movieId,rating\nann,1,4.0\nb\xe9a,2,3.0\nbob,2,1.0\n")
+    with pytest.raises(ValueError, match=r"not valid utf-8 text at line 3, column 'userId': "
+                                         r"b'b\\xe9a'.*encoding"):
+        Interactions.from_csv(path)
+    data = Interactions.from_csv(path, encoding="latin-1")
+    assert sorted(data.user_map.raw_ids.tolist()) == ["ann", "bob", "béa"]
+
+
+def test_bytes_ids_are_decoded_or_refused():
+    data = Interactions.from_arrays(np.array([b"x", b"\xc3\xa9", b"x"]), [1, 2, 3])
+    assert data.user_map.raw_ids.tolist() == ["x", "é"] and data.users.tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match=r"item id at row 1 is not valid UTF-8 text: b'\\xff'"):
+        Interactions.from_arrays([1, 2], np.array([b"a", b"\xff"], dtype=object))
+
+
+def test_empty_id_lists_are_empty_not_float():
+    for kwargs in (dict(num_users=3, num_items=3), dict(user_map=IdMap(["a"]),
+                                                        item_map=IdMap(["b"])), {}):
+        with pytest.raises(ValueError, match="no interactions"):
+            Interactions.from_arrays([], [], **kwargs)
+    with pytest.raises(ValueError, match="no interactions"):
+        Interactions([], [], user_map=2, item_map=2)
+    m = IdMap(["a", "b"])
+    assert m.raw([]).tolist() == [] and m.lookup([]).tolist() == []
+    data = Interactions([0, 1], [1, 0])
+    with pytest.raises(ValueError, match="selection has no interactions"):
+        data.subset([])
+
+
+def test_uint64_indices_are_reported_with_their_value():
+    big = np.array([3, 2**64 - 1], dtype=np.uint64)
+    with pytest.raises(IndexError, match="user index 18446744073709551615 out of range"):
+        Interactions(big, [0, 1])
+    with pytest.raises(IndexError, match=r"item index 18446744073709551615 out of range \[0, 5\)"):
+        Interactions([0, 1], big, item_map=5)
+    with pytest.raises(IndexError, match=r"user index 18446744073709551615 out of range \[0, 9\)"):
+        Interactions.from_arrays(big, [0, 1], num_users=9)
+    ok = Interactions(np.array([3, 1], dtype=np.uint64), [0, 1])
+    assert ok.users.dtype == np.int64 and ok.num_users == 4
+
+
+def test_from_csv_read_csv_kwargs_cannot_override_the_layout(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("userId,movieId,rating\n1,2,4.0\n2,1,3.0\n")
+    with pytest.raises(ValueError, match=r"may not set \['header', 'names'\]"):
+        Interactions.from_csv(path, read_csv_kwargs={"header": None, "names": ["a", "b"]})
+    data = Interactions.from_csv(path, read_csv_kwargs={"dtype": {"userId": str}})
+    assert data.user_map.raw_ids.tolist() == ["1", "2"]

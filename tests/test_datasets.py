@@ -3,6 +3,13 @@ and the synthetic generator."""
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import io
+import socket
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import numba
@@ -10,7 +17,7 @@ import numpy as np
 import pytest
 
 from fastmf.data import leave_one_out, temporal_split
-from fastmf.datasets import SyntheticTruth, load_movielens, synthetic
+from fastmf.datasets import SyntheticTruth, fetch_movielens, load_movielens, synthetic
 
 ML_SMALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 requires_ml_small = pytest.mark.skipif(
@@ -208,3 +215,164 @@ def test_synthetic_errors():
         synthetic(10, 10, 1_000)
     with pytest.raises(ValueError, match=">= 1"):
         synthetic(0, 10, 10)
+
+
+# ============================================================================ exact files,
+# missing folders, downloads
+
+
+def test_load_movielens_reads_the_file_named(tmp_path):
+    # A folder holding both u.data and ratings.csv: the file named is the one read.
+    folder = write_100k(tmp_path / "ml")
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n9,9,1.0,1\n")
+    data = load_movielens(folder / "u.data")
+    assert len(data) == 3 and data.ratings.tolist() == [4.0, 3.0, 5.0]
+    assert data.item_titles == {0: "Amélie (2001)", 1: "Heat (1995)"}
+    assert len(load_movielens(folder / "ratings.csv")) == 1
+    (folder / "other.csv").write_text("userId,movieId\n1,2\n")
+    with pytest.raises(ValueError, match="not a MovieLens ratings file.*from_csv"):
+        load_movielens(folder / "other.csv")
+
+
+def test_load_movielens_missing_folder_says_where_it_looked(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as err:
+        load_movielens("ml-latest-small")
+    message = str(err.value)
+    assert str(tmp_path / "ml-latest-small") in message
+    assert str(home / ".cache" / "fastmf" / "ml-latest-small") in message
+    assert "fetch_movielens('ml-latest-small')" in message
+    # Once in the cache, the bare name finds it.
+    (home / ".cache" / "fastmf").mkdir(parents=True)
+    write_csv(home / ".cache" / "fastmf" / "ml-latest-small")
+    assert len(load_movielens("ml-latest-small")) == 3
+
+
+def ml_small_zip(rng, top="ml-latest-small", extra=()):
+    """A zip laid out like ml-latest-small.zip with a few random rows; (bytes, rows)."""
+    users = rng.integers(1, 30, 12)
+    items = rng.integers(1, 50, 12)
+    stars = rng.integers(1, 11, 12) / 2
+    rows = [(int(u), int(i), float(r), 964982700 + k) for k, (u, i, r) in
+            enumerate(zip(users, items, stars, strict=True))]
+    ratings = "userId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{i},{r},{t}\n" for u, i, r, t in rows)
+    movies = "movieId,title,genres\n" + "".join(
+        f"{i},Movie {i} (1999),Drama\n" for i in sorted(set(items.tolist())))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"{top}/ratings.csv", ratings)
+        z.writestr(f"{top}/movies.csv", movies)
+        for name, text in extra:
+            z.writestr(name, text)
+    return buf.getvalue(), rows
+
+
+@pytest.fixture
+def http_server(monkeypatch):
+    """An HTTP server on 127.0.0.1 serving ``files`` (path -> bytes); counts requests."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    files: dict[str, bytes] = {}
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the name http.server calls)
+            hits.append(self.path)
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield base, files, hits
+    server.shutdown()
+    server.server_close()
+
+
+def test_fetch_movielens_downloads_verifies_and_caches(tmp_path, http_server):
+    base, files, hits = http_server
+    body, rows = ml_small_zip(np.random.default_rng(7))
+    files["/ml-latest-small.zip"] = body
+    cache = tmp_path / "cache"
+    folder = fetch_movielens("ml-latest-small", cache, url=f"{base}/ml-latest-small.zip",
+                             sha256=hashlib.sha256(body).hexdigest())
+    assert folder == cache / "ml-latest-small"
+    assert sorted(p.name for p in cache.iterdir()) == ["ml-latest-small"]  # no temporaries
+    data = load_movielens(folder)
+    assert len(data) == len(rows)
+    assert sorted(data.ratings.tolist()) == sorted(r for _, _, r, _ in rows)
+    assert data.item_titles[0].startswith("Movie ")
+    # A second call finds the folder and downloads nothing.
+    assert fetch_movielens("ml-latest-small", cache, url=f"{base}/ml-latest-small.zip",
+                           sha256=hashlib.sha256(body).hexdigest()) == folder
+    assert hits == ["/ml-latest-small.zip"]
+
+
+def test_fetch_movielens_refuses_a_wrong_checksum(tmp_path, http_server):
+    base, files, _ = http_server
+    body, _ = ml_small_zip(np.random.default_rng(8))
+    files["/x.zip"] = body
+    wrong = hashlib.sha256(body + b"!").hexdigest()
+    with pytest.raises(ValueError, match=f"SHA-256 {hashlib.sha256(body).hexdigest()}, "
+                                         f"expected {wrong}"):
+        fetch_movielens("ml-latest-small", tmp_path, url=f"{base}/x.zip", sha256=wrong)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConnectionError, match="HTTP 404"):
+        fetch_movielens("ml-latest-small", tmp_path, url=f"{base}/missing.zip", sha256=wrong)
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "/abs/evil.txt", "ok/../../evil.txt"])
+def test_fetch_movielens_refuses_paths_outside_the_folder(tmp_path, http_server, member):
+    base, files, _ = http_server
+    body, _ = ml_small_zip(np.random.default_rng(9), extra=[(member, "x")])
+    files["/z.zip"] = body
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="unsafe path"):
+        fetch_movielens("ml-latest-small", cache, url=f"{base}/z.zip",
+                        sha256=hashlib.sha256(body).hexdigest())
+    assert list(cache.iterdir()) == [] and not (tmp_path / "evil.txt").exists()
+
+
+def test_fetch_movielens_offline_fails_fast(tmp_path, monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="cannot download.*offline"):
+        fetch_movielens("ml-100k", tmp_path, url=f"http://127.0.0.1:{port}/ml-100k.zip",
+                        timeout=30)
+    assert time.perf_counter() - start < 10
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_movielens_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="no known checksum for 'ml-25m'.*url= and sha256="):
+        fetch_movielens("ml-25m", tmp_path)
+    with pytest.raises(ValueError, match="release name"):
+        fetch_movielens("../x", tmp_path, url="http://127.0.0.1:1/x.zip", sha256="0" * 64)
+    with pytest.raises(ValueError, match="http"):
+        fetch_movielens("ml-100k", tmp_path, url="file:///etc/passwd")
+    with pytest.raises(ValueError, match="64 hex"):
+        fetch_movielens("ml-100k", tmp_path, sha256="abc")
+    # An existing folder that is not a release is reported, never replaced.
+    (tmp_path / "ml-100k").mkdir()
+    (tmp_path / "ml-100k" / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a MovieLens folder"):
+        fetch_movielens("ml-100k", tmp_path)
+    assert (tmp_path / "ml-100k" / "mine.txt").read_text() == "keep"

@@ -23,8 +23,10 @@ them and :meth:`Interactions.drop_duplicates` removes them.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-__all__ = ["IdMap", "Interactions"]
+__all__ = ["CsvLayout", "IdMap", "Interactions", "csv_layout"]
 
 _UNKNOWN_POLICIES = ("error", "drop")
 
@@ -44,6 +46,15 @@ def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, (pd.Series, pd.Index)):
         return x.to_numpy()
     return np.asarray(x)
+
+
+def _as_ids(x: Any) -> np.ndarray:
+    """:func:`_to_numpy` for ids and indices: an empty list (which numpy makes float64) is
+    an empty int64 array, so emptiness is reported as such rather than as a dtype."""
+    arr = _to_numpy(x)
+    if arr.size == 0 and arr.dtype.kind == "f":
+        return arr.astype(np.int64)
+    return arr
 
 
 def _first_rows(mask: np.ndarray) -> tuple[int, int]:
@@ -111,7 +122,7 @@ class IdMap:
 
     def lookup(self, raw_ids: Any) -> np.ndarray:
         """(M,) int64 indices of ``raw_ids``; ``-1`` where a raw id is unknown."""
-        values = _to_numpy(raw_ids)
+        values = _as_ids(raw_ids)
         if values.ndim != 1:
             values = values.reshape(-1)
         if isinstance(self._lookup, pd.RangeIndex) and values.dtype.kind in "iu":
@@ -126,7 +137,7 @@ class IdMap:
 
         Raises KeyError naming the raw ids that are not in the map."""
         scalar = np.ndim(raw_ids) == 0 and not isinstance(raw_ids, torch.Tensor)
-        values = np.asarray([raw_ids]) if scalar else _to_numpy(raw_ids).reshape(-1)
+        values = np.asarray([raw_ids]) if scalar else _as_ids(raw_ids).reshape(-1)
         idx = self.lookup(values)
         missing = idx < 0
         if missing.any():
@@ -141,7 +152,7 @@ class IdMap:
 
         Raises IndexError for an index outside ``[0, n)``."""
         scalar = np.ndim(indices) == 0 and not isinstance(indices, torch.Tensor)
-        idx = np.asarray([indices]) if scalar else _to_numpy(indices)
+        idx = np.asarray([indices]) if scalar else _as_ids(indices)
         if idx.dtype.kind not in "iu":
             raise TypeError(f"fastmf: {self.kind} indices must be integers, got {idx.dtype}")
         bad = (idx < 0) | (idx >= len(self))
@@ -164,7 +175,7 @@ def _encode(
     id_map: IdMap | None,
 ) -> tuple[np.ndarray, IdMap]:
     """Raw ids -> (codes with -1 for unknown, map). ``num``: values already are indices."""
-    arr = _to_numpy(values)
+    arr = _as_ids(values)
     if arr.ndim != 1:
         raise ValueError(f"fastmf.Interactions: {kind}s must be 1-D, got shape {arr.shape}")
     if num is not None and id_map is not None:
@@ -176,6 +187,7 @@ def _encode(
                 f"got {arr.dtype}"
             )
         id_map = IdMap.identity(int(num), kind)
+    arr = _decode_bytes_ids(arr, kind)
     if id_map is not None:
         return id_map.lookup(arr), id_map
     try:
@@ -190,6 +202,36 @@ def _encode(
             f"(first at row {first})"
         )
     return codes, IdMap(np.asarray(uniques), kind)
+
+
+def _decode_bytes_ids(arr: np.ndarray, kind: str) -> np.ndarray:
+    """Bytes ids (a CSV reader's answer to bytes that are not UTF-8, numpy ``S`` arrays) as
+    ``str``: decoded as UTF-8, or ValueError naming the first row that is not UTF-8. Left
+    as bytes, they would train and then fail to save."""
+    if arr.dtype.kind == "S":
+        arr = arr.astype(object)
+    if arr.dtype.kind != "O" or pd.api.types.infer_dtype(arr, skipna=True) not in (
+        "bytes", "mixed", "mixed-integer"
+    ):
+        return arr
+    codes, uniques = pd.factorize(arr, sort=False)  # decode each distinct id once
+    decoded = np.empty(len(uniques), dtype=object)
+    for j, value in enumerate(uniques):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                row = int(np.flatnonzero(codes == j)[0])
+                raise ValueError(
+                    f"fastmf.Interactions: {kind} id at row {row} is not valid UTF-8 text: "
+                    f"{value!r}; decode the ids (with their real encoding) first"
+                ) from None
+        decoded[j] = value
+    out = np.empty(len(arr), dtype=object)
+    valid = codes >= 0
+    out[valid] = decoded[codes[valid]]
+    out[~valid] = None
+    return out
 
 
 def _as_timestamps(values: Any) -> np.ndarray:
@@ -223,7 +265,9 @@ class Interactions:
     structures are cached.
 
     The constructor takes indices; build from raw ids with :meth:`from_arrays`,
-    :meth:`from_pandas`, :meth:`from_csv`, :meth:`from_parquet` or :meth:`from_scipy`.
+    :meth:`from_pandas`, :meth:`from_csv`, :meth:`from_parquet` or :meth:`from_scipy`
+    (MovieLens folders: :func:`fastmf.datasets.load_movielens`; generated data:
+    :func:`fastmf.datasets.synthetic`, which returns an ``Interactions`` itself).
     ``user_map``/``item_map`` may be an :class:`IdMap`, an int ``n`` (identity map of size
     ``n``) or ``None`` (identity map of size ``max index + 1``).
 
@@ -245,8 +289,8 @@ class Interactions:
         item_titles: Mapping[int, str] | None = None,
         item_metadata: pd.DataFrame | None = None,
     ) -> None:
-        users = _to_numpy(users)
-        items = _to_numpy(items)
+        users = _as_ids(users)
+        items = _as_ids(items)
         for name, arr in (("users", users), ("items", items)):
             if arr.ndim != 1:
                 raise ValueError(f"fastmf.Interactions: {name} must be 1-D, got {arr.shape}")
@@ -268,10 +312,12 @@ class Interactions:
         if n == 0:
             raise ValueError("fastmf.Interactions: no interactions")
 
+        # Ranges are checked on the caller's arrays: a uint64 index above 2**63 - 1 would
+        # turn negative in int64 and be reported as a value nobody passed.
+        self.user_map = self._resolve_map(user_map, users, "user")
+        self.item_map = self._resolve_map(item_map, items, "item")
         self.users = users.astype(np.int64, copy=False)
         self.items = items.astype(np.int64, copy=False)
-        self.user_map = self._resolve_map(user_map, self.users, "user")
-        self.item_map = self._resolve_map(item_map, self.items, "item")
 
         if ratings is not None:
             bad = ~np.isfinite(ratings)
@@ -301,6 +347,10 @@ class Interactions:
     def _resolve_map(id_map: IdMap | int | None, idx: np.ndarray, kind: str) -> IdMap:
         lo, hi = int(idx.min()), int(idx.max())
         if id_map is None:
+            if hi > np.iinfo(np.int64).max:
+                raise IndexError(
+                    f"fastmf.Interactions: {kind} index {hi} out of range [0, 2**63)"
+                )
             id_map = IdMap.identity(hi + 1, kind)
         elif isinstance(id_map, (int, np.integer)):
             id_map = IdMap.identity(int(id_map), kind)
@@ -399,8 +449,11 @@ class Interactions:
 
         ``user_col`` and ``item_col`` must exist. ``rating_col``/``time_col`` are used when
         present; with their default names they are optional, a name you pass must exist,
-        and ``None`` ignores the column. ``kwargs`` go to :meth:`from_arrays`
-        (``user_map``, ``item_map``, ``unknown``, ``num_users``, ``num_items``).
+        and ``None`` ignores the column. Names are matched exactly (case and spaces
+        included); a column that differs from a requested name only in case or spaces
+        (``Rating`` for ``rating``) raises ValueError instead of being silently skipped.
+        ``kwargs`` go to :meth:`from_arrays` (``user_map``, ``item_map``, ``unknown``,
+        ``num_users``, ``num_items``).
 
         >>> df = pd.DataFrame({"userId": [1, 2], "movieId": [5, 5], "rating": [4.0, 2.5]})
         >>> Interactions.from_pandas(df).ratings.tolist()
@@ -426,29 +479,85 @@ class Interactions:
         rating_col: str | None = "rating",
         time_col: str | None = "timestamp",
         *,
-        sep: str = ",",
+        sep: str | None = None,
+        header: bool | None = None,
+        encoding: str = "utf-8",
         read_csv_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> Interactions:
-        """Build from a delimited text file with a header row (column rules as in
-        :meth:`from_pandas`). Reads only the needed columns, with pandas' pyarrow engine
-        when pyarrow is installed. ``read_csv_kwargs`` go to :func:`pandas.read_csv`.
+        """Build from a delimited text file (CSV, TSV, MovieLens ``u.data``, ...).
+
+        - ``sep``: the separator; ``None`` decides by the extension (``.csv``: comma,
+          ``.tsv``/``.data``: tab) or else from the first lines (comma, tab, ``;`` or
+          ``|``, whichever splits every line into the same number of fields, at least 2).
+        - ``header``: whether the first row names the columns; ``None`` detects it: a first
+          row made only of numbers is data. With a header, columns are matched by their
+          exact names (case and spaces included) as in :meth:`from_pandas`. Without one,
+          columns are taken by position: user, item, then rating and timestamp when there
+          are 3 or 4 columns (more is refused: nothing says which is which); the ``*_col``
+          names are then not looked for, and ``rating_col=None``/``time_col=None`` still
+          leave those columns out.
+        - Text must be in ``encoding``; bytes that are not raise ValueError naming the line
+          and column rather than becoming ``bytes`` ids.
+
+        Reads only the needed columns, with pandas' pyarrow engine when pyarrow is
+        installed. ``read_csv_kwargs`` go to :func:`pandas.read_csv`. :func:`csv_layout`
+        tells how a file will be read.
 
         >>> data = Interactions.from_csv("ml-latest-small/ratings.csv")  # doctest: +SKIP
+        >>> data = Interactions.from_csv("ml-100k/u.data")  # tab, no header  # doctest: +SKIP
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"fastmf.Interactions.from_csv: no such file: {path}")
         extra = dict(read_csv_kwargs or {})
-        header = pd.read_csv(path, sep=sep, nrows=0, **extra)
-        cols = _resolve_columns(
-            list(header.columns), user_col, item_col, rating_col, time_col, "from_csv"
-        )
-        usecols = [c for c in cols if c is not None]
+        taken = sorted(set(extra) & {"sep", "delimiter", "header", "names", "usecols",
+                                     "encoding"})
+        if taken:
+            raise ValueError(
+                f"fastmf.Interactions.from_csv: read_csv_kwargs may not set {taken}: pass "
+                "sep, header and encoding to from_csv itself; columns are chosen by the *_col "
+                "names (or by position without a header)"
+            )
+        layout = csv_layout(path, sep, header, encoding=encoding)
         engine = extra.pop("engine", None)
-        if engine is None and len(sep) == 1 and not extra and _has_pyarrow():
+        if (engine is None and len(layout.sep) == 1 and not extra
+                and encoding.lower().replace("_", "-") in ("utf-8", "utf8") and _has_pyarrow()):
             engine = "pyarrow"
-        df = pd.read_csv(path, sep=sep, usecols=usecols, engine=engine, **extra)
+        if layout.header:
+            cols = _resolve_columns(
+                layout.columns, user_col, item_col, rating_col, time_col, "from_csv"
+            )
+            read = dict(header=0, usecols=[c for c in cols if c is not None])
+        else:
+            n = len(layout.columns)
+            if n > 4:
+                raise ValueError(
+                    f"fastmf.Interactions.from_csv: {path} has no header row and {n} columns: "
+                    "which is the user, item, rating and timestamp cannot be told by "
+                    "position beyond 4 columns; add a header row and name the columns"
+                )
+            names = [user_col, item_col, rating_col or "rating", time_col or "timestamp"][:n]
+            if len(set(names)) != n:
+                names = ["user", "item", "rating", "timestamp"][:n]
+            cols = (names[0], names[1], rating_col and (names[2] if n > 2 else None),
+                    time_col and (names[3] if n > 3 else None))
+            # All columns are read (at most 4): pyarrow's reader mishandles usecols
+            # together with names.
+            read = dict(header=None, names=names)
+        try:
+            df = pd.read_csv(path, sep=layout.sep, engine=engine, encoding=encoding,
+                             **read, **extra)
+        except UnicodeDecodeError:
+            raise ValueError(_bad_text_message(path, layout, encoding)) from None
+        for col in df.columns:
+            if df[col].dtype == object and pd.api.types.infer_dtype(
+                df[col].to_numpy()[:1000], skipna=True
+            ) in ("bytes", "mixed"):
+                # pyarrow's reader hands bytes that are not UTF-8 back as ``bytes``.
+                values = df[col].to_numpy()
+                if any(isinstance(v, bytes) for v in values):
+                    raise ValueError(_bad_text_message(path, layout, encoding))
         return cls.from_pandas(df, *cols, **kwargs)
 
     @classmethod
@@ -597,7 +706,7 @@ class Interactions:
 
         >>> train = data.subset(data.ratings >= 4)  # doctest: +SKIP
         """
-        sel = _to_numpy(rows)
+        sel = _as_ids(rows)
         if sel.dtype == bool:
             if sel.shape != (len(self),):
                 raise ValueError(
@@ -724,6 +833,10 @@ class Interactions:
         return pd.DataFrame(cols)
 
 
+def _same_name(a: str, b: str) -> bool:
+    return str(a).strip().casefold() == str(b).strip().casefold()
+
+
 def _resolve_columns(
     available: list[str],
     user_col: str,
@@ -732,29 +845,180 @@ def _resolve_columns(
     time_col: str | None,
     where: str,
 ) -> tuple[str, str, str | None, str | None]:
-    """Check the requested columns exist; optional columns with default names may be absent."""
-    defaults = {"rating": "rating", "timestamp": "timestamp"}
+    """Check the requested columns exist (exact names); optional columns with their default
+    names may be absent, unless a column differing only in case or spaces suggests a typo:
+    silently training without the ratings of a ``Rating`` column would be worse."""
+    available = [str(c) for c in available]
+    expected = (
+        f"expected user_col={user_col!r}, item_col={item_col!r}"
+        + (f", rating_col={rating_col!r}" if rating_col is not None else "")
+        + (f", time_col={time_col!r}" if time_col is not None else "")
+        + " (names are matched exactly, case and spaces included)"
+    )
+    hint = ""
+    if len(available) == 1 and any(c in available[0] for c in ",\t;|"):
+        hint = "; the single column suggests the wrong separator: pass sep (CLI: --sep)"
+    elif available and all(_is_number(c) for c in available):
+        hint = ("; the columns look numeric: if the file has no header row, pass "
+                "header=False (CLI: --header no)")
+    defaults = {"rating_col": "rating", "time_col": "timestamp"}
     resolved = []
-    for role, col, optional_default in (
-        ("user_col", user_col, None),
-        ("item_col", item_col, None),
-        ("rating_col", rating_col, defaults["rating"]),
-        ("time_col", time_col, defaults["timestamp"]),
+    for role, col in (
+        ("user_col", user_col), ("item_col", item_col), ("rating_col", rating_col),
+        ("time_col", time_col),
     ):
+        optional_default = defaults.get(role)
         if col is None:
             if optional_default is None:
                 raise ValueError(f"fastmf.Interactions.{where}: {role} is required")
             resolved.append(None)
-        elif col in available:
+            continue
+        if col in available:
             resolved.append(col)
-        elif optional_default is not None and col == optional_default:
+            continue
+        near = [c for c in available if _same_name(c, col)]
+        if optional_default is not None and col == optional_default and not near:
             resolved.append(None)
-        else:
+            continue
+        if near:
+            ignore = f", or {role}=None to ignore it" if optional_default is not None else ""
+            flag = "--" + role.replace("_", "-")
             raise ValueError(
-                f"fastmf.Interactions.{where}: column {col!r} ({role}) not found; "
-                f"available columns: {available}"
+                f"fastmf.Interactions.{where}: column {col!r} ({role}) not found, but "
+                f"{near[0]!r} is: names are matched exactly; pass {role}={near[0]!r} "
+                f"(CLI: {flag} {near[0]!r}){ignore}; available columns: {available}"
             )
+        raise ValueError(
+            f"fastmf.Interactions.{where}: column {col!r} ({role}) not found; "
+            f"available columns: {available}; {expected}{hint}"
+        )
     return tuple(resolved)  # type: ignore[return-value]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- delimited text
+
+_SEP_BY_EXTENSION = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".data": "\t"}
+_SNIFFED_SEPS = (",", "\t", ";", "|")
+_SEP_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe", " ": "space"}
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """How :meth:`Interactions.from_csv` reads a file (see :func:`csv_layout`).
+
+    - ``sep``: the separator; ``header``: whether the first row names the columns;
+    - ``columns``: the header's names, or with no header the positional names
+      ``user, item, rating, timestamp`` (as many as there are columns);
+    - ``reason``: one line saying how ``sep`` and ``header`` were decided.
+    """
+
+    sep: str
+    header: bool
+    columns: list[str]
+    reason: str
+
+
+def _fields(line: str, sep: str) -> list[str]:
+    return next(csv.reader([line], delimiter=sep), [])
+
+
+def csv_layout(
+    path: str | os.PathLike,
+    sep: str | None = None,
+    header: bool | None = None,
+    *,
+    encoding: str = "utf-8",
+) -> CsvLayout:
+    """Separator, header and columns of a delimited text file, read from its first 64 KiB.
+
+    ``sep=None``: by extension (``.csv`` comma; ``.tsv``, ``.tab``, ``.data`` tab), else
+    the first of comma, tab, ``;``, ``|`` that splits the first lines (up to 20) into the
+    same number (>= 2) of fields. ``header=None``: a first row whose fields are all numbers
+    (or empty) is data, anything else is a header.
+
+    >>> csv_layout("ml-100k/u.data")  # doctest: +SKIP
+    CsvLayout(sep='\\t', header=False, columns=['user', 'item', 'rating', 'timestamp'], ...)
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        sample = f.read(1 << 16)
+        truncated = bool(f.read(1))
+    text = sample.decode(encoding, errors="replace").lstrip("\ufeff")
+    lines = text.splitlines()
+    if truncated and len(lines) > 1:
+        lines = lines[:-1]  # cut mid-line
+    lines = [line for line in lines if line.strip()][:20]
+    if not lines:
+        raise ValueError(f"fastmf.Interactions.from_csv: {path} is empty")
+    ext = os.path.splitext(path)[1].lower()
+    if sep is not None:
+        if not isinstance(sep, str) or not sep:
+            raise ValueError(f"fastmf.Interactions.from_csv: sep must be a non-empty string, "
+                             f"got {sep!r}")
+        how = f"{_SEP_NAMES.get(sep, repr(sep))}-separated (given)"
+    elif ext in _SEP_BY_EXTENSION:
+        sep = _SEP_BY_EXTENSION[ext]
+        how = f"{_SEP_NAMES[sep]}-separated (by the {ext} extension)"
+    else:
+        for candidate in _SNIFFED_SEPS:
+            counts = {len(_fields(line, candidate)) for line in lines}
+            if len(counts) == 1 and counts.pop() >= 2:
+                sep = candidate
+                break
+        if sep is None:
+            raise ValueError(
+                f"fastmf.Interactions.from_csv: cannot tell the separator of {path}: none of "
+                "comma, tab, ';', '|' splits its first lines into the same number of fields; "
+                "pass sep"
+            )
+        how = f"{_SEP_NAMES[sep]}-separated (detected from the first lines)"
+    first = _fields(lines[0], sep) if len(sep) == 1 else lines[0].split(sep)
+    if header is None:
+        header = any(field.strip() and not _is_number(field) for field in first)
+        how += ", " + ("header row" if header else "no header row") + " (detected)"
+    else:
+        header = bool(header)
+        how += ", " + ("header row" if header else "no header row") + " (given)"
+    if header:
+        columns = list(first)
+    else:
+        columns = ["user", "item", "rating", "timestamp", *(
+            f"column {k + 1}" for k in range(4, len(first)))][: len(first)]
+        how += ": columns taken by position as " + ", ".join(columns)
+    return CsvLayout(sep=sep, header=header, columns=columns, reason=how)
+
+
+def _bad_text_message(path: str, layout: CsvLayout, encoding: str) -> str:
+    """Where a file first fails to decode: line number, column, the bytes."""
+    where = ""
+    sep = layout.sep.encode(encoding, errors="replace")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError:
+                for k, field in enumerate(raw.rstrip(b"\r\n").split(sep)):
+                    try:
+                        field.decode(encoding)
+                    except UnicodeDecodeError:
+                        name = layout.columns[k] if k < len(layout.columns) else f"#{k + 1}"
+                        where = f" at line {lineno}, column {name!r}: {field!r}"
+                        break
+                else:
+                    where = f" at line {lineno}: {raw[:80]!r}"
+                break
+    return (
+        f"fastmf.Interactions.from_csv: {path} is not valid {encoding} text{where}; save it "
+        f"as {encoding}, or pass its real encoding (encoding='latin-1', CLI --encoding)"
+    )
 
 
 def _has_pyarrow() -> bool:
