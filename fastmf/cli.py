@@ -213,13 +213,37 @@ def _probe_writable(folder: Path, what: str) -> None:
     os.rmdir(probe)
 
 
+def _is_checkpoint(folder: Path) -> bool:
+    if (folder / "CURRENT").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == "fastmf-checkpoint"
+
+
 def _check_out(path) -> Path:
-    """The ``--out`` folder can be written, checked before any training: new, empty or a
-    fastmf checkpoint in a writable folder (fastmf.checkpoint.check_save_target's rule)."""
+    """The ``--out`` folder can be written: its parent exists and is writable, and it is
+    new, empty or a fastmf checkpoint (saving replaces the folder as a whole, so any other
+    folder's files would be lost)."""
+    out = Path(path)
+    parent = out.absolute().parent
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise CliError(f"--out {path} is an existing file, not a checkpoint folder; "
+                           "choose another path")
+        if any(out.iterdir()) and not _is_checkpoint(out):
+            raise CliError(
+                f"--out {path} is a folder with other files in it, not a fastmf checkpoint; "
+                "saving replaces the whole folder, so choose a new or empty folder")
+    if not parent.is_dir():
+        raise CliError(f"--out {path}: the folder {parent} does not exist")
+    _probe_writable(parent, f"--out {path}")
     from fastmf.checkpoint import CheckpointError, check_save_target
 
-    try:
-        return check_save_target(path)
+    try:  # the rule saving itself applies, so the two cannot disagree
+        return check_save_target(out)
     except CheckpointError as exc:
         raise CliError(f"--out: {exc}") from None
 
