@@ -30,10 +30,12 @@ and ``w`` the row before the step, both in the accumulation type, ``t`` = ``step
     SGD:              w -= lr * g
     ADAGRAD:          G += g²;  w -= lr * g / (√G + eps)
     ROWWISE_ADAGRAD:  G += mean_k(g²);  w -= lr * g / (√G + eps)
-    ADAM:             m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²
-                      w -= (lr · √(1-b2^t) / (1-b1^t)) · m / (√v + eps)     (torch.optim.SparseAdam)
-    ROWWISE_ADAM:     m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·mean_k(g²)
-                      w -= (lr / (1-b1^t)) · m / (√(v / (1-b2^t)) + eps)   (FBGEMM PARTIAL_ROWWISE_ADAM)
+    ADAM (torch.optim.SparseAdam):
+                      m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²
+                      w -= (lr · √(1-b2^t) / (1-b1^t)) · m / (√v + eps)
+    ROWWISE_ADAM (FBGEMM PARTIAL_ROWWISE_ADAM):
+                      m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·mean_k(g²)
+                      w -= (lr / (1-b1^t)) · m / (√(v / (1-b2^t)) + eps)
 
 Note the two Adams place eps differently, each as its anchor does: torch's SparseAdam adds
 eps to √v and folds √(1-b2^t) into the step size; FBGEMM adds it to the bias-corrected √v̂.
