@@ -163,8 +163,9 @@ def merge_uses(uses: list[BagUse]) -> tuple[Tensor, Tensor, Tensor, Tensor | Non
         base += u.indices.shape[0]
         if mixed and u.pooling == Pooling.MEAN:
             sizes = o[1:] - o[:-1]
-            per_index = torch.repeat_interleave(sizes, sizes, output_size=u.indices.shape[0])
-            weights.append(1.0 / per_index.to(grad_output.dtype))
+            bag = torch.searchsorted(o[1:], torch.arange(u.indices.shape[0],
+                                                         device=o.device), right=True)
+            weights.append(1.0 / sizes[bag].to(grad_output.dtype))
         elif u.per_sample_weights is not None:
             weights.append(u.per_sample_weights)
         else:

@@ -73,8 +73,9 @@ def _bags(offsets: Tensor, num_indices: int) -> tuple[Tensor, Tensor]:
     """(bag of each index (L,) int64, size of each bag (B,) int64)."""
     o = offsets.long()
     sizes = o[1:] - o[:-1]
-    bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=offsets.device), sizes,
-                                  output_size=num_indices)
+    # index j is in the bag whose end is the first one past j (empty bags are skipped)
+    bag = torch.searchsorted(o[1:], torch.arange(num_indices, device=offsets.device),
+                             right=True)
     return bag, sizes
 
 
