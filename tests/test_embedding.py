@@ -425,7 +425,7 @@ def test_half_tables_reach_fp32_rmse_on_movielens():
     frame = pd.read_csv(RATINGS)
     users = torch.from_numpy(pd.factorize(frame["userId"])[0])
     items = torch.from_numpy(pd.factorize(frame["movieId"])[0])
-    ratings = torch.from_numpy(frame["rating"].to_numpy()).float()
+    ratings = torch.from_numpy(frame["rating"].to_numpy(copy=True)).float()
     perm = torch.randperm(len(ratings), generator=torch.Generator().manual_seed(0))
     cut = int(0.9 * len(perm))
     train, valid = perm[:cut], perm[cut:]
