@@ -19,7 +19,7 @@ import torch as _torch  # noqa: F401  (first: torch's OpenMP runtime keeps the c
 # processes; set it yourself to choose.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fastmf import ops, optim  # noqa: E402  (registers the ops' fake kernels and autograd)
+from fastmf import nn, ops, optim  # noqa: E402  (registers the ops' fake kernels and autograd)
 from fastmf._version import __version__  # noqa: E402
 from fastmf.build import build_info  # noqa: E402
 from fastmf.evaluate import evaluate  # noqa: E402  (light: metrics load on first call)
@@ -69,6 +69,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "metrics",
+    "nn",
     "ops",
     "optim",
     "retrieval",

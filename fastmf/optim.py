@@ -1,23 +1,45 @@
 """Optimizers whose sparse step is one fused kernel: duplicate rows summed, then one
 update per unique row — never a dense pass over the table.
 
-``SparseAdagrad(rowwise=False)`` gives the numbers of ``torch.optim.Adagrad`` (lr_decay=0,
-weight_decay=0) for sparse and dense gradients; ``rowwise=True`` is FBGEMM's exact
-row-wise Adagrad (one accumulator per row: K× less optimizer memory)::
+- :class:`SparseSGD`: ``w -= lr·g``. No state.
+- :class:`SparseAdagrad` (``rowwise=False``): the numbers of ``torch.optim.Adagrad``
+  (lr_decay=0); ``rowwise=True``: FBGEMM's exact row-wise Adagrad::
 
-    element-wise:  G += g²;          w -= lr·g / (√G + eps)
-    row-wise:      G += mean_k(g²);  w -= lr·g / (√G_row + eps)
+      element-wise:  G += g²;          w -= lr·g / (√G + eps)        state: K floats per row
+      row-wise:      G += mean_k(g²);  w -= lr·g / (√G_row + eps)    state: 1 float per row
+
+- :class:`SparseAdam` (``rowwise=False``): the numbers of ``torch.optim.SparseAdam`` (2K
+  floats per row); ``rowwise=True``: FBGEMM's PARTIAL_ROWWISE_ADAM (K + 1 floats per row).
+
+Every optimizer takes ``weight_decay``. Dense gradients get torch's numbers
+(``torch.optim.SGD/Adagrad/Adam(weight_decay=...)``, AdamW for decoupled decay). Sparse
+gradients and steps in backward decay only the rows the step touches (FBGEMM's
+``WeightDecayMode.L2``: ``g += weight_decay·w``; ``SparseAdam(decoupled_weight_decay=True)``:
+``w -= lr·weight_decay·w``); torch's own sparse optimizers refuse weight decay.
+
+States are float32 for float16/bfloat16 (and float32) parameters, float64 for float64
+ones. Updates of float16/bfloat16 parameters are computed in float32 and written back with
+stochastic rounding (the fastmf.nn module's setting; on by default for half tables).
+
+:func:`apply_in_backward` moves the update of every fastmf.nn embedding weight an optimizer
+holds into the backward pass (see :mod:`fastmf.nn`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from fastmf import ops
+from fastmf.nn import embedding as nn_embedding
+from fastmf.nn.embedding import _embedding_kernels, stochastic_rounding_of, table_info
 from fastmf.ops import checks
+from fastmf.ops.codes import Optimizer, Pooling, WeightDecay
+from fastmf.ops.reference.embedding_bag import random_bits, stochastic_round
 
-__all__ = ["SparseAdagrad", "SparseSGD"]
+__all__ = ["SparseAdagrad", "SparseAdam", "SparseSGD", "apply_in_backward"]
 
 
 def _sparse_parts(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -25,21 +47,30 @@ def _sparse_parts(grad: Tensor) -> tuple[Tensor, Tensor]:
     return grad._indices()[0], grad._values()
 
 
+def _is_legacy_dtype(param: Tensor) -> bool:
+    """float32/float64 parameters: the dtypes sparse_sgd_update/sparse_adagrad_update take."""
+    return param.dtype in checks.WEIGHT_DTYPES
+
+
 class _SparseOptimizer(torch.optim.Optimizer):
+    SETTINGS = ("lr", "weight_decay")
+
     def __init__(self, params, defaults, backend: str):
         super().__init__(params, defaults)
         if backend != "auto":
             ops.resolve_backend(backend)
         self.backend = backend
-
-    SETTINGS = ("lr",)
+        # ids of the parameters updated in backward (apply_in_backward); step() skips them.
+        self._in_backward: set[int] = set()
 
     def check_groups(self) -> None:
-        """Every group's settings are finite and >= 0 (they can be edited between steps,
-        e.g. by a scheduler); checked for all groups before any weight is written."""
+        """Every group's settings are finite and >= 0 (betas in [0, 1)); they can be edited
+        between steps, e.g. by a scheduler: checked for all groups before any write."""
         op = f"{type(self).__name__}.step"
         for group in self.param_groups:
             checks.check_settings(op, **{k: group[k] for k in self.SETTINGS})
+            if "betas" in group:
+                checks.check_betas(op, *group["betas"])
 
     def hyperparameters(self, param: Tensor) -> dict:
         """The group settings that apply to ``param`` (KeyError if it is not optimised)."""
@@ -48,27 +79,117 @@ class _SparseOptimizer(torch.optim.Optimizer):
                 return group
         raise KeyError("fastmf: this parameter is not in the optimizer")
 
+    # --- what each optimizer defines ------------------------------------------------------
+    def row_optimizer(self, group: dict) -> Optimizer:
+        raise NotImplementedError
+
+    def states(self, param: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(state1, state2) of ``param`` as the embedding ops take them."""
+        return None, None
+
+    def weight_decay_mode(self, group: dict) -> WeightDecay:
+        return WeightDecay.L2 if group["weight_decay"] else WeightDecay.NONE
+
+    def dense_update(self, param: Tensor, grad: Tensor, group: dict, step: int) -> None:
+        """Torch's update for a dense gradient, in place on ``param`` (float32/float64;
+        a float32 copy of a half parameter)."""
+        raise NotImplementedError
+
+    # --- shared machinery -----------------------------------------------------------------
+    def _row_args(self, group: dict, param: Tensor, step: int) -> tuple:
+        """The flat optimizer arguments of sparse_update/embedding_bag_backward_update."""
+        stochastic, seed = stochastic_rounding_of(param)
+        beta1, beta2 = group.get("betas", (0.9, 0.999))
+        return (int(self.row_optimizer(group)), float(group["lr"]), float(group.get("eps", 0.0)),
+                float(beta1), float(beta2), float(group["weight_decay"]),
+                int(self.weight_decay_mode(group)), step, seed, stochastic)
+
+    def _next_step(self, param: Tensor) -> int:
+        return self.state[param].get("step", 0) + 1
+
+    def sparse_step(self, param: Tensor, group: dict, ids: Tensor, rows: Tensor,
+                    step: int) -> None:
+        """One exact sparse step through the sparse_update kernel."""
+        _embedding_kernels(self.backend, param.device).sparse_update(
+            param.detach(), *self.states(param), ids, rows.contiguous(),
+            *self._row_args(group, param, step))
+
+    def _dense_step(self, param: Tensor, grad: Tensor, group: dict, step: int) -> None:
+        if _is_legacy_dtype(param):
+            self.dense_update(param, grad, group, step)
+            return
+        # Half parameters: the update in float32, written back rounded like the sparse path
+        # (the counter of element i is its flat index, as r·K + c is for a 2-D table).
+        work = param.detach().float()
+        self.dense_update(work, grad.float(), group, step)
+        stochastic, seed = stochastic_rounding_of(param)
+        if stochastic:
+            flat = torch.arange(work.numel(), device=work.device)
+            bits = random_bits(flat, 1, seed, step).view(work.shape)
+            param.copy_(stochastic_round(work, param.dtype, bits))
+        else:
+            param.copy_(work)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.check_groups()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in self._in_backward:
+                    continue
+                step = self._next_step(p)
+                if p.grad.is_sparse:
+                    ids, rows = _sparse_parts(p.grad)
+                    self.sparse_step(p, group, ids, rows, step)
+                else:
+                    self._dense_step(p, p.grad, group, step)
+                self.state[p]["step"] = step
+        return loss
+
+    @torch.no_grad()
+    def apply_fused(self, weight: Tensor, grad_output: Tensor, indices: Tensor,
+                    offsets: Tensor, per_sample_weights: Tensor | None,
+                    pooling: Pooling) -> None:
+        """The step of a weight updated in backward: one embedding_bag_backward_update call
+        with the group's settings now, then the weight's step count advances."""
+        self.check_groups()
+        group = self.hyperparameters(weight)
+        step = self._next_step(weight)
+        _embedding_kernels(self.backend, weight.device).embedding_bag_backward_update(
+            weight.detach(), *self.states(weight), grad_output, indices, offsets,
+            per_sample_weights, int(pooling), *self._row_args(group, weight, step))
+        self.state[weight]["step"] = step
+
 
 class SparseAdagrad(_SparseOptimizer):
     """Adagrad with an exact fused sparse step (see the module docstring).
 
     Args: ``lr``, ``eps``, ``initial_accumulator_value`` as in ``torch.optim.Adagrad``;
-    ``rowwise``: one accumulator per row; ``backend``: which kernels apply sparse steps.
+    ``rowwise``: one accumulator per row; ``backend``: which kernels apply sparse steps;
+    ``weight_decay``: dense gradients as ``torch.optim.Adagrad(weight_decay=...)``, sparse
+    ones decay the touched rows only (``g += weight_decay·w``).
+
+    Memory per row of a (N, K) table: K floats (element-wise) or 1 float (row-wise).
 
     >>> import fastmf
     >>> model = fastmf.MF(100, 50, dim=8, sparse=True)
     >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
     """
 
-    SETTINGS = ("lr", "eps")
+    SETTINGS = ("lr", "eps", "weight_decay")
 
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-10,
                  initial_accumulator_value: float = 0.0, rowwise: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", *, weight_decay: float = 0.0):
         checks.check_settings("SparseAdagrad", lr=lr, eps=eps,
-                              initial_accumulator_value=initial_accumulator_value)
+                              initial_accumulator_value=initial_accumulator_value,
+                              weight_decay=weight_decay)
         defaults = dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value,
-                        rowwise=bool(rowwise))
+                        rowwise=bool(rowwise), weight_decay=weight_decay)
         super().__init__(params, defaults, backend)
         for group in self.param_groups:
             for p in group["params"]:
@@ -81,62 +202,199 @@ class SparseAdagrad(_SparseOptimizer):
             group = self.hyperparameters(param)
             shape = param.shape[:1] if group["rowwise"] else param.shape
             state["sum"] = torch.full(shape, group["initial_accumulator_value"],
-                                      dtype=param.dtype, device=param.device)
+                                      dtype=checks.accumulation_dtype(param.dtype),
+                                      device=param.device)
         return state["sum"]
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.check_groups()
-        for group in self.param_groups:
-            lr, eps, rowwise = group["lr"], group["eps"], group["rowwise"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad, state = p.grad, self.state_for(p)
-                if grad.is_sparse:
-                    ids, rows = _sparse_parts(grad)
-                    ops.kernels(self.backend, p.device).sparse_adagrad_update(
-                        p.detach(), state, ids, rows.contiguous(), lr, eps, rowwise)
-                elif rowwise and p.dim() == 2:
-                    state.add_(grad.pow(2).mean(1))
-                    p.sub_(lr * grad / state.sqrt().add_(eps).unsqueeze(1))
-                else:
-                    state.addcmul_(grad, grad, value=1.0)
-                    p.addcdiv_(grad, state.sqrt().add_(eps), value=-lr)
-        return loss
+    def row_optimizer(self, group: dict) -> Optimizer:
+        return Optimizer.ROWWISE_ADAGRAD if group["rowwise"] else Optimizer.ADAGRAD
+
+    def states(self, param: Tensor):
+        return self.state_for(param), None
+
+    def sparse_step(self, param, group, ids, rows, step) -> None:
+        if group["weight_decay"] == 0 and _is_legacy_dtype(param):
+            ops.kernels(self.backend, param.device).sparse_adagrad_update(
+                param.detach(), self.state_for(param), ids, rows.contiguous(), group["lr"],
+                group["eps"], group["rowwise"])
+        else:
+            super().sparse_step(param, group, ids, rows, step)
+
+    def dense_update(self, param, grad, group, step) -> None:
+        state = self.state_for(param)
+        lr, eps = group["lr"], group["eps"]
+        if group["weight_decay"]:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        if group["rowwise"] and param.dim() == 2:
+            state.add_(grad.pow(2).mean(1))
+            param.sub_(lr * grad / state.sqrt().add_(eps).unsqueeze(1))
+        else:
+            state.addcmul_(grad, grad, value=1.0)
+            param.addcdiv_(grad, state.sqrt().add_(eps), value=-lr)
 
 
 class SparseSGD(_SparseOptimizer):
-    """Plain SGD (``w -= lr·g``) with a fused sparse step for sparse gradients.
+    """Plain SGD (``w -= lr·g``) with a fused sparse step for sparse gradients. No state
+    (0 bytes per row). ``weight_decay``: dense gradients as ``torch.optim.SGD(weight_decay=
+    ...)``, sparse ones decay the touched rows only (``g += weight_decay·w``).
 
     >>> import fastmf
     >>> model = fastmf.MF(100, 50, dim=8, sparse=True)
     >>> opt = fastmf.optim.SparseSGD(model.parameters(), lr=0.1)
     """
 
-    def __init__(self, params, lr: float = 1e-2, backend: str = "auto"):
-        checks.check_settings("SparseSGD", lr=lr)
-        super().__init__(params, dict(lr=lr), backend)
+    def __init__(self, params, lr: float = 1e-2, backend: str = "auto", *,
+                 weight_decay: float = 0.0):
+        checks.check_settings("SparseSGD", lr=lr, weight_decay=weight_decay)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), backend)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.check_groups()
+    def row_optimizer(self, group: dict) -> Optimizer:
+        return Optimizer.SGD
+
+    def sparse_step(self, param, group, ids, rows, step) -> None:
+        if group["weight_decay"] == 0 and _is_legacy_dtype(param):
+            ops.kernels(self.backend, param.device).sparse_sgd_update(
+                param.detach(), ids, rows.contiguous(), group["lr"])
+        else:
+            super().sparse_step(param, group, ids, rows, step)
+
+    def dense_update(self, param, grad, group, step) -> None:
+        if group["weight_decay"]:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        param.add_(grad, alpha=-group["lr"])
+
+
+class SparseAdam(_SparseOptimizer):
+    """Adam with an exact fused sparse step.
+
+    ``rowwise=False``: the numbers of ``torch.optim.SparseAdam`` for sparse gradients (lazy
+    Adam: the moments of the rows a step touches advance; the bias correction uses the
+    parameter's step count, which every step() with a gradient advances, as torch does)::
+
+        m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²
+        w -= lr·√(1-b2^t)/(1-b1^t) · m / (√v + eps)
+
+    Memory per row: 2K floats. ``rowwise=True``: FBGEMM's PARTIAL_ROWWISE_ADAM, ``v`` one
+    scalar per row (K + 1 floats per row)::
+
+        m = b1·m + (1-b1)·g;  v_row = b2·v_row + (1-b2)·mean_k(g²)
+        w -= lr/(1-b1^t) · m / (√(v_row/(1-b2^t)) + eps)
+
+    Dense gradients (torch's SparseAdam refuses them): ``torch.optim.Adam``'s numbers
+    (AdamW's with ``decoupled_weight_decay``); row-wise, the formula above on every row.
+    ``weight_decay``: L2 (``g += weight_decay·w``) or, with ``decoupled_weight_decay=True``,
+    AdamW's ``w -= lr·weight_decay·w``; sparse steps decay the touched rows only.
+
+    >>> import torch, fastmf
+    >>> emb = fastmf.nn.Embedding(1000, 16)
+    >>> opt = fastmf.optim.SparseAdam(emb.parameters(), lr=1e-3, rowwise=True)
+    """
+
+    SETTINGS = ("lr", "eps", "weight_decay")
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, rowwise: bool = False, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = False, backend: str = "auto"):
+        checks.check_settings("SparseAdam", lr=lr, eps=eps, weight_decay=weight_decay)
+        betas = tuple(betas)
+        if len(betas) != 2:
+            raise ValueError(f"fastmf.SparseAdam: betas must be a pair, got {betas!r}")
+        checks.check_betas("SparseAdam", *betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, rowwise=bool(rowwise),
+                        weight_decay=weight_decay,
+                        decoupled_weight_decay=bool(decoupled_weight_decay))
+        super().__init__(params, defaults, backend)
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    ids, rows = _sparse_parts(p.grad)
-                    ops.kernels(self.backend, p.device).sparse_sgd_update(
-                        p.detach(), ids, rows.contiguous(), group["lr"])
-                else:
-                    p.add_(p.grad, alpha=-group["lr"])
-        return loss
+                self.states(p)
+
+    def states(self, param: Tensor) -> tuple[Tensor, Tensor]:
+        """(exp_avg like ``param``, exp_avg_sq like it or (N,) when row-wise)."""
+        state = self.state[param]
+        if "exp_avg" not in state:
+            group = self.hyperparameters(param)
+            dtype = checks.accumulation_dtype(param.dtype)
+            state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+            shape = param.shape[:1] if group["rowwise"] and param.dim() == 2 else param.shape
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    def row_optimizer(self, group: dict) -> Optimizer:
+        return Optimizer.ROWWISE_ADAM if group["rowwise"] else Optimizer.ADAM
+
+    def weight_decay_mode(self, group: dict) -> WeightDecay:
+        if not group["weight_decay"]:
+            return WeightDecay.NONE
+        return WeightDecay.DECOUPLED if group["decoupled_weight_decay"] else WeightDecay.L2
+
+    def dense_update(self, param, grad, group, step) -> None:
+        exp_avg, exp_avg_sq = self.states(param)
+        lr, eps, (beta1, beta2) = group["lr"], group["eps"], group["betas"]
+        decay = group["weight_decay"]
+        if decay and group["decoupled_weight_decay"]:
+            param.mul_(1 - lr * decay)
+        elif decay:
+            grad = grad.add(param, alpha=decay)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        exp_avg.lerp_(grad, 1 - beta1)
+        if group["rowwise"] and param.dim() == 2:
+            exp_avg_sq.mul_(beta2).add_(grad.pow(2).mean(1), alpha=1 - beta2)
+            denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps).unsqueeze(1)
+            param.sub_((lr / bias_correction1) * exp_avg / denom)
+        elif group["rowwise"]:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
+            param.sub_((lr / bias_correction1) * exp_avg / denom)
+        else:
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+            param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def apply_in_backward(optimizer: _SparseOptimizer) -> _SparseOptimizer:
+    """Apply ``optimizer``'s update of every fastmf.nn Embedding/EmbeddingBag weight it holds
+    inside the backward pass; returns the optimizer.
+
+    For each such weight, each backward pass ends with ONE ``embedding_bag_backward_update``
+    call covering every use of the table in the graph (the uses are merged in forward order),
+    with the group's settings at that time; the weight's step count then advances. No
+    gradient is kept (``weight.grad`` stays None) and ``optimizer.step()`` skips the weight;
+    the optimizer's other parameters (an MLP, biases of plain tensors) step as usual. The
+    result equals ``backward(); step()`` within float32 rounding.
+
+    Raises TypeError for an optimizer that is not a fastmf sparse optimizer, ValueError when
+    it holds no fastmf.nn weight or one weight twice, RuntimeError when a weight is already
+    updated in backward (by this or another optimizer). Nothing is changed on error.
+
+    >>> import torch, fastmf
+    >>> emb = fastmf.nn.Embedding(100, 8)
+    >>> opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseAdam(emb.parameters()))
+    >>> emb(torch.tensor([1, 2, 2])).sum().backward()   # emb.weight is updated here
+    """
+    op = "fastmf.optim.apply_in_backward"
+    if not isinstance(optimizer, _SparseOptimizer):
+        raise TypeError(f"{op}: optimizer must be a fastmf.optim sparse optimizer (SparseSGD, "
+                        f"SparseAdagrad, SparseAdam), got {type(optimizer).__name__}")
+    optimizer.check_groups()
+    tables, seen = [], set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            info = table_info(p)
+            if info is None:
+                continue
+            if id(p) in seen:
+                raise ValueError(f"{op}: the optimizer holds the {info.name} weight twice")
+            seen.add(id(p))
+            tables.append((p, info))
+    if not tables:
+        raise ValueError(f"{op}: the optimizer holds no fastmf.nn Embedding/EmbeddingBag "
+                         "weight")
+    for p, info in tables:
+        if nn_embedding.fused_optimizer(p) is not None:
+            raise RuntimeError(f"{op}: the {info.name} weight is already updated in backward "
+                               "(apply_in_backward was called for it before)")
+    for p, _ in tables:
+        nn_embedding.register_fused(p, optimizer)
+        optimizer._in_backward.add(id(p))
+    return optimizer

@@ -33,6 +33,10 @@ def _fused_optimizer(model: MF, optimizer) -> tuple[OptimizerArgs, MFTables | No
         except KeyError:
             raise ValueError("fastmf.train_step: the optimizer does not hold all of the "
                              "model's parameters") from None
+    if any(g.get("weight_decay", 0.0) for g in groups):
+        raise ValueError("fastmf.train_step: the fused MF step has no weight_decay (use its "
+                         "reg= argument, or the unfused path loss.backward(); "
+                         "optimizer.step())")
     if any(g is not groups[0] for g in groups):
         keys = ("lr", "eps", "rowwise")
         if any(tuple(g.get(k) for k in keys) != tuple(groups[0].get(k) for k in keys)

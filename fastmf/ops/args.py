@@ -9,9 +9,9 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from fastmf.ops.codes import Optimizer
+from fastmf.ops.codes import Optimizer, WeightDecay
 
-__all__ = ["MFTables", "OptimizerArgs"]
+__all__ = ["MFTables", "OptimizerArgs", "RowOptimizerArgs"]
 
 
 class MFTables(NamedTuple):
@@ -33,3 +33,24 @@ class OptimizerArgs(NamedTuple):
     optimizer: Optimizer
     lr: float
     eps: float = 0.0
+
+
+class RowOptimizerArgs(NamedTuple):
+    """The settings of one exact sparse step of the embedding ops (``sparse_update``,
+    ``embedding_bag_backward_update``); the schemas take them flat, in this order.
+
+    ``step`` is the optimizer's step count for the weight AFTER incrementing it for this
+    step (1 on the first step): Adam's bias correction and the stochastic-rounding counter
+    use it. ``seed`` and ``stochastic_rounding`` only matter for float16/bfloat16 weights.
+    """
+
+    optimizer: Optimizer
+    lr: float
+    eps: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    weight_decay_mode: WeightDecay = WeightDecay.NONE
+    step: int = 1
+    seed: int = 0
+    stochastic_rounding: bool = False

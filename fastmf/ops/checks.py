@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss
+from fastmf.ops.codes import STEP_OPTIMIZERS, Loss, Optimizer, PairwiseLoss, Pooling, WeightDecay
 
 ID_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float32, torch.float64)
@@ -24,6 +24,14 @@ def check_code(op: str, enum, code: int, what: str) -> None:
     """``code`` is one of ``enum``'s codes (the native ops check the same in csrc/checks.h)."""
     if not 0 <= code < len(enum):
         raise ValueError(f"fastmf.{op}: unknown {what} code {code}; expected 0..{len(enum) - 1}")
+
+
+def check_step_optimizer(op: str, code: int) -> None:
+    """The fused MF steps apply SGD/Adagrad/row-wise Adagrad only (codes 0..2, as
+    ``kNumOptimizers`` in csrc/checks.h); Adam is an embedding-op optimizer."""
+    if not 0 <= code < len(STEP_OPTIMIZERS):
+        raise ValueError(f"fastmf.{op}: unknown optimizer code {code}; expected "
+                         f"0..{len(STEP_OPTIMIZERS) - 1}")
 
 
 def check_ids(op: str, name: str, ids: torch.Tensor, num_rows: int) -> None:
@@ -141,7 +149,7 @@ def check_train_step(op, tables, states, users, items, targets, loss, optimizer)
     SGD); ``loss`` and ``optimizer`` are codes."""
     user_factors, item_factors, user_bias, item_bias = tables
     check_code(op, Loss, loss, "loss")
-    check_code(op, Optimizer, optimizer, "optimizer")
+    check_step_optimizer(op, optimizer)
     check_mf_inputs(op, users, items, user_factors, item_factors, user_bias, item_bias)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"fastmf.{op}: targets must be a tensor, got {type(targets).__name__}")
@@ -220,7 +228,7 @@ def check_train_step_pairwise(op, tables, states, users, pos_items, neg_items, l
                               optimizer):
     """Checks of train_step_pairwise (``loss``/``optimizer`` are codes)."""
     check_code(op, PairwiseLoss, loss, "pairwise loss")
-    check_code(op, Optimizer, optimizer, "optimizer")
+    check_step_optimizer(op, optimizer)
     check_mf_inputs(op, users, pos_items, *tables)
     check_same_device(op, "user_factors", tables[0], neg_items=neg_items)
     check_ids(op, "neg_items", neg_items, tables[1].shape[0])
@@ -291,3 +299,232 @@ def check_topk_inputs(
         check_ids("topk_scores", "exclude", exclude_indices[start:stop], num_items)
     if candidates is not None:
         check_ids("topk_scores", "candidates", candidates, num_items)
+
+
+# --- the embedding_bag family (fastmf/ops/reference/embedding_bag.py) ---------------------
+
+EMBEDDING_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type the embedding ops compute in for ``dtype`` weights: float64 for float64,
+    float32 otherwise (also the bag output's dtype and the optimizer states' dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_embedding_weight(op: str, name: str, weight, dims=(2,)) -> None:
+    """weight: float32/float64/float16/bfloat16 with one of ``dims`` dimensions."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"fastmf.{op}: {name} must be a tensor, got {type(weight).__name__}")
+    if weight.dtype not in EMBEDDING_DTYPES:
+        raise TypeError(f"fastmf.{op}: {name} must be float32, float64, float16 or bfloat16, "
+                        f"got {weight.dtype}")
+    if weight.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"fastmf.{op}: {name} must be {want}, got shape {tuple(weight.shape)}")
+
+
+def check_index_tensor(op: str, name: str, t) -> None:
+    """A 1-D int32/int64 tensor (ids or offsets); reads no value."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastmf.{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in ID_DTYPES:
+        raise TypeError(f"fastmf.{op}: {name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"fastmf.{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
+
+
+def check_offsets_values(op: str, offsets: torch.Tensor, num_indices: int, *,
+                         last: str = "equal") -> None:
+    """offsets[0] == 0, non-decreasing, and the last entry == ``num_indices`` (``last=
+    "equal"``: the ops' CSR form) or <= it (``last="at_most"``: torch.nn.EmbeddingBag's
+    include_last_offset, which ignores the ids past the last offset). Reads the offsets."""
+    if offsets.numel() == 0:
+        return
+    o = offsets.long()
+    if int(o[0]) != 0:
+        raise ValueError(f"fastmf.{op}: offsets must start at 0, got offsets[0] = {int(o[0])}")
+    steps = o[1:] - o[:-1]
+    if steps.numel() and bool((steps < 0).any()):
+        b = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(f"fastmf.{op}: offsets must be non-decreasing, got {int(o[b])} then "
+                         f"{int(o[b + 1])} at offsets[{b}], offsets[{b + 1}]")
+    end = int(o[-1])
+    if end > num_indices:
+        raise ValueError(f"fastmf.{op}: offsets[{o.numel() - 1}] = {end} is past the end of "
+                         f"indices ({num_indices} ids)")
+    if last == "equal" and end != num_indices:
+        raise ValueError(f"fastmf.{op}: the last offset must equal the number of indices "
+                         f"({num_indices}), got offsets[{o.numel() - 1}] = {end}")
+
+
+def check_bag_structure(op: str, indices, offsets, per_sample_weights, pooling: int,
+                        like=None) -> None:
+    """indices (L,) and offsets (B+1,) CSR bags; per_sample_weights None or (L,) of
+    ``like``'s dtype, with SUM pooling only. Reads the offsets (not the ids)."""
+    check_code(op, Pooling, pooling, "pooling")
+    check_index_tensor(op, "indices", indices)
+    check_index_tensor(op, "offsets", offsets)
+    if offsets.dtype != indices.dtype:
+        raise TypeError(f"fastmf.{op}: offsets has dtype {offsets.dtype}, expected "
+                        f"{indices.dtype} like indices")
+    if offsets.numel() == 0:
+        raise ValueError(f"fastmf.{op}: offsets must have one entry per bag plus one, got 0 "
+                         "entries")
+    if like is not None:
+        check_same_device(op, "weight", like, indices=indices, offsets=offsets,
+                          per_sample_weights=per_sample_weights)
+    if per_sample_weights is not None:
+        if pooling != Pooling.SUM:
+            raise ValueError(f"fastmf.{op}: per_sample_weights needs sum pooling, got "
+                             f"{Pooling(pooling).name.lower()}")
+        if not isinstance(per_sample_weights, torch.Tensor):
+            raise TypeError(f"fastmf.{op}: per_sample_weights must be a tensor, got "
+                            f"{type(per_sample_weights).__name__}")
+        if like is not None and per_sample_weights.dtype != like.dtype:
+            raise TypeError(f"fastmf.{op}: per_sample_weights has dtype "
+                            f"{per_sample_weights.dtype}, expected {like.dtype}")
+        if per_sample_weights.shape != indices.shape:
+            raise ValueError(f"fastmf.{op}: per_sample_weights has shape "
+                             f"{tuple(per_sample_weights.shape)}, expected "
+                             f"{tuple(indices.shape)} like indices")
+    check_offsets_values(op, offsets, indices.shape[0])
+
+
+def check_embedding_bag_forward(op, weight, indices, offsets, per_sample_weights,
+                                pooling) -> None:
+    """Checks of embedding_bag_forward: the bag structure, then the ids against weight."""
+    check_embedding_weight(op, "weight", weight)
+    out_like = torch.empty(0, dtype=accumulation_dtype(weight.dtype), device=weight.device)
+    check_bag_structure(op, indices, offsets, per_sample_weights, pooling, like=out_like)
+    check_ids(op, "indices", indices, weight.shape[0])
+
+
+def check_embedding_bag_backward(op, grad_output, indices, offsets, per_sample_weights,
+                                 pooling) -> None:
+    """Checks of embedding_bag_backward: grad_output (B, K) float, one row per bag."""
+    check_embedding_weight(op, "grad_output", grad_output)
+    check_bag_structure(op, indices, offsets, per_sample_weights, pooling, like=grad_output)
+    if grad_output.shape[0] != offsets.shape[0] - 1:
+        raise ValueError(f"fastmf.{op}: grad_output has {grad_output.shape[0]} rows, expected "
+                         f"one per bag ({offsets.shape[0] - 1})")
+
+
+def check_betas(op: str, beta1, beta2) -> None:
+    """Adam's betas: finite numbers in [0, 1)."""
+    check_settings(op, beta1=beta1, beta2=beta2)
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not value < 1:
+            raise ValueError(f"fastmf.{op}: {name} must be in [0, 1), got {value}")
+
+
+def check_row_optimizer_args(op: str, optimizer: int, lr, eps, beta1, beta2, weight_decay,
+                             weight_decay_mode: int, step, seed) -> None:
+    """The settings of sparse_update / embedding_bag_backward_update, checked before any
+    write: codes known, lr/eps/weight_decay finite and >= 0, betas in [0, 1), step >= 1,
+    seed in [0, 2**63)."""
+    check_code(op, Optimizer, optimizer, "optimizer")
+    check_code(op, WeightDecay, weight_decay_mode, "weight_decay_mode")
+    check_settings(op, lr=lr, eps=eps, weight_decay=weight_decay)
+    check_betas(op, beta1, beta2)
+    for name, value, lo in (("step", step, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"fastmf.{op}: {name} must be an int, got {type(value).__name__}")
+        if not lo <= value < 2**63:
+            raise ValueError(f"fastmf.{op}: {name} must be in [{lo}, 2**63), got {value}")
+
+
+def row_state_shapes(optimizer: int, weight: torch.Tensor) -> tuple:
+    """The shapes of (state1, state2) ``optimizer`` needs for ``weight`` (None: no state).
+    Row-wise variants keep one value per row of a 2-D weight and behave element-wise on a
+    1-D weight."""
+    full, per_row = tuple(weight.shape), tuple(weight.shape[:1])
+    return {
+        Optimizer.SGD: (None, None),
+        Optimizer.ADAGRAD: (full, None),
+        Optimizer.ROWWISE_ADAGRAD: (per_row, None),
+        Optimizer.ADAM: (full, full),
+        Optimizer.ROWWISE_ADAM: (full, per_row),
+    }[Optimizer(optimizer)]
+
+
+def check_row_states(op: str, optimizer: int, weight, state1, state2) -> None:
+    """state1/state2: exactly the states ``optimizer`` uses (see row_state_shapes), in the
+    accumulation dtype (float32; float64 for float64 weights), on the weight's device, and
+    not sharing memory with the weight or each other."""
+    dtype = accumulation_dtype(weight.dtype)
+    name = Optimizer(optimizer).name.lower()
+    for slot, state, shape in zip(("state1", "state2"), (state1, state2),
+                                  row_state_shapes(optimizer, weight)):
+        if shape is None:
+            if state is not None:
+                raise ValueError(f"fastmf.{op}: {name} takes no {slot}, got a tensor of shape "
+                                 f"{tuple(state.shape)}")
+            continue
+        if state is None:
+            raise ValueError(f"fastmf.{op}: {name} needs {slot}, got None")
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"fastmf.{op}: {slot} must be a tensor, got "
+                            f"{type(state).__name__}")
+        if state.dtype != dtype:
+            raise TypeError(f"fastmf.{op}: {slot} has dtype {state.dtype}, expected {dtype} "
+                            f"for {weight.dtype} weights")
+        if tuple(state.shape) != shape:
+            raise ValueError(f"fastmf.{op}: {slot} has shape {tuple(state.shape)}, expected "
+                             f"{shape}")
+        check_same_device(op, "weight", weight, **{slot: state})
+    named = [(n, t) for n, t in (("weight", weight), ("state1", state1), ("state2", state2))
+             if t is not None]
+    for a in range(len(named)):
+        for b in range(a + 1, len(named)):
+            (name_a, t_a), (name_b, t_b) = named[a], named[b]
+            lo_a, hi_a = _byte_range(t_a)
+            lo_b, hi_b = _byte_range(t_b)
+            if lo_a <= hi_b and lo_b <= hi_a:
+                raise ValueError(f"fastmf.{op}: {name_a} and {name_b} share memory; the "
+                                 "update needs separate tensors")
+
+
+def check_grad_rows_dtype(op: str, name: str, grad, weight) -> None:
+    """Gradients of float32/float64 weights have the weight's dtype; those of float16/
+    bfloat16 weights the weight's dtype or float32 (the bag output's dtype)."""
+    allowed = (weight.dtype, torch.float32) if weight.dtype in HALF_DTYPES else (weight.dtype,)
+    if grad.dtype not in allowed:
+        want = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"fastmf.{op}: {name} has dtype {grad.dtype}, expected {want} for "
+                        f"{weight.dtype} weights")
+
+
+def check_sparse_update_inputs(op, weight, state1, state2, ids, grad_rows, optimizer, lr, eps,
+                               beta1, beta2, weight_decay, weight_decay_mode, step, seed):
+    """Every check of sparse_update, before any write."""
+    check_row_optimizer_args(op, optimizer, lr, eps, beta1, beta2, weight_decay,
+                             weight_decay_mode, step, seed)
+    check_embedding_weight(op, "weight", weight, dims=(1, 2))
+    check_embedding_weight(op, "grad_rows", grad_rows, dims=(weight.dim(),))
+    check_grad_rows_dtype(op, "grad_rows", grad_rows, weight)
+    if weight.dim() == 2 and grad_rows.shape[1] != weight.shape[1]:
+        raise ValueError(f"fastmf.{op}: grad_rows has {grad_rows.shape[1]} columns, "
+                         f"weight has {weight.shape[1]}")
+    check_row_states(op, optimizer, weight, state1, state2)
+    check_same_device(op, "weight", weight, ids=ids, grad_rows=grad_rows)
+    check_ids(op, "ids", ids, weight.shape[0])
+    check_same_length(op, ids=ids, grad_rows=grad_rows)
+
+
+def check_backward_update_inputs(op, weight, state1, state2, grad_output, indices, offsets,
+                                 per_sample_weights, pooling, optimizer, lr, eps, beta1, beta2,
+                                 weight_decay, weight_decay_mode, step, seed):
+    """Every check of embedding_bag_backward_update, before any write."""
+    check_row_optimizer_args(op, optimizer, lr, eps, beta1, beta2, weight_decay,
+                             weight_decay_mode, step, seed)
+    check_embedding_weight(op, "weight", weight)
+    check_embedding_bag_backward(op, grad_output, indices, offsets, per_sample_weights, pooling)
+    check_grad_rows_dtype(op, "grad_output", grad_output, weight)
+    if grad_output.shape[1] != weight.shape[1]:
+        raise ValueError(f"fastmf.{op}: grad_output has {grad_output.shape[1]} columns, "
+                         f"weight has {weight.shape[1]}")
+    check_row_states(op, optimizer, weight, state1, state2)
+    check_same_device(op, "weight", weight, grad_output=grad_output, indices=indices)
+    check_ids(op, "indices", indices, weight.shape[0])

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["Loss", "Optimizer", "PairwiseLoss", "parse"]
+__all__ = ["Loss", "Optimizer", "PairwiseLoss", "Pooling", "STEP_OPTIMIZERS", "WeightDecay",
+           "parse"]
 
 
 class Loss(IntEnum):
@@ -32,6 +33,28 @@ class Optimizer(IntEnum):
     SGD = 0  # w -= lr * g
     ADAGRAD = 1  # G += g^2; w -= lr * g / (sqrt(G) + eps)       (torch.optim.Adagrad)
     ROWWISE_ADAGRAD = 2  # G_row += mean_k(g^2); w -= lr * g / (sqrt(G_row) + eps)  (FBGEMM)
+    ADAM = 3  # torch.optim.SparseAdam (lazy Adam: moments of touched rows only)
+    ROWWISE_ADAM = 4  # FBGEMM PARTIAL_ROWWISE_ADAM: m per element, v one scalar per row
+
+
+# The optimizers the fused MF steps (train_step, train_step_pairwise) apply; the embedding
+# ops (sparse_update, embedding_bag_backward_update) take every Optimizer.
+STEP_OPTIMIZERS = (Optimizer.SGD, Optimizer.ADAGRAD, Optimizer.ROWWISE_ADAGRAD)
+
+
+class Pooling(IntEnum):
+    """How an embedding bag combines its rows."""
+
+    SUM = 0  # sum_j w_j * weight[indices[j]]
+    MEAN = 1  # the sum divided by the bag size (an empty bag gives zeros)
+
+
+class WeightDecay(IntEnum):
+    """How the embedding ops apply ``weight_decay`` (to the rows a step touches only)."""
+
+    NONE = 0
+    L2 = 1  # g += weight_decay * w          (FBGEMM WeightDecayMode.L2)
+    DECOUPLED = 2  # w -= lr * weight_decay * w    (AdamW; FBGEMM WeightDecayMode.DECOUPLE)
 
 
 # The delta of the "huber" loss (F.huber_loss's default); csrc/codes.h has the same.

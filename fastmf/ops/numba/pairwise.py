@@ -33,7 +33,7 @@ from numba import prange
 
 from fastmf.ops import checks as _checks
 from fastmf.ops.args import MFTables, OptimizerArgs
-from fastmf.ops.codes import Optimizer, PairwiseLoss, parse
+from fastmf.ops.codes import STEP_OPTIMIZERS, Optimizer, PairwiseLoss, parse
 from fastmf.ops.numba.pointwise import (
     _BAD_IDS,
     _OK,
@@ -244,7 +244,7 @@ _NAMES = ("user_factors", "item_factors", "user_bias", "item_bias", "user_factor
 
 def _structure_ok(tables, states, users, pos_items, neg_items, loss, optimizer) -> bool:
     """What ``_checks.check_train_step_pairwise`` demands, short of reading the ids."""
-    if not (0 <= loss < len(PairwiseLoss) and 0 <= optimizer < len(Optimizer)):
+    if not (0 <= loss < len(PairwiseLoss) and 0 <= optimizer < len(STEP_OPTIMIZERS)):
         return False
     return (_tables_ok(users, pos_items, *tables) and _is_ids(neg_items, users.shape[0])
             and _states_ok(tables, states, optimizer))

@@ -46,7 +46,7 @@ from torch.autograd.graph import increment_version
 
 from fastmf.ops import checks as _checks
 from fastmf.ops.args import MFTables, OptimizerArgs
-from fastmf.ops.codes import Loss, Optimizer, parse
+from fastmf.ops.codes import STEP_OPTIMIZERS, Loss, Optimizer, parse
 
 __all__ = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step"]
 
@@ -889,7 +889,7 @@ _TRAIN_STEP_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias",
 def _train_step_ok(tables, states, users, items, targets, loss, optimizer) -> bool:
     """The structure ``_checks.check_train_step`` demands, without reading any value."""
     user_factors, item_factors, user_bias, item_bias = tables
-    if not (0 <= loss < len(Loss) and 0 <= optimizer < len(Optimizer)):
+    if not (0 <= loss < len(Loss) and 0 <= optimizer < len(STEP_OPTIMIZERS)):
         return False
     if not _tables_ok(users, items, user_factors, item_factors, user_bias, item_bias):
         return False

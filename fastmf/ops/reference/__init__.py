@@ -2,6 +2,12 @@
 are tested against. Same function names and arguments as :mod:`fastmf.ops.native` and
 :mod:`fastmf.ops.numba`; one module per op family."""
 
+from fastmf.ops.reference.embedding_bag import (
+    embedding_bag_backward,
+    embedding_bag_backward_update,
+    embedding_bag_forward,
+    sparse_update,
+)
 from fastmf.ops.reference.pairwise import train_step_pairwise
 from fastmf.ops.reference.pointwise import (
     mf_backward,
@@ -14,5 +20,7 @@ from fastmf.ops.reference.topk import topk_scores
 
 NAME = "reference"
 
-__all__ = ["NAME", "mf_backward", "mf_forward", "sparse_adagrad_update", "sparse_sgd_update",
-           "topk_scores", "train_step", "train_step_pairwise"]
+__all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
+           "embedding_bag_forward", "mf_backward", "mf_forward", "sparse_adagrad_update",
+           "sparse_sgd_update", "sparse_update", "topk_scores", "train_step",
+           "train_step_pairwise"]

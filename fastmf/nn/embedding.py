@@ -1,0 +1,414 @@
+"""``fastmf.nn.Embedding`` and ``fastmf.nn.EmbeddingBag``: drop-in embedding layers on the
+``embedding_bag`` kernels, with sparse COO gradients (the drop-in path: any optimizer that
+takes sparse gradients steps them) or, after :func:`fastmf.optim.apply_in_backward`, the
+optimizer applied inside the backward pass (exact: duplicate ids summed, one update per
+unique row, no gradient tensor kept).
+
+Shapes: ``Embedding(N, K)(ids)`` with ids int32/int64 of any shape -> ``(*ids.shape, K)``;
+``EmbeddingBag(N, K)(ids, offsets)`` -> ``(num_bags, K)`` with ``torch.nn.EmbeddingBag``'s
+conventions. Tables may be float32, float64, float16 or bfloat16; the output is float32 for
+float16/bfloat16 tables (the lookup sums in float32; FBGEMM's default output), the table's
+dtype otherwise.
+
+>>> import torch, fastmf
+>>> bag = fastmf.nn.EmbeddingBag(100, 8, mode="mean")
+>>> out = bag(torch.tensor([3, 7, 7, 42]), torch.tensor([0, 3]))   # bags [3, 7, 7] and [42]
+>>> out.shape
+torch.Size([2, 8])
+>>> out.sum().backward(); bag.weight.grad.is_sparse
+True
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fastmf import ops
+from fastmf.ops import checks, reference
+from fastmf.ops.codes import Pooling
+from fastmf.ops.reference.embedding_bag import per_sample_weights_grad
+
+__all__ = ["Embedding", "EmbeddingBag"]
+
+
+def _embedding_kernels(backend: str, device) -> ModuleType:
+    """The backend module that runs the embedding_bag family for ``device``'s tensors.
+
+    Temporary: until every backend has the embedding_bag family, a backend module without it
+    falls back to the reference (the spec). Remove this helper (use ``ops.kernels``) then.
+    """
+    module = ops.kernels(backend, device)
+    if getattr(module, "embedding_bag_forward", None) is None:
+        return reference
+    return module
+
+
+class TableInfo(NamedTuple):
+    """What a fastmf.nn module records about the weight it created."""
+
+    name: str  # "Embedding(1000, 16)", for error messages
+    stochastic_rounding: bool | None  # None: on for float16/bfloat16 tables
+    seed: int  # keys the stochastic-rounding bits of this table
+
+
+class _TensorMap:
+    """tensor -> value by identity, dropping the entry when the tensor dies (a
+    WeakKeyDictionary compares keys with ==, which tensors overload element-wise)."""
+
+    def __init__(self):
+        self._items: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, tensor: Tensor, default=None):
+        item = self._items.get(id(tensor))
+        return item[1] if item is not None and item[0]() is tensor else default
+
+    def __contains__(self, tensor: Tensor) -> bool:
+        return self.get(tensor, self) is not self
+
+    def __setitem__(self, tensor: Tensor, value) -> None:
+        key, items = id(tensor), self._items
+
+        def drop(ref: weakref.ref) -> None:
+            if key in items and items[key][0] is ref:
+                del items[key]
+
+        items[key] = (weakref.ref(tensor, drop), value)
+
+    def pop(self, tensor: Tensor, default=None):
+        value = self.get(tensor, self)
+        if value is self:
+            return default
+        del self._items[id(tensor)]
+        return value
+
+    def setdefault(self, tensor: Tensor, value):
+        if tensor not in self:
+            self[tensor] = value
+        return self.get(tensor)
+
+
+# Weights created by fastmf.nn modules, the optimizer applied in backward to each (a weak
+# reference: a deleted optimizer leaves its weights to the plain sparse-gradient path), and
+# the uses of each fused weight waiting for the end of the backward pass.
+_TABLES = _TensorMap()
+_FUSED = _TensorMap()
+_PENDING = _TensorMap()
+_SEQUENCE = itertools.count()
+
+
+def table_info(weight: Tensor) -> TableInfo | None:
+    """The record of a fastmf.nn weight; None for any other tensor."""
+    return _TABLES.get(weight)
+
+
+def stochastic_rounding_of(weight: Tensor) -> tuple[bool, int]:
+    """(stochastic rounding on, seed) for writes to ``weight``: the module's setting, or by
+    default on for float16/bfloat16 tensors, with seed 0 for tensors no module created."""
+    info = _TABLES.get(weight)
+    half = weight.dtype in checks.HALF_DTYPES
+    if info is None:
+        return half, 0
+    setting = half if info.stochastic_rounding is None else info.stochastic_rounding
+    return bool(setting) and half, info.seed
+
+
+def fused_optimizer(weight: Tensor):
+    """The optimizer applied in backward to ``weight``, or None."""
+    ref = _FUSED.get(weight)
+    return None if ref is None else ref()
+
+
+def register_fused(weight: Tensor, optimizer) -> None:
+    """Mark ``weight`` as updated in backward by ``optimizer`` (fastmf.optim.apply_in_backward
+    checks first that no live optimizer has it already)."""
+    _FUSED[weight] = weakref.ref(optimizer)
+
+
+class BagUse(NamedTuple):
+    """One forward use of a fused table, kept until the end of the backward pass."""
+
+    sequence: int
+    grad_output: Tensor
+    indices: Tensor
+    offsets: Tensor
+    per_sample_weights: Tensor | None
+    pooling: Pooling
+
+
+def merge_uses(uses: list[BagUse]) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Pooling]:
+    """One bag structure for several uses of a table (in forward order): indices
+    concatenated, offsets shifted, per-sample weights concatenated (ones where absent). When
+    the uses mix SUM and MEAN, MEAN is folded into per-sample weights 1/bag size so a single
+    SUM call covers them. Returns (grad_output, indices, offsets, per_sample_weights,
+    pooling)."""
+    if len(uses) == 1:
+        u = uses[0]
+        return u.grad_output, u.indices, u.offsets, u.per_sample_weights, u.pooling
+    poolings = {u.pooling for u in uses}
+    mixed = len(poolings) > 1
+    pooling = Pooling.SUM if mixed else poolings.pop()
+    any_weights = any(u.per_sample_weights is not None for u in uses)
+    grad_output = torch.cat([u.grad_output for u in uses])
+    indices = torch.cat([u.indices.long() for u in uses])
+    starts, weights, base = [], [], 0
+    for u in uses:
+        o = u.offsets.long()
+        starts.append(o[:-1] + base)
+        base += u.indices.shape[0]
+        if mixed and u.pooling == Pooling.MEAN:
+            sizes = o[1:] - o[:-1]
+            bag = torch.searchsorted(o[1:], torch.arange(u.indices.shape[0],
+                                                         device=o.device), right=True)
+            weights.append(1.0 / sizes[bag].to(grad_output.dtype))
+        elif u.per_sample_weights is not None:
+            weights.append(u.per_sample_weights)
+        else:
+            weights.append(torch.ones(u.indices.shape[0], dtype=grad_output.dtype,
+                                      device=grad_output.device))
+    offsets = torch.cat(starts + [torch.tensor([base], device=indices.device)])
+    psw = torch.cat(weights) if (mixed or any_weights) else None
+    return grad_output, indices, offsets, psw, pooling
+
+
+def _flush(weight: Tensor) -> None:
+    """Apply the pending uses of a fused ``weight`` with one fused update."""
+    uses = sorted(_PENDING.pop(weight, []), key=lambda u: u.sequence)
+    optimizer = fused_optimizer(weight)
+    if not uses or optimizer is None:
+        return
+    grad_output, indices, offsets, psw, pooling = merge_uses(uses)
+    optimizer.apply_fused(weight, grad_output, indices, offsets, psw, pooling)
+
+
+def _queue_use(weight: Tensor, use: BagUse) -> None:
+    pending = _PENDING.setdefault(weight, [])
+    pending.append(use)
+    if len(pending) > 1:
+        return
+    try:
+        # One callback per backward pass, run when the whole graph is done (what DDP does):
+        # every use of the table in this graph is in by then.
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _flush(weight))
+    except RuntimeError:
+        _flush(weight)  # not inside a backward pass: nothing more will come
+
+
+class _EmbeddingBagFunction(torch.autograd.Function):
+    """Bag lookup with the embedding_bag kernels; the weight's gradient is sparse COO (one
+    row per index, uncoalesced, like nn.EmbeddingBag(sparse=True)), or, for a fused weight,
+    none: the optimizer runs at the end of the backward pass."""
+
+    @staticmethod
+    def forward(ctx, weight, indices, offsets, per_sample_weights, pooling, kernels,
+                sequence):
+        out = kernels.embedding_bag_forward(weight.detach(), indices, offsets,
+                                            per_sample_weights, pooling)
+        ctx.kernels, ctx.pooling, ctx.sequence = kernels, pooling, sequence
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.weight_ref = weakref.ref(weight)
+        # The weight itself is needed only for the gradient of the per-sample weights.
+        saved_weight = weight if ctx.needs_input_grad[3] else None
+        ctx.save_for_backward(indices, offsets, per_sample_weights, saved_weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        indices, offsets, psw, weight = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        grad_weight = grad_psw = None
+        if ctx.needs_input_grad[3]:
+            grad_psw = per_sample_weights_grad(grad_output, weight, indices, offsets)
+        if ctx.needs_input_grad[0]:
+            table = ctx.weight_ref()
+            if table is not None and fused_optimizer(table) is not None:
+                _queue_use(table, BagUse(ctx.sequence, grad_output, indices, offsets,
+                                         None if psw is None else psw.detach(), ctx.pooling))
+            else:
+                rows = ctx.kernels.embedding_bag_backward(grad_output, indices, offsets,
+                                                          None if psw is None else psw.detach(),
+                                                          ctx.pooling)
+                grad_weight = torch.sparse_coo_tensor(
+                    indices.long().unsqueeze(0), rows.to(ctx.weight_dtype), ctx.weight_shape,
+                    is_coalesced=False, check_invariants=False)  # ids checked in forward
+        return grad_weight, None, None, grad_psw, None, None, None
+
+
+def _check_module_args(op: str, num_embeddings, dim, dtype, init_scale, backend) -> None:
+    for name, value in (("num_embeddings", num_embeddings), ("dim", dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"fastmf.{op}: {name} must be a positive int, got {value!r}")
+    if dtype not in checks.EMBEDDING_DTYPES:
+        raise TypeError(f"fastmf.{op}: dtype must be float32, float64, float16 or bfloat16, "
+                        f"got {dtype}")
+    checks.check_settings(op, init_scale=init_scale)
+    ops.resolve_backend(backend, op=f"fastmf.{op}")
+
+
+class _Table(nn.Module):
+    """The weight, its registration and the lookup shared by both modules."""
+
+    def __init__(self, op: str, num_embeddings: int, dim: int, backend: str, dtype,
+                 device, init_scale: float, stochastic_rounding: bool | None):
+        super().__init__()
+        _check_module_args(op, num_embeddings, dim, dtype, init_scale, backend)
+        self.num_embeddings, self.dim, self.backend = num_embeddings, dim, backend
+        self.init_scale, self.stochastic_rounding = init_scale, stochastic_rounding
+        # Drawn in float32 then cast, so tables of every dtype start from the same values.
+        init = torch.empty(num_embeddings, dim, device=device).uniform_(-init_scale, init_scale)
+        self.weight = nn.Parameter(init.to(dtype))
+        self.seed = int(torch.randint(0, 2**62, ()))
+        self._register()
+
+    def _register(self) -> None:
+        name = f"{type(self).__name__}({self.num_embeddings}, {self.dim})"
+        _TABLES[self.weight] = TableInfo(name, self.stochastic_rounding, self.seed)
+
+    def _lookup(self, indices: Tensor, offsets: Tensor, per_sample_weights, pooling) -> Tensor:
+        if self.weight not in _TABLES:
+            self._register()  # a weight replaced after construction (copy, assignment)
+        kernels = _embedding_kernels(self.backend, self.weight.device)
+        return _EmbeddingBagFunction.apply(self.weight, indices, offsets, per_sample_weights,
+                                           pooling, kernels, next(_SEQUENCE))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.dim}, dtype={self.weight.dtype}, "
+                f"backend={self.backend!r}")
+
+
+def _check_ids(op: str, ids) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"fastmf.{op}: ids must be a tensor, got {type(ids).__name__}")
+    if ids.dtype not in checks.ID_DTYPES:
+        raise TypeError(f"fastmf.{op}: ids must be int32 or int64, got {ids.dtype}")
+
+
+class Embedding(_Table):
+    """A lookup table: ``forward(ids) -> weight[ids]``, shape ``(*ids.shape, dim)``.
+
+    ids: int32/int64 of any shape, each in [0, num_embeddings). ``weight``
+    (num_embeddings, dim) is initialised uniform(-init_scale, init_scale) from the global
+    torch RNG. Its gradient is sparse COO like ``nn.Embedding(sparse=True)``'s; or, after
+    :func:`fastmf.optim.apply_in_backward`, the optimizer steps it inside the backward pass.
+    float16/bfloat16 tables give float32 outputs, and fastmf optimizers write their updates
+    back with stochastic rounding unless ``stochastic_rounding=False``.
+
+    >>> import torch, fastmf
+    >>> emb = fastmf.nn.Embedding(1000, 16)
+    >>> emb(torch.tensor([[1, 2], [3, 3]])).shape
+    torch.Size([2, 2, 16])
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, *, backend: str = "auto",
+                 dtype: torch.dtype = torch.float32, device=None, init_scale: float = 0.05,
+                 stochastic_rounding: bool | None = None):
+        super().__init__("nn.Embedding", num_embeddings, dim, backend, dtype, device,
+                         init_scale, stochastic_rounding)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        _check_ids("nn.Embedding", ids)
+        flat = ids.reshape(-1)
+        offsets = torch.arange(flat.shape[0] + 1, dtype=ids.dtype, device=ids.device)
+        out = self._lookup(flat, offsets, None, Pooling.SUM)
+        return out.view(*ids.shape, self.dim)
+
+
+class EmbeddingBag(_Table):
+    """Pooled lookups: ``forward(ids, offsets=None, per_sample_weights=None) -> (B, dim)``
+    with ``torch.nn.EmbeddingBag``'s conventions:
+
+    - ids 1-D (L,) with ``offsets`` (B,) bag starts (``offsets[0] == 0``, non-decreasing,
+      at most L), or (B+1,) with ``include_last_offset=True`` (ids past the last offset are
+      ignored, as torch does);
+    - ids 2-D (B, L): B bags of L ids each, ``offsets`` None;
+    - ``mode`` "sum" or "mean" ("max" is not supported); an empty bag gives zeros;
+    - ``per_sample_weights`` shaped like ids, "sum" mode only: each row is scaled by its
+      weight before the sum (their gradient is computed too).
+
+    The weight's gradient is sparse COO, one row per id, as ``nn.EmbeddingBag(sparse=True)``
+    gives. See :class:`Embedding` for init, dtypes and the optimizer in backward.
+
+    >>> import torch, fastmf
+    >>> bag = fastmf.nn.EmbeddingBag(1000, 16, mode="sum")
+    >>> ids = torch.tensor([4, 8, 15, 16, 23, 42])
+    >>> bag(ids, torch.tensor([0, 2, 2]), per_sample_weights=torch.rand(6)).shape
+    torch.Size([3, 16])
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, mode: str = "sum", *,
+                 include_last_offset: bool = False, backend: str = "auto",
+                 dtype: torch.dtype = torch.float32, device=None, init_scale: float = 0.05,
+                 stochastic_rounding: bool | None = None):
+        if mode == "max":
+            raise ValueError("fastmf.nn.EmbeddingBag: mode 'max' is not supported (its "
+                             "gradient is not a weighted sum of rows); use 'sum' or 'mean'")
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"fastmf.nn.EmbeddingBag: unknown mode {mode!r}; expected 'sum' "
+                             "or 'mean'")
+        super().__init__("nn.EmbeddingBag", num_embeddings, dim, backend, dtype, device,
+                         init_scale, stochastic_rounding)
+        self.mode, self.include_last_offset = mode, bool(include_last_offset)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, mode={self.mode!r}"
+                + (", include_last_offset=True" if self.include_last_offset else ""))
+
+    def forward(self, ids: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        op = "nn.EmbeddingBag"
+        _check_ids(op, ids)
+        if per_sample_weights is not None:
+            if self.mode != "sum":
+                raise ValueError(f"fastmf.{op}: per_sample_weights is only supported with "
+                                 f"mode='sum', got mode={self.mode!r}")
+            if not isinstance(per_sample_weights, torch.Tensor) or \
+                    not per_sample_weights.is_floating_point():
+                what = (per_sample_weights.dtype if isinstance(per_sample_weights, torch.Tensor)
+                        else type(per_sample_weights).__name__)
+                raise TypeError(f"fastmf.{op}: per_sample_weights must be a float tensor, got "
+                                f"{what}")
+            if per_sample_weights.shape != ids.shape:
+                raise ValueError(f"fastmf.{op}: per_sample_weights has shape "
+                                 f"{tuple(per_sample_weights.shape)}, expected "
+                                 f"{tuple(ids.shape)} like ids")
+            per_sample_weights = per_sample_weights.reshape(-1).to(
+                checks.accumulation_dtype(self.weight.dtype))
+        flat, offsets = self._bags(op, ids, offsets)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights[:flat.shape[0]]
+        pooling = Pooling.SUM if self.mode == "sum" else Pooling.MEAN
+        return self._lookup(flat, offsets, per_sample_weights, pooling)
+
+    def _bags(self, op: str, ids: Tensor, offsets: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(indices (L,), offsets (B+1,) of the ids' dtype) in the ops' CSR form."""
+        if ids.dim() == 2:
+            if offsets is not None:
+                raise ValueError(f"fastmf.{op}: offsets must be None when ids is 2-D (B, L), "
+                                 f"got a tensor of shape {tuple(offsets.shape)}")
+            num_bags, size = ids.shape
+            starts = torch.arange(num_bags + 1, dtype=ids.dtype, device=ids.device) * size
+            return ids.reshape(-1), starts
+        if ids.dim() != 1:
+            raise ValueError(f"fastmf.{op}: ids must be 1-D (with offsets) or 2-D (B, L), got "
+                             f"shape {tuple(ids.shape)}")
+        if offsets is None:
+            raise ValueError(f"fastmf.{op}: offsets is required when ids is 1-D")
+        checks.check_index_tensor(op, "offsets", offsets)
+        offsets = offsets.to(device=ids.device, dtype=ids.dtype)
+        num_ids = ids.shape[0]
+        if not self.include_last_offset:
+            if offsets.numel() == 0 and num_ids:
+                raise ValueError(f"fastmf.{op}: offsets is empty but ids has {num_ids} ids")
+            end = torch.tensor([num_ids], dtype=ids.dtype, device=ids.device)
+            checks.check_offsets_values(op, offsets, num_ids, last="at_most")
+            return ids, torch.cat([offsets, end])
+        if offsets.numel() == 0:
+            raise ValueError(f"fastmf.{op}: with include_last_offset, offsets needs one entry "
+                             "per bag plus one, got 0 entries")
+        checks.check_offsets_values(op, offsets, num_ids, last="at_most")
+        return ids[:int(offsets[-1])], offsets

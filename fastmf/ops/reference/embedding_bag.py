@@ -1,0 +1,343 @@
+"""The spec of the embedding_bag op family: bag forward (gather + pooling + per-sample
+weights), its backward, the exact deduplicated sparse optimizer step (``sparse_update``) and
+the backward fused with that step (``embedding_bag_backward_update``). The C++, Numba and
+CUDA kernels are tested against these functions; each checks its inputs with
+:mod:`fastmf.ops.checks`, before anything is written.
+
+Bags are CSR: ``indices`` (L,) int32/int64 ids in [0, N); ``offsets`` (B+1,) of the same
+dtype with ``offsets[0] == 0``, non-decreasing, ``offsets[B] == L``; bag b is
+``indices[offsets[b]:offsets[b+1]]`` (possibly empty). ``pooling`` is a
+:class:`~fastmf.ops.codes.Pooling` (or its code / name).
+
+Types: ``weight`` (N, K) is float32, float64, float16 or bfloat16. Everything is computed in
+the *accumulation type*, float64 for float64 weights and float32 otherwise; the bag output
+has that type (so float16/bfloat16 tables give float32 outputs, FBGEMM's default), and so do
+``per_sample_weights`` and every optimizer state. Sums run in index order (j ascending).
+
+Optimizer states are a pair ``(state1, state2)``::
+
+    SGD               (None, None)
+    ADAGRAD           (sum (N, K), None)
+    ROWWISE_ADAGRAD   (sum (N,), None)
+    ADAM              (exp_avg (N, K), exp_avg_sq (N, K))
+    ROWWISE_ADAM      (exp_avg (N, K), exp_avg_sq (N,))
+
+The step of one unique row, with ``g`` the sum of its gradient rows (in order of occurrence)
+and ``w`` the row before the step, both in the accumulation type, ``t`` = ``step``::
+
+    L2 weight decay:         g += weight_decay * w
+    DECOUPLED weight decay:  w -= lr * weight_decay * w
+    SGD:              w -= lr * g
+    ADAGRAD:          G += g²;  w -= lr * g / (√G + eps)
+    ROWWISE_ADAGRAD:  G += mean_k(g²);  w -= lr * g / (√G + eps)
+    ADAM (torch.optim.SparseAdam):
+                      m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·g²
+                      w -= (lr · √(1-b2^t) / (1-b1^t)) · m / (√v + eps)
+    ROWWISE_ADAM (FBGEMM PARTIAL_ROWWISE_ADAM):
+                      m = b1·m + (1-b1)·g;  v = b2·v + (1-b2)·mean_k(g²)
+                      w -= (lr / (1-b1^t)) · m / (√(v / (1-b2^t)) + eps)
+
+Note the two Adams place eps differently, each as its anchor does: torch's SparseAdam adds
+eps to √v and folds √(1-b2^t) into the step size; FBGEMM adds it to the bias-corrected √v̂.
+Scalars (lr, eps, betas, bias corrections) are computed in double and used in the
+accumulation type. Rows the step does not touch are not changed (no decay either).
+
+Writing back to a float16/bfloat16 weight: round to nearest even, or, with
+``stochastic_rounding``, the counter-based stochastic rounding of :func:`stochastic_round`.
+
+>>> import torch
+>>> from fastmf.ops.reference import embedding_bag_forward
+>>> w = torch.arange(6.0).view(3, 2)
+>>> embedding_bag_forward(w, torch.tensor([0, 2, 2]), torch.tensor([0, 1, 3]), None, "sum")
+tensor([[ 0.,  1.],
+        [ 8., 10.]])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastmf.ops import checks
+from fastmf.ops.codes import Optimizer, Pooling, WeightDecay, parse
+
+__all__ = ["embedding_bag_backward", "embedding_bag_backward_update", "embedding_bag_forward",
+           "random_bits", "sparse_update", "stochastic_round"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _bags(offsets: Tensor, num_indices: int) -> tuple[Tensor, Tensor]:
+    """(bag of each index (L,) int64, size of each bag (B,) int64)."""
+    o = offsets.long()
+    sizes = o[1:] - o[:-1]
+    # index j is in the bag whose end is the first one past j (empty bags are skipped)
+    bag = torch.searchsorted(o[1:], torch.arange(num_indices, device=offsets.device),
+                             right=True)
+    return bag, sizes
+
+
+def embedding_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor,
+                          per_sample_weights: Tensor | None, pooling) -> Tensor:
+    """``out[b] = Σ_{j in bag b} w_j · weight[indices[j]]`` (``w_j`` = per_sample_weights[j]
+    or 1), divided by the bag size for MEAN; an empty bag gives zeros.
+
+    weight (N, K); indices (L,); offsets (B+1,); per_sample_weights (L,) in the accumulation
+    type, SUM only, or None. Returns (B, K) in the accumulation type.
+    """
+    op = "embedding_bag_forward"
+    pooling = parse(Pooling, pooling, op, "pooling")
+    checks.check_embedding_bag_forward(op, weight, indices, offsets, per_sample_weights,
+                                       pooling)
+    acc = checks.accumulation_dtype(weight.dtype)
+    num_bags, dim = offsets.shape[0] - 1, weight.shape[1]
+    bag, sizes = _bags(offsets, indices.shape[0])
+    rows = weight.detach()[indices.long()].to(acc)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.detach().unsqueeze(1)
+    out = torch.zeros(num_bags, dim, dtype=acc, device=weight.device)
+    # index_add_ adds source rows in index order: the j-ascending sum the spec asks for.
+    out.index_add_(0, bag, rows)
+    if pooling == Pooling.MEAN:
+        out = out / sizes.clamp(min=1).to(acc).unsqueeze(1)
+    return out
+
+
+def embedding_bag_backward(grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                           per_sample_weights: Tensor | None, pooling) -> Tensor:
+    """The gradient rows of the forward w.r.t. the gathered weight rows: (L, K) in
+    grad_output's dtype, ``grad_rows[j] = w_j · grad_output[bag(j)]`` (MEAN:
+    ``grad_output[bag(j)] / size(bag(j))``). These are the values of the weight's COO
+    gradient, one row per index (uncoalesced), as ``nn.EmbeddingBag(sparse=True)`` gives.
+
+    grad_output (B, K); indices (L,); offsets (B+1,); per_sample_weights (L,) or None.
+    """
+    op = "embedding_bag_backward"
+    pooling = parse(Pooling, pooling, op, "pooling")
+    checks.check_embedding_bag_backward(op, grad_output, indices, offsets, per_sample_weights,
+                                        pooling)
+    bag, sizes = _bags(offsets, indices.shape[0])
+    rows = grad_output[bag]
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(1)
+    elif pooling == Pooling.MEAN:
+        rows = rows / sizes[bag].to(grad_output.dtype).unsqueeze(1)
+    return rows
+
+
+def per_sample_weights_grad(grad_output: Tensor, weight: Tensor, indices: Tensor,
+                            offsets: Tensor) -> Tensor:
+    """``grad_psw[j] = <grad_output[bag(j)], weight[indices[j]]>`` (L,), in grad_output's
+    dtype (SUM pooling: the only one per-sample weights are allowed with)."""
+    bag, _ = _bags(offsets, indices.shape[0])
+    rows = weight.detach()[indices.long()].to(grad_output.dtype)
+    return (grad_output[bag] * rows).sum(1)
+
+
+# --- stochastic rounding ------------------------------------------------------------------
+
+def _splitmix64_int(x: int) -> int:
+    """splitmix64 on a plain Python int (uint64, wrapping)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _as_int64(x: int) -> int:
+    """A uint64 value as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _shr(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 bits (torch's >> on int64 is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(x: Tensor) -> Tensor:
+    """splitmix64 on int64 tensors holding uint64 bits; int64 add/mul wrap mod 2**64 like
+    uint64, and _shr masks the sign extension away."""
+    x = x + _as_int64(0x9E3779B97F4A7C15)
+    x = (x ^ _shr(x, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _as_int64(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def random_bits(rows: Tensor, num_cols: int, seed: int, step: int) -> Tensor:
+    """The 32 random bits of every element (row r, column c) of a ``num_cols``-wide table at
+    (seed, step): ``low32(splitmix64(key ^ (r * num_cols + c)))`` with
+    ``key = splitmix64(splitmix64(seed) ^ step)``. (R, num_cols) int64 in [0, 2**32)."""
+    key = _splitmix64_int(_splitmix64_int(seed & _MASK64) ^ (step & _MASK64))
+    counter = rows.long().unsqueeze(1) * num_cols + torch.arange(num_cols, device=rows.device)
+    return _splitmix64(counter ^ _as_int64(key)) & 0xFFFFFFFF
+
+
+def stochastic_round(values: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
+    """float32 ``values`` rounded to float16/bfloat16 with the random ``bits`` (same shape,
+    int64 in [0, 2**32)): add ``bits`` to the float32 bit pattern below the target's
+    precision (13 bits for float16, 16 for bfloat16) and cut those bits (rounding the
+    magnitude toward zero), so a value rounds up with probability equal to its distance
+    from the lower neighbour: E[round(v)] = v.
+
+    float16 (FBGEMM's rule): values that are not finite, ``|v| >= 65504`` or in float16's
+    subnormal range ``|v| < 2**-14`` are cast to nearest instead. bfloat16: non-finite
+    values, and values whose rounding up would overflow to inf, are cast to nearest.
+    """
+    if dtype == torch.float16:
+        drop = 13
+    elif dtype == torch.bfloat16:
+        drop = 16
+    else:
+        raise TypeError(f"fastmf.stochastic_round: dtype must be float16 or bfloat16, got "
+                        f"{dtype}")
+    values = values.to(torch.float32).contiguous()
+    pattern = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (pattern + _shr(bits, 32 - drop)) & (0xFFFFFFFF ^ ((1 << drop) - 1))
+    rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded)
+    result = rounded.to(torch.int32).view(torch.float32)
+    if dtype == torch.float16:
+        magnitude = values.abs()
+        plain = ~torch.isfinite(values) | (magnitude >= 65504.0) | (magnitude < 2.0 ** -14)
+    else:
+        plain = ~torch.isfinite(values) | ~torch.isfinite(result)
+    return torch.where(plain, values, result).to(dtype)
+
+
+def _write_rows(weight: Tensor, rows: Tensor, values: Tensor, seed: int, step: int,
+                stochastic_rounding: bool) -> None:
+    """weight[rows] = values (accumulation type), rounded to the weight's dtype."""
+    if weight.dtype in checks.HALF_DTYPES and stochastic_rounding:
+        num_cols = weight.shape[1] if weight.dim() == 2 else 1
+        bits = random_bits(rows, num_cols, seed, step).view(values.shape)
+        weight[rows] = stochastic_round(values, weight.dtype, bits)
+    else:
+        weight[rows] = values.to(weight.dtype)
+
+
+# --- the sparse step ----------------------------------------------------------------------
+
+def coalesce_ids(ids: Tensor, grad_rows: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Unique ids (ascending, int64) and the sum of each one's grad rows in order of
+    occurrence, in the accumulation type ``acc``."""
+    unique, inverse = torch.unique(ids.long(), return_inverse=True)
+    summed = torch.zeros((unique.numel(),) + tuple(grad_rows.shape[1:]), dtype=acc,
+                         device=grad_rows.device)
+    summed.index_add_(0, inverse, grad_rows.to(acc))
+    return unique, summed
+
+
+def _row_mean(x: Tensor) -> Tensor:
+    """mean_k over a row of a 2-D tensor; a 1-D tensor is its own per-row value."""
+    return x.mean(1) if x.dim() == 2 else x
+
+
+def _per_row(x: Tensor, like: Tensor) -> Tensor:
+    """A per-row value (R,) broadcast against rows ``like`` (R, K) or (R,)."""
+    return x.unsqueeze(1) if like.dim() == 2 else x
+
+
+def _apply_step(weight, state1, state2, unique, g, optimizer, lr, eps, beta1, beta2,
+                weight_decay, weight_decay_mode, step, seed, stochastic_rounding) -> None:
+    """One update of the rows ``unique`` with their summed gradients ``g`` (accumulation
+    type); arguments already checked."""
+    w = weight[unique].to(g.dtype)
+    if weight_decay_mode == WeightDecay.L2 and weight_decay != 0:
+        g = g + weight_decay * w
+    elif weight_decay_mode == WeightDecay.DECOUPLED and weight_decay != 0:
+        w = w - lr * weight_decay * w
+    if optimizer == Optimizer.SGD:
+        w = w - lr * g
+    elif optimizer in (Optimizer.ADAGRAD, Optimizer.ROWWISE_ADAGRAD):
+        square = g * g if optimizer == Optimizer.ADAGRAD else _row_mean(g * g)
+        sum_square = state1[unique] + square
+        state1[unique] = sum_square
+        denom = sum_square.sqrt() + eps
+        if optimizer == Optimizer.ROWWISE_ADAGRAD:
+            denom = _per_row(denom, g)
+        w = w - lr * g / denom
+    else:
+        exp_avg = beta1 * state1[unique] + (1 - beta1) * g
+        square = g * g if optimizer == Optimizer.ADAM else _row_mean(g * g)
+        exp_avg_sq = beta2 * state2[unique] + (1 - beta2) * square
+        state1[unique] = exp_avg
+        state2[unique] = exp_avg_sq
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        if optimizer == Optimizer.ADAM:
+            step_size = lr * math.sqrt(bias_correction2) / bias_correction1
+            w = w - step_size * exp_avg / (exp_avg_sq.sqrt() + eps)
+        else:
+            denom = _per_row((exp_avg_sq / bias_correction2).sqrt() + eps, g)
+            w = w - (lr / bias_correction1) * exp_avg / denom
+    _write_rows(weight, unique, w, seed, step, stochastic_rounding)
+
+
+def _parse_codes(op: str, optimizer, pooling=None, weight_decay_mode=WeightDecay.NONE):
+    optimizer = parse(Optimizer, optimizer, op, "optimizer")
+    weight_decay_mode = parse(WeightDecay, weight_decay_mode, op, "weight_decay_mode")
+    if pooling is None:
+        return optimizer, weight_decay_mode
+    return optimizer, weight_decay_mode, parse(Pooling, pooling, op, "pooling")
+
+
+@torch.no_grad()
+def sparse_update(weight: Tensor, state1: Tensor | None, state2: Tensor | None, ids: Tensor,
+                  grad_rows: Tensor, optimizer, lr: float, eps: float, beta1: float,
+                  beta2: float, weight_decay: float, weight_decay_mode, step: int, seed: int,
+                  stochastic_rounding: bool) -> None:
+    """In place: the exact deduplicated sparse step (see the module docstring). For each
+    unique id, ascending, ``g`` = the sum of its ``grad_rows`` in order of occurrence; then
+    one update of that row and its states. An empty ``ids`` changes nothing.
+
+    weight (N, K) or (N,) (biases; row-wise variants then act element-wise); ids (L,)
+    int32/int64; grad_rows (L, K) or (L,) in the weight's dtype (or float32 for
+    float16/bfloat16 weights); states as in the module docstring; ``optimizer`` and
+    ``weight_decay_mode`` members, codes or names. ``step`` is the optimizer's step count
+    after incrementing it for this step (>= 1).
+    """
+    op = "sparse_update"
+    optimizer, weight_decay_mode = _parse_codes(op, optimizer,
+                                                weight_decay_mode=weight_decay_mode)
+    checks.check_sparse_update_inputs(op, weight, state1, state2, ids, grad_rows, optimizer,
+                                      lr, eps, beta1, beta2, weight_decay, weight_decay_mode,
+                                      step, seed)
+    if ids.numel() == 0:
+        return
+    unique, g = coalesce_ids(ids, grad_rows, checks.accumulation_dtype(weight.dtype))
+    _apply_step(weight, state1, state2, unique, g, optimizer, lr, eps, beta1, beta2,
+                weight_decay, weight_decay_mode, step, seed, bool(stochastic_rounding))
+
+
+@torch.no_grad()
+def embedding_bag_backward_update(weight: Tensor, state1: Tensor | None, state2: Tensor | None,
+                                  grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                                  per_sample_weights: Tensor | None, pooling, optimizer,
+                                  lr: float, eps: float, beta1: float, beta2: float,
+                                  weight_decay: float, weight_decay_mode, step: int, seed: int,
+                                  stochastic_rounding: bool) -> None:
+    """In place: the backward of :func:`embedding_bag_forward` fused with
+    :func:`sparse_update` — the same numbers as
+    ``sparse_update(weight, state1, state2, indices, embedding_bag_backward(grad_output,
+    indices, offsets, per_sample_weights, pooling), ...)`` (a kernel groups the indices by
+    id, stable, and sums ``w_j · grad_output[bag(j)]`` (/ bag size) per id in occurrence
+    order without materialising the (L, K) rows; the spec writes the composition).
+
+    weight (N, K); grad_output (B, K) in the accumulation type; the rest as in
+    :func:`embedding_bag_forward` and :func:`sparse_update`.
+    """
+    op = "embedding_bag_backward_update"
+    optimizer, weight_decay_mode, pooling = _parse_codes(op, optimizer, pooling,
+                                                         weight_decay_mode)
+    checks.check_backward_update_inputs(op, weight, state1, state2, grad_output, indices,
+                                        offsets, per_sample_weights, pooling, optimizer, lr,
+                                        eps, beta1, beta2, weight_decay, weight_decay_mode,
+                                        step, seed)
+    if indices.numel() == 0:
+        return
+    grad_rows = embedding_bag_backward(grad_output, indices, offsets, per_sample_weights,
+                                       pooling)
+    unique, g = coalesce_ids(indices, grad_rows, checks.accumulation_dtype(weight.dtype))
+    _apply_step(weight, state1, state2, unique, g, optimizer, lr, eps, beta1, beta2,
+                weight_decay, weight_decay_mode, step, seed, bool(stochastic_rounding))

@@ -1,0 +1,354 @@
+"""fastmf.optim on fastmf.nn tables: 20 unfused and 20 fused (apply_in_backward) steps
+against torch.optim.SGD / Adagrad / SparseAdam on textbook modules with identical initial
+weights; weight decay (dense: torch's numbers; sparse: touched rows, against a hand-written
+loop); the row-wise variants against their formulas; bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastmf
+from fastmf.ops import reference
+from fastmf.testing import BACKENDS, ID_DTYPES, tolerance, zipf_ids
+
+N, K, STEPS = 50, 8, 20
+TOL = tolerance(torch.float32)
+
+
+def _batch(rng, size, id_dtype=torch.int64):
+    ids = zipf_ids(N, size, generator=rng, dtype=id_dtype)
+    return ids, torch.from_numpy(rng.uniform(-1, 1, size)).float()
+
+
+def _loss(out, targets, proj):
+    return ((out * proj).sum(1) - targets).pow(2).mean()
+
+
+TORCH_OPTIMIZERS = {
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.2),
+            lambda p: fastmf.optim.SparseSGD(p, lr=0.2)),
+    "adagrad": (lambda p: torch.optim.Adagrad(p, lr=0.2),
+                lambda p: fastmf.optim.SparseAdagrad(p, lr=0.2)),
+    "adam": (lambda p: torch.optim.SparseAdam(p, lr=0.05, betas=(0.8, 0.99)),
+             lambda p: fastmf.optim.SparseAdam(p, lr=0.05, betas=(0.8, 0.99))),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(TORCH_OPTIMIZERS))
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("module", ["Embedding", "EmbeddingBag"])
+def test_twenty_steps_match_torch(backend, name, fused, id_dtype, module):
+    torch.manual_seed(0)
+    if module == "Embedding":
+        ours = fastmf.nn.Embedding(N, K, backend=backend)
+        theirs = torch.nn.Embedding(N, K, sparse=True)
+    else:
+        ours = fastmf.nn.EmbeddingBag(N, K, "mean", backend=backend)
+        theirs = torch.nn.EmbeddingBag(N, K, mode="mean", sparse=True)
+    with torch.no_grad():
+        theirs.weight.copy_(ours.weight)
+    make_torch, make_ours = TORCH_OPTIMIZERS[name]
+    opt_theirs, opt_ours = make_torch(theirs.parameters()), make_ours(ours.parameters())
+    if fused:
+        fastmf.optim.apply_in_backward(opt_ours)
+    rng = np.random.default_rng(1)
+    proj = torch.randn(K)
+    for step in range(STEPS):
+        size = 0 if step == 3 else 64  # an empty batch still counts as a step (torch too)
+        ids, targets = _batch(rng, size * 3 if module == "EmbeddingBag" else size, id_dtype)
+        if module == "EmbeddingBag":
+            offsets = torch.arange(0, ids.numel(), 3, dtype=id_dtype)
+            targets = targets[:size]
+            calls = ((ours, (ids, offsets)), (theirs, (ids, offsets)))
+        else:
+            calls = ((ours, (ids,)), (theirs, (ids,)))
+        for (m, args), opt in zip(calls, (opt_ours, opt_theirs)):
+            opt.zero_grad()
+            _loss(m(*args), targets, proj).backward()
+            opt.step()
+        if fused:
+            assert ours.weight.grad is None
+    torch.testing.assert_close(ours.weight.detach(), theirs.weight.detach(), **TOL)
+    state_ours, state_theirs = opt_ours.state[ours.weight], opt_theirs.state[theirs.weight]
+    for key in ("sum", "exp_avg", "exp_avg_sq"):
+        if key in state_theirs:
+            torch.testing.assert_close(state_ours[key], state_theirs[key], **TOL)
+    if name == "adam":
+        assert state_ours["step"] == state_theirs["step"] == STEPS
+
+
+# --- weight decay ---------------------------------------------------------------------------
+
+DENSE_WITH_DECAY = {
+    "sgd": (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.05),
+            lambda p: fastmf.optim.SparseSGD(p, lr=0.1, weight_decay=0.05)),
+    "adagrad": (lambda p: torch.optim.Adagrad(p, lr=0.1, weight_decay=0.05),
+                lambda p: fastmf.optim.SparseAdagrad(p, lr=0.1, weight_decay=0.05)),
+    "adam": (lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.05),
+             lambda p: fastmf.optim.SparseAdam(p, lr=0.01, weight_decay=0.05)),
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.05),
+              lambda p: fastmf.optim.SparseAdam(p, lr=0.01, weight_decay=0.05,
+                                                decoupled_weight_decay=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE_WITH_DECAY))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_gradients_give_torch_numbers(name, dtype):
+    """Dense gradients (an MLP, or a table used through F.linear) step as torch's optimizer
+    with the same weight decay, including a 1-D and a 0-D parameter."""
+    torch.manual_seed(3)
+    params = [torch.randn(6, 4, dtype=dtype), torch.randn(4, dtype=dtype),
+              torch.randn((), dtype=dtype)]
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    theirs = [torch.nn.Parameter(p.clone()) for p in params]
+    make_torch, make_ours = DENSE_WITH_DECAY[name]
+    opt_ours, opt_theirs = make_ours(ours), make_torch(theirs)
+    x = torch.randn(16, 6, dtype=dtype)
+    for _ in range(STEPS):
+        for ps, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            ((x @ ps[0] + ps[1]) * ps[2]).tanh().pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), **tolerance(dtype))
+
+
+def _hand_written_step(weight, states, ids, grad_rows, name, lr, eps, betas, decay, decoupled,
+                       step):
+    """One sparse step written as a loop over the unique ids (float64)."""
+    w = weight.double().clone()
+    states = [None if s is None else s.double().clone() for s in states]
+    b1, b2 = betas
+    for r in sorted(set(ids.tolist())):
+        g = grad_rows[ids == r].double().sum(0)
+        if decay and not decoupled:
+            g = g + decay * w[r]
+        if decay and decoupled:
+            w[r] = w[r] - lr * decay * w[r]
+        if name == "sgd":
+            w[r] -= lr * g
+        elif name == "adagrad":
+            states[0][r] += g * g
+            w[r] -= lr * g / (states[0][r].sqrt() + eps)
+        elif name == "rowwise_adagrad":
+            states[0][r] += (g * g).mean()
+            w[r] -= lr * g / (states[0][r].sqrt() + eps)
+        elif name == "adam":
+            states[0][r] = b1 * states[0][r] + (1 - b1) * g
+            states[1][r] = b2 * states[1][r] + (1 - b2) * g * g
+            size = lr * math.sqrt(1 - b2 ** step) / (1 - b1 ** step)
+            w[r] -= size * states[0][r] / (states[1][r].sqrt() + eps)
+        else:  # rowwise_adam (FBGEMM PARTIAL_ROWWISE_ADAM)
+            states[0][r] = b1 * states[0][r] + (1 - b1) * g
+            states[1][r] = b2 * states[1][r] + (1 - b2) * (g * g).mean()
+            v_hat = states[1][r] / (1 - b2 ** step)
+            w[r] -= lr / (1 - b1 ** step) * states[0][r] / (v_hat.sqrt() + eps)
+    return w, states
+
+
+def _fastmf_optimizer(name, params, decay, decoupled=False, backend="reference"):
+    if name == "sgd":
+        return fastmf.optim.SparseSGD(params, lr=0.1, weight_decay=decay, backend=backend)
+    if name in ("adagrad", "rowwise_adagrad"):
+        return fastmf.optim.SparseAdagrad(params, lr=0.1, eps=1e-6, weight_decay=decay,
+                                          rowwise=name == "rowwise_adagrad", backend=backend)
+    return fastmf.optim.SparseAdam(params, lr=0.05, betas=(0.8, 0.95), eps=1e-6,
+                                   rowwise=name == "rowwise_adam", weight_decay=decay,
+                                   decoupled_weight_decay=decoupled, backend=backend)
+
+
+NAMES = ["sgd", "adagrad", "rowwise_adagrad", "adam", "rowwise_adam"]
+
+
+# decoupled weight decay is a SparseAdam option
+DECAY_CASES = [(name, decay) for name in NAMES for decay in (0.0, 0.1)] + [
+    ("adam", "decoupled"), ("rowwise_adam", "decoupled")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,decay", DECAY_CASES)
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_sparse_steps_match_hand_written_loop(backend, name, decay, fused):
+    """Every optimizer, with and without (L2 / decoupled) weight decay, fused or not: the
+    touched rows change as the loop says, the others do not change at all."""
+    decoupled = decay == "decoupled"
+    decay = 0.1 if decoupled else decay
+    torch.manual_seed(5)
+    emb = fastmf.nn.Embedding(N, K, backend=backend)
+    opt = _fastmf_optimizer(name, emb.parameters(), decay, decoupled, backend)
+    if fused:
+        fastmf.optim.apply_in_backward(opt)
+    group = opt.param_groups[0]
+    rng = np.random.default_rng(6)
+    for step in range(1, 6):
+        ids, targets = _batch(rng, 40)
+        upstream = torch.randn(40, K)
+        before = emb.weight.detach().clone()
+        states = [t.clone() if isinstance(t, torch.Tensor) else None
+                  for t in _states(opt, emb.weight)]
+        grad_rows = upstream  # d(sum(out * upstream))/d(row) = upstream
+        expected, expected_states = _hand_written_step(
+            before, states, ids, grad_rows, name, group["lr"], group.get("eps", 0.0),
+            group.get("betas", (0.9, 0.999)), decay, decoupled, step)
+        opt.zero_grad()
+        (emb(ids) * upstream).sum().backward()
+        opt.step()
+        torch.testing.assert_close(emb.weight.detach().double(), expected, **TOL)
+        for got, want in zip(_states(opt, emb.weight), expected_states):
+            if want is not None:
+                torch.testing.assert_close(got.double(), want, **TOL)
+        untouched = torch.ones(N, dtype=torch.bool)
+        untouched[ids] = False
+        assert torch.equal(emb.weight.detach()[untouched], before[untouched])
+
+
+def _states(opt, weight):
+    state = opt.state[weight]
+    if "sum" in state:
+        return state["sum"], None
+    if "exp_avg" in state:
+        return state["exp_avg"], state["exp_avg_sq"]
+    return None, None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rowwise_memory_and_state_dtypes(name):
+    """State per row: Adagrad K, row-wise Adagrad 1, Adam 2K, row-wise Adam K + 1; float32
+    for half tables."""
+    emb = fastmf.nn.Embedding(N, K, dtype=torch.float16)
+    opt = _fastmf_optimizer(name, emb.parameters(), 0.0)
+    states = [s for s in _states(opt, emb.weight) if s is not None]
+    per_row = sum(s.numel() for s in states) // N
+    assert per_row == {"sgd": 0, "adagrad": K, "rowwise_adagrad": 1, "adam": 2 * K,
+                       "rowwise_adam": K + 1}[name]
+    assert all(s.dtype == torch.float32 for s in states)
+
+
+def _ulp(values, dtype):
+    """The spacing of ``dtype`` (float16/bfloat16, normal range) at each float64 value."""
+    mantissa_bits = 10 if dtype == torch.float16 else 7
+    exponent = torch.floor(torch.log2(values.abs().clamp(min=2.0 ** -14)))
+    return torch.pow(2.0, exponent - mantissa_bits)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_half_tables_step_in_float32(name, dtype, stochastic):
+    """A half table's fused step is the float32 step of its rows written back to one of the
+    two neighbouring half values (stochastic rounding; reproducible with the module's seed),
+    or to the nearest one (stochastic_rounding=False)."""
+    results = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        emb = fastmf.nn.Embedding(N, K, dtype=dtype, stochastic_rounding=stochastic)
+        opt = fastmf.optim.apply_in_backward(_fastmf_optimizer(name, emb.parameters(), 0.0))
+        ids = zipf_ids(N, 30, generator=np.random.default_rng(8))
+        upstream = torch.randn(30, K, generator=torch.Generator().manual_seed(9))
+        before = emb.weight.detach().clone()
+        states = [None if s is None else s.clone() for s in _states(opt, emb.weight)]
+        group = opt.param_groups[0]
+        expected, _ = _hand_written_step(before, states, ids, upstream, name, group["lr"],
+                                         group.get("eps", 0.0), group.get("betas", (0.9, 0.999)),
+                                         0.0, False, 1)
+        (emb(ids) * upstream).sum().backward()
+        got = emb.weight.detach().double()
+        # one of the two neighbours (stochastic) or the nearest; 1e-3 ulp of slack for the
+        # float32 arithmetic against this float64 loop
+        bound = _ulp(expected, dtype) * (1.001 if stochastic else 0.501)
+        assert bool(((got - expected).abs() <= bound).all())
+        results.append(got)
+    assert torch.equal(results[0], results[1])
+
+
+# --- bad settings and misuse: clear errors, nothing written --------------------------------
+
+@pytest.mark.parametrize("setting", ["lr", "eps", "beta1", "beta2", "weight_decay"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_bad_settings_write_nothing(setting, value, fused):
+    emb = fastmf.nn.Embedding(N, K)
+    opt = fastmf.optim.SparseAdam(emb.parameters(), lr=0.01)
+    if fused:
+        fastmf.optim.apply_in_backward(opt)
+    group = opt.param_groups[0]
+    if setting.startswith("beta"):
+        betas = list(group["betas"])
+        betas[int(setting[-1]) - 1] = value
+        group["betas"] = tuple(betas)
+    else:
+        group[setting] = value
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"fastmf\.SparseAdam\.step: {setting} must be"):
+        emb(torch.tensor([1, 2, 2])).sum().backward()
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)
+    assert opt.state[emb.weight].get("step", 0) == 0
+    with pytest.raises(ValueError, match=rf"fastmf\.SparseAdam: {setting} must be"):
+        kw = {"betas": (value, 0.9) if setting == "beta1" else (0.9, value)} \
+            if setting.startswith("beta") else {setting: value}
+        fastmf.optim.SparseAdam(emb.parameters(), **kw)
+
+
+def test_beta_of_one_is_refused():
+    emb = fastmf.nn.Embedding(N, K)
+    with pytest.raises(ValueError, match=r"fastmf\.SparseAdam: beta2 must be in \[0, 1\), "
+                                         "got 1.0"):
+        fastmf.optim.SparseAdam(emb.parameters(), betas=(0.9, 1.0))
+
+
+def test_apply_in_backward_misuse():
+    emb = fastmf.nn.Embedding(N, K)
+    with pytest.raises(TypeError, match=r"apply_in_backward: optimizer must be a fastmf\.optim "
+                                        "sparse optimizer.*got Adagrad"):
+        fastmf.optim.apply_in_backward(torch.optim.Adagrad(emb.parameters()))
+    with pytest.raises(ValueError, match="holds no fastmf.nn Embedding/EmbeddingBag weight"):
+        fastmf.optim.apply_in_backward(fastmf.optim.SparseSGD([torch.nn.Parameter(
+            torch.rand(3))]))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        twice = fastmf.optim.SparseSGD([emb.weight, emb.weight], lr=0.1)
+    with pytest.raises(ValueError, match=r"holds the Embedding\(50, 8\) weight twice"):
+        fastmf.optim.apply_in_backward(twice)
+    opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseSGD(emb.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match=r"the Embedding\(50, 8\) weight is already updated "
+                                           "in backward"):
+        fastmf.optim.apply_in_backward(opt)
+    with pytest.raises(RuntimeError, match="already updated in backward"):
+        fastmf.optim.apply_in_backward(fastmf.optim.SparseAdam(emb.parameters()))
+    # the failed calls changed nothing: the first optimizer still owns the weight
+    before = emb.weight.detach().clone()
+    emb(torch.tensor([4])).sum().backward()
+    torch.testing.assert_close(emb.weight.detach()[4], before[4] - 0.1)
+
+
+def test_deleted_optimizer_returns_the_weight_to_sparse_gradients():
+    emb = fastmf.nn.Embedding(N, K)
+    opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseSGD(emb.parameters(), lr=0.1))
+    del opt
+    emb(torch.tensor([4, 4])).sum().backward()
+    assert emb.weight.grad is not None and emb.weight.grad.is_sparse
+
+
+def test_fused_mf_step_refuses_adam_codes_and_weight_decay():
+    from fastmf.ops import MFTables, Optimizer, OptimizerArgs
+
+    tables = MFTables(torch.rand(4, 2), torch.rand(3, 2))
+    states = MFTables(torch.rand(4, 2), torch.rand(3, 2))
+    u, i, t = torch.tensor([0, 1]), torch.tensor([2, 0]), torch.rand(2)
+    for code in (Optimizer.ADAM, Optimizer.ROWWISE_ADAM):
+        with pytest.raises(ValueError, match=rf"fastmf\.train_step: unknown optimizer code "
+                                             rf"{int(code)}; expected 0\.\.2"):
+            reference.train_step(tables, states, u, i, t, 0.0, "mse", 0.0,
+                                 OptimizerArgs(code, 0.1, 1e-8))
+    model = fastmf.MF(4, 3, dim=2, sparse=True)
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.1, weight_decay=0.01)
+    with pytest.raises(ValueError, match=r"fastmf\.train_step: the fused MF step has no "
+                                         "weight_decay"):
+        fastmf.train_step(model, opt, u, i, t)
