@@ -63,6 +63,8 @@ def _version() -> str:
 
 def extension():
     with_cuda = _want_cuda()
+    # csrc/fastmf.cpp (the schemas) and one translation unit per op family and device:
+    # csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu (plus the CUDA helpers' own .cu files).
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     torch_version = torch.__version__.split("+")[0]

@@ -55,28 +55,23 @@ import fastmf.ops  # noqa: F401  (registers fake kernels and autograd)
 info = C.build_info()
 print("build_info:", info)
 assert info["cuda"], "extension built without CUDA"
+# Every op of every family (csrc/{cpu,cuda}/<family>): pointwise, pairwise, topk.
 ops = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step",
        "train_step_pairwise", "topk_scores"]
 for op in ops:
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmf::{op}", "CUDA"), op
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmf::{op}", "CPU"), op
 assert torch._C._dispatch_has_kernel_for_dispatch_key(
     "fastmf::check_device_errors", "CompositeImplicitAutograd")
 print("CUDA kernels registered:", ", ".join(ops), "+ check_device_errors")
 fastmf.ops.check_device_errors()  # no GPU: nothing to check, must not fail
 
-# CPU tensors go to the CPU kernels (when this tree has them), never to the CUDA ones.
+# CPU tensors go to the CPU kernels, never to the CUDA ones.
 p, q = torch.rand(5, 4), torch.rand(3, 4)
 users, items = torch.tensor([0, 4, 2]), torch.tensor([1, 2, 0])
-if torch._C._dispatch_has_kernel_for_dispatch_key("fastmf::mf_forward", "CPU"):
-    got = fastmf.ops.mf_forward(users, items, p, q, None, None, 0.5)
-    torch.testing.assert_close(got, (p[users] * q[items]).sum(1) + 0.5)
-    print("CPU dispatch: mf_forward on CPU tensors ok")
-else:
-    try:
-        fastmf.ops.mf_forward(users, items, p, q, None, None, 0.5)
-    except NotImplementedError as exc:
-        assert "CPU" in str(exc)
-        print("CPU dispatch: no CPU kernels in this tree; CPU tensors are refused, not sent to CUDA")
+got = fastmf.ops.native.mf_forward(users, items, p, q, None, None, 0.5)
+torch.testing.assert_close(got, (p[users] * q[items]).sum(1) + 0.5)
+print("CPU dispatch: mf_forward on CPU tensors ok")
 PY
 )
 step "done"

@@ -85,7 +85,7 @@ import sys
 import torch
 
 import fastmf
-from fastmf import reference
+from fastmf.ops import MFTables, Optimizer, OptimizerArgs, reference
 
 root = os.path.realpath(sys.argv[1])
 where = os.path.realpath(fastmf.__file__)
@@ -106,8 +106,9 @@ for step in range(5):
     items = torch.randint(0, 15, (64,))
     targets = torch.rand(64) * 4 + 1
     loss = fastmf.train_step(model, opt, users, items, targets, loss="mse", reg=0.01)
-    ref_loss = reference.train_step(*ref_tables, *ref_states, users, items, targets,
-                                    3.0, "mse", 0.01, "adagrad", 0.05, opt.defaults["eps"])
+    ref_loss = reference.train_step(MFTables(*ref_tables), MFTables(*ref_states), users,
+                                    items, targets, 3.0, "mse", 0.01,
+                                    OptimizerArgs(Optimizer.ADAGRAD, 0.05, opt.defaults["eps"]))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for got, want in zip(list(tables) + states, ref_tables + ref_states):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)

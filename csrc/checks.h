@@ -1,6 +1,10 @@
-// Input checks shared by every fastmf kernel (CPU and CUDA). Each message names the op,
-// the argument and the bad value; the exception types and texts match fastmf/_checks.py:
-// IndexError for ids out of range, TypeError for dtypes, ValueError for the rest.
+// Every host-side input check of the fastmf kernels, shared by the CPU and CUDA backends
+// (csrc/ops.h calls the fused steps' checks at the op boundary; each kernel file calls its
+// op's check function). Each message names the op, the argument and the bad value; the
+// exception types and texts match fastmf/ops/checks.py: IndexError for ids out of range,
+// TypeError for dtypes, ValueError for the rest. A layout or size that only one device
+// needs (CUDA: contiguous tables, 32-bit sort keys, row width) is a separate, named check
+// below, called by that device's kernels alone.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,21 +12,32 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <utility>
+
+#include "args.h"
+#include "codes.h"
 
 namespace fastmf {
 
-// Codes shared with fastmf/reference.py (LOSSES, OPTIMIZERS).
-constexpr int64_t kNumLosses = 3;
-constexpr int64_t kNumOptimizers = 3;
-constexpr int64_t kNumPairwiseLosses = 1;  // 0: bpr (fastmf/reference.py PAIRWISE_LOSSES)
-inline const char* optimizer_name(int64_t code) {
-  switch (code) {
-    case 0: return "sgd";
-    case 1: return "adagrad";
-    case 2: return "rowwise_adagrad";
-    default: return "unknown";
-  }
+// A code of enum E (Loss, PairwiseLoss, Optimizer), as fastmf.ops.checks.check_code says it.
+template <typename E>
+inline void check_code(const char* op, int64_t code) {
+  TORCH_CHECK_VALUE(code >= 0 && code < num_codes<E>(), "fastmf.", op, ": unknown ",
+                    AllCodes<E>::what, " code ", code, "; expected 0..", num_codes<E>() - 1);
+}
+
+// lr, eps, reg: a NaN or inf would poison every row the step touches, and a negative one
+// turns descent into ascent; refused before anything is written.
+inline void check_setting(const char* op, const char* name, double value) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, "fastmf.", op, ": ", name,
+                    " must be finite and >= 0, got ", value);
+}
+
+inline void check_optimizer_args(const char* op, const OptimizerArgs& opt) {
+  check_setting(op, "lr", opt.lr);
+  check_setting(op, "eps", opt.eps);
 }
 
 inline void check_id_dtype(const char* op, const char* name, const at::Tensor& ids) {
@@ -112,7 +127,7 @@ inline void check_mf_tables(const char* op, const at::Tensor& users, const at::T
 }
 
 // topk_scores: every check that reads no id value, with the messages of
-// fastmf/retrieval/_inputs.py (which interleaves the value checks: an input with several
+// fastmf/ops/checks.py check_topk_inputs (which interleaves the value checks: an input with several
 // faults may be reported by another one first). The CPU kernel then checks the ids on the
 // host; the CUDA kernel records bad ones on the device.
 inline void check_topk_inputs(const char* op, const at::Tensor& queries,
@@ -147,59 +162,194 @@ inline void check_topk_inputs(const char* op, const at::Tensor& queries,
   }
 }
 
-inline void check_loss_code(const char* op, int64_t loss) {
-  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumLosses, "fastmf.", op, ": unknown loss code ",
-                    loss, "; expected 0..", kNumLosses - 1);
+// An undefined tensor (an absent slot of StepTables) as the schema's None.
+inline std::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-inline void check_optimizer_code(const char* op, int64_t optimizer) {
-  TORCH_CHECK_VALUE(optimizer >= 0 && optimizer < kNumOptimizers, "fastmf.", op,
-                    ": unknown optimizer code ", optimizer, "; expected 0..",
-                    kNumOptimizers - 1);
+// The optimizer states of a step (fastmf/ops/checks.py check_states): none for SGD; for the
+// Adagrads one per table present, shaped like it (element-wise) or (N,) (row-wise).
+inline void check_states(const char* op, const StepTables& tables, const StepTables& states,
+                         Optimizer optimizer) {
+  if (optimizer == Optimizer::kSgd) return;
+  const bool per_row = optimizer == Optimizer::kRowwiseAdagrad;
+  const auto table_slots = tables.slots();
+  const auto state_slots = states.slots();
+  for (size_t s = 0; s < table_slots.size(); ++s) {
+    const at::Tensor& table = *table_slots[s];
+    const at::Tensor& state = *state_slots[s];
+    const char* name = kStateNames[s];
+    if (!table.defined()) continue;
+    TORCH_CHECK_VALUE(state.defined(), "fastmf.", op, ": ", fastmf::name(optimizer), " needs ",
+                      name, ", got None");
+    // A 1-D (bias) table has one value per row: its row-wise state is shaped like it.
+    check_weight(op, name, state, per_row ? 1 : table.dim());
+    check_like(op, name, state, kTableNames[s], table);
+    check_shape(op, name, state, per_row ? table.sizes().slice(0, 1) : table.sizes());
+  }
 }
 
-// train_step: the codes, the tables, the ids and the targets, with no value read
-// (fastmf/_checks.py check_train_step).
-inline void check_train_step_inputs(const char* op, int64_t loss, int64_t optimizer,
-                                    const at::Tensor& users, const at::Tensor& items,
-                                    const at::Tensor& targets, const at::Tensor& user_factors,
-                                    const at::Tensor& item_factors,
-                                    const std::optional<at::Tensor>& user_bias,
-                                    const std::optional<at::Tensor>& item_bias) {
-  check_loss_code(op, loss);
-  check_optimizer_code(op, optimizer);
-  check_mf_tables(op, users, items, user_factors, item_factors, user_bias, item_bias);
-  TORCH_CHECK_TYPE(targets.scalar_type() == user_factors.scalar_type(), "fastmf.", op,
+// Whether a and b have memory in common: the address ranges their elements span overlap.
+// Distinct allocations never overlap, so this also catches two tensors over one buffer
+// (from_blob, numpy). Views that interleave without sharing an element (columns 0..7 and
+// 8..15 of one matrix) count as sharing: rare, and refusing them is the safe side.
+inline bool share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const at::Tensor& t) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    uintptr_t last = 0;  // offset of the last element (strides are never negative)
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      last += static_cast<uintptr_t>((t.size(d) - 1) * t.stride(d));
+    }
+    return std::pair<uintptr_t, uintptr_t>(begin, begin + (last + 1) * t.element_size());
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// The fused steps update rows of one table while they read rows of the others, and write
+// each table and state through its own row indexing: tables that share memory (the user
+// and item tables as one tensor, a state aliasing a weight) would read rows that another
+// group writes. `touched`: every table and state the step reads or writes, named.
+inline void check_separate_memory(
+    const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> touched) {
+  for (auto a = touched.begin(); a != touched.end(); ++a) {
+    for (auto b = a + 1; b != touched.end(); ++b) {
+      TORCH_CHECK_VALUE(!share_memory(*a->second, *b->second), "fastmf.", op, ": ", a->first,
+                        " and ", b->first,
+                        " share memory; each table and state needs memory of its own");
+    }
+  }
+}
+
+// train_step: the codes, the settings, the tables, the ids and the targets, the states
+// and the tables' memory, with no id or target value read (fastmf/ops/checks.py
+// check_train_step reads those too; the kernels check them where they read them).
+inline void check_train_step(const char* op, const StepTables& tables, const StepTables& states,
+                             const PointwiseBatch& batch, const OptimizerArgs& opt) {
+  check_optimizer_args(op, opt);
+  check_setting(op, "reg", batch.reg);
+  check_mf_tables(op, batch.users, batch.items, tables.user_factors, tables.item_factors,
+                  maybe(tables.user_bias), maybe(tables.item_bias));
+  const at::Tensor& targets = batch.targets;
+  TORCH_CHECK_TYPE(targets.scalar_type() == tables.user_factors.scalar_type(), "fastmf.", op,
                    ": targets has dtype ", targets.scalar_type(), ", expected ",
-                   user_factors.scalar_type(), " like the weights");
+                   tables.user_factors.scalar_type(), " like the weights");
   TORCH_CHECK_VALUE(targets.dim() == 1, "fastmf.", op, ": targets must be 1-D, got shape ",
                     targets.sizes());
-  check_like_device(op, "targets", targets, "user_factors", user_factors);
-  check_same_length(op, "users", users, "targets", targets);
+  check_like_device(op, "targets", targets, "user_factors", tables.user_factors);
+  check_same_length(op, "users", batch.users, "targets", targets);
+  check_states(op, tables, states, opt.optimizer);
+  const bool adagrad = opt.optimizer != Optimizer::kSgd;
+  const at::Tensor none;
+  check_separate_memory(op, {{"user_factors", &tables.user_factors},
+                             {"item_factors", &tables.item_factors},
+                             {"user_bias", &tables.user_bias},
+                             {"item_bias", &tables.item_bias},
+                             {"user_factors_state", adagrad ? &states.user_factors : &none},
+                             {"item_factors_state", adagrad ? &states.item_factors : &none},
+                             {"user_bias_state", adagrad ? &states.user_bias : &none},
+                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
 }
 
-// train_step_pairwise: the codes, the tables and the three id arrays, with no id value
-// read (fastmf/_checks.py check_train_step_pairwise, which names the positives "items").
-inline void check_pairwise_step_inputs(const char* op, int64_t loss, int64_t optimizer,
-                                       const at::Tensor& users, const at::Tensor& pos_items,
-                                       const at::Tensor& neg_items,
-                                       const at::Tensor& user_factors,
-                                       const at::Tensor& item_factors,
-                                       const std::optional<at::Tensor>& user_bias,
-                                       const std::optional<at::Tensor>& item_bias) {
-  TORCH_CHECK_VALUE(loss >= 0 && loss < kNumPairwiseLosses, "fastmf.", op,
-                    ": unknown pairwise loss code ", loss, "; expected 0..",
-                    kNumPairwiseLosses - 1);
-  check_optimizer_code(op, optimizer);
-  check_mf_tables(op, users, pos_items, user_factors, item_factors, user_bias, item_bias);
-  check_like_device(op, "neg_items", neg_items, "user_factors", user_factors);
+// train_step_pairwise: likewise, with the three id arrays (fastmf/ops/checks.py
+// check_train_step_pairwise, which names the positives "items"). user_bias and its state
+// are neither read nor written (the user bias cancels), so they may share memory.
+inline void check_train_step_pairwise(const char* op, const StepTables& tables,
+                                      const StepTables& states, const PairwiseBatch& batch,
+                                      const OptimizerArgs& opt) {
+  check_optimizer_args(op, opt);
+  check_setting(op, "reg", batch.reg);
+  const at::Tensor& users = batch.users;
+  const at::Tensor& neg_items = batch.neg_items;
+  check_mf_tables(op, users, batch.pos_items, tables.user_factors, tables.item_factors,
+                  maybe(tables.user_bias), maybe(tables.item_bias));
+  check_like_device(op, "neg_items", neg_items, "user_factors", tables.user_factors);
   check_id_dtype(op, "neg_items", neg_items);
   TORCH_CHECK_VALUE(users.size(0) == neg_items.size(0), "fastmf.", op, ": lengths differ (",
-                    "users has ", users.size(0), ", pos_items has ", pos_items.size(0),
+                    "users has ", users.size(0), ", pos_items has ", batch.pos_items.size(0),
                     ", neg_items has ", neg_items.size(0), ")");
   // The CPU item grouping holds 2B positions in int32 (the CUDA sort 3B keys, checked there).
   TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 30), "fastmf.", op, ": batch of ",
                     users.size(0), " samples; at most 2^30 - 1 are supported");
+  check_states(op, tables, states, opt.optimizer);
+  const bool adagrad = opt.optimizer != Optimizer::kSgd;
+  const at::Tensor none;
+  check_separate_memory(op, {{"user_factors", &tables.user_factors},
+                             {"item_factors", &tables.item_factors},
+                             {"item_bias", &tables.item_bias},
+                             {"user_factors_state", adagrad ? &states.user_factors : &none},
+                             {"item_factors_state", adagrad ? &states.item_factors : &none},
+                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
+}
+
+// mf_backward: the tables and ids as mf_forward, and grad_out (B,) like the weights.
+inline void check_mf_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& users,
+                              const at::Tensor& items, const at::Tensor& user_factors,
+                              const at::Tensor& item_factors) {
+  check_mf_tables(op, users, items, user_factors, item_factors, std::nullopt, std::nullopt);
+  check_weight(op, "grad_out", grad_out, 1);
+  check_like(op, "grad_out", grad_out, "user_factors", user_factors);
+  check_same_length(op, "grad_out", grad_out, "users", users);
+}
+
+// sparse_adagrad_update / sparse_sgd_update (fastmf/ops/checks.py check_sparse_update, in
+// its order); `state` is null for SGD.
+inline void check_sparse_update(const char* op, const at::Tensor& weight, const at::Tensor* state,
+                                const at::Tensor& ids, const at::Tensor& grad_rows,
+                                bool rowwise, double lr, double eps) {
+  check_setting(op, "lr", lr);
+  if (state != nullptr) check_setting(op, "eps", eps);
+  TORCH_CHECK_VALUE(weight.dim() == 1 || weight.dim() == 2, "fastmf.", op,
+                    ": weight must be 1-D or 2-D, got ", weight.sizes());
+  check_weight(op, "weight", weight, weight.dim());
+  check_weight(op, "grad_rows", grad_rows, weight.dim());
+  check_like(op, "grad_rows", grad_rows, "weight", weight);
+  if (weight.dim() == 2) {
+    TORCH_CHECK_VALUE(grad_rows.size(1) == weight.size(1), "fastmf.", op, ": grad_rows has ",
+                      grad_rows.size(1), " columns, weight has ", weight.size(1));
+  }
+  if (state != nullptr) {
+    const bool per_row = rowwise && weight.dim() == 2;
+    check_weight(op, "state", *state, per_row ? 1 : weight.dim());
+    check_like(op, "state", *state, "weight", weight);
+    check_shape(op, "state", *state, per_row ? weight.sizes().slice(0, 1) : weight.sizes());
+    check_separate_memory(op, {{"weight", &weight}, {"state", state}});
+  }
+  check_id_dtype(op, "ids", ids);
+  check_like_device(op, "ids", ids, "weight", weight);
+  check_same_length(op, "ids", ids, "grad_rows", grad_rows);
+  TORCH_CHECK_VALUE(ids.size(0) < (int64_t{1} << 31), "fastmf.", op, ": ", ids.size(0),
+                    " ids in one call; at most 2^31 - 1 are supported");
+}
+
+// ---------------------------------------------------------------------------------------
+// Layouts and sizes only the CUDA kernels need (the CPU kernels take any strides and size).
+
+// The CUDA kernels update a table in place through its own storage, row after row (the CPU
+// ones go through a contiguous copy that is written back).
+inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), "fastmf.", op, ": ", name,
+                    " must be contiguous to be updated in place (got strides ", t.strides(),
+                    ")");
+}
+
+// The CUDA sort keys are 32-bit: ids below 2^31 and a batch below 2^31 samples.
+inline void check_fits_32bit(const char* op, const char* what, int64_t count) {
+  TORCH_CHECK_VALUE(count < (int64_t{1} << 31), "fastmf.", op, ": ", what, " ", count,
+                    " is too large for the CUDA kernels (at most 2^31 - 1)");
+}
+
+// The CUDA update kernels hold a row in registers: at most `max_dim` values (1024 float32 /
+// 512 float64 when the rows move as 16-byte packs, 256 when they cannot). Checked for
+// every table before a step writes any.
+inline void check_row_width(const char* op, const char* name, int64_t dim, int64_t max_dim,
+                            int64_t packed_max_dim) {
+  TORCH_CHECK_VALUE(dim <= max_dim, "fastmf.", op, ": ", name, " rows of ", dim,
+                    " values are too wide for the CUDA update kernels (at most ", max_dim,
+                    " here; ", packed_max_dim, " when the width is a multiple of 16 bytes ",
+                    "and every table the update reads starts on a 16-byte boundary)");
 }
 
 // `lo`, `hi`: the smallest and largest id of a batch.
@@ -211,7 +361,7 @@ inline void report_id_range(const char* op, const char* name, int64_t lo, int64_
 }
 
 // Host-side range check: call before any kernel touches memory through these ids. Reports
-// the smallest id when one is negative, else the largest, as fastmf/_checks.py does.
+// the smallest id when one is negative, else the largest, as fastmf/ops/checks.py does.
 template <typename index_t>
 inline void check_id_range(const char* op, const char* name, const index_t* ids, int64_t n,
                            int64_t num_rows) {

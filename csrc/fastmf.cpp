@@ -1,9 +1,15 @@
 // Every fastmf op schema, in one place, and the Python module init.
 //
 // The schemas are device-neutral: each device registers its kernels with
-// TORCH_LIBRARY_IMPL(fastmf, <Device>, m) in csrc/<device>/, and PyTorch's
-// dispatcher picks one by the tensors' device. The exact meaning of every op is
-// written out in plain PyTorch in fastmf/reference.py.
+// TORCH_LIBRARY_IMPL(fastmf, <Device>, m) in csrc/<device>/<family>.{cpp,cu}, one file per
+// op family (pointwise, pairwise, topk) and the same file names on every device, and
+// PyTorch's dispatcher picks one by the tensors' device. The exact meaning of every op is
+// written out in plain PyTorch in fastmf/ops/reference/<family>.py. The int loss and
+// optimizer arguments are the codes of csrc/codes.h; the fused steps' flat arguments become
+// the bundles of csrc/args.h at the op boundary (csrc/ops.h).
+//
+// A new family adds its schema block here, csrc/cpu/<family>.cpp and
+// csrc/cuda/<family>.cu, and its checks in csrc/checks.h.
 #ifndef FASTMF_NO_PYTHON
 #include <Python.h>
 #endif
@@ -13,8 +19,6 @@
 #include <ATen/Parallel.h>
 
 #include <string>
-
-#include "checks.h"
 
 TORCH_LIBRARY(fastmf, m) {
   // The CUDA kernels never synchronise with the host, so instead of raising on a bad id or
@@ -41,9 +45,10 @@ TORCH_LIBRARY(fastmf, m) {
   // Sparse SGD: weight[id] -= lr * (sum of the grad rows of id), once per unique id.
   m.def("sparse_sgd_update(Tensor(a!) weight, Tensor ids, Tensor grad_rows, float lr) -> ()");
   // Fused forward + loss gradient + backward + optimizer update; returns the mean loss
-  // (data term + reg term) as a 0-d tensor. loss: 0 mse, 1 huber (delta 1), 2 bce
-  // (with logits). optimizer: 0 sgd, 1 adagrad, 2 row-wise adagrad. States are None for
-  // sgd. Biases are both present or both None.
+  // (data term + reg term) as a 0-d tensor. loss: a Loss code (mse, huber with delta
+  // kHuberDelta, bce with logits); optimizer: an Optimizer code (sgd, adagrad, row-wise
+  // adagrad); lr, eps, reg finite and >= 0. States are None for sgd. Biases are both
+  // present or both None. No two tables or states may share memory.
   m.def(
       "train_step(Tensor(a!) user_factors, Tensor(b!) item_factors, Tensor(c!)? user_bias, "
       "Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, Tensor(f!)? item_factors_state, "
@@ -51,7 +56,8 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor targets, float global_mean, int loss, float reg, int optimizer, float lr, "
       "float eps) -> Tensor");
   // The pairwise (implicit-feedback) fused step: each sample is (user, positive item,
-  // negative item); x = b_i - b_j + <P[u], Q[i] - Q[j]>. loss: 0 bpr (mean softplus(-x)).
+  // negative item); x = b_i - b_j + <P[u], Q[i] - Q[j]>. loss: a PairwiseLoss code (bpr:
+  // mean softplus(-x)).
   // reg * mean_b(||P[u]||^2 + ||Q[i]||^2 + ||Q[j]||^2 + b_i^2 + b_j^2). Positive and
   // negative gradients of an item row are summed before its one update; user_bias (which
   // cancels in x) is left untouched.

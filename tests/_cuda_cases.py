@@ -5,7 +5,9 @@
   tests/cuda_emulation (tests/test_cuda_emulated.py), so a machine without a GPU still
   exercises their logic.
 
-Every expectation is computed by fastmf.reference on CPU tensors.
+Every expectation is computed by fastmf.ops.reference on CPU tensors; losses and
+optimizers are named by fastmf.ops.codes (the kernels read the same codes from
+csrc/codes.h), never by bare numbers.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastmf import reference
-from fastmf.retrieval import reference as retrieval
+from fastmf.ops import Loss, MFTables, Optimizer, OptimizerArgs, PairwiseLoss, reference
+from fastmf.ops.codes import names
 from fastmf.testing import (
     clone_all,
     make_batch,
@@ -32,9 +34,11 @@ from fastmf.testing import (
     zipf_ids,
 )
 
-LOSS_NAMES = ("mse", "huber", "bce")
-OPT_NAMES = ("sgd", "adagrad", "rowwise_adagrad")
+LOSS_NAMES = names(Loss)
+OPT_NAMES = names(Optimizer)
 LR, EPS = 0.05, 1e-8
+MSE, BPR = int(Loss.MSE), int(PairwiseLoss.BPR)
+SGD, ADAGRAD = int(Optimizer.SGD), int(Optimizer.ADAGRAD)
 
 
 @dataclass
@@ -61,6 +65,22 @@ def clear_errors(target: Target) -> None:
         target.check_errors()
     except (IndexError, ValueError):
         pass
+
+
+def loss_code(name: str) -> int:
+    return int(Loss[name.upper()])
+
+
+def optimizer_code(name: str) -> int:
+    return int(Optimizer[name.upper()])
+
+
+def reference_bundles(tensors, optimizer: str):
+    """The reference's (tables, states, OptimizerArgs) for the flat list of the four tables
+    and their four states (the op schemas' order)."""
+    tables = MFTables(*tensors[:4])
+    states = None if optimizer == "sgd" else MFTables(*tensors[4:8])
+    return tables, states, OptimizerArgs(Optimizer[optimizer.upper()], LR, EPS)
 
 
 def make_states(optimizer: str, p, q, bu, bi):
@@ -169,13 +189,14 @@ def run_train_steps(target, loss, optimizer, steps, batch, user_dtype, item_dtyp
     expected = list(clone_all(p, q, bu, bi))
     expected += list(make_states(optimizer, *expected))
     got = list(target.to(*clone_all(*expected)))
-    lcode, ocode = LOSS_NAMES.index(loss), OPT_NAMES.index(optimizer)
+    lcode, ocode = loss_code(loss), optimizer_code(optimizer)
     for step in range(steps):
         users, items, targets = make_batch(num_users, num_items, batch, dtype=dtype,
                                            seed=seed * 1000 + step, implicit=loss == "bce")
         users, items = users.to(user_dtype), items.to(item_dtype)
-        exp_loss = reference.train_step(*expected, users, items, targets, 3.0, lcode, reg, ocode,
-                                        LR, EPS)
+        tables, states, opt = reference_bundles(expected, optimizer)
+        exp_loss = reference.train_step(tables, states, users, items, targets, 3.0, Loss(lcode),
+                                        reg, opt)
         got_loss = target.ops.train_step(*got, *target.to(users, items, targets), 3.0, lcode,
                                          reg, ocode, LR, EPS)
         assert got_loss.shape == () and got_loss.dtype == dtype
@@ -202,8 +223,8 @@ def train_twice_bitwise(target, loss, optimizer, batch, dtype, steps=3, **kw):
             users, items, targets = make_batch(200, 30, batch, dtype=dtype, seed=step,
                                                implicit=loss == "bce")
             losses.append(target.ops.train_step(*tables, *target.to(users, items, targets), 3.0,
-                                                LOSS_NAMES.index(loss), 0.01,
-                                                OPT_NAMES.index(optimizer), LR, EPS))
+                                                loss_code(loss), 0.01,
+                                                optimizer_code(optimizer), LR, EPS))
         outs.append((cpu(*tables), cpu(*losses)))
     (t1, l1), (t2, l2) = outs
     for a, b in zip(t1 + l1, t2 + l2, strict=False):
@@ -231,8 +252,8 @@ def check_train_step_bad_samples(target, what):
         pattern = r"fastmf\.train_step: targets contains a non-finite value \(nan\)"
         error = ValueError
     tables = list(target.to(p, q, bu, bi)) + list(target.to(*make_states("adagrad", p, q, bu, bi)))
-    loss = target.ops.train_step(*tables, *target.to(users, items, targets), 3.0, 0, 0.01, 1,
-                                 LR, EPS)
+    loss = target.ops.train_step(*tables, *target.to(users, items, targets), 3.0, MSE, 0.01,
+                                 ADAGRAD, LR, EPS)
     assert torch.isnan(loss.cpu())
     for t in tables:
         assert torch.isfinite(t.cpu()).all()
@@ -267,19 +288,23 @@ def check_host_side_errors(target):
         target.ops.mf_forward(users, items[:3], p, q, bu, bi, 0.0)
     with pytest.raises(ValueError, match="both be given or both None"):
         target.ops.mf_forward(users, items, p, q, bu, None, 0.0)
-    with pytest.raises(ValueError, match="unknown loss code 7"):
+    with pytest.raises(ValueError, match=f"unknown loss code 7; expected 0..{len(Loss) - 1}"):
         target.ops.train_step(p, q, bu, bi, None, None, None, None, users, items, targets, 0.0,
-                              7, 0.0, 0, LR, EPS)
+                              7, 0.0, SGD, LR, EPS)
     with pytest.raises(ValueError, match="adagrad needs user_factors_state"):
         target.ops.train_step(p, q, bu, bi, None, None, None, None, users, items, targets, 0.0,
-                              0, 0.0, 1, LR, EPS)
+                              MSE, 0.0, ADAGRAD, LR, EPS)
     with pytest.raises(TypeError, match="targets has dtype"):
         target.ops.train_step(p, q, bu, bi, None, None, None, None, users, items,
-                              targets.double(), 0.0, 0, 0.0, 0, LR, EPS)
-    with pytest.raises(ValueError, match="contiguous"):
-        target.ops.sparse_sgd_update(p.t(), users, torch.zeros_like(p)[:5], LR)
-    with pytest.raises(ValueError, match="grad_rows has shape"):
+                              targets.double(), 0.0, MSE, 0.0, SGD, LR, EPS)
+    # A layout only the CUDA kernels need: every other check passes.
+    strided = p.t().contiguous().t()
+    with pytest.raises(ValueError, match="weight must be contiguous to be updated in place"):
+        target.ops.sparse_sgd_update(strided, users, torch.zeros_like(p)[:5], LR)
+    with pytest.raises(ValueError, match=r"lengths differ \(ids has 5, grad_rows has 4\)"):
         target.ops.sparse_sgd_update(p, users, torch.zeros_like(p)[:4], LR)
+    with pytest.raises(ValueError, match="grad_rows has 7 columns, weight has 8"):
+        target.ops.sparse_sgd_update(p, users, torch.zeros_like(p)[:5, :7], LR)
 
 
 # ----------------------------------------------------------------------------------------
@@ -302,8 +327,8 @@ def make_triples(num_users, num_items, batch, *, seed, user_dtype=torch.int64,
 
 
 def pairwise_step(target, tables, users, pos, neg, reg, optimizer):
-    return target.ops.train_step_pairwise(*tables, *target.to(users, pos, neg), 0, reg,
-                                          OPT_NAMES.index(optimizer), LR, EPS)
+    return target.ops.train_step_pairwise(*tables, *target.to(users, pos, neg), BPR, reg,
+                                          optimizer_code(optimizer), LR, EPS)
 
 
 def run_pairwise_steps(target, optimizer, steps, batch, user_dtype, item_dtype, dtype,
@@ -316,13 +341,13 @@ def run_pairwise_steps(target, optimizer, steps, batch, user_dtype, item_dtype, 
     expected = list(clone_all(p, q, bu, bi))
     expected += list(make_states(optimizer, *expected))
     got = list(target.to(*clone_all(*expected)))
-    ocode = OPT_NAMES.index(optimizer)
     for step in range(steps):
         users, pos, neg = make_triples(num_users, num_items, batch, seed=seed * 1000 + step,
                                        user_dtype=user_dtype, item_dtype=item_dtype,
                                        exponent=exponent)
-        exp_loss = reference.train_step_pairwise(*expected, users, pos, neg, 0, reg, ocode, LR,
-                                                 EPS)
+        tables, states, opt = reference_bundles(expected, optimizer)
+        exp_loss = reference.train_step_pairwise(tables, states, users, pos, neg,
+                                                 PairwiseLoss.BPR, reg, opt)
         got_loss = pairwise_step(target, got, users, pos, neg, reg, optimizer)
         assert got_loss.shape == () and got_loss.dtype == dtype
         assert_close(got_loss, exp_loss, dtype)
@@ -363,9 +388,9 @@ def check_pairwise_same_item(target, optimizer, dtype=torch.float32):
     got = list(target.to(*clone_all(*expected)))
     users = torch.tensor([3, 3, 7, 1, 3])
     items = torch.tensor([2, 5, 2, 9, 2])
-    ocode = OPT_NAMES.index(optimizer)
-    exp_loss = reference.train_step_pairwise(*expected, users, items, items, 0, 0.1, ocode, LR,
-                                             EPS)
+    tables, states, opt = reference_bundles(expected, optimizer)
+    exp_loss = reference.train_step_pairwise(tables, states, users, items, items,
+                                             PairwiseLoss.BPR, 0.1, opt)
     got_loss = pairwise_step(target, got, users, items, items.clone(), 0.1, optimizer)
     assert_close(got_loss, exp_loss, dtype)
     for g, e in zip(got, expected, strict=False):
@@ -418,23 +443,24 @@ def check_pairwise_host_side_errors(target):
     op = target.ops.train_step_pairwise
     none4 = (None, None, None, None)
     with pytest.raises(ValueError, match="unknown pairwise loss code 3; expected 0..0"):
-        op(p, q, bu, bi, *none4, users, pos, neg, 3, 0.0, 0, LR, EPS)
+        op(p, q, bu, bi, *none4, users, pos, neg, 3, 0.0, SGD, LR, EPS)
     with pytest.raises(ValueError, match="unknown optimizer code 5"):
-        op(p, q, bu, bi, *none4, users, pos, neg, 0, 0.0, 5, LR, EPS)
+        op(p, q, bu, bi, *none4, users, pos, neg, BPR, 0.0, 5, LR, EPS)
     with pytest.raises(ValueError, match="rowwise_adagrad needs user_factors_state, got None"):
-        op(p, q, bu, bi, *none4, users, pos, neg, 0, 0.0, 2, LR, EPS)
+        op(p, q, bu, bi, *none4, users, pos, neg, BPR, 0.0, int(Optimizer.ROWWISE_ADAGRAD), LR,
+           EPS)
     with pytest.raises(ValueError, match=r"lengths differ \(users has 5, pos_items has 5, "
                                          r"neg_items has 3\)"):
-        op(p, q, bu, bi, *none4, users, pos, neg[:3], 0, 0.0, 0, LR, EPS)
+        op(p, q, bu, bi, *none4, users, pos, neg[:3], BPR, 0.0, SGD, LR, EPS)
     with pytest.raises(TypeError, match="neg_items must be int32 or int64"):
-        op(p, q, bu, bi, *none4, users, pos, neg.float(), 0, 0.0, 0, LR, EPS)
+        op(p, q, bu, bi, *none4, users, pos, neg.float(), BPR, 0.0, SGD, LR, EPS)
     with pytest.raises(ValueError, match="item_factors_state has shape"):
         op(p, q, bu, bi, p.new_zeros(10, 8), q.new_zeros(9, 8), bu.new_zeros(10),
-           bi.new_zeros(10), users, pos, neg, 0, 0.0, 1, LR, EPS)
+           bi.new_zeros(10), users, pos, neg, BPR, 0.0, ADAGRAD, LR, EPS)
 
 
 # topk_scores, on fastmf.testing's quantised top-k data (exact scores, planted ties): the
-# kernels must agree with fastmf.retrieval.reference bit for bit, tie order included.
+# kernels must agree with fastmf.ops.reference bit for bit, tie order included.
 
 
 def assert_same_topk(got, expected):
@@ -471,7 +497,7 @@ def check_topk(target, batch, num_items, k, dtype, *, dim=8, id_dtype=torch.int6
         indptr, indices = make_topk_exclude(batch, num_items, id_dtype=id_dtype, seed=seed + 2)
     if candidates is not None:
         cands = make_topk_candidates(num_items, candidates, seed=seed + 3, id_dtype=id_dtype)
-    expected = retrieval.topk_scores(queries, items, b, k, indptr, indices, cands)
+    expected = reference.topk_scores(queries, items, b, k, indptr, indices, cands)
     original = None if indices is None else indices.clone()
     queries_dev, items_dev, b_dev = target.to(queries, items, b)
     if misaligned:
@@ -496,7 +522,7 @@ def check_topk_batch_independent(target, dtype, num_items=3000, dim=13):
     bias = torch.randn(num_items, generator=gen, dtype=dtype)
     queries = torch.randn(40, dim, generator=gen, dtype=dtype)
     batched = cpu(*target.ops.topk_scores(*target.to(queries, items, bias), 10, None, None, None))
-    torch.testing.assert_close(batched[0], retrieval.topk_scores(queries, items, bias, 10)[0],
+    torch.testing.assert_close(batched[0], reference.topk_scores(queries, items, bias, 10)[0],
                                **tolerance(dtype))
     for b in (0, 39):
         alone = cpu(*target.ops.topk_scores(*target.to(queries[b : b + 1], items, bias), 10,
@@ -513,7 +539,7 @@ def check_topk_bad_ids(target):
     indptr, indices = torch.tensor([0, 1, 1, 4]), torch.tensor([0, 7, 12, 4])
     got = target.ops.topk_scores(*target.to(queries, items, bias), 4,
                                  *target.to(indptr, indices), None)
-    expected = retrieval.topk_scores(queries, items, bias, 4, torch.tensor([0, 1, 1, 3]),
+    expected = reference.topk_scores(queries, items, bias, 4, torch.tensor([0, 1, 1, 3]),
                                      torch.tensor([0, 7, 4]))
     assert_same_topk(got, expected)
     with pytest.raises(IndexError, match=re.escape(
@@ -524,7 +550,7 @@ def check_topk_bad_ids(target):
     cands = torch.tensor([1, -3, 5, 5, 9], dtype=torch.int32)
     got = target.ops.topk_scores(*target.to(queries, items, bias), 4, None, None,
                                  *target.to(cands))
-    expected = retrieval.topk_scores(queries, items, bias, 4, None, None, torch.tensor([1, 5, 9]))
+    expected = reference.topk_scores(queries, items, bias, 4, None, None, torch.tensor([1, 5, 9]))
     assert_same_topk(got, expected)
     with pytest.raises(IndexError, match=re.escape(
             "fastmf.topk_scores: candidates id -3 out of range [0, 10)")):
@@ -581,4 +607,145 @@ def check_topk_empty(target, dtype):
         scores, ids = cpu(*target.ops.topk_scores(*target.to(queries, args[0], args[1]), 4,
                                                   None, None, *target.to(args[2])))
         assert (ids == -1).all() and (scores == float("-inf")).all() and ids.shape == (3, 4)
+    target.check_errors()
+
+
+# ----------------------------------------------------------------------------------------
+# Preconditions every backend checks before writing anything (csrc/checks.h): shared
+# memory, settings, and (CUDA only) the row width of both tables.
+
+
+def _step_inputs(target, optimizer="adagrad", dim=8, seed=6):
+    p, q, bu, bi = make_tables(12, 9, dim, seed=seed)
+    tables = list(target.to(p, q, bu, bi)) + list(target.to(*make_states(optimizer, p, q, bu,
+                                                                           bi)))
+    users, items, targets = target.to(*make_batch(12, 9, 40, seed=seed))
+    neg = target.to(make_batch(12, 9, 40, seed=seed + 1)[1])[0]
+    return tables, users, items, targets, neg
+
+
+def _target_step(target, op, tensors, ids, reg, lr, eps):
+    """One Adagrad step of `op` (MSE / BPR) on the target; ids: (users, items, targets) or
+    (users, pos_items, neg_items)."""
+    if op == "train_step":
+        return target.ops.train_step(*tensors, *ids, 3.0, MSE, reg, ADAGRAD, lr, eps)
+    return target.ops.train_step_pairwise(*tensors, *ids, BPR, reg, ADAGRAD, lr, eps)
+
+
+def _reference_step(op, tensors, ids, reg):
+    tables, states, opt = reference_bundles(tensors, "adagrad")
+    if op == "train_step":
+        return reference.train_step(tables, states, *ids, 3.0, Loss.MSE, reg, opt)
+    return reference.train_step_pairwise(tables, states, *ids, PairwiseLoss.BPR, reg, opt)
+
+
+def _assert_unchanged(before, after):
+    for b, a in zip(before, after, strict=True):
+        if b is not None:
+            assert torch.equal(b.cpu(), a.cpu())
+
+
+def check_refuses_shared_memory(target):
+    """Tables or states that share memory would make the fused steps read rows another
+    group writes: refused with a ValueError naming both, before anything is written."""
+    tables, users, items, targets, neg = _step_inputs(target)
+    p, q, bu, bi, sp, sq, sbu, sbi = tables
+
+    def steps(t):
+        yield "train_step", lambda: target.ops.train_step(*t, users, items, targets, 3.0, MSE,
+                                                          0.01, ADAGRAD, LR, EPS)
+        yield "train_step_pairwise", lambda: target.ops.train_step_pairwise(
+            *t, users, items, neg, BPR, 0.01, ADAGRAD, LR, EPS)
+
+    same = torch.empty(12, 8, device=p.device)
+    same.copy_(p)
+    big = torch.rand(30, 8, device=p.device)
+    cases = [
+        # the user table passed as the item table too
+        ([same, same[:9], bu, bi, sp, sq, sbu, sbi], "user_factors and item_factors"),
+        # a state aliasing a weight
+        ([p, q, bu, bi, p.clone(), q, sbu, sbi], "item_factors and item_factors_state"),
+        # overlapping views of one buffer
+        ([big[:12], big[10:19], bu, bi, sp, sq, sbu, sbi], "user_factors and item_factors"),
+        ([p, q, bu, bi, sp, sq, sbu, bi], "item_bias and item_bias_state"),
+    ]
+    for t, names_ in cases:
+        before = [x.clone() for x in t]
+        for op, run in steps(t):
+            message = f"fastmf.{op}: {names_} share memory; each table and state needs memory " \
+                      "of its own"
+            with pytest.raises(ValueError, match=re.escape(message)):
+                run()
+            _assert_unchanged(before, t)
+    # user_bias is never read by the pairwise step: sharing it is harmless there.
+    user_bias = torch.rand(12, device=p.device)
+    t = [p, q, user_bias, user_bias[:9], sp, sq, sbu, sbi]
+    before = [x.clone() for x in t]
+    with pytest.raises(ValueError, match="user_bias and item_bias share memory"):
+        target.ops.train_step(*t, users, items, targets, 3.0, MSE, 0.01, ADAGRAD, LR, EPS)
+    _assert_unchanged(before, t)
+    target.ops.train_step_pairwise(*t, users, items, neg, BPR, 0.01, ADAGRAD, LR, EPS)
+
+    weight = torch.rand(12, 8, device=p.device)
+    grads = torch.randn(40, 8, device=p.device)
+    with pytest.raises(ValueError, match=re.escape(
+            "fastmf.sparse_adagrad_update: weight and state share memory")):
+        target.ops.sparse_adagrad_update(weight, weight, users, grads, LR, EPS, False)
+    target.check_errors()
+
+
+def check_refuses_bad_settings(target):
+    """NaN, inf or negative lr / eps / reg: a ValueError before anything is written."""
+    tables, users, items, targets, neg = _step_inputs(target)
+    before = [t.clone() for t in tables]
+    nan, inf = float("nan"), float("inf")
+    for name, lr, eps, reg, shown in (("lr", nan, EPS, 0.01, "nan"), ("eps", LR, nan, 0.01, "nan"),
+                                      ("lr", inf, EPS, 0.01, "inf"), ("reg", LR, EPS, inf, "inf"),
+                                      ("lr", -0.5, EPS, 0.01, "-0.5"),
+                                      ("reg", LR, EPS, -1.0, "-1")):
+        for op, ids in (("train_step", (users, items, targets)),
+                        ("train_step_pairwise", (users, items, neg))):
+            message = f"fastmf.{op}: {name} must be finite and >= 0, got {shown}"
+            with pytest.raises(ValueError, match=re.escape(message)):
+                _target_step(target, op, tables, ids, reg, lr, eps)
+    grads = torch.randn(40, 8, device=tables[0].device)
+    p, sp = tables[0], tables[4]
+    with pytest.raises(ValueError, match=re.escape(
+            "fastmf.sparse_adagrad_update: eps must be finite and >= 0, got nan")):
+        target.ops.sparse_adagrad_update(p, sp, users, grads, LR, nan, False)
+    with pytest.raises(ValueError, match=re.escape(
+            "fastmf.sparse_sgd_update: lr must be finite and >= 0, got inf")):
+        target.ops.sparse_sgd_update(p, users, grads, inf)
+    _assert_unchanged(before, tables)
+    target.check_errors()
+
+
+def check_wide_rows_with_misaligned_state(target, dim=264):
+    """K = 264 (a multiple of 4, over the 256 the CUDA update holds unpacked) with an
+    element-wise Adagrad item_factors_state that starts off a 16-byte boundary: the user
+    rows could move as packs, the item rows cannot. The CUDA kernels must refuse the step
+    before writing either table (they used to update P, then raise on Q); the CPU kernels
+    have no width limit and must match the reference."""
+    p, q, bu, bi = make_tables(12, 9, dim, seed=8)
+    states = list(make_states("adagrad", p, q, bu, bi))
+    users, items, targets = make_batch(12, 9, 40, seed=8)
+    neg = make_batch(12, 9, 40, seed=9)[1]
+    for op in ("train_step", "train_step_pairwise"):
+        got = list(target.to(*clone_all(p, q, bu, bi))) + list(target.to(*clone_all(*states)))
+        got[5] = _misaligned(states[1], target.device)
+        assert got[5].data_ptr() % 16 != 0
+        expected = list(clone_all(p, q, bu, bi)) + list(clone_all(*states))
+        ids = (users, items, targets) if op == "train_step" else (users, items, neg)
+        if target.name == "native-cpu":
+            got_loss = _target_step(target, op, got, target.to(*ids), 0.01, LR, EPS)
+            assert_close(got_loss, _reference_step(op, expected, ids, 0.01), torch.float32)
+            for g, e in zip(got, expected, strict=True):
+                assert_close(g, e, torch.float32)
+            continue
+        before = [t.clone() for t in got]
+        message = (f"fastmf.{op}: item_factors rows of {dim} values are too wide for the CUDA "
+                   "update kernels (at most 256 here; 1024 when")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _target_step(target, op, got, target.to(*ids), 0.01, LR, EPS)
+        _assert_unchanged(before, got)
     target.check_errors()

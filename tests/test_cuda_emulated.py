@@ -1,5 +1,5 @@
 """The CUDA kernels' own source, run on the CPU through tests/cuda_emulation (one OS
-thread per CUDA thread, barriers for __syncthreads and shuffles), against fastmf.reference:
+thread per CUDA thread, barriers for __syncthreads and shuffles), against fastmf.ops.reference:
 the checks of tests/test_cuda_ops.py at sizes a CPU emulation can afford. Catches logic
 errors in the kernels on machines without a GPU. Under AddressSanitizer (+ UBSan) it also
 catches every out-of-bounds access:
@@ -18,7 +18,11 @@ OMP_NUM_THREADS=1 because it reports torch's own OpenMP threads, which it cannot
 synchronise; a race makes the process exit with status 66).
 
 Skipped without a C++ compiler or ninja, or with FASTMF_SKIP_CUDA_EMULATION=1. The first
-run builds the emulation into build/fastmf_emu (a few minutes on two cores)."""
+run builds the emulation into build/fastmf_emu (a few minutes on two cores).
+
+The host-side rules both devices share (csrc/checks.h: no shared memory, finite settings)
+and the one place they differ on purpose (the CUDA row-width limit) are also run against
+the native CPU kernels, when built, so the two stay the same."""
 
 import os
 import shutil
@@ -51,6 +55,22 @@ def emu():
                           lambda: torch.ops.fastmf_emu.check_device_errors(0))
     cases.clear_errors(target)
     return target
+
+
+def _native_cpu_target():
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastmf::train_step", "CPU"):
+        pytest.skip("fastmf built without its CPU kernels")
+    return cases.Target("native-cpu", "cpu", torch.ops.fastmf, lambda: None)
+
+
+@pytest.fixture(params=["emulated", "native-cpu"])
+def both(request):
+    """The emulated CUDA kernels and the native CPU ones."""
+    if request.param == "emulated":
+        return request.getfixturevalue("emu")
+    import fastmf  # noqa: F401  (loads the extension)
+
+    return _native_cpu_target()
 
 
 ID_PAIRS = [(torch.int64, torch.int64), (torch.int32, torch.int64)]
@@ -225,3 +245,50 @@ def test_topk_bad_ids(emu):
 
 def test_topk_host_errors(emu):
     cases.check_topk_host_errors(emu)
+
+
+# Preconditions checked before anything is written, on both devices (csrc/checks.h).
+
+
+def test_refuses_shared_memory(both):
+    cases.check_refuses_shared_memory(both)
+
+
+def test_refuses_bad_settings(both):
+    cases.check_refuses_bad_settings(both)
+
+
+def test_wide_rows_with_misaligned_state(both):
+    cases.check_wide_rows_with_misaligned_state(both)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_native_cpu_scratch_is_released_after_a_huge_batch():
+    """The CPU kernels keep their scratch between calls, but not more than
+    kMaxRetainedScratchBytes (32 MiB, csrc/cpu/common.h): a 2M-sample step (~180 MiB of
+    scratch) must not leave the process that much larger."""
+    import fastmf  # noqa: F401
+
+    target = _native_cpu_target()
+    from fastmf.testing import make_batch, make_tables
+
+    p, q, bu, bi = make_tables(5000, 3000, 16, seed=1)
+    states = cases.make_states("adagrad", p, q, bu, bi)
+    users, items, targets = make_batch(5000, 3000, 2_000_000, seed=1)
+    small = [t[:1000] for t in (users, items, targets)]
+    target.ops.train_step(p, q, bu, bi, *states, *small, 3.0, cases.MSE, 0.0, cases.ADAGRAD,
+                          cases.LR, cases.EPS)
+    before = _rss_mb()
+    loss = target.ops.train_step(p, q, bu, bi, *states, users, items, targets, 3.0, cases.MSE,
+                                 0.0, cases.ADAGRAD, cases.LR, cases.EPS)
+    assert torch.isfinite(loss)
+    after = _rss_mb()
+    assert after - before < 40, f"RSS {before:.0f} -> {after:.0f} MB after a 2M-sample step"

@@ -1,4 +1,4 @@
-"""The CUDA kernels against fastmf.reference (computed on the CPU): every op, both id and
+"""The CUDA kernels against fastmf.ops.reference (computed on the CPU): every op, both id and
 weight dtypes, Zipf batches with hot rows, all losses and optimizers over 20 steps,
 bit-identical reruns, CUDA-graph replay, and bad ids / NaN targets. Skipped without a GPU;
 tests/test_cuda_emulated.py runs the same checks on the CPU through the kernels' source."""
@@ -132,7 +132,7 @@ def test_cuda_graph_replay_equals_eager(optimizer, dtype):
     """A captured train_step replayed on new batches gives exactly the eager results: no
     host sync, no data-dependent allocation."""
     n_users, n_items, dim, batch, steps = 500, 100, 32, 4096, 5
-    ocode = cases.OPT_NAMES.index(optimizer)
+    ocode = cases.optimizer_code(optimizer)
     start = make_tables(n_users, n_items, dim, dtype=dtype, seed=11)
     eager = [t.cuda() for t in start]
     eager += list(cases.make_states(optimizer, *eager))
@@ -148,7 +148,8 @@ def test_cuda_graph_replay_equals_eager(optimizer, dtype):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            torch.ops.fastmf.train_step(*graphed, *static, 3.0, 0, 0.01, ocode, cases.LR, cases.EPS)
+            torch.ops.fastmf.train_step(*graphed, *static, 3.0, cases.MSE, 0.01, ocode, cases.LR,
+                                        cases.EPS)
     torch.cuda.current_stream().wait_stream(side)
     for t, b in zip(graphed, backup, strict=False):
         if t is not None:
@@ -156,11 +157,11 @@ def test_cuda_graph_replay_equals_eager(optimizer, dtype):
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_loss = torch.ops.fastmf.train_step(*graphed, *static, 3.0, 0, 0.01, ocode,
+        static_loss = torch.ops.fastmf.train_step(*graphed, *static, 3.0, cases.MSE, 0.01, ocode,
                                                   cases.LR, cases.EPS)
     for batch in batches:
-        eager_loss = torch.ops.fastmf.train_step(*eager, *batch, 3.0, 0, 0.01, ocode, cases.LR,
-                                                 cases.EPS)
+        eager_loss = torch.ops.fastmf.train_step(*eager, *batch, 3.0, cases.MSE, 0.01, ocode,
+                                                 cases.LR, cases.EPS)
         for s, b in zip(static, batch, strict=False):
             s.copy_(b)
         graph.replay()
@@ -181,10 +182,10 @@ def test_cpu_and_cuda_agree():
     tables_cpu += list(cases.make_states("adagrad", *tables_cpu))
     tables_gpu = [t.cuda() for t in tables_cpu]
     for _ in range(3):
-        l_cpu = torch.ops.fastmf.train_step(*tables_cpu, users, items, targets, 3.0, 0, 0.01, 1,
-                                            cases.LR, cases.EPS)
-        l_gpu = torch.ops.fastmf.train_step(*tables_gpu, *CUDA.to(users, items, targets), 3.0, 0,
-                                            0.01, 1, cases.LR, cases.EPS)
+        l_cpu = torch.ops.fastmf.train_step(*tables_cpu, users, items, targets, 3.0, cases.MSE,
+                                            0.01, cases.ADAGRAD, cases.LR, cases.EPS)
+        l_gpu = torch.ops.fastmf.train_step(*tables_gpu, *CUDA.to(users, items, targets), 3.0,
+                                            cases.MSE, 0.01, cases.ADAGRAD, cases.LR, cases.EPS)
         cases.assert_close(l_gpu, l_cpu, torch.float32)
     for a, b in zip(tables_gpu, tables_cpu, strict=False):
         cases.assert_close(a, b, torch.float32)
@@ -244,7 +245,7 @@ def test_pairwise_cuda_graph_replay_equals_eager(optimizer, dtype):
     """A captured train_step_pairwise replayed on new batches gives exactly the eager
     results: no host sync, no data-dependent allocation."""
     n_users, n_items, dim, batch, steps = 500, 100, 32, 4096, 5
-    ocode = cases.OPT_NAMES.index(optimizer)
+    ocode = cases.optimizer_code(optimizer)
     start = make_tables(n_users, n_items, dim, dtype=dtype, seed=11)
     eager = [t.cuda() for t in start]
     eager += list(cases.make_states(optimizer, *eager))
@@ -254,8 +255,8 @@ def test_pairwise_cuda_graph_replay_equals_eager(optimizer, dtype):
     static = [t.clone() for t in batches[0]]
 
     def step(tables, ids):
-        return torch.ops.fastmf.train_step_pairwise(*tables, *ids, 0, 0.01, ocode, cases.LR,
-                                                    cases.EPS)
+        return torch.ops.fastmf.train_step_pairwise(*tables, *ids, cases.BPR, 0.01, ocode,
+                                                    cases.LR, cases.EPS)
 
     # Warm up on a side stream (first-use initialisation stays out of the graph), then
     # restore the tables.
@@ -295,10 +296,11 @@ def test_pairwise_cpu_and_cuda_agree():
     tables_cpu += list(cases.make_states("adagrad", *tables_cpu))
     tables_gpu = [t.cuda() for t in tables_cpu]
     for _ in range(3):
-        l_cpu = torch.ops.fastmf.train_step_pairwise(*tables_cpu, users, pos, neg, 0, 0.01, 1,
-                                                     cases.LR, cases.EPS)
-        l_gpu = torch.ops.fastmf.train_step_pairwise(*tables_gpu, *CUDA.to(users, pos, neg), 0,
-                                                     0.01, 1, cases.LR, cases.EPS)
+        l_cpu = torch.ops.fastmf.train_step_pairwise(*tables_cpu, users, pos, neg, cases.BPR,
+                                                     0.01, cases.ADAGRAD, cases.LR, cases.EPS)
+        l_gpu = torch.ops.fastmf.train_step_pairwise(*tables_gpu, *CUDA.to(users, pos, neg),
+                                                     cases.BPR, 0.01, cases.ADAGRAD, cases.LR,
+                                                     cases.EPS)
         cases.assert_close(l_gpu, l_cpu, torch.float32)
     for a, b in zip(tables_gpu, tables_cpu, strict=False):
         cases.assert_close(a, b, torch.float32)
@@ -381,13 +383,24 @@ def test_topk_host_errors():
     cases.check_topk_host_errors(CUDA)
 
 
+def test_refuses_shared_memory():
+    cases.check_refuses_shared_memory(CUDA)
+
+
+def test_refuses_bad_settings():
+    cases.check_refuses_bad_settings(CUDA)
+
+
+def test_wide_rows_with_misaligned_state():
+    cases.check_wide_rows_with_misaligned_state(CUDA)
+
+
 def test_topk_retrieval_routes_cuda_to_the_kernel():
-    from fastmf.retrieval.ops import has_native_kernel
-
+    from fastmf.ops import resolve_backend
+    from fastmf.ops.native import has_kernel
     from fastmf.retrieval import topk_scores
-    from fastmf.retrieval.topk import resolve_backend
 
-    assert has_native_kernel("cuda")
+    assert has_kernel("cuda", "topk_scores")
     assert resolve_backend("auto", torch.device("cuda")) == "native"
     items, bias = cases.make_topk_items(2000, 8)
     queries = cases.make_topk_queries(9, 8)

@@ -1,7 +1,8 @@
-// What the fused CPU steps (train_step.cpp, train_step_pairwise.cpp) share: the optimizer
-// state checks, the tables they update in place, their scratch, and the second phase,
-// which steps each row of one table from per-sample gradients g_b and the copies of the
-// other table's pre-step rows that the first phase kept.
+// What the fused CPU steps (train_step in pointwise.cpp, train_step_pairwise in
+// pairwise.cpp) share: the tables they update in place, their scratch, the loss sum, and
+// the second phase, which steps each row of one table from per-sample gradients g_b and
+// the copies of the other table's pre-step rows that the first phase kept.
+// csrc/cuda/fused_step.cuh is the CUDA counterpart.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,9 +13,11 @@
 #include <utility>
 #include <vector>
 
-#include "../checks.h"
-#include "dedup.h"
-#include "kernels.h"
+#include "../args.h"
+#include "../codes.h"
+#include "common.h"
+#include "segment_update.h"
+#include "segments.h"
 
 namespace fastmf {
 namespace cpu {
@@ -39,7 +42,7 @@ inline void add_sample(T* __restrict acc, T g, const T* x, const T* w, T c, bool
 
 // The state of a factor row: dim values (Adagrad), one (row-wise Adagrad), none (SGD).
 template <typename T>
-inline T* state_of(T* state, int64_t row, int64_t dim, int64_t opt) {
+inline T* state_of(T* state, int64_t row, int64_t dim, Optimizer opt) {
   if (opt == kAdagrad) return state + row * dim;
   if (opt == kRowwiseAdagrad) return state + row;
   return nullptr;
@@ -47,7 +50,7 @@ inline T* state_of(T* state, int64_t row, int64_t dim, int64_t opt) {
 
 // A factor row and its state, ahead of their update. Not the biases: their tables are
 // small enough to stay cached, and prefetching them measured slower.
-template <int64_t kOpt, typename T>
+template <Optimizer kOpt, typename T>
 inline void prefetch_table_row(const T* factors, const T* state, int64_t row, int64_t dim) {
   prefetch_row(factors + row * dim, dim, true);
   if (kOpt == kAdagrad) prefetch_row(state + row * dim, dim, true);
@@ -75,17 +78,6 @@ inline double mean_loss(const double* loss, const double* norms, int64_t batch, 
   return total;
 }
 
-inline void check_state(const char* op, int64_t optimizer, const char* name,
-                        const std::optional<at::Tensor>& state, const at::Tensor& table,
-                        const char* table_name) {
-  TORCH_CHECK_VALUE(state.has_value(), "fastmf.", op, ": ", optimizer_name(optimizer),
-                    " needs ", name, ", got None");
-  const bool per_row = optimizer == kRowwiseAdagrad;
-  check_weight(op, name, *state, per_row ? 1 : table.dim());
-  check_like(op, name, *state, table_name, table);
-  check_shape(op, name, *state, per_row ? table.sizes().slice(0, 1) : table.sizes());
-}
-
 // The tables of a step and their optimizer states; write_user_bias is false for the
 // pairwise step, where the user bias cancels and is never written.
 struct Tables {
@@ -93,39 +85,21 @@ struct Tables {
   std::optional<InPlace> user_bias, item_bias, user_factors_state, item_factors_state,
       user_bias_state, item_bias_state;
 
-  // Every check of the states before any write, in the order of fastmf/_checks.py.
-  static void check_states(const char* op, int64_t optimizer, const at::Tensor& P,
-                           const at::Tensor& Q, const std::optional<at::Tensor>& bu,
-                           const std::optional<at::Tensor>& bi,
-                           const std::optional<at::Tensor>& P_state,
-                           const std::optional<at::Tensor>& Q_state,
-                           const std::optional<at::Tensor>& bu_state,
-                           const std::optional<at::Tensor>& bi_state) {
-    if (optimizer == kSgd) return;
-    check_state(op, optimizer, "user_factors_state", P_state, P, "user_factors");
-    check_state(op, optimizer, "item_factors_state", Q_state, Q, "item_factors");
-    if (bu.has_value()) {
-      check_state(op, optimizer, "user_bias_state", bu_state, *bu, "user_bias");
-      check_state(op, optimizer, "item_bias_state", bi_state, *bi, "item_bias");
-    }
-  }
-
-  Tables(int64_t optimizer, bool write_user_bias, const at::Tensor& P, const at::Tensor& Q,
-         const std::optional<at::Tensor>& bu, const std::optional<at::Tensor>& bi,
-         const std::optional<at::Tensor>& P_state, const std::optional<at::Tensor>& Q_state,
-         const std::optional<at::Tensor>& bu_state, const std::optional<at::Tensor>& bi_state)
-      : user_factors(P), item_factors(Q) {
-    const bool has_bias = bi.has_value();
+  // states: undefined slots for SGD. Checked (csrc/checks.h) before this is built.
+  Tables(Optimizer optimizer, bool write_user_bias, const StepTables& tables,
+         const StepTables& states)
+      : user_factors(tables.user_factors), item_factors(tables.item_factors) {
+    const bool has_bias = tables.has_bias();
     if (has_bias) {
-      if (write_user_bias) user_bias.emplace(*bu);
-      item_bias.emplace(*bi);
+      if (write_user_bias) user_bias.emplace(tables.user_bias);
+      item_bias.emplace(tables.item_bias);
     }
-    if (optimizer != kSgd) {
-      user_factors_state.emplace(*P_state);
-      item_factors_state.emplace(*Q_state);
+    if (optimizer != Optimizer::kSgd) {
+      user_factors_state.emplace(states.user_factors);
+      item_factors_state.emplace(states.item_factors);
       if (has_bias) {
-        if (write_user_bias) user_bias_state.emplace(*bu_state);
-        item_bias_state.emplace(*bi_state);
+        if (write_user_bias) user_bias_state.emplace(states.user_bias);
+        item_bias_state.emplace(states.item_bias);
       }
     }
   }
@@ -145,7 +119,7 @@ struct Tables {
   }
 };
 
-// Scratch kept between calls (one per op and thread).
+// Scratch kept between calls (one per op and thread; TrimOnExit caps what it keeps).
 struct Workspace {
   std::vector<int64_t> users, items, negatives;
   RowGroups user_groups, item_groups;
@@ -156,6 +130,14 @@ struct Workspace {
   std::vector<double> double_scratch;
   std::vector<float>& typed(float) { return float_scratch; }
   std::vector<double>& typed(double) { return double_scratch; }
+
+  size_t bytes() const {
+    return scratch_bytes(users) + scratch_bytes(items) + scratch_bytes(negatives) +
+           user_groups.bytes() + item_groups.bytes() + scratch_bytes(loss) +
+           scratch_bytes(norms) + scratch_bytes(group_of) + scratch_bytes(float_scratch) +
+           scratch_bytes(double_scratch);
+  }
+  void release() { *this = Workspace(); }
 };
 
 // The second phase's table: its rows, their grouping over `positions` sorted positions,
@@ -182,7 +164,7 @@ struct FirstResults {
 // Steps every row of `side`: its gradient is sum over its positions j of
 // sign_j g_b P_old[b] (+ the L2 term), in sorted (= batch) order, where
 // sample_of(j) -> (b, negative) maps a position to its sample. Each row is written once.
-template <int64_t kOpt, typename T, typename SampleOf>
+template <Optimizer kOpt, typename T, typename SampleOf>
 void step_from_old_rows(const SecondSide<T>& side, const FirstResults<T>& first, int64_t dim,
                         T reg_grad, bool reg, T lr, T eps, SampleOf sample_of) {
   const RowGroups& groups = *side.groups;

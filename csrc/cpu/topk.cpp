@@ -1,6 +1,7 @@
-// Fused exact top-k of score[b, i] = item_bias[i] + <queries[b], item_factors[i]> on the CPU.
+// The topk family on the CPU: topk_scores, the fused exact top-k of
+// score[b, i] = item_bias[i] + <queries[b], item_factors[i]> (csrc/cuda/topk.cu on the GPU).
 //
-// The meaning (tie order, exclusion, candidates, padding) is fastmf.retrieval.reference.
+// The meaning (tie order, exclusion, candidates, padding) is fastmf.ops.reference.
 // topk_scores; this file only makes it fast:
 //
 // - Scores are produced one tile at a time (a block of queries × a tile of items) into a
@@ -44,6 +45,7 @@
 #include "../checks.h"
 
 namespace fastmf {
+namespace cpu {
 namespace {
 
 constexpr const char* kOp = "topk_scores";
@@ -593,7 +595,7 @@ std::pair<at::Tensor, at::Tensor> sorted_exclude_rows(const at::Tensor& indptr,
   return {relative, span};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(
+std::tuple<at::Tensor, at::Tensor> topk_scores(
     const at::Tensor& queries, const at::Tensor& item_factors,
     const std::optional<at::Tensor>& item_bias, int64_t k,
     const std::optional<at::Tensor>& exclude_indptr,
@@ -655,7 +657,7 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(
   const at::Tensor items = item_factors.contiguous();
   at::Tensor bias;
   if (item_bias.has_value()) bias = item_bias->contiguous();
-  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "fastmf_topk_scores_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "fastmf.topk_scores", [&] {
     topk_kernel<scalar_t>(p, q, items, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                           scores, ids);
   });
@@ -663,6 +665,7 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(
 }
 
 }  // namespace
+}  // namespace cpu
 }  // namespace fastmf
 
-TORCH_LIBRARY_IMPL(fastmf, CPU, m) { m.impl("topk_scores", &fastmf::topk_scores_cpu); }
+TORCH_LIBRARY_IMPL(fastmf, CPU, m) { m.impl("topk_scores", &fastmf::cpu::topk_scores); }

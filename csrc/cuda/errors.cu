@@ -18,6 +18,18 @@
 //     and message as the CPU kernels (IndexError for ids, ValueError for targets), then
 //     clears it. Call it where a sync is cheap: after an epoch, before evaluating, in
 //     tests. Data that is validated once when it is moved to the GPU never trips it.
+//
+// Which error is reported when there are several differs from the CPU kernels. The CPU
+// kernels raise for the first argument that has a bad value, in their check order (users,
+// then items, then targets; exclude_indptr, then exclude, then candidates), and for ids
+// report the smallest negative id, else the largest (csrc/checks.h report_id_range). Here
+// the first record to land wins (an atomicCAS): some bad value of some argument of the
+// first op that met one, not necessarily the one the CPU would name. Reporting the CPU's
+// choice would need every error's op, argument, value and limit to be compared and kept
+// as one unit; with 64-bit atomics only that takes either a lock or a record per argument
+// plus a generation count per launch, for a path that only runs on bad data. The type of
+// the error (IndexError / ValueError) and the op named are the same, and every value
+// reported is a real bad value of the named argument.
 #include <torch/library.h>
 
 #include <c10/cuda/CUDAException.h>

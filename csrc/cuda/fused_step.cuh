@@ -1,10 +1,11 @@
-// What the fused training steps (train_step.cu, train_step_pairwise.cu) have in common.
+// What the fused training steps (train_step in pointwise.cu, train_step_pairwise in
+// pairwise.cu) have in common; csrc/cpu/fused_step.h is the CPU counterpart.
 // Both run the same pipeline on a batch, with no autograd graph, no dense gradient and no
 // host synchronisation (the whole step can be captured in a CUDA graph):
 //
 //   1. prepare:  check the ids on the device (errors.cu) and write one array of sort keys
 //                for both tables (StepKeys): the user slots first, then the item slots;
-//   2. sort:     one radix sort of all the keys (sort.h) groups every table row's slots;
+//   2. sort:     one radix sort of all the keys (segments.cuh) groups every table row's slots;
 //   3. forward:  per sample, the loss and its gradient; the item-side gradient rows are
 //                written out now, while the user rows are unchanged; per-block loss sums
 //                (block_loss_sums);
@@ -15,19 +16,26 @@
 //
 // The L2 term of a row seen n times, n * (2 reg / B) * w, is added when the row is
 // updated, from the row as read just before its write: the pre-step value. Every gradient
-// therefore comes from the pre-step weights, as in fastmf/reference.py.
+// therefore comes from the pre-step weights, as in fastmf/ops/reference.
+//
+// Every check, the CUDA-only layout and width limits included (check_step_layout), runs
+// before the first launch, so a step that raises has written nothing.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
 
+#include "../args.h"
+#include "../checks.h"
+#include "../codes.h"
 #include "common.cuh"
 #include "segment_update.cuh"
-#include "sort.h"
+#include "segments.cuh"
 
 namespace fastmf::cuda {
 
@@ -51,36 +59,93 @@ struct StepKeys {
 };
 
 // ---------------------------------------------------------------------------------------
-// Host side (fused_step.cu).
+// Host side.
 
-// An optimizer state: present for the Adagrads, shaped like its table (element-wise) or
-// (N,) (row-wise, 2-D tables), contiguous. Messages as in the CPU kernels.
-void check_state(const char* op, int64_t optimizer, const char* name,
-                 const std::optional<at::Tensor>& state, const at::Tensor& table,
-                 const char* table_name);
+// What the CUDA steps need beyond the shared checks (csrc/checks.h), all before any launch:
+// every table and state the step writes contiguous (updated in place); room for `slots`
+// sort keys (`slots_what` names the count) and for both tables' rows in the key space; and
+// rows no wider than the update kernels hold, for both tables, with the packing each
+// table's update will use. user_bias (and its state) only when `writes_user_bias`.
+inline void check_step_layout(const char* op, const StepTables& tables, const StepTables& states,
+                              const OptimizerArgs& opt, bool writes_user_bias, int64_t batch,
+                              int64_t slots, const char* slots_what) {
+  const auto table_slots = tables.slots();
+  const auto state_slots = states.slots();
+  const bool adagrad = opt.optimizer != Optimizer::kSgd;
+  for (size_t s = 0; s < table_slots.size(); ++s) {
+    if (!table_slots[s]->defined() || (s == 2 && !writes_user_bias)) continue;
+    check_contiguous(op, kTableNames[s], *table_slots[s]);
+    if (adagrad) check_contiguous(op, kStateNames[s], *state_slots[s]);
+  }
+  const int64_t num_users = tables.user_factors.size(0);
+  const int64_t num_items = tables.item_factors.size(0);
+  check_fits_32bit(op, "user_factors row count", num_users);
+  check_fits_32bit(op, "item_factors row count", num_items);
+  check_fits_32bit(op, "batch size", batch);
+  // Both tables' slots go through one sort.
+  check_fits_32bit(op, slots_what, slots);
+  // Item keys go up to U + 1 + I, which must stay below kNoKey.
+  TORCH_CHECK_VALUE(static_cast<uint64_t>(num_users) + static_cast<uint64_t>(num_items) + 1 <
+                        static_cast<uint64_t>(kNoKey),
+                    "fastmf.", op, ": ", num_users, " users and ", num_items,
+                    " items are too many for the CUDA kernels (at most 2^32 - 2 together)");
+  if (batch == 0) return;  // nothing to update, as on the CPU
+  const int64_t dim = tables.user_factors.size(1);
+  const int64_t size = tables.user_factors.element_size();
+  const void* P = tables.user_factors.data_ptr();
+  const void* Q = tables.item_factors.data_ptr();
+  // Packed state loads only for element-wise Adagrad (row-wise reads one value per row).
+  const bool elementwise = opt.optimizer == Optimizer::kAdagrad;
+  const void* P_state = elementwise ? states.user_factors.data_ptr() : nullptr;
+  const void* Q_state = elementwise ? states.item_factors.data_ptr() : nullptr;
+  // The same packing run_segment_update gets in the steps: the user rows read P and Q,
+  // the item rows Q.
+  check_update_width(op, "user_factors", dim, size, packed_rows(dim, size, {P, Q, P_state}));
+  check_update_width(op, "item_factors", dim, size, packed_rows(dim, size, {Q, Q_state}));
+}
 
-// What both fused steps check after their own arguments: the four optimizer states, the
-// contiguity of every table the step writes, and room for `slots` sort keys in the key
-// space (`slots_what` names the count in the message). user_bias is checked for
-// contiguity only when `writes_user_bias`.
-void check_step_tables(const char* op, int64_t optimizer, const at::Tensor& user_factors,
-                       const at::Tensor& item_factors, const std::optional<at::Tensor>& user_bias,
-                       const std::optional<at::Tensor>& item_bias,
-                       const std::optional<at::Tensor>& user_factors_state,
-                       const std::optional<at::Tensor>& item_factors_state,
-                       const std::optional<at::Tensor>& user_bias_state,
-                       const std::optional<at::Tensor>& item_bias_state, bool writes_user_bias,
-                       int64_t slots, const char* slots_what);
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    finish_loss_kernel(const double* __restrict__ block_sums, int32_t blocks, int32_t batch,
+                       double reg, scalar_t* __restrict__ out) {
+  __shared__ double shared_loss[kThreads];
+  __shared__ double shared_l2[kThreads];
+  double loss_sum = 0, l2_sum = 0;
+  for (int32_t k = static_cast<int32_t>(threadIdx.x); k < blocks; k += kThreads) {
+    loss_sum += block_sums[2 * k];
+    l2_sum += block_sums[2 * k + 1];
+  }
+  shared_loss[threadIdx.x] = loss_sum;
+  shared_l2[threadIdx.x] = l2_sum;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.x) < half) {
+      shared_loss[threadIdx.x] += shared_loss[threadIdx.x + half];
+      shared_l2[threadIdx.x] += shared_l2[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const double n = static_cast<double>(batch);
+    out[0] = static_cast<scalar_t>(shared_loss[0] / n +
+                                   (reg != 0.0 ? reg * (shared_l2[0] / n) : 0.0));
+  }
+}
 
 // Step 6: out[0] = loss_sum / batch + reg * (l2_sum / batch), from the (blocks, 2)
 // per-block sums written by block_loss_sums, added in a fixed order by one block.
 template <typename scalar_t>
 void finish_loss(const at::Tensor& block_sums, int64_t blocks, int64_t batch, double reg,
-                 const at::Tensor& out);
+                 const at::Tensor& out) {
+  finish_loss_kernel<scalar_t><<<1, kThreads, 0, current_stream()>>>(
+      block_sums.data_ptr<double>(), static_cast<int32_t>(blocks), static_cast<int32_t>(batch),
+      reg, out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 // The tables and states of a step as raw pointers (null when absent or unused).
 template <typename scalar_t>
-struct StepTables {
+struct TablePointers {
   scalar_t* user_factors;
   scalar_t* item_factors;
   scalar_t* user_bias;
@@ -89,43 +154,26 @@ struct StepTables {
   scalar_t* item_factors_state;
   scalar_t* user_bias_state;
   scalar_t* item_bias_state;
-};
 
-template <typename scalar_t>
-StepTables<scalar_t> step_tables(int64_t optimizer, const at::Tensor& user_factors,
-                                 const at::Tensor& item_factors,
-                                 const std::optional<at::Tensor>& user_bias,
-                                 const std::optional<at::Tensor>& item_bias,
-                                 const std::optional<at::Tensor>& user_factors_state,
-                                 const std::optional<at::Tensor>& item_factors_state,
-                                 const std::optional<at::Tensor>& user_bias_state,
-                                 const std::optional<at::Tensor>& item_bias_state) {
-  auto ptr = [](const std::optional<at::Tensor>& t) -> scalar_t* {
-    return t.has_value() ? t->data_ptr<scalar_t>() : nullptr;
-  };
-  auto state = [&](const std::optional<at::Tensor>& s) -> scalar_t* {
-    return optimizer != kSgd ? ptr(s) : nullptr;
-  };
-  const bool has_bias = user_bias.has_value();
-  return StepTables<scalar_t>{user_factors.data_ptr<scalar_t>(),
-                              item_factors.data_ptr<scalar_t>(),
-                              ptr(user_bias),
-                              ptr(item_bias),
-                              state(user_factors_state),
-                              state(item_factors_state),
-                              has_bias ? state(user_bias_state) : nullptr,
-                              has_bias ? state(item_bias_state) : nullptr};
-}
-
-// Whether rows of `dim` scalars at every base in `bases` can move as 16-byte packs.
-template <typename scalar_t>
-bool packed_rows(int64_t dim, std::initializer_list<const void*> bases) {
-  if (dim % (16 / static_cast<int64_t>(sizeof(scalar_t))) != 0) return false;
-  for (const void* p : bases) {
-    if (!aligned16(p)) return false;
+  static TablePointers of(const StepTables& tables, const StepTables& states,
+                          Optimizer optimizer) {
+    auto ptr = [](const at::Tensor& t) -> scalar_t* {
+      return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+    };
+    auto state = [&](const at::Tensor& s) -> scalar_t* {
+      return optimizer != Optimizer::kSgd ? ptr(s) : nullptr;
+    };
+    const bool has_bias = tables.has_bias();
+    return TablePointers{ptr(tables.user_factors),
+                         ptr(tables.item_factors),
+                         ptr(tables.user_bias),
+                         ptr(tables.item_bias),
+                         state(states.user_factors),
+                         state(states.item_factors),
+                         has_bias ? state(states.user_bias) : nullptr,
+                         has_bias ? state(states.item_bias) : nullptr};
   }
-  return true;
-}
+};
 
 // Step 3's grid: one group of lanes per sample, moving 16-byte packs when both factor
 // tables allow it. The grid is fixed for a given batch and dim, and so are the per-block
@@ -140,7 +188,7 @@ struct ForwardGrid {
 template <typename scalar_t>
 ForwardGrid forward_grid(int64_t batch, int64_t dim, const scalar_t* user_factors,
                          const scalar_t* item_factors, const at::TensorOptions& options) {
-  const bool packed = packed_rows<scalar_t>(dim, {user_factors, item_factors});
+  const bool packed = packed_rows(dim, sizeof(scalar_t), {user_factors, item_factors});
   const RowLayout layout = row_layout(dim, packed ? 16 / static_cast<int>(sizeof(scalar_t)) : 1);
   const int64_t blocks = ceil_div(batch, kThreads / layout.lanes);
   return ForwardGrid{packed, layout.lanes, blocks,
@@ -154,7 +202,7 @@ template <typename scalar_t>
 SegmentArgs<scalar_t> table_segments(const SortedRuns& sorted, int64_t first_slot, int64_t slots,
                                      uint32_t key_offset, int64_t num_rows, scalar_t* weight,
                                      scalar_t* state, int64_t batch, int64_t dim,
-                                     int64_t optimizer, double lr, double eps, double reg) {
+                                     const OptimizerArgs& opt, double reg) {
   SegmentArgs<scalar_t> a;
   a.keys = reinterpret_cast<const uint32_t*>(sorted.keys.data_ptr<int32_t>()) + first_slot;
   a.positions = sorted.positions.data_ptr<int32_t>() + first_slot;
@@ -166,9 +214,9 @@ SegmentArgs<scalar_t> table_segments(const SortedRuns& sorted, int64_t first_slo
   a.dim = dim;
   a.weight = weight;
   a.state = state;
-  a.optimizer = static_cast<int>(optimizer);
-  a.lr = static_cast<scalar_t>(lr);
-  a.eps = static_cast<scalar_t>(eps);
+  a.optimizer = opt.optimizer;
+  a.lr = static_cast<scalar_t>(opt.lr);
+  a.eps = static_cast<scalar_t>(opt.eps);
   // Per occurrence of a row: the gradient of reg * mean_b(||w||^2) is (2 reg / B) w.
   a.reg_scale = static_cast<scalar_t>(2.0 * reg / static_cast<double>(batch));
   return a;

@@ -1,7 +1,10 @@
 // The fused sparse optimizer step on one table, after its samples were sorted by row
-// (sort.h): sum the gradient rows of each row's run of samples, then update the row once.
-// The same code serves sparse_adagrad_update / sparse_sgd_update and both tables of
-// train_step and train_step_pairwise.
+// (segments.cuh): sum the gradient rows of each row's run of samples, then update the row
+// once. The same code serves sparse_adagrad_update / sparse_sgd_update (pointwise.cu) and
+// both tables of train_step (pointwise.cu) and train_step_pairwise (pairwise.cu).
+// csrc/cpu/segment_update.h is the CPU counterpart. The kernels are compiled once per
+// dtype (segment_update_float.cu, segment_update_double.cu) so the two halves of this,
+// the slowest template work of the build, compile in parallel.
 //
 // Why tiles rather than one warp per run: under Zipf the run lengths range from 1 to
 // thousands (the hottest item of a 262144-sample batch occurs ~20000 times), so a warp per
@@ -30,14 +33,19 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
+#include "../checks.h"
+#include "../codes.h"
 #include "common.cuh"
-#include "sort.h"
+#include "segments.cuh"
 
 namespace fastmf::cuda {
 
-enum OptimizerCode : int { kSgd = 0, kAdagrad = 1, kRowwiseAdagrad = 2 };
+constexpr Optimizer kSgd = Optimizer::kSgd;
+constexpr Optimizer kAdagrad = Optimizer::kAdagrad;
+constexpr Optimizer kRowwiseAdagrad = Optimizer::kRowwiseAdagrad;
 
 // Tiles per stage-2 block. A run spanning more tiles than this is a "long" run; at most one
 // long run can end in any kSuperTile consecutive tiles, so one block per kSuperTile tiles
@@ -46,7 +54,7 @@ constexpr int kSuperTile = 32;
 
 template <typename scalar_t>
 struct SegmentArgs {
-  // This table's part of the sorted batch (sort.h), already offset to its first slot.
+  // This table's part of the sorted batch (segments.cuh), already offset to its first slot.
   const uint32_t* keys = nullptr;
   const int32_t* positions = nullptr;
   const int32_t* run_start = nullptr;
@@ -78,7 +86,7 @@ struct SegmentArgs {
   const uint32_t* other_keys_minus = nullptr;
   uint32_t other_key_offset = 0;
 
-  int optimizer = kSgd;
+  Optimizer optimizer = kSgd;  // row-wise Adagrad here means a 2-D table's (N,) state
   scalar_t lr = 0;
   scalar_t eps = 0;
   // L2 term: a row seen n times in the batch also gets n * reg_scale * w (pre-step w).
@@ -95,14 +103,34 @@ struct SegmentArgs {
 };
 
 // Runs stage 1 and stage 2 for one table on the current stream. `packed`: 16-byte packs
-// (the caller checked dim and the alignment of every row it reads or writes).
+// (the caller checked dim and the alignment of every row it reads or writes, and the row
+// width against max_update_dim with check_row_width, before writing any table).
 template <typename scalar_t>
 void run_segment_update(SegmentArgs<scalar_t> args, bool packed, const at::Tensor& like);
 
-// Largest row width the update kernels hold in registers.
-template <typename scalar_t>
-int64_t max_update_dim(bool packed) {
-  return static_cast<int64_t>(packed ? 16 / sizeof(scalar_t) : 1) * kWarp * 8;
+// Largest row width the update kernels hold in registers: 8 packs per lane of a warp, so
+// 1024 float32 / 512 float64 values in 16-byte packs, 256 one value at a time. (The CPU
+// kernels have no limit.)
+inline int64_t max_update_dim(int64_t element_size, bool packed) {
+  return (packed ? 16 / element_size : 1) * kWarp * 8;
+}
+
+// Whether rows of `dim` values at every base in `bases` (null: not read) can move as
+// 16-byte packs.
+inline bool packed_rows(int64_t dim, int64_t element_size,
+                        std::initializer_list<const void*> bases) {
+  if (dim % (16 / element_size) != 0) return false;
+  for (const void* p : bases) {
+    if (p != nullptr && !aligned16(p)) return false;
+  }
+  return true;
+}
+
+// The CUDA width limit of one table's update (csrc/checks.h check_row_width).
+inline void check_update_width(const char* op, const char* name, int64_t dim,
+                               int64_t element_size, bool packed) {
+  check_row_width(op, name, dim, max_update_dim(element_size, packed),
+                  max_update_dim(element_size, true));
 }
 
 }  // namespace fastmf::cuda

@@ -88,7 +88,7 @@ __device__ __forceinline__ void load_gradient(const SegmentArgs<scalar_t>& a, co
 }
 
 // One optimizer step on `row` with the summed gradient of its `count` samples. Formulas
-// and their order of operations follow fastmf/reference.py (torch.optim semantics).
+// and their order of operations follow fastmf/ops/reference (torch.optim semantics).
 template <typename scalar_t, int V, int J>
 __device__ __forceinline__ void apply_update(const SegmentArgs<scalar_t>& a, const Group& g,
                                              int64_t row, int32_t count,
@@ -402,9 +402,10 @@ void run_segment_update(SegmentArgs<scalar_t> a, bool packed, const at::Tensor& 
   if (a.n == 0) return;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const RowLayout layout = row_layout(a.dim, packed ? kVec : 1);
-  TORCH_CHECK_VALUE(layout.packs <= 8, "fastmf: rows of ", a.dim,
-                    " values are too wide for the CUDA update kernels (at most ",
-                    max_update_dim<scalar_t>(packed), " here)");
+  // The ops checked the width (check_update_width) before writing any table.
+  TORCH_INTERNAL_ASSERT(layout.packs <= 8, "fastmf: rows of ", a.dim,
+                        " values are too wide for the CUDA update kernels (at most ",
+                        max_update_dim(sizeof(scalar_t), packed), " here)");
   a.tile = segment::tile_size(a.n);
   a.lanes = layout.lanes;
   a.padded = layout.padded();

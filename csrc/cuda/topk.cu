@@ -1,7 +1,8 @@
-// topk_scores on the GPU: exact top-k of item_bias[i] + <queries[b], item_factors[i]>.
+// The topk family on the GPU: topk_scores, the exact top-k of
+// item_bias[i] + <queries[b], item_factors[i]> (csrc/cpu/topk.cpp on the CPU).
 //
-// The meaning (tie order, NaN, exclusion, candidates, padding) is fastmf.retrieval.reference.
-// topk_scores; csrc/cpu/topk.cpp is the CPU kernel. This file makes it fast without ever
+// The meaning (tie order, NaN, exclusion, candidates, padding) is fastmf.ops.reference.
+// topk_scores. This file makes it fast without ever
 // writing the (queries x items) score matrix, which is what makes `torch.topk(Q @ X.T + b)`
 // slow: it moves 4 bytes per score through memory twice, the fused kernel none.
 //
@@ -55,8 +56,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks.h"
 #include "common.cuh"
-#include "inputs.h"
 
 namespace fastmf::cuda {
 namespace {
@@ -517,7 +518,7 @@ void launch_topk(Problem<T> p, int64_t k, bool packed, at::Tensor& scores, at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(
+std::tuple<at::Tensor, at::Tensor> topk_scores(
     const at::Tensor& queries, const at::Tensor& item_factors,
     const std::optional<at::Tensor>& item_bias, int64_t k,
     const std::optional<at::Tensor>& exclude_indptr,
@@ -578,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(
   const at::Tensor items = item_factors.contiguous();
   at::Tensor bias;
   if (item_bias.has_value()) bias = item_bias->contiguous();
-  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "fastmf_topk_scores_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(queries.scalar_type(), "fastmf.topk_scores", [&] {
     Problem<scalar_t> p{};
     p.queries = q.data_ptr<scalar_t>();
     p.items = items.data_ptr<scalar_t>();
@@ -608,4 +609,4 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cuda(
 }  // namespace
 }  // namespace fastmf::cuda
 
-TORCH_LIBRARY_IMPL(fastmf, CUDA, m) { m.impl("topk_scores", &fastmf::cuda::topk_scores_cuda); }
+TORCH_LIBRARY_IMPL(fastmf, CUDA, m) { m.impl("topk_scores", &fastmf::cuda::topk_scores); }

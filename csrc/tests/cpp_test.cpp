@@ -1,17 +1,23 @@
 // C++ checks of the fastmf CPU kernels, called by name through the PyTorch dispatcher
-// (as Python does), against plain ATen versions of fastmf/reference.py. Built by
+// (as Python does), against plain ATen versions of fastmf/ops/reference. Built by
 // CMakeLists.txt as fastmf_cpp_test; run under sanitizers by .ci/sanitize.sh.
 // Exits 0 when every check passes, 1 otherwise.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdio>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "codes.h"
+
 namespace {
+
+constexpr int64_t kMse = static_cast<int64_t>(fastmf::Loss::kMse);
+constexpr int64_t kAdagrad = static_cast<int64_t>(fastmf::Optimizer::kAdagrad);
 
 using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
@@ -62,7 +68,7 @@ Tensor train_step(const Tensor& P, const Tensor& Q, const OptTensor& bu, const O
                 optimizer, lr, eps);
 }
 
-// ---- plain ATen versions of fastmf/reference.py -------------------------------------------
+// ---- plain ATen versions of fastmf/ops/reference -------------------------------------------
 
 Tensor ref_forward(const Tensor& users, const Tensor& items, const Tensor& P, const Tensor& Q,
                    const Tensor& bu, const Tensor& bi, double global_mean) {
@@ -162,8 +168,8 @@ void test_train_step(at::ScalarType id_type) {
   const double gm = 3.0, reg = 0.05, lr = 0.1, eps = 1e-10;
   bool ok = true;
   for (int step = 0; step < 3; ++step) {
-    auto loss = train_step(P, Q, bu, bi, sP, sQ, sbu, sbi, users, items, targets, gm,
-                           /*loss=mse*/ 0, reg, /*optimizer=adagrad*/ 1, lr, eps);
+    auto loss = train_step(P, Q, bu, bi, sP, sQ, sbu, sbi, users, items, targets, gm, kMse,
+                           reg, kAdagrad, lr, eps);
     auto ref_loss = ref_train_step(rP, rQ, rbu, rbi, rsP, rsQ, rsbu, rsbi, users, items,
                                    targets, gm, reg, lr, eps);
     ok = ok && loss.dim() == 0 && close(loss, ref_loss) && close(P, rP) && close(Q, rQ) &&
@@ -207,10 +213,64 @@ void test_out_of_range() {
   expect_index_error("train_step item id == num_items", [&] {
     train_step(P, Q, bu, bi, at::zeros_like(P), at::zeros_like(Q), at::zeros_like(bu),
                at::zeros_like(bi), id_tensor({0, 1, 2}, at::kLong),
-               id_tensor({0, I, 1}, at::kLong), at::ones({3}, kF64), 0.0, 0, 0.0, 1, 0.1,
-               1e-10);
+               id_tensor({0, I, 1}, at::kLong), at::ones({3}, kF64), 0.0, kMse, 0.0, kAdagrad,
+               0.1, 1e-10);
   });
   check(at::equal(P, P0), "a rejected update leaves the weights untouched");
+}
+
+template <class F>
+void expect_value_error(const std::string& name, const std::string& message, F&& f) {
+  bool ok = false;
+  try {
+    f();
+  } catch (const c10::ValueError& e) {
+    ok = std::string(e.what_without_backtrace()).find(message) != std::string::npos;
+    if (!ok) std::printf("  unexpected message: %s\n", e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    std::printf("  unexpected exception: %s\n", e.what());
+  }
+  check(ok, name + " raises c10::ValueError");
+}
+
+// Checks made before anything is written (csrc/checks.h): tables that share memory, and
+// non-finite or negative settings.
+void test_refused_before_writing() {
+  const int64_t U = 6, I = 4, K = 3, B = 10;
+  auto W = at::randn({U + I, K}, kF64);
+  auto P = W.narrow(0, 0, U), Q = at::randn({I, K}, kF64);
+  auto bu = at::randn({U}, kF64), bi = at::randn({I}, kF64);
+  auto users = at::randint(U, {B}, at::kLong), items = at::randint(I, {B}, at::kLong);
+  auto targets = at::rand({B}, kF64);
+  auto W0 = W.clone(), Q0 = Q.clone(), bu0 = bu.clone(), bi0 = bi.clone();
+  auto step = [&](const Tensor& p, const Tensor& q, const OptTensor& sp, const OptTensor& sq,
+                  double reg, double lr, double eps) {
+    train_step(p, q, bu, bi, sp, sq, at::zeros_like(bu), at::zeros_like(bi), users, items,
+               targets, 0.0, kMse, reg, kAdagrad, lr, eps);
+  };
+  expect_value_error("train_step on overlapping user and item tables",
+                     "fastmf.train_step: user_factors and item_factors share memory", [&] {
+                       step(P, W.narrow(0, U - 1, I), at::zeros_like(P), at::zeros_like(Q), 0.0,
+                            0.1, 1e-10);
+                     });
+  expect_value_error("train_step with a state aliasing its table",
+                     "fastmf.train_step: item_factors and item_factors_state share memory",
+                     [&] { step(P, Q, at::zeros_like(P), Q, 0.0, 0.1, 1e-10); });
+  const double nan = std::nan("");
+  expect_value_error("train_step with lr = nan",
+                     "fastmf.train_step: lr must be finite and >= 0, got nan",
+                     [&] { step(P, Q, at::zeros_like(P), at::zeros_like(Q), 0.0, nan, 1e-10); });
+  expect_value_error("train_step with reg = inf",
+                     "fastmf.train_step: reg must be finite and >= 0, got inf", [&] {
+                       step(P, Q, at::zeros_like(P), at::zeros_like(Q), INFINITY, 0.1, 1e-10);
+                     });
+  expect_value_error("sparse_adagrad_update with weight as its state",
+                     "fastmf.sparse_adagrad_update: weight and state share memory", [&] {
+                       sparse_adagrad_update(Q, Q, items, at::ones({B, K}, kF64), 0.1, 1e-10,
+                                             false);
+                     });
+  check(at::equal(W, W0) && at::equal(Q, Q0) && at::equal(bu, bu0) && at::equal(bi, bi0),
+        "refused steps leave every table untouched");
 }
 
 }  // namespace
@@ -226,6 +286,7 @@ int main() {
     test_train_step(at::kLong);
     test_train_step(at::kInt);
     test_out_of_range();
+    test_refused_before_writing();
   } catch (const std::exception& e) {
     std::printf("FAIL uncaught exception: %s\n", e.what());
     return 1;

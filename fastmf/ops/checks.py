@@ -201,8 +201,8 @@ def check_separate(op: str, tables, states) -> None:
         for b in range(a + 1, len(ranges)):
             (name_a, (lo_a, hi_a)), (name_b, (lo_b, hi_b)) = ranges[a], ranges[b]
             if lo_a <= hi_b and lo_b <= hi_a:
-                raise ValueError(f"fastmf.{op}: {name_a} and {name_b} share memory; the "
-                                 "fused step needs separate tensors")
+                raise ValueError(f"fastmf.{op}: {name_a} and {name_b} share memory; each "
+                                 "table and state needs memory of its own")
 
 
 def check_states(op, tables, states, optimizer):

@@ -1,7 +1,8 @@
 """Builds csrc/cuda's kernels for the CPU through the stand-in runtime of include/: the
 kernels' own source, mechanically rewritten where CUDA syntax has no C++ spelling
 (``k<<<grid, block>>>(args)``, ``__shared__``), registered as ``torch.ops.fastmf_emu.*`` on
-CPU tensors. Only the CUB sort is replaced (sort_emulated.cpp).
+CPU tensors: csrc/fastmf.cpp, the shared headers csrc/*.h and every file of csrc/cuda/.
+Only the CUB sort (csrc/cuda/segments.cu) is replaced (sort_emulated.cpp).
 
     python tests/cuda_emulation/emulation_build.py      # builds, prints the library path
 """
@@ -56,14 +57,16 @@ def _write(path: Path, text: str) -> None:
 
 def prepare_sources(out: Path) -> list[str]:
     (out / "cuda").mkdir(parents=True, exist_ok=True)
-    _write(out / "checks.h", (ROOT / "csrc" / "checks.h").read_text())
+    # The headers csrc/cuda/ shares with the CPU kernels (codes.h, args.h, checks.h, ...).
+    for header in sorted((ROOT / "csrc").glob("*.h")):
+        _write(out / header.name, header.read_text())
     sources = []
     main = out / "fastmf_emu.cpp"
     _write(main, '#define FASTMF_TORCH_VERSION "emulated"\n'
            + rewrite((ROOT / "csrc" / "fastmf.cpp").read_text()))
     sources.append(str(main))
     for path in sorted((ROOT / "csrc" / "cuda").iterdir()):
-        if path.name == "sort.cu":
+        if path.name == "segments.cu":
             continue
         text = rewrite(path.read_text())
         if path.suffix == ".cu":

@@ -1,4 +1,4 @@
-// Stand-in for csrc/cuda/sort.cu (CUB cannot run on the CPU): the same contract, computed
+// Stand-in for csrc/cuda/segments.cu (CUB cannot run on the CPU): the same contract, computed
 // on the host. It also checks that every key fits the bits the radix sort is told to use.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "sort.h"
+#include "segments.cuh"
 
 namespace fastmf::cuda {
 

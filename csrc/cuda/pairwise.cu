@@ -1,5 +1,5 @@
-// train_step_pairwise on the GPU: the fused BPR step, through the pipeline of
-// fused_step.cuh. Each sample b is (u, i, j), with
+// The pairwise family on the GPU: train_step_pairwise, the fused BPR step, through the
+// pipeline of fused_step.cuh (csrc/cpu/pairwise.cpp on the CPU). Each sample b is (u, i, j), with
 //   x_b = b_i - b_j + <P[u], Q[i] - Q[j]>,   loss = mean_b softplus(-x_b) + reg term.
 //
 // The sort holds 3B keys: users in slots [0, B), then the item slots [B, 3B), positives
@@ -26,11 +26,14 @@
 #include <limits>
 #include <optional>
 
+#include "../args.h"
+#include "../checks.h"
+#include "../codes.h"
+#include "../ops.h"
 #include "common.cuh"
 #include "fused_step.cuh"
-#include "inputs.h"
 #include "segment_update.cuh"
-#include "sort.h"
+#include "segments.cuh"
 
 namespace fastmf::cuda {
 namespace {
@@ -51,7 +54,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool ok_i = i >= 0 && i < key.num_items;
   const bool ok_j = j >= 0 && j < key.num_items;
   if (!ok_u) record_error(err, kOpTrainStepPairwise, kArgUsers, u, key.num_users, b);
-  // The positives are "items" in the messages, as in the CPU kernel and fastmf/_checks.py.
+  // The positives are "items" in the messages, as in the CPU kernel and fastmf/ops/checks.py.
   if (!ok_i) record_error(err, kOpTrainStepPairwise, kArgItems, i, key.num_items, b);
   if (!ok_j) record_error(err, kOpTrainStepPairwise, kArgNegItems, j, key.num_items, b);
   const bool ok = ok_u && ok_i && ok_j;
@@ -156,30 +159,23 @@ __global__ void __launch_bounds__(kThreads)
   block_loss_sums(loss_value, l2_value, a.lanes, a.block_sums);
 }
 
-at::Tensor train_step_pairwise_cuda(
-    const at::Tensor& user_factors, const at::Tensor& item_factors,
-    const std::optional<at::Tensor>& user_bias, const std::optional<at::Tensor>& item_bias,
-    const std::optional<at::Tensor>& user_factors_state,
-    const std::optional<at::Tensor>& item_factors_state,
-    const std::optional<at::Tensor>& user_bias_state,
-    const std::optional<at::Tensor>& item_bias_state, const at::Tensor& users,
-    const at::Tensor& pos_items, const at::Tensor& neg_items, int64_t loss, double reg,
-    int64_t optimizer, double lr, double eps) {
-  // The checks and messages of csrc/cpu/train_step_pairwise.cpp, in its order.
-  check_pairwise_step_inputs(kOp, loss, optimizer, users, pos_items, neg_items, user_factors,
-                             item_factors, user_bias, item_bias);
-  check_sort_key_limits(kOp, users, user_factors, item_factors);
-  check_step_tables(kOp, optimizer, user_factors, item_factors, user_bias, item_bias,
-                    user_factors_state, item_factors_state, user_bias_state, item_bias_state,
-                    /*writes_user_bias=*/false, 3 * users.size(0), "three times the batch size");
+// After the shared checks of the op boundary (csrc/ops.h).
+at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& states,
+                               const PairwiseBatch& in, const OptimizerArgs& opt) {
+  const at::Tensor& user_factors = tables.user_factors;
+  const at::Tensor& item_factors = tables.item_factors;
+  // BPR is the only pairwise loss so far: a second one would dispatch_code here.
+  TORCH_INTERNAL_ASSERT(in.loss == PairwiseLoss::kBpr);
+  const int64_t batch = in.users.size(0), dim = user_factors.size(1);
+  check_step_layout(kOp, tables, states, opt, /*writes_user_bias=*/false, batch, 3 * batch,
+                    "three times the batch size");
   const int64_t num_users = user_factors.size(0), num_items = item_factors.size(0);
   const StepKeys key{static_cast<uint32_t>(num_users), static_cast<uint32_t>(num_items)};
 
   c10::cuda::CUDAGuard guard(user_factors.device());
-  const int64_t batch = users.size(0), dim = user_factors.size(1);
   if (batch == 0) return at::zeros({}, user_factors.options());
-  const at::Tensor u_ids = users.contiguous();
-  const at::Tensor i_ids = pos_items.contiguous(), j_ids = neg_items.contiguous();
+  const at::Tensor u_ids = in.users.contiguous();
+  const at::Tensor i_ids = in.pos_items.contiguous(), j_ids = in.neg_items.contiguous();
   cudaStream_t stream = current_stream();
   ErrorRecord* err = error_record();
 
@@ -193,10 +189,8 @@ at::Tensor train_step_pairwise_cuda(
   const SortedRuns sorted = sort_runs(keys, positions, key.max_key());
   at::Tensor result = at::empty({}, user_factors.options());
 
-  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf_train_step_pairwise_cuda", [&] {
-    const StepTables<scalar_t> tab = step_tables<scalar_t>(
-        optimizer, user_factors, item_factors, user_bias, item_bias, user_factors_state,
-        item_factors_state, user_bias_state, item_bias_state);
+  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
+    const auto tab = TablePointers<scalar_t>::of(tables, states, opt.optimizer);
     scalar_t* P = tab.user_factors;
     scalar_t* Q = tab.item_factors;
 
@@ -220,35 +214,36 @@ at::Tensor train_step_pairwise_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // Packed state loads only for element-wise Adagrad (row-wise reads one value per row).
-    const bool elementwise = optimizer == kAdagrad;
+    // The same packing check_step_layout checked the widths for.
+    const bool elementwise = opt.optimizer == kAdagrad;
 
     // Users: g_b * (Q[i_b] - Q[j_b]) from Q (not yet updated); no bias.
     SegmentArgs<scalar_t> ua = table_segments<scalar_t>(
-        sorted, 0, batch, 0, num_users, P, tab.user_factors_state, batch, dim, optimizer, lr,
-        eps, reg);
+        sorted, 0, batch, 0, num_users, P, tab.user_factors_state, batch, dim, opt, in.reg);
     ua.coef = coef.data_ptr<scalar_t>();
     ua.other = Q;
     ua.other_keys = key_ptr + batch;
     ua.other_keys_minus = key_ptr + 2 * batch;
     ua.other_key_offset = key.item_offset();
     run_segment_update<scalar_t>(
-        ua, packed_rows<scalar_t>(dim, {P, Q, elementwise ? ua.state : nullptr}),
+        ua, packed_rows(dim, sizeof(scalar_t), {P, Q, elementwise ? ua.state : nullptr}),
         user_factors);
 
     // Items: 2B slots; a positive reads its gradient row, a negative (batch position
     // B + b) the row of sample b negated.
     SegmentArgs<scalar_t> ia = table_segments<scalar_t>(
         sorted, batch, 2 * batch, key.item_offset(), num_items, Q, tab.item_factors_state,
-        batch, dim, optimizer, lr, eps, reg);
+        batch, dim, opt, in.reg);
     ia.bias = tab.item_bias;
     ia.bias_state = tab.item_bias_state;
     ia.grad_rows = grad_rows.data_ptr<scalar_t>();
     ia.negated_from = static_cast<int32_t>(batch);
     ia.coef = tab.item_bias != nullptr ? coef.data_ptr<scalar_t>() : nullptr;
     run_segment_update<scalar_t>(
-        ia, packed_rows<scalar_t>(dim, {Q, elementwise ? ia.state : nullptr}), item_factors);
+        ia, packed_rows(dim, sizeof(scalar_t), {Q, elementwise ? ia.state : nullptr}),
+        item_factors);
 
-    finish_loss<scalar_t>(grid.block_sums, grid.blocks, batch, reg, result);
+    finish_loss<scalar_t>(grid.block_sums, grid.blocks, batch, in.reg, result);
   });
   return result;
 }
@@ -257,5 +252,6 @@ at::Tensor train_step_pairwise_cuda(
 }  // namespace fastmf::cuda
 
 TORCH_LIBRARY_IMPL(fastmf, CUDA, m) {
-  m.impl("train_step_pairwise", &fastmf::cuda::train_step_pairwise_cuda);
+  m.impl("train_step_pairwise",
+         &fastmf::train_step_pairwise_op<fastmf::cuda::train_step_pairwise>);
 }

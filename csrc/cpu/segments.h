@@ -1,5 +1,6 @@
-// Groups the positions of a batch by id, so that the gradient rows of a duplicated id can
-// be summed in a fixed order (ascending batch position) and the row updated once.
+// Groups the positions of a batch by id into segments (runs of one id), so that the
+// gradient rows of a duplicated id can be summed in a fixed order (ascending batch
+// position) and the row updated once. csrc/cuda/segments.cuh does the same on the GPU.
 //
 // An LSD radix sort on (id, position) keys does it in O(B) passes over the batch, using
 // only as many digit bits as the table's id range needs; its scratch is O(B) and is
@@ -34,6 +35,14 @@ struct RowGroups {
     const int32_t* first = starts.data();
     return std::lower_bound(first, first + num_groups, static_cast<int32_t>(p)) - first;
   }
+
+  size_t bytes() const {
+    return order.capacity() * sizeof(int32_t) + starts.capacity() * sizeof(int32_t) +
+           rows.capacity() * sizeof(int64_t) + keys.capacity() * sizeof(uint64_t) +
+           scratch.capacity() * sizeof(uint64_t) + histogram.capacity() * sizeof(int32_t) +
+           pairs.capacity() * sizeof(std::pair<int64_t, int32_t>);
+  }
+  void release() { *this = RowGroups(); }
 };
 
 inline int bit_width(uint64_t x) { return x == 0 ? 0 : 64 - __builtin_clzll(x); }

@@ -1,6 +1,8 @@
-// Groups a batch's samples by table row: a stable radix sort of (row key, sample position)
-// and, for every sorted slot, the slot where its run of equal keys begins. Everything is
-// sized from the batch alone, so no host synchronisation is needed (graph-capturable).
+// Groups a batch's samples by table row into segments (runs of one row): a stable radix
+// sort of (row key, sample position) and, for every sorted slot, the slot where its run of
+// equal keys begins. Everything is sized from the batch alone, so no host synchronisation
+// is needed (graph-capturable). csrc/cpu/segments.h is the CPU counterpart; the CUB part
+// is compiled in segments.cu.
 #pragma once
 
 #include <ATen/core/Tensor.h>

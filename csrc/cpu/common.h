@@ -1,7 +1,7 @@
-// Building blocks shared by the CPU kernels: id loading, row arithmetic and the per-row
-// optimizer steps. Every reduction here has a fixed association order written in the
-// source, so results do not depend on thread count, pointer alignment or the compiler's
-// choice of vector width.
+// Building blocks shared by the CPU kernels (the CUDA ones have csrc/cuda/common.cuh): id
+// loading, scratch, row arithmetic. Every reduction here has a fixed association order
+// written in the source, so results do not depend on thread count, pointer alignment or
+// the compiler's choice of vector width.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -23,14 +22,44 @@
 namespace fastmf {
 namespace cpu {
 
-enum Optimizer : int64_t { kSgd = 0, kAdagrad = 1, kRowwiseAdagrad = 2 };
-
-// Grows (never shrinks) a scratch vector kept between calls and returns its storage.
+// Grows a scratch vector kept between calls (one per op and thread) and returns its storage.
+// Between calls it only shrinks through release_scratch.
 template <typename T>
 inline T* scratch(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   return v.data();
 }
+
+// Scratch a thread keeps after a call: up to 32 MiB per workspace. That holds a 65536-sample
+// step at K = 64 (about 22 MiB), so steady training allocates nothing, while one huge batch
+// (8M samples: ~760 MiB) no longer pins its scratch for the thread's life.
+constexpr size_t kMaxRetainedScratchBytes = size_t{32} << 20;
+
+template <typename T>
+inline size_t scratch_bytes(const std::vector<T>& v) {
+  return v.capacity() * sizeof(T);
+}
+
+template <typename T>
+inline void release_scratch(std::vector<T>& v) {
+  std::vector<T>().swap(v);
+}
+
+// Calls ws.trim() when the enclosing call returns or throws: a workspace over
+// kMaxRetainedScratchBytes gives its memory back.
+template <typename Workspace>
+class TrimOnExit {
+ public:
+  explicit TrimOnExit(Workspace& ws) : ws_(ws) {}
+  ~TrimOnExit() {
+    if (ws_.bytes() > kMaxRetainedScratchBytes) ws_.release();
+  }
+  TrimOnExit(const TrimOnExit&) = delete;
+  TrimOnExit& operator=(const TrimOnExit&) = delete;
+
+ private:
+  Workspace& ws_;
+};
 
 // Range-checks ids (before any kernel dereferences them) and widens them to int64, so the
 // kernels are compiled once rather than once per pair of id dtypes.
@@ -108,57 +137,6 @@ inline void sqrt_n(const double* x, double* y, int64_t n) {
   for (; k + 2 <= n; k += 2) vst1q_f64(y + k, vsqrtq_f64(vld1q_f64(x + k)));
 #endif
   for (; k < n; ++k) y[k] = std::sqrt(x[k]);
-}
-
-// One optimizer step on one row, given the row's summed gradient g (length n). `state`
-// points at the row's state: n values for Adagrad, one for row-wise Adagrad, unused for
-// SGD. The arithmetic follows fastmf/reference.py operation by operation:
-//   G += g*g;  w -= (lr*g) / (sqrt(G) + eps).
-template <int64_t kOpt, typename T>
-inline void step_row(T* __restrict w, T* __restrict state, const T* __restrict g, int64_t n,
-                     T lr, T eps) {
-  if (kOpt == kSgd) {
-    for (int64_t k = 0; k < n; ++k) w[k] -= lr * g[k];
-  } else if (kOpt == kAdagrad) {
-    constexpr int64_t kChunk = 64;
-    T root[kChunk];
-    for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
-      const int64_t m = std::min(kChunk, n - k0);
-      T* G = state + k0;
-      const T* gk = g + k0;
-      T* wk = w + k0;
-      for (int64_t k = 0; k < m; ++k) G[k] += gk[k] * gk[k];
-      sqrt_n(G, root, m);
-      for (int64_t k = 0; k < m; ++k) wk[k] -= lr * gk[k] / (root[k] + eps);
-    }
-  } else {
-    const T mean_sq = dot(g, g, n) / static_cast<T>(n);
-    state[0] += mean_sq;
-    const T denom = std::sqrt(state[0]) + eps;
-    for (int64_t k = 0; k < n; ++k) w[k] -= lr * g[k] / denom;
-  }
-}
-
-// A 1-D (bias) table: row-wise Adagrad on a one-element row is element-wise Adagrad.
-template <int64_t kOpt, typename T>
-inline void step_scalar(T* w, T* state, T g, T lr, T eps) {
-  if (kOpt == kSgd) {
-    *w -= lr * g;
-  } else {
-    const T G = *state + g * g;
-    *state = G;
-    *w -= lr * g / (std::sqrt(G) + eps);
-  }
-}
-
-// Calls f(kOpt) with the optimizer code as a compile-time constant.
-template <typename F>
-inline void dispatch_optimizer(int64_t optimizer, F&& f) {
-  switch (optimizer) {
-    case kSgd: f(std::integral_constant<int64_t, kSgd>{}); break;
-    case kAdagrad: f(std::integral_constant<int64_t, kAdagrad>{}); break;
-    default: f(std::integral_constant<int64_t, kRowwiseAdagrad>{}); break;
-  }
 }
 
 // A table updated in place: kernels work on contiguous memory, so a strided view is

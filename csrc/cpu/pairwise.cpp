@@ -1,7 +1,8 @@
-// train_step_pairwise on the CPU: the fused BPR step. Each sample b is (u, i, j), with
+// The pairwise family on the CPU: train_step_pairwise, the fused BPR step
+// (csrc/cuda/pairwise.cu on the GPU). Each sample b is (u, i, j), with
 //   x_b = b_i - b_j + <P[u], Q[i] - Q[j]>,   loss = mean_b softplus(-x_b) + reg term.
 //
-// Two phases, as in train_step.cpp, but always users first: x needs the user row and two
+// Two phases, as in train_step (pointwise.cpp), but always users first: x needs the user row and two
 // item rows, so only the user side can compute it while holding its own row in L1.
 //   Phase 1, per user group: for each of its samples, gather Q[i] and Q[j], take x_b and
 //     g_b = dLoss/dx_b, and sum the user's gradient g_b (Q[i] - Q[j]); keep a copy of the
@@ -23,10 +24,14 @@
 #include <optional>
 #include <vector>
 
+#include "../args.h"
 #include "../checks.h"
-#include "dedup.h"
+#include "../codes.h"
+#include "../ops.h"
+#include "common.h"
 #include "fused_step.h"
-#include "kernels.h"
+#include "segment_update.h"
+#include "segments.h"
 
 namespace fastmf {
 namespace cpu {
@@ -35,7 +40,7 @@ namespace {
 using namespace fused;
 
 constexpr const char* kOp = "train_step_pairwise";
-// fastmf/_checks.py check_train_step_pairwise validates the positives through the shared
+// fastmf/ops/checks.py check_train_step_pairwise validates the positives through the shared
 // MF-table checks, which call them "items"; the native messages must read the same.
 constexpr const char* kPosName = "items";
 // F.softplus's default threshold: beyond it the reference's softplus is the identity and
@@ -81,7 +86,7 @@ inline void bpr_loss(T x, T scale, T& grad, double& value) {
   grad = -((scale * e) / (e + T(1)));
 }
 
-template <typename T, int64_t kOpt>
+template <typename T, Optimizer kOpt>
 void phase_users(const Pairwise<T>& pr) {
   const RowGroups& groups = *pr.user_groups;
   const int64_t dim = pr.dim, batch = pr.batch;
@@ -141,7 +146,7 @@ void phase_users(const Pairwise<T>& pr) {
 
 // Phase 2: the item rows over the 2B positions (b: positive of sample b, B + b: its
 // negative, whose gradient is negated).
-template <typename T, int64_t kOpt>
+template <typename T, Optimizer kOpt>
 void phase_items(const Pairwise<T>& pr) {
   const int64_t batch = pr.batch;
   const SecondSide<T> side{pr.item_factors, pr.item_state, pr.item_bias, pr.item_bias_state,
@@ -159,27 +164,22 @@ Workspace& workspace() {
   return ws;
 }
 
-at::Tensor train_step_pairwise(
-    const at::Tensor& user_factors, const at::Tensor& item_factors,
-    const std::optional<at::Tensor>& user_bias, const std::optional<at::Tensor>& item_bias,
-    const std::optional<at::Tensor>& user_factors_state,
-    const std::optional<at::Tensor>& item_factors_state,
-    const std::optional<at::Tensor>& user_bias_state,
-    const std::optional<at::Tensor>& item_bias_state, const at::Tensor& users,
-    const at::Tensor& pos_items, const at::Tensor& neg_items, int64_t loss, double reg,
-    int64_t optimizer, double lr, double eps) {
-  // Every check before any write, as fastmf/_checks.py check_train_step_pairwise makes them.
-  check_pairwise_step_inputs(kOp, loss, optimizer, users, pos_items, neg_items, user_factors,
-                             item_factors, user_bias, item_bias);
-  Tables::check_states(kOp, optimizer, user_factors, item_factors, user_bias, item_bias,
-                       user_factors_state, item_factors_state, user_bias_state,
-                       item_bias_state);
+// After the shared checks of the op boundary (csrc/ops.h).
+at::Tensor train_step_pairwise(const StepTables& tables_in, const StepTables& states,
+                               const PairwiseBatch& in, const OptimizerArgs& opt) {
+  const at::Tensor& user_factors = tables_in.user_factors;
+  const at::Tensor& item_factors = tables_in.item_factors;
+  const at::Tensor& users = in.users;
+  const double reg = in.reg, lr = opt.lr, eps = opt.eps;
+  // The loss is BPR, the only pairwise loss so far: a second one would dispatch_code here.
+  TORCH_INTERNAL_ASSERT(in.loss == PairwiseLoss::kBpr);
   const int64_t batch = users.size(0);
   const int64_t num_items = item_factors.size(0);
   Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
   load_ids(kOp, "users", users.contiguous(), user_factors.size(0), ws.users);
-  load_ids(kOp, kPosName, pos_items.contiguous(), num_items, ws.items);
-  load_ids(kOp, "neg_items", neg_items.contiguous(), num_items, ws.negatives);
+  load_ids(kOp, kPosName, in.pos_items.contiguous(), num_items, ws.items);
+  load_ids(kOp, "neg_items", in.neg_items.contiguous(), num_items, ws.negatives);
   if (batch == 0) return at::zeros({}, user_factors.options());
   int64_t* items = scratch(ws.items, 2 * batch);
   std::copy(ws.negatives.data(), ws.negatives.data() + batch, items + batch);
@@ -194,9 +194,7 @@ at::Tensor train_step_pairwise(
     }
   });
 
-  Tables tables(optimizer, /*write_user_bias=*/false, user_factors, item_factors, user_bias,
-                item_bias, user_factors_state, item_factors_state, user_bias_state,
-                item_bias_state);
+  Tables tables(opt.optimizer, /*write_user_bias=*/false, tables_in, states);
   const int64_t dim = user_factors.size(1);
   at::Tensor result = at::empty({}, user_factors.options());
 
@@ -226,9 +224,9 @@ at::Tensor train_step_pairwise(
     pr.norms = pr.reg ? scratch(ws.norms, batch) : nullptr;
     pr.group_of = scratch(ws.group_of, batch);
 
-    dispatch_optimizer(optimizer, [&](auto opt) {
-      phase_users<T, decltype(opt)::value>(pr);
-      phase_items<T, decltype(opt)::value>(pr);
+    dispatch_code(opt.optimizer, [&](auto optimizer) {
+      phase_users<T, decltype(optimizer)::value>(pr);
+      phase_items<T, decltype(optimizer)::value>(pr);
     });
     result.fill_(static_cast<T>(mean_loss(pr.loss, pr.norms, batch, reg)));
   });
@@ -242,5 +240,6 @@ at::Tensor train_step_pairwise(
 }  // namespace fastmf
 
 TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
-  m.impl("train_step_pairwise", &fastmf::cpu::train_step_pairwise);
+  m.impl("train_step_pairwise",
+         &fastmf::train_step_pairwise_op<fastmf::cpu::train_step_pairwise>);
 }

@@ -1,5 +1,5 @@
-// The CUB part of the sparse updates, kept in one file because its templates are the
-// slowest thing in the build to compile.
+// The CUB part of segments.cuh, kept in one file because its templates are among the
+// slowest things in the build to compile.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -11,7 +11,7 @@
 #include <algorithm>
 
 #include "common.cuh"
-#include "sort.h"
+#include "segments.cuh"
 
 namespace fastmf::cuda {
 namespace {

@@ -1,7 +1,18 @@
-// train_step on the CPU: forward, loss gradient, backward and sparse optimizer update of a
+// The pointwise family on the CPU: mf_forward, mf_backward, sparse_adagrad_update,
+// sparse_sgd_update and the fused train_step. csrc/cuda/pointwise.cu is the same family on
+// the GPU.
+//
+// mf_forward and mf_backward are gathers plus one K-length dot product or scale per
+// sample, so they parallelise over the batch with no shared writes.
+//
+// The sparse updates group the batch's rows by id (segments.h), sum each id's gradient
+// rows in batch order, then step each touched row once (segment_update.h). Rows not in
+// `ids` are never read or written and no dense gradient is ever formed.
+//
+// train_step: forward, loss gradient, backward and sparse optimizer update of a
 // batch, with no autograd graph, no per-sample gradient rows and no dense gradients.
 //
-// The batch is grouped by user and by item (radix sort, dedup.h). Call the side with more
+// The batch is grouped by user and by item (radix sort, segments.h). Call the side with more
 // distinct rows "first" (usually users: the larger, colder table) and the other "second".
 //   Phase 1, per first-side row r: load r's factors once; for each of its samples, gather
 //     the second-side row, predict, take the loss and g_b = dLoss/dpred_b, and sum r's
@@ -23,20 +34,167 @@
 #include <optional>
 #include <vector>
 
+#include "../args.h"
 #include "../checks.h"
-#include "dedup.h"
+#include "../codes.h"
+#include "../ops.h"
+#include "common.h"
 #include "fused_step.h"
-#include "kernels.h"
+#include "segment_update.h"
+#include "segments.h"
 
 namespace fastmf {
 namespace cpu {
 namespace {
 
+// ---------------------------------------------------------------------------------------
+// mf_forward, mf_backward
+
+constexpr int64_t kForwardGrain = 512;
+
+at::Tensor mf_forward(const at::Tensor& users, const at::Tensor& items,
+                      const at::Tensor& user_factors, const at::Tensor& item_factors,
+                      const std::optional<at::Tensor>& user_bias,
+                      const std::optional<at::Tensor>& item_bias, double global_mean) {
+  const char* op = "mf_forward";
+  check_mf_tables(op, users, items, user_factors, item_factors, user_bias, item_bias);
+  std::vector<int64_t> u, i;
+  load_ids(op, "users", users.contiguous(), user_factors.size(0), u);
+  load_ids(op, "items", items.contiguous(), item_factors.size(0), i);
+  const int64_t batch = users.size(0);
+  const int64_t dim = user_factors.size(1);
+  const at::Tensor P = user_factors.contiguous();
+  const at::Tensor Q = item_factors.contiguous();
+  const bool has_bias = user_bias.has_value();
+  const at::Tensor bu = has_bias ? user_bias->contiguous() : at::Tensor();
+  const at::Tensor bi = has_bias ? item_bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({batch}, P.options());
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "fastmf.mf_forward", [&] {
+    const scalar_t* p = P.data_ptr<scalar_t>();
+    const scalar_t* q = Q.data_ptr<scalar_t>();
+    const scalar_t* bu_ = has_bias ? bu.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bi_ = has_bias ? bi.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t mu = static_cast<scalar_t>(global_mean);
+    at::parallel_for(0, batch, kForwardGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        // Same association as the reference: ((dot + mu) + b_u) + b_i.
+        scalar_t pred = dot(p + u[b] * dim, q + i[b] * dim, dim) + mu;
+        if (bu_ != nullptr) pred = pred + bu_[u[b]] + bi_[i[b]];
+        o[b] = pred;
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mf_backward(const at::Tensor& grad_out,
+                                               const at::Tensor& users,
+                                               const at::Tensor& items,
+                                               const at::Tensor& user_factors,
+                                               const at::Tensor& item_factors) {
+  const char* op = "mf_backward";
+  check_mf_backward(op, grad_out, users, items, user_factors, item_factors);
+  std::vector<int64_t> u, i;
+  load_ids(op, "users", users.contiguous(), user_factors.size(0), u);
+  load_ids(op, "items", items.contiguous(), item_factors.size(0), i);
+  const int64_t batch = users.size(0);
+  const int64_t dim = user_factors.size(1);
+  const at::Tensor P = user_factors.contiguous();
+  const at::Tensor Q = item_factors.contiguous();
+  const at::Tensor G = grad_out.contiguous();
+  at::Tensor grad_p = at::empty({batch, dim}, P.options());
+  at::Tensor grad_q = at::empty({batch, dim}, P.options());
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "fastmf.mf_backward", [&] {
+    const scalar_t* p = P.data_ptr<scalar_t>();
+    const scalar_t* q = Q.data_ptr<scalar_t>();
+    const scalar_t* g = G.data_ptr<scalar_t>();
+    scalar_t* gp = grad_p.data_ptr<scalar_t>();
+    scalar_t* gq = grad_q.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, kForwardGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t gb = g[b];
+        const scalar_t* qi = q + i[b] * dim;
+        const scalar_t* pu = p + u[b] * dim;
+        scalar_t* out_p = gp + b * dim;
+        scalar_t* out_q = gq + b * dim;
+        for (int64_t k = 0; k < dim; ++k) out_p[k] = gb * qi[k];
+        for (int64_t k = 0; k < dim; ++k) out_q[k] = gb * pu[k];
+      }
+    });
+  });
+  return {grad_p, grad_q};
+}
+
+// ---------------------------------------------------------------------------------------
+// sparse_adagrad_update, sparse_sgd_update
+
+struct SparseWorkspace {
+  std::vector<int64_t> ids;
+  RowGroups groups;
+
+  size_t bytes() const { return scratch_bytes(ids) + groups.bytes(); }
+  void release() { *this = SparseWorkspace(); }
+};
+
+SparseWorkspace& sparse_workspace() {
+  thread_local SparseWorkspace ws;
+  return ws;
+}
+
+template <Optimizer kOpt>
+void run_sparse_update(const char* op, const at::Tensor& weight, const at::Tensor* state,
+                       const at::Tensor& ids, const at::Tensor& grad_rows, double lr,
+                       double eps, bool rowwise) {
+  check_sparse_update(op, weight, state, ids, grad_rows, rowwise, lr, eps);
+  SparseWorkspace& ws = sparse_workspace();
+  const TrimOnExit<SparseWorkspace> trim(ws);
+  load_ids(op, "ids", ids.contiguous(), weight.size(0), ws.ids);
+  const int64_t batch = ids.size(0);
+  if (batch == 0) return;
+  group_rows(ws.ids.data(), batch, weight.size(0), ws.groups);
+  InPlace w(weight);
+  std::optional<InPlace> st;
+  if (state != nullptr) st.emplace(*state);
+  const at::Tensor g = grad_rows.contiguous();
+  const bool scalar_rows = weight.dim() == 1;
+  const int64_t width = scalar_rows ? 1 : weight.size(1);
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "fastmf.sparse_update", [&] {
+    update_segments<kOpt, scalar_t>(w.get().data_ptr<scalar_t>(),
+                                    st ? st->get().data_ptr<scalar_t>() : nullptr, width,
+                                    scalar_rows, rowwise && !scalar_rows, ws.groups,
+                                    g.data_ptr<scalar_t>(), batch, static_cast<scalar_t>(lr),
+                                    static_cast<scalar_t>(eps));
+  });
+  w.commit();
+  if (st) st->commit();
+}
+
+void sparse_adagrad_update(const at::Tensor& weight, const at::Tensor& state,
+                           const at::Tensor& ids, const at::Tensor& grad_rows, double lr,
+                           double eps, bool rowwise) {
+  run_sparse_update<kAdagrad>("sparse_adagrad_update", weight, &state, ids, grad_rows, lr, eps,
+                              rowwise);
+}
+
+void sparse_sgd_update(const at::Tensor& weight, const at::Tensor& ids,
+                       const at::Tensor& grad_rows, double lr) {
+  run_sparse_update<kSgd>("sparse_sgd_update", weight, nullptr, ids, grad_rows, lr, 0.0, false);
+}
+
+// ---------------------------------------------------------------------------------------
+// train_step
+
 using namespace fused;
 
 // Pointwise losses: grad = dLoss/dpred of the batch mean (scale = 1/B) and the sample's
-// loss value for the reported mean. New losses plug in here and in dispatch_loss.
-struct MseLoss {
+// loss value for the reported mean. A new loss is a code in csrc/codes.h and a
+// specialisation here (and its formula in csrc/cuda/pointwise.cu).
+template <Loss kLoss>
+struct PointwiseLoss;
+
+template <>
+struct PointwiseLoss<Loss::kMse> {
   template <typename T>
   static void eval(T pred, T target, T scale, T& grad, double& value) {
     const T diff = pred - target;
@@ -45,18 +203,21 @@ struct MseLoss {
   }
 };
 
-struct HuberLoss {  // delta = 1, F.huber_loss's default
+template <>
+struct PointwiseLoss<Loss::kHuber> {  // F.huber_loss(delta=kHuberDelta)
   template <typename T>
   static void eval(T pred, T target, T scale, T& grad, double& value) {
     const T diff = pred - target;
     const double d = static_cast<double>(diff);
     const double a = std::fabs(d);
-    value = a < 1.0 ? 0.5 * d * d : a - 0.5;
-    grad = diff <= T(-1) ? -scale : (diff >= T(1) ? scale : scale * diff);
+    value = a < kHuberDelta ? 0.5 * d * d : kHuberDelta * (a - 0.5 * kHuberDelta);
+    const T delta = static_cast<T>(kHuberDelta);
+    grad = diff <= -delta ? -(scale * delta) : (diff >= delta ? scale * delta : scale * diff);
   }
 };
 
-struct BceWithLogitsLoss {
+template <>
+struct PointwiseLoss<Loss::kBce> {  // with logits
   template <typename T>
   static void eval(T pred, T target, T scale, T& grad, double& value) {
     const double x = static_cast<double>(pred);
@@ -67,15 +228,6 @@ struct BceWithLogitsLoss {
     grad = (sigmoid - target) * scale;
   }
 };
-
-template <typename F>
-void dispatch_loss(int64_t loss, F&& f) {
-  switch (loss) {
-    case 0: f(MseLoss{}); break;
-    case 1: f(HuberLoss{}); break;
-    default: f(BceWithLogitsLoss{}); break;
-  }
-}
 
 // One side of the factorization: a factor table, its optional bias, their states and the
 // batch's ids into them, grouped.
@@ -105,13 +257,13 @@ struct Problem {
   T* old_rows;         // (first groups, dim) first-side factors before the step
 };
 
-template <int64_t kOpt, typename T>
+template <Optimizer kOpt, typename T>
 inline void step_bias(const Side<T>& side, int64_t row, T g, T lr, T eps) {
   step_scalar<kOpt>(side.bias + row, kOpt == kSgd ? nullptr : side.bias_state + row, g, lr,
                     eps);
 }
 
-template <typename T, typename Loss, int64_t kOpt>
+template <typename T, typename LossFn, Optimizer kOpt>
 void phase_first(const Problem<T>& pr) {
   const Side<T>& a = pr.first;
   const Side<T>& o = pr.second;
@@ -156,7 +308,7 @@ void phase_first(const Problem<T>& pr) {
                                   : (pred + o.bias[other]) + own_bias;
         }
         T g;
-        Loss::eval(pred, pr.targets[b], pr.scale, g, pr.loss[b]);
+        LossFn::eval(pred, pr.targets[b], pr.scale, g, pr.loss[b]);
         pr.grad[b] = g;
         pr.group_of[b] = static_cast<int32_t>(s);
         if (pr.reg) {
@@ -174,7 +326,7 @@ void phase_first(const Problem<T>& pr) {
 }
 
 // Phase 2: the second side's rows, from g_b and the first side's old rows.
-template <typename T, int64_t kOpt>
+template <typename T, Optimizer kOpt>
 void phase_second(const Problem<T>& pr) {
   const Side<T>& a = pr.second;
   const SecondSide<T> side{a.factors, a.factors_state, a.bias, a.bias_state, a.groups,
@@ -189,27 +341,20 @@ Workspace& workspace() {
   return ws;
 }
 
-at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_factors,
-                      const std::optional<at::Tensor>& user_bias,
-                      const std::optional<at::Tensor>& item_bias,
-                      const std::optional<at::Tensor>& user_factors_state,
-                      const std::optional<at::Tensor>& item_factors_state,
-                      const std::optional<at::Tensor>& user_bias_state,
-                      const std::optional<at::Tensor>& item_bias_state,
-                      const at::Tensor& users, const at::Tensor& items,
-                      const at::Tensor& targets, double global_mean, int64_t loss, double reg,
-                      int64_t optimizer, double lr, double eps) {
+// After the shared checks of the op boundary (csrc/ops.h).
+at::Tensor train_step(const StepTables& tables_in, const StepTables& states,
+                      const PointwiseBatch& in, const OptimizerArgs& opt) {
   const char* op = "train_step";
-  // All checks, in the order of fastmf/_checks.py check_train_step, before any write.
-  check_train_step_inputs(op, loss, optimizer, users, items, targets, user_factors,
-                          item_factors, user_bias, item_bias);
+  const at::Tensor& user_factors = tables_in.user_factors;
+  const at::Tensor& item_factors = tables_in.item_factors;
+  const at::Tensor& users = in.users;
+  const at::Tensor& items = in.items;
+  const double reg = in.reg, lr = opt.lr, eps = opt.eps;
   TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 31), "fastmf.", op, ": batch of ",
                     users.size(0), " samples; at most 2^31 - 1 are supported");
-  Tables::check_states(op, optimizer, user_factors, item_factors, user_bias, item_bias,
-                       user_factors_state, item_factors_state, user_bias_state,
-                       item_bias_state);
-  const at::Tensor t = targets.contiguous();
+  const at::Tensor t = in.targets.contiguous();
   Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
   load_ids(op, "users", users.contiguous(), user_factors.size(0), ws.users);
   load_ids(op, "items", items.contiguous(), item_factors.size(0), ws.items);
   const int64_t batch = users.size(0);
@@ -228,9 +373,7 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
     }
   });
 
-  Tables tables(optimizer, /*write_user_bias=*/true, user_factors, item_factors, user_bias,
-                item_bias, user_factors_state, item_factors_state, user_bias_state,
-                item_bias_state);
+  Tables tables(opt.optimizer, /*write_user_bias=*/true, tables_in, states);
   const int64_t dim = user_factors.size(1);
   const bool users_first = ws.user_groups.num_groups >= ws.item_groups.num_groups;
   const int64_t first_groups =
@@ -254,7 +397,7 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
     pr.batch = batch;
     pr.dim = dim;
     pr.targets = t.data_ptr<T>();
-    pr.global_mean = static_cast<T>(global_mean);
+    pr.global_mean = static_cast<T>(in.global_mean);
     pr.scale = static_cast<T>(1.0 / static_cast<double>(batch));
     pr.reg_grad = static_cast<T>(2.0 * reg / static_cast<double>(batch));
     pr.reg = reg != 0.0;
@@ -267,10 +410,10 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
     pr.norms = pr.reg ? scratch(ws.norms, batch) : nullptr;
     pr.group_of = scratch(ws.group_of, batch);
 
-    dispatch_loss(loss, [&](auto loss_fn) {
-      dispatch_optimizer(optimizer, [&](auto opt) {
-        phase_first<T, decltype(loss_fn), decltype(opt)::value>(pr);
-        phase_second<T, decltype(opt)::value>(pr);
+    dispatch_code(in.loss, [&](auto loss) {
+      dispatch_code(opt.optimizer, [&](auto optimizer) {
+        phase_first<T, PointwiseLoss<decltype(loss)::value>, decltype(optimizer)::value>(pr);
+        phase_second<T, decltype(optimizer)::value>(pr);
       });
     });
     result.fill_(static_cast<T>(mean_loss(pr.loss, pr.norms, batch, reg)));
@@ -284,4 +427,10 @@ at::Tensor train_step(const at::Tensor& user_factors, const at::Tensor& item_fac
 }  // namespace cpu
 }  // namespace fastmf
 
-TORCH_LIBRARY_IMPL(fastmf, CPU, m) { m.impl("train_step", &fastmf::cpu::train_step); }
+TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
+  m.impl("mf_forward", &fastmf::cpu::mf_forward);
+  m.impl("mf_backward", &fastmf::cpu::mf_backward);
+  m.impl("sparse_adagrad_update", &fastmf::cpu::sparse_adagrad_update);
+  m.impl("sparse_sgd_update", &fastmf::cpu::sparse_sgd_update);
+  m.impl("train_step", &fastmf::train_step_op<fastmf::cpu::train_step>);
+}

@@ -1,0 +1,64 @@
+// The argument bundles the kernels take, built once at the op boundary (csrc/ops.h) from the
+// flat schema arguments (TORCH_LIBRARY needs flat schemas; fastmf/ops/args.py has the same
+// bundles in Python). FBGEMM's CommonArgs/OptimizerArgs are the model: a new op family adds
+// a bundle here instead of another long parameter list in every file it passes through.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+
+#include "codes.h"
+
+namespace fastmf {
+
+// The four tables of biased MF (fastmf.ops.MFTables), or their optimizer states in the same
+// slots. An absent slot (None) is an undefined tensor: no bias, or no state for SGD.
+struct StepTables {
+  at::Tensor user_factors, item_factors, user_bias, item_bias;
+
+  static StepTables of(const std::optional<at::Tensor>& user_factors,
+                       const std::optional<at::Tensor>& item_factors,
+                       const std::optional<at::Tensor>& user_bias,
+                       const std::optional<at::Tensor>& item_bias) {
+    return StepTables{user_factors.value_or(at::Tensor()), item_factors.value_or(at::Tensor()),
+                      user_bias.value_or(at::Tensor()), item_bias.value_or(at::Tensor())};
+  }
+
+  bool has_bias() const { return item_bias.defined(); }
+  // The slots in schema order, for checks that treat all four alike.
+  std::array<const at::Tensor*, 4> slots() const {
+    return {&user_factors, &item_factors, &user_bias, &item_bias};
+  }
+};
+
+// The names of the slots in messages, as the schemas name the arguments.
+constexpr std::array<const char*, 4> kTableNames = {"user_factors", "item_factors", "user_bias",
+                                                    "item_bias"};
+constexpr std::array<const char*, 4> kStateNames = {
+    "user_factors_state", "item_factors_state", "user_bias_state", "item_bias_state"};
+
+// Which sparse optimizer a step applies, and its settings (fastmf.ops.OptimizerArgs).
+struct OptimizerArgs {
+  Optimizer optimizer;
+  double lr;
+  double eps;
+};
+
+// train_step's batch and loss: prediction mu + b_u + b_i + <P[u], Q[i]> against targets.
+struct PointwiseBatch {
+  at::Tensor users, items, targets;  // (B,) each
+  double global_mean;
+  Loss loss;
+  double reg;
+};
+
+// train_step_pairwise's batch and loss: (user, positive item, negative item) triples.
+struct PairwiseBatch {
+  at::Tensor users, pos_items, neg_items;  // (B,) each
+  PairwiseLoss loss;
+  double reg;
+};
+
+}  // namespace fastmf
