@@ -11,7 +11,9 @@ namespace fastmf {
 
 enum class Loss : int64_t { kMse = 0, kHuber = 1, kBce = 2 };
 enum class PairwiseLoss : int64_t { kBpr = 0 };
-enum class Optimizer : int64_t { kSgd = 0, kAdagrad = 1, kRowwiseAdagrad = 2 };
+enum class Optimizer : int64_t { kSgd = 0, kAdagrad = 1, kRowwiseAdagrad = 2, kAdam = 3, kRowwiseAdam = 4 };
+enum class Pooling : int64_t { kSum = 0, kMean = 1 };
+enum class WeightDecay : int64_t { kNone = 0, kL2 = 1, kDecoupled = 2 };
 constexpr double kHuberDelta = 1.0;
 
 // Every code of an enum, in code order: the one list the checks and the dispatch read.
@@ -32,6 +34,8 @@ struct AllCodes<PairwiseLoss> {
   using type = CodeList<PairwiseLoss::kBpr>;
   static constexpr const char* what = "pairwise loss";
 };
+// The fused MF steps (train_step, train_step_pairwise) apply the first three optimizers
+// only (fastmf.ops.codes.STEP_OPTIMIZERS); the Adams belong to the embedding_bag family.
 template <>
 struct AllCodes<Optimizer> {
   using type = CodeList<Optimizer::kSgd, Optimizer::kAdagrad, Optimizer::kRowwiseAdagrad>;
@@ -49,6 +53,8 @@ inline const char* name(Optimizer code) {
     case Optimizer::kSgd: return "sgd";
     case Optimizer::kAdagrad: return "adagrad";
     case Optimizer::kRowwiseAdagrad: return "rowwise_adagrad";
+    case Optimizer::kAdam: return "adam";
+    case Optimizer::kRowwiseAdam: return "rowwise_adam";
   }
   return "unknown";
 }

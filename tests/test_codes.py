@@ -28,7 +28,8 @@ def _header_enums() -> dict[str, dict[str, int]]:
 
 
 @pytest.mark.skipif(not HEADER.exists(), reason="csrc/codes.h is not in this checkout")
-@pytest.mark.parametrize("enum", [codes.Loss, codes.PairwiseLoss, codes.Optimizer])
+@pytest.mark.parametrize("enum", [codes.Loss, codes.PairwiseLoss, codes.Optimizer,
+                                  codes.Pooling, codes.WeightDecay])
 def test_python_and_cpp_codes_agree(enum):
     header = _header_enums()
     assert enum.__name__ in header, f"csrc/codes.h has no enum class {enum.__name__}"

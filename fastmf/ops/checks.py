@@ -482,8 +482,8 @@ def check_row_states(op: str, optimizer: int, weight, state1, state2) -> None:
             lo_a, hi_a = _byte_range(t_a)
             lo_b, hi_b = _byte_range(t_b)
             if lo_a <= hi_b and lo_b <= hi_a:
-                raise ValueError(f"fastmf.{op}: {name_a} and {name_b} share memory; the "
-                                 "update needs separate tensors")
+                raise ValueError(f"fastmf.{op}: {name_a} and {name_b} share memory; each "
+                                 "table and state needs memory of its own")
 
 
 def check_grad_rows_dtype(op: str, name: str, grad, weight) -> None:

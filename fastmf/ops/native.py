@@ -11,6 +11,7 @@ from torch import Tensor
 
 from fastmf._extension import native_available
 from fastmf.ops.args import MFTables, OptimizerArgs
+from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss, parse
 
 NAME = "native"
 
@@ -89,26 +90,31 @@ def _flat(tables: MFTables, states: MFTables | None) -> tuple:
 
 
 def train_step(tables: MFTables, states: MFTables | None, users: Tensor, items: Tensor,
-               targets: Tensor, global_mean: float, loss: int, reg: float,
+               targets: Tensor, global_mean: float, loss: Loss | int | str, reg: float,
                optimizer: OptimizerArgs) -> Tensor:
     """Fused forward + loss + backward + optimizer update; returns the loss (0-d)."""
     with torch.no_grad():
         loss_value = torch.ops.fastmf.train_step.default(
-            *_flat(tables, states), users, items, targets, float(global_mean), int(loss),
-            float(reg), int(optimizer.optimizer), float(optimizer.lr), float(optimizer.eps))
+            *_flat(tables, states), users, items, targets, float(global_mean),
+            int(parse(Loss, loss, "train_step", "loss")), float(reg),
+            int(parse(Optimizer, optimizer.optimizer, "train_step", "optimizer")),
+            float(optimizer.lr), float(optimizer.eps))
     _written(*_flat(tables, states))
     return loss_value
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users: Tensor,
-                        pos_items: Tensor, neg_items: Tensor, loss: int, reg: float,
+                        pos_items: Tensor, neg_items: Tensor, loss: PairwiseLoss | int | str,
+                        reg: float,
                         optimizer: OptimizerArgs) -> Tensor:
     """Fused pairwise (BPR) step; returns the loss (0-d). See
     :func:`fastmf.ops.reference.pairwise.train_step_pairwise`."""
     with torch.no_grad():
         loss_value = torch.ops.fastmf.train_step_pairwise.default(
-            *_flat(tables, states), users, pos_items, neg_items, int(loss), float(reg),
-            int(optimizer.optimizer), float(optimizer.lr), float(optimizer.eps))
+            *_flat(tables, states), users, pos_items, neg_items,
+            int(parse(PairwiseLoss, loss, "train_step_pairwise", "pairwise loss")), float(reg),
+            int(parse(Optimizer, optimizer.optimizer, "train_step_pairwise", "optimizer")),
+            float(optimizer.lr), float(optimizer.eps))
     _written(*_flat(tables, states))
     return loss_value
 
