@@ -1,4 +1,4 @@
-"""Numba backend of ``topk_scores`` (the semantics of :mod:`fastmf.retrieval.reference`).
+"""Numba backend of ``topk_scores`` (the semantics of :mod:`fastmf.ops.reference.topk`).
 
 Imported only when the Numba backend is asked for; each function compiles on first call.
 The layout mirrors the C++ kernel: query blocks × item tiles of scores, each tile row
@@ -39,6 +39,12 @@ def _before(sa, ia, sb, ib):
 
 
 @njit(inline="always")
+def _swap(hs, hi, a, b):
+    hs[a], hs[b] = hs[b], hs[a]
+    hi[a], hi[b] = hi[b], hi[a]
+
+
+@njit(inline="always")
 def _sift_down(hs, hi, size, pos):
     # Min-heap on rank: every parent ranks after its children, so hs[0] is the worst kept.
     while True:
@@ -51,8 +57,7 @@ def _sift_down(hs, hi, size, pos):
             child = right
         if _before(hs[child], hi[child], hs[pos], hi[pos]):
             return
-        hs[pos], hs[child] = hs[child], hs[pos]
-        hi[pos], hi[child] = hi[child], hi[pos]
+        _swap(hs, hi, pos, child)
         pos = child
 
 
@@ -65,8 +70,7 @@ def _push(hs, hi, size, score, idx):
         parent = (pos - 1) // 2
         if _before(hs[pos], hi[pos], hs[parent], hi[parent]):
             return
-        hs[pos], hs[parent] = hs[parent], hs[pos]
-        hi[pos], hi[parent] = hi[parent], hi[pos]
+        _swap(hs, hi, pos, parent)
         pos = parent
 
 
@@ -75,9 +79,19 @@ def _heap_sort(hs, hi, size):
     """Sorts a heap of ``size`` entries in place, best first: the worst is moved to the back
     one at a time."""
     for last in range(size - 1, 0, -1):
-        hs[0], hs[last] = hs[last], hs[0]
-        hi[0], hi[last] = hi[last], hi[0]
+        _swap(hs, hi, 0, last)
         _sift_down(hs, hi, last, 0)
+
+
+@njit(inline="always")
+def _write_sorted(hs, hi, size, out_scores, out_ids):
+    """The heap's ``size`` entries, best first, into the rows ``out_scores``/``out_ids``
+    (k,), padded with (-inf, -1)."""
+    _heap_sort(hs, hi, size)
+    out_scores[:size] = hs[:size]
+    out_ids[:size] = hi[:size]
+    out_scores[size:] = out_scores.dtype.type(-np.inf)
+    out_ids[size:] = -1
 
 
 @njit(nogil=True, cache=True)
@@ -154,11 +168,7 @@ def _scan_unit(unit, queries, items, bias, has_bias, candidates, has_candidates,
             part_ids[segment, q0 + r, :n] = hi[r, :n]
             part_count[segment, q0 + r] = n
         else:
-            _heap_sort(hs[r], hi[r], n)
-            out_scores[q0 + r, :n] = hs[r, :n]
-            out_ids[q0 + r, :n] = hi[r, :n]
-            out_scores[q0 + r, n:] = neg_inf
-            out_ids[q0 + r, n:] = -1
+            _write_sorted(hs[r], hi[r], n, out_scores[q0 + r], out_ids[q0 + r])
 
 
 @njit(nogil=True, cache=True)
@@ -179,11 +189,7 @@ def _merge_queries(begin, end, capacity, out_scores, out_ids, part_scores, part_
                     hs[0] = s
                     hi[0] = i
                     _sift_down(hs, hi, size, 0)
-        _heap_sort(hs, hi, size)
-        out_scores[b, :size] = hs[:size]
-        out_ids[b, :size] = hi[:size]
-        out_scores[b, size:] = out_scores.dtype.type(-np.inf)
-        out_ids[b, size:] = -1
+        _write_sorted(hs, hi, size, out_scores[b], out_ids[b])
 
 
 def _run_threads(fn, num_tasks, threads):
