@@ -53,6 +53,10 @@ _PREFETCH_INTRINSIC = (
 # stop LLVM from vectorising the optimizer loops (x/0 gives inf, as in PyTorch).
 jit = numba.njit(cache=True, error_model="numpy")
 pjit = numba.njit(cache=True, parallel=True, error_model="numpy")
+# For the helpers called once per sample or per segment: inlined in numba's IR, as LLVM
+# does not always inline them, and a call that passes arrays (each as its own struct of
+# fields) cost train_step about 15 % at K=64.
+inline_jit = numba.njit(cache=True, error_model="numpy", inline="always")
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +174,7 @@ def dot(a, b, scratch):
     return scratch[0]
 
 
-@jit
+@inline_jit
 def begin_segment(weight, state, bias, bias_state, has_bias, sorted_ids, starts, num_segments,
                   s, optimizer, grad):
     """Start the gradient sum of segment ``s``: zero ``grad`` (K,) and return the segment's
@@ -287,11 +291,12 @@ def group_with_positions(ids, num_rows, sorted_ids, order, starts, position):
 
 
 @pjit
-def group_users_and_items(users, num_users, items, num_items, finite_values):
+def group_users_and_items(users, num_users, items, num_items, finite_values, with_positions):
     """The two sides of a fused step grouped into segments, one side per thread: the users
     (B,) by ``group_into``, the item occurrences (N,) (N = B, or 2B positives then negatives
-    for the pairwise step) by ``group_with_positions``. The item side's thread also checks
-    that ``finite_values`` (e.g. the targets; may be empty) are finite.
+    for the pairwise step) too, or by ``group_with_positions`` when ``with_positions``
+    (else ``item_position`` is empty). The item side's thread also checks that
+    ``finite_values`` (e.g. the targets; may be empty) are finite.
 
     Returns ``(status, (sorted_users, user_order, user_starts, num_user_segments),
     (sorted_items, item_order, item_starts, num_item_segments, item_position))``, status
@@ -302,7 +307,7 @@ def group_users_and_items(users, num_users, items, num_items, finite_values):
     sorted_items = np.empty(items.shape[0], np.int64)
     item_order = np.empty(items.shape[0], np.int64)
     item_starts = np.empty(items.shape[0] + 1, np.int64)
-    item_position = np.empty(items.shape[0], np.int64)
+    item_position = np.empty(items.shape[0] if with_positions else 0, np.int64)
     num_segments = np.empty(2, np.int64)
     finite = np.ones(1, np.bool_)
     for side in prange(2):
@@ -310,8 +315,12 @@ def group_users_and_items(users, num_users, items, num_items, finite_values):
             num_segments[0] = group_into(users, num_users, sorted_users, user_order,
                                          user_starts)
         else:
-            num_segments[1] = group_with_positions(items, num_items, sorted_items, item_order,
-                                                   item_starts, item_position)
+            if with_positions:
+                num_segments[1] = group_with_positions(items, num_items, sorted_items,
+                                                       item_order, item_starts, item_position)
+            else:
+                num_segments[1] = group_into(items, num_items, sorted_items, item_order,
+                                             item_starts)
             for b in range(finite_values.shape[0]):
                 if not np.isfinite(finite_values[b]):
                     finite[0] = False
@@ -359,7 +368,7 @@ def step_scalars(like, num_samples, reg, lr, eps):
     return batch, reg_scale, cast_like(like, lr), cast_like(like, eps)
 
 
-@jit
+@inline_jit
 def save_and_update_row(weight, state, row, grad, saved, optimizer, lr, eps):
     """Copy ``weight[row]`` into ``saved`` (K,), then ``update_row``: the fused steps' first
     pass keeps the pre-step rows for the second pass's gradients."""
@@ -369,7 +378,7 @@ def save_and_update_row(weight, state, row, grad, saved, optimizer, lr, eps):
     update_row(weight, state, row, grad, optimizer, lr, eps)
 
 
-@jit
+@inline_jit
 def add_sample(grad, g, other, own, reg_scale, use_reg):
     """``grad += g * other`` (+ ``reg_scale * own`` with L2): one sample's share of the
     gradient of the row ``own`` (K,), from the row ``other`` (K,) it was scored with."""
@@ -394,33 +403,46 @@ def mean_loss(segment_loss, segment_reg, num_segments, num_samples, reg):
 
 
 @jit
-def first_pass_outputs(like, num_user_segments, num_positions):
+def first_pass_outputs(like, num_user_segments, num_entries):
     """What the user pass leaves: ``(old_user_rows (S, K), segment_loss (S,) float64,
-    segment_reg (S,) float64 zeroed, grad_by_item (N,), user_segment_by_item (N,) int64)``
-    for S user segments and N item positions, rows and gradients in the weights' type
-    (``like`` (., K)). The last two are stored at each item occurrence's place in item
-    order, so the item pass (``step_rows_from_saved``) reads them sequentially."""
+    segment_reg (S,) float64 zeroed, grad_of (N,), user_segment_of (N,) int64)`` for S user
+    segments and N entries (one per sample or per item position, see
+    ``step_rows_from_saved``), rows and gradients in the weights' type (``like`` (., K))."""
     return (np.empty((num_user_segments, like.shape[1]), like.dtype),
             np.empty(num_user_segments, np.float64),
             np.zeros(num_user_segments, np.float64),
-            np.empty(num_positions, like.dtype),
-            np.empty(num_positions, np.int64))
+            np.empty(num_entries, like.dtype),
+            np.empty(num_entries, np.int64))
+
+
+@inline_jit
+def sample_at(sample_of, num_samples, pos):
+    """``(b, negative)``: the entry of sorted item position ``pos`` (``sample_of[pos]``, or
+    ``pos`` itself when ``sample_of`` is empty), and whether it is the negative item of
+    sample ``b`` (entries from ``num_samples`` on)."""
+    b = pos if sample_of.shape[0] == 0 else sample_of[pos]
+    if b >= num_samples:
+        return b - num_samples, True
+    return b, False
 
 
 @jit
 def step_rows_from_saved(weight, state, bias, bias_state, has_bias, sorted_ids, starts,
-                         num_segments, first, last, grad_at, saved_row_at, saved_rows,
-                         use_reg, reg_scale, optimizer, lr, eps):
-    """One optimizer update for each row of segments [first, last) of the second side (the
-    items): the row's gradient is the sum over its sorted positions ``pos`` of
-    ``grad_at[pos] * saved_rows[saved_row_at[pos]]`` (+ ``reg_scale`` times the row), in
-    position order; its bias gets the sum of ``grad_at`` (+ the reg term).
+                         num_segments, first, last, sample_of, num_samples, grad_of,
+                         user_segment_of, saved_rows, use_reg, reg_scale, optimizer, lr, eps):
+    """One optimizer update for each row of segments [first, last) of the item side: the
+    row's gradient is the sum over its sorted positions of ``g * saved_rows[user_segment_of[b]]``
+    (+ ``reg_scale`` times the row) in position order, with ``(b, negative) = sample_at(
+    sample_of, num_samples, pos)`` and ``g = grad_of[b]``, negated for a negative (negating
+    is exact, so -(g p) of the reference equals (-g) p); its bias gets the sum of the g
+    (+ the reg term).
 
-    ``grad_at`` holds dL/dx per position, negated for a position where the row enters x
-    with a minus sign (negating is exact, so -(g p) of the reference equals (-g) p);
-    ``saved_rows`` are the first side's rows from before the step, so every gradient comes
-    from the pre-step weights. ``state``, ``bias_state`` as in ``update_row``,
-    ``update_scalar``; ``lr``, ``eps``, ``reg_scale`` in the weights' type."""
+    train_step stores its per-sample results at each sample's place in item order and
+    passes an empty ``sample_of``, so this pass reads them sequentially; the pairwise step
+    stores them per sample and passes the item order (2B positions over B samples).
+    ``saved_rows`` are the user rows from before the step, so every gradient comes from the
+    pre-step weights. ``state``, ``bias_state`` as in ``update_row``, ``update_scalar``;
+    ``lr``, ``eps``, ``reg_scale`` in the weights' type."""
     zero = cast_like(weight, 0.0)
     grad = np.empty(weight.shape[1], weight.dtype)
     last_pos = starts[last]
@@ -431,11 +453,12 @@ def step_rows_from_saved(weight, state, bias, bias_state, has_bias, sorted_ids, 
         grad_bias = zero
         for pos in range(starts[s], starts[s + 1]):
             if pos + PREFETCH_SAMPLES < last_pos:
-                # written by whichever thread owned the first-side row: often another
-                # core's cache
-                prefetch_row(saved_rows, saved_row_at[pos + PREFETCH_SAMPLES])
-            g = grad_at[pos]
-            add_sample(grad, g, saved_rows[saved_row_at[pos]], w, reg_scale, use_reg)
+                ahead, _ = sample_at(sample_of, num_samples, pos + PREFETCH_SAMPLES)
+                # written by whichever thread owned the user: often another core's cache
+                prefetch_row(saved_rows, user_segment_of[ahead])
+            b, negative = sample_at(sample_of, num_samples, pos)
+            g = -grad_of[b] if negative else grad_of[b]
+            add_sample(grad, g, saved_rows[user_segment_of[b]], w, reg_scale, use_reg)
             grad_bias += g + reg_scale * own_bias if use_reg else g
         update_row(weight, state, row, grad, optimizer, lr, eps)
         if has_bias:

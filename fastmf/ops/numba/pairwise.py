@@ -91,7 +91,6 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
     Returns ``(status, loss)``, the loss (data + reg) as a float64; a bad id is reported
     before anything is written."""
     num_samples = users.shape[0]
-    num_positions = items.shape[0]
     dim = user_factors.shape[1]
     P, Q = user_factors, item_factors
     zero = cast_like(P, 0.0)
@@ -104,17 +103,17 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
 
     # 1. Group users (B ids) and item occurrences (2B ids).
     status, user_groups, item_groups = group_users_and_items(users, P.shape[0], items,
-                                                             Q.shape[0], no_bias)
+                                                             Q.shape[0], no_bias, False)
     if status != OK:
         return status, 0.0
     sorted_users, user_order, user_starts, num_user_segments = user_groups
-    sorted_items, _, item_starts, num_item_segments, item_position = item_groups
+    sorted_items, item_order, item_starts, num_item_segments, _ = item_groups
 
     # 2. Users: per sample x, dL/dx and the user's gradient row (from item rows not yet
     # updated); then the user's update. Old user rows are kept for the item pass, and what
-    # that pass needs per occurrence is stored at the occurrence's place in item order.
-    (old_user_rows, segment_loss, segment_reg, grad_x_by_item,
-     user_segment_by_item) = first_pass_outputs(P, num_user_segments, num_positions)
+    # that pass needs is stored per sample.
+    (old_user_rows, segment_loss, segment_reg, grad_x,
+     user_segment) = first_pass_outputs(P, num_user_segments, num_samples)
     bounds = chunk_bounds(user_starts, num_user_segments, num_threads)
     for c in prange(bounds.shape[0] - 1):
         grad = np.empty(dim, P.dtype)
@@ -134,10 +133,7 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
                     prefetch_row(Q, items[ahead])
                     prefetch_row(Q, items[num_samples + ahead])
                 b = user_order[pos]
-                at_i = item_position[b]
-                at_j = item_position[num_samples + b]
-                user_segment_by_item[at_i] = s
-                user_segment_by_item[at_j] = s
+                user_segment[b] = s
                 i = items[b]
                 j = items[num_samples + b]
                 qi = Q[i]
@@ -150,9 +146,7 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
                     x = x + item_bias[i]
                     x = x - item_bias[j]
                 g, value = _bpr_loss_and_grad(x, scale)
-                # Q[j] enters x with a minus sign; negating is exact.
-                grad_x_by_item[at_i] = g
-                grad_x_by_item[at_j] = -g
+                grad_x[b] = g
                 loss_sum += value
                 if use_reg:
                     norms = (np.float64(p_norm) + np.float64(dot(qi, qi, scratch))
@@ -174,7 +168,7 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
     for c in prange(bounds.shape[0] - 1):
         step_rows_from_saved(Q, item_factors_state, item_bias, item_bias_state, has_bias,
                              sorted_items, item_starts, num_item_segments, bounds[c],
-                             bounds[c + 1], grad_x_by_item, user_segment_by_item,
+                             bounds[c + 1], item_order, num_samples, grad_x, user_segment,
                              old_user_rows, use_reg, reg_scale, optimizer, lr_, eps_)
     return OK, total
 

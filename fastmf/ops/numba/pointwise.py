@@ -50,6 +50,7 @@ from fastmf.ops.numba._common import (
     group_into,
     group_users_and_items,
     ids_view,
+    inline_jit,
     is_ids,
     is_table,
     jit,
@@ -101,7 +102,7 @@ def _checked_block_end(users, items, num_users, num_items, blk, bad):
     return end
 
 
-@jit
+@inline_jit
 def _prefetch_sample_rows(user_factors, item_factors, users, items, b, end):
     """Prefetch the rows sample ``b + PREFETCH_SAMPLES`` reads, if it is before ``end``."""
     ahead = b + PREFETCH_SAMPLES
@@ -234,7 +235,7 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
     # 1. Group users and items into segments of equal ids; check the targets before
     # anything is written.
     status, user_groups, item_groups = group_users_and_items(users, P.shape[0], items,
-                                                             Q.shape[0], targets)
+                                                             Q.shape[0], targets, True)
     if status != OK:
         return status, 0.0
     sorted_users, user_order, user_starts, num_user_segments = user_groups
@@ -297,8 +298,9 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
     for c in prange(bounds.shape[0] - 1):
         step_rows_from_saved(Q, item_factors_state, item_bias, item_bias_state, has_bias,
                              sorted_items, item_starts, num_item_segments, bounds[c],
-                             bounds[c + 1], grad_pred_by_item, user_segment_by_item,
-                             old_user_rows, use_reg, reg_scale, optimizer, lr_, eps_)
+                             bounds[c + 1], item_position[:0], num_samples,
+                             grad_pred_by_item, user_segment_by_item, old_user_rows, use_reg,
+                             reg_scale, optimizer, lr_, eps_)
     return OK, total
 
 
