@@ -122,8 +122,8 @@ def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
     code = _parse_loss(PairwiseLoss, loss, "train_step_pairwise")
     settings, states = _fused_optimizer(model, optimizer)
     checks.check_settings("train_step_pairwise", lr=settings.lr, eps=settings.eps, reg=reg)
-    checks.check_separate("train_step_pairwise", model.tables(),
-                          states or MFTables(None, None))
+    checks.check_separate("train_step_pairwise", *checks.pairwise_written(
+        model.tables(), states or MFTables(None, None)))
     users = model.as_ids(users, "users")
     pos_items = model.as_ids(pos_items, "pos_items")
     neg_items = model.as_ids(neg_items, "neg_items")

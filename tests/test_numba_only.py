@@ -22,6 +22,7 @@ from fastmf.testing import (
 
 numba = pytest.importorskip("numba")
 import fastmf.ops.numba as nb  # noqa: E402  (after the skip: needs numba)
+from fastmf.ops.numba import _common as nb_common  # noqa: E402
 from fastmf.ops.numba import pairwise as nb_pairwise  # noqa: E402
 from fastmf.ops.numba import pointwise as nb_pointwise  # noqa: E402
 from fastmf.ops.numba import topk as nb_topk  # noqa: E402
@@ -61,9 +62,9 @@ def run_steps(dtype, steps=2):
 
 def test_serial_path_matches_parallel_path(monkeypatch):
     """Small batches skip the thread pool; the same batch through the pool is bit-identical."""
-    monkeypatch.setattr(nb_pointwise, "_PARALLEL_MIN_SAMPLES", 1 << 62)
+    monkeypatch.setattr(nb_common, "PARALLEL_MIN_SAMPLES", 1 << 62)
     serial = run_steps(torch.float64)
-    monkeypatch.setattr(nb_pointwise, "_PARALLEL_MIN_SAMPLES", 0)
+    monkeypatch.setattr(nb_common, "PARALLEL_MIN_SAMPLES", 0)
     parallel = run_steps(torch.float64)
     assert_bit_identical(serial, parallel)
 

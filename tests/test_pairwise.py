@@ -23,6 +23,7 @@ from torch import nn
 from fastmf import ops
 from fastmf.ops import MFTables, Optimizer, OptimizerArgs, PairwiseLoss
 from fastmf.ops import reference as spec
+from fastmf.ops.codes import STEP_OPTIMIZERS
 from fastmf.testing import (
     ALL_KERNELS,
     BATCH_SIZES,
@@ -46,7 +47,7 @@ from fastmf.testing import (
 )
 
 NUM_USERS, NUM_ITEMS, DIM = 300, 60, 13
-OPTIMIZERS = list(Optimizer)
+OPTIMIZERS = list(STEP_OPTIMIZERS)  # the optimizers the fused MF steps apply
 BPR = PairwiseLoss.BPR
 DETERMINISTIC_KERNELS = kernel_params(("numba", "native"))
 THREADED_BACKENDS = kernel_params(("numba", "native"), ("cpu",))

@@ -24,6 +24,7 @@ from torch import nn
 from fastmf import ops
 from fastmf.ops import Loss, MFTables, Optimizer, OptimizerArgs
 from fastmf.ops import reference as spec
+from fastmf.ops.codes import STEP_OPTIMIZERS
 from fastmf.testing import (
     ALL_KERNELS,
     BATCH_SIZES,
@@ -52,7 +53,7 @@ from fastmf.testing import (
 NUM_USERS, NUM_ITEMS, DIM = 300, 200, 13
 GLOBAL_MEAN = 3.0
 LOSSES = list(Loss)
-OPTIMIZERS = list(Optimizer)
+OPTIMIZERS = list(STEP_OPTIMIZERS)  # the optimizers the fused MF steps apply
 # The backends whose kernels promise bit-identical results run after run.
 DETERMINISTIC_KERNELS = kernel_params(("numba", "native"))
 # The backends with a CPU thread pool of their own.

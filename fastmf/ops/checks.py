@@ -205,6 +205,27 @@ def check_separate(op: str, tables, states) -> None:
                                  "table and state needs memory of its own")
 
 
+def pairwise_written(tables, states) -> tuple[tuple, tuple]:
+    """The tables and states a pairwise step touches: user_bias cancels in x_ui - x_uj and
+    is never read or written, so it (and its state) may share memory with anything."""
+    tables, states = tuple(tables), tuple(states)
+    return (tables[0], tables[1], None, tables[3]), (states[0], states[1], None, states[3])
+
+
+def check_separate_update(op: str, weight, state) -> None:
+    """A sparse update's weight and state do not overlap (the state is read after the
+    weight row is written)."""
+    if state is not None and _overlap(weight, state):
+        raise ValueError(f"fastmf.{op}: weight and state share memory; each table and state "
+                         "needs memory of its own")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    lo_a, hi_a = _byte_range(a)
+    lo_b, hi_b = _byte_range(b)
+    return lo_a <= hi_b and lo_b <= hi_a
+
+
 def check_states(op, tables, states, optimizer):
     """Optimizer states: None for SGD (code 0); shaped like each table (element-wise
     Adagrad) or (N,) (row-wise Adagrad)."""
@@ -234,7 +255,7 @@ def check_train_step_pairwise(op, tables, states, users, pos_items, neg_items, l
     check_ids(op, "neg_items", neg_items, tables[1].shape[0])
     check_same_length(op, users=users, pos_items=pos_items, neg_items=neg_items)
     check_states(op, tables, states, optimizer)
-    check_separate(op, tables, states)
+    check_separate(op, *pairwise_written(tables, states))
 
 
 def check_k(op: str, k) -> int:

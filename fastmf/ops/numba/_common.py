@@ -28,7 +28,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from torch.autograd.graph import increment_version
 
-from fastmf.ops.codes import Optimizer, parse
+from fastmf.ops import checks
+from fastmf.ops.codes import STEP_OPTIMIZERS, Optimizer, parse
 
 # Plain ints: numba folds them as compile-time constants.
 SGD, ADAGRAD = int(Optimizer.SGD), int(Optimizer.ADAGRAD)
@@ -533,7 +534,7 @@ def states_ok(tables, states, optimizer) -> bool:
 
 def codes_ok(loss_enum, loss: int, optimizer: int) -> bool:
     """Whether the loss and optimizer codes name members (without raising)."""
-    return 0 <= loss < len(loss_enum) and 0 <= optimizer < len(Optimizer)
+    return 0 <= loss < len(loss_enum) and 0 <= optimizer < len(STEP_OPTIMIZERS)
 
 
 def ids_view(ids: torch.Tensor) -> np.ndarray:
@@ -601,22 +602,15 @@ def raise_if_rejected(op: str, status: int, full_checks) -> None:
 # The fused steps' Python side
 
 
-def step_arguments(op: str, tables, states, optimizer):
+def step_arguments(op: str, tables, states, optimizer, reg: float):
     """The bundles of a fused step unpacked: ``(tables, states, optimizer code, lr, eps)``,
-    tables and states as 4-tuples (states all None when not given)."""
+    tables and states as 4-tuples (states all None when not given). The settings are
+    checked here (finite, >= 0), before any kernel runs."""
     lr, eps = optimizer.lr, optimizer.eps
     code = int(parse(Optimizer, optimizer.optimizer, op, "optimizer"))
+    checks.check_settings(op, lr=lr, eps=eps, reg=reg)
     states = tuple(states) if states is not None else (None,) * 4
     return tuple(tables), states, code, lr, eps
-
-
-def require_separate(op: str, pairs) -> None:
-    """The fused kernels write the user rows while they still read item rows, so a user
-    table must not share memory with its item table."""
-    for a, b in pairs:
-        if a is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
-            raise ValueError(f"fastmf.{op}: the user and item tables share memory; the numba "
-                             "backend needs separate tables")
 
 
 def step_arrays(tables, states, optimizer, write_user_bias=True):

@@ -52,7 +52,6 @@ from fastmf.ops.numba._common import (
     pjit,
     prefetch_row,
     require_cpu,
-    require_separate,
     run_step,
     save_and_update_row,
     states_ok,
@@ -200,7 +199,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     """
     op = "train_step_pairwise"
     loss = int(parse(PairwiseLoss, loss, op, "pairwise loss"))
-    tables, states, optimizer, lr, eps = step_arguments(op, tables, states, optimizer)
+    tables, states, optimizer, lr, eps = step_arguments(op, tables, states, optimizer, reg)
     user_factors, item_factors, _, item_bias = tables
     require_cpu(op, _NAMES, tables + states + (users, pos_items, neg_items))
 
@@ -214,8 +213,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
         full_checks()
     if users.shape[0] == 0:
         return user_factors.new_zeros(())
-    # user_bias is never written: only the factor tables must not share memory.
-    require_separate(op, ((user_factors, item_factors),))
+    _checks.check_separate(op, *_checks.pairwise_written(tables, states))
     has_bias = item_bias is not None
     writable, arrays = step_arrays(tables, states, optimizer, write_user_bias=False)
     P, Q, _, bias_array, P_state, Q_state, _, bias_state = arrays

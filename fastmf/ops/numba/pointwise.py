@@ -61,7 +61,6 @@ from fastmf.ops.numba._common import (
     raise_if_rejected,
     read_view,
     require_cpu,
-    require_separate,
     run_step,
     save_and_update_row,
     states_ok,
@@ -379,6 +378,8 @@ def _sparse_update(op, weight, state, ids, grad_rows, lr, eps, optimizer):
         ok = is_table(state, weight.dtype, weight.shape[:1] if rowwise else weight.shape)
     if not ok:
         full_checks()
+    _checks.check_settings(op, lr=lr, eps=eps)
+    _checks.check_separate_update(op, weight, state)
     if ids.shape[0] == 0:
         return
     # A 1-D table is a table of rows of one element; row-wise Adagrad state is one column.
@@ -447,7 +448,7 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
     """
     op = "train_step"
     loss = int(parse(Loss, loss, op, "loss"))
-    tables, states, optimizer, lr, eps = step_arguments(op, tables, states, optimizer)
+    tables, states, optimizer, lr, eps = step_arguments(op, tables, states, optimizer, reg)
     user_factors, item_factors, user_bias, item_bias = tables
     require_cpu(op, _TRAIN_STEP_NAMES, tables + states + (users, items, targets))
 
@@ -458,7 +459,8 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
         full_checks()
     if users.shape[0] == 0:
         return user_factors.new_zeros(())
-    require_separate(op, ((user_factors, item_factors), (user_bias, item_bias)))
+    # The kernel writes user rows while it still reads item rows.
+    _checks.check_separate(op, tables, states)
     has_bias = user_bias is not None
     writable, arrays = step_arrays(tables, states, optimizer)
     args = (*arrays[:4], has_bias, *arrays[4:], ids_view(users), ids_view(items),

@@ -96,6 +96,7 @@ def sparse_adagrad_update(weight, state, ids, grad_rows, lr, eps, rowwise):
     """
     checks.check_sparse_update("sparse_adagrad_update", weight, state, ids, grad_rows, rowwise)
     checks.check_settings("sparse_adagrad_update", lr=lr, eps=eps)
+    checks.check_separate_update("sparse_adagrad_update", weight, state)
     if ids.numel() == 0:
         return
     unique, g = coalesce_rows(ids, grad_rows)
