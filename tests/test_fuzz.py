@@ -184,12 +184,13 @@ def model_specs(draw, layouts=LAYOUTS):
 
 
 def _place(values: torch.Tensor, layout: str) -> nn.Parameter:
+    """``values`` in a parameter laid out as ``layout``: a transposed view of a (dim, n)
+    buffer, or every other column (element) of a buffer twice as wide."""
+    shape = tuple(values.shape)
     if layout == "transposed" and values.dim() == 2:
-        out = torch.empty(values.shape[::-1], dtype=values.dtype).t()
+        out = torch.empty(shape[::-1], dtype=values.dtype).t()
     elif layout == "strided":
-        wide = torch.empty(values.shape[0], 2 * values.shape[1], dtype=values.dtype)[:, ::2] \
-            if values.dim() == 2 else torch.empty(2 * values.shape[0], dtype=values.dtype)[::2]
-        out = wide
+        out = torch.empty(*shape[:-1], 2 * shape[-1], dtype=values.dtype)[..., ::2]
     else:
         out = torch.empty_like(values)
     out.copy_(values)
