@@ -69,6 +69,8 @@ class _SparseOptimizer(torch.optim.Optimizer):
         op = f"{type(self).__name__}.step"
         for group in self.param_groups:
             checks.check_settings(op, **{k: group[k] for k in self.SETTINGS})
+            if "eps" in self.SETTINGS:
+                checks.check_positive(op, eps=group["eps"])
             if "betas" in group:
                 checks.check_betas(op, *group["betas"])
 
@@ -188,6 +190,7 @@ class SparseAdagrad(_SparseOptimizer):
         checks.check_settings("SparseAdagrad", lr=lr, eps=eps,
                               initial_accumulator_value=initial_accumulator_value,
                               weight_decay=weight_decay)
+        checks.check_positive("SparseAdagrad", eps=eps)
         defaults = dict(lr=lr, eps=eps, initial_accumulator_value=initial_accumulator_value,
                         rowwise=bool(rowwise), weight_decay=weight_decay)
         super().__init__(params, defaults, backend)
@@ -296,6 +299,7 @@ class SparseAdam(_SparseOptimizer):
                  eps: float = 1e-8, rowwise: bool = False, weight_decay: float = 0.0,
                  decoupled_weight_decay: bool = False, backend: str = "auto"):
         checks.check_settings("SparseAdam", lr=lr, eps=eps, weight_decay=weight_decay)
+        checks.check_positive("SparseAdam", eps=eps)
         betas = tuple(betas)
         if len(betas) != 2:
             raise ValueError(f"fastmf.SparseAdam: betas must be a pair, got {betas!r}")

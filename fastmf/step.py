@@ -90,6 +90,7 @@ def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse"
     """
     code = _parse_loss(Loss, loss, "train_step")
     settings, states = _fused_optimizer(model, optimizer)
+    optimizer.check_groups()
     checks.check_settings("train_step", lr=settings.lr, eps=settings.eps, reg=reg)
     checks.check_separate("train_step", model.tables(), states or MFTables(None, None))
     users, items = model.as_ids(users, "users"), model.as_ids(items, "items")
@@ -121,6 +122,7 @@ def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
     """
     code = _parse_loss(PairwiseLoss, loss, "train_step_pairwise")
     settings, states = _fused_optimizer(model, optimizer)
+    optimizer.check_groups()
     checks.check_settings("train_step_pairwise", lr=settings.lr, eps=settings.eps, reg=reg)
     checks.check_separate("train_step_pairwise", *checks.pairwise_written(
         model.tables(), states or MFTables(None, None)))

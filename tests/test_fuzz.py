@@ -124,7 +124,7 @@ def attempt(fn) -> Outcome:
 def assert_same_error(ref: Outcome, got: Outcome, backend: str) -> None:
     """Both raised or both returned. The types are not compared: an input with two faults
     (an id out of range in a batch of the wrong length) is reported by whichever check a
-    backend makes first (test_check_order_differs_between_backends)."""
+    backend makes first (test_check_order_is_the_same_on_every_backend covers MF inputs)."""
     assert (got.error is None) == (ref.error is None), (
         f"{backend} {'raised ' + repr(got.error) if got.error else 'returned'} where the "
         f"reference {'raised ' + repr(ref.error) if ref.error else 'returned'}")
@@ -384,11 +384,6 @@ def make_optimizer(model, kind: str, backend: str, lr, eps):
     return opt
 
 
-def _known_defect_eps_zero(kind: str, eps) -> bool:
-    """test_adagrad_eps_zero_writes_nan: Adagrad with eps == 0 divides 0 by 0."""
-    return kind != "sgd" and not isinstance(eps, str | type(None)) and eps == 0
-
-
 def run_step(spec, backend, kind, lr, eps, call, *, sparse=False, allow_inf=False):
     """Build the model and optimizer on ``backend``, call ``call(model, opt)``; check that a
     raise wrote nothing and a return left finite tables. Returns (outcome, tensors)."""
@@ -430,7 +425,6 @@ def step_settings(draw):
        loss=mostly(st.sampled_from(["mse", "huber", "bce", "MSE"]), st.sampled_from(["hinge", 3]),
                    8))
 def test_train_step(backend, spec, data, conf, loss):
-    assume(not _known_defect_eps_zero(conf["kind"], conf["eps"]))
     size = data.draw(batch_sizes())
     users = data.draw(id_batches(spec.num_users, size), label="users")
     items = data.draw(id_batches(spec.num_items, data.draw(other_length(size))), label="items")
@@ -460,7 +454,6 @@ def test_train_step(backend, spec, data, conf, loss):
 @given(spec=model_specs(), data=st.data(), conf=step_settings(),
        loss=mostly(st.sampled_from(["bpr", "BPR"]), st.just("mse"), 8))
 def test_train_step_pairwise(backend, spec, data, conf, loss):
-    assume(not _known_defect_eps_zero(conf["kind"], conf["eps"]))
     size = data.draw(batch_sizes())
     users = data.draw(id_batches(spec.num_users, size), label="users")
     pos = data.draw(id_batches(spec.num_items, data.draw(other_length(size))), label="pos")
@@ -488,7 +481,6 @@ def test_train_step_pairwise(backend, spec, data, conf, loss):
 @fuzz
 @given(spec=model_specs(), data=st.data(), conf=step_settings(), sparse=st.booleans())
 def test_optimizer_step(backend, spec, data, conf, sparse):
-    assume(not _known_defect_eps_zero(conf["kind"], conf["eps"]))
     size = data.draw(batch_sizes())
     users = data.draw(id_batches(spec.num_users, size), label="users")
     items = data.draw(id_batches(spec.num_items, size), label="items")
@@ -880,20 +872,15 @@ def test_interactions_from_csv(rows, header, sep, ragged):
 # tests above leave out exactly these inputs (the _known_defect_* predicates).
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SparseAdagrad accepts eps=0 (check_settings asks only for finite and >= 0); a step "
-    "then computes 0 / (sqrt(0) + 0) for every gradient entry that is zero while its "
-    "accumulator is zero, and writes NaN into the table silently: on the fused step (every "
-    "backend), the unfused sparse step (touched rows) and the unfused dense step (every "
-    "row the batch does not touch)"))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", ["fused", "sparse", "dense"])
-def test_adagrad_eps_zero_writes_nan(backend, path):
+def test_adagrad_eps_zero_is_refused_or_finite(backend, path):
     torch.manual_seed(0)
     model = fastmf.MF(4, 3, dim=2, backend=backend, sparse=path == "sparse")
     with torch.no_grad():
         model.item_factors[:, 0] = 0.0  # user 0's gradient has a zero entry
-    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.1, eps=0.0, backend=backend)
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.1, eps=1e-10, backend=backend)
+    opt.param_groups[0]["eps"] = 0.0  # as a scheduler or a user could set it
     users, items, targets = torch.tensor([0]), torch.tensor([1]), torch.tensor([2.0])
     before = snapshot(model, opt)
     try:
@@ -908,12 +895,8 @@ def test_adagrad_eps_zero_writes_nan(backend, path):
     assert_finite(snapshot(model, opt), "tables and state", allow_inf=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the native ops check that the batch lengths agree before the id ranges, the reference "
-    "and Numba the other way round, so one input gets ValueError ('lengths differ') from "
-    "native and IndexError ('id out of range') from the others"))
 @pytest.mark.parametrize("users, items", [([], [-1]), ([0], [5, 0])])
-def test_check_order_differs_between_backends(users, items):
+def test_check_order_is_the_same_on_every_backend(users, items):
     if "native" not in fastmf.ops.available_backends():
         pytest.skip("the native extension is not built")
     errors = {}

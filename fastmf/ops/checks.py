@@ -34,7 +34,7 @@ def check_step_optimizer(op: str, code: int) -> None:
                          f"0..{len(STEP_OPTIMIZERS) - 1}")
 
 
-def check_ids(op: str, name: str, ids: torch.Tensor, num_rows: int) -> None:
+def check_ids(op: str, name: str, ids: torch.Tensor, num_rows: int | None) -> None:
     """ids: (B,) int32/int64 in [0, num_rows). Reads the ids (a host sync on a GPU)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"fastmf.{op}: {name} must be a tensor, got {type(ids).__name__}")
@@ -42,7 +42,7 @@ def check_ids(op: str, name: str, ids: torch.Tensor, num_rows: int) -> None:
         raise TypeError(f"fastmf.{op}: {name} must be int32 or int64, got {ids.dtype}")
     if ids.dim() != 1:
         raise ValueError(f"fastmf.{op}: {name} must be 1-D, got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
+    if ids.numel() == 0 or num_rows is None:  # None: the structure only
         return
     lo, hi = torch.aminmax(ids)
     bad = None
@@ -118,9 +118,13 @@ def check_mf_inputs(op, users, items, user_factors, item_factors, user_bias, ite
             raise ValueError(f"fastmf.{op}: item_bias has {item_bias.shape[0]} rows, "
                              f"item_factors has {item_factors.shape[0]}")
     check_same_device(op, "user_factors", user_factors, users=users, items=items)
+    # Lengths before id ranges: the order csrc/checks.h checks them in, so an input with
+    # both faults gets the same error on every backend.
+    check_ids(op, "users", users, None)
+    check_ids(op, "items", items, None)
+    check_same_length(op, users=users, items=items)
     check_ids(op, "users", users, user_factors.shape[0])
     check_ids(op, "items", items, item_factors.shape[0])
-    check_same_length(op, users=users, items=items)
 
 
 def check_sparse_update(op, weight, state, ids, grad_rows, rowwise=False):
@@ -179,6 +183,17 @@ def check_settings(op: str, **settings: float) -> None:
             raise TypeError(f"fastmf.{op}: {name} must be a number, got {type(value).__name__}")
         if not (np.isfinite(value) and value >= 0):
             raise ValueError(f"fastmf.{op}: {name} must be finite and >= 0, got {value}")
+
+
+def check_positive(op: str, **settings: float) -> None:
+    """Settings that must be > 0: an optimizer's eps, since with eps == 0 a row whose
+    accumulator and gradient entry are both 0 computes 0 / 0 and turns NaN. (The ops
+    themselves accept eps == 0, as torch.optim.Adagrad does; fastmf's optimizers refuse
+    it.)"""
+    for name, value in settings.items():
+        if not value > 0:
+            raise ValueError(f"fastmf.{op}: {name} must be > 0, got {value} (with {name} = 0 "
+                             "a zero gradient on a zero accumulator gives 0/0 = NaN)")
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
