@@ -765,17 +765,6 @@ def _must_refuse(users, items, ratings) -> bool:
             or any(isinstance(v, bytes) and v == b"\xff" for v in (*users, *items)))
 
 
-def _known_defect_list_coercion(ids) -> bool:
-    """test_list_ids_keep_their_values: numpy's coercion of a plain list changes raw ids
-    (numbers to strings beside a string, NaN to the string 'nan', big ints to float64)."""
-    array = np.asarray(ids)
-    if array.dtype.kind in "US":
-        return not all(isinstance(v, str | bytes) for v in ids)
-    if array.dtype.kind == "f":
-        return any(isinstance(v, int) and abs(v) > 2**53 for v in ids)
-    return False
-
-
 @st.composite
 def tables(draw):
     n = draw(st.integers(0, 6))
@@ -796,8 +785,6 @@ def tables(draw):
 @given(table=tables(), form=st.sampled_from(["list", "numpy", "series"]))
 def test_interactions_from_arrays(table, form):
     users, items, ratings = table
-    assume(form != "list" or not (_known_defect_list_coercion(users)
-                                  or _known_defect_list_coercion(items)))
 
     def wrap(values):
         if form == "numpy":
@@ -908,11 +895,6 @@ def test_check_order_is_the_same_on_every_backend(users, items):
     assert len(set(errors.values())) == 1, errors
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Interactions.from_arrays turns a plain list into an array with np.asarray, whose type "
-    "coercion changes raw ids silently: [1, 'a'] gives the raw ids '1' and 'a'; ['a', nan] "
-    "accepts the missing id as the string 'nan'; ints beside a float become float64, which "
-    "merges 2**53 and 2**53 + 1 into one user"))
 @pytest.mark.parametrize("users", [[1, "a"], ["a", NAN], [2**53, 2**53 + 1, 0.5]],
                          ids=["int-and-str", "str-and-nan", "big-ints-and-float"])
 def test_list_ids_keep_their_values(users):

@@ -45,7 +45,42 @@ def _to_numpy(x: Any) -> np.ndarray:
         return x.detach().cpu().numpy()
     if isinstance(x, (pd.Series, pd.Index)):
         return x.to_numpy()
+    if isinstance(x, list | tuple):
+        return _sequence_to_numpy(x)
     return np.asarray(x)
+
+
+def _sequence_to_numpy(values: list | tuple) -> np.ndarray:
+    """A plain sequence without numpy's type coercion, which would change raw ids silently:
+    [1, "a"] would become the strings "1" and "a", ["a", nan] the string "nan", and ints
+    beside a float float64 (merging 2**53 and 2**53 + 1). Sequences of one kind convert as
+    numpy does; mixed ones stay an object array holding the values as given."""
+    kinds = set()
+    for v in values:
+        if isinstance(v, bool | np.bool_):
+            kinds.add("bool")
+        elif isinstance(v, int | np.integer):
+            kinds.add("int")
+        elif isinstance(v, float | np.floating):
+            kinds.add("float")
+        elif isinstance(v, str | np.str_):
+            kinds.add("str")
+        else:
+            kinds.add("other")
+    if len(kinds) <= 1 and kinds != {"other"}:
+        if kinds == {"int"}:
+            try:
+                return np.asarray(values, dtype=np.int64)
+            except OverflowError:  # beyond int64: uint64 if it fits, else keep the ints
+                try:
+                    return np.asarray(values, dtype=np.uint64)
+                except OverflowError:
+                    pass
+        else:
+            return np.asarray(values)
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
 
 
 def _as_ids(x: Any) -> np.ndarray:
