@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -31,11 +32,47 @@ inline void check_code(const char* op, int64_t code) {
                     AllCodes<E>::what, " code ", code, "; expected 0..", num_codes<E>() - 1);
 }
 
+// A float as Python's repr() writes it (0.1, 1.0, -0.5, 1e-08, 1e+16, nan, inf), so the
+// messages that show a setting read as those of fastmf/ops/checks.py.
+inline std::string py_float(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  // The shortest digits that round-trip, in scientific form: [-]d[.ddd]e[+-]x.
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
+  const std::string text(buf, res.ptr);
+  const size_t e = text.find('e');
+  const bool negative = text[0] == '-';
+  std::string digits;
+  for (size_t i = negative ? 1 : 0; i < e; ++i) {
+    if (text[i] != '.') digits += text[i];
+  }
+  const int exponent = std::stoi(text.substr(e + 1));
+  std::string out = negative ? "-" : "";
+  if (exponent >= -4 && exponent < 16) {
+    if (exponent < 0) {
+      out += "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+    } else if (static_cast<int>(digits.size()) <= exponent + 1) {
+      out += digits + std::string(static_cast<size_t>(exponent + 1) - digits.size(), '0') +
+             ".0";
+    } else {
+      out += digits.substr(0, exponent + 1) + "." + digits.substr(exponent + 1);
+    }
+    return out;
+  }
+  out += digits.substr(0, 1);
+  if (digits.size() > 1) out += "." + digits.substr(1);
+  const int magnitude = exponent < 0 ? -exponent : exponent;
+  out += std::string(exponent < 0 ? "e-" : "e+") + (magnitude < 10 ? "0" : "") +
+         std::to_string(magnitude);
+  return out;
+}
+
 // lr, eps, reg: a NaN or inf would poison every row the step touches, and a negative one
 // turns descent into ascent; refused before anything is written.
 inline void check_setting(const char* op, const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, "fastmf.", op, ": ", name,
-                    " must be finite and >= 0, got ", value);
+                    " must be finite and >= 0, got ", py_float(value));
 }
 
 inline void check_optimizer_args(const char* op, const OptimizerArgs& opt) {
@@ -490,8 +527,10 @@ inline void check_embedding_bag_backward(const char* op, const at::Tensor& grad_
 inline void check_betas(const char* op, double beta1, double beta2) {
   check_setting(op, "beta1", beta1);
   check_setting(op, "beta2", beta2);
-  TORCH_CHECK_VALUE(beta1 < 1.0, "fastmf.", op, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 < 1.0, "fastmf.", op, ": beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(beta1 < 1.0, "fastmf.", op, ": beta1 must be in [0, 1), got ",
+                    py_float(beta1));
+  TORCH_CHECK_VALUE(beta2 < 1.0, "fastmf.", op, ": beta2 must be in [0, 1), got ",
+                    py_float(beta2));
 }
 
 // The settings of sparse_update / embedding_bag_backward_update, before any write.
