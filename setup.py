@@ -69,7 +69,10 @@ def extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     torch_version = torch.__version__.split("+")[0]
     macros = [("FASTMF_TORCH_VERSION", f'"{torch_version}"')]
-    cxx = opt + ["-fopenmp", "-std=c++20", "-fvisibility=hidden"]
+    # -ffp-contract=off: no fused multiply-adds the source does not write (GCC fuses by
+    # default where the target has them, e.g. aarch64), so the kernels round each product and
+    # sum as the reference does.
+    cxx = opt + ["-fopenmp", "-std=c++20", "-fvisibility=hidden", "-ffp-contract=off"]
     # cpp_extension does not add -fopenmp; without it at::parallel_for runs on one thread.
     link = ["-fopenmp"]
     if not with_cuda:

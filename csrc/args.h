@@ -61,4 +61,33 @@ struct PairwiseBatch {
   double reg;
 };
 
+// The settings of one exact sparse step of the embedding_bag family (sparse_update,
+// embedding_bag_backward_update; fastmf.ops.RowOptimizerArgs). `step` counts this step
+// (>= 1): Adam's bias correction and the stochastic-rounding counter read it.
+struct RowOptimizerArgs {
+  Optimizer optimizer;
+  double lr;
+  double eps;
+  double beta1;
+  double beta2;
+  double weight_decay;
+  WeightDecay weight_decay_mode;
+  int64_t step;
+  int64_t seed;
+  bool stochastic_rounding;
+};
+
+// An embedding table and its optimizer states (state1/state2 undefined where the optimizer
+// has none: see fastmf/ops/reference/embedding_bag.py).
+struct RowTable {
+  at::Tensor weight, state1, state2;
+};
+
+// CSR bags: bag b is indices[offsets[b], offsets[b + 1]); per_sample_weights undefined for
+// None.
+struct Bags {
+  at::Tensor indices, offsets, per_sample_weights;
+  Pooling pooling;
+};
+
 }  // namespace fastmf

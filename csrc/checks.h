@@ -8,13 +8,17 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "args.h"
 #include "codes.h"
@@ -28,11 +32,47 @@ inline void check_code(const char* op, int64_t code) {
                     AllCodes<E>::what, " code ", code, "; expected 0..", num_codes<E>() - 1);
 }
 
+// A float as Python's repr() writes it (0.1, 1.0, -0.5, 1e-08, 1e+16, nan, inf), so the
+// messages that show a setting read as those of fastmf/ops/checks.py.
+inline std::string py_float(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  // The shortest digits that round-trip, in scientific form: [-]d[.ddd]e[+-]x.
+  char buf[64];
+  const auto res = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific);
+  const std::string text(buf, res.ptr);
+  const size_t e = text.find('e');
+  const bool negative = text[0] == '-';
+  std::string digits;
+  for (size_t i = negative ? 1 : 0; i < e; ++i) {
+    if (text[i] != '.') digits += text[i];
+  }
+  const int exponent = std::stoi(text.substr(e + 1));
+  std::string out = negative ? "-" : "";
+  if (exponent >= -4 && exponent < 16) {
+    if (exponent < 0) {
+      out += "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+    } else if (static_cast<int>(digits.size()) <= exponent + 1) {
+      out += digits + std::string(static_cast<size_t>(exponent + 1) - digits.size(), '0') +
+             ".0";
+    } else {
+      out += digits.substr(0, exponent + 1) + "." + digits.substr(exponent + 1);
+    }
+    return out;
+  }
+  out += digits.substr(0, 1);
+  if (digits.size() > 1) out += "." + digits.substr(1);
+  const int magnitude = exponent < 0 ? -exponent : exponent;
+  out += std::string(exponent < 0 ? "e-" : "e+") + (magnitude < 10 ? "0" : "") +
+         std::to_string(magnitude);
+  return out;
+}
+
 // lr, eps, reg: a NaN or inf would poison every row the step touches, and a negative one
 // turns descent into ascent; refused before anything is written.
 inline void check_setting(const char* op, const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0.0, "fastmf.", op, ": ", name,
-                    " must be finite and >= 0, got ", value);
+                    " must be finite and >= 0, got ", py_float(value));
 }
 
 inline void check_optimizer_args(const char* op, const OptimizerArgs& opt) {
@@ -322,6 +362,281 @@ inline void check_sparse_update(const char* op, const at::Tensor& weight, const 
   check_same_length(op, "ids", ids, "grad_rows", grad_rows);
   TORCH_CHECK_VALUE(ids.size(0) < (int64_t{1} << 31), "fastmf.", op, ": ", ids.size(0),
                     " ids in one call; at most 2^31 - 1 are supported");
+}
+
+// ---------------------------------------------------------------------------------------
+// The embedding_bag family (fastmf/ops/checks.py, its second half): the same checks in the
+// same order, with the messages spelled as Python spells them (shapes as tuples, dtypes as
+// torch.float16), since the reference backend raises them too. Only the values a check reads
+// differ by device: the CPU kernels read offsets and ids on the host; the CUDA ones record
+// bad ones on the device (csrc/cuda/embedding_bag.cu).
+
+// A dtype as Python prints it: torch.float32.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// A shape as a Python tuple: (3,), (2, 3), ().
+inline std::string py_shape(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (d > 0) out += ", ";
+    out += std::to_string(sizes[d]);
+  }
+  if (sizes.size() == 1) out += ",";
+  return out + ")";
+}
+
+// Embedding tables (and their gradients): float32, float64, float16 or bfloat16, with one of
+// `dims` dimensions.
+inline void check_embedding_weight(const char* op, const char* name, const at::Tensor& weight,
+                                   std::initializer_list<int64_t> dims = {2}) {
+  const auto t = weight.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                   "fastmf.", op, ": ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", py_dtype(t));
+  bool ok = false;
+  std::string want;
+  for (const int64_t d : dims) {
+    ok |= weight.dim() == d;
+    if (!want.empty()) want += " or ";
+    want += std::to_string(d) + "-D";
+  }
+  TORCH_CHECK_VALUE(ok, "fastmf.", op, ": ", name, " must be ", want, ", got shape ",
+                    py_shape(weight.sizes()));
+}
+
+// The type the embedding ops compute in: float64 for float64 tables, float32 otherwise (also
+// the bag output's and the optimizer states' type).
+inline at::ScalarType accumulation_type(at::ScalarType weight) {
+  return weight == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline bool is_half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// A 1-D int32/int64 tensor (ids or offsets); reads no value.
+inline void check_index_tensor(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "fastmf.", op,
+                   ": ", name, " must be int32 or int64, got ", py_dtype(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 1, "fastmf.", op, ": ", name, " must be 1-D, got shape ",
+                    py_shape(t.sizes()));
+}
+
+// `t` is on `reference`'s device (fastmf/ops/checks.py check_same_device).
+inline void check_device_of(const char* op, const char* name, const at::Tensor& t,
+                            const char* reference_name, const at::Tensor& reference) {
+  if (!t.defined()) return;
+  TORCH_CHECK_VALUE(t.device() == reference.device(), "fastmf.", op, ": ", name, " is on ",
+                    t.device(), " but ", reference_name, " is on ", reference.device(),
+                    "; move them to one device");
+}
+
+// The offsets' values: offsets[0] == 0, non-decreasing, offsets[B] == num_indices. `o`: the
+// offsets on the host, any int type.
+template <typename index_t>
+inline void check_offsets_values(const char* op, const index_t* o, int64_t n,
+                                 int64_t num_indices) {
+  if (n == 0) return;
+  TORCH_CHECK_VALUE(o[0] == 0, "fastmf.", op, ": offsets must start at 0, got offsets[0] = ",
+                    static_cast<int64_t>(o[0]));
+  for (int64_t b = 0; b + 1 < n; ++b) {
+    TORCH_CHECK_VALUE(o[b + 1] >= o[b], "fastmf.", op, ": offsets must be non-decreasing, got ",
+                      static_cast<int64_t>(o[b]), " then ", static_cast<int64_t>(o[b + 1]),
+                      " at offsets[", b, "], offsets[", b + 1, "]");
+  }
+  const int64_t end = static_cast<int64_t>(o[n - 1]);
+  TORCH_CHECK_VALUE(end <= num_indices, "fastmf.", op, ": offsets[", n - 1, "] = ", end,
+                    " is past the end of indices (", num_indices, " ids)");
+  TORCH_CHECK_VALUE(end == num_indices, "fastmf.", op,
+                    ": the last offset must equal the number of indices (", num_indices,
+                    "), got offsets[", n - 1, "] = ", end);
+}
+
+// The bag structure without its values: codes, index tensors, per-sample weights of `like`'s
+// dtype with SUM pooling only (fastmf/ops/checks.py check_bag_structure up to
+// check_offsets_values, which the kernels run where they read the offsets).
+inline void check_bag_layout(const char* op, const at::Tensor& indices, const at::Tensor& offsets,
+                             const std::optional<at::Tensor>& per_sample_weights,
+                             int64_t pooling, const at::Tensor& like) {
+  check_code<Pooling>(op, pooling);
+  check_index_tensor(op, "indices", indices);
+  check_index_tensor(op, "offsets", offsets);
+  TORCH_CHECK_TYPE(offsets.scalar_type() == indices.scalar_type(), "fastmf.", op,
+                   ": offsets has dtype ", py_dtype(offsets.scalar_type()), ", expected ",
+                   py_dtype(indices.scalar_type()), " like indices");
+  TORCH_CHECK_VALUE(offsets.numel() > 0, "fastmf.", op,
+                    ": offsets must have one entry per bag plus one, got 0 entries");
+  check_device_of(op, "indices", indices, "weight", like);
+  check_device_of(op, "offsets", offsets, "weight", like);
+  if (per_sample_weights.has_value()) {
+    const at::Tensor& psw = *per_sample_weights;
+    check_device_of(op, "per_sample_weights", psw, "weight", like);
+    TORCH_CHECK_VALUE(static_cast<Pooling>(pooling) == Pooling::kSum, "fastmf.", op,
+                      ": per_sample_weights needs sum pooling, got mean");
+    TORCH_CHECK_TYPE(psw.scalar_type() == like.scalar_type(), "fastmf.", op,
+                     ": per_sample_weights has dtype ", py_dtype(psw.scalar_type()),
+                     ", expected ", py_dtype(like.scalar_type()));
+    TORCH_CHECK_VALUE(psw.sizes() == indices.sizes(), "fastmf.", op,
+                      ": per_sample_weights has shape ", py_shape(psw.sizes()), ", expected ",
+                      py_shape(indices.sizes()), " like indices");
+  }
+  // The kernels group positions in int32 (csrc/cpu/segments.h, the CUDA sort keys).
+  TORCH_CHECK_VALUE(indices.size(0) < (int64_t{1} << 31), "fastmf.", op, ": ",
+                    indices.size(0), " ids in one call; at most 2^31 - 1 are supported");
+}
+
+// embedding_bag_forward: weight, then the bag layout against an output of the accumulation
+// type (per-sample weights have the output's dtype).
+inline void check_embedding_bag_forward(const char* op, const at::Tensor& weight,
+                                        const at::Tensor& indices, const at::Tensor& offsets,
+                                        const std::optional<at::Tensor>& per_sample_weights,
+                                        int64_t pooling) {
+  check_embedding_weight(op, "weight", weight);
+  const at::Tensor out_like = at::empty(
+      {0}, weight.options().dtype(accumulation_type(weight.scalar_type())));
+  check_bag_layout(op, indices, offsets, per_sample_weights, pooling, out_like);
+}
+
+// embedding_bag_backward: grad_output (B, K), one row per bag.
+inline void check_embedding_bag_backward(const char* op, const at::Tensor& grad_output,
+                                         const at::Tensor& indices, const at::Tensor& offsets,
+                                         const std::optional<at::Tensor>& per_sample_weights,
+                                         int64_t pooling) {
+  check_embedding_weight(op, "grad_output", grad_output);
+  check_bag_layout(op, indices, offsets, per_sample_weights, pooling, grad_output);
+  TORCH_CHECK_VALUE(grad_output.size(0) == offsets.size(0) - 1, "fastmf.", op,
+                    ": grad_output has ", grad_output.size(0),
+                    " rows, expected one per bag (", offsets.size(0) - 1, ")");
+}
+
+// Adam's betas: finite numbers in [0, 1).
+inline void check_betas(const char* op, double beta1, double beta2) {
+  check_setting(op, "beta1", beta1);
+  check_setting(op, "beta2", beta2);
+  TORCH_CHECK_VALUE(beta1 < 1.0, "fastmf.", op, ": beta1 must be in [0, 1), got ",
+                    py_float(beta1));
+  TORCH_CHECK_VALUE(beta2 < 1.0, "fastmf.", op, ": beta2 must be in [0, 1), got ",
+                    py_float(beta2));
+}
+
+// The settings of sparse_update / embedding_bag_backward_update, before any write.
+inline void check_row_optimizer_args(const char* op, int64_t optimizer, double lr, double eps,
+                                     double beta1, double beta2, double weight_decay,
+                                     int64_t weight_decay_mode, int64_t step, int64_t seed) {
+  TORCH_CHECK_VALUE(optimizer >= 0 && optimizer < RowOptimizerCodes::type::size, "fastmf.", op,
+                    ": unknown optimizer code ", optimizer, "; expected 0..",
+                    RowOptimizerCodes::type::size - 1);
+  check_code<WeightDecay>(op, weight_decay_mode);
+  check_setting(op, "lr", lr);
+  check_setting(op, "eps", eps);
+  check_setting(op, "weight_decay", weight_decay);
+  check_betas(op, beta1, beta2);
+  TORCH_CHECK_VALUE(step >= 1, "fastmf.", op, ": step must be in [1, 2**63), got ", step);
+  TORCH_CHECK_VALUE(seed >= 0, "fastmf.", op, ": seed must be in [0, 2**63), got ", seed);
+}
+
+// Gradients of float32/float64 tables have the table's dtype; those of float16/bfloat16
+// tables the table's dtype or float32 (the bag output's dtype).
+inline void check_grad_dtype(const char* op, const char* name, const at::Tensor& grad,
+                             const at::Tensor& weight) {
+  const auto w = weight.scalar_type(), g = grad.scalar_type();
+  const bool half = is_half_type(w);
+  TORCH_CHECK_TYPE(g == w || (half && g == at::kFloat), "fastmf.", op, ": ", name,
+                   " has dtype ", py_dtype(g), ", expected ", py_dtype(w),
+                   half ? " or torch.float32" : "", " for ", py_dtype(w), " weights");
+}
+
+// state1/state2: exactly the states `optimizer` uses, in the accumulation type, on the
+// weight's device, sharing memory with neither the weight nor each other.
+inline void check_row_states(const char* op, Optimizer optimizer, const RowTable& table) {
+  const at::Tensor& weight = table.weight;
+  const auto dtype = accumulation_type(weight.scalar_type());
+  const std::vector<int64_t> full(weight.sizes().begin(), weight.sizes().end());
+  const std::vector<int64_t> per_row = {weight.size(0)};
+  const std::vector<int64_t>* shapes[2] = {nullptr, nullptr};
+  switch (optimizer) {
+    case Optimizer::kSgd: break;
+    case Optimizer::kAdagrad: shapes[0] = &full; break;
+    case Optimizer::kRowwiseAdagrad: shapes[0] = &per_row; break;
+    case Optimizer::kAdam: shapes[0] = &full; shapes[1] = &full; break;
+    case Optimizer::kRowwiseAdam: shapes[0] = &full; shapes[1] = &per_row; break;
+  }
+  const char* slots[2] = {"state1", "state2"};
+  const at::Tensor* states[2] = {&table.state1, &table.state2};
+  for (int s = 0; s < 2; ++s) {
+    const at::Tensor& state = *states[s];
+    if (shapes[s] == nullptr) {
+      TORCH_CHECK_VALUE(!state.defined(), "fastmf.", op, ": ", name(optimizer), " takes no ",
+                        slots[s], ", got a tensor of shape ", py_shape(state.sizes()));
+      continue;
+    }
+    TORCH_CHECK_VALUE(state.defined(), "fastmf.", op, ": ", name(optimizer), " needs ",
+                      slots[s], ", got None");
+    TORCH_CHECK_TYPE(state.scalar_type() == dtype, "fastmf.", op, ": ", slots[s],
+                     " has dtype ", py_dtype(state.scalar_type()), ", expected ",
+                     py_dtype(dtype), " for ", py_dtype(weight.scalar_type()), " weights");
+    TORCH_CHECK_VALUE(state.sizes() == at::IntArrayRef(*shapes[s]), "fastmf.", op, ": ",
+                      slots[s], " has shape ", py_shape(state.sizes()), ", expected ",
+                      py_shape(*shapes[s]));
+    check_device_of(op, slots[s], state, "weight", weight);
+  }
+  check_separate_memory(op, {{"weight", &table.weight},
+                             {"state1", &table.state1},
+                             {"state2", &table.state2}});
+}
+
+// sparse_update: every check before any write except the ids' range, which the kernels check
+// where they read the ids (fastmf/ops/checks.py check_sparse_update_inputs, in its order).
+inline void check_sparse_update_inputs(const char* op, const RowTable& table,
+                                       Optimizer optimizer, const at::Tensor& ids,
+                                       const at::Tensor& grad_rows) {
+  const at::Tensor& weight = table.weight;
+  check_embedding_weight(op, "weight", weight, {1, 2});
+  check_embedding_weight(op, "grad_rows", grad_rows, {weight.dim()});
+  check_grad_dtype(op, "grad_rows", grad_rows, weight);
+  if (weight.dim() == 2) {
+    TORCH_CHECK_VALUE(grad_rows.size(1) == weight.size(1), "fastmf.", op, ": grad_rows has ",
+                      grad_rows.size(1), " columns, weight has ", weight.size(1));
+  }
+  check_row_states(op, optimizer, table);
+  check_device_of(op, "ids", ids, "weight", weight);
+  check_device_of(op, "grad_rows", grad_rows, "weight", weight);
+  check_index_tensor(op, "ids", ids);
+  TORCH_CHECK_VALUE(ids.size(0) == grad_rows.size(0), "fastmf.", op, ": lengths differ (ids has ",
+                    ids.size(0), ", grad_rows has ", grad_rows.size(0), ")");
+  TORCH_CHECK_VALUE(ids.size(0) < (int64_t{1} << 31), "fastmf.", op, ": ", ids.size(0),
+                    " ids in one call; at most 2^31 - 1 are supported");
+}
+
+// embedding_bag_backward_update: every check before any write except the values of the
+// offsets and ids (fastmf/ops/checks.py check_backward_update_inputs, in its order).
+inline void check_backward_update_inputs(const char* op, const RowTable& table,
+                                         Optimizer optimizer, const at::Tensor& grad_output,
+                                         const Bags& bags, int64_t pooling) {
+  const at::Tensor& weight = table.weight;
+  check_embedding_weight(op, "weight", weight);
+  check_embedding_bag_backward(op, grad_output, bags.indices, bags.offsets,
+                               maybe(bags.per_sample_weights), pooling);
+  check_grad_dtype(op, "grad_output", grad_output, weight);
+  TORCH_CHECK_VALUE(grad_output.size(1) == weight.size(1), "fastmf.", op, ": grad_output has ",
+                    grad_output.size(1), " columns, weight has ", weight.size(1));
+  check_row_states(op, optimizer, table);
+  check_device_of(op, "grad_output", grad_output, "weight", weight);
+  check_device_of(op, "indices", bags.indices, "weight", weight);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -42,6 +42,26 @@ struct AllCodes<Optimizer> {
   static constexpr const char* what = "optimizer";
 };
 
+template <>
+struct AllCodes<Pooling> {
+  using type = CodeList<Pooling::kSum, Pooling::kMean>;
+  static constexpr const char* what = "pooling";
+};
+template <>
+struct AllCodes<WeightDecay> {
+  using type = CodeList<WeightDecay::kNone, WeightDecay::kL2, WeightDecay::kDecoupled>;
+  static constexpr const char* what = "weight_decay_mode";
+};
+
+// The optimizers of the embedding_bag family (sparse_update, embedding_bag_backward_update):
+// every Optimizer, the Adams included. A code list of its own, so the fused MF steps keep
+// theirs (AllCodes<Optimizer>) and their messages.
+struct RowOptimizerCodes {
+  using type = CodeList<Optimizer::kSgd, Optimizer::kAdagrad, Optimizer::kRowwiseAdagrad,
+                        Optimizer::kAdam, Optimizer::kRowwiseAdam>;
+  static constexpr const char* what = "optimizer";
+};
+
 template <typename E>
 constexpr int64_t num_codes() {
   return AllCodes<E>::type::size;
@@ -79,6 +99,12 @@ decltype(auto) dispatch_code(E code, F& f, CodeList<kFirst, kRest...>) {
 template <typename E, typename F>
 decltype(auto) dispatch_code(E code, F&& f) {
   return detail::dispatch_code(code, f, typename AllCodes<E>::type{});
+}
+
+// The same over another list of E's codes (`Codes::type`), e.g. RowOptimizerCodes.
+template <typename Codes, typename E, typename F>
+decltype(auto) dispatch_code_in(E code, F&& f) {
+  return detail::dispatch_code(code, f, typename Codes::type{});
 }
 
 }  // namespace fastmf

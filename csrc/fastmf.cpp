@@ -2,7 +2,7 @@
 //
 // The schemas are device-neutral: each device registers its kernels with
 // TORCH_LIBRARY_IMPL(fastmf, <Device>, m) in csrc/<device>/<family>.{cpp,cu}, one file per
-// op family (pointwise, pairwise, topk) and the same file names on every device, and
+// op family (pointwise, pairwise, topk, embedding_bag) and the same file names on every device, and
 // PyTorch's dispatcher picks one by the tensors' device. The exact meaning of every op is
 // written out in plain PyTorch in fastmf/ops/reference/<family>.py. The int loss and
 // optimizer arguments are the codes of csrc/codes.h; the fused steps' flat arguments become
@@ -73,6 +73,38 @@ TORCH_LIBRARY(fastmf, m) {
   m.def(
       "topk_scores(Tensor queries, Tensor item_factors, Tensor? item_bias, int k, "
       "Tensor? exclude_indptr, Tensor? exclude_indices, Tensor? candidates) -> (Tensor, Tensor)");
+
+  // The embedding_bag family (fastmf/ops/reference/embedding_bag.py). Bags are CSR: bag b is
+  // indices[offsets[b]:offsets[b + 1]] (offsets (B+1,), same int dtype as indices); pooling
+  // is a Pooling code; weight float32/float64/float16/bfloat16, everything computed in the
+  // accumulation type (float64 for float64 tables, else float32), sums in index order.
+  // out[b] = sum_j w_j weight[indices[j]] (w_j = per_sample_weights[j] or 1; MEAN: / size):
+  // (B, K) in the accumulation type.
+  m.def(
+      "embedding_bag_forward(Tensor weight, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, int pooling) -> Tensor");
+  // grad_rows[j] = w_j grad_output[bag(j)] (MEAN: / size): (L, K) in grad_output's dtype.
+  m.def(
+      "embedding_bag_backward(Tensor grad_output, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, int pooling) -> Tensor");
+  // The exact deduplicated sparse step: per unique id the sum of its grad_rows in order of
+  // occurrence, then one update of the row and its states (optimizer: any Optimizer code;
+  // weight_decay_mode: a WeightDecay code; step >= 1 counts this step; float16/bfloat16
+  // tables are written back rounded to nearest or, with stochastic_rounding, by the
+  // counter-based rounding keyed by (seed, step)). weight (N, K) or (N,).
+  m.def(
+      "sparse_update(Tensor(a!) weight, Tensor(b!)? state1, Tensor(c!)? state2, Tensor ids, "
+      "Tensor grad_rows, int optimizer, float lr, float eps, float beta1, float beta2, "
+      "float weight_decay, int weight_decay_mode, int step, int seed, "
+      "bool stochastic_rounding) -> ()");
+  // sparse_update(weight, state1, state2, indices, embedding_bag_backward(grad_output, ...))
+  // without forming the (L, K) gradient rows.
+  m.def(
+      "embedding_bag_backward_update(Tensor(a!) weight, Tensor(b!)? state1, Tensor(c!)? state2, "
+      "Tensor grad_output, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
+      "int pooling, int optimizer, float lr, float eps, float beta1, float beta2, "
+      "float weight_decay, int weight_decay_mode, int step, int seed, "
+      "bool stochastic_rounding) -> ()");
 }
 
 #ifndef FASTMF_NO_PYTHON

@@ -65,4 +65,58 @@ at::Tensor train_step_pairwise_op(
   return kKernel(tables, states, batch, opt);
 }
 
+// The embedding_bag family's two steps: flat settings -> RowOptimizerArgs, tables ->
+// RowTable, bags -> Bags, and every check that reads no id or offset value.
+using SparseUpdateKernel = void (*)(const RowTable& table, const at::Tensor& ids,
+                                    const at::Tensor& grad_rows, const RowOptimizerArgs& opt);
+using BackwardUpdateKernel = void (*)(const RowTable& table, const at::Tensor& grad_output,
+                                      const Bags& bags, const RowOptimizerArgs& opt);
+
+inline RowOptimizerArgs row_optimizer_args(const char* op, int64_t optimizer, double lr,
+                                           double eps, double beta1, double beta2,
+                                           double weight_decay, int64_t weight_decay_mode,
+                                           int64_t step, int64_t seed,
+                                           bool stochastic_rounding) {
+  check_row_optimizer_args(op, optimizer, lr, eps, beta1, beta2, weight_decay,
+                           weight_decay_mode, step, seed);
+  return RowOptimizerArgs{static_cast<Optimizer>(optimizer), lr, eps, beta1, beta2,
+                          weight_decay, static_cast<WeightDecay>(weight_decay_mode), step, seed,
+                          stochastic_rounding};
+}
+
+template <SparseUpdateKernel kKernel>
+void sparse_update_op(const at::Tensor& weight, const std::optional<at::Tensor>& state1,
+                      const std::optional<at::Tensor>& state2, const at::Tensor& ids,
+                      const at::Tensor& grad_rows, int64_t optimizer, double lr, double eps,
+                      double beta1, double beta2, double weight_decay,
+                      int64_t weight_decay_mode, int64_t step, int64_t seed,
+                      bool stochastic_rounding) {
+  constexpr const char* op = "sparse_update";
+  const RowOptimizerArgs opt =
+      row_optimizer_args(op, optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode,
+                         step, seed, stochastic_rounding);
+  const RowTable table{weight, state1.value_or(at::Tensor()), state2.value_or(at::Tensor())};
+  check_sparse_update_inputs(op, table, opt.optimizer, ids, grad_rows);
+  kKernel(table, ids, grad_rows, opt);
+}
+
+template <BackwardUpdateKernel kKernel>
+void embedding_bag_backward_update_op(
+    const at::Tensor& weight, const std::optional<at::Tensor>& state1,
+    const std::optional<at::Tensor>& state2, const at::Tensor& grad_output,
+    const at::Tensor& indices, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights, int64_t pooling, int64_t optimizer,
+    double lr, double eps, double beta1, double beta2, double weight_decay,
+    int64_t weight_decay_mode, int64_t step, int64_t seed, bool stochastic_rounding) {
+  constexpr const char* op = "embedding_bag_backward_update";
+  const RowOptimizerArgs opt =
+      row_optimizer_args(op, optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode,
+                         step, seed, stochastic_rounding);
+  const RowTable table{weight, state1.value_or(at::Tensor()), state2.value_or(at::Tensor())};
+  const Bags bags{indices, offsets, per_sample_weights.value_or(at::Tensor()),
+                  static_cast<Pooling>(pooling)};
+  check_backward_update_inputs(op, table, opt.optimizer, grad_output, bags, pooling);
+  kKernel(table, grad_output, bags, opt);
+}
+
 }  // namespace fastmf

@@ -1,19 +1,24 @@
 """What only the native backend has: the ``torch.ops.fastmf`` registrations.
 
 ``torch.library.opcheck`` (schema and what it mutates, fake kernel, autograd registration,
-AOT dispatch) of the pointwise and pairwise ops, ``torch.compile(fullgraph=True)`` of the
-fused steps, and gradcheck of ``mf_forward``'s registered autograd formula. The ops' values
-are tested against the spec with every other backend in ``test_pointwise.py`` and
-``test_pairwise.py``; the top-k op's registrations in ``test_topk.py``.
+AOT dispatch) of the pointwise, pairwise and embedding_bag ops, ``torch.compile(fullgraph=True)``
+of the fused steps, and gradcheck of ``mf_forward``'s registered autograd formula. The ops' values
+are tested against the spec with every other backend in ``test_pointwise.py``,
+``test_pairwise.py`` and ``test_embedding.py``; the top-k op's registrations in
+``test_topk.py``. Here also: the embedding_bag ops' input errors equal the reference's, word
+for word, and their hot-row sums do not depend on the thread count.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fastmf.ops import Loss, MFTables, Optimizer, OptimizerArgs, PairwiseLoss, native
 from fastmf.ops import reference as spec
+from fastmf.ops.checks import row_state_shapes
+from fastmf.ops.codes import Pooling, WeightDecay
 from fastmf.testing import (
     assert_close_all,
     clone_all,
@@ -27,6 +32,8 @@ from fastmf.testing import (
     requires_native,
     single_threaded,
     to_device,
+    tolerance,
+    zipf_ids,
 )
 
 pytestmark = requires_native
@@ -144,3 +151,275 @@ def test_mf_forward_gradcheck(bias):
         return native.mf_forward(users, items, *tables, 3.0)
 
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+# --- the embedding_bag family -----------------------------------------------------------
+
+def _bag_inputs(num_rows, dim, num_bags, *, seed, max_size=5, id_dtype=torch.int64,
+                dtype=torch.float32):
+    """weight (N, K), Zipf indices in bags of 0..max_size (bag 1 empty), offsets (B+1,),
+    per-sample weights and grad_output in the accumulation type."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sizes = rng.integers(0, max_size + 1, size=num_bags)
+    sizes[min(1, num_bags - 1)] = 0
+    indices = zipf_ids(num_rows, int(sizes.sum()), generator=rng, dtype=id_dtype)
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)])).to(id_dtype)
+    weight = (torch.randn(num_rows, dim, generator=gen) * 0.1).to(dtype)
+    psw = torch.rand(indices.numel(), generator=gen, dtype=acc) + 0.5
+    grad_output = torch.randn(num_bags, dim, generator=gen, dtype=acc)
+    return weight, indices, offsets, psw, grad_output
+
+
+def _states(optimizer, weight, seed):
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return [None if shape is None else torch.rand(shape, generator=gen, dtype=acc)
+            for shape in row_state_shapes(optimizer, weight)]
+
+
+def _settings(optimizer, *, stochastic=False):
+    """(optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode, step, seed,
+    stochastic_rounding) as the flat schemas take them."""
+    return (int(optimizer), 0.05, 1e-3, 0.8, 0.95, 0.01, int(WeightDecay.L2), 3, 77,
+            stochastic)
+
+
+def embedding_opcheck_cases():
+    weight, indices, offsets, psw, grad_output = _bag_inputs(30, 8, 12, seed=11)
+    half, *_ = _bag_inputs(30, 8, 12, seed=11, dtype=torch.bfloat16)
+    rows = spec.embedding_bag_backward(grad_output, indices, offsets, psw, Pooling.SUM)
+    adam = _states(Optimizer.ADAM, weight, 12)
+    rowwise = _states(Optimizer.ROWWISE_ADAGRAD, weight, 13)
+    half_states = _states(Optimizer.ROWWISE_ADAM, half, 14)
+    ops = torch.ops.fastmf
+    return {
+        "forward_sum_psw": (ops.embedding_bag_forward.default,
+                            (weight, indices, offsets, psw, int(Pooling.SUM))),
+        "forward_mean_int32": (ops.embedding_bag_forward.default,
+                               (weight, indices.int(), offsets.int(), None,
+                                int(Pooling.MEAN))),
+        "forward_bfloat16": (ops.embedding_bag_forward.default,
+                             (half, indices, offsets, None, int(Pooling.SUM))),
+        "backward_mean": (ops.embedding_bag_backward.default,
+                          (grad_output, indices, offsets, None, int(Pooling.MEAN))),
+        "sparse_update_adam": (ops.sparse_update.default,
+                               (weight.clone(), *clone_all(*adam), indices, rows,
+                                *_settings(Optimizer.ADAM))),
+        "sparse_update_sgd_bias": (ops.sparse_update.default,
+                                   (weight[:, 0].clone(), None, None, indices, rows[:, 0],
+                                    *_settings(Optimizer.SGD))),
+        "backward_update_rowwise": (ops.embedding_bag_backward_update.default,
+                                    (weight.clone(), rowwise[0].clone(), None, grad_output,
+                                     indices, offsets, psw, int(Pooling.SUM),
+                                     *_settings(Optimizer.ROWWISE_ADAGRAD))),
+        "backward_update_bfloat16_stochastic": (
+            ops.embedding_bag_backward_update.default,
+            (half.clone(), *clone_all(*half_states), grad_output, indices, offsets, None,
+             int(Pooling.MEAN), *_settings(Optimizer.ROWWISE_ADAM, stochastic=True))),
+    }
+
+
+@pytest.mark.parametrize("case", list(embedding_opcheck_cases()))
+def test_embedding_opcheck(case):
+    op, args = embedding_opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_embedding_has_kernel():
+    for op in ("embedding_bag_forward", "embedding_bag_backward", "sparse_update",
+               "embedding_bag_backward_update"):
+        assert native.has_kernel("cpu", op)
+
+
+def test_embedding_step_under_compile():
+    """fullgraph torch.compile of a bag forward and the fused backward + Adam step (the
+    native ops' fake kernels; the in-place updates survive functionalization)."""
+    weight, indices, offsets, psw, _ = _bag_inputs(40, 8, 16, seed=21)
+    states = _states(Optimizer.ADAM, weight, 22)
+    target = torch.randn(16, 8, generator=torch.Generator().manual_seed(23))
+
+    def step(kernels, weight, exp_avg, exp_avg_sq):
+        out = kernels.embedding_bag_forward(weight, indices, offsets, psw, Pooling.SUM)
+        grad = 2 * (out - target) / out.numel()
+        kernels.embedding_bag_backward_update(weight, exp_avg, exp_avg_sq, grad, indices,
+                                              offsets, psw, Pooling.SUM, Optimizer.ADAM, 0.01,
+                                              1e-8, 0.9, 0.999, 0.0, WeightDecay.NONE, 1, 0,
+                                              False)
+        return out
+
+    got = clone_all(weight, *states)
+    want = clone_all(weight, *states)
+    out = torch.compile(lambda *t: step(native, *t), fullgraph=True)(*got)
+    expected = single_threaded(step, spec, *want)
+    assert_close_all(out, expected, torch.float32)
+    assert_close_all(got, want, torch.float32)
+    assert not torch.equal(got[0], weight)
+
+
+def _call_both(name, *args):
+    """(exception type, message) of the reference and of the native op for one call."""
+    raised = []
+    for module in (spec, native):
+        with pytest.raises((TypeError, ValueError, IndexError)) as info:
+            getattr(module, name)(*args)
+        raised.append((info.type, str(info.value).splitlines()[0]))
+    return raised
+
+
+def embedding_error_cases():
+    w, idx, off, psw, go = _bag_inputs(20, 4, 6, seed=31)
+    adagrad = _states(Optimizer.ADAGRAD, w, 32)
+    rows = spec.embedding_bag_backward(go, idx, off, None, Pooling.SUM)
+    sgd = _settings(Optimizer.SGD)
+    bad_id = idx.clone()
+    bad_id[2] = 20
+    negative = idx.clone()
+    negative[0] = -3
+    drop = off.clone()
+    drop[3] = drop[2] - 1 if int(drop[2]) > 0 else 5
+    fwd = "embedding_bag_forward"
+    bwd = "embedding_bag_backward"
+    upd = "sparse_update"
+    fused = "embedding_bag_backward_update"
+    return {
+        "forward_int_weight": (fwd, w.int(), idx, off, None, 0),
+        "forward_1d_weight": (fwd, w[:, 0], idx, off, None, 0),
+        "forward_float_ids": (fwd, w, idx.float(), off, None, 0),
+        "forward_2d_ids": (fwd, w, idx.view(1, -1), off, None, 0),
+        "forward_offsets_dtype": (fwd, w, idx, off.int(), None, 0),
+        "forward_no_offsets": (fwd, w, idx, off[:0], None, 0),
+        "forward_pooling_code": (fwd, w, idx, off, None, 2),
+        "forward_psw_mean": (fwd, w, idx, off, psw, 1),
+        "forward_psw_dtype": (fwd, w, idx, off, psw.double(), 0),
+        "forward_psw_shape": (fwd, w, idx, off, psw[1:], 0),
+        "forward_offsets_start": (fwd, w, idx, off + 1, None, 0),
+        "forward_offsets_order": (fwd, w, idx, drop, None, 0),
+        "forward_offsets_past_end": (fwd, w, idx[:-1], off, None, 0),
+        "forward_offsets_short": (fwd, w, torch.cat([idx, idx[:1]]), off, None, 0),
+        "forward_id_high": (fwd, w, bad_id, off, None, 0),
+        "forward_id_negative": (fwd, w, negative, off, None, 0),
+        "backward_rows": (bwd, go[1:], idx, off, None, 0),
+        "backward_int32_offsets": (bwd, go, idx, off.int(), None, 1),
+        "update_lr": (upd, w, None, None, idx, rows, 0, float("nan"), *sgd[2:]),
+        "update_beta": (upd, w, *adagrad, idx, rows, 1, 0.1, 0.0, 1.0, 0.9, 0.0, 0, 1, 0,
+                        False),
+        "update_step": (upd, w, None, None, idx, rows, 0, 0.1, 0.0, 0.9, 0.9, 0.0, 0, 0, 0,
+                        False),
+        "update_optimizer": (upd, w, None, None, idx, rows, 5, *sgd[1:]),
+        "update_decay_mode": (upd, w, None, None, idx, rows, 0, 0.1, 0.0, 0.9, 0.9, 0.0, 3,
+                              1, 0, False),
+        "update_grad_dtype": (upd, w, None, None, idx, rows.double(), *sgd),
+        "update_grad_columns": (upd, w, None, None, idx, rows[:, :3], *sgd),
+        "update_missing_state": (upd, w, None, None, idx, rows, *_settings(Optimizer.ADAM)),
+        "update_extra_state": (upd, w, adagrad[0], None, idx, rows, *sgd),
+        "update_state_shape": (upd, w, adagrad[0][:, :2], None, idx, rows,
+                               *_settings(Optimizer.ADAGRAD)),
+        "update_state_dtype": (upd, w, adagrad[0].double(), None, idx, rows,
+                               *_settings(Optimizer.ADAGRAD)),
+        "update_shared_memory": (upd, w, w, None, idx, rows, *_settings(Optimizer.ADAGRAD)),
+        "update_lengths": (upd, w, None, None, idx[1:], rows, *sgd),
+        "update_id_high": (upd, w, None, None, bad_id, rows, *sgd),
+        "update_half_grad_dtype": (upd, w.half(), None, None, idx, rows.double(), *sgd),
+        "fused_1d_weight": (fused, w[:, 0], None, None, go, idx, off, None, 0, *sgd),
+        "fused_grad_columns": (fused, w, None, None, go[:, :3], idx, off, None, 0, *sgd),
+        "fused_grad_dtype": (fused, w, None, None, go.double(), idx, off, None, 0, *sgd),
+        "fused_rowwise_state": (fused, w, adagrad[0], None, go, idx, off, None, 0,
+                                *_settings(Optimizer.ROWWISE_ADAGRAD)),
+        "fused_id_negative": (fused, w, None, None, go, negative, off, None, 0, *sgd),
+        "fused_decay": (fused, w, None, None, go, idx, off, None, 0, 0, 0.1, 0.0, 0.9, 0.9,
+                        -1.0, 1, 1, 0, False),
+        "fused_seed": (fused, w, None, None, go, idx, off, None, 0, 0, 0.1, 0.0, 0.9, 0.9,
+                       0.0, 1, 1, -1, False),
+    }
+
+
+@pytest.mark.parametrize("case", list(embedding_error_cases()))
+def test_embedding_errors_match_reference(case):
+    """Every bad input raises the reference's exception type and message, before any
+    write."""
+    name, *args = embedding_error_cases()[case]
+    before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
+    want, got = _call_both(name, *args)
+    assert got == want
+    after = [a for a in args if isinstance(a, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("optimizer", list(Optimizer))
+def test_hot_rows_do_not_depend_on_thread_count(optimizer):
+    """Runs long enough to be summed in chunks (Zipf over a tiny table): the same bits on
+    1 and 2 threads, for the fused and the unfused step, and the reference's numbers."""
+    weight, indices, offsets, psw, grad_output = _bag_inputs(12, 16, 8000, seed=41,
+                                                             max_size=8)
+    counts = torch.bincount(indices)
+    assert int(counts.max()) > 3 * 2048  # several chunks in the hottest run
+    states = _states(optimizer, weight, 42)
+    settings = _settings(optimizer)
+    results = []
+    for threads in (1, 2):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            fused = clone_all(weight, *[s for s in states if s is not None])
+            table = [fused[0], None, None]
+            table[1:1 + len(fused) - 1] = fused[1:]
+            native.embedding_bag_backward_update(*table, grad_output, indices, offsets, psw,
+                                                 Pooling.SUM, *settings)
+            unfused = clone_all(weight, *[s for s in states if s is not None])
+            table2 = [unfused[0], None, None]
+            table2[1:1 + len(unfused) - 1] = unfused[1:]
+            rows = native.embedding_bag_backward(grad_output, indices, offsets, psw,
+                                                 Pooling.SUM)
+            native.sparse_update(*table2, indices, rows, *settings)
+        finally:
+            torch.set_num_threads(saved)
+        for a, b in zip(fused, unfused):
+            assert torch.equal(a, b)
+        results.append(fused)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    expected = clone_all(weight, *[s for s in states if s is not None])
+    table3 = [expected[0], None, None]
+    table3[1:1 + len(expected) - 1] = expected[1:]
+    spec.embedding_bag_backward_update(*table3, grad_output, indices, offsets, psw,
+                                       Pooling.SUM, *settings)
+    # Chunked sums of ~10^4 float32 terms that largely cancel differ from the sequential
+    # ones by more than the usual tolerance; a chunk left out or counted twice would be off
+    # by a whole chunk's sum.
+    for a, b in zip(results[0], expected):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert not torch.equal(results[0][0], weight)
+
+
+def test_strided_table_is_updated_in_place():
+    """A non-contiguous table (a column slice) is updated through a copy written back;
+    the rows no id touches keep their values."""
+    weight, indices, offsets, psw, grad_output = _bag_inputs(30, 6, 10, seed=51)
+    wide = torch.randn(30, 10, generator=torch.Generator().manual_seed(52))
+    wide[:, 2:8] = weight
+    view = wide[:, 2:8]
+    assert not view.is_contiguous()
+    expected = weight.clone()
+    settings = (int(Optimizer.SGD), 0.1, 0.0, 0.9, 0.999, 0.0, 0, 1, 0, False)
+    spec.embedding_bag_backward_update(expected, None, None, grad_output, indices, offsets,
+                                       psw, Pooling.SUM, *settings)
+    untouched = wide.clone()
+    native.embedding_bag_backward_update(view, None, None, grad_output, indices, offsets, psw,
+                                         Pooling.SUM, *settings)
+    torch.testing.assert_close(view, expected, **tolerance(torch.float32))
+    assert torch.equal(wide[:, :2], untouched[:, :2]) and torch.equal(wide[:, 8:],
+                                                                     untouched[:, 8:])
+
+
+@pytest.mark.parametrize("lr", [-1.0, -0.1, -1e-05, -0.0001, -123.25, -1e16, -1.5e22,
+                                -1234567890123456.0, float("-inf")])
+def test_setting_messages_print_floats_as_python(lr):
+    """The C++ checks show a bad setting as Python's repr() does (-1.0, -1e-05, -1e+16)."""
+    w, idx, off, _, _ = _bag_inputs(20, 4, 6, seed=61)
+    rows = torch.ones(idx.numel(), 4)
+    settings = (int(Optimizer.SGD), lr, *_settings(Optimizer.SGD)[2:])
+    want, got = _call_both("sparse_update", w, None, None, idx, rows, *settings)
+    assert got == want
+    assert want[1].endswith(f"got {lr!r}")

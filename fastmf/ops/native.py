@@ -11,7 +11,8 @@ from torch import Tensor
 
 from fastmf._extension import native_available
 from fastmf.ops.args import MFTables, OptimizerArgs
-from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss, parse
+from fastmf.ops.checks import accumulation_dtype
+from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss, Pooling, WeightDecay, parse
 
 NAME = "native"
 
@@ -27,6 +28,10 @@ __all__ = [
     "train_step_pairwise",
     "scatter_rows",
     "check_device_errors",
+    "embedding_bag_forward",
+    "embedding_bag_backward",
+    "sparse_update",
+    "embedding_bag_backward_update",
 ]
 
 
@@ -119,6 +124,69 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users: Tensor
     return loss_value
 
 
+def embedding_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor,
+                          per_sample_weights: Tensor | None, pooling) -> Tensor:
+    """Bag sums (B, K) in the accumulation type: see
+    :func:`fastmf.ops.reference.embedding_bag.embedding_bag_forward`. ``pooling``: a
+    :class:`~fastmf.ops.codes.Pooling` member, code or name."""
+    op = "embedding_bag_forward"
+    return torch.ops.fastmf.embedding_bag_forward.default(
+        weight, indices, offsets, per_sample_weights, int(parse(Pooling, pooling, op, "pooling")))
+
+
+def embedding_bag_backward(grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                           per_sample_weights: Tensor | None, pooling) -> Tensor:
+    """Gradient rows (L, K) in grad_output's dtype: see
+    :func:`fastmf.ops.reference.embedding_bag.embedding_bag_backward`."""
+    op = "embedding_bag_backward"
+    return torch.ops.fastmf.embedding_bag_backward.default(
+        grad_output, indices, offsets, per_sample_weights,
+        int(parse(Pooling, pooling, op, "pooling")))
+
+
+def _row_settings(op: str, optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode,
+                  step, seed, stochastic_rounding) -> tuple:
+    """The flat optimizer arguments of the schemas, with the codes parsed."""
+    return (int(parse(Optimizer, optimizer, op, "optimizer")), float(lr), float(eps),
+            float(beta1), float(beta2), float(weight_decay),
+            int(parse(WeightDecay, weight_decay_mode, op, "weight_decay_mode")), int(step),
+            int(seed), bool(stochastic_rounding))
+
+
+def sparse_update(weight: Tensor, state1: Tensor | None, state2: Tensor | None, ids: Tensor,
+                  grad_rows: Tensor, optimizer, lr: float, eps: float, beta1: float,
+                  beta2: float, weight_decay: float, weight_decay_mode, step: int, seed: int,
+                  stochastic_rounding: bool) -> None:
+    """In place: the exact deduplicated sparse step (see
+    :func:`fastmf.ops.reference.embedding_bag.sparse_update`)."""
+    settings = _row_settings("sparse_update", optimizer, lr, eps, beta1, beta2, weight_decay,
+                             weight_decay_mode, step, seed, stochastic_rounding)
+    with torch.no_grad():
+        torch.ops.fastmf.sparse_update.default(weight, state1, state2, ids, grad_rows,
+                                               *settings)
+    _written(weight, state1, state2)
+
+
+def embedding_bag_backward_update(weight: Tensor, state1: Tensor | None, state2: Tensor | None,
+                                  grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                                  per_sample_weights: Tensor | None, pooling, optimizer,
+                                  lr: float, eps: float, beta1: float, beta2: float,
+                                  weight_decay: float, weight_decay_mode, step: int, seed: int,
+                                  stochastic_rounding: bool) -> None:
+    """In place: the backward of :func:`embedding_bag_forward` fused with
+    :func:`sparse_update`, without forming the (L, K) gradient rows (see
+    :func:`fastmf.ops.reference.embedding_bag.embedding_bag_backward_update`)."""
+    op = "embedding_bag_backward_update"
+    pooling = int(parse(Pooling, pooling, op, "pooling"))
+    settings = _row_settings(op, optimizer, lr, eps, beta1, beta2, weight_decay,
+                             weight_decay_mode, step, seed, stochastic_rounding)
+    with torch.no_grad():
+        torch.ops.fastmf.embedding_bag_backward_update.default(
+            weight, state1, state2, grad_output, indices, offsets, per_sample_weights, pooling,
+            *settings)
+    _written(weight, state1, state2)
+
+
 def check_device_errors(device: int | str | torch.device | None = None) -> None:
     """Raise the first bad id or non-finite target that the CUDA kernels met on ``device``
     (default: the current CUDA device) since the last check, and clear it.
@@ -152,8 +220,9 @@ def check_device_errors(device: int | str | torch.device | None = None) -> None:
 
 
 def has_kernel(device: torch.device | str, op: str = "mf_forward") -> bool:
-    """Whether the extension registered a kernel of ``op`` for ``device``'s type (every op
-    has kernels for the same devices: csrc/cpu and csrc/cuda mirror each other)."""
+    """Whether the extension registered a kernel of ``op`` for ``device``'s type (csrc/cpu
+    and csrc/cuda mirror each other, but an extension built before an op family existed
+    lacks that family: ask for the op you need)."""
     if not native_available():
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
@@ -287,3 +356,34 @@ if native_available():
     torch.library.register_autograd(
         "fastmf::topk_scores", _topk_backward, setup_context=_topk_setup
     )
+
+    # The embedding_bag family: the forward and backward are pure functions of their inputs
+    # (their autograd lives in fastmf.nn's Function, which asks for sparse gradients); the
+    # two steps are mutating, training-only ops (Tensor(a!) in their schemas).
+    if hasattr(torch.ops.fastmf, "embedding_bag_forward"):
+
+        @torch.library.register_fake("fastmf::embedding_bag_forward")
+        def _embedding_bag_forward_fake(weight, indices, offsets, per_sample_weights, pooling):
+            torch._check(weight.dim() == 2, lambda: "fastmf.embedding_bag_forward: weight "
+                         "must be 2-D")
+            torch._check(indices.dim() == 1 and offsets.dim() == 1)
+            torch._check(offsets.shape[0] >= 1)
+            if per_sample_weights is not None:
+                torch._check(per_sample_weights.shape == indices.shape)
+            return weight.new_empty((offsets.shape[0] - 1, weight.shape[1]),
+                                    dtype=accumulation_dtype(weight.dtype))
+
+        @torch.library.register_fake("fastmf::embedding_bag_backward")
+        def _embedding_bag_backward_fake(grad_output, indices, offsets, per_sample_weights,
+                                         pooling):
+            torch._check(grad_output.dim() == 2 and indices.dim() == 1)
+            torch._check(grad_output.shape[0] == offsets.shape[0] - 1)
+            return grad_output.new_empty((indices.shape[0], grad_output.shape[1]))
+
+        @torch.library.register_fake("fastmf::sparse_update")
+        def _sparse_update_fake(weight, state1, state2, ids, grad_rows, *settings):
+            return None
+
+        @torch.library.register_fake("fastmf::embedding_bag_backward_update")
+        def _embedding_bag_backward_update_fake(weight, state1, state2, grad_output, *rest):
+            return None

@@ -1,0 +1,618 @@
+// The embedding_bag family on the CPU: embedding_bag_forward, embedding_bag_backward,
+// sparse_update and embedding_bag_backward_update. csrc/cuda/embedding_bag.cu is the same
+// family on the GPU; fastmf/ops/reference/embedding_bag.py states what each op computes.
+//
+// The forward and the plain backward parallelise over bags: every bag writes its own output
+// row (forward) or its own gradient rows (backward), summing in index order.
+//
+// The two steps group the ids by value with the radix grouping of segments.h (stable, so a
+// row's occurrences stay in index order), sum each unique row's gradient in that order and
+// step the row once. Work is split by cost, not by row: a run of one id longer than
+// kHotChunk occurrences (a hot id under Zipf) is first cut into chunks of kHotChunk
+// occurrences whose partial sums are formed in parallel, then added in chunk order by the
+// task that steps the row. The chunks depend on the run alone, so every sum has one fixed
+// order whatever the thread count, and sparse_update(embedding_bag_backward(...)) and
+// embedding_bag_backward_update give the same bits. The fused step reads
+// grad_output[bag(j)] where sparse_update reads grad_rows[j]: no (L, K) rows are formed, and
+// all scratch is O(L) (ids, grouping, bag of each index, the hot chunks' partial sums).
+//
+// Arithmetic follows the reference operation by operation in the accumulation type A
+// (float64 for float64 tables, else float32), with scalars computed in double first as
+// Python computes them; float16/bfloat16 tables are read into A and written back rounded to
+// nearest or by the counter-based stochastic rounding of the reference (random_bits,
+// stochastic_round), bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../args.h"
+#include "../checks.h"
+#include "../codes.h"
+#include "../ops.h"
+#include "common.h"
+#include "segments.h"
+
+namespace fastmf {
+namespace cpu {
+namespace {
+
+// Occurrences per chunk of a hot run (see the file comment). Runs up to this length are
+// summed by the task that steps their row.
+constexpr int64_t kHotChunk = 2048;
+constexpr int64_t kBagGrain = 32;
+constexpr int64_t kCostGrain = 512;
+// How far ahead (in indices, or groups) rows are prefetched.
+constexpr int64_t kPrefetchIndices = 8;
+constexpr int64_t kPrefetchGroups = 4;
+
+template <typename W>
+using acc_t = std::conditional_t<std::is_same_v<W, double>, double, float>;
+
+// ---------------------------------------------------------------------------------------
+// Stochastic rounding (fastmf/ops/reference/embedding_bag.py random_bits, stochastic_round)
+
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+inline uint64_t rounding_key(int64_t seed, int64_t step) {
+  return splitmix64(splitmix64(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(step));
+}
+
+// The 32 random bits of the element with counter r * K + c.
+inline uint32_t random_bits(uint64_t key, uint64_t counter) {
+  return static_cast<uint32_t>(splitmix64(key ^ counter));
+}
+
+inline c10::Half stochastic_round(float v, uint32_t bits, c10::Half*) {
+  const float magnitude = std::fabs(v);
+  // No stochastic rounding where float16 is not normal: FBGEMM's rule.
+  if (!std::isfinite(v) || magnitude >= 65504.0f || magnitude < 0x1p-14f) return c10::Half(v);
+  const uint32_t u = (std::bit_cast<uint32_t>(v) + (bits >> 19)) & ~uint32_t{0x1FFF};
+  return c10::Half(std::bit_cast<float>(u));
+}
+
+inline c10::BFloat16 stochastic_round(float v, uint32_t bits, c10::BFloat16*) {
+  if (!std::isfinite(v)) return c10::BFloat16(v);
+  const uint32_t u = (std::bit_cast<uint32_t>(v) + (bits >> 16)) & ~uint32_t{0xFFFF};
+  const float r = std::bit_cast<float>(u);
+  return std::isfinite(r) ? c10::BFloat16(r) : c10::BFloat16(v);
+}
+
+// Writes row `row` (values in A) back to a W table.
+template <typename W, typename A>
+inline void store_row(W* __restrict dst, const A* __restrict src, int64_t dim, int64_t row,
+                      bool stochastic, uint64_t key) {
+  if constexpr (std::is_same_v<W, c10::Half> || std::is_same_v<W, c10::BFloat16>) {
+    if (stochastic) {
+      // int64 r * K + c wraps like the reference's int64 counter.
+      const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(dim);
+      for (int64_t k = 0; k < dim; ++k) {
+        dst[k] = stochastic_round(src[k], random_bits(key, base + static_cast<uint64_t>(k)),
+                                  static_cast<W*>(nullptr));
+      }
+      return;
+    }
+  }
+  for (int64_t k = 0; k < dim; ++k) dst[k] = static_cast<W>(src[k]);
+}
+
+// ---------------------------------------------------------------------------------------
+// The optimizer step of one row
+
+// The step's scalars, computed in double as the reference computes them in Python, then
+// used in A.
+template <typename A>
+struct StepScalars {
+  A lr, eps, beta1, one_minus_beta1, beta2, one_minus_beta2;
+  A l2;             // weight_decay, when L2 decay is on
+  A decoupled;      // lr * weight_decay, when decoupled decay is on
+  A adam_step;      // lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+  A rowwise_step;   // lr / (1 - beta1^t)
+  A bias_correction2;
+  bool use_l2, use_decoupled;
+  bool stochastic;
+  uint64_t key;
+
+  explicit StepScalars(const RowOptimizerArgs& o) {
+    lr = static_cast<A>(o.lr);
+    eps = static_cast<A>(o.eps);
+    beta1 = static_cast<A>(o.beta1);
+    beta2 = static_cast<A>(o.beta2);
+    one_minus_beta1 = static_cast<A>(1.0 - o.beta1);
+    one_minus_beta2 = static_cast<A>(1.0 - o.beta2);
+    use_l2 = o.weight_decay_mode == WeightDecay::kL2 && o.weight_decay != 0.0;
+    use_decoupled = o.weight_decay_mode == WeightDecay::kDecoupled && o.weight_decay != 0.0;
+    l2 = static_cast<A>(o.weight_decay);
+    decoupled = static_cast<A>(o.lr * o.weight_decay);
+    const double t = static_cast<double>(o.step);
+    const double bc1 = 1.0 - std::pow(o.beta1, t);
+    const double bc2 = 1.0 - std::pow(o.beta2, t);
+    adam_step = static_cast<A>(o.lr * std::sqrt(bc2) / bc1);
+    rowwise_step = static_cast<A>(o.lr / bc1);
+    bias_correction2 = static_cast<A>(bc2);
+    stochastic = o.stochastic_rounding;
+    key = rounding_key(o.seed, o.step);
+  }
+};
+
+template <typename A>
+inline A sum_of_squares(const A* g, int64_t n) {
+  A acc[4] = {0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    for (int l = 0; l < 4; ++l) acc[l] += g[k + l] * g[k + l];
+  }
+  A tail = 0;
+  for (; k < n; ++k) tail += g[k] * g[k];
+  return ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
+}
+
+// One step of row `row`: g (dim values, A) is its summed gradient, w scratch for the row in
+// A. state1/state2 point at the tables (null where the optimizer has none); a row-wise
+// state holds one value per row. A 1-D table has dim 1, and its row-wise states one value
+// per element, as the reference's.
+template <Optimizer kOpt, typename W, typename A>
+inline void step_row(W* weight, A* state1, A* state2, int64_t dim, int64_t row,
+                     A* __restrict g, A* __restrict w, const StepScalars<A>& s) {
+  W* w_row = weight + row * dim;
+  for (int64_t k = 0; k < dim; ++k) w[k] = static_cast<A>(w_row[k]);
+  if (s.use_l2) {
+    for (int64_t k = 0; k < dim; ++k) g[k] = g[k] + s.l2 * w[k];
+  } else if (s.use_decoupled) {
+    for (int64_t k = 0; k < dim; ++k) w[k] = w[k] - s.decoupled * w[k];
+  }
+  if constexpr (kOpt == Optimizer::kSgd) {
+    for (int64_t k = 0; k < dim; ++k) w[k] = w[k] - s.lr * g[k];
+  } else if constexpr (kOpt == Optimizer::kAdagrad) {
+    A* G = state1 + row * dim;
+    for (int64_t k = 0; k < dim; ++k) {
+      const A sum = G[k] + g[k] * g[k];
+      G[k] = sum;
+      w[k] = w[k] - (s.lr * g[k]) / (std::sqrt(sum) + s.eps);
+    }
+  } else if constexpr (kOpt == Optimizer::kRowwiseAdagrad) {
+    const A mean = sum_of_squares(g, dim) / static_cast<A>(dim);
+    const A sum = state1[row] + mean;
+    state1[row] = sum;
+    const A denom = std::sqrt(sum) + s.eps;
+    for (int64_t k = 0; k < dim; ++k) w[k] = w[k] - (s.lr * g[k]) / denom;
+  } else if constexpr (kOpt == Optimizer::kAdam) {
+    A* m = state1 + row * dim;
+    A* v = state2 + row * dim;
+    for (int64_t k = 0; k < dim; ++k) {
+      const A exp_avg = s.beta1 * m[k] + s.one_minus_beta1 * g[k];
+      const A exp_avg_sq = s.beta2 * v[k] + s.one_minus_beta2 * (g[k] * g[k]);
+      m[k] = exp_avg;
+      v[k] = exp_avg_sq;
+      w[k] = w[k] - (s.adam_step * exp_avg) / (std::sqrt(exp_avg_sq) + s.eps);
+    }
+  } else {  // row-wise Adam
+    A* m = state1 + row * dim;
+    const A mean = sum_of_squares(g, dim) / static_cast<A>(dim);
+    const A exp_avg_sq = s.beta2 * state2[row] + s.one_minus_beta2 * mean;
+    state2[row] = exp_avg_sq;
+    const A denom = std::sqrt(exp_avg_sq / s.bias_correction2) + s.eps;
+    for (int64_t k = 0; k < dim; ++k) {
+      const A exp_avg = s.beta1 * m[k] + s.one_minus_beta1 * g[k];
+      m[k] = exp_avg;
+      w[k] = w[k] - (s.rowwise_step * exp_avg) / denom;
+    }
+  }
+  store_row(w_row, w, dim, row, s.stochastic, s.key);
+}
+
+// ---------------------------------------------------------------------------------------
+// Where an occurrence's gradient row comes from
+
+// sparse_update: grad_rows[j], read into A.
+template <typename G>
+struct GivenRows {
+  const G* rows;
+  int64_t dim;
+
+  void prefetch(int32_t) const {}
+  template <typename A>
+  void add(A* __restrict acc, int32_t j) const {
+    const G* r = rows + static_cast<int64_t>(j) * dim;
+    for (int64_t k = 0; k < dim; ++k) acc[k] += static_cast<A>(r[k]);
+  }
+};
+
+// embedding_bag_backward's row j, computed where it is summed: grad_output[bag(j)] scaled
+// by the per-sample weight (or divided by the bag size for MEAN) in grad_output's dtype G,
+// exactly as embedding_bag_backward forms it, then read into A.
+template <typename G>
+struct BagRows {
+  const G* grad_output;
+  int64_t dim;
+  const int32_t* bag_of;  // (L,)
+  const int64_t* offsets;  // (B + 1,)
+  const G* per_sample_weights;  // null: none
+  bool mean;
+
+  void prefetch(int32_t j) const {
+    prefetch_row(grad_output + static_cast<int64_t>(bag_of[j]) * dim, dim, false);
+  }
+  template <typename A>
+  void add(A* __restrict acc, int32_t j) const {
+    const int64_t b = bag_of[j];
+    const G* src = grad_output + b * dim;
+    if (per_sample_weights != nullptr) {
+      const G c = per_sample_weights[j];
+      for (int64_t k = 0; k < dim; ++k) acc[k] += static_cast<A>(static_cast<G>(src[k] * c));
+    } else if (mean) {
+      const G size = static_cast<G>(offsets[b + 1] - offsets[b]);
+      for (int64_t k = 0; k < dim; ++k) acc[k] += static_cast<A>(static_cast<G>(src[k] / size));
+    } else {
+      for (int64_t k = 0; k < dim; ++k) acc[k] += static_cast<A>(src[k]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Scratch and the grouped step
+
+struct Workspace {
+  std::vector<int64_t> ids, offsets, cost;
+  std::vector<int32_t> bag_of;
+  RowGroups groups;
+  // Hot runs: group, first chunk; and the chunks' partial sums.
+  std::vector<int64_t> hot_group, hot_first_chunk;
+  std::vector<float> float_partials;
+  std::vector<double> double_partials;
+  std::vector<float>& partials(float) { return float_partials; }
+  std::vector<double>& partials(double) { return double_partials; }
+
+  size_t bytes() const {
+    return scratch_bytes(ids) + scratch_bytes(offsets) + scratch_bytes(cost) +
+           scratch_bytes(bag_of) + groups.bytes() + scratch_bytes(hot_group) +
+           scratch_bytes(hot_first_chunk) + scratch_bytes(float_partials) +
+           scratch_bytes(double_partials);
+  }
+  void release() { *this = Workspace(); }
+};
+
+Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+
+// The tables a step writes, contiguous (a strided one through a copy written back).
+struct StepTablesInPlace {
+  InPlace weight;
+  std::optional<InPlace> state1, state2;
+
+  explicit StepTablesInPlace(const RowTable& t) : weight(t.weight) {
+    if (t.state1.defined()) state1.emplace(t.state1);
+    if (t.state2.defined()) state2.emplace(t.state2);
+  }
+  template <typename A>
+  static A* ptr(std::optional<InPlace>& x) {
+    return x ? x->get().data_ptr<A>() : nullptr;
+  }
+  void commit() {
+    weight.commit();
+    if (state1) state1->commit();
+    if (state2) state2->commit();
+  }
+};
+
+// Groups `n` ids (ws.ids, range-checked) and steps every touched row once with the sum of
+// its occurrences' gradient rows from `source`.
+template <typename W, typename A, typename Source>
+void grouped_step(Workspace& ws, int64_t n, int64_t dim, W* weight, A* state1, A* state2,
+                  int64_t num_rows, const Source& source, const RowOptimizerArgs& opt) {
+  group_rows(ws.ids.data(), n, num_rows, ws.groups);
+  const RowGroups& groups = ws.groups;
+  const int64_t num_groups = groups.num_groups;
+  const int32_t* starts = groups.starts.data();
+  const int32_t* order = groups.order.data();
+
+  // Hot runs and the cost of each group: a cold one costs its occurrences; a hot one, once
+  // its chunks are summed, the chunks it adds.
+  ws.hot_group.clear();
+  ws.hot_first_chunk.clear();
+  int64_t* cost = scratch(ws.cost, num_groups + 1);
+  int64_t total = 0, chunks = 0;
+  for (int64_t s = 0; s < num_groups; ++s) {
+    cost[s] = total;
+    const int64_t size = starts[s + 1] - starts[s];
+    if (size > kHotChunk) {
+      ws.hot_group.push_back(s);
+      ws.hot_first_chunk.push_back(chunks);
+      const int64_t c = (size + kHotChunk - 1) / kHotChunk;
+      chunks += c;
+      total += c;
+    } else {
+      total += size;
+    }
+  }
+  cost[num_groups] = total;
+  ws.hot_first_chunk.push_back(chunks);
+  A* partials = scratch(ws.partials(A{}), chunks * dim);
+  const int64_t* hot_group = ws.hot_group.data();
+  const int64_t* hot_first = ws.hot_first_chunk.data();
+  const int64_t num_hot = static_cast<int64_t>(ws.hot_group.size());
+
+  if (chunks > 0) {
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t h =
+            std::upper_bound(hot_first, hot_first + num_hot, c) - hot_first - 1;
+        const int64_t s = hot_group[h];
+        const int64_t j0 = starts[s] + (c - hot_first[h]) * kHotChunk;
+        const int64_t j1 = std::min<int64_t>(j0 + kHotChunk, starts[s + 1]);
+        A* acc = partials + c * dim;
+        std::fill(acc, acc + dim, A(0));
+        for (int64_t j = j0; j < j1; ++j) {
+          if (j + kPrefetchIndices < j1) source.prefetch(order[j + kPrefetchIndices]);
+          source.add(acc, order[j]);
+        }
+      }
+    });
+  }
+
+  const StepScalars<A> scalars(opt);
+  dispatch_code_in<RowOptimizerCodes>(opt.optimizer, [&](auto code) {
+    constexpr Optimizer kOpt = decltype(code)::value;
+    at::parallel_for(0, total, kCostGrain, [&](int64_t begin, int64_t end) {
+      const int64_t first = std::lower_bound(cost, cost + num_groups, begin) - cost;
+      const int64_t last = std::lower_bound(cost, cost + num_groups, end) - cost;
+      std::vector<A> buffers(static_cast<size_t>(2 * dim));
+      A* g = buffers.data();
+      A* w = g + dim;
+      // The hot run at or after group `first`, found once per task.
+      int64_t h = std::lower_bound(hot_group, hot_group + num_hot, first) - hot_group;
+      for (int64_t s = first; s < last; ++s) {
+        if (s + kPrefetchGroups < num_groups) {
+          const int64_t ahead = groups.rows[s + kPrefetchGroups];
+          prefetch_row(weight + ahead * dim, dim, true);
+          if (state1 != nullptr && kOpt != Optimizer::kRowwiseAdagrad) {
+            prefetch_row(state1 + ahead * dim, dim, true);
+          }
+        }
+        std::fill(g, g + dim, A(0));
+        if (h < num_hot && hot_group[h] == s) {
+          for (int64_t c = hot_first[h]; c < hot_first[h + 1]; ++c) {
+            const A* p = partials + c * dim;
+            for (int64_t k = 0; k < dim; ++k) g[k] += p[k];
+          }
+          ++h;
+        } else {
+          const int32_t j1 = starts[s + 1];
+          for (int32_t j = starts[s]; j < j1; ++j) {
+            if (j + kPrefetchIndices < j1) source.prefetch(order[j + kPrefetchIndices]);
+            source.add(g, order[j]);
+          }
+        }
+        step_row<kOpt, W, A>(weight, state1, state2, dim, groups.rows[s], g, w, scalars);
+      }
+    });
+  });
+}
+
+// Calls f(W{}, G{}) with the table's type W and the gradient's type G (W's own or float32).
+template <typename F>
+void dispatch_weight_and_grad(at::ScalarType weight, at::ScalarType grad, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight, "fastmf.embedding_bag", [&] {
+    using W = scalar_t;
+    if (grad == weight) {
+      f(W{}, W{});
+    } else {
+      f(W{}, float{});
+    }
+  });
+}
+
+// Reads offsets (B + 1,) to the host as int64, checking their values.
+void load_offsets(const char* op, const at::Tensor& offsets_in, int64_t num_indices,
+                  std::vector<int64_t>& out) {
+  const at::Tensor offsets = offsets_in.contiguous();
+  const int64_t n = offsets.numel();
+  int64_t* dst = scratch(out, n);
+  if (offsets.scalar_type() == at::kInt) {
+    const int32_t* o = offsets.data_ptr<int32_t>();
+    check_offsets_values(op, o, n, num_indices);
+    for (int64_t b = 0; b < n; ++b) dst[b] = o[b];
+  } else {
+    const int64_t* o = offsets.data_ptr<int64_t>();
+    check_offsets_values(op, o, n, num_indices);
+    std::copy(o, o + n, dst);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The ops
+
+at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& indices,
+                                 const at::Tensor& offsets_in,
+                                 const std::optional<at::Tensor>& per_sample_weights,
+                                 int64_t pooling) {
+  const char* op = "embedding_bag_forward";
+  check_embedding_bag_forward(op, weight_in, indices, offsets_in, per_sample_weights, pooling);
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  const int64_t num_indices = indices.size(0);
+  load_offsets(op, offsets_in, num_indices, ws.offsets);
+  load_ids(op, "indices", indices.contiguous(), weight_in.size(0), ws.ids);
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t num_bags = offsets_in.size(0) - 1;
+  const int64_t dim = weight.size(1);
+  const auto acc_type = accumulation_type(weight.scalar_type());
+  at::Tensor out = at::empty({num_bags, dim}, weight.options().dtype(acc_type));
+  const at::Tensor psw =
+      per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  const bool mean = static_cast<Pooling>(pooling) == Pooling::kMean;
+  const int64_t* ids = ws.ids.data();
+  const int64_t* offsets = ws.offsets.data();
+  const auto weight_type = weight.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight_type, "fastmf.forward", [&] {
+    using W = scalar_t;
+    using A = acc_t<W>;
+    const W* table = weight.data_ptr<W>();
+    const A* p = psw.defined() ? psw.data_ptr<A>() : nullptr;
+    A* o = out.data_ptr<A>();
+    at::parallel_for(0, num_bags, kBagGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        A* acc = o + b * dim;
+        std::fill(acc, acc + dim, A(0));
+        const int64_t j0 = offsets[b], j1 = offsets[b + 1];
+        for (int64_t j = j0; j < j1; ++j) {
+          if (j + kPrefetchIndices < num_indices) {
+            prefetch_row(table + ids[j + kPrefetchIndices] * dim, dim, false);
+          }
+          const W* row = table + ids[j] * dim;
+          if (p != nullptr) {
+            const A c = p[j];
+            for (int64_t k = 0; k < dim; ++k) acc[k] += static_cast<A>(row[k]) * c;
+          } else {
+            for (int64_t k = 0; k < dim; ++k) acc[k] += static_cast<A>(row[k]);
+          }
+        }
+        if (mean && j1 > j0) {
+          const A size = static_cast<A>(j1 - j0);
+          for (int64_t k = 0; k < dim; ++k) acc[k] = acc[k] / size;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor embedding_bag_backward(const at::Tensor& grad_output_in, const at::Tensor& indices,
+                                  const at::Tensor& offsets_in,
+                                  const std::optional<at::Tensor>& per_sample_weights,
+                                  int64_t pooling) {
+  const char* op = "embedding_bag_backward";
+  check_embedding_bag_backward(op, grad_output_in, indices, offsets_in, per_sample_weights,
+                               pooling);
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  const int64_t num_indices = indices.size(0);
+  load_offsets(op, offsets_in, num_indices, ws.offsets);
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  const int64_t num_bags = offsets_in.size(0) - 1;
+  const int64_t dim = grad_output.size(1);
+  at::Tensor rows = at::empty({num_indices, dim}, grad_output.options());
+  const at::Tensor psw =
+      per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  const bool mean = static_cast<Pooling>(pooling) == Pooling::kMean;
+  const int64_t* offsets = ws.offsets.data();
+  const auto grad_type = grad_output.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_type, "fastmf.backward", [&] {
+    using G = scalar_t;
+    const G* go = grad_output.data_ptr<G>();
+    const G* p = psw.defined() ? psw.data_ptr<G>() : nullptr;
+    G* out = rows.data_ptr<G>();
+    at::parallel_for(0, num_bags, kBagGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const G* src = go + b * dim;
+        const int64_t j0 = offsets[b], j1 = offsets[b + 1];
+        const G size = static_cast<G>(j1 - j0);
+        for (int64_t j = j0; j < j1; ++j) {
+          G* dst = out + j * dim;
+          if (p != nullptr) {
+            const G c = p[j];
+            for (int64_t k = 0; k < dim; ++k) dst[k] = static_cast<G>(src[k] * c);
+          } else if (mean) {
+            for (int64_t k = 0; k < dim; ++k) dst[k] = static_cast<G>(src[k] / size);
+          } else {
+            std::copy(src, src + dim, dst);
+          }
+        }
+      }
+    });
+  });
+  return rows;
+}
+
+// After the checks of the op boundary (csrc/ops.h).
+void sparse_update(const RowTable& table, const at::Tensor& ids, const at::Tensor& grad_rows_in,
+                   const RowOptimizerArgs& opt) {
+  const char* op = "sparse_update";
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  const int64_t num_rows = table.weight.size(0);
+  load_ids(op, "ids", ids.contiguous(), num_rows, ws.ids);
+  const int64_t n = ids.size(0);
+  if (n == 0) return;
+  const at::Tensor grad_rows = grad_rows_in.contiguous();
+  const int64_t dim = table.weight.dim() == 2 ? table.weight.size(1) : 1;
+  StepTablesInPlace tables(table);
+  dispatch_weight_and_grad(table.weight.scalar_type(), grad_rows.scalar_type(),
+                           [&](auto w_tag, auto g_tag) {
+    using W = decltype(w_tag);
+    using G = decltype(g_tag);
+    using A = acc_t<W>;
+    const GivenRows<G> source{grad_rows.data_ptr<G>(), dim};
+    grouped_step<W, A>(ws, n, dim, tables.weight.get().data_ptr<W>(),
+                       StepTablesInPlace::ptr<A>(tables.state1),
+                       StepTablesInPlace::ptr<A>(tables.state2), num_rows, source, opt);
+  });
+  tables.commit();
+}
+
+void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad_output_in,
+                                   const Bags& bags, const RowOptimizerArgs& opt) {
+  const char* op = "embedding_bag_backward_update";
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  const int64_t n = bags.indices.size(0);
+  load_offsets(op, bags.offsets, n, ws.offsets);
+  const int64_t num_rows = table.weight.size(0);
+  load_ids(op, "indices", bags.indices.contiguous(), num_rows, ws.ids);
+  if (n == 0) return;
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  const at::Tensor psw =
+      bags.per_sample_weights.defined() ? bags.per_sample_weights.contiguous() : at::Tensor();
+  const int64_t num_bags = bags.offsets.size(0) - 1;
+  const int64_t dim = table.weight.size(1);
+  const int64_t* offsets = ws.offsets.data();
+  int32_t* bag_of = scratch(ws.bag_of, n);
+  at::parallel_for(0, num_bags, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(bag_of + offsets[b], bag_of + offsets[b + 1], static_cast<int32_t>(b));
+    }
+  });
+  StepTablesInPlace tables(table);
+  dispatch_weight_and_grad(table.weight.scalar_type(), grad_output.scalar_type(),
+                           [&](auto w_tag, auto g_tag) {
+    using W = decltype(w_tag);
+    using G = decltype(g_tag);
+    using A = acc_t<W>;
+    const BagRows<G> source{grad_output.data_ptr<G>(), dim, bag_of, offsets,
+                            psw.defined() ? psw.data_ptr<G>() : nullptr,
+                            bags.pooling == Pooling::kMean};
+    grouped_step<W, A>(ws, n, dim, tables.weight.get().data_ptr<W>(),
+                       StepTablesInPlace::ptr<A>(tables.state1),
+                       StepTablesInPlace::ptr<A>(tables.state2), num_rows, source, opt);
+  });
+  tables.commit();
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastmf
+
+TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
+  m.impl("embedding_bag_forward", &fastmf::cpu::embedding_bag_forward);
+  m.impl("embedding_bag_backward", &fastmf::cpu::embedding_bag_backward);
+  m.impl("sparse_update", &fastmf::sparse_update_op<fastmf::cpu::sparse_update>);
+  m.impl("embedding_bag_backward_update",
+         &fastmf::embedding_bag_backward_update_op<fastmf::cpu::embedding_bag_backward_update>);
+}
