@@ -197,6 +197,9 @@ def embedding_opcheck_cases():
     return {
         "forward_sum_psw": (ops.embedding_bag_forward.default,
                             (weight, indices, offsets, psw, int(Pooling.SUM))),
+        "forward_requires_grad": (ops.embedding_bag_forward.default,
+                                  (weight.clone().requires_grad_(), indices, offsets,
+                                   psw.clone().requires_grad_(), int(Pooling.SUM))),
         "forward_mean_int32": (ops.embedding_bag_forward.default,
                                (weight, indices.int(), offsets.int(), None,
                                 int(Pooling.MEAN))),
@@ -423,3 +426,20 @@ def test_setting_messages_print_floats_as_python(lr):
     want, got = _call_both("sparse_update", w, None, None, idx, rows, *settings)
     assert got == want
     assert want[1].endswith(f"got {lr!r}")
+
+
+@pytest.mark.parametrize("pooling", list(Pooling))
+def test_embedding_bag_forward_gradcheck(pooling):
+    """The registered autograd formula: a dense weight gradient and, with SUM, the
+    per-sample weights' gradient."""
+    weight, indices, offsets, psw, _ = _bag_inputs(12, 3, 7, seed=71, dtype=torch.float64,
+                                                   id_dtype=torch.int32)
+    inputs = [weight.requires_grad_()]
+    if pooling == Pooling.SUM:
+        inputs.append(psw.requires_grad_())
+
+    def fn(weight, *psw):
+        return native.embedding_bag_forward(weight, indices, offsets, psw[0] if psw else None,
+                                            pooling)
+
+    assert torch.autograd.gradcheck(fn, inputs)

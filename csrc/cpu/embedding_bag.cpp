@@ -162,13 +162,15 @@ inline A sum_of_squares(const A* g, int64_t n) {
   return ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail;
 }
 
-// One step of row `row`: g (dim values, A) is its summed gradient, w scratch for the row in
-// A. state1/state2 point at the tables (null where the optimizer has none); a row-wise
-// state holds one value per row. A 1-D table has dim 1, and its row-wise states one value
+// One step of row `row`: g (dim values, A) is its summed gradient; w and root scratch of
+// dim values (the row in A; square roots: sqrt_n vectorises them, std::sqrt stays scalar).
+// state1/state2 point at the tables (null where the optimizer has none); a row-wise state
+// holds one value per row. A 1-D table has dim 1, and its row-wise states one value
 // per element, as the reference's.
 template <Optimizer kOpt, typename W, typename A>
 inline void step_row(W* weight, A* state1, A* state2, int64_t dim, int64_t row,
-                     A* __restrict g, A* __restrict w, const StepScalars<A>& s) {
+                     A* __restrict g, A* __restrict w, A* __restrict root,
+                     const StepScalars<A>& s) {
   W* w_row = weight + row * dim;
   for (int64_t k = 0; k < dim; ++k) w[k] = static_cast<A>(w_row[k]);
   if (s.use_l2) {
@@ -180,11 +182,9 @@ inline void step_row(W* weight, A* state1, A* state2, int64_t dim, int64_t row,
     for (int64_t k = 0; k < dim; ++k) w[k] = w[k] - s.lr * g[k];
   } else if constexpr (kOpt == Optimizer::kAdagrad) {
     A* G = state1 + row * dim;
-    for (int64_t k = 0; k < dim; ++k) {
-      const A sum = G[k] + g[k] * g[k];
-      G[k] = sum;
-      w[k] = w[k] - (s.lr * g[k]) / (std::sqrt(sum) + s.eps);
-    }
+    for (int64_t k = 0; k < dim; ++k) G[k] = G[k] + g[k] * g[k];
+    sqrt_n(G, root, dim);
+    for (int64_t k = 0; k < dim; ++k) w[k] = w[k] - (s.lr * g[k]) / (root[k] + s.eps);
   } else if constexpr (kOpt == Optimizer::kRowwiseAdagrad) {
     const A mean = sum_of_squares(g, dim) / static_cast<A>(dim);
     const A sum = state1[row] + mean;
@@ -195,11 +195,12 @@ inline void step_row(W* weight, A* state1, A* state2, int64_t dim, int64_t row,
     A* m = state1 + row * dim;
     A* v = state2 + row * dim;
     for (int64_t k = 0; k < dim; ++k) {
-      const A exp_avg = s.beta1 * m[k] + s.one_minus_beta1 * g[k];
-      const A exp_avg_sq = s.beta2 * v[k] + s.one_minus_beta2 * (g[k] * g[k]);
-      m[k] = exp_avg;
-      v[k] = exp_avg_sq;
-      w[k] = w[k] - (s.adam_step * exp_avg) / (std::sqrt(exp_avg_sq) + s.eps);
+      m[k] = s.beta1 * m[k] + s.one_minus_beta1 * g[k];
+      v[k] = s.beta2 * v[k] + s.one_minus_beta2 * (g[k] * g[k]);
+    }
+    sqrt_n(v, root, dim);
+    for (int64_t k = 0; k < dim; ++k) {
+      w[k] = w[k] - (s.adam_step * m[k]) / (root[k] + s.eps);
     }
   } else {  // row-wise Adam
     A* m = state1 + row * dim;
@@ -373,9 +374,10 @@ void grouped_step(Workspace& ws, int64_t n, int64_t dim, W* weight, A* state1, A
     at::parallel_for(0, total, kCostGrain, [&](int64_t begin, int64_t end) {
       const int64_t first = std::lower_bound(cost, cost + num_groups, begin) - cost;
       const int64_t last = std::lower_bound(cost, cost + num_groups, end) - cost;
-      std::vector<A> buffers(static_cast<size_t>(2 * dim));
+      std::vector<A> buffers(static_cast<size_t>(3 * dim));
       A* g = buffers.data();
       A* w = g + dim;
+      A* root = w + dim;
       // The hot run at or after group `first`, found once per task.
       int64_t h = std::lower_bound(hot_group, hot_group + num_hot, first) - hot_group;
       for (int64_t s = first; s < last; ++s) {
@@ -400,7 +402,7 @@ void grouped_step(Workspace& ws, int64_t n, int64_t dim, W* weight, A* state1, A
             source.add(g, order[j]);
           }
         }
-        step_row<kOpt, W, A>(weight, state1, state2, dim, groups.rows[s], g, w, scalars);
+        step_row<kOpt, W, A>(weight, state1, state2, dim, groups.rows[s], g, w, root, scalars);
       }
     });
   });

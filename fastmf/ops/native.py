@@ -13,6 +13,7 @@ from fastmf._extension import native_available
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.checks import accumulation_dtype
 from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss, Pooling, WeightDecay, parse
+from fastmf.ops.reference.embedding_bag import per_sample_weights_grad
 
 NAME = "native"
 
@@ -128,7 +129,11 @@ def embedding_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor,
                           per_sample_weights: Tensor | None, pooling) -> Tensor:
     """Bag sums (B, K) in the accumulation type: see
     :func:`fastmf.ops.reference.embedding_bag.embedding_bag_forward`. ``pooling``: a
-    :class:`~fastmf.ops.codes.Pooling` member, code or name."""
+    :class:`~fastmf.ops.codes.Pooling` member, code or name. Differentiable with respect to
+    ``weight`` (a dense gradient) and ``per_sample_weights``.
+
+    >>> out = embedding_bag_forward(weight, ids, offsets, None, "mean")  # doctest: +SKIP
+    """
     op = "embedding_bag_forward"
     return torch.ops.fastmf.embedding_bag_forward.default(
         weight, indices, offsets, per_sample_weights, int(parse(Pooling, pooling, op, "pooling")))
@@ -357,9 +362,10 @@ if native_available():
         "fastmf::topk_scores", _topk_backward, setup_context=_topk_setup
     )
 
-    # The embedding_bag family: the forward and backward are pure functions of their inputs
-    # (their autograd lives in fastmf.nn's Function, which asks for sparse gradients); the
-    # two steps are mutating, training-only ops (Tensor(a!) in their schemas).
+    # The embedding_bag family: the forward has an autograd formula with a dense weight
+    # gradient, like mf_forward's (fastmf.nn's Function calls the ops itself for sparse
+    # gradients or the optimizer in backward); the two steps are mutating, training-only ops
+    # (Tensor(a!) in their schemas).
     if hasattr(torch.ops.fastmf, "embedding_bag_forward"):
 
         @torch.library.register_fake("fastmf::embedding_bag_forward")
@@ -387,3 +393,28 @@ if native_available():
         @torch.library.register_fake("fastmf::embedding_bag_backward_update")
         def _embedding_bag_backward_update_fake(weight, state1, state2, grad_output, *rest):
             return None
+
+        def _embedding_bag_forward_setup(ctx, inputs, output):
+            weight, indices, offsets, per_sample_weights, pooling = inputs
+            ctx.pooling = pooling
+            ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+            saved_weight = weight if ctx.needs_input_grad[3] else None
+            ctx.save_for_backward(indices, offsets, per_sample_weights, saved_weight)
+
+        def _embedding_bag_forward_backward(ctx, grad):
+            indices, offsets, psw, weight = ctx.saved_tensors
+            grad = grad.contiguous()
+            grad_weight = grad_psw = None
+            if ctx.needs_input_grad[0]:
+                rows = embedding_bag_backward(grad, indices, offsets,
+                                              None if psw is None else psw.detach(),
+                                              ctx.pooling)
+                grad_weight = scatter_rows(indices.long(), rows.to(ctx.weight_dtype),
+                                           ctx.weight_shape[0])
+            if ctx.needs_input_grad[3]:
+                grad_psw = per_sample_weights_grad(grad, weight, indices, offsets)
+            return grad_weight, None, None, grad_psw, None
+
+        torch.library.register_autograd("fastmf::embedding_bag_forward",
+                                        _embedding_bag_forward_backward,
+                                        setup_context=_embedding_bag_forward_setup)
