@@ -47,6 +47,12 @@ def __getattr__(name: str):
         from fastmf import train
 
         value = getattr(train, name)
+    elif name in ("tune", "TuneResult"):
+        # Optuna itself loads when tune() runs. The module is callable too (fastmf/tune.py),
+        # since importing it first binds the module, not the function, as fastmf.tune.
+        import fastmf.tune as tune_module
+
+        value = getattr(tune_module, name)
     elif name in ("load", "load_checkpoint"):
         from fastmf import checkpoint
 
@@ -76,4 +82,6 @@ __all__ = [
     "suggest_dim",
     "train_step",
     "train_step_pairwise",
+    "tune",
+    "TuneResult",
 ]

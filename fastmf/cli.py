@@ -1,8 +1,10 @@
-"""The ``fastmf`` command: ``demo``, ``fetch``, ``train``, ``evaluate``, ``recommend``.
+"""The ``fastmf`` command: ``demo``, ``fetch``, ``tune``, ``train``, ``evaluate``,
+``recommend``.
 
     fastmf demo
     fastmf fetch ml-latest-small
-    fastmf train --data ml-latest-small --loss mse --out model/ --save-split split/
+    fastmf tune --data ml-latest-small --loss mse --trials 20 --out best.json
+    fastmf train --data ml-latest-small --config best.json --out model/ --save-split split/
     fastmf evaluate --model model/ --data split/test.csv --train split/train.csv
     fastmf recommend --model model/ --user 1 -k 10 --train split/train.csv
 
@@ -321,6 +323,7 @@ def cmd_train(args) -> None:
     from fastmf.layers import MF
     from fastmf.train import fit
 
+    fit_options = _apply_config(args)
     explicit = args.loss in ("mse", "huber")
     if args.test is not None and (args.split is not None or args.test_fraction is not None):
         raise CliError("--test gives the test set; --split and --test-fraction do not apply")
@@ -370,7 +373,7 @@ def cmd_train(args) -> None:
                          batch_size=args.batch_size, lr=args.lr, reg=args.reg, valid=test,
                          metrics=metrics[:2] if test is not None else None, k=args.k,
                          early_stopping=args.early_stopping, seed=args.seed,
-                         progress=not args.quiet)
+                         progress=not args.quiet, **fit_options)
     results = None
     if test is not None:
         results = evaluate(model, test, train=train, metrics=metrics, k=args.k)
@@ -381,6 +384,147 @@ def cmd_train(args) -> None:
     if out is not None:
         path = model.save(out, extra={"loss": args.loss, "test": results})
         print(f"saved {path}")
+
+
+# Settings a config file may give `train`; an option given on the command line wins.
+_CONFIG_OPTIONS = ("loss", "dim", "epochs", "batch_size", "lr", "reg", "seed")
+_IMPLICIT_OPTIONS = ("num_negatives", "negative_distribution")
+
+
+def _apply_config(args) -> dict:
+    """Fill the train options not given on the command line from ``--config FILE`` (as
+    ``fastmf tune --out`` writes it), then the defaults; returns the settings with no
+    command-line option (``num_negatives``, ``negative_distribution``) for ``fit``."""
+    config = {}
+    if args.config is not None:
+        from fastmf.tune import read_config
+
+        config = read_config(args.config, where=f"--config {args.config}")
+    used = {}
+    for key in _CONFIG_OPTIONS:
+        if getattr(args, key) is None and key in config:
+            setattr(args, key, used.setdefault(key, config[key]))
+    # The held-out test set is chosen as a whole: by the command line when it says
+    # anything about it, else by the config (tune records the split it held out).
+    if args.test is None and args.split is None and args.test_fraction is None:
+        for key in ("split", "test_fraction"):
+            if key in config:
+                setattr(args, key, used.setdefault(key, config[key]))
+    args.loss = args.loss or "mse"
+    args.seed = 0 if args.seed is None else args.seed
+    fit_options = {key: config[key] for key in _IMPLICIT_OPTIONS if key in config}
+    if fit_options and args.loss in ("mse", "huber"):
+        _note(f"--config {args.config}: {', '.join(fit_options)} ignored (they apply to the "
+              f"implicit losses; the loss is {args.loss})")
+        fit_options = {}
+    used.update(fit_options)
+    if args.config is not None:
+        tuned_for = config.get("loss")
+        if tuned_for is not None and tuned_for != args.loss:
+            _note(f"--config {args.config} holds settings for loss {tuned_for}; training with "
+                  f"--loss {args.loss}")
+        shown = " ".join(f"{k}={v}" for k, v in used.items()) or "nothing (all given as options)"
+        _note(f"--config {args.config}: using {shown}")
+    return fit_options
+
+
+def _space(text: str) -> dict:
+    """``--space``: a JSON object, parsed here; its values are checked by fastmf.tune."""
+    try:
+        space = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not valid JSON ({exc})") \
+            from None
+    if not isinstance(space, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return space
+
+
+def _check_config_out(path, force: bool) -> Path:
+    out = Path(path)
+    if out.is_dir():
+        raise CliError(f"--out {path} is a folder; give a file name such as best.json")
+    if out.exists() and not force:
+        raise CliError(f"--out {path} exists; pass --force to overwrite it")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise CliError(f"--out {path}: the folder {parent} does not exist")
+    _probe_writable(parent, f"--out {path}")
+    return out
+
+
+def _valid_fraction(text: str) -> float:
+    return _number(text, float, "a number in (0, 1)", lambda v: 0 < v < 1)
+
+
+def cmd_tune(args) -> None:
+    from fastmf.tune import (
+        _check_metric,
+        _import_optuna,
+        _search_space,
+        trials_table,
+        tune,
+        write_config,
+    )
+
+    how = args.split or "random"
+    test_fraction = 0.2 if args.test_fraction is None else args.test_fraction
+    if how == "loo" and args.test_fraction is not None:
+        raise CliError("--split loo holds out one interaction per user; --test-fraction does "
+                       "not apply")
+    if args.split is not None and test_fraction == 0:
+        raise CliError("--test-fraction 0 holds out nothing; --split does not apply")
+    implicit = args.loss in ("bce", "bpr")
+    # Every check that needs no data, before reading it: Optuna, the metric, the space.
+    _import_optuna()
+    metric = _check_metric(args.metric, args.loss, "--metric")
+    _search_space(args.space, implicit, "--space")
+    out = _check_config_out(args.out, args.force) if args.out else None
+
+    data = load_data(args.data, **_data_args(args),
+                     rating_col=None if implicit else args.rating_col, time_col=args.time_col,
+                     require_ratings=not implicit)
+    print(f"data: {len(data):,} interactions, {data.num_users:,} users, "
+          f"{data.num_items:,} items")
+    held_out = how == "loo" or test_fraction > 0
+    if held_out:
+        # The rows `fastmf train` holds out with the same --split/--test-fraction/--seed:
+        # the trials never see them, and the config records the split for train --config.
+        train, test = split(data, how, test_fraction, args.seed)
+        print(f"held out {len(test):,} test interactions ({how} split, seed {args.seed}), as "
+              f"`fastmf train` does with the same options; tuning on {len(train):,}")
+    else:
+        train = data
+        _note("--test-fraction 0: --data is taken as training data only; tuning on all of it")
+    start = time.perf_counter()
+    try:
+        result = tune(
+            train, loss=args.loss, metric=metric, n_trials=args.trials, timeout=args.timeout,
+            search_space=args.space, valid_fraction=args.valid_fraction, seed=args.seed,
+            backend=args.backend, device=args.device or _default_device(),
+            progress=not args.quiet)
+    except RuntimeError as exc:  # no trial completed: say so, like any other error
+        raise CliError(str(exc)) from None
+    print(trials_table(result.study))
+    states = [t.state.name for t in result.study.trials]
+    print(f"{len(states)} trials in {time.perf_counter() - start:.1f} s: "
+          f"{states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned")
+    best = result.study.best_trial
+    print(f"best: trial {best.number}, validation {result.metric}={result.best_value:.5g}, "
+          + " ".join(f"{k}={v}" for k, v in result.best_params.items()))
+    config = {**result.config(), "seed": args.seed}
+    if held_out:
+        config["split"] = how
+        if how != "loo":
+            config["test_fraction"] = test_fraction
+    config["tuned"] = {"metric": result.metric, "value": result.best_value,
+                       "trials": len(states), "valid_fraction": args.valid_fraction,
+                       "data": str(args.data)}
+    if out is not None:
+        write_config(out, config)
+        print(f"wrote {out}; train with it: fastmf train --config {out} --data {args.data}")
+    else:
+        print(json.dumps(config))
 
 
 def cmd_evaluate(args) -> None:
@@ -590,9 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a predefined test set (same format and columns); --data is then "
                             "the training set. Test rows with users/items absent from --data "
                             "are skipped, with a note")
-    train.add_argument("--loss", default="mse", choices=["mse", "huber", "bce", "bpr"],
+    train.add_argument("--loss", default=None, choices=["mse", "huber", "bce", "bpr"],
                        help="mse/huber: ratings (explicit); bce/bpr: interactions only "
-                            "(implicit, ratings ignored)")
+                            "(implicit, ratings ignored). Default: mse")
     train.add_argument("--dim", type=positive_int, default=None,
                        help="factors (default: fast.ai's rule of thumb, capped at 128)")
     train.add_argument("--epochs", type=positive_int, default=None)
@@ -618,7 +762,15 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["auto", "native", "numba", "reference"])
     train.add_argument("--device", type=device, default=None,
                        help="cpu, cuda or cuda:N (default: cuda if torch sees a GPU)")
-    train.add_argument("--seed", type=nonnegative_int, default=0)
+    train.add_argument("--seed", type=nonnegative_int, default=None,
+                       help="seeds the split, the initialization and the shuffles (default 0)")
+    train.add_argument("--config", default=None, metavar="FILE",
+                       help="a JSON file of settings, as `fastmf tune --out FILE` writes: "
+                            "loss, dim, epochs, batch_size, lr, reg, seed, num_negatives, "
+                            "negative_distribution, and the split tune held out (split, "
+                            "test_fraction). Options given on the command line take precedence "
+                            "over the file; --test, --split or --test-fraction replace its "
+                            "split")
     train.add_argument("--out", default=None,
                        help="checkpoint folder to write; checked before training: its parent "
                             "must exist and be writable, and it must be new, empty or a "
@@ -626,6 +778,47 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     _column_options(train)
     train.set_defaults(run=cmd_train)
+
+    tune = sub.add_parser(
+        "tune", help="search training settings with Optuna (pip install fastmf[tune])",
+        description="Hold out the test set exactly as `fastmf train` does with the same --data, "
+                    "--split, --test-fraction and --seed (the defaults agree), then search dim, "
+                    "lr, reg, epochs, batch size (and the negatives for bce/bpr) on a "
+                    "validation split of the rest; print every trial and the best, and write "
+                    "the best settings (with the split) as JSON for `fastmf train --config "
+                    "FILE`. The test rows are never used.")
+    tune.add_argument("--data", required=True, help=_DATA_HELP)
+    tune.add_argument("--loss", default="mse", choices=["mse", "huber", "bce", "bpr"])
+    tune.add_argument("--metric", default=None,
+                      help="validation metric to optimize (default: rmse for mse/huber, "
+                           "ndcg@10 for bce/bpr); lower is better for rmse/mae, higher for "
+                           "the others")
+    tune.add_argument("--trials", type=positive_int, default=20, help="default 20")
+    tune.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
+                      help="start no trial after this many seconds (a running one finishes)")
+    tune.add_argument("--space", type=_space, default=None, metavar="JSON",
+                      help="overrides of the search space, e.g. '{\"epochs\": [3, 10], "
+                           "\"dim\": 32, \"batch_size\": {\"choices\": [1024, 4096]}}': "
+                           "[low, high] a range, a single value fixed, null fit's default")
+    tune.add_argument("--valid-fraction", type=_valid_fraction, default=0.1,
+                      help="share of each user's training rows used for validation "
+                           "(default 0.1)")
+    tune.add_argument("--split", default=None, choices=["random", "loo", "temporal"],
+                      help="how `fastmf train` will hold out its test set (default: random)")
+    tune.add_argument("--test-fraction", type=fraction, default=None,
+                      help="share `fastmf train` will hold out (default 0.2); 0 when --data "
+                           "is training data only")
+    tune.add_argument("--seed", type=nonnegative_int, default=0)
+    tune.add_argument("--backend", default="auto",
+                      choices=["auto", "native", "numba", "reference"])
+    tune.add_argument("--device", type=device, default=None,
+                      help="cpu, cuda or cuda:N (default: cuda if torch sees a GPU)")
+    tune.add_argument("--out", default=None, metavar="FILE",
+                      help="write the best settings here as JSON (checked before tuning)")
+    tune.add_argument("--force", action="store_true", help="let --out overwrite a file")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    _column_options(tune)
+    tune.set_defaults(run=cmd_tune)
 
     evaluate = sub.add_parser("evaluate", help="score a saved model on a data set")
     evaluate.add_argument("--model", required=True, help="checkpoint folder")
