@@ -472,7 +472,8 @@ def cmd_plot(args) -> None:
     from fastmf.train import History
 
     space = args.kind in ("pca", "tsne")
-    for option, value in (("--color-by", args.color_by), ("--label", args.label)):
+    for option, value in (("--color-by", args.color_by), ("--label", args.label),
+                          ("--min-count", args.min_count)):
         if value and not space:
             raise CliError(f"{option} applies to --kind pca and tsne, not {args.kind}")
     if args.data is not None and not args.color_by:
@@ -505,13 +506,20 @@ def cmd_plot(args) -> None:
         if args.data is not None:
             metadata = load_data(args.data, **_data_args(args), rating_col=None,
                                  time_col=None)
-        shown = min(args.sample or model.num_items, model.num_items)
+        items = None
+        if args.min_count:
+            if model.item_popularity is None:
+                raise CliError(f"--min-count: --model {args.model} keeps no item popularity")
+            items = np.flatnonzero(np.asarray(model.item_popularity) >= args.min_count)
+            _note(f"--min-count {args.min_count}: {len(items):,} of {model.num_items:,} items")
+        pool = model.num_items if items is None else len(items)
+        shown = min(args.sample or pool, pool)
         if args.kind == "tsne" and shown > 1000:
             _note(f"t-SNE of {shown:,} items takes a minute or more on a few cores "
                   "(--sample N plots fewer)")
-        fig = plot.embeddings(model, args.kind, color_by=args.color_by, labels=args.label,
-                              metadata=metadata, sample=args.sample or None, seed=args.seed,
-                              path=out)
+        fig = plot.embeddings(model, args.kind, items=items, color_by=args.color_by,
+                              labels=args.label, metadata=metadata,
+                              sample=args.sample or None, seed=args.seed, path=out)
     width, height = fig.canvas.get_width_height()
     print(f"saved {out} ({args.kind}, {width}x{height} px)")
 
@@ -733,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "titles (default 0)")
     plot.add_argument("--sample", type=nonnegative_int, default=2000, metavar="N",
                       help="pca/tsne: plot a random N of the items (default 2000; 0: all)")
+    plot.add_argument("--min-count", type=nonnegative_int, default=0, metavar="N",
+                      help="pca/tsne: only items with at least N training interactions (rare "
+                           "items' vectors are mostly noise)")
     plot.add_argument("--seed", type=nonnegative_int, default=0)
     _column_options(plot)
     plot.set_defaults(run=cmd_plot)

@@ -246,7 +246,7 @@ def _colour_values(op: str, model, side: str, color_by, metadata):
 
 def _scatter(ax, xy: np.ndarray, values, legend_title):
     """Draw the points coloured by ``values`` (None, booleans, numbers or categories)."""
-    size = float(np.clip(3000 / max(len(xy), 1), 4, 30))
+    size = float(np.clip(8000 / max(len(xy), 1), 5, 30))
     if values is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=size, c=_FALLBACK, alpha=0.6, linewidths=0)
         return

@@ -319,6 +319,12 @@ def test_cli_pca_with_genre_and_labels(capsys, movielens, saved_model, tmp_path)
     assert reddish(image(out, 800, 700)) > 50
     code, _, err = run(capsys, "plot", "--model", saved_model, "--kind", "pca", "--out", out)
     assert code == 2 and f"--out {out} exists; pass --force" in err
+    frequent = int((fastmf.load(saved_model).item_popularity >= 25).sum())
+    assert 3 <= frequent < NUM_ITEMS
+    code, _, err = run(capsys, "plot", "--model", saved_model, "--kind", "pca", "--out", out,
+                       "--force", "--min-count", 25)
+    assert code == 0, err
+    assert f"--min-count 25: {frequent} of {NUM_ITEMS} items" in err
     code, _, err = run(capsys, "plot", "--model", saved_model, "--kind", "popularity",
                        "--out", out, "--force")
     assert code == 0, err
