@@ -474,11 +474,14 @@ def _analogy(model, positive, negative, k, *, metric, side, raw_ids, exclude, ve
             if names and not raw_ids:
                 raise KeyError(f"{op}: {what} holds {names[0]!r}, which is no {side} index "
                                f"and no name in vectors (names: {sorted(vectors)})")
-            values = np.asarray(plain)
+            mixed = len(names) not in (0, len(plain))
+            # Mixed ids and names stay objects: numpy would turn 4306 into the string '4306'.
+            values = np.asarray(plain, dtype=object if mixed else None)
             index = model._index_of(values, side, raw_ids)
             if raw_ids and (index < 0).any():
+                hint = f" (names in vectors: {sorted(vectors)})" if vectors else ""
                 raise KeyError(f"{op}: unknown raw {side} id(s) in {what}: "
-                               f"{list(values[index < 0][:5])}")
+                               f"{values[index < 0][:5].tolist()}{hint}")
         return index, [extra[name] for name in named]
 
     pos_index, pos_named = rows(positive, "positive")

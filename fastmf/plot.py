@@ -142,6 +142,8 @@ def _labels(op: str, model, side: str, labels, raw_ids: bool, pool: np.ndarray,
     if isinstance(labels, Mapping):
         index = _indices(op, model, side, list(labels), raw_ids, "labels")
         return {int(i): str(text) for i, text in zip(index, labels.values(), strict=True)}
+    if hasattr(labels, "detach"):   # a tensor of ids
+        labels = labels.detach().cpu().numpy()
     if isinstance(labels, str) or not isinstance(labels, Sequence | np.ndarray):
         raise TypeError(f"fastmf.plot.{op}: labels must be an int, a list of ids or titles, "
                         f"or a {{id: text}} dict, got {type(labels).__name__}")

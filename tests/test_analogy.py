@@ -170,6 +170,9 @@ def test_bad_input_is_named(train):
         model.analogy([1], ["g"], vectors={"g": np.full(DIM, np.nan)})
     with pytest.raises(KeyError, match=r"negative holds 'Animaton', which is no item index"):
         model.analogy([1], ["Animaton"], vectors={"Animation": np.ones(DIM)})
+    with pytest.raises(KeyError, match=r"unknown raw item id\(s\) in positive: \['Animaton'\] "
+                                       r"\(names in vectors: \['Animation'\]\)"):
+        model.analogy([raw[0], "Animaton"], raw_ids=True, vectors={"Animation": np.ones(DIM)})
     with pytest.raises(ValueError, match="the terms cancel out"):
         model.analogy([1], [1], metric="dot")
     with pytest.raises(ValueError, match=r"raw_ids=True but the model holds no item id map"):

@@ -181,6 +181,9 @@ def test_labels_and_items_by_raw_id(trained):
     title = model.item_titles[7]
     fig = plot.embeddings(model, "pca", labels=[title, model.item_titles[9]])
     assert [t.get_text() for t in fig.axes[0].texts] == [title, model.item_titles[9]]
+    fig = plot.embeddings(model, "pca", labels=torch.tensor([4, 2]))
+    assert [t.get_text() for t in fig.axes[0].texts] == [model.item_titles[4],
+                                                         model.item_titles[2]]
     fig = plot.embeddings(model, "pca", labels={raw[3]: "three"}, raw_ids=True)
     assert [t.get_text() for t in fig.axes[0].texts] == ["three"]
     with pytest.raises(KeyError, match=r"unknown raw item id\(s\) in items: \[11\]"):
