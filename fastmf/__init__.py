@@ -57,6 +57,11 @@ def __getattr__(name: str):
         from fastmf import checkpoint
 
         value = getattr(checkpoint, name)
+    elif name == "plot":
+        # matplotlib and scikit-learn load only when a plot is drawn.
+        import fastmf.plot
+
+        value = fastmf.plot
     else:
         raise AttributeError(f"module 'fastmf' has no attribute {name!r}")
     globals()[name] = value
@@ -78,6 +83,7 @@ __all__ = [
     "nn",
     "ops",
     "optim",
+    "plot",
     "retrieval",
     "suggest_dim",
     "train_step",

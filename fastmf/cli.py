@@ -1,5 +1,5 @@
 """The ``fastmf`` command: ``demo``, ``fetch``, ``tune``, ``train``, ``evaluate``,
-``recommend``.
+``recommend``, ``plot``.
 
     fastmf demo
     fastmf fetch ml-latest-small
@@ -7,6 +7,8 @@
     fastmf train --data ml-latest-small --config best.json --out model/ --save-split split/
     fastmf evaluate --model model/ --data split/test.csv --train split/train.csv
     fastmf recommend --model model/ --user 1 -k 10 --train split/train.csv
+    fastmf plot --model model/ --kind tsne --color-by Animation --data ml-latest-small \
+        --out items.png
 
 Every error is one line on stderr and exit status 2 (1 for an unexpected failure; set
 ``FASTMF_TRACEBACK=1`` to see its traceback); notes go to stderr, results to stdout.
@@ -601,6 +603,70 @@ def cmd_recommend(args) -> None:
         print(f"{rank:3d}. {item!s:>10}  {float(score):6.3f}  {title}")
 
 
+def cmd_plot(args) -> None:
+    try:
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise CliError("plots need matplotlib and scikit-learn: pip install fastmf[plot]") \
+            from None
+    from fastmf import plot
+    from fastmf.checkpoint import load_checkpoint
+    from fastmf.train import History
+
+    space = args.kind in ("pca", "tsne")
+    for option, value in (("--color-by", args.color_by), ("--label", args.label),
+                          ("--min-count", args.min_count)):
+        if value and not space:
+            raise CliError(f"{option} applies to --kind pca and tsne, not {args.kind}")
+    if args.data is not None and not args.color_by:
+        raise CliError("--data gives the item metadata for --color-by; pass --color-by too")
+    out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"--out {args.out} is a folder; name the image file, e.g. items.png")
+    if out.exists() and not args.force:
+        raise CliError(f"--out {args.out} exists; pass --force to overwrite it")
+    out = plot.check_path(out, "--out")
+    saved = load_checkpoint(args.model)
+    model = saved.model
+    if args.kind == "history":
+        stored = saved.extra.get("history")
+        if stored is None:
+            raise CliError(
+                f"--model {args.model} holds no training history (`fastmf train --out` and "
+                "model.save keep none); checkpoints written by fastmf.fit(..., "
+                "checkpoint=DIR) keep it")
+        try:
+            history = History.from_dict(stored)
+        except TypeError:
+            raise CliError(f"--model {args.model}: its stored history is not in the format "
+                           "fastmf.fit writes") from None
+        fig = plot.history(history, out)
+    elif args.kind == "popularity":
+        fig = plot.popularity_vs_norm(model, out)
+    else:
+        metadata = None
+        if args.data is not None:
+            metadata = load_data(args.data, **_data_args(args), rating_col=None,
+                                 time_col=None)
+        items = None
+        if args.min_count:
+            if model.item_popularity is None:
+                raise CliError(f"--min-count: --model {args.model} keeps no item popularity")
+            items = np.flatnonzero(np.asarray(model.item_popularity) >= args.min_count)
+            _note(f"--min-count {args.min_count}: {len(items):,} of {model.num_items:,} items")
+        pool = model.num_items if items is None else len(items)
+        shown = min(args.sample or pool, pool)
+        if args.kind == "tsne" and shown > 1000:
+            _note(f"t-SNE of {shown:,} items takes a minute or more on a few cores "
+                  "(--sample N plots fewer)")
+        fig = plot.embeddings(model, args.kind, items=items, color_by=args.color_by,
+                              labels=args.label, metadata=metadata,
+                              sample=args.sample or None, seed=args.seed, path=out)
+    width, height = fig.canvas.get_width_height()
+    print(f"saved {out} ({args.kind}, {width}x{height} px)")
+
+
 def cmd_fetch(args) -> None:
     from fastmf.datasets import fetch_movielens
 
@@ -845,6 +911,34 @@ def build_parser() -> argparse.ArgumentParser:
                           "--save-split DIR`, ...). Without it nothing is left out")
     _column_options(rec)
     rec.set_defaults(run=cmd_recommend)
+
+    plot = sub.add_parser(
+        "plot", help="draw a saved model: item map, training history, popularity vs norm",
+        description="Draw a saved model into an image (needs pip install fastmf[plot]). "
+                    "pca/tsne: the item vectors in 2-D; history: loss and validation metrics "
+                    "per epoch (checkpoints of fastmf.fit(checkpoint=DIR) keep it); "
+                    "popularity: training interactions against vector norm.")
+    plot.add_argument("--model", required=True, help="checkpoint folder")
+    plot.add_argument("--kind", required=True, choices=["pca", "tsne", "history", "popularity"])
+    plot.add_argument("--out", required=True,
+                      help="image file; the format follows the extension (.png, .svg, .pdf)")
+    plot.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    plot.add_argument("--color-by", default=None, metavar="GENRE|COLUMN",
+                      help="pca/tsne: highlight a genre (e.g. Animation) or colour by an item "
+                           "metadata column, both read from --data; or 'popularity'")
+    plot.add_argument("--data", default=None,
+                      help="the item metadata for --color-by (genres, titles): " + _DATA_HELP)
+    plot.add_argument("--label", type=nonnegative_int, default=0, metavar="N",
+                      help="pca/tsne: annotate the N most popular plotted items with their "
+                           "titles (default 0)")
+    plot.add_argument("--sample", type=nonnegative_int, default=2000, metavar="N",
+                      help="pca/tsne: plot a random N of the items (default 2000; 0: all)")
+    plot.add_argument("--min-count", type=nonnegative_int, default=0, metavar="N",
+                      help="pca/tsne: only items with at least N training interactions (rare "
+                           "items' vectors are mostly noise)")
+    plot.add_argument("--seed", type=nonnegative_int, default=0)
+    _column_options(plot)
+    plot.set_defaults(run=cmd_plot)
     return parser
 
 

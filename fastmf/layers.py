@@ -393,3 +393,138 @@ class MF(nn.Module):
     def predict(self, users, items) -> Tensor:
         """Predictions without building an autograd graph."""
         return self.forward(users, items)
+
+    @torch.no_grad()
+    def analogy(self, positive=(), negative=(), k: int = 10, *, metric: str = "cosine",
+                side: str = "item", raw_ids: bool = False, exclude=None,
+                vectors: dict | None = None):
+        """Latent arithmetic: the ``k`` items (or users) nearest to
+        ``sum(positive) - sum(negative)``, as in word2vec's "king - man + woman".
+
+        With ``metric="cosine"`` every term is normalised to unit length first and the
+        result ranked by cosine similarity (gensim's ``most_similar``); with ``"dot"`` the
+        raw vectors are summed and ranked by the dot product (no biases). The query's own
+        items (or users) and those in ``exclude`` are left out.
+
+        - ``positive``, ``negative``: item ids (user ids with ``side="user"``; raw ids with
+          ``raw_ids=True``) or names of ``vectors``. A single id may be passed bare.
+          ``positive`` must not be empty.
+        - ``vectors``: ``{name: (dim,) vector}``, arbitrary vectors the lists may name, e.g.
+          a genre's mean item vector. A name must not also be a raw id.
+        - ``exclude``: further ids (raw with ``raw_ids``) never returned.
+
+        Returns ``(ids (k,), scores (k,))``: index tensors, or with ``raw_ids`` numpy raw
+        ids and scores. Where fewer than ``k`` remain the tail is padded with ``-1``
+        (``None`` for raw ids) and ``-inf``, as in :meth:`recommend`.
+
+        >>> items, scores = model.analogy([shrek], ["Animation"], vectors={  # doctest: +SKIP
+        ...     "Animation": model.item_factors[animated].mean(0)}, raw_ids=True)
+        """
+        return _analogy(self, positive, negative, k, metric=metric, side=side,
+                        raw_ids=raw_ids, exclude=exclude, vectors=vectors)
+
+
+def _terms(ids, vectors: dict) -> tuple[list, list]:
+    """``ids`` (a list or one bare id) split into (ids, names of ``vectors``)."""
+    if isinstance(ids, Tensor):
+        ids = ids.detach().cpu().numpy()
+    if isinstance(ids, str | bytes) or np.ndim(ids) == 0:
+        ids = [ids]
+    plain, named = [], []
+    for value in (ids.reshape(-1) if isinstance(ids, np.ndarray) else ids):
+        (named if isinstance(value, str) and value in vectors else plain).append(value)
+    return plain, named
+
+
+def _analogy(model, positive, negative, k, *, metric, side, raw_ids, exclude, vectors):
+    """:meth:`MF.analogy` for any model with ``{side}_factors`` tables, ``{side}_map`` id
+    maps, ``_index_of`` and ``backend``."""
+    from fastmf import retrieval
+
+    op = "fastmf.MF.analogy"
+    if metric not in retrieval.topk.METRICS:
+        raise ValueError(f"{op}: unknown metric {metric!r}; expected one of "
+                         f"{retrieval.topk.METRICS}")
+    if side not in ("item", "user"):
+        raise ValueError(f"{op}: side must be 'item' or 'user', got {side!r}")
+    k = checks.check_k("MF.analogy", k)
+    table = getattr(model, f"{side}_factors").detach()
+    vectors = dict(vectors or {})
+    id_map = getattr(model, f"{side}_map")
+    extra = {}
+    for name, value in vectors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{op}: vectors keys must be names (str), got {name!r}")
+        if raw_ids and id_map is not None and (id_map.lookup(np.asarray([name])) >= 0).all():
+            raise ValueError(f"{op}: vectors name {name!r} is also a raw {side} id; rename it")
+        vec = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, Tensor)
+                                         else value, dtype=np.float64))
+        if vec.shape != (table.shape[1],):
+            raise ValueError(f"{op}: vectors[{name!r}] has shape {tuple(vec.shape)}, expected "
+                             f"({table.shape[1]},) (the model's dim)")
+        if not torch.isfinite(vec).all():
+            raise ValueError(f"{op}: vectors[{name!r}] holds NaN or inf")
+        extra[name] = vec.to(dtype=table.dtype, device=table.device)
+
+    def rows(ids, what):
+        plain, named = _terms(ids, vectors)
+        index = np.zeros(0, dtype=np.int64)
+        if plain:
+            names = [v for v in plain if isinstance(v, str)]
+            if names and not raw_ids:
+                raise KeyError(f"{op}: {what} holds {names[0]!r}, which is no {side} index "
+                               f"and no name in vectors (names: {sorted(vectors)})")
+            mixed = len(names) not in (0, len(plain))
+            # Mixed ids and names stay objects: numpy would turn 4306 into the string '4306'.
+            values = np.asarray(plain, dtype=object if mixed else None)
+            index = model._index_of(values, side, raw_ids)
+            if raw_ids and (index < 0).any():
+                hint = f" (names in vectors: {sorted(vectors)})" if vectors else ""
+                raise KeyError(f"{op}: unknown raw {side} id(s) in {what}: "
+                               f"{values[index < 0][:5].tolist()}{hint}")
+        return index, [extra[name] for name in named]
+
+    pos_index, pos_named = rows(positive, "positive")
+    neg_index, neg_named = rows(negative, "negative")
+    if len(pos_index) + len(pos_named) == 0:
+        raise ValueError(f"{op}: positive is empty; give at least one {side} id or vectors "
+                         "name")
+    terms = [table[torch.as_tensor(pos_index, device=table.device)]]
+    terms += [v.unsqueeze(0) for v in pos_named]
+    signs = [1.0] * (len(pos_index) + len(pos_named))
+    terms += [table[torch.as_tensor(neg_index, device=table.device)]]
+    terms += [v.unsqueeze(0) for v in neg_named]
+    signs += [-1.0] * (len(neg_index) + len(neg_named))
+    stacked = torch.cat(terms)
+    tiny = torch.finfo(table.dtype).tiny
+    search = table
+    if metric == "cosine":
+        stacked = stacked / stacked.norm(dim=1, keepdim=True).clamp_min(tiny)
+        search = table / table.norm(dim=1, keepdim=True).clamp_min(tiny)
+    query = (torch.as_tensor(signs, dtype=table.dtype, device=table.device).unsqueeze(1)
+             * stacked).sum(0)
+    norm = float(query.norm())
+    if not norm > 0:
+        raise ValueError(f"{op}: the query vector sum(positive) - sum(negative) is zero; "
+                         "the terms cancel out")
+    if metric == "cosine":
+        query = query / norm
+
+    skip = [pos_index, neg_index]
+    if exclude is not None:
+        skip.append(rows(exclude, "exclude")[0])
+    skip = np.unique(np.concatenate(skip))
+    scores, top = retrieval.topk_scores(
+        query.unsqueeze(0), search, None, k,
+        exclude=(torch.tensor([0, len(skip)], device=table.device),
+                 torch.as_tensor(skip, device=table.device)),
+        backend=model.backend)
+    top, scores = top[0], scores[0]
+    if not raw_ids:
+        return top, scores
+    idx = top.cpu().numpy()
+    raw = id_map.raw_ids[np.where(idx >= 0, idx, 0)]
+    if (idx < 0).any():
+        raw = raw.astype(object)
+        raw[idx < 0] = None
+    return raw, scores.cpu().numpy()
