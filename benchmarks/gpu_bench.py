@@ -243,10 +243,11 @@ def make_train_step(tables):
 
     weights = MFTables(*(t.clone() for t in tables))
     states = MFTables(*(torch.zeros_like(t) for t in weights))
+    opt = adagrad()  # built once: a step's host time is the op's own
 
     def step(users, items, targets):
         return native.train_step(weights, states, users, items, targets, MU, Loss.MSE, 0.0,
-                                 adagrad())
+                                 opt)
 
     return step, lambda: tuple(weights)
 
@@ -294,10 +295,10 @@ def make_bpr_native(tables):
 
     weights = MFTables(*(t.clone() for t in tables))
     states = MFTables(*(torch.zeros_like(t) for t in weights))
+    opt = adagrad()
 
     def step(u, i, j):
-        return native.train_step_pairwise(weights, states, u, i, j, PairwiseLoss.BPR, 0.0,
-                                          adagrad())
+        return native.train_step_pairwise(weights, states, u, i, j, PairwiseLoss.BPR, 0.0, opt)
 
     return step, lambda: (weights.user_factors, weights.item_factors, weights.item_bias)
 
@@ -808,7 +809,7 @@ def format_kernel_table(kernels, batch, model=None, bandwidth=HBM_BYTES_PER_S):
 def format_step_summary(results, bandwidth=None):
     """Markdown: one row per (op, batch) measured by --step."""
     lines = ["| op | batch | eager ms | graph ms | eager M/s | graph M/s | submit µs "
-             "(eager / graph) | kernels µs | model B/sample | graph TB/s at model bytes | "
+             "(eager / graph) | kernels µs | model B/sample | TB/s at model bytes (faster) | "
              "% of roofline |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     peak = bandwidth or HBM_BYTES_PER_S
 
@@ -1180,6 +1181,11 @@ def cuda_ready(mode, ops):
     return None
 
 
+def brief(x):
+    """A measurement for a progress line: 3 decimals, or the reason it is missing."""
+    return f"{x:.3f}" if isinstance(x, float) else str(x)[:80]
+
+
 def append_json(path, record):
     if path:
         with open(path, "a") as f:
@@ -1216,8 +1222,10 @@ def run_step_mode(args):
             torch.cuda.empty_cache()  # the tables and graph of this batch are gone now
             results.append(res)
             append_json(args.json, {"kind": "step", "device": dev, "env": env, **res})
-            log(f"{op} B={batch}: eager {res.get('eager_ms')} ms, graph {res.get('graph_ms')} ms,"
-                f" submit {res.get('submit_us')} µs")
+            sub = res.get("submit_us", {})
+            log(f"{op} B={batch}: eager {brief(res.get('eager_ms'))} ms, graph "
+                f"{brief(res.get('graph_ms'))} ms, submit eager {brief(sub.get('eager'))} / "
+                f"graph {brief(sub.get('graph'))} µs")
     d2d = bw.get("d2d")
     log(f"\n## step summary — {dev}, K={args.dim}, "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")

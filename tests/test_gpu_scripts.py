@@ -6,11 +6,13 @@ the GPU modes' refusal without a GPU."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -303,3 +305,79 @@ def test_gpu_first_dry_run(tmp_path):
     bad = subprocess.run(["bash", str(SCRIPT), "--fast"], env=env, capture_output=True,
                          text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "unknown argument '--fast'" in bad.stderr
+
+
+class _FakeEvent:
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_step_mode_end_to_end_with_a_stand_in_device(monkeypatch, tmp_path, capsys):
+    """--step's control flow and output on the CPU: events, graphs and the profiler are
+    stood in for, the step is a small CPU computation; one graph capture fails, as a
+    broken capture would, and the rest is still measured and reported."""
+    calls = {"step": 0}
+
+    def setup(op, batch, dim, seed=0):
+        gen = torch.Generator().manual_seed(batch)
+        table = torch.rand(1000, dim, generator=gen)
+        data = [(torch.randint(0, 1000, (batch,), generator=gen),
+                 torch.randint(0, 1000, (batch,), generator=gen),
+                 torch.rand(batch, generator=gen)) for _ in range(4)]
+
+        def step(users, items, third):
+            calls["step"] += 1
+            return (table[users] * table[items]).sum()
+
+        return step, data
+
+    class Graph:
+        def __init__(self, step, static):
+            self.step, self.static = step, static
+
+        def replay(self):
+            self.step(*self.static)
+
+    def capture(step, static):
+        if static[0].numel() == 128:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return Graph(step, static)
+
+    monkeypatch.setattr(gb, "cuda_ready", lambda mode, ops: None)
+    monkeypatch.setattr(gb, "step_setup", setup)
+    monkeypatch.setattr(gb, "capture_graph", capture)
+    monkeypatch.setattr(gb, "copy_bandwidths", lambda: {"d2d": 4.3e12, "h2d_pinned": 5.5e10})
+    monkeypatch.setattr(gb, "profile_kernels", lambda fn: (fn(), [
+        (name, 10.0 * k, 5.0) for k, name in enumerate(STEP_KERNELS)])[1])
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "stand-in GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("P", (), {"multi_processor_count": 132})())
+    path = tmp_path / "step.jsonl"
+    assert gb.main(["--step", "--batches", "64,128", "--iters", "3", "--ops",
+                    "train_step,train_step_pairwise", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert calls["step"] > 4 * 3 * 4  # warm-up, eager, graph, submit and profiled steps
+    assert "copy bandwidth: d2d 4300 GB/s, h2d_pinned 55 GB/s" in out
+    assert "### train_step, batch 64, K=64: one eager step under torch.profiler" in out
+    assert "graph_ms: FAILED" in out and "operation not permitted" in out
+    summary = out[out.index("## step summary"):].splitlines()
+    rows = [line for line in summary if line.startswith("| train_step")]
+    assert len(rows) == 4 and rows[0].startswith("| train_step | 64 | ")
+    assert "failed: RuntimeError" in rows[1] and "| - |" in rows[1]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["copy_bandwidth"] + ["step"] * 4
+    first = records[1]
+    assert first["op"] == "train_step" and first["batch"] == 64
+    assert isinstance(first["eager_ms"], float) and isinstance(first["graph_ms"], float)
+    assert set(first["submit_us"]) == {"eager", "graph"}
+    assert first["model_bytes_per_sample"] > first["minimum_bytes_per_sample"] > 0
+    assert len(first["kernels"]) == len(STEP_KERNELS)
+    assert "model_bytes_per_sample" not in records[3]  # the BPR step has no model
