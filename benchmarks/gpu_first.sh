@@ -64,6 +64,9 @@ case $BUDGET in
 esac
 mkdir -p "$LOG" || { echo "gpu_first.sh: cannot create the log folder '$LOG'" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
+# fastmf is imported from this tree, where the build puts its extension (nothing is
+# installed): the scripts and the tests' processes all find it through PYTHONPATH.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The same list as NCU_METRICS in benchmarks/gpu_bench.py (a test keeps them equal).
 NCU_METRICS="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,\
 lts__t_sector_hit_rate.pct,sm__warps_active.avg.pct_of_peak_sustained_active,\
@@ -187,6 +190,7 @@ torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() 
 torch.cuda.get_device_name())\"; echo CUDA_HOME=$CUDA_HOME; \
 '${CUDA_HOME:-/usr/local/cuda}/bin/nvcc' --version | tail -n 2; \
 echo ncu: ${NCU:-none}; ${NCU:+'$NCU' --version | tail -n 1;} \
+'$PY' -c 'import numpy, numba; print(\"numpy\", numpy.__version__, \"numba\", numba.__version__)'; \
 '$PY' -c 'import xdist, pytest_timeout' && echo 'pytest-xdist, pytest-timeout: yes' \
 || echo 'pytest-xdist or pytest-timeout: missing'"
 TAIL=20 stage "0 machine" "$(limit 60)" build.log bash -c "$MACHINE"
@@ -221,8 +225,13 @@ workers=$(( cores > 12 ? 12 : cores ))
 parallel=()
 "$PY" -c "import xdist" 2>/dev/null && [ "$workers" -gt 1 ] && parallel=(-n "$workers")
 [ ${#parallel[@]} -eq 0 ] && workers=1
+# A test stuck in a kernel or a sync: with workers, the thread method ends just that worker
+# (xdist reports it and starts another); a signal could not interrupt the wait.
 guard=()
-"$PY" -c "import pytest_timeout" 2>/dev/null && guard=(--timeout=120)
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+  guard=(--timeout=120)
+  [ ${#parallel[@]} -gt 0 ] && guard+=(--timeout-method=thread)
+fi
 PYTEST=(env OMP_NUM_THREADS=$(( cores / workers > 0 ? cores / workers : 1 )) "$PY" -m pytest
         tests/test_cuda_ops.py -q -p no:cacheprovider -rfE --durations=8
         "${parallel[@]}" "${guard[@]}")
@@ -247,9 +256,15 @@ else
   stage "4 ncu" "$(limit 150 40)" ncu.log "$NCU" "${COMMON[@]}" --nvtx \
     --nvtx-include "fastmf_step/" --metrics "$NCU_METRICS" "${APP[@]}"
   ncu_rc=$?
-  # No report but time left (a metric this ncu lacks, or no kernel matched the range):
-  # once more with its standard sections, the step picked by cudaProfilerStart/Stop.
-  if [ "$DRY" = 0 ] && [ ! -s "$LOG/ncu.ncu-rep" ] && [ "$ncu_rc" -ne 124 ] \
+  profiled=0
+  if [ -s "$LOG/ncu.ncu-rep" ] && ! awk -v from="$STAGE_FROM" \
+      'NR >= from && /No kernels were profiled/ { found = 1 } END { exit !found }' \
+      "$LOG/ncu.log"; then
+    profiled=1
+  fi
+  # Nothing profiled but time left (a metric this ncu lacks, or no kernel matched the
+  # range): once more with its standard sections, the step picked by cudaProfilerStart/Stop.
+  if [ "$DRY" = 0 ] && [ "$profiled" = 0 ] && [ "$ncu_rc" -ne 124 ] \
       && [ "$(left)" -ge 100 ]; then
     stage "4 ncu (sections)" "$(limit 150 40)" ncu.log "$NCU" "${COMMON[@]}" \
       --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
