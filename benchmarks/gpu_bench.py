@@ -844,21 +844,30 @@ def format_step_summary(results, bandwidth=None):
 
 
 def read_ncu_csv(text):
-    """Rows (dicts by column name) of an ncu raw-page CSV: ncu's own notes before the
-    header and the units row after it are skipped."""
+    """One dict per profiled kernel, in launch order, from ncu's CSV: the raw page (a
+    column per metric) or the details page (a row per metric, pivoted here). ncu's own
+    notes before the header and the units row after it are skipped."""
     rows = list(csv.reader(io.StringIO(text)))
     start = next((k for k, r in enumerate(rows) if "Kernel Name" in r), None)
     if start is None:
         return []
     header = rows[start]
-    out = []
+    long_form = "Metric Name" in header and "Metric Value" in header
+    out, by_id = [], {}
     for r in rows[start + 1:]:
         if len(r) != len(header):
             continue
         rec = dict(zip(header, r, strict=True))
         if not rec.get("ID", "").strip().isdigit():  # the units row
             continue
-        out.append(rec)
+        if not long_form:
+            out.append(rec)
+            continue
+        kernel = by_id.get(rec["ID"])
+        if kernel is None:
+            kernel = by_id[rec["ID"]] = {"ID": rec["ID"], "Kernel Name": rec["Kernel Name"]}
+            out.append(kernel)
+        kernel[rec["Metric Name"]] = rec["Metric Value"]
     return out
 
 

@@ -202,6 +202,19 @@ def test_ncu_table_from_a_raw_csv():
     assert gb.read_ncu_csv("no header here\n1,2,3\n") == []
 
 
+def test_ncu_details_page_is_pivoted():
+    text = ('"ID","Process ID","Kernel Name","Section Name","Metric Name","Metric Unit",'
+            '"Metric Value"\n'
+            '"0","9","prepare_samples","S","gpu__time_duration.sum","nsecond","4,000"\n'
+            '"0","9","prepare_samples","S","dram__bytes_read.sum","byte","1,000"\n'
+            '"1","9","train_forward_kernel","S","gpu__time_duration.sum","nsecond","9000"\n')
+    records = gb.read_ncu_csv(text)
+    assert [r["Kernel Name"] for r in records] == ["prepare_samples", "train_forward_kernel"]
+    assert gb.ncu_number(records[0], "gpu__time_duration.sum") == 4000
+    assert gb.ncu_number(records[0], "dram__bytes_read.sum") == 1000
+    assert gb.ncu_number(records[1], "dram__bytes_read.sum") is None
+
+
 PTXAS_LOG = """[3/9] nvcc ... segments.cu
 ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90'
