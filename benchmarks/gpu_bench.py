@@ -1050,17 +1050,24 @@ def submit_times_us(fn, iters):
 
 
 def profile_kernels(fn):
-    """(name, start µs, duration µs) of every device activity of fn(), in start order,
-    from torch.profiler (CUPTI)."""
+    """(name, start µs, duration µs) of every device activity of the second of two calls
+    of fn(), in start order, from torch.profiler (CUPTI). The first call is the profiler's
+    warm-up: a fresh profiling session can miss the first kernels it should record."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
+        for _ in range(2):
+            fn()
+            torch.cuda.synchronize()
+            prof.step()
+    # Device-side events only, without the GPU copies of annotations (ProfilerStep#N),
+    # which span the whole step.
     found = [(e.time_range.start, e.name, e.time_range.elapsed_us()) for e in prof.events()
-             if e.device_type == DeviceType.CUDA]
+             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+             and not e.name.startswith("ProfilerStep")]
     found.sort()
     return [(name, float(start), float(us)) for start, name, us in found]
 
@@ -1111,8 +1118,10 @@ def step_setup(op, batch, dim, seed=0):
 
 
 def measure_step(op, batch, dim, iters, log_fn=log):
-    """Everything --step reports for one (op, batch); a part that fails is recorded as a
-    string and the rest still runs."""
+    """Everything --step times for one (op, batch); a part that fails is recorded as a
+    string and the rest still runs. Returns the results and a function that profiles one
+    step of the same set-up later, once every timing is done (so that the profiler cannot
+    slow down any launch that is timed) and adds its kernels to the results."""
     res = {"op": op, "batch": batch, "dim": dim}
     step, data = step_setup(op, batch, dim)
     users, items = data[0][0], data[0][1]
@@ -1159,19 +1168,23 @@ def measure_step(op, batch, dim, iters, log_fn=log):
                                                                  min(iters, 30))))
         subs["graph"] = res.pop("submit_graph")
     res["submit_us"] = subs
-    kernels = []
 
-    def profiled():
-        kernels.extend(profile_kernels(lambda: step(*data[1])))
-        return [list(k) for k in kernels]
+    def profile_later():
+        kernels = []
 
-    attempt("kernels", profiled)
-    if kernels:
-        res["kernels_us"] = sum(k[2] for k in kernels)
-        log_fn(f"\n### {op}, batch {batch}, K={dim}: one eager step under torch.profiler "
-               f"(distinct users {res['distinct_users']}, items {res['distinct_items']})\n")
-        log_fn(format_kernel_table(kernels, batch, model))
-    return res
+        def profiled():
+            kernels.extend(profile_kernels(lambda: step(*data[1])))
+            return [list(k) for k in kernels]
+
+        attempt("kernels", profiled)
+        if kernels:
+            res["kernels_us"] = sum(k[2] for k in kernels)
+            log_fn(f"\n### {op}, batch {batch}, K={dim}: one eager step under torch.profiler "
+                   f"(distinct users {res['distinct_users']}, items {res['distinct_items']})\n")
+            log_fn(format_kernel_table(kernels, batch, model))
+        return res
+
+    return res, profile_later
 
 
 def cuda_ready(mode, ops):
@@ -1220,21 +1233,30 @@ def run_step_mode(args):
     except Exception as exc:  # noqa: BLE001
         log(f"copy bandwidth: FAILED {type(exc).__name__}: {exc!s:.200}")
     append_json(args.json, {"kind": "copy_bandwidth", "device": dev, "env": env, **bw})
-    results = []
+    results, later = [], []
     for op in args.ops:
         for batch in args.batches:
             try:
-                res = measure_step(op, batch, args.dim, args.iters)
+                res, profile_later = measure_step(op, batch, args.dim, args.iters)
+                later.append(profile_later)
             except Exception as exc:  # noqa: BLE001
                 log(f"{op} B={batch}: FAILED\n{traceback.format_exc(limit=4)}")
                 res = {"op": op, "batch": batch, "eager_ms": f"failed: {type(exc).__name__}"}
-            torch.cuda.empty_cache()  # the tables and graph of this batch are gone now
+                torch.cuda.empty_cache()
             results.append(res)
             append_json(args.json, {"kind": "step", "device": dev, "env": env, **res})
             sub = res.get("submit_us", {})
             log(f"{op} B={batch}: eager {brief(res.get('eager_ms'))} ms, graph "
                 f"{brief(res.get('graph_ms'))} ms, submit eager {brief(sub.get('eager'))} / "
                 f"graph {brief(sub.get('graph'))} µs")
+    # The per-kernel tables, after every timing (their set-ups are still alive: a few GB).
+    for profile_later in later:
+        res = profile_later()
+        append_json(args.json, {"kind": "kernels", "device": dev, "env": env, "op": res["op"],
+                                "batch": res["batch"], "kernels": res.get("kernels")})
+        res.pop("kernels", None)
+    later.clear()
+    torch.cuda.empty_cache()
     d2d = bw.get("d2d")
     log(f"\n## step summary — {dev}, K={args.dim}, "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")

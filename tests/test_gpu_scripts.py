@@ -385,12 +385,18 @@ def test_step_mode_end_to_end_with_a_stand_in_device(monkeypatch, tmp_path, caps
     rows = [line for line in summary if line.startswith("| train_step")]
     assert len(rows) == 4 and rows[0].startswith("| train_step | 64 | ")
     assert "failed: RuntimeError" in rows[1] and "| - |" in rows[1]
+    # Every timing is printed before the first profiler table.
+    assert out.rindex("train_step_pairwise B=128: eager") < out.index("### train_step")
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["copy_bandwidth"] + ["step"] * 4
+    assert [r["kind"] for r in records] == ["copy_bandwidth"] + ["step"] * 4 + ["kernels"] * 4
     first = records[1]
     assert first["op"] == "train_step" and first["batch"] == 64
     assert isinstance(first["eager_ms"], float) and isinstance(first["graph_ms"], float)
     assert set(first["submit_us"]) == {"eager", "graph"}
     assert first["model_bytes_per_sample"] > first["minimum_bytes_per_sample"] > 0
-    assert len(first["kernels"]) == len(STEP_KERNELS)
     assert "model_bytes_per_sample" not in records[3]  # the BPR step has no model
+    assert [(r["op"], r["batch"]) for r in records[5:]] == [
+        ("train_step", 64), ("train_step", 128), ("train_step_pairwise", 64),
+        ("train_step_pairwise", 128)]
+    assert all(len(r["kernels"]) == len(STEP_KERNELS) for r in records[5:])
+    assert "| 95.0 | 3" in rows[0]  # kernel µs and model bytes in the summary
