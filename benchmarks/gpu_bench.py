@@ -34,17 +34,47 @@ rescored in float64 to its returned score, no index twice (random data, so near-
 order differently).
 
     python benchmarks/gpu_bench.py [--quick] [--budget SECONDS] [--no-topk]
+
+One fused step, kernel by kernel (benchmarks/gpu_first.sh runs these in order):
+
+    python benchmarks/gpu_bench.py --step [--batches 8192,65536,262144] [--dim 64]
+        [--ops train_step,train_step_pairwise] [--iters 50] [--json FILE]
+    python benchmarks/gpu_bench.py --ncu-step [--batches 262144]   # under ncu --nvtx
+    python benchmarks/gpu_bench.py --ncu-table ncu.csv [--batches 262144]
+    python benchmarks/gpu_bench.py --byte-model [--batches ...]   # no GPU needed
+    python benchmarks/gpu_bench.py --ptxas-summary build.log      # no GPU needed
+
+--step: per (op, batch) at K=64 on the 1M x 200K Zipf workload, event-timed medians of
+eager steps and of CUDA-graph replays, the host time of one call (submit), and one eager
+step under torch.profiler as a table of its kernels beside the byte model of
+benchmarks/README.md ("GPU: byte model per kernel"); first the copy bandwidths (device to
+device, pinned host to device and back). It ends with a summary table. --ncu-step runs
+one step per batch inside the NVTX range "fastmf_step" for Nsight Compute; --ncu-table
+turns ncu's raw CSV of it into the same per-kernel table (DRAM and L2 bytes per sample
+against the model, L2 hit rate, achieved occupancy, registers). --ptxas-summary lists
+the kernels that spill and the ones with the most registers from a build log made with
+NVCC_APPEND_FLAGS="-Xptxas -v". The GPU modes exit with status 2 and say why when there
+is no GPU or no CUDA build of fastmf.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import itertools
+import json
 import math
+import os
 import platform
+import re
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import torch
@@ -213,10 +243,11 @@ def make_train_step(tables):
 
     weights = MFTables(*(t.clone() for t in tables))
     states = MFTables(*(torch.zeros_like(t) for t in weights))
+    opt = adagrad()  # built once: a step's host time is the op's own
 
     def step(users, items, targets):
         return native.train_step(weights, states, users, items, targets, MU, Loss.MSE, 0.0,
-                                 adagrad())
+                                 opt)
 
     return step, lambda: tuple(weights)
 
@@ -264,10 +295,10 @@ def make_bpr_native(tables):
 
     weights = MFTables(*(t.clone() for t in tables))
     states = MFTables(*(torch.zeros_like(t) for t in weights))
+    opt = adagrad()
 
     def step(u, i, j):
-        return native.train_step_pairwise(weights, states, u, i, j, PairwiseLoss.BPR, 0.0,
-                                          adagrad())
+        return native.train_step_pairwise(weights, states, u, i, j, PairwiseLoss.BPR, 0.0, opt)
 
     return step, lambda: (weights.user_factors, weights.item_factors, weights.item_bias)
 
@@ -528,14 +559,821 @@ def print_topk_table(results, dev):
                     log(f"| {num_items} | {batch} | {name} | {r[:60]} | - | - |")
 
 
-def main():
-    ap = argparse.ArgumentParser()
+# ----------------------------------------------------------------------------------------
+# One fused step, kernel by kernel (--step, --ncu-step, --ncu-table, --byte-model,
+# --ptxas-summary; benchmarks/gpu_first.sh runs them). The byte model is documented in
+# benchmarks/README.md ("GPU: byte model per kernel"); the code below is its source of
+# numbers, so the README, the profiler table and the ncu table use one count.
+
+STEP_BATCHES = (8192, 65536, 262144)
+STEP_DIM = 64
+STEP_OPS = ("train_step", "train_step_pairwise")
+# H200 HBM3e by the datasheet; the run also prints the copy bandwidth it measures.
+HBM_BYTES_PER_S = 4.8e12
+# The NVTX range around the one step that Nsight Compute profiles (gpu_first.sh passes
+# --nvtx-include "fastmf_step/").
+NVTX_RANGE = "fastmf_step"
+# Metrics of the ncu pass; gpu_first.sh holds the same list (tests/test_gpu_scripts.py
+# checks that they agree).
+NCU_METRICS = (
+    "gpu__time_duration.sum",
+    "dram__bytes_read.sum",
+    "dram__bytes_write.sum",
+    "lts__t_bytes.sum",
+    "lts__t_sector_hit_rate.pct",
+    "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "launch__registers_per_thread",
+    "launch__grid_size",
+)
+# Key bits the one-sweep radix sort takes per pass (CUB's policy for 4-byte keys).
+SORT_DIGIT_BITS = 8
+THREADS = 256  # csrc/cuda/common.cuh kThreads
+MAX_TILES = 8192  # csrc/cuda/segment_update_impl.cuh tile_size
+
+
+def next_pow2(x):
+    p = 1
+    while p < x:
+        p *= 2
+    return p
+
+
+def row_layout(dim, vec):
+    """(vec, lanes, packs) of csrc/cuda/common.cuh row_layout: how a row is spread over a
+    group of lanes."""
+    num_packs = -(-dim // vec)
+    lanes = 32 if num_packs >= 32 else next_pow2(max(num_packs, 1))
+    per_lane = -(-num_packs // lanes)
+    packs = 1 if per_lane <= 1 else next_pow2(per_lane)
+    return vec, lanes, packs
+
+
+def tile_size(n):
+    """Slots per tile of the segment update (segment_update_impl.cuh tile_size)."""
+    return min(max(next_pow2(-(-n // MAX_TILES)), 4), 32)
+
+
+def key_bits(max_key):
+    """Low key bits the sort looks at (segments.cu key_bits)."""
+    bits = 1
+    while bits < 32 and (max_key >> bits) != 0:
+        bits += 1
+    return bits
+
+
+@dataclass
+class RunStats:
+    """How one table's sorted slots fall into runs (one per distinct row) and tiles."""
+
+    slots: int
+    tile: int
+    tiles: int
+    runs: int  # distinct rows
+    cut_runs: int  # runs that cross a tile edge: summed and applied by stage 2
+    pieces: int  # scratch rows those runs leave (one per tile they touch)
+
+
+def run_stats(ids):
+    """RunStats of one table's ids (any order; sorted here as the kernels sort them)."""
+    ids = ids.detach().to("cpu", torch.int64).sort().values
+    n = ids.numel()
+    tile = tile_size(n)
+    head = torch.ones(n, dtype=torch.bool)
+    head[1:] = ids[1:] != ids[:-1]
+    starts = head.nonzero().flatten()
+    ends = torch.cat([starts[1:], torch.tensor([n])])
+    first, last = starts // tile, (ends - 1) // tile
+    cut = first != last
+    return RunStats(n, tile, -(-n // tile), starts.numel(), int(cut.sum()),
+                    int((last - first + 1)[cut].sum()))
+
+
+@dataclass
+class ModelRow:
+    kernel: str  # the label of the profiler and ncu tables (label_kernels)
+    formula: str  # bytes per sample, in the README's symbols
+    bytes_per_sample: float
+
+
+def step_byte_model(users, items, dim=STEP_DIM, num_users=NUM_USERS, num_items=NUM_ITEMS,
+                    elem=4, id_bytes=8):
+    """Bytes each kernel of one train_step (MSE, element-wise Adagrad, biases, reg 0) loads
+    and stores per sample, counted from csrc/cuda at element granularity, for the batch
+    (users, items). Returns (rows, minimum): the minimum reads the batch once and reads and
+    writes each distinct row (weights, state, bias, bias state) once."""
+    batch = users.numel()
+    u, i = run_stats(users), run_stats(items)
+    row = dim * elem
+    vec = 16 // elem if dim % (16 // elem) == 0 else 1
+    _, lanes, packs = row_layout(dim, vec)
+    scratch = vec * lanes * packs * elem  # one padded row of stage-1 scratch
+    update = 4 * row + 4 * elem  # weight and state rows read + written, bias and its state
+    blocks = -(-batch // (THREADS // lanes))  # forward blocks: one loss-sum pair each
+    passes = -(-key_bits(num_users + 1 + num_items) // SORT_DIGIT_BITS)
+    rows = []
+
+    def add(kernel, formula, total_bytes):
+        rows.append(ModelRow(kernel, formula, total_bytes / batch))
+
+    add("prepare", "2 id + 4 + 16: ids, target; 2 keys, 2 positions",
+        batch * (2 * id_bytes + elem + 16))
+    add("sort: histogram", "2 × 4: both slots' keys", 2 * batch * 4)
+    for p in range(passes):
+        add(f"sort: onesweep pass {p + 1}", "2 × 16: key + position, read + write",
+            2 * batch * 16)
+    add("run heads", "2 × 8: key read, head written", 2 * batch * 8)
+    add("scan", "2 × 8: head read, run start written", 2 * batch * 8)
+    add("forward", "3R + 24: P, Q rows, gradient row written; 2 keys, 2 biases, target, coef",
+        batch * (3 * row + 8 + 4 * elem) + blocks * 16)
+
+    def stage1(slot_bytes, s):
+        applied = s.runs - s.cut_runs
+        return (batch * slot_bytes + s.tiles * 8 + applied * update
+                + s.pieces * (scratch + elem) + (s.pieces - s.cut_runs) * 4)
+
+    def stage2(s):
+        return s.tiles * 12 + s.pieces * (scratch + elem) + s.cut_runs * (8 + update)
+
+    add("users: stage 1", "R + 16 + r_u (4R + 16) + scratch: Q row, coef, item key per slot",
+        stage1(row + 16, u))
+    add("users: stage 2", "cut runs: scratch pieces + their updates", stage2(u))
+    add("items: stage 1", "R + 12 + r_i (4R + 16) + scratch: gradient row, coef per slot",
+        stage1(row + 12, i))
+    add("items: stage 2", "cut runs: scratch pieces + their updates", stage2(i))
+    add("loss", "block sums", blocks * 16 + elem)
+    minimum = (batch * (2 * id_bytes + elem) + (u.runs + i.runs) * update) / batch
+    return rows, minimum, u, i
+
+
+def sample_step_batch(batch, seed=0):
+    """The benchmark's users (uniform) and items (Zipf 1.0) for one batch, drawn on the
+    CPU, for the byte model without a GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, NUM_USERS, (batch,), generator=gen)
+    items = ZipfItems(NUM_ITEMS, 1.0, device="cpu", seed=seed).sample(batch, gen)
+    return users, items
+
+
+def format_byte_model(batches, dim=STEP_DIM, bandwidth=HBM_BYTES_PER_S):
+    """Markdown: the model per kernel at each batch, the total, the minimum and the
+    roofline (samples/s and microseconds per step at `bandwidth`)."""
+    models = {b: step_byte_model(*sample_step_batch(b), dim=dim) for b in batches}
+    first = models[batches[0]][0]
+    lines = [f"Bytes per sample, K={dim} fp32, int64 ids, MSE + biases, element-wise Adagrad; "
+             f"roofline at {bandwidth / 1e12:.1f} TB/s.", "",
+             "| kernel | formula (R = 4K bytes) | "
+             + " | ".join(f"B={b}" for b in batches) + " |",
+             "|---|---|" + "---:|" * len(batches)]
+    for k, row in enumerate(first):
+        cells = " | ".join(f"{models[b][0][k].bytes_per_sample:.0f}" for b in batches)
+        lines.append(f"| {row.kernel} | {row.formula} | {cells} |")
+
+    def cells(fn):
+        return " | ".join(fn(b) for b in batches)
+
+    total = {b: sum(r.bytes_per_sample for r in models[b][0]) for b in batches}
+    lines += [
+        f"| **total** | | {cells(lambda b: f'**{total[b]:.0f}**')} |",
+        f"| minimum (distinct rows once) | 20 + (r_u + r_i)(4R + 16) | "
+        f"{cells(lambda b: f'{models[b][1]:.0f}')} |",
+        f"| r_u / r_i (distinct rows / B) | | "
+        f"{cells(lambda b: f'{models[b][2].runs / b:.3f} / {models[b][3].runs / b:.3f}')} |",
+        f"| roofline, total (G samples/s) | | "
+        f"{cells(lambda b: f'{bandwidth / total[b] / 1e9:.2f}')} |",
+        f"| roofline, minimum (G samples/s) | | "
+        f"{cells(lambda b: f'{bandwidth / models[b][1] / 1e9:.2f}')} |",
+        f"| step at roofline, total (µs) | | "
+        f"{cells(lambda b: f'{total[b] * b / bandwidth * 1e6:.1f}')} |",
+    ]
+    return "\n".join(lines)
+
+
+def label_kernels(names):
+    """Labels of one step's kernels, in launch order, as the byte model names them. The
+    segment stages run users first, then items (fused_step.cuh)."""
+    labels, seen = [], {}
+    rules = (("prepare_", "prepare"), ("Histogram", "sort: histogram"),
+             ("ExclusiveSum", "sort: exclusive sum"), ("Onesweep", "sort: onesweep pass"),
+             ("Upsweep", "sort: upsweep"), ("ScanBins", "sort: scan bins"),
+             ("Downsweep", "sort: downsweep"), ("SingleTile", "sort: single tile"),
+             ("mark_run_heads", "run heads"), ("DeviceScanInit", "scan: init"),
+             ("DeviceScanKernel", "scan"), ("forward_kernel", "forward"),
+             ("stage1_kernel", "stage 1"), ("stage2_kernel", "stage 2"),
+             ("finish_loss", "loss"))
+    for name in names:
+        label = "memset" if "memset" in name.lower() else "other"
+        for needle, what in rules:
+            if needle in name:
+                label = what
+                break
+        count = seen[label] = seen.get(label, 0) + 1
+        if label == "sort: onesweep pass":
+            label = f"sort: onesweep pass {count}"
+        elif label.startswith("stage"):
+            label = f"{('users', 'items')[min(count, 2) - 1]}: {label}"
+        labels.append(label)
+    return labels
+
+
+def format_kernel_table(kernels, batch, model=None, bandwidth=HBM_BYTES_PER_S):
+    """Markdown: one step's kernels (name, start µs, duration µs) in launch order, with
+    the model's bytes per sample and the bandwidth that time implies."""
+    by_label = {r.kernel: r.bytes_per_sample for r in model or ()}
+    labels = label_kernels([k[0] for k in kernels])
+    busy = sum(k[2] for k in kernels)
+    span = (kernels[-1][1] + kernels[-1][2] - kernels[0][1]) if kernels else 0.0
+    lines = ["| # | kernel | µs | % of kernel time | model B/sample | GB/s at model bytes | "
+             "% of roofline |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for n, ((_, _, us), label) in enumerate(zip(kernels, labels, strict=True), 1):
+        bytes_ = by_label.get(label)
+        if bytes_ is None or us <= 0:
+            rate = "-", "-"
+        else:
+            gbs = bytes_ * batch / (us * 1e-6) / 1e9
+            rate = f"{gbs:.0f}", f"{100 * gbs * 1e9 / bandwidth:.0f}%"
+        model_cell = "-" if bytes_ is None else f"{bytes_:.0f}"
+        share = f"{100 * us / busy:.0f}%" if busy > 0 else "-"
+        lines.append(f"| {n} | {label} | {us:.1f} | {share} | {model_cell} | {rate[0]} | "
+                     f"{rate[1]} |")
+    total = sum(r.bytes_per_sample for r in model) if model else None
+    if total and busy > 0:
+        gbs = total * batch / (busy * 1e-6) / 1e9
+        lines.append(f"| | **kernels** | **{busy:.1f}** | | {total:.0f} | {gbs:.0f} | "
+                     f"{100 * gbs * 1e9 / bandwidth:.0f}% |")
+    else:
+        lines.append(f"| | **kernels** | **{busy:.1f}** | | | | |")
+    lines.append(f"| | first start to last end (gaps included) | {span:.1f} | | | | |")
+    return "\n".join(lines)
+
+
+def format_step_summary(results, bandwidth=None):
+    """Markdown: one row per (op, batch) measured by --step."""
+    lines = ["| op | batch | eager ms | graph ms | eager M/s | graph M/s | submit µs "
+             "(eager / graph) | kernels µs | model B/sample | TB/s at model bytes (faster) | "
+             "% of roofline |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    peak = bandwidth or HBM_BYTES_PER_S
+
+    def ms(x):
+        return f"{x:.3f}" if isinstance(x, float) else str(x)[:40]
+
+    for r in results:
+        b = r["batch"]
+        eager, graph = r.get("eager_ms"), r.get("graph_ms")
+        rate = {k: (f"{b / (v * 1e-3) / 1e6:.1f}" if isinstance(v, float) else "-")
+                for k, v in (("eager", eager), ("graph", graph))}
+        sub = r.get("submit_us", {})
+        submit = " / ".join(f"{sub[k]:.0f}" if isinstance(sub.get(k), float) else "-"
+                            for k in ("eager", "graph"))
+        kern = r.get("kernels_us")
+        model = r.get("model_bytes_per_sample")
+        best = min((v for v in (eager, graph) if isinstance(v, float)), default=None)
+        if model and best:
+            tbs = model * b / (best * 1e-3) / 1e12
+            achieved, share = f"{tbs:.2f}", f"{100 * tbs * 1e12 / peak:.0f}%"
+        else:
+            achieved, share = "-", "-"
+        lines.append(f"| {r['op']} | {b} | {ms(eager) if eager is not None else '-'} | "
+                     f"{ms(graph) if graph is not None else '-'} | {rate['eager']} | "
+                     f"{rate['graph']} | {submit} | "
+                     f"{f'{kern:.1f}' if isinstance(kern, float) else '-'} | "
+                     f"{f'{model:.0f}' if model else '-'} | {achieved} | {share} |")
+    return "\n".join(lines)
+
+
+# --- ncu report (CSV of `ncu --import R --csv --page raw --print-units base`)
+
+
+def read_ncu_csv(text):
+    """One dict per profiled kernel, in launch order, from ncu's CSV: the raw page (a
+    column per metric) or the details page (a row per metric, pivoted here). ncu's own
+    notes before the header and the units row after it are skipped."""
+    rows = list(csv.reader(io.StringIO(text)))
+    start = next((k for k, r in enumerate(rows) if "Kernel Name" in r), None)
+    if start is None:
+        return []
+    header = rows[start]
+    long_form = "Metric Name" in header and "Metric Value" in header
+    out, by_id = [], {}
+    for r in rows[start + 1:]:
+        if len(r) != len(header):
+            continue
+        rec = dict(zip(header, r, strict=True))
+        if not rec.get("ID", "").strip().isdigit():  # the units row
+            continue
+        if not long_form:
+            out.append(rec)
+            continue
+        kernel = by_id.get(rec["ID"])
+        if kernel is None:
+            kernel = by_id[rec["ID"]] = {"ID": rec["ID"], "Kernel Name": rec["Kernel Name"]}
+            out.append(kernel)
+        kernel[rec["Metric Name"]] = rec["Metric Value"]
+    return out
+
+
+def ncu_number(rec, name):
+    """A metric of one ncu row as a float (thousands separators dropped), or None."""
+    raw = rec.get(name, "").replace(",", "").strip()
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def format_ncu_table(records, batches, dim=STEP_DIM):
+    """Markdown per profiled step: each kernel's time, the model's bytes against L2 and
+    DRAM bytes per sample, DRAM bandwidth, L2 hit rate, achieved occupancy, registers.
+    Steps are split where a prepare kernel starts one, and matched to `batches` in order."""
+    steps, current = [], []
+    for rec in records:
+        if "prepare_" in rec.get("Kernel Name", "") and current:
+            steps.append(current)
+            current = []
+        current.append(rec)
+    if current:
+        steps.append(current)
+    out = []
+    for n, step in enumerate(steps):
+        batch = batches[n] if n < len(batches) else None
+        model = {}
+        if batch is not None:
+            rows, _, _, _ = step_byte_model(*sample_step_batch(batch), dim=dim)
+            model = {r.kernel: r.bytes_per_sample for r in rows}
+        out += ["", f"ncu: step {n + 1}, batch {batch if batch else '?'} "
+                    f"({len(step)} kernels)", "",
+                "| # | kernel | µs | model B/sample | L2 B/sample | DRAM B/sample | DRAM GB/s | "
+                "L2 hit % | occupancy % | regs | grid |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        labels = label_kernels([r.get("Kernel Name", "") for r in step])
+        tot = {"us": 0.0, "model": 0.0, "l2": 0.0, "dram": 0.0}
+        for k, (rec, label) in enumerate(zip(step, labels, strict=True), 1):
+            ns = ncu_number(rec, "gpu__time_duration.sum")
+            rd, wr = ncu_number(rec, "dram__bytes_read.sum"), ncu_number(rec,
+                                                                        "dram__bytes_write.sum")
+            l2 = ncu_number(rec, "lts__t_bytes.sum")
+            dram = rd + wr if rd is not None and wr is not None else None
+
+            def per_sample(x, batch=batch):
+                return f"{x / batch:.0f}" if x is not None and batch else "-"
+
+            gbs = f"{dram / ns:.0f}" if dram is not None and ns else "-"  # bytes/ns = GB/s
+            hit = ncu_number(rec, "lts__t_sector_hit_rate.pct")
+            occ = ncu_number(rec, "sm__warps_active.avg.pct_of_peak_sustained_active")
+            regs = ncu_number(rec, "launch__registers_per_thread")
+            grid = ncu_number(rec, "launch__grid_size")
+            mb = model.get(label)
+            tot["us"] += (ns or 0) / 1e3
+            tot["model"] += mb or 0
+            tot["l2"] += l2 or 0
+            tot["dram"] += dram or 0
+
+            def fmt(x, spec):
+                return "-" if x is None else format(x, spec)
+
+            out.append(f"| {k} | {label} | {fmt(ns and ns / 1e3, '.1f')} | "
+                       f"{fmt(mb, '.0f')} | {per_sample(l2)} | {per_sample(dram)} | {gbs} | "
+                       f"{fmt(hit, '.0f')} | {fmt(occ, '.0f')} | {fmt(regs, '.0f')} | "
+                       f"{fmt(grid, '.0f')} |")
+        dram_rate = f"{tot['dram'] / (tot['us'] * 1e3):.0f}" if tot["us"] else "-"
+        l2_all = f"{tot['l2'] / batch:.0f}" if batch else "-"
+        dram_all = f"{tot['dram'] / batch:.0f}" if batch else "-"
+        out.append(f"| | **step** | **{tot['us']:.1f}** | {tot['model']:.0f} | {l2_all} | "
+                   f"{dram_all} | {dram_rate} | | | | |")
+    return "\n".join(out).strip()
+
+
+# --- ptxas -v report (registers, stack, spills per kernel) from the build log
+
+
+PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+PTXAS_PROPS = re.compile(r"Function properties for (\S+)")
+PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads")
+PTXAS_USED = re.compile(r"Used (\d+) registers")
+PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas(text):
+    """{mangled kernel: {arch, regs, stack, spill_stores, spill_loads, smem}} from the
+    `ptxas info` lines of nvcc -Xptxas -v."""
+    kernels, entry, props = {}, None, None
+    for line in text.splitlines():
+        if m := PTXAS_ENTRY.search(line):
+            entry = m.group(1)
+            kernels.setdefault(entry, {"arch": m.group(2)})
+        elif m := PTXAS_PROPS.search(line):
+            props = m.group(1)
+        elif (m := PTXAS_STACK.search(line)) and entry is not None and props == entry:
+            kernels[entry].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                  spill_loads=int(m.group(3)))
+        elif (m := PTXAS_USED.search(line)) and entry is not None:
+            kernels[entry]["regs"] = int(m.group(1))
+            s = PTXAS_SMEM.search(line)
+            kernels[entry]["smem"] = int(s.group(1)) if s else 0
+            entry = None
+    return kernels
+
+
+def demangle(names):
+    """Demangled names through c++filt when it is installed, else the names as given."""
+    tool = shutil.which("c++filt")
+    if not tool or not names:
+        return list(names)
+    try:
+        out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True,
+                             timeout=30, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return list(names)
+    return out if len(out) == len(names) else list(names)
+
+
+def short_kernel_name(name, width=100):
+    name = re.sub(r"\(anonymous namespace\)::|fastmf::cuda::|fastmf::|cub::\w+::", "", name)
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def format_ptxas(kernels, top=12):
+    """Markdown: every kernel that spills or uses a stack frame, then the `top` kernels by
+    register count."""
+    if not kernels:
+        return ("no `ptxas info` lines: was the build run with -Xptxas -v "
+                "(NVCC_APPEND_FLAGS)?")
+    names = list(kernels)
+    pretty = dict(zip(names, demangle(names), strict=True))
+    spills = [n for n in names if kernels[n].get("spill_stores", 0)
+              or kernels[n].get("spill_loads", 0) or kernels[n].get("stack", 0)]
+    by_regs = sorted(names, key=lambda n: -kernels[n].get("regs", 0))[:top]
+    regs = [kernels[n].get("regs", 0) for n in names]
+    lines = [f"{len(names)} kernels; registers per thread {min(regs)}..{max(regs)}; "
+             f"{len(spills)} with a stack frame or spills.", "",
+             "| kernel | arch | regs | stack B | spill st/ld B | smem B |",
+             "|---|---|---:|---:|---:|---:|"]
+    for n in spills + [n for n in by_regs if n not in spills]:
+        k = kernels[n]
+        lines.append(f"| {short_kernel_name(pretty[n])} | {k['arch']} | {k.get('regs', '-')} | "
+                     f"{k.get('stack', '-')} | {k.get('spill_stores', '-')}/"
+                     f"{k.get('spill_loads', '-')} | {k.get('smem', '-')} |")
+    return "\n".join(lines)
+
+
+# --- measurement on the GPU
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def event_times_ms(fn, iters, before=None):
+    """Per-call device time (ms) of fn(k), between events recorded around each call."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for k in range(iters):
+        if before is not None:
+            before(k)
+        starts[k].record()
+        fn(k)
+        ends[k].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+
+
+def submit_times_us(fn, iters):
+    """Host time (µs) of fn(k) launched onto an idle device: what a call costs the CPU."""
+    out = []
+    for k in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(k)
+        out.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return out
+
+
+def profile_kernels(fn):
+    """(name, start µs, duration µs) of every device activity of the second of two calls
+    of fn(), in start order, from torch.profiler (CUPTI). The first call is the profiler's
+    warm-up: a fresh profiling session can miss the first kernels it should record."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
+        for _ in range(2):
+            fn()
+            torch.cuda.synchronize()
+            prof.step()
+    # Device-side events only, without the GPU copies of annotations (ProfilerStep#N),
+    # which span the whole step.
+    found = [(e.time_range.start, e.name, e.time_range.elapsed_us()) for e in prof.events()
+             if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+             and not e.name.startswith("ProfilerStep")]
+    found.sort()
+    return [(name, float(start), float(us)) for start, name, us in found]
+
+
+def copy_bandwidths(mib=256, iters=5):
+    """Device-to-device (read + write counted), pinned host-to-device and device-to-host
+    bandwidth in bytes/s, event-timed medians."""
+    n = mib * 2**20 // 4
+    dev = torch.rand(n, device="cuda")
+    dev2 = torch.empty_like(dev)
+    host = torch.empty(n, pin_memory=True)
+    size = n * 4
+    out = {}
+    for name, fn, moved in (("d2d", lambda k: dev2.copy_(dev), 2 * size),
+                            ("h2d_pinned", lambda k: dev2.copy_(host, non_blocking=True), size),
+                            ("d2h_pinned", lambda k: host.copy_(dev, non_blocking=True), size)):
+        fn(0)
+        out[name] = moved / (median(event_times_ms(fn, iters)) * 1e-3)
+    return out
+
+
+def capture_graph(step, static):
+    """A CUDA graph of one step on the static inputs, after two warm-up steps on a side
+    stream (first-use initialisation stays out of the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(*static)
+    return graph
+
+
+def step_setup(op, batch, dim, seed=0):
+    """(step, batches) for op at this batch: fresh 1M x 200K tables and 4 batches."""
+    tables = make_tables(NUM_USERS, NUM_ITEMS, dim, seed=seed)
+    items = ZipfItems(NUM_ITEMS, 1.0, seed=seed)
+    if op == "train_step":
+        step, _ = make_train_step(tables)
+        data = make_batches(NUM_USERS, items, batch, 4, seed=batch)
+    else:
+        step, _ = make_bpr_native(tables)
+        data = make_triples(NUM_USERS, NUM_ITEMS, items, batch, 4, seed=batch)
+    return step, data
+
+
+def measure_step(op, batch, dim, iters, log_fn=log):
+    """Everything --step times for one (op, batch); a part that fails is recorded as a
+    string and the rest still runs. Returns the results and a function that profiles one
+    step of the same set-up later, once every timing is done (so that the profiler cannot
+    slow down any launch that is timed) and adds its kernels to the results."""
+    res = {"op": op, "batch": batch, "dim": dim}
+    step, data = step_setup(op, batch, dim)
+    users, items = data[0][0], data[0][1]
+    res["distinct_users"] = int(torch.unique(users).numel())
+    res["distinct_items"] = int(torch.unique(items).numel())
+    model = None
+    if op == "train_step":
+        model, minimum, _, _ = step_byte_model(users, items, dim=dim)
+        res["model_bytes_per_sample"] = sum(r.bytes_per_sample for r in model)
+        res["minimum_bytes_per_sample"] = minimum
+    for _ in range(3):  # warm-up: first-use allocation, CUB temp sizes, module load
+        step(*data[0])
+    torch.cuda.synchronize()
+
+    def attempt(key, fn):
+        try:
+            res[key] = fn()
+        except Exception as exc:  # noqa: BLE001
+            res[key] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            log_fn(f"{op} B={batch} {key}: FAILED\n{traceback.format_exc(limit=4)}")
+
+    attempt("eager_ms", lambda: median(
+        event_times_ms(lambda k: step(*data[k % len(data)]), iters)))
+    static = [t.clone() for t in data[0]]
+    graph = None
+
+    def graphed():
+        nonlocal graph
+        graph = capture_graph(step, static)
+
+        def load(k):
+            for s, t in zip(static, data[k % len(data)], strict=True):
+                s.copy_(t)
+
+        return median(event_times_ms(lambda k: graph.replay(), iters, before=load))
+
+    attempt("graph_ms", graphed)
+    subs = {}
+    attempt("submit_eager", lambda: median(submit_times_us(
+        lambda k: step(*data[k % len(data)]), min(iters, 30))))
+    subs["eager"] = res.pop("submit_eager")
+    if graph is not None:
+        attempt("submit_graph", lambda: median(submit_times_us(lambda k: graph.replay(),
+                                                                 min(iters, 30))))
+        subs["graph"] = res.pop("submit_graph")
+    res["submit_us"] = subs
+
+    def profile_later():
+        kernels = []
+
+        def profiled():
+            kernels.extend(profile_kernels(lambda: step(*data[1])))
+            return [list(k) for k in kernels]
+
+        attempt("kernels", profiled)
+        if kernels:
+            res["kernels_us"] = sum(k[2] for k in kernels)
+            log_fn(f"\n### {op}, batch {batch}, K={dim}: one eager step under torch.profiler "
+                   f"(distinct users {res['distinct_users']}, items {res['distinct_items']})\n")
+            log_fn(format_kernel_table(kernels, batch, model))
+        return res
+
+    return res, profile_later
+
+
+def cuda_ready(mode, ops):
+    """None when the GPU and fastmf's CUDA kernels of `ops` are there, else why not."""
+    if not torch.cuda.is_available():
+        return (f"gpu_bench {mode}: no CUDA device (torch {torch.__version__}, CUDA "
+                f"{torch.version.cuda}); nothing measured")
+    try:
+        from fastmf.ops import native
+    except Exception as exc:  # noqa: BLE001
+        return f"gpu_bench {mode}: fastmf did not import ({type(exc).__name__}: {exc})"
+    missing = [op for op in ops if not native.has_kernel("cuda", op)]
+    if missing:
+        return (f"gpu_bench {mode}: this fastmf build has no CUDA kernel for "
+                f"{', '.join(missing)}; build it with FASTMF_CUDA=1")
+    return None
+
+
+def brief(x):
+    """A measurement for a progress line: 3 decimals, or the reason it is missing."""
+    return f"{x:.3f}" if isinstance(x, float) else str(x)[:80]
+
+
+def append_json(path, record):
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def run_step_mode(args):
+    why = cuda_ready("--step", args.ops)
+    if why:
+        log(why)
+        return 2
+    dev = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    env = {k: v for k, v in os.environ.items() if k.startswith("FASTMF_")}
+    log(f"gpu_bench --step: {dev}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, K={args.dim}, batches {list(args.batches)}, "
+        f"{args.iters} timed steps each; env {env or '{}'}")
+    bw = {}
+    try:
+        bw = copy_bandwidths()
+        torch.cuda.empty_cache()
+        log("copy bandwidth: " + ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in bw.items()))
+    except Exception as exc:  # noqa: BLE001
+        log(f"copy bandwidth: FAILED {type(exc).__name__}: {exc!s:.200}")
+    append_json(args.json, {"kind": "copy_bandwidth", "device": dev, "env": env, **bw})
+    results, later = [], []
+    for op in args.ops:
+        for batch in args.batches:
+            try:
+                res, profile_later = measure_step(op, batch, args.dim, args.iters)
+                later.append(profile_later)
+            except Exception as exc:  # noqa: BLE001
+                log(f"{op} B={batch}: FAILED\n{traceback.format_exc(limit=4)}")
+                res = {"op": op, "batch": batch, "eager_ms": f"failed: {type(exc).__name__}"}
+                torch.cuda.empty_cache()
+            results.append(res)
+            append_json(args.json, {"kind": "step", "device": dev, "env": env, **res})
+            sub = res.get("submit_us", {})
+            log(f"{op} B={batch}: eager {brief(res.get('eager_ms'))} ms, graph "
+                f"{brief(res.get('graph_ms'))} ms, submit eager {brief(sub.get('eager'))} / "
+                f"graph {brief(sub.get('graph'))} µs")
+    # The per-kernel tables, after every timing (their set-ups are still alive: a few GB).
+    for profile_later in later:
+        res = profile_later()
+        append_json(args.json, {"kind": "kernels", "device": dev, "env": env, "op": res["op"],
+                                "batch": res["batch"], "kernels": res.get("kernels")})
+        res.pop("kernels", None)
+    later.clear()
+    torch.cuda.empty_cache()
+    d2d = bw.get("d2d")
+    log(f"\n## step summary — {dev}, K={args.dim}, "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+    log(f"Event-timed medians of {args.iters} steps; submit = host time of one call onto an "
+        f"idle GPU; roofline {HBM_BYTES_PER_S / 1e12:.1f} TB/s (copy measured: "
+        f"{f'{d2d / 1e12:.2f} TB/s' if d2d else 'n/a'}); model bytes: README 'GPU: byte "
+        f"model per kernel'.\n")
+    log(format_step_summary(results))
+    return 0
+
+
+def run_ncu_step(args):
+    """The marked step(s) that Nsight Compute profiles: set-up and warm-up outside the
+    NVTX range, then one step per batch inside it (also between cudaProfilerStart/Stop,
+    for ncu --profile-from-start off)."""
+    op = args.ops[0]
+    why = cuda_ready("--ncu-step", [op])
+    if why:
+        log(why)
+        return 2
+    for batch in args.batches:
+        step, data = step_setup(op, batch, args.dim)
+        for _ in range(3):
+            step(*data[0])
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        torch.cuda.nvtx.range_push(NVTX_RANGE)
+        step(*data[1])
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        log(f"gpu_bench --ncu-step: {op} batch {batch}, K={args.dim}: one step marked "
+            f"'{NVTX_RANGE}'")
+        step = data = None
+        torch.cuda.empty_cache()
+    return 0
+
+
+def positive_int_list(text):
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def op_list(text):
+    ops = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [op for op in ops if op not in STEP_OPS]
+    if not ops or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(STEP_OPS)}, got {text!r}")
+    return ops
+
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="fastmf GPU benchmarks (see the module docstring)")
     ap.add_argument("--quick", action="store_true", help="K=64 and batch 65536 only")
     ap.add_argument("--budget", type=float, default=240.0,
                     help="seconds for timing; slow methods are skipped once it is spent")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--no-topk", action="store_true", help="leave out the top-k section")
-    args = ap.parse_args()
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--step", action="store_true",
+                      help="one fused step kernel by kernel: eager, graph, submit, profiler")
+    mode.add_argument("--ncu-step", action="store_true",
+                      help=f"one step per batch in the NVTX range {NVTX_RANGE!r}, for ncu")
+    mode.add_argument("--ncu-table", metavar="CSV",
+                      help="per-kernel table of ncu's raw CSV (--csv --page raw)")
+    mode.add_argument("--byte-model", action="store_true",
+                      help="print the per-kernel byte model of train_step (no GPU needed)")
+    mode.add_argument("--ptxas-summary", metavar="LOG",
+                      help="registers and spills from a build log made with -Xptxas -v")
+    ap.add_argument("--batches", type=positive_int_list, default=STEP_BATCHES,
+                    help="batch sizes of the step modes (comma-separated)")
+    ap.add_argument("--dim", type=int, default=STEP_DIM, help="K of the step modes")
+    ap.add_argument("--ops", type=op_list, default=("train_step",),
+                    help=f"ops of --step / --ncu-step, from {', '.join(STEP_OPS)}")
+    ap.add_argument("--iters", type=int, default=50, help="timed steps per measurement")
+    ap.add_argument("--json", metavar="FILE", help="--step appends one JSON line per result")
+    args = ap.parse_args(argv)
+    if args.dim <= 0 or args.iters <= 0:
+        ap.error(f"--dim and --iters must be positive, got {args.dim} and {args.iters}")
+    return args
+
+
+def read_text(path, what):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise SystemExit(f"gpu_bench {what}: cannot read {path!r}: {exc.strerror}") from None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.byte_model:
+        log(format_byte_model(args.batches, args.dim))
+        return 0
+    if args.ptxas_summary:
+        log(format_ptxas(parse_ptxas(read_text(args.ptxas_summary, "--ptxas-summary"))))
+        return 0
+    if args.ncu_table:
+        records = read_ncu_csv(read_text(args.ncu_table, "--ncu-table"))
+        if not records:
+            log(f"gpu_bench --ncu-table: no kernel rows in {args.ncu_table!r}")
+            return 1
+        log(format_ncu_table(records, args.batches, args.dim))
+        return 0
+    if args.step:
+        return run_step_mode(args)
+    if args.ncu_step:
+        return run_ncu_step(args)
     if not torch.cuda.is_available():
         log("gpu_bench: no CUDA device; nothing to measure")
         return 0
