@@ -23,8 +23,11 @@ where the arithmetic is the same:
   stochastic_round` (splitmix64 on uint64, the same bits for the same (seed, step, row,
   column)).
 
-What differs from the reference is rounding only: the row-wise optimizers' ``mean_k(g²)`` is
-summed sequentially, not in PyTorch's vectorised order.
+What differs from the reference is rounding only, in the optimizer updates: the square root
+here is correctly rounded and PyTorch's vectorised one is not always (Adagrad and Adam rows
+can differ in the last bit), and the row-wise optimizers' ``mean_k(g²)`` is summed
+sequentially, not in PyTorch's vectorised order. SGD steps, the forward and the backward
+are the reference's bits.
 
 Kernels compile on first call (``cache=True`` keeps them across runs): ids and offsets are
 widened to int64, half gradients to float32 (exactly), so there is one signature per weight
