@@ -453,3 +453,24 @@ def test_embedding_ops_reject_other_devices():
         nb.embedding_bag_backward_update(weight, *states, grad_output.to("meta"), ids, offsets,
                                          None, "sum", *_settings(Optimizer.ADAGRAD))
     assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_half_write_back_is_the_references_bits(dtype, stochastic):
+    """An SGD step with lr 1 from zero rows writes the float32 values v = -g exactly, so the
+    half bits written are the rounding alone: the spec's, at its edges too (overflow,
+    float16 subnormals, a carry to inf, NaN, inf), for each counter r * K + c."""
+    values = torch.tensor([1.0, -1.0, 0.1, -0.1, 3.14159, 1e-3, -7e-4, 65000.0, -65503.0,
+                           65519.0, 1e-5, -3e-6, 1e-40, 0.0, 70000.0, float("inf"),
+                           float("-inf"), float("nan"), 3.0e38, -3.3e38, 123.456])
+    gen = torch.Generator().manual_seed(100)
+    rows = values[torch.randint(0, values.numel(), (values.numel() * 20, 3), generator=gen)]
+    ids = torch.randperm(rows.shape[0], generator=gen)  # every row once, in shuffled order
+    results = []
+    for kernels in (nb, spec):
+        weight = torch.zeros(rows.shape, dtype=dtype)
+        kernels.sparse_update(weight, None, None, ids, -rows, Optimizer.SGD, 1.0, 0.0, 0.9,
+                              0.999, 0.0, WeightDecay.NONE, 5, 2**62 + 9, stochastic)
+        results.append(weight)
+    assert_bit_identical(results[0], results[1])
