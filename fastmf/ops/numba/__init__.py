@@ -3,6 +3,12 @@
 Importing it imports numba (~0.4 s), so :func:`fastmf.ops.kernels` imports it only when a
 Numba kernel is first asked for."""
 
+from fastmf.ops.numba.embedding_bag import (
+    embedding_bag_backward,
+    embedding_bag_backward_update,
+    embedding_bag_forward,
+    sparse_update,
+)
 from fastmf.ops.numba.pairwise import train_step_pairwise
 from fastmf.ops.numba.pointwise import (
     mf_backward,
@@ -15,5 +21,7 @@ from fastmf.ops.numba.topk import topk_scores
 
 NAME = "numba"
 
-__all__ = ["NAME", "mf_backward", "mf_forward", "sparse_adagrad_update", "sparse_sgd_update",
-           "topk_scores", "train_step", "train_step_pairwise"]
+__all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
+           "embedding_bag_forward", "mf_backward", "mf_forward", "sparse_adagrad_update",
+           "sparse_sgd_update", "sparse_update", "topk_scores", "train_step",
+           "train_step_pairwise"]

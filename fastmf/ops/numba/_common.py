@@ -104,6 +104,33 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
+@intrinsic
+def float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the integer ``bits``."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = context.cast(builder, args[0], signature.args[0], types.uint32)
+        return builder.bitcast(word, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def float32_bits(typingctx, value):
+    """The bit pattern of the float32 ``value`` as a uint64 in [0, 2**32): uint64 because
+    numba widens 32-bit integer arithmetic to 64 bits, and mixing signed with unsigned 64-bit
+    integers would give floats."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+
+    return types.uint64(value), codegen
+
+
 @jit
 def prefetch_row(table, row):
     """Prefetch every cache line of ``table[row]`` (2-D table)."""
@@ -173,6 +200,103 @@ def dot(a, b, scratch):
             scratch[k] += scratch[k + half]
         half //= 2
     return scratch[0]
+
+
+# --------------------------------------------------------------------------------------------
+# float16 / bfloat16 storage
+#
+# numpy has no bfloat16, so half tables are passed as their uint16 bit patterns, widened to
+# float32 for the arithmetic and narrowed back exactly as PyTorch narrows (round to nearest
+# even): ports of c10's fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value and of
+# BFloat16's round_to_nearest_even. Bit operations run on uint64 with uint64 constants, the
+# only integer type numba neither widens nor turns into a float when mixed.
+
+# Storage kinds of a table passed as uint16 bits (PLAIN: float32/float64, used as is).
+PLAIN, FLOAT16, BFLOAT16 = 0, 1, 2
+_LOW32 = np.uint64(0xFFFFFFFF)
+_SIGN32 = np.uint64(0x80000000)
+_F16_EXP_OFFSET = np.uint64(0xE0 << 23)
+_F16_EXP_SCALE = np.float32(2.0 ** -112)
+_F16_MAGIC_MASK = np.uint64(126 << 23)
+_F16_DENORMAL_CUTOFF = np.uint64(1 << 27)
+_F16_SCALE_TO_INF = np.float32(2.0 ** 112)
+_F16_SCALE_TO_ZERO = np.float32(2.0 ** -110)
+_F16_MIN_BIAS = np.uint64(0x71000000)
+_F32_EXP_MASK_SHL1 = np.uint64(0xFF000000)
+_BF16_NAN = np.uint16(0x7FC0)
+_BF16_ROUND = np.uint64(0x7FFF)
+
+
+@jit
+def float16_to_float32(h):
+    """The float32 value of the float16 bits ``h`` (exact)."""
+    w = np.uint64(h) << np.uint64(16)
+    sign = w & _SIGN32
+    two_w = (w + w) & _LOW32
+    normalized = float32_from_bits((two_w >> np.uint64(4)) + _F16_EXP_OFFSET) * _F16_EXP_SCALE
+    denormalized = float32_from_bits((two_w >> np.uint64(17)) | _F16_MAGIC_MASK) - np.float32(0.5)
+    if two_w < _F16_DENORMAL_CUTOFF:
+        return float32_from_bits(sign | float32_bits(denormalized))
+    return float32_from_bits(sign | float32_bits(normalized))
+
+
+@jit
+def float32_to_float16(f):
+    """The float16 bits of the float32 ``f`` rounded to nearest even (NaN: 0x7E00 with
+    f's sign), as uint16."""
+    base = (abs(f) * _F16_SCALE_TO_INF) * _F16_SCALE_TO_ZERO
+    w = float32_bits(f)
+    shl1_w = (w + w) & _LOW32
+    sign = w & _SIGN32
+    bias = shl1_w & _F32_EXP_MASK_SHL1
+    if bias < _F16_MIN_BIAS:
+        bias = _F16_MIN_BIAS
+    base = float32_from_bits((bias >> np.uint64(1)) + np.uint64(0x07800000)) + base
+    bits = float32_bits(base)
+    nonsign = ((bits >> np.uint64(13)) & np.uint64(0x7C00)) + (bits & np.uint64(0x0FFF))
+    if shl1_w > _F32_EXP_MASK_SHL1:
+        nonsign = np.uint64(0x7E00)
+    return np.uint16((sign >> np.uint64(16)) | nonsign)
+
+
+@jit
+def bfloat16_to_float32(h):
+    """The float32 value of the bfloat16 bits ``h`` (exact)."""
+    return float32_from_bits(np.uint64(h) << np.uint64(16))
+
+
+@jit
+def float32_to_bfloat16(f):
+    """The bfloat16 bits of the float32 ``f`` rounded to nearest even (NaN: 0x7FC0), as
+    uint16."""
+    if f != f:
+        return _BF16_NAN
+    u = float32_bits(f)
+    return np.uint16((u + _BF16_ROUND + ((u >> np.uint64(16)) & np.uint64(1)))
+                     >> np.uint64(16))
+
+
+def round_to_half(f, kind):
+    """The float32 ``f`` rounded to the nearest float16 (``kind`` FLOAT16) or bfloat16
+    (BFLOAT16) value, as a float32; ``f`` itself for PLAIN or a float64 ``f`` (inside
+    jitted code only)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(round_to_half)
+def _round_to_half_impl(f, kind):
+    if f != types.float32:
+        # float64 kernels have no half path; typed apart so they need no float32 bit casts
+        return lambda f, kind: f
+
+    def impl(f, kind):
+        if kind == FLOAT16:
+            return float16_to_float32(float32_to_float16(f))
+        if kind == BFLOAT16:
+            return bfloat16_to_float32(float32_to_bfloat16(f))
+        return f
+
+    return impl
 
 
 @inline_jit
