@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fastmf import ops
 from fastmf.nn import embedding as nn_embedding
-from fastmf.nn.embedding import _embedding_kernels, stochastic_rounding_of, table_info
+from fastmf.nn.embedding import embedding_kernels, stochastic_rounding_of, table_info
 from fastmf.ops import checks
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay
 from fastmf.ops.reference.embedding_bag import random_bits, stochastic_round
@@ -112,7 +112,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
     def sparse_step(self, param: Tensor, group: dict, ids: Tensor, rows: Tensor,
                     step: int) -> None:
         """One exact sparse step through the sparse_update kernel."""
-        _embedding_kernels(self.backend, param.device).sparse_update(
+        embedding_kernels(self.backend, param.device).sparse_update(
             param.detach(), *self.states(param), ids, rows.contiguous(),
             *self._row_args(group, param, step))
 
@@ -161,7 +161,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
         self.check_groups()
         group = self.hyperparameters(weight)
         step = self._next_step(weight)
-        _embedding_kernels(self.backend, weight.device).embedding_bag_backward_update(
+        embedding_kernels(self.backend, weight.device).embedding_bag_backward_update(
             weight.detach(), *self.states(weight), grad_output, indices, offsets,
             per_sample_weights, int(pooling), *self._row_args(group, weight, step))
         self.state[weight]["step"] = step

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastmf
-from fastmf.nn.embedding import _embedding_kernels
+from fastmf.nn.embedding import embedding_kernels
 from fastmf.ops import reference
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay
 from fastmf.testing import BACKENDS, BATCH_SIZES, ID_DTYPES, tolerance, zipf_ids
@@ -161,7 +161,7 @@ def test_reference_forward_sums_in_index_order():
 def test_backward_update_equals_composition(backend, optimizer, dtype, pooling):
     """embedding_bag_backward_update == sparse_update(embedding_bag_backward(...)), bit for
     bit, states included (stochastic rounding on for half tables)."""
-    k = _embedding_kernels(backend, "cpu")
+    k = embedding_kernels(backend, "cpu")
     gen = torch.Generator().manual_seed(int(optimizer) * 10 + int(pooling))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     weight = (torch.randn(N, K, generator=gen) * 0.1).to(dtype)

@@ -30,23 +30,18 @@ import torch
 from torch import Tensor, nn
 
 from fastmf import ops
-from fastmf.ops import checks, reference
+from fastmf.ops import checks
 from fastmf.ops.codes import Pooling
 from fastmf.ops.reference.embedding_bag import per_sample_weights_grad
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
 
-def _embedding_kernels(backend: str, device) -> ModuleType:
-    """The backend module that runs the embedding_bag family for ``device``'s tensors.
-
-    Temporary: until every backend has the embedding_bag family, a backend module without it
-    falls back to the reference (the spec). Remove this helper (use ``ops.kernels``) then.
-    """
-    module = ops.kernels(backend, device)
-    if getattr(module, "embedding_bag_forward", None) is None:
-        return reference
-    return module
+def embedding_kernels(backend: str, device) -> ModuleType:
+    """The backend module that runs the embedding_bag family for ``device``'s tensors
+    (``fastmf.ops.kernels`` asked for this family: "auto" is native only where the
+    embedding_bag kernels exist for the device; they have no CUDA kernels yet)."""
+    return ops.kernels(backend, device, kernel="embedding_bag_forward")
 
 
 class TableInfo(NamedTuple):
@@ -272,7 +267,7 @@ class _Table(nn.Module):
     def _lookup(self, indices: Tensor, offsets: Tensor, per_sample_weights, pooling) -> Tensor:
         if self.weight not in _TABLES:
             self._register()  # a weight replaced after construction (copy, assignment)
-        kernels = _embedding_kernels(self.backend, self.weight.device)
+        kernels = embedding_kernels(self.backend, self.weight.device)
         return _EmbeddingBagFunction.apply(self.weight, indices, offsets, per_sample_weights,
                                            pooling, kernels, next(_SEQUENCE))
 

@@ -45,9 +45,10 @@ def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
-def native_device(device: torch.device) -> bool:
-    """Whether the native extension has kernels for tensors on ``device``."""
-    return native.has_kernel(device)
+def native_device(device: torch.device, kernel: str = "mf_forward") -> bool:
+    """Whether the native extension has the kernel ``kernel`` for tensors on ``device``
+    (families gain CUDA kernels one at a time: the embedding_bag family is CPU-only)."""
+    return native.has_kernel(device, kernel)
 
 
 def available_backends() -> list[str]:
@@ -61,12 +62,14 @@ def available_backends() -> list[str]:
 
 
 def resolve_backend(backend: str, device: torch.device | str | None = None,
-                    op: str = "fastmf") -> str:
+                    op: str = "fastmf", kernel: str = "mf_forward") -> str:
     """The backend ``backend`` names for tensors on ``device``.
 
     ``"auto"`` is the native kernels where built for the device, else Numba (CPU), else the
-    reference; without a device, the best backend this installation has. A named backend
-    that is not available raises a RuntimeError that says why and how to fix it.
+    reference; without a device, the best backend this installation has. ``kernel`` is
+    the op the caller will run (any op of its family): "auto" picks native only where that
+    op has a kernel for the device. A named backend that is not available raises a
+    RuntimeError that says why and how to fix it.
     """
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected 'auto' or one of "
@@ -77,29 +80,31 @@ def resolve_backend(backend: str, device: torch.device | str | None = None,
     else:
         device = torch.device(device)
         if backend == "auto":
-            if native_device(device):
+            if native_device(device, kernel):
                 return "native"
             return "numba" if device.type == "cpu" and numba_available() else "reference"
     if backend == "native":
         if not _extension.native_available():
             raise RuntimeError(f"{op}: backend 'native' is unavailable: "
                                f"{_extension.LOAD_ERROR}")
-        if device is not None and not native_device(device):
+        if device is not None and not native_device(device, kernel):
             raise RuntimeError(
-                f"{op}: backend 'native' is unavailable: this build of fastmf has no kernels "
-                f"for {device.type} tensors (build info: {_extension.native_build_info()}); "
-                "rebuild with FASTMF_CUDA=1 against a CUDA torch")
+                f"{op}: backend 'native' is unavailable: this build of fastmf has no {kernel} "
+                f"kernel for {device.type} tensors (build info: "
+                f"{_extension.native_build_info()}); for CUDA, rebuild with FASTMF_CUDA=1 "
+                "against a CUDA torch")
     if backend == "numba" and not numba_available():
         raise RuntimeError(f"{op}: backend 'numba' needs numba: `pip install numba`")
     return backend
 
 
-def kernels(backend: str = "auto", device: torch.device | str | None = None) -> ModuleType:
+def kernels(backend: str = "auto", device: torch.device | str | None = None,
+            kernel: str = "mf_forward") -> ModuleType:
     """The backend module (see the module docstring) that runs ops on ``device``'s tensors:
     every module returned has the functions ``mf_forward``, ``mf_backward``,
     ``sparse_adagrad_update``, ``sparse_sgd_update``, ``train_step``,
     ``train_step_pairwise`` and ``topk_scores`` with the same arguments."""
-    name = resolve_backend(backend, device)
+    name = resolve_backend(backend, device, kernel=kernel)
     if name == "native":
         return native
     if name == "numba":
