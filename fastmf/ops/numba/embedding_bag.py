@@ -65,6 +65,7 @@ from fastmf.ops.numba._common import (
     float32_to_float16,
     group_into,
     ids_view,
+    inline_jit,
     is_ids,
     jit,
     launch,
@@ -325,7 +326,7 @@ def _backward_kernel(grad_output, grad_kind, offsets, num_indices, psw, has_psw,
     return OK
 
 
-@jit
+@inline_jit
 def _add_terms(g, grad, b, j, offsets, psw, has_psw, mean, grad_kind):
     """g += the gradient term of index j in bag b: grad[b] * psw[j], grad[b] / size(b) for
     MEAN, else grad[b]; formed as the reference forms its rows (rounded to a half type for a
@@ -353,7 +354,7 @@ def _add_terms(g, grad, b, j, offsets, psw, has_psw, mean, grad_kind):
             g[k] += src[k]
 
 
-@jit
+@inline_jit
 def _prefetch_segment(weight, state1, state2, sorted_ids, starts, num_segments, s):
     """Prefetch what the update of segment ``s`` touches (if there is one)."""
     if s < num_segments:
@@ -374,7 +375,7 @@ def _square_mean(g):
     return total / cast_like(g, g.shape[0])
 
 
-@jit
+@inline_jit
 def _step_row(w, g, state1, state2, row, optimizer, decay_mode, scalars):
     """One step of the row ``w`` (K,) with its summed gradient ``g`` (K,), both in the
     accumulation type, in place (``g`` too, by L2 decay). States as ``sparse_update`` takes
