@@ -6,6 +6,8 @@ are in ``csrc/fastmf.cpp``, the kernels in ``csrc/cpu/<family>.cpp`` and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -230,10 +232,17 @@ def has_kernel(device: torch.device | str, op: str = "mf_forward") -> bool:
     lacks that family: ask for the op you need)."""
     if not native_available():
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _has_kernel(device_type, op)
+
+
+@functools.cache
+def _has_kernel(device_type: str, op: str) -> bool:
+    # Registrations are fixed once the extension is loaded; the dispatcher query costs a few
+    # microseconds, which every step would otherwise pay.
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastmf::{op}", key
-    )
+        f"fastmf::{op}", key)
 
 
 def topk_scores(
