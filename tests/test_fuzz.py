@@ -419,6 +419,18 @@ def step_settings(draw):
                 eps=None if kind == "sgd" else draw(setting_values))
 
 
+def check_fused_step(spec, backend, conf, call, allow_inf, must_fail):
+    """Run the fused step ``call`` on ``backend``; it must refuse non-finite inputs
+    (``must_fail``) and otherwise match the reference backend."""
+    got = run_step(spec, backend, conf["kind"], conf["lr"], conf["eps"], call,
+                   allow_inf=allow_inf)
+    if must_fail:
+        assert got[0].error is not None, "non-finite settings or targets were accepted"
+    if backend != "reference":
+        compare_steps(backend, run_step(spec, "reference", conf["kind"], conf["lr"],
+                                        conf["eps"], call, allow_inf=allow_inf), got)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @fuzz
 @given(spec=model_specs(), data=st.data(), conf=step_settings(),
@@ -439,14 +451,10 @@ def test_train_step(backend, spec, data, conf, loss):
     def call(model, opt):
         return fastmf.train_step(model, opt, users, items, targets, loss=loss, reg=reg)
 
-    got = run_step(spec, backend, conf["kind"], conf["lr"], conf["eps"], call,
-                   allow_inf=allow_inf)
     # int64 targets cannot hold NaN/inf (the conversion above clips them).
-    if nonfinite(conf["lr"], conf["eps"], reg) or form != "int64" and nonfinite(*values):
-        assert got[0].error is not None, "non-finite settings or targets were accepted"
-    if backend != "reference":
-        compare_steps(backend, run_step(spec, "reference", conf["kind"], conf["lr"],
-                                        conf["eps"], call, allow_inf=allow_inf), got)
+    check_fused_step(spec, backend, conf, call, allow_inf,
+                     nonfinite(conf["lr"], conf["eps"], reg)
+                     or form != "int64" and nonfinite(*values))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -464,13 +472,8 @@ def test_train_step_pairwise(backend, spec, data, conf, loss):
     def call(model, opt):
         return fastmf.train_step_pairwise(model, opt, users, pos, neg, loss=loss, reg=reg)
 
-    got = run_step(spec, backend, conf["kind"], conf["lr"], conf["eps"], call,
-                   allow_inf=allow_inf)
-    if nonfinite(conf["lr"], conf["eps"], reg):
-        assert got[0].error is not None, "non-finite settings were accepted"
-    if backend != "reference":
-        compare_steps(backend, run_step(spec, "reference", conf["kind"], conf["lr"],
-                                        conf["eps"], call, allow_inf=allow_inf), got)
+    check_fused_step(spec, backend, conf, call, allow_inf,
+                     nonfinite(conf["lr"], conf["eps"], reg))
 
 
 # ---------------------------------------------------------------------------------------

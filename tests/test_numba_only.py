@@ -178,32 +178,28 @@ def _settings(optimizer, decay_mode=WeightDecay.L2, step=3, stochastic=True):
     return (optimizer, 0.05, 1e-3, 0.8, 0.95, 0.01, decay_mode, step, 77, stochastic)
 
 
-def _widen(bits, dtype):
+def _convert(values, dtype, out_dtype, to_float16, to_bfloat16):
+    """One of the Numba conversions between float32 and a half type (as uint16 bits), run
+    element by element in nopython mode."""
     @numba.njit
-    def widen(bits, kind, out):
-        for i in range(bits.shape[0]):
-            if kind == nb_common.FLOAT16:
-                out[i] = nb_common.float16_to_float32(bits[i])
-            else:
-                out[i] = nb_common.bfloat16_to_float32(bits[i])
+    def convert(values, kind, out):
+        for i in range(values.shape[0]):
+            out[i] = to_float16(values[i]) if kind == nb_common.FLOAT16 else to_bfloat16(
+                values[i])
 
-    out = np.empty(bits.shape[0], np.float32)
-    widen(bits, nb_embedding._kind(dtype), out)
+    out = np.empty(values.shape[0], out_dtype)
+    convert(values, nb_embedding._kind(dtype), out)
     return out
+
+
+def _widen(bits, dtype):
+    return _convert(bits, dtype, np.float32, nb_common.float16_to_float32,
+                    nb_common.bfloat16_to_float32)
 
 
 def _narrow(values, dtype):
-    @numba.njit
-    def narrow(values, kind, out):
-        for i in range(values.shape[0]):
-            if kind == nb_common.FLOAT16:
-                out[i] = nb_common.float32_to_float16(values[i])
-            else:
-                out[i] = nb_common.float32_to_bfloat16(values[i])
-
-    out = np.empty(values.shape[0], np.uint16)
-    narrow(values, nb_embedding._kind(dtype), out)
-    return out
+    return _convert(values, dtype, np.uint16, nb_common.float32_to_float16,
+                    nb_common.float32_to_bfloat16)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

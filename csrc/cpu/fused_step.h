@@ -140,6 +140,37 @@ struct Workspace {
   void release() { *this = Workspace(); }
 };
 
+// The scalars and per-sample scratch both fused steps keep (Problem in pointwise.cpp,
+// Pairwise in pairwise.cpp): `old_groups` is the number of first-phase row groups whose
+// pre-step rows are kept.
+template <typename T>
+struct StepScratch {
+  int64_t batch, dim;
+  T scale, reg_grad, lr, eps;  // scale = 1/B, reg_grad = 2 reg / B
+  bool reg;
+  T* grad;            // (B,) g_b, the loss gradient of sample b
+  double* loss;       // (B,) loss value of sample b
+  double* norms;      // (B,) the sample's reg term, when reg
+  int32_t* group_of;  // (B,) first-phase group of sample b
+  T* old_rows;        // (old_groups, dim) first-phase rows before the step
+
+  void bind(Workspace& ws, int64_t batch_, int64_t dim_, int64_t old_groups, double reg_,
+            double lr_, double eps_) {
+    batch = batch_;
+    dim = dim_;
+    scale = static_cast<T>(1.0 / static_cast<double>(batch));
+    reg_grad = static_cast<T>(2.0 * reg_ / static_cast<double>(batch));
+    reg = reg_ != 0.0;
+    lr = static_cast<T>(lr_);
+    eps = static_cast<T>(eps_);
+    grad = scratch(ws.typed(T{}), batch + old_groups * dim);
+    old_rows = grad + batch;
+    loss = scratch(ws.loss, batch);
+    norms = reg ? scratch(ws.norms, batch) : nullptr;
+    group_of = scratch(ws.group_of, batch);
+  }
+};
+
 // The second phase's table: its rows, their grouping over `positions` sorted positions,
 // and where each position's gradient comes from.
 template <typename T>

@@ -48,7 +48,7 @@ constexpr const char* kPosName = "items";
 constexpr double kSoftplusThreshold = 20.0;
 
 template <typename T>
-struct Pairwise {
+struct Pairwise : StepScratch<T> {  // first phase: users; scratch indexed by sample b
   T* user_factors;
   T* user_state;       // null for SGD
   T* item_factors;
@@ -59,15 +59,6 @@ struct Pairwise {
   const int64_t* items;  // (2B,): positives, then negatives
   const RowGroups* user_groups;
   const RowGroups* item_groups;  // over the 2B item positions
-  int64_t batch, dim;
-  T scale, reg_grad, lr, eps;  // scale = 1/B, reg_grad = 2 reg / B
-  bool reg;
-  // Scratch indexed by sample b, or by user group s for old_rows.
-  T* grad;            // (B,) g_b = dLoss/dx_b
-  double* loss;       // (B,) softplus(-x_b)
-  double* norms;      // (B,) the sample's reg term, when reg
-  int32_t* group_of;  // (B,) user group of sample b
-  T* old_rows;        // (user groups, dim) user factors before the step
 };
 
 // softplus(z) and d/dz softplus(z) * scale, as F.softplus and its autograd formula
@@ -211,18 +202,7 @@ at::Tensor train_step_pairwise(const StepTables& tables_in, const StepTables& st
     pr.items = items;
     pr.user_groups = &ws.user_groups;
     pr.item_groups = &ws.item_groups;
-    pr.batch = batch;
-    pr.dim = dim;
-    pr.scale = static_cast<T>(1.0 / static_cast<double>(batch));
-    pr.reg_grad = static_cast<T>(2.0 * reg / static_cast<double>(batch));
-    pr.reg = reg != 0.0;
-    pr.lr = static_cast<T>(lr);
-    pr.eps = static_cast<T>(eps);
-    pr.grad = scratch(ws.typed(T{}), batch + ws.user_groups.num_groups * dim);
-    pr.old_rows = pr.grad + batch;
-    pr.loss = scratch(ws.loss, batch);
-    pr.norms = pr.reg ? scratch(ws.norms, batch) : nullptr;
-    pr.group_of = scratch(ws.group_of, batch);
+    pr.bind(ws, batch, dim, ws.user_groups.num_groups, reg, lr, eps);
 
     dispatch_code(opt.optimizer, [&](auto optimizer) {
       phase_users<T, decltype(optimizer)::value>(pr);

@@ -52,19 +52,35 @@ namespace {
 
 constexpr int64_t kForwardGrain = 512;
 
+// The checked ids and contiguous factor tables mf_forward and mf_backward read.
+struct MfInputs {
+  std::vector<int64_t> users, items;
+  int64_t batch, dim;
+  at::Tensor P, Q;
+
+  MfInputs(const char* op, const at::Tensor& user_ids, const at::Tensor& item_ids,
+           const at::Tensor& user_factors, const at::Tensor& item_factors)
+      : batch(user_ids.size(0)),
+        dim(user_factors.size(1)),
+        P(user_factors.contiguous()),
+        Q(item_factors.contiguous()) {
+    load_ids(op, "users", user_ids.contiguous(), user_factors.size(0), users);
+    load_ids(op, "items", item_ids.contiguous(), item_factors.size(0), items);
+  }
+};
+
 at::Tensor mf_forward(const at::Tensor& users, const at::Tensor& items,
                       const at::Tensor& user_factors, const at::Tensor& item_factors,
                       const std::optional<at::Tensor>& user_bias,
                       const std::optional<at::Tensor>& item_bias, double global_mean) {
   const char* op = "mf_forward";
   check_mf_tables(op, users, items, user_factors, item_factors, user_bias, item_bias);
-  std::vector<int64_t> u, i;
-  load_ids(op, "users", users.contiguous(), user_factors.size(0), u);
-  load_ids(op, "items", items.contiguous(), item_factors.size(0), i);
-  const int64_t batch = users.size(0);
-  const int64_t dim = user_factors.size(1);
-  const at::Tensor P = user_factors.contiguous();
-  const at::Tensor Q = item_factors.contiguous();
+  const MfInputs in(op, users, items, user_factors, item_factors);
+  const std::vector<int64_t>& u = in.users;
+  const std::vector<int64_t>& i = in.items;
+  const int64_t batch = in.batch, dim = in.dim;
+  const at::Tensor& P = in.P;
+  const at::Tensor& Q = in.Q;
   const bool has_bias = user_bias.has_value();
   const at::Tensor bu = has_bias ? user_bias->contiguous() : at::Tensor();
   const at::Tensor bi = has_bias ? item_bias->contiguous() : at::Tensor();
@@ -95,13 +111,12 @@ std::tuple<at::Tensor, at::Tensor> mf_backward(const at::Tensor& grad_out,
                                                const at::Tensor& item_factors) {
   const char* op = "mf_backward";
   check_mf_backward(op, grad_out, users, items, user_factors, item_factors);
-  std::vector<int64_t> u, i;
-  load_ids(op, "users", users.contiguous(), user_factors.size(0), u);
-  load_ids(op, "items", items.contiguous(), item_factors.size(0), i);
-  const int64_t batch = users.size(0);
-  const int64_t dim = user_factors.size(1);
-  const at::Tensor P = user_factors.contiguous();
-  const at::Tensor Q = item_factors.contiguous();
+  const MfInputs in(op, users, items, user_factors, item_factors);
+  const std::vector<int64_t>& u = in.users;
+  const std::vector<int64_t>& i = in.items;
+  const int64_t batch = in.batch, dim = in.dim;
+  const at::Tensor& P = in.P;
+  const at::Tensor& Q = in.Q;
   const at::Tensor G = grad_out.contiguous();
   at::Tensor grad_p = at::empty({batch, dim}, P.options());
   at::Tensor grad_q = at::empty({batch, dim}, P.options());
@@ -242,19 +257,11 @@ struct Side {
 };
 
 template <typename T>
-struct Problem {
+struct Problem : StepScratch<T> {
   Side<T> first, second;
-  int64_t batch, dim;
   const T* targets;
-  T global_mean, scale, reg_grad, lr, eps;  // scale = 1/B, reg_grad = 2 reg / B
-  bool reg;
+  T global_mean;
   bool first_is_user;
-  // Scratch, all indexed by batch position b or first-side group s.
-  T* grad;             // (B,) g_b
-  double* loss;        // (B,) loss value of sample b
-  double* norms;       // (B,) the sample's reg term, when reg
-  int32_t* group_of;   // (B,) first-side group of sample b
-  T* old_rows;         // (first groups, dim) first-side factors before the step
 };
 
 template <Optimizer kOpt, typename T>
@@ -394,21 +401,9 @@ at::Tensor train_step(const StepTables& tables_in, const StepTables& states,
     pr.first = users_first ? user : item;
     pr.second = users_first ? item : user;
     pr.first_is_user = users_first;
-    pr.batch = batch;
-    pr.dim = dim;
+    pr.bind(ws, batch, dim, first_groups, reg, lr, eps);
     pr.targets = t.data_ptr<T>();
     pr.global_mean = static_cast<T>(in.global_mean);
-    pr.scale = static_cast<T>(1.0 / static_cast<double>(batch));
-    pr.reg_grad = static_cast<T>(2.0 * reg / static_cast<double>(batch));
-    pr.reg = reg != 0.0;
-    pr.lr = static_cast<T>(lr);
-    pr.eps = static_cast<T>(eps);
-    const int64_t elems = batch + first_groups * dim;
-    pr.grad = scratch(ws.typed(T{}), elems);
-    pr.old_rows = pr.grad + batch;
-    pr.loss = scratch(ws.loss, batch);
-    pr.norms = pr.reg ? scratch(ws.norms, batch) : nullptr;
-    pr.group_of = scratch(ws.group_of, batch);
 
     dispatch_code(in.loss, [&](auto loss) {
       dispatch_code(opt.optimizer, [&](auto optimizer) {

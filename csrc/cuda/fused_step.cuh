@@ -222,8 +222,89 @@ SegmentArgs<scalar_t> table_segments(const SortedRuns& sorted, int64_t first_slo
   return a;
 }
 
+// Step 1's buffers: `slots` sort keys (the batch's ids in the StepKeys space) and their
+// batch positions, int32 on the step's device.
+struct StepKeyBuffers {
+  at::Tensor keys;
+  at::Tensor positions;
+  uint32_t* key_ptr;
+};
+
+inline StepKeyBuffers step_key_buffers(int64_t slots, const at::TensorOptions& options) {
+  at::Tensor keys = at::empty({slots}, options.dtype(at::kInt));
+  at::Tensor positions = at::empty({slots}, options.dtype(at::kInt));
+  auto* key_ptr = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  return StepKeyBuffers{keys, positions, key_ptr};
+}
+
+// Step 4: each user row sums coef[b] * Q[i_b] (or, for a pairwise step,
+// coef[b] * (Q[i_b] - Q[j_b]) from the keys after the positives) over its slots, from Q as
+// it is before step 5, and is updated once. Packed state loads only for element-wise
+// Adagrad (row-wise reads one value per row): the packing check_step_layout checked.
+template <typename scalar_t>
+void update_user_rows(const SortedRuns& sorted, const StepKeys& key, const uint32_t* key_ptr,
+                      const TablePointers<scalar_t>& tab, const scalar_t* coef, int64_t batch,
+                      int64_t dim, const OptimizerArgs& opt, double reg, bool writes_user_bias,
+                      bool pairwise, const at::Tensor& user_factors) {
+  SegmentArgs<scalar_t> a = table_segments<scalar_t>(
+      sorted, 0, batch, 0, user_factors.size(0), tab.user_factors, tab.user_factors_state,
+      batch, dim, opt, reg);
+  if (writes_user_bias) {
+    a.bias = tab.user_bias;
+    a.bias_state = tab.user_bias_state;
+  }
+  a.coef = coef;
+  a.other = tab.item_factors;
+  a.other_keys = key_ptr + batch;
+  if (pairwise) a.other_keys_minus = key_ptr + 2 * batch;
+  a.other_key_offset = key.item_offset();
+  const bool elementwise = opt.optimizer == Optimizer::kAdagrad;
+  run_segment_update<scalar_t>(
+      a, packed_rows(dim, sizeof(scalar_t), {tab.user_factors, tab.item_factors,
+                                             elementwise ? a.state : nullptr}),
+      user_factors);
+}
+
+// Step 5: each item row sums the gradient rows step 3 wrote for its `slots` slots (after
+// the batch's user slots; slot positions from `negated_from` on read the row of position
+// - negated_from, negated: a pairwise step's negatives) and is updated once.
+template <typename scalar_t>
+void update_item_rows(const SortedRuns& sorted, int64_t slots, const StepKeys& key,
+                      const TablePointers<scalar_t>& tab, const scalar_t* grad_rows,
+                      const scalar_t* coef, int64_t negated_from, int64_t batch, int64_t dim,
+                      const OptimizerArgs& opt, double reg, const at::Tensor& item_factors) {
+  SegmentArgs<scalar_t> a = table_segments<scalar_t>(
+      sorted, batch, slots, key.item_offset(), item_factors.size(0), tab.item_factors,
+      tab.item_factors_state, batch, dim, opt, reg);
+  a.bias = tab.item_bias;
+  a.bias_state = tab.item_bias_state;
+  a.grad_rows = grad_rows;
+  if (negated_from < slots) a.negated_from = static_cast<int32_t>(negated_from);
+  // The bias gradient is coef[b] itself; without a bias the rows carry everything.
+  a.coef = tab.item_bias != nullptr ? coef : nullptr;
+  const bool elementwise = opt.optimizer == Optimizer::kAdagrad;
+  run_segment_update<scalar_t>(
+      a, packed_rows(dim, sizeof(scalar_t), {tab.item_factors, elementwise ? a.state : nullptr}),
+      item_factors);
+}
+
 // ---------------------------------------------------------------------------------------
 // Device side.
+
+// Step 3's item-side gradient row of one sample: out = scale * row, written by the
+// sample's group (the row is still in L1 from the dot product).
+template <typename scalar_t, int V>
+__device__ __forceinline__ void store_scaled_row(const Group& g, scalar_t* __restrict__ out,
+                                                 const scalar_t* __restrict__ row,
+                                                 scalar_t scale, int64_t dim) {
+  const int64_t step = static_cast<int64_t>(g.size) * V;
+  for (int64_t e = static_cast<int64_t>(g.lane) * V; e < dim; e += step) {
+    Pack<scalar_t, V> x = load_pack<scalar_t, V>(row + e);
+#pragma unroll
+    for (int v = 0; v < V; ++v) x.v[v] = scale * x.v[v];
+    store_pack<scalar_t, V>(out + e, x);
+  }
+}
 
 // Step 3's loss sums: every group of `lanes` lanes gives one sample's loss and L2 values
 // (read from its lane 0); the block's sums go to block_sums[2 * blockIdx.x + {0, 1}] in a

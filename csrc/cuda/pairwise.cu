@@ -146,14 +146,7 @@ __global__ void __launch_bounds__(kThreads)
       bpr_loss(x, a.scale, grad, loss_value);
       l2_value = static_cast<double>(norms);
       if (g.lane == 0) a.coef[b] = grad;
-      // P's row is still in L1 from the dot product above.
-      scalar_t* out = a.grad_rows + b * a.dim;
-      for (int64_t e = static_cast<int64_t>(g.lane) * V; e < a.dim; e += step) {
-        Pack<scalar_t, V> y = load_pack<scalar_t, V>(p + e);
-#pragma unroll
-        for (int v = 0; v < V; ++v) y.v[v] = grad * y.v[v];
-        store_pack<scalar_t, V>(out + e, y);
-      }
+      store_scaled_row<scalar_t, V>(g, a.grad_rows + b * a.dim, p, grad, a.dim);
     }
   }
   block_loss_sums(loss_value, l2_value, a.lanes, a.block_sums);
@@ -179,14 +172,13 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
   cudaStream_t stream = current_stream();
   ErrorRecord* err = error_record();
 
-  at::Tensor keys = at::empty({3 * batch}, user_factors.options().dtype(at::kInt));
-  at::Tensor positions = at::empty({3 * batch}, user_factors.options().dtype(at::kInt));
-  auto* key_ptr = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  const StepKeyBuffers buffers = step_key_buffers(3 * batch, user_factors.options());
+  uint32_t* key_ptr = buffers.key_ptr;
   prepare_pairwise<<<static_cast<unsigned>(ceil_div(batch, kThreads)), kThreads, 0, stream>>>(
       id_array(u_ids), id_array(i_ids), id_array(j_ids), static_cast<int32_t>(batch), key,
-      key_ptr, positions.data_ptr<int32_t>(), err);
+      key_ptr, buffers.positions.data_ptr<int32_t>(), err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const SortedRuns sorted = sort_runs(keys, positions, key.max_key());
+  const SortedRuns sorted = sort_runs(buffers.keys, buffers.positions, key.max_key());
   at::Tensor result = at::empty({}, user_factors.options());
 
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
@@ -213,35 +205,15 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    // Packed state loads only for element-wise Adagrad (row-wise reads one value per row).
-    // The same packing check_step_layout checked the widths for.
-    const bool elementwise = opt.optimizer == kAdagrad;
-
-    // Users: g_b * (Q[i_b] - Q[j_b]) from Q (not yet updated); no bias.
-    SegmentArgs<scalar_t> ua = table_segments<scalar_t>(
-        sorted, 0, batch, 0, num_users, P, tab.user_factors_state, batch, dim, opt, in.reg);
-    ua.coef = coef.data_ptr<scalar_t>();
-    ua.other = Q;
-    ua.other_keys = key_ptr + batch;
-    ua.other_keys_minus = key_ptr + 2 * batch;
-    ua.other_key_offset = key.item_offset();
-    run_segment_update<scalar_t>(
-        ua, packed_rows(dim, sizeof(scalar_t), {P, Q, elementwise ? ua.state : nullptr}),
-        user_factors);
-
+    // Users: g_b * (Q[i_b] - Q[j_b]); no bias (it cancels in x_uij).
+    update_user_rows<scalar_t>(sorted, key, key_ptr, tab, coef.data_ptr<scalar_t>(), batch, dim,
+                               opt, in.reg, /*writes_user_bias=*/false, /*pairwise=*/true,
+                               user_factors);
     // Items: 2B slots; a positive reads its gradient row, a negative (batch position
     // B + b) the row of sample b negated.
-    SegmentArgs<scalar_t> ia = table_segments<scalar_t>(
-        sorted, batch, 2 * batch, key.item_offset(), num_items, Q, tab.item_factors_state,
-        batch, dim, opt, in.reg);
-    ia.bias = tab.item_bias;
-    ia.bias_state = tab.item_bias_state;
-    ia.grad_rows = grad_rows.data_ptr<scalar_t>();
-    ia.negated_from = static_cast<int32_t>(batch);
-    ia.coef = tab.item_bias != nullptr ? coef.data_ptr<scalar_t>() : nullptr;
-    run_segment_update<scalar_t>(
-        ia, packed_rows(dim, sizeof(scalar_t), {Q, elementwise ? ia.state : nullptr}),
-        item_factors);
+    update_item_rows<scalar_t>(sorted, 2 * batch, key, tab, grad_rows.data_ptr<scalar_t>(),
+                               coef.data_ptr<scalar_t>(), /*negated_from=*/batch, batch, dim,
+                               opt, in.reg, item_factors);
 
     finish_loss<scalar_t>(grid.block_sums, grid.blocks, batch, in.reg, result);
   });

@@ -417,14 +417,7 @@ __global__ void __launch_bounds__(kThreads) train_forward_kernel(const ForwardAr
       pointwise_loss<kLoss>(pred, a.targets[b], a.scale, grad, loss_value);
       l2_value = static_cast<double>(norms);
       if (g.lane == 0) a.coef[b] = grad;
-      // P's row is still in L1 from the dot product above.
-      scalar_t* out = a.item_grad_rows + b * a.dim;
-      for (int64_t e = static_cast<int64_t>(g.lane) * V; e < a.dim; e += step) {
-        Pack<scalar_t, V> x = load_pack<scalar_t, V>(p + e);
-#pragma unroll
-        for (int v = 0; v < V; ++v) x.v[v] = grad * x.v[v];
-        store_pack<scalar_t, V>(out + e, x);
-      }
+      store_scaled_row<scalar_t, V>(g, a.item_grad_rows + b * a.dim, p, grad, a.dim);
     }
   }
   block_loss_sums(loss_value, l2_value, a.lanes, a.block_sums);
@@ -439,7 +432,6 @@ at::Tensor train_step(const StepTables& tables, const StepTables& states,
   const int64_t batch = in.users.size(0), dim = user_factors.size(1);
   check_step_layout(op, tables, states, opt, /*writes_user_bias=*/true, batch, 2 * batch,
                     "twice the batch size");
-  const bool has_bias = tables.has_bias();
   const int64_t num_users = user_factors.size(0), num_items = item_factors.size(0);
   const StepKeys key{static_cast<uint32_t>(num_users), static_cast<uint32_t>(num_items)};
 
@@ -450,18 +442,17 @@ at::Tensor train_step(const StepTables& tables, const StepTables& states,
   cudaStream_t stream = current_stream();
   ErrorRecord* err = error_record();
 
-  at::Tensor keys = at::empty({2 * batch}, user_factors.options().dtype(at::kInt));
-  at::Tensor positions = at::empty({2 * batch}, user_factors.options().dtype(at::kInt));
-  auto* key_ptr = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  const StepKeyBuffers buffers = step_key_buffers(2 * batch, user_factors.options());
+  uint32_t* key_ptr = buffers.key_ptr;
   at::Tensor result = at::empty({}, user_factors.options());
 
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
     const unsigned sample_blocks = static_cast<unsigned>(ceil_div(batch, kThreads));
     prepare_samples<scalar_t><<<sample_blocks, kThreads, 0, stream>>>(
         id_array(u_ids), id_array(i_ids), t.data_ptr<scalar_t>(), static_cast<int32_t>(batch),
-        key, key_ptr, positions.data_ptr<int32_t>(), err);
+        key, key_ptr, buffers.positions.data_ptr<int32_t>(), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const SortedRuns sorted = sort_runs(keys, positions, key.max_key());
+    const SortedRuns sorted = sort_runs(buffers.keys, buffers.positions, key.max_key());
 
     const auto tab = TablePointers<scalar_t>::of(tables, states, opt.optimizer);
     scalar_t* P = tab.user_factors;
@@ -490,34 +481,12 @@ at::Tensor train_step(const StepTables& tables, const StepTables& states,
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-    // Packed state loads only for element-wise Adagrad (row-wise reads one value per row).
-    // The same packing check_step_layout checked the widths for.
-    const bool elementwise = opt.optimizer == kAdagrad;
-
-    // Users: gradient rows derived from Q (not yet updated).
-    SegmentArgs<scalar_t> ua = table_segments<scalar_t>(
-        sorted, 0, batch, 0, num_users, P, tab.user_factors_state, batch, dim, opt, in.reg);
-    ua.bias = tab.user_bias;
-    ua.bias_state = tab.user_bias_state;
-    ua.coef = coef.data_ptr<scalar_t>();
-    ua.other = Q;
-    ua.other_keys = key_ptr + batch;
-    ua.other_key_offset = key.item_offset();
-    run_segment_update<scalar_t>(
-        ua, packed_rows(dim, sizeof(scalar_t), {P, Q, elementwise ? ua.state : nullptr}),
-        user_factors);
-
-    // Items: the gradient rows written by the forward pass.
-    SegmentArgs<scalar_t> ia = table_segments<scalar_t>(
-        sorted, batch, batch, key.item_offset(), num_items, Q, tab.item_factors_state, batch,
-        dim, opt, in.reg);
-    ia.bias = tab.item_bias;
-    ia.bias_state = tab.item_bias_state;
-    ia.grad_rows = item_grad_rows.data_ptr<scalar_t>();
-    ia.coef = has_bias ? coef.data_ptr<scalar_t>() : nullptr;
-    run_segment_update<scalar_t>(
-        ia, packed_rows(dim, sizeof(scalar_t), {Q, elementwise ? ia.state : nullptr}),
-        item_factors);
+    update_user_rows<scalar_t>(sorted, key, key_ptr, tab, coef.data_ptr<scalar_t>(), batch, dim,
+                               opt, in.reg, /*writes_user_bias=*/true, /*pairwise=*/false,
+                               user_factors);
+    update_item_rows<scalar_t>(sorted, batch, key, tab, item_grad_rows.data_ptr<scalar_t>(),
+                               coef.data_ptr<scalar_t>(), /*negated_from=*/batch, batch, dim,
+                               opt, in.reg, item_factors);
 
     finish_loss<scalar_t>(grid.block_sums, grid.blocks, batch, in.reg, result);
   });

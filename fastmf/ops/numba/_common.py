@@ -485,12 +485,14 @@ def chunk_bounds(starts, num_segments, num_threads):
 
 @jit
 def step_scalars(like, num_samples, reg, lr, eps):
-    """``(batch, reg_scale, lr, eps)`` of a fused step in the weights' type (``like``):
-    the batch size B, and the factor of the L2 term's gradient. That gradient is
-    (reg/B) * 2w in autograd; 2*(reg/B) is exact, so (2*(reg/B)) * w rounds the same."""
+    """``(zero, batch, reg_scale, lr, eps, use_reg)`` of a fused step, in the weights' type
+    (``like``) but ``use_reg``: the batch size B, and the factor of the L2 term's gradient.
+    That gradient is (reg/B) * 2w in autograd; 2*(reg/B) is exact, so (2*(reg/B)) * w rounds
+    the same."""
     batch = cast_like(like, num_samples)
     reg_scale = cast_like(like, 2.0) * (cast_like(like, reg) / batch)
-    return batch, reg_scale, cast_like(like, lr), cast_like(like, eps)
+    return (cast_like(like, 0.0), batch, reg_scale, cast_like(like, lr), cast_like(like, eps),
+            reg != 0.0)
 
 
 @inline_jit

@@ -92,11 +92,9 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
     num_samples = users.shape[0]
     dim = user_factors.shape[1]
     P, Q = user_factors, item_factors
-    zero = cast_like(P, 0.0)
-    batch, reg_scale, lr_, eps_ = step_scalars(P, num_samples, reg, lr, eps)
+    zero, batch, reg_scale, lr_, eps_, use_reg = step_scalars(P, num_samples, reg, lr, eps)
     # mean's backward: 1/B in the weights' type.
     scale = cast_like(P, 1.0) / batch
-    use_reg = reg != 0.0
 
     no_bias = item_bias[:0]
 

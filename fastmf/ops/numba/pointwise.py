@@ -224,12 +224,10 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
     num_samples = users.shape[0]
     dim = user_factors.shape[1]
     P, Q = user_factors, item_factors
-    zero = cast_like(P, 0.0)
     mean = cast_like(P, global_mean)
-    batch, reg_scale, lr_, eps_ = step_scalars(P, num_samples, reg, lr, eps)
+    zero, batch, reg_scale, lr_, eps_, use_reg = step_scalars(P, num_samples, reg, lr, eps)
     mse_norm = cast_like(P, 2.0 / num_samples)
     huber_norm = cast_like(P, 1.0 / num_samples)
-    use_reg = reg != 0.0
 
     # 1. Group users and items into segments of equal ids; check the targets before
     # anything is written.
