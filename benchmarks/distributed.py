@@ -91,7 +91,8 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
         "phases_ms": {k_: round(1e3 * v / steps, 2) for k_, v in fd.timings.seconds.items()},
         "samples_per_s_per_rank": round(b * steps / total),
         "bytes_per_sample_each_way_measured": round(measured, 1),
-        "bytes_per_sample_each_way_formula": round((world - 1) / world * (2 * 8 + 4 * row_bytes), 1),
+        "bytes_per_sample_each_way_formula":
+            round((world - 1) / world * (2 * 8 + 4 * row_bytes), 1),
     }
     with open(os.path.join(out, f"{world}-{rank}.json"), "w") as f:
         json.dump(result, f)

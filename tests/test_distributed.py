@@ -22,7 +22,7 @@ import fastmf
 from fastmf.distributed import routing
 
 TOL = 1e-6
-U, I, K = 37, 23, 8
+NUM_USERS, NUM_ITEMS, K = 37, 23, 8
 STEPS = 4
 BATCH = 63  # odd: the two ranks' slices differ in size
 
@@ -35,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _batches(seed: int, num_users=U, num_items=I, batch=BATCH, steps=STEPS):
+def _batches(seed: int, num_users=NUM_USERS, num_items=NUM_ITEMS, batch=BATCH, steps=STEPS):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
@@ -50,7 +50,7 @@ def _batches(seed: int, num_users=U, num_items=I, batch=BATCH, steps=STEPS):
 
 def _mf(seed: int) -> fastmf.MF:
     torch.manual_seed(seed)
-    model = fastmf.MF(U, I, dim=K, global_mean=3.0)
+    model = fastmf.MF(NUM_USERS, NUM_ITEMS, dim=K, global_mean=3.0)
     with torch.no_grad():  # non-zero biases so their gradients and updates matter
         model.user_bias.uniform_(-0.1, 0.1)
         model.item_bias.uniform_(-0.1, 0.1)
@@ -113,8 +113,8 @@ class TwoTower(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.users = fastmf.nn.Embedding(U, K)
-        self.items = fastmf.nn.Embedding(I, K)
+        self.users = fastmf.nn.Embedding(NUM_USERS, K)
+        self.items = fastmf.nn.Embedding(NUM_ITEMS, K)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(2 * K, 16), torch.nn.ReLU(),
                                        torch.nn.Linear(16, 1))
 
@@ -261,13 +261,13 @@ def _worker_two(rank: int, world: int, ckpt: Path) -> dict:
     u, i, _, r = _batches(3)[0]
     u = u[part].clone()
     if rank == 1:
-        u[2] = U + 5
+        u[2] = NUM_USERS + 5
     try:
         back.train_step(opt3, u, i[part], r[part])
         res["bad_ids"] = "no error"
     except IndexError as exc:
         res["bad_ids"] = str(exc)
-    emb = fd.shard(fastmf.nn.Embedding(U, K))
+    emb = fd.shard(fastmf.nn.Embedding(NUM_USERS, K))
     bad = torch.tensor([0, -1]) if rank == 0 else torch.tensor([1, 2])
     try:
         emb(bad)
@@ -282,7 +282,7 @@ def _worker_two(rank: int, world: int, ckpt: Path) -> dict:
     except ValueError as exc:
         res["tiny"] = str(exc)
     try:
-        fd.load(ckpt / "w2", fd.shard(fastmf.MF(U, I, dim=K + 1)))
+        fd.load(ckpt / "w2", fd.shard(fastmf.MF(NUM_USERS, NUM_ITEMS, dim=K + 1)))
         res["mismatch"] = "no error"
     except ValueError as exc:
         res["mismatch"] = str(exc)

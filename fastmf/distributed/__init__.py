@@ -24,8 +24,16 @@ batch.
 """
 
 from .checkpoint import load, save
-from .modules import (ShardedEmbedding, ShardedEmbeddingBag, ShardedMF, apply_sparse,
-                      is_sharded, local_slice, shard, sync_dense_grads)
+from .modules import (
+                      ShardedEmbedding,
+                      ShardedEmbeddingBag,
+                      ShardedMF,
+                      apply_sparse,
+                      is_sharded,
+                      local_slice,
+                      shard,
+                      sync_dense_grads,
+)
 from .routing import Route, local_rows, owner_of, timings
 from .train import fit_sharded
 
