@@ -1,0 +1,394 @@
+"""Sharded checkpoints: every rank writes its rows, one manifest describes the whole, and
+loading re-shards to any world size.
+
+Layout of a checkpoint folder ``path``::
+
+    path/CURRENT                      {"version": "v-<tag>"}: the committed version
+    path/v-<tag>/manifest.json        world size, row map, tables, optimizer settings
+    path/v-<tag>/dense.safetensors    replicated parameters, buffers, their optimizer state
+    path/v-<tag>/shard-00000.safetensors ...  each rank's rows and their optimizer state
+
+Saving (a collective) writes the version into a temporary folder ``path/.tmp-<tag>``: each
+rank its shard, then rank 0 the dense file and the manifest, every file flushed to disk.
+The ranks agree that all writes succeeded (an ``all_reduce`` of error flags, so a failure
+on one rank raises on every rank and nobody waits forever), then rank 0 renames the folder
+to ``path/v-<tag>`` and commits with one ``os.replace`` of ``CURRENT``. A crash or error at
+any point before that replace leaves ``CURRENT`` naming the previous version, complete; the
+next save removes the leftovers. The folder must be on storage every rank can see (one host,
+or a shared file system).
+
+Loading (a collective) reads the manifest, checks the model's tables against it (names,
+global shapes, dtypes) and gives each rank the rows ``g`` with ``g % W == rank`` for the
+current world size ``W``, read from whichever old shards hold them in chunks of rows, so no
+rank ever holds more than its shard plus one chunk. Optimizer states of sharded tables are
+re-sharded the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .modules import is_sharded
+from .routing import local_rows, world
+
+__all__ = ["load", "save"]
+
+FORMAT = "fastmf-sharded-1"
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+DENSE = "dense.safetensors"
+_CHUNK_ROWS = 1 << 20
+
+
+def _shard_name(rank: int) -> str:
+    return f"shard-{rank:05d}.safetensors"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value) -> None:
+    with open(path, "x", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tensors(path: Path, tensors: dict) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+    _fsync(path)
+
+
+def _agree(ok: bool, group, device) -> bool:
+    """True when ``ok`` holds on every rank (one all_reduce)."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, group=group)
+    return int(flag) == 0
+
+
+def _broadcast_str(value: str | None, group) -> str:
+    box = [value]
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def _comm_device(group):
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _optimizer_parts(model: nn.Module, optimizer, index: int):
+    """(sharded tensors, dense tensors, JSON record) of one optimizer's state."""
+    names = _names(model)
+    sharded, dense, record = {}, {}, {"class": type(optimizer).__name__, "groups": [],
+                                      "scalars": {}}
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError("fastmf.distributed.save: an optimizer holds a parameter "
+                                 "that is not in the model")
+            params.append(names[id(p)])
+        settings = {k: v for k, v in group.items() if k != "params"}
+        record["groups"].append({"params": params, "settings": settings})
+    for p, state in optimizer.state.items():
+        name = names[id(p)]
+        for key, value in state.items():
+            full = f"optim{index}/{name}/{key}"
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                (sharded if is_sharded(p) else dense)[full] = value
+            elif isinstance(value, torch.Tensor):
+                dense[full] = value
+            else:
+                record["scalars"][full] = value
+    return sharded, dense, record
+
+
+def _remove_leftovers(path: Path, keep: str | None) -> None:
+    for entry in os.listdir(path):
+        if entry == keep or not (entry.startswith(".tmp-") or entry.startswith("v-")):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path / entry)
+
+
+def _committed(path: Path) -> str | None:
+    try:
+        with open(path / CURRENT, encoding="utf-8") as f:
+            return json.load(f)["version"]
+    except FileNotFoundError:
+        return None
+
+
+def save(path, model: nn.Module, optimizers=(), *, process_group=None,
+         extra: dict | None = None) -> Path:
+    """Save the sharded ``model`` (and ``optimizers``' states) to the folder ``path``,
+    atomically as a whole (see the module docstring). A collective: every rank calls it
+    with the same ``path``. ``extra``: JSON-able data kept in the manifest (rank 0's).
+    Returns the folder of the committed version."""
+    rank, w = world(process_group)
+    device = _comm_device(process_group)
+    path = Path(path)
+    error: BaseException | None = None
+    tag = None
+    if rank == 0:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if any(path.iterdir()) and not (path / CURRENT).exists():
+                raise FileExistsError(f"fastmf.distributed.save: {path} exists and is not a "
+                                      "sharded fastmf checkpoint; refusing to write into it")
+            _remove_leftovers(path, _committed(path))
+            tag = secrets.token_hex(6)
+            (path / f".tmp-{tag}").mkdir()
+        except Exception as exc:  # reported on every rank below
+            error, tag = exc, None
+    tag = _broadcast_str(tag, process_group)
+    if tag is None:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"fastmf.distributed.save: rank 0 could not prepare {path}")
+    tmp = path / f".tmp-{tag}"
+    try:
+        shard_tensors = {name: p for name, p in model.named_parameters() if is_sharded(p)}
+        dense = {name: t for name, t in model.state_dict().items()
+                 if name not in shard_tensors}
+        records = []
+        for index, optimizer in enumerate(optimizers):
+            sharded, dense_state, record = _optimizer_parts(model, optimizer, index)
+            shard_tensors.update(sharded)
+            dense.update(dense_state)
+            records.append(record)
+        _write_shard(tmp / _shard_name(rank), shard_tensors)
+        if rank == 0:
+            _write_tensors(tmp / DENSE, dense)
+            tables = {}
+            for name, p in model.named_parameters():
+                if is_sharded(p):
+                    tables[name] = {"rows": p.fastmf_shard.num_rows,
+                                    "shape": [p.fastmf_shard.num_rows, *p.shape[1:]],
+                                    "dtype": str(p.dtype).removeprefix("torch.")}
+            manifest = {"format": FORMAT, "world_size": w, "row_map": "modulo",
+                        "tables": tables, "optimizers": records, "extra": extra or {}}
+            _write_json(tmp / MANIFEST, manifest)
+    except Exception as exc:
+        error = exc
+    if not _agree(error is None, process_group, device):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"fastmf.distributed.save: another rank failed to write its part "
+                           f"of {path}; the previous checkpoint is kept")
+    final = path / f"v-{tag}"
+    if rank == 0:
+        try:
+            _fsync(tmp)
+            os.rename(tmp, final)
+            _fsync(path)
+            pending = path / f".{CURRENT}.new-{tag}"
+            _write_json(pending, {"version": final.name})
+            os.replace(pending, path / CURRENT)  # the commit
+            _fsync(path)
+            _remove_leftovers(path, final.name)
+        except Exception as exc:
+            error = exc
+    if not _agree(error is None, process_group, device):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"fastmf.distributed.save: rank 0 failed to commit {path}")
+    return final
+
+
+def _write_shard(file: Path, tensors: dict) -> None:
+    """Write one rank's shard (a seam the tests use to fail a save midway)."""
+    _write_tensors(file, tensors)
+
+
+def _read_manifest(path: Path) -> tuple[Path, dict]:
+    version = _committed(path)
+    if version is None:
+        if not path.exists():
+            raise FileNotFoundError(f"fastmf.distributed.load: no checkpoint at {path}")
+        raise ValueError(f"fastmf.distributed.load: {path} has no {CURRENT} file (not a "
+                         "sharded fastmf checkpoint, or no save was ever committed)")
+    folder = path / version
+    with open(folder / MANIFEST, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"fastmf.distributed.load: {folder / MANIFEST} has format "
+                         f"{manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("row_map") != "modulo":
+        raise ValueError(f"fastmf.distributed.load: unknown row map {manifest.get('row_map')!r}")
+    return folder, manifest
+
+
+def _reshard(folder: Path, old_world: int, key: str, target: torch.Tensor, num_rows: int,
+             rank: int, world_size: int) -> None:
+    """Fill ``target`` (this rank's rows of a (num_rows, ...) tensor) from the old shards."""
+    mine = local_rows(num_rows, rank, world_size)
+    if target.shape[0] != mine:
+        raise ValueError(f"fastmf.distributed.load: {key} holds {target.shape[0]} rows on "
+                         f"rank {rank}, expected {mine}")
+    filled = 0
+    for old in range(old_world):
+        with safe_open(folder / _shard_name(old), framework="pt") as f:
+            if key not in f.keys():
+                raise ValueError(f"fastmf.distributed.load: {_shard_name(old)} has no {key}")
+            part = f.get_slice(key)
+            count = part.get_shape()[0]
+            if count != local_rows(num_rows, old, old_world) or \
+                    tuple(part.get_shape()[1:]) != tuple(target.shape[1:]):
+                raise ValueError(f"fastmf.distributed.load: {key} in {_shard_name(old)} has "
+                                 f"shape {part.get_shape()}, which does not fit a "
+                                 f"{num_rows}-row table")
+            # Old local row l is global row old + l * old_world. Chunks bound the memory a
+            # rank needs beyond its shard when it reads a larger old shard.
+            for start in range(0, count, _CHUNK_ROWS):
+                stop = min(start + _CHUNK_ROWS, count)
+                g = torch.arange(start, stop) * old_world + old
+                keep = torch.remainder(g, world_size) == rank
+                if not bool(keep.any()):
+                    continue
+                block = part[start:stop]
+                target[torch.div(g[keep], world_size, rounding_mode="floor").to(
+                    target.device)] = block[keep].to(device=target.device, dtype=target.dtype)
+                filled += int(keep.sum())
+    if filled != mine:
+        raise ValueError(f"fastmf.distributed.load: {key}: found {filled} of this rank's "
+                         f"{mine} rows")
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+@torch.no_grad()
+def load(path, model: nn.Module, optimizers=(), *, process_group=None) -> dict:
+    """Load a checkpoint written by :func:`save` at any world size into ``model`` (already
+    sharded over ``process_group`` with the same architecture) and ``optimizers`` (built
+    over it as when saved: same classes, same parameter groups). A collective. Returns the
+    manifest's ``extra``.
+
+    Raises ValueError when the tables differ from the checkpoint's (names, shapes, dtypes)
+    or the optimizers do not match, FileNotFoundError when there is no checkpoint. Errors
+    are raised on every rank."""
+    rank, w = world(process_group)
+    device = _comm_device(process_group)
+    error = None
+    try:
+        _load(Path(path), model, optimizers, rank, w)
+    except Exception as exc:
+        error = exc
+    if not _agree(error is None, process_group, device):
+        if error is not None:
+            raise error
+        raise RuntimeError("fastmf.distributed.load: another rank failed to load "
+                           f"{path}; see its error")
+    return _read_manifest(Path(path))[1].get("extra", {})
+
+
+def _load(path: Path, model: nn.Module, optimizers, rank: int, w: int) -> None:
+    folder, manifest = _read_manifest(path)
+    old_world = int(manifest["world_size"])
+    tables = manifest["tables"]
+    params = dict(model.named_parameters())
+    sharded = {n for n, p in params.items() if is_sharded(p)}
+    if sharded != set(tables):
+        raise ValueError(f"fastmf.distributed.load: the model's sharded tables "
+                         f"{sorted(sharded)} differ from the checkpoint's {sorted(tables)}")
+    for name in sorted(sharded):
+        p, spec = params[name], tables[name]
+        shape = [p.fastmf_shard.num_rows, *p.shape[1:]]
+        if shape != spec["shape"] or _dtype_name(p) != spec["dtype"]:
+            raise ValueError(f"fastmf.distributed.load: table {name} is {shape} "
+                             f"{_dtype_name(p)} in the model, {spec['shape']} {spec['dtype']} "
+                             "in the checkpoint")
+    records = manifest["optimizers"]
+    if len(records) != len(optimizers):
+        raise ValueError(f"fastmf.distributed.load: the checkpoint has {len(records)} "
+                         f"optimizer(s), {len(optimizers)} given")
+    for index, (record, optimizer) in enumerate(zip(records, optimizers, strict=True)):
+        if record["class"] != type(optimizer).__name__:
+            raise ValueError(f"fastmf.distributed.load: optimizer {index} is "
+                             f"{type(optimizer).__name__}, the checkpoint's is "
+                             f"{record['class']}")
+        names = _names(model)
+        groups = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+        if groups != [g["params"] for g in record["groups"]]:
+            raise ValueError(f"fastmf.distributed.load: optimizer {index}'s parameter groups "
+                             "differ from the checkpoint's")
+    # Everything checked: now write.
+    for name in sorted(sharded):
+        p = params[name]
+        _reshard(folder, old_world, name, p.data, p.fastmf_shard.num_rows, rank, w)
+    with safe_open(folder / DENSE, framework="pt") as f:
+        dense_keys = set(f.keys())
+        state = model.state_dict()
+        for name, tensor in state.items():
+            if name in sharded:
+                continue
+            if name not in dense_keys:
+                raise ValueError(f"fastmf.distributed.load: the checkpoint has no {name}")
+            value = f.get_tensor(name)
+            if value.shape != tensor.shape:
+                raise ValueError(f"fastmf.distributed.load: {name} is {tuple(tensor.shape)} in "
+                                 f"the model, {tuple(value.shape)} in the checkpoint")
+            tensor.copy_(value)
+        model.load_state_dict(state, strict=True)
+        for index, (record, optimizer) in enumerate(zip(records, optimizers, strict=True)):
+            for group, saved in zip(optimizer.param_groups, record["groups"], strict=True):
+                for key, value in saved["settings"].items():
+                    group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+            optimizer.state.clear()
+            for name, p in params.items():
+                prefix = f"optim{index}/{name}/"
+                for key, value in record["scalars"].items():
+                    if key.startswith(prefix):
+                        optimizer.state[p][key[len(prefix):]] = value
+                for key in dense_keys:
+                    if key.startswith(prefix):
+                        optimizer.state[p][key[len(prefix):]] = f.get_tensor(key).to(p.device)
+    for index, optimizer in enumerate(optimizers):
+        with safe_open(folder / _shard_name(0), framework="pt") as f:
+            shard_keys = [k for k in f.keys() if k.startswith(f"optim{index}/")]
+        for key in shard_keys:
+            _, name, state_key = key.split("/", 2)
+            p = params[name]
+            info = p.fastmf_shard
+            with safe_open(folder / _shard_name(0), framework="pt") as f:
+                row_shape = f.get_slice(key).get_shape()[1:]
+                dtype = f.get_slice(key).get_dtype()
+            target = torch.empty((p.shape[0], *row_shape), device=p.device,
+                                 dtype=_torch_dtype(dtype))
+            _reshard(folder, old_world, key, target, info.num_rows, rank, w)
+            optimizer.state[p][state_key] = target
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    table = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16,
+             "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
+    if name not in table:
+        raise ValueError(f"fastmf.distributed.load: unsupported state dtype {name}")
+    return table[name]
+
