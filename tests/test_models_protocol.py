@@ -72,6 +72,7 @@ class ProtoMLP(Recommender):
                  backend: str = "auto", device=None, dtype=torch.float32):
         super().__init__()
         self.num_users, self.num_items, self.dim, self.hidden = num_users, num_items, dim, hidden
+        self.device, self.dtype = device, dtype  # attributes of these names must not clash
         kw = dict(backend=backend, device=device, dtype=dtype)
         self.user_emb = fastmf.nn.Embedding(num_users, dim, **kw)
         self.item_emb = fastmf.nn.Embedding(num_items, dim, **kw)
@@ -80,7 +81,8 @@ class ProtoMLP(Recommender):
 
     def get_config(self) -> dict:
         return {"num_users": self.num_users, "num_items": self.num_items, "dim": self.dim,
-                "hidden": self.hidden, "dtype": str(self.dtype).removeprefix("torch.")}
+                "hidden": self.hidden,
+                "dtype": str(self.user_emb.weight.dtype).removeprefix("torch.")}
 
     def forward(self, users, items):
         users, items = self.as_ids(users, "users"), self.as_ids(items, "items")
