@@ -294,7 +294,7 @@ class Recommender(nn.Module):
             stamps = train.timestamps
             if stamps.dtype.kind == "M":  # datetimes: seconds since the epoch
                 stamps = stamps.astype("datetime64[s]").astype(np.int64)
-            timestamps = torch.as_tensor(stamps, device=device)[order]
+            timestamps = torch.from_numpy(np.array(stamps)).to(device)[order]  # a writable copy
         base = generator.initial_seed()
         for b, lo in enumerate(range(0, n, batch_size)):
             u, i = users[lo:lo + batch_size], items[lo:lo + batch_size]
