@@ -165,6 +165,8 @@ class _NCF(nn.Module):
     _op = "NCF"
     losses = ("bce", "bpr")
     default_loss = "bce"
+    defaults = {"implicit": dict(table_optimizer="adam", lr=0.004, dense_lr=0.004,
+                                 batch_size=2048, epochs=20, reg=0.0)}
 
     def _device(self):
         return self.output.weight.device
