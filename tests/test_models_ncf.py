@@ -1,8 +1,6 @@
 """GMF, MLP and NeuMF against a textbook PyTorch NeuMF (nn.Embedding + nn.Linear) holding
 the same weights: forward, gradients, training steps, pretraining, scoring, bad input."""
 
-from typing import NamedTuple
-
 import numpy as np
 import pytest
 import torch
@@ -10,7 +8,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import fastmf
+from fastmf.models import ncf
+from fastmf.models.base import Batch, Recommender
 from fastmf.models.ncf import GMF, MLP, NeuMF
+from fastmf.optim import CombinedOptimizer
 
 NUM_USERS, NUM_ITEMS = 37, 53
 
@@ -18,30 +19,6 @@ NUM_USERS, NUM_ITEMS = 37, 53
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-class Batch(NamedTuple):
-    users: torch.Tensor
-    items: torch.Tensor
-    targets: torch.Tensor | None = None
-    negatives: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-    timestamps: torch.Tensor | None = None
-
-
-class Both:
-    """Steps several optimizers as one."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    def zero_grad(self):
-        for opt in self.optimizers:
-            opt.zero_grad()
-
-    def step(self):
-        for opt in self.optimizers:
-            opt.step()
 
 
 class Textbook(nn.Module):
@@ -165,22 +142,20 @@ def test_dropout_matches_textbook_masks(kind):
 
 
 def textbook_loss(twin, users, items, negatives, loss, reg):
-    """The unfused loss on the flattened batch: pairs (u, i) and (u, j) for bce, triples
-    (u, i, j) for bpr; reg times the per-sample mean of squared row norms."""
+    """The unfused loss on the flattened batch: bce over the pairs (u, i) and (u, j), bpr
+    over the (u, i, j) triples; plus reg times the squared norms of every row looked up
+    (the user's once per scored pair), over B."""
     n = negatives.shape[1]
+    repeated, j = users.repeat_interleave(n), negatives.reshape(-1)
     if loss == "bce":
-        u = torch.cat([users, users.repeat_interleave(n)])
-        i = torch.cat([items, negatives.reshape(-1)])
+        u, i = torch.cat([users, repeated]), torch.cat([items, j])
         labels = torch.cat([torch.ones(len(users)), torch.zeros(len(users) * n)])
         value = F.binary_cross_entropy_with_logits(twin(u, i), labels.to(twin.out.weight))
-        penalty = sum(p.pow(2).sum(1) + q.pow(2).sum(1) for p, q in twin.rows(u, i)).mean()
     else:
-        u, i = users.repeat_interleave(n), items.repeat_interleave(n)
-        j = negatives.reshape(-1)
-        value = F.softplus(twin(u, j) - twin(u, i)).mean()
-        penalty = sum(p.pow(2).sum(1) + q.pow(2).sum(1) + q2.pow(2).sum(1)
-                      for (p, q), (_, q2) in zip(twin.rows(u, i), twin.rows(u, j))).mean()
-    return value + reg * penalty
+        value = F.softplus(twin(repeated, j).view(-1, n) - twin(users, items)[:, None]).mean()
+    u, i = torch.cat([users, repeated]), torch.cat([items, j])
+    penalty = sum(p.pow(2).sum() + q.pow(2).sum() for p, q in twin.rows(u, i))
+    return value + reg * penalty / len(users)
 
 
 # Under BPR some dense gradients cancel exactly in theory (the output bias always; a hidden
@@ -195,8 +170,8 @@ def fused_optimizers(model, name, lr, dense_lr):
     dense = [p for n, p in model.named_parameters() if "embedding" not in n]
     sparse = (fastmf.optim.SparseAdam(tables, lr=lr) if name == "adam"
               else fastmf.optim.SparseAdagrad(tables, lr=lr))
-    return Both(fastmf.optim.apply_in_backward(sparse),
-                torch.optim.Adam(dense, lr=dense_lr, eps=DENSE_EPS))
+    return CombinedOptimizer([fastmf.optim.apply_in_backward(sparse),
+                              torch.optim.Adam(dense, lr=dense_lr, eps=DENSE_EPS)])
 
 
 def textbook_optimizers(twin, name, lr, dense_lr):
@@ -205,7 +180,7 @@ def textbook_optimizers(twin, name, lr, dense_lr):
                                                                       "_i.weight"))]
     sparse = (torch.optim.SparseAdam(tables, lr=lr) if name == "adam"
               else torch.optim.Adagrad(tables, lr=lr))
-    return Both(sparse, torch.optim.Adam(dense, lr=dense_lr, eps=DENSE_EPS))
+    return CombinedOptimizer([sparse, torch.optim.Adam(dense, lr=dense_lr, eps=DENSE_EPS)])
 
 
 @pytest.mark.parametrize("kind,loss,opt,reg", [
@@ -237,6 +212,8 @@ def test_training_steps_equal_textbook(kind, loss, opt, reg):
             assert not isinstance(table, fastmf.nn.Embedding) or table.weight.grad is None
         check = Textbook(*((twin.gmf_dim, twin.layers))).copy_from(model)
         for (name, a), b in zip(check.named_parameters(), twin.parameters()):
+            if loss == "bpr" and name == "out.bias":
+                continue  # cancels in x_ui - x_uj: its gradient is pure rounding noise
             torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6,
                                        msg=lambda m, name=name: name + m)
 
@@ -279,7 +256,7 @@ def test_layer_reg_adds_keras_l2():
     users, items = zipf_ids(rng, 20, NUM_USERS), zipf_ids(rng, 20, NUM_ITEMS)
     negatives = zipf_ids(rng, 20, NUM_ITEMS).reshape(20, 1)
     batch = Batch(users, items, negatives=negatives)
-    noop = Both()
+    noop = CombinedOptimizer([torch.optim.SGD(model.parameters(), lr=0.0)])
     base, _ = model.training_step(batch, noop, loss="bce", reg=0.0)
     model.layer_reg = 0.01
     with_l2, _ = model.training_step(batch, noop, loss="bce", reg=0.0)
@@ -403,3 +380,97 @@ def test_bad_forward_input():
         model(torch.tensor([5]), torch.tensor([0]))
     with pytest.raises(TypeError, match="float32 or float64"):
         GMF(5, 5, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("kind,loss", [("gmf", "bpr"), ("mlp", "bce"), ("neumf", "bce"),
+                                       ("neumf", "bpr")])
+def test_training_step_equals_the_base_class_step(kind, loss):
+    """The broadcast step (each user embedded once) gives the loss and the update of the
+    protocol's default step, which scores the flattened pairs through forward."""
+    rng = np.random.default_rng(9)
+    model, _ = build(kind)
+    # Not copy.deepcopy: a copied table is not known as a fastmf.nn table until its first
+    # lookup, so make_optimizer would put it under dense Adam.
+    other = type(model)(**model.get_config())
+    other.load_state_dict(model.state_dict())
+    users, items = zipf_ids(rng, 32, NUM_USERS), zipf_ids(rng, 32, NUM_ITEMS)
+    batch = Batch(users, items, negatives=zipf_ids(rng, 64, NUM_ITEMS).reshape(32, 2),
+                  weights=torch.rand(32) + 0.5)
+    mine, count = model.training_step(batch, model.make_optimizer("adagrad", 0.05), loss=loss,
+                                      reg=0.03)
+    theirs, base_count = Recommender.training_step(
+        other, batch, other.make_optimizer("adagrad", 0.05), loss=loss, reg=0.03)
+    assert count == base_count
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        if loss == "bpr" and name == "output.bias":
+            continue  # cancels in x_ui - x_uj: Adam's step on its rounding noise is arbitrary
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6,
+                                   msg=lambda m, name=name: name + m)
+
+
+def test_make_optimizer_adam_on_tables_in_backward():
+    model = NeuMF(9, 8, gmf_dim=2, layers=(4, 2))
+    opt = model.make_optimizer(None, 0.01)
+    sparse, dense = opt.optimizers
+    assert isinstance(sparse, fastmf.optim.SparseAdam) and sparse.param_groups[0]["lr"] == 0.01
+    assert isinstance(dense, torch.optim.Adam)
+    assert dense.param_groups[0]["lr"] == NeuMF.dense_lr
+    assert len(sparse.param_groups[0]["params"]) == 4
+    assert isinstance(NeuMF(9, 8).make_optimizer("adagrad", 0.1).optimizers[0],
+                      fastmf.optim.SparseAdagrad)
+
+
+def _brute_force_top(model, users, k, seen):
+    with torch.no_grad():
+        scores = model(users.repeat_interleave(NUM_ITEMS),
+                       torch.arange(NUM_ITEMS).repeat(len(users))).view(len(users), -1)
+    scores = scores.masked_fill(seen[users], float("-inf"))
+    return scores.topk(k, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["gmf", "mlp", "neumf"])
+def test_recommend_excludes_seen_items_and_ranks_like_forward(kind):
+    rng = np.random.default_rng(10)
+    model, _ = build(kind)
+    train = fastmf.data.Interactions(zipf_ids(rng, 400, NUM_USERS).numpy(),
+                                     zipf_ids(rng, 400, NUM_ITEMS).numpy(),
+                                     user_map=NUM_USERS, item_map=NUM_ITEMS)
+    seen = torch.as_tensor(train.to_csr(binary=True).toarray() > 0)
+    users = torch.tensor([0, 1, 5, 36, 0])
+    items, scores = model.recommend(users, k=7, exclude=train)
+    top_scores, top_items = _brute_force_top(model, users, 7, seen)
+    assert not seen[users.unsqueeze(1), items].any()
+    torch.testing.assert_close(scores, top_scores, rtol=1e-5, atol=1e-6)
+    # Items may swap only where their scores tie within rounding.
+    same = items == top_items
+    assert same.float().mean() > 0.9
+    # Candidates: only those items come back.
+    cand, _ = model.recommend(users, k=3, items=torch.tensor([4, 9, 50, 2]))
+    assert set(cand.flatten().tolist()) <= {4, 9, 50, 2}
+
+
+def test_score_items_chunks_like_one_call(monkeypatch):
+    model, _ = build("neumf")
+    users, items = torch.arange(NUM_USERS), torch.arange(NUM_ITEMS)
+    whole = model.score_items(users, items)
+    monkeypatch.setattr(ncf, "SCORE_CHUNK", NUM_ITEMS * 12 * 3)  # 3 users per chunk
+    torch.testing.assert_close(model.score_items(users, items), whole)
+    assert model.score_items(users[:0], items).shape == (0, NUM_ITEMS)
+
+
+def test_models_without_item_vectors_refuse_similar_items():
+    model = MLP(9, 8, layers=(4, 2))
+    with pytest.raises(TypeError, match="fastmf.models.MLP.similar_items: the model has no "
+                                        "item vectors"):
+        model.similar_items([0])
+    assert not model.has_vectors and GMF(9, 8).has_vectors
+    items, _ = GMF(9, 8).similar_items([3], k=4)
+    assert 3 not in items.tolist()
+
+
+def test_config_dtype_round_trip():
+    model = NeuMF(9, 8, gmf_dim=2, layers=(4,), dtype=torch.float64)
+    config = model.get_config()
+    assert config["dtype"] == "float64"
+    assert type(model)(**config).output.weight.dtype == torch.float64

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fastmf import checkpoint
+from fastmf.models.base import SCORE_CHUNK, Recommender, pairwise_loss, pointwise_loss
 from fastmf.nn import Embedding
 
 __all__ = ["GMF", "MLP", "NeuMF"]
@@ -72,22 +75,13 @@ def _check_dropout(op: str, dropout) -> float:
     return float(dropout)
 
 
-def _check_dtype(op: str, dtype) -> None:
+def _check_dtype(op: str, dtype) -> torch.dtype:
+    """``dtype`` as a torch dtype; its name is accepted too (configs hold names)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
     if dtype not in _DTYPES:
         raise TypeError(f"fastmf.models.{op}: dtype must be float32 or float64, got {dtype}")
-
-
-def _ids(op: str, name: str, ids, device) -> Tensor:
-    """Tensor ids on ``device`` (numpy arrays and lists accepted)."""
-    if isinstance(ids, Tensor):
-        return ids
-    array = np.asarray(ids)
-    if array.size == 0:
-        array = array.astype(np.int64)
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"fastmf.models.{op}: {name} must be integer ids, got dtype "
-                        f"{array.dtype}")
-    return torch.as_tensor(array.astype(np.int64, copy=False), device=device)
+    return dtype
 
 
 # -- building blocks -----------------------------------------------------------------------------
@@ -159,17 +153,19 @@ def _check_layer_reg(op: str, layer_reg) -> float:
     return float(layer_reg)
 
 
-class _NCF(nn.Module):
-    """What the three models share: id handling, forward over broadcast ids, scoring."""
+class _NCF(Recommender):
+    """What the three models share: forward over broadcast ids, the training step, scoring,
+    the optimizer."""
 
-    _op = "NCF"
     losses = ("bce", "bpr")
     default_loss = "bce"
-    defaults = {"implicit": dict(table_optimizer="adam", lr=0.004, dense_lr=0.004,
-                                 batch_size=2048, epochs=20, reg=0.0)}
-
-    def _device(self):
-        return self.output.weight.device
+    # Chosen on inner validation splits only (leave-one-out by time inside the training part
+    # of ml-latest-small: all users, the heavier half, the lighter half; never the reported
+    # test rows): `python benchmarks/ncf.py --tune`, benchmarks/README.md "Neural
+    # collaborative filtering". Tables: SparseAdam in backward (make_optimizer's default
+    # here); the batch is 16x the paper's 256, which is where the speed comes from.
+    defaults: ClassVar[dict] = {"implicit": dict(lr=0.01, reg=0.0, epochs=20, batch_size=4096)}
+    dense_lr: ClassVar[float] = 0.005
 
     def _embed(self, users: Tensor, items: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
         """(user rows, item rows) of each tower for ids of broadcastable shapes."""
@@ -184,45 +180,61 @@ class _NCF(nn.Module):
 
     def forward(self, users, items) -> Tensor:
         """``users``, ``items``: (B,) int32/int64 ids -> logits (B,)."""
-        device = self._device()
-        users = _ids(self._op, "users", users, device)
-        items = _ids(self._op, "items", items, device)
+        users, items = self.as_ids(users, "users"), self.as_ids(items, "items")
         if users.dim() != 1 or users.shape != items.shape:
-            raise ValueError(f"fastmf.models.{self._op}: users and items must be 1-D of the "
-                             f"same length, got {tuple(users.shape)} and {tuple(items.shape)}")
+            raise ValueError(f"{self._op()}: users and items must be 1-D of the same length, "
+                             f"got {tuple(users.shape)} and {tuple(items.shape)}")
         return self._logits(users, items)
+
+    def _widest(self) -> int:
+        """The widest per-pair intermediate of the head (bounds score_items' chunks)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def score_items(self, users, items) -> Tensor:
         """Logits of every user in ``users`` (B,) against every item in ``items`` (M,):
         (B, M). Each side's embeddings (and its half of the MLP's first layer) are computed
-        once; call it on chunks of users to bound the (B, M, hidden) work."""
-        device = self._device()
-        users = _ids(self._op, "users", users, device).reshape(-1)
-        items = _ids(self._op, "items", items, device).reshape(-1)
-        return self._logits(users.unsqueeze(1), items.unsqueeze(0))
+        once per call and broadcast, in chunks of users whose (users, items, width)
+        intermediates hold about ``SCORE_CHUNK`` numbers."""
+        users = self.as_ids(users, "users").reshape(-1)
+        items = self.as_ids(items, "items").reshape(-1)
+        out = torch.empty((len(users), len(items)), dtype=self.dtype, device=self.device)
+        if out.numel() == 0:
+            return out
+        rows = max(1, SCORE_CHUNK // (len(items) * self._widest()))
+        item_ids = items.unsqueeze(0)
+        for lo in range(0, len(users), rows):
+            out[lo:lo + rows] = self._logits(users[lo:lo + rows].unsqueeze(1), item_ids)
+        return out
+
+    def make_optimizer(self, name: str | None, lr: float):
+        """The base class's optimizer (tables in backward, ``torch.optim.Adam`` at
+        ``dense_lr`` for the layers) with Adam on the tables by default, as the paper
+        trains NCF."""
+        return super().make_optimizer(name or "adam", lr)
 
     def _config(self) -> dict:
-        return {"num_users": self.num_users, "num_items": self.num_items}
+        return {"num_users": self.num_users, "num_items": self.num_items,
+                "dtype": str(self.dtype).removeprefix("torch.")}
 
     def _dense_l2(self) -> Tensor | float:
         """The L2 penalty on the hidden layers' weights (the paper's ``reg_layers``)."""
         return 0.0
 
     def training_step(self, batch, optimizer, *, loss: str, reg: float) -> tuple[Tensor, int]:
-        """One update on ``batch`` (its ``users`` (B,), ``items`` (B,) and ``negatives``
-        (B, n)): ``"bce"`` labels each positive 1 and each negative 0 (mean over the B·(1+n)
-        pairs), ``"bpr"`` is ``-log σ(x_ui - x_uj)`` (mean over the B·n triples), each plus
-        ``reg`` · the mean over the same samples of the squared norms of the table rows a
-        sample uses (as :func:`fastmf.train_step` regularises MF), plus the hidden layers'
-        L2. Each user is embedded once and broadcast against its 1 + n items. Returns
-        (the loss, detached, the samples counted)."""
+        """One update on ``batch`` (``users`` (B,), ``items`` (B,), ``negatives`` (B, n),
+        optional ``weights`` (B,)), with the numbers of the base class's step: ``"bce"``
+        labels each positive 1 and each negative 0 (mean over the B·(1+n) pairs), ``"bpr"``
+        is ``-log σ(x_ui - x_uj)`` (mean over the B·n pairs); plus ``reg`` · the squared
+        norms of the table rows looked up (a user's rows once per scored pair) / B; plus
+        the hidden layers' L2 (``layer_reg``). Each user is embedded once and broadcast
+        against its 1 + n items, which gives the same gradients with n fewer lookups per
+        user. Returns (the loss, detached, the pairs scored)."""
+        op = self._op("training_step")
         if loss not in self.losses:
-            raise ValueError(f"fastmf.models.{self._op}: unsupported loss {loss!r}; expected "
-                             f"one of {self.losses}")
+            raise ValueError(f"{op}: unsupported loss {loss!r}; expected one of {self.losses}")
         if batch.negatives is None or batch.negatives.dim() != 2:
-            raise ValueError(f"fastmf.models.{self._op}.training_step: loss {loss!r} needs "
-                             "negatives (B, n)")
+            raise ValueError(f"{op}: loss {loss!r} needs negatives (B, n)")
         users = batch.users.unsqueeze(1)
         items = torch.cat([batch.items.unsqueeze(1), batch.negatives.to(batch.items.dtype)], 1)
         size, n = items.shape[0], items.shape[1] - 1
@@ -231,22 +243,20 @@ class _NCF(nn.Module):
         if loss == "bce":
             labels = torch.zeros_like(logits)
             labels[:, 0] = 1.0
-            value = F.binary_cross_entropy_with_logits(logits, labels)
+            weights = None
+            if batch.weights is not None:
+                weights = torch.ones_like(logits)
+                weights[:, 0] = batch.weights.to(logits.dtype)
+                weights = weights.reshape(-1)
+            value = pointwise_loss(logits.reshape(-1), labels.reshape(-1), "bce", weights)
             count = size * (n + 1)
-            user_weight, pos_weight = float(n + 1), 1.0
         else:
-            value = F.softplus(logits[:, 1:] - logits[:, :1]).mean()
+            value = pairwise_loss(logits[:, 0], logits[:, 1:], "bpr", batch.weights)
             count = size * n
-            user_weight, pos_weight = float(n), float(n)
-        if reg and count:
-            # Per sample: the user's rows, the positive's rows (bce: once; bpr: in each of
-            # its n triples) and each negative's rows.
-            penalty = 0.0
-            for pu, qi in rows:
-                squares = qi.pow(2).sum(-1)
-                penalty = penalty + user_weight * pu.pow(2).sum() + pos_weight * (
-                    squares[:, 0].sum()) + squares[:, 1:].sum()
-            value = value + reg * penalty / count
+        if reg and size:
+            penalty = sum((n + 1) * pu.float().square().sum() + qi.float().square().sum()
+                          for pu, qi in rows)
+            value = value + reg * penalty.to(value.dtype) / size
         value = value + self._dense_l2()
         optimizer.zero_grad()
         value.backward()
@@ -254,6 +264,7 @@ class _NCF(nn.Module):
         return value.detach(), count
 
 
+@checkpoint.register_model
 class GMF(_NCF):
     """Generalized matrix factorization: ``logit = h·(P[u] ⊙ Q[i]) + b``.
 
@@ -266,15 +277,13 @@ class GMF(_NCF):
     torch.Size([2])
     """
 
-    _op = "GMF"
-
     def __init__(self, num_users: int, num_items: int, dim: int = 8, *, backend: str = "auto",
                  device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         num_users = _positive_int("GMF", "num_users", num_users)
         num_items = _positive_int("GMF", "num_items", num_items)
         dim = _positive_int("GMF", "dim", dim)
-        _check_dtype("GMF", dtype)
+        dtype = _check_dtype("GMF", dtype)
         self.user_embedding = _table(num_users, dim, backend, device, dtype)
         self.item_embedding = _table(num_items, dim, backend, device, dtype)
         self.output = _output_layer(dim, device, dtype)
@@ -291,8 +300,13 @@ class GMF(_NCF):
     def dim(self) -> int:
         return self.user_embedding.dim
 
+    test_config: ClassVar[dict] = {"dim": 4}
+
     def get_config(self) -> dict:
         return {**self._config(), "dim": self.dim}
+
+    def _widest(self) -> int:
+        return self.dim
 
     def _embed(self, users, items):
         return ((self.user_embedding(users), self.item_embedding(items)),)
@@ -303,7 +317,7 @@ class GMF(_NCF):
 
     def user_vectors(self, users) -> tuple[Tensor, Tensor]:
         """``(P[u] ⊙ h (B, dim), b (B,))``: the logit is ``<P[u] ⊙ h, Q[i]> + b``."""
-        users = _ids("GMF", "users", users, self._device()).reshape(-1)
+        users = self.as_ids(users, "users").reshape(-1)
         vectors = self.user_embedding(users) * self.output.weight[0]
         return vectors, self.output.bias.expand(users.shape[0])
 
@@ -312,6 +326,7 @@ class GMF(_NCF):
         return self.item_embedding.weight, None
 
 
+@checkpoint.register_model
 class MLP(_NCF):
     """The NCF multi-layer perceptron: ``z = [P[u], Q[i]]``, then ``relu(W z + b)`` for each
     size in ``layers[1:]``, ``logit = h·z + b``.
@@ -326,8 +341,6 @@ class MLP(_NCF):
     (32, [32, 16, 8])
     """
 
-    _op = "MLP"
-
     def __init__(self, num_users: int, num_items: int, layers: Sequence[int] = (64, 32, 16, 8),
                  dropout: float = 0.0, *, layer_reg: float = 0.0, backend: str = "auto",
                  device=None, dtype: torch.dtype = torch.float32):
@@ -337,7 +350,7 @@ class MLP(_NCF):
         self.layers = _check_layers("MLP", layers)
         self.dropout = _check_dropout("MLP", dropout)
         self.layer_reg = _check_layer_reg("MLP", layer_reg)
-        _check_dtype("MLP", dtype)
+        dtype = _check_dtype("MLP", dtype)
         half = self.layers[0] // 2
         self.user_embedding = _table(num_users, half, backend, device, dtype)
         self.item_embedding = _table(num_items, half, backend, device, dtype)
@@ -346,6 +359,8 @@ class MLP(_NCF):
 
     num_users = GMF.num_users
     num_items = GMF.num_items
+
+    test_config: ClassVar[dict] = {"layers": (8, 4), "dropout": 0.1}
 
     def get_config(self) -> dict:
         return {**self._config(), "layers": list(self.layers), "dropout": self.dropout,
@@ -362,7 +377,11 @@ class MLP(_NCF):
     def _dense_l2(self):
         return _layer_penalty(self.hidden, self.layer_reg)
 
+    def _widest(self) -> int:
+        return max(self.layers)
 
+
+@checkpoint.register_model
 class NeuMF(_NCF):
     """Neural matrix factorization: a GMF tower (``gmf_dim``) and an MLP tower (``layers``,
     ``dropout``), each with its own user and item tables, joined by one output layer:
@@ -380,8 +399,6 @@ class NeuMF(_NCF):
     16
     """
 
-    _op = "NeuMF"
-
     def __init__(self, num_users: int, num_items: int, gmf_dim: int = 8,
                  layers: Sequence[int] = (64, 32, 16, 8), dropout: float = 0.0, *,
                  layer_reg: float = 0.0, backend: str = "auto", device=None,
@@ -393,7 +410,7 @@ class NeuMF(_NCF):
         self.layers = _check_layers("NeuMF", layers)
         self.dropout = _check_dropout("NeuMF", dropout)
         self.layer_reg = _check_layer_reg("NeuMF", layer_reg)
-        _check_dtype("NeuMF", dtype)
+        dtype = _check_dtype("NeuMF", dtype)
         half = self.layers[0] // 2
         self.gmf_user_embedding = _table(num_users, gmf_dim, backend, device, dtype)
         self.gmf_item_embedding = _table(num_items, gmf_dim, backend, device, dtype)
@@ -414,6 +431,8 @@ class NeuMF(_NCF):
     def gmf_dim(self) -> int:
         return self.gmf_user_embedding.dim
 
+    test_config: ClassVar[dict] = {"gmf_dim": 4, "layers": (8, 4)}
+
     def get_config(self) -> dict:
         return {**self._config(), "gmf_dim": self.gmf_dim, "layers": list(self.layers),
                 "dropout": self.dropout, "layer_reg": self.layer_reg}
@@ -424,6 +443,9 @@ class NeuMF(_NCF):
 
     def _dense_l2(self):
         return _layer_penalty(self.hidden, self.layer_reg)
+
+    def _widest(self) -> int:
+        return max(self.gmf_dim, *self.layers)
 
     def _head(self, rows):
         (pg, qg), (pm, qm) = rows
