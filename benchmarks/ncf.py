@@ -48,6 +48,7 @@ import fastmf  # noqa: E402
 from fastmf.data import Interactions, NegativeSampler, leave_one_out  # noqa: E402
 from fastmf.data.sampling import sample_negatives  # noqa: E402
 from fastmf.metrics import sampled_rank_metrics  # noqa: E402
+from fastmf.models.base import Batch  # noqa: E402
 from fastmf.models.ncf import GMF, MLP, NeuMF  # noqa: E402
 
 HERE = Path(__file__).resolve()
@@ -60,41 +61,9 @@ NUM_TEST_NEGATIVES = 99
 NUM_NEGATIVES = 4
 
 
-class Batch:
-    """The fields of a training batch the NCF models read."""
-
-    def __init__(self, users, items, negatives):
-        self.users, self.items, self.negatives = users, items, negatives
-        self.targets = self.weights = self.timestamps = None
-
-
-class Both:
-    """One optimizer over the fused table optimizer and torch's dense Adam."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    def zero_grad(self):
-        for opt in self.optimizers:
-            opt.zero_grad()
-
-    def step(self):
-        for opt in self.optimizers:
-            opt.step()
-
-
 def ncf_optimizer(model, table_optimizer: str, lr: float, dense_lr: float):
-    tables = [m.weight for m in model.modules() if isinstance(m, fastmf.nn.Embedding)]
-    dense = [p for name, p in model.named_parameters() if "embedding" not in name]
-    if table_optimizer == "adam":
-        sparse = fastmf.optim.SparseAdam(tables, lr=lr)
-    elif table_optimizer == "rowwise_adam":
-        sparse = fastmf.optim.SparseAdam(tables, lr=lr, rowwise=True)
-    elif table_optimizer == "adagrad":
-        sparse = fastmf.optim.SparseAdagrad(tables, lr=lr)
-    else:
-        raise ValueError(table_optimizer)
-    return Both(fastmf.optim.apply_in_backward(sparse), torch.optim.Adam(dense, lr=dense_lr))
+    model.dense_lr = dense_lr
+    return model.make_optimizer(table_optimizer, lr)
 
 
 class Textbook(nn.Module):
@@ -210,7 +179,7 @@ def train_epochs(model, optimizer, train: Interactions, *, epochs, batch_size, l
         for b, lo in enumerate(range(0, n, batch_size)):
             u, i = u_all[lo:lo + batch_size], i_all[lo:lo + batch_size]
             neg = sampler.sample(u, num_negatives, seed=(seed * 1000 + epoch) * 100_000 + b)
-            model.training_step(Batch(u, i, neg), optimizer, loss=loss, reg=reg)
+            model.training_step(Batch(u, i, negatives=neg), optimizer, loss=loss, reg=reg)
         wall2, cpu2 = _times()
         times.append((wall2 - wall, cpu2 - cpu))
         model.eval()
@@ -302,9 +271,12 @@ def textbook_row(split: Split, epochs: int):
 
 
 def settings_of(cls, scale: float) -> dict:
-    settings = dict(cls.defaults["implicit"])
-    settings["epochs"] = max(1, round(settings["epochs"] * scale))
-    return settings
+    """The class's defaults as the harness's settings (Adam on the tables: make_optimizer's
+    default for these models)."""
+    defaults = cls.defaults["implicit"]
+    return dict(table_optimizer="adam", lr=defaults["lr"], dense_lr=cls.dense_lr,
+                batch_size=defaults["batch_size"], reg=defaults["reg"],
+                epochs=max(1, round(defaults["epochs"] * scale)))
 
 
 def main(argv=None) -> int:
