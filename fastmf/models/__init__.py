@@ -11,5 +11,7 @@ from fastmf.layers import MF
 from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
 
 # One import line per model file:
+from fastmf.models.ncf import GMF, MLP, NeuMF
 
-__all__ = ["MF", "Batch", "Recommender", "pairwise_loss", "pointwise_loss"]
+__all__ = ["MF", "Batch", "Recommender", "pairwise_loss", "pointwise_loss", "GMF", "MLP",
+           "NeuMF"]

@@ -1,0 +1,532 @@
+"""Neural collaborative filtering (He et al., WWW 2017): ``GMF``, ``MLP`` and ``NeuMF``.
+
+Each model is the paper's (and its reference code's) architecture:
+
+- ``GMF``: ``logit = h·(p_u ⊙ q_i) + b``, separate user/item tables of ``dim`` columns. A
+  dot-product model (user vector ``p_u ⊙ h``, item vector ``q_i``), so ``recommend`` uses the
+  fused exact top-k.
+- ``MLP``: ``z = [p_u, q_i]`` (user and item tables of ``layers[0] // 2`` columns each), then
+  ``z = relu(W_l z + b_l)`` for each hidden size ``layers[1:]``, ``logit = h·z + b``.
+- ``NeuMF``: a GMF tower and an MLP tower with their own tables, ``logit = h·[φ_GMF, φ_MLP] +
+  b``; :meth:`NeuMF.from_pretrained` starts it from trained towers (the paper's pretraining).
+
+Init as in the paper's code: tables N(0, 0.01²), hidden layers Glorot-uniform, the output
+layer LeCun-uniform, biases zero. Dropout (``dropout``) precedes every hidden linear layer
+(on the concatenated embeddings first) and is active in training mode only.
+
+The embedding tables are :class:`fastmf.nn.Embedding` (their optimizer can run inside the
+backward pass, :func:`fastmf.optim.apply_in_backward`); the dense layers are ``nn.Linear``.
+
+>>> import torch, fastmf
+>>> model = fastmf.models.NeuMF(100, 50, gmf_dim=8, layers=(32, 16, 8))
+>>> model(torch.tensor([0, 1]), torch.tensor([2, 3])).shape
+torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fastmf import checkpoint
+from fastmf.models.base import SCORE_CHUNK, Recommender, pairwise_loss, pointwise_loss
+from fastmf.nn import Embedding
+
+__all__ = ["GMF", "MLP", "NeuMF"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+# -- argument checks ---------------------------------------------------------------------------
+
+def _positive_int(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"fastmf.models.{op}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_layers(op: str, layers) -> tuple[int, ...]:
+    """``layers`` as a tuple: non-empty, positive ints, an even first entry (the user and
+    item embeddings each take half of it). A list is accepted (JSON configs hold lists)."""
+    if not isinstance(layers, tuple | list) or len(layers) == 0:
+        raise ValueError(f"fastmf.models.{op}: layers must be a non-empty tuple of positive "
+                         f"ints, got {layers!r}")
+    for value in layers:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"fastmf.models.{op}: layers must be a non-empty tuple of "
+                             f"positive ints, got {layers!r}")
+    if layers[0] % 2:
+        raise ValueError(f"fastmf.models.{op}: layers[0] must be even (the user and item "
+                         f"embeddings are layers[0] // 2 wide each), got {layers!r}")
+    return tuple(int(v) for v in layers)
+
+
+def _check_dropout(op: str, dropout) -> float:
+    if (isinstance(dropout, bool) or not isinstance(dropout, int | float | np.floating)
+            or not 0.0 <= float(dropout) < 1.0):
+        raise ValueError(f"fastmf.models.{op}: dropout must be a float in [0, 1), got "
+                         f"{dropout!r}")
+    return float(dropout)
+
+
+def _check_dtype(op: str, dtype) -> torch.dtype:
+    """``dtype`` as a torch dtype; its name is accepted too (configs hold names)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
+    if dtype not in _DTYPES:
+        raise TypeError(f"fastmf.models.{op}: dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+# -- building blocks -----------------------------------------------------------------------------
+
+def _table(num: int, dim: int, backend: str, device, dtype) -> Embedding:
+    table = Embedding(num, dim, backend=backend, device=device, dtype=dtype)
+    with torch.no_grad():
+        table.weight.normal_(0.0, 0.01)
+    return table
+
+
+def _hidden_layers(layers: tuple[int, ...], device, dtype) -> nn.ModuleList:
+    out = nn.ModuleList()
+    for fan_in, fan_out in zip(layers[:-1], layers[1:], strict=True):
+        linear = nn.Linear(fan_in, fan_out, device=device, dtype=dtype)
+        with torch.no_grad():
+            nn.init.xavier_uniform_(linear.weight)
+            linear.bias.zero_()
+        out.append(linear)
+    return out
+
+
+def _output_layer(fan_in: int, device, dtype) -> nn.Linear:
+    linear = nn.Linear(fan_in, 1, device=device, dtype=dtype)
+    with torch.no_grad():
+        bound = math.sqrt(3.0 / fan_in)  # LeCun uniform
+        linear.weight.uniform_(-bound, bound)
+        linear.bias.zero_()
+    return linear
+
+
+def _mlp_tower(layers: nn.ModuleList, dropout: float, training: bool, p: Tensor,
+               q: Tensor) -> Tensor:
+    """The MLP tower on user rows ``p`` (..., D) and item rows ``q`` (..., D), broadcast
+    against each other: relu layers over ``[p, q]``, (..., layers[-1])."""
+    if not len(layers):
+        shape = torch.broadcast_shapes(p.shape, q.shape)
+        return torch.cat([p.expand(shape), q.expand(shape)], -1)
+    first, rest = layers[0], layers[1:]
+    if dropout and training:
+        # Dropout masks each (user, item) pair's input on its own, as the textbook model does.
+        shape = torch.broadcast_shapes(p.shape, q.shape)
+        z = F.dropout(torch.cat([p.expand(shape), q.expand(shape)], -1), dropout, True)
+        z = F.linear(z, first.weight, first.bias)
+    else:
+        # W [p, q] = W_u p + W_i q: each side goes through its half of the first layer once,
+        # before broadcasting (one user against many items costs one user row, not many).
+        d = p.shape[-1]
+        z = F.linear(p, first.weight[:, :d], first.bias) + F.linear(q, first.weight[:, d:])
+    z = torch.relu(z)
+    for layer in rest:
+        z = torch.relu(layer(F.dropout(z, dropout, training) if dropout else z))
+    return z
+
+
+def _layer_penalty(hidden: nn.ModuleList, layer_reg: float) -> Tensor | float:
+    """``layer_reg`` · the sum of squares of the hidden weights (Keras' ``l2``, as the
+    paper's code regularises its dense layers; biases are left alone)."""
+    if not layer_reg or not len(hidden):
+        return 0.0
+    return layer_reg * sum(layer.weight.pow(2).sum() for layer in hidden)
+
+
+def _check_layer_reg(op: str, layer_reg) -> float:
+    if (isinstance(layer_reg, bool) or not isinstance(layer_reg, int | float | np.floating)
+            or not math.isfinite(float(layer_reg)) or float(layer_reg) < 0):
+        raise ValueError(f"fastmf.models.{op}: layer_reg must be a finite float >= 0, got "
+                         f"{layer_reg!r}")
+    return float(layer_reg)
+
+
+class _NCF(Recommender):
+    """What the three models share: forward over broadcast ids, the training step, scoring,
+    the optimizer."""
+
+    losses = ("bce", "bpr")
+    default_loss = "bce"
+    # Chosen on inner validation splits only (leave-one-out by time inside the training part
+    # of ml-latest-small: all users, the heavier half, the lighter half; never the reported
+    # test rows): `python benchmarks/ncf.py --tune`, benchmarks/README.md "Neural
+    # collaborative filtering". Tables: SparseAdam in backward (make_optimizer's default
+    # here); the batch is 16x the paper's 256, which is where the speed comes from.
+    defaults: ClassVar[dict] = {"implicit": dict(lr=0.01, reg=0.0, epochs=20, batch_size=4096)}
+    dense_lr: ClassVar[float] = 0.005
+
+    def _embed(self, users: Tensor, items: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
+        """(user rows, item rows) of each tower for ids of broadcastable shapes."""
+        raise NotImplementedError
+
+    def _head(self, rows: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
+        """Logits from the rows :meth:`_embed` looked up, broadcast against each other."""
+        raise NotImplementedError
+
+    def _logits(self, users: Tensor, items: Tensor) -> Tensor:
+        return self._head(self._embed(users, items))
+
+    def forward(self, users, items) -> Tensor:
+        """``users``, ``items``: (B,) int32/int64 ids -> logits (B,)."""
+        users, items = self.as_ids(users, "users"), self.as_ids(items, "items")
+        if users.dim() != 1 or users.shape != items.shape:
+            raise ValueError(f"{self._op()}: users and items must be 1-D of the same length, "
+                             f"got {tuple(users.shape)} and {tuple(items.shape)}")
+        return self._logits(users, items)
+
+    def _widest(self) -> int:
+        """The widest per-pair intermediate of the head (bounds score_items' chunks)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_items(self, users, items) -> Tensor:
+        """Logits of every user in ``users`` (B,) against every item in ``items`` (M,):
+        (B, M). Each side's embeddings (and its half of the MLP's first layer) are computed
+        once per call and broadcast, in chunks of users whose (users, items, width)
+        intermediates hold about ``SCORE_CHUNK`` numbers."""
+        users = self.as_ids(users, "users").reshape(-1)
+        items = self.as_ids(items, "items").reshape(-1)
+        out = torch.empty((len(users), len(items)), dtype=self.dtype, device=self.device)
+        if out.numel() == 0:
+            return out
+        rows = max(1, SCORE_CHUNK // (len(items) * self._widest()))
+        item_ids = items.unsqueeze(0)
+        for lo in range(0, len(users), rows):
+            out[lo:lo + rows] = self._logits(users[lo:lo + rows].unsqueeze(1), item_ids)
+        return out
+
+    def make_optimizer(self, name: str | None, lr: float):
+        """The base class's optimizer (tables in backward, ``torch.optim.Adam`` at
+        ``dense_lr`` for the layers) with Adam on the tables by default, as the paper
+        trains NCF."""
+        return super().make_optimizer(name or "adam", lr)
+
+    def _config(self) -> dict:
+        return {"num_users": self.num_users, "num_items": self.num_items,
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def _dense_l2(self) -> Tensor | float:
+        """The L2 penalty on the hidden layers' weights (the paper's ``reg_layers``)."""
+        return 0.0
+
+    def training_step(self, batch, optimizer, *, loss: str, reg: float) -> tuple[Tensor, int]:
+        """One update on ``batch`` (``users`` (B,), ``items`` (B,), ``negatives`` (B, n),
+        optional ``weights`` (B,)), with the numbers of the base class's step: ``"bce"``
+        labels each positive 1 and each negative 0 (mean over the B·(1+n) pairs), ``"bpr"``
+        is ``-log σ(x_ui - x_uj)`` (mean over the B·n pairs); plus ``reg`` · the squared
+        norms of the table rows looked up (a user's rows once per scored pair) / B; plus
+        the hidden layers' L2 (``layer_reg``). Each user is embedded once and broadcast
+        against its 1 + n items, which gives the same gradients with n fewer lookups per
+        user. Returns (the loss, detached, the pairs scored)."""
+        op = self._op("training_step")
+        if loss not in self.losses:
+            raise ValueError(f"{op}: unsupported loss {loss!r}; expected one of {self.losses}")
+        if batch.negatives is None or batch.negatives.dim() != 2:
+            raise ValueError(f"{op}: loss {loss!r} needs negatives (B, n)")
+        users = batch.users.unsqueeze(1)
+        items = torch.cat([batch.items.unsqueeze(1), batch.negatives.to(batch.items.dtype)], 1)
+        size, n = items.shape[0], items.shape[1] - 1
+        rows = self._embed(users, items)
+        logits = self._head(rows)
+        if loss == "bce":
+            labels = torch.zeros_like(logits)
+            labels[:, 0] = 1.0
+            weights = None
+            if batch.weights is not None:
+                weights = torch.ones_like(logits)
+                weights[:, 0] = batch.weights.to(logits.dtype)
+                weights = weights.reshape(-1)
+            value = pointwise_loss(logits.reshape(-1), labels.reshape(-1), "bce", weights)
+            count = size * (n + 1)
+        else:
+            value = pairwise_loss(logits[:, 0], logits[:, 1:], "bpr", batch.weights)
+            count = size * n
+        if reg and size:
+            penalty = sum((n + 1) * pu.float().square().sum() + qi.float().square().sum()
+                          for pu, qi in rows)
+            value = value + reg * penalty.to(value.dtype) / size
+        value = value + self._dense_l2()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        return value.detach(), count
+
+
+@checkpoint.register_model
+class GMF(_NCF):
+    """Generalized matrix factorization: ``logit = h·(P[u] ⊙ Q[i]) + b``.
+
+    ``user_embedding`` (num_users, dim), ``item_embedding`` (num_items, dim):
+    :class:`fastmf.nn.Embedding`; ``output``: ``nn.Linear(dim, 1)`` (h and b).
+
+    >>> import torch, fastmf
+    >>> model = fastmf.models.GMF(100, 50, dim=8)
+    >>> model(torch.tensor([0, 1]), torch.tensor([2, 3])).shape
+    torch.Size([2])
+    """
+
+    def __init__(self, num_users: int, num_items: int, dim: int = 8, *, backend: str = "auto",
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        num_users = _positive_int("GMF", "num_users", num_users)
+        num_items = _positive_int("GMF", "num_items", num_items)
+        dim = _positive_int("GMF", "dim", dim)
+        dtype = _check_dtype("GMF", dtype)
+        self.user_embedding = _table(num_users, dim, backend, device, dtype)
+        self.item_embedding = _table(num_items, dim, backend, device, dtype)
+        self.output = _output_layer(dim, device, dtype)
+
+    @property
+    def num_users(self) -> int:
+        return self.user_embedding.num_embeddings
+
+    @property
+    def num_items(self) -> int:
+        return self.item_embedding.num_embeddings
+
+    @property
+    def dim(self) -> int:
+        return self.user_embedding.dim
+
+    test_config: ClassVar[dict] = {"dim": 4}
+
+    def get_config(self) -> dict:
+        return {**self._config(), "dim": self.dim}
+
+    def _widest(self) -> int:
+        return self.dim
+
+    def _embed(self, users, items):
+        return ((self.user_embedding(users), self.item_embedding(items)),)
+
+    def _head(self, rows):
+        (p, q), = rows
+        return F.linear(p * q, self.output.weight, self.output.bias).squeeze(-1)
+
+    def user_vectors(self, users) -> tuple[Tensor, Tensor]:
+        """``(P[u] ⊙ h (B, dim), b (B,))``: the logit is ``<P[u] ⊙ h, Q[i]> + b``."""
+        users = self.as_ids(users, "users").reshape(-1)
+        vectors = self.user_embedding(users) * self.output.weight[0]
+        return vectors, self.output.bias.expand(users.shape[0])
+
+    def item_vectors(self) -> tuple[Tensor, None]:
+        """``(Q (num_items, dim), None)``: no per-item bias."""
+        return self.item_embedding.weight, None
+
+
+@checkpoint.register_model
+class MLP(_NCF):
+    """The NCF multi-layer perceptron: ``z = [P[u], Q[i]]``, then ``relu(W z + b)`` for each
+    size in ``layers[1:]``, ``logit = h·z + b``.
+
+    ``layers[0]`` is the width of the concatenated embeddings: ``user_embedding``
+    (num_users, layers[0] // 2) and ``item_embedding`` (num_items, layers[0] // 2), as in the
+    paper's code. ``hidden`` holds the ``nn.Linear`` layers, ``output`` the last one.
+
+    >>> import torch, fastmf
+    >>> model = fastmf.models.MLP(100, 50, layers=(64, 32, 16, 8))
+    >>> model.user_embedding.dim, [layer.out_features for layer in model.hidden]
+    (32, [32, 16, 8])
+    """
+
+    def __init__(self, num_users: int, num_items: int, layers: Sequence[int] = (64, 32, 16, 8),
+                 dropout: float = 0.0, *, layer_reg: float = 0.0, backend: str = "auto",
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        num_users = _positive_int("MLP", "num_users", num_users)
+        num_items = _positive_int("MLP", "num_items", num_items)
+        self.layers = _check_layers("MLP", layers)
+        self.dropout = _check_dropout("MLP", dropout)
+        self.layer_reg = _check_layer_reg("MLP", layer_reg)
+        dtype = _check_dtype("MLP", dtype)
+        half = self.layers[0] // 2
+        self.user_embedding = _table(num_users, half, backend, device, dtype)
+        self.item_embedding = _table(num_items, half, backend, device, dtype)
+        self.hidden = _hidden_layers(self.layers, device, dtype)
+        self.output = _output_layer(self.layers[-1], device, dtype)
+
+    num_users = GMF.num_users
+    num_items = GMF.num_items
+
+    test_config: ClassVar[dict] = {"layers": (8, 4), "dropout": 0.1}
+
+    def get_config(self) -> dict:
+        return {**self._config(), "layers": list(self.layers), "dropout": self.dropout,
+                "layer_reg": self.layer_reg}
+
+    def _embed(self, users, items):
+        return ((self.user_embedding(users), self.item_embedding(items)),)
+
+    def _head(self, rows):
+        (p, q), = rows
+        z = _mlp_tower(self.hidden, self.dropout, self.training, p, q)
+        return F.linear(z, self.output.weight, self.output.bias).squeeze(-1)
+
+    def _dense_l2(self):
+        return _layer_penalty(self.hidden, self.layer_reg)
+
+    def _widest(self) -> int:
+        return max(self.layers)
+
+
+@checkpoint.register_model
+class NeuMF(_NCF):
+    """Neural matrix factorization: a GMF tower (``gmf_dim``) and an MLP tower (``layers``,
+    ``dropout``), each with its own user and item tables, joined by one output layer:
+    ``logit = h·[P_g[u] ⊙ Q_g[i], MLP(P_m[u], Q_m[i])] + b``.
+
+    Tables ``gmf_user_embedding``, ``gmf_item_embedding`` (gmf_dim wide),
+    ``mlp_user_embedding``, ``mlp_item_embedding`` (layers[0] // 2 wide); ``hidden`` the
+    MLP's ``nn.Linear`` layers; ``output`` ``nn.Linear(gmf_dim + layers[-1], 1)``.
+
+    >>> import torch, fastmf
+    >>> gmf = fastmf.models.GMF(100, 50, dim=8)
+    >>> mlp = fastmf.models.MLP(100, 50, layers=(32, 16, 8))
+    >>> model = fastmf.models.NeuMF.from_pretrained(gmf, mlp, alpha=0.5)
+    >>> model.output.in_features
+    16
+    """
+
+    def __init__(self, num_users: int, num_items: int, gmf_dim: int = 8,
+                 layers: Sequence[int] = (64, 32, 16, 8), dropout: float = 0.0, *,
+                 layer_reg: float = 0.0, backend: str = "auto", device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        num_users = _positive_int("NeuMF", "num_users", num_users)
+        num_items = _positive_int("NeuMF", "num_items", num_items)
+        gmf_dim = _positive_int("NeuMF", "gmf_dim", gmf_dim)
+        self.layers = _check_layers("NeuMF", layers)
+        self.dropout = _check_dropout("NeuMF", dropout)
+        self.layer_reg = _check_layer_reg("NeuMF", layer_reg)
+        dtype = _check_dtype("NeuMF", dtype)
+        half = self.layers[0] // 2
+        self.gmf_user_embedding = _table(num_users, gmf_dim, backend, device, dtype)
+        self.gmf_item_embedding = _table(num_items, gmf_dim, backend, device, dtype)
+        self.mlp_user_embedding = _table(num_users, half, backend, device, dtype)
+        self.mlp_item_embedding = _table(num_items, half, backend, device, dtype)
+        self.hidden = _hidden_layers(self.layers, device, dtype)
+        self.output = _output_layer(gmf_dim + self.layers[-1], device, dtype)
+
+    @property
+    def num_users(self) -> int:
+        return self.gmf_user_embedding.num_embeddings
+
+    @property
+    def num_items(self) -> int:
+        return self.gmf_item_embedding.num_embeddings
+
+    @property
+    def gmf_dim(self) -> int:
+        return self.gmf_user_embedding.dim
+
+    test_config: ClassVar[dict] = {"gmf_dim": 4, "layers": (8, 4)}
+    # As the other models' (see _NCF), but its validation HR peaked at 12 epochs.
+    defaults: ClassVar[dict] = {"implicit": dict(lr=0.01, reg=0.0, epochs=12, batch_size=4096)}
+
+    def get_config(self) -> dict:
+        return {**self._config(), "gmf_dim": self.gmf_dim, "layers": list(self.layers),
+                "dropout": self.dropout, "layer_reg": self.layer_reg}
+
+    def _embed(self, users, items):
+        return ((self.gmf_user_embedding(users), self.gmf_item_embedding(items)),
+                (self.mlp_user_embedding(users), self.mlp_item_embedding(items)))
+
+    def _dense_l2(self):
+        return _layer_penalty(self.hidden, self.layer_reg)
+
+    def _widest(self) -> int:
+        return max(self.gmf_dim, *self.layers)
+
+    def _head(self, rows):
+        (pg, qg), (pm, qm) = rows
+        gmf = pg * qg
+        mlp = _mlp_tower(self.hidden, self.dropout, self.training, pm, qm)
+        # h·[a, b] = h_a·a + h_b·b: no (.., gmf_dim + layers[-1]) concatenation is built.
+        w = self.output.weight
+        return (F.linear(gmf, w[:, :self.gmf_dim], self.output.bias)
+                + F.linear(mlp, w[:, self.gmf_dim:])).squeeze(-1)
+
+    @classmethod
+    def from_pretrained(cls, gmf: GMF, mlp: MLP, alpha: float = 0.5, *,
+                        gmf_dim: int | None = None, layers: Sequence[int] | None = None,
+                        backend: str = "auto") -> NeuMF:
+        """A NeuMF started from trained towers, as the paper pretrains it: the GMF tables
+        from ``gmf``, the MLP tables and hidden layers from ``mlp``, and the output layer
+        ``h = [alpha·h_GMF, (1 - alpha)·h_MLP]``, ``b = alpha·b_GMF + (1 - alpha)·b_MLP``,
+        so its logit is ``alpha·gmf(u, i) + (1 - alpha)·mlp(u, i)``. ``dropout``,
+        ``layer_reg``, device and dtype come from ``mlp``. ``gmf_dim`` and ``layers``, when
+        given, are the architecture the caller expects: the towers must have it.
+
+        Raises TypeError for towers of the wrong class; ValueError for ``alpha`` outside
+        [0, 1], towers that disagree on num_users/num_items, device or dtype, towers whose
+        tensors do not have their own config's shapes, or towers other than ``gmf_dim`` /
+        ``layers``.
+        """
+        op = "fastmf.models.NeuMF.from_pretrained"
+        if not isinstance(gmf, GMF):
+            raise TypeError(f"{op}: gmf must be a fastmf.models.GMF, got {type(gmf).__name__}")
+        if not isinstance(mlp, MLP):
+            raise TypeError(f"{op}: mlp must be a fastmf.models.MLP, got {type(mlp).__name__}")
+        if (isinstance(alpha, bool) or not isinstance(alpha, int | float | np.floating)
+                or not 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"{op}: alpha must be a float in [0, 1], got {alpha!r}")
+        for name in ("num_users", "num_items"):
+            if getattr(gmf, name) != getattr(mlp, name):
+                raise ValueError(f"{op}: gmf has {name}={getattr(gmf, name)} but mlp has "
+                                 f"{name}={getattr(mlp, name)}")
+        if gmf_dim is not None and gmf_dim != gmf.dim:
+            raise ValueError(f"{op}: gmf_dim={gmf_dim!r} but gmf has dim={gmf.dim}")
+        if layers is not None and tuple(layers) != mlp.layers:
+            raise ValueError(f"{op}: layers={tuple(layers)!r} but mlp has "
+                             f"layers={mlp.layers}")
+        _check_shapes(op, "gmf", gmf, GMF(1, 1, gmf.dim, device="meta"), gmf.num_users,
+                      gmf.num_items)
+        _check_shapes(op, "mlp", mlp, MLP(1, 1, mlp.layers, device="meta"), mlp.num_users,
+                      mlp.num_items)
+        gw, mw = gmf.output.weight, mlp.output.weight
+        if (gw.device, gw.dtype) != (mw.device, mw.dtype):
+            raise ValueError(f"{op}: gmf is {gw.dtype} on {gw.device} but mlp is {mw.dtype} "
+                             f"on {mw.device}")
+        alpha = float(alpha)
+        model = cls(gmf.num_users, gmf.num_items, gmf.dim, mlp.layers, mlp.dropout,
+                    layer_reg=mlp.layer_reg, backend=backend, device=mw.device,
+                    dtype=mw.dtype)
+        with torch.no_grad():
+            model.gmf_user_embedding.weight.copy_(gmf.user_embedding.weight)
+            model.gmf_item_embedding.weight.copy_(gmf.item_embedding.weight)
+            model.mlp_user_embedding.weight.copy_(mlp.user_embedding.weight)
+            model.mlp_item_embedding.weight.copy_(mlp.item_embedding.weight)
+            model.hidden.load_state_dict(mlp.hidden.state_dict())
+            model.output.weight.copy_(torch.cat([alpha * gw, (1.0 - alpha) * mw], 1))
+            model.output.bias.copy_(alpha * gmf.output.bias + (1.0 - alpha) * mlp.output.bias)
+        return model
+
+
+def _check_shapes(op: str, name: str, tower: nn.Module, expected: nn.Module, num_users: int,
+                  num_items: int) -> None:
+    """Every tensor of ``tower`` has the shape its config gives (``expected``, a 1 x 1
+    model of the same config on the meta device, its table rows scaled up): a tower whose
+    layers or tables were swapped after construction is refused, not copied in part."""
+    mine = tower.state_dict()
+    for key, tensor in expected.state_dict().items():
+        shape = tuple(tensor.shape)
+        if key.endswith("user_embedding.weight"):
+            shape = (num_users, *shape[1:])
+        elif key.endswith("item_embedding.weight"):
+            shape = (num_items, *shape[1:])
+        found = tuple(mine[key].shape) if key in mine else None
+        if found != shape:
+            raise ValueError(f"{op}: {name}.{key} has shape {found}, but its config "
+                             f"({type(tower).__name__}) gives {shape}")
