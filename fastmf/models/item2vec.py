@@ -33,7 +33,7 @@ without history gets the zero vector (every item scores 0; ties go to the lower 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch

@@ -1,0 +1,258 @@
+"""fastmf.models.Item2Vec: pair generation against a direct Python reference, one fused step
+against plain autograd with torch.optim, planted clusters, determinism, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastmf.data import Interactions
+from fastmf.models.item2vec import (
+    Item2Vec,
+    keep_probability,
+    sequences_of,
+    skipgram_pairs,
+    unigram_distribution,
+)
+
+
+def zipf_sequences(rng, count, num_items, longest=30):
+    """Sequences of Zipf-distributed ids (frequent items repeat, within a sequence too)."""
+    return [(rng.zipf(1.3, size=int(rng.integers(1, longest))) - 1) % num_items
+            for _ in range(count)]
+
+
+def reference_pairs(sequences, window, keep, seed):
+    """Pairs the slow way: drop positions, then every pair at distance 1..window; grouped by
+    distance, (earlier, later) pairs of all sequences before (later, earlier) ones."""
+    total = sum(len(s) for s in sequences)
+    draws = np.random.default_rng(seed).random(total) if keep is not None else None
+    kept, position = [], 0
+    for seq in sequences:
+        out = []
+        for item in seq:
+            if draws is None or draws[position] < keep[item]:
+                out.append(int(item))
+            position += 1
+        kept.append(out)
+    pairs = []
+    for d in range(1, window + 1):
+        forward, backward = [], []
+        for seq in kept:
+            for j in range(len(seq) - d):
+                forward.append((seq[j], seq[j + d]))
+                backward.append((seq[j + d], seq[j]))
+        pairs += forward + backward
+    return pairs
+
+
+def train(model, data, *, epochs, seed=0, lr=0.05, batch_size=256, num_negatives=5,
+          optimizer="adagrad"):
+    model.prepare(data)
+    opt = model.make_optimizer(optimizer, lr)
+    losses = []
+    for epoch in range(epochs):
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        total = count = 0
+        for batch in model.batches(data, batch_size=batch_size, num_negatives=num_negatives,
+                                   generator=gen):
+            loss, n = model.training_step(batch, opt, loss="bce")
+            total, count = total + float(loss) * n, count + n
+        losses.append(total / count)
+    return losses
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+@pytest.mark.parametrize("threshold", [None, 5e-3, 3e-2])
+def test_pairs_equal_python_reference(window, threshold):
+    rng = np.random.default_rng(window * 7 + (0 if threshold is None else int(1 / threshold)))
+    num_items = 40
+    sequences = zipf_sequences(rng, 25, num_items)
+    tokens, offsets = sequences_of(sequences, num_items)
+    counts = np.bincount(tokens, minlength=num_items)
+    keep = keep_probability(counts, threshold)
+    if threshold is not None:
+        # The documented formula: keep with probability min(1, sqrt(t / f)).
+        freq = counts / counts.sum()
+        seen = counts > 0
+        np.testing.assert_allclose(keep[seen], np.minimum(1, np.sqrt(threshold / freq[seen])))
+        assert (keep[seen] < 1).any()
+    centers, contexts = skipgram_pairs(tokens, offsets, window, keep,
+                                       np.random.default_rng(123))
+    expected = reference_pairs(sequences, window, keep, 123)
+    assert list(zip(centers.tolist(), contexts.tolist(), strict=True)) == expected
+    assert len(expected) > 0
+
+
+def test_subsampling_drops_frequent_items_at_the_documented_rate():
+    rng = np.random.default_rng(5)
+    tokens, offsets = sequences_of(zipf_sequences(rng, 400, 30, longest=60), 30)
+    counts = np.bincount(tokens, minlength=30)
+    keep = keep_probability(counts, 1e-2)
+    top = int(np.argmax(counts))
+    kept = 0
+    for trial in range(20):
+        draws = np.random.default_rng(trial).random(len(tokens))
+        kept += int(((draws < keep[tokens]) & (tokens == top)).sum())
+    rate = kept / (20 * counts[top])
+    assert keep[top] < 0.5
+    assert abs(rate - keep[top]) < 4 * np.sqrt(keep[top] / (20 * counts[top]))
+
+
+def test_negatives_follow_unigram_power():
+    rng = np.random.default_rng(2)
+    num_items = 30
+    sequences = zipf_sequences(rng, 60, num_items)
+    model = Item2Vec(num_items, dim=4, window=3, subsample=None)
+    negatives = np.concatenate([
+        b.negatives.numpy().ravel()
+        for b in model.batches(sequences, batch_size=500, num_negatives=20,
+                               generator=torch.Generator().manual_seed(0))])
+    tokens, _ = sequences_of(sequences, num_items)
+    expected = unigram_distribution(np.bincount(tokens, minlength=num_items), 0.75)
+    observed = np.bincount(negatives, minlength=num_items) / len(negatives)
+    assert len(negatives) > 20000
+    assert np.abs(observed - expected).max() < 4 * np.sqrt(expected.max() / len(negatives))
+    assert observed[expected == 0].sum() == 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+@pytest.mark.parametrize("reg", [0.0, 0.01])
+def test_fused_step_equals_plain_autograd(optimizer, reg):
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    num_items, dim = 60, 8
+    sequences = zipf_sequences(rng, 30, num_items)
+    model = Item2Vec(num_items, dim=dim, window=2, subsample=1e-2)
+    with torch.no_grad():  # both tables random, so the first step moves both
+        model.item_embeddings.weight.normal_(0, 0.3)
+        model.context_embeddings.weight.normal_(0, 0.3)
+    plain_in = torch.nn.Embedding(num_items, dim, sparse=True)
+    plain_out = torch.nn.Embedding(num_items, dim, sparse=True)
+    with torch.no_grad():
+        plain_in.weight.copy_(model.item_embeddings.weight)
+        plain_out.weight.copy_(model.context_embeddings.weight)
+    params = [plain_in.weight, plain_out.weight]
+    lr = 0.1
+    plain_opt = (torch.optim.SGD(params, lr=lr) if optimizer == "sgd"
+                 else torch.optim.Adagrad(params, lr=lr))
+    model.prepare(sequences)
+    fused_opt = model.make_optimizer(optimizer, lr)
+    batches = list(model.batches(sequences, batch_size=64, num_negatives=4,
+                                 generator=torch.Generator().manual_seed(1)))[:3]
+    assert any(len(torch.unique(b.negatives)) < b.negatives.numel() for b in batches)
+    for batch in batches:
+        fused_loss, count = model.training_step(batch, fused_opt, loss="bce", reg=reg)
+        c, o, n = plain_in(batch.users), plain_out(batch.items), plain_out(batch.negatives)
+        size = len(batch.users)
+        loss = (-torch.nn.functional.logsigmoid((c * o).sum(-1)).sum()
+                - torch.nn.functional.logsigmoid(-(c.unsqueeze(1) * n).sum(-1)).sum()) / size
+        objective = loss + reg * (c.pow(2).sum() + o.pow(2).sum() + n.pow(2).sum()) / size
+        plain_opt.zero_grad()
+        objective.backward()
+        plain_opt.step()
+        assert count == size
+        torch.testing.assert_close(fused_loss, loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.item_embeddings.weight.detach(), plain_in.weight.detach(),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.context_embeddings.weight.detach(),
+                                   plain_out.weight.detach(), rtol=1e-5, atol=1e-6)
+    assert model.item_embeddings.weight.grad is None
+
+
+def planted_clusters(rng, clusters=4, per_cluster=10, users=150, length=25, noise=0.1):
+    """Each user's sequence draws mostly from one cluster of items."""
+    sequences, labels = [], np.repeat(np.arange(clusters), per_cluster)
+    for _ in range(users):
+        own = rng.integers(clusters)
+        members = np.flatnonzero(labels == own)
+        seq = rng.choice(members, size=length)
+        stray = rng.random(length) < noise
+        seq[stray] = rng.integers(0, len(labels), size=int(stray.sum()))
+        sequences.append(seq)
+    return sequences, labels
+
+
+def test_planted_clusters_become_neighbours():
+    from fastmf import retrieval
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    sequences, labels = planted_clusters(rng)
+    model = Item2Vec(len(labels), dim=16, window=3, subsample=None)
+    losses = train(model, sequences, epochs=3, lr=0.1, batch_size=512)
+    assert losses[-1] < losses[0]
+    _, top = retrieval.similar(model.item_vectors()[0], torch.arange(len(labels)), k=5)
+    same = (labels[top.numpy()] == labels[:, None]).mean()
+    # Chance is 9/39 ~ 0.23.
+    assert same >= 0.9, same
+
+
+def test_histories_follow_timestamps_and_user_vectors_are_their_means():
+    torch.manual_seed(1)
+    data = Interactions([1, 0, 1, 1, 0, 2], [4, 2, 3, 0, 5, 1],
+                        timestamps=[30, 5, 10, 20, 1, 7], user_map=4, item_map=6)
+    model = Item2Vec(6, dim=4, window=1)
+    model.prepare(data)
+    assert model.num_users == 4 and model.get_config()["num_history"] == 6
+    assert model.history_indptr.tolist() == [0, 2, 5, 6, 6]
+    assert model.history_items.tolist() == [5, 2, 3, 0, 4, 1]
+    vectors, offset = model.user_vectors(torch.tensor([1, 3, 0]))
+    weight = model.item_embeddings.weight.detach()
+    assert offset is None
+    torch.testing.assert_close(vectors[0], weight[[3, 0, 4]].mean(0))
+    torch.testing.assert_close(vectors[1], torch.zeros(4))
+    torch.testing.assert_close(vectors[2], weight[[5, 2]].mean(0))
+    torch.testing.assert_close(model.predict(torch.tensor([1]), torch.tensor([2])),
+                               (weight[[3, 0, 4]].mean(0) * weight[2]).sum().reshape(1))
+    no_time = Interactions([1, 0, 1, 1], [4, 2, 3, 0], user_map=2, item_map=6)
+    model.prepare(no_time)
+    assert model.history_items.tolist() == [2, 4, 3, 0]
+    assert Item2Vec(**model.get_config()).state_dict().keys() == model.state_dict().keys()
+    rebuilt = Item2Vec(**model.get_config())
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.history_items.tolist() == [2, 4, 3, 0]
+
+
+def test_deterministic_given_seeds():
+    rng = np.random.default_rng(4)
+    sequences = zipf_sequences(rng, 30, 50)
+    weights = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(0)
+        model = Item2Vec(50, dim=8, window=2, subsample=1e-2)
+        train(model, sequences, epochs=2, seed=seed)
+        weights.append(torch.cat([model.item_embeddings.weight.detach(),
+                                  model.context_embeddings.weight.detach()]))
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="Item2Vec: window must be an int >= 1, got 0"):
+        Item2Vec(10, window=0)
+    with pytest.raises(ValueError, match="Item2Vec: dim must be an int >= 1, got 0"):
+        Item2Vec(10, dim=0)
+    with pytest.raises(ValueError, match="Item2Vec: num_items"):
+        Item2Vec(0)
+    with pytest.raises(ValueError, match="Item2Vec: subsample"):
+        Item2Vec(10, subsample=-1e-5)
+    model = Item2Vec(10, dim=4)
+    with pytest.raises(ValueError, match=r"Item2Vec.prepare: sequences is empty"):
+        model.prepare([])
+    with pytest.raises(ValueError, match=r"Item2Vec.prepare: sequences\[1\] is empty"):
+        model.prepare([np.array([1, 2]), np.array([], dtype=np.int64)])
+    with pytest.raises(IndexError, match=r"sequences\[0\] holds item 10, out of range \[0, 10\)"):
+        model.prepare([np.array([1, 10])])
+    with pytest.raises(IndexError, match=r"holds item -1"):
+        model.prepare([np.array([-1, 3])])
+    with pytest.raises(TypeError, match=r"sequences\[0\] must be a 1-D array of integer"):
+        model.prepare([np.array([1.5, 2.0])])
+    with pytest.raises(ValueError, match="the data has 12 items, the model 10"):
+        model.prepare(Interactions([0, 1], [3, 11]))
+    with pytest.raises(ValueError, match="the data has 12 items, the model 10"):
+        model.check_data(Interactions([0, 1], [3, 11]))
+    with pytest.raises(ValueError, match="num_negatives must be an int >= 1, got 0"):
+        next(model.batches([np.array([1, 2])], batch_size=4, num_negatives=0))
+    model.prepare([np.array([1, 2, 3])])
+    with pytest.raises(IndexError, match=r"user index 1 out of range \[0, 1\)"):
+        model.user_vectors([1])
