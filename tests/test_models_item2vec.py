@@ -10,6 +10,7 @@ from fastmf.models.item2vec import (
     Item2Vec,
     keep_probability,
     sequences_of,
+    sequences_to_interactions,
     skipgram_pairs,
     unigram_distribution,
 )
@@ -256,3 +257,22 @@ def test_bad_input():
     model.prepare([np.array([1, 2, 3])])
     with pytest.raises(IndexError, match=r"user index 1 out of range \[0, 1\)"):
         model.user_vectors([1])
+
+
+def test_sequences_and_their_interactions_train_alike():
+    rng = np.random.default_rng(6)
+    sequences = zipf_sequences(rng, 20, 30)
+    data = sequences_to_interactions(sequences, 30)
+    shuffled = data.subset(rng.permutation(len(data)))  # timestamps restore the order
+    for source in (data, shuffled):
+        tokens, offsets = sequences_of(source, 30)
+        expected, expected_offsets = sequences_of(sequences, 30)
+        np.testing.assert_array_equal(tokens, expected)
+        np.testing.assert_array_equal(offsets, expected_offsets)
+    model = Item2Vec(30, dim=4, window=2, subsample=None)
+    a = list(model.batches(sequences, batch_size=50, generator=torch.Generator().manual_seed(2)))
+    b = list(model.batches(shuffled, batch_size=50, generator=torch.Generator().manual_seed(2)))
+    assert len(a) == len(b) > 1
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.users, y.users) and torch.equal(x.items, y.items)
+        assert torch.equal(x.negatives, y.negatives)

@@ -44,7 +44,8 @@ from fastmf import checkpoint
 from fastmf import nn as fnn
 from fastmf.optim import SparseAdagrad, apply_in_backward
 
-__all__ = ["Item2Vec", "keep_probability", "skipgram_pairs", "unigram_distribution"]
+__all__ = ["Item2Vec", "keep_probability", "sequences_to_interactions", "skipgram_pairs",
+           "unigram_distribution"]
 
 OP = "fastmf.models.Item2Vec"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -161,6 +162,26 @@ def sequences_of(data, num_items: int, where: str = "prepare") -> tuple[np.ndarr
     return data.items[order], offsets
 
 
+def sequences_to_interactions(sequences, num_items: int):
+    """Explicit sequences as :class:`fastmf.data.Interactions`: user ``s`` is
+    ``sequences[s]``, its positions the timestamps, so ``fastmf.fit`` trains an Item2Vec on
+    them (and ``prepare`` rebuilds the same sequences).
+
+    >>> data = sequences_to_interactions([[3, 1, 3], [2, 0]], num_items=5)
+    >>> data.num_users, data.num_items, data.items.tolist()
+    (2, 5, [3, 1, 3, 2, 0])
+    """
+    from fastmf.data import Interactions
+
+    num_items = _check_positive_int("num_items", num_items)
+    tokens, offsets = _as_sequences(sequences, num_items, "sequences_to_interactions")
+    sizes = np.diff(offsets)
+    users = np.repeat(np.arange(len(sizes)), sizes)
+    positions = np.arange(len(tokens)) - np.repeat(offsets[:-1], sizes)
+    return Interactions(users, tokens, timestamps=positions, user_map=len(sizes),
+                        item_map=num_items)
+
+
 def _epoch_rng(generator) -> np.random.Generator:
     """A numpy generator drawn from ``generator`` (a torch.Generator, an int seed or a numpy
     Generator), so an epoch's draws depend on it alone."""
@@ -192,10 +213,11 @@ class Item2Vec(nn.Module):
         init_scale: the input table starts uniform(-init_scale, init_scale) (default
             ``0.5 / dim``, word2vec's); the output table starts at zero, as word2vec's.
 
-    >>> import numpy as np, fastmf
-    >>> model = fastmf.models.Item2Vec(100, dim=16, window=2)
-    >>> history = model.fit_sequences([np.array([1, 2, 3, 2]), np.array([5, 6])], epochs=1,
-    ...                               progress=False)  # doctest: +SKIP
+    >>> import fastmf
+    >>> from fastmf.models.item2vec import Item2Vec, sequences_to_interactions
+    >>> data = sequences_to_interactions([[1, 2, 3, 2], [5, 6]], num_items=100)
+    >>> model = Item2Vec.from_interactions(data, dim=16, window=2)
+    >>> fastmf.fit(model, data, epochs=1, progress=False)  # doctest: +SKIP
     """
 
     losses: ClassVar[tuple[str, ...]] = ("bce",)
