@@ -237,6 +237,16 @@ def report(data, config) -> None:
             print(f"- {title} [{label}]: " + "; ".join(titles.get(int(i), str(i)) for i in top))
 
 
+def default_config() -> dict:
+    """Item2Vec's defaults: the constructor's knobs and its fit defaults."""
+    import inspect
+
+    knobs = inspect.signature(Item2Vec).parameters
+    config = {name: knobs[name].default for name in ("dim", "window", "subsample")}
+    config.update({k: v for k, v in Item2Vec.defaults["implicit"].items() if k != "reg"})
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="/work/shared/data/ml-latest-small")
@@ -246,9 +256,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = fastmf.datasets.load_movielens(args.data)
-    config = tune(data) if args.tune else dict(
-        {k: v for k, v in Item2Vec.defaults["implicit"].items() if k != "reg"},
-        dim=64, window=5, subsample=1e-5)
+    config = tune(data) if args.tune else default_config()
     report(data, config)
 
 

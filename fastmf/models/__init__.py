@@ -11,5 +11,6 @@ from fastmf.layers import MF
 from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
 
 # One import line per model file:
+from fastmf.models.item2vec import Item2Vec
 
-__all__ = ["MF", "Batch", "Recommender", "pairwise_loss", "pointwise_loss"]
+__all__ = ["MF", "Batch", "Item2Vec", "Recommender", "pairwise_loss", "pointwise_loss"]
