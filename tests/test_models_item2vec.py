@@ -173,8 +173,8 @@ def planted_clusters(rng, clusters=4, per_cluster=10, users=150, length=25, nois
     return sequences, labels
 
 
-def test_planted_clusters_become_neighbours():
-    from fastmf import retrieval
+def test_planted_clusters_become_neighbours_and_recommendations():
+    import fastmf
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -182,10 +182,26 @@ def test_planted_clusters_become_neighbours():
     model = Item2Vec(len(labels), dim=16, window=3, subsample=None)
     losses = train(model, sequences, epochs=3, lr=0.1, batch_size=512)
     assert losses[-1] < losses[0]
-    _, top = retrieval.similar(model.item_vectors()[0], torch.arange(len(labels)), k=5)
+    top, _ = model.similar_items(torch.arange(len(labels)), k=5)
     same = (labels[top.numpy()] == labels[:, None]).mean()
     # Chance is 9/39 ~ 0.23.
     assert same >= 0.9, same
+    # Latent arithmetic on one item is its cosine neighbourhood.
+    for item in (0, 17, 33):
+        assert model.analogy([item], k=5)[0].tolist() == top[item].tolist()
+    # A user's recommendations come from the cluster of their history.
+    users = torch.arange(len(sequences))
+    own = np.array([np.bincount(labels[s], minlength=4).argmax() for s in sequences])
+    recommended, _ = model.recommend(users, k=5)
+    assert (labels[recommended.numpy()] == own[:, None]).mean() >= 0.9
+    # fit/evaluate's ranking path: held-out items of the user's own cluster rank high.
+    data = sequences_to_interactions(sequences, len(labels))
+    model.attach_data(data)
+    held = [int(rng.choice(np.flatnonzero(labels == own[u]))) for u in range(len(sequences))]
+    test = Interactions(np.arange(len(sequences)), held, user_map=data.num_users,
+                        item_map=data.num_items)
+    hr = fastmf.evaluate(model, test, metrics=("hr@5",))["hr@5"]
+    assert hr >= 0.4, hr  # chance 5/40
 
 
 def test_histories_follow_timestamps_and_user_vectors_are_their_means():
