@@ -40,9 +40,10 @@ MIN_RATINGS = 20
 
 
 def train_item2vec(data, *, dim, window, epochs, lr, num_negatives, subsample, batch_size,
-                   seed=0, each_epoch=None):
+                   min_count=1, seed=0, each_epoch=None):
     torch.manual_seed(seed)
-    model = Item2Vec(data.num_items, dim=dim, window=window, subsample=subsample)
+    model = Item2Vec(data.num_items, dim=dim, window=window, subsample=subsample,
+                     min_count=min_count)
     model.prepare(data)
     optimizer = model.make_optimizer("adagrad", lr)
     for epoch in range(epochs):

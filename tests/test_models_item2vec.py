@@ -8,6 +8,7 @@ import torch
 from fastmf.data import Interactions
 from fastmf.models.item2vec import (
     Item2Vec,
+    drop_rare,
     keep_probability,
     sequences_of,
     sequences_to_interactions,
@@ -292,3 +293,51 @@ def test_sequences_and_their_interactions_train_alike():
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.users, y.users) and torch.equal(x.items, y.items)
         assert torch.equal(x.negatives, y.negatives)
+
+
+def test_min_count_drops_rare_items_before_the_window():
+    rng = np.random.default_rng(8)
+    sequences = zipf_sequences(rng, 30, 40) + [np.array([39, 38])]
+    tokens, offsets = sequences_of(sequences, 40)
+    counts = np.bincount(tokens, minlength=40)
+    kept_tokens, kept_offsets, kept_counts = drop_rare(tokens, offsets, 40, 3)
+    expected = [[int(i) for i in seq if counts[i] >= 3] for seq in sequences]
+    assert [kept_tokens[a:b].tolist() for a, b in zip(kept_offsets[:-1], kept_offsets[1:],
+                                                      strict=True)] == expected
+    np.testing.assert_array_equal(kept_counts, np.where(counts >= 3, counts, 0))
+    assert (counts[(counts > 0) & (counts < 3)]).size > 0
+    model = Item2Vec(40, dim=4, window=2, subsample=None, min_count=3)
+    batches = list(model.batches(sequences, batch_size=10_000, num_negatives=3,
+                                 generator=torch.Generator().manual_seed(0)))
+    centers, contexts = skipgram_pairs(kept_tokens, kept_offsets, 2)
+    rare = np.flatnonzero(counts < 3)
+    for values in (batches[0].users, batches[0].items, batches[0].negatives):
+        assert not np.isin(values.numpy(), rare).any()
+    assert sorted(zip(batches[0].users.tolist(), batches[0].items.tolist(), strict=True)) == (
+        sorted(zip(centers.tolist(), contexts.tolist(), strict=True)))
+
+
+def test_fit_save_load_round_trip(tmp_path):
+    import fastmf
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(9)
+    sequences, labels = planted_clusters(rng, users=60, length=12)
+    data = sequences_to_interactions(sequences, len(labels))
+    model = Item2Vec.from_interactions(data, dim=8, window=2, subsample=None)
+    history = fastmf.fit(model, data, epochs=2, batch_size=512, progress=False, seed=3)
+    assert len(history) == 2 and history["loss"][1] < history["loss"][0]
+    assert model.num_users == 60 and model.user_map is not None
+    items, scores = model.recommend([0, 1], k=3, exclude=data)
+    model.save(tmp_path / "i2v")
+    loaded = fastmf.load(tmp_path / "i2v")
+    assert isinstance(loaded, Item2Vec) and loaded.get_config() == model.get_config()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    items2, scores2 = loaded.recommend([0, 1], k=3, exclude=data)
+    assert torch.equal(items, items2) and torch.equal(scores, scores2)
+    # The same seeds give the same weights through fit.
+    torch.manual_seed(0)
+    again = Item2Vec.from_interactions(data, dim=8, window=2, subsample=None)
+    fastmf.fit(again, data, epochs=2, batch_size=512, progress=False, seed=3)
+    assert torch.equal(again.item_embeddings.weight, model.item_embeddings.weight)

@@ -102,6 +102,23 @@ def skipgram_pairs(tokens: np.ndarray, offsets: np.ndarray, window: int,
     return np.concatenate(centers), np.concatenate(contexts)
 
 
+def drop_rare(tokens: np.ndarray, offsets: np.ndarray, num_items: int,
+              min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, offsets, counts) without the occurrences of items seen fewer than
+    ``min_count`` times (word2vec's vocabulary cut: they are removed from the sequences
+    before the window, and get no pairs and no negatives)."""
+    counts = np.bincount(tokens, minlength=num_items)
+    if min_count <= 1:
+        return tokens, offsets, counts
+    kept = counts[tokens] >= min_count
+    sequence = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    sizes = np.bincount(sequence[kept], minlength=len(offsets) - 1)
+    new_offsets = np.zeros_like(offsets)
+    new_offsets[1:] = np.cumsum(sizes)
+    counts = np.where(counts >= min_count, counts, 0)
+    return tokens[kept], new_offsets, counts
+
+
 def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{OP}: {name} must be an int >= {minimum}, got {value!r}")
@@ -200,6 +217,8 @@ class Item2Vec(Recommender):
         subsample: the frequent-item threshold ``t`` (None or 0: keep every occurrence).
             word2vec's 1e-5 suits corpora of billions of words; on ml-latest-small (100k
             ratings) it keeps too little (next-item HR@10 0.021 against 0.047 at 1e-3).
+        min_count: items seen fewer times in the training data are left out of training
+            (word2vec's vocabulary cut; their vectors keep their initial values).
         power: exponent of the unigram counts for negatives (0.75 as word2vec).
         num_users, num_history: sizes of the history buffers (set from the data by
             ``prepare``; given only to rebuild a trained model from its config).
@@ -226,7 +245,8 @@ class Item2Vec(Recommender):
     test_config: ClassVar[dict] = {"dim": 4, "window": 2, "subsample": None}
 
     def __init__(self, num_items: int, dim: int = 64, window: int = 2, *,
-                 subsample: float | None = 1e-3, power: float = 0.75, num_users: int = 0,
+                 subsample: float | None = 1e-3, min_count: int = 1, power: float = 0.75,
+                 num_users: int = 0,
                  num_history: int = 0, init_scale: float | None = None,
                  backend: str = "auto", device=None, dtype: torch.dtype | str = torch.float32):
         super().__init__()
@@ -234,6 +254,7 @@ class Item2Vec(Recommender):
         dim = _check_positive_int("dim", dim)
         self.window = _check_positive_int("window", window)
         num_users = _check_positive_int("num_users", num_users, 0)
+        self.min_count = _check_positive_int("min_count", min_count)
         num_history = _check_positive_int("num_history", num_history, 0)
         if subsample is not None and (isinstance(subsample, bool) or not isinstance(
                 subsample, int | float) or not 0 <= subsample < float("inf")):
@@ -277,7 +298,7 @@ class Item2Vec(Recommender):
 
     def get_config(self) -> dict:
         return {"num_items": self.num_items, "dim": self.dim, "window": self.window,
-                "subsample": self.subsample, "power": self.power,
+                "subsample": self.subsample, "min_count": self.min_count, "power": self.power,
                 "num_users": self.num_users, "num_history": int(self.history_items.shape[0]),
                 "init_scale": self.init_scale,
                 "dtype": str(self.item_embeddings.weight.dtype).removeprefix("torch.")}
@@ -321,9 +342,10 @@ class Item2Vec(Recommender):
         batch_size = _check_positive_int("batch_size", batch_size)
         num_negatives = _check_positive_int("num_negatives", num_negatives)
         tokens, offsets = sequences_of(train, self.num_items, "batches")
-        counts = np.bincount(tokens, minlength=self.num_items)
+        tokens, offsets, counts = drop_rare(tokens, offsets, self.num_items, self.min_count)
         if counts.sum() == 0:
-            raise ValueError(f"{OP}.batches: the data holds no items")
+            raise ValueError(f"{OP}.batches: no item occurs min_count={self.min_count} "
+                             "times")
         rng = _epoch_rng(generator)
         centers, contexts = skipgram_pairs(tokens, offsets, self.window,
                                            keep_probability(counts, self.subsample), rng)
