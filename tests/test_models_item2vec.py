@@ -104,7 +104,7 @@ def test_negatives_follow_unigram_power():
     rng = np.random.default_rng(2)
     num_items = 30
     sequences = zipf_sequences(rng, 60, num_items)
-    model = Item2Vec(num_items, dim=4, window=3, subsample=None)
+    model = Item2Vec(num_items, dim=4, window=3, subsample=None, min_count=1)
     negatives = np.concatenate([
         b.negatives.numpy().ravel()
         for b in model.batches(sequences, batch_size=500, num_negatives=20,
