@@ -4,16 +4,18 @@ on word2vec's SGNS, Mikolov et al. 2013).
 
 Each user's items in time order (or explicit sequences) are the "sentences". Every epoch:
 
-1. Frequent-item subsampling: item ``i`` with corpus frequency ``f_i = count_i / total`` is
-   kept with probability ``min(1, sqrt(t / f_i))`` (the paper's discard probability
-   ``1 - sqrt(t / f_i)``, ``t = subsample``; the word2vec C code's variant
-   ``sqrt(t/f) + t/f`` is not used). One uniform draw per position, in sequence order;
-   discarded positions are removed before the window is applied, as word2vec does.
+1. Items seen fewer than ``min_count`` times are removed from the sequences (word2vec's
+   vocabulary cut). Frequent-item subsampling: item ``i`` with corpus frequency
+   ``f_i = count_i / total`` is kept with probability ``min(1, sqrt(t / f_i))`` (the
+   paper's discard probability ``1 - sqrt(t / f_i)``, ``t = subsample``; the word2vec C
+   code's variant ``sqrt(t/f) + t/f`` is not used). One uniform draw per position, in
+   sequence order; discarded positions are removed before the window is applied, as
+   word2vec does.
 2. Pairs: every (center, context) of kept positions at distance ``1..window`` in the same
    sequence, both directions (a fixed window, not word2vec's randomly shrunk one).
 3. Negatives: ``num_negatives`` per pair from the unigram distribution raised to ``power``
-   (0.75), counted over the whole training corpus before subsampling; drawn with
-   replacement and not filtered (one may equal the context item).
+   (0.75), counted over the training corpus after the ``min_count`` cut and before
+   subsampling; drawn with replacement and not filtered (one may equal the context item).
 4. Loss per pair: ``-log σ(<v_c, u_o>) - Σ_n log σ(-<v_c, u_n>)`` averaged over the batch,
    ``v`` the input (item) table and ``u`` the output (context) table, both
    ``fastmf.nn.Embedding`` updated by the fused sparse optimizer inside the backward pass
@@ -228,8 +230,9 @@ class Item2Vec(Recommender):
     >>> import fastmf
     >>> from fastmf.models.item2vec import Item2Vec, sequences_to_interactions
     >>> data = sequences_to_interactions([[1, 2, 3, 2], [5, 6]], num_items=100)
-    >>> model = Item2Vec.from_interactions(data, dim=16, window=2)
-    >>> fastmf.fit(model, data, epochs=1, progress=False)  # doctest: +SKIP
+    >>> model = Item2Vec.from_interactions(data, dim=16, window=2, min_count=1)
+    >>> history = fastmf.fit(model, data, epochs=2, num_negatives=5, progress=False)
+    >>> items, scores = model.similar_items([2], k=3)
     """
 
     losses: ClassVar[tuple[str, ...]] = ("bce",)
