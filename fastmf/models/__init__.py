@@ -11,7 +11,17 @@ from fastmf.layers import MF
 from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
 
 # One import line per model file:
+from fastmf.models.item2vec import Item2Vec
 from fastmf.models.ncf import GMF, MLP, NeuMF
 
-__all__ = ["MF", "Batch", "Recommender", "pairwise_loss", "pointwise_loss", "GMF", "MLP",
-           "NeuMF"]
+__all__ = [
+    "MF",
+    "Batch",
+    "Recommender",
+    "pairwise_loss",
+    "pointwise_loss",
+    "GMF",
+    "MLP",
+    "NeuMF",
+    "Item2Vec",
+]
