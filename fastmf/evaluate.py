@@ -84,7 +84,18 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
 
     >>> results = evaluate(model, test, train=train, metrics=("rmse", "ndcg@10"))  # doctest: +SKIP
     """
+    # Scores in eval mode (dropout off); the caller's train/eval mode is restored after.
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(model, test, train, metrics, k, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, test, train, metrics, k, batch_size) -> dict[str, float]:
     from fastmf import metrics as M
+
 
     if isinstance(metrics, str):
         metrics = (metrics,)

@@ -15,6 +15,7 @@ uses (``forward``; ``user_vectors``/``item_vectors`` for dot-product models, els
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import ClassVar, NamedTuple
@@ -37,6 +38,24 @@ HUBER_DELTA = 1.0
 # score_items and the ranking of models without item vectors materialise (users x items)
 # scores in chunks of about this many, so that a large catalog does not exhaust memory.
 SCORE_CHUNK = 1 << 22
+
+
+def inference(method):
+    """Run ``method`` like ``torch.no_grad()`` and in eval mode (dropout off: a prediction
+    must not depend on a random mask), restoring the module's train/eval mode after."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        was_training = self.training
+        if was_training:
+            self.eval()
+        try:
+            with torch.no_grad():
+                return method(self, *args, **kwargs)
+        finally:
+            if was_training:
+                self.train()
+
+    return wrapper
 
 
 class Batch(NamedTuple):
@@ -462,7 +481,7 @@ class Recommender(nn.Module):
         return checkpoint.save(self, path, optimizer=optimizer, extra=extra)
 
     # -- serving --------------------------------------------------------------------------------
-    @torch.no_grad()
+    @inference
     def predict(self, users, items, *, raw_ids: bool = False):
         """Predictions for the pairs (users[b], items[b]) without an autograd graph: a (B,)
         tensor, or with ``raw_ids=True`` (raw user and item ids) a float64 numpy array.
@@ -525,7 +544,7 @@ class Recommender(nn.Module):
         raise TypeError(f"{op}: exclude must be Interactions, a scipy sparse matrix or (for "
                         f"one user) a list of item ids, got {type(exclude).__name__}")
 
-    @torch.no_grad()
+    @inference
     def recommend(self, users, k: int = 10, *, exclude=None, items=None,
                   batch_size: int | None = None, raw_ids: bool = False,
                   as_frame: bool = False):
@@ -705,7 +724,7 @@ class Recommender(nn.Module):
             frame["title"] = [self.item_titles.get(int(i)) for i in flat_items]
         return frame
 
-    @torch.no_grad()
+    @inference
     def _similar(self, side: str, ids, k: int, metric: str, raw_ids: bool, method: str):
         from fastmf import retrieval
 
@@ -735,7 +754,7 @@ class Recommender(nn.Module):
         """The ``k`` users most similar to each query user (see :meth:`similar_items`)."""
         return self._similar("user", users, k, metric, raw_ids, "similar_users")
 
-    @torch.no_grad()
+    @inference
     def analogy(self, positive=(), negative=(), k: int = 10, *, metric: str = "cosine",
                 side: str = "item", raw_ids: bool = False, exclude=None,
                 vectors: dict | None = None):

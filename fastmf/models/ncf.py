@@ -198,7 +198,8 @@ class _NCF(Recommender):
         intermediates hold about ``SCORE_CHUNK`` numbers."""
         users = self.as_ids(users, "users").reshape(-1)
         items = self.as_ids(items, "items").reshape(-1)
-        out = torch.empty((len(users), len(items)), dtype=self.dtype, device=self.device)
+        out = torch.empty((len(users), len(items)), dtype=self._param_dtype(),
+                          device=self._param_device())
         if out.numel() == 0:
             return out
         rows = max(1, SCORE_CHUNK // (len(items) * self._widest()))
@@ -215,7 +216,7 @@ class _NCF(Recommender):
 
     def _config(self) -> dict:
         return {"num_users": self.num_users, "num_items": self.num_items,
-                "dtype": str(self.dtype).removeprefix("torch.")}
+                "dtype": str(self._param_dtype()).removeprefix("torch.")}
 
     def _dense_l2(self) -> Tensor | float:
         """The L2 penalty on the hidden layers' weights (the paper's ``reg_layers``)."""
