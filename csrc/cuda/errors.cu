@@ -11,7 +11,10 @@
 //     sample out of every update (the fused steps return a NaN loss; train_step also
 //     drops samples with a NaN/inf target); topk_scores leaves a bad exclude or
 //     candidate id out, and reads a bad exclude_indptr only as far as
-//     exclude_indices goes;
+//     exclude_indices goes; the embedding_bag family (embedding_bag.cu) returns NaN for
+//     a bag with a bad id and leaves a bad id out of sparse_update and
+//     embedding_bag_backward_update, and with bad offsets returns an all-NaN forward, all-zero
+//     backward rows, and a fused step that writes nothing;
 //   * the first such error is written to a per-device record in device memory;
 //   * `torch.ops.fastmf.check_device_errors(device)` (fastmf.ops.check_device_errors in
 //     Python) synchronises the device, and raises the recorded error with the same type
