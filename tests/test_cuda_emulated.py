@@ -302,11 +302,12 @@ BAG_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", BAG_DTYPES)
 @pytest.mark.parametrize("pooling,weighted", [("sum", False), ("sum", True), ("mean", False)])
-@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
-def test_embedding_bag_forward_backward(emu, dtype, pooling, weighted, id_dtype):
-    seed = BAG_DTYPES.index(dtype) + (id_dtype == torch.int32)
+def test_embedding_bag_forward_backward(emu, dtype, pooling, weighted):
+    # Odd seeds take half gradients in the backward; id dtypes alternate.
+    seed = BAG_DTYPES.index(dtype) + 2 * weighted
     cases.check_bag_forward_backward(emu, dtype, cases.Pooling[pooling.upper()], weighted,
-                                     id_dtype=id_dtype, seed=seed)
+                                     id_dtype=torch.int32 if seed % 2 else torch.int64,
+                                     seed=seed)
 
 
 @pytest.mark.parametrize("dim", [1, 3, 37, 130])
@@ -333,10 +334,12 @@ def test_embedding_bag_step(emu, optimizer, dtype, fused):
                          half_grad=d >= 2 and o % 2 == 1, seed=o * 4 + d)
 
 
-@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
-@pytest.mark.parametrize("dim", [3, 37, 130])
+@pytest.mark.parametrize("dim,optimizer", [(3, "adam"), (37, "rowwise_adam"),
+                                           (130, "rowwise_adagrad")])
 def test_embedding_bag_step_dims(emu, optimizer, dim):
-    cases.check_bag_step(emu, optimizer, torch.float16, dim=dim, num_bags=12, seed=dim)
+    # A partial group (3), a partial warp (37), two passes per row (130; the row-wise mean
+    # square is then summed across passes).
+    cases.check_bag_step(emu, optimizer, torch.float16, dim=dim, num_bags=8, seed=dim)
 
 
 @pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
