@@ -55,12 +55,15 @@ import fastmf.ops  # noqa: F401  (registers fake kernels and autograd)
 info = C.build_info()
 print("build_info:", info)
 assert info["cuda"], "extension built without CUDA"
-# Every op of every family (csrc/{cpu,cuda}/<family>): pointwise, pairwise, topk.
+# Every op of every family (csrc/{cpu,cuda}/<family>): pointwise, pairwise, topk,
+# embedding_bag.
 ops = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step",
-       "train_step_pairwise", "topk_scores"]
+       "train_step_pairwise", "topk_scores", "embedding_bag_forward", "embedding_bag_backward",
+       "sparse_update", "embedding_bag_backward_update"]
 for op in ops:
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmf::{op}", "CUDA"), op
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmf::{op}", "CPU"), op
+    assert fastmf.ops.native.has_kernel("cuda", op), op
 assert torch._C._dispatch_has_kernel_for_dispatch_key(
     "fastmf::check_device_errors", "CompositeImplicitAutograd")
 print("CUDA kernels registered:", ", ".join(ops), "+ check_device_errors")

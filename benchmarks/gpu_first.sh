@@ -25,7 +25,7 @@
 #              kernel against the byte model, L2 hit rate, achieved occupancy; L2 kept
 #              warm (--cache-control none), clocks left alone (--clock-control none)
 #   5 tests    the rest of tests/test_cuda_ops.py: pairwise (BPR), top-k, mf_forward /  rest
-#              mf_backward, sparse updates
+#              mf_backward, sparse updates, the embedding_bag family
 # Then a summary, printed last. The textbook and compiled-dense PyTorch baselines are not
 # re-measured here (gpu_bench.py without --step does that).
 #
@@ -71,9 +71,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 NCU_METRICS="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,\
 lts__t_sector_hit_rate.pct,sm__warps_active.avg.pct_of_peak_sustained_active,\
 launch__registers_per_thread,launch__grid_size"
-# Stage 2 takes the train_step pipeline; stage 5 everything else in the file.
+# Stage 2 takes the train_step pipeline; stage 5 everything else in the file (the
+# embedding_bag family's tests included, whose hot-row and graph tests would otherwise
+# match here).
 TRAIN_K="(train_step or cuda_graph or hot_rows or cpu_and_cuda or host_side or refuses \
-or wide_rows) and not pairwise"
+or wide_rows) and not pairwise and not embedding_bag"
 
 start=$(date +%s)
 deadline=$(( start + BUDGET ))

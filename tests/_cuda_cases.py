@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from fastmf.ops import Loss, MFTables, Optimizer, OptimizerArgs, PairwiseLoss, reference
-from fastmf.ops.codes import STEP_OPTIMIZERS, names
+from fastmf.ops.checks import row_state_shapes
+from fastmf.ops.codes import STEP_OPTIMIZERS, Pooling, WeightDecay, names
 from fastmf.testing import (
     clone_all,
     make_batch,
@@ -36,8 +37,9 @@ from fastmf.testing import (
 
 LOSS_NAMES = names(Loss)
 # The optimizers of the fused MF steps and sparse updates (the Adams belong to the
-# embedding_bag family, which has no CUDA kernels yet).
+# embedding_bag family only: ROW_OPT_NAMES).
 OPT_NAMES = tuple(m.name.lower() for m in STEP_OPTIMIZERS)
+ROW_OPT_NAMES = tuple(m.name.lower() for m in Optimizer)
 LR, EPS = 0.05, 1e-8
 MSE, BPR = int(Loss.MSE), int(PairwiseLoss.BPR)
 SGD, ADAGRAD = int(Optimizer.SGD), int(Optimizer.ADAGRAD)
@@ -750,4 +752,275 @@ def check_wide_rows_with_misaligned_state(target, dim=264):
         with pytest.raises(ValueError, match=re.escape(message)):
             _target_step(target, op, got, target.to(*ids), 0.01, LR, EPS)
         _assert_unchanged(before, got)
+    target.check_errors()
+
+
+# ----------------------------------------------------------------------------------------
+# The embedding_bag family: embedding_bag_forward, embedding_bag_backward, sparse_update,
+# embedding_bag_backward_update. Expected values come from fastmf.ops.reference; where the
+# native CPU kernels are built they are also compared bit for bit, since the CUDA kernels
+# sum in the CPU kernels' order (hot runs in the same chunks) and round as they do.
+
+HALF_TOLERANCES = {torch.float16: dict(rtol=2.0 ** -8, atol=1e-5),
+                   torch.bfloat16: dict(rtol=2.0 ** -6, atol=1e-5)}
+
+
+def bag_tolerance(dtype):
+    return HALF_TOLERANCES[dtype] if dtype in HALF_TOLERANCES else tolerance(dtype)
+
+
+def native_cpu_ops():
+    """torch.ops.fastmf when the native CPU kernels of the family are built, else None."""
+    import fastmf  # noqa: F401  (loads the extension)
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "fastmf::embedding_bag_backward_update", "CPU"):
+        return None
+    return torch.ops.fastmf
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_bags(num_rows, num_bags, *, seed, id_dtype=torch.int64, max_size=6, exponent=1.0,
+              empty_every=5):
+    """(indices, offsets): Zipf ids (duplicates within and across bags), bag sizes 0..max_size
+    with every `empty_every`-th bag empty."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, max_size + 1, size=num_bags)
+    sizes[::empty_every] = 0
+    offsets = torch.zeros(num_bags + 1, dtype=torch.int64)
+    offsets[1:] = torch.from_numpy(np.cumsum(sizes))
+    ids = zipf_ids(num_rows, int(offsets[-1]), exponent=exponent, generator=rng)
+    return ids.to(id_dtype), offsets.to(id_dtype)
+
+
+def _table(num_rows, dim, dtype, gen):
+    return (torch.randn(num_rows, dim, generator=gen, dtype=torch.float64) * 0.3).to(dtype)
+
+
+def check_bag_forward_backward(target, dtype, pooling, weighted, *, id_dtype=torch.int64,
+                               num_rows=30, num_bags=23, dim=8, seed=0):
+    pooling = Pooling(pooling)
+    gen = torch.Generator().manual_seed(seed)
+    acc = acc_dtype(dtype)
+    weight = _table(num_rows, dim, dtype, gen)
+    indices, offsets = make_bags(num_rows, num_bags, seed=seed, id_dtype=id_dtype)
+    psw = torch.rand(indices.numel(), generator=gen, dtype=acc) if weighted else None
+    forward_psw = psw
+    expected = reference.embedding_bag_forward(weight, indices, offsets, psw, pooling)
+    got = target.ops.embedding_bag_forward(*target.to(weight, indices, offsets, psw),
+                                           int(pooling))
+    assert got.dtype == acc and got.shape == (num_bags, dim)
+    assert_close(got, expected, acc)
+    grad_output = torch.randn(num_bags, dim, generator=gen, dtype=acc)
+    if dtype != torch.float64 and seed % 2 == 1:
+        grad_output = grad_output.to(dtype)  # a half gradient, as a half model produces
+        psw = None if psw is None else psw.to(dtype)
+    exp_rows = reference.embedding_bag_backward(grad_output, indices, offsets, psw, pooling)
+    got_rows = target.ops.embedding_bag_backward(*target.to(grad_output, indices, offsets, psw),
+                                                 int(pooling))
+    assert got_rows.dtype == grad_output.dtype and got_rows.shape == (indices.numel(), dim)
+    torch.testing.assert_close(got_rows.cpu(), exp_rows, **bag_tolerance(grad_output.dtype))
+    native = native_cpu_ops()
+    if native is not None:
+        assert torch.equal(got.cpu(), native.embedding_bag_forward(
+            weight, indices, offsets, forward_psw, int(pooling)))
+        assert torch.equal(got_rows.cpu(), native.embedding_bag_backward(
+            grad_output, indices, offsets, psw, int(pooling)))
+    target.check_errors()
+
+
+def _row_settings(optimizer, decay, step=3, seed=77, stochastic=True):
+    return (int(optimizer), 0.05, 1e-3, 0.8, 0.95, 0.01 if decay else 0.0,
+            int(decay), step, seed, stochastic)
+
+
+def check_bag_step(target, optimizer, dtype, *, fused=True, pooling=Pooling.SUM,
+                   weighted=True, decay=WeightDecay.L2, id_dtype=torch.int64, num_rows=40,
+                   num_bags=30, dim=8, exponent=1.0, max_size=6, half_grad=False, seed=0,
+                   steps=2):
+    """`steps` steps of embedding_bag_backward_update (fused) or sparse_update on Zipf bags,
+    against the reference (and, bit for bit, the native CPU kernel): weight and states."""
+    optimizer, pooling, decay = Optimizer[optimizer.upper()] if isinstance(
+        optimizer, str) else optimizer, Pooling(pooling), WeightDecay(decay)
+    gen = torch.Generator().manual_seed(seed)
+    acc = acc_dtype(dtype)
+    weight = _table(num_rows, dim, dtype, gen)
+    shapes = row_state_shapes(optimizer, weight)
+    states = [None if sh is None else torch.rand(sh, generator=gen, dtype=acc) for sh in shapes]
+    expected = [weight.clone()] + [None if t is None else t.clone() for t in states]
+    got = list(target.to(*clone_all(weight, *states)))
+    native = native_cpu_ops()
+    mirror = [weight.clone()] + [None if t is None else t.clone() for t in states]
+    grad_dtype = dtype if half_grad else acc
+    for step in range(1, steps + 1):
+        indices, offsets = make_bags(num_rows, num_bags, seed=seed * 100 + step,
+                                     id_dtype=id_dtype, max_size=max_size, exponent=exponent)
+        settings = _row_settings(optimizer, decay, step=step)
+        psw = (torch.rand(indices.numel(), generator=gen, dtype=torch.float64).to(grad_dtype)
+               if weighted and pooling == Pooling.SUM else None)
+        if fused:
+            grad_output = torch.randn(num_bags, dim, generator=gen,
+                                      dtype=torch.float64).to(grad_dtype)
+            args = (grad_output, indices, offsets, psw)
+            reference.embedding_bag_backward_update(*expected, *args, pooling, *settings)
+            target.ops.embedding_bag_backward_update(*got, *target.to(*args), int(pooling),
+                                                     *settings)
+            if native is not None:
+                native.embedding_bag_backward_update(*mirror, *args, int(pooling), *settings)
+        else:
+            grad_rows = torch.randn(indices.numel(), dim, generator=gen,
+                                    dtype=torch.float64).to(grad_dtype)
+            reference.sparse_update(*expected, indices, grad_rows, *settings)
+            target.ops.sparse_update(*got, *target.to(indices, grad_rows), *settings)
+            if native is not None:
+                native.sparse_update(*mirror, indices, grad_rows, *settings)
+    target.check_errors()
+    assert not torch.equal(got[0].cpu(), weight)
+    for name, g, e, m in zip(("weight", "state1", "state2"), got, expected, mirror):
+        if e is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g.cpu(), e, **bag_tolerance(e.dtype),
+                                   msg=lambda msg, n=name: f"{n}: {msg}")
+        if native is not None:
+            assert torch.equal(g.cpu(), m), f"{name} differs from the native CPU kernel"
+
+
+def check_bag_step_1d(target, optimizer, dtype=torch.float32, seed=0):
+    """sparse_update on a 1-D table (biases): row-wise variants act element-wise."""
+    optimizer = Optimizer[optimizer.upper()]
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(25, generator=gen, dtype=dtype)
+    shapes = row_state_shapes(optimizer, weight)
+    states = [None if sh is None else torch.rand(sh, generator=gen, dtype=dtype)
+              for sh in shapes]
+    ids = zipf_ids(25, 60, generator=np.random.default_rng(seed))
+    grad = torch.randn(60, generator=gen, dtype=dtype)
+    settings = _row_settings(optimizer, WeightDecay.DECOUPLED)
+    expected = [weight.clone()] + [None if t is None else t.clone() for t in states]
+    got = list(target.to(*clone_all(weight, *states)))
+    reference.sparse_update(*expected, ids, grad, *settings)
+    target.ops.sparse_update(*got, *target.to(ids, grad), *settings)
+    for g, e in zip(got, expected):
+        if e is not None:
+            assert_close(g, e, dtype)
+
+
+def check_bag_empty(target, dtype=torch.float32):
+    """No indices: zero bags for the forward, nothing written by the steps."""
+    weight = target.to(torch.randn(10, 4, dtype=dtype))[0]
+    indices = target.to(torch.zeros(0, dtype=torch.int64))[0]
+    offsets = target.to(torch.zeros(4, dtype=torch.int64))[0]
+    out = target.ops.embedding_bag_forward(weight, indices, offsets, None, int(Pooling.MEAN))
+    assert out.shape == (3, 4) and not out.cpu().any()
+    rows = target.ops.embedding_bag_backward(target.to(torch.randn(3, 4))[0], indices, offsets,
+                                             None, int(Pooling.SUM))
+    assert rows.shape == (0, 4)
+    before = weight.clone()
+    settings = _row_settings(Optimizer.SGD, WeightDecay.DECOUPLED)
+    target.ops.embedding_bag_backward_update(weight, None, None,
+                                             target.to(torch.randn(3, 4))[0], indices, offsets,
+                                             None, int(Pooling.SUM), *settings)
+    target.ops.sparse_update(weight, None, None, indices, target.to(torch.randn(0, 4))[0],
+                             *settings)
+    assert torch.equal(weight, before)
+    target.check_errors()
+
+
+def check_bag_twice_bitwise(target, optimizer, dtype, **kw):
+    outs = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(3)
+        weight = _table(6, 8, dtype, gen)
+        shapes = row_state_shapes(Optimizer[optimizer.upper()], weight)
+        tables = list(target.to(weight, *[None if sh is None else torch.rand(
+            sh, generator=gen, dtype=acc_dtype(dtype)) for sh in shapes]))
+        indices, offsets = make_bags(6, 900, seed=4, exponent=1.5, max_size=8)
+        grad_output = torch.randn(900, 8, generator=gen, dtype=acc_dtype(dtype))
+        target.ops.embedding_bag_backward_update(
+            *tables, *target.to(grad_output, indices, offsets, None), int(Pooling.MEAN),
+            *_row_settings(Optimizer[optimizer.upper()], WeightDecay.L2))
+        outs.append(cpu(*tables))
+    for a, b in zip(*outs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def check_bag_bad_ids(target, id_dtype=torch.int64):
+    """A bad id: its forward bag is NaN (the others exact), the steps leave its occurrences
+    out, and check_errors raises the CPU kernel's IndexError."""
+    clear_errors(target)
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(20, 8, generator=gen)
+    indices = torch.tensor([3, 25, 3, 7, -2, 19, 3], dtype=id_dtype)
+    offsets = torch.tensor([0, 2, 3, 5, 7], dtype=id_dtype)
+    out = target.ops.embedding_bag_forward(*target.to(weight, indices, offsets, None),
+                                           int(Pooling.SUM)).cpu()
+    assert torch.isnan(out[[0, 2]]).all()
+    assert torch.equal(out[1], weight[3]) and torch.equal(out[3], weight[19] + weight[3])
+    with pytest.raises(IndexError, match=r"fastmf\.embedding_bag_forward: indices id (25|-2) "
+                                         r"out of range \[0, 20\)"):
+        target.check_errors()
+    keep = (indices >= 0) & (indices < 20)
+    grad_output = torch.randn(4, 8, generator=gen)
+    settings = _row_settings(Optimizer.ADAGRAD, WeightDecay.NONE, stochastic=False)
+    state = torch.rand(20, 8, generator=gen)
+    exp_w, exp_s = weight.clone(), state.clone()
+    rows = reference.embedding_bag_backward(grad_output, indices, offsets, None, "sum")
+    reference.sparse_update(exp_w, exp_s, None, indices[keep], rows[keep], *settings)
+    got_w, got_s = target.to(weight.clone(), state.clone())
+    target.ops.embedding_bag_backward_update(got_w, got_s, None,
+                                             *target.to(grad_output, indices, offsets, None),
+                                             int(Pooling.SUM), *settings)
+    assert_close(got_w, exp_w, torch.float32)
+    assert_close(got_s, exp_s, torch.float32)
+    with pytest.raises(IndexError, match=r"fastmf\.embedding_bag_backward_update: indices id "
+                                         r"(25|-2) out of range"):
+        target.check_errors()
+    got_w, got_s = target.to(weight.clone(), state.clone())
+    target.ops.sparse_update(got_w, got_s, None, *target.to(indices, rows), *settings)
+    assert_close(got_w, exp_w, torch.float32)
+    with pytest.raises(IndexError, match=r"fastmf\.sparse_update: ids id (25|-2) out of range"):
+        target.check_errors()
+    target.check_errors()  # cleared
+
+
+BAD_OFFSETS = {
+    "start": ([1, 2, 4], r"offsets must start at 0, got offsets\[0\] = 1"),
+    "order": ([0, 3, 2, 4], r"offsets must be non-decreasing, got 3 then 2 at offsets\[1\], "
+                            r"offsets\[2\]"),
+    "past_end": ([0, 2, 5], r"offsets\[2\] = 5 is past the end of indices \(4 ids\)"),
+    "short": ([0, 2, 3], r"the last offset must equal the number of indices \(4\), got "
+                         r"offsets\[2\] = 3"),
+}
+
+
+def check_bag_bad_offsets(target, case):
+    """Bad offsets: the forward is all NaN, the backward all zeros, a step writes nothing;
+    check_errors raises the CPU kernel's ValueError."""
+    clear_errors(target)
+    values, message = BAD_OFFSETS[case]
+    weight = torch.randn(10, 4)
+    indices = torch.tensor([1, 2, 3, 4])
+    offsets = torch.tensor(values)
+    num_bags = len(values) - 1
+    out = target.ops.embedding_bag_forward(*target.to(weight, indices, offsets, None),
+                                           int(Pooling.SUM))
+    assert out.shape == (num_bags, 4) and torch.isnan(out.cpu()).all()
+    with pytest.raises(ValueError, match=r"fastmf\.embedding_bag_forward: " + message):
+        target.check_errors()
+    rows = target.ops.embedding_bag_backward(*target.to(torch.randn(num_bags, 4), indices,
+                                                        offsets, None), int(Pooling.MEAN))
+    assert rows.shape == (4, 4) and not rows.cpu().any()
+    with pytest.raises(ValueError, match=r"fastmf\.embedding_bag_backward: " + message):
+        target.check_errors()
+    got = target.to(weight.clone())[0]
+    target.ops.embedding_bag_backward_update(
+        got, None, None, *target.to(torch.randn(num_bags, 4), indices, offsets, None),
+        int(Pooling.SUM), *_row_settings(Optimizer.SGD, WeightDecay.NONE))
+    assert torch.equal(got.cpu(), weight)
+    with pytest.raises(ValueError, match=r"fastmf\.embedding_bag_backward_update: " + message):
+        target.check_errors()
     target.check_errors()

@@ -292,3 +292,86 @@ def test_native_cpu_scratch_is_released_after_a_huge_batch():
     assert torch.isfinite(loss)
     after = _rss_mb()
     assert after - before < 40, f"RSS {before:.0f} -> {after:.0f} MB after a 2M-sample step"
+
+
+# The embedding_bag family: against the reference, and bit for bit against the native CPU
+# kernels where they are built (same sum order, same stochastic rounding).
+
+BAG_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", BAG_DTYPES)
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_embedding_bag_forward_backward(emu, dtype, pooling, weighted):
+    # Odd seeds take half gradients in the backward; id dtypes alternate.
+    seed = BAG_DTYPES.index(dtype) + 2 * weighted
+    cases.check_bag_forward_backward(emu, dtype, cases.Pooling[pooling.upper()], weighted,
+                                     id_dtype=torch.int32 if seed % 2 else torch.int64,
+                                     seed=seed)
+
+
+@pytest.mark.parametrize("dim", [1, 3, 37, 130])
+def test_embedding_bag_forward_backward_dims(emu, dim):
+    # One lane (1), a partial group (3), a partial warp (37), several passes per row (130).
+    cases.check_bag_forward_backward(emu, torch.float32, cases.Pooling.MEAN, False, dim=dim,
+                                     seed=dim)
+    cases.check_bag_forward_backward(emu, torch.bfloat16, cases.Pooling.SUM, True, dim=dim,
+                                     seed=dim)
+
+
+# Every optimizer on every table dtype, fused and through sparse_update; the weight decay
+# mode, pooling and per-sample weights vary with the case.
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", BAG_DTYPES)
+@pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
+def test_embedding_bag_step(emu, optimizer, dtype, fused):
+    o = cases.ROW_OPT_NAMES.index(optimizer)
+    d = BAG_DTYPES.index(dtype)
+    cases.check_bag_step(emu, optimizer, dtype, fused=fused,
+                         pooling=cases.Pooling.MEAN if (o + d) % 3 == 2 else cases.Pooling.SUM,
+                         weighted=(o + d) % 2 == 0, decay=cases.WeightDecay((o + d) % 3),
+                         id_dtype=torch.int32 if d % 2 else torch.int64,
+                         half_grad=d >= 2 and o % 2 == 1, seed=o * 4 + d)
+
+
+@pytest.mark.parametrize("dim,optimizer", [(3, "adam"), (37, "rowwise_adam"),
+                                           (130, "rowwise_adagrad")])
+def test_embedding_bag_step_dims(emu, optimizer, dim):
+    # A partial group (3), a partial warp (37), two passes per row (130; the row-wise mean
+    # square is then summed across passes).
+    cases.check_bag_step(emu, optimizer, torch.float16, dim=dim, num_bags=8, seed=dim)
+
+
+@pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
+def test_embedding_bag_step_hot_rows(emu, optimizer):
+    # Two runs past kHotChunk (2048) occurrences, one ending and one starting in the same
+    # window of chunk slots: summed in chunks by stage 1 and added in chunk order, as the
+    # CPU kernel does (which the bitwise comparison checks).
+    ids, _ = cases.make_bags(2, 1700, seed=1, max_size=8, exponent=0.5)  # check_bag_step's
+    assert int(torch.bincount(ids).min()) > 2048
+    cases.check_bag_step(emu, optimizer, torch.bfloat16, num_rows=2, num_bags=1700,
+                         max_size=8, exponent=0.5, steps=1, weighted=True,
+                         decay=cases.WeightDecay.L2)
+
+
+@pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
+def test_embedding_bag_step_1d(emu, optimizer):
+    cases.check_bag_step_1d(emu, optimizer)
+
+
+def test_embedding_bag_empty(emu):
+    cases.check_bag_empty(emu)
+
+
+def test_embedding_bag_bit_identical(emu):
+    cases.check_bag_twice_bitwise(emu, "rowwise_adam", torch.float16)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_embedding_bag_bad_ids(emu, id_dtype):
+    cases.check_bag_bad_ids(emu, id_dtype)
+
+
+@pytest.mark.parametrize("case", sorted(cases.BAD_OFFSETS))
+def test_embedding_bag_bad_offsets(emu, case):
+    cases.check_bag_bad_offsets(emu, case)

@@ -4,6 +4,7 @@ bit-identical reruns, CUDA-graph replay, and bad ids / NaN targets. Skipped with
 tests/test_cuda_emulated.py runs the same checks on the CPU through the kernels' source."""
 
 import _cuda_cases as cases
+import numpy as np
 import pytest
 import torch
 
@@ -426,3 +427,127 @@ def test_topk_model_recommend_on_cuda():
     assert got[0].is_cuda
     assert torch.equal(got[0].cpu(), expected[0])
     torch.testing.assert_close(got[1].cpu(), expected[1], rtol=0, atol=0)
+
+
+# --- the embedding_bag family ------------------------------------------------------------
+
+BAG_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def test_embedding_bag_has_kernel():
+    for op in ("embedding_bag_forward", "embedding_bag_backward", "sparse_update",
+               "embedding_bag_backward_update"):
+        assert fastmf.ops.native.has_kernel("cuda", op), op
+
+
+@pytest.mark.parametrize("dtype", BAG_DTYPES)
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("sum", True), ("mean", False)])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("dim", [1, 16, 37, 128, 300])
+def test_embedding_bag_forward_backward(dtype, pooling, weighted, id_dtype, dim):
+    for seed in (0, 1):  # float32 and half gradients
+        cases.check_bag_forward_backward(CUDA, dtype, cases.Pooling[pooling.upper()],
+                                         weighted, id_dtype=id_dtype, dim=dim, num_rows=500,
+                                         num_bags=700, seed=seed)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", BAG_DTYPES)
+@pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
+@pytest.mark.parametrize("dim", [8, 130])
+def test_embedding_bag_step(optimizer, dtype, fused, dim):
+    decay = cases.WeightDecay((cases.ROW_OPT_NAMES.index(optimizer) + dim) % 3)
+    for pooling, weighted, half_grad in [("sum", True, False), ("mean", False, True)]:
+        cases.check_bag_step(CUDA, optimizer, dtype, fused=fused,
+                             pooling=cases.Pooling[pooling.upper()], weighted=weighted,
+                             decay=decay, dim=dim, num_rows=300, num_bags=2000,
+                             half_grad=half_grad and dtype != torch.float64, steps=3)
+
+
+@pytest.mark.parametrize("dtype", BAG_DTYPES)
+@pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
+def test_embedding_bag_step_hot_rows(optimizer, dtype):
+    # Runs of tens of thousands of occurrences: many kHotChunk chunks, and two hot runs
+    # sharing a window of chunk slots.
+    cases.check_bag_step(CUDA, optimizer, dtype, num_rows=7, num_bags=20000, max_size=10,
+                         exponent=1.5, dim=64, steps=2)
+
+
+@pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
+def test_embedding_bag_step_1d(optimizer):
+    cases.check_bag_step_1d(CUDA, optimizer)
+
+
+def test_embedding_bag_empty():
+    cases.check_bag_empty(CUDA)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_embedding_bag_bit_identical(dtype):
+    cases.check_bag_twice_bitwise(CUDA, "rowwise_adam", dtype)
+    cases.check_bag_twice_bitwise(CUDA, "adam", dtype)
+
+
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+def test_embedding_bag_bad_ids(id_dtype):
+    cases.check_bag_bad_ids(CUDA, id_dtype)
+
+
+@pytest.mark.parametrize("case", sorted(cases.BAD_OFFSETS))
+def test_embedding_bag_bad_offsets(case):
+    cases.check_bag_bad_offsets(CUDA, case)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adagrad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_bag_cuda_graph_replay_equals_eager(optimizer, dtype):
+    """Forward and fused backward update captured in one CUDA graph and replayed on new bags
+    of the same sizes: exactly the eager results (no host sync, no data-dependent
+    allocation)."""
+    num_rows, dim, num_bags, steps = 400, 32, 512, 4
+    gen = torch.Generator().manual_seed(5)
+    weight = (torch.randn(num_rows, dim, generator=gen) * 0.3).to(dtype)
+    shapes = cases.row_state_shapes(cases.Optimizer[optimizer.upper()], weight)
+    eager = [weight.cuda()] + [None if s is None else torch.rand(s, generator=gen).cuda()
+                               for s in shapes]
+    graphed = [None if t is None else t.clone() for t in eager]
+    settings = cases._row_settings(cases.Optimizer[optimizer.upper()], cases.WeightDecay.L2)
+    batches = []
+    for s in range(steps):
+        # Fixed sizes for every batch (a graph replays fixed shapes): 4 Zipf ids per bag.
+        ids = cases.zipf_ids(num_rows, 4 * num_bags, generator=np.random.default_rng(s))
+        offsets = torch.arange(0, 4 * num_bags + 1, 4)
+        batches.append(CUDA.to(ids, offsets, torch.randn(num_bags, dim, generator=gen)))
+    static = [t.clone() for t in batches[0]]
+
+    def step(tables, ids, offsets, grad):
+        out = torch.ops.fastmf.embedding_bag_forward(tables[0], ids, offsets, None,
+                                                     int(cases.Pooling.MEAN))
+        torch.ops.fastmf.embedding_bag_backward_update(*tables, grad * out, ids, offsets,
+                                                       None, int(cases.Pooling.MEAN),
+                                                       *settings)
+        return out
+
+    backup = [None if t is None else t.clone() for t in graphed]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(graphed, *static)
+    torch.cuda.current_stream().wait_stream(side)
+    for t, b in zip(graphed, backup, strict=False):
+        if t is not None:
+            t.copy_(b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(graphed, *static)
+    for batch in batches:
+        eager_out = step(eager, *batch)
+        for s, b in zip(static, batch, strict=False):
+            s.copy_(b)
+        graph.replay()
+        assert torch.equal(static_out, eager_out)
+    for a, b in zip(graphed, eager, strict=False):
+        if a is not None:
+            assert torch.equal(a, b)
+    fastmf.ops.check_device_errors()

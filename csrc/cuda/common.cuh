@@ -25,11 +25,17 @@ constexpr int kWarp = 32;
 // Device-side error record (see errors.cu for why errors are recorded, not raised).
 
 enum ErrorOp : int { kOpMfForward = 0, kOpMfBackward, kOpSparseAdagrad, kOpSparseSgd,
-                     kOpTrainStep, kOpTrainStepPairwise, kOpTopk, kNumErrorOps };
+                     kOpTrainStep, kOpTrainStepPairwise, kOpTopk, kOpEmbeddingBagForward,
+                     kOpEmbeddingBagBackward, kOpSparseUpdate, kOpEmbeddingBagBackwardUpdate,
+                     kNumErrorOps };
 // kArgIndptrSpan and kArgIndptrOrder are a bad exclude_indptr (a CSR the kernel cannot
-// trust), reported as the ValueErrors of the CPU kernel.
+// trust), reported as the ValueErrors of the CPU kernel; kArgOffsets* likewise a bad
+// embedding_bag offsets (start: value = offsets[0]; order: value, limit = offsets[b],
+// offsets[b + 1], position = b; end: value = offsets[B], limit = the number of indices,
+// position = B).
 enum ErrorArg : int { kArgUsers = 0, kArgItems, kArgIds, kArgTargets, kArgNegItems,
                       kArgExclude, kArgCandidates, kArgIndptrSpan, kArgIndptrOrder,
+                      kArgIndices, kArgOffsetsStart, kArgOffsetsOrder, kArgOffsetsEnd,
                       kNumErrorArgs };
 
 struct ErrorRecord {

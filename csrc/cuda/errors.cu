@@ -11,7 +11,10 @@
 //     sample out of every update (the fused steps return a NaN loss; train_step also
 //     drops samples with a NaN/inf target); topk_scores leaves a bad exclude or
 //     candidate id out, and reads a bad exclude_indptr only as far as
-//     exclude_indices goes;
+//     exclude_indices goes; the embedding_bag family (embedding_bag.cu) returns NaN for
+//     a bag with a bad id and leaves a bad id out of sparse_update and
+//     embedding_bag_backward_update, and with bad offsets returns an all-NaN forward, all-zero
+//     backward rows, and a fused step that writes nothing;
 //   * the first such error is written to a per-device record in device memory;
 //   * `torch.ops.fastmf.check_device_errors(device)` (fastmf.ops.check_device_errors in
 //     Python) synchronises the device, and raises the recorded error with the same type
@@ -63,6 +66,10 @@ const char* op_name(int op) {
     case kOpTrainStep: return "train_step";
     case kOpTrainStepPairwise: return "train_step_pairwise";
     case kOpTopk: return "topk_scores";
+    case kOpEmbeddingBagForward: return "embedding_bag_forward";
+    case kOpEmbeddingBagBackward: return "embedding_bag_backward";
+    case kOpSparseUpdate: return "sparse_update";
+    case kOpEmbeddingBagBackwardUpdate: return "embedding_bag_backward_update";
     default: return "unknown op";
   }
 }
@@ -76,6 +83,7 @@ const char* arg_name(int arg) {
     case kArgNegItems: return "neg_items";
     case kArgExclude: return "exclude";
     case kArgCandidates: return "candidates";
+    case kArgIndices: return "indices";
     default: return "unknown argument";
   }
 }
@@ -109,6 +117,18 @@ void check_device_errors(int64_t device) {
   TORCH_CHECK_VALUE(arg != kArgIndptrOrder, "fastmf.", op_name(op),
                     ": exclude_indptr must be non-decreasing, got ", host.value, " then ",
                     host.limit, " at query ", host.position);
+  // The messages of csrc/checks.h check_offsets_values.
+  TORCH_CHECK_VALUE(arg != kArgOffsetsStart, "fastmf.", op_name(op),
+                    ": offsets must start at 0, got offsets[0] = ", host.value);
+  TORCH_CHECK_VALUE(arg != kArgOffsetsOrder, "fastmf.", op_name(op),
+                    ": offsets must be non-decreasing, got ", host.value, " then ", host.limit,
+                    " at offsets[", host.position, "], offsets[", host.position + 1, "]");
+  TORCH_CHECK_VALUE(arg != kArgOffsetsEnd || host.value < host.limit, "fastmf.", op_name(op),
+                    ": offsets[", host.position, "] = ", host.value,
+                    " is past the end of indices (", host.limit, " ids)");
+  TORCH_CHECK_VALUE(arg != kArgOffsetsEnd, "fastmf.", op_name(op),
+                    ": the last offset must equal the number of indices (", host.limit,
+                    "), got offsets[", host.position, "] = ", host.value);
   TORCH_CHECK_INDEX(false, "fastmf.", op_name(op), ": ", arg_name(arg), " id ", host.value,
                     " out of range [0, ", host.limit, ")");
 }

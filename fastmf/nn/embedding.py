@@ -40,7 +40,7 @@ __all__ = ["Embedding", "EmbeddingBag"]
 def embedding_kernels(backend: str, device) -> ModuleType:
     """The backend module that runs the embedding_bag family for ``device``'s tensors
     (``fastmf.ops.kernels`` asked for this family: "auto" is native only where the
-    embedding_bag kernels exist for the device; they have no CUDA kernels yet)."""
+    embedding_bag kernels exist for the device)."""
     return ops.kernels(backend, device, kernel="embedding_bag_forward")
 
 

@@ -47,7 +47,7 @@ def numba_available() -> bool:
 
 def native_device(device: torch.device, kernel: str = "mf_forward") -> bool:
     """Whether the native extension has the kernel ``kernel`` for tensors on ``device``
-    (families gain CUDA kernels one at a time: the embedding_bag family is CPU-only)."""
+    (an extension built before a family had kernels for a device lacks them)."""
     return native.has_kernel(device, kernel)
 
 
