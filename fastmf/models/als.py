@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,6 +58,70 @@ def _gram(Y):
     return out
 
 
+_BLOCK = 64  # rows per parallel task: scratch vectors are allocated once per block
+
+
+@njit(inline="always", fastmath=True)
+def _cg_row(X, Y, gram, u, lo, hi, indices, conf, lam, cg_steps, x, r, p, ap):
+    d = X.shape[1]
+    for a in range(d):
+        x[a] = X[u, a]
+    # r = b - A x
+    for a in range(d):
+        acc = 0.0
+        for b in range(d):
+            acc += gram[a, b] * x[b]
+        r[a] = -acc - lam * x[a]
+    for k in range(lo, hi):
+        i = indices[k]
+        c = np.float64(conf[k])
+        dot = 0.0
+        for a in range(d):
+            dot += Y[i, a] * x[a]
+        scale = c - (c - 1.0) * dot
+        for a in range(d):
+            r[a] += scale * Y[i, a]
+    rs_old = 0.0
+    for a in range(d):
+        p[a] = r[a]
+        rs_old += r[a] * r[a]
+    for _ in range(cg_steps):
+        if rs_old < 1e-20:
+            break
+        for a in range(d):
+            acc = 0.0
+            for b in range(d):
+                acc += gram[a, b] * p[b]
+            ap[a] = acc + lam * p[a]
+        for k in range(lo, hi):
+            i = indices[k]
+            c1 = np.float64(conf[k]) - 1.0
+            if c1 != 0.0:
+                dot = 0.0
+                for a in range(d):
+                    dot += Y[i, a] * p[a]
+                dot *= c1
+                for a in range(d):
+                    ap[a] += dot * Y[i, a]
+        pap = 0.0
+        for a in range(d):
+            pap += p[a] * ap[a]
+        if pap <= 0.0:
+            break
+        step = rs_old / pap
+        rs_new = 0.0
+        for a in range(d):
+            x[a] += step * p[a]
+            r[a] -= step * ap[a]
+            rs_new += r[a] * r[a]
+        beta = rs_new / rs_old
+        for a in range(d):
+            p[a] = r[a] + beta * p[a]
+        rs_old = rs_new
+    for a in range(d):
+        X[u, a] = x[a]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def _cg_sweep(X, Y, gram, indptr, indices, conf, reg, cg_steps):
     """Solve every row ``u`` of ``X`` from ``Y``: a warm-started conjugate-gradient run of at
@@ -64,72 +129,18 @@ def _cg_sweep(X, Y, gram, indptr, indices, conf, reg, cg_steps):
     y_i`` over the row's entries ``indices[indptr[u]:indptr[u+1]]`` with confidences
     ``conf``. A row without entries gets zeros (its exact solution)."""
     n, d = X.shape
-    for u in prange(n):
-        lo, hi = indptr[u], indptr[u + 1]
-        if lo == hi:
-            for a in range(d):
-                X[u, a] = 0.0
-            continue
-        lam = reg[u]
+    for block in prange((n + _BLOCK - 1) // _BLOCK):
         x = np.empty(d, dtype=np.float64)
-        for a in range(d):
-            x[a] = X[u, a]
-        # r = b - A x
         r = np.empty(d, dtype=np.float64)
-        for a in range(d):
-            acc = 0.0
-            for b in range(d):
-                acc += gram[a, b] * x[b]
-            r[a] = -acc - lam * x[a]
-        for k in range(lo, hi):
-            i = indices[k]
-            c = np.float64(conf[k])
-            dot = 0.0
-            for a in range(d):
-                dot += Y[i, a] * x[a]
-            scale = c - (c - 1.0) * dot
-            for a in range(d):
-                r[a] += scale * Y[i, a]
-        p = r.copy()
+        p = np.empty(d, dtype=np.float64)
         ap = np.empty(d, dtype=np.float64)
-        rs_old = 0.0
-        for a in range(d):
-            rs_old += r[a] * r[a]
-        for _ in range(cg_steps):
-            if rs_old < 1e-20:
-                break
-            for a in range(d):
-                acc = 0.0
-                for b in range(d):
-                    acc += gram[a, b] * p[b]
-                ap[a] = acc + lam * p[a]
-            for k in range(lo, hi):
-                i = indices[k]
-                c1 = np.float64(conf[k]) - 1.0
-                if c1 != 0.0:
-                    dot = 0.0
-                    for a in range(d):
-                        dot += Y[i, a] * p[a]
-                    dot *= c1
-                    for a in range(d):
-                        ap[a] += dot * Y[i, a]
-            pap = 0.0
-            for a in range(d):
-                pap += p[a] * ap[a]
-            if pap <= 0.0:
-                break
-            step = rs_old / pap
-            rs_new = 0.0
-            for a in range(d):
-                x[a] += step * p[a]
-                r[a] -= step * ap[a]
-                rs_new += r[a] * r[a]
-            beta = rs_new / rs_old
-            for a in range(d):
-                p[a] = r[a] + beta * p[a]
-            rs_old = rs_new
-        for a in range(d):
-            X[u, a] = x[a]
+        for u in range(block * _BLOCK, min(n, (block + 1) * _BLOCK)):
+            lo, hi = indptr[u], indptr[u + 1]
+            if lo == hi:
+                for a in range(d):
+                    X[u, a] = 0.0
+            else:
+                _cg_row(X, Y, gram, u, lo, hi, indices, conf, reg[u], cg_steps, x, r, p, ap)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -195,6 +206,25 @@ class _Structure:
 # ---------------------------------------------------------------------------- model
 
 
+class _SweepOptimizer:
+    """What fit holds as ALS's optimizer: ALS has no gradient steps and no optimizer state
+    (the sweep is :meth:`ALS.training_step`), so every method is a no-op."""
+
+    param_groups: list = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self, closure=None) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def _check_number(where: str, name: str, value, *, low: float = 0.0, strict: bool = False,
                   integer: bool = False):
     ok_type = (int, np.integer) if integer else (int, float, np.integer, np.floating)
@@ -233,9 +263,14 @@ class ALS(nn.Module):
     torch.Size([1, 3])
     """
 
-    losses: ClassVar[tuple[str, ...]] = ("als",)
-    default_loss: ClassVar[str] = "als"
+    # fit's loss names say which kind of data a model trains on; ALS always minimises its
+    # weighted squared objective, and "bce" (implicit feedback: ranking validation, no
+    # ratings needed) is the only name of that kind fit knows. lr, reg, batch_size and
+    # negatives of fit do not apply: the knobs are the constructor's.
+    losses: ClassVar[tuple[str, ...]] = ("bce",)
+    default_loss: ClassVar[str] = "bce"
     defaults: ClassVar[dict] = {"implicit": dict(epochs=15)}
+    test_config: ClassVar[dict] = dict(dim=8)
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64, *, reg: float = 0.05,
                  alpha: float = 10.0, iterations: int = 15, cg_steps: int = 3,
@@ -389,6 +424,36 @@ class ALS(nn.Module):
         Y = self.item_factors.data.numpy()
         return self._objective(self._data(train), X, Y, _gram(X), _gram(Y))
 
+    # -- the protocol's training hooks: fit runs one alternating sweep per epoch ----------------
+    def prepare(self, train) -> None:
+        self.user_map, self.item_map = train.user_map, train.item_map
+        self.item_titles = train.item_titles
+        self.item_popularity = np.bincount(train.items, minlength=self.num_items)
+
+    def make_optimizer(self, name: str | None, lr: float) -> _SweepOptimizer:
+        return _SweepOptimizer()
+
+    def batches(self, train, **_ignored) -> Iterator[Any]:
+        """One "batch" per epoch: the whole of ``train``, which :meth:`training_step` sweeps
+        (negatives, shuffling and batch sizes do not apply to ALS)."""
+        from fastmf.recommender import Batch
+
+        self._sweep_data = train
+        users, items, _ = train.to_torch(self.user_factors.device)
+        yield Batch(users, items, weights=None if train.weights is None
+                    else torch.from_numpy(train.weights))
+
+    def training_step(self, batch, optimizer, *, loss: str, reg: float) -> tuple[Tensor, int]:
+        """One alternating sweep over the data of the last :meth:`batches` call; returns
+        (the objective per observed pair, observed pairs). ``reg`` of fit does not apply
+        (the constructor's ``reg`` does)."""
+        train = getattr(self, "_sweep_data", None)
+        if train is None:
+            raise ValueError("fastmf.models.ALS.training_step: call batches(train) first; an "
+                             "ALS step is a sweep over the whole training set")
+        row = self.fit_epoch(train)
+        return torch.tensor(row["loss"], dtype=torch.float64), row["samples"]
+
     def fit(self, train, *, epochs: int | None = None, valid=None, k: int = 10,
             metrics: tuple[str, ...] | None = None, progress: bool = False) -> list[dict]:
         """``epochs`` (default ``iterations``) alternating sweeps on ``train``; returns one
@@ -399,7 +464,7 @@ class ALS(nn.Module):
         epochs = self.iterations if epochs is None else epochs
         _check_number("fastmf.models.ALS.fit", "epochs", epochs, integer=True)
         self.check_data(train)
-        self.attach_data(train)
+        self.prepare(train)
         metrics = tuple(metrics) if metrics else (f"ndcg@{k}", f"hr@{k}")
         history = []
         for epoch in range(int(epochs)):
