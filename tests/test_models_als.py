@@ -256,3 +256,27 @@ def test_bad_weights(call, error, match):
     data = Interactions([0, 1, 1], [0, 1, 2], ratings=[1.0, 2.0, 3.0])
     with pytest.raises(error, match=match):
         call(data)
+
+
+def test_protocol_hooks_run_one_sweep_per_epoch_and_serving_works():
+    data = random_problem(12, num_users=40, num_items=35).with_confidence(alpha=2.0)
+    a, b = make(data, seed=5, dim=6), make(data, seed=5, dim=6)
+    optimizer = b.make_optimizer(None, 0.1)
+    for _ in range(2):
+        a.fit_epoch(data)
+        steps = [b.training_step(batch, optimizer, loss="bce", reg=0.0)
+                 for batch in b.batches(data, batch_size=7, loss="bce", num_negatives=4,
+                                        sampler=None, generator=torch.Generator())]
+        assert len(steps) == 1 and steps[0][1] == len(data)
+    torch.testing.assert_close(a.user_factors, b.user_factors, rtol=0, atol=0)
+    assert steps[0][0].item() == pytest.approx(b.objective(data) / len(data), rel=1e-6)
+    assert optimizer.state_dict() == {}
+    # Serving from the base class: the top items by <x_u, y_i>, training items left out.
+    b.attach_data(data)
+    items, _ = b.recommend(torch.arange(1, 6), k=5, exclude=data)
+    scores = (b.user_factors @ b.item_factors.T).numpy()
+    scores[data.users, data.items] = -np.inf
+    expected = np.argsort(-scores[1:6], axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(items.numpy(), expected)
+    assert b.similar_items([3], k=4)[0].shape == (1, 4)
+    assert b.get_config()["dim"] == 6 and type(b)(**b.get_config()).dim == 6

@@ -8,8 +8,9 @@ names in ``__all__``. ``fastmf.MF`` (fastmf/layers.py) is a Recommender too.
 """
 
 from fastmf.layers import MF
-from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
 
 # One import line per model file:
+from fastmf.models.als import ALS
+from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
 
-__all__ = ["MF", "Batch", "Recommender", "pairwise_loss", "pointwise_loss"]
+__all__ = ["ALS", "MF", "Batch", "Recommender", "pairwise_loss", "pointwise_loss"]

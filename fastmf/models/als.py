@@ -36,6 +36,7 @@ from numba import njit, prange
 from torch import Tensor, nn
 
 from fastmf import checkpoint
+from fastmf.models.base import Batch, Recommender
 
 __all__ = ["ALS"]
 
@@ -236,7 +237,7 @@ def _check_number(where: str, name: str, value, *, low: float = 0.0, strict: boo
 
 
 @checkpoint.register_model
-class ALS(nn.Module):
+class ALS(Recommender):
     """Implicit ALS with confidence weights and conjugate-gradient solves (see the module
     docstring for the objective).
 
@@ -245,8 +246,12 @@ class ALS(nn.Module):
       confidence ``1 + alpha`` (data with ``weights`` uses them as the confidences);
       ``cg_steps``: conjugate-gradient steps per row and sweep (3 is the usual choice;
       ``>= dim`` solves exactly); ``iterations``: the sweeps :meth:`fit` runs by default.
-    - Scoring is the dot product ``<x_u, y_i>`` (no biases), so ``recommend``,
-      ``similar_items`` and ``evaluate`` work as for :class:`fastmf.MF`.
+    - Scoring is the dot product ``<x_u, y_i>`` (no biases): a dot-product
+      :class:`~fastmf.models.base.Recommender`, so ``recommend``, ``similar_items`` and
+      ``evaluate`` work as for :class:`fastmf.MF`.
+    - Training: :meth:`fit` here, or :func:`fastmf.fit` (one sweep per epoch through the
+      protocol's ``batches``/``training_step`` hooks; fit's ``lr``, ``reg``, ``batch_size``
+      and negatives do not apply). Counts: ``train.with_confidence(...)`` first.
     - Init: both tables normal(0, ``init_std``) from the global torch RNG (users first).
 
     Defaults (``reg``, ``alpha``, ``iterations``) were chosen on inner validation splits of
@@ -289,6 +294,8 @@ class ALS(nn.Module):
         if reg_exponent > 0 and alpha == 0:
             raise ValueError(f"{where}: reg_exponent > 0 needs alpha > 0 (the unobserved "
                              "weight in the frequency scaling is 1 / alpha)")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{where}: dtype must be float32 or float64, got {dtype}")
         if device is not None and torch.device(device).type != "cpu":
@@ -303,7 +310,6 @@ class ALS(nn.Module):
                                          requires_grad=False)
         self.item_factors = nn.Parameter(torch.empty(num_items, dim, **factory),
                                          requires_grad=False)
-        self.user_map = self.item_map = self.item_titles = self.item_popularity = None
         self._structure: tuple[Any, _Structure] | None = None
         self._gram_cache: tuple[int, int, np.ndarray] | None = None
         self.reset_parameters()
@@ -329,11 +335,8 @@ class ALS(nn.Module):
         return dict(num_users=self.num_users, num_items=self.num_items, dim=self.dim,
                     reg=self.reg, alpha=self.alpha, iterations=self.iterations,
                     cg_steps=self.cg_steps, reg_exponent=self.reg_exponent,
-                    init_std=self.init_std)
-
-    @classmethod
-    def from_interactions(cls, train, **kwargs) -> ALS:
-        return cls(train.num_users, train.num_items, **kwargs)
+                    init_std=self.init_std,
+                    dtype=str(self.user_factors.dtype).removeprefix("torch."))
 
     def extra_repr(self) -> str:
         return (f"{self.num_users}, {self.num_items}, dim={self.dim}, reg={self.reg:g}, "
@@ -342,15 +345,14 @@ class ALS(nn.Module):
     # ------------------------------------------------------------------ scoring
 
     def user_vectors(self, users) -> tuple[Tensor, None]:
-        users = torch.as_tensor(users, device=self.user_factors.device).long()
-        return self.user_factors[users], None
+        return self.user_factors[self.as_ids(users, "users").long()], None
 
     def item_vectors(self) -> tuple[Tensor, None]:
         return self.item_factors, None
 
     def forward(self, users, items) -> Tensor:
-        users = torch.as_tensor(users, device=self.user_factors.device).long()
-        items = torch.as_tensor(items, device=self.item_factors.device).long()
+        users = self.as_ids(users, "users").long()
+        items = self.as_ids(items, "items").long()
         return (self.user_factors[users] * self.item_factors[items]).sum(-1)
 
     # ------------------------------------------------------------------ training
@@ -425,19 +427,12 @@ class ALS(nn.Module):
         return self._objective(self._data(train), X, Y, _gram(X), _gram(Y))
 
     # -- the protocol's training hooks: fit runs one alternating sweep per epoch ----------------
-    def prepare(self, train) -> None:
-        self.user_map, self.item_map = train.user_map, train.item_map
-        self.item_titles = train.item_titles
-        self.item_popularity = np.bincount(train.items, minlength=self.num_items)
-
     def make_optimizer(self, name: str | None, lr: float) -> _SweepOptimizer:
         return _SweepOptimizer()
 
     def batches(self, train, **_ignored) -> Iterator[Any]:
         """One "batch" per epoch: the whole of ``train``, which :meth:`training_step` sweeps
         (negatives, shuffling and batch sizes do not apply to ALS)."""
-        from fastmf.recommender import Batch
-
         self._sweep_data = train
         users, items, _ = train.to_torch(self.user_factors.device)
         yield Batch(users, items, weights=None if train.weights is None
