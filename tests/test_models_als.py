@@ -270,7 +270,9 @@ def test_protocol_hooks_run_one_sweep_per_epoch_and_serving_works():
         assert len(steps) == 1 and steps[0][1] == len(data)
     torch.testing.assert_close(a.user_factors, b.user_factors, rtol=0, atol=0)
     assert steps[0][0].item() == pytest.approx(b.objective(data) / len(data), rel=1e-6)
-    assert optimizer.state_dict() == {}
+    optimizer.step()  # a stray step changes nothing: ALS takes no gradient steps
+    torch.testing.assert_close(a.user_factors, b.user_factors, rtol=0, atol=0)
+    assert optimizer.state_dict()["state"] == {}
     # Serving from the base class: the top items by <x_u, y_i>, training items left out.
     b.attach_data(data)
     items, _ = b.recommend(torch.arange(1, 6), k=5, exclude=data)
@@ -280,3 +282,15 @@ def test_protocol_hooks_run_one_sweep_per_epoch_and_serving_works():
     np.testing.assert_array_equal(items.numpy(), expected)
     assert b.similar_items([3], k=4)[0].shape == (1, 4)
     assert b.get_config()["dim"] == 6 and type(b)(**b.get_config()).dim == 6
+
+
+def test_fastmf_fit_runs_one_sweep_per_epoch():
+    import fastmf
+
+    data = random_problem(13, num_users=30, num_items=20).with_confidence(alpha=1.0)
+    a, b = make(data, seed=2, dim=4), make(data, seed=2, dim=4)
+    history = fastmf.fit(a, data, epochs=3, progress=False)
+    losses = [b.fit_epoch(data)["loss"] for _ in range(3)]
+    torch.testing.assert_close(a.item_factors, b.item_factors, rtol=0, atol=0)
+    np.testing.assert_allclose(history["loss"], losses, rtol=1e-6)
+    assert a.item_map is data.item_map  # prepare() ran: raw ids and popularity for serving

@@ -207,25 +207,6 @@ class _Structure:
 # ---------------------------------------------------------------------------- model
 
 
-class _SweepOptimizer:
-    """What fit holds as ALS's optimizer: ALS has no gradient steps and no optimizer state
-    (the sweep is :meth:`ALS.training_step`), so every method is a no-op."""
-
-    param_groups: list = []
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        pass
-
-    def step(self, closure=None) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 def _check_number(where: str, name: str, value, *, low: float = 0.0, strict: bool = False,
                   integer: bool = False):
     ok_type = (int, np.integer) if integer else (int, float, np.integer, np.floating)
@@ -303,9 +284,6 @@ class ALS(Recommender):
             dtype = getattr(torch, dtype, None)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{where}: dtype must be float32 or float64, got {dtype}")
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError(f"{where}: training runs on the CPU (Numba); got device "
-                             f"{device!r} (move the trained model with .to(device))")
         self.reg, self.alpha = float(reg), float(alpha)
         self.iterations, self.cg_steps = int(iterations), int(cg_steps)
         self.reg_exponent, self.init_std = float(reg_exponent), float(init_std)
@@ -432,8 +410,12 @@ class ALS(Recommender):
         return self._objective(self._data(train), X, Y, _gram(X), _gram(Y))
 
     # -- the protocol's training hooks: fit runs one alternating sweep per epoch ----------------
-    def make_optimizer(self, name: str | None, lr: float) -> _SweepOptimizer:
-        return _SweepOptimizer()
+    def make_optimizer(self, name: str | None, lr: float) -> torch.optim.Optimizer:
+        """ALS takes no gradient steps (the sweep is :meth:`training_step`), but fit and
+        checkpoints hold a torch optimizer: an Adam over the factors that is never stepped
+        (the factors need no gradient, so even a stray ``step()`` changes nothing), whose
+        state stays empty. ``name`` and ``lr`` do not apply."""
+        return torch.optim.Adam([self.user_factors, self.item_factors], lr=lr or 1e-3)
 
     def batches(self, train, **_ignored) -> Iterator[Any]:
         """One "batch" per epoch: the whole of ``train``, which :meth:`training_step` sweeps
