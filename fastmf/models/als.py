@@ -249,10 +249,10 @@ class ALS(Recommender):
     torch.Size([1, 3])
     """
 
-    # fit's loss names say which kind of data a model trains on; ALS always minimises its
-    # weighted squared objective, and "bce" (implicit feedback: ranking validation, no
-    # ratings needed) is the only name of that kind fit knows. lr, reg, batch_size and
-    # negatives of fit do not apply: the knobs are the constructor's.
+    # fit's loss names also say which kind of data a model trains on. ALS always minimises
+    # its weighted squared objective; fit has no name for that, so it declares "bce" for the
+    # implicit-feedback path (ranking validation, no ratings needed). fit's lr, reg,
+    # batch_size and negatives do not apply: the knobs are the constructor's.
     losses: ClassVar[tuple[str, ...]] = ("bce",)
     default_loss: ClassVar[str] = "bce"
     defaults: ClassVar[dict] = {"implicit": dict(epochs=12)}
