@@ -5,6 +5,9 @@
 - ``users``, ``items``: (N,) int64 contiguous indices in ``[0, num_users)`` / ``[0, num_items)``
 - ``ratings``: (N,) float32 or ``None`` (implicit feedback)
 - ``timestamps``: (N,) int64/float64/datetime64 or ``None``
+- ``weights``: (N,) float32 >= 0 or ``None``: a per-interaction confidence (see
+  :meth:`Interactions.with_confidence`), used by weighted models such as
+  :class:`fastmf.models.ALS`
 
 plus the two :class:`IdMap` objects that translate raw ids (ints or strings, as they appear
 in the source data) to indices and back. Subsets and splits share the same ``IdMap``
@@ -269,6 +272,22 @@ def _decode_bytes_ids(arr: np.ndarray, kind: str) -> np.ndarray:
     return out
 
 
+def _as_weights(values: Any, where: str) -> np.ndarray:
+    """(N,) float32 weights, refusing NaN/inf and negative values with the first bad row."""
+    weights = _to_numpy(values)
+    if weights.dtype.kind not in "iufb":
+        raise TypeError(f"{where}: weights must be numbers, got {weights.dtype}")
+    weights = weights.astype(np.float32, copy=False)
+    if weights.ndim != 1:
+        raise ValueError(f"{where}: weights must be 1-D, got shape {weights.shape}")
+    bad = ~np.isfinite(weights) | (weights < 0)
+    if bad.any():
+        count, first = _first_rows(bad)
+        raise ValueError(f"{where}: weights must be finite and >= 0; {count} are not "
+                         f"(first at row {first}: {weights[first]})")
+    return weights
+
+
 def _as_timestamps(values: Any) -> np.ndarray:
     if isinstance(values, pd.Series) and isinstance(values.dtype, pd.DatetimeTZDtype):
         values = values.dt.tz_convert(None)
@@ -292,6 +311,9 @@ class Interactions:
     - ``users``: (N,) int64 in ``[0, num_users)``; ``items``: (N,) int64 in ``[0, num_items)``
     - ``ratings``: (N,) float32 or ``None``; ``timestamps``: (N,) int64, float64, datetime64
       or ``None``
+    - ``weights``: (N,) float32 >= 0 or ``None``: per-interaction confidence (keyword
+      ``weights=``, :meth:`with_weights` or :meth:`with_confidence`); subsets and splits
+      keep each row's weight
     - ``user_map``, ``item_map``: :class:`IdMap` (raw id <-> index)
     - ``item_titles``: ``dict[int, str]`` (item index -> title) or ``None``
     - ``item_metadata``: :class:`pandas.DataFrame` indexed by item index, or ``None``
@@ -323,6 +345,7 @@ class Interactions:
         item_map: IdMap | int | None = None,
         item_titles: Mapping[int, str] | None = None,
         item_metadata: pd.DataFrame | None = None,
+        weights: Any = None,
     ) -> None:
         users = _as_ids(users)
         items = _as_ids(items)
@@ -342,6 +365,9 @@ class Interactions:
         if timestamps is not None:
             timestamps = _as_timestamps(timestamps)
             lengths["timestamps"] = len(timestamps) if timestamps.ndim == 1 else -1
+        if weights is not None:
+            weights = _as_weights(weights, "fastmf.Interactions")
+            lengths["weights"] = len(weights)
         if len(set(lengths.values())) != 1:
             raise ValueError(f"fastmf.Interactions: mismatched lengths {lengths}")
         if n == 0:
@@ -374,6 +400,7 @@ class Interactions:
                 )
         self.ratings = ratings
         self.timestamps = timestamps
+        self.weights = weights
         self.item_titles = dict(item_titles) if item_titles is not None else None
         self.item_metadata = item_metadata
         self._cache: dict[str, Any] = {}
@@ -695,6 +722,74 @@ class Interactions:
             item_titles=titles, item_metadata=meta,
         )
 
+    # ------------------------------------------------------------------ weights
+
+    def with_weights(self, weights: Any) -> Interactions:
+        """A copy (other arrays shared) whose ``weights`` are ``weights``: (N,) finite and
+        >= 0, one per row; ``None`` removes them.
+
+        >>> Interactions([0, 1], [1, 0]).with_weights([1.0, 3.0]).weights.tolist()
+        [1.0, 3.0]
+        """
+        if weights is not None:
+            weights = _as_weights(weights, "fastmf.Interactions.with_weights")
+            if len(weights) != len(self):
+                raise ValueError(
+                    f"fastmf.Interactions.with_weights: weights has {len(weights)} values "
+                    f"for {len(self)} interactions"
+                )
+        return self._derive(self.users, self.items, self.ratings, self.timestamps,
+                            weights=weights)
+
+    def with_confidence(self, alpha: float = 1.0, eps: float = 1.0, *,
+                        counts: Any = None) -> Interactions:
+        """A copy whose ``weights`` are the confidence ``c = 1 + alpha * log(1 + count / eps)``
+        of each row (Hu, Koren & Volinsky 2008, "Collaborative Filtering for Implicit
+        Feedback Datasets", their log-scaled variant).
+
+        - ``counts``: (N,) counts >= 0 (play counts, clicks, ...); default the ``ratings``
+          column. A (user, item) pair spread over several rows counts once with the sum of
+          its rows' counts, and each of its rows gets that confidence; call it on the
+          training rows (after a split), or the test rows' counts leak into training.
+        - ``alpha`` >= 0 scales the confidence; ``eps`` > 0 is the count at which the log
+          starts to bend.
+
+        >>> d = Interactions([0, 0, 1], [0, 1, 0], ratings=[1.0, 9.0, 0.0])
+        >>> [round(float(c), 3) for c in d.with_confidence(alpha=2.0).weights]
+        [2.386, 5.605, 1.0]
+        """
+        where = "fastmf.Interactions.with_confidence"
+        for name, value, low_ok in (("alpha", alpha, True), ("eps", eps, False)):
+            if (isinstance(value, bool) or not isinstance(value, int | float | np.number)
+                    or not np.isfinite(value) or value < 0 or (value == 0 and not low_ok)):
+                bound = ">= 0" if low_ok else "> 0"
+                raise ValueError(f"{where}: {name} must be a finite number {bound}, "
+                                 f"got {value!r}")
+        if counts is None:
+            if self.ratings is None:
+                raise ValueError(f"{where}: these interactions have no ratings column to "
+                                 "use as counts; pass counts=")
+            values = self.ratings.astype(np.float64)
+            what = "ratings (used as counts)"
+        else:
+            values = _to_numpy(counts).astype(np.float64, copy=False)
+            what = "counts"
+            if values.shape != (len(self),):
+                raise ValueError(f"{where}: counts has shape {values.shape}, expected "
+                                 f"({len(self)},)")
+        bad = ~np.isfinite(values) | (values < 0)
+        if bad.any():
+            count, first = _first_rows(bad)
+            raise ValueError(f"{where}: {what} must be finite and >= 0; {count} are not "
+                             f"(first at row {first}: {values[first]})")
+        key = self.users * np.int64(self.num_items) + self.items
+        codes, uniques = pd.factorize(key)
+        if len(uniques) < len(key):
+            values = np.bincount(codes, weights=values, minlength=len(uniques))[codes]
+        weights = (1.0 + float(alpha) * np.log1p(values / float(eps))).astype(np.float32)
+        return self._derive(self.users, self.items, self.ratings, self.timestamps,
+                            weights=weights)
+
     # ------------------------------------------------------------------ basic API
 
     @property
@@ -723,12 +818,15 @@ class Interactions:
             f"ratings={'yes' if self.ratings is not None else 'no'}",
             f"timestamps={'yes' if self.timestamps is not None else 'no'}",
         ]
+        if self.weights is not None:
+            parts.append("weights=yes")
         return f"Interactions({', '.join(parts)})"
 
     def _derive(self, users, items, ratings, timestamps, **overrides) -> Interactions:
         out = Interactions.__new__(Interactions)
         out.users, out.items = users, items
         out.ratings, out.timestamps = ratings, timestamps
+        out.weights = overrides.get("weights", self.weights)
         out.user_map, out.item_map = self.user_map, self.item_map
         out.item_titles = overrides.get("item_titles", self.item_titles)
         out.item_metadata = overrides.get("item_metadata", self.item_metadata)
@@ -768,6 +866,7 @@ class Interactions:
             self.items[sel],
             None if self.ratings is None else self.ratings[sel],
             None if self.timestamps is None else self.timestamps[sel],
+            weights=None if self.weights is None else self.weights[sel],
         )
 
     def drop_duplicates(self, keep: str = "last") -> Interactions:
@@ -856,7 +955,7 @@ class Interactions:
 
     def to_pandas(self, raw_ids: bool = True) -> pd.DataFrame:
         """One row per interaction: ``user``, ``item`` (raw ids, or indices with
-        ``raw_ids=False``), and ``rating``/``timestamp`` when present."""
+        ``raw_ids=False``), and ``rating``/``timestamp``/``weight`` when present."""
         cols: dict[str, Any] = {
             "user": self.user_map.raw_ids[self.users] if raw_ids else self.users,
             "item": self.item_map.raw_ids[self.items] if raw_ids else self.items,
@@ -865,6 +964,8 @@ class Interactions:
             cols["rating"] = self.ratings
         if self.timestamps is not None:
             cols["timestamp"] = self.timestamps
+        if self.weights is not None:
+            cols["weight"] = self.weights
         return pd.DataFrame(cols)
 
 

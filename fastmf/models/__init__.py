@@ -7,10 +7,21 @@ subclass (see the "Models" section of the README), plus ONE import line below an
 names in ``__all__``. ``fastmf.MF`` (fastmf/layers.py) is a Recommender too.
 """
 
+# One import line per model file (sorted):
+from fastmf.layers import MF
+from fastmf.models.als import ALS
+from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
+from fastmf.models.item2vec import Item2Vec
+from fastmf.models.ncf import GMF, MLP, NeuMF
+
+__all__``. ``fastmf.MF`` (fastmf/layers.py) is a Recommender too.
+"""
+
 from fastmf.layers import MF
 from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
 
 # One import line per model file:
+from fastmf.models.als import ALS  # noqa: I001  (one line per model, in the order added)
 from fastmf.models.item2vec import Item2Vec
 from fastmf.models.ncf import GMF, MLP, NeuMF
 
@@ -20,6 +31,7 @@ __all__ = [
     "Recommender",
     "pairwise_loss",
     "pointwise_loss",
+    "ALS",
     "GMF",
     "MLP",
     "NeuMF",

@@ -1,0 +1,457 @@
+"""Implicit feedback on several differently shaped data sets: fastmf BPR, BCE and ALS against
+the ``implicit`` library's BPR and ALS. Not run in CI.
+
+    python benchmarks/implicit_feedback.py [--tune] [--quick] [--threads 2] [--json OUT]
+
+Data sets (``--data``: the ml-latest-small folder; the MovieLens sets are skipped without
+it): every rating of ml-latest-small is a positive (``ml``), and its subsets ``ml-active``
+(users with >= 100 ratings), ``ml-light`` (users with < 100) and ``ml-early`` (the ratings
+before the median timestamp); ``fastmf.datasets.synthetic`` implicit data ``syn-sparse``
+(4 000 users x 4 000 items, 60 000 interactions, Zipf 1.2 popularity) and ``syn-dense``
+(1 000 x 500, 60 000, Zipf 0.5); ``syn-counts`` (2 000 x 2 000, 60 000), whose rows carry
+play counts that grow with the planted affinity (``counts_for``).
+
+Splits: each data set's outer split holds out every user's latest interaction (``fastmf.data
+.leave_one_out(by="time")``): those rows are the reported ones. ``--tune`` chooses settings
+on an inner leave-one-out split of the outer training rows only (each user's second-latest
+interaction), never on the reported rows, and prints the per-data-set curves and the chosen
+values; the values then live in ``CHOSEN`` below (fit's ``DEFAULTS["implicit"]`` for
+BPR/BCE, :class:`fastmf.models.ALS`'s constructor defaults for ALS).
+
+Every model ranks the full catalogue with each user's training items left out, from its
+factors (``topk``: the same ranking code for every library), scored by
+``fastmf.metrics.ranking_metrics`` (HR@10, NDCG@10 over the users with a held-out item).
+``implicit`` runs with factors 64 and its defaults otherwise; on ``syn-counts`` its ALS
+also gets the confidence ``log(1 + count)`` as the matrix values. Speed: training
+interactions (positives) x epochs / fit wall seconds, per epoch, ``--threads`` threads for
+every library (torch, Numba, BLAS, implicit's ``num_threads``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import fastmf  # noqa: E402
+from fastmf.data import Interactions, leave_one_out  # noqa: E402
+from fastmf.metrics import ranking_metrics  # noqa: E402
+from fastmf.models.als import ALS  # noqa: E402
+from fastmf.train import DEFAULTS  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+K = 10
+DIM = 64
+SEED = 0
+
+# Chosen by --tune on the inner splits (benchmarks/README.md, "Implicit feedback").
+# BPR and BCE share fit's DEFAULTS["implicit"]; both chose lr 0.1, reg 0.01, 30 epochs.
+CHOSEN = {
+    "bpr": dict(lr=0.1, reg=1e-2, batch_size=4096, epochs=30, num_negatives=4),
+    "bce": dict(lr=0.1, reg=1e-2, batch_size=4096, epochs=30, num_negatives=4),
+    # ALS's binary defaults are the class's (reg 10, alpha 0, 12 sweeps). Count data: the
+    # confidence of Interactions.with_confidence and ALS's reg, chosen at the class's 12
+    # sweeps on syn-counts.
+    "confidence": dict(alpha=16.0, eps=1.0),
+    "confidence_reg": 1.0,
+}
+
+# --tune grids. MF: lr x reg at 4 negatives and dim 64, validated after every epoch up to
+# MAX_EPOCHS; then negatives and dim around the best lr/reg. ALS: reg x alpha (binary
+# confidence 1 + alpha) and frequency-scaled reg; the count set also tries the log
+# confidence of Interactions.with_confidence.
+MAX_EPOCHS = 30
+MF_GRID = [dict(lr=lr, reg=reg) for lr in (0.05, 0.1) for reg in (1e-4, 1e-3, 1e-2)]
+MF_SECOND = [dict(num_negatives=n) for n in (1, 8)] + [dict(dim=128)]
+ALS_EPOCHS = 20
+ALS_CHECKPOINTS = (2, 4, 6, 8, 10, 12, 15, 20)
+ALS_GRID = ([dict(reg=reg, alpha=alpha) for reg in (0.1, 1.0, 10.0)
+             for alpha in (0.0, 2.0, 10.0, 40.0)]
+            + [dict(reg=reg, alpha=10.0, reg_exponent=1.0) for reg in (1e-3, 1e-2)])
+CONFIDENCE_GRID = [dict(alpha=a, eps=e) for a in (1.0, 4.0, 16.0) for e in (1.0, 4.0)]
+CONFIDENCE_REGS = (0.1, 1.0, 10.0)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def counts_for(data: Interactions, truth, seed: int) -> np.ndarray:
+    """Play counts: 1 + Poisson(exp(1.5 z)) with z the planted affinity of the pair
+    (standardised over the observed pairs), so heavier use marks stronger preference."""
+    z = truth.preference(data.users, data.items)
+    z = (z - z.mean()) / z.std()
+    rng = np.random.default_rng(seed)
+    return 1.0 + rng.poisson(np.exp(1.5 * z))
+
+
+def positives(data: Interactions, counts: np.ndarray | None = None) -> Interactions:
+    return Interactions(data.users, data.items, counts, data.timestamps,
+                        user_map=data.user_map, item_map=data.item_map)
+
+
+def build_datasets(path: Path, quick: bool) -> dict[str, Interactions]:
+    """name -> Interactions (rows: positives; ``ratings``: play counts on syn-counts)."""
+    out = {}
+    if (path / "ratings.csv").is_file():
+        ml = fastmf.datasets.load_movielens(path)
+        out["ml"] = positives(ml)
+        activity = np.bincount(ml.users, minlength=ml.num_users)[ml.users]
+        out["ml-active"] = positives(ml.subset(activity >= 100))
+        out["ml-light"] = positives(ml.subset(activity < 100))
+        out["ml-early"] = positives(ml.subset(ml.timestamps < np.median(ml.timestamps)))
+    scale = 4 if quick else 1
+    out["syn-sparse"] = fastmf.datasets.synthetic(
+        4000 // scale, 4000 // scale, 60_000 // scale, dim=16, implicit=True, zipf=1.2, seed=1)
+    out["syn-dense"] = fastmf.datasets.synthetic(
+        1000 // scale, 500 // scale, 60_000 // scale, dim=8, implicit=True, zipf=0.5, seed=2)
+    data, truth = fastmf.datasets.synthetic(
+        2000 // scale, 2000 // scale, 60_000 // scale, dim=12, implicit=True, zipf=1.0, seed=3,
+        return_truth=True)
+    out["syn-counts"] = positives(data, counts_for(data, truth, seed=3))
+    return out
+
+
+def split(data: Interactions) -> tuple[Interactions, Interactions]:
+    return leave_one_out(data, by="time")
+
+
+# ------------------------------------------------------------------------------ ranking
+
+
+def topk(user_vecs: np.ndarray, item_vecs: np.ndarray, item_bias, train: Interactions,
+         users: np.ndarray) -> np.ndarray:
+    """(len(users), K) best items by ``<u, v> + bias``, the user's training items left out;
+    ties to the lower index (a stable sort of the negated scores)."""
+    indptr, indices = train.positive_structure()
+    out = np.empty((len(users), K), dtype=np.int64)
+    for lo in range(0, len(users), 1024):
+        rows = users[lo:lo + 1024]
+        scores = user_vecs[rows].astype(np.float64) @ item_vecs.T.astype(np.float64)
+        if item_bias is not None:
+            scores += item_bias
+        for j, u in enumerate(rows):
+            scores[j, indices[indptr[u]:indptr[u + 1]]] = -np.inf
+        part = np.argpartition(-scores, K, axis=1)[:, :K]
+        top = np.take_along_axis(scores, part, 1)
+        order = np.lexsort((part, -top), axis=1)
+        out[lo:lo + len(rows)] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def scores(top: np.ndarray, test: Interactions, users: np.ndarray) -> dict:
+    m = ranking_metrics(top, test, k=K, users=users)
+    return {"ndcg": m[f"ndcg@{K}"], "hr": m[f"hr@{K}"]}
+
+
+def mf_vectors(model):
+    bias = None if model.item_bias is None else model.item_bias.detach().numpy()
+    return model.user_factors.detach().numpy(), model.item_factors.detach().numpy(), bias
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def fit_mf(train, loss, settings, *, seed=SEED):
+    """fastmf MF (biases on, as fit's implicit setting is benchmarked today) with
+    ``settings`` (fit's arguments, plus ``dim``); returns (model, (fit wall s, CPU s))."""
+    kw = dict(settings)
+    dim = kw.pop("dim", DIM)
+    torch.manual_seed(seed)
+    model = fastmf.MF(train.num_users, train.num_items, dim=dim)
+    start, cpu = time.perf_counter(), time.process_time()
+    fastmf.fit(model, train, loss=loss, seed=seed, progress=False, **kw)
+    return model, (time.perf_counter() - start, time.process_time() - cpu)
+
+
+def fit_mf_curve(train, valid, loss, settings, max_epochs):
+    """NDCG/HR after each epoch of one run (fit's own validation hook)."""
+    kw = dict(settings)
+    dim = kw.pop("dim", DIM)
+    torch.manual_seed(SEED)
+    model = fastmf.MF(train.num_users, train.num_items, dim=dim)
+    history = fastmf.fit(model, train, loss=loss, epochs=max_epochs, seed=SEED, valid=valid,
+                         metrics=(f"ndcg@{K}", f"hr@{K}"), k=K, progress=False, **kw)
+    return [{"epochs": r["epoch"], "ndcg": r[f"ndcg@{K}"], "hr": r[f"hr@{K}"]}
+            for r in history.epochs]
+
+
+def fit_als(train, settings, *, epochs=None, valid=None, seed=SEED):
+    kw = dict(settings)
+    torch.manual_seed(seed)
+    model = ALS(train.num_users, train.num_items, dim=kw.pop("dim", DIM), **kw)
+    users = None if valid is None else np.unique(valid.users)
+    curve = []
+    start, cpu = time.perf_counter(), time.process_time()
+    for epoch in range(model.iterations if epochs is None else epochs):
+        model.fit_epoch(train)
+        if valid is not None and epoch + 1 in ALS_CHECKPOINTS:
+            curve.append({"epochs": epoch + 1, **scores(
+                topk(*als_vectors(model), train, users), valid, users)})
+    return model, curve, (time.perf_counter() - start, time.process_time() - cpu)
+
+
+def als_vectors(model):
+    return model.user_factors.numpy(), model.item_factors.numpy(), None
+
+
+def implicit_classes(threads: int):
+    try:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+    except ImportError:
+        return None
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, "blas")  # implicit's ALS asks for a single-threaded BLAS
+    except ImportError:
+        pass
+    return BayesianPersonalizedRanking, AlternatingLeastSquares
+
+
+def fit_implicit(cls, train_csr, threads, seed=SEED):
+    model = cls(factors=DIM, num_threads=threads, random_state=seed)
+    start, cpu = time.perf_counter(), time.process_time()
+    model.fit(train_csr, show_progress=False)
+    return model, (time.perf_counter() - start, time.process_time() - cpu)
+
+
+# ------------------------------------------------------------------------------ tuning
+
+
+def smoothed(points: list[dict], width: int) -> list[dict]:
+    """Each point's NDCG replaced by the mean over the ``width`` neighbouring points of its
+    curve (fewer at the ends): one validation set's NDCG jumps by more from one epoch to
+    the next than the settings change it, and a lucky epoch should not choose them."""
+    half = width // 2
+    return [{"epochs": p["epochs"], "ndcg": float(np.mean(
+        [q["ndcg"] for q in points[max(0, j - half):j + half + 1]]))}
+        for j, p in enumerate(points)]
+
+
+def choose(results: dict, names: list[str], width: int = 5) -> tuple[str, int, float]:
+    """(config key, epochs, mean relative NDCG) maximising the mean over ``names`` of the
+    smoothed NDCG / (that data set's best smoothed NDCG)."""
+    totals: dict[tuple[str, int], list[float]] = {}
+    for name in names:
+        curves = {key: smoothed(points, width) for key, points in results[name].items()}
+        best = max(p["ndcg"] for points in curves.values() for p in points) or 1.0
+        for key, points in curves.items():
+            for p in points:
+                totals.setdefault((key, p["epochs"]), []).append(p["ndcg"] / best)
+    complete = {k: float(np.mean(v)) for k, v in totals.items() if len(v) == len(names)}
+    (key, epochs), value = max(complete.items(), key=lambda kv: kv[1])
+    return key, epochs, value
+
+
+def tune(datasets: dict[str, Interactions], args) -> dict:
+    out: dict = {"mf": {}, "als": {}, "confidence": {}}
+    # ml is left out: its subsets cover it, and its rows would weigh twice.
+    datasets = {k: v for k, v in datasets.items() if k != "ml"}
+    for name, data in datasets.items():
+        outer_train, _ = split(data)
+        fit_rows, valid = split(outer_train)
+        binary = positives(fit_rows)
+        print(f"[tune] {name}: {len(fit_rows):,} rows, {len(valid):,} validation users",
+              flush=True)
+        for loss in ("bpr", "bce"):
+            curves = out["mf"].setdefault(loss, {}).setdefault(name, {})
+            for grid in MF_GRID:
+                settings = {**DEFAULTS["implicit"], **grid}
+                settings.pop("epochs")
+                curves[json.dumps(grid)] = fit_mf_curve(binary, valid, loss, settings,
+                                                        args.max_epochs)
+        curves = out["als"].setdefault(name, {})
+        for grid in ALS_GRID:
+            _, curve, _ = fit_als(binary, grid, epochs=args.als_epochs, valid=valid)
+            curves[json.dumps(grid)] = curve
+        if fit_rows.ratings is not None:
+            curves = out["confidence"].setdefault(name, {})
+            for conf in CONFIDENCE_GRID:
+                weighted = fit_rows.with_confidence(**conf)
+                for reg in CONFIDENCE_REGS:
+                    _, curve, _ = fit_als(weighted, dict(reg=reg), epochs=args.als_epochs,
+                                          valid=valid)
+                    curves[json.dumps({**conf, "reg": reg})] = curve
+        print(f"[tune] {name} done", flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps(out, indent=1))
+    names = list(datasets)
+    report = {}
+    for loss in ("bpr", "bce"):
+        key, epochs, value = choose(out["mf"][loss], names)
+        report[loss] = (key, epochs, value)
+        print(f"[tune] {loss}: {key} at {epochs} epochs, mean relative NDCG {value:.3f}")
+    # Second stage: negatives and dim around each loss's best lr/reg.
+    for loss in ("bpr", "bce"):
+        best = json.loads(report[loss][0])
+        for name, data in datasets.items():
+            outer_train, _ = split(data)
+            fit_rows, valid = split(outer_train)
+            curves = out["mf"][loss][name]
+            for extra in MF_SECOND:
+                settings = {**DEFAULTS["implicit"], **best, **extra}
+                settings.pop("epochs")
+                curves[json.dumps({**best, **extra})] = fit_mf_curve(
+                    positives(fit_rows), valid, loss, settings, args.max_epochs)
+        key, epochs, value = choose(out["mf"][loss], names)
+        report[loss] = (key, epochs, value)
+        print(f"[tune] {loss} (with negatives/dim): {key} at {epochs} epochs, "
+              f"mean relative NDCG {value:.3f}")
+    key, epochs, value = choose(out["als"], names, width=3)
+    report["als"] = (key, epochs, value)
+    print(f"[tune] als: {key} at {epochs} sweeps, mean relative NDCG {value:.3f}")
+    if out["confidence"]:
+        key, epochs, value = choose(out["confidence"], list(out["confidence"]), width=3)
+        report["confidence"] = (key, epochs, value)
+        print(f"[tune] count confidence: {key} at {epochs} sweeps, relative NDCG {value:.3f}")
+    for kind, per_set in (("bpr", out["mf"]["bpr"]), ("bce", out["mf"]["bce"]),
+                          ("als", out["als"])):
+        key, epochs, _ = report[kind]
+        for name in names:
+            point = next(p for p in per_set[name][key] if p["epochs"] == epochs)
+            best = max(p["ndcg"] for points in per_set[name].values() for p in points)
+            print(f"[tune]   {kind} {name}: chosen {point['ndcg']:.4f}, best {best:.4f}")
+    out["report"] = report
+    return out
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+
+def benchmark(datasets: dict[str, Interactions], args) -> list[dict]:
+    classes = implicit_classes(args.threads)
+    if classes is None:
+        print("implicit is not installed: its rows are skipped (pip install implicit)")
+    rows = []
+    # Warm-up (untimed): Numba compilation, extension loading.
+    warm = next(iter(datasets.values()))
+    fit_mf(positives(warm), "bpr", dict(epochs=1))
+    fit_als(positives(warm), {}, epochs=1)
+    for name, data in datasets.items():
+        train, test = split(data)
+        binary = positives(train)
+        users = np.unique(test.users)
+        csr = binary.to_csr(binary=True).astype(np.float32).tocsr()
+
+        def add(model_name, settings, top, times, epochs, name=name, test=test, users=users,
+                binary=binary):
+            wall, cpu = times
+            result = {"data": name, "model": model_name, "settings": settings,
+                      **scores(top, test, users), "wall": wall, "cpu": cpu, "epochs": epochs,
+                      "positives_per_s": len(binary) * epochs / wall,
+                      "positives_per_cpu_s": len(binary) * epochs / cpu}
+            rows.append(result)
+            print(f"  {name:<11} {model_name:<26} NDCG@{K} {result['ndcg']:.4f}  HR@{K} "
+                  f"{result['hr']:.4f}  {wall:.2f} s wall, {cpu:.2f} s CPU, "
+                  f"{result['positives_per_cpu_s'] / 1e6:.2f} M positives/CPU s per epoch",
+                  flush=True)
+
+        for loss in ("bpr", "bce"):
+            old = dict(DEFAULTS["implicit"])
+            model, wall = fit_mf(binary, loss, old)
+            add(f"fastmf {loss.upper()} (defaults)", old, topk(*mf_vectors(model), binary,
+                                                                users), wall, old["epochs"])
+            model, wall = fit_mf(binary, loss, CHOSEN[loss])
+            add(f"fastmf {loss.upper()} (chosen)", CHOSEN[loss],
+                topk(*mf_vectors(model), binary, users), wall, CHOSEN[loss]["epochs"])
+        if name == "ml":  # implicit BPR's work per epoch: one negative per positive
+            like = dict(DEFAULTS["implicit"], num_negatives=1, epochs=100)
+            model, wall = fit_mf(binary, "bpr", like)
+            add("fastmf BPR (1 negative)", like, topk(*mf_vectors(model), binary, users), wall,
+                100)
+        model, _, wall = fit_als(binary, {})
+        add("fastmf ALS", "class defaults", topk(*als_vectors(model), binary, users), wall,
+            model.iterations)
+        if train.ratings is not None:
+            weighted = train.with_confidence(**CHOSEN["confidence"])
+            model, _, wall = fit_als(weighted, {"reg": CHOSEN["confidence_reg"]})
+            add("fastmf ALS (log counts)", f"with_confidence({CHOSEN['confidence']}), reg "
+                f"{CHOSEN['confidence_reg']}",
+                topk(*als_vectors(model), binary, users), wall, model.iterations)
+        if classes is None:
+            continue
+        bpr_cls, als_cls = classes
+        model, wall = fit_implicit(bpr_cls, csr, args.threads)
+        add("implicit BPR", "library defaults", topk(model.user_factors, model.item_factors,
+                                                     None, binary, users), wall,
+            model.iterations)
+        model, wall = fit_implicit(als_cls, csr, args.threads)
+        add("implicit ALS", "library defaults", topk(model.user_factors, model.item_factors,
+                                                     None, binary, users), wall,
+            model.iterations)
+        if train.ratings is not None:
+            counts = train.to_csr().astype(np.float32).tocsr()
+            counts.data = np.log1p(counts.data)
+            model, wall = fit_implicit(als_cls, counts, args.threads)
+            add("implicit ALS (log counts)", "values log(1 + count)",
+                topk(model.user_factors, model.item_factors, None, binary, users), wall,
+                model.iterations)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"| data | model | NDCG@{K} | HR@{K} | fit s (wall) | fit s (CPU) | epochs | "
+             "positives/s per epoch (wall / CPU) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['data']} | {r['model']} | {r['ndcg']:.4f} | {r['hr']:.4f} | "
+                     f"{r['wall']:.2f} | {r['cpu']:.2f} | {r['epochs']} | "
+                     f"{r['positives_per_s'] / 1e6:.2f} M / "
+                     f"{r['positives_per_cpu_s'] / 1e6:.2f} M |")
+    return "\n".join(lines)
+
+
+def limit_threads(threads: int) -> None:
+    import numba
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--tune", action="store_true", help="choose settings on inner splits")
+    parser.add_argument("--quick", action="store_true", help="smaller synthetic sets")
+    parser.add_argument("--only", nargs="*", help="data set names to run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-epochs", type=int, default=MAX_EPOCHS)
+    parser.add_argument("--als-epochs", type=int, default=ALS_EPOCHS)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    limit_threads(args.threads)
+    datasets = build_datasets(args.data, args.quick)
+    if args.only:
+        datasets = {k: v for k, v in datasets.items() if k in args.only}
+    for name, data in datasets.items():
+        print(f"{name}: {len(data):,} interactions, {data.num_users:,} users, "
+              f"{data.num_items:,} items{', counts' if data.ratings is not None else ''}")
+    start = time.perf_counter()
+    if args.tune:
+        result = tune(datasets, args)
+    else:
+        result = benchmark(datasets, args)
+        print(f"\n{table(result)}")
+    print(f"\n{time.perf_counter() - start:.0f} s; load average {os.getloadavg()}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
