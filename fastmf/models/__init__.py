@@ -14,17 +14,6 @@ from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
 from fastmf.models.item2vec import Item2Vec
 from fastmf.models.ncf import GMF, MLP, NeuMF
 
-__all__``. ``fastmf.MF`` (fastmf/layers.py) is a Recommender too.
-"""
-
-from fastmf.layers import MF
-from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
-
-# One import line per model file:
-from fastmf.models.als import ALS  # noqa: I001  (one line per model, in the order added)
-from fastmf.models.item2vec import Item2Vec
-from fastmf.models.ncf import GMF, MLP, NeuMF
-
 __all__ = [
     "MF",
     "Batch",
