@@ -27,13 +27,16 @@ from torch import Tensor, nn
 
 from fastmf import checkpoint
 from fastmf.ops import checks
+from fastmf.ops.codes import Loss, PairwiseLoss, names
 
-__all__ = ["EXPLICIT", "IMPLICIT", "LOSSES", "Batch", "Recommender", "loss_kind",
+__all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "Batch", "Recommender", "loss_kind",
            "pairwise_loss", "pointwise_loss"]
 
-EXPLICIT = ("mse", "huber")
-IMPLICIT = ("bce", "bpr")
-LOSSES = EXPLICIT + IMPLICIT
+# fit's loss names, from the kernels' vocabulary (fastmf/ops/codes.py): the implicit ones
+# (BCE against sampled negatives, the pairwise losses) and the rating (explicit) ones.
+IMPLICIT = (Loss.BCE.name.lower(), *names(PairwiseLoss))
+EXPLICIT = tuple(name for name in names(Loss) if name not in IMPLICIT)
+FIT_LOSSES = EXPLICIT + IMPLICIT
 HUBER_DELTA = 1.0
 # score_items and the ranking of models without item vectors materialise (users x items)
 # scores in chunks of about this many, so that a large catalog does not exhaust memory.
@@ -79,7 +82,8 @@ def loss_kind(loss: str) -> str:
         return "explicit"
     if loss in IMPLICIT:
         return "implicit"
-    raise ValueError(f"fastmf.models.loss_kind: unknown loss {loss!r}; expected one of {LOSSES}")
+    raise ValueError(f"fastmf.models.loss_kind: unknown loss {loss!r}; expected one of "
+                     f"{FIT_LOSSES}")
 
 
 def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
@@ -171,7 +175,7 @@ class Recommender(nn.Module):
     kwargs for the protocol tests).
     """
 
-    losses: ClassVar[tuple[str, ...]] = LOSSES
+    losses: ClassVar[tuple[str, ...]] = FIT_LOSSES
     default_loss: ClassVar[str] = "mse"
     defaults: ClassVar[dict] = {}
     dense_lr: ClassVar[float] = 1e-3

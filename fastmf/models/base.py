@@ -9,8 +9,8 @@ the names from here: ``from fastmf.models.base import Batch, Recommender``.
 from fastmf.optim import CombinedOptimizer
 from fastmf.recommender import (
     EXPLICIT,
+    FIT_LOSSES,
     IMPLICIT,
-    LOSSES,
     SCORE_CHUNK,
     Batch,
     Recommender,
@@ -20,5 +20,5 @@ from fastmf.recommender import (
     seed_of,
 )
 
-__all__ = ["EXPLICIT", "IMPLICIT", "LOSSES", "SCORE_CHUNK", "Batch", "CombinedOptimizer",
+__all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "SCORE_CHUNK", "Batch", "CombinedOptimizer",
            "Recommender", "loss_kind", "pairwise_loss", "pointwise_loss", "seed_of"]
