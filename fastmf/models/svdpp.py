@@ -1,0 +1,582 @@
+"""SVD++ (Koren 2008) and timeSVD++ (Koren 2009) on fastmf's fused embedding layers.
+
+``SVDpp``::
+
+    r̂(u, i) = mu + b_u + b_i + <q_i, p_u + |N(u)|^-1/2 · sum_{j in N(u)} y_j>
+
+N(u) is the set of items ``u`` rated in the data the model was prepared with
+(:meth:`SVDpp.prepare`, kept as CSR buffers). The implicit sum is one
+``fastmf.nn.EmbeddingBag`` bag per UNIQUE user of a batch, not one per rating: its
+backward hands the optimizer one summed gradient per (user, history item) pair of the
+batch, and each y row touched gets one fused update per step. A user without history has
+an empty bag: the implicit term is 0 and the prediction is the plain biased MF one.
+
+``TimeSVDpp`` adds Koren's time-aware baseline::
+
+    b_u(t) = b_u + alpha_u · dev_u(t) + b_{u,day(t)},  dev_u(t) = sign(t - t_u)·|t - t_u|^beta
+    b_i(t) = b_i + b_{i,Bin(t)}
+
+with ``t`` in days, ``t_u`` the mean day of u's training ratings, and ``num_bins`` equal
+bins over the training time range.
+
+Every table (factors, implicit factors, biases as 1-wide tables, time tables) is a
+``fastmf.nn`` table, so the optimizer runs inside the backward pass
+(:func:`fastmf.optim.apply_in_backward`).
+
+>>> import fastmf
+>>> data = fastmf.datasets.synthetic(num_users=50, num_items=40, num_interactions=500)
+>>> model = fastmf.models.SVDpp.from_interactions(data, dim=8)
+>>> model.predict(torch.tensor([0, 1]), torch.tensor([2, 3])).shape
+torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmf import checkpoint
+from fastmf.nn import Embedding, EmbeddingBag
+from fastmf.optim import (
+    SparseAdagrad,
+    SparseAdam,
+    SparseSGD,
+    _SparseOptimizer,
+    apply_in_backward,
+)
+
+__all__ = ["SVDpp", "TimeSVDpp"]
+
+SECONDS_PER_DAY = 86400
+HUBER_DELTA = 1.0
+
+
+def _check_count(op: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"fastmf.models.{op}: {name} must be an int >= {minimum}, got "
+                         f"{value!r}")
+    return int(value)
+
+
+def _check_float(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            np.isfinite(value) and value >= 0):
+        raise ValueError(f"fastmf.models.{op}: {name} must be a finite number >= 0, got "
+                         f"{value!r}")
+    return float(value)
+
+
+def _explicit_loss(pred: Tensor, targets: Tensor, loss: str) -> Tensor:
+    if loss == "mse":
+        return F.mse_loss(pred, targets)
+    if loss == "huber":
+        return F.huber_loss(pred, targets, delta=HUBER_DELTA)
+    raise ValueError(f"unknown loss {loss!r}; expected 'mse' or 'huber'")
+
+
+def _ids(op: str, name: str, ids, device) -> Tensor:
+    """int32/int64 ids as an int64 tensor on ``device`` (lists and numpy arrays accepted)."""
+    if not isinstance(ids, Tensor):
+        array = np.asarray(ids)
+        if array.size == 0:
+            array = array.astype(np.int64)
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"fastmf.models.{op}: {name} must be integer ids, got dtype "
+                            f"{array.dtype}")
+        ids = torch.as_tensor(array.astype(np.int64, copy=False))
+    elif ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"fastmf.models.{op}: {name} must be int32 or int64, got {ids.dtype}")
+    if ids.dim() != 1:
+        raise ValueError(f"fastmf.models.{op}: {name} must be 1-D, got shape "
+                         f"{tuple(ids.shape)}")
+    return ids.to(device=device, dtype=torch.int64)
+
+
+def _check_range(op: str, name: str, ids: Tensor, limit: int) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+        bad = ids[(ids < 0) | (ids >= limit)][0]
+        raise IndexError(f"fastmf.models.{op}: {name} index {int(bad)} out of range "
+                         f"[0, {limit})")
+
+
+def timestamps_to_days(timestamps) -> Tensor:
+    """Whole days since the Unix epoch (int64 tensor) of ``timestamps``: numbers are
+    seconds since the epoch (what ``Interactions`` holds for MovieLens); numpy datetime64
+    values are converted first."""
+    if isinstance(timestamps, Tensor):
+        if timestamps.is_floating_point():
+            return torch.floor(timestamps.double() / SECONDS_PER_DAY).long()
+        return torch.div(timestamps.long(), SECONDS_PER_DAY, rounding_mode="floor")
+    array = np.asarray(timestamps)
+    if array.dtype.kind == "M":
+        array = array.astype("datetime64[s]").astype(np.int64)
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"fastmf.models.TimeSVDpp: timestamps must be numbers (seconds) or "
+                        f"datetime64, got dtype {array.dtype}")
+    if array.dtype.kind == "f":
+        return torch.as_tensor(np.floor(array / SECONDS_PER_DAY).astype(np.int64))
+    return torch.as_tensor(np.floor_divide(array.astype(np.int64), SECONDS_PER_DAY))
+
+
+@checkpoint.register_model
+class SVDpp(nn.Module):
+    """SVD++: biased MF whose user vector adds ``|N(u)|^-1/2 · sum_{j in N(u)} y_j`` over
+    the items the user rated (module docstring).
+
+    Tables (``fastmf.nn``): ``user_factors`` p (U, dim), ``item_factors`` q (I, dim),
+    ``implicit_factors`` y (I, dim, an EmbeddingBag), ``user_bias``/``item_bias`` (U, 1),
+    (I, 1). Buffers: ``global_mean`` mu, ``history_offsets`` (U+1,) and ``history_items``
+    (history_size,): N(u) as CSR, filled by :meth:`prepare` (``history_size`` is in the
+    config so that checkpoints load before any data is seen).
+
+    Regularisation (Koren's L2, as a per-sample penalty on what a batch touches, the way
+    ``fastmf.train_step`` does it): ``reg · mean_b(|p_u|² + |q_i|²) + reg · sum |y_j|² / B``
+    over the distinct y rows in the batch's bags, and ``bias_reg · mean_b(b_u² + b_i²)``.
+    """
+
+    losses = ("mse", "huber")
+    default_loss = "mse"
+    # Chosen on inner validation splits of ml-latest-small, never the reported folds: 20% of
+    # fold 0's training rows held out at random (dense users: >= 20 ratings each) and a
+    # per-user temporal split of a subset keeping <= 15 ratings per user (sparse users); a
+    # grid over lr {0.01..0.1}, reg {0.01..0.1}, bias_reg, batch {512..4096}, epochs 5..30
+    # (benchmarks/accuracy_svdpp.py --tune).
+    defaults = {"explicit": dict(lr=0.03, reg=0.05, batch_size=1024, epochs=15)}
+    # bias_reg default: the same inner splits.
+    default_bias_reg = 0.01
+
+    def __init__(self, num_users: int, num_items: int, dim: int = 64, *,
+                 history_size: int = 0, global_mean: float = 0.0,
+                 bias_reg: float | None = None, init_scale: float = 0.05,
+                 backend: str = "auto", device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        op = type(self).__name__
+        self.num_users = _check_count(op, "num_users", num_users, 1)
+        self.num_items = _check_count(op, "num_items", num_items, 1)
+        self.dim = _check_count(op, "dim", dim, 1)
+        history_size = _check_count(op, "history_size", history_size, 0)
+        self.bias_reg = _check_float(op, "bias_reg", self.default_bias_reg if bias_reg is None
+                                     else bias_reg)
+        self.init_scale = _check_float(op, "init_scale", init_scale)
+        self.backend = backend
+        table = dict(backend=backend, device=device, dtype=dtype)
+        self.user_factors = Embedding(num_users, dim, init_scale=init_scale, **table)
+        self.item_factors = Embedding(num_items, dim, init_scale=init_scale, **table)
+        self.implicit_factors = EmbeddingBag(num_items, dim, mode="sum",
+                                             include_last_offset=True,
+                                             init_scale=init_scale, **table)
+        self.user_bias = self._zero_table(num_users, **table)
+        self.item_bias = self._zero_table(num_items, **table)
+        self.register_buffer("global_mean", torch.tensor(float(global_mean), device=device,
+                                                         dtype=torch.float64))
+        self._mu = float(global_mean)
+        self.register_buffer("history_offsets",
+                             torch.zeros(num_users + 1, dtype=torch.int64, device=device))
+        self.register_buffer("history_items",
+                             torch.zeros(history_size, dtype=torch.int64, device=device))
+        self._set_history_sizes()
+        # Kept from the training data by prepare (raw ids, titles, cold-start popularity).
+        self.user_map = self.item_map = self.item_titles = self.item_popularity = None
+
+    @staticmethod
+    def _zero_table(n: int, **table) -> Embedding:
+        emb = Embedding(n, 1, **table)
+        with torch.no_grad():
+            emb.weight.zero_()
+        return emb
+
+    # -- config and data ----------------------------------------------------------------------
+    def get_config(self) -> dict:
+        return dict(num_users=self.num_users, num_items=self.num_items, dim=self.dim,
+                    history_size=int(self.history_items.numel()), global_mean=self._mu,
+                    bias_reg=self.bias_reg, init_scale=self.init_scale,
+                    dtype=str(self.user_factors.weight.dtype).removeprefix("torch."))
+
+    @classmethod
+    def from_interactions(cls, train, **kwargs):
+        """A model sized for ``train`` with N(u) (and mu, for rated data) built from it."""
+        model = cls(train.num_users, train.num_items, **kwargs)
+        model.prepare(train)
+        return model
+
+    @property
+    def mu(self) -> float:
+        return self._mu
+
+    def set_global_mean(self, value: float) -> None:
+        self._mu = float(value)
+        self.global_mean.fill_(float(value))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._mu = float(self.global_mean)
+        self._set_history_sizes()
+
+    def _set_history_sizes(self) -> None:
+        """|N(u)|^-1/2 per user (0 for users without history), cached from the CSR."""
+        sizes = (self.history_offsets[1:] - self.history_offsets[:-1])
+        self._history_sizes = sizes
+        self._history_norm = torch.where(sizes > 0, sizes.clamp_min(1).double().rsqrt(), 0.0)
+
+    def check_data(self, train) -> None:
+        op = type(self).__name__
+        if (train.num_users, train.num_items) != (self.num_users, self.num_items):
+            raise ValueError(f"fastmf.models.{op}: data has {train.num_users} users x "
+                             f"{train.num_items} items, the model {self.num_users} x "
+                             f"{self.num_items}")
+
+    def prepare(self, train) -> None:
+        """Build N(u) from ``train`` (the distinct items each user rated), set mu to its
+        mean rating (rated data) and keep its id maps, titles and item popularity."""
+        self.check_data(train)
+        csr = train.to_csr(binary=True)
+        device = self.history_offsets.device
+        self.history_offsets = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
+        self.history_items = torch.as_tensor(csr.indices.astype(np.int64), device=device)
+        self._set_history_sizes()
+        if train.ratings is not None and len(train):
+            self.set_global_mean(float(np.mean(train.ratings, dtype=np.float64)))
+        self.user_map, self.item_map = train.user_map, train.item_map
+        self.item_titles = getattr(train, "item_titles", None)
+        self.item_popularity = np.bincount(train.items, minlength=self.num_items)
+
+    attach_data = prepare
+
+    # -- compute -------------------------------------------------------------------------------
+    def _implicit(self, users: Tensor) -> Tensor:
+        """(len(users), dim): |N(u)|^-1/2 · sum_{j in N(u)} y_j, one bag per given user."""
+        offsets = self.history_offsets
+        starts = offsets[users]
+        sizes = self._history_sizes[users]
+        bag_offsets = torch.zeros(len(users) + 1, dtype=torch.int64, device=users.device)
+        torch.cumsum(sizes, 0, out=bag_offsets[1:])
+        total = int(bag_offsets[-1])
+        # Position of every bag entry in history_items: its bag's CSR start plus its rank.
+        shift = torch.repeat_interleave(starts - bag_offsets[:-1], sizes, output_size=total)
+        ids = self.history_items[torch.arange(total, device=users.device) + shift]
+        summed = self.implicit_factors(ids, bag_offsets)
+        norm = self._history_norm[users].to(summed.dtype)
+        return summed * norm.unsqueeze(1), ids
+
+    def _parts(self, users: Tensor, items: Tensor):
+        """(dot-product part (B,), bias rows b_u (B,), b_i (B,), p rows, q rows, y ids)."""
+        unique, inverse = torch.unique(users, return_inverse=True)
+        implicit, ids = self._implicit(unique)
+        p = self.user_factors(users)
+        q = self.item_factors(items)
+        dot = ((p + implicit[inverse]) * q).sum(1)
+        return dot, self.user_bias(users)[:, 0], self.item_bias(items)[:, 0], p, q, ids
+
+    def _time_terms(self, users, items, timestamps, penalties):
+        """Extra (B,) terms of the prediction: none for SVD++."""
+        return None
+
+    def _predict(self, users, items, timestamps=None, penalties=None) -> Tensor:
+        op = type(self).__name__
+        device = self.history_offsets.device
+        users, items = _ids(op, "users", users, device), _ids(op, "items", items, device)
+        if users.shape != items.shape:
+            raise ValueError(f"fastmf.models.{op}: users and items must have the same length, "
+                             f"got {users.numel()} and {items.numel()}")
+        _check_range(op, "user", users, self.num_users)
+        _check_range(op, "item", items, self.num_items)
+        dot, bu, bi, p, q, ids = self._parts(users, items)
+        pred = dot + bu + bi + self._mu
+        extra = self._time_terms(users, items, timestamps, penalties)
+        if extra is not None:
+            pred = pred + extra
+        if penalties is not None:
+            penalties["factors"].append((p * p).sum() + (q * q).sum())
+            penalties["bias"].append((bu * bu).sum() + (bi * bi).sum())
+            if penalties.get("implicit", True):
+                # The distinct y rows of the bags, by a mark per item (cheaper than a sort).
+                marks = torch.zeros(self.num_items, dtype=torch.bool, device=ids.device)
+                marks[ids] = True
+                rows = marks.nonzero()[:, 0]
+                if rows.numel():
+                    y = self.implicit_factors(rows.unsqueeze(1))
+                    penalties["factors"].append((y * y).sum())
+        return pred
+
+    def forward(self, users, items) -> Tensor:
+        """(B,) predicted ratings for (users[b], items[b]); users/items (B,) int32/int64."""
+        return self._predict(users, items)
+
+    @torch.no_grad()
+    def predict(self, users, items) -> Tensor:
+        return self.forward(users, items)
+
+    def user_vectors(self, users) -> tuple[Tensor, Tensor]:
+        """(p_u + |N(u)|^-1/2 sum y_j (B, dim), offset mu + b_u (B,))."""
+        users = _ids(type(self).__name__, "users", users, self.history_offsets.device)
+        _check_range(type(self).__name__, "user", users, self.num_users)
+        unique, inverse = torch.unique(users, return_inverse=True)
+        implicit, _ = self._implicit(unique)
+        vectors = self.user_factors(users) + implicit[inverse]
+        return vectors, self.user_bias(users)[:, 0] + self._mu
+
+    def item_vectors(self) -> tuple[Tensor, Tensor]:
+        """(q (I, dim), b_i (I,))."""
+        return self.item_factors.weight, self.item_bias.weight[:, 0]
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch, optimizer, *, loss: str, reg: float):
+        """One update on ``batch`` (``users``, ``items``, ``targets``; ``timestamps`` for
+        TimeSVDpp): mean loss + the L2 penalty (class docstring), backward (the fused tables
+        update in it), optimizer step. Returns (mean loss, batch size)."""
+        op = type(self).__name__
+        if loss not in self.losses:
+            raise ValueError(f"fastmf.models.{op}: loss {loss!r} is not supported; expected "
+                             f"one of {self.losses}")
+        if batch.targets is None:
+            raise ValueError(f"fastmf.models.{op}.training_step: the batch has no targets "
+                             "(explicit losses need ratings)")
+        size = int(batch.users.shape[0])
+        if size == 0:
+            return torch.zeros(()), 0
+        # The y penalty reg·sum|y_j|²/B over the distinct rows in the bags has the gradient
+        # (2·reg/B)·y_j on exactly the rows the fused step touches: where y has a fastmf
+        # optimizer group of its own, that is its weight decay, and no second lookup of the
+        # (large) bags is needed.
+        decay_group = self._implicit_decay_group(optimizer)
+        if decay_group is not None:
+            decay_group["weight_decay"] = 2.0 * float(reg) / size
+        penalties = {"factors": [], "bias": [], "implicit": decay_group is None}
+        pred = self._predict(batch.users, batch.items, getattr(batch, "timestamps", None),
+                             penalties)
+        targets = batch.targets.to(device=pred.device, dtype=pred.dtype)
+        data = _explicit_loss(pred, targets, loss)
+        total = (data + float(reg) * sum(penalties["factors"]) / size
+                 + self.bias_reg * sum(penalties["bias"]) / size)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        return total.detach(), size
+
+    def _implicit_decay_group(self, optimizer):
+        """The fastmf sparse optimizer's group holding y alone, or None."""
+        weight = self.implicit_factors.weight
+        opts = optimizer.optimizers if hasattr(optimizer, "optimizers") else [optimizer]
+        for opt in opts:
+            if isinstance(opt, _SparseOptimizer):
+                for group in opt.param_groups:
+                    if any(p is weight for p in group["params"]):
+                        return group if len(group["params"]) == 1 else None
+        return None
+
+    def make_optimizer(self, name: str | None, lr: float):
+        """A fastmf sparse optimizer (``name``: "adagrad" (default), "rowwise_adagrad",
+        "sgd", "adam", "rowwise_adam") over every table, applied in backward; y gets a
+        group of its own (its L2 penalty is that group's weight decay, see
+        :meth:`training_step`)."""
+        makers = {"adagrad": lambda g: SparseAdagrad(g, lr=lr),
+                  "rowwise_adagrad": lambda g: SparseAdagrad(g, lr=lr, rowwise=True),
+                  "sgd": lambda g: SparseSGD(g, lr=lr),
+                  "adam": lambda g: SparseAdam(g, lr=lr),
+                  "rowwise_adam": lambda g: SparseAdam(g, lr=lr, rowwise=True)}
+        name = name or "adagrad"
+        if name not in makers:
+            raise ValueError(f"fastmf.models.{type(self).__name__}.make_optimizer: unknown "
+                             f"optimizer {name!r}; expected one of {sorted(makers)}")
+        y = self.implicit_factors.weight
+        others = [p for p in self.parameters() if p is not y]
+        return apply_in_backward(makers[name]([{"params": others}, {"params": [y]}]))
+
+    def extra_repr(self) -> str:
+        return (f"num_users={self.num_users}, num_items={self.num_items}, dim={self.dim}, "
+                f"history_size={self.history_items.numel()}")
+
+
+@checkpoint.register_model
+class TimeSVDpp(SVDpp):
+    """timeSVD++: SVD++ with Koren's (2009) time-aware biases (module docstring).
+
+    Extra tables: ``user_alpha`` (U, 1), ``user_day_bias`` (one row per (user, day) pair of
+    the training data, compactly numbered; ``num_user_days`` in the config),
+    ``item_bin_bias`` (I · num_bins, 1). Buffers: ``user_mean_day`` t_u (U,),
+    ``user_last_day`` (U,), ``user_day_keys`` (num_user_days,) sorted keys
+    ``user · span + (day - first day)``, ``day_range`` (first, last training day).
+
+    Time: timestamps are seconds since the Unix epoch (or datetime64); ``day(t)`` is the
+    whole day. A (user, day) pair not seen in training has no day bias (0); times outside
+    the training range fall in the first or last bin. Without timestamps, a user is
+    predicted at their latest training day (users without history: the last training day,
+    no alpha term) — this is also the time :meth:`recommend` ranks at: ``user_vectors``
+    carry a one-hot of that bin and ``item_vectors`` the item's bin biases, so
+    ``<user_vec, item_vec> + b_i + offset`` is exactly the prediction.
+    """
+
+    # The same inner splits as SVDpp's; with the time terms a slightly stronger bias_reg.
+    defaults = {"explicit": dict(lr=0.03, reg=0.05, batch_size=1024, epochs=15)}
+    default_bias_reg = 0.01
+
+    def __init__(self, num_users: int, num_items: int, dim: int = 64, *,
+                 num_bins: int = 30, beta: float = 0.4, num_user_days: int = 0,
+                 history_size: int = 0, global_mean: float = 0.0,
+                 bias_reg: float | None = None, init_scale: float = 0.05,
+                 backend: str = "auto", device=None, dtype: torch.dtype = torch.float32):
+        super().__init__(num_users, num_items, dim, history_size=history_size,
+                         global_mean=global_mean, bias_reg=bias_reg, init_scale=init_scale,
+                         backend=backend, device=device, dtype=dtype)
+        self.num_bins = _check_count("TimeSVDpp", "num_bins", num_bins, 1)
+        self.beta = _check_float("TimeSVDpp", "beta", beta)
+        num_user_days = _check_count("TimeSVDpp", "num_user_days", num_user_days, 0)
+        table = dict(backend=backend, device=device, dtype=dtype)
+        self.user_alpha = self._zero_table(num_users, **table)
+        # At least one row (a table needs one); with no pairs no key matches it.
+        self.user_day_bias = self._zero_table(max(num_user_days, 1), **table)
+        self.item_bin_bias = self._zero_table(num_items * self.num_bins, **table)
+        self.register_buffer("user_mean_day", torch.zeros(num_users, dtype=torch.float64,
+                                                          device=device))
+        self.register_buffer("user_last_day", torch.zeros(num_users, dtype=torch.int64,
+                                                          device=device))
+        self.register_buffer("user_day_keys", torch.zeros(num_user_days, dtype=torch.int64,
+                                                          device=device))
+        # (first, last) training day; last < first until prepared.
+        self.register_buffer("day_range", torch.tensor([0, -1], dtype=torch.int64,
+                                                       device=device))
+
+    def get_config(self) -> dict:
+        return dict(super().get_config(), num_bins=self.num_bins, beta=self.beta,
+                    num_user_days=int(self.user_day_keys.numel()))
+
+    def check_data(self, train) -> None:
+        super().check_data(train)
+        if train.timestamps is None:
+            raise ValueError("fastmf.models.TimeSVDpp: the interactions have no timestamps; "
+                             "timeSVD++ needs the time of each rating (Interactions("
+                             "..., timestamps=...))")
+
+    def prepare(self, train) -> None:
+        """SVDpp.prepare, plus the time state: training day range, t_u, each user's last
+        day and the (user, day) pairs, all from ``train``. The day table is rebuilt (zeros)
+        when the number of pairs changes: prepare before making the optimizer."""
+        super().prepare(train)
+        device = self.history_offsets.device
+        days = timestamps_to_days(train.timestamps).numpy()
+        users = np.asarray(train.users, dtype=np.int64)
+        first, last = int(days.min()), int(days.max())
+        span = last - first + 1
+        counts = np.bincount(users, minlength=self.num_users)
+        sums = np.bincount(users, weights=days.astype(np.float64), minlength=self.num_users)
+        mean = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+        latest = np.full(self.num_users, np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(latest, users, days)
+        last_day = np.where(counts > 0, latest, last)
+        keys = np.unique(users * span + (days - first))
+        old_rows = self._carried_day_rows(keys, first, span)
+        self.user_mean_day = torch.as_tensor(mean, device=device)
+        self.user_last_day = torch.as_tensor(last_day, device=device)
+        self.user_day_keys = torch.as_tensor(keys, device=device)
+        self.day_range = torch.tensor([first, last], dtype=torch.int64, device=device)
+        weight = self.user_day_bias.weight
+        if self.user_day_bias.num_embeddings != max(len(keys), 1) or old_rows is not None:
+            table = self._zero_table(max(len(keys), 1), backend=self.user_day_bias.backend,
+                                     device=weight.device, dtype=weight.dtype)
+            if old_rows is not None:
+                new_pos, values = old_rows
+                with torch.no_grad():
+                    table.weight[new_pos] = values
+            self.user_day_bias = table
+
+    def _carried_day_rows(self, keys: np.ndarray, first: int, span: int):
+        """(rows in the new day table, their trained values) for the (user, day) pairs the
+        model already had, so that preparing again (attach_data with other data) keeps
+        them; None when nothing is to be carried over."""
+        old_first, old_last = (int(v) for v in self.day_range)
+        old_keys = self.user_day_keys.cpu().numpy()
+        if old_last < old_first or not len(old_keys) or not len(keys):
+            return None
+        old_span = old_last - old_first + 1
+        if old_first == first and old_span == span and np.array_equal(old_keys, keys):
+            return None
+        pairs = np.stack([old_keys // old_span, old_keys % old_span + old_first])
+        moved = pairs[0] * span + (pairs[1] - first)
+        pos = np.clip(np.searchsorted(keys, moved), 0, len(keys) - 1)
+        hit = (keys[pos] == moved) & (pairs[1] >= first) & (pairs[1] < first + span)
+        device = self.user_day_bias.weight.device
+        values = self.user_day_bias.weight.detach()[torch.as_tensor(np.flatnonzero(hit),
+                                                                    device=device)]
+        return torch.as_tensor(pos[hit], device=device), values.clone()
+
+    attach_data = prepare
+
+    def _days(self, users: Tensor, timestamps) -> Tensor:
+        if timestamps is None:
+            return self.user_last_day[users]
+        days = timestamps_to_days(timestamps).to(users.device).reshape(-1)
+        if days.shape != users.shape:
+            raise ValueError(f"fastmf.models.TimeSVDpp: timestamps must have one entry per "
+                             f"rating ({users.numel()}), got {days.numel()}")
+        return days
+
+    def _bins(self, days: Tensor) -> Tensor:
+        first, last = (int(v) for v in self.day_range)
+        span = max(last - first + 1, 1)
+        return torch.div((days - first) * self.num_bins, span,
+                         rounding_mode="floor").clamp_(0, self.num_bins - 1)
+
+    def _user_time_bias(self, users: Tensor, days: Tensor, penalties) -> Tensor:
+        """alpha_u · dev_u(t) + b_{u,day(t)} (B,)."""
+        has_history = self._history_sizes[users] > 0
+        delta = days.double() - self.user_mean_day[users]
+        dev = torch.sign(delta) * delta.abs().pow(self.beta)
+        dev = torch.where(has_history, dev, 0.0)
+        alpha = self.user_alpha(users)[:, 0]
+        out = alpha * dev.to(alpha.dtype)
+        first, last = (int(v) for v in self.day_range)
+        keys = self.user_day_keys
+        inside = (days >= first) & (days <= last)
+        query = users * (last - first + 1) + (days - first)
+        pos = torch.searchsorted(keys, query).clamp_(max=max(keys.numel() - 1, 0))
+        found = inside & (keys.numel() > 0)
+        if keys.numel():
+            found = found & (keys[pos] == query)
+        day_bias = torch.zeros_like(out)
+        if bool(found.any()):
+            rows = self.user_day_bias(pos[found])[:, 0]
+            day_bias = day_bias.index_put((found,), rows)
+            if penalties is not None:
+                penalties["bias"].append((rows * rows).sum())
+        if penalties is not None:
+            penalties["bias"].append((alpha * alpha).sum())
+        return out + day_bias
+
+    def _time_terms(self, users, items, timestamps, penalties):
+        days = self._days(users, timestamps)
+        bin_bias = self.item_bin_bias(items * self.num_bins + self._bins(days))[:, 0]
+        if penalties is not None:
+            penalties["bias"].append((bin_bias * bin_bias).sum())
+        return self._user_time_bias(users, days, penalties) + bin_bias
+
+    def forward(self, users, items, timestamps=None) -> Tensor:
+        """(B,) predicted ratings at ``timestamps`` (B,) (seconds; see the class docstring
+        for predictions without them)."""
+        return self._predict(users, items, timestamps)
+
+    @torch.no_grad()
+    def predict(self, users, items, timestamps=None) -> Tensor:
+        return self.forward(users, items, timestamps)
+
+    def training_step(self, batch, optimizer, *, loss: str, reg: float):
+        if getattr(batch, "timestamps", None) is None:
+            raise ValueError("fastmf.models.TimeSVDpp.training_step: the batch has no "
+                             "timestamps; timeSVD++ trains on timed ratings")
+        return super().training_step(batch, optimizer, loss=loss, reg=reg)
+
+    def user_vectors(self, users) -> tuple[Tensor, Tensor]:
+        """([p_u + implicit, one-hot of Bin(t_last_u)] (B, dim + num_bins), offset
+        mu + b_u(t_last_u) (B,)): ranking at each user's latest training time."""
+        vectors, offset = super().user_vectors(users)
+        users = _ids("TimeSVDpp", "users", users, self.history_offsets.device)
+        days = self.user_last_day[users]
+        onehot = F.one_hot(self._bins(days), self.num_bins).to(vectors.dtype)
+        offset = offset + self._user_time_bias(users, days, None)
+        return torch.cat([vectors, onehot], 1), offset
+
+    def item_vectors(self) -> tuple[Tensor, Tensor]:
+        """([q_i, b_{i,bin} for every bin] (I, dim + num_bins), b_i (I,))."""
+        bins = self.item_bin_bias.weight.view(self.num_items, self.num_bins)
+        return torch.cat([self.item_factors.weight, bins], 1), self.item_bias.weight[:, 0]
