@@ -191,8 +191,7 @@ class SVDpp(nn.Module):
     def get_config(self) -> dict:
         return dict(num_users=self.num_users, num_items=self.num_items, dim=self.dim,
                     history_size=int(self.history_items.numel()), global_mean=self._mu,
-                    bias_reg=self.bias_reg, init_scale=self.init_scale,
-                    dtype=str(self.user_factors.weight.dtype).removeprefix("torch."))
+                    bias_reg=self.bias_reg, init_scale=self.init_scale)
 
     @classmethod
     def from_interactions(cls, train, **kwargs):
@@ -260,20 +259,12 @@ class SVDpp(nn.Module):
         norm = self._history_norm[users].to(summed.dtype)
         return summed * norm.unsqueeze(1), ids
 
-    def _parts(self, users: Tensor, items: Tensor):
-        """(dot-product part (B,), bias rows b_u (B,), b_i (B,), p rows, q rows, y ids)."""
-        unique, inverse = torch.unique(users, return_inverse=True)
-        implicit, ids = self._implicit(unique)
-        p = self.user_factors(users)
-        q = self.item_factors(items)
-        dot = ((p + implicit[inverse]) * q).sum(1)
-        return dot, self.user_bias(users)[:, 0], self.item_bias(items)[:, 0], p, q, ids
-
-    def _time_terms(self, users, items, timestamps, penalties):
+    def _time_terms(self, users, items, timestamps, touched):
         """Extra (B,) terms of the prediction: none for SVD++."""
         return None
 
-    def _predict(self, users, items, timestamps=None, penalties=None) -> Tensor:
+    def _predict(self, users, items, timestamps=None, touched=None) -> Tensor:
+        """(B,) predictions; ``touched`` (a dict) receives the ids each table was read at."""
         op = type(self).__name__
         device = self.history_offsets.device
         users, items = _ids(op, "users", users, device), _ids(op, "items", items, device)
@@ -282,22 +273,18 @@ class SVDpp(nn.Module):
                              f"got {users.numel()} and {items.numel()}")
         _check_range(op, "user", users, self.num_users)
         _check_range(op, "item", items, self.num_items)
-        dot, bu, bi, p, q, ids = self._parts(users, items)
-        pred = dot + bu + bi + self._mu
-        extra = self._time_terms(users, items, timestamps, penalties)
+        unique, inverse = torch.unique(users, return_inverse=True)
+        implicit, ids = self._implicit(unique)
+        q = self.item_factors(items)
+        vectors = self.user_factors(users) + implicit.index_select(0, inverse)
+        pred = torch.linalg.vecdot(vectors, q) + self._mu
+        pred = pred + self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0]
+        extra = self._time_terms(users, items, timestamps, touched)
         if extra is not None:
             pred = pred + extra
-        if penalties is not None:
-            penalties["factors"].append((p * p).sum() + (q * q).sum())
-            penalties["bias"].append((bu * bu).sum() + (bi * bi).sum())
-            if penalties.get("implicit", True):
-                # The distinct y rows of the bags, by a mark per item (cheaper than a sort).
-                marks = torch.zeros(self.num_items, dtype=torch.bool, device=ids.device)
-                marks[ids] = True
-                rows = marks.nonzero()[:, 0]
-                if rows.numel():
-                    y = self.implicit_factors(rows.unsqueeze(1))
-                    penalties["factors"].append((y * y).sum())
+        if touched is not None:
+            touched.update(user_factors=users, item_factors=items, implicit_factors=ids,
+                           user_bias=users, item_bias=items)
         return pred
 
     def forward(self, users, items) -> Tensor:
@@ -322,55 +309,90 @@ class SVDpp(nn.Module):
         return self.item_factors.weight, self.item_bias.weight[:, 0]
 
     # -- training --------------------------------------------------------------------------------
+    # Factor tables (penalty reg) and bias tables (penalty bias_reg), by attribute name.
+    factor_tables = ("user_factors", "item_factors", "implicit_factors")
+    bias_tables = ("user_bias", "item_bias")
+
     def training_step(self, batch, optimizer, *, loss: str, reg: float):
         """One update on ``batch`` (``users``, ``items``, ``targets``; ``timestamps`` for
-        TimeSVDpp): mean loss + the L2 penalty (class docstring), backward (the fused tables
-        update in it), optimizer step. Returns (mean loss, batch size)."""
+        TimeSVDpp): backward of the mean loss plus the L2 penalty, optimizer step.
+        Returns (mean loss without the penalty, batch size).
+
+        The penalty (Koren's L2 on every parameter of a rating, taken once per batch):
+        ``(reg · sum |w_r|² + bias_reg · sum b_r²) / B`` over the DISTINCT rows the batch
+        reads, of the factor tables (p, q, y) and of the bias tables. Its gradient,
+        ``(2·reg/B)·w_r`` on exactly the rows the step updates, is what a fastmf sparse
+        optimizer's weight decay adds: with the groups :meth:`make_optimizer` builds, the
+        step sets their weight decay and reads no row twice (the y bags are the largest
+        lookups); with any other optimizer the penalty is added to the loss."""
         op = type(self).__name__
         if loss not in self.losses:
-            raise ValueError(f"fastmf.models.{op}: loss {loss!r} is not supported; expected "
-                             f"one of {self.losses}")
+            raise ValueError(f"fastmf.models.{op}.training_step: loss {loss!r} is not "
+                             f"supported; expected one of {self.losses}")
         if batch.targets is None:
             raise ValueError(f"fastmf.models.{op}.training_step: the batch has no targets "
                              "(explicit losses need ratings)")
         size = int(batch.users.shape[0])
         if size == 0:
             return torch.zeros(()), 0
-        # The y penalty reg·sum|y_j|²/B over the distinct rows in the bags has the gradient
-        # (2·reg/B)·y_j on exactly the rows the fused step touches: where y has a fastmf
-        # optimizer group of its own, that is its weight decay, and no second lookup of the
-        # (large) bags is needed.
-        decay_group = self._implicit_decay_group(optimizer)
-        if decay_group is not None:
-            decay_group["weight_decay"] = 2.0 * float(reg) / size
-        penalties = {"factors": [], "bias": [], "implicit": decay_group is None}
+        groups = self._decay_groups(optimizer)
+        touched = None if groups is not None else {}
         pred = self._predict(batch.users, batch.items, getattr(batch, "timestamps", None),
-                             penalties)
+                             touched)
         targets = batch.targets.to(device=pred.device, dtype=pred.dtype)
         data = _explicit_loss(pred, targets, loss)
-        total = (data + float(reg) * sum(penalties["factors"]) / size
-                 + self.bias_reg * sum(penalties["bias"]) / size)
+        total = data
+        if groups is not None:
+            for group, is_bias in groups:
+                group["weight_decay"] = 2.0 * (self.bias_reg if is_bias else float(reg)) / size
+        else:
+            total = data + self.penalty(touched, reg) / size
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        return total.detach(), size
+        return data.detach(), size
 
-    def _implicit_decay_group(self, optimizer):
-        """The fastmf sparse optimizer's group holding y alone, or None."""
-        weight = self.implicit_factors.weight
+    def penalty(self, touched: dict, reg: float) -> Tensor:
+        """``reg · sum |w_r|² + bias_reg · sum b_r²`` over the distinct rows of each table
+        in ``touched`` (table name -> ids read)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.history_offsets.device)
+        for name, ids in touched.items():
+            table = getattr(self, name)
+            # Distinct rows by a mark per row (cheaper than sorting the y bags).
+            marks = torch.zeros(table.num_embeddings, dtype=torch.bool, device=ids.device)
+            marks[ids] = True
+            rows = marks.nonzero()[:, 0]
+            if rows.numel():
+                w = table(rows.unsqueeze(1)) if isinstance(table, EmbeddingBag) else table(rows)
+                weight = self.bias_reg if name in self.bias_tables else float(reg)
+                total = total + weight * (w * w).sum()
+        return total
+
+    def _decay_groups(self, optimizer):
+        """[(group, is a bias group)] when fastmf sparse optimizers (L2 decay mode) hold
+        every table in groups of one kind each (factor or bias tables); else None."""
         opts = optimizer.optimizers if hasattr(optimizer, "optimizers") else [optimizer]
+        kinds = {id(getattr(self, n).weight): False for n in self.factor_tables}
+        kinds.update({id(getattr(self, n).weight): True for n in self.bias_tables})
+        found, seen = [], set()
         for opt in opts:
-            if isinstance(opt, _SparseOptimizer):
-                for group in opt.param_groups:
-                    if any(p is weight for p in group["params"]):
-                        return group if len(group["params"]) == 1 else None
-        return None
+            if not isinstance(opt, _SparseOptimizer):
+                continue
+            for group in opt.param_groups:
+                mine = [kinds.get(id(p)) for p in group["params"]]
+                if all(k is None for k in mine):
+                    continue
+                if None in mine or len(set(mine)) != 1 or group.get("decoupled_weight_decay"):
+                    return None
+                found.append((group, mine[0]))
+                seen.update(id(p) for p in group["params"])
+        return found if seen == set(kinds) else None
 
     def make_optimizer(self, name: str | None, lr: float):
         """A fastmf sparse optimizer (``name``: "adagrad" (default), "rowwise_adagrad",
-        "sgd", "adam", "rowwise_adam") over every table, applied in backward; y gets a
-        group of its own (its L2 penalty is that group's weight decay, see
-        :meth:`training_step`)."""
+        "sgd", "adam", "rowwise_adam") over every table, applied in backward, with the
+        factor and the bias tables in two groups (their weight decays are the L2 penalty,
+        see :meth:`training_step`)."""
         makers = {"adagrad": lambda g: SparseAdagrad(g, lr=lr),
                   "rowwise_adagrad": lambda g: SparseAdagrad(g, lr=lr, rowwise=True),
                   "sgd": lambda g: SparseSGD(g, lr=lr),
@@ -380,9 +402,9 @@ class SVDpp(nn.Module):
         if name not in makers:
             raise ValueError(f"fastmf.models.{type(self).__name__}.make_optimizer: unknown "
                              f"optimizer {name!r}; expected one of {sorted(makers)}")
-        y = self.implicit_factors.weight
-        others = [p for p in self.parameters() if p is not y]
-        return apply_in_backward(makers[name]([{"params": others}, {"params": [y]}]))
+        factors = [getattr(self, n).weight for n in self.factor_tables]
+        biases = [getattr(self, n).weight for n in self.bias_tables]
+        return apply_in_backward(makers[name]([{"params": factors}, {"params": biases}]))
 
     def extra_repr(self) -> str:
         return (f"num_users={self.num_users}, num_items={self.num_items}, dim={self.dim}, "
@@ -408,7 +430,8 @@ class TimeSVDpp(SVDpp):
     ``<user_vec, item_vec> + b_i + offset`` is exactly the prediction.
     """
 
-    # The same inner splits as SVDpp's; with the time terms a slightly stronger bias_reg.
+    bias_tables = ("user_bias", "item_bias", "user_alpha", "user_day_bias", "item_bin_bias")
+    # The same inner splits as SVDpp's.
     defaults = {"explicit": dict(lr=0.03, reg=0.05, batch_size=1024, epochs=15)}
     default_bias_reg = 0.01
 
@@ -518,7 +541,7 @@ class TimeSVDpp(SVDpp):
         return torch.div((days - first) * self.num_bins, span,
                          rounding_mode="floor").clamp_(0, self.num_bins - 1)
 
-    def _user_time_bias(self, users: Tensor, days: Tensor, penalties) -> Tensor:
+    def _user_time_bias(self, users: Tensor, days: Tensor, touched) -> Tensor:
         """alpha_u · dev_u(t) + b_{u,day(t)} (B,)."""
         has_history = self._history_sizes[users] > 0
         delta = days.double() - self.user_mean_day[users]
@@ -536,20 +559,21 @@ class TimeSVDpp(SVDpp):
             found = found & (keys[pos] == query)
         day_bias = torch.zeros_like(out)
         if bool(found.any()):
-            rows = self.user_day_bias(pos[found])[:, 0]
-            day_bias = day_bias.index_put((found,), rows)
-            if penalties is not None:
-                penalties["bias"].append((rows * rows).sum())
-        if penalties is not None:
-            penalties["bias"].append((alpha * alpha).sum())
+            rows = pos[found]
+            day_bias = day_bias.index_put((found,), self.user_day_bias(rows)[:, 0])
+        else:
+            rows = pos[:0]
+        if touched is not None:
+            touched.update(user_alpha=users, user_day_bias=rows)
         return out + day_bias
 
-    def _time_terms(self, users, items, timestamps, penalties):
+    def _time_terms(self, users, items, timestamps, touched):
         days = self._days(users, timestamps)
-        bin_bias = self.item_bin_bias(items * self.num_bins + self._bins(days))[:, 0]
-        if penalties is not None:
-            penalties["bias"].append((bin_bias * bin_bias).sum())
-        return self._user_time_bias(users, days, penalties) + bin_bias
+        bin_rows = items * self.num_bins + self._bins(days)
+        bin_bias = self.item_bin_bias(bin_rows)[:, 0]
+        if touched is not None:
+            touched["item_bin_bias"] = bin_rows
+        return self._user_time_bias(users, days, touched) + bin_bias
 
     def forward(self, users, items, timestamps=None) -> Tensor:
         """(B,) predicted ratings at ``timestamps`` (B,) (seconds; see the class docstring
