@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -41,7 +40,6 @@ from fastmf.data import kfold, random_split, temporal_split  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (  # noqa: E402
     DEFAULT_DATA,
-    DIM,
     FOLDS,
     SEED,
     fit_fastmf_explicit,

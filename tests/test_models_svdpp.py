@@ -273,7 +273,8 @@ def test_training_lowers_the_loss():
         torch.manual_seed(0)
         model = cls.from_interactions(data, dim=DIM)
         opt = model.make_optimizer("adagrad", 0.05)
-        u, i, r = data.to_torch()
+        u, i, _ = data.to_torch()
+        r = 1 + (u % 5) * 0.5 + (i % 3) * 0.4 + 0.3 * torch.cos(u * i * 1.0)  # learnable
         batch = Batch(u, i, r, torch.as_tensor(data.timestamps))
         first = float(model.training_step(batch, opt, loss="mse", reg=0.01)[0])
         for _ in range(30):
