@@ -132,9 +132,8 @@ class SVDpp(Recommender):
     (history_size,): N(u) as CSR, filled by :meth:`prepare` (``history_size`` is in the
     config so that checkpoints load before any data is seen).
 
-    Regularisation (Koren's L2, as a per-sample penalty on what a batch touches, the way
-    ``fastmf.train_step`` does it): ``reg · mean_b(|p_u|² + |q_i|²) + reg · sum |y_j|² / B``
-    over the distinct y rows in the batch's bags, and ``bias_reg · mean_b(b_u² + b_i²)``.
+    Regularisation: Koren's L2 on p, q, y (``reg``) and the biases (``bias_reg``), over the
+    distinct rows each batch reads, divided by the batch size (see :meth:`training_step`).
     """
 
     losses = ("mse", "huber")
