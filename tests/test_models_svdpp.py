@@ -114,13 +114,19 @@ def test_model_without_any_history_predicts_plain_mf():
     torch.testing.assert_close(model.predict(u, i), expected.detach())
 
 
-def plain_step(model, batch, *, loss, reg, lr, timed=False):
+def plain_step(model, batch, *, loss, reg, lr, timed=False, coefs=None, lrs=None,
+               per_rating=False):
     """The same step on plain tensors with torch autograd and torch.optim.Adagrad: the
-    penalty over the distinct rows each table was read at, added to the loss."""
+    penalty over the distinct rows each table was read at (``per_rating``: once per rating
+    that read the row, y rows once per rating of their user), added to the loss.
+    ``coefs``/``lrs``: L2 coefficient and learning rate by table name (default: ``reg`` for
+    the factor tables, ``model.bias_reg`` for the others; ``lr``)."""
     tables = {name: p.detach().clone().double().requires_grad_(True)
               for name, p in ((n.removesuffix(".weight"), p)
                               for n, p in model.named_parameters())}
-    opt = torch.optim.Adagrad(list(tables.values()), lr=lr)
+    lrs = lrs or {}
+    opt = torch.optim.Adagrad([{"params": [t], "lr": lrs.get(name, lr)}
+                               for name, t in tables.items()], lr=lr)
     u, i = batch.users.long(), batch.items.long()
     offsets, hist = model.history_offsets, model.history_items
     vec = tables["user_factors"][u].clone()
@@ -143,10 +149,16 @@ def plain_step(model, batch, *, loss, reg, lr, timed=False):
     data = (torch.nn.functional.mse_loss(pred, targets) if loss == "mse"
             else torch.nn.functional.huber_loss(pred, targets, delta=1.0))
     penalty = 0
+    factor_tables = ("user_factors", "item_factors", "implicit_factors")
     for name, ids in reads.items():
-        rows = torch.unique(ids)
-        coef = model.bias_reg if name in model.bias_tables else reg
-        penalty = penalty + coef * tables[name][rows].pow(2).sum()
+        if coefs is not None:
+            coef = coefs[name]
+        else:
+            coef = reg if name in factor_tables else model.bias_reg
+        if per_rating:  # one term per read, repeats included
+            penalty = penalty + coef * tables[name][ids].pow(2).sum()
+        else:
+            penalty = penalty + coef * tables[name][torch.unique(ids)].pow(2).sum()
     (data + penalty / len(u)).backward()
     opt.step()
     return {k: v.detach() for k, v in tables.items()}
@@ -202,6 +214,51 @@ def test_fused_step_matches_autograd(cls, loss, grouped):
     for name, value in expected.items():
         torch.testing.assert_close(getattr(model, name).weight.detach().double(), value,
                                    rtol=2e-5, atol=2e-6, msg=name)
+
+
+@pytest.mark.parametrize("cls", [SVDpp, TimeSVDpp])
+@pytest.mark.parametrize("reg_form", ["rows", "ratings"])
+def test_knobs_match_autograd(cls, reg_form):
+    """Own L2 coefficients and learning rates for y, the biases and the time terms, and the
+    per-rating penalty, against the plain step with those numbers per table."""
+    data = random_data(seed=3)
+    knobs = dict(bias_reg=0.07, implicit_reg=0.6, implicit_lr_scale=0.3, bias_lr_scale=2.0,
+                 reg_form=reg_form)
+    if cls is TimeSVDpp:
+        knobs.update(time_reg=0.9, time_lr_scale=0.5, alpha_reg=1.7, alpha_lr_scale=0.01)
+    model = randomize(cls.from_interactions(data, dim=DIM, **knobs))
+    clone = cls(**model.get_config())
+    assert {k: clone.get_config()[k] for k in knobs} == knobs
+    opt = model.make_optimizer("adagrad", 0.05)
+    reg, lr = 0.2, 0.05
+    coefs = dict(user_factors=reg, item_factors=reg, implicit_factors=0.6, user_bias=0.07,
+                 item_bias=0.07, user_alpha=1.7, user_day_bias=0.9, item_bin_bias=0.9)
+    lrs = dict(implicit_factors=0.3 * lr, user_bias=2 * lr, item_bias=2 * lr,
+               user_alpha=0.01 * lr, user_day_bias=0.5 * lr, item_bin_bias=0.5 * lr)
+    rng = np.random.default_rng(11)
+    rows = rng.integers(0, len(data), 80)  # Zipf users: many repeat within the batch
+    users = torch.as_tensor(np.concatenate([data.users[rows], [3]]))
+    items = torch.as_tensor(np.concatenate([data.items[rows], [4]]))
+    targets = torch.as_tensor(np.concatenate([data.ratings[rows], [2.5]]))
+    stamps = torch.as_tensor(np.concatenate([data.timestamps[rows], [data.timestamps[0]]]))
+    batch = Batch(users, items, targets, stamps)
+    expected = plain_step(model, batch, loss="mse", reg=reg, lr=lr, timed=cls is TimeSVDpp,
+                          coefs=coefs, lrs=lrs, per_rating=reg_form == "ratings")
+    model.training_step(batch, opt, loss="mse", reg=reg)
+    for name, value in expected.items():
+        torch.testing.assert_close(getattr(model, name).weight.detach().double(), value,
+                                   rtol=2e-5, atol=2e-6, msg=name)
+
+
+def test_bad_knobs():
+    with pytest.raises(ValueError, match="SVDpp: reg_form must be 'rows' or 'ratings', got "
+                                         "'batch'"):
+        SVDpp(NUM_USERS, NUM_ITEMS, DIM, reg_form="batch")
+    with pytest.raises(ValueError, match="SVDpp: implicit_reg must be a finite number >= 0, "
+                                         "got -1"):
+        SVDpp(NUM_USERS, NUM_ITEMS, DIM, implicit_reg=-1)
+    with pytest.raises(ValueError, match="TimeSVDpp: alpha_lr_scale must be a finite number"):
+        TimeSVDpp(NUM_USERS, NUM_ITEMS, DIM, alpha_lr_scale=float("nan"))
 
 
 def test_time_terms_by_hand():

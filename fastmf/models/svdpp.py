@@ -132,8 +132,19 @@ class SVDpp(Recommender):
     (history_size,): N(u) as CSR, filled by :meth:`prepare` (``history_size`` is in the
     config so that checkpoints load before any data is seen).
 
-    Regularisation: Koren's L2 on p, q, y (``reg``) and the biases (``bias_reg``), over the
-    distinct rows each batch reads, divided by the batch size (see :meth:`training_step`).
+    Regularisation: Koren's L2 on p, q (fit's ``reg``), y (``implicit_reg``; None: fit's
+    ``reg``) and the biases (``bias_reg``), divided by the batch size; ``reg_form`` says
+    how often a row is penalised in a batch (see :meth:`training_step`):
+
+    - ``"rows"``: once per DISTINCT row the batch reads (the penalty is the sparse
+      optimizer's weight decay, no extra lookup);
+    - ``"ratings"``: once per rating that reads it, as Koren's per-rating SGD does: p_u,
+      b_u once per rating of u, q_i, b_i once per rating of i, and every y_j, j in N(u),
+      once per rating of u (the penalty is added to the loss).
+
+    Learning rates: the optimizer's ``lr`` (fit's) times ``implicit_lr_scale`` for y and
+    ``bias_lr_scale`` for the biases. ``init_scale``: p, q, y start uniform in
+    (-init_scale, init_scale), biases at 0.
     """
 
     losses = ("mse", "huber")
@@ -153,6 +164,8 @@ class SVDpp(Recommender):
     def __init__(self, num_users: int, num_items: int, dim: int = 32, *,
                  history_size: int = 0, global_mean: float = 0.0,
                  bias_reg: float | None = None, init_scale: float = 0.05,
+                 implicit_reg: float | None = None, implicit_lr_scale: float = 1.0,
+                 bias_lr_scale: float = 1.0, reg_form: str = "rows",
                  backend: str = "auto", device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         op = type(self).__name__
@@ -166,6 +179,14 @@ class SVDpp(Recommender):
         self.bias_reg = _check_float(op, "bias_reg", self.default_bias_reg if bias_reg is None
                                      else bias_reg)
         self.init_scale = _check_float(op, "init_scale", init_scale)
+        self.implicit_reg = (None if implicit_reg is None
+                             else _check_float(op, "implicit_reg", implicit_reg))
+        self.implicit_lr_scale = _check_float(op, "implicit_lr_scale", implicit_lr_scale)
+        self.bias_lr_scale = _check_float(op, "bias_lr_scale", bias_lr_scale)
+        if reg_form not in ("rows", "ratings"):
+            raise ValueError(f"fastmf.models.{op}: reg_form must be 'rows' or 'ratings', got "
+                             f"{reg_form!r}")
+        self.reg_form = reg_form
         self.backend = backend
         table = dict(backend=backend, device=device, dtype=dtype)
         self.user_factors = Embedding(num_users, dim, init_scale=init_scale, **table)
@@ -196,6 +217,8 @@ class SVDpp(Recommender):
         return dict(num_users=self.num_users, num_items=self.num_items, dim=self.dim,
                     history_size=int(self.history_items.numel()), global_mean=self._mu,
                     bias_reg=self.bias_reg, init_scale=self.init_scale,
+                    implicit_reg=self.implicit_reg, implicit_lr_scale=self.implicit_lr_scale,
+                    bias_lr_scale=self.bias_lr_scale, reg_form=self.reg_form,
                     dtype=str(self.user_factors.weight.dtype).removeprefix("torch."))
 
     @classmethod
@@ -277,6 +300,11 @@ class SVDpp(Recommender):
         if extra is not None:
             pred = pred + extra
         if touched is not None:
+            if self.reg_form == "ratings":
+                # Each bag entry is read once per rating of its user in the batch.
+                counts = torch.bincount(inverse, minlength=unique.numel())
+                ids = (ids, torch.repeat_interleave(counts, self._history_sizes[unique],
+                                                    output_size=ids.numel()))
             touched.update(user_factors=users, item_factors=items, implicit_factors=ids,
                            user_bias=users, item_bias=items)
         return pred
@@ -299,22 +327,32 @@ class SVDpp(Recommender):
         return self.item_factors.weight, self.item_bias.weight[:, 0]
 
     # -- training --------------------------------------------------------------------------------
-    # Factor tables (penalty reg) and bias tables (penalty bias_reg), by attribute name.
-    factor_tables = ("user_factors", "item_factors", "implicit_factors")
-    bias_tables = ("user_bias", "item_bias")
+    # The optimizer group of every table, by attribute name: tables of one kind share an L2
+    # coefficient and a learning rate (table_settings).
+    table_kinds = {"user_factors": "factors", "item_factors": "factors",
+                   "implicit_factors": "implicit", "user_bias": "bias", "item_bias": "bias"}
+
+    def table_settings(self, reg: float) -> dict[str, tuple[float, float]]:
+        """{kind: (L2 coefficient, learning-rate scale)} for each kind of table in
+        :attr:`table_kinds`, with ``reg`` the factors' (fit's) coefficient."""
+        implicit = float(reg) if self.implicit_reg is None else self.implicit_reg
+        return {"factors": (float(reg), 1.0), "implicit": (implicit, self.implicit_lr_scale),
+                "bias": (self.bias_reg, self.bias_lr_scale)}
 
     def training_step(self, batch, optimizer, *, loss: str, reg: float):
         """One update on ``batch`` (``users``, ``items``, ``targets``; ``timestamps`` for
         TimeSVDpp): backward of the mean loss plus the L2 penalty, optimizer step.
         Returns (mean loss without the penalty, batch size).
 
-        The penalty (Koren's L2 on every parameter of a rating, taken once per batch):
-        ``(reg · sum |w_r|² + bias_reg · sum b_r²) / B`` over the DISTINCT rows the batch
-        reads, of the factor tables (p, q, y) and of the bias tables. Its gradient,
-        ``(2·reg/B)·w_r`` on exactly the rows the step updates, is what a fastmf sparse
-        optimizer's weight decay adds: with the groups :meth:`make_optimizer` builds, the
-        step sets their weight decay and reads no row twice (the y bags are the largest
-        lookups); with any other optimizer the penalty is added to the loss."""
+        The penalty (Koren's L2 on every parameter of a rating) is ``sum_r c_r · n_r ·
+        |w_r|² / B`` over the rows ``r`` the batch reads, with ``c_r`` the coefficient of
+        the row's table (:meth:`table_settings`) and ``n_r`` 1 (``reg_form="rows"``) or the
+        number of the batch's ratings that read the row (``"ratings"``). In the "rows" form
+        its gradient, ``(2·c/B)·w_r`` on exactly the rows the step updates, is what a fastmf
+        sparse optimizer's weight decay adds: with the groups :meth:`make_optimizer` builds,
+        the step sets their weight decay and reads no row twice (the y bags are the largest
+        lookups); otherwise (the "ratings" form, other optimizers) the penalty is added to
+        the loss."""
         op = type(self).__name__
         if loss not in self.losses:
             raise ValueError(f"fastmf.models.{op}.training_step: loss {loss!r} is not "
@@ -326,16 +364,17 @@ class SVDpp(Recommender):
         if size == 0:
             return torch.zeros(()), 0
         groups = self._decay_groups(optimizer)
-        touched = None if groups is not None else {}
+        settings = self.table_settings(reg)
+        decayed = groups is not None and self.reg_form == "rows"
+        touched = None if decayed else {}
         pred = self._predict(batch.users, batch.items, getattr(batch, "timestamps", None),
                              touched)
         targets = batch.targets.to(device=pred.device, dtype=pred.dtype)
         data = _explicit_loss(pred, targets, loss)
         total = data
-        if groups is not None:
-            for group, is_bias in groups:
-                group["weight_decay"] = 2.0 * (self.bias_reg if is_bias else float(reg)) / size
-        else:
+        for group, kind in groups or ():
+            group["weight_decay"] = 2.0 * settings[kind][0] / size if decayed else 0.0
+        if not decayed:
             total = data + self.penalty(touched, reg) / size
         optimizer.zero_grad()
         total.backward()
@@ -343,27 +382,40 @@ class SVDpp(Recommender):
         return data.detach(), size
 
     def penalty(self, touched: dict, reg: float) -> Tensor:
-        """``reg · sum |w_r|² + bias_reg · sum b_r²`` over the distinct rows of each table
-        in ``touched`` (table name -> ids read)."""
+        """``sum_r c_r · n_r · |w_r|²`` over the rows of each table in ``touched`` (table
+        name -> ids read, or (ids, multiplicity of each id)); ``c_r`` from
+        :meth:`table_settings`, ``n_r`` 1 (``reg_form="rows"``: distinct rows) or how many
+        times the row was read (``"ratings"``)."""
         total = torch.zeros((), dtype=torch.float64, device=self.history_offsets.device)
+        settings = self.table_settings(reg)
         for name, ids in touched.items():
+            ids, multiplicity = ids if isinstance(ids, tuple) else (ids, None)
             table = getattr(self, name)
-            # Distinct rows by a mark per row (cheaper than sorting the y bags).
-            marks = torch.zeros(table.num_embeddings, dtype=torch.bool, device=ids.device)
-            marks[ids] = True
-            rows = marks.nonzero()[:, 0]
+            coef = settings[self.table_kinds[name]][0]
+            if self.reg_form == "ratings":
+                counts = torch.bincount(ids, weights=None if multiplicity is None
+                                        else multiplicity.double(),
+                                        minlength=table.num_embeddings)
+                rows = counts.nonzero()[:, 0]
+                scale = counts[rows].double() * coef
+            else:
+                # Distinct rows by a mark per row (cheaper than sorting the y bags).
+                marks = torch.zeros(table.num_embeddings, dtype=torch.bool, device=ids.device)
+                marks[ids] = True
+                rows = marks.nonzero()[:, 0]
+                scale = None
             if rows.numel():
                 w = table(rows.unsqueeze(1)) if isinstance(table, EmbeddingBag) else table(rows)
-                weight = self.bias_reg if name in self.bias_tables else float(reg)
-                total = total + weight * (w * w).sum()
+                squares = (w * w).sum(1)
+                total = total + (coef * squares.sum() if scale is None
+                                 else (scale * squares).sum())
         return total
 
     def _decay_groups(self, optimizer):
-        """[(group, is a bias group)] when fastmf sparse optimizers (L2 decay mode) hold
-        every table in groups of one kind each (factor or bias tables); else None."""
+        """[(group, kind)] when fastmf sparse optimizers (L2 decay mode) hold every table in
+        groups of one kind each (:attr:`table_kinds`); else None."""
         opts = optimizer.optimizers if hasattr(optimizer, "optimizers") else [optimizer]
-        kinds = {id(getattr(self, n).weight): False for n in self.factor_tables}
-        kinds.update({id(getattr(self, n).weight): True for n in self.bias_tables})
+        kinds = {id(getattr(self, n).weight): k for n, k in self.table_kinds.items()}
         found, seen = [], set()
         for opt in opts:
             if not isinstance(opt, _SparseOptimizer):
@@ -380,9 +432,10 @@ class SVDpp(Recommender):
 
     def make_optimizer(self, name: str | None, lr: float):
         """A fastmf sparse optimizer (``name``: "adagrad" (default), "rowwise_adagrad",
-        "sgd", "adam", "rowwise_adam") over every table, applied in backward, with the
-        factor and the bias tables in two groups (their weight decays are the L2 penalty,
-        see :meth:`training_step`)."""
+        "sgd", "adam", "rowwise_adam") over every table, applied in backward, one group per
+        kind of table (:attr:`table_kinds`) with learning rate ``lr`` times the kind's scale
+        (:meth:`table_settings`); the groups' weight decays are the L2 penalty in the
+        "rows" form (see :meth:`training_step`)."""
         makers = {"adagrad": lambda g: SparseAdagrad(g, lr=lr),
                   "rowwise_adagrad": lambda g: SparseAdagrad(g, lr=lr, rowwise=True),
                   "sgd": lambda g: SparseSGD(g, lr=lr),
@@ -392,9 +445,12 @@ class SVDpp(Recommender):
         if name not in makers:
             raise ValueError(f"fastmf.models.{type(self).__name__}.make_optimizer: unknown "
                              f"optimizer {name!r}; expected one of {sorted(makers)}")
-        factors = [getattr(self, n).weight for n in self.factor_tables]
-        biases = [getattr(self, n).weight for n in self.bias_tables]
-        return apply_in_backward(makers[name]([{"params": factors}, {"params": biases}]))
+        scales = {kind: scale for kind, (_, scale) in self.table_settings(0.0).items()}
+        groups = {}
+        for table, kind in self.table_kinds.items():
+            groups.setdefault(kind, []).append(getattr(self, table).weight)
+        return apply_in_backward(makers[name]([
+            {"params": params, "lr": lr * scales[kind]} for kind, params in groups.items()]))
 
     def extra_repr(self) -> str:
         return (f"num_users={self.num_users}, num_items={self.num_items}, dim={self.dim}, "
@@ -420,7 +476,8 @@ class TimeSVDpp(SVDpp):
     ``<user_vec, item_vec> + b_i + offset`` is exactly the prediction.
     """
 
-    bias_tables = ("user_bias", "item_bias", "user_alpha", "user_day_bias", "item_bin_bias")
+    table_kinds = dict(SVDpp.table_kinds, user_alpha="alpha", user_day_bias="time",
+                       item_bin_bias="time")
     # SVDpp's choice (there was no separate grid for the time terms).
     defaults = {"explicit": dict(lr=0.1, reg=2.0, batch_size=4096, epochs=7)}
     default_bias_reg = 0.1
@@ -429,10 +486,22 @@ class TimeSVDpp(SVDpp):
                  num_bins: int = 30, beta: float = 0.4, num_user_days: int = 0,
                  history_size: int = 0, global_mean: float = 0.0,
                  bias_reg: float | None = None, init_scale: float = 0.05,
+                 implicit_reg: float | None = None, implicit_lr_scale: float = 1.0,
+                 bias_lr_scale: float = 1.0, reg_form: str = "rows",
+                 time_reg: float | None = None, time_lr_scale: float = 1.0,
+                 alpha_reg: float | None = None, alpha_lr_scale: float = 1.0,
                  backend: str = "auto", device=None, dtype: torch.dtype = torch.float32):
         super().__init__(num_users, num_items, dim, history_size=history_size,
                          global_mean=global_mean, bias_reg=bias_reg, init_scale=init_scale,
+                         implicit_reg=implicit_reg, implicit_lr_scale=implicit_lr_scale,
+                         bias_lr_scale=bias_lr_scale, reg_form=reg_form,
                          backend=backend, device=device, dtype=dtype)
+        self.time_reg = None if time_reg is None else _check_float("TimeSVDpp", "time_reg",
+                                                                   time_reg)
+        self.alpha_reg = None if alpha_reg is None else _check_float("TimeSVDpp", "alpha_reg",
+                                                                     alpha_reg)
+        self.time_lr_scale = _check_float("TimeSVDpp", "time_lr_scale", time_lr_scale)
+        self.alpha_lr_scale = _check_float("TimeSVDpp", "alpha_lr_scale", alpha_lr_scale)
         self.num_bins = _check_count("TimeSVDpp", "num_bins", num_bins, 1)
         self.beta = _check_float("TimeSVDpp", "beta", beta)
         num_user_days = _check_count("TimeSVDpp", "num_user_days", num_user_days, 0)
@@ -453,7 +522,18 @@ class TimeSVDpp(SVDpp):
 
     def get_config(self) -> dict:
         return dict(super().get_config(), num_bins=self.num_bins, beta=self.beta,
-                    num_user_days=int(self.user_day_keys.numel()))
+                    num_user_days=int(self.user_day_keys.numel()), time_reg=self.time_reg,
+                    time_lr_scale=self.time_lr_scale, alpha_reg=self.alpha_reg,
+                    alpha_lr_scale=self.alpha_lr_scale)
+
+    def table_settings(self, reg: float) -> dict[str, tuple[float, float]]:
+        """SVDpp's, plus the day and bin biases ("time": ``time_reg``, None: ``bias_reg``;
+        ``time_lr_scale``) and alpha_u ("alpha": ``alpha_reg``, None: ``bias_reg``;
+        ``alpha_lr_scale``)."""
+        time = self.bias_reg if self.time_reg is None else self.time_reg
+        alpha = self.bias_reg if self.alpha_reg is None else self.alpha_reg
+        return dict(super().table_settings(reg), time=(time, self.time_lr_scale),
+                    alpha=(alpha, self.alpha_lr_scale))
 
     def check_data(self, train) -> None:
         super().check_data(train)
