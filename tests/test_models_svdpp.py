@@ -195,7 +195,11 @@ def test_fused_step_matches_autograd(cls, loss, grouped):
     """The fused step (weight-decay penalty with make_optimizer's groups; the penalty in the
     loss with one plain group) equals torch autograd + torch.optim.Adagrad."""
     data = random_data(seed=2)
-    model = randomize(cls.from_interactions(data, dim=DIM, bias_reg=0.07))
+    # y at fit's reg and lr, the time terms at bias_reg and lr (the knobs' None/1 values).
+    plain = dict(implicit_reg=None, implicit_lr_scale=1.0, bias_lr_scale=1.0)
+    if cls is TimeSVDpp:
+        plain.update(time_reg=None, time_lr_scale=1.0, alpha_reg=None, alpha_lr_scale=1.0)
+    model = randomize(cls.from_interactions(data, dim=DIM, bias_reg=0.07, **plain))
     if grouped:
         opt = model.make_optimizer("adagrad", 0.05)
     else:
