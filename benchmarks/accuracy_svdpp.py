@@ -12,11 +12,13 @@
    out): TimeSVDpp against SVDpp and MF.
 
 Single-threaded (Surprise is), wall-clock fit times; one untimed warm-up fit first.
-``--quick``: one fold and no Surprise. ``--tune`` reruns the grid the class defaults were
-picked from, on two inner validation splits of fold 0's TRAINING rows only (never a
-reported test row): "dense" (20% of the rows held out at random; every user has >= 20
-ratings) and "sparse" (each user's ratings cut to at most 15 at random, then the latest
-20% of each user's held out).
+``--quick``: one fold and no Surprise. ``--tune [--trials N]`` reruns the optuna search
+the class defaults were picked from (optuna is not a fastmf dependency), on two inner
+validation splits of fold 0's TRAINING rows only (never a reported test row): "dense" (20%
+of the rows held out at random; every user has >= 20 ratings) and "sparse" (each user's
+ratings cut to at most 15 at random, then the latest 20% of each user's held out). Each
+trial is scored per epoch by the mean of the two validation RMSEs; its epochs stop where a
+fit on a fold's training rows would pass FIT_CPU_BUDGET.
 """
 
 from __future__ import annotations
