@@ -13,6 +13,7 @@ from fastmf.models.als import ALS
 from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
 from fastmf.models.item2vec import Item2Vec
 from fastmf.models.ncf import GMF, MLP, NeuMF
+from fastmf.models.svdpp import SVDpp, TimeSVDpp
 
 __all__ = [
     "MF",
@@ -25,4 +26,6 @@ __all__ = [
     "MLP",
     "NeuMF",
     "Item2Vec",
+    "SVDpp",
+    "TimeSVDpp",
 ]
