@@ -54,7 +54,10 @@ class FeatureSide(nn.Module):
                  *, init_scale: float, backend: str, dtype, device):
         super().__init__()
         self.op, self.name = op, name
-        self.identity = bool(identity)
+        # A side without features is identity-only whatever ``identity`` says: it would
+        # have no representation otherwise.
+        self.identity = bool(identity) or features is None or (
+            isinstance(features, dict) and features.get("num_features") == 0)
         if isinstance(features, dict):
             # Built from a config (fastmf.load): shapes only; load_state_dict fills them.
             spec = _check_spec(op, f"{name}_features", features)
@@ -86,9 +89,6 @@ class FeatureSide(nn.Module):
         op, arg = self.op, f"{self.name}_features"
         self.signed = False
         if features is None:
-            if not self.identity:
-                raise ValueError(f"{op}: {arg} is None and identity=False: the {self.name}s "
-                                 "would have no representation; give features or identity=True")
             raw, normalize = sp.csr_matrix((num_rows, 0), dtype=np.float32), False
         elif isinstance(features, Features):
             if features.identity and not self.identity:
@@ -234,7 +234,8 @@ class Hybrid(Recommender):
             (rows, F) matrix of non-negative weights used as given, or None (identity only).
             Checkpoints store them as buffers (their shapes in the config).
         identity: one identity row per user/item besides its features (LightFM's default
-            dataset); with ``identity=False`` every row needs a feature.
+            dataset); with ``identity=False`` every row needs a feature. A side without
+            features always has identity rows (plain matrix factorisation on that side).
         init_scale: embeddings start uniform(-init_scale, init_scale); biases at 0.
     """
 
