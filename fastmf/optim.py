@@ -28,6 +28,7 @@ holds into the backward pass (see :mod:`fastmf.nn`).
 from __future__ import annotations
 
 import math
+from collections import ChainMap, OrderedDict
 
 import torch
 from torch import Tensor
@@ -39,7 +40,8 @@ from fastmf.ops import checks
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay
 from fastmf.ops.reference.embedding_bag import random_bits, stochastic_round
 
-__all__ = ["SparseAdagrad", "SparseAdam", "SparseSGD", "apply_in_backward", "grown_state"]
+__all__ = ["CombinedOptimizer", "SparseAdagrad", "SparseAdam", "SparseSGD", "apply_in_backward",
+           "grown_state"]
 
 
 def _sparse_parts(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -403,6 +405,93 @@ def apply_in_backward(optimizer: _SparseOptimizer) -> _SparseOptimizer:
         optimizer._in_backward.add(id(p))
     return optimizer
 
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers over disjoint parameters driven as one (TorchRec's name for the
+    same thing): e.g. a fastmf sparse optimizer for the embedding tables (applied in
+    backward) and ``torch.optim.Adam`` for an MLP.
+
+    ``step``, ``zero_grad``, ``state_dict``/``load_state_dict`` go to every part in order;
+    ``param_groups`` lists the parts' groups (the same dicts, so an LR scheduler or an edit
+    of ``group["lr"]`` reaches the part that owns it); ``state`` reads every part's state.
+    ``optimizers`` holds the parts.
+
+    >>> import torch, fastmf
+    >>> emb, head = fastmf.nn.Embedding(100, 8), torch.nn.Linear(8, 1)
+    >>> opt = fastmf.optim.CombinedOptimizer([
+    ...     fastmf.optim.apply_in_backward(fastmf.optim.SparseAdagrad(emb.parameters())),
+    ...     torch.optim.Adam(head.parameters(), lr=1e-3)])
+    """
+
+    def __init__(self, optimizers):
+        op = "fastmf.optim.CombinedOptimizer"
+        optimizers = list(optimizers)
+        if not optimizers:
+            raise ValueError(f"{op}: optimizers is empty")
+        seen: dict[int, int] = {}
+        for k, part in enumerate(optimizers):
+            if not isinstance(part, torch.optim.Optimizer) or isinstance(part,
+                                                                        CombinedOptimizer):
+                raise TypeError(f"{op}: optimizers[{k}] must be a torch optimizer (not a "
+                                f"CombinedOptimizer), got {type(part).__name__}")
+            for group in part.param_groups:
+                for p in group["params"]:
+                    if id(p) in seen:
+                        raise ValueError(f"{op}: a parameter is held by optimizers"
+                                         f"[{seen[id(p)]}] and optimizers[{k}]")
+                    seen[id(p)] = k
+        self.optimizers = optimizers
+        # What torch.optim.Optimizer.__init__ sets up besides the groups (hooks, defaults),
+        # so that LR schedulers and hook registration work; the groups and state are the
+        # parts' own (properties below).
+        self.defaults = {}
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.optimizers for group in part.param_groups]
+
+    @property
+    def state(self):
+        return ChainMap(*(part.state for part in self.optimizers))
+
+    def add_param_group(self, param_group: dict) -> None:
+        raise NotImplementedError("fastmf.optim.CombinedOptimizer.add_param_group: add the "
+                                  "group to one of its optimizers")
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.optimizers:
+            part.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.optimizers:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [part.state_dict() for part in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        parts = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
+        if not isinstance(parts, list) or len(parts) != len(self.optimizers):
+            count = len(parts) if isinstance(parts, list) else "no"
+            raise ValueError(f"fastmf.optim.CombinedOptimizer.load_state_dict: expected "
+                             f"{{'optimizers': [...]}} with {len(self.optimizers)} entries, "
+                             f"got {count}")
+        for part, saved in zip(self.optimizers, parts, strict=True):
+            part.load_state_dict(saved)
+
+    def __repr__(self) -> str:
+        inner = ",\n".join("  " + repr(part).replace("\n", "\n  ") for part in self.optimizers)
+        return f"CombinedOptimizer(\n{inner}\n)"
 
 def _holders(optimizer) -> list:
     """The torch optimizers inside ``optimizer`` (itself, or the parts of a combined one)."""

@@ -1,0 +1,867 @@
+"""The model protocol: :class:`Recommender`, :class:`Batch` and the loss helpers.
+
+Their public home is :mod:`fastmf.models.base`; they live in this module because
+``fastmf.MF`` is a Recommender and ``import fastmf`` imports it, while importing anything
+under ``fastmf.models`` runs that package's ``__init__``, which imports every model file
+(and model files may build on ``fastmf.MF``). This module imports only torch and numpy
+at the top; pandas and scipy load where a method needs them.
+
+A model implements the training hooks ``fit`` calls (``check_data``, ``prepare``,
+``make_optimizer``, ``batches``, ``training_step``) and the scoring hooks the serving code
+uses (``forward``; ``user_vectors``/``item_vectors`` for dot-product models, else
+``score_items``). Everything else (``recommend``, ``similar_items``, ``predict``,
+``analogy``, ``save``) is here, once for every model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmf import checkpoint
+from fastmf.ops import checks
+
+__all__ = ["EXPLICIT", "IMPLICIT", "LOSSES", "Batch", "Recommender", "loss_kind",
+           "pairwise_loss", "pointwise_loss"]
+
+EXPLICIT = ("mse", "huber")
+IMPLICIT = ("bce", "bpr")
+LOSSES = EXPLICIT + IMPLICIT
+HUBER_DELTA = 1.0
+# score_items and the ranking of models without item vectors materialise (users x items)
+# scores in chunks of about this many, so that a large catalog does not exhaust memory.
+SCORE_CHUNK = 1 << 22
+
+
+class Batch(NamedTuple):
+    """One training batch, as :meth:`Recommender.batches` yields it.
+
+    ``users``/``items`` (B,) int64 (the positives for implicit losses); ``targets`` (B,)
+    ratings for explicit losses; ``negatives`` (B, n) sampled items for implicit ones;
+    ``weights`` (B,) per-interaction confidence; ``timestamps`` (B,)."""
+
+    users: Tensor
+    items: Tensor
+    targets: Tensor | None = None
+    negatives: Tensor | None = None
+    weights: Tensor | None = None
+    timestamps: Tensor | None = None
+
+
+def loss_kind(loss: str) -> str:
+    """``"explicit"`` for mse/huber, ``"implicit"`` for bce/bpr (ValueError otherwise)."""
+    if loss in EXPLICIT:
+        return "explicit"
+    if loss in IMPLICIT:
+        return "implicit"
+    raise ValueError(f"fastmf.models.loss_kind: unknown loss {loss!r}; expected one of {LOSSES}")
+
+
+def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    if values.numel() == 0:
+        return values.sum()
+    if weights is None:
+        return values.mean()
+    return (values * weights.to(values.dtype)).mean()
+
+
+def pointwise_loss(scores: Tensor, targets: Tensor, loss: str,
+                   weights: Tensor | None = None) -> Tensor:
+    """Mean per-pair loss of ``scores`` (B,) against ``targets`` (B,): ``"mse"``,
+    ``"huber"`` (delta 1) or ``"bce"`` (``scores`` are logits, ``targets`` 0/1 labels).
+    ``weights`` (B,) scale each pair's term (confidence); the mean is over B either way,
+    so weights of 1 give the unweighted loss. The numbers of the fused ``train_step``."""
+    targets = targets.to(scores.dtype)
+    if loss == "mse":
+        per_pair = (scores - targets).square()
+    elif loss == "huber":
+        per_pair = F.huber_loss(scores, targets, delta=HUBER_DELTA, reduction="none")
+    elif loss == "bce":
+        per_pair = F.binary_cross_entropy_with_logits(scores, targets, reduction="none")
+    else:
+        raise ValueError(f"fastmf.models.pointwise_loss: unknown loss {loss!r}; expected "
+                         "'mse', 'huber' or 'bce'")
+    return _weighted_mean(per_pair, weights)
+
+
+def pairwise_loss(positive: Tensor, negative: Tensor, loss: str = "bpr",
+                  weights: Tensor | None = None) -> Tensor:
+    """BPR: mean over every (positive, negative) pair of ``softplus(neg - pos)``
+    (= ``-log sigmoid(pos - neg)``). ``positive`` (B,), ``negative`` (B, n) scores;
+    ``weights`` (B,) scale each positive's n terms."""
+    if loss != "bpr":
+        raise ValueError(f"fastmf.models.pairwise_loss: unknown loss {loss!r}; expected 'bpr'")
+    if negative.dim() != 2 or negative.shape[0] != positive.shape[0]:
+        raise ValueError(f"fastmf.models.pairwise_loss: negative must be (B, n) with B = "
+                         f"{positive.shape[0]}, got shape {tuple(negative.shape)}")
+    per_pair = F.softplus(negative - positive.unsqueeze(1))
+    if weights is not None:
+        weights = weights.to(per_pair.dtype).unsqueeze(1).expand_as(per_pair)
+    return _weighted_mean(per_pair.reshape(-1), None if weights is None
+                          else weights.reshape(-1))
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, batch...): what a batch draws depends only
+    on these, so a resumed run draws exactly what a straight run does."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def int64_ids(ids, what: str) -> np.ndarray:
+    """``ids`` (array-like of integers) as int64, refusing floats and values int64 cannot
+    hold (a uint64 id of 2**63 would otherwise wrap to a negative one). An empty list is
+    an empty batch, not a float64 array."""
+    array = np.asarray(ids)
+    if array.size == 0:
+        return np.zeros(array.shape, dtype=np.int64)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integer ids, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and array.dtype.itemsize == 8:
+        too_big = array > np.iinfo(np.int64).max
+        if too_big.any():
+            raise IndexError(f"{what}: id {int(array[too_big].flat[0])} is out of range "
+                             "(ids must fit in int64)")
+    return array.astype(np.int64, copy=False)
+
+
+_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd", "adam", "rowwise_adam")
+
+
+class Recommender(nn.Module):
+    """Base class of fastmf's models (see the "Models" section of the README).
+
+    Subclasses define ``__init__(num_users, num_items, <knobs>, *, backend="auto",
+    device=None, dtype=torch.float32)`` keeping ``num_users``/``num_items`` as attributes,
+    :meth:`get_config`, :meth:`forward`, and either both :meth:`user_vectors` and
+    :meth:`item_vectors` (dot-product models: exact fused top-k, similar items, analogies)
+    or nothing more (scores come from :meth:`score_items`, i.e. ``forward`` in chunks).
+    Register the class with :func:`fastmf.checkpoint.register_model` so checkpoints can
+    name it.
+
+    Class attributes: ``losses`` (what :func:`fastmf.fit` may train it with),
+    ``default_loss``, ``defaults`` (``{"explicit": {...}, "implicit": {...}}`` of
+    lr/reg/epochs/batch_size merged over fit's), ``dense_lr`` (the Adam learning rate of
+    parameters that are not embedding tables) and ``test_config`` (small constructor
+    kwargs for the protocol tests).
+    """
+
+    losses: ClassVar[tuple[str, ...]] = LOSSES
+    default_loss: ClassVar[str] = "mse"
+    defaults: ClassVar[dict] = {}
+    dense_lr: ClassVar[float] = 1e-3
+    test_config: ClassVar[dict] = {}
+
+    # Filled from the training data (prepare / attach_data): raw-id maps, titles and
+    # popularity for answers in raw ids and the cold-start fallback.
+    user_map = None
+    item_map = None
+    item_titles = None
+    item_popularity = None
+
+    # -- names, device, dtype ---------------------------------------------------------------
+    @classmethod
+    def public_name(cls) -> str:
+        """How errors name the class: ``fastmf.models.NeuMF``, ``fastmf.MF``, ``MyModel``."""
+        module = cls.__module__
+        if module.startswith("fastmf.models") or module == "fastmf.recommender":
+            return f"fastmf.models.{cls.__name__}"
+        if module.startswith("fastmf"):
+            return f"fastmf.{cls.__name__}"
+        return cls.__name__
+
+    def _op(self, method: str | None = None) -> str:
+        name = self.public_name()
+        return name if method is None else f"{name}.{method}"
+
+    def _first_tensor(self) -> Tensor | None:
+        for tensor in self.parameters():
+            return tensor
+        for tensor in self.buffers():
+            return tensor
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter (CPU for a model without any)."""
+        tensor = self._first_tensor()
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's first floating parameter (float32 without any)."""
+        for tensor in self.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.float32
+
+    @property
+    def has_vectors(self) -> bool:
+        """Whether the model is a dot-product model (defines user_vectors and item_vectors)."""
+        cls = type(self)
+        return (cls.user_vectors is not Recommender.user_vectors
+                and cls.item_vectors is not Recommender.item_vectors)
+
+    # -- configuration ------------------------------------------------------------------------
+    def get_config(self) -> dict:
+        """JSON-able constructor kwargs that rebuild this architecture (``num_users`` and
+        ``num_items`` included, ``backend``/``device`` not; ``dtype`` as its name)."""
+        raise NotImplementedError(f"{self._op('get_config')}: the model class must define "
+                                  "get_config() to be saved")
+
+    @classmethod
+    def from_interactions(cls, train, **kwargs):
+        """A model sized for ``train`` (an :class:`~fastmf.data.Interactions`)."""
+        return cls(train.num_users, train.num_items, **kwargs)
+
+    # -- training hooks -----------------------------------------------------------------------
+    def check_data(self, train) -> None:
+        """Raise ValueError when ``train`` does not fit the model (default: its sizes)."""
+        if (train.num_users, train.num_items) != (self.num_users, self.num_items):
+            raise ValueError(
+                f"{self._op()}: data has {train.num_users} users x {train.num_items} items, "
+                f"the model {self.num_users} x {self.num_items}")
+
+    def prepare(self, train) -> None:
+        """Called before the first epoch and by :meth:`attach_data`: keep ``train``'s id
+        maps, item titles and item popularity."""
+        self.user_map, self.item_map = train.user_map, train.item_map
+        self.item_titles = train.item_titles
+        self.item_popularity = np.bincount(train.items, minlength=self.num_items)
+
+    def make_optimizer(self, name: str | None, lr: float):
+        """The optimizer ``fit`` uses: every fastmf.nn embedding table under a fastmf sparse
+        optimizer (``name``: "adagrad" (default), "rowwise_adagrad", "sgd", "adam",
+        "rowwise_adam") applied in backward, every other parameter under
+        ``torch.optim.Adam(lr=self.dense_lr)``, the two joined in a
+        :class:`fastmf.optim.CombinedOptimizer`."""
+        from fastmf import optim
+        from fastmf.nn.embedding import table_info
+
+        name = name or "adagrad"
+        if name not in _SPARSE_OPTIMIZERS:
+            raise ValueError(f"{self._op('make_optimizer')}: unknown optimizer {name!r}; use "
+                             f"one of {_SPARSE_OPTIMIZERS} or pass an optimizer object")
+        params = [p for p in self.parameters() if p.requires_grad]
+        tables = [p for p in params if table_info(p) is not None]
+        dense = [p for p in params if table_info(p) is None]
+        parts = []
+        if tables:
+            rowwise = name.startswith("rowwise_")
+            if name.endswith("adagrad"):
+                sparse = optim.SparseAdagrad(tables, lr=lr, rowwise=rowwise)
+            elif name.endswith("adam"):
+                sparse = optim.SparseAdam(tables, lr=lr, rowwise=rowwise)
+            else:
+                sparse = optim.SparseSGD(tables, lr=lr)
+            parts.append(optim.apply_in_backward(sparse))
+        if dense:
+            parts.append(torch.optim.Adam(dense, lr=self.dense_lr))
+        if not parts:
+            raise ValueError(f"{self._op('make_optimizer')}: the model has no trainable "
+                             "parameters")
+        return optim.CombinedOptimizer(parts)
+
+    def batches(self, train, *, batch_size: int, loss: str, num_negatives: int,
+                sampler, generator: torch.Generator) -> Iterator[Batch]:
+        """The batches of one epoch: the interactions shuffled by ``generator``, in slices
+        of ``batch_size``; for implicit losses each with ``num_negatives`` items per
+        positive drawn by ``sampler`` (a :class:`fastmf.data.NegativeSampler`), seeded from
+        ``generator``'s seed and the batch number."""
+        device = self.device
+        users, items, ratings = train.to_torch(device)
+        n = len(train)
+        order = torch.randperm(n, generator=generator).to(device)
+        users, items = users[order], items[order]
+        implicit = loss in IMPLICIT
+        targets = None if implicit else ratings[order].to(self.dtype)
+        timestamps = None
+        if train.timestamps is not None and train.timestamps.dtype.kind in "iuf":
+            timestamps = torch.as_tensor(train.timestamps, device=device)[order]
+        base = generator.initial_seed()
+        for b, lo in enumerate(range(0, n, batch_size)):
+            u, i = users[lo:lo + batch_size], items[lo:lo + batch_size]
+            negatives = None
+            if implicit:
+                negatives = sampler.sample(u, num_negatives, seed=seed_of(base, b))
+                negatives = torch.as_tensor(negatives, device=device)
+            yield Batch(u, i, None if targets is None else targets[lo:lo + batch_size],
+                        negatives, None,
+                        None if timestamps is None else timestamps[lo:lo + batch_size])
+
+    def training_step(self, batch: Batch, optimizer, *, loss: str,
+                      reg: float) -> tuple[Tensor, int]:
+        """One update on ``batch`` through autograd: returns (the 0-d detached loss, the
+        number of scored pairs).
+
+        The data term is :func:`pointwise_loss` (mse/huber on the targets; bce with label 1
+        for the positives and 0 for every negative) or :func:`pairwise_loss` (bpr, each
+        positive against each of its negatives). The penalty is ``reg`` times the sum of
+        squares of every embedding lookup output of the step (for ``Embedding`` tables: the
+        rows the batch touched, once per use) divided by B."""
+        users, items = batch.users, batch.items
+        outputs: list[Tensor] = []
+        handles = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+                   for module in self.modules() if _is_lookup(module)]
+        try:
+            if loss in EXPLICIT:
+                if batch.targets is None:
+                    raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
+                                     "batch.targets")
+                data = pointwise_loss(self(users, items), batch.targets, loss, batch.weights)
+                count = len(users)
+            else:
+                if batch.negatives is None:
+                    raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
+                                     "batch.negatives")
+                negatives = batch.negatives
+                n = negatives.shape[1]
+                repeated = users.repeat_interleave(n)
+                if loss == "bpr":
+                    positive = self(users, items)
+                    negative = self(repeated, negatives.reshape(-1)).view(len(users), n)
+                    data = pairwise_loss(positive, negative, loss, batch.weights)
+                    count = len(users) * n
+                elif loss == "bce":
+                    scores = self(torch.cat([users, repeated]),
+                                  torch.cat([items, negatives.reshape(-1)]))
+                    labels = torch.cat([torch.ones(len(users)), torch.zeros(len(repeated))])
+                    weights = None
+                    if batch.weights is not None:
+                        weights = torch.cat([batch.weights.to(scores.dtype),
+                                             scores.new_ones(len(repeated))])
+                    data = pointwise_loss(scores, labels.to(scores.device), loss, weights)
+                    count = len(scores)
+                else:
+                    raise ValueError(f"{self._op('training_step')}: unknown loss {loss!r}")
+        finally:
+            for handle in handles:
+                handle.remove()
+        total = data
+        if reg and outputs:
+            penalty = sum(out.float().square().sum() for out in outputs)
+            total = data + reg * penalty.to(data.dtype) / max(len(users), 1)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        return total.detach(), count
+
+    # -- scoring hooks ------------------------------------------------------------------------
+    def user_vectors(self, users: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Dot-product models: ``(vectors (B, D), offset (B,) or None)`` of ``users`` with
+        ``forward(u, i) == <vectors[u], item_vectors[i]> + bias[i] + offset[u]``."""
+        raise NotImplementedError(f"{self._op('user_vectors')}: not a dot-product model")
+
+    def item_vectors(self) -> tuple[Tensor, Tensor | None]:
+        """Dot-product models: ``(vectors (num_items, D), bias (num_items,) or None)``."""
+        raise NotImplementedError(f"{self._op('item_vectors')}: not a dot-product model")
+
+    def score_items(self, users: Tensor, items: Tensor) -> Tensor:
+        """(B, M) scores of every user in ``users`` (B,) for every item in ``items`` (M,):
+        ``forward`` on chunks of at most ~4M pairs."""
+        num_users, num_items = len(users), len(items)
+        out = torch.empty((num_users, num_items), dtype=self.dtype, device=users.device)
+        rows = max(1, SCORE_CHUNK // max(num_items, 1))
+        cols = min(num_items, SCORE_CHUNK)
+        for lo in range(0, num_users, rows):
+            u = users[lo:lo + rows]
+            for start in range(0, num_items, cols):
+                i = items[start:start + cols]
+                scores = self(u.repeat_interleave(len(i)), i.repeat(len(u)))
+                out[lo:lo + len(u), start:start + len(i)] = scores.view(len(u), len(i))
+        return out
+
+    def all_user_vectors(self) -> Tensor:
+        """(num_users, D) vectors of every user (dot-product models)."""
+        return self.user_vectors(torch.arange(self.num_users, device=self.device))[0]
+
+    def _vectors(self, side: str, method: str) -> Tensor:
+        if not self.has_vectors:
+            raise TypeError(f"{self._op(method)}: the model has no {side} vectors")
+        table = self.item_vectors()[0] if side == "item" else self.all_user_vectors()
+        return table.detach()
+
+    # -- ids ----------------------------------------------------------------------------------
+    def as_ids(self, ids, name: str) -> Tensor:
+        """Tensor ids on the model's device (numpy arrays and lists accepted)."""
+        if isinstance(ids, Tensor):
+            return ids
+        return torch.as_tensor(int64_ids(ids, f"{self._op()}: {name}"), device=self.device)
+
+    def _index_of(self, ids, side: str, raw_ids: bool) -> np.ndarray:
+        """Indices (int64 numpy) of ``ids``; with ``raw_ids``, unknown raw ids become -1."""
+        id_map = getattr(self, f"{side}_map")
+        if raw_ids:
+            if id_map is None:
+                raise ValueError(f"{self._op()}: raw_ids=True but the model holds no {side} "
+                                 "id map (train it with fastmf.fit or call attach_data)")
+            return id_map.lookup(ids)
+        array = int64_ids(ids.detach().cpu().numpy() if isinstance(ids, Tensor) else ids,
+                          f"{self._op()}: {side}s").reshape(-1)
+        limit = self.num_users if side == "user" else self.num_items
+        bad = (array < 0) | (array >= limit)
+        if bad.any():
+            raise IndexError(f"{self._op()}: {side} index {int(array[bad][0])} out of range "
+                             f"[0, {limit}) (pass raw_ids=True for raw ids)")
+        return array
+
+    def _warn_unknown(self, users, known: np.ndarray) -> None:
+        """Unknown raw users get the popular-items fallback; say so, and say when the cause
+        is probably the id's type (the string "1" where the ids are integers)."""
+        values = np.asarray(users.cpu() if isinstance(users, Tensor) else users,
+                            dtype=object).reshape(-1)
+        unknown = values[~known]
+        map_kind = self.user_map.raw_ids.dtype.kind
+        hint = ""
+        typed = [v for v in unknown[:5]
+                 if isinstance(v, str) != (map_kind in "OUS")]
+        if typed:
+            hint = (f"; {typed[0]!r} is a {type(typed[0]).__name__} but the model's raw user "
+                    f"ids are {self.user_map.raw_ids.dtype}")
+        warnings.warn(f"{self._op('recommend')}: {len(unknown)} unknown raw user id(s) "
+                      f"{list(unknown[:5])} get the popular-items fallback{hint}",
+                      stacklevel=3)
+
+    def _to_raw(self, indices: Tensor):
+        """Item indices (with -1 padding) -> raw item ids (numpy; None for padding)."""
+        idx = indices.cpu().numpy()
+        raw = self.item_map.raw_ids[np.where(idx >= 0, idx, 0)]
+        if (idx < 0).any():
+            raw = raw.astype(object)
+            raw[idx < 0] = None
+        return raw
+
+    # -- data, checkpoints ----------------------------------------------------------------------
+    def attach_data(self, data):
+        """Keep ``data``'s (an :class:`fastmf.data.Interactions`) id maps, item titles and
+        item popularity (:meth:`prepare`), so the model answers in raw ids and has a
+        cold-start fallback."""
+        self.check_data(data)
+        self.prepare(data)
+        return self
+
+    def save(self, path, *, optimizer=None, extra: dict | None = None):
+        """Save to the checkpoint folder ``path`` atomically (see :mod:`fastmf.checkpoint`)."""
+        return checkpoint.save(self, path, optimizer=optimizer, extra=extra)
+
+    # -- serving --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, users, items, *, raw_ids: bool = False):
+        """Predictions for the pairs (users[b], items[b]) without an autograd graph: a (B,)
+        tensor, or with ``raw_ids=True`` (raw user and item ids) a float64 numpy array.
+        Unknown raw ids raise KeyError."""
+        if not raw_ids:
+            return self.forward(users, items)
+        u = self._index_of(users, "user", True)
+        i = self._index_of(items, "item", True)
+        for side, index, ids in (("user", u, users), ("item", i, items)):
+            if (index < 0).any():
+                values = np.asarray(ids, dtype=object).reshape(-1)[index < 0]
+                raise KeyError(f"{self._op('predict')}: unknown raw {side} id(s): "
+                               f"{values[:5].tolist()}")
+        if u.shape != i.shape:
+            raise ValueError(f"{self._op('predict')}: users and items must have the same "
+                             f"length, got {len(u)} and {len(i)}")
+        device = self.device
+        out = self.forward(torch.as_tensor(u, device=device), torch.as_tensor(i, device=device))
+        return out.double().cpu().numpy()
+
+    def _exclusion_rows(self, exclude, users: np.ndarray, raw_ids: bool = False):
+        """Per-query CSR rows of ``exclude``: Interactions or a (num_users, num_items) sparse
+        matrix indexed by user; for a single query user also its own (1, num_items) row or
+        a list of item ids (raw with ``raw_ids``)."""
+        import scipy.sparse as sp
+
+        from fastmf.data import Interactions
+
+        op = self._op("recommend")
+        if exclude is None:
+            return None
+        if isinstance(exclude, Interactions):
+            exclude = exclude.to_csr(binary=True)
+        if sp.issparse(exclude):
+            if exclude.ndim == 1:
+                exclude = sp.csr_matrix(exclude.reshape(1, -1))
+            if exclude.shape == (self.num_users, self.num_items):
+                return sp.csr_matrix(exclude)[users]
+            if exclude.shape == (1, self.num_items) and len(users) == 1:
+                return sp.csr_matrix(exclude)
+            single = " or (1, num_items) for one user" if len(users) == 1 else ""
+            raise ValueError(f"{op}: exclude has shape {exclude.shape}, expected (num_users, "
+                             f"num_items) = {(self.num_users, self.num_items)}{single}")
+        if isinstance(exclude, Tensor):
+            exclude = exclude.detach().cpu().numpy()
+        if isinstance(exclude, list | tuple | np.ndarray | range):
+            if len(users) != 1:
+                raise ValueError(f"{op}: exclude as a list of item ids is for one user; got "
+                                 f"{len(users)} users (pass a sparse matrix or "
+                                 "Interactions for several)")
+            if raw_ids:
+                index = self.item_map.lookup(np.asarray(exclude))
+                index = index[index >= 0]
+            else:
+                index = self._index_of(np.asarray(exclude), "item", False)
+            index = np.unique(index)
+            return sp.csr_matrix((np.ones(len(index), dtype=np.float32),
+                                  index.astype(np.int64), np.array([0, len(index)])),
+                                 shape=(1, self.num_items))
+        raise TypeError(f"{op}: exclude must be Interactions, a scipy sparse matrix or (for "
+                        f"one user) a list of item ids, got {type(exclude).__name__}")
+
+    @torch.no_grad()
+    def recommend(self, users, k: int = 10, *, exclude=None, items=None,
+                  batch_size: int | None = None, raw_ids: bool = False,
+                  as_frame: bool = False):
+        """Exact top-``k`` items for each user: ``(items (B, k), scores (B, k))``.
+
+        Returns the true predicted scores (dot-product models rank by ``b_i + <u, v_i>``,
+        which orders a user's items as the full score does). Equal scores go to the lower
+        item index. Where fewer than ``k`` items remain (``k`` above the candidates,
+        everything excluded) rows are padded with index ``-1`` and score ``-inf``.
+
+        - ``exclude``: items to leave out per user, usually their training items: an
+          :class:`~fastmf.data.Interactions` or a (num_users, num_items) sparse matrix; for
+          a single user also that user's (1, num_items) CSR row or a list of item ids (raw
+          ids with ``raw_ids``).
+        - ``items``: rank only these candidate items.
+        - ``raw_ids``: users and ``items`` are raw ids and raw item ids come back (numpy;
+          ``None`` marks padding). A raw user id the model has never seen gets the
+          cold-start fallback: the most popular training items (``item_popularity``),
+          scored ``mu + b_i`` (dot-product models; NaN for others); unknown candidate items
+          are never returned.
+        - ``as_frame``: a pandas DataFrame instead, one row per recommendation (padding
+          left out): ``user``, ``rank`` (1 = best), ``item``, ``score`` and ``title`` when
+          the model knows titles; raw ids where the model holds id maps.
+
+        >>> items, scores = model.recommend([0, 1], k=10, exclude=train)  # doctest: +SKIP
+        """
+        op = self._op("recommend")
+        k = checks.check_k(op.removeprefix("fastmf."), k)
+        index = self._index_of(users, "user", raw_ids)
+        known = index >= 0
+        if raw_ids and not known.all():
+            self._warn_unknown(users, known)
+        device = self.device
+        candidates = None
+        if items is not None:
+            candidates = self._index_of(items, "item", raw_ids)
+            candidates = torch.as_tensor(candidates[candidates >= 0], device=device)
+        batch = len(index)
+        dtype = self.dtype
+        out_items = torch.full((batch, k), -1, dtype=torch.int64, device=device)
+        out_scores = torch.full((batch, k), float("-inf"), dtype=dtype, device=device)
+        vectors = self.has_vectors
+        bias = None
+        if vectors:
+            item_vecs, bias = self.item_vectors()
+            item_vecs = item_vecs.detach()
+            bias = bias.detach() if bias is not None else None
+        if known.any():
+            rows = index[known]
+            exclusion = self._exclusion_rows(exclude, rows, raw_ids)
+            if vectors:
+                user_vecs, offset = self.user_vectors(torch.as_tensor(rows, device=device))
+                scores, top = self._topk(user_vecs.detach(), item_vecs, bias, k, exclusion,
+                                         candidates, batch_size)
+                if offset is not None:
+                    scores = torch.where(top >= 0, scores + offset.unsqueeze(1), scores)
+            else:
+                scores, top = self._rank_scored(rows, k, exclusion, candidates, batch_size)
+            mask = torch.as_tensor(known, device=device)
+            out_items[mask], out_scores[mask] = top, scores.to(dtype)
+        if not known.all():
+            top = self._most_popular(k, candidates)
+            scores = torch.full((k,), float("-inf"), dtype=dtype, device=device)
+            found = top >= 0
+            scores[found] = self._cold_scores(top[found], bias).to(dtype)
+            mask = torch.as_tensor(~known, device=device)
+            out_items[mask], out_scores[mask] = top, scores
+        if as_frame:
+            return self._frame(users, index, out_items, out_scores, raw_ids)
+        if raw_ids:
+            return self._to_raw(out_items), out_scores.cpu().numpy()
+        return out_items, out_scores
+
+    def _topk(self, queries, item_vecs, bias, k, exclusion, candidates, batch_size):
+        from fastmf import retrieval
+
+        return retrieval.topk_scores(queries, item_vecs, bias, k, exclude=exclusion,
+                                     candidates=candidates,
+                                     backend=getattr(self, "backend", "auto"),
+                                     batch_size=batch_size)
+
+    def _cold_scores(self, items: Tensor, bias: Tensor | None) -> Tensor:
+        """Scores of the popular-items fallback: ``mu + b_i`` for dot-product models (mu:
+        the model's ``mu`` if it has one), NaN for models without item vectors."""
+        if not self.has_vectors:
+            return torch.full(items.shape, float("nan"), dtype=self.dtype, device=items.device)
+        mu = float(getattr(self, "mu", 0.0))
+        if bias is None:
+            return torch.full(items.shape, mu, dtype=self.dtype, device=items.device)
+        return mu + bias[items]
+
+    def _rank_scored(self, rows: np.ndarray, k: int, exclusion, candidates, batch_size):
+        """Top-k of models without item vectors: ``score_items`` on chunks of users, with
+        the rules of the fused top-k (exclusions never returned, NaN ranked as -inf, equal
+        scores to the lower item index, -1/-inf padding)."""
+        device = self.device
+        if candidates is None:
+            columns = torch.arange(self.num_items, device=device)
+        else:
+            columns = torch.unique(candidates.long())  # sorted: ties go to the lower index
+        num_columns = len(columns)
+        chunk = batch_size or max(1, SCORE_CHUNK // max(self.num_items, 1))
+        keep = min(k, num_columns)
+        out_scores = torch.full((len(rows), k), float("-inf"), dtype=self.dtype, device=device)
+        out_items = torch.full((len(rows), k), -1, dtype=torch.int64, device=device)
+        if keep == 0:
+            return out_scores, out_items
+        indptr = indices = None
+        if exclusion is not None:
+            csr = exclusion.tocsr()
+            indptr = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
+            indices = torch.as_tensor(csr.indices.astype(np.int64), device=device)
+        for lo in range(0, len(rows), chunk):
+            hi = min(len(rows), lo + chunk)
+            users = torch.as_tensor(rows[lo:hi], device=device)
+            scores = self.score_items(users, columns).to(self.dtype)
+            scores = torch.nan_to_num(scores, nan=float("-inf"))
+            hidden = torch.zeros((hi - lo, self.num_items), dtype=torch.bool, device=device)
+            if indptr is not None:
+                start, stop = int(indptr[lo]), int(indptr[hi])
+                lengths = indptr[lo + 1:hi + 1] - indptr[lo:hi]
+                which = torch.repeat_interleave(torch.arange(hi - lo, device=device), lengths)
+                hidden[which, indices[start:stop]] = True
+            hidden = hidden[:, columns]
+            # Best first with ties in column order, then the excluded items moved behind
+            # every other one (a stable sort keeps both orders).
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+            pushed = torch.sort(hidden.gather(1, order).to(torch.uint8), dim=1,
+                                stable=True).indices
+            order = order.gather(1, pushed)[:, :keep]
+            pad = hidden.gather(1, order)
+            out_items[lo:hi, :keep] = torch.where(pad, -1, columns[order])
+            out_scores[lo:hi, :keep] = torch.where(pad, float("-inf"), scores.gather(1, order))
+        return out_scores, out_items
+
+    def _most_popular(self, k: int, candidates: Tensor | None) -> Tensor:
+        """(k,) the most-interacted training items (among ``candidates``): the cold-start
+        ranking. Without popularity counts every item ties, so the lowest indices win."""
+        from fastmf import retrieval
+
+        device = self.device
+        counts = np.zeros(self.num_items) if self.item_popularity is None else (
+            self.item_popularity)
+        counts = torch.as_tensor(counts, dtype=torch.float64, device=device)
+        _, top = retrieval.topk_scores(counts.new_zeros((1, 0)), counts.new_zeros((len(counts), 0)),
+                                       counts, k, candidates=candidates,
+                                       backend=getattr(self, "backend", "auto"))
+        return top[0]
+
+    def _frame(self, users, index: np.ndarray, items: Tensor, scores: Tensor, raw_ids: bool):
+        """recommend's ``as_frame`` DataFrame: one row per (user, rank) with an item."""
+        import pandas as pd
+
+        top = items.cpu().numpy()
+        values = scores.double().cpu().numpy()
+        batch, k = top.shape
+        keep = (top >= 0).reshape(-1)
+        if raw_ids:
+            user_values = np.asarray(users.cpu() if isinstance(users, Tensor) else users,
+                                     dtype=object).reshape(-1)
+        elif self.user_map is not None:
+            user_values = self.user_map.raw_ids[index]
+        else:
+            user_values = index
+        flat_items = top.reshape(-1)[keep]
+        item_values = (self.item_map.raw_ids[flat_items] if self.item_map is not None
+                       else flat_items)
+        frame = pd.DataFrame({
+            "user": np.repeat(user_values, k)[keep],
+            "rank": np.tile(np.arange(1, k + 1), batch)[keep],
+            "item": item_values,
+            "score": values.reshape(-1)[keep],
+        })
+        if self.item_titles:
+            frame["title"] = [self.item_titles.get(int(i)) for i in flat_items]
+        return frame
+
+    @torch.no_grad()
+    def _similar(self, side: str, ids, k: int, metric: str, raw_ids: bool, method: str):
+        from fastmf import retrieval
+
+        table = self._vectors(side, method)
+        index = self._index_of(ids, side, raw_ids)
+        if raw_ids and (index < 0).any():
+            raise KeyError(f"{self._op()}: unknown raw {side} id(s): "
+                           f"{list(np.asarray(ids)[index < 0][:5])}")
+        scores, top = retrieval.similar(table, torch.as_tensor(index), k, metric,
+                                        backend=getattr(self, "backend", "auto"))
+        if raw_ids:
+            id_map = getattr(self, f"{side}_map")
+            found = top.cpu().numpy()
+            raw = id_map.raw_ids[np.where(found >= 0, found, 0)]
+            return raw, scores.cpu().numpy()
+        return top, scores
+
+    def similar_items(self, items, k: int = 10, metric: str = "cosine", *,
+                      raw_ids: bool = False):
+        """The ``k`` items most similar to each query item by their vectors (``"cosine"``
+        or ``"dot"``), the query itself left out: ``(items (B, k), scores (B, k))``.
+        TypeError for models without item vectors."""
+        return self._similar("item", items, k, metric, raw_ids, "similar_items")
+
+    def similar_users(self, users, k: int = 10, metric: str = "cosine", *,
+                      raw_ids: bool = False):
+        """The ``k`` users most similar to each query user (see :meth:`similar_items`)."""
+        return self._similar("user", users, k, metric, raw_ids, "similar_users")
+
+    @torch.no_grad()
+    def analogy(self, positive=(), negative=(), k: int = 10, *, metric: str = "cosine",
+                side: str = "item", raw_ids: bool = False, exclude=None,
+                vectors: dict | None = None):
+        """Latent arithmetic: the ``k`` items (or users) nearest to
+        ``sum(positive) - sum(negative)``, as in word2vec's "king - man + woman".
+
+        With ``metric="cosine"`` every term is normalised to unit length first and the
+        result ranked by cosine similarity (gensim's ``most_similar``); with ``"dot"`` the
+        raw vectors are summed and ranked by the dot product (no biases). The query's own
+        items (or users) and those in ``exclude`` are left out.
+
+        - ``positive``, ``negative``: item ids (user ids with ``side="user"``; raw ids with
+          ``raw_ids=True``) or names of ``vectors``. A single id may be passed bare.
+          ``positive`` must not be empty.
+        - ``vectors``: ``{name: (dim,) vector}``, arbitrary vectors the lists may name, e.g.
+          a genre's mean item vector. A name must not also be a raw id.
+        - ``exclude``: further ids (raw with ``raw_ids``) never returned.
+
+        Returns ``(ids (k,), scores (k,))``: index tensors, or with ``raw_ids`` numpy raw
+        ids and scores. Where fewer than ``k`` remain the tail is padded with ``-1``
+        (``None`` for raw ids) and ``-inf``, as in :meth:`recommend`. TypeError for models
+        without item vectors.
+
+        >>> items, scores = model.analogy([shrek], ["Animation"], vectors={  # doctest: +SKIP
+        ...     "Animation": model.item_factors[animated].mean(0)}, raw_ids=True)
+        """
+        return _analogy(self, positive, negative, k, metric=metric, side=side,
+                        raw_ids=raw_ids, exclude=exclude, vectors=vectors)
+
+
+def _is_lookup(module: nn.Module) -> bool:
+    """fastmf.nn and torch.nn embedding modules: their outputs are the rows the
+    default training step penalises."""
+    from fastmf.nn.embedding import _Table
+
+    return isinstance(module, _Table | nn.Embedding | nn.EmbeddingBag)
+
+
+def _terms(ids, vectors: dict) -> tuple[list, list]:
+    """``ids`` (a list or one bare id) split into (ids, names of ``vectors``)."""
+    if isinstance(ids, Tensor):
+        ids = ids.detach().cpu().numpy()
+    if isinstance(ids, str | bytes) or np.ndim(ids) == 0:
+        ids = [ids]
+    plain, named = [], []
+    for value in (ids.reshape(-1) if isinstance(ids, np.ndarray) else ids):
+        (named if isinstance(value, str) and value in vectors else plain).append(value)
+    return plain, named
+
+
+def _analogy(model: Recommender, positive, negative, k, *, metric, side, raw_ids, exclude,
+             vectors):
+    """:meth:`Recommender.analogy`."""
+    from fastmf import retrieval
+
+    op = model._op("analogy")
+    if metric not in retrieval.topk.METRICS:
+        raise ValueError(f"{op}: unknown metric {metric!r}; expected one of "
+                         f"{retrieval.topk.METRICS}")
+    if side not in ("item", "user"):
+        raise ValueError(f"{op}: side must be 'item' or 'user', got {side!r}")
+    k = checks.check_k(op.removeprefix("fastmf."), k)
+    table = model._vectors(side, "analogy")
+    vectors = dict(vectors or {})
+    id_map = getattr(model, f"{side}_map")
+    extra = {}
+    for name, value in vectors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{op}: vectors keys must be names (str), got {name!r}")
+        if raw_ids and id_map is not None and (id_map.lookup(np.asarray([name])) >= 0).all():
+            raise ValueError(f"{op}: vectors name {name!r} is also a raw {side} id; rename it")
+        vec = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, Tensor)
+                                         else value, dtype=np.float64))
+        if vec.shape != (table.shape[1],):
+            raise ValueError(f"{op}: vectors[{name!r}] has shape {tuple(vec.shape)}, expected "
+                             f"({table.shape[1]},) (the model's dim)")
+        if not torch.isfinite(vec).all():
+            raise ValueError(f"{op}: vectors[{name!r}] holds NaN or inf")
+        extra[name] = vec.to(dtype=table.dtype, device=table.device)
+
+    def rows(ids, what):
+        plain, named = _terms(ids, vectors)
+        index = np.zeros(0, dtype=np.int64)
+        if plain:
+            names = [v for v in plain if isinstance(v, str)]
+            if names and not raw_ids:
+                raise KeyError(f"{op}: {what} holds {names[0]!r}, which is no {side} index "
+                               f"and no name in vectors (names: {sorted(vectors)})")
+            mixed = len(names) not in (0, len(plain))
+            # Mixed ids and names stay objects: numpy would turn 4306 into the string '4306'.
+            values = np.asarray(plain, dtype=object if mixed else None)
+            index = model._index_of(values, side, raw_ids)
+            if raw_ids and (index < 0).any():
+                hint = f" (names in vectors: {sorted(vectors)})" if vectors else ""
+                raise KeyError(f"{op}: unknown raw {side} id(s) in {what}: "
+                               f"{values[index < 0][:5].tolist()}{hint}")
+        return index, [extra[name] for name in named]
+
+    pos_index, pos_named = rows(positive, "positive")
+    neg_index, neg_named = rows(negative, "negative")
+    if len(pos_index) + len(pos_named) == 0:
+        raise ValueError(f"{op}: positive is empty; give at least one {side} id or vectors "
+                         "name")
+    terms = [table[torch.as_tensor(pos_index, device=table.device)]]
+    terms += [v.unsqueeze(0) for v in pos_named]
+    signs = [1.0] * (len(pos_index) + len(pos_named))
+    terms += [table[torch.as_tensor(neg_index, device=table.device)]]
+    terms += [v.unsqueeze(0) for v in neg_named]
+    signs += [-1.0] * (len(neg_index) + len(neg_named))
+    stacked = torch.cat(terms)
+    tiny = torch.finfo(table.dtype).tiny
+    search = table
+    if metric == "cosine":
+        stacked = stacked / stacked.norm(dim=1, keepdim=True).clamp_min(tiny)
+        search = table / table.norm(dim=1, keepdim=True).clamp_min(tiny)
+    query = (torch.as_tensor(signs, dtype=table.dtype, device=table.device).unsqueeze(1)
+             * stacked).sum(0)
+    norm = float(query.norm())
+    if not norm > 0:
+        raise ValueError(f"{op}: the query vector sum(positive) - sum(negative) is zero; "
+                         "the terms cancel out")
+    if metric == "cosine":
+        query = query / norm
+
+    skip = [pos_index, neg_index]
+    if exclude is not None:
+        skip.append(rows(exclude, "exclude")[0])
+    skip = np.unique(np.concatenate(skip))
+    scores, top = retrieval.topk_scores(
+        query.unsqueeze(0), search, None, k,
+        exclude=(torch.tensor([0, len(skip)], device=table.device),
+                 torch.as_tensor(skip, device=table.device)),
+        backend=getattr(model, "backend", "auto"))
+    top, scores = top[0], scores[0]
+    if not raw_ids:
+        return top, scores
+    idx = top.cpu().numpy()
+    raw = id_map.raw_ids[np.where(idx >= 0, idx, 0)]
+    if (idx < 0).any():
+        raw = raw.astype(object)
+        raw[idx < 0] = None
+    return raw, scores.cpu().numpy()
