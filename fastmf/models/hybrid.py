@@ -26,15 +26,16 @@ torch.Size([2])
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmf import checkpoint
 from fastmf.data.features import Features
-from fastmf.models.base import Recommender
+from fastmf.models.base import IMPLICIT, Recommender, pairwise_loss, pointwise_loss
 from fastmf.nn import EmbeddingBag
 
 __all__ = ["Hybrid"]
@@ -239,8 +240,9 @@ class Hybrid(Recommender):
         init_scale: embeddings start uniform(-init_scale, init_scale); biases at 0.
     """
 
-    losses = ("bpr", "bce", "mse")
+    losses = ("bpr", "bce", "mse", "huber")
     default_loss = "bpr"
+    test_config: ClassVar[dict] = {"dim": 4}
     # Chosen on inner validation splits (a random 10% of the training interactions) of
     # MovieLens-latest-small and of a synthetic low-rank set of a different shape: adagrad
     # at lr 0.05 with the fused step, reg on the pooled vectors.
@@ -307,39 +309,50 @@ class Hybrid(Recommender):
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, optimizer, *, loss: str, reg: float):
-        """One update: pooled user/item vectors, the loss, ``reg`` times the squared norms
-        of the pooled vectors per sample, backward (the fused optimizer steps the bags)."""
+        """One update as the base class defines it (:func:`pointwise_loss` /
+        :func:`pairwise_loss`, ``reg`` times the squared pooled outputs over B), with each
+        side pooled once per step: the users once, the positives and negatives together."""
         users, items = batch.users, batch.items
         size = users.shape[0]
         p, bu = self.users.pool(users)
-        if loss in ("bpr", "bce") and batch.negatives is not None:
+        if loss in IMPLICIT:
+            if batch.negatives is None:
+                raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
+                                 "batch.negatives")
             neg = batch.negatives
             n = neg.shape[1]
             q, bi = self.items.pool(torch.cat([items.reshape(-1), neg.reshape(-1)]))
             pos = (p * q[:size]).sum(1) + bu + bi[:size]
-            pn = p.repeat_interleave(n, 0)
-            negs = (pn * q[size:]).sum(1) + bu.repeat_interleave(n) + bi[size:]
+            negs = ((p.unsqueeze(1) * q[size:].view(size, n, -1)).sum(2) + bu.unsqueeze(1)
+                    + bi[size:].view(size, n))
             if loss == "bpr":
-                value = F.softplus(negs - pos.repeat_interleave(n)).mean()
+                value = pairwise_loss(pos, negs, loss, batch.weights)
+                count = size * n
             else:
-                logits = torch.cat([pos, negs])
-                labels = torch.cat([torch.ones_like(pos), torch.zeros_like(negs)])
-                value = F.binary_cross_entropy_with_logits(logits, labels)
-            penalty = p.pow(2).sum() + q.pow(2).sum()
+                scores = torch.cat([pos, negs.reshape(-1)])
+                labels = torch.cat([torch.ones_like(pos), torch.zeros(size * n, dtype=pos.dtype,
+                                                                      device=pos.device)])
+                weights = None
+                if batch.weights is not None:
+                    weights = torch.cat([batch.weights.to(pos.dtype), pos.new_ones(size * n)])
+                value = pointwise_loss(scores, labels, loss, weights)
+                count = len(scores)
         else:
+            if batch.targets is None:
+                raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
+                                 "batch.targets")
             q, bi = self.items.pool(items)
-            pred = (p * q).sum(1) + bu + bi
-            if loss == "bce":
-                target = batch.targets if batch.targets is not None else torch.ones_like(pred)
-                value = F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype))
-            else:
-                value = F.mse_loss(pred, batch.targets.to(pred.dtype))
-            penalty = p.pow(2).sum() + q.pow(2).sum()
-        total = value + reg * penalty / size if reg else value
+            value = pointwise_loss((p * q).sum(1) + bu + bi, batch.targets, loss,
+                                   batch.weights)
+            count = size
+        total = value
+        if reg:
+            penalty = p.square().sum() + bu.square().sum() + q.square().sum() + bi.square().sum()
+            total = value + reg * penalty / max(size, 1)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        return value.detach(), size
+        return total.detach(), count
 
     # -- growing -------------------------------------------------------------------------------
     def add_users(self, n: int, features=None, *, optimizer=None) -> range:
