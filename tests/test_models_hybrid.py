@@ -287,6 +287,14 @@ def test_growth_is_all_or_nothing(rng):
     with pytest.raises(RuntimeError, match="not passed"):
         model.add_items(1, optimizer=other)
     unchanged()
+    # Optimizer state that lives on another device than the tables cannot grow with them.
+    weight = model.items.table.weight
+    saved = opt.state[weight]["sum"]
+    opt.state[weight]["sum"] = saved.to("meta")
+    with pytest.raises(RuntimeError, match="'sum' state is on meta"):
+        model.add_items(1, optimizer=opt)
+    opt.state[weight]["sum"] = saved
+    unchanged()
     plain = Hybrid(5, 10, dim=3, item_features=itf, identity=False)
     with pytest.raises(ValueError, match="no feature"):
         plain.add_items(1)
