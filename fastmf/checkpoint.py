@@ -16,7 +16,9 @@ Saving
 Loading
     Never trusts the files: ``config.json`` (at most 16 MiB) is checked against a schema,
     the safetensors header against the config (names, dtypes, shapes, byte ranges) before
-    anything is allocated, and both files against the checksums written at save. Problems
+    anything is allocated (models other than MF are first built on the "meta" device, which
+    allocates nothing, to learn the tensor names, shapes and dtypes their config implies),
+    and both files against the checksums written at save. Problems
     raise :class:`CheckpointError` (``FileNotFoundError`` when the folder is missing). The
     model class comes from the :data:`MODELS` registry by name; nothing the file names is
     imported or run. Format-1 checkpoints (no checksums, written by fastmf before
@@ -62,7 +64,16 @@ MAX_HEADER_BYTES = 100 * 2**20
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # safetensors dtype codes of the tensors fastmf writes, with their item sizes.
 _ST_DTYPES = {"F32": (torch.float32, 4), "F64": (torch.float64, 8), "I64": (torch.int64, 8),
-              "U8": (torch.uint8, 1)}
+              "U8": (torch.uint8, 1), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+              "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+              "BOOL": (torch.bool, 1)}
+_ST_CODES = {dtype: code for code, (dtype, _) in _ST_DTYPES.items()}
+# dtype names a model config may give (get_config's "dtype"), for torch.dtype arguments.
+_CONFIG_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                  "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Limits on a generic model config (get_config()), checked before anything is built.
+_MAX_CONFIG_INT = 2**40
+_MAX_CONFIG_DEPTH = 8
 _PENDING = re.compile(r"\.(?:config\.json|model\.safetensors)\.new-[0-9a-f]{32}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -93,8 +104,9 @@ MODELS: dict[str, type] = {}
 def register_model(cls: type) -> type:
     """Class decorator: let checkpoints name ``cls`` (by ``cls.__name__``) as their model.
 
-    A registered class is built by :func:`load_checkpoint` with ``MF``'s constructor
-    arguments and saved through ``MF``'s attributes (``tables()``, ``num_users``, ...).
+    A registered :class:`fastmf.models.base.Recommender` is saved as ``get_config()`` and
+    its ``state_dict()`` and rebuilt by :func:`load_checkpoint` as ``cls(**config)``;
+    ``fastmf.MF`` and its subclasses keep MF's own format.
     Registering the same class again is a no-op (a class re-created by a module reload
     replaces its earlier self); another class under a taken name is refused.
     """
@@ -323,6 +335,11 @@ def _remove_leftovers(folder: Path) -> None:
                 os.unlink(folder / name)
 
 
+def _is_mf(cls) -> bool:
+    """MF and its subclasses keep MF's checkpoint format (named tables, schema'd config)."""
+    return getattr(cls, "checkpoint_format", None) == "mf"
+
+
 def _model_config(model) -> dict:
     return {
         "num_users": model.num_users, "num_items": model.num_items, "dim": model.dim,
@@ -332,12 +349,91 @@ def _model_config(model) -> dict:
     }
 
 
+def _generic_model_config(model) -> dict:
+    """``model.get_config()``, checked: JSON-able, no backend/device, within the limits
+    loading enforces (so that what is saved loads)."""
+    name = type(model).__name__
+    config = model.get_config()
+    if not isinstance(config, dict):
+        raise CheckpointError(f"fastmf.save: {name}.get_config() returned a "
+                              f"{type(config).__name__}, expected a dict")
+    try:
+        config = json.loads(json.dumps(config, default=_json_default, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"fastmf.save: {name}.get_config() is not JSON-able: "
+                              f"{exc}") from None
+    problem = _config_problem(config)
+    if problem:
+        raise CheckpointError(f"fastmf.save: {name}.get_config(): {problem}")
+    return config
+
+
+def _optimizer_parts(optimizer) -> tuple[str, list]:
+    from fastmf.optim import CombinedOptimizer
+
+    if isinstance(optimizer, CombinedOptimizer):
+        return "CombinedOptimizer", list(optimizer.optimizers)
+    return type(optimizer).__name__, [optimizer]
+
+
+def _generic_optimizer(model, optimizer, tensors: dict) -> dict:
+    """The JSON record of ``optimizer`` (a fastmf sparse optimizer, torch.optim.Adam or a
+    CombinedOptimizer of them) over ``model``'s named parameters; its state tensors go to
+    ``tensors`` as ``optimizer.<part>.<parameter>.<key>``."""
+    from fastmf.nn.embedding import fused_optimizer
+
+    kind, parts = _optimizer_parts(optimizer)
+    names = {id(p): name for name, p in model.named_parameters()}
+    records = []
+    for k, part in enumerate(parts):
+        part_type = type(part).__name__
+        schema = _OPTIMIZER_PARTS.get(part_type)
+        if schema is None or type(part) is not _optimizer_class(part_type):
+            raise CheckpointError(
+                f"fastmf.save: cannot save a {part_type}; checkpoints hold fastmf.optim "
+                "SparseSGD/SparseAdagrad/SparseAdam, torch.optim.Adam or a CombinedOptimizer "
+                "of them (or save its state_dict yourself)")
+        groups, state = [], {}
+        in_backward = False
+        for group in part.param_groups:
+            params = []
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise CheckpointError(f"fastmf.save: the {part_type} holds a parameter "
+                                          f"that is not the model's")
+                params.append(names[id(p)])
+                in_backward |= fused_optimizer(p) is part
+            settings = {key: group[key] for key in schema}
+            if "betas" in settings:
+                settings["betas"] = [float(b) for b in settings["betas"]]
+            groups.append({"params": params, **settings})
+            for p in group["params"]:
+                entries = part.state.get(p, {})
+                record = {"tensors": [], "scalars": {}}
+                for key, value in entries.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optimizer.{k}.{names[id(p)]}.{key}"] = (
+                            value.detach().cpu().contiguous().clone())
+                        record["tensors"].append(key)
+                    else:
+                        record["scalars"][key] = value
+                if entries:
+                    state[names[id(p)]] = record
+        records.append({"type": part_type, "in_backward": in_backward, "groups": groups,
+                        "state": state})
+    return {"type": kind, "parts": records}
+
+
 def save(model, path, *, optimizer=None, extra: dict | None = None) -> Path:
     """Save ``model`` (and ``optimizer``'s state, and JSON-able ``extra``) to the folder
     ``path``, atomically. Id maps, titles and item popularity the model holds go too.
 
     ``path`` must pass :func:`check_save_target`; its other files are kept. The model's
     class must be registered (:func:`register_model`) so that the checkpoint can load.
+    MF (and subclasses) write their tables and MF's config; every other model its
+    ``get_config()`` and ``state_dict()`` (tensors ``model.<name>``). Optimizers: MF's
+    SparseAdagrad/SparseSGD; for other models also SparseAdam, ``torch.optim.Adam`` and a
+    :class:`fastmf.optim.CombinedOptimizer` of them (state tensors plus JSON settings).
     """
     from fastmf.optim import SparseAdagrad, SparseSGD
 
@@ -349,21 +445,31 @@ def save(model, path, *, optimizer=None, extra: dict | None = None) -> Path:
             " is not registered, so its checkpoint could not be loaded; decorate it with "
             "fastmf.checkpoint.register_model")
     tensors: dict[str, torch.Tensor] = {}
-    names = dict(zip(TABLES, model.tables(), strict=True))
-    for name, table in names.items():
-        if table is not None:
-            tensors[name] = table.detach().cpu().contiguous()
+    legacy = _is_mf(type(model))
     config: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "fastmf_version": __version__,
         "model_class": model_class,
-        "model": _model_config(model),
+        "model": _model_config(model) if legacy else _generic_model_config(model),
         "optimizer": None,
         "id_maps": {},
         "extra": extra or {},
     }
-    if optimizer is not None:
+    if legacy:
+        names = dict(zip(TABLES, model.tables(), strict=True))
+        for name, table in names.items():
+            if table is not None:
+                tensors[name] = table.detach().cpu().contiguous()
+    else:
+        for name, value in model.state_dict().items():
+            if value.dtype not in _ST_CODES:
+                raise CheckpointError(f"fastmf.save: {model_class}.{name} has dtype "
+                                      f"{value.dtype}, which checkpoints do not store")
+            tensors[f"model.{name}"] = value.detach().cpu().contiguous().clone()
+    if optimizer is not None and not legacy:
+        config["optimizer"] = _generic_optimizer(model, optimizer, tensors)
+    elif optimizer is not None:
         if isinstance(optimizer, SparseAdagrad):
             group = optimizer.param_groups[0]
             config["optimizer"] = {"type": "SparseAdagrad", **{
@@ -392,6 +498,9 @@ def save(model, path, *, optimizer=None, extra: dict | None = None) -> Path:
     # Round trip through JSON first: the digest is over what loading will see (string keys,
     # lists for tuples), and a value that is not JSON-able fails before anything is written.
     config = json.loads(json.dumps(config, default=_json_default))
+    if not legacy:
+        # What loading checks, checked now: a checkpoint that saves must load.
+        _check_generic_optimizer(path / CONFIG, config.get("optimizer"))
     _write_checkpoint(path, tensors, config)
     return path
 
@@ -517,9 +626,17 @@ def _validate_config(config: dict, file: Path) -> None:
         known = ", ".join(sorted(MODELS)) or "none"
         raise CheckpointError(f"fastmf.load: {file}: unknown model class {_short(name)}; "
                               f"registered: {known}")
-    _check_section(file, "model", config.get("model"), _MODEL_SCHEMA)
+    if not _is_mf(MODELS[name]):
+        spec = config.get("model")
+        problem = _config_problem(spec) if isinstance(spec, dict) else (
+            f"must be an object, found {_short(spec)}")
+        if problem:
+            raise CheckpointError(f"fastmf.load: {file}: model {problem}")
+        _check_generic_optimizer(file, config.get("optimizer"))
+    else:
+        _check_section(file, "model", config.get("model"), _MODEL_SCHEMA)
     opt = config.get("optimizer")
-    if opt is not None:
+    if opt is not None and _is_mf(MODELS[name]):
         if not isinstance(opt, dict) or not isinstance(opt.get("type"), str) or (
                 opt["type"] not in _OPTIMIZER_SCHEMAS):
             kinds = " or ".join(repr(k) for k in _OPTIMIZER_SCHEMAS)
@@ -550,6 +667,169 @@ def _validate_config(config: dict, file: Path) -> None:
                                       f"{expected})")
         elif not check(config[key]):
             raise _bad(file, key, expected, config[key])
+
+
+def _config_problem(config: dict) -> str | None:
+    """What is wrong with a generic model config (``get_config()``), or None: it must give
+    ``num_users``/``num_items``, not ``backend``/``device``, a known ``dtype`` name, and
+    hold only JSON values of bounded depth and magnitude."""
+    for key in ("num_users", "num_items"):
+        if not _rows(config.get(key)):
+            return f"{key} must be an int in [1, {_MAX_ROWS}], found {_short(config.get(key))}"
+    for key in ("backend", "device"):
+        if key in config:
+            return f"holds {key!r}, which belongs to the loading call, not the config"
+    if "dtype" in config and config["dtype"] not in _CONFIG_DTYPES:
+        return (f"dtype must be one of {sorted(_CONFIG_DTYPES)}, found "
+                f"{_short(config['dtype'])}")
+
+    def walk(value, depth: int) -> str | None:
+        if depth > _MAX_CONFIG_DEPTH:
+            return f"is nested deeper than {_MAX_CONFIG_DEPTH} levels"
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            return None
+        if isinstance(value, int):
+            if abs(value) > _MAX_CONFIG_INT:
+                return f"holds the int {value}, beyond +-{_MAX_CONFIG_INT}"
+            return None
+        if isinstance(value, float):
+            return None if math.isfinite(value) else f"holds the number {value}"
+        if isinstance(value, list):
+            return next((p for v in value if (p := walk(v, depth + 1))), None)
+        if isinstance(value, dict):
+            return next((p for v in value.values() if (p := walk(v, depth + 1))), None)
+        return f"holds a {type(value).__name__}"
+
+    return walk(config, 0)
+
+
+def _pair(v) -> bool:
+    return (isinstance(v, list) and len(v) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in v))
+
+
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_RATE = (_non_negative, "a finite number >= 0")
+# Optimizers a generic checkpoint holds: settings (all required), state tensors, scalars.
+_OPTIMIZER_PARTS = {
+    "SparseSGD": {"lr": _RATE, "weight_decay": _RATE},
+    "SparseAdagrad": {"lr": _RATE, "eps": _RATE, "initial_accumulator_value": _RATE,
+                      "rowwise": _BOOL, "weight_decay": _RATE},
+    "SparseAdam": {"lr": _RATE, "betas": (_pair, "two numbers in [0, 1)"), "eps": _RATE,
+                   "rowwise": _BOOL, "weight_decay": _RATE, "decoupled_weight_decay": _BOOL},
+    "Adam": {"lr": _RATE, "betas": (_pair, "two numbers in [0, 1)"), "eps": _RATE,
+             "weight_decay": _RATE, "amsgrad": _BOOL, "maximize": _BOOL},
+}
+_OPTIMIZER_STATE = {  # type -> (tensor keys, scalar keys)
+    "SparseSGD": (set(), {"step"}),
+    "SparseAdagrad": ({"sum"}, {"step"}),
+    "SparseAdam": ({"exp_avg", "exp_avg_sq"}, {"step"}),
+    "Adam": ({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}, set()),
+}
+
+
+def _optimizer_class(name: str):
+    from fastmf import optim
+
+    return torch.optim.Adam if name == "Adam" else getattr(optim, name)
+
+
+def _check_generic_optimizer(file: Path, opt) -> None:
+    """The JSON structure of a generic checkpoint's optimizer record (names are checked
+    against the model later)."""
+    if opt is None:
+        return
+    kinds = ["CombinedOptimizer", *_OPTIMIZER_PARTS]
+    if not isinstance(opt, dict) or set(opt) != {"type", "parts"} or opt["type"] not in kinds:
+        raise _bad(file, "optimizer", f'null or {{"type": one of {kinds}, "parts": [...]}}', opt)
+    parts = opt["parts"]
+    single = opt["type"] != "CombinedOptimizer"
+    if not isinstance(parts, list) or not parts or (single and len(parts) != 1):
+        raise _bad(file, "optimizer.parts", "one part per optimizer", parts)
+    seen: set[str] = set()
+    for k, part in enumerate(parts):
+        where = f"optimizer.parts[{k}]"
+        if not isinstance(part, dict) or set(part) != {"type", "in_backward", "groups",
+                                                       "state"}:
+            raise _bad(file, where, "an object with type, in_backward, groups, state", part)
+        kind = part["type"]
+        if kind not in _OPTIMIZER_PARTS or (single and kind != opt["type"]):
+            raise _bad(file, f"{where}.type", f"one of {list(_OPTIMIZER_PARTS)}", kind)
+        if not isinstance(part["in_backward"], bool) or (part["in_backward"]
+                                                         and kind == "Adam"):
+            raise _bad(file, f"{where}.in_backward", "true (fastmf optimizers) or false",
+                       part["in_backward"])
+        groups = part["groups"]
+        if not isinstance(groups, list) or not groups:
+            raise _bad(file, f"{where}.groups", "a non-empty list", groups)
+        names: set[str] = set()
+        for g, group in enumerate(groups):
+            if not isinstance(group, dict):
+                raise _bad(file, f"{where}.groups[{g}]", "an object", group)
+            params = group.get("params")
+            if not isinstance(params, list) or not params or not all(
+                    isinstance(n, str) for n in params) or len(set(params)) != len(params):
+                raise _bad(file, f"{where}.groups[{g}].params", "distinct parameter names",
+                           params)
+            if set(params) & (names | seen):
+                raise _bad(file, f"{where}.groups[{g}].params", "names no other group holds",
+                           params)
+            names |= set(params)
+            _check_section(file, f"{where}.groups[{g}]", group, _OPTIMIZER_PARTS[kind])
+        tensor_keys, scalar_keys = _OPTIMIZER_STATE[kind]
+        state = part["state"]
+        if not isinstance(state, dict):
+            raise _bad(file, f"{where}.state", "an object", state)
+        for name, record in state.items():
+            ok = (name in names and isinstance(record, dict)
+                  and set(record) == {"tensors", "scalars"}
+                  and isinstance(record["tensors"], list)
+                  and set(record["tensors"]) <= tensor_keys
+                  and len(set(record["tensors"])) == len(record["tensors"])
+                  and isinstance(record["scalars"], dict)
+                  and set(record["scalars"]) <= scalar_keys
+                  and all(_is_int(v) and 0 <= v <= _MAX_CONFIG_INT
+                          for v in record["scalars"].values()))
+            if not ok:
+                raise _bad(file, f"{where}.state[{name!r}]",
+                           f"the state of one of the part's parameters (tensors from "
+                           f"{sorted(tensor_keys)}, scalars from {sorted(scalar_keys)})", record)
+        seen |= names
+
+
+def _optimizer_tensors(opt: dict, params: dict) -> dict[str, tuple]:
+    """Name -> (allowed dtype codes, shape) of the optimizer state tensors of a generic
+    record, from the model's parameters ``params`` (name -> meta tensor)."""
+    from fastmf.ops.checks import accumulation_dtype
+
+    want = {}
+    for k, part in enumerate(opt["parts"]):
+        kind = part["type"]
+        settings = {}
+        for group in part["groups"]:
+            for name in group["params"]:
+                if name not in params:
+                    raise CheckpointError(f"fastmf.load: the optimizer names the parameter "
+                                          f"{name!r}, which the model does not have")
+                settings[name] = group
+        for name, record in part["state"].items():
+            param, group = params[name], settings[name]
+            shape = tuple(param.shape)
+            acc = (_ST_CODES[accumulation_dtype(param.dtype)],) if param.is_floating_point() \
+                else ()
+            rows = shape[:1]
+            for key in record["tensors"]:
+                if kind == "Adam":
+                    codes = ("F32", "F64") if key == "step" else (_ST_CODES.get(param.dtype),)
+                    want_shape = () if key == "step" else shape
+                elif key == "sum":
+                    codes, want_shape = acc, rows if group["rowwise"] else shape
+                elif key == "exp_avg_sq" and group["rowwise"] and len(shape) == 2:
+                    codes, want_shape = acc, rows
+                else:
+                    codes, want_shape = acc, shape
+                want[f"optimizer.{k}.{name}.{key}"] = (codes, want_shape)
+    return want
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -628,20 +908,27 @@ def _read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return entries
 
 
-def _expected_tensors(config: dict, header: dict) -> dict[str, tuple[str, tuple | None]]:
-    """Name -> (dtype code, shape or None for free length) of every tensor ``config``
-    implies, given the optional groups ``header`` holds."""
+def _expected_tensors(config: dict, header: dict,
+                      model_tensors: dict | None = None) -> dict[str, tuple]:
+    """Name -> (dtype code or codes, shape or None for free length) of every tensor
+    ``config`` implies, given the optional groups ``header`` holds. ``model_tensors``: the
+    model's and optimizer's tensors of a generic checkpoint (learnt from a meta build);
+    None for MF's format."""
     spec = config["model"]
-    code = {"float32": "F32", "float64": "F64"}[spec["dtype"]]
-    users, items, dim = spec["num_users"], spec["num_items"], spec["dim"]
-    shapes = {"user_factors": (users, dim), "item_factors": (items, dim)}
-    if spec["bias"]:
-        shapes.update(user_bias=(users,), item_bias=(items,))
-    want = {name: (code, shape) for name, shape in shapes.items()}
-    opt = config.get("optimizer")
-    if opt is not None and opt["type"] == "SparseAdagrad":
-        for name, shape in shapes.items():
-            want[f"optimizer.{name}"] = (code, shape[:1] if opt["rowwise"] else shape)
+    users, items = spec["num_users"], spec["num_items"]
+    if model_tensors is not None:
+        want = dict(model_tensors)
+    else:
+        code = {"float32": "F32", "float64": "F64"}[spec["dtype"]]
+        dim = spec["dim"]
+        shapes = {"user_factors": (users, dim), "item_factors": (items, dim)}
+        if spec["bias"]:
+            shapes.update(user_bias=(users,), item_bias=(items,))
+        want = {name: (code, shape) for name, shape in shapes.items()}
+        opt = config.get("optimizer")
+        if opt is not None and opt["type"] == "SparseAdagrad":
+            for name, shape in shapes.items():
+                want[f"optimizer.{name}"] = (code, shape[:1] if opt["rowwise"] else shape)
     for side, kind in config.get("id_maps", {}).items():
         rows = users if side == "user" else items
         if kind == "str":
@@ -659,8 +946,9 @@ def _expected_tensors(config: dict, header: dict) -> dict[str, tuple[str, tuple 
     return want
 
 
-def _check_header(file: Path, config: dict, header: dict) -> None:
-    want = _expected_tensors(config, header)
+def _check_header(file: Path, config: dict, header: dict,
+                  model_tensors: dict | None = None) -> None:
+    want = _expected_tensors(config, header, model_tensors)
     for name, (code, shape) in want.items():
         if name not in header:
             raise CheckpointError(f"fastmf.load: the checkpoint has no tensor {name!r}")
@@ -670,25 +958,68 @@ def _check_header(file: Path, config: dict, header: dict) -> None:
                                   f"says {shape}")
         if shape is None and len(got_shape) != 1:
             raise CheckpointError(f"fastmf.load: {name} has shape {got_shape}, expected 1-D")
-        if got_code != code:
-            raise CheckpointError(f"fastmf.load: {name} has dtype {got_code}, expected {code}")
+        codes = code if isinstance(code, tuple) else (code,)
+        if got_code not in codes:
+            expected = " or ".join(str(c) for c in codes)
+            raise CheckpointError(f"fastmf.load: {name} has dtype {got_code}, expected "
+                                  f"{expected}")
     unknown = sorted(set(header) - set(want))
     if unknown:
         raise CheckpointError(f"fastmf.load: {file} holds tensors the config does not "
                               f"describe: {unknown[:5]}")
 
 
-def _read(path: Path) -> tuple[dict, dict]:
+def _model_kwargs(spec: dict) -> dict:
+    kwargs = dict(spec)
+    if "dtype" in kwargs:
+        kwargs["dtype"] = _CONFIG_DTYPES[kwargs["dtype"]]
+    return kwargs
+
+
+def _build(cls, spec: dict, file: Path, *, device, backend: str):
+    """``cls(**config)`` on ``device``; whatever a bad config makes the constructor raise
+    becomes a CheckpointError."""
+    try:
+        return cls(**_model_kwargs(spec), backend=backend, device=device)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the constructor is the model's: any error means a bad config
+        raise CheckpointError(f"fastmf.load: {file}: cannot build {cls.__name__} from its "
+                              f"config ({type(exc).__name__}: {exc})") from None
+
+
+def _meta_tensors(cls, config: dict, file: Path, backend: str) -> dict[str, tuple]:
+    """The tensors a generic checkpoint must hold for its model and optimizer, from the
+    model built on the "meta" device (no memory is allocated)."""
+    meta = _build(cls, config["model"], file, device="meta", backend=backend)
+    want = {}
+    for name, tensor in meta.state_dict().items():
+        code = _ST_CODES.get(tensor.dtype)
+        if code is None:
+            raise CheckpointError(f"fastmf.load: {cls.__name__} holds {name} of dtype "
+                                  f"{tensor.dtype}, which checkpoints do not store")
+        want[f"model.{name}"] = (code, tuple(tensor.shape))
+    if config.get("optimizer") is not None:
+        params = dict(meta.named_parameters())
+        want.update(_optimizer_tensors(config["optimizer"], params))
+    return want
+
+
+def _read(path: Path, backend: str = "auto") -> tuple[dict, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    import fastmf.models  # noqa: F401  (registers the models a checkpoint may name)
 
     if not path.is_dir():
         raise FileNotFoundError(f"fastmf.load: no checkpoint folder at {path}")
     config = _read_config(path, "fastmf.load")
     config_file = path / CONFIG
     _validate_config(config, config_file)
+    cls = MODELS[config.get("model_class", "MF")]
+    model_tensors = None if _is_mf(cls) else _meta_tensors(cls, config, config_file, backend)
     weights = _weights_file(path, config)
-    _check_header(weights, config, _read_header(weights))
+    _check_header(weights, config, _read_header(weights), model_tensors)
     if "config_sha256" in config and _config_digest(config) != config["config_sha256"]:
         raise CheckpointError(f"fastmf.load: {config_file} does not match its checksum: it "
                               "was changed after saving or is damaged")
@@ -709,17 +1040,24 @@ def load_checkpoint(path, *, device=None, backend: str = "auto") -> Checkpoint:
     from fastmf.optim import SparseAdagrad, SparseSGD
 
     path = Path(path)
-    config, tensors = _read(path)
+    config, tensors = _read(path, backend)
     spec = config["model"]
-    dtype = _DTYPES[spec["dtype"]]
     cls = MODELS[config.get("model_class", "MF")]
-    model = cls(spec["num_users"], spec["num_items"], spec["dim"], bias=spec["bias"],
-                global_mean=spec["global_mean"], backend=backend, sparse=spec["sparse"],
-                init_scale=spec["init_scale"], dtype=dtype, device=device)
-    with torch.no_grad():
-        for name, table in zip(TABLES, model.tables(), strict=True):
-            if table is not None:
-                table.copy_(tensors[name])
+    legacy = _is_mf(cls)
+    if legacy:
+        model = cls(spec["num_users"], spec["num_items"], spec["dim"], bias=spec["bias"],
+                    global_mean=spec["global_mean"], backend=backend, sparse=spec["sparse"],
+                    init_scale=spec["init_scale"], dtype=_DTYPES[spec["dtype"]],
+                    device=device)
+        with torch.no_grad():
+            for name, table in zip(TABLES, model.tables(), strict=True):
+                if table is not None:
+                    table.copy_(tensors[name])
+    else:
+        model = _build(cls, spec, path / CONFIG, device=device, backend=backend)
+        state = {name.removeprefix("model."): value for name, value in tensors.items()
+                 if name.startswith("model.")}
+        model.load_state_dict(state, strict=True)
     for side, kind in config.get("id_maps", {}).items():
         raw = _get_raw_ids(tensors, f"{side}_ids", kind)
         try:
@@ -741,7 +1079,9 @@ def load_checkpoint(path, *, device=None, backend: str = "auto") -> Checkpoint:
         model.item_popularity = popularity
     optimizer = None
     opt_spec = config.get("optimizer")
-    if opt_spec is not None and opt_spec["type"] == "SparseAdagrad":
+    if opt_spec is not None and not legacy:
+        optimizer = _rebuild_optimizer(model, opt_spec, tensors)
+    elif opt_spec is not None and opt_spec["type"] == "SparseAdagrad":
         settings = {k: opt_spec[k] for k in ("lr", "eps", "initial_accumulator_value",
                                              "rowwise")}
         optimizer = SparseAdagrad(model.parameters(), **settings)
@@ -753,6 +1093,40 @@ def load_checkpoint(path, *, device=None, backend: str = "auto") -> Checkpoint:
         optimizer = SparseSGD(model.parameters(), lr=opt_spec["lr"])
     return Checkpoint(model=model, optimizer=optimizer, config=config,
                       extra=config.get("extra", {}))
+
+
+def _rebuild_optimizer(model, record: dict, tensors: dict):
+    """The optimizer of a generic record over ``model``'s parameters, with its state."""
+    from fastmf import optim
+
+    params = dict(model.named_parameters())
+    parts = []
+    for k, part in enumerate(record["parts"]):
+        cls = _optimizer_class(part["type"])
+        groups = []
+        for group in part["groups"]:
+            settings = {key: group[key] for key in _OPTIMIZER_PARTS[part["type"]]}
+            if "betas" in settings:
+                settings["betas"] = tuple(settings["betas"])
+            groups.append({"params": [params[name] for name in group["params"]], **settings})
+        optimizer = cls(groups)
+        for name, entry in part["state"].items():
+            param = params[name]
+            state = optimizer.state[param]
+            for key in entry["tensors"]:
+                value = tensors[f"optimizer.{k}.{name}.{key}"]
+                if key in state and isinstance(state[key], torch.Tensor):
+                    with torch.no_grad():
+                        state[key].copy_(value)
+                else:
+                    state[key] = value.to(param.device if key != "step" else "cpu")
+            state.update(entry["scalars"])
+        if part["in_backward"]:
+            optim.apply_in_backward(optimizer)
+        parts.append(optimizer)
+    if record["type"] == "CombinedOptimizer":
+        return optim.CombinedOptimizer(parts)
+    return parts[0]
 
 
 def load(path, *, device=None, backend: str = "auto"):

@@ -18,7 +18,7 @@ RANKING_METRICS = ("hr", "precision", "recall", "ndcg", "mrr", "map")
 @torch.no_grad()
 def predict_pairs(model, users, items, batch_size: int = 1 << 16) -> np.ndarray:
     """Predictions for (users, items) pairs in batches: (N,) float64 numpy."""
-    device = model.user_factors.device
+    device = model.device
     users = torch.as_tensor(np.asarray(users), dtype=torch.int64)
     items = torch.as_tensor(np.asarray(items), dtype=torch.int64)
     out = np.empty(len(users), dtype=np.float64)
@@ -30,16 +30,26 @@ def predict_pairs(model, users, items, batch_size: int = 1 << 16) -> np.ndarray:
 
 
 def _score_source(model):
-    """``users -> (len(users), num_items)`` ranking scores ``b_i + <P[u], Q[i]>`` on the model's
-    device: the order :meth:`fastmf.MF.recommend` ranks by (``mu`` and ``b_u`` shift a
-    user's scores alike, and adding them could merge near-ties in float32)."""
-    user_factors, item_factors, _, item_bias = model.tables()
-    item_factors = item_factors.detach()
+    """``users -> (len(users), num_items)`` ranking scores on the model's device, in the
+    order :meth:`~fastmf.models.base.Recommender.recommend` ranks by: for dot-product
+    models ``b_i + <u, v_i>`` (the user offset, e.g. MF's ``mu + b_u``, shifts a user's
+    scores alike, and adding it could merge near-ties in float32), else ``score_items``."""
+    if not model.has_vectors:
+        items = torch.arange(model.num_items, device=model.device)
+
+        def scored(users: np.ndarray) -> torch.Tensor:
+            with torch.no_grad():
+                return model.score_items(torch.as_tensor(users, device=model.device), items)
+
+        return scored
+    item_vectors, item_bias = model.item_vectors()
+    item_vectors = item_vectors.detach()
     item_bias = item_bias.detach() if item_bias is not None else None
 
     def scores(users: np.ndarray) -> torch.Tensor:
-        rows = user_factors.detach()[torch.as_tensor(users, device=user_factors.device)]
-        out = rows @ item_factors.T
+        with torch.no_grad():
+            rows = model.user_vectors(torch.as_tensor(users, device=item_vectors.device))[0]
+        out = rows.detach() @ item_vectors.T
         return out + item_bias if item_bias is not None else out
 
     return scores
@@ -47,7 +57,8 @@ def _score_source(model):
 
 def evaluate(model, test: Interactions, *, train: Interactions | None = None,
              metrics=("rmse", "mae"), k: int = 10, batch_size: int = 4096) -> dict[str, float]:
-    """Metrics of ``model`` on ``test`` (an :class:`Interactions` in the model's index space).
+    """Metrics of ``model`` (any :class:`fastmf.models.base.Recommender`) on ``test`` (an
+    :class:`Interactions` in the model's index space).
 
     - ``"rmse"``, ``"mae"``: rating error of the predictions for the test pairs;
     - ranking metrics (``"hr@10"``, ``"ndcg@10"``, ``"recall@10"``, ``"precision@10"``,
@@ -57,11 +68,11 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
       most popular ``train`` items (:func:`fastmf.metrics.serendipity`; needs ``train``);
     - ``"auc"``: full-catalog per-user ROC AUC of the test items against every item
       neither in the test set nor in ``train`` (:func:`fastmf.metrics.auc`), computed from
-      the factors for at most ``batch_size`` users (and about 4M scores) at a time, never
-      all users × items at once;
+      the vectors (``score_items`` for models without) for at most ``batch_size`` users
+      (and about 4M scores) at a time, never all users × items at once;
     - ``"coverage"``, ``"novelty"``, ``"diversity"``: catalog coverage, mean self-information
       (popularity from ``train``, else from ``test``) and intra-list diversity of the same
-      top-K lists.
+      top-K lists (diversity: from the item vectors; ValueError for models without).
 
     Names are case-insensitive with the aliases of :func:`fastmf.metrics.parse_metric`
     (``hit@10``/``hitrate@10`` for ``hr@10``, ``p@10``/``prec@10`` for ``precision@10``,
@@ -94,6 +105,10 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
     if "serendipity" in bases and train is None:
         raise ValueError("fastmf.evaluate: serendipity needs train= (the item popularity of "
                          "the training set defines the expected, popular items)")
+
+    if "diversity" in bases and not model.has_vectors:
+        raise ValueError(f"fastmf.evaluate: diversity needs item vectors; "
+                         f"{model.public_name()} has none (leave diversity out)")
 
     out: dict[str, float] = {}
     if bases & set(RATING_METRICS):
@@ -134,7 +149,7 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
                 pop = np.bincount(source.items, minlength=model.num_items)
                 out[key] = M.novelty(top, pop, num_users=source.num_users)
             elif base == "diversity":
-                out[key] = M.intra_list_diversity(top, model.item_factors.detach().cpu())
+                out[key] = M.intra_list_diversity(top, model.item_vectors()[0].detach().cpu())
     if "auc" in bases:
         out["auc"] = M.auc(_score_source(model), test, exclude=exclude, users=users,
                            chunk_size=M.auc_chunk_size(model.num_items, batch_size))

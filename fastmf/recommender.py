@@ -242,8 +242,9 @@ class Recommender(nn.Module):
         ``torch.optim.Adam(lr=self.dense_lr)``, the two joined in a
         :class:`fastmf.optim.CombinedOptimizer`."""
         from fastmf import optim
-        from fastmf.nn.embedding import table_info
+        from fastmf.nn import embedding as nn_embedding
 
+        table_info = nn_embedding.table_info
         name = name or "adagrad"
         if name not in _SPARSE_OPTIMIZERS:
             raise ValueError(f"{self._op('make_optimizer')}: unknown optimizer {name!r}; use "
@@ -253,6 +254,13 @@ class Recommender(nn.Module):
         dense = [p for p in params if table_info(p) is None]
         parts = []
         if tables:
+            # The newest optimizer takes the tables over: a second fit (or a resumed one)
+            # must not fail because the previous run's optimizer is still referenced.
+            for p in tables:
+                previous = nn_embedding.fused_optimizer(p)
+                if previous is not None:
+                    nn_embedding._FUSED.pop(p)
+                    previous._in_backward.discard(id(p))
             rowwise = name.startswith("rowwise_")
             if name.endswith("adagrad"):
                 sparse = optim.SparseAdagrad(tables, lr=lr, rowwise=rowwise)

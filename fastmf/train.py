@@ -12,17 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmf import checkpoint as checkpoint_module
 from fastmf import metrics as metrics_module
 from fastmf.checkpoint import check_save_target
 from fastmf.data import Interactions, NegativeSampler
-from fastmf.layers import MF
-from fastmf.optim import SparseAdagrad, SparseSGD
-from fastmf.step import train_step, train_step_pairwise
+from fastmf.optim import SparseAdagrad
+from fastmf.recommender import EXPLICIT, IMPLICIT, Recommender, seed_of
 
-EXPLICIT = ("mse", "huber")
-IMPLICIT = ("bce", "bpr")
-
-# Chosen on MovieLens ml-latest-small (5-fold; benchmarks/README.md, "Accuracy").
+# Chosen on MovieLens ml-latest-small (5-fold; benchmarks/README.md, "Accuracy"), for MF;
+# a model's own ``defaults`` are merged over these.
 DEFAULTS = {
     "explicit": dict(lr=0.1, reg=0.1, batch_size=4096, epochs=5),
     "implicit": dict(lr=0.05, reg=1e-4, batch_size=4096, epochs=20),
@@ -88,32 +86,62 @@ class History:
 
 
 def _seed_of(*parts: int) -> int:
-    """A 63-bit seed from (seed, epoch, batch): each epoch's shuffle and each batch's
-    negatives depend only on these, so a resumed run draws exactly what a straight run does."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]
-               >> np.uint64(1))
+    """A 63-bit seed from (seed, epoch): each epoch's shuffle and negatives depend only on
+    these, so a resumed run draws exactly what a straight run does."""
+    return seed_of(*parts)
 
 
 def _higher_is_better(metric: str) -> bool:
     return metric != "loss" and metrics_module.higher_is_better(metric)
 
 
-def _make_optimizer(model: MF, lr: float, name: str):
-    if name == "adagrad":
-        return SparseAdagrad(model.parameters(), lr=lr)
-    if name == "rowwise_adagrad":
-        return SparseAdagrad(model.parameters(), lr=lr, rowwise=True)
-    if name == "sgd":
-        return SparseSGD(model.parameters(), lr=lr)
-    raise ValueError(f"fastmf.fit: unknown optimizer {name!r}; use 'adagrad', "
-                     "'rowwise_adagrad', 'sgd' or a fastmf.optim optimizer")
+_USER_COLUMNS = ("user", "userId", "user_id")
+_ITEM_COLUMNS = ("item", "itemId", "item_id", "movieId")
+
+
+def _as_interactions(data, name: str, like: Interactions | None = None) -> Interactions:
+    """``data`` as Interactions: an Interactions, a scipy.sparse user x item matrix (its
+    values are the ratings) or a pandas DataFrame with user/item (and rating/timestamp)
+    columns. ``like``: the training set whose index space a validation set must use (a
+    DataFrame's rows with raw ids unknown to it are dropped)."""
+    if isinstance(data, Interactions):
+        return data
+    if hasattr(data, "tocsr") and hasattr(data, "nnz"):
+        converted = Interactions.from_scipy(data)
+        if like is not None and converted.shape != like.shape:
+            raise ValueError(f"fastmf.fit: {name} is a {converted.shape[0]} x "
+                             f"{converted.shape[1]} matrix but train has {like.shape[0]} "
+                             f"users x {like.shape[1]} items")
+        return converted
+    if type(data).__name__ == "DataFrame" and hasattr(data, "columns"):
+        columns = [str(c) for c in data.columns]
+        user = next((c for c in _USER_COLUMNS if c in columns), None)
+        item = next((c for c in _ITEM_COLUMNS if c in columns), None)
+        if user is None or item is None:
+            raise ValueError(f"fastmf.fit: {name} is a DataFrame without user and item "
+                             f"columns (expected 'user'/'item', optionally 'rating' and "
+                             f"'timestamp'); it has {columns}")
+        rating = "rating" if "rating" in columns else None
+        time = "timestamp" if "timestamp" in columns else None
+        kwargs = {}
+        if like is not None:
+            kwargs = dict(user_map=like.user_map, item_map=like.item_map, unknown="drop")
+        converted = Interactions.from_pandas(data, user_col=user, item_col=item,
+                                             rating_col=rating, time_col=time, **kwargs)
+        if like is not None and len(converted) < len(data):
+            warnings.warn(f"fastmf.fit: {len(data) - len(converted)} of {len(data)} {name} "
+                          "rows have users or items train does not know; they are left out",
+                          stacklevel=3)
+        return converted
+    raise TypeError(f"fastmf.fit: {name} must be fastmf.data.Interactions, a scipy.sparse "
+                    f"user x item matrix or a pandas DataFrame, got {type(data).__name__}")
 
 
 def fit(
-    model: MF,
-    train: Interactions,
+    model: Recommender,
+    train,
     *,
-    loss: str = "mse",
+    loss: str | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
     optimizer=None,
@@ -121,7 +149,7 @@ def fit(
     reg: float | None = None,
     num_negatives: int = 4,
     negative_distribution: str = "uniform",
-    valid: Interactions | None = None,
+    valid=None,
     metrics: tuple[str, ...] | None = None,
     k: int = 10,
     early_stopping: int | None = None,
@@ -132,16 +160,23 @@ def fit(
     progress: bool = True,
     set_global_mean: bool = True,
 ) -> History:
-    """Train ``model`` on ``train`` with fused steps; returns a :class:`History`.
+    """Train ``model`` (any :class:`fastmf.models.base.Recommender`) on ``train``; returns a
+    :class:`History`. ``fit`` drives the model's hooks: ``check_data``, ``prepare``,
+    ``make_optimizer``, ``batches`` and ``training_step`` (``fastmf.MF``: fused steps).
 
-    - ``loss``: ``"mse"``/``"huber"`` on the ratings (explicit), or ``"bce"`` (each positive
-      plus ``num_negatives`` sampled negatives labelled 0) / ``"bpr"`` (each positive
-      against ``num_negatives`` sampled negatives) on the interactions (implicit).
+    - ``train``/``valid``: :class:`~fastmf.data.Interactions`, a scipy.sparse user x item
+      matrix (values: ratings) or a pandas DataFrame with ``user``/``item`` columns (and
+      ``rating``/``timestamp``); a DataFrame ``valid`` is mapped through ``train``'s ids.
+    - ``loss`` (default: ``model.default_loss``; one of ``model.losses``):
+      ``"mse"``/``"huber"`` on the ratings (explicit), or ``"bce"`` (each positive plus
+      ``num_negatives`` sampled negatives labelled 0) / ``"bpr"`` (each positive against
+      ``num_negatives`` sampled negatives) on the interactions (implicit).
       Negatives exclude the user's training items; ``negative_distribution`` is
       ``"uniform"`` or ``"popularity"``.
-    - ``optimizer``: a ``fastmf.optim`` optimizer over the model, or ``"adagrad"`` (default),
-      ``"rowwise_adagrad"``, ``"sgd"`` built with ``lr``. ``epochs``, ``batch_size``,
-      ``lr``, ``reg`` default per loss kind (see ``DEFAULTS``).
+    - ``optimizer``: an optimizer over the model, or a name ``model.make_optimizer`` builds
+      with ``lr`` (MF: ``"adagrad"`` (default), ``"rowwise_adagrad"``, ``"sgd"``; models on
+      fastmf.nn tables also ``"adam"``, ``"rowwise_adam"``). ``epochs``, ``batch_size``,
+      ``lr``, ``reg`` default per loss kind (``DEFAULTS``, with ``model.defaults`` over them).
     - ``valid``: held-out interactions; explicit losses report ``rmse``/``mae``, implicit
       ones full-catalog ranking metrics at ``k`` (training items excluded).
     - ``early_stopping``: patience in epochs on ``monitor`` (default ``rmse`` or
@@ -153,7 +188,8 @@ def fit(
       warns and starts fresh, and from a ``model.save`` folder it starts from those weights
       at epoch 0 with an empty history (and a warning). Resuming Adagrad state needs the
       same ``rowwise`` setting. ``seed`` fixes shuffling and negatives.
-    - ``set_global_mean``: for explicit losses, set ``mu`` to the mean training rating.
+    - ``set_global_mean``: for explicit losses, set ``mu`` to the mean training rating
+      (models with a ``set_global_mean`` method, such as MF).
 
     >>> import fastmf
     >>> data = fastmf.datasets.synthetic(num_users=200, num_items=100, num_interactions=5000)
@@ -164,14 +200,24 @@ def fit(
     """
     from fastmf.evaluate import evaluate
 
-    if not isinstance(train, Interactions):
-        raise TypeError(f"fastmf.fit: train must be fastmf.data.Interactions, got "
-                        f"{type(train).__name__}")
+    if not isinstance(model, Recommender):
+        raise TypeError(f"fastmf.fit: model must be a fastmf.models.base.Recommender, got "
+                        f"{type(model).__name__}")
+    train = _as_interactions(train, "train")
+    if valid is not None:
+        valid = _as_interactions(valid, "valid", like=train)
+    name = model.public_name()
+    if loss is None:
+        loss = model.default_loss
     if loss not in EXPLICIT + IMPLICIT:
         raise ValueError(f"fastmf.fit: unknown loss {loss!r}; expected one of "
                          f"{EXPLICIT + IMPLICIT}")
+    if loss not in model.losses:
+        raise ValueError(f"fastmf.fit: {name} does not train with loss {loss!r}; its losses "
+                         f"are {tuple(model.losses)}")
     implicit = loss in IMPLICIT
-    defaults = DEFAULTS["implicit" if implicit else "explicit"]
+    kind = "implicit" if implicit else "explicit"
+    defaults = {**DEFAULTS[kind], **(model.defaults or {}).get(kind, {})}
     epochs = defaults["epochs"] if epochs is None else int(epochs)
     batch_size = defaults["batch_size"] if batch_size is None else int(batch_size)
     reg = defaults["reg"] if reg is None else float(reg)
@@ -179,15 +225,10 @@ def fit(
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"fastmf.fit: need epochs >= 0 and batch_size >= 1, got {epochs}, "
                          f"{batch_size}")
-    if (train.num_users, train.num_items) != (model.num_users, model.num_items):
-        raise ValueError(
-            f"fastmf.fit: train has {train.num_users} users x {train.num_items} items but the "
-            f"model has {model.num_users} x {model.num_items}")
+    model.check_data(train)
     if not implicit and train.ratings is None:
         raise ValueError(f"fastmf.fit: loss {loss!r} needs ratings; these interactions have "
                          "none (use loss='bpr' or 'bce' for implicit feedback)")
-    if optimizer is None or isinstance(optimizer, str):
-        optimizer = _make_optimizer(model, lr, optimizer or "adagrad")
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
     if resume and checkpoint is None:
         raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")
@@ -196,7 +237,13 @@ def fit(
         checkpoint = check_save_target(checkpoint)
         if early_stopping and valid is not None:
             check_save_target(_best_path(checkpoint))
-    model.attach_data(train)
+        if checkpoint_module.MODELS.get(type(model).__name__) is not type(model):
+            raise ValueError(f"fastmf.fit: checkpoint= needs a registered model class; "
+                             f"decorate {type(model).__qualname__} with "
+                             "fastmf.checkpoint.register_model")
+    if optimizer is None or isinstance(optimizer, str):
+        optimizer = model.make_optimizer(optimizer, lr)
+    model.prepare(train)
 
     metric_names = tuple(metrics) if metrics else (
         (f"ndcg@{k}", f"hr@{k}") if implicit else ("rmse", "mae"))
@@ -216,12 +263,10 @@ def fit(
         start_epoch, saved_history, best_state = resumed
         if saved_history is not None:
             history = saved_history
-    elif set_global_mean and not implicit:
+    elif set_global_mean and not implicit and hasattr(model, "set_global_mean"):
         model.set_global_mean(float(np.mean(train.ratings, dtype=np.float64)))
 
-    device = model.user_factors.device
-    users, items, ratings = train.to_torch(device)
-    targets = ratings.to(model.user_factors.dtype) if ratings is not None else None
+    device = model.device
     sampler = NegativeSampler(train, distribution=negative_distribution) if implicit else None
     n = len(train)
     bad_epochs = 0
@@ -230,32 +275,26 @@ def fit(
 
     for epoch in range(start_epoch, epochs):
         gen = torch.Generator().manual_seed(_seed_of(seed, epoch))
-        order = torch.randperm(n, generator=gen).to(device)
-        u_all, i_all = users[order], items[order]
-        t_all = targets[order] if targets is not None else None
         bar = _progress(progress, n, f"epoch {epoch + 1}/{epochs}")
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
-        samples = 0
+        samples = seen = 0
         start = time.perf_counter()
-        for b, lo in enumerate(range(0, n, batch_size)):
-            u, i = u_all[lo:lo + batch_size], i_all[lo:lo + batch_size]
-            if implicit:
-                neg = sampler.sample(u, num_negatives, seed=_seed_of(seed, epoch, b))
-                step_loss, count = _implicit_step(model, optimizer, loss, u, i, neg, reg)
-            else:
-                step_loss = train_step(model, optimizer, u, i, t_all[lo:lo + batch_size],
-                                       loss=loss, reg=reg)
-                count = len(u)
-            total_loss += step_loss.double() * len(u)
+        batches = model.batches(train, batch_size=batch_size, loss=loss,
+                                num_negatives=num_negatives, sampler=sampler, generator=gen)
+        for b, batch in enumerate(batches):
+            step_loss, count = model.training_step(batch, optimizer, loss=loss, reg=reg)
+            size = len(batch.users)
+            total_loss += step_loss.double().to(device) * size
             samples += count
+            seen += size
             if bar is not None:
-                bar.update(len(u))
+                bar.update(size)
                 if b % 20 == 0:
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix(loss=f"{float(step_loss):.4f}",
                                     samples_s=f"{samples / elapsed:.3g}")
         seconds = time.perf_counter() - start
-        row = {"epoch": epoch + 1, "loss": float(total_loss) / max(n, 1), "seconds": seconds,
+        row = {"epoch": epoch + 1, "loss": float(total_loss) / max(seen, 1), "seconds": seconds,
                "samples_per_s": samples / max(seconds, 1e-9)}
         if valid is not None:
             row.update(evaluate(model, valid, train=train, metrics=metric_names, k=k))
@@ -282,19 +321,6 @@ def fit(
     if early_stopping and best_state is not None:
         model.load_state_dict(best_state)
     return history
-
-
-def _implicit_step(model, optimizer, loss, u, i, neg, reg):
-    """One fused implicit step on positives (u, i) and negatives (B, k)."""
-    k = neg.shape[1]
-    if loss == "bpr":
-        return train_step_pairwise(model, optimizer, u.repeat_interleave(k),
-                                   i.repeat_interleave(k), neg.reshape(-1), reg=reg), len(u) * k
-    users = torch.cat([u, u.repeat_interleave(k)])
-    items = torch.cat([i, neg.reshape(-1)])
-    labels = torch.cat([torch.ones(len(u)), torch.zeros(len(u) * k)]).to(
-        dtype=model.user_factors.dtype, device=u.device)
-    return train_step(model, optimizer, users, items, labels, loss="bce", reg=reg), len(users)
 
 
 def _progress(enabled: bool, total: int, desc: str):
@@ -341,7 +367,7 @@ def _saved_history(saved, path: Path) -> tuple[int, History] | None:
     return epoch, History.from_dict(data)
 
 
-def _restore_optimizer(model: MF, optimizer, saved, path: Path) -> None:
+def _restore_optimizer(model: Recommender, optimizer, saved, path: Path) -> None:
     theirs = saved.optimizer
     if theirs is None:
         return
@@ -350,6 +376,26 @@ def _restore_optimizer(model: MF, optimizer, saved, path: Path) -> None:
                       f"this run uses {type(optimizer).__name__}; its optimizer state is not "
                       "restored, so the run will not match an uninterrupted one", stacklevel=4)
         return
+    if getattr(model, "checkpoint_format", None) == "mf":
+        _restore_mf_optimizer(model, optimizer, saved, path)
+        return
+    mine_parts = getattr(optimizer, "optimizers", [optimizer])
+    their_parts = getattr(theirs, "optimizers", [theirs])
+    layout = [(type(p).__name__, [(len(g["params"]), g.get("rowwise")) for g in p.param_groups])
+              for p in mine_parts]
+    saved_layout = [(type(p).__name__, [(len(g["params"]), g.get("rowwise"))
+                                        for g in p.param_groups]) for p in their_parts]
+    if layout != saved_layout:
+        raise ValueError(f"fastmf.fit: checkpoint {path} holds optimizer state laid out as "
+                         f"{saved_layout} (type, [(parameters, rowwise) per group]) but this "
+                         f"run's optimizer is {layout}; resume with the same optimizer or start "
+                         "a new checkpoint")
+    # The saved optimizer holds the checkpoint model's parameters in the order this one
+    # holds the live model's (same class, same config, same make_optimizer).
+    optimizer.load_state_dict(theirs.state_dict())
+
+
+def _restore_mf_optimizer(model, optimizer, saved, path: Path) -> None:
     if not isinstance(optimizer, SparseAdagrad):
         return
     saved_rowwise = saved.config["optimizer"]["rowwise"]
@@ -366,10 +412,33 @@ def _restore_optimizer(model: MF, optimizer, saved, path: Path) -> None:
     with torch.no_grad():
         for mine, other in zip(model.tables(), saved.model.tables(), strict=True):
             if mine is not None:
-                optimizer.state_for(mine).copy_(theirs.state_for(other))
+                optimizer.state_for(mine).copy_(saved.optimizer.state_for(other))
 
 
-def _resume(model: MF, optimizer, path: Path):
+def _check_same_model(model: Recommender, saved, path: Path) -> None:
+    other = saved.model
+    if getattr(model, "checkpoint_format", None) == "mf":
+        if (other.num_users, other.num_items, other.dim) != (
+                model.num_users, model.num_items, model.dim):
+            raise ValueError(f"fastmf.fit: checkpoint {path} holds a {other.num_users} x "
+                             f"{other.num_items} x {other.dim} model, not "
+                             f"{model.num_users} x {model.num_items} x {model.dim}")
+        if other.has_bias != model.has_bias:
+            raise ValueError(f"fastmf.fit: checkpoint {path} holds a model with "
+                             f"bias={other.has_bias}, this one has bias={model.has_bias}")
+        return
+    if type(other) is not type(model):
+        raise ValueError(f"fastmf.fit: checkpoint {path} holds a {type(other).__name__}, "
+                         f"this model is a {type(model).__name__}")
+    mine, theirs = model.get_config(), other.get_config()
+    if mine != theirs:
+        diff = {key: (theirs.get(key), mine.get(key)) for key in set(mine) | set(theirs)
+                if mine.get(key) != theirs.get(key)}
+        raise ValueError(f"fastmf.fit: checkpoint {path} holds a {type(model).__name__} with "
+                         f"another config (saved, this model): {diff}")
+
+
+def _resume(model: Recommender, optimizer, path: Path):
     """Load weights, optimizer state and history from ``path`` into ``model``/``optimizer``:
     ``(start epoch, history or None, best state)``, or None when ``path`` holds no
     checkpoint yet (a fresh start). A folder from ``model.save`` gives its weights, epoch 0
@@ -380,15 +449,9 @@ def _resume(model: MF, optimizer, path: Path):
         warnings.warn(f"fastmf.fit: resume=True but {path} holds no checkpoint yet; "
                       "starting from scratch", stacklevel=3)
         return None
-    saved = load_checkpoint(path, device=model.user_factors.device, backend=model.backend)
-    if (saved.model.num_users, saved.model.num_items, saved.model.dim) != (
-            model.num_users, model.num_items, model.dim):
-        raise ValueError(f"fastmf.fit: checkpoint {path} holds a {saved.model.num_users} x "
-                         f"{saved.model.num_items} x {saved.model.dim} model, not "
-                         f"{model.num_users} x {model.num_items} x {model.dim}")
-    if saved.model.has_bias != model.has_bias:
-        raise ValueError(f"fastmf.fit: checkpoint {path} holds a model with "
-                         f"bias={saved.model.has_bias}, this one has bias={model.has_bias}")
+    saved = load_checkpoint(path, device=model.device,
+                            backend=getattr(model, "backend", "auto"))
+    _check_same_model(model, saved, path)
     progress = _saved_history(saved, path)
     _restore_optimizer(model, optimizer, saved, path)
     model.load_state_dict(saved.model.state_dict())
@@ -400,5 +463,5 @@ def _resume(model: MF, optimizer, path: Path):
     best_state = None
     best_path = _best_path(path)
     if history.best_epoch is not None and (best_path / CONFIG).exists():
-        best_state = load(best_path, device=model.user_factors.device).state_dict()
+        best_state = load(best_path, device=model.device).state_dict()
     return epoch, history, best_state
