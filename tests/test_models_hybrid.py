@@ -340,3 +340,22 @@ def test_bad_construction(rng):
     model = Hybrid(3, 10, item_features=itf)
     with pytest.raises(IndexError, match="item index 10 out of range"):
         model(torch.tensor([0]), torch.tensor([10]))
+
+
+def test_fit_save_load_round_trip_after_growth(rng, tmp_path):
+    data = fastmf.datasets.synthetic(num_users=40, num_items=30, num_interactions=600, seed=1)
+    itf = random_features(rng, 30, 5)
+    model = Hybrid(data.num_users, data.num_items, dim=6,
+                   item_features=Features.from_scipy(itf, id_map=data.item_map))
+    history = fastmf.fit(model, data, loss="bpr", epochs=2, progress=False)
+    assert np.isfinite(history["loss"]).all()
+    model.add_items(2, np.array([[1.0, 0, 0, 0, 0], [0, 0, 2.0, 0, 1.0]]),
+                    raw_ids=np.array([1000, 1001]))
+    assert model.item_map.lookup([1001]).tolist() == [31]
+    model.save(tmp_path / "hybrid")
+    loaded = fastmf.load(tmp_path / "hybrid")
+    assert type(loaded) is Hybrid and loaded.get_config() == model.get_config()
+    users = torch.as_tensor(rng.integers(0, 40, 20))
+    items = torch.as_tensor(rng.integers(0, 32, 20))
+    torch.testing.assert_close(loaded.predict(users, items), model.predict(users, items))
+    assert loaded.recommend([1], k=3)[0].shape == (1, 3)

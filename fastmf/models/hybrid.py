@@ -355,19 +355,21 @@ class Hybrid(Recommender):
         return total.detach(), count
 
     # -- growing -------------------------------------------------------------------------------
-    def add_users(self, n: int, features=None, *, optimizer=None) -> range:
+    def add_users(self, n: int, features=None, *, optimizer=None, raw_ids=None) -> range:
         """Append ``n`` users (see :meth:`add_items`); returns their indices."""
         from fastmf.models import coldstart
 
-        return coldstart.grow_hybrid(self, "user", n, features, optimizer)
+        return coldstart.grow_hybrid(self, "user", n, features, optimizer, raw_ids=raw_ids)
 
-    def add_items(self, n: int, features=None, *, optimizer=None) -> range:
+    def add_items(self, n: int, features=None, *, optimizer=None, raw_ids=None) -> range:
         """Append ``n`` items and return their indices (a range). ``features``: their raw
         feature rows ((n, F) scipy/numpy, or :meth:`Features.transform` output), None for
         none. With ``identity`` the tables grow by ``n`` identity rows, started at the
         weighted mean of the row's feature embeddings (the default init without features);
         ``optimizer``: the optimizer training the model (required when it steps the tables
-        in backward): its state grows too so training continues. All-or-nothing."""
+        in backward): its state grows too so training continues. ``raw_ids``: the new
+        items' raw ids, required when the model holds an item id map (after fit). Item
+        popularity grows with zeros. All-or-nothing."""
         from fastmf.models import coldstart
 
-        return coldstart.grow_hybrid(self, "item", n, features, optimizer)
+        return coldstart.grow_hybrid(self, "item", n, features, optimizer, raw_ids=raw_ids)
