@@ -64,6 +64,11 @@ def _item_side(model) -> tuple[Tensor, Tensor | None]:
     return vectors.detach(), None if bias is None else bias.detach()
 
 
+def _num_items(model) -> int:
+    num = getattr(model, "num_items", None)
+    return int(num) if num is not None else _item_side(model)[0].shape[0]
+
+
 def _base_offset(model) -> float:
     """What every user's score starts from (MF's global mean; 0 for the others)."""
     return float(getattr(model, "mu", 0.0))
@@ -73,7 +78,7 @@ def _item_indices(model, items, raw_ids: bool, op: str) -> tuple[np.ndarray, np.
     """(indices of the known items, mask of the known ones over ``items``)."""
     values = items.detach().cpu().numpy() if isinstance(items, Tensor) else items
     values = np.asarray(values if np.ndim(values) else [values]).reshape(-1)
-    num_items = _item_side(model)[0].shape[0]
+    num_items = _num_items(model)
     if raw_ids:
         id_map = getattr(model, "item_map", None)
         if id_map is None:
@@ -188,7 +193,7 @@ def _popular(model, k: int, skip: np.ndarray, what: str, stacklevel: int = 3):
     """The fallback: the k most popular items (lowest index on ties) not in ``skip``."""
     warnings.warn(f"fastmf.models.coldstart: {what}; answering with the popular-items "
                   "fallback", PopularityFallbackWarning, stacklevel=stacklevel)
-    num_items = _item_side(model)[0].shape[0]
+    num_items = _num_items(model)
     counts = getattr(model, "item_popularity", None)
     counts = np.zeros(num_items) if counts is None else np.asarray(counts, dtype=np.float64)
     order = np.lexsort((np.arange(num_items), -counts))
