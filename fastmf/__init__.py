@@ -53,10 +53,16 @@ def __getattr__(name: str):
         import fastmf.tune as tune_module
 
         value = getattr(tune_module, name)
-    elif name in ("load", "load_checkpoint"):
+    elif name in ("load", "load_checkpoint", "save"):
         from fastmf import checkpoint
 
         value = getattr(checkpoint, name)
+    elif name == "models":
+        # The model files (fastmf.models.*); the base class they share is already loaded,
+        # since fastmf.MF is a Recommender (fastmf/recommender.py).
+        import fastmf.models
+
+        value = fastmf.models
     elif name == "plot":
         # matplotlib and scikit-learn load only when a plot is drawn.
         import fastmf.plot
@@ -80,11 +86,13 @@ __all__ = [
     "load",
     "load_checkpoint",
     "metrics",
+    "models",
     "nn",
     "ops",
     "optim",
     "plot",
     "retrieval",
+    "save",
     "suggest_dim",
     "train_step",
     "train_step_pairwise",

@@ -322,10 +322,14 @@ def _print_metrics(title: str, values: dict) -> None:
 
 def cmd_train(args) -> None:
     from fastmf.evaluate import evaluate
-    from fastmf.layers import MF
     from fastmf.train import fit
 
-    fit_options = _apply_config(args)
+    cls = _model_class(args.model)
+    model_args = _model_args(args.model_args, cls)
+    fit_options = _apply_config(args, default_loss=cls.default_loss)
+    if args.loss not in cls.losses:
+        raise CliError(f"--loss {args.loss}: --model {args.model} trains with "
+                       f"{', '.join(cls.losses)}")
     explicit = args.loss in ("mse", "huber")
     if args.test is not None and (args.split is not None or args.test_fraction is not None):
         raise CliError("--test gives the test set; --split and --test-fraction do not apply")
@@ -366,10 +370,8 @@ def cmd_train(args) -> None:
         _write_split(split_dir, (train, test), args, args.force)
         print(f"split saved: {split_dir / 'train.csv'} ({len(train):,} interactions), "
               f"{split_dir / 'test.csv'} ({len(test):,})")
-    dim = args.dim if args.dim is not None else default_dim(data)
     torch.manual_seed(args.seed)
-    model = MF(data.num_users, data.num_items, dim, backend=args.backend,
-                      device=args.device or _default_device())
+    model, dim = _build_model(cls, args, model_args, data, train)
     metrics = _metrics_for(args.loss, args.k)
     history = fit(model, train, loss=args.loss, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, reg=args.reg, valid=test,
@@ -379,9 +381,9 @@ def cmd_train(args) -> None:
     results = None
     if test is not None:
         results = evaluate(model, test, train=train, metrics=metrics, k=args.k)
-        _print_metrics(f"{title}, dim={dim}, backend={model.backend}", results)
+        _print_metrics(f"{title}, {dim}, backend={_backend_of(model)}", results)
     else:
-        print(f"trained on all data (dim={dim}, backend={model.backend}); not evaluated")
+        print(f"trained on all data ({dim}, backend={_backend_of(model)}); not evaluated")
     print(f"training speed: {np.mean(history['samples_per_s']) / 1e6:.2f} M samples/s")
     if out is not None:
         path = model.save(out, extra={"loss": args.loss, "test": results})
@@ -393,7 +395,80 @@ _CONFIG_OPTIONS = ("loss", "dim", "epochs", "batch_size", "lr", "reg", "seed")
 _IMPLICIT_OPTIONS = ("num_negatives", "negative_distribution")
 
 
-def _apply_config(args) -> dict:
+def _model_class(name: str):
+    """The registered model class called ``name`` (class name lower-cased)."""
+    import fastmf.models  # noqa: F401  (registers the models)
+    from fastmf.checkpoint import MODELS
+    from fastmf.recommender import Recommender
+
+    classes = {cls.__name__.lower(): cls for cls in MODELS.values()
+               if isinstance(cls, type) and issubclass(cls, Recommender)}
+    cls = classes.get(name.lower())
+    if cls is None:
+        raise CliError(f"--model {name!r}: unknown model; choose one of "
+                       f"{', '.join(sorted(classes))}")
+    return cls
+
+
+# Constructor arguments --model-args may not give: the data and the other options set them.
+_RESERVED_MODEL_ARGS = ("num_users", "num_items", "backend", "device", "dtype")
+
+
+def _model_args(text: str | None, cls) -> dict:
+    """``--model-args``: a JSON object of constructor keywords of ``cls``."""
+    import inspect
+
+    if text is None:
+        return {}
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"--model-args: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise CliError(f"--model-args: expected a JSON object such as '{{\"dim\": 32}}', "
+                       f"got {type(values).__name__}")
+    parameters = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    knobs = [n for n, p in parameters.items() if n != "self" and n not in _RESERVED_MODEL_ARGS
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in values:
+        if key in _RESERVED_MODEL_ARGS:
+            raise CliError(f"--model-args: {key!r} is set from the data or the options, not "
+                           "here")
+        if key not in knobs and not takes_any:
+            raise CliError(f"--model-args: {cls.__name__} has no argument {key!r}; it takes "
+                           f"{', '.join(knobs) or 'none'}")
+    return values
+
+
+def _build_model(cls, args, model_args: dict, data, train):
+    """The model `train` fits, and how to describe its size ("dim=32")."""
+    import inspect
+
+    kwargs = dict(model_args)
+    takes_dim = "dim" in inspect.signature(cls.__init__).parameters
+    if args.dim is not None and "dim" in kwargs:
+        raise CliError("--dim and --model-args both give dim; give it once")
+    if args.dim is not None and not takes_dim:
+        raise CliError(f"--dim: --model {args.model} has no dim")
+    if "dim" not in kwargs and takes_dim and (args.dim is not None or cls.__name__ == "MF"):
+        kwargs["dim"] = args.dim if args.dim is not None else default_dim(data)
+    device = args.device or _default_device()
+    try:
+        model = cls.from_interactions(train, **kwargs, backend=args.backend, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a bad knob, as torch reports it
+        raise CliError(f"--model {args.model}: cannot build it with {kwargs}: {exc}") from None
+    dim = getattr(model, "dim", kwargs.get("dim"))
+    described = f"dim={dim}" if cls.__name__ == "MF" else (
+        f"model={args.model}" + (f", dim={dim}" if dim is not None else ""))
+    return model, described
+
+
+def _backend_of(model) -> str:
+    return getattr(model, "backend", "auto")
+
+
+def _apply_config(args, default_loss: str = "mse") -> dict:
     """Fill the train options not given on the command line from ``--config FILE`` (as
     ``fastmf tune --out`` writes it), then the defaults; returns the settings with no
     command-line option (``num_negatives``, ``negative_distribution``) for ``fit``."""
@@ -412,7 +487,7 @@ def _apply_config(args) -> dict:
         for key in ("split", "test_fraction"):
             if key in config:
                 setattr(args, key, used.setdefault(key, config[key]))
-    args.loss = args.loss or "mse"
+    args.loss = args.loss or default_loss
     args.seed = 0 if args.seed is None else args.seed
     fit_options = {key: config[key] for key in _IMPLICIT_OPTIONS if key in config}
     if fit_options and args.loss in ("mse", "huber"):
@@ -800,9 +875,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a predefined test set (same format and columns); --data is then "
                             "the training set. Test rows with users/items absent from --data "
                             "are skipped, with a note")
+    train.add_argument("--model", default="mf", metavar="NAME",
+                       help="the model class, lower-cased: mf (default) or any registered "
+                            "fastmf.models class (neumf, svdpp, ...)")
+    train.add_argument("--model-args", default=None, metavar="JSON",
+                       help="the model's constructor arguments as a JSON object, e.g. "
+                            "'{\"layers\": [64, 32]}'")
     train.add_argument("--loss", default=None, choices=["mse", "huber", "bce", "bpr"],
                        help="mse/huber: ratings (explicit); bce/bpr: interactions only "
-                            "(implicit, ratings ignored). Default: mse")
+                            "(implicit, ratings ignored). Default: the model's (mf: mse)")
     train.add_argument("--dim", type=positive_int, default=None,
                        help="factors (default: fast.ai's rule of thumb, capped at 128)")
     train.add_argument("--epochs", type=positive_int, default=None)

@@ -18,7 +18,7 @@ RANKING_METRICS = ("hr", "precision", "recall", "ndcg", "mrr", "map")
 @torch.no_grad()
 def predict_pairs(model, users, items, batch_size: int = 1 << 16) -> np.ndarray:
     """Predictions for (users, items) pairs in batches: (N,) float64 numpy."""
-    device = model.device
+    device = model._param_device()
     users = torch.as_tensor(np.asarray(users), dtype=torch.int64)
     items = torch.as_tensor(np.asarray(items), dtype=torch.int64)
     out = np.empty(len(users), dtype=np.float64)
@@ -35,11 +35,12 @@ def _score_source(model):
     models ``b_i + <u, v_i>`` (the user offset, e.g. MF's ``mu + b_u``, shifts a user's
     scores alike, and adding it could merge near-ties in float32), else ``score_items``."""
     if not model.has_vectors:
-        items = torch.arange(model.num_items, device=model.device)
+        device = model._param_device()
+        items = torch.arange(model.num_items, device=device)
 
         def scored(users: np.ndarray) -> torch.Tensor:
             with torch.no_grad():
-                return model.score_items(torch.as_tensor(users, device=model.device), items)
+                return model.score_items(torch.as_tensor(users, device=device), items)
 
         return scored
     item_vectors, item_bias = model.item_vectors()

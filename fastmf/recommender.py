@@ -187,14 +187,14 @@ class Recommender(nn.Module):
             return tensor
         return None
 
-    @property
-    def device(self) -> torch.device:
+    # Methods with private names, not properties: subclasses often keep their own
+    # ``self.device``/``self.dtype`` attributes.
+    def _param_device(self) -> torch.device:
         """The device of the model's first parameter (CPU for a model without any)."""
         tensor = self._first_tensor()
         return tensor.device if tensor is not None else torch.device("cpu")
 
-    @property
-    def dtype(self) -> torch.dtype:
+    def _param_dtype(self) -> torch.dtype:
         """The dtype of the model's first floating parameter (float32 without any)."""
         for tensor in self.parameters():
             if tensor.is_floating_point():
@@ -282,16 +282,19 @@ class Recommender(nn.Module):
         of ``batch_size``; for implicit losses each with ``num_negatives`` items per
         positive drawn by ``sampler`` (a :class:`fastmf.data.NegativeSampler`), seeded from
         ``generator``'s seed and the batch number."""
-        device = self.device
+        device = self._param_device()
         users, items, ratings = train.to_torch(device)
         n = len(train)
         order = torch.randperm(n, generator=generator).to(device)
         users, items = users[order], items[order]
         implicit = loss in IMPLICIT
-        targets = None if implicit else ratings[order].to(self.dtype)
+        targets = None if implicit else ratings[order].to(self._param_dtype())
         timestamps = None
-        if train.timestamps is not None and train.timestamps.dtype.kind in "iuf":
-            timestamps = torch.as_tensor(train.timestamps, device=device)[order]
+        if train.timestamps is not None:
+            stamps = train.timestamps
+            if stamps.dtype.kind == "M":  # datetimes: seconds since the epoch
+                stamps = stamps.astype("datetime64[s]").astype(np.int64)
+            timestamps = torch.from_numpy(np.array(stamps)).to(device)[order]  # a writable copy
         base = generator.initial_seed()
         for b, lo in enumerate(range(0, n, batch_size)):
             u, i = users[lo:lo + batch_size], items[lo:lo + batch_size]
@@ -374,7 +377,7 @@ class Recommender(nn.Module):
         """(B, M) scores of every user in ``users`` (B,) for every item in ``items`` (M,):
         ``forward`` on chunks of at most ~4M pairs."""
         num_users, num_items = len(users), len(items)
-        out = torch.empty((num_users, num_items), dtype=self.dtype, device=users.device)
+        out = torch.empty((num_users, num_items), dtype=self._param_dtype(), device=users.device)
         rows = max(1, SCORE_CHUNK // max(num_items, 1))
         cols = min(num_items, SCORE_CHUNK)
         for lo in range(0, num_users, rows):
@@ -387,7 +390,7 @@ class Recommender(nn.Module):
 
     def all_user_vectors(self) -> Tensor:
         """(num_users, D) vectors of every user (dot-product models)."""
-        return self.user_vectors(torch.arange(self.num_users, device=self.device))[0]
+        return self.user_vectors(torch.arange(self.num_users, device=self._param_device()))[0]
 
     def _vectors(self, side: str, method: str) -> Tensor:
         if not self.has_vectors:
@@ -400,7 +403,7 @@ class Recommender(nn.Module):
         """Tensor ids on the model's device (numpy arrays and lists accepted)."""
         if isinstance(ids, Tensor):
             return ids
-        return torch.as_tensor(int64_ids(ids, f"{self._op()}: {name}"), device=self.device)
+        return torch.as_tensor(int64_ids(ids, f"{self._op()}: {name}"), device=self._param_device())
 
     def _index_of(self, ids, side: str, raw_ids: bool) -> np.ndarray:
         """Indices (int64 numpy) of ``ids``; with ``raw_ids``, unknown raw ids become -1."""
@@ -476,7 +479,7 @@ class Recommender(nn.Module):
         if u.shape != i.shape:
             raise ValueError(f"{self._op('predict')}: users and items must have the same "
                              f"length, got {len(u)} and {len(i)}")
-        device = self.device
+        device = self._param_device()
         out = self.forward(torch.as_tensor(u, device=device), torch.as_tensor(i, device=device))
         return out.double().cpu().numpy()
 
@@ -555,13 +558,13 @@ class Recommender(nn.Module):
         known = index >= 0
         if raw_ids and not known.all():
             self._warn_unknown(users, known)
-        device = self.device
+        device = self._param_device()
         candidates = None
         if items is not None:
             candidates = self._index_of(items, "item", raw_ids)
             candidates = torch.as_tensor(candidates[candidates >= 0], device=device)
         batch = len(index)
-        dtype = self.dtype
+        dtype = self._param_dtype()
         out_items = torch.full((batch, k), -1, dtype=torch.int64, device=device)
         out_scores = torch.full((batch, k), float("-inf"), dtype=dtype, device=device)
         vectors = self.has_vectors
@@ -608,17 +611,18 @@ class Recommender(nn.Module):
         """Scores of the popular-items fallback: ``mu + b_i`` for dot-product models (mu:
         the model's ``mu`` if it has one), NaN for models without item vectors."""
         if not self.has_vectors:
-            return torch.full(items.shape, float("nan"), dtype=self.dtype, device=items.device)
+            return torch.full(items.shape, float("nan"), dtype=self._param_dtype(),
+                              device=items.device)
         mu = float(getattr(self, "mu", 0.0))
         if bias is None:
-            return torch.full(items.shape, mu, dtype=self.dtype, device=items.device)
+            return torch.full(items.shape, mu, dtype=self._param_dtype(), device=items.device)
         return mu + bias[items]
 
     def _rank_scored(self, rows: np.ndarray, k: int, exclusion, candidates, batch_size):
         """Top-k of models without item vectors: ``score_items`` on chunks of users, with
         the rules of the fused top-k (exclusions never returned, NaN ranked as -inf, equal
         scores to the lower item index, -1/-inf padding)."""
-        device = self.device
+        device = self._param_device()
         if candidates is None:
             columns = torch.arange(self.num_items, device=device)
         else:
@@ -626,7 +630,8 @@ class Recommender(nn.Module):
         num_columns = len(columns)
         chunk = batch_size or max(1, SCORE_CHUNK // max(self.num_items, 1))
         keep = min(k, num_columns)
-        out_scores = torch.full((len(rows), k), float("-inf"), dtype=self.dtype, device=device)
+        dtype = self._param_dtype()
+        out_scores = torch.full((len(rows), k), float("-inf"), dtype=dtype, device=device)
         out_items = torch.full((len(rows), k), -1, dtype=torch.int64, device=device)
         if keep == 0:
             return out_scores, out_items
@@ -638,7 +643,7 @@ class Recommender(nn.Module):
         for lo in range(0, len(rows), chunk):
             hi = min(len(rows), lo + chunk)
             users = torch.as_tensor(rows[lo:hi], device=device)
-            scores = self.score_items(users, columns).to(self.dtype)
+            scores = self.score_items(users, columns).to(dtype)
             scores = torch.nan_to_num(scores, nan=float("-inf"))
             hidden = torch.zeros((hi - lo, self.num_items), dtype=torch.bool, device=device)
             if indptr is not None:
@@ -663,7 +668,7 @@ class Recommender(nn.Module):
         ranking. Without popularity counts every item ties, so the lowest indices win."""
         from fastmf import retrieval
 
-        device = self.device
+        device = self._param_device()
         counts = np.zeros(self.num_items) if self.item_popularity is None else (
             self.item_popularity)
         counts = torch.as_tensor(counts, dtype=torch.float64, device=device)

@@ -266,7 +266,7 @@ def fit(
     elif set_global_mean and not implicit and hasattr(model, "set_global_mean"):
         model.set_global_mean(float(np.mean(train.ratings, dtype=np.float64)))
 
-    device = model.device
+    device = model._param_device()
     sampler = NegativeSampler(train, distribution=negative_distribution) if implicit else None
     n = len(train)
     bad_epochs = 0
@@ -449,7 +449,7 @@ def _resume(model: Recommender, optimizer, path: Path):
         warnings.warn(f"fastmf.fit: resume=True but {path} holds no checkpoint yet; "
                       "starting from scratch", stacklevel=3)
         return None
-    saved = load_checkpoint(path, device=model.device,
+    saved = load_checkpoint(path, device=model._param_device(),
                             backend=getattr(model, "backend", "auto"))
     _check_same_model(model, saved, path)
     progress = _saved_history(saved, path)
@@ -463,5 +463,5 @@ def _resume(model: Recommender, optimizer, path: Path):
     best_state = None
     best_path = _best_path(path)
     if history.best_epoch is not None and (best_path / CONFIG).exists():
-        best_state = load(best_path, device=model.device).state_dict()
+        best_state = load(best_path, device=model._param_device()).state_dict()
     return epoch, history, best_state

@@ -72,6 +72,7 @@ class ProtoMLP(Recommender):
                  backend: str = "auto", device=None, dtype=torch.float32):
         super().__init__()
         self.num_users, self.num_items, self.dim, self.hidden = num_users, num_items, dim, hidden
+        self.device, self.dtype = device, dtype  # attributes of these names must not clash
         kw = dict(backend=backend, device=device, dtype=dtype)
         self.user_emb = fastmf.nn.Embedding(num_users, dim, **kw)
         self.item_emb = fastmf.nn.Embedding(num_items, dim, **kw)
@@ -80,7 +81,8 @@ class ProtoMLP(Recommender):
 
     def get_config(self) -> dict:
         return {"num_users": self.num_users, "num_items": self.num_items, "dim": self.dim,
-                "hidden": self.hidden, "dtype": str(self.dtype).removeprefix("torch.")}
+                "hidden": self.hidden,
+                "dtype": str(self.user_emb.weight.dtype).removeprefix("torch.")}
 
     def forward(self, users, items):
         users, items = self.as_ids(users, "users"), self.as_ids(items, "items")
@@ -378,3 +380,255 @@ def test_check_data_and_attach_data():
     model = ProtoDot.from_interactions(data).attach_data(data)
     assert model.item_popularity.tolist() == np.bincount(data.items, minlength=20).tolist()
     assert json.loads(json.dumps(model.get_config()))["dim"] == 8
+
+
+# -- fit, evaluate ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def split():
+    data = fastmf.datasets.synthetic(60, 40, 900, seed=3)
+    return fastmf.data.random_split(data, 0.2, seed=0)
+
+
+@pytest.mark.parametrize("cls", [ProtoDot, ProtoMLP])
+def test_fit_validates_stops_early_and_restores_the_best_weights(cls, split):
+    train, valid = split
+    torch.manual_seed(0)
+    model = cls.from_interactions(train, dim=4)
+    history = fastmf.fit(model, train, valid=valid, epochs=4, lr=0.3, early_stopping=1,
+                         progress=False)
+    assert history.monitor == "ndcg@10"  # the default loss is bce: ranking metrics
+    assert 1 <= len(history) <= 4 and history.best_epoch is not None
+    assert all(np.isfinite(history["loss"]))
+    best = history.best["ndcg@10"]
+    assert fastmf.evaluate(model, valid, train=train, metrics=("ndcg@10",))["ndcg@10"] == \
+        pytest.approx(best)
+    assert model.user_map is train.user_map  # prepare kept the id maps
+
+
+def test_fit_checks_the_loss_against_the_model(split, monkeypatch):
+    train, _ = split
+    monkeypatch.setattr(ProtoMLP, "losses", ("bce", "bpr"))
+    with pytest.raises(ValueError, match=r"ProtoMLP does not train with loss 'mse'; its "
+                                         r"losses are \('bce', 'bpr'\)"):
+        fastmf.fit(ProtoMLP.from_interactions(train), train, loss="mse", progress=False)
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        fastmf.fit(ProtoMLP.from_interactions(train), train, loss="l1", progress=False)
+    with pytest.raises(TypeError, match="must be a fastmf.models.base.Recommender"):
+        fastmf.fit(nn.Linear(2, 1), train, progress=False)
+
+
+def test_fit_merges_the_model_defaults(split, monkeypatch):
+    train, _ = split
+    monkeypatch.setattr(ProtoDot, "defaults", {"implicit": {"epochs": 2, "batch_size": 50}})
+    history = fastmf.fit(ProtoDot.from_interactions(train), train, progress=False)
+    assert len(history) == 2
+
+
+def test_fit_takes_scipy_and_pandas_data(split):
+    pd = pytest.importorskip("pandas")
+    train, valid = split
+    frame = valid.to_pandas()  # user, item, rating, timestamp (raw ids)
+    torch.manual_seed(1)
+    model = ProtoDot(train.num_users, train.num_items, dim=4)
+    history = fastmf.fit(model, train.to_csr(), loss="mse", valid=frame, epochs=1,
+                         progress=False)
+    assert set(history.epochs[0]) >= {"rmse", "mae"}
+    with pytest.raises(ValueError, match=r"without user and item columns .* it has \['u', 'i'\]"):
+        fastmf.fit(model, pd.DataFrame({"u": [0], "i": [1]}), progress=False)
+    with pytest.raises(TypeError, match="Interactions, a scipy.sparse user x item matrix or a "
+                                        "pandas DataFrame, got list"):
+        fastmf.fit(model, [(0, 1)], progress=False)
+
+
+def test_evaluate_any_model(split):
+    train, valid = split
+    dot, scored = twin_models(seed=14, users=train.num_users, items=train.num_items)
+    metrics = ("rmse", "ndcg@5", "auc", "coverage@5")
+    a = fastmf.evaluate(dot, valid, train=train, metrics=metrics + ("diversity@5",))
+    b = fastmf.evaluate(scored, valid, train=train, metrics=metrics)
+    for key in metrics:
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    assert 0 <= a["diversity@5"] <= 2
+    with pytest.raises(ValueError, match="diversity needs item vectors; ProtoScored has none"):
+        fastmf.evaluate(scored, valid, train=train, metrics=("diversity",))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+def _states(optimizer):
+    out = {}
+    for k, part in enumerate(optimizer.optimizers):
+        for g, group in enumerate(part.param_groups):
+            for j, p in enumerate(group["params"]):
+                for key, value in part.state.get(p, {}).items():
+                    out[(k, g, j, key)] = value
+    return out
+
+
+def test_save_load_round_trip_with_optimizer_state_and_exact_resume(split, tmp_path):
+    train, _ = split
+    torch.manual_seed(2)
+    straight = ProtoMLP.from_interactions(train, dim=4, hidden=6)
+    interrupted = ProtoMLP.from_interactions(train, dim=4, hidden=6)
+    interrupted.load_state_dict(straight.state_dict())
+    opt = straight.make_optimizer("rowwise_adam", 0.05)
+    fastmf.fit(straight, train, epochs=2, optimizer=opt, progress=False)
+    fastmf.fit(interrupted, train, epochs=1, optimizer="rowwise_adam", lr=0.05,
+               checkpoint=tmp_path / "ck", progress=False)
+    saved = fastmf.load_checkpoint(tmp_path / "ck")
+    assert type(saved.optimizer).__name__ == "CombinedOptimizer"
+    assert [type(p).__name__ for p in saved.optimizer.optimizers] == ["SparseAdam", "Adam"]
+    assert saved.optimizer.optimizers[0].param_groups[0]["rowwise"] is True
+    # the loaded optimizer runs its tables in backward, like the one that was saved
+    assert fastmf.nn.embedding.fused_optimizer(saved.model.user_emb.weight) is \
+        saved.optimizer.optimizers[0]
+    resumed = ProtoMLP.from_interactions(train, dim=4, hidden=6)
+    fastmf.fit(resumed, train, epochs=2, optimizer="rowwise_adam", lr=0.05,
+               checkpoint=tmp_path / "ck", resume=True, progress=False)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # model.save with the optimizer: every state tensor and step comes back
+    path = straight.save(tmp_path / "full", optimizer=opt)
+    loaded = fastmf.load_checkpoint(path)
+    mine, theirs = _states(opt), _states(loaded.optimizer)
+    assert mine.keys() == theirs.keys() and len(mine) > 0
+    for key, value in mine.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(theirs[key], value, msg=str(key))
+        else:
+            assert theirs[key] == value
+    users = torch.arange(train.num_users)
+    assert torch.equal(straight.recommend(users, 5, exclude=train)[0],
+                       loaded.model.recommend(users, 5, exclude=train)[0])
+    assert loaded.model.item_map is not None
+
+
+def _rewrite(path, change):
+    config = json.loads((path / "config.json").read_text())
+    change(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+class _MetaOnly(ProtoMLP):
+    """Fails when built anywhere but on the meta device: loading must check first."""
+
+    def __init__(self, *args, device=None, **kwargs):
+        if str(device) != "meta":
+            raise AssertionError("built for real before the checkpoint was checked")
+        super().__init__(*args, device=device, **kwargs)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["model"].update(num_users=10**12), r"model.user_emb.weight has shape"),
+    (lambda c: c["model"].update(num_users=2**50), r"num_users must be an int in"),
+    (lambda c: c["model"].update(hidden=-3), r"cannot build \w+ from its config"),
+    (lambda c: c["model"].update(dim="4"), r"cannot build \w+ from its config"),
+    (lambda c: c["model"].update(device="cuda"), r"holds 'device'"),
+    (lambda c: c["model"].update(dtype="int8"), r"dtype must be one of"),
+    (lambda c: c.update(model_class="Nope"), r"unknown model class \"Nope\""),
+    (lambda c: c.update(model=[1, 2]), r"model must be an object"),
+    (lambda c: c["optimizer"]["parts"][0].update(type="LBFGS"), r"optimizer.parts\[0\].type"),
+    (lambda c: c["optimizer"]["parts"][1]["groups"][0].update(lr=-1),
+     r"groups\[0\].lr must be a finite number >= 0"),
+    (lambda c: c["optimizer"]["parts"][1]["groups"][0]["params"].append("ghost"),
+     r"names the parameter 'ghost'"),
+    (lambda c: c["optimizer"]["parts"][0]["state"].update(extra={"tensors": [], "scalars": {}}),
+     r"state\['extra'\]"),
+])
+def test_load_refuses_bad_configs_before_allocating(split, tmp_path, monkeypatch, change,
+                                                    message):
+    train, _ = split
+    model = ProtoMLP.from_interactions(train, dim=3, hidden=4)
+    opt = model.make_optimizer("adagrad", 0.1)
+    fastmf.fit(model, train, epochs=1, optimizer=opt, progress=False)
+    path = model.save(tmp_path / "ck", optimizer=opt)
+    _rewrite(path, change)
+    monkeypatch.setitem(checkpoint.MODELS, "ProtoMLP", _MetaOnly)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        fastmf.load(path)
+
+
+def test_save_refuses_what_would_not_load(tmp_path):
+    class Unregistered(ProtoMLP):
+        pass
+
+    with pytest.raises(checkpoint.CheckpointError, match="is not registered"):
+        Unregistered(3, 3).save(tmp_path / "a")
+    model = ProtoMLP(3, 3)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot save a SGD"):
+        model.save(tmp_path / "b", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="needs a registered model class"):
+        fastmf.fit(Unregistered(30, 20), tiny_data(), checkpoint=tmp_path / "c", progress=False)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_trains_any_registered_model_and_serves_it(split, tmp_path, capsys):
+    from fastmf.cli import main
+
+    train, _ = split
+    csv = tmp_path / "ratings.csv"
+    frame = train.to_pandas().rename(columns={"user": "userId", "item": "movieId"})
+    frame.to_csv(csv, index=False)
+    out = tmp_path / "model"
+    code = main(["train", "--data", str(csv), "--model", "ProtoMLP", "--model-args",
+                 '{"dim": 3, "hidden": 5}', "--epochs", "1", "--quiet", "--device", "cpu",
+                 "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "model=ProtoMLP" in printed.out or "model=protomlp" in printed.out
+    loaded = fastmf.load(out)
+    assert type(loaded) is ProtoMLP and loaded.hidden == 5
+    assert main(["evaluate", "--model", str(out), "--data", str(csv)]) == 0
+    assert "ndcg@10=" in capsys.readouterr().out
+    user = str(frame["userId"].iloc[0])
+    assert main(["recommend", "--model", str(out), "--user", user, "-k", "3"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) >= 3
+    for argv, message in (
+            (["--model", "nosuch"], "unknown model; choose one of .*mf.*protomlp"),
+            (["--model", "protomlp", "--model-args", "{"], "--model-args: not valid JSON"),
+            (["--model", "protomlp", "--model-args", "[1]"], "expected a JSON object"),
+            (["--model", "protomlp", "--model-args", '{"layers": [4]}'],
+             "ProtoMLP has no argument 'layers'; it takes dim, hidden"),
+            (["--model", "protomlp", "--model-args", '{"num_users": 4}'],
+             "'num_users' is set from the data"),
+            (["--model", "protomlp", "--model-args", '{"hidden": -1}'], "cannot build it")):
+        code = main(["train", "--data", str(csv), "--epochs", "1", "--quiet", *argv])
+        err = capsys.readouterr().err
+        assert code != 0
+        assert __import__("re").search(message, err), err
+
+
+# -- every registered model ----------------------------------------------------------------------
+
+REGISTERED = sorted(name for name, cls in checkpoint.MODELS.items()
+                    if cls.__module__.startswith("fastmf"))
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_registered_model_fits_recommends_saves_and_loads(name, split, tmp_path):
+    cls = checkpoint.MODELS[name]
+    train, valid = split
+    torch.manual_seed(0)
+    model = cls.from_interactions(train, **dict(getattr(cls, "test_config", {}) or {}))
+    loss = cls.default_loss
+    optimizer = model.make_optimizer(None, 0.05)
+    history = fastmf.fit(model, train, loss=loss, epochs=1, batch_size=256,
+                         optimizer=optimizer, valid=valid, progress=False)
+    assert len(history) == 1 and np.isfinite(history["loss"][0])
+    users = torch.arange(train.num_users)
+    items, scores = model.recommend(users, 5, exclude=train)
+    assert items.shape == (train.num_users, 5) and (items >= 0).all()
+    seen = set(zip(train.users.tolist(), train.items.tolist(), strict=True))
+    assert not any((u, i) in seen for u, row in enumerate(items.tolist()) for i in row)
+    torch.testing.assert_close(scores[:, 0].double(), model.predict(users, items[:, 0]).double(),
+                               rtol=1e-4, atol=1e-4)
+    path = model.save(tmp_path / name, optimizer=optimizer)
+    loaded = fastmf.load_checkpoint(path)
+    assert type(loaded.model) is cls
+    assert type(loaded.optimizer) is type(optimizer)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
+    assert torch.equal(loaded.model.recommend(users, 5, exclude=train)[0], items)
