@@ -446,8 +446,11 @@ def _extend_map(op: str, model, side: str, n: int, raw_ids):
     if known.any():
         raise ValueError(f"{op}: raw {side} id(s) already in the model: "
                          f"{raw[known][:5].tolist()}")
-    return IdMap(np.concatenate([id_map.raw_ids.astype(object) if raw.dtype != id_map.raw_ids
-                                 .dtype else id_map.raw_ids, raw]), kind=side)
+    old = id_map.raw_ids
+    if raw.dtype != old.dtype:
+        # Objects keep both kinds as given (numpy would coerce 7 and "7" to one kind).
+        old, raw = old.astype(object), raw.astype(object)
+    return IdMap(np.concatenate([old, raw]), kind=side)
 
 
 def add_rows(model, side: str, n: int, features=None, *, catalog_features=None,
