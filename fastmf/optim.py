@@ -40,7 +40,8 @@ from fastmf.ops import checks
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay
 from fastmf.ops.reference.embedding_bag import random_bits, stochastic_round
 
-__all__ = ["CombinedOptimizer", "SparseAdagrad", "SparseAdam", "SparseSGD", "apply_in_backward"]
+__all__ = ["CombinedOptimizer", "SparseAdagrad", "SparseAdam", "SparseSGD", "apply_in_backward",
+           "grown_state"]
 
 
 def _sparse_parts(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -491,3 +492,48 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         inner = ",\n".join("  " + repr(part).replace("\n", "\n  ") for part in self.optimizers)
         return f"CombinedOptimizer(\n{inner}\n)"
+
+def _holders(optimizer) -> list:
+    """The torch optimizers inside ``optimizer`` (itself, or the parts of a combined one)."""
+    parts = getattr(optimizer, "optimizers", None)
+    if isinstance(parts, list | tuple):
+        return [p for part in parts for p in _holders(part)]
+    return [optimizer]
+
+
+def grown_state(optimizer, param: Tensor, extra_rows: int) -> tuple[dict, dict]:
+    """The state of ``param`` in ``optimizer`` for ``param`` grown by ``extra_rows`` rows,
+    computed without changing anything: ``(state, new)`` where ``state`` is the optimizer's
+    state dict of ``param`` and ``new`` maps its keys to the grown tensors; the caller applies
+    ``state.update(new)`` when every other part of the growth has succeeded.
+
+    Row-shaped state tensors (first dimension = the parameter's rows) are extended: Adagrad
+    accumulators with the group's ``initial_accumulator_value``, everything else (Adam's
+    moments, row-wise sums) with zeros, as a fresh row would start. Step counts are kept.
+    ``optimizer`` may be a combined optimizer with an ``optimizers`` list.
+
+    Raises ValueError when no part of ``optimizer`` holds ``param``, RuntimeError when a
+    state tensor is on another device than the parameter (the state lives elsewhere)."""
+    op = "fastmf.optim.grown_state"
+    rows = param.shape[0]
+    for part in _holders(optimizer):
+        group = next((g for g in getattr(part, "param_groups", [])
+                      if any(p is param for p in g["params"])), None)
+        if group is None:
+            continue
+        state = part.state[param]
+        new = {}
+        for key, value in state.items():
+            if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != rows:
+                continue
+            if value.device != param.device:
+                raise RuntimeError(f"{op}: {type(part).__name__}'s {key!r} state is on "
+                                   f"{value.device} but the parameter on {param.device}; "
+                                   "move the optimizer state next to the model first")
+            fill = group.get("initial_accumulator_value", 0.0) if key == "sum" else 0.0
+            pad = torch.full((extra_rows, *value.shape[1:]), fill, dtype=value.dtype,
+                             device=value.device)
+            new[key] = torch.cat([value, pad])
+        return state, new
+    raise ValueError(f"{op}: the optimizer ({type(optimizer).__name__}) does not hold this "
+                     f"parameter of shape {tuple(param.shape)}")

@@ -11,6 +11,7 @@ names in ``__all__``. ``fastmf.MF`` (fastmf/layers.py) is a Recommender too.
 from fastmf.layers import MF
 from fastmf.models.als import ALS
 from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
+from fastmf.models.hybrid import Hybrid
 from fastmf.models.item2vec import Item2Vec
 from fastmf.models.ncf import GMF, MLP, NeuMF
 from fastmf.models.svdpp import SVDpp, TimeSVDpp
@@ -23,6 +24,7 @@ __all__ = [
     "pointwise_loss",
     "ALS",
     "GMF",
+    "Hybrid",
     "MLP",
     "NeuMF",
     "Item2Vec",

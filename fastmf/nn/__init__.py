@@ -13,6 +13,6 @@ the fused embedding layer (sparse gradients, or the optimizer applied in backwar
 True
 """
 
-from fastmf.nn.embedding import Embedding, EmbeddingBag
+from fastmf.nn.embedding import Embedding, EmbeddingBag, grow
 
-__all__ = ["Embedding", "EmbeddingBag"]
+__all__ = ["Embedding", "EmbeddingBag", "grow"]

@@ -34,7 +34,7 @@ from fastmf.ops import checks
 from fastmf.ops.codes import Pooling
 from fastmf.ops.reference.embedding_bag import per_sample_weights_grad
 
-__all__ = ["Embedding", "EmbeddingBag"]
+__all__ = ["Embedding", "EmbeddingBag", "grow"]
 
 
 def embedding_kernels(backend: str, device) -> ModuleType:
@@ -407,3 +407,28 @@ class EmbeddingBag(_Table):
                              "per bag plus one, got 0 entries")
         checks.check_offsets_values(op, offsets, num_ids, last="at_most")
         return ids[:int(offsets[-1])], offsets
+
+
+def grow(module: _Table, rows: Tensor) -> None:
+    """Append ``rows`` (n, dim) to ``module``'s weight in place.
+
+    The weight stays the same Parameter object (its data is replaced), so optimizers
+    holding it and the optimizer applied in backward keep it; grow their state with
+    :func:`fastmf.optim.grown_state` in the same breath, or their next step sees the old
+    size. Raises before any change when the rows do not fit."""
+    op = "fastmf.nn.grow"
+    if not isinstance(module, _Table):
+        raise TypeError(f"{op}: module must be a fastmf.nn Embedding or EmbeddingBag, got "
+                        f"{type(module).__name__}")
+    if not isinstance(rows, Tensor) or rows.dim() != 2 or rows.shape[1] != module.dim:
+        shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+        raise ValueError(f"{op}: rows must be a (n, {module.dim}) tensor, got {shape}")
+    if rows.device != module.weight.device:
+        raise ValueError(f"{op}: rows are on {rows.device} but the table on "
+                         f"{module.weight.device}")
+    if not torch.isfinite(rows).all():
+        raise ValueError(f"{op}: rows hold NaN/inf")
+    with torch.no_grad():
+        module.weight.data = torch.cat([module.weight.data, rows.to(module.weight.dtype)])
+    module.num_embeddings = module.weight.shape[0]
+    module._register()  # the record's name carries the row count

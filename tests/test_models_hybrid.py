@@ -1,0 +1,361 @@
+"""fastmf.models.Hybrid and fastmf.models.coldstart: the forward against a direct numpy
+LightFM-style computation, the fused step against plain autograd, fold-in, features-only
+vectors, growing users/items with their optimizer state, the popularity fallback, bad
+input."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+import fastmf
+from fastmf import optim
+from fastmf.data import Features
+from fastmf.models import coldstart
+from fastmf.models.base import Batch
+from fastmf.models.hybrid import Hybrid
+
+
+def random_features(rng, rows, cols, density=0.4, duplicates=True):
+    """A COO matrix with repeated (row, col) entries (they add up) and no empty row."""
+    nnz = int(rows * cols * density)
+    r = np.concatenate([rng.integers(0, rows, nnz), np.arange(rows)])
+    c = rng.integers(0, cols, len(r))
+    if duplicates:
+        r, c = np.concatenate([r, r[:5]]), np.concatenate([c, c[:5]])
+    w = rng.uniform(0.1, 2.0, len(r))
+    return sp.coo_matrix((w, (r, c)), shape=(rows, cols))
+
+
+def lightfm_numpy(model, features, side_rows, identity, normalize):
+    """Vectors and biases of every row: Σ_f w_f e_f over [features | identity], computed
+    with numpy from the model's tables (LightFM's model)."""
+    dense = np.asarray(features.todense(), dtype=np.float64)  # duplicates summed
+    if identity:
+        dense = np.hstack([dense, np.eye(side_rows)])
+    if normalize:
+        dense = dense / dense.sum(1, keepdims=True)
+    return dense
+
+
+def side_arrays(model, side):
+    s = model.users if side == "user" else model.items
+    return (s.table.weight.detach().double().numpy(),
+            s.bias.weight.detach().double().numpy()[:, 0])
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def test_forward_equals_numpy_lightfm(rng):
+    torch.manual_seed(1)
+    uf = random_features(rng, 9, 5)
+    itf = random_features(rng, 12, 6)
+    model = Hybrid(9, 12, dim=4, user_features=Features.from_scipy(uf, kind="user"),
+                   item_features=Features.from_scipy(itf), init_scale=0.5)
+    with torch.no_grad():  # random biases too, so they are checked
+        model.users.bias.weight.uniform_(-1, 1)
+        model.items.bias.weight.uniform_(-1, 1)
+    wu = lightfm_numpy(model, uf, 9, True, True)
+    wi = lightfm_numpy(model, itf, 12, True, True)
+    eu, cu = side_arrays(model, "user")
+    ei, ci = side_arrays(model, "item")
+    p, bu = wu @ eu, wu @ cu
+    q, bi = wi @ ei, wi @ ci
+    users = rng.integers(0, 9, 50)
+    items = rng.integers(0, 12, 50)
+    expected = (p[users] * q[items]).sum(1) + bu[users] + bi[items]
+    got = model(torch.as_tensor(users), torch.as_tensor(items)).detach().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    vec, offset = model.user_vectors(torch.as_tensor(users))
+    ivec, ibias = model.item_vectors()
+    via = ((vec * ivec[torch.as_tensor(items)]).sum(1) + offset
+           + ibias[torch.as_tensor(items)]).detach().double().numpy()
+    np.testing.assert_allclose(via, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scipy_features_are_used_as_given_without_identity(rng):
+    itf = random_features(rng, 10, 4)
+    model = Hybrid(3, 10, dim=3, item_features=itf, identity=False)
+    wi = lightfm_numpy(model, itf, 10, False, False)
+    ei, ci = side_arrays(model, "item")
+    got, bias = model.item_vectors()
+    np.testing.assert_allclose(got.detach().double().numpy(), wi @ ei, rtol=1e-5, atol=1e-6)
+    assert model.users.table.weight.shape == (3, 3)  # no user features: identity only
+
+
+def reference_step(model, batch, lr, reg):
+    """One BPR step of ``model`` (a copy) by plain autograd over dense tables and
+    torch.optim.Adagrad: the numbers the fused step must give."""
+    tables = {}
+    for side in ("users", "items"):
+        s = getattr(model, side)
+        tables[side] = [s.table.weight.detach().clone().requires_grad_(True),
+                        s.bias.weight.detach().clone().requires_grad_(True)]
+
+    def pool(side, ids):
+        s = getattr(model, side)
+        idx, offsets, w = s.bags(ids)
+        vec = F.embedding_bag(idx, tables[side][0], offsets, mode="sum", per_sample_weights=w)
+        bias = F.embedding_bag(idx, tables[side][1], offsets, mode="sum",
+                               per_sample_weights=w)
+        return vec, bias[:, 0]
+
+    p, bu = pool("users", batch.users)
+    n = batch.negatives.shape[1]
+    q, bi = pool("items", torch.cat([batch.items, batch.negatives.reshape(-1)]))
+    size = len(batch.users)
+    pos = (p * q[:size]).sum(1) + bu + bi[:size]
+    neg = (p.repeat_interleave(n, 0) * q[size:]).sum(1) + bu.repeat_interleave(n) + bi[size:]
+    loss = F.softplus(neg - pos.repeat_interleave(n)).mean()
+    penalty = sum(o.square().sum() for o in (p, bu, q, bi))
+    total = loss + reg * penalty / size
+    opt = torch.optim.Adagrad([t for pair in tables.values() for t in pair], lr=lr)
+    total.backward()
+    opt.step()
+    return {side: [t.detach() for t in pair] for side, pair in tables.items()}
+
+
+def test_fused_step_equals_autograd(rng):
+    torch.manual_seed(2)
+    itf = random_features(rng, 15, 5)
+    model = Hybrid(8, 15, dim=6, item_features=Features.from_scipy(itf), init_scale=0.3)
+    expected_model = copy.deepcopy(model)
+    users = torch.as_tensor(rng.integers(0, 8, 11))
+    items = torch.as_tensor(rng.integers(0, 15, 11))
+    negatives = torch.as_tensor(rng.integers(0, 15, (11, 3)))
+    batch = Batch(users, items, None, negatives, None, None)
+    expected = reference_step(expected_model, batch, lr=0.1, reg=0.01)
+    opt = optim.apply_in_backward(optim.SparseAdagrad(list(model.parameters()), lr=0.1))
+    loss, _ = model.training_step(batch, opt, loss="bpr", reg=0.01)
+    assert torch.isfinite(loss)
+    for side in ("users", "items"):
+        s = getattr(model, side)
+        assert s.table.weight.grad is None  # stepped in backward
+        torch.testing.assert_close(s.table.weight.detach(), expected[side][0], rtol=1e-5,
+                                   atol=1e-6)
+        torch.testing.assert_close(s.bias.weight.detach(), expected[side][1], rtol=1e-5,
+                                   atol=1e-6)
+
+
+def planted_model(rng, num_items=60, dim=6):
+    torch.manual_seed(3)
+    model = Hybrid(5, num_items, dim=dim, init_scale=1.0)
+    with torch.no_grad():
+        model.items.bias.weight.uniform_(-0.3, 0.3)
+    return model
+
+
+def test_fold_in_ridge_recovers_planted_vector(rng):
+    model = planted_model(rng)
+    q, b = model.item_vectors()
+    planted = torch.as_tensor(rng.normal(size=6), dtype=torch.float32)
+    items = rng.choice(60, 25, replace=False)
+    ratings = (q[items] @ planted + b[items] + 0.7).detach().numpy()
+    vector, offset = coldstart.fold_in(model, items, ratings=ratings, reg=1e-9)
+    torch.testing.assert_close(vector, planted, rtol=1e-4, atol=1e-4)
+    assert offset == pytest.approx(0.7, abs=1e-4)
+
+
+def test_fold_in_bpr_points_at_planted_vector(rng):
+    model = planted_model(rng, num_items=200)
+    q, b = model.item_vectors()
+    planted = torch.as_tensor(rng.normal(size=6), dtype=torch.float32)
+    liked = torch.topk(q.detach() @ planted, 30).indices.numpy()
+    vector, _ = coldstart.fold_in(model, liked, loss="bpr", steps=100, lr=0.05, reg=1e-4)
+    cosine = float(vector @ planted / (vector.norm() * planted.norm()))
+    assert cosine > 0.9
+    top, scores = coldstart.recommend_new_user(model, liked[:20], k=10, loss="bpr",
+                                               steps=100)
+    assert not np.isin(top.numpy(), liked[:20]).any()  # their own items are left out
+    assert np.isin(top.numpy(), liked[20:]).sum() >= 5
+    assert torch.all(scores[:-1] >= scores[1:])
+
+
+def test_popularity_fallback_warns(rng):
+    model = planted_model(rng)
+    model.item_popularity = np.arange(60)[::-1].copy()
+    model.item_map = fastmf.data.IdMap(np.arange(60) * 10, kind="item")
+    with pytest.warns(coldstart.PopularityFallbackWarning, match="none of the 2"):
+        top, _ = coldstart.recommend_new_user(model, [7, 13], k=3, raw_ids=True)
+    assert top.tolist() == [0, 10, 20]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        top, _ = coldstart.recommend_new_user(model, [10, 7], k=3, raw_ids=True)
+    assert 10 not in top.tolist()
+
+
+def test_features_only_vectors(rng):
+    torch.manual_seed(4)
+    itf = random_features(rng, 20, 6)
+    uf = random_features(rng, 7, 3)
+    model = Hybrid(7, 20, dim=5, user_features=Features.from_scipy(uf, kind="user"),
+                   item_features=Features.from_scipy(itf), init_scale=0.5)
+    new_items = random_features(rng, 3, 6).tocsr()
+    new_users = random_features(rng, 2, 3).tocsr()
+    ei, ci = side_arrays(model, "item")
+    eu, cu = side_arrays(model, "user")
+    wi = lightfm_numpy(model, new_items, 3, False, True)
+    wu = lightfm_numpy(model, new_users, 2, False, True)
+    vec, bias = coldstart.item_vectors_from_features(model, new_items)
+    np.testing.assert_allclose(vec.double().numpy(), wi[:, :6] @ ei[:6], rtol=1e-5, atol=1e-6)
+    uvec, ubias = coldstart.user_vectors_from_features(model, new_users)
+    np.testing.assert_allclose(ubias.double().numpy(), wu[:, :3] @ cu[:3], rtol=1e-5,
+                               atol=1e-6)
+    scores = coldstart.score_new_items(model, [0, 3], new_items)
+    p, off = model.user_vectors(torch.tensor([0, 3]))
+    expected = p.detach() @ vec.T + bias + off.detach().unsqueeze(1)
+    torch.testing.assert_close(scores, expected)
+    top, s = coldstart.recommend_from_features(model, new_users, k=4)
+    full = uvec @ model.item_vectors()[0].detach().T + model.item_vectors()[1].detach()
+    assert top.tolist() == torch.topk(full, 4).indices.tolist()
+    empty = sp.csr_matrix((1, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="no feature"):
+        coldstart.user_vectors_from_features(model, empty)
+    with pytest.raises(ValueError, match=r"shape \(2, 4\), expected \(2, 3\)"):
+        coldstart.user_vectors_from_features(model, sp.csr_matrix(np.ones((2, 4))))
+
+
+def test_add_items_then_train(rng):
+    torch.manual_seed(5)
+    itf = random_features(rng, 12, 4)
+    model = Hybrid(6, 12, dim=4, item_features=Features.from_scipy(itf))
+    opt = optim.apply_in_backward(optim.SparseAdagrad(list(model.parameters()), lr=0.2))
+    batch = Batch(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3]), None,
+                  torch.tensor([[4, 5], [6, 7], [8, 9]]), None, None)
+    model.training_step(batch, opt, loss="bpr", reg=0.0)
+    new = sp.csr_matrix(np.array([[1.0, 0, 2.0, 0], [0, 0, 0, 0]], dtype=np.float32))
+    before = model.items.table.weight.detach().clone()
+    added = model.add_items(2, new, optimizer=opt)
+    assert list(added) == [12, 13] and model.num_items == 14
+    assert model.items.table.weight.shape == (4 + 14, 4)
+    assert opt.state[model.items.table.weight]["sum"].shape == (18, 4)
+    # Content-based start: the identity row of the featured item is the weighted mean of
+    # its feature rows; the featureless one gets the default init range.
+    expected = (before[0] * 1 + before[2] * 2) / 3
+    torch.testing.assert_close(model.items.table.weight[4 + 12].detach(), expected)
+    assert model.items.table.weight[4 + 13].abs().max() <= model.init_scale
+    # Its vector: (features + identity) normalised, the identity counted as one more weight.
+    vec, _ = model.item_vectors()
+    torch.testing.assert_close(vec[12].detach(), (before[0] + 2 * before[2] + expected) / 4)
+    target = model.items.table.weight[4 + 12].detach().clone()
+    batch = Batch(torch.tensor([0, 1]), torch.tensor([12, 13]), None,
+                  torch.tensor([[0, 1], [2, 3]]), None, None)
+    for _ in range(3):
+        loss, _ = model.training_step(batch, opt, loss="bce", reg=1e-3)
+        assert torch.isfinite(loss)
+    assert not torch.equal(model.items.table.weight[4 + 12].detach(), target)
+    model.add_users(3, optimizer=opt)
+    assert model.num_users == 9 and opt.state[model.users.table.weight]["sum"].shape == (9, 4)
+    model.training_step(Batch(torch.tensor([8]), torch.tensor([13]), None,
+                              torch.tensor([[0]]), None, None), opt, loss="bpr", reg=0.0)
+
+
+def test_growth_is_all_or_nothing(rng):
+    itf = random_features(rng, 10, 4)
+    model = Hybrid(5, 10, dim=3, item_features=Features.from_scipy(itf))
+    opt = optim.apply_in_backward(optim.SparseAdagrad(list(model.parameters()), lr=0.1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def unchanged():
+        now = model.state_dict()
+        assert set(now) == set(state)
+        assert all(now[k].shape == state[k].shape and torch.equal(now[k], state[k])
+                   for k in state)
+        assert opt.state[model.items.table.weight]["sum"].shape[0] == 14
+
+    with pytest.raises(RuntimeError, match="updated in backward by a SparseAdagrad that was "
+                                           "not passed"):
+        model.add_items(2)
+    unchanged()
+    with pytest.raises(ValueError, match=r"shape \(2, 5\), expected \(2, 4\)"):
+        model.add_items(2, np.ones((2, 5)), optimizer=opt)
+    unchanged()
+    with pytest.raises(ValueError, match="NaN"):
+        model.add_items(1, np.array([[np.nan, 0, 0, 1.0]]), optimizer=opt)
+    with pytest.raises(ValueError, match="negative"):
+        model.add_items(1, np.array([[-1.0, 0, 0, 1.0]]), optimizer=opt)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        model.add_items(0, optimizer=opt)
+    other = optim.SparseAdagrad([torch.nn.Parameter(torch.zeros(3, 3))])
+    with pytest.raises(RuntimeError, match="not passed"):
+        model.add_items(1, optimizer=other)
+    unchanged()
+    # Optimizer state that lives on another device than the tables cannot grow with them.
+    weight = model.items.table.weight
+    saved = opt.state[weight]["sum"]
+    opt.state[weight]["sum"] = saved.to("meta")
+    with pytest.raises(RuntimeError, match="'sum' state is on meta"):
+        model.add_items(1, optimizer=opt)
+    opt.state[weight]["sum"] = saved
+    unchanged()
+    plain = Hybrid(5, 10, dim=3, item_features=itf, identity=False)
+    with pytest.raises(ValueError, match="no feature"):
+        plain.add_items(1)
+
+
+def test_mf_add_items_with_content_init_and_state():
+    torch.manual_seed(6)
+    model = fastmf.MF(6, 5, dim=3, sparse=True)
+    opt = optim.SparseAdagrad(model.parameters(), lr=0.1)
+    catalog = sp.csr_matrix(np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0, 0]], np.float32))
+    before = model.item_factors.detach().clone()
+    added = coldstart.add_rows(model, "item", 2, np.array([[1.0, 0], [0, 0]]),
+                               catalog_features=catalog, optimizer=opt)
+    assert list(added) == [5, 6] and model.num_items == 7
+    torch.testing.assert_close(model.item_factors[5].detach(), before[:2].mean(0))
+    assert opt.state[model.item_factors]["sum"].shape == (7, 3)
+    pred = model(torch.tensor([0, 1]), torch.tensor([5, 6]))
+    ((pred - 1) ** 2).mean().backward()
+    opt.step()
+    assert torch.isfinite(model.item_factors).all()
+    with pytest.raises(ValueError, match="rows but the model"):
+        coldstart.add_rows(model, "item", 1, np.ones((1, 2)), catalog_features=catalog)
+
+
+def test_bad_construction(rng):
+    itf = random_features(rng, 10, 4).tocsr()
+    with pytest.raises(ValueError, match="item_features has 10 rows but the model has 11"):
+        Hybrid(3, 11, item_features=itf)
+    bad = itf.copy()
+    bad.data[0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        Hybrid(3, 10, item_features=bad)
+    bad.data[0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Hybrid(3, 10, item_features=bad)
+    empty = itf.copy().tolil()
+    empty[4, :] = 0
+    with pytest.raises(ValueError, match="first: item 4"):
+        Hybrid(3, 10, item_features=sp.csr_matrix(empty), identity=False)
+    assert Hybrid(3, 10, identity=False).items.table.weight.shape[0] == 10  # identity-only
+    with pytest.raises(TypeError, match="item_features must be"):
+        Hybrid(3, 10, item_features=[[1, 2]])
+    model = Hybrid(3, 10, item_features=itf)
+    with pytest.raises(IndexError, match="item index 10 out of range"):
+        model(torch.tensor([0]), torch.tensor([10]))
+
+
+def test_fit_save_load_round_trip_after_growth(rng, tmp_path):
+    data = fastmf.datasets.synthetic(num_users=40, num_items=30, num_interactions=600, seed=1)
+    itf = random_features(rng, 30, 5)
+    model = Hybrid(data.num_users, data.num_items, dim=6,
+                   item_features=Features.from_scipy(itf, id_map=data.item_map))
+    history = fastmf.fit(model, data, loss="bpr", epochs=2, progress=False)
+    assert np.isfinite(history["loss"]).all()
+    model.add_items(2, np.array([[1.0, 0, 0, 0, 0], [0, 0, 2.0, 0, 1.0]]),
+                    raw_ids=np.array([1000, 1001]))
+    assert model.item_map.lookup([1001]).tolist() == [31]
+    model.save(tmp_path / "hybrid")
+    loaded = fastmf.load(tmp_path / "hybrid")
+    assert type(loaded) is Hybrid and loaded.get_config() == model.get_config()
+    users = torch.as_tensor(rng.integers(0, 40, 20))
+    items = torch.as_tensor(rng.integers(0, 32, 20))
+    torch.testing.assert_close(loaded.predict(users, items), model.predict(users, items))
+    assert loaded.recommend([1], k=3)[0].shape == (1, 3)
