@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fastmf import checkpoint, ops
 from fastmf.ops import checks, native
-from fastmf.recommender import IMPLICIT, Batch, Recommender
+from fastmf.recommender import IMPLICIT, Batch, FactorTables, Recommender
 
 
 def sparse_rows_grad(ids: Tensor, rows: Tensor, shape) -> Tensor:
@@ -63,7 +63,7 @@ class _KernelForward(torch.autograd.Function):
 
 
 @checkpoint.register_model
-class MF(Recommender):
+class MF(FactorTables, Recommender):
     """Biased matrix factorisation: ``pred = mu + b_u + b_i + <P[u], Q[i]>``.
 
     A drop-in for the textbook model (``nn.Embedding`` users/items, biases, a dot
@@ -142,18 +142,6 @@ class MF(Recommender):
     @backend.setter
     def backend(self, name: str) -> None:
         self._backend = ops.resolve_backend(name, op="fastmf.MF")
-
-    @property
-    def num_users(self) -> int:
-        return self.user_factors.shape[0]
-
-    @property
-    def num_items(self) -> int:
-        return self.item_factors.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.user_factors.shape[1]
 
     @property
     def has_bias(self) -> bool:

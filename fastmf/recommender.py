@@ -29,8 +29,8 @@ from fastmf import checkpoint
 from fastmf.ops import checks
 from fastmf.ops.codes import Loss, PairwiseLoss, names
 
-__all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "Batch", "Recommender", "loss_kind",
-           "pairwise_loss", "pointwise_loss"]
+__all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "Batch", "FactorTables", "Recommender",
+           "loss_kind", "pairwise_loss", "pointwise_loss"]
 
 # fit's loss names, from the kernels' vocabulary (fastmf/ops/codes.py): the implicit ones
 # (BCE against sampled negatives, the pairwise losses) and the rating (explicit) ones.
@@ -59,6 +59,24 @@ def inference(method):
                 self.train()
 
     return wrapper
+
+
+class FactorTables:
+    """``num_users``, ``num_items`` and ``dim`` of a model that keeps ``user_factors``
+    (num_users, dim) and ``item_factors`` (num_items, dim) tables (MF, ALS): mixed in before
+    :class:`Recommender`, they follow the tables when those grow."""
+
+    @property
+    def num_users(self) -> int:
+        return self.user_factors.shape[0]
+
+    @property
+    def num_items(self) -> int:
+        return self.item_factors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.user_factors.shape[1]
 
 
 class Batch(NamedTuple):

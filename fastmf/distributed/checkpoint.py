@@ -39,6 +39,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from fastmf.checkpoint import _fsync
+
 from .modules import is_sharded
 from .routing import local_rows, world
 
@@ -53,14 +55,6 @@ _CHUNK_ROWS = 1 << 20
 
 def _shard_name(rank: int) -> str:
     return f"shard-{rank:05d}.safetensors"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, value) -> None:

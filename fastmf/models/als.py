@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from fastmf import checkpoint
 from fastmf.models.base import Batch, Recommender
+from fastmf.recommender import FactorTables
 
 __all__ = ["ALS"]
 
@@ -218,7 +219,7 @@ def _check_number(where: str, name: str, value, *, low: float = 0.0, strict: boo
 
 
 @checkpoint.register_model
-class ALS(Recommender):
+class ALS(FactorTables, Recommender):
     """Implicit ALS with confidence weights and conjugate-gradient solves (see the module
     docstring for the objective).
 
@@ -301,18 +302,6 @@ class ALS(Recommender):
     def reset_parameters(self) -> None:
         self.user_factors.normal_(0.0, self.init_std)
         self.item_factors.normal_(0.0, self.init_std)
-
-    @property
-    def num_users(self) -> int:
-        return self.user_factors.shape[0]
-
-    @property
-    def num_items(self) -> int:
-        return self.item_factors.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.user_factors.shape[1]
 
     def get_config(self) -> dict:
         return dict(num_users=self.num_users, num_items=self.num_items, dim=self.dim,
