@@ -261,6 +261,7 @@ class _Table(nn.Module):
         self.weight = nn.Parameter(init.to(dtype))
         self.seed = int(torch.randint(0, 2**62, ()))
         self._register()
+        self._kernels(self.weight)  # resolved here, outside any traced call
 
     def _register(self) -> None:
         name = f"{type(self).__name__}({self.num_embeddings}, {self.dim})"
