@@ -163,10 +163,19 @@ class _SparseOptimizer(torch.optim.Optimizer):
         self.check_groups()
         group = self.hyperparameters(weight)
         step = self._next_step(weight)
-        embedding_kernels(self.backend, weight.device).embedding_bag_backward_update(
+        self._fused_kernels(weight.device).embedding_bag_backward_update(
             weight.detach(), *self.states(weight), grad_output, indices, offsets,
             per_sample_weights, int(pooling), *self._row_args(group, weight, step))
         self.state[weight]["step"] = step
+
+    def _fused_kernels(self, device: torch.device):
+        """embedding_kernels(self.backend, device), resolved once per device."""
+        cache = self.__dict__.setdefault("_fused_kernels_by_device", {})
+        key = (self.backend, device)
+        kernels = cache.get(key)
+        if kernels is None:
+            kernels = cache[key] = embedding_kernels(self.backend, device)
+        return kernels
 
 
 class SparseAdagrad(_SparseOptimizer):

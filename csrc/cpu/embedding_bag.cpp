@@ -43,6 +43,11 @@
 #include "common.h"
 #include "segments.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FASTMF_X86_DISPATCH 1
+#endif
+
 namespace fastmf {
 namespace cpu {
 namespace {
@@ -93,6 +98,190 @@ inline c10::BFloat16 stochastic_round(float v, uint32_t bits, c10::BFloat16*) {
   return std::isfinite(r) ? c10::BFloat16(r) : c10::BFloat16(v);
 }
 
+// ---------------------------------------------------------------------------------------
+// Rows of half tables in blocks
+//
+// The extension is built for baseline x86-64, where c10::Half <-> float is a software bit
+// routine per element and the counter-based random bits (three 64-bit products per element)
+// stay scalar. Rows are therefore converted and rounded in blocks by loops compiled for the
+// CPU's own vector units where it has them (F16C / AVX2 / AVX-512, chosen at run time). Both
+// give the same bits: half -> float is exact, float -> half rounds to nearest even either
+// way (lanes holding NaN go through c10::Half, so even NaN payloads match), and the random
+// bits are integer arithmetic. Only conversions and integer work run there: the optimizer
+// arithmetic stays in the baseline code, compiled with -ffp-contract=off.
+
+constexpr int64_t kBlock = 64;  // elements per block of the rounding loops
+
+#if FASTMF_X86_DISPATCH
+struct CpuFeatures {
+  bool f16c, avx512;
+  CpuFeatures() {
+    __builtin_cpu_init();
+    f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    avx512 = f16c && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vl");
+  }
+};
+
+inline const CpuFeatures& cpu_features() {
+  static const CpuFeatures features;
+  return features;
+}
+
+__attribute__((target("avx2,f16c"))) void half_to_float_f16c(const c10::Half* src, float* dst,
+                                                            int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(h));
+  }
+  for (; k < n; ++k) dst[k] = static_cast<float>(src[k]);
+}
+
+__attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* src, c10::Half* dst,
+                                                            int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(src + k);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0) {
+      for (int64_t l = k; l < k + 8; ++l) dst[l] = c10::Half(src[l]);
+      continue;
+    }
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), h);
+  }
+  for (; k < n; ++k) dst[k] = c10::Half(src[k]);
+}
+#endif
+
+// The integer half of stochastic rounding for n <= kBlock values: bits[k] =
+// random_bits(key, base + k), and the rounded value of each lane (float16: the float,
+// exact in float16, to convert; bfloat16: its 16 bits) where stochastic_round's rule
+// applies. Returns whether some lane is left to the scalar stochastic_round (NaN, infinity,
+// out of float16's normal range, a bfloat16 rounded up to infinity).
+__attribute__((always_inline)) inline void random_bits_body(uint64_t key, uint64_t base,
+                                                            int64_t n, uint32_t* bits) {
+  for (int64_t k = 0; k < n; ++k) {
+    uint64_t x = key ^ (base + static_cast<uint64_t>(k));
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    bits[k] = static_cast<uint32_t>(x ^ (x >> 31));
+  }
+}
+
+__attribute__((always_inline)) inline bool round_block_body(const float* src, uint64_t key,
+                                                            uint64_t base, int64_t n,
+                                                            uint32_t* bits, float* rounded) {
+  random_bits_body(key, base, n, bits);
+  bool plain = false;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t v = std::bit_cast<uint32_t>(src[k]);
+    const uint32_t magnitude = v & 0x7FFFFFFFu;
+    // In float16's normal range: 2^-14 <= |v| < 65504 (NaN and infinity are not).
+    const bool ok = magnitude >= 0x38800000u && magnitude < 0x477FE000u;
+    const uint32_t u = (v + (bits[k] >> 19)) & ~uint32_t{0x1FFF};
+    rounded[k] = std::bit_cast<float>(ok ? u : v);
+    plain |= !ok;
+  }
+  return plain;
+}
+
+__attribute__((always_inline)) inline bool round_block_body(const float* src, uint64_t key,
+                                                            uint64_t base, int64_t n,
+                                                            uint32_t* bits, uint16_t* out) {
+  random_bits_body(key, base, n, bits);
+  bool plain = false;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t v = std::bit_cast<uint32_t>(src[k]);
+    const uint32_t u = (v + (bits[k] >> 16)) & ~uint32_t{0xFFFF};
+    // Exponent all ones before or after: a non-finite value or one rounded up to infinity.
+    const bool ok = (v & 0x7F800000u) != 0x7F800000u && (u & 0x7F800000u) != 0x7F800000u;
+    out[k] = static_cast<uint16_t>(u >> 16);
+    plain |= !ok;
+  }
+  return plain;
+}
+
+#if FASTMF_X86_DISPATCH
+template <typename R>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) bool round_block_avx512(
+    const float* src, uint64_t key, uint64_t base, int64_t n, uint32_t* bits, R* rounded) {
+  return round_block_body(src, key, base, n, bits, rounded);
+}
+template <typename R>
+__attribute__((target("avx2"))) bool round_block_avx2(const float* src, uint64_t key,
+                                                      uint64_t base, int64_t n, uint32_t* bits,
+                                                      R* rounded) {
+  return round_block_body(src, key, base, n, bits, rounded);
+}
+#endif
+
+template <typename R>
+inline bool round_block(const float* src, uint64_t key, uint64_t base, int64_t n,
+                        uint32_t* bits, R* rounded) {
+#if FASTMF_X86_DISPATCH
+  if (cpu_features().avx512) return round_block_avx512(src, key, base, n, bits, rounded);
+  if (cpu_features().f16c) return round_block_avx2(src, key, base, n, bits, rounded);
+#endif
+  return round_block_body(src, key, base, n, bits, rounded);
+}
+
+// dst[k] = A(src[k]) for a row of n values.
+template <typename W, typename A>
+inline void load_row(const W* __restrict src, A* __restrict dst, int64_t n) {
+#if FASTMF_X86_DISPATCH
+  if constexpr (std::is_same_v<W, c10::Half>) {
+    if (cpu_features().f16c) {
+      half_to_float_f16c(src, dst, n);
+      return;
+    }
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<A>(src[k]);
+}
+
+// dst[k] = W(src[k]), rounded to nearest.
+template <typename W, typename A>
+inline void store_nearest(W* __restrict dst, const A* __restrict src, int64_t n) {
+#if FASTMF_X86_DISPATCH
+  if constexpr (std::is_same_v<W, c10::Half>) {
+    if (cpu_features().f16c) {
+      float_to_half_f16c(src, dst, n);
+      return;
+    }
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<W>(src[k]);
+}
+
+// Stochastic rounding of n <= kBlock values with the counters base + k, as stochastic_round
+// below element by element: where the rule applies the rounded value is exact in W, so
+// converting the block gives the same bits; the other lanes take the scalar path.
+inline void stochastic_round_block(c10::Half* dst, const float* src, uint64_t key,
+                                   uint64_t base, int64_t n) {
+  uint32_t bits[kBlock];
+  float rounded[kBlock];
+  const bool plain = round_block(src, key, base, n, bits, rounded);
+  store_nearest(dst, rounded, n);
+  if (plain) {
+    for (int64_t k = 0; k < n; ++k) {
+      dst[k] = stochastic_round(src[k], bits[k], static_cast<c10::Half*>(nullptr));
+    }
+  }
+}
+
+inline void stochastic_round_block(c10::BFloat16* dst, const float* src, uint64_t key,
+                                   uint64_t base, int64_t n) {
+  uint32_t bits[kBlock];
+  const bool plain = round_block(src, key, base, n, bits, reinterpret_cast<uint16_t*>(dst));
+  if (plain) {
+    for (int64_t k = 0; k < n; ++k) {
+      dst[k] = stochastic_round(src[k], bits[k], static_cast<c10::BFloat16*>(nullptr));
+    }
+  }
+}
+
 // Writes row `row` (values in A) back to a W table.
 template <typename W, typename A>
 inline void store_row(W* __restrict dst, const A* __restrict src, int64_t dim, int64_t row,
@@ -101,14 +290,14 @@ inline void store_row(W* __restrict dst, const A* __restrict src, int64_t dim, i
     if (stochastic) {
       // int64 r * K + c wraps like the reference's int64 counter.
       const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(dim);
-      for (int64_t k = 0; k < dim; ++k) {
-        dst[k] = stochastic_round(src[k], random_bits(key, base + static_cast<uint64_t>(k)),
-                                  static_cast<W*>(nullptr));
+      for (int64_t k0 = 0; k0 < dim; k0 += kBlock) {
+        const int64_t n = std::min<int64_t>(kBlock, dim - k0);
+        stochastic_round_block(dst + k0, src + k0, key, base + static_cast<uint64_t>(k0), n);
       }
       return;
     }
   }
-  for (int64_t k = 0; k < dim; ++k) dst[k] = static_cast<W>(src[k]);
+  store_nearest(dst, src, dim);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -172,7 +361,7 @@ inline void step_row(W* weight, A* state1, A* state2, int64_t dim, int64_t row,
                      A* __restrict g, A* __restrict w, A* __restrict root,
                      const StepScalars<A>& s) {
   W* w_row = weight + row * dim;
-  for (int64_t k = 0; k < dim; ++k) w[k] = static_cast<A>(w_row[k]);
+  load_row(w_row, w, dim);
   if (s.use_l2) {
     for (int64_t k = 0; k < dim; ++k) g[k] = g[k] + s.l2 * w[k];
   } else if (s.use_decoupled) {
@@ -470,6 +659,8 @@ at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& 
     const A* p = psw.defined() ? psw.data_ptr<A>() : nullptr;
     A* o = out.data_ptr<A>();
     at::parallel_for(0, num_bags, kBagGrain, [&](int64_t begin, int64_t end) {
+      // float16 rows are converted a row at a time (see load_row), then summed.
+      std::vector<A> converted(std::is_same_v<W, c10::Half> ? dim : 0);
       for (int64_t b = begin; b < end; ++b) {
         A* acc = o + b * dim;
         std::fill(acc, acc + dim, A(0));
@@ -477,6 +668,17 @@ at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& 
         for (int64_t j = j0; j < j1; ++j) {
           if (j + kPrefetchIndices < num_indices) {
             prefetch_row(table + ids[j + kPrefetchIndices] * dim, dim, false);
+          }
+          if constexpr (std::is_same_v<W, c10::Half>) {
+            load_row(table + ids[j] * dim, converted.data(), dim);
+            const A* row = converted.data();
+            if (p != nullptr) {
+              const A c = p[j];
+              for (int64_t k = 0; k < dim; ++k) acc[k] += row[k] * c;
+            } else {
+              for (int64_t k = 0; k < dim; ++k) acc[k] += row[k];
+            }
+            continue;
           }
           const W* row = table + ids[j] * dim;
           if (p != nullptr) {

@@ -95,6 +95,8 @@ _TABLES = _TensorMap()
 _FUSED = _TensorMap()
 _PENDING = _TensorMap()
 _SEQUENCE = itertools.count()
+# Backend name -> its module, as embedding_kernels returned it.
+_BACKEND_MODULES: dict[str, ModuleType] = {}
 
 
 def table_info(weight: Tensor) -> TableInfo | None:
@@ -259,17 +261,32 @@ class _Table(nn.Module):
         self.weight = nn.Parameter(init.to(dtype))
         self.seed = int(torch.randint(0, 2**62, ()))
         self._register()
+        self._kernels(self.weight)  # resolved here, outside any traced call
 
     def _register(self) -> None:
         name = f"{type(self).__name__}({self.num_embeddings}, {self.dim})"
         _TABLES[self.weight] = TableInfo(name, self.stochastic_rounding, self.seed)
 
+    def _kernels(self, weight: Tensor) -> ModuleType:
+        """The backend module for the weight's device, resolved once per module and device
+        (again only when the backend or the weight's device changes), not on every call.
+        The module keeps the backend's name, not the Python module (modules do not
+        deep-copy or pickle)."""
+        key = (self.backend, weight.device)
+        cached = self.__dict__.get("_kernels_cache")
+        if cached is None or cached[0] != key:
+            module = embedding_kernels(self.backend, weight.device)
+            _BACKEND_MODULES[module.NAME] = module
+            cached = (key, module.NAME)
+            self.__dict__["_kernels_cache"] = cached
+        return _BACKEND_MODULES[cached[1]]
+
     def _lookup(self, indices: Tensor, offsets: Tensor, per_sample_weights, pooling) -> Tensor:
-        if self.weight not in _TABLES:
+        weight = self.weight
+        if weight not in _TABLES:
             self._register()  # a weight replaced after construction (copy, assignment)
-        kernels = embedding_kernels(self.backend, self.weight.device)
-        return _EmbeddingBagFunction.apply(self.weight, indices, offsets, per_sample_weights,
-                                           pooling, kernels, next(_SEQUENCE))
+        return _EmbeddingBagFunction.apply(weight, indices, offsets, per_sample_weights,
+                                           pooling, self._kernels(weight), next(_SEQUENCE))
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.dim}, dtype={self.weight.dtype}, "
@@ -308,9 +325,21 @@ class Embedding(_Table):
     def forward(self, ids: Tensor) -> Tensor:
         _check_ids("nn.Embedding", ids)
         flat = ids.reshape(-1)
-        offsets = torch.arange(flat.shape[0] + 1, dtype=ids.dtype, device=ids.device)
-        out = self._lookup(flat, offsets, None, Pooling.SUM)
+        out = self._lookup(flat, self._unit_offsets(flat), None, Pooling.SUM)
         return out.view(*ids.shape, self.dim)
+
+    def _unit_offsets(self, flat: Tensor) -> Tensor:
+        """0, 1, ..., n: one bag per id. Kept between calls (steady training repeats the
+        batch size): the ops only read offsets, and merge_uses builds new tensors from them."""
+        n, dtype, device = flat.shape[0], flat.dtype, flat.device
+        if torch.compiler.is_compiling():
+            return torch.arange(n + 1, dtype=dtype, device=device)
+        cached = self.__dict__.get("_offsets_cache")
+        if cached is None or cached.shape[0] != n + 1 or cached.dtype != dtype or \
+                cached.device != device:
+            cached = torch.arange(n + 1, dtype=dtype, device=device)
+            self.__dict__["_offsets_cache"] = cached
+        return cached
 
 
 class EmbeddingBag(_Table):

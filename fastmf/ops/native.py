@@ -137,8 +137,15 @@ def embedding_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor,
     >>> out = embedding_bag_forward(weight, ids, offsets, None, "mean")  # doctest: +SKIP
     """
     op = "embedding_bag_forward"
-    return torch.ops.fastmf.embedding_bag_forward.default(
-        weight, indices, offsets, per_sample_weights, int(parse(Pooling, pooling, op, "pooling")))
+    pooling = int(parse(Pooling, pooling, op, "pooling"))
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return torch.ops.fastmf.embedding_bag_forward.default(weight, indices, offsets,
+                                                              per_sample_weights, pooling)
+    # No graph to record (fastmf.nn's autograd.Function runs its forward here): straight to
+    # the kernel, past the op's Python autograd formula and its redispatch.
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastmf.embedding_bag_forward.default(weight, indices, offsets,
+                                                              per_sample_weights, pooling)
 
 
 def embedding_bag_backward(grad_output: Tensor, indices: Tensor, offsets: Tensor,
