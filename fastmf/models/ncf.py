@@ -167,6 +167,15 @@ class _NCF(Recommender):
     defaults: ClassVar[dict] = {"implicit": dict(lr=0.01, reg=0.0, epochs=20, batch_size=4096)}
     dense_lr: ClassVar[float] = 0.005
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The models' dtype (every NCF model ends in the ``output`` layer)."""
+        return self.output.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
     def _embed(self, users: Tensor, items: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
         """(user rows, item rows) of each tower for ids of broadcastable shapes."""
         raise NotImplementedError
