@@ -311,7 +311,7 @@ def fit(
             samples += count
             seen += size
             if bar is not None:
-                bar.update(size)
+                bar.update(size if dctx is None else dctx.global_batch)
                 if b % 20 == 0:
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix(loss=f"{float(step_loss):.4f}",

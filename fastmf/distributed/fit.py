@@ -41,7 +41,7 @@ from . import checkpoint as sharded_checkpoint
 from .modules import ShardedMF, is_sharded, local_slice, loss_share, shard, sync_dense_grads
 from .routing import local_rows, world
 
-__all__ = ["FitContext", "ShardedOptimizer", "gather_model"]
+__all__ = ["FitContext", "ShardedOptimizer", "check_target", "gather_model"]
 
 
 def _src(group) -> int:
@@ -90,6 +90,7 @@ class FitContext:
         self.rank, self.world_size = world(group)
         self.is_main = self.rank == 0
         self.device = sharded_checkpoint._comm_device(group)
+        self.global_batch = 0  # the size of the global batch local_batches last sliced
 
     @classmethod
     def of(cls, model: Recommender, distributed: bool) -> FitContext | None:
@@ -135,6 +136,7 @@ class FitContext:
             total = len(batch.users)
             part = local_slice(total, self.group)
             local = Batch(*(None if f is None else f[part] for f in batch))
+            self.global_batch = total
             share = (part.stop - part.start) / total if total else 0.0
             with loss_share(share):
                 yield local
@@ -194,23 +196,7 @@ class FitContext:
 
     # -- checkpoints ------------------------------------------------------------------------
     def check_target(self, path) -> Path:
-        """``path`` as a Path, refused on every rank (ValueError) when it exists and is not
-        a sharded checkpoint folder (checked before training, not after the first epoch)."""
-        path = Path(path)
-        problem = None
-        if self.is_main:
-            for folder in (path, _best_path(path)):
-                if folder.exists() and (not folder.is_dir() or (
-                        any(folder.iterdir())
-                        and not (folder / sharded_checkpoint.CURRENT).exists())):
-                    problem = (f"fastmf.fit: checkpoint={str(path)!r}: {folder} exists and is "
-                               "not a sharded fastmf checkpoint; a sharded run saves with "
-                               "fastmf.distributed.save")
-                    break
-        problem = self.agree(problem)
-        if problem is not None:
-            raise ValueError(problem)
-        return path
+        return check_target(path, self.group, "fastmf.fit: checkpoint")
 
     def _parts(self, optimizer) -> list:
         return list(getattr(optimizer, "optimizers", [optimizer]))
@@ -248,6 +234,26 @@ class FitContext:
             best_state = copy.deepcopy(self.model.state_dict())
             self.model.load_state_dict(current)
         return epoch, history, best_state
+
+
+def check_target(path, group=None, who: str = "fastmf.distributed") -> Path:
+    """``path`` as a Path, refused on every rank (ValueError) when it (or its ``.best``
+    sibling) exists and is not a sharded checkpoint folder: checked before training, not
+    after the first epoch. A collective."""
+    path = Path(path)
+    problem = None
+    if dist.get_rank(group) == 0:
+        for folder in (path, _best_path(path)):
+            if folder.exists() and (not folder.is_dir() or (
+                    any(folder.iterdir())
+                    and not (folder / sharded_checkpoint.CURRENT).exists())):
+                problem = (f"{who}={str(path)!r}: {folder} exists and is not a sharded fastmf "
+                           "checkpoint (a sharded run saves with fastmf.distributed.save)")
+                break
+    problem = _broadcast(problem, group)
+    if problem is not None:
+        raise ValueError(problem)
+    return path
 
 
 def _best_path(path: Path) -> Path:
