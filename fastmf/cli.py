@@ -328,22 +328,25 @@ _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 @contextlib.contextmanager
 def _process_group(args):
     """``train --distributed``: the process group from torchrun's environment (NCCL on the
-    rank's GPU when the device is CUDA, else gloo); ranks other than 0 print nothing."""
+    rank's GPU when the device is CUDA, else gloo), or the one already initialised (a
+    script calling ``main``); ranks other than 0 print nothing."""
     import torch.distributed as dist
 
-    missing = [name for name in _TORCHRUN_ENV if name not in os.environ]
-    if missing:
-        raise CliError(f"--distributed needs the environment torchrun sets ({', '.join(missing)} "
-                       "not set); launch it as `torchrun --nproc_per_node=N -m fastmf train "
-                       "--distributed ...`")
-    device = args.device or _default_device()
-    cuda = device.startswith("cuda")
-    if cuda:
-        if device == "cuda":
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(torch.device(device))
-    args.device = device
-    dist.init_process_group("nccl" if cuda else "gloo")
+    own = not (dist.is_available() and dist.is_initialized())
+    if own:
+        missing = [name for name in _TORCHRUN_ENV if name not in os.environ]
+        if missing:
+            raise CliError(f"--distributed needs the environment torchrun sets "
+                           f"({', '.join(missing)} not set); launch it as `torchrun "
+                           "--nproc_per_node=N -m fastmf train --distributed ...`")
+        device = args.device or _default_device()
+        cuda = device.startswith("cuda")
+        if cuda:
+            if device == "cuda":
+                device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(torch.device(device))
+        args.device = device
+        dist.init_process_group("nccl" if cuda else "gloo")
     try:
         if dist.get_rank() == 0:
             yield
@@ -352,7 +355,8 @@ def _process_group(args):
             with contextlib.redirect_stdout(io.StringIO()):
                 yield
     finally:
-        dist.destroy_process_group()
+        if own:
+            dist.destroy_process_group()
 
 
 def cmd_train(args) -> None:
@@ -445,7 +449,7 @@ def _train(args, distributed: bool) -> None:
     print(f"training speed: {np.mean(history['samples_per_s']) / 1e6:.2f} M samples/s")
     if out is not None and distributed:
         path = fd.save(out, model, extra={"loss": args.loss, "test": results,
-                                          "model_class": type(model).__name__,
+                                          "model_class": cls.__name__,
                                           "model": model.get_config()})
         print(f"saved {path} (sharded: fastmf.distributed.load re-shards it to any world "
               "size)")

@@ -192,12 +192,47 @@ def _fit_workers(rank: int, ckpt: Path) -> dict:
     except ValueError as exc:
         res["fit_bad_target"] = str(exc)
 
+    res["cli"] = _cli_worker(rank, ckpt)
+
     train, valid = _fit_data(True)
     model = _neumf()
     history = fastmf.fit(model, train, valid=valid, epochs=2, distributed=True, **FIT_NEUMF)
     assert history.model is model  # NeuMF's tables are sharded in place
     res["fit_neumf"] = (_local_state(model), _rows(history))
     return res
+
+
+def _cli_args(data: Path, *extra) -> list[str]:
+    return ["train", "--data", str(data), "--user-col", "user", "--item-col", "item",
+            "--dim", "4", "--epochs", "2", "--seed", "1", "--quiet", *extra]
+
+
+def _write_ratings(path: Path) -> Path:
+    fastmf.datasets.synthetic(num_users=NUM_USERS, num_items=NUM_ITEMS, num_interactions=400,
+                              seed=8).to_pandas().to_csv(path, index=False)
+    return path
+
+
+def _cli_worker(rank: int, ckpt: Path):
+    """``fastmf train --distributed`` in the workers' process group: its printout (rank 0
+    only) and the sharded checkpoint it wrote, loaded back."""
+    import contextlib
+    import io
+
+    import fastmf.distributed as fd
+    from fastmf.cli import main
+
+    data = _write_ratings(ckpt / f"ratings-{rank}.csv")  # one file per rank: no race
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(_cli_args(data, "--distributed", "--out", str(ckpt / "cli")))
+    from fastmf.distributed.checkpoint import _read_manifest
+
+    config = dict(_read_manifest(ckpt / "cli")[1]["extra"]["model"])
+    config["dtype"] = getattr(torch, config["dtype"])
+    model = fd.shard(fastmf.MF(**config))
+    extra = fd.load(ckpt / "cli", model)
+    return code, printed.getvalue(), _local_state(model), extra
 
 
 def _local_state(model, optimizers=()):
@@ -598,3 +633,38 @@ def test_fit_distributed_needs_a_process_group():
     train, _ = _fit_data(False)
     with pytest.raises(RuntimeError, match="distributed=True needs torch.distributed"):
         fastmf.fit(_mf(1), train, epochs=1, distributed=True, progress=False)
+
+
+def _metrics_line(text: str) -> str:
+    line = next(row for row in text.splitlines() if row.startswith("test ("))
+    return line.split(": ", 1)[1]
+
+
+def test_cli_train_distributed_matches_one_process(runs, tmp_path, capsys):
+    from fastmf.cli import main
+
+    data = _write_ratings(tmp_path / "ratings.csv")
+    assert main(_cli_args(data, "--out", str(tmp_path / "one"))) == 0
+    printed = capsys.readouterr().out
+    single = fastmf.load(tmp_path / "one")
+    (code0, out0, state0, extra0), (code1, out1, state1, _) = (r["cli"] for r in runs["two"])
+    assert code0 == code1 == 0
+    assert out1 == ""  # only rank 0 prints
+    assert "2 ranks" in out0 and "sharded" in out0
+    assert _metrics_line(out0) == _metrics_line(printed)
+    assert extra0["model_class"] == "MF" and extra0["model"]["dim"] == 4
+    assert extra0["test"] == pytest.approx(fastmf.checkpoint.load_checkpoint(
+        tmp_path / "one").extra["test"], rel=1e-5)
+    _close(_assemble([state0, state1]), _full_state(single))
+
+
+def test_cli_train_distributed_needs_torchrun(tmp_path, capsys, monkeypatch):
+    from fastmf.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    data = _write_ratings(tmp_path / "ratings.csv")
+    assert main(_cli_args(data, "--distributed")) == 2
+    err = capsys.readouterr().err
+    assert "--distributed needs the environment torchrun sets" in err
+    assert "torchrun --nproc_per_node=N -m fastmf train --distributed" in err
