@@ -181,10 +181,15 @@ class FitContext:
         users = torch.as_tensor(np.asarray(users), dtype=torch.int64)
         items = torch.as_tensor(np.asarray(items), dtype=torch.int64)
         mine = []
-        for lo in range(0, len(users), chunk):
-            u, i = users[lo:lo + chunk], items[lo:lo + chunk]
-            part = local_slice(len(u), self.group)
-            mine.append(self.model(u[part].to(device), i[part].to(device)).double().cpu())
+        was_training = self.model.training
+        self.model.eval()  # as fastmf.evaluate scores: dropout off
+        try:
+            for lo in range(0, len(users), chunk):
+                u, i = users[lo:lo + chunk], items[lo:lo + chunk]
+                part = local_slice(len(u), self.group)
+                mine.append(self.model(u[part].to(device), i[part].to(device)).double().cpu())
+        finally:
+            self.model.train(was_training)
         gathered = [None] * self.world_size if self.is_main else None
         dist.gather_object(mine, gathered, dst=_src(self.group), group=self.group)
         if not self.is_main:

@@ -167,15 +167,6 @@ class _NCF(Recommender):
     defaults: ClassVar[dict] = {"implicit": dict(lr=0.01, reg=0.0, epochs=20, batch_size=4096)}
     dense_lr: ClassVar[float] = 0.005
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The models' dtype (every NCF model ends in the ``output`` layer)."""
-        return self.output.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.output.weight.device
-
     def _embed(self, users: Tensor, items: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
         """(user rows, item rows) of each tower for ids of broadcastable shapes."""
         raise NotImplementedError
@@ -207,7 +198,8 @@ class _NCF(Recommender):
         intermediates hold about ``SCORE_CHUNK`` numbers."""
         users = self.as_ids(users, "users").reshape(-1)
         items = self.as_ids(items, "items").reshape(-1)
-        out = torch.empty((len(users), len(items)), dtype=self.dtype, device=self.device)
+        out = torch.empty((len(users), len(items)), dtype=self._param_dtype(),
+                          device=self._param_device())
         if out.numel() == 0:
             return out
         rows = max(1, SCORE_CHUNK // (len(items) * self._widest()))
@@ -224,7 +216,7 @@ class _NCF(Recommender):
 
     def _config(self) -> dict:
         return {"num_users": self.num_users, "num_items": self.num_items,
-                "dtype": str(self.dtype).removeprefix("torch.")}
+                "dtype": str(self._param_dtype()).removeprefix("torch.")}
 
     def _dense_l2(self) -> Tensor | float:
         """The L2 penalty on the hidden layers' weights (the paper's ``reg_layers``)."""
