@@ -194,6 +194,14 @@ def _fit_workers(rank: int, ckpt: Path) -> dict:
 
     res["cli"] = _cli_worker(rank, ckpt)
 
+    train, _ = _fit_data(True)
+    model = fd.shard(_mf(1))
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    losses = fd.fit_sharded(model, opt, torch.from_numpy(train.users),
+                            torch.from_numpy(train.items), loss="bpr", epochs=2,
+                            batch_size=BATCH, reg=0.01, seed=2)
+    res["fit_sharded"] = (_local_state(model, [opt]), losses)
+
     train, valid = _fit_data(True)
     model = _neumf()
     history = fastmf.fit(model, train, valid=valid, epochs=2, distributed=True, **FIT_NEUMF)
@@ -627,6 +635,19 @@ def test_fit_neumf_distributed_matches_one_process(runs):
     for name in a:
         if a[name][1] is None:
             assert torch.equal(a[name][0], b[name][0]), name
+
+
+def test_fit_sharded_is_fit_on_id_arrays(runs):
+    train, _ = _fit_data(True)
+    model = _mf(1)
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    history = fastmf.fit(model, train, loss="bpr", epochs=2, batch_size=BATCH, reg=0.01,
+                         seed=2, optimizer=opt, num_negatives=1, progress=False,
+                         set_global_mean=False)
+    parts = [r["fit_sharded"] for r in runs["two"]]
+    _close(_assemble([p[0] for p in parts]), _full_state(model, [opt]))
+    assert parts[0][1] == parts[1][1]
+    assert parts[0][1] == pytest.approx(history["loss"], rel=1e-5)
 
 
 def test_fit_distributed_needs_a_process_group():
