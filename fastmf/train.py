@@ -261,8 +261,10 @@ def fit(
             raise ValueError(f"fastmf.fit: checkpoint= needs a registered model class; "
                              f"decorate {type(model).__qualname__} with "
                              "fastmf.checkpoint.register_model")
-    if optimizer is None or isinstance(optimizer, str):
-        optimizer = (dctx or model).make_optimizer(optimizer, lr)
+    if dctx is not None:
+        optimizer = dctx.optimizer(optimizer, lr)
+    elif optimizer is None or isinstance(optimizer, str):
+        optimizer = model.make_optimizer(optimizer, lr)
     model.prepare(train)
 
     metric_names = tuple(metrics) if metrics else (

@@ -129,6 +129,20 @@ class FitContext:
                              f"{missing} out; a sharded model needs every parameter trained")
         return ShardedOptimizer(parts, model, self.group)
 
+    def optimizer(self, optimizer, lr: float):
+        """fit's ``optimizer`` argument for the sharded model: a name (or None) goes to
+        :meth:`make_optimizer`; an optimizer object over a model with replicated
+        parameters is wrapped in a :class:`ShardedOptimizer` unless it is one, so that
+        their gradients are summed over the ranks before each step."""
+        if optimizer is None or isinstance(optimizer, str):
+            return self.make_optimizer(optimizer, lr)
+        replicated = any(p.requires_grad and not is_sharded(p)
+                         for p in self.model.parameters())
+        if not replicated or isinstance(optimizer, ShardedOptimizer):
+            return optimizer
+        return ShardedOptimizer(getattr(optimizer, "optimizers", [optimizer]), self.model,
+                                self.group)
+
     # -- batches ----------------------------------------------------------------------------
     def local_batches(self, batches):
         """This rank's slice of each global batch, each step under its loss share."""

@@ -475,7 +475,8 @@ def sync_dense_grads(model: nn.Module, process_group=None) -> None:
     """Sum the gradients of ``model``'s replicated (not sharded) parameters over the group
     with one ``all_reduce`` per parameter. With each rank's loss its share of the global
     loss (sum over its samples / global batch size), the sum is the single-process gradient;
-    the sharded tables need nothing (their gradients already went to the owners)."""
+    the sharded tables need nothing (their gradients already went to the owners). Inside
+    :func:`loss_share` each gradient is first scaled by the rank's share."""
     scale = _SHARE.value
     for param in model.parameters():
         if is_sharded(param) or not param.requires_grad:
