@@ -13,7 +13,7 @@ from fastmf.layers import MF
 from fastmf.nn.embedding import Embedding, EmbeddingBag
 from fastmf.ops import checks
 from fastmf.ops.codes import HUBER_DELTA, Loss, PairwiseLoss
-from fastmf.recommender import IMPLICIT, LOSSES, Batch, Recommender
+from fastmf.recommender import IMPLICIT, Batch, Recommender
 from fastmf.step import _fused_optimizer, _parse_loss
 
 from .routing import Route, local_rows, split_columns, timings, world
@@ -217,7 +217,7 @@ class ShardedMF(Recommender):
     (``make_optimizer`` and ``training_step`` are MF's, on the sharded fused steps); scoring
     and ``recommend`` need the full tables (``fastmf.distributed.fit.gather_model``)."""
 
-    losses = LOSSES
+    losses = ("mse", "huber", "bce", "bpr")  # what the sharded fused steps run
     default_loss = "mse"
 
     def __init__(self, source: MF, group, device, seed: int):
