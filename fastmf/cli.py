@@ -17,6 +17,8 @@ Every error is one line on stderr and exit status 2 (1 for an unexpected failure
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -320,7 +322,52 @@ def _print_metrics(title: str, values: dict) -> None:
 
 # -- commands ----------------------------------------------------------------------------------
 
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _process_group(args):
+    """``train --distributed``: the process group from torchrun's environment (NCCL on the
+    rank's GPU when the device is CUDA, else gloo), or the one already initialised (a
+    script calling ``main``); ranks other than 0 print nothing."""
+    import torch.distributed as dist
+
+    own = not (dist.is_available() and dist.is_initialized())
+    if own:
+        missing = [name for name in _TORCHRUN_ENV if name not in os.environ]
+        if missing:
+            raise CliError(f"--distributed needs the environment torchrun sets "
+                           f"({', '.join(missing)} not set); launch it as `torchrun "
+                           "--nproc_per_node=N -m fastmf train --distributed ...`")
+        device = args.device or _default_device()
+        cuda = device.startswith("cuda")
+        if cuda:
+            if device == "cuda":
+                device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(torch.device(device))
+        args.device = device
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if dist.get_rank() == 0:
+            yield
+        else:
+            args.quiet = True
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
 def cmd_train(args) -> None:
+    if args.distributed:
+        with _process_group(args):
+            _train(args, distributed=True)
+    else:
+        _train(args, distributed=False)
+
+
+def _train(args, distributed: bool) -> None:
     from fastmf.evaluate import evaluate
     from fastmf.train import fit
 
@@ -347,7 +394,17 @@ def cmd_train(args) -> None:
         raise CliError("--save-split: --test-fraction 0 makes no split to save")
     if args.save_split and args.test is not None:
         raise CliError("--save-split: --data and --test already are the split")
-    out = _check_out(args.out) if args.out else None
+    if distributed:
+        import torch.distributed as dist
+
+        import fastmf.distributed as fd
+        from fastmf.distributed.fit import FitContext, check_target
+
+        main_rank = dist.get_rank() == 0
+        out = check_target(args.out, who="fastmf train: --out") if args.out else None
+    else:
+        main_rank = True
+        out = _check_out(args.out) if args.out else None
     split_dir = _check_split_dir(args.save_split, args.force) if args.save_split else None
 
     columns = dict(_data_args(args), rating_col=args.rating_col if explicit else None,
@@ -366,7 +423,7 @@ def cmd_train(args) -> None:
     else:
         train, test = data, None
         _note("--test-fraction 0: training on all interactions; no test evaluation")
-    if split_dir is not None:
+    if split_dir is not None and main_rank:
         _write_split(split_dir, (train, test), args, args.force)
         print(f"split saved: {split_dir / 'train.csv'} ({len(train):,} interactions), "
               f"{split_dir / 'test.csv'} ({len(test):,})")
@@ -377,15 +434,26 @@ def cmd_train(args) -> None:
                          batch_size=args.batch_size, lr=args.lr, reg=args.reg, valid=test,
                          metrics=metrics[:2] if test is not None else None, k=args.k,
                          early_stopping=args.early_stopping, seed=args.seed,
-                         progress=not args.quiet, **fit_options)
+                         progress=not args.quiet, distributed=distributed, **fit_options)
+    if distributed:
+        model = history.model  # sharded
     results = None
-    if test is not None:
+    if test is not None and distributed:
+        results = FitContext(model).evaluate(test, train=train, metrics=metrics, k=args.k)
+        _print_metrics(f"{title}, {dim}, {dist.get_world_size()} ranks", results)
+    elif test is not None:
         results = evaluate(model, test, train=train, metrics=metrics, k=args.k)
         _print_metrics(f"{title}, {dim}, backend={_backend_of(model)}", results)
     else:
         print(f"trained on all data ({dim}, backend={_backend_of(model)}); not evaluated")
     print(f"training speed: {np.mean(history['samples_per_s']) / 1e6:.2f} M samples/s")
-    if out is not None:
+    if out is not None and distributed:
+        path = fd.save(out, model, extra={"loss": args.loss, "test": results,
+                                          "model_class": cls.__name__,
+                                          "model": model.get_config()})
+        print(f"saved {path} (sharded: fastmf.distributed.load re-shards it to any world "
+              "size)")
+    elif out is not None:
         path = model.save(out, extra={"loss": args.loss, "test": results})
         print(f"saved {path}")
 
@@ -923,6 +991,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "must exist and be writable, and it must be new, empty or a "
                             "fastmf checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--distributed", action="store_true",
+                       help="shard the model's tables over the ranks of `torchrun "
+                            "--nproc_per_node=N -m fastmf train --distributed ...` (gloo on "
+                            "CPU, NCCL on CUDA); --out then writes a sharded checkpoint")
     _column_options(train)
     train.set_defaults(run=cmd_train)
 

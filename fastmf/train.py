@@ -7,6 +7,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,7 @@ def fit(
     seed: int | None = 0,
     progress: bool = True,
     set_global_mean: bool = True,
+    distributed: bool = False,
 ) -> History:
     """Train ``model`` (any :class:`fastmf.models.base.Recommender`) on ``train``; returns a
     :class:`History`. ``fit`` drives the model's hooks: ``check_data``, ``prepare``,
@@ -194,6 +196,14 @@ def fit(
       same ``rowwise`` setting. ``seed`` fixes shuffling and negatives.
     - ``set_global_mean``: for explicit losses, set ``mu`` to the mean training rating
       (models with a ``set_global_mean`` method, such as MF).
+    - Sharded training (under ``torchrun``, after ``torch.distributed.init_process_group``):
+      pass a model sharded by :func:`fastmf.distributed.shard`, or ``distributed=True`` to
+      shard it here (``history.model`` is the sharded model: a new
+      ``fastmf.distributed.ShardedMF`` for a ``fastmf.MF``). Every rank passes the same data
+      and seed and trains on its slice of each global batch; the run equals one process
+      within float rounding. Only rank 0 shows progress; validation metrics and early
+      stopping are the same on every rank; ``checkpoint`` is a sharded checkpoint
+      (:func:`fastmf.distributed.save`) that resumes at any world size.
 
     >>> import fastmf
     >>> data = fastmf.datasets.synthetic(num_users=200, num_items=100, num_interactions=5000)
@@ -207,6 +217,14 @@ def fit(
     if not isinstance(model, Recommender):
         raise TypeError(f"fastmf.fit: model must be a fastmf.models.base.Recommender, got "
                         f"{type(model).__name__}")
+    dctx = None
+    if distributed or any(getattr(p, "fastmf_shard", None) is not None
+                          for p in model.parameters()):
+        from fastmf.distributed.fit import FitContext
+
+        dctx = FitContext.of(model, distributed)
+        model = dctx.model
+        progress = progress and dctx.is_main
     train = _as_interactions(train, "train")
     if valid is not None:
         valid = _as_interactions(valid, "valid", like=train)
@@ -236,7 +254,9 @@ def fit(
     seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
     if resume and checkpoint is None:
         raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")
-    if checkpoint is not None:
+    if checkpoint is not None and dctx is not None:
+        checkpoint = dctx.check_target(checkpoint)
+    elif checkpoint is not None:
         # Refuse a folder the saves could not use now, not after the first epoch.
         checkpoint = check_save_target(checkpoint)
         if early_stopping and valid is not None:
@@ -245,7 +265,9 @@ def fit(
             raise ValueError(f"fastmf.fit: checkpoint= needs a registered model class; "
                              f"decorate {type(model).__qualname__} with "
                              "fastmf.checkpoint.register_model")
-    if optimizer is None or isinstance(optimizer, str):
+    if dctx is not None:
+        optimizer = dctx.optimizer(optimizer, lr)
+    elif optimizer is None or isinstance(optimizer, str):
         optimizer = model.make_optimizer(optimizer, lr)
     model.prepare(train)
 
@@ -262,7 +284,8 @@ def fit(
     best_state = None
     resumed = None
     if resume:
-        resumed = _resume(model, optimizer, checkpoint)
+        resumed = (dctx.resume(optimizer, checkpoint) if dctx is not None
+                   else _resume(model, optimizer, checkpoint))
     if resumed is not None:
         start_epoch, saved_history, best_state = resumed
         if saved_history is not None:
@@ -285,6 +308,8 @@ def fit(
         start = time.perf_counter()
         batches = model.batches(train, batch_size=batch_size, loss=loss,
                                 num_negatives=num_negatives, sampler=sampler, generator=gen)
+        if dctx is not None:
+            batches = dctx.local_batches(batches)
         for b, batch in enumerate(batches):
             step_loss, count = model.training_step(batch, optimizer, loss=loss, reg=reg)
             size = len(batch.users)
@@ -292,16 +317,22 @@ def fit(
             samples += count
             seen += size
             if bar is not None:
-                bar.update(size)
+                bar.update(size if dctx is None else dctx.global_batch)
                 if b % 20 == 0:
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix(loss=f"{float(step_loss):.4f}",
                                     samples_s=f"{samples / elapsed:.3g}")
         seconds = time.perf_counter() - start
+        if dctx is not None:
+            total_loss, samples, seen = dctx.all_sum(total_loss, samples, seen)
         row = {"epoch": epoch + 1, "loss": float(total_loss) / max(seen, 1), "seconds": seconds,
                "samples_per_s": samples / max(seconds, 1e-9)}
-        if valid is not None:
+        if valid is not None and dctx is not None:
+            row.update(dctx.evaluate(valid, train=train, metrics=metric_names, k=k))
+        elif valid is not None:
             row.update(evaluate(model, valid, train=train, metrics=metric_names, k=k))
+        if dctx is not None:
+            row = dctx.agree(row)  # the same record, so the same decisions, on every rank
         if bar is not None:
             bar.set_postfix({key: f"{v:.4g}" for key, v in row.items()
                              if key not in ("epoch", "seconds")})
@@ -318,12 +349,15 @@ def fit(
             else:
                 bad_epochs += 1
         if checkpoint is not None:
-            _save_progress(model, optimizer, checkpoint, history, epoch, improved, early_stopping)
+            (dctx.save_progress if dctx is not None else partial(_save_progress, model))(
+                optimizer, checkpoint, history, epoch, improved, early_stopping)
         if early_stopping and valid is not None and bad_epochs >= early_stopping:
             history.stopped_early = True
             break
     if early_stopping and best_state is not None:
         model.load_state_dict(best_state)
+    if dctx is not None:
+        history.model = model
     return history
 
 

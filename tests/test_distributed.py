@@ -145,6 +145,104 @@ def _run_autograd(model, sparse_opt, dense_opt, kind, part=slice(None), group=No
             dense_opt.zero_grad()
 
 
+def _fit_data(implicit: bool):
+    from fastmf.data import random_split
+
+    data = fastmf.datasets.synthetic(num_users=NUM_USERS, num_items=NUM_ITEMS,
+                                     num_interactions=400, implicit=implicit, seed=4)
+    return random_split(data, 0.2, seed=0)
+
+
+FIT_MF = dict(loss="mse", batch_size=BATCH, seed=3, early_stopping=5, progress=False)
+FIT_NEUMF = dict(loss="bce", batch_size=BATCH, seed=5, num_negatives=2, lr=0.01,
+                 metrics=("ndcg@5", "hr@5"), k=5, progress=False)
+
+
+def _neumf():
+    torch.manual_seed(6)
+    return fastmf.models.NeuMF(NUM_USERS, NUM_ITEMS, gmf_dim=4, layers=(8, 6, 4))
+
+
+def _rows(history) -> list[dict]:
+    """History rows without the timings (the only per-process part)."""
+    return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_s")}
+            for row in history.epochs]
+
+
+def _fit_workers(rank: int, ckpt: Path) -> dict:
+    """fastmf.fit on 2 ranks: MF (sharded by the caller, checkpointed, resumed) and NeuMF
+    (distributed=True: tables sharded, layers data-parallel under torch Adam)."""
+    import fastmf.distributed as fd
+
+    res: dict = {}
+    train, valid = _fit_data(False)
+    model = fd.shard(_mf(1))
+    history = fastmf.fit(model, train, valid=valid, epochs=2, checkpoint=ckpt / "fit_mf",
+                         **FIT_MF)
+    res["fit_mf"] = (_local_state(model), _rows(history))
+    # Resume the 2-epoch checkpoint for a third epoch: a straight 3-epoch run's weights.
+    model = fd.shard(_mf(50))
+    history = fastmf.fit(model, train, valid=valid, epochs=3, checkpoint=ckpt / "fit_mf",
+                         resume=True, **FIT_MF)
+    res["fit_mf_resumed"] = (_local_state(model), _rows(history))
+    try:
+        fastmf.fit(fd.shard(_mf(1)), train, epochs=1, checkpoint=ckpt / "plain",
+                   progress=False)
+        res["fit_bad_target"] = "no error"
+    except ValueError as exc:
+        res["fit_bad_target"] = str(exc)
+
+    res["cli"] = _cli_worker(rank, ckpt)
+
+    train, _ = _fit_data(True)
+    model = fd.shard(_mf(1))
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    losses = fd.fit_sharded(model, opt, torch.from_numpy(train.users),
+                            torch.from_numpy(train.items), loss="bpr", epochs=2,
+                            batch_size=BATCH, reg=0.01, seed=2)
+    res["fit_sharded"] = (_local_state(model, [opt]), losses)
+
+    train, valid = _fit_data(True)
+    model = _neumf()
+    history = fastmf.fit(model, train, valid=valid, epochs=2, distributed=True, **FIT_NEUMF)
+    assert history.model is model  # NeuMF's tables are sharded in place
+    res["fit_neumf"] = (_local_state(model), _rows(history))
+    return res
+
+
+def _cli_args(data: Path, *extra) -> list[str]:
+    return ["train", "--data", str(data), "--user-col", "user", "--item-col", "item",
+            "--dim", "4", "--epochs", "2", "--seed", "1", "--quiet", *extra]
+
+
+def _write_ratings(path: Path) -> Path:
+    fastmf.datasets.synthetic(num_users=NUM_USERS, num_items=NUM_ITEMS, num_interactions=400,
+                              seed=8).to_pandas().to_csv(path, index=False)
+    return path
+
+
+def _cli_worker(rank: int, ckpt: Path):
+    """``fastmf train --distributed`` in the workers' process group: its printout (rank 0
+    only) and the sharded checkpoint it wrote, loaded back."""
+    import contextlib
+    import io
+
+    import fastmf.distributed as fd
+    from fastmf.cli import main
+
+    data = _write_ratings(ckpt / f"ratings-{rank}.csv")  # one file per rank: no race
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(_cli_args(data, "--distributed", "--out", str(ckpt / "cli")))
+    from fastmf.distributed.checkpoint import _read_manifest
+
+    config = dict(_read_manifest(ckpt / "cli")[1]["extra"]["model"])
+    config["dtype"] = getattr(torch, config["dtype"])
+    model = fd.shard(fastmf.MF(**config))
+    extra = fd.load(ckpt / "cli", model)
+    return code, printed.getvalue(), _local_state(model), extra
+
+
 def _local_state(model, optimizers=()):
     """Every parameter (shards marked by their global row count) and optimizer state."""
     from fastmf.distributed import is_sharded
@@ -286,6 +384,11 @@ def _worker_two(rank: int, world: int, ckpt: Path) -> dict:
         res["mismatch"] = "no error"
     except ValueError as exc:
         res["mismatch"] = str(exc)
+    if rank == 0:
+        (ckpt / "plain").mkdir()
+        (ckpt / "plain" / "notes.txt").write_text("not a checkpoint")
+    dist.barrier()
+    res.update(_fit_workers(rank, ckpt))
     return res
 
 
@@ -482,3 +585,107 @@ def test_modulo_map_balances_zipf_ids():
 def test_shard_needs_an_initialised_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         fastmf.distributed.shard(fastmf.nn.Embedding(10, 4))
+
+
+# -- fastmf.fit on 2 ranks -------------------------------------------------------------------
+
+def _compare_fit(runs, key, want_model, want_rows):
+    parts = [r[key] for r in runs["two"]]
+    got = _assemble([p[0] for p in parts])
+    _close(got, _full_state(want_model))
+    # Every rank reports the same records (losses, validation metrics), equal to one
+    # process's within float rounding.
+    assert parts[0][1] == parts[1][1]
+    assert len(parts[0][1]) == len(want_rows)
+    for mine, theirs in zip(parts[0][1], want_rows, strict=True):
+        assert set(mine) == set(theirs)
+        for name in theirs:
+            assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-6), name
+
+
+def test_fit_mf_on_two_ranks_matches_one_process(runs, tmp_path):
+    train, valid = _fit_data(False)
+    model = _mf(1)
+    history = fastmf.fit(model, train, valid=valid, epochs=2, **FIT_MF)
+    assert not torch.allclose(model.user_factors, _mf(1).user_factors)
+    assert {"rmse", "mae"} <= set(history.epochs[0])
+    _compare_fit(runs, "fit_mf", model, _rows(history))
+
+
+def test_fit_resumes_a_sharded_checkpoint(runs):
+    train, valid = _fit_data(False)
+    model = _mf(1)
+    history = fastmf.fit(model, train, valid=valid, epochs=3, **FIT_MF)
+    _compare_fit(runs, "fit_mf_resumed", model, _rows(history))
+
+
+def test_fit_refuses_a_folder_that_is_not_a_sharded_checkpoint(runs):
+    for r in runs["two"]:
+        assert "not a sharded fastmf checkpoint" in r["fit_bad_target"], r["fit_bad_target"]
+
+
+def test_fit_neumf_distributed_matches_one_process(runs):
+    train, valid = _fit_data(True)
+    model = _neumf()
+    history = fastmf.fit(model, train, valid=valid, epochs=2, **FIT_NEUMF)
+    assert not torch.allclose(model.hidden[0].weight, _neumf().hidden[0].weight)
+    _compare_fit(runs, "fit_neumf", model, _rows(history))
+    # The data-parallel layers stay bit-identical across the ranks.
+    a, b = (r["fit_neumf"][0] for r in runs["two"])
+    for name in a:
+        if a[name][1] is None:
+            assert torch.equal(a[name][0], b[name][0]), name
+
+
+def test_fit_sharded_is_fit_on_id_arrays(runs):
+    train, _ = _fit_data(True)
+    model = _mf(1)
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    history = fastmf.fit(model, train, loss="bpr", epochs=2, batch_size=BATCH, reg=0.01,
+                         seed=2, optimizer=opt, num_negatives=1, progress=False,
+                         set_global_mean=False)
+    parts = [r["fit_sharded"] for r in runs["two"]]
+    _close(_assemble([p[0] for p in parts]), _full_state(model, [opt]))
+    assert parts[0][1] == parts[1][1]
+    assert parts[0][1] == pytest.approx(history["loss"], rel=1e-5)
+
+
+def test_fit_distributed_needs_a_process_group():
+    train, _ = _fit_data(False)
+    with pytest.raises(RuntimeError, match="distributed=True needs torch.distributed"):
+        fastmf.fit(_mf(1), train, epochs=1, distributed=True, progress=False)
+
+
+def _metrics_line(text: str) -> str:
+    line = next(row for row in text.splitlines() if row.startswith("test ("))
+    return line.split(": ", 1)[1]
+
+
+def test_cli_train_distributed_matches_one_process(runs, tmp_path, capsys):
+    from fastmf.cli import main
+
+    data = _write_ratings(tmp_path / "ratings.csv")
+    assert main(_cli_args(data, "--out", str(tmp_path / "one"))) == 0
+    printed = capsys.readouterr().out
+    single = fastmf.load(tmp_path / "one")
+    (code0, out0, state0, extra0), (code1, out1, state1, _) = (r["cli"] for r in runs["two"])
+    assert code0 == code1 == 0
+    assert out1 == ""  # only rank 0 prints
+    assert "2 ranks" in out0 and "sharded" in out0
+    assert _metrics_line(out0) == _metrics_line(printed)
+    assert extra0["model_class"] == "MF" and extra0["model"]["dim"] == 4
+    assert extra0["test"] == pytest.approx(fastmf.checkpoint.load_checkpoint(
+        tmp_path / "one").extra["test"], rel=1e-5)
+    _close(_assemble([state0, state1]), _full_state(single))
+
+
+def test_cli_train_distributed_needs_torchrun(tmp_path, capsys, monkeypatch):
+    from fastmf.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    data = _write_ratings(tmp_path / "ratings.csv")
+    assert main(_cli_args(data, "--distributed")) == 2
+    err = capsys.readouterr().err
+    assert "--distributed needs the environment torchrun sets" in err
+    assert "torchrun --nproc_per_node=N -m fastmf train --distributed" in err

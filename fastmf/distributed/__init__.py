@@ -21,9 +21,13 @@ batch.
 >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)       # doctest: +SKIP
 >>> part = fd.local_slice(len(users))                                   # doctest: +SKIP
 >>> loss = model.train_step(opt, users[part], items[part], ratings[part])  # doctest: +SKIP
+
+:func:`fastmf.fit` trains a sharded model directly (``fastmf.fit(fd.shard(model), train)``
+or ``fastmf.fit(model, train, distributed=True)``): see :mod:`fastmf.distributed.fit`.
 """
 
 from .checkpoint import load, save
+from .fit import FitContext, gather_model
 from .modules import (
                       ShardedEmbedding,
                       ShardedEmbeddingBag,
@@ -31,12 +35,14 @@ from .modules import (
                       apply_sparse,
                       is_sharded,
                       local_slice,
+                      loss_share,
                       shard,
                       sync_dense_grads,
 )
 from .routing import Route, local_rows, owner_of, timings
 from .train import fit_sharded
 
-__all__ = ["Route", "ShardedEmbedding", "ShardedEmbeddingBag", "ShardedMF", "apply_sparse",
-           "fit_sharded", "is_sharded", "load", "local_rows", "local_slice", "owner_of",
-           "save", "shard", "sync_dense_grads", "timings"]
+__all__ = ["FitContext", "Route", "ShardedEmbedding", "ShardedEmbeddingBag", "ShardedMF",
+           "apply_sparse", "fit_sharded", "gather_model", "is_sharded", "load", "local_rows",
+           "local_slice", "loss_share", "owner_of", "save", "shard", "sync_dense_grads",
+           "timings"]

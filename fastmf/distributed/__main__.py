@@ -4,8 +4,9 @@
         --dim 64 --epochs 3 --checkpoint ckpt/
 
 Every rank draws the same synthetic set (seeded), trains its slice of each global batch
-with :func:`fastmf.distributed.fit_sharded` and, with ``--checkpoint``, saves a sharded
-checkpoint after every epoch (``--resume`` loads one first, at any world size).
+with :func:`fastmf.distributed.fit_sharded` (``fastmf.fit`` on the sharded model) and,
+with ``--checkpoint``, saves a sharded checkpoint after every epoch (``--resume``
+continues from one, at any world size).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 import fastmf
 
-from . import fit_sharded, load, shard
+from . import fit_sharded, shard
 
 
 def main(argv=None) -> None:
@@ -47,21 +48,19 @@ def main(argv=None) -> None:
     items = torch.randint(0, args.items, (args.samples,), generator=gen)
     truth = torch.randn(args.users, 4, generator=gen), torch.randn(args.items, 4, generator=gen)
     ratings = ((truth[0][users] * truth[1][items]).sum(1) + 3.0).clamp(1, 5)
-    if args.loss in ("bce",):
-        ratings = (ratings > 3).float()
+    if args.loss in ("bce", "bpr"):  # the liked pairs are the positives
+        liked = ratings > 3
+        users, items = users[liked], items[liked]
     # Built on the meta device: no rank ever allocates the full tables.
     model = shard(fastmf.MF(args.users, args.items, dim=args.dim, global_mean=3.0,
                             device="meta"), device=device, seed=args.seed)
     optimizer = fastmf.optim.SparseAdagrad(model.parameters(), lr=args.lr)
-    if args.resume and args.checkpoint:
-        extra = load(args.checkpoint, model, [optimizer])
-        if dist.get_rank() == 0:
-            print(f"resumed from {args.checkpoint} (epoch {extra.get('epoch')})", flush=True)
     if device is not None:
         users, items, ratings = users.to(device), items.to(device), ratings.to(device)
     history = fit_sharded(model, optimizer, users, items, ratings, loss=args.loss,
                           epochs=args.epochs, batch_size=args.batch_size, reg=args.reg,
-                          seed=args.seed, checkpoint=args.checkpoint, verbose=True)
+                          seed=args.seed, checkpoint=args.checkpoint,
+                          resume=args.resume and args.checkpoint is not None, verbose=True)
     if dist.get_rank() == 0:
         print(f"final loss {history[-1]:.5f} on {dist.get_world_size()} rank(s)", flush=True)
     dist.destroy_process_group()

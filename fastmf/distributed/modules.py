@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -11,12 +13,13 @@ from fastmf.layers import MF
 from fastmf.nn.embedding import Embedding, EmbeddingBag
 from fastmf.ops import checks
 from fastmf.ops.codes import HUBER_DELTA, Loss, PairwiseLoss
+from fastmf.recommender import IMPLICIT, Batch, Recommender
 from fastmf.step import _fused_optimizer, _parse_loss
 
 from .routing import Route, local_rows, split_columns, timings, world
 
-__all__ = ["ShardedEmbedding", "ShardedEmbeddingBag", "ShardedMF", "is_sharded", "shard",
-           "sync_dense_grads", "local_slice"]
+__all__ = ["ShardedEmbedding", "ShardedEmbeddingBag", "ShardedMF", "is_sharded", "loss_share",
+           "shard", "sync_dense_grads", "local_slice"]
 
 _SHARD_DTYPES = (torch.float32, torch.float64)
 
@@ -31,6 +34,31 @@ class ShardInfo:
 def is_sharded(param: Tensor) -> bool:
     """True for a parameter created by :func:`shard` (a local row shard)."""
     return getattr(param, "fastmf_shard", None) is not None
+
+
+class _Share:
+    """The weight of this rank's loss in the global loss while :func:`loss_share` is on."""
+
+    value = 1.0
+
+
+_SHARE = _Share()
+
+
+@contextmanager
+def loss_share(fraction: float):
+    """Within this block, sharded lookups scale the gradient rows they send to the owners
+    by ``fraction`` (and :func:`sync_dense_grads` the dense gradients): a rank whose loss is
+    the MEAN over its ``b`` samples of a global batch of ``B`` passes ``b / B``, which
+    turns its loss into its share of the global mean. ``fastmf.fit`` uses it, so a model's
+    ordinary ``training_step`` (a mean over the batch it is given) trains exactly as one
+    process on the whole batch."""
+    previous = _SHARE.value
+    _SHARE.value = float(fraction)
+    try:
+        yield
+    finally:
+        _SHARE.value = previous
 
 
 def _check_table(who: str, name: str, weight: Tensor, world_size: int) -> None:
@@ -75,12 +103,15 @@ class _ShardedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, route: Route, *weights):
         ctx.route = route
+        ctx.scale = _SHARE.value
         ctx.shapes = [(w.shape, w.dtype) for w in weights]
         return route.gather([w.detach() for w in weights])
 
     @staticmethod
     def backward(ctx, grad):
         route = ctx.route
+        if ctx.scale != 1.0:
+            grad = grad * ctx.scale
         rows = route.scatter(grad.contiguous())
         grads, start = [], 0
         ids = route.local_ids.unsqueeze(0)
@@ -176,11 +207,18 @@ def apply_sparse(optimizer, param: Tensor, ids: Tensor, rows: Tensor) -> None:
     optimizer.state[param]["step"] = step
 
 
-class ShardedMF(nn.Module):
+class ShardedMF(Recommender):
     """:class:`fastmf.MF` with its four tables row-sharded over a process group (built by
     :func:`shard`). ``forward(users, items)`` and the fused :meth:`train_step` /
     :meth:`train_step_pairwise` are collectives: every rank calls them with its own slice of
-    the global batch (possibly empty)."""
+    the global batch (possibly empty).
+
+    A :class:`fastmf.models.base.Recommender` for :func:`fastmf.fit`'s training hooks
+    (``make_optimizer`` and ``training_step`` are MF's, on the sharded fused steps); scoring
+    and ``recommend`` need the full tables (``fastmf.distributed.fit.gather_model``)."""
+
+    losses = ("mse", "huber", "bce", "bpr")  # what the sharded fused steps run
+    default_loss = "mse"
 
     def __init__(self, source: MF, group, device, seed: int):
         super().__init__()
@@ -206,6 +244,43 @@ class ShardedMF(nn.Module):
     @property
     def mu(self) -> float:
         return self._global_mean_value
+
+    @classmethod
+    def public_name(cls) -> str:
+        return "fastmf.distributed.ShardedMF"
+
+    def set_global_mean(self, value: float) -> None:
+        self._global_mean_value = float(value)
+        self.global_mean.fill_(float(value))
+
+    def get_config(self) -> dict:
+        """The config of the :class:`fastmf.MF` this model shards."""
+        return {"num_users": self.num_users, "num_items": self.num_items, "dim": self.dim,
+                "bias": self.has_bias, "global_mean": self.mu, "sparse": False,
+                "init_scale": self.init_scale,
+                "dtype": str(self.user_factors.dtype).removeprefix("torch.")}
+
+    make_optimizer = MF.make_optimizer
+
+    def training_step(self, batch: Batch, optimizer, *, loss: str,
+                      reg: float) -> tuple[Tensor, int]:
+        """:meth:`fastmf.MF.training_step` on the sharded fused steps: ``batch`` is this
+        rank's slice of the global batch; the loss returned is the global one."""
+        u, i = batch.users, batch.items
+        if loss not in IMPLICIT:
+            return self.train_step(optimizer, u, i, batch.targets, loss=loss, reg=reg), len(u)
+        neg = batch.negatives
+        k = neg.shape[1]
+        if loss == "bpr":
+            return self.train_step_pairwise(optimizer, u.repeat_interleave(k),
+                                            i.repeat_interleave(k), neg.reshape(-1),
+                                            reg=reg), len(u) * k
+        users = torch.cat([u, u.repeat_interleave(k)])
+        items = torch.cat([i, neg.reshape(-1)])
+        labels = torch.cat([torch.ones(len(u)), torch.zeros(len(u) * k)]).to(
+            dtype=self.user_factors.dtype, device=u.device)
+        return self.train_step(optimizer, users, items, labels, loss="bce",
+                               reg=reg), len(users)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -400,12 +475,16 @@ def sync_dense_grads(model: nn.Module, process_group=None) -> None:
     """Sum the gradients of ``model``'s replicated (not sharded) parameters over the group
     with one ``all_reduce`` per parameter. With each rank's loss its share of the global
     loss (sum over its samples / global batch size), the sum is the single-process gradient;
-    the sharded tables need nothing (their gradients already went to the owners)."""
+    the sharded tables need nothing (their gradients already went to the owners). Inside
+    :func:`loss_share` each gradient is first scaled by the rank's share."""
+    scale = _SHARE.value
     for param in model.parameters():
         if is_sharded(param) or not param.requires_grad:
             continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)  # every rank must join every all_reduce
+        elif scale != 1.0:
+            param.grad.mul_(scale)
         dist.all_reduce(param.grad, group=process_group)
 
 

@@ -1,18 +1,14 @@
-"""``fit_sharded``: the training loop of a :class:`ShardedMF` on the fused sharded steps."""
+"""``fit_sharded``: :func:`fastmf.fit` on a sharded model from id arrays."""
 
 from __future__ import annotations
 
-import time
-
 import torch
-import torch.distributed as dist
 
-from .modules import ShardedMF, local_slice
-from .routing import world
+from .modules import ShardedMF
 
 __all__ = ["fit_sharded"]
 
-_POINTWISE = ("mse", "huber", "bce")
+_LOSSES = ("mse", "huber", "bce", "bpr")
 
 
 def _as_ids(name: str, values) -> torch.Tensor:
@@ -25,66 +21,45 @@ def _as_ids(name: str, values) -> torch.Tensor:
 
 def fit_sharded(model: ShardedMF, optimizer, users, items, targets=None, *,
                 loss: str = "mse", epochs: int = 1, batch_size: int = 1024,
-                reg: float = 0.0, seed: int = 0, checkpoint=None,
-                verbose: bool = False) -> list[float]:
-    """Train a sharded MF on the fused steps for ``epochs`` passes; returns the mean loss of
-    each epoch (the same on every rank).
+                reg: float = 0.0, seed: int = 0, checkpoint=None, resume: bool = False,
+                num_negatives: int = 1, verbose: bool = False) -> list[float]:
+    """Train a sharded model with :func:`fastmf.fit` on the interactions ``(users, items)``
+    for ``epochs`` passes; returns the mean loss of each epoch (the same on every rank).
 
-    Every rank passes the SAME full training set (users, items and, for the pointwise
-    losses "mse"/"huber"/"bce", targets); each epoch shuffles it with a generator seeded by
-    (``seed``, epoch), identical on all ranks, cuts global batches of ``batch_size`` and each
-    rank trains on its :func:`local_slice` of every batch. ``loss="bpr"`` draws one uniform
-    negative item per positive from the same generator (targets ignored). The result equals
-    one process running ``fastmf.train_step``/``train_step_pairwise`` on the same batches.
-    ``checkpoint``: a folder for :func:`fastmf.distributed.save` after every epoch.
+    Every rank passes the SAME full training set: ``targets`` are the ratings of the
+    explicit losses "mse"/"huber"; for "bce"/"bpr" the pairs are the positives and each
+    gets ``num_negatives`` sampled negative items (fit's implicit losses; ``targets`` are
+    ignored). Batches, shuffling and negatives are fit's, seeded by ``seed``: the result
+    equals one process running ``fastmf.fit`` on the unsharded model. ``checkpoint``: a
+    folder for a sharded checkpoint after every epoch (``resume=True`` continues
+    from it, at any world size). ``verbose``: progress on rank 0.
     """
-    from .checkpoint import save
+    from fastmf.data import Interactions
+    from fastmf.train import fit
 
-    rank, _ = world(model.group)
-    if loss not in _POINTWISE + ("bpr",):
+    if loss not in _LOSSES:
         raise ValueError(f"fastmf.distributed.fit_sharded: unknown loss {loss!r}; expected "
-                         f"one of {_POINTWISE + ('bpr',)}")
+                         f"one of {_LOSSES}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"fastmf.distributed.fit_sharded: {name} must be a positive int, "
                              f"got {value!r}")
     users, items = _as_ids("users", users), _as_ids("items", items)
-    if loss != "bpr":
-        if targets is None:
-            raise ValueError(f"fastmf.distributed.fit_sharded: loss {loss!r} needs targets")
-        targets = torch.as_tensor(targets).to(model.user_factors.dtype)
-        if targets.shape != users.shape:
-            raise ValueError("fastmf.distributed.fit_sharded: targets has shape "
-                             f"{tuple(targets.shape)}, users {tuple(users.shape)}")
     if items.shape != users.shape:
         raise ValueError(f"fastmf.distributed.fit_sharded: items has shape "
                          f"{tuple(items.shape)}, users {tuple(users.shape)}")
-    history = []
-    n = users.numel()
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        total, count = 0.0, 0
-        for begin in range(0, n, batch_size):
-            idx = order[begin:begin + batch_size]
-            part = idx[local_slice(idx.numel(), model.group)]
-            if loss == "bpr":
-                negatives = torch.randint(0, model.num_items, (idx.numel(),), generator=gen)
-                neg = negatives[local_slice(idx.numel(), model.group)]
-                value = model.train_step_pairwise(optimizer, users[part], items[part], neg,
-                                                  reg=reg)
-            else:
-                value = model.train_step(optimizer, users[part], items[part], targets[part],
-                                         loss=loss, reg=reg)
-            total += float(value) * idx.numel()
-            count += idx.numel()
-        history.append(total / max(count, 1))
-        if checkpoint is not None:
-            save(checkpoint, model, [optimizer], process_group=model.group,
-                 extra={"epoch": epoch + 1, "history": history})
-        if verbose and rank == 0:
-            print(f"epoch {epoch + 1}/{epochs}: loss {history[-1]:.5f} "
-                  f"({time.perf_counter() - start:.2f} s)", flush=True)
-    dist.barrier(group=model.group)
-    return history
+    ratings = None
+    if loss in ("mse", "huber"):
+        if targets is None:
+            raise ValueError(f"fastmf.distributed.fit_sharded: loss {loss!r} needs targets")
+        ratings = torch.as_tensor(targets)
+        if ratings.shape != users.shape:
+            raise ValueError("fastmf.distributed.fit_sharded: targets has shape "
+                             f"{tuple(ratings.shape)}, users {tuple(users.shape)}")
+        ratings = ratings.double().cpu().numpy()
+    data = Interactions(users.cpu().numpy(), items.cpu().numpy(), ratings,
+                        user_map=model.num_users, item_map=model.num_items)
+    history = fit(model, data, loss=loss, epochs=epochs, batch_size=batch_size,
+                  optimizer=optimizer, reg=reg, seed=seed, checkpoint=checkpoint, resume=resume,
+                  num_negatives=num_negatives, progress=verbose, set_global_mean=False)
+    return [float(v) for v in history["loss"]]
