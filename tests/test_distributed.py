@@ -689,3 +689,66 @@ def test_cli_train_distributed_needs_torchrun(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "--distributed needs the environment torchrun sets" in err
     assert "torchrun --nproc_per_node=N -m fastmf train --distributed" in err
+
+
+# -- NCCL on GPUs: the same code path, skipped visibly without two GPUs ---------------------
+
+def _nccl_entry(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    import fastmf.distributed as fd
+
+    try:
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=60))
+        part = fd.local_slice(BATCH)
+        res = {}
+        for name, case in MF_CASES.items():
+            model = fd.shard(_mf(1).to(device), device=device)
+            opt = _mf_optimizer(model.parameters(), case)
+            losses = []
+            for u, i, j, r in _batches(11):
+                u, i, j, r = (x[part].to(device) for x in (u, i, j, r))
+                if case["loss"] == "bpr":
+                    value = model.train_step_pairwise(opt, u, i, j, reg=0.02)
+                else:
+                    value = model.train_step(opt, u, i, r, loss=case["loss"], reg=0.02)
+                losses.append(float(value))
+            state = {k: (v.cpu(), rows) for k, (v, rows) in _local_state(model, [opt]).items()}
+            res[f"mf/{name}"] = (state, losses)
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        Path(out, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="NCCL needs two CUDA GPUs (one per rank); none or one here")
+def test_mf_fused_steps_on_nccl_match_one_process(tmp_path):
+    out = tmp_path / "nccl"
+    out.mkdir()
+    ctx = mp.start_processes(_nccl_entry, args=(2, _free_port(), str(out)), nprocs=2,
+                             join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            errors = "\n".join(f.read_text() for f in sorted(out.glob("*.err")))
+            raise AssertionError(f"NCCL workers did not finish in 180 s\n{errors}")
+    parts = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for name, case in MF_CASES.items():
+        model, opt, losses = _mf_reference(case)
+        got = _assemble([p[f"mf/{name}"][0] for p in parts])
+        # The CUDA kernels sum in another order than the CPU's: close, not bit-identical.
+        for key, want in _full_state(model, [opt]).items():
+            torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5, msg=key)
+        torch.testing.assert_close(torch.tensor(parts[0][f"mf/{name}"][1]),
+                                   torch.tensor(losses), rtol=1e-5, atol=1e-5)
