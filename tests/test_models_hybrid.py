@@ -144,6 +144,69 @@ def test_fused_step_equals_autograd(rng):
                                    atol=1e-6)
 
 
+def dense_reference_step(model, batch, loss, lr, reg):
+    """One step of ``loss`` by plain autograd over dense feature matrices (no bags, no
+    deduplication) and torch.optim.Adagrad."""
+    params, pooled = [], {}
+    for side in ("users", "items"):
+        s = getattr(model, side)
+        dense = torch.as_tensor(sp.csr_matrix(
+            (s.weights.numpy(), s.indices.numpy(), s.indptr.numpy()),
+            shape=(s.num_rows, s.table.weight.shape[0])).toarray())
+        table = s.table.weight.detach().clone().requires_grad_(True)
+        bias = s.bias.weight.detach().clone().requires_grad_(True)
+        params += [table, bias]
+        pooled[side] = (dense, table, bias)
+
+    def pool(side, ids):
+        dense, table, bias = pooled[side]
+        return dense[ids] @ table, (dense[ids] @ bias)[:, 0]
+
+    p, bu = pool("users", batch.users)
+    if loss == "mse":
+        q, bi = pool("items", batch.items)
+        scores, targets, outputs = (p * q).sum(1) + bu + bi, batch.targets, (p, bu, q, bi)
+        value = (scores - targets).square().mean()
+    else:
+        n = batch.negatives.shape[1]
+        q, bi = pool("items", batch.items)
+        qn, bn = pool("items", batch.negatives.reshape(-1))
+        pos = (p * q).sum(1) + bu + bi
+        neg = (p.repeat_interleave(n, 0) * qn).sum(1) + bu.repeat_interleave(n) + bn
+        scores = torch.cat([pos, neg])
+        targets = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+        value = F.binary_cross_entropy_with_logits(scores, targets)
+        outputs = (p, bu, q, bi, qn, bn)
+    total = value + reg * sum(o.square().sum() for o in outputs) / len(batch.users)
+    opt = torch.optim.Adagrad(params, lr=lr)
+    total.backward()
+    opt.step()
+    return params
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_step_with_repeated_ids_equals_dense_autograd(rng, loss):
+    # Few users and items, many samples: every id repeats, and the step pools each once.
+    torch.manual_seed(4)
+    itf = random_features(rng, 10, 4)
+    model = Hybrid(5, 10, dim=3, item_features=Features.from_scipy(itf), init_scale=0.3)
+    users = torch.as_tensor(rng.integers(0, 5, 40))
+    items = torch.as_tensor(rng.integers(0, 10, 40))
+    targets = torch.as_tensor(rng.uniform(1, 5, 40), dtype=torch.float32)
+    negatives = torch.as_tensor(rng.integers(0, 10, (40, 2))) if loss == "bce" else None
+    batch = Batch(users, items, targets if loss == "mse" else None, negatives, None, None)
+    expected = dense_reference_step(copy.deepcopy(model), batch, loss, lr=0.1, reg=0.01)
+    before = [t.detach().clone() for t in model.parameters()]
+    opt = optim.apply_in_backward(optim.SparseAdagrad(list(model.parameters()), lr=0.1))
+    model.training_step(batch, opt, loss=loss, reg=0.01)
+    assert all(not torch.equal(b, t.detach()) for b, t in zip(before, model.parameters(),
+                                                                strict=True))
+    got = [model.users.table.weight, model.users.bias.weight, model.items.table.weight,
+           model.items.bias.weight]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.detach(), e.detach(), rtol=1e-5, atol=1e-6)
+
+
 def planted_model(rng, num_items=60, dim=6):
     torch.manual_seed(3)
     model = Hybrid(5, num_items, dim=dim, init_scale=1.0)
