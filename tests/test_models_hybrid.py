@@ -422,3 +422,44 @@ def test_fit_save_load_round_trip_after_growth(rng, tmp_path):
     items = torch.as_tensor(rng.integers(0, 32, 20))
     torch.testing.assert_close(loaded.predict(users, items), model.predict(users, items))
     assert loaded.recommend([1], k=3)[0].shape == (1, 3)
+
+
+def test_fold_in_and_recommend_new_user_methods(rng):
+    torch.manual_seed(8)
+    items = rng.choice(30, 6, replace=False)
+    ratings = rng.uniform(1, 5, 6)
+    for model in (fastmf.MF(4, 30, dim=5), planted_model(rng, num_items=30, dim=5),
+                  fastmf.models.GMF(4, 30, dim=5)):
+        vector, offset = model.fold_in(items, ratings=ratings, reg=0.5)
+        expected, expected_offset = coldstart.fold_in(model, items, ratings=ratings, reg=0.5)
+        torch.testing.assert_close(vector, expected)
+        assert offset == pytest.approx(expected_offset)
+        top, scores = model.recommend_new_user(items, k=4, ratings=ratings, reg=0.5)
+        want_top, want_scores = coldstart.recommend_new_user(model, items, 4, ratings=ratings,
+                                                             reg=0.5)
+        assert torch.equal(torch.as_tensor(top), torch.as_tensor(want_top))
+        assert not set(np.asarray(top).tolist()) & set(items.tolist())
+        torch.testing.assert_close(torch.as_tensor(scores), torch.as_tensor(want_scores))
+    mlp = fastmf.models.MLP(4, 30, layers=(8, 4))
+    for call in (lambda: mlp.fold_in(items), lambda: mlp.recommend_new_user(items)):
+        with pytest.raises(TypeError, match=r"MLP\.(fold_in|recommend_new_user): the model "
+                                            "has no item vectors"):
+            call()
+
+
+def test_mf_add_users_and_add_items_methods():
+    torch.manual_seed(9)
+    model = fastmf.MF(6, 5, dim=3, sparse=True)
+    opt = optim.SparseAdagrad(model.parameters(), lr=0.1)
+    catalog = sp.csr_matrix(np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0, 0]], np.float32))
+    before = model.item_factors.detach().clone()
+    assert list(model.add_items(2, np.array([[0, 1.0], [0, 0]]), catalog_features=catalog,
+                                optimizer=opt)) == [5, 6]
+    torch.testing.assert_close(model.item_factors[5].detach(), before[2:4].mean(0))
+    assert list(model.add_users(3, optimizer=opt)) == [6, 7, 8]
+    assert (model.num_users, model.num_items) == (9, 7)
+    assert opt.state[model.user_factors]["sum"].shape == (9, 3)
+    assert model.user_factors[6:].abs().max() <= 0.05 + 1e-7  # the default init
+    assert model(torch.tensor([8]), torch.tensor([6])).shape == (1,)
+    with pytest.raises(ValueError, match="add_rows"):
+        model.add_users(0)
