@@ -186,7 +186,7 @@ def dense_reference_step(model, batch, loss, lr, reg):
 
 @pytest.mark.parametrize("loss", ["mse", "bce"])
 def test_step_with_repeated_ids_equals_dense_autograd(rng, loss):
-    # Few users and items, many samples: every id repeats, and the step pools each once.
+    # Few users and items, many samples: every id repeats; users identity only.
     torch.manual_seed(4)
     itf = random_features(rng, 10, 4)
     model = Hybrid(5, 10, dim=3, item_features=Features.from_scipy(itf), init_scale=0.3)

@@ -177,17 +177,6 @@ class FeatureSide(nn.Module):
         bias = self.bias(indices, offsets, per_sample_weights=weights)
         return vec, bias.squeeze(1)
 
-    def pool_unique(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(vectors (U, dim), biases (U,), inverse (B,)) pooling each distinct id of
-        ``ids`` once: ``vectors[inverse]`` is :meth:`pool` of ``ids``. A batch repeats
-        popular rows, and every repeat would cost a bag lookup forward and a bag's worth of
-        gradient rows in the fused update; the repeats' gradients meet in the index
-        backward instead."""
-        ids = ids.reshape(-1).to(device=self.indptr.device, dtype=torch.int64)
-        unique, inverse = torch.unique(ids, return_inverse=True)
-        vec, bias = self.pool(unique)
-        return vec, bias, inverse
-
     def pool_rows(self, raw: sp.csr_matrix) -> tuple[Tensor, Tensor]:
         """(vectors, biases) of new rows given as raw feature weights (n, F): features only,
         normalised like the training rows (no identity row exists for them)."""
@@ -330,21 +319,17 @@ class Hybrid(Recommender):
         side pooled once per step: the users once, the positives and negatives together."""
         users, items = batch.users, batch.items
         size = users.shape[0]
-        pu, bu, inverse = self.users.pool_unique(users)
-        p, bu = pu[inverse], bu[inverse]
+        p, bu = self.users.pool(users)
         if loss in IMPLICIT:
             if batch.negatives is None:
                 raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
                                  "batch.negatives")
             neg = batch.negatives
             n = neg.shape[1]
-            qu, bi, inverse = self.items.pool_unique(torch.cat([items.reshape(-1),
-                                                                neg.reshape(-1)]))
-            q_pos, bi_pos = qu[inverse[:size]], bi[inverse[:size]]
-            q_neg, bi_neg = qu[inverse[size:]], bi[inverse[size:]]
-            pos = (p * q_pos).sum(1) + bu + bi_pos
-            negs = ((p.unsqueeze(1) * q_neg.view(size, n, -1)).sum(2) + bu.unsqueeze(1)
-                    + bi_neg.view(size, n))
+            q, bi = self.items.pool(torch.cat([items.reshape(-1), neg.reshape(-1)]))
+            pos = (p * q[:size]).sum(1) + bu + bi[:size]
+            negs = ((p.unsqueeze(1) * q[size:].view(size, n, -1)).sum(2) + bu.unsqueeze(1)
+                    + bi[size:].view(size, n))
             if loss == "bpr":
                 value = pairwise_loss(pos, negs, loss, batch.weights)
                 count = size * n
@@ -357,24 +342,17 @@ class Hybrid(Recommender):
                     weights = torch.cat([batch.weights.to(pos.dtype), pos.new_ones(size * n)])
                 value = pointwise_loss(scores, labels, loss, weights)
                 count = len(scores)
-            if reg:
-                q_sq = q_pos.square().sum() + q_neg.square().sum()
-                bi_sq = bi_pos.square().sum() + bi_neg.square().sum()
         else:
             if batch.targets is None:
                 raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
                                  "batch.targets")
-            qu, bi, inverse = self.items.pool_unique(items)
-            q, bi = qu[inverse], bi[inverse]
+            q, bi = self.items.pool(items)
             value = pointwise_loss((p * q).sum(1) + bu + bi, batch.targets, loss,
                                    batch.weights)
             count = size
-            if reg:
-                q_sq, bi_sq = q.square().sum(), bi.square().sum()
         total = value
         if reg:
-            # On the pooled outputs of the batch, repeats included: one term per sample.
-            penalty = p.square().sum() + bu.square().sum() + q_sq + bi_sq
+            penalty = p.square().sum() + bu.square().sum() + q.square().sum() + bi.square().sum()
             total = value + reg * penalty / max(size, 1)
         optimizer.zero_grad()
         total.backward()
