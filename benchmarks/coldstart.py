@@ -40,6 +40,9 @@ there, so ``__builtins__.__LIGHTFM_SETUP__ = True`` raises)::
     pip install --no-build-isolation <dir>
 
 Run: ``python benchmarks/coldstart.py [--data /work/shared/data/ml-latest-small] [--quick]``.
+On a shared machine set ``OMP_WAIT_POLICY=PASSIVE``: with spinning OpenMP threads every
+parallel region of a training step spins while another job holds a core (see
+benchmarks/README.md, "Cold start").
 """
 
 from __future__ import annotations

@@ -205,6 +205,22 @@ class MF(FactorTables, Recommender):
     def all_user_vectors(self) -> Tensor:
         return self.user_factors.detach()
 
+    def add_users(self, n: int, features=None, **kwargs) -> range:
+        """Append ``n`` users and return their indices (see :meth:`add_items`)."""
+        from fastmf.models import coldstart
+
+        return coldstart.add_rows(self, "user", n, features, **kwargs)
+
+    def add_items(self, n: int, features=None, **kwargs) -> range:
+        """Append ``n`` items and return their indices (a range):
+        :func:`fastmf.models.coldstart.add_rows` on this model's factors and bias
+        (keywords ``catalog_features``, ``optimizer``, ``raw_ids``, ``generator``). New rows
+        start at the default init, or with ``features`` and ``catalog_features`` at the
+        mean of the items sharing their features; ``optimizer`` grows with them."""
+        from fastmf.models import coldstart
+
+        return coldstart.add_rows(self, "item", n, features, **kwargs)
+
     def make_optimizer(self, name: str | None, lr: float):
         """``"adagrad"`` (default), ``"rowwise_adagrad"`` or ``"sgd"``: the optimizers the
         fused step runs."""

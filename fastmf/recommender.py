@@ -776,6 +776,30 @@ class Recommender(nn.Module):
         """The ``k`` users most similar to each query user (see :meth:`similar_items`)."""
         return self._similar("user", users, k, metric, raw_ids, "similar_users")
 
+    # -- cold start ---------------------------------------------------------------------------
+    def fold_in(self, items, **kwargs) -> tuple[Tensor, float]:
+        """The ``(vector (D,), offset)`` of a user the model has not seen, from the items
+        they interacted with: :func:`fastmf.models.coldstart.fold_in` (same arguments).
+        TypeError for models without item vectors."""
+        from fastmf.models import coldstart
+
+        self._need_vectors("fold_in")
+        return coldstart.fold_in(self, items, **kwargs)
+
+    def recommend_new_user(self, items, k: int = 10, **kwargs):
+        """Top-``k`` ``(items (k,), scores (k,))`` for a user the model has not seen:
+        :func:`fastmf.models.coldstart.recommend_new_user` (same arguments; popular items
+        and a warning when no item is known). TypeError for models without item vectors."""
+        from fastmf.models import coldstart
+
+        self._need_vectors("recommend_new_user")
+        return coldstart.recommend_new_user(self, items, k, **kwargs)
+
+    def _need_vectors(self, method: str) -> None:
+        if not self.has_vectors:
+            raise TypeError(f"{self._op(method)}: the model has no item vectors (fold-in "
+                            "needs a dot-product model)")
+
     @inference
     def analogy(self, positive=(), negative=(), k: int = 10, *, metric: str = "cosine",
                 side: str = "item", raw_ids: bool = False, exclude=None,

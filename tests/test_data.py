@@ -470,6 +470,18 @@ def test_negatives_deterministic_and_thread_independent(distribution):
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "popularity"])
+def test_small_batches_run_serially_with_the_same_draws(distribution):
+    data = random_interactions(num_users=100, num_items=300, n=5000, seed=6)
+    users = np.random.default_rng(6).integers(0, 100, 3000)
+    sampler = NegativeSampler(data, distribution=distribution)
+    threads = numba.get_num_threads()
+    big = sampler.sample(users, 4, seed=9)  # 12,000 draws: the thread pool
+    small = sampler.sample(users[:200], 4, seed=9)  # 800 draws: one thread
+    assert numba.get_num_threads() == threads
+    np.testing.assert_array_equal(small, big[:200])  # each row has its own stream
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "popularity"])
 def test_visit_order_does_not_change_negatives(monkeypatch, distribution):
     # Large batches are visited user by user; each row's stream makes that invisible.
     from fastmf.data import sampling

@@ -144,6 +144,69 @@ def test_fused_step_equals_autograd(rng):
                                    atol=1e-6)
 
 
+def dense_reference_step(model, batch, loss, lr, reg):
+    """One step of ``loss`` by plain autograd over dense feature matrices (no bags, no
+    deduplication) and torch.optim.Adagrad."""
+    params, pooled = [], {}
+    for side in ("users", "items"):
+        s = getattr(model, side)
+        dense = torch.as_tensor(sp.csr_matrix(
+            (s.weights.numpy(), s.indices.numpy(), s.indptr.numpy()),
+            shape=(s.num_rows, s.table.weight.shape[0])).toarray())
+        table = s.table.weight.detach().clone().requires_grad_(True)
+        bias = s.bias.weight.detach().clone().requires_grad_(True)
+        params += [table, bias]
+        pooled[side] = (dense, table, bias)
+
+    def pool(side, ids):
+        dense, table, bias = pooled[side]
+        return dense[ids] @ table, (dense[ids] @ bias)[:, 0]
+
+    p, bu = pool("users", batch.users)
+    if loss == "mse":
+        q, bi = pool("items", batch.items)
+        scores, targets, outputs = (p * q).sum(1) + bu + bi, batch.targets, (p, bu, q, bi)
+        value = (scores - targets).square().mean()
+    else:
+        n = batch.negatives.shape[1]
+        q, bi = pool("items", batch.items)
+        qn, bn = pool("items", batch.negatives.reshape(-1))
+        pos = (p * q).sum(1) + bu + bi
+        neg = (p.repeat_interleave(n, 0) * qn).sum(1) + bu.repeat_interleave(n) + bn
+        scores = torch.cat([pos, neg])
+        targets = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+        value = F.binary_cross_entropy_with_logits(scores, targets)
+        outputs = (p, bu, q, bi, qn, bn)
+    total = value + reg * sum(o.square().sum() for o in outputs) / len(batch.users)
+    opt = torch.optim.Adagrad(params, lr=lr)
+    total.backward()
+    opt.step()
+    return params
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_step_with_repeated_ids_equals_dense_autograd(rng, loss):
+    # Few users and items, many samples: every id repeats; users identity only.
+    torch.manual_seed(4)
+    itf = random_features(rng, 10, 4)
+    model = Hybrid(5, 10, dim=3, item_features=Features.from_scipy(itf), init_scale=0.3)
+    users = torch.as_tensor(rng.integers(0, 5, 40))
+    items = torch.as_tensor(rng.integers(0, 10, 40))
+    targets = torch.as_tensor(rng.uniform(1, 5, 40), dtype=torch.float32)
+    negatives = torch.as_tensor(rng.integers(0, 10, (40, 2))) if loss == "bce" else None
+    batch = Batch(users, items, targets if loss == "mse" else None, negatives, None, None)
+    expected = dense_reference_step(copy.deepcopy(model), batch, loss, lr=0.1, reg=0.01)
+    before = [t.detach().clone() for t in model.parameters()]
+    opt = optim.apply_in_backward(optim.SparseAdagrad(list(model.parameters()), lr=0.1))
+    model.training_step(batch, opt, loss=loss, reg=0.01)
+    assert all(not torch.equal(b, t.detach()) for b, t in zip(before, model.parameters(),
+                                                                strict=True))
+    got = [model.users.table.weight, model.users.bias.weight, model.items.table.weight,
+           model.items.bias.weight]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g.detach(), e.detach(), rtol=1e-5, atol=1e-6)
+
+
 def planted_model(rng, num_items=60, dim=6):
     torch.manual_seed(3)
     model = Hybrid(5, num_items, dim=dim, init_scale=1.0)
@@ -359,3 +422,44 @@ def test_fit_save_load_round_trip_after_growth(rng, tmp_path):
     items = torch.as_tensor(rng.integers(0, 32, 20))
     torch.testing.assert_close(loaded.predict(users, items), model.predict(users, items))
     assert loaded.recommend([1], k=3)[0].shape == (1, 3)
+
+
+def test_fold_in_and_recommend_new_user_methods(rng):
+    torch.manual_seed(8)
+    items = rng.choice(30, 6, replace=False)
+    ratings = rng.uniform(1, 5, 6)
+    for model in (fastmf.MF(4, 30, dim=5), planted_model(rng, num_items=30, dim=5),
+                  fastmf.models.GMF(4, 30, dim=5)):
+        vector, offset = model.fold_in(items, ratings=ratings, reg=0.5)
+        expected, expected_offset = coldstart.fold_in(model, items, ratings=ratings, reg=0.5)
+        torch.testing.assert_close(vector, expected)
+        assert offset == pytest.approx(expected_offset)
+        top, scores = model.recommend_new_user(items, k=4, ratings=ratings, reg=0.5)
+        want_top, want_scores = coldstart.recommend_new_user(model, items, 4, ratings=ratings,
+                                                             reg=0.5)
+        assert torch.equal(torch.as_tensor(top), torch.as_tensor(want_top))
+        assert not set(np.asarray(top).tolist()) & set(items.tolist())
+        torch.testing.assert_close(torch.as_tensor(scores), torch.as_tensor(want_scores))
+    mlp = fastmf.models.MLP(4, 30, layers=(8, 4))
+    for call in (lambda: mlp.fold_in(items), lambda: mlp.recommend_new_user(items)):
+        with pytest.raises(TypeError, match=r"MLP\.(fold_in|recommend_new_user): the model "
+                                            "has no item vectors"):
+            call()
+
+
+def test_mf_add_users_and_add_items_methods():
+    torch.manual_seed(9)
+    model = fastmf.MF(6, 5, dim=3, sparse=True)
+    opt = optim.SparseAdagrad(model.parameters(), lr=0.1)
+    catalog = sp.csr_matrix(np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0, 0]], np.float32))
+    before = model.item_factors.detach().clone()
+    assert list(model.add_items(2, np.array([[0, 1.0], [0, 0]]), catalog_features=catalog,
+                                optimizer=opt)) == [5, 6]
+    torch.testing.assert_close(model.item_factors[5].detach(), before[2:4].mean(0))
+    assert list(model.add_users(3, optimizer=opt)) == [6, 7, 8]
+    assert (model.num_users, model.num_items) == (9, 7)
+    assert opt.state[model.user_factors]["sum"].shape == (9, 3)
+    assert model.user_factors[6:].abs().max() <= 0.05 + 1e-7  # the default init
+    assert model(torch.tensor([8]), torch.tensor([6])).shape == (1,)
+    with pytest.raises(ValueError, match="add_rows"):
+        model.add_users(0)

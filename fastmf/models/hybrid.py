@@ -156,6 +156,11 @@ class FeatureSide(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise IndexError(f"{self.op}: {self.name} index {bad} out of range "
                                  f"[0, {self.num_rows})")
+        if self.indices.shape[0] == self.num_rows:
+            # One entry per row (identity only: rows are never empty), so row r's entry
+            # is at position r and the bags are plain gathers.
+            return (self.indices[ids], torch.arange(ids.shape[0], device=ids.device),
+                    self.weights[ids])
         starts = self.indptr[ids]
         lengths = self.indptr[ids + 1] - starts
         offsets = torch.cumsum(lengths, 0) - lengths
