@@ -28,7 +28,7 @@ DEFAULTS = {
     # held out) of six data sets: ml-latest-small by user activity and by time, and
     # synthetic sets of different sparsity and popularity skew; BPR and BCE both chose it
     # (benchmarks/implicit_feedback.py --tune; benchmarks/README.md, "Implicit feedback").
-    "implicit": dict(lr=0.1, reg=0.01, batch_size=4096, epochs=30),
+    "implicit": dict(lr=0.1, reg=0.01, batch_size=4096, epochs=30, num_negatives=4),
 }
 
 
@@ -152,7 +152,7 @@ def fit(
     optimizer=None,
     lr: float | None = None,
     reg: float | None = None,
-    num_negatives: int = 4,
+    num_negatives: int | None = None,
     negative_distribution: str = "uniform",
     valid=None,
     metrics: tuple[str, ...] | None = None,
@@ -176,7 +176,8 @@ def fit(
     - ``loss`` (default: ``model.default_loss``; one of ``model.losses``):
       ``"mse"``/``"huber"`` on the ratings (explicit), or ``"bce"`` (each positive plus
       ``num_negatives`` sampled negatives labelled 0) / ``"bpr"`` (each positive against
-      ``num_negatives`` sampled negatives) on the interactions (implicit).
+      ``num_negatives`` sampled negatives) on the interactions (implicit);
+      ``num_negatives`` defaults like ``lr`` (4, or the model's ``defaults``).
       Negatives exclude the user's training items; ``negative_distribution`` is
       ``"uniform"`` or ``"popularity"``.
     - ``optimizer``: an optimizer over the model, or a name ``model.make_optimizer`` builds
@@ -244,6 +245,8 @@ def fit(
     batch_size = defaults["batch_size"] if batch_size is None else int(batch_size)
     reg = defaults["reg"] if reg is None else float(reg)
     lr = defaults["lr"] if lr is None else float(lr)
+    num_negatives = (defaults.get("num_negatives", 4) if num_negatives is None
+                     else int(num_negatives))
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"fastmf.fit: need epochs >= 0 and batch_size >= 1, got {epochs}, "
                          f"{batch_size}")

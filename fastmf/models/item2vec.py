@@ -231,7 +231,7 @@ class Item2Vec(Recommender):
     >>> from fastmf.models.item2vec import Item2Vec, sequences_to_interactions
     >>> data = sequences_to_interactions([[1, 2, 3, 2], [5, 6]], num_items=100)
     >>> model = Item2Vec.from_interactions(data, dim=16, window=2, min_count=1)
-    >>> history = fastmf.fit(model, data, epochs=2, num_negatives=5, progress=False)
+    >>> history = fastmf.fit(model, data, epochs=2, progress=False)
     >>> items, scores = model.similar_items([2], k=3)
     """
 
@@ -241,12 +241,11 @@ class Item2Vec(Recommender):
     # user) on two differently shaped subsets of ml-latest-small (movies with >= 20 ratings;
     # users with at most the median rating count), one knob at a time; the reported genre
     # agreement of neighbours was not looked at. Constructor defaults (dim 64, window 2,
-    # subsample 1e-3, min_count 5) come from the same search. Negatives per pair are
-    # fastmf.fit's num_negatives, whose default (4) the model cannot change: the search
-    # chose 5 (mean HR@10 0.049 against 0.044 for 4), so pass num_negatives=5. No weight
+    # subsample 1e-3, min_count 5) come from the same search, and so do the negatives per
+    # pair fastmf.fit draws by default: 5 (mean HR@10 0.049 against 0.044 for 4). No weight
     # decay, as word2vec.
     defaults: ClassVar[dict] = {
-        "implicit": dict(lr=0.05, reg=0.0, epochs=6, batch_size=4096),
+        "implicit": dict(lr=0.05, reg=0.0, epochs=6, batch_size=4096, num_negatives=5),
     }
     test_config: ClassVar[dict] = {"dim": 4, "window": 2, "subsample": None, "min_count": 1}
 
