@@ -205,15 +205,6 @@ def _popular(model, k: int, skip: np.ndarray, what: str, stacklevel: int = 3):
     return torch.as_tensor(top), torch.as_tensor(scores)
 
 
-def _to_raw(model, top: Tensor):
-    idx = top.cpu().numpy()
-    raw = model.item_map.raw_ids[np.where(idx >= 0, idx, 0)]
-    if (idx < 0).any():
-        raw = raw.astype(object)
-        raw[idx < 0] = None
-    return raw
-
-
 def _topk(model, query: Tensor, offset: float, k: int, skip: np.ndarray, candidates=None):
     from fastmf import retrieval
 
@@ -252,7 +243,7 @@ def recommend_new_user(model, items, k: int = 10, *, ratings=None, exclude_seen:
                                  **fold_kwargs)
         top, scores = _topk(model, vector, offset, k, skip)
     if raw_ids:
-        return _to_raw(model, top), scores.cpu().numpy()
+        return model._to_raw(top), scores.cpu().numpy()
     return top, scores
 
 
