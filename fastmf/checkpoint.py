@@ -969,7 +969,9 @@ def _check_header(file: Path, config: dict, header: dict,
                               f"describe: {unknown[:5]}")
 
 
-def _model_kwargs(spec: dict) -> dict:
+def model_kwargs(spec: dict) -> dict:
+    """The constructor keyword arguments of a ``get_config()`` dict (its ``dtype`` name
+    made a ``torch.dtype``): ``type(model)(**model_kwargs(model.get_config()))``."""
     kwargs = dict(spec)
     if "dtype" in kwargs:
         kwargs["dtype"] = _CONFIG_DTYPES[kwargs["dtype"]]
@@ -980,7 +982,7 @@ def _build(cls, spec: dict, file: Path, *, device, backend: str):
     """``cls(**config)`` on ``device``; whatever a bad config makes the constructor raise
     becomes a CheckpointError."""
     try:
-        return cls(**_model_kwargs(spec), backend=backend, device=device)
+        return cls(**model_kwargs(spec), backend=backend, device=device)
     except CheckpointError:
         raise
     except Exception as exc:  # the constructor is the model's: any error means a bad config

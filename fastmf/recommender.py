@@ -832,11 +832,11 @@ class Recommender(nn.Module):
 
 
 def _is_lookup(module: nn.Module) -> bool:
-    """fastmf.nn and torch.nn embedding modules: their outputs are the rows the
+    """Embedding tables (torch.nn's, and every fastmf table: ``fastmf.nn``'s and their
+    sharded forms, which declare ``is_embedding_table``): their outputs are the rows the
     default training step penalises."""
-    from fastmf.nn.embedding import _Table
-
-    return isinstance(module, _Table | nn.Embedding | nn.EmbeddingBag)
+    return (isinstance(module, nn.Embedding | nn.EmbeddingBag)
+            or getattr(module, "is_embedding_table", False))
 
 
 def _terms(ids, vectors: dict) -> tuple[list, list]:

@@ -154,7 +154,8 @@ def _fit_data(implicit: bool):
 
 
 FIT_MF = dict(loss="mse", batch_size=BATCH, seed=3, early_stopping=5, progress=False)
-FIT_NEUMF = dict(loss="bce", batch_size=BATCH, seed=5, num_negatives=2, lr=0.01,
+# reg > 0: the sharded tables' lookups must be penalised like the unsharded ones.
+FIT_NEUMF = dict(loss="bce", batch_size=BATCH, seed=5, num_negatives=2, lr=0.01, reg=0.01,
                  metrics=("ndcg@5", "hr@5"), k=5, progress=False)
 
 
@@ -752,3 +753,38 @@ def test_mf_fused_steps_on_nccl_match_one_process(tmp_path):
             torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5, msg=key)
         torch.testing.assert_close(torch.tensor(parts[0][f"mf/{name}"][1]),
                                    torch.tensor(losses), rtol=1e-5, atol=1e-5)
+
+
+def test_default_training_step_penalises_sharded_tables():
+    """A user's model on the default ``training_step``: once sharded (here over one rank,
+    so the sharded and unsharded runs must agree to the bit) its lookups are still the
+    rows the ``reg`` penalty covers."""
+    import copy
+
+    import torch.distributed as dist
+
+    import fastmf.distributed as fd
+    from tests.test_models_protocol import ProtoDot
+
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    torch.manual_seed(11)
+    train, _ = _fit_data(False)
+    plain = ProtoDot(NUM_USERS, NUM_ITEMS, dim=K)
+    sharded = copy.deepcopy(plain)
+    settings = dict(loss="mse", epochs=2, batch_size=BATCH, seed=4, lr=0.05, reg=0.5,
+                    progress=False, set_global_mean=False)
+    fastmf.fit(plain, train, **settings)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        fd.shard(sharded)
+        assert isinstance(sharded.user_emb, fd.ShardedEmbedding)
+        fastmf.fit(sharded, train, distributed=True, **settings)
+        # A config naming its dtype ("float32") rebuilds the unsharded model too.
+        gathered = fd.gather_model(sharded)
+    finally:
+        dist.destroy_process_group()
+    for name in ("user_emb", "item_emb"):
+        torch.testing.assert_close(getattr(sharded, name).weight, getattr(plain, name).weight,
+                                   rtol=0, atol=TOL, msg=name)
+        assert torch.equal(getattr(gathered, name).weight, getattr(sharded, name).weight)

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastmf.checkpoint import model_kwargs
 from fastmf.optim import CombinedOptimizer
 from fastmf.recommender import Batch, Recommender
 
@@ -115,8 +116,7 @@ class FitContext:
         model = self.model
         if isinstance(model, ShardedMF):
             return model.make_optimizer(name, lr)
-        config = model.get_config()
-        replica = type(model)(**config, device="meta")
+        replica = type(model)(**model_kwargs(model.get_config()), device="meta")
         built = replica.make_optimizer(name, lr)
         names = {id(p): n for n, p in replica.named_parameters()}
         mine = dict(model.named_parameters())
@@ -310,11 +310,9 @@ def gather_model(model: Recommender, process_group=None) -> Recommender | None:
     if isinstance(model, ShardedMF):
         from fastmf.layers import MF
 
-        config = model.get_config()
-        config["dtype"] = getattr(torch, config["dtype"])
-        out = MF(**config, device=model._param_device())
+        out = MF(**model_kwargs(model.get_config()), device=model._param_device())
     else:
-        out = type(model)(**model.get_config(), device=model._param_device())
+        out = type(model)(**model_kwargs(model.get_config()), device=model._param_device())
     out.load_state_dict(full_state)
     for attr in ("user_map", "item_map", "item_titles", "item_popularity"):
         setattr(out, attr, getattr(model, attr, None))

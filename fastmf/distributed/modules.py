@@ -130,6 +130,9 @@ def _lookup(route: Route, weights: list[Tensor]) -> list[Tensor]:
 
 
 class _ShardedTable(nn.Module):
+    # Like fastmf.nn's tables: the default training step penalises its outputs.
+    is_embedding_table = True
+
     def __init__(self, source, group, device, seed: int):
         super().__init__()
         self.group = group

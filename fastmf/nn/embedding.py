@@ -250,6 +250,9 @@ def _check_module_args(op: str, num_embeddings, dim, dtype, init_scale, backend)
 class _Table(nn.Module):
     """The weight, its registration and the lookup shared by both modules."""
 
+    # The default training step penalises the outputs of every module that says this.
+    is_embedding_table = True
+
     def __init__(self, op: str, num_embeddings: int, dim: int, backend: str, dtype,
                  device, init_scale: float, stochastic_rounding: bool | None):
         super().__init__()
