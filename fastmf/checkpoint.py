@@ -167,6 +167,60 @@ def _get_raw_ids(tensors: dict, name: str, kind: str) -> np.ndarray:
     return tensors[name].numpy()
 
 
+def put_data(model, tensors: dict, prefix: str = "") -> dict:
+    """Add what ``model`` knows of its training data (raw-id maps, titles, item popularity)
+    to ``tensors`` under ``prefix``; returns the id-map kinds ({"user": "int", ...}) the
+    loader needs."""
+    kinds = {}
+    for side in ("user", "item"):
+        id_map = getattr(model, f"{side}_map", None)
+        if id_map is not None:
+            kinds[side] = _put_raw_ids(tensors, f"{prefix}{side}_ids", id_map.raw_ids)
+    titles = getattr(model, "item_titles", None)
+    if titles:
+        index = np.fromiter(titles.keys(), dtype=np.int64, count=len(titles))
+        tensors[f"{prefix}titles.index"] = torch.from_numpy(index)
+        tensors[f"{prefix}titles.utf8"], tensors[f"{prefix}titles.offsets"] = _encode_strings(
+            titles.values())
+    popularity = getattr(model, "item_popularity", None)
+    if popularity is not None:
+        tensors[f"{prefix}item_popularity"] = torch.as_tensor(
+            np.asarray(popularity, dtype=np.int64))
+    return kinds
+
+
+def get_data(model, tensors: dict, kinds: dict, prefix: str = "") -> None:
+    """The inverse of :func:`put_data`: set ``model``'s id maps, titles and popularity from
+    ``tensors``, checking each (CheckpointError naming the tensor)."""
+    from fastmf.data import IdMap
+
+    for side, kind in kinds.items():
+        raw = _get_raw_ids(tensors, f"{prefix}{side}_ids", kind)
+        expected = model.num_users if side == "user" else model.num_items
+        if len(raw) != expected:
+            raise CheckpointError(f"fastmf.load: {prefix}{side}_ids holds {len(raw)} ids for "
+                                  f"{expected} {side}s")
+        try:
+            setattr(model, f"{side}_map", IdMap(raw, kind=side))
+        except ValueError as exc:
+            raise CheckpointError(f"fastmf.load: {prefix}{side}_ids: {exc}") from None
+    if f"{prefix}titles.index" in tensors:
+        index = tensors[f"{prefix}titles.index"].numpy()
+        if ((index < 0) | (index >= model.num_items)).any() or len(np.unique(index)) != len(
+                index):
+            raise CheckpointError(f"fastmf.load: {prefix}titles.index must hold distinct "
+                                  f"items in [0, {model.num_items})")
+        titles = _decode_strings(tensors[f"{prefix}titles.utf8"],
+                                 tensors[f"{prefix}titles.offsets"], "titles")
+        model.item_titles = dict(zip(index.tolist(), titles, strict=True))
+    if f"{prefix}item_popularity" in tensors:
+        popularity = tensors[f"{prefix}item_popularity"].numpy()
+        if popularity.shape != (model.num_items,) or (popularity < 0).any():
+            raise CheckpointError(f"fastmf.load: {prefix}item_popularity must hold "
+                                  f"{model.num_items} non-negative counts")
+        model.item_popularity = popularity
+
+
 # -- save targets ---------------------------------------------------------------------------
 
 def _open_regular(file: Path, who: str) -> int:
@@ -483,18 +537,7 @@ def save(model, path, *, optimizer=None, extra: dict | None = None) -> Path:
             raise CheckpointError(
                 f"fastmf.save: cannot save a {type(optimizer).__name__}; use "
                 "fastmf.optim.SparseAdagrad or SparseSGD (or save its state_dict yourself)")
-    for side in ("user", "item"):
-        id_map = getattr(model, f"{side}_map", None)
-        if id_map is not None:
-            config["id_maps"][side] = _put_raw_ids(tensors, f"{side}_ids", id_map.raw_ids)
-    titles = getattr(model, "item_titles", None)
-    if titles:
-        index = np.fromiter(titles.keys(), dtype=np.int64, count=len(titles))
-        tensors["titles.index"] = torch.from_numpy(index)
-        tensors["titles.utf8"], tensors["titles.offsets"] = _encode_strings(titles.values())
-    popularity = getattr(model, "item_popularity", None)
-    if popularity is not None:
-        tensors["item_popularity"] = torch.as_tensor(np.asarray(popularity, dtype=np.int64))
+    config["id_maps"] = put_data(model, tensors)
     # Round trip through JSON first: the digest is over what loading will see (string keys,
     # lists for tuples), and a value that is not JSON-able fails before anything is written.
     config = json.loads(json.dumps(config, default=_json_default))
@@ -978,6 +1021,28 @@ def model_kwargs(spec: dict) -> dict:
     return kwargs
 
 
+def build_model(name, spec, file: Path, *, device=None, backend: str = "auto"):
+    """The registered model class ``name`` built from the config ``spec`` a checkpoint
+    (``file``) gives, both checked first (CheckpointError naming ``file``); its weights are
+    left at their init for the caller to fill."""
+    if not isinstance(name, str) or name not in MODELS:
+        known = ", ".join(sorted(MODELS)) or "none"
+        raise CheckpointError(f"fastmf.load: {file}: unknown model class {_short(name)}; "
+                              f"registered: {known}")
+    cls = MODELS[name]
+    if _is_mf(cls):
+        _check_section(file, "model", spec, _MODEL_SCHEMA)
+        return cls(spec["num_users"], spec["num_items"], spec["dim"], bias=spec["bias"],
+                   global_mean=spec["global_mean"], backend=backend, sparse=spec["sparse"],
+                   init_scale=spec["init_scale"], dtype=_DTYPES[spec["dtype"]],
+                   device=device)
+    problem = _config_problem(spec) if isinstance(spec, dict) else (
+        f"must be an object, found {_short(spec)}")
+    if problem:
+        raise CheckpointError(f"fastmf.load: {file}: model {problem}")
+    return _build(cls, spec, file, device=device, backend=backend)
+
+
 def _build(cls, spec: dict, file: Path, *, device, backend: str):
     """``cls(**config)`` on ``device``; whatever a bad config makes the constructor raise
     becomes a CheckpointError."""
@@ -1038,47 +1103,23 @@ def load_checkpoint(path, *, device=None, backend: str = "auto") -> Checkpoint:
     Raises ``FileNotFoundError`` if ``path`` is not a folder and :class:`CheckpointError`
     for anything wrong with its contents (see the module docstring).
     """
-    from fastmf.data import IdMap
     from fastmf.optim import SparseAdagrad, SparseSGD
 
     path = Path(path)
     config, tensors = _read(path, backend)
-    spec = config["model"]
-    cls = MODELS[config.get("model_class", "MF")]
-    legacy = _is_mf(cls)
+    name = config.get("model_class", "MF")
+    model = build_model(name, config["model"], path / CONFIG, device=device, backend=backend)
+    legacy = _is_mf(MODELS[name])
     if legacy:
-        model = cls(spec["num_users"], spec["num_items"], spec["dim"], bias=spec["bias"],
-                    global_mean=spec["global_mean"], backend=backend, sparse=spec["sparse"],
-                    init_scale=spec["init_scale"], dtype=_DTYPES[spec["dtype"]],
-                    device=device)
         with torch.no_grad():
             for name, table in zip(TABLES, model.tables(), strict=True):
                 if table is not None:
                     table.copy_(tensors[name])
     else:
-        model = _build(cls, spec, path / CONFIG, device=device, backend=backend)
         state = {name.removeprefix("model."): value for name, value in tensors.items()
                  if name.startswith("model.")}
         model.load_state_dict(state, strict=True)
-    for side, kind in config.get("id_maps", {}).items():
-        raw = _get_raw_ids(tensors, f"{side}_ids", kind)
-        try:
-            setattr(model, f"{side}_map", IdMap(raw, kind=side))
-        except ValueError as exc:
-            raise CheckpointError(f"fastmf.load: {side}_ids: {exc}") from None
-    if "titles.index" in tensors:
-        index = tensors["titles.index"].numpy()
-        if ((index < 0) | (index >= model.num_items)).any() or len(np.unique(index)) != len(
-                index):
-            raise CheckpointError(f"fastmf.load: titles.index must hold distinct items in "
-                                  f"[0, {model.num_items})")
-        titles = _decode_strings(tensors["titles.utf8"], tensors["titles.offsets"], "titles")
-        model.item_titles = dict(zip(index.tolist(), titles, strict=True))
-    if "item_popularity" in tensors:
-        popularity = tensors["item_popularity"].numpy()
-        if (popularity < 0).any():
-            raise CheckpointError("fastmf.load: item_popularity holds negative counts")
-        model.item_popularity = popularity
+    get_data(model, tensors, config.get("id_maps", {}))
     optimizer = None
     opt_spec = config.get("optimizer")
     if opt_spec is not None and not legacy:

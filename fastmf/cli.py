@@ -295,6 +295,14 @@ def _write_split(folder: Path, parts, args, force: bool) -> None:
 def _load_model(path, device_name=None):
     from fastmf.checkpoint import load
 
+    if (Path(path) / "CURRENT").is_file() and not (Path(path) / "config.json").exists():
+        # A sharded checkpoint (`train --distributed --out`): served as one model here.
+        from fastmf.distributed import load_model
+
+        try:
+            return load_model(path, device=device_name)
+        except (ValueError, OSError) as exc:
+            raise CliError(f"--model {path}: {exc}") from None
     config = Path(path) / "config.json"
     if config.is_file():
         try:

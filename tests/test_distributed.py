@@ -14,6 +14,7 @@ import socket
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -450,7 +451,7 @@ def runs(tmp_path_factory):
     ckpt.mkdir()
     two = _spawn(_worker_two, 2, ckpt, base / "two")
     three = _spawn(_worker_three, 3, ckpt, base / "three")
-    yield {"two": two, "three": three}
+    yield {"two": two, "three": three, "ckpt": ckpt}
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -678,6 +679,45 @@ def test_cli_train_distributed_matches_one_process(runs, tmp_path, capsys):
     assert extra0["test"] == pytest.approx(fastmf.checkpoint.load_checkpoint(
         tmp_path / "one").extra["test"], rel=1e-5)
     _close(_assemble([state0, state1]), _full_state(single))
+    # One process serves the sharded checkpoint: the same tables and raw ids, so `fastmf
+    # recommend` answers as it does from the one-process checkpoint.
+    served = fastmf.distributed.load_model(runs["ckpt"] / "cli")
+    assert type(served) is type(single)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(served.state_dict()[name], value, rtol=0, atol=TOL,
+                                   msg=name)
+    for side in ("user", "item"):
+        assert np.array_equal(getattr(served, f"{side}_map").raw_ids,
+                              getattr(single, f"{side}_map").raw_ids)
+    assert np.array_equal(served.item_popularity, single.item_popularity)
+    user = str(single.user_map.raw_ids[3])
+    answers = []
+    for folder in (runs["ckpt"] / "cli", tmp_path / "one"):
+        assert main(["recommend", "--model", str(folder), "--user", user, "-k", "5"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and user in answers[0]
+
+
+def test_load_model_refuses_what_it_cannot_build(runs, tmp_path):
+    import json
+
+    import fastmf.distributed as fd
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fd.load_model(tmp_path / "missing")
+    # A copy of a good checkpoint whose manifest names an unknown class, then a config
+    # that does not fit the tables: clear errors before anything is filled.
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["ckpt"] / "cli", copy)
+    version = json.loads((copy / "CURRENT").read_text())["version"]
+    manifest_file = copy / version / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for change, message in ((dict(model_class="os.system"), "unknown model class"),
+                            (dict(model=dict(manifest["model"], dim=5)), "table"),
+                            (dict(id_maps={"user": "pickle"}), "id_maps")):
+        manifest_file.write_text(json.dumps({**manifest, **change}))
+        with pytest.raises((ValueError, fastmf.checkpoint.CheckpointError), match=message):
+            fd.load_model(copy)
 
 
 def test_cli_train_distributed_needs_torchrun(tmp_path, capsys, monkeypatch):

@@ -26,7 +26,7 @@ batch.
 or ``fastmf.fit(model, train, distributed=True)``): see :mod:`fastmf.distributed.fit`.
 """
 
-from .checkpoint import load, save
+from .checkpoint import load, load_model, save
 from .fit import FitContext, gather_model
 from .modules import (
                       ShardedEmbedding,
@@ -43,6 +43,7 @@ from .routing import Route, local_rows, owner_of, timings
 from .train import fit_sharded
 
 __all__ = ["FitContext", "Route", "ShardedEmbedding", "ShardedEmbeddingBag", "ShardedMF",
-           "apply_sparse", "fit_sharded", "gather_model", "is_sharded", "load", "local_rows",
+           "apply_sparse", "fit_sharded", "gather_model", "is_sharded", "load", "load_model",
+           "local_rows",
            "local_slice", "loss_share", "owner_of", "save", "shard", "sync_dense_grads",
            "timings"]

@@ -39,17 +39,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from fastmf.checkpoint import _fsync
+from fastmf.checkpoint import _fsync, get_data, put_data
 
 from .modules import is_sharded
 from .routing import local_rows, world
 
-__all__ = ["load", "save"]
+__all__ = ["load", "load_model", "save"]
 
 FORMAT = "fastmf-sharded-1"
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 DENSE = "dense.safetensors"
+# Prefix, in the dense file, of the raw-id maps, titles and popularity (rank 0's).
+DATA = "data/"
 _CHUNK_ROWS = 1 << 20
 
 
@@ -175,6 +177,7 @@ def save(path, model: nn.Module, optimizers=(), *, process_group=None,
             records.append(record)
         _write_shard(tmp / _shard_name(rank), shard_tensors)
         if rank == 0:
+            id_maps = put_data(model, dense, DATA)
             _write_tensors(tmp / DENSE, dense)
             tables = {}
             for name, p in model.named_parameters():
@@ -183,7 +186,8 @@ def save(path, model: nn.Module, optimizers=(), *, process_group=None,
                                     "shape": [p.fastmf_shard.num_rows, *p.shape[1:]],
                                     "dtype": str(p.dtype).removeprefix("torch.")}
             manifest = {"format": FORMAT, "world_size": w, "row_map": "modulo",
-                        "tables": tables, "optimizers": records, "extra": extra or {}}
+                        "tables": tables, "optimizers": records, "extra": extra or {},
+                        "id_maps": id_maps, **_model_record(model)}
             _write_json(tmp / MANIFEST, manifest)
     except Exception as exc:
         error = exc
@@ -212,6 +216,19 @@ def save(path, model: nn.Module, optimizers=(), *, process_group=None,
             raise error
         raise RuntimeError(f"fastmf.distributed.save: rank 0 failed to commit {path}")
     return final
+
+
+def _model_record(model: nn.Module) -> dict:
+    """{"model_class", "model"}: what :func:`load_model` rebuilds the model from, for a
+    registered model (a sharded MF is saved as the MF it shards); {} for any other."""
+    from fastmf.checkpoint import MODELS
+
+    from .modules import ShardedMF
+
+    name = "MF" if isinstance(model, ShardedMF) else type(model).__name__
+    if name not in MODELS or not hasattr(model, "get_config"):
+        return {}
+    return {"model_class": name, "model": model.get_config()}
 
 
 def _write_shard(file: Path, tensors: dict) -> None:
@@ -350,6 +367,7 @@ def _load(path: Path, model: nn.Module, optimizers, rank: int, w: int) -> None:
                                  f"the model, {tuple(value.shape)} in the checkpoint")
             tensor.copy_(value)
         model.load_state_dict(state, strict=True)
+        _load_data(model, f, dense_keys, manifest)
         for index, (record, optimizer) in enumerate(zip(records, optimizers, strict=True)):
             for group, saved in zip(optimizer.param_groups, record["groups"], strict=True):
                 for key, value in saved["settings"].items():
@@ -377,6 +395,74 @@ def _load(path: Path, model: nn.Module, optimizers, rank: int, w: int) -> None:
                                  dtype=_torch_dtype(dtype))
             _reshard(folder, old_world, key, target, info.num_rows, rank, w)
             optimizer.state[p][state_key] = target
+
+
+def _load_data(model: nn.Module, f, keys, manifest: dict) -> None:
+    """The raw-id maps, titles and popularity of a checkpoint (none in one saved before
+    they were kept) onto ``model``."""
+    kinds = manifest.get("id_maps", {})
+    if not isinstance(kinds, dict) or not set(kinds) <= {"user", "item"} or any(
+            kind not in ("int", "float", "str") for kind in kinds.values()):
+        raise ValueError(f"fastmf.distributed.load: the manifest's id_maps {kinds!r} is not "
+                         "an object mapping 'user'/'item' to 'int', 'float' or 'str'")
+    get_data(model, {k: f.get_tensor(k) for k in keys if k.startswith(DATA)}, kinds, DATA)
+
+
+@torch.no_grad()
+def load_model(path, *, device=None, backend: str = "auto") -> nn.Module:
+    """The model of the sharded checkpoint ``path`` as one ordinary (unsharded) model in
+    this process, with its raw-id maps: what ``fastmf recommend`` serves from after
+    ``torchrun ... fastmf train --distributed --out path``. Needs no process group (every
+    table is re-sharded to one rank) and the memory of the whole model. The manifest must
+    name a registered model class and its config (every checkpoint :func:`save` writes for
+    such a model does); both are checked before anything is built, and every table against
+    the model's shapes and dtypes."""
+    from fastmf.checkpoint import build_model
+
+    path = Path(path)
+    folder, manifest = _read_manifest(path)
+    if "model_class" not in manifest:
+        raise ValueError(f"fastmf.distributed.load_model: {folder / MANIFEST} names no model "
+                         "class (the model was not a registered fastmf model); build the "
+                         "sharded model and use fastmf.distributed.load")
+    model = build_model(manifest["model_class"], manifest.get("model"), folder / MANIFEST,
+                        device="cpu", backend=backend)
+    old_world, tables = manifest.get("world_size"), manifest.get("tables")
+    if isinstance(old_world, bool) or not isinstance(old_world, int) or not (
+            1 <= old_world <= 1 << 20) or not isinstance(tables, dict):
+        raise ValueError(f"fastmf.distributed.load_model: {folder / MANIFEST} has a bad "
+                         f"world_size {old_world!r} or tables")
+    params = dict(model.named_parameters())
+    if not set(tables) <= set(params):
+        raise ValueError(f"fastmf.distributed.load_model: the checkpoint's tables "
+                         f"{sorted(tables)} are not all parameters of "
+                         f"{manifest['model_class']} ({sorted(params)})")
+    state = model.state_dict()
+    for name in sorted(tables):
+        p = state[name]
+        if tables[name] != {"rows": p.shape[0], "shape": list(p.shape),
+                            "dtype": _dtype_name(p)}:
+            raise ValueError(f"fastmf.distributed.load_model: table {name} is "
+                             f"{list(p.shape)} {_dtype_name(p)} in the model, {tables[name]!r} "
+                             "in the checkpoint")
+        _reshard(folder, old_world, name, p, p.shape[0], 0, 1)
+    with safe_open(folder / DENSE, framework="pt") as f:
+        keys = set(f.keys())
+        for name, tensor in state.items():
+            if name in tables:
+                continue
+            if name not in keys:
+                raise ValueError(f"fastmf.distributed.load_model: the checkpoint has no "
+                                 f"{name}")
+            value = f.get_tensor(name)
+            if value.shape != tensor.shape or value.dtype != tensor.dtype:
+                raise ValueError(f"fastmf.distributed.load_model: {name} is "
+                                 f"{tuple(tensor.shape)} {tensor.dtype} in the model, "
+                                 f"{tuple(value.shape)} {value.dtype} in the checkpoint")
+            tensor.copy_(value)
+        model.load_state_dict(state, strict=True)
+        _load_data(model, f, keys, manifest)
+    return model.to(device) if device is not None else model
 
 
 def _torch_dtype(name: str) -> torch.dtype:
