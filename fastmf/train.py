@@ -142,6 +142,13 @@ def _as_interactions(data, name: str, like: Interactions | None = None) -> Inter
                     f"user x item matrix or a pandas DataFrame, got {type(data).__name__}")
 
 
+def _count(name: str, value, least: int) -> int:
+    """``value`` as an int >= ``least``; a float, bool or string is an error, not rounded."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+        raise ValueError(f"fastmf.fit: {name} must be an int >= {least}, got {value!r}")
+    return int(value)
+
+
 def fit(
     model: Recommender,
     train,
@@ -241,15 +248,14 @@ def fit(
     implicit = loss in IMPLICIT
     kind = "implicit" if implicit else "explicit"
     defaults = {**DEFAULTS[kind], **(model.defaults or {}).get(kind, {})}
-    epochs = defaults["epochs"] if epochs is None else int(epochs)
-    batch_size = defaults["batch_size"] if batch_size is None else int(batch_size)
+    epochs = _count("epochs", defaults["epochs"] if epochs is None else epochs, 0)
+    batch_size = _count("batch_size",
+                        defaults["batch_size"] if batch_size is None else batch_size, 1)
     reg = defaults["reg"] if reg is None else float(reg)
     lr = defaults["lr"] if lr is None else float(lr)
-    num_negatives = (defaults.get("num_negatives", 4) if num_negatives is None
-                     else int(num_negatives))
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"fastmf.fit: need epochs >= 0 and batch_size >= 1, got {epochs}, "
-                         f"{batch_size}")
+    # An implicit loss with no negatives would train nothing (every step's loss is 0).
+    num_negatives = _count("num_negatives", defaults.get("num_negatives", 4)
+                           if num_negatives is None else num_negatives, 1 if implicit else 0)
     model.check_data(train)
     if not implicit and train.ratings is None:
         raise ValueError(f"fastmf.fit: loss {loss!r} needs ratings; these interactions have "

@@ -196,6 +196,18 @@ def test_fit_rejects_bad_input(ratings):
         fastmf.fit(model, implicit, loss="mse", progress=False)
     with pytest.raises(TypeError, match="Interactions"):
         fastmf.fit(model, (train.users, train.items), progress=False)
+    # Counts are ints: a float is refused, not rounded; no negatives would train nothing.
+    for kwargs, message in ((dict(epochs=2.5), "epochs must be an int >= 0, got 2.5"),
+                            (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+                            (dict(batch_size=True), "batch_size must be an int"),
+                            (dict(loss="bpr", num_negatives=0), "num_negatives must be an "
+                             "int >= 1, got 0"),
+                            (dict(loss="bce", num_negatives=2.5), "num_negatives")):
+        before = model.user_factors.detach().clone()
+        with pytest.raises(ValueError, match=message):
+            fastmf.fit(model, implicit if "num_negatives" in kwargs else train,
+                       progress=False, **kwargs)
+        assert torch.equal(model.user_factors, before)  # nothing trained
 
 
 def test_suggest_dim_rules():
