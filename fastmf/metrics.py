@@ -439,12 +439,15 @@ def ranking_metrics(
     return out
 
 
-def _popularity(item_popularity: Any, num_items: int, name: str) -> np.ndarray:
-    """(num_items,) float64 counts from an array or an Interactions (its item counts)."""
+def _popularity(item_popularity: Any, num_items: int | None, name: str) -> np.ndarray:
+    """(num_items,) float64 counts from an array or an Interactions (its item counts);
+    ``num_items`` None: any length."""
     if isinstance(item_popularity, Interactions):
         counts = np.bincount(item_popularity.items, minlength=item_popularity.num_items)
     else:
         counts = _np(item_popularity)
+    if num_items is None and counts.ndim == 1:
+        num_items = len(counts)
     if counts.ndim != 1 or len(counts) != num_items:
         raise ValueError(
             f"fastmf.metrics.{name}: item_popularity must be ({num_items},) (one count per "
@@ -454,8 +457,9 @@ def _popularity(item_popularity: Any, num_items: int, name: str) -> np.ndarray:
         raise TypeError(f"fastmf.metrics.{name}: item_popularity must be numeric, got "
                         f"{counts.dtype}")
     counts = counts.astype(np.float64)
-    if not np.isfinite(counts).all():
-        raise ValueError(f"fastmf.metrics.{name}: item_popularity contains NaN/inf")
+    if not np.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"fastmf.metrics.{name}: item_popularity must hold counts >= 0 "
+                         "(no NaN/inf, no negatives)")
     return counts
 
 
@@ -868,11 +872,11 @@ def novelty(topk: Any, item_popularity: Any, *, num_users: int | None = None) ->
     1.0
     """
     top = _lists(topk, "novelty")
-    if isinstance(item_popularity, Interactions):
-        counts = np.bincount(item_popularity.items, minlength=item_popularity.num_items)
-    else:
-        counts = _np(item_popularity)
-    counts = np.maximum(counts.astype(np.float64), 1.0)
+    counts = np.maximum(_popularity(item_popularity, None, "novelty"), 1.0)
+    if num_users is not None and (isinstance(num_users, bool) or not isinstance(
+            num_users, int | np.integer) or num_users < counts.max()):
+        raise ValueError(f"fastmf.metrics.novelty: num_users must be an int >= the largest "
+                         f"count ({counts.max():g}), got {num_users!r}")
     if top.size and top.max() >= len(counts):
         raise IndexError(
             f"fastmf.metrics.novelty: item {int(top.max())} out of range [0, {len(counts)})"

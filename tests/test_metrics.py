@@ -278,6 +278,14 @@ def test_novelty():
     )
     data = Interactions([0, 1, 1], [0, 0, 1], item_map=3)  # counts 2, 1, 0 -> 2, 1, 1
     assert novelty(np.array([[1]]), data) == pytest.approx(-math.log2(1 / 4))
+    # Counts that are not counts, or fewer users than an item's count: errors, not a
+    # negative "self-information".
+    for bad in (np.array([8, -4, 2, 0]), np.array([8, np.nan, 2, 0]), np.ones((2, 2))):
+        with pytest.raises(ValueError, match="novelty: item_popularity"):
+            novelty(topk, bad)
+    for users in (7, 0, 16.0, True):
+        with pytest.raises(ValueError, match="novelty: num_users must be an int"):
+            novelty(topk, counts, num_users=users)
 
 
 def test_intra_list_diversity_against_pairwise_loop():
