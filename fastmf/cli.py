@@ -565,12 +565,18 @@ def _apply_config(args, default_loss: str = "mse") -> dict:
                 setattr(args, key, used.setdefault(key, config[key]))
     args.loss = args.loss or default_loss
     args.seed = 0 if args.seed is None else args.seed
-    fit_options = {key: config[key] for key in _IMPLICIT_OPTIONS if key in config}
-    if fit_options and args.loss in ("mse", "huber"):
-        _note(f"--config {args.config}: {', '.join(fit_options)} ignored (they apply to the "
-              f"implicit losses; the loss is {args.loss})")
-        fit_options = {}
+    given = {key: getattr(args, key) for key in _IMPLICIT_OPTIONS
+             if getattr(args, key) is not None}
+    fit_options = {key: config[key] for key in _IMPLICIT_OPTIONS
+                   if key in config and key not in given}
+    if (fit_options or given) and args.loss in ("mse", "huber"):
+        names = [f"--{key.replace('_', '-')}" for key in given] + (
+            [f"--config {args.config}: {', '.join(fit_options)}"] if fit_options else [])
+        _note(f"{'; '.join(names)} ignored (they apply to the implicit losses; the loss is "
+              f"{args.loss})")
+        fit_options, given = {}, {}
     used.update(fit_options)
+    fit_options.update(given)
     if args.config is not None:
         tuned_for = config.get("loss")
         if tuned_for is not None and tuned_for != args.loss:
@@ -966,6 +972,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=positive_int, default=None)
     train.add_argument("--lr", type=positive_float, default=None)
     train.add_argument("--reg", type=nonnegative_float, default=None)
+    train.add_argument("--num-negatives", type=positive_int, default=None,
+                       help="bce/bpr: sampled negatives per positive (default: the model's, "
+                            "else 4)")
+    train.add_argument("--negative-distribution", default=None,
+                       choices=["uniform", "popularity"],
+                       help="bce/bpr: how negatives are drawn (default uniform)")
     train.add_argument("--split", default=None, choices=["random", "loo", "temporal"],
                        help="how to hold out the test set (default: random; loo: one "
                             "interaction per user, the latest if there are timestamps)")

@@ -355,6 +355,17 @@ def test_cli_implicit_config_reaches_fit(tmp_path, capsys, monkeypatch):
     assert code == 0 and "num_negatives, negative_distribution ignored" in err
     assert "holds settings for loss bpr; training with --loss mse" in err
     assert "num_negatives" not in calls[-1]
+    # The command line's --num-negatives / --negative-distribution win over the file's.
+    code, out, err = run(capsys, "train", "--data", path, "--config", best, "--quiet",
+                         "--device", "cpu", "--num-negatives", "2",
+                         "--negative-distribution", "uniform")
+    assert code == 0, err
+    assert calls[-1]["num_negatives"] == 2 and calls[-1]["negative_distribution"] == "uniform"
+    code, out, err = run(capsys, "train", "--data", path, "--loss", "mse", "--quiet",
+                         "--device", "cpu", "--epochs", "1", "--num-negatives", "2")
+    assert code == 0 and "--num-negatives ignored" in err and "num_negatives" not in calls[-1]
+    code, out, err = run(capsys, "train", "--data", path, "--num-negatives", "0")
+    assert code == 2 and "--num-negatives: must be an integer > 0" in err
 
 
 @pytest.mark.parametrize("text, message", [
