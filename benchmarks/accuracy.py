@@ -1,6 +1,8 @@
 """Accuracy on real data: fastmf against Surprise and implicit on MovieLens ml-latest-small.
 
     python benchmarks/accuracy.py [--data PATH] [--quick] [--threads N] [--json OUT]
+        [--explicit-only] [--no-svdpp]
+    python benchmarks/accuracy.py --tune [--trials N]   # how fit's explicit defaults were chosen
 
 1. Explicit ratings, 5-fold cross-validation (``fastmf.data.kfold``, seed 0). fastmf biased
    MF with ``fit``'s defaults and with tuned settings, against Surprise's ``SVD`` and
@@ -20,7 +22,10 @@ process CPU seconds; one untimed warm-up fit first pays fastmf's one-off costs (
 compilation, loading the extension).
 
 ``--quick`` (a smoke check): one fold, one seed, every model's epochs/iterations divided
-by 4. Without the data folder the script prints why and exits 0.
+by 4. Without the data folder the script prints why and exits 0. ``--tune`` chooses
+``fit``'s ``DEFAULTS["explicit"]`` for MF on inner validation splits of fold 0's training
+rows and a synthetic set (:func:`inner_splits`, :func:`tune_mf`; needs optuna), never on
+the rows reported here.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ validation splits of fold 0's TRAINING rows only (never a reported test row): "d
 of the rows held out at random; every user has >= 20 ratings) and "sparse" (each user's
 ratings cut to at most 15 at random, then the latest 20% of each user's held out). Each
 trial is scored per epoch by the mean of the two validation RMSEs; its epochs stop where a
-fit on a fold's training rows would pass FIT_CPU_BUDGET.
+fit on a fold's training rows would pass FIT_CPU_BUDGET (estimated from the cheapest epoch
+so far on the dense split, validation excluded). The search starts from the current class
+defaults (trial 0); ``--tune-seed`` seeds TPE (the first search used 0).
 """
 
 from __future__ import annotations
@@ -136,6 +138,10 @@ def inner_splits(data):
     splits = all_inner_splits(data)
     return {name: splits[name] for name in ("dense", "sparse")}
 
+
+# Surprise SVD++'s mean fit CPU seconds on these folds (benchmarks/README.md, "SVD++ and
+# timeSVD++", 2026-11-30), for --no-surprise.
+SURPRISE_SVDPP_CPU = 30.27
 
 # CPU seconds one default fit on a fold's training rows may take: Surprise's SVD++ takes
 # ~30 s there, and the speed target is >= 20x faster (1.5 s); 1.0 leaves room for the
@@ -294,6 +300,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-seed", type=int, default=1,
                         help="TPE seed (0 was the first search; a new seed explores anew)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-surprise", action="store_true",
+                        help="skip Surprise's SVD++ (~30 s a fold); the speed ratios then use "
+                             "its published CPU time (SURPRISE_SVDPP_CPU)")
     args = parser.parse_args(argv)
     if not (args.data / "ratings.csv").is_file():
         print(f"benchmark skipped: no MovieLens ratings.csv in {args.data}")
@@ -305,7 +314,7 @@ def main(argv=None) -> int:
         return 0
     info = machine()
     print(f"{info['cpu']} ({info['cores']} cores); load average {load_avg()}")
-    surprise = None if args.quick else try_import("surprise")
+    surprise = None if args.quick or args.no_surprise else try_import("surprise")
     names = ["fastmf SVDpp", "fastmf TimeSVDpp", "fastmf MF (defaults)"]
     if surprise is not None:
         names.append("Surprise SVD++")
@@ -329,9 +338,13 @@ def main(argv=None) -> int:
     print("| model | epochs | RMSE | fit s (wall) | fit s (CPU) | Surprise SVD++ CPU / model CPU |")
     print("|---|---:|---:|---:|---:|---:|")
     ref = rows.get("Surprise SVD++")
+    ref_cpu = (np.mean([r["cpu"] for r in ref]) if ref
+               else SURPRISE_SVDPP_CPU if args.no_surprise else None)
+    if not ref and ref_cpu is not None:
+        print(f"(Surprise SVD++ not run: ratios against its published {ref_cpu} CPU s a fold)")
     for name in names:
-        ratio = "" if not ref else (
-            f"{np.mean([r['cpu'] for r in ref]) / np.mean([r['cpu'] for r in rows[name]]):.1f}×")
+        ratio = "" if ref_cpu is None else (
+            f"{ref_cpu / np.mean([r['cpu'] for r in rows[name]]):.1f}×")
         print(f"| {name} | {rows[name][0]['epochs']} | {summary(rows[name], 'rmse')} | "
               f"{summary(rows[name], 'wall', 2)} | {summary(rows[name], 'cpu', 2)} | {ratio} |")
 
