@@ -236,6 +236,97 @@ class _EmbeddingBagFunction(torch.autograd.Function):
         return grad_weight, None, None, grad_psw, None, None, None
 
 
+# --- the path under torch.compile ------------------------------------------------------
+# Dynamo refuses sparse tensors anywhere in what it traces ("Attempted to wrap sparse Tensor
+# with VariableTracker"), so under torch.compile the lookup is one opaque custom op whose
+# backward (register_autograd, traced by AOTAutograd, not by Dynamo) calls a second opaque
+# op that returns the sparse COO gradient; its fake kernel gives AOTAutograd a sparse fake
+# tensor of the same layout (L stored rows, uncoalesced). Eager calls keep
+# _EmbeddingBagFunction: a Python custom op costs a redispatch per call.
+
+
+def _backend_module(name: str) -> ModuleType:
+    """The backend module a module resolved when built (its NAME travels through the ops'
+    schemas, which take no Python objects)."""
+    return _BACKEND_MODULES[name]
+
+
+@torch.library.custom_op("fastmf_nn::embedding_bag", mutates_args=())
+def _compiled_lookup(weight: Tensor, indices: Tensor, offsets: Tensor,
+                     per_sample_weights: Tensor | None, pooling: int, backend: str) -> Tensor:
+    # The offsets' values are read here, at run time: under Dynamo reading them would
+    # break the graph.
+    checks.check_offsets_values("nn.EmbeddingBag", offsets, indices.shape[0])
+    return _backend_module(backend).embedding_bag_forward(weight.detach(), indices, offsets,
+                                                          per_sample_weights, Pooling(pooling))
+
+
+@_compiled_lookup.register_fake
+def _compiled_lookup_fake(weight, indices, offsets, per_sample_weights, pooling, backend):
+    return weight.new_empty((offsets.shape[0] - 1, weight.shape[1]),
+                            dtype=checks.accumulation_dtype(weight.dtype))
+
+
+@torch.library.custom_op("fastmf_nn::embedding_bag_sparse_grad", mutates_args=())
+def _compiled_sparse_grad(grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                          per_sample_weights: Tensor | None, pooling: int, backend: str,
+                          num_embeddings: int, dtype: torch.dtype) -> Tensor:
+    rows = _backend_module(backend).embedding_bag_backward(
+        grad_output.contiguous(), indices, offsets, per_sample_weights, Pooling(pooling))
+    return torch.sparse_coo_tensor(indices.long().unsqueeze(0), rows.to(dtype),
+                                   (num_embeddings, grad_output.shape[1]), is_coalesced=False,
+                                   check_invariants=False)
+
+
+@_compiled_sparse_grad.register_fake
+def _compiled_sparse_grad_fake(grad_output, indices, offsets, per_sample_weights, pooling,
+                               backend, num_embeddings, dtype):
+    num_ids, dim = indices.shape[0], grad_output.shape[1]
+    return torch.sparse_coo_tensor(indices.new_empty((1, num_ids), dtype=torch.long),
+                                   grad_output.new_empty((num_ids, dim), dtype=dtype),
+                                   (num_embeddings, dim), is_coalesced=False,
+                                   check_invariants=False)
+
+
+@torch.library.custom_op("fastmf_nn::leading_ids", mutates_args=())
+def _compiled_leading_ids(ids: Tensor, offsets: Tensor) -> Tensor:
+    """``ids[:offsets[-1]]`` (include_last_offset), a copy: how many ids stay is known only
+    at run time, which the fake kernel says with a dynamic size."""
+    checks.check_offsets_values("nn.EmbeddingBag", offsets, ids.shape[0], last="at_most")
+    return ids[:int(offsets[-1])].clone()
+
+
+@_compiled_leading_ids.register_fake
+def _compiled_leading_ids_fake(ids, offsets):
+    num_ids = torch.library.get_ctx().new_dynamic_size()
+    torch._check(num_ids <= ids.shape[0])
+    return ids.new_empty((num_ids,))
+
+
+def _compiled_lookup_setup(ctx, inputs, output) -> None:
+    weight, indices, offsets, per_sample_weights, pooling, backend = inputs
+    ctx.pooling, ctx.backend = pooling, backend
+    ctx.num_embeddings, ctx.weight_dtype = weight.shape[0], weight.dtype
+    saved_weight = weight if ctx.needs_input_grad[3] else None
+    ctx.save_for_backward(indices, offsets, per_sample_weights, saved_weight)
+
+
+def _compiled_lookup_backward(ctx, grad_output):
+    indices, offsets, psw, weight = ctx.saved_tensors
+    grad_weight = grad_psw = None
+    if ctx.needs_input_grad[0]:
+        grad_weight = _compiled_sparse_grad(grad_output, indices, offsets,
+                                            None if psw is None else psw.detach(), ctx.pooling,
+                                            ctx.backend, ctx.num_embeddings, ctx.weight_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_psw = per_sample_weights_grad(grad_output.contiguous(), weight, indices, offsets)
+    return grad_weight, None, None, grad_psw, None, None
+
+
+_compiled_lookup.register_autograd(_compiled_lookup_backward,
+                                   setup_context=_compiled_lookup_setup)
+
+
 def _check_module_args(op: str, num_embeddings, dim, dtype, init_scale, backend) -> None:
     for name, value in (("num_embeddings", num_embeddings), ("dim", dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -283,10 +374,26 @@ class _Table(nn.Module):
 
     def _lookup(self, indices: Tensor, offsets: Tensor, per_sample_weights, pooling) -> Tensor:
         weight = self.weight
+        if torch.compiler.is_compiling():
+            return self._compiled_lookup(weight, indices, offsets, per_sample_weights, pooling)
         if weight not in _TABLES:
             self._register()  # a weight replaced after construction (copy, assignment)
         return _EmbeddingBagFunction.apply(weight, indices, offsets, per_sample_weights,
                                            pooling, self._kernels(weight), next(_SEQUENCE))
+
+    def _compiled_lookup(self, weight: Tensor, indices: Tensor, offsets: Tensor,
+                         per_sample_weights, pooling) -> Tensor:
+        """The lookup as Dynamo traces it: the drop-in path only. The optimizer in backward
+        queues an end-of-backward callback from a registry, which a compiled backward would
+        not replay: such weights are refused rather than silently left without updates."""
+        if fused_optimizer(weight) is not None:
+            raise RuntimeError(
+                f"fastmf.{type(self).__name__}: torch.compile does not support a weight "
+                "updated in backward (fastmf.optim.apply_in_backward); compile with the "
+                "optimizer outside (sparse gradients, then optimizer.step()), or call the "
+                "module uncompiled")
+        return _compiled_lookup(weight, indices, offsets, per_sample_weights, int(pooling),
+                                self._kernels(weight).NAME)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.dim}, dtype={self.weight.dtype}, "
@@ -429,11 +536,14 @@ class EmbeddingBag(_Table):
             if offsets.numel() == 0 and num_ids:
                 raise ValueError(f"fastmf.{op}: offsets is empty but ids has {num_ids} ids")
             end = torch.tensor([num_ids], dtype=ids.dtype, device=ids.device)
-            checks.check_offsets_values(op, offsets, num_ids, last="at_most")
+            if not torch.compiler.is_compiling():  # compiled: the op checks them at run time
+                checks.check_offsets_values(op, offsets, num_ids, last="at_most")
             return ids, torch.cat([offsets, end])
         if offsets.numel() == 0:
             raise ValueError(f"fastmf.{op}: with include_last_offset, offsets needs one entry "
                              "per bag plus one, got 0 entries")
+        if torch.compiler.is_compiling():
+            return _compiled_leading_ids(ids, offsets), offsets
         checks.check_offsets_values(op, offsets, num_ids, last="at_most")
         return ids[:int(offsets[-1])], offsets
 
