@@ -354,6 +354,18 @@ class _Table(nn.Module):
         self._register()
         self._kernels(self.weight)  # resolved here, outside any traced call
 
+    def __setstate__(self, state) -> None:
+        # A deep copy or an unpickled module holds a new weight tensor: record it now, so
+        # that a compiled lookup (which cannot write the registry) finds its settings.
+        super().__setstate__(state)
+        if "weight" in self._parameters:
+            self._register()
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._register()  # .to()/.half() may have made a new weight tensor
+        return module
+
     def _register(self) -> None:
         name = f"{type(self).__name__}({self.num_embeddings}, {self.dim})"
         _TABLES[self.weight] = TableInfo(name, self.stochastic_rounding, self.seed)
