@@ -1,7 +1,8 @@
-"""``torch.compile(fullgraph=True)`` of forward + backward through fastmf.nn on the
-sparse-gradient path: the compiled call gives the eager call's sparse COO gradient (same
+"""``torch.compile(fullgraph=True)`` of forward + backward through fastmf.nn: on the
+sparse-gradient path the compiled call gives the eager call's sparse COO gradient (same
 rows after coalesce), the per-sample weights' gradient, and the same weights after optimizer
-steps; fresh Zipf ids with duplicates, int32 and int64.
+steps; with the optimizer applied in backward, the same tables as eager. Fresh Zipf ids
+with duplicates, int32 and int64.
 
 Compiled with ``backend="aot_eager"``: Dynamo and AOTAutograd, the stages that decide what
 is traceable, without inductor's C++ code generation (minutes of compiler time on a small
@@ -163,16 +164,54 @@ def test_compiled_bad_offsets_raise_at_run_time():
         fn(bag, ids, torch.tensor([0, 4, 2]))
 
 
-def test_compiled_refuses_weight_updated_in_backward():
-    """The optimizer in backward is not traceable (an end-of-backward callback): compiling
-    a lookup of such a weight fails loudly instead of leaving it without updates."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=idfn)
+def test_compiled_optimizer_in_backward_equals_eager(dtype):
+    """apply_in_backward under compile: one merged update per table per backward pass (the
+    user table is looked up twice), no gradient kept, the same tables as eager bit for
+    bit, also when the batch size changes."""
+    torch.manual_seed(13)
+    backend = "native" if native_available() else "reference"
+    users = fastmf.nn.Embedding(N, K, backend=backend, dtype=dtype)
+    items = fastmf.nn.EmbeddingBag(N // 2, K, "mean", backend=backend, dtype=dtype)
+    twins = copy.deepcopy(users), copy.deepcopy(items)
+    opts = [fastmf.optim.apply_in_backward(fastmf.optim.SparseAdagrad(
+        [*u.parameters(), *i.parameters()], lr=0.1, rowwise=True))
+        for u, i in ((users, items), twins)]
+
+    def loss(u, i, a, b, c):
+        return ((u(a) * i(b)).sum(1) - 1.0).pow(2).mean() + 0.01 * u(c).pow(2).sum()
+
+    step = _compile(loss)
+    rng = np.random.default_rng(13)
+    for batch in (48, 80, 48):
+        a, c = (zipf_ids(N, batch, generator=rng) for _ in range(2))
+        b = zipf_ids(N // 2, batch * 3, generator=rng, dtype=torch.int32).view(batch, 3)
+        loss(users, items, a, b, c).backward()
+        step(*twins, a, b, c).backward()
+        for ours, theirs in zip((users, items), twins, strict=True):
+            assert theirs.weight.grad is None
+            assert torch.equal(theirs.weight, ours.weight), batch
+    assert opts[1].state[twins[0].weight]["step"] == 3
+
+
+def test_compiled_follows_apply_in_backward_later():
+    """A function compiled before apply_in_backward updates the weight in backward after
+    it (Dynamo re-traces: it guards on what the lookup read), and gives sparse gradients
+    again once that optimizer is gone."""
     emb = fastmf.nn.Embedding(N, K)
-    opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseSGD(emb.parameters()))
-    with pytest.raises(Exception) as info:
-        _compile(lambda m, ids: m(ids).sum())(emb, torch.tensor([1, 2, 2]))
-    text = f"{info.value} {info.value.__cause__!r}"
-    assert "does not support a weight updated in backward" in text
-    assert opt.state[emb.weight].get("step") is None
+    fn = _compile(lambda m, ids: m(ids).pow(2).sum())
+    ids = zipf_ids(N, 20, generator=np.random.default_rng(17))
+    fn(emb, ids).backward()
+    assert emb.weight.grad.is_sparse and emb.weight.grad._nnz() == 20
+    emb.weight.grad = None
+    opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseSGD(emb.parameters(), lr=0.5))
+    before = emb.weight.detach().clone()
+    fn(emb, ids).backward()
+    assert emb.weight.grad is None and opt.state[emb.weight]["step"] == 1
+    assert not torch.equal(emb.weight, before)
+    del opt
+    fn(emb, ids).backward()
+    assert emb.weight.grad.is_sparse
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
