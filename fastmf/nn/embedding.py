@@ -192,16 +192,26 @@ def merge_uses(uses: list[BagUse]) -> tuple[Tensor, Tensor, Tensor, Tensor | Non
 
 def _flush(weight: Tensor) -> None:
     """Apply the pending uses of a fused ``weight`` with one fused update."""
-    uses = sorted(_PENDING.pop(weight, []), key=lambda u: u.sequence)
-    optimizer = fused_optimizer(weight)
-    if not uses or optimizer is None:
+    pending = _PENDING.get(weight)
+    if not pending:
         return
+    uses = pending.copy()
+    pending.clear()
+    optimizer = fused_optimizer(weight)
+    if optimizer is None:
+        return
+    if len(uses) > 1:
+        uses.sort(key=lambda u: u.sequence)
     grad_output, indices, offsets, psw, pooling = merge_uses(uses)
     optimizer.apply_fused(weight, grad_output, indices, offsets, psw, pooling)
 
 
 def _queue_use(weight: Tensor, use: BagUse) -> None:
-    pending = _PENDING.setdefault(weight, [])
+    # The weight's list lives as long as the weight and is emptied by each flush: no new
+    # registry entry (a weak reference and its callback) per step.
+    pending = _PENDING.get(weight)
+    if pending is None:
+        pending = _PENDING[weight] = []
     pending.append(use)
     if len(pending) > 1:
         return
