@@ -268,14 +268,15 @@ class _EmbeddingBagFunction(torch.autograd.Function):
 # with VariableTracker"), and the optimizer in backward is Python side effects (registries,
 # an end-of-backward callback) that a traced backward would not replay. So under
 # torch.compile the lookup is one opaque custom op whose registered backward (traced by
-# AOTAutograd, not by Dynamo) calls a second opaque op, which returns the sparse COO
-# gradient (one stored row per id, uncoalesced) or, for a weight updated in backward,
-# queues the use for the end-of-backward update (at run time, as _EmbeddingBagFunction
-# does) and returns an empty sparse gradient. The fake kernel gives AOTAutograd a sparse
-# fake tensor of the same shape, so the row count must be known when tracing: whether the
-# weight is updated in backward is read then and checked again at run time. (A dynamic
-# row count does not work in torch 2.13: AOTAutograd finds no unbacked size inside a
-# sparse output, and adding two such gradients, a table used twice, fails in fake mode.)
+# AOTAutograd, not by Dynamo) calls a second opaque op: one that returns the sparse COO
+# gradient (one stored row per id, uncoalesced; its fake kernel returns a sparse fake
+# tensor of the same shape) or, for a weight updated in backward, one that queues the use
+# for the end-of-backward update (at run time, as _EmbeddingBagFunction does) and returns
+# nothing, the weight's gradient being None. Which of the two is chosen while tracing
+# (Dynamo guards on the registry it read) and checked again at run time. (One op with a
+# dynamic row count, empty when fused, does not work in torch 2.13: AOTAutograd finds no
+# unbacked size inside a sparse output, and adding two such gradients, a table used
+# twice, fails in fake mode.)
 # Tables travel through the ops' schemas (which take no Python objects) as integer keys.
 # Eager calls keep _EmbeddingBagFunction: a Python custom op costs a redispatch per call.
 
