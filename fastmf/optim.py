@@ -68,13 +68,17 @@ class _SparseOptimizer(torch.optim.Optimizer):
     def check_groups(self) -> None:
         """Every group's settings are finite and >= 0 (betas in [0, 1)); they can be edited
         between steps, e.g. by a scheduler: checked for all groups before any write."""
-        op = f"{type(self).__name__}.step"
         for group in self.param_groups:
-            checks.check_settings(op, **{k: group[k] for k in self.SETTINGS})
-            if "eps" in self.SETTINGS:
-                checks.check_positive(op, eps=group["eps"])
-            if "betas" in group:
-                checks.check_betas(op, *group["betas"])
+            self.check_group(group)
+
+    def check_group(self, group: dict) -> None:
+        """One group's settings, as :meth:`check_groups` checks them."""
+        op = f"{type(self).__name__}.step"
+        checks.check_settings(op, **{k: group[k] for k in self.SETTINGS})
+        if "eps" in self.SETTINGS:
+            checks.check_positive(op, eps=group["eps"])
+        if "betas" in group:
+            checks.check_betas(op, *group["betas"])
 
     def hyperparameters(self, param: Tensor) -> dict:
         """The group settings that apply to ``param`` (KeyError if it is not optimised)."""
@@ -154,14 +158,15 @@ class _SparseOptimizer(torch.optim.Optimizer):
                 self.state[p]["step"] = step
         return loss
 
-    @torch.no_grad()
     def apply_fused(self, weight: Tensor, grad_output: Tensor, indices: Tensor,
                     offsets: Tensor, per_sample_weights: Tensor | None,
                     pooling: Pooling) -> None:
         """The step of a weight updated in backward: one embedding_bag_backward_update call
-        with the group's settings now, then the weight's step count advances."""
-        self.check_groups()
+        with the group's settings now (checked first: only this weight is written), then
+        the weight's step count advances. No no_grad() here: the kernels' wrappers run
+        their ops under no_grad, and nothing else here records a graph."""
         group = self.hyperparameters(weight)
+        self.check_group(group)
         step = self._next_step(weight)
         self._fused_kernels(weight.device).embedding_bag_backward_update(
             weight.detach(), *self.states(weight), grad_output, indices, offsets,

@@ -378,12 +378,7 @@ def test_gradcheck_float64(pooling):
     assert torch.autograd.gradcheck(f, inputs)
 
 
-def test_torch_compile_fullgraph_forward_backward():
-    pytest.skip("not achievable on the reference path: it validates ids and offsets by "
-                "reading their values (data-dependent Python branches dynamo cannot trace "
-                "with fullgraph=True: 'Could not guard on data-dependent expression') and its "
-                "weight gradient is a sparse COO tensor; needs the native embedding_bag ops "
-                "with their fake kernels and register_autograd")
+# torch.compile(fullgraph=True) of forward + backward: tests/test_compile.py.
 
 
 def test_outside_backward_applies_immediately():

@@ -10,6 +10,23 @@ conventions. Tables may be float32, float64, float16 or bfloat16; the output is 
 float16/bfloat16 tables (the lookup sums in float32; FBGEMM's default output), the table's
 dtype otherwise.
 
+``torch.compile(fullgraph=True)`` of forward + backward works on both paths (torch 2.13,
+backends "aot_eager" and "inductor"; every kernel backend): the lookup and its backward are
+opaque custom ops (``fastmf_nn::*``), so the compiled call gives the eager sparse gradient
+(same stored rows) or, for a weight updated in backward, the same merged end-of-backward
+update and no gradient. Dynamo re-traces when ``apply_in_backward`` is called for a weight
+after compiling (it guards on what the lookup read). Not supported:
+
+- with inductor, one table looked up more than once in one compiled function on the
+  sparse-gradient path (or given a second gradient, such as a penalty on the whole
+  weight): autograd sums the sparse gradients inside the graph, and
+  inductor's code for that sum fails ("assert_size_stride ... stride 0==8" for a
+  ``torch.ops.aten.add.Tensor``, or "Cannot access data pointer of Tensor that doesn't have
+  storage" without size asserts). Look up the concatenated ids once, use
+  ``backend="aot_eager"``, or the optimizer in backward (whose graph sums nothing);
+- sparse tensors in the traced code itself: Dynamo refuses them ("Attempted to wrap sparse
+  Tensor with VariableTracker"), which is why the gradient is built inside an op.
+
 >>> import torch, fastmf
 >>> bag = fastmf.nn.EmbeddingBag(100, 8, mode="mean")
 >>> out = bag(torch.tensor([3, 7, 7, 42]), torch.tensor([0, 3]))   # bags [3, 7, 7] and [42]
@@ -175,16 +192,26 @@ def merge_uses(uses: list[BagUse]) -> tuple[Tensor, Tensor, Tensor, Tensor | Non
 
 def _flush(weight: Tensor) -> None:
     """Apply the pending uses of a fused ``weight`` with one fused update."""
-    uses = sorted(_PENDING.pop(weight, []), key=lambda u: u.sequence)
-    optimizer = fused_optimizer(weight)
-    if not uses or optimizer is None:
+    pending = _PENDING.get(weight)
+    if not pending:
         return
+    uses = pending.copy()
+    pending.clear()
+    optimizer = fused_optimizer(weight)
+    if optimizer is None:
+        return
+    if len(uses) > 1:
+        uses.sort(key=lambda u: u.sequence)
     grad_output, indices, offsets, psw, pooling = merge_uses(uses)
     optimizer.apply_fused(weight, grad_output, indices, offsets, psw, pooling)
 
 
 def _queue_use(weight: Tensor, use: BagUse) -> None:
-    pending = _PENDING.setdefault(weight, [])
+    # The weight's list lives as long as the weight and is emptied by each flush: no new
+    # registry entry (a weak reference and its callback) per step.
+    pending = _PENDING.get(weight)
+    if pending is None:
+        pending = _PENDING[weight] = []
     pending.append(use)
     if len(pending) > 1:
         return
@@ -236,6 +263,164 @@ class _EmbeddingBagFunction(torch.autograd.Function):
         return grad_weight, None, None, grad_psw, None, None, None
 
 
+# --- the path under torch.compile ------------------------------------------------------
+# Dynamo refuses sparse tensors anywhere in what it traces ("Attempted to wrap sparse Tensor
+# with VariableTracker"), and the optimizer in backward is Python side effects (registries,
+# an end-of-backward callback) that a traced backward would not replay. So under
+# torch.compile the lookup is one opaque custom op whose registered backward (traced by
+# AOTAutograd, not by Dynamo) calls a second opaque op: one that returns the sparse COO
+# gradient (one stored row per id, uncoalesced; its fake kernel returns a sparse fake
+# tensor of the same shape) or, for a weight updated in backward, one that queues the use
+# for the end-of-backward update (at run time, as _EmbeddingBagFunction does) and returns
+# nothing, the weight's gradient being None. Which of the two is chosen while tracing
+# (Dynamo guards on the registry it read) and checked again at run time. (One op with a
+# dynamic row count, empty when fused, does not work in torch 2.13: AOTAutograd finds no
+# unbacked size inside a sparse output, and adding two such gradients, a table used
+# twice, fails in fake mode.)
+# Tables travel through the ops' schemas (which take no Python objects) as integer keys.
+# Eager calls keep _EmbeddingBagFunction: a Python custom op costs a redispatch per call.
+
+_TABLE_KEYS = itertools.count()
+# key -> weak reference to the weight registered under it.
+_WEIGHT_OF_KEY: dict[int, weakref.ref] = {}
+
+
+def _key_weight(weight: Tensor) -> int:
+    """A new key naming ``weight`` in the compiled ops (dropped when the weight dies)."""
+    key = next(_TABLE_KEYS)
+    _WEIGHT_OF_KEY[key] = weakref.ref(weight, lambda _: _WEIGHT_OF_KEY.pop(key, None))
+    return key
+
+
+def _backend_module(name: str) -> ModuleType:
+    """The backend module a module resolved when built."""
+    return _BACKEND_MODULES[name]
+
+
+@torch.library.custom_op("fastmf_nn::embedding_bag", mutates_args=())
+def _compiled_lookup(weight: Tensor, indices: Tensor, offsets: Tensor,
+                     per_sample_weights: Tensor | None, pooling: int, backend: str,
+                     table: int, fused: bool) -> tuple[Tensor, Tensor]:
+    """(bag rows, this use's sequence number as a 0-d int64 CPU tensor: the optimizer in
+    backward merges the uses of a table in forward order)."""
+    # The offsets' values are read here, at run time: under Dynamo reading them would
+    # break the graph.
+    checks.check_offsets_values("nn.EmbeddingBag", offsets, indices.shape[0])
+    out = _backend_module(backend).embedding_bag_forward(weight.detach(), indices, offsets,
+                                                         per_sample_weights, Pooling(pooling))
+    return out, torch.tensor(next(_SEQUENCE))
+
+
+@_compiled_lookup.register_fake
+def _compiled_lookup_fake(weight, indices, offsets, per_sample_weights, pooling, backend,
+                          table, fused):
+    out = weight.new_empty((offsets.shape[0] - 1, weight.shape[1]),
+                           dtype=checks.accumulation_dtype(weight.dtype))
+    return out, torch.empty((), dtype=torch.long)
+
+
+def _traced_weight(table: int, fused: bool) -> Tensor:
+    """The weight registered under ``table``, checked to be (``fused``) or not be updated
+    in backward, as it was when the calling function was compiled."""
+    ref = _WEIGHT_OF_KEY.get(table)
+    weight = None if ref is None else ref()
+    if weight is None or (fused_optimizer(weight) is not None) != fused:
+        info = None if weight is None else table_info(weight)
+        name = "a fastmf.nn table" if info is None else f"the {info.name} table"
+        now = "is" if weight is not None and fused_optimizer(weight) is not None else "is not"
+        raise RuntimeError(
+            f"fastmf.nn: {name} {now} updated in backward (fastmf.optim.apply_in_backward) "
+            "now, but was the other way when this function was compiled; compile it again "
+            "(e.g. torch._dynamo.reset() first)")
+    return weight
+
+
+@torch.library.custom_op("fastmf_nn::embedding_bag_weight_grad", mutates_args=())
+def _compiled_weight_grad(grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                          per_sample_weights: Tensor | None, pooling: int, backend: str,
+                          table: int, num_embeddings: int, dtype: torch.dtype) -> Tensor:
+    _traced_weight(table, False)
+    rows = _backend_module(backend).embedding_bag_backward(
+        grad_output.contiguous(), indices, offsets, per_sample_weights, Pooling(pooling))
+    return torch.sparse_coo_tensor(indices.long().unsqueeze(0), rows.to(dtype),
+                                   (num_embeddings, grad_output.shape[1]), is_coalesced=False,
+                                   check_invariants=False)
+
+
+@_compiled_weight_grad.register_fake
+def _compiled_weight_grad_fake(grad_output, indices, offsets, per_sample_weights, pooling,
+                               backend, table, num_embeddings, dtype):
+    num_ids, dim = indices.shape[0], grad_output.shape[1]
+    return torch.sparse_coo_tensor(indices.new_empty((1, num_ids), dtype=torch.long),
+                                   grad_output.new_empty((num_ids, dim), dtype=dtype),
+                                   (num_embeddings, dim), is_coalesced=False,
+                                   check_invariants=False)
+
+
+@torch.library.custom_op("fastmf_nn::embedding_bag_fused_use", mutates_args=())
+def _compiled_fused_use(grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                        per_sample_weights: Tensor | None, pooling: int, table: int,
+                        sequence: Tensor) -> None:
+    """Queue one use of a weight updated in backward (its optimizer runs at the end of the
+    backward pass, merged with the table's other uses, as in eager)."""
+    weight = _traced_weight(table, True)
+    _queue_use(weight, BagUse(int(sequence), grad_output.contiguous(), indices, offsets,
+                              per_sample_weights, Pooling(pooling)))
+
+
+@_compiled_fused_use.register_fake
+def _compiled_fused_use_fake(grad_output, indices, offsets, per_sample_weights, pooling,
+                             table, sequence):
+    return None
+
+
+# It returns nothing: without this mark the compiled backward would drop it as dead code.
+torch.fx.node.has_side_effect(torch.ops.fastmf_nn.embedding_bag_fused_use.default)
+
+
+@torch.library.custom_op("fastmf_nn::leading_ids", mutates_args=())
+def _compiled_leading_ids(ids: Tensor, offsets: Tensor) -> Tensor:
+    """``ids[:offsets[-1]]`` (include_last_offset), a copy: how many ids stay is known only
+    at run time, which the fake kernel says with a dynamic size."""
+    checks.check_offsets_values("nn.EmbeddingBag", offsets, ids.shape[0], last="at_most")
+    return ids[:int(offsets[-1])].clone()
+
+
+@_compiled_leading_ids.register_fake
+def _compiled_leading_ids_fake(ids, offsets):
+    num_ids = torch.library.get_ctx().new_dynamic_size()
+    torch._check(num_ids <= ids.shape[0])
+    return ids.new_empty((num_ids,))
+
+
+def _compiled_lookup_setup(ctx, inputs, output) -> None:
+    weight, indices, offsets, per_sample_weights, pooling, backend, table, fused = inputs
+    ctx.pooling, ctx.backend, ctx.table, ctx.fused = pooling, backend, table, fused
+    ctx.num_embeddings, ctx.weight_dtype = weight.shape[0], weight.dtype
+    saved_weight = weight if ctx.needs_input_grad[3] else None
+    ctx.save_for_backward(indices, offsets, per_sample_weights, saved_weight, output[1])
+
+
+def _compiled_lookup_backward(ctx, grad_output, _grad_sequence):
+    indices, offsets, psw, weight, sequence = ctx.saved_tensors
+    grad_weight = grad_psw = None
+    psw_values = None if psw is None else psw.detach()
+    if ctx.needs_input_grad[0] and ctx.fused:
+        _compiled_fused_use(grad_output, indices, offsets, psw_values, ctx.pooling, ctx.table,
+                            sequence)
+    elif ctx.needs_input_grad[0]:
+        grad_weight = _compiled_weight_grad(grad_output, indices, offsets, psw_values,
+                                            ctx.pooling, ctx.backend, ctx.table,
+                                            ctx.num_embeddings, ctx.weight_dtype)
+    if ctx.needs_input_grad[3]:
+        grad_psw = per_sample_weights_grad(grad_output.contiguous(), weight, indices, offsets)
+    return grad_weight, None, None, grad_psw, None, None, None, None
+
+
+_compiled_lookup.register_autograd(_compiled_lookup_backward,
+                                   setup_context=_compiled_lookup_setup)
+
+
 def _check_module_args(op: str, num_embeddings, dim, dtype, init_scale, backend) -> None:
     for name, value in (("num_embeddings", num_embeddings), ("dim", dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -266,9 +451,22 @@ class _Table(nn.Module):
         self._register()
         self._kernels(self.weight)  # resolved here, outside any traced call
 
+    def __setstate__(self, state) -> None:
+        # A deep copy or an unpickled module holds a new weight tensor: record it now, so
+        # that a compiled lookup (which cannot write the registry) finds its settings.
+        super().__setstate__(state)
+        if "weight" in self._parameters:
+            self._register()
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._register()  # .to()/.half() may have made a new weight tensor
+        return module
+
     def _register(self) -> None:
         name = f"{type(self).__name__}({self.num_embeddings}, {self.dim})"
         _TABLES[self.weight] = TableInfo(name, self.stochastic_rounding, self.seed)
+        self.__dict__["_table_key"] = _key_weight(self.weight)
 
     def _kernels(self, weight: Tensor) -> ModuleType:
         """The backend module for the weight's device, resolved once per module and device
@@ -286,10 +484,21 @@ class _Table(nn.Module):
 
     def _lookup(self, indices: Tensor, offsets: Tensor, per_sample_weights, pooling) -> Tensor:
         weight = self.weight
+        if torch.compiler.is_compiling():
+            return self._compiled_lookup(weight, indices, offsets, per_sample_weights, pooling)
         if weight not in _TABLES:
             self._register()  # a weight replaced after construction (copy, assignment)
         return _EmbeddingBagFunction.apply(weight, indices, offsets, per_sample_weights,
                                            pooling, self._kernels(weight), next(_SEQUENCE))
+
+    def _compiled_lookup(self, weight: Tensor, indices: Tensor, offsets: Tensor,
+                         per_sample_weights, pooling) -> Tensor:
+        """The lookup as Dynamo traces it: opaque ops; whether the weight is updated in
+        backward is read here, while tracing (the backward op checks it again)."""
+        fused = fused_optimizer(weight) is not None
+        out, _ = _compiled_lookup(weight, indices, offsets, per_sample_weights, int(pooling),
+                                  self._kernels(weight).NAME, self._table_key, fused)
+        return out
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.dim}, dtype={self.weight.dtype}, "
@@ -432,11 +641,14 @@ class EmbeddingBag(_Table):
             if offsets.numel() == 0 and num_ids:
                 raise ValueError(f"fastmf.{op}: offsets is empty but ids has {num_ids} ids")
             end = torch.tensor([num_ids], dtype=ids.dtype, device=ids.device)
-            checks.check_offsets_values(op, offsets, num_ids, last="at_most")
+            if not torch.compiler.is_compiling():  # compiled: the op checks them at run time
+                checks.check_offsets_values(op, offsets, num_ids, last="at_most")
             return ids, torch.cat([offsets, end])
         if offsets.numel() == 0:
             raise ValueError(f"fastmf.{op}: with include_last_offset, offsets needs one entry "
                              "per bag plus one, got 0 entries")
+        if torch.compiler.is_compiling():
+            return _compiled_leading_ids(ids, offsets), offsets
         checks.check_offsets_values(op, offsets, num_ids, last="at_most")
         return ids[:int(offsets[-1])], offsets
 
