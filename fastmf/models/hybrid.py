@@ -37,6 +37,7 @@ from fastmf import checkpoint
 from fastmf.data.features import Features
 from fastmf.models.base import IMPLICIT, Recommender, pairwise_loss, pointwise_loss
 from fastmf.nn import EmbeddingBag
+from fastmf.recommender import warp_choice, warp_term
 
 __all__ = ["Hybrid"]
 
@@ -245,7 +246,7 @@ class Hybrid(Recommender):
         init_scale: embeddings start uniform(-init_scale, init_scale); biases at 0.
     """
 
-    losses = ("bpr", "bce", "mse", "huber")
+    losses = ("bpr", "bce", "warp", "mse", "huber")
     default_loss = "bpr"
     test_config: ClassVar[dict] = {"dim": 4}
     # Chosen on inner validation splits (a random 10% of the training interactions) of
@@ -317,6 +318,8 @@ class Hybrid(Recommender):
         """One update as the base class defines it (:func:`pointwise_loss` /
         :func:`pairwise_loss`, ``reg`` times the squared pooled outputs over B), with each
         side pooled once per step: the users once, the positives and negatives together."""
+        if loss == "warp":
+            return self._warp_step(batch, optimizer, reg)
         users, items = batch.users, batch.items
         size = users.shape[0]
         p, bu = self.users.pool(users)
@@ -358,6 +361,45 @@ class Hybrid(Recommender):
         total.backward()
         optimizer.step()
         return total.detach(), count
+
+    def _warp_step(self, batch, optimizer, reg: float):
+        """WARP (:func:`fastmf.models.base.warp_loss`, LightFM's ``loss="warp"``): the
+        ``num_negatives`` sampled items of each positive are its candidates (LightFM's
+        ``max_sampled``, 10 there). Every candidate is scored in one batched pass without a
+        graph; only the positives with a violator and their violators are pooled again with
+        the graph, so the backward pass and the optimizer touch what LightFM's update
+        touches. The penalty is ``reg`` times the squared pooled outputs of that second
+        pass, over B."""
+        if batch.negatives is None:
+            raise ValueError(f"{self._op('training_step')}: loss 'warp' needs batch.negatives "
+                             "(the candidates)")
+        users, items, neg = batch.users, batch.items, batch.negatives
+        size, n = neg.shape
+        with torch.no_grad():
+            p, bu = self.users.pool(users)
+            q, bi = self.items.pool(torch.cat([items.reshape(-1), neg.reshape(-1)]))
+            pos = (p * q[:size]).sum(1) + bu + bi[:size]
+            cand = ((p.unsqueeze(1) * q[size:].view(size, n, -1)).sum(2) + bu.unsqueeze(1)
+                    + bi[size:].view(size, n))
+        first, weight = warp_choice(pos, cand, self.num_items)
+        found = weight > 0
+        m = int(found.sum())
+        optimizer.zero_grad()
+        if m == 0:  # no violator in the batch: nothing to update
+            return torch.zeros((), dtype=pos.dtype, device=pos.device), size
+        chosen = neg.gather(1, first.unsqueeze(1)).squeeze(1)
+        p, bu = self.users.pool(users[found])
+        q, bi = self.items.pool(torch.cat([items[found], chosen[found]]))
+        pos = (p * q[:m]).sum(1) + bu + bi[:m]
+        negative = (p * q[m:]).sum(1) + bu + bi[m:]
+        bw = None if batch.weights is None else batch.weights[found]
+        total = warp_term(pos, negative, weight[found], bw) * (m / size)
+        if reg:
+            penalty = p.square().sum() + bu.square().sum() + q.square().sum() + bi.square().sum()
+            total = total + reg * penalty / size
+        total.backward()
+        optimizer.step()
+        return total.detach(), size
 
     # -- growing -------------------------------------------------------------------------------
     def add_users(self, n: int, features=None, *, optimizer=None, raw_ids=None) -> range:
