@@ -65,6 +65,7 @@ class FeatureSide(nn.Module):
             spec = _check_spec(op, f"{name}_features", features)
             self.num_features, self.normalize = spec["num_features"], spec["normalize"]
             self.signed = spec["signed"]
+            self.vocabulary = spec.get("vocabulary")
             nnz = spec["nnz"]
             indptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
             indices = torch.zeros(nnz, dtype=torch.int64, device=device)
@@ -90,6 +91,7 @@ class FeatureSide(nn.Module):
         matrix (weights used as given, identity weight 1) or None."""
         op, arg = self.op, f"{self.name}_features"
         self.signed = False
+        self.vocabulary = None
         if features is None:
             raw, normalize = sp.csr_matrix((num_rows, 0), dtype=np.float32), False
         elif isinstance(features, Features):
@@ -98,6 +100,7 @@ class FeatureSide(nn.Module):
                                  "the model adds the identity rows itself, pass one setting")
             raw, normalize = features.raw, features.normalize
             self.signed = features.signed
+            self.vocabulary = features.vocabulary()
         elif sp.issparse(features) or isinstance(features, np.ndarray):
             raw, normalize = sp.csr_matrix(features, dtype=np.float32), False
             if raw.ndim != 2:
@@ -145,8 +148,11 @@ class FeatureSide(nn.Module):
         return self.indptr.shape[0] - 1
 
     def spec(self) -> dict:
-        return {"num_features": self.num_features, "nnz": int(self.indices.shape[0]),
+        spec = {"num_features": self.num_features, "nnz": int(self.indices.shape[0]),
                 "normalize": self.normalize, "signed": self.signed}
+        if self.vocabulary is not None:
+            spec["vocabulary"] = self.vocabulary
+        return spec
 
     def bags(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(indices, offsets (B,), per-sample weights) of the bags of ``ids``."""
@@ -200,9 +206,11 @@ class FeatureSide(nn.Module):
 
 def _check_spec(op: str, arg: str, spec: dict) -> dict:
     keys = {"num_features", "nnz", "normalize", "signed"}
-    if set(spec) != keys:
-        raise ValueError(f"{op}: {arg} as a dict must have exactly the keys {sorted(keys)}, "
-                         f"got {sorted(spec)}")
+    # "vocabulary" (Features.vocabulary()) is optional: models built from a matrix, and
+    # checkpoints written before it was kept, have none.
+    if not keys <= set(spec) <= keys | {"vocabulary"}:
+        raise ValueError(f"{op}: {arg} as a dict must have the keys {sorted(keys)} (and "
+                         f"optionally 'vocabulary'), got {sorted(spec)}")
     for key in ("num_features", "nnz"):
         value = spec[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -210,6 +218,14 @@ def _check_spec(op: str, arg: str, spec: dict) -> dict:
     for key in ("normalize", "signed"):
         if not isinstance(spec[key], bool):
             raise ValueError(f"{op}: {arg}[{key!r}] must be a bool, got {spec[key]!r}")
+    if spec.get("vocabulary") is not None:
+        vocab = Features.from_vocabulary(spec["vocabulary"], op=f"{op}: {arg}['vocabulary']")
+        if vocab.num_features != spec["num_features"] or (
+                vocab.normalize, vocab.signed) != (spec["normalize"], spec["signed"]):
+            raise ValueError(f"{op}: {arg}['vocabulary'] has {vocab.num_features} features "
+                             f"(normalize={vocab.normalize}, signed={vocab.signed}) but the "
+                             f"spec {spec['num_features']} (normalize={spec['normalize']}, "
+                             f"signed={spec['signed']})")
     return spec
 
 
@@ -290,6 +306,25 @@ class Hybrid(Recommender):
         return (f"num_users={self.num_users}, num_items={self.num_items}, dim={self.dim}, "
                 f"user_features={self.users.num_features}, "
                 f"item_features={self.items.num_features}, identity={self.identity}")
+
+    def features(self, side: str = "item") -> Features:
+        """A row-less :class:`~fastmf.data.Features` with the vocabulary of ``side``'s
+        features (``"user"`` or ``"item"``), kept in checkpoints: its
+        :meth:`~fastmf.data.Features.transform` turns a table of new users/items into the
+        raw feature rows that :mod:`fastmf.models.coldstart` and :meth:`add_items` take.
+        ValueError when the side was built without a :class:`Features` (a matrix or none).
+
+        >>> rows = model.features("user").transform(new_users)  # doctest: +SKIP
+        >>> coldstart.recommend_from_features(model, rows, k=10)  # doctest: +SKIP
+        """
+        op = self._op("features")
+        if side not in ("user", "item"):
+            raise ValueError(f"{op}: side must be 'user' or 'item', got {side!r}")
+        vocabulary = (self.users if side == "user" else self.items).vocabulary
+        if vocabulary is None:
+            raise ValueError(f"{op}: the {side} side was built without fastmf.data.Features "
+                             "(a matrix or no features), so it has no feature names")
+        return Features.from_vocabulary(vocabulary, kind=side, op=op)
 
     # -- scoring -----------------------------------------------------------------------------
     def forward(self, users, items) -> Tensor:
