@@ -260,6 +260,16 @@ class Hybrid(Recommender):
             dataset); with ``identity=False`` every row needs a feature. A side without
             features always has identity rows (plain matrix factorisation on that side).
         init_scale: embeddings start uniform(-init_scale, init_scale); biases at 0.
+
+    Losses: ``"bpr"`` (default), ``"bce"``, ``"warp"`` (LightFM's best ranking loss; the
+    ``num_negatives`` of :func:`fastmf.fit` are its candidates per positive, LightFM's
+    ``max_sampled``: pass 10 for LightFM's default) and, with ratings, ``"mse"``/``"huber"``.
+
+    Items (users) without any training interaction keep identity rows that training only
+    ever pushed down as sampled negatives (or never touched), so :meth:`item_vectors` is
+    not how to score them: use their features alone,
+    :func:`fastmf.models.coldstart.item_vectors_from_features` (LightFM's
+    ``get_item_representations`` has the same trap when given the identity columns).
     """
 
     losses = ("bpr", "bce", "warp", "mse", "huber")
