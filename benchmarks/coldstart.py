@@ -358,13 +358,13 @@ def main() -> None:
     fastmf_grid = [dict(h, lr=0.05, epochs=10, negatives=1),
                    dict(h, lr=0.1, epochs=10, negatives=4)]
     # WARP: the negatives are the candidates per positive (LightFM's max_sampled is 10).
-    # "accumulator": Adagrad's starting sum of squares; 1e-6 is LightFM's 1 for gradients
-    # of a batch mean (1/1024 of a per-sample gradient), which damps the first steps of
-    # rarely seen rows (torch's 0 makes every first step lr * sign(g)).
-    warp_grid = [dict(h, loss="warp", lr=lr, epochs=e, negatives=10, **acc)
-                 for acc in ({}, dict(accumulator=1e-6))
-                 for lr, e in ((0.05, 10), (0.05, 30))] + [
-        dict(h, loss="warp", lr=0.1, epochs=30, negatives=10, accumulator=1e-6)]
+    # "accumulator": Adagrad's starting sum of squares, LightFM's 1 for the gradient of a
+    # batch mean (1/B of a per-sample one): 1/B^2. It damps the first steps of rarely
+    # seen rows, where torch's 0 makes every first step lr * sign(g).
+    warp_grid = [dict(h, loss="warp", lr=0.05, epochs=e, negatives=10, batch_size=b, **acc)
+                 for b, acc in ((1024, {}), (1024, dict(accumulator=1e-6)),
+                                (256, dict(accumulator=1.5e-5)))
+                 for e in (10, 30)]
     lightfm_grid = [dict(loss=loss, lr=0.05, epochs=e) for loss in ("warp", "bpr")
                     for e in (10, 30)]
     mf_grid = [dict(lr=lr, epochs=10, reg=1e-4, negatives=4) for lr in (0.05, 0.2)]
