@@ -31,7 +31,7 @@ from fastmf.ops.codes import Loss, PairwiseLoss, names
 
 __all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "KERNEL_LOSSES", "MODEL_LOSSES", "Batch",
            "FactorTables", "Recommender", "loss_kind", "pairwise_loss", "pointwise_loss",
-           "warp_choice", "warp_loss"]
+           "warp_choice", "warp_loss", "warp_term"]
 
 # fit's loss names. The kernels' vocabulary (fastmf/ops/codes.py): the implicit ones (BCE
 # against sampled negatives, the pairwise losses) and the rating (explicit) ones. Then the
@@ -209,7 +209,10 @@ def warp_loss(positive: Tensor, candidates: Tensor, num_items: int,
     term). Gradients reach ``s_i`` and the chosen ``s_j`` only (the rank weight is a
     constant). Batched: the n candidates of every positive are compared at once, which
     picks exactly what LightFM's draw-until-violation loop with ``max_sampled = n`` picks
-    from the same draws."""
+    from the same draws. One difference lies in the draws: fit's candidates
+    (:class:`fastmf.data.NegativeSampler`, uniform by default) are never the user's
+    positives, while LightFM draws from every item and skips a violating positive (the
+    trial still counts in N)."""
     first, weight = warp_choice(positive, candidates, num_items)
     if candidates.shape[1] == 0:
         chosen = torch.zeros_like(positive)

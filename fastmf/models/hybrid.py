@@ -265,11 +265,11 @@ class Hybrid(Recommender):
     ``num_negatives`` of :func:`fastmf.fit` are its candidates per positive, LightFM's
     ``max_sampled``: pass 10 for LightFM's default) and, with ratings, ``"mse"``/``"huber"``.
 
-    Items (users) without any training interaction keep identity rows that training only
-    ever pushed down as sampled negatives (or never touched), so :meth:`item_vectors` is
-    not how to score them: use their features alone,
-    :func:`fastmf.models.coldstart.item_vectors_from_features` (LightFM's
-    ``get_item_representations`` has the same trap when given the identity columns).
+    Items in the catalogue without any training interaction still have identity rows:
+    training moves them only as sampled negatives (one never sampled keeps its initial
+    values). :meth:`item_vectors` includes them, as LightFM's representations with the
+    identity columns do; :func:`fastmf.models.coldstart.item_vectors_from_features` scores
+    items from their features alone.
     """
 
     losses = ("bpr", "bce", "warp", "mse", "huber")
