@@ -24,6 +24,9 @@ Scenarios (seed 0):
 - throughput: interactions per second of training on the warm split, equal epochs,
   LightFM ``num_threads=2`` and torch limited to 2 threads.
 
+fastmf's Hybrid runs twice, trained with BPR ("fastmf") and with WARP ("fastmf-warp", its
+10 negatives per positive being WARP's candidates, LightFM's ``max_sampled``).
+
 Tuning: each library's epochs, learning rate and loss were picked on an inner split of the
 TRAINING part of each scenario (cold items: 20% of the training movies held out; warm:
 10% of the training interactions; cold users: MF on 20% of the training users held out,
@@ -39,7 +42,8 @@ there, so ``__builtins__.__LIGHTFM_SETUP__ = True`` raises)::
     #     import builtins; builtins.__LIGHTFM_SETUP__ = True
     pip install --no-build-isolation <dir>
 
-Run: ``python benchmarks/coldstart.py [--data /work/shared/data/ml-latest-small] [--quick]``.
+Run: ``python benchmarks/coldstart.py [--data /work/shared/data/ml-latest-small] [--quick]
+[--scenarios cold,warm,users,throughput]``.
 On a shared machine set ``OMP_WAIT_POLICY=PASSIVE``: with spinning OpenMP threads every
 parallel region of a training step spins while another job holds a core (see
 benchmarks/README.md, "Cold start").
