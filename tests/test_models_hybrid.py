@@ -515,3 +515,19 @@ def test_bad_vocabulary_in_config_is_refused(tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(fastmf.checkpoint.CheckpointError, match="vocabulary"):
         fastmf.load(tmp_path / "h")
+
+
+def test_oversized_vocabulary_is_left_out_with_a_warning(monkeypatch):
+    import pandas as pd
+
+    from fastmf.models import hybrid
+
+    table = pd.DataFrame({"movieId": [1, 2, 3], "genres": ["A|B", "B", "C"]})
+    model = Hybrid(2, 3, dim=2, item_features=Features.from_pandas(table, "movieId",
+                                                                   multi="genres"))
+    assert "vocabulary" in model.get_config()["item_features"]
+    monkeypatch.setattr(hybrid, "MAX_VOCABULARY_BYTES", 20)
+    with pytest.warns(UserWarning, match="item feature vocabulary takes .* bytes"):
+        config = model.get_config()
+    assert "vocabulary" not in config["item_features"]
+    assert Hybrid(**config).get_config()["item_features"]["num_features"] == 3

@@ -26,6 +26,8 @@ torch.Size([2])
 
 from __future__ import annotations
 
+import json
+import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -40,6 +42,10 @@ from fastmf.nn import EmbeddingBag
 from fastmf.recommender import warp_choice, warp_term
 
 __all__ = ["Hybrid"]
+
+# The largest feature vocabulary (JSON bytes) a config keeps: checkpoints store the config
+# in config.json, which fastmf.load reads up to 16 MiB.
+MAX_VOCABULARY_BYTES = 4 * 2**20
 
 
 def _check_weight_array(op: str, what: str, values: np.ndarray) -> None:
@@ -151,7 +157,16 @@ class FeatureSide(nn.Module):
         spec = {"num_features": self.num_features, "nnz": int(self.indices.shape[0]),
                 "normalize": self.normalize, "signed": self.signed}
         if self.vocabulary is not None:
-            spec["vocabulary"] = self.vocabulary
+            size = len(json.dumps(self.vocabulary))
+            if size <= MAX_VOCABULARY_BYTES:
+                spec["vocabulary"] = self.vocabulary
+            else:
+                # config.json (where checkpoints keep it) is read up to 16 MiB.
+                warnings.warn(f"{self.op}: the {self.name} feature vocabulary takes {size} "
+                              f"bytes of JSON, over {MAX_VOCABULARY_BYTES}; the config (and "
+                              "so a checkpoint) leaves it out, so a loaded model cannot "
+                              "encode new rows by feature name (build the Features with "
+                              "hash_buckets to need no vocabulary)", stacklevel=3)
         return spec
 
     def bags(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
