@@ -229,6 +229,15 @@ def test_default_step_equals_loop_gradient():
     torch.testing.assert_close((before[1] - model.q.weight.detach()) / lr, q.grad)
 
 
+def test_step_without_candidates_changes_nothing():
+    model, batch = hybrid_and_batch(1, size=6, n=0)
+    before = [t.detach().clone() for t in model.parameters()]
+    value, count = model.training_step(batch, model.make_optimizer("adagrad", 0.1),
+                                       loss="warp", reg=0.1)
+    assert float(value) == 0.0 and count == 6
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_step_without_violator_changes_nothing():
     model, batch = hybrid_and_batch(0, with_features=False, size=10, n=3)
     batch = batch._replace(items=batch.items % 5, negatives=5 + batch.negatives % 20)

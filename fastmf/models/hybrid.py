@@ -423,7 +423,7 @@ class Hybrid(Recommender):
         return total.detach(), count
 
     def _warp_step(self, batch, optimizer, reg: float):
-        """WARP (:func:`fastmf.models.base.warp_loss`, LightFM's ``loss="warp"``): the
+        """WARP (:func:`fastmf.recommender.warp_loss`, LightFM's ``loss="warp"``): the
         ``num_negatives`` sampled items of each positive are its candidates (LightFM's
         ``max_sampled``, 10 there). Every candidate is scored in one batched pass without a
         graph; only the positives with a violator and their violators are pooled again with
@@ -439,7 +439,7 @@ class Hybrid(Recommender):
             p, bu = self.users.pool(users)
             q, bi = self.items.pool(torch.cat([items.reshape(-1), neg.reshape(-1)]))
             pos = (p * q[:size]).sum(1) + bu + bi[:size]
-            cand = ((p.unsqueeze(1) * q[size:].view(size, n, -1)).sum(2) + bu.unsqueeze(1)
+            cand = ((p.unsqueeze(1) * q[size:].view(size, n, self.dim)).sum(2) + bu.unsqueeze(1)
                     + bi[size:].view(size, n))
         first, weight = warp_choice(pos, cand, self.num_items)
         found = weight > 0
