@@ -29,14 +29,21 @@ from fastmf import checkpoint
 from fastmf.ops import checks
 from fastmf.ops.codes import Loss, PairwiseLoss, names
 
-__all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "Batch", "FactorTables", "Recommender",
-           "loss_kind", "pairwise_loss", "pointwise_loss"]
+__all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "KERNEL_LOSSES", "MODEL_LOSSES", "Batch",
+           "FactorTables", "Recommender", "loss_kind", "pairwise_loss", "pointwise_loss",
+           "warp_choice", "warp_loss", "warp_term"]
 
-# fit's loss names, from the kernels' vocabulary (fastmf/ops/codes.py): the implicit ones
-# (BCE against sampled negatives, the pairwise losses) and the rating (explicit) ones.
-IMPLICIT = (Loss.BCE.name.lower(), *names(PairwiseLoss))
+# fit's loss names. The kernels' vocabulary (fastmf/ops/codes.py): the implicit ones (BCE
+# against sampled negatives, the pairwise losses) and the rating (explicit) ones. Then the
+# ranking losses no kernel computes, only autograd training steps (the default one and
+# Hybrid's): a model trains with them only when it lists them in ``losses``, so they are
+# not in the default ``Recommender.losses`` (KERNEL_LOSSES, what MF's fused steps run).
+MODEL_LOSSES = ("warp",)
+KERNEL_IMPLICIT = (Loss.BCE.name.lower(), *names(PairwiseLoss))
+IMPLICIT = KERNEL_IMPLICIT + MODEL_LOSSES
 EXPLICIT = tuple(name for name in names(Loss) if name not in IMPLICIT)
 FIT_LOSSES = EXPLICIT + IMPLICIT
+KERNEL_LOSSES = EXPLICIT + KERNEL_IMPLICIT
 HUBER_DELTA = 1.0
 # score_items and the ranking of models without item vectors materialise (users x items)
 # scores in chunks of about this many, so that a large catalog does not exhaust memory.
@@ -148,6 +155,72 @@ def pairwise_loss(positive: Tensor, negative: Tensor, loss: str = "bpr",
                           else weights.reshape(-1))
 
 
+# LightFM's cap on the rank weight of one WARP update (MAX_LOSS in _lightfm_fast).
+WARP_MAX_WEIGHT = 10.0
+
+
+def warp_choice(positive: Tensor, candidates: Tensor, num_items: int) -> tuple[Tensor, Tensor]:
+    """WARP's pick for each positive: ``(first (B,) int64, weight (B,))``.
+
+    ``positive`` (B,) scores of the positives, ``candidates`` (B, n) scores of n sampled
+    candidate negatives in draw order. ``first`` is the index of the first candidate that
+    violates the margin, ``s_j > s_i - 1`` (0 where none does); ``weight`` is the rank
+    weight ``min(log(max(1, floor((num_items - 1) / N))), 10)`` with ``N = first + 1`` the
+    trials it took, 0 where no candidate violates. That is what LightFM 1.17's ``fit_warp``
+    computes (``log`` of the rank estimate, not Weston et al.'s harmonic sum, and clipped at
+    its ``MAX_LOSS`` of 10). No gradient: the scores are only compared."""
+    positive, candidates = positive.detach(), candidates.detach()
+    if candidates.dim() != 2 or candidates.shape[0] != positive.shape[0]:
+        raise ValueError(f"fastmf.models.warp_choice: candidates must be (B, n) with B = "
+                         f"{positive.shape[0]}, got shape {tuple(candidates.shape)}")
+    if (isinstance(num_items, bool) or not isinstance(num_items, int | np.integer)
+            or num_items < 1):
+        raise ValueError(f"fastmf.models.warp_choice: num_items must be an int >= 1, got "
+                         f"{num_items!r}")
+    num_items = int(num_items)
+    size, n = candidates.shape
+    violates = candidates > positive.unsqueeze(1) - 1  # NaN never violates
+    order = torch.arange(n, device=candidates.device).expand(size, n)
+    first = torch.where(violates, order, n).amin(1) if n else order.new_zeros(size)
+    found = first < n
+    trials = (first + 1).to(torch.float64)
+    rank = torch.floor((num_items - 1) / trials).clamp_min(1.0)
+    weight = torch.where(found, torch.log(rank).clamp_max(WARP_MAX_WEIGHT), 0.0)
+    return torch.where(found, first, 0), weight.to(positive.dtype)
+
+
+def warp_term(positive: Tensor, chosen: Tensor, weight: Tensor,
+              weights: Tensor | None = None) -> Tensor:
+    """Mean over B of ``weight * (1 - positive + chosen)`` (0 where ``weight`` is 0):
+    WARP's loss once :func:`warp_choice` picked the violator ``chosen`` (B,) scores;
+    ``weights`` (B,) scale each positive's term."""
+    hinge = torch.where(weight > 0, weight * (1.0 - positive + chosen),
+                        torch.zeros((), dtype=positive.dtype, device=positive.device))
+    return _weighted_mean(hinge, weights)
+
+
+def warp_loss(positive: Tensor, candidates: Tensor, num_items: int,
+              weights: Tensor | None = None) -> Tensor:
+    """WARP (Weston et al. 2011, as LightFM trains it) of ``positive`` (B,) scores against
+    ``candidates`` (B, n) scores of sampled negatives in draw order: for each positive the
+    first candidate violating the margin (``s_j > s_i - 1``) at trial N contributes
+    ``min(log(max(1, floor((num_items - 1) / N))), 10) * (1 - s_i + s_j)``; a positive with
+    no violator among its n contributes 0. The mean is over B (``weights`` (B,) scale each
+    term). Gradients reach ``s_i`` and the chosen ``s_j`` only (the rank weight is a
+    constant). Batched: the n candidates of every positive are compared at once, which
+    picks exactly what LightFM's draw-until-violation loop with ``max_sampled = n`` picks
+    from the same draws. One difference lies in the draws: fit's candidates
+    (:class:`fastmf.data.NegativeSampler`, uniform by default) are never the user's
+    positives, while LightFM draws from every item and skips a violating positive (the
+    trial still counts in N)."""
+    first, weight = warp_choice(positive, candidates, num_items)
+    if candidates.shape[1] == 0:
+        chosen = torch.zeros_like(positive)
+    else:
+        chosen = candidates.gather(1, first.unsqueeze(1)).squeeze(1)
+    return warp_term(positive, chosen, weight, weights)
+
+
 def seed_of(*parts: int) -> int:
     """A 63-bit seed from integers (seed, epoch, batch...): what a batch draws depends only
     on these, so a resumed run draws exactly what a straight run does."""
@@ -193,7 +266,7 @@ class Recommender(nn.Module):
     kwargs for the protocol tests).
     """
 
-    losses: ClassVar[tuple[str, ...]] = FIT_LOSSES
+    losses: ClassVar[tuple[str, ...]] = KERNEL_LOSSES
     default_loss: ClassVar[str] = "mse"
     defaults: ClassVar[dict] = {}
     dense_lr: ClassVar[float] = 1e-3
@@ -356,8 +429,17 @@ class Recommender(nn.Module):
         for the positives and 0 for every negative) or :func:`pairwise_loss` (bpr, each
         positive against each of its negatives). The penalty is ``reg`` times the sum of
         squares of every embedding lookup output of the step (for ``Embedding`` tables: the
-        rows the batch touched, once per use) divided by B."""
+        rows the batch touched, once per use) divided by B.
+
+        ``"warp"`` (for models that list it in ``losses``): the n negatives of each positive
+        are WARP's candidates; they are scored once without a graph (and without the
+        penalty) to pick each positive's violator (:func:`warp_choice`), then the positives
+        that have one and their violators are scored again with the graph: the data term
+        is ``sum(weight * (1 - s_i + s_j)) / B`` (:func:`warp_loss`) and the penalty covers
+        those lookups only. Returns B as the count (one update per positive)."""
         users, items = batch.users, batch.items
+        if loss == "warp":
+            return self._warp_step(batch, optimizer, reg)
         outputs: list[Tensor] = []
         handles = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
                    for module in self.modules() if _is_lookup(module)]
@@ -403,6 +485,49 @@ class Recommender(nn.Module):
         total.backward()
         optimizer.step()
         return total.detach(), count
+
+    def _warp_choice(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(violator item (B,), rank weight (B,)) of every positive of ``batch``, from
+        scores computed without a graph."""
+        if batch.negatives is None:
+            raise ValueError(f"{self._op('training_step')}: loss 'warp' needs batch.negatives "
+                             "(the candidates)")
+        users, items, negatives = batch.users, batch.items, batch.negatives
+        size, n = negatives.shape
+        with torch.no_grad():
+            positive = self(users, items)
+            candidates = self(users.repeat_interleave(n), negatives.reshape(-1)).view(size, n)
+        first, weight = warp_choice(positive, candidates, self.num_items)
+        chosen = negatives.gather(1, first.unsqueeze(1)).squeeze(1) if n else items
+        return chosen, weight
+
+    def _warp_step(self, batch: Batch, optimizer, reg: float) -> tuple[Tensor, int]:
+        """The default training step for ``loss="warp"`` (see :meth:`training_step`)."""
+        size = len(batch.users)
+        chosen, weight = self._warp_choice(batch)
+        found = weight > 0
+        users = batch.users[found]
+        m = len(users)
+        optimizer.zero_grad()
+        if m == 0:  # no violator anywhere: nothing to update
+            return torch.zeros((), dtype=self._param_dtype(), device=self._param_device()), size
+        outputs: list[Tensor] = []
+        handles = [module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+                   for module in self.modules() if _is_lookup(module)]
+        try:
+            scores = self(torch.cat([users, users]), torch.cat([batch.items[found],
+                                                                chosen[found]]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        bw = None if batch.weights is None else batch.weights[found]
+        total = warp_term(scores[:m], scores[m:], weight[found], bw) * (m / size)
+        if reg and outputs:
+            penalty = sum(out.float().square().sum() for out in outputs)
+            total = total + reg * penalty.to(total.dtype) / size
+        total.backward()
+        optimizer.step()
+        return total.detach(), size
 
     # -- scoring hooks ------------------------------------------------------------------------
     def user_vectors(self, users: Tensor) -> tuple[Tensor, Tensor | None]:

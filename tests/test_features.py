@@ -193,3 +193,40 @@ def test_transform_new_rows(movies):
     by_id = f.transform(pd.DataFrame({"movieId": [7, 7], "genres": ["Drama", "Horror"],
                                       "studio": ["A", "A"]}), "movieId")
     assert by_id.shape[0] == 1 and by_id.sum() == 4  # studio A twice, two genres
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_vocabulary_round_trip_through_json(movies, hashed):
+    import json
+
+    f = Features.from_pandas(movies, "movieId", multi="genres", categorical="studio",
+                             numeric="year", hash_buckets=16 if hashed else None,
+                             signed=hashed)
+    vocab = json.loads(json.dumps(f.vocabulary()))
+    g = Features.from_vocabulary(vocab, kind="item")
+    assert g.num_rows == 0 and g.num_features == f.num_features
+    assert g.feature_names.tolist() == f.feature_names.tolist()
+    new = pd.DataFrame({"genres": ["Drama|Horror", None], "studio": ["C", "A"],
+                        "year": [2.5, 0.0]})
+    assert (g.transform(new) != f.transform(new)).nnz == 0
+    assert g.transform(new).nnz > 0
+
+
+def test_vocabulary_bad_input(movies):
+    vocab = Features.from_pandas(movies, "movieId", multi="genres").vocabulary()
+    with pytest.raises(ValueError, match="exactly the keys"):
+        Features.from_vocabulary({**vocab, "code": "print(1)"})
+    with pytest.raises(ValueError, match=r"\['feature_names'\] must be a list of str"):
+        Features.from_vocabulary({**vocab, "feature_names": ["a", 3]})
+    with pytest.raises(ValueError, match="duplicate names"):
+        Features.from_vocabulary({**vocab, "feature_names": ["a", "a"]})
+    with pytest.raises(ValueError, match=r"\['hash_buckets'\] must be None or an int >= 1"):
+        Features.from_vocabulary({**vocab, "feature_names": None, "hash_buckets": 0})
+    with pytest.raises(ValueError, match=r"\['spec'\]\['multi'\] must be a list"):
+        Features.from_vocabulary({**vocab, "spec": {**vocab["spec"], "multi": "genres"}})
+    with pytest.raises(ValueError, match=r"\['normalize'\] must be a bool"):
+        Features.from_vocabulary({**vocab, "normalize": 1})
+    # built from a matrix: names but no table columns, so transform says how to proceed
+    g = Features.from_vocabulary(Features.from_scipy(sp.eye(3, format="csr")).vocabulary())
+    with pytest.raises(ValueError, match="not built from a table"):
+        g.transform(movies)

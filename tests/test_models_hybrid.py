@@ -463,3 +463,71 @@ def test_mf_add_users_and_add_items_methods():
     assert model(torch.tensor([8]), torch.tensor([6])).shape == (1,)
     with pytest.raises(ValueError, match="add_rows"):
         model.add_users(0)
+
+
+def test_feature_vocabulary_survives_save_load(tmp_path):
+    """A loaded Hybrid encodes a new user by feature names and recommends for it exactly
+    as the saved model does."""
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    users = pd.DataFrame({"userId": np.arange(30) + 100,
+                          "age": rng.choice(["young", "old", "mid"], 30),
+                          "likes": ["|".join(rng.choice(list("abcde"), 2)) for _ in range(30)]})
+    u = rng.integers(0, 30, 400) + 100
+    i = rng.integers(0, 40, 400)
+    data = fastmf.data.Interactions.from_arrays(u, i)
+    feats = Features.from_pandas(users, "userId", id_map=data.user_map, categorical="age",
+                                 multi="likes", kind="user")
+    torch.manual_seed(0)
+    model = Hybrid(data.num_users, data.num_items, dim=6, user_features=feats)
+    fastmf.fit(model, data, loss="bpr", epochs=2, progress=False, seed=0)
+    model.save(tmp_path / "h")
+    loaded = fastmf.load(tmp_path / "h")
+    new = pd.DataFrame({"age": ["old", "young"], "likes": ["a|c", "e"]})
+    rows = loaded.features("user").transform(new)
+    assert (rows != feats.transform(new)).nnz == 0
+    top, scores = coldstart.recommend_from_features(loaded, rows, k=5)
+    want_top, want_scores = coldstart.recommend_from_features(model, feats.transform(new), k=5)
+    assert torch.equal(top, want_top)
+    torch.testing.assert_close(scores, want_scores)
+    with pytest.raises(ValueError, match=r"Hybrid\.features: the item side was built "
+                                         "without fastmf.data.Features"):
+        loaded.features("item")
+    with pytest.raises(ValueError, match="side must be 'user' or 'item', got 'movie'"):
+        loaded.features("movie")
+
+
+def test_bad_vocabulary_in_config_is_refused(tmp_path):
+    import json
+
+    import pandas as pd
+
+    table = pd.DataFrame({"movieId": [1, 2, 3], "genres": ["A|B", "B", "C"]})
+    feats = Features.from_pandas(table, "movieId", multi="genres")
+    model = Hybrid(2, 3, dim=2, item_features=feats)
+    model.save(tmp_path / "h")
+    config_file = tmp_path / "h" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["model"]["item_features"]["vocabulary"]["feature_names"] == [
+        "genres=A", "genres=B", "genres=C"]
+    config["model"]["item_features"]["vocabulary"]["feature_names"] = ["x", "y"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(fastmf.checkpoint.CheckpointError, match="vocabulary"):
+        fastmf.load(tmp_path / "h")
+
+
+def test_oversized_vocabulary_is_left_out_with_a_warning(monkeypatch):
+    import pandas as pd
+
+    from fastmf.models import hybrid
+
+    table = pd.DataFrame({"movieId": [1, 2, 3], "genres": ["A|B", "B", "C"]})
+    model = Hybrid(2, 3, dim=2, item_features=Features.from_pandas(table, "movieId",
+                                                                   multi="genres"))
+    assert "vocabulary" in model.get_config()["item_features"]
+    monkeypatch.setattr(hybrid, "MAX_VOCABULARY_BYTES", 20)
+    with pytest.warns(UserWarning, match="item feature vocabulary takes .* bytes"):
+        config = model.get_config()
+    assert "vocabulary" not in config["item_features"]
+    assert Hybrid(**config).get_config()["item_features"]["num_features"] == 3

@@ -361,6 +361,71 @@ class Features:
                     collision_rate=colliding / len(cols) if len(cols) else 0.0,
                     max_per_bucket=int(counts.max()) if len(cols) else 0)
 
+    # ------------------------------------------------------------------ vocabulary
+    def vocabulary(self) -> dict:
+        """What :meth:`transform` needs, as JSON values (no rows): ``feature_names`` (list
+        of str; None with hashing, where the names are the buckets), ``hash_buckets``,
+        ``signed``, ``normalize`` and ``spec`` (the table columns of :meth:`from_pandas`:
+        ``categorical``, ``multi``, ``numeric``, ``sep``; None for :meth:`from_scipy`).
+        :meth:`from_vocabulary` rebuilds a row-less Features from it (checkpoints keep it
+        so a loaded model encodes new users/items by feature name)."""
+        spec = None if self._spec is None else {
+            "categorical": list(self._spec["categorical"]), "multi": list(self._spec["multi"]),
+            "numeric": list(self._spec["numeric"]), "sep": self._spec["sep"]}
+        return {"feature_names": (None if self.hash_buckets is not None
+                                  else [str(n) for n in self.feature_names]),
+                "hash_buckets": self.hash_buckets, "signed": self.signed,
+                "normalize": self.normalize, "spec": spec}
+
+    @classmethod
+    def from_vocabulary(cls, vocabulary: dict, *, kind: str = "item",
+                        op: str = "fastmf.data.Features.from_vocabulary") -> Features:
+        """A Features with no rows from :meth:`vocabulary`'s dict, checked value by value
+        (it may come from a file): its :meth:`transform` encodes new rows as the original's
+        did. ValueError naming ``op`` and the bad entry otherwise."""
+        keys = {"feature_names", "hash_buckets", "signed", "normalize", "spec"}
+        if not isinstance(vocabulary, dict) or set(vocabulary) != keys:
+            found = sorted(vocabulary) if isinstance(vocabulary, dict) else type(
+                vocabulary).__name__
+            raise ValueError(f"{op}: a feature vocabulary must be a dict with exactly the keys "
+                             f"{sorted(keys)}, got {found}")
+        buckets, names = vocabulary["hash_buckets"], vocabulary["feature_names"]
+        for key in ("signed", "normalize"):
+            if not isinstance(vocabulary[key], bool):
+                raise ValueError(f"{op}: vocabulary[{key!r}] must be a bool, got "
+                                 f"{vocabulary[key]!r}")
+        if buckets is not None:
+            if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+                raise ValueError(f"{op}: vocabulary['hash_buckets'] must be None or an int "
+                                 f">= 1, got {buckets!r}")
+            if names is not None:
+                raise ValueError(f"{op}: vocabulary['feature_names'] must be None with "
+                                 "hashing (the columns are the buckets)")
+            names = [f"#{b}" for b in range(buckets)]
+        elif not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{op}: vocabulary['feature_names'] must be a list of str")
+        elif len(set(names)) != len(names):
+            raise ValueError(f"{op}: vocabulary['feature_names'] holds duplicate names")
+        spec = vocabulary["spec"]
+        if spec is not None:
+            if not isinstance(spec, dict) or set(spec) != {"categorical", "multi", "numeric",
+                                                           "sep"}:
+                raise ValueError(f"{op}: vocabulary['spec'] must be None or a dict with the "
+                                 "keys categorical, multi, numeric, sep")
+            for key in ("categorical", "multi", "numeric"):
+                if not isinstance(spec[key], list) or not all(isinstance(c, str)
+                                                               for c in spec[key]):
+                    raise ValueError(f"{op}: vocabulary['spec'][{key!r}] must be a list of "
+                                     "column names (str)")
+            if not isinstance(spec["sep"], str) or not spec["sep"]:
+                raise ValueError(f"{op}: vocabulary['spec']['sep'] must be a non-empty str")
+            spec = {key: list(value) if isinstance(value, list) else value
+                    for key, value in spec.items()}
+        raw = sp.csr_matrix((0, len(names)), dtype=np.float32)
+        return cls(raw, IdMap(np.zeros(0, dtype=np.int64), kind=kind),
+                   np.asarray(names, dtype=object), normalize=vocabulary["normalize"],
+                   hash_buckets=buckets, signed=vocabulary["signed"], spec=spec)
+
     # ------------------------------------------------------------------ new rows
     def transform(self, df: pd.DataFrame, id_col: str | None = None, *,
                   unknown: str = "error") -> sp.csr_matrix:

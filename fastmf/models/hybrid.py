@@ -26,6 +26,8 @@ torch.Size([2])
 
 from __future__ import annotations
 
+import json
+import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -37,8 +39,13 @@ from fastmf import checkpoint
 from fastmf.data.features import Features
 from fastmf.models.base import IMPLICIT, Recommender, pairwise_loss, pointwise_loss
 from fastmf.nn import EmbeddingBag
+from fastmf.recommender import warp_choice, warp_term
 
 __all__ = ["Hybrid"]
+
+# The largest feature vocabulary (JSON bytes) a config keeps: checkpoints store the config
+# in config.json, which fastmf.load reads up to 16 MiB.
+MAX_VOCABULARY_BYTES = 4 * 2**20
 
 
 def _check_weight_array(op: str, what: str, values: np.ndarray) -> None:
@@ -64,6 +71,7 @@ class FeatureSide(nn.Module):
             spec = _check_spec(op, f"{name}_features", features)
             self.num_features, self.normalize = spec["num_features"], spec["normalize"]
             self.signed = spec["signed"]
+            self.vocabulary = spec.get("vocabulary")
             nnz = spec["nnz"]
             indptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
             indices = torch.zeros(nnz, dtype=torch.int64, device=device)
@@ -89,6 +97,7 @@ class FeatureSide(nn.Module):
         matrix (weights used as given, identity weight 1) or None."""
         op, arg = self.op, f"{self.name}_features"
         self.signed = False
+        self.vocabulary = None
         if features is None:
             raw, normalize = sp.csr_matrix((num_rows, 0), dtype=np.float32), False
         elif isinstance(features, Features):
@@ -97,6 +106,7 @@ class FeatureSide(nn.Module):
                                  "the model adds the identity rows itself, pass one setting")
             raw, normalize = features.raw, features.normalize
             self.signed = features.signed
+            self.vocabulary = features.vocabulary()
         elif sp.issparse(features) or isinstance(features, np.ndarray):
             raw, normalize = sp.csr_matrix(features, dtype=np.float32), False
             if raw.ndim != 2:
@@ -144,8 +154,20 @@ class FeatureSide(nn.Module):
         return self.indptr.shape[0] - 1
 
     def spec(self) -> dict:
-        return {"num_features": self.num_features, "nnz": int(self.indices.shape[0]),
+        spec = {"num_features": self.num_features, "nnz": int(self.indices.shape[0]),
                 "normalize": self.normalize, "signed": self.signed}
+        if self.vocabulary is not None:
+            size = len(json.dumps(self.vocabulary))
+            if size <= MAX_VOCABULARY_BYTES:
+                spec["vocabulary"] = self.vocabulary
+            else:
+                # config.json (where checkpoints keep it) is read up to 16 MiB.
+                warnings.warn(f"{self.op}: the {self.name} feature vocabulary takes {size} "
+                              f"bytes of JSON, over {MAX_VOCABULARY_BYTES}; the config (and "
+                              "so a checkpoint) leaves it out, so a loaded model cannot "
+                              "encode new rows by feature name (build the Features with "
+                              "hash_buckets to need no vocabulary)", stacklevel=3)
+        return spec
 
     def bags(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(indices, offsets (B,), per-sample weights) of the bags of ``ids``."""
@@ -199,9 +221,11 @@ class FeatureSide(nn.Module):
 
 def _check_spec(op: str, arg: str, spec: dict) -> dict:
     keys = {"num_features", "nnz", "normalize", "signed"}
-    if set(spec) != keys:
-        raise ValueError(f"{op}: {arg} as a dict must have exactly the keys {sorted(keys)}, "
-                         f"got {sorted(spec)}")
+    # "vocabulary" (Features.vocabulary()) is optional: models built from a matrix, and
+    # checkpoints written before it was kept, have none.
+    if not keys <= set(spec) <= keys | {"vocabulary"}:
+        raise ValueError(f"{op}: {arg} as a dict must have the keys {sorted(keys)} (and "
+                         f"optionally 'vocabulary'), got {sorted(spec)}")
     for key in ("num_features", "nnz"):
         value = spec[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -209,6 +233,14 @@ def _check_spec(op: str, arg: str, spec: dict) -> dict:
     for key in ("normalize", "signed"):
         if not isinstance(spec[key], bool):
             raise ValueError(f"{op}: {arg}[{key!r}] must be a bool, got {spec[key]!r}")
+    if spec.get("vocabulary") is not None:
+        vocab = Features.from_vocabulary(spec["vocabulary"], op=f"{op}: {arg}['vocabulary']")
+        if vocab.num_features != spec["num_features"] or (
+                vocab.normalize, vocab.signed) != (spec["normalize"], spec["signed"]):
+            raise ValueError(f"{op}: {arg}['vocabulary'] has {vocab.num_features} features "
+                             f"(normalize={vocab.normalize}, signed={vocab.signed}) but the "
+                             f"spec {spec['num_features']} (normalize={spec['normalize']}, "
+                             f"signed={spec['signed']})")
     return spec
 
 
@@ -243,9 +275,19 @@ class Hybrid(Recommender):
             dataset); with ``identity=False`` every row needs a feature. A side without
             features always has identity rows (plain matrix factorisation on that side).
         init_scale: embeddings start uniform(-init_scale, init_scale); biases at 0.
+
+    Losses: ``"bpr"`` (default), ``"bce"``, ``"warp"`` (LightFM's best ranking loss; the
+    ``num_negatives`` of :func:`fastmf.fit` are its candidates per positive, LightFM's
+    ``max_sampled``: pass 10 for LightFM's default) and, with ratings, ``"mse"``/``"huber"``.
+
+    Items in the catalogue without any training interaction still have identity rows:
+    training moves them only as sampled negatives (one never sampled keeps its initial
+    values). :meth:`item_vectors` includes them, as LightFM's representations with the
+    identity columns do; :func:`fastmf.models.coldstart.item_vectors_from_features` scores
+    items from their features alone.
     """
 
-    losses = ("bpr", "bce", "mse", "huber")
+    losses = ("bpr", "bce", "warp", "mse", "huber")
     default_loss = "bpr"
     test_config: ClassVar[dict] = {"dim": 4}
     # Chosen on inner validation splits (a random 10% of the training interactions) of
@@ -290,6 +332,25 @@ class Hybrid(Recommender):
                 f"user_features={self.users.num_features}, "
                 f"item_features={self.items.num_features}, identity={self.identity}")
 
+    def features(self, side: str = "item") -> Features:
+        """A row-less :class:`~fastmf.data.Features` with the vocabulary of ``side``'s
+        features (``"user"`` or ``"item"``), kept in checkpoints: its
+        :meth:`~fastmf.data.Features.transform` turns a table of new users/items into the
+        raw feature rows that :mod:`fastmf.models.coldstart` and :meth:`add_items` take.
+        ValueError when the side was built without a :class:`Features` (a matrix or none).
+
+        >>> rows = model.features("user").transform(new_users)  # doctest: +SKIP
+        >>> coldstart.recommend_from_features(model, rows, k=10)  # doctest: +SKIP
+        """
+        op = self._op("features")
+        if side not in ("user", "item"):
+            raise ValueError(f"{op}: side must be 'user' or 'item', got {side!r}")
+        vocabulary = (self.users if side == "user" else self.items).vocabulary
+        if vocabulary is None:
+            raise ValueError(f"{op}: the {side} side was built without fastmf.data.Features "
+                             "(a matrix or no features), so it has no feature names")
+        return Features.from_vocabulary(vocabulary, kind=side, op=op)
+
     # -- scoring -----------------------------------------------------------------------------
     def forward(self, users, items) -> Tensor:
         """(B,) logits/ratings ``<p_u, q_i> + b_u + b_i``."""
@@ -317,6 +378,8 @@ class Hybrid(Recommender):
         """One update as the base class defines it (:func:`pointwise_loss` /
         :func:`pairwise_loss`, ``reg`` times the squared pooled outputs over B), with each
         side pooled once per step: the users once, the positives and negatives together."""
+        if loss == "warp":
+            return self._warp_step(batch, optimizer, reg)
         users, items = batch.users, batch.items
         size = users.shape[0]
         p, bu = self.users.pool(users)
@@ -358,6 +421,45 @@ class Hybrid(Recommender):
         total.backward()
         optimizer.step()
         return total.detach(), count
+
+    def _warp_step(self, batch, optimizer, reg: float):
+        """WARP (:func:`fastmf.recommender.warp_loss`, LightFM's ``loss="warp"``): the
+        ``num_negatives`` sampled items of each positive are its candidates (LightFM's
+        ``max_sampled``, 10 there). Every candidate is scored in one batched pass without a
+        graph; only the positives with a violator and their violators are pooled again with
+        the graph, so the backward pass and the optimizer touch what LightFM's update
+        touches. The penalty is ``reg`` times the squared pooled outputs of that second
+        pass, over B."""
+        if batch.negatives is None:
+            raise ValueError(f"{self._op('training_step')}: loss 'warp' needs batch.negatives "
+                             "(the candidates)")
+        users, items, neg = batch.users, batch.items, batch.negatives
+        size, n = neg.shape
+        with torch.no_grad():
+            p, bu = self.users.pool(users)
+            q, bi = self.items.pool(torch.cat([items.reshape(-1), neg.reshape(-1)]))
+            pos = (p * q[:size]).sum(1) + bu + bi[:size]
+            cand = ((p.unsqueeze(1) * q[size:].view(size, n, self.dim)).sum(2) + bu.unsqueeze(1)
+                    + bi[size:].view(size, n))
+        first, weight = warp_choice(pos, cand, self.num_items)
+        found = weight > 0
+        m = int(found.sum())
+        optimizer.zero_grad()
+        if m == 0:  # no violator in the batch: nothing to update
+            return torch.zeros((), dtype=pos.dtype, device=pos.device), size
+        chosen = neg.gather(1, first.unsqueeze(1)).squeeze(1)
+        p, bu = self.users.pool(users[found])
+        q, bi = self.items.pool(torch.cat([items[found], chosen[found]]))
+        pos = (p * q[:m]).sum(1) + bu + bi[:m]
+        negative = (p * q[m:]).sum(1) + bu + bi[m:]
+        bw = None if batch.weights is None else batch.weights[found]
+        total = warp_term(pos, negative, weight[found], bw) * (m / size)
+        if reg:
+            penalty = p.square().sum() + bu.square().sum() + q.square().sum() + bi.square().sum()
+            total = total + reg * penalty / size
+        total.backward()
+        optimizer.step()
+        return total.detach(), size
 
     # -- growing -------------------------------------------------------------------------------
     def add_users(self, n: int, features=None, *, optimizer=None, raw_ids=None) -> range:
