@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmf.recommender import FIT_LOSSES, KERNEL_LOSSES
+
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
 
@@ -963,9 +965,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model-args", default=None, metavar="JSON",
                        help="the model's constructor arguments as a JSON object, e.g. "
                             "'{\"layers\": [64, 32]}'")
-    train.add_argument("--loss", default=None, choices=["mse", "huber", "bce", "bpr"],
-                       help="mse/huber: ratings (explicit); bce/bpr: interactions only "
-                            "(implicit, ratings ignored). Default: the model's (mf: mse)")
+    train.add_argument("--loss", default=None, choices=list(FIT_LOSSES),
+                       help="mse/huber: ratings (explicit); bce/bpr (and warp, for models "
+                            "that list it, e.g. hybrid): interactions only (implicit, "
+                            "ratings ignored). Default: the model's (mf: mse)")
     train.add_argument("--dim", type=positive_int, default=None,
                        help="factors (default: fast.ai's rule of thumb, capped at 128)")
     train.add_argument("--epochs", type=positive_int, default=None)
@@ -1027,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the best settings (with the split) as JSON for `fastmf train --config "
                     "FILE`. The test rows are never used.")
     tune.add_argument("--data", required=True, help=_DATA_HELP)
-    tune.add_argument("--loss", default="mse", choices=["mse", "huber", "bce", "bpr"])
+    tune.add_argument("--loss", default="mse", choices=list(KERNEL_LOSSES))  # tunes MF
     tune.add_argument("--metric", default=None,
                       help="validation metric to optimize (default: rmse for mse/huber, "
                            "ndcg@10 for bce/bpr); lower is better for rmse/mae, higher for "

@@ -586,6 +586,11 @@ def test_cli_trains_any_registered_model_and_serves_it(split, tmp_path, capsys):
     user = str(frame["userId"].iloc[0])
     assert main(["recommend", "--model", str(out), "--user", user, "-k", "3"]) == 0
     assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) >= 3
+    # A loss only some models train with: the CLI offers it, the model decides.
+    code = main(["train", "--data", str(csv), "--model", "hybrid", "--loss", "warp",
+                 "--model-args", '{"dim": 4}', "--epochs", "1", "--quiet", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "model=hybrid" in capsys.readouterr().out
     for argv, message in (
             (["--model", "nosuch"], "unknown model; choose one of .*mf.*protomlp"),
             (["--model", "protomlp", "--model-args", "{"], "--model-args: not valid JSON"),
@@ -594,7 +599,8 @@ def test_cli_trains_any_registered_model_and_serves_it(split, tmp_path, capsys):
              "ProtoMLP has no argument 'layers'; it takes dim, hidden"),
             (["--model", "protomlp", "--model-args", '{"num_users": 4}'],
              "'num_users' is set from the data"),
-            (["--model", "protomlp", "--model-args", '{"hidden": -1}'], "cannot build it")):
+            (["--model", "protomlp", "--model-args", '{"hidden": -1}'], "cannot build it"),
+            (["--loss", "warp"], "--loss warp: --model mf trains with mse, huber, bce, bpr")):
         code = main(["train", "--data", str(csv), "--epochs", "1", "--quiet", *argv])
         err = capsys.readouterr().err
         assert code != 0

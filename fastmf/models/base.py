@@ -1,5 +1,6 @@
 """The model protocol: :class:`Recommender` (the base class of every fastmf model),
-:class:`Batch` and the loss helpers :func:`pointwise_loss` / :func:`pairwise_loss`.
+:class:`Batch` and the loss helpers :func:`pointwise_loss` / :func:`pairwise_loss` /
+:func:`warp_loss`.
 
 The code lives in :mod:`fastmf.recommender`: ``fastmf.MF`` is a Recommender and ``import
 fastmf`` must not run this package's ``__init__`` (it imports every model file). Import
@@ -18,7 +19,9 @@ from fastmf.recommender import (
     pairwise_loss,
     pointwise_loss,
     seed_of,
+    warp_loss,
 )
 
 __all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "SCORE_CHUNK", "Batch", "CombinedOptimizer",
-           "Recommender", "loss_kind", "pairwise_loss", "pointwise_loss", "seed_of"]
+           "Recommender", "loss_kind", "pairwise_loss", "pointwise_loss", "seed_of",
+           "warp_loss"]
