@@ -797,6 +797,26 @@ def test_mf_fused_steps_on_nccl_match_one_process(tmp_path):
                                    torch.tensor(losses), rtol=1e-5, atol=1e-5)
 
 
+class _DotModel(fastmf.models.base.Recommender):
+    """A user's model on the default training step: ``<p_u, q_i>`` from fastmf.nn tables,
+    its config naming its dtype as checkpoints do."""
+
+    def __init__(self, num_users, num_items, dim=4, *, backend="auto", device=None,
+                 dtype=torch.float32):
+        super().__init__()
+        self.num_users, self.num_items, self.dim = num_users, num_items, dim
+        kw = dict(backend=backend, device=device, dtype=dtype, init_scale=0.3)
+        self.user_emb = fastmf.nn.Embedding(num_users, dim, **kw)
+        self.item_emb = fastmf.nn.Embedding(num_items, dim, **kw)
+
+    def get_config(self):
+        return {"num_users": self.num_users, "num_items": self.num_items, "dim": self.dim,
+                "dtype": str(self.user_emb.weight.dtype).removeprefix("torch.")}
+
+    def forward(self, users, items):
+        return (self.user_emb(users) * self.item_emb(items)).sum(-1)
+
+
 def test_default_training_step_penalises_sharded_tables():
     """A user's model on the default ``training_step``: once sharded (here over one rank,
     so the sharded and unsharded runs must agree to the bit) its lookups are still the
@@ -806,13 +826,12 @@ def test_default_training_step_penalises_sharded_tables():
     import torch.distributed as dist
 
     import fastmf.distributed as fd
-    from tests.test_models_protocol import ProtoDot
 
     if dist.is_initialized():
         pytest.skip("a default process group already exists in this process")
     torch.manual_seed(11)
     train, _ = _fit_data(False)
-    plain = ProtoDot(NUM_USERS, NUM_ITEMS, dim=K)
+    plain = _DotModel(NUM_USERS, NUM_ITEMS, dim=K)
     sharded = copy.deepcopy(plain)
     settings = dict(loss="mse", epochs=2, batch_size=BATCH, seed=4, lr=0.05, reg=0.5,
                     progress=False, set_global_mean=False)
