@@ -1,4 +1,5 @@
-// The pairwise family on the CPU: train_step_pairwise, the fused BPR step
+// The pairwise family on the CPU: train_step_pairwise, the fused BPR step, and
+// train_step_pairwise_sampled, the same step drawing its uniform negatives first
 // (csrc/cuda/pairwise.cu on the GPU). Each sample b is (u, i, j), with
 //   x_b = b_i - b_j + <P[u], Q[i] - Q[j]>,   loss = mean_b softplus(-x_b) + reg term.
 //
@@ -20,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -27,6 +30,7 @@
 #include "../args.h"
 #include "../checks.h"
 #include "../codes.h"
+#include "../negative_sampling.h"
 #include "../ops.h"
 #include "common.h"
 #include "fused_step.h"
@@ -215,6 +219,80 @@ at::Tensor train_step_pairwise(const StepTables& tables_in, const StepTables& st
   return result;
 }
 
+// train_step_pairwise_sampled: draw the negatives (sampling.h; pair p = b * K + k holds
+// sample b's k-th), expand the positives to the B * K pairs and run the step above on them.
+// Each pair's draw depends only on (seed, step, p), so any split of the pairs over threads
+// gives the same negatives.
+at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTables& states,
+                                       const SampledPairwiseBatch& in,
+                                       const OptimizerArgs& opt) {
+  constexpr const char* op = "train_step_pairwise_sampled";
+  const int64_t num_users = tables.user_factors.size(0);
+  const int64_t num_items = tables.item_factors.size(0);
+  const int64_t batch = in.users.size(0), k = in.num_negatives;
+  std::vector<int64_t> users, pos;
+  load_ids(op, "users", in.users.contiguous(), num_users, users);
+  load_ids(op, kPosName, in.pos_items.contiguous(), num_items, pos);
+  const at::TensorOptions ids = in.users.options().dtype(at::kLong);
+  at::Tensor users_rep = at::empty({batch * k}, ids);
+  at::Tensor pos_rep = at::empty({batch * k}, ids);
+  at::Tensor neg = at::empty({batch * k}, ids);
+  if (batch > 0) {
+    const at::Tensor indptr_t = in.pos_indptr.to(at::kLong).contiguous();
+    const at::Tensor indices_t = in.pos_indices.contiguous();
+    const int64_t* indptr = indptr_t.data_ptr<int64_t>();
+    const int64_t nnz = indices_t.size(0);
+    const uint64_t key = sampling::step_key(in.seed, in.step);
+    int64_t* ur = users_rep.data_ptr<int64_t>();
+    int64_t* pr = pos_rep.data_ptr<int64_t>();
+    int64_t* nr = neg.data_ptr<int64_t>();
+    // The first bad sample of each kind, as the reference reports it (bad rows first).
+    std::atomic<int64_t> first_bad_row{batch}, first_full{batch};
+    auto lower = [](std::atomic<int64_t>& slot, int64_t b) {
+      int64_t cur = slot.load();
+      while (b < cur && !slot.compare_exchange_weak(cur, b)) {
+      }
+    };
+    AT_DISPATCH_INDEX_TYPES(indices_t.scalar_type(), "fastmf.train_step_pairwise_sampled", [&] {
+      const index_t* indices = indices_t.data_ptr<index_t>();
+      at::parallel_for(0, batch, kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t u = users[b];
+          const int64_t start = indptr[u], stop = indptr[u + 1];
+          if (start < 0 || stop < start || stop > nnz) {
+            lower(first_bad_row, b);
+            continue;
+          }
+          const int64_t deg = stop - start;
+          if (deg >= num_items) {
+            lower(first_full, b);
+            continue;
+          }
+          const int64_t free = num_items - deg;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t p = b * k + j;
+            ur[p] = u;
+            pr[p] = pos[b];
+            nr[p] = sampling::rank_to_item(indices + start, deg,
+                                           sampling::draw_rank(key, static_cast<uint64_t>(p),
+                                                               free));
+          }
+        }
+      });
+    });
+    if (first_bad_row.load() < batch) {
+      const int64_t b = first_bad_row.load(), u = users[b];
+      report_bad_row(op, u, indptr[u], indptr[u + 1], nnz);
+    }
+    if (first_full.load() < batch) {
+      const int64_t b = first_full.load(), u = users[b];
+      report_no_negative(op, u, indptr[u + 1] - indptr[u], num_items);
+    }
+  }
+  const PairwiseBatch pairs{users_rep, pos_rep, neg, in.loss, in.reg};
+  return train_step_pairwise(tables, states, pairs, opt);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastmf
@@ -222,4 +300,6 @@ at::Tensor train_step_pairwise(const StepTables& tables_in, const StepTables& st
 TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
   m.impl("train_step_pairwise",
          &fastmf::train_step_pairwise_op<fastmf::cpu::train_step_pairwise>);
+  m.impl("train_step_pairwise_sampled",
+         &fastmf::train_step_pairwise_sampled_op<fastmf::cpu::train_step_pairwise_sampled>);
 }
