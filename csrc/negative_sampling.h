@@ -37,16 +37,17 @@ FASTMF_HOST_DEVICE int64_t draw_rank(uint64_t key, uint64_t pair, int64_t free) 
 // The rank-th (0-based) item outside the sorted row[0..deg): row[t] - t non-positives lie
 // below row[t]. Whatever the row holds, the result is rank + (a count in [0, deg]), so a
 // rank below num_items - deg always gives an item in [0, num_items).
+// Written without a data-dependent branch (the selects become conditional moves): the
+// comparisons are coin flips, and mispredicting them cost more than the loads.
 template <typename index_t>
 FASTMF_HOST_DEVICE int64_t rank_to_item(const index_t* row, int64_t deg, int64_t rank) {
-  int64_t lo = 0, hi = deg;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (static_cast<int64_t>(row[mid]) - mid <= rank) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
+  int64_t lo = 0, len = deg;
+  while (len > 0) {
+    const int64_t half = len >> 1;
+    const int64_t mid = lo + half;
+    const bool below = static_cast<int64_t>(row[mid]) - mid <= rank;
+    lo = below ? mid + 1 : lo;
+    len = below ? len - half - 1 : half;
   }
   return rank + lo;
 }
