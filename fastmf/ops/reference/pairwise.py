@@ -107,13 +107,12 @@ def sample_negatives(users, pos_indptr, pos_indices, num_items: int, num_negativ
     start = start.repeat_interleave(num_negatives)
     deg = deg.repeat_interleave(num_negatives)
     rank = (bits * (num_items - deg)) >> 32
-    # Binary search for the number of positives below the rank-th non-positive item.
+    # Binary search for the number of positives below the rank-th non-positive item, as
+    # many halvings as the longest row needs (one host sync, not one per level).
     lo = torch.zeros_like(rank)
     hi = deg.clone()
-    while True:
+    for _ in range(int(deg.max()).bit_length()):
         active = lo < hi
-        if not bool(active.any()):
-            break
         mid = (lo + hi) >> 1
         v = indices[torch.where(active, start + mid, 0)]
         below = v - mid <= rank
