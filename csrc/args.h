@@ -61,6 +61,17 @@ struct PairwiseBatch {
   double reg;
 };
 
+// train_step_pairwise_sampled's batch: the positives, the positives' CSR (user u's row is
+// pos_indices[pos_indptr[u], pos_indptr[u + 1])) and how many uniform negatives each
+// positive meets, drawn from (seed, step).
+struct SampledPairwiseBatch {
+  at::Tensor users, pos_items;          // (B,) each
+  at::Tensor pos_indptr, pos_indices;   // (U + 1,), (nnz,)
+  int64_t num_negatives, seed, step;
+  PairwiseLoss loss;
+  double reg;
+};
+
 // The settings of one exact sparse step of the embedding_bag family (sparse_update,
 // embedding_bag_backward_update; fastmf.ops.RowOptimizerArgs). `step` counts this step
 // (>= 1): Adam's bias correction and the stochastic-rounding counter read it.

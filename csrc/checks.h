@@ -324,6 +324,62 @@ inline void check_train_step_pairwise(const char* op, const StepTables& tables,
                              {"item_bias_state", adagrad ? &states.item_bias : &none}});
 }
 
+// train_step_pairwise_sampled (fastmf/ops/checks.py check_train_step_pairwise_sampled):
+// the tables and positives as train_step_pairwise, the CSR's structure and the counts. The
+// row pointers' values are checked by the kernels for the batch's users only (a full pass
+// over them every step would cost more than the step).
+inline void check_train_step_pairwise_sampled(const char* op, const StepTables& tables,
+                                              const StepTables& states,
+                                              const SampledPairwiseBatch& batch,
+                                              const OptimizerArgs& opt) {
+  TORCH_CHECK_VALUE(batch.num_negatives >= 1, "fastmf.", op, ": num_negatives must be >= 1, ",
+                    "got ", batch.num_negatives);
+  check_optimizer_args(op, opt);
+  check_setting(op, "reg", batch.reg);
+  check_mf_tables(op, batch.users, batch.pos_items, tables.user_factors, tables.item_factors,
+                  maybe(tables.user_bias), maybe(tables.item_bias));
+  check_id_dtype(op, "pos_indptr", batch.pos_indptr);
+  check_like_device(op, "pos_indptr", batch.pos_indptr, "user_factors", tables.user_factors);
+  check_id_dtype(op, "pos_indices", batch.pos_indices);
+  check_like_device(op, "pos_indices", batch.pos_indices, "user_factors", tables.user_factors);
+  const int64_t num_users = tables.user_factors.size(0);
+  const int64_t num_items = tables.item_factors.size(0);
+  TORCH_CHECK_VALUE(batch.pos_indptr.size(0) == num_users + 1, "fastmf.", op, ": pos_indptr has ",
+                    batch.pos_indptr.size(0), " entries, expected num_users + 1 = ",
+                    num_users + 1);
+  constexpr int64_t kMaxItems = (int64_t{1} << 31) - 1, kMaxPairs = (int64_t{1} << 30) - 1;
+  TORCH_CHECK_VALUE(num_items <= kMaxItems, "fastmf.", op, ": item_factors has ", num_items,
+                    " rows; sampling supports at most ", kMaxItems);
+  const int64_t b = batch.users.size(0);
+  TORCH_CHECK_VALUE(b <= kMaxPairs / batch.num_negatives, "fastmf.", op, ": ", b,
+                    " positives x ", batch.num_negatives, " negatives = ",
+                    b * batch.num_negatives, " pairs; at most ", kMaxPairs, " are supported");
+  check_states(op, tables, states, opt.optimizer);
+  const bool adagrad = opt.optimizer != Optimizer::kSgd;
+  const at::Tensor none;
+  check_separate_memory(op, {{"user_factors", &tables.user_factors},
+                             {"item_factors", &tables.item_factors},
+                             {"item_bias", &tables.item_bias},
+                             {"user_factors_state", adagrad ? &states.user_factors : &none},
+                             {"item_factors_state", adagrad ? &states.item_factors : &none},
+                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
+}
+
+// A row pointer the CSR cannot hold, or a user with no item left to sample: the ValueErrors
+// of fastmf/ops/reference/pairwise.py sample_negatives (the CUDA kernel records them, see
+// csrc/cuda/errors.cu).
+[[noreturn]] inline void report_bad_row(const char* op, int64_t user, int64_t start,
+                                        int64_t end, int64_t nnz) {
+  TORCH_CHECK_VALUE(false, "fastmf.", op, ": pos_indptr gives user ", user, " the row [", start,
+                    ", ", end, "), not an ordered range within [0, ", nnz,
+                    "] (len(pos_indices))");
+}
+[[noreturn]] inline void report_no_negative(const char* op, int64_t user, int64_t deg,
+                                            int64_t num_items) {
+  TORCH_CHECK_VALUE(false, "fastmf.", op, ": user ", user, " has ", deg, " positives of ",
+                    num_items, " items; no item is left to sample as a negative");
+}
+
 // mf_backward: the tables and ids as mf_forward, and grad_out (B,) like the weights.
 inline void check_mf_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& users,
                               const at::Tensor& items, const at::Tensor& user_factors,

@@ -67,6 +67,19 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor neg_items, "
       "int loss, float reg, int optimizer, float lr, float eps) -> Tensor");
+  // train_step_pairwise against num_negatives (>= 1) uniform negatives per positive, drawn
+  // in the op: negative k of sample b is uniform over the items outside user u's row
+  // pos_indices[pos_indptr[u]:pos_indptr[u + 1]] (sorted, distinct; CSR of the positives),
+  // counter-based in (seed, step, b * num_negatives + k), so the same on every backend and
+  // thread count (fastmf/ops/reference/pairwise.py sample_negatives). Then exactly
+  // train_step_pairwise with users and pos_items repeat_interleave'd num_negatives times.
+  m.def(
+      "train_step_pairwise_sampled(Tensor(a!) user_factors, Tensor(b!) item_factors, "
+      "Tensor(c!)? user_bias, Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, "
+      "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
+      "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
+      "Tensor pos_indices, int num_negatives, int seed, int step, int loss, float reg, "
+      "int optimizer, float lr, float eps) -> Tensor");
   // Exact top-k of item_bias[i] + <queries[b], item_factors[i]> per query: (scores (B, k),
   // indices (B, k) int64), best first, ties to the lower index; exclude_* is a CSR of items
   // to leave out per query, candidates restricts the items; short rows pad with -inf / -1.

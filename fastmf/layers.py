@@ -236,15 +236,28 @@ class MF(FactorTables, Recommender):
         raise ValueError(f"fastmf.fit: unknown optimizer {name!r}; use 'adagrad', "
                          "'rowwise_adagrad', 'sgd' or a fastmf.optim optimizer")
 
+    def draws_negatives(self, loss: str) -> bool:
+        """bpr with uniform negatives runs as one fused op per batch that draws them
+        (:func:`fastmf.step.train_step_pairwise_sampled`), where the backend has it."""
+        return loss == "bpr" and (self._backend != "native" or native.has_kernel(
+            self.user_factors.device, "train_step_pairwise_sampled"))
+
     def training_step(self, batch: Batch, optimizer, *, loss: str,
                       reg: float) -> tuple[Tensor, int]:
         """One fused step (:func:`fastmf.train_step`; :func:`fastmf.train_step_pairwise`
-        for bpr, each positive against each of its negatives)."""
-        from fastmf.step import train_step, train_step_pairwise
+        for bpr, each positive against each of its negatives, or
+        :func:`fastmf.step.train_step_pairwise_sampled` when the batch leaves the uniform
+        negatives to the step)."""
+        from fastmf.step import train_step, train_step_pairwise, train_step_pairwise_sampled
 
         u, i = batch.users, batch.items
         if loss not in IMPLICIT:
             return train_step(self, optimizer, u, i, batch.targets, loss=loss, reg=reg), len(u)
+        draw = batch.draw
+        if draw is not None and loss == "bpr":
+            return train_step_pairwise_sampled(
+                self, optimizer, u, i, draw.indptr, draw.indices, draw.num_negatives,
+                seed=draw.seed, step=draw.step, reg=reg), len(u) * draw.num_negatives
         neg = batch.negatives
         k = neg.shape[1]
         if loss == "bpr":

@@ -30,8 +30,8 @@ from fastmf.ops import checks
 from fastmf.ops.codes import Loss, PairwiseLoss, names
 
 __all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "KERNEL_LOSSES", "MODEL_LOSSES", "Batch",
-           "FactorTables", "Recommender", "loss_kind", "pairwise_loss", "pointwise_loss",
-           "warp_choice", "warp_loss", "warp_term"]
+           "FactorTables", "NegativeDraw", "Recommender", "loss_kind", "pairwise_loss",
+           "pointwise_loss", "warp_choice", "warp_loss", "warp_term"]
 
 # fit's loss names. The kernels' vocabulary (fastmf/ops/codes.py): the implicit ones (BCE
 # against sampled negatives, the pairwise losses) and the rating (explicit) ones. Then the
@@ -86,12 +86,26 @@ class FactorTables:
         return self.user_factors.shape[1]
 
 
+class NegativeDraw(NamedTuple):
+    """Uniform negatives left for the training step to draw (:class:`fastmf.MF` with bpr:
+    the fused ``train_step_pairwise_sampled`` op): ``num_negatives`` per positive against
+    the positives' CSR (``indptr``, ``indices``), from (``seed``, ``step``) — the same items
+    :meth:`fastmf.data.NegativeSampler.sample_step` returns."""
+
+    indptr: Tensor
+    indices: Tensor
+    num_negatives: int
+    seed: int
+    step: int
+
+
 class Batch(NamedTuple):
     """One training batch, as :meth:`Recommender.batches` yields it.
 
     ``users``/``items`` (B,) int64 (the positives for implicit losses); ``targets`` (B,)
     ratings for explicit losses; ``negatives`` (B, n) sampled items for implicit ones;
-    ``weights`` (B,) per-interaction confidence; ``timestamps`` (B,)."""
+    ``weights`` (B,) per-interaction confidence; ``timestamps`` (B,); ``draw`` instead of
+    ``negatives`` where the model's step samples them itself (:class:`NegativeDraw`)."""
 
     users: Tensor
     items: Tensor
@@ -99,6 +113,7 @@ class Batch(NamedTuple):
     negatives: Tensor | None = None
     weights: Tensor | None = None
     timestamps: Tensor | None = None
+    draw: NegativeDraw | None = None
 
 
 def loss_kind(loss: str) -> str:
@@ -410,15 +425,29 @@ class Recommender(nn.Module):
                 stamps = stamps.astype("datetime64[s]").astype(np.int64)
             timestamps = torch.from_numpy(np.array(stamps)).to(device)[order]  # a writable copy
         base = generator.initial_seed()
+        # Uniform negatives come from the counters of (epoch seed, batch number), as the
+        # fused sampled BPR step draws them, so every model sees the same ones.
+        uniform = implicit and sampler.distribution == "uniform"
+        fused = uniform and self.draws_negatives(loss)
+        csr = sampler.csr(device) if fused else None
         for b, lo in enumerate(range(0, n, batch_size)):
             u, i = users[lo:lo + batch_size], items[lo:lo + batch_size]
-            negatives = None
-            if implicit:
+            negatives = draw = None
+            if fused:
+                draw = NegativeDraw(*csr, num_negatives, base, b)
+            elif uniform:
+                negatives = sampler.sample_step(u, num_negatives, seed=base, step=b)
+            elif implicit:
                 negatives = sampler.sample(u, num_negatives, seed=seed_of(base, b))
                 negatives = torch.as_tensor(negatives, device=device)
             yield Batch(u, i, None if targets is None else targets[lo:lo + batch_size],
                         negatives, None,
-                        None if timestamps is None else timestamps[lo:lo + batch_size])
+                        None if timestamps is None else timestamps[lo:lo + batch_size], draw)
+
+    def draws_negatives(self, loss: str) -> bool:
+        """Whether :meth:`training_step` draws uniform negatives itself for ``loss``: then
+        :meth:`batches` hands it a :class:`NegativeDraw` instead of ``negatives``."""
+        return False
 
     def training_step(self, batch: Batch, optimizer, *, loss: str,
                       reg: float) -> tuple[Tensor, int]:

@@ -187,7 +187,9 @@ def fit(
       ``num_negatives`` sampled negatives) on the interactions (implicit);
       ``num_negatives`` defaults like ``lr`` (4, or the model's ``defaults``).
       Negatives exclude the user's training items; ``negative_distribution`` is
-      ``"uniform"`` or ``"popularity"``.
+      ``"uniform"`` or ``"popularity"``. Uniform negatives are counter-based in (seed,
+      epoch, batch, position), the same for every model, backend and thread count; MF with
+      bpr draws them inside its fused step (one kernel call per batch).
     - ``optimizer``: an optimizer over the model, or a name ``model.make_optimizer`` builds
       with ``lr`` (MF: ``"adagrad"`` (default), ``"rowwise_adagrad"``, ``"sgd"``; models on
       fastmf.nn tables also ``"adam"``, ``"rowwise_adam"``). ``epochs``, ``batch_size``,

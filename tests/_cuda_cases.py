@@ -440,6 +440,81 @@ def check_pairwise_bad_samples(target, what):
     target.check_errors()
 
 
+# ----------------------------------------------------------------------------------------
+# train_step_pairwise_sampled
+
+
+def make_positive_csr(num_users, num_items, *, seed, id_dtype=torch.int64):
+    """Sorted distinct positives per user: some users none, user 1 every item but one."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(num_users):
+        deg = 0 if u % 5 == 0 else int(rng.integers(1, num_items // 2))
+        if u == 1:
+            deg = num_items - 1
+        rows.append(np.sort(rng.choice(num_items, size=deg, replace=False)))
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    return (torch.from_numpy(indptr).to(id_dtype),
+            torch.from_numpy(np.concatenate(rows)).to(id_dtype))
+
+
+def sampled_step(target, tables, users, pos, csr, k, seed, step, reg, optimizer):
+    return target.ops.train_step_pairwise_sampled(
+        *tables, *target.to(users, pos, *csr), k, seed, step, BPR, reg,
+        optimizer_code(optimizer), LR, EPS)
+
+
+def run_pairwise_sampled(target, optimizer, batch, k, dtype=torch.float32,
+                         id_dtype=torch.int64, steps=2, num_users=80, num_items=40, dim=16):
+    """The step that draws its own negatives against the reference's: the negatives are
+    integer hashes, so the same items, and then the same step."""
+    p, q, bu, bi = make_tables(num_users, num_items, dim, dtype=dtype, seed=9)
+    expected = list(clone_all(p, q, bu, bi)) + list(make_states(optimizer, p, q, bu, bi))
+    got = list(target.to(*clone_all(*expected)))
+    csr = make_positive_csr(num_users, num_items, seed=10, id_dtype=id_dtype)
+    for step in range(steps):
+        users, pos, _ = make_triples(num_users, num_items, batch, seed=20 + step,
+                                     user_dtype=id_dtype, item_dtype=id_dtype)
+        tables, states, opt = reference_bundles(expected, optimizer)
+        exp_loss = reference.train_step_pairwise_sampled(tables, states, users, pos, *csr, k,
+                                                         -7, step, PairwiseLoss.BPR, 0.01, opt)
+        got_loss = sampled_step(target, got, users, pos, csr, k, -7, step, 0.01, optimizer)
+        assert got_loss.shape == () and got_loss.dtype == dtype
+        assert_close(got_loss, exp_loss, dtype)
+    target.check_errors()
+    for g, e in zip(got, expected, strict=False):
+        if e is not None:
+            assert_close(g, e, dtype)
+
+
+def check_pairwise_sampled_bad_rows(target, what):
+    """A user with every item among its positives, or a row past the end of pos_indices:
+    recorded (ValueError from check_errors), the pair left out, no NaN in the tables."""
+    clear_errors(target)
+    p, q, bu, bi = make_tables(30, 20, 8, seed=3)
+    indptr, indices = make_positive_csr(30, 20, seed=4)
+    users, pos, _ = make_triples(30, 20, 64, seed=5)
+    users[7] = 2
+    if what == "full":
+        start = int(indptr[2])
+        indices = torch.cat([indices[:start], torch.arange(20), indices[int(indptr[3]):]])
+        indptr = indptr.clone()
+        indptr[3:] += 20 - int(indptr[3] - indptr[2])
+        pattern = r"train_step_pairwise_sampled: user 2 has 20 positives of 20 items"
+    else:
+        indptr = indptr.clone()
+        indptr[3] = len(indices) + 5
+        pattern = r"train_step_pairwise_sampled: pos_indptr gives user \d+ the row"
+    tables = list(target.to(p, q, bu, bi)) + list(target.to(*make_states("adagrad", p, q, bu,
+                                                                           bi)))
+    sampled_step(target, tables, users, pos, (indptr, indices), 2, 0, 0, 0.01, "adagrad")
+    for t in tables:
+        assert torch.isfinite(t.cpu()).all()
+    with pytest.raises(ValueError, match=pattern):
+        target.check_errors()
+    target.check_errors()
+
+
 def check_pairwise_host_side_errors(target):
     """Errors that need no device data are raised by the op itself, as on the CPU."""
     p, q, bu, bi = target.to(*make_tables(10, 10, 8, seed=0))

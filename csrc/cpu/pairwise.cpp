@@ -1,4 +1,5 @@
-// The pairwise family on the CPU: train_step_pairwise, the fused BPR step
+// The pairwise family on the CPU: train_step_pairwise, the fused BPR step, and
+// train_step_pairwise_sampled, the same step drawing its uniform negatives first
 // (csrc/cuda/pairwise.cu on the GPU). Each sample b is (u, i, j), with
 //   x_b = b_i - b_j + <P[u], Q[i] - Q[j]>,   loss = mean_b softplus(-x_b) + reg term.
 //
@@ -20,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -27,6 +29,7 @@
 #include "../args.h"
 #include "../checks.h"
 #include "../codes.h"
+#include "../negative_sampling.h"
 #include "../ops.h"
 #include "common.h"
 #include "fused_step.h"
@@ -155,39 +158,34 @@ Workspace& workspace() {
   return ws;
 }
 
-// After the shared checks of the op boundary (csrc/ops.h).
-at::Tensor train_step_pairwise(const StepTables& tables_in, const StepTables& states,
-                               const PairwiseBatch& in, const OptimizerArgs& opt) {
+// The step on ws.users[0, B) and the positives ws.items[0, B): fill_negatives(dst) writes
+// the B negatives (in range) and returns true, or returns false to abandon the step
+// before anything is written. It runs on the thread that then groups the items, while
+// another groups the users, so drawing negatives there costs no extra parallel region.
+template <typename FillNegatives>
+bool run_pairwise(const StepTables& tables_in, const StepTables& states, Workspace& ws,
+                  int64_t batch, double reg, const OptimizerArgs& opt,
+                  FillNegatives&& fill_negatives, at::Tensor& result) {
   const at::Tensor& user_factors = tables_in.user_factors;
-  const at::Tensor& item_factors = tables_in.item_factors;
-  const at::Tensor& users = in.users;
-  const double reg = in.reg, lr = opt.lr, eps = opt.eps;
-  // The loss is BPR, the only pairwise loss so far: a second one would dispatch_code here.
-  TORCH_INTERNAL_ASSERT(in.loss == PairwiseLoss::kBpr);
-  const int64_t batch = users.size(0);
-  const int64_t num_items = item_factors.size(0);
-  Workspace& ws = workspace();
-  const TrimOnExit<Workspace> trim(ws);
-  load_ids(kOp, "users", users.contiguous(), user_factors.size(0), ws.users);
-  load_ids(kOp, kPosName, in.pos_items.contiguous(), num_items, ws.items);
-  load_ids(kOp, "neg_items", in.neg_items.contiguous(), num_items, ws.negatives);
-  if (batch == 0) return at::zeros({}, user_factors.options());
+  const int64_t num_items = tables_in.item_factors.size(0);
+  const double lr = opt.lr, eps = opt.eps;
   int64_t* items = scratch(ws.items, 2 * batch);
-  std::copy(ws.negatives.data(), ws.negatives.data() + batch, items + batch);
-
+  bool filled = true;
   at::parallel_for(0, 2, 1, [&](int64_t first, int64_t last) {
     for (int64_t side = first; side < last; ++side) {
       if (side == 0) {
         group_rows(ws.users.data(), batch, user_factors.size(0), ws.user_groups);
       } else {
-        group_rows(items, 2 * batch, num_items, ws.item_groups);
+        filled = fill_negatives(items + batch);
+        if (filled) group_rows(items, 2 * batch, num_items, ws.item_groups);
       }
     }
   });
+  if (!filled) return false;
 
   Tables tables(opt.optimizer, /*write_user_bias=*/false, tables_in, states);
   const int64_t dim = user_factors.size(1);
-  at::Tensor result = at::empty({}, user_factors.options());
+  result = at::empty({}, user_factors.options());
 
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
     using T = scalar_t;
@@ -212,6 +210,98 @@ at::Tensor train_step_pairwise(const StepTables& tables_in, const StepTables& st
   });
 
   tables.commit();
+  return true;
+}
+
+// After the shared checks of the op boundary (csrc/ops.h).
+at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& states,
+                               const PairwiseBatch& in, const OptimizerArgs& opt) {
+  // The loss is BPR, the only pairwise loss so far: a second one would dispatch_code here.
+  TORCH_INTERNAL_ASSERT(in.loss == PairwiseLoss::kBpr);
+  const int64_t batch = in.users.size(0);
+  const int64_t num_items = tables.item_factors.size(0);
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  load_ids(kOp, "users", in.users.contiguous(), tables.user_factors.size(0), ws.users);
+  load_ids(kOp, kPosName, in.pos_items.contiguous(), num_items, ws.items);
+  load_ids(kOp, "neg_items", in.neg_items.contiguous(), num_items, ws.negatives);
+  if (batch == 0) return at::zeros({}, tables.user_factors.options());
+  at::Tensor result;
+  run_pairwise(tables, states, ws, batch, in.reg, opt, [&](int64_t* dst) {
+    std::copy(ws.negatives.data(), ws.negatives.data() + batch, dst);
+    return true;
+  }, result);
+  return result;
+}
+
+// train_step_pairwise_sampled: the positives expanded to the B * K pairs (pair
+// p = b * K + k is sample b's k-th), then the step above, its negatives drawn
+// (negative_sampling.h) on the item-grouping thread. Each pair's draw depends only on
+// (seed, step, p), so nothing depends on the thread count.
+at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTables& states,
+                                       const SampledPairwiseBatch& in,
+                                       const OptimizerArgs& opt) {
+  constexpr const char* op = "train_step_pairwise_sampled";
+  TORCH_INTERNAL_ASSERT(in.loss == PairwiseLoss::kBpr);
+  const int64_t num_users = tables.user_factors.size(0);
+  const int64_t num_items = tables.item_factors.size(0);
+  const int64_t batch = in.users.size(0), k = in.num_negatives, pairs = batch * k;
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  // The batch's users go to ws.negatives, which run_pairwise does not use.
+  load_ids(op, "users", in.users.contiguous(), num_users, ws.negatives);
+  std::vector<int64_t> pos;
+  load_ids(op, kPosName, in.pos_items.contiguous(), num_items, pos);
+  if (batch == 0) return at::zeros({}, tables.user_factors.options());
+  int64_t* users = scratch(ws.users, pairs);
+  int64_t* items = scratch(ws.items, 2 * pairs);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < k; ++j) {
+      users[b * k + j] = ws.negatives[b];
+      items[b * k + j] = pos[b];
+    }
+  }
+  const at::Tensor indptr_t = in.pos_indptr.to(at::kLong).contiguous();
+  const at::Tensor indices_t = in.pos_indices.contiguous();
+  const int64_t* indptr = indptr_t.data_ptr<int64_t>();
+  const int64_t nnz = indices_t.size(0);
+  const uint64_t key = sampling::step_key(in.seed, in.step);
+  // The first bad sample of each kind, as the reference reports them (bad rows first).
+  int64_t first_bad_row = batch, first_full = batch;
+  at::Tensor result;
+  AT_DISPATCH_INDEX_TYPES(indices_t.scalar_type(), "fastmf.train_step_pairwise_sampled", [&] {
+    const index_t* indices = indices_t.data_ptr<index_t>();
+    run_pairwise(tables, states, ws, pairs, in.reg, opt, [&](int64_t* neg) {
+      for (int64_t b = 0; b < batch; ++b) {
+        const int64_t u = users[b * k];
+        const int64_t start = indptr[u], stop = indptr[u + 1];
+        if (start < 0 || stop < start || stop > nnz) {
+          first_bad_row = std::min(first_bad_row, b);
+          continue;
+        }
+        const int64_t deg = stop - start;
+        if (deg >= num_items) {
+          first_full = std::min(first_full, b);
+          continue;
+        }
+        const index_t* row = indices + start;
+        for (int64_t j = 0; j < k; ++j) {
+          const uint64_t p = static_cast<uint64_t>(b * k + j);
+          neg[b * k + j] = sampling::rank_to_item(
+              row, deg, sampling::draw_rank(key, p, num_items - deg));
+        }
+      }
+      return first_bad_row == batch && first_full == batch;
+    }, result);
+  });
+  if (first_bad_row < batch) {
+    const int64_t u = users[first_bad_row * k];
+    report_bad_row(op, u, indptr[u], indptr[u + 1], nnz);
+  }
+  if (first_full < batch) {
+    const int64_t u = users[first_full * k];
+    report_no_negative(op, u, indptr[u + 1] - indptr[u], num_items);
+  }
   return result;
 }
 
@@ -222,4 +312,6 @@ at::Tensor train_step_pairwise(const StepTables& tables_in, const StepTables& st
 TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
   m.impl("train_step_pairwise",
          &fastmf::train_step_pairwise_op<fastmf::cpu::train_step_pairwise>);
+  m.impl("train_step_pairwise_sampled",
+         &fastmf::train_step_pairwise_sampled_op<fastmf::cpu::train_step_pairwise_sampled>);
 }

@@ -70,6 +70,7 @@ const char* op_name(int op) {
     case kOpEmbeddingBagBackward: return "embedding_bag_backward";
     case kOpSparseUpdate: return "sparse_update";
     case kOpEmbeddingBagBackwardUpdate: return "embedding_bag_backward_update";
+    case kOpTrainStepPairwiseSampled: return "train_step_pairwise_sampled";
     default: return "unknown op";
   }
 }
@@ -117,6 +118,14 @@ void check_device_errors(int64_t device) {
   TORCH_CHECK_VALUE(arg != kArgIndptrOrder, "fastmf.", op_name(op),
                     ": exclude_indptr must be non-decreasing, got ", host.value, " then ",
                     host.limit, " at query ", host.position);
+  // csrc/checks.h report_bad_row (without the length of pos_indices, which the record
+  // has no room for) and report_no_negative.
+  TORCH_CHECK_VALUE(arg != kArgPosRow, "fastmf.", op_name(op), ": pos_indptr gives user ",
+                    host.position, " the row [", host.value, ", ", host.limit,
+                    "), not an ordered range within [0, len(pos_indices)]");
+  TORCH_CHECK_VALUE(arg != kArgNoNegative, "fastmf.", op_name(op), ": user ", host.value,
+                    " has ", host.position, " positives of ", host.limit,
+                    " items; no item is left to sample as a negative");
   // The messages of csrc/checks.h check_offsets_values.
   TORCH_CHECK_VALUE(arg != kArgOffsetsStart, "fastmf.", op_name(op),
                     ": offsets must start at 0, got offsets[0] = ", host.value);

@@ -551,6 +551,37 @@ class NegativeSampler:
                 self._raise_short(user, free, k, replace, weighted=True)
         return torch.from_numpy(out).to(device) if as_torch else out
 
+    def csr(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positives' CSR as int64 tensors on ``device`` (``(indptr (U+1,), indices)``,
+        rows sorted and distinct): what ``train_step_pairwise_sampled`` draws against.
+        Moved once per device and kept."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        cache = self.__dict__.setdefault("_csr_tensors", {})
+        if device not in cache:
+            cache[device] = (torch.from_numpy(self._indptr).to(device),
+                             torch.from_numpy(self._indices).to(device))
+        return cache[device]
+
+    def sample_step(self, users: torch.Tensor, num_negatives: int, *, seed: int,
+                    step: int) -> torch.Tensor:
+        """(len(users), num_negatives) int64 uniform negatives, the ones the fused
+        ``train_step_pairwise_sampled`` op draws for the same (``seed``, ``step``): entry
+        (b, k) from the counter b * num_negatives + k (see
+        :func:`fastmf.ops.reference.pairwise.sample_negatives`), so a training loop that
+        samples here and one that lets the op sample see the same negatives. Uniform
+        distribution only; on ``users``' device."""
+        if self.weights is not None:
+            raise ValueError("fastmf.NegativeSampler.sample_step: draws uniform negatives "
+                             f"only; this sampler's distribution is {self.distribution!r}")
+        device = users.device
+        indptr, indices = self.csr(device)
+        if device.type == "cpu":
+            from fastmf.ops.numba.pairwise import sample_negatives as draw
+        else:
+            from fastmf.ops.reference.pairwise import sample_negatives as draw
+        return draw(users, indptr, indices, self.num_items, int(num_negatives), int(seed),
+                    int(step), "NegativeSampler.sample_step")
+
     def _raise_short(self, user: int, free: int, k: int, replace: bool,
                      weighted: bool = False) -> None:
         what = "non-interacted items with nonzero weight" if weighted else "non-interacted items"

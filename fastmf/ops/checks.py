@@ -284,6 +284,54 @@ def check_train_step_pairwise(op, tables, states, users, pos_items, neg_items, l
     check_separate(op, *pairwise_written(tables, states))
 
 
+# train_step_pairwise_sampled draws ranks below the item count with 32 random bits, and
+# expands B positives into B * num_negatives pairs held in int32 positions (as
+# train_step_pairwise's at most 2^30 - 1 samples).
+MAX_SAMPLED_ITEMS = (1 << 31) - 1
+MAX_PAIRWISE_SAMPLES = (1 << 30) - 1
+
+
+def check_int(op: str, name: str, value, low: int | None = None) -> int:
+    """``value`` is an int (not a bool) in int64's range, and >= ``low`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"fastmf.{op}: {name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"fastmf.{op}: {name} must fit in int64, got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"fastmf.{op}: {name} must be >= {low}, got {value}")
+    return value
+
+
+def check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
+                                      pos_indices, num_negatives, seed, step, loss,
+                                      optimizer):
+    """Checks of train_step_pairwise_sampled (``loss``/``optimizer`` are codes), short of
+    the row pointers' values, which the sampling checks for the batch's users."""
+    check_code(op, PairwiseLoss, loss, "pairwise loss")
+    check_step_optimizer(op, optimizer)
+    num_negatives = check_int(op, "num_negatives", num_negatives, 1)
+    check_int(op, "seed", seed)
+    check_int(op, "step", step)
+    check_mf_inputs(op, users, pos_items, *tables)
+    for name, t in (("pos_indptr", pos_indptr), ("pos_indices", pos_indices)):
+        check_ids(op, name, t, None)
+        check_same_device(op, "user_factors", tables[0], **{name: t})
+    num_users, num_items = tables[0].shape[0], tables[1].shape[0]
+    if pos_indptr.shape[0] != num_users + 1:
+        raise ValueError(f"fastmf.{op}: pos_indptr has {pos_indptr.shape[0]} entries, "
+                         f"expected num_users + 1 = {num_users + 1}")
+    if num_items > MAX_SAMPLED_ITEMS:
+        raise ValueError(f"fastmf.{op}: item_factors has {num_items} rows; sampling supports "
+                         f"at most {MAX_SAMPLED_ITEMS}")
+    if users.shape[0] * num_negatives > MAX_PAIRWISE_SAMPLES:
+        raise ValueError(f"fastmf.{op}: {users.shape[0]} positives x {num_negatives} "
+                         f"negatives = {users.shape[0] * num_negatives} pairs; at most "
+                         f"{MAX_PAIRWISE_SAMPLES} are supported")
+    check_states(op, tables, states, optimizer)
+    check_separate(op, *pairwise_written(tables, states))
+
+
 def check_k(op: str, k) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer):
         raise TypeError(f"fastmf.{op}: k must be an int, got {type(k).__name__}")

@@ -29,6 +29,7 @@ __all__ = [
     "sparse_sgd_update",
     "train_step",
     "train_step_pairwise",
+    "train_step_pairwise_sampled",
     "scatter_rows",
     "check_device_errors",
     "embedding_bag_forward",
@@ -122,6 +123,25 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users: Tensor
             *_flat(tables, states), users, pos_items, neg_items,
             int(parse(PairwiseLoss, loss, "train_step_pairwise", "pairwise loss")), float(reg),
             int(parse(Optimizer, optimizer.optimizer, "train_step_pairwise", "optimizer")),
+            float(optimizer.lr), float(optimizer.eps))
+    _written(*_flat(tables, states))
+    return loss_value
+
+
+def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users: Tensor,
+                                pos_items: Tensor, pos_indptr: Tensor, pos_indices: Tensor,
+                                num_negatives: int, seed: int, step: int,
+                                loss: PairwiseLoss | int | str, reg: float,
+                                optimizer: OptimizerArgs) -> Tensor:
+    """Fused pairwise (BPR) step on uniform negatives it draws; returns the loss (0-d). See
+    :func:`fastmf.ops.reference.pairwise.train_step_pairwise_sampled`."""
+    op = "train_step_pairwise_sampled"
+    with torch.no_grad():
+        loss_value = torch.ops.fastmf.train_step_pairwise_sampled.default(
+            *_flat(tables, states), users, pos_items, pos_indptr, pos_indices,
+            int(num_negatives), int(seed), int(step),
+            int(parse(PairwiseLoss, loss, op, "pairwise loss")), float(reg),
+            int(parse(Optimizer, optimizer.optimizer, op, "optimizer")),
             float(optimizer.lr), float(optimizer.eps))
     _written(*_flat(tables, states))
     return loss_value
@@ -248,8 +268,12 @@ def _has_kernel(device_type: str, op: str) -> bool:
     # Registrations are fixed once the extension is loaded; the dispatcher query costs a few
     # microseconds, which every step would otherwise pay.
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastmf::{op}", key)
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmf::{op}", key)
+    except RuntimeError:  # an extension built before the op existed
+        return False
 
 
 def topk_scores(
@@ -305,6 +329,13 @@ if native_available():
     @torch.library.register_fake("fastmf::train_step_pairwise")
     def _train_step_pairwise_fake(user_factors, *args):
         return user_factors.new_empty(())
+
+    # An extension built before this op lacks it; everything else still works.
+    if hasattr(torch.ops.fastmf, "train_step_pairwise_sampled"):
+
+        @torch.library.register_fake("fastmf::train_step_pairwise_sampled")
+        def _train_step_pairwise_sampled_fake(user_factors, *args):
+            return user_factors.new_empty(())
 
     def _mf_forward_setup(ctx, inputs, output):
         users, items, user_factors, item_factors, user_bias, item_bias, _ = inputs

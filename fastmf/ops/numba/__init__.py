@@ -9,7 +9,7 @@ from fastmf.ops.numba.embedding_bag import (
     embedding_bag_forward,
     sparse_update,
 )
-from fastmf.ops.numba.pairwise import train_step_pairwise
+from fastmf.ops.numba.pairwise import train_step_pairwise, train_step_pairwise_sampled
 from fastmf.ops.numba.pointwise import (
     mf_backward,
     mf_forward,
@@ -24,4 +24,4 @@ NAME = "numba"
 __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
            "embedding_bag_forward", "mf_backward", "mf_forward", "sparse_adagrad_update",
            "sparse_sgd_update", "sparse_update", "topk_scores", "train_step",
-           "train_step_pairwise"]
+           "train_step_pairwise", "train_step_pairwise_sampled"]

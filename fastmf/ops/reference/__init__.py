@@ -8,7 +8,7 @@ from fastmf.ops.reference.embedding_bag import (
     embedding_bag_forward,
     sparse_update,
 )
-from fastmf.ops.reference.pairwise import train_step_pairwise
+from fastmf.ops.reference.pairwise import train_step_pairwise, train_step_pairwise_sampled
 from fastmf.ops.reference.pointwise import (
     mf_backward,
     mf_forward,
@@ -23,4 +23,4 @@ NAME = "reference"
 __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
            "embedding_bag_forward", "mf_backward", "mf_forward", "sparse_adagrad_update",
            "sparse_sgd_update", "sparse_update", "topk_scores", "train_step",
-           "train_step_pairwise"]
+           "train_step_pairwise", "train_step_pairwise_sampled"]

@@ -1,0 +1,349 @@
+"""``train_step_pairwise_sampled``: the fused BPR step drawing its own uniform negatives, on
+every backend and device, against the spec (``fastmf.ops.reference``).
+
+The negatives are integer counter hashes, so every backend must draw exactly the items of
+``fastmf.ops.reference.pairwise.sample_negatives``; given them, the step must be
+``train_step_pairwise`` on the repeated positives (same backend, bit for bit). Also: no
+negative is ever a positive of its user, the draws are uniform over the rest, the results do
+not depend on the thread count, and bad inputs raise the same errors everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import fastmf
+from fastmf import ops
+from fastmf.data import Interactions, NegativeSampler
+from fastmf.ops import MFTables, Optimizer, OptimizerArgs, PairwiseLoss
+from fastmf.ops import reference as spec
+from fastmf.ops.codes import STEP_OPTIMIZERS
+from fastmf.ops.reference.pairwise import sample_negatives
+from fastmf.testing import (
+    CHECKED_KERNELS,
+    ID_DTYPES,
+    KERNELS,
+    WEIGHT_DTYPES,
+    assert_bit_identical,
+    assert_close_all,
+    clone_all,
+    clone_bundle,
+    idfn,
+    kernel_params,
+    make_states,
+    make_tables,
+    num_threads,
+    single_threaded,
+    to_device,
+    zipf_ids,
+)
+
+NUM_USERS, NUM_ITEMS, DIM = 300, 60, 13
+BPR = PairwiseLoss.BPR
+THREADED_BACKENDS = kernel_params(("numba", "native"), ("cpu",))
+ALL_CPU = kernel_params(devices=("cpu",), spec_on_cpu=True)
+
+
+def settings(optimizer, lr=0.05, eps=1e-8) -> OptimizerArgs:
+    return OptimizerArgs(optimizer, lr, eps)
+
+
+def make_csr(num_users, num_items, *, seed, max_degree=None, id_dtype=torch.int64):
+    """The positives' CSR: each user a random sorted set of distinct items (some users
+    none, some almost all but a few), as (indptr, indices)."""
+    rng = np.random.default_rng(seed)
+    top = num_items - 1 if max_degree is None else max_degree
+    rows = []
+    for u in range(num_users):
+        deg = 0 if u % 11 == 0 else int(rng.integers(1, top + 1))
+        rows.append(np.sort(rng.choice(num_items, size=deg, replace=False)))
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    indices = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return (torch.from_numpy(indptr).to(id_dtype), torch.from_numpy(indices).to(id_dtype))
+
+
+def make_batch(batch, *, seed, id_dtype=torch.int64):
+    rng = np.random.default_rng(seed)
+    users = zipf_ids(NUM_USERS, batch, generator=rng, dtype=id_dtype)
+    pos = zipf_ids(NUM_ITEMS, batch, generator=rng, dtype=id_dtype)
+    return users, pos
+
+
+def run_sampled(backend, device, tables, states, users, pos, csr, k, seed, step, reg,
+                optimizer):
+    got = to_device((clone_bundle(tables), clone_bundle(states)), device)
+    value = ops.kernels(backend, device, kernel="train_step_pairwise_sampled")\
+        .train_step_pairwise_sampled(*got, *to_device((users, pos, *csr), device), k, seed,
+                                     step, BPR, reg, optimizer)
+    return value, got
+
+
+# ---------------------------------------------------------------------------------------
+# The draws
+
+
+@pytest.mark.parametrize("batch", [1, 7, 4096])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+def test_negatives_are_never_positives(batch, id_dtype):
+    indptr, indices = make_csr(NUM_USERS, NUM_ITEMS, seed=batch, id_dtype=id_dtype)
+    users, _ = make_batch(batch, seed=batch + 1, id_dtype=id_dtype)
+    neg = sample_negatives(users, indptr, indices, NUM_ITEMS, 5, seed=-3, step=9)
+    assert neg.shape == (batch, 5) and neg.dtype == torch.int64
+    assert int(neg.min()) >= 0 and int(neg.max()) < NUM_ITEMS
+    for b in range(batch):
+        u = int(users[b])
+        row = set(indices[int(indptr[u]):int(indptr[u + 1])].tolist())
+        assert not row & set(neg[b].tolist()), (b, u)
+    # The draws move with the seed and the step.
+    if batch > 1:
+        assert not torch.equal(neg, sample_negatives(users, indptr, indices, NUM_ITEMS, 5,
+                                                     seed=-3, step=10))
+        assert not torch.equal(neg, sample_negatives(users, indptr, indices, NUM_ITEMS, 5,
+                                                     seed=4, step=9))
+
+
+def test_uniform_over_the_non_positives():
+    """Chi-square over the free items of one user with a few positives, and of one who has
+    all but three items."""
+    num_items = 50
+    for row in ([3, 17, 18, 40], [t for t in range(num_items) if t not in (0, 25, 49)]):
+        indptr = torch.tensor([0, len(row)])
+        indices = torch.tensor(row)
+        draws = sample_negatives(torch.zeros(20_000, dtype=torch.long), indptr, indices,
+                                 num_items, 3, seed=12345, step=2).reshape(-1)
+        counts = torch.bincount(draws, minlength=num_items).double()
+        assert counts[row].sum() == 0
+        free = counts[[t for t in range(num_items) if t not in row]]
+        expected = draws.numel() / free.numel()
+        chi2 = float(((free - expected) ** 2 / expected).sum())
+        dof = free.numel() - 1
+        # Mean dof, sd sqrt(2 dof): 5 sd is a false alarm once in millions of runs.
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)
+
+
+@pytest.mark.parametrize("backend, device", kernel_params(("numba", "native"), ("cpu",)))
+def test_sampler_draws_the_op_negatives(backend, device):
+    """NegativeSampler.sample_step (the unfused training path) draws the op's items, so a
+    model trained either way sees the same negatives."""
+    rng = np.random.default_rng(5)
+    train = Interactions(zipf_ids(40, 500, generator=rng).numpy(),
+                         zipf_ids(30, 500, generator=rng).numpy(), user_map=40, item_map=30)
+    sampler = NegativeSampler(train)
+    users = zipf_ids(40, 257, generator=rng)
+    indptr, indices = sampler.csr()
+    got = sampler.sample_step(users, 3, seed=77, step=5)
+    want = sample_negatives(users, indptr, indices, 30, 3, seed=77, step=5)
+    assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# The step: the spec, and train_step_pairwise on the reconstructed negatives
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("optimizer", list(STEP_OPTIMIZERS), ids=idfn)
+@pytest.mark.parametrize("batch", [0, 1, 7, 4096])
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_matches_reference(backend, device, id_dtype, dtype, batch, optimizer, bias):
+    seed = batch + 10 * int(optimizer)
+    k = 1 + batch % 4
+    tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, bias=bias, seed=seed)
+    states = make_states(tables, optimizer, seed=seed + 1)
+    csr = make_csr(NUM_USERS, NUM_ITEMS, seed=seed + 2, id_dtype=id_dtype)
+    users, pos = make_batch(batch, seed=seed + 3, id_dtype=id_dtype)
+    reg = 0.03
+    value, got = run_sampled(backend, device, tables, states, users, pos, csr, k, 11, 3, reg,
+                             settings(optimizer))
+    want = (clone_bundle(tables), clone_bundle(states))
+    expected = single_threaded(spec.train_step_pairwise_sampled, *want, users, pos, *csr, k,
+                               11, 3, BPR, reg, settings(optimizer))
+    assert value.shape == () and value.dtype == dtype and value.device.type == device
+    assert_close_all(value, expected, dtype)
+    assert_close_all(got, want, dtype)
+    if batch == 0:
+        assert float(value) == 0.0
+        assert_bit_identical(to_device(got, "cpu"), (tables, states))
+    else:
+        assert not torch.equal(got[0].item_factors.cpu(), tables.item_factors)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
+def test_is_train_step_pairwise_on_the_drawn_negatives(backend, device, dtype):
+    tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, seed=21)
+    states = make_states(tables, Optimizer.ADAGRAD, seed=22)
+    csr = make_csr(NUM_USERS, NUM_ITEMS, seed=23)
+    users, pos = make_batch(999, seed=24)
+    k = 4
+    value, got = run_sampled(backend, device, tables, states, users, pos, csr, k, 2**40 + 1,
+                             17, 0.01, settings(Optimizer.ADAGRAD))
+    neg = sample_negatives(users, *csr, NUM_ITEMS, k, 2**40 + 1, 17)
+    want = to_device((clone_bundle(tables), clone_bundle(states)), device)
+    expected = ops.kernels(backend, device).train_step_pairwise(
+        *want, *to_device((users.repeat_interleave(k), pos.repeat_interleave(k),
+                           neg.reshape(-1)), device), BPR, 0.01, settings(Optimizer.ADAGRAD))
+    assert_bit_identical((value, got), (expected, want))
+
+
+def run_steps(backend, device, dtype):
+    tables = make_tables(5_000, 2_000, 64, dtype=dtype, seed=11)
+    states = make_states(tables, Optimizer.ADAGRAD, seed=12)
+    tables, states = to_device((tables, states), device)
+    csr = to_device(make_csr(5_000, 2_000, seed=13, max_degree=300), device)
+    kernels = ops.kernels(backend, device, kernel="train_step_pairwise_sampled")
+    losses = []
+    rng = np.random.default_rng(14)
+    for step in range(3):
+        users = zipf_ids(5_000, 4096, generator=rng, device=device)
+        pos = zipf_ids(2_000, 4096, generator=rng, device=device)
+        losses.append(kernels.train_step_pairwise_sampled(
+            tables, states, users, pos, *csr, 2, 99, step, BPR, 0.01,
+            settings(Optimizer.ADAGRAD)))
+    return losses, tables, states
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", THREADED_BACKENDS)
+def test_bit_identical_across_thread_counts(backend, device, dtype):
+    with num_threads(backend, 2):
+        two = run_steps(backend, device, dtype)
+    with num_threads(backend, 1):
+        one = run_steps(backend, device, dtype)
+    assert_bit_identical(one, two)
+    assert not torch.equal(one[1].item_factors.cpu(),
+                           make_tables(5_000, 2_000, 64, dtype=dtype, seed=11).item_factors)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad inputs: the same exception and message on every backend, nothing written
+
+OP = "fastmf.train_step_pairwise_sampled: "
+
+
+def bad_cases():
+    tables = make_tables(20, 10, 4, seed=0)
+    states = make_states(tables, Optimizer.ADAGRAD, seed=1)
+    indptr, indices = make_csr(20, 10, seed=2, max_degree=6)
+    users = torch.tensor([3, 1, 4, 1, 5, 9])
+    pos = torch.tensor([2, 7, 1, 8, 2, 8])
+
+    def with_value(ids, at, value):
+        ids = ids.clone()
+        ids[at] = value
+        return ids
+
+    # User 5's row made to hold all ten items; user 4's pointer past the end.
+    full_indptr = indptr.clone()
+    full_indptr[6:] += 10 - int(indptr[6] - indptr[5])
+    full_indices = torch.cat([indices[:int(indptr[5])], torch.arange(10),
+                              indices[int(indptr[6]):]])
+    good = dict(P=tables[0], Q=tables[1], bu=tables[2], bi=tables[3], Ps=states[0],
+                Qs=states[1], bus=states[2], bis=states[3], users=users, pos=pos,
+                indptr=indptr, indices=indices, k=3, loss=BPR, opt=Optimizer.ADAGRAD)
+    n = int(indptr[-1])
+    cases = {
+        "user out of range": (dict(users=with_value(users, 2, 20)), IndexError,
+                              re.escape(OP + "users id 20 out of range [0, 20)")),
+        "pos out of range": (dict(pos=with_value(pos, 0, -1)), IndexError,
+                             re.escape(OP + "items id -1 out of range [0, 10)")),
+        "no negatives": (dict(k=0), ValueError,
+                         re.escape(OP + "num_negatives must be >= 1, got 0")),
+        "indptr length": (dict(indptr=indptr[:-1]), ValueError,
+                          re.escape(OP + "pos_indptr has 20 entries, expected "
+                                    "num_users + 1 = 21")),
+        "indptr dtype": (dict(indptr=indptr.float()), TypeError,
+                         "pos_indptr must be int32 or int64"),
+        "indices 2-D": (dict(indices=indices[:n - n % 2].view(2, -1)), ValueError,
+                        "pos_indices must be 1-D"),
+        "indptr past the end": (dict(indptr=with_value(indptr, 5, n + 3)), ValueError,
+                                re.escape(OP + f"pos_indptr gives user 4 the row "
+                                          f"[{int(indptr[4])}, {n + 3}), not an ordered "
+                                          f"range within [0, {n}] (len(pos_indices))")),
+        "user with every item": (dict(indptr=full_indptr, indices=full_indices), ValueError,
+                                 re.escape(OP + "user 5 has 10 positives of 10 items; no "
+                                           "item is left to sample as a negative")),
+        "lengths": (dict(pos=pos[:5]), ValueError, "lengths differ"),
+        "optimizer code": (dict(opt=3), ValueError, "unknown optimizer code 3"),
+        "loss code": (dict(loss=1), ValueError, "unknown pairwise loss code 1"),
+    }
+    return good, cases
+
+
+BAD_CASES = list(bad_cases()[1])
+
+
+def call_bad(backend, device, case):
+    good, cases = bad_cases()
+    change, exc, pattern = cases[case]
+    args = {key: to_device(v, device) if isinstance(v, torch.Tensor) else v
+            for key, v in {**good, **change}.items()}
+    tables = MFTables(*(args[key] for key in ("P", "Q", "bu", "bi")))
+    states = MFTables(*(args[key] for key in ("Ps", "Qs", "bus", "bis")))
+    before = clone_all(*tables, *states)
+    kernels = ops.kernels(backend, device, kernel="train_step_pairwise_sampled")
+    with pytest.raises(exc, match=pattern) as info:
+        kernels.train_step_pairwise_sampled(
+            tables, states, args["users"], args["pos"], args["indptr"], args["indices"],
+            args["k"], 5, 6, args["loss"], 0.01, settings(args["opt"], lr=0.1))
+    for t, b in zip(tables + states, before):
+        assert t is None or torch.equal(t, b), "a failed call must not write"
+    return str(info.value)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+@pytest.mark.parametrize("backend, device", CHECKED_KERNELS)
+def test_bad_inputs(backend, device, case):
+    call_bad(backend, device, case)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_CASES if "dtype" not in c and "2-D" not in c])
+def test_bad_input_messages_agree(case):
+    names = ops.available_backends()
+    if len(names) < 2:
+        pytest.skip("needs a backend besides the reference")
+    first = {name: call_bad(name, "cpu", case).splitlines()[0] for name in names}
+    assert len(set(first.values())) == 1, first
+
+
+# ---------------------------------------------------------------------------------------
+# fastmf.fit: MF with bpr runs the sampled op and sees the same negatives as the unfused path
+
+
+@pytest.mark.parametrize("backend, device", ALL_CPU)
+def test_fit_mf_bpr_uses_the_sampled_step(backend, device, monkeypatch):
+    rng = np.random.default_rng(8)
+    train = Interactions(zipf_ids(60, 1500, generator=rng).numpy(),
+                         zipf_ids(40, 1500, generator=rng).numpy(), user_map=60, item_map=40)
+
+    def fit(sampled: bool):
+        torch.manual_seed(0)
+        model = fastmf.MF(60, 40, dim=8, backend=backend)
+        if not sampled:
+            monkeypatch.setattr(model, "draws_negatives", lambda loss: False)
+        history = fastmf.fit(model, train, loss="bpr", epochs=2, batch_size=256, seed=3,
+                             num_negatives=2, progress=False)
+        return model, history
+
+    calls = []
+    original = ops.kernels
+
+    def spy(*args, **kwargs):
+        module = original(*args, **kwargs)
+        calls.append(kwargs.get("kernel"))
+        return module
+
+    monkeypatch.setattr(ops, "kernels", spy)
+    fused, fused_history = fit(True)
+    assert "train_step_pairwise_sampled" in calls
+    calls.clear()
+    unfused, unfused_history = fit(False)
+    assert "train_step_pairwise_sampled" not in calls
+    assert fused_history["loss"] == pytest.approx(unfused_history["loss"], rel=1e-6)
+    assert_close_all(tuple(fused.tables()), tuple(unfused.tables()), torch.float32)
+    assert fused_history["loss"][1] < fused_history["loss"][0]
