@@ -136,11 +136,12 @@ class _Tower(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, p: Tensor, q: Tensor, h: Tensor, c: Tensor, *params: Tensor) -> Tensor:
+    def forward(ctx, p: Tensor, q: Tensor, user_index: Tensor | None, item_index: Tensor | None,
+                h: Tensor, c: Tensor, *params: Tensor) -> Tensor:
         d = p.shape[-1]
         w1, b1 = params[0], params[1]
-        z = F.linear(q, w1[:, d:])
-        zu = F.linear(p, w1[:, :d], b1)
+        z = _side(q, w1[:, d:], None, item_index)
+        zu = _side(p, w1[:, :d], b1, user_index)
         z = z.add_(zu) if z.shape == torch.broadcast_shapes(z.shape, zu.shape) else z + zu
         acts = [z.relu_()]
         for i in range(2, len(params), 2):
@@ -148,6 +149,7 @@ class _Tower(torch.autograd.Function):
         out = torch.matmul(acts[-1], h.reshape(-1)).add_(c.reshape(()))
         ctx.save_for_backward(p, q, h, *params, *acts)
         ctx.num_params, ctx.bias_shape = len(params), c.shape
+        ctx.user_index, ctx.item_index = user_index, item_index
         return out
 
     @staticmethod
@@ -156,40 +158,82 @@ class _Tower(torch.autograd.Function):
         p, q, h = saved[:3]
         params, acts = saved[3:3 + ctx.num_params], saved[3 + ctx.num_params:]
         needs = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * (4 + len(params))
+        grads: list[Tensor | None] = [None] * (6 + len(params))
         last = acts[-1]
-        width = last.shape[-1]
         flat = grad.reshape(-1)
-        if needs[2]:
-            grads[2] = (flat @ last.reshape(-1, width)).reshape(h.shape)
-        if needs[3]:
-            grads[3] = flat.sum().reshape(ctx.bias_shape)
+        if needs[4]:
+            grads[4] = (flat @ last.reshape(-1, last.shape[-1])).reshape(h.shape)
+        if needs[5]:
+            grads[5] = flat.sum().reshape(ctx.bias_shape)
         gz = grad.unsqueeze(-1) * h.reshape(-1)
         for layer in range(len(acts) - 1, -1, -1):
             gz = _relu_backward_(gz, acts[layer])
-            w = params[2 * layer]
             g2 = gz.reshape(-1, gz.shape[-1])
-            if needs[4 + 2 * layer + 1]:
-                grads[4 + 2 * layer + 1] = g2.sum(0)
+            if needs[6 + 2 * layer + 1]:
+                grads[6 + 2 * layer + 1] = g2.sum(0)
             if layer == 0:
                 break
-            if needs[4 + 2 * layer]:
-                grads[4 + 2 * layer] = g2.t() @ acts[layer - 1].reshape(-1, w.shape[1])
+            w = params[2 * layer]
+            if needs[6 + 2 * layer]:
+                grads[6 + 2 * layer] = g2.t() @ acts[layer - 1].reshape(-1, w.shape[1])
             gz = gz @ w
-        # The first layer: each side's gradient summed over the pairs it was broadcast to.
-        w1 = params[0]
-        d = p.shape[-1]
-        width = gz.shape[-1]
-        gq = gz.sum_to_size(*q.shape[:-1], width)
-        gp = gz.sum_to_size(*p.shape[:-1], width)
-        if needs[4]:
-            gq2, gp2 = gq.reshape(-1, width), gp.reshape(-1, width)
-            grads[4] = torch.cat([gp2.t() @ p.reshape(-1, d), gq2.t() @ q.reshape(-1, d)], 1)
+        # The first layer: each side's gradient summed over the pairs it was broadcast (or
+        # gathered) to, then through its half of W_1.
+        w1, d = params[0], p.shape[-1]
+        gq = _side_grad(gz, q, ctx.item_index)
+        gp = _side_grad(gz, p, ctx.user_index)
+        if needs[6]:
+            width = gz.shape[-1]
+            grads[6] = torch.cat([gp.reshape(-1, width).t() @ p.reshape(-1, d),
+                                  gq.reshape(-1, width).t() @ q.reshape(-1, d)], 1)
         if needs[0]:
             grads[0] = gp @ w1[:, :d]
         if needs[1]:
             grads[1] = gq @ w1[:, d:]
         return tuple(grads)
+
+
+def _side(rows: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
+    """One side's half of the first layer on its own rows, then gathered by ``index`` (the
+    row of each pair) when given: (*index.shape, width); else (*rows.shape[:-1], width)."""
+    out = F.linear(rows, weight, bias)
+    if index is None:
+        return out
+    return out.index_select(0, index.reshape(-1)).view(*index.shape, out.shape[-1])
+
+
+def _side_grad(grad: Tensor, rows: Tensor, index: Tensor | None) -> Tensor:
+    """The gradient of :func:`_side`'s output before its bias, from the pairs' ``grad``
+    (..., width): summed over the pairs each row was broadcast or gathered to."""
+    width = grad.shape[-1]
+    if index is None:
+        return grad.sum_to_size(*rows.shape[:-1], width)
+    per_pair = grad.sum_to_size(*index.shape, width).reshape(-1, width)
+    return per_pair.new_zeros(rows.shape[0], width).index_add_(0, index.reshape(-1), per_pair)
+
+
+def _gather(rows: Tensor, index: Tensor | None) -> Tensor:
+    """``rows[index]`` (*index.shape, D); ``rows`` itself when ``index`` is None."""
+    if index is None:
+        return rows
+    return rows.index_select(0, index.reshape(-1)).view(*index.shape, rows.shape[-1])
+
+
+def _unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """(the distinct ids of ``ids``, ascending; the position of each id among them, shaped
+    like ``ids``). A batch that covers much of a small table (NCF's 20,480 items per step of
+    a ~10k catalog) marks a dense array instead of sorting."""
+    flat = ids.reshape(-1)
+    if flat.numel() and flat.numel() * 4 >= size:
+        low, high = torch.aminmax(flat)
+        if 0 <= int(low) and int(high) < size:
+            mark = torch.zeros(size, dtype=torch.int64, device=flat.device)
+            mark[flat] = 1
+            distinct = mark.nonzero().squeeze(1)
+            return distinct, mark.cumsum_(0).sub_(1)[flat].view(ids.shape)
+    # Out-of-range ids reach the table's own lookup, which names the problem.
+    distinct, inverse = torch.unique(flat, return_inverse=True)
+    return distinct, inverse.view(ids.shape)
 
 
 def _dense_params(layers: nn.ModuleList) -> list[Tensor]:
@@ -245,8 +289,10 @@ class _NCF(Recommender):
         """(user rows, item rows) of each tower for ids of broadcastable shapes."""
         raise NotImplementedError
 
-    def _head(self, rows: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
-        """Logits from the rows :meth:`_embed` looked up, broadcast against each other."""
+    def _head(self, rows: tuple[tuple[Tensor, Tensor], ...], user_index: Tensor | None = None,
+              item_index: Tensor | None = None) -> Tensor:
+        """Logits from the rows :meth:`_embed` looked up, broadcast against each other; with
+        ``user_index`` / ``item_index``, the pairs are those rows gathered by them."""
         raise NotImplementedError
 
     def _logits(self, users: Tensor, items: Tensor) -> Tensor:
@@ -302,19 +348,23 @@ class _NCF(Recommender):
         labels each positive 1 and each negative 0 (mean over the B·(1+n) pairs), ``"bpr"``
         is ``-log σ(x_ui - x_uj)`` (mean over the B·n pairs); plus ``reg`` · the squared
         norms of the table rows looked up (a user's rows once per scored pair) / B; plus
-        the hidden layers' L2 (``layer_reg``). Each user is embedded once and broadcast
-        against its 1 + n items, which gives the same gradients with n fewer lookups per
-        user. Returns (the loss, detached, the pairs scored)."""
+        the hidden layers' L2 (``layer_reg``). Each distinct user and item of the batch is
+        looked up (and put through its half of the MLP's first layer) once, then gathered
+        for its pairs: the same gradients, with fewer rows through the tables and the
+        first layer (about 8,600 distinct items among the 20,480 pairs of a default step on
+        ml-latest-small; at most 610 users among its 4,096). Returns (the loss, detached,
+        the pairs scored)."""
         op = self._op("training_step")
         if loss not in self.losses:
             raise ValueError(f"{op}: unsupported loss {loss!r}; expected one of {self.losses}")
         if batch.negatives is None or batch.negatives.dim() != 2:
             raise ValueError(f"{op}: loss {loss!r} needs negatives (B, n)")
-        users = batch.users.unsqueeze(1)
         items = torch.cat([batch.items.unsqueeze(1), batch.negatives.to(batch.items.dtype)], 1)
         size, n = items.shape[0], items.shape[1] - 1
+        users, user_index = _unique_ids(batch.users.unsqueeze(1), self.num_users)
+        items, item_index = _unique_ids(items, self.num_items)
         rows = self._embed(users, items)
-        logits = self._head(rows)
+        logits = self._head(rows, user_index, item_index)
         if loss == "bce":
             labels = torch.zeros_like(logits)
             labels[:, 0] = 1.0
@@ -329,8 +379,11 @@ class _NCF(Recommender):
             value = pairwise_loss(logits[:, 0], logits[:, 1:], "bpr", batch.weights)
             count = size * n
         if reg and size:
-            penalty = sum((n + 1) * pu.float().square().sum() + qi.float().square().sum()
-                          for pu, qi in rows)
+            # Each distinct row once, weighted by how often the batch looked it up.
+            user_count = torch.bincount(user_index.reshape(-1), minlength=len(users))
+            item_count = torch.bincount(item_index.reshape(-1), minlength=len(items))
+            penalty = sum((n + 1) * (user_count * pu.float().square().sum(-1)).sum()
+                          + (item_count * qi.float().square().sum(-1)).sum() for pu, qi in rows)
             value = value + reg * penalty.to(value.dtype) / size
         value = value + self._dense_l2()
         optimizer.zero_grad()
@@ -386,8 +439,9 @@ class GMF(_NCF):
     def _embed(self, users, items):
         return ((self.user_embedding(users), self.item_embedding(items)),)
 
-    def _head(self, rows):
+    def _head(self, rows, user_index=None, item_index=None):
         (p, q), = rows
+        p, q = _gather(p, user_index), _gather(q, item_index)
         return F.linear(p * q, self.output.weight, self.output.bias).squeeze(-1)
 
     def user_vectors(self, users) -> tuple[Tensor, Tensor]:
@@ -444,11 +498,12 @@ class MLP(_NCF):
     def _embed(self, users, items):
         return ((self.user_embedding(users), self.item_embedding(items)),)
 
-    def _head(self, rows):
+    def _head(self, rows, user_index=None, item_index=None):
         (p, q), = rows
         if len(self.hidden) and not (self.dropout and self.training):
-            return _Tower.apply(p, q, self.output.weight, self.output.bias,
-                                *_dense_params(self.hidden))
+            return _Tower.apply(p, q, user_index, item_index, self.output.weight,
+                                self.output.bias, *_dense_params(self.hidden))
+        p, q = _gather(p, user_index), _gather(q, item_index)
         z = _mlp_tower(self.hidden, self.dropout, self.training, p, q)
         return F.linear(z, self.output.weight, self.output.bias).squeeze(-1)
 
@@ -527,14 +582,15 @@ class NeuMF(_NCF):
     def _widest(self) -> int:
         return max(self.gmf_dim, *self.layers)
 
-    def _head(self, rows):
+    def _head(self, rows, user_index=None, item_index=None):
         (pg, qg), (pm, qm) = rows
         # h·[a, b] = h_a·a + h_b·b: no (.., gmf_dim + layers[-1]) concatenation is built.
         w, g = self.output.weight, self.gmf_dim
-        gmf = torch.matmul(pg * qg, w[0, :g])
+        gmf = torch.matmul(_gather(pg, user_index) * _gather(qg, item_index), w[0, :g])
         if len(self.hidden) and not (self.dropout and self.training):
-            return gmf + _Tower.apply(pm, qm, w[:, g:], self.output.bias,
-                                      *_dense_params(self.hidden))
+            return gmf + _Tower.apply(pm, qm, user_index, item_index, w[:, g:],
+                                      self.output.bias, *_dense_params(self.hidden))
+        pm, qm = _gather(pm, user_index), _gather(qm, item_index)
         mlp = _mlp_tower(self.hidden, self.dropout, self.training, pm, qm)
         return gmf + F.linear(mlp, w[:, g:], self.output.bias).squeeze(-1)
 
