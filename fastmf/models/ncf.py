@@ -399,9 +399,9 @@ class _NCF(Recommender):
             # Each distinct row once, weighted by how often the batch looked it up.
             user_count = torch.bincount(user_index.reshape(-1), minlength=len(users))
             item_count = torch.bincount(item_index.reshape(-1), minlength=len(items))
-            penalty = sum((n + 1) * (user_count * pu.float().square().sum(-1)).sum()
-                          + (item_count * qi.float().square().sum(-1)).sum() for pu, qi in rows)
-            value = value + reg * penalty.to(value.dtype) / size
+            penalty = sum((n + 1) * (user_count * pu.square().sum(-1)).sum()
+                          + (item_count * qi.square().sum(-1)).sum() for pu, qi in rows)
+            value = value + reg * penalty / size
         value = value + self._dense_l2()
         optimizer.zero_grad()
         value.backward()
