@@ -149,10 +149,7 @@ class _Tower(torch.autograd.Function):
         z = _side(q, w1[:, d:], None, item_index)
         zu = _side(p, w1[:, :d], b1, user_index)
         z = z.add_(zu) if z.shape == torch.broadcast_shapes(z.shape, zu.shape) else z + zu
-        acts = [z.relu_()]
-        for i in range(2, len(params), 2):
-            acts.append(F.linear(acts[-1], params[i], params[i + 1]).relu_())
-        out = torch.matmul(acts[-1], h.reshape(-1)).add_(c.reshape(()))
+        out, acts = _tower_rest(z, params, h, c)
         ctx.save_for_backward(p, q, h, *params, *acts)
         ctx.num_params, ctx.bias_shape = len(params), c.shape
         ctx.user_index, ctx.item_index = user_index, item_index
@@ -197,6 +194,24 @@ class _Tower(torch.autograd.Function):
         if needs[1]:
             grads[1] = gq @ w1[:, d:]
         return tuple(grads)
+
+
+def _tower_rest(z: Tensor, params, h: Tensor, c: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """From the first layer's pre-activations ``z`` (a fresh tensor: the relu runs in
+    place): (the logits, every hidden layer's output)."""
+    acts = [z.relu_()]
+    for i in range(2, len(params), 2):
+        acts.append(F.linear(acts[-1], params[i], params[i + 1]).relu_())
+    return torch.matmul(acts[-1], h.reshape(-1)).add_(c.reshape(())), acts
+
+
+def _tower_grid(layers: nn.ModuleList, p: Tensor, item_half: Tensor, h: Tensor,
+                c: Tensor) -> Tensor:
+    """Logits (R, M) of user rows ``p`` (R, D) against every item, given the items' half of
+    the first layer ``item_half`` (M, H) (computed once per scoring call)."""
+    first = layers[0]
+    user_half = F.linear(p, first.weight[:, :p.shape[-1]], first.bias)
+    return _tower_rest(user_half.unsqueeze(1) + item_half, _dense_params(layers), h, c)[0]
 
 
 def _side(rows: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
@@ -329,10 +344,23 @@ class _NCF(Recommender):
         if out.numel() == 0:
             return out
         rows = max(1, SCORE_CHUNK // (len(items) * self._widest()))
-        item_ids = items.unsqueeze(0)
+        prepared = self._item_side(items)
         for lo in range(0, len(users), rows):
-            out[lo:lo + rows] = self._logits(users[lo:lo + rows].unsqueeze(1), item_ids)
+            out[lo:lo + rows] = self._grid(users[lo:lo + rows], items, prepared)
         return out
+
+    def _uses_tower(self) -> bool:
+        """Whether the MLP tower runs as :class:`_Tower` (hidden layers, no active
+        dropout)."""
+        return bool(len(self.hidden)) and not (self.dropout and self.training)
+
+    def _item_side(self, items: Tensor):
+        """What :meth:`score_items` computes once per call for ``items`` (None: nothing)."""
+        return None
+
+    def _grid(self, users: Tensor, items: Tensor, prepared) -> Tensor:
+        """Logits (R, M) of ``users`` (R,) against ``items`` (M,)."""
+        return self._logits(users.unsqueeze(1), items.unsqueeze(0))
 
     def make_optimizer(self, name: str | None, lr: float):
         """The base class's optimizer (tables in backward, ``torch.optim.Adam`` at
@@ -530,6 +558,18 @@ class MLP(_NCF):
     def _widest(self) -> int:
         return max(self.layers)
 
+    def _item_side(self, items):
+        if not self._uses_tower():
+            return None
+        q = self.item_embedding(items)
+        return F.linear(q, self.hidden[0].weight[:, q.shape[-1]:])
+
+    def _grid(self, users, items, prepared):
+        if prepared is None:
+            return super()._grid(users, items, prepared)
+        return _tower_grid(self.hidden, self.user_embedding(users), prepared,
+                           self.output.weight, self.output.bias)
+
 
 @checkpoint.register_model
 class NeuMF(_NCF):
@@ -598,6 +638,22 @@ class NeuMF(_NCF):
 
     def _widest(self) -> int:
         return max(self.gmf_dim, *self.layers)
+
+    def _item_side(self, items):
+        if not self._uses_tower():
+            return None
+        q = self.mlp_item_embedding(items)
+        return self.gmf_item_embedding(items), F.linear(q, self.hidden[0].weight[:, q.shape[-1]:])
+
+    def _grid(self, users, items, prepared):
+        if prepared is None:
+            return super()._grid(users, items, prepared)
+        gmf_items, item_half = prepared
+        w, g = self.output.weight, self.gmf_dim
+        # h_g·(p ⊙ q) = (p ⊙ h_g)·q: the GMF part of the whole grid is one matmul.
+        gmf = (self.gmf_user_embedding(users) * w[0, :g]) @ gmf_items.t()
+        return gmf + _tower_grid(self.hidden, self.mlp_user_embedding(users), item_half,
+                                 w[:, g:], self.output.bias)
 
     def _head(self, rows, user_index=None, item_index=None):
         (pg, qg), (pm, qm) = rows
