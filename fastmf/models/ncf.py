@@ -138,7 +138,10 @@ class _Tower(torch.autograd.Function):
     passes over the (pairs, width) intermediates that dominate the step.
 
     ``params``: ``W_1, b_1, W_2, b_2, ...`` of the hidden layers; ``h`` (1, layers[-1]);
-    ``c`` a 0-d or (1,) bias (the output layer's) added to every logit.
+    ``c`` a 0-d or (1,) bias (the output layer's) added to every logit. ``user_index`` /
+    ``item_index`` (or None): the row of ``p`` / ``q`` each pair takes (the training step
+    passes the distinct rows and (B, 1) / (B, 1 + n) positions); without them ``p`` and
+    ``q`` are the pairs' rows, broadcast.
     """
 
     @staticmethod
@@ -545,7 +548,7 @@ class MLP(_NCF):
 
     def _head(self, rows, user_index=None, item_index=None):
         (p, q), = rows
-        if len(self.hidden) and not (self.dropout and self.training):
+        if self._uses_tower():
             return _Tower.apply(p, q, user_index, item_index, self.output.weight,
                                 self.output.bias, *_dense_params(self.hidden))
         p, q = _gather(p, user_index), _gather(q, item_index)
@@ -660,7 +663,7 @@ class NeuMF(_NCF):
         # h·[a, b] = h_a·a + h_b·b: no (.., gmf_dim + layers[-1]) concatenation is built.
         w, g = self.output.weight, self.gmf_dim
         gmf = torch.matmul(_gather(pg, user_index) * _gather(qg, item_index), w[0, :g])
-        if len(self.hidden) and not (self.dropout and self.training):
+        if self._uses_tower():
             return gmf + _Tower.apply(pm, qm, user_index, item_index, w[:, g:],
                                       self.output.bias, *_dense_params(self.hidden))
         pm, qm = _gather(pm, user_index), _gather(qm, item_index)
