@@ -567,3 +567,27 @@ def test_tower_broadcast_and_forward_gradients_equal_concatenation(dtype):
     with torch.no_grad():
         expected = twin(few_users.repeat_interleave(9), few_items.repeat(5)).view(5, 9)
     torch.testing.assert_close(grid, expected, **tol)
+
+
+def test_make_optimizer_fused_dense_adam_steps_like_the_base_class():
+    """NCF's optimizer swaps the base class's dense Adam for torch's fused kernel: same
+    hyperparameters, same weights after a few steps."""
+    rng = np.random.default_rng(12)
+    model, _ = build("neumf")
+    other = type(model)(**model.get_config())
+    other.load_state_dict(model.state_dict())
+    mine = model.make_optimizer(None, 0.01)
+    theirs = Recommender.make_optimizer(other, "adam", 0.01)
+    fused, plain = mine.optimizers[1], theirs.optimizers[1]
+    assert fused.param_groups[0]["fused"] and not plain.param_groups[0]["fused"]
+    assert {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")} == {
+        k: v for k, v in plain.defaults.items() if k not in ("fused", "foreach")}
+    before = [p.detach().clone() for p in model.hidden.parameters()]
+    for _ in range(3):
+        users, items = zipf_ids(rng, 40, NUM_USERS), zipf_ids(rng, 40, NUM_ITEMS)
+        batch = Batch(users, items, negatives=zipf_ids(rng, 80, NUM_ITEMS).reshape(40, 2))
+        model.training_step(batch, mine, loss="bce", reg=0.0)
+        other.training_step(batch, theirs, loss="bce", reg=0.0)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: name + m)
+    assert all(not torch.equal(a, b) for a, b in zip(model.hidden.parameters(), before))
