@@ -2,6 +2,7 @@
 
     python benchmarks/ncf.py [--data PATH] [--threads N] [--epochs-scale F] [--json OUT]
     python benchmarks/ncf.py --tune     # the inner-validation runs that chose the defaults
+    python benchmarks/ncf.py --speed 3  # epoch times only: NeuMF, MLP, textbook, alternated
 
 Protocol (He et al. 2017): every rating is a positive; each user's latest interaction is
 the test item (``fastmf.data.leave_one_out(by="time")``); it is ranked among 99 items the
@@ -279,11 +280,44 @@ def settings_of(cls, scale: float) -> dict:
                 epochs=max(1, round(defaults["epochs"] * scale)))
 
 
+def speed(split: Split, rounds: int, epochs: int = 3) -> dict[str, list[float]]:
+    """Epoch CPU seconds of fastmf NeuMF and MLP (their defaults) and the textbook NeuMF
+    (batch 256), the three alternated ``rounds`` times (a shared machine's load drifts),
+    each run after one warm-up epoch; prints the medians and the ratios."""
+    cpu: dict[str, list[float]] = {"neumf": [], "mlp": [], "textbook": []}
+    for _ in range(rounds):
+        for kind in cpu:
+            torch.manual_seed(SEED)
+            if kind == "textbook":
+                model = Textbook(split.train.num_users, split.train.num_items)
+                optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+                batch_size = 256
+            else:
+                model = ncf_model(kind, split.train)
+                settings = settings_of(type(model), 1.0)
+                optimizer = ncf_optimizer(model, settings["table_optimizer"], settings["lr"],
+                                          settings["dense_lr"])
+                batch_size = settings["batch_size"]
+            train_epochs(model, optimizer, split.train, epochs=1, batch_size=batch_size)
+            times = train_epochs(model, optimizer, split.train, epochs=epochs,
+                                 batch_size=batch_size, seed=SEED + 1)
+            cpu[kind].extend(t[1] for t in times)
+    medians = {kind: statistics.median(values) for kind, values in cpu.items()}
+    for kind, value in medians.items():
+        print(f"{kind:<9} median epoch {value:.3f} s CPU over {len(cpu[kind])} epochs "
+              f"(min {min(cpu[kind]):.3f}, max {max(cpu[kind]):.3f})")
+    print(f"textbook / NeuMF {medians['textbook'] / medians['neumf']:.2f}x; "
+          f"textbook / MLP {medians['textbook'] / medians['mlp']:.2f}x")
+    return cpu
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
+                        help="only time epochs (NeuMF, MLP, textbook), ROUNDS alternations")
     parser.add_argument("--epochs-scale", type=float, default=1.0,
                         help="multiply every model's epochs (a smoke run: 0.1)")
     parser.add_argument("--textbook-epochs", type=int, default=20)
@@ -306,6 +340,11 @@ def main(argv=None) -> int:
         return 0
 
     split = outer_split(data)
+    if args.speed:
+        cpu = speed(split, args.speed)
+        if args.json:
+            args.json.write_text(json.dumps(cpu, indent=1))
+        return 0
     rows = {}
 
     def report(name, row):

@@ -474,3 +474,120 @@ def test_config_dtype_round_trip():
     config = model.get_config()
     assert config["dtype"] == "float64"
     assert type(model)(**config).output.weight.dtype == torch.float64
+
+
+class _KeepGradients:
+    """An optimizer that only clears gradients: the step's gradients stay on the model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def zero_grad(self):
+        self.model.zero_grad()
+
+    def step(self):
+        pass
+
+
+def _dense_grad(param):
+    grad = param.grad
+    if grad is None:
+        return torch.zeros_like(param)
+    return grad.to_dense() if grad.is_sparse else grad
+
+
+@pytest.mark.parametrize("kind", ["mlp", "neumf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("size", [0, 1, 7, 300])
+@pytest.mark.parametrize("loss", ["bce", "bpr"])
+def test_split_first_layer_equals_concatenation(kind, dtype, n, size, loss):
+    """The training step (distinct rows looked up once, the first layer split into its user
+    and item halves, the hand-written backward) against autograd on the plain
+    concatenation [p_u, q_i] of every scored pair: same loss and gradients of every
+    parameter, to float32 rounding (float64: to 1e-12; the split sums each first-layer
+    unit as two partial dot products, so not bit for bit)."""
+    rng = np.random.default_rng(100 + size + 10 * n)
+    model, twin = build(kind, dtype=dtype)
+    users = zipf_ids(rng, size, NUM_USERS)
+    if size > 1:
+        users[-1] = users[0]  # at least one user twice
+        assert len(torch.unique(users)) < size
+    items = zipf_ids(rng, size, NUM_ITEMS)
+    negatives = zipf_ids(rng, size * n, NUM_ITEMS).reshape(size, n)
+    value, count = model.training_step(Batch(users, items, negatives=negatives),
+                                       _KeepGradients(model), loss=loss, reg=0.05)
+    if size:
+        expected = textbook_loss(twin, users, items, negatives, loss, 0.05)
+        expected.backward()
+    else:  # the protocol's losses are 0 on an empty batch (no NaN from a mean over nothing)
+        expected = torch.zeros((), dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                           atol=1e-14)
+    assert count == size * (n + 1 if loss == "bce" else n)
+    assert value.dtype == dtype
+    torch.testing.assert_close(value, expected.detach(), **tol)
+    theirs = dict(twin.named_parameters())
+    names = {"user_embedding": "mlp_u", "item_embedding": "mlp_i", "gmf_user_embedding":
+             "gmf_u", "gmf_item_embedding": "gmf_i", "mlp_user_embedding": "mlp_u",
+             "mlp_item_embedding": "mlp_i", "output": "out"}
+    for name, param in model.named_parameters():
+        head, _, rest = name.partition(".")
+        other = theirs[f"{names.get(head, head)}.{rest}"]
+        assert other.shape == param.shape
+        torch.testing.assert_close(_dense_grad(param), _dense_grad(other), **tol,
+                                   msg=lambda m, name=name: name + m)
+    if size:
+        assert _dense_grad(model.hidden[0].weight).abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tower_broadcast_and_forward_gradients_equal_concatenation(dtype):
+    """The tower's other entry points: forward on 1-D ids (users and items the same shape)
+    and score_items' broadcast (users (R, 1) against items (1, M)), values and the
+    gradients of a weighted sum against autograd on the concatenation."""
+    rng = np.random.default_rng(11)
+    model, twin = build("neumf", dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                           atol=1e-14)
+    users, items = zipf_ids(rng, 50, NUM_USERS), zipf_ids(rng, 50, NUM_ITEMS)
+    weights = torch.rand(50, dtype=dtype) - 0.5
+    (model(users, items) * weights).sum().backward()
+    (twin(users, items) * weights).sum().backward()
+    for layer, other in zip(model.hidden, twin.hidden):
+        torch.testing.assert_close(layer.weight.grad, other.weight.grad, **tol)
+        torch.testing.assert_close(layer.bias.grad, other.bias.grad, **tol)
+    torch.testing.assert_close(model.output.weight.grad, twin.out.weight.grad, **tol)
+    torch.testing.assert_close(_dense_grad(model.mlp_item_embedding.weight),
+                               _dense_grad(twin.mlp_i.weight), **tol)
+    torch.testing.assert_close(_dense_grad(model.mlp_user_embedding.weight),
+                               _dense_grad(twin.mlp_u.weight), **tol)
+    few_users, few_items = users[:5], torch.as_tensor(rng.permutation(NUM_ITEMS)[:9])
+    grid = model.score_items(few_users, few_items)
+    with torch.no_grad():
+        expected = twin(few_users.repeat_interleave(9), few_items.repeat(5)).view(5, 9)
+    torch.testing.assert_close(grid, expected, **tol)
+
+
+def test_make_optimizer_fused_dense_adam_steps_like_the_base_class():
+    """NCF's optimizer swaps the base class's dense Adam for torch's fused kernel: same
+    hyperparameters, same weights after a few steps."""
+    rng = np.random.default_rng(12)
+    model, _ = build("neumf")
+    other = type(model)(**model.get_config())
+    other.load_state_dict(model.state_dict())
+    mine = model.make_optimizer(None, 0.01)
+    theirs = Recommender.make_optimizer(other, "adam", 0.01)
+    fused, plain = mine.optimizers[1], theirs.optimizers[1]
+    assert fused.param_groups[0]["fused"] and not plain.param_groups[0]["fused"]
+    assert {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")} == {
+        k: v for k, v in plain.defaults.items() if k not in ("fused", "foreach")}
+    before = [p.detach().clone() for p in model.hidden.parameters()]
+    for _ in range(3):
+        users, items = zipf_ids(rng, 40, NUM_USERS), zipf_ids(rng, 40, NUM_ITEMS)
+        batch = Batch(users, items, negatives=zipf_ids(rng, 80, NUM_ITEMS).reshape(40, 2))
+        model.training_step(batch, mine, loss="bce", reg=0.0)
+        other.training_step(batch, theirs, loss="bce", reg=0.0)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: name + m)
+    assert all(not torch.equal(a, b) for a, b in zip(model.hidden.parameters(), before))
