@@ -476,6 +476,15 @@ def main() -> None:
             folds = "  ".join(f"fold-in ({p}) {fmt(row[f'fold_in_{p}'])}" for p in fold_cfgs)
             print(f"cold users  n={n:2d} ({row['users']} users)  NDCG@10 {folds}  retrained "
                   f"{fmt(row['retrained'])}  popularity {fmt(row['popularity'])}")
+    if "users-synthetic" in scenarios:
+        # A second shape for fold-in's defaults (prior and strength), inner rows only count.
+        syn_grid = [dict(steps=50, lr=0.05, reg=r, prior=p) for p in ("zero", "mean")
+                    for r in (0.1, 0.3, 1.0)]
+        mf_cfg, fold_cfgs, table = cold_users(synthetic_with_features()[0], mf_grid, syn_grid)
+        print(f"cold users synthetic  MF {mf_cfg}")
+        for prior, (cfg, inner) in fold_cfgs.items():
+            print(f"cold users synthetic  fold-in, {prior} prior: {cfg} (inner mean NDCG@10 "
+                  f"{inner:.4f})")
     if "accumulator" in scenarios:
         res = accumulator({"ml-latest-small": (data, features),
                            "synthetic": synthetic_with_features()})

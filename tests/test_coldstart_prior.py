@@ -236,3 +236,18 @@ def test_bad_input(rng):
         coldstart.user_prior(model, [0.5])
     with pytest.raises(ValueError, match="user_prior: users is empty"):
         coldstart.user_prior(model, np.zeros(0, np.int64))
+
+
+def test_default_strength_depends_on_the_loss(rng):
+    model = random_mf(rng)
+    items = rng.choice(50, 4, replace=False)
+    ratings = rng.uniform(1, 5, 4)
+    default = coldstart.fold_in(model, items, ratings=ratings)
+    given = coldstart.fold_in(model, items, ratings=ratings, reg=0.1)
+    assert torch.equal(default[0], given[0]) and default[1] == given[1]
+    for loss in ("bpr", "bce"):
+        default = coldstart.fold_in(model, items, loss=loss, steps=10)
+        given = coldstart.fold_in(model, items, loss=loss, steps=10, reg=0.3)
+        other = coldstart.fold_in(model, items, loss=loss, steps=10, reg=0.1)
+        assert torch.equal(default[0], given[0])
+        assert not torch.equal(default[0], other[0])
