@@ -18,9 +18,14 @@ Scenarios (seed 0):
   training items excluded.
 - cold users: 20% of the users held out entirely; ``fastmf.MF`` trained with BPR on the
   others. For each held-out user with >= 13 positives, the first n in time (n = 1, 3, 10)
-  are known: fold-in (``fastmf.models.coldstart.fold_in``, BPR steps) vs the same MF
-  retrained from scratch with those interactions added vs popularity; NDCG@10 on the
-  user's later positives, the known ones excluded.
+  are known (n = 0: none): fold-in (``fastmf.models.coldstart.fold_in``, BPR steps, shrunk
+  toward 0 and toward the mean trained user, each prior's strength picked on the inner
+  split) vs the same MF retrained from scratch with those interactions added vs
+  popularity; NDCG@10 on the user's later positives, the known ones excluded.
+- users-synthetic: the cold-users inner tuning on a synthetic set
+  (:func:`synthetic_with_features`), a second shape for fold-in's defaults.
+- accumulator: Hybrid's Adagrad starting accumulator (0, 1e-6, 1e-5) on the inner
+  cold-item and warm splits of ml-latest-small and of the synthetic set, BPR and WARP.
 - throughput: interactions per second of training on the warm split, equal epochs,
   LightFM ``num_threads=2`` and torch limited to 2 threads.
 
@@ -30,7 +35,8 @@ fastmf's Hybrid runs twice, trained with BPR ("fastmf") and with WARP ("fastmf-w
 Tuning: each library's epochs, learning rate and loss were picked on an inner split of the
 TRAINING part of each scenario (cold items: 20% of the training movies held out; warm:
 10% of the training interactions; cold users: MF on 20% of the training users held out,
-n = 3), never on the reported rows; the picks are printed.
+n = 3; fold-in: the mean over n = 1, 3, 10), never on the reported rows; the picks are
+printed.
 
 Install LightFM 1.17 (its setup.py fails under modern pip: ``__builtins__`` is a module
 there, so ``__builtins__.__LIGHTFM_SETUP__ = True`` raises)::
@@ -43,7 +49,7 @@ there, so ``__builtins__.__LIGHTFM_SETUP__ = True`` raises)::
     pip install --no-build-isolation <dir>
 
 Run: ``python benchmarks/coldstart.py [--data /work/shared/data/ml-latest-small] [--quick]
-[--scenarios cold,warm,users,throughput]``.
+[--scenarios cold,warm,users,throughput,users-synthetic,accumulator]``.
 On a shared machine set ``OMP_WAIT_POLICY=PASSIVE``: with spinning OpenMP threads every
 parallel region of a training step spins while another job holds a core (see
 benchmarks/README.md, "Cold start").
@@ -373,17 +379,17 @@ def cold_users(data, grid, fold_grid, ns=(0, 1, 3, 10), min_positives=13):
 def synthetic_with_features(seed: int = SEED):
     """A second, differently shaped set: fastmf.datasets.synthetic implicit data (3,000 users
     x 1,500 items, 60,000 positives, rank 8) with genre-like item features correlated with
-    the planted item factors: each item has its two closest of 24 random genre directions
-    (noisy) and one of 300 random tags (no signal)."""
+    the planted item factors: each item has its three closest of 24 random genre directions
+    (affinity plus N(0, 0.5²) noise) and one of 300 random tags (no signal)."""
     data, truth = fastmf.datasets.synthetic(3000, 1500, 60_000, dim=8, implicit=True,
                                             seed=seed, return_truth=True)
     rng = np.random.default_rng(seed)
     genres = rng.normal(size=(24, 8))
-    affinity = truth.item_factors @ genres.T + rng.normal(0, 1.0, (1500, 24))
-    top2 = np.argsort(-affinity, axis=1)[:, :2]
+    affinity = truth.item_factors @ genres.T + rng.normal(0, 0.5, (1500, 24))
+    top3 = np.argsort(-affinity, axis=1)[:, :3]
     raw_items = data.item_map.raw_ids
     index = data.item_map.lookup(raw_items)
-    rows = [(raw, f"g{g}") for raw, i in zip(raw_items, index) for g in top2[i]]
+    rows = [(raw, f"g{g}") for raw, i in zip(raw_items, index) for g in top3[i]]
     rows += [(raw, f"t{rng.integers(300)}") for raw in raw_items]
     table = pd.DataFrame(rows, columns=["item", "name"])
     features = Features.from_pandas(table, "item", id_map=data.item_map, categorical="name")
