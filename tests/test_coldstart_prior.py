@@ -251,3 +251,11 @@ def test_default_strength_depends_on_the_loss(rng):
         other = coldstart.fold_in(model, items, loss=loss, steps=10, reg=0.1)
         assert torch.equal(default[0], given[0])
         assert not torch.equal(default[0], other[0])
+
+
+def test_no_known_item_without_item_vectors_is_popularity(rng):
+    mlp = fastmf.models.MLP(4, 30, layers=(8, 4))
+    mlp.item_popularity = rng.permutation(30)
+    with pytest.warns(coldstart.PopularityFallbackWarning, match="popular-items fallback"):
+        top, _ = coldstart.recommend_new_user(mlp, [], k=3)
+    assert top.tolist() == np.argsort(-mlp.item_popularity, kind="stable")[:3].tolist()

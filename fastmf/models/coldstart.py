@@ -355,8 +355,12 @@ def recommend_new_user(model, items, k: int = 10, *, ratings=None, exclude_seen:
         values = np.asarray(items if np.ndim(items) else [items], dtype=object).reshape(-1)
         what = ("no interacted item was given" if len(values) == 0 else
                 f"none of the {len(values)} item id(s) is known (first: {values[:5].tolist()})")
-        vectors = _item_side(model)[0]
-        prior = _resolve_prior(model, fold_kwargs.get("prior", "mean"), vectors.shape[1], op)
+        try:
+            dim = _item_side(model)[0].shape[1]
+        except (TypeError, NotImplementedError):
+            dim = None  # no vectors to rank by: popularity is all there is
+        prior = fold_kwargs.get("prior", "mean")
+        prior = None if dim is None else _resolve_prior(model, prior, dim, op)
         if prior is None:
             top, scores = _popular(model, k, skip, what)
         else:
