@@ -108,7 +108,7 @@ def _user_table(model):
             with torch.no_grad():
                 return model.user_vectors(users)
         try:
-            table(torch.zeros(1, dtype=torch.int64))
+            table(np.zeros(1, np.int64))  # numpy ids: the model puts them on its device
         except NotImplementedError:
             return None
         return table
@@ -117,6 +117,7 @@ def _user_table(model):
         mu = _base_offset(model)
 
         def table(users):
+            users = torch.as_tensor(users, device=p.device)
             return p.detach()[users], (None if bu is None else mu + bu.detach()[users])
         return table
     return None
@@ -148,7 +149,7 @@ def user_prior(model, users=None) -> tuple[Tensor, float] | None:
         raise ValueError(f"{op}: users is empty; there is nobody to average over")
     total, offset_total = None, 0.0
     for lo in range(0, len(ids), 65536):  # bounded memory for large user tables
-        vectors, offsets = table(torch.as_tensor(ids[lo:lo + 65536].astype(np.int64)))
+        vectors, offsets = table(ids[lo:lo + 65536].astype(np.int64))
         part = vectors.detach().to(torch.float64).sum(0)
         total = part if total is None else total + part
         offset_total += (float(offsets.detach().to(torch.float64).sum()) if offsets is not None
