@@ -18,9 +18,14 @@ Scenarios (seed 0):
   training items excluded.
 - cold users: 20% of the users held out entirely; ``fastmf.MF`` trained with BPR on the
   others. For each held-out user with >= 13 positives, the first n in time (n = 1, 3, 10)
-  are known: fold-in (``fastmf.models.coldstart.fold_in``, BPR steps) vs the same MF
-  retrained from scratch with those interactions added vs popularity; NDCG@10 on the
-  user's later positives, the known ones excluded.
+  are known (n = 0: none): fold-in (``fastmf.models.coldstart.fold_in``, BPR steps, shrunk
+  toward 0 and toward the mean trained user, each prior's strength picked on the inner
+  split) vs the same MF retrained from scratch with those interactions added vs
+  popularity; NDCG@10 on the user's later positives, the known ones excluded.
+- users-synthetic: the cold-users inner tuning on a synthetic set
+  (:func:`synthetic_with_features`), a second shape for fold-in's defaults.
+- accumulator: Hybrid's Adagrad starting accumulator (0, 1e-6, 1e-5) on the inner
+  cold-item and warm splits of ml-latest-small and of the synthetic set, BPR and WARP.
 - throughput: interactions per second of training on the warm split, equal epochs,
   LightFM ``num_threads=2`` and torch limited to 2 threads.
 
@@ -30,7 +35,8 @@ fastmf's Hybrid runs twice, trained with BPR ("fastmf") and with WARP ("fastmf-w
 Tuning: each library's epochs, learning rate and loss were picked on an inner split of the
 TRAINING part of each scenario (cold items: 20% of the training movies held out; warm:
 10% of the training interactions; cold users: MF on 20% of the training users held out,
-n = 3), never on the reported rows; the picks are printed.
+n = 3; fold-in: the mean over n = 1, 3, 10), never on the reported rows; the picks are
+printed.
 
 Install LightFM 1.17 (its setup.py fails under modern pip: ``__builtins__`` is a module
 there, so ``__builtins__.__LIGHTFM_SETUP__ = True`` raises)::
@@ -43,7 +49,7 @@ there, so ``__builtins__.__LIGHTFM_SETUP__ = True`` raises)::
     pip install --no-build-isolation <dir>
 
 Run: ``python benchmarks/coldstart.py [--data /work/shared/data/ml-latest-small] [--quick]
-[--scenarios cold,warm,users,throughput]``.
+[--scenarios cold,warm,users,throughput,users-synthetic,accumulator]``.
 On a shared machine set ``OMP_WAIT_POLICY=PASSIVE``: with spinning OpenMP threads every
 parallel region of a training step spins while another job holds a core (see
 benchmarks/README.md, "Cold start").
@@ -273,7 +279,7 @@ def mf_scores(model, users) -> np.ndarray:
     return (p.detach()[users] @ q.detach().T + bi.detach()).numpy()
 
 
-def cold_users(data, grid, fold_grid, ns=(1, 3, 10), min_positives=13):
+def cold_users(data, grid, fold_grid, ns=(0, 1, 3, 10), min_positives=13):
     def split_users(d, seed):
         rng = np.random.default_rng(seed)
         users = np.unique(d.users)
@@ -301,6 +307,12 @@ def cold_users(data, grid, fold_grid, ns=(1, 3, 10), min_positives=13):
     def score_all(model, cases, how, fold):
         ndcgs = []
         popularity = np.bincount(model_train.items, minlength=data.num_items).astype(float)
+        if how == "fold-in":
+            fold = dict(fold)
+            if fold.get("prior") == "mean":
+                # The mean over the users the model was trained on (the held-out users
+                # have rows too, left at their random start).
+                fold["prior"] = coldstart.user_prior(model, np.unique(model_train.users))
         for u, (known, rest) in cases.items():
             if how == "fold-in":
                 vec, _ = coldstart.fold_in(model, known, loss="bpr", **fold)
@@ -317,7 +329,8 @@ def cold_users(data, grid, fold_grid, ns=(1, 3, 10), min_positives=13):
             ndcgs.append(evaluate(s[None, :], test, ex)[1])
         return float(np.mean(ndcgs))
 
-    # Inner tuning: MF settings and fold-in settings on users held out of the training part.
+    # Inner tuning: MF settings (n = 3, retrained) and fold-in settings (mean over n = 1, 3,
+    # 10: no retraining needed) on users held out of the training part.
     train, held_part, _ = split_users(data, SEED)
     inner_train, inner_part, _ = split_users(train, SEED + 1)
     inner_cases = known_and_rest(inner_part, 3)
@@ -329,20 +342,84 @@ def cold_users(data, grid, fold_grid, ns=(1, 3, 10), min_positives=13):
                            score_all(retrained, inner_cases, "retrained", None)), cfg))
     mf_cfg = max(scored, key=lambda x: x[0])[1]
     inner_model = train_mf(inner_train, mf_cfg)
-    fold_cfg = max(fold_grid, key=lambda f: log("cold users inner", "fold-in", f,
-                                                score_all(inner_model, inner_cases, "fold-in", f)))
+    inner_by_n = {n: known_and_rest(inner_part, n) for n in ns if n > 0}
+
+    def inner_fold(f):
+        per_n = [score_all(inner_model, c, "fold-in", f) for c in inner_by_n.values()]
+        return log("cold users inner", "fold-in", f,
+                   f"{np.mean(per_n):.4f} (n = {list(inner_by_n)}: "
+                   f"{', '.join(f'{x:.4f}' for x in per_n)})"), float(np.mean(per_n))
+
+    inner_scores = [(inner_fold(f)[1], i) for i, f in enumerate(fold_grid)]
+    # The best setting of each prior, and which prior wins on the inner split.
+    fold_cfgs = {}
+    for prior in dict.fromkeys(f["prior"] for f in fold_grid):
+        best = max((s, i) for s, i in inner_scores if fold_grid[i]["prior"] == prior)
+        fold_cfgs[prior] = (fold_grid[best[1]], best[0])
 
     model_train = train
     base = train_mf(train, mf_cfg)
     table = {}
     for n in ns:
         cases = known_and_rest(held_part, n)
-        retrained = train_mf(rows(train, None, cases), mf_cfg)
-        table[n] = dict(users=len(cases),
-                        fold_in=score_all(base, cases, "fold-in", fold_cfg),
-                        retrained=score_all(retrained, cases, "retrained", None),
-                        popularity=score_all(base, cases, "popularity", None))
-    return mf_cfg, fold_cfg, table
+        row = dict(users=len(cases))
+        for prior, (f, _) in fold_cfgs.items():
+            row[f"fold_in_{prior}"] = (score_all(base, cases, "fold-in", f)
+                                       if n > 0 or prior != "zero" else None)
+        if n > 0:
+            retrained = train_mf(rows(train, None, cases), mf_cfg)
+            row["retrained"] = score_all(retrained, cases, "retrained", None)
+        else:
+            row["retrained"] = None
+        row["popularity"] = score_all(base, cases, "popularity", None)
+        table[n] = row
+    return mf_cfg, fold_cfgs, table
+
+
+def synthetic_with_features(seed: int = SEED):
+    """A second, differently shaped set: fastmf.datasets.synthetic implicit data (3,000 users
+    x 1,500 items, 60,000 positives, rank 8) with genre-like item features correlated with
+    the planted item factors: each item has its three closest of 24 random genre directions
+    (affinity plus N(0, 0.5²) noise) and one of 300 random tags (no signal)."""
+    data, truth = fastmf.datasets.synthetic(3000, 1500, 60_000, dim=8, implicit=True,
+                                            seed=seed, return_truth=True)
+    rng = np.random.default_rng(seed)
+    genres = rng.normal(size=(24, 8))
+    affinity = truth.item_factors @ genres.T + rng.normal(0, 0.5, (1500, 24))
+    top3 = np.argsort(-affinity, axis=1)[:, :3]
+    raw_items = data.item_map.raw_ids
+    index = data.item_map.lookup(raw_items)
+    rows = [(raw, f"g{g}") for raw, i in zip(raw_items, index) for g in top3[i]]
+    rows += [(raw, f"t{rng.integers(300)}") for raw in raw_items]
+    table = pd.DataFrame(rows, columns=["item", "name"])
+    features = Features.from_pandas(table, "item", id_map=data.item_map, categorical="name")
+    return data, features
+
+
+def accumulator(sets: dict, values=(0.0, 1e-6, 1e-5)):
+    """Hybrid's default Adagrad starting accumulator, picked on the inner splits only (cold
+    items: 20% of the training items held out; warm: 10% of the training interactions) of
+    each data set, Hybrid's defaults otherwise (BPR; WARP with 10 candidates)."""
+    results = {}
+    for name, (data, features) in sets.items():
+        train_c, _, _ = hold_out_items(data, 0.2, SEED)
+        inner_train_c, inner_test_c, inner_cold = hold_out_items(train_c, 0.2, SEED + 1)
+        rows = features_only(features, inner_cold)
+        train_w, _ = fastmf.data.random_split(data, 0.2, seed=SEED)
+        inner_train_w, inner_test_w = fastmf.data.random_split(train_w, 0.1, seed=SEED + 1)
+        for loss in ("bpr", "warp"):
+            for value in values:
+                cfg = dict(loss=loss, epochs=20, lr=0.05, reg=1e-4, batch_size=1024,
+                           negatives=10 if loss == "warp" else 4, accumulator=value)
+                model, _ = train_hybrid(inner_train_c, features, cfg)
+                cold = evaluate(hybrid_scores(model, rows, inner_cold),
+                                inner_test_c.to_csr(binary=True), None, candidates=inner_cold)
+                model, _ = train_hybrid(inner_train_w, features, cfg)
+                warm = evaluate(hybrid_scores(model), inner_test_w.to_csr(binary=True),
+                                inner_train_w.to_csr(binary=True))
+                results[name, loss, value] = log("accumulator inner", name, cfg,
+                                                 dict(cold=cold, warm=warm))
+    return results
 
 
 def main() -> None:
@@ -350,7 +427,8 @@ def main() -> None:
     parser.add_argument("--data", default="/work/shared/data/ml-latest-small")
     parser.add_argument("--quick", action="store_true", help="one setting per library")
     parser.add_argument("--scenarios", default="cold,warm,users,throughput",
-                        help="comma-separated subset of cold,warm,users,throughput")
+                        help="comma-separated subset of cold,warm,users,throughput,"
+                        "accumulator")
     args = parser.parse_args()
     torch.set_num_threads(2)
     data, features = load(Path(args.data))
@@ -372,10 +450,13 @@ def main() -> None:
     lightfm_grid = [dict(loss=loss, lr=0.05, epochs=e) for loss in ("warp", "bpr")
                     for e in (10, 30)]
     mf_grid = [dict(lr=lr, epochs=10, reg=1e-4, negatives=4) for lr in (0.05, 0.2)]
-    fold_grid = [dict(steps=s, lr=0.05, reg=1e-3) for s in (30, 100)]
+    # Fold-in shrunk toward 0 or toward the mean trained user (fastmf.models.coldstart's
+    # prior), each at three strengths.
+    fold_grid = [dict(steps=s, lr=0.05, reg=r, prior=p) for p in ("zero", "mean")
+                 for r in (0.1, 0.3, 1.0, 3.0) for s in (30, 100)]
     if args.quick:
         fastmf_grid, warp_grid, lightfm_grid = fastmf_grid[:1], warp_grid[:1], lightfm_grid[:1]
-        mf_grid, fold_grid = mf_grid[:1], fold_grid[:1]
+        mf_grid, fold_grid = mf_grid[:1], [fold_grid[0], fold_grid[8]]
     grids = {"fastmf": fastmf_grid, "fastmf-warp": warp_grid, "lightfm": lightfm_grid}
     scenarios = set(args.scenarios.split(","))
 
@@ -390,12 +471,33 @@ def main() -> None:
         for lib, (cfg, (auc, ndcg)) in res.items():
             print(f"warm items  {lib:11s} AUC {auc:.4f}  NDCG@10 {ndcg:.4f}  ({cfg})")
     if "users" in scenarios:
-        mf_cfg, fold_cfg, table = cold_users(data, mf_grid, fold_grid)
-        print(f"cold users  MF {mf_cfg}, fold-in {fold_cfg}")
+        mf_cfg, fold_cfgs, table = cold_users(data, mf_grid, fold_grid)
+        print(f"cold users  MF {mf_cfg}")
+        for prior, (cfg, inner) in fold_cfgs.items():
+            print(f"cold users  fold-in, {prior} prior: {cfg} (inner mean NDCG@10 {inner:.4f})")
+
+        def fmt(x):
+            return "   -  " if x is None else f"{x:.4f}"
         for n, row in table.items():
-            print(f"cold users  n={n:2d} ({row['users']} users)  fold-in NDCG@10 "
-                  f"{row['fold_in']:.4f}  retrained {row['retrained']:.4f}  popularity "
-                  f"{row['popularity']:.4f}")
+            folds = "  ".join(f"fold-in ({p}) {fmt(row[f'fold_in_{p}'])}" for p in fold_cfgs)
+            print(f"cold users  n={n:2d} ({row['users']} users)  NDCG@10 {folds}  retrained "
+                  f"{fmt(row['retrained'])}  popularity {fmt(row['popularity'])}")
+    if "users-synthetic" in scenarios:
+        # A second shape for fold-in's defaults (prior and strength), inner rows only count.
+        syn_grid = [dict(steps=50, lr=0.05, reg=r, prior=p) for p in ("zero", "mean")
+                    for r in (0.1, 0.3, 1.0)]
+        mf_cfg, fold_cfgs, table = cold_users(synthetic_with_features()[0], mf_grid, syn_grid)
+        print(f"cold users synthetic  MF {mf_cfg}")
+        for prior, (cfg, inner) in fold_cfgs.items():
+            print(f"cold users synthetic  fold-in, {prior} prior: {cfg} (inner mean NDCG@10 "
+                  f"{inner:.4f})")
+    if "accumulator" in scenarios:
+        res = accumulator({"ml-latest-small": (data, features),
+                           "synthetic": synthetic_with_features()})
+        for (name, loss, value), r in res.items():
+            print(f"accumulator {name:15s} {loss:4s} {value:g}: cold AUC {r['cold'][0]:.4f} "
+                  f"NDCG@10 {r['cold'][1]:.4f}  warm AUC {r['warm'][0]:.4f} NDCG@10 "
+                  f"{r['warm'][1]:.4f}")
     if "throughput" in scenarios:
         rates = throughput(warm_train, features, epochs=5, repeats=2)
         print(f"throughput  fastmf {rates['fastmf']:,.0f} interactions/s  lightfm "

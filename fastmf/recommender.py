@@ -942,8 +942,9 @@ class Recommender(nn.Module):
 
     def recommend_new_user(self, items, k: int = 10, **kwargs):
         """Top-``k`` ``(items (k,), scores (k,))`` for a user the model has not seen:
-        :func:`fastmf.models.coldstart.recommend_new_user` (same arguments; popular items
-        and a warning when no item is known). TypeError for models without item vectors."""
+        :func:`fastmf.models.coldstart.recommend_new_user` (same arguments; the prior's or
+        the popular items and a warning when no item is known). TypeError for models
+        without item vectors."""
         from fastmf.models import coldstart
 
         self._need_vectors("recommend_new_user")

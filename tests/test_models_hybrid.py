@@ -246,8 +246,16 @@ def test_popularity_fallback_warns(rng):
     model.item_popularity = np.arange(60)[::-1].copy()
     model.item_map = fastmf.data.IdMap(np.arange(60) * 10, kind="item")
     with pytest.warns(coldstart.PopularityFallbackWarning, match="none of the 2"):
-        top, _ = coldstart.recommend_new_user(model, [7, 13], k=3, raw_ids=True)
+        top, _ = coldstart.recommend_new_user(model, [7, 13], k=3, raw_ids=True,
+                                              prior="zero")
     assert top.tolist() == [0, 10, 20]
+    # The default prior: the mean user's ranking, still with the warning.
+    p_bar, _ = coldstart.user_prior(model)
+    q, b = model.item_vectors()
+    want = torch.topk(q.detach().double() @ p_bar + b.detach().double(), 3).indices * 10
+    with pytest.warns(coldstart.PopularityFallbackWarning, match="none of the 2.*prior"):
+        top, _ = coldstart.recommend_new_user(model, [7, 13], k=3, raw_ids=True)
+    assert top.tolist() == want.tolist()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         top, _ = coldstart.recommend_new_user(model, [10, 7], k=3, raw_ids=True)
