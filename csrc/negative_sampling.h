@@ -5,27 +5,15 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define FASTMF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FASTMF_HOST_DEVICE inline
-#endif
+#include "counter_hash.h"
 
 namespace fastmf {
 namespace sampling {
 
-FASTMF_HOST_DEVICE uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
+using hash::splitmix64;
 // The key of one step's draws; pair p = b * num_negatives + k then draws from
 // splitmix64(key ^ p).
-FASTMF_HOST_DEVICE uint64_t step_key(int64_t seed, int64_t step) {
-  return splitmix64(splitmix64(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(step));
-}
+using hash::step_key;
 
 // A uniform rank in [0, free) from the pair's high 32 bits (free < 2^31, so the product
 // fits in 64 bits; the bias is below free / 2^32).

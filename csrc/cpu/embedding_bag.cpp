@@ -39,6 +39,7 @@
 #include "../args.h"
 #include "../checks.h"
 #include "../codes.h"
+#include "../counter_hash.h"
 #include "../ops.h"
 #include "common.h"
 #include "segments.h"
@@ -67,16 +68,9 @@ using acc_t = std::conditional_t<std::is_same_v<W, double>, double, float>;
 // ---------------------------------------------------------------------------------------
 // Stochastic rounding (fastmf/ops/reference/embedding_bag.py random_bits, stochastic_round)
 
-inline uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
+using hash::splitmix64;
 
-inline uint64_t rounding_key(int64_t seed, int64_t step) {
-  return splitmix64(splitmix64(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(step));
-}
+inline uint64_t rounding_key(int64_t seed, int64_t step) { return hash::step_key(seed, step); }
 
 // The 32 random bits of the element with counter r * K + c.
 inline uint32_t random_bits(uint64_t key, uint64_t counter) {

@@ -43,6 +43,7 @@
 #include "../args.h"
 #include "../checks.h"
 #include "../codes.h"
+#include "../counter_hash.h"
 #include "../ops.h"
 #include "common.cuh"
 #include "segments.cuh"
@@ -98,16 +99,9 @@ __device__ __forceinline__ float bits_float(uint32_t u) {
 // Stochastic rounding (fastmf/ops/reference/embedding_bag.py random_bits, stochastic_round;
 // the CPU kernel's functions of the same names)
 
-__host__ __device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
+using hash::splitmix64;
 
-inline uint64_t rounding_key(int64_t seed, int64_t step) {
-  return splitmix64(splitmix64(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(step));
-}
+inline uint64_t rounding_key(int64_t seed, int64_t step) { return hash::step_key(seed, step); }
 
 __device__ __forceinline__ uint32_t random_bits(uint64_t key, uint64_t counter) {
   return static_cast<uint32_t>(splitmix64(key ^ counter));
