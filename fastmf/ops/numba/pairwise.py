@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from numba import prange
 
+from fastmf.data.sampling import _rank_to_item
 from fastmf.ops import checks as _checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import PairwiseLoss, parse
@@ -252,17 +253,9 @@ def _sample_kernel(users, pos_items, indptr, indices, num_items, num_negatives, 
             p = b * num_negatives + k
             bits = _splitmix64(key ^ np.uint64(p)) >> _U32
             rank = np.int64((bits * free) >> _U32)
-            lo = 0
-            hi = deg
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if indices[start + mid] - mid <= rank:
-                    lo = mid + 1
-                else:
-                    hi = mid
             users_rep[p] = u
             pos_rep[p] = pos_items[b]
-            neg[p] = rank + lo
+            neg[p] = _rank_to_item(indices, start, deg, rank)
 
 
 def _draw(users, pos_items, pos_indptr, pos_indices, num_items: int, num_negatives: int,
