@@ -172,16 +172,32 @@ def fit_mf(train, loss, settings, *, seed=SEED):
     return model, (time.perf_counter() - start, time.process_time() - cpu)
 
 
-def fit_mf_curve(train, valid, loss, settings, max_epochs):
-    """NDCG/HR after each epoch of one run (fit's own validation hook)."""
+def fit_mf_curve(train, valid, loss, settings, max_epochs, seeds=(SEED,)):
+    """NDCG/HR after each epoch (fit's own validation hook), the mean over one run per seed
+    (initialisation, batch order and negatives all follow the seed); each point also keeps
+    the per-seed NDCGs (``ndcg_seeds``) so that the choice can be checked seed by seed."""
     kw = dict(settings)
     dim = kw.pop("dim", DIM)
-    torch.manual_seed(SEED)
-    model = fastmf.MF(train.num_users, train.num_items, dim=dim)
-    history = fastmf.fit(model, train, loss=loss, epochs=max_epochs, seed=SEED, valid=valid,
-                         metrics=(f"ndcg@{K}", f"hr@{K}"), k=K, progress=False, **kw)
-    return [{"epochs": r["epoch"], "ndcg": r[f"ndcg@{K}"], "hr": r[f"hr@{K}"]}
-            for r in history.epochs]
+    runs = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = fastmf.MF(train.num_users, train.num_items, dim=dim)
+        history = fastmf.fit(model, train, loss=loss, epochs=max_epochs, seed=seed,
+                             valid=valid, metrics=(f"ndcg@{K}", f"hr@{K}"), k=K,
+                             progress=False, **kw)
+        runs.append(history.epochs)
+    return [{"epochs": points[0]["epoch"],
+             "ndcg": float(np.mean([r[f"ndcg@{K}"] for r in points])),
+             "hr": float(np.mean([r[f"hr@{K}"] for r in points])),
+             "ndcg_seeds": [r[f"ndcg@{K}"] for r in points]}
+            for points in zip(*runs)]
+
+
+def seed_view(results: dict, i: int) -> dict:
+    """``results`` (data set -> config -> curve) with each point's NDCG that of seed ``i``."""
+    return {name: {key: [{**p, "ndcg": p["ndcg_seeds"][i]} for p in points]
+                   for key, points in curves.items()}
+            for name, curves in results.items()}
 
 
 def fit_als(train, settings, *, epochs=None, valid=None, seed=SEED):
@@ -257,6 +273,7 @@ def tune(datasets: dict[str, Interactions], args) -> dict:
     out: dict = {"mf": {}, "als": {}, "confidence": {}}
     # ml is left out: its subsets cover it, and its rows would weigh twice.
     datasets = {k: v for k, v in datasets.items() if k != "ml"}
+    seeds = tuple(range(SEED, SEED + args.seeds))
     for name, data in datasets.items():
         outer_train, _ = split(data)
         fit_rows, valid = split(outer_train)
@@ -269,7 +286,10 @@ def tune(datasets: dict[str, Interactions], args) -> dict:
                 settings = {**DEFAULTS["implicit"], **grid}
                 settings.pop("epochs")
                 curves[json.dumps(grid)] = fit_mf_curve(binary, valid, loss, settings,
-                                                        args.max_epochs)
+                                                        args.max_epochs, seeds)
+        if args.mf_only:
+            print(f"[tune] {name} done", flush=True)
+            continue
         curves = out["als"].setdefault(name, {})
         for grid in ALS_GRID:
             _, curve, _ = fit_als(binary, grid, epochs=args.als_epochs, valid=valid)
@@ -302,20 +322,30 @@ def tune(datasets: dict[str, Interactions], args) -> dict:
                 settings = {**DEFAULTS["implicit"], **best, **extra}
                 settings.pop("epochs")
                 curves[json.dumps({**best, **extra})] = fit_mf_curve(
-                    positives(fit_rows), valid, loss, settings, args.max_epochs)
+                    positives(fit_rows), valid, loss, settings, args.max_epochs, seeds)
         key, epochs, value = choose(out["mf"][loss], names)
         report[loss] = (key, epochs, value)
         print(f"[tune] {loss} (with negatives/dim): {key} at {epochs} epochs, "
               f"mean relative NDCG {value:.3f}")
-    key, epochs, value = choose(out["als"], names, width=3)
-    report["als"] = (key, epochs, value)
-    print(f"[tune] als: {key} at {epochs} sweeps, mean relative NDCG {value:.3f}")
+        # What each seed alone would have chosen: a choice that moves with the seed rests
+        # on noise, and the mean over seeds above is the one to take.
+        if len(seeds) > 1:
+            for i, seed in enumerate(seeds):
+                key_i, epochs_i, value_i = choose(seed_view(out["mf"][loss], i), names)
+                print(f"[tune]   {loss}, seed {seed} alone: {key_i} at {epochs_i} epochs "
+                      f"({value_i:.3f})")
+    if out["als"]:
+        key, epochs, value = choose(out["als"], names, width=3)
+        report["als"] = (key, epochs, value)
+        print(f"[tune] als: {key} at {epochs} sweeps, mean relative NDCG {value:.3f}")
     if out["confidence"]:
         key, epochs, value = choose(out["confidence"], list(out["confidence"]), width=3)
         report["confidence"] = (key, epochs, value)
         print(f"[tune] count confidence: {key} at {epochs} sweeps, relative NDCG {value:.3f}")
     for kind, per_set in (("bpr", out["mf"]["bpr"]), ("bce", out["mf"]["bce"]),
                           ("als", out["als"])):
+        if kind not in report:
+            continue
         key, epochs, _ = report[kind]
         for name in names:
             point = next(p for p in per_set[name][key] if p["epochs"] == epochs)
@@ -479,6 +509,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-epochs", type=int, default=MAX_EPOCHS)
     parser.add_argument("--als-epochs", type=int, default=ALS_EPOCHS)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="--tune: runs per MF setting (seeds 0..N-1), curves averaged")
+    parser.add_argument("--mf-only", action="store_true", help="--tune: MF (BPR, BCE) only")
     parser.add_argument("--bpr-speed", action="store_true",
                         help="BPR speed and quality only, fastmf vs implicit")
     parser.add_argument("--repeats", type=int, default=3, help="runs per model (--bpr-speed)")
