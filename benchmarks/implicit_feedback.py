@@ -66,11 +66,13 @@ CHOSEN = {
 }
 
 # --tune grids. MF: lr x reg at 4 negatives and dim 64, validated after every epoch up to
-# MAX_EPOCHS; then negatives and dim around the best lr/reg. ALS: reg x alpha (binary
+# MAX_EPOCHS; then negatives and dim around the best lr/reg. The first search (lr {0.05,
+# 0.1} x reg {1e-4, 1e-3, 1e-2}, 30 epochs, one seed) chose lr 0.1, reg 1e-2 at 30 epochs,
+# the edge of the grid in all three, so the grid now reaches past them. ALS: reg x alpha (binary
 # confidence 1 + alpha) and frequency-scaled reg; the count set also tries the log
 # confidence of Interactions.with_confidence.
-MAX_EPOCHS = 30
-MF_GRID = [dict(lr=lr, reg=reg) for lr in (0.05, 0.1) for reg in (1e-4, 1e-3, 1e-2)]
+MAX_EPOCHS = 40
+MF_GRID = [dict(lr=lr, reg=reg) for lr in (0.05, 0.1, 0.2) for reg in (1e-3, 1e-2, 3e-2)]
 MF_SECOND = [dict(num_negatives=n) for n in (1, 8)] + [dict(dim=128)]
 ALS_EPOCHS = 20
 ALS_CHECKPOINTS = (2, 4, 6, 8, 10, 12, 15, 20)
