@@ -277,8 +277,10 @@ class Recommender(nn.Module):
     Class attributes: ``losses`` (what :func:`fastmf.fit` may train it with),
     ``default_loss``, ``defaults`` (``{"explicit": {...}, "implicit": {...}}`` of
     lr/reg/epochs/batch_size merged over fit's), ``dense_lr`` (the Adam learning rate of
-    parameters that are not embedding tables) and ``test_config`` (small constructor
-    kwargs for the protocol tests).
+    parameters that are not embedding tables), ``test_config`` (small constructor
+    kwargs for the protocol tests) and ``uses_timestamps`` (whether :meth:`batches` hands
+    :meth:`training_step` the interactions' timestamps; a model that never reads them sets
+    it False and skips their per-epoch shuffle).
     """
 
     losses: ClassVar[tuple[str, ...]] = KERNEL_LOSSES
@@ -286,6 +288,7 @@ class Recommender(nn.Module):
     defaults: ClassVar[dict] = {}
     dense_lr: ClassVar[float] = 1e-3
     test_config: ClassVar[dict] = {}
+    uses_timestamps: ClassVar[bool] = True
 
     # Filled from the training data (prepare / attach_data): raw-id maps, titles and
     # popularity for answers in raw ids and the cold-start fallback.
@@ -419,7 +422,7 @@ class Recommender(nn.Module):
         implicit = loss in IMPLICIT
         targets = None if implicit else ratings[order].to(self._param_dtype())
         timestamps = None
-        if train.timestamps is not None:
+        if train.timestamps is not None and self.uses_timestamps:
             stamps = train.timestamps
             if stamps.dtype.kind == "M":  # datetimes: seconds since the epoch
                 stamps = stamps.astype("datetime64[s]").astype(np.int64)
