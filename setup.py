@@ -65,7 +65,9 @@ def extension():
     with_cuda = _want_cuda()
     # csrc/fastmf.cpp (the schemas) and one translation unit per op family and device:
     # csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu (plus the CUDA helpers' own .cu files).
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # csrc/cpu/avx2/<family>.cpp build the same families again for AVX2 (csrc/cpu/isa.h).
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
+                     + glob.glob("csrc/cpu/avx2/*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     torch_version = torch.__version__.split("+")[0]
     macros = [("FASTMF_TORCH_VERSION", f'"{torch_version}"')]

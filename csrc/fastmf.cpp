@@ -121,6 +121,12 @@ TORCH_LIBRARY(fastmf, m) {
 }
 
 #ifndef FASTMF_NO_PYTHON
+namespace fastmf {
+// "avx2" or "baseline" (csrc/cpu/isa.h, defined in csrc/cpu/register.cpp). Weak: a library
+// built without the CPU kernels (tests/cuda_emulation) has none, and build_info says "none".
+[[gnu::weak]] const char* cpu_isa();
+}  // namespace fastmf
+
 namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
@@ -137,9 +143,10 @@ PyObject* build_info(PyObject*, PyObject*) {
   const bool with_openmp = false;
 #endif
   return Py_BuildValue(
-      "{s:s,s:O,s:O,s:s,s:i}", "torch_version", FASTMF_TORCH_VERSION, "cpu",
+      "{s:s,s:O,s:O,s:s,s:i,s:s}", "torch_version", FASTMF_TORCH_VERSION, "cpu",
       Py_True, "cuda", with_cuda ? Py_True : Py_False, "cuda_version", cuda_version,
-      "openmp", with_openmp ? 1 : 0);
+      "openmp", with_openmp ? 1 : 0, "cpu_isa",
+      fastmf::cpu_isa != nullptr ? fastmf::cpu_isa() : "none");
 }
 
 PyMethodDef methods[] = {

@@ -11,7 +11,10 @@ from fastmf.ops import available_backends, numba_available
 
 def build_info() -> dict:
     """version, the torch version the native kernels were built against, whether the CPU
-    and CUDA kernels were built (and why not), OpenMP threads, Numba availability.
+    and CUDA kernels were built (and why not), which build of the CPU kernels runs
+    (``cpu_isa``: "avx2", or "baseline" on CPUs without AVX2 or with the environment
+    variable ``FASTMF_CPU_ISA=baseline``; both give the same numbers), OpenMP threads,
+    Numba availability.
 
     >>> import fastmf
     >>> sorted(fastmf.build_info())[:3]
@@ -25,6 +28,7 @@ def build_info() -> dict:
         "cpu_kernels": bool(native.get("cpu")),
         "cuda_kernels": bool(native.get("cuda")),
         "cuda_version": native.get("cuda_version") or None,
+        "cpu_isa": native.get("cpu_isa"),
         "native_error": None if native_available() else LOAD_ERROR,
         "openmp": bool(native.get("openmp")),
         "num_threads": torch.get_num_threads(),

@@ -18,9 +18,10 @@
 #endif
 
 #include "../checks.h"
+#include "isa.h"
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 
 // Grows a scratch vector kept between calls (one per op and thread) and returns its storage.
 // Between calls it only shrinks through release_scratch.
@@ -154,5 +155,5 @@ class InPlace {
   at::Tensor work_;
 };
 
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf

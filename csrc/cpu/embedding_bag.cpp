@@ -42,6 +42,7 @@
 #include "../counter_hash.h"
 #include "../ops.h"
 #include "common.h"
+#include "isa.h"
 #include "segments.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -50,7 +51,7 @@
 #endif
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 namespace {
 
 // Occurrences per chunk of a hot run (see the file comment). Runs up to this length are
@@ -804,13 +805,21 @@ void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad
 }
 
 }  // namespace
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf
 
-TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
-  m.impl("embedding_bag_forward", &fastmf::cpu::embedding_bag_forward);
-  m.impl("embedding_bag_backward", &fastmf::cpu::embedding_bag_backward);
-  m.impl("sparse_update", &fastmf::sparse_update_op<fastmf::cpu::sparse_update>);
+namespace fastmf {
+namespace FASTMF_CPU_NS {
+
+// The family's CPU kernels; csrc/cpu/register.cpp registers this build's or the
+// AVX2 build's (csrc/cpu/isa.h).
+void register_embedding_bag(torch::Library& m) {
+  m.impl("embedding_bag_forward", &embedding_bag_forward);
+  m.impl("embedding_bag_backward", &embedding_bag_backward);
+  m.impl("sparse_update", &sparse_update_op<sparse_update>);
   m.impl("embedding_bag_backward_update",
-         &fastmf::embedding_bag_backward_update_op<fastmf::cpu::embedding_bag_backward_update>);
+         &embedding_bag_backward_update_op<embedding_bag_backward_update>);
 }
+
+}  // namespace FASTMF_CPU_NS
+}  // namespace fastmf

@@ -18,9 +18,10 @@
 #include "common.h"
 #include "segment_update.h"
 #include "segments.h"
+#include "isa.h"
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 namespace fused {
 
 constexpr int64_t kGrain = 256;
@@ -242,5 +243,5 @@ void step_from_old_rows(const SecondSide<T>& side, const FirstResults<T>& first,
 }
 
 }  // namespace fused
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf

@@ -35,9 +35,10 @@
 #include "fused_step.h"
 #include "segment_update.h"
 #include "segments.h"
+#include "isa.h"
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 namespace {
 
 using namespace fused;
@@ -353,12 +354,19 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
 }
 
 }  // namespace
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf
 
-TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
-  m.impl("train_step_pairwise",
-         &fastmf::train_step_pairwise_op<fastmf::cpu::train_step_pairwise>);
+namespace fastmf {
+namespace FASTMF_CPU_NS {
+
+// The family's CPU kernels; csrc/cpu/register.cpp registers this build's or the
+// AVX2 build's (csrc/cpu/isa.h).
+void register_pairwise(torch::Library& m) {
+  m.impl("train_step_pairwise", &train_step_pairwise_op<train_step_pairwise>);
   m.impl("train_step_pairwise_sampled",
-         &fastmf::train_step_pairwise_sampled_op<fastmf::cpu::train_step_pairwise_sampled>);
+         &train_step_pairwise_sampled_op<train_step_pairwise_sampled>);
 }
+
+}  // namespace FASTMF_CPU_NS
+}  // namespace fastmf

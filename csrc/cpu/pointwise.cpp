@@ -42,9 +42,10 @@
 #include "fused_step.h"
 #include "segment_update.h"
 #include "segments.h"
+#include "isa.h"
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 namespace {
 
 // ---------------------------------------------------------------------------------------
@@ -419,13 +420,21 @@ at::Tensor train_step(const StepTables& tables_in, const StepTables& states,
 }
 
 }  // namespace
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf
 
-TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
-  m.impl("mf_forward", &fastmf::cpu::mf_forward);
-  m.impl("mf_backward", &fastmf::cpu::mf_backward);
-  m.impl("sparse_adagrad_update", &fastmf::cpu::sparse_adagrad_update);
-  m.impl("sparse_sgd_update", &fastmf::cpu::sparse_sgd_update);
-  m.impl("train_step", &fastmf::train_step_op<fastmf::cpu::train_step>);
+namespace fastmf {
+namespace FASTMF_CPU_NS {
+
+// The family's CPU kernels; csrc/cpu/register.cpp registers this build's or the
+// AVX2 build's (csrc/cpu/isa.h).
+void register_pointwise(torch::Library& m) {
+  m.impl("mf_forward", &mf_forward);
+  m.impl("mf_backward", &mf_backward);
+  m.impl("sparse_adagrad_update", &sparse_adagrad_update);
+  m.impl("sparse_sgd_update", &sparse_sgd_update);
+  m.impl("train_step", &train_step_op<train_step>);
 }
+
+}  // namespace FASTMF_CPU_NS
+}  // namespace fastmf

@@ -15,9 +15,10 @@
 #include "../codes.h"
 #include "common.h"
 #include "segments.h"
+#include "isa.h"
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 
 constexpr Optimizer kSgd = Optimizer::kSgd;
 constexpr Optimizer kAdagrad = Optimizer::kAdagrad;
@@ -103,5 +104,5 @@ void update_segments(T* weight, T* state, int64_t width, bool scalar_rows, bool 
   });
 }
 
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf

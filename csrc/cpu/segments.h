@@ -11,9 +11,10 @@
 #include <cstdint>
 #include <utility>
 #include <vector>
+#include "isa.h"
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 
 struct RowGroups {
   // Batch positions grouped by id, ascending id, ascending position within an id.
@@ -146,5 +147,5 @@ inline void group_rows(const int64_t* ids, int64_t n, int64_t num_rows, RowGroup
   g.starts[groups] = static_cast<int32_t>(n);
 }
 
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf

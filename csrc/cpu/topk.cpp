@@ -43,9 +43,10 @@
 #endif
 
 #include "../checks.h"
+#include "isa.h"
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 namespace {
 
 constexpr const char* kOp = "topk_scores";
@@ -665,7 +666,15 @@ std::tuple<at::Tensor, at::Tensor> topk_scores(
 }
 
 }  // namespace
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf
 
-TORCH_LIBRARY_IMPL(fastmf, CPU, m) { m.impl("topk_scores", &fastmf::cpu::topk_scores); }
+namespace fastmf {
+namespace FASTMF_CPU_NS {
+
+// The family's CPU kernels; csrc/cpu/register.cpp registers this build's or the
+// AVX2 build's (csrc/cpu/isa.h).
+void register_topk(torch::Library& m) { m.impl("topk_scores", &topk_scores); }
+
+}  // namespace FASTMF_CPU_NS
+}  // namespace fastmf

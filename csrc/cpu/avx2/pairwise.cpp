@@ -1,0 +1,10 @@
+// csrc/cpu/pairwise.cpp built for AVX2, into namespace fastmf::cpu_avx2 (csrc/cpu/isa.h).
+#define FASTMF_CPU_NS cpu_avx2
+#include "../isa.h"
+
+#if FASTMF_CPU_AVX2
+#include "prelude.h"
+
+#pragma GCC target("avx2")
+#include "../pairwise.cpp"
+#endif
