@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
 
 import torch
 
@@ -50,6 +52,22 @@ def _load():
         )
         return
     _C = module
+    _check_cpu_isa(info.get("cpu_isa"))
+
+
+def _check_cpu_isa(chosen: str | None) -> None:
+    """Warns when FASTMF_CPU_ISA asks for something the library did not do (csrc/cpu/isa.h:
+    only "baseline" changes the choice; "auto", "avx2" or unset take AVX2 where the CPU has
+    it)."""
+    wanted = os.environ.get("FASTMF_CPU_ISA")
+    if wanted is None or chosen is None:
+        return
+    if wanted not in ("", "auto", "avx2", "baseline"):
+        warnings.warn(f"FASTMF_CPU_ISA={wanted!r} is not one of 'auto', 'avx2', 'baseline'; "
+                      f"ignored: the {chosen} CPU kernels run", RuntimeWarning, stacklevel=2)
+    elif wanted == "avx2" and chosen != "avx2":
+        warnings.warn("FASTMF_CPU_ISA='avx2', but this CPU (or this build) has no AVX2 "
+                      "kernels: the baseline CPU kernels run", RuntimeWarning, stacklevel=2)
 
 
 _load()

@@ -157,3 +157,19 @@ def test_avx_code_only_behind_a_cpu_check():
                 offenders.add(name)
     assert checked > 0, "no AVX instruction at all: is the AVX2 build missing?"
     assert not offenders, sorted(offenders)[:10]
+
+
+@pytest.mark.parametrize("value, warns", [("bogus", "is not one of"), ("baseline", None),
+                                          ("auto", None)])
+def test_an_unknown_choice_is_named(value, warns):
+    env = {**os.environ, "FASTMF_CPU_ISA": value}
+    code = ("import warnings; warnings.simplefilter('error'); import fastmf; "
+            "print(fastmf.build_info()['cpu_isa'])")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=120)
+    if warns is None:
+        assert result.returncode == 0, result.stderr
+        expected = "baseline" if value == "baseline" or not cpu_has_avx2() else "avx2"
+        assert result.stdout.split()[-1] == expected
+    else:
+        assert result.returncode != 0 and warns in result.stderr, result.stderr

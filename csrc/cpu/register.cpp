@@ -1,6 +1,8 @@
 // Registers the CPU kernels of every op family, each family from the build that suits this
-// CPU (csrc/cpu/isa.h): the AVX2 one where __builtin_cpu_supports("avx2") says so, unless
-// the environment variable FASTMF_CPU_ISA is "baseline".
+// CPU (csrc/cpu/isa.h): the AVX2 one where __builtin_cpu_supports("avx2") says so (which
+// also checks that the OS saves the AVX registers), unless the environment variable
+// FASTMF_CPU_ISA is "baseline". fastmf/_extension.py warns about any other value than
+// "auto" or "avx2", and about "avx2" where the AVX2 build is not used.
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -36,18 +38,21 @@ bool use_avx2() {
 #endif
 }
 
+// Decided once, on first use (the registration below, when the library loads).
+bool avx2_kernels() {
+  static const bool avx2 = use_avx2();
+  return avx2;
+}
+
 }  // namespace
 
-const char* cpu_isa() {
-  static const bool avx2 = use_avx2();
-  return avx2 ? "avx2" : "baseline";
-}
+const char* cpu_isa() { return avx2_kernels() ? "avx2" : "baseline"; }
 
 }  // namespace fastmf
 
 TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
 #if FASTMF_CPU_AVX2
-  if (fastmf::cpu_isa()[0] == 'a') {
+  if (fastmf::avx2_kernels()) {
     fastmf::cpu_avx2::register_pointwise(m);
     fastmf::cpu_avx2::register_pairwise(m);
     fastmf::cpu_avx2::register_embedding_bag(m);
