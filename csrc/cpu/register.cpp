@@ -21,7 +21,6 @@ void register_topk(torch::Library& m);
 namespace cpu_avx2 {
 void register_pointwise(torch::Library& m);
 void register_pairwise(torch::Library& m);
-void register_embedding_bag(torch::Library& m);
 }  // namespace cpu_avx2
 #endif
 
@@ -55,7 +54,7 @@ TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
   if (fastmf::avx2_kernels()) {
     fastmf::cpu_avx2::register_pointwise(m);
     fastmf::cpu_avx2::register_pairwise(m);
-    fastmf::cpu_avx2::register_embedding_bag(m);
+    fastmf::cpu::register_embedding_bag(m);
     fastmf::cpu::register_topk(m);
     return;
   }

@@ -1,4 +1,4 @@
-// Everything the CPU families include from outside fastmf's own CPU code, included by
+// Everything the AVX2-built families include from outside fastmf's own CPU code, included by
 // csrc/cpu/avx2/<family>.cpp before its target("avx2") pragma so that all of it is compiled
 // for the x86-64 baseline (csrc/cpu/isa.h says why). A family that includes a new outside
 // header adds it here too.
