@@ -93,7 +93,7 @@ class MF(FactorTables, Recommender):
 
     # Checkpoints of MF and its subclasses use the MF format (fastmf.checkpoint).
     checkpoint_format: ClassVar[str] = "mf"
-    # The fused steps never read them: shuffling them cost ~5 % of a BPR epoch.
+    # The fused steps never read them, so batches() need not shuffle them every epoch.
     uses_timestamps: ClassVar[bool] = False
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64, *, bias: bool = True,

@@ -50,7 +50,6 @@ for dtype in (torch.float32, torch.float64):
         out[f"mse loss {name} {step}"] = fastmf.train_step(model, opt, users, items, ratings,
                                                           loss="mse", reg=0.02)
     indptr = torch.from_numpy(np.arange(0, 3001, 10))
-    indices = torch.from_numpy(np.sort(rng.integers(0, 200, (300, 10)), 1).reshape(-1))
     row_ok = torch.from_numpy(np.sort(np.stack([rng.choice(200, 10, replace=False)
                                                 for _ in range(300)]), 1).reshape(-1))
     from fastmf.step import train_step_pairwise_sampled

@@ -811,8 +811,8 @@ void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad
 namespace fastmf {
 namespace FASTMF_CPU_NS {
 
-// The family's CPU kernels; csrc/cpu/register.cpp registers this build's or the
-// AVX2 build's (csrc/cpu/isa.h).
+// The family's CPU kernels, registered by csrc/cpu/register.cpp (one build only: see
+// csrc/cpu/isa.h).
 void register_embedding_bag(torch::Library& m) {
   m.impl("embedding_bag_forward", &embedding_bag_forward);
   m.impl("embedding_bag_backward", &embedding_bag_backward);

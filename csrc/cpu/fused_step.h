@@ -16,9 +16,9 @@
 #include "../args.h"
 #include "../codes.h"
 #include "common.h"
+#include "isa.h"
 #include "segment_update.h"
 #include "segments.h"
-#include "isa.h"
 
 namespace fastmf {
 namespace FASTMF_CPU_NS {

@@ -40,9 +40,9 @@
 #include "../ops.h"
 #include "common.h"
 #include "fused_step.h"
+#include "isa.h"
 #include "segment_update.h"
 #include "segments.h"
-#include "isa.h"
 
 namespace fastmf {
 namespace FASTMF_CPU_NS {

@@ -54,13 +54,13 @@ TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
   if (fastmf::avx2_kernels()) {
     fastmf::cpu_avx2::register_pointwise(m);
     fastmf::cpu_avx2::register_pairwise(m);
-    fastmf::cpu::register_embedding_bag(m);
-    fastmf::cpu::register_topk(m);
-    return;
-  }
+  } else
 #endif
-  fastmf::cpu::register_pointwise(m);
-  fastmf::cpu::register_pairwise(m);
+  {
+    fastmf::cpu::register_pointwise(m);
+    fastmf::cpu::register_pairwise(m);
+  }
+  // Built once (csrc/cpu/isa.h).
   fastmf::cpu::register_embedding_bag(m);
   fastmf::cpu::register_topk(m);
 }

@@ -14,8 +14,8 @@
 
 #include "../codes.h"
 #include "common.h"
-#include "segments.h"
 #include "isa.h"
+#include "segments.h"
 
 namespace fastmf {
 namespace FASTMF_CPU_NS {

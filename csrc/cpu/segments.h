@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <utility>
 #include <vector>
+
 #include "isa.h"
 
 namespace fastmf {

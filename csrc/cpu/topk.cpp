@@ -672,8 +672,8 @@ std::tuple<at::Tensor, at::Tensor> topk_scores(
 namespace fastmf {
 namespace FASTMF_CPU_NS {
 
-// The family's CPU kernels; csrc/cpu/register.cpp registers this build's or the
-// AVX2 build's (csrc/cpu/isa.h).
+// The family's CPU kernels, registered by csrc/cpu/register.cpp (one build only: see
+// csrc/cpu/isa.h).
 void register_topk(torch::Library& m) { m.impl("topk_scores", &topk_scores); }
 
 }  // namespace FASTMF_CPU_NS
