@@ -72,6 +72,18 @@ struct SampledPairwiseBatch {
   double reg;
 };
 
+// train_step_sampled's batch: the positives and their CSR as in SampledPairwiseBatch; each
+// positive is a row labelled 1, each of its num_negatives negatives a row labelled 0, the
+// rows scored as in PointwiseBatch.
+struct SampledPointwiseBatch {
+  at::Tensor users, pos_items;          // (B,) each
+  at::Tensor pos_indptr, pos_indices;   // (U + 1,), (nnz,)
+  int64_t num_negatives, seed, step;
+  double global_mean;
+  Loss loss;
+  double reg;
+};
+
 // The settings of one exact sparse step of the embedding_bag family (sparse_update,
 // embedding_bag_backward_update; fastmf.ops.RowOptimizerArgs). `step` counts this step
 // (>= 1): Adam's bias correction and the stochastic-rounding counter read it.

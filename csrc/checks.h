@@ -324,14 +324,16 @@ inline void check_train_step_pairwise(const char* op, const StepTables& tables,
                              {"item_bias_state", adagrad ? &states.item_bias : &none}});
 }
 
-// train_step_pairwise_sampled (fastmf/ops/checks.py check_train_step_pairwise_sampled):
-// the tables and positives as train_step_pairwise, the CSR's structure and the counts. The
-// row pointers' values are checked by the kernels for the batch's users only (a full pass
-// over them every step would cost more than the step).
-inline void check_train_step_pairwise_sampled(const char* op, const StepTables& tables,
-                                              const StepTables& states,
-                                              const SampledPairwiseBatch& batch,
-                                              const OptimizerArgs& opt) {
+// What the two sampled steps share (fastmf/ops/checks.py _check_sampled): the tables and
+// positives, the CSR's structure and the counts. positive_rows is 0 when each positive
+// becomes its num_negatives pairs (train_step_pairwise_sampled), 1 when it also keeps a
+// row of its own (train_step_sampled). The row pointers' values are checked by the kernels
+// for the batch's users only (a full pass over them every step would cost more than the
+// step).
+template <typename Batch>
+inline void check_sampled(const char* op, const StepTables& tables, const StepTables& states,
+                          const Batch& batch, const OptimizerArgs& opt,
+                          int64_t positive_rows) {
   TORCH_CHECK_VALUE(batch.num_negatives >= 1, "fastmf.", op, ": num_negatives must be >= 1, ",
                     "got ", batch.num_negatives);
   check_optimizer_args(op, opt);
@@ -347,14 +349,29 @@ inline void check_train_step_pairwise_sampled(const char* op, const StepTables& 
   TORCH_CHECK_VALUE(batch.pos_indptr.size(0) == num_users + 1, "fastmf.", op, ": pos_indptr has ",
                     batch.pos_indptr.size(0), " entries, expected num_users + 1 = ",
                     num_users + 1);
-  constexpr int64_t kMaxItems = (int64_t{1} << 31) - 1, kMaxPairs = (int64_t{1} << 30) - 1;
+  constexpr int64_t kMaxItems = (int64_t{1} << 31) - 1, kMaxRows = (int64_t{1} << 30) - 1;
   TORCH_CHECK_VALUE(num_items <= kMaxItems, "fastmf.", op, ": item_factors has ", num_items,
                     " rows; sampling supports at most ", kMaxItems);
-  const int64_t b = batch.users.size(0);
-  TORCH_CHECK_VALUE(b <= kMaxPairs / batch.num_negatives, "fastmf.", op, ": ", b,
-                    " positives x ", batch.num_negatives, " negatives = ",
-                    b * batch.num_negatives, " pairs; at most ", kMaxPairs, " are supported");
+  const int64_t b = batch.users.size(0), per = batch.num_negatives + positive_rows;
+  if (positive_rows == 0) {
+    TORCH_CHECK_VALUE(b <= kMaxRows / per, "fastmf.", op, ": ", b, " positives x ",
+                      batch.num_negatives, " negatives = ", b * per, " pairs; at most ",
+                      kMaxRows, " are supported");
+  } else {
+    TORCH_CHECK_VALUE(b <= kMaxRows / per, "fastmf.", op, ": ", b, " positives x (1 + ",
+                      batch.num_negatives, " negatives) = ", b * per, " rows; at most ",
+                      kMaxRows, " are supported");
+  }
   check_states(op, tables, states, opt.optimizer);
+}
+
+// train_step_pairwise_sampled: the shared checks; user_bias and its state are never touched
+// (as in train_step_pairwise), so they may share memory.
+inline void check_train_step_pairwise_sampled(const char* op, const StepTables& tables,
+                                              const StepTables& states,
+                                              const SampledPairwiseBatch& batch,
+                                              const OptimizerArgs& opt) {
+  check_sampled(op, tables, states, batch, opt, /*positive_rows=*/0);
   const bool adagrad = opt.optimizer != Optimizer::kSgd;
   const at::Tensor none;
   check_separate_memory(op, {{"user_factors", &tables.user_factors},
@@ -362,6 +379,24 @@ inline void check_train_step_pairwise_sampled(const char* op, const StepTables& 
                              {"item_bias", &tables.item_bias},
                              {"user_factors_state", adagrad ? &states.user_factors : &none},
                              {"item_factors_state", adagrad ? &states.item_factors : &none},
+                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
+}
+
+// train_step_sampled: the shared checks; every table and state is written, as in train_step.
+inline void check_train_step_sampled(const char* op, const StepTables& tables,
+                                     const StepTables& states,
+                                     const SampledPointwiseBatch& batch,
+                                     const OptimizerArgs& opt) {
+  check_sampled(op, tables, states, batch, opt, /*positive_rows=*/1);
+  const bool adagrad = opt.optimizer != Optimizer::kSgd;
+  const at::Tensor none;
+  check_separate_memory(op, {{"user_factors", &tables.user_factors},
+                             {"item_factors", &tables.item_factors},
+                             {"user_bias", &tables.user_bias},
+                             {"item_bias", &tables.item_bias},
+                             {"user_factors_state", adagrad ? &states.user_factors : &none},
+                             {"item_factors_state", adagrad ? &states.item_factors : &none},
+                             {"user_bias_state", adagrad ? &states.user_bias : &none},
                              {"item_bias_state", adagrad ? &states.item_bias : &none}});
 }
 

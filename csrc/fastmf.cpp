@@ -80,6 +80,19 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
       "Tensor pos_indices, int num_negatives, int seed, int step, int loss, float reg, "
       "int optimizer, float lr, float eps) -> Tensor");
+  // train_step on the positives, each a row labelled 1, and num_negatives (>= 1) uniform
+  // negatives per positive, each a row labelled 0, drawn in the op as
+  // train_step_pairwise_sampled draws them. Exactly train_step on users ++
+  // users.repeat_interleave(num_negatives), pos_items ++ negatives, ones ++ zeros
+  // (fastmf/ops/reference/pointwise.py train_step_sampled); loss is a Loss code (bce for
+  // implicit feedback).
+  m.def(
+      "train_step_sampled(Tensor(a!) user_factors, Tensor(b!) item_factors, "
+      "Tensor(c!)? user_bias, Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, "
+      "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
+      "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
+      "Tensor pos_indices, int num_negatives, int seed, int step, float global_mean, "
+      "int loss, float reg, int optimizer, float lr, float eps) -> Tensor");
   // Exact top-k of item_bias[i] + <queries[b], item_factors[i]> per query: (scores (B, k),
   // indices (B, k) int64), best first, ties to the lower index; exclude_* is a CSR of items
   // to leave out per query, candidates restricts the items; short rows pad with -inf / -1.

@@ -13,6 +13,9 @@ from fastmf import checkpoint, ops
 from fastmf.ops import checks, native
 from fastmf.recommender import IMPLICIT, Batch, FactorTables, Recommender
 
+# The fused op that draws its own uniform negatives, per implicit loss.
+_SAMPLED_OPS = {"bpr": "train_step_pairwise_sampled", "bce": "train_step_sampled"}
+
 
 def sparse_rows_grad(ids: Tensor, rows: Tensor, shape) -> Tensor:
     """The gradient ``nn.Embedding(sparse=True)`` produces: an uncoalesced COO tensor with
@@ -239,27 +242,39 @@ class MF(FactorTables, Recommender):
                          "'rowwise_adagrad', 'sgd' or a fastmf.optim optimizer")
 
     def draws_negatives(self, loss: str) -> bool:
-        """bpr with uniform negatives runs as one fused op per batch that draws them
-        (:func:`fastmf.step.train_step_pairwise_sampled`), where the backend has it."""
-        return loss == "bpr" and (self._backend != "native" or native.has_kernel(
-            self.user_factors.device, "train_step_pairwise_sampled"))
+        """bpr and bce with uniform negatives run as one fused op per batch that draws them
+        (:func:`fastmf.step.train_step_pairwise_sampled`,
+        :func:`fastmf.step.train_step_sampled`), where the backend has it."""
+        op = _SAMPLED_OPS.get(loss)
+        return op is not None and (self._backend != "native" or native.has_kernel(
+            self.user_factors.device, op))
 
     def training_step(self, batch: Batch, optimizer, *, loss: str,
                       reg: float) -> tuple[Tensor, int]:
         """One fused step (:func:`fastmf.train_step`; :func:`fastmf.train_step_pairwise`
-        for bpr, each positive against each of its negatives, or
-        :func:`fastmf.step.train_step_pairwise_sampled` when the batch leaves the uniform
-        negatives to the step)."""
-        from fastmf.step import train_step, train_step_pairwise, train_step_pairwise_sampled
+        for bpr, each positive against each of its negatives; or, when the batch leaves the
+        uniform negatives to the step, :func:`fastmf.step.train_step_pairwise_sampled` for
+        bpr and :func:`fastmf.step.train_step_sampled` for bce)."""
+        from fastmf.step import (
+            train_step,
+            train_step_pairwise,
+            train_step_pairwise_sampled,
+            train_step_sampled,
+        )
 
         u, i = batch.users, batch.items
         if loss not in IMPLICIT:
             return train_step(self, optimizer, u, i, batch.targets, loss=loss, reg=reg), len(u)
         draw = batch.draw
-        if draw is not None and loss == "bpr":
-            return train_step_pairwise_sampled(
-                self, optimizer, u, i, draw.indptr, draw.indices, draw.num_negatives,
-                seed=draw.seed, step=draw.step, reg=reg), len(u) * draw.num_negatives
+        if draw is not None:
+            k = draw.num_negatives
+            if loss == "bpr":
+                return train_step_pairwise_sampled(
+                    self, optimizer, u, i, draw.indptr, draw.indices, k, seed=draw.seed,
+                    step=draw.step, reg=reg), len(u) * k
+            return train_step_sampled(self, optimizer, u, i, draw.indptr, draw.indices, k,
+                                      seed=draw.seed, step=draw.step, loss=loss,
+                                      reg=reg), len(u) * (1 + k)
         neg = batch.negatives
         k = neg.shape[1]
         if loss == "bpr":

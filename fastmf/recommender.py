@@ -87,10 +87,11 @@ class FactorTables:
 
 
 class NegativeDraw(NamedTuple):
-    """Uniform negatives left for the training step to draw (:class:`fastmf.MF` with bpr:
-    the fused ``train_step_pairwise_sampled`` op): ``num_negatives`` per positive against
-    the positives' CSR (``indptr``, ``indices``), from (``seed``, ``step``) — the same items
-    :meth:`fastmf.data.NegativeSampler.sample_step` returns."""
+    """Uniform negatives left for the training step to draw (:class:`fastmf.MF`: the fused
+    ``train_step_pairwise_sampled`` op for bpr, ``train_step_sampled`` for bce):
+    ``num_negatives`` per positive against the positives' CSR (``indptr``, ``indices``),
+    from (``seed``, ``step``) — the same items :meth:`fastmf.data.NegativeSampler.sample_step`
+    returns."""
 
     indptr: Tensor
     indices: Tensor

@@ -161,3 +161,35 @@ def train_step_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_indp
         return kernels.train_step_pairwise_sampled(_detached(model), states, users, pos_items,
                                                    pos_indptr, pos_indices, num_negatives,
                                                    seed, step, code, float(reg), settings)
+
+
+def train_step_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_indices,
+                       num_negatives: int, *, seed: int, step: int, loss: str = "bce",
+                       reg: float = 0.0) -> Tensor:
+    """:func:`train_step` on each positive (label 1) and ``num_negatives`` uniform negatives
+    per positive (label 0) drawn inside the fused op, as
+    :func:`train_step_pairwise_sampled` draws them: uniform over the items outside the
+    user's row of the positives' CSR (``pos_indptr`` (U+1,), ``pos_indices``, rows sorted
+    and distinct, e.g. :meth:`fastmf.data.NegativeSampler.csr`), counter-based in
+    (``seed``, ``step``), the items of :meth:`fastmf.data.NegativeSampler.sample_step`. One
+    kernel call, no sampling pass; the loss (``"bce"`` for implicit feedback) is the mean
+    over the B * (1 + num_negatives) rows, the positives' rows first.
+
+    >>> import torch, fastmf
+    >>> model = fastmf.MF(3, 5, dim=4)
+    >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    >>> indptr, indices = torch.tensor([0, 2, 3, 3]), torch.tensor([0, 4, 1])
+    >>> loss = train_step_sampled(model, opt, torch.tensor([0, 1]), torch.tensor([0, 1]),
+    ...                           indptr, indices, 2, seed=0, step=0)
+    """
+    op = "train_step_sampled"
+    code = _parse_loss(Loss, loss, op)
+    settings, states = _fused_optimizer(model, optimizer)
+    optimizer.check_groups()
+    users = model.as_ids(users, "users")
+    pos_items = model.as_ids(pos_items, "pos_items")
+    kernels = ops.kernels(model.backend, model.user_factors.device, kernel=op)
+    with torch.no_grad():
+        return kernels.train_step_sampled(_detached(model), states, users, pos_items,
+                                          pos_indptr, pos_indices, num_negatives, seed, step,
+                                          model.mu, code, float(reg), settings)

@@ -441,7 +441,10 @@ def check_pairwise_bad_samples(target, what):
 
 
 # ----------------------------------------------------------------------------------------
-# train_step_pairwise_sampled
+# The sampled steps: train_step_pairwise_sampled (BPR) and train_step_sampled (BCE)
+
+SAMPLED_OPS = ("train_step_pairwise_sampled", "train_step_sampled")
+SAMPLED_MU = 0.125
 
 
 def make_positive_csr(num_users, num_items, *, seed, id_dtype=torch.int64):
@@ -458,16 +461,30 @@ def make_positive_csr(num_users, num_items, *, seed, id_dtype=torch.int64):
             torch.from_numpy(np.concatenate(rows)).to(id_dtype))
 
 
-def sampled_step(target, tables, users, pos, csr, k, seed, step, reg, optimizer):
-    return target.ops.train_step_pairwise_sampled(
-        *tables, *target.to(users, pos, *csr), k, seed, step, BPR, reg,
-        optimizer_code(optimizer), LR, EPS)
+def sampled_step(target, tables, users, pos, csr, k, seed, step, reg, optimizer,
+                 op="train_step_pairwise_sampled"):
+    ids = target.to(users, pos, *csr)
+    if op == "train_step_pairwise_sampled":
+        return target.ops.train_step_pairwise_sampled(
+            *tables, *ids, k, seed, step, BPR, reg, optimizer_code(optimizer), LR, EPS)
+    return target.ops.train_step_sampled(*tables, *ids, k, seed, step, SAMPLED_MU,
+                                         int(Loss.BCE), reg, optimizer_code(optimizer), LR,
+                                         EPS)
 
 
-def run_pairwise_sampled(target, optimizer, batch, k, dtype=torch.float32,
-                         id_dtype=torch.int64, steps=2, num_users=80, num_items=40, dim=16):
-    """The step that draws its own negatives against the reference's: the negatives are
-    integer hashes, so the same items, and then the same step."""
+def reference_sampled(op, tables, states, users, pos, csr, k, seed, step, reg, opt):
+    if op == "train_step_pairwise_sampled":
+        return reference.train_step_pairwise_sampled(tables, states, users, pos, *csr, k, seed,
+                                                     step, PairwiseLoss.BPR, reg, opt)
+    return reference.train_step_sampled(tables, states, users, pos, *csr, k, seed, step,
+                                        SAMPLED_MU, Loss.BCE, reg, opt)
+
+
+def run_sampled(target, op, optimizer, batch, k, dtype=torch.float32, id_dtype=torch.int64,
+                steps=2, num_users=80, num_items=40, dim=16):
+    """A step that draws its own negatives (``op``, one of SAMPLED_OPS) against the
+    reference's: the negatives are integer hashes, so the same items, and then the same
+    step."""
     p, q, bu, bi = make_tables(num_users, num_items, dim, dtype=dtype, seed=9)
     expected = list(clone_all(p, q, bu, bi)) + list(make_states(optimizer, p, q, bu, bi))
     got = list(target.to(*clone_all(*expected)))
@@ -476,9 +493,9 @@ def run_pairwise_sampled(target, optimizer, batch, k, dtype=torch.float32,
         users, pos, _ = make_triples(num_users, num_items, batch, seed=20 + step,
                                      user_dtype=id_dtype, item_dtype=id_dtype)
         tables, states, opt = reference_bundles(expected, optimizer)
-        exp_loss = reference.train_step_pairwise_sampled(tables, states, users, pos, *csr, k,
-                                                         -7, step, PairwiseLoss.BPR, 0.01, opt)
-        got_loss = sampled_step(target, got, users, pos, csr, k, -7, step, 0.01, optimizer)
+        exp_loss = reference_sampled(op, tables, states, users, pos, csr, k, -7, step, 0.01,
+                                     opt)
+        got_loss = sampled_step(target, got, users, pos, csr, k, -7, step, 0.01, optimizer, op)
         assert got_loss.shape == () and got_loss.dtype == dtype
         assert_close(got_loss, exp_loss, dtype)
     target.check_errors()
@@ -487,9 +504,10 @@ def run_pairwise_sampled(target, optimizer, batch, k, dtype=torch.float32,
             assert_close(g, e, dtype)
 
 
-def check_pairwise_sampled_bad_rows(target, what):
+def check_sampled_bad_rows(target, op, what):
     """A user with every item among its positives, or a row past the end of pos_indices:
-    recorded (ValueError from check_errors), the pair left out, no NaN in the tables."""
+    recorded under ``op`` (ValueError from check_errors), the pair left out, no NaN in the
+    tables."""
     clear_errors(target)
     p, q, bu, bi = make_tables(30, 20, 8, seed=3)
     indptr, indices = make_positive_csr(30, 20, seed=4)
@@ -500,14 +518,14 @@ def check_pairwise_sampled_bad_rows(target, what):
         indices = torch.cat([indices[:start], torch.arange(20), indices[int(indptr[3]):]])
         indptr = indptr.clone()
         indptr[3:] += 20 - int(indptr[3] - indptr[2])
-        pattern = r"train_step_pairwise_sampled: user 2 has 20 positives of 20 items"
+        pattern = rf"{op}: user 2 has 20 positives of 20 items"
     else:
         indptr = indptr.clone()
         indptr[3] = len(indices) + 5
-        pattern = r"train_step_pairwise_sampled: pos_indptr gives user \d+ the row"
+        pattern = rf"{op}: pos_indptr gives user \d+ the row"
     tables = list(target.to(p, q, bu, bi)) + list(target.to(*make_states("adagrad", p, q, bu,
                                                                            bi)))
-    sampled_step(target, tables, users, pos, (indptr, indices), 2, 0, 0, 0.01, "adagrad")
+    sampled_step(target, tables, users, pos, (indptr, indices), 2, 0, 0, 0.01, "adagrad", op)
     for t in tables:
         assert torch.isfinite(t.cpu()).all()
     with pytest.raises(ValueError, match=pattern):

@@ -192,20 +192,23 @@ def test_train_step_pairwise_host_side_errors(emu):
     cases.check_pairwise_host_side_errors(emu)
 
 
+@pytest.mark.parametrize("op", cases.SAMPLED_OPS)
 @pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
 @pytest.mark.parametrize("batch,k", [(0, 2), (1, 1), (7, 3), (300, 4)])
-def test_train_step_pairwise_sampled(emu, optimizer, batch, k):
-    cases.run_pairwise_sampled(emu, optimizer, batch, k)
+def test_sampled_steps(emu, op, optimizer, batch, k):
+    cases.run_sampled(emu, op, optimizer, batch, k)
 
 
+@pytest.mark.parametrize("op", cases.SAMPLED_OPS)
 @pytest.mark.parametrize("dtype,id_dtype", [(torch.float64, torch.int32)])
-def test_train_step_pairwise_sampled_dtypes(emu, dtype, id_dtype):
-    cases.run_pairwise_sampled(emu, "adagrad", 130, 2, dtype=dtype, id_dtype=id_dtype)
+def test_sampled_steps_dtypes(emu, op, dtype, id_dtype):
+    cases.run_sampled(emu, op, "adagrad", 130, 2, dtype=dtype, id_dtype=id_dtype)
 
 
+@pytest.mark.parametrize("op", cases.SAMPLED_OPS)
 @pytest.mark.parametrize("what", ["full", "row"])
-def test_train_step_pairwise_sampled_bad_rows(emu, what):
-    cases.check_pairwise_sampled_bad_rows(emu, what)
+def test_sampled_steps_bad_rows(emu, op, what):
+    cases.check_sampled_bad_rows(emu, op, what)
 
 
 # topk_scores: 1 query takes the narrow tile (3000 items: 12 tiles of 256, split over 4

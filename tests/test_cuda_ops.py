@@ -307,15 +307,17 @@ def test_pairwise_cpu_and_cuda_agree():
         cases.assert_close(a, b, torch.float32)
 
 
+@pytest.mark.parametrize("op", cases.SAMPLED_OPS)
 @pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
 @pytest.mark.parametrize("batch,k", [(0, 2), (1, 1), (4096, 4)])
-def test_train_step_pairwise_sampled(optimizer, batch, k):
-    cases.run_pairwise_sampled(CUDA, optimizer, batch, k, num_users=2000, num_items=500)
+def test_sampled_steps(op, optimizer, batch, k):
+    cases.run_sampled(CUDA, op, optimizer, batch, k, num_users=2000, num_items=500)
 
 
+@pytest.mark.parametrize("op", cases.SAMPLED_OPS)
 @pytest.mark.parametrize("what", ["full", "row"])
-def test_train_step_pairwise_sampled_bad_rows(what):
-    cases.check_pairwise_sampled_bad_rows(CUDA, what)
+def test_sampled_steps_bad_rows(op, what):
+    cases.check_sampled_bad_rows(CUDA, op, what)
 
 
 def test_fastmf_train_step_pairwise_on_cuda():

@@ -1,5 +1,6 @@
 // The pointwise family on the CPU: mf_forward, mf_backward, sparse_adagrad_update,
-// sparse_sgd_update and the fused train_step. csrc/cuda/pointwise.cu is the same family on
+// sparse_sgd_update, the fused train_step and train_step_sampled (the same step on each
+// positive and the uniform negatives it draws, sampled.h). csrc/cuda/pointwise.cu is the same family on
 // the GPU.
 //
 // mf_forward and mf_backward are gathers plus one K-length dot product or scale per
@@ -30,6 +31,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -41,6 +43,7 @@
 #include "common.h"
 #include "fused_step.h"
 #include "isa.h"
+#include "sampled.h"
 #include "segment_update.h"
 #include "segments.h"
 
@@ -349,28 +352,14 @@ Workspace& workspace() {
   return ws;
 }
 
-// After the shared checks of the op boundary (csrc/ops.h).
-at::Tensor train_step(const StepTables& tables_in, const StepTables& states,
-                      const PointwiseBatch& in, const OptimizerArgs& opt) {
-  const char* op = "train_step";
+// The step on the B rows ws.users[0, B), ws.items[0, B) against targets (B,), contiguous,
+// like the weights, finite.
+at::Tensor run_pointwise(const StepTables& tables_in, const StepTables& states, Workspace& ws,
+                         int64_t batch, const at::Tensor& t, double global_mean, Loss loss,
+                         double reg, const OptimizerArgs& opt) {
   const at::Tensor& user_factors = tables_in.user_factors;
   const at::Tensor& item_factors = tables_in.item_factors;
-  const at::Tensor& users = in.users;
-  const at::Tensor& items = in.items;
-  const double reg = in.reg, lr = opt.lr, eps = opt.eps;
-  TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 31), "fastmf.", op, ": batch of ",
-                    users.size(0), " samples; at most 2^31 - 1 are supported");
-  const at::Tensor t = in.targets.contiguous();
-  Workspace& ws = workspace();
-  const TrimOnExit<Workspace> trim(ws);
-  load_ids(op, "users", users.contiguous(), user_factors.size(0), ws.users);
-  load_ids(op, "items", items.contiguous(), item_factors.size(0), ws.items);
-  const int64_t batch = users.size(0);
-  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
-    check_finite(op, "targets", t.data_ptr<scalar_t>(), batch);
-  });
-  if (batch == 0) return at::zeros({}, user_factors.options());
-
+  const double lr = opt.lr, eps = opt.eps;
   at::parallel_for(0, 2, 1, [&](int64_t first, int64_t last) {
     for (int64_t side = first; side < last; ++side) {
       if (side == 0) {
@@ -404,9 +393,9 @@ at::Tensor train_step(const StepTables& tables_in, const StepTables& states,
     pr.first_is_user = users_first;
     pr.bind(ws, batch, dim, first_groups, reg, lr, eps);
     pr.targets = t.data_ptr<T>();
-    pr.global_mean = static_cast<T>(in.global_mean);
+    pr.global_mean = static_cast<T>(global_mean);
 
-    dispatch_code(in.loss, [&](auto loss) {
+    dispatch_code(loss, [&](auto loss) {
       dispatch_code(opt.optimizer, [&](auto optimizer) {
         phase_first<T, PointwiseLoss<decltype(loss)::value>, decltype(optimizer)::value>(pr);
         phase_second<T, decltype(optimizer)::value>(pr);
@@ -417,6 +406,55 @@ at::Tensor train_step(const StepTables& tables_in, const StepTables& states,
 
   tables.commit();
   return result;
+}
+
+// After the shared checks of the op boundary (csrc/ops.h).
+at::Tensor train_step(const StepTables& tables, const StepTables& states,
+                      const PointwiseBatch& in, const OptimizerArgs& opt) {
+  const char* op = "train_step";
+  const at::Tensor& users = in.users;
+  TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 31), "fastmf.", op, ": batch of ",
+                    users.size(0), " samples; at most 2^31 - 1 are supported");
+  const at::Tensor t = in.targets.contiguous();
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  load_ids(op, "users", users.contiguous(), tables.user_factors.size(0), ws.users);
+  load_ids(op, "items", in.items.contiguous(), tables.item_factors.size(0), ws.items);
+  const int64_t batch = users.size(0);
+  AT_DISPATCH_FLOATING_TYPES(tables.user_factors.scalar_type(), "fastmf.train_step", [&] {
+    check_finite(op, "targets", t.data_ptr<scalar_t>(), batch);
+  });
+  if (batch == 0) return at::zeros({}, tables.user_factors.options());
+  return run_pointwise(tables, states, ws, batch, t, in.global_mean, in.loss, in.reg, opt);
+}
+
+// train_step_sampled: rows [0, B) are the positives, rows B + b * K + k their negatives
+// (the reference's torch.cat order), drawn as train_step_pairwise_sampled draws them
+// (sampled.h); then the step above against targets 1 and 0.
+at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states,
+                              const SampledPointwiseBatch& in, const OptimizerArgs& opt) {
+  constexpr const char* op = "train_step_sampled";
+  const int64_t num_users = tables.user_factors.size(0);
+  const int64_t num_items = tables.item_factors.size(0);
+  const int64_t batch = in.users.size(0), k = in.num_negatives, rows = batch * (1 + k);
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  std::vector<int64_t> users_in, pos;
+  load_ids(op, "users", in.users.contiguous(), num_users, users_in);
+  load_ids(op, "items", in.pos_items.contiguous(), num_items, pos);
+  if (batch == 0) return at::zeros({}, tables.user_factors.options());
+  int64_t* users = scratch(ws.users, rows);
+  int64_t* items = scratch(ws.items, rows);
+  std::copy(users_in.begin(), users_in.end(), users);
+  std::copy(pos.begin(), pos.end(), items);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < k; ++j) users[batch + b * k + j] = users_in[b];
+  }
+  draw_negatives_of(op, users + batch, batch, k, in.pos_indptr, in.pos_indices, num_items,
+                    in.seed, in.step, items + batch);
+  at::Tensor targets = at::zeros({rows}, tables.user_factors.options());
+  targets.narrow(0, 0, batch).fill_(1);
+  return run_pointwise(tables, states, ws, rows, targets, in.global_mean, in.loss, in.reg, opt);
 }
 
 }  // namespace
@@ -434,6 +472,7 @@ void register_pointwise(torch::Library& m) {
   m.impl("sparse_adagrad_update", &sparse_adagrad_update);
   m.impl("sparse_sgd_update", &sparse_sgd_update);
   m.impl("train_step", &train_step_op<train_step>);
+  m.impl("train_step_sampled", &train_step_sampled_op<train_step_sampled>);
 }
 
 }  // namespace FASTMF_CPU_NS

@@ -27,12 +27,12 @@ constexpr int kWarp = 32;
 enum ErrorOp : int { kOpMfForward = 0, kOpMfBackward, kOpSparseAdagrad, kOpSparseSgd,
                      kOpTrainStep, kOpTrainStepPairwise, kOpTopk, kOpEmbeddingBagForward,
                      kOpEmbeddingBagBackward, kOpSparseUpdate, kOpEmbeddingBagBackwardUpdate,
-                     kOpTrainStepPairwiseSampled, kNumErrorOps };
+                     kOpTrainStepPairwiseSampled, kOpTrainStepSampled, kNumErrorOps };
 // kArgIndptrSpan and kArgIndptrOrder are a bad exclude_indptr (a CSR the kernel cannot
 // trust), reported as the ValueErrors of the CPU kernel; kArgOffsets* likewise a bad
 // embedding_bag offsets (start: value = offsets[0]; order: value, limit = offsets[b],
 // offsets[b + 1], position = b; end: value = offsets[B], limit = the number of indices,
-// position = B). train_step_pairwise_sampled's ValueErrors: kArgPosRow a pos_indptr row
+// position = B). The sampled steps' ValueErrors: kArgPosRow a pos_indptr row
 // outside [0, len(pos_indices)] (value, limit = its start and end, position = the user),
 // kArgNoNegative a user with every item among its positives (value = the user, limit = the
 // item count, position = its number of positives).

@@ -71,6 +71,7 @@ const char* op_name(int op) {
     case kOpSparseUpdate: return "sparse_update";
     case kOpEmbeddingBagBackwardUpdate: return "embedding_bag_backward_update";
     case kOpTrainStepPairwiseSampled: return "train_step_pairwise_sampled";
+    case kOpTrainStepSampled: return "train_step_sampled";
     default: return "unknown op";
   }
 }

@@ -1,6 +1,7 @@
 // The pairwise family on the GPU: train_step_pairwise, the fused BPR step, through the
 // pipeline of fused_step.cuh (csrc/cpu/pairwise.cpp on the CPU), and
-// train_step_pairwise_sampled, which draws its negatives in one more kernel first. Each sample b is (u, i, j), with
+// train_step_pairwise_sampled, which draws its negatives in one more kernel first
+// (sampling.cuh). Each sample b is (u, i, j), with
 //   x_b = b_i - b_j + <P[u], Q[i] - Q[j]>,   loss = mean_b softplus(-x_b) + reg term.
 //
 // The sort holds 3B keys: users in slots [0, B), then the item slots [B, 3B), positives
@@ -30,10 +31,10 @@
 #include "../args.h"
 #include "../checks.h"
 #include "../codes.h"
-#include "../negative_sampling.h"
 #include "../ops.h"
 #include "common.cuh"
 #include "fused_step.cuh"
+#include "sampling.cuh"
 #include "segment_update.cuh"
 #include "segments.cuh"
 
@@ -222,53 +223,6 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
   return result;
 }
 
-// One thread per pair p = b * K + k: the positive expanded and its negative drawn
-// (negative_sampling.h). A bad user or positive id, row or saturated user is recorded and
-// its negative set to -1, so the step leaves the pair out (its own record of that -1
-// comes second and is dropped).
-__global__ void __launch_bounds__(kThreads)
-    sample_pairs(IdArray users, IdArray pos_items, IdArray indptr, IdArray indices,
-                 int64_t nnz, int64_t num_users, int64_t num_items, int64_t batch, int64_t k,
-                 uint64_t key, int64_t* __restrict__ users_rep, int64_t* __restrict__ pos_rep,
-                 int64_t* __restrict__ neg, ErrorRecord* err) {
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (p >= batch * k) return;
-  const int64_t b = p / k;
-  const long long u = users[b], i = pos_items[b];
-  users_rep[p] = u;
-  pos_rep[p] = i;
-  neg[p] = -1;
-  if (u < 0 || u >= num_users) {
-    record_error(err, kOpTrainStepPairwiseSampled, kArgUsers, u, num_users, b);
-    return;
-  }
-  if (i < 0 || i >= num_items) {
-    record_error(err, kOpTrainStepPairwiseSampled, kArgItems, i, num_items, b);
-    return;
-  }
-  const long long start = indptr[u], stop = indptr[u + 1];
-  if (start < 0 || stop < start || stop > nnz) {
-    record_error(err, kOpTrainStepPairwiseSampled, kArgPosRow, start, stop, u);
-    return;
-  }
-  const int64_t deg = stop - start;
-  if (deg >= num_items) {
-    record_error(err, kOpTrainStepPairwiseSampled, kArgNoNegative, u, num_items, deg);
-    return;
-  }
-  const int64_t rank = sampling::draw_rank(key, static_cast<uint64_t>(p), num_items - deg);
-  int64_t lo = 0, hi = deg;  // sampling::rank_to_item over an IdArray
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (static_cast<int64_t>(indices[start + mid]) - mid <= rank) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  neg[p] = rank + lo;
-}
-
 at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTables& states,
                                        const SampledPairwiseBatch& in,
                                        const OptimizerArgs& opt) {
@@ -286,7 +240,8 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
         id_array(u_ids), id_array(i_ids), id_array(indptr), id_array(indices),
         indices.size(0), tables.user_factors.size(0), tables.item_factors.size(0), batch, k,
         sampling::step_key(in.seed, in.step), users_rep.data_ptr<int64_t>(),
-        pos_rep.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), error_record());
+        pos_rep.data_ptr<int64_t>(), neg.data_ptr<int64_t>(), error_record(),
+        kOpTrainStepPairwiseSampled);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const PairwiseBatch pairs{users_rep, pos_rep, neg, in.loss, in.reg};

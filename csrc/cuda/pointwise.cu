@@ -1,6 +1,8 @@
 // The pointwise family on the GPU: mf_forward, mf_backward, sparse_adagrad_update,
-// sparse_sgd_update and the fused train_step. csrc/cpu/pointwise.cpp is the same family on
-// the CPU, with the same checks (csrc/checks.h) and messages.
+// sparse_sgd_update, the fused train_step and train_step_sampled (train_step on the
+// positives and the negatives one more kernel draws first, sampling.cuh).
+// csrc/cpu/pointwise.cpp is the same family on the CPU, with the same checks
+// (csrc/checks.h) and messages.
 //
 // mf_forward and mf_backward: one group of lanes per sample (see common.cuh), so a warp
 // serves 32/L samples at small K and every load is a full 16-byte pack when the rows are
@@ -32,6 +34,7 @@
 #include "../ops.h"
 #include "common.cuh"
 #include "fused_step.cuh"
+#include "sampling.cuh"
 #include "segment_update.cuh"
 #include "segments.cuh"
 
@@ -493,6 +496,36 @@ at::Tensor train_step(const StepTables& tables, const StepTables& states,
   return result;
 }
 
+// train_step_sampled: rows [0, B) are the positives, rows B + b * K + k their negatives
+// (the reference's torch.cat order), drawn by sample_pairs (sampling.cuh); then train_step
+// on those rows against targets 1 and 0. A bad id or row is recorded by sample_pairs under
+// this op before train_step's own record of it, which is dropped.
+at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states,
+                              const SampledPointwiseBatch& in, const OptimizerArgs& opt) {
+  const int64_t batch = in.users.size(0), k = in.num_negatives, rows = batch * (1 + k);
+  c10::cuda::CUDAGuard guard(tables.user_factors.device());
+  const at::TensorOptions ids = in.users.options().dtype(at::kLong);
+  at::Tensor users = at::empty({rows}, ids);
+  at::Tensor items = at::empty({rows}, ids);
+  at::Tensor targets = at::zeros({rows}, tables.user_factors.options());
+  if (batch > 0) {
+    const at::Tensor u_ids = in.users.contiguous(), i_ids = in.pos_items.contiguous();
+    users.narrow(0, 0, batch).copy_(u_ids);
+    items.narrow(0, 0, batch).copy_(i_ids);
+    targets.narrow(0, 0, batch).fill_(1);
+    const at::Tensor indptr = in.pos_indptr.contiguous(), indices = in.pos_indices.contiguous();
+    sample_pairs<<<static_cast<unsigned>(ceil_div(batch * k, kThreads)), kThreads, 0,
+                   current_stream()>>>(
+        id_array(u_ids), id_array(i_ids), id_array(indptr), id_array(indices),
+        indices.size(0), tables.user_factors.size(0), tables.item_factors.size(0), batch, k,
+        sampling::step_key(in.seed, in.step), users.data_ptr<int64_t>() + batch, nullptr,
+        items.data_ptr<int64_t>() + batch, error_record(), kOpTrainStepSampled);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const PointwiseBatch expanded{users, items, targets, in.global_mean, in.loss, in.reg};
+  return train_step(tables, states, expanded, opt);
+}
+
 }  // namespace
 }  // namespace fastmf::cuda
 
@@ -502,4 +535,5 @@ TORCH_LIBRARY_IMPL(fastmf, CUDA, m) {
   m.impl("sparse_adagrad_update", &fastmf::cuda::sparse_adagrad_update);
   m.impl("sparse_sgd_update", &fastmf::cuda::sparse_sgd_update);
   m.impl("train_step", &fastmf::train_step_op<fastmf::cuda::train_step>);
+  m.impl("train_step_sampled", &fastmf::train_step_sampled_op<fastmf::cuda::train_step_sampled>);
 }

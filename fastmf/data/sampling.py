@@ -567,7 +567,7 @@ class NegativeSampler:
         """(len(users), num_negatives) int64 uniform negatives, the ones the fused
         ``train_step_pairwise_sampled`` op draws for the same (``seed``, ``step``): entry
         (b, k) from the counter b * num_negatives + k (see
-        :func:`fastmf.ops.reference.pairwise.sample_negatives`), so a training loop that
+        :func:`fastmf.ops.reference.sampling.sample_negatives`), so a training loop that
         samples here and one that lets the op sample see the same negatives. Uniform
         distribution only; on ``users``' device."""
         if self.weights is not None:
@@ -576,9 +576,9 @@ class NegativeSampler:
         device = users.device
         indptr, indices = self.csr(device)
         if device.type == "cpu":
-            from fastmf.ops.numba.pairwise import sample_negatives as draw
+            from fastmf.ops.numba.sampling import sample_negatives as draw
         else:
-            from fastmf.ops.reference.pairwise import sample_negatives as draw
+            from fastmf.ops.reference.sampling import sample_negatives as draw
         return draw(users, indptr, indices, self.num_items, int(num_negatives), int(seed),
                     int(step), "NegativeSampler.sample_step")
 

@@ -303,12 +303,13 @@ def check_int(op: str, name: str, value, low: int | None = None) -> int:
     return value
 
 
-def check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
-                                      pos_indices, num_negatives, seed, step, loss,
-                                      optimizer):
-    """Checks of train_step_pairwise_sampled (``loss``/``optimizer`` are codes), short of
-    the row pointers' values, which the sampling checks for the batch's users."""
-    check_code(op, PairwiseLoss, loss, "pairwise loss")
+def _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
+                   num_negatives, seed, step, optimizer, positive_rows: int):
+    """What the two sampled steps share: the counts, the positives and the CSR's structure
+    (short of the row pointers' values, which the sampling checks for the batch's users),
+    and at most MAX_PAIRWISE_SAMPLES rows once each of the B positives is expanded to its
+    ``num_negatives`` pairs (``positive_rows`` 0) or to its own row and one per negative
+    (``positive_rows`` 1)."""
     check_step_optimizer(op, optimizer)
     num_negatives = check_int(op, "num_negatives", num_negatives, 1)
     check_int(op, "seed", seed)
@@ -324,12 +325,34 @@ def check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_
     if num_items > MAX_SAMPLED_ITEMS:
         raise ValueError(f"fastmf.{op}: item_factors has {num_items} rows; sampling supports "
                          f"at most {MAX_SAMPLED_ITEMS}")
-    if users.shape[0] * num_negatives > MAX_PAIRWISE_SAMPLES:
-        raise ValueError(f"fastmf.{op}: {users.shape[0]} positives x {num_negatives} "
-                         f"negatives = {users.shape[0] * num_negatives} pairs; at most "
+    rows = users.shape[0] * (num_negatives + positive_rows)
+    if rows > MAX_PAIRWISE_SAMPLES:
+        shape = (f"{num_negatives} negatives = {rows} pairs" if not positive_rows else
+                 f"(1 + {num_negatives} negatives) = {rows} rows")
+        raise ValueError(f"fastmf.{op}: {users.shape[0]} positives x {shape}; at most "
                          f"{MAX_PAIRWISE_SAMPLES} are supported")
     check_states(op, tables, states, optimizer)
+
+
+def check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
+                                      pos_indices, num_negatives, seed, step, loss,
+                                      optimizer):
+    """Checks of train_step_pairwise_sampled (``loss``/``optimizer`` are codes), short of
+    the row pointers' values, which the sampling checks for the batch's users."""
+    check_code(op, PairwiseLoss, loss, "pairwise loss")
+    _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
+                   num_negatives, seed, step, optimizer, 0)
     check_separate(op, *pairwise_written(tables, states))
+
+
+def check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
+                             num_negatives, seed, step, loss, optimizer):
+    """Checks of train_step_sampled (``loss``/``optimizer`` are codes): as the pairwise
+    one, with B * (1 + num_negatives) rows (each positive and its negatives)."""
+    check_code(op, Loss, loss, "loss")
+    _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
+                   num_negatives, seed, step, optimizer, 1)
+    check_separate(op, tables, states)
 
 
 def check_k(op: str, k) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "train_step",
     "train_step_pairwise",
     "train_step_pairwise_sampled",
+    "train_step_sampled",
     "scatter_rows",
     "check_device_errors",
     "embedding_bag_forward",
@@ -141,6 +142,25 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
             *_flat(tables, states), users, pos_items, pos_indptr, pos_indices,
             int(num_negatives), int(seed), int(step),
             int(parse(PairwiseLoss, loss, op, "pairwise loss")), float(reg),
+            int(parse(Optimizer, optimizer.optimizer, op, "optimizer")),
+            float(optimizer.lr), float(optimizer.eps))
+    _written(*_flat(tables, states))
+    return loss_value
+
+
+def train_step_sampled(tables: MFTables, states: MFTables | None, users: Tensor,
+                       pos_items: Tensor, pos_indptr: Tensor, pos_indices: Tensor,
+                       num_negatives: int, seed: int, step: int, global_mean: float,
+                       loss: Loss | int | str, reg: float, optimizer: OptimizerArgs) -> Tensor:
+    """Fused pointwise step on the positives (label 1) and uniform negatives it draws
+    (label 0); returns the loss (0-d). See
+    :func:`fastmf.ops.reference.pointwise.train_step_sampled`."""
+    op = "train_step_sampled"
+    with torch.no_grad():
+        loss_value = torch.ops.fastmf.train_step_sampled.default(
+            *_flat(tables, states), users, pos_items, pos_indptr, pos_indices,
+            int(num_negatives), int(seed), int(step), float(global_mean),
+            int(parse(Loss, loss, op, "loss")), float(reg),
             int(parse(Optimizer, optimizer.optimizer, op, "optimizer")),
             float(optimizer.lr), float(optimizer.eps))
     _written(*_flat(tables, states))
@@ -335,6 +355,12 @@ if native_available():
 
         @torch.library.register_fake("fastmf::train_step_pairwise_sampled")
         def _train_step_pairwise_sampled_fake(user_factors, *args):
+            return user_factors.new_empty(())
+
+    if hasattr(torch.ops.fastmf, "train_step_sampled"):
+
+        @torch.library.register_fake("fastmf::train_step_sampled")
+        def _train_step_sampled_fake(user_factors, *args):
             return user_factors.new_empty(())
 
     def _mf_forward_setup(ctx, inputs, output):

@@ -72,8 +72,10 @@ from fastmf.ops.numba._common import (
     update_row,
     update_scalar,
 )
+from fastmf.ops.numba.sampling import _draw
 
-__all__ = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step"]
+__all__ = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step",
+           "train_step_sampled"]
 
 _MSE, _HUBER, _BCE = int(Loss.MSE), int(Loss.HUBER), int(Loss.BCE)
 # Samples per parallel work item of mf_forward / mf_backward (each block checks its ids
@@ -466,3 +468,26 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
             float(eps))
     return run_step(op, _train_step_kernel, users.shape[0], args, writable, full_checks,
                     user_factors.dtype)
+
+
+def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
+                       pos_indptr, pos_indices, num_negatives: int, seed: int, step: int,
+                       global_mean: float, loss, reg: float, optimizer: OptimizerArgs):
+    """:func:`train_step` on the positives (label 1) and ``num_negatives`` uniform
+    negatives per positive (label 0) drawn from the positives' CSR (``pos_indptr``,
+    ``pos_indices``) at (``seed``, ``step``): see
+    :func:`fastmf.ops.reference.pointwise.train_step_sampled`."""
+    op = "train_step_sampled"
+    loss = int(parse(Loss, loss, op, "loss"))
+    tables, states, code, lr, eps = step_arguments(op, tables, states, optimizer, reg)
+    require_cpu(op, _TRAIN_STEP_NAMES[:-3] + ("users", "pos_items", "pos_indptr", "pos_indices"),
+                tables + states + (users, pos_items, pos_indptr, pos_indices))
+    _checks.check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr,
+                                     pos_indices, num_negatives, seed, step, loss, code)
+    users_rep, _, neg = _draw(users, pos_items, pos_indptr, pos_indices, tables[1].shape[0],
+                              num_negatives, seed, step, op)
+    batch = users.shape[0]
+    labels = torch.cat([torch.ones(batch), torch.zeros(batch * int(num_negatives))])
+    return train_step(tables, states, torch.cat([users.long(), users_rep]),
+                      torch.cat([pos_items.long(), neg]), labels.to(tables[0].dtype),
+                      global_mean, loss, reg, optimizer)

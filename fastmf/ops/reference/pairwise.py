@@ -1,5 +1,6 @@
 """The spec of the pairwise op family: the fused BPR step ``train_step_pairwise`` and
-``train_step_pairwise_sampled``, the same step drawing its uniform negatives itself."""
+``train_step_pairwise_sampled``, the same step drawing its uniform negatives itself
+(:func:`fastmf.ops.reference.sampling.sample_negatives`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import torch.nn.functional as F
 from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import Optimizer, PairwiseLoss, parse
-from fastmf.ops.reference.embedding_bag import _as_int64, _shr, _splitmix64, _splitmix64_int
 from fastmf.ops.reference.pointwise import apply_sparse
-
-_MASK64 = (1 << 64) - 1
+from fastmf.ops.reference.sampling import sample_negatives
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
@@ -63,62 +62,6 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
         apply_sparse(optimizer, item_bias, states.item_bias, both,
                      torch.cat([grads[3], grads[4]]))
     return total.detach()
-
-
-def sample_negatives(users, pos_indptr, pos_indices, num_items: int, num_negatives: int,
-                     seed: int, step: int, op: str = "train_step_pairwise_sampled"):
-    """The negatives ``train_step_pairwise_sampled`` draws: (B, num_negatives) int64, entry
-    (b, k) uniform over the items outside user ``users[b]``'s row of the positives' CSR
-    (``pos_indices[pos_indptr[u]:pos_indptr[u + 1]]``, sorted ascending and distinct).
-
-    Counter-based, so every backend and thread count draws the same items: with
-    ``key = splitmix64(splitmix64(seed) ^ step)`` (uint64 arithmetic) and ``p = b *
-    num_negatives + k``, ``h = splitmix64(key ^ p)``; the rank ``r = (hi32(h) * free) >> 32``
-    (``free = num_items - deg``, the row's non-positives; bias below ``free / 2**32``) is
-    mapped to the r-th non-positive item by a binary search over the row (``row[t] - t``
-    non-positives lie below ``row[t]``). No rejection loop, so even a user who has seen all
-    but one item costs O(log deg) per draw. A user with no non-positive item
-    (``deg >= num_items``) is a ValueError, as is a row pointer outside
-    ``[0, len(pos_indices)]`` or decreasing. Rows are not checked for order: an unsorted or
-    repeated row still yields items in ``[0, num_items)``, just not ones that avoid it."""
-    device = users.device
-    batch = users.shape[0]
-    if batch == 0:
-        return torch.empty((0, num_negatives), dtype=torch.int64, device=device)
-    u = users.long()
-    indptr = pos_indptr.long()
-    indices = pos_indices.long()
-    start, end = indptr[u], indptr[u + 1]
-    bad = (start < 0) | (end < start) | (end > indices.shape[0])
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"fastmf.{op}: pos_indptr gives user {int(u[b])} the row "
-                         f"[{int(start[b])}, {int(end[b])}), not an ordered range within "
-                         f"[0, {indices.shape[0]}] (len(pos_indices))")
-    deg = end - start
-    full = deg >= num_items
-    if bool(full.any()):
-        b = int(full.nonzero()[0, 0])
-        raise ValueError(f"fastmf.{op}: user {int(u[b])} has {int(deg[b])} positives of "
-                         f"{num_items} items; no item is left to sample as a negative")
-    key = _splitmix64_int(_splitmix64_int(int(seed) & _MASK64) ^ (int(step) & _MASK64))
-    counter = torch.arange(batch * num_negatives, dtype=torch.int64, device=device)
-    bits = _shr(_splitmix64(counter ^ _as_int64(key)), 32)
-    start = start.repeat_interleave(num_negatives)
-    deg = deg.repeat_interleave(num_negatives)
-    rank = (bits * (num_items - deg)) >> 32
-    # Binary search for the number of positives below the rank-th non-positive item, as
-    # many halvings as the longest row needs (one host sync, not one per level).
-    lo = torch.zeros_like(rank)
-    hi = deg.clone()
-    for _ in range(int(deg.max()).bit_length()):
-        active = lo < hi
-        mid = (lo + hi) >> 1
-        v = indices[torch.where(active, start + mid, 0)]
-        below = v - mid <= rank
-        lo = torch.where(active & below, mid + 1, lo)
-        hi = torch.where(active & ~below, mid, hi)
-    return (rank + lo).view(batch, num_negatives)
 
 
 def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users, pos_items,

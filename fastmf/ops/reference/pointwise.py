@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import HUBER_DELTA, Loss, Optimizer, parse
+from fastmf.ops.reference.sampling import sample_negatives
 
 
 def mf_forward(users, items, user_factors, item_factors, user_bias, item_bias, global_mean):
@@ -159,6 +160,45 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
     for weight, state, row_ids, g in zip(tables, states, ids, grads):
         apply_sparse(optimizer, weight, state, row_ids, g)
     return total.detach()
+
+
+def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
+                       pos_indptr, pos_indices, num_negatives: int, seed: int, step: int,
+                       global_mean: float, loss, reg: float, optimizer: OptimizerArgs):
+    """``train_step`` on the positives labelled 1 and ``num_negatives`` uniform negatives
+    per positive labelled 0, drawn in the step as
+    :func:`~fastmf.ops.reference.sampling.sample_negatives` draws them from the positives'
+    CSR (``pos_indptr`` (U+1,), ``pos_indices``; int32/int64) and (``seed``, ``step``).
+    Exactly::
+
+        neg = sample_negatives(users, pos_indptr, pos_indices, I, num_negatives, seed, step)
+        train_step(tables, states,
+                   torch.cat([users, users.repeat_interleave(num_negatives)]),
+                   torch.cat([pos_items, neg.reshape(-1)]),
+                   torch.cat([ones(B), zeros(B * num_negatives)]),
+                   global_mean, loss, reg, optimizer)
+
+    so the loss (``"bce"`` for implicit feedback; any :class:`~fastmf.ops.codes.Loss`
+    against the 0/1 labels) is the mean over the B * (1 + num_negatives) rows. Returns the
+    loss (0-d)."""
+    op = "train_step_sampled"
+    tables = MFTables(*tables)
+    states = MFTables(*(states if states is not None else (None,) * 4))
+    loss = parse(Loss, loss, op, "loss")
+    optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
+                              optimizer.lr, optimizer.eps)
+    checks.check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr,
+                                    pos_indices, num_negatives, seed, step, loss,
+                                    optimizer.optimizer)
+    checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
+    neg = sample_negatives(users, pos_indptr, pos_indices, tables.item_factors.shape[0],
+                           num_negatives, seed, step, op)
+    batch = users.shape[0]
+    labels = torch.cat([torch.ones(batch), torch.zeros(batch * num_negatives)])
+    return train_step(tables, states,
+                      torch.cat([users.long(), users.long().repeat_interleave(num_negatives)]),
+                      torch.cat([pos_items.long(), neg.reshape(-1)]),
+                      labels.to(tables.user_factors), global_mean, loss, reg, optimizer)
 
 
 def apply_sparse(optimizer: OptimizerArgs, weight, state, ids, grad_rows):

@@ -1,0 +1,127 @@
+// The uniform negatives of the sampled steps on the CPU (train_step_pairwise_sampled in
+// pairwise.cpp, train_step_sampled in pointwise.cpp): the items of
+// fastmf/ops/reference/sampling.py sample_negatives, drawn by csrc/negative_sampling.h's
+// counters, split over the threads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../checks.h"
+#include "../negative_sampling.h"
+#include "common.h"
+#include "fused_step.h"
+#include "isa.h"
+#include "segments.h"
+
+namespace fastmf {
+namespace FASTMF_CPU_NS {
+
+// The negatives of pairs [p0, p1) (pair p = b * K + k is sample b's k-th): the same items as
+// sampling::rank_to_item one draw at a time, but kLanes draws searched side by side. A
+// draw's binary search is a chain of dependent loads (about 10 in a 600-item row), so one
+// at a time it waits on each load in turn: 54 ns a draw on rows shaped like ml-latest-small's
+// (mean 167 items), a fifth of a one-thread step at K = 1. Eight independent searches
+// interleaved overlap those waits: 25 ns a draw.
+// Records the first sample whose row is malformed or holds every item in bad_row / full.
+template <typename index_t>
+inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* users,
+                    const int64_t* indptr, const index_t* indices, int64_t nnz,
+                    int64_t num_items, uint64_t key, int64_t* neg, int64_t& bad_row,
+                    int64_t& full) {
+  constexpr int kLanes = 8;
+  // What an idle lane reads: its load is issued but its result never used.
+  static const index_t kIdle[1] = {0};
+  for (int64_t p = p0; p < p1; p += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, p1 - p));
+    const index_t* row[kLanes];
+    int64_t lo[kLanes], len[kLanes], rank[kLanes];
+    int width = 0;
+    for (int l = 0; l < kLanes; ++l) {
+      row[l] = kIdle;
+      lo[l] = len[l] = rank[l] = 0;
+      if (l >= n) continue;
+      const int64_t pair = p + l, b = pair / k;
+      const int64_t u = users[pair];
+      const int64_t start = indptr[u], stop = indptr[u + 1];
+      if (start < 0 || stop < start || stop > nnz) {
+        bad_row = std::min(bad_row, b);
+        continue;
+      }
+      const int64_t deg = stop - start;
+      if (deg >= num_items) {
+        full = std::min(full, b);
+        continue;
+      }
+      rank[l] = sampling::draw_rank(key, static_cast<uint64_t>(pair), num_items - deg);
+      if (deg > 0) row[l] = indices + start;
+      len[l] = deg;
+      width = std::max(width, bit_width(static_cast<uint64_t>(deg)));
+    }
+    // rank_to_item's loop, every lane in step: a length shrinks to at most half of itself
+    // each round, so bit_width(deg) rounds finish a row of deg items; a finished lane
+    // (len 0) reads element 0 of its row or of kIdle and keeps its result. The selects are
+    // written as masks: with ?: the compiler branched, and the search was no faster than
+    // one draw at a time (51 against 54 ns a draw); with masks it takes 25.
+    for (int round = 0; round < width; ++round) {
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t active = -static_cast<int64_t>(len[l] > 0);
+        const int64_t half = len[l] >> 1;
+        const int64_t mid = lo[l] + half;
+        const int64_t below =
+            -static_cast<int64_t>(static_cast<int64_t>(row[l][mid & active]) - mid <= rank[l]) &
+            active;
+        lo[l] += (half + 1) & below;                                // mid + 1 when below
+        len[l] = (half + ((len[l] - 2 * half - 1) & below)) & active;  // len - half - 1
+      }
+    }
+    for (int l = 0; l < n; ++l) neg[p + l] = rank[l] + lo[l];
+  }
+}
+
+// The negatives of the B * K pairs whose users are users[0, B * K) (pair p = b * K + k),
+// written to neg[0, B * K). Each pair's draw depends only on (seed, step, p), so nothing
+// depends on the thread count. A malformed row or a user with every item is reported for
+// the first sample that has one, as the reference reports them (bad rows first).
+inline void draw_negatives_of(const char* op, const int64_t* users, int64_t batch, int64_t k,
+                              const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
+                              int64_t num_items, int64_t seed, int64_t step, int64_t* neg) {
+  const int64_t pairs = batch * k;
+  const at::Tensor indptr_t = pos_indptr.to(at::kLong).contiguous();
+  const at::Tensor indices_t = pos_indices.contiguous();
+  const int64_t* indptr = indptr_t.data_ptr<int64_t>();
+  const int64_t nnz = indices_t.size(0);
+  const uint64_t key = sampling::step_key(seed, step);
+  int64_t first_bad_row = batch, first_full = batch;
+  AT_DISPATCH_INDEX_TYPES(indices_t.scalar_type(), "fastmf.draw_negatives", [&] {
+    const index_t* indices = indices_t.data_ptr<index_t>();
+    const int num_chunks = at::get_num_threads();
+    std::vector<int64_t> bad(static_cast<size_t>(num_chunks), batch);
+    std::vector<int64_t> fulls(static_cast<size_t>(num_chunks), batch);
+    at::parallel_for(0, pairs, fused::kGrain, [&](int64_t begin, int64_t end) {
+      const int t = std::min(at::get_thread_num(), num_chunks - 1);
+      int64_t bad_row = batch, full = batch;
+      draw_negatives(begin, end, k, users, indptr, indices, nnz, num_items, key, neg, bad_row,
+                     full);
+      bad[t] = std::min(bad[t], bad_row);
+      fulls[t] = std::min(fulls[t], full);
+    });
+    first_bad_row = *std::min_element(bad.begin(), bad.end());
+    first_full = *std::min_element(fulls.begin(), fulls.end());
+  });
+  if (first_bad_row < batch) {
+    const int64_t u = users[first_bad_row * k];
+    report_bad_row(op, u, indptr[u], indptr[u + 1], nnz);
+  }
+  if (first_full < batch) {
+    const int64_t u = users[first_full * k];
+    report_no_negative(op, u, indptr[u + 1] - indptr[u], num_items);
+  }
+}
+
+}  // namespace FASTMF_CPU_NS
+}  // namespace fastmf

@@ -1,0 +1,70 @@
+"""The uniform negatives the sampled fused steps draw (``train_step_pairwise_sampled`` of
+the pairwise family, ``train_step_sampled`` of the pointwise one): the spec that
+``csrc/negative_sampling.h`` and the Numba kernel implement."""
+
+from __future__ import annotations
+
+import torch
+
+from fastmf.ops.reference.embedding_bag import _as_int64, _shr, _splitmix64, _splitmix64_int
+
+_MASK64 = (1 << 64) - 1
+
+__all__ = ["sample_negatives"]
+
+
+def sample_negatives(users, pos_indptr, pos_indices, num_items: int, num_negatives: int,
+                     seed: int, step: int, op: str = "train_step_pairwise_sampled"):
+    """The negatives the sampled steps (``train_step_pairwise_sampled``,
+    ``train_step_sampled``) draw: (B, num_negatives) int64, entry
+    (b, k) uniform over the items outside user ``users[b]``'s row of the positives' CSR
+    (``pos_indices[pos_indptr[u]:pos_indptr[u + 1]]``, sorted ascending and distinct).
+
+    Counter-based, so every backend and thread count draws the same items: with
+    ``key = splitmix64(splitmix64(seed) ^ step)`` (uint64 arithmetic) and ``p = b *
+    num_negatives + k``, ``h = splitmix64(key ^ p)``; the rank ``r = (hi32(h) * free) >> 32``
+    (``free = num_items - deg``, the row's non-positives; bias below ``free / 2**32``) is
+    mapped to the r-th non-positive item by a binary search over the row (``row[t] - t``
+    non-positives lie below ``row[t]``). No rejection loop, so even a user who has seen all
+    but one item costs O(log deg) per draw. A user with no non-positive item
+    (``deg >= num_items``) is a ValueError, as is a row pointer outside
+    ``[0, len(pos_indices)]`` or decreasing. Rows are not checked for order: an unsorted or
+    repeated row still yields items in ``[0, num_items)``, just not ones that avoid it."""
+    device = users.device
+    batch = users.shape[0]
+    if batch == 0:
+        return torch.empty((0, num_negatives), dtype=torch.int64, device=device)
+    u = users.long()
+    indptr = pos_indptr.long()
+    indices = pos_indices.long()
+    start, end = indptr[u], indptr[u + 1]
+    bad = (start < 0) | (end < start) | (end > indices.shape[0])
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"fastmf.{op}: pos_indptr gives user {int(u[b])} the row "
+                         f"[{int(start[b])}, {int(end[b])}), not an ordered range within "
+                         f"[0, {indices.shape[0]}] (len(pos_indices))")
+    deg = end - start
+    full = deg >= num_items
+    if bool(full.any()):
+        b = int(full.nonzero()[0, 0])
+        raise ValueError(f"fastmf.{op}: user {int(u[b])} has {int(deg[b])} positives of "
+                         f"{num_items} items; no item is left to sample as a negative")
+    key = _splitmix64_int(_splitmix64_int(int(seed) & _MASK64) ^ (int(step) & _MASK64))
+    counter = torch.arange(batch * num_negatives, dtype=torch.int64, device=device)
+    bits = _shr(_splitmix64(counter ^ _as_int64(key)), 32)
+    start = start.repeat_interleave(num_negatives)
+    deg = deg.repeat_interleave(num_negatives)
+    rank = (bits * (num_items - deg)) >> 32
+    # Binary search for the number of positives below the rank-th non-positive item, as
+    # many halvings as the longest row needs (one host sync, not one per level).
+    lo = torch.zeros_like(rank)
+    hi = deg.clone()
+    for _ in range(int(deg.max()).bit_length()):
+        active = lo < hi
+        mid = (lo + hi) >> 1
+        v = indices[torch.where(active, start + mid, 0)]
+        below = v - mid <= rank
+        lo = torch.where(active & below, mid + 1, lo)
+        hi = torch.where(active & ~below, mid, hi)
+    return (rank + lo).view(batch, num_negatives)
