@@ -3,6 +3,7 @@ the ``implicit`` library's BPR and ALS. Not run in CI.
 
     python benchmarks/implicit_feedback.py [--tune] [--quick] [--threads 2] [--json OUT]
     python benchmarks/implicit_feedback.py --bpr-speed --only ml [--repeats 3]
+    python benchmarks/implicit_feedback.py --bce-speed [--repeats 5]
 
 Data sets (``--data``: the ml-latest-small folder; the MovieLens sets are skipped without
 it): every rating of ml-latest-small is a positive (``ml``), and its subsets ``ml-active``
@@ -498,6 +499,46 @@ def bpr_speed(datasets: dict[str, Interactions], args) -> list[dict]:
     return rows
 
 
+def bce_speed(datasets: dict[str, Interactions], args) -> list[dict]:
+    """fastmf BCE fit (the chosen settings, 10 epochs) with its negatives drawn inside the
+    fused op (``train_step_sampled``) against the unfused path it replaced (the sampler's
+    draws, then ``train_step`` on the concatenated rows), ``--repeats`` runs each,
+    alternated. Both paths train on the same rows in the same order, so the tables must
+    agree bit for bit: checked first, on every data set."""
+    rows = []
+    fused_method = fastmf.MF.draws_negatives
+
+    def run(binary, fused: bool, seed: int):
+        fastmf.MF.draws_negatives = (fused_method if fused else
+                                     (lambda self, loss: False))
+        try:
+            return fit_mf(binary, "bce", dict(CHOSEN["bce"], epochs=10), seed=seed)
+        finally:
+            fastmf.MF.draws_negatives = fused_method
+
+    for name, data in datasets.items():
+        binary = positives(split(data)[0])
+        a, b = run(binary, True, 0)[0], run(binary, False, 0)[0]
+        if not all(torch.equal(x, y) for x, y in zip(a.tables(), b.tables())
+                   if x is not None):
+            raise AssertionError(f"{name}: the fused and unfused BCE paths differ")
+        times = {True: [], False: []}
+        for rep in range(args.repeats):
+            for fused in (True, False) if rep % 2 == 0 else (False, True):
+                times[fused].append(run(binary, fused, rep)[1])
+        row = {"data": name, "positives": len(binary)}
+        for fused, label in ((True, "fused"), (False, "unfused")):
+            row[f"{label}_wall"] = float(np.median([t[0] for t in times[fused]]))
+            row[f"{label}_cpu"] = float(np.median([t[1] for t in times[fused]]))
+        rows.append(row)
+        print(f"{name:<10} fused {row['fused_wall']:.3f} s wall / {row['fused_cpu']:.3f} CPU, "
+              f"unfused {row['unfused_wall']:.3f} / {row['unfused_cpu']:.3f}: "
+              f"{row['unfused_wall'] / row['fused_wall']:.2f}x wall, "
+              f"{row['unfused_cpu'] / row['fused_cpu']:.2f}x CPU (medians of {args.repeats})",
+              flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = [f"| data | model | NDCG@{K} | NDCG@{K} per seed | HR@{K} | fit s (wall) | "
              "fit s (CPU) | epochs | positives/s per epoch (wall / CPU) |",
@@ -541,7 +582,11 @@ def main(argv=None) -> int:
     parser.add_argument("--mf-only", action="store_true", help="--tune: MF (BPR, BCE) only")
     parser.add_argument("--bpr-speed", action="store_true",
                         help="BPR speed and quality only, fastmf vs implicit")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per model (--bpr-speed)")
+    parser.add_argument("--bce-speed", action="store_true",
+                        help="fastmf BCE fit, negatives drawn in the op against the unfused "
+                             "path")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per model (--bpr-speed, --bce-speed)")
     args = parser.parse_args(argv)
     limit_threads(args.threads)
     datasets = build_datasets(args.data, args.quick)
@@ -555,6 +600,8 @@ def main(argv=None) -> int:
         result = tune(datasets, args)
     elif args.bpr_speed:
         result = bpr_speed(datasets, args)
+    elif args.bce_speed:
+        result = bce_speed(datasets, args)
     else:
         result = benchmark(datasets, args)
         print(f"\n{table(result)}")
