@@ -263,6 +263,26 @@ inline void check_separate_memory(
   }
 }
 
+// The MF steps' tables and states (fastmf/ops/checks.py check_separate): the pointwise
+// steps write all eight; the pairwise ones never touch user_bias or its state (the user
+// bias cancels in x_ui - x_uj), so those two may share memory with anything.
+inline void check_separate_step_tables(const char* op, const StepTables& tables,
+                                       const StepTables& states, const OptimizerArgs& opt,
+                                       bool writes_user_bias) {
+  const bool adagrad = opt.optimizer != Optimizer::kSgd;
+  const at::Tensor none;
+  const at::Tensor& user_bias = writes_user_bias ? tables.user_bias : none;
+  const at::Tensor& user_bias_state = writes_user_bias && adagrad ? states.user_bias : none;
+  check_separate_memory(op, {{"user_factors", &tables.user_factors},
+                             {"item_factors", &tables.item_factors},
+                             {"user_bias", &user_bias},
+                             {"item_bias", &tables.item_bias},
+                             {"user_factors_state", adagrad ? &states.user_factors : &none},
+                             {"item_factors_state", adagrad ? &states.item_factors : &none},
+                             {"user_bias_state", &user_bias_state},
+                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
+}
+
 // train_step: the codes, the settings, the tables, the ids and the targets, the states
 // and the tables' memory, with no id or target value read (fastmf/ops/checks.py
 // check_train_step reads those too; the kernels check them where they read them).
@@ -281,16 +301,7 @@ inline void check_train_step(const char* op, const StepTables& tables, const Ste
   check_like_device(op, "targets", targets, "user_factors", tables.user_factors);
   check_same_length(op, "users", batch.users, "targets", targets);
   check_states(op, tables, states, opt.optimizer);
-  const bool adagrad = opt.optimizer != Optimizer::kSgd;
-  const at::Tensor none;
-  check_separate_memory(op, {{"user_factors", &tables.user_factors},
-                             {"item_factors", &tables.item_factors},
-                             {"user_bias", &tables.user_bias},
-                             {"item_bias", &tables.item_bias},
-                             {"user_factors_state", adagrad ? &states.user_factors : &none},
-                             {"item_factors_state", adagrad ? &states.item_factors : &none},
-                             {"user_bias_state", adagrad ? &states.user_bias : &none},
-                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
+  check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/true);
 }
 
 // train_step_pairwise: likewise, with the three id arrays (fastmf/ops/checks.py
@@ -314,14 +325,7 @@ inline void check_train_step_pairwise(const char* op, const StepTables& tables,
   TORCH_CHECK_VALUE(users.size(0) < (int64_t{1} << 30), "fastmf.", op, ": batch of ",
                     users.size(0), " samples; at most 2^30 - 1 are supported");
   check_states(op, tables, states, opt.optimizer);
-  const bool adagrad = opt.optimizer != Optimizer::kSgd;
-  const at::Tensor none;
-  check_separate_memory(op, {{"user_factors", &tables.user_factors},
-                             {"item_factors", &tables.item_factors},
-                             {"item_bias", &tables.item_bias},
-                             {"user_factors_state", adagrad ? &states.user_factors : &none},
-                             {"item_factors_state", adagrad ? &states.item_factors : &none},
-                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
+  check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/false);
 }
 
 // What the two sampled steps share (fastmf/ops/checks.py _check_sampled): the tables and
@@ -372,14 +376,7 @@ inline void check_train_step_pairwise_sampled(const char* op, const StepTables& 
                                               const SampledPairwiseBatch& batch,
                                               const OptimizerArgs& opt) {
   check_sampled(op, tables, states, batch, opt, /*positive_rows=*/0);
-  const bool adagrad = opt.optimizer != Optimizer::kSgd;
-  const at::Tensor none;
-  check_separate_memory(op, {{"user_factors", &tables.user_factors},
-                             {"item_factors", &tables.item_factors},
-                             {"item_bias", &tables.item_bias},
-                             {"user_factors_state", adagrad ? &states.user_factors : &none},
-                             {"item_factors_state", adagrad ? &states.item_factors : &none},
-                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
+  check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/false);
 }
 
 // train_step_sampled: the shared checks; every table and state is written, as in train_step.
@@ -388,20 +385,11 @@ inline void check_train_step_sampled(const char* op, const StepTables& tables,
                                      const SampledPointwiseBatch& batch,
                                      const OptimizerArgs& opt) {
   check_sampled(op, tables, states, batch, opt, /*positive_rows=*/1);
-  const bool adagrad = opt.optimizer != Optimizer::kSgd;
-  const at::Tensor none;
-  check_separate_memory(op, {{"user_factors", &tables.user_factors},
-                             {"item_factors", &tables.item_factors},
-                             {"user_bias", &tables.user_bias},
-                             {"item_bias", &tables.item_bias},
-                             {"user_factors_state", adagrad ? &states.user_factors : &none},
-                             {"item_factors_state", adagrad ? &states.item_factors : &none},
-                             {"user_bias_state", adagrad ? &states.user_bias : &none},
-                             {"item_bias_state", adagrad ? &states.item_bias : &none}});
+  check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/true);
 }
 
 // A row pointer the CSR cannot hold, or a user with no item left to sample: the ValueErrors
-// of fastmf/ops/reference/pairwise.py sample_negatives (the CUDA kernel records them, see
+// of fastmf/ops/reference/sampling.py sample_negatives (the CUDA kernel records them, see
 // csrc/cuda/errors.cu).
 [[noreturn]] inline void report_bad_row(const char* op, int64_t user, int64_t start,
                                         int64_t end, int64_t nnz) {

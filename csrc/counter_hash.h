@@ -2,7 +2,7 @@
 // of float16/bfloat16 rows, sampled negatives): splitmix64 of a per-step key XOR a counter.
 // One definition for the CPU and the GPU, integer arithmetic only, so every backend and
 // thread count draws the same bits (the Python specs: fastmf/ops/reference/embedding_bag.py
-// random_bits, fastmf/ops/reference/pairwise.py sample_negatives).
+// random_bits, fastmf/ops/reference/sampling.py sample_negatives).
 #pragma once
 
 #include <cstdint>

@@ -71,7 +71,7 @@ TORCH_LIBRARY(fastmf, m) {
   // in the op: negative k of sample b is uniform over the items outside user u's row
   // pos_indices[pos_indptr[u]:pos_indptr[u + 1]] (sorted, distinct; CSR of the positives),
   // counter-based in (seed, step, b * num_negatives + k), so the same on every backend and
-  // thread count (fastmf/ops/reference/pairwise.py sample_negatives). Then exactly
+  // thread count (fastmf/ops/reference/sampling.py sample_negatives). Then exactly
   // train_step_pairwise with users and pos_items repeat_interleave'd num_negatives times.
   m.def(
       "train_step_pairwise_sampled(Tensor(a!) user_factors, Tensor(b!) item_factors, "

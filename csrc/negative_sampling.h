@@ -1,6 +1,7 @@
-// The uniform negatives of train_step_pairwise_sampled, one definition for the CPU and the
-// GPU (fastmf/ops/reference/pairwise.py sample_negatives is the spec). Integer arithmetic
-// only, so every backend draws the same items for the same (seed, step, pair).
+// The uniform negatives of the sampled steps (train_step_pairwise_sampled,
+// train_step_sampled), one definition for the CPU and the GPU
+// (fastmf/ops/reference/sampling.py sample_negatives is the spec). Integer arithmetic only,
+// so every backend draws the same items for the same (seed, step, pair).
 #pragma once
 
 #include <cstdint>

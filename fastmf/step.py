@@ -150,17 +150,23 @@ def train_step_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_indp
     ...                                    torch.tensor([0, 1]), indptr, indices, 2,
     ...                                    seed=0, step=0)
     """
-    op = "train_step_pairwise_sampled"
-    code = _parse_loss(PairwiseLoss, loss, op)
+    code = _parse_loss(PairwiseLoss, loss, "train_step_pairwise_sampled")
+    kernels, settings, states, users, pos_items = _sampled_arguments(
+        "train_step_pairwise_sampled", model, optimizer, users, pos_items)
+    with torch.no_grad():
+        return kernels.train_step_pairwise_sampled(_detached(model), states, users, pos_items,
+                                                   pos_indptr, pos_indices, num_negatives,
+                                                   seed, step, code, float(reg), settings)
+
+
+def _sampled_arguments(op: str, model: MF, optimizer, users, pos_items):
+    """(backend module, optimizer settings, states, users, positives) of a sampled step."""
     settings, states = _fused_optimizer(model, optimizer)
     optimizer.check_groups()
     users = model.as_ids(users, "users")
     pos_items = model.as_ids(pos_items, "pos_items")
     kernels = ops.kernels(model.backend, model.user_factors.device, kernel=op)
-    with torch.no_grad():
-        return kernels.train_step_pairwise_sampled(_detached(model), states, users, pos_items,
-                                                   pos_indptr, pos_indices, num_negatives,
-                                                   seed, step, code, float(reg), settings)
+    return kernels, settings, states, users, pos_items
 
 
 def train_step_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_indices,
@@ -182,13 +188,9 @@ def train_step_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_i
     >>> loss = train_step_sampled(model, opt, torch.tensor([0, 1]), torch.tensor([0, 1]),
     ...                           indptr, indices, 2, seed=0, step=0)
     """
-    op = "train_step_sampled"
-    code = _parse_loss(Loss, loss, op)
-    settings, states = _fused_optimizer(model, optimizer)
-    optimizer.check_groups()
-    users = model.as_ids(users, "users")
-    pos_items = model.as_ids(pos_items, "pos_items")
-    kernels = ops.kernels(model.backend, model.user_factors.device, kernel=op)
+    code = _parse_loss(Loss, loss, "train_step_sampled")
+    kernels, settings, states, users, pos_items = _sampled_arguments(
+        "train_step_sampled", model, optimizer, users, pos_items)
     with torch.no_grad():
         return kernels.train_step_sampled(_detached(model), states, users, pos_items,
                                           pos_indptr, pos_indices, num_negatives, seed, step,

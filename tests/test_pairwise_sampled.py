@@ -2,7 +2,7 @@
 every backend and device, against the spec (``fastmf.ops.reference``).
 
 The negatives are integer counter hashes, so every backend must draw exactly the items of
-``fastmf.ops.reference.pairwise.sample_negatives``; given them, the step must be
+``fastmf.ops.reference.sampling.sample_negatives``; given them, the step must be
 ``train_step_pairwise`` on the repeated positives (same backend, bit for bit). Also: no
 negative is ever a positive of its user, the draws are uniform over the rest, the results do
 not depend on the thread count, and bad inputs raise the same errors everywhere.
@@ -50,6 +50,19 @@ ALL_CPU = kernel_params(devices=("cpu",), spec_on_cpu=True)
 
 def settings(optimizer, lr=0.05, eps=1e-8) -> OptimizerArgs:
     return OptimizerArgs(optimizer, lr, eps)
+
+
+OP_NAME = "train_step_pairwise_sampled"
+
+
+def call_sampled(kernels, op, tables, states, users, pos, indptr, indices, k, seed, step,
+                 loss, reg, optimizer):
+    """One call of the sampled op ``op`` (train_step_sampled with global mean 0)."""
+    if op == "train_step_pairwise_sampled":
+        return kernels.train_step_pairwise_sampled(tables, states, users, pos, indptr, indices,
+                                                   k, seed, step, loss, reg, optimizer)
+    return kernels.train_step_sampled(tables, states, users, pos, indptr, indices, k, seed,
+                                      step, 0.0, loss, reg, optimizer)
 
 
 def make_csr(num_users, num_items, *, seed, max_degree=None, id_dtype=torch.int64):
@@ -198,42 +211,49 @@ def test_is_train_step_pairwise_on_the_drawn_negatives(backend, device, dtype, n
     assert_bit_identical((value, got), (expected, want))
 
 
-def run_steps(backend, device, dtype):
+def run_steps(backend, device, dtype, op=OP_NAME, loss=BPR, optimizer=Optimizer.ADAGRAD):
+    """Three steps of the sampled op ``op`` on Zipf batches of 4096 (k = 2): the losses and
+    the tables and states after them."""
     tables = make_tables(5_000, 2_000, 64, dtype=dtype, seed=11)
-    states = make_states(tables, Optimizer.ADAGRAD, seed=12)
+    states = make_states(tables, optimizer, seed=12)
     tables, states = to_device((tables, states), device)
     csr = to_device(make_csr(5_000, 2_000, seed=13, max_degree=300), device)
-    kernels = ops.kernels(backend, device, kernel="train_step_pairwise_sampled")
+    kernels = ops.kernels(backend, device, kernel=op)
     losses = []
     rng = np.random.default_rng(14)
     for step in range(3):
         users = zipf_ids(5_000, 4096, generator=rng, device=device)
         pos = zipf_ids(2_000, 4096, generator=rng, device=device)
-        losses.append(kernels.train_step_pairwise_sampled(
-            tables, states, users, pos, *csr, 2, 99, step, BPR, 0.01,
-            settings(Optimizer.ADAGRAD)))
+        losses.append(call_sampled(kernels, op, tables, states, users, pos, *csr, 2, 99, step,
+                                   loss, 0.01, settings(optimizer)))
     return losses, tables, states
 
 
-@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
-@pytest.mark.parametrize("backend, device", THREADED_BACKENDS)
-def test_bit_identical_across_thread_counts(backend, device, dtype):
+def check_thread_counts(backend, device, dtype, **op):
     with num_threads(backend, 2):
-        two = run_steps(backend, device, dtype)
+        two = run_steps(backend, device, dtype, **op)
     with num_threads(backend, 1):
-        one = run_steps(backend, device, dtype)
+        one = run_steps(backend, device, dtype, **op)
     assert_bit_identical(one, two)
     assert not torch.equal(one[1].item_factors.cpu(),
                            make_tables(5_000, 2_000, 64, dtype=dtype, seed=11).item_factors)
 
 
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", THREADED_BACKENDS)
+def test_bit_identical_across_thread_counts(backend, device, dtype):
+    check_thread_counts(backend, device, dtype)
+
+
 # ---------------------------------------------------------------------------------------
-# Bad inputs: the same exception and message on every backend, nothing written
+# Bad inputs: the same exception and message on every backend, nothing written. The cases
+# and the fit check serve both sampled ops (tests/test_pointwise_sampled.py runs them for
+# train_step_sampled).
 
-OP = "fastmf.train_step_pairwise_sampled: "
-
-
-def bad_cases():
+def bad_cases(op=OP_NAME, loss=BPR, extra=None):
+    """(good arguments, {case: (change, exception, pattern)}) for the sampled op ``op``
+    run with ``loss``; ``extra(tables, states, prefix)`` adds the op's own cases."""
+    prefix = f"fastmf.{op}: "
     tables = make_tables(20, 10, 4, seed=0)
     states = make_states(tables, Optimizer.ADAGRAD, seed=1)
     indptr, indices = make_csr(20, 10, seed=2, max_degree=6)
@@ -252,55 +272,66 @@ def bad_cases():
                               indices[int(indptr[6]):]])
     good = dict(P=tables[0], Q=tables[1], bu=tables[2], bi=tables[3], Ps=states[0],
                 Qs=states[1], bus=states[2], bis=states[3], users=users, pos=pos,
-                indptr=indptr, indices=indices, k=3, loss=BPR, opt=Optimizer.ADAGRAD)
+                indptr=indptr, indices=indices, k=3, loss=loss, opt=Optimizer.ADAGRAD)
     n = int(indptr[-1])
     cases = {
         "user out of range": (dict(users=with_value(users, 2, 20)), IndexError,
-                              re.escape(OP + "users id 20 out of range [0, 20)")),
+                              re.escape(prefix + "users id 20 out of range [0, 20)")),
         "pos out of range": (dict(pos=with_value(pos, 0, -1)), IndexError,
-                             re.escape(OP + "items id -1 out of range [0, 10)")),
+                             re.escape(prefix + "items id -1 out of range [0, 10)")),
         "no negatives": (dict(k=0), ValueError,
-                         re.escape(OP + "num_negatives must be >= 1, got 0")),
+                         re.escape(prefix + "num_negatives must be >= 1, got 0")),
         "indptr length": (dict(indptr=indptr[:-1]), ValueError,
-                          re.escape(OP + "pos_indptr has 20 entries, expected "
+                          re.escape(prefix + "pos_indptr has 20 entries, expected "
                                     "num_users + 1 = 21")),
         "indptr dtype": (dict(indptr=indptr.float()), TypeError,
                          "pos_indptr must be int32 or int64"),
         "indices 2-D": (dict(indices=indices[:n - n % 2].view(2, -1)), ValueError,
                         "pos_indices must be 1-D"),
         "indptr past the end": (dict(indptr=with_value(indptr, 5, n + 3)), ValueError,
-                                re.escape(OP + f"pos_indptr gives user 4 the row "
+                                re.escape(prefix + f"pos_indptr gives user 4 the row "
                                           f"[{int(indptr[4])}, {n + 3}), not an ordered "
                                           f"range within [0, {n}] (len(pos_indices))")),
         "user with every item": (dict(indptr=full_indptr, indices=full_indices), ValueError,
-                                 re.escape(OP + "user 5 has 10 positives of 10 items; no "
+                                 re.escape(prefix + "user 5 has 10 positives of 10 items; no "
                                            "item is left to sample as a negative")),
         "lengths": (dict(pos=pos[:5]), ValueError, "lengths differ"),
         "optimizer code": (dict(opt=3), ValueError, "unknown optimizer code 3"),
         "loss code": (dict(loss=1), ValueError, "unknown pairwise loss code 1"),
     }
+    if extra is not None:
+        cases.update(extra(tables, states, prefix))
     return good, cases
 
 
 BAD_CASES = list(bad_cases()[1])
 
 
-def call_bad(backend, device, case):
-    good, cases = bad_cases()
+def call_bad(backend, device, case, cases_of=bad_cases, op=OP_NAME):
+    good, cases = cases_of()
     change, exc, pattern = cases[case]
     args = {key: to_device(v, device) if isinstance(v, torch.Tensor) else v
             for key, v in {**good, **change}.items()}
     tables = MFTables(*(args[key] for key in ("P", "Q", "bu", "bi")))
     states = MFTables(*(args[key] for key in ("Ps", "Qs", "bus", "bis")))
     before = clone_all(*tables, *states)
-    kernels = ops.kernels(backend, device, kernel="train_step_pairwise_sampled")
+    kernels = ops.kernels(backend, device, kernel=op)
     with pytest.raises(exc, match=pattern) as info:
-        kernels.train_step_pairwise_sampled(
-            tables, states, args["users"], args["pos"], args["indptr"], args["indices"],
-            args["k"], 5, 6, args["loss"], 0.01, settings(args["opt"], lr=0.1))
+        call_sampled(kernels, op, tables, states, args["users"], args["pos"], args["indptr"],
+                     args["indices"], args["k"], 5, 6, args["loss"], 0.01,
+                     settings(args["opt"], lr=0.1))
     for t, b in zip(tables + states, before):
         assert t is None or torch.equal(t, b), "a failed call must not write"
     return str(info.value)
+
+
+def messages_agree(case, cases_of=bad_cases, op=OP_NAME):
+    names = ops.available_backends()
+    if len(names) < 2:
+        pytest.skip("needs a backend besides the reference")
+    first = {name: call_bad(name, "cpu", case, cases_of, op).splitlines()[0]
+             for name in names}
+    assert len(set(first.values())) == 1, first
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -311,19 +342,16 @@ def test_bad_inputs(backend, device, case):
 
 @pytest.mark.parametrize("case", [c for c in BAD_CASES if "dtype" not in c and "2-D" not in c])
 def test_bad_input_messages_agree(case):
-    names = ops.available_backends()
-    if len(names) < 2:
-        pytest.skip("needs a backend besides the reference")
-    first = {name: call_bad(name, "cpu", case).splitlines()[0] for name in names}
-    assert len(set(first.values())) == 1, first
+    messages_agree(case)
 
 
 # ---------------------------------------------------------------------------------------
 # fastmf.fit: MF with bpr runs the sampled op and sees the same negatives as the unfused path
 
 
-@pytest.mark.parametrize("backend, device", ALL_CPU)
-def test_fit_mf_bpr_uses_the_sampled_step(backend, device, monkeypatch):
+def check_fit_uses_sampled_step(backend, monkeypatch, loss, op, *, exact):
+    """``fastmf.fit(MF, loss=loss)`` calls ``op``, and trains as the unfused path (the
+    sampler's draws, then the plain fused step) does: to the bit when ``exact``."""
     rng = np.random.default_rng(8)
     train = Interactions(zipf_ids(60, 1500, generator=rng).numpy(),
                          zipf_ids(40, 1500, generator=rng).numpy(), user_map=60, item_map=40)
@@ -333,7 +361,7 @@ def test_fit_mf_bpr_uses_the_sampled_step(backend, device, monkeypatch):
         model = fastmf.MF(60, 40, dim=8, backend=backend)
         if not sampled:
             monkeypatch.setattr(model, "draws_negatives", lambda loss: False)
-        history = fastmf.fit(model, train, loss="bpr", epochs=2, batch_size=256, seed=3,
+        history = fastmf.fit(model, train, loss=loss, epochs=2, batch_size=256, seed=3,
                              num_negatives=2, progress=False)
         return model, history
 
@@ -347,10 +375,19 @@ def test_fit_mf_bpr_uses_the_sampled_step(backend, device, monkeypatch):
 
     monkeypatch.setattr(ops, "kernels", spy)
     fused, fused_history = fit(True)
-    assert "train_step_pairwise_sampled" in calls
+    assert op in calls
     calls.clear()
     unfused, unfused_history = fit(False)
-    assert "train_step_pairwise_sampled" not in calls
-    assert fused_history["loss"] == pytest.approx(unfused_history["loss"], rel=1e-6)
-    assert_close_all(tuple(fused.tables()), tuple(unfused.tables()), torch.float32)
+    assert op not in calls
+    if exact:
+        assert fused_history["loss"] == unfused_history["loss"]
+        assert_bit_identical(tuple(fused.tables()), tuple(unfused.tables()))
+    else:
+        assert fused_history["loss"] == pytest.approx(unfused_history["loss"], rel=1e-6)
+        assert_close_all(tuple(fused.tables()), tuple(unfused.tables()), torch.float32)
     assert fused_history["loss"][1] < fused_history["loss"][0]
+
+
+@pytest.mark.parametrize("backend, device", ALL_CPU)
+def test_fit_mf_bpr_uses_the_sampled_step(backend, device, monkeypatch):
+    check_fit_uses_sampled_step(backend, monkeypatch, "bpr", OP_NAME, exact=False)
