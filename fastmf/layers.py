@@ -98,6 +98,8 @@ class MF(FactorTables, Recommender):
     checkpoint_format: ClassVar[str] = "mf"
     # The fused steps never read them, so batches() need not shuffle them every epoch.
     uses_timestamps: ClassVar[bool] = False
+    # The fused kernels weigh every row alike: fit refuses weighted data for MF.
+    uses_weights: ClassVar[bool] = False
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64, *, bias: bool = True,
                  global_mean: float = 0.0, backend: str = "auto", sparse: bool = False,

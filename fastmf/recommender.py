@@ -279,9 +279,12 @@ class Recommender(nn.Module):
     ``default_loss``, ``defaults`` (``{"explicit": {...}, "implicit": {...}}`` of
     lr/reg/epochs/batch_size merged over fit's), ``dense_lr`` (the Adam learning rate of
     parameters that are not embedding tables), ``test_config`` (small constructor
-    kwargs for the protocol tests) and ``uses_timestamps`` (whether :meth:`batches` hands
+    kwargs for the protocol tests), ``uses_timestamps`` (whether :meth:`batches` hands
     :meth:`training_step` the interactions' timestamps; a model that never reads them sets
-    it False and skips their per-epoch shuffle).
+    it False and skips their per-epoch shuffle) and ``uses_weights`` (whether its training
+    step honours ``batch.weights``, the interactions' per-row ``weights``: the default
+    :meth:`training_step` does; :func:`fastmf.fit` refuses weighted data for a model that
+    sets it False rather than train as if the weights were not there).
     """
 
     losses: ClassVar[tuple[str, ...]] = KERNEL_LOSSES
@@ -290,6 +293,7 @@ class Recommender(nn.Module):
     dense_lr: ClassVar[float] = 1e-3
     test_config: ClassVar[dict] = {}
     uses_timestamps: ClassVar[bool] = True
+    uses_weights: ClassVar[bool] = True
 
     # Filled from the training data (prepare / attach_data): raw-id maps, titles and
     # popularity for answers in raw ids and the cold-start fallback.
@@ -412,7 +416,8 @@ class Recommender(nn.Module):
     def batches(self, train, *, batch_size: int, loss: str, num_negatives: int,
                 sampler, generator: torch.Generator) -> Iterator[Batch]:
         """The batches of one epoch: the interactions shuffled by ``generator``, in slices
-        of ``batch_size``; for implicit losses each with ``num_negatives`` items per
+        of ``batch_size`` (with their ``weights`` when the data have them and the model
+        :attr:`uses_weights`); for implicit losses each with ``num_negatives`` items per
         positive drawn by ``sampler`` (a :class:`fastmf.data.NegativeSampler`), seeded from
         ``generator``'s seed and the batch number."""
         device = self._param_device()
@@ -428,6 +433,9 @@ class Recommender(nn.Module):
             if stamps.dtype.kind == "M":  # datetimes: seconds since the epoch
                 stamps = stamps.astype("datetime64[s]").astype(np.int64)
             timestamps = torch.from_numpy(np.array(stamps)).to(device)[order]  # a writable copy
+        weights = None
+        if train.weights is not None and self.uses_weights:
+            weights = torch.from_numpy(train.weights).to(device)[order]
         base = generator.initial_seed()
         # Uniform negatives come from the counters of (epoch seed, batch number), as the
         # fused sampled BPR step draws them, so every model sees the same ones.
@@ -445,7 +453,7 @@ class Recommender(nn.Module):
                 negatives = sampler.sample(u, num_negatives, seed=seed_of(base, b))
                 negatives = torch.as_tensor(negatives, device=device)
             yield Batch(u, i, None if targets is None else targets[lo:lo + batch_size],
-                        negatives, None,
+                        negatives, None if weights is None else weights[lo:lo + batch_size],
                         None if timestamps is None else timestamps[lo:lo + batch_size], draw)
 
     def draws_negatives(self, loss: str) -> bool:

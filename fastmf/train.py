@@ -261,6 +261,12 @@ def fit(
     num_negatives = _count("num_negatives", defaults.get("num_negatives", 4)
                            if num_negatives is None else num_negatives, 1 if implicit else 0)
     model.check_data(train)
+    if train.weights is not None and not model.uses_weights:
+        raise ValueError(
+            f"fastmf.fit: the interactions carry per-row weights, which "
+            f"{type(model).__name__}'s training step does not use; train without them "
+            "(train.with_weights(None)) or a model that uses them (fastmf.models.ALS, "
+            "Hybrid, GMF, MLP, NeuMF)")
     if not implicit and train.ratings is None:
         raise ValueError(f"fastmf.fit: loss {loss!r} needs ratings; these interactions have "
                          "none (use loss='bpr' or 'bce' for implicit feedback)")

@@ -425,6 +425,67 @@ def test_fit_merges_the_model_defaults(split, monkeypatch):
     assert len(history) == 2
 
 
+def row_weights(users, items):
+    """A weight per (user, item), so a batch's weights can be checked from its ids."""
+    return 0.5 + ((np.asarray(users) * 7 + np.asarray(items)) % 5) / 2
+
+
+@pytest.mark.parametrize("loss", ["bce", "bpr", "mse"])
+def test_fit_hands_the_interaction_weights_to_the_step(split, loss, monkeypatch):
+    """Every batch carries the weights of its own rows; weights of 1 train exactly as no
+    weights do, other weights train differently."""
+    train, _ = split
+    weighted = train.with_weights(row_weights(train.users, train.items))
+    seen = []
+    step = ProtoDot.training_step
+
+    def spy(self, batch, optimizer, **kw):
+        seen.append((batch.users, batch.items, batch.weights))
+        return step(self, batch, optimizer, **kw)
+
+    def run(data):
+        torch.manual_seed(0)
+        model = ProtoDot.from_interactions(data, dim=4)
+        history = fastmf.fit(model, data, loss=loss, epochs=2, batch_size=64, lr=0.1, seed=1,
+                             progress=False)
+        return model, history
+
+    monkeypatch.setattr(ProtoDot, "training_step", spy)
+    varied, varied_history = run(weighted)
+    assert sum(len(u) for u, _, _ in seen) == 2 * len(train)
+    for users, items, weights in seen:
+        np.testing.assert_array_equal(weights.numpy(),
+                                      row_weights(users.numpy(), items.numpy()))
+    seen.clear()
+    plain, plain_history = run(train)
+    assert all(weights is None for _, _, weights in seen)
+    ones, ones_history = run(train.with_weights(np.ones(len(train))))
+    assert ones_history["loss"] == plain_history["loss"]
+    for a, b in zip(ones.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert varied_history["loss"] != plain_history["loss"]
+    assert not torch.equal(varied.user_emb.weight, plain.user_emb.weight)
+
+
+@pytest.mark.parametrize("make, loss", [
+    (lambda d: fastmf.MF(d.num_users, d.num_items, dim=4), "bpr"),
+    (lambda d: fastmf.MF(d.num_users, d.num_items, dim=4), "mse"),
+    (lambda d: fastmf.models.SVDpp.from_interactions(d, dim=4), "mse"),
+])
+def test_fit_refuses_weights_a_model_does_not_use(split, make, loss):
+    """MF's fused steps and SVD++'s step weigh every row alike: weighted data is an error,
+    not weights silently dropped; without the weights the same call trains."""
+    train, _ = split
+    weighted = train.with_weights(row_weights(train.users, train.items))
+    model = make(train)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=rf"carry per-row weights, which "
+                                         rf"{type(model).__name__}'s training step does not"):
+        fastmf.fit(model, weighted, loss=loss, epochs=1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    fastmf.fit(model, weighted.with_weights(None), loss=loss, epochs=1, progress=False)
+
+
 def test_fit_takes_scipy_and_pandas_data(split):
     pd = pytest.importorskip("pandas")
     train, valid = split

@@ -6,8 +6,9 @@
 - ``ratings``: (N,) float32 or ``None`` (implicit feedback)
 - ``timestamps``: (N,) int64/float64/datetime64 or ``None``
 - ``weights``: (N,) float32 >= 0 or ``None``: a per-interaction confidence (see
-  :meth:`Interactions.with_confidence`), used by weighted models such as
-  :class:`fastmf.models.ALS`
+  :meth:`Interactions.with_confidence`): :class:`fastmf.models.ALS` takes them as its
+  confidences, and :func:`fastmf.fit` weighs each row's loss terms by them for the models
+  whose training step uses them (``uses_weights``; it refuses weighted data for the others)
 
 plus the two :class:`IdMap` objects that translate raw ids (ints or strings, as they appear
 in the source data) to indices and back. Subsets and splits share the same ``IdMap``

@@ -237,6 +237,9 @@ class Item2Vec(Recommender):
 
     losses: ClassVar[tuple[str, ...]] = ("bce",)
     default_loss: ClassVar[str] = "bce"
+    # It trains on (item, context item) pairs of the sequences, not on the rows: fit refuses
+    # weighted data rather than drop the weights.
+    uses_weights: ClassVar[bool] = False
     # Chosen by benchmarks/item2vec.py --tune: next-item HR@10 (latest movie held out per
     # user) on two differently shaped subsets of ml-latest-small (movies with >= 20 ratings;
     # users with at most the median rating count), one knob at a time; the reported genre

@@ -150,6 +150,8 @@ class SVDpp(Recommender):
     losses = ("mse", "huber")
     default_loss = "mse"
     test_config = {"dim": 4}
+    # Its step takes the plain mean over the ratings: fit refuses weighted data.
+    uses_weights = False
     # Chosen on two inner validation splits of ml-latest-small built from fold 0's TRAINING
     # rows only (never a reported test row): "dense", 20% of the rows held out at random
     # (every user has >= 20 ratings), and "sparse", each user cut to <= 15 random ratings
