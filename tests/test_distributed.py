@@ -409,14 +409,14 @@ def _worker_three(rank: int, world: int, ckpt: Path) -> dict:
     return res
 
 
-def _entry(rank: int, fn, world: int, port: int, ckpt: str, out: str) -> None:
+def _entry(rank: int, fn, world: int, init_method: str, ckpt: str, out: str) -> None:
     import datetime
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group("gloo", init_method=init_method, rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
         result = fn(rank, world, Path(ckpt))
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -428,7 +428,10 @@ def _entry(rank: int, fn, world: int, port: int, ckpt: str, out: str) -> None:
 
 def _spawn(fn, world: int, ckpt: Path, out: Path, timeout: float = 120.0) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(fn, world, _free_port(), str(ckpt), str(out)),
+    # A file rendezvous, not a TCP port picked here and bound later by rank 0: another job
+    # on the machine can take such a port in between.
+    init_method = f"file://{out / 'rendezvous'}"
+    ctx = mp.start_processes(_entry, args=(fn, world, init_method, str(ckpt), str(out)),
                              nprocs=world, join=False, start_method="spawn")
     import time
 
