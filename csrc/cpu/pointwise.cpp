@@ -1,7 +1,7 @@
 // The pointwise family on the CPU: mf_forward, mf_backward, sparse_adagrad_update,
 // sparse_sgd_update, the fused train_step and train_step_sampled (the same step on each
-// positive and the uniform negatives it draws, sampled.h). csrc/cuda/pointwise.cu is the same family on
-// the GPU.
+// positive and the uniform negatives it draws, sampled.h). csrc/cuda/pointwise.cu is the
+// same family on the GPU.
 //
 // mf_forward and mf_backward are gathers plus one K-length dot product or scale per
 // sample, so they parallelise over the batch with no shared writes.
@@ -439,16 +439,14 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
   const int64_t batch = in.users.size(0), k = in.num_negatives, rows = batch * (1 + k);
   Workspace& ws = workspace();
   const TrimOnExit<Workspace> trim(ws);
-  std::vector<int64_t> users_in, pos;
-  load_ids(op, "users", in.users.contiguous(), num_users, users_in);
-  load_ids(op, "items", in.pos_items.contiguous(), num_items, pos);
+  // The positives' rows first, loaded in place; growing the scratch keeps them.
+  load_ids(op, "users", in.users.contiguous(), num_users, ws.users);
+  load_ids(op, "items", in.pos_items.contiguous(), num_items, ws.items);
   if (batch == 0) return at::zeros({}, tables.user_factors.options());
   int64_t* users = scratch(ws.users, rows);
   int64_t* items = scratch(ws.items, rows);
-  std::copy(users_in.begin(), users_in.end(), users);
-  std::copy(pos.begin(), pos.end(), items);
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t j = 0; j < k; ++j) users[batch + b * k + j] = users_in[b];
+    for (int64_t j = 0; j < k; ++j) users[batch + b * k + j] = users[b];
   }
   draw_negatives_of(op, users + batch, batch, k, in.pos_indptr, in.pos_indices, num_items,
                     in.seed, in.step, items + batch);

@@ -30,9 +30,9 @@ namespace FASTMF_CPU_NS {
 // Records the first sample whose row is malformed or holds every item in bad_row / full.
 template <typename index_t>
 inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* users,
-                    const int64_t* indptr, const index_t* indices, int64_t nnz,
-                    int64_t num_items, uint64_t key, int64_t* neg, int64_t& bad_row,
-                    int64_t& full) {
+                           const int64_t* indptr, const index_t* indices, int64_t nnz,
+                           int64_t num_items, uint64_t key, int64_t* neg, int64_t& bad_row,
+                           int64_t& full) {
   constexpr int kLanes = 8;
   // What an idle lane reads: its load is issued but its result never used.
   static const index_t kIdle[1] = {0};

@@ -193,10 +193,10 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_ite
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
     neg = sample_negatives(users, pos_indptr, pos_indices, tables.item_factors.shape[0],
                            num_negatives, seed, step, op)
-    batch = users.shape[0]
-    labels = torch.cat([torch.ones(batch), torch.zeros(batch * num_negatives)])
+    users = users.long()
+    labels = torch.cat([torch.ones(len(users)), torch.zeros(len(users) * num_negatives)])
     return train_step(tables, states,
-                      torch.cat([users.long(), users.long().repeat_interleave(num_negatives)]),
+                      torch.cat([users, users.repeat_interleave(num_negatives)]),
                       torch.cat([pos_items.long(), neg.reshape(-1)]),
                       labels.to(tables.user_factors), global_mean, loss, reg, optimizer)
 
