@@ -46,12 +46,16 @@ struct OptimizerArgs {
   double eps;
 };
 
+// Every fused step's batch ends with `weights`: undefined (None), or (B,) per-positive
+// weights of the data term (finite, >= 0; fastmf/ops/reference/pointwise.py).
+
 // train_step's batch and loss: prediction mu + b_u + b_i + <P[u], Q[i]> against targets.
 struct PointwiseBatch {
   at::Tensor users, items, targets;  // (B,) each
   double global_mean;
   Loss loss;
   double reg;
+  at::Tensor weights;
 };
 
 // train_step_pairwise's batch and loss: (user, positive item, negative item) triples.
@@ -59,6 +63,7 @@ struct PairwiseBatch {
   at::Tensor users, pos_items, neg_items;  // (B,) each
   PairwiseLoss loss;
   double reg;
+  at::Tensor weights;
 };
 
 // train_step_pairwise_sampled's batch: the positives, the positives' CSR (user u's row is
@@ -70,6 +75,7 @@ struct SampledPairwiseBatch {
   int64_t num_negatives, seed, step;
   PairwiseLoss loss;
   double reg;
+  at::Tensor weights;  // one per positive, for each of its pairs
 };
 
 // train_step_sampled's batch: the positives and their CSR as in SampledPairwiseBatch; each
@@ -82,6 +88,7 @@ struct SampledPointwiseBatch {
   double global_mean;
   Loss loss;
   double reg;
+  at::Tensor weights;  // one per positive, for its own row; the negatives' rows weigh 1
 };
 
 // The settings of one exact sparse step of the embedding_bag family (sparse_update,

@@ -283,6 +283,21 @@ inline void check_separate_step_tables(const char* op, const StepTables& tables,
                              {"item_bias_state", adagrad ? &states.item_bias : &none}});
 }
 
+// A fused step's per-sample weights: undefined, or (B,) like `users`, in the tables' dtype
+// and on their device (fastmf/ops/checks.py check_step_weights, which also reads the values;
+// the kernels check those with check_weight_values, or record them on the GPU).
+inline void check_step_weights(const char* op, const at::Tensor& weights,
+                               const at::Tensor& user_factors, const at::Tensor& users) {
+  if (!weights.defined()) return;
+  TORCH_CHECK_TYPE(weights.scalar_type() == user_factors.scalar_type(), "fastmf.", op,
+                   ": weights has dtype ", weights.scalar_type(), ", expected ",
+                   user_factors.scalar_type(), " like user_factors");
+  TORCH_CHECK_VALUE(weights.dim() == 1, "fastmf.", op, ": weights must be 1-D, got shape ",
+                    weights.sizes());
+  check_like_device(op, "weights", weights, "user_factors", user_factors);
+  check_same_length(op, "users", users, "weights", weights);
+}
+
 // train_step: the codes, the settings, the tables, the ids and the targets, the states
 // and the tables' memory, with no id or target value read (fastmf/ops/checks.py
 // check_train_step reads those too; the kernels check them where they read them).
@@ -302,6 +317,7 @@ inline void check_train_step(const char* op, const StepTables& tables, const Ste
   check_same_length(op, "users", batch.users, "targets", targets);
   check_states(op, tables, states, opt.optimizer);
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/true);
+  check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }
 
 // train_step_pairwise: likewise, with the three id arrays (fastmf/ops/checks.py
@@ -326,6 +342,7 @@ inline void check_train_step_pairwise(const char* op, const StepTables& tables,
                     users.size(0), " samples; at most 2^30 - 1 are supported");
   check_states(op, tables, states, opt.optimizer);
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/false);
+  check_step_weights(op, batch.weights, tables.user_factors, users);
 }
 
 // What the two sampled steps share (fastmf/ops/checks.py _check_sampled): the tables and
@@ -377,6 +394,7 @@ inline void check_train_step_pairwise_sampled(const char* op, const StepTables& 
                                               const OptimizerArgs& opt) {
   check_sampled(op, tables, states, batch, opt, /*positive_rows=*/0);
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/false);
+  check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }
 
 // train_step_sampled: the shared checks; every table and state is written, as in train_step.
@@ -386,6 +404,7 @@ inline void check_train_step_sampled(const char* op, const StepTables& tables,
                                      const OptimizerArgs& opt) {
   check_sampled(op, tables, states, batch, opt, /*positive_rows=*/1);
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/true);
+  check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }
 
 // A row pointer the CSR cannot hold, or a user with no item left to sample: the ValueErrors
@@ -779,6 +798,19 @@ inline void check_finite(const char* op, const char* name, const scalar_t* value
   for (int64_t b = 0; b < n; ++b) {
     TORCH_CHECK_VALUE(std::isfinite(values[b]), "fastmf.", op, ": ", name,
                       " contains a non-finite value (", values[b], ")");
+  }
+}
+
+// Host-side: a NaN, infinite or negative weight (the message of fastmf/ops/checks.py
+// check_step_weights). NaN fails w >= 0.
+template <typename scalar_t>
+inline void check_weight_values(const char* op, const scalar_t* w, int64_t n) {
+  bool ok = true;
+  for (int64_t b = 0; b < n; ++b) ok &= (w[b] >= scalar_t(0)) & !std::isinf(w[b]);
+  if (ok) return;
+  for (int64_t b = 0; b < n; ++b) {
+    TORCH_CHECK_VALUE(w[b] >= scalar_t(0) && !std::isinf(w[b]), "fastmf.", op,
+                      ": weights must be finite and >= 0, got ", w[b]);
   }
 }
 

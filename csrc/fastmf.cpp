@@ -54,7 +54,7 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, Tensor(f!)? item_factors_state, "
       "Tensor(g!)? user_bias_state, Tensor(h!)? item_bias_state, Tensor users, Tensor items, "
       "Tensor targets, float global_mean, int loss, float reg, int optimizer, float lr, "
-      "float eps) -> Tensor");
+      "float eps, Tensor? weights=None) -> Tensor");
   // The pairwise (implicit-feedback) fused step: each sample is (user, positive item,
   // negative item); x = b_i - b_j + <P[u], Q[i] - Q[j]>. loss: a PairwiseLoss code (bpr:
   // mean softplus(-x)).
@@ -66,7 +66,7 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(c!)? user_bias, Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, "
       "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor neg_items, "
-      "int loss, float reg, int optimizer, float lr, float eps) -> Tensor");
+      "int loss, float reg, int optimizer, float lr, float eps, Tensor? weights=None) -> Tensor");
   // train_step_pairwise against num_negatives (>= 1) uniform negatives per positive, drawn
   // in the op: negative k of sample b is uniform over the items outside user u's row
   // pos_indices[pos_indptr[u]:pos_indptr[u + 1]] (sorted, distinct; CSR of the positives),
@@ -79,7 +79,7 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
       "Tensor pos_indices, int num_negatives, int seed, int step, int loss, float reg, "
-      "int optimizer, float lr, float eps) -> Tensor");
+      "int optimizer, float lr, float eps, Tensor? weights=None) -> Tensor");
   // train_step on the positives, each a row labelled 1, and num_negatives (>= 1) uniform
   // negatives per positive, each a row labelled 0, drawn in the op as
   // train_step_pairwise_sampled draws them. Exactly train_step on users ++
@@ -92,7 +92,7 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
       "Tensor pos_indices, int num_negatives, int seed, int step, float global_mean, "
-      "int loss, float reg, int optimizer, float lr, float eps) -> Tensor");
+      "int loss, float reg, int optimizer, float lr, float eps, Tensor? weights=None) -> Tensor");
   // Exact top-k of item_bias[i] + <queries[b], item_factors[i]> per query: (scores (B, k),
   // indices (B, k) int64), best first, ties to the lower index; exclude_* is a CSR of items
   // to leave out per query, candidates restricts the items; short rows pad with -inf / -1.

@@ -30,14 +30,16 @@ at::Tensor train_step_op(const at::Tensor& user_factors, const at::Tensor& item_
                          const std::optional<at::Tensor>& item_bias_state,
                          const at::Tensor& users, const at::Tensor& items,
                          const at::Tensor& targets, double global_mean, int64_t loss,
-                         double reg, int64_t optimizer, double lr, double eps) {
+                         double reg, int64_t optimizer, double lr, double eps,
+                         const std::optional<at::Tensor>& weights) {
   constexpr const char* op = "train_step";
   check_code<Loss>(op, loss);
   check_code<Optimizer>(op, optimizer);
   const StepTables tables = StepTables::of(user_factors, item_factors, user_bias, item_bias);
   const StepTables states = StepTables::of(user_factors_state, item_factors_state,
                                            user_bias_state, item_bias_state);
-  const PointwiseBatch batch{users, items, targets, global_mean, static_cast<Loss>(loss), reg};
+  const PointwiseBatch batch{users, items, targets, global_mean, static_cast<Loss>(loss), reg,
+                             weights.value_or(at::Tensor())};
   const OptimizerArgs opt{static_cast<Optimizer>(optimizer), lr, eps};
   check_train_step(op, tables, states, batch, opt);
   return kKernel(tables, states, batch, opt);
@@ -52,14 +54,15 @@ at::Tensor train_step_pairwise_op(
     const std::optional<at::Tensor>& user_bias_state,
     const std::optional<at::Tensor>& item_bias_state, const at::Tensor& users,
     const at::Tensor& pos_items, const at::Tensor& neg_items, int64_t loss, double reg,
-    int64_t optimizer, double lr, double eps) {
+    int64_t optimizer, double lr, double eps, const std::optional<at::Tensor>& weights) {
   constexpr const char* op = "train_step_pairwise";
   check_code<PairwiseLoss>(op, loss);
   check_code<Optimizer>(op, optimizer);
   const StepTables tables = StepTables::of(user_factors, item_factors, user_bias, item_bias);
   const StepTables states = StepTables::of(user_factors_state, item_factors_state,
                                            user_bias_state, item_bias_state);
-  const PairwiseBatch batch{users, pos_items, neg_items, static_cast<PairwiseLoss>(loss), reg};
+  const PairwiseBatch batch{users, pos_items, neg_items, static_cast<PairwiseLoss>(loss), reg,
+                            weights.value_or(at::Tensor())};
   const OptimizerArgs opt{static_cast<Optimizer>(optimizer), lr, eps};
   check_train_step_pairwise(op, tables, states, batch, opt);
   return kKernel(tables, states, batch, opt);
@@ -80,16 +83,18 @@ at::Tensor train_step_pairwise_sampled_op(
     const std::optional<at::Tensor>& item_bias_state, const at::Tensor& users,
     const at::Tensor& pos_items, const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
     int64_t num_negatives, int64_t seed, int64_t step, int64_t loss, double reg,
-    int64_t optimizer, double lr, double eps) {
+    int64_t optimizer, double lr, double eps, const std::optional<at::Tensor>& weights) {
   constexpr const char* op = "train_step_pairwise_sampled";
   check_code<PairwiseLoss>(op, loss);
   check_code<Optimizer>(op, optimizer);
   const StepTables tables = StepTables::of(user_factors, item_factors, user_bias, item_bias);
   const StepTables states = StepTables::of(user_factors_state, item_factors_state,
                                            user_bias_state, item_bias_state);
-  const SampledPairwiseBatch batch{users,         pos_items, pos_indptr,
-                                   pos_indices,   num_negatives, seed,
-                                   step,          static_cast<PairwiseLoss>(loss), reg};
+  const SampledPairwiseBatch batch{users,        pos_items,
+                                   pos_indptr,   pos_indices,
+                                   num_negatives, seed,
+                                   step,         static_cast<PairwiseLoss>(loss),
+                                   reg,          weights.value_or(at::Tensor())};
   const OptimizerArgs opt{static_cast<Optimizer>(optimizer), lr, eps};
   check_train_step_pairwise_sampled(op, tables, states, batch, opt);
   return kKernel(tables, states, batch, opt);
@@ -110,7 +115,8 @@ at::Tensor train_step_sampled_op(
     const std::optional<at::Tensor>& item_bias_state, const at::Tensor& users,
     const at::Tensor& pos_items, const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
     int64_t num_negatives, int64_t seed, int64_t step, double global_mean, int64_t loss,
-    double reg, int64_t optimizer, double lr, double eps) {
+    double reg, int64_t optimizer, double lr, double eps,
+    const std::optional<at::Tensor>& weights) {
   constexpr const char* op = "train_step_sampled";
   check_code<Loss>(op, loss);
   check_code<Optimizer>(op, optimizer);
@@ -119,7 +125,8 @@ at::Tensor train_step_sampled_op(
                                            user_bias_state, item_bias_state);
   const SampledPointwiseBatch batch{users,         pos_items, pos_indptr,  pos_indices,
                                     num_negatives, seed,      step,        global_mean,
-                                    static_cast<Loss>(loss),  reg};
+                                    static_cast<Loss>(loss),  reg,
+                                    weights.value_or(at::Tensor())};
   const OptimizerArgs opt{static_cast<Optimizer>(optimizer), lr, eps};
   check_train_step_sampled(op, tables, states, batch, opt);
   return kKernel(tables, states, batch, opt);

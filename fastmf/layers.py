@@ -98,8 +98,8 @@ class MF(FactorTables, Recommender):
     checkpoint_format: ClassVar[str] = "mf"
     # The fused steps never read them, so batches() need not shuffle them every epoch.
     uses_timestamps: ClassVar[bool] = False
-    # The fused kernels weigh every row alike: fit refuses weighted data for MF.
-    uses_weights: ClassVar[bool] = False
+    # The fused steps take the interactions' weights (each positive's data term).
+    uses_weights: ClassVar[bool] = True
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64, *, bias: bool = True,
                  global_mean: float = 0.0, backend: str = "auto", sparse: bool = False,
@@ -264,28 +264,32 @@ class MF(FactorTables, Recommender):
             train_step_sampled,
         )
 
-        u, i = batch.users, batch.items
+        u, i, w = batch.users, batch.items, batch.weights
         if loss not in IMPLICIT:
-            return train_step(self, optimizer, u, i, batch.targets, loss=loss, reg=reg), len(u)
+            return train_step(self, optimizer, u, i, batch.targets, loss=loss, reg=reg,
+                              weights=w), len(u)
         draw = batch.draw
         if draw is not None:
             k = draw.num_negatives
             if loss == "bpr":
                 return train_step_pairwise_sampled(
                     self, optimizer, u, i, draw.indptr, draw.indices, k, seed=draw.seed,
-                    step=draw.step, reg=reg), len(u) * k
+                    step=draw.step, reg=reg, weights=w), len(u) * k
             return train_step_sampled(self, optimizer, u, i, draw.indptr, draw.indices, k,
-                                      seed=draw.seed, step=draw.step, loss=loss,
-                                      reg=reg), len(u) * (1 + k)
+                                      seed=draw.seed, step=draw.step, loss=loss, reg=reg,
+                                      weights=w), len(u) * (1 + k)
         neg = batch.negatives
         k = neg.shape[1]
         if loss == "bpr":
             return train_step_pairwise(self, optimizer, u.repeat_interleave(k),
-                                       i.repeat_interleave(k), neg.reshape(-1),
-                                       reg=reg), len(u) * k
+                                       i.repeat_interleave(k), neg.reshape(-1), reg=reg,
+                                       weights=None if w is None else w.repeat_interleave(k)
+                                       ), len(u) * k
         users = torch.cat([u, u.repeat_interleave(k)])
         items = torch.cat([i, neg.reshape(-1)])
         labels = torch.cat([torch.ones(len(u)), torch.zeros(len(u) * k)]).to(
             dtype=self.user_factors.dtype, device=u.device)
-        return train_step(self, optimizer, users, items, labels, loss="bce",
-                          reg=reg), len(users)
+        if w is not None:  # the negatives' rows weigh 1, as in train_step_sampled
+            w = torch.cat([w.to(labels.dtype), labels.new_ones(len(u) * k)])
+        return train_step(self, optimizer, users, items, labels, loss="bce", reg=reg,
+                          weights=w), len(users)

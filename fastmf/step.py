@@ -56,12 +56,25 @@ def _parse_loss(enum, loss: str, op: str):
     return enum[loss.upper()]
 
 
+def _weights(model: MF, weights, op: str):
+    """``weights`` (None, a tensor or array-like of B floats) in the model's dtype, on its
+    device; their length and values are checked by the backend's kernel."""
+    if weights is None:
+        return None
+    dtype, device = model.user_factors.dtype, model.user_factors.device
+    if isinstance(weights, Tensor):
+        if not weights.is_floating_point():
+            raise TypeError(f"fastmf.{op}: weights must be floating point, got {weights.dtype}")
+        return weights.to(dtype)
+    return torch.as_tensor(np.asarray(weights, dtype=np.float64), device=device).to(dtype)
+
+
 def _detached(model: MF) -> MFTables:
     return MFTables(*(None if t is None else t.detach() for t in model.tables()))
 
 
 def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse",
-               reg: float = 0.0) -> Tensor:
+               reg: float = 0.0, weights=None) -> Tensor:
     """One fused training step on a batch; returns the loss (0-d tensor, data term + reg).
 
     Updates ``model``'s weights and ``optimizer``'s state in place exactly as the unfused
@@ -78,7 +91,11 @@ def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse"
     mode) or :class:`fastmf.optim.SparseSGD` holding all of the model's parameters with one
     learning rate. Runs on ``model.backend``'s kernels; an empty batch is a no-op returning 0.
 
-    users, items: (B,) int32/int64; targets: (B,) float (ratings, or 0/1 labels for bce).
+    users, items: (B,) int32/int64; targets: (B,) float (ratings, or 0/1 labels for bce);
+    weights: None or (B,) finite weights >= 0 (e.g. confidences
+    ``1 + alpha * log(1 + count / eps)``, Hu, Koren & Volinsky 2008) scaling each sample's
+    data term: ``mean_b(w_b * loss_b) + reg term`` (the mean stays over B; the reg term is
+    not weighted), as :func:`fastmf.models.pointwise_loss` with ``weights``.
 
     >>> import torch, fastmf
     >>> model = fastmf.MF(100, 50, dim=8, global_mean=3.5)
@@ -100,14 +117,15 @@ def train_step(model: MF, optimizer, users, items, targets, *, loss: str = "mse"
     else:
         targets = torch.as_tensor(np.asarray(targets, dtype=np.float64), device=device)
     targets = targets.to(dtype)
+    weights = _weights(model, weights, "train_step")
     kernels = ops.kernels(model.backend, model.user_factors.device)
     with torch.no_grad():
         return kernels.train_step(_detached(model), states, users, items, targets, model.mu,
-                                  code, float(reg), settings)
+                                  code, float(reg), settings, weights)
 
 
 def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
-                        loss: str = "bpr", reg: float = 0.0) -> Tensor:
+                        loss: str = "bpr", reg: float = 0.0, weights=None) -> Tensor:
     """One fused pairwise (implicit-feedback) step; returns the loss (0-d tensor).
 
     Each sample is (user, positive item, sampled negative item); BPR minimises
@@ -117,7 +135,8 @@ def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
     optimizer update with its summed gradient, as the unfused autograd sequence would give.
     For k negatives per positive, repeat the users and positives k times.
 
-    users, pos_items, neg_items: (B,) int32/int64.
+    users, pos_items, neg_items: (B,) int32/int64; weights: None or (B,) finite weights
+    >= 0 scaling each sample's softplus term (the mean stays over B; reg is not weighted).
     """
     code = _parse_loss(PairwiseLoss, loss, "train_step_pairwise")
     settings, states = _fused_optimizer(model, optimizer)
@@ -125,22 +144,24 @@ def train_step_pairwise(model: MF, optimizer, users, pos_items, neg_items, *,
     users = model.as_ids(users, "users")
     pos_items = model.as_ids(pos_items, "pos_items")
     neg_items = model.as_ids(neg_items, "neg_items")
+    weights = _weights(model, weights, "train_step_pairwise")
     kernels = ops.kernels(model.backend, model.user_factors.device)
     with torch.no_grad():
         return kernels.train_step_pairwise(_detached(model), states, users, pos_items,
-                                           neg_items, code, float(reg), settings)
+                                           neg_items, code, float(reg), settings, weights)
 
 
 def train_step_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_indptr,
                                 pos_indices, num_negatives: int, *, seed: int, step: int,
-                                loss: str = "bpr", reg: float = 0.0) -> Tensor:
+                                loss: str = "bpr", reg: float = 0.0, weights=None) -> Tensor:
     """:func:`train_step_pairwise` with ``num_negatives`` uniform negatives per positive
     drawn inside the fused op: each is uniform over the items outside the user's row of
     the positives' CSR (``pos_indptr`` (U+1,), ``pos_indices``, rows sorted and distinct,
     e.g. :meth:`fastmf.data.NegativeSampler.csr`), counter-based in (``seed``, ``step``), so
     the same on every backend and thread count (the items of
     :meth:`fastmf.data.NegativeSampler.sample_step`). One kernel call, no sampling pass;
-    the loss is the mean over the B * num_negatives pairs.
+    the loss is the mean over the B * num_negatives pairs. ``weights`` (None or (B,), finite,
+    >= 0): each positive's weight scales the terms of all of its pairs.
 
     >>> import torch, fastmf
     >>> model = fastmf.MF(3, 5, dim=4)
@@ -153,10 +174,12 @@ def train_step_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_indp
     code = _parse_loss(PairwiseLoss, loss, "train_step_pairwise_sampled")
     kernels, settings, states, users, pos_items = _sampled_arguments(
         "train_step_pairwise_sampled", model, optimizer, users, pos_items)
+    weights = _weights(model, weights, "train_step_pairwise_sampled")
     with torch.no_grad():
         return kernels.train_step_pairwise_sampled(_detached(model), states, users, pos_items,
                                                    pos_indptr, pos_indices, num_negatives,
-                                                   seed, step, code, float(reg), settings)
+                                                   seed, step, code, float(reg), settings,
+                                                   weights)
 
 
 def _sampled_arguments(op: str, model: MF, optimizer, users, pos_items):
@@ -171,7 +194,7 @@ def _sampled_arguments(op: str, model: MF, optimizer, users, pos_items):
 
 def train_step_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_indices,
                        num_negatives: int, *, seed: int, step: int, loss: str = "bce",
-                       reg: float = 0.0) -> Tensor:
+                       reg: float = 0.0, weights=None) -> Tensor:
     """:func:`train_step` on each positive (label 1) and ``num_negatives`` uniform negatives
     per positive (label 0) drawn inside the fused op, as
     :func:`train_step_pairwise_sampled` draws them: uniform over the items outside the
@@ -179,7 +202,9 @@ def train_step_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_i
     and distinct, e.g. :meth:`fastmf.data.NegativeSampler.csr`), counter-based in
     (``seed``, ``step``), the items of :meth:`fastmf.data.NegativeSampler.sample_step`. One
     kernel call, no sampling pass; the loss (``"bce"`` for implicit feedback) is the mean
-    over the B * (1 + num_negatives) rows, the positives' rows first.
+    over the B * (1 + num_negatives) rows, the positives' rows first. ``weights`` (None or
+    (B,), finite, >= 0) scale the positives' rows only; each negative's row weighs 1, as
+    confidence weighs the observed pairs (Hu, Koren & Volinsky 2008).
 
     >>> import torch, fastmf
     >>> model = fastmf.MF(3, 5, dim=4)
@@ -191,7 +216,8 @@ def train_step_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_i
     code = _parse_loss(Loss, loss, "train_step_sampled")
     kernels, settings, states, users, pos_items = _sampled_arguments(
         "train_step_sampled", model, optimizer, users, pos_items)
+    weights = _weights(model, weights, "train_step_sampled")
     with torch.no_grad():
         return kernels.train_step_sampled(_detached(model), states, users, pos_items,
                                           pos_indptr, pos_indices, num_negatives, seed, step,
-                                          model.mu, code, float(reg), settings)
+                                          model.mu, code, float(reg), settings, weights)

@@ -265,8 +265,8 @@ def fit(
         raise ValueError(
             f"fastmf.fit: the interactions carry per-row weights, which "
             f"{type(model).__name__}'s training step does not use; train without them "
-            "(train.with_weights(None)) or a model that uses them (fastmf.models.ALS, "
-            "Hybrid, GMF, MLP, NeuMF)")
+            "(train.with_weights(None)) or a model that uses them (fastmf.MF, "
+            "fastmf.models.ALS, Hybrid, GMF, MLP, NeuMF)")
     if not implicit and train.ratings is None:
         raise ValueError(f"fastmf.fit: loss {loss!r} needs ratings; these interactions have "
                          "none (use loss='bpr' or 'bce' for implicit feedback)")

@@ -533,6 +533,101 @@ def check_sampled_bad_rows(target, op, what):
     target.check_errors()
 
 
+STEP_OPS = ("train_step", "train_step_pairwise") + SAMPLED_OPS
+
+
+def positive_weights(batch, dtype, *, seed):
+    """Confidence-like weights: log-count shaped, with exact zeros and a few large ones."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 50, (batch,), generator=g).to(dtype)
+    w = 1 + 2.0 * torch.log1p(counts)
+    w[::7] = 0
+    return w
+
+
+def weighted_step(target, op, tables, users, pos, other, weights, reg, optimizer, k=2,
+                  csr=None, step=0):
+    """One ``op`` step on the target with per-sample ``weights`` (train_step: ``other`` are
+    targets; train_step_pairwise: negatives; the sampled ops draw theirs from ``csr``)."""
+    o = optimizer_code(optimizer)
+    (w,) = target.to(weights)
+    if op == "train_step":
+        return target.ops.train_step(*tables, *target.to(users, pos, other), 3.0, MSE, reg, o,
+                                     LR, EPS, w)
+    if op == "train_step_pairwise":
+        return target.ops.train_step_pairwise(*tables, *target.to(users, pos, other), BPR, reg,
+                                              o, LR, EPS, w)
+    ids = target.to(users, pos, *csr)
+    if op == "train_step_pairwise_sampled":
+        return target.ops.train_step_pairwise_sampled(*tables, *ids, k, 3, step, BPR, reg, o,
+                                                      LR, EPS, w)
+    return target.ops.train_step_sampled(*tables, *ids, k, 3, step, SAMPLED_MU,
+                                         int(Loss.BCE), reg, o, LR, EPS, w)
+
+
+def reference_weighted(op, tables, states, users, pos, other, weights, reg, opt, k=2, csr=None,
+                       step=0):
+    if op == "train_step":
+        return reference.train_step(tables, states, users, pos, other, 3.0, Loss.MSE, reg, opt,
+                                    weights)
+    if op == "train_step_pairwise":
+        return reference.train_step_pairwise(tables, states, users, pos, other,
+                                             PairwiseLoss.BPR, reg, opt, weights)
+    if op == "train_step_pairwise_sampled":
+        return reference.train_step_pairwise_sampled(tables, states, users, pos, *csr, k, 3,
+                                                     step, PairwiseLoss.BPR, reg, opt, weights)
+    return reference.train_step_sampled(tables, states, users, pos, *csr, k, 3, step,
+                                        SAMPLED_MU, Loss.BCE, reg, opt, weights)
+
+
+def run_weighted(target, op, optimizer, batch, dtype=torch.float32, id_dtype=torch.int64,
+                 steps=2, num_users=80, num_items=40, dim=16):
+    """Steps of ``op`` (one of STEP_OPS) with per-sample weights on Zipf batches, against
+    the reference: every loss, every table and state at the end."""
+    p, q, bu, bi = make_tables(num_users, num_items, dim, dtype=dtype, seed=11)
+    expected = list(clone_all(p, q, bu, bi)) + list(make_states(optimizer, p, q, bu, bi))
+    got = list(target.to(*clone_all(*expected)))
+    csr = make_positive_csr(num_users, num_items, seed=12, id_dtype=id_dtype)
+    for step in range(steps):
+        users, pos, neg = make_triples(num_users, num_items, batch, seed=30 + step,
+                                       user_dtype=id_dtype, item_dtype=id_dtype)
+        other = (neg if op == "train_step_pairwise" else
+                 torch.rand(batch, generator=torch.Generator().manual_seed(step)).to(dtype) * 4)
+        weights = positive_weights(batch, dtype, seed=step)
+        tables, states, opt = reference_bundles(expected, optimizer)
+        exp_loss = reference_weighted(op, tables, states, users, pos, other, weights, 0.01, opt,
+                                      csr=csr, step=step)
+        got_loss = weighted_step(target, op, got, users, pos, other, weights, 0.01, optimizer,
+                                 csr=csr, step=step)
+        assert got_loss.shape == () and got_loss.dtype == dtype
+        assert_close(got_loss, exp_loss, dtype)
+    target.check_errors()
+    for g, e in zip(got, expected, strict=False):
+        if e is not None:
+            assert_close(g, e, dtype)
+
+
+def check_bad_weights(target, op, bad):
+    """A NaN, infinite or negative weight: recorded under ``op`` (ValueError from
+    check_errors, the CPU kernels' message), its sample left out, no NaN in the tables."""
+    clear_errors(target)
+    p, q, bu, bi = make_tables(30, 20, 8, seed=3)
+    csr = make_positive_csr(30, 20, seed=4)
+    users, pos, neg = make_triples(30, 20, 64, seed=5)
+    other = neg if op == "train_step_pairwise" else torch.rand(64) * 4
+    weights = positive_weights(64, torch.float32, seed=1)
+    weights[9] = bad
+    tables = list(target.to(p, q, bu, bi)) + list(target.to(*make_states("adagrad", p, q, bu,
+                                                                           bi)))
+    weighted_step(target, op, tables, users, pos, other, weights, 0.01, "adagrad", csr=csr)
+    for t in tables:
+        assert torch.isfinite(t.cpu()).all()
+    with pytest.raises(ValueError, match=rf"fastmf\.{op}: weights must be finite and >= 0, "
+                                         rf"got {re.escape(str(bad))}"):
+        target.check_errors()
+    target.check_errors()
+
+
 def check_pairwise_host_side_errors(target):
     """Errors that need no device data are raised by the op itself, as on the CPU."""
     p, q, bu, bi = target.to(*make_tables(10, 10, 8, seed=0))

@@ -211,6 +211,22 @@ def test_sampled_steps_bad_rows(emu, op, what):
     cases.check_sampled_bad_rows(emu, op, what)
 
 
+@pytest.mark.parametrize("op", cases.STEP_OPS)
+@pytest.mark.parametrize("batch,optimizer,dtype,id_dtype", [
+    (0, "adagrad", torch.float32, torch.int64),
+    (150, "rowwise_adagrad", torch.float32, torch.int32),
+    (150, "sgd", torch.float64, torch.int64),
+])
+def test_weighted_steps(both, op, batch, optimizer, dtype, id_dtype):
+    cases.run_weighted(both, op, optimizer, batch, dtype=dtype, id_dtype=id_dtype)
+
+
+@pytest.mark.parametrize("op", cases.STEP_OPS)
+@pytest.mark.parametrize("bad", [float("nan"), -0.5, float("inf")])
+def test_weighted_steps_bad_weights(emu, op, bad):
+    cases.check_bad_weights(emu, op, bad)
+
+
 # topk_scores: 1 query takes the narrow tile (3000 items: 12 tiles of 256, split over 4
 # blocks and merged); 37 queries take the wide tile (1500 items: 12 tiles of 128, 4 splits).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -320,6 +320,19 @@ def test_sampled_steps_bad_rows(op, what):
     cases.check_sampled_bad_rows(CUDA, op, what)
 
 
+@pytest.mark.parametrize("op", cases.STEP_OPS)
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+@pytest.mark.parametrize("batch", [0, 4096])
+def test_weighted_steps(op, optimizer, batch):
+    cases.run_weighted(CUDA, op, optimizer, batch, num_users=2000, num_items=500)
+
+
+@pytest.mark.parametrize("op", cases.STEP_OPS)
+@pytest.mark.parametrize("bad", [float("nan"), -0.5])
+def test_weighted_steps_bad_weights(op, bad):
+    cases.check_bad_weights(CUDA, op, bad)
+
+
 def test_fastmf_train_step_pairwise_on_cuda():
     """The public API routes CUDA tensors to the CUDA kernel through the dispatcher."""
     model = fastmf.MF(100, 50, dim=16, backend="native", device="cuda")

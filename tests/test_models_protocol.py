@@ -468,13 +468,12 @@ def test_fit_hands_the_interaction_weights_to_the_step(split, loss, monkeypatch)
 
 
 @pytest.mark.parametrize("make, loss", [
-    (lambda d: fastmf.MF(d.num_users, d.num_items, dim=4), "bpr"),
-    (lambda d: fastmf.MF(d.num_users, d.num_items, dim=4), "mse"),
     (lambda d: fastmf.models.SVDpp.from_interactions(d, dim=4), "mse"),
 ])
 def test_fit_refuses_weights_a_model_does_not_use(split, make, loss):
-    """MF's fused steps and SVD++'s step weigh every row alike: weighted data is an error,
-    not weights silently dropped; without the weights the same call trains."""
+    """SVD++'s step weighs every row alike: weighted data is an error, not weights silently
+    dropped; without the weights the same call trains. (MF's fused steps take them:
+    tests/test_step_weights.py.)"""
     train, _ = split
     weighted = train.with_weights(row_weights(train.users, train.items))
     model = make(train)

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../args.h"
+#include "../checks.h"
 #include "../codes.h"
 #include "common.h"
 #include "isa.h"
@@ -77,6 +78,17 @@ inline double mean_loss(const double* loss, const double* norms, int64_t batch, 
   double total = ordered_sum(loss, batch) / n;
   if (norms != nullptr) total += reg * (ordered_sum(norms, batch) / n);
   return total;
+}
+
+// A step's `weights` (undefined, or the B weights the op boundary checked the shape of)
+// made contiguous, with their values checked before anything is written.
+inline at::Tensor checked_weights(const char* op, const at::Tensor& weights, int64_t batch) {
+  if (!weights.defined()) return weights;
+  const at::Tensor w = weights.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "fastmf.check_weights", [&] {
+    check_weight_values(op, w.data_ptr<scalar_t>(), batch);
+  });
+  return w;
 }
 
 // The tables of a step and their optimizer states; write_user_bias is false for the
@@ -154,6 +166,7 @@ struct StepScratch {
   double* norms;      // (B,) the sample's reg term, when reg
   int32_t* group_of;  // (B,) first-phase group of sample b
   T* old_rows;        // (old_groups, dim) first-phase rows before the step
+  const T* weights;   // (B,) w_b scaling sample b's data term, or null (all 1)
 
   void bind(Workspace& ws, int64_t batch_, int64_t dim_, int64_t old_groups, double reg_,
             double lr_, double eps_) {
@@ -169,6 +182,21 @@ struct StepScratch {
     loss = scratch(ws.loss, batch);
     norms = reg ? scratch(ws.norms, batch) : nullptr;
     group_of = scratch(ws.group_of, batch);
+    weights = nullptr;
+  }
+
+  // Sample b's gradient and loss value scaled by its weight: w_b g_b is the gradient of
+  // w_b loss_b, as autograd of the weighted mean forms it (to rounding).
+  void weigh(int64_t b, T& g, double& value) const {
+    if (weights == nullptr) return;
+    const T w = weights[b];
+    g *= w;
+    value *= static_cast<double>(w);
+  }
+
+  // `w`: an undefined tensor, or (B,) contiguous in T.
+  void bind_weights(const at::Tensor& w) {
+    weights = w.defined() ? w.data_ptr<T>() : nullptr;
   }
 };
 

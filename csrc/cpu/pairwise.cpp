@@ -127,6 +127,7 @@ void phase_users(const Pairwise<T>& pr) {
         if (bias != nullptr) x = (x + bias[i]) - bias[n];
         T g;
         bpr_loss(x, pr.scale, g, pr.loss[b]);
+        pr.weigh(b, g, pr.loss[b]);
         pr.grad[b] = g;
         pr.group_of[b] = static_cast<int32_t>(s);
         if (pr.reg) {
@@ -162,10 +163,11 @@ Workspace& workspace() {
 }
 
 // The step on the B samples ws.users[0, B) and ws.items[0, 2B) (the positives, then the
-// negatives). The users are grouped on one thread while the other groups the 2B item
-// positions.
+// negatives), `weights` undefined or (B,) contiguous, checked. The users are grouped on
+// one thread while the other groups the 2B item positions.
 void run_pairwise(const StepTables& tables_in, const StepTables& states, Workspace& ws,
-                  int64_t batch, double reg, const OptimizerArgs& opt, at::Tensor& result) {
+                  int64_t batch, const at::Tensor& weights, double reg,
+                  const OptimizerArgs& opt, at::Tensor& result) {
   const at::Tensor& user_factors = tables_in.user_factors;
   const int64_t num_items = tables_in.item_factors.size(0);
   const double lr = opt.lr, eps = opt.eps;
@@ -198,6 +200,7 @@ void run_pairwise(const StepTables& tables_in, const StepTables& states, Workspa
     pr.user_groups = &ws.user_groups;
     pr.item_groups = &ws.item_groups;
     pr.bind(ws, batch, dim, ws.user_groups.num_groups, reg, lr, eps);
+    pr.bind_weights(weights);
 
     dispatch_code(opt.optimizer, [&](auto optimizer) {
       phase_users<T, decltype(optimizer)::value>(pr);
@@ -221,11 +224,12 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
   load_ids(kOp, "users", in.users.contiguous(), tables.user_factors.size(0), ws.users);
   load_ids(kOp, kPosName, in.pos_items.contiguous(), num_items, ws.items);
   load_ids(kOp, "neg_items", in.neg_items.contiguous(), num_items, ws.negatives);
+  const at::Tensor weights = checked_weights(kOp, in.weights, batch);
   if (batch == 0) return at::zeros({}, tables.user_factors.options());
   int64_t* items = scratch(ws.items, 2 * batch);
   std::copy(ws.negatives.data(), ws.negatives.data() + batch, items + batch);
   at::Tensor result;
-  run_pairwise(tables, states, ws, batch, in.reg, opt, result);
+  run_pairwise(tables, states, ws, batch, weights, in.reg, opt, result);
   return result;
 }
 
@@ -247,6 +251,9 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
   load_ids(op, "users", in.users.contiguous(), num_users, ws.negatives);
   std::vector<int64_t> pos;
   load_ids(op, kPosName, in.pos_items.contiguous(), num_items, pos);
+  // Each positive's weight serves its K pairs.
+  at::Tensor weights = checked_weights(op, in.weights, batch);
+  if (weights.defined()) weights = weights.repeat_interleave(k);
   if (batch == 0) return at::zeros({}, tables.user_factors.options());
   int64_t* users = scratch(ws.users, pairs);
   int64_t* items = scratch(ws.items, 2 * pairs);
@@ -259,7 +266,7 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
   draw_negatives_of(op, users, batch, k, in.pos_indptr, in.pos_indices, num_items, in.seed,
                     in.step, items + pairs);
   at::Tensor result;
-  run_pairwise(tables, states, ws, pairs, in.reg, opt, result);
+  run_pairwise(tables, states, ws, pairs, weights, in.reg, opt, result);
   return result;
 }
 

@@ -320,6 +320,7 @@ void phase_first(const Problem<T>& pr) {
         }
         T g;
         LossFn::eval(pred, pr.targets[b], pr.scale, g, pr.loss[b]);
+        pr.weigh(b, g, pr.loss[b]);
         pr.grad[b] = g;
         pr.group_of[b] = static_cast<int32_t>(s);
         if (pr.reg) {
@@ -353,10 +354,10 @@ Workspace& workspace() {
 }
 
 // The step on the B rows ws.users[0, B), ws.items[0, B) against targets (B,), contiguous,
-// like the weights, finite.
+// like the tables, finite; `weights` undefined or (B,) like the targets, checked.
 at::Tensor run_pointwise(const StepTables& tables_in, const StepTables& states, Workspace& ws,
-                         int64_t batch, const at::Tensor& t, double global_mean, Loss loss,
-                         double reg, const OptimizerArgs& opt) {
+                         int64_t batch, const at::Tensor& t, const at::Tensor& weights,
+                         double global_mean, Loss loss, double reg, const OptimizerArgs& opt) {
   const at::Tensor& user_factors = tables_in.user_factors;
   const at::Tensor& item_factors = tables_in.item_factors;
   const double lr = opt.lr, eps = opt.eps;
@@ -392,6 +393,7 @@ at::Tensor run_pointwise(const StepTables& tables_in, const StepTables& states, 
     pr.second = users_first ? item : user;
     pr.first_is_user = users_first;
     pr.bind(ws, batch, dim, first_groups, reg, lr, eps);
+    pr.bind_weights(weights);
     pr.targets = t.data_ptr<T>();
     pr.global_mean = static_cast<T>(global_mean);
 
@@ -424,8 +426,9 @@ at::Tensor train_step(const StepTables& tables, const StepTables& states,
   AT_DISPATCH_FLOATING_TYPES(tables.user_factors.scalar_type(), "fastmf.train_step", [&] {
     check_finite(op, "targets", t.data_ptr<scalar_t>(), batch);
   });
+  const at::Tensor w = checked_weights(op, in.weights, batch);
   if (batch == 0) return at::zeros({}, tables.user_factors.options());
-  return run_pointwise(tables, states, ws, batch, t, in.global_mean, in.loss, in.reg, opt);
+  return run_pointwise(tables, states, ws, batch, t, w, in.global_mean, in.loss, in.reg, opt);
 }
 
 // train_step_sampled: rows [0, B) are the positives, rows B + b * K + k their negatives
@@ -442,6 +445,9 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
   // The positives' rows first, loaded in place; growing the scratch keeps them.
   load_ids(op, "users", in.users.contiguous(), num_users, ws.users);
   load_ids(op, "items", in.pos_items.contiguous(), num_items, ws.items);
+  // The positives' weights, then 1 for each negative's row.
+  at::Tensor weights = checked_weights(op, in.weights, batch);
+  if (weights.defined()) weights = at::cat({weights, at::ones({batch * k}, weights.options())});
   if (batch == 0) return at::zeros({}, tables.user_factors.options());
   int64_t* users = scratch(ws.users, rows);
   int64_t* items = scratch(ws.items, rows);
@@ -452,7 +458,8 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
                     in.seed, in.step, items + batch);
   at::Tensor targets = at::zeros({rows}, tables.user_factors.options());
   targets.narrow(0, 0, batch).fill_(1);
-  return run_pointwise(tables, states, ws, rows, targets, in.global_mean, in.loss, in.reg, opt);
+  return run_pointwise(tables, states, ws, rows, targets, weights, in.global_mean, in.loss,
+                       in.reg, opt);
 }
 
 }  // namespace

@@ -36,10 +36,12 @@ enum ErrorOp : int { kOpMfForward = 0, kOpMfBackward, kOpSparseAdagrad, kOpSpars
 // outside [0, len(pos_indices)] (value, limit = its start and end, position = the user),
 // kArgNoNegative a user with every item among its positives (value = the user, limit = the
 // item count, position = its number of positives).
+// kArgWeights is a fused step's weight that is NaN, infinite or negative (value: its bits
+// as a double, as for targets).
 enum ErrorArg : int { kArgUsers = 0, kArgItems, kArgIds, kArgTargets, kArgNegItems,
                       kArgExclude, kArgCandidates, kArgIndptrSpan, kArgIndptrOrder,
                       kArgIndices, kArgOffsetsStart, kArgOffsetsOrder, kArgOffsetsEnd,
-                      kArgPosRow, kArgNoNegative, kNumErrorArgs };
+                      kArgPosRow, kArgNoNegative, kArgWeights, kNumErrorArgs };
 
 struct ErrorRecord {
   unsigned long long code;   // 0: no error; else 1 + op * kNumErrorArgs + arg
@@ -64,6 +66,27 @@ __device__ __forceinline__ void record_error(ErrorRecord* rec, int op, int arg, 
     rec->limit = limit;
     rec->position = position;
   }
+}
+
+// A fused step's per-sample weight (csrc/checks.h check_weight_values): finite and >= 0
+// (NaN fails w >= 0). `weights` null: every weight is 1.
+template <typename T>
+__device__ __forceinline__ bool weight_ok(const T* weights, long long b, ErrorRecord* rec,
+                                          int op) {
+  if (weights == nullptr) return true;
+  const T w = weights[b];
+  const bool ok = w >= T(0) && isfinite(w);
+  if (!ok) record_error(rec, op, kArgWeights, __double_as_longlong(static_cast<double>(w)), 0, b);
+  return ok;
+}
+
+// The sampled steps check their positives' weights under their own op before the step they
+// expand to records the same fault under its op (the first record wins).
+template <typename T>
+__global__ void check_weights(const T* __restrict__ weights, long long n, ErrorRecord* rec,
+                              int op) {
+  const long long b = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < n) weight_ok(weights, b, rec, op);
 }
 
 // ---------------------------------------------------------------------------------------

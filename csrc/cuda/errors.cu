@@ -113,6 +113,12 @@ void check_device_errors(int64_t device) {
     TORCH_CHECK_VALUE(false, "fastmf.", op_name(op), ": targets contains a non-finite value (",
                       value, ")");
   }
+  if (arg == kArgWeights) {  // csrc/checks.h check_weight_values
+    double value;
+    std::memcpy(&value, &host.value, sizeof(value));
+    TORCH_CHECK_VALUE(false, "fastmf.", op_name(op), ": weights must be finite and >= 0, got ",
+                      value);
+  }
   TORCH_CHECK_VALUE(arg != kArgIndptrSpan, "fastmf.", op_name(op), ": exclude_indptr spans [",
                     host.value, ", ", host.limit, ") but exclude_indices has ", host.position,
                     " entries");

@@ -22,6 +22,7 @@
 // before the first launch, so a step that raises has written nothing.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -57,6 +58,36 @@ struct StepKeys {
     return static_cast<uint64_t>(num_users) + 1u + static_cast<uint64_t>(num_items);
   }
 };
+
+// Per-sample weights (the batch's `weights`, csrc/args.h): a null pointer for None. The
+// prepare kernels check each weight (weight_ok) and leave a sample with a bad one out, as
+// a bad id; the forward kernels scale a sample's gradient and loss value by its weight,
+// as the CPU kernels do (csrc/cpu/fused_step.h StepScratch::weigh).
+template <typename scalar_t>
+inline const scalar_t* weights_ptr(const at::Tensor& weights) {
+  return weights.defined() ? weights.data_ptr<scalar_t>() : nullptr;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void weigh(const scalar_t* weights, int64_t b, scalar_t& grad,
+                                      double& value) {
+  if (weights == nullptr) return;
+  const scalar_t w = weights[b];
+  grad *= w;
+  value *= static_cast<double>(w);
+}
+
+// The sampled steps' check of their B positives' weights, recorded under `op`.
+inline void launch_check_weights(const at::Tensor& weights, int op) {
+  const int64_t n = weights.size(0);
+  if (n == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "fastmf.check_weights", [&] {
+    check_weights<scalar_t><<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0,
+                              current_stream()>>>(weights.data_ptr<scalar_t>(), n,
+                                                  error_record(), op);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 // ---------------------------------------------------------------------------------------
 // Host side.

@@ -46,9 +46,11 @@ constexpr const char* kOp = "train_step_pairwise";
 // is the identity and its gradient exactly 1.
 constexpr double kSoftplusThreshold = 20.0;
 
+template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    prepare_pairwise(IdArray users, IdArray pos_items, IdArray neg_items, int32_t batch,
-                     StepKeys key, uint32_t* __restrict__ keys, int32_t* __restrict__ positions,
+    prepare_pairwise(IdArray users, IdArray pos_items, IdArray neg_items,
+                     const scalar_t* __restrict__ weights, int32_t batch, StepKeys key,
+                     uint32_t* __restrict__ keys, int32_t* __restrict__ positions,
                      ErrorRecord* err) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= batch) return;
@@ -60,7 +62,8 @@ __global__ void __launch_bounds__(kThreads)
   // The positives are "items" in the messages, as in the CPU kernel and fastmf/ops/checks.py.
   if (!ok_i) record_error(err, kOpTrainStepPairwise, kArgItems, i, key.num_items, b);
   if (!ok_j) record_error(err, kOpTrainStepPairwise, kArgNegItems, j, key.num_items, b);
-  const bool ok = ok_u && ok_i && ok_j;
+  const bool ok_w = weight_ok(weights, b, err, kOpTrainStepPairwise);
+  const bool ok = ok_u && ok_i && ok_j && ok_w;
   keys[b] = key.user(u, ok);
   keys[batch + b] = key.item(i, ok);
   keys[2 * static_cast<int64_t>(batch) + b] = key.item(j, ok);
@@ -78,6 +81,7 @@ struct PairwiseForwardArgs {
   const scalar_t* user_factors;
   const scalar_t* item_factors;
   const scalar_t* item_bias;  // null without biases
+  const scalar_t* weights;    // (B,) or null (every weight 1)
   scalar_t scale;             // 1/B
   int lanes;
   scalar_t* coef;       // (B,) dLoss/dx
@@ -147,6 +151,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       scalar_t grad;
       bpr_loss(x, a.scale, grad, loss_value);
+      weigh(a.weights, b, grad, loss_value);
       l2_value = static_cast<double>(norms);
       if (g.lane == 0) a.coef[b] = grad;
       store_scaled_row<scalar_t, V>(g, a.grad_rows + b * a.dim, p, grad, a.dim);
@@ -172,14 +177,19 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
   if (batch == 0) return at::zeros({}, user_factors.options());
   const at::Tensor u_ids = in.users.contiguous();
   const at::Tensor i_ids = in.pos_items.contiguous(), j_ids = in.neg_items.contiguous();
+  const at::Tensor w = in.weights.defined() ? in.weights.contiguous() : at::Tensor();
   cudaStream_t stream = current_stream();
   ErrorRecord* err = error_record();
 
   const StepKeyBuffers buffers = step_key_buffers(3 * batch, user_factors.options());
   uint32_t* key_ptr = buffers.key_ptr;
-  prepare_pairwise<<<static_cast<unsigned>(ceil_div(batch, kThreads)), kThreads, 0, stream>>>(
-      id_array(u_ids), id_array(i_ids), id_array(j_ids), static_cast<int32_t>(batch), key,
-      key_ptr, buffers.positions.data_ptr<int32_t>(), err);
+  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
+    prepare_pairwise<scalar_t>
+        <<<static_cast<unsigned>(ceil_div(batch, kThreads)), kThreads, 0, stream>>>(
+            id_array(u_ids), id_array(i_ids), id_array(j_ids), weights_ptr<scalar_t>(w),
+            static_cast<int32_t>(batch), key, key_ptr, buffers.positions.data_ptr<int32_t>(),
+            err);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const SortedRuns sorted = sort_runs(buffers.keys, buffers.positions, key.max_key());
   at::Tensor result = at::empty({}, user_factors.options());
@@ -196,7 +206,8 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
     constexpr int kVec = 16 / sizeof(scalar_t);
     const PairwiseForwardArgs<scalar_t> fa{
         key_ptr, static_cast<int32_t>(batch), num_users, dim, P, Q, tab.item_bias,
-        static_cast<scalar_t>(1.0 / static_cast<double>(batch)), grid.lanes,
+        weights_ptr<scalar_t>(w), static_cast<scalar_t>(1.0 / static_cast<double>(batch)),
+        grid.lanes,
         coef.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(),
         grid.block_sums.data_ptr<double>()};
     if (grid.packed) {
@@ -232,6 +243,13 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
   at::Tensor users_rep = at::empty({batch * k}, ids);
   at::Tensor pos_rep = at::empty({batch * k}, ids);
   at::Tensor neg = at::empty({batch * k}, ids);
+  // Each positive's weight serves its K pairs.
+  at::Tensor weights;
+  if (in.weights.defined()) {
+    const at::Tensor w = in.weights.contiguous();
+    launch_check_weights(w, kOpTrainStepPairwiseSampled);
+    weights = w.repeat_interleave(k);
+  }
   if (batch > 0) {
     const at::Tensor u_ids = in.users.contiguous(), i_ids = in.pos_items.contiguous();
     const at::Tensor indptr = in.pos_indptr.contiguous(), indices = in.pos_indices.contiguous();
@@ -244,7 +262,7 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
         kOpTrainStepPairwiseSampled);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const PairwiseBatch pairs{users_rep, pos_rep, neg, in.loss, in.reg};
+  const PairwiseBatch pairs{users_rep, pos_rep, neg, in.loss, in.reg, weights};
   return train_step_pairwise(tables, states, pairs, opt);
 }
 

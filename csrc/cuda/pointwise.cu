@@ -18,7 +18,9 @@
 // g_b * P[u_b]; the user rows derive theirs, g_b * Q[i_b], from Q before it is updated.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -313,8 +315,9 @@ void sparse_sgd_update(const at::Tensor& weight, const at::Tensor& ids,
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     prepare_samples(IdArray users, IdArray items, const scalar_t* __restrict__ targets,
-                    int32_t batch, StepKeys key, uint32_t* __restrict__ keys,
-                    int32_t* __restrict__ positions, ErrorRecord* err) {
+                    const scalar_t* __restrict__ weights, int32_t batch, StepKeys key,
+                    uint32_t* __restrict__ keys, int32_t* __restrict__ positions,
+                    ErrorRecord* err) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (b >= batch) return;
   const long long u = users[b], i = items[b];
@@ -328,7 +331,8 @@ __global__ void __launch_bounds__(kThreads)
     record_error(err, kOpTrainStep, kArgTargets, __double_as_longlong(static_cast<double>(t)), 0,
                  b);
   }
-  const bool ok = ok_u && ok_i && ok_t;
+  const bool ok_w = weight_ok(weights, b, err, kOpTrainStep);
+  const bool ok = ok_u && ok_i && ok_t && ok_w;
   keys[b] = key.user(u, ok);
   keys[batch + b] = key.item(i, ok);
   positions[b] = static_cast<int32_t>(b);
@@ -346,6 +350,7 @@ struct ForwardArgs {
   const scalar_t* user_bias;
   const scalar_t* item_bias;
   const scalar_t* targets;
+  const scalar_t* weights;  // (B,) or null (every weight 1)
   scalar_t global_mean;
   scalar_t scale;  // 1/B
   int lanes;
@@ -418,6 +423,7 @@ __global__ void __launch_bounds__(kThreads) train_forward_kernel(const ForwardAr
       }
       scalar_t grad;
       pointwise_loss<kLoss>(pred, a.targets[b], a.scale, grad, loss_value);
+      weigh(a.weights, b, grad, loss_value);
       l2_value = static_cast<double>(norms);
       if (g.lane == 0) a.coef[b] = grad;
       store_scaled_row<scalar_t, V>(g, a.item_grad_rows + b * a.dim, p, grad, a.dim);
@@ -442,6 +448,7 @@ at::Tensor train_step(const StepTables& tables, const StepTables& states,
   if (batch == 0) return at::zeros({}, user_factors.options());
   const at::Tensor u_ids = in.users.contiguous(), i_ids = in.items.contiguous();
   const at::Tensor t = in.targets.contiguous();
+  const at::Tensor w = in.weights.defined() ? in.weights.contiguous() : at::Tensor();
   cudaStream_t stream = current_stream();
   ErrorRecord* err = error_record();
 
@@ -452,8 +459,8 @@ at::Tensor train_step(const StepTables& tables, const StepTables& states,
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
     const unsigned sample_blocks = static_cast<unsigned>(ceil_div(batch, kThreads));
     prepare_samples<scalar_t><<<sample_blocks, kThreads, 0, stream>>>(
-        id_array(u_ids), id_array(i_ids), t.data_ptr<scalar_t>(), static_cast<int32_t>(batch),
-        key, key_ptr, buffers.positions.data_ptr<int32_t>(), err);
+        id_array(u_ids), id_array(i_ids), t.data_ptr<scalar_t>(), weights_ptr<scalar_t>(w),
+        static_cast<int32_t>(batch), key, key_ptr, buffers.positions.data_ptr<int32_t>(), err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const SortedRuns sorted = sort_runs(buffers.keys, buffers.positions, key.max_key());
 
@@ -468,7 +475,8 @@ at::Tensor train_step(const StepTables& tables, const StepTables& states,
     constexpr int kVec = 16 / sizeof(scalar_t);
     ForwardArgs<scalar_t> fa{key_ptr, static_cast<int32_t>(batch), num_users, dim, P, Q,
                              tab.user_bias, tab.item_bias,
-                             t.data_ptr<scalar_t>(), static_cast<scalar_t>(in.global_mean),
+                             t.data_ptr<scalar_t>(), weights_ptr<scalar_t>(w),
+                             static_cast<scalar_t>(in.global_mean),
                              static_cast<scalar_t>(1.0 / static_cast<double>(batch)),
                              grid.lanes, coef.data_ptr<scalar_t>(),
                              item_grad_rows.data_ptr<scalar_t>(),
@@ -508,6 +516,13 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
   at::Tensor users = at::empty({rows}, ids);
   at::Tensor items = at::empty({rows}, ids);
   at::Tensor targets = at::zeros({rows}, tables.user_factors.options());
+  // The positives' weights, then 1 for each negative's row.
+  at::Tensor weights;
+  if (in.weights.defined()) {
+    const at::Tensor w = in.weights.contiguous();
+    launch_check_weights(w, kOpTrainStepSampled);
+    weights = at::cat({w, at::ones({batch * k}, w.options())});
+  }
   if (batch > 0) {
     const at::Tensor u_ids = in.users.contiguous(), i_ids = in.pos_items.contiguous();
     users.narrow(0, 0, batch).copy_(u_ids);
@@ -522,7 +537,8 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
         items.data_ptr<int64_t>() + batch, error_record(), kOpTrainStepSampled);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const PointwiseBatch expanded{users, items, targets, in.global_mean, in.loss, in.reg};
+  const PointwiseBatch expanded{users, items, targets, in.global_mean, in.loss, in.reg,
+                                weights};
   return train_step(tables, states, expanded, opt);
 }
 

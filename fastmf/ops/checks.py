@@ -6,7 +6,8 @@ and messages:
   ("fastmf.<op>: <arg> id <v> out of range [0, <n>)")
 - float ids, weights not float32/float64  -> TypeError
 - mismatched lengths, shapes, devices,
-  NaN/inf targets                         -> ValueError
+  NaN/inf targets, negative or NaN/inf
+  per-sample weights of a fused step      -> ValueError
 """
 
 from __future__ import annotations
@@ -170,6 +171,28 @@ def check_train_step(op, tables, states, users, items, targets, loss, optimizer)
     check_finite(op, "targets", targets)
     check_states(op, tables, states, optimizer)
     check_separate(op, tables, states)
+
+
+def check_step_weights(op, weights, user_factors, users) -> None:
+    """The per-sample weights of a fused step (None, or (B,) like ``users``, in the
+    tables' dtype and on their device, finite and >= 0): csrc/checks.h check_step_weights
+    and check_weight_values."""
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"fastmf.{op}: weights must be a tensor or None, got "
+                        f"{type(weights).__name__}")
+    if weights.dtype != user_factors.dtype:
+        raise TypeError(f"fastmf.{op}: weights has dtype {weights.dtype}, expected "
+                        f"{user_factors.dtype} like user_factors")
+    if weights.dim() != 1:
+        raise ValueError(f"fastmf.{op}: weights must be 1-D, got shape {list(weights.shape)}")
+    check_same_device(op, "user_factors", user_factors, weights=weights)
+    check_same_length(op, users=users, weights=weights)
+    bad = ~(weights >= 0) | torch.isinf(weights)  # NaN fails >= 0
+    if weights.numel() and bool(bad.any()):
+        raise ValueError(f"fastmf.{op}: weights must be finite and >= 0, got "
+                         f"{weights[bad][0].item()}")
 
 
 TABLE_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias")

@@ -101,22 +101,23 @@ def _flat(tables: MFTables, states: MFTables | None) -> tuple:
 
 def train_step(tables: MFTables, states: MFTables | None, users: Tensor, items: Tensor,
                targets: Tensor, global_mean: float, loss: Loss | int | str, reg: float,
-               optimizer: OptimizerArgs) -> Tensor:
-    """Fused forward + loss + backward + optimizer update; returns the loss (0-d)."""
+               optimizer: OptimizerArgs, weights: Tensor | None = None) -> Tensor:
+    """Fused forward + loss + backward + optimizer update; returns the loss (0-d). See
+    :func:`fastmf.ops.reference.pointwise.train_step`."""
     with torch.no_grad():
         loss_value = torch.ops.fastmf.train_step.default(
             *_flat(tables, states), users, items, targets, float(global_mean),
             int(parse(Loss, loss, "train_step", "loss")), float(reg),
             int(parse(Optimizer, optimizer.optimizer, "train_step", "optimizer")),
-            float(optimizer.lr), float(optimizer.eps))
+            float(optimizer.lr), float(optimizer.eps), weights)
     _written(*_flat(tables, states))
     return loss_value
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users: Tensor,
                         pos_items: Tensor, neg_items: Tensor, loss: PairwiseLoss | int | str,
-                        reg: float,
-                        optimizer: OptimizerArgs) -> Tensor:
+                        reg: float, optimizer: OptimizerArgs,
+                        weights: Tensor | None = None) -> Tensor:
     """Fused pairwise (BPR) step; returns the loss (0-d). See
     :func:`fastmf.ops.reference.pairwise.train_step_pairwise`."""
     with torch.no_grad():
@@ -124,7 +125,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users: Tensor
             *_flat(tables, states), users, pos_items, neg_items,
             int(parse(PairwiseLoss, loss, "train_step_pairwise", "pairwise loss")), float(reg),
             int(parse(Optimizer, optimizer.optimizer, "train_step_pairwise", "optimizer")),
-            float(optimizer.lr), float(optimizer.eps))
+            float(optimizer.lr), float(optimizer.eps), weights)
     _written(*_flat(tables, states))
     return loss_value
 
@@ -133,7 +134,8 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
                                 pos_items: Tensor, pos_indptr: Tensor, pos_indices: Tensor,
                                 num_negatives: int, seed: int, step: int,
                                 loss: PairwiseLoss | int | str, reg: float,
-                                optimizer: OptimizerArgs) -> Tensor:
+                                optimizer: OptimizerArgs,
+                                weights: Tensor | None = None) -> Tensor:
     """Fused pairwise (BPR) step on uniform negatives it draws; returns the loss (0-d). See
     :func:`fastmf.ops.reference.pairwise.train_step_pairwise_sampled`."""
     op = "train_step_pairwise_sampled"
@@ -143,7 +145,7 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
             int(num_negatives), int(seed), int(step),
             int(parse(PairwiseLoss, loss, op, "pairwise loss")), float(reg),
             int(parse(Optimizer, optimizer.optimizer, op, "optimizer")),
-            float(optimizer.lr), float(optimizer.eps))
+            float(optimizer.lr), float(optimizer.eps), weights)
     _written(*_flat(tables, states))
     return loss_value
 
@@ -151,7 +153,8 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
 def train_step_sampled(tables: MFTables, states: MFTables | None, users: Tensor,
                        pos_items: Tensor, pos_indptr: Tensor, pos_indices: Tensor,
                        num_negatives: int, seed: int, step: int, global_mean: float,
-                       loss: Loss | int | str, reg: float, optimizer: OptimizerArgs) -> Tensor:
+                       loss: Loss | int | str, reg: float, optimizer: OptimizerArgs,
+                       weights: Tensor | None = None) -> Tensor:
     """Fused pointwise step on the positives (label 1) and uniform negatives it draws
     (label 0); returns the loss (0-d). See
     :func:`fastmf.ops.reference.pointwise.train_step_sampled`."""
@@ -162,7 +165,7 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users: Tensor,
             int(num_negatives), int(seed), int(step), float(global_mean),
             int(parse(Loss, loss, op, "loss")), float(reg),
             int(parse(Optimizer, optimizer.optimizer, op, "optimizer")),
-            float(optimizer.lr), float(optimizer.eps))
+            float(optimizer.lr), float(optimizer.eps), weights)
     _written(*_flat(tables, states))
     return loss_value
 
@@ -343,24 +346,24 @@ if native_available():
         return None
 
     @torch.library.register_fake("fastmf::train_step")
-    def _train_step_fake(user_factors, *args):
+    def _train_step_fake(user_factors, *args, **kwargs):
         return user_factors.new_empty(())
 
     @torch.library.register_fake("fastmf::train_step_pairwise")
-    def _train_step_pairwise_fake(user_factors, *args):
+    def _train_step_pairwise_fake(user_factors, *args, **kwargs):
         return user_factors.new_empty(())
 
     # An extension built before this op lacks it; everything else still works.
     if hasattr(torch.ops.fastmf, "train_step_pairwise_sampled"):
 
         @torch.library.register_fake("fastmf::train_step_pairwise_sampled")
-        def _train_step_pairwise_sampled_fake(user_factors, *args):
+        def _train_step_pairwise_sampled_fake(user_factors, *args, **kwargs):
             return user_factors.new_empty(())
 
     if hasattr(torch.ops.fastmf, "train_step_sampled"):
 
         @torch.library.register_fake("fastmf::train_step_sampled")
-        def _train_step_sampled_fake(user_factors, *args):
+        def _train_step_sampled_fake(user_factors, *args, **kwargs):
             return user_factors.new_empty(())
 
     def _mf_forward_setup(ctx, inputs, output):

@@ -672,6 +672,14 @@ def read_view(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def weights_view(weights: torch.Tensor | None, like: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(array, has_weights) of a fused step's optional per-sample weights: an empty array
+    of the tables' dtype for None, so both cases share one compiled signature."""
+    if weights is None:
+        return np.empty(0, like.dtype), False
+    return read_view(weights), True
+
+
 class Writable:
     """A contiguous numpy view of ``tensor`` whose changes land in ``tensor``: zero-copy
     when it is already contiguous, else a copy written back by ``commit`` (a dense pass

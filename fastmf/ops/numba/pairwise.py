@@ -61,6 +61,7 @@ from fastmf.ops.numba._common import (
     step_rows_from_saved,
     step_scalars,
     tables_ok,
+    weights_view,
 )
 from fastmf.ops.numba.sampling import _draw
 
@@ -85,10 +86,11 @@ def _bpr_loss_and_grad(x, scale):
 
 @pjit
 def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_factors_state,
-                     item_factors_state, item_bias_state, users, items, reg, optimizer, lr,
-                     eps, num_threads):
+                     item_factors_state, item_bias_state, users, items, weights, has_weights,
+                     reg, optimizer, lr, eps, num_threads):
     """The fused pairwise step, in place. ``items`` (2B,) int64: positives then negatives;
-    states as in ``update_row`` (bias state (N,)); absent tables are empty arrays.
+    ``weights`` (B,) (checked) scale each sample's term when ``has_weights``; states as in
+    ``update_row`` (bias state (N,)); absent tables are empty arrays.
     Returns ``(status, loss)``, the loss (data + reg) as a float64; a bad id is reported
     before anything is written."""
     num_samples = users.shape[0]
@@ -145,6 +147,9 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
                     x = x + item_bias[i]
                     x = x - item_bias[j]
                 g, value = _bpr_loss_and_grad(x, scale)
+                if has_weights:
+                    g = g * weights[b]
+                    value = value * np.float64(weights[b])
                 grad_x[b] = g
                 loss_sum += value
                 if use_reg:
@@ -186,7 +191,7 @@ def _structure_ok(tables, states, users, pos_items, neg_items, loss, optimizer) 
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
-                        neg_items, loss, reg: float, optimizer: OptimizerArgs):
+                        neg_items, loss, reg: float, optimizer: OptimizerArgs, weights=None):
     """Fused BPR step, in place on the tables and states; returns the loss (data term + reg
     term) as a 0-d tensor like the weights.
 
@@ -194,8 +199,8 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     item_factors (I, K), user_bias (U,) and item_bias (I,), or both None; ``states`` None
     for SGD, else like their table (row-wise Adagrad: (U,) and (I,) for the factor tables).
     ``user_bias`` and its state are checked but never written. ``loss`` is a
-    :class:`~fastmf.ops.codes.PairwiseLoss`, code or name. An empty batch changes nothing
-    and returns 0.
+    :class:`~fastmf.ops.codes.PairwiseLoss`, code or name; ``weights`` None or (B,) scaling
+    each sample's term. An empty batch changes nothing and returns 0.
     """
     op = "train_step_pairwise"
     loss = int(parse(PairwiseLoss, loss, op, "pairwise loss"))
@@ -211,6 +216,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     # structural test doubts goes through the shared checks, which raise their own errors.
     if not _structure_ok(tables, states, users, pos_items, neg_items, loss, optimizer):
         full_checks()
+    _checks.check_step_weights(op, weights, user_factors, users)
     if users.shape[0] == 0:
         return user_factors.new_zeros(())
     _checks.check_separate(op, *_checks.pairwise_written(tables, states))
@@ -219,14 +225,15 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     P, Q, _, bias_array, P_state, Q_state, _, bias_state = arrays
     items = torch.cat([pos_items.to(torch.int64), neg_items.to(torch.int64)]).numpy()
     args = (P, Q, bias_array, has_bias, P_state, Q_state, bias_state, ids_view(users), items,
-            float(reg), optimizer, float(lr), float(eps))
+            *weights_view(weights, P), float(reg), optimizer, float(lr), float(eps))
     return run_step(op, _pairwise_kernel, users.shape[0], args, writable, full_checks,
                     user_factors.dtype)
 
 
 def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                                 pos_indptr, pos_indices, num_negatives: int, seed: int,
-                                step: int, loss, reg: float, optimizer: OptimizerArgs):
+                                step: int, loss, reg: float, optimizer: OptimizerArgs,
+                                weights=None):
     """:func:`train_step_pairwise` against ``num_negatives`` uniform negatives per positive
     drawn from the positives' CSR (``pos_indptr``, ``pos_indices``) at (``seed``,
     ``step``): see :func:`fastmf.ops.reference.pairwise.train_step_pairwise_sampled`."""
@@ -238,6 +245,10 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
     _checks.check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
                                               pos_indices, num_negatives, seed, step, loss,
                                               code)
+    _checks.check_step_weights(op, weights, tables[0], users)
     users_rep, pos_rep, neg = _draw(users, pos_items, pos_indptr, pos_indices,
                                     tables[1].shape[0], num_negatives, seed, step, op)
-    return train_step_pairwise(tables, states, users_rep, pos_rep, neg, loss, reg, optimizer)
+    if weights is not None:
+        weights = weights.repeat_interleave(int(num_negatives))
+    return train_step_pairwise(tables, states, users_rep, pos_rep, neg, loss, reg, optimizer,
+                               weights)

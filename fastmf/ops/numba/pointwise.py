@@ -71,6 +71,7 @@ from fastmf.ops.numba._common import (
     tables_ok,
     update_row,
     update_scalar,
+    weights_view,
 )
 from fastmf.ops.numba.sampling import _draw
 
@@ -213,12 +214,13 @@ def _loss_and_grad(pred, target, loss, mse_norm, huber_norm, batch):
 @pjit
 def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bias,
                        user_factors_state, item_factors_state, user_bias_state,
-                       item_bias_state, users, items, targets, global_mean, loss, reg,
-                       optimizer, lr, eps, num_threads):
+                       item_bias_state, users, items, targets, weights, has_weights,
+                       global_mean, loss, reg, optimizer, lr, eps, num_threads):
     """Fused forward, loss gradient, reg gradient and sparse optimizer step, in place.
     Returns ``(status, loss)``, the loss (data + reg) as a float64. Shapes as
-    ``train_step``; ids int64; states as in ``update_row`` (bias states (N,)); absent
-    tables are empty arrays.
+    ``train_step``; ids int64; ``weights`` (B,) (checked) scale each sample's data term
+    when ``has_weights``; states as in ``update_row`` (bias states (N,)); absent tables are
+    empty arrays.
 
     Two passes over the batch, both over segments of equal ids: the user pass computes
     each sample's prediction and loss gradient while the user's row sits in L1, updates the
@@ -273,6 +275,9 @@ def _train_step_kernel(user_factors, item_factors, user_bias, item_bias, has_bia
                     pred = pred + user_term
                     pred = pred + item_bias[i]
                 g, value = _loss_and_grad(pred, targets[b], loss, mse_norm, huber_norm, batch)
+                if has_weights:
+                    g = g * weights[b]
+                    value = value * np.float64(weights[b])
                 grad_pred_by_item[item_position[b]] = g
                 loss_sum += value
                 if use_reg:
@@ -436,15 +441,16 @@ def _train_step_ok(tables, states, users, items, targets, loss, optimizer) -> bo
 
 
 def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
-               global_mean: float, loss, reg: float, optimizer: OptimizerArgs):
+               global_mean: float, loss, reg: float, optimizer: OptimizerArgs, weights=None):
     """Fused forward + loss + backward + sparse optimizer step, in place on the tables and
     states; returns the loss (data term + reg term) as a 0-d tensor like the weights.
 
     users, items: (B,) int32/int64; ``tables``: user_factors (U, K), item_factors (I, K),
     user_bias (U,) and item_bias (I,), or both None; ``states`` None for SGD, else like
     their table (row-wise Adagrad: (U,) and (I,) for the factor tables); targets (B,)
-    finite, dtype of the weights; ``loss`` a :class:`~fastmf.ops.codes.Loss`, code or name.
-    An empty batch changes nothing and returns 0.
+    finite, dtype of the weights; ``loss`` a :class:`~fastmf.ops.codes.Loss`, code or name;
+    ``weights`` None or (B,) scaling each sample's data term. An empty batch changes nothing
+    and returns 0.
     """
     op = "train_step"
     loss = int(parse(Loss, loss, op, "loss"))
@@ -457,6 +463,7 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
 
     if not _train_step_ok(tables, states, users, items, targets, loss, optimizer):
         full_checks()
+    _checks.check_step_weights(op, weights, user_factors, users)
     if users.shape[0] == 0:
         return user_factors.new_zeros(())
     # The kernel writes user rows while it still reads item rows.
@@ -464,15 +471,16 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
     has_bias = user_bias is not None
     writable, arrays = step_arrays(tables, states, optimizer)
     args = (*arrays[:4], has_bias, *arrays[4:], ids_view(users), ids_view(items),
-            read_view(targets), float(global_mean), loss, float(reg), optimizer, float(lr),
-            float(eps))
+            read_view(targets), *weights_view(weights, arrays[0]), float(global_mean), loss,
+            float(reg), optimizer, float(lr), float(eps))
     return run_step(op, _train_step_kernel, users.shape[0], args, writable, full_checks,
                     user_factors.dtype)
 
 
 def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                        pos_indptr, pos_indices, num_negatives: int, seed: int, step: int,
-                       global_mean: float, loss, reg: float, optimizer: OptimizerArgs):
+                       global_mean: float, loss, reg: float, optimizer: OptimizerArgs,
+                       weights=None):
     """:func:`train_step` on the positives (label 1) and ``num_negatives`` uniform
     negatives per positive (label 0) drawn from the positives' CSR (``pos_indptr``,
     ``pos_indices``) at (``seed``, ``step``): see
@@ -484,10 +492,13 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_ite
                 tables + states + (users, pos_items, pos_indptr, pos_indices))
     _checks.check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr,
                                      pos_indices, num_negatives, seed, step, loss, code)
+    _checks.check_step_weights(op, weights, tables[0], users)
     users_rep, _, neg = _draw(users, pos_items, pos_indptr, pos_indices, tables[1].shape[0],
                               num_negatives, seed, step, op)
     batch = users.shape[0]
     labels = torch.cat([torch.ones(batch), torch.zeros(batch * int(num_negatives))])
+    if weights is not None:
+        weights = torch.cat([weights, weights.new_ones(batch * int(num_negatives))])
     return train_step(tables, states, torch.cat([users.long(), users_rep]),
                       torch.cat([pos_items.long(), neg]), labels.to(tables[0].dtype),
-                      global_mean, loss, reg, optimizer)
+                      global_mean, loss, reg, optimizer, weights)

@@ -15,13 +15,16 @@ from fastmf.ops.reference.sampling import sample_negatives
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
-                        neg_items, loss, reg: float, optimizer: OptimizerArgs):
+                        neg_items, loss, reg: float, optimizer: OptimizerArgs, weights=None):
     """The spec of the fused pairwise step (BPR). Each sample is (u, i, j) with i a
     positive and j a sampled negative item of user u::
 
         x = b_i - b_j + <P[u], Q[i] - Q[j]>          (mu and b_u cancel)
         loss = mean_b softplus(-x)  (= -mean log σ(x))
              + reg * mean_b(||P[u]||² + ||Q[i]||² + ||Q[j]||² + b_i² + b_j²)
+
+    ``weights`` (B,) (finite, >= 0), when given, scale each sample's softplus term:
+    ``mean_b(w_b * softplus(-x_b))``; the reg term is not weighted.
 
     An item row's positive and negative gradients are summed before its single optimizer
     update (positives first, then negatives: ``torch.cat([i, j])``); ``user_bias`` (no
@@ -35,6 +38,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     checks.check_train_step_pairwise(op, tables, states, users, pos_items, neg_items,
                                      PairwiseLoss.BPR, optimizer.optimizer)
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
+    checks.check_step_weights(op, weights, tables.user_factors, users)
     user_factors, item_factors, _, item_bias = tables
     if users.numel() == 0:
         return user_factors.new_zeros(())
@@ -52,7 +56,9 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
             rows += [bi, bj]
             x = x + bi - bj
             per_sample = per_sample + bi.pow(2) + bj.pow(2)
-        total = F.softplus(-x).mean() + reg * per_sample.mean()
+        data = F.softplus(-x)
+        data = data.mean() if weights is None else (data * weights).mean()
+        total = data + reg * per_sample.mean()
         grads = torch.autograd.grad(total, rows)
     both = torch.cat([i, j])
     apply_sparse(optimizer, user_factors, states.user_factors, u, grads[0])
@@ -66,7 +72,8 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
 
 def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                                 pos_indptr, pos_indices, num_negatives: int, seed: int,
-                                step: int, loss, reg: float, optimizer: OptimizerArgs):
+                                step: int, loss, reg: float, optimizer: OptimizerArgs,
+                                weights=None):
     """``train_step_pairwise`` against uniform negatives drawn in the step: each positive
     (``users[b]``, ``pos_items[b]``) meets ``num_negatives`` negatives, drawn as
     :func:`sample_negatives` does from the positives' CSR (``pos_indptr`` (U+1,),
@@ -75,9 +82,12 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
         neg = sample_negatives(users, pos_indptr, pos_indices, I, num_negatives, seed, step)
         train_step_pairwise(tables, states, users.repeat_interleave(num_negatives),
                             pos_items.repeat_interleave(num_negatives), neg.reshape(-1),
-                            loss, reg, optimizer)
+                            loss, reg, optimizer,
+                            weights=None if weights is None
+                            else weights.repeat_interleave(num_negatives))
 
-    so the loss is the mean over the B * num_negatives pairs. Returns the loss (0-d)."""
+    (``weights`` (B,): each positive's weight scales all of its pairs), so the loss is the
+    mean over the B * num_negatives pairs. Returns the loss (0-d)."""
     op = "train_step_pairwise_sampled"
     tables = MFTables(*tables)
     states = MFTables(*(states if states is not None else (None,) * 4))
@@ -88,8 +98,11 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
                                              pos_indices, num_negatives, seed, step,
                                              PairwiseLoss.BPR, optimizer.optimizer)
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
+    checks.check_step_weights(op, weights, tables.user_factors, users)
     neg = sample_negatives(users, pos_indptr, pos_indices, tables.item_factors.shape[0],
                            num_negatives, seed, step, op)
+    if weights is not None:
+        weights = weights.repeat_interleave(num_negatives)
     return train_step_pairwise(tables, states, users.repeat_interleave(num_negatives),
                                pos_items.repeat_interleave(num_negatives), neg.reshape(-1),
-                               loss, reg, optimizer)
+                               loss, reg, optimizer, weights)

@@ -20,6 +20,11 @@ that the batch touches, added to the mean loss::
 
 A row that occurs n times in a batch is penalised n times, exactly as autograd of this
 expression would do. Rows the batch does not touch are not decayed.
+
+Per-sample weights (``weights=``, (B,), finite and >= 0, e.g. confidences
+``1 + alpha * log(1 + count / eps)`` as in Hu, Koren & Volinsky 2008) scale each sample's
+data term, and the mean stays over B: ``mean_b(w_b * loss_b) + reg term``. Weights of 1
+give the unweighted step; the reg term is never weighted.
 """
 
 from __future__ import annotations
@@ -54,15 +59,19 @@ def mf_backward(grad_out, users, items, user_factors, item_factors):
     return g * item_factors[items.long()], g * user_factors[users.long()]
 
 
-def pointwise_loss(pred, targets, loss):
+def pointwise_loss(pred, targets, loss, weights=None):
     """The mean loss named by ``loss`` (a :class:`~fastmf.ops.codes.Loss`, its code or
-    name; see the module docstring)."""
+    name; see the module docstring), each sample's term scaled by ``weights`` (B,) when
+    given."""
     loss = parse(Loss, loss, "train_step", "loss")
+    reduction = "mean" if weights is None else "none"
     if loss == Loss.MSE:
-        return F.mse_loss(pred, targets)
-    if loss == Loss.HUBER:
-        return F.huber_loss(pred, targets, delta=HUBER_DELTA)
-    return F.binary_cross_entropy_with_logits(pred, targets)
+        value = F.mse_loss(pred, targets, reduction=reduction)
+    elif loss == Loss.HUBER:
+        value = F.huber_loss(pred, targets, delta=HUBER_DELTA, reduction=reduction)
+    else:
+        value = F.binary_cross_entropy_with_logits(pred, targets, reduction=reduction)
+    return value if weights is None else (value * weights).mean()
 
 
 def reg_term(users, items, user_factors, item_factors, user_bias, item_bias, reg):
@@ -122,10 +131,11 @@ def sparse_sgd_update(weight, ids, grad_rows, lr):
 
 
 def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
-               global_mean: float, loss, reg: float, optimizer: OptimizerArgs):
+               global_mean: float, loss, reg: float, optimizer: OptimizerArgs, weights=None):
     """The spec of the fused ``train_step`` op. ``tables``/``states``: the four tables and
     their optimizer states (None for SGD); ``loss``: a :class:`~fastmf.ops.codes.Loss`, its
-    code or name. Gathers the rows as ``nn.Embedding(sparse=True)`` would, takes the loss
+    code or name; ``weights``: None or (B,) per-sample weights of the data term (module
+    docstring). Gathers the rows as ``nn.Embedding(sparse=True)`` would, takes the loss
     and its gradient with autograd, then applies the sparse optimizer to each table: every
     gradient is computed from the weights as they were before the step. Returns the loss
     (data term + reg term) as a 0-d tensor."""
@@ -138,6 +148,7 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
     checks.check_train_step(op, tables, states, users, items, targets, loss,
                             optimizer.optimizer)
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
+    checks.check_step_weights(op, weights, tables.user_factors, users)
     user_factors, item_factors, user_bias, item_bias = tables
     if users.numel() == 0:
         return user_factors.new_zeros(())
@@ -154,7 +165,7 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
             rows += [bu, bi]
             pred = pred + bu + bi
             per_sample = per_sample + bu.pow(2) + bi.pow(2)
-        total = pointwise_loss(pred, targets, loss) + reg * per_sample.mean()
+        total = pointwise_loss(pred, targets, loss, weights) + reg * per_sample.mean()
         grads = torch.autograd.grad(total, rows)
     ids = (u, i, u, i)
     for weight, state, row_ids, g in zip(tables, states, ids, grads):
@@ -164,7 +175,8 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
 
 def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                        pos_indptr, pos_indices, num_negatives: int, seed: int, step: int,
-                       global_mean: float, loss, reg: float, optimizer: OptimizerArgs):
+                       global_mean: float, loss, reg: float, optimizer: OptimizerArgs,
+                       weights=None):
     """``train_step`` on the positives labelled 1 and ``num_negatives`` uniform negatives
     per positive labelled 0, drawn in the step as
     :func:`~fastmf.ops.reference.sampling.sample_negatives` draws them from the positives'
@@ -176,11 +188,14 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_ite
                    torch.cat([users, users.repeat_interleave(num_negatives)]),
                    torch.cat([pos_items, neg.reshape(-1)]),
                    torch.cat([ones(B), zeros(B * num_negatives)]),
-                   global_mean, loss, reg, optimizer)
+                   global_mean, loss, reg, optimizer,
+                   weights=None if weights is None
+                   else torch.cat([weights, ones(B * num_negatives)]))
 
-    so the loss (``"bce"`` for implicit feedback; any :class:`~fastmf.ops.codes.Loss`
-    against the 0/1 labels) is the mean over the B * (1 + num_negatives) rows. Returns the
-    loss (0-d)."""
+    (``weights`` (B,): each positive's row is scaled, its negatives' rows weigh 1, as
+    confidence weighs observed pairs only), so the loss (``"bce"`` for implicit feedback;
+    any :class:`~fastmf.ops.codes.Loss` against the 0/1 labels) is the mean over the
+    B * (1 + num_negatives) rows. Returns the loss (0-d)."""
     op = "train_step_sampled"
     tables = MFTables(*tables)
     states = MFTables(*(states if states is not None else (None,) * 4))
@@ -191,14 +206,18 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_ite
                                     pos_indices, num_negatives, seed, step, loss,
                                     optimizer.optimizer)
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
+    checks.check_step_weights(op, weights, tables.user_factors, users)
     neg = sample_negatives(users, pos_indptr, pos_indices, tables.item_factors.shape[0],
                            num_negatives, seed, step, op)
     users = users.long()
     labels = torch.cat([torch.ones(len(users)), torch.zeros(len(users) * num_negatives)])
+    if weights is not None:
+        weights = torch.cat([weights, weights.new_ones(len(users) * num_negatives)])
     return train_step(tables, states,
                       torch.cat([users, users.repeat_interleave(num_negatives)]),
                       torch.cat([pos_items.long(), neg.reshape(-1)]),
-                      labels.to(tables.user_factors), global_mean, loss, reg, optimizer)
+                      labels.to(tables.user_factors), global_mean, loss, reg, optimizer,
+                      weights)
 
 
 def apply_sparse(optimizer: OptimizerArgs, weight, state, ids, grad_rows):
