@@ -23,9 +23,20 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def fmix32(h: int) -> int:
+    """murmur3's 32-bit finalizer."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
 def python_bits(row: int, col: int, num_cols: int, seed: int, step: int) -> int:
+    """The spec's bits of element (row, col) with plain ints (independent of num_cols)."""
     key = splitmix64(splitmix64(seed) ^ step)
-    return splitmix64(key ^ (row * num_cols + col)) & 0xFFFFFFFF
+    row_bits = splitmix64(key ^ row) & 0xFFFFFFFF
+    return fmix32(row_bits ^ ((col * 0x9E3779B9) & 0xFFFFFFFF))
 
 
 def float_bits(v: float) -> int:

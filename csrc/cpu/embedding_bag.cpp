@@ -69,14 +69,7 @@ using acc_t = std::conditional_t<std::is_same_v<W, double>, double, float>;
 // ---------------------------------------------------------------------------------------
 // Stochastic rounding (fastmf/ops/reference/embedding_bag.py random_bits, stochastic_round)
 
-using hash::splitmix64;
-
 inline uint64_t rounding_key(int64_t seed, int64_t step) { return hash::step_key(seed, step); }
-
-// The 32 random bits of the element with counter r * K + c.
-inline uint32_t random_bits(uint64_t key, uint64_t counter) {
-  return static_cast<uint32_t>(splitmix64(key ^ counter));
-}
 
 inline c10::Half stochastic_round(float v, uint32_t bits, c10::Half*) {
   const float magnitude = std::fabs(v);
@@ -150,76 +143,80 @@ __attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* src, c
 #endif
 
 // The integer half of stochastic rounding for n <= kBlock values: bits[k] =
-// random_bits(key, base + k), and the rounded value of each lane (float16: the float,
-// exact in float16, to convert; bfloat16: its 16 bits) where stochastic_round's rule
-// applies. Returns whether some lane is left to the scalar stochastic_round (NaN, infinity,
-// out of float16's normal range, a bfloat16 rounded up to infinity).
-__attribute__((always_inline)) inline void random_bits_body(uint64_t key, uint64_t base,
+// hash::element_bits(row, col + k) (written out here, so it compiles for the vector unit of
+// the caller), and the rounded value of each lane (float16: the float, exact in float16, to
+// convert; bfloat16: its 16 bits) where stochastic_round's rule applies. Returns whether
+// some lane is left to the scalar stochastic_round (NaN, infinity, out of float16's normal
+// range, a bfloat16 rounded up to infinity).
+__attribute__((always_inline)) inline void random_bits_body(uint32_t row, uint32_t col,
                                                             int64_t n, uint32_t* bits) {
   for (int64_t k = 0; k < n; ++k) {
-    uint64_t x = key ^ (base + static_cast<uint64_t>(k));
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    bits[k] = static_cast<uint32_t>(x ^ (x >> 31));
+    uint32_t h = row ^ ((col + static_cast<uint32_t>(k)) * 0x9E3779B9u);
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    bits[k] = h ^ (h >> 16);
   }
 }
 
-__attribute__((always_inline)) inline bool round_block_body(const float* src, uint64_t key,
-                                                            uint64_t base, int64_t n,
+__attribute__((always_inline)) inline bool round_block_body(const float* src, uint32_t row,
+                                                            uint32_t col, int64_t n,
                                                             uint32_t* bits, float* rounded) {
-  random_bits_body(key, base, n, bits);
-  bool plain = false;
+  random_bits_body(row, col, n, bits);
+  // Branch-free (a select as a mask, the fallback lanes counted), so it vectorises: with a
+  // branch per lane this loop, not the hash, was 90 % of the rounding's time.
+  uint32_t plain = 0;
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t v = std::bit_cast<uint32_t>(src[k]);
-    const uint32_t magnitude = v & 0x7FFFFFFFu;
-    // In float16's normal range: 2^-14 <= |v| < 65504 (NaN and infinity are not).
-    const bool ok = magnitude >= 0x38800000u && magnitude < 0x477FE000u;
+    // In float16's normal range: 2^-14 <= |v| < 65504 (NaN and infinity are not), as one
+    // unsigned comparison.
+    const uint32_t ok = ((v & 0x7FFFFFFFu) - 0x38800000u) < (0x477FE000u - 0x38800000u);
     const uint32_t u = (v + (bits[k] >> 19)) & ~uint32_t{0x1FFF};
-    rounded[k] = std::bit_cast<float>(ok ? u : v);
-    plain |= !ok;
+    rounded[k] = std::bit_cast<float>(v ^ ((u ^ v) & (0u - ok)));
+    plain += ok ^ 1u;
   }
-  return plain;
+  return plain != 0;
 }
 
-__attribute__((always_inline)) inline bool round_block_body(const float* src, uint64_t key,
-                                                            uint64_t base, int64_t n,
+__attribute__((always_inline)) inline bool round_block_body(const float* src, uint32_t row,
+                                                            uint32_t col, int64_t n,
                                                             uint32_t* bits, uint16_t* out) {
-  random_bits_body(key, base, n, bits);
-  bool plain = false;
+  random_bits_body(row, col, n, bits);
+  uint32_t plain = 0;  // as above: counted, not branched on
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t v = std::bit_cast<uint32_t>(src[k]);
     const uint32_t u = (v + (bits[k] >> 16)) & ~uint32_t{0xFFFF};
     // Exponent all ones before or after: a non-finite value or one rounded up to infinity.
-    const bool ok = (v & 0x7F800000u) != 0x7F800000u && (u & 0x7F800000u) != 0x7F800000u;
+    plain += static_cast<uint32_t>((v & 0x7F800000u) == 0x7F800000u) |
+             static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u);
     out[k] = static_cast<uint16_t>(u >> 16);
-    plain |= !ok;
   }
-  return plain;
+  return plain != 0;
 }
 
 #if FASTMF_X86_DISPATCH
 template <typename R>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) bool round_block_avx512(
-    const float* src, uint64_t key, uint64_t base, int64_t n, uint32_t* bits, R* rounded) {
-  return round_block_body(src, key, base, n, bits, rounded);
+    const float* src, uint32_t row, uint32_t col, int64_t n, uint32_t* bits, R* rounded) {
+  return round_block_body(src, row, col, n, bits, rounded);
 }
 template <typename R>
-__attribute__((target("avx2"))) bool round_block_avx2(const float* src, uint64_t key,
-                                                      uint64_t base, int64_t n, uint32_t* bits,
+__attribute__((target("avx2"))) bool round_block_avx2(const float* src, uint32_t row,
+                                                      uint32_t col, int64_t n, uint32_t* bits,
                                                       R* rounded) {
-  return round_block_body(src, key, base, n, bits, rounded);
+  return round_block_body(src, row, col, n, bits, rounded);
 }
 #endif
 
 template <typename R>
-inline bool round_block(const float* src, uint64_t key, uint64_t base, int64_t n,
+inline bool round_block(const float* src, uint32_t row, uint32_t col, int64_t n,
                         uint32_t* bits, R* rounded) {
 #if FASTMF_X86_DISPATCH
-  if (cpu_features().avx512) return round_block_avx512(src, key, base, n, bits, rounded);
-  if (cpu_features().f16c) return round_block_avx2(src, key, base, n, bits, rounded);
+  if (cpu_features().avx512) return round_block_avx512(src, row, col, n, bits, rounded);
+  if (cpu_features().f16c) return round_block_avx2(src, row, col, n, bits, rounded);
 #endif
-  return round_block_body(src, key, base, n, bits, rounded);
+  return round_block_body(src, row, col, n, bits, rounded);
 }
 
 // dst[k] = A(src[k]) for a row of n values.
@@ -250,14 +247,15 @@ inline void store_nearest(W* __restrict dst, const A* __restrict src, int64_t n)
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<W>(src[k]);
 }
 
-// Stochastic rounding of n <= kBlock values with the counters base + k, as stochastic_round
-// below element by element: where the rule applies the rounded value is exact in W, so
-// converting the block gives the same bits; the other lanes take the scalar path.
-inline void stochastic_round_block(c10::Half* dst, const float* src, uint64_t key,
-                                   uint64_t base, int64_t n) {
+// Stochastic rounding of n <= kBlock values of a row (its hash::row_bits `row`) from column
+// `col`, as stochastic_round below element by element: where the rule applies the rounded
+// value is exact in W, so converting the block gives the same bits; the other lanes take
+// the scalar path.
+inline void stochastic_round_block(c10::Half* dst, const float* src, uint32_t row,
+                                   uint32_t col, int64_t n) {
   uint32_t bits[kBlock];
   float rounded[kBlock];
-  const bool plain = round_block(src, key, base, n, bits, rounded);
+  const bool plain = round_block(src, row, col, n, bits, rounded);
   store_nearest(dst, rounded, n);
   if (plain) {
     for (int64_t k = 0; k < n; ++k) {
@@ -266,10 +264,10 @@ inline void stochastic_round_block(c10::Half* dst, const float* src, uint64_t ke
   }
 }
 
-inline void stochastic_round_block(c10::BFloat16* dst, const float* src, uint64_t key,
-                                   uint64_t base, int64_t n) {
+inline void stochastic_round_block(c10::BFloat16* dst, const float* src, uint32_t row,
+                                   uint32_t col, int64_t n) {
   uint32_t bits[kBlock];
-  const bool plain = round_block(src, key, base, n, bits, reinterpret_cast<uint16_t*>(dst));
+  const bool plain = round_block(src, row, col, n, bits, reinterpret_cast<uint16_t*>(dst));
   if (plain) {
     for (int64_t k = 0; k < n; ++k) {
       dst[k] = stochastic_round(src[k], bits[k], static_cast<c10::BFloat16*>(nullptr));
@@ -283,11 +281,10 @@ inline void store_row(W* __restrict dst, const A* __restrict src, int64_t dim, i
                       bool stochastic, uint64_t key) {
   if constexpr (std::is_same_v<W, c10::Half> || std::is_same_v<W, c10::BFloat16>) {
     if (stochastic) {
-      // int64 r * K + c wraps like the reference's int64 counter.
-      const uint64_t base = static_cast<uint64_t>(row) * static_cast<uint64_t>(dim);
+      const uint32_t bits = hash::row_bits(key, row);
       for (int64_t k0 = 0; k0 < dim; k0 += kBlock) {
         const int64_t n = std::min<int64_t>(kBlock, dim - k0);
-        stochastic_round_block(dst + k0, src + k0, key, base + static_cast<uint64_t>(k0), n);
+        stochastic_round_block(dst + k0, src + k0, bits, static_cast<uint32_t>(k0), n);
       }
       return;
     }

@@ -99,13 +99,7 @@ __device__ __forceinline__ float bits_float(uint32_t u) {
 // Stochastic rounding (fastmf/ops/reference/embedding_bag.py random_bits, stochastic_round;
 // the CPU kernel's functions of the same names)
 
-using hash::splitmix64;
-
 inline uint64_t rounding_key(int64_t seed, int64_t step) { return hash::step_key(seed, step); }
-
-__device__ __forceinline__ uint32_t random_bits(uint64_t key, uint64_t counter) {
-  return static_cast<uint32_t>(splitmix64(key ^ counter));
-}
 
 __device__ __forceinline__ c10::Half stochastic_round(float v, uint32_t bits, c10::Half*) {
   const float magnitude = fabs(v);
@@ -123,14 +117,12 @@ __device__ __forceinline__ c10::BFloat16 stochastic_round(float v, uint32_t bits
 
 // Element (row, col) of a W table, from its value in A.
 template <typename W, typename A>
-__device__ __forceinline__ W store_value(A v, int64_t row, int64_t col, int64_t dim,
-                                         bool stochastic, uint64_t key) {
+__device__ __forceinline__ W store_value(A v, int64_t row, int64_t col, bool stochastic,
+                                         uint64_t key) {
   if constexpr (std::is_same_v<W, c10::Half> || std::is_same_v<W, c10::BFloat16>) {
     if (stochastic) {
-      // uint64 r * K + c wraps like the reference's int64 counter.
-      const uint64_t counter = static_cast<uint64_t>(row) * static_cast<uint64_t>(dim) +
-                               static_cast<uint64_t>(col);
-      return stochastic_round(v, random_bits(key, counter), static_cast<W*>(nullptr));
+      const uint32_t bits = hash::element_bits(hash::row_bits(key, row), col);
+      return stochastic_round(v, bits, static_cast<W*>(nullptr));
     }
   }
   return static_cast<W>(v);
@@ -666,7 +658,7 @@ __global__ void __launch_bounds__(kThreads) step_rows_kernel(const StepArgs<W, A
           break;
         }
       }
-      w_row[k] = store_value<W, A>(w, row, k, dim, s.stochastic, s.key);
+      w_row[k] = store_value<W, A>(w, row, k, s.stochastic, s.key);
     }
   }
 }

@@ -20,8 +20,8 @@ where the arithmetic is the same:
 - float16/bfloat16 tables are passed as their uint16 bits (numpy has no bfloat16), widened
   to float32 exactly and written back rounded to nearest even as PyTorch rounds, or with the
   counter-based stochastic rounding of :func:`fastmf.ops.reference.embedding_bag.
-  stochastic_round` (splitmix64 on uint64, the same bits for the same (seed, step, row,
-  column)).
+  stochastic_round` (splitmix64 per row and murmur3's fmix32 per column, the same bits for
+  the same (seed, step, row, column)).
 
 What differs from the reference is rounding only, in the optimizer updates: the square root
 here is correctly rounded and PyTorch's vectorised one is not always (Adagrad and Adam rows
@@ -102,6 +102,9 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+_COL_MIX = np.uint64(0x9E3779B9)
+_FMIX1 = np.uint64(0x85EBCA6B)
+_FMIX2 = np.uint64(0xC2B2AE35)
 _F16_CUT = np.uint64(0xFFFFE000)  # clears the 13 bits float16 drops from a float32
 _BF16_CUT = np.uint64(0xFFFF0000)  # clears the 16 bits bfloat16 drops
 _F16_MAX = np.float32(65504.0)
@@ -131,6 +134,18 @@ def _splitmix64(x):
     x = (x ^ (x >> np.uint64(30))) * _MIX1
     x = (x ^ (x >> np.uint64(27))) * _MIX2
     return x ^ (x >> np.uint64(31))
+
+
+@jit
+def _element_bits(row_bits, col):
+    """``fmix32(row_bits ^ col * 0x9E3779B9)`` in uint64 held to 32 bits (csrc/counter_hash.h
+    element_bits)."""
+    h = row_bits ^ ((np.uint64(col) * _COL_MIX) & _LOW32)
+    h ^= h >> np.uint64(16)
+    h = (h * _FMIX1) & _LOW32
+    h ^= h >> np.uint64(13)
+    h = (h * _FMIX2) & _LOW32
+    return h ^ (h >> np.uint64(16))
 
 
 @jit
@@ -186,33 +201,32 @@ def _load_row_impl(src, scratch, kind):
     return impl
 
 
-def _store_row(dst, values, kind, stochastic, key, counter):
+def _store_row(dst, values, kind, stochastic, key, row):
     """Write ``values`` (what ``_load_row`` returned, updated) back to the table row ``dst``:
     nothing to do for a float table (they are the row); for half bits rounded to nearest,
-    or stochastically with element k's bits from counter ``counter + k`` (inside jitted
-    code only)."""
+    or stochastically with element k's bits ``_element_bits(low32(splitmix64(key ^ row)),
+    k)`` (inside jitted code only)."""
     raise NotImplementedError("only callable from numba-compiled code")
 
 
 @overload(_store_row)
-def _store_row_impl(dst, values, kind, stochastic, key, counter):
+def _store_row_impl(dst, values, kind, stochastic, key, row):
     if dst.dtype != types.uint16:
-        def in_place(dst, values, kind, stochastic, key, counter):
+        def in_place(dst, values, kind, stochastic, key, row):
             return None
 
         return in_place
 
-    def impl(dst, values, kind, stochastic, key, counter):
+    def impl(dst, values, kind, stochastic, key, row):
         n = dst.shape[0]
         if stochastic:
+            row_bits = _splitmix64(key ^ np.uint64(row)) & _LOW32
             if kind == FLOAT16:
                 for k in range(n):
-                    bits = _splitmix64(key ^ (counter + np.uint64(k))) & _LOW32
-                    dst[k] = _stochastic_float16(values[k], bits)
+                    dst[k] = _stochastic_float16(values[k], _element_bits(row_bits, k))
             else:
                 for k in range(n):
-                    bits = _splitmix64(key ^ (counter + np.uint64(k))) & _LOW32
-                    dst[k] = _stochastic_bfloat16(values[k], bits)
+                    dst[k] = _stochastic_bfloat16(values[k], _element_bits(row_bits, k))
         elif kind == FLOAT16:
             for k in range(n):
                 dst[k] = float32_to_float16(values[k])
@@ -457,7 +471,7 @@ def _update_segments(weight, kind, state1, state2, grad, grad_kind, offsets, bag
         row = sorted_ids[starts[s]]
         w = _load_row(weight[row], scratch, kind)
         _step_row(w, g, state1, state2, row, optimizer, decay_mode, scalars)
-        _store_row(weight[row], w, kind, stochastic, key, np.uint64(row) * np.uint64(dim))
+        _store_row(weight[row], w, kind, stochastic, key, row)
 
 
 @pjit

@@ -165,13 +165,29 @@ def _splitmix64(x: Tensor) -> Tensor:
     return x ^ _shr(x, 31)
 
 
+def _fmix32(h: Tensor) -> Tensor:
+    """murmur3's 32-bit finalizer on int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
 def random_bits(rows: Tensor, num_cols: int, seed: int, step: int) -> Tensor:
     """The 32 random bits of every element (row r, column c) of a ``num_cols``-wide table at
-    (seed, step): ``low32(splitmix64(key ^ (r * num_cols + c)))`` with
-    ``key = splitmix64(splitmix64(seed) ^ step)``. (R, num_cols) int64 in [0, 2**32)."""
+    (seed, step)::
+
+        key = splitmix64(splitmix64(seed) ^ step)             (uint64)
+        row_bits = low32(splitmix64(key ^ r))                  (once per row)
+        bits = fmix32(row_bits ^ (c * 0x9E3779B9 mod 2**32))   (murmur3's finalizer)
+
+    splitmix64 per row and 32-bit work per element, which the CPU kernels run 8-16 lanes
+    at a time (csrc/counter_hash.h element_bits). (R, num_cols) int64 in [0, 2**32)."""
     key = _splitmix64_int(_splitmix64_int(seed & _MASK64) ^ (step & _MASK64))
-    counter = rows.long().unsqueeze(1) * num_cols + torch.arange(num_cols, device=rows.device)
-    return _splitmix64(counter ^ _as_int64(key)) & 0xFFFFFFFF
+    row_bits = _splitmix64(rows.long() ^ _as_int64(key)) & 0xFFFFFFFF
+    cols = (torch.arange(num_cols, device=rows.device) * 0x9E3779B9) & 0xFFFFFFFF
+    return _fmix32(row_bits.unsqueeze(1) ^ cols)
 
 
 def stochastic_round(values: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
