@@ -76,10 +76,23 @@ def fastmf_model(backend, dim, sparse=False):
     return fastmf.MF(NUM_USERS, NUM_ITEMS, dim, global_mean=3.5, backend=backend, sparse=sparse)
 
 
-def fused_step(backend, dim):
+def confidences(r):
+    """Per-sample weights from the ratings, ``1 + log1p(r)`` (confidence-shaped)."""
+    return 1.0 + torch.log1p(r)
+
+
+def fused_step(backend, dim, weighted=False):
     model = fastmf_model(backend, dim)
     opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=LR)
-    return model, lambda u, i, r: fastmf.train_step(model, opt, u, i, r)
+    if not weighted:
+        return model, lambda u, i, r: fastmf.train_step(model, opt, u, i, r)
+    made = {}  # a batch's weights are made once, as a data loader would hand them over
+
+    def step(u, i, r):
+        if id(r) not in made:
+            made[id(r)] = (r, confidences(r))
+        return fastmf.train_step(model, opt, u, i, r, weights=made[id(r)][1])
+    return model, step
 
 
 def autograd_step(backend, dim):
@@ -88,7 +101,7 @@ def autograd_step(backend, dim):
     return model, textbook_step(model, opt)
 
 
-def check_against_reference(model, step, dim):
+def check_against_reference(model, step, dim, weighted=False):
     """One step of ``step`` on a fresh batch equals fastmf.ops.reference.train_step on a
     copy (Adagrad from fresh, zero accumulators, as the optimizer starts)."""
     tables = MFTables(*(t.detach().clone() for t in model.tables()))
@@ -96,7 +109,8 @@ def check_against_reference(model, step, dim):
     u, i, r = make_batch(NUM_USERS, NUM_ITEMS, 2048, seed=123)
     step(u, i, r)
     spec.train_step(tables, states, u, i, r, model.mu, Loss.MSE, 0.0,
-                    OptimizerArgs(Optimizer.ADAGRAD, LR, 1e-10))
+                    OptimizerArgs(Optimizer.ADAGRAD, LR, 1e-10),
+                    confidences(r) if weighted else None)
     for got, want in zip(model.tables(), tables, strict=True):
         torch.testing.assert_close(got.detach(), want, **tolerance(torch.float32))
 
@@ -107,6 +121,9 @@ PATHS = {
     "reference_compiled_dense": None,
     "numba_train_step": requires_numba,
     "native_train_step": requires_native,
+    # The same step with per-sample weights (confidences): what weighting costs.
+    "numba_train_step_weighted": requires_numba,
+    "native_train_step_weighted": requires_native,
     "native_autograd_sparse_adagrad": requires_native,
 }
 
@@ -126,11 +143,12 @@ def build(path, dim):
         assert torch.isfinite(loss) and not torch.equal(before, model.q.weight)
         return step
     backend = path.split("_")[0]
-    if path.endswith("train_step"):
-        model, step = fused_step(backend, dim)
+    weighted = path.endswith("_weighted")
+    if "train_step" in path:
+        model, step = fused_step(backend, dim, weighted)
     else:
         model, step = autograd_step(backend, dim)
-    check_against_reference(model, step, dim)
+    check_against_reference(model, step, dim, weighted)
     return step
 
 

@@ -2,6 +2,7 @@
 the ``implicit`` library's BPR and ALS. Not run in CI.
 
     python benchmarks/implicit_feedback.py [--tune] [--quick] [--threads 2] [--json OUT]
+    python benchmarks/implicit_feedback.py --tune-weights --only syn-counts --seeds 3
     python benchmarks/implicit_feedback.py --bpr-speed --only ml [--repeats 3]
     python benchmarks/implicit_feedback.py --bce-speed [--repeats 5]
 
@@ -11,7 +12,9 @@ it): every rating of ml-latest-small is a positive (``ml``), and its subsets ``m
 before the median timestamp); ``fastmf.datasets.synthetic`` implicit data ``syn-sparse``
 (4 000 users x 4 000 items, 60 000 interactions, Zipf 1.2 popularity) and ``syn-dense``
 (1 000 x 500, 60 000, Zipf 0.5); ``syn-counts`` (2 000 x 2 000, 60 000), whose rows carry
-play counts that grow with the planted affinity (``counts_for``).
+play counts that grow with the planted affinity (``counts_for``); ``syn-plays`` (3 000 x
+1 500, 60 000, Zipf 0.8), counts the same way and each pair's timestamp its last play
+(``last_play_times``), so the held-out latest pair leans to the heavily played ones.
 
 Splits: each data set's outer split holds out every user's latest interaction (``fastmf.data
 .leave_one_out(by="time")``): those rows are the reported ones. ``--tune`` chooses settings
@@ -65,6 +68,9 @@ CHOSEN = {
     # sweeps on syn-counts.
     "confidence": dict(alpha=16.0, eps=1.0),
     "confidence_reg": 1.0,
+    # MF's BPR/BCE on count data: --tune-weights chose no weights (alpha 0) on the inner
+    # splits of syn-counts and syn-plays; the weighted rows show alpha 1 beside them.
+    "mf_confidence": 1.0,
 }
 # The defaults before the --seeds 3 search, for the "(previous)" rows.
 PREVIOUS = dict(lr=0.1, reg=1e-2, batch_size=4096, epochs=30, num_negatives=4)
@@ -85,6 +91,9 @@ ALS_GRID = ([dict(reg=reg, alpha=alpha) for reg in (0.1, 1.0, 10.0)
             + [dict(reg=reg, alpha=10.0, reg_exponent=1.0) for reg in (1e-3, 1e-2)])
 CONFIDENCE_GRID = [dict(alpha=a, eps=e) for a in (1.0, 4.0, 16.0) for e in (1.0, 4.0)]
 CONFIDENCE_REGS = (0.1, 1.0, 10.0)
+# --tune-weights: MF (BPR, BCE) at its chosen settings with per-positive weights
+# 1 + alpha * log(1 + count) (Interactions.with_confidence, eps 1), alpha 0 = unweighted.
+WEIGHT_ALPHAS = (0.0, 0.25, 1.0, 4.0)
 
 
 # ------------------------------------------------------------------------------ data
@@ -97,6 +106,15 @@ def counts_for(data: Interactions, truth, seed: int) -> np.ndarray:
     z = (z - z.mean()) / z.std()
     rng = np.random.default_rng(seed)
     return 1.0 + rng.poisson(np.exp(1.5 * z))
+
+
+def last_play_times(counts: np.ndarray, seed: int) -> np.ndarray:
+    """A pair's timestamp as the last of its ``count`` plays, each at a uniform time of the
+    user's timeline: the max of ``count`` uniforms, U^(1/count); in int64 ticks. The more a
+    pair is played, the later its last play, so the held-out latest pair leans to the
+    heavily played ones, as in listening logs."""
+    rng = np.random.default_rng(seed)
+    return (rng.random(len(counts)) ** (1.0 / counts) * 1e9).astype(np.int64)
 
 
 def positives(data: Interactions, counts: np.ndarray | None = None) -> Interactions:
@@ -123,6 +141,13 @@ def build_datasets(path: Path, quick: bool) -> dict[str, Interactions]:
         2000 // scale, 2000 // scale, 60_000 // scale, dim=12, implicit=True, zipf=1.0, seed=3,
         return_truth=True)
     out["syn-counts"] = positives(data, counts_for(data, truth, seed=3))
+    data, truth = fastmf.datasets.synthetic(
+        3000 // scale, 1500 // scale, 60_000 // scale, dim=12, implicit=True, zipf=0.8, seed=4,
+        return_truth=True)
+    counts = counts_for(data, truth, seed=4)
+    out["syn-plays"] = Interactions(data.users, data.items, counts,
+                                    last_play_times(counts, seed=4), user_map=data.user_map,
+                                    item_map=data.item_map)
     return out
 
 
@@ -415,6 +440,12 @@ def benchmark_set(name, data, classes, seeds, args, rows) -> None:
             return topk(*mf_vectors(model), binary, users), times
         return run
 
+    def mf_rows(loss, settings, rows_):
+        def run(seed):
+            model, times = fit_mf(rows_, loss, settings, seed=seed)
+            return topk(*mf_vectors(model), binary, users), times
+        return run
+
     def als(settings, rows_=binary):
         def run(seed):
             model, _, times = fit_als(rows_, settings, seed=seed)
@@ -438,6 +469,11 @@ def benchmark_set(name, data, classes, seeds, args, rows) -> None:
         add("fastmf BPR (1 negative)", like, mf("bpr", like), 100)
     add("fastmf ALS", "class defaults", als({}), ALS(1, 1).iterations)
     if train.ratings is not None:
+        for loss in ("bpr", "bce"):
+            rows_ = weighted_positives(train, CHOSEN["mf_confidence"])
+            add(f"fastmf {loss.upper()} (1 + log counts)",
+                f"weights 1 + {CHOSEN['mf_confidence']} log(1 + count)",
+                mf_rows(loss, CHOSEN[loss], rows_), CHOSEN[loss]["epochs"])
         weighted = train.with_confidence(**CHOSEN["confidence"])
         add("fastmf ALS (log counts)", f"with_confidence({CHOSEN['confidence']}), reg "
             f"{CHOSEN['confidence_reg']}", als({"reg": CHOSEN["confidence_reg"]}, weighted),
@@ -452,6 +488,43 @@ def benchmark_set(name, data, classes, seeds, args, rows) -> None:
         counts.data = np.log1p(counts.data)
         add("implicit ALS (log counts)", "values log(1 + count)", lib(als_cls, counts),
             als_cls().iterations)
+
+
+def weighted_positives(data: Interactions, alpha: float) -> Interactions:
+    """``positives(data)`` carrying the confidence weights of ``data``'s counts (none for
+    alpha 0)."""
+    binary = positives(data)
+    if alpha == 0:
+        return binary
+    return binary.with_weights(data.with_confidence(alpha=alpha, eps=1.0).weights)
+
+
+def tune_weights(datasets: dict[str, Interactions], args) -> dict:
+    """MF's BPR and BCE on the count data sets' inner splits, each positive weighted by
+    ``1 + alpha * log(1 + count)`` for alpha in WEIGHT_ALPHAS (0: unweighted), at the chosen
+    settings; the smoothed best NDCG@10 of each (the mean over --seeds)."""
+    out: dict = {}
+    seeds = tuple(range(SEED, SEED + args.seeds))
+    for name, data in datasets.items():
+        if data.ratings is None:
+            continue
+        outer_train, _ = split(data)
+        fit_rows, valid = split(outer_train)
+        for loss in ("bpr", "bce"):
+            settings = dict(CHOSEN[loss])
+            settings.pop("epochs")
+            for alpha in WEIGHT_ALPHAS:
+                curve = fit_mf_curve(weighted_positives(fit_rows, alpha), valid, loss,
+                                     settings, args.max_epochs, seeds)
+                best = max(smoothed(curve, 5), key=lambda p: p["ndcg"])
+                out.setdefault(name, {}).setdefault(loss, {})[alpha] = {
+                    "curve": curve, "best_ndcg": best["ndcg"], "best_epochs": best["epochs"],
+                    "ndcg_at_chosen": smoothed(curve, 5)[CHOSEN[loss]["epochs"] - 1]["ndcg"]}
+                print(f"[tune-weights] {name} {loss} alpha {alpha}: smoothed NDCG@{K} "
+                      f"{best['ndcg']:.4f} at {best['epochs']} epochs, "
+                      f"{out[name][loss][alpha]['ndcg_at_chosen']:.4f} at "
+                      f"{CHOSEN[loss]['epochs']}", flush=True)
+    return out
 
 
 def bpr_speed(datasets: dict[str, Interactions], args) -> list[dict]:
@@ -580,6 +653,8 @@ def main(argv=None) -> int:
                         help="runs per setting (seeds 0..N-1): --tune averages the curves, "
                              "the benchmark the scores")
     parser.add_argument("--mf-only", action="store_true", help="--tune: MF (BPR, BCE) only")
+    parser.add_argument("--tune-weights", action="store_true",
+                        help="choose MF's confidence weights on the count data's inner split")
     parser.add_argument("--bpr-speed", action="store_true",
                         help="BPR speed and quality only, fastmf vs implicit")
     parser.add_argument("--bce-speed", action="store_true",
@@ -598,6 +673,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if args.tune:
         result = tune(datasets, args)
+    elif args.tune_weights:
+        result = tune_weights(datasets, args)
     elif args.bpr_speed:
         result = bpr_speed(datasets, args)
     elif args.bce_speed:

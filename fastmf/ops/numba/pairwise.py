@@ -41,6 +41,7 @@ from fastmf.ops.numba._common import (
     add_sample,
     begin_segment,
     cast_like,
+    check_weights,
     chunk_bounds,
     codes_ok,
     dot,
@@ -216,7 +217,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     # structural test doubts goes through the shared checks, which raise their own errors.
     if not _structure_ok(tables, states, users, pos_items, neg_items, loss, optimizer):
         full_checks()
-    _checks.check_step_weights(op, weights, user_factors, users)
+    check_weights(op, weights, user_factors, users)
     if users.shape[0] == 0:
         return user_factors.new_zeros(())
     _checks.check_separate(op, *_checks.pairwise_written(tables, states))
@@ -245,7 +246,7 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
     _checks.check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
                                               pos_indices, num_negatives, seed, step, loss,
                                               code)
-    _checks.check_step_weights(op, weights, tables[0], users)
+    check_weights(op, weights, tables[0], users)
     users_rep, pos_rep, neg = _draw(users, pos_items, pos_indptr, pos_indices,
                                     tables[1].shape[0], num_negatives, seed, step, op)
     if weights is not None:

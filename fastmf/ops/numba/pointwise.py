@@ -43,6 +43,7 @@ from fastmf.ops.numba._common import (
     add_sample,
     begin_segment,
     cast_like,
+    check_weights,
     chunk_bounds,
     codes_ok,
     dot,
@@ -463,7 +464,7 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
 
     if not _train_step_ok(tables, states, users, items, targets, loss, optimizer):
         full_checks()
-    _checks.check_step_weights(op, weights, user_factors, users)
+    check_weights(op, weights, user_factors, users)
     if users.shape[0] == 0:
         return user_factors.new_zeros(())
     # The kernel writes user rows while it still reads item rows.
@@ -492,7 +493,7 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_ite
                 tables + states + (users, pos_items, pos_indptr, pos_indices))
     _checks.check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr,
                                      pos_indices, num_negatives, seed, step, loss, code)
-    _checks.check_step_weights(op, weights, tables[0], users)
+    check_weights(op, weights, tables[0], users)
     users_rep, _, neg = _draw(users, pos_items, pos_indptr, pos_indices, tables[1].shape[0],
                               num_negatives, seed, step, op)
     batch = users.shape[0]
