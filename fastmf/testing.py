@@ -278,6 +278,19 @@ def clone_all(*tensors):
     return tuple(None if t is None else t.clone() for t in tensors)
 
 
+def textbook_optimizer(params, tables: MFTables, optimizer, lr: float, eps: float,
+                       init: float):
+    """``(torch optimizer, states)``: ``torch.optim.SGD`` or ``torch.optim.Adagrad`` (its
+    accumulators from ``init``) over the textbook model's ``params``, and the fused step's
+    optimizer states of ``tables`` that match it (None for SGD)."""
+    import torch
+
+    if parse(Optimizer, optimizer, "textbook_optimizer", "optimizer") == Optimizer.SGD:
+        return torch.optim.SGD(params, lr=lr), None
+    return (torch.optim.Adagrad(params, lr=lr, eps=eps, initial_accumulator_value=init),
+            MFTables(*(torch.full_like(t, init) for t in tables)))
+
+
 def clone_bundle(bundle: MFTables | None) -> MFTables | None:
     """A copy of a table (or state) bundle; None stays None (SGD has no states)."""
     return None if bundle is None else MFTables(*clone_all(*bundle))

@@ -64,6 +64,20 @@ def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.cpu(), expected, **tolerance(dtype))
 
 
+def assert_loss(got, expected, dtype) -> None:
+    """A step's loss: a 0-d tensor of the tables' dtype, close to the reference's."""
+    assert got.shape == () and got.dtype == dtype
+    assert_close(got, expected, dtype)
+
+
+def assert_tables_close(target: Target, got, expected, dtype) -> None:
+    """No error recorded, and every table and state close to the reference's."""
+    target.check_errors()
+    for g, e in zip(got, expected, strict=False):
+        if e is not None:
+            assert_close(g, e, dtype)
+
+
 def clear_errors(target: Target) -> None:
     try:
         target.check_errors()
@@ -480,15 +494,22 @@ def reference_sampled(op, tables, states, users, pos, csr, k, seed, step, reg, o
                                         SAMPLED_MU, Loss.BCE, reg, opt)
 
 
+def sampled_start(target, optimizer, num_users, num_items, dim, dtype, id_dtype, *, seed):
+    """(reference tables and states, the target's copies, a positives' CSR) to step from."""
+    p, q, bu, bi = make_tables(num_users, num_items, dim, dtype=dtype, seed=seed)
+    expected = list(clone_all(p, q, bu, bi)) + list(make_states(optimizer, p, q, bu, bi))
+    got = list(target.to(*clone_all(*expected)))
+    return expected, got, make_positive_csr(num_users, num_items, seed=seed + 1,
+                                            id_dtype=id_dtype)
+
+
 def run_sampled(target, op, optimizer, batch, k, dtype=torch.float32, id_dtype=torch.int64,
                 steps=2, num_users=80, num_items=40, dim=16):
     """A step that draws its own negatives (``op``, one of SAMPLED_OPS) against the
     reference's: the negatives are integer hashes, so the same items, and then the same
     step."""
-    p, q, bu, bi = make_tables(num_users, num_items, dim, dtype=dtype, seed=9)
-    expected = list(clone_all(p, q, bu, bi)) + list(make_states(optimizer, p, q, bu, bi))
-    got = list(target.to(*clone_all(*expected)))
-    csr = make_positive_csr(num_users, num_items, seed=10, id_dtype=id_dtype)
+    expected, got, csr = sampled_start(target, optimizer, num_users, num_items, dim, dtype,
+                                       id_dtype, seed=9)
     for step in range(steps):
         users, pos, _ = make_triples(num_users, num_items, batch, seed=20 + step,
                                      user_dtype=id_dtype, item_dtype=id_dtype)
@@ -496,12 +517,8 @@ def run_sampled(target, op, optimizer, batch, k, dtype=torch.float32, id_dtype=t
         exp_loss = reference_sampled(op, tables, states, users, pos, csr, k, -7, step, 0.01,
                                      opt)
         got_loss = sampled_step(target, got, users, pos, csr, k, -7, step, 0.01, optimizer, op)
-        assert got_loss.shape == () and got_loss.dtype == dtype
-        assert_close(got_loss, exp_loss, dtype)
-    target.check_errors()
-    for g, e in zip(got, expected, strict=False):
-        if e is not None:
-            assert_close(g, e, dtype)
+        assert_loss(got_loss, exp_loss, dtype)
+    assert_tables_close(target, got, expected, dtype)
 
 
 def check_sampled_bad_rows(target, op, what):
@@ -584,10 +601,8 @@ def run_weighted(target, op, optimizer, batch, dtype=torch.float32, id_dtype=tor
                  steps=2, num_users=80, num_items=40, dim=16):
     """Steps of ``op`` (one of STEP_OPS) with per-sample weights on Zipf batches, against
     the reference: every loss, every table and state at the end."""
-    p, q, bu, bi = make_tables(num_users, num_items, dim, dtype=dtype, seed=11)
-    expected = list(clone_all(p, q, bu, bi)) + list(make_states(optimizer, p, q, bu, bi))
-    got = list(target.to(*clone_all(*expected)))
-    csr = make_positive_csr(num_users, num_items, seed=12, id_dtype=id_dtype)
+    expected, got, csr = sampled_start(target, optimizer, num_users, num_items, dim, dtype,
+                                       id_dtype, seed=11)
     for step in range(steps):
         users, pos, neg = make_triples(num_users, num_items, batch, seed=30 + step,
                                        user_dtype=id_dtype, item_dtype=id_dtype)
@@ -599,12 +614,8 @@ def run_weighted(target, op, optimizer, batch, dtype=torch.float32, id_dtype=tor
                                       csr=csr, step=step)
         got_loss = weighted_step(target, op, got, users, pos, other, weights, 0.01, optimizer,
                                  csr=csr, step=step)
-        assert got_loss.shape == () and got_loss.dtype == dtype
-        assert_close(got_loss, exp_loss, dtype)
-    target.check_errors()
-    for g, e in zip(got, expected, strict=False):
-        if e is not None:
-            assert_close(g, e, dtype)
+        assert_loss(got_loss, exp_loss, dtype)
+    assert_tables_close(target, got, expected, dtype)
 
 
 def check_bad_weights(target, op, bad):

@@ -42,6 +42,7 @@ from fastmf.testing import (
     make_triples,
     num_threads,
     single_threaded,
+    textbook_optimizer,
     to_device,
     zipf_ids,
 )
@@ -205,12 +206,8 @@ def test_matches_textbook(backend, device, dtype, optimizer):
     q = nn.Embedding.from_pretrained(tables.item_factors.clone(), freeze=False, sparse=True)
     bi = nn.Embedding.from_pretrained(tables.item_bias[:, None].clone(), freeze=False,
                                       sparse=True)
-    params = [p.weight, q.weight, bi.weight]
-    if optimizer == Optimizer.SGD:
-        torch_opt, states = torch.optim.SGD(params, lr=lr), None
-    else:
-        torch_opt = torch.optim.Adagrad(params, lr=lr, eps=eps, initial_accumulator_value=init)
-        states = MFTables(*(torch.full_like(t, init) for t in tables))
+    torch_opt, states = textbook_optimizer([p.weight, q.weight, bi.weight], tables, optimizer,
+                                           lr, eps, init)
     got = to_device((clone_bundle(tables), states), device)
     kernels = ops.kernels(backend, device)
     for step in range(5):

@@ -46,6 +46,7 @@ from fastmf.testing import (
     make_tables,
     num_threads,
     single_threaded,
+    textbook_optimizer,
     to_device,
     zipf_ids,
 )
@@ -506,12 +507,8 @@ def test_train_step_matches_textbook(backend, device, dtype, loss, optimizer):
     tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, seed=40)
     textbook = Textbook(tables)
     params = list(textbook.parameters())
-    if optimizer == Optimizer.SGD:
-        torch_opt = torch.optim.SGD(params, lr=lr)
-        states = None
-    elif optimizer == Optimizer.ADAGRAD:
-        torch_opt = torch.optim.Adagrad(params, lr=lr, eps=eps, initial_accumulator_value=init)
-        states = MFTables(*(torch.full_like(t, init) for t in tables))
+    if optimizer != Optimizer.ROWWISE_ADAGRAD:
+        torch_opt, states = textbook_optimizer(params, tables, optimizer, lr, eps, init)
     else:
         torch_opt = None
         sums = [torch.full((p.shape[0],), init, dtype=dtype) for p in params]

@@ -18,7 +18,7 @@ from torch import nn
 
 import fastmf
 from fastmf import ops
-from fastmf.ops import Loss, MFTables, Optimizer, OptimizerArgs, PairwiseLoss
+from fastmf.ops import Loss, Optimizer, OptimizerArgs, PairwiseLoss
 from fastmf.ops import reference as spec
 from fastmf.testing import (
     ALL_KERNELS,
@@ -34,6 +34,7 @@ from fastmf.testing import (
     make_tables,
     make_triples,
     single_threaded,
+    textbook_optimizer,
     to_device,
 )
 
@@ -149,11 +150,7 @@ def test_matches_textbook(backend, device, op, optimizer):
     params = [e.weight for e in emb]
     if op == "train_step_pairwise":
         params = [params[0], params[1], params[3]]  # the user bias cancels
-    if optimizer == Optimizer.SGD:
-        torch_opt, states = torch.optim.SGD(params, lr=lr), None
-    else:
-        torch_opt = torch.optim.Adagrad(params, lr=lr, eps=eps, initial_accumulator_value=init)
-        states = MFTables(*(torch.full_like(t, init) for t in tables))
+    torch_opt, states = textbook_optimizer(params, tables, optimizer, lr, eps, init)
     got = to_device((clone_bundle(tables), states), device)
     kernels = ops.kernels(backend, device)
     p, q, bu, bi = emb

@@ -158,19 +158,26 @@ def check_train_step(op, tables, states, users, items, targets, loss, optimizer)
     check_code(op, Loss, loss, "loss")
     check_step_optimizer(op, optimizer)
     check_mf_inputs(op, users, items, user_factors, item_factors, user_bias, item_bias)
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"fastmf.{op}: targets must be a tensor, got {type(targets).__name__}")
-    if targets.dtype != user_factors.dtype:
-        raise TypeError(f"fastmf.{op}: targets has dtype {targets.dtype}, expected "
-                        f"{user_factors.dtype} like the weights")
-    if targets.dim() != 1:
-        # A (B, 1) column would broadcast against the (B,) predictions into a (B, B) loss.
-        raise ValueError(f"fastmf.{op}: targets must be 1-D, got shape {list(targets.shape)}")
-    check_same_device(op, "user_factors", user_factors, targets=targets)
-    check_same_length(op, users=users, targets=targets)
+    # A (B, 1) column would broadcast against the (B,) predictions into a (B, B) loss.
+    check_per_sample(op, "targets", targets, user_factors, users, "a tensor", "the weights")
     check_finite(op, "targets", targets)
     check_states(op, tables, states, optimizer)
     check_separate(op, tables, states)
+
+
+def check_per_sample(op, name, values, user_factors, users, kinds: str, like: str) -> None:
+    """One value per sample (targets, weights): a tensor (else a TypeError naming
+    ``kinds``), in user_factors' dtype (TypeError: "expected ... like ``like``"), 1-D, on
+    its device, as long as ``users``."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"fastmf.{op}: {name} must be {kinds}, got {type(values).__name__}")
+    if values.dtype != user_factors.dtype:
+        raise TypeError(f"fastmf.{op}: {name} has dtype {values.dtype}, expected "
+                        f"{user_factors.dtype} like {like}")
+    if values.dim() != 1:
+        raise ValueError(f"fastmf.{op}: {name} must be 1-D, got shape {list(values.shape)}")
+    check_same_device(op, "user_factors", user_factors, **{name: values})
+    check_same_length(op, users=users, **{name: values})
 
 
 def check_step_weights(op, weights, user_factors, users) -> None:
@@ -179,16 +186,8 @@ def check_step_weights(op, weights, user_factors, users) -> None:
     and check_weight_values."""
     if weights is None:
         return
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"fastmf.{op}: weights must be a tensor or None, got "
-                        f"{type(weights).__name__}")
-    if weights.dtype != user_factors.dtype:
-        raise TypeError(f"fastmf.{op}: weights has dtype {weights.dtype}, expected "
-                        f"{user_factors.dtype} like user_factors")
-    if weights.dim() != 1:
-        raise ValueError(f"fastmf.{op}: weights must be 1-D, got shape {list(weights.shape)}")
-    check_same_device(op, "user_factors", user_factors, weights=weights)
-    check_same_length(op, users=users, weights=weights)
+    check_per_sample(op, "weights", weights, user_factors, users, "a tensor or None",
+                     "user_factors")
     bad = ~(weights >= 0) | torch.isinf(weights)  # NaN fails >= 0
     if weights.numel() and bool(bad.any()):
         raise ValueError(f"fastmf.{op}: weights must be finite and >= 0, got "
