@@ -567,7 +567,10 @@ def print_topk_table(results, dev):
 
 STEP_BATCHES = (8192, 65536, 262144)
 STEP_DIM = 64
-STEP_OPS = ("train_step", "train_step_pairwise")
+STEP_OPS = ("train_step", "train_step_pairwise", "train_step_pairwise_sampled",
+            "train_step_sampled")
+# The sampled steps draw this many negatives per positive (fit's default).
+SAMPLED_NEGATIVES = 4
 # H200 HBM3e by the datasheet; the run also prints the copy bandwidth it measures.
 HBM_BYTES_PER_S = 4.8e12
 # The NVTX range around the one step that Nsight Compute profiles (gpu_first.sh passes
@@ -1104,16 +1107,55 @@ def capture_graph(step, static):
     return graph
 
 
+def positives_csr(data, num_users, num_items):
+    """The CSR (indptr, indices) of the distinct (user, item) pairs of ``data``'s batches,
+    rows sorted: the positives the sampled steps draw their negatives around."""
+    users = torch.cat([b[0] for b in data]).long()
+    items = torch.cat([b[1] for b in data]).long()
+    pairs = torch.unique(users * num_items + items)  # sorted: by user, then item
+    counts = torch.bincount(pairs // num_items, minlength=num_users)
+    indptr = torch.zeros(num_users + 1, dtype=torch.long, device=pairs.device)
+    indptr[1:] = counts.cumsum(0)
+    return indptr, pairs % num_items
+
+
+def make_sampled_native(tables, op, csr):
+    """The fused step that draws SAMPLED_NEGATIVES uniform negatives per positive around
+    ``csr`` (``op``: train_step_pairwise_sampled, BPR; train_step_sampled, BCE); its step
+    takes (users, positives, anything) and counts its calls as the draws' step."""
+    from fastmf.ops import Loss, MFTables, PairwiseLoss, native
+
+    weights = MFTables(*(t.clone() for t in tables))
+    states = MFTables(*(torch.zeros_like(t) for t in weights))
+    opt = adagrad()
+    calls = [0]
+
+    def step(u, i, _unused):
+        calls[0] += 1
+        if op == "train_step_pairwise_sampled":
+            return native.train_step_pairwise_sampled(weights, states, u, i, *csr,
+                                                      SAMPLED_NEGATIVES, 0, calls[0],
+                                                      PairwiseLoss.BPR, 0.0, opt)
+        return native.train_step_sampled(weights, states, u, i, *csr, SAMPLED_NEGATIVES, 0,
+                                          calls[0], 0.0, Loss.BCE, 0.0, opt)
+
+    return step, lambda: (weights.user_factors, weights.item_factors, weights.item_bias)
+
+
 def step_setup(op, batch, dim, seed=0):
-    """(step, batches) for op at this batch: fresh 1M x 200K tables and 4 batches."""
+    """(step, batches) for op at this batch: fresh 1M x 200K tables and 4 batches (the
+    sampled steps: of positives, each meeting SAMPLED_NEGATIVES drawn negatives)."""
     tables = make_tables(NUM_USERS, NUM_ITEMS, dim, seed=seed)
     items = ZipfItems(NUM_ITEMS, 1.0, seed=seed)
     if op == "train_step":
         step, _ = make_train_step(tables)
         data = make_batches(NUM_USERS, items, batch, 4, seed=batch)
-    else:
+    elif op == "train_step_pairwise":
         step, _ = make_bpr_native(tables)
         data = make_triples(NUM_USERS, NUM_ITEMS, items, batch, 4, seed=batch)
+    else:
+        data = make_triples(NUM_USERS, NUM_ITEMS, items, batch, 4, seed=batch)
+        step, _ = make_sampled_native(tables, op, positives_csr(data, NUM_USERS, NUM_ITEMS))
     return step, data
 
 

@@ -19,7 +19,8 @@
 #   3 timing   gpu_bench.py --step: K=64, batches 8192/65536/262144, event-timed       150
 #              medians of eager steps and CUDA-graph replays, host submit time, copy
 #              bandwidth (device, pinned host <-> device), one step's kernels under
-#              torch.profiler beside the byte model; train_step, then the BPR step
+#              torch.profiler beside the byte model; train_step, then the BPR step and
+#              the BPR step drawing its 4 negatives per positive (fit's)
 #   4 ncu      when ncu is there and 120 s are left: Nsight Compute over one step      150
 #              (B=262144) marked by the NVTX range "fastmf_step": DRAM and L2 bytes per
 #              kernel against the byte model, L2 hit rate, achieved occupancy; L2 kept
@@ -242,7 +243,8 @@ stage "2 tests: train_step" "$(limit 150 100)" tests.log "${PYTEST[@]}" --maxfai
 
 # 3. Timing.
 TAIL=14 stage "3 timing" "$(limit 150 20)" step.log "$PY" benchmarks/gpu_bench.py --step \
-  --batches 8192,65536,262144 --dim 64 --ops train_step,train_step_pairwise --iters 50 \
+  --batches 8192,65536,262144 --dim 64 \
+  --ops train_step,train_step_pairwise,train_step_pairwise_sampled --iters 50 \
   --json "$LOG/step.jsonl"
 
 # 4. Nsight Compute over the marked step.

@@ -400,3 +400,40 @@ def test_step_mode_end_to_end_with_a_stand_in_device(monkeypatch, tmp_path, caps
         ("train_step_pairwise", 128)]
     assert all(len(r["kernels"]) == len(STEP_KERNELS) for r in records[5:])
     assert "| 95.0 | 3" in rows[0]  # kernel µs and model bytes in the summary
+
+
+def test_sampled_step_cells_on_the_cpu():
+    """--step's sampled cells (gpu_bench.positives_csr, make_sampled_native) on CPU tensors:
+    the CSR holds each batch pair once, rows sorted; each step equals the spec's."""
+    from fastmf._extension import native_available
+    from fastmf.ops import Loss, MFTables, PairwiseLoss
+    from fastmf.ops import reference as spec
+    from fastmf.testing import make_tables
+
+    if not native_available():
+        pytest.skip("fastmf built without its native kernels")
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 50, (64,), generator=gen), torch.randint(0, 30, (64,),
+                                                                       generator=gen), None)
+            for _ in range(2)]
+    indptr, indices = gb.positives_csr(data, 50, 30)
+    pairs = {(int(u), int(i)) for b in data for u, i in zip(b[0], b[1], strict=True)}
+    rows = [indices[indptr[u]:indptr[u + 1]].tolist() for u in range(50)]
+    assert {(u, i) for u, row in enumerate(rows) for i in row} == pairs
+    assert all(row == sorted(set(row)) for row in rows)
+    tables = make_tables(50, 30, 8, seed=1)
+    for op in ("train_step_pairwise_sampled", "train_step_sampled"):
+        step, read = gb.make_sampled_native(tables, op, (indptr, indices))
+        want = MFTables(*(t.clone() for t in tables))
+        states = MFTables(*(torch.zeros_like(t) for t in want))
+        for k, (u, i, _) in enumerate(data):
+            step(u, i, None)
+            n = gb.SAMPLED_NEGATIVES
+            if op == "train_step_pairwise_sampled":
+                spec.train_step_pairwise_sampled(want, states, u, i, indptr, indices, n, 0,
+                                                 k + 1, PairwiseLoss.BPR, 0.0, gb.adagrad())
+            else:
+                spec.train_step_sampled(want, states, u, i, indptr, indices, n, 0, k + 1, 0.0,
+                                        Loss.BCE, 0.0, gb.adagrad())
+        for got, exp in zip(read(), (want[0], want[1], want[3]), strict=True):
+            torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
