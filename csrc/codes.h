@@ -10,7 +10,7 @@
 namespace fastmf {
 
 enum class Loss : int64_t { kMse = 0, kHuber = 1, kBce = 2 };
-enum class PairwiseLoss : int64_t { kBpr = 0 };
+enum class PairwiseLoss : int64_t { kBpr = 0, kHinge = 1 };
 enum class Optimizer : int64_t { kSgd = 0, kAdagrad = 1, kRowwiseAdagrad = 2, kAdam = 3, kRowwiseAdam = 4 };
 enum class Pooling : int64_t { kSum = 0, kMean = 1 };
 enum class WeightDecay : int64_t { kNone = 0, kL2 = 1, kDecoupled = 2 };
@@ -31,7 +31,7 @@ struct AllCodes<Loss> {
 };
 template <>
 struct AllCodes<PairwiseLoss> {
-  using type = CodeList<PairwiseLoss::kBpr>;
+  using type = CodeList<PairwiseLoss::kBpr, PairwiseLoss::kHinge>;
   static constexpr const char* what = "pairwise loss";
 };
 // The fused MF steps (train_step, train_step_pairwise) apply the first three optimizers

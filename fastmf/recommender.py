@@ -39,7 +39,9 @@ __all__ = ["EXPLICIT", "IMPLICIT", "FIT_LOSSES", "KERNEL_LOSSES", "MODEL_LOSSES"
 # Hybrid's): a model trains with them only when it lists them in ``losses``, so they are
 # not in the default ``Recommender.losses`` (KERNEL_LOSSES, what MF's fused steps run).
 MODEL_LOSSES = ("warp",)
-KERNEL_IMPLICIT = (Loss.BCE.name.lower(), *names(PairwiseLoss))
+# The fused steps' pairwise losses also include hinge, which fit offers only inside MF's
+# WARP step (its violators are picked first), not as a loss of its own.
+KERNEL_IMPLICIT = (Loss.BCE.name.lower(), PairwiseLoss.BPR.name.lower())
 IMPLICIT = KERNEL_IMPLICIT + MODEL_LOSSES
 EXPLICIT = tuple(name for name in names(Loss) if name not in IMPLICIT)
 FIT_LOSSES = EXPLICIT + IMPLICIT

@@ -379,6 +379,25 @@ def run_pairwise_steps(target, optimizer, steps, batch, user_dtype, item_dtype, 
     return got
 
 
+def run_hinge_steps(target, optimizer, batch, dtype=torch.float32, steps=2, num_users=80,
+                    num_items=40, dim=16):
+    """The margin ranking hinge (PairwiseLoss.HINGE) against the reference, on tables large
+    enough that some samples are past the margin (no gradient) and the rest inside it."""
+    tables = [12 * t for t in make_tables(num_users, num_items, dim, dtype=dtype, seed=13)]
+    expected = list(clone_all(*tables)) + list(make_states(optimizer, *tables))
+    got = list(target.to(*clone_all(*expected)))
+    hinge = int(PairwiseLoss.HINGE)
+    for step in range(steps):
+        users, pos, neg = make_triples(num_users, num_items, batch, seed=40 + step)
+        ref_tables, states, opt = reference_bundles(expected, optimizer)
+        exp_loss = reference.train_step_pairwise(ref_tables, states, users, pos, neg,
+                                                 PairwiseLoss.HINGE, 0.01, opt)
+        got_loss = target.ops.train_step_pairwise(*got, *target.to(users, pos, neg), hinge,
+                                                  0.01, optimizer_code(optimizer), LR, EPS)
+        assert_loss(got_loss, exp_loss, dtype)
+    assert_tables_close(target, got, expected, dtype)
+
+
 def pairwise_twice_bitwise(target, optimizer, batch, dtype, steps=3, num_items=30,
                            exponent=1.0):
     """Two BPR runs from the same start: bit-identical tables and losses."""
@@ -645,7 +664,7 @@ def check_pairwise_host_side_errors(target):
     users, pos, neg = target.to(*make_triples(10, 10, 5, seed=0))
     op = target.ops.train_step_pairwise
     none4 = (None, None, None, None)
-    with pytest.raises(ValueError, match="unknown pairwise loss code 3; expected 0..0"):
+    with pytest.raises(ValueError, match="unknown pairwise loss code 3; expected 0..1"):
         op(p, q, bu, bi, *none4, users, pos, neg, 3, 0.0, SGD, LR, EPS)
     with pytest.raises(ValueError, match="unknown optimizer code 5"):
         op(p, q, bu, bi, *none4, users, pos, neg, BPR, 0.0, 5, LR, EPS)

@@ -192,6 +192,13 @@ def test_train_step_pairwise_host_side_errors(emu):
     cases.check_pairwise_host_side_errors(emu)
 
 
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+@pytest.mark.parametrize("batch,dtype", [(0, torch.float32), (7, torch.float64),
+                                         (300, torch.float32)])
+def test_train_step_pairwise_hinge(both, optimizer, batch, dtype):
+    cases.run_hinge_steps(both, optimizer, batch, dtype)
+
+
 @pytest.mark.parametrize("op", cases.SAMPLED_OPS)
 @pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
 @pytest.mark.parametrize("batch,k", [(0, 2), (1, 1), (7, 3), (300, 4)])

@@ -307,6 +307,12 @@ def test_pairwise_cpu_and_cuda_agree():
         cases.assert_close(a, b, torch.float32)
 
 
+@pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
+@pytest.mark.parametrize("batch", [0, 4096])
+def test_train_step_pairwise_hinge(optimizer, batch):
+    cases.run_hinge_steps(CUDA, optimizer, batch, num_users=2000, num_items=500)
+
+
 @pytest.mark.parametrize("op", cases.SAMPLED_OPS)
 @pytest.mark.parametrize("optimizer", cases.OPT_NAMES)
 @pytest.mark.parametrize("batch,k", [(0, 2), (1, 1), (4096, 4)])

@@ -59,15 +59,15 @@ def settings(optimizer, lr=0.05, eps=1e-8) -> OptimizerArgs:
 
 
 def step_both(backend, device, tables, states, triples, reg, optimizer: OptimizerArgs,
-              expected_triples=None):
+              expected_triples=None, loss=BPR):
     """One step of ``backend`` on copies of the tables and states on ``device`` and one step
     of the spec on CPU copies: ``(loss_got, loss_want, got, want)``."""
     got = to_device((clone_bundle(tables), clone_bundle(states)), device)
     want = (clone_bundle(tables), clone_bundle(states))
     value = ops.kernels(backend, device).train_step_pairwise(
-        *got, *to_device(triples, device), BPR, reg, optimizer)
+        *got, *to_device(triples, device), loss, reg, optimizer)
     expected = single_threaded(spec.train_step_pairwise, *want,
-                               *(expected_triples or triples), BPR, reg, optimizer)
+                               *(expected_triples or triples), loss, reg, optimizer)
     return value, expected, got, want
 
 
@@ -103,6 +103,31 @@ def test_matches_reference(backend, device, id_dtype, dtype, batch, optimizer, r
         assert_bit_identical(to_device(got, "cpu"), (tables, states))
     else:
         assert not torch.equal(got[0].item_factors.cpu(), tables.item_factors)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=idfn)
+@pytest.mark.parametrize("batch, dtype, id_dtype", [
+    (0, torch.float32, torch.int64), (7, torch.float64, torch.int32),
+    (4096, torch.float32, torch.int32), (4096, torch.float64, torch.int64)], ids=idfn)
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_hinge_matches_reference(backend, device, batch, dtype, id_dtype, optimizer):
+    """The margin ranking hinge relu(1 - x): tables scaled so that about half the samples
+    are past the margin (no gradient) and the rest inside it."""
+    seed = 70 + batch + int(optimizer)
+    tables = MFTables(*(12 * t for t in make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype,
+                                                    seed=seed)))
+    states = make_states(tables, optimizer, seed=seed + 1)
+    triples = make_triples(NUM_USERS, NUM_ITEMS, batch, seed=seed + 2, id_dtype=id_dtype)
+    if batch >= 4096:
+        u, i, j = (t.long() for t in triples)
+        x = (tables.item_bias[i] - tables.item_bias[j]
+             + (tables.user_factors[u] * (tables.item_factors[i] - tables.item_factors[j])).sum(1))
+        assert 0.2 < float((x < 1).double().mean()) < 0.9
+    value, expected, got, want = step_both(backend, device, tables, states, triples, 0.05,
+                                           settings(optimizer), loss=PairwiseLoss.HINGE)
+    assert value.shape == () and value.dtype == dtype
+    assert_close_all(value, expected, dtype)
+    assert_close_all(got, want, dtype)
 
 
 @pytest.mark.parametrize("backend, device", KERNELS)
@@ -194,14 +219,18 @@ def test_20_steps(backend, device, dtype, optimizer):
 # Against textbook PyTorch: nn.Embedding(sparse=True) + torch.optim, loss by autograd
 
 
+@pytest.mark.parametrize("loss", list(PairwiseLoss), ids=idfn)
 @pytest.mark.parametrize("optimizer", [Optimizer.SGD, Optimizer.ADAGRAD], ids=idfn)
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
 @pytest.mark.parametrize("backend, device", ALL_KERNELS)
-def test_matches_textbook(backend, device, dtype, optimizer):
-    """Five fused BPR steps equal five steps of the textbook model, where an item's
-    positive and negative lookups are one sparse gradient that torch.optim coalesces."""
+def test_matches_textbook(backend, device, dtype, optimizer, loss):
+    """Five fused BPR (or hinge) steps equal five steps of the textbook model, where an
+    item's positive and negative lookups are one sparse gradient that torch.optim
+    coalesces."""
     lr, eps, reg, init = 0.05, 1e-10, 0.02, 0.1
     tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, seed=30)
+    if loss == PairwiseLoss.HINGE:  # about a third of the samples past the margin
+        tables = MFTables(*(12 * t for t in tables))
     p = nn.Embedding.from_pretrained(tables.user_factors.clone(), freeze=False, sparse=True)
     q = nn.Embedding.from_pretrained(tables.item_factors.clone(), freeze=False, sparse=True)
     bi = nn.Embedding.from_pretrained(tables.item_bias[:, None].clone(), freeze=False,
@@ -212,14 +241,15 @@ def test_matches_textbook(backend, device, dtype, optimizer):
     kernels = ops.kernels(backend, device)
     for step in range(5):
         users, pos, neg = make_triples(NUM_USERS, NUM_ITEMS, 700, seed=31 + step)
-        value = kernels.train_step_pairwise(*got, *to_device((users, pos, neg), device), BPR,
+        value = kernels.train_step_pairwise(*got, *to_device((users, pos, neg), device), loss,
                                             reg, settings(optimizer, lr=lr, eps=eps))
         pu, qi, qj = p(users), q(pos), q(neg)
         bpos, bneg = bi(pos)[:, 0], bi(neg)[:, 0]
         x = bpos - bneg + (pu * (qi - qj)).sum(1)
         penalty = (pu.pow(2).sum(1) + qi.pow(2).sum(1) + qj.pow(2).sum(1) + bpos.pow(2)
                    + bneg.pow(2)).mean()
-        total = F.softplus(-x).mean() + reg * penalty
+        data = F.softplus(-x) if loss == PairwiseLoss.BPR else F.relu(1 - x)
+        total = data.mean() + reg * penalty
         torch_opt.zero_grad()
         total.backward()
         torch_opt.step()
@@ -299,7 +329,7 @@ def bad_cases():
         "float neg": (dict(neg=neg.float()), TypeError, "neg_items must be int32 or int64"),
         "float users": (dict(users=users.double()), TypeError, "users must be int32 or int64"),
         "2-D neg": (dict(neg=neg.view(2, 3)), ValueError, "neg_items must be 1-D"),
-        "loss code": (dict(loss=1), ValueError, "unknown pairwise loss code 1"),
+        "loss code": (dict(loss=2), ValueError, "unknown pairwise loss code 2"),
         "negative loss code": (dict(loss=-1), ValueError, "unknown pairwise loss code -1"),
         "optimizer code": (dict(opt=3), ValueError, "unknown optimizer code 3"),
         "one bias": (dict(bu=None), ValueError, "both be given or both None"),

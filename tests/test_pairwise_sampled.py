@@ -297,7 +297,7 @@ def bad_cases(op=OP_NAME, loss=BPR, extra=None):
                                            "item is left to sample as a negative")),
         "lengths": (dict(pos=pos[:5]), ValueError, "lengths differ"),
         "optimizer code": (dict(opt=3), ValueError, "unknown optimizer code 3"),
-        "loss code": (dict(loss=1), ValueError, "unknown pairwise loss code 1"),
+        "loss code": (dict(loss=5), ValueError, "unknown pairwise loss code 5"),
     }
     if extra is not None:
         cases.update(extra(tables, states, prefix))

@@ -1,7 +1,8 @@
-// The pairwise family on the CPU: train_step_pairwise, the fused BPR step, and
+// The pairwise family on the CPU: train_step_pairwise, the fused BPR (or hinge) step, and
 // train_step_pairwise_sampled, the same step drawing its uniform negatives first
 // (csrc/cuda/pairwise.cu on the GPU). Each sample b is (u, i, j), with
-//   x_b = b_i - b_j + <P[u], Q[i] - Q[j]>,   loss = mean_b softplus(-x_b) + reg term.
+//   x_b = b_i - b_j + <P[u], Q[i] - Q[j]>,   loss = mean_b l(x_b) + reg term,
+// l = softplus(-x) (BPR) or relu(1 - x) (hinge: PairLoss below).
 //
 // Two phases, as in train_step (pointwise.cpp), but always users first: x needs the user row and two
 // item rows, so only the user side can compute it while holding its own row in L1.
@@ -66,24 +67,47 @@ struct Pairwise : StepScratch<T> {  // first phase: users; scratch indexed by sa
   const RowGroups* item_groups;  // over the 2B item positions
 };
 
-// softplus(z) and d/dz softplus(z) * scale, as F.softplus and its autograd formula
-// compute them in T (the gradient as (scale * e^z) / (e^z + 1)); below the threshold e^z
-// cannot overflow. One exp serves both: the value's own exp and log1p in double, as it
-// was first written, were 7 % of a one-thread step (perf, ml-latest-small, K = 1).
-template <typename T>
-inline void bpr_loss(T x, T scale, T& grad, double& value) {
-  const T z = -x;
-  if (static_cast<double>(z) > kSoftplusThreshold) {
-    value = static_cast<double>(z);
-    grad = -scale;
-    return;
-  }
-  const T e = std::exp(z);
-  value = static_cast<double>(std::log1p(e));
-  grad = -((scale * e) / (e + T(1)));
-}
+// Pairwise losses of x = s_ui - s_uj: the sample's loss value and grad = dLoss/dx times
+// scale (1/B). A new loss is a code in csrc/codes.h and a specialisation here (and in
+// csrc/cuda/pairwise.cu).
+template <PairwiseLoss kLoss>
+struct PairLoss;
 
-template <typename T, Optimizer kOpt>
+// BPR: softplus(z), z = -x, and d/dx softplus(-x) * scale, as F.softplus and its autograd
+// formula compute them in T (the gradient as -(scale * e^z) / (e^z + 1)); below the
+// threshold e^z cannot overflow. One exp serves both: the value's own exp and log1p in
+// double, as it was first written, were 7 % of a one-thread step (perf, ml-latest-small,
+// K = 1).
+template <>
+struct PairLoss<PairwiseLoss::kBpr> {
+  template <typename T>
+  static void eval(T x, T scale, T& grad, double& value) {
+    const T z = -x;
+    if (static_cast<double>(z) > kSoftplusThreshold) {
+      value = static_cast<double>(z);
+      grad = -scale;
+      return;
+    }
+    const T e = std::exp(z);
+    value = static_cast<double>(std::log1p(e));
+    grad = -((scale * e) / (e + T(1)));
+  }
+};
+
+// The margin ranking hinge relu(1 - x), 1 - x formed in T as the reference forms it; the
+// gradient is -scale where 1 - x > 0, else 0 (relu's autograd at 0 included).
+template <>
+struct PairLoss<PairwiseLoss::kHinge> {
+  template <typename T>
+  static void eval(T x, T scale, T& grad, double& value) {
+    const T margin = T(1) - x;
+    const bool active = margin > T(0);
+    value = active ? static_cast<double>(margin) : 0.0;
+    grad = active ? -scale : T(0);
+  }
+};
+
+template <typename T, Optimizer kOpt, typename LossFn>
 void phase_users(const Pairwise<T>& pr) {
   const RowGroups& groups = *pr.user_groups;
   const int64_t dim = pr.dim, batch = pr.batch;
@@ -126,7 +150,7 @@ void phase_users(const Pairwise<T>& pr) {
         T x = dot(w, diff, dim);
         if (bias != nullptr) x = (x + bias[i]) - bias[n];
         T g;
-        bpr_loss(x, pr.scale, g, pr.loss[b]);
+        LossFn::eval(x, pr.scale, g, pr.loss[b]);
         pr.weigh(b, g, pr.loss[b]);
         pr.grad[b] = g;
         pr.group_of[b] = static_cast<int32_t>(s);
@@ -166,7 +190,7 @@ Workspace& workspace() {
 // negatives), `weights` undefined or (B,) contiguous, checked. The users are grouped on
 // one thread while the other groups the 2B item positions.
 void run_pairwise(const StepTables& tables_in, const StepTables& states, Workspace& ws,
-                  int64_t batch, const at::Tensor& weights, double reg,
+                  int64_t batch, const at::Tensor& weights, PairwiseLoss loss, double reg,
                   const OptimizerArgs& opt, at::Tensor& result) {
   const at::Tensor& user_factors = tables_in.user_factors;
   const int64_t num_items = tables_in.item_factors.size(0);
@@ -202,9 +226,11 @@ void run_pairwise(const StepTables& tables_in, const StepTables& states, Workspa
     pr.bind(ws, batch, dim, ws.user_groups.num_groups, reg, lr, eps);
     pr.bind_weights(weights);
 
-    dispatch_code(opt.optimizer, [&](auto optimizer) {
-      phase_users<T, decltype(optimizer)::value>(pr);
-      phase_items<T, decltype(optimizer)::value>(pr);
+    dispatch_code(loss, [&](auto loss_code) {
+      dispatch_code(opt.optimizer, [&](auto optimizer) {
+        phase_users<T, decltype(optimizer)::value, PairLoss<decltype(loss_code)::value>>(pr);
+        phase_items<T, decltype(optimizer)::value>(pr);
+      });
     });
     result.fill_(static_cast<T>(mean_loss(pr.loss, pr.norms, batch, reg)));
   });
@@ -215,8 +241,6 @@ void run_pairwise(const StepTables& tables_in, const StepTables& states, Workspa
 // After the shared checks of the op boundary (csrc/ops.h).
 at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& states,
                                const PairwiseBatch& in, const OptimizerArgs& opt) {
-  // The loss is BPR, the only pairwise loss so far: a second one would dispatch_code here.
-  TORCH_INTERNAL_ASSERT(in.loss == PairwiseLoss::kBpr);
   const int64_t batch = in.users.size(0);
   const int64_t num_items = tables.item_factors.size(0);
   Workspace& ws = workspace();
@@ -229,7 +253,7 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
   int64_t* items = scratch(ws.items, 2 * batch);
   std::copy(ws.negatives.data(), ws.negatives.data() + batch, items + batch);
   at::Tensor result;
-  run_pairwise(tables, states, ws, batch, weights, in.reg, opt, result);
+  run_pairwise(tables, states, ws, batch, weights, in.loss, in.reg, opt, result);
   return result;
 }
 
@@ -241,7 +265,6 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
                                        const SampledPairwiseBatch& in,
                                        const OptimizerArgs& opt) {
   constexpr const char* op = "train_step_pairwise_sampled";
-  TORCH_INTERNAL_ASSERT(in.loss == PairwiseLoss::kBpr);
   const int64_t num_users = tables.user_factors.size(0);
   const int64_t num_items = tables.item_factors.size(0);
   const int64_t batch = in.users.size(0), k = in.num_negatives, pairs = batch * k;
@@ -266,7 +289,7 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
   draw_negatives_of(op, users, batch, k, in.pos_indptr, in.pos_indices, num_items, in.seed,
                     in.step, items + pairs);
   at::Tensor result;
-  run_pairwise(tables, states, ws, pairs, weights, in.reg, opt, result);
+  run_pairwise(tables, states, ws, pairs, weights, in.loss, in.reg, opt, result);
   return result;
 }
 

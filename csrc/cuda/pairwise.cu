@@ -89,24 +89,34 @@ struct PairwiseForwardArgs {
   double* block_sums;   // (blocks, 2): loss sum, L2 sum
 };
 
-// softplus(-x) and its gradient in x times scale, as the CPU kernel (and F.softplus with
-// its autograd formula) computes them: the value in double, the gradient in the weights'
-// type as -(scale * e) / (e + 1), e = exp(-x).
-template <typename scalar_t>
-__device__ __forceinline__ void bpr_loss(scalar_t x, scalar_t scale, scalar_t& grad,
-                                         double& value) {
-  const scalar_t z = -x;
-  if (static_cast<double>(z) > kSoftplusThreshold) {
-    value = static_cast<double>(z);
-    grad = -scale;
+// The pairwise loss of x and its gradient in x times scale, as the CPU kernel (PairLoss in
+// csrc/cpu/pairwise.cpp) computes them. BPR: softplus(-x), as F.softplus with its autograd
+// formula: the value in double, the gradient in the weights' type as -(scale * e) / (e + 1),
+// e = exp(-x). Hinge: relu(1 - x), gradient -scale where 1 - x > 0, else 0.
+template <PairwiseLoss kLoss, typename scalar_t>
+__device__ __forceinline__ void pair_loss(scalar_t x, scalar_t scale, scalar_t& grad,
+                                          double& value) {
+  if constexpr (kLoss == PairwiseLoss::kHinge) {
+    const scalar_t margin = scalar_t(1) - x;
+    const bool active = margin > scalar_t(0);
+    value = active ? static_cast<double>(margin) : 0.0;
+    grad = active ? -scale : scalar_t(0);
     return;
+  } else {
+    static_assert(kLoss == PairwiseLoss::kBpr, "a new PairwiseLoss needs its formula here");
+    const scalar_t z = -x;
+    if (static_cast<double>(z) > kSoftplusThreshold) {
+      value = static_cast<double>(z);
+      grad = -scale;
+      return;
+    }
+    value = log1p(exp(static_cast<double>(z)));
+    const scalar_t e = exp(z);
+    grad = -((scale * e) / (e + scalar_t(1)));
   }
-  value = log1p(exp(static_cast<double>(z)));
-  const scalar_t e = exp(z);
-  grad = -((scale * e) / (e + scalar_t(1)));
 }
 
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, PairwiseLoss kLoss>
 __global__ void __launch_bounds__(kThreads)
     pairwise_forward_kernel(const PairwiseForwardArgs<scalar_t> a) {
   const Group g = make_group(a.lanes);
@@ -150,7 +160,7 @@ __global__ void __launch_bounds__(kThreads)
         norms = norms + bi * bi + bj * bj;
       }
       scalar_t grad;
-      bpr_loss(x, a.scale, grad, loss_value);
+      pair_loss<kLoss>(x, a.scale, grad, loss_value);
       weigh(a.weights, b, grad, loss_value);
       l2_value = static_cast<double>(norms);
       if (g.lane == 0) a.coef[b] = grad;
@@ -165,8 +175,6 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
                                const PairwiseBatch& in, const OptimizerArgs& opt) {
   const at::Tensor& user_factors = tables.user_factors;
   const at::Tensor& item_factors = tables.item_factors;
-  // BPR is the only pairwise loss so far: a second one would dispatch_code here.
-  TORCH_INTERNAL_ASSERT(in.loss == PairwiseLoss::kBpr);
   const int64_t batch = in.users.size(0), dim = user_factors.size(1);
   check_step_layout(kOp, tables, states, opt, /*writes_user_bias=*/false, batch, 3 * batch,
                     "three times the batch size");
@@ -210,13 +218,16 @@ at::Tensor train_step_pairwise(const StepTables& tables, const StepTables& state
         grid.lanes,
         coef.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(),
         grid.block_sums.data_ptr<double>()};
-    if (grid.packed) {
-      pairwise_forward_kernel<scalar_t, kVec>
-          <<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(fa);
-    } else {
-      pairwise_forward_kernel<scalar_t, 1>
-          <<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(fa);
-    }
+    dispatch_code(in.loss, [&](auto loss) {
+      constexpr PairwiseLoss kLoss = decltype(loss)::value;
+      if (grid.packed) {
+        pairwise_forward_kernel<scalar_t, kVec, kLoss>
+            <<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(fa);
+      } else {
+        pairwise_forward_kernel<scalar_t, 1, kLoss>
+            <<<static_cast<unsigned>(grid.blocks), kThreads, 0, stream>>>(fa);
+      }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     // Users: g_b * (Q[i_b] - Q[j_b]); no bias (it cancels in x_uij).

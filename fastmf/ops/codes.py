@@ -25,6 +25,7 @@ class PairwiseLoss(IntEnum):
     """Losses of ``train_step_pairwise`` over (user, positive, negative) triples."""
 
     BPR = 0  # mean softplus(-(x_ui - x_uj))
+    HINGE = 1  # mean max(0, 1 - (x_ui - x_uj)): the margin ranking loss (MF's WARP step)
 
 
 class Optimizer(IntEnum):

@@ -73,6 +73,21 @@ __all__ = ["train_step_pairwise", "train_step_pairwise_sampled"]
 _SOFTPLUS_THRESHOLD = 20.0
 
 
+_HINGE = int(PairwiseLoss.HINGE)
+
+
+@jit
+def _pair_loss_and_grad(x, scale, loss):
+    """BPR or the hinge (``loss``) of one sample: (dL/dx in the weights' type, the loss as
+    float64), as csrc/cpu/pairwise.cpp PairLoss forms them."""
+    if loss == _HINGE:
+        margin = cast_like(x, 1.0) - x
+        if margin > 0:
+            return -scale, np.float64(margin)
+        return scale * 0, 0.0
+    return _bpr_loss_and_grad(x, scale)
+
+
 @jit
 def _bpr_loss_and_grad(x, scale):
     """(dL/dx in the weights' type, softplus(-x) as float64) for one sample; the gradient
@@ -88,7 +103,7 @@ def _bpr_loss_and_grad(x, scale):
 @pjit
 def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_factors_state,
                      item_factors_state, item_bias_state, users, items, weights, has_weights,
-                     reg, optimizer, lr, eps, num_threads):
+                     loss, reg, optimizer, lr, eps, num_threads):
     """The fused pairwise step, in place. ``items`` (2B,) int64: positives then negatives;
     ``weights`` (B,) (checked) scale each sample's term when ``has_weights``; states as in
     ``update_row`` (bias state (N,)); absent tables are empty arrays.
@@ -147,7 +162,7 @@ def _pairwise_kernel(user_factors, item_factors, item_bias, has_bias, user_facto
                 if has_bias:
                     x = x + item_bias[i]
                     x = x - item_bias[j]
-                g, value = _bpr_loss_and_grad(x, scale)
+                g, value = _pair_loss_and_grad(x, scale, loss)
                 if has_weights:
                     g = g * weights[b]
                     value = value * np.float64(weights[b])
@@ -193,8 +208,8 @@ def _structure_ok(tables, states, users, pos_items, neg_items, loss, optimizer) 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
                         neg_items, loss, reg: float, optimizer: OptimizerArgs, weights=None):
-    """Fused BPR step, in place on the tables and states; returns the loss (data term + reg
-    term) as a 0-d tensor like the weights.
+    """Fused pairwise step (BPR or hinge), in place on the tables and states; returns the
+    loss (data term + reg term) as a 0-d tensor like the weights.
 
     users, pos_items, neg_items: (B,) int32/int64; ``tables``: user_factors (U, K),
     item_factors (I, K), user_bias (U,) and item_bias (I,), or both None; ``states`` None
@@ -226,7 +241,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     P, Q, _, bias_array, P_state, Q_state, _, bias_state = arrays
     items = torch.cat([pos_items.to(torch.int64), neg_items.to(torch.int64)]).numpy()
     args = (P, Q, bias_array, has_bias, P_state, Q_state, bias_state, ids_view(users), items,
-            *weights_view(weights, P), float(reg), optimizer, float(lr), float(eps))
+            *weights_view(weights, P), loss, float(reg), optimizer, float(lr), float(eps))
     return run_step(op, _pairwise_kernel, users.shape[0], args, writable, full_checks,
                     user_factors.dtype)
 

@@ -1,6 +1,6 @@
-"""The spec of the pairwise op family: the fused BPR step ``train_step_pairwise`` and
-``train_step_pairwise_sampled``, the same step drawing its uniform negatives itself
-(:func:`fastmf.ops.reference.sampling.sample_negatives`)."""
+"""The spec of the pairwise op family: the fused pairwise step ``train_step_pairwise``
+(BPR, or the margin ranking hinge) and ``train_step_pairwise_sampled``, the same step
+drawing its uniform negatives itself (:func:`fastmf.ops.reference.sampling.sample_negatives`)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from fastmf.ops.reference.sampling import sample_negatives
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
                         neg_items, loss, reg: float, optimizer: OptimizerArgs, weights=None):
-    """The spec of the fused pairwise step (BPR). Each sample is (u, i, j) with i a
-    positive and j a sampled negative item of user u::
+    """The spec of the fused pairwise step. Each sample is (u, i, j) with i a positive and
+    j a sampled negative item of user u::
 
         x = b_i - b_j + <P[u], Q[i] - Q[j]>          (mu and b_u cancel)
-        loss = mean_b softplus(-x)  (= -mean log σ(x))
+        loss = mean_b l(x)
              + reg * mean_b(||P[u]||² + ||Q[i]||² + ||Q[j]||² + b_i² + b_j²)
+
+    with ``l(x) = softplus(-x)`` (BPR, ``= -log σ(x)``) or ``relu(1 - x)`` (HINGE, the
+    margin ranking loss; its gradient is -1 where x < 1, else 0, as autograd of relu).
 
     ``weights`` (B,) (finite, >= 0), when given, scale each sample's softplus term:
     ``mean_b(w_b * softplus(-x_b))``; the reg term is not weighted.
@@ -32,11 +35,11 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     op = "train_step_pairwise"
     tables = MFTables(*tables)
     states = MFTables(*(states if states is not None else (None,) * 4))
-    parse(PairwiseLoss, loss, op, "pairwise loss")
+    loss = parse(PairwiseLoss, loss, op, "pairwise loss")
     optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
                               optimizer.lr, optimizer.eps)
-    checks.check_train_step_pairwise(op, tables, states, users, pos_items, neg_items,
-                                     PairwiseLoss.BPR, optimizer.optimizer)
+    checks.check_train_step_pairwise(op, tables, states, users, pos_items, neg_items, loss,
+                                     optimizer.optimizer)
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
     checks.check_step_weights(op, weights, tables.user_factors, users)
     user_factors, item_factors, _, item_bias = tables
@@ -56,7 +59,7 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
             rows += [bi, bj]
             x = x + bi - bj
             per_sample = per_sample + bi.pow(2) + bj.pow(2)
-        data = F.softplus(-x)
+        data = F.softplus(-x) if loss == PairwiseLoss.BPR else F.relu(1.0 - x)
         data = data.mean() if weights is None else (data * weights).mean()
         total = data + reg * per_sample.mean()
         grads = torch.autograd.grad(total, rows)
@@ -91,12 +94,12 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
     op = "train_step_pairwise_sampled"
     tables = MFTables(*tables)
     states = MFTables(*(states if states is not None else (None,) * 4))
-    parse(PairwiseLoss, loss, op, "pairwise loss")
+    loss = parse(PairwiseLoss, loss, op, "pairwise loss")
     optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
                               optimizer.lr, optimizer.eps)
     checks.check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
-                                             pos_indices, num_negatives, seed, step,
-                                             PairwiseLoss.BPR, optimizer.optimizer)
+                                             pos_indices, num_negatives, seed, step, loss,
+                                             optimizer.optimizer)
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
     checks.check_step_weights(op, weights, tables.user_factors, users)
     neg = sample_negatives(users, pos_indptr, pos_indices, tables.item_factors.shape[0],
