@@ -94,6 +94,9 @@ CONFIDENCE_REGS = (0.1, 1.0, 10.0)
 # --tune-weights: MF (BPR, BCE) at its chosen settings with per-positive weights
 # 1 + alpha * log(1 + count) (Interactions.with_confidence, eps 1), alpha 0 = unweighted.
 WEIGHT_ALPHAS = (0.0, 0.25, 1.0, 4.0)
+# --tune-warp: MF's WARP (fused hinge step on the first violating candidate) over its
+# candidate count (LightFM's max_sampled; 10 is LightFM's default) and lr, reg 0.01.
+WARP_GRID = [dict(num_negatives=n, lr=lr) for n in (4, 10, 30) for lr in (0.05, 0.1)]
 
 
 # ------------------------------------------------------------------------------ data
@@ -464,6 +467,8 @@ def benchmark_set(name, data, classes, seeds, args, rows) -> None:
             PREVIOUS["epochs"])
         add(f"fastmf {loss.upper()} (defaults)", CHOSEN[loss], mf(loss, CHOSEN[loss]),
             CHOSEN[loss]["epochs"])
+    warp = fastmf.MF.defaults["warp"]
+    add("fastmf WARP (defaults)", warp, mf("warp", warp), warp["epochs"])
     if name == "ml":  # implicit BPR's work per epoch: one negative per positive
         like = dict(DEFAULTS["implicit"], num_negatives=1, epochs=100)
         add("fastmf BPR (1 negative)", like, mf("bpr", like), 100)
@@ -497,6 +502,30 @@ def weighted_positives(data: Interactions, alpha: float) -> Interactions:
     if alpha == 0:
         return binary
     return binary.with_weights(data.with_confidence(alpha=alpha, eps=1.0).weights)
+
+
+def tune_warp(datasets: dict[str, Interactions], args) -> dict:
+    """MF with loss="warp" on the inner splits of every data set but ml (as --tune): the
+    WARP_GRID settings at reg 0.01 and batch 4096, validated every epoch up to
+    --max-epochs; prints each data set's smoothed best and the setting with the best mean
+    relative NDCG (the criterion of --tune)."""
+    datasets = {k: v for k, v in datasets.items() if k != "ml"}
+    seeds = tuple(range(SEED, SEED + args.seeds))
+    curves: dict = {}
+    for name, data in datasets.items():
+        outer_train, _ = split(data)
+        fit_rows, valid = split(outer_train)
+        for grid in WARP_GRID:
+            settings = dict(reg=1e-2, batch_size=4096, **grid)
+            curve = fit_mf_curve(positives(fit_rows), valid, "warp", settings,
+                                 args.max_epochs, seeds)
+            curves.setdefault(name, {})[json.dumps(grid)] = curve
+            best = max(smoothed(curve, 5), key=lambda p: p["ndcg"])
+            print(f"[tune-warp] {name} {grid}: smoothed NDCG@{K} {best['ndcg']:.4f} at "
+                  f"{best['epochs']} epochs", flush=True)
+    key, epochs, value = choose(curves, list(datasets))
+    print(f"[tune-warp] chosen {key} at {epochs} epochs, mean relative NDCG {value:.3f}")
+    return {"curves": curves, "chosen": key, "epochs": epochs, "value": value}
 
 
 def tune_weights(datasets: dict[str, Interactions], args) -> dict:
@@ -653,6 +682,8 @@ def main(argv=None) -> int:
                         help="runs per setting (seeds 0..N-1): --tune averages the curves, "
                              "the benchmark the scores")
     parser.add_argument("--mf-only", action="store_true", help="--tune: MF (BPR, BCE) only")
+    parser.add_argument("--tune-warp", action="store_true",
+                        help="choose MF's WARP settings on the inner splits")
     parser.add_argument("--tune-weights", action="store_true",
                         help="choose MF's confidence weights on the count data's inner split")
     parser.add_argument("--bpr-speed", action="store_true",
@@ -675,6 +706,8 @@ def main(argv=None) -> int:
         result = tune(datasets, args)
     elif args.tune_weights:
         result = tune_weights(datasets, args)
+    elif args.tune_warp:
+        result = tune_warp(datasets, args)
     elif args.bpr_speed:
         result = bpr_speed(datasets, args)
     elif args.bce_speed:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fastmf import checkpoint, ops
 from fastmf.ops import checks, native
-from fastmf.recommender import IMPLICIT, Batch, FactorTables, Recommender
+from fastmf.recommender import IMPLICIT, KERNEL_LOSSES, Batch, FactorTables, Recommender
 
 # The fused op that draws its own uniform negatives, per implicit loss.
 _SAMPLED_OPS = {"bpr": "train_step_pairwise_sampled", "bce": "train_step_sampled"}
@@ -100,6 +100,14 @@ class MF(FactorTables, Recommender):
     uses_timestamps: ClassVar[bool] = False
     # The fused steps take the interactions' weights (each positive's data term).
     uses_weights: ClassVar[bool] = True
+    # WARP: violators picked by the fused forward, then the fused hinge step.
+    losses: ClassVar[tuple[str, ...]] = (*KERNEL_LOSSES, "warp")
+    # WARP's own fit defaults (the implicit ones otherwise), chosen on the inner splits of
+    # seven data sets (benchmarks/implicit_feedback.py --tune-warp; benchmarks/README.md,
+    # "MF with WARP"): 30 candidates, lr 0.05, 10 epochs; WARP overfits the implicit
+    # defaults' 40 epochs at lr 0.1 within a few epochs on most sets.
+    defaults: ClassVar[dict] = {"warp": dict(lr=0.05, reg=1e-2, batch_size=4096, epochs=10,
+                                             num_negatives=30)}
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64, *, bias: bool = True,
                  global_mean: float = 0.0, backend: str = "auto", sparse: bool = False,
@@ -251,12 +259,44 @@ class MF(FactorTables, Recommender):
         return op is not None and (self._backend != "native" or native.has_kernel(
             self.user_factors.device, op))
 
+    def _warp_step(self, batch: Batch, optimizer, reg: float) -> tuple[Tensor, int]:
+        """WARP (as LightFM trains it) on the fused kernels: the n negatives of each positive
+        are its candidates, scored by the fused forward without a graph to pick each
+        positive's first violator and rank weight (:func:`fastmf.models.warp_choice`); then
+        one :func:`fastmf.train_step_pairwise` with the margin ranking hinge on the m
+        positives that have one, each weighted by its rank weight. Weights and reg are
+        scaled by m / B, so the step minimises, over the batch's B positives::
+
+            sum_found w_rank * relu(1 - x_uij) / B
+            + reg * sum_found(||P[u]||² + ||Q[i]||² + ||Q[j]||² + b_i² + b_j²) / B
+
+        (x_uij = s_ui - s_uj; the interactions' weights, when given, multiply w_rank). The
+        hinge is the default step's ``1 - s_i + s_j`` wherever the pick saw a violation,
+        i.e. everywhere up to rounding. Returns (loss, B)."""
+        from fastmf.step import train_step_pairwise
+
+        size = len(batch.users)
+        chosen, weight = self._warp_choice(batch)
+        found = weight > 0
+        m = int(found.sum())
+        if m == 0:  # no violator anywhere: nothing to update
+            return self.user_factors.new_zeros(()), size
+        scale = m / size
+        weights = weight[found] * scale
+        if batch.weights is not None:
+            weights = weights * batch.weights[found].to(weights.dtype)
+        loss = train_step_pairwise(self, optimizer, batch.users[found], batch.items[found],
+                                   chosen[found], loss="hinge", reg=reg * scale,
+                                   weights=weights)
+        return loss, size
+
     def training_step(self, batch: Batch, optimizer, *, loss: str,
                       reg: float) -> tuple[Tensor, int]:
         """One fused step (:func:`fastmf.train_step`; :func:`fastmf.train_step_pairwise`
         for bpr, each positive against each of its negatives; or, when the batch leaves the
         uniform negatives to the step, :func:`fastmf.step.train_step_pairwise_sampled` for
-        bpr and :func:`fastmf.step.train_step_sampled` for bce)."""
+        bpr and :func:`fastmf.step.train_step_sampled` for bce). ``"warp"``: see
+        :meth:`_warp_step`."""
         from fastmf.step import (
             train_step,
             train_step_pairwise,
@@ -265,6 +305,8 @@ class MF(FactorTables, Recommender):
         )
 
         u, i, w = batch.users, batch.items, batch.weights
+        if loss == "warp":
+            return self._warp_step(batch, optimizer, reg)
         if loss not in IMPLICIT:
             return train_step(self, optimizer, u, i, batch.targets, loss=loss, reg=reg,
                               weights=w), len(u)

@@ -279,7 +279,8 @@ class Recommender(nn.Module):
 
     Class attributes: ``losses`` (what :func:`fastmf.fit` may train it with),
     ``default_loss``, ``defaults`` (``{"explicit": {...}, "implicit": {...}}`` of
-    lr/reg/epochs/batch_size merged over fit's), ``dense_lr`` (the Adam learning rate of
+    lr/reg/epochs/batch_size merged over fit's, and optionally by loss name, e.g.
+    ``{"warp": {...}}`` merged over its kind's), ``dense_lr`` (the Adam learning rate of
     parameters that are not embedding tables), ``test_config`` (small constructor
     kwargs for the protocol tests), ``uses_timestamps`` (whether :meth:`batches` hands
     :meth:`training_step` the interactions' timestamps; a model that never reads them sets

@@ -185,7 +185,8 @@ def fit(
     - ``loss`` (default: ``model.default_loss``; one of ``model.losses``):
       ``"mse"``/``"huber"`` on the ratings (explicit), or ``"bce"`` (each positive plus
       ``num_negatives`` sampled negatives labelled 0) / ``"bpr"`` (each positive against
-      ``num_negatives`` sampled negatives) on the interactions (implicit);
+      ``num_negatives`` sampled negatives) on the interactions (implicit), or ``"warp"``
+      for the models that list it (the ``num_negatives`` are each positive's candidates);
       ``num_negatives`` defaults like ``lr`` (4, or the model's ``defaults``).
       Negatives exclude the user's training items; ``negative_distribution`` is
       ``"uniform"`` or ``"popularity"``. Uniform negatives are counter-based in (seed,
@@ -194,7 +195,8 @@ def fit(
     - ``optimizer``: an optimizer over the model, or a name ``model.make_optimizer`` builds
       with ``lr`` (MF: ``"adagrad"`` (default), ``"rowwise_adagrad"``, ``"sgd"``; models on
       fastmf.nn tables also ``"adam"``, ``"rowwise_adam"``). ``epochs``, ``batch_size``,
-      ``lr``, ``reg`` default per loss kind (``DEFAULTS``, with ``model.defaults`` over them).
+      ``lr``, ``reg`` default per loss kind (``DEFAULTS``, with ``model.defaults`` over them:
+      per kind, then per loss name, e.g. MF's ``"warp"``).
     - ``valid``: held-out interactions; explicit losses report ``rmse``/``mae``, implicit
       ones full-catalog ranking metrics at ``k`` (training items excluded).
     - ``early_stopping``: patience in epochs on ``monitor`` (default ``rmse`` or
@@ -251,7 +253,9 @@ def fit(
                          f"are {tuple(model.losses)}")
     implicit = loss in IMPLICIT
     kind = "implicit" if implicit else "explicit"
-    defaults = {**DEFAULTS[kind], **(model.defaults or {}).get(kind, {})}
+    # The model's own defaults: per loss kind, then per loss (MF's "warp").
+    own = model.defaults or {}
+    defaults = {**DEFAULTS[kind], **own.get(kind, {}), **own.get(loss, {})}
     epochs = _count("epochs", defaults["epochs"] if epochs is None else epochs, 0)
     batch_size = _count("batch_size",
                         defaults["batch_size"] if batch_size is None else batch_size, 1)

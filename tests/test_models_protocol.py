@@ -660,7 +660,8 @@ def test_cli_trains_any_registered_model_and_serves_it(split, tmp_path, capsys):
             (["--model", "protomlp", "--model-args", '{"num_users": 4}'],
              "'num_users' is set from the data"),
             (["--model", "protomlp", "--model-args", '{"hidden": -1}'], "cannot build it"),
-            (["--loss", "warp"], "--loss warp: --model mf trains with mse, huber, bce, bpr")):
+            (["--model", "gmf", "--loss", "warp"], "--loss warp: --model gmf trains with bce, "
+                                                    "bpr")):
         code = main(["train", "--data", str(csv), "--epochs", "1", "--quiet", *argv])
         err = capsys.readouterr().err
         assert code != 0

@@ -114,11 +114,11 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_items must be an int >= 1, got 0"):
         warp_loss(torch.zeros(3), torch.zeros(3, 2), 0)
     data = Interactions.from_arrays(np.array([0, 1, 2]), np.array([1, 2, 0]))
-    mf = fastmf.MF(3, 3, dim=2)
-    assert "warp" not in mf.losses  # the fused steps have no WARP
-    with pytest.raises(ValueError, match=r"fastmf\.MF does not train with loss 'warp'; its "
-                                         r"losses are \('mse', 'huber', 'bce', 'bpr'\)"):
-        fastmf.fit(mf, data, loss="warp", epochs=1, progress=False)
+    gmf = fastmf.models.GMF(3, 3, dim=2)
+    assert "warp" not in gmf.losses
+    with pytest.raises(ValueError, match=r"fastmf\.models\.GMF does not train with loss "
+                                         r"'warp'; its losses are \('bce', 'bpr'\)"):
+        fastmf.fit(gmf, data, loss="warp", epochs=1, progress=False)
     with pytest.raises(ValueError, match="unknown loss 'wrap'.*'warp'"):
         fastmf.fit(Hybrid(3, 3, dim=2), data, loss="wrap", epochs=1, progress=False)
 
@@ -302,3 +302,71 @@ def test_fit_warp_recommend_save_load(tmp_path):
     np.testing.assert_allclose(scores, scores_again)
     # training continues on the loaded model with the same loss
     fastmf.fit(loaded, data, loss="warp", epochs=1, num_negatives=5, progress=False, seed=1)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend", fastmf.ops.available_backends())
+def test_mf_warp_step_equals_textbook(backend, weighted):
+    """MF's fused WARP step (violators picked by the fused forward, then the fused hinge
+    step) equals textbook PyTorch: nn.Embedding tables, the same pick (warp_choice), the
+    loss ``sum_found w * relu(1 - x) / B + reg * sum_found(norms) / B`` by autograd and
+    torch.optim.SGD."""
+    rng = np.random.default_rng(7)
+    torch.manual_seed(7)
+    num_users, num_items, size, n, reg, lr = 30, 40, 200, 3, 0.03, 0.5
+    model = fastmf.MF(num_users, num_items, dim=8, global_mean=0.5, backend=backend,
+                      init_scale=1.0)
+    with torch.no_grad():
+        model.user_bias.uniform_(-0.5, 0.5)
+        model.item_bias.uniform_(-0.5, 0.5)
+    batch = Batch(zipf_ids(rng, size, num_users), zipf_ids(rng, size, num_items),
+                  negatives=torch.as_tensor(rng.integers(0, num_items, (size, n))),
+                  weights=torch.rand(size) + 0.5 if weighted else None)
+    p, q, bu, bi = (t.detach().clone().requires_grad_() for t in model.tables())
+    u, i, j = batch.users, batch.items, batch.negatives
+    with torch.no_grad():
+        pos = model.mu + bu[u] + bi[i] + (p[u] * q[i]).sum(1)
+        cand = model.mu + bu[u].unsqueeze(1) + bi[j] + (p[u].unsqueeze(1) * q[j]).sum(2)
+    first, weight = warp_choice(pos, cand, num_items)
+    found = weight > 0
+    assert 0 < int(found.sum()) < size
+    uf, i_f = u[found], i[found]
+    jf = j.gather(1, first.unsqueeze(1)).squeeze(1)[found]
+    x = bi[i_f] - bi[jf] + (p[uf] * (q[i_f] - q[jf])).sum(1)
+    w = weight[found] * (batch.weights[found] if weighted else 1)
+    norms = (p[uf].square().sum(1) + q[i_f].square().sum(1) + q[jf].square().sum(1)
+             + bi[i_f].square() + bi[jf].square())
+    expected = (w * torch.relu(1 - x)).sum() / size + reg * norms.sum() / size
+    expected.backward()
+    before = [t.detach().clone() for t in model.tables()]
+    optimizer = fastmf.optim.SparseSGD(model.parameters(), lr=lr)
+    value, count = model.training_step(batch, optimizer, loss="warp", reg=reg)
+    assert count == size
+    torch.testing.assert_close(value, expected.detach())
+    for old, new, grad in zip(before, model.tables(), (p.grad, q.grad, bu.grad, bi.grad),
+                              strict=True):
+        want = torch.zeros_like(old) if grad is None else grad  # b_u cancels
+        torch.testing.assert_close((old - new.detach()) / lr, want, atol=1e-5, rtol=1e-4)
+
+
+def test_mf_fit_warp_learns_and_is_deterministic():
+    data = implicit_data(2)
+    train, test = fastmf.data.random_split(data, 0.2, seed=1)
+
+    def trained():
+        torch.manual_seed(0)
+        model = fastmf.MF(data.num_users, data.num_items, dim=8)
+        history = fastmf.fit(model, train, loss="warp", epochs=8, num_negatives=10, lr=0.1,
+                             batch_size=64, progress=False, seed=3)
+        return model, history
+
+    a, history = trained()
+    b, _ = trained()
+    assert all(torch.equal(x, y) for x, y in zip(a.tables(), b.tables(), strict=True))
+    losses = [row["loss"] for row in history.epochs]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    torch.manual_seed(0)
+    untrained = fastmf.MF(data.num_users, data.num_items, dim=8)
+    auc = fastmf.evaluate(a, test, train=train, metrics=["auc"])["auc"]
+    base = fastmf.evaluate(untrained, test, train=train, metrics=["auc"])["auc"]
+    assert auc > base + 0.05
