@@ -283,19 +283,28 @@ inline void check_separate_step_tables(const char* op, const StepTables& tables,
                              {"item_bias_state", adagrad ? &states.item_bias : &none}});
 }
 
-// A fused step's per-sample weights: undefined, or (B,) like `users`, in the tables' dtype
-// and on their device (fastmf/ops/checks.py check_step_weights, which also reads the values;
-// the kernels check those with check_weight_values, or record them on the GPU).
+// One value per sample (targets, weights): user_factors' dtype (the TypeError says
+// "expected ... like `like`"), 1-D, on its device, as long as `users` (fastmf/ops/checks.py
+// check_per_sample).
+inline void check_per_sample(const char* op, const char* name, const at::Tensor& values,
+                             const at::Tensor& user_factors, const at::Tensor& users,
+                             const char* like) {
+  TORCH_CHECK_TYPE(values.scalar_type() == user_factors.scalar_type(), "fastmf.", op, ": ",
+                   name, " has dtype ", values.scalar_type(), ", expected ",
+                   user_factors.scalar_type(), " like ", like);
+  TORCH_CHECK_VALUE(values.dim() == 1, "fastmf.", op, ": ", name, " must be 1-D, got shape ",
+                    values.sizes());
+  check_like_device(op, name, values, "user_factors", user_factors);
+  check_same_length(op, "users", users, name, values);
+}
+
+// A fused step's per-sample weights: undefined, or one per sample (fastmf/ops/checks.py
+// check_step_weights, which also reads the values; the kernels check those with
+// check_weight_values, or record them on the GPU).
 inline void check_step_weights(const char* op, const at::Tensor& weights,
                                const at::Tensor& user_factors, const at::Tensor& users) {
   if (!weights.defined()) return;
-  TORCH_CHECK_TYPE(weights.scalar_type() == user_factors.scalar_type(), "fastmf.", op,
-                   ": weights has dtype ", weights.scalar_type(), ", expected ",
-                   user_factors.scalar_type(), " like user_factors");
-  TORCH_CHECK_VALUE(weights.dim() == 1, "fastmf.", op, ": weights must be 1-D, got shape ",
-                    weights.sizes());
-  check_like_device(op, "weights", weights, "user_factors", user_factors);
-  check_same_length(op, "users", users, "weights", weights);
+  check_per_sample(op, "weights", weights, user_factors, users, "user_factors");
 }
 
 // train_step: the codes, the settings, the tables, the ids and the targets, the states
@@ -307,14 +316,8 @@ inline void check_train_step(const char* op, const StepTables& tables, const Ste
   check_setting(op, "reg", batch.reg);
   check_mf_tables(op, batch.users, batch.items, tables.user_factors, tables.item_factors,
                   maybe(tables.user_bias), maybe(tables.item_bias));
-  const at::Tensor& targets = batch.targets;
-  TORCH_CHECK_TYPE(targets.scalar_type() == tables.user_factors.scalar_type(), "fastmf.", op,
-                   ": targets has dtype ", targets.scalar_type(), ", expected ",
-                   tables.user_factors.scalar_type(), " like the weights");
-  TORCH_CHECK_VALUE(targets.dim() == 1, "fastmf.", op, ": targets must be 1-D, got shape ",
-                    targets.sizes());
-  check_like_device(op, "targets", targets, "user_factors", tables.user_factors);
-  check_same_length(op, "users", batch.users, "targets", targets);
+  check_per_sample(op, "targets", batch.targets, tables.user_factors, batch.users,
+                   "the weights");
   check_states(op, tables, states, opt.optimizer);
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/true);
   check_step_weights(op, batch.weights, tables.user_factors, batch.users);
@@ -788,30 +791,37 @@ inline void check_id_range(const char* op, const char* name, const index_t* ids,
   report_id_range(op, name, lo, hi, num_rows);
 }
 
+// The first of n values that `ok` rejects, or null: one branch-free pass when all pass (the
+// common case), a second to find the culprit for the message.
+template <typename scalar_t, typename Ok>
+inline const scalar_t* first_rejected(const scalar_t* values, int64_t n, Ok ok) {
+  bool all = true;
+  for (int64_t b = 0; b < n; ++b) all &= ok(values[b]);
+  if (all) return nullptr;
+  for (int64_t b = 0; b < n; ++b) {
+    if (!ok(values[b])) return values + b;
+  }
+  return nullptr;
+}
+
 // Host-side: NaN or inf targets would silently poison every row they touch.
 template <typename scalar_t>
 inline void check_finite(const char* op, const char* name, const scalar_t* values,
                          int64_t n) {
-  bool finite = true;
-  for (int64_t b = 0; b < n; ++b) finite &= std::isfinite(values[b]);
-  if (finite) return;
-  for (int64_t b = 0; b < n; ++b) {
-    TORCH_CHECK_VALUE(std::isfinite(values[b]), "fastmf.", op, ": ", name,
-                      " contains a non-finite value (", values[b], ")");
-  }
+  const scalar_t* bad = first_rejected(values, n, [](scalar_t v) { return std::isfinite(v); });
+  // The message is formed only on failure, when bad points at the value.
+  TORCH_CHECK_VALUE(bad == nullptr, "fastmf.", op, ": ", name, " contains a non-finite value (",
+                    *bad, ")");
 }
 
 // Host-side: a NaN, infinite or negative weight (the message of fastmf/ops/checks.py
 // check_step_weights). NaN fails w >= 0.
 template <typename scalar_t>
 inline void check_weight_values(const char* op, const scalar_t* w, int64_t n) {
-  bool ok = true;
-  for (int64_t b = 0; b < n; ++b) ok &= (w[b] >= scalar_t(0)) & !std::isinf(w[b]);
-  if (ok) return;
-  for (int64_t b = 0; b < n; ++b) {
-    TORCH_CHECK_VALUE(w[b] >= scalar_t(0) && !std::isinf(w[b]), "fastmf.", op,
-                      ": weights must be finite and >= 0, got ", w[b]);
-  }
+  const scalar_t* bad =
+      first_rejected(w, n, [](scalar_t v) { return (v >= scalar_t(0)) & !std::isinf(v); });
+  TORCH_CHECK_VALUE(bad == nullptr, "fastmf.", op, ": weights must be finite and >= 0, got ",
+                    *bad);
 }
 
 }  // namespace fastmf

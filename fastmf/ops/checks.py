@@ -94,9 +94,17 @@ def check_same_length(op: str, **tensors) -> None:
         raise ValueError(f"fastmf.{op}: lengths differ ({desc})")
 
 
+def first_rejected(values: torch.Tensor, bad: torch.Tensor) -> float | None:
+    """The first of ``values`` that the mask ``bad`` marks, or None (csrc/checks.h
+    first_rejected)."""
+    if values.numel() and bool(bad.any()):
+        return values[bad][0].item()
+    return None
+
+
 def check_finite(op: str, name: str, values: torch.Tensor) -> None:
-    if values.numel() and not bool(torch.isfinite(values).all()):
-        bad = values[~torch.isfinite(values)][0].item()
+    bad = first_rejected(values, ~torch.isfinite(values))
+    if bad is not None:
         raise ValueError(f"fastmf.{op}: {name} contains a non-finite value ({bad})")
 
 
@@ -188,10 +196,9 @@ def check_step_weights(op, weights, user_factors, users) -> None:
         return
     check_per_sample(op, "weights", weights, user_factors, users, "a tensor or None",
                      "user_factors")
-    bad = ~(weights >= 0) | torch.isinf(weights)  # NaN fails >= 0
-    if weights.numel() and bool(bad.any()):
-        raise ValueError(f"fastmf.{op}: weights must be finite and >= 0, got "
-                         f"{weights[bad][0].item()}")
+    bad = first_rejected(weights, ~(weights >= 0) | torch.isinf(weights))  # NaN fails >= 0
+    if bad is not None:
+        raise ValueError(f"fastmf.{op}: weights must be finite and >= 0, got {bad}")
 
 
 TABLE_NAMES = ("user_factors", "item_factors", "user_bias", "item_bias")

@@ -26,8 +26,8 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     with ``l(x) = softplus(-x)`` (BPR, ``= -log σ(x)``) or ``relu(1 - x)`` (HINGE, the
     margin ranking loss; its gradient is -1 where x < 1, else 0, as autograd of relu).
 
-    ``weights`` (B,) (finite, >= 0), when given, scale each sample's softplus term:
-    ``mean_b(w_b * softplus(-x_b))``; the reg term is not weighted.
+    ``weights`` (B,) (finite, >= 0), when given, scale each sample's term:
+    ``mean_b(w_b * l(x_b))``; the reg term is not weighted.
 
     An item row's positive and negative gradients are summed before its single optimizer
     update (positives first, then negatives: ``torch.cat([i, j])``); ``user_bias`` (no
