@@ -84,7 +84,7 @@ def _pair_loss_and_grad(x, scale, loss):
         margin = cast_like(x, 1.0) - x
         if margin > 0:
             return -scale, np.float64(margin)
-        return scale * 0, 0.0
+        return cast_like(scale, 0.0), 0.0
     return _bpr_loss_and_grad(x, scale)
 
 
@@ -233,9 +233,9 @@ def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_it
     if not _structure_ok(tables, states, users, pos_items, neg_items, loss, optimizer):
         full_checks()
     check_weights(op, weights, user_factors, users)
+    _checks.check_separate(op, *_checks.pairwise_written(tables, states))
     if users.shape[0] == 0:
         return user_factors.new_zeros(())
-    _checks.check_separate(op, *_checks.pairwise_written(tables, states))
     has_bias = item_bias is not None
     writable, arrays = step_arrays(tables, states, optimizer, write_user_bias=False)
     P, Q, _, bias_array, P_state, Q_state, _, bias_state = arrays

@@ -465,10 +465,11 @@ def train_step(tables: MFTables, states: MFTables | None, users, items, targets,
     if not _train_step_ok(tables, states, users, items, targets, loss, optimizer):
         full_checks()
     check_weights(op, weights, user_factors, users)
+    # The kernel writes user rows while it still reads item rows; checked for an empty
+    # batch too, as the other backends do.
+    _checks.check_separate(op, tables, states)
     if users.shape[0] == 0:
         return user_factors.new_zeros(())
-    # The kernel writes user rows while it still reads item rows.
-    _checks.check_separate(op, tables, states)
     has_bias = user_bias is not None
     writable, arrays = step_arrays(tables, states, optimizer)
     args = (*arrays[:4], has_bias, *arrays[4:], ids_view(users), ids_view(items),
