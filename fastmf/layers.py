@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmf import checkpoint, ops
+from fastmf.memory import empty_table
 from fastmf.ops import checks, native
 from fastmf.recommender import IMPLICIT, KERNEL_LOSSES, Batch, FactorTables, Recommender
 
@@ -119,11 +120,11 @@ class MF(FactorTables, Recommender):
         if dtype not in checks.WEIGHT_DTYPES:
             raise TypeError(f"fastmf.MF: dtype must be float32 or float64, got {dtype}")
         factory = dict(dtype=dtype, device=device)
-        self.user_factors = nn.Parameter(torch.empty(num_users, dim, **factory))
-        self.item_factors = nn.Parameter(torch.empty(num_items, dim, **factory))
+        self.user_factors = nn.Parameter(empty_table((num_users, dim), **factory))
+        self.item_factors = nn.Parameter(empty_table((num_items, dim), **factory))
         if bias:
-            self.user_bias = nn.Parameter(torch.zeros(num_users, **factory))
-            self.item_bias = nn.Parameter(torch.zeros(num_items, **factory))
+            self.user_bias = nn.Parameter(empty_table((num_users,), **factory).zero_())
+            self.item_bias = nn.Parameter(empty_table((num_items,), **factory).zero_())
         else:
             self.register_parameter("user_bias", None)
             self.register_parameter("item_bias", None)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fastmf import ops
+from fastmf.memory import cat_rows, empty_table
 from fastmf.nn import embedding as nn_embedding
 from fastmf.nn.embedding import embedding_kernels, stochastic_rounding_of, table_info
 from fastmf.ops import checks
@@ -220,9 +221,9 @@ class SparseAdagrad(_SparseOptimizer):
         if "sum" not in state:
             group = self.hyperparameters(param)
             shape = param.shape[:1] if group["rowwise"] else param.shape
-            state["sum"] = torch.full(shape, group["initial_accumulator_value"],
-                                      dtype=checks.accumulation_dtype(param.dtype),
-                                      device=param.device)
+            state["sum"] = empty_table(shape, dtype=checks.accumulation_dtype(param.dtype),
+                                       device=param.device).fill_(
+                group["initial_accumulator_value"])
         return state["sum"]
 
     def row_optimizer(self, group: dict) -> Optimizer:
@@ -334,9 +335,9 @@ class SparseAdam(_SparseOptimizer):
         if "exp_avg" not in state:
             group = self.hyperparameters(param)
             dtype = checks.accumulation_dtype(param.dtype)
-            state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
+            state["exp_avg"] = empty_table(param.shape, dtype=dtype, device=param.device).zero_()
             shape = param.shape[:1] if group["rowwise"] and param.dim() == 2 else param.shape
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=param.device)
+            state["exp_avg_sq"] = empty_table(shape, dtype=dtype, device=param.device).zero_()
         return state["exp_avg"], state["exp_avg_sq"]
 
     def row_optimizer(self, group: dict) -> Optimizer:
@@ -547,7 +548,7 @@ def grown_state(optimizer, param: Tensor, extra_rows: int) -> tuple[dict, dict]:
             fill = group.get("initial_accumulator_value", 0.0) if key == "sum" else 0.0
             pad = torch.full((extra_rows, *value.shape[1:]), fill, dtype=value.dtype,
                              device=value.device)
-            new[key] = torch.cat([value, pad])
+            new[key] = cat_rows([value, pad])
         return state, new
     raise ValueError(f"{op}: the optimizer ({type(optimizer).__name__}) does not hold this "
                      f"parameter of shape {tuple(param.shape)}")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmf.layers import MF
+from fastmf.memory import empty_table
 from fastmf.nn.embedding import Embedding, EmbeddingBag
 from fastmf.ops import checks
 from fastmf.ops.codes import HUBER_DELTA, Loss, PairwiseLoss
@@ -79,7 +80,7 @@ def _shard_param(weight: Tensor, rank: int, world_size: int, init_scale: float |
     n = local_rows(weight.shape[0], rank, world_size)
     if weight.is_meta:
         device = device if device is not None else "cpu"
-        data = torch.empty((n, *weight.shape[1:]), dtype=weight.dtype, device=device)
+        data = empty_table((n, *weight.shape[1:]), dtype=weight.dtype, device=device)
         if init_scale is None:
             data.zero_()
         else:

@@ -36,6 +36,7 @@ from numba import njit, prange
 from torch import Tensor, nn
 
 from fastmf import checkpoint
+from fastmf.memory import empty_table
 from fastmf.models.base import Batch, Recommender
 from fastmf.recommender import FactorTables
 
@@ -290,9 +291,9 @@ class ALS(FactorTables, Recommender):
         self.reg_exponent, self.init_std = float(reg_exponent), float(init_std)
         self.backend = backend
         factory = dict(dtype=dtype, device=device)
-        self.user_factors = nn.Parameter(torch.empty(num_users, dim, **factory),
+        self.user_factors = nn.Parameter(empty_table((num_users, dim), **factory),
                                          requires_grad=False)
-        self.item_factors = nn.Parameter(torch.empty(num_items, dim, **factory),
+        self.item_factors = nn.Parameter(empty_table((num_items, dim), **factory),
                                          requires_grad=False)
         self._structure: tuple[Any, _Structure] | None = None
         self._gram_cache: tuple[int, int, np.ndarray] | None = None

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from fastmf import optim as fastmf_optim
 from fastmf.data.features import Features
+from fastmf.memory import cat_rows
 from fastmf.nn import embedding as nn_embedding
 
 __all__ = ["PopularityFallbackWarning", "add_rows", "fold_in", "grow_hybrid",
@@ -544,7 +545,7 @@ def _apply(params: list, states: list) -> None:
             nn_embedding.grow(module, rows)
         else:
             with torch.no_grad():
-                param.data = torch.cat([param.data, rows.to(param.dtype)])
+                param.data = cat_rows([param.data, rows.to(param.dtype)])
     for state, new in states:
         state.update(new)
 

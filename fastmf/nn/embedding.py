@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmf import ops
+from fastmf.memory import cat_rows, empty_table
 from fastmf.ops import checks
 from fastmf.ops.codes import Pooling
 from fastmf.ops.reference.embedding_bag import per_sample_weights_grad
@@ -445,8 +446,11 @@ class _Table(nn.Module):
         self.num_embeddings, self.dim, self.backend = num_embeddings, dim, backend
         self.init_scale, self.stochastic_rounding = init_scale, stochastic_rounding
         # Drawn in float32 then cast, so tables of every dtype start from the same values.
-        init = torch.empty(num_embeddings, dim, device=device).uniform_(-init_scale, init_scale)
-        self.weight = nn.Parameter(init.to(dtype))
+        init = empty_table((num_embeddings, dim), dtype=torch.float32, device=device)
+        init.uniform_(-init_scale, init_scale)
+        if dtype != torch.float32:
+            init = empty_table(init.shape, dtype=dtype, device=device).copy_(init)
+        self.weight = nn.Parameter(init)
         self.seed = int(torch.randint(0, 2**62, ()))
         self._register()
         self._kernels(self.weight)  # resolved here, outside any traced call
@@ -673,6 +677,6 @@ def grow(module: _Table, rows: Tensor) -> None:
     if not torch.isfinite(rows).all():
         raise ValueError(f"{op}: rows hold NaN/inf")
     with torch.no_grad():
-        module.weight.data = torch.cat([module.weight.data, rows.to(module.weight.dtype)])
+        module.weight.data = cat_rows([module.weight.data, rows.to(module.weight.dtype)])
     module.num_embeddings = module.weight.shape[0]
     module._register()  # the record's name carries the row count
