@@ -37,8 +37,8 @@ __all__ = ["HUGE_PAGE_BYTES", "MIN_BYTES", "advise_huge_pages", "cat_rows", "emp
            "huge_pages_enabled"]
 
 HUGE_PAGE_BYTES = 2 << 20
-# Tables below this size gain nothing measurable (their rows are mostly in the TLB's reach)
-# and would round up to whole huge pages.
+# Below this size a table's rows are mostly within the TLB's reach on 4 KiB pages (about
+# 8 MiB on current x86 cores), and only its whole huge pages could be advised anyway.
 MIN_BYTES = 8 << 20
 _MADV_HUGEPAGE = 14  # linux/mman.h; the same on every Linux architecture
 
