@@ -252,9 +252,8 @@ def default_config() -> dict:
 
     knobs = inspect.signature(Item2Vec).parameters
     config = {name: knobs[name].default for name in ("dim", "window", "subsample", "min_count")}
+    # num_negatives included: Item2Vec.defaults holds the searched value (5).
     config.update({k: v for k, v in Item2Vec.defaults["implicit"].items() if k != "reg"})
-    # The searched value; fastmf.fit's own default is 4 (Item2Vec.defaults cannot set it).
-    config["num_negatives"] = 5
     return config
 
 
