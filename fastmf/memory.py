@@ -63,20 +63,24 @@ def _madvise():
 
 
 def advise_huge_pages(tensor: Tensor) -> bool:
-    """Advise the kernel to back the whole huge pages inside ``tensor``'s memory with huge
-    pages. Returns whether the advice was given (and accepted): False for CUDA or small
-    tensors, off Linux, with ``FASTMF_HUGE_PAGES=0``, or when the kernel refuses it. Pages
-    already written keep their size until the kernel's background collapse; call this
-    before the first write (as :func:`empty_table` does)."""
-    if (tensor.device.type != "cpu" or tensor.nbytes < MIN_BYTES or tensor.is_sparse
-            or not huge_pages_enabled()):
+    """Advise the kernel to back the whole huge pages inside ``tensor``'s storage (the
+    memory it views, which an expanded view's ``nbytes`` overstates) with huge pages.
+    Returns whether the advice was given (and accepted): False for CUDA tensors or storage
+    under :data:`MIN_BYTES`, off Linux, with ``FASTMF_HUGE_PAGES=0``, or when the kernel
+    refuses it. Pages already written keep their size until the kernel's background
+    collapse; call this before the first write (as :func:`empty_table` does)."""
+    if tensor.device.type != "cpu" or tensor.is_sparse or not huge_pages_enabled():
+        return False
+    storage = tensor.untyped_storage()
+    size = storage.nbytes()
+    if size < MIN_BYTES:
         return False
     madvise = _madvise()
     if madvise is None:
         return False
-    begin = tensor.data_ptr()
+    begin = storage.data_ptr()
     start = -(-begin // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    end = (begin + tensor.nbytes) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    end = (begin + size) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     if end <= start:
         return False
     return madvise(start, end - start, _MADV_HUGEPAGE) == 0

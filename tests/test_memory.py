@@ -52,7 +52,7 @@ def test_large_table_is_advised(monkeypatch):
 
 
 @linux_only
-@pytest.mark.parametrize("case", ["small", "disabled", "meta"])
+@pytest.mark.parametrize("case", ["small", "disabled", "meta", "expanded"])
 def test_not_advised(monkeypatch, case):
     # No madvise call at all. (A mapping's flags cannot show this: the allocator may hand
     # out memory an earlier, advised table left behind.)
@@ -64,6 +64,10 @@ def test_not_advised(monkeypatch, case):
     elif case == "disabled":
         monkeypatch.setenv("FASTMF_HUGE_PAGES", "0")
         table = memory.empty_table((BIG_ROWS, 64), dtype=torch.float32)
+    elif case == "expanded":
+        # Large by nbytes, but it owns 256 bytes: nothing beyond them may be advised.
+        table = torch.zeros(64).expand(BIG_ROWS, 64)
+        assert table.nbytes >= memory.MIN_BYTES
     else:
         table = memory.empty_table((BIG_ROWS, 64), dtype=torch.float32, device="meta")
         assert table.is_meta

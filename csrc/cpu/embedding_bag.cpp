@@ -515,6 +515,15 @@ inline void prefetch_states(A* state1, A* state2, int64_t row, int64_t dim) {
   }
 }
 
+// Before summing occurrence order[j]: prefetch the bag index of the occurrence
+// 2 * kPrefetchIndices ahead and the gradient row of the one kPrefetchIndices ahead (which
+// reads that index), within the occurrences [.., end) the caller will sum.
+template <typename Source>
+inline void prefetch_ahead(const Source& source, const int32_t* order, int64_t j, int64_t end) {
+  if (j + 2 * kPrefetchIndices < end) source.prefetch_index(order[j + 2 * kPrefetchIndices]);
+  if (j + kPrefetchIndices < end) source.prefetch(order[j + kPrefetchIndices]);
+}
+
 // Groups `n` ids (ws.ids, range-checked) and steps every touched row once with the sum of
 // its occurrences' gradient rows from `source`.
 template <typename W, typename A, typename Source>
@@ -563,8 +572,7 @@ void grouped_step(Workspace& ws, int64_t n, int64_t dim, W* weight, A* state1, A
         A* acc = partials + c * dim;
         std::fill(acc, acc + dim, A(0));
         for (int64_t j = j0; j < j1; ++j) {
-          if (j + 2 * kPrefetchIndices < j1) source.prefetch_index(order[j + 2 * kPrefetchIndices]);
-          if (j + kPrefetchIndices < j1) source.prefetch(order[j + kPrefetchIndices]);
+          prefetch_ahead(source, order, j, j1);
           source.add(acc, order[j]);
         }
       }
@@ -604,10 +612,7 @@ void grouped_step(Workspace& ws, int64_t n, int64_t dim, W* weight, A* state1, A
         } else {
           const int32_t j1 = starts[s + 1];
           for (int32_t j = starts[s]; j < j1; ++j) {
-            if (j + 2 * kPrefetchIndices < task_end) {
-              source.prefetch_index(order[j + 2 * kPrefetchIndices]);
-            }
-            if (j + kPrefetchIndices < task_end) source.prefetch(order[j + kPrefetchIndices]);
+            prefetch_ahead(source, order, j, task_end);
             source.add(g, order[j]);
           }
         }
