@@ -396,6 +396,85 @@ def test_hot_rows_do_not_depend_on_thread_count(optimizer):
     assert not torch.equal(results[0][0], weight)
 
 
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_large_batches_do_not_depend_on_thread_count(id_dtype):
+    """From 2^15 ids on, ids are widened and grouped on the intra-op threads (a parallel
+    radix sort and run search, csrc/cpu/segments.h): the fused and unfused embedding steps,
+    the bag forward and the sparse Adagrad/SGD updates give the same bits on 1, 2 and 3
+    threads, and the reference's numbers. Zipf ids over 50,000 rows, so runs cross the
+    chunk boundaries; 9,000 bags of up to 8 ids (about 36,000 ids) and one batch of 70,000
+    ids."""
+    weight, indices, offsets, psw, grad_output = _bag_inputs(50_000, 16, 9000, seed=51,
+                                                             max_size=8, id_dtype=id_dtype)
+    assert indices.numel() >= 2**15
+    rng = np.random.default_rng(52)
+    ids = zipf_ids(50_000, 70_000, generator=rng, dtype=id_dtype)
+    grad_rows = torch.randn(70_000, 16, generator=torch.Generator().manual_seed(53))
+    optimizer = Optimizer.ROWWISE_ADAM
+    states = _states(optimizer, weight, 54)
+    settings = _settings(optimizer)
+
+    def run():
+        bag_table = clone_all(weight, *states)
+        native.embedding_bag_backward_update(*bag_table, grad_output, indices, offsets, psw,
+                                             Pooling.SUM, *settings)
+        rows = native.embedding_bag_backward(grad_output, indices, offsets, psw, Pooling.SUM)
+        unfused = clone_all(weight, *states)
+        native.sparse_update(*unfused, indices, rows, *settings)
+        forward = native.embedding_bag_forward(weight, indices, offsets, psw, Pooling.SUM)
+        adagrad = clone_all(weight, states[1].unsqueeze(1).expand(-1, 16).contiguous())
+        native.sparse_adagrad_update(*adagrad, ids, grad_rows, 0.05, 1e-3, False)
+        sgd = weight.clone()
+        native.sparse_sgd_update(sgd, ids, grad_rows, 0.05)
+        return [*bag_table, *unfused, forward, *adagrad, sgd]
+
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run())
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+    fused, unfused = results[0][:3], results[0][3:6]
+    for a, b in zip(fused, unfused, strict=True):
+        assert torch.equal(a, b)
+    expected = clone_all(weight, *states)
+    spec.embedding_bag_backward_update(*expected, grad_output, indices, offsets, psw,
+                                       Pooling.SUM, *settings)
+    for a, b in zip(fused, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    want_sgd = weight.clone().index_add_(0, ids.long(), grad_rows, alpha=-0.05)
+    torch.testing.assert_close(results[0][-1], want_sgd, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(fused[0], weight)
+
+
+@pytest.mark.parametrize("bad", [-3, 50_000])
+def test_large_batch_bad_id_is_reported_like_a_small_one(bad):
+    """The chunked id check names the same id as the serial one, on any chunk, and nothing
+    is written."""
+    weight, indices, offsets, psw, grad_output = _bag_inputs(50_000, 8, 9000, seed=55,
+                                                             max_size=8)
+    states = _states(Optimizer.ADAGRAD, weight, 56)
+    for position in (0, indices.numel() // 2 + 1, indices.numel() - 1):
+        bad_indices = indices.clone()
+        bad_indices[position] = bad
+        table = clone_all(weight, *states)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            with pytest.raises(IndexError, match=f"indices id {bad} out of range"):
+                native.embedding_bag_backward_update(
+                    *table, grad_output, bad_indices, offsets, psw, Pooling.SUM,
+                    *_settings(Optimizer.ADAGRAD))
+        finally:
+            torch.set_num_threads(saved)
+        assert torch.equal(table[0], weight) and torch.equal(table[1], states[0])
+
+
 def test_strided_table_is_updated_in_place():
     """A non-contiguous table (a column slice) is updated through a copy written back;
     the rows no id touches keep their values."""

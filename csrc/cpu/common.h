@@ -4,6 +4,7 @@
 // the compiler's choice of vector width.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -69,22 +70,39 @@ inline void load_ids(const char* op, const char* name, const at::Tensor& ids, in
   const int64_t n = ids.numel();
   int64_t* dst = scratch(out, n);
   if (n == 0) return;
-  int64_t lo = 0, hi = 0;
+  // From 2^15 ids on, chunks are widened on the intra-op threads (min and max are exact in
+  // any order): part of the serial prologue of the embedding_bag ops' large batches.
+  constexpr int64_t kParallelIds = int64_t{1} << 15;
+  const int64_t chunks =
+      n < kParallelIds || at::in_parallel_region()
+          ? 1
+          : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / (kParallelIds / 2)));
+  std::vector<int64_t> bounds(static_cast<size_t>(2 * chunks));
   auto widen = [&](const auto* src) {
-    int64_t mn = src[0], mx = src[0];
-    for (int64_t b = 0; b < n; ++b) {
-      const int64_t id = static_cast<int64_t>(src[b]);
-      dst[b] = id;
-      mn = std::min(mn, id);
-      mx = std::max(mx, id);
-    }
-    lo = mn;
-    hi = mx;
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        const int64_t b0 = c * n / chunks, b1 = (c + 1) * n / chunks;
+        int64_t mn = src[b0], mx = src[b0];
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t id = static_cast<int64_t>(src[b]);
+          dst[b] = id;
+          mn = std::min(mn, id);
+          mx = std::max(mx, id);
+        }
+        bounds[2 * c] = mn;
+        bounds[2 * c + 1] = mx;
+      }
+    });
   };
   if (ids.scalar_type() == at::kInt) {
     widen(ids.data_ptr<int32_t>());
   } else {
     widen(ids.data_ptr<int64_t>());
+  }
+  int64_t lo = bounds[0], hi = bounds[1];
+  for (int64_t c = 1; c < chunks; ++c) {
+    lo = std::min(lo, bounds[2 * c]);
+    hi = std::max(hi, bounds[2 * c + 1]);
   }
   report_id_range(op, name, lo, hi, num_rows);
 }

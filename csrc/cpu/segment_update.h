@@ -73,12 +73,18 @@ void update_segments(T* weight, T* state, int64_t width, bool scalar_rows, bool 
                      const RowGroups& groups, const T* grad_rows, int64_t batch, T lr, T eps) {
   constexpr int64_t kGrain = 256;
   constexpr int64_t kPrefetchGroups = 4;
+  // Gradient rows are read in group order, at random in the batch: they are prefetched
+  // kPrefetchRows occurrences ahead, across group boundaries (most groups of a Zipf batch are
+  // one occurrence), as csrc/cpu/embedding_bag.cpp's grouped_step does.
+  constexpr int64_t kPrefetchRows = 8;
   const int64_t state_width = per_row_state ? 1 : width;
   at::parallel_for(0, batch, kGrain, [&](int64_t begin, int64_t end) {
     const int64_t first = groups.group_at(begin);
     const int64_t last = groups.group_at(end);
     std::vector<T> acc(static_cast<size_t>(width));
     T* a = acc.data();
+    const int32_t* order = groups.order.data();
+    const int64_t task_end = groups.starts[last];
     for (int64_t s = first; s < last; ++s) {
       if (s + kPrefetchGroups < groups.num_groups) {
         const int64_t ahead = groups.rows[s + kPrefetchGroups];
@@ -88,7 +94,11 @@ void update_segments(T* weight, T* state, int64_t width, bool scalar_rows, bool 
       const int64_t row = groups.rows[s];
       std::fill(acc.begin(), acc.end(), T(0));
       for (int32_t j = groups.starts[s]; j < groups.starts[s + 1]; ++j) {
-        const T* g = grad_rows + static_cast<int64_t>(groups.order[j]) * width;
+        if (j + kPrefetchRows < task_end) {
+          prefetch_row(grad_rows + static_cast<int64_t>(order[j + kPrefetchRows]) * width, width,
+                       false);
+        }
+        const T* g = grad_rows + static_cast<int64_t>(order[j]) * width;
         for (int64_t k = 0; k < width; ++k) a[k] += g[k];
       }
       T* w = weight + row * width;

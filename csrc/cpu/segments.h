@@ -5,7 +5,17 @@
 // An LSD radix sort on (id, position) keys does it in O(B) passes over the batch, using
 // only as many digit bits as the table's id range needs; its scratch is O(B) and is
 // reused between calls, never O(num_rows).
+//
+// A batch of at least kParallelGroupIds ids, outside a parallel region, is grouped on the
+// intra-op threads: each pass histograms and scatters contiguous chunks of the keys in
+// parallel (chunk c writes after chunks 0..c-1 in every bucket, so the pass stays stable),
+// and the runs are found per chunk and numbered by a prefix sum. The keys are unique, so
+// the result is the serial one to the bit for any thread count. Serially, grouping the
+// 122,880 feature ids of benchmarks/bench_embedding.py's bag step (1M-row table) took about
+// 0.6 ms of a 4.6 ms update on 2 threads, with the second thread waiting.
 #pragma once
+
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -28,6 +38,9 @@ struct RowGroups {
 
   std::vector<uint64_t> keys, scratch;
   std::vector<int32_t> histogram;
+  // Per chunk of a parallel grouping: bucket counts, then first output position per bucket;
+  // and the number of runs that start in each chunk.
+  std::vector<int64_t> chunk_histogram, chunk_runs;
   std::vector<std::pair<int64_t, int32_t>> pairs;
 
   // First group whose start is at or after sorted position `p`: splitting [0, B) into
@@ -42,6 +55,7 @@ struct RowGroups {
     return order.capacity() * sizeof(int32_t) + starts.capacity() * sizeof(int32_t) +
            rows.capacity() * sizeof(int64_t) + keys.capacity() * sizeof(uint64_t) +
            scratch.capacity() * sizeof(uint64_t) + histogram.capacity() * sizeof(int32_t) +
+           (chunk_histogram.capacity() + chunk_runs.capacity()) * sizeof(int64_t) +
            pairs.capacity() * sizeof(std::pair<int64_t, int32_t>);
   }
   void release() { *this = RowGroups(); }
@@ -84,6 +98,107 @@ inline void radix_sort(RowGroups& g, int64_t n, int low, int bits) {
   if (src != g.keys.data()) std::copy(src, src + n, g.keys.data());
 }
 
+// Batches from this many ids on are grouped in parallel (see the file comment): below it,
+// waking the threads costs more than the passes.
+constexpr int64_t kParallelGroupIds = int64_t{1} << 15;
+
+// Chunks for a parallel grouping of n keys: one per thread, each at least
+// kParallelGroupIds / 2 keys; 1 inside a parallel region (nested regions run inline).
+inline int64_t grouping_chunks(int64_t n) {
+  if (n < kParallelGroupIds || at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                n / (kParallelGroupIds / 2)));
+}
+
+inline int64_t chunk_begin(int64_t c, int64_t chunks, int64_t n) { return c * n / chunks; }
+
+// radix_sort on `chunks` contiguous chunks in parallel: the same sorted keys.
+inline void radix_sort_parallel(RowGroups& g, int64_t n, int low, int bits, int64_t chunks) {
+  if (bits == 0) return;
+  const int passes = (bits + 10) / 11;
+  const int digit = (bits + passes - 1) / passes;
+  const int64_t buckets = int64_t{1} << digit;
+  const uint64_t mask = static_cast<uint64_t>(buckets - 1);
+  g.chunk_histogram.resize(static_cast<size_t>(chunks * buckets));
+  int64_t* hist = g.chunk_histogram.data();
+  uint64_t* src = g.keys.data();
+  uint64_t* dst = g.scratch.data();
+  for (int p = 0; p < passes; ++p) {
+    const int shift = low + p * digit;
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        int64_t* h = hist + c * buckets;
+        std::fill(h, h + buckets, int64_t{0});
+        const int64_t b1 = chunk_begin(c + 1, chunks, n);
+        for (int64_t b = chunk_begin(c, chunks, n); b < b1; ++b) ++h[(src[b] >> shift) & mask];
+      }
+    });
+    // Bucket d of chunk c starts after every key of buckets < d and of chunks < c in d.
+    int64_t sum = 0;
+    bool one_bucket = false;
+    for (int64_t d = 0; d < buckets; ++d) {
+      int64_t in_bucket = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t count = hist[c * buckets + d];
+        hist[c * buckets + d] = sum;
+        sum += count;
+        in_bucket += count;
+      }
+      one_bucket = one_bucket || in_bucket == n;
+    }
+    if (one_bucket) continue;  // this pass would only copy
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        int64_t* h = hist + c * buckets;
+        const int64_t b1 = chunk_begin(c + 1, chunks, n);
+        for (int64_t b = chunk_begin(c, chunks, n); b < b1; ++b) {
+          const uint64_t key = src[b];
+          dst[h[(key >> shift) & mask]++] = key;
+        }
+      }
+    });
+    std::swap(src, dst);
+  }
+  if (src != g.keys.data()) std::copy(src, src + n, g.keys.data());
+}
+
+// The runs of the sorted keys (order, rows, starts) found on `chunks` chunks in parallel.
+// Returns the number of runs.
+inline int64_t find_runs_parallel(RowGroups& g, int64_t n, int pos_bits, int64_t chunks) {
+  const uint64_t* keys = g.keys.data();
+  const uint64_t pos_mask = (uint64_t{1} << pos_bits) - 1;
+  auto id_of = [&](int64_t j) { return pos_bits == 0 ? keys[j] : keys[j] >> pos_bits; };
+  g.chunk_runs.resize(static_cast<size_t>(chunks + 1));
+  int64_t* runs = g.chunk_runs.data();
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      int64_t count = 0;
+      const int64_t j1 = chunk_begin(c + 1, chunks, n);
+      for (int64_t j = chunk_begin(c, chunks, n); j < j1; ++j) {
+        g.order[j] = static_cast<int32_t>(keys[j] & pos_mask);
+        count += (j == 0 || id_of(j) != id_of(j - 1)) ? 1 : 0;
+      }
+      runs[c + 1] = count;
+    }
+  });
+  runs[0] = 0;
+  for (int64_t c = 0; c < chunks; ++c) runs[c + 1] += runs[c];
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      int64_t group = runs[c];
+      const int64_t j1 = chunk_begin(c + 1, chunks, n);
+      for (int64_t j = chunk_begin(c, chunks, n); j < j1; ++j) {
+        if (j == 0 || id_of(j) != id_of(j - 1)) {
+          g.rows[group] = static_cast<int64_t>(id_of(j));
+          g.starts[group] = static_cast<int32_t>(j);
+          ++group;
+        }
+      }
+    }
+  });
+  return runs[chunks];
+}
+
 // ids: n ids in [0, num_rows), already range-checked. n < 2^31.
 inline void group_rows(const int64_t* ids, int64_t n, int64_t num_rows, RowGroups& g) {
   if (static_cast<int64_t>(g.order.size()) < n) {
@@ -104,6 +219,18 @@ inline void group_rows(const int64_t* ids, int64_t n, int64_t num_rows, RowGroup
       g.scratch.resize(n);
     }
     uint64_t* keys = g.keys.data();
+    const int64_t chunks = grouping_chunks(n);
+    if (chunks > 1) {
+      at::parallel_for(0, n, kParallelGroupIds / 2, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          keys[b] = (static_cast<uint64_t>(ids[b]) << pos_bits) | static_cast<uint64_t>(b);
+        }
+      });
+      radix_sort_parallel(g, n, pos_bits, id_bits, chunks);
+      g.num_groups = find_runs_parallel(g, n, pos_bits, chunks);
+      g.starts[g.num_groups] = static_cast<int32_t>(n);
+      return;
+    }
     for (int64_t b = 0; b < n; ++b) {
       keys[b] = (static_cast<uint64_t>(ids[b]) << pos_bits) | static_cast<uint64_t>(b);
     }
