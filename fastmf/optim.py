@@ -382,7 +382,9 @@ def apply_in_backward(optimizer: _SparseOptimizer) -> _SparseOptimizer:
     with the group's settings at that time; the weight's step count then advances. No
     gradient is kept (``weight.grad`` stays None) and ``optimizer.step()`` skips the weight;
     the optimizer's other parameters (an MLP, biases of plain tensors) step as usual. The
-    result equals ``backward(); step()`` within float32 rounding.
+    result equals ``backward(); step()`` within float32 rounding. A backward pass that raises
+    applies none of its updates: they belong to that pass and are dropped with it, and the
+    next pass trains as if it had not run.
 
     Raises TypeError for an optimizer that is not a fastmf sparse optimizer, ValueError when
     it holds no fastmf.nn weight or one weight twice, RuntimeError when a weight is already

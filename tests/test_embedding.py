@@ -4,6 +4,7 @@ identical initial weights), on Zipf ids with many duplicates."""
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from pathlib import Path
@@ -391,6 +392,89 @@ def test_outside_backward_applies_immediately():
         0, torch.ones(1, K), torch.tensor([3]), torch.tensor([0, 1]), None, Pooling.SUM))
     torch.testing.assert_close(emb.weight.detach()[3], before[3] - 0.5)
     assert opt.state[emb.weight]["step"] == 1
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity whose backward raises: a backward pass that fails after the fused tables'
+    backward has run (their node is later in the graph, so the engine runs it first)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward failed on purpose")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failed_backward_applies_nothing_and_training_goes_on(backend):
+    """A backward pass that raises applies none of its fused updates, leaves nothing
+    pending, and later passes update exactly as they would have without it (once, a
+    registry shared by all passes stopped every later update)."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        user = fastmf.nn.Embedding(N, K, backend=backend)
+        item = fastmf.nn.EmbeddingBag(N, K, "sum", backend=backend)
+        opt = fastmf.optim.apply_in_backward(
+            fastmf.optim.SparseAdagrad([user.weight, item.weight], lr=0.1))
+        models.append((user, item, opt))
+    rng = np.random.default_rng(5)
+    ids = [zipf_ids(N, 12, generator=rng) for _ in range(4)]
+    bags = [_bags(12, seed=300 + s) for s in range(4)]
+
+    def loss_of(user, item, step):
+        return (user(ids[step]) * item(*bags[step])).sum()
+
+    user, item, opt = models[0]
+    before = [user.weight.detach().clone(), item.weight.detach().clone()]
+    x = torch.ones(3, requires_grad=True)
+    failing = _FailingBackward.apply(x).sum()  # made first: its backward runs last
+    with pytest.raises(RuntimeError, match="failed on purpose"):
+        (failing + loss_of(user, item, 0)).backward()
+    gc.collect()
+    assert not fastmf.nn.embedding._PASSES
+    assert torch.equal(user.weight, before[0]) and torch.equal(item.weight, before[1])
+    assert opt.state[user.weight].get("step", 0) == 0
+    for user, item, opt in models:
+        for step in range(1, 4):
+            loss_of(user, item, step).backward()
+            opt.step()
+    (u0, i0, o0), (u1, i1, o1) = models
+    assert torch.equal(u0.weight, u1.weight) and torch.equal(i0.weight, i1.weight)
+    assert not torch.equal(u0.weight, before[0]) and not torch.equal(i0.weight, before[1])
+    assert o0.state[u0.weight]["step"] == o1.state[u1.weight]["step"] == 3
+    assert not fastmf.nn.embedding._PASSES
+
+
+def test_one_pass_updates_every_table_once(monkeypatch):
+    """All the fused tables of one backward pass are updated at its end, each table once
+    with its uses merged, whatever the order the engine reaches them in."""
+    small = fastmf.nn.Embedding(N, K, backend="reference")
+    large = fastmf.nn.EmbeddingBag(N, K, "sum", backend="reference")
+    opt = fastmf.optim.apply_in_backward(
+        fastmf.optim.SparseSGD([large.weight, small.weight], lr=0.1))
+    calls = []
+    apply_fused = type(opt).apply_fused
+
+    def record(self, weight, *args):
+        calls.append((weight is small.weight, int(args[1].numel())))
+        return apply_fused(self, weight, *args)
+
+    monkeypatch.setattr(type(opt), "apply_fused", record)
+    ids_a, offsets_a = _bags(16, seed=400)
+    ids_b, offsets_b = _bags(16, seed=401)
+    ids = torch.tensor([1, 2, 2])
+    for small_first in (True, False):
+        calls.clear()
+        parts = [small(ids).sum(),
+                 (large(ids_a, offsets_a).sum(1) * large(ids_b, offsets_b).sum(1)).sum()]
+        if not small_first:
+            parts.reverse()
+        (parts[0] + parts[1]).backward()
+        assert sorted(calls) == [(False, ids_a.numel() + ids_b.numel()), (True, 3)]
+    assert opt.state[small.weight]["step"] == opt.state[large.weight]["step"] == 2
 
 
 # --- fp16 / bf16 tables train as well as fp32 ------------------------------------------------

@@ -106,12 +106,11 @@ class _TensorMap:
         return self.get(tensor)
 
 
-# Weights created by fastmf.nn modules, the optimizer applied in backward to each (a weak
-# reference: a deleted optimizer leaves its weights to the plain sparse-gradient path), and
-# the uses of each fused weight waiting for the end of the backward pass.
+# Weights created by fastmf.nn modules, and the optimizer applied in backward to each (a weak
+# reference: a deleted optimizer leaves its weights to the plain sparse-gradient path). The
+# updates waiting for the end of a backward pass are in _PASSES, below.
 _TABLES = _TensorMap()
 _FUSED = _TensorMap()
-_PENDING = _TensorMap()
 _SEQUENCE = itertools.count()
 # Backend name -> its module, as embedding_kernels returned it.
 _BACKEND_MODULES: dict[str, ModuleType] = {}
@@ -191,13 +190,8 @@ def merge_uses(uses: list[BagUse]) -> tuple[Tensor, Tensor, Tensor, Tensor | Non
     return grad_output, indices, offsets, psw, pooling
 
 
-def _flush(weight: Tensor) -> None:
-    """Apply the pending uses of a fused ``weight`` with one fused update."""
-    pending = _PENDING.get(weight)
-    if not pending:
-        return
-    uses = pending.copy()
-    pending.clear()
+def _flush(weight: Tensor, uses: list[BagUse]) -> None:
+    """Apply ``uses`` of a fused ``weight`` (one backward pass's) with one fused update."""
     optimizer = fused_optimizer(weight)
     if optimizer is None:
         return
@@ -207,21 +201,73 @@ def _flush(weight: Tensor) -> None:
     optimizer.apply_fused(weight, grad_output, indices, offsets, psw, pooling)
 
 
+class _PassUpdates:
+    """The fused updates of one backward pass (one autograd graph task): the uses of each
+    fused weight, applied by one callback when the whole graph is done (what DDP does), so
+    every use of a table in the graph is in by then. Uses belong to the pass that made them:
+    a pass that raises never runs its callback, and its uses are dropped when the engine
+    releases the callback (the ``weakref.finalize`` below), never applied by a later pass. A
+    registry shared by all passes (one list per weight, "callback queued" while non-empty)
+    stopped updating for good after one backward that raised."""
+
+    def __init__(self, task: int):
+        self.task = task
+        # Weights in the order of their first use in this pass, and their uses.
+        self.weights: list[Tensor] = []
+        self.uses: list[list[BagUse]] = []
+        self.index: dict[int, int] = {}  # id(weight) -> its position (weights held here)
+
+    def add(self, weight: Tensor, use: BagUse) -> None:
+        position = self.index.get(id(weight))
+        if position is None:
+            position = self.index[id(weight)] = len(self.weights)
+            self.weights.append(weight)
+            self.uses.append([])
+        self.uses[position].append(use)
+
+    def apply(self) -> None:
+        """One fused update per weight, in the order the pass first reached each. (Smaller
+        tables first, while their gradients are still in cache, was tried on
+        benchmarks/bench_embedding.py's bag step: faster in alternated windows of one
+        process, within the noise across processes, so not kept.)"""
+        for weight, uses in zip(self.weights, self.uses, strict=True):
+            _flush(weight, uses)
+
+
+# Graph task id -> the fused updates of that backward pass, until its callback runs or the
+# engine releases the callback unrun.
+_PASSES: dict[int, _PassUpdates] = {}
+
+
+class _PassCallback:
+    """What the engine holds for one pass: applies its updates once."""
+
+    def __init__(self, task: int):
+        self.task = task
+
+    def __call__(self) -> None:
+        updates = _PASSES.pop(self.task, None)
+        if updates is not None:
+            updates.apply()
+
+
 def _queue_use(weight: Tensor, use: BagUse) -> None:
-    # The weight's list lives as long as the weight and is emptied by each flush: no new
-    # registry entry (a weak reference and its callback) per step.
-    pending = _PENDING.get(weight)
-    if pending is None:
-        pending = _PENDING[weight] = []
-    pending.append(use)
-    if len(pending) > 1:
-        return
-    try:
-        # One callback per backward pass, run when the whole graph is done (what DDP does):
-        # every use of the table in this graph is in by then.
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: _flush(weight))
-    except RuntimeError:
-        _flush(weight)  # not inside a backward pass: nothing more will come
+    task = torch._C._current_graph_task_id()
+    updates = _PASSES.get(task) if task >= 0 else None
+    if updates is None:
+        updates = _PassUpdates(task)
+        if task >= 0:
+            callback = _PassCallback(task)
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(callback)
+            except RuntimeError:
+                task = -1
+            else:
+                _PASSES[task] = updates
+                weakref.finalize(callback, _PASSES.pop, task, None)
+    updates.add(weight, use)
+    if task < 0:
+        updates.apply()  # not inside a backward pass: nothing more will come
 
 
 class _EmbeddingBagFunction(torch.autograd.Function):
