@@ -63,6 +63,21 @@ class TrimOnExit {
   Workspace& ws_;
 };
 
+// From this many ids on, the serial prologue of an op (widening and range-checking ids,
+// grouping them: csrc/cpu/segments.h) runs on contiguous chunks on the intra-op threads:
+// below it, waking the threads costs more than the passes.
+constexpr int64_t kParallelIds = int64_t{1} << 15;
+
+// Chunks for such work on n items: one per thread, each at least kParallelIds / 2 items;
+// 1 inside a parallel region (nested regions run inline).
+inline int64_t parallel_chunks(int64_t n) {
+  if (n < kParallelIds || at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / (kParallelIds / 2)));
+}
+
+// First item of chunk c of `chunks` contiguous chunks of n items.
+inline int64_t chunk_begin(int64_t c, int64_t chunks, int64_t n) { return c * n / chunks; }
+
 // Range-checks ids (before any kernel dereferences them) and widens them to int64, so the
 // kernels are compiled once rather than once per pair of id dtypes.
 inline void load_ids(const char* op, const char* name, const at::Tensor& ids, int64_t num_rows,
@@ -70,18 +85,12 @@ inline void load_ids(const char* op, const char* name, const at::Tensor& ids, in
   const int64_t n = ids.numel();
   int64_t* dst = scratch(out, n);
   if (n == 0) return;
-  // From 2^15 ids on, chunks are widened on the intra-op threads (min and max are exact in
-  // any order): part of the serial prologue of the embedding_bag ops' large batches.
-  constexpr int64_t kParallelIds = int64_t{1} << 15;
-  const int64_t chunks =
-      n < kParallelIds || at::in_parallel_region()
-          ? 1
-          : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / (kParallelIds / 2)));
+  const int64_t chunks = parallel_chunks(n);
   std::vector<int64_t> bounds(static_cast<size_t>(2 * chunks));
   auto widen = [&](const auto* src) {
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
-        const int64_t b0 = c * n / chunks, b1 = (c + 1) * n / chunks;
+        const int64_t b0 = chunk_begin(c, chunks, n), b1 = chunk_begin(c + 1, chunks, n);
         int64_t mn = src[b0], mx = src[b0];
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t id = static_cast<int64_t>(src[b]);

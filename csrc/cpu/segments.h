@@ -6,13 +6,13 @@
 // only as many digit bits as the table's id range needs; its scratch is O(B) and is
 // reused between calls, never O(num_rows).
 //
-// A batch of at least kParallelGroupIds ids, outside a parallel region, is grouped on the
-// intra-op threads: each pass histograms and scatters contiguous chunks of the keys in
-// parallel (chunk c writes after chunks 0..c-1 in every bucket, so the pass stays stable),
-// and the runs are found per chunk and numbered by a prefix sum. The keys are unique, so
-// the result is the serial one to the bit for any thread count. Serially, grouping the
-// 122,880 feature ids of benchmarks/bench_embedding.py's bag step (1M-row table) took about
-// 0.6 ms of a 4.6 ms update on 2 threads, with the second thread waiting.
+// A batch of at least kParallelIds ids (csrc/cpu/common.h), outside a parallel region, is
+// grouped on the intra-op threads: each pass histograms and scatters contiguous chunks of
+// the keys in parallel (chunk c writes after chunks 0..c-1 in every bucket, so the pass
+// stays stable), and the runs are found per chunk and numbered by a prefix sum. The keys
+// are unique, so the result is the serial one to the bit for any thread count. Serially,
+// grouping the 122,880 feature ids of benchmarks/bench_embedding.py's bag step (1M-row
+// table) took about 0.6 ms of a 4.6 ms update on 2 threads, with the second thread waiting.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "common.h"
 #include "isa.h"
 
 namespace fastmf {
@@ -63,13 +64,22 @@ struct RowGroups {
 
 inline int bit_width(uint64_t x) { return x == 0 ? 0 : 64 - __builtin_clzll(x); }
 
+// How a radix sort splits `bits` key bits: passes of at most 11-bit digits, as even as can be.
+struct RadixDigits {
+  int passes, digit;
+  int64_t buckets;
+  uint64_t mask;
+  explicit RadixDigits(int bits)
+      : passes((bits + 10) / 11),
+        digit((bits + passes - 1) / passes),
+        buckets(int64_t{1} << digit),
+        mask(static_cast<uint64_t>(buckets - 1)) {}
+};
+
 // Sorts keys on bits [low, low + bits). Stable, so positions stay ascending per id.
 inline void radix_sort(RowGroups& g, int64_t n, int low, int bits) {
   if (bits == 0) return;
-  const int passes = (bits + 10) / 11;
-  const int digit = (bits + passes - 1) / passes;
-  const int64_t buckets = int64_t{1} << digit;
-  const uint64_t mask = static_cast<uint64_t>(buckets - 1);
+  const auto [passes, digit, buckets, mask] = RadixDigits(bits);
   g.histogram.assign(static_cast<size_t>(passes * buckets), 0);
   uint64_t* src = g.keys.data();
   uint64_t* dst = g.scratch.data();
@@ -98,27 +108,10 @@ inline void radix_sort(RowGroups& g, int64_t n, int low, int bits) {
   if (src != g.keys.data()) std::copy(src, src + n, g.keys.data());
 }
 
-// Batches from this many ids on are grouped in parallel (see the file comment): below it,
-// waking the threads costs more than the passes.
-constexpr int64_t kParallelGroupIds = int64_t{1} << 15;
-
-// Chunks for a parallel grouping of n keys: one per thread, each at least
-// kParallelGroupIds / 2 keys; 1 inside a parallel region (nested regions run inline).
-inline int64_t grouping_chunks(int64_t n) {
-  if (n < kParallelGroupIds || at::in_parallel_region()) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                n / (kParallelGroupIds / 2)));
-}
-
-inline int64_t chunk_begin(int64_t c, int64_t chunks, int64_t n) { return c * n / chunks; }
-
 // radix_sort on `chunks` contiguous chunks in parallel: the same sorted keys.
 inline void radix_sort_parallel(RowGroups& g, int64_t n, int low, int bits, int64_t chunks) {
   if (bits == 0) return;
-  const int passes = (bits + 10) / 11;
-  const int digit = (bits + passes - 1) / passes;
-  const int64_t buckets = int64_t{1} << digit;
-  const uint64_t mask = static_cast<uint64_t>(buckets - 1);
+  const auto [passes, digit, buckets, mask] = RadixDigits(bits);
   g.chunk_histogram.resize(static_cast<size_t>(chunks * buckets));
   int64_t* hist = g.chunk_histogram.data();
   uint64_t* src = g.keys.data();
@@ -168,6 +161,7 @@ inline int64_t find_runs_parallel(RowGroups& g, int64_t n, int pos_bits, int64_t
   const uint64_t* keys = g.keys.data();
   const uint64_t pos_mask = (uint64_t{1} << pos_bits) - 1;
   auto id_of = [&](int64_t j) { return pos_bits == 0 ? keys[j] : keys[j] >> pos_bits; };
+  auto starts_run = [&](int64_t j) { return j == 0 || id_of(j) != id_of(j - 1); };
   g.chunk_runs.resize(static_cast<size_t>(chunks + 1));
   int64_t* runs = g.chunk_runs.data();
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
@@ -176,7 +170,7 @@ inline int64_t find_runs_parallel(RowGroups& g, int64_t n, int pos_bits, int64_t
       const int64_t j1 = chunk_begin(c + 1, chunks, n);
       for (int64_t j = chunk_begin(c, chunks, n); j < j1; ++j) {
         g.order[j] = static_cast<int32_t>(keys[j] & pos_mask);
-        count += (j == 0 || id_of(j) != id_of(j - 1)) ? 1 : 0;
+        count += starts_run(j) ? 1 : 0;
       }
       runs[c + 1] = count;
     }
@@ -188,7 +182,7 @@ inline int64_t find_runs_parallel(RowGroups& g, int64_t n, int pos_bits, int64_t
       int64_t group = runs[c];
       const int64_t j1 = chunk_begin(c + 1, chunks, n);
       for (int64_t j = chunk_begin(c, chunks, n); j < j1; ++j) {
-        if (j == 0 || id_of(j) != id_of(j - 1)) {
+        if (starts_run(j)) {
           g.rows[group] = static_cast<int64_t>(id_of(j));
           g.starts[group] = static_cast<int32_t>(j);
           ++group;
@@ -219,9 +213,9 @@ inline void group_rows(const int64_t* ids, int64_t n, int64_t num_rows, RowGroup
       g.scratch.resize(n);
     }
     uint64_t* keys = g.keys.data();
-    const int64_t chunks = grouping_chunks(n);
+    const int64_t chunks = parallel_chunks(n);
     if (chunks > 1) {
-      at::parallel_for(0, n, kParallelGroupIds / 2, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, n, kParallelIds / 2, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           keys[b] = (static_cast<uint64_t>(ids[b]) << pos_bits) | static_cast<uint64_t>(b);
         }

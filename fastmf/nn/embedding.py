@@ -210,8 +210,7 @@ class _PassUpdates:
     registry shared by all passes (one list per weight, "callback queued" while non-empty)
     stopped updating for good after one backward that raised."""
 
-    def __init__(self, task: int):
-        self.task = task
+    def __init__(self):
         # Weights in the order of their first use in this pass, and their uses.
         self.weights: list[Tensor] = []
         self.uses: list[list[BagUse]] = []
@@ -255,7 +254,7 @@ def _queue_use(weight: Tensor, use: BagUse) -> None:
     task = torch._C._current_graph_task_id()
     updates = _PASSES.get(task) if task >= 0 else None
     if updates is None:
-        updates = _PassUpdates(task)
+        updates = _PassUpdates()
         if task >= 0:
             callback = _PassCallback(task)
             try:
