@@ -63,9 +63,10 @@ Tensor train_step(const Tensor& P, const Tensor& Q, const OptTensor& bu, const O
           .typed<Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
                         const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                         const Tensor&, const Tensor&, const Tensor&, double, int64_t, double,
-                        int64_t, double, double)>();
+                        int64_t, double, double, const OptTensor&)>();
+  // The schema's last argument, per-sample weights: none here (every sample weighs 1).
   return h.call(P, Q, bu, bi, sP, sQ, sbu, sbi, users, items, targets, global_mean, loss, reg,
-                optimizer, lr, eps);
+                optimizer, lr, eps, std::nullopt);
 }
 
 // ---- plain ATen versions of fastmf/ops/reference -------------------------------------------
