@@ -211,25 +211,18 @@ class _PassUpdates:
     stopped updating for good after one backward that raised."""
 
     def __init__(self):
-        # Weights in the order of their first use in this pass, and their uses.
-        self.weights: list[Tensor] = []
-        self.uses: list[list[BagUse]] = []
-        self.index: dict[int, int] = {}  # id(weight) -> its position (weights held here)
+        # id(weight) -> (the weight, held here; its uses), in the order of first use.
+        self.uses: dict[int, tuple[Tensor, list[BagUse]]] = {}
 
     def add(self, weight: Tensor, use: BagUse) -> None:
-        position = self.index.get(id(weight))
-        if position is None:
-            position = self.index[id(weight)] = len(self.weights)
-            self.weights.append(weight)
-            self.uses.append([])
-        self.uses[position].append(use)
+        self.uses.setdefault(id(weight), (weight, []))[1].append(use)
 
     def apply(self) -> None:
         """One fused update per weight, in the order the pass first reached each. (Smaller
         tables first, while their gradients are still in cache, was tried on
         benchmarks/bench_embedding.py's bag step: faster in alternated windows of one
         process, within the noise across processes, so not kept.)"""
-        for weight, uses in zip(self.weights, self.uses, strict=True):
+        for weight, uses in self.uses.values():
             _flush(weight, uses)
 
 
