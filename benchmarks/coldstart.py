@@ -26,6 +26,8 @@ Scenarios (seed 0):
   (:func:`synthetic_with_features`), a second shape for fold-in's defaults.
 - accumulator: Hybrid's Adagrad starting accumulator (0, 1e-6, 1e-5) on the inner
   cold-item and warm splits of ml-latest-small and of the synthetic set, BPR and WARP.
+- batch: Hybrid's default batch size and learning rate (batch 1024 against 4096 at three
+  learning rates, 20 or 40 epochs) on the same inner splits, BPR and WARP.
 - throughput: interactions per second of training on the warm split, equal epochs,
   LightFM ``num_threads=2`` and torch limited to 2 threads.
 
@@ -49,7 +51,7 @@ there, so ``__builtins__.__LIGHTFM_SETUP__ = True`` raises)::
     pip install --no-build-isolation <dir>
 
 Run: ``python benchmarks/coldstart.py [--data /work/shared/data/ml-latest-small] [--quick]
-[--scenarios cold,warm,users,throughput,users-synthetic,accumulator]``.
+[--scenarios cold,warm,users,throughput,users-synthetic,accumulator,batch]``.
 On a shared machine set ``OMP_WAIT_POLICY=PASSIVE``: with spinning OpenMP threads every
 parallel region of a training step spins while another job holds a core (see
 benchmarks/README.md, "Cold start").
@@ -144,8 +146,10 @@ def evaluate(scores: np.ndarray, test: sp.csr_matrix, exclude: sp.csr_matrix | N
 
 # ------------------------------------------------------------------ fastmf Hybrid
 def train_hybrid(train: Interactions, features: Features, cfg: dict) -> tuple[Hybrid, float]:
-    """fastmf.fit on a Hybrid (adagrad in backward); returns (model, seconds)."""
-    torch.manual_seed(SEED)
+    """fastmf.fit on a Hybrid (adagrad in backward); returns (model, seconds). ``cfg["seed"]``
+    (default SEED) seeds the initialisation, the batch order and the negatives."""
+    seed = cfg.get("seed", SEED)
+    torch.manual_seed(seed)
     model = Hybrid(train.num_users, train.num_items, dim=DIM, item_features=features,
                    init_scale=cfg.get("init_scale", 0.05))
     optimizer = None
@@ -158,7 +162,7 @@ def train_hybrid(train: Interactions, features: Features, cfg: dict) -> tuple[Hy
     start = time.perf_counter()
     fastmf.fit(model, train, loss=cfg["loss"], epochs=cfg["epochs"], lr=cfg["lr"],
                reg=cfg["reg"], batch_size=cfg["batch_size"], num_negatives=cfg["negatives"],
-               optimizer=optimizer, progress=False, seed=SEED)
+               optimizer=optimizer, progress=False, seed=seed)
     return model, time.perf_counter() - start
 
 
@@ -255,13 +259,17 @@ def warm_items(data, features, grids, quick):
 
 
 def throughput(train, features, epochs: int, repeats: int = 3):
+    """Interactions per second of training (BPR, one negative per positive), fastmf's
+    Hybrid at batch 1024 and at its default batch (4096) beside LightFM."""
     torch.set_num_threads(2)
     cfg_f = dict(lr=0.05, epochs=epochs, batch_size=1024, loss="bpr", negatives=1, reg=0.0)
-    cfg_l = dict(lr=0.05, epochs=epochs, loss="bpr")
-    best = {"fastmf": np.inf, "lightfm": np.inf}
+    runs = {"fastmf": (train_hybrid, cfg_f),
+            "fastmf-4096": (train_hybrid, dict(cfg_f, batch_size=4096)),
+            "lightfm": (train_lightfm, dict(lr=0.05, epochs=epochs, loss="bpr"))}
+    best = dict.fromkeys(runs, np.inf)
     for _ in range(repeats):  # interleaved, best of: the machine is shared
-        best["fastmf"] = min(best["fastmf"], train_hybrid(train, features, cfg_f)[1])
-        best["lightfm"] = min(best["lightfm"], train_lightfm(train, features, cfg_l)[1])
+        for lib, (train_fn, cfg) in runs.items():
+            best[lib] = min(best[lib], train_fn(train, features, cfg)[1])
     return {lib: len(train) * epochs / s for lib, s in best.items()}
 
 
@@ -396,10 +404,11 @@ def synthetic_with_features(seed: int = SEED):
     return data, features
 
 
-def accumulator(sets: dict, values=(0.0, 1e-6, 1e-5)):
-    """Hybrid's default Adagrad starting accumulator, picked on the inner splits only (cold
-    items: 20% of the training items held out; warm: 10% of the training interactions) of
-    each data set, Hybrid's defaults otherwise (BPR; WARP with 10 candidates)."""
+def inner_runs(sets: dict, configs, what: str):
+    """Hybrid trained with each of ``configs`` on the inner splits only (cold items: 20% of
+    the training items held out; warm: 10% of the training interactions) of each data set;
+    returns {(set name, index of the config): dict(cold=(AUC, NDCG@10), warm=(...),
+    seconds=training seconds of both)}."""
     results = {}
     for name, (data, features) in sets.items():
         train_c, _, _ = hold_out_items(data, 0.2, SEED)
@@ -407,19 +416,78 @@ def accumulator(sets: dict, values=(0.0, 1e-6, 1e-5)):
         rows = features_only(features, inner_cold)
         train_w, _ = fastmf.data.random_split(data, 0.2, seed=SEED)
         inner_train_w, inner_test_w = fastmf.data.random_split(train_w, 0.1, seed=SEED + 1)
-        for loss in ("bpr", "warp"):
-            for value in values:
-                cfg = dict(loss=loss, epochs=20, lr=0.05, reg=1e-4, batch_size=1024,
-                           negatives=10 if loss == "warp" else 4, accumulator=value)
-                model, _ = train_hybrid(inner_train_c, features, cfg)
-                cold = evaluate(hybrid_scores(model, rows, inner_cold),
-                                inner_test_c.to_csr(binary=True), None, candidates=inner_cold)
-                model, _ = train_hybrid(inner_train_w, features, cfg)
-                warm = evaluate(hybrid_scores(model), inner_test_w.to_csr(binary=True),
-                                inner_train_w.to_csr(binary=True))
-                results[name, loss, value] = log("accumulator inner", name, cfg,
-                                                 dict(cold=cold, warm=warm))
+        for index, cfg in enumerate(configs):
+            model, cold_s = train_hybrid(inner_train_c, features, cfg)
+            cold = evaluate(hybrid_scores(model, rows, inner_cold),
+                            inner_test_c.to_csr(binary=True), None, candidates=inner_cold)
+            model, warm_s = train_hybrid(inner_train_w, features, cfg)
+            warm = evaluate(hybrid_scores(model), inner_test_w.to_csr(binary=True),
+                            inner_train_w.to_csr(binary=True))
+            results[name, index] = log(f"{what} inner", name, cfg,
+                                       dict(cold=cold, warm=warm, seconds=cold_s + warm_s))
     return results
+
+
+def accumulator(sets: dict, values=(0.0, 1e-6, 1e-5)):
+    """Hybrid's default Adagrad starting accumulator, picked on the inner splits of each
+    data set, Hybrid's defaults otherwise (BPR; WARP with 10 candidates)."""
+    configs = [dict(loss=loss, epochs=20, lr=0.05, reg=1e-4, batch_size=1024,
+                    negatives=10 if loss == "warp" else 4, accumulator=value)
+               for loss in ("bpr", "warp") for value in values]
+    runs = inner_runs(sets, configs, "accumulator")
+    return {(name, configs[i]["loss"], configs[i]["accumulator"]): r
+            for (name, i), r in runs.items()}
+
+
+def batch_size(sets: dict, seeds: int = 3):
+    """Hybrid's default batch size and learning rate, picked on the inner splits of each
+    data set: batch 1024 (the earlier default) against 4096 at three learning rates and two
+    lengths, for BPR and BCE (4 negatives; the "implicit" defaults serve both) and WARP (10
+    candidates), reg 1e-4 as the defaults. Each split's NDCG@10 is taken relative to the
+    best setting of that loss on that split and averaged over the four splits (cold and
+    warm of each set). The grid runs with one seed; the earlier default and the two best
+    settings of each loss then run with ``seeds - 1`` more seeds, and those finalists are
+    compared by the mean over the seeds (each seed's NDCG@10 relative to the best finalist).
+    Returns {loss: [(config, mean relative NDCG@10, per-seed means, training seconds of
+    seed 0, per-split NDCG@10 of seed 0)]}, the finalists first; the other rows' one value
+    is seed 0's, relative to the best of the whole grid."""
+    losses = ("bpr", "bce", "warp")
+    configs = [dict(loss=loss, epochs=e, lr=lr, reg=1e-4, batch_size=b,
+                    negatives=10 if loss == "warp" else 4)
+               for loss in losses
+               for b, lr in ((1024, 0.05), (4096, 0.05), (4096, 0.1), (4096, 0.2))
+               for e in (20, 40)]
+    splits = [(name, part) for name in sets for part in ("cold", "warm")]
+
+    def relative(runs, indices):
+        best = {key: max(runs[key[0], i][key[1]][1] for i in indices) for key in splits}
+        return {i: float(np.mean([runs[n, i][part][1] / best[n, part] for n, part in splits]))
+                for i in indices}
+
+    runs = inner_runs(sets, configs, "batch")
+    table = {}
+    for loss in losses:
+        mine = [i for i, c in enumerate(configs) if c["loss"] == loss]
+        first = relative(runs, mine)
+        default = mine[0]  # batch 1024, lr 0.05, 20 epochs: the earlier default
+        ranked = sorted(mine, key=first.get, reverse=True)
+        finalists = [default] + [i for i in ranked if i != default][:2]
+        per_seed = [relative(runs, finalists)]
+        for seed in range(1, seeds):
+            more = inner_runs(sets, [dict(configs[i], seed=seed) for i in finalists],
+                              f"batch seed {seed}")
+            per_seed.append(relative({(n, finalists[j]): r for (n, j), r in more.items()},
+                                     finalists))
+        rows = []
+        for i in sorted(mine, key=lambda i: (i not in finalists, -first[i])):
+            # Finalists: relative to the best finalist, per seed; the rest of the grid:
+            # seed 0, relative to the best of the whole grid.
+            means = [r[i] for r in per_seed] if i in finalists else [first[i]]
+            rows.append((configs[i], float(np.mean(means)), means,
+                         sum(runs[n, i]["seconds"] for n in sets),
+                         {f"{n} {part}": runs[n, i][part][1] for n, part in splits}))
+        table[loss] = rows
+    return table
 
 
 def main() -> None:
@@ -428,7 +496,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one setting per library")
     parser.add_argument("--scenarios", default="cold,warm,users,throughput",
                         help="comma-separated subset of cold,warm,users,throughput,"
-                        "accumulator")
+                        "users-synthetic,accumulator,batch")
     args = parser.parse_args()
     torch.set_num_threads(2)
     data, features = load(Path(args.data))
@@ -437,8 +505,10 @@ def main() -> None:
     # Small grids: the machine is a shared 2-core CPU. LightFM trains in seconds, so it
     # gets both of its losses at two lengths.
     h = dict(batch_size=1024, reg=0.0, loss="bpr")
+    # The third setting is Hybrid's defaults for BPR (scenario "batch").
     fastmf_grid = [dict(h, lr=0.05, epochs=10, negatives=1),
-                   dict(h, lr=0.1, epochs=10, negatives=4)]
+                   dict(h, lr=0.1, epochs=10, negatives=4),
+                   dict(h, lr=0.05, epochs=40, negatives=4, batch_size=4096, reg=1e-4)]
     # WARP: the negatives are the candidates per positive (LightFM's max_sampled is 10).
     # "accumulator": Adagrad's starting sum of squares, LightFM's 1 for the gradient of a
     # batch mean (1/B of a per-sample one): 1/B^2. It damps the first steps of rarely
@@ -447,6 +517,9 @@ def main() -> None:
                  for b, acc in ((1024, {}), (1024, dict(accumulator=1e-6)),
                                 (256, dict(accumulator=1.5e-5)))
                  for e in (10, 30)]
+    # Hybrid's defaults (batch 4096, 40 epochs), with WARP's 10 candidates.
+    warp_grid.append(dict(h, loss="warp", lr=0.05, epochs=40, negatives=10, batch_size=4096,
+                          reg=1e-4))
     lightfm_grid = [dict(loss=loss, lr=0.05, epochs=e) for loss in ("warp", "bpr")
                     for e in (10, 30)]
     mf_grid = [dict(lr=lr, epochs=10, reg=1e-4, negatives=4) for lr in (0.05, 0.2)]
@@ -498,10 +571,21 @@ def main() -> None:
             print(f"accumulator {name:15s} {loss:4s} {value:g}: cold AUC {r['cold'][0]:.4f} "
                   f"NDCG@10 {r['cold'][1]:.4f}  warm AUC {r['warm'][0]:.4f} NDCG@10 "
                   f"{r['warm'][1]:.4f}")
+    if "batch" in scenarios:
+        res = batch_size({"ml-latest-small": (data, features),
+                          "synthetic": synthetic_with_features()})
+        for loss, rows in res.items():
+            for cfg, mean, means, seconds, per_split in rows:
+                splits = "  ".join(f"{k} {v:.4f}" for k, v in per_split.items())
+                seeds = " ".join(f"{m:.3f}" for m in means)
+                print(f"batch {loss:4s} batch {cfg['batch_size']:5d} lr {cfg['lr']:<4g} "
+                      f"epochs {cfg['epochs']:2d}: mean relative NDCG@10 {mean:.3f} (per "
+                      f"seed {seeds}), {seconds:.1f} s  [{splits}]")
     if "throughput" in scenarios:
         rates = throughput(warm_train, features, epochs=5, repeats=2)
-        print(f"throughput  fastmf {rates['fastmf']:,.0f} interactions/s  lightfm "
-              f"{rates['lightfm']:,.0f} interactions/s (BPR, 5 epochs, 2 threads)")
+        print(f"throughput  fastmf {rates['fastmf']:,.0f} interactions/s (batch 1024), "
+              f"{rates['fastmf-4096']:,.0f} (batch 4096)  lightfm {rates['lightfm']:,.0f} "
+              "interactions/s (BPR, 1 negative, 5 epochs, 2 threads)")
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 
