@@ -370,3 +370,28 @@ def test_mf_fit_warp_learns_and_is_deterministic():
     auc = fastmf.evaluate(a, test, train=train, metrics=["auc"])["auc"]
     base = fastmf.evaluate(untrained, test, train=train, metrics=["auc"])["auc"]
     assert auc > base + 0.05
+
+
+@pytest.mark.parametrize("loss, explicit", [
+    ("warp", dict(num_negatives=10, batch_size=4096, lr=0.05, reg=1e-4)),
+    ("bpr", dict(num_negatives=4, batch_size=4096, lr=0.05, reg=1e-4)),
+    ("bce", dict(num_negatives=4, batch_size=4096, lr=0.1, reg=1e-4)),
+])
+def test_hybrid_fit_defaults_per_loss(loss, explicit):
+    """fit(Hybrid) without settings (but the epochs) trains exactly as with Hybrid's
+    documented defaults for the loss (batch 4096, lr 0.05 or 0.1 for BCE, reg 1e-4; WARP
+    with 10 candidates), and not as with another candidate count."""
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(40), 110)  # 4,400 rows: more than one batch of 4096
+    data = Interactions.from_arrays(users, rng.integers(0, 60, users.shape[0]))
+
+    def trained(**settings):
+        torch.manual_seed(0)
+        model = Hybrid(data.num_users, data.num_items, dim=4)
+        fastmf.fit(model, data, loss=loss, epochs=2, progress=False, seed=5, **settings)
+        return list(model.state_dict().values())
+
+    default = trained()
+    assert all(torch.equal(x, y) for x, y in zip(default, trained(**explicit), strict=True))
+    other = dict(explicit, num_negatives=explicit["num_negatives"] + 1)
+    assert not all(torch.equal(x, y) for x, y in zip(default, trained(**other), strict=True))
