@@ -402,9 +402,15 @@ class Hybrid(Recommender):
             neg = batch.negatives
             n = neg.shape[1]
             q, bi = self.items.pool(torch.cat([items.reshape(-1), neg.reshape(-1)]))
-            pos = (p * q[:size]).sum(1) + bu + bi[:size]
-            negs = ((p.unsqueeze(1) * q[size:].view(size, n, -1)).sum(2) + bu.unsqueeze(1)
-                    + bi[size:].view(size, n))
+            # split, not slicing: split's backward concatenates the parts' gradients, where
+            # each slice's backward zero-fills a tensor of the whole pool's size and adds
+            # its part (the four slices' backward took 12 % of a step's CPU time at batch
+            # 1024 under torch.profiler; the same bits either way).
+            (q_pos, q_neg), (bi_pos, bi_neg) = q.split([size, size * n]), bi.split(
+                [size, size * n])
+            pos = (p * q_pos).sum(1) + bu + bi_pos
+            negs = ((p.unsqueeze(1) * q_neg.view(size, n, -1)).sum(2) + bu.unsqueeze(1)
+                    + bi_neg.view(size, n))
             if loss == "bpr":
                 value = pairwise_loss(pos, negs, loss, batch.weights)
                 count = size * n
