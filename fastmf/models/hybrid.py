@@ -468,8 +468,9 @@ class Hybrid(Recommender):
         chosen = neg.gather(1, first.unsqueeze(1)).squeeze(1)
         p, bu = self.users.pool(users[found])
         q, bi = self.items.pool(torch.cat([items[found], chosen[found]]))
-        pos = (p * q[:m]).sum(1) + bu + bi[:m]
-        negative = (p * q[m:]).sum(1) + bu + bi[m:]
+        (q_pos, q_neg), (bi_pos, bi_neg) = q.split(m), bi.split(m)  # split: see above
+        pos = (p * q_pos).sum(1) + bu + bi_pos
+        negative = (p * q_neg).sum(1) + bu + bi_neg
         bw = None if batch.weights is None else batch.weights[found]
         total = warp_term(pos, negative, weight[found], bw) * (m / size)
         if reg:
