@@ -27,7 +27,7 @@ Scenarios (seed 0):
 - accumulator: Hybrid's Adagrad starting accumulator (0, 1e-6, 1e-5) on the inner
   cold-item and warm splits of ml-latest-small and of the synthetic set, BPR and WARP.
 - batch: Hybrid's default batch size and learning rate (batch 1024 against 4096 at three
-  learning rates, 20 or 40 epochs) on the same inner splits, BPR and WARP.
+  learning rates, 20 or 40 epochs) on the same inner splits, BPR, BCE and WARP.
 - throughput: interactions per second of training on the warm split, equal epochs,
   LightFM ``num_threads=2`` and torch limited to 2 threads.
 
