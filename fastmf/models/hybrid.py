@@ -203,6 +203,19 @@ class FeatureSide(nn.Module):
         bias = self.bias(indices, offsets, per_sample_weights=weights)
         return vec, bias.squeeze(1)
 
+    def pool_distinct(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``ids``' distinct rows pooled once: ``(vectors (D, dim), biases (D,), inverse
+        (len(ids),), counts (D,))``, so that ``vectors[inverse]`` is :meth:`pool`'s result.
+        A training batch repeats ids (at batch 4096 with 4 negatives on
+        MovieLens-latest-small its 20,480 item ids hold about 4,000 distinct items, its
+        4,096 users at most 609), and the bag kernels then run on the distinct rows only,
+        forward and backward; each row's gradients are summed over its occurrences first,
+        so the result differs from :meth:`pool`'s by float summation order only."""
+        ids = ids.reshape(-1).to(device=self.indptr.device, dtype=torch.int64)
+        distinct, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        vec, bias = self.pool(distinct)
+        return vec, bias, inverse, counts
+
     def pool_rows(self, raw: sp.csr_matrix) -> tuple[Tensor, Tensor]:
         """(vectors, biases) of new rows given as raw feature weights (n, F): features only,
         normalised like the training rows (no identity row exists for them)."""
@@ -221,6 +234,45 @@ class FeatureSide(nn.Module):
             vec = self.table(indices, offsets, per_sample_weights=weights)
             bias = self.bias(indices, offsets, per_sample_weights=weights)
         return vec, bias.squeeze(1)
+
+
+class _Pooled:
+    """One side's distinct ids of a step, pooled once (:meth:`FeatureSide.pool_distinct`)."""
+
+    def __init__(self, side: FeatureSide, ids: Tensor):
+        self.vec, self.bias, self.inverse, self.counts = side.pool_distinct(ids)
+
+    def take(self, at: Tensor) -> tuple[Tensor, Tensor]:
+        """(vectors, biases) of the occurrences ``at`` (positions into the distinct rows)."""
+        return self.vec.index_select(0, at), self.bias.index_select(0, at)
+
+    def penalty(self) -> Tensor:
+        """Sum over the occurrences of ``||vector||² + bias²``, as a count-weighted sum over
+        the distinct rows."""
+        counts = self.counts.to(self.vec.dtype)
+        return (counts * (self.vec.square().sum(1) + self.bias.square())).sum()
+
+
+class _RowDots(torch.autograd.Function):
+    """``(p.unsqueeze(1) * q).sum(2)`` for p (B, dim) and q (B, n, dim), with a backward
+    that multiplies contiguous rows by per-row scalars: autograd's own backward of the
+    broadcast product multiplies against an expanded (B, n, dim) gradient whose last
+    stride is 0, which took 2.5-2.9 ms per call at (4096, 4, 64) under torch.profiler,
+    five times the forward."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, q: Tensor) -> Tensor:
+        ctx.save_for_backward(p, q)
+        return (p.unsqueeze(1) * q).sum(2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        p, q = ctx.saved_tensors
+        grad_q = grad.unsqueeze(2) * p.unsqueeze(1)
+        grad_p = torch.zeros_like(p)
+        for j in range(q.shape[1]):  # n is small (fit's num_negatives)
+            grad_p.addcmul_(q[:, j], grad[:, j:j + 1])
+        return grad_p, grad_q
 
 
 def _check_spec(op: str, arg: str, spec: dict) -> dict:
@@ -388,29 +440,29 @@ class Hybrid(Recommender):
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch, optimizer, *, loss: str, reg: float):
         """One update as the base class defines it (:func:`pointwise_loss` /
-        :func:`pairwise_loss`, ``reg`` times the squared pooled outputs over B), with each
-        side pooled once per step: the users once, the positives and negatives together."""
+        :func:`pairwise_loss`, ``reg`` times the squared pooled outputs over B). Each side's
+        distinct ids are pooled once (:meth:`FeatureSide.pool_distinct`: the users once,
+        the positives and negatives together) and gathered per pair; the penalty is taken
+        on the distinct rows, each weighted by its count (the same sum)."""
         if loss == "warp":
             return self._warp_step(batch, optimizer, reg)
         users, items = batch.users, batch.items
         size = users.shape[0]
-        p, bu = self.users.pool(users)
+        pu = _Pooled(self.users, users)
+        p, bu = pu.take(pu.inverse)
         if loss in IMPLICIT:
             if batch.negatives is None:
                 raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
                                  "batch.negatives")
             neg = batch.negatives
             n = neg.shape[1]
-            q, bi = self.items.pool(torch.cat([items.reshape(-1), neg.reshape(-1)]))
-            # split, not slicing: split's backward concatenates the parts' gradients, where
-            # each slice's backward zero-fills a tensor of the whole pool's size and adds
-            # its part (the four slices' backward took 12 % of a step's CPU time at batch
-            # 1024 under torch.profiler; the same bits either way).
-            parts = [size, size * n]
-            (q_pos, q_neg), (bi_pos, bi_neg) = q.split(parts), bi.split(parts)
+            pi = _Pooled(self.items, torch.cat([items.reshape(-1), neg.reshape(-1)]))
+            at_pos, at_neg = pi.inverse.split([size, size * n])
+            q_pos, bi_pos = pi.take(at_pos)
+            q_neg, bi_neg = pi.take(at_neg)
             pos = (p * q_pos).sum(1) + bu + bi_pos
-            negs = ((p.unsqueeze(1) * q_neg.view(size, n, -1)).sum(2) + bu.unsqueeze(1)
-                    + bi_neg.view(size, n))
+            negs = _RowDots.apply(p, q_neg.view(size, n, -1)) + bu.unsqueeze(1) + bi_neg.view(
+                size, n)
             if loss == "bpr":
                 value = pairwise_loss(pos, negs, loss, batch.weights)
                 count = size * n
@@ -427,14 +479,14 @@ class Hybrid(Recommender):
             if batch.targets is None:
                 raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
                                  "batch.targets")
-            q, bi = self.items.pool(items)
+            pi = _Pooled(self.items, items)
+            q, bi = pi.take(pi.inverse)
             value = pointwise_loss((p * q).sum(1) + bu + bi, batch.targets, loss,
                                    batch.weights)
             count = size
         total = value
         if reg:
-            penalty = p.square().sum() + bu.square().sum() + q.square().sum() + bi.square().sum()
-            total = value + reg * penalty / max(size, 1)
+            total = value + reg * (pu.penalty() + pi.penalty()) / max(size, 1)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -454,11 +506,15 @@ class Hybrid(Recommender):
         users, items, neg = batch.users, batch.items, batch.negatives
         size, n = neg.shape
         with torch.no_grad():
-            p, bu = self.users.pool(users)
-            q, bi = self.items.pool(torch.cat([items.reshape(-1), neg.reshape(-1)]))
-            pos = (p * q[:size]).sum(1) + bu + bi[:size]
-            cand = ((p.unsqueeze(1) * q[size:].view(size, n, self.dim)).sum(2) + bu.unsqueeze(1)
-                    + bi[size:].view(size, n))
+            pu = _Pooled(self.users, users)
+            p, bu = pu.take(pu.inverse)
+            pi = _Pooled(self.items, torch.cat([items.reshape(-1), neg.reshape(-1)]))
+            at_pos, at_cand = pi.inverse.split([size, size * n])
+            q_pos, bi_pos = pi.take(at_pos)
+            q_cand, bi_cand = pi.take(at_cand)
+            pos = (p * q_pos).sum(1) + bu + bi_pos
+            cand = ((p.unsqueeze(1) * q_cand.view(size, n, self.dim)).sum(2)
+                    + bu.unsqueeze(1) + bi_cand.view(size, n))
         first, weight = warp_choice(pos, cand, self.num_items)
         found = weight > 0
         m = int(found.sum())
@@ -466,16 +522,18 @@ class Hybrid(Recommender):
         if m == 0:  # no violator in the batch: nothing to update
             return torch.zeros((), dtype=pos.dtype, device=pos.device), size
         chosen = neg.gather(1, first.unsqueeze(1)).squeeze(1)
-        p, bu = self.users.pool(users[found])
-        q, bi = self.items.pool(torch.cat([items[found], chosen[found]]))
-        (q_pos, q_neg), (bi_pos, bi_neg) = q.split(m), bi.split(m)  # split: see above
+        pu = _Pooled(self.users, users[found])
+        p, bu = pu.take(pu.inverse)
+        pi = _Pooled(self.items, torch.cat([items[found], chosen[found]]))
+        at_pos, at_neg = pi.inverse.split(m)
+        q_pos, bi_pos = pi.take(at_pos)
+        q_neg, bi_neg = pi.take(at_neg)
         pos = (p * q_pos).sum(1) + bu + bi_pos
         negative = (p * q_neg).sum(1) + bu + bi_neg
         bw = None if batch.weights is None else batch.weights[found]
         total = warp_term(pos, negative, weight[found], bw) * (m / size)
         if reg:
-            penalty = p.square().sum() + bu.square().sum() + q.square().sum() + bi.square().sum()
-            total = total + reg * penalty / size
+            total = total + reg * (pu.penalty() + pi.penalty()) / size
         total.backward()
         optimizer.step()
         return total.detach(), size
