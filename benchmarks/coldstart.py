@@ -503,12 +503,16 @@ def main() -> None:
     print(f"{len(data)} positives, {data.num_users} users x {data.num_items} items; "
           f"{features}")
     # Small grids: the machine is a shared 2-core CPU. LightFM trains in seconds, so it
-    # gets both of its losses at two lengths.
+    # gets both of its losses at two lengths (WARP at two learning rates).
     h = dict(batch_size=1024, reg=0.0, loss="bpr")
     # The third setting is Hybrid's defaults for BPR (scenario "batch").
     fastmf_grid = [dict(h, lr=0.05, epochs=10, negatives=1),
                    dict(h, lr=0.1, epochs=10, negatives=4),
                    dict(h, lr=0.05, epochs=40, negatives=4, batch_size=4096, reg=1e-4)]
+    # The "accumulator" scenario's BPR settings (Adagrad's sum of squares starting at 1e-6
+    # or 1e-5 instead of 0; see warp_grid below), as WARP's grid has them.
+    fastmf_grid += [dict(h, lr=0.05, epochs=20, negatives=4, reg=1e-4, accumulator=a)
+                    for a in (1e-6, 1e-5)]
     # WARP: the negatives are the candidates per positive (LightFM's max_sampled is 10).
     # "accumulator": Adagrad's starting sum of squares, LightFM's 1 for the gradient of a
     # batch mean (1/B of a per-sample one): 1/B^2. It damps the first steps of rarely
@@ -520,8 +524,9 @@ def main() -> None:
     # Hybrid's defaults (batch 4096, 40 epochs), with WARP's 10 candidates.
     warp_grid.append(dict(h, loss="warp", lr=0.05, epochs=40, negatives=10, batch_size=4096,
                           reg=1e-4))
-    lightfm_grid = [dict(loss=loss, lr=0.05, epochs=e) for loss in ("warp", "bpr")
-                    for e in (10, 30)]
+    # LightFM: both losses at its default learning rate, and WARP also at twice that.
+    lightfm_grid = [dict(loss=loss, lr=lr, epochs=e) for loss, lr in
+                    (("warp", 0.05), ("warp", 0.1), ("bpr", 0.05)) for e in (10, 30)]
     mf_grid = [dict(lr=lr, epochs=10, reg=1e-4, negatives=4) for lr in (0.05, 0.2)]
     # Fold-in shrunk toward 0 or toward the mean trained user (fastmf.models.coldstart's
     # prior), each at three strengths.
