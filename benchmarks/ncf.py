@@ -48,6 +48,7 @@ from torch.nn import functional as F  # noqa: E402
 import fastmf  # noqa: E402
 from fastmf.data import Interactions, NegativeSampler, leave_one_out  # noqa: E402
 from fastmf.data.sampling import sample_negatives  # noqa: E402
+from fastmf.memory import keep_freed_memory  # noqa: E402
 from fastmf.metrics import sampled_rank_metrics  # noqa: E402
 from fastmf.models.base import Batch  # noqa: E402
 from fastmf.models.ncf import GMF, MLP, NeuMF  # noqa: E402
@@ -328,7 +329,13 @@ def main(argv=None) -> int:
                         help="multiply every model's epochs (a smoke run: 0.1)")
     parser.add_argument("--textbook-epochs", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: fastmf.memory.keep_freed_memory() for the whole process "
+                        "(every model alike, as fastmf train does); default: glibc's own "
+                        "thresholds")
     args = parser.parse_args(argv)
+    if args.malloc == "keep":
+        keep_freed_memory()
     path = args.data or next((p for p in DATA_CANDIDATES if p.exists()), None)
     if path is None or not path.exists():
         print(f"ncf.py: no ml-latest-small folder (looked in {DATA_CANDIDATES}); skipping")
@@ -337,7 +344,8 @@ def main(argv=None) -> int:
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     data = load(path)
     print(f"{len(data)} interactions, {data.num_users} users x {data.num_items} items; "
-          f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor()}",
+          f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor()}, "
+          f"malloc {args.malloc}",
           flush=True)
     if args.tune:
         results = tune(data)

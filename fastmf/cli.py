@@ -1121,6 +1121,10 @@ def build_parser() -> argparse.ArgumentParser:
 _HEADER = {"auto": None, "yes": True, "no": False}
 
 
+# The commands that train (and so allocate and free the same tensors every step).
+TRAINING_COMMANDS = ("train", "tune", "demo")
+
+
 def main(argv=None) -> int:
     from fastmf.checkpoint import CheckpointError
 
@@ -1130,6 +1134,13 @@ def main(argv=None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if hasattr(args, "header"):
         args.header = _HEADER[args.header]
+    if args.command in TRAINING_COMMANDS and os.environ.get("FASTMF_KEEP_FREED_MEMORY") != "0":
+        # This process is ours and trains: keep freed memory for the next step instead of
+        # faulting it in again (fastmf.memory.keep_freed_memory; a NeuMF epoch about 15 %
+        # faster on a 2-core VM).
+        from fastmf.memory import keep_freed_memory
+
+        keep_freed_memory()
     try:
         args.run(args)
     except (OSError, ValueError, KeyError, TypeError, IndexError, ImportError,

@@ -57,6 +57,26 @@ def one_line_error(err: str) -> str:
 FAST = ("--epochs", "1", "--dim", "4", "--quiet", "--device", "cpu")
 
 
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_training_commands_keep_freed_memory(tmp_path, capsys, monkeypatch, setting):
+    # fastmf train keeps freed memory (fastmf.memory.keep_freed_memory) unless
+    # FASTMF_KEEP_FREED_MEMORY=0; commands that do not train leave malloc as it is.
+    calls = []
+    monkeypatch.setattr(fastmf.memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    if setting is None:
+        monkeypatch.delenv("FASTMF_KEEP_FREED_MEMORY", raising=False)
+    else:
+        monkeypatch.setenv("FASTMF_KEEP_FREED_MEMORY", setting)
+    path = tmp_path / "ratings.csv"
+    random_ratings(3, n=200).to_csv(path, index=False)
+    code, _, err = run(capsys, "train", "--data", path, *FAST)
+    assert code == 0, err
+    assert calls == ([1] if setting is None else [])
+    code, _, err = run(capsys, "evaluate", "--model", tmp_path / "none", "--data", path)
+    assert code == 2 and err  # it ran, and failed on the missing model
+    assert calls == ([1] if setting is None else [])
+
+
 # -- which file, how it is read ----------------------------------------------------------------
 
 def test_train_reads_exactly_the_file_named(tmp_path, capsys):

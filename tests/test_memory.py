@@ -131,3 +131,44 @@ def test_same_training_either_way(monkeypatch, dtype):
         results.append((bag.weight.detach().clone(), opt.state_for(bag.weight).clone()))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+# Rounds of a step-like pattern: eight 4 MiB tensors written, then all freed; the minor page
+# faults of the last rounds. Without the setting glibc hands the freed 32 MiB back (above
+# its trim threshold) and the next round faults every page in again.
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from fastmf import memory
+if sys.argv[1] == "keep":
+    assert memory.keep_freed_memory() is True
+def round_():
+    blocks = [torch.empty(1 << 20).fill_(1.5) for _ in range(8)]
+    return sum(float(b[-1]) for b in blocks)
+for _ in range(3):
+    round_()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+total = sum(round_() for _ in range(10))
+assert total == 10 * 8 * 1.5
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(memory._mallopt() is None, reason="keep_freed_memory needs glibc")
+def test_keep_freed_memory_stops_refaulting():
+    import subprocess
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], check=True,
+                             capture_output=True, text=True, timeout=120)
+        return int(out.stdout.split()[-1])
+
+    plain, kept = faults("plain"), faults("keep")
+    pages = 10 * 8 * (4 << 20) // 4096  # what refaulting every page of every round costs
+    assert plain > pages // 2, (plain, kept)
+    assert kept < pages // 20, (plain, kept)
+
+
+@pytest.mark.parametrize("limit", [True, 1.0e9, "1G", 0, (32 << 20) - 1, 2**31])
+def test_keep_freed_memory_bad_limit(limit):
+    with pytest.raises(ValueError, match="limit must be an int"):
+        memory.keep_freed_memory(limit)
