@@ -58,7 +58,7 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     batch 4,096 x 5 pairs: (20,480, 32) activations and their gradients). glibc serves
     blocks above its mmap threshold with fresh mappings and gives them back on free, and
     gives back free memory at the top of its heaps above its trim threshold, so the next
-    step faults the same pages in again, zero-filled: about 1,000 page faults per NeuMF
+    step faults the same pages in again, zero-filled: up to 1,300 page faults per NeuMF
     step on a 2-core VM, each 2 us or more (a (20,480, 16) x (16, 32) matmul into fresh
     memory took 1.85 ms against 0.46 ms into reused memory). This sets the mmap threshold
     to 32 MiB (glibc's maximum, so blocks up to that size come from the heap and are
