@@ -92,12 +92,13 @@ def _mallopt():
     """glibc's mallopt(param, value), or None where the C library is not glibc."""
     if not sys.platform.startswith("linux"):
         return None
+    libc = _libc()
+    # Not glibc (musl's malloc has other parameters): leave it alone.
+    if libc is None or not hasattr(libc, "gnu_get_libc_version"):
+        return None
     try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl: other parameters)
-            return None
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
@@ -111,12 +112,21 @@ def huge_pages_enabled() -> bool:
 
 
 @functools.cache
+def _libc():
+    """The C library (for madvise and mallopt), or None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+
+
+@functools.cache
 def _madvise():
     """libc's madvise(addr, length, advice), or None where it cannot be loaded."""
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         madvise = libc.madvise
-    except (OSError, AttributeError):
+    except AttributeError:  # also libc None
         return None
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     madvise.restype = ctypes.c_int

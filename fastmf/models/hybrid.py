@@ -454,15 +454,8 @@ class Hybrid(Recommender):
             if batch.negatives is None:
                 raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
                                  "batch.negatives")
-            neg = batch.negatives
-            n = neg.shape[1]
-            pi = _Pooled(self.items, torch.cat([items.reshape(-1), neg.reshape(-1)]))
-            at_pos, at_neg = pi.inverse.split([size, size * n])
-            q_pos, bi_pos = pi.take(at_pos)
-            q_neg, bi_neg = pi.take(at_neg)
-            pos = (p * q_pos).sum(1) + bu + bi_pos
-            negs = _RowDots.apply(p, q_neg.view(size, n, -1)) + bu.unsqueeze(1) + bi_neg.view(
-                size, n)
+            n = batch.negatives.shape[1]
+            pi, pos, negs = self._rank_scores(p, bu, items, batch.negatives)
             if loss == "bpr":
                 value = pairwise_loss(pos, negs, loss, batch.weights)
                 count = size * n
@@ -492,6 +485,21 @@ class Hybrid(Recommender):
         optimizer.step()
         return total.detach(), count
 
+    def _rank_scores(self, p: Tensor, bu: Tensor, items: Tensor,
+                     negatives: Tensor) -> tuple[_Pooled, Tensor, Tensor]:
+        """The items' side of a ranking step for the B users' vectors ``p`` and biases
+        ``bu``: (the positives and negatives pooled together, the positives' scores (B,),
+        the negatives' scores (B, n))."""
+        size, n = negatives.shape
+        pi = _Pooled(self.items, torch.cat([items.reshape(-1), negatives.reshape(-1)]))
+        at_pos, at_neg = pi.inverse.split([size, size * n])
+        q_pos, bi_pos = pi.take(at_pos)
+        q_neg, bi_neg = pi.take(at_neg)
+        pos = (p * q_pos).sum(1) + bu + bi_pos
+        negs = (_RowDots.apply(p, q_neg.view(size, n, self.dim)) + bu.unsqueeze(1)
+                + bi_neg.view(size, n))
+        return pi, pos, negs
+
     def _warp_step(self, batch, optimizer, reg: float):
         """WARP (:func:`fastmf.recommender.warp_loss`, LightFM's ``loss="warp"``): the
         ``num_negatives`` sampled items of each positive are its candidates (LightFM's
@@ -508,13 +516,7 @@ class Hybrid(Recommender):
         with torch.no_grad():
             pu = _Pooled(self.users, users)
             p, bu = pu.take(pu.inverse)
-            pi = _Pooled(self.items, torch.cat([items.reshape(-1), neg.reshape(-1)]))
-            at_pos, at_cand = pi.inverse.split([size, size * n])
-            q_pos, bi_pos = pi.take(at_pos)
-            q_cand, bi_cand = pi.take(at_cand)
-            pos = (p * q_pos).sum(1) + bu + bi_pos
-            cand = ((p.unsqueeze(1) * q_cand.view(size, n, self.dim)).sum(2)
-                    + bu.unsqueeze(1) + bi_cand.view(size, n))
+            _, pos, cand = self._rank_scores(p, bu, items, neg)
         first, weight = warp_choice(pos, cand, self.num_items)
         found = weight > 0
         m = int(found.sum())
