@@ -17,7 +17,7 @@ import fastmf
 from fastmf.nn.embedding import embedding_kernels
 from fastmf.ops import reference
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay
-from fastmf.testing import BACKENDS, BATCH_SIZES, ID_DTYPES, tolerance, zipf_ids
+from fastmf.testing import BACKENDS, BATCH_SIZES, ID_DTYPES, idfn, tolerance, zipf_ids
 
 N, K = 60, 8
 RATINGS = Path("/work/shared/data/ml-latest-small/ratings.csv")
@@ -182,6 +182,64 @@ def test_backward_update_equals_composition(backend, optimizer, dtype, pooling):
     assert torch.equal(w1, w2)
     for a, b in zip(s1, s2):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", list(Optimizer))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=idfn)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+def test_increasing_ids_match_reference(backend, optimizer, dtype, id_dtype):
+    """Ids already strictly increasing (each distinct id looked up once, as the NCF models'
+    training step passes them) are grouped without a sort, and float tables step their rows
+    in place: the same bits as the same rows in shuffled order (grouped by the sort), and the
+    reference's numbers. Ids that stop increasing only at the last id, and an empty batch,
+    take the general path."""
+    k = embedding_kernels(backend, "cpu")
+    rng = _rng(int(optimizer) + 100)
+    gen = torch.Generator().manual_seed(int(optimizer) + 100)
+    num_rows = 300
+    acc = torch.float32
+    distinct = torch.from_numpy(np.unique(zipf_ids(num_rows, 400, generator=rng).numpy()))
+    assert len(distinct) > 50
+    shuffle = torch.from_numpy(rng.permutation(len(distinct)))
+    repeated = torch.cat([distinct, distinct[-1:]])  # increasing but for the last id
+    weight = (torch.randn(num_rows, K, generator=gen) * 0.1).to(dtype)
+    shapes = fastmf.ops.checks.row_state_shapes(optimizer, weight)
+    states = [None if s is None else torch.rand(s, generator=gen, dtype=acc) for s in shapes]
+    settings = (optimizer, 0.05, 1e-3, 0.8, 0.95, 0.01, WeightDecay.L2, 3, 77, True)
+
+    def run(kernels, ids, rows, psw):
+        w, st = weight.clone(), [None if s is None else s.clone() for s in states]
+        offsets = torch.arange(len(ids) + 1, dtype=id_dtype)
+        kernels.embedding_bag_backward_update(w, *st, rows, ids.to(id_dtype), offsets, psw,
+                                              Pooling.SUM, *settings)
+        w2, st2 = weight.clone(), [None if s is None else s.clone() for s in states]
+        scaled = rows if psw is None else rows * psw.unsqueeze(1)
+        kernels.sparse_update(w2, *st2, ids.to(id_dtype), scaled, *settings)
+        return (w, st), (w2, st2)
+
+    # A half table's rows: one rounding of the fp32 step (an ulp of float16 is ~1e-3).
+    tol = tolerance(acc) if dtype == acc else dict(rtol=2e-3, atol=2e-3)
+    state_tol = tolerance(acc)
+    for ids in (distinct, repeated, distinct[:0]):
+        rows = torch.randn(len(ids), K, generator=gen, dtype=acc)
+        psw = torch.rand(len(ids), generator=gen, dtype=acc)
+        ours = run(k, ids, rows, psw)
+        spec = run(reference, ids, rows, psw)
+        for (w, st), (w_ref, st_ref) in zip(ours, spec):
+            if len(ids):
+                assert not torch.equal(w, weight)
+            else:
+                assert torch.equal(w, weight)
+            torch.testing.assert_close(w.float(), w_ref.float(), **tol)
+            for a, b in zip(st, st_ref):
+                assert (a is None and b is None) or torch.allclose(a, b, **state_tol)
+        if ids is distinct:
+            mixed = run(k, ids[shuffle], rows[shuffle], psw[shuffle])
+            for (w, st), (w_mixed, st_mixed) in zip(ours, mixed):
+                assert torch.equal(w, w_mixed)
+                for a, b in zip(st, st_mixed):
+                    assert (a is None and b is None) or torch.equal(a, b)
 
 
 # --- optimizer in backward: several uses of one table, an MLP alongside ----------------------
