@@ -2,7 +2,7 @@
 
     python benchmarks/ncf.py [--data PATH] [--threads N] [--epochs-scale F] [--json OUT]
     python benchmarks/ncf.py --tune     # the inner-validation runs that chose the defaults
-    python benchmarks/ncf.py --speed 3  # epoch times only: NeuMF, MLP, textbook, alternated
+    python benchmarks/ncf.py --speed 9  # epoch times only: NeuMF, MLP, textbook, alternated
 
 Protocol (He et al. 2017): every rating is a positive; each user's latest interaction is
 the test item (``fastmf.data.leave_one_out(by="time")``); it is ranked among 99 items the
@@ -281,40 +281,49 @@ def settings_of(cls, scale: float) -> dict:
                 epochs=max(1, round(defaults["epochs"] * scale)))
 
 
-def speed(split: Split, rounds: int, epochs: int = 3) -> dict[str, dict[str, list[float]]]:
+def speed(split: Split, rounds: int) -> dict[str, dict[str, list[float]]]:
     """Epoch wall and CPU seconds of fastmf NeuMF and MLP (their defaults) and the textbook
-    NeuMF (batch 256), the three alternated ``rounds`` times (a shared machine's load
-    drifts), each run after one warm-up epoch; prints the medians and the ratios. With one
-    thread CPU time is the steadier figure; with more, wall time is the one that counts
-    (CPU time also counts the threads' spinning at every parallel region's end)."""
+    NeuMF (batch 256). Each model is built once and trained one warm-up epoch; then every
+    round trains one epoch of each, alternated, so the epochs a ratio compares ran seconds
+    apart (a shared machine's load drifts over minutes: the textbook epoch alone moved
+    between 1.15 and 1.7 s in one hour). Prints the medians, and the median over the rounds
+    of each round's textbook / NeuMF ratio. With one thread CPU time is the steadier figure;
+    with more, wall time is the one that counts (CPU time also counts the threads' spinning
+    at every parallel region's end)."""
     kinds = ("neumf", "mlp", "textbook")
     times: dict[str, dict[str, list[float]]] = {"wall": {k: [] for k in kinds},
                                                "cpu": {k: [] for k in kinds}}
-    for _ in range(rounds):
-        for kind in kinds:
-            torch.manual_seed(SEED)
-            if kind == "textbook":
-                model = Textbook(split.train.num_users, split.train.num_items)
-                optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-                batch_size = 256
-            else:
-                model = ncf_model(kind, split.train)
-                settings = settings_of(type(model), 1.0)
-                optimizer = ncf_optimizer(model, settings["table_optimizer"], settings["lr"],
-                                          settings["dense_lr"])
-                batch_size = settings["batch_size"]
-            train_epochs(model, optimizer, split.train, epochs=1, batch_size=batch_size)
-            for wall, cpu in train_epochs(model, optimizer, split.train, epochs=epochs,
-                                          batch_size=batch_size, seed=SEED + 1):
-                times["wall"][kind].append(wall)
-                times["cpu"][kind].append(cpu)
+    runs = {}
+    for kind in kinds:
+        torch.manual_seed(SEED)
+        if kind == "textbook":
+            model = Textbook(split.train.num_users, split.train.num_items)
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+            batch_size = 256
+        else:
+            model = ncf_model(kind, split.train)
+            settings = settings_of(type(model), 1.0)
+            optimizer = ncf_optimizer(model, settings["table_optimizer"], settings["lr"],
+                                      settings["dense_lr"])
+            batch_size = settings["batch_size"]
+        train_epochs(model, optimizer, split.train, epochs=1, batch_size=batch_size)
+        runs[kind] = (model, optimizer, batch_size)
+    for r in range(rounds):
+        for kind, (model, optimizer, batch_size) in runs.items():
+            (wall, cpu), = train_epochs(model, optimizer, split.train, epochs=1,
+                                        batch_size=batch_size, seed=SEED + 1 + r)
+            times["wall"][kind].append(wall)
+            times["cpu"][kind].append(cpu)
     for clock, values in times.items():
         medians = {kind: statistics.median(v) for kind, v in values.items()}
         for kind, value in medians.items():
             print(f"{kind:<9} median epoch {value:.3f} s {clock} over {len(values[kind])} "
                   f"epochs (min {min(values[kind]):.3f}, max {max(values[kind]):.3f})")
-        print(f"{clock}: textbook / NeuMF {medians['textbook'] / medians['neumf']:.2f}x; "
-              f"textbook / MLP {medians['textbook'] / medians['mlp']:.2f}x")
+        paired = [t / n for t, n in zip(values["textbook"], values["neumf"], strict=True)]
+        print(f"{clock}: textbook / NeuMF {medians['textbook'] / medians['neumf']:.2f}x "
+              f"(median of the rounds' ratios {statistics.median(paired):.2f}x, range "
+              f"{min(paired):.2f}-{max(paired):.2f}); textbook / MLP "
+              f"{medians['textbook'] / medians['mlp']:.2f}x")
     return times
 
 
@@ -324,7 +333,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
-                        help="only time epochs (NeuMF, MLP, textbook), ROUNDS alternations")
+                        help="only time epochs (NeuMF, MLP, textbook): ROUNDS rounds of one epoch "
+                        "each, alternated")
     parser.add_argument("--epochs-scale", type=float, default=1.0,
                         help="multiply every model's epochs (a smoke run: 0.1)")
     parser.add_argument("--textbook-epochs", type=int, default=20)
