@@ -214,8 +214,7 @@ def test_increasing_ids_match_reference(backend, optimizer, dtype, id_dtype):
         kernels.embedding_bag_backward_update(w, *st, rows, ids.to(id_dtype), offsets, psw,
                                               Pooling.SUM, *settings)
         w2, st2 = weight.clone(), [None if s is None else s.clone() for s in states]
-        scaled = rows if psw is None else rows * psw.unsqueeze(1)
-        kernels.sparse_update(w2, *st2, ids.to(id_dtype), scaled, *settings)
+        kernels.sparse_update(w2, *st2, ids.to(id_dtype), rows * psw.unsqueeze(1), *settings)
         return (w, st), (w2, st2)
 
     # A half table's rows: one rounding of the fp32 step (an ulp of float16 is ~1e-3).
