@@ -113,6 +113,11 @@ TORCH_LIBRARY(fastmf, m) {
   m.def(
       "embedding_bag_backward(Tensor grad_output, Tensor indices, Tensor offsets, "
       "Tensor? per_sample_weights, int pooling) -> Tensor");
+  // The dense gradient of a row gather (what index_select's backward forms): out[ids[j]] +=
+  // rows[j] for j in order, from zero, in the accumulation type, then cast to rows' dtype;
+  // out (num_rows,) or (num_rows, K) like rows. CPU kernel in csrc/cpu/embedding_bag.cpp;
+  // elsewhere the composite below.
+  m.def("scatter_rows(Tensor ids, Tensor rows, int num_rows) -> Tensor");
   // The exact deduplicated sparse step: per unique id the sum of its grad_rows in order of
   // occurrence, then one update of the row and its states (optimizer: any Optimizer code;
   // weight_decay_mode: a WeightDecay code; step >= 1 counts this step; float16/bfloat16

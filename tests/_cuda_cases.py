@@ -1242,3 +1242,27 @@ def check_bag_bad_offsets(target, case):
     with pytest.raises(ValueError, match=r"fastmf\.embedding_bag_backward_update: " + message):
         target.check_errors()
     target.check_errors()
+
+
+def check_scatter_rows(target, dtype, *, id_dtype=torch.int64, num_rows=30, length=300,
+                       dim=8, exponent=1.0, seed=0):
+    """scatter_rows on Zipf ids (dim 0: 1-D rows) against the reference, which sums in index
+    order; bit for bit where no row is hit more than kHotChunk (2048) times, as the CUDA
+    registration sums such runs chunk by chunk. Also the native CPU kernel, bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    ids = zipf_ids(num_rows, length, exponent=exponent, generator=rng, dtype=id_dtype)
+    shape = (length, dim) if dim else (length,)
+    rows = torch.randn(shape, generator=gen, dtype=acc_dtype(dtype)).to(dtype)
+    expected = reference.scatter_rows(ids, rows, num_rows)
+    got = target.ops.scatter_rows(*target.to(ids, rows), num_rows).cpu()
+    assert got.dtype == dtype and got.shape == (num_rows,) + shape[1:]
+    hot = length and int(torch.bincount(ids.long()).max()) > 2048
+    if hot:
+        torch.testing.assert_close(got, expected, **bag_tolerance(dtype))
+    else:
+        assert torch.equal(got, expected)
+    native = native_cpu_ops()
+    if native is not None and not hot:
+        assert torch.equal(got, native.scatter_rows(ids, rows, num_rows))
+    target.check_errors()

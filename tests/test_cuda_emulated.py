@@ -417,3 +417,13 @@ def test_embedding_bag_bad_ids(emu, id_dtype):
 @pytest.mark.parametrize("case", sorted(cases.BAD_OFFSETS))
 def test_embedding_bag_bad_offsets(emu, case):
     cases.check_bag_bad_offsets(emu, case)
+
+
+@pytest.mark.parametrize("dtype", BAG_DTYPES)
+@pytest.mark.parametrize("dim,length", [(0, 40), (8, 0), (8, 300), (37, 120)])
+def test_scatter_rows(emu, dtype, dim, length):
+    # 1-D rows (dim 0), no ids, duplicates under Zipf, a partial warp (37); id dtypes
+    # alternate.
+    seed = BAG_DTYPES.index(dtype) + dim + length
+    cases.check_scatter_rows(emu, dtype, id_dtype=torch.int32 if seed % 2 else torch.int64,
+                             length=length, dim=dim, seed=seed)

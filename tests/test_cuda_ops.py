@@ -530,6 +530,21 @@ def test_embedding_bag_bad_offsets(case):
     cases.check_bag_bad_offsets(CUDA, case)
 
 
+@pytest.mark.parametrize("dtype", BAG_DTYPES)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("dim", [0, 1, 32, 130])
+@pytest.mark.parametrize("length", [0, 1, 20_480])
+def test_scatter_rows(dtype, id_dtype, dim, length):
+    cases.check_scatter_rows(CUDA, dtype, id_dtype=id_dtype, num_rows=9_000, length=length,
+                             dim=dim, seed=dim + length)
+
+
+def test_scatter_rows_hot_rows():
+    # Runs past kHotChunk: summed chunk by chunk on the GPU, within rounding of the spec.
+    cases.check_scatter_rows(CUDA, torch.float32, num_rows=3, length=9_000, dim=16,
+                             exponent=0.5, seed=3)
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "rowwise_adagrad"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_embedding_bag_cuda_graph_replay_equals_eager(optimizer, dtype):

@@ -17,7 +17,15 @@ import fastmf
 from fastmf.nn.embedding import embedding_kernels
 from fastmf.ops import reference
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay
-from fastmf.testing import BACKENDS, BATCH_SIZES, ID_DTYPES, idfn, tolerance, zipf_ids
+from fastmf.testing import (
+    BACKENDS,
+    BATCH_SIZES,
+    ID_DTYPES,
+    idfn,
+    requires_native,
+    tolerance,
+    zipf_ids,
+)
 
 N, K = 60, 8
 RATINGS = Path("/work/shared/data/ml-latest-small/ratings.csv")
@@ -403,6 +411,98 @@ def test_op_checks_name_the_op():
     with pytest.raises(ValueError, match=r"fastmf\.embedding_bag_backward: grad_output has 3 "
                                          r"rows, expected one per bag \(2\)"):
         reference.embedding_bag_backward(torch.rand(3, K), ids, offsets, None, "sum")
+
+
+# --- scatter_rows: the dense gradient of a row gather ---------------------------------------
+
+SCATTER_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _scatter_kernels(backend):
+    return fastmf.ops.kernels(backend, torch.device("cpu"), kernel="scatter_rows")
+
+
+def _scatter_case(batch, dtype, id_dtype, shape, seed):
+    """(ids, rows): Zipf ids (many duplicates), standard normal rows (L, K) or (L,)."""
+    rng = _rng(seed)
+    ids = zipf_ids(N, batch, generator=rng, dtype=id_dtype)
+    size = (batch, K) if shape == "2d" else (batch,)
+    rows = torch.from_numpy(rng.standard_normal(size)).to(dtype)
+    return ids, rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", SCATTER_DTYPES, ids=idfn)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+@pytest.mark.parametrize("shape", ["1d", "2d"])
+def test_scatter_rows_matches_reference_and_autograd(backend, dtype, id_dtype, batch, shape):
+    ids, rows = _scatter_case(batch, dtype, id_dtype, shape, seed=batch + len(shape))
+    got = _scatter_kernels(backend).scatter_rows(ids, rows, N)
+    assert got.dtype == dtype and got.shape == (N,) + tuple(rows.shape[1:])
+    # The same adds in the same order (index order) as the spec: the same bits.
+    assert torch.equal(got, reference.scatter_rows(ids, rows, N))
+    # Textbook: autograd's gradient of the gather table[ids], in the accumulation type.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    table = torch.zeros((N,) + tuple(rows.shape[1:]), dtype=acc, requires_grad=True)
+    table.index_select(0, ids.long()).backward(rows.to(acc))
+    assert torch.equal(got, table.grad.to(dtype))
+    if batch:
+        untouched = torch.ones(N, dtype=torch.bool)
+        untouched[ids.long()] = False
+        assert got[untouched].eq(0).all() and got[~untouched].ne(0).any()
+
+
+@requires_native
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+def test_scatter_rows_threads_give_the_same_bits(id_dtype):
+    """Past kScatterParallelValues (2^21 values) the native kernel splits the output rows
+    among threads; every row still sums its terms in index order."""
+    ids, rows = _scatter_case(70_000, torch.float32, id_dtype, "2d", seed=5)
+    rows = rows.repeat(1, 4)  # (70,000, 32): 2.24M values
+    expected = reference.scatter_rows(ids, rows, N)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(_scatter_kernels("native").scatter_rows(ids, rows, N), expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
+BAD_SCATTER_INPUTS = {
+    "id past the end": (dict(ids=[0, N, 2]), IndexError, rf"ids id {N} out of range \[0, {N}\)"),
+    "negative id": (dict(ids=[0, -1, 2]), IndexError, rf"ids id -1 out of range \[0, {N}\)"),
+    "float ids": (dict(ids=[0.0, 1.0, 2.0]), TypeError, "ids must be int32 or int64"),
+    "2-D ids": (dict(ids=[[0, 1, 2]]), ValueError, "ids must be 1-D"),
+    "int rows": (dict(rows=torch.ones(3, K, dtype=torch.int64)), TypeError,
+                 "rows must be float32, float64, float16 or bfloat16"),
+    "3-D rows": (dict(rows=torch.ones(3, K, 1)), ValueError, "rows must be 1-D or 2-D"),
+    "one row short": (dict(rows=torch.ones(2, K)), ValueError,
+                      r"rows has 2 rows, expected one per id \(3\)"),
+    "negative num_rows": (dict(num_rows=-1), ValueError, "num_rows must be >= 0, got -1"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BAD_SCATTER_INPUTS))
+def test_scatter_rows_bad_input(backend, case):
+    args, error, message = BAD_SCATTER_INPUTS[case]
+    ids = torch.tensor(args.get("ids", [0, 1, 2]))
+    rows = args.get("rows", torch.rand(3, K))
+    with pytest.raises(error, match=r"fastmf\.scatter_rows: " + message):
+        _scatter_kernels(backend).scatter_rows(ids, rows, args.get("num_rows", N))
+
+
+@requires_native
+def test_scatter_rows_op_autograd_and_fake():
+    gen = torch.Generator().manual_seed(6)
+    ids = zipf_ids(N, 50, generator=np.random.default_rng(6))
+    rows = torch.randn(50, K, generator=gen, dtype=torch.float64, requires_grad=True)
+    op = torch.ops.fastmf.scatter_rows.default
+    assert torch.autograd.gradcheck(lambda r: op(ids, r, N), (rows,))
+    torch.library.opcheck(op, (ids, rows.detach().float(), N))
+    torch.library.opcheck(op, (ids[:0], torch.randn(0), 4))
 
 
 # --- autograd machinery ---------------------------------------------------------------------

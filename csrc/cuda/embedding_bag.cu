@@ -1,5 +1,5 @@
 // The embedding_bag family on the GPU: embedding_bag_forward, embedding_bag_backward,
-// sparse_update and embedding_bag_backward_update. csrc/cpu/embedding_bag.cpp is the same
+// scatter_rows, sparse_update and embedding_bag_backward_update. csrc/cpu/embedding_bag.cpp is the same
 // family on the CPU; fastmf/ops/reference/embedding_bag.py states what each op computes.
 //
 // Every sum has the order of the CPU kernel, so the two devices give the same bits:
@@ -39,6 +39,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "../args.h"
 #include "../checks.h"
@@ -812,12 +813,36 @@ void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad
   });
 }
 
+// scatter_rows, with no kernel of its own: sparse_update's SGD step on a zero table of the
+// accumulation type with lr = -1, so each touched row becomes 0 - (-1) g = g exactly, the
+// sum of its rows in index order (the grouping is stable). Runs longer than kHotChunk are
+// summed chunk by chunk, as every step of this family sums them; the CPU's scatter_rows
+// adds such a run in one pass, so a row hit more than kHotChunk times may differ from it in
+// the last bits. A bad id is recorded under sparse_update's name and left out, as in the
+// step: no host synchronisation.
+at::Tensor scatter_rows(const at::Tensor& ids, const at::Tensor& rows, int64_t num_rows) {
+  check_scatter_rows("scatter_rows", ids, rows, num_rows);
+  c10::cuda::CUDAGuard guard(rows.device());
+  const int64_t n = ids.size(0);
+  const int64_t dim = rows.dim() == 2 ? rows.size(1) : 1;
+  const auto acc_type = accumulation_type(rows.scalar_type());
+  at::Tensor table = at::zeros({num_rows, dim}, rows.options().dtype(acc_type));
+  const RowOptimizerArgs opt{Optimizer::kSgd, -1.0, 0.0, 0.0, 0.0, 0.0, WeightDecay::kNone,
+                             1, 0, false};
+  sparse_update(RowTable{table, at::Tensor(), at::Tensor()}, ids,
+                rows.reshape({n, dim}).to(acc_type), opt);
+  std::vector<int64_t> sizes = rows.sizes().vec();
+  sizes[0] = num_rows;
+  return table.view(sizes).to(rows.scalar_type());
+}
+
 }  // namespace
 }  // namespace fastmf::cuda
 
 TORCH_LIBRARY_IMPL(fastmf, CUDA, m) {
   m.impl("embedding_bag_forward", &fastmf::cuda::embedding_bag_forward);
   m.impl("embedding_bag_backward", &fastmf::cuda::embedding_bag_backward);
+  m.impl("scatter_rows", &fastmf::cuda::scatter_rows);
   m.impl("sparse_update", &fastmf::sparse_update_op<fastmf::cuda::sparse_update>);
   m.impl("embedding_bag_backward_update",
          &fastmf::embedding_bag_backward_update_op<fastmf::cuda::embedding_bag_backward_update>);

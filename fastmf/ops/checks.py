@@ -472,6 +472,23 @@ def check_embedding_weight(op: str, name: str, weight, dims=(2,)) -> None:
         raise ValueError(f"fastmf.{op}: {name} must be {want}, got shape {tuple(weight.shape)}")
 
 
+def check_scatter_rows(op: str, ids, rows, num_rows) -> None:
+    """scatter_rows: num_rows an int >= 0; ids (L,) int32/int64; rows (L,) or (L, K) float
+    on the ids' device (csrc/checks.h check_scatter_rows, in its order); then the ids'
+    values in [0, num_rows) (a host sync on a GPU)."""
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int | np.integer):
+        raise TypeError(f"fastmf.{op}: num_rows must be an int, got {type(num_rows).__name__}")
+    if num_rows < 0:
+        raise ValueError(f"fastmf.{op}: num_rows must be >= 0, got {num_rows}")
+    check_index_tensor(op, "ids", ids)
+    check_embedding_weight(op, "rows", rows, (1, 2))
+    check_same_device(op, "ids", ids, rows=rows)
+    if rows.shape[0] != ids.shape[0]:
+        raise ValueError(f"fastmf.{op}: rows has {rows.shape[0]} rows, expected one per id "
+                         f"({ids.shape[0]})")
+    check_ids(op, "ids", ids, int(num_rows))
+
+
 def check_index_tensor(op: str, name: str, t) -> None:
     """A 1-D int32/int64 tensor (ids or offsets); reads no value."""
     if not isinstance(t, torch.Tensor):

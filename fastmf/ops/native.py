@@ -315,9 +315,15 @@ def topk_scores(
 
 
 def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """Dense gradient of a gather: ``zeros(num_rows, ...).index_add_(0, ids, rows)``."""
-    out = rows.new_zeros((num_rows,) + tuple(rows.shape[1:]))
-    return out.index_add_(0, ids, rows)
+    """The dense gradient of a row gather, ``out[ids[j]] += rows[j]`` in index order: see
+    :func:`fastmf.ops.reference.embedding_bag.scatter_rows`. Differentiable with respect to
+    ``rows``."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return torch.ops.fastmf.scatter_rows.default(ids, rows, num_rows)
+    # No graph to record (a backward pass runs with grad disabled): past the op's Python
+    # autograd formula, which costs about 40 us a call, to the kernel.
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.fastmf.scatter_rows.default(ids, rows, num_rows)
 
 
 if native_available():
@@ -494,3 +500,26 @@ if native_available():
         torch.library.register_autograd("fastmf::embedding_bag_forward",
                                         _embedding_bag_forward_backward,
                                         setup_context=_embedding_bag_forward_setup)
+
+    # scatter_rows: the backward of a row gather (fastmf.models' NCF towers, the dense
+    # gradients above); its own gradient is the gather.
+    if hasattr(torch.ops.fastmf, "scatter_rows"):
+
+        @torch.library.register_fake("fastmf::scatter_rows")
+        def _scatter_rows_fake(ids, rows, num_rows):
+            torch._check(ids.dim() == 1, lambda: "fastmf.scatter_rows: ids must be 1-D")
+            torch._check(rows.dim() in (1, 2),
+                         lambda: "fastmf.scatter_rows: rows must be 1-D or 2-D")
+            torch._check(rows.shape[0] == ids.shape[0],
+                         lambda: "fastmf.scatter_rows: rows must have one row per id")
+            return rows.new_empty((num_rows,) + tuple(rows.shape[1:]))
+
+        def _scatter_rows_setup(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        def _scatter_rows_backward(ctx, grad):
+            (ids,) = ctx.saved_tensors
+            return None, grad.index_select(0, ids.long()), None
+
+        torch.library.register_autograd("fastmf::scatter_rows", _scatter_rows_backward,
+                                        setup_context=_scatter_rows_setup)

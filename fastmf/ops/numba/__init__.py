@@ -7,6 +7,7 @@ from fastmf.ops.numba.embedding_bag import (
     embedding_bag_backward,
     embedding_bag_backward_update,
     embedding_bag_forward,
+    scatter_rows,
     sparse_update,
 )
 from fastmf.ops.numba.pairwise import train_step_pairwise, train_step_pairwise_sampled
@@ -23,6 +24,7 @@ from fastmf.ops.numba.topk import topk_scores
 NAME = "numba"
 
 __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
-           "embedding_bag_forward", "mf_backward", "mf_forward", "sparse_adagrad_update",
-           "sparse_sgd_update", "sparse_update", "topk_scores", "train_step",
-           "train_step_pairwise", "train_step_pairwise_sampled", "train_step_sampled"]
+           "embedding_bag_forward", "mf_backward", "mf_forward", "scatter_rows",
+           "sparse_adagrad_update", "sparse_sgd_update", "sparse_update", "topk_scores",
+           "train_step", "train_step_pairwise", "train_step_pairwise_sampled",
+           "train_step_sampled"]

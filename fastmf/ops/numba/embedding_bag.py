@@ -1,4 +1,5 @@
-"""Numba CPU backend of the embedding_bag op family: bag forward, its backward, the exact
+"""Numba CPU backend of the embedding_bag op family: bag forward, its backward, the dense
+gradient of a row gather (``scatter_rows``), the exact
 deduplicated sparse step (``sparse_update``) and the backward fused with that step
 (``embedding_bag_backward_update``), as ``@njit`` code over numpy views of CPU tensors.
 
@@ -78,7 +79,7 @@ from fastmf.ops.numba._common import (
 )
 
 __all__ = ["embedding_bag_backward", "embedding_bag_backward_update", "embedding_bag_forward",
-           "sparse_update"]
+           "scatter_rows", "sparse_update"]
 
 Tensor = torch.Tensor
 
@@ -733,6 +734,32 @@ def sparse_update(weight: Tensor, state1: Tensor | None, state2: Tensor | None, 
 
 
 @torch.no_grad()
+@jit
+def _scatter_kernel(ids, rows, out):
+    # One pass in index order: each row's terms are added as the reference adds them.
+    dim = rows.shape[1]
+    for j in range(ids.shape[0]):
+        r = ids[j]
+        for k in range(dim):
+            out[r, k] += rows[j, k]
+
+
+def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """``out[ids[j]] += rows[j]`` in index order from zeros, in the accumulation type,
+    returned in rows' dtype: see :func:`fastmf.ops.reference.embedding_bag.scatter_rows`.
+    The reference's bits (the same adds in the same order)."""
+    op = "scatter_rows"
+    require_cpu(op, ("ids", "rows"), (ids, rows))
+    checks.check_scatter_rows(op, ids, rows, num_rows)
+    acc = checks.accumulation_dtype(rows.dtype)
+    out = torch.zeros((int(num_rows),) + tuple(rows.shape[1:]), dtype=acc)
+    n = ids.shape[0]
+    if n and out.numel():
+        _scatter_kernel(ids_view(ids), _acc_view(rows).reshape(n, -1),
+                        out.numpy().reshape(int(num_rows), -1))
+    return out.to(rows.dtype)
+
+
 def embedding_bag_backward_update(weight: Tensor, state1: Tensor | None, state2: Tensor | None,
                                   grad_output: Tensor, indices: Tensor, offsets: Tensor,
                                   per_sample_weights: Tensor | None, pooling, optimizer,

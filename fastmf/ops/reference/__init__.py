@@ -6,6 +6,7 @@ from fastmf.ops.reference.embedding_bag import (
     embedding_bag_backward,
     embedding_bag_backward_update,
     embedding_bag_forward,
+    scatter_rows,
     sparse_update,
 )
 from fastmf.ops.reference.pairwise import train_step_pairwise, train_step_pairwise_sampled
@@ -22,6 +23,7 @@ from fastmf.ops.reference.topk import topk_scores
 NAME = "reference"
 
 __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
-           "embedding_bag_forward", "mf_backward", "mf_forward", "sparse_adagrad_update",
-           "sparse_sgd_update", "sparse_update", "topk_scores", "train_step",
-           "train_step_pairwise", "train_step_pairwise_sampled", "train_step_sampled"]
+           "embedding_bag_forward", "mf_backward", "mf_forward", "scatter_rows",
+           "sparse_adagrad_update", "sparse_sgd_update", "sparse_update", "topk_scores",
+           "train_step", "train_step_pairwise", "train_step_pairwise_sampled",
+           "train_step_sampled"]

@@ -64,7 +64,7 @@ from fastmf.ops import checks
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay, parse
 
 __all__ = ["embedding_bag_backward", "embedding_bag_backward_update", "embedding_bag_forward",
-           "random_bits", "sparse_update", "stochastic_round"]
+           "random_bits", "scatter_rows", "sparse_update", "stochastic_round"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -125,6 +125,25 @@ def embedding_bag_backward(grad_output: Tensor, indices: Tensor, offsets: Tensor
     elif pooling == Pooling.MEAN:
         rows = rows / sizes[bag].to(grad_output.dtype).unsqueeze(1)
     return rows
+
+
+def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """``out[ids[j]] += rows[j]`` for every j in index order, starting from zeros of shape
+    ``(num_rows, *rows.shape[1:])``: the dense gradient of the row gather ``table[ids]``
+    (what ``index_select``'s backward forms with ``index_add_``). Summed in the accumulation
+    type (float64 for float64 rows, else float32) and returned in rows' dtype; rows no id
+    names are zeros.
+
+    ids (L,) int32/int64 in [0, num_rows); rows (L,) or (L, K) float32/float64/float16/
+    bfloat16 on the ids' device.
+    """
+    op = "scatter_rows"
+    checks.check_scatter_rows(op, ids, rows, num_rows)
+    acc = checks.accumulation_dtype(rows.dtype)
+    out = torch.zeros((int(num_rows),) + tuple(rows.shape[1:]), dtype=acc, device=rows.device)
+    # index_add_ adds source rows in index order (on the CPU): the order the spec asks for.
+    out.index_add_(0, ids.long(), rows.to(acc))
+    return out.to(rows.dtype)
 
 
 def per_sample_weights_grad(grad_output: Tensor, weight: Tensor, indices: Tensor,
