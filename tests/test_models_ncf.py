@@ -12,6 +12,7 @@ from fastmf.models import ncf
 from fastmf.models.base import Batch, Recommender
 from fastmf.models.ncf import GMF, MLP, NeuMF
 from fastmf.optim import CombinedOptimizer
+from fastmf.testing import BACKENDS
 
 NUM_USERS, NUM_ITEMS = 37, 53
 
@@ -80,16 +81,18 @@ class Textbook(nn.Module):
         return self
 
 
-def build(kind, dtype=torch.float32, dropout=0.0, layers=(16, 12, 6)):
+def build(kind, dtype=torch.float32, dropout=0.0, layers=(16, 12, 6), backend="auto"):
     """A fastmf model with fresh random (not init-scale) weights and its textbook twin."""
     if kind == "gmf":
-        model, twin = GMF(NUM_USERS, NUM_ITEMS, dim=5, dtype=dtype), (5, None)
+        model = GMF(NUM_USERS, NUM_ITEMS, dim=5, dtype=dtype, backend=backend)
+        twin = (5, None)
     elif kind == "mlp":
-        model = MLP(NUM_USERS, NUM_ITEMS, layers=layers, dropout=dropout, dtype=dtype)
+        model = MLP(NUM_USERS, NUM_ITEMS, layers=layers, dropout=dropout, dtype=dtype,
+                    backend=backend)
         twin = (None, layers)
     else:
         model = NeuMF(NUM_USERS, NUM_ITEMS, gmf_dim=5, layers=layers, dropout=dropout,
-                      dtype=dtype)
+                      dtype=dtype, backend=backend)
         twin = (5, layers)
     with torch.no_grad():
         for p in model.parameters():  # O(1) values, so differences are not hidden by scale
@@ -188,11 +191,21 @@ def textbook_optimizers(twin, name, lr, dense_lr):
     ("neumf", "bce", "adagrad", 0.05), ("neumf", "bpr", "adam", 0.0),
 ])
 def test_training_steps_equal_textbook(kind, loss, opt, reg):
+    check_training_steps(kind, loss, opt, reg, "auto")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_steps_equal_textbook_on_every_backend(backend):
+    check_training_steps("neumf", "bce", "adam", 0.01, backend)
+
+
+def check_training_steps(kind, loss, opt, reg, backend):
     """Three steps of the model's training step (tables updated by a fastmf optimizer in
-    backward) against backward + step of the textbook model on nn.Embedding(sparse=True)
+    backward; the pairs' gradients summed into the distinct rows by the tables' backend's
+    scatter_rows) against backward + step of the textbook model on nn.Embedding(sparse=True)
     with torch's sparse optimizers: same losses, same weights after every step."""
     rng = np.random.default_rng(3)
-    model, _ = build(kind)
+    model, _ = build(kind, backend=backend)
     twin = Textbook(*( (5, None) if kind == "gmf" else (None, (16, 12, 6)) if kind == "mlp"
                        else (5, (16, 12, 6))), sparse=True).copy_from(model)
     mine = fused_optimizers(model, opt, lr=0.05, dense_lr=0.01)
