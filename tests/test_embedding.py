@@ -148,6 +148,33 @@ def test_table_dtypes(dtype):
     assert ours.weight.grad.dtype == dtype
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=idfn)
+@pytest.mark.parametrize("form", ["sum", "weighted", "mean"])
+def test_bags_of_one_id_match_the_bag_loop(backend, dtype, form):
+    """Offsets 0, 1, ..., B (every Embedding lookup): the kernels gather rows instead of
+    running the bag loop. Same bits as the reference and as the same bags followed by an
+    empty one (which takes the bag loop), with -0.0 rows, per-sample weights and MEAN."""
+    rng = _rng(11)
+    ids = zipf_ids(N, 300, generator=rng)
+    weight = torch.from_numpy(rng.standard_normal((N, K))).to(dtype)
+    weight[3, :2] = -0.0  # 0 + (-0.0) is +0.0, as the bag loop's sum from zero gives
+    ids[:5] = 3
+    offsets = torch.arange(ids.numel() + 1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    psw = torch.from_numpy(rng.random(ids.numel()) + 0.5).to(acc) if form == "weighted" \
+        else None
+    pooling = "mean" if form == "mean" else "sum"
+    k = embedding_kernels(backend, torch.device("cpu"))
+    got = k.embedding_bag_forward(weight, ids, offsets, psw, pooling)
+    assert torch.equal(got, reference.embedding_bag_forward(weight, ids, offsets, psw, pooling))
+    looped = k.embedding_bag_forward(weight, ids, torch.cat([offsets, offsets[-1:]]), psw,
+                                     pooling)
+    assert torch.equal(got, looped[:-1]) and not looped[-1].any()
+    assert got[0, :2].eq(0).all() and not got[0, :2].signbit().any()
+
+
 def test_reference_forward_sums_in_index_order():
     """The spec's float32 sum runs j ascending: bit-equal to a plain loop."""
     gen = torch.Generator().manual_seed(5)
