@@ -387,8 +387,10 @@ class _NCF(Recommender):
 
     def _scatter_kernels(self, device: torch.device) -> ModuleType:
         """The backend module whose ``scatter_rows`` sums a training step's pair gradients
-        into its distinct rows: the tables' backend, resolved for ``device``."""
-        table = next(m for m in self.modules() if isinstance(m, Embedding))
+        into its distinct rows: the tables' backend, resolved for ``device``. The tables
+        are fastmf.nn's, or their sharded forms after fastmf.distributed.shard: both say
+        ``is_embedding_table`` and carry their backend."""
+        table = next(m for m in self.modules() if getattr(m, "is_embedding_table", False))
         return ops.kernels(table.backend, device, kernel="scatter_rows")
 
     def forward(self, users, items) -> Tensor:
