@@ -630,10 +630,7 @@ inline void check_embedding_bag_backward(const char* op, const at::Tensor& grad_
 inline void check_scatter_rows(const char* op, const at::Tensor& ids, const at::Tensor& rows,
                                int64_t num_rows) {
   TORCH_CHECK_VALUE(num_rows >= 0, "fastmf.", op, ": num_rows must be >= 0, got ", num_rows);
-  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "fastmf.",
-                   op, ": ids must be int32 or int64, got ", py_dtype(ids.scalar_type()));
-  TORCH_CHECK_VALUE(ids.dim() == 1, "fastmf.", op, ": ids must be 1-D, got shape ",
-                    py_shape(ids.sizes()));
+  check_index_tensor(op, "ids", ids);
   check_embedding_weight(op, "rows", rows, {1, 2});
   check_device_of(op, "rows", rows, "ids", ids);
   TORCH_CHECK_VALUE(rows.size(0) == ids.size(0), "fastmf.", op, ": rows has ", rows.size(0),

@@ -115,8 +115,8 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor? per_sample_weights, int pooling) -> Tensor");
   // The dense gradient of a row gather (what index_select's backward forms): out[ids[j]] +=
   // rows[j] for j in order, from zero, in the accumulation type, then cast to rows' dtype;
-  // out (num_rows,) or (num_rows, K) like rows. CPU kernel in csrc/cpu/embedding_bag.cpp;
-  // elsewhere the composite below.
+  // out (num_rows,) or (num_rows, K) like rows. Kernels in csrc/{cpu,cuda}/embedding_bag.*
+  // (the CUDA one runs sparse_update's step on a zero table).
   m.def("scatter_rows(Tensor ids, Tensor rows, int num_rows) -> Tensor");
   // The exact deduplicated sparse step: per unique id the sum of its grad_rows in order of
   // occurrence, then one update of the row and its states (optimizer: any Optimizer code;

@@ -1,6 +1,7 @@
 // The embedding_bag family on the CPU: embedding_bag_forward, embedding_bag_backward,
 // scatter_rows, sparse_update and embedding_bag_backward_update. csrc/cuda/embedding_bag.cu
-// is the same family on the GPU; fastmf/ops/reference/embedding_bag.py states what each op computes.
+// is the same family on the GPU; fastmf/ops/reference/embedding_bag.py states what each op
+// computes.
 //
 // The forward and the plain backward parallelise over bags: every bag writes its own output
 // row (forward) or its own gradient rows (backward), summing in index order.
@@ -68,7 +69,7 @@ constexpr int64_t kPrefetchGroups = 4;
 // L2), one thread, in a standalone loop: width 32 179 -> 123-171 us against no prefetch,
 // width 8 unchanged (33-49 us); 8 ahead was worse than none (width 8: 55-99 us). Gathering
 // 8,576 rows of 32: 129 us without it.
-constexpr int64_t kScatterPrefetch = 16;
+constexpr int64_t kRandomRowPrefetch = 16;
 
 template <typename W>
 using acc_t = std::conditional_t<std::is_same_v<W, double>, double, float>;
@@ -657,8 +658,9 @@ void gather_rows(const W* __restrict table, const int64_t* __restrict ids,
                  const A* __restrict p, int64_t begin, int64_t end, int64_t dim,
                  A* __restrict out) {
   for (int64_t b = begin; b < end; ++b) {
-    if (b + kScatterPrefetch < end) prefetch_row(table + ids[b + kScatterPrefetch] * dim, dim,
-                                                 false);
+    if (b + kRandomRowPrefetch < end) {
+      prefetch_row(table + ids[b + kRandomRowPrefetch] * dim, dim, false);
+    }
     const W* row = table + ids[b] * dim;
     A* acc = out + b * dim;
     if (p != nullptr) {
@@ -817,7 +819,6 @@ at::Tensor embedding_bag_backward(const at::Tensor& grad_output_in, const at::Te
   return rows;
 }
 
-
 // The output rows [lo, hi) of scatter_into, one pass over the ids. Its own function with
 // arguments by value: inside parallel_for's lambda the compiler reloaded dim and the
 // pointers through the captures after every store (104 against 55-69 us for 20,480 rows of
@@ -826,8 +827,8 @@ template <typename W, typename A, typename index_t>
 void scatter_range(const index_t* __restrict ids, const W* __restrict rows, int64_t n,
                    int64_t dim, int64_t lo, int64_t hi, A* __restrict out) {
   for (int64_t j = 0; j < n; ++j) {
-    if (j + kScatterPrefetch < n) {
-      const int64_t ahead = static_cast<int64_t>(ids[j + kScatterPrefetch]);
+    if (j + kRandomRowPrefetch < n) {
+      const int64_t ahead = static_cast<int64_t>(ids[j + kRandomRowPrefetch]);
       if (ahead >= lo && ahead < hi) prefetch_row(out + ahead * dim, dim, true);
     }
     const int64_t r = static_cast<int64_t>(ids[j]);
