@@ -170,6 +170,16 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users: Tensor,
     return loss_value
 
 
+def _differentiable(op, *args):
+    """``op(*args)`` for an op with a Python autograd formula: through the formula when a
+    graph may be recorded; otherwise straight to the kernel, past the formula's wrapper and
+    its redispatch (about 40 us a call for scatter_rows)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def embedding_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor,
                           per_sample_weights: Tensor | None, pooling) -> Tensor:
     """Bag sums (B, K) in the accumulation type: see
@@ -181,14 +191,9 @@ def embedding_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor,
     """
     op = "embedding_bag_forward"
     pooling = int(parse(Pooling, pooling, op, "pooling"))
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return torch.ops.fastmf.embedding_bag_forward.default(weight, indices, offsets,
-                                                              per_sample_weights, pooling)
-    # No graph to record (fastmf.nn's autograd.Function runs its forward here): straight to
-    # the kernel, past the op's Python autograd formula and its redispatch.
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.fastmf.embedding_bag_forward.default(weight, indices, offsets,
-                                                              per_sample_weights, pooling)
+    # fastmf.nn's autograd.Function runs its forward here, with no graph to record.
+    return _differentiable(torch.ops.fastmf.embedding_bag_forward.default, weight, indices,
+                           offsets, per_sample_weights, pooling)
 
 
 def embedding_bag_backward(grad_output: Tensor, indices: Tensor, offsets: Tensor,
@@ -318,12 +323,8 @@ def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """The dense gradient of a row gather, ``out[ids[j]] += rows[j]`` in index order: see
     :func:`fastmf.ops.reference.embedding_bag.scatter_rows`. Differentiable with respect to
     ``rows``."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return torch.ops.fastmf.scatter_rows.default(ids, rows, num_rows)
-    # No graph to record (a backward pass runs with grad disabled): past the op's Python
-    # autograd formula, which costs about 40 us a call, to the kernel.
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.fastmf.scatter_rows.default(ids, rows, num_rows)
+    # A backward pass (the NCF models' gathers) runs it with grad disabled.
+    return _differentiable(torch.ops.fastmf.scatter_rows.default, ids, rows, num_rows)
 
 
 if native_available():
