@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fastmf import checkpoint, ops
+from fastmf import checkpoint
+from fastmf.models._rows import scatter_kernels, unique_ids
 from fastmf.models.base import (
     SCORE_CHUNK,
     CombinedOptimizer,
@@ -304,25 +305,6 @@ def _gather(rows: Tensor, at: _Positions | None) -> Tensor:
     return _Gather.apply(rows, at.index, at.kernels)
 
 
-def _unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    """(the distinct ids of ``ids``, ascending; the position of each id among them, shaped
-    like ``ids``). A batch that covers much of a small table (NCF's 20,480 items per step of
-    a ~10k catalog) marks a dense array instead of sorting."""
-    flat = ids.reshape(-1)
-    if flat.numel() and flat.numel() * 4 >= size:
-        low, high = torch.aminmax(flat)
-        if 0 <= int(low) and int(high) < size:
-            # index_fill_ and index_select, not mark[flat] = 1 and [flat]: the same values
-            # in 146 against 241 us for a default step's users and items, one thread.
-            mark = torch.zeros(size, dtype=torch.int64, device=flat.device)
-            mark.index_fill_(0, flat, 1)
-            distinct = mark.nonzero().squeeze(1)
-            return distinct, mark.cumsum_(0).sub_(1).index_select(0, flat).view(ids.shape)
-    # Out-of-range ids reach the table's own lookup, which names the problem.
-    distinct, inverse = torch.unique(flat, return_inverse=True)
-    return distinct, inverse.view(ids.shape)
-
-
 def _dense_params(layers: nn.ModuleList) -> list[Tensor]:
     """``W_1, b_1, W_2, b_2, ...``: the hidden layers' parameters as :class:`_Tower` takes
     them."""
@@ -384,14 +366,6 @@ class _NCF(Recommender):
 
     def _logits(self, users: Tensor, items: Tensor) -> Tensor:
         return self._head(self._embed(users, items))
-
-    def _scatter_kernels(self, device: torch.device) -> ModuleType:
-        """The backend module whose ``scatter_rows`` sums a training step's pair gradients
-        into its distinct rows: the tables' backend, resolved for ``device``. The tables
-        are fastmf.nn's, or their sharded forms after fastmf.distributed.shard: both say
-        ``is_embedding_table`` and carry their backend."""
-        table = next(m for m in self.modules() if getattr(m, "is_embedding_table", False))
-        return ops.kernels(table.backend, device, kernel="scatter_rows")
 
     def forward(self, users, items) -> Tensor:
         """``users``, ``items``: (B,) int32/int64 ids -> logits (B,)."""
@@ -480,10 +454,10 @@ class _NCF(Recommender):
             raise ValueError(f"{op}: loss {loss!r} needs negatives (B, n)")
         items = torch.cat([batch.items.unsqueeze(1), batch.negatives.to(batch.items.dtype)], 1)
         size, n = items.shape[0], items.shape[1] - 1
-        users, user_index = _unique_ids(batch.users.unsqueeze(1), self.num_users)
-        items, item_index = _unique_ids(items, self.num_items)
+        users, user_index = unique_ids(batch.users.unsqueeze(1), self.num_users)
+        items, item_index = unique_ids(items, self.num_items)
         rows = self._embed(users, items)
-        kernels = self._scatter_kernels(users.device)
+        kernels = scatter_kernels(self, users.device)
         logits = self._head(rows, _Positions(user_index, kernels),
                             _Positions(item_index, kernels))
         if loss == "bce":

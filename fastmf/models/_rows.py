@@ -1,0 +1,46 @@
+"""What the models' training steps share about a batch's rows: its distinct ids, and the
+backend kernel that sums per-pair gradients back into those rows.
+
+A step that scores many (user, item) pairs looks each distinct user and item up once and
+gathers the looked-up rows for its pairs (NCF's towers, Hybrid's pooled bags); the
+gradient of a row is then the sum over its pairs, which ``scatter_rows`` computes in one
+pass, in index order, on the tables' own backend.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+from fastmf import ops
+
+
+def unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """(the distinct ids of ``ids``, ascending; the position of each id among them, shaped
+    like ``ids``). A batch that covers much of a small table (NCF's 20,480 items per step of
+    a ~10k catalog) marks a dense array instead of sorting."""
+    flat = ids.reshape(-1)
+    if flat.numel() and flat.numel() * 4 >= size:
+        low, high = torch.aminmax(flat)
+        if 0 <= int(low) and int(high) < size:
+            # index_fill_ and index_select, not mark[flat] = 1 and [flat]: the same values
+            # in 146 against 241 us for a default NCF step's users and items, one thread.
+            mark = torch.zeros(size, dtype=torch.int64, device=flat.device)
+            mark.index_fill_(0, flat, 1)
+            distinct = mark.nonzero().squeeze(1)
+            return distinct, mark.cumsum_(0).sub_(1).index_select(0, flat).view(ids.shape)
+    # Out-of-range ids reach the table's own lookup, which names the problem.
+    distinct, inverse = torch.unique(flat, return_inverse=True)
+    return distinct, inverse.view(ids.shape)
+
+
+def scatter_kernels(model: nn.Module, device: torch.device) -> ModuleType:
+    """The backend module whose ``scatter_rows`` sums a training step's pair gradients into
+    its distinct rows: the tables' backend, resolved for ``device``. The tables are
+    fastmf.nn's, or their sharded forms after fastmf.distributed.shard: both say
+    ``is_embedding_table`` and carry their backend. Resolved at every step, because
+    sharding can replace the tables after construction (a module walk: a few us)."""
+    table = next(m for m in model.modules() if getattr(m, "is_embedding_table", False))
+    return ops.kernels(table.backend, device, kernel="scatter_rows")
