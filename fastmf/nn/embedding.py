@@ -682,10 +682,10 @@ class EmbeddingBag(_Table):
         if not self.include_last_offset:
             if offsets.numel() == 0 and num_ids:
                 raise ValueError(f"fastmf.{op}: offsets is empty but ids has {num_ids} ids")
-            end = torch.tensor([num_ids], dtype=ids.dtype, device=ids.device)
             if not torch.compiler.is_compiling():  # compiled: the op checks them at run time
                 checks.check_offsets_values(op, offsets, num_ids, last="at_most")
-            return ids, torch.cat([offsets, end])
+            # new_full, not torch.tensor([num_ids]): 9 against 16 us with the cat.
+            return ids, torch.cat([offsets, offsets.new_full((1,), num_ids)])
         if offsets.numel() == 0:
             raise ValueError(f"fastmf.{op}: with include_last_offset, offsets needs one entry "
                              "per bag plus one, got 0 entries")

