@@ -672,6 +672,52 @@ void gather_rows(const W* __restrict table, const int64_t* __restrict ids,
   }
 }
 
+// Columns of a bag's sum that sum_bag holds in registers across the bag's rows.
+constexpr int64_t kBagBlock = 16;
+
+// One bag's ids [j0, j1) summed into `acc` (zeroed by the caller), in order: acc += w_j x_j
+// (w_j = p[j], or 1 without per-sample weights), the same operations per element as adding
+// each row into `acc` in turn. kBagBlock columns at a time are summed in registers over all
+// the bag's rows and stored once: adding each row into `acc` loaded and stored the whole
+// accumulator per row, and 4,000 bags of 3.9 ids at width 64 took 0.64 ms against 0.16 for
+// torch's embedding_bag (one thread). Rows are prefetched kPrefetchIndices ids ahead
+// while the first block is summed.
+template <typename W, typename A>
+void sum_bag(const W* __restrict table, const int64_t* __restrict ids, const A* __restrict p,
+             int64_t j0, int64_t j1, int64_t num_indices, int64_t dim, A* __restrict acc) {
+  int64_t k0 = 0;
+  for (; k0 + kBagBlock <= dim; k0 += kBagBlock) {
+    A block[kBagBlock];
+    for (int64_t k = 0; k < kBagBlock; ++k) block[k] = acc[k0 + k];
+    for (int64_t j = j0; j < j1; ++j) {
+      if (k0 == 0 && j + kPrefetchIndices < num_indices) {
+        prefetch_row(table + ids[j + kPrefetchIndices] * dim, dim, false);
+      }
+      const W* row = table + ids[j] * dim + k0;
+      if (p != nullptr) {
+        const A c = p[j];
+        for (int64_t k = 0; k < kBagBlock; ++k) block[k] += static_cast<A>(row[k]) * c;
+      } else {
+        for (int64_t k = 0; k < kBagBlock; ++k) block[k] += static_cast<A>(row[k]);
+      }
+    }
+    for (int64_t k = 0; k < kBagBlock; ++k) acc[k0 + k] = block[k];
+  }
+  if (k0 == dim) return;
+  for (int64_t j = j0; j < j1; ++j) {
+    if (k0 == 0 && j + kPrefetchIndices < num_indices) {
+      prefetch_row(table + ids[j + kPrefetchIndices] * dim, dim, false);
+    }
+    const W* row = table + ids[j] * dim;
+    if (p != nullptr) {
+      const A c = p[j];
+      for (int64_t k = k0; k < dim; ++k) acc[k] += static_cast<A>(row[k]) * c;
+    } else {
+      for (int64_t k = k0; k < dim; ++k) acc[k] += static_cast<A>(row[k]);
+    }
+  }
+}
+
 // Reads offsets (B + 1,) to the host as int64, checking their values.
 void load_offsets(const char* op, const at::Tensor& offsets_in, int64_t num_indices,
                   std::vector<int64_t>& out) {
@@ -739,11 +785,11 @@ at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& 
         A* acc = o + b * dim;
         std::fill(acc, acc + dim, A(0));
         const int64_t j0 = offsets[b], j1 = offsets[b + 1];
-        for (int64_t j = j0; j < j1; ++j) {
-          if (j + kPrefetchIndices < num_indices) {
-            prefetch_row(table + ids[j + kPrefetchIndices] * dim, dim, false);
-          }
-          if constexpr (std::is_same_v<W, c10::Half>) {
+        if constexpr (std::is_same_v<W, c10::Half>) {
+          for (int64_t j = j0; j < j1; ++j) {
+            if (j + kPrefetchIndices < num_indices) {
+              prefetch_row(table + ids[j + kPrefetchIndices] * dim, dim, false);
+            }
             load_row(table + ids[j] * dim, converted.data(), dim);
             const A* row = converted.data();
             if (p != nullptr) {
@@ -752,15 +798,9 @@ at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& 
             } else {
               for (int64_t k = 0; k < dim; ++k) acc[k] += row[k];
             }
-            continue;
           }
-          const W* row = table + ids[j] * dim;
-          if (p != nullptr) {
-            const A c = p[j];
-            for (int64_t k = 0; k < dim; ++k) acc[k] += static_cast<A>(row[k]) * c;
-          } else {
-            for (int64_t k = 0; k < dim; ++k) acc[k] += static_cast<A>(row[k]);
-          }
+        } else {
+          sum_bag(table, ids, p, j0, j1, num_indices, dim, acc);
         }
         if (mean && j1 > j0) {
           const A size = static_cast<A>(j1 - j0);
