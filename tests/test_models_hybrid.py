@@ -548,16 +548,20 @@ def _zipf_positions(rng, rows, shape):
     return torch.as_tensor(draws.reshape(shape), dtype=torch.int64)
 
 
-def _rank_loss_autograd(p, bu, q, bi, user_at, pos_at, neg_at, loss, weights, reg):
+def _rank_loss_autograd(p, bu, q, bi, user_at, pos_at, neg_at, loss, weights, reg, batch):
     """The ranking loss as the step wrote it before _RankLoss: gathers, broadcast dots,
-    pairwise_loss / pointwise_loss and the count-weighted penalty, all through autograd."""
+    pairwise_loss / pointwise_loss / warp_term and the count-weighted penalty, all through
+    autograd (``batch``: the B that WARP's mean and every penalty divide by)."""
     from fastmf.models.base import pairwise_loss, pointwise_loss
+    from fastmf.recommender import warp_term
 
     size, n = neg_at.shape
     pu, b_u = p[user_at], bu[user_at]
     pos = (pu * q[pos_at]).sum(1) + b_u + bi[pos_at]
     neg = (pu.unsqueeze(1) * q[neg_at]).sum(2) + b_u.unsqueeze(1) + bi[neg_at]
-    if loss == "bpr":
+    if loss == "warp":  # weights: the rank weights (all > 0: positives with a violator)
+        value = warp_term(pos, neg[:, 0], weights) * (size / batch)
+    elif loss == "bpr":
         value = pairwise_loss(pos, neg, "bpr", weights)
     else:
         labels = torch.cat([torch.ones_like(pos), torch.zeros(size * n, dtype=pos.dtype)])
@@ -569,12 +573,12 @@ def _rank_loss_autograd(p, bu, q, bi, user_at, pos_at, neg_at, loss, weights, re
                                     minlength=len(q)).to(q.dtype)
         value = value + reg * ((user_count * (p.square().sum(1) + bu.square())).sum()
                                + (item_count * (q.square().sum(1) + bi.square())).sum()
-                               ) / max(size, 1)
+                               ) / max(batch, 1)
     return value
 
 
 @pytest.mark.parametrize("backend", fastmf.ops.available_backends())
-@pytest.mark.parametrize("loss", ["bpr", "bce"])
+@pytest.mark.parametrize("loss", ["bpr", "bce", "warp"])
 @pytest.mark.parametrize("case", [
     dict(size=64, n=4, weights=False, reg=0.01),
     dict(size=33, n=1, weights=True, reg=0.0),
@@ -586,10 +590,15 @@ def _rank_loss_autograd(p, bu, q, bi, user_at, pos_at, neg_at, loss, weights, re
 def test_rank_loss_matches_autograd(rng, backend, loss, case):
     # Hybrid's ranking step with its hand-written backward against the same loss through
     # autograd: the value and every gradient, repeated rows (Zipf positions), each backend's
-    # scatter_rows, empty batches and no negatives.
+    # scatter_rows, empty batches and no negatives. WARP's second pass scores one chosen
+    # violator per positive with rank weights in (0, 10], over a batch of which these
+    # positives are a part.
     from fastmf.models.hybrid import _RankLoss
 
     size, n = case["size"], case["n"]
+    batch = size
+    if loss == "warp":
+        n, batch = 1, size + 5
     num_users, num_items, dim = 7, 23, 5
     leaves = [torch.as_tensor(rng.normal(size=shape), dtype=torch.float32)
               for shape in ((num_users, dim), (num_users,), (num_items, dim), (num_items,))]
@@ -598,11 +607,15 @@ def test_rank_loss_matches_autograd(rng, backend, loss, case):
     neg_at = _zipf_positions(rng, num_items, (size, n))
     weights = (torch.as_tensor(rng.uniform(0.5, 3.0, size), dtype=torch.float32)
                if case["weights"] else None)
+    if loss == "warp":
+        weights = torch.as_tensor(rng.uniform(0.1, 10.0, size), dtype=torch.float32)
     kernels = fastmf.ops.kernels(backend, torch.device("cpu"), kernel="scatter_rows")
     ours = [t.clone().requires_grad_(True) for t in leaves]
     theirs = [t.clone().requires_grad_(True) for t in leaves]
-    got = _RankLoss.apply(*ours, user_at, pos_at, neg_at, loss, weights, case["reg"], kernels)
-    want = _rank_loss_autograd(*theirs, user_at, pos_at, neg_at, loss, weights, case["reg"])
+    got = _RankLoss.apply(*ours, user_at, pos_at, neg_at, loss, weights, case["reg"], kernels,
+                          batch)
+    want = _rank_loss_autograd(*theirs, user_at, pos_at, neg_at, loss, weights, case["reg"],
+                               batch)
     torch.testing.assert_close(got, want)
     got.backward()
     want.backward()
@@ -613,7 +626,7 @@ def test_rank_loss_matches_autograd(rng, backend, loss, case):
         assert any(a.grad.abs().sum() > 0 for a in ours)
 
 
-@pytest.mark.parametrize("loss", ["bpr", "bce"])
+@pytest.mark.parametrize("loss", ["bpr", "bce", "warp"])
 def test_rank_loss_gradcheck(rng, loss):
     from fastmf.models.hybrid import _RankLoss
 
@@ -621,8 +634,9 @@ def test_rank_loss_gradcheck(rng, loss):
     leaves = [torch.as_tensor(rng.normal(size=shape), dtype=torch.float64).requires_grad_(True)
               for shape in ((4, 3), (4,), (9, 3), (9,))]
     user_at, pos_at = _zipf_positions(rng, 4, (6,)), _zipf_positions(rng, 9, (6,))
-    neg_at = _zipf_positions(rng, 9, (6, 2))
+    neg_at = _zipf_positions(rng, 9, (6, 1 if loss == "warp" else 2))
     weights = torch.as_tensor(rng.uniform(0.5, 2.0, 6), dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda *t: _RankLoss.apply(*t, user_at, pos_at, neg_at, loss, weights, 0.05, kernels),
+        lambda *t: _RankLoss.apply(*t, user_at, pos_at, neg_at, loss, weights, 0.05, kernels,
+                                   8),
         leaves)

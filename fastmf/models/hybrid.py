@@ -41,7 +41,7 @@ from fastmf.data.features import Features
 from fastmf.models._rows import scatter_kernels, unique_ids
 from fastmf.models.base import IMPLICIT, Recommender, pointwise_loss
 from fastmf.nn import EmbeddingBag
-from fastmf.recommender import warp_choice, warp_term
+from fastmf.recommender import warp_choice
 
 __all__ = ["Hybrid"]
 
@@ -262,7 +262,12 @@ class _RankLoss(torch.autograd.Function):
     """A ranking step's loss from the rows pooled once, with a hand-written backward:
     BPR (:func:`pairwise_loss`) or BCE (:func:`pointwise_loss`, positives labelled 1 and
     negatives 0), each weighted by the positives' ``weights``, plus ``reg`` times the squared
-    pooled outputs of every occurrence over B, as :meth:`Hybrid.training_step` defines it.
+    pooled outputs of every occurrence over B, as :meth:`Hybrid.training_step` defines it;
+    or WARP's update once the violators are chosen (``"warp"``, one negative per positive,
+    the chosen violator): :func:`fastmf.recommender.warp_term` summed over the positives
+    with ``weights`` their rank weights (times their own weights), over ``batch`` (the
+    whole batch's B, of which these are the positives with a violator), and the penalty
+    over ``batch`` too.
 
     ``p`` (U, dim), ``bu`` (U,): the distinct users' pooled vectors and biases; ``q``
     (I, dim), ``bi`` (I,): the distinct items' (positives and negatives together);
@@ -277,8 +282,9 @@ class _RankLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: Tensor, bu: Tensor, q: Tensor, bi: Tensor, user_at: Tensor,
                 pos_at: Tensor, neg_at: Tensor, loss: str, weights: Tensor | None, reg: float,
-                kernels: ModuleType) -> Tensor:
+                kernels: ModuleType, batch: int | None = None) -> Tensor:
         size, n = neg_at.shape
+        batch = size if batch is None else batch
         flat_neg = neg_at.reshape(-1)
         pu, bu_at = p.index_select(0, user_at), bu.index_select(0, user_at)
         qp = q.index_select(0, pos_at)
@@ -302,6 +308,11 @@ class _RankLoss(torch.autograd.Function):
                 c_neg.mul_(w.unsqueeze(1))
             c_neg.div_(max(pairs, 1))
             c_pos = c_neg.sum(1).neg_()
+        elif loss == "warp":  # n == 1: each positive's chosen violator
+            hinge = (1.0 - pos).add_(neg[:, 0])
+            value = (hinge * w).sum() / max(batch, 1)
+            c_pos = w.neg().div_(max(batch, 1))
+            c_neg = w.div(max(batch, 1)).unsqueeze(1)
         else:  # bce
             pairs = size * (n + 1)
             softplus = torch.nn.functional.softplus
@@ -318,10 +329,10 @@ class _RankLoss(torch.autograd.Function):
             user_count = torch.bincount(user_at, minlength=len(p)).to(p.dtype)
             item_count = torch.bincount(pos_at, minlength=len(q)).add_(
                 torch.bincount(flat_neg, minlength=len(q))).to(q.dtype)
-            value = value + reg / size * (
+            value = value + reg / batch * (
                 (user_count * (p.square().sum(1) + bu.square())).sum()
                 + (item_count * (q.square().sum(1) + bi.square())).sum())
-            ctx.counts = (user_count.mul_(2 * reg / size), item_count.mul_(2 * reg / size))
+            ctx.counts = (user_count.mul_(2 * reg / batch), item_count.mul_(2 * reg / batch))
         else:
             ctx.counts = None
         ctx.save_for_backward(p, bu, q, bi, user_at, pos_at, neg_at, pu, qp, qn, c_pos, c_neg)
@@ -356,7 +367,7 @@ class _RankLoss(torch.autograd.Function):
             grad_bu.addcmul_(bu, user_count)
             grad_q.addcmul_(q, item_count.unsqueeze(1))
             grad_bi.addcmul_(bi, item_count)
-        return grad_p, grad_bu, grad_q, grad_bi, None, None, None, None, None, None, None
+        return grad_p, grad_bu, grad_q, grad_bi, None, None, None, None, None, None, None, None
 
 
 def _check_spec(op: str, arg: str, spec: dict) -> dict:
@@ -587,8 +598,8 @@ class Hybrid(Recommender):
         ``max_sampled``, 10 there). Every candidate is scored in one batched pass without a
         graph; only the positives with a violator and their violators are pooled again with
         the graph, so the backward pass and the optimizer touch what LightFM's update
-        touches. The penalty is ``reg`` times the squared pooled outputs of that second
-        pass, over B."""
+        touches (the loss of that second pass through :class:`_RankLoss`). The penalty is
+        ``reg`` times the squared pooled outputs of that second pass, over B."""
         if batch.negatives is None:
             raise ValueError(f"{self._op('training_step')}: loss 'warp' needs batch.negatives "
                              "(the candidates)")
@@ -606,17 +617,14 @@ class Hybrid(Recommender):
             return torch.zeros((), dtype=pos.dtype, device=pos.device), size
         chosen = neg.gather(1, first.unsqueeze(1)).squeeze(1)
         pu = _Pooled(self.users, users[found])
-        p, bu = pu.take(pu.inverse)
         pi = _Pooled(self.items, torch.cat([items[found], chosen[found]]))
-        at_pos, at_neg = pi.inverse.split(m)
-        q_pos, bi_pos = pi.take(at_pos)
-        q_neg, bi_neg = pi.take(at_neg)
-        pos = (p * q_pos).sum(1) + bu + bi_pos
-        negative = (p * q_neg).sum(1) + bu + bi_neg
-        bw = None if batch.weights is None else batch.weights[found]
-        total = warp_term(pos, negative, weight[found], bw) * (m / size)
-        if reg:
-            total = total + reg * (pu.penalty() + pi.penalty()) / size
+        pos_at, neg_at = pi.inverse.split(m)
+        rank = weight[found]
+        if batch.weights is not None:
+            rank = rank * batch.weights[found].to(rank.dtype)
+        total = _RankLoss.apply(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse, pos_at,
+                                neg_at.view(m, 1), "warp", rank, float(reg),
+                                scatter_kernels(self, pu.vec.device), size)
         total.backward()
         optimizer.step()
         return total.detach(), size
