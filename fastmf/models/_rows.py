@@ -36,11 +36,13 @@ def unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return distinct, inverse.view(ids.shape)
 
 
-def scatter_kernels(model: nn.Module, device: torch.device) -> ModuleType:
+def scatter_kernels(model: nn.Module, device: torch.device,
+                    kernel: str = "scatter_rows") -> ModuleType:
     """The backend module whose ``scatter_rows`` sums a training step's pair gradients into
-    its distinct rows: the tables' backend, resolved for ``device``. The tables are
+    its distinct rows (or that runs ``kernel``, such as ``mf_forward`` for the pairs'
+    scores): the tables' backend, resolved for ``device``. The tables are
     fastmf.nn's, or their sharded forms after fastmf.distributed.shard: both say
     ``is_embedding_table`` and carry their backend. Resolved at every step, because
     sharding can replace the tables after construction (a module walk: a few us)."""
     table = next(m for m in model.modules() if getattr(m, "is_embedding_table", False))
-    return ops.kernels(table.backend, device, kernel="scatter_rows")
+    return ops.kernels(table.backend, device, kernel=kernel)

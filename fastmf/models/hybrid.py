@@ -271,11 +271,12 @@ class _RankLoss(torch.autograd.Function):
 
     ``p`` (U, dim), ``bu`` (U,): the distinct users' pooled vectors and biases; ``q``
     (I, dim), ``bi`` (I,): the distinct items' (positives and negatives together);
-    ``user_at`` (B,), ``pos_at`` (B,), ``neg_at`` (B, n): each occurrence's row. The
-    gradients go straight into the distinct rows: each pair's terms are formed once and
-    summed into their rows by ``kernels.scatter_rows`` (the tables' backend), where the
-    same step through autograd (gathers, a broadcast product, the loss, the penalty) made
-    about twenty passes over the (pairs, dim) intermediates and summed them back with
+    ``user_at`` (B,), ``pos_at`` (B,), ``neg_at`` (B, n): each occurrence's row.
+    ``kernels``: the tables' backend module. The pairs are scored by its ``mf_forward`` on
+    the distinct rows; the backward forms each pair's two gradient rows with
+    ``mf_backward`` and sums them into the distinct rows with ``scatter_rows``. Through
+    autograd the same step (gathers, a broadcast product, the loss, the penalty) made about
+    twenty passes over the (pairs, dim) intermediates and summed them back with
     ``index_add_``.
     """
 
@@ -286,14 +287,13 @@ class _RankLoss(torch.autograd.Function):
         size, n = neg_at.shape
         batch = size if batch is None else batch
         flat_neg = neg_at.reshape(-1)
-        pu, bu_at = p.index_select(0, user_at), bu.index_select(0, user_at)
-        qp = q.index_select(0, pos_at)
-        qn = q.index_select(0, flat_neg).view(size, n, q.shape[1])
-        # linalg.vecdot: 84 against 126 us for the (4096, 64) dots of a default step, and
-        # 0.70 against 0.97 ms for its (4096, 4, 64) negatives (one thread).
-        pos = torch.linalg.vecdot(pu, qp).add_(bu_at).add_(bi.index_select(0, pos_at))
-        neg = torch.linalg.vecdot(pu.unsqueeze(1), qn).add_(bu_at.unsqueeze(1)).add_(
-            bi.index_select(0, flat_neg).view(size, n))
+        # Every pair (positives, then negatives row by row) scored by mf_forward on the
+        # distinct rows: the forward writes no (pairs, dim) block of gathered rows (at
+        # batch 4096 with 4 negatives such a block is 5 MB).
+        at_user = torch.cat([user_at, user_at.repeat_interleave(n)])
+        at_item = torch.cat([pos_at, flat_neg])
+        scores = kernels.mf_forward(at_user, at_item, p, q, bu, bi, 0.0)
+        pos, neg = scores[:size], scores[size:].view(size, n)
         w = None if weights is None else weights.to(pos.dtype)
         if loss == "bpr":
             diff = neg - pos.unsqueeze(1)
@@ -335,32 +335,26 @@ class _RankLoss(torch.autograd.Function):
             ctx.counts = (user_count.mul_(2 * reg / batch), item_count.mul_(2 * reg / batch))
         else:
             ctx.counts = None
-        ctx.save_for_backward(p, bu, q, bi, user_at, pos_at, neg_at, pu, qp, qn, c_pos, c_neg)
+        ctx.save_for_backward(p, bu, q, bi, at_user, at_item, c_pos, c_neg)
         ctx.kernels = kernels
         return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        p, bu, q, bi, user_at, pos_at, neg_at, pu, qp, qn, c_pos, c_neg = ctx.saved_tensors
-        c_pos, c_neg = c_pos * grad, c_neg * grad
-        size, n = neg_at.shape
-        dim = p.shape[1]
-        # The users' side: each positive's item row and its negatives' rows, weighted by
-        # their coefficients, summed per user row.
-        g_user = qp * c_pos.unsqueeze(1)
-        for k in range(n):  # n is small (fit's num_negatives)
-            g_user.addcmul_(qn[:, k], c_neg[:, k:k + 1])
-        grad_p = ctx.kernels.scatter_rows(user_at, g_user, len(p))
-        grad_bu = torch.zeros_like(bu).index_add_(0, user_at, c_pos + c_neg.sum(1))
-        # The items' side: every occurrence (positives, then negatives) takes its user's row
-        # times its coefficient, summed per item row in one scatter.
-        at = torch.cat([pos_at, neg_at.reshape(-1)])
-        coef = torch.cat([c_pos, c_neg.reshape(-1)])
-        g_item = torch.empty((size * (n + 1), dim), dtype=q.dtype, device=q.device)
-        torch.mul(pu, c_pos.unsqueeze(1), out=g_item[:size])
-        torch.mul(pu.unsqueeze(1), c_neg.unsqueeze(2), out=g_item[size:].view(size, n, dim))
-        grad_q = ctx.kernels.scatter_rows(at, g_item, len(q))
-        grad_bi = torch.zeros_like(bi).index_add_(0, at, coef)
+        p, bu, q, bi, at_user, at_item, c_pos, c_neg = ctx.saved_tensors
+        size = c_pos.shape[0]
+        coef = torch.cat([c_pos, c_neg.reshape(-1)]).mul_(grad)
+        # Each pair's rows of the two tables' gradients (coef times the other side's row),
+        # summed into the distinct rows in index order.
+        user_rows, item_rows = ctx.kernels.mf_backward(coef, at_user, at_item, p, q)
+        grad_p = ctx.kernels.scatter_rows(at_user, user_rows, len(p))
+        grad_q = ctx.kernels.scatter_rows(at_item, item_rows, len(q))
+        # A user's bias takes each positive's terms summed first: under BPR they cancel
+        # exactly (c_pos = -sum c_neg), and a rounding residue would become a whole
+        # normalised step under Adagrad or Adam.
+        grad_bu = torch.zeros_like(bu).index_add_(0, at_user[:size],
+                                                  (c_pos + c_neg.sum(1)).mul_(grad))
+        grad_bi = torch.zeros_like(bi).index_add_(0, at_item, coef)
         if ctx.counts is not None:
             user_count, item_count = (c * grad for c in ctx.counts)
             grad_p.addcmul_(p, user_count.unsqueeze(1))
@@ -576,21 +570,21 @@ class Hybrid(Recommender):
         optimizer.step()
         return total.detach(), count
 
-    def _rank_scores(self, p: Tensor, bu: Tensor, items: Tensor,
+    def _rank_scores(self, users: _Pooled, items: Tensor,
                      negatives: Tensor) -> tuple[Tensor, Tensor]:
-        """Scores without a graph for the B users' vectors ``p`` and biases ``bu``: (the
-        positives' (B,), the negatives' (B, n)), the items pooled once. linalg.vecdot forms
-        each pair's dot without the (B, n, dim) product a broadcast multiply writes first
-        (0.70 against 0.97 ms at (4096, 4, 64), one thread)."""
+        """Scores without a graph of the B positives ``items`` and their negatives (B, n)
+        for the users pooled in ``users``: (the positives' (B,), the negatives' (B, n)). The
+        items are pooled once; each pair's score is ``mf_forward`` on the pooled rows (dot
+        plus both biases, on the tables' backend), so no (B, n, dim) block of gathered rows
+        is written: WARP's ten candidates per positive at batch 4096 and dim 64 made that
+        block 10.5 MB, and gathering it and its dots took about 6 ms of a 38 ms step."""
         size, n = negatives.shape
         pi = _Pooled(self.items, torch.cat([items.reshape(-1), negatives.reshape(-1)]))
-        at_pos, at_neg = pi.inverse.split([size, size * n])
-        q_pos, bi_pos = pi.take(at_pos)
-        q_neg, bi_neg = pi.take(at_neg)
-        pos = torch.linalg.vecdot(p, q_pos).add_(bu).add_(bi_pos)
-        negs = torch.linalg.vecdot(p.unsqueeze(1), q_neg.view(size, n, self.dim)).add_(
-            bu.unsqueeze(1)).add_(bi_neg.view(size, n))
-        return pos, negs
+        at_user = torch.cat([users.inverse, users.inverse.repeat_interleave(n)])
+        kernels = scatter_kernels(self, users.vec.device, kernel="mf_forward")
+        scores = kernels.mf_forward(at_user, pi.inverse, users.vec, pi.vec, users.bias,
+                                    pi.bias, 0.0)
+        return scores[:size], scores[size:].view(size, n)
 
     def _warp_step(self, batch, optimizer, reg: float):
         """WARP (:func:`fastmf.recommender.warp_loss`, LightFM's ``loss="warp"``): the
@@ -606,9 +600,7 @@ class Hybrid(Recommender):
         users, items, neg = batch.users, batch.items, batch.negatives
         size, n = neg.shape
         with torch.no_grad():
-            pu = _Pooled(self.users, users)
-            p, bu = pu.take(pu.inverse)
-            pos, cand = self._rank_scores(p, bu, items, neg)
+            pos, cand = self._rank_scores(_Pooled(self.users, users), items, neg)
         first, weight = warp_choice(pos, cand, self.num_items)
         found = weight > 0
         m = int(found.sum())
