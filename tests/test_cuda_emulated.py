@@ -235,10 +235,12 @@ def test_weighted_steps_bad_weights(emu, op, bad):
 
 
 # topk_scores: 1 query takes the narrow tile (3000 items: 12 tiles of 256, split over 4
-# blocks and merged); 37 queries take the wide tile (1500 items: 12 tiles of 128, 4 splits).
+# blocks and merged); 17 queries, one past kNarrowBatch, take the wide tile, ragged (1500
+# items: 12 tiles of 128, 4 splits). The emulation's cost grows with the queries: at k 100,
+# 37 queries took 41 s a dtype.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k", [1, 10, 100])
-@pytest.mark.parametrize("batch", [1, 37])
+@pytest.mark.parametrize("batch", [1, 17])
 def test_topk_matches_reference(emu, dtype, k, batch):
     cases.check_topk(emu, batch, 3000 if batch == 1 else 1500, k, dtype)
 
@@ -246,8 +248,8 @@ def test_topk_matches_reference(emu, dtype, k, batch):
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("k", [1, 10, 100])
 def test_topk_exclude_and_candidates(emu, id_dtype, k):
-    cases.check_topk(emu, 23, 600, k, torch.float32, id_dtype=id_dtype, exclude=True)
-    cases.check_topk(emu, 23, 600, k, torch.float32, id_dtype=id_dtype, candidates=300)
+    cases.check_topk(emu, 17, 600, k, torch.float32, id_dtype=id_dtype, exclude=True)
+    cases.check_topk(emu, 17, 600, k, torch.float32, id_dtype=id_dtype, candidates=300)
     cases.check_topk(emu, 6, 600, k, torch.float64, id_dtype=id_dtype, exclude=True,
                      candidates=300)
 
