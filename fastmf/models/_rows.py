@@ -17,6 +17,12 @@ from torch import Tensor, nn
 from fastmf import ops
 
 
+def pair_users(user_at: Tensor, n: int) -> Tensor:
+    """The user position of every pair of B positives and their (B, n) negatives, laid out
+    as the pairs' item positions are: the B positives, then the negatives row by row."""
+    return torch.cat([user_at, user_at.repeat_interleave(n)])
+
+
 def unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """(the distinct ids of ``ids``, ascending; the position of each id among them, shaped
     like ``ids``). A batch that covers much of a small table (NCF's 20,480 items per step of
@@ -36,11 +42,11 @@ def unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:
     return distinct, inverse.view(ids.shape)
 
 
-def scatter_kernels(model: nn.Module, device: torch.device,
-                    kernel: str = "scatter_rows") -> ModuleType:
-    """The backend module whose ``scatter_rows`` sums a training step's pair gradients into
-    its distinct rows (or that runs ``kernel``, such as ``mf_forward`` for the pairs'
-    scores): the tables' backend, resolved for ``device``. The tables are
+def table_kernels(model: nn.Module, device: torch.device,
+                  kernel: str = "scatter_rows") -> ModuleType:
+    """The backend module of ``model``'s tables, resolved for ``device`` and ``kernel``:
+    its ``scatter_rows`` sums a training step's pair gradients into the distinct rows,
+    its ``mf_forward`` / ``mf_backward`` score the pairs on them. The tables are
     fastmf.nn's, or their sharded forms after fastmf.distributed.shard: both say
     ``is_embedding_table`` and carry their backend. Resolved at every step, because
     sharding can replace the tables after construction (a module walk: a few us)."""

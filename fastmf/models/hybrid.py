@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from fastmf import checkpoint
 from fastmf.data.features import Features
-from fastmf.models._rows import scatter_kernels, unique_ids
+from fastmf.models._rows import pair_users, table_kernels, unique_ids
 from fastmf.models.base import IMPLICIT, Recommender, pointwise_loss
 from fastmf.nn import EmbeddingBag
 from fastmf.recommender import warp_choice
@@ -248,14 +248,11 @@ class _Pooled:
         """(vectors, biases) of the occurrences ``at`` (positions into the distinct rows)."""
         return self.vec.index_select(0, at), self.bias.index_select(0, at)
 
-    def counts(self) -> Tensor:
-        """How often each distinct row occurs in the step, in the rows' dtype."""
-        return torch.bincount(self.inverse, minlength=len(self.vec)).to(self.vec.dtype)
-
     def penalty(self) -> Tensor:
         """Sum over the occurrences of ``||vector||² + bias²``, as a count-weighted sum over
         the distinct rows."""
-        return (self.counts() * (self.vec.square().sum(1) + self.bias.square())).sum()
+        counts = torch.bincount(self.inverse, minlength=len(self.vec)).to(self.vec.dtype)
+        return (counts * (self.vec.square().sum(1) + self.bias.square())).sum()
 
 
 class _RankLoss(torch.autograd.Function):
@@ -290,7 +287,7 @@ class _RankLoss(torch.autograd.Function):
         # Every pair (positives, then negatives row by row) scored by mf_forward on the
         # distinct rows: the forward writes no (pairs, dim) block of gathered rows (at
         # batch 4096 with 4 negatives such a block is 5 MB).
-        at_user = torch.cat([user_at, user_at.repeat_interleave(n)])
+        at_user = pair_users(user_at, n)
         at_item = torch.cat([pos_at, flat_neg])
         scores = kernels.mf_forward(at_user, at_item, p, q, bu, bi, 0.0)
         pos, neg = scores[:size], scores[size:].view(size, n)
@@ -327,8 +324,7 @@ class _RankLoss(torch.autograd.Function):
             c_neg = torch.sigmoid(neg).div_(max(pairs, 1))
         if reg and size:
             user_count = torch.bincount(user_at, minlength=len(p)).to(p.dtype)
-            item_count = torch.bincount(pos_at, minlength=len(q)).add_(
-                torch.bincount(flat_neg, minlength=len(q))).to(q.dtype)
+            item_count = torch.bincount(at_item, minlength=len(q)).to(q.dtype)
             value = value + reg / batch * (
                 (user_count * (p.square().sum(1) + bu.square())).sum()
                 + (item_count * (q.square().sum(1) + bi.square())).sum())
@@ -550,7 +546,7 @@ class Hybrid(Recommender):
             pos_at, neg_at = pi.inverse.split([size, size * n])
             total = _RankLoss.apply(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse, pos_at,
                                     neg_at.view(size, n), loss, batch.weights, float(reg),
-                                    scatter_kernels(self, pu.vec.device))
+                                    table_kernels(self, pu.vec.device))
             count = size * n if loss == "bpr" else size * (n + 1)
         else:
             if batch.targets is None:
@@ -580,10 +576,9 @@ class Hybrid(Recommender):
         block 10.5 MB, and gathering it and its dots took about 6 ms of a 38 ms step."""
         size, n = negatives.shape
         pi = _Pooled(self.items, torch.cat([items.reshape(-1), negatives.reshape(-1)]))
-        at_user = torch.cat([users.inverse, users.inverse.repeat_interleave(n)])
-        kernels = scatter_kernels(self, users.vec.device, kernel="mf_forward")
-        scores = kernels.mf_forward(at_user, pi.inverse, users.vec, pi.vec, users.bias,
-                                    pi.bias, 0.0)
+        kernels = table_kernels(self, users.vec.device, kernel="mf_forward")
+        scores = kernels.mf_forward(pair_users(users.inverse, n), pi.inverse, users.vec,
+                                    pi.vec, users.bias, pi.bias, 0.0)
         return scores[:size], scores[size:].view(size, n)
 
     def _warp_step(self, batch, optimizer, reg: float):
@@ -616,7 +611,7 @@ class Hybrid(Recommender):
             rank = rank * batch.weights[found].to(rank.dtype)
         total = _RankLoss.apply(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse, pos_at,
                                 neg_at.view(m, 1), "warp", rank, float(reg),
-                                scatter_kernels(self, pu.vec.device), size)
+                                table_kernels(self, pu.vec.device), size)
         total.backward()
         optimizer.step()
         return total.detach(), size

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fastmf import checkpoint
-from fastmf.models._rows import scatter_kernels, unique_ids
+from fastmf.models._rows import table_kernels, unique_ids
 from fastmf.models.base import (
     SCORE_CHUNK,
     CombinedOptimizer,
@@ -457,7 +457,7 @@ class _NCF(Recommender):
         users, user_index = unique_ids(batch.users.unsqueeze(1), self.num_users)
         items, item_index = unique_ids(items, self.num_items)
         rows = self._embed(users, items)
-        kernels = scatter_kernels(self, users.device)
+        kernels = table_kernels(self, users.device)
         logits = self._head(rows, _Positions(user_index, kernels),
                             _Positions(item_index, kernels))
         if loss == "bce":
