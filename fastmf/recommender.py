@@ -427,18 +427,21 @@ class Recommender(nn.Module):
         users, items, ratings = train.to_torch(device)
         n = len(train)
         order = torch.randperm(n, generator=generator).to(device)
-        users, items = users[order], items[order]
+        # index_select, not x[order] (CPU advanced indexing): an epoch's first batch of
+        # 100,000 positives took 4.4-5.5 ms with it against 2.8-4.0 ms (1-2 threads).
+        users, items = users.index_select(0, order), items.index_select(0, order)
         implicit = loss in IMPLICIT
-        targets = None if implicit else ratings[order].to(self._param_dtype())
+        targets = None if implicit else ratings.index_select(0, order).to(self._param_dtype())
         timestamps = None
         if train.timestamps is not None and self.uses_timestamps:
             stamps = train.timestamps
             if stamps.dtype.kind == "M":  # datetimes: seconds since the epoch
                 stamps = stamps.astype("datetime64[s]").astype(np.int64)
-            timestamps = torch.from_numpy(np.array(stamps)).to(device)[order]  # a writable copy
+            # np.array: a writable copy
+            timestamps = torch.from_numpy(np.array(stamps)).to(device).index_select(0, order)
         weights = None
         if train.weights is not None and self.uses_weights:
-            weights = torch.from_numpy(train.weights).to(device)[order]
+            weights = torch.from_numpy(train.weights).to(device).index_select(0, order)
         base = generator.initial_seed()
         # Uniform negatives come from the counters of (epoch seed, batch number), as the
         # fused sampled BPR step draws them, so every model sees the same ones.

@@ -699,3 +699,23 @@ def test_every_registered_model_fits_recommends_saves_and_loads(name, split, tmp
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
     assert torch.equal(loaded.model.recommend(users, 5, exclude=train)[0], items)
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTERED
+                                  if not checkpoint.MODELS[n].uses_timestamps])
+def test_models_that_skip_timestamps_never_read_them(name, split, monkeypatch):
+    """``uses_timestamps = False`` only spares batches() the per-epoch shuffle of what the
+    step never reads: the same weights as a fit whose batches carry the timestamps."""
+    cls = checkpoint.MODELS[name]
+    train, _ = split
+    assert train.timestamps is not None
+    states = []
+    for flag in (False, True):
+        monkeypatch.setattr(cls, "uses_timestamps", flag)
+        torch.manual_seed(0)
+        model = cls.from_interactions(train, **dict(getattr(cls, "test_config", {}) or {}))
+        fastmf.fit(model, train, loss=cls.default_loss, epochs=2, batch_size=256, seed=0,
+                   progress=False)
+        states.append(model.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

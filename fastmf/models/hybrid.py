@@ -431,6 +431,8 @@ class Hybrid(Recommender):
     losses = ("bpr", "bce", "warp", "mse", "huber")
     default_loss = "bpr"
     test_config: ClassVar[dict] = {"dim": 4}
+    # Its steps never read them: batches() need not shuffle them every epoch.
+    uses_timestamps: ClassVar[bool] = False
     # Chosen on inner validation splits of MovieLens-latest-small and of a synthetic
     # low-rank set of a different shape (benchmarks/coldstart.py, scenarios accumulator and
     # batch): adagrad with the fused step, reg on the pooled vectors. The ranking losses

@@ -346,6 +346,8 @@ class _NCF(Recommender):
 
     losses = ("bce", "bpr")
     default_loss = "bce"
+    # Its step never reads them: batches() need not shuffle them every epoch.
+    uses_timestamps = False
     # Chosen on inner validation splits only (leave-one-out by time inside the training part
     # of ml-latest-small: all users, the heavier half, the lighter half; never the reported
     # test rows): `python benchmarks/ncf.py --tune`, benchmarks/README.md "Neural

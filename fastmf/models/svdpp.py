@@ -152,6 +152,8 @@ class SVDpp(Recommender):
     test_config = {"dim": 4}
     # Its step takes the plain mean over the ratings: fit refuses weighted data.
     uses_weights = False
+    # Only TimeSVDpp's time terms read them; SVD++ skips their per-epoch shuffle.
+    uses_timestamps = False
     # Chosen on two inner validation splits of ml-latest-small built from fold 0's TRAINING
     # rows only (never a reported test row): "dense", 20% of the rows held out at random
     # (every user has >= 20 ratings), and "sparse", each user cut to <= 15 random ratings
@@ -489,6 +491,7 @@ class TimeSVDpp(SVDpp):
     # SVDpp's settings (see there); the time terms' knobs from the first search, which
     # had them in it.
     defaults = {"explicit": dict(SVDpp.defaults["explicit"])}
+    uses_timestamps = True
     default_bias_reg = SVDpp.default_bias_reg
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64, *,
