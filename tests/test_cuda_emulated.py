@@ -1,5 +1,5 @@
-"""The CUDA kernels' own source, run on the CPU through tests/cuda_emulation (one OS
-thread per CUDA thread, barriers for __syncthreads and shuffles), against fastmf.ops.reference:
+"""The CUDA kernels' own source, run on the CPU through tests/cuda_emulation (each CUDA
+thread a fiber, barriers for __syncthreads and shuffles), against fastmf.ops.reference:
 the checks of tests/test_cuda_ops.py at sizes a CPU emulation can afford. Catches logic
 errors in the kernels on machines without a GPU. Under AddressSanitizer (+ UBSan) it also
 catches every out-of-bounds access:
@@ -13,9 +13,9 @@ __syncthreads, or two blocks writing the same memory (what a GPU's race checker 
     LD_PRELOAD="$(gcc -print-file-name=libtsan.so)" OMP_NUM_THREADS=1 \
     FASTMF_EMU_SANITIZE=thread FASTMF_EMU_BLOCKS=4 pytest tests/test_cuda_emulated.py -k hot
 
-(one OS thread per CUDA thread makes this slow: a minute or more per case;
-OMP_NUM_THREADS=1 because it reports torch's own OpenMP threads, which it cannot see
-synchronise; a race makes the process exit with status 66).
+(the sanitizer builds run one OS thread per CUDA thread, which makes them slow: a minute
+or more per case; OMP_NUM_THREADS=1 because it reports torch's own OpenMP threads, which
+it cannot see synchronise; a race makes the process exit with status 66).
 
 Skipped without a C++ compiler or ninja, or with FASTMF_SKIP_CUDA_EMULATION=1. The first
 run builds the emulation into build/fastmf_emu (a few minutes on two cores).

@@ -107,6 +107,10 @@ def build(sanitizer: str | None = None, verbose: bool = False) -> str:
     flags = ["-std=c++20", "-O1", "-g", "-pthread",
              "-include", str(HERE / "include" / "emu_runtime.h")]
     ldflags = ["-pthread"]
+    if sanitizer:
+        # The sanitizers follow OS threads, not stacks switched by hand: one OS thread per
+        # CUDA thread (include/emu_runtime.h), slower but what they can check.
+        flags.append("-DFASTMF_EMU_OS_THREADS")
     if sanitizer == "address":
         flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address,undefined"]

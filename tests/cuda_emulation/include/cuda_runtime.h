@@ -24,7 +24,7 @@ cudaError_t cudaGetSymbolAddress(void** address, T& symbol) {
 }
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 // A small device: enough blocks per launch to exercise multi-block paths, few enough for
-// one OS thread per CUDA thread.
+// an emulated thread (a fiber, or an OS thread in the sanitizer builds) per CUDA thread.
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
   *value = 4;
   return cudaSuccess;
