@@ -650,6 +650,44 @@ void dispatch_weight_and_grad(at::ScalarType weight, at::ScalarType grad, F&& f)
   });
 }
 
+#if FASTMF_X86_DISPATCH
+// gather_rows for float16 tables on F16C: 8 conversions an instruction, exact as the
+// software routine of the baseline build is, then the same 0 + w_b x (a product, then a
+// sum: no FMA). In a training step (mf workload, 8,192 Zipf ids into 100k x 64, one thread)
+// the baseline's scalar conversion loop took 2.4x the perf samples of the float32 gather.
+__attribute__((target("avx2,f16c"))) void gather_half_rows_f16c(
+    const c10::Half* __restrict table, const int64_t* __restrict ids,
+    const float* __restrict p, int64_t begin, int64_t end, int64_t dim,
+    float* __restrict out) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t b = begin; b < end; ++b) {
+    if (b + kRandomRowPrefetch < end) {
+      prefetch_row(table + ids[b + kRandomRowPrefetch] * dim, dim, false);
+    }
+    const c10::Half* row = table + ids[b] * dim;
+    float* acc = out + b * dim;
+    int64_t k = 0;
+    if (p != nullptr) {
+      const float c = p[b];
+      const __m256 cv = _mm256_set1_ps(c);
+      for (; k + 8 <= dim; k += 8) {
+        const __m256 x =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+        _mm256_storeu_ps(acc + k, _mm256_add_ps(zero, _mm256_mul_ps(x, cv)));
+      }
+      for (; k < dim; ++k) acc[k] = 0.0f + static_cast<float>(row[k]) * c;
+    } else {
+      for (; k + 8 <= dim; k += 8) {
+        const __m256 x =
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+        _mm256_storeu_ps(acc + k, _mm256_add_ps(zero, x));
+      }
+      for (; k < dim; ++k) acc[k] = 0.0f + static_cast<float>(row[k]);
+    }
+  }
+}
+#endif
+
 // Bags of one id: out[b] = 0 + w_b weight[ids[b]] for b in [begin, end) (w_b = p[b], or 1
 // without per-sample weights), the bag loop's values. Its own function with arguments by
 // value, so the compiler keeps the pointers in registers across the stores.
@@ -657,6 +695,14 @@ template <typename W, typename A>
 void gather_rows(const W* __restrict table, const int64_t* __restrict ids,
                  const A* __restrict p, int64_t begin, int64_t end, int64_t dim,
                  A* __restrict out) {
+#if FASTMF_X86_DISPATCH
+  if constexpr (std::is_same_v<W, c10::Half>) {
+    if (cpu_features().f16c) {
+      gather_half_rows_f16c(table, ids, p, begin, end, dim, out);
+      return;
+    }
+  }
+#endif
   for (int64_t b = begin; b < end; ++b) {
     if (b + kRandomRowPrefetch < end) {
       prefetch_row(table + ids[b + kRandomRowPrefetch] * dim, dim, false);
