@@ -193,6 +193,40 @@ def test_reference_forward_sums_in_index_order():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_of_special_values_matches_reference(backend, dtype):
+    """An SGD step on half rows that land on values stochastic rounding leaves to round to
+    nearest (NaN, infinity, float16's subnormals and |v| >= 65504, bfloat16's carry to
+    infinity) beside ordinary ones, in every 64-wide block and in the tail: the same bits
+    as the reference (NaN for NaN)."""
+    k = embedding_kernels(backend, "cpu")
+    gen = torch.Generator().manual_seed(7)
+    rows, dim = 12, 150
+    target = torch.randn(rows, dim, generator=gen) * 0.05
+    big = 65500.0 if dtype == torch.float16 else 3.3e38
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e-6, -5e-5, 2.0 ** -14,
+                            -(2.0 ** -15), big, -big, 65519.0, 1e-40, -0.0])
+    cols = torch.randperm(dim, generator=gen)[:special.numel()]
+    for r in range(0, rows, 2):  # special values in half the rows, spread over the blocks
+        target[r, cols] = special
+    weight = (torch.randn(rows, dim, generator=gen) * 0.05).to(dtype)
+    ids = torch.arange(rows)
+    # SGD with lr 1: the new row is w - g, so g = w - target lands it on the target values
+    # before rounding (inf - finite stays inf; NaN stays NaN).
+    grad = weight.float() - target
+    settings = (Optimizer.SGD, 1.0, 0.0, 0.9, 0.999, 1e-8, WeightDecay.NONE, 5, 3, True)
+    got, want = weight.clone(), weight.clone()
+    k.sparse_update(got, None, None, ids, grad, *settings)
+    reference.sparse_update(want, None, None, ids, grad, *settings)
+    # NaN payloads aside (torch's bfloat16 conversion keeps them, the kernels write the
+    # canonical 0x7FC0), the same bits.
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and bool(nan.any())
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert got.float().isinf().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", list(Optimizer))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pooling", list(Pooling))
