@@ -687,6 +687,46 @@ __attribute__((target("avx2,f16c"))) void gather_half_rows_f16c(
 }
 #endif
 
+#if FASTMF_X86_DISPATCH
+// acc[k] += w x[k] (w = *p, or x[k] alone without a weight) for one float16 row on F16C:
+// load_row's conversion and the bag loop's sum in one pass, the same operations.
+__attribute__((target("avx2,f16c"))) void add_half_row_f16c(float* __restrict acc,
+                                                            const c10::Half* __restrict row,
+                                                            const float* p, int64_t dim) {
+  int64_t k = 0;
+  if (p != nullptr) {
+    const __m256 c = _mm256_set1_ps(*p);
+    for (; k + 8 <= dim; k += 8) {
+      const __m256 x =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+      _mm256_storeu_ps(acc + k, _mm256_add_ps(_mm256_loadu_ps(acc + k), _mm256_mul_ps(x, c)));
+    }
+    for (; k < dim; ++k) acc[k] += static_cast<float>(row[k]) * *p;
+  } else {
+    for (; k + 8 <= dim; k += 8) {
+      const __m256 x =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+      _mm256_storeu_ps(acc + k, _mm256_add_ps(_mm256_loadu_ps(acc + k), x));
+    }
+    for (; k < dim; ++k) acc[k] += static_cast<float>(row[k]);
+  }
+}
+#endif
+
+// add_half_row_f16c where it applies (a float16 row, F16C); false where it does not.
+template <typename W, typename A>
+inline bool add_half_row(A* acc, const W* row, const A* p, int64_t dim) {
+#if FASTMF_X86_DISPATCH
+  if constexpr (std::is_same_v<W, c10::Half> && std::is_same_v<A, float>) {
+    if (cpu_features().f16c) {
+      add_half_row_f16c(acc, row, p, dim);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 // Bags of one id: out[b] = 0 + w_b weight[ids[b]] for b in [begin, end) (w_b = p[b], or 1
 // without per-sample weights), the bag loop's values. Its own function with arguments by
 // value, so the compiler keeps the pointers in registers across the stores.
@@ -824,7 +864,8 @@ at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& 
       return;
     }
     at::parallel_for(0, num_bags, kBagGrain, [&](int64_t begin, int64_t end) {
-      // float16 rows are converted a row at a time (see load_row), then summed.
+      // float16 rows: converted and added in one pass on F16C (add_half_row_f16c), else
+      // converted a row at a time (see load_row), then summed.
       std::vector<A> converted(std::is_same_v<W, c10::Half> ? dim : 0);
       for (int64_t b = begin; b < end; ++b) {
         A* acc = o + b * dim;
@@ -834,6 +875,9 @@ at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& 
           for (int64_t j = j0; j < j1; ++j) {
             if (j + kPrefetchIndices < num_indices) {
               prefetch_row(table + ids[j + kPrefetchIndices] * dim, dim, false);
+            }
+            if (add_half_row(acc, table + ids[j] * dim, p != nullptr ? p + j : nullptr, dim)) {
+              continue;
             }
             load_row(table + ids[j] * dim, converted.data(), dim);
             const A* row = converted.data();
