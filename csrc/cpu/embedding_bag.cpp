@@ -79,14 +79,6 @@ using acc_t = std::conditional_t<std::is_same_v<W, double>, double, float>;
 
 inline uint64_t rounding_key(int64_t seed, int64_t step) { return hash::step_key(seed, step); }
 
-inline c10::Half stochastic_round(float v, uint32_t bits, c10::Half*) {
-  const float magnitude = std::fabs(v);
-  // No stochastic rounding where float16 is not normal: FBGEMM's rule.
-  if (!std::isfinite(v) || magnitude >= 65504.0f || magnitude < 0x1p-14f) return c10::Half(v);
-  const uint32_t u = (std::bit_cast<uint32_t>(v) + (bits >> 19)) & ~uint32_t{0x1FFF};
-  return c10::Half(std::bit_cast<float>(u));
-}
-
 inline c10::BFloat16 stochastic_round(float v, uint32_t bits, c10::BFloat16*) {
   if (!std::isfinite(v)) return c10::BFloat16(v);
   const uint32_t u = (std::bit_cast<uint32_t>(v) + (bits >> 16)) & ~uint32_t{0xFFFF};
@@ -152,10 +144,12 @@ __attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* src, c
 
 // The integer half of stochastic rounding for n <= kBlock values: bits[k] =
 // hash::element_bits(row, col + k) (written out here, so it compiles for the vector unit of
-// the caller), and the rounded value of each lane (float16: the float, exact in float16, to
-// convert; bfloat16: its 16 bits) where stochastic_round's rule applies. Returns whether
-// some lane is left to the scalar stochastic_round (NaN, infinity, out of float16's normal
-// range, a bfloat16 rounded up to infinity).
+// the caller), and the rounded value of each lane where the reference's stochastic_round
+// applies its rule. float16: the float, exact in float16, to convert; every other lane (NaN,
+// infinity, |v| >= 65504, |v| < 2^-14: FBGEMM's rule rounds those to nearest) keeps its
+// value, so converting the block to nearest finishes the rounding. bfloat16: its 16 bits;
+// returns whether some lane is left to the scalar stochastic_round (NaN, infinity, a value
+// rounded up to infinity).
 __attribute__((always_inline)) inline void random_bits_body(uint32_t row, uint32_t col,
                                                             int64_t n, uint32_t* bits) {
   for (int64_t k = 0; k < n; ++k) {
@@ -168,13 +162,12 @@ __attribute__((always_inline)) inline void random_bits_body(uint32_t row, uint32
   }
 }
 
-__attribute__((always_inline)) inline bool round_block_body(const float* src, uint32_t row,
+__attribute__((always_inline)) inline void round_block_body(const float* src, uint32_t row,
                                                             uint32_t col, int64_t n,
                                                             uint32_t* bits, float* rounded) {
   random_bits_body(row, col, n, bits);
-  // Branch-free (a select as a mask, the fallback lanes counted), so it vectorises: with a
-  // branch per lane this loop, not the hash, was 90 % of the rounding's time.
-  uint32_t plain = 0;
+  // Branch-free (a select as a mask), so it vectorises: with a branch per lane this loop,
+  // not the hash, was 90 % of the rounding's time.
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t v = std::bit_cast<uint32_t>(src[k]);
     // In float16's normal range: 2^-14 <= |v| < 65504 (NaN and infinity are not), as one
@@ -182,16 +175,14 @@ __attribute__((always_inline)) inline bool round_block_body(const float* src, ui
     const uint32_t ok = ((v & 0x7FFFFFFFu) - 0x38800000u) < (0x477FE000u - 0x38800000u);
     const uint32_t u = (v + (bits[k] >> 19)) & ~uint32_t{0x1FFF};
     rounded[k] = std::bit_cast<float>(v ^ ((u ^ v) & (0u - ok)));
-    plain += ok ^ 1u;
   }
-  return plain != 0;
 }
 
 __attribute__((always_inline)) inline bool round_block_body(const float* src, uint32_t row,
                                                             uint32_t col, int64_t n,
                                                             uint32_t* bits, uint16_t* out) {
   random_bits_body(row, col, n, bits);
-  uint32_t plain = 0;  // as above: counted, not branched on
+  uint32_t plain = 0;  // counted, not branched on, so the loop vectorises as above
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t v = std::bit_cast<uint32_t>(src[k]);
     const uint32_t u = (v + (bits[k] >> 16)) & ~uint32_t{0xFFFF};
@@ -205,12 +196,12 @@ __attribute__((always_inline)) inline bool round_block_body(const float* src, ui
 
 #if FASTMF_X86_DISPATCH
 template <typename R>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) bool round_block_avx512(
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw"))) auto round_block_avx512(
     const float* src, uint32_t row, uint32_t col, int64_t n, uint32_t* bits, R* rounded) {
   return round_block_body(src, row, col, n, bits, rounded);
 }
 template <typename R>
-__attribute__((target("avx2"))) bool round_block_avx2(const float* src, uint32_t row,
+__attribute__((target("avx2"))) auto round_block_avx2(const float* src, uint32_t row,
                                                       uint32_t col, int64_t n, uint32_t* bits,
                                                       R* rounded) {
   return round_block_body(src, row, col, n, bits, rounded);
@@ -218,7 +209,7 @@ __attribute__((target("avx2"))) bool round_block_avx2(const float* src, uint32_t
 #endif
 
 template <typename R>
-inline bool round_block(const float* src, uint32_t row, uint32_t col, int64_t n,
+inline auto round_block(const float* src, uint32_t row, uint32_t col, int64_t n,
                         uint32_t* bits, R* rounded) {
 #if FASTMF_X86_DISPATCH
   if (cpu_features().avx512) return round_block_avx512(src, row, col, n, bits, rounded);
@@ -256,10 +247,10 @@ inline void store_nearest(W* __restrict dst, const A* __restrict src, int64_t n)
 }
 
 // Stochastic rounding of n <= kBlock values of a row (its hash::row_bits `row`) from column
-// `col`, as stochastic_round above element by element. float16: where the rule applies the
-// rounded value is exact in float16, and round_block leaves every other lane (NaN,
-// infinity, |v| >= 65504, |v| < 2^-14) as it was, so converting the block to nearest is
-// stochastic_round for every lane; no scalar pass. (It had one for any block holding such a
+// `col`, as the reference's stochastic_round element by element. float16: where the rule
+// applies the rounded value is exact in float16, and round_block leaves every other lane
+// (NaN, infinity, |v| >= 65504, |v| < 2^-14) as it was, so converting the block to nearest
+// is the rule for every lane; no scalar pass. (It had one for any block holding such a
 // lane: with tables drawn from U(-0.05, 0.05), 7.5 % of 64-wide blocks hold a value under
 // 2^-14, and redoing their 64 lanes through c10::Half cost up to 0.4 ms of a 5 ms step.)
 // bfloat16: the lanes round_block flags take the scalar path.
