@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 import fastmf
 from fastmf.models import ncf
+from fastmf.models._rows import unique_ids
 from fastmf.models.base import Batch, Recommender
 from fastmf.models.ncf import GMF, MLP, NeuMF
 from fastmf.optim import CombinedOptimizer
@@ -509,17 +510,17 @@ def _dense_grad(param):
     return grad.to_dense() if grad.is_sparse else grad
 
 
-@pytest.mark.parametrize("kind", ["mlp", "neumf"])
+@pytest.mark.parametrize("kind", ["gmf", "mlp", "neumf"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 4])
 @pytest.mark.parametrize("size", [0, 1, 7, 300])
 @pytest.mark.parametrize("loss", ["bce", "bpr"])
 def test_split_first_layer_equals_concatenation(kind, dtype, n, size, loss):
     """The training step (distinct rows looked up once, the first layer split into its user
-    and item halves, the hand-written backward) against autograd on the plain
-    concatenation [p_u, q_i] of every scored pair: same loss and gradients of every
-    parameter, to float32 rounding (float64: to 1e-12; the split sums each first-layer
-    unit as two partial dot products, so not bit for bit)."""
+    and item halves, GMF's weighted dot on the distinct rows, the hand-written backwards)
+    against autograd on the plain concatenation [p_u, q_i] of every scored pair: same loss
+    and gradients of every parameter, to float32 rounding (float64: to 1e-12; the split
+    sums each first-layer unit as two partial dot products, so not bit for bit)."""
     rng = np.random.default_rng(100 + size + 10 * n)
     model, twin = build(kind, dtype=dtype)
     users = zipf_ids(rng, size, NUM_USERS)
@@ -541,7 +542,8 @@ def test_split_first_layer_equals_concatenation(kind, dtype, n, size, loss):
     assert value.dtype == dtype
     torch.testing.assert_close(value, expected.detach(), **tol)
     theirs = dict(twin.named_parameters())
-    names = {"user_embedding": "mlp_u", "item_embedding": "mlp_i", "gmf_user_embedding":
+    side = "gmf" if kind == "gmf" else "mlp"
+    names = {"user_embedding": f"{side}_u", "item_embedding": f"{side}_i", "gmf_user_embedding":
              "gmf_u", "gmf_item_embedding": "gmf_i", "mlp_user_embedding": "mlp_u",
              "mlp_item_embedding": "mlp_i", "output": "out"}
     for name, param in model.named_parameters():
@@ -551,7 +553,26 @@ def test_split_first_layer_equals_concatenation(kind, dtype, n, size, loss):
         torch.testing.assert_close(_dense_grad(param), _dense_grad(other), **tol,
                                    msg=lambda m, name=name: name + m)
     if size:
-        assert _dense_grad(model.hidden[0].weight).abs().sum() > 0
+        assert _dense_grad(model.output.weight).abs().sum() > 0
+        if kind != "gmf":
+            assert _dense_grad(model.hidden[0].weight).abs().sum() > 0
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(0,), (1,), (300, 1), (300, 5)])
+@pytest.mark.parametrize("size", [40, 100_000])
+def test_unique_ids_match_torch_unique(id_dtype, shape, size):
+    """The training steps' distinct ids (the dense-mark path where a batch covers much of
+    the table, torch.unique otherwise): ascending distinct ids and each id's position
+    among them, as torch.unique gives them, for Zipf ids with repeats."""
+    rng = np.random.default_rng(sum(shape) + size)
+    ids = zipf_ids(rng, int(np.prod(shape)), size).to(id_dtype).view(shape)
+    distinct, where = unique_ids(ids, size)
+    expected, inverse = torch.unique(ids.reshape(-1).long(), return_inverse=True)
+    assert torch.equal(distinct.long(), expected)
+    assert where.shape == ids.shape and where.dtype == torch.int64
+    assert torch.equal(where.reshape(-1), inverse)
+    assert torch.equal(distinct[where].to(id_dtype), ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

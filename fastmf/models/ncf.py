@@ -135,6 +135,13 @@ def _broadcasts_into(shape, target) -> bool:
         s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
+def _broadcast_shape(a, b) -> tuple[int, ...]:
+    """The shape broadcastable shapes ``a`` and ``b`` broadcast to (torch.broadcast_shapes'
+    answer without its cost: see :func:`_broadcasts_into`)."""
+    a, b = (1,) * (len(b) - len(a)) + tuple(a), (1,) * (len(a) - len(b)) + tuple(b)
+    return tuple(y if x == 1 else x for x, y in zip(a, b, strict=True))
+
+
 class _Tower(torch.autograd.Function):
     """``h·relu-MLP([p, q]) + c`` over user rows ``p`` (..., D) and item rows ``q`` (..., D)
     broadcast against each other, with a hand-written backward.
@@ -187,11 +194,11 @@ class _Tower(torch.autograd.Function):
         gz = torch.mul(grad.unsqueeze(-1), h.reshape(-1), out=torch.empty_like(last))
         for layer in range(len(acts) - 1, -1, -1):
             gz = _relu_backward_(gz, acts[layer])
+            if layer == 0:
+                break  # its bias's gradient is summed below, over the users' rows
             g2 = gz.reshape(-1, gz.shape[-1])
             if needs[6 + 2 * layer + 1]:
                 grads[6 + 2 * layer + 1] = g2.sum(0)
-            if layer == 0:
-                break
             w = params[2 * layer]
             if needs[6 + 2 * layer]:
                 grads[6 + 2 * layer] = g2.t() @ acts[layer - 1].reshape(-1, w.shape[1])
@@ -201,8 +208,12 @@ class _Tower(torch.autograd.Function):
         w1, d = params[0], p.shape[-1]
         gq = _side_grad(gz, q, ctx.item_at)
         gp = _side_grad(gz, p, ctx.user_at)
+        width = gz.shape[-1]
+        if needs[7]:
+            # Every pair's gradient sits in exactly one user row of gp: the sum over the
+            # pairs from 610 rows instead of 20,480 in a default step (about 90 us).
+            grads[7] = gp.reshape(-1, width).sum(0)
         if needs[6]:
-            width = gz.shape[-1]
             grads[6] = torch.cat([gp.reshape(-1, width).t() @ p.reshape(-1, d),
                                   gq.reshape(-1, width).t() @ q.reshape(-1, d)], 1)
         if needs[0]:
@@ -296,6 +307,46 @@ class _Gather(torch.autograd.Function):
         (index,) = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
         return ctx.kernels.scatter_rows(index.reshape(-1), rows, ctx.num_rows), None, None
+
+
+class _WeightedDot(torch.autograd.Function):
+    """``h·(p[user_at] ⊙ q[item_at])`` (*item_at.shape,): GMF's logit before its bias, for
+    the pairs of a training step over the distinct rows ``p`` (U, D) and ``q`` (I, D),
+    ``user_at`` (B, 1) against ``item_at`` (B, 1 + n), ``h`` (D,).
+
+    The forward is the tables' backend's ``mf_forward`` on the rows ``p ⊙ h`` (U rows, not
+    one per pair); the backward forms each pair's two gradient rows with ``mf_backward``,
+    sums them into the distinct rows with ``scatter_rows`` and only then multiplies by
+    ``h``: ``dp = h ⊙ Σ g q``, ``dq = h ⊙ Σ g p``, ``dh = Σ_rows q ⊙ (Σ g p)``. Through
+    autograd the gathers, the broadcast product and the matmul with ``h`` made about ten
+    passes over (pairs, D) blocks: at a default NeuMF step's shape (20,480 pairs of 8
+    columns over 610 users and 8,500 items) forward and backward took 1.19 ms, against
+    0.79 ms this way (one thread, medians of 50)."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, q: Tensor, h: Tensor, user_at: _Positions,
+                item_at: _Positions) -> Tensor:
+        shape = _broadcast_shape(user_at.index.shape, item_at.index.shape)
+        at_user = user_at.index.expand(shape).reshape(-1)
+        at_item = item_at.index.expand(shape).reshape(-1)
+        kernels = user_at.kernels
+        out = kernels.mf_forward(at_user, at_item, p * h, q, None, None, 0.0)
+        ctx.save_for_backward(p, q, h, at_user, at_item)
+        ctx.kernels = kernels
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, q, h, at_user, at_item = ctx.saved_tensors
+        kernels, needs = ctx.kernels, ctx.needs_input_grad
+        user_rows, item_rows = kernels.mf_backward(grad.reshape(-1).contiguous(), at_user,
+                                                   at_item, p, q)
+        sum_q = kernels.scatter_rows(at_user, user_rows, p.shape[0])  # Σ g q per user
+        sum_p = kernels.scatter_rows(at_item, item_rows, q.shape[0])  # Σ g p per item
+        grad_p = sum_q.mul_(h) if needs[0] else None
+        grad_h = (q * sum_p).sum(0) if needs[2] else None
+        grad_q = sum_p.mul_(h) if needs[1] else None
+        return grad_p, grad_q, grad_h, None, None
 
 
 def _gather(rows: Tensor, at: _Positions | None) -> Tensor:
@@ -538,6 +589,9 @@ class GMF(_NCF):
 
     def _head(self, rows, user_at=None, item_at=None):
         (p, q), = rows
+        if user_at is not None and item_at is not None:
+            return _WeightedDot.apply(p, q, self.output.weight[0], user_at,
+                                      item_at).add(self.output.bias[0])
         p, q = _gather(p, user_at), _gather(q, item_at)
         return F.linear(p * q, self.output.weight, self.output.bias).squeeze(-1)
 
@@ -711,7 +765,10 @@ class NeuMF(_NCF):
         (pg, qg), (pm, qm) = rows
         # h·[a, b] = h_a·a + h_b·b: no (.., gmf_dim + layers[-1]) concatenation is built.
         w, g = self.output.weight, self.gmf_dim
-        gmf = torch.matmul(_gather(pg, user_at) * _gather(qg, item_at), w[0, :g])
+        if user_at is not None and item_at is not None:
+            gmf = _WeightedDot.apply(pg, qg, w[0, :g], user_at, item_at)
+        else:
+            gmf = torch.matmul(_gather(pg, user_at) * _gather(qg, item_at), w[0, :g])
         if self._uses_tower():
             return gmf + _Tower.apply(pm, qm, user_at, item_at, w[:, g:],
                                       self.output.bias, *_dense_params(self.hidden))
