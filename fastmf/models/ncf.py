@@ -131,13 +131,14 @@ def _broadcasts_into(shape, target) -> bool:
     """Whether ``shape`` broadcasts to ``target`` itself (so ``add_`` can write in place).
     torch.broadcast_shapes answers the same in 57 us a call here, half a percent of an NCF
     step."""
-    return len(shape) <= len(target) and all(
-        s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+    return len(shape) <= len(target) and _broadcast_shape(shape, target) == tuple(target)
 
 
 def _broadcast_shape(a, b) -> tuple[int, ...]:
-    """The shape broadcastable shapes ``a`` and ``b`` broadcast to (torch.broadcast_shapes'
-    answer without its cost: see :func:`_broadcasts_into`)."""
+    """The shape ``a`` and ``b`` broadcast to (torch.broadcast_shapes' answer without its
+    cost, see :func:`_broadcasts_into`). For shapes that do not broadcast it means nothing,
+    except that it equals ``b`` exactly when ``a``, no longer than ``b``, broadcasts to
+    ``b`` itself."""
     a, b = (1,) * (len(b) - len(a)) + tuple(a), (1,) * (len(a) - len(b)) + tuple(b)
     return tuple(y if x == 1 else x for x, y in zip(a, b, strict=True))
 
