@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -355,9 +356,11 @@ inline void check_train_step_pairwise(const char* op, const StepTables& tables,
 // for the batch's users only (a full pass over them every step would cost more than the
 // step).
 template <typename Batch>
+// `b`: the positives of one step (all of them for one step; a batch's worth for
+// train_steps_pairwise_sampled).
 inline void check_sampled(const char* op, const StepTables& tables, const StepTables& states,
                           const Batch& batch, const OptimizerArgs& opt,
-                          int64_t positive_rows) {
+                          int64_t positive_rows, int64_t b) {
   TORCH_CHECK_VALUE(batch.num_negatives >= 1, "fastmf.", op, ": num_negatives must be >= 1, ",
                     "got ", batch.num_negatives);
   check_optimizer_args(op, opt);
@@ -376,7 +379,7 @@ inline void check_sampled(const char* op, const StepTables& tables, const StepTa
   constexpr int64_t kMaxItems = (int64_t{1} << 31) - 1, kMaxRows = (int64_t{1} << 30) - 1;
   TORCH_CHECK_VALUE(num_items <= kMaxItems, "fastmf.", op, ": item_factors has ", num_items,
                     " rows; sampling supports at most ", kMaxItems);
-  const int64_t b = batch.users.size(0), per = batch.num_negatives + positive_rows;
+  const int64_t per = batch.num_negatives + positive_rows;
   if (positive_rows == 0) {
     TORCH_CHECK_VALUE(b <= kMaxRows / per, "fastmf.", op, ": ", b, " positives x ",
                       batch.num_negatives, " negatives = ", b * per, " pairs; at most ",
@@ -394,8 +397,11 @@ inline void check_sampled(const char* op, const StepTables& tables, const StepTa
 inline void check_train_step_pairwise_sampled(const char* op, const StepTables& tables,
                                               const StepTables& states,
                                               const SampledPairwiseBatch& batch,
-                                              const OptimizerArgs& opt) {
-  check_sampled(op, tables, states, batch, opt, /*positive_rows=*/0);
+                                              const OptimizerArgs& opt,
+                                              int64_t batch_size = -1) {
+  const int64_t n = batch.users.size(0);
+  check_sampled(op, tables, states, batch, opt, /*positive_rows=*/0,
+                batch_size < 0 ? n : std::min(n, batch_size));
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/false);
   check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }
@@ -405,7 +411,7 @@ inline void check_train_step_sampled(const char* op, const StepTables& tables,
                                      const StepTables& states,
                                      const SampledPointwiseBatch& batch,
                                      const OptimizerArgs& opt) {
-  check_sampled(op, tables, states, batch, opt, /*positive_rows=*/1);
+  check_sampled(op, tables, states, batch, opt, /*positive_rows=*/1, batch.users.size(0));
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/true);
   check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }

@@ -80,6 +80,19 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
       "Tensor pos_indices, int num_negatives, int seed, int step, int loss, float reg, "
       "int optimizer, float lr, float eps, Tensor? weights=None) -> Tensor");
+  // train_step_pairwise_sampled on each run of batch_size (>= 1) positives in turn: slice
+  // t = [t * batch_size, (t + 1) * batch_size) of users, pos_items (and weights) at step
+  // step + t. Returns the steps' losses, (ceil(len(users) / batch_size),). Every id, weight
+  // and row pointer the steps read is checked before the first one runs, so bad input in
+  // any slice writes nothing (on the CPU; CUDA records errors on the device as the step
+  // does). One call per epoch instead of one per batch: no per-batch dispatch or Python.
+  m.def(
+      "train_steps_pairwise_sampled(Tensor(a!) user_factors, Tensor(b!) item_factors, "
+      "Tensor(c!)? user_bias, Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, "
+      "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
+      "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
+      "Tensor pos_indices, int num_negatives, int batch_size, int seed, int step, int loss, "
+      "float reg, int optimizer, float lr, float eps, Tensor? weights=None) -> Tensor");
   // train_step on the positives, each a row labelled 1, and num_negatives (>= 1) uniform
   // negatives per positive, each a row labelled 0, drawn in the op as
   // train_step_pairwise_sampled draws them. Exactly train_step on users ++

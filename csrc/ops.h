@@ -100,6 +100,43 @@ at::Tensor train_step_pairwise_sampled_op(
   return kKernel(tables, states, batch, opt);
 }
 
+using SampledPairwiseStepsKernel = at::Tensor (*)(const StepTables& tables,
+                                                  const StepTables& states,
+                                                  const SampledPairwiseBatch& batch,
+                                                  int64_t batch_size, const OptimizerArgs& opt);
+
+// train_steps_pairwise_sampled: the sampled step's checks on the whole run of positives,
+// with one step's pairs (batch_size positives) held to the step's limit.
+template <SampledPairwiseStepsKernel kKernel>
+at::Tensor train_steps_pairwise_sampled_op(
+    const at::Tensor& user_factors, const at::Tensor& item_factors,
+    const std::optional<at::Tensor>& user_bias, const std::optional<at::Tensor>& item_bias,
+    const std::optional<at::Tensor>& user_factors_state,
+    const std::optional<at::Tensor>& item_factors_state,
+    const std::optional<at::Tensor>& user_bias_state,
+    const std::optional<at::Tensor>& item_bias_state, const at::Tensor& users,
+    const at::Tensor& pos_items, const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
+    int64_t num_negatives, int64_t batch_size, int64_t seed, int64_t step, int64_t loss,
+    double reg, int64_t optimizer, double lr, double eps,
+    const std::optional<at::Tensor>& weights) {
+  constexpr const char* op = "train_steps_pairwise_sampled";
+  TORCH_CHECK_VALUE(batch_size >= 1, "fastmf.", op, ": batch_size must be >= 1, got ",
+                    batch_size);
+  check_code<PairwiseLoss>(op, loss);
+  check_code<Optimizer>(op, optimizer);
+  const StepTables tables = StepTables::of(user_factors, item_factors, user_bias, item_bias);
+  const StepTables states = StepTables::of(user_factors_state, item_factors_state,
+                                           user_bias_state, item_bias_state);
+  const SampledPairwiseBatch batch{users,        pos_items,
+                                   pos_indptr,   pos_indices,
+                                   num_negatives, seed,
+                                   step,         static_cast<PairwiseLoss>(loss),
+                                   reg,          weights.value_or(at::Tensor())};
+  const OptimizerArgs opt{static_cast<Optimizer>(optimizer), lr, eps};
+  check_train_step_pairwise_sampled(op, tables, states, batch, opt, batch_size);
+  return kKernel(tables, states, batch, batch_size, opt);
+}
+
 using SampledPointwiseStepKernel = at::Tensor (*)(const StepTables& tables,
                                                   const StepTables& states,
                                                   const SampledPointwiseBatch& batch,

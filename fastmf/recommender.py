@@ -416,13 +416,13 @@ class Recommender(nn.Module):
                              "parameters")
         return optim.CombinedOptimizer(parts)
 
-    def batches(self, train, *, batch_size: int, loss: str, num_negatives: int,
-                sampler, generator: torch.Generator) -> Iterator[Batch]:
-        """The batches of one epoch: the interactions shuffled by ``generator``, in slices
-        of ``batch_size`` (with their ``weights`` when the data have them and the model
-        :attr:`uses_weights`); for implicit losses each with ``num_negatives`` items per
-        positive drawn by ``sampler`` (a :class:`fastmf.data.NegativeSampler`), seeded from
-        ``generator``'s seed and the batch number."""
+    def _shuffled(self, train, loss: str, generator: torch.Generator):
+        """The epoch's interactions in the order of one permutation drawn from
+        ``generator``, as tensors on the model's device: ``(users, items, targets,
+        weights, timestamps)``; targets (the ratings in the parameters' dtype) only for
+        explicit losses, weights only when the data have them and the model
+        :attr:`uses_weights`, timestamps only when it :attr:`uses_timestamps` (else None).
+        What :meth:`batches` slices, and what :meth:`train_epoch` hands a multi-step op."""
         device = self._param_device()
         users, items, ratings = train.to_torch(device)
         n = len(train)
@@ -430,8 +430,9 @@ class Recommender(nn.Module):
         # index_select, not x[order] (CPU advanced indexing): an epoch's first batch of
         # 100,000 positives took 4.4-5.5 ms with it against 2.8-4.0 ms (1-2 threads).
         users, items = users.index_select(0, order), items.index_select(0, order)
-        implicit = loss in IMPLICIT
-        targets = None if implicit else ratings.index_select(0, order).to(self._param_dtype())
+        targets = None
+        if loss not in IMPLICIT:
+            targets = ratings.index_select(0, order).to(self._param_dtype())
         timestamps = None
         if train.timestamps is not None and self.uses_timestamps:
             stamps = train.timestamps
@@ -442,6 +443,19 @@ class Recommender(nn.Module):
         weights = None
         if train.weights is not None and self.uses_weights:
             weights = torch.from_numpy(train.weights).to(device).index_select(0, order)
+        return users, items, targets, weights, timestamps
+
+    def batches(self, train, *, batch_size: int, loss: str, num_negatives: int,
+                sampler, generator: torch.Generator) -> Iterator[Batch]:
+        """The batches of one epoch: the interactions shuffled by ``generator``, in slices
+        of ``batch_size`` (with their ``weights`` when the data have them and the model
+        :attr:`uses_weights`); for implicit losses each with ``num_negatives`` items per
+        positive drawn by ``sampler`` (a :class:`fastmf.data.NegativeSampler`), seeded from
+        ``generator``'s seed and the batch number."""
+        device = self._param_device()
+        users, items, targets, weights, timestamps = self._shuffled(train, loss, generator)
+        n = len(train)
+        implicit = loss in IMPLICIT
         base = generator.initial_seed()
         # Uniform negatives come from the counters of (epoch seed, batch number), as the
         # fused sampled BPR step draws them, so every model sees the same ones.
@@ -466,6 +480,16 @@ class Recommender(nn.Module):
         """Whether :meth:`training_step` draws uniform negatives itself for ``loss``: then
         :meth:`batches` hands it a :class:`NegativeDraw` instead of ``negatives``."""
         return False
+
+    def train_epoch(self, train, optimizer, *, batch_size: int, loss: str,
+                    num_negatives: int, sampler, generator: torch.Generator,
+                    reg: float) -> tuple[Tensor, list[int], int] | None:
+        """One epoch in fewer calls than one per batch, for a model that can: returns (the
+        losses of the epoch's batches, (num_batches,); the batches' sizes; the number of
+        scored pairs), training exactly as :meth:`batches` and :meth:`training_step` would
+        with the same arguments. None (the default): :func:`fastmf.fit` runs the batches
+        one by one."""
+        return None
 
     def training_step(self, batch: Batch, optimizer, *, loss: str,
                       reg: float) -> tuple[Tensor, int]:

@@ -182,6 +182,46 @@ def train_step_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_indp
                                                    weights)
 
 
+def train_steps_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_indptr,
+                                 pos_indices, num_negatives: int, *, batch_size: int,
+                                 seed: int, step: int = 0, loss: str = "bpr",
+                                 reg: float = 0.0, weights=None) -> Tensor:
+    """:func:`train_step_pairwise_sampled` on each run of ``batch_size`` positives in turn
+    (the t-th slice at ``step + t``), in one kernel call: an epoch of BPR without a Python
+    loop. The tables, states and losses are those of the loop::
+
+        for t, lo in enumerate(range(0, len(users), batch_size)):
+            train_step_pairwise_sampled(model, optimizer, users[lo:lo + batch_size],
+                                        pos_items[lo:lo + batch_size], pos_indptr,
+                                        pos_indices, num_negatives, seed=seed,
+                                        step=step + t, loss=loss, reg=reg, weights=...)
+
+    except that every id, weight and CSR row of every slice is checked before the first
+    step (on the CPU backends bad input anywhere writes nothing). Returns the steps'
+    losses, (ceil(len(users) / batch_size),).
+
+    >>> import torch, fastmf
+    >>> model = fastmf.MF(3, 5, dim=4)
+    >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    >>> indptr, indices = torch.tensor([0, 2, 3, 3]), torch.tensor([0, 4, 1])
+    >>> losses = train_steps_pairwise_sampled(model, opt, torch.tensor([0, 1, 2]),
+    ...                                       torch.tensor([0, 1, 3]), indptr, indices, 1,
+    ...                                       batch_size=2, seed=0)
+    >>> losses.shape
+    torch.Size([2])
+    """
+    op = "train_steps_pairwise_sampled"
+    code = _parse_loss(PairwiseLoss, loss, op)
+    kernels, settings, states, users, pos_items = _sampled_arguments(
+        op, model, optimizer, users, pos_items)
+    weights = _weights(model, weights, op)
+    with torch.no_grad():
+        return kernels.train_steps_pairwise_sampled(_detached(model), states, users, pos_items,
+                                                    pos_indptr, pos_indices, num_negatives,
+                                                    batch_size, seed, step, code, float(reg),
+                                                    settings, weights)
+
+
 def _sampled_arguments(op: str, model: MF, optimizer, users, pos_items):
     """(backend module, optimizer settings, states, users, positives) of a sampled step."""
     settings, states = _fused_optimizer(model, optimizer)

@@ -329,8 +329,25 @@ def fit(
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         samples = seen = 0
         start = time.perf_counter()
-        batches = model.batches(train, batch_size=batch_size, loss=loss,
-                                num_negatives=num_negatives, sampler=sampler, generator=gen)
+        # A model that runs the whole epoch in one call (MF with bpr) returns its batches'
+        # losses; the rest train batch by batch. Both accumulate the loss the same way.
+        whole = None if dctx is not None else model.train_epoch(
+            train, optimizer, batch_size=batch_size, loss=loss, num_negatives=num_negatives,
+            sampler=sampler, generator=gen, reg=reg)
+        batches = ()
+        if whole is not None:
+            losses, sizes, samples = whole
+            weighted = 0.0
+            for value, size in zip(losses.double().tolist(), sizes):
+                weighted += value * size  # in float64, in batch order, as below
+            total_loss += weighted
+            seen = sum(sizes)
+            if bar is not None:
+                bar.update(seen)
+        else:
+            batches = model.batches(train, batch_size=batch_size, loss=loss,
+                                    num_negatives=num_negatives, sampler=sampler,
+                                    generator=gen)
         if dctx is not None:
             batches = dctx.local_batches(batches)
         for b, batch in enumerate(batches):

@@ -540,6 +540,28 @@ def run_sampled(target, op, optimizer, batch, k, dtype=torch.float32, id_dtype=t
     assert_tables_close(target, got, expected, dtype)
 
 
+def run_sampled_steps(target, n, batch_size, k, *, weighted=False, num_users=80,
+                      num_items=40, dim=16):
+    """train_steps_pairwise_sampled (the sampled BPR step on each run of batch_size
+    positives, in one call) against the reference's run of steps: every step's loss, the
+    tables and states after them."""
+    expected, got, csr = sampled_start(target, "adagrad", num_users, num_items, dim,
+                                       torch.float32, torch.int64, seed=13)
+    users, pos, _ = make_triples(num_users, num_items, n, seed=40)
+    weights = positive_weights(n, torch.float32, seed=41) if weighted else None
+    tables, states, opt = reference_bundles(expected, "adagrad")
+    exp_losses = reference.train_steps_pairwise_sampled(tables, states, users, pos, *csr, k,
+                                                        batch_size, 5, 2, PairwiseLoss.BPR,
+                                                        0.01, opt, weights)
+    got_losses = target.ops.train_steps_pairwise_sampled(
+        *got, *target.to(users, pos, *csr), k, batch_size, 5, 2, BPR, 0.01,
+        optimizer_code("adagrad"), LR, EPS, *target.to(weights))
+    assert got_losses.shape == exp_losses.shape
+    for g, e in zip(cpu(got_losses)[0], exp_losses):
+        assert_loss(g, e, torch.float32)
+    assert_tables_close(target, got, expected, torch.float32)
+
+
 def check_sampled_bad_rows(target, op, what):
     """A user with every item among its positives, or a row past the end of pos_indices:
     recorded under ``op`` (ValueError from check_errors), the pair left out, no NaN in the

@@ -1,5 +1,6 @@
 """``train_step_pairwise_sampled``: the fused BPR step drawing its own uniform negatives, on
-every backend and device, against the spec (``fastmf.ops.reference``).
+every backend and device, against the spec (``fastmf.ops.reference``); and
+``train_steps_pairwise_sampled``, a run of such steps in one call.
 
 The negatives are integer counter hashes, so every backend must draw exactly the items of
 ``fastmf.ops.reference.sampling.sample_negatives``; given them, the step must be
@@ -53,11 +54,20 @@ def settings(optimizer, lr=0.05, eps=1e-8) -> OptimizerArgs:
 
 
 OP_NAME = "train_step_pairwise_sampled"
+STEPS_OP = "train_steps_pairwise_sampled"
+# The batch size of train_steps_pairwise_sampled in the shared bad-input cases: their six
+# positives run as two steps, so a fault in the second must still write nothing.
+BAD_CASE_BATCH = 4
 
 
 def call_sampled(kernels, op, tables, states, users, pos, indptr, indices, k, seed, step,
-                 loss, reg, optimizer):
-    """One call of the sampled op ``op`` (train_step_sampled with global mean 0)."""
+                 loss, reg, optimizer, batch_size=BAD_CASE_BATCH):
+    """One call of the sampled op ``op`` (train_step_sampled with global mean 0;
+    train_steps_pairwise_sampled with ``batch_size``)."""
+    if op == STEPS_OP:
+        return kernels.train_steps_pairwise_sampled(tables, states, users, pos, indptr,
+                                                    indices, k, batch_size, seed, step, loss,
+                                                    reg, optimizer)
     if op == "train_step_pairwise_sampled":
         return kernels.train_step_pairwise_sampled(tables, states, users, pos, indptr, indices,
                                                    k, seed, step, loss, reg, optimizer)
@@ -211,6 +221,73 @@ def test_is_train_step_pairwise_on_the_drawn_negatives(backend, device, dtype, n
     assert_bit_identical((value, got), (expected, want))
 
 
+# ---------------------------------------------------------------------------------------
+# train_steps_pairwise_sampled: the steps of consecutive slices, in one call
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n, batch_size, k", [(0, 5, 1), (1, 7, 2), (7, 7, 1), (1000, 300, 1),
+                                              (1000, 64, 3), (999, 5000, 2)])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
+def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted):
+    """One call equals the backend's own sampled step on each slice at step + t, bit for
+    bit (tables, states, losses), with a short last slice, a slice larger than the data,
+    and none at all; and the spec's run of steps to rounding."""
+    dtype = torch.float32
+    tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, seed=n + k)
+    states = make_states(tables, Optimizer.ADAGRAD, seed=n + k + 1)
+    csr = make_csr(NUM_USERS, NUM_ITEMS, seed=n + 2, id_dtype=id_dtype)
+    users, pos = make_batch(n, seed=n + 3, id_dtype=id_dtype)
+    weights = (torch.rand(n, generator=torch.Generator().manual_seed(n)) * 2
+               if weighted else None)
+    kernels = ops.kernels(backend, device, kernel=STEPS_OP)
+    opt = settings(Optimizer.ADAGRAD)
+    args = to_device((users, pos, *csr), device)
+    w = to_device(weights, device) if weighted else None
+    got = to_device((clone_bundle(tables), clone_bundle(states)), device)
+    losses = kernels.train_steps_pairwise_sampled(*got, *args, k, batch_size, 41, 5, BPR,
+                                                  0.02, opt, w)
+    one_by_one = to_device((clone_bundle(tables), clone_bundle(states)), device)
+    each = [kernels.train_step_pairwise_sampled(
+        *one_by_one, args[0][lo:lo + batch_size], args[1][lo:lo + batch_size], args[2],
+        args[3], k, 41, 5 + t, BPR, 0.02, opt, None if w is None else w[lo:lo + batch_size])
+        for t, lo in enumerate(range(0, n, batch_size))]
+    assert losses.shape == (-(-n // batch_size),) and losses.dtype == dtype
+    assert_bit_identical((losses.cpu(), to_device(got, "cpu")),
+                         (torch.stack(each).cpu() if each else torch.zeros(0),
+                          to_device(one_by_one, "cpu")))
+    spec_tables = (clone_bundle(tables), clone_bundle(states))
+    expected = single_threaded(spec.train_steps_pairwise_sampled, *spec_tables, users, pos,
+                               *csr, k, batch_size, 41, 5, BPR, 0.02, opt, weights)
+    assert_close_all(losses.cpu(), expected, dtype)
+    assert_close_all(to_device(got, "cpu"), spec_tables, dtype)
+    if n:
+        assert not torch.equal(got[0].item_factors.cpu(), tables.item_factors)
+
+
+@pytest.mark.parametrize("backend, device", THREADED_BACKENDS)
+def test_steps_bit_identical_across_thread_counts(backend, device):
+    def run():
+        tables = make_tables(5_000, 2_000, 64, seed=31)
+        states = make_states(tables, Optimizer.ADAGRAD, seed=32)
+        tables, states = to_device((tables, states), device)
+        csr = to_device(make_csr(5_000, 2_000, seed=33, max_degree=300), device)
+        rng = np.random.default_rng(34)
+        users = zipf_ids(5_000, 10_000, generator=rng, device=device)
+        pos = zipf_ids(2_000, 10_000, generator=rng, device=device)
+        losses = ops.kernels(backend, device, kernel=STEPS_OP).train_steps_pairwise_sampled(
+            tables, states, users, pos, *csr, 1, 4096, 9, 0, BPR, 0.01,
+            settings(Optimizer.ADAGRAD))
+        return losses, tables, states
+
+    with num_threads(backend, 2):
+        two = run()
+    with num_threads(backend, 1):
+        one = run()
+    assert_bit_identical(one, two)
+
+
 def run_steps(backend, device, dtype, op=OP_NAME, loss=BPR, optimizer=Optimizer.ADAGRAD):
     """Three steps of the sampled op ``op`` on Zipf batches of 4096 (k = 2): the losses and
     the tables and states after them."""
@@ -307,6 +384,24 @@ def bad_cases(op=OP_NAME, loss=BPR, extra=None):
 BAD_CASES = list(bad_cases()[1])
 
 
+def steps_bad_cases():
+    """The sampled step's cases for train_steps_pairwise_sampled (their faults sit in the
+    first or the second of its two steps), and its own: the batch size, and faults that
+    only the second step's slice holds."""
+    def extra(tables, states, prefix):
+        return {
+            "batch_size 0": (dict(batch_size=0), ValueError,
+                             re.escape(prefix + "batch_size must be >= 1, got 0")),
+            "user out of range in the second step": (
+                dict(users=torch.tensor([3, 1, 4, 1, 5, 21])), IndexError,
+                re.escape(prefix + "users id 21 out of range [0, 20)")),
+        }
+    return bad_cases(STEPS_OP, extra=extra)
+
+
+STEPS_BAD_CASES = list(steps_bad_cases()[1])
+
+
 def call_bad(backend, device, case, cases_of=bad_cases, op=OP_NAME):
     good, cases = cases_of()
     change, exc, pattern = cases[case]
@@ -319,7 +414,8 @@ def call_bad(backend, device, case, cases_of=bad_cases, op=OP_NAME):
     with pytest.raises(exc, match=pattern) as info:
         call_sampled(kernels, op, tables, states, args["users"], args["pos"], args["indptr"],
                      args["indices"], args["k"], 5, 6, args["loss"], 0.01,
-                     settings(args["opt"], lr=0.1))
+                     settings(args["opt"], lr=0.1),
+                     batch_size=args.get("batch_size", BAD_CASE_BATCH))
     for t, b in zip(tables + states, before):
         assert t is None or torch.equal(t, b), "a failed call must not write"
     return str(info.value)
@@ -343,6 +439,22 @@ def test_bad_inputs(backend, device, case):
 @pytest.mark.parametrize("case", [c for c in BAD_CASES if "dtype" not in c and "2-D" not in c])
 def test_bad_input_messages_agree(case):
     messages_agree(case)
+
+
+@pytest.mark.parametrize("case", STEPS_BAD_CASES)
+@pytest.mark.parametrize("backend, device", CHECKED_KERNELS)
+def test_steps_bad_inputs(backend, device, case):
+    if device == "cuda" and case in ("indptr past the end", "user with every item",
+                                     "user out of range in the second step"):
+        pytest.skip("on the GPU each step records its own faults on the device, so the "
+                    "steps before a bad slice have run")
+    call_bad(backend, device, case, steps_bad_cases, STEPS_OP)
+
+
+@pytest.mark.parametrize("case", [c for c in STEPS_BAD_CASES
+                                  if "dtype" not in c and "2-D" not in c])
+def test_steps_bad_input_messages_agree(case):
+    messages_agree(case, steps_bad_cases, STEPS_OP)
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,4 +502,38 @@ def check_fit_uses_sampled_step(backend, monkeypatch, loss, op, *, exact):
 
 @pytest.mark.parametrize("backend, device", ALL_CPU)
 def test_fit_mf_bpr_uses_the_sampled_step(backend, device, monkeypatch):
-    check_fit_uses_sampled_step(backend, monkeypatch, "bpr", OP_NAME, exact=False)
+    """fit runs MF's bpr epochs as one train_steps_pairwise_sampled call each."""
+    check_fit_uses_sampled_step(backend, monkeypatch, "bpr", STEPS_OP, exact=False)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend, device", ALL_CPU)
+def test_fit_mf_bpr_epoch_call_equals_the_batches(backend, device, weighted):
+    """The one-call epoch trains MF as the batch-by-batch loop over the same fused step
+    does, to the bit (tables, optimizer state and the history's losses), weights
+    included."""
+    rng = np.random.default_rng(9)
+    n = 1300
+    train = Interactions(zipf_ids(60, n, generator=rng).numpy(),
+                         zipf_ids(40, n, generator=rng).numpy(), user_map=60, item_map=40)
+    if weighted:
+        train = train.with_weights(rng.uniform(0.5, 2.0, n))
+
+    def fit(whole: bool):
+        torch.manual_seed(0)
+        model = fastmf.MF(60, 40, dim=8, backend=backend)
+        if not whole:
+            model.train_epoch = lambda *args, **kwargs: None
+        opt = model.make_optimizer(None, 0.05)
+        history = fastmf.fit(model, train, loss="bpr", epochs=3, batch_size=256, seed=4,
+                             num_negatives=2, optimizer=opt, progress=False)
+        return model, opt, history
+
+    whole, whole_opt, whole_history = fit(True)
+    batched, batched_opt, batched_history = fit(False)
+    assert whole_history["loss"] == batched_history["loss"]
+    assert whole_history["samples_per_s"][0] > 0
+    assert_bit_identical(tuple(whole.tables()), tuple(batched.tables()))
+    assert_bit_identical(tuple(whole_opt.state_for(t) for t in whole.tables() if t is not None),
+                         tuple(batched_opt.state_for(t) for t in batched.tables()
+                               if t is not None))

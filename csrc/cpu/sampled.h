@@ -83,18 +83,45 @@ inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* use
   }
 }
 
+// The positives' CSR as the draws read it: row pointers widened to int64 once (a
+// train_steps_pairwise_sampled call draws for every batch of an epoch from one CSR).
+struct DrawRows {
+  at::Tensor indptr, indices;  // (U + 1,) int64; (nnz,) int32 or int64, contiguous
+  DrawRows(const at::Tensor& pos_indptr, const at::Tensor& pos_indices)
+      : indptr(pos_indptr.to(at::kLong).contiguous()), indices(pos_indices.contiguous()) {}
+  int64_t nnz() const { return indices.size(0); }
+};
+
+// The first of users[0, n) whose row is malformed (reported first, as the reference does)
+// or holds every item: the errors draw_negatives_of would raise for them, raised before a
+// multi-step call writes anything.
+inline void check_draw_rows(const char* op, const int64_t* users, int64_t n,
+                            const DrawRows& rows, int64_t num_items) {
+  const int64_t* indptr = rows.indptr.data_ptr<int64_t>();
+  const int64_t nnz = rows.nnz();
+  int64_t first_full = -1;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t u = users[b], start = indptr[u], stop = indptr[u + 1];
+    if (start < 0 || stop < start || stop > nnz) report_bad_row(op, u, start, stop, nnz);
+    if (first_full < 0 && stop - start >= num_items) first_full = b;
+  }
+  if (first_full >= 0) {
+    const int64_t u = users[first_full];
+    report_no_negative(op, u, indptr[u + 1] - indptr[u], num_items);
+  }
+}
+
 // The negatives of the B * K pairs whose users are users[0, B * K) (pair p = b * K + k),
 // written to neg[0, B * K). Each pair's draw depends only on (seed, step, p), so nothing
 // depends on the thread count. A malformed row or a user with every item is reported for
 // the first sample that has one, as the reference reports them (bad rows first).
 inline void draw_negatives_of(const char* op, const int64_t* users, int64_t batch, int64_t k,
-                              const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
-                              int64_t num_items, int64_t seed, int64_t step, int64_t* neg) {
+                              const DrawRows& rows, int64_t num_items, int64_t seed,
+                              int64_t step, int64_t* neg) {
   const int64_t pairs = batch * k;
-  const at::Tensor indptr_t = pos_indptr.to(at::kLong).contiguous();
-  const at::Tensor indices_t = pos_indices.contiguous();
-  const int64_t* indptr = indptr_t.data_ptr<int64_t>();
-  const int64_t nnz = indices_t.size(0);
+  const at::Tensor& indices_t = rows.indices;
+  const int64_t* indptr = rows.indptr.data_ptr<int64_t>();
+  const int64_t nnz = rows.nnz();
   const uint64_t key = sampling::step_key(seed, step);
   int64_t first_bad_row = batch, first_full = batch;
   AT_DISPATCH_INDEX_TYPES(indices_t.scalar_type(), "fastmf.draw_negatives", [&] {
@@ -121,6 +148,13 @@ inline void draw_negatives_of(const char* op, const int64_t* users, int64_t batc
     const int64_t u = users[first_full * k];
     report_no_negative(op, u, indptr[u + 1] - indptr[u], num_items);
   }
+}
+
+inline void draw_negatives_of(const char* op, const int64_t* users, int64_t batch, int64_t k,
+                              const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
+                              int64_t num_items, int64_t seed, int64_t step, int64_t* neg) {
+  draw_negatives_of(op, users, batch, k, DrawRows(pos_indptr, pos_indices), num_items, seed,
+                    step, neg);
 }
 
 }  // namespace FASTMF_CPU_NS

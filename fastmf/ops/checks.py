@@ -333,12 +333,14 @@ def check_int(op: str, name: str, value, low: int | None = None) -> int:
 
 
 def _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
-                   num_negatives, seed, step, optimizer, positive_rows: int):
+                   num_negatives, seed, step, optimizer, positive_rows: int,
+                   batch_size: int | None = None):
     """What the two sampled steps share: the counts, the positives and the CSR's structure
     (short of the row pointers' values, which the sampling checks for the batch's users),
     and at most MAX_PAIRWISE_SAMPLES rows once each of the B positives is expanded to its
     ``num_negatives`` pairs (``positive_rows`` 0) or to its own row and one per negative
-    (``positive_rows`` 1)."""
+    (``positive_rows`` 1); ``batch_size``: the positives of one step when a call runs
+    several (train_steps_pairwise_sampled)."""
     check_step_optimizer(op, optimizer)
     num_negatives = check_int(op, "num_negatives", num_negatives, 1)
     check_int(op, "seed", seed)
@@ -354,23 +356,25 @@ def _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices
     if num_items > MAX_SAMPLED_ITEMS:
         raise ValueError(f"fastmf.{op}: item_factors has {num_items} rows; sampling supports "
                          f"at most {MAX_SAMPLED_ITEMS}")
-    rows = users.shape[0] * (num_negatives + positive_rows)
+    step_positives = users.shape[0] if batch_size is None else min(users.shape[0], batch_size)
+    rows = step_positives * (num_negatives + positive_rows)
     if rows > MAX_PAIRWISE_SAMPLES:
         shape = (f"{num_negatives} negatives = {rows} pairs" if not positive_rows else
                  f"(1 + {num_negatives} negatives) = {rows} rows")
-        raise ValueError(f"fastmf.{op}: {users.shape[0]} positives x {shape}; at most "
+        raise ValueError(f"fastmf.{op}: {step_positives} positives x {shape}; at most "
                          f"{MAX_PAIRWISE_SAMPLES} are supported")
     check_states(op, tables, states, optimizer)
 
 
 def check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
                                       pos_indices, num_negatives, seed, step, loss,
-                                      optimizer):
+                                      optimizer, batch_size: int | None = None):
     """Checks of train_step_pairwise_sampled (``loss``/``optimizer`` are codes), short of
-    the row pointers' values, which the sampling checks for the batch's users."""
+    the row pointers' values, which the sampling checks for the batch's users; with
+    ``batch_size``, of train_steps_pairwise_sampled's run of such steps."""
     check_code(op, PairwiseLoss, loss, "pairwise loss")
     _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
-                   num_negatives, seed, step, optimizer, 0)
+                   num_negatives, seed, step, optimizer, 0, batch_size)
     check_separate(op, *pairwise_written(tables, states))
 
 

@@ -65,8 +65,9 @@ from fastmf.ops.numba._common import (
     weights_view,
 )
 from fastmf.ops.numba.sampling import _draw
+from fastmf.ops.reference.pairwise import sampled_steps
 
-__all__ = ["train_step_pairwise", "train_step_pairwise_sampled"]
+__all__ = ["train_step_pairwise", "train_step_pairwise_sampled", "train_steps_pairwise_sampled"]
 
 # F.softplus's default threshold: beyond it the reference's softplus is the identity and
 # its gradient exactly 1, and this backend must agree with the reference there too.
@@ -268,3 +269,19 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
         weights = weights.repeat_interleave(int(num_negatives))
     return train_step_pairwise(tables, states, users_rep, pos_rep, neg, loss, reg, optimizer,
                                weights)
+
+
+def train_steps_pairwise_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
+                                 pos_indptr, pos_indices, num_negatives: int,
+                                 batch_size: int, seed: int, step: int, loss, reg: float,
+                                 optimizer: OptimizerArgs, weights=None):
+    """:func:`train_step_pairwise_sampled` on each run of ``batch_size`` positives in turn,
+    every input checked first: see
+    :func:`fastmf.ops.reference.pairwise.train_steps_pairwise_sampled`, whose loop runs
+    this module's step."""
+    require_cpu("train_steps_pairwise_sampled", _NAMES[:-1] + ("pos_indptr", "pos_indices"),
+                tuple(tables) + tuple(states if states is not None else (None,) * 4)
+                + (users, pos_items, pos_indptr, pos_indices))
+    return sampled_steps(train_step_pairwise_sampled, tables, states, users, pos_items,
+                         pos_indptr, pos_indices, num_negatives, batch_size, seed, step, loss,
+                         reg, optimizer, weights)

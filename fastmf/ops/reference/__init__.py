@@ -9,7 +9,11 @@ from fastmf.ops.reference.embedding_bag import (
     scatter_rows,
     sparse_update,
 )
-from fastmf.ops.reference.pairwise import train_step_pairwise, train_step_pairwise_sampled
+from fastmf.ops.reference.pairwise import (
+    train_step_pairwise,
+    train_step_pairwise_sampled,
+    train_steps_pairwise_sampled,
+)
 from fastmf.ops.reference.pointwise import (
     mf_backward,
     mf_forward,
@@ -26,4 +30,5 @@ __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
            "embedding_bag_forward", "mf_backward", "mf_forward", "scatter_rows",
            "sparse_adagrad_update", "sparse_sgd_update", "sparse_update", "topk_scores",
            "train_step", "train_step_pairwise", "train_step_pairwise_sampled",
+           "train_steps_pairwise_sampled",
            "train_step_sampled"]

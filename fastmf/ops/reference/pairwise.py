@@ -1,6 +1,8 @@
 """The spec of the pairwise op family: the fused pairwise step ``train_step_pairwise``
-(BPR, or the margin ranking hinge) and ``train_step_pairwise_sampled``, the same step
-drawing its uniform negatives itself (:func:`fastmf.ops.reference.sampling.sample_negatives`)."""
+(BPR, or the margin ranking hinge), ``train_step_pairwise_sampled``, the same step
+drawing its uniform negatives itself (:func:`fastmf.ops.reference.sampling.sample_negatives`),
+and ``train_steps_pairwise_sampled``, a run of those steps over consecutive batches in one
+call."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import Optimizer, PairwiseLoss, parse
 from fastmf.ops.reference.pointwise import apply_sparse
-from fastmf.ops.reference.sampling import sample_negatives
+from fastmf.ops.reference.sampling import check_sample_rows, sample_negatives
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
@@ -109,3 +111,52 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
     return train_step_pairwise(tables, states, users.repeat_interleave(num_negatives),
                                pos_items.repeat_interleave(num_negatives), neg.reshape(-1),
                                loss, reg, optimizer, weights)
+
+
+def train_steps_pairwise_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
+                                 pos_indptr, pos_indices, num_negatives: int,
+                                 batch_size: int, seed: int, step: int, loss, reg: float,
+                                 optimizer: OptimizerArgs, weights=None):
+    """:func:`train_step_pairwise_sampled` on each run of ``batch_size`` positives in turn,
+    the t-th at ``step + t``: an epoch's batches in one call. Exactly::
+
+        torch.stack([
+            train_step_pairwise_sampled(
+                tables, states, users[lo:lo + batch_size], pos_items[lo:lo + batch_size],
+                pos_indptr, pos_indices, num_negatives, seed, step + t, loss, reg, optimizer,
+                None if weights is None else weights[lo:lo + batch_size])
+            for t, lo in enumerate(range(0, len(users), batch_size))])
+
+    (an empty (0,) tensor for no positives), except that every input of every step (ids,
+    weights, the users' CSR rows) is checked before the first step runs, so bad input in
+    any slice raises before anything is written. Returns the steps' losses."""
+    return sampled_steps(train_step_pairwise_sampled, tables, states, users, pos_items,
+                         pos_indptr, pos_indices, num_negatives, batch_size, seed, step, loss,
+                         reg, optimizer, weights)
+
+
+def sampled_steps(step_fn, tables, states, users, pos_items, pos_indptr, pos_indices,
+                  num_negatives, batch_size, seed, step, loss, reg, optimizer, weights=None):
+    """:func:`train_steps_pairwise_sampled` around a backend's own sampled step
+    ``step_fn`` (this module's, or the Numba backend's): all of the checks, then the
+    steps."""
+    op = "train_steps_pairwise_sampled"
+    batch_size = checks.check_int(op, "batch_size", batch_size, 1)
+    tables = MFTables(*tables)
+    states = MFTables(*(states if states is not None else (None,) * 4))
+    loss = parse(PairwiseLoss, loss, op, "pairwise loss")
+    optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
+                              optimizer.lr, optimizer.eps)
+    checks.check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
+                                             pos_indices, num_negatives, seed, step, loss,
+                                             optimizer.optimizer, batch_size)
+    checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
+    checks.check_step_weights(op, weights, tables.user_factors, users)
+    check_sample_rows(users, pos_indptr, pos_indices, tables.item_factors.shape[0], op)
+    losses = [step_fn(tables, states, users[lo:lo + batch_size], pos_items[lo:lo + batch_size],
+                      pos_indptr, pos_indices, num_negatives, seed, step + t, loss, reg,
+                      optimizer, None if weights is None else weights[lo:lo + batch_size])
+              for t, lo in enumerate(range(0, users.shape[0], batch_size))]
+    if not losses:
+        return tables.user_factors.new_empty((0,))
+    return torch.stack(losses)

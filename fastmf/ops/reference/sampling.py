@@ -10,7 +10,32 @@ from fastmf.ops.reference.embedding_bag import _as_int64, _shr, _splitmix64, _sp
 
 _MASK64 = (1 << 64) - 1
 
-__all__ = ["sample_negatives"]
+__all__ = ["check_sample_rows", "sample_negatives"]
+
+
+def check_sample_rows(users, pos_indptr, pos_indices, num_items: int,
+                      op: str = "train_step_pairwise_sampled") -> None:
+    """The errors :func:`sample_negatives` raises for ``users``' rows, without drawing: the
+    first user (in batch order) whose row pointers are not an ordered range within
+    ``[0, len(pos_indices)]``, else the first with no non-positive item left."""
+    if users.shape[0] == 0:
+        return
+    u = users.long()
+    indptr = pos_indptr.long()
+    nnz = pos_indices.shape[0]
+    start, end = indptr[u], indptr[u + 1]
+    bad = (start < 0) | (end < start) | (end > nnz)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"fastmf.{op}: pos_indptr gives user {int(u[b])} the row "
+                         f"[{int(start[b])}, {int(end[b])}), not an ordered range within "
+                         f"[0, {nnz}] (len(pos_indices))")
+    deg = end - start
+    full = deg >= num_items
+    if bool(full.any()):
+        b = int(full.nonzero()[0, 0])
+        raise ValueError(f"fastmf.{op}: user {int(u[b])} has {int(deg[b])} positives of "
+                         f"{num_items} items; no item is left to sample as a negative")
 
 
 def sample_negatives(users, pos_indptr, pos_indices, num_items: int, num_negatives: int,
@@ -34,22 +59,12 @@ def sample_negatives(users, pos_indptr, pos_indices, num_items: int, num_negativ
     batch = users.shape[0]
     if batch == 0:
         return torch.empty((0, num_negatives), dtype=torch.int64, device=device)
+    check_sample_rows(users, pos_indptr, pos_indices, num_items, op)
     u = users.long()
     indptr = pos_indptr.long()
     indices = pos_indices.long()
     start, end = indptr[u], indptr[u + 1]
-    bad = (start < 0) | (end < start) | (end > indices.shape[0])
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0, 0])
-        raise ValueError(f"fastmf.{op}: pos_indptr gives user {int(u[b])} the row "
-                         f"[{int(start[b])}, {int(end[b])}), not an ordered range within "
-                         f"[0, {indices.shape[0]}] (len(pos_indices))")
     deg = end - start
-    full = deg >= num_items
-    if bool(full.any()):
-        b = int(full.nonzero()[0, 0])
-        raise ValueError(f"fastmf.{op}: user {int(u[b])} has {int(deg[b])} positives of "
-                         f"{num_items} items; no item is left to sample as a negative")
     key = _splitmix64_int(_splitmix64_int(int(seed) & _MASK64) ^ (int(step) & _MASK64))
     counter = torch.arange(batch * num_negatives, dtype=torch.int64, device=device)
     bits = _shr(_splitmix64(counter ^ _as_int64(key)), 32)
