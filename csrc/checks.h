@@ -410,8 +410,10 @@ inline void check_train_step_pairwise_sampled(const char* op, const StepTables& 
 inline void check_train_step_sampled(const char* op, const StepTables& tables,
                                      const StepTables& states,
                                      const SampledPointwiseBatch& batch,
-                                     const OptimizerArgs& opt) {
-  check_sampled(op, tables, states, batch, opt, /*positive_rows=*/1, batch.users.size(0));
+                                     const OptimizerArgs& opt, int64_t batch_size = -1) {
+  const int64_t n = batch.users.size(0);
+  check_sampled(op, tables, states, batch, opt, /*positive_rows=*/1,
+                batch_size < 0 ? n : std::min(n, batch_size));
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/true);
   check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }

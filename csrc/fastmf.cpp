@@ -106,6 +106,17 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
       "Tensor pos_indices, int num_negatives, int seed, int step, float global_mean, "
       "int loss, float reg, int optimizer, float lr, float eps, Tensor? weights=None) -> Tensor");
+  // train_step_sampled on each run of batch_size (>= 1) positives in turn, as
+  // train_steps_pairwise_sampled runs train_step_pairwise_sampled: slice t at step + t,
+  // every input checked before the first step; returns the steps' losses.
+  m.def(
+      "train_steps_sampled(Tensor(a!) user_factors, Tensor(b!) item_factors, "
+      "Tensor(c!)? user_bias, Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, "
+      "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
+      "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
+      "Tensor pos_indices, int num_negatives, int batch_size, int seed, int step, "
+      "float global_mean, int loss, float reg, int optimizer, float lr, float eps, "
+      "Tensor? weights=None) -> Tensor");
   // Exact top-k of item_bias[i] + <queries[b], item_factors[i]> per query: (scores (B, k),
   // indices (B, k) int64), best first, ties to the lower index; exclude_* is a CSR of items
   // to leave out per query, candidates restricts the items; short rows pad with -inf / -1.

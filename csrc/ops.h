@@ -169,6 +169,43 @@ at::Tensor train_step_sampled_op(
   return kKernel(tables, states, batch, opt);
 }
 
+using SampledPointwiseStepsKernel = at::Tensor (*)(const StepTables& tables,
+                                                   const StepTables& states,
+                                                   const SampledPointwiseBatch& batch,
+                                                   int64_t batch_size,
+                                                   const OptimizerArgs& opt);
+
+// train_steps_sampled: the sampled pointwise step's checks on the whole run of positives,
+// with one step's rows (batch_size positives) held to the step's limit.
+template <SampledPointwiseStepsKernel kKernel>
+at::Tensor train_steps_sampled_op(
+    const at::Tensor& user_factors, const at::Tensor& item_factors,
+    const std::optional<at::Tensor>& user_bias, const std::optional<at::Tensor>& item_bias,
+    const std::optional<at::Tensor>& user_factors_state,
+    const std::optional<at::Tensor>& item_factors_state,
+    const std::optional<at::Tensor>& user_bias_state,
+    const std::optional<at::Tensor>& item_bias_state, const at::Tensor& users,
+    const at::Tensor& pos_items, const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
+    int64_t num_negatives, int64_t batch_size, int64_t seed, int64_t step, double global_mean,
+    int64_t loss, double reg, int64_t optimizer, double lr, double eps,
+    const std::optional<at::Tensor>& weights) {
+  constexpr const char* op = "train_steps_sampled";
+  TORCH_CHECK_VALUE(batch_size >= 1, "fastmf.", op, ": batch_size must be >= 1, got ",
+                    batch_size);
+  check_code<Loss>(op, loss);
+  check_code<Optimizer>(op, optimizer);
+  const StepTables tables = StepTables::of(user_factors, item_factors, user_bias, item_bias);
+  const StepTables states = StepTables::of(user_factors_state, item_factors_state,
+                                           user_bias_state, item_bias_state);
+  const SampledPointwiseBatch batch{users,         pos_items, pos_indptr,  pos_indices,
+                                    num_negatives, seed,      step,        global_mean,
+                                    static_cast<Loss>(loss),  reg,
+                                    weights.value_or(at::Tensor())};
+  const OptimizerArgs opt{static_cast<Optimizer>(optimizer), lr, eps};
+  check_train_step_sampled(op, tables, states, batch, opt, batch_size);
+  return kKernel(tables, states, batch, batch_size, opt);
+}
+
 // The embedding_bag family's two steps: flat settings -> RowOptimizerArgs, tables ->
 // RowTable, bags -> Bags, and every check that reads no id or offset value.
 using SparseUpdateKernel = void (*)(const RowTable& table, const at::Tensor& ids,

@@ -16,6 +16,8 @@ from fastmf.recommender import IMPLICIT, KERNEL_LOSSES, Batch, FactorTables, Rec
 
 # The fused op that draws its own uniform negatives, per implicit loss.
 _SAMPLED_OPS = {"bpr": "train_step_pairwise_sampled", "bce": "train_step_sampled"}
+# Their runs over an epoch's batches in one call (MF.train_epoch).
+_STEPS_OPS = {"bpr": "train_steps_pairwise_sampled", "bce": "train_steps_sampled"}
 
 
 def sparse_rows_grad(ids: Tensor, rows: Tensor, shape) -> Tensor:
@@ -263,29 +265,30 @@ class MF(FactorTables, Recommender):
     def train_epoch(self, train, optimizer, *, batch_size: int, loss: str,
                     num_negatives: int, sampler, generator: torch.Generator,
                     reg: float) -> tuple[Tensor, list[int], int] | None:
-        """bpr with uniform negatives: the epoch as one
-        :func:`fastmf.step.train_steps_pairwise_sampled` call (the batches, negatives and
-        updates of :meth:`batches` and :meth:`training_step`, bit for bit), where the
-        backend has the op. On ml-latest-small (batch 4,096, 1 negative, 2 threads) an
-        epoch took 17.4 ms this way against 23.4 ms batch by batch: the per-batch Python
-        and dispatch were a quarter of it. None otherwise (fit runs the batches)."""
-        from fastmf.step import train_steps_pairwise_sampled
+        """bpr and bce with uniform negatives: the epoch as one
+        :func:`fastmf.step.train_steps_pairwise_sampled` or
+        :func:`fastmf.step.train_steps_sampled` call (the batches, negatives and updates of
+        :meth:`batches` and :meth:`training_step`, bit for bit), where the backend has the
+        op. On ml-latest-small (bpr, batch 4,096, 1 negative, 2 threads) an epoch took
+        17.4 ms this way against 23.4 ms batch by batch: the per-batch Python and dispatch
+        were a quarter of it. None otherwise (fit runs the batches)."""
+        from fastmf.step import train_steps_pairwise_sampled, train_steps_sampled
 
-        op = "train_steps_pairwise_sampled"
-        if loss != "bpr" or sampler is None or sampler.distribution != "uniform" \
+        op = _STEPS_OPS.get(loss)
+        if op is None or sampler is None or sampler.distribution != "uniform" \
                 or not self.draws_negatives(loss):
             return None
         if self._backend == "native" and not native.has_kernel(self.user_factors.device, op):
             return None
         users, items, _, weights, _ = self._shuffled(train, loss, generator)
         indptr, indices = sampler.csr(self.user_factors.device)
-        losses = train_steps_pairwise_sampled(
-            self, optimizer, users, items, indptr, indices, num_negatives,
-            batch_size=batch_size, seed=generator.initial_seed(), step=0, reg=reg,
-            weights=weights)
+        run = train_steps_pairwise_sampled if loss == "bpr" else train_steps_sampled
+        losses = run(self, optimizer, users, items, indptr, indices, num_negatives,
+                     batch_size=batch_size, seed=generator.initial_seed(), step=0, loss=loss,
+                     reg=reg, weights=weights)
         n = users.shape[0]
-        return losses, [min(batch_size, n - lo) for lo in range(0, n, batch_size)], \
-            n * num_negatives
+        pairs = n * num_negatives if loss == "bpr" else n * (1 + num_negatives)
+        return losses, [min(batch_size, n - lo) for lo in range(0, n, batch_size)], pairs
 
     def _warp_step(self, batch: Batch, optimizer, reg: float) -> tuple[Tensor, int]:
         """WARP (as LightFM trains it) on the fused kernels: the n negatives of each positive

@@ -261,3 +261,34 @@ def train_step_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_i
         return kernels.train_step_sampled(_detached(model), states, users, pos_items,
                                           pos_indptr, pos_indices, num_negatives, seed, step,
                                           model.mu, code, float(reg), settings, weights)
+
+
+def train_steps_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_indices,
+                        num_negatives: int, *, batch_size: int, seed: int, step: int = 0,
+                        loss: str = "bce", reg: float = 0.0, weights=None) -> Tensor:
+    """:func:`train_step_sampled` on each run of ``batch_size`` positives in turn (the t-th
+    slice at ``step + t``), in one kernel call, as :func:`train_steps_pairwise_sampled`
+    runs the pairwise step: the tables, states and losses of the loop of single steps,
+    every input checked before the first step. Returns the steps' losses,
+    (ceil(len(users) / batch_size),).
+
+    >>> import torch, fastmf
+    >>> model = fastmf.MF(3, 5, dim=4)
+    >>> opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    >>> indptr, indices = torch.tensor([0, 2, 3, 3]), torch.tensor([0, 4, 1])
+    >>> losses = train_steps_sampled(model, opt, torch.tensor([0, 1, 2]),
+    ...                              torch.tensor([0, 1, 3]), indptr, indices, 2,
+    ...                              batch_size=2, seed=0)
+    >>> losses.shape
+    torch.Size([2])
+    """
+    op = "train_steps_sampled"
+    code = _parse_loss(Loss, loss, op)
+    kernels, settings, states, users, pos_items = _sampled_arguments(
+        op, model, optimizer, users, pos_items)
+    weights = _weights(model, weights, op)
+    with torch.no_grad():
+        return kernels.train_steps_sampled(_detached(model), states, users, pos_items,
+                                           pos_indptr, pos_indices, num_negatives, batch_size,
+                                           seed, step, model.mu, code, float(reg), settings,
+                                           weights)

@@ -540,21 +540,25 @@ def run_sampled(target, op, optimizer, batch, k, dtype=torch.float32, id_dtype=t
     assert_tables_close(target, got, expected, dtype)
 
 
-def run_sampled_steps(target, n, batch_size, k, *, weighted=False, num_users=80,
+# The multi-step ops: each sampled step on every run of batch_size positives, in one call.
+STEPS_OPS = ("train_steps_pairwise_sampled", "train_steps_sampled")
+
+
+def run_sampled_steps(target, op, n, batch_size, k, *, weighted=False, num_users=80,
                       num_items=40, dim=16):
-    """train_steps_pairwise_sampled (the sampled BPR step on each run of batch_size
-    positives, in one call) against the reference's run of steps: every step's loss, the
-    tables and states after them."""
+    """``op`` (one of STEPS_OPS) against the reference's run of steps: every step's loss,
+    the tables and states after them."""
     expected, got, csr = sampled_start(target, "adagrad", num_users, num_items, dim,
                                        torch.float32, torch.int64, seed=13)
     users, pos, _ = make_triples(num_users, num_items, n, seed=40)
     weights = positive_weights(n, torch.float32, seed=41) if weighted else None
     tables, states, opt = reference_bundles(expected, "adagrad")
-    exp_losses = reference.train_steps_pairwise_sampled(tables, states, users, pos, *csr, k,
-                                                        batch_size, 5, 2, PairwiseLoss.BPR,
-                                                        0.01, opt, weights)
-    got_losses = target.ops.train_steps_pairwise_sampled(
-        *got, *target.to(users, pos, *csr), k, batch_size, 5, 2, BPR, 0.01,
+    pairwise = op == "train_steps_pairwise_sampled"
+    mu, loss = ((), PairwiseLoss.BPR) if pairwise else ((SAMPLED_MU,), Loss.BCE)
+    exp_losses = getattr(reference, op)(tables, states, users, pos, *csr, k, batch_size, 5, 2,
+                                        *mu, loss, 0.01, opt, weights)
+    got_losses = getattr(target.ops, op)(
+        *got, *target.to(users, pos, *csr), k, batch_size, 5, 2, *mu, int(loss), 0.01,
         optimizer_code("adagrad"), LR, EPS, *target.to(weights))
     assert got_losses.shape == exp_losses.shape
     for g, e in zip(cpu(got_losses)[0], exp_losses):

@@ -218,10 +218,11 @@ def test_sampled_steps_bad_rows(emu, op, what):
     cases.check_sampled_bad_rows(emu, op, what)
 
 
+@pytest.mark.parametrize("op", cases.STEPS_OPS)
 @pytest.mark.parametrize("n,batch_size,k,weighted", [(0, 4, 1, False), (150, 64, 2, True),
                                                      (40, 100, 1, False)])
-def test_sampled_steps_in_one_call(emu, n, batch_size, k, weighted):
-    cases.run_sampled_steps(emu, n, batch_size, k, weighted=weighted)
+def test_sampled_steps_in_one_call(emu, op, n, batch_size, k, weighted):
+    cases.run_sampled_steps(emu, op, n, batch_size, k, weighted=weighted)
 
 
 @pytest.mark.parametrize("op", cases.STEP_OPS)

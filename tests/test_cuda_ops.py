@@ -320,10 +320,11 @@ def test_sampled_steps(op, optimizer, batch, k):
     cases.run_sampled(CUDA, op, optimizer, batch, k, num_users=2000, num_items=500)
 
 
+@pytest.mark.parametrize("op", cases.STEPS_OPS)
 @pytest.mark.parametrize("n,batch_size,k,weighted", [(0, 4, 1, False), (10_000, 4096, 1, True),
                                                      (5_000, 1024, 4, False)])
-def test_sampled_steps_in_one_call(n, batch_size, k, weighted):
-    cases.run_sampled_steps(CUDA, n, batch_size, k, weighted=weighted, num_users=2000,
+def test_sampled_steps_in_one_call(op, n, batch_size, k, weighted):
+    cases.run_sampled_steps(CUDA, op, n, batch_size, k, weighted=weighted, num_users=2000,
                             num_items=500)
 
 

@@ -20,7 +20,7 @@ import torch
 import fastmf
 from fastmf import ops
 from fastmf.data import Interactions, NegativeSampler
-from fastmf.ops import MFTables, Optimizer, OptimizerArgs, PairwiseLoss
+from fastmf.ops import Loss, MFTables, Optimizer, OptimizerArgs, PairwiseLoss
 from fastmf.ops import reference as spec
 from fastmf.ops.codes import STEP_OPTIMIZERS
 from fastmf.ops.reference.pairwise import sample_negatives
@@ -68,6 +68,9 @@ def call_sampled(kernels, op, tables, states, users, pos, indptr, indices, k, se
         return kernels.train_steps_pairwise_sampled(tables, states, users, pos, indptr,
                                                     indices, k, batch_size, seed, step, loss,
                                                     reg, optimizer)
+    if op == "train_steps_sampled":
+        return kernels.train_steps_sampled(tables, states, users, pos, indptr, indices, k,
+                                           batch_size, seed, step, 0.0, loss, reg, optimizer)
     if op == "train_step_pairwise_sampled":
         return kernels.train_step_pairwise_sampled(tables, states, users, pos, indptr, indices,
                                                    k, seed, step, loss, reg, optimizer)
@@ -225,15 +228,18 @@ def test_is_train_step_pairwise_on_the_drawn_negatives(backend, device, dtype, n
 # train_steps_pairwise_sampled: the steps of consecutive slices, in one call
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("n, batch_size, k", [(0, 5, 1), (1, 7, 2), (7, 7, 1), (1000, 300, 1),
-                                              (1000, 64, 3), (999, 5000, 2)])
-@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
-@pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
-def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted):
-    """One call equals the backend's own sampled step on each slice at step + t, bit for
-    bit (tables, states, losses), with a short last slice, a slice larger than the data,
-    and none at all; and the spec's run of steps to rounding."""
+STEPS_SHAPES = [(0, 5, 1), (1, 7, 2), (7, 7, 1), (1000, 300, 1), (1000, 64, 3), (999, 5000, 2)]
+# Each multi-step op, its single step and its loss.
+STEPS = {STEPS_OP: ("train_step_pairwise_sampled", BPR),
+         "train_steps_sampled": ("train_step_sampled", Loss.BCE)}
+
+
+def check_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted, op=STEPS_OP):
+    """One call of the multi-step ``op`` equals the backend's own sampled step on each
+    slice at step + t, bit for bit (tables, states, losses), with a short last slice, a
+    slice larger than the data, and none at all; and the spec's run of steps to
+    rounding."""
+    single, loss = STEPS[op]
     dtype = torch.float32
     tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, seed=n + k)
     states = make_states(tables, Optimizer.ADAGRAD, seed=n + k + 1)
@@ -241,33 +247,43 @@ def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k
     users, pos = make_batch(n, seed=n + 3, id_dtype=id_dtype)
     weights = (torch.rand(n, generator=torch.Generator().manual_seed(n)) * 2
                if weighted else None)
-    kernels = ops.kernels(backend, device, kernel=STEPS_OP)
+    kernels = ops.kernels(backend, device, kernel=op)
     opt = settings(Optimizer.ADAGRAD)
+    mu = () if op == STEPS_OP else (0.25,)
     args = to_device((users, pos, *csr), device)
     w = to_device(weights, device) if weighted else None
     got = to_device((clone_bundle(tables), clone_bundle(states)), device)
-    losses = kernels.train_steps_pairwise_sampled(*got, *args, k, batch_size, 41, 5, BPR,
-                                                  0.02, opt, w)
+    losses = getattr(kernels, op)(*got, *args, k, batch_size, 41, 5, *mu, loss, 0.02, opt, w)
     one_by_one = to_device((clone_bundle(tables), clone_bundle(states)), device)
-    each = [kernels.train_step_pairwise_sampled(
+    each = [getattr(kernels, single)(
         *one_by_one, args[0][lo:lo + batch_size], args[1][lo:lo + batch_size], args[2],
-        args[3], k, 41, 5 + t, BPR, 0.02, opt, None if w is None else w[lo:lo + batch_size])
+        args[3], k, 41, 5 + t, *mu, loss, 0.02, opt, None if w is None else w[lo:lo + batch_size])
         for t, lo in enumerate(range(0, n, batch_size))]
     assert losses.shape == (-(-n // batch_size),) and losses.dtype == dtype
     assert_bit_identical((losses.cpu(), to_device(got, "cpu")),
                          (torch.stack(each).cpu() if each else torch.zeros(0),
                           to_device(one_by_one, "cpu")))
     spec_tables = (clone_bundle(tables), clone_bundle(states))
-    expected = single_threaded(spec.train_steps_pairwise_sampled, *spec_tables, users, pos,
-                               *csr, k, batch_size, 41, 5, BPR, 0.02, opt, weights)
+    expected = single_threaded(getattr(spec, op), *spec_tables, users, pos, *csr, k,
+                               batch_size, 41, 5, *mu, loss, 0.02, opt, weights)
     assert_close_all(losses.cpu(), expected, dtype)
     assert_close_all(to_device(got, "cpu"), spec_tables, dtype)
     if n:
         assert not torch.equal(got[0].item_factors.cpu(), tables.item_factors)
 
 
-@pytest.mark.parametrize("backend, device", THREADED_BACKENDS)
-def test_steps_bit_identical_across_thread_counts(backend, device):
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n, batch_size, k", STEPS_SHAPES)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
+def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted):
+    check_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted)
+
+
+def check_steps_thread_counts(backend, device, op=STEPS_OP):
+    loss = STEPS[op][1]
+    mu = () if op == STEPS_OP else (0.25,)
+
     def run():
         tables = make_tables(5_000, 2_000, 64, seed=31)
         states = make_states(tables, Optimizer.ADAGRAD, seed=32)
@@ -276,8 +292,8 @@ def test_steps_bit_identical_across_thread_counts(backend, device):
         rng = np.random.default_rng(34)
         users = zipf_ids(5_000, 10_000, generator=rng, device=device)
         pos = zipf_ids(2_000, 10_000, generator=rng, device=device)
-        losses = ops.kernels(backend, device, kernel=STEPS_OP).train_steps_pairwise_sampled(
-            tables, states, users, pos, *csr, 1, 4096, 9, 0, BPR, 0.01,
+        losses = getattr(ops.kernels(backend, device, kernel=op), op)(
+            tables, states, users, pos, *csr, 1, 4096, 9, 0, *mu, loss, 0.01,
             settings(Optimizer.ADAGRAD))
         return losses, tables, states
 
@@ -286,6 +302,11 @@ def test_steps_bit_identical_across_thread_counts(backend, device):
     with num_threads(backend, 1):
         one = run()
     assert_bit_identical(one, two)
+
+
+@pytest.mark.parametrize("backend, device", THREADED_BACKENDS)
+def test_steps_bit_identical_across_thread_counts(backend, device):
+    check_steps_thread_counts(backend, device)
 
 
 def run_steps(backend, device, dtype, op=OP_NAME, loss=BPR, optimizer=Optimizer.ADAGRAD):
@@ -384,19 +405,22 @@ def bad_cases(op=OP_NAME, loss=BPR, extra=None):
 BAD_CASES = list(bad_cases()[1])
 
 
+def steps_extra_cases(tables, states, prefix):
+    """The multi-step ops' own cases: the batch size, and a fault only the second step's
+    slice holds."""
+    return {
+        "batch_size 0": (dict(batch_size=0), ValueError,
+                         re.escape(prefix + "batch_size must be >= 1, got 0")),
+        "user out of range in the second step": (
+            dict(users=torch.tensor([3, 1, 4, 1, 5, 21])), IndexError,
+            re.escape(prefix + "users id 21 out of range [0, 20)")),
+    }
+
+
 def steps_bad_cases():
     """The sampled step's cases for train_steps_pairwise_sampled (their faults sit in the
-    first or the second of its two steps), and its own: the batch size, and faults that
-    only the second step's slice holds."""
-    def extra(tables, states, prefix):
-        return {
-            "batch_size 0": (dict(batch_size=0), ValueError,
-                             re.escape(prefix + "batch_size must be >= 1, got 0")),
-            "user out of range in the second step": (
-                dict(users=torch.tensor([3, 1, 4, 1, 5, 21])), IndexError,
-                re.escape(prefix + "users id 21 out of range [0, 20)")),
-        }
-    return bad_cases(STEPS_OP, extra=extra)
+    first or the second of its two steps), and its own."""
+    return bad_cases(STEPS_OP, extra=steps_extra_cases)
 
 
 STEPS_BAD_CASES = list(steps_bad_cases()[1])
@@ -441,13 +465,17 @@ def test_bad_input_messages_agree(case):
     messages_agree(case)
 
 
+# Faults that the GPU's steps record on the device one step at a time, so the steps
+# before a bad slice have run when the error is raised.
+DEVICE_RECORDED = ("indptr past the end", "user with every item",
+                   "user out of range in the second step")
+
+
 @pytest.mark.parametrize("case", STEPS_BAD_CASES)
 @pytest.mark.parametrize("backend, device", CHECKED_KERNELS)
 def test_steps_bad_inputs(backend, device, case):
-    if device == "cuda" and case in ("indptr past the end", "user with every item",
-                                     "user out of range in the second step"):
-        pytest.skip("on the GPU each step records its own faults on the device, so the "
-                    "steps before a bad slice have run")
+    if device == "cuda" and case in DEVICE_RECORDED:
+        pytest.skip("recorded on the device step by step")
     call_bad(backend, device, case, steps_bad_cases, STEPS_OP)
 
 
@@ -506,9 +534,7 @@ def test_fit_mf_bpr_uses_the_sampled_step(backend, device, monkeypatch):
     check_fit_uses_sampled_step(backend, monkeypatch, "bpr", STEPS_OP, exact=False)
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("backend, device", ALL_CPU)
-def test_fit_mf_bpr_epoch_call_equals_the_batches(backend, device, weighted):
+def check_fit_epoch_call(backend, loss, weighted):
     """The one-call epoch trains MF as the batch-by-batch loop over the same fused step
     does, to the bit (tables, optimizer state and the history's losses), weights
     included."""
@@ -525,7 +551,7 @@ def test_fit_mf_bpr_epoch_call_equals_the_batches(backend, device, weighted):
         if not whole:
             model.train_epoch = lambda *args, **kwargs: None
         opt = model.make_optimizer(None, 0.05)
-        history = fastmf.fit(model, train, loss="bpr", epochs=3, batch_size=256, seed=4,
+        history = fastmf.fit(model, train, loss=loss, epochs=3, batch_size=256, seed=4,
                              num_negatives=2, optimizer=opt, progress=False)
         return model, opt, history
 
@@ -537,3 +563,9 @@ def test_fit_mf_bpr_epoch_call_equals_the_batches(backend, device, weighted):
     assert_bit_identical(tuple(whole_opt.state_for(t) for t in whole.tables() if t is not None),
                          tuple(batched_opt.state_for(t) for t in batched.tables()
                                if t is not None))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend, device", ALL_CPU)
+def test_fit_mf_bpr_epoch_call_equals_the_batches(backend, device, weighted):
+    check_fit_epoch_call(backend, "bpr", weighted)

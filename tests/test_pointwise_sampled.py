@@ -18,16 +18,22 @@ import numpy as np
 import pytest
 import torch
 from test_pairwise_sampled import (
+    DEVICE_RECORDED,
     NUM_ITEMS,
     NUM_USERS,
+    STEPS_SHAPES,
     bad_cases,
     call_bad,
+    check_fit_epoch_call,
     check_fit_uses_sampled_step,
+    check_steps_in_turn,
+    check_steps_thread_counts,
     check_thread_counts,
     make_batch,
     make_csr,
     messages_agree,
     settings,
+    steps_extra_cases,
 )
 
 from fastmf import ops
@@ -163,5 +169,55 @@ def test_bad_input_messages_agree(case):
 
 @pytest.mark.parametrize("backend, device", ALL_CPU)
 def test_fit_mf_bce_uses_the_sampled_step(backend, device, monkeypatch):
-    """Fused or not, the same rows in the same order through the same kernels: bit for bit."""
-    check_fit_uses_sampled_step(backend, monkeypatch, "bce", OP_NAME, exact=True)
+    """Fused or not, the same rows in the same order through the same kernels: bit for bit
+    (fit runs each epoch as one train_steps_sampled call)."""
+    check_fit_uses_sampled_step(backend, monkeypatch, "bce", STEPS_OP, exact=True)
+
+
+# ---------------------------------------------------------------------------------------
+# train_steps_sampled: the steps of consecutive slices, in one call
+
+STEPS_OP = "train_steps_sampled"
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("n, batch_size, k", STEPS_SHAPES)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
+def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted):
+    check_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted, STEPS_OP)
+
+
+@pytest.mark.parametrize("backend, device", THREADED_BACKENDS)
+def test_steps_bit_identical_across_thread_counts(backend, device):
+    check_steps_thread_counts(backend, device, STEPS_OP)
+
+
+def steps_cases_of():
+    def extra(tables, states, prefix):
+        return {**own_cases(tables, states, prefix),
+                **steps_extra_cases(tables, states, prefix)}
+    return bad_cases(STEPS_OP, Loss.BCE, extra)
+
+
+STEPS_BAD_CASES = list(steps_cases_of()[1])
+
+
+@pytest.mark.parametrize("case", STEPS_BAD_CASES)
+@pytest.mark.parametrize("backend, device", CHECKED_KERNELS)
+def test_steps_bad_inputs(backend, device, case):
+    if device == "cuda" and case in DEVICE_RECORDED:
+        pytest.skip("recorded on the device step by step")
+    call_bad(backend, device, case, steps_cases_of, STEPS_OP)
+
+
+@pytest.mark.parametrize("case", [c for c in STEPS_BAD_CASES
+                                  if "dtype" not in c and "2-D" not in c])
+def test_steps_bad_input_messages_agree(case):
+    messages_agree(case, steps_cases_of, STEPS_OP)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("backend, device", ALL_CPU)
+def test_fit_mf_bce_epoch_call_equals_the_batches(backend, device, weighted):
+    check_fit_epoch_call(backend, "bce", weighted)

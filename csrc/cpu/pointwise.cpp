@@ -462,6 +462,55 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
                        in.reg, opt);
 }
 
+// train_steps_sampled: train_step_sampled on each run of batch_size positives in turn, in
+// one call (as train_steps_pairwise_sampled in pairwise.cpp): every id, weight and CSR row
+// checked first, then each step is the single step's code on its slice.
+at::Tensor train_steps_sampled(const StepTables& tables, const StepTables& states,
+                               const SampledPointwiseBatch& in, int64_t batch_size,
+                               const OptimizerArgs& opt) {
+  constexpr const char* op = "train_steps_sampled";
+  const int64_t num_users = tables.user_factors.size(0);
+  const int64_t num_items = tables.item_factors.size(0);
+  const int64_t n = in.users.size(0), k = in.num_negatives;
+  const int64_t num_steps = n / batch_size + (n % batch_size != 0 ? 1 : 0);
+  std::vector<int64_t> users, pos;
+  load_ids(op, "users", in.users.contiguous(), num_users, users);
+  load_ids(op, "items", in.pos_items.contiguous(), num_items, pos);
+  const at::Tensor weights = checked_weights(op, in.weights, n);
+  const DrawRows rows(in.pos_indptr, in.pos_indices);
+  check_draw_rows(op, users.data(), n, rows, num_items);
+  at::Tensor losses = at::empty({num_steps}, tables.user_factors.options());
+  Workspace& ws = workspace();
+  const TrimOnExit<Workspace> trim(ws);
+  at::Tensor targets;  // ones, then zeros: one per step size (the last step may be shorter)
+  for (int64_t t = 0; t < num_steps; ++t) {
+    const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
+    const int64_t step_rows = batch * (1 + k);
+    int64_t* step_users = scratch(ws.users, step_rows);
+    int64_t* items = scratch(ws.items, step_rows);
+    std::copy(users.data() + lo, users.data() + lo + batch, step_users);
+    std::copy(pos.data() + lo, pos.data() + lo + batch, items);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < k; ++j) step_users[batch + b * k + j] = step_users[b];
+    }
+    draw_negatives_of(op, step_users + batch, batch, k, rows, num_items, in.seed, in.step + t,
+                      items + batch);
+    if (!targets.defined() || targets.size(0) != step_rows) {
+      targets = at::zeros({step_rows}, tables.user_factors.options());
+      targets.narrow(0, 0, batch).fill_(1);
+    }
+    at::Tensor step_weights;
+    if (weights.defined()) {
+      step_weights = at::cat({weights.narrow(0, lo, batch),
+                              at::ones({batch * k}, weights.options())});
+    }
+    losses.select(0, t).copy_(run_pointwise(tables, states, ws, step_rows, targets,
+                                            step_weights, in.global_mean, in.loss, in.reg,
+                                            opt));
+  }
+  return losses;
+}
+
 }  // namespace
 }  // namespace FASTMF_CPU_NS
 }  // namespace fastmf
@@ -478,6 +527,7 @@ void register_pointwise(torch::Library& m) {
   m.impl("sparse_sgd_update", &sparse_sgd_update);
   m.impl("train_step", &train_step_op<train_step>);
   m.impl("train_step_sampled", &train_step_sampled_op<train_step_sampled>);
+  m.impl("train_steps_sampled", &train_steps_sampled_op<train_steps_sampled>);
 }
 
 }  // namespace FASTMF_CPU_NS

@@ -379,12 +379,14 @@ def check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_
 
 
 def check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
-                             num_negatives, seed, step, loss, optimizer):
+                             num_negatives, seed, step, loss, optimizer,
+                             batch_size: int | None = None):
     """Checks of train_step_sampled (``loss``/``optimizer`` are codes): as the pairwise
-    one, with B * (1 + num_negatives) rows (each positive and its negatives)."""
+    one, with B * (1 + num_negatives) rows (each positive and its negatives); with
+    ``batch_size``, of train_steps_sampled's run of such steps."""
     check_code(op, Loss, loss, "loss")
     _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
-                   num_negatives, seed, step, optimizer, 1)
+                   num_negatives, seed, step, optimizer, 1, batch_size)
     check_separate(op, tables, states)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "train_step_pairwise_sampled",
     "train_steps_pairwise_sampled",
     "train_step_sampled",
+    "train_steps_sampled",
     "scatter_rows",
     "check_device_errors",
     "embedding_bag_forward",
@@ -190,6 +191,25 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users: Tensor,
             float(optimizer.lr), float(optimizer.eps), weights)
     _written(*_flat(tables, states))
     return loss_value
+
+
+def train_steps_sampled(tables: MFTables, states: MFTables | None, users: Tensor,
+                        pos_items: Tensor, pos_indptr: Tensor, pos_indices: Tensor,
+                        num_negatives: int, batch_size: int, seed: int, step: int,
+                        global_mean: float, loss: Loss | int | str, reg: float,
+                        optimizer: OptimizerArgs, weights: Tensor | None = None) -> Tensor:
+    """The sampled pointwise step on each run of ``batch_size`` positives in turn; returns
+    the steps' losses. See :func:`fastmf.ops.reference.pointwise.train_steps_sampled`."""
+    op = "train_steps_sampled"
+    with torch.no_grad():
+        losses = torch.ops.fastmf.train_steps_sampled.default(
+            *_flat(tables, states), users, pos_items, pos_indptr, pos_indices,
+            int(num_negatives), int(batch_size), int(seed), int(step), float(global_mean),
+            int(parse(Loss, loss, op, "loss")), float(reg),
+            int(parse(Optimizer, optimizer.optimizer, op, "optimizer")),
+            float(optimizer.lr), float(optimizer.eps), weights)
+    _written(*_flat(tables, states))
+    return losses
 
 
 def _differentiable(op, *args):
@@ -398,6 +418,16 @@ if native_available():
                                                item_bias_state, users, pos_items, pos_indptr,
                                                pos_indices, num_negatives, batch_size, *args,
                                                **kwargs):
+            n = users.shape[0]
+            return user_factors.new_empty((n // batch_size + (n % batch_size != 0),))
+
+    if hasattr(torch.ops.fastmf, "train_steps_sampled"):
+
+        @torch.library.register_fake("fastmf::train_steps_sampled")
+        def _train_steps_sampled_fake(user_factors, item_factors, user_bias, item_bias,
+                                      user_factors_state, item_factors_state, user_bias_state,
+                                      item_bias_state, users, pos_items, pos_indptr,
+                                      pos_indices, num_negatives, batch_size, *args, **kwargs):
             n = users.shape[0]
             return user_factors.new_empty((n // batch_size + (n % batch_size != 0),))
 

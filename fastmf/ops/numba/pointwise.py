@@ -75,9 +75,10 @@ from fastmf.ops.numba._common import (
     weights_view,
 )
 from fastmf.ops.numba.sampling import _draw
+from fastmf.ops.reference.pointwise import sampled_pointwise_steps
 
 __all__ = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step",
-           "train_step_sampled"]
+           "train_step_sampled", "train_steps_sampled"]
 
 _MSE, _HUBER, _BCE = int(Loss.MSE), int(Loss.HUBER), int(Loss.BCE)
 # Samples per parallel work item of mf_forward / mf_backward (each block checks its ids
@@ -504,3 +505,19 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_ite
     return train_step(tables, states, torch.cat([users.long(), users_rep]),
                       torch.cat([pos_items.long(), neg]), labels.to(tables[0].dtype),
                       global_mean, loss, reg, optimizer, weights)
+
+
+def train_steps_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
+                        pos_indptr, pos_indices, num_negatives: int, batch_size: int,
+                        seed: int, step: int, global_mean: float, loss, reg: float,
+                        optimizer: OptimizerArgs, weights=None):
+    """:func:`train_step_sampled` on each run of ``batch_size`` positives in turn, every
+    input checked first: see :func:`fastmf.ops.reference.pointwise.train_steps_sampled`,
+    whose loop runs this module's step."""
+    require_cpu("train_steps_sampled",
+                _TRAIN_STEP_NAMES[:-3] + ("users", "pos_items", "pos_indptr", "pos_indices"),
+                tuple(tables) + tuple(states if states is not None else (None,) * 4)
+                + (users, pos_items, pos_indptr, pos_indices))
+    return sampled_pointwise_steps(train_step_sampled, tables, states, users, pos_items,
+                                   pos_indptr, pos_indices, num_negatives, batch_size, seed,
+                                   step, global_mean, loss, reg, optimizer, weights)

@@ -13,7 +13,7 @@ from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import Optimizer, PairwiseLoss, parse
 from fastmf.ops.reference.pointwise import apply_sparse
-from fastmf.ops.reference.sampling import check_sample_rows, sample_negatives
+from fastmf.ops.reference.sampling import check_sample_rows, run_steps, sample_negatives
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
@@ -153,10 +153,7 @@ def sampled_steps(step_fn, tables, states, users, pos_items, pos_indptr, pos_ind
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
     checks.check_step_weights(op, weights, tables.user_factors, users)
     check_sample_rows(users, pos_indptr, pos_indices, tables.item_factors.shape[0], op)
-    losses = [step_fn(tables, states, users[lo:lo + batch_size], pos_items[lo:lo + batch_size],
-                      pos_indptr, pos_indices, num_negatives, seed, step + t, loss, reg,
-                      optimizer, None if weights is None else weights[lo:lo + batch_size])
-              for t, lo in enumerate(range(0, users.shape[0], batch_size))]
-    if not losses:
-        return tables.user_factors.new_empty((0,))
-    return torch.stack(losses)
+    return run_steps(lambda u, p, w, t: step_fn(tables, states, u, p, pos_indptr, pos_indices,
+                                                num_negatives, seed, t, loss, reg, optimizer,
+                                                w),
+                     users, pos_items, weights, batch_size, step, tables.user_factors)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import HUBER_DELTA, Loss, Optimizer, parse
-from fastmf.ops.reference.sampling import sample_negatives
+from fastmf.ops.reference.sampling import check_sample_rows, run_steps, sample_negatives
 
 
 def mf_forward(users, items, user_factors, item_factors, user_bias, item_bias, global_mean):
@@ -229,3 +229,49 @@ def apply_sparse(optimizer: OptimizerArgs, weight, state, ids, grad_rows):
                               optimizer.optimizer == Optimizer.ROWWISE_ADAGRAD)
 
 
+
+
+def train_steps_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
+                        pos_indptr, pos_indices, num_negatives: int, batch_size: int,
+                        seed: int, step: int, global_mean: float, loss, reg: float,
+                        optimizer: OptimizerArgs, weights=None):
+    """:func:`train_step_sampled` on each run of ``batch_size`` positives in turn, the
+    t-th at ``step + t``: an epoch's batches in one call. Exactly::
+
+        torch.stack([
+            train_step_sampled(
+                tables, states, users[lo:lo + batch_size], pos_items[lo:lo + batch_size],
+                pos_indptr, pos_indices, num_negatives, seed, step + t, global_mean, loss,
+                reg, optimizer, None if weights is None else weights[lo:lo + batch_size])
+            for t, lo in enumerate(range(0, len(users), batch_size))])
+
+    (an empty (0,) tensor for no positives), except that every input of every step (ids,
+    weights, the users' CSR rows) is checked before the first step runs, so bad input in
+    any slice raises before anything is written. Returns the steps' losses."""
+    return sampled_pointwise_steps(train_step_sampled, tables, states, users, pos_items,
+                                   pos_indptr, pos_indices, num_negatives, batch_size, seed,
+                                   step, global_mean, loss, reg, optimizer, weights)
+
+
+def sampled_pointwise_steps(step_fn, tables, states, users, pos_items, pos_indptr,
+                            pos_indices, num_negatives, batch_size, seed, step, global_mean,
+                            loss, reg, optimizer, weights=None):
+    """:func:`train_steps_sampled` around a backend's own sampled step ``step_fn`` (this
+    module's, or the Numba backend's): all of the checks, then the steps."""
+    op = "train_steps_sampled"
+    batch_size = checks.check_int(op, "batch_size", batch_size, 1)
+    tables = MFTables(*tables)
+    states = MFTables(*(states if states is not None else (None,) * 4))
+    loss = parse(Loss, loss, op, "loss")
+    optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
+                              optimizer.lr, optimizer.eps)
+    checks.check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr,
+                                    pos_indices, num_negatives, seed, step, loss,
+                                    optimizer.optimizer, batch_size)
+    checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
+    checks.check_step_weights(op, weights, tables.user_factors, users)
+    check_sample_rows(users, pos_indptr, pos_indices, tables.item_factors.shape[0], op)
+    return run_steps(lambda u, p, w, t: step_fn(tables, states, u, p, pos_indptr, pos_indices,
+                                                num_negatives, seed, t, global_mean, loss, reg,
+                                                optimizer, w),
+                     users, pos_items, weights, batch_size, step, tables.user_factors)

@@ -10,7 +10,18 @@ from fastmf.ops.reference.embedding_bag import _as_int64, _shr, _splitmix64, _sp
 
 _MASK64 = (1 << 64) - 1
 
-__all__ = ["check_sample_rows", "sample_negatives"]
+__all__ = ["check_sample_rows", "run_steps", "sample_negatives"]
+
+
+def run_steps(one_step, users, pos_items, weights, batch_size: int, step: int, like):
+    """The loop of the multi-step sampled ops (``train_steps_pairwise_sampled``,
+    ``train_steps_sampled``): ``one_step(users, pos_items, weights, step)`` on each run of
+    ``batch_size`` positives in turn, the t-th at ``step + t``; their losses stacked, or
+    an empty (0,) tensor like ``like`` when there are none."""
+    losses = [one_step(users[lo:lo + batch_size], pos_items[lo:lo + batch_size],
+                       None if weights is None else weights[lo:lo + batch_size], step + t)
+              for t, lo in enumerate(range(0, users.shape[0], batch_size))]
+    return torch.stack(losses) if losses else like.new_empty((0,))
 
 
 def check_sample_rows(users, pos_indptr, pos_indices, num_items: int,
