@@ -278,6 +278,10 @@ class MF(FactorTables, Recommender):
         if op is None or sampler is None or sampler.distribution != "uniform" \
                 or not self.draws_negatives(loss):
             return None
+        # A subclass that changes how batches are made or stepped keeps its own hooks.
+        cls = type(self)
+        if cls.batches is not Recommender.batches or cls.training_step is not MF.training_step:
+            return None
         if self._backend == "native" and not native.has_kernel(self.user_factors.device, op):
             return None
         users, items, _, weights, _ = self._shuffled(train, loss, generator)

@@ -177,7 +177,9 @@ def fit(
 ) -> History:
     """Train ``model`` (any :class:`fastmf.models.base.Recommender`) on ``train``; returns a
     :class:`History`. ``fit`` drives the model's hooks: ``check_data``, ``prepare``,
-    ``make_optimizer``, ``batches`` and ``training_step`` (``fastmf.MF``: fused steps).
+    ``make_optimizer``, ``batches`` and ``training_step`` (``fastmf.MF``: fused steps), or
+    ``train_epoch`` for a model that runs a whole epoch in one call (``fastmf.MF`` with
+    bpr/bce and uniform negatives).
 
     - ``train``/``valid``: :class:`~fastmf.data.Interactions`, a scipy.sparse user x item
       matrix (values: ratings) or a pandas DataFrame with ``user``/``item`` columns (and
@@ -191,7 +193,7 @@ def fit(
       Negatives exclude the user's training items; ``negative_distribution`` is
       ``"uniform"`` or ``"popularity"``. Uniform negatives are counter-based in (seed,
       epoch, batch, position), the same for every model, backend and thread count; MF with
-      bpr draws them inside its fused step (one kernel call per batch).
+      bpr or bce draws them inside its fused steps (one kernel call per epoch).
     - ``optimizer``: an optimizer over the model, or a name ``model.make_optimizer`` builds
       with ``lr`` (MF: ``"adagrad"`` (default), ``"rowwise_adagrad"``, ``"sgd"``; models on
       fastmf.nn tables also ``"adam"``, ``"rowwise_adam"``). ``epochs``, ``batch_size``,

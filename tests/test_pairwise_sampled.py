@@ -569,3 +569,26 @@ def check_fit_epoch_call(backend, loss, weighted):
 @pytest.mark.parametrize("backend, device", ALL_CPU)
 def test_fit_mf_bpr_epoch_call_equals_the_batches(backend, device, weighted):
     check_fit_epoch_call(backend, "bpr", weighted)
+
+
+def test_fit_keeps_a_subclass_training_step():
+    """An MF subclass that overrides training_step (or batches) is trained batch by batch
+    through its own hook, not by the one-call epoch."""
+    rng = np.random.default_rng(10)
+    train = Interactions(zipf_ids(30, 600, generator=rng).numpy(),
+                         zipf_ids(20, 600, generator=rng).numpy(), user_map=30, item_map=20)
+    calls = []
+
+    class Counted(fastmf.MF):
+        def training_step(self, batch, optimizer, *, loss, reg):
+            calls.append(len(batch.users))
+            return super().training_step(batch, optimizer, loss=loss, reg=reg)
+
+    for loss in ("bpr", "bce"):
+        calls.clear()
+        fastmf.fit(Counted(30, 20, dim=4), train, loss=loss, epochs=2, batch_size=128,
+                   progress=False)
+        assert calls == [128, 128, 128, 128, 88] * 2
+    assert fastmf.MF(30, 20, dim=4).train_epoch(
+        train, None, batch_size=128, loss="warp", num_negatives=2, sampler=None,
+        generator=torch.Generator(), reg=0.0) is None
