@@ -331,7 +331,7 @@ def fit(
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         samples = seen = 0
         start = time.perf_counter()
-        # A model that runs the whole epoch in one call (MF with bpr) returns its batches'
+        # A model that runs the whole epoch in one call (MF with bpr/bce) returns its batches'
         # losses; the rest train batch by batch. Both accumulate the loss the same way.
         whole = None if dctx is not None else model.train_epoch(
             train, optimizer, batch_size=batch_size, loss=loss, num_negatives=num_negatives,
