@@ -20,6 +20,7 @@
 #include "isa.h"
 #include "segment_update.h"
 #include "segments.h"
+#include "team.h"
 
 namespace fastmf {
 namespace FASTMF_CPU_NS {
@@ -230,7 +231,10 @@ void step_from_old_rows(const SecondSide<T>& side, const FirstResults<T>& first,
   const RowGroups& groups = *side.groups;
   const int64_t num_groups = groups.num_groups;
   const bool has_bias = side.bias != nullptr;
-  at::parallel_for(0, side.positions, kGrain, [&](int64_t begin, int64_t end) {
+  // In a team (train_steps_pairwise_sampled) this thread's share, then the team's
+  // barrier; otherwise at::parallel_for.
+  fastmf::FASTMF_CPU_NS::parallel_for(0, side.positions, kGrain, [&](int64_t begin,
+                                                                     int64_t end) {
     const int64_t first_group = groups.group_at(begin);
     const int64_t last_group = groups.group_at(end);
     std::vector<T> acc_storage(static_cast<size_t>(dim));

@@ -38,6 +38,7 @@
 #include "sampled.h"
 #include "segment_update.h"
 #include "segments.h"
+#include "team.h"
 
 namespace fastmf {
 namespace FASTMF_CPU_NS {
@@ -115,7 +116,9 @@ void phase_users(const Pairwise<T>& pr) {
   const T* bias = pr.item_bias;
   const int64_t* pos = pr.items;
   const int64_t* neg = pr.items + batch;
-  at::parallel_for(0, batch, kGrain, [&](int64_t begin, int64_t end) {
+  // In a team (train_steps_pairwise_sampled) this thread's share, then the team's
+  // barrier; otherwise at::parallel_for.
+  parallel_for(0, batch, kGrain, [&](int64_t begin, int64_t end) {
     const int64_t first = groups.group_at(begin);
     const int64_t last = groups.group_at(end);
     std::vector<T> storage(static_cast<size_t>(2 * dim));
@@ -295,18 +298,23 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
 
 // train_steps_pairwise_sampled: train_step_pairwise_sampled on each run of batch_size
 // positives in turn, in one call. Every id, weight and CSR row is checked first, so bad
-// input anywhere writes nothing; then each step is the single step's code on its slice (the
-// same tables and losses, bit for bit). What one call per epoch saves, on ml-latest-small
-// (100k positives, batch 4,096, 1 negative, 2 threads): the per-step dispatch, the Python
-// around it and the serial widening of each batch's ids, 17.4 against 20.1 ms an epoch of
-// per-step op calls and 23.4 ms through fastmf.fit's per-batch loop.
-at::Tensor train_steps_pairwise_sampled(const StepTables& tables, const StepTables& states,
+// input anywhere writes nothing. Then one team of threads (team.h) runs all the steps
+// inside one OpenMP region: per step, the pairs expanded and their negatives drawn (split
+// over the team), the users grouped on one thread while another groups the item positions,
+// the users' phase and the items' phase (each split, as in a single step), four barriers.
+// The arithmetic is the single step's, so the tables and losses are those of calling it on
+// each slice, bit for bit. What one call saves, on ml-latest-small (100k positives, batch
+// 4,096, 1 negative, 2 threads): the per-step Python and dispatch (about 1.1-1.3x an epoch
+// with spinning workers), and, with OMP_WAIT_POLICY=PASSIVE, a sleep and a wake-up of the
+// workers at each of a step's four parallel regions (see benchmarks/README.md).
+at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepTables& states,
                                         const SampledPairwiseBatch& in, int64_t batch_size,
                                         const OptimizerArgs& opt) {
   constexpr const char* op = "train_steps_pairwise_sampled";
-  const int64_t num_users = tables.user_factors.size(0);
-  const int64_t num_items = tables.item_factors.size(0);
-  const int64_t n = in.users.size(0), k = in.num_negatives;
+  const at::Tensor& user_factors = tables_in.user_factors;
+  const int64_t num_users = user_factors.size(0);
+  const int64_t num_items = tables_in.item_factors.size(0);
+  const int64_t n = in.users.size(0), k = in.num_negatives, dim = user_factors.size(1);
   const int64_t num_steps = n / batch_size + (n % batch_size != 0 ? 1 : 0);
   std::vector<int64_t> users, pos;
   load_ids(op, "users", in.users.contiguous(), num_users, users);
@@ -314,30 +322,91 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables, const StepTabl
   const at::Tensor weights = checked_weights(op, in.weights, n);
   const DrawRows rows(in.pos_indptr, in.pos_indices);
   check_draw_rows(op, users.data(), n, rows, num_items);
-  at::Tensor losses = at::empty({num_steps}, tables.user_factors.options());
+  at::Tensor losses = at::empty({num_steps}, user_factors.options());
+  if (num_steps == 0) return losses;
   Workspace& ws = workspace();
   const TrimOnExit<Workspace> trim(ws);
-  for (int64_t t = 0; t < num_steps; ++t) {
-    const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo), pairs = batch * k;
-    int64_t* step_users = scratch(ws.users, pairs);
-    int64_t* items = scratch(ws.items, 2 * pairs);
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t j = 0; j < k; ++j) {
-        step_users[b * k + j] = users[lo + b];
-        items[b * k + j] = pos[lo + b];
-      }
-    }
-    draw_negatives_of(op, step_users, batch, k, rows, num_items, in.seed, in.step + t,
-                      items + pairs);
-    at::Tensor step_weights;
-    if (weights.defined()) {
-      step_weights = weights.narrow(0, lo, batch);
-      step_weights = k > 1 ? step_weights.repeat_interleave(k) : step_weights.contiguous();
-    }
-    at::Tensor result;
-    run_pairwise(tables, states, ws, pairs, step_weights, in.loss, in.reg, opt, result);
-    losses.select(0, t).copy_(result);
-  }
+  // The step's ids, sized for the largest step before the team starts: no thread
+  // resizes what another reads.
+  const int64_t most_pairs = std::min(batch_size, n) * k;
+  int64_t* step_users = scratch(ws.users, most_pairs);
+  int64_t* items = scratch(ws.items, 2 * most_pairs);
+  const int64_t* indptr = rows.indptr.data_ptr<int64_t>();
+  const int64_t nnz = rows.nnz();
+  Tables tables(opt.optimizer, /*write_user_bias=*/false, tables_in, states);
+
+  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
+    using T = scalar_t;
+    Pairwise<T> pr;
+    pr.user_factors = tables.user_factors.get().data_ptr<T>();
+    pr.user_state = Tables::ptr<T>(tables.user_factors_state);
+    pr.item_factors = tables.item_factors.get().data_ptr<T>();
+    pr.item_state = Tables::ptr<T>(tables.item_factors_state);
+    pr.item_bias = Tables::ptr<T>(tables.item_bias);
+    pr.item_bias_state = Tables::ptr<T>(tables.item_bias_state);
+    pr.users = step_users;
+    pr.items = items;
+    pr.user_groups = &ws.user_groups;
+    pr.item_groups = &ws.item_groups;
+    const T* all_weights = weights.defined() ? weights.data_ptr<T>() : nullptr;
+    std::vector<T> expanded_weights;  // each positive's weight for its K pairs (K > 1)
+    T* loss_out = losses.data_ptr<T>();
+
+    dispatch_code(in.loss, [&](auto loss_code) {
+      dispatch_code(opt.optimizer, [&](auto optimizer) {
+        constexpr Optimizer kOpt = decltype(optimizer)::value;
+        using LossFn = PairLoss<decltype(loss_code)::value>;
+        run_team([&](Team& team, int rank) {
+          // The thread that groups the item positions while rank 0 groups the users.
+          const int item_rank = team.size() > 1 ? 1 : 0;
+          for (int64_t t = 0; t < num_steps && !team.stopped(); ++t) {
+            const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
+            const int64_t pairs = batch * k;
+            const uint64_t key = sampling::step_key(in.seed, in.step + t);
+            // The positives expanded to their K pairs and the negatives drawn, split.
+            parallel_for(0, pairs, kGrain, [&](int64_t p0, int64_t p1) {
+              for (int64_t p = p0; p < p1; ++p) {
+                step_users[p] = users[lo + p / k];
+                items[p] = pos[lo + p / k];
+              }
+              int64_t bad_row = batch, full = batch;  // rows checked above: never set
+              AT_DISPATCH_INDEX_TYPES(rows.indices.scalar_type(), "fastmf.draw", [&] {
+                draw_negatives(p0, p1, k, step_users, indptr,
+                               rows.indices.data_ptr<index_t>(), nnz, num_items, key,
+                               items + pairs, bad_row, full);
+              });
+            });
+            // The users grouped (and the step's scratch bound) on rank 0 while item_rank
+            // groups the 2 * pairs item positions.
+            team.sync([&] {
+              if (rank == 0) {
+                group_rows(step_users, pairs, num_users, ws.user_groups);
+                pr.bind(ws, pairs, dim, ws.user_groups.num_groups, in.reg, opt.lr, opt.eps);
+                pr.weights = nullptr;
+                if (all_weights != nullptr && k == 1) pr.weights = all_weights + lo;
+                if (all_weights != nullptr && k > 1) {
+                  expanded_weights.resize(static_cast<size_t>(pairs));
+                  for (int64_t p = 0; p < pairs; ++p) {
+                    expanded_weights[p] = all_weights[lo + p / k];
+                  }
+                  pr.weights = expanded_weights.data();
+                }
+              }
+              if (rank == item_rank) group_rows(items, 2 * pairs, num_items, ws.item_groups);
+            });
+            phase_users<T, kOpt, LossFn>(pr);
+            phase_items<T, kOpt>(pr);
+            // Rank 0 sums the loss while the others start the next step's draws, which
+            // touch none of what it reads.
+            if (rank == 0 && !team.stopped()) {
+              loss_out[t] = static_cast<T>(mean_loss(pr.loss, pr.norms, pairs, in.reg));
+            }
+          }
+        });
+      });
+    });
+  });
+  tables.commit();
   return losses;
 }
 

@@ -46,6 +46,7 @@
 #include "sampled.h"
 #include "segment_update.h"
 #include "segments.h"
+#include "team.h"
 
 namespace fastmf {
 namespace FASTMF_CPU_NS {
@@ -282,7 +283,9 @@ void phase_first(const Problem<T>& pr) {
   const int64_t dim = pr.dim;
   const int64_t num_groups = groups.num_groups;
   const bool has_bias = a.bias != nullptr;
-  at::parallel_for(0, pr.batch, kGrain, [&](int64_t begin, int64_t end) {
+  // In a team (train_steps_sampled) this thread's share, then the team's barrier;
+  // otherwise at::parallel_for.
+  parallel_for(0, pr.batch, kGrain, [&](int64_t begin, int64_t end) {
     const int64_t first = groups.group_at(begin);
     const int64_t last = groups.group_at(end);
     std::vector<T> acc_storage(static_cast<size_t>(dim));
@@ -463,15 +466,20 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
 }
 
 // train_steps_sampled: train_step_sampled on each run of batch_size positives in turn, in
-// one call (as train_steps_pairwise_sampled in pairwise.cpp): every id, weight and CSR row
-// checked first, then each step is the single step's code on its slice.
-at::Tensor train_steps_sampled(const StepTables& tables, const StepTables& states,
+// one call, as train_steps_pairwise_sampled (pairwise.cpp) runs its step: every id, weight
+// and CSR row checked first, then one team of threads (team.h) runs all the steps in one
+// OpenMP region. Per step: the rows expanded and the negatives drawn (split), the users
+// and the items grouped side by side, the step bound on rank 0 (which side goes first, as
+// run_pointwise picks it), then the two phases: five barriers, and the single step's
+// arithmetic, so the tables and losses are those of calling it on each slice, bit for bit.
+at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& states,
                                const SampledPointwiseBatch& in, int64_t batch_size,
                                const OptimizerArgs& opt) {
   constexpr const char* op = "train_steps_sampled";
-  const int64_t num_users = tables.user_factors.size(0);
-  const int64_t num_items = tables.item_factors.size(0);
-  const int64_t n = in.users.size(0), k = in.num_negatives;
+  const at::Tensor& user_factors = tables_in.user_factors;
+  const int64_t num_users = user_factors.size(0);
+  const int64_t num_items = tables_in.item_factors.size(0);
+  const int64_t n = in.users.size(0), k = in.num_negatives, dim = user_factors.size(1);
   const int64_t num_steps = n / batch_size + (n % batch_size != 0 ? 1 : 0);
   std::vector<int64_t> users, pos;
   load_ids(op, "users", in.users.contiguous(), num_users, users);
@@ -479,35 +487,95 @@ at::Tensor train_steps_sampled(const StepTables& tables, const StepTables& state
   const at::Tensor weights = checked_weights(op, in.weights, n);
   const DrawRows rows(in.pos_indptr, in.pos_indices);
   check_draw_rows(op, users.data(), n, rows, num_items);
-  at::Tensor losses = at::empty({num_steps}, tables.user_factors.options());
+  at::Tensor losses = at::empty({num_steps}, user_factors.options());
+  if (num_steps == 0) return losses;
   Workspace& ws = workspace();
   const TrimOnExit<Workspace> trim(ws);
-  at::Tensor targets;  // ones, then zeros: one per step size (the last step may be shorter)
-  for (int64_t t = 0; t < num_steps; ++t) {
-    const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
-    const int64_t step_rows = batch * (1 + k);
-    int64_t* step_users = scratch(ws.users, step_rows);
-    int64_t* items = scratch(ws.items, step_rows);
-    std::copy(users.data() + lo, users.data() + lo + batch, step_users);
-    std::copy(pos.data() + lo, pos.data() + lo + batch, items);
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t j = 0; j < k; ++j) step_users[batch + b * k + j] = step_users[b];
-    }
-    draw_negatives_of(op, step_users + batch, batch, k, rows, num_items, in.seed, in.step + t,
-                      items + batch);
-    if (!targets.defined() || targets.size(0) != step_rows) {
-      targets = at::zeros({step_rows}, tables.user_factors.options());
-      targets.narrow(0, 0, batch).fill_(1);
-    }
-    at::Tensor step_weights;
-    if (weights.defined()) {
-      step_weights = at::cat({weights.narrow(0, lo, batch),
-                              at::ones({batch * k}, weights.options())});
-    }
-    losses.select(0, t).copy_(run_pointwise(tables, states, ws, step_rows, targets,
-                                            step_weights, in.global_mean, in.loss, in.reg,
-                                            opt));
-  }
+  // The step's rows, sized for the largest step before the team starts.
+  const int64_t most_rows = std::min(batch_size, n) * (1 + k);
+  int64_t* step_users = scratch(ws.users, most_rows);
+  int64_t* items = scratch(ws.items, most_rows);
+  const int64_t* indptr = rows.indptr.data_ptr<int64_t>();
+  const int64_t nnz = rows.nnz();
+  Tables tables(opt.optimizer, /*write_user_bias=*/true, tables_in, states);
+
+  AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
+    using T = scalar_t;
+    const Side<T> user{tables.user_factors.get().data_ptr<T>(),
+                       Tables::ptr<T>(tables.user_bias),
+                       Tables::ptr<T>(tables.user_factors_state),
+                       Tables::ptr<T>(tables.user_bias_state), step_users, &ws.user_groups};
+    const Side<T> item{tables.item_factors.get().data_ptr<T>(),
+                       Tables::ptr<T>(tables.item_bias),
+                       Tables::ptr<T>(tables.item_factors_state),
+                       Tables::ptr<T>(tables.item_bias_state), items, &ws.item_groups};
+    const T* all_weights = weights.defined() ? weights.data_ptr<T>() : nullptr;
+    std::vector<T> targets, row_weights;  // per step: 1 then 0; the positives' weights then 1
+    Problem<T> pr;
+    T* loss_out = losses.data_ptr<T>();
+
+    dispatch_code(in.loss, [&](auto loss_code) {
+      dispatch_code(opt.optimizer, [&](auto optimizer) {
+        constexpr Optimizer kOpt = decltype(optimizer)::value;
+        using LossFn = PointwiseLoss<decltype(loss_code)::value>;
+        run_team([&](Team& team, int rank) {
+          const int item_rank = team.size() > 1 ? 1 : 0;
+          for (int64_t t = 0; t < num_steps && !team.stopped(); ++t) {
+            const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
+            const int64_t step_rows = batch * (1 + k);
+            const uint64_t key = sampling::step_key(in.seed, in.step + t);
+            // Row b (< batch) is positive b; row batch + p the p-th pair's negative.
+            parallel_for(0, batch * k, kGrain, [&](int64_t p0, int64_t p1) {
+              for (int64_t p = p0; p < p1; ++p) {
+                const int64_t b = p / k;
+                if (p % k == 0) {
+                  step_users[b] = users[lo + b];
+                  items[b] = pos[lo + b];
+                }
+                step_users[batch + p] = users[lo + b];
+              }
+              int64_t bad_row = batch, full = batch;  // rows checked above: never set
+              AT_DISPATCH_INDEX_TYPES(rows.indices.scalar_type(), "fastmf.draw", [&] {
+                draw_negatives(p0, p1, k, step_users + batch, indptr,
+                               rows.indices.data_ptr<index_t>(), nnz, num_items, key,
+                               items + batch, bad_row, full);
+              });
+            });
+            team.sync([&] {
+              if (rank == 0) group_rows(step_users, step_rows, num_users, ws.user_groups);
+              if (rank == item_rank) group_rows(items, step_rows, num_items, ws.item_groups);
+            });
+            team.sync([&] {
+              if (rank != 0) return;
+              const bool users_first = ws.user_groups.num_groups >= ws.item_groups.num_groups;
+              pr.first = users_first ? user : item;
+              pr.second = users_first ? item : user;
+              pr.first_is_user = users_first;
+              pr.bind(ws, step_rows, dim,
+                      users_first ? ws.user_groups.num_groups : ws.item_groups.num_groups,
+                      in.reg, opt.lr, opt.eps);
+              targets.assign(static_cast<size_t>(step_rows), T(0));
+              std::fill(targets.begin(), targets.begin() + batch, T(1));
+              pr.targets = targets.data();
+              pr.global_mean = static_cast<T>(in.global_mean);
+              pr.weights = nullptr;
+              if (all_weights != nullptr) {
+                row_weights.assign(static_cast<size_t>(step_rows), T(1));
+                std::copy(all_weights + lo, all_weights + lo + batch, row_weights.begin());
+                pr.weights = row_weights.data();
+              }
+            });
+            phase_first<T, LossFn, kOpt>(pr);
+            phase_second<T, kOpt>(pr);
+            if (rank == 0 && !team.stopped()) {
+              loss_out[t] = static_cast<T>(mean_loss(pr.loss, pr.norms, step_rows, in.reg));
+            }
+          }
+        });
+      });
+    });
+  });
+  tables.commit();
   return losses;
 }
 

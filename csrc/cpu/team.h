@@ -1,0 +1,177 @@
+// A team of threads that runs many steps inside one OpenMP region (the multi-step ops,
+// train_steps_pairwise_sampled in pairwise.cpp), and the parallel loop the steps' phases
+// use: inside a team, each thread takes its chunk of the range and the team meets at a
+// barrier; outside one, it is at::parallel_for.
+//
+// Why: a step opens several parallel regions (draws, grouping, the two phases), and with
+// OMP_WAIT_POLICY=PASSIVE (what many batch systems and fastmf's own benchmark scripts set)
+// every region end puts the workers to sleep and every start wakes them: on
+// ml-latest-small (BPR, batch 4,096, 2 threads) an epoch took 18-22 ms that way against
+// 12-13 ms with spinning workers, and 21 ms on one thread. The team's barrier spins (with
+// pause, then yields), whatever the policy, for the length of one call.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <thread>
+
+#include <omp.h>
+
+#include "isa.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace fastmf {
+namespace FASTMF_CPU_NS {
+
+class Team {
+ public:
+  explicit Team(int size) : size_(size) {}
+  int size() const { return size_; }
+
+  // Runs part() on this thread (an exception is recorded, not thrown), then waits for the
+  // whole team. Every thread of the team makes the same sequence of calls. Returns false
+  // once any thread has failed: the same answer on every thread, fixed when the barrier
+  // opens, so the threads leave their loop together.
+  template <typename F>
+  bool sync(const F& part) {
+    if (!stop_.load(std::memory_order_acquire)) {
+      try {
+        part();
+      } catch (...) {
+        if (!failed_.exchange(true, std::memory_order_acq_rel)) error_ = std::current_exception();
+      }
+    }
+    return wait();
+  }
+
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  // Whether the team stopped at its last barrier (a thread failed before it). Read between
+  // barriers, the same on every thread.
+  bool stopped() const { return stop_.load(std::memory_order_acquire); }
+
+ private:
+  bool wait() {
+    if (size_ == 1) {
+      stop_.store(failed_.load(std::memory_order_acquire), std::memory_order_release);
+      return !stop_.load(std::memory_order_relaxed);
+    }
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      stop_.store(failed_.load(std::memory_order_acquire), std::memory_order_release);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+    } else {
+      // Spin a while (a phase's imbalance is microseconds), then yield the core, so that
+      // a team larger than the machine's free cores still makes progress.
+      for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation;
+           ++spins) {
+        if (spins < (int64_t{1} << 16)) {
+          pause();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    }
+    return !stop_.load(std::memory_order_acquire);
+  }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+
+  const int size_;
+  std::atomic<int> arrived_{0};
+  std::atomic<int> generation_{0};
+  std::atomic<bool> failed_{false};
+  std::atomic<bool> stop_{false};
+  std::exception_ptr error_;
+};
+
+// The team this thread belongs to while it runs one, and its rank in it.
+struct TeamSeat {
+  Team* team = nullptr;
+  int rank = 0;
+};
+inline TeamSeat& team_seat() {
+  thread_local TeamSeat seat;
+  return seat;
+}
+
+// f(begin, end) over [begin, end) split as at::parallel_for splits it: outside a team, that
+// call; inside one, this thread's chunk (none when the range has fewer grains than the team
+// has threads), then the team's barrier.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const TeamSeat& seat = team_seat();
+  if (seat.team == nullptr) {
+    at::parallel_for(begin, end, grain, f);
+    return;
+  }
+  Team& team = *seat.team;
+  (void)team.sync([&] {
+    if (end <= begin) return;
+    const int64_t n = end - begin;
+    int64_t workers = team.size();
+    if (grain > 0) workers = std::min<int64_t>(workers, (n + grain - 1) / grain);
+    const int64_t chunk = (n + workers - 1) / workers;
+    const int64_t first = begin + seat.rank * chunk;
+    if (first < end) f(first, std::min(end, first + chunk));
+  });
+}
+
+// Runs body(team, rank) on every thread of one OpenMP region, each seated in the team (so
+// parallel_for above splits work instead of opening regions). The body must reach the
+// team only through sync() and parallel_for(), and leave its loop when sync() returns
+// false. Rethrows the first exception after the region.
+template <typename Body>
+void run_team(const Body& body) {
+  auto seated = [&](Team& team, int rank) {
+    TeamSeat& seat = team_seat();
+    const TeamSeat saved = seat;
+    seat = TeamSeat{&team, rank};
+    body(team, rank);
+    seat = saved;
+  };
+  if (at::in_parallel_region() || at::get_num_threads() <= 1) {
+    Team team(1);
+    seated(team, 0);
+    team.rethrow();
+    return;
+  }
+  // The team's size is what OpenMP gives the region (at::parallel_for avoids the
+  // num_threads clause for a GOMP pool bug, pytorch#32008; so does this), set by its
+  // first thread before any thread uses the team.
+  std::atomic<Team*> shared{nullptr};
+  std::unique_ptr<Team> owner;
+#pragma omp parallel
+  {
+    const int rank = omp_get_thread_num();
+    if (rank == 0) {
+      owner = std::make_unique<Team>(omp_get_num_threads());
+      shared.store(owner.get(), std::memory_order_release);
+    }
+    Team* team;
+    while ((team = shared.load(std::memory_order_acquire)) == nullptr) {
+      std::this_thread::yield();
+    }
+    at::internal::ThreadIdGuard tid_guard(rank);
+    seated(*team, rank);
+  }
+  owner->rethrow();
+}
+
+}  // namespace FASTMF_CPU_NS
+}  // namespace fastmf
