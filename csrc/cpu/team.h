@@ -20,7 +20,9 @@
 #include <memory>
 #include <thread>
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include "isa.h"
 
@@ -139,13 +141,19 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 template <typename Body>
 void run_team(const Body& body) {
   auto seated = [&](Team& team, int rank) {
-    TeamSeat& seat = team_seat();
-    const TeamSeat saved = seat;
-    seat = TeamSeat{&team, rank};
+    struct Seated {  // restores the thread's seat however the body leaves
+      TeamSeat saved;
+      Seated(Team* team, int rank) : saved(team_seat()) { team_seat() = TeamSeat{team, rank}; }
+      ~Seated() { team_seat() = saved; }
+    } seated_here(&team, rank);
     body(team, rank);
-    seat = saved;
   };
-  if (at::in_parallel_region() || at::get_num_threads() <= 1) {
+#ifdef _OPENMP
+  const bool one = at::in_parallel_region() || at::get_num_threads() <= 1;
+#else
+  const bool one = true;  // a build without OpenMP: at::parallel_for is serial too
+#endif
+  if (one) {
     Team team(1);
     seated(team, 0);
     team.rethrow();
@@ -154,6 +162,7 @@ void run_team(const Body& body) {
   // The team's size is what OpenMP gives the region (at::parallel_for avoids the
   // num_threads clause for a GOMP pool bug, pytorch#32008; so does this), set by its
   // first thread before any thread uses the team.
+#ifdef _OPENMP
   std::atomic<Team*> shared{nullptr};
   std::unique_ptr<Team> owner;
 #pragma omp parallel
@@ -171,6 +180,7 @@ void run_team(const Body& body) {
     seated(*team, rank);
   }
   owner->rethrow();
+#endif
 }
 
 }  // namespace FASTMF_CPU_NS
