@@ -66,6 +66,15 @@ struct Pairwise : StepScratch<T> {  // first phase: users; scratch indexed by sa
   const int64_t* items;  // (2B,): positives, then negatives
   const RowGroups* user_groups;
   const RowGroups* item_groups;  // over the 2B item positions
+
+  void bind_tables(Tables& tables) {
+    user_factors = tables.user_factors.get().data_ptr<T>();
+    user_state = Tables::ptr<T>(tables.user_factors_state);
+    item_factors = tables.item_factors.get().data_ptr<T>();
+    item_state = Tables::ptr<T>(tables.item_factors_state);
+    item_bias = Tables::ptr<T>(tables.item_bias);
+    item_bias_state = Tables::ptr<T>(tables.item_bias_state);
+  }
 };
 
 // Pairwise losses of x = s_ui - s_uj: the sample's loss value and grad = dLoss/dx times
@@ -216,12 +225,7 @@ void run_pairwise(const StepTables& tables_in, const StepTables& states, Workspa
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
     using T = scalar_t;
     Pairwise<T> pr;
-    pr.user_factors = tables.user_factors.get().data_ptr<T>();
-    pr.user_state = Tables::ptr<T>(tables.user_factors_state);
-    pr.item_factors = tables.item_factors.get().data_ptr<T>();
-    pr.item_state = Tables::ptr<T>(tables.item_factors_state);
-    pr.item_bias = Tables::ptr<T>(tables.item_bias);
-    pr.item_bias_state = Tables::ptr<T>(tables.item_bias_state);
+    pr.bind_tables(tables);
     pr.users = ws.users.data();
     pr.items = items;
     pr.user_groups = &ws.user_groups;
@@ -314,14 +318,13 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
   const at::Tensor& user_factors = tables_in.user_factors;
   const int64_t num_users = user_factors.size(0);
   const int64_t num_items = tables_in.item_factors.size(0);
-  const int64_t n = in.users.size(0), k = in.num_negatives, dim = user_factors.size(1);
-  const int64_t num_steps = n / batch_size + (n % batch_size != 0 ? 1 : 0);
-  std::vector<int64_t> users, pos;
-  load_ids(op, "users", in.users.contiguous(), num_users, users);
-  load_ids(op, kPosName, in.pos_items.contiguous(), num_items, pos);
-  const at::Tensor weights = checked_weights(op, in.weights, n);
-  const DrawRows rows(in.pos_indptr, in.pos_indices);
-  check_draw_rows(op, users.data(), n, rows, num_items);
+  const int64_t k = in.num_negatives, dim = user_factors.size(1);
+  const SampledRun run(op, kPosName, in, num_users, num_items, batch_size);
+  const int64_t n = run.n, num_steps = run.num_steps;
+  const int64_t* users = run.users.data();
+  const int64_t* pos = run.pos.data();
+  const at::Tensor& weights = run.weights;
+  const DrawRows& rows = run.rows;
   at::Tensor losses = at::empty({num_steps}, user_factors.options());
   if (num_steps == 0) return losses;
   Workspace& ws = workspace();
@@ -338,12 +341,7 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
     using T = scalar_t;
     Pairwise<T> pr;
-    pr.user_factors = tables.user_factors.get().data_ptr<T>();
-    pr.user_state = Tables::ptr<T>(tables.user_factors_state);
-    pr.item_factors = tables.item_factors.get().data_ptr<T>();
-    pr.item_state = Tables::ptr<T>(tables.item_factors_state);
-    pr.item_bias = Tables::ptr<T>(tables.item_bias);
-    pr.item_bias_state = Tables::ptr<T>(tables.item_bias_state);
+    pr.bind_tables(tables);
     pr.users = step_users;
     pr.items = items;
     pr.user_groups = &ws.user_groups;

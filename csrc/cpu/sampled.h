@@ -111,6 +111,29 @@ inline void check_draw_rows(const char* op, const int64_t* users, int64_t n,
   }
 }
 
+// The positives of a multi-step sampled call (train_steps_pairwise_sampled in pairwise.cpp,
+// train_steps_sampled in pointwise.cpp): ids widened and range-checked, weights and the
+// users' CSR rows checked, so that whatever a bad input can fail fails before the first
+// step writes.
+struct SampledRun {
+  std::vector<int64_t> users, pos;
+  at::Tensor weights;  // undefined, or (n,) contiguous and checked
+  DrawRows rows;
+  int64_t n, num_steps;
+
+  template <typename Batch>
+  SampledRun(const char* op, const char* pos_name, const Batch& in, int64_t num_users,
+             int64_t num_items, int64_t batch_size)
+      : rows(in.pos_indptr, in.pos_indices),
+        n(in.users.size(0)),
+        num_steps(n / batch_size + (n % batch_size != 0 ? 1 : 0)) {
+    load_ids(op, "users", in.users.contiguous(), num_users, users);
+    load_ids(op, pos_name, in.pos_items.contiguous(), num_items, pos);
+    weights = fused::checked_weights(op, in.weights, n);
+    check_draw_rows(op, users.data(), n, rows, num_items);
+  }
+};
+
 // The negatives of the B * K pairs whose users are users[0, B * K) (pair p = b * K + k),
 // written to neg[0, B * K). Each pair's draw depends only on (seed, step, p), so nothing
 // depends on the thread count. A malformed row or a user with every item is reported for

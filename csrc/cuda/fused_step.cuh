@@ -27,6 +27,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -367,6 +368,30 @@ __device__ __forceinline__ void block_loss_sums(double loss_value, double l2_val
       block_sums[2 * blockIdx.x + 1] = l2_sum;
     }
   }
+}
+
+// The multi-step sampled ops (train_steps_pairwise_sampled, train_steps_sampled): `step`
+// (the sampled step) on each run of batch_size positives of `in` in turn, the t-th at
+// in.step + t, launched from one host loop (no per-step dispatch or Python, no host sync).
+// As in the step, bad ids and rows are recorded on the device (under the step's name) and
+// raised by check_device_errors, so the steps before a bad one have run. Returns the
+// steps' losses.
+template <typename Batch, typename Step>
+at::Tensor steps_in_turn(const StepTables& tables, const StepTables& states, const Batch& in,
+                         int64_t batch_size, const OptimizerArgs& opt, Step step) {
+  const int64_t n = in.users.size(0);
+  const int64_t num_steps = n / batch_size + (n % batch_size != 0 ? 1 : 0);
+  at::Tensor losses = at::empty({num_steps}, tables.user_factors.options());
+  for (int64_t t = 0; t < num_steps; ++t) {
+    const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
+    Batch slice = in;
+    slice.users = in.users.narrow(0, lo, batch);
+    slice.pos_items = in.pos_items.narrow(0, lo, batch);
+    if (in.weights.defined()) slice.weights = in.weights.narrow(0, lo, batch);
+    slice.step = in.step + t;
+    losses.select(0, t).copy_(step(tables, states, slice, opt));
+  }
+  return losses;
 }
 
 }  // namespace fastmf::cuda

@@ -543,26 +543,13 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
   return train_step(tables, states, expanded, opt);
 }
 
-// train_steps_sampled: the sampled step above on each run of batch_size positives in turn,
-// from one host loop (as train_steps_pairwise_sampled in pairwise.cu): errors recorded on
-// the device under the step's name, the steps before a bad slice run.
+// train_steps_sampled: the sampled step above on each run of batch_size
+// positives in turn, from one host loop (fused_step.cuh steps_in_turn).
 at::Tensor train_steps_sampled(const StepTables& tables, const StepTables& states,
                                const SampledPointwiseBatch& in, int64_t batch_size,
                                const OptimizerArgs& opt) {
-  const int64_t n = in.users.size(0);
-  const int64_t num_steps = n / batch_size + (n % batch_size != 0 ? 1 : 0);
   c10::cuda::CUDAGuard guard(tables.user_factors.device());
-  at::Tensor losses = at::empty({num_steps}, tables.user_factors.options());
-  for (int64_t t = 0; t < num_steps; ++t) {
-    const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
-    SampledPointwiseBatch slice = in;
-    slice.users = in.users.narrow(0, lo, batch);
-    slice.pos_items = in.pos_items.narrow(0, lo, batch);
-    if (in.weights.defined()) slice.weights = in.weights.narrow(0, lo, batch);
-    slice.step = in.step + t;
-    losses.select(0, t).copy_(train_step_sampled(tables, states, slice, opt));
-  }
-  return losses;
+  return steps_in_turn(tables, states, in, batch_size, opt, train_step_sampled);
 }
 
 }  // namespace

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import Optimizer, PairwiseLoss, parse
-from fastmf.ops.reference.pointwise import apply_sparse
-from fastmf.ops.reference.sampling import check_sample_rows, run_steps, sample_negatives
+from fastmf.ops.reference.pointwise import apply_sparse, checked_steps
+from fastmf.ops.reference.sampling import sample_negatives
 
 
 def train_step_pairwise(tables: MFTables, states: MFTables | None, users, pos_items,
@@ -140,20 +140,11 @@ def sampled_steps(step_fn, tables, states, users, pos_items, pos_indptr, pos_ind
     """:func:`train_steps_pairwise_sampled` around a backend's own sampled step
     ``step_fn`` (this module's, or the Numba backend's): all of the checks, then the
     steps."""
-    op = "train_steps_pairwise_sampled"
-    batch_size = checks.check_int(op, "batch_size", batch_size, 1)
-    tables = MFTables(*tables)
-    states = MFTables(*(states if states is not None else (None,) * 4))
-    loss = parse(PairwiseLoss, loss, op, "pairwise loss")
-    optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
-                              optimizer.lr, optimizer.eps)
-    checks.check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
-                                             pos_indices, num_negatives, seed, step, loss,
-                                             optimizer.optimizer, batch_size)
-    checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
-    checks.check_step_weights(op, weights, tables.user_factors, users)
-    check_sample_rows(users, pos_indptr, pos_indices, tables.item_factors.shape[0], op)
-    return run_steps(lambda u, p, w, t: step_fn(tables, states, u, p, pos_indptr, pos_indices,
-                                                num_negatives, seed, t, loss, reg, optimizer,
-                                                w),
-                     users, pos_items, weights, batch_size, step, tables.user_factors)
+    return checked_steps(
+        "train_steps_pairwise_sampled", PairwiseLoss, "pairwise loss",
+        checks.check_train_step_pairwise_sampled,
+        lambda tables, states, u, p, t, loss, optimizer, w: step_fn(
+            tables, states, u, p, pos_indptr, pos_indices, num_negatives, seed, t, loss, reg,
+            optimizer, w),
+        tables, states, users, pos_items, pos_indptr, pos_indices, num_negatives, batch_size,
+        seed, step, loss, reg, optimizer, weights)

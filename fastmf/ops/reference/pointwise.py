@@ -258,20 +258,32 @@ def sampled_pointwise_steps(step_fn, tables, states, users, pos_items, pos_indpt
                             loss, reg, optimizer, weights=None):
     """:func:`train_steps_sampled` around a backend's own sampled step ``step_fn`` (this
     module's, or the Numba backend's): all of the checks, then the steps."""
-    op = "train_steps_sampled"
+    return checked_steps(
+        "train_steps_sampled", Loss, "loss", checks.check_train_step_sampled,
+        lambda tables, states, u, p, t, loss, optimizer, w: step_fn(
+            tables, states, u, p, pos_indptr, pos_indices, num_negatives, seed, t,
+            global_mean, loss, reg, optimizer, w),
+        tables, states, users, pos_items, pos_indptr, pos_indices, num_negatives, batch_size,
+        seed, step, loss, reg, optimizer, weights)
+
+
+def checked_steps(op, loss_codes, loss_what, check, one_step, tables, states, users,
+                  pos_items, pos_indptr, pos_indices, num_negatives, batch_size, seed, step,
+                  loss, reg, optimizer, weights):
+    """What both multi-step sampled ops do around their step: every check of every step
+    first (``check``: the step's own checks, given ``batch_size``; the settings; the
+    weights; the users' CSR rows), then ``one_step(tables, states, users, pos_items, step,
+    loss, optimizer, weights)`` on each slice in turn (:func:`run_steps`)."""
     batch_size = checks.check_int(op, "batch_size", batch_size, 1)
     tables = MFTables(*tables)
     states = MFTables(*(states if states is not None else (None,) * 4))
-    loss = parse(Loss, loss, op, "loss")
+    loss = parse(loss_codes, loss, op, loss_what)
     optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
                               optimizer.lr, optimizer.eps)
-    checks.check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr,
-                                    pos_indices, num_negatives, seed, step, loss,
-                                    optimizer.optimizer, batch_size)
+    check(op, tables, states, users, pos_items, pos_indptr, pos_indices, num_negatives, seed,
+          step, loss, optimizer.optimizer, batch_size)
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
     checks.check_step_weights(op, weights, tables.user_factors, users)
     check_sample_rows(users, pos_indptr, pos_indices, tables.item_factors.shape[0], op)
-    return run_steps(lambda u, p, w, t: step_fn(tables, states, u, p, pos_indptr, pos_indices,
-                                                num_negatives, seed, t, global_mean, loss, reg,
-                                                optimizer, w),
+    return run_steps(lambda u, p, w, t: one_step(tables, states, u, p, t, loss, optimizer, w),
                      users, pos_items, weights, batch_size, step, tables.user_factors)
