@@ -6,6 +6,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <optional>
@@ -276,6 +277,65 @@ void test_refused_before_writing() {
 
 }  // namespace
 
+// The multi-step sampled ops (one OpenMP team for all their steps) against their single
+// step called on each slice: the same tables, states and losses, to the bit. Under the
+// sanitizers this runs the team's barrier and its split of every phase.
+void test_steps_in_one_call(const char* steps_name, const char* step_name, bool pointwise) {
+  const int64_t num_users = 40, num_items = 30, dim = 8, n = 300, batch_size = 64, k = 2;
+  std::vector<int64_t> indptr{0}, indices;
+  for (int64_t u = 0; u < num_users; ++u) {
+    for (int64_t i = u % 3; i < num_items; i += 4 + u % 5) indices.push_back(i);
+    indptr.push_back(static_cast<int64_t>(indices.size()));
+  }
+  const Tensor ptr = at::tensor(indptr, at::kLong), idx = at::tensor(indices, at::kLong);
+  const Tensor users = at::randint(num_users, {n}, at::kLong);
+  const Tensor pos = at::randint(num_items, {n}, at::kLong);
+  const Tensor weights = at::rand({n}, at::kDouble) + 0.5;
+  auto fresh = [&] {
+    at::manual_seed(7);
+    return std::vector<Tensor>{at::randn({num_users, dim}, at::kDouble) * 0.1,
+                               at::randn({num_items, dim}, at::kDouble) * 0.1,
+                               at::randn({num_users}, at::kDouble) * 0.1,
+                               at::randn({num_items}, at::kDouble) * 0.1,
+                               at::full({num_users, dim}, 0.1, at::kDouble),
+                               at::full({num_items, dim}, 0.1, at::kDouble),
+                               at::full({num_users}, 0.1, at::kDouble),
+                               at::full({num_items}, 0.1, at::kDouble)};
+  };
+  const int64_t loss = pointwise ? static_cast<int64_t>(fastmf::Loss::kBce)
+                                 : static_cast<int64_t>(fastmf::PairwiseLoss::kBpr);
+  auto call = [&](const char* name, const std::vector<Tensor>& t, const Tensor& u,
+                  const Tensor& p, const Tensor& w, int64_t step, bool steps) {
+    std::vector<c10::IValue> stack(t.begin(), t.end());
+    for (const auto& x : {u, p, ptr, idx}) stack.emplace_back(x);
+    stack.emplace_back(k);
+    if (steps) stack.emplace_back(batch_size);
+    stack.emplace_back(int64_t{11});
+    stack.emplace_back(step);
+    if (pointwise) stack.emplace_back(0.0);
+    stack.emplace_back(loss);
+    stack.emplace_back(0.01);
+    stack.emplace_back(kAdagrad);
+    stack.emplace_back(0.05);
+    stack.emplace_back(1e-8);
+    stack.emplace_back(w);
+    op(name).callBoxed(&stack);
+    return stack.at(0).toTensor();
+  };
+  const std::vector<Tensor> together = fresh();
+  const Tensor losses = call(steps_name, together, users, pos, weights, 3, true);
+  const std::vector<Tensor> apart = fresh();
+  std::vector<Tensor> each;
+  for (int64_t t = 0, lo = 0; lo < n; ++t, lo += batch_size) {
+    const int64_t b = std::min(batch_size, n - lo);
+    each.push_back(call(step_name, apart, users.narrow(0, lo, b), pos.narrow(0, lo, b),
+                        weights.narrow(0, lo, b), 3 + t, false));
+  }
+  bool same = at::equal(losses, at::stack(each));
+  for (size_t j = 0; j < together.size(); ++j) same = same && at::equal(together[j], apart[j]);
+  check(same, std::string(steps_name) + " equals its step on each slice");
+}
+
 int main() {
   at::manual_seed(0);
   try {
@@ -288,6 +348,9 @@ int main() {
     test_train_step(at::kInt);
     test_out_of_range();
     test_refused_before_writing();
+    test_steps_in_one_call("fastmf::train_steps_pairwise_sampled",
+                           "fastmf::train_step_pairwise_sampled", false);
+    test_steps_in_one_call("fastmf::train_steps_sampled", "fastmf::train_step_sampled", true);
   } catch (const std::exception& e) {
     std::printf("FAIL uncaught exception: %s\n", e.what());
     return 1;
