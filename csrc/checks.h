@@ -355,9 +355,9 @@ inline void check_train_step_pairwise(const char* op, const StepTables& tables,
 // row of its own (train_step_sampled). The row pointers' values are checked by the kernels
 // for the batch's users only (a full pass over them every step would cost more than the
 // step).
+// `b`: the positives of one step (all of them for one step; a batch's worth for the
+// multi-step ops).
 template <typename Batch>
-// `b`: the positives of one step (all of them for one step; a batch's worth for
-// train_steps_pairwise_sampled).
 inline void check_sampled(const char* op, const StepTables& tables, const StepTables& states,
                           const Batch& batch, const OptimizerArgs& opt,
                           int64_t positive_rows, int64_t b) {

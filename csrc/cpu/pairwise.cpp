@@ -324,7 +324,6 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
   const int64_t* users = run.users.data();
   const int64_t* pos = run.pos.data();
   const at::Tensor& weights = run.weights;
-  const DrawRows& rows = run.rows;
   at::Tensor losses = at::empty({num_steps}, user_factors.options());
   if (num_steps == 0) return losses;
   Workspace& ws = workspace();
@@ -334,8 +333,6 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
   const int64_t most_pairs = std::min(batch_size, n) * k;
   int64_t* step_users = scratch(ws.users, most_pairs);
   int64_t* items = scratch(ws.items, 2 * most_pairs);
-  const int64_t* indptr = rows.indptr.data_ptr<int64_t>();
-  const int64_t nnz = rows.nnz();
   Tables tables(opt.optimizer, /*write_user_bias=*/false, tables_in, states);
 
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step_pairwise", [&] {
@@ -367,12 +364,7 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
                 step_users[p] = users[lo + p / k];
                 items[p] = pos[lo + p / k];
               }
-              int64_t bad_row = batch, full = batch;  // rows checked above: never set
-              AT_DISPATCH_INDEX_TYPES(rows.indices.scalar_type(), "fastmf.draw", [&] {
-                draw_negatives(p0, p1, k, step_users, indptr,
-                               rows.indices.data_ptr<index_t>(), nnz, num_items, key,
-                               items + pairs, bad_row, full);
-              });
+              run.draw(p0, p1, k, step_users, num_items, key, items + pairs);
             });
             // The users grouped (and the step's scratch bound) on rank 0 while item_rank
             // groups the 2 * pairs item positions.

@@ -267,6 +267,25 @@ struct Problem : StepScratch<T> {
   const T* targets;
   T global_mean;
   bool first_is_user;
+
+  // The two sides of `tables` over ws's grouped ids (users in ws.users, items in
+  // ws.items), the side with more groups first (its rows' copies are the ones kept), and
+  // the step's scratch bound for the B = batch rows.
+  void bind_sides(Tables& tables, Workspace& ws, int64_t batch, int64_t dim, double reg,
+                  double lr, double eps) {
+    const Side<T> user{tables.user_factors.get().data_ptr<T>(),
+                       Tables::ptr<T>(tables.user_bias),
+                       Tables::ptr<T>(tables.user_factors_state),
+                       Tables::ptr<T>(tables.user_bias_state), ws.users.data(), &ws.user_groups};
+    const Side<T> item{tables.item_factors.get().data_ptr<T>(),
+                       Tables::ptr<T>(tables.item_bias),
+                       Tables::ptr<T>(tables.item_factors_state),
+                       Tables::ptr<T>(tables.item_bias_state), ws.items.data(), &ws.item_groups};
+    first_is_user = ws.user_groups.num_groups >= ws.item_groups.num_groups;
+    first = first_is_user ? user : item;
+    second = first_is_user ? item : user;
+    this->bind(ws, batch, dim, first.groups->num_groups, reg, lr, eps);
+  }
 };
 
 template <Optimizer kOpt, typename T>
@@ -376,26 +395,12 @@ at::Tensor run_pointwise(const StepTables& tables_in, const StepTables& states, 
 
   Tables tables(opt.optimizer, /*write_user_bias=*/true, tables_in, states);
   const int64_t dim = user_factors.size(1);
-  const bool users_first = ws.user_groups.num_groups >= ws.item_groups.num_groups;
-  const int64_t first_groups =
-      users_first ? ws.user_groups.num_groups : ws.item_groups.num_groups;
   at::Tensor result = at::empty({}, user_factors.options());
 
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
     using T = scalar_t;
-    const Side<T> user{tables.user_factors.get().data_ptr<T>(),
-                       Tables::ptr<T>(tables.user_bias),
-                       Tables::ptr<T>(tables.user_factors_state),
-                       Tables::ptr<T>(tables.user_bias_state), ws.users.data(), &ws.user_groups};
-    const Side<T> item{tables.item_factors.get().data_ptr<T>(),
-                       Tables::ptr<T>(tables.item_bias),
-                       Tables::ptr<T>(tables.item_factors_state),
-                       Tables::ptr<T>(tables.item_bias_state), ws.items.data(), &ws.item_groups};
     Problem<T> pr;
-    pr.first = users_first ? user : item;
-    pr.second = users_first ? item : user;
-    pr.first_is_user = users_first;
-    pr.bind(ws, batch, dim, first_groups, reg, lr, eps);
+    pr.bind_sides(tables, ws, batch, dim, reg, lr, eps);
     pr.bind_weights(weights);
     pr.targets = t.data_ptr<T>();
     pr.global_mean = static_cast<T>(global_mean);
@@ -485,7 +490,6 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
   const int64_t* users = run.users.data();
   const int64_t* pos = run.pos.data();
   const at::Tensor& weights = run.weights;
-  const DrawRows& rows = run.rows;
   at::Tensor losses = at::empty({num_steps}, user_factors.options());
   if (num_steps == 0) return losses;
   Workspace& ws = workspace();
@@ -494,20 +498,10 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
   const int64_t most_rows = std::min(batch_size, n) * (1 + k);
   int64_t* step_users = scratch(ws.users, most_rows);
   int64_t* items = scratch(ws.items, most_rows);
-  const int64_t* indptr = rows.indptr.data_ptr<int64_t>();
-  const int64_t nnz = rows.nnz();
   Tables tables(opt.optimizer, /*write_user_bias=*/true, tables_in, states);
 
   AT_DISPATCH_FLOATING_TYPES(user_factors.scalar_type(), "fastmf.train_step", [&] {
     using T = scalar_t;
-    const Side<T> user{tables.user_factors.get().data_ptr<T>(),
-                       Tables::ptr<T>(tables.user_bias),
-                       Tables::ptr<T>(tables.user_factors_state),
-                       Tables::ptr<T>(tables.user_bias_state), step_users, &ws.user_groups};
-    const Side<T> item{tables.item_factors.get().data_ptr<T>(),
-                       Tables::ptr<T>(tables.item_bias),
-                       Tables::ptr<T>(tables.item_factors_state),
-                       Tables::ptr<T>(tables.item_bias_state), items, &ws.item_groups};
     const T* all_weights = weights.defined() ? weights.data_ptr<T>() : nullptr;
     std::vector<T> targets, row_weights;  // per step: 1 then 0; the positives' weights then 1
     Problem<T> pr;
@@ -533,12 +527,7 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
                 }
                 step_users[batch + p] = users[lo + b];
               }
-              int64_t bad_row = batch, full = batch;  // rows checked above: never set
-              AT_DISPATCH_INDEX_TYPES(rows.indices.scalar_type(), "fastmf.draw", [&] {
-                draw_negatives(p0, p1, k, step_users + batch, indptr,
-                               rows.indices.data_ptr<index_t>(), nnz, num_items, key,
-                               items + batch, bad_row, full);
-              });
+              run.draw(p0, p1, k, step_users + batch, num_items, key, items + batch);
             });
             team.sync([&] {
               if (rank == 0) group_rows(step_users, step_rows, num_users, ws.user_groups);
@@ -546,13 +535,7 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
             });
             team.sync([&] {
               if (rank != 0) return;
-              const bool users_first = ws.user_groups.num_groups >= ws.item_groups.num_groups;
-              pr.first = users_first ? user : item;
-              pr.second = users_first ? item : user;
-              pr.first_is_user = users_first;
-              pr.bind(ws, step_rows, dim,
-                      users_first ? ws.user_groups.num_groups : ws.item_groups.num_groups,
-                      in.reg, opt.lr, opt.eps);
+              pr.bind_sides(tables, ws, step_rows, dim, in.reg, opt.lr, opt.eps);
               targets.assign(static_cast<size_t>(step_rows), T(0));
               std::fill(targets.begin(), targets.begin() + batch, T(1));
               pr.targets = targets.data();

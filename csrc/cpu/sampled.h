@@ -132,6 +132,18 @@ struct SampledRun {
     weights = fused::checked_weights(op, in.weights, n);
     check_draw_rows(op, users.data(), n, rows, num_items);
   }
+
+  // The negatives of pairs [p0, p1) whose users are pair_users[p] (pair p = b * K + k), at
+  // key, into neg[p]: draw_negatives on rows this run has checked, so nothing to report.
+  void draw(int64_t p0, int64_t p1, int64_t k, const int64_t* pair_users, int64_t num_items,
+            uint64_t key, int64_t* neg) const {
+    const int64_t* indptr = rows.indptr.data_ptr<int64_t>();
+    int64_t bad_row = 0, full = 0;
+    AT_DISPATCH_INDEX_TYPES(rows.indices.scalar_type(), "fastmf.draw_negatives", [&] {
+      draw_negatives(p0, p1, k, pair_users, indptr, rows.indices.data_ptr<index_t>(),
+                     rows.nnz(), num_items, key, neg, bad_row, full);
+    });
+  }
 };
 
 // The negatives of the B * K pairs whose users are users[0, B * K) (pair p = b * K + k),

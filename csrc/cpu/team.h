@@ -38,12 +38,11 @@ class Team {
   explicit Team(int size) : size_(size) {}
   int size() const { return size_; }
 
-  // Runs part() on this thread (an exception is recorded, not thrown), then waits for the
-  // whole team. Every thread of the team makes the same sequence of calls. Returns false
-  // once any thread has failed: the same answer on every thread, fixed when the barrier
-  // opens, so the threads leave their loop together.
+  // Runs part() on this thread (an exception is recorded, not thrown; once the team has
+  // stopped, parts are skipped), then waits for the whole team. Every thread of the team
+  // makes the same sequence of calls.
   template <typename F>
-  bool sync(const F& part) {
+  void sync(const F& part) {
     if (!stop_.load(std::memory_order_acquire)) {
       try {
         part();
@@ -51,22 +50,23 @@ class Team {
         if (!failed_.exchange(true, std::memory_order_acq_rel)) error_ = std::current_exception();
       }
     }
-    return wait();
+    wait();
   }
 
   void rethrow() const {
     if (error_) std::rethrow_exception(error_);
   }
 
-  // Whether the team stopped at its last barrier (a thread failed before it). Read between
-  // barriers, the same on every thread.
+  // Whether the team stopped at its last barrier (a thread failed before it): fixed when
+  // the barrier opens, so read between barriers it is the same on every thread, and the
+  // threads leave their loop together.
   bool stopped() const { return stop_.load(std::memory_order_acquire); }
 
  private:
-  bool wait() {
+  void wait() {
     if (size_ == 1) {
       stop_.store(failed_.load(std::memory_order_acquire), std::memory_order_release);
-      return !stop_.load(std::memory_order_relaxed);
+      return;
     }
     const int generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
@@ -85,7 +85,6 @@ class Team {
         }
       }
     }
-    return !stop_.load(std::memory_order_acquire);
   }
 
   static void pause() {
@@ -123,7 +122,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
     return;
   }
   Team& team = *seat.team;
-  (void)team.sync([&] {
+  team.sync([&] {
     if (end <= begin) return;
     const int64_t n = end - begin;
     int64_t workers = team.size();
@@ -136,8 +135,8 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 
 // Runs body(team, rank) on every thread of one OpenMP region, each seated in the team (so
 // parallel_for above splits work instead of opening regions). The body must reach the
-// team only through sync() and parallel_for(), and leave its loop when sync() returns
-// false. Rethrows the first exception after the region.
+// team only through sync() and parallel_for(), and leave its loop once stopped(). Rethrows
+// the first exception after the region.
 template <typename Body>
 void run_team(const Body& body) {
   auto seated = [&](Team& team, int rank) {

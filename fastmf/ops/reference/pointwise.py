@@ -229,8 +229,6 @@ def apply_sparse(optimizer: OptimizerArgs, weight, state, ids, grad_rows):
                               optimizer.optimizer == Optimizer.ROWWISE_ADAGRAD)
 
 
-
-
 def train_steps_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                         pos_indptr, pos_indices, num_negatives: int, batch_size: int,
                         seed: int, step: int, global_mean: float, loss, reg: float,
