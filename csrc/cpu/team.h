@@ -7,17 +7,20 @@
 // OMP_WAIT_POLICY=PASSIVE (what many batch systems and fastmf's own benchmark scripts set)
 // every region end puts the workers to sleep and every start wakes them: on
 // ml-latest-small (BPR, batch 4,096, 2 threads) an epoch took 18-22 ms that way against
-// 12-13 ms with spinning workers, and 21 ms on one thread. The team's barrier spins (with
-// pause, then yields), whatever the policy, for the length of one call.
+// 12-13 ms with spinning workers, and 21 ms on one thread. The team's barrier spins for up to
+// kSpin, whatever the policy, then sleeps until the team arrives.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <thread>
 
 #ifdef _OPENMP
@@ -72,20 +75,39 @@ class Team {
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
       stop_.store(failed_.load(std::memory_order_acquire), std::memory_order_release);
-      generation_.fetch_add(1, std::memory_order_acq_rel);
-    } else {
-      // Spin a while (a phase's imbalance is microseconds), then yield the core, so that
-      // a team larger than the machine's free cores still makes progress.
-      for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation;
-           ++spins) {
-        if (spins < (int64_t{1} << 16)) {
-          pause();
-        } else {
-          std::this_thread::yield();
-        }
+      // seq_cst, paired with the sleeper's count and load below: either the sleeper sees
+      // the new generation, or this thread sees the sleeper and wakes it.
+      generation_.fetch_add(1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        opened_.notify_all();
+      }
+      return;
+    }
+    // Spin a while (a phase's imbalance is microseconds on a quiet machine), then sleep
+    // until the barrier opens: a thread that spun or yielded for as long as it took kept
+    // its core from the one it waits for whenever the machine had more runnable threads
+    // than cores. With two compiler processes on the 2 cores, an epoch of BPR on
+    // ml-latest-small took 160-210 ms that way (spinning 2^16 pauses, then yielding)
+    // against 12 ms on the quiet machine.
+    const auto deadline = std::chrono::steady_clock::now() + kSpin;
+    for (int64_t spins = 1; generation_.load(std::memory_order_acquire) == generation;
+         ++spins) {
+      pause();
+      if (spins % 64 == 0 && std::chrono::steady_clock::now() >= deadline) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        opened_.wait(lock, [&] {
+          return generation_.load(std::memory_order_seq_cst) != generation;
+        });
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        break;
       }
     }
   }
+
+  // How long a thread spins at the barrier before it sleeps.
+  static constexpr std::chrono::microseconds kSpin{50};
 
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -98,6 +120,9 @@ class Team {
   std::atomic<int> generation_{0};
   std::atomic<bool> failed_{false};
   std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};
+  std::mutex mutex_;
+  std::condition_variable opened_;
   std::exception_ptr error_;
 };
 
