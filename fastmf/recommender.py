@@ -442,7 +442,9 @@ class Recommender(nn.Module):
             timestamps = torch.from_numpy(np.array(stamps)).to(device).index_select(0, order)
         weights = None
         if train.weights is not None and self.uses_weights:
-            weights = torch.from_numpy(train.weights).to(device).index_select(0, order)
+            from fastmf.data.interactions import array_to_tensor
+
+            weights = array_to_tensor(train.weights, device).index_select(0, order)
         return users, items, targets, weights, timestamps
 
     def batches(self, train, *, batch_size: int, loss: str, num_negatives: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numba
@@ -257,6 +258,24 @@ def test_to_torch_and_to_pandas():
     assert implicit.to_torch("cpu")[2].tolist() == [1.0, 1.0]
     df = data.to_pandas()
     assert df["user"].tolist() == ["a", "b"] and df["rating"].tolist() == [1.5, 2.0]
+
+
+def test_to_torch_copies_read_only_arrays():
+    """pandas' copy-on-write hands out read-only column arrays; to_torch copies them (torch
+    warns on read-only arrays, and a shared tensor would let a write change the data)."""
+    rng = np.random.default_rng(3)
+    ratings = rng.uniform(0.5, 5.0, size=50).astype(np.float32)
+    ratings.setflags(write=False)
+    expected = ratings.copy()
+    data = Interactions(rng.integers(0, 7, 50), rng.integers(0, 9, 50), ratings=ratings)
+    assert not data.ratings.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        users, items, got = data.to_torch()
+    got += 1
+    np.testing.assert_array_equal(data.ratings, expected)
+    np.testing.assert_array_equal(got.numpy(), expected + 1)
+    assert users.tolist() == data.users.tolist() and items.tolist() == data.items.tolist()
 
 
 def test_drop_duplicates():

@@ -304,6 +304,16 @@ def _as_timestamps(values: Any) -> np.ndarray:
     )
 
 
+def array_to_tensor(a: np.ndarray, device: Any = "cpu") -> torch.Tensor:
+    """``a`` as a tensor on ``device``. A read-only array (pandas' copy-on-write hands them
+    out for DataFrame columns) is copied first: torch warns on such arrays, and a tensor
+    sharing one would let a write through it change the data set's own arrays."""
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a).to(device)
+
+
 class Interactions:
     """Interactions between users and items, indexed contiguously.
 
@@ -949,10 +959,7 @@ class Interactions:
         >>> users, items, ratings = data.to_torch("cuda")  # doctest: +SKIP
         """
         ratings = self.ratings if self.ratings is not None else np.ones(len(self), np.float32)
-        return tuple(
-            torch.from_numpy(np.ascontiguousarray(a)).to(device)
-            for a in (self.users, self.items, ratings)
-        )
+        return tuple(array_to_tensor(a, device) for a in (self.users, self.items, ratings))
 
     def to_pandas(self, raw_ids: bool = True) -> pd.DataFrame:
         """One row per interaction: ``user``, ``item`` (raw ids, or indices with

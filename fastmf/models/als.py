@@ -410,10 +410,12 @@ class ALS(FactorTables, Recommender):
     def batches(self, train, **_ignored) -> Iterator[Any]:
         """One "batch" per epoch: the whole of ``train``, which :meth:`training_step` sweeps
         (negatives, shuffling and batch sizes do not apply to ALS)."""
+        from fastmf.data.interactions import array_to_tensor
+
         self._sweep_data = train
         users, items, _ = train.to_torch(self.user_factors.device)
         yield Batch(users, items, weights=None if train.weights is None
-                    else torch.from_numpy(train.weights))
+                    else array_to_tensor(train.weights))
 
     def training_step(self, batch, optimizer, *, loss: str, reg: float) -> tuple[Tensor, int]:
         """One alternating sweep over the data of the last :meth:`batches` call; returns
