@@ -7,19 +7,22 @@
 // OMP_WAIT_POLICY=PASSIVE (what many batch systems and fastmf's own benchmark scripts set)
 // every region end puts the workers to sleep and every start wakes them: on
 // ml-latest-small (BPR, batch 4,096, 2 threads) an epoch took 18-22 ms that way against
-// 12-13 ms with spinning workers, and 21 ms on one thread. The team's barrier spins for up to
-// kSpin, whatever the policy, then sleeps until the team arrives.
+// 12-13 ms with spinning workers, and 21 ms on one thread. The team's barrier spins a while
+// (Team::spin: shorter under PASSIVE), then sleeps until the team arrives.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -93,7 +96,7 @@ class Team {
     // than cores. With two compiler processes on the 2 cores, an epoch of BPR on
     // ml-latest-small took 160-210 ms that way (spinning 2^16 pauses, then yielding)
     // against 12 ms on the quiet machine.
-    const auto deadline = std::chrono::steady_clock::now() + kSpin;
+    const auto deadline = std::chrono::steady_clock::now() + spin();
     for (int64_t spins = 1; generation_.load(std::memory_order_acquire) == generation;
          ++spins) {
       pause();
@@ -109,14 +112,23 @@ class Team {
     }
   }
 
-  // How long a thread spins at the barrier before it sleeps: about what a sleep and a
-  // wake-up cost (the classic spin-then-block rule, never worse than twice the better of
-  // the two for any wait). Measured on the 2-core machine in one process, per epoch of
-  // ml-latest-small (BPR in one call; MSE and BPR as single steps) against 0, 20, 200 and
-  // 1,000 us: quiet, 200 us was up to 10 % faster than 50 and 0 us 10-30 % slower; with
-  // two busy processes on the 2 cores, 0 us was fastest, 50 us up to 1.3x and 200 us up
-  // to 2.3x slower.
-  static constexpr std::chrono::microseconds kSpin{50};
+  // How long a thread spins at the barrier before it sleeps. With OMP_WAIT_POLICY=PASSIVE
+  // (the user asks threads not to spin), 50 us: about what a sleep and a wake-up cost,
+  // the classic spin-then-block rule, never worse than twice the better of the two for any
+  // wait. Otherwise 200 us, as OpenMP's own waits spin longer unless told PASSIVE.
+  // Measured on the 2-core machine, per one-call BPR epoch of ml-latest-small, against
+  // 0-1,000 us (benchmarks/README.md): with PASSIVE, 50 us within 10 % of the best both
+  // quiet and with two busy processes on the 2 cores, where 200 us was 1.5x slower; with
+  // the policy unset, 200 us as fast as 1,000 quiet and 1.45x faster than 50 when busy.
+  static std::chrono::microseconds spin() {
+    static const std::chrono::microseconds value = [] {
+      const char* policy = std::getenv("OMP_WAIT_POLICY");
+      std::string name = policy == nullptr ? "" : policy;
+      for (char& c : name) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+      return std::chrono::microseconds(name == "PASSIVE" ? 50 : 200);
+    }();
+    return value;
+  }
 
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
