@@ -269,9 +269,10 @@ class MF(FactorTables, Recommender):
         :func:`fastmf.step.train_steps_pairwise_sampled` or
         :func:`fastmf.step.train_steps_sampled` call (the batches, negatives and updates of
         :meth:`batches` and :meth:`training_step`, bit for bit), where the backend has the
-        op. On ml-latest-small (batch 4,096, 2 threads) an epoch ran 1.1-1.5x faster this
-        way than batch by batch in alternated fits (benchmarks/README.md): no per-batch
-        Python or dispatch. None otherwise (fit runs the batches)."""
+        op. On ml-latest-small (batch 4,096, 2 threads) an epoch ran 1.1-1.6x faster this
+        way than batch by batch in alternated runs on a quiet machine, and 1.0-1.1x with two
+        busy processes on its 2 cores (benchmarks/README.md): no per-batch Python or
+        dispatch. None otherwise (fit runs the batches)."""
         from fastmf.step import train_steps_pairwise_sampled, train_steps_sampled
 
         op = _STEPS_OPS.get(loss)
