@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmf import checkpoint
+from fastmf._arrays import array_to_tensor
 from fastmf.ops import checks
 from fastmf.ops.codes import Loss, PairwiseLoss, names
 
@@ -442,8 +443,6 @@ class Recommender(nn.Module):
             timestamps = torch.from_numpy(np.array(stamps)).to(device).index_select(0, order)
         weights = None
         if train.weights is not None and self.uses_weights:
-            from fastmf.data.interactions import array_to_tensor
-
             weights = array_to_tensor(train.weights, device).index_select(0, order)
         return users, items, targets, weights, timestamps
 

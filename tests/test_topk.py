@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -199,6 +200,28 @@ def test_exclude_forms_and_batching(backend):
             got = topk_scores(queries, items, bias, 10, exclude=exclude, backend=backend,
                               batch_size=batch_size)
             assert_same_topk(got, expected)
+
+
+def test_read_only_arrays_are_copied():
+    """NumPy ``exclude``/``candidates`` arrays may be read-only (pandas' copy-on-write hands
+    such column arrays out): accepted without torch's non-writable-array warning, and left
+    as they were."""
+    items, bias = make_topk_items(300)
+    queries = make_topk_queries(11)
+    indptr, indices = make_topk_exclude(11, 300, id_dtype=torch.int64)
+    candidates = make_topk_candidates(300, 120, id_dtype=torch.int32)
+    expected = reference.topk_scores(queries, items, bias, 7, indptr, indices, candidates)
+    arrays = [indptr.numpy().copy(), indices.numpy().copy(), candidates.numpy().copy()]
+    before = [a.copy() for a in arrays]
+    for a in arrays:
+        a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = topk_scores(queries, items, bias, 7, exclude=(arrays[0], arrays[1]),
+                          candidates=arrays[2])
+    assert_same_topk(got, expected)
+    for a, b in zip(arrays, before):
+        np.testing.assert_array_equal(a, b)
 
 
 @requires_native

@@ -38,6 +38,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from fastmf._arrays import array_to_tensor
+
 __all__ = ["CsvLayout", "IdMap", "Interactions", "csv_layout"]
 
 _UNKNOWN_POLICIES = ("error", "drop")
@@ -302,16 +304,6 @@ def _as_timestamps(values: Any) -> np.ndarray:
     raise TypeError(
         f"fastmf.Interactions: timestamps must be numbers or datetime64, got {ts.dtype}"
     )
-
-
-def array_to_tensor(a: np.ndarray, device: Any = "cpu") -> torch.Tensor:
-    """``a`` as a tensor on ``device``. A read-only array (pandas' copy-on-write hands them
-    out for DataFrame columns) is copied first: torch warns on such arrays, and a tensor
-    sharing one would let a write through it change the data set's own arrays."""
-    a = np.ascontiguousarray(a)
-    if not a.flags.writeable:
-        a = a.copy()
-    return torch.from_numpy(a).to(device)
 
 
 class Interactions:

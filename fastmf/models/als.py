@@ -36,6 +36,7 @@ from numba import njit, prange
 from torch import Tensor, nn
 
 from fastmf import checkpoint
+from fastmf._arrays import array_to_tensor
 from fastmf.memory import empty_table
 from fastmf.models.base import Batch, Recommender
 from fastmf.recommender import FactorTables
@@ -410,8 +411,6 @@ class ALS(FactorTables, Recommender):
     def batches(self, train, **_ignored) -> Iterator[Any]:
         """One "batch" per epoch: the whole of ``train``, which :meth:`training_step` sweeps
         (negatives, shuffling and batch sizes do not apply to ALS)."""
-        from fastmf.data.interactions import array_to_tensor
-
         self._sweep_data = train
         users, items, _ = train.to_torch(self.user_factors.device)
         yield Batch(users, items, weights=None if train.weights is None

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastmf._arrays import array_to_tensor
 from fastmf.ops.checks import ID_DTYPES
 
 OP = "topk_scores"
@@ -17,7 +18,7 @@ def as_index_tensor(op: str, name: str, value, device) -> Tensor:
     if isinstance(value, Tensor):
         tensor = value
     elif isinstance(value, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        tensor = array_to_tensor(value)
     else:
         tensor = torch.as_tensor(value)
         if tensor.numel() == 0:
