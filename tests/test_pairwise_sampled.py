@@ -284,7 +284,7 @@ def check_steps_thread_counts(backend, device, op=STEPS_OP):
     loss = STEPS[op][1]
     mu = () if op == STEPS_OP else (0.25,)
 
-    def run():
+    def run(k, weighted):
         tables = make_tables(5_000, 2_000, 64, seed=31)
         states = make_states(tables, Optimizer.ADAGRAD, seed=32)
         tables, states = to_device((tables, states), device)
@@ -292,17 +292,21 @@ def check_steps_thread_counts(backend, device, op=STEPS_OP):
         rng = np.random.default_rng(34)
         users = zipf_ids(5_000, 10_000, generator=rng, device=device)
         pos = zipf_ids(2_000, 10_000, generator=rng, device=device)
+        weights = (torch.from_numpy(rng.uniform(0.2, 3.0, 10_000)).to(tables.user_factors)
+                   if weighted else None)
         losses = getattr(ops.kernels(backend, device, kernel=op), op)(
-            tables, states, users, pos, *csr, 1, 4096, 9, 0, *mu, loss, 0.01,
-            settings(Optimizer.ADAGRAD))
+            tables, states, users, pos, *csr, k, 4096 // k, 9, 0, *mu, loss, 0.01,
+            settings(Optimizer.ADAGRAD), weights)
         return losses, tables, states
 
-    with num_threads(backend, 1):
-        one = run()
-    # 5: more threads than CI's 2 cores, so the team's barrier also sleeps and wakes.
-    for threads in (2, 5):
-        with num_threads(backend, threads):
-            assert_bit_identical(one, run())
+    for k, weighted in ((1, False), (3, True)):
+        with num_threads(backend, 1):
+            one = run(k, weighted)
+        # 5: more threads than CI's 2 cores, so the team's barrier also sleeps and wakes;
+        # twice each, as which thread runs which piece of a phase changes from run to run.
+        for threads in (2, 2, 5, 5):
+            with num_threads(backend, threads):
+                assert_bit_identical(one, run(k, weighted))
 
 
 @pytest.mark.parametrize("backend, device", THREADED_BACKENDS)

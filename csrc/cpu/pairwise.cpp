@@ -117,8 +117,10 @@ struct PairLoss<PairwiseLoss::kHinge> {
   }
 };
 
-template <typename T, Optimizer kOpt, typename LossFn>
-void phase_users(const Pairwise<T>& pr) {
+// first(): this thread's own work before its share (team.h parallel_for); it must not touch
+// what the phase reads or writes.
+template <typename T, Optimizer kOpt, typename LossFn, typename First = NoWork>
+void phase_users(const Pairwise<T>& pr, const First& first = First{}) {
   const RowGroups& groups = *pr.user_groups;
   const int64_t dim = pr.dim, batch = pr.batch;
   const int64_t num_groups = groups.num_groups;
@@ -128,12 +130,12 @@ void phase_users(const Pairwise<T>& pr) {
   // In a team (train_steps_pairwise_sampled) this thread's share, then the team's
   // barrier; otherwise at::parallel_for.
   parallel_for(0, batch, kGrain, [&](int64_t begin, int64_t end) {
-    const int64_t first = groups.group_at(begin);
-    const int64_t last = groups.group_at(end);
+    const int64_t first_group = groups.group_at(begin);
+    const int64_t last_group = groups.group_at(end);
     std::vector<T> storage(static_cast<size_t>(2 * dim));
     T* acc = storage.data();
     T* diff = acc + dim;
-    for (int64_t s = first; s < last; ++s) {
+    for (int64_t s = first_group; s < last_group; ++s) {
       if (s + kPrefetchGroups < num_groups) {
         prefetch_table_row<kOpt>(pr.user_factors, pr.user_state,
                                  groups.rows[s + kPrefetchGroups], dim);
@@ -175,7 +177,7 @@ void phase_users(const Pairwise<T>& pr) {
       }
       step_row<kOpt>(w, state_of(pr.user_state, row, dim, kOpt), acc, dim, pr.lr, pr.eps);
     }
-  });
+  }, first);
 }
 
 // Phase 2: the item rows over the 2B positions (b: positive of sample b, B + b: its
@@ -293,8 +295,8 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
       items[b * k + j] = pos[b];
     }
   }
-  draw_negatives_of(op, users, batch, k, in.pos_indptr, in.pos_indices, num_items, in.seed,
-                    in.step, items + pairs);
+  draw_negatives_of(op, ws.negatives.data(), batch, k, in.pos_indptr, in.pos_indices,
+                    num_items, in.seed, in.step, items + pairs);
   at::Tensor result;
   run_pairwise(tables, states, ws, pairs, weights, in.loss, in.reg, opt, result);
   return result;
@@ -303,14 +305,17 @@ at::Tensor train_step_pairwise_sampled(const StepTables& tables, const StepTable
 // train_steps_pairwise_sampled: train_step_pairwise_sampled on each run of batch_size
 // positives in turn, in one call. Every id, weight and CSR row is checked first, so bad
 // input anywhere writes nothing. Then one team of threads (team.h) runs all the steps
-// inside one OpenMP region: per step, the pairs expanded and their negatives drawn (split
-// over the team), the users grouped on one thread while another groups the item positions,
-// the users' phase and the items' phase (each split, as in a single step), four barriers.
-// The arithmetic is the single step's, so the tables and losses are those of calling it on
-// each slice, bit for bit. What one call saves, on ml-latest-small (100k positives, batch
-// 4,096, 1 negative, 2 threads): the per-step Python and dispatch (about 1.1-1.3x an epoch
-// with spinning workers), and, with OMP_WAIT_POLICY=PASSIVE, a sleep and a wake-up of the
-// workers at each of a step's four parallel regions (see benchmarks/README.md).
+// inside one OpenMP region: per step, three phases, each handed out in pieces (team.h),
+// each ending at the team's barrier: the negatives drawn, while rank 0 first groups the
+// users; the users' phase, while another thread first groups the item positions; the
+// items' phase. (Four barriers until the groupings became a thread's own work before its
+// pieces: the items' grouping, two radix passes over twice the ids, kept the users'
+// thread waiting at a barrier of its own.) The arithmetic is the single step's, so the
+// tables and losses are those of calling it on each slice, bit for bit. What one call
+// saves, on ml-latest-small (100k positives, batch 4,096, 1 negative, 2 threads): the
+// per-step Python and dispatch (about 1.1-1.3x an epoch with spinning workers), and, with
+// OMP_WAIT_POLICY=PASSIVE, a sleep and a wake-up of the workers at each of a step's
+// parallel regions (see benchmarks/README.md).
 at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepTables& states,
                                         const SampledPairwiseBatch& in, int64_t batch_size,
                                         const OptimizerArgs& opt) {
@@ -352,45 +357,45 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
         constexpr Optimizer kOpt = decltype(optimizer)::value;
         using LossFn = PairLoss<decltype(loss_code)::value>;
         run_team([&](Team& team, int rank) {
-          // The thread that groups the item positions while rank 0 groups the users.
+          // The thread that groups the item positions while the users' phase starts.
           const int item_rank = team.size() > 1 ? 1 : 0;
+          int64_t pairs = 0;  // the step's, set on rank 0 (only it reads it back)
           for (int64_t t = 0; t < num_steps && !team.stopped(); ++t) {
             const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
-            const int64_t pairs = batch * k;
             const uint64_t key = sampling::step_key(in.seed, in.step + t);
-            // The positives expanded to their K pairs and the negatives drawn, split.
-            parallel_for(0, pairs, kGrain, [&](int64_t p0, int64_t p1) {
-              for (int64_t p = p0; p < p1; ++p) {
-                step_users[p] = users[lo + p / k];
-                items[p] = pos[lo + p / k];
+            // The negatives drawn in pieces over the team (from the positives' own users),
+            // while rank 0 first sums the previous step's loss, then expands this step's
+            // users to their K pairs, groups them and binds the step's scratch.
+            parallel_for(0, batch * k, kGrain, [&](int64_t p0, int64_t p1) {
+              for (int64_t p = p0; p < p1; ++p) items[p] = pos[lo + p / k];
+              run.draw(p0, p1, k, users + lo, num_items, key, items + batch * k);
+            }, [&] {
+              if (rank != 0) return;
+              if (t > 0) {
+                loss_out[t - 1] = static_cast<T>(mean_loss(pr.loss, pr.norms, pairs, in.reg));
               }
-              run.draw(p0, p1, k, step_users, num_items, key, items + pairs);
-            });
-            // The users grouped (and the step's scratch bound) on rank 0 while item_rank
-            // groups the 2 * pairs item positions.
-            team.sync([&] {
-              if (rank == 0) {
-                group_rows(step_users, pairs, num_users, ws.user_groups);
-                pr.bind(ws, pairs, dim, ws.user_groups.num_groups, in.reg, opt.lr, opt.eps);
-                pr.weights = nullptr;
-                if (all_weights != nullptr && k == 1) pr.weights = all_weights + lo;
-                if (all_weights != nullptr && k > 1) {
-                  expanded_weights.resize(static_cast<size_t>(pairs));
-                  for (int64_t p = 0; p < pairs; ++p) {
-                    expanded_weights[p] = all_weights[lo + p / k];
-                  }
-                  pr.weights = expanded_weights.data();
-                }
+              pairs = batch * k;
+              for (int64_t p = 0; p < pairs; ++p) step_users[p] = users[lo + p / k];
+              group_rows(step_users, pairs, num_users, ws.user_groups);
+              pr.bind(ws, pairs, dim, ws.user_groups.num_groups, in.reg, opt.lr, opt.eps);
+              pr.weights = nullptr;
+              if (all_weights != nullptr && k == 1) pr.weights = all_weights + lo;
+              if (all_weights != nullptr && k > 1) {
+                expanded_weights.resize(static_cast<size_t>(pairs));
+                for (int64_t p = 0; p < pairs; ++p) expanded_weights[p] = all_weights[lo + p / k];
+                pr.weights = expanded_weights.data();
               }
-              if (rank == item_rank) group_rows(items, 2 * pairs, num_items, ws.item_groups);
             });
-            phase_users<T, kOpt, LossFn>(pr);
+            // The users' phase, while item_rank first groups the 2 * pairs item positions
+            // (only the items' phase reads them).
+            phase_users<T, kOpt, LossFn>(pr, [&] {
+              if (rank == item_rank) group_rows(items, 2 * batch * k, num_items, ws.item_groups);
+            });
             phase_items<T, kOpt>(pr);
-            // Rank 0 sums the loss while the others start the next step's draws, which
-            // touch none of what it reads.
-            if (rank == 0 && !team.stopped()) {
-              loss_out[t] = static_cast<T>(mean_loss(pr.loss, pr.norms, pairs, in.reg));
-            }
+          }
+          if (rank == 0 && !team.stopped()) {
+            loss_out[num_steps - 1] =
+                static_cast<T>(mean_loss(pr.loss, pr.norms, pairs, in.reg));
           }
         });
       });

@@ -462,8 +462,8 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t j = 0; j < k; ++j) users[batch + b * k + j] = users[b];
   }
-  draw_negatives_of(op, users + batch, batch, k, in.pos_indptr, in.pos_indices, num_items,
-                    in.seed, in.step, items + batch);
+  draw_negatives_of(op, users, batch, k, in.pos_indptr, in.pos_indices, num_items, in.seed,
+                    in.step, items + batch);
   at::Tensor targets = at::zeros({rows}, tables.user_factors.options());
   targets.narrow(0, 0, batch).fill_(1);
   return run_pointwise(tables, states, ws, rows, targets, weights, in.global_mean, in.loss,
@@ -473,10 +473,11 @@ at::Tensor train_step_sampled(const StepTables& tables, const StepTables& states
 // train_steps_sampled: train_step_sampled on each run of batch_size positives in turn, in
 // one call, as train_steps_pairwise_sampled (pairwise.cpp) runs its step: every id, weight
 // and CSR row checked first, then one team of threads (team.h) runs all the steps in one
-// OpenMP region. Per step: the rows expanded and the negatives drawn (split), the users
-// and the items grouped side by side, the step bound on rank 0 (which side goes first, as
-// run_pointwise picks it), then the two phases: five barriers, and the single step's
-// arithmetic, so the tables and losses are those of calling it on each slice, bit for bit.
+// OpenMP region. Per step: the negatives drawn in pieces while rank 0 first lays out and
+// groups the users; the items grouped and the step bound on one thread (which side goes
+// first, as run_pointwise picks it, needs both groupings); then the two phases: four
+// barriers, and the single step's arithmetic, so the tables and losses are those of
+// calling it on each slice, bit for bit.
 at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& states,
                                const SampledPointwiseBatch& in, int64_t batch_size,
                                const OptimizerArgs& opt) {
@@ -513,45 +514,54 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
         using LossFn = PointwiseLoss<decltype(loss_code)::value>;
         run_team([&](Team& team, int rank) {
           const int item_rank = team.size() > 1 ? 1 : 0;
+          int64_t step_rows = 0;  // the step's, set on rank 0 (only it reads it back)
           for (int64_t t = 0; t < num_steps && !team.stopped(); ++t) {
             const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
-            const int64_t step_rows = batch * (1 + k);
             const uint64_t key = sampling::step_key(in.seed, in.step + t);
-            // Row b (< batch) is positive b; row batch + p the p-th pair's negative.
+            // Row b (< batch) is positive b; row batch + p the p-th pair's negative. The
+            // negatives drawn in pieces over the team (from the positives' own users), while
+            // rank 0 first sums the previous step's loss, then lays out and groups the
+            // step's users.
             parallel_for(0, batch * k, kGrain, [&](int64_t p0, int64_t p1) {
               for (int64_t p = p0; p < p1; ++p) {
-                const int64_t b = p / k;
-                if (p % k == 0) {
-                  step_users[b] = users[lo + b];
-                  items[b] = pos[lo + b];
-                }
-                step_users[batch + p] = users[lo + b];
+                if (p % k == 0) items[p / k] = pos[lo + p / k];
               }
-              run.draw(p0, p1, k, step_users + batch, num_items, key, items + batch);
-            });
-            team.sync([&] {
-              if (rank == 0) group_rows(step_users, step_rows, num_users, ws.user_groups);
-              if (rank == item_rank) group_rows(items, step_rows, num_items, ws.item_groups);
-            });
-            team.sync([&] {
+              run.draw(p0, p1, k, users + lo, num_items, key, items + batch);
+            }, [&] {
               if (rank != 0) return;
-              pr.bind_sides(tables, ws, step_rows, dim, in.reg, opt.lr, opt.eps);
-              targets.assign(static_cast<size_t>(step_rows), T(0));
+              if (t > 0) {
+                loss_out[t - 1] =
+                    static_cast<T>(mean_loss(pr.loss, pr.norms, step_rows, in.reg));
+              }
+              step_rows = batch * (1 + k);
+              for (int64_t b = 0; b < batch; ++b) step_users[b] = users[lo + b];
+              for (int64_t p = 0; p < batch * k; ++p) step_users[batch + p] = users[lo + p / k];
+              group_rows(step_users, step_rows, num_users, ws.user_groups);
+            });
+            // The items grouped, and the step bound (which side goes first, as run_pointwise
+            // picks it, needs both groupings), on item_rank.
+            team.sync([&] {
+              if (rank != item_rank) return;
+              const int64_t rows = batch * (1 + k);
+              group_rows(items, rows, num_items, ws.item_groups);
+              pr.bind_sides(tables, ws, rows, dim, in.reg, opt.lr, opt.eps);
+              targets.assign(static_cast<size_t>(rows), T(0));
               std::fill(targets.begin(), targets.begin() + batch, T(1));
               pr.targets = targets.data();
               pr.global_mean = static_cast<T>(in.global_mean);
               pr.weights = nullptr;
               if (all_weights != nullptr) {
-                row_weights.assign(static_cast<size_t>(step_rows), T(1));
+                row_weights.assign(static_cast<size_t>(rows), T(1));
                 std::copy(all_weights + lo, all_weights + lo + batch, row_weights.begin());
                 pr.weights = row_weights.data();
               }
             });
             phase_first<T, LossFn, kOpt>(pr);
             phase_second<T, kOpt>(pr);
-            if (rank == 0 && !team.stopped()) {
-              loss_out[t] = static_cast<T>(mean_loss(pr.loss, pr.norms, step_rows, in.reg));
-            }
+          }
+          if (rank == 0 && !team.stopped()) {
+            loss_out[num_steps - 1] =
+                static_cast<T>(mean_loss(pr.loss, pr.norms, step_rows, in.reg));
           }
         });
       });

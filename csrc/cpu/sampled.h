@@ -21,7 +21,8 @@
 namespace fastmf {
 namespace FASTMF_CPU_NS {
 
-// The negatives of pairs [p0, p1) (pair p = b * K + k is sample b's k-th): the same items as
+// The negatives of pairs [p0, p1) (pair p = b * K + k is sample b's k-th, of user users[b]):
+// the same items as
 // sampling::rank_to_item one draw at a time, but kLanes draws searched side by side. A
 // draw's binary search is a chain of dependent loads (about 10 in a 600-item row), so one
 // at a time it waits on each load in turn: 54 ns a draw on rows shaped like ml-latest-small's
@@ -46,7 +47,7 @@ inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* use
       lo[l] = len[l] = rank[l] = 0;
       if (l >= n) continue;
       const int64_t pair = p + l, b = pair / k;
-      const int64_t u = users[pair];
+      const int64_t u = users[b];
       const int64_t start = indptr[u], stop = indptr[u + 1];
       if (start < 0 || stop < start || stop > nnz) {
         bad_row = std::min(bad_row, b);
@@ -133,21 +134,21 @@ struct SampledRun {
     check_draw_rows(op, users.data(), n, rows, num_items);
   }
 
-  // The negatives of pairs [p0, p1) whose users are pair_users[p] (pair p = b * K + k), at
-  // key, into neg[p]: draw_negatives on rows this run has checked, so nothing to report.
-  void draw(int64_t p0, int64_t p1, int64_t k, const int64_t* pair_users, int64_t num_items,
+  // The negatives of pairs [p0, p1) (pair p = b * K + k, of user sample_users[b]), at key,
+  // into neg[p]: draw_negatives on rows this run has checked, so nothing to report.
+  void draw(int64_t p0, int64_t p1, int64_t k, const int64_t* sample_users, int64_t num_items,
             uint64_t key, int64_t* neg) const {
     const int64_t* indptr = rows.indptr.data_ptr<int64_t>();
     int64_t bad_row = 0, full = 0;
     AT_DISPATCH_INDEX_TYPES(rows.indices.scalar_type(), "fastmf.draw_negatives", [&] {
-      draw_negatives(p0, p1, k, pair_users, indptr, rows.indices.data_ptr<index_t>(),
+      draw_negatives(p0, p1, k, sample_users, indptr, rows.indices.data_ptr<index_t>(),
                      rows.nnz(), num_items, key, neg, bad_row, full);
     });
   }
 };
 
-// The negatives of the B * K pairs whose users are users[0, B * K) (pair p = b * K + k),
-// written to neg[0, B * K). Each pair's draw depends only on (seed, step, p), so nothing
+// The negatives of the B * K pairs of the B samples whose users are users[0, B) (pair
+// p = b * K + k), written to neg[0, B * K). Each pair's draw depends only on (seed, step, p), so nothing
 // depends on the thread count. A malformed row or a user with every item is reported for
 // the first sample that has one, as the reference reports them (bad rows first).
 inline void draw_negatives_of(const char* op, const int64_t* users, int64_t batch, int64_t k,
@@ -176,11 +177,11 @@ inline void draw_negatives_of(const char* op, const int64_t* users, int64_t batc
     first_full = *std::min_element(fulls.begin(), fulls.end());
   });
   if (first_bad_row < batch) {
-    const int64_t u = users[first_bad_row * k];
+    const int64_t u = users[first_bad_row];
     report_bad_row(op, u, indptr[u], indptr[u + 1], nnz);
   }
   if (first_full < batch) {
-    const int64_t u = users[first_full * k];
+    const int64_t u = users[first_full];
     report_no_negative(op, u, indptr[u + 1] - indptr[u], num_items);
   }
 }

@@ -1,7 +1,7 @@
 // A team of threads that runs many steps inside one OpenMP region (the multi-step ops,
 // train_steps_pairwise_sampled in pairwise.cpp), and the parallel loop the steps' phases
-// use: inside a team, each thread takes its chunk of the range and the team meets at a
-// barrier; outside one, it is at::parallel_for.
+// use: inside a team, the threads take the range's pieces, each its own share first, and
+// the team meets at a barrier; outside one, it is at::parallel_for.
 //
 // Why: a step opens several parallel regions (draws, grouping, the two phases), and with
 // OMP_WAIT_POLICY=PASSIVE (what many batch systems and fastmf's own benchmark scripts set)
@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -39,8 +40,20 @@ namespace FASTMF_CPU_NS {
 
 class Team {
  public:
-  explicit Team(int size) : size_(size) {}
+  // capacity: the most threads whose shares parallel_for below hands out piece by piece
+  // (a team of more splits its ranges statically, as before).
+  explicit Team(int size, int capacity = 1)
+      : size_(size), capacity_(capacity), cursors_(new Cursor[2 * capacity]) {}
   int size() const { return size_.load(std::memory_order_relaxed); }
+  bool shares() const { return size() <= capacity_; }
+
+  // The next `piece` of rank r's share in the phase now open (parallel_for below): the
+  // offset claimed from that share's start. The barrier that opens a phase resets the
+  // cursors of the phase after it; no thread uses those until that barrier opens.
+  int64_t claim(int r, int64_t piece) {
+    const int parity = generation_.load(std::memory_order_relaxed) & 1;
+    return cursors_[parity * capacity_ + r].next.fetch_add(piece, std::memory_order_relaxed);
+  }
 
   // Sets the size from inside the region: every thread of it calls this with the same
   // value before it first reaches the team.
@@ -81,6 +94,12 @@ class Team {
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == team_size - 1) {
       arrived_.store(0, std::memory_order_relaxed);
       stop_.store(failed_.load(std::memory_order_acquire), std::memory_order_release);
+      // The phase after the one this opens claims from these; the last used them two
+      // phases ago, and every thread has left it.
+      if (team_size <= capacity_) {
+        Cursor* next = cursors_.get() + ((generation + 1) & 1) * capacity_;
+        for (int r = 0; r < team_size; ++r) next[r].next.store(0, std::memory_order_relaxed);
+      }
       // seq_cst, paired with the sleeper's count and load below: either the sleeper sees
       // the new generation, or this thread sees the sleeper and wakes it.
       generation_.fetch_add(1, std::memory_order_seq_cst);
@@ -136,7 +155,13 @@ class Team {
 #endif
   }
 
+  struct alignas(64) Cursor {  // a cache line each: two ranks' claims do not collide
+    std::atomic<int64_t> next{0};
+  };
+
   std::atomic<int> size_;
+  const int capacity_;
+  std::unique_ptr<Cursor[]> cursors_;  // [phase parity][rank]
   std::atomic<int> arrived_{0};
   std::atomic<int> generation_{0};
   std::atomic<bool> failed_{false};
@@ -158,25 +183,61 @@ inline TeamSeat& team_seat() {
 }
 
 // f(begin, end) over [begin, end) split as at::parallel_for splits it: outside a team, that
-// call; inside one, this thread's chunk (none when the range has fewer grains than the team
-// has threads), then the team's barrier.
-template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+// call; inside one, the same shares, each handed out in pieces of `grain`: a thread runs the
+// pieces of its own share, then takes what is left of the others', then the team meets at
+// its barrier. So a thread that arrives late, is descheduled, or draws the costlier share
+// no longer keeps the others waiting at the barrier for all of it. Every piece is a range
+// f handles whole, wherever it runs, so results do not depend on which thread runs it.
+// Measured: see benchmarks/README.md, "Shares handed out in pieces".
+// first(): this thread's own work before it takes pieces (outside a team: run once, before
+// the loop).
+template <typename F, typename First>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f, const First& first) {
   const TeamSeat& seat = team_seat();
   if (seat.team == nullptr) {
+    first();
     at::parallel_for(begin, end, grain, f);
     return;
   }
   Team& team = *seat.team;
   team.sync([&] {
+    first();
     if (end <= begin) return;
     const int64_t n = end - begin;
-    int64_t workers = team.size();
+    const int64_t size = team.size();
+    if (size == 1) {
+      f(begin, end);
+      return;
+    }
+    int64_t workers = size;
     if (grain > 0) workers = std::min<int64_t>(workers, (n + grain - 1) / grain);
     const int64_t chunk = (n + workers - 1) / workers;
-    const int64_t first = begin + seat.rank * chunk;
-    if (first < end) f(first, std::min(end, first + chunk));
+    if (!team.shares()) {
+      const int64_t own = begin + seat.rank * chunk;
+      if (own < end) f(own, std::min(end, own + chunk));
+      return;
+    }
+    const int64_t piece = std::max<int64_t>(grain, 1);
+    for (int64_t i = 0; i < workers; ++i) {
+      const int r = static_cast<int>((seat.rank + i) % workers);  // its own share first
+      const int64_t share = begin + r * chunk, share_end = std::min(end, share + chunk);
+      for (;;) {
+        const int64_t lo = share + team.claim(r, piece);
+        if (lo >= share_end) break;
+        f(lo, std::min(share_end, lo + piece));
+      }
+    }
   });
+}
+
+// No work of a thread's own before its pieces (the default `first` of the phases).
+struct NoWork {
+  void operator()() const {}
+};
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  parallel_for(begin, end, grain, f, NoWork{});
 }
 
 // Runs body(team, rank) on every thread of one OpenMP region, each seated in the team (so
@@ -210,7 +271,7 @@ void run_team(const Body& body) {
   // another to start (a handshake there kept the others yielding whenever the machine
   // had more runnable threads than cores and the first thread was descheduled).
 #ifdef _OPENMP
-  Team team(0);
+  Team team(0, omp_get_max_threads());
 #pragma omp parallel
   {
     const int rank = omp_get_thread_num();
