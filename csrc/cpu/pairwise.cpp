@@ -361,8 +361,9 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
           const int item_rank = team.size() > 1 ? 1 : 0;
           int64_t pairs = 0;  // the step's, set on rank 0 (only it reads it back)
           for (int64_t t = 0; t < num_steps && !team.stopped(); ++t) {
-            const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
-            const uint64_t key = sampling::step_key(in.seed, in.step + t);
+            const SampledRun::Slice slice = run.slice(t);
+            const int64_t lo = slice.lo, batch = slice.batch;
+            const uint64_t key = slice.key;
             // The negatives drawn in pieces over the team (from the positives' own users),
             // while rank 0 first sums the previous step's loss, then expands this step's
             // users to their K pairs, groups them and binds the step's scratch.

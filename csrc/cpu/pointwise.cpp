@@ -516,8 +516,9 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
           const int item_rank = team.size() > 1 ? 1 : 0;
           int64_t step_rows = 0;  // the step's, set on rank 0 (only it reads it back)
           for (int64_t t = 0; t < num_steps && !team.stopped(); ++t) {
-            const int64_t lo = t * batch_size, batch = std::min(batch_size, n - lo);
-            const uint64_t key = sampling::step_key(in.seed, in.step + t);
+            const SampledRun::Slice slice = run.slice(t);
+            const int64_t lo = slice.lo, batch = slice.batch;
+            const uint64_t key = slice.key;
             // Row b (< batch) is positive b; row batch + p the p-th pair's negative. The
             // negatives drawn in pieces over the team (from the positives' own users), while
             // rank 0 first sums the previous step's loss, then lays out and groups the

@@ -120,14 +120,29 @@ struct SampledRun {
   std::vector<int64_t> users, pos;
   at::Tensor weights;  // undefined, or (n,) contiguous and checked
   DrawRows rows;
-  int64_t n, num_steps;
+  int64_t n, batch_size, num_steps, seed, first_step;
+
+  // Step t's positives [lo, lo + batch) and the key of its draws (at step first_step + t):
+  // the rule every backend's multi-step op follows (the reference's checked_steps, CUDA's
+  // steps_in_turn).
+  struct Slice {
+    int64_t lo, batch;
+    uint64_t key;
+  };
+  Slice slice(int64_t t) const {
+    const int64_t lo = t * batch_size;
+    return {lo, std::min(batch_size, n - lo), sampling::step_key(seed, first_step + t)};
+  }
 
   template <typename Batch>
   SampledRun(const char* op, const char* pos_name, const Batch& in, int64_t num_users,
-             int64_t num_items, int64_t batch_size)
+             int64_t num_items, int64_t batch_size_)
       : rows(in.pos_indptr, in.pos_indices),
         n(in.users.size(0)),
-        num_steps(n / batch_size + (n % batch_size != 0 ? 1 : 0)) {
+        batch_size(batch_size_),
+        num_steps(n / batch_size + (n % batch_size != 0 ? 1 : 0)),
+        seed(in.seed),
+        first_step(in.step) {
     load_ids(op, "users", in.users.contiguous(), num_users, users);
     load_ids(op, pos_name, in.pos_items.contiguous(), num_items, pos);
     weights = fused::checked_weights(op, in.weights, n);
