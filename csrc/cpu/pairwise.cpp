@@ -359,23 +359,19 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
         run_team([&](Team& team, int rank) {
           // The thread that groups the item positions while the users' phase starts.
           const int item_rank = team.size() > 1 ? 1 : 0;
-          int64_t pairs = 0;  // the step's, set on rank 0 (only it reads it back)
           for (int64_t t = 0; t < num_steps && !team.stopped(); ++t) {
             const SampledRun::Slice slice = run.slice(t);
             const int64_t lo = slice.lo, batch = slice.batch;
             const uint64_t key = slice.key;
+            const int64_t pairs = batch * k;
             // The negatives drawn in pieces over the team (from the positives' own users),
-            // while rank 0 first sums the previous step's loss, then expands this step's
-            // users to their K pairs, groups them and binds the step's scratch.
-            parallel_for(0, batch * k, kGrain, [&](int64_t p0, int64_t p1) {
+            // while rank 0 first expands this step's users to their K pairs, groups them
+            // and binds the step's scratch.
+            parallel_for(0, pairs, kGrain, [&](int64_t p0, int64_t p1) {
               for (int64_t p = p0; p < p1; ++p) items[p] = pos[lo + p / k];
-              run.draw(p0, p1, k, users + lo, num_items, key, items + batch * k);
+              run.draw(p0, p1, k, users + lo, num_items, key, items + pairs);
             }, [&] {
               if (rank != 0) return;
-              if (t > 0) {
-                loss_out[t - 1] = static_cast<T>(mean_loss(pr.loss, pr.norms, pairs, in.reg));
-              }
-              pairs = batch * k;
               for (int64_t p = 0; p < pairs; ++p) step_users[p] = users[lo + p / k];
               group_rows(step_users, pairs, num_users, ws.user_groups);
               pr.bind(ws, pairs, dim, ws.user_groups.num_groups, in.reg, opt.lr, opt.eps);
@@ -390,13 +386,14 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
             // The users' phase, while item_rank first groups the 2 * pairs item positions
             // (only the items' phase reads them).
             phase_users<T, kOpt, LossFn>(pr, [&] {
-              if (rank == item_rank) group_rows(items, 2 * batch * k, num_items, ws.item_groups);
+              if (rank == item_rank) group_rows(items, 2 * pairs, num_items, ws.item_groups);
             });
             phase_items<T, kOpt>(pr);
-          }
-          if (rank == 0 && !team.stopped()) {
-            loss_out[num_steps - 1] =
-                static_cast<T>(mean_loss(pr.loss, pr.norms, pairs, in.reg));
+            // Rank 0 sums the loss before it joins the next step's draws, which touch
+            // none of what it reads.
+            if (rank == 0 && !team.stopped()) {
+              loss_out[t] = static_cast<T>(mean_loss(pr.loss, pr.norms, pairs, in.reg));
+            }
           }
         });
       });

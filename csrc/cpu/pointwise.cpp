@@ -514,15 +514,14 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
         using LossFn = PointwiseLoss<decltype(loss_code)::value>;
         run_team([&](Team& team, int rank) {
           const int item_rank = team.size() > 1 ? 1 : 0;
-          int64_t step_rows = 0;  // the step's, set on rank 0 (only it reads it back)
           for (int64_t t = 0; t < num_steps && !team.stopped(); ++t) {
             const SampledRun::Slice slice = run.slice(t);
             const int64_t lo = slice.lo, batch = slice.batch;
             const uint64_t key = slice.key;
+            const int64_t step_rows = batch * (1 + k);
             // Row b (< batch) is positive b; row batch + p the p-th pair's negative. The
             // negatives drawn in pieces over the team (from the positives' own users), while
-            // rank 0 first sums the previous step's loss, then lays out and groups the
-            // step's users.
+            // rank 0 first lays out and groups the step's users.
             parallel_for(0, batch * k, kGrain, [&](int64_t p0, int64_t p1) {
               for (int64_t p = p0; p < p1; ++p) {
                 if (p % k == 0) items[p / k] = pos[lo + p / k];
@@ -530,11 +529,6 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
               run.draw(p0, p1, k, users + lo, num_items, key, items + batch);
             }, [&] {
               if (rank != 0) return;
-              if (t > 0) {
-                loss_out[t - 1] =
-                    static_cast<T>(mean_loss(pr.loss, pr.norms, step_rows, in.reg));
-              }
-              step_rows = batch * (1 + k);
               for (int64_t b = 0; b < batch; ++b) step_users[b] = users[lo + b];
               for (int64_t p = 0; p < batch * k; ++p) step_users[batch + p] = users[lo + p / k];
               group_rows(step_users, step_rows, num_users, ws.user_groups);
@@ -543,26 +537,25 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
             // picks it, needs both groupings), on item_rank.
             team.sync([&] {
               if (rank != item_rank) return;
-              const int64_t rows = batch * (1 + k);
-              group_rows(items, rows, num_items, ws.item_groups);
-              pr.bind_sides(tables, ws, rows, dim, in.reg, opt.lr, opt.eps);
-              targets.assign(static_cast<size_t>(rows), T(0));
+              group_rows(items, step_rows, num_items, ws.item_groups);
+              pr.bind_sides(tables, ws, step_rows, dim, in.reg, opt.lr, opt.eps);
+              targets.assign(static_cast<size_t>(step_rows), T(0));
               std::fill(targets.begin(), targets.begin() + batch, T(1));
               pr.targets = targets.data();
               pr.global_mean = static_cast<T>(in.global_mean);
               pr.weights = nullptr;
               if (all_weights != nullptr) {
-                row_weights.assign(static_cast<size_t>(rows), T(1));
+                row_weights.assign(static_cast<size_t>(step_rows), T(1));
                 std::copy(all_weights + lo, all_weights + lo + batch, row_weights.begin());
                 pr.weights = row_weights.data();
               }
             });
             phase_first<T, LossFn, kOpt>(pr);
             phase_second<T, kOpt>(pr);
-          }
-          if (rank == 0 && !team.stopped()) {
-            loss_out[num_steps - 1] =
-                static_cast<T>(mean_loss(pr.loss, pr.norms, step_rows, in.reg));
+            // Rank 0 sums the loss before it joins the next step's draws.
+            if (rank == 0 && !team.stopped()) {
+              loss_out[t] = static_cast<T>(mean_loss(pr.loss, pr.norms, step_rows, in.reg));
+            }
           }
         });
       });
