@@ -195,6 +195,29 @@ def test_large_margins(backend, device, dtype):
     assert_close_all(got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_loss_just_below_the_threshold(backend, device, dtype):
+    """Every pair's softplus argument in (18.5, 19.5), just below the threshold of 20: the
+    loss terms the native step sums as the log of a product of 1 + e^z (up to 2^28 each,
+    32 to a product), on 512 pairs, as the spec sums them."""
+    P, Q, bu, bi = make_tables(50, 40, 4, dtype=dtype, seed=16)
+    users, pos, neg = make_triples(50, 40, 512, seed=17)
+    pos, neg = pos - pos % 2, neg - neg % 2 + 1  # positives even, negatives odd
+    items = torch.arange(40)
+    # x = b_i - b_j + <p, q_i - q_j>: about -19 from the biases, the dots within 0.1.
+    bi = torch.where(items % 2 == 0, -9.5, 9.5).to(dtype) + (bi - bi.mean()) * 0.05
+    tables = MFTables(P * 0.1, Q * 0.1, bu, bi)
+    states = make_states(tables, Optimizer.ADAGRAD, seed=18)
+    x = bi[pos] - bi[neg] + (tables[0][users] * (tables[1][pos] - tables[1][neg])).sum(1)
+    assert (-x).min() > 18.5 and (-x).max() < 19.5
+    value, expected, got, want = step_both(backend, device, tables, states, (users, pos, neg),
+                                           0.0, settings(Optimizer.ADAGRAD))
+    assert 18.5 < float(value) < 19.5
+    assert_close_all(value, expected, dtype)
+    assert_close_all(got, want, dtype)
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=idfn)
 @pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
 @pytest.mark.parametrize("backend, device", KERNELS)

@@ -87,19 +87,27 @@ struct PairLoss;
 // formula compute them in T (the gradient as -(scale * e^z) / (e^z + 1)); below the
 // threshold e^z cannot overflow. One exp serves both: the value's own exp and log1p in
 // double, as it was first written, were 7 % of a one-thread step (perf, ml-latest-small,
-// K = 1).
+// K = 1). Unweighted (`fold`), the value's log1p(e^z) is left to the step's sum as the
+// factor 1 + e^z (fused_step.h log_product); a weighted sample's value is w log1p(e^z).
 template <>
 struct PairLoss<PairwiseLoss::kBpr> {
+  static constexpr bool kLogTerms = true;
   template <typename T>
-  static void eval(T x, T scale, T& grad, double& value) {
+  static void eval(T x, T scale, bool fold, T& grad, double& value, double& factor) {
     const T z = -x;
+    factor = 1.0;
     if (static_cast<double>(z) > kSoftplusThreshold) {
       value = static_cast<double>(z);
       grad = -scale;
       return;
     }
     const T e = std::exp(z);
-    value = static_cast<double>(std::log1p(e));
+    if (fold) {
+      value = 0.0;
+      factor = 1.0 + static_cast<double>(e);
+    } else {
+      value = static_cast<double>(std::log1p(e));
+    }
     grad = -((scale * e) / (e + T(1)));
   }
 };
@@ -108,8 +116,9 @@ struct PairLoss<PairwiseLoss::kBpr> {
 // gradient is -scale where 1 - x > 0, else 0 (relu's autograd at 0 included).
 template <>
 struct PairLoss<PairwiseLoss::kHinge> {
+  static constexpr bool kLogTerms = false;
   template <typename T>
-  static void eval(T x, T scale, T& grad, double& value) {
+  static void eval(T x, T scale, bool, T& grad, double& value, double&) {
     const T margin = T(1) - x;
     const bool active = margin > T(0);
     value = active ? static_cast<double>(margin) : 0.0;
@@ -147,8 +156,11 @@ void phase_users(const Pairwise<T>& pr, const First& first = First{}) {
         old[k] = w[k];
         acc[k] = T(0);
       }
-      const T own_norm = pr.reg ? dot(w, w, dim) : T(0);
       const int32_t j0 = groups.starts[s], j1 = groups.starts[s + 1];
+      if (pr.reg) {
+        pr.first_norms[s] = static_cast<double>(j1 - j0) * static_cast<double>(dot(w, w, dim));
+      }
+      const bool fold = pr.weights == nullptr;
       for (int32_t j = j0; j < j1; ++j) {
         if (j + kPrefetchSamples < batch) {
           const int64_t ahead = groups.order[j + kPrefetchSamples];
@@ -164,15 +176,12 @@ void phase_users(const Pairwise<T>& pr, const First& first = First{}) {
         T x = dot(w, diff, dim);
         if (bias != nullptr) x = (x + bias[i]) - bias[n];
         T g;
-        LossFn::eval(x, pr.scale, g, pr.loss[b]);
+        double factor;
+        LossFn::eval(x, pr.scale, fold, g, pr.loss[b], factor);
+        if constexpr (LossFn::kLogTerms) pr.factors[b] = factor;
         pr.weigh(b, g, pr.loss[b]);
         pr.grad[b] = g;
         pr.group_of[b] = static_cast<int32_t>(s);
-        if (pr.reg) {
-          T norm = own_norm + dot(qi, qi, dim) + dot(qj, qj, dim);
-          if (bias != nullptr) norm = norm + bias[i] * bias[i] + bias[n] * bias[n];
-          pr.norms[b] = static_cast<double>(norm);
-        }
         add_sample(acc, g, diff, w, pr.reg_grad, pr.reg, dim);
       }
       step_row<kOpt>(w, state_of(pr.user_state, row, dim, kOpt), acc, dim, pr.lr, pr.eps);
@@ -189,7 +198,7 @@ void phase_items(const Pairwise<T>& pr) {
                            pr.item_groups, 2 * batch};
   const FirstResults<T> first{pr.grad, pr.group_of, pr.old_rows};
   step_from_old_rows<kOpt>(side, first, pr.dim, pr.reg_grad, pr.reg, pr.lr, pr.eps,
-                           [batch](int64_t j) {
+                           pr.second_norms, [batch](int64_t j) {
                              return j >= batch ? std::pair<int64_t, bool>(j - batch, true)
                                                : std::pair<int64_t, bool>(j, false);
                            });
@@ -237,11 +246,13 @@ void run_pairwise(const StepTables& tables_in, const StepTables& states, Workspa
 
     dispatch_code(loss, [&](auto loss_code) {
       dispatch_code(opt.optimizer, [&](auto optimizer) {
-        phase_users<T, decltype(optimizer)::value, PairLoss<decltype(loss_code)::value>>(pr);
+        using LossFn = PairLoss<decltype(loss_code)::value>;
+        phase_users<T, decltype(optimizer)::value, LossFn>(pr);
         phase_items<T, decltype(optimizer)::value>(pr);
+        result.fill_(static_cast<T>(
+            pr.mean_loss(ws.item_groups.num_groups, LossFn::kLogTerms)));
       });
     });
-    result.fill_(static_cast<T>(mean_loss(pr.loss, pr.norms, batch, reg)));
   });
 
   tables.commit();
@@ -392,7 +403,8 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
             // Rank 0 sums the loss before it joins the next step's draws, which touch
             // none of what it reads.
             if (rank == 0 && !team.stopped()) {
-              loss_out[t] = static_cast<T>(mean_loss(pr.loss, pr.norms, pairs, in.reg));
+              loss_out[t] = static_cast<T>(
+                  pr.mean_loss(ws.item_groups.num_groups, LossFn::kLogTerms));
             }
           }
         });

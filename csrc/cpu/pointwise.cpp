@@ -208,15 +208,18 @@ void sparse_sgd_update(const at::Tensor& weight, const at::Tensor& ids,
 using namespace fused;
 
 // Pointwise losses: grad = dLoss/dpred of the batch mean (scale = 1/B) and the sample's
-// loss value for the reported mean. A new loss is a code in csrc/codes.h and a
-// specialisation here (and its formula in csrc/cuda/pointwise.cu).
+// loss value for the reported mean; a loss with kLogTerms may leave a log(1 + e) term of
+// an unweighted sample (`fold`) as the factor 1 + e (fused_step.h log_product). A new
+// loss is a code in csrc/codes.h and a specialisation here (and its formula in
+// csrc/cuda/pointwise.cu).
 template <Loss kLoss>
 struct PointwiseLoss;
 
 template <>
 struct PointwiseLoss<Loss::kMse> {
+  static constexpr bool kLogTerms = false;
   template <typename T>
-  static void eval(T pred, T target, T scale, T& grad, double& value) {
+  static void eval(T pred, T target, T scale, bool, T& grad, double& value, double&) {
     const T diff = pred - target;
     grad = (T(2) * scale) * diff;
     value = static_cast<double>(diff) * static_cast<double>(diff);
@@ -225,8 +228,9 @@ struct PointwiseLoss<Loss::kMse> {
 
 template <>
 struct PointwiseLoss<Loss::kHuber> {  // F.huber_loss(delta=kHuberDelta)
+  static constexpr bool kLogTerms = false;
   template <typename T>
-  static void eval(T pred, T target, T scale, T& grad, double& value) {
+  static void eval(T pred, T target, T scale, bool, T& grad, double& value, double&) {
     const T diff = pred - target;
     const double d = static_cast<double>(diff);
     const double a = std::fabs(d);
@@ -238,12 +242,21 @@ struct PointwiseLoss<Loss::kHuber> {  // F.huber_loss(delta=kHuberDelta)
 
 template <>
 struct PointwiseLoss<Loss::kBce> {  // with logits
+  static constexpr bool kLogTerms = true;
   template <typename T>
-  static void eval(T pred, T target, T scale, T& grad, double& value) {
+  static void eval(T pred, T target, T scale, bool fold, T& grad, double& value,
+                   double& factor) {
     const double x = static_cast<double>(pred);
     const double t = static_cast<double>(target);
     // max(x, 0) - x t + log(1 + e^-|x|): never overflows, never takes log(0).
-    value = std::max(x, 0.0) - x * t + std::log1p(std::exp(-std::fabs(x)));
+    const double e = std::exp(-std::fabs(x));
+    value = std::max(x, 0.0) - x * t;
+    if (fold) {
+      factor = 1.0 + e;
+    } else {
+      value += std::log1p(e);
+      factor = 1.0;
+    }
     const T sigmoid = T(1) / (T(1) + std::exp(-pred));
     grad = (sigmoid - target) * scale;
   }
@@ -322,9 +335,13 @@ void phase_first(const Problem<T>& pr) {
         acc[k] = T(0);
       }
       const T own_bias = has_bias ? a.bias[row] : T(0);
-      const T own_norm = pr.reg ? dot(w, w, dim) + own_bias * own_bias : T(0);
       T bias_sum = T(0);
       const int32_t j0 = groups.starts[s], j1 = groups.starts[s + 1];
+      if (pr.reg) {
+        pr.first_norms[s] = static_cast<double>(j1 - j0) *
+                            static_cast<double>(dot(w, w, dim) + own_bias * own_bias);
+      }
+      const bool fold = pr.weights == nullptr;
       for (int32_t j = j0; j < j1; ++j) {
         if (j + kPrefetchSamples < pr.batch) {
           const int64_t ahead = o.ids[groups.order[j + kPrefetchSamples]];
@@ -341,15 +358,12 @@ void phase_first(const Problem<T>& pr) {
                                   : (pred + o.bias[other]) + own_bias;
         }
         T g;
-        LossFn::eval(pred, pr.targets[b], pr.scale, g, pr.loss[b]);
+        double factor;
+        LossFn::eval(pred, pr.targets[b], pr.scale, fold, g, pr.loss[b], factor);
+        if constexpr (LossFn::kLogTerms) pr.factors[b] = factor;
         pr.weigh(b, g, pr.loss[b]);
         pr.grad[b] = g;
         pr.group_of[b] = static_cast<int32_t>(s);
-        if (pr.reg) {
-          const T other_bias = has_bias ? o.bias[other] : T(0);
-          pr.norms[b] =
-              static_cast<double>(own_norm + dot(q, q, dim) + other_bias * other_bias);
-        }
         add_sample(acc, g, q, w, pr.reg_grad, pr.reg, dim);
         bias_sum += pr.reg ? g + pr.reg_grad * own_bias : g;
       }
@@ -367,7 +381,7 @@ void phase_second(const Problem<T>& pr) {
                            pr.batch};
   const FirstResults<T> first{pr.grad, pr.group_of, pr.old_rows};
   step_from_old_rows<kOpt>(side, first, pr.dim, pr.reg_grad, pr.reg, pr.lr, pr.eps,
-                           [](int64_t b) { return std::pair<int64_t, bool>(b, false); });
+                           pr.second_norms, [](int64_t b) { return std::pair<int64_t, bool>(b, false); });
 }
 
 Workspace& workspace() {
@@ -407,11 +421,13 @@ at::Tensor run_pointwise(const StepTables& tables_in, const StepTables& states, 
 
     dispatch_code(loss, [&](auto loss) {
       dispatch_code(opt.optimizer, [&](auto optimizer) {
-        phase_first<T, PointwiseLoss<decltype(loss)::value>, decltype(optimizer)::value>(pr);
+        using LossFn = PointwiseLoss<decltype(loss)::value>;
+        phase_first<T, LossFn, decltype(optimizer)::value>(pr);
         phase_second<T, decltype(optimizer)::value>(pr);
+        result.fill_(static_cast<T>(
+            pr.mean_loss(pr.second.groups->num_groups, LossFn::kLogTerms)));
       });
     });
-    result.fill_(static_cast<T>(mean_loss(pr.loss, pr.norms, batch, reg)));
   });
 
   tables.commit();
@@ -554,7 +570,8 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
             phase_second<T, kOpt>(pr);
             // Rank 0 sums the loss before it joins the next step's draws.
             if (rank == 0 && !team.stopped()) {
-              loss_out[t] = static_cast<T>(mean_loss(pr.loss, pr.norms, step_rows, in.reg));
+              loss_out[t] = static_cast<T>(
+                  pr.mean_loss(pr.second.groups->num_groups, LossFn::kLogTerms));
             }
           }
         });
