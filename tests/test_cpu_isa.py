@@ -3,9 +3,9 @@ which registers when the extension loads (AVX2 where the CPU has it, unless
 ``FASTMF_CPU_ISA=baseline``).
 
 They must give the same numbers to the bit: the script below runs the families they cover
-through the public API (the fused MF steps and the BPR step that draws its negatives; also
-the embedding layer with Adam in backward and fp16 tables with stochastic rounding, whose
-family is built once today but would join the comparison if it gained an AVX2 build) on
+through the public API (the fused MF steps and the BPR step that draws its negatives; the
+embedding layer with Adam in backward, weighted bag sums with Adagrad in backward as
+Hybrid trains them, and fp16 tables with stochastic rounding) on
 random Zipf ids with duplicates, once per build in a subprocess, and the results are
 compared bit for bit. And no AVX instruction may sit where it could run before the CPU
 check.
@@ -78,6 +78,21 @@ for dtype in (torch.float32, torch.float64):
         out[f"bag loss {name} {step}"] = loss.detach()
     out[f"bag {name}"] = bag.weight.detach().clone()
     out[f"table {name}"] = table.weight.detach().clone()
+
+    # Hybrid's bags: sums with per-sample weights, element-wise Adagrad in backward.
+    torch.manual_seed(4)
+    summed = fastmf.nn.EmbeddingBag(700, 70, mode="sum", dtype=dtype)
+    ada = fastmf.optim.apply_in_backward(fastmf.optim.SparseAdagrad([summed.weight], lr=0.05))
+    for step in range(3):
+        ids = zipf_ids(700, 900, generator=rng)
+        offsets = torch.from_numpy(np.sort(rng.choice(np.arange(1, 900), 199, replace=False)))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), offsets])
+        weights = torch.from_numpy(rng.uniform(0.1, 1.0, 900)).to(dtype)
+        pooled = summed(ids, offsets, per_sample_weights=weights)
+        out[f"sum bag forward {name} {step}"] = pooled.detach().clone()
+        pooled.square().sum().backward()
+        ada.step()
+    out[f"sum bag {name}"] = summed.weight.detach().clone()
 
 torch.manual_seed(3)
 half = fastmf.nn.Embedding(300, 24, dtype=torch.float16, stochastic_rounding=True)

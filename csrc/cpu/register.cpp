@@ -21,6 +21,7 @@ void register_topk(torch::Library& m);
 namespace cpu_avx2 {
 void register_pointwise(torch::Library& m);
 void register_pairwise(torch::Library& m);
+void register_embedding_bag(torch::Library& m);
 }  // namespace cpu_avx2
 #endif
 
@@ -54,13 +55,14 @@ TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
   if (fastmf::avx2_kernels()) {
     fastmf::cpu_avx2::register_pointwise(m);
     fastmf::cpu_avx2::register_pairwise(m);
+    fastmf::cpu_avx2::register_embedding_bag(m);
   } else
 #endif
   {
     fastmf::cpu::register_pointwise(m);
     fastmf::cpu::register_pairwise(m);
+    fastmf::cpu::register_embedding_bag(m);
   }
-  // Built once (csrc/cpu/isa.h).
-  fastmf::cpu::register_embedding_bag(m);
+  // Picks its SIMD tiles itself (csrc/cpu/isa.h).
   fastmf::cpu::register_topk(m);
 }
