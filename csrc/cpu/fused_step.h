@@ -41,7 +41,9 @@ template <bool kFirst = false, typename T>
 inline void add_sample(T* __restrict acc, T g, const T* x, const T* w, T c, bool reg,
                        int64_t dim) {
   if (reg) {
-    for (int64_t k = 0; k < dim; ++k) acc[k] = (kFirst ? T(0) : acc[k]) + (g * x[k] + c * w[k]);
+    for (int64_t k = 0; k < dim; ++k) {
+      acc[k] = (kFirst ? T(0) : acc[k]) + (g * x[k] + c * w[k]);
+    }
   } else {
     for (int64_t k = 0; k < dim; ++k) acc[k] = (kFirst ? T(0) : acc[k]) + g * x[k];
   }
@@ -165,9 +167,9 @@ struct Workspace {
 
   size_t bytes() const {
     return scratch_bytes(users) + scratch_bytes(items) + scratch_bytes(negatives) +
-           user_groups.bytes() + item_groups.bytes() + scratch_bytes(loss) + scratch_bytes(factors) +
-           scratch_bytes(norms) + scratch_bytes(group_of) + scratch_bytes(float_scratch) +
-           scratch_bytes(double_scratch);
+           user_groups.bytes() + item_groups.bytes() + scratch_bytes(loss) +
+           scratch_bytes(factors) + scratch_bytes(norms) + scratch_bytes(group_of) +
+           scratch_bytes(float_scratch) + scratch_bytes(double_scratch);
   }
   void release() { *this = Workspace(); }
 };

@@ -158,7 +158,8 @@ void phase_users(const Pairwise<T>& pr, const First& first = First{}) {
       }
       const int32_t j0 = groups.starts[s], j1 = groups.starts[s + 1];
       if (pr.reg) {
-        pr.first_norms[s] = static_cast<double>(j1 - j0) * static_cast<double>(dot(w, w, dim));
+        pr.first_norms[s] =
+            static_cast<double>(j1 - j0) * static_cast<double>(dot(w, w, dim));
       }
       const bool fold = pr.weights == nullptr;
       for (int32_t j = j0; j < j1; ++j) {

@@ -381,7 +381,8 @@ void phase_second(const Problem<T>& pr) {
                            pr.batch};
   const FirstResults<T> first{pr.grad, pr.group_of, pr.old_rows};
   step_from_old_rows<kOpt>(side, first, pr.dim, pr.reg_grad, pr.reg, pr.lr, pr.eps,
-                           pr.second_norms, [](int64_t b) { return std::pair<int64_t, bool>(b, false); });
+                           pr.second_norms,
+                           [](int64_t b) { return std::pair<int64_t, bool>(b, false); });
 }
 
 Workspace& workspace() {
