@@ -189,8 +189,8 @@ struct StepScratch {
   // The reg term, per row: the row's count in the step times its squared norm (bias
   // included), when reg; first_norms (first_groups,), second_norms (up to 2B) for the
   // second phase's groups. The same sum as the reference's per-sample terms, with a dot
-  // per distinct row instead of three per sample (a BPR sample's own user and two items):
-  // those dots were 10-15 % of a one-thread BPR epoch on ml-latest-small.
+  // per distinct row instead of the other side's dots per sample (a BPR sample's two
+  // items): those dots were 10-15 % of a one-thread BPR epoch on ml-latest-small.
   double* first_norms;
   double* second_norms;
   int32_t* group_of;  // (B,) first-phase group of sample b
