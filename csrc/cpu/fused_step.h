@@ -234,6 +234,11 @@ struct StepScratch {
     return total;
   }
 
+  // Whether sample b's log term goes to `factors` (LossFn::kLogTerms): without weights, and
+  // for a weight of exactly 1, which multiplies exactly, so weights of 1 report the
+  // unweighted step's loss bit for bit. Another weight scales the term: w_b log1p(e).
+  bool folds(int64_t b) const { return weights == nullptr || weights[b] == T(1); }
+
   // Sample b's gradient and loss value scaled by its weight: w_b g_b is the gradient of
   // w_b loss_b, as autograd of the weighted mean forms it (to rounding).
   void weigh(int64_t b, T& g, double& value) const {

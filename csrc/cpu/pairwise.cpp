@@ -87,8 +87,9 @@ struct PairLoss;
 // formula compute them in T (the gradient as -(scale * e^z) / (e^z + 1)); below the
 // threshold e^z cannot overflow. One exp serves both: the value's own exp and log1p in
 // double, as it was first written, were 7 % of a one-thread step (perf, ml-latest-small,
-// K = 1). Unweighted (`fold`), the value's log1p(e^z) is left to the step's sum as the
-// factor 1 + e^z (fused_step.h log_product); a weighted sample's value is w log1p(e^z).
+// K = 1). With `fold` (StepScratch::folds: no weight, or a weight of 1) the value's
+// log1p(e^z) is left to the step's sum as the factor 1 + e^z (fused_step.h log_product);
+// another weight w makes the value w log1p(e^z).
 template <>
 struct PairLoss<PairwiseLoss::kBpr> {
   static constexpr bool kLogTerms = true;
@@ -161,7 +162,6 @@ void phase_users(const Pairwise<T>& pr, const First& first = First{}) {
         pr.first_norms[s] =
             static_cast<double>(j1 - j0) * static_cast<double>(dot(w, w, dim));
       }
-      const bool fold = pr.weights == nullptr;
       for (int32_t j = j0; j < j1; ++j) {
         if (j + kPrefetchSamples < batch) {
           const int64_t ahead = groups.order[j + kPrefetchSamples];
@@ -178,7 +178,7 @@ void phase_users(const Pairwise<T>& pr, const First& first = First{}) {
         if (bias != nullptr) x = (x + bias[i]) - bias[n];
         T g;
         double factor;
-        LossFn::eval(x, pr.scale, fold, g, pr.loss[b], factor);
+        LossFn::eval(x, pr.scale, pr.folds(b), g, pr.loss[b], factor);
         if constexpr (LossFn::kLogTerms) pr.factors[b] = factor;
         pr.weigh(b, g, pr.loss[b]);
         pr.grad[b] = g;

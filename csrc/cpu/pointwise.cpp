@@ -208,8 +208,8 @@ void sparse_sgd_update(const at::Tensor& weight, const at::Tensor& ids,
 using namespace fused;
 
 // Pointwise losses: grad = dLoss/dpred of the batch mean (scale = 1/B) and the sample's
-// loss value for the reported mean; a loss with kLogTerms may leave a log(1 + e) term of
-// an unweighted sample (`fold`) as the factor 1 + e (fused_step.h log_product). A new
+// loss value for the reported mean; a loss with kLogTerms leaves the log(1 + e) term of a
+// sample that folds (StepScratch::folds) as the factor 1 + e (fused_step.h log_product). A new
 // loss is a code in csrc/codes.h and a specialisation here (and its formula in
 // csrc/cuda/pointwise.cu).
 template <Loss kLoss>
@@ -341,7 +341,6 @@ void phase_first(const Problem<T>& pr) {
         pr.first_norms[s] = static_cast<double>(j1 - j0) *
                             static_cast<double>(dot(w, w, dim) + own_bias * own_bias);
       }
-      const bool fold = pr.weights == nullptr;
       for (int32_t j = j0; j < j1; ++j) {
         if (j + kPrefetchSamples < pr.batch) {
           const int64_t ahead = o.ids[groups.order[j + kPrefetchSamples]];
@@ -359,7 +358,7 @@ void phase_first(const Problem<T>& pr) {
         }
         T g;
         double factor;
-        LossFn::eval(pred, pr.targets[b], pr.scale, fold, g, pr.loss[b], factor);
+        LossFn::eval(pred, pr.targets[b], pr.scale, pr.folds(b), g, pr.loss[b], factor);
         if constexpr (LossFn::kLogTerms) pr.factors[b] = factor;
         pr.weigh(b, g, pr.loss[b]);
         pr.grad[b] = g;
