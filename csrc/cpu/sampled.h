@@ -25,8 +25,8 @@ namespace FASTMF_CPU_NS {
 // users[b]): the same items as sampling::rank_to_item one draw at a time, but kLanes draws
 // searched side by side. A draw's binary search is a chain of dependent loads (about 10 in
 // a 600-item row), so one at a time it waits on each load in turn: 54 ns a draw on rows
-// shaped like ml-latest-small's (mean 167 items), a fifth of a one-thread step at K = 1. Eight independent searches
-// interleaved overlap those waits: 25 ns a draw.
+// shaped like ml-latest-small's (mean 167 items), a fifth of a one-thread step at K = 1.
+// Eight independent searches interleaved overlap those waits: 25 ns a draw.
 // Records the first sample whose row is malformed or holds every item in bad_row / full.
 template <typename index_t>
 inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* users,
@@ -163,8 +163,9 @@ struct SampledRun {
 
 // The negatives of the B * K pairs of the B samples whose users are users[0, B) (pair
 // p = b * K + k), written to neg[0, B * K). Each pair's draw depends only on (seed, step,
-// p), so nothing depends on the thread count. A malformed row or a user with every item is reported for
-// the first sample that has one, as the reference reports them (bad rows first).
+// p), so nothing depends on the thread count. A malformed row or a user with every item is
+// reported for the first sample that has one, as the reference reports them (bad rows
+// first).
 inline void draw_negatives_of(const char* op, const int64_t* users, int64_t batch, int64_t k,
                               const DrawRows& rows, int64_t num_items, int64_t seed,
                               int64_t step, int64_t* neg) {
