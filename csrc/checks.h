@@ -418,6 +418,31 @@ inline void check_train_step_sampled(const char* op, const StepTables& tables,
   check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }
 
+// sample_negatives (fastmf/ops/checks.py check_sample_negatives): the ids' and the CSR's
+// types and shapes, one device, num_items in [1, 2^31 - 1] (a draw's rank is below 2^31) and
+// at least 1 negative, and at most 2^31 - 1 draws (the pairs' counters). The users' range
+// and their rows are checked where the ids are read.
+inline void check_sample_negatives(const char* op, const at::Tensor& users,
+                                   const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
+                                   int64_t num_items, int64_t num_negatives) {
+  check_id_dtype(op, "users", users);
+  check_id_dtype(op, "pos_indptr", pos_indptr);
+  check_id_dtype(op, "pos_indices", pos_indices);
+  check_like_device(op, "pos_indptr", pos_indptr, "users", users);
+  check_like_device(op, "pos_indices", pos_indices, "users", users);
+  TORCH_CHECK_VALUE(pos_indptr.size(0) >= 1, "fastmf.", op,
+                    ": pos_indptr must have num_users + 1 >= 1 entries, got 0");
+  constexpr int64_t kMaxItems = (int64_t{1} << 31) - 1;
+  TORCH_CHECK_VALUE(num_items >= 1 && num_items <= kMaxItems, "fastmf.", op,
+                    ": num_items must be in [1, ", kMaxItems, "], got ", num_items);
+  TORCH_CHECK_VALUE(num_negatives >= 1, "fastmf.", op, ": num_negatives must be >= 1, got ",
+                    num_negatives);
+  TORCH_CHECK_VALUE(users.size(0) <= kMaxItems / num_negatives, "fastmf.", op, ": ",
+                    users.size(0), " users x ", num_negatives, " negatives = ",
+                    users.size(0) * num_negatives, " draws; at most ", kMaxItems,
+                    " are supported");
+}
+
 // A row pointer the CSR cannot hold, or a user with no item left to sample: the ValueErrors
 // of fastmf/ops/reference/sampling.py sample_negatives (the CUDA kernel records them, see
 // csrc/cuda/errors.cu).

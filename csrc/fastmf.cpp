@@ -117,6 +117,16 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor pos_indices, int num_negatives, int batch_size, int seed, int step, "
       "float global_mean, int loss, float reg, int optimizer, float lr, float eps, "
       "Tensor? weights=None) -> Tensor");
+  // The sampling family (fastmf/ops/reference/sampling.py): the uniform negatives of the
+  // sampled steps on their own (NegativeSampler.sample_step, for the models that score them
+  // outside those steps). (B, num_negatives) int64: entry (b, k) is the item
+  // train_step_pairwise_sampled draws for pair b * num_negatives + k at (seed, step), from
+  // users[b]'s row of the positives' CSR (pos_indptr (U + 1,), pos_indices). `op` names the
+  // caller in the error messages, as the reference's and the Numba kernel's argument does.
+  m.def(
+      "sample_negatives(Tensor users, Tensor pos_indptr, Tensor pos_indices, int num_items, "
+      "int num_negatives, int seed, int step, str op) -> Tensor");
+
   // Exact top-k of item_bias[i] + <queries[b], item_factors[i]> per query: (scores (B, k),
   // indices (B, k) int64), best first, ties to the lower index; exclude_* is a CSR of items
   // to leave out per query, candidates restricts the items; short rows pad with -inf / -1.

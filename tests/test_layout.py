@@ -113,7 +113,7 @@ def test_resolver_returns_the_backend_modules():
         assert module.NAME == name
         for fn in ("mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update",
                    "train_step", "train_step_pairwise", "topk_scores", "embedding_bag_forward",
-                   "embedding_bag_backward", "scatter_rows", "sparse_update",
+                   "embedding_bag_backward", "scatter_rows", "sparse_update", "sample_negatives",
                    "embedding_bag_backward_update"):
             assert callable(getattr(module, fn)), (name, fn)
     assert ops.kernels("auto", cpu).NAME == ops.available_backends()[-1]

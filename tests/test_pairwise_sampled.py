@@ -280,6 +280,77 @@ def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k
     check_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted)
 
 
+ROW_KINDS = ["clustered", "long", "unsorted", "repeats", "mixed"]
+
+
+def make_rows(kind, num_users, num_items, *, seed, id_dtype=torch.int64):
+    """A positives' CSR whose rows are of one ``kind``: "clustered" (each row one run of
+    consecutive items: all its positives in one place of the rank space), "long" (all but 1
+    to 8 items), "unsorted" (distinct items in random order: the reference does not check
+    order, so its probes alone define the draws), "repeats" (sorted, with repeated items),
+    or "mixed" (user u gets kind u % 4, and every seventh user no row)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(num_users):
+        this = ROW_KINDS[u % 4] if kind == "mixed" else kind
+        if kind == "mixed" and u % 7 == 0:
+            rows.append(np.zeros(0, np.int64))
+            continue
+        if this == "long":
+            deg = num_items - int(rng.integers(1, 9))
+        else:
+            deg = int(rng.integers(1, num_items // 2))
+        if this == "clustered":
+            first = int(rng.integers(0, num_items - deg + 1))
+            row = np.arange(first, first + deg)
+        else:
+            row = np.sort(rng.choice(num_items, size=deg, replace=False))
+        if this == "unsorted":
+            row = rng.permutation(row)
+        if this == "repeats":
+            row = np.sort(np.concatenate([row[:deg // 2], row[:deg // 2]]))
+        rows.append(row)
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    return (torch.from_numpy(indptr).to(id_dtype),
+            torch.from_numpy(np.concatenate(rows)).to(id_dtype))
+
+
+def check_steps_draw_as_the_step(backend, device, kind, id_dtype, op=STEPS_OP):
+    """A multi-step op's draws on rows of ``kind`` (make_rows): the same tables, states and
+    losses, bit for bit, as the backend's single step on each slice (a negative drawn
+    differently would step another item's row). Each backend draws the multi-step op's
+    negatives in its own loop (the CPU's team, Numba's and CUDA's steps in turn)."""
+    single, loss = STEPS[op]
+    num_users, num_items, n, batch_size, k = 97, 3_000, 2_500, 1_024, 2
+    tables = make_tables(num_users, num_items, DIM, seed=61)
+    states = make_states(tables, Optimizer.ADAGRAD, seed=62)
+    csr = make_rows(kind, num_users, num_items, seed=63, id_dtype=id_dtype)
+    rng = np.random.default_rng(64)
+    users = zipf_ids(num_users, n, generator=rng, dtype=id_dtype)
+    pos = zipf_ids(num_items, n, generator=rng, dtype=id_dtype)
+    kernels = ops.kernels(backend, device, kernel=op)
+    opt = settings(Optimizer.ADAGRAD)
+    mu = () if op == STEPS_OP else (0.25,)
+    args = to_device((users, pos, *csr), device)
+    got = to_device((clone_bundle(tables), clone_bundle(states)), device)
+    losses = getattr(kernels, op)(*got, *args, k, batch_size, 7, 3, *mu, loss, 0.01, opt, None)
+    each_tables = to_device((clone_bundle(tables), clone_bundle(states)), device)
+    each = [getattr(kernels, single)(*each_tables, args[0][lo:lo + batch_size],
+                                     args[1][lo:lo + batch_size], args[2], args[3], k, 7, 3 + t,
+                                     *mu, loss, 0.01, opt)
+            for t, lo in enumerate(range(0, n, batch_size))]
+    assert_bit_identical((losses.cpu(), to_device(got, "cpu")),
+                         (torch.stack(each).cpu(), to_device(each_tables, "cpu")))
+    assert not torch.equal(got[0].item_factors.cpu(), tables.item_factors)
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", kernel_params())
+def test_steps_draw_as_the_step_on_any_rows(backend, device, kind, id_dtype):
+    check_steps_draw_as_the_step(backend, device, kind, id_dtype)
+
+
 def check_steps_thread_counts(backend, device, op=STEPS_OP):
     loss = STEPS[op][1]
     mu = () if op == STEPS_OP else (0.25,)

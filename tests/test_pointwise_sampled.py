@@ -21,11 +21,13 @@ from test_pairwise_sampled import (
     DEVICE_RECORDED,
     NUM_ITEMS,
     NUM_USERS,
+    ROW_KINDS,
     STEPS_SHAPES,
     bad_cases,
     call_bad,
     check_fit_epoch_call,
     check_fit_uses_sampled_step,
+    check_steps_draw_as_the_step,
     check_steps_in_turn,
     check_steps_thread_counts,
     check_thread_counts,
@@ -186,6 +188,13 @@ STEPS_OP = "train_steps_sampled"
 @pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
 def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted):
     check_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted, STEPS_OP)
+
+
+@pytest.mark.parametrize("kind", ROW_KINDS)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", kernel_params())
+def test_steps_draw_as_the_step_on_any_rows(backend, device, kind, id_dtype):
+    check_steps_draw_as_the_step(backend, device, kind, id_dtype, STEPS_OP)
 
 
 @pytest.mark.parametrize("backend, device", THREADED_BACKENDS)

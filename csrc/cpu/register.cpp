@@ -16,6 +16,7 @@ void register_pointwise(torch::Library& m);
 void register_pairwise(torch::Library& m);
 void register_embedding_bag(torch::Library& m);
 void register_topk(torch::Library& m);
+void register_sampling(torch::Library& m);
 }  // namespace cpu
 #if FASTMF_CPU_AVX2
 namespace cpu_avx2 {
@@ -65,4 +66,6 @@ TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
   }
   // Picks its SIMD tiles itself (csrc/cpu/isa.h).
   fastmf::cpu::register_topk(m);
+  // Integer loads and compares: one build.
+  fastmf::cpu::register_sampling(m);
 }

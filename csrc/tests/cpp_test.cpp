@@ -3,6 +3,7 @@
 // CMakeLists.txt as fastmf_cpp_test; run under sanitizers by .ci/sanitize.sh.
 // Exits 0 when every check passes, 1 otherwise.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
@@ -336,6 +337,53 @@ void test_steps_in_one_call(const char* steps_name, const char* step_name, bool 
   check(same, std::string(steps_name) + " equals its step on each slice");
 }
 
+// sample_negatives: every draw outside its user's (sorted) row and in [0, num_items), the same
+// items on 1 and 2 threads and for int32 ids, and a user with every item refused.
+void test_sample_negatives() {
+  static auto h = op("fastmf::sample_negatives")
+                      .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t,
+                                    int64_t, int64_t, int64_t, c10::string_view)>();
+  const int64_t num_users = 50, num_items = 200, k = 3, n = 5000;
+  std::vector<int64_t> indptr{0}, indices;
+  for (int64_t u = 0; u < num_users; ++u) {
+    // Rows of 0 to 199 items: every (u % 5 + 1)-th item from u % 7 + 1, or all but one.
+    if (u == 7) {
+      for (int64_t i = 0; i < num_items; ++i) {
+        if (i != 123) indices.push_back(i);
+      }
+    } else if (u % 10 != 0) {
+      for (int64_t i = u % 7 + 1; i < num_items; i += u % 5 + 1) indices.push_back(i);
+    }
+    indptr.push_back(static_cast<int64_t>(indices.size()));
+  }
+  const Tensor ptr = at::tensor(indptr, at::kLong), idx = at::tensor(indices, at::kLong);
+  const Tensor users = at::randint(num_users, {n}, at::kLong);
+  at::set_num_threads(1);
+  const Tensor one = h.call(users, ptr, idx, num_items, k, 5, 9, "cpp_test");
+  at::set_num_threads(2);
+  const Tensor two = h.call(users, ptr, idx, num_items, k, 5, 9, "cpp_test");
+  const Tensor narrow = h.call(users.to(at::kInt), ptr.to(at::kInt), idx.to(at::kInt),
+                               num_items, k, 5, 9, "cpp_test");
+  bool outside = one.sizes() == at::IntArrayRef{n, k};
+  const int64_t* u = users.data_ptr<int64_t>();
+  const int64_t* neg = one.data_ptr<int64_t>();
+  for (int64_t b = 0; b < n && outside; ++b) {
+    const auto row_begin = indices.begin() + indptr[u[b]];
+    const auto row_end = indices.begin() + indptr[u[b] + 1];
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t item = neg[b * k + j];
+      outside = outside && item >= 0 && item < num_items &&
+                !std::binary_search(row_begin, row_end, item) && (u[b] != 7 || item == 123);
+    }
+  }
+  check(outside, "sample_negatives draws outside each row, in range");
+  check(at::equal(one, two) && at::equal(one, narrow),
+        "sample_negatives: the same items on 1 and 2 threads and for int32 ids");
+  expect_value_error("sample_negatives for a user with every item", "no item is left", [&] {
+    h.call(users, ptr, idx, num_items - 1, k, 5, 9, "cpp_test");
+  });
+}
+
 int main() {
   at::manual_seed(0);
   try {
@@ -351,6 +399,7 @@ int main() {
     test_steps_in_one_call("fastmf::train_steps_pairwise_sampled",
                            "fastmf::train_step_pairwise_sampled", false);
     test_steps_in_one_call("fastmf::train_steps_sampled", "fastmf::train_step_sampled", true);
+    test_sample_negatives();
   } catch (const std::exception& e) {
     std::printf("FAIL uncaught exception: %s\n", e.what());
     return 1;

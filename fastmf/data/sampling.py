@@ -576,17 +576,24 @@ class NegativeSampler:
         :func:`fastmf.ops.reference.sampling.sample_negatives`), so a training loop that
         samples here and one that lets the op sample see the same negatives. Uniform
         distribution only; on ``users``' device."""
+        from fastmf import ops
+        from fastmf.ops.checks import check_ids, check_int
+
+        op = "NegativeSampler.sample_step"
         if self.weights is not None:
-            raise ValueError("fastmf.NegativeSampler.sample_step: draws uniform negatives "
-                             f"only; this sampler's distribution is {self.distribution!r}")
+            raise ValueError(f"fastmf.{op}: draws uniform negatives only; this sampler's "
+                             f"distribution is {self.distribution!r}")
+        num_negatives = check_int(op, "num_negatives", num_negatives, 1)
+        seed, step = check_int(op, "seed", seed), check_int(op, "step", step)
+        check_ids(op, "users", users, None)
         device = users.device
         indptr, indices = self.csr(device)
-        if device.type == "cpu":
-            from fastmf.ops.numba.sampling import sample_negatives as draw
-        else:
-            from fastmf.ops.reference.sampling import sample_negatives as draw
-        return draw(users, indptr, indices, self.num_items, int(num_negatives), int(seed),
-                    int(step), "NegativeSampler.sample_step")
+        # The native kernel where built for the device (on ml-latest-small's rows, 4,096
+        # draws took about 0.1 ms on 2 threads against 0.2-0.3 ms for the Numba kernel,
+        # which searches one draw at a time), else Numba on the CPU, else the reference.
+        kernels = ops.kernels("auto", device, kernel="sample_negatives")
+        return kernels.sample_negatives(users, indptr, indices, self.num_items, num_negatives,
+                                        seed, step, op)
 
     def _raise_short(self, user: int, free: int, k: int, replace: bool,
                      weighted: bool = False) -> None:

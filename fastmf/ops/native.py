@@ -33,6 +33,7 @@ __all__ = [
     "train_steps_pairwise_sampled",
     "train_step_sampled",
     "train_steps_sampled",
+    "sample_negatives",
     "scatter_rows",
     "check_device_errors",
     "embedding_bag_forward",
@@ -361,6 +362,17 @@ def topk_scores(
     )
 
 
+def sample_negatives(users: Tensor, pos_indptr: Tensor, pos_indices: Tensor, num_items: int,
+                     num_negatives: int, seed: int, step: int,
+                     op: str = "train_step_pairwise_sampled") -> Tensor:
+    """(B, num_negatives) int64 uniform negatives, the items the sampled steps draw; see
+    :func:`fastmf.ops.reference.sampling.sample_negatives`. ``op`` names the caller in
+    the errors."""
+    return torch.ops.fastmf.sample_negatives.default(
+        users, pos_indptr, pos_indices, int(num_items), int(num_negatives), int(seed),
+        int(step), str(op))
+
+
 def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """The dense gradient of a row gather, ``out[ids[j]] += rows[j]`` in index order: see
     :func:`fastmf.ops.reference.embedding_bag.scatter_rows`. Differentiable with respect to
@@ -430,6 +442,13 @@ if native_available():
                                       pos_indices, num_negatives, batch_size, *args, **kwargs):
             n = users.shape[0]
             return user_factors.new_empty((n // batch_size + (n % batch_size != 0),))
+
+    if hasattr(torch.ops.fastmf, "sample_negatives"):
+
+        @torch.library.register_fake("fastmf::sample_negatives")
+        def _sample_negatives_fake(users, pos_indptr, pos_indices, num_items, num_negatives,
+                                   *args, **kwargs):
+            return users.new_empty((users.shape[0], num_negatives), dtype=torch.int64)
 
     if hasattr(torch.ops.fastmf, "train_step_sampled"):
 
