@@ -595,6 +595,59 @@ def check_sampled_bad_rows(target, op, what):
     target.check_errors()
 
 
+def check_sample_negatives(target, batch, k, id_dtype=torch.int64, num_users=80,
+                           num_items=40):
+    """sample_negatives (the sampling family) against the reference: the same items, to the
+    bit, on Zipf users with repeats (rows with none, some and all but one of the items)."""
+    indptr, indices = make_positive_csr(num_users, num_items, seed=15, id_dtype=id_dtype)
+    users = zipf_ids(num_users, batch, generator=np.random.default_rng(16), dtype=id_dtype)
+    got = target.ops.sample_negatives(*target.to(users, indptr, indices), num_items, k, -3, 8,
+                                      "sample_negatives")
+    target.check_errors()
+    expected = reference.sample_negatives(users, indptr, indices, num_items, k, -3, 8)
+    assert got.dtype == torch.int64 and got.shape == (batch, k)
+    assert torch.equal(cpu(got)[0], expected)
+
+
+def check_sample_negatives_bad(target, what):
+    """A bad user id (IndexError), a row past the end of pos_indices or a user with every
+    item (ValueError): the CPU kernel raises at once, the CUDA one records it under
+    sample_negatives, sets those draws to -1 and draws the others."""
+    clear_errors(target)
+    indptr, indices = make_positive_csr(30, 20, seed=4)
+    users = torch.arange(30).repeat(3)
+    users[7] = 2
+    if what == "user":
+        users[9] = 30
+        error, pattern = IndexError, r"sample_negatives: users id 30 out of range \[0, 30\)"
+    elif what == "full":
+        start = int(indptr[2])
+        indices = torch.cat([indices[:start], torch.arange(20), indices[int(indptr[3]):]])
+        indptr = indptr.clone()
+        indptr[3:] += 20 - int(indptr[3] - indptr[2])
+        error, pattern = ValueError, r"sample_negatives: user 2 has 20 positives of 20 items"
+    else:
+        indptr = indptr.clone()
+        indptr[3] = len(indices) + 5
+        error, pattern = ValueError, r"sample_negatives: pos_indptr gives user \d+ the row"
+    args = (*target.to(users, indptr, indices), 20, 2, 0, 0, "sample_negatives")
+    if target.device == "cpu" and target.name != "emulated":
+        with pytest.raises(error, match=pattern):
+            target.ops.sample_negatives(*args)
+        return
+    got = cpu(target.ops.sample_negatives(*args))[0]
+    with pytest.raises(error, match=pattern):
+        target.check_errors()
+    target.check_errors()
+    # "row": user 3's row starts at the broken pointer too.
+    bad = {"user": users == 30, "full": users == 2, "row": (users == 2) | (users == 3)}[what]
+    assert (got[bad] == -1).all()
+    # Every other draw as the reference draws it: a pair's item depends only on its own
+    # counter and its user's row, so the bad users are replaced by user 0 (no positives).
+    ok = reference.sample_negatives(users.masked_fill(bad, 0), indptr, indices, 20, 2, 0, 0)
+    assert torch.equal(got[~bad], ok[~bad])
+
+
 STEP_OPS = ("train_step", "train_step_pairwise") + SAMPLED_OPS
 
 

@@ -219,6 +219,17 @@ def test_sampled_steps_bad_rows(emu, op, what):
     cases.check_sampled_bad_rows(emu, op, what)
 
 
+@pytest.mark.parametrize("batch,k,id_dtype", [(0, 2, torch.int64), (1, 1, torch.int32),
+                                              (300, 4, torch.int64), (77, 3, torch.int32)])
+def test_sample_negatives(emu, batch, k, id_dtype):
+    cases.check_sample_negatives(emu, batch, k, id_dtype)
+
+
+@pytest.mark.parametrize("what", ["user", "full", "row"])
+def test_sample_negatives_bad(both, what):
+    cases.check_sample_negatives_bad(both, what)
+
+
 @pytest.mark.parametrize("op", cases.STEPS_OPS)
 @pytest.mark.parametrize("n,batch_size,k,weighted", [(0, 4, 1, False), (150, 64, 2, True),
                                                      (40, 100, 1, False)])

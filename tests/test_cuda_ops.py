@@ -328,6 +328,17 @@ def test_sampled_steps_in_one_call(op, n, batch_size, k, weighted):
                             num_items=500)
 
 
+@pytest.mark.parametrize("batch,k,id_dtype", [(0, 2, torch.int64), (1, 1, torch.int32),
+                                              (65_536, 4, torch.int64)])
+def test_sample_negatives(batch, k, id_dtype):
+    cases.check_sample_negatives(CUDA, batch, k, id_dtype, num_users=2000, num_items=500)
+
+
+@pytest.mark.parametrize("what", ["user", "full", "row"])
+def test_sample_negatives_bad(what):
+    cases.check_sample_negatives_bad(CUDA, what)
+
+
 @pytest.mark.parametrize("op", cases.SAMPLED_OPS)
 @pytest.mark.parametrize("what", ["full", "row"])
 def test_sampled_steps_bad_rows(op, what):

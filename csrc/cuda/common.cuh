@@ -27,7 +27,8 @@ constexpr int kWarp = 32;
 enum ErrorOp : int { kOpMfForward = 0, kOpMfBackward, kOpSparseAdagrad, kOpSparseSgd,
                      kOpTrainStep, kOpTrainStepPairwise, kOpTopk, kOpEmbeddingBagForward,
                      kOpEmbeddingBagBackward, kOpSparseUpdate, kOpEmbeddingBagBackwardUpdate,
-                     kOpTrainStepPairwiseSampled, kOpTrainStepSampled, kNumErrorOps };
+                     kOpTrainStepPairwiseSampled, kOpTrainStepSampled, kOpSampleNegatives,
+                     kNumErrorOps };
 // kArgIndptrSpan and kArgIndptrOrder are a bad exclude_indptr (a CSR the kernel cannot
 // trust), reported as the ValueErrors of the CPU kernel; kArgOffsets* likewise a bad
 // embedding_bag offsets (start: value = offsets[0]; order: value, limit = offsets[b],

@@ -72,6 +72,7 @@ const char* op_name(int op) {
     case kOpEmbeddingBagBackwardUpdate: return "embedding_bag_backward_update";
     case kOpTrainStepPairwiseSampled: return "train_step_pairwise_sampled";
     case kOpTrainStepSampled: return "train_step_sampled";
+    case kOpSampleNegatives: return "sample_negatives";
     default: return "unknown op";
   }
 }
