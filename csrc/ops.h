@@ -6,8 +6,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
+#include <string>
 
 #include "args.h"
 #include "checks.h"
@@ -258,6 +260,29 @@ void embedding_bag_backward_update_op(
                   static_cast<Pooling>(pooling)};
   check_backward_update_inputs(op, table, opt.optimizer, grad_output, bags, pooling);
   kKernel(table, grad_output, bags, opt);
+}
+
+// sample_negatives: the draws of users' (B,) rows into out (B, num_negatives) int64, B >= 1;
+// `op` names the caller in the errors.
+using SampleNegativesKernel = void (*)(const at::Tensor& users, const at::Tensor& pos_indptr,
+                                       const at::Tensor& pos_indices, int64_t num_items,
+                                       int64_t seed, int64_t step, const char* op,
+                                       at::Tensor& out);
+
+template <SampleNegativesKernel kKernel>
+at::Tensor sample_negatives_op(const at::Tensor& users, const at::Tensor& pos_indptr,
+                               const at::Tensor& pos_indices, int64_t num_items,
+                               int64_t num_negatives, int64_t seed, int64_t step,
+                               c10::string_view op_name) {
+  const std::string name(op_name);
+  check_sample_negatives(name.c_str(), users, pos_indptr, pos_indices, num_items,
+                         num_negatives);
+  at::Tensor out = at::empty({users.size(0), num_negatives}, users.options().dtype(at::kLong));
+  if (users.size(0) > 0) {
+    kKernel(users.contiguous(), pos_indptr.contiguous(), pos_indices.contiguous(), num_items,
+            seed, step, name.c_str(), out);
+  }
+  return out;
 }
 
 }  // namespace fastmf

@@ -12,10 +12,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <string>
 #include <vector>
 
-#include "../checks.h"
+#include "../ops.h"
 #include "common.h"
 #include "sampled.h"
 
@@ -23,26 +22,22 @@ namespace fastmf {
 namespace cpu {
 namespace {
 
-at::Tensor sample_negatives(const at::Tensor& users_in, const at::Tensor& pos_indptr,
-                            const at::Tensor& pos_indices, int64_t num_items,
-                            int64_t num_negatives, int64_t seed, int64_t step,
-                            c10::string_view op_name) {
-  const std::string name(op_name);
-  const char* op = name.c_str();
-  check_sample_negatives(op, users_in, pos_indptr, pos_indices, num_items, num_negatives);
-  const int64_t batch = users_in.size(0);
-  at::Tensor out = at::empty({batch, num_negatives}, users_in.options().dtype(at::kLong));
-  if (batch == 0) return out;
+// The users' ids read and range-checked, then every draw (sampled.h), raising for the first
+// user in batch order with a bad row or no item left.
+void sample_negatives(const at::Tensor& users_in, const at::Tensor& pos_indptr,
+                      const at::Tensor& pos_indices, int64_t num_items, int64_t seed,
+                      int64_t step, const char* op, at::Tensor& out) {
   std::vector<int64_t> users;
-  load_ids(op, "users", users_in.contiguous(), pos_indptr.size(0) - 1, users);
-  draw_negatives_of(op, users.data(), batch, num_negatives, pos_indptr, pos_indices, num_items,
-                    seed, step, out.data_ptr<int64_t>());
-  return out;
+  load_ids(op, "users", users_in, pos_indptr.size(0) - 1, users);
+  draw_negatives_of(op, users.data(), users_in.size(0), out.size(1), pos_indptr, pos_indices,
+                    num_items, seed, step, out.data_ptr<int64_t>());
 }
 
 }  // namespace
 
-void register_sampling(torch::Library& m) { m.impl("sample_negatives", &sample_negatives); }
+void register_sampling(torch::Library& m) {
+  m.impl("sample_negatives", &sample_negatives_op<sample_negatives>);
+}
 
 }  // namespace cpu
 }  // namespace fastmf
