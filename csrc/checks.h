@@ -418,10 +418,10 @@ inline void check_train_step_sampled(const char* op, const StepTables& tables,
   check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }
 
-// sample_negatives (fastmf/ops/checks.py check_sample_negatives): the ids' and the CSR's
-// types and shapes, one device, num_items in [1, 2^31 - 1] (a draw's rank is below 2^31) and
-// at least 1 negative, and at most 2^31 - 1 draws (the pairs' counters). The users' range
-// and their rows are checked where the ids are read.
+// sample_negatives (csrc/ops.h sample_negatives_op, for both devices): the ids' and the
+// CSR's types and shapes, one device, num_items in [1, 2^31 - 1] (a draw's rank is below
+// 2^31), at least 1 negative, and at most 2^31 - 1 draws (the pairs' counters). The users'
+// range and their rows are checked where the ids are read (on the GPU, recorded there).
 inline void check_sample_negatives(const char* op, const at::Tensor& users,
                                    const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
                                    int64_t num_items, int64_t num_negatives) {
