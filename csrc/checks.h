@@ -357,6 +357,21 @@ inline void check_train_step_pairwise(const char* op, const StepTables& tables,
 // step).
 // `b`: the positives of one step (all of them for one step; a batch's worth for the
 // multi-step ops).
+// A draw's rank is below the item count, drawn with 32 random bits (negative_sampling.h):
+// at most 2^31 - 1 items (fastmf/ops/checks.py MAX_SAMPLED_ITEMS).
+constexpr int64_t kMaxSampledItems = (int64_t{1} << 31) - 1;
+
+// The positives' CSR of the sampled ops: row pointers and items int32/int64 and 1-D, on
+// the device of `like` (their values are checked where the draws read them).
+inline void check_positives_csr(const char* op, const at::Tensor& pos_indptr,
+                                const at::Tensor& pos_indices, const char* like_name,
+                                const at::Tensor& like) {
+  check_id_dtype(op, "pos_indptr", pos_indptr);
+  check_like_device(op, "pos_indptr", pos_indptr, like_name, like);
+  check_id_dtype(op, "pos_indices", pos_indices);
+  check_like_device(op, "pos_indices", pos_indices, like_name, like);
+}
+
 template <typename Batch>
 inline void check_sampled(const char* op, const StepTables& tables, const StepTables& states,
                           const Batch& batch, const OptimizerArgs& opt,
@@ -367,18 +382,16 @@ inline void check_sampled(const char* op, const StepTables& tables, const StepTa
   check_setting(op, "reg", batch.reg);
   check_mf_tables(op, batch.users, batch.pos_items, tables.user_factors, tables.item_factors,
                   maybe(tables.user_bias), maybe(tables.item_bias));
-  check_id_dtype(op, "pos_indptr", batch.pos_indptr);
-  check_like_device(op, "pos_indptr", batch.pos_indptr, "user_factors", tables.user_factors);
-  check_id_dtype(op, "pos_indices", batch.pos_indices);
-  check_like_device(op, "pos_indices", batch.pos_indices, "user_factors", tables.user_factors);
+  check_positives_csr(op, batch.pos_indptr, batch.pos_indices, "user_factors",
+                      tables.user_factors);
   const int64_t num_users = tables.user_factors.size(0);
   const int64_t num_items = tables.item_factors.size(0);
   TORCH_CHECK_VALUE(batch.pos_indptr.size(0) == num_users + 1, "fastmf.", op, ": pos_indptr has ",
                     batch.pos_indptr.size(0), " entries, expected num_users + 1 = ",
                     num_users + 1);
-  constexpr int64_t kMaxItems = (int64_t{1} << 31) - 1, kMaxRows = (int64_t{1} << 30) - 1;
-  TORCH_CHECK_VALUE(num_items <= kMaxItems, "fastmf.", op, ": item_factors has ", num_items,
-                    " rows; sampling supports at most ", kMaxItems);
+  constexpr int64_t kMaxRows = (int64_t{1} << 30) - 1;
+  TORCH_CHECK_VALUE(num_items <= kMaxSampledItems, "fastmf.", op, ": item_factors has ",
+                    num_items, " rows; sampling supports at most ", kMaxSampledItems);
   const int64_t per = batch.num_negatives + positive_rows;
   if (positive_rows == 0) {
     TORCH_CHECK_VALUE(b <= kMaxRows / per, "fastmf.", op, ": ", b, " positives x ",
@@ -426,20 +439,17 @@ inline void check_sample_negatives(const char* op, const at::Tensor& users,
                                    const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
                                    int64_t num_items, int64_t num_negatives) {
   check_id_dtype(op, "users", users);
-  check_id_dtype(op, "pos_indptr", pos_indptr);
-  check_id_dtype(op, "pos_indices", pos_indices);
-  check_like_device(op, "pos_indptr", pos_indptr, "users", users);
-  check_like_device(op, "pos_indices", pos_indices, "users", users);
+  check_positives_csr(op, pos_indptr, pos_indices, "users", users);
   TORCH_CHECK_VALUE(pos_indptr.size(0) >= 1, "fastmf.", op,
                     ": pos_indptr must have num_users + 1 >= 1 entries, got 0");
-  constexpr int64_t kMaxItems = (int64_t{1} << 31) - 1;
-  TORCH_CHECK_VALUE(num_items >= 1 && num_items <= kMaxItems, "fastmf.", op,
-                    ": num_items must be in [1, ", kMaxItems, "], got ", num_items);
+  TORCH_CHECK_VALUE(num_items >= 1 && num_items <= kMaxSampledItems, "fastmf.", op,
+                    ": num_items must be in [1, ", kMaxSampledItems, "], got ", num_items);
   TORCH_CHECK_VALUE(num_negatives >= 1, "fastmf.", op, ": num_negatives must be >= 1, got ",
                     num_negatives);
-  TORCH_CHECK_VALUE(users.size(0) <= kMaxItems / num_negatives, "fastmf.", op, ": ",
+  // The pairs' counters: at most 2^31 - 1 draws, as many as items.
+  TORCH_CHECK_VALUE(users.size(0) <= kMaxSampledItems / num_negatives, "fastmf.", op, ": ",
                     users.size(0), " users x ", num_negatives, " negatives = ",
-                    users.size(0) * num_negatives, " draws; at most ", kMaxItems,
+                    users.size(0) * num_negatives, " draws; at most ", kMaxSampledItems,
                     " are supported");
 }
 

@@ -566,6 +566,20 @@ def run_sampled_steps(target, op, n, batch_size, k, *, weighted=False, num_users
     assert_tables_close(target, got, expected, torch.float32)
 
 
+def broken_positive_csr(indptr, indices, what):
+    """make_positive_csr(30, 20)'s CSR broken for user 2: "full", every one of the 20 items
+    among its positives; otherwise (a row) its row's end past the end of pos_indices (which
+    also breaks user 3's row, which starts there)."""
+    indptr = indptr.clone()
+    if what == "full":
+        start = int(indptr[2])
+        indices = torch.cat([indices[:start], torch.arange(20), indices[int(indptr[3]):]])
+        indptr[3:] += 20 - int(indptr[3] - indptr[2])
+    else:
+        indptr[3] = len(indices) + 5
+    return indptr, indices
+
+
 def check_sampled_bad_rows(target, op, what):
     """A user with every item among its positives, or a row past the end of pos_indices:
     recorded under ``op`` (ValueError from check_errors), the pair left out, no NaN in the
@@ -575,16 +589,9 @@ def check_sampled_bad_rows(target, op, what):
     indptr, indices = make_positive_csr(30, 20, seed=4)
     users, pos, _ = make_triples(30, 20, 64, seed=5)
     users[7] = 2
-    if what == "full":
-        start = int(indptr[2])
-        indices = torch.cat([indices[:start], torch.arange(20), indices[int(indptr[3]):]])
-        indptr = indptr.clone()
-        indptr[3:] += 20 - int(indptr[3] - indptr[2])
-        pattern = rf"{op}: user 2 has 20 positives of 20 items"
-    else:
-        indptr = indptr.clone()
-        indptr[3] = len(indices) + 5
-        pattern = rf"{op}: pos_indptr gives user \d+ the row"
+    indptr, indices = broken_positive_csr(indptr, indices, what)
+    pattern = (rf"{op}: user 2 has 20 positives of 20 items" if what == "full"
+               else rf"{op}: pos_indptr gives user \d+ the row")
     tables = list(target.to(p, q, bu, bi)) + list(target.to(*make_states("adagrad", p, q, bu,
                                                                            bi)))
     sampled_step(target, tables, users, pos, (indptr, indices), 2, 0, 0, 0.01, "adagrad", op)
@@ -620,16 +627,11 @@ def check_sample_negatives_bad(target, what):
     if what == "user":
         users[9] = 30
         error, pattern = IndexError, r"sample_negatives: users id 30 out of range \[0, 30\)"
-    elif what == "full":
-        start = int(indptr[2])
-        indices = torch.cat([indices[:start], torch.arange(20), indices[int(indptr[3]):]])
-        indptr = indptr.clone()
-        indptr[3:] += 20 - int(indptr[3] - indptr[2])
-        error, pattern = ValueError, r"sample_negatives: user 2 has 20 positives of 20 items"
     else:
-        indptr = indptr.clone()
-        indptr[3] = len(indices) + 5
-        error, pattern = ValueError, r"sample_negatives: pos_indptr gives user \d+ the row"
+        indptr, indices = broken_positive_csr(indptr, indices, what)
+        error, pattern = ValueError, (
+            r"sample_negatives: user 2 has 20 positives of 20 items" if what == "full"
+            else r"sample_negatives: pos_indptr gives user \d+ the row")
     args = (*target.to(users, indptr, indices), 20, 2, 0, 0, "sample_negatives")
     if target.device == "cpu" and target.name != "emulated":
         with pytest.raises(error, match=pattern):
