@@ -285,7 +285,8 @@ class MF(FactorTables, Recommender):
             return None
         if self._backend == "native" and not native.has_kernel(self.user_factors.device, op):
             return None
-        users, items, _, weights, _ = self._shuffled(train, loss, generator)
+        users, items, _, weights, _ = self._shuffled(train, loss, generator,
+                                                     id_dtype=torch.int32)
         indptr, indices = sampler.csr(self.user_factors.device)
         run = train_steps_pairwise_sampled if loss == "bpr" else train_steps_sampled
         losses = run(self, optimizer, users, items, indptr, indices, num_negatives,

@@ -267,6 +267,25 @@ def test_batches_cover_every_interaction_once_with_negatives_outside_the_user_it
     assert again.targets is not None and again.negatives is None
 
 
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
+def test_the_epoch_order_is_torch_randperm_whatever_the_id_dtype(n):
+    """The shuffle draws its permutation in int32 and gathers int32 ids when asked: the
+    same order as torch.randperm's int64 one (which fits already trained on), so the
+    dtypes change no fit."""
+    rng = np.random.default_rng(n)
+    users, items = rng.integers(0, 50, n), rng.integers(0, 30, n)
+    data = fastmf.data.Interactions(users, items, user_map=50, item_map=30)
+    model = ProtoDot(50, 30, dim=3)
+    for seed in (0, 5):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        for id_dtype in (torch.int64, torch.int32):
+            got = model._shuffled(data, "bpr", torch.Generator().manual_seed(seed),
+                                  id_dtype=id_dtype)
+            assert got[0].dtype == got[1].dtype == id_dtype
+            assert torch.equal(got[0].long(), torch.from_numpy(users)[order])
+            assert torch.equal(got[1].long(), torch.from_numpy(items)[order])
 # -- serving: dot-product and scored models agree ----------------------------------------------
 
 def test_recommend_through_score_items_matches_the_fused_top_k():
