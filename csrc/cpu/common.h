@@ -14,6 +14,7 @@
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#include <immintrin.h>  // the AVX2 build's sqrt_n (csrc/cpu/avx2/prelude.h includes it first)
 #elif defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
@@ -145,10 +146,16 @@ inline T dot(const T* a, const T* b, int64_t n) {
 }
 
 // y = sqrt(x). Vector square roots by hand: without -fno-math-errno the compiler keeps
-// sqrt scalar (it must be able to set errno), and Adagrad takes one per element. Both
-// paths are correctly rounded, so the results agree bit for bit.
+// sqrt scalar (it must be able to set errno), and Adagrad takes one per element. Every
+// path is correctly rounded, so the results agree bit for bit. The AVX2 build takes 8 (4
+// doubles) at a time: on the 2-core AMD EPYC (Zen 4) a 64-float row's roots took 11 ns
+// that way against 22 ns 4 at a time, and Adagrad's step takes them for every row it
+// updates (element-wise Adagrad is the BPR and BCE default).
 inline void sqrt_n(const float* x, float* y, int64_t n) {
   int64_t k = 0;
+#if defined(FASTMF_AVX2_BUILD)
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(y + k, _mm256_sqrt_ps(_mm256_loadu_ps(x + k)));
+#endif
 #if defined(__SSE2__)
   for (; k + 4 <= n; k += 4) _mm_storeu_ps(y + k, _mm_sqrt_ps(_mm_loadu_ps(x + k)));
 #elif defined(__aarch64__) && defined(__ARM_NEON)
@@ -159,6 +166,9 @@ inline void sqrt_n(const float* x, float* y, int64_t n) {
 
 inline void sqrt_n(const double* x, double* y, int64_t n) {
   int64_t k = 0;
+#if defined(FASTMF_AVX2_BUILD)
+  for (; k + 4 <= n; k += 4) _mm256_storeu_pd(y + k, _mm256_sqrt_pd(_mm256_loadu_pd(x + k)));
+#endif
 #if defined(__SSE2__)
   for (; k + 2 <= n; k += 2) _mm_storeu_pd(y + k, _mm_sqrt_pd(_mm_loadu_pd(x + k)));
 #elif defined(__aarch64__) && defined(__ARM_NEON)

@@ -14,6 +14,10 @@
 // AVX2 build only does the work in wider registers: on 2 threads the BPR op ran 1.12-1.17x
 // and a BPR fit 1.24-1.27x faster (benchmarks/README.md, "AVX2 builds of the CPU kernels").
 //
+// Each csrc/cpu/avx2/<family>.cpp also defines FASTMF_AVX2_BUILD: GCC's target pragma does
+// not define __AVX__ or __AVX2__, so code that writes 256-bit intrinsics (common.h sqrt_n)
+// or tunes a loop for the AVX2 build asks that macro.
+//
 // Only fastmf's CPU code is compiled for AVX2: each csrc/cpu/avx2/<family>.cpp includes every
 // outside header (ATen, torch, the standard library, csrc/*.h; avx2/prelude.h) before its
 // target pragma, and everything after it lives in namespace cpu_avx2 or in the file's
