@@ -380,18 +380,21 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables_in, const StepT
             // while rank 0 first expands this step's users to their K pairs, groups them
             // and binds the step's scratch.
             parallel_for(0, pairs, kGrain, [&](int64_t p0, int64_t p1) {
-              for (int64_t p = p0; p < p1; ++p) items[p] = pos[lo + p / k];
+              for_pairs(p0, p1, k, [&](int64_t p, int64_t b) { items[p] = pos[lo + b]; });
               run.draw(p0, p1, k, users + lo, num_items, key, items + pairs);
             }, [&] {
               if (rank != 0) return;
-              for (int64_t p = 0; p < pairs; ++p) step_users[p] = users[lo + p / k];
+              for_pairs(0, pairs, k,
+                        [&](int64_t p, int64_t b) { step_users[p] = users[lo + b]; });
               group_rows(step_users, pairs, num_users, ws.user_groups);
               pr.bind(ws, pairs, dim, ws.user_groups.num_groups, in.reg, opt.lr, opt.eps);
               pr.weights = nullptr;
               if (all_weights != nullptr && k == 1) pr.weights = all_weights + lo;
               if (all_weights != nullptr && k > 1) {
                 expanded_weights.resize(static_cast<size_t>(pairs));
-                for (int64_t p = 0; p < pairs; ++p) expanded_weights[p] = all_weights[lo + p / k];
+                for_pairs(0, pairs, k, [&](int64_t p, int64_t b) {
+                  expanded_weights[p] = all_weights[lo + b];
+                });
                 pr.weights = expanded_weights.data();
               }
             });

@@ -539,14 +539,15 @@ at::Tensor train_steps_sampled(const StepTables& tables_in, const StepTables& st
             // negatives drawn in pieces over the team (from the positives' own users), while
             // rank 0 first lays out and groups the step's users.
             parallel_for(0, batch * k, kGrain, [&](int64_t p0, int64_t p1) {
-              for (int64_t p = p0; p < p1; ++p) {
-                if (p % k == 0) items[p / k] = pos[lo + p / k];
-              }
+              for_pairs(p0, p1, k, [&](int64_t p, int64_t b) {
+                if (p == b * k) items[b] = pos[lo + b];
+              });
               run.draw(p0, p1, k, users + lo, num_items, key, items + batch);
             }, [&] {
               if (rank != 0) return;
               for (int64_t b = 0; b < batch; ++b) step_users[b] = users[lo + b];
-              for (int64_t p = 0; p < batch * k; ++p) step_users[batch + p] = users[lo + p / k];
+              for_pairs(0, batch * k, k,
+                        [&](int64_t p, int64_t b) { step_users[batch + p] = users[lo + b]; });
               group_rows(step_users, step_rows, num_users, ws.user_groups);
             });
             // The items grouped, and the step bound (which side goes first, as run_pointwise

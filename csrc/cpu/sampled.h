@@ -21,6 +21,24 @@
 namespace fastmf {
 namespace FASTMF_CPU_NS {
 
+// f(p, b) for each pair p in [p0, p1) with b = p / k its sample (pair p = b * K + j is
+// sample b's j-th): the sample counted along, not divided out per pair (k is not known to
+// the compiler, so p / k is a 64-bit division). The draws of 4,096 ml-latest-small users
+// took 113 against 117 us with K = 1 and 376 against 393 us with K = 4 (one thread, the
+// fastest of 1,500 calls, three alternated processes each); the steps' expansions of the
+// positives had two more divisions a pair.
+template <typename F>
+inline void for_pairs(int64_t p0, int64_t p1, int64_t k, const F& f) {
+  int64_t b = p0 / k, j = p0 - b * k;
+  for (int64_t p = p0; p < p1; ++p) {
+    f(p, b);
+    if (++j == k) {
+      j = 0;
+      ++b;
+    }
+  }
+}
+
 // The negatives of pairs [p0, p1) (pair p = b * K + k is sample b's k-th, of user
 // users[b]): the same items as sampling::rank_to_item one draw at a time, but kLanes draws
 // searched side by side. A draw's binary search is a chain of dependent loads (about 10 in
@@ -36,6 +54,9 @@ inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* use
   constexpr int kLanes = 8;
   // What an idle lane reads: its load is issued but its result never used.
   static const index_t kIdle[1] = {0};
+  // Pair p's sample b = p / k, counted along (for_pairs above says why): j is the pair's
+  // place within its sample, one behind until the first lane counts.
+  int64_t b = p0 / k, j = p0 - b * k - 1;
   for (int64_t p = p0; p < p1; p += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, p1 - p));
     const index_t* row[kLanes];
@@ -45,7 +66,11 @@ inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* use
       row[l] = kIdle;
       lo[l] = len[l] = rank[l] = 0;
       if (l >= n) continue;
-      const int64_t pair = p + l, b = pair / k;
+      const int64_t pair = p + l;
+      if (++j == k) {
+        j = 0;
+        ++b;
+      }
       const int64_t u = users[b];
       const int64_t start = indptr[u], stop = indptr[u + 1];
       if (start < 0 || stop < start || stop > nnz) {
