@@ -55,8 +55,14 @@ for dtype in (torch.float32, torch.float64):
     from fastmf.step import train_step_pairwise_sampled
     for step in range(3):
         users, pos = zipf_ids(300, 777, generator=rng), zipf_ids(200, 777, generator=rng)
+        # int32 rows too: the AVX2 build searches them with vector gathers
+        rows = row_ok.int() if step % 2 else row_ok
         out[f"bpr loss {name} {step}"] = train_step_pairwise_sampled(
-            model, opt, users, pos, indptr, row_ok, 3, seed=5, step=step, reg=0.01)
+            model, opt, users, pos, indptr, rows, 3, seed=5, step=step, reg=0.01)
+    users = zipf_ids(300, 1000, generator=rng)
+    for rows in (row_ok, row_ok.int()):
+        out[f"negatives {name} {rows.dtype}"] = torch.ops.fastmf.sample_negatives(
+            users, indptr, rows, 200, 4, 9, 2, "sample_negatives")
     out.update({f"mf {name} {k}": v for k, v in model.state_dict().items()})
     out.update({f"mf state {name} {i}": s for i, s in enumerate(
         opt.state_for(t) for t in model.tables() if t is not None)})

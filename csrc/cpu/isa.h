@@ -1,5 +1,5 @@
 // The instruction sets of the CPU kernels. The fused-step families (pointwise.cpp,
-// pairwise.cpp) and the embedding_bag family are compiled twice: as they are, for the
+// pairwise.cpp), the embedding_bag family and the sampling family are compiled twice: as they are, for the
 // x86-64 baseline (SSE2), into namespace fastmf::cpu, and once more by
 // csrc/cpu/avx2/<family>.cpp under GCC's target("avx2") into fastmf::cpu_avx2.
 // csrc/cpu/register.cpp registers one of the two when the library loads: AVX2 where the CPU
@@ -7,7 +7,9 @@
 // at run time. The embedding_bag family was built once at first: its AVX2 build made no
 // difference to the embedding layer's step on a 1M-row table (memory-bound); on Hybrid's
 // tables, which stay in cache, its fused Adagrad update runs 1.3x faster (benchmarks/README.md,
-// "Hybrid's bag kernels built for AVX2"), for about 45 s more compile time per build.
+// "Hybrid's bag kernels built for AVX2"), for about 45 s more compile time per build. The
+// sampling family too was built once until its draws' searches took AVX2 gathers
+// (sampled.h draw_negatives_gather).
 //
 // Both builds compute the same numbers to the bit: the same source, so the same order of
 // operations; -ffp-contract=off, so no fused multiply-adds in either; no reassociation. The

@@ -23,6 +23,7 @@ namespace cpu_avx2 {
 void register_pointwise(torch::Library& m);
 void register_pairwise(torch::Library& m);
 void register_embedding_bag(torch::Library& m);
+void register_sampling(torch::Library& m);
 }  // namespace cpu_avx2
 #endif
 
@@ -57,15 +58,15 @@ TORCH_LIBRARY_IMPL(fastmf, CPU, m) {
     fastmf::cpu_avx2::register_pointwise(m);
     fastmf::cpu_avx2::register_pairwise(m);
     fastmf::cpu_avx2::register_embedding_bag(m);
+    fastmf::cpu_avx2::register_sampling(m);
   } else
 #endif
   {
     fastmf::cpu::register_pointwise(m);
     fastmf::cpu::register_pairwise(m);
     fastmf::cpu::register_embedding_bag(m);
+    fastmf::cpu::register_sampling(m);
   }
   // Picks its SIMD tiles itself (csrc/cpu/isa.h).
   fastmf::cpu::register_topk(m);
-  // Integer loads and compares: one build.
-  fastmf::cpu::register_sampling(m);
 }

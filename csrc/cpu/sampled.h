@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -39,6 +40,93 @@ inline void for_pairs(int64_t p0, int64_t p1, int64_t k, const F& f) {
   }
 }
 
+// One draw's search: its row's start in `indices`, the row's length and the draw's rank.
+// A malformed row or a user with every item is recorded in bad_row / full (its first
+// sample), and searches nothing (length 0).
+struct DrawLane {
+  int64_t start, deg, rank;
+};
+
+inline DrawLane lane_of(int64_t pair, int64_t b, const int64_t* users, const int64_t* indptr,
+                        int64_t nnz, int64_t num_items, uint64_t key, int64_t& bad_row,
+                        int64_t& full) {
+  const int64_t u = users[b];
+  const int64_t start = indptr[u], stop = indptr[u + 1];
+  if (start < 0 || stop < start || stop > nnz) {
+    bad_row = std::min(bad_row, b);
+    return {0, 0, 0};
+  }
+  const int64_t deg = stop - start;
+  if (deg >= num_items) {
+    full = std::min(full, b);
+    return {0, 0, 0};
+  }
+  return {start, deg,
+          sampling::draw_rank(key, static_cast<uint64_t>(pair), num_items - deg)};
+}
+
+#if defined(FASTMF_AVX2_BUILD)
+// draw_negatives' search with AVX2 gathers, for int32 rows of at most 2^31 - 1 positives in
+// all and at most 2^31 - 1 items: 8 draws to a vector, kGroups vectors interleaved, every
+// lane the same steps as rank_to_item in 32-bit integers. rank + mid < num_items, so
+// row[mid] - mid <= rank compares as row[mid] <= rank + mid without overflow; a lane's
+// gather is masked off once its search is done, so it reads nothing past its row.
+inline void draw_negatives_gather(int64_t p0, int64_t p1, int64_t k, const int64_t* users,
+                                  const int64_t* indptr, const int32_t* indices, int64_t nnz,
+                                  int64_t num_items, uint64_t key, int64_t* neg,
+                                  int64_t& bad_row, int64_t& full) {
+  constexpr int kGroups = 4, kLanes = 8 * kGroups;
+  const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
+  int64_t b = p0 / k, j = p0 - b * k - 1;  // as in draw_negatives
+  for (int64_t p = p0; p < p1; p += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, p1 - p));
+    alignas(32) int32_t start[kLanes], len[kLanes], rank[kLanes], lo[kLanes];
+    int width = 0;
+    for (int l = 0; l < kLanes; ++l) {
+      start[l] = len[l] = rank[l] = 0;
+      if (l >= n) continue;
+      if (++j == k) {
+        j = 0;
+        ++b;
+      }
+      const DrawLane d =
+          lane_of(p + l, b, users, indptr, nnz, num_items, key, bad_row, full);
+      start[l] = static_cast<int32_t>(d.start);
+      len[l] = static_cast<int32_t>(d.deg);
+      rank[l] = static_cast<int32_t>(d.rank);
+      width = std::max(width, bit_width(static_cast<uint64_t>(d.deg)));
+    }
+    __m256i st[kGroups], ln[kGroups], rk[kGroups], at[kGroups];
+    for (int g = 0; g < kGroups; ++g) {
+      st[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(start + 8 * g));
+      ln[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(len + 8 * g));
+      rk[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rank + 8 * g));
+      at[g] = zero;  // lo
+    }
+    for (int round = 0; round < width; ++round) {
+      for (int g = 0; g < kGroups; ++g) {
+        const __m256i active = _mm256_cmpgt_epi32(ln[g], zero);
+        const __m256i half = _mm256_srli_epi32(ln[g], 1);
+        const __m256i mid = _mm256_add_epi32(at[g], half);
+        const __m256i v = _mm256_mask_i32gather_epi32(
+            zero, indices, _mm256_add_epi32(st[g], mid), active, 4);
+        const __m256i below = _mm256_andnot_si256(
+            _mm256_cmpgt_epi32(v, _mm256_add_epi32(rk[g], mid)), active);
+        const __m256i step = _mm256_add_epi32(half, one);
+        at[g] = _mm256_add_epi32(at[g], _mm256_and_si256(step, below));
+        // len - half - 1 where below, else half; 0 once done
+        ln[g] = _mm256_and_si256(
+            _mm256_blendv_epi8(half, _mm256_sub_epi32(ln[g], step), below), active);
+      }
+    }
+    for (int g = 0; g < kGroups; ++g) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lo + 8 * g), at[g]);
+    }
+    for (int l = 0; l < n; ++l) neg[p + l] = static_cast<int64_t>(rank[l]) + lo[l];
+  }
+}
+#endif
+
 // The negatives of pairs [p0, p1) (pair p = b * K + k is sample b's k-th, of user
 // users[b]): the same items as sampling::rank_to_item one draw at a time, but kLanes draws
 // searched side by side. A draw's binary search is a chain of dependent loads (about 10 in
@@ -51,6 +139,16 @@ inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* use
                            const int64_t* indptr, const index_t* indices, int64_t nnz,
                            int64_t num_items, uint64_t key, int64_t* neg, int64_t& bad_row,
                            int64_t& full) {
+#if defined(FASTMF_AVX2_BUILD)
+  if constexpr (std::is_same_v<index_t, int32_t>) {
+    constexpr int64_t kMax32 = 2147483647;
+    if (nnz <= kMax32 && num_items <= kMax32) {
+      draw_negatives_gather(p0, p1, k, users, indptr, indices, nnz, num_items, key, neg,
+                            bad_row, full);
+      return;
+    }
+  }
+#endif
   constexpr int kLanes = 8;
   // What an idle lane reads: its load is issued but its result never used.
   static const index_t kIdle[1] = {0};
@@ -66,26 +164,16 @@ inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* use
       row[l] = kIdle;
       lo[l] = len[l] = rank[l] = 0;
       if (l >= n) continue;
-      const int64_t pair = p + l;
       if (++j == k) {
         j = 0;
         ++b;
       }
-      const int64_t u = users[b];
-      const int64_t start = indptr[u], stop = indptr[u + 1];
-      if (start < 0 || stop < start || stop > nnz) {
-        bad_row = std::min(bad_row, b);
-        continue;
-      }
-      const int64_t deg = stop - start;
-      if (deg >= num_items) {
-        full = std::min(full, b);
-        continue;
-      }
-      rank[l] = sampling::draw_rank(key, static_cast<uint64_t>(pair), num_items - deg);
-      if (deg > 0) row[l] = indices + start;
-      len[l] = deg;
-      width = std::max(width, bit_width(static_cast<uint64_t>(deg)));
+      const DrawLane d =
+          lane_of(p + l, b, users, indptr, nnz, num_items, key, bad_row, full);
+      rank[l] = d.rank;
+      if (d.deg > 0) row[l] = indices + d.start;
+      len[l] = d.deg;
+      width = std::max(width, bit_width(static_cast<uint64_t>(d.deg)));
     }
     // rank_to_item's loop, every lane in step: a length shrinks to at most half of itself
     // each round, so bit_width(deg) rounds finish a row of deg items; a finished lane

@@ -6,8 +6,9 @@
 //
 // Why a kernel of its own: the Numba kernel searches one draw at a time, and a Hybrid step
 // on ml-latest-small (4,096 positives, one negative each, 2 threads) spent about 0.5 ms of
-// its 6 ms in NegativeSampler.sample_step (benchmarks/README.md). Built once, not for AVX2
-// too: the draws are integer loads and compares.
+// its 6 ms in NegativeSampler.sample_step (benchmarks/README.md). Built for AVX2 too
+// (csrc/cpu/avx2/sampling.cpp), where the draws' searches run on vector gathers
+// (sampled.h draw_negatives_gather).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,10 +17,11 @@
 
 #include "../ops.h"
 #include "common.h"
+#include "isa.h"
 #include "sampled.h"
 
 namespace fastmf {
-namespace cpu {
+namespace FASTMF_CPU_NS {
 namespace {
 
 // The users' ids read and range-checked, then every draw (sampled.h), raising for the first
@@ -39,5 +41,5 @@ void register_sampling(torch::Library& m) {
   m.impl("sample_negatives", &sample_negatives_op<sample_negatives>);
 }
 
-}  // namespace cpu
+}  // namespace FASTMF_CPU_NS
 }  // namespace fastmf
