@@ -28,16 +28,27 @@ namespace FASTMF_CPU_NS {
 // took 113 against 117 us with K = 1 and 376 against 393 us with K = 4 (one thread, the
 // fastest of 1,500 calls, three alternated processes each); the steps' expansions of the
 // positives had two more divisions a pair.
+// PairSamples counts along from pair p0: next() is the sample of p0, then of p0 + 1, ...
+class PairSamples {
+ public:
+  PairSamples(int64_t p0, int64_t k) : k_(k), b_(p0 / k), j_(p0 - b_ * k) {}
+  int64_t next() {
+    const int64_t b = b_;
+    if (++j_ == k_) {
+      j_ = 0;
+      ++b_;
+    }
+    return b;
+  }
+
+ private:
+  int64_t k_, b_, j_;
+};
+
 template <typename F>
 inline void for_pairs(int64_t p0, int64_t p1, int64_t k, const F& f) {
-  int64_t b = p0 / k, j = p0 - b * k;
-  for (int64_t p = p0; p < p1; ++p) {
-    f(p, b);
-    if (++j == k) {
-      j = 0;
-      ++b;
-    }
-  }
+  PairSamples samples(p0, k);
+  for (int64_t p = p0; p < p1; ++p) f(p, samples.next());
 }
 
 // One draw's search: its row's start in `indices`, the row's length and the draw's rank.
@@ -65,6 +76,23 @@ inline DrawLane lane_of(int64_t pair, int64_t b, const int64_t* users, const int
           sampling::draw_rank(key, static_cast<uint64_t>(pair), num_items - deg)};
 }
 
+// The searches of pairs [p, p + n), the next n of `samples`, each handed to put(l, lane);
+// returns the most rounds any of them needs (the bit width of its row's length). Both
+// searches below (vector gathers, scalar lanes) set their lanes up through this.
+template <typename F>
+inline int draw_lanes(int64_t p, int n, PairSamples& samples, const int64_t* users,
+                      const int64_t* indptr, int64_t nnz, int64_t num_items, uint64_t key,
+                      int64_t& bad_row, int64_t& full, const F& put) {
+  int width = 0;
+  for (int l = 0; l < n; ++l) {
+    const DrawLane d =
+        lane_of(p + l, samples.next(), users, indptr, nnz, num_items, key, bad_row, full);
+    put(l, d);
+    width = std::max(width, bit_width(static_cast<uint64_t>(d.deg)));
+  }
+  return width;
+}
+
 #if defined(FASTMF_AVX2_BUILD)
 // draw_negatives' search with AVX2 gathers, for int32 rows of at most 2^31 - 1 positives in
 // all and at most 2^31 - 1 items: 8 draws to a vector, kGroups vectors interleaved, every
@@ -77,25 +105,16 @@ inline void draw_negatives_gather(int64_t p0, int64_t p1, int64_t k, const int64
                                   int64_t& bad_row, int64_t& full) {
   constexpr int kGroups = 4, kLanes = 8 * kGroups;
   const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
-  int64_t b = p0 / k, j = p0 - b * k - 1;  // as in draw_negatives
+  PairSamples samples(p0, k);
   for (int64_t p = p0; p < p1; p += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, p1 - p));
-    alignas(32) int32_t start[kLanes], len[kLanes], rank[kLanes], lo[kLanes];
-    int width = 0;
-    for (int l = 0; l < kLanes; ++l) {
-      start[l] = len[l] = rank[l] = 0;
-      if (l >= n) continue;
-      if (++j == k) {
-        j = 0;
-        ++b;
-      }
-      const DrawLane d =
-          lane_of(p + l, b, users, indptr, nnz, num_items, key, bad_row, full);
-      start[l] = static_cast<int32_t>(d.start);
-      len[l] = static_cast<int32_t>(d.deg);
-      rank[l] = static_cast<int32_t>(d.rank);
-      width = std::max(width, bit_width(static_cast<uint64_t>(d.deg)));
-    }
+    alignas(32) int32_t start[kLanes] = {}, len[kLanes] = {}, rank[kLanes] = {}, lo[kLanes];
+    const int width = draw_lanes(p, n, samples, users, indptr, nnz, num_items, key, bad_row,
+                                 full, [&](int l, const DrawLane& d) {
+                                   start[l] = static_cast<int32_t>(d.start);
+                                   len[l] = static_cast<int32_t>(d.deg);
+                                   rank[l] = static_cast<int32_t>(d.rank);
+                                 });
     __m256i st[kGroups], ln[kGroups], rk[kGroups], at[kGroups];
     for (int g = 0; g < kGroups; ++g) {
       st[g] = _mm256_load_si256(reinterpret_cast<const __m256i*>(start + 8 * g));
@@ -152,29 +171,19 @@ inline void draw_negatives(int64_t p0, int64_t p1, int64_t k, const int64_t* use
   constexpr int kLanes = 8;
   // What an idle lane reads: its load is issued but its result never used.
   static const index_t kIdle[1] = {0};
-  // Pair p's sample b = p / k, counted along (for_pairs above says why): j is the pair's
-  // place within its sample, one behind until the first lane counts.
-  int64_t b = p0 / k, j = p0 - b * k - 1;
+  // Each pair's sample counted along (for_pairs above says why).
+  PairSamples samples(p0, k);
   for (int64_t p = p0; p < p1; p += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, p1 - p));
     const index_t* row[kLanes];
-    int64_t lo[kLanes], len[kLanes], rank[kLanes];
-    int width = 0;
-    for (int l = 0; l < kLanes; ++l) {
-      row[l] = kIdle;
-      lo[l] = len[l] = rank[l] = 0;
-      if (l >= n) continue;
-      if (++j == k) {
-        j = 0;
-        ++b;
-      }
-      const DrawLane d =
-          lane_of(p + l, b, users, indptr, nnz, num_items, key, bad_row, full);
-      rank[l] = d.rank;
-      if (d.deg > 0) row[l] = indices + d.start;
-      len[l] = d.deg;
-      width = std::max(width, bit_width(static_cast<uint64_t>(d.deg)));
-    }
+    int64_t lo[kLanes] = {}, len[kLanes] = {}, rank[kLanes] = {};
+    for (int l = 0; l < kLanes; ++l) row[l] = kIdle;
+    const int width = draw_lanes(p, n, samples, users, indptr, nnz, num_items, key, bad_row,
+                                 full, [&](int l, const DrawLane& d) {
+                                   rank[l] = d.rank;
+                                   if (d.deg > 0) row[l] = indices + d.start;
+                                   len[l] = d.deg;
+                                 });
     // rank_to_item's loop, every lane in step: a length shrinks to at most half of itself
     // each round, so bit_width(deg) rounds finish a row of deg items; a finished lane
     // (len 0) reads element 0 of its row or of kIdle and keeps its result. The selects are
