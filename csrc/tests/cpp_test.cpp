@@ -10,11 +10,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <numeric>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "codes.h"
+#include "cpu/segments.h"
 
 namespace {
 
@@ -384,6 +387,68 @@ void test_sample_negatives() {
   });
 }
 
+// The grouping of a batch's ids (csrc/cpu/segments.h): group_rows, which takes the
+// counting sort for id ranges up to kCountingRange times the batch and the radix sort past
+// them, and group_by_counting on every case, against a stable sort of the positions by id.
+bool same_groups(const fastmf::cpu::RowGroups& g, const std::vector<int64_t>& ids,
+                 int64_t num_groups) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  std::vector<int32_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return ids[a] < ids[b]; });
+  std::vector<int32_t> starts;
+  std::vector<int64_t> rows;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == 0 || ids[order[j]] != ids[order[j - 1]]) {
+      starts.push_back(static_cast<int32_t>(j));
+      rows.push_back(ids[order[j]]);
+    }
+  }
+  bool ok = num_groups == static_cast<int64_t>(rows.size()) && g.starts[num_groups] == n;
+  for (int64_t j = 0; j < n && ok; ++j) ok = g.order[j] == order[j];
+  for (int64_t s = 0; s < num_groups && ok; ++s) {
+    ok = g.starts[s] == starts[s] && g.rows[s] == rows[s];
+  }
+  return ok;
+}
+
+void test_group_rows() {
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  int cases = 0, counted = 0;
+  bool ok = true;
+  for (int64_t n : {1, 2, 7, 64, 65, 1000, 4096}) {
+    for (int64_t range : {int64_t{1}, int64_t{3}, n / 2 + 1, n, 2 * n, 2 * n + 1, 100 * n}) {
+      for (int shape = 0; shape < 4; ++shape) {
+        std::vector<int64_t> ids(static_cast<size_t>(n));
+        for (int64_t b = 0; b < n; ++b) {
+          const double u = uniform(rng);
+          // Zipf-like (many duplicates of the low ids), uniform, one id, descending.
+          const int64_t id = shape == 0   ? static_cast<int64_t>(range * u * u * u)
+                             : shape == 1 ? static_cast<int64_t>(range * u)
+                             : shape == 2 ? range - 1
+                                          : (n - 1 - b) % range;
+          ids[b] = std::min(id, range - 1);
+        }
+        fastmf::cpu::RowGroups g;
+        fastmf::cpu::group_rows(ids.data(), n, range, g);
+        ok = ok && same_groups(g, ids, g.num_groups);
+        // The counting sort on the same ids, on the scratch the call above left (sized for
+        // n, as between steps).
+        const int64_t groups = fastmf::cpu::group_by_counting(ids.data(), n, range, g);
+        g.starts[groups] = static_cast<int32_t>(n);
+        ok = ok && same_groups(g, ids, groups);
+        ++cases;
+        counted += range <= fastmf::cpu::kCountingRange * n ? 1 : 0;
+      }
+    }
+  }
+  check(ok && counted > 0 && counted < cases,
+        "group_rows (counting and radix sorts) and group_by_counting group as a stable sort "
+        "(" + std::to_string(cases) + " cases)");
+}
+
 int main() {
   at::manual_seed(0);
   try {
@@ -400,6 +465,7 @@ int main() {
                            "fastmf::train_step_pairwise_sampled", false);
     test_steps_in_one_call("fastmf::train_steps_sampled", "fastmf::train_step_sampled", true);
     test_sample_negatives();
+    test_group_rows();
   } catch (const std::exception& e) {
     std::printf("FAIL uncaught exception: %s\n", e.what());
     return 1;
