@@ -13,8 +13,9 @@
 // train_step: forward, loss gradient, backward and sparse optimizer update of a
 // batch, with no autograd graph, no per-sample gradient rows and no dense gradients.
 //
-// The batch is grouped by user and by item (radix sort, segments.h). Call the side with more
-// distinct rows "first" (usually users: the larger, colder table) and the other "second".
+// The batch is grouped by user and by item (a counting or a radix sort, segments.h). Call
+// the side with more distinct rows "first" (usually users: the larger, colder table) and
+// the other "second".
 //   Phase 1, per first-side row r: load r's factors once; for each of its samples, gather
 //     the second-side row, predict, take the loss and g_b = dLoss/dpred_b, and sum r's
 //     gradient; keep a copy of r's old factors; step r at once.
