@@ -237,8 +237,9 @@ inline void group_rows(const int64_t* ids, int64_t n, int64_t num_rows, RowGroup
   if (static_cast<int64_t>(g.order.size()) < n) {
     g.order.resize(n);
     g.starts.resize(n + 1);
-    g.rows.resize(n + 1);  // group_by_counting writes one slot past the last group
   }
+  // group_by_counting writes one slot past the last group.
+  if (static_cast<int64_t>(g.rows.size()) < n + 1) g.rows.resize(n + 1);
   if (g.starts.empty()) g.starts.resize(1);
   g.num_groups = 0;
   g.starts[0] = 0;
