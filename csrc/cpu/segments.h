@@ -260,7 +260,9 @@ inline void group_rows(const int64_t* ids, int64_t n, int64_t num_rows, RowGroup
     g.starts[n] = static_cast<int32_t>(n);
     return;
   }
-  if (num_rows <= kCountingRange * n && parallel_chunks(n) == 1) {
+  // Chunks of a parallel grouping (1: group on this thread), for either sort below.
+  const int64_t chunks = parallel_chunks(n);
+  if (num_rows <= kCountingRange * n && chunks == 1) {
     g.num_groups = group_by_counting(ids, n, num_rows, g);
     g.starts[g.num_groups] = static_cast<int32_t>(n);
     return;
@@ -274,7 +276,6 @@ inline void group_rows(const int64_t* ids, int64_t n, int64_t num_rows, RowGroup
       g.scratch.resize(n);
     }
     uint64_t* keys = g.keys.data();
-    const int64_t chunks = parallel_chunks(n);
     if (chunks > 1) {
       at::parallel_for(0, n, kParallelIds / 2, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
