@@ -640,3 +640,79 @@ def test_rank_loss_gradcheck(rng, loss):
         lambda *t: _RankLoss.apply(*t, user_at, pos_at, neg_at, loss, weights, 0.05, kernels,
                                    8),
         leaves)
+
+
+@pytest.mark.parametrize("backend", fastmf.ops.available_backends())
+@pytest.mark.parametrize("loss", ["bpr", "bce", "warp"])
+@pytest.mark.parametrize("case", [
+    dict(size=48, n=3, weights=True, reg=0.01, ids=torch.int64, dtype=torch.float32),
+    dict(size=31, n=1, weights=False, reg=0.0, ids=torch.int32, dtype=torch.float32),
+    dict(size=40, n=2, weights=True, reg=0.05, ids=torch.int64, dtype=torch.bfloat16),
+    dict(size=0, n=2, weights=False, reg=0.01, ids=torch.int64, dtype=torch.float32),
+])
+def test_step_without_graph_equals_backward_pass(rng, monkeypatch, backend, loss, case):
+    # With every table updated in backward, Hybrid's ranking step forms the pooled rows'
+    # gradients itself and hands them to the tables' optimizers: the same bits as the
+    # backward pass through _RankLoss, step after step (Zipf ids with repeats, features on
+    # both sides with repeated entries, per-interaction weights, int32/int64 ids, a
+    # bfloat16 table with stochastic rounding, an empty batch).
+    from fastmf.models import hybrid
+
+    size, n = case["size"], case["n"]
+    num_users, num_items = 9, 17
+    torch.manual_seed(5)
+    model = Hybrid(num_users, num_items, dim=5, backend=backend, dtype=case["dtype"],
+                   user_features=Features.from_scipy(random_features(rng, num_users, 3)),
+                   item_features=Features.from_scipy(random_features(rng, num_items, 6)),
+                   init_scale=0.3)
+    other, initial = copy.deepcopy(model), copy.deepcopy(model)
+    make = lambda m: optim.apply_in_backward(optim.SparseAdagrad(  # noqa: E731
+        list(m.parameters()), lr=0.1, backend=backend))
+    ours, theirs = make(model), make(other)
+    graph_free = hybrid.FeatureSide.updated_in_backward
+    assert model.users.updated_in_backward() and model.items.updated_in_backward()
+    for _ in range(3):
+        batch = Batch(
+            _zipf_positions(rng, num_users, (size,)).to(case["ids"]),
+            _zipf_positions(rng, num_items, (size,)).to(case["ids"]),
+            negatives=_zipf_positions(rng, num_items, (size, 10 if loss == "warp" else n)
+                                      ).to(case["ids"]),
+            weights=(torch.as_tensor(rng.uniform(0.5, 3.0, size), dtype=torch.float32)
+                     if case["weights"] else None))
+        monkeypatch.setattr(hybrid.FeatureSide, "updated_in_backward", graph_free)
+        got, count = model.training_step(batch, ours, loss=loss, reg=case["reg"])
+        monkeypatch.setattr(hybrid.FeatureSide, "updated_in_backward", lambda self: False)
+        want, want_count = other.training_step(batch, theirs, loss=loss, reg=case["reg"])
+        assert count == want_count
+        assert torch.equal(got, want) and not got.requires_grad
+        for a, b in zip(model.parameters(), other.parameters(), strict=True):
+            assert a.grad is None and b.grad is None
+            assert torch.equal(a.detach(), b.detach())
+        states = ours.state_dict()["state"], theirs.state_dict()["state"]
+        assert states[0].keys() == states[1].keys()
+        for key, state in states[0].items():
+            assert state.get("step") == states[1][key].get("step")
+            assert torch.equal(state["sum"], states[1][key]["sum"])
+    if size:  # the steps moved the tables
+        assert not torch.equal(initial.items.table.weight, model.items.table.weight)
+        assert not torch.equal(initial.users.table.weight, model.users.table.weight)
+
+
+def test_step_with_tables_not_updated_in_backward(rng):
+    # An optimizer that steps the tables from sparse gradients after backward (no
+    # apply_in_backward): the step goes through the backward pass and gives the numbers
+    # of the step in backward, within float32 rounding.
+    torch.manual_seed(6)
+    model = Hybrid(8, 15, dim=6, item_features=Features.from_scipy(random_features(rng, 15, 5)),
+                   init_scale=0.3)
+    other = copy.deepcopy(model)
+    batch = Batch(torch.as_tensor(rng.integers(0, 8, 21)), torch.as_tensor(rng.integers(0, 15, 21)),
+                  negatives=torch.as_tensor(rng.integers(0, 15, (21, 2))))
+    plain = optim.SparseAdagrad(list(model.parameters()), lr=0.1)
+    fused = optim.apply_in_backward(optim.SparseAdagrad(list(other.parameters()), lr=0.1))
+    assert not model.items.updated_in_backward() and other.items.updated_in_backward()
+    model.training_step(batch, plain, loss="bpr", reg=0.01)
+    other.training_step(batch, fused, loss="bpr", reg=0.01)
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.items.table.weight, Hybrid(8, 15, dim=6).items.table.weight)

@@ -41,6 +41,9 @@ from fastmf.data.features import Features
 from fastmf.models._rows import pair_users, table_kernels, unique_ids
 from fastmf.models.base import IMPLICIT, Recommender, pointwise_loss
 from fastmf.nn import EmbeddingBag
+from fastmf.nn.embedding import fused_optimizer
+from fastmf.ops.checks import accumulation_dtype
+from fastmf.ops.codes import Pooling
 from fastmf.recommender import warp_choice
 
 __all__ = ["Hybrid"]
@@ -218,6 +221,15 @@ class FeatureSide(nn.Module):
         vec, bias = self.pool(distinct)
         return vec, bias, inverse
 
+    def updated_in_backward(self) -> bool:
+        """Whether both tables are :class:`fastmf.nn.EmbeddingBag` modules (not sharded)
+        whose weights an optimizer updates in backward (:func:`fastmf.optim.apply_in_backward`,
+        how :func:`fastmf.fit` trains them)."""
+        if torch.compiler.is_compiling():  # the updates are Python side effects
+            return False
+        return all(type(t) is EmbeddingBag and fused_optimizer(t.weight) is not None
+                   for t in (self.table, self.bias))
+
     def pool_rows(self, raw: sp.csr_matrix) -> tuple[Tensor, Tensor]:
         """(vectors, biases) of new rows given as raw feature weights (n, F): features only,
         normalised like the training rows (no identity row exists for them)."""
@@ -238,6 +250,34 @@ class FeatureSide(nn.Module):
         return vec, bias.squeeze(1)
 
 
+class _PooledBags:
+    """One side's distinct ids of a step pooled once without an autograd graph, with the
+    bags that pooled them: the step forms the pooled rows' gradients itself and hands them
+    to the tables' optimizers, as the end of a backward pass would (both tables updated in
+    backward: :meth:`FeatureSide.updated_in_backward`). The bags reach the kernels as
+    :meth:`FeatureSide.pool`'s lookups pass them, so the values are the same bits."""
+
+    def __init__(self, side: FeatureSide, ids: Tensor):
+        ids = ids.reshape(-1).to(device=side.indptr.device, dtype=torch.int64)
+        distinct, self.inverse = unique_ids(ids, side.num_rows)
+        indices, offsets, weights = side.bags(distinct)
+        dtype = side.table.weight.dtype
+        # EmbeddingBag.forward's form: the weights in the table's dtype (pool), then in the
+        # accumulation type; offsets (B+1,).
+        weights = weights.to(dtype).to(accumulation_dtype(dtype))
+        offsets = torch.cat([offsets, offsets.new_full((1,), indices.shape[0])])
+        self.side, self.bags = side, (indices, offsets, weights, Pooling.SUM)
+        self.vec = side.table.lookup_without_graph(*self.bags)
+        self.bias = side.bias.lookup_without_graph(*self.bags).squeeze(1)
+
+    def update(self, grad_vec: Tensor, grad_bias: Tensor) -> None:
+        """One fused update of each table with the pooled rows' gradients."""
+        for table, grad in ((self.side.table, grad_vec), (self.side.bias, grad_bias[:, None])):
+            if not table.update_in_backward(grad, *self.bags):
+                raise RuntimeError(f"{self.side.op}: the {self.side.name} tables are no "
+                                   "longer updated in backward")
+
+
 class _Pooled:
     """One side's distinct ids of a step, pooled once (:meth:`FeatureSide.pool_distinct`)."""
 
@@ -253,6 +293,91 @@ class _Pooled:
         the distinct rows."""
         counts = torch.bincount(self.inverse, minlength=len(self.vec)).to(self.vec.dtype)
         return (counts * (self.vec.square().sum(1) + self.bias.square())).sum()
+
+
+def _rank_forward(p: Tensor, bu: Tensor, q: Tensor, bi: Tensor, user_at: Tensor,
+                  pos_at: Tensor, neg_at: Tensor, loss: str, weights: Tensor | None,
+                  reg: float, kernels: ModuleType, batch: int | None = None):
+    """A ranking step's loss from the rows pooled once (see :class:`_RankLoss`) and what its
+    backward (:func:`_rank_backward`) needs: ``(value, (at_user, at_item, c_pos, c_neg),
+    counts)``."""
+    size, n = neg_at.shape
+    batch = size if batch is None else batch
+    flat_neg = neg_at.reshape(-1)
+    # Every pair (positives, then negatives row by row) scored by mf_forward on the
+    # distinct rows: the forward writes no (pairs, dim) block of gathered rows (at
+    # batch 4096 with 4 negatives such a block is 5 MB).
+    at_user = pair_users(user_at, n)
+    at_item = torch.cat([pos_at, flat_neg])
+    scores = kernels.mf_forward(at_user, at_item, p, q, bu, bi, 0.0)
+    pos, neg = scores[:size], scores[size:].view(size, n)
+    w = None if weights is None else weights.to(pos.dtype)
+    if loss == "bpr":
+        diff = neg - pos.unsqueeze(1)
+        pairs = diff.numel()
+        terms = torch.nn.functional.softplus(diff)
+        if w is not None:
+            terms = terms * w.unsqueeze(1)
+        value = terms.sum() / max(pairs, 1)
+        # d/d neg of softplus(neg - pos) is sigmoid(neg - pos); d/d pos its negative.
+        c_neg = diff.sigmoid_()
+        if w is not None:
+            c_neg.mul_(w.unsqueeze(1))
+        c_neg.div_(max(pairs, 1))
+        c_pos = c_neg.sum(1).neg_()
+    elif loss == "warp":  # n == 1: each positive's chosen violator
+        hinge = (1.0 - pos).add_(neg[:, 0])
+        value = (hinge * w).sum() / max(batch, 1)
+        c_pos = w.neg().div_(max(batch, 1))
+        c_neg = w.div(max(batch, 1)).unsqueeze(1)
+    else:  # bce
+        pairs = size * (n + 1)
+        softplus = torch.nn.functional.softplus
+        pos_terms = softplus(-pos)  # label 1: -log sigmoid(pos)
+        if w is not None:
+            pos_terms = pos_terms * w
+        value = (pos_terms.sum() + softplus(neg).sum()) / max(pairs, 1)
+        c_pos = torch.sigmoid(-pos).neg_()
+        if w is not None:
+            c_pos.mul_(w)
+        c_pos.div_(max(pairs, 1))
+        c_neg = torch.sigmoid(neg).div_(max(pairs, 1))
+    counts = None
+    if reg and size:
+        user_count = torch.bincount(user_at, minlength=len(p)).to(p.dtype)
+        item_count = torch.bincount(at_item, minlength=len(q)).to(q.dtype)
+        value = value + reg / batch * (
+            (user_count * (p.square().sum(1) + bu.square())).sum()
+            + (item_count * (q.square().sum(1) + bi.square())).sum())
+        counts = (user_count.mul_(2 * reg / batch), item_count.mul_(2 * reg / batch))
+    return value, (at_user, at_item, c_pos, c_neg), counts
+
+
+def _rank_backward(grad: Tensor, p: Tensor, bu: Tensor, q: Tensor, bi: Tensor,
+                   at_user: Tensor, at_item: Tensor, c_pos: Tensor, c_neg: Tensor, counts,
+                   kernels: ModuleType) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients ``(grad_p, grad_bu, grad_q, grad_bi)`` of :func:`_rank_forward`'s
+    value times ``grad`` with respect to the distinct rows."""
+    size = c_pos.shape[0]
+    coef = torch.cat([c_pos, c_neg.reshape(-1)]).mul_(grad)
+    # Each pair's rows of the two tables' gradients (coef times the other side's row),
+    # summed into the distinct rows in index order.
+    user_rows, item_rows = kernels.mf_backward(coef, at_user, at_item, p, q)
+    grad_p = kernels.scatter_rows(at_user, user_rows, len(p))
+    grad_q = kernels.scatter_rows(at_item, item_rows, len(q))
+    # A user's bias takes each positive's terms summed first: under BPR they cancel
+    # exactly (c_pos = -sum c_neg), and a rounding residue would become a whole
+    # normalised step under Adagrad or Adam.
+    grad_bu = torch.zeros_like(bu).index_add_(0, at_user[:size],
+                                              (c_pos + c_neg.sum(1)).mul_(grad))
+    grad_bi = torch.zeros_like(bi).index_add_(0, at_item, coef)
+    if counts is not None:
+        user_count, item_count = (c * grad for c in counts)
+        grad_p.addcmul_(p, user_count.unsqueeze(1))
+        grad_bu.addcmul_(bu, user_count)
+        grad_q.addcmul_(q, item_count.unsqueeze(1))
+        grad_bi.addcmul_(bi, item_count)
+    return grad_p, grad_bu, grad_q, grad_bi
 
 
 class _RankLoss(torch.autograd.Function):
@@ -281,83 +406,16 @@ class _RankLoss(torch.autograd.Function):
     def forward(ctx, p: Tensor, bu: Tensor, q: Tensor, bi: Tensor, user_at: Tensor,
                 pos_at: Tensor, neg_at: Tensor, loss: str, weights: Tensor | None, reg: float,
                 kernels: ModuleType, batch: int | None = None) -> Tensor:
-        size, n = neg_at.shape
-        batch = size if batch is None else batch
-        flat_neg = neg_at.reshape(-1)
-        # Every pair (positives, then negatives row by row) scored by mf_forward on the
-        # distinct rows: the forward writes no (pairs, dim) block of gathered rows (at
-        # batch 4096 with 4 negatives such a block is 5 MB).
-        at_user = pair_users(user_at, n)
-        at_item = torch.cat([pos_at, flat_neg])
-        scores = kernels.mf_forward(at_user, at_item, p, q, bu, bi, 0.0)
-        pos, neg = scores[:size], scores[size:].view(size, n)
-        w = None if weights is None else weights.to(pos.dtype)
-        if loss == "bpr":
-            diff = neg - pos.unsqueeze(1)
-            pairs = diff.numel()
-            terms = torch.nn.functional.softplus(diff)
-            if w is not None:
-                terms = terms * w.unsqueeze(1)
-            value = terms.sum() / max(pairs, 1)
-            # d/d neg of softplus(neg - pos) is sigmoid(neg - pos); d/d pos its negative.
-            c_neg = diff.sigmoid_()
-            if w is not None:
-                c_neg.mul_(w.unsqueeze(1))
-            c_neg.div_(max(pairs, 1))
-            c_pos = c_neg.sum(1).neg_()
-        elif loss == "warp":  # n == 1: each positive's chosen violator
-            hinge = (1.0 - pos).add_(neg[:, 0])
-            value = (hinge * w).sum() / max(batch, 1)
-            c_pos = w.neg().div_(max(batch, 1))
-            c_neg = w.div(max(batch, 1)).unsqueeze(1)
-        else:  # bce
-            pairs = size * (n + 1)
-            softplus = torch.nn.functional.softplus
-            pos_terms = softplus(-pos)  # label 1: -log sigmoid(pos)
-            if w is not None:
-                pos_terms = pos_terms * w
-            value = (pos_terms.sum() + softplus(neg).sum()) / max(pairs, 1)
-            c_pos = torch.sigmoid(-pos).neg_()
-            if w is not None:
-                c_pos.mul_(w)
-            c_pos.div_(max(pairs, 1))
-            c_neg = torch.sigmoid(neg).div_(max(pairs, 1))
-        if reg and size:
-            user_count = torch.bincount(user_at, minlength=len(p)).to(p.dtype)
-            item_count = torch.bincount(at_item, minlength=len(q)).to(q.dtype)
-            value = value + reg / batch * (
-                (user_count * (p.square().sum(1) + bu.square())).sum()
-                + (item_count * (q.square().sum(1) + bi.square())).sum())
-            ctx.counts = (user_count.mul_(2 * reg / batch), item_count.mul_(2 * reg / batch))
-        else:
-            ctx.counts = None
-        ctx.save_for_backward(p, bu, q, bi, at_user, at_item, c_pos, c_neg)
+        value, saved, ctx.counts = _rank_forward(p, bu, q, bi, user_at, pos_at, neg_at, loss,
+                                                 weights, reg, kernels, batch)
+        ctx.save_for_backward(p, bu, q, bi, *saved)
         ctx.kernels = kernels
         return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        p, bu, q, bi, at_user, at_item, c_pos, c_neg = ctx.saved_tensors
-        size = c_pos.shape[0]
-        coef = torch.cat([c_pos, c_neg.reshape(-1)]).mul_(grad)
-        # Each pair's rows of the two tables' gradients (coef times the other side's row),
-        # summed into the distinct rows in index order.
-        user_rows, item_rows = ctx.kernels.mf_backward(coef, at_user, at_item, p, q)
-        grad_p = ctx.kernels.scatter_rows(at_user, user_rows, len(p))
-        grad_q = ctx.kernels.scatter_rows(at_item, item_rows, len(q))
-        # A user's bias takes each positive's terms summed first: under BPR they cancel
-        # exactly (c_pos = -sum c_neg), and a rounding residue would become a whole
-        # normalised step under Adagrad or Adam.
-        grad_bu = torch.zeros_like(bu).index_add_(0, at_user[:size],
-                                                  (c_pos + c_neg.sum(1)).mul_(grad))
-        grad_bi = torch.zeros_like(bi).index_add_(0, at_item, coef)
-        if ctx.counts is not None:
-            user_count, item_count = (c * grad for c in ctx.counts)
-            grad_p.addcmul_(p, user_count.unsqueeze(1))
-            grad_bu.addcmul_(bu, user_count)
-            grad_q.addcmul_(q, item_count.unsqueeze(1))
-            grad_bi.addcmul_(bi, item_count)
-        return grad_p, grad_bu, grad_q, grad_bi, None, None, None, None, None, None, None, None
+        grads = _rank_backward(grad, *ctx.saved_tensors, ctx.counts, ctx.kernels)
+        return *grads, None, None, None, None, None, None, None, None
 
 
 def _check_spec(op: str, arg: str, spec: dict) -> dict:
@@ -537,36 +595,67 @@ class Hybrid(Recommender):
             return self._warp_step(batch, optimizer, reg)
         users, items = batch.users, batch.items
         size = users.shape[0]
-        pu = _Pooled(self.users, users)
         if loss in IMPLICIT:
             if batch.negatives is None:
                 raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
                                  "batch.negatives")
             negatives = batch.negatives
             n = negatives.shape[1]
-            pi = _Pooled(self.items, torch.cat([items.reshape(-1), negatives.reshape(-1)]))
-            pos_at, neg_at = pi.inverse.split([size, size * n])
-            total = _RankLoss.apply(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse, pos_at,
-                                    neg_at.view(size, n), loss, batch.weights, float(reg),
-                                    table_kernels(self, pu.vec.device))
-            count = size * n if loss == "bpr" else size * (n + 1)
-        else:
-            if batch.targets is None:
-                raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
-                                 "batch.targets")
-            p, bu = pu.take(pu.inverse)
-            pi = _Pooled(self.items, items)
-            q, bi = pi.take(pi.inverse)
-            value = pointwise_loss((p * q).sum(1) + bu + bi, batch.targets, loss,
-                                   batch.weights)
-            count = size
-            total = value
-            if reg:
-                total = value + reg * (pu.penalty() + pi.penalty()) / max(size, 1)
+            optimizer.zero_grad()
+            total = self._rank_update(users, torch.cat([items.reshape(-1),
+                                                        negatives.reshape(-1)]),
+                                      n, loss, batch.weights, reg)
+            optimizer.step()
+            return total, size * n if loss == "bpr" else size * (n + 1)
+        if batch.targets is None:
+            raise ValueError(f"{self._op('training_step')}: loss {loss!r} needs "
+                             "batch.targets")
+        pu = _Pooled(self.users, users)
+        p, bu = pu.take(pu.inverse)
+        pi = _Pooled(self.items, items)
+        q, bi = pi.take(pi.inverse)
+        total = pointwise_loss((p * q).sum(1) + bu + bi, batch.targets, loss, batch.weights)
+        if reg:
+            total = total + reg * (pu.penalty() + pi.penalty()) / max(size, 1)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        return total.detach(), count
+        return total.detach(), size
+
+    def _rank_update(self, users: Tensor, items: Tensor, n: int, loss: str,
+                     weights: Tensor | None, reg: float, batch: int | None = None) -> Tensor:
+        """Pool ``users`` (B,) and ``items`` (the B positives, then their (B, n) negatives
+        row by row) once per distinct id, take the ranking loss (:class:`_RankLoss`) and
+        update the tables; returns the loss. When both sides' tables are updated in
+        backward (as :func:`fastmf.fit` trains them) the step runs without an autograd
+        graph: :func:`_rank_forward` and :func:`_rank_backward` on the same values, and
+        each table's fused update with its pooled rows' gradient, which is what the
+        backward pass computes and queues; the same kernels in the same order on the same
+        inputs, so the same bits. Otherwise it is a backward pass through
+        :class:`_RankLoss`. (The graph, its engine and the queued updates were about a
+        seventh of a BPR step at batch 4,096 on ml-latest-small, on one thread and on two:
+        "Hybrid's step without an autograd graph" in benchmarks/README.md.)"""
+        size = users.shape[0]
+        kernels = table_kernels(self, self.users.indptr.device)
+        if self.users.updated_in_backward() and self.items.updated_in_backward():
+            pu, pi = _PooledBags(self.users, users), _PooledBags(self.items, items)
+            pos_at, neg_at = pi.inverse.split([size, size * n])
+            value, saved, counts = _rank_forward(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse,
+                                                 pos_at, neg_at.view(size, n), loss, weights,
+                                                 float(reg), kernels, batch)
+            grad_p, grad_bu, grad_q, grad_bi = _rank_backward(
+                torch.ones_like(value), pu.vec, pu.bias, pi.vec, pi.bias, *saved, counts,
+                kernels)
+            pu.update(grad_p, grad_bu)
+            pi.update(grad_q, grad_bi)
+            return value
+        pu, pi = _Pooled(self.users, users), _Pooled(self.items, items)
+        pos_at, neg_at = pi.inverse.split([size, size * n])
+        total = _RankLoss.apply(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse, pos_at,
+                                neg_at.view(size, n), loss, weights, float(reg), kernels,
+                                batch)
+        total.backward()
+        return total.detach()
 
     def _rank_scores(self, users: _Pooled, items: Tensor,
                      negatives: Tensor) -> tuple[Tensor, Tensor]:
@@ -605,18 +694,13 @@ class Hybrid(Recommender):
         if m == 0:  # no violator in the batch: nothing to update
             return torch.zeros((), dtype=pos.dtype, device=pos.device), size
         chosen = neg.gather(1, first.unsqueeze(1)).squeeze(1)
-        pu = _Pooled(self.users, users[found])
-        pi = _Pooled(self.items, torch.cat([items[found], chosen[found]]))
-        pos_at, neg_at = pi.inverse.split(m)
         rank = weight[found]
         if batch.weights is not None:
             rank = rank * batch.weights[found].to(rank.dtype)
-        total = _RankLoss.apply(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse, pos_at,
-                                neg_at.view(m, 1), "warp", rank, float(reg),
-                                table_kernels(self, pu.vec.device), size)
-        total.backward()
+        total = self._rank_update(users[found], torch.cat([items[found], chosen[found]]), 1,
+                                  "warp", rank, reg, size)
         optimizer.step()
-        return total.detach(), size
+        return total, size
 
     # -- growing -------------------------------------------------------------------------------
     def add_users(self, n: int, features=None, *, optimizer=None, raw_ids=None) -> range:

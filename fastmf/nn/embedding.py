@@ -533,6 +533,29 @@ class _Table(nn.Module):
         return _EmbeddingBagFunction.apply(weight, indices, offsets, per_sample_weights,
                                            pooling, self._kernels(weight), next(_SEQUENCE))
 
+    def lookup_without_graph(self, indices: Tensor, offsets: Tensor,
+                             per_sample_weights: Tensor | None, pooling: Pooling) -> Tensor:
+        """The pooled rows of bags in the ops' CSR form (``offsets`` (B+1,), per-sample
+        weights in the accumulation type), as the module's lookup computes them, without
+        an autograd graph: for a training step that forms the pooled rows' gradient itself
+        and hands it to :meth:`update_in_backward`."""
+        weight = self.weight
+        return self._kernels(weight).embedding_bag_forward(weight.detach(), indices, offsets,
+                                                           per_sample_weights, pooling)
+
+    def update_in_backward(self, grad_output: Tensor, indices: Tensor, offsets: Tensor,
+                           per_sample_weights: Tensor | None, pooling: Pooling) -> bool:
+        """Step the weight with ``grad_output`` (the gradient of the pooled rows of
+        :meth:`lookup_without_graph`'s bags) as a backward pass ends for a weight updated
+        in backward (:func:`fastmf.optim.apply_in_backward`): one fused update by its
+        optimizer. Returns False, changing nothing, when no optimizer updates the weight in
+        backward."""
+        if fused_optimizer(self.weight) is None:
+            return False
+        _flush(self.weight, [BagUse(0, grad_output, indices, offsets, per_sample_weights,
+                                    pooling)])
+        return True
+
     def _compiled_lookup(self, weight: Tensor, indices: Tensor, offsets: Tensor,
                          per_sample_weights, pooling) -> Tensor:
         """The lookup as Dynamo traces it: opaque ops; whether the weight is updated in
