@@ -36,6 +36,13 @@ TORCH_LIBRARY(fastmf, m) {
   m.def(
       "mf_backward(Tensor grad_out, Tensor users, Tensor items, Tensor user_factors, "
       "Tensor item_factors) -> (Tensor, Tensor)");
+  // mf_backward's rows summed into the tables' dense gradients, as scatter_rows sums them:
+  // grad_P (U, K) with grad_P[u] = sum over b with users[b] == u of grad_out[b] *
+  // item_factors[items[b]], in b order from zero; grad_Q (I, K) likewise. The (B, K) rows
+  // are never formed.
+  m.def(
+      "mf_backward_dense(Tensor grad_out, Tensor users, Tensor items, Tensor user_factors, "
+      "Tensor item_factors) -> (Tensor, Tensor)");
   // Exact sparse Adagrad: sum the grad rows of each unique id (in order of occurrence),
   // then one update per unique row. weight (N, K) or (N,); state like weight, or (N,)
   // when rowwise.

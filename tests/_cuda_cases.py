@@ -133,6 +133,12 @@ def check_backward(target, batch, user_dtype, item_dtype, dtype, dim=16, seed=0)
     got_p, got_q = target.ops.mf_backward(*target.to(grad, users, items, p, q))
     assert_close(got_p, exp_p, dtype)
     assert_close(got_q, exp_q, dtype)
+    # The same rows summed into the tables' gradients (60 users, 40 items: rows repeat).
+    exp_p, exp_q = reference.mf_backward_dense(grad, users, items, p, q)
+    got_p, got_q = target.ops.mf_backward_dense(*target.to(grad, users, items, p, q))
+    assert got_p.shape == p.shape and got_q.shape == q.shape
+    assert_close(got_p, exp_p, dtype)
+    assert_close(got_q, exp_q, dtype)
 
 
 # ----------------------------------------------------------------------------------------

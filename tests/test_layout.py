@@ -111,7 +111,8 @@ def test_resolver_returns_the_backend_modules():
     for name in ops.available_backends():
         module = ops.kernels(name, cpu)
         assert module.NAME == name
-        for fn in ("mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update",
+        for fn in ("mf_forward", "mf_backward", "mf_backward_dense", "sparse_adagrad_update",
+                   "sparse_sgd_update",
                    "train_step", "train_step_pairwise", "topk_scores", "embedding_bag_forward",
                    "embedding_bag_backward", "scatter_rows", "sparse_update", "sample_negatives",
                    "embedding_bag_backward_update"):

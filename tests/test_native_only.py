@@ -60,6 +60,7 @@ def opcheck_cases(device):
         "mf_forward": (ops.mf_forward.default, (users, items, *req, 3.0)),
         "mf_forward_no_bias": (ops.mf_forward.default, (users, items, P, Q, None, None, 3.0)),
         "mf_backward": (ops.mf_backward.default, (targets, users, items, P, Q)),
+        "mf_backward_dense": (ops.mf_backward_dense.default, (targets, users, items, P, Q)),
         "sparse_adagrad_update": (ops.sparse_adagrad_update.default,
                                   (P.clone(), adagrad[0].clone(), users, grad, 0.1, 1e-8,
                                    False)),

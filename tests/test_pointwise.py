@@ -1,4 +1,5 @@
-"""The pointwise op family (``mf_forward``, ``mf_backward``, ``sparse_adagrad_update``,
+"""The pointwise op family (``mf_forward``, ``mf_backward``, ``mf_backward_dense``,
+``sparse_adagrad_update``,
 ``sparse_sgd_update``, ``train_step``) on every backend and device, through
 ``fastmf.ops.kernels(backend, device)``.
 
@@ -110,6 +111,75 @@ def test_mf_forward(backend, device, id_pair, dtype, batch, bias):
     want = run_spec("mf_forward", users, items, *tables, 3.5)
     assert got.dtype == dtype and got.shape == (batch,) and got.device.type == device
     assert_close_all(got, want, dtype)
+
+
+@pytest.mark.parametrize("shape", [(NUM_USERS, NUM_ITEMS, DIM), (5, 3, 64), (40, 900, 1)],
+                         ids=idfn)
+@pytest.mark.parametrize("batch", BATCH_SIZES + [20000])
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=idfn)
+@pytest.mark.parametrize("id_pair", ID_PAIRS, ids=idfn)
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_mf_backward_dense(backend, device, id_pair, dtype, batch, shape):
+    # The tables' dense gradients against the spec (the same bits on the CPU backends: each
+    # row's terms in batch order), against mf_backward's rows summed by scatter_rows, and
+    # against autograd of the textbook dot over gathered rows. Zipf ids (hot rows hit
+    # thousands of times at batch 20,000), tables smaller than the batch, one column.
+    num_users, num_items, dim = shape
+    P, Q, _, _ = make_tables(num_users, num_items, dim, dtype=dtype, bias=False, seed=batch)
+    users, items, _ = make_batch(num_users, num_items, batch, id_dtype=id_pair[0], seed=batch)
+    items = items.to(id_pair[1])
+    grad = make_grad_rows(batch, None, dtype, seed=batch + 1)
+    kernels = ops.kernels(backend, device)
+    got = kernels.mf_backward_dense(*to_device((grad, users, items, P, Q), device))
+    want = run_spec("mf_backward_dense", grad, users, items, P, Q)
+    for g, table in zip(got, (P, Q)):
+        assert g.shape == table.shape and g.dtype == dtype and g.device.type == device
+    if device == "cpu":
+        assert_bit_identical(got, want)
+        rows = kernels.mf_backward(grad, users, items, P, Q)
+        assert_bit_identical(got, (kernels.scatter_rows(users, rows[0], num_users),
+                                   kernels.scatter_rows(items, rows[1], num_items)))
+    else:
+        assert_close_all(got, want, dtype)
+    p, q = P.clone().requires_grad_(True), Q.clone().requires_grad_(True)
+    (grad * (p[users.long()] * q[items.long()]).sum(1)).sum().backward()
+    assert_close_all(got, (p.grad, q.grad), dtype)
+    if batch:
+        assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend, device", THREADED_BACKENDS)
+def test_mf_backward_dense_does_not_depend_on_threads(backend, device):
+    P, Q, _, _ = make_tables(50, 70, 16, dtype=torch.float32, bias=False, seed=3)
+    users, items, _ = make_batch(50, 70, 30000, seed=4)
+    grad = make_grad_rows(30000, None, torch.float32, seed=5)
+    kernels = ops.kernels(backend, device)
+    results = []
+    for threads in (1, 2, 3, 5):
+        with num_threads(backend, threads):
+            results.append(kernels.mf_backward_dense(grad, users, items, P, Q))
+    for other in results[1:]:
+        assert_bit_identical(results[0], other)
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+def test_mf_backward_dense_bad_input(backend, device):
+    P, Q, _, _ = make_tables(6, 4, 3, dtype=torch.float32, bias=False, seed=1)
+    users, items = torch.tensor([0, 5, 2]), torch.tensor([3, 1, 1])
+    grad = torch.tensor([0.5, -1.0, 2.0])
+    kernels = ops.kernels(backend, device)
+    args = lambda *a: to_device(a, device)  # noqa: E731
+    if device == "cpu":  # the CUDA kernels record bad ids on the device instead
+        with pytest.raises(IndexError, match="fastmf.mf_backward_dense: users id 6 out of"):
+            kernels.mf_backward_dense(*args(grad, torch.tensor([0, 6, 2]), items, P, Q))
+        with pytest.raises(IndexError, match="fastmf.mf_backward_dense: items id -1 out of"):
+            kernels.mf_backward_dense(*args(grad, users, torch.tensor([3, -1, 1]), P, Q))
+    with pytest.raises(ValueError, match="mf_backward_dense"):
+        kernels.mf_backward_dense(*args(grad[:2], users, items, P, Q))
+    with pytest.raises(ValueError, match="mf_backward_dense"):
+        kernels.mf_backward_dense(*args(grad, users, items, P, Q[:, :2]))
+    with pytest.raises((TypeError, ValueError), match="mf_backward_dense"):
+        kernels.mf_backward_dense(*args(grad.double(), users, items, P, Q))
 
 
 @pytest.mark.parametrize("batch", BATCH_SIZES)

@@ -192,4 +192,8 @@ inline RowLayout row_layout(int64_t dim, int vec) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// scatter_rows (csrc/cuda/embedding_bag.cu) for the other families' kernels: pointwise.cu's
+// mf_backward_dense sums mf_backward's rows with it.
+at::Tensor scatter_rows_for(const at::Tensor& ids, const at::Tensor& rows, int64_t num_rows);
+
 }  // namespace fastmf::cuda

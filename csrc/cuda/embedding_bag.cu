@@ -838,6 +838,11 @@ at::Tensor scatter_rows(const at::Tensor& ids, const at::Tensor& rows, int64_t n
 }
 
 }  // namespace
+
+at::Tensor scatter_rows_for(const at::Tensor& ids, const at::Tensor& rows, int64_t num_rows) {
+  return scatter_rows(ids, rows, num_rows);
+}
+
 }  // namespace fastmf::cuda
 
 TORCH_LIBRARY_IMPL(fastmf, CUDA, m) {

@@ -1,4 +1,5 @@
-// The pointwise family on the GPU: mf_forward, mf_backward, sparse_adagrad_update,
+// The pointwise family on the GPU: mf_forward, mf_backward (and mf_backward_dense: its rows
+// summed by scatter_rows), sparse_adagrad_update,
 // sparse_sgd_update, the fused train_step and train_step_sampled (train_step on the
 // positives and the negatives one more kernel draws first, sampling.cuh).
 // csrc/cpu/pointwise.cpp is the same family on the CPU, with the same checks
@@ -206,6 +207,22 @@ std::tuple<at::Tensor, at::Tensor> mf_backward(const at::Tensor& grad_out,
     else launch(mf_backward_kernel<scalar_t, 1>);
   });
   return {grad_p, grad_q};
+}
+
+// mf_backward's rows summed by scatter_rows into the tables' gradients: each side's rows
+// grouped by id and summed in index order, with scatter_rows' one difference from the CPU
+// (a row hit more than kHotChunk times is summed chunk by chunk, so its last bits may
+// differ). A bad id is recorded under mf_backward's name, as in that op.
+std::tuple<at::Tensor, at::Tensor> mf_backward_dense(const at::Tensor& grad_out,
+                                                     const at::Tensor& users,
+                                                     const at::Tensor& items,
+                                                     const at::Tensor& user_factors,
+                                                     const at::Tensor& item_factors) {
+  constexpr const char* op = "mf_backward_dense";
+  check_mf_backward(op, grad_out, users, items, user_factors, item_factors);
+  const auto rows = mf_backward(grad_out, users, items, user_factors, item_factors);
+  return {scatter_rows_for(users, std::get<0>(rows), user_factors.size(0)),
+          scatter_rows_for(items, std::get<1>(rows), item_factors.size(0))};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -558,6 +575,7 @@ at::Tensor train_steps_sampled(const StepTables& tables, const StepTables& state
 TORCH_LIBRARY_IMPL(fastmf, CUDA, m) {
   m.impl("mf_forward", &fastmf::cuda::mf_forward);
   m.impl("mf_backward", &fastmf::cuda::mf_backward);
+  m.impl("mf_backward_dense", &fastmf::cuda::mf_backward_dense);
   m.impl("sparse_adagrad_update", &fastmf::cuda::sparse_adagrad_update);
   m.impl("sparse_sgd_update", &fastmf::cuda::sparse_sgd_update);
   m.impl("train_step", &fastmf::train_step_op<fastmf::cuda::train_step>);

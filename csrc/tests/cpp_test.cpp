@@ -146,6 +146,37 @@ void test_forward(at::ScalarType id_type) {
         "mf_forward without biases");
 }
 
+// mf_backward_dense against index_add_ of the per-sample rows (the same operations in
+// batch order: equal to the bit), on one and on three threads, with a hot row, a side
+// with more rows than the batch, and an empty batch.
+void test_backward_dense() {
+  static auto h = op("fastmf::mf_backward_dense")
+                      .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                        const Tensor&, const Tensor&,
+                                                        const Tensor&)>();
+  const int saved = at::get_num_threads();
+  for (const int64_t batch : {0, 1, 37, 5000}) {
+    for (const int threads : {1, 3}) {
+      at::set_num_threads(threads);
+      const int64_t U = 11, I = 4000, K = 9;
+      auto P = at::randn({U, K}), Q = at::randn({I, K});
+      auto users = at::randint(U, {batch}, at::TensorOptions().dtype(at::kInt));
+      auto items = at::randint(I, {batch}, at::TensorOptions().dtype(at::kLong));
+      if (batch > 3) users.narrow(0, 0, batch / 2).fill_(2);  // a hot row
+      auto grad = at::randn({batch});
+      auto [gp, gq] = h.call(grad, users, items, P, Q);
+      auto u = users.to(at::kLong), i = items.to(at::kLong);
+      auto g = grad.unsqueeze(1);
+      auto want_p = at::zeros_like(P).index_add_(0, u, g * Q.index_select(0, i));
+      auto want_q = at::zeros_like(Q).index_add_(0, i, g * P.index_select(0, u));
+      check(at::equal(gp, want_p) && at::equal(gq, want_q),
+            "mf_backward_dense batch " + std::to_string(batch) + " threads " +
+                std::to_string(threads));
+    }
+  }
+  at::set_num_threads(saved);
+}
+
 void test_adagrad(bool rowwise, int64_t dim) {
   const int64_t N = 9, K = 4, B = 30;
   auto w = dim == 2 ? at::randn({N, K}, kF64) : at::randn({N}, kF64);
@@ -454,6 +485,7 @@ int main() {
   try {
     test_forward(at::kLong);
     test_forward(at::kInt);
+    test_backward_dense();
     test_adagrad(false, 2);
     test_adagrad(true, 2);
     test_adagrad(false, 1);

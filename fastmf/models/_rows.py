@@ -3,8 +3,9 @@ backend kernel that sums per-pair gradients back into those rows.
 
 A step that scores many (user, item) pairs looks each distinct user and item up once and
 gathers the looked-up rows for its pairs (NCF's towers, Hybrid's pooled bags); the
-gradient of a row is then the sum over its pairs, which ``scatter_rows`` computes in one
-pass, in index order, on the tables' own backend.
+gradient of a row is then the sum over its pairs, which ``scatter_rows`` (or, for a dot
+product's two sides at once, ``mf_backward_dense``) computes in index order, on the tables'
+own backend.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:
 def table_kernels(model: nn.Module, device: torch.device,
                   kernel: str = "scatter_rows") -> ModuleType:
     """The backend module of ``model``'s tables, resolved for ``device`` and ``kernel``:
-    its ``scatter_rows`` sums a training step's pair gradients into the distinct rows,
-    its ``mf_forward`` / ``mf_backward`` score the pairs on them. The tables are
+    its ``mf_forward`` scores the pairs on the distinct rows, its ``mf_backward_dense`` /
+    ``scatter_rows`` sum a training step's pair gradients into them. The tables are
     fastmf.nn's, or their sharded forms after fastmf.distributed.shard: both say
     ``is_embedding_table`` and carry their backend. Resolved at every step, because
     sharding can replace the tables after construction (a module walk: a few us)."""

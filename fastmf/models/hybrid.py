@@ -361,10 +361,8 @@ def _rank_backward(grad: Tensor, p: Tensor, bu: Tensor, q: Tensor, bi: Tensor,
     size = c_pos.shape[0]
     coef = torch.cat([c_pos, c_neg.reshape(-1)]).mul_(grad)
     # Each pair's rows of the two tables' gradients (coef times the other side's row),
-    # summed into the distinct rows in index order.
-    user_rows, item_rows = kernels.mf_backward(coef, at_user, at_item, p, q)
-    grad_p = kernels.scatter_rows(at_user, user_rows, len(p))
-    grad_q = kernels.scatter_rows(at_item, item_rows, len(q))
+    # summed into the distinct rows in index order, without forming the rows.
+    grad_p, grad_q = kernels.mf_backward_dense(coef, at_user, at_item, p, q)
     # A user's bias takes each positive's terms summed first: under BPR they cancel
     # exactly (c_pos = -sum c_neg), and a rounding residue would become a whole
     # normalised step under Adagrad or Adam.
@@ -395,8 +393,8 @@ class _RankLoss(torch.autograd.Function):
     (I, dim), ``bi`` (I,): the distinct items' (positives and negatives together);
     ``user_at`` (B,), ``pos_at`` (B,), ``neg_at`` (B, n): each occurrence's row.
     ``kernels``: the tables' backend module. The pairs are scored by its ``mf_forward`` on
-    the distinct rows; the backward forms each pair's two gradient rows with
-    ``mf_backward`` and sums them into the distinct rows with ``scatter_rows``. Through
+    the distinct rows; the backward sums each pair's two gradient rows into the distinct
+    rows with ``mf_backward_dense``. Through
     autograd the same step (gathers, a broadcast product, the loss, the penalty) made about
     twenty passes over the (pairs, dim) intermediates and summed them back with
     ``index_add_``.

@@ -25,6 +25,7 @@ __all__ = [
     "topk_scores",
     "mf_forward",
     "mf_backward",
+    "mf_backward_dense",
     "sparse_adagrad_update",
     "sparse_sgd_update",
     "train_step",
@@ -67,6 +68,15 @@ def mf_backward(
 ) -> tuple[Tensor, Tensor]:
     """Per-sample gradient rows (B, K) for the user and item tables."""
     return torch.ops.fastmf.mf_backward.default(grad_out, users, items, user_factors, item_factors)
+
+
+def mf_backward_dense(
+    grad_out: Tensor, users: Tensor, items: Tensor, user_factors: Tensor, item_factors: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The tables' dense gradients (U, K) and (I, K): see
+    :func:`fastmf.ops.reference.pointwise.mf_backward_dense`."""
+    return torch.ops.fastmf.mf_backward_dense.default(grad_out, users, items, user_factors,
+                                                      item_factors)
 
 
 def sparse_adagrad_update(
@@ -398,6 +408,14 @@ if native_available():
         batch, dim = users.shape[0], user_factors.shape[1]
         return user_factors.new_empty((batch, dim)), user_factors.new_empty((batch, dim))
 
+    if hasattr(torch.ops.fastmf, "mf_backward_dense"):
+
+        @torch.library.register_fake("fastmf::mf_backward_dense")
+        def _mf_backward_dense_fake(grad_out, users, items, user_factors, item_factors):
+            torch._check(grad_out.shape[0] == users.shape[0])
+            return user_factors.new_empty(user_factors.shape), item_factors.new_empty(
+                item_factors.shape)
+
     @torch.library.register_fake("fastmf::sparse_adagrad_update")
     def _sparse_adagrad_update_fake(weight, state, ids, grad_rows, lr, eps, rowwise):
         return None
@@ -467,9 +485,7 @@ if native_available():
         grad = grad.contiguous()
         grad_p = grad_q = grad_bu = grad_bi = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            rows_p, rows_q = mf_backward(grad, users, items, user_factors, item_factors)
-            grad_p = scatter_rows(users, rows_p, ctx.num_users)
-            grad_q = scatter_rows(items, rows_q, ctx.num_items)
+            grad_p, grad_q = mf_backward_dense(grad, users, items, user_factors, item_factors)
         if ctx.has_bias:
             grad_bu = scatter_rows(users, grad, ctx.num_users)
             grad_bi = scatter_rows(items, grad, ctx.num_items)

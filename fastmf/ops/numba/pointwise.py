@@ -77,8 +77,8 @@ from fastmf.ops.numba._common import (
 from fastmf.ops.numba.sampling import _draw
 from fastmf.ops.reference.pointwise import sampled_pointwise_steps
 
-__all__ = ["mf_forward", "mf_backward", "sparse_adagrad_update", "sparse_sgd_update", "train_step",
-           "train_step_sampled", "train_steps_sampled"]
+__all__ = ["mf_forward", "mf_backward", "mf_backward_dense", "sparse_adagrad_update",
+           "sparse_sgd_update", "train_step", "train_step_sampled", "train_steps_sampled"]
 
 _MSE, _HUBER, _BCE = int(Loss.MSE), int(Loss.HUBER), int(Loss.BCE)
 # Samples per parallel work item of mf_forward / mf_backward (each block checks its ids
@@ -154,6 +154,21 @@ def _backward_kernel(grad_out, users, items, user_factors, item_factors, grad_p,
                 grad_p[b, k] = g * q[k]
                 grad_q[b, k] = g * p[k]
     return BAD_IDS if bad.any() else OK
+
+
+@jit
+def _backward_dense_kernel(grad_out, users, items, user_factors, item_factors, grad_p,
+                           grad_q):
+    """grad_p[users[b]] += grad_out[b] * Q[items[b]] and grad_q[items[b]] += grad_out[b] *
+    P[users[b]] for b in order (ids checked by the caller): each row's terms in batch
+    order, on one thread."""
+    P, Q = user_factors, item_factors
+    for b in range(users.shape[0]):
+        g = grad_out[b]
+        u, i = users[b], items[b]
+        for k in range(P.shape[1]):
+            grad_p[u, k] += g * Q[i, k]
+            grad_q[i, k] += g * P[u, k]
 
 
 @pjit
@@ -368,6 +383,23 @@ def mf_backward(grad_out, users, items, user_factors, item_factors):
         grad_q.numpy(),
     )
     raise_if_rejected(op, status, full_checks)
+    return grad_p, grad_q
+
+
+def mf_backward_dense(grad_out, users, items, user_factors, item_factors):
+    """The tables' dense gradients of the dot product, ``(grad_P (U, K), grad_Q (I, K))``:
+    see :func:`fastmf.ops.reference.pointwise.mf_backward_dense`."""
+    op = "mf_backward_dense"
+    require_cpu(op, ("grad_out", "users", "items", "user_factors", "item_factors"),
+                (grad_out, users, items, user_factors, item_factors))
+    _checks.check_mf_inputs(op, users, items, user_factors, item_factors, None, None)
+    _checks.check_weight(op, "grad_out", grad_out, 1, like=user_factors)
+    _checks.check_same_length(op, grad_out=grad_out, users=users)
+    grad_p, grad_q = torch.zeros_like(user_factors), torch.zeros_like(item_factors)
+    if users.shape[0]:
+        _backward_dense_kernel(read_view(grad_out), ids_view(users), ids_view(items),
+                               read_view(user_factors), read_view(item_factors),
+                               grad_p.numpy(), grad_q.numpy())
     return grad_p, grad_q
 
 

@@ -16,6 +16,7 @@ from fastmf.ops.reference.pairwise import (
 )
 from fastmf.ops.reference.pointwise import (
     mf_backward,
+    mf_backward_dense,
     mf_forward,
     sparse_adagrad_update,
     sparse_sgd_update,
@@ -29,7 +30,8 @@ from fastmf.ops.reference.topk import topk_scores
 NAME = "reference"
 
 __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
-           "embedding_bag_forward", "mf_backward", "mf_forward", "sample_negatives", "scatter_rows",
+           "embedding_bag_forward", "mf_backward", "mf_backward_dense", "mf_forward",
+           "sample_negatives", "scatter_rows",
            "sparse_adagrad_update", "sparse_sgd_update", "sparse_update", "topk_scores",
            "train_step", "train_step_pairwise", "train_step_pairwise_sampled",
            "train_steps_pairwise_sampled", "train_steps_sampled",

@@ -59,6 +59,25 @@ def mf_backward(grad_out, users, items, user_factors, item_factors):
     return g * item_factors[items.long()], g * user_factors[users.long()]
 
 
+def mf_backward_dense(grad_out, users, items, user_factors, item_factors):
+    """The tables' dense gradients of the dot product, :func:`mf_backward`'s rows summed by
+    row as :func:`~fastmf.ops.reference.embedding_bag.scatter_rows` sums them: ``grad_P``
+    (U, K) with ``grad_P[u] = Σ_{b: users[b] = u} grad_out[b] * Q[items[b]]`` and ``grad_Q``
+    (I, K) likewise, each row's terms added in batch order from zero, in the tables' dtype.
+    The native kernels never form the (B, K) rows."""
+    op = "mf_backward_dense"
+    checks.check_mf_inputs(op, users, items, user_factors, item_factors, None, None)
+    checks.check_weight(op, "grad_out", grad_out, 1, like=user_factors)
+    checks.check_same_length(op, grad_out=grad_out, users=users)
+    g = grad_out.unsqueeze(1)
+    # index_add_ adds source rows in index order (on the CPU): the order the spec asks for.
+    grad_p = torch.zeros_like(user_factors).index_add_(0, users.long(),
+                                                       g * item_factors[items.long()])
+    grad_q = torch.zeros_like(item_factors).index_add_(0, items.long(),
+                                                       g * user_factors[users.long()])
+    return grad_p, grad_q
+
+
 def pointwise_loss(pred, targets, loss, weights=None):
     """The mean loss named by ``loss`` (a :class:`~fastmf.ops.codes.Loss`, its code or
     name; see the module docstring), each sample's term scaled by ``weights`` (B,) when
