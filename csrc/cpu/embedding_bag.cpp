@@ -333,6 +333,21 @@ template <typename A>
 inline A sum_of_squares(const A* g, int64_t n) {
   A acc[4] = {0, 0, 0, 0};
   int64_t k = 0;
+  if constexpr (std::is_same_v<A, float>) {
+    // The four partial sums as the lanes of one 4-float vector: each lane's products and
+    // sums in the same order, so the same bits, in one multiply and one add per 4 values.
+    // GCC kept the four sums in scalars and spread each 8-wide product over them with
+    // shuffles; row-wise Adagrad's step of 3,680 rows of 64 spent a quarter of its time
+    // there (8,192 Zipf ids into 100k x 64, one thread).
+    typedef float Lanes __attribute__((vector_size(16)));
+    Lanes sum = {0, 0, 0, 0};
+    for (; k + 4 <= n; k += 4) {
+      Lanes x;
+      std::memcpy(&x, g + k, sizeof(x));
+      sum += x * x;
+    }
+    for (int l = 0; l < 4; ++l) acc[l] = sum[l];
+  }
   for (; k + 4 <= n; k += 4) {
     for (int l = 0; l < 4; ++l) acc[l] += g[k + l] * g[k + l];
   }
