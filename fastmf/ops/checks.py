@@ -138,6 +138,14 @@ def check_mf_inputs(op, users, items, user_factors, item_factors, user_bias, ite
     check_ids(op, "items", items, item_factors.shape[0])
 
 
+def check_mf_backward(op, grad_out, users, items, user_factors, item_factors):
+    """The checks of mf_backward and mf_backward_dense (csrc's check_mf_backward): the MF
+    inputs without biases, and grad_out (B,) like the factors."""
+    check_mf_inputs(op, users, items, user_factors, item_factors, None, None)
+    check_weight(op, "grad_out", grad_out, 1, like=user_factors)
+    check_same_length(op, grad_out=grad_out, users=users)
+
+
 def check_sparse_update(op, weight, state, ids, grad_rows, rowwise=False):
     """Checks of sparse_adagrad_update / sparse_sgd_update (``state`` None for SGD)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):

@@ -365,9 +365,7 @@ def mf_backward(grad_out, users, items, user_factors, item_factors):
                 (grad_out, users, items, user_factors, item_factors))
 
     def full_checks():
-        _checks.check_mf_inputs(op, users, items, user_factors, item_factors, None, None)
-        _checks.check_weight(op, "grad_out", grad_out, 1, like=user_factors)
-        _checks.check_same_length(op, grad_out=grad_out, users=users)
+        _checks.check_mf_backward(op, grad_out, users, items, user_factors, item_factors)
 
     if not (tables_ok(users, items, user_factors, item_factors, None, None)
             and is_table(grad_out, user_factors.dtype, users.shape)):
@@ -392,9 +390,7 @@ def mf_backward_dense(grad_out, users, items, user_factors, item_factors):
     op = "mf_backward_dense"
     require_cpu(op, ("grad_out", "users", "items", "user_factors", "item_factors"),
                 (grad_out, users, items, user_factors, item_factors))
-    _checks.check_mf_inputs(op, users, items, user_factors, item_factors, None, None)
-    _checks.check_weight(op, "grad_out", grad_out, 1, like=user_factors)
-    _checks.check_same_length(op, grad_out=grad_out, users=users)
+    _checks.check_mf_backward(op, grad_out, users, items, user_factors, item_factors)
     grad_p, grad_q = torch.zeros_like(user_factors), torch.zeros_like(item_factors)
     if users.shape[0]:
         _backward_dense_kernel(read_view(grad_out), ids_view(users), ids_view(items),

@@ -52,9 +52,7 @@ def mf_forward(users, items, user_factors, item_factors, user_bias, item_bias, g
 
 def mf_backward(grad_out, users, items, user_factors, item_factors):
     """Per-sample gradient rows of the dot product: ``(g*Q[i], g*P[u])``, each (B, K)."""
-    checks.check_mf_inputs("mf_backward", users, items, user_factors, item_factors, None, None)
-    checks.check_weight("mf_backward", "grad_out", grad_out, 1, like=user_factors)
-    checks.check_same_length("mf_backward", grad_out=grad_out, users=users)
+    checks.check_mf_backward("mf_backward", grad_out, users, items, user_factors, item_factors)
     g = grad_out.unsqueeze(1)
     return g * item_factors[items.long()], g * user_factors[users.long()]
 
@@ -65,10 +63,8 @@ def mf_backward_dense(grad_out, users, items, user_factors, item_factors):
     (U, K) with ``grad_P[u] = Σ_{b: users[b] = u} grad_out[b] * Q[items[b]]`` and ``grad_Q``
     (I, K) likewise, each row's terms added in batch order from zero, in the tables' dtype.
     The native kernels never form the (B, K) rows."""
-    op = "mf_backward_dense"
-    checks.check_mf_inputs(op, users, items, user_factors, item_factors, None, None)
-    checks.check_weight(op, "grad_out", grad_out, 1, like=user_factors)
-    checks.check_same_length(op, grad_out=grad_out, users=users)
+    checks.check_mf_backward("mf_backward_dense", grad_out, users, items, user_factors,
+                             item_factors)
     g = grad_out.unsqueeze(1)
     # index_add_ adds source rows in index order (on the CPU): the order the spec asks for.
     grad_p = torch.zeros_like(user_factors).index_add_(0, users.long(),
