@@ -680,6 +680,35 @@ inline void check_scatter_rows(const char* op, const at::Tensor& ids, const at::
                     " rows, expected one per id (", ids.size(0), ")");
 }
 
+// unique_bags (fastmf/ops/checks.py check_unique_bags, in its order): ids (n,), indptr
+// (R + 1,) with R >= 0, indices (nnz,) int32/int64; weights (nnz,) float; all on the ids'
+// device. The ids' values and the row pointers of the rows they name are checked where
+// they are read (report_id_range, check_bag_row).
+inline void check_unique_bags(const char* op, const at::Tensor& ids, const at::Tensor& indptr,
+                              const at::Tensor& indices, const at::Tensor& weights) {
+  check_index_tensor(op, "ids", ids);
+  check_index_tensor(op, "indptr", indptr);
+  TORCH_CHECK_VALUE(indptr.size(0) >= 1, "fastmf.", op,
+                    ": indptr must hold num_rows + 1 >= 1 entries, got 0");
+  check_index_tensor(op, "indices", indices);
+  check_embedding_weight(op, "weights", weights, {1});
+  check_device_of(op, "indptr", indptr, "ids", ids);
+  check_device_of(op, "indices", indices, "ids", ids);
+  check_device_of(op, "weights", weights, "ids", ids);
+  TORCH_CHECK_VALUE(weights.size(0) == indices.size(0), "fastmf.", op, ": weights has ",
+                    weights.size(0), " entries, expected one per index (", indices.size(0),
+                    ")");
+}
+
+// Row `row`'s entries [start, end) of a CSR matrix with `nnz` entries, as unique_bags reads
+// them (fastmf/ops/checks.py check_bag_row).
+inline void check_bag_row(const char* op, int64_t row, int64_t start, int64_t end,
+                          int64_t nnz) {
+  TORCH_CHECK_VALUE(0 <= start && start <= end && end <= nnz, "fastmf.", op, ": indptr[", row,
+                    "] = ", start, " and indptr[", row + 1, "] = ", end,
+                    " do not bound a row of the ", nnz, " indices");
+}
+
 // Adam's betas: finite numbers in [0, 1).
 inline void check_betas(const char* op, double beta1, double beta2) {
   check_setting(op, "beta1", beta1);

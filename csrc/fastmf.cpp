@@ -159,6 +159,15 @@ TORCH_LIBRARY(fastmf, m) {
   // out (num_rows,) or (num_rows, K) like rows. Kernels in csrc/{cpu,cuda}/embedding_bag.*
   // (the CUDA one runs sparse_update's step on a zero table).
   m.def("scatter_rows(Tensor ids, Tensor rows, int num_rows) -> Tensor");
+  // The bags of a batch's distinct rows of a CSR matrix (indptr (R+1,), indices and weights
+  // (nnz,)): distinct (D,) int64 ascending, inverse (n,) int64 with distinct[inverse] ==
+  // ids, then the rows' entries one after the other in distinct's order as bags:
+  // bag_indices (T,) like indices, bag_offsets (D+1,) like indices (0 ... T), bag_weights
+  // (T,) like weights. What a model with side features pools for a step (fastmf.models'
+  // Hybrid: each distinct user or item once, as the bag of its feature rows).
+  m.def(
+      "unique_bags(Tensor ids, Tensor indptr, Tensor indices, Tensor weights) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The exact deduplicated sparse step: per unique id the sum of its grad_rows in order of
   // occurrence, then one update of the row and its states (optimizer: any Optimizer code;
   // weight_decay_mode: a WeightDecay code; step >= 1 counts this step; float16/bfloat16

@@ -1074,6 +1074,37 @@ def bag_tolerance(dtype):
     return HALF_TOLERANCES[dtype] if dtype in HALF_TOLERANCES else tolerance(dtype)
 
 
+def check_unique_bags(target, *, id_dtype=torch.int64, index_dtype=torch.int64,
+                      weight_dtype=torch.float32, num_rows=500, length=300, seed=0):
+    """unique_bags on Zipf ids over a feature matrix with empty rows against the reference
+    (ids and copies: equal), and the native CPU kernel; then a bad id and a bad row
+    pointer, which raise the CPU's errors (the op synchronises to size its outputs)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 5, num_rows)
+    lengths[::7] = 0
+    indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    nnz = int(indptr[-1])
+    indices = torch.from_numpy(rng.integers(0, 3 * num_rows, nnz)).to(index_dtype)
+    weights = torch.from_numpy(rng.random(nnz) + 0.1).to(weight_dtype)
+    ids = zipf_ids(num_rows, length, generator=rng, dtype=id_dtype)
+    expected = reference.unique_bags(ids, indptr, indices, weights)
+    got = cpu(*target.ops.unique_bags(*target.to(ids, indptr, indices, weights)))
+    native = native_cpu_ops()
+    others = [expected] + ([native.unique_bags(ids, indptr, indices, weights)] if native else [])
+    for want in others:
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(IndexError, match=rf"fastmf\.unique_bags: ids id {num_rows} out of "
+                                         rf"range \[0, {num_rows}\)"):
+        target.ops.unique_bags(*target.to(torch.tensor([0, num_rows]), indptr, indices,
+                                          weights))
+    bad = indptr.clone()
+    bad[num_rows] = nnz + 1
+    with pytest.raises(ValueError, match=rf"fastmf\.unique_bags: indptr\[{num_rows - 1}\] "):
+        target.ops.unique_bags(*target.to(torch.tensor([num_rows - 1]), bad, indices, weights))
+    target.check_errors()
+
+
 def native_cpu_ops():
     """torch.ops.fastmf when the native CPU kernels of the family are built, else None."""
     import fastmf  # noqa: F401  (loads the extension)

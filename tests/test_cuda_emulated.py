@@ -461,6 +461,17 @@ def test_embedding_bag_bad_offsets(emu, case):
     cases.check_bag_bad_offsets(emu, case)
 
 
+@pytest.mark.parametrize("id_dtype,index_dtype,length",
+                         [(torch.int64, torch.int64, 200), (torch.int32, torch.int32, 2_000),
+                          (torch.int32, torch.int64, 0)])
+def test_unique_bags(emu, id_dtype, index_dtype, length):
+    # Both of the CPU kernel's paths (an id range within twice the batch, and past it), no
+    # ids; half weights ride along as 16 bits.
+    cases.check_unique_bags(emu, id_dtype=id_dtype, index_dtype=index_dtype,
+                            weight_dtype=torch.bfloat16 if length else torch.float32,
+                            length=length, seed=length)
+
+
 @pytest.mark.parametrize("dtype", BAG_DTYPES)
 @pytest.mark.parametrize("dim,length", [(0, 40), (8, 0), (8, 300), (37, 120)])
 def test_scatter_rows(emu, dtype, dim, length):

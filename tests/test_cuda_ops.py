@@ -558,6 +558,14 @@ def test_scatter_rows(dtype, id_dtype, dim, length):
                              dim=dim, seed=dim + length)
 
 
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("length", [0, 300, 20_480])
+def test_unique_bags(id_dtype, length):
+    cases.check_unique_bags(CUDA, id_dtype=id_dtype, index_dtype=id_dtype,
+                            weight_dtype=torch.float16, num_rows=9_000, length=length,
+                            seed=length)
+
+
 def test_scatter_rows_hot_rows():
     # Runs past kHotChunk: summed chunk by chunk on the GPU, within rounding of the spec.
     cases.check_scatter_rows(CUDA, torch.float32, num_rows=3, length=9_000, dim=16,

@@ -568,6 +568,155 @@ def test_scatter_rows_op_autograd_and_fake():
     torch.library.opcheck(op, (ids[:0], torch.randn(0), 4))
 
 
+# --- unique_bags: a batch's distinct rows of a CSR matrix as bags ---------------------------
+
+def _unique_bags_kernels(backend):
+    return fastmf.ops.kernels(backend, torch.device("cpu"), kernel="unique_bags")
+
+
+def _csr(num_rows, *, seed, index_dtype=torch.int64, weight_dtype=torch.float32,
+         identity=False, max_size=4):
+    """(indptr, indices, weights) of a feature matrix: rows of 0..max_size entries (empty
+    rows included), or exactly one entry a row (identity features only); random feature
+    ids and positive weights."""
+    rng = _rng(seed)
+    lengths = (np.ones(num_rows, np.int64) if identity
+               else rng.integers(0, max_size + 1, num_rows))
+    if num_rows > 2 and not identity:
+        lengths[1] = 0
+    indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    nnz = int(indptr[-1])
+    indices = torch.from_numpy(rng.integers(0, 10 * num_rows + 1, nnz)).to(index_dtype)
+    weights = torch.from_numpy(rng.random(nnz) + 0.1).to(weight_dtype)
+    return indptr, indices, weights
+
+
+def _textbook_unique_bags(ids, indptr, indices, weights):
+    """What the outputs mean, by hand: NumPy's sorted unique, then each row sliced out."""
+    distinct, inverse = np.unique(ids.long().numpy(), return_inverse=True)
+    ptr = indptr.tolist()
+    rows = [range(ptr[r], ptr[r + 1]) for r in distinct.tolist()]
+    positions = torch.tensor([j for row in rows for j in row], dtype=torch.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(row) for row in rows])]).astype(np.int64)
+    return (torch.from_numpy(distinct).long(), torch.from_numpy(inverse.reshape(-1)).long(),
+            indices[positions], torch.from_numpy(offsets).to(indices.dtype), weights[positions])
+
+
+def _assert_same_outputs(got, want):
+    for name, a, b in zip(("distinct", "inverse", "bag_indices", "bag_offsets", "bag_weights"),
+                          got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("index_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+@pytest.mark.parametrize("rows", ["few", "many", "identity"])
+def test_unique_bags_matches_reference_and_textbook(backend, id_dtype, index_dtype, batch,
+                                                    rows):
+    # "few": 60 rows, Zipf ids, so a large batch repeats them (the native kernel's counting
+    # sort); "many": 50,000 rows, more than twice any batch here (its radix sort).
+    num_rows = 50_000 if rows == "many" else N
+    seed = batch + 3 * len(rows) + (id_dtype == torch.int32) + 2 * (index_dtype == torch.int32)
+    indptr, indices, weights = _csr(num_rows, seed=seed, index_dtype=index_dtype,
+                                    identity=rows == "identity")
+    ids = zipf_ids(num_rows, batch, generator=_rng(seed + 1), dtype=id_dtype)
+    got = _unique_bags_kernels(backend).unique_bags(ids, indptr, indices, weights)
+    want = _textbook_unique_bags(ids, indptr, indices, weights)
+    _assert_same_outputs(got, want)
+    _assert_same_outputs(got, reference.unique_bags(ids, indptr, indices, weights))
+    distinct, inverse = got[0], got[1]
+    assert torch.equal(distinct[inverse], ids.long())
+    if batch == 4096:  # Zipf ids repeat
+        assert len(distinct) < batch
+    if rows == "identity":  # one entry a row: the bags are a gather
+        assert torch.equal(got[2], indices[distinct])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_dtype", SCATTER_DTYPES, ids=idfn)
+def test_unique_bags_weight_dtypes(backend, weight_dtype):
+    indptr, indices, weights = _csr(N, seed=9, weight_dtype=weight_dtype)
+    ids = zipf_ids(N, 300, generator=_rng(10))
+    got = _unique_bags_kernels(backend).unique_bags(ids, indptr, indices, weights)
+    _assert_same_outputs(got, _textbook_unique_bags(ids, indptr, indices, weights))
+
+
+@requires_native
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+def test_unique_bags_threads_give_the_same_values(id_dtype):
+    """From 2^15 ids on the native kernel groups them on the intra-op threads (a parallel
+    radix sort): the same groups for any thread count."""
+    indptr, indices, weights = _csr(200_000, seed=11)
+    ids = zipf_ids(200_000, 70_000, generator=_rng(12), dtype=id_dtype)
+    expected = reference.unique_bags(ids, indptr, indices, weights)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            _assert_same_outputs(
+                _unique_bags_kernels("native").unique_bags(ids, indptr, indices, weights),
+                expected)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# (arguments replaced, error, message): 5 rows, row 3 empty; ids [0, 2, 4, 2].
+BAD_UNIQUE_BAGS_INPUTS = {
+    "id past the end": (dict(ids=[0, 5]), IndexError, r"ids id 5 out of range \[0, 5\)"),
+    "negative id": (dict(ids=[-2, 1]), IndexError, r"ids id -2 out of range \[0, 5\)"),
+    "float ids": (dict(ids=[0.0, 1.0]), TypeError, "ids must be int32 or int64"),
+    "2-D ids": (dict(ids=[[0, 1]]), ValueError, "ids must be 1-D"),
+    "float indptr": (dict(indptr=torch.zeros(6)), TypeError, "indptr must be int32 or int64"),
+    "empty indptr": (dict(indptr=torch.zeros(0, dtype=torch.int64)), ValueError,
+                     r"indptr must hold num_rows \+ 1 >= 1 entries, got 0"),
+    "2-D indices": (dict(indices=torch.zeros(1, 7, dtype=torch.int64)), ValueError,
+                    "indices must be 1-D"),
+    "int weights": (dict(weights=torch.ones(7, dtype=torch.int64)), TypeError,
+                    "weights must be float32, float64, float16 or bfloat16"),
+    "one weight short": (dict(weights=torch.ones(6)), ValueError,
+                         r"weights has 6 entries, expected one per index \(7\)"),
+    "decreasing row": (dict(indptr=[0, 2, 3, 1, 4, 7]), ValueError,
+                       r"indptr\[2\] = 3 and indptr\[3\] = 1 do not bound a row of the 7"),
+    "row past the entries": (dict(indptr=[0, 2, 3, 4, 4, 9]), ValueError,
+                             r"indptr\[4\] = 4 and indptr\[5\] = 9 do not bound"),
+    "negative start": (dict(indptr=[-1, 2, 3, 4, 4, 7]), ValueError,
+                       r"indptr\[0\] = -1 and indptr\[1\] = 2 do not bound"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(BAD_UNIQUE_BAGS_INPUTS))
+def test_unique_bags_bad_input(backend, case):
+    args, error, message = BAD_UNIQUE_BAGS_INPUTS[case]
+    ids = torch.tensor(args.get("ids", [0, 2, 4, 2]))
+    indptr = torch.as_tensor(args.get("indptr", [0, 2, 3, 4, 4, 7]))
+    indices = args.get("indices", torch.arange(7) * 3 + 1)
+    weights = args.get("weights", torch.rand(7) + 0.5)
+    with pytest.raises(error, match=r"fastmf\.unique_bags: " + message):
+        _unique_bags_kernels(backend).unique_bags(ids, indptr, indices, weights)
+    # A row pointer that no id names is not read.
+    if case == "decreasing row":
+        got = _unique_bags_kernels(backend).unique_bags(torch.tensor([0, 4]), indptr, indices,
+                                                        weights)
+        _assert_same_outputs(got, _textbook_unique_bags(torch.tensor([0, 4]), indptr, indices,
+                                                        weights))
+
+
+@requires_native
+def test_unique_bags_op_fake_and_compile():
+    indptr, indices, weights = _csr(N, seed=13)
+    ids = zipf_ids(N, 40, generator=_rng(14))
+    op = torch.ops.fastmf.unique_bags.default
+    torch.library.opcheck(op, (ids, indptr, indices, weights))
+    torch.library.opcheck(op, (ids[:0], indptr, indices, weights))
+    compiled = torch.compile(fastmf.ops.native.unique_bags, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        got = compiled(ids, indptr, indices, weights)
+    _assert_same_outputs(got, reference.unique_bags(ids, indptr, indices, weights))
+
+
 # --- autograd machinery ---------------------------------------------------------------------
 
 class _Densify(torch.autograd.Function):

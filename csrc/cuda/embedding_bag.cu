@@ -1,5 +1,5 @@
 // The embedding_bag family on the GPU: embedding_bag_forward, embedding_bag_backward,
-// scatter_rows, sparse_update and embedding_bag_backward_update. csrc/cpu/embedding_bag.cpp
+// scatter_rows, unique_bags, sparse_update and embedding_bag_backward_update. csrc/cpu/embedding_bag.cpp
 // is the same family on the CPU; fastmf/ops/reference/embedding_bag.py states what each op
 // computes.
 //
@@ -27,7 +27,12 @@
 // caching allocator: every op can be captured in a CUDA graph (after one warm-up call).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_unique2.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/repeat_interleave.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
@@ -39,6 +44,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -837,6 +843,56 @@ at::Tensor scatter_rows(const at::Tensor& ids, const at::Tensor& rows, int64_t n
   return table.view(sizes).to(rows.scalar_type());
 }
 
+// unique_bags, with no kernel of its own: the reference's composition (a sorted unique,
+// gathers of the row pointers, a cumulative sum, the entries gathered). Its output sizes
+// depend on the ids, so it synchronises with the host as torch.unique does; the ids' range
+// and the named rows' pointers are checked on the host on the way, so a bad one raises
+// the CPU's error here rather than being recorded on the device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unique_bags(
+    const at::Tensor& ids, const at::Tensor& indptr, const at::Tensor& indices,
+    const at::Tensor& weights) {
+  constexpr const char* op = "unique_bags";
+  check_unique_bags(op, ids, indptr, indices, weights);
+  c10::cuda::CUDAGuard guard(ids.device());
+  const int64_t num_rows = indptr.size(0) - 1;
+  const int64_t nnz = indices.size(0);
+  const at::Tensor flat = ids.to(at::kLong);
+  if (flat.size(0) > 0) {
+    const auto [lo, hi] = at::aminmax(flat);
+    report_id_range(op, "ids", lo.item<int64_t>(), hi.item<int64_t>(), num_rows);
+  }
+  const auto unique = at::_unique2(flat, /*sorted=*/true, /*return_inverse=*/true,
+                                   /*return_counts=*/false);
+  const at::Tensor& distinct = std::get<0>(unique);
+  const at::Tensor& inverse = std::get<1>(unique);
+  const at::Tensor ptr = indptr.to(at::kLong);
+  const at::Tensor starts = ptr.index_select(0, distinct);
+  const at::Tensor ends = ptr.index_select(0, distinct.add(1));
+  const at::Tensor bad =
+      starts.lt(0).logical_or_(starts.gt(ends)).logical_or_(ends.gt(nnz)).nonzero();
+  if (bad.size(0) > 0) {
+    const int64_t g = bad[0][0].item<int64_t>();
+    check_bag_row(op, distinct[g].item<int64_t>(), starts[g].item<int64_t>(),
+                  ends[g].item<int64_t>(), nnz);
+  }
+  const at::Tensor lengths = ends.sub(starts);
+  const at::Tensor offsets = at::cat({lengths.new_zeros({1}), lengths.cumsum(0)});
+  const int64_t total = offsets[offsets.size(0) - 1].item<int64_t>();
+  const int64_t limit = indices.scalar_type() == at::kInt
+                            ? std::numeric_limits<int32_t>::max()
+                            : std::numeric_limits<int64_t>::max();
+  TORCH_CHECK_VALUE(total <= limit, "fastmf.", op, ": the bags hold more than ", limit,
+                    " entries, past what ", py_dtype(indices.scalar_type()),
+                    " offsets can hold; pass int64 indices");
+  // Entry t of bag g is row distinct[g]'s entry starts[g] + (t - offsets[g]).
+  const at::Tensor pos =
+      at::arange(total, ptr.options())
+          .add_(at::repeat_interleave(starts.sub(offsets.narrow(0, 0, distinct.size(0))),
+                                      lengths, /*dim=*/0, /*output_size=*/total));
+  return {distinct, inverse, indices.index_select(0, pos), offsets.to(indices.scalar_type()),
+          weights.index_select(0, pos)};
+}
+
 }  // namespace
 
 at::Tensor scatter_rows_for(const at::Tensor& ids, const at::Tensor& rows, int64_t num_rows) {
@@ -849,6 +905,7 @@ TORCH_LIBRARY_IMPL(fastmf, CUDA, m) {
   m.impl("embedding_bag_forward", &fastmf::cuda::embedding_bag_forward);
   m.impl("embedding_bag_backward", &fastmf::cuda::embedding_bag_backward);
   m.impl("scatter_rows", &fastmf::cuda::scatter_rows);
+  m.impl("unique_bags", &fastmf::cuda::unique_bags);
   m.impl("sparse_update", &fastmf::sparse_update_op<fastmf::cuda::sparse_update>);
   m.impl("embedding_bag_backward_update",
          &fastmf::embedding_bag_backward_update_op<fastmf::cuda::embedding_bag_backward_update>);

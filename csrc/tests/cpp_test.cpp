@@ -177,6 +177,51 @@ void test_backward_dense() {
   at::set_num_threads(saved);
 }
 
+// unique_bags against ATen: a sorted unique, then each distinct row's entries gathered.
+// Id ranges within twice the batch (rows marked) and past it (ids grouped), empty rows,
+// and a batch past kParallelIds (grouped on the threads).
+void test_unique_bags() {
+  static auto h = op("fastmf::unique_bags")
+                      .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+                          const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  const int saved = at::get_num_threads();
+  for (const int64_t rows : {1, 50, 40000}) {
+    for (const int64_t batch : {0, 1, 37, 5000, 70000}) {
+      for (const int threads : {1, 3}) {
+        at::set_num_threads(threads);
+        auto lengths = at::randint(4, {rows}, at::TensorOptions().dtype(at::kLong));
+        auto indptr = at::cat({at::zeros({1}, at::kLong), lengths.cumsum(0)});
+        const int64_t nnz = indptr[rows].item<int64_t>();
+        auto indices = at::randint(1000, {nnz}, at::TensorOptions().dtype(at::kInt));
+        auto weights = at::rand({nnz});
+        auto ids = at::randint(rows, {batch}, at::TensorOptions().dtype(at::kInt));
+        if (batch > 3) ids.narrow(0, 0, batch / 2).fill_(rows / 2);  // a hot row
+        auto [distinct, inverse, bag_indices, offsets, bag_weights] =
+            h.call(ids, indptr, indices, weights);
+        auto [want_distinct, want_inverse, counts] =
+            at::_unique2(ids.to(at::kLong), true, true, false);
+        std::vector<int64_t> positions, want_offsets{0};
+        for (int64_t g = 0; g < want_distinct.size(0); ++g) {
+          const int64_t r = want_distinct[g].item<int64_t>();
+          for (int64_t j = indptr[r].item<int64_t>(); j < indptr[r + 1].item<int64_t>(); ++j) {
+            positions.push_back(j);
+          }
+          want_offsets.push_back(static_cast<int64_t>(positions.size()));
+        }
+        auto pos = at::tensor(positions, at::kLong);
+        check(at::equal(distinct, want_distinct) && at::equal(inverse, want_inverse) &&
+                  at::equal(bag_indices, indices.index_select(0, pos)) &&
+                  at::equal(offsets, at::tensor(want_offsets, at::kLong).to(at::kInt)) &&
+                  at::equal(bag_weights, weights.index_select(0, pos)),
+              "unique_bags rows " + std::to_string(rows) + " batch " + std::to_string(batch) +
+                  " threads " + std::to_string(threads));
+        if (rows == 40000 && batch > 37) break;  // the slow reference loop once is enough
+      }
+    }
+  }
+  at::set_num_threads(saved);
+}
+
 void test_adagrad(bool rowwise, int64_t dim) {
   const int64_t N = 9, K = 4, B = 30;
   auto w = dim == 2 ? at::randn({N, K}, kF64) : at::randn({N}, kF64);
@@ -486,6 +531,7 @@ int main() {
     test_forward(at::kLong);
     test_forward(at::kInt);
     test_backward_dense();
+    test_unique_bags();
     test_adagrad(false, 2);
     test_adagrad(true, 2);
     test_adagrad(false, 1);

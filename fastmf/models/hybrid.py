@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from fastmf import checkpoint
 from fastmf.data.features import Features
-from fastmf.models._rows import pair_users, table_kernels, unique_ids
+from fastmf.models._rows import pair_users, table_kernels
 from fastmf.models.base import IMPLICIT, Recommender, pointwise_loss
 from fastmf.nn import EmbeddingBag
 from fastmf.nn.embedding import fused_optimizer
@@ -208,6 +208,24 @@ class FeatureSide(nn.Module):
         bias = self.bias(indices, offsets, per_sample_weights=weights)
         return vec, bias.squeeze(1)
 
+    def distinct_bags(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(distinct, inverse, indices, offsets (D+1,), weights)``: ``ids``' distinct rows
+        (ascending), the position of each id among them, and their bags in the ops' CSR
+        form, by the tables' backend's ``unique_bags`` (one call where forming them with
+        torch took about fifteen: 0.37 ms of a 2.0 ms BPR step on ml-latest-small, two
+        threads)."""
+        ids = ids.reshape(-1).to(device=self.indptr.device, dtype=torch.int64)
+        kernels = table_kernels(self, ids.device, kernel="unique_bags")
+        try:
+            return kernels.unique_bags(ids, self.indptr, self.indices, self.weights)
+        except IndexError:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo >= 0 and hi < self.num_rows:
+                raise
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{self.op}: {self.name} index {bad} out of range "
+                             f"[0, {self.num_rows})") from None
+
     def pool_distinct(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``ids``' distinct rows pooled once: ``(vectors (D, dim), biases (D,), inverse
         (len(ids),))``, so that ``vectors[inverse]`` is :meth:`pool`'s result. A training
@@ -216,10 +234,13 @@ class FeatureSide(nn.Module):
         550), and the bag kernels then run on the distinct rows, forward and backward; each
         row's gradients are summed over its occurrences first, so the result differs from
         :meth:`pool`'s by float summation order only."""
-        ids = ids.reshape(-1).to(device=self.indptr.device, dtype=torch.int64)
-        distinct, inverse = unique_ids(ids, self.num_rows)
-        vec, bias = self.pool(distinct)
-        return vec, bias, inverse
+        _, inverse, indices, offsets, weights = self.distinct_bags(ids)
+        weights = weights.to(self.table.weight.dtype)
+        # torch.nn.EmbeddingBag's offsets: the start of each bag.
+        starts = offsets[:-1]
+        vec = self.table(indices, starts, per_sample_weights=weights)
+        bias = self.bias(indices, starts, per_sample_weights=weights)
+        return vec, bias.squeeze(1), inverse
 
     def updated_in_backward(self) -> bool:
         """Whether both tables are :class:`fastmf.nn.EmbeddingBag` modules (not sharded)
@@ -258,14 +279,11 @@ class _PooledBags:
     :meth:`FeatureSide.pool`'s lookups pass them, so the values are the same bits."""
 
     def __init__(self, side: FeatureSide, ids: Tensor):
-        ids = ids.reshape(-1).to(device=side.indptr.device, dtype=torch.int64)
-        distinct, self.inverse = unique_ids(ids, side.num_rows)
-        indices, offsets, weights = side.bags(distinct)
+        _, self.inverse, indices, offsets, weights = side.distinct_bags(ids)
         dtype = side.table.weight.dtype
         # EmbeddingBag.forward's form: the weights in the table's dtype (pool), then in the
-        # accumulation type; offsets (B+1,).
+        # accumulation type.
         weights = weights.to(dtype).to(accumulation_dtype(dtype))
-        offsets = torch.cat([offsets, offsets.new_full((1,), indices.shape[0])])
         self.side, self.bags = side, (indices, offsets, weights, Pooling.SUM)
         self.vec = side.table.lookup_without_graph(*self.bags)
         self.bias = side.bias.lookup_without_graph(*self.bags).squeeze(1)

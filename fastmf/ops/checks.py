@@ -503,6 +503,36 @@ def check_scatter_rows(op: str, ids, rows, num_rows) -> None:
     check_ids(op, "ids", ids, int(num_rows))
 
 
+def check_unique_bags(op: str, ids, indptr, indices, weights) -> None:
+    """unique_bags: ids (n,), indptr (R + 1,) with R >= 0, indices (nnz,) int32/int64;
+    weights (nnz,) float; all on the ids' device (csrc/checks.h check_unique_bags, in its
+    order); then the ids' values in [0, R) (a host sync on a GPU)."""
+    check_index_tensor(op, "ids", ids)
+    check_index_tensor(op, "indptr", indptr)
+    if indptr.shape[0] < 1:
+        raise ValueError(f"fastmf.{op}: indptr must hold num_rows + 1 >= 1 entries, got 0")
+    check_index_tensor(op, "indices", indices)
+    check_embedding_weight(op, "weights", weights, (1,))
+    check_same_device(op, "ids", ids, indptr=indptr, indices=indices, weights=weights)
+    if weights.shape[0] != indices.shape[0]:
+        raise ValueError(f"fastmf.{op}: weights has {weights.shape[0]} entries, expected one "
+                         f"per index ({indices.shape[0]})")
+    check_ids(op, "ids", ids, indptr.shape[0] - 1)
+
+
+def check_bag_rows(op: str, rows: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+                   nnz: int) -> None:
+    """Each row ``rows[g]``'s entries ``[starts[g], ends[g])`` lie in ``[0, nnz)``; the
+    first that does not, in the order given, is named (csrc/checks.h check_bag_row). Reads
+    the values (a host sync on a GPU)."""
+    bad = ((starts < 0) | (starts > ends) | (ends > nnz)).nonzero()
+    if bad.numel():
+        g = int(bad[0, 0])
+        row, start, end = int(rows[g]), int(starts[g]), int(ends[g])
+        raise ValueError(f"fastmf.{op}: indptr[{row}] = {start} and indptr[{row + 1}] = "
+                         f"{end} do not bound a row of the {nnz} indices")
+
+
 def check_index_tensor(op: str, name: str, t) -> None:
     """A 1-D int32/int64 tensor (ids or offsets); reads no value."""
     if not isinstance(t, torch.Tensor):

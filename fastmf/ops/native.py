@@ -36,6 +36,7 @@ __all__ = [
     "train_steps_sampled",
     "sample_negatives",
     "scatter_rows",
+    "unique_bags",
     "check_device_errors",
     "embedding_bag_forward",
     "embedding_bag_backward",
@@ -266,6 +267,20 @@ def _row_settings(op: str, optimizer, lr, eps, beta1, beta2, weight_decay, weigh
             float(beta1), float(beta2), float(weight_decay),
             int(parse(WeightDecay, weight_decay_mode, op, "weight_decay_mode")), int(step),
             int(seed), bool(stochastic_rounding))
+
+
+def unique_bags(ids: Tensor, indptr: Tensor, indices: Tensor,
+                weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The bags of a batch's distinct rows of a CSR matrix, ``(distinct, inverse,
+    bag_indices, bag_offsets, bag_weights)``: see
+    :func:`fastmf.ops.reference.embedding_bag.unique_bags`. Not differentiable (its outputs
+    are ids and copied weights)."""
+    op = torch.ops.fastmf.unique_bags.default
+    if torch.compiler.is_compiling():
+        return op(ids, indptr, indices, weights)
+    # Past the autograd fallback and its redispatch: the op has no gradient to record.
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(ids, indptr, indices, weights)
 
 
 def sparse_update(weight: Tensor, state1: Tensor | None, state2: Tensor | None, ids: Tensor,
@@ -600,6 +615,23 @@ if native_available():
         torch.library.register_autograd("fastmf::embedding_bag_forward",
                                         _embedding_bag_forward_backward,
                                         setup_context=_embedding_bag_forward_setup)
+
+    # unique_bags: its output sizes (distinct ids, bag entries) depend on the values.
+    if hasattr(torch.ops.fastmf, "unique_bags"):
+
+        @torch.library.register_fake("fastmf::unique_bags")
+        def _unique_bags_fake(ids, indptr, indices, weights):
+            op = "fastmf.unique_bags"
+            for name, t in (("ids", ids), ("indptr", indptr), ("indices", indices),
+                            ("weights", weights)):
+                torch._check(t.dim() == 1, lambda name=name: f"{op}: {name} must be 1-D")
+            torch._check(weights.shape[0] == indices.shape[0],
+                         lambda: f"{op}: weights must have one entry per index")
+            ctx = torch.library.get_ctx()
+            num_distinct, total = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+            return (ids.new_empty(num_distinct, dtype=torch.int64),
+                    ids.new_empty(ids.shape[0], dtype=torch.int64), indices.new_empty(total),
+                    indices.new_empty(num_distinct + 1), weights.new_empty(total))
 
     # scatter_rows: the backward of a row gather (fastmf.models' NCF towers, the dense
     # gradients above); its own gradient is the gather.

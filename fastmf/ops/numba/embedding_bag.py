@@ -1,5 +1,6 @@
 """Numba CPU backend of the embedding_bag op family: bag forward, its backward, the dense
-gradient of a row gather (``scatter_rows``), the exact
+gradient of a row gather (``scatter_rows``), a batch's distinct rows as bags
+(``unique_bags``), the exact
 deduplicated sparse step (``sparse_update``) and the backward fused with that step
 (``embedding_bag_backward_update``), as ``@njit`` code over numpy views of CPU tensors.
 
@@ -79,7 +80,7 @@ from fastmf.ops.numba._common import (
 )
 
 __all__ = ["embedding_bag_backward", "embedding_bag_backward_update", "embedding_bag_forward",
-           "scatter_rows", "sparse_update"]
+           "scatter_rows", "sparse_update", "unique_bags"]
 
 Tensor = torch.Tensor
 
@@ -758,6 +759,85 @@ def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
         _scatter_kernel(ids_view(ids), _acc_view(rows).reshape(n, -1),
                         out.numpy().reshape(int(num_rows), -1))
     return out.to(rows.dtype)
+
+
+@jit
+def _unique_rows_kernel(ids, num_rows, distinct, inverse):
+    """The distinct ids (ascending) into ``distinct`` and each id's position among them into
+    ``inverse``; returns their number, or -1 (nothing else done) for an id outside
+    [0, num_rows)."""
+    n = ids.shape[0]
+    sorted_ids = np.empty(n, np.int64)
+    order = np.empty(n, np.int64)
+    starts = np.empty(n + 1, np.int64)
+    num_distinct = group_into(ids, num_rows, sorted_ids, order, starts)
+    for g in range(num_distinct):
+        distinct[g] = sorted_ids[starts[g]]
+        for j in range(starts[g], starts[g + 1]):
+            inverse[order[j]] = g
+    return num_distinct
+
+
+@jit
+def _bag_offsets_kernel(indptr, distinct, nnz, offsets):
+    """Bag offsets of the rows ``distinct`` into ``offsets`` (D + 1,); returns the entries'
+    total, or -(g + 1) for the first row g whose entries are not within [0, nnz)."""
+    total = 0
+    for g in range(distinct.shape[0]):
+        offsets[g] = total
+        start, end = indptr[distinct[g]], indptr[distinct[g] + 1]
+        if not (0 <= start and start <= end and end <= nnz):
+            return -(g + 1)
+        total += end - start
+    offsets[distinct.shape[0]] = total
+    return total
+
+
+@jit
+def _copy_bags_kernel(indptr, distinct, offsets, indices, weights, bag_indices, bag_weights):
+    for g in range(distinct.shape[0]):
+        start = indptr[distinct[g]]
+        at = offsets[g]
+        for t in range(indptr[distinct[g] + 1] - start):
+            bag_indices[at + t] = indices[start + t]
+            bag_weights[at + t] = weights[start + t]
+
+
+def unique_bags(ids: Tensor, indptr: Tensor, indices: Tensor,
+                weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The bags of a batch's distinct rows of a CSR matrix, ``(distinct, inverse,
+    bag_indices, bag_offsets, bag_weights)``: see
+    :func:`fastmf.ops.reference.embedding_bag.unique_bags`. The reference's values (ids
+    grouped by the stable ``group_into``; entries copied)."""
+    op = "unique_bags"
+    require_cpu(op, ("ids", "indptr", "indices", "weights"), (ids, indptr, indices, weights))
+    checks.check_unique_bags(op, ids, indptr, indices, weights)
+    n, num_rows, nnz = ids.shape[0], indptr.shape[0] - 1, indices.shape[0]
+    distinct = torch.empty(n, dtype=torch.int64)
+    inverse = torch.empty(n, dtype=torch.int64)
+    num_distinct = _unique_rows_kernel(ids_view(ids), num_rows, distinct.numpy(),
+                                       inverse.numpy()) if n else 0
+    distinct = distinct[:num_distinct]
+    ptr = ids_view(indptr)
+    offsets = torch.empty(num_distinct + 1, dtype=torch.int64)
+    total = _bag_offsets_kernel(ptr, distinct.numpy(), nnz, offsets.numpy())
+    if total < 0:
+        g = -total - 1
+        row = int(distinct[g])
+        checks.check_bag_rows(op, distinct[g:g + 1], torch.tensor([int(ptr[row])]),
+                              torch.tensor([int(ptr[row + 1])]), nnz)
+    limit = torch.iinfo(indices.dtype).max
+    if total > limit:
+        raise ValueError(f"fastmf.{op}: the bags hold more than {limit} entries, past what "
+                         f"{indices.dtype} offsets can hold; pass int64 indices")
+    bag_indices = torch.empty(total, dtype=indices.dtype)
+    bag_weights = torch.empty(total, dtype=weights.dtype)
+    # Half weights move as their 16 bits (numpy has no bfloat16).
+    bits = torch.int16 if weights.dtype in (torch.float16, torch.bfloat16) else weights.dtype
+    _copy_bags_kernel(ptr, distinct.numpy(), offsets.numpy(), read_view(indices),
+                      read_view(weights.view(bits)), bag_indices.numpy(),
+                      bag_weights.view(bits).numpy())
+    return distinct, inverse, bag_indices, offsets.to(indices.dtype), bag_weights
 
 
 def embedding_bag_backward_update(weight: Tensor, state1: Tensor | None, state2: Tensor | None,

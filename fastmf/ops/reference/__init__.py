@@ -8,6 +8,7 @@ from fastmf.ops.reference.embedding_bag import (
     embedding_bag_forward,
     scatter_rows,
     sparse_update,
+    unique_bags,
 )
 from fastmf.ops.reference.pairwise import (
     train_step_pairwise,
@@ -35,4 +36,4 @@ __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
            "sparse_adagrad_update", "sparse_sgd_update", "sparse_update", "topk_scores",
            "train_step", "train_step_pairwise", "train_step_pairwise_sampled",
            "train_steps_pairwise_sampled", "train_steps_sampled",
-           "train_step_sampled"]
+           "train_step_sampled", "unique_bags"]

@@ -64,7 +64,7 @@ from fastmf.ops import checks
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay, parse
 
 __all__ = ["embedding_bag_backward", "embedding_bag_backward_update", "embedding_bag_forward",
-           "random_bits", "scatter_rows", "sparse_update", "stochastic_round"]
+           "random_bits", "scatter_rows", "sparse_update", "stochastic_round", "unique_bags"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -144,6 +144,44 @@ def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     # index_add_ adds source rows in index order (on the CPU): the order the spec asks for.
     out.index_add_(0, ids.long(), rows.to(acc))
     return out.to(rows.dtype)
+
+
+def unique_bags(ids: Tensor, indptr: Tensor, indices: Tensor,
+                weights: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The bags of a batch's distinct rows of a CSR matrix: ``(distinct, inverse,
+    bag_indices, bag_offsets, bag_weights)``.
+
+    ``distinct`` (D,) int64 holds the distinct ids of ``ids`` in ascending order and
+    ``inverse`` (n,) int64 the position of each id among them (``distinct[inverse] ==
+    ids``). Row r of the matrix is ``indices[indptr[r]:indptr[r + 1]]`` with
+    ``weights[indptr[r]:indptr[r + 1]]``; the rows of ``distinct`` follow one another in
+    that order as bags (the ops' CSR form): bag_indices (T,) like indices, bag_offsets
+    (D + 1,) like indices from 0 to T, bag_weights (T,) like weights. What a model with side
+    features pools for a step: each distinct user or item once, as the bag of its feature
+    rows (fastmf.models' Hybrid).
+
+    ids (n,), indptr (R + 1,), indices (nnz,) int32/int64; weights (nnz,) float; ids in
+    [0, R); each named row's ``0 <= indptr[r] <= indptr[r + 1] <= nnz`` (other rows are not
+    read).
+    """
+    op = "unique_bags"
+    checks.check_unique_bags(op, ids, indptr, indices, weights)
+    distinct, inverse = torch.unique(ids.long(), sorted=True, return_inverse=True)
+    ptr = indptr.long()
+    starts, ends = ptr[distinct], ptr[distinct + 1]
+    checks.check_bag_rows(op, distinct, starts, ends, indices.shape[0])
+    lengths = ends - starts
+    offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+    total = int(offsets[-1])
+    limit = torch.iinfo(indices.dtype).max
+    if total > limit:
+        raise ValueError(f"fastmf.{op}: the bags hold more than {limit} entries, past what "
+                         f"{indices.dtype} offsets can hold; "
+                         "pass int64 indices")
+    # Entry t of bag g is row distinct[g]'s entry starts[g] + (t - offsets[g]).
+    pos = torch.arange(total, device=ids.device) + torch.repeat_interleave(
+        starts - offsets[:-1], lengths, output_size=total)
+    return (distinct, inverse, indices[pos], offsets.to(indices.dtype), weights[pos])
 
 
 def per_sample_weights_grad(grad_output: Tensor, weight: Tensor, indices: Tensor,
