@@ -255,6 +255,53 @@ def test_backward_update_equals_composition(backend, optimizer, dtype, pooling):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("optimizer", list(Optimizer))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=idfn)
+@pytest.mark.parametrize("kind", ["sparse_update", "bag_sum", "bag_mean"])
+def test_width_one_tables_match_reference(backend, optimizer, dtype, kind):
+    """Tables of one column (biases: 1-D for sparse_update, (N, 1) for the bag update),
+    which the native kernels step with the width known at compile time: the reference's
+    numbers, states included, on Zipf ids with a row hit past kHotChunk (2048) times."""
+    k = embedding_kernels(backend, "cpu")
+    rng = _rng(int(optimizer) + 200)
+    gen = torch.Generator().manual_seed(int(optimizer) + 200)
+    acc, num_rows, n = torch.float32, 500, 5000
+    ids = zipf_ids(num_rows, n, generator=rng)
+    ids[rng.permutation(n)[:2500]] = 3
+    shape = (num_rows,) if kind == "sparse_update" else (num_rows, 1)
+    weight = (torch.randn(shape, generator=gen) * 0.1).to(dtype)
+    shapes = fastmf.ops.checks.row_state_shapes(optimizer, weight)
+    states = [None if s is None else torch.rand(s, generator=gen, dtype=acc) for s in shapes]
+    settings = (optimizer, 0.05, 1e-3, 0.8, 0.95, 0.01, WeightDecay.L2, 3, 77, True)
+    if kind == "sparse_update":
+        grad = torch.randn(n, generator=gen, dtype=acc)
+        args = (ids, grad)
+    else:
+        starts = np.sort(rng.choice(np.arange(1, n), 1500, replace=False))
+        offsets = torch.from_numpy(np.concatenate([[0], starts, [n]]))
+        pooling = Pooling.SUM if kind == "bag_sum" else Pooling.MEAN
+        psw = torch.rand(n, generator=gen, dtype=acc) if pooling == Pooling.SUM else None
+        grad = torch.randn(len(offsets) - 1, 1, generator=gen, dtype=acc)
+        args = (grad, ids, offsets, psw, pooling)
+
+    def run(kernels):
+        w, st = weight.clone(), [None if s is None else s.clone() for s in states]
+        if kind == "sparse_update":
+            kernels.sparse_update(w, *st, *args, *settings)
+        else:
+            kernels.embedding_bag_backward_update(w, *st, *args, *settings)
+        return w, st
+
+    (w, st), (w_ref, st_ref) = run(k), run(reference)
+    assert not torch.equal(w, weight)
+    # A bfloat16 row: one (stochastic) rounding of the float32 step.
+    tol = tolerance(acc) if dtype == acc else dict(rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(w.float(), w_ref.float(), **tol)
+    for a, b in zip(st, st_ref):
+        assert (a is None and b is None) or torch.allclose(a, b, **tolerance(acc))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", list(Optimizer))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=idfn)

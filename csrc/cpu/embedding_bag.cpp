@@ -371,9 +371,10 @@ inline A sum_of_squares(const A* g, int64_t n) {
 // dim values (the row in A; square roots: sqrt_n vectorises them, std::sqrt stays scalar).
 // state1/state2 point at the tables (null where the optimizer has none); a row-wise state
 // holds one value per row. A 1-D table has dim 1, and its row-wise states one value
-// per element, as the reference's.
-template <Optimizer kOpt, typename W, typename A>
-inline void step_row(W* weight, A* state1, A* state2, int64_t dim, int64_t row,
+// per element, as the reference's. Width: int64_t, or One where the width is 1 (see
+// grouped_step).
+template <Optimizer kOpt, typename W, typename A, typename Width>
+inline void step_row(W* weight, A* state1, A* state2, Width dim, int64_t row,
                      A* __restrict g, A* __restrict w, A* __restrict root,
                      const StepScalars<A>& s) {
   W* w_row = weight + row * dim;
@@ -433,10 +434,10 @@ inline void step_row(W* weight, A* state1, A* state2, int64_t dim, int64_t row,
 // Where an occurrence's gradient row comes from
 
 // sparse_update: grad_rows[j], read into A.
-template <typename G>
+template <typename G, typename Width = int64_t>
 struct GivenRows {
   const G* rows;
-  int64_t dim;
+  Width dim;
 
   void prefetch_index(int32_t) const {}
   void prefetch(int32_t j) const { prefetch_row(rows + static_cast<int64_t>(j) * dim, dim, false); }
@@ -450,10 +451,10 @@ struct GivenRows {
 // embedding_bag_backward's row j, computed where it is summed: grad_output[bag(j)] scaled
 // by the per-sample weight (or divided by the bag size for MEAN) in grad_output's dtype G,
 // exactly as embedding_bag_backward forms it, then read into A.
-template <typename G>
+template <typename G, typename Width = int64_t>
 struct BagRows {
   const G* grad_output;
-  int64_t dim;
+  Width dim;
   const int32_t* bag_of;  // (L,)
   const int64_t* offsets;  // (B + 1,)
   const G* per_sample_weights;  // null: none
@@ -555,10 +556,27 @@ inline void prefetch_ahead(const Source& source, const int32_t* order, int64_t j
   if (j + kPrefetchIndices < end) source.prefetch(order[j + kPrefetchIndices]);
 }
 
+// A row width of 1 known at compile time. Bias tables (one column) run the grouped step
+// with it: their cost is per occurrence and per row, not per column, and with a runtime
+// width every occurrence's sum went through a vector loop's checks and its one value
+// through memory (a store-to-load chain across occurrences), and every row's step through
+// the loops' alias checks. The same operations in the same order, so the same bits.
+using One = std::integral_constant<int64_t, 1>;
+
+// f(One{}) for a width of 1, else f(dim).
+template <typename F>
+inline void with_width(int64_t dim, F&& f) {
+  if (dim == 1) {
+    f(One{});
+  } else {
+    f(dim);
+  }
+}
+
 // Groups `n` ids (ws.ids, range-checked) and steps every touched row once with the sum of
 // its occurrences' gradient rows from `source`.
-template <typename W, typename A, typename Source>
-void grouped_step(Workspace& ws, int64_t n, int64_t dim, W* weight, A* state1, A* state2,
+template <typename W, typename A, typename Source, typename Width>
+void grouped_step(Workspace& ws, int64_t n, Width dim, W* weight, A* state1, A* state2,
                   int64_t num_rows, const Source& source, const RowOptimizerArgs& opt) {
   group_rows(ws.ids.data(), n, num_rows, ws.groups);
   const RowGroups& groups = ws.groups;
@@ -1174,10 +1192,12 @@ void sparse_update(const RowTable& table, const at::Tensor& ids, const at::Tenso
     using W = decltype(w_tag);
     using G = decltype(g_tag);
     using A = acc_t<W>;
-    const GivenRows<G> source{grad_rows.data_ptr<G>(), dim};
-    grouped_step<W, A>(ws, n, dim, tables.weight.get().data_ptr<W>(),
-                       StepTablesInPlace::ptr<A>(tables.state1),
-                       StepTablesInPlace::ptr<A>(tables.state2), num_rows, source, opt);
+    with_width(dim, [&](auto width) {
+      const GivenRows<G, decltype(width)> source{grad_rows.data_ptr<G>(), width};
+      grouped_step<W, A>(ws, n, width, tables.weight.get().data_ptr<W>(),
+                         StepTablesInPlace::ptr<A>(tables.state1),
+                         StepTablesInPlace::ptr<A>(tables.state2), num_rows, source, opt);
+    });
   });
   tables.commit();
 }
@@ -1210,12 +1230,15 @@ void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad
     using W = decltype(w_tag);
     using G = decltype(g_tag);
     using A = acc_t<W>;
-    const BagRows<G> source{grad_output.data_ptr<G>(), dim, bag_of, offsets,
-                            psw.defined() ? psw.data_ptr<G>() : nullptr,
-                            bags.pooling == Pooling::kMean};
-    grouped_step<W, A>(ws, n, dim, tables.weight.get().data_ptr<W>(),
-                       StepTablesInPlace::ptr<A>(tables.state1),
-                       StepTablesInPlace::ptr<A>(tables.state2), num_rows, source, opt);
+    with_width(dim, [&](auto width) {
+      const BagRows<G, decltype(width)> source{grad_output.data_ptr<G>(), width, bag_of,
+                                               offsets,
+                                               psw.defined() ? psw.data_ptr<G>() : nullptr,
+                                               bags.pooling == Pooling::kMean};
+      grouped_step<W, A>(ws, n, width, tables.weight.get().data_ptr<W>(),
+                         StepTablesInPlace::ptr<A>(tables.state1),
+                         StepTablesInPlace::ptr<A>(tables.state2), num_rows, source, opt);
+    });
   });
   tables.commit();
 }
