@@ -177,6 +177,28 @@ def test_bags_of_one_id_match_the_bag_loop(backend, dtype, form, dim):
     assert got[0, :2].eq(0).all() and not got[0, :2].signbit().any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=idfn)
+@pytest.mark.parametrize("form", ["sum", "weighted", "mean"])
+def test_width_one_bags_match_reference(backend, dtype, form):
+    """Bags over a one-column table (a bias), which the native kernel sums with the width
+    known at compile time: the reference's bits, empty bags included."""
+    rng = _rng(12)
+    ids, starts = _bags(500, seed=12)
+    offsets = torch.cat([starts, torch.tensor([ids.numel()])])
+    weight = torch.from_numpy(rng.standard_normal((N, 1))).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    psw = torch.from_numpy(rng.random(ids.numel()) + 0.5).to(acc) if form == "weighted" \
+        else None
+    pooling = "mean" if form == "mean" else "sum"
+    got = embedding_kernels(backend, torch.device("cpu")).embedding_bag_forward(
+        weight, ids, offsets, psw, pooling)
+    assert got.shape == (500, 1)
+    assert torch.equal(got, reference.embedding_bag_forward(weight, ids, offsets, psw, pooling))
+    assert got.ne(0).any()
+
+
 def test_reference_forward_sums_in_index_order():
     """The spec's float32 sum runs j ascending: bit-equal to a plain loop."""
     gen = torch.Generator().manual_seed(5)
