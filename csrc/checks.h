@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -707,6 +708,16 @@ inline void check_bag_row(const char* op, int64_t row, int64_t start, int64_t en
   TORCH_CHECK_VALUE(0 <= start && start <= end && end <= nnz, "fastmf.", op, ": indptr[", row,
                     "] = ", start, " and indptr[", row + 1, "] = ", end,
                     " do not bound a row of the ", nnz, " indices");
+}
+
+// unique_bags' `total` entries fit offsets of the indices' int type (rows may share
+// entries, so the bags can outgrow it; fastmf/ops/checks.py check_bag_total).
+inline void check_bag_total(const char* op, int64_t total, at::ScalarType index_type) {
+  const int64_t limit = index_type == at::kInt ? std::numeric_limits<int32_t>::max()
+                                               : std::numeric_limits<int64_t>::max();
+  TORCH_CHECK_VALUE(total <= limit, "fastmf.", op, ": the bags hold more than ", limit,
+                    " entries, past what ", py_dtype(index_type),
+                    " offsets can hold; pass int64 indices");
 }
 
 // Adam's betas: finite numbers in [0, 1).

@@ -773,6 +773,25 @@ def test_unique_bags_bad_input(backend, case):
                                                         weights))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unique_bags_refuses_bags_past_int32_offsets(backend):
+    """Named rows may share entries (pointers may go down between them, across rows no id
+    names): 2,049 rows each spanning all 2^20 int32 indices would need offsets past int32.
+    Refused before the bags are allocated."""
+    nnz, named = 2 ** 20, 2049
+    # indptr 0, nnz, 0, nnz, ...: every even row is [0, nnz); the odd rows are not named.
+    indptr = torch.tensor([0, nnz] * named + [0], dtype=torch.int64)
+    ids = torch.arange(0, 2 * named, 2)
+    indices = torch.arange(nnz, dtype=torch.int32)
+    weights = torch.rand(nnz)
+    with pytest.raises(ValueError, match=r"fastmf\.unique_bags: the bags hold more than "
+                                         r"2147483647 entries, past what torch\.int32 offsets"):
+        _unique_bags_kernels(backend).unique_bags(ids, indptr, indices, weights)
+    # Two such rows fit.
+    got = _unique_bags_kernels(backend).unique_bags(ids[:2], indptr, indices, weights)
+    assert got[3].tolist() == [0, nnz, 2 * nnz] and torch.equal(got[2][nnz:], indices)
+
+
 @requires_native
 def test_unique_bags_op_fake_and_compile():
     indptr, indices, weights = _csr(N, seed=13)

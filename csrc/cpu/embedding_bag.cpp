@@ -1,6 +1,6 @@
 // The embedding_bag family on the CPU: embedding_bag_forward, embedding_bag_backward,
-// scatter_rows, unique_bags, sparse_update and embedding_bag_backward_update. csrc/cuda/embedding_bag.cu
-// is the same family on the GPU; fastmf/ops/reference/embedding_bag.py states what each op
+// scatter_rows, unique_bags, sparse_update and embedding_bag_backward_update.
+// csrc/cuda/embedding_bag.cu is the same family on the GPU; fastmf/ops/reference/embedding_bag.py states what each op
 // computes.
 //
 // The forward and the plain backward parallelise over bags: every bag writes its own output
@@ -33,7 +33,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -1078,10 +1077,10 @@ at::Tensor scatter_rows(const at::Tensor& ids_in, const at::Tensor& rows_in, int
 
 // unique_bags: the distinct ids and each id's number among them, by marking the rows where
 // the id range is at most twice the batch, else by grouping the ids as the fused updates
-// do (group_rows: groups ascend by id); then each distinct row's entries copied in turn. Serial: in Hybrid's BPR step on
-// ml-latest-small (8,192 item ids over 9,742 items, 4,096 user ids over 610 users) the two
-// calls replace about fifteen torch calls a side (unique, gathers, cumsum,
-// repeat_interleave), which took 0.37 ms of a 2.0 ms step on two threads.
+// do (group_rows: groups ascend by id); then each distinct row's entries copied in turn.
+// Serial: in Hybrid's BPR step on ml-latest-small (8,192 item ids over 9,742 items, 4,096
+// user ids over 610 users) the two calls replace about fifteen torch calls a side (unique,
+// gathers, cumsum, repeat_interleave), which took 0.37 ms of a 2.0 ms step on two threads.
 template <typename I, typename V>
 void copy_bags(const int64_t* indptr, const I* indices, const V* weights, const int64_t* distinct,
                int64_t num_distinct, I* bag_indices, I* bag_offsets, V* bag_weights) {
@@ -1160,12 +1159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unique_ba
       const int64_t start = ptr[d[g]], end = ptr[d[g] + 1];
       check_bag_row(op, d[g], start, end, nnz);
       total += end - start;
-      // Rows may share entries, so the bags can outgrow indices' int type.
-      TORCH_CHECK_VALUE(total <= std::numeric_limits<index_t>::max(), "fastmf.", op,
-                        ": the bags hold more than ", std::numeric_limits<index_t>::max(),
-                        " entries, past what ", py_dtype(indices.scalar_type()),
-                        " offsets can hold; pass int64 indices");
     }
+    check_bag_total(op, total, indices.scalar_type());
     offsets[num_distinct] = static_cast<index_t>(total);
     bag_indices = at::empty({total}, indices.options());
     bag_weights = at::empty({total}, weights.options());

@@ -1,6 +1,6 @@
 // The embedding_bag family on the GPU: embedding_bag_forward, embedding_bag_backward,
-// scatter_rows, unique_bags, sparse_update and embedding_bag_backward_update. csrc/cpu/embedding_bag.cpp
-// is the same family on the CPU; fastmf/ops/reference/embedding_bag.py states what each op
+// scatter_rows, unique_bags, sparse_update and embedding_bag_backward_update.
+// csrc/cpu/embedding_bag.cpp is the same family on the CPU; fastmf/ops/reference/embedding_bag.py states what each op
 // computes.
 //
 // Every sum has the order of the CPU kernel, so the two devices give the same bits:
@@ -878,12 +878,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unique_ba
   const at::Tensor lengths = ends.sub(starts);
   const at::Tensor offsets = at::cat({lengths.new_zeros({1}), lengths.cumsum(0)});
   const int64_t total = offsets[offsets.size(0) - 1].item<int64_t>();
-  const int64_t limit = indices.scalar_type() == at::kInt
-                            ? std::numeric_limits<int32_t>::max()
-                            : std::numeric_limits<int64_t>::max();
-  TORCH_CHECK_VALUE(total <= limit, "fastmf.", op, ": the bags hold more than ", limit,
-                    " entries, past what ", py_dtype(indices.scalar_type()),
-                    " offsets can hold; pass int64 indices");
+  check_bag_total(op, total, indices.scalar_type());
   // Entry t of bag g is row distinct[g]'s entry starts[g] + (t - offsets[g]).
   const at::Tensor pos =
       at::arange(total, ptr.options())

@@ -520,17 +520,31 @@ def check_unique_bags(op: str, ids, indptr, indices, weights) -> None:
     check_ids(op, "ids", ids, indptr.shape[0] - 1)
 
 
+def check_bag_row(op: str, row: int, start: int, end: int, nnz: int) -> None:
+    """Row ``row``'s entries ``[start, end)`` of a CSR matrix with ``nnz`` entries, as
+    unique_bags reads them (csrc/checks.h check_bag_row)."""
+    if not 0 <= start <= end <= nnz:
+        raise ValueError(f"fastmf.{op}: indptr[{row}] = {start} and indptr[{row + 1}] = "
+                         f"{end} do not bound a row of the {nnz} indices")
+
+
 def check_bag_rows(op: str, rows: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
                    nnz: int) -> None:
-    """Each row ``rows[g]``'s entries ``[starts[g], ends[g])`` lie in ``[0, nnz)``; the
-    first that does not, in the order given, is named (csrc/checks.h check_bag_row). Reads
-    the values (a host sync on a GPU)."""
+    """:func:`check_bag_row` for every ``rows[g]``; the first that fails, in the order
+    given, is named. Reads the values (a host sync on a GPU)."""
     bad = ((starts < 0) | (starts > ends) | (ends > nnz)).nonzero()
     if bad.numel():
         g = int(bad[0, 0])
-        row, start, end = int(rows[g]), int(starts[g]), int(ends[g])
-        raise ValueError(f"fastmf.{op}: indptr[{row}] = {start} and indptr[{row + 1}] = "
-                         f"{end} do not bound a row of the {nnz} indices")
+        check_bag_row(op, int(rows[g]), int(starts[g]), int(ends[g]), nnz)
+
+
+def check_bag_total(op: str, total: int, index_dtype: torch.dtype) -> None:
+    """unique_bags' entries fit offsets of the indices' int type (rows may share entries,
+    so the bags can outgrow it; csrc/checks.h check_bag_total)."""
+    limit = torch.iinfo(index_dtype).max
+    if total > limit:
+        raise ValueError(f"fastmf.{op}: the bags hold more than {limit} entries, past what "
+                         f"{index_dtype} offsets can hold; pass int64 indices")
 
 
 def check_index_tensor(op: str, name: str, t) -> None:

@@ -822,14 +822,9 @@ def unique_bags(ids: Tensor, indptr: Tensor, indices: Tensor,
     offsets = torch.empty(num_distinct + 1, dtype=torch.int64)
     total = _bag_offsets_kernel(ptr, distinct.numpy(), nnz, offsets.numpy())
     if total < 0:
-        g = -total - 1
-        row = int(distinct[g])
-        checks.check_bag_rows(op, distinct[g:g + 1], torch.tensor([int(ptr[row])]),
-                              torch.tensor([int(ptr[row + 1])]), nnz)
-    limit = torch.iinfo(indices.dtype).max
-    if total > limit:
-        raise ValueError(f"fastmf.{op}: the bags hold more than {limit} entries, past what "
-                         f"{indices.dtype} offsets can hold; pass int64 indices")
+        row = int(distinct[-total - 1])
+        checks.check_bag_row(op, row, int(ptr[row]), int(ptr[row + 1]), nnz)
+    checks.check_bag_total(op, total, indices.dtype)
     bag_indices = torch.empty(total, dtype=indices.dtype)
     bag_weights = torch.empty(total, dtype=weights.dtype)
     # Half weights move as their 16 bits (numpy has no bfloat16).

@@ -173,11 +173,7 @@ def unique_bags(ids: Tensor, indptr: Tensor, indices: Tensor,
     lengths = ends - starts
     offsets = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
     total = int(offsets[-1])
-    limit = torch.iinfo(indices.dtype).max
-    if total > limit:
-        raise ValueError(f"fastmf.{op}: the bags hold more than {limit} entries, past what "
-                         f"{indices.dtype} offsets can hold; "
-                         "pass int64 indices")
+    checks.check_bag_total(op, total, indices.dtype)
     # Entry t of bag g is row distinct[g]'s entry starts[g] + (t - offsets[g]).
     pos = torch.arange(total, device=ids.device) + torch.repeat_interleave(
         starts - offsets[:-1], lengths, output_size=total)
