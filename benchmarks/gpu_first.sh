@@ -9,10 +9,11 @@
 #   bash benchmarks/gpu_first.sh --dry-run   # print the stages and commands, run nothing
 #
 # Stages (limit in seconds; each limit is also cut to what is left of the budget):
-#   0 machine  GPU, driver, torch, nvcc and ncu versions                                60
+#   0 machine  GPU, driver, torch, nvcc, compiler and ncu versions                      60
 #   1 build    FASTMF_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=all cores, with       270
-#              -Xptxas -v: registers, stack and spills per kernel, summarised. Nothing
-#              else runs when the build or the import of the CUDA kernels fails.
+#              -Xptxas -v: registers, stack and spills per kernel, summarised; the
+#              system gcc/g++ where there is one (GPU_FIRST_KEEP_COMPILER=1 keeps
+#              CC/CXX). Nothing else runs when the build or the import fails.
 #   2 tests    tests/test_cuda_ops.py, the train_step pipeline: train_step (all        150
 #              losses/optimizers, shapes, bit-identical reruns, bad samples), CUDA-graph
 #              replay, hot rows, CPU/CUDA agreement; over several processes, --maxfail=3
@@ -36,7 +37,8 @@
 #
 # Environment: PYTHON (default python3), GPU_FIRST_BUDGET (seconds, default 520),
 # GPU_FIRST_LOG (log folder; default $OUT, else /tmp/gpu_first), GPU_FIRST_NCU_BATCHES
-# (default 262144), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores).
+# (default 262144), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores),
+# GPU_FIRST_KEEP_COMPILER (set: build with CC/CXX as they are).
 #
 # A Python package missing on a machine without network travels as wheels: where pip
 # works, `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
@@ -190,7 +192,8 @@ MACHINE="nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clock
 clocks.mem --format=csv; nproc; free -g | head -n 2; \
 '$PY' -c \"import sys, torch; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and \
-torch.cuda.get_device_name())\"; echo CUDA_HOME=$CUDA_HOME; \
+torch.cuda.get_device_name())\"; echo CUDA_HOME=$CUDA_HOME; echo CC=${CC:-unset} CXX=${CXX:-unset}; \
+'${CXX:-c++}' --version | head -n 1; \
 '${CUDA_HOME:-/usr/local/cuda}/bin/nvcc' --version | tail -n 2; \
 echo ncu: ${NCU:-none}; ${NCU:+'$NCU' --version | tail -n 1;} \
 '$PY' -c 'import numpy, numba; print(\"numpy\", numpy.__version__, \"numba\", numba.__version__)'; \
@@ -198,7 +201,16 @@ echo ncu: ${NCU:-none}; ${NCU:+'$NCU' --version | tail -n 1;} \
 || echo 'pytest-xdist or pytest-timeout: missing'"
 TAIL=20 stage "0 machine" "$(limit 60)" build.log bash -c "$MACHINE"
 
-# 1. Build. NVCC_APPEND_FLAGS reaches every nvcc call that torch's build makes.
+# 1. Build with the system compiler where there is one (GPU_FIRST_KEEP_COMPILER=1 keeps
+# CC/CXX as set): its libstdc++ is the one Python loads. A wrapper compiler that links parts
+# of a libstdc++ into the library statically (one machine's CC/CXX=/opt/gcc/bin/gcc did)
+# gives a build whose error messages print integers as nothing and that crashes formatting
+# a double; fastmf refuses such a build at import (fastmf/_extension.py _check_formatting).
+if [ -z "${GPU_FIRST_KEEP_COMPILER:-}" ] && [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+fi
+# NVCC_APPEND_FLAGS reaches every nvcc call that torch's build makes.
+say "compilers: CC=${CC:-unset} CXX=${CXX:-unset}"
 TAIL=6 stage "1 build" "$(limit 270)" build.log env FASTMF_CUDA=1 \
   TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
   NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas -v" \

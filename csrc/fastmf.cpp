@@ -193,9 +193,21 @@ namespace fastmf {
 // "avx2" or "baseline" (csrc/cpu/isa.h, defined in csrc/cpu/register.cpp). Weak: a library
 // built without the CPU kernels (tests/cuda_emulation) has none, and build_info says "none".
 [[gnu::weak]] const char* cpu_isa();
+// csrc/cuda/errors.cu: kFormatProbe formatted by the CUDA translation units' host code.
+// Weak: a build without CUDA has none.
+namespace cuda {
+[[gnu::weak]] std::string format_probe();
+}
 }  // namespace fastmf
 
 namespace {
+
+// The number every error message is formatted with, as this translation unit's c10::str
+// writes it. A compiler whose libstdc++ is newer than the one the process loads (a
+// toolset GCC that links the newer parts statically) can leave a library whose ostreams
+// write integers as nothing and crash on doubles; fastmf/_extension.py compares the
+// probes with the expected text and refuses such a build at import.
+constexpr long long kFormatProbe = -1234567890123LL;
 
 PyObject* build_info(PyObject*, PyObject*) {
 #ifdef FASTMF_WITH_CUDA
@@ -210,11 +222,15 @@ PyObject* build_info(PyObject*, PyObject*) {
 #else
   const bool with_openmp = false;
 #endif
+  const std::string probe = c10::str(kFormatProbe);
+  const std::string cuda_probe =
+      fastmf::cuda::format_probe != nullptr ? fastmf::cuda::format_probe() : probe;
   return Py_BuildValue(
-      "{s:s,s:O,s:O,s:s,s:i,s:s}", "torch_version", FASTMF_TORCH_VERSION, "cpu",
+      "{s:s,s:O,s:O,s:s,s:i,s:s,s:s,s:s}", "torch_version", FASTMF_TORCH_VERSION, "cpu",
       Py_True, "cuda", with_cuda ? Py_True : Py_False, "cuda_version", cuda_version,
       "openmp", with_openmp ? 1 : 0, "cpu_isa",
-      fastmf::cpu_isa != nullptr ? fastmf::cpu_isa() : "none");
+      fastmf::cpu_isa != nullptr ? fastmf::cpu_isa() : "none", "format_probe",
+      probe.c_str(), "format_probe_cuda", cuda_probe.c_str());
 }
 
 PyMethodDef methods[] = {

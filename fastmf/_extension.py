@@ -31,6 +31,7 @@ def _load():
         )
         return
     info = module.build_info()
+    _check_formatting(info)
     built, installed = info["torch_version"], torch.__version__
     if _major_minor(built) != _major_minor(installed):
         raise ImportError(
@@ -53,6 +54,29 @@ def _load():
         return
     _C = module
     _check_cpu_isa(info.get("cpu_isa"))
+
+
+# csrc/fastmf.cpp kFormatProbe, as every C++ error message formats its numbers.
+FORMAT_PROBE = "-1234567890123"
+
+
+def _check_formatting(info: dict) -> None:
+    """Refuses a build whose C++ streams cannot format numbers.
+
+    A compiler whose libstdc++ is newer than the one this process loads (a toolset GCC that
+    links the newer parts into the library statically) can produce an extension whose
+    error messages print integers as nothing ("users id  out of range [0, )") and that
+    crashes formatting a float. The build then looks healthy until the first bad input."""
+    for key, where in (("format_probe", "C++"), ("format_probe_cuda", "CUDA host")):
+        got = info.get(key, FORMAT_PROBE)  # a build older than the probes has none
+        if got != FORMAT_PROBE:
+            raise ImportError(
+                f"fastmf._C's {where} code formats {FORMAT_PROBE} as {got!r}: it was built by "
+                "a compiler whose C++ standard library does not match the libstdc++ loaded "
+                "here, so its error messages would lose their numbers and formatting a float "
+                "could crash. Rebuild it with the system compiler, e.g. `CC=/usr/bin/gcc "
+                "CXX=/usr/bin/g++ pip install --no-build-isolation -e .`"
+            )
 
 
 def _check_cpu_isa(chosen: str | None) -> None:

@@ -138,6 +138,32 @@ def test_build_info_names_the_isa():
         assert isa == "avx2"
 
 
+@requires_native
+def test_build_formats_numbers():
+    """Both kinds of translation unit (.cpp, and the .cu files' host code where built) write
+    numbers into error messages as the C++ library should."""
+    from fastmf._extension import FORMAT_PROBE, native_build_info
+
+    info = native_build_info()
+    assert info["format_probe"] == FORMAT_PROBE == "-1234567890123"
+    assert info["format_probe_cuda"] == FORMAT_PROBE
+
+
+@pytest.mark.parametrize("key, where", [("format_probe", "C++"),
+                                        ("format_probe_cuda", "CUDA host")])
+@pytest.mark.parametrize("written", ["", "-1.23457e+12"])
+def test_build_that_cannot_format_numbers_is_refused(key, where, written):
+    # "": what a library built by a toolset GCC newer than the loaded libstdc++ wrote.
+    from fastmf._extension import FORMAT_PROBE, _check_formatting
+
+    good = {"format_probe": FORMAT_PROBE, "format_probe_cuda": FORMAT_PROBE}
+    _check_formatting(good)
+    _check_formatting({})  # a build older than the probes
+    with pytest.raises(ImportError, match=rf"fastmf\._C's {re.escape(where)} code formats "
+                       rf"-1234567890123 as {re.escape(repr(written))}: .*system compiler"):
+        _check_formatting({**good, key: written})
+
+
 def test_baseline_and_avx2_agree_bit_for_bit(tmp_path):
     base = run_build(tmp_path, "baseline")
     auto = run_build(tmp_path, None)

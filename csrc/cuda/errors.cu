@@ -43,6 +43,7 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <string>
 
 #include "common.cuh"
 
@@ -151,6 +152,10 @@ void check_device_errors(int64_t device) {
 }
 
 }  // namespace
+
+// csrc/fastmf.cpp build_info: the host code of the .cu files is compiled by nvcc's host
+// compiler (-ccbin), which may differ from the one that built the .cpp files.
+std::string format_probe() { return c10::str(-1234567890123LL); }
 
 ErrorRecord* error_record() {
   const int device = c10::cuda::current_device();
