@@ -87,7 +87,11 @@ def extension():
     macros += [("FASTMF_WITH_CUDA", None), ("FASTMF_CUDA_VERSION", f'"{torch.version.cuda}"')]
     # Hidden visibility keeps the CUB kernels we instantiate out of the global symbol table,
     # where they could clash with another library's CUB of a different version.
-    nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
+    # --fmad=false is -ffp-contract=off for the device code: nvcc fuses a * b + c into one
+    # FMA by default, which rounds once where the reference and the CPU kernels round twice,
+    # so the GPU would agree with neither bit for bit, nor with its own CPU emulation
+    # (tests/cuda_emulation). The kernels are memory-bound: the extra instruction is hidden.
+    nvcc = opt + ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false",
                   "-Xcompiler", "-fvisibility=hidden"]
     for inc in _pip_cuda_include_dirs():
         nvcc += ["-isystem", inc]

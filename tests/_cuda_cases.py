@@ -64,6 +64,35 @@ def assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual.cpu(), expected, **tolerance(dtype))
 
 
+def assert_close_to_exact(name, got, ref, exact, dtype) -> None:
+    """A float32 result that sums long runs of a row's occurrences, held to the float64
+    reference `exact` (the same rounded inputs): within the usual tolerance plus four times
+    the float32 reference `ref`'s own largest error in that row.
+
+    The float32 reference sums a row's occurrences one after another; over the ~50,000 to
+    150,000 occurrences of a hot row its rounding walks ~1e-4 of the terms' scale away from
+    the exact sum, so a kernel that sums in any other order (GPU tiles, CPU chunks) can be
+    closer to the exact value than the reference is and still fail a plain comparison with
+    it. The float32 reference's error, measured row by row on these inputs, is the spread
+    any summation order has; a dropped or doubled occurrence moves a sum by a whole term."""
+    tol = tolerance(dtype)
+    exact = exact.double()
+    slack = (ref.double() - exact).abs()
+    if slack.dim() > 1:
+        slack = slack.amax(dim=tuple(range(1, slack.dim())), keepdim=True)
+    diff = (got.detach().cpu().double() - exact).abs()
+    allowed = tol["atol"] + tol["rtol"] * exact.abs() + 4 * slack
+    bad = diff > allowed
+    if bad.any():
+        worst = int((diff - allowed).argmax())
+        index = tuple(int(i) for i in np.unravel_index(worst, diff.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements are further from the exact "
+            f"result than allowed; worst at {index}: got {float(got.flatten()[worst])}, exact "
+            f"{float(exact.flatten()[worst])}, float32 reference {float(ref.flatten()[worst])}"
+            f", allowed {float(allowed.flatten()[worst]):.3g}")
+
+
 def assert_loss(got, expected, dtype) -> None:
     """A step's loss: a 0-d tensor of the tables' dtype, close to the reference's."""
     assert got.shape == () and got.dtype == dtype
@@ -102,12 +131,28 @@ def reference_bundles(tensors, optimizer: str):
 
 
 def make_states(optimizer: str, p, q, bu, bi):
+    """Optimizer states that have seen earlier steps: uniform in [0.1, 1.1), never zero.
+
+    From all-zero states Adagrad's first step is lr * g / sqrt(g^2 + eps): with eps = 1e-8
+    it turns a rounding error d in a gradient sum that cancels to near zero into a weight
+    error of up to lr * d / sqrt(eps) = 500 d. Any other summation order (a GPU's tree
+    against the reference's sequential sum) then differs by ~1e-4 on a few elements of a
+    4,096-sample batch, a property of the inputs, not of the kernel. A state >= 0.1 bounds
+    that gain by lr / sqrt(0.1) = 0.16. (The zero-state first step keeps its cases on every
+    backend in the op families' own suites, with small batches.)"""
     if optimizer == "sgd":
         return None, None, None, None
-    zeros = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+    gen = torch.Generator().manual_seed(1234)
+
+    def start(rows, like):
+        shape = (rows,) if rows is not None else like.shape
+        return (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.1).to(
+            device=like.device, dtype=like.dtype)
+
+    full = lambda t: None if t is None else start(None, t)  # noqa: E731
     if optimizer == "adagrad":
-        return zeros(p), zeros(q), zeros(bu), zeros(bi)
-    return p.new_zeros(p.shape[0]), q.new_zeros(q.shape[0]), zeros(bu), zeros(bi)
+        return full(p), full(q), full(bu), full(bi)
+    return start(p.shape[0], p), start(q.shape[0], q), full(bu), full(bi)
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,11 +199,18 @@ def check_sparse_update(target, kind, batch, id_dtype, dtype, dim, num_rows=50, 
     ids = zipf_ids(num_rows, batch, exponent=exponent, dtype=id_dtype,
                    generator=np.random.default_rng(seed))
     grad_rows = torch.randn((batch,) + shape[1:], generator=gen, dtype=torch.float64).to(dtype)
+    # float32 tables: the reference also runs in float64 on the same (rounded) inputs, the
+    # exact target (assert_close_to_exact).
+    wide = torch.float64 if dtype == torch.float32 else None
     expected_w = weight.clone()
+    exact_w = None if wide is None else weight.to(wide)
     got_w = weight.clone().to(target.device)
     if kind == "sgd":
         reference.sparse_sgd_update(expected_w, ids, grad_rows, LR)
+        if wide is not None:
+            reference.sparse_sgd_update(exact_w, ids, grad_rows.to(wide), LR)
         target.ops.sparse_sgd_update(got_w, *target.to(ids, grad_rows), LR)
+        pairs = [("weight", got_w, expected_w, exact_w)]
     else:
         rowwise = kind == "rowwise_adagrad"
         state = weight.new_zeros(num_rows) if rowwise and dim else torch.zeros_like(weight)
@@ -166,10 +218,19 @@ def check_sparse_update(target, kind, batch, id_dtype, dtype, dim, num_rows=50, 
         expected_s = state.clone()
         got_s = state.clone().to(target.device)
         reference.sparse_adagrad_update(expected_w, expected_s, ids, grad_rows, LR, EPS, rowwise)
+        exact_s = None
+        if wide is not None:
+            exact_s = state.to(wide)
+            reference.sparse_adagrad_update(exact_w, exact_s, ids, grad_rows.to(wide), LR, EPS,
+                                            rowwise)
         target.ops.sparse_adagrad_update(got_w, got_s, *target.to(ids, grad_rows), LR, EPS,
                                          rowwise)
-        assert_close(got_s, expected_s, dtype)
-    assert_close(got_w, expected_w, dtype)
+        pairs = [("state", got_s, expected_s, exact_s), ("weight", got_w, expected_w, exact_w)]
+    for name, got, expected, exact in pairs:
+        if exact is None:
+            assert_close(got, expected, dtype)
+        else:
+            assert_close_to_exact(name, got, expected, exact, dtype)
 
 
 def check_sparse_update_bad_ids(target, kind):
@@ -1173,6 +1234,12 @@ def _row_settings(optimizer, decay, step=3, seed=77, stochastic=True):
             int(decay), step, seed, stochastic)
 
 
+def doubled(*tensors):
+    """Floating tensors as float64 (ids, offsets and None as they are)."""
+    return tuple(t.double() if t is not None and t.is_floating_point() else t
+                 for t in tensors)
+
+
 def check_bag_step(target, optimizer, dtype, *, fused=True, pooling=Pooling.SUM,
                    weighted=True, decay=WeightDecay.L2, id_dtype=torch.int64, num_rows=40,
                    num_bags=30, dim=8, exponent=1.0, max_size=6, half_grad=False, seed=0,
@@ -1187,6 +1254,10 @@ def check_bag_step(target, optimizer, dtype, *, fused=True, pooling=Pooling.SUM,
     shapes = row_state_shapes(optimizer, weight)
     states = [None if sh is None else torch.rand(sh, generator=gen, dtype=acc) for sh in shapes]
     expected = [weight.clone()] + [None if t is None else t.clone() for t in states]
+    # Where the sums are float32 (float32 and half tables), the reference also runs in
+    # float64 on the same inputs: the exact target (assert_close_to_exact).
+    wide = acc == torch.float32
+    exact = [t if t is None else t.double() for t in expected] if wide else None
     got = list(target.to(*clone_all(weight, *states)))
     native = native_cpu_ops()
     mirror = [weight.clone()] + [None if t is None else t.clone() for t in states]
@@ -1202,6 +1273,9 @@ def check_bag_step(target, optimizer, dtype, *, fused=True, pooling=Pooling.SUM,
                                       dtype=torch.float64).to(grad_dtype)
             args = (grad_output, indices, offsets, psw)
             reference.embedding_bag_backward_update(*expected, *args, pooling, *settings)
+            if wide:
+                reference.embedding_bag_backward_update(*exact, *doubled(*args), pooling,
+                                                        *settings)
             target.ops.embedding_bag_backward_update(*got, *target.to(*args), int(pooling),
                                                      *settings)
             if native is not None:
@@ -1210,19 +1284,25 @@ def check_bag_step(target, optimizer, dtype, *, fused=True, pooling=Pooling.SUM,
             grad_rows = torch.randn(indices.numel(), dim, generator=gen,
                                     dtype=torch.float64).to(grad_dtype)
             reference.sparse_update(*expected, indices, grad_rows, *settings)
+            if wide:
+                reference.sparse_update(*exact, indices, grad_rows.double(), *settings)
             target.ops.sparse_update(*got, *target.to(indices, grad_rows), *settings)
             if native is not None:
                 native.sparse_update(*mirror, indices, grad_rows, *settings)
     target.check_errors()
     assert not torch.equal(got[0].cpu(), weight)
-    for name, g, e, m in zip(("weight", "state1", "state2"), got, expected, mirror):
+    for i, (name, g, e, m) in enumerate(zip(("weight", "state1", "state2"), got, expected,
+                                            mirror)):
         if e is None:
             assert g is None
             continue
-        torch.testing.assert_close(g.cpu(), e, **bag_tolerance(e.dtype),
-                                   msg=lambda msg, n=name: f"{n}: {msg}")
         if native is not None:
             assert torch.equal(g.cpu(), m), f"{name} differs from the native CPU kernel"
+        if wide and e.dtype == torch.float32:
+            assert_close_to_exact(name, g, e, exact[i], e.dtype)
+        else:  # float64, and half weights (their tolerance is a half's rounding)
+            torch.testing.assert_close(g.cpu(), e, **bag_tolerance(e.dtype),
+                                       msg=lambda msg, n=name: f"{n}: {msg}")
 
 
 def check_bag_step_1d(target, optimizer, dtype=torch.float32, seed=0):
