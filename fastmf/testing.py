@@ -326,6 +326,14 @@ def assert_close_all(actual, expected, dtype: torch.dtype, **kwargs) -> None:
             torch.testing.assert_close(a.cpu(), e.cpu(), **tolerance(dtype), **kwargs)
 
 
+def refuses_strided_tables(backend: str, device) -> bool:
+    """Whether the backend's updates refuse a table or state that is not contiguous: the
+    native CUDA kernels update a table in place through its own storage (csrc/checks.h
+    check_contiguous: a clear ValueError, nothing written); the CPU kernels and the
+    reference take any strides."""
+    return backend == "native" and torch.device(device).type == "cuda"
+
+
 def assert_bit_identical(first, second) -> None:
     """The same tensors, bit for bit (NaN equal to NaN), None where the other has None."""
     first, second = list(_flatten([first])), list(_flatten([second]))

@@ -41,6 +41,7 @@ from fastmf.testing import (
     make_tables,
     make_triples,
     num_threads,
+    refuses_strided_tables,
     single_threaded,
     textbook_optimizer,
     to_device,
@@ -169,6 +170,14 @@ def test_mixed_id_dtypes_and_strided_inputs(backend, device):
                     *to_device(clone_all(*tables[2:]), device)),
            to_device(clone_bundle(states), device))
     want = (clone_bundle(tables), clone_bundle(states))
+    if refuses_strided_tables(backend, device):
+        # Refused with a clear error and unwritten; the ids stay strided.
+        with pytest.raises(ValueError, match=r"fastmf\.train_step_pairwise: item_factors must "
+                                             r"be contiguous to be updated in place"):
+            ops.kernels(backend, device).train_step_pairwise(
+                *got, *to_device(strided, device), BPR, 0.01, settings(Optimizer.ADAGRAD))
+        assert torch.equal(wide[:, ::2].cpu(), tables.item_factors)
+        got = (MFTables(got[0][0], wide[:, ::2].contiguous(), *got[0][2:]), got[1])
     value = ops.kernels(backend, device).train_step_pairwise(
         *got, *to_device(strided, device), BPR, 0.01, settings(Optimizer.ADAGRAD))
     expected = single_threaded(spec.train_step_pairwise, *want, users, pos, neg, BPR, 0.01,

@@ -506,7 +506,10 @@ def call_bad(backend, device, case, cases_of=bad_cases, op=OP_NAME):
     good, cases = cases_of()
     change, exc, pattern = cases[case]
     args = {key: to_device(v, device) if isinstance(v, torch.Tensor) else v
-            for key, v in {**good, **change}.items()}
+            for key, v in {**good, **change}.items() if not callable(v)}
+    # A change made of other arguments (a view of one) is made after the move, on the
+    # device: moving a view on its own would give it storage of its own.
+    args.update({key: v(args) for key, v in change.items() if callable(v)})
     tables = MFTables(*(args[key] for key in ("P", "Q", "bu", "bi")))
     states = MFTables(*(args[key] for key in ("Ps", "Qs", "bus", "bis")))
     before = clone_all(*tables, *states)

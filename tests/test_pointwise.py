@@ -46,6 +46,7 @@ from fastmf.testing import (
     make_states,
     make_tables,
     num_threads,
+    refuses_strided_tables,
     single_threaded,
     textbook_optimizer,
     to_device,
@@ -410,6 +411,15 @@ def test_train_step_mixed_id_dtypes_and_strided_inputs(backend, device):
     got = (MFTables(strided_p, *to_device(clone_all(*tables[1:]), device)),
            to_device(clone_bundle(states), device))
     want = (clone_bundle(tables), clone_bundle(states))
+    if refuses_strided_tables(backend, device):
+        # Refused with a clear error and unwritten; the ids and targets stay strided.
+        with pytest.raises(ValueError, match=r"user_factors must be contiguous to be "
+                                             r"updated in place"):
+            ops.kernels(backend, device).train_step(*got, *to_device(strided, device),
+                                                    GLOBAL_MEAN, Loss.MSE, 0.01,
+                                                    settings(Optimizer.ADAGRAD))
+        assert torch.equal(strided_p.cpu(), tables.user_factors)
+        got = (MFTables(strided_p.contiguous(), *got[0][1:]), got[1])
     value = ops.kernels(backend, device).train_step(*got, *to_device(strided, device),
                                                     GLOBAL_MEAN, Loss.MSE, 0.01,
                                                     settings(Optimizer.ADAGRAD))
@@ -436,6 +446,20 @@ def test_updates_land_in_non_contiguous_tables(backend, device):
     kernels = ops.kernels(backend, device)
     got = (MFTables(strided_p, *to_device(clone_all(*tables[1:]), device)),
            MFTables(strided_state, *to_device(clone_all(*states[1:]), device)))
+    if refuses_strided_tables(backend, device):
+        before = clone_all(*got[0], *got[1])
+        with pytest.raises(ValueError, match=r"fastmf\.train_step: user_factors must be "
+                                             r"contiguous to be updated in place"):
+            kernels.train_step(*got, *to_device((users, items, targets), device),
+                               GLOBAL_MEAN, Loss.MSE, 0.0, settings(Optimizer.ADAGRAD))
+        assert_bit_identical(clone_all(*got[0], *got[1]), before)  # nothing written
+        weight = tables.user_factors.to(device).t().contiguous().t()
+        with pytest.raises(ValueError, match=r"fastmf\.sparse_sgd_update: weight must be "
+                                             r"contiguous"):
+            kernels.sparse_sgd_update(weight, *to_device(
+                (users, make_grad_rows(256, DIM, dtype, seed=21)), device), 0.1)
+        assert torch.equal(weight.cpu(), tables.user_factors)
+        return
     kernels.train_step(*got, *to_device((users, items, targets), device), GLOBAL_MEAN,
                        Loss.MSE, 0.0, settings(Optimizer.ADAGRAD))
     want = (clone_bundle(tables), clone_bundle(states))

@@ -69,6 +69,20 @@ __all__ = ["embedding_bag_backward", "embedding_bag_backward_update", "embedding
 _MASK64 = (1 << 64) - 1
 
 
+def add_rows(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """``out[index[j]] += rows[j]`` for every j (index int64), in place; returns ``out``.
+
+    On the CPU ``index_add_`` adds a row's terms in index order, the order the spec asks
+    for. On CUDA it adds them with atomics, in whatever order the threads land, so two
+    calls on the same inputs can differ in the last bit (seen on an H200: ~1e-9 on a few of
+    3,900 elements), and a test of the spec against itself fails. ``index_put_`` with
+    ``accumulate=True`` sorts the index there and adds each row's terms in a fixed order:
+    the same bits on every call."""
+    if out.device.type == "cpu":
+        return out.index_add_(0, index, rows)
+    return out.index_put_((index,), rows, accumulate=True)
+
+
 def _bags(offsets: Tensor, num_indices: int) -> tuple[Tensor, Tensor]:
     """(bag of each index (L,) int64, size of each bag (B,) int64)."""
     o = offsets.long()
@@ -98,8 +112,8 @@ def embedding_bag_forward(weight: Tensor, indices: Tensor, offsets: Tensor,
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.detach().unsqueeze(1)
     out = torch.zeros(num_bags, dim, dtype=acc, device=weight.device)
-    # index_add_ adds source rows in index order: the j-ascending sum the spec asks for.
-    out.index_add_(0, bag, rows)
+    # Rows added in index order: the j-ascending sum the spec asks for.
+    add_rows(out, bag, rows)
     if pooling == Pooling.MEAN:
         out = out / sizes.clamp(min=1).to(acc).unsqueeze(1)
     return out
@@ -141,8 +155,7 @@ def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     checks.check_scatter_rows(op, ids, rows, num_rows)
     acc = checks.accumulation_dtype(rows.dtype)
     out = torch.zeros((int(num_rows),) + tuple(rows.shape[1:]), dtype=acc, device=rows.device)
-    # index_add_ adds source rows in index order (on the CPU): the order the spec asks for.
-    out.index_add_(0, ids.long(), rows.to(acc))
+    add_rows(out, ids.long(), rows.to(acc))  # in index order: the order the spec asks for
     return out.to(rows.dtype)
 
 
@@ -293,7 +306,7 @@ def coalesce_ids(ids: Tensor, grad_rows: Tensor, acc: torch.dtype) -> tuple[Tens
     unique, inverse = torch.unique(ids.long(), return_inverse=True)
     summed = torch.zeros((unique.numel(),) + tuple(grad_rows.shape[1:]), dtype=acc,
                          device=grad_rows.device)
-    summed.index_add_(0, inverse, grad_rows.to(acc))
+    add_rows(summed, inverse, grad_rows.to(acc))
     return unique, summed
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import HUBER_DELTA, Loss, Optimizer, parse
+from fastmf.ops.reference.embedding_bag import add_rows
 from fastmf.ops.reference.sampling import check_sample_rows, run_steps, sample_negatives
 
 
@@ -66,11 +67,11 @@ def mf_backward_dense(grad_out, users, items, user_factors, item_factors):
     checks.check_mf_backward("mf_backward_dense", grad_out, users, items, user_factors,
                              item_factors)
     g = grad_out.unsqueeze(1)
-    # index_add_ adds source rows in index order (on the CPU): the order the spec asks for.
-    grad_p = torch.zeros_like(user_factors).index_add_(0, users.long(),
-                                                       g * item_factors[items.long()])
-    grad_q = torch.zeros_like(item_factors).index_add_(0, items.long(),
-                                                       g * user_factors[users.long()])
+    # Rows added in index order: the order the spec asks for.
+    grad_p = add_rows(torch.zeros_like(user_factors), users.long(),
+                      g * item_factors[items.long()])
+    grad_q = add_rows(torch.zeros_like(item_factors), items.long(),
+                      g * user_factors[users.long()])
     return grad_p, grad_q
 
 
@@ -105,7 +106,7 @@ def coalesce_rows(ids, grad_rows):
     ``torch.sparse_coo_tensor(...).coalesce()``."""
     unique, inverse = torch.unique(ids.long(), return_inverse=True)
     summed = grad_rows.new_zeros((unique.numel(),) + tuple(grad_rows.shape[1:]))
-    summed.index_add_(0, inverse, grad_rows)
+    add_rows(summed, inverse, grad_rows)
     return unique, summed
 
 
