@@ -183,6 +183,39 @@ def test_fit_implicit_ranks_better_than_popularity(loss):
     assert ndcg > base + 0.02
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"))])
+@pytest.mark.parametrize("loss", ["mse", "bpr", "bce"])
+def test_fit_on_the_device_trains_as_on_the_cpu(loss, device):
+    """MF moved to ``device`` and fit there (the fused steps, the negatives drawn inside them,
+    evaluate's top-k) trains as it does on the CPU: the same negatives (the draws are keyed
+    by seed, step and slot, not by the device), so only the order of the row sums differs,
+    a float32 rounding that three epochs leave far below the tolerance."""
+    implicit = loss != "mse"
+    data = fastmf.datasets.synthetic(num_users=300, num_items=150, num_interactions=12_000,
+                                     implicit=implicit, seed=4)
+    train, test = (fastmf.data.leave_one_out(data, by="time") if implicit
+                   else random_split(data, test_fraction=0.2, seed=0))
+
+    def fit(dev):
+        torch.manual_seed(0)
+        model = fastmf.MF(data.num_users, data.num_items, 8).to(dev)
+        history = fastmf.fit(model, train, loss=loss, valid=test, epochs=3, seed=5,
+                             progress=False)
+        fastmf.ops.check_device_errors()
+        return model, history
+
+    (got, got_history), (want, want_history) = fit(device), fit("cpu")
+    for name, w in want.state_dict().items():
+        g = got.state_dict()[name]
+        assert g.device.type == device
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4, msg=name)
+    for key in want_history.epochs[-1]:
+        if key not in ("seconds", "samples_per_s"):
+            assert got_history.epochs[-1][key] == pytest.approx(want_history.epochs[-1][key],
+                                                              rel=1e-3, abs=1e-4), key
+
+
 def test_fit_rejects_bad_input(ratings):
     train, _ = ratings
     model = fastmf.MF(train.num_users, train.num_items, 4)
