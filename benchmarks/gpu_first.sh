@@ -26,8 +26,11 @@
 #              (B=262144) marked by the NVTX range "fastmf_step": DRAM and L2 bytes per
 #              kernel against the byte model, L2 hit rate, achieved occupancy; L2 kept
 #              warm (--cache-control none), clocks left alone (--clock-control none)
-#   5 tests    the rest of tests/test_cuda_ops.py: pairwise (BPR), top-k, mf_forward /  rest
+#   5 tests    the rest of tests/test_cuda_ops.py: pairwise (BPR), top-k, mf_forward /  150
 #              mf_backward, sparse updates, the embedding_bag family
+#   6 tests    the op families' own suites, every case whose id names CUDA (the         rest
+#              reference and the native kernels on the GPU), the fastmf.nn layers and
+#              fit on the device: 2,754 cases, 40 s on an H200 machine's 16 cores
 # Then a summary, printed last. The textbook and compiled-dense PyTorch baselines are not
 # re-measured here (gpu_bench.py without --step does that).
 #
@@ -296,7 +299,14 @@ else
 fi
 
 # 5. The rest of the CUDA tests.
-stage "5 tests: rest" "$(limit 600 8)" tests.log "${PYTEST[@]}" --maxfail=10 -k "not ($TRAIN_K)"
+stage "5 tests: rest" "$(limit 150 60)" tests.log "${PYTEST[@]}" --maxfail=10 -k "not ($TRAIN_K)"
+
+# 6. The op families' suites on the GPU (test_cuda_ops.py and the CPU emulation left out).
+stage "6 tests: families on CUDA" "$(limit 600 8)" tests.log env \
+  OMP_NUM_THREADS=$(( cores / workers > 0 ? cores / workers : 1 )) "$PY" -m pytest tests/ -q \
+  -p no:cacheprovider -rfE "${parallel[@]}" "${guard[@]}" --ignore=tests/test_cuda_ops.py \
+  --ignore=tests/test_cuda_emulated.py --ignore=tests/test_cuda_emulation_runtime.py \
+  --maxfail=20 -k cuda
 
 summary
 exit "$failed"

@@ -300,10 +300,11 @@ def test_gpu_first_dry_run(tmp_path):
     names = [s[0] for s in stages]
     assert names == ["0 machine", "1 build", "1 registers and spills", "1 import",
                      "2 tests: train_step", "3 timing", "4 ncu", "4 ncu export",
-                     "4 ncu table", "5 tests: rest"]
+                     "4 ncu table", "5 tests: rest", "6 tests: families on CUDA"]
     assert all(int(s[1]) <= 520 for s in stages)
     assert "TORCH_CUDA_ARCH_LIST=9.0" in out and "NVCC_APPEND_FLAGS=-Xptxas -v" in out
     assert "--maxfail=3 -k (train_step or" in out
+    assert "--ignore=tests/test_cuda_ops.py" in out and "--maxfail=20 -k cuda" in out
     assert '--nvtx --nvtx-include fastmf_step/ --metrics' in out
     assert "--cache-control none --clock-control none" in out
     assert (tmp_path / "run.log").read_text() == out
