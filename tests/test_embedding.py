@@ -632,11 +632,16 @@ def test_scatter_rows_matches_reference_and_autograd(backend, dtype, id_dtype, b
 
 @requires_native
 @pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
-def test_scatter_rows_threads_give_the_same_bits(id_dtype):
+@pytest.mark.parametrize("shape", ["1d", "2d"])
+def test_scatter_rows_threads_give_the_same_bits(id_dtype, shape):
     """Past kScatterParallelValues (2^21 values) the native kernel splits the output rows
-    among threads; every row still sums its terms in index order."""
-    ids, rows = _scatter_case(70_000, torch.float32, id_dtype, "2d", seed=5)
-    rows = rows.repeat(1, 4)  # (70,000, 32): 2.24M values
+    among threads; every row still sums its terms in index order (one-column rows too,
+    which take the compile-time width of one)."""
+    if shape == "2d":
+        ids, rows = _scatter_case(70_000, torch.float32, id_dtype, "2d", seed=5)
+        rows = rows.repeat(1, 4)  # (70,000, 32): 2.24M values
+    else:
+        ids, rows = _scatter_case(2_200_000, torch.float32, id_dtype, "1d", seed=5)
     expected = reference.scatter_rows(ids, rows, N)
     threads = torch.get_num_threads()
     try:
