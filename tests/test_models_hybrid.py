@@ -716,3 +716,32 @@ def test_step_with_tables_not_updated_in_backward(rng):
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
     assert not torch.equal(model.items.table.weight, Hybrid(8, 15, dim=6).items.table.weight)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"))])
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+def test_fit_on_the_device_trains_as_on_the_cpu(rng, device, loss):
+    """Hybrid with item features moved to ``device`` and fit there (unique_bags, the bag
+    kernels, the rank loss, the four fused updates) trains as it does on the CPU: the same
+    batches and negatives, so only float32 summation order differs."""
+    data = fastmf.datasets.synthetic(num_users=60, num_items=40, num_interactions=900,
+                                     implicit=True, seed=2)
+    itf = Features.from_scipy(random_features(rng, 40, 6), id_map=data.item_map)
+
+    def fit(dev):
+        torch.manual_seed(0)
+        model = Hybrid(data.num_users, data.num_items, dim=8, item_features=itf).to(dev)
+        history = fastmf.fit(model, data, loss=loss, epochs=2, seed=3, progress=False)
+        fastmf.ops.check_device_errors()
+        return model, history
+
+    (got, got_history), (want, want_history) = fit(device), fit("cpu")
+    for name, w in want.state_dict().items():
+        g = got.state_dict()[name]
+        assert g.device.type == device, name
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4, msg=name)
+    assert got_history["loss"] == pytest.approx(want_history["loss"], rel=1e-4)
+    users = torch.arange(5)
+    torch.testing.assert_close(got.recommend(users, k=5)[1].cpu(),
+                               want.recommend(users, k=5)[1], rtol=1e-4, atol=1e-4)
