@@ -193,10 +193,10 @@ namespace fastmf {
 // "avx2" or "baseline" (csrc/cpu/isa.h, defined in csrc/cpu/register.cpp). Weak: a library
 // built without the CPU kernels (tests/cuda_emulation) has none, and build_info says "none".
 [[gnu::weak]] const char* cpu_isa();
-// csrc/cuda/errors.cu: kFormatProbe formatted by the CUDA translation units' host code.
-// Weak: a build without CUDA has none.
+// csrc/cuda/errors.cu: `value` formatted by the CUDA translation units' host code. Weak: a
+// build without CUDA has none.
 namespace cuda {
-[[gnu::weak]] std::string format_probe();
+[[gnu::weak]] std::string format_probe(long long value);
 }
 }  // namespace fastmf
 
@@ -223,8 +223,9 @@ PyObject* build_info(PyObject*, PyObject*) {
   const bool with_openmp = false;
 #endif
   const std::string probe = c10::str(kFormatProbe);
-  const std::string cuda_probe =
-      fastmf::cuda::format_probe != nullptr ? fastmf::cuda::format_probe() : probe;
+  const std::string cuda_probe = fastmf::cuda::format_probe != nullptr
+                                     ? fastmf::cuda::format_probe(kFormatProbe)
+                                     : probe;
   return Py_BuildValue(
       "{s:s,s:O,s:O,s:s,s:i,s:s,s:s,s:s}", "torch_version", FASTMF_TORCH_VERSION, "cpu",
       Py_True, "cuda", with_cuda ? Py_True : Py_False, "cuda_version", cuda_version,

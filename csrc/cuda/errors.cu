@@ -153,9 +153,10 @@ void check_device_errors(int64_t device) {
 
 }  // namespace
 
-// csrc/fastmf.cpp build_info: the host code of the .cu files is compiled by nvcc's host
-// compiler (-ccbin), which may differ from the one that built the .cpp files.
-std::string format_probe() { return c10::str(-1234567890123LL); }
+// csrc/fastmf.cpp build_info: `value` as the host code of the .cu files formats it. That
+// code is compiled by nvcc's host compiler (-ccbin), which may differ from the one that
+// built the .cpp files.
+std::string format_probe(long long value) { return c10::str(value); }
 
 ErrorRecord* error_record() {
   const int device = c10::cuda::current_device();
