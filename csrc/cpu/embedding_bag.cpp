@@ -1,7 +1,7 @@
 // The embedding_bag family on the CPU: embedding_bag_forward, embedding_bag_backward,
 // scatter_rows, unique_bags, sparse_update and embedding_bag_backward_update.
-// csrc/cuda/embedding_bag.cu is the same family on the GPU; fastmf/ops/reference/embedding_bag.py states what each op
-// computes.
+// csrc/cuda/embedding_bag.cu is the same family on the GPU;
+// fastmf/ops/reference/embedding_bag.py states what each op computes.
 //
 // The forward and the plain backward parallelise over bags: every bag writes its own output
 // row (forward) or its own gradient rows (backward), summing in index order.
@@ -936,12 +936,12 @@ at::Tensor embedding_bag_forward(const at::Tensor& weight_in, const at::Tensor& 
               for (int64_t k = 0; k < dim; ++k) acc[k] += row[k];
             }
           }
-        } else if (dim == 1) {
-          // A bias table: the width known at compile time (see One), so the bag's one sum
-          // stays in a register across its rows.
-          sum_bag(table, ids, p, j0, j1, num_indices, One{}, acc);
         } else {
-          sum_bag(table, ids, p, j0, j1, num_indices, dim, acc);
+          // A bias table takes the width known at compile time (see One), so the bag's one
+          // sum stays in a register across its rows.
+          with_width(dim, [&](auto width) {
+            sum_bag(table, ids, p, j0, j1, num_indices, width, acc);
+          });
         }
         if (mean && j1 > j0) {
           const A size = static_cast<A>(j1 - j0);

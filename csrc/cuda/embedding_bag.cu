@@ -1,7 +1,7 @@
 // The embedding_bag family on the GPU: embedding_bag_forward, embedding_bag_backward,
 // scatter_rows, unique_bags, sparse_update and embedding_bag_backward_update.
-// csrc/cpu/embedding_bag.cpp is the same family on the CPU; fastmf/ops/reference/embedding_bag.py states what each op
-// computes.
+// csrc/cpu/embedding_bag.cpp is the same family on the CPU;
+// fastmf/ops/reference/embedding_bag.py states what each op computes.
 //
 // Every sum has the order of the CPU kernel, so the two devices give the same bits:
 //
