@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from fastmf.ops import checks
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.codes import HUBER_DELTA, Loss, Optimizer, parse
-from fastmf.ops.reference.embedding_bag import add_rows
+from fastmf.ops.reference.embedding_bag import add_rows, coalesce_ids
 from fastmf.ops.reference.sampling import check_sample_rows, run_steps, sample_negatives
 
 
@@ -101,15 +101,6 @@ def reg_term(users, items, user_factors, item_factors, user_bias, item_bias, reg
     return reg * per_sample.mean()
 
 
-def coalesce_rows(ids, grad_rows):
-    """Unique ids (ascending) and the sum of each one's grad rows: like
-    ``torch.sparse_coo_tensor(...).coalesce()``."""
-    unique, inverse = torch.unique(ids.long(), return_inverse=True)
-    summed = grad_rows.new_zeros((unique.numel(),) + tuple(grad_rows.shape[1:]))
-    add_rows(summed, inverse, grad_rows)
-    return unique, summed
-
-
 @torch.no_grad()
 def sparse_adagrad_update(weight, state, ids, grad_rows, lr, eps, rowwise):
     """In place. Element-wise (``torch.optim.Adagrad``, lr_decay=0, weight_decay=0)::
@@ -125,7 +116,7 @@ def sparse_adagrad_update(weight, state, ids, grad_rows, lr, eps, rowwise):
     checks.check_separate_update("sparse_adagrad_update", weight, state)
     if ids.numel() == 0:
         return
-    unique, g = coalesce_rows(ids, grad_rows)
+    unique, g = coalesce_ids(ids, grad_rows, grad_rows.dtype)
     if rowwise and weight.dim() == 2:
         state[unique] += g.pow(2).mean(1)
         std = state[unique].sqrt().add_(eps).unsqueeze(1)
@@ -142,7 +133,7 @@ def sparse_sgd_update(weight, ids, grad_rows, lr):
     checks.check_settings("sparse_sgd_update", lr=lr)
     if ids.numel() == 0:
         return
-    unique, g = coalesce_rows(ids, grad_rows)
+    unique, g = coalesce_ids(ids, grad_rows, grad_rows.dtype)
     weight[unique] -= lr * g
 
 
