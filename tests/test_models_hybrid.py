@@ -18,6 +18,7 @@ from fastmf.data import Features
 from fastmf.models import coldstart
 from fastmf.models.base import Batch
 from fastmf.models.hybrid import Hybrid
+from fastmf.testing import DEVICES
 
 
 def random_features(rng, rows, cols, density=0.4, duplicates=True):
@@ -718,8 +719,7 @@ def test_step_with_tables_not_updated_in_backward(rng):
     assert not torch.equal(model.items.table.weight, Hybrid(8, 15, dim=6).items.table.weight)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"))])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss", ["bpr", "bce"])
 def test_fit_on_the_device_trains_as_on_the_cpu(rng, device, loss):
     """Hybrid with item features moved to ``device`` and fit there (unique_bags, the bag

@@ -12,6 +12,7 @@ import fastmf
 from fastmf.checkpoint import CheckpointError
 from fastmf.cli import main as cli_main
 from fastmf.data import Interactions, random_split
+from fastmf.testing import DEVICES
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 requires_movielens = pytest.mark.skipif(
@@ -183,8 +184,7 @@ def test_fit_implicit_ranks_better_than_popularity(loss):
     assert ndcg > base + 0.02
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"))])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss", ["mse", "bpr", "bce"])
 def test_fit_on_the_device_trains_as_on_the_cpu(loss, device):
     """MF moved to ``device`` and fit there (the fused steps, the negatives drawn inside them,
