@@ -37,12 +37,7 @@ echo "CUDA_HOME=${CUDA_HOME:-<none>}"; [ -n "$CUDA_HOME" ] && "$CUDA_HOME/bin/nv
 step "build (FASTMF_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})"
 export FASTMF_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-# The system compiler where there is one, as in gpu_first.sh (GPU_FIRST_KEEP_COMPILER=1
-# keeps CC/CXX): a wrapper compiler that links parts of a libstdc++ statically gives a
-# build that fastmf refuses at import.
-if [ -z "${GPU_FIRST_KEEP_COMPILER:-}" ] && [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ]; then
-  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
-fi
+. benchmarks/system_compiler.sh
 echo "compilers: CC=${CC:-unset} CXX=${CXX:-unset}"
 "$PY" -c "import setuptools" 2>/dev/null || echo "warning: setuptools missing; the build will fail"
 command -v ninja >/dev/null || echo "warning: ninja not on PATH; the build will fail"

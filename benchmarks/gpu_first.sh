@@ -189,6 +189,8 @@ if [ -z "${CUDA_HOME:-}" ]; then
   fi
 fi
 export CUDA_HOME=${CUDA_HOME:-}
+# The compiler the build will use, chosen before stage 0 reports it.
+. benchmarks/system_compiler.sh
 NCU=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu "${CUDA_HOME:-/nonexistent}/bin/ncu" \
   2>/dev/null | tail -n 1)
 MACHINE="nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,\
@@ -204,15 +206,8 @@ echo ncu: ${NCU:-none}; ${NCU:+'$NCU' --version | tail -n 1;} \
 || echo 'pytest-xdist or pytest-timeout: missing'"
 TAIL=20 stage "0 machine" "$(limit 60)" build.log bash -c "$MACHINE"
 
-# 1. Build with the system compiler where there is one (GPU_FIRST_KEEP_COMPILER=1 keeps
-# CC/CXX as set): its libstdc++ is the one Python loads. A wrapper compiler that links parts
-# of a libstdc++ into the library statically (one machine's CC/CXX=/opt/gcc/bin/gcc did)
-# gives a build whose error messages print integers as nothing and that crashes formatting
-# a double; fastmf refuses such a build at import (fastmf/_extension.py _check_formatting).
-if [ -z "${GPU_FIRST_KEEP_COMPILER:-}" ] && [ -x /usr/bin/gcc ] && [ -x /usr/bin/g++ ]; then
-  export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
-fi
-# NVCC_APPEND_FLAGS reaches every nvcc call that torch's build makes.
+# 1. Build, with the compiler chosen above. NVCC_APPEND_FLAGS reaches every nvcc call that
+# torch's build makes.
 say "compilers: CC=${CC:-unset} CXX=${CXX:-unset}"
 TAIL=6 stage "1 build" "$(limit 270)" build.log env FASTMF_CUDA=1 \
   TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
