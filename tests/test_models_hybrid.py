@@ -724,7 +724,8 @@ def test_step_with_tables_not_updated_in_backward(rng):
 def test_fit_on_the_device_trains_as_on_the_cpu(rng, device, loss):
     """Hybrid with item features moved to ``device`` and fit there (unique_bags, the bag
     kernels, the rank loss, the four fused updates) trains as it does on the CPU: the same
-    batches and negatives, so only float32 summation order differs."""
+    batches and negatives, so only float32 summation order differs; and the same bits
+    when fit there twice."""
     data = fastmf.datasets.synthetic(num_users=60, num_items=40, num_interactions=900,
                                      implicit=True, seed=2)
     itf = Features.from_scipy(random_features(rng, 40, 6), id_map=data.item_map)
@@ -737,10 +738,14 @@ def test_fit_on_the_device_trains_as_on_the_cpu(rng, device, loss):
         return model, history
 
     (got, got_history), (want, want_history) = fit(device), fit("cpu")
+    again, _ = fit(device)
     for name, w in want.state_dict().items():
         g = got.state_dict()[name]
         assert g.device.type == device, name
         torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4, msg=name)
+        # Every sum of the step has a fixed order on the device too (the bias gradients
+        # through add_rows, not index_add_'s atomics): a second fit gives the same bits.
+        assert torch.equal(again.state_dict()[name], g), name
     assert got_history["loss"] == pytest.approx(want_history["loss"], rel=1e-4)
     users = torch.arange(5)
     torch.testing.assert_close(got.recommend(users, k=5)[1].cpu(),
