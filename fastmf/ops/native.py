@@ -15,7 +15,7 @@ from fastmf._extension import native_available
 from fastmf.ops.args import MFTables, OptimizerArgs
 from fastmf.ops.checks import accumulation_dtype
 from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss, Pooling, WeightDecay, parse
-from fastmf.ops.reference.embedding_bag import per_sample_weights_grad
+from fastmf.ops.reference.embedding_bag import add_rows, per_sample_weights_grad
 
 NAME = "native"
 
@@ -548,11 +548,12 @@ if native_available():
             grad_q = torch.einsum("bj,bjk->bk", g, item_factors[idx])
         if ctx.needs_input_grad[1]:
             rows = (g.unsqueeze(-1) * queries.unsqueeze(1)).reshape(-1, queries.shape[1])
-            grad_items = torch.zeros_like(item_factors).index_add_(0, idx.reshape(-1), rows)
+            # add_rows: index_add_ on the CPU; on CUDA a fixed-order sum where index_add_
+            # adds with atomics, so the gradient has the same bits on every call there.
+            grad_items = add_rows(torch.zeros_like(item_factors), idx.reshape(-1), rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = item_factors.new_zeros(item_factors.shape[0]).index_add_(
-                0, idx.reshape(-1), g.reshape(-1)
-            )
+            grad_bias = add_rows(item_factors.new_zeros(item_factors.shape[0]),
+                                 idx.reshape(-1), g.reshape(-1))
         return grad_q, grad_items, grad_bias, None, None, None, None
 
     torch.library.register_autograd(
