@@ -222,15 +222,15 @@ std::tuple<at::Tensor, at::Tensor> mf_backward_dense(const at::Tensor& grad_out,
     at::parallel_for(0, 2 * ranges, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t % ranges;
-        const int64_t rows = t < ranges ? num_p : num_q;
+        // Tasks [0, ranges) write the users' rows (from the items' factors), the rest the
+        // items' rows (from the users').
+        const bool user_side = t < ranges;
+        const int64_t rows = user_side ? num_p : num_q;
         const int64_t lo = chunk_begin(c, ranges, rows), hi = chunk_begin(c + 1, ranges, rows);
-        scalar_t* out = t < ranges ? gp : gq;
+        scalar_t* out = user_side ? gp : gq;
         std::fill(out + lo * dim, out + hi * dim, scalar_t(0));
-        if (t < ranges) {
-          add_side_rows(g, u, i, q, batch, dim, lo, hi, gp);
-        } else {
-          add_side_rows(g, i, u, p, batch, dim, lo, hi, gq);
-        }
+        add_side_rows(g, user_side ? u : i, user_side ? i : u, user_side ? q : p, batch, dim,
+                      lo, hi, out);
       }
     });
   });
