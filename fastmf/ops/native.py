@@ -59,9 +59,9 @@ def mf_forward(
 
     >>> pred = mf_forward(users, items, P, Q, bu, bi, 3.5)  # doctest: +SKIP
     """
-    return torch.ops.fastmf.mf_forward.default(
-        users, items, user_factors, item_factors, user_bias, item_bias, float(global_mean)
-    )
+    # Under no_grad (Hybrid's and NCF's graph-free steps, scoring) straight to the kernel.
+    return _differentiable(torch.ops.fastmf.mf_forward.default, users, items, user_factors,
+                           item_factors, user_bias, item_bias, float(global_mean))
 
 
 def mf_backward(
