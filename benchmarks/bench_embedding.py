@@ -428,7 +428,11 @@ class Path:
     @classmethod
     def parse(cls, name: str) -> Path:
         kind, optimizer, *rest = name.split("-")
-        dtype = getattr(torch, rest[0]) if rest else torch.float32
+        dtype = getattr(torch, rest[0], None) if len(rest) == 1 else torch.float32
+        if len(rest) > 1 or not isinstance(dtype, torch.dtype):
+            raise ValueError(f"path {name!r}: expected KIND-OPTIMIZER[-DTYPE] with DTYPE a "
+                             "torch dtype name (float32, float16, bfloat16), as "
+                             f"{DEFAULT_PATHS[1]!r}")
         return cls(kind, optimizer, dtype)
 
 
@@ -729,7 +733,10 @@ def main(argv=None) -> None:
     print(f"machine: {machine()}; load average before: {os.getloadavg()}")
     paths = []
     for name in args.paths:
-        path = Path.parse(name)
+        try:
+            path = Path.parse(name)
+        except ValueError as e:
+            parser.error(str(e))
         why = runnable(path)
         if why:
             print(f"skipped {name}: {why}")
