@@ -336,6 +336,88 @@ def test_deleted_optimizer_returns_the_weight_to_sparse_gradients():
     assert emb.weight.grad is not None and emb.weight.grad.is_sparse
 
 
+def test_step_with_every_weight_updated_in_backward(monkeypatch):
+    """step() returns at once when an optimizer in backward holds every weight (the fused
+    updates ran in the backward pass), unless a step hook is registered (on the optimizer
+    or for all optimizers) or a closure is given; an LR scheduler sees its steps."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    emb = fastmf.nn.Embedding(N, K)
+    opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseAdagrad(emb.parameters(), lr=0.1))
+    wrapped = []
+    real = opt._hooked_step
+    monkeypatch.setattr(opt, "_hooked_step", lambda closure=None: (wrapped.append(1),
+                                                                   real(closure))[1])
+
+    def train_step():
+        ids, targets = _batch(rng, 16, torch.int32)
+        before = emb.weight.detach().clone()
+        ((emb(ids).sum(1) - targets) ** 2).mean().backward()
+        assert not torch.equal(emb.weight.detach(), before)  # stepped in backward
+        assert opt.step() is None
+        opt.zero_grad()
+
+    train_step()
+    assert wrapped == [] and opt.state[emb.weight]["step"] == 1
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("pre"))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: seen.append("post"))
+    train_step()
+    assert seen == ["pre", "post"] and len(wrapped) == 1
+    pre.remove()
+    post.remove()
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append("global"))
+    try:
+        train_step()
+    finally:
+        handle.remove()
+    assert seen == ["pre", "post", "global"] and len(wrapped) == 2
+    train_step()
+    assert len(wrapped) == 2 and opt.state[emb.weight]["step"] == 4
+    assert opt.step(lambda: torch.tensor(2.5)) == 2.5 and len(wrapped) == 3
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()"
+        for _ in range(2):
+            train_step()
+            scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_zero_grad_and_step_of_a_partly_fused_optimizer():
+    """An optimizer holding a weight updated in backward and a dense parameter steps the
+    dense one as torch.optim.Adagrad does; zero_grad() clears every .grad (set_to_none, the
+    default) or zeroes it."""
+    torch.manual_seed(0)
+    emb = fastmf.nn.Embedding(N, K)
+    dense = torch.nn.Parameter(torch.randn(K))
+    twin = torch.nn.Parameter(dense.detach().clone())
+    opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseAdagrad(
+        [{"params": [emb.weight]}, {"params": [dense]}], lr=0.1))
+    ref = torch.optim.Adagrad([twin], lr=0.1)
+    ids = torch.tensor([3, 7, 7, 41])
+    for _ in range(3):
+        rows = emb(ids)
+        (rows.detach().clone() @ twin).square().sum().backward()
+        (rows @ dense).square().sum().backward()  # also steps emb's rows in backward
+        assert emb.weight.grad is None
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        assert dense.grad is None
+    torch.testing.assert_close(dense.detach(), twin.detach(), rtol=0, atol=0)
+    emb.weight.grad = torch.rand(N, K)  # set by hand: cleared too
+    dense.grad = torch.rand(K)
+    opt.zero_grad(set_to_none=False)
+    assert not emb.weight.grad.any() and not dense.grad.any()
+    opt.zero_grad()
+    assert emb.weight.grad is None and dense.grad is None
+
+
 def test_fused_mf_step_refuses_adam_codes_and_weight_decay():
     from fastmf.ops import MFTables, Optimizer, OptimizerArgs
 
