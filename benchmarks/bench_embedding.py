@@ -14,7 +14,11 @@ Paths (every one on the same tables, initial weights and batches):
   SparseAdam element- and row-wise), float32 / float16 / bfloat16 tables, for each backend
   ("native", "numba") that has the embedding_bag kernels; skipped for a backend without
   them. The reference backend (the spec in plain PyTorch) is far too slow to time; it is
-  checked against the textbook path at the smallest size only (``test_reference_layer``).
+  checked against the textbook path at the smallest size only (``test_reference_layer``);
+- ``floor`` (the command line only, not a pytest case): torch's gathers of tables no
+  optimizer steps, the same model and its backward (NeuMF's MLP with its Adam step too): what
+  any path pays besides the tables' updates. Its first loss must equal the textbook
+  model's from the same start, and it must write no table (``test_floor_path``).
 
 Workloads, K ∈ {32, 64, 128}, batch ∈ {1024, 8192, 65536}:
 
@@ -415,25 +419,52 @@ def fastmf_optimizer(optimizer: str, params, backend: str):
 
 @dataclass(frozen=True)
 class Path:
-    kind: str  # "textbook", "fbgemm" or a fastmf backend
+    kind: str  # "textbook", "fbgemm", "floor" (see FloorEmbedding) or a fastmf backend
     optimizer: str
     dtype: torch.dtype = torch.float32
 
     @property
     def name(self) -> str:
+        if self.kind == "floor":
+            return "floor"
         if self.kind == "textbook":
             return f"textbook-{self.optimizer}"
         return f"{self.kind}-{self.optimizer}-{dtype_name(self.dtype)}"
 
     @classmethod
     def parse(cls, name: str) -> Path:
-        kind, optimizer, *rest = name.split("-")
+        if name == "floor":
+            return cls("floor", "none")
+        kind, optimizer, *rest = name.split("-") if "-" in name else (name, "")
         dtype = getattr(torch, rest[0], None) if len(rest) == 1 else torch.float32
-        if len(rest) > 1 or not isinstance(dtype, torch.dtype):
+        if not optimizer or len(rest) > 1 or not isinstance(dtype, torch.dtype):
             raise ValueError(f"path {name!r}: expected KIND-OPTIMIZER[-DTYPE] with DTYPE a "
                              "torch dtype name (float32, float16, bfloat16), as "
-                             f"{DEFAULT_PATHS[1]!r}")
+                             f"{DEFAULT_PATHS[2]!r}")
         return cls(kind, optimizer, dtype)
+
+
+class FloorEmbedding(nn.Module):
+    """The "floor" path's table: torch's gather (``F.embedding``) of a weight no optimizer
+    steps, as a leaf that takes its gradient. A step of the floor path is what any path pays
+    besides updating its tables: the gathers, the model, its backward and the autograd
+    engine (NeuMF's MLP and its Adam step too); no row is written."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, dim), requires_grad=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight).requires_grad_()
+
+
+class FloorEmbeddingBag(FloorEmbedding):
+    """The floor path's bag table: ``F.embedding_bag`` (sum), as :class:`FloorEmbedding`."""
+
+    def forward(self, ids: Tensor, offsets: Tensor | None = None,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        return F.embedding_bag(ids, self.weight, offsets, mode="sum",
+                               per_sample_weights=per_sample_weights).requires_grad_()
 
 
 class Trainer:
@@ -444,6 +475,9 @@ class Trainer:
         torch.manual_seed(0)  # fastmf tables draw their stochastic-rounding seed here
         if path.kind == "fbgemm":
             self.model = TBEModel(workload, dim, path.optimizer, path.dtype)
+            self.optimizers = []
+        elif path.kind == "floor":
+            self.model = Model(workload, dim, FloorEmbedding, FloorEmbeddingBag)
             self.optimizers = []
         elif path.kind == "textbook":
             self.model = Model(
@@ -515,10 +549,20 @@ def check(trainer: Trainer, dim: int) -> None:
     """3 steps of ``trainer`` from the common start equal the textbook path's (see the module
     docstring for the tolerances); a textbook path only has to train."""
     path, workload = trainer.path, trainer.workload
-    before = trainer.model.table_weights()[0]
+    before = trainer.model.table_weights()
+    losses = []
     for x in check_batches(workload):
-        loss = trainer.step(x)
-        assert torch.isfinite(loss), f"{path.name} on {workload}: loss {loss.item()}"
+        losses.append(trainer.step(x))
+        assert torch.isfinite(losses[-1]), f"{path.name} on {workload}: loss {losses[-1]}"
+    if path.kind == "floor":
+        # The textbook model's loss from the same start, and no table written.
+        x = check_batches(workload)[0]
+        start = Trainer(Path("textbook", "sgd"), workload, dim).model
+        torch.testing.assert_close(losses[0], loss_of(workload, start(x), x.target).detach())
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.table_weights(),
+                                                     strict=True)), "the floor wrote a table"
+        return
+    before = before[0]
     if path.kind == "textbook":
         assert not torch.equal(before, trainer.model.table_weights()[0])
         return
@@ -596,6 +640,15 @@ def test_reference_layer(workload, path):
     check(Trainer(path, workload, DIMS[0]), DIMS[0])
 
 
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_floor_path(workload):
+    """The floor path (torch's gathers of tables nothing steps, the model, its backward)
+    gives the textbook model's loss from the same start and writes no table."""
+    check(Trainer(Path.parse("floor"), workload, 8), 8)
+    with pytest.raises(ValueError, match="expected KIND-OPTIMIZER"):
+        Path.parse("native")
+
+
 def test_textbook_rowwise_optimizers_follow_the_spec():
     """The hand-written row-wise steps of the textbook model equal fastmf's spec."""
     gen = torch.Generator().manual_seed(3)
@@ -623,7 +676,7 @@ def test_textbook_rowwise_optimizers_follow_the_spec():
 
 # --- interleaved timing (python benchmarks/bench_embedding.py) ------------------------------
 
-DEFAULT_PATHS = ("textbook-adagrad", "fbgemm-rowwise_adagrad-float32",
+DEFAULT_PATHS = ("floor", "textbook-adagrad", "fbgemm-rowwise_adagrad-float32",
                  "fbgemm-adagrad-float32", "fbgemm-rowwise_adagrad-float16",
                  *(f"{b}-{o}-{d}" for b in FAST_BACKENDS for o, d in (
                      ("adagrad", "float32"), ("rowwise_adagrad", "float32"),
@@ -791,7 +844,7 @@ def run_size(workload: str, dim: int, batch: int, paths: list[Path], args) -> No
         print("|---|---:|---:|---:|---:|---:|")
         for name in names:
             trainer, steps = trainers[name]
-            if trainer.path.kind not in ("textbook", "fbgemm"):
+            if trainer.path.kind not in ("textbook", "fbgemm", "floor"):
                 print(profile(trainer, x, dim, steps))
 
 
