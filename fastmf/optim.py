@@ -157,11 +157,11 @@ class _SparseOptimizer(torch.optim.Optimizer):
         at once when every parameter is updated in backward (:func:`apply_in_backward`:
         then there is nothing to step here, whatever ``.grad`` holds) and no step hook is
         registered: the usual loop with fused tables (``fastmf.fit``, the models' training
-        steps) calls step() and zero_grad() around each backward pass. Right after a
-        backward pass, torch's wrapper alone took 37 of a Hybrid step's 1,340 us on
-        ml-latest-small (two threads), and step() with zero_grad() 60-100 us of a 1.4 ms
+        steps) calls step() and zero_grad() around each backward pass. Through torch's
+        wrappers, right after a backward pass, they took 37 + 23 us of a 1,340 us Hybrid
+        step on ml-latest-small (two threads) and 60-100 + 15-23 us of a 1.4 ms
         ``fastmf.nn.Embedding`` MF step (8,192 pairs), for nothing: the Python that
-        follows the kernels runs from cold caches."""
+        follows the kernels runs from cold caches (benchmarks/README.md)."""
         if closure is None and self._all_in_backward() and not _step_hooks_registered(self):
             return None
         return self._hooked_step(closure)
