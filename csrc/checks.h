@@ -836,6 +836,24 @@ inline void check_backward_update_inputs(const char* op, const RowTable& table,
   check_device_of(op, "indices", bags.indices, "weight", weight);
 }
 
+// embedding_bag_backward_update_pair: the bags index both tables, and no tensor the pair
+// writes shares memory with another (each is stepped on its own).
+inline void check_update_pair(const char* op, const RowTable& table, const RowTable& table_b) {
+  TORCH_CHECK_VALUE(table_b.weight.size(0) == table.weight.size(0), "fastmf.", op,
+                    ": weight has ", table.weight.size(0), " rows, weight_b ",
+                    table_b.weight.size(0), "; the bags index both");
+  const at::Tensor written[] = {table.weight, table.state1, table.state2,
+                                table_b.weight, table_b.state1, table_b.state2};
+  const char* names[] = {"weight", "state1", "state2", "weight_b", "state1_b", "state2_b"};
+  for (int i = 0; i < 6; ++i) {
+    for (int j = i + 1; j < 6; ++j) {
+      TORCH_CHECK_VALUE(!written[i].defined() || !written[j].defined() ||
+                            !written[i].is_alias_of(written[j]),
+                        "fastmf.", op, ": ", names[j], " shares memory with ", names[i]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Layouts and sizes only the CUDA kernels need (the CPU kernels take any strides and size).
 

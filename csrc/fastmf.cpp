@@ -186,6 +186,18 @@ TORCH_LIBRARY(fastmf, m) {
       "int pooling, int optimizer, float lr, float eps, float beta1, float beta2, "
       "float weight_decay, int weight_decay_mode, int step, int seed, "
       "bool stochastic_rounding) -> ()");
+  // embedding_bag_backward_update of two tables over the same bags (a table and its bias
+  // column, both pooled by the same bags): the bags are read and grouped once. The tables
+  // have the same number of rows and share the optimizer settings; each has its own
+  // gradient, states, step, seed and rounding.
+  m.def(
+      "embedding_bag_backward_update_pair(Tensor(a!) weight, Tensor(b!)? state1, "
+      "Tensor(c!)? state2, Tensor grad_output, Tensor(d!) weight_b, Tensor(e!)? state1_b, "
+      "Tensor(f!)? state2_b, Tensor grad_output_b, Tensor indices, Tensor offsets, "
+      "Tensor? per_sample_weights, int pooling, int optimizer, float lr, float eps, "
+      "float beta1, float beta2, float weight_decay, int weight_decay_mode, int step, "
+      "int seed, bool stochastic_rounding, int step_b, int seed_b, "
+      "bool stochastic_rounding_b) -> ()");
 }
 
 #ifndef FASTMF_NO_PYTHON

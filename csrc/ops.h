@@ -262,6 +262,41 @@ void embedding_bag_backward_update_op(
   kKernel(table, grad_output, bags, opt);
 }
 
+// embedding_bag_backward_update_pair: both tables' updates over one set of bags.
+using BackwardUpdatePairKernel = void (*)(const RowTable& table, const at::Tensor& grad_output,
+                                          const RowOptimizerArgs& opt, const RowTable& table_b,
+                                          const at::Tensor& grad_output_b,
+                                          const RowOptimizerArgs& opt_b, const Bags& bags);
+
+template <BackwardUpdatePairKernel kKernel>
+void embedding_bag_backward_update_pair_op(
+    const at::Tensor& weight, const std::optional<at::Tensor>& state1,
+    const std::optional<at::Tensor>& state2, const at::Tensor& grad_output,
+    const at::Tensor& weight_b, const std::optional<at::Tensor>& state1_b,
+    const std::optional<at::Tensor>& state2_b, const at::Tensor& grad_output_b,
+    const at::Tensor& indices, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights, int64_t pooling, int64_t optimizer,
+    double lr, double eps, double beta1, double beta2, double weight_decay,
+    int64_t weight_decay_mode, int64_t step, int64_t seed, bool stochastic_rounding,
+    int64_t step_b, int64_t seed_b, bool stochastic_rounding_b) {
+  constexpr const char* op = "embedding_bag_backward_update_pair";
+  const RowOptimizerArgs opt =
+      row_optimizer_args(op, optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode,
+                         step, seed, stochastic_rounding);
+  const RowOptimizerArgs opt_b =
+      row_optimizer_args(op, optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode,
+                         step_b, seed_b, stochastic_rounding_b);
+  const RowTable table{weight, state1.value_or(at::Tensor()), state2.value_or(at::Tensor())};
+  const RowTable table_b{weight_b, state1_b.value_or(at::Tensor()),
+                         state2_b.value_or(at::Tensor())};
+  const Bags bags{indices, offsets, per_sample_weights.value_or(at::Tensor()),
+                  static_cast<Pooling>(pooling)};
+  check_backward_update_inputs(op, table, opt.optimizer, grad_output, bags, pooling);
+  check_backward_update_inputs(op, table_b, opt.optimizer, grad_output_b, bags, pooling);
+  check_update_pair(op, table, table_b);
+  kKernel(table, grad_output, opt, table_b, grad_output_b, opt_b, bags);
+}
+
 // sample_negatives: the draws of users' (B,) rows into out (B, num_negatives) int64, B >= 1;
 // `op` names the caller in the errors.
 using SampleNegativesKernel = void (*)(const at::Tensor& users, const at::Tensor& pos_indptr,

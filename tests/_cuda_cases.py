@@ -1240,6 +1240,55 @@ def doubled(*tensors):
                  for t in tensors)
 
 
+def check_bag_step_pair(target, optimizer, dtype, *, pooling=Pooling.SUM,
+                        id_dtype=torch.int64, num_rows=40, num_bags=30, dim=8, seed=0):
+    """embedding_bag_backward_update_pair (a table and a one-column table over the same
+    bags, as Hybrid's table and bias) against embedding_bag_backward_update on each, bit for
+    bit on the same target, each table with its own step and seed; and against the native
+    CPU pair where built."""
+    optimizer = Optimizer[optimizer.upper()] if isinstance(optimizer, str) else optimizer
+    pooling = Pooling(pooling)
+    gen = torch.Generator().manual_seed(seed)
+    acc = acc_dtype(dtype)
+    indices, offsets = make_bags(num_rows, num_bags, seed=seed, id_dtype=id_dtype)
+    psw = (torch.rand(indices.numel(), generator=gen, dtype=acc) if pooling == Pooling.SUM
+           else None)
+    tables, grads = [], []
+    for width in (dim, 1):
+        weight = _table(num_rows, width, dtype, gen)
+        tables.append([weight] + [None if sh is None else torch.rand(sh, generator=gen,
+                                                                      dtype=acc)
+                                  for sh in row_state_shapes(optimizer, weight)])
+        grads.append(torch.randn(num_bags, width, generator=gen, dtype=acc))
+    settings = _row_settings(optimizer, WeightDecay.L2)[:7]
+    own = ((3, 77, True), (4, 78, True))
+    bags = (indices, offsets, psw)
+    pair = [list(target.to(*clone_all(*t))) for t in tables]
+    target.ops.embedding_bag_backward_update_pair(
+        *pair[0], *target.to(grads[0]), *pair[1], *target.to(grads[1]), *target.to(*bags),
+        int(pooling), *settings, *own[0], *own[1])
+    single = [list(target.to(*clone_all(*t))) for t in tables]
+    for t, g, o in zip(single, grads, own):
+        target.ops.embedding_bag_backward_update(*t, *target.to(g), *target.to(*bags),
+                                                 int(pooling), *settings, *o)
+    target.check_errors()
+    native = native_cpu_ops()
+    mirror = None
+    if native is not None:
+        mirror = [list(clone_all(*t)) for t in tables]
+        native.embedding_bag_backward_update_pair(*mirror[0], grads[0], *mirror[1], grads[1],
+                                                  *bags, int(pooling), *settings, *own[0],
+                                                  *own[1])
+    for k in range(2):
+        assert not torch.equal(pair[k][0].cpu(), tables[k][0])
+        for i, (p, s) in enumerate(zip(pair[k], single[k])):
+            assert (p is None) == (s is None)
+            if p is not None:
+                assert torch.equal(p.cpu(), s.cpu())
+                if mirror is not None:
+                    assert torch.equal(p.cpu(), mirror[k][i]), "differs from the native CPU pair"
+
+
 def check_bag_step(target, optimizer, dtype, *, fused=True, pooling=Pooling.SUM,
                    weighted=True, decay=WeightDecay.L2, id_dtype=torch.int64, num_rows=40,
                    num_bags=30, dim=8, exponent=1.0, max_size=6, half_grad=False, seed=0,

@@ -418,6 +418,15 @@ def test_embedding_bag_step(emu, optimizer, dtype, fused):
                          half_grad=d >= 2 and o % 2 == 1, seed=o * 4 + d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
+def test_embedding_bag_step_pair(emu, optimizer, dtype):
+    o = cases.ROW_OPT_NAMES.index(optimizer)
+    cases.check_bag_step_pair(emu, optimizer, dtype,
+                              pooling=cases.Pooling.MEAN if o % 2 else cases.Pooling.SUM,
+                              id_dtype=torch.int32 if o % 3 == 1 else torch.int64, seed=o)
+
+
 @pytest.mark.parametrize("dim,optimizer", [(3, "adam"), (37, "rowwise_adam"),
                                            (130, "rowwise_adagrad")])
 def test_embedding_bag_step_dims(emu, optimizer, dim):

@@ -487,7 +487,7 @@ BAG_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 def test_embedding_bag_has_kernel():
     for op in ("embedding_bag_forward", "embedding_bag_backward", "sparse_update",
-               "embedding_bag_backward_update"):
+               "embedding_bag_backward_update", "embedding_bag_backward_update_pair"):
         assert fastmf.ops.native.has_kernel("cuda", op), op
 
 
@@ -513,6 +513,14 @@ def test_embedding_bag_step(optimizer, dtype, fused, dim):
                              pooling=cases.Pooling[pooling.upper()], weighted=weighted,
                              decay=decay, dim=dim, num_rows=300, num_bags=2000,
                              half_grad=half_grad and dtype != torch.float64, steps=3)
+
+
+@pytest.mark.parametrize("dtype", BAG_DTYPES)
+@pytest.mark.parametrize("optimizer", cases.ROW_OPT_NAMES)
+def test_embedding_bag_step_pair(optimizer, dtype):
+    for pooling in (cases.Pooling.SUM, cases.Pooling.MEAN):
+        cases.check_bag_step_pair(CUDA, optimizer, dtype, pooling=pooling, num_rows=300,
+                                  num_bags=2000, dim=64)
 
 
 @pytest.mark.parametrize("dtype", BAG_DTYPES)

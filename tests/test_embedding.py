@@ -278,6 +278,94 @@ def test_backward_update_equals_composition(backend, optimizer, dtype, pooling):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", list(Optimizer))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=idfn)
+@pytest.mark.parametrize("pooling", list(Pooling))
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+def test_backward_update_pair_equals_two_updates(backend, optimizer, dtype, pooling,
+                                                 id_dtype):
+    """embedding_bag_backward_update_pair (a table and a one-column table over the same
+    bags, as Hybrid's table and bias) == embedding_bag_backward_update on each, bit for bit,
+    states included, each table with its own step, seed and rounding; on Zipf bags with
+    empty bags, a row hit past kHotChunk (2048) times, and an empty batch."""
+    k = embedding_kernels(backend, "cpu")
+    rng = _rng(int(optimizer) * 7 + int(pooling))
+    gen = torch.Generator().manual_seed(int(optimizer) * 7 + int(pooling))
+    acc, num_rows = torch.float32, 400
+    settings = (optimizer, 0.05, 1e-3, 0.8, 0.95, 0.01, WeightDecay.L2)
+
+    def table(dim):
+        weight = (torch.randn(num_rows, dim, generator=gen) * 0.1).to(dtype)
+        shapes = fastmf.ops.checks.row_state_shapes(optimizer, weight)
+        return [weight] + [None if s is None else torch.rand(s, generator=gen, dtype=acc)
+                           for s in shapes]
+
+    def copy(t):
+        return [None if x is None else x.clone() for x in t]
+
+    bag_sizes = rng.integers(0, 13, size=600)  # about 3,600 ids, 2,100 of them row 5
+    bag_sizes[1] = 0
+    n = int(bag_sizes.sum())
+    all_ids = zipf_ids(num_rows, n, generator=rng, dtype=id_dtype)
+    all_ids[torch.from_numpy(rng.permutation(n)[:2100])] = 5
+    assert n > 3000 and len(all_ids.unique()) > 100
+    for ids, sizes in ((all_ids, bag_sizes), (all_ids[:0], np.zeros(3, np.int64))):
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)])).to(id_dtype)
+        psw = torch.rand(len(ids), generator=gen, dtype=acc) if pooling == Pooling.SUM \
+            else None
+        bags = (ids, offsets, psw, pooling)
+        a, b = table(K), table(1)
+        grad_a = torch.randn(len(sizes), K, generator=gen, dtype=acc)
+        grad_b = torch.randn(len(sizes), 1, generator=gen, dtype=acc)
+        pair_a, pair_b = copy(a), copy(b)
+        k.embedding_bag_backward_update_pair(*pair_a, grad_a, *pair_b, grad_b, *bags,
+                                             *settings, 3, 77, True, 4, 78, False)
+        one_a, one_b = copy(a), copy(b)
+        k.embedding_bag_backward_update(*one_a, grad_a, *bags, *settings, 3, 77, True)
+        k.embedding_bag_backward_update(*one_b, grad_b, *bags, *settings, 4, 78, False)
+        assert torch.equal(pair_a[0], a[0]) == (len(ids) == 0)
+        for got, want in zip(pair_a + pair_b, one_a + one_b):
+            assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_update_pair_checks_both_tables_first(backend):
+    """Bad input to either table of the pair: a clear error, and neither table written."""
+    k = embedding_kernels(backend, "cpu")
+    gen = torch.Generator().manual_seed(5)
+    ids, starts = _bags(30, seed=5)
+    offsets = torch.cat([starts, torch.tensor([ids.numel()])])
+    settings = (Optimizer.ADAGRAD, 0.05, 1e-3, 0.9, 0.999, 0.0, WeightDecay.NONE)
+    weight, state = torch.rand(N, K, generator=gen), torch.rand(N, K, generator=gen)
+    bias, bias_state = torch.rand(N, 1, generator=gen), torch.rand(N, 1, generator=gen)
+    grad, grad_b = torch.randn(30, K, generator=gen), torch.randn(30, 1, generator=gen)
+    before = [t.clone() for t in (weight, state, bias, bias_state)]
+    cases = [
+        ((weight, state, None, grad, bias, bias_state, None, grad_b[:5]), "grad_output"),
+        ((weight, state, None, grad, bias, None, None, grad_b), "state1"),
+        ((weight, state, None, grad, torch.rand(N + 1, 1), torch.rand(N + 1, 1), None, grad_b),
+         r"weight has 60 rows, weight_b 61; the bags index both"),
+        ((weight, state, None, grad, weight, state, None, grad), "shares memory with"),
+        ((weight, state, None, grad, bias, state[:, :1], None, grad_b),
+         "state1_b shares memory with state1"),
+    ]
+    for tensors, message in cases:
+        with pytest.raises(ValueError, match=message):
+            k.embedding_bag_backward_update_pair(*tensors, ids, offsets, None, Pooling.SUM,
+                                                 *settings, 1, 0, False, 1, 0, False)
+        for t, b in zip((weight, state, bias, bias_state), before):
+            assert torch.equal(t, b)
+    bad = ids.clone()
+    bad[-1] = N
+    with pytest.raises(IndexError, match="out of range"):
+        k.embedding_bag_backward_update_pair(weight, state, None, grad, bias, bias_state, None,
+                                             grad_b, bad, offsets, None, Pooling.SUM,
+                                             *settings, 1, 0, False, 1, 0, False)
+    for t, b in zip((weight, state, bias, bias_state), before):
+        assert torch.equal(t, b)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("optimizer", list(Optimizer))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=idfn)

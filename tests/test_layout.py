@@ -115,7 +115,8 @@ def test_resolver_returns_the_backend_modules():
                    "sparse_sgd_update",
                    "train_step", "train_step_pairwise", "topk_scores", "embedding_bag_forward",
                    "embedding_bag_backward", "scatter_rows", "sparse_update", "sample_negatives",
-                   "embedding_bag_backward_update", "unique_bags"):
+                   "embedding_bag_backward_update", "embedding_bag_backward_update_pair",
+                   "unique_bags"):
             assert callable(getattr(module, fn)), (name, fn)
     assert ops.kernels("auto", cpu).NAME == ops.available_backends()[-1]
     assert ops.kernels("auto", torch.device("meta")).NAME == "reference"

@@ -222,6 +222,12 @@ def embedding_opcheck_cases():
             ops.embedding_bag_backward_update.default,
             (half.clone(), *clone_all(*half_states), grad_output, indices, offsets, None,
              int(Pooling.MEAN), *_settings(Optimizer.ROWWISE_ADAM, stochastic=True))),
+        "backward_update_pair_adam": (
+            ops.embedding_bag_backward_update_pair.default,
+            (weight.clone(), *clone_all(*adam), grad_output, weight[:, :1].clone(),
+             *clone_all(*_states(Optimizer.ADAM, weight[:, :1], 15)),
+             grad_output[:, :1].contiguous(), indices, offsets, psw, int(Pooling.SUM),
+             *_settings(Optimizer.ADAM), 4, 78, False)),
     }
 
 
@@ -233,7 +239,7 @@ def test_embedding_opcheck(case):
 
 def test_embedding_has_kernel():
     for op in ("embedding_bag_forward", "embedding_bag_backward", "sparse_update",
-               "embedding_bag_backward_update"):
+               "embedding_bag_backward_update", "embedding_bag_backward_update_pair"):
         assert native.has_kernel("cpu", op)
 
 

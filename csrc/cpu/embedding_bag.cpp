@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -574,11 +575,13 @@ inline void with_width(int64_t dim, F&& f) {
 }
 
 // Groups `n` ids (ws.ids, range-checked) and steps every touched row once with the sum of
-// its occurrences' gradient rows from `source`.
+// its occurrences' gradient rows from `source`. `group` false: ws.groups already holds
+// these ids' groups (a second table over the same bags).
 template <typename W, typename A, typename Source, typename Width>
 void grouped_step(Workspace& ws, int64_t n, Width dim, W* weight, A* state1, A* state2,
-                  int64_t num_rows, const Source& source, const RowOptimizerArgs& opt) {
-  group_rows(ws.ids.data(), n, num_rows, ws.groups);
+                  int64_t num_rows, const Source& source, const RowOptimizerArgs& opt,
+                  bool group = true) {
+  if (group) group_rows(ws.ids.data(), n, num_rows, ws.groups);
   const RowGroups& groups = ws.groups;
   const int64_t num_groups = groups.num_groups;
   const int32_t* starts = groups.starts.data();
@@ -1207,21 +1210,31 @@ void sparse_update(const RowTable& table, const at::Tensor& ids, const at::Tenso
   tables.commit();
 }
 
-void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad_output_in,
-                                   const Bags& bags, const RowOptimizerArgs& opt) {
-  const char* op = "embedding_bag_backward_update";
+// One table's update of backward_update_tables.
+struct TableUpdate {
+  const RowTable& table;
+  const at::Tensor& grad_output;
+  const RowOptimizerArgs& opt;
+};
+
+// The fused backward-update of each of `updates` (tables with the same rows) over the same
+// bags: the offsets and ids are loaded and checked, each occurrence's bag found and the ids
+// grouped once, then each table is stepped in turn. A table and its bias column share their
+// bags in Hybrid's step, where grouping and loading were about half of the bias update's
+// time (114 us for 16,457 ids into 7,733 rows, two threads).
+template <size_t kCount>
+void backward_update_tables(const char* op, const std::array<TableUpdate, kCount>& updates,
+                            const Bags& bags) {
   Workspace& ws = workspace();
   const TrimOnExit<Workspace> trim(ws);
   const int64_t n = bags.indices.size(0);
   load_offsets(op, bags.offsets, n, ws.offsets);
-  const int64_t num_rows = table.weight.size(0);
+  const int64_t num_rows = updates[0].table.weight.size(0);
   load_ids(op, "indices", bags.indices.contiguous(), num_rows, ws.ids);
   if (n == 0) return;
-  const at::Tensor grad_output = grad_output_in.contiguous();
   const at::Tensor psw =
       bags.per_sample_weights.defined() ? bags.per_sample_weights.contiguous() : at::Tensor();
   const int64_t num_bags = bags.offsets.size(0) - 1;
-  const int64_t dim = table.weight.size(1);
   const int64_t* offsets = ws.offsets.data();
   int32_t* bag_of = scratch(ws.bag_of, n);
   at::parallel_for(0, num_bags, 256, [&](int64_t begin, int64_t end) {
@@ -1229,23 +1242,45 @@ void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad
       std::fill(bag_of + offsets[b], bag_of + offsets[b + 1], static_cast<int32_t>(b));
     }
   });
-  StepTablesInPlace tables(table);
-  dispatch_weight_and_grad(table.weight.scalar_type(), grad_output.scalar_type(),
-                           [&](auto w_tag, auto g_tag) {
-    using W = decltype(w_tag);
-    using G = decltype(g_tag);
-    using A = acc_t<W>;
-    with_width(dim, [&](auto width) {
-      const BagRows<G, decltype(width)> source{grad_output.data_ptr<G>(), width, bag_of,
-                                               offsets,
-                                               psw.defined() ? psw.data_ptr<G>() : nullptr,
-                                               bags.pooling == Pooling::kMean};
-      grouped_step<W, A>(ws, n, width, tables.weight.get().data_ptr<W>(),
-                         StepTablesInPlace::ptr<A>(tables.state1),
-                         StepTablesInPlace::ptr<A>(tables.state2), num_rows, source, opt);
+  for (size_t u = 0; u < kCount; ++u) {
+    const RowTable& table = updates[u].table;
+    const at::Tensor grad_output = updates[u].grad_output.contiguous();
+    const int64_t dim = table.weight.size(1);
+    StepTablesInPlace tables(table);
+    dispatch_weight_and_grad(table.weight.scalar_type(), grad_output.scalar_type(),
+                             [&](auto w_tag, auto g_tag) {
+      using W = decltype(w_tag);
+      using G = decltype(g_tag);
+      using A = acc_t<W>;
+      with_width(dim, [&](auto width) {
+        const BagRows<G, decltype(width)> source{grad_output.data_ptr<G>(), width, bag_of,
+                                                 offsets,
+                                                 psw.defined() ? psw.data_ptr<G>() : nullptr,
+                                                 bags.pooling == Pooling::kMean};
+        grouped_step<W, A>(ws, n, width, tables.weight.get().data_ptr<W>(),
+                           StepTablesInPlace::ptr<A>(tables.state1),
+                           StepTablesInPlace::ptr<A>(tables.state2), num_rows, source,
+                           updates[u].opt, /*group=*/u == 0);
+      });
     });
-  });
-  tables.commit();
+    tables.commit();
+  }
+}
+
+void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad_output,
+                                   const Bags& bags, const RowOptimizerArgs& opt) {
+  backward_update_tables<1>("embedding_bag_backward_update",
+                            {TableUpdate{table, grad_output, opt}}, bags);
+}
+
+void embedding_bag_backward_update_pair(const RowTable& table, const at::Tensor& grad_output,
+                                        const RowOptimizerArgs& opt, const RowTable& table_b,
+                                        const at::Tensor& grad_output_b,
+                                        const RowOptimizerArgs& opt_b, const Bags& bags) {
+  backward_update_tables<2>("embedding_bag_backward_update_pair",
+                            {TableUpdate{table, grad_output, opt},
+                             TableUpdate{table_b, grad_output_b, opt_b}},
+                            bags);
 }
 
 }  // namespace
@@ -1265,6 +1300,8 @@ void register_embedding_bag(torch::Library& m) {
   m.impl("sparse_update", &sparse_update_op<sparse_update>);
   m.impl("embedding_bag_backward_update",
          &embedding_bag_backward_update_op<embedding_bag_backward_update>);
+  m.impl("embedding_bag_backward_update_pair",
+         &embedding_bag_backward_update_pair_op<embedding_bag_backward_update_pair>);
 }
 
 }  // namespace FASTMF_CPU_NS

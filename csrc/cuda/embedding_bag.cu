@@ -820,6 +820,21 @@ void embedding_bag_backward_update(const RowTable& table, const at::Tensor& grad
   });
 }
 
+// Two tables' updates over the same bags: each table's layout checked before either is
+// written, then embedding_bag_backward_update on each in turn (the CPU kernel groups the
+// bags once for both; here the grouping is a device sort per table, and the pair saves a
+// launch sequence's host work at most).
+void embedding_bag_backward_update_pair(const RowTable& table, const at::Tensor& grad_output,
+                                        const RowOptimizerArgs& opt, const RowTable& table_b,
+                                        const at::Tensor& grad_output_b,
+                                        const RowOptimizerArgs& opt_b, const Bags& bags) {
+  constexpr const char* op = "embedding_bag_backward_update_pair";
+  check_step_layout(op, table, bags.indices.size(0));
+  check_step_layout(op, table_b, bags.indices.size(0));
+  embedding_bag_backward_update(table, grad_output, bags, opt);
+  embedding_bag_backward_update(table_b, grad_output_b, bags, opt_b);
+}
+
 // scatter_rows, with no kernel of its own: sparse_update's SGD step on a zero table of the
 // accumulation type with lr = -1, so each touched row becomes 0 - (-1) g = g exactly, the
 // sum of its rows in index order (the grouping is stable). Runs longer than kHotChunk are
@@ -904,4 +919,7 @@ TORCH_LIBRARY_IMPL(fastmf, CUDA, m) {
   m.impl("sparse_update", &fastmf::sparse_update_op<fastmf::cuda::sparse_update>);
   m.impl("embedding_bag_backward_update",
          &fastmf::embedding_bag_backward_update_op<fastmf::cuda::embedding_bag_backward_update>);
+  m.impl("embedding_bag_backward_update_pair",
+         &fastmf::embedding_bag_backward_update_pair_op<
+             fastmf::cuda::embedding_bag_backward_update_pair>);
 }

@@ -757,3 +757,26 @@ def check_backward_update_inputs(op, weight, state1, state2, grad_output, indice
     check_row_states(op, optimizer, weight, state1, state2)
     check_same_device(op, "weight", weight, grad_output=grad_output, indices=indices)
     check_ids(op, "indices", indices, weight.shape[0])
+
+
+def check_backward_update_pair(op, tables, indices, offsets, per_sample_weights, pooling,
+                               settings, steps):
+    """Every check of embedding_bag_backward_update_pair, before any write: each of the two
+    ``tables`` ((weight, state1, state2, grad_output)) as embedding_bag_backward_update
+    checks it with its own ``steps`` ((step, seed)), the same number of rows, and no tensor
+    written twice."""
+    for (weight, state1, state2, grad_output), step in zip(tables, steps, strict=True):
+        check_backward_update_inputs(op, weight, state1, state2, grad_output, indices,
+                                     offsets, per_sample_weights, pooling, *settings, *step)
+    (weight, *_), (weight_b, *_) = tables
+    if weight_b.shape[0] != weight.shape[0]:
+        raise ValueError(f"fastmf.{op}: weight has {weight.shape[0]} rows, weight_b "
+                         f"{weight_b.shape[0]}; the bags index both")
+    names = ("weight", "state1", "state2", "weight_b", "state1_b", "state2_b")
+    written = [t for table in tables for t in table[:3]]
+    for j, b in enumerate(written):
+        for i in range(j):
+            a = written[i]
+            if a is not None and b is not None and \
+                    a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
+                raise ValueError(f"fastmf.{op}: {names[j]} shares memory with {names[i]}")

@@ -42,6 +42,7 @@ __all__ = [
     "embedding_bag_backward",
     "sparse_update",
     "embedding_bag_backward_update",
+    "embedding_bag_backward_update_pair",
 ]
 
 
@@ -317,6 +318,29 @@ def embedding_bag_backward_update(weight: Tensor, state1: Tensor | None, state2:
     _written(weight, state1, state2)
 
 
+def embedding_bag_backward_update_pair(
+        weight: Tensor, state1: Tensor | None, state2: Tensor | None, grad_output: Tensor,
+        weight_b: Tensor, state1_b: Tensor | None, state2_b: Tensor | None,
+        grad_output_b: Tensor, indices: Tensor, offsets: Tensor,
+        per_sample_weights: Tensor | None, pooling, optimizer, lr: float, eps: float,
+        beta1: float, beta2: float, weight_decay: float, weight_decay_mode, step: int,
+        seed: int, stochastic_rounding: bool, step_b: int, seed_b: int,
+        stochastic_rounding_b: bool) -> None:
+    """In place: :func:`embedding_bag_backward_update` of two tables over the same bags,
+    the bags read and grouped once on the CPU (see
+    :func:`fastmf.ops.reference.embedding_bag.embedding_bag_backward_update_pair`)."""
+    op = "embedding_bag_backward_update_pair"
+    pooling = int(parse(Pooling, pooling, op, "pooling"))
+    settings = _row_settings(op, optimizer, lr, eps, beta1, beta2, weight_decay,
+                             weight_decay_mode, step, seed, stochastic_rounding)
+    with torch.no_grad():
+        torch.ops.fastmf.embedding_bag_backward_update_pair.default(
+            weight, state1, state2, grad_output, weight_b, state1_b, state2_b, grad_output_b,
+            indices, offsets, per_sample_weights, pooling, *settings, int(step_b),
+            int(seed_b), bool(stochastic_rounding_b))
+    _written(weight, state1, state2, weight_b, state1_b, state2_b)
+
+
 def check_device_errors(device: int | str | torch.device | None = None) -> None:
     """Raise the first bad id or non-finite target that the CUDA kernels met on ``device``
     (default: the current CUDA device) since the last check, and clear it.
@@ -590,6 +614,10 @@ if native_available():
 
         @torch.library.register_fake("fastmf::embedding_bag_backward_update")
         def _embedding_bag_backward_update_fake(weight, state1, state2, grad_output, *rest):
+            return None
+
+        @torch.library.register_fake("fastmf::embedding_bag_backward_update_pair")
+        def _embedding_bag_backward_update_pair_fake(*args):
             return None
 
         def _embedding_bag_forward_setup(ctx, inputs, output):

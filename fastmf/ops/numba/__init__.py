@@ -6,6 +6,7 @@ Numba kernel is first asked for."""
 from fastmf.ops.numba.embedding_bag import (
     embedding_bag_backward,
     embedding_bag_backward_update,
+    embedding_bag_backward_update_pair,
     embedding_bag_forward,
     scatter_rows,
     sparse_update,
@@ -32,7 +33,8 @@ from fastmf.ops.numba.topk import topk_scores
 NAME = "numba"
 
 __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
-           "embedding_bag_forward", "mf_backward", "mf_backward_dense", "mf_forward",
+           "embedding_bag_backward_update_pair", "embedding_bag_forward", "mf_backward",
+           "mf_backward_dense", "mf_forward",
            "sample_negatives", "scatter_rows",
            "sparse_adagrad_update", "sparse_sgd_update", "sparse_update", "topk_scores",
            "train_step", "train_step_pairwise", "train_step_pairwise_sampled",

@@ -78,9 +78,11 @@ from fastmf.ops.numba._common import (
     require_cpu,
     round_to_half,
 )
+from fastmf.ops.reference.embedding_bag import update_pair
 
-__all__ = ["embedding_bag_backward", "embedding_bag_backward_update", "embedding_bag_forward",
-           "scatter_rows", "sparse_update", "unique_bags"]
+__all__ = ["embedding_bag_backward", "embedding_bag_backward_update",
+           "embedding_bag_backward_update_pair", "embedding_bag_forward", "scatter_rows",
+           "sparse_update", "unique_bags"]
 
 Tensor = torch.Tensor
 
@@ -877,3 +879,7 @@ def embedding_bag_backward_update(weight: Tensor, state1: Tensor | None, state2:
                 _kind(grad_output.dtype), indices, offsets, per_sample_weights, pooling,
                 optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode, step, seed,
                 stochastic_rounding)
+
+
+# Both tables checked, then each updated by the kernel above (the bags grouped per table).
+embedding_bag_backward_update_pair = update_pair(embedding_bag_backward_update)

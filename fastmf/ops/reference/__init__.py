@@ -5,6 +5,7 @@ are tested against. Same function names and arguments as :mod:`fastmf.ops.native
 from fastmf.ops.reference.embedding_bag import (
     embedding_bag_backward,
     embedding_bag_backward_update,
+    embedding_bag_backward_update_pair,
     embedding_bag_forward,
     scatter_rows,
     sparse_update,
@@ -31,7 +32,8 @@ from fastmf.ops.reference.topk import topk_scores
 NAME = "reference"
 
 __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
-           "embedding_bag_forward", "mf_backward", "mf_backward_dense", "mf_forward",
+           "embedding_bag_backward_update_pair", "embedding_bag_forward", "mf_backward",
+           "mf_backward_dense", "mf_forward",
            "sample_negatives", "scatter_rows",
            "sparse_adagrad_update", "sparse_sgd_update", "sparse_update", "topk_scores",
            "train_step", "train_step_pairwise", "train_step_pairwise_sampled",

@@ -63,8 +63,9 @@ from torch import Tensor
 from fastmf.ops import checks
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay, parse
 
-__all__ = ["embedding_bag_backward", "embedding_bag_backward_update", "embedding_bag_forward",
-           "random_bits", "scatter_rows", "sparse_update", "stochastic_round", "unique_bags"]
+__all__ = ["embedding_bag_backward", "embedding_bag_backward_update",
+           "embedding_bag_backward_update_pair", "embedding_bag_forward", "random_bits",
+           "scatter_rows", "sparse_update", "stochastic_round", "unique_bags"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -423,3 +424,43 @@ def embedding_bag_backward_update(weight: Tensor, state1: Tensor | None, state2:
     unique, g = coalesce_ids(indices, grad_rows, checks.accumulation_dtype(weight.dtype))
     _apply_step(weight, state1, state2, unique, g, optimizer, lr, eps, beta1, beta2,
                 weight_decay, weight_decay_mode, step, seed, bool(stochastic_rounding))
+
+
+def update_pair(update):
+    """``embedding_bag_backward_update_pair`` of a backend from its
+    ``embedding_bag_backward_update``: both tables checked, then ``update`` on each in
+    turn."""
+
+    def embedding_bag_backward_update_pair(
+            weight: Tensor, state1: Tensor | None, state2: Tensor | None, grad_output: Tensor,
+            weight_b: Tensor, state1_b: Tensor | None, state2_b: Tensor | None,
+            grad_output_b: Tensor, indices: Tensor, offsets: Tensor,
+            per_sample_weights: Tensor | None, pooling, optimizer, lr: float, eps: float,
+            beta1: float, beta2: float, weight_decay: float, weight_decay_mode, step: int,
+            seed: int, stochastic_rounding: bool, step_b: int, seed_b: int,
+            stochastic_rounding_b: bool) -> None:
+        """In place: :func:`embedding_bag_backward_update` of two tables pooled by the same
+        bags (a table and its bias column), ``weight`` with ``grad_output``, ``step``,
+        ``seed``, ``stochastic_rounding``, and ``weight_b`` with the ``_b`` ones; the same
+        numbers as the two calls. The tables have the same number of rows and take the same
+        optimizer settings. Every check of both runs before either is written; a kernel
+        may read and group the bags once for both."""
+        op = "embedding_bag_backward_update_pair"
+        optimizer, weight_decay_mode, pooling = _parse_codes(op, optimizer, pooling,
+                                                             weight_decay_mode)
+        settings = (optimizer, lr, eps, beta1, beta2, weight_decay, weight_decay_mode)
+        checks.check_backward_update_pair(
+            op, ((weight, state1, state2, grad_output),
+                 (weight_b, state1_b, state2_b, grad_output_b)),
+            indices, offsets, per_sample_weights, pooling, settings,
+            ((step, seed), (step_b, seed_b)))
+        bags = (indices, offsets, per_sample_weights, pooling)
+        update(weight, state1, state2, grad_output, *bags, *settings, step, seed,
+               stochastic_rounding)
+        update(weight_b, state1_b, state2_b, grad_output_b, *bags, *settings, step_b, seed_b,
+               stochastic_rounding_b)
+
+    return embedding_bag_backward_update_pair
+
+
+embedding_bag_backward_update_pair = update_pair(embedding_bag_backward_update)
