@@ -226,6 +226,31 @@ class _SparseOptimizer(torch.optim.Optimizer):
             per_sample_weights, int(pooling), *self._row_args(group, weight, step))
         self.state[weight]["step"] = step
 
+    def apply_fused_pair(self, weight: Tensor, grad_output: Tensor, weight_b: Tensor,
+                         grad_output_b: Tensor, indices: Tensor, offsets: Tensor,
+                         per_sample_weights: Tensor | None, pooling: Pooling) -> None:
+        """:meth:`apply_fused` of two weights pooled by the same bags (a table and its bias
+        column), in one embedding_bag_backward_update_pair call when both are in the same
+        group (so the same settings) and on the same device: the bags are read and grouped
+        once. Otherwise :meth:`apply_fused` on each. The same numbers either way."""
+        group = self.hyperparameters(weight)
+        if self.hyperparameters(weight_b) is not group or weight_b.device != weight.device:
+            self.apply_fused(weight, grad_output, indices, offsets, per_sample_weights, pooling)
+            self.apply_fused(weight_b, grad_output_b, indices, offsets, per_sample_weights,
+                             pooling)
+            return
+        self.check_group(group)
+        step, step_b = self._next_step(weight), self._next_step(weight_b)
+        settings = self._row_args(group, weight, step)
+        # (step, seed, stochastic rounding) of the second weight: its own.
+        own_b = self._row_args(group, weight_b, step_b)[-3:]
+        self._fused_kernels(weight.device).embedding_bag_backward_update_pair(
+            weight.detach(), *self.states(weight), grad_output, weight_b.detach(),
+            *self.states(weight_b), grad_output_b, indices, offsets, per_sample_weights,
+            int(pooling), *settings, *own_b)
+        self.state[weight]["step"] = step
+        self.state[weight_b]["step"] = step_b
+
     def _fused_kernels(self, device: torch.device):
         """embedding_kernels(self.backend, device), resolved once per device."""
         cache = self.__dict__.setdefault("_fused_kernels_by_device", {})

@@ -418,6 +418,54 @@ def test_zero_grad_and_step_of_a_partly_fused_optimizer():
     assert emb.weight.grad is None and dense.grad is None
 
 
+@pytest.mark.parametrize("name", ["adagrad", "adam"])
+@pytest.mark.parametrize("groups", ["one", "two"])
+def test_apply_fused_pair_equals_two_updates(name, groups, monkeypatch):
+    """apply_fused_pair (a table and its bias column over the same bags, one kernel call
+    when both are in one group) leaves the weights, states and step counts that
+    apply_fused on each leaves; with the two in different groups (here different lr) it
+    applies each group's settings."""
+    from fastmf.ops.codes import Pooling
+
+    rng = np.random.default_rng(11)
+    make = TORCH_OPTIMIZERS[name][1]
+
+    def build():
+        torch.manual_seed(0)
+        table, bias = fastmf.nn.EmbeddingBag(N, K), fastmf.nn.EmbeddingBag(N, 1)
+        params = ([{"params": [table.weight, bias.weight]}] if groups == "one" else
+                  [{"params": [table.weight]}, {"params": [bias.weight], "lr": 0.01}])
+        return table, bias, fastmf.optim.apply_in_backward(make(params))
+
+    pair, two = build(), build()
+    kernels = pair[2]._fused_kernels(torch.device("cpu"))
+    calls = []
+    real = kernels.embedding_bag_backward_update_pair
+    monkeypatch.setattr(kernels, "embedding_bag_backward_update_pair",
+                        lambda *args: (calls.append(1), real(*args)))
+    for _ in range(3):
+        ids = zipf_ids(N, 90, generator=rng)
+        offsets = torch.arange(0, 91, 3)
+        psw = torch.from_numpy(rng.uniform(0.5, 1.5, 90)).float()
+        grad = torch.randn(30, K, dtype=torch.float32)
+        grad_b = torch.randn(30, 1, dtype=torch.float32)
+        bags = (ids, offsets, psw, Pooling.SUM)
+        table, bias, opt = pair
+        opt.apply_fused_pair(table.weight, grad, bias.weight, grad_b, *bags)
+        table, bias, opt = two
+        opt.apply_fused(table.weight, grad, *bags)
+        opt.apply_fused(bias.weight, grad_b, *bags)
+    (t1, b1, o1), (t2, b2, o2) = pair, two
+    for w1, w2 in ((t1.weight, t2.weight), (b1.weight, b2.weight)):
+        assert torch.equal(w1, w2) and o1.state[w1]["step"] == o2.state[w2]["step"] == 3
+        for s1, s2 in zip(o1.states(w1), o2.states(w2)):
+            assert (s1 is None and s2 is None) or torch.equal(s1, s2)
+    assert len(calls) == (3 if groups == "one" else 0)  # one call a step for one group
+    fresh = build()
+    assert not torch.equal(b1.weight, fresh[1].weight)
+    assert not torch.equal(t1.weight, fresh[0].weight)
+
+
 def test_fused_mf_step_refuses_adam_codes_and_weight_decay():
     from fastmf.ops import MFTables, Optimizer, OptimizerArgs
 
