@@ -76,6 +76,9 @@ struct SampledPairwiseBatch {
   PairwiseLoss loss;
   double reg;
   at::Tensor weights;  // one per positive, for each of its pairs
+  // The multi-step op only: undefined, or (n,) int32/int64 positions in [0, B): the run is
+  // users[order], pos_items[order] (and weights[order]), read without a gathered copy.
+  at::Tensor order;
 };
 
 // train_step_sampled's batch: the positives and their CSR as in SampledPairwiseBatch; each
@@ -89,6 +92,7 @@ struct SampledPointwiseBatch {
   Loss loss;
   double reg;
   at::Tensor weights;  // one per positive, for its own row; the negatives' rows weigh 1
+  at::Tensor order;    // the multi-step op only, as in SampledPairwiseBatch
 };
 
 // The settings of one exact sparse step of the embedding_bag family (sparse_update,

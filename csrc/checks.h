@@ -406,6 +406,17 @@ inline void check_sampled(const char* op, const StepTables& tables, const StepTa
   check_states(op, tables, states, opt.optimizer);
 }
 
+// The positives a multi-step sampled op runs: len(order) when the run is read through
+// `order` (its type, shape and device checked here; its values where they are read), else
+// len(users) (fastmf/ops/checks.py check_run_order).
+template <typename Batch>
+inline int64_t run_length(const char* op, const Batch& batch, const at::Tensor& user_factors) {
+  if (!batch.order.defined()) return batch.users.size(0);
+  check_id_dtype(op, "order", batch.order);
+  check_like_device(op, "order", batch.order, "user_factors", user_factors);
+  return batch.order.size(0);
+}
+
 // train_step_pairwise_sampled: the shared checks; user_bias and its state are never touched
 // (as in train_step_pairwise), so they may share memory.
 inline void check_train_step_pairwise_sampled(const char* op, const StepTables& tables,
@@ -413,7 +424,7 @@ inline void check_train_step_pairwise_sampled(const char* op, const StepTables& 
                                               const SampledPairwiseBatch& batch,
                                               const OptimizerArgs& opt,
                                               int64_t batch_size = -1) {
-  const int64_t n = batch.users.size(0);
+  const int64_t n = run_length(op, batch, tables.user_factors);
   check_sampled(op, tables, states, batch, opt, /*positive_rows=*/0,
                 batch_size < 0 ? n : std::min(n, batch_size));
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/false);
@@ -425,7 +436,7 @@ inline void check_train_step_sampled(const char* op, const StepTables& tables,
                                      const StepTables& states,
                                      const SampledPointwiseBatch& batch,
                                      const OptimizerArgs& opt, int64_t batch_size = -1) {
-  const int64_t n = batch.users.size(0);
+  const int64_t n = run_length(op, batch, tables.user_factors);
   check_sampled(op, tables, states, batch, opt, /*positive_rows=*/1,
                 batch_size < 0 ? n : std::min(n, batch_size));
   check_separate_step_tables(op, tables, states, opt, /*writes_user_bias=*/true);

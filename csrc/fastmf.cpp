@@ -93,13 +93,17 @@ TORCH_LIBRARY(fastmf, m) {
   // and row pointer the steps read is checked before the first one runs, so bad input in
   // any slice writes nothing (on the CPU; CUDA records errors on the device as the step
   // does). One call per epoch instead of one per batch: no per-batch dispatch or Python.
+  // `order` ((n,) int32/int64 positions in [0, len(users)), repeats allowed): the run is
+  // users[order], pos_items[order] (and weights[order]), its n positives in that order,
+  // read without a gathered copy (an epoch's shuffle); every input is still checked whole.
   m.def(
       "train_steps_pairwise_sampled(Tensor(a!) user_factors, Tensor(b!) item_factors, "
       "Tensor(c!)? user_bias, Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, "
       "Tensor(f!)? item_factors_state, Tensor(g!)? user_bias_state, "
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
       "Tensor pos_indices, int num_negatives, int batch_size, int seed, int step, int loss, "
-      "float reg, int optimizer, float lr, float eps, Tensor? weights=None) -> Tensor");
+      "float reg, int optimizer, float lr, float eps, Tensor? weights=None, "
+      "Tensor? order=None) -> Tensor");
   // train_step on the positives, each a row labelled 1, and num_negatives (>= 1) uniform
   // negatives per positive, each a row labelled 0, drawn in the op as
   // train_step_pairwise_sampled draws them. Exactly train_step on users ++
@@ -115,7 +119,8 @@ TORCH_LIBRARY(fastmf, m) {
       "int loss, float reg, int optimizer, float lr, float eps, Tensor? weights=None) -> Tensor");
   // train_step_sampled on each run of batch_size (>= 1) positives in turn, as
   // train_steps_pairwise_sampled runs train_step_pairwise_sampled: slice t at step + t,
-  // every input checked before the first step; returns the steps' losses.
+  // every input checked before the first step, the run read through `order` when given;
+  // returns the steps' losses.
   m.def(
       "train_steps_sampled(Tensor(a!) user_factors, Tensor(b!) item_factors, "
       "Tensor(c!)? user_bias, Tensor(d!)? item_bias, Tensor(e!)? user_factors_state, "
@@ -123,7 +128,7 @@ TORCH_LIBRARY(fastmf, m) {
       "Tensor(h!)? item_bias_state, Tensor users, Tensor pos_items, Tensor pos_indptr, "
       "Tensor pos_indices, int num_negatives, int batch_size, int seed, int step, "
       "float global_mean, int loss, float reg, int optimizer, float lr, float eps, "
-      "Tensor? weights=None) -> Tensor");
+      "Tensor? weights=None, Tensor? order=None) -> Tensor");
   // The sampling family (fastmf/ops/reference/sampling.py): the uniform negatives of the
   // sampled steps on their own (NegativeSampler.sample_step, for the models that score them
   // outside those steps). (B, num_negatives) int64: entry (b, k) is the item

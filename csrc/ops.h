@@ -120,7 +120,7 @@ at::Tensor train_steps_pairwise_sampled_op(
     const at::Tensor& pos_items, const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
     int64_t num_negatives, int64_t batch_size, int64_t seed, int64_t step, int64_t loss,
     double reg, int64_t optimizer, double lr, double eps,
-    const std::optional<at::Tensor>& weights) {
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& order) {
   constexpr const char* op = "train_steps_pairwise_sampled";
   TORCH_CHECK_VALUE(batch_size >= 1, "fastmf.", op, ": batch_size must be >= 1, got ",
                     batch_size);
@@ -133,7 +133,8 @@ at::Tensor train_steps_pairwise_sampled_op(
                                    pos_indptr,   pos_indices,
                                    num_negatives, seed,
                                    step,         static_cast<PairwiseLoss>(loss),
-                                   reg,          weights.value_or(at::Tensor())};
+                                   reg,          weights.value_or(at::Tensor()),
+                                   order.value_or(at::Tensor())};
   const OptimizerArgs opt{static_cast<Optimizer>(optimizer), lr, eps};
   check_train_step_pairwise_sampled(op, tables, states, batch, opt, batch_size);
   return kKernel(tables, states, batch, batch_size, opt);
@@ -190,7 +191,7 @@ at::Tensor train_steps_sampled_op(
     const at::Tensor& pos_items, const at::Tensor& pos_indptr, const at::Tensor& pos_indices,
     int64_t num_negatives, int64_t batch_size, int64_t seed, int64_t step, double global_mean,
     int64_t loss, double reg, int64_t optimizer, double lr, double eps,
-    const std::optional<at::Tensor>& weights) {
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& order) {
   constexpr const char* op = "train_steps_sampled";
   TORCH_CHECK_VALUE(batch_size >= 1, "fastmf.", op, ": batch_size must be >= 1, got ",
                     batch_size);
@@ -202,7 +203,8 @@ at::Tensor train_steps_sampled_op(
   const SampledPointwiseBatch batch{users,         pos_items, pos_indptr,  pos_indices,
                                     num_negatives, seed,      step,        global_mean,
                                     static_cast<Loss>(loss),  reg,
-                                    weights.value_or(at::Tensor())};
+                                    weights.value_or(at::Tensor()),
+                                    order.value_or(at::Tensor())};
   const OptimizerArgs opt{static_cast<Optimizer>(optimizer), lr, eps};
   check_train_step_sampled(op, tables, states, batch, opt, batch_size);
   return kKernel(tables, states, batch, batch_size, opt);

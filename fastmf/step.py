@@ -185,7 +185,7 @@ def train_step_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_indp
 def train_steps_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_indptr,
                                  pos_indices, num_negatives: int, *, batch_size: int,
                                  seed: int, step: int = 0, loss: str = "bpr",
-                                 reg: float = 0.0, weights=None) -> Tensor:
+                                 reg: float = 0.0, weights=None, order=None) -> Tensor:
     """:func:`train_step_pairwise_sampled` on each run of ``batch_size`` positives in turn
     (the t-th slice at ``step + t``), in one kernel call: an epoch of BPR without a Python
     loop. The tables, states and losses are those of the loop::
@@ -197,8 +197,11 @@ def train_steps_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_ind
                                         step=step + t, loss=loss, reg=reg, weights=...)
 
     except that every id, weight and CSR row of every slice is checked before the first
-    step (on the CPU backends bad input anywhere writes nothing). Returns the steps'
-    losses, (ceil(len(users) / batch_size),).
+    step (on the CPU backends bad input anywhere writes nothing). ``order`` (None, or (n,)
+    int32/int64 positions in ``[0, len(users))``, repeats allowed, e.g. an epoch's
+    ``torch.randperm``): the run is ``users[order]``, ``pos_items[order]`` (and
+    ``weights[order]``), read through ``order`` without a gathered copy, every input still
+    checked whole. Returns the steps' losses, (ceil(n / batch_size),), n the run's length.
 
     >>> import torch, fastmf
     >>> model = fastmf.MF(3, 5, dim=4)
@@ -215,11 +218,17 @@ def train_steps_pairwise_sampled(model: MF, optimizer, users, pos_items, pos_ind
     kernels, settings, states, users, pos_items = _sampled_arguments(
         op, model, optimizer, users, pos_items)
     weights = _weights(model, weights, op)
+    order = _order(model, order)
     with torch.no_grad():
         return kernels.train_steps_pairwise_sampled(_detached(model), states, users, pos_items,
                                                     pos_indptr, pos_indices, num_negatives,
                                                     batch_size, seed, step, code, float(reg),
-                                                    settings, weights)
+                                                    settings, weights, order)
+
+
+def _order(model: MF, order):
+    """A multi-step op's order as a tensor on the model's device (the op checks it)."""
+    return None if order is None else model.as_ids(order, "order")
 
 
 def _sampled_arguments(op: str, model: MF, optimizer, users, pos_items):
@@ -265,12 +274,13 @@ def train_step_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_i
 
 def train_steps_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_indices,
                         num_negatives: int, *, batch_size: int, seed: int, step: int = 0,
-                        loss: str = "bce", reg: float = 0.0, weights=None) -> Tensor:
+                        loss: str = "bce", reg: float = 0.0, weights=None,
+                        order=None) -> Tensor:
     """:func:`train_step_sampled` on each run of ``batch_size`` positives in turn (the t-th
     slice at ``step + t``), in one kernel call, as :func:`train_steps_pairwise_sampled`
     runs the pairwise step: the tables, states and losses of the loop of single steps,
-    every input checked before the first step. Returns the steps' losses,
-    (ceil(len(users) / batch_size),).
+    every input checked before the first step, the run read through ``order`` when given
+    (as there). Returns the steps' losses, (ceil(n / batch_size),), n the run's length.
 
     >>> import torch, fastmf
     >>> model = fastmf.MF(3, 5, dim=4)
@@ -287,8 +297,9 @@ def train_steps_sampled(model: MF, optimizer, users, pos_items, pos_indptr, pos_
     kernels, settings, states, users, pos_items = _sampled_arguments(
         op, model, optimizer, users, pos_items)
     weights = _weights(model, weights, op)
+    order = _order(model, order)
     with torch.no_grad():
         return kernels.train_steps_sampled(_detached(model), states, users, pos_items,
                                            pos_indptr, pos_indices, num_negatives, batch_size,
                                            seed, step, model.mu, code, float(reg), settings,
-                                           weights)
+                                           weights, order)

@@ -612,21 +612,28 @@ STEPS_OPS = ("train_steps_pairwise_sampled", "train_steps_sampled")
 
 
 def run_sampled_steps(target, op, n, batch_size, k, *, weighted=False, num_users=80,
-                      num_items=40, dim=16):
+                      num_items=40, dim=16, ordered=False):
     """``op`` (one of STEPS_OPS) against the reference's run of steps: every step's loss,
-    the tables and states after them."""
+    the tables and states after them. ``ordered``: the run read through an int32 order of n
+    positions (repeats included) into n + 7 positives."""
     expected, got, csr = sampled_start(target, "adagrad", num_users, num_items, dim,
                                        torch.float32, torch.int64, seed=13)
-    users, pos, _ = make_triples(num_users, num_items, n, seed=40)
-    weights = positive_weights(n, torch.float32, seed=41) if weighted else None
+    m = n + 7 if ordered else n
+    users, pos, _ = make_triples(num_users, num_items, m, seed=40)
+    weights = positive_weights(m, torch.float32, seed=41) if weighted else None
+    order = None
+    if ordered:
+        gen = torch.Generator().manual_seed(42)
+        order = torch.cat([torch.randperm(m, generator=gen)[:n - n // 4],
+                           torch.randint(0, m, (n // 4,), generator=gen)]).to(torch.int32)
     tables, states, opt = reference_bundles(expected, "adagrad")
     pairwise = op == "train_steps_pairwise_sampled"
     mu, loss = ((), PairwiseLoss.BPR) if pairwise else ((SAMPLED_MU,), Loss.BCE)
     exp_losses = getattr(reference, op)(tables, states, users, pos, *csr, k, batch_size, 5, 2,
-                                        *mu, loss, 0.01, opt, weights)
+                                        *mu, loss, 0.01, opt, weights, order)
     got_losses = getattr(target.ops, op)(
         *got, *target.to(users, pos, *csr), k, batch_size, 5, 2, *mu, int(loss), 0.01,
-        optimizer_code("adagrad"), LR, EPS, *target.to(weights))
+        optimizer_code("adagrad"), LR, EPS, *target.to(weights), *target.to(order))
     assert got_losses.shape == exp_losses.shape
     for g, e in zip(cpu(got_losses)[0], exp_losses):
         assert_loss(g, e, torch.float32)

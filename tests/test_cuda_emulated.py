@@ -231,10 +231,12 @@ def test_sample_negatives_bad(both, what):
 
 
 @pytest.mark.parametrize("op", cases.STEPS_OPS)
-@pytest.mark.parametrize("n,batch_size,k,weighted", [(0, 4, 1, False), (150, 64, 2, True),
-                                                     (40, 100, 1, False)])
-def test_sampled_steps_in_one_call(emu, op, n, batch_size, k, weighted):
-    cases.run_sampled_steps(emu, op, n, batch_size, k, weighted=weighted)
+@pytest.mark.parametrize("n,batch_size,k,weighted,ordered",
+                         [(0, 4, 1, False, False), (150, 64, 2, True, False),
+                          (40, 100, 1, False, False), (0, 4, 1, False, True),
+                          (150, 64, 2, True, True)])
+def test_sampled_steps_in_one_call(emu, op, n, batch_size, k, weighted, ordered):
+    cases.run_sampled_steps(emu, op, n, batch_size, k, weighted=weighted, ordered=ordered)
 
 
 @pytest.mark.parametrize("op", cases.STEP_OPS)

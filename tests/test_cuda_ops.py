@@ -321,11 +321,12 @@ def test_sampled_steps(op, optimizer, batch, k):
 
 
 @pytest.mark.parametrize("op", cases.STEPS_OPS)
-@pytest.mark.parametrize("n,batch_size,k,weighted", [(0, 4, 1, False), (10_000, 4096, 1, True),
-                                                     (5_000, 1024, 4, False)])
-def test_sampled_steps_in_one_call(op, n, batch_size, k, weighted):
+@pytest.mark.parametrize("n,batch_size,k,weighted,ordered",
+                         [(0, 4, 1, False, False), (10_000, 4096, 1, True, False),
+                          (5_000, 1024, 4, False, False), (10_000, 4096, 1, True, True)])
+def test_sampled_steps_in_one_call(op, n, batch_size, k, weighted, ordered):
     cases.run_sampled_steps(CUDA, op, n, batch_size, k, weighted=weighted, num_users=2000,
-                            num_items=500)
+                            num_items=500, ordered=ordered)
 
 
 @pytest.mark.parametrize("batch,k,id_dtype", [(0, 2, torch.int64), (1, 1, torch.int32),

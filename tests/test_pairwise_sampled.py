@@ -61,16 +61,17 @@ BAD_CASE_BATCH = 4
 
 
 def call_sampled(kernels, op, tables, states, users, pos, indptr, indices, k, seed, step,
-                 loss, reg, optimizer, batch_size=BAD_CASE_BATCH):
+                 loss, reg, optimizer, batch_size=BAD_CASE_BATCH, order=None):
     """One call of the sampled op ``op`` (train_step_sampled with global mean 0;
-    train_steps_pairwise_sampled with ``batch_size``)."""
+    the multi-step ops with ``batch_size`` and ``order``)."""
     if op == STEPS_OP:
         return kernels.train_steps_pairwise_sampled(tables, states, users, pos, indptr,
                                                     indices, k, batch_size, seed, step, loss,
-                                                    reg, optimizer)
+                                                    reg, optimizer, None, order)
     if op == "train_steps_sampled":
         return kernels.train_steps_sampled(tables, states, users, pos, indptr, indices, k,
-                                           batch_size, seed, step, 0.0, loss, reg, optimizer)
+                                           batch_size, seed, step, 0.0, loss, reg, optimizer,
+                                           None, order)
     if op == "train_step_pairwise_sampled":
         return kernels.train_step_pairwise_sampled(tables, states, users, pos, indptr, indices,
                                                    k, seed, step, loss, reg, optimizer)
@@ -280,6 +281,65 @@ def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k
     check_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted)
 
 
+# (positives, run length, batch size, negatives): a permutation of the positives; a run
+# longer than the positives (repeats); a short one; an empty one.
+ORDER_SHAPES = [(1000, 1000, 300, 1), (400, 1100, 256, 2), (999, 50, 64, 1), (7, 0, 4, 1)]
+
+
+def check_steps_through_order(backend, device, id_dtype, order_dtype, m, n, batch_size, k,
+                              weighted, op=STEPS_OP):
+    """The multi-step ``op`` with ``order`` (n positions into m Zipf positives: a
+    shuffle of them, then positions drawn with repeats) equals the op on users[order],
+    pos[order], weights[order] on the same backend, bit for bit (tables, states, losses),
+    and the spec's run through the order to rounding."""
+    _, loss = STEPS[op]
+    dtype = torch.float32
+    tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, seed=m + n)
+    states = make_states(tables, Optimizer.ADAGRAD, seed=m + n + 1)
+    csr = make_csr(NUM_USERS, NUM_ITEMS, seed=m + 2, id_dtype=id_dtype)
+    users, pos = make_batch(m, seed=m + 3, id_dtype=id_dtype)
+    gen = torch.Generator().manual_seed(n)
+    weights = torch.rand(m, generator=gen) * 2 if weighted else None
+    shuffled = torch.randperm(m, generator=gen)[:n]
+    order = torch.cat([shuffled, torch.randint(0, m, (n - len(shuffled),), generator=gen)])
+    order = order.to(order_dtype)
+    assert len(order) == n and (n < 2 or len(set(order.tolist())) > 1)
+    kernels = ops.kernels(backend, device, kernel=op)
+    opt = settings(Optimizer.ADAGRAD)
+    mu = () if op == STEPS_OP else (0.25,)
+    args = to_device((users, pos, *csr), device)
+    w = to_device(weights, device) if weighted else None
+    got = to_device((clone_bundle(tables), clone_bundle(states)), device)
+    losses = getattr(kernels, op)(*got, *args, k, batch_size, 41, 5, *mu, loss, 0.02, opt, w,
+                                  to_device(order, device))
+    gathered = to_device((clone_bundle(tables), clone_bundle(states)), device)
+    idx = to_device(order.long(), device)
+    expected_losses = getattr(kernels, op)(
+        *gathered, args[0][idx], args[1][idx], args[2], args[3], k, batch_size, 41, 5, *mu,
+        loss, 0.02, opt, None if w is None else w[idx])
+    assert losses.shape == (-(-n // batch_size),) and losses.dtype == dtype
+    assert_bit_identical((losses.cpu(), to_device(got, "cpu")),
+                         (expected_losses.cpu(), to_device(gathered, "cpu")))
+    spec_tables = (clone_bundle(tables), clone_bundle(states))
+    expected = single_threaded(getattr(spec, op), *spec_tables, users, pos, *csr, k,
+                               batch_size, 41, 5, *mu, loss, 0.02, opt, weights, order)
+    assert_close_all(losses.cpu(), expected, dtype)
+    assert_close_all(to_device(got, "cpu"), spec_tables, dtype)
+    if n:
+        assert not torch.equal(got[0].item_factors.cpu(), tables.item_factors)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("m, n, batch_size, k", ORDER_SHAPES)
+@pytest.mark.parametrize("order_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
+def test_steps_through_an_order(backend, device, id_dtype, order_dtype, m, n, batch_size, k,
+                                weighted):
+    check_steps_through_order(backend, device, id_dtype, order_dtype, m, n, batch_size, k,
+                              weighted)
+
+
 ROW_KINDS = ["clustered", "long", "unsorted", "repeats", "mixed"]
 
 
@@ -482,14 +542,27 @@ BAD_CASES = list(bad_cases()[1])
 
 
 def steps_extra_cases(tables, states, prefix):
-    """The multi-step ops' own cases: the batch size, and a fault only the second step's
-    slice holds."""
+    """The multi-step ops' own cases: the batch size, a fault only the second step's
+    slice holds, and a bad order (one past the six positives in the second step, a
+    negative one, a float or 2-D order, a user out of range that the order skips)."""
     return {
         "batch_size 0": (dict(batch_size=0), ValueError,
                          re.escape(prefix + "batch_size must be >= 1, got 0")),
         "user out of range in the second step": (
             dict(users=torch.tensor([3, 1, 4, 1, 5, 21])), IndexError,
             re.escape(prefix + "users id 21 out of range [0, 20)")),
+        "order out of range in the second step": (
+            dict(order=torch.tensor([5, 0, 2, 2, 6], dtype=torch.int32)), IndexError,
+            re.escape(prefix + "order id 6 out of range [0, 6)")),
+        "order negative": (dict(order=torch.tensor([1, -2, 0])), IndexError,
+                           re.escape(prefix + "order id -2 out of range [0, 6)")),
+        "order dtype": (dict(order=torch.tensor([1.0, 0.0])), TypeError,
+                        re.escape(prefix + "order must be int32 or int64")),
+        "order 2-D": (dict(order=torch.tensor([[1, 0], [2, 3]])), ValueError,
+                      re.escape(prefix + "order must be 1-D")),
+        "user out of range outside the order": (
+            dict(users=torch.tensor([3, 1, 4, 1, 5, 21]), order=torch.tensor([0, 1, 2])),
+            IndexError, re.escape(prefix + "users id 21 out of range [0, 20)")),
     }
 
 
@@ -518,7 +591,7 @@ def call_bad(backend, device, case, cases_of=bad_cases, op=OP_NAME):
         call_sampled(kernels, op, tables, states, args["users"], args["pos"], args["indptr"],
                      args["indices"], args["k"], 5, 6, args["loss"], 0.01,
                      settings(args["opt"], lr=0.1),
-                     batch_size=args.get("batch_size", BAD_CASE_BATCH))
+                     batch_size=args.get("batch_size", BAD_CASE_BATCH), order=args.get("order"))
     for t, b in zip(tables + states, before):
         assert t is None or torch.equal(t, b), "a failed call must not write"
     return str(info.value)

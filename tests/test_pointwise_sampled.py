@@ -21,6 +21,7 @@ from test_pairwise_sampled import (
     DEVICE_RECORDED,
     NUM_ITEMS,
     NUM_USERS,
+    ORDER_SHAPES,
     ROW_KINDS,
     STEPS_SHAPES,
     bad_cases,
@@ -30,6 +31,7 @@ from test_pairwise_sampled import (
     check_steps_draw_as_the_step,
     check_steps_in_turn,
     check_steps_thread_counts,
+    check_steps_through_order,
     check_thread_counts,
     make_batch,
     make_csr,
@@ -188,6 +190,17 @@ STEPS_OP = "train_steps_sampled"
 @pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
 def test_steps_are_the_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted):
     check_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted, STEPS_OP)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("m, n, batch_size, k", ORDER_SHAPES)
+@pytest.mark.parametrize("order_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", kernel_params(spec_on_cpu=True))
+def test_steps_through_an_order(backend, device, id_dtype, order_dtype, m, n, batch_size, k,
+                                weighted):
+    check_steps_through_order(backend, device, id_dtype, order_dtype, m, n, batch_size, k,
+                              weighted, STEPS_OP)
 
 
 @pytest.mark.parametrize("kind", ROW_KINDS)

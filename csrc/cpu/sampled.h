@@ -255,18 +255,30 @@ struct SampledRun {
     return {lo, std::min(batch_size, n - lo), sampling::step_key(seed, first_step + t)};
   }
 
+  // With in.order, every id and weight is checked, then the run is gathered through it.
   template <typename Batch>
   SampledRun(const char* op, const char* pos_name, const Batch& in, int64_t num_users,
              int64_t num_items, int64_t batch_size_)
       : rows(in.pos_indptr, in.pos_indices),
-        n(in.users.size(0)),
+        n(in.order.defined() ? in.order.size(0) : in.users.size(0)),
         batch_size(batch_size_),
         num_steps(n / batch_size + (n % batch_size != 0 ? 1 : 0)),
         seed(in.seed),
         first_step(in.step) {
-    load_ids(op, "users", in.users.contiguous(), num_users, users);
-    load_ids(op, pos_name, in.pos_items.contiguous(), num_items, pos);
-    weights = fused::checked_weights(op, in.weights, n);
+    if (!in.order.defined()) {
+      load_ids(op, "users", in.users.contiguous(), num_users, users);
+      load_ids(op, pos_name, in.pos_items.contiguous(), num_items, pos);
+      weights = fused::checked_weights(op, in.weights, n);
+    } else {
+      const int64_t b = in.users.size(0);
+      check_ids_in_range(op, "users", in.users, num_users);
+      check_ids_in_range(op, pos_name, in.pos_items, num_items);
+      weights = fused::checked_weights(op, in.weights, b);
+      check_ids_in_range(op, "order", in.order, b);
+      gather_ids(in.users, in.order, users);
+      gather_ids(in.pos_items, in.order, pos);
+      if (weights.defined()) weights = weights.index_select(0, in.order).contiguous();
+    }
     check_draw_rows(op, users.data(), n, rows, num_items);
   }
 

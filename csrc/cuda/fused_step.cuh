@@ -375,10 +375,23 @@ __device__ __forceinline__ void block_loss_sums(double loss_value, double l2_val
 // in.step + t, launched from one host loop (no per-step dispatch or Python, no host sync).
 // As in the step, bad ids and rows are recorded on the device (under the step's name) and
 // raised by check_device_errors, so the steps before a bad one have run. Returns the
-// steps' losses.
+// steps' losses. A run read through in.order is gathered on the device first, after one
+// host read of the order's range (`op` names the caller in that error).
 template <typename Batch, typename Step>
-at::Tensor steps_in_turn(const StepTables& tables, const StepTables& states, const Batch& in,
-                         int64_t batch_size, const OptimizerArgs& opt, Step step) {
+at::Tensor steps_in_turn(const char* op, const StepTables& tables, const StepTables& states,
+                         const Batch& run, int64_t batch_size, const OptimizerArgs& opt,
+                         Step step) {
+  Batch in = run;
+  if (in.order.defined()) {
+    if (in.order.numel() > 0) {
+      report_id_range(op, "order", in.order.min().template item<int64_t>(),
+                      in.order.max().template item<int64_t>(), in.users.size(0));
+    }
+    in.users = in.users.index_select(0, in.order);
+    in.pos_items = in.pos_items.index_select(0, in.order);
+    if (in.weights.defined()) in.weights = in.weights.index_select(0, in.order);
+    in.order = at::Tensor();
+  }
   const int64_t n = in.users.size(0);
   const int64_t num_steps = n / batch_size + (n % batch_size != 0 ? 1 : 0);
   at::Tensor losses = at::empty({num_steps}, tables.user_factors.options());

@@ -284,7 +284,7 @@ at::Tensor train_steps_pairwise_sampled(const StepTables& tables, const StepTabl
                                         const SampledPairwiseBatch& in, int64_t batch_size,
                                         const OptimizerArgs& opt) {
   c10::cuda::CUDAGuard guard(tables.user_factors.device());
-  return steps_in_turn(tables, states, in, batch_size, opt, train_step_pairwise_sampled);
+  return steps_in_turn("train_steps_pairwise_sampled", tables, states, in, batch_size, opt, train_step_pairwise_sampled);
 }
 
 }  // namespace

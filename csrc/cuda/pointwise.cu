@@ -566,7 +566,7 @@ at::Tensor train_steps_sampled(const StepTables& tables, const StepTables& state
                                const SampledPointwiseBatch& in, int64_t batch_size,
                                const OptimizerArgs& opt) {
   c10::cuda::CUDAGuard guard(tables.user_factors.device());
-  return steps_in_turn(tables, states, in, batch_size, opt, train_step_sampled);
+  return steps_in_turn("train_steps_sampled", tables, states, in, batch_size, opt, train_step_sampled);
 }
 
 }  // namespace

@@ -342,13 +342,14 @@ def check_int(op: str, name: str, value, low: int | None = None) -> int:
 
 def _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
                    num_negatives, seed, step, optimizer, positive_rows: int,
-                   batch_size: int | None = None):
+                   batch_size: int | None = None, positives: int | None = None):
     """What the two sampled steps share: the counts, the positives and the CSR's structure
     (short of the row pointers' values, which the sampling checks for the batch's users),
     and at most MAX_PAIRWISE_SAMPLES rows once each of the B positives is expanded to its
     ``num_negatives`` pairs (``positive_rows`` 0) or to its own row and one per negative
     (``positive_rows`` 1); ``batch_size``: the positives of one step when a call runs
-    several (train_steps_pairwise_sampled)."""
+    several (train_steps_pairwise_sampled); ``positives``: the run's length when it is not
+    ``len(users)`` (a run read through an order: :func:`check_run_order`)."""
     check_step_optimizer(op, optimizer)
     num_negatives = check_int(op, "num_negatives", num_negatives, 1)
     check_int(op, "seed", seed)
@@ -364,7 +365,8 @@ def _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices
     if num_items > MAX_SAMPLED_ITEMS:
         raise ValueError(f"fastmf.{op}: item_factors has {num_items} rows; sampling supports "
                          f"at most {MAX_SAMPLED_ITEMS}")
-    step_positives = users.shape[0] if batch_size is None else min(users.shape[0], batch_size)
+    n = users.shape[0] if positives is None else positives
+    step_positives = n if batch_size is None else min(n, batch_size)
     rows = step_positives * (num_negatives + positive_rows)
     if rows > MAX_PAIRWISE_SAMPLES:
         shape = (f"{num_negatives} negatives = {rows} pairs" if not positive_rows else
@@ -374,27 +376,39 @@ def _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices
     check_states(op, tables, states, optimizer)
 
 
+def check_run_order(op: str, order, user_factors, users) -> int | None:
+    """The order of a multi-step sampled op's run (None, or (n,) int32/int64 on the
+    tables' device; its values are checked against ``len(users)`` after the other inputs):
+    the run's length n, or None without an order (csrc/checks.h run_length)."""
+    if order is None:
+        return None
+    check_ids(op, "order", order, None)
+    check_same_device(op, "user_factors", user_factors, order=order)
+    return order.shape[0]
+
+
 def check_train_step_pairwise_sampled(op, tables, states, users, pos_items, pos_indptr,
                                       pos_indices, num_negatives, seed, step, loss,
-                                      optimizer, batch_size: int | None = None):
+                                      optimizer, batch_size: int | None = None,
+                                      positives: int | None = None):
     """Checks of train_step_pairwise_sampled (``loss``/``optimizer`` are codes), short of
     the row pointers' values, which the sampling checks for the batch's users; with
     ``batch_size``, of train_steps_pairwise_sampled's run of such steps."""
     check_code(op, PairwiseLoss, loss, "pairwise loss")
     _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
-                   num_negatives, seed, step, optimizer, 0, batch_size)
+                   num_negatives, seed, step, optimizer, 0, batch_size, positives)
     check_separate(op, *pairwise_written(tables, states))
 
 
 def check_train_step_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
                              num_negatives, seed, step, loss, optimizer,
-                             batch_size: int | None = None):
+                             batch_size: int | None = None, positives: int | None = None):
     """Checks of train_step_sampled (``loss``/``optimizer`` are codes): as the pairwise
     one, with B * (1 + num_negatives) rows (each positive and its negatives); with
     ``batch_size``, of train_steps_sampled's run of such steps."""
     check_code(op, Loss, loss, "loss")
     _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices,
-                   num_negatives, seed, step, optimizer, 1, batch_size)
+                   num_negatives, seed, step, optimizer, 1, batch_size, positives)
     check_separate(op, tables, states)
 
 

@@ -169,8 +169,8 @@ def train_steps_pairwise_sampled(tables: MFTables, states: MFTables | None, user
                                  pos_items: Tensor, pos_indptr: Tensor, pos_indices: Tensor,
                                  num_negatives: int, batch_size: int, seed: int, step: int,
                                  loss: PairwiseLoss | int | str, reg: float,
-                                 optimizer: OptimizerArgs,
-                                 weights: Tensor | None = None) -> Tensor:
+                                 optimizer: OptimizerArgs, weights: Tensor | None = None,
+                                 order: Tensor | None = None) -> Tensor:
     """The sampled pairwise step on each run of ``batch_size`` positives in turn; returns
     the steps' losses. See
     :func:`fastmf.ops.reference.pairwise.train_steps_pairwise_sampled`."""
@@ -181,7 +181,7 @@ def train_steps_pairwise_sampled(tables: MFTables, states: MFTables | None, user
             int(num_negatives), int(batch_size), int(seed), int(step),
             int(parse(PairwiseLoss, loss, op, "pairwise loss")), float(reg),
             int(parse(Optimizer, optimizer.optimizer, op, "optimizer")),
-            float(optimizer.lr), float(optimizer.eps), weights)
+            float(optimizer.lr), float(optimizer.eps), weights, order)
     _written(*_flat(tables, states))
     return losses
 
@@ -210,7 +210,8 @@ def train_steps_sampled(tables: MFTables, states: MFTables | None, users: Tensor
                         pos_items: Tensor, pos_indptr: Tensor, pos_indices: Tensor,
                         num_negatives: int, batch_size: int, seed: int, step: int,
                         global_mean: float, loss: Loss | int | str, reg: float,
-                        optimizer: OptimizerArgs, weights: Tensor | None = None) -> Tensor:
+                        optimizer: OptimizerArgs, weights: Tensor | None = None,
+                        order: Tensor | None = None) -> Tensor:
     """The sampled pointwise step on each run of ``batch_size`` positives in turn; returns
     the steps' losses. See :func:`fastmf.ops.reference.pointwise.train_steps_sampled`."""
     op = "train_steps_sampled"
@@ -220,7 +221,7 @@ def train_steps_sampled(tables: MFTables, states: MFTables | None, users: Tensor
             int(num_negatives), int(batch_size), int(seed), int(step), float(global_mean),
             int(parse(Loss, loss, op, "loss")), float(reg),
             int(parse(Optimizer, optimizer.optimizer, op, "optimizer")),
-            float(optimizer.lr), float(optimizer.eps), weights)
+            float(optimizer.lr), float(optimizer.eps), weights, order)
     _written(*_flat(tables, states))
     return losses
 
@@ -478,6 +479,13 @@ if native_available():
         def _train_step_pairwise_sampled_fake(user_factors, *args, **kwargs):
             return user_factors.new_empty(())
 
+    def _run_length(users, order, args, at):
+        """The positives of a multi-step sampled op's run: len(order) when it has one
+        (positional argument ``at`` after batch_size, or the keyword), else len(users)."""
+        if order is None and len(args) > at:
+            order = args[at]
+        return users.shape[0] if order is None else order.shape[0]
+
     if hasattr(torch.ops.fastmf, "train_steps_pairwise_sampled"):
 
         @torch.library.register_fake("fastmf::train_steps_pairwise_sampled")
@@ -486,8 +494,8 @@ if native_available():
                                                item_factors_state, user_bias_state,
                                                item_bias_state, users, pos_items, pos_indptr,
                                                pos_indices, num_negatives, batch_size, *args,
-                                               **kwargs):
-            n = users.shape[0]
+                                               order=None, **kwargs):
+            n = _run_length(users, order, args, 8)
             return user_factors.new_empty((n // batch_size + (n % batch_size != 0),))
 
     if hasattr(torch.ops.fastmf, "train_steps_sampled"):
@@ -496,8 +504,9 @@ if native_available():
         def _train_steps_sampled_fake(user_factors, item_factors, user_bias, item_bias,
                                       user_factors_state, item_factors_state, user_bias_state,
                                       item_bias_state, users, pos_items, pos_indptr,
-                                      pos_indices, num_negatives, batch_size, *args, **kwargs):
-            n = users.shape[0]
+                                      pos_indices, num_negatives, batch_size, *args,
+                                      order=None, **kwargs):
+            n = _run_length(users, order, args, 9)
             return user_factors.new_empty((n // batch_size + (n % batch_size != 0),))
 
     if hasattr(torch.ops.fastmf, "sample_negatives"):

@@ -274,14 +274,15 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
 def train_steps_pairwise_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                                  pos_indptr, pos_indices, num_negatives: int,
                                  batch_size: int, seed: int, step: int, loss, reg: float,
-                                 optimizer: OptimizerArgs, weights=None):
+                                 optimizer: OptimizerArgs, weights=None, order=None):
     """:func:`train_step_pairwise_sampled` on each run of ``batch_size`` positives in turn,
     every input checked first: see
     :func:`fastmf.ops.reference.pairwise.train_steps_pairwise_sampled`, whose loop runs
     this module's step."""
-    require_cpu("train_steps_pairwise_sampled", _NAMES[:-1] + ("pos_indptr", "pos_indices"),
+    require_cpu("train_steps_pairwise_sampled",
+                _NAMES[:-1] + ("pos_indptr", "pos_indices", "order"),
                 tuple(tables) + tuple(states if states is not None else (None,) * 4)
-                + (users, pos_items, pos_indptr, pos_indices))
+                + (users, pos_items, pos_indptr, pos_indices, order))
     return sampled_steps(train_step_pairwise_sampled, tables, states, users, pos_items,
                          pos_indptr, pos_indices, num_negatives, batch_size, seed, step, loss,
-                         reg, optimizer, weights)
+                         reg, optimizer, weights, order)

@@ -538,14 +538,15 @@ def train_step_sampled(tables: MFTables, states: MFTables | None, users, pos_ite
 def train_steps_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                         pos_indptr, pos_indices, num_negatives: int, batch_size: int,
                         seed: int, step: int, global_mean: float, loss, reg: float,
-                        optimizer: OptimizerArgs, weights=None):
+                        optimizer: OptimizerArgs, weights=None, order=None):
     """:func:`train_step_sampled` on each run of ``batch_size`` positives in turn, every
     input checked first: see :func:`fastmf.ops.reference.pointwise.train_steps_sampled`,
     whose loop runs this module's step."""
     require_cpu("train_steps_sampled",
-                _TRAIN_STEP_NAMES[:-3] + ("users", "pos_items", "pos_indptr", "pos_indices"),
+                _TRAIN_STEP_NAMES[:-3]
+                + ("users", "pos_items", "pos_indptr", "pos_indices", "order"),
                 tuple(tables) + tuple(states if states is not None else (None,) * 4)
-                + (users, pos_items, pos_indptr, pos_indices))
+                + (users, pos_items, pos_indptr, pos_indices, order))
     return sampled_pointwise_steps(train_step_sampled, tables, states, users, pos_items,
                                    pos_indptr, pos_indices, num_negatives, batch_size, seed,
-                                   step, global_mean, loss, reg, optimizer, weights)
+                                   step, global_mean, loss, reg, optimizer, weights, order)

@@ -116,7 +116,7 @@ def train_step_pairwise_sampled(tables: MFTables, states: MFTables | None, users
 def train_steps_pairwise_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                                  pos_indptr, pos_indices, num_negatives: int,
                                  batch_size: int, seed: int, step: int, loss, reg: float,
-                                 optimizer: OptimizerArgs, weights=None):
+                                 optimizer: OptimizerArgs, weights=None, order=None):
     """:func:`train_step_pairwise_sampled` on each run of ``batch_size`` positives in turn,
     the t-th at ``step + t``: an epoch's batches in one call. Exactly::
 
@@ -129,14 +129,18 @@ def train_steps_pairwise_sampled(tables: MFTables, states: MFTables | None, user
 
     (an empty (0,) tensor for no positives), except that every input of every step (ids,
     weights, the users' CSR rows) is checked before the first step runs, so bad input in
-    any slice raises before anything is written. Returns the steps' losses."""
+    any slice raises before anything is written. ``order`` (None, or (n,) int32/int64
+    positions in ``[0, len(users))``, repeats allowed): the run is ``users[order]``,
+    ``pos_items[order]`` and ``weights[order]`` (an epoch's shuffle without a gathered
+    copy), every input still checked whole. Returns the steps' losses."""
     return sampled_steps(train_step_pairwise_sampled, tables, states, users, pos_items,
                          pos_indptr, pos_indices, num_negatives, batch_size, seed, step, loss,
-                         reg, optimizer, weights)
+                         reg, optimizer, weights, order)
 
 
 def sampled_steps(step_fn, tables, states, users, pos_items, pos_indptr, pos_indices,
-                  num_negatives, batch_size, seed, step, loss, reg, optimizer, weights=None):
+                  num_negatives, batch_size, seed, step, loss, reg, optimizer, weights=None,
+                  order=None):
     """:func:`train_steps_pairwise_sampled` around a backend's own sampled step
     ``step_fn`` (this module's, or the Numba backend's): all of the checks, then the
     steps."""
@@ -147,4 +151,4 @@ def sampled_steps(step_fn, tables, states, users, pos_items, pos_indptr, pos_ind
             tables, states, u, p, pos_indptr, pos_indices, num_negatives, seed, t, loss, reg,
             optimizer, w),
         tables, states, users, pos_items, pos_indptr, pos_indices, num_negatives, batch_size,
-        seed, step, loss, reg, optimizer, weights)
+        seed, step, loss, reg, optimizer, weights, order)

@@ -239,7 +239,7 @@ def apply_sparse(optimizer: OptimizerArgs, weight, state, ids, grad_rows):
 def train_steps_sampled(tables: MFTables, states: MFTables | None, users, pos_items,
                         pos_indptr, pos_indices, num_negatives: int, batch_size: int,
                         seed: int, step: int, global_mean: float, loss, reg: float,
-                        optimizer: OptimizerArgs, weights=None):
+                        optimizer: OptimizerArgs, weights=None, order=None):
     """:func:`train_step_sampled` on each run of ``batch_size`` positives in turn, the
     t-th at ``step + t``: an epoch's batches in one call. Exactly::
 
@@ -252,15 +252,18 @@ def train_steps_sampled(tables: MFTables, states: MFTables | None, users, pos_it
 
     (an empty (0,) tensor for no positives), except that every input of every step (ids,
     weights, the users' CSR rows) is checked before the first step runs, so bad input in
-    any slice raises before anything is written. Returns the steps' losses."""
+    any slice raises before anything is written. ``order`` (None, or (n,) int32/int64
+    positions in ``[0, len(users))``, repeats allowed): the run is ``users[order]``,
+    ``pos_items[order]`` and ``weights[order]`` (an epoch's shuffle without a gathered
+    copy), every input still checked whole. Returns the steps' losses."""
     return sampled_pointwise_steps(train_step_sampled, tables, states, users, pos_items,
                                    pos_indptr, pos_indices, num_negatives, batch_size, seed,
-                                   step, global_mean, loss, reg, optimizer, weights)
+                                   step, global_mean, loss, reg, optimizer, weights, order)
 
 
 def sampled_pointwise_steps(step_fn, tables, states, users, pos_items, pos_indptr,
                             pos_indices, num_negatives, batch_size, seed, step, global_mean,
-                            loss, reg, optimizer, weights=None):
+                            loss, reg, optimizer, weights=None, order=None):
     """:func:`train_steps_sampled` around a backend's own sampled step ``step_fn`` (this
     module's, or the Numba backend's): all of the checks, then the steps."""
     return checked_steps(
@@ -269,26 +272,33 @@ def sampled_pointwise_steps(step_fn, tables, states, users, pos_items, pos_indpt
             tables, states, u, p, pos_indptr, pos_indices, num_negatives, seed, t,
             global_mean, loss, reg, optimizer, w),
         tables, states, users, pos_items, pos_indptr, pos_indices, num_negatives, batch_size,
-        seed, step, loss, reg, optimizer, weights)
+        seed, step, loss, reg, optimizer, weights, order)
 
 
 def checked_steps(op, loss_codes, loss_what, check, one_step, tables, states, users,
                   pos_items, pos_indptr, pos_indices, num_negatives, batch_size, seed, step,
-                  loss, reg, optimizer, weights):
+                  loss, reg, optimizer, weights, order=None):
     """What both multi-step sampled ops do around their step: every check of every step
     first (``check``: the step's own checks, given ``batch_size``; the settings; the
-    weights; the users' CSR rows), then ``one_step(tables, states, users, pos_items, step,
-    loss, optimizer, weights)`` on each slice in turn (:func:`run_steps`)."""
+    weights; ``order``; the run's users' CSR rows), then ``one_step(tables, states, users,
+    pos_items, step, loss, optimizer, weights)`` on each slice in turn (:func:`run_steps`).
+    With ``order`` the run is ``users[order]``, ``pos_items[order]`` (and
+    ``weights[order]``): every input is checked whole, then gathered."""
     batch_size = checks.check_int(op, "batch_size", batch_size, 1)
     tables = MFTables(*tables)
     states = MFTables(*(states if states is not None else (None,) * 4))
     loss = parse(loss_codes, loss, op, loss_what)
     optimizer = OptimizerArgs(parse(Optimizer, optimizer.optimizer, op, "optimizer"),
                               optimizer.lr, optimizer.eps)
+    run = checks.check_run_order(op, order, tables.user_factors, users)
     check(op, tables, states, users, pos_items, pos_indptr, pos_indices, num_negatives, seed,
-          step, loss, optimizer.optimizer, batch_size)
+          step, loss, optimizer.optimizer, batch_size, run)
     checks.check_settings(op, lr=optimizer.lr, eps=optimizer.eps, reg=reg)
     checks.check_step_weights(op, weights, tables.user_factors, users)
+    if order is not None:
+        checks.check_ids(op, "order", order, users.shape[0])
+        users, pos_items = users.index_select(0, order), pos_items.index_select(0, order)
+        weights = None if weights is None else weights.index_select(0, order)
     check_sample_rows(users, pos_indptr, pos_indices, tables.item_factors.shape[0], op)
     return run_steps(lambda u, p, w, t: one_step(tables, states, u, p, t, loss, optimizer, w),
                      users, pos_items, weights, batch_size, step, tables.user_factors)
