@@ -66,6 +66,11 @@ MF_CASES = {
 }
 
 
+# Rank 0's batch in the empty-rank case: even user and item ids only.
+EMPTY_RANK_BATCH = (torch.tensor([0, 2, 4, 2]), torch.tensor([2, 0, 4, 6]),
+                    torch.tensor([4.0, 3.0, 5.0, 1.0]))
+
+
 def _mf_optimizer(params, case):
     if case["opt"] is None:
         return fastmf.optim.SparseSGD(params, lr=0.1)
@@ -378,6 +383,14 @@ def _worker_two(rank: int, world: int, ckpt: Path) -> dict:
         res["bad_emb"] = str(exc)
     ok = emb(torch.tensor([rank, 5]))
     res["after_bad"] = ok.detach()
+    # Rank 1 with no samples, rank 0 with ids that all live on its own shard (the modulo
+    # map: even ids on rank 0): routes with nothing to send or receive, on both ranks.
+    u, i, r = EMPTY_RANK_BATCH if rank == 0 else (t[:0] for t in EMPTY_RANK_BATCH)
+    lonely = fd.shard(_mf(5))
+    opt5 = _mf_optimizer(lonely.parameters(), MF_CASES["mse_adagrad"])
+    res["empty_rank_forward"] = lonely(u, i).detach()
+    res["empty_rank_loss"] = float(lonely.train_step(opt5, u, i, r, loss="mse", reg=0.02))
+    res["empty_rank"] = _local_state(lonely, [opt5])
     try:
         fd.shard(fastmf.nn.Embedding(1, 4))
         res["tiny"] = "no error"
@@ -503,6 +516,24 @@ def test_mf_forward_matches(runs):
     want = model(u, i).detach()
     got = torch.cat([r["mf_forward"] for r in runs["two"]])
     torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+def test_a_rank_with_an_empty_batch_steps_with_the_other(runs):
+    """Rank 1 steps on no samples while rank 0's ids all live on rank 0: the forward,
+    loss, tables and states of one process on rank 0's batch (a rank asked for no rows
+    once failed to reshape its empty reply)."""
+    model = _mf(5)
+    opt = _mf_optimizer(model.parameters(), MF_CASES["mse_adagrad"])
+    u, i, r = EMPTY_RANK_BATCH
+    want_forward = model(u, i).detach()
+    want_loss = float(fastmf.train_step(model, opt, u, i, r, loss="mse", reg=0.02))
+    first, second = runs["two"]
+    torch.testing.assert_close(first["empty_rank_forward"], want_forward, rtol=0, atol=TOL)
+    assert second["empty_rank_forward"].shape == (0,)
+    assert first["empty_rank_loss"] == second["empty_rank_loss"]
+    assert abs(first["empty_rank_loss"] - want_loss) < 1e-6
+    _close(_assemble([first["empty_rank"], second["empty_rank"]]), _full_state(model, [opt]))
+    assert not torch.allclose(model.user_factors.detach(), _mf(5).user_factors.detach())
 
 
 def test_embedding_bag_sparse_adam_matches(runs):

@@ -25,6 +25,7 @@ build their routes in the same order):
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -165,7 +166,9 @@ class Route:
         ``all_to_all_single``."""
         with timings.phase("gather_rows"):
             parts = [t[self.recv_local] for t in tables]
-            rows = torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1)
+            # Widths from the shapes, not reshape(n, -1): a rank asked for no rows has
+            # n = 0, where -1 is ambiguous.
+            rows = torch.cat([p.reshape(p.shape[0], _width(p)) for p in parts], 1)
             back = rows.new_empty((self.num_ids, rows.shape[1]))
             dist.all_to_all_single(back, rows, self.send_counts, self.recv_counts,
                                    group=self.group)
@@ -177,11 +180,16 @@ class Route:
         """Send per-id gradient rows ((num_ids, C), the ids' original order) to the owners;
         returns the rows this rank owns, aligned with :attr:`local_ids`."""
         with timings.phase("route_grads"):
-            grad_rows = grad_rows.reshape(self.num_ids, -1)
+            grad_rows = grad_rows.reshape(self.num_ids, _width(grad_rows))
             recv = grad_rows.new_empty((sum(self.recv_counts), grad_rows.shape[1]))
             dist.all_to_all_single(recv, grad_rows[self.order].contiguous(), self.recv_counts,
                                    self.send_counts, group=self.group)
         return recv if self.update_order is None else recv[self.update_order]
+
+
+def _width(rows: Tensor) -> int:
+    """Values per row of (n,) or (n, ...) ``rows``, n = 0 included."""
+    return math.prod(rows.shape[1:])
 
 
 def split_columns(rows: Tensor, tables: list[Tensor]) -> list[Tensor]:
