@@ -443,6 +443,16 @@ inline void check_train_step_sampled(const char* op, const StepTables& tables,
   check_step_weights(op, batch.weights, tables.user_factors, batch.users);
 }
 
+// permutation: `out` 1-D int32/int64 and contiguous (the positions are written in place);
+// an int32 one holds at most 2^31 positions.
+inline void check_permutation(const char* op, const at::Tensor& out) {
+  check_id_dtype(op, "out", out);
+  TORCH_CHECK_VALUE(out.is_contiguous(), "fastmf.", op, ": out must be contiguous");
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kLong || out.numel() <= (int64_t{1} << 31),
+                    "fastmf.", op, ": ", out.numel(),
+                    " positions do not fit in int32; use an int64 out");
+}
+
 // sample_negatives (csrc/ops.h sample_negatives_op, for both devices): the ids' and the
 // CSR's types and shapes, one device, num_items in [1, 2^31 - 1] (a draw's rank is below
 // 2^31), at least 1 negative, and at most 2^31 - 1 draws (the pairs' counters). The users'

@@ -29,6 +29,37 @@ FASTMF_HOST_DEVICE uint64_t step_key(int64_t seed, int64_t step) {
   return splitmix64(splitmix64(static_cast<uint64_t>(seed)) ^ static_cast<uint64_t>(step));
 }
 
+// The key of a permutation at `seed` (permutation_draw): a stream apart from the negatives'
+// step_key(seed, step) at every step.
+FASTMF_HOST_DEVICE uint64_t permutation_key(int64_t seed) {
+  return splitmix64(step_key(seed, 0) ^ 0x7065726D75746521ull);  // "permute!"
+}
+
+// floor(x * m / 2^64): a draw in [0, m) from 64 random bits x, biased by less than m / 2^64.
+// The Numba and Python specs, without a 128-bit type, compute it exactly from 32-bit halves;
+// so does a compiler without one. The 128-bit product was faster in permutation's loop
+// (180-210 against 255-290 us for 100,226 positions, AVX2 build flags).
+FASTMF_HOST_DEVICE uint64_t mulhi64(uint64_t x, uint64_t m) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(x, m);
+#elif defined(__SIZEOF_INT128__)
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(x) * m) >> 64);
+#else
+  const uint64_t x_lo = x & 0xFFFFFFFFull, x_hi = x >> 32;
+  const uint64_t m_lo = m & 0xFFFFFFFFull, m_hi = m >> 32;
+  const uint64_t lo_lo = x_lo * m_lo, hi_lo = x_hi * m_lo, lo_hi = x_lo * m_hi;
+  const uint64_t cross = (lo_lo >> 32) + (hi_lo & 0xFFFFFFFFull) + lo_hi;
+  return x_hi * m_hi + (hi_lo >> 32) + (cross >> 32);
+#endif
+}
+
+// Step i of permutation's Fisher-Yates pass over n positions: the position in [i, n) that
+// position i swaps with.
+FASTMF_HOST_DEVICE uint64_t permutation_draw(uint64_t key, int64_t i, int64_t n) {
+  return static_cast<uint64_t>(i) +
+         mulhi64(splitmix64(key ^ static_cast<uint64_t>(i)), static_cast<uint64_t>(n - i));
+}
+
 // murmur3's 32-bit finalizer: a bijection of uint32 with full avalanche.
 FASTMF_HOST_DEVICE uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;

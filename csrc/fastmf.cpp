@@ -138,6 +138,13 @@ TORCH_LIBRARY(fastmf, m) {
   m.def(
       "sample_negatives(Tensor users, Tensor pos_indptr, Tensor pos_indices, int num_items, "
       "int num_negatives, int seed, int step, str op) -> Tensor");
+  // An epoch's order (fastmf/ops/reference/sampling.py permutation): `out` (n,) int32/int64
+  // filled with a uniformly random permutation of 0..n-1, counter-based in `seed`, the same
+  // on every backend. Fisher-Yates: out = 0..n-1, then for i in [0, n - 1) swap out[i] with
+  // out[j], j = i + floor(splitmix64(key ^ i) * (n - i) / 2^64), key =
+  // permutation_key(seed) (csrc/counter_hash.h). A serial pass, so CPU kernels only: a
+  // model on the GPU draws it on the host and copies it, as it did torch.randperm's.
+  m.def("permutation(Tensor(a!) out, int seed) -> ()");
 
   // Exact top-k of item_bias[i] + <queries[b], item_factors[i]> per query: (scores (B, k),
   // indices (B, k) int64), best first, ties to the lower index; exclude_* is a CSR of items

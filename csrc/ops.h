@@ -322,4 +322,12 @@ at::Tensor sample_negatives_op(const at::Tensor& users, const at::Tensor& pos_in
   return out;
 }
 
+using PermutationKernel = void (*)(const at::Tensor& out, int64_t seed);
+
+template <PermutationKernel kKernel>
+void permutation_op(const at::Tensor& out, int64_t seed) {
+  check_permutation("permutation", out);
+  kKernel(out, seed);
+}
+
 }  // namespace fastmf

@@ -115,6 +115,7 @@ def test_resolver_returns_the_backend_modules():
                    "sparse_sgd_update",
                    "train_step", "train_step_pairwise", "topk_scores", "embedding_bag_forward",
                    "embedding_bag_backward", "scatter_rows", "sparse_update", "sample_negatives",
+                   "permutation",
                    "embedding_bag_backward_update", "embedding_bag_backward_update_pair",
                    "unique_bags"):
             assert callable(getattr(module, fn)), (name, fn)

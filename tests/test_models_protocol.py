@@ -17,6 +17,7 @@ from torch import nn
 import fastmf
 from fastmf import checkpoint
 from fastmf.models.base import Batch, Recommender, pairwise_loss, pointwise_loss
+from fastmf.ops import reference as spec
 from fastmf.optim import CombinedOptimizer
 
 
@@ -270,16 +271,18 @@ def test_batches_cover_every_interaction_once_with_negatives_outside_the_user_it
 
 
 @pytest.mark.parametrize("n", [1, 7, 1000, 100_003])
-def test_the_epoch_order_is_torch_randperm_whatever_the_id_dtype(n):
+def test_the_epoch_order_is_the_permutation_op_whatever_the_id_dtype(n):
     """The shuffle draws its permutation in int32 and gathers int32 ids when asked: the
-    same order as torch.randperm's int64 one (which fits already trained on), so the
+    order of the reference ``permutation`` at the generator's seed in int64, so the
     dtypes change no fit."""
     rng = np.random.default_rng(n)
     users, items = rng.integers(0, 50, n), rng.integers(0, 30, n)
     data = fastmf.data.Interactions(users, items, user_map=50, item_map=30)
     model = ProtoDot(50, 30, dim=3)
     for seed in (0, 5):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        order = torch.empty(n, dtype=torch.int64)
+        spec.permutation(order, torch.Generator().manual_seed(seed).initial_seed())
+        assert torch.equal(order.sort().values, torch.arange(n))
         for id_dtype in (torch.int64, torch.int32):
             got = model._shuffled(data, "bpr", torch.Generator().manual_seed(seed),
                                   id_dtype=id_dtype)

@@ -174,3 +174,102 @@ def test_sample_step_is_the_resolved_kernel():
             sampler.sample_step(batch, **kwargs)
     with pytest.raises(TypeError, match="users must be int32 or int64"):
         sampler.sample_step(batch.float(), 1, seed=1, step=0)
+
+
+# ---------------------------------------------------------------------------------------
+# permutation: an epoch's order, a CPU op (a serial Fisher-Yates pass)
+
+CPU_KERNELS = kernel_params(devices=("cpu",))
+CPU_ALL = kernel_params(devices=("cpu",), spec_on_cpu=True)
+
+
+def permute(backend, n, seed, dtype=torch.int64):
+    out = torch.full((n,), -7, dtype=dtype)
+    ops.kernels(backend, "cpu", kernel="permutation").permutation(out, seed)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 5, -3, 2**63 - 1])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 1000, 100_003])
+@pytest.mark.parametrize("dtype", ID_DTYPES, ids=idfn)
+@pytest.mark.parametrize("backend, device", CPU_KERNELS)
+def test_permutation_matches_reference(backend, device, dtype, n, seed):
+    got = permute(backend, n, seed, dtype)
+    expected = permute("reference", n, seed, torch.int64)
+    assert got.dtype == dtype
+    assert_bit_identical(got.long(), expected)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 9, 4097])
+@pytest.mark.parametrize("backend, device", CPU_ALL)
+def test_permutation_is_a_permutation_and_moves_with_the_seed(backend, device, n):
+    orders = [permute(backend, n, seed) for seed in range(6)]
+    for order in orders:
+        assert torch.equal(order.sort().values, torch.arange(n))
+    if n >= 9:
+        assert len({tuple(o.tolist()) for o in orders}) == len(orders)
+    if n >= 1000:
+        # Not the identity, nor a rotation of it: neighbours are split up (about one of
+        # the n - 1 pairs stays adjacent in a random order).
+        assert all(int((o[1:] - o[:-1] == 1).sum()) < 10 for o in orders)
+
+
+def test_permutation_is_uniform():
+    """Every one of the 24 orders of 4 positions about equally often over 24,000 seeds (a
+    chi-square test at p = 0.001: 23 degrees of freedom, critical value 49.7), and each
+    position of 10 lands everywhere about equally often (per cell 400 expected)."""
+    kernels = ops.kernels("auto", "cpu", kernel="permutation")
+    out = torch.empty(4, dtype=torch.int64)
+    counts = {}
+    for seed in range(24_000):
+        kernels.permutation(out, seed)
+        key = tuple(out.tolist())
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 24
+    observed = np.array(list(counts.values()), dtype=np.float64)
+    assert float(((observed - 1000.0) ** 2 / 1000.0).sum()) < 49.7
+    where = np.zeros((10, 10))
+    out = torch.empty(10, dtype=torch.int64)
+    for seed in range(4_000):
+        kernels.permutation(out, 10**6 + seed)
+        where[np.arange(10), out.numpy()] += 1
+    assert np.abs(where - 400.0).max() < 100.0  # 5 sigma of a binomial(4000, 0.1)
+
+
+@pytest.mark.parametrize("backend, device", CPU_ALL)
+def test_permutation_bad_out(backend, device):
+    kernels = ops.kernels(backend, "cpu", kernel="permutation")
+    for out, error, message in [
+        (torch.zeros(5, dtype=torch.float32), TypeError, "out must be int32 or int64"),
+        (torch.zeros(2, 3, dtype=torch.int64), ValueError, "out must be 1-D"),
+        (torch.zeros(10, dtype=torch.int64)[::2], ValueError, "out must be contiguous"),
+    ]:
+        before = out.clone()
+        with pytest.raises(error, match=f"fastmf.permutation: {message}"):
+            kernels.permutation(out, 3)
+        assert torch.equal(out, before)
+
+
+@pytest.mark.parametrize("backend, device", NATIVE)
+def test_permutation_opcheck(backend, device):
+    op = torch.ops.fastmf.permutation.default
+    torch.library.opcheck(op, (torch.empty(100, dtype=torch.int64), 4))
+    torch.library.opcheck(op, (torch.empty(0, dtype=torch.int32), 4))
+
+
+def test_fit_epoch_order_is_the_permutation():
+    """fit's batches come in the order of the permutation op at the epoch generator's
+    seed, on every backend (the models' shared shuffle)."""
+    import fastmf
+
+    rng = np.random.default_rng(3)
+    data = Interactions(rng.integers(0, 40, 500), rng.integers(0, 25, 500),
+                        rng.uniform(1, 5, 500), user_map=40, item_map=25)
+    for backend in ops.available_backends():
+        model = fastmf.MF(40, 25, dim=4, backend=backend)
+        gen = torch.Generator().manual_seed(77)
+        batch = next(iter(model.batches(data, batch_size=500, loss="mse", num_negatives=0,
+                                        sampler=None, generator=gen)))
+        order = permute("reference", 500, 77)
+        assert torch.equal(batch.users.long(), torch.from_numpy(data.users)[order]), backend
+        assert torch.equal(batch.items.long(), torch.from_numpy(data.items)[order]), backend

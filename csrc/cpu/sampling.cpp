@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../counter_hash.h"
 #include "../ops.h"
 #include "common.h"
 #include "isa.h"
@@ -35,10 +36,34 @@ void sample_negatives(const at::Tensor& users_in, const at::Tensor& pos_indptr,
                     num_items, seed, step, out.data_ptr<int64_t>());
 }
 
+// permutation: the swaps of Fisher-Yates (counter_hash.h permutation_draw). The draws do
+// not depend on the swaps, so the core runs ahead on them: prefetching each swap's position
+// 16 steps ahead was slower (248 against 184 us for 100,226 positions).
+template <typename index_t>
+void permute(index_t* out, int64_t n, uint64_t key) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<index_t>(i);
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const uint64_t j = hash::permutation_draw(key, i, n);
+    const index_t t = out[i];
+    out[i] = out[j];
+    out[j] = t;
+  }
+}
+
+void permutation(const at::Tensor& out, int64_t seed) {
+  const uint64_t key = hash::permutation_key(seed);
+  if (out.scalar_type() == at::kInt) {
+    permute(out.data_ptr<int32_t>(), out.numel(), key);
+  } else {
+    permute(out.data_ptr<int64_t>(), out.numel(), key);
+  }
+}
+
 }  // namespace
 
 void register_sampling(torch::Library& m) {
   m.impl("sample_negatives", &sample_negatives_op<sample_negatives>);
+  m.impl("permutation", &permutation_op<permutation>);
 }
 
 }  // namespace FASTMF_CPU_NS

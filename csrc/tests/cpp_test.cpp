@@ -358,8 +358,9 @@ void test_refused_before_writing() {
 }  // namespace
 
 // The multi-step sampled ops (one OpenMP team for all their steps) against their single
-// step called on each slice: the same tables, states and losses, to the bit. Under the
-// sanitizers this runs the team's barrier and its split of every phase.
+// step called on each slice: the same tables, states and losses, to the bit; and read
+// through an order (a shuffle with repeats, int32) against the gathered run. Under the
+// sanitizers this runs the team's barrier, its split of every phase and the gathers.
 void test_steps_in_one_call(const char* steps_name, const char* step_name, bool pointwise) {
   const int64_t num_users = 40, num_items = 30, dim = 8, n = 300, batch_size = 64, k = 2;
   std::vector<int64_t> indptr{0}, indices;
@@ -385,7 +386,8 @@ void test_steps_in_one_call(const char* steps_name, const char* step_name, bool 
   const int64_t loss = pointwise ? static_cast<int64_t>(fastmf::Loss::kBce)
                                  : static_cast<int64_t>(fastmf::PairwiseLoss::kBpr);
   auto call = [&](const char* name, const std::vector<Tensor>& t, const Tensor& u,
-                  const Tensor& p, const Tensor& w, int64_t step, bool steps) {
+                  const Tensor& p, const Tensor& w, int64_t step, bool steps,
+                  const Tensor& order = Tensor()) {
     std::vector<c10::IValue> stack(t.begin(), t.end());
     for (const auto& x : {u, p, ptr, idx}) stack.emplace_back(x);
     stack.emplace_back(k);
@@ -399,6 +401,7 @@ void test_steps_in_one_call(const char* steps_name, const char* step_name, bool 
     stack.emplace_back(0.05);
     stack.emplace_back(1e-8);
     stack.emplace_back(w);
+    if (steps) stack.emplace_back(order.defined() ? c10::IValue(order) : c10::IValue());
     op(name).callBoxed(&stack);
     return stack.at(0).toTensor();
   };
@@ -414,6 +417,36 @@ void test_steps_in_one_call(const char* steps_name, const char* step_name, bool 
   bool same = at::equal(losses, at::stack(each));
   for (size_t j = 0; j < together.size(); ++j) same = same && at::equal(together[j], apart[j]);
   check(same, std::string(steps_name) + " equals its step on each slice");
+
+  const Tensor order = at::cat({at::randperm(n, at::kLong).narrow(0, 0, n - 40),
+                                at::randint(n, {90}, at::kLong)}).to(at::kInt);
+  const std::vector<Tensor> through = fresh();
+  const Tensor ordered = call(steps_name, through, users, pos, weights, 3, true, order);
+  const std::vector<Tensor> gathered = fresh();
+  const Tensor idx_long = order.to(at::kLong);
+  const Tensor expected = call(steps_name, gathered, users.index_select(0, idx_long),
+                               pos.index_select(0, idx_long),
+                               weights.index_select(0, idx_long), 3, true);
+  same = at::equal(ordered, expected);
+  for (size_t j = 0; j < through.size(); ++j) same = same && at::equal(through[j], gathered[j]);
+  check(same, std::string(steps_name) + " through an order equals it on the gathered run");
+}
+
+// permutation: a permutation of 0..n-1, the same in int32 and int64, moved by the seed.
+void test_permutation() {
+  static auto h = op("fastmf::permutation").typed<void(const Tensor&, int64_t)>();
+  for (const int64_t n : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{1000}, int64_t{100003}}) {
+    const Tensor wide = at::empty({n}, at::kLong), narrow = at::empty({n}, at::kInt);
+    const Tensor other = at::empty({n}, at::kLong);
+    h.call(wide, 42);
+    h.call(narrow, 42);
+    h.call(other, 43);
+    const bool is_permutation = at::equal(std::get<0>(wide.sort()), at::arange(n, at::kLong));
+    check(is_permutation && at::equal(wide, narrow.to(at::kLong)) &&
+              (n < 1000 || !at::equal(wide, other)),
+          "permutation of " + std::to_string(n) + ": 0..n-1 once each, int32 as int64, "
+          "moved by the seed");
+  }
 }
 
 // sample_negatives: every draw outside its user's (sorted) row and in [0, num_items), the same
@@ -543,6 +576,7 @@ int main() {
                            "fastmf::train_step_pairwise_sampled", false);
     test_steps_in_one_call("fastmf::train_steps_sampled", "fastmf::train_step_sampled", true);
     test_sample_negatives();
+    test_permutation();
     test_group_rows();
   } catch (const std::exception& e) {
     std::printf("FAIL uncaught exception: %s\n", e.what());

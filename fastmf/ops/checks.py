@@ -376,6 +376,17 @@ def _check_sampled(op, tables, states, users, pos_items, pos_indptr, pos_indices
     check_states(op, tables, states, optimizer)
 
 
+def check_permutation(op: str, out) -> None:
+    """permutation's ``out``: a 1-D int32/int64 contiguous tensor; an int32 one holds at
+    most 2**31 positions (csrc/checks.h check_permutation)."""
+    check_ids(op, "out", out, None)
+    if not out.is_contiguous():
+        raise ValueError(f"fastmf.{op}: out must be contiguous")
+    if out.dtype == torch.int32 and out.numel() > 1 << 31:
+        raise ValueError(f"fastmf.{op}: {out.numel()} positions do not fit in int32; use an "
+                         "int64 out")
+
+
 def check_run_order(op: str, order, user_factors, users) -> int | None:
     """The order of a multi-step sampled op's run (None, or (n,) int32/int64 on the
     tables' device; its values are checked against ``len(users)`` after the other inputs):

