@@ -235,22 +235,30 @@ STEPS = {STEPS_OP: ("train_step_pairwise_sampled", BPR),
          "train_steps_sampled": ("train_step_sampled", Loss.BCE)}
 
 
+def steps_setup(backend, device, op, id_dtype, seed, csr_seed):
+    """What a multi-step ``op`` check starts from: (its single step, its loss, float32
+    tables, Adagrad states, the positives' CSR, the backend's kernels, the settings, the
+    global mean argument)."""
+    single, loss = STEPS[op]
+    tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=torch.float32, seed=seed)
+    states = make_states(tables, Optimizer.ADAGRAD, seed=seed + 1)
+    csr = make_csr(NUM_USERS, NUM_ITEMS, seed=csr_seed, id_dtype=id_dtype)
+    kernels = ops.kernels(backend, device, kernel=op)
+    mu = () if op == STEPS_OP else (0.25,)
+    return single, loss, tables, states, csr, kernels, settings(Optimizer.ADAGRAD), mu
+
+
 def check_steps_in_turn(backend, device, id_dtype, n, batch_size, k, weighted, op=STEPS_OP):
     """One call of the multi-step ``op`` equals the backend's own sampled step on each
     slice at step + t, bit for bit (tables, states, losses), with a short last slice, a
     slice larger than the data, and none at all; and the spec's run of steps to
     rounding."""
-    single, loss = STEPS[op]
-    dtype = torch.float32
-    tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, seed=n + k)
-    states = make_states(tables, Optimizer.ADAGRAD, seed=n + k + 1)
-    csr = make_csr(NUM_USERS, NUM_ITEMS, seed=n + 2, id_dtype=id_dtype)
+    single, loss, tables, states, csr, kernels, opt, mu = steps_setup(
+        backend, device, op, id_dtype, n + k, n + 2)
+    dtype = tables.user_factors.dtype
     users, pos = make_batch(n, seed=n + 3, id_dtype=id_dtype)
     weights = (torch.rand(n, generator=torch.Generator().manual_seed(n)) * 2
                if weighted else None)
-    kernels = ops.kernels(backend, device, kernel=op)
-    opt = settings(Optimizer.ADAGRAD)
-    mu = () if op == STEPS_OP else (0.25,)
     args = to_device((users, pos, *csr), device)
     w = to_device(weights, device) if weighted else None
     got = to_device((clone_bundle(tables), clone_bundle(states)), device)
@@ -292,11 +300,9 @@ def check_steps_through_order(backend, device, id_dtype, order_dtype, m, n, batc
     shuffle of them, then positions drawn with repeats) equals the op on users[order],
     pos[order], weights[order] on the same backend, bit for bit (tables, states, losses),
     and the spec's run through the order to rounding."""
-    _, loss = STEPS[op]
-    dtype = torch.float32
-    tables = make_tables(NUM_USERS, NUM_ITEMS, DIM, dtype=dtype, seed=m + n)
-    states = make_states(tables, Optimizer.ADAGRAD, seed=m + n + 1)
-    csr = make_csr(NUM_USERS, NUM_ITEMS, seed=m + 2, id_dtype=id_dtype)
+    _, loss, tables, states, csr, kernels, opt, mu = steps_setup(
+        backend, device, op, id_dtype, m + n, m + 2)
+    dtype = tables.user_factors.dtype
     users, pos = make_batch(m, seed=m + 3, id_dtype=id_dtype)
     gen = torch.Generator().manual_seed(n)
     weights = torch.rand(m, generator=gen) * 2 if weighted else None
@@ -304,9 +310,6 @@ def check_steps_through_order(backend, device, id_dtype, order_dtype, m, n, batc
     order = torch.cat([shuffled, torch.randint(0, m, (n - len(shuffled),), generator=gen)])
     order = order.to(order_dtype)
     assert len(order) == n and (n < 2 or len(set(order.tolist())) > 1)
-    kernels = ops.kernels(backend, device, kernel=op)
-    opt = settings(Optimizer.ADAGRAD)
-    mu = () if op == STEPS_OP else (0.25,)
     args = to_device((users, pos, *csr), device)
     w = to_device(weights, device) if weighted else None
     got = to_device((clone_bundle(tables), clone_bundle(states)), device)

@@ -79,48 +79,11 @@ inline int64_t parallel_chunks(int64_t n) {
 // First item of chunk c of `chunks` contiguous chunks of n items.
 inline int64_t chunk_begin(int64_t c, int64_t chunks, int64_t n) { return c * n / chunks; }
 
-// Range-checks ids (before any kernel dereferences them) and widens them to int64, so the
-// kernels are compiled once rather than once per pair of id dtypes.
-inline void load_ids(const char* op, const char* name, const at::Tensor& ids, int64_t num_rows,
-                     std::vector<int64_t>& out) {
-  const int64_t n = ids.numel();
-  int64_t* dst = scratch(out, n);
-  if (n == 0) return;
-  const int64_t chunks = parallel_chunks(n);
-  std::vector<int64_t> bounds(static_cast<size_t>(2 * chunks));
-  auto widen = [&](const auto* src) {
-    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-      for (int64_t c = first; c < last; ++c) {
-        const int64_t b0 = chunk_begin(c, chunks, n), b1 = chunk_begin(c + 1, chunks, n);
-        int64_t mn = src[b0], mx = src[b0];
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t id = static_cast<int64_t>(src[b]);
-          dst[b] = id;
-          mn = std::min(mn, id);
-          mx = std::max(mx, id);
-        }
-        bounds[2 * c] = mn;
-        bounds[2 * c + 1] = mx;
-      }
-    });
-  };
-  if (ids.scalar_type() == at::kInt) {
-    widen(ids.data_ptr<int32_t>());
-  } else {
-    widen(ids.data_ptr<int64_t>());
-  }
-  int64_t lo = bounds[0], hi = bounds[1];
-  for (int64_t c = 1; c < chunks; ++c) {
-    lo = std::min(lo, bounds[2 * c]);
-    hi = std::max(hi, bounds[2 * c + 1]);
-  }
-  report_id_range(op, name, lo, hi, num_rows);
-}
-
-// Range-checks ids without copying them (the ids of a run read through an order:
-// gather_ids below).
-inline void check_ids_in_range(const char* op, const char* name, const at::Tensor& ids,
-                               int64_t num_rows) {
+// Range-checks contiguous ids (before any kernel dereferences them) and, with kWiden,
+// widens them to int64 into dst[0, n).
+template <bool kWiden>
+inline void scan_ids(const char* op, const char* name, const at::Tensor& ids, int64_t num_rows,
+                     int64_t* dst) {
   const int64_t n = ids.numel();
   if (n == 0) return;
   const int64_t chunks = parallel_chunks(n);
@@ -132,6 +95,7 @@ inline void check_ids_in_range(const char* op, const char* name, const at::Tenso
         int64_t mn = src[b0], mx = src[b0];
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t id = static_cast<int64_t>(src[b]);
+          if constexpr (kWiden) dst[b] = id;
           mn = std::min(mn, id);
           mx = std::max(mx, id);
         }
@@ -140,18 +104,31 @@ inline void check_ids_in_range(const char* op, const char* name, const at::Tenso
       }
     });
   };
-  const at::Tensor c = ids.contiguous();
-  if (c.scalar_type() == at::kInt) {
-    scan(c.data_ptr<int32_t>());
+  if (ids.scalar_type() == at::kInt) {
+    scan(ids.data_ptr<int32_t>());
   } else {
-    scan(c.data_ptr<int64_t>());
+    scan(ids.data_ptr<int64_t>());
   }
   int64_t lo = bounds[0], hi = bounds[1];
-  for (int64_t k = 1; k < chunks; ++k) {
-    lo = std::min(lo, bounds[2 * k]);
-    hi = std::max(hi, bounds[2 * k + 1]);
+  for (int64_t c = 1; c < chunks; ++c) {
+    lo = std::min(lo, bounds[2 * c]);
+    hi = std::max(hi, bounds[2 * c + 1]);
   }
   report_id_range(op, name, lo, hi, num_rows);
+}
+
+// Range-checks ids and widens them to int64, so the kernels are compiled once rather than
+// once per pair of id dtypes.
+inline void load_ids(const char* op, const char* name, const at::Tensor& ids, int64_t num_rows,
+                     std::vector<int64_t>& out) {
+  scan_ids<true>(op, name, ids, num_rows, scratch(out, ids.numel()));
+}
+
+// Range-checks ids without copying them (the ids of a run read through an order:
+// gather_ids below).
+inline void check_ids_in_range(const char* op, const char* name, const at::Tensor& ids,
+                               int64_t num_rows) {
+  scan_ids<false>(op, name, ids.contiguous(), num_rows, nullptr);
 }
 
 // out[b] = ids[order[b]], widened to int64: ids and order int32/int64, both range-checked
