@@ -747,3 +747,41 @@ def test_fit_keeps_a_subclass_training_step():
     assert fastmf.MF(30, 20, dim=4).train_epoch(
         train, None, batch_size=128, loss="warp", num_negatives=2, sampler=None,
         generator=torch.Generator(), reg=0.0) is None
+
+
+@pytest.mark.parametrize("op", [STEPS_OP, "train_steps_sampled"])
+@pytest.mark.parametrize("backend, device", ALL_CPU)
+def test_public_steps_take_an_order(backend, device, op):
+    """fastmf.step's multi-step functions take ``order`` as a tensor, a NumPy array or a
+    list (the positions of the run), train as on the gathered run to the bit, and refuse
+    an order out of range before anything is written."""
+    from fastmf import step as public
+
+    rng = np.random.default_rng(21)
+    n = 700
+    users = zipf_ids(60, n, generator=rng)
+    items = zipf_ids(40, n, generator=rng)
+    indptr, indices = make_csr(60, 40, seed=22, max_degree=30)
+    order = np.concatenate([rng.permutation(n)[:500], rng.integers(0, n, 90)])
+    run = getattr(public, op)
+
+    def trained(u, i, **kw):
+        torch.manual_seed(3)
+        model = fastmf.MF(60, 40, dim=8, backend=backend)
+        opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+        losses = run(model, opt, u, i, indptr, indices, 2, batch_size=128, seed=8, reg=0.01,
+                     **kw)
+        return losses, tuple(model.tables()), model, opt
+
+    idx = torch.from_numpy(order)
+    expected = trained(users[idx], items[idx])
+    for given in (torch.from_numpy(order).int(), order, order.tolist()):
+        got = trained(users, items, order=given)
+        assert_bit_identical((got[0], got[1]), (expected[0], expected[1]))
+    _, tables, model, opt = expected
+    before = clone_all(*tables)
+    with pytest.raises(IndexError, match=re.escape(f"fastmf.{op}: order id {n} out of range "
+                                                   f"[0, {n})")):
+        run(model, opt, users, items, indptr, indices, 2, batch_size=128, seed=8,
+            order=[0, 5, n])
+    assert all(torch.equal(a, b) for a, b in zip(model.tables(), before) if a is not None)
