@@ -1182,6 +1182,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unique_ba
   return {distinct, inverse, bag_indices, bag_offsets, bag_weights};
 }
 
+// One table's grouped_step on `n` loaded ids (ws.ids), its weight and gradient types
+// dispatched: `make_source(grad rows as const G*, width)` gives the step its gradient rows
+// (GivenRows for sparse_update, BagRows for the fused backward-update); the table and its
+// states are written back after. `group` as in grouped_step.
+template <typename MakeSource>
+void step_table(Workspace& ws, int64_t n, const RowTable& table, const at::Tensor& grad,
+                const RowOptimizerArgs& opt, bool group, const MakeSource& make_source) {
+  const int64_t num_rows = table.weight.size(0);
+  const int64_t dim = table.weight.dim() == 2 ? table.weight.size(1) : 1;
+  StepTablesInPlace tables(table);
+  dispatch_weight_and_grad(table.weight.scalar_type(), grad.scalar_type(),
+                           [&](auto w_tag, auto g_tag) {
+    using W = decltype(w_tag);
+    using G = decltype(g_tag);
+    using A = acc_t<W>;
+    with_width(dim, [&](auto width) {
+      grouped_step<W, A>(ws, n, width, tables.weight.get().data_ptr<W>(),
+                         StepTablesInPlace::ptr<A>(tables.state1),
+                         StepTablesInPlace::ptr<A>(tables.state2), num_rows,
+                         make_source(static_cast<const G*>(grad.data_ptr<G>()), width), opt,
+                         group);
+    });
+  });
+  tables.commit();
+}
+
 // After the checks of the op boundary (csrc/ops.h).
 void sparse_update(const RowTable& table, const at::Tensor& ids, const at::Tensor& grad_rows_in,
                    const RowOptimizerArgs& opt) {
@@ -1192,22 +1218,11 @@ void sparse_update(const RowTable& table, const at::Tensor& ids, const at::Tenso
   load_ids(op, "ids", ids.contiguous(), num_rows, ws.ids);
   const int64_t n = ids.size(0);
   if (n == 0) return;
-  const at::Tensor grad_rows = grad_rows_in.contiguous();
-  const int64_t dim = table.weight.dim() == 2 ? table.weight.size(1) : 1;
-  StepTablesInPlace tables(table);
-  dispatch_weight_and_grad(table.weight.scalar_type(), grad_rows.scalar_type(),
-                           [&](auto w_tag, auto g_tag) {
-    using W = decltype(w_tag);
-    using G = decltype(g_tag);
-    using A = acc_t<W>;
-    with_width(dim, [&](auto width) {
-      const GivenRows<G, decltype(width)> source{grad_rows.data_ptr<G>(), width};
-      grouped_step<W, A>(ws, n, width, tables.weight.get().data_ptr<W>(),
-                         StepTablesInPlace::ptr<A>(tables.state1),
-                         StepTablesInPlace::ptr<A>(tables.state2), num_rows, source, opt);
-    });
-  });
-  tables.commit();
+  step_table(ws, n, table, grad_rows_in.contiguous(), opt, /*group=*/true,
+             [](const auto* rows, auto width) {
+               return GivenRows<std::remove_cv_t<std::remove_pointer_t<decltype(rows)>>,
+                                decltype(width)>{rows, width};
+             });
 }
 
 // One table's update of backward_update_tables.
@@ -1243,27 +1258,14 @@ void backward_update_tables(const char* op, const std::array<TableUpdate, kCount
     }
   });
   for (size_t u = 0; u < kCount; ++u) {
-    const RowTable& table = updates[u].table;
-    const at::Tensor grad_output = updates[u].grad_output.contiguous();
-    const int64_t dim = table.weight.size(1);
-    StepTablesInPlace tables(table);
-    dispatch_weight_and_grad(table.weight.scalar_type(), grad_output.scalar_type(),
-                             [&](auto w_tag, auto g_tag) {
-      using W = decltype(w_tag);
-      using G = decltype(g_tag);
-      using A = acc_t<W>;
-      with_width(dim, [&](auto width) {
-        const BagRows<G, decltype(width)> source{grad_output.data_ptr<G>(), width, bag_of,
-                                                 offsets,
-                                                 psw.defined() ? psw.data_ptr<G>() : nullptr,
-                                                 bags.pooling == Pooling::kMean};
-        grouped_step<W, A>(ws, n, width, tables.weight.get().data_ptr<W>(),
-                           StepTablesInPlace::ptr<A>(tables.state1),
-                           StepTablesInPlace::ptr<A>(tables.state2), num_rows, source,
-                           updates[u].opt, /*group=*/u == 0);
-      });
-    });
-    tables.commit();
+    step_table(ws, n, updates[u].table, updates[u].grad_output.contiguous(), updates[u].opt,
+               /*group=*/u == 0, [&](const auto* grad_output, auto width) {
+                 using G = std::remove_cv_t<std::remove_pointer_t<decltype(grad_output)>>;
+                 return BagRows<G, decltype(width)>{
+                     grad_output, width, bag_of, offsets,
+                     psw.defined() ? psw.data_ptr<G>() : nullptr,
+                     bags.pooling == Pooling::kMean};
+               });
   }
 }
 
