@@ -640,6 +640,29 @@ def run_sampled_steps(target, op, n, batch_size, k, *, weighted=False, num_users
     assert_tables_close(target, got, expected, torch.float32)
 
 
+def check_sampled_steps_bad_order(target, op, bad):
+    """An order entry outside the run of positives: an IndexError naming the order and the
+    entry (the smallest when one is negative, else the largest) before any step runs, and
+    the tables untouched."""
+    _, got, csr = sampled_start(target, "adagrad", 80, 40, 16, torch.float32, torch.int64,
+                                seed=13)
+    users, pos, _ = make_triples(80, 40, 30, seed=40)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(42))
+    order[11] = bad
+    order[3] = bad - 1 if bad < 0 else bad + 1  # a second bad entry, further out
+    before = [cpu(t)[0].clone() for t in got]
+    mu, loss = (((), PairwiseLoss.BPR) if op == "train_steps_pairwise_sampled"
+                else ((SAMPLED_MU,), Loss.BCE))
+    worst = bad - 1 if bad < 0 else bad + 1
+    with pytest.raises(IndexError, match=rf"fastmf\.{op}: order id {worst} out of range "
+                                         r"\[0, 30\)"):
+        getattr(target.ops, op)(*got, *target.to(users, pos, *csr), 1, 8, 5, 2, *mu,
+                                int(loss), 0.01, optimizer_code("adagrad"), LR, EPS, None,
+                                *target.to(order))
+    for t, b in zip(got, before):
+        assert torch.equal(cpu(t)[0], b)
+
+
 def broken_positive_csr(indptr, indices, what):
     """make_positive_csr(30, 20)'s CSR broken for user 2: "full", every one of the 20 items
     among its positives; otherwise (a row) its row's end past the end of pos_indices (which

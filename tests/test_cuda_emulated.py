@@ -239,6 +239,12 @@ def test_sampled_steps_in_one_call(emu, op, n, batch_size, k, weighted, ordered)
     cases.run_sampled_steps(emu, op, n, batch_size, k, weighted=weighted, ordered=ordered)
 
 
+@pytest.mark.parametrize("op", cases.STEPS_OPS)
+@pytest.mark.parametrize("bad", [30, -1])
+def test_sampled_steps_bad_order(emu, op, bad):
+    cases.check_sampled_steps_bad_order(emu, op, bad)
+
+
 @pytest.mark.parametrize("op", cases.STEP_OPS)
 @pytest.mark.parametrize("batch,optimizer,dtype,id_dtype", [
     (0, "adagrad", torch.float32, torch.int64),

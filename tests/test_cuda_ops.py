@@ -329,6 +329,12 @@ def test_sampled_steps_in_one_call(op, n, batch_size, k, weighted, ordered):
                             num_items=500, ordered=ordered)
 
 
+@pytest.mark.parametrize("op", cases.STEPS_OPS)
+@pytest.mark.parametrize("bad", [30, -1])
+def test_sampled_steps_bad_order(op, bad):
+    cases.check_sampled_steps_bad_order(CUDA, op, bad)
+
+
 @pytest.mark.parametrize("batch,k,id_dtype", [(0, 2, torch.int64), (1, 1, torch.int32),
                                               (65_536, 4, torch.int64)])
 def test_sample_negatives(batch, k, id_dtype):

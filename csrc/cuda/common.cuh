@@ -54,6 +54,13 @@ struct ErrorRecord {
                              // (span) or the query (order)
 };
 
+// Host-side range check of device ids that a host step reads before any kernel does (a run
+// read through its order, unique_bags' ids): their smallest and largest in one aminmax and
+// one copy to the host, one synchronisation where two .item() reads made two, and the
+// error of csrc/checks.h's report_id_range.
+void check_device_id_range(const char* op, const char* name, const at::Tensor& ids,
+                           int64_t num_rows);
+
 // The record of the current device; the first call on a device resolves its address
 // (warm an op up once before capturing it in a CUDA graph, as for any new kernel).
 ErrorRecord* error_record();

@@ -28,7 +28,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_unique2.h>
-#include <ATen/ops/aminmax.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -872,10 +871,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unique_ba
   const int64_t num_rows = indptr.size(0) - 1;
   const int64_t nnz = indices.size(0);
   const at::Tensor flat = ids.to(at::kLong);
-  if (flat.size(0) > 0) {
-    const auto [lo, hi] = at::aminmax(flat);
-    report_id_range(op, "ids", lo.item<int64_t>(), hi.item<int64_t>(), num_rows);
-  }
+  check_device_id_range(op, "ids", flat, num_rows);
   const auto unique = at::_unique2(flat, /*sorted=*/true, /*return_inverse=*/true,
                                    /*return_counts=*/false);
   const at::Tensor& distinct = std::get<0>(unique);

@@ -40,11 +40,15 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/stack.h>
+
 #include <array>
 #include <atomic>
 #include <cstring>
 #include <string>
 
+#include "../checks.h"
 #include "common.cuh"
 
 namespace fastmf::cuda {
@@ -157,6 +161,15 @@ void check_device_errors(int64_t device) {
 // code is compiled by nvcc's host compiler (-ccbin), which may differ from the one that
 // built the .cpp files.
 std::string format_probe(long long value) { return c10::str(value); }
+
+void check_device_id_range(const char* op, const char* name, const at::Tensor& ids,
+                           int64_t num_rows) {
+  if (ids.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(ids);
+  const at::Tensor host = at::stack({lo, hi}).to(at::kLong).cpu();
+  const int64_t* range = host.const_data_ptr<int64_t>();
+  report_id_range(op, name, range[0], range[1], num_rows);
+}
 
 ErrorRecord* error_record() {
   const int device = c10::cuda::current_device();

@@ -383,10 +383,7 @@ at::Tensor steps_in_turn(const char* op, const StepTables& tables, const StepTab
                          Step step) {
   Batch in = run;
   if (in.order.defined()) {
-    if (in.order.numel() > 0) {
-      report_id_range(op, "order", in.order.min().template item<int64_t>(),
-                      in.order.max().template item<int64_t>(), in.users.size(0));
-    }
+    check_device_id_range(op, "order", in.order, in.users.size(0));
     in.users = in.users.index_select(0, in.order);
     in.pos_items = in.pos_items.index_select(0, in.order);
     if (in.weights.defined()) in.weights = in.weights.index_select(0, in.order);
