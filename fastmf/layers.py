@@ -122,6 +122,8 @@ class MF(FactorTables, Recommender):
                 raise ValueError(f"fastmf.MF: {name} must be a positive int, got {value!r}")
         if dtype not in checks.WEIGHT_DTYPES:
             raise TypeError(f"fastmf.MF: dtype must be float32 or float64, got {dtype}")
+        global_mean = checks.check_finite_number("MF", global_mean=global_mean)
+        checks.check_settings("MF", init_scale=init_scale)
         factory = dict(dtype=dtype, device=device)
         self.user_factors = nn.Parameter(empty_table((num_users, dim), **factory))
         self.item_factors = nn.Parameter(empty_table((num_items, dim), **factory))
@@ -172,8 +174,8 @@ class MF(FactorTables, Recommender):
         return self._global_mean_value
 
     def set_global_mean(self, value: float) -> None:
-        self._global_mean_value = float(value)
-        self.global_mean.fill_(float(value))
+        self._global_mean_value = checks.check_finite_number("MF.set_global_mean", value=value)
+        self.global_mean.fill_(self._global_mean_value)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

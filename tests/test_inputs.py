@@ -58,3 +58,49 @@ def test_unknown_raw_user_is_flagged_with_a_type_hint(trained):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trained.recommend([known_raw], k=3, raw_ids=True)
+
+
+def test_meta_ids_for_a_model_on_the_cpu_are_refused():
+    """The fake kernels also serve as the ops' Meta kernels, and a call that mixes meta ids
+    with real tables reaches them: their empty results on the CPU were returned as
+    predictions and losses of uninitialised memory. They now apply the kernels' one-device
+    rule; a model built on the meta device still traces shapes."""
+    torch.manual_seed(0)
+    model = fastmf.MF(50, 40, dim=4, backend="native")
+    opt = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.05)
+    ids = torch.randint(0, 40, (64,), device="meta")
+    mixed = r"is on (meta|cpu) but \w+ is on (cpu|meta); move them to one device"
+    before = model.user_factors.detach().clone()
+    with pytest.raises(ValueError, match=mixed):
+        model(ids, ids)
+    with pytest.raises(ValueError, match=mixed):
+        fastmf.train_step(model, opt, ids, ids, torch.ones(64))
+    assert torch.equal(model.user_factors, before)
+    with pytest.raises(ValueError, match=mixed):
+        fastmf.nn.Embedding(10, 4)(torch.zeros(3, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=mixed):
+        fastmf.nn.EmbeddingBag(10, 4)(torch.zeros(3, dtype=torch.long, device="meta"),
+                                      torch.zeros(1, dtype=torch.long, device="meta"))
+    on_meta = fastmf.MF(50, 40, dim=4, backend="native", device="meta")
+    out = on_meta(ids, ids)
+    assert out.device.type == "meta" and out.shape == (64,)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(global_mean=float("nan")), ValueError, "global_mean must be finite, got nan"),
+    (dict(global_mean=float("-inf")), ValueError, "global_mean must be finite"),
+    (dict(global_mean="3.5"), TypeError, "global_mean must be a number, got str"),
+    (dict(init_scale=float("nan")), ValueError, "init_scale must be finite and >= 0"),
+    (dict(init_scale=float("inf")), ValueError, "init_scale must be finite and >= 0"),
+    (dict(init_scale=-1.0), ValueError, "init_scale must be finite and >= 0, got -1.0"),
+])
+def test_mf_settings_are_checked(kwargs, error, message):
+    """A NaN global mean made every prediction NaN and saved a checkpoint fastmf.load then
+    refused; a bad init_scale failed inside torch's uniform_ without naming it."""
+    with pytest.raises(error, match=f"fastmf.MF: {message}"):
+        fastmf.MF(10, 8, dim=4, **kwargs)
+    model = fastmf.MF(10, 8, dim=4, global_mean=-2.5)
+    if "global_mean" in kwargs:
+        with pytest.raises(error, match="MF.set_global_mean: value must be"):
+            model.set_global_mean(kwargs["global_mean"])
+    assert model.mu == -2.5

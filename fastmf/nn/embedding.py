@@ -570,11 +570,14 @@ class _Table(nn.Module):
                 f"backend={self.backend!r}")
 
 
-def _check_ids(op: str, ids) -> None:
+def _check_ids(op: str, ids, weight: Tensor) -> None:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"fastmf.{op}: ids must be a tensor, got {type(ids).__name__}")
     if ids.dtype not in checks.ID_DTYPES:
         raise TypeError(f"fastmf.{op}: ids must be int32 or int64, got {ids.dtype}")
+    if ids.device != weight.device:
+        raise ValueError(f"fastmf.{op}: ids is on {ids.device} but weight is on "
+                         f"{weight.device}; move them to one device")
 
 
 class Embedding(_Table):
@@ -600,7 +603,7 @@ class Embedding(_Table):
                          init_scale, stochastic_rounding)
 
     def forward(self, ids: Tensor) -> Tensor:
-        _check_ids("nn.Embedding", ids)
+        _check_ids("nn.Embedding", ids, self.weight)
         flat = ids.reshape(-1)
         out = self._lookup(flat, self._unit_offsets(flat), None, Pooling.SUM)
         return out.view(*ids.shape, self.dim)
@@ -662,7 +665,7 @@ class EmbeddingBag(_Table):
     def forward(self, ids: Tensor, offsets: Tensor | None = None,
                 per_sample_weights: Tensor | None = None) -> Tensor:
         op = "nn.EmbeddingBag"
-        _check_ids(op, ids)
+        _check_ids(op, ids, self.weight)
         if per_sample_weights is not None:
             if self.mode != "sum":
                 raise ValueError(f"fastmf.{op}: per_sample_weights is only supported with "

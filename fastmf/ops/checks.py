@@ -228,6 +228,21 @@ def check_settings(op: str, **settings: float) -> None:
             raise ValueError(f"fastmf.{op}: {name} must be finite and >= 0, got {value}")
 
 
+def check_finite_number(op: str, **values: float) -> float:
+    """Real numbers of any sign that must be finite (a model's global mean: a NaN one makes
+    every prediction NaN, and the checkpoint it saves is one fastmf.load refuses). Returns
+    the last value as a float."""
+    out = 0.0
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | np.floating
+                                                     | np.integer):
+            raise TypeError(f"fastmf.{op}: {name} must be a number, got {type(value).__name__}")
+        if not np.isfinite(value):
+            raise ValueError(f"fastmf.{op}: {name} must be finite, got {value}")
+        out = float(value)
+    return out
+
+
 def check_positive(op: str, **settings: float) -> None:
     """Settings that must be > 0: an optimizer's eps, since with eps == 0 a row whose
     accumulator and gradient entry are both 0 computes 0 / 0 and turns NaN. (The ops

@@ -439,9 +439,44 @@ def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     return _differentiable(torch.ops.fastmf.scatter_rows.default, ids, rows, num_rows)
 
 
+def _tensors_by_name(names, args, kwargs):
+    """(argument name, tensor) of every tensor argument, lists of tensors included."""
+    for name, value in [*zip(names, args), *kwargs.items()]:
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        for v in values:
+            if isinstance(v, Tensor):
+                yield name, v
+
+
+def _register_fake(qualname: str):
+    """``torch.library.register_fake(qualname)`` with the kernels' one-device rule in front:
+    every tensor argument on the first one's device, else the kernels' ValueError. A fake
+    also serves as the op's Meta kernel, so a call that mixes meta tensors with real ones
+    (ids on the meta device for a model on the CPU) reaches it, and its empty result on the
+    real device would be returned as uninitialised memory."""
+    op = qualname.split("::")[1]
+    names = [a.name for a in getattr(torch.ops.fastmf, op).default._schema.arguments]
+
+    def register(fake):
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            first = None
+            for name, t in _tensors_by_name(names, args, kwargs):
+                if first is None:
+                    first = (name, t.device)
+                elif t.device != first[1]:
+                    raise ValueError(f"fastmf.{op}: {name} is on {t.device} but {first[0]} "
+                                     f"is on {first[1]}; move them to one device")
+            return fake(*args, **kwargs)
+
+        return torch.library.register_fake(qualname)(checked)
+
+    return register
+
+
 if native_available():
 
-    @torch.library.register_fake("fastmf::mf_forward")
+    @_register_fake("fastmf::mf_forward")
     def _mf_forward_fake(users, items, user_factors, item_factors, user_bias, item_bias,
                          global_mean):
         torch._check(users.dim() == 1 and items.dim() == 1, lambda: "ids must be 1-D")
@@ -450,7 +485,7 @@ if native_available():
         torch._check(user_factors.shape[1] == item_factors.shape[1])
         return user_factors.new_empty((users.shape[0],))
 
-    @torch.library.register_fake("fastmf::mf_backward")
+    @_register_fake("fastmf::mf_backward")
     def _mf_backward_fake(grad_out, users, items, user_factors, item_factors):
         torch._check(grad_out.shape[0] == users.shape[0])
         batch, dim = users.shape[0], user_factors.shape[1]
@@ -458,32 +493,32 @@ if native_available():
 
     if hasattr(torch.ops.fastmf, "mf_backward_dense"):
 
-        @torch.library.register_fake("fastmf::mf_backward_dense")
+        @_register_fake("fastmf::mf_backward_dense")
         def _mf_backward_dense_fake(grad_out, users, items, user_factors, item_factors):
             torch._check(grad_out.shape[0] == users.shape[0])
             return user_factors.new_empty(user_factors.shape), item_factors.new_empty(
                 item_factors.shape)
 
-    @torch.library.register_fake("fastmf::sparse_adagrad_update")
+    @_register_fake("fastmf::sparse_adagrad_update")
     def _sparse_adagrad_update_fake(weight, state, ids, grad_rows, lr, eps, rowwise):
         return None
 
-    @torch.library.register_fake("fastmf::sparse_sgd_update")
+    @_register_fake("fastmf::sparse_sgd_update")
     def _sparse_sgd_update_fake(weight, ids, grad_rows, lr):
         return None
 
-    @torch.library.register_fake("fastmf::train_step")
+    @_register_fake("fastmf::train_step")
     def _train_step_fake(user_factors, *args, **kwargs):
         return user_factors.new_empty(())
 
-    @torch.library.register_fake("fastmf::train_step_pairwise")
+    @_register_fake("fastmf::train_step_pairwise")
     def _train_step_pairwise_fake(user_factors, *args, **kwargs):
         return user_factors.new_empty(())
 
     # An extension built before this op lacks it; everything else still works.
     if hasattr(torch.ops.fastmf, "train_step_pairwise_sampled"):
 
-        @torch.library.register_fake("fastmf::train_step_pairwise_sampled")
+        @_register_fake("fastmf::train_step_pairwise_sampled")
         def _train_step_pairwise_sampled_fake(user_factors, *args, **kwargs):
             return user_factors.new_empty(())
 
@@ -496,7 +531,7 @@ if native_available():
 
     if hasattr(torch.ops.fastmf, "train_steps_pairwise_sampled"):
 
-        @torch.library.register_fake("fastmf::train_steps_pairwise_sampled")
+        @_register_fake("fastmf::train_steps_pairwise_sampled")
         def _train_steps_pairwise_sampled_fake(user_factors, item_factors, user_bias,
                                                item_bias, user_factors_state,
                                                item_factors_state, user_bias_state,
@@ -508,7 +543,7 @@ if native_available():
 
     if hasattr(torch.ops.fastmf, "train_steps_sampled"):
 
-        @torch.library.register_fake("fastmf::train_steps_sampled")
+        @_register_fake("fastmf::train_steps_sampled")
         def _train_steps_sampled_fake(user_factors, item_factors, user_bias, item_bias,
                                       user_factors_state, item_factors_state, user_bias_state,
                                       item_bias_state, users, pos_items, pos_indptr,
@@ -519,20 +554,20 @@ if native_available():
 
     if hasattr(torch.ops.fastmf, "permutation"):
 
-        @torch.library.register_fake("fastmf::permutation")
+        @_register_fake("fastmf::permutation")
         def _permutation_fake(out, seed):
             return None
 
     if hasattr(torch.ops.fastmf, "sample_negatives"):
 
-        @torch.library.register_fake("fastmf::sample_negatives")
+        @_register_fake("fastmf::sample_negatives")
         def _sample_negatives_fake(users, pos_indptr, pos_indices, num_items, num_negatives,
                                    *args, **kwargs):
             return users.new_empty((users.shape[0], num_negatives), dtype=torch.int64)
 
     if hasattr(torch.ops.fastmf, "train_step_sampled"):
 
-        @torch.library.register_fake("fastmf::train_step_sampled")
+        @_register_fake("fastmf::train_step_sampled")
         def _train_step_sampled_fake(user_factors, *args, **kwargs):
             return user_factors.new_empty(())
 
@@ -558,7 +593,7 @@ if native_available():
     )
 
 
-    @torch.library.register_fake("fastmf::topk_scores")
+    @_register_fake("fastmf::topk_scores")
     def _topk_scores_fake(queries, item_factors, item_bias, k, exclude_indptr, exclude_indices,
                           candidates):
         torch._check(k > 0, lambda: f"fastmf.topk_scores: k must be positive, got {k}")
@@ -613,7 +648,7 @@ if native_available():
     # (Tensor(a!) in their schemas).
     if hasattr(torch.ops.fastmf, "embedding_bag_forward"):
 
-        @torch.library.register_fake("fastmf::embedding_bag_forward")
+        @_register_fake("fastmf::embedding_bag_forward")
         def _embedding_bag_forward_fake(weight, indices, offsets, per_sample_weights, pooling):
             torch._check(weight.dim() == 2, lambda: "fastmf.embedding_bag_forward: weight "
                          "must be 2-D")
@@ -624,22 +659,22 @@ if native_available():
             return weight.new_empty((offsets.shape[0] - 1, weight.shape[1]),
                                     dtype=accumulation_dtype(weight.dtype))
 
-        @torch.library.register_fake("fastmf::embedding_bag_backward")
+        @_register_fake("fastmf::embedding_bag_backward")
         def _embedding_bag_backward_fake(grad_output, indices, offsets, per_sample_weights,
                                          pooling):
             torch._check(grad_output.dim() == 2 and indices.dim() == 1)
             torch._check(grad_output.shape[0] == offsets.shape[0] - 1)
             return grad_output.new_empty((indices.shape[0], grad_output.shape[1]))
 
-        @torch.library.register_fake("fastmf::sparse_update")
+        @_register_fake("fastmf::sparse_update")
         def _sparse_update_fake(weight, state1, state2, ids, grad_rows, *settings):
             return None
 
-        @torch.library.register_fake("fastmf::embedding_bag_backward_update")
+        @_register_fake("fastmf::embedding_bag_backward_update")
         def _embedding_bag_backward_update_fake(weight, state1, state2, grad_output, *rest):
             return None
 
-        @torch.library.register_fake("fastmf::embedding_bag_backward_update_pair")
+        @_register_fake("fastmf::embedding_bag_backward_update_pair")
         def _embedding_bag_backward_update_pair_fake(*args):
             return None
 
@@ -671,7 +706,7 @@ if native_available():
     # unique_bags: its output sizes (distinct ids, bag entries) depend on the values.
     if hasattr(torch.ops.fastmf, "unique_bags"):
 
-        @torch.library.register_fake("fastmf::unique_bags")
+        @_register_fake("fastmf::unique_bags")
         def _unique_bags_fake(ids, indptr, indices, weights):
             op = "fastmf.unique_bags"
             for name, t in (("ids", ids), ("indptr", indptr), ("indices", indices),
@@ -689,7 +724,7 @@ if native_available():
     # gradients above); its own gradient is the gather.
     if hasattr(torch.ops.fastmf, "scatter_rows"):
 
-        @torch.library.register_fake("fastmf::scatter_rows")
+        @_register_fake("fastmf::scatter_rows")
         def _scatter_rows_fake(ids, rows, num_rows):
             torch._check(ids.dim() == 1, lambda: "fastmf.scatter_rows: ids must be 1-D")
             torch._check(rows.dim() in (1, 2),
