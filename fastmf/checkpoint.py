@@ -284,6 +284,9 @@ def _check_target(path: Path, who: str) -> Path:
         info = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         info = None
+    if info is None and os.path.lexists(path):  # a link to nothing: not ours to follow
+        raise CheckpointError(f"{who}: cannot save to {path}: it is a link to "
+                              f"{os.readlink(path)}, which does not exist")
     if info is None:
         # Missing parents are created by the save; the nearest existing one decides.
         ancestor = Path(os.path.abspath(path)).parent
@@ -1105,6 +1108,16 @@ def load_checkpoint(path, *, device=None, backend: str = "auto") -> Checkpoint:
     """
     from fastmf.optim import SparseAdagrad, SparseSGD
 
+    if device is not None:
+        # Before reading: a device torch cannot use is the caller's error, not the file's.
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"fastmf.load: device {device!r} is not a torch device "
+                             f"({exc})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"fastmf.load: device {str(device)!r}: this torch has no usable "
+                             "CUDA device (torch.cuda.is_available() is False)")
     path = Path(path)
     config, tensors = _read(path, backend)
     name = config.get("model_class", "MF")
@@ -1118,7 +1131,10 @@ def load_checkpoint(path, *, device=None, backend: str = "auto") -> Checkpoint:
     else:
         state = {name.removeprefix("model."): value for name, value in tensors.items()
                  if name.startswith("model.")}
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except ValueError as exc:  # a model's own checks of what it loaded
+            raise CheckpointError(f"fastmf.load: {path}: {exc}") from None
     get_data(model, tensors, config.get("id_maps", {}))
     optimizer = None
     opt_spec = config.get("optimizer")

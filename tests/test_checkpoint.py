@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import safetensors.torch
 import torch
+from _checkpoints import resealed, set_entry
 
 import fastmf
 from fastmf import checkpoint
@@ -176,6 +177,14 @@ def test_save_refuses_files_foreign_configs_and_unwritable_places(tmp_path):
                 check_save_target(locked / "a" / "b")
         finally:
             locked.chmod(0o755)
+    # A link to nothing: refused by name, not a FileExistsError from inside the save.
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone")
+    for save in (lambda: model.save(dangling), lambda: check_save_target(dangling)):
+        with pytest.raises(CheckpointError, match="it is a link to .*gone, which does not "
+                                                  "exist"):
+            save()
+    assert dangling.is_symlink() and not (tmp_path / "gone").exists()
 
 
 def test_save_into_an_empty_folder_and_over_a_checkpoint_keeps_other_files(tmp_path):
@@ -365,6 +374,17 @@ def test_format1_checkpoints_load_and_can_be_overwritten(tmp_path):
 
 
 # -- 3. shapes are checked against the safetensors header before anything is allocated -----------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_load_onto_a_device_torch_cannot_use_is_the_callers_error(tmp_path):
+    model, opt = make_model()
+    model.save(tmp_path / "ck", optimizer=opt)
+    with pytest.raises(ValueError, match="device 'cuda': this torch has no usable CUDA"):
+        fastmf.load(tmp_path / "ck", device="cuda")
+    with pytest.raises(ValueError, match="device 'gpu7' is not a torch device"):
+        fastmf.load(tmp_path / "ck", device="gpu7")
+    assert fastmf.load(tmp_path / "ck", device="cpu").user_factors.device.type == "cpu"
+
 
 class MustNotBuild(fastmf.MF):
     def __init__(self, *args, **kwargs):
@@ -693,3 +713,43 @@ if given is not None:
 else:
     def test_damaged_checkpoints_property():
         pytest.importorskip("hypothesis", reason="the property tests need hypothesis")
+
+
+def _time_state(day_range=None, **entries):
+    def change(tensors):
+        if day_range is not None:
+            tensors["model.day_range"] = torch.tensor(day_range)
+        for name, (index, value) in entries.items():
+            tensors[f"model.{name}"][index] = value
+    return change
+
+
+@pytest.mark.parametrize("cls, change, message", [
+    ("Hybrid", set_entry("model.items.weights", 3, float("nan")),
+     "item_features weights must be finite and >= 0, got nan"),
+    ("Hybrid", set_entry("model.users.weights", 0, -2.0), "user_features weights must be"),
+    ("Hybrid", set_entry("model.items.indices", 5, 10**6), "item_features holds index 1000000"),
+    ("Hybrid", set_entry("model.users.indptr", 7, -4), "user_features offsets must not decrease"),
+    ("Item2Vec", set_entry("model.history_indptr", -1, 10**6),
+     "history offsets must run from 0 to its"),
+    ("Item2Vec", set_entry("model.history_items", 0, -1), "history holds index -1"),
+    ("TimeSVDpp", _time_state(user_last_day=(0, -10**15)),
+     "user_last_day holds -1000000000000000, outside the training days"),
+    ("TimeSVDpp", _time_state(user_mean_day=(2, float("nan"))), "user_mean_day holds nan"),
+    ("TimeSVDpp", _time_state(day_range=[5, 2]), r"day_range must be \(first, last\)"),
+    ("TimeSVDpp", _time_state(user_day_keys=(1, -3)), "user_day_keys must ascend strictly"),
+])
+def test_hand_edited_model_state_is_refused(tmp_path, cls, change, message):
+    """What a model gathers from without further checks (feature matrices, histories, a
+    timeSVD++ model's days) is checked when loaded: a file edited and hashed again passes
+    the checksums, and loaded as it was it gave NaN scores, IndexErrors from inside a
+    recommend, or predicted ratings of -876."""
+    data = fastmf.datasets.synthetic(num_users=50, num_items=40, num_interactions=400, seed=0)
+    torch.manual_seed(0)
+    model = getattr(fastmf.models, cls).from_interactions(data, dim=4)
+    fastmf.fit(model, data, epochs=1, progress=False)
+    model.save(tmp_path / "ck")
+    fastmf.load(tmp_path / "ck")  # as saved: loads
+    resealed(tmp_path / "ck", change)
+    with pytest.raises(CheckpointError, match=message):
+        fastmf.load(tmp_path / "ck")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _checkpoints import resealed, set_entry
 
 import fastmf
 from fastmf.data import Interactions
@@ -367,3 +368,56 @@ def test_prepare_again_keeps_trained_day_biases():
         assert after[pair] == before[pair]
     for pair in set(after) - kept:
         assert after[pair] == 0.0
+
+
+@pytest.mark.parametrize("cls", [SVDpp, TimeSVDpp])
+@pytest.mark.parametrize("change, message", [
+    (set_entry("model.history_offsets", 10, 10**6), r"history offsets must not decrease, got "
+                                               r"1000000 then \d+ at row 10"),
+    (set_entry("model.history_offsets", 0, 3), "history offsets must run from 0 to"),
+    (set_entry("model.history_offsets", -1, 7), "history offsets must run from 0 to"),
+    (set_entry("model.history_items", 4, NUM_ITEMS), rf"history holds index {NUM_ITEMS}, "
+                                                rf"outside \[0, {NUM_ITEMS}\)"),
+    (set_entry("model.history_items", 2, -1), "history holds index -1"),
+    (set_entry("model.global_mean", (), float("nan")), "global_mean must be finite"),
+])
+def test_a_hand_edited_history_is_refused_at_load(tmp_path, cls, change, message):
+    """N(u) is cut into bags without further checks, so a loaded one is checked first: a
+    decreasing offset once crashed the interpreter in the first recommend."""
+    data = random_data(seed=5)
+    torch.manual_seed(0)
+    model = cls.from_interactions(data, dim=DIM)
+    fastmf.fit(model, data, epochs=1, progress=False)
+    model.save(tmp_path / "ck")
+    assert fastmf.load(tmp_path / "ck").history_offsets.equal(model.history_offsets)
+    resealed(tmp_path / "ck", change)
+    with pytest.raises(fastmf.checkpoint.CheckpointError, match=message):
+        fastmf.load(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("cls", [SVDpp, TimeSVDpp])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "3.5"])
+def test_global_mean_must_be_a_finite_number(cls, value):
+    error = TypeError if isinstance(value, str) else ValueError
+    with pytest.raises(error, match=f"fastmf.models.{cls.__name__}: global_mean must be"):
+        cls(NUM_USERS, NUM_ITEMS, dim=DIM, global_mean=value)
+    model = cls(NUM_USERS, NUM_ITEMS, dim=DIM, global_mean=3.5)
+    with pytest.raises(error, match="set_global_mean: value must be"):
+        model.set_global_mean(value)
+    assert model.mu == 3.5 and float(model.global_mean) == 3.5
+
+
+@pytest.mark.parametrize("stamp", [float("nan"), float("inf"), float("-inf")])
+def test_timesvdpp_refuses_times_without_a_day(stamp):
+    """A NaN or infinite time became the most negative int64 day, and a prediction tens of
+    thousands of stars off the scale."""
+    data = random_data(seed=6)
+    torch.manual_seed(0)
+    model = TimeSVDpp.from_interactions(data, dim=DIM)
+    users, items = torch.tensor([0, 1]), torch.tensor([0, 1])
+    for stamps in (torch.tensor([1.0e9, stamp]), np.array([1.0e9, stamp])):
+        with pytest.raises(ValueError, match="TimeSVDpp: timestamps must be finite"):
+            model(users, items, stamps)
+    with pytest.raises(ValueError, match="timestamps must be finite, got NaT"):
+        model(users, items, np.array(["2001-01-01", "NaT"], dtype="datetime64[s]"))
+    assert torch.isfinite(model(users, items, torch.tensor([1.0e9, 1.1e9]))).all()

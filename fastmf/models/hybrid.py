@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from fastmf import checkpoint
 from fastmf.data.features import Features
 from fastmf.models._rows import pair_users, table_kernels
+from fastmf.models._state import check_csr_state
 from fastmf.models.base import IMPLICIT, Recommender, pointwise_loss
 from fastmf.nn import EmbeddingBag
 from fastmf.nn.embedding import fused_optimizer
@@ -97,6 +98,12 @@ class FeatureSide(nn.Module):
                                  init_scale=init_scale)
         with torch.no_grad():
             self.bias.weight.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Every lookup's bags are cut from this matrix; its weights scale the rows pooled.
+        check_csr_state(self.op, f"{self.name}_features", self.indptr, self.indices,
+                        self.table.num_embeddings, self.weights, signed=self.signed)
 
     def _matrix(self, features, num_rows: int) -> tuple[sp.csr_matrix, int, bool]:
         """(final CSR weights with identity columns, F, normalize) from Features, a scipy

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from fastmf import checkpoint
 from fastmf import nn as fnn
+from fastmf.models._state import check_csr_state
 from fastmf.models.base import Batch, Recommender
 
 __all__ = ["Item2Vec", "keep_probability", "sequences_to_interactions", "skipgram_pairs",
@@ -323,6 +324,12 @@ class Item2Vec(Recommender):
         if train.num_items != self.num_items:
             raise ValueError(f"{OP}: the data has {train.num_items} items, the model "
                              f"{self.num_items}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The user vectors are gathered from these rows without further checks.
+        check_csr_state(OP, "history", self.history_indptr, self.history_items,
+                        self.num_items)
 
     def prepare(self, train) -> None:
         """Build the per-user histories (the training sequences) from ``train``

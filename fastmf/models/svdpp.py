@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastmf import checkpoint
+from fastmf.models._state import check_csr_state
 from fastmf.models.base import Recommender
 from fastmf.nn import Embedding, EmbeddingBag
+from fastmf.ops.checks import check_finite_number
 from fastmf.optim import (
     SparseAdagrad,
     SparseAdam,
@@ -106,17 +108,28 @@ def timestamps_to_days(timestamps) -> Tensor:
     """Whole days since the Unix epoch (int64 tensor) of ``timestamps``: numbers are
     seconds since the epoch (what ``Interactions`` holds for MovieLens); numpy datetime64
     values are converted first."""
+    # A NaN or infinite time (or NaT) has no day: cast to int64 it became the most
+    # negative day, and a prediction tens of thousands of stars away.
+    bad = "fastmf.models.TimeSVDpp: timestamps must be finite, got "
     if isinstance(timestamps, Tensor):
         if timestamps.is_floating_point():
+            finite = torch.isfinite(timestamps)
+            if not bool(finite.all()):
+                raise ValueError(bad + f"{float(timestamps[~finite][0])}")
             return torch.floor(timestamps.double() / SECONDS_PER_DAY).long()
         return torch.div(timestamps.long(), SECONDS_PER_DAY, rounding_mode="floor")
     array = np.asarray(timestamps)
     if array.dtype.kind == "M":
+        if np.isnat(array).any():
+            raise ValueError(bad + "NaT")
         array = array.astype("datetime64[s]").astype(np.int64)
     if array.dtype.kind not in "iuf":
         raise TypeError(f"fastmf.models.TimeSVDpp: timestamps must be numbers (seconds) or "
                         f"datetime64, got dtype {array.dtype}")
     if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise ValueError(bad + f"{array[~finite].flat[0]}")
         return torch.as_tensor(np.floor(array / SECONDS_PER_DAY).astype(np.int64))
     return torch.as_tensor(np.floor_divide(array.astype(np.int64), SECONDS_PER_DAY))
 
@@ -186,6 +199,7 @@ class SVDpp(Recommender):
         self.num_items = _check_count(op, "num_items", num_items, 1)
         self.dim = _check_count(op, "dim", dim, 1)
         history_size = _check_count(op, "history_size", history_size, 0)
+        global_mean = check_finite_number(f"models.{op}", global_mean=global_mean)
         self.bias_reg = _check_float(op, "bias_reg", self.default_bias_reg if bias_reg is None
                                      else bias_reg)
         self.init_scale = _check_float(op, "init_scale", init_scale)
@@ -243,13 +257,24 @@ class SVDpp(Recommender):
         return self._mu
 
     def set_global_mean(self, value: float) -> None:
-        self._mu = float(value)
-        self.global_mean.fill_(float(value))
+        self._mu = check_finite_number(f"models.{type(self).__name__}.set_global_mean", value=value)
+        self.global_mean.fill_(self._mu)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._check_loaded()
         self._mu = float(self.global_mean)
         self._set_history_sizes()
+
+    def _check_loaded(self) -> None:
+        """N(u) and mu as loaded (fastmf.models._state): the bags of :meth:`_implicit` are
+        cut from N(u) without further checks."""
+        op = f"fastmf.models.{type(self).__name__}"
+        check_csr_state(op, "history", self.history_offsets, self.history_items,
+                        self.num_items)
+        if not torch.isfinite(self.global_mean).all():
+            raise ValueError(f"{op}: global_mean must be finite, got "
+                             f"{float(self.global_mean)}")
 
     def _set_history_sizes(self) -> None:
         """|N(u)|^-1/2 per user (0 for users without history), cached from the CSR."""
@@ -531,6 +556,35 @@ class TimeSVDpp(SVDpp):
         # (first, last) training day; last < first until prepared.
         self.register_buffer("day_range", torch.tensor([0, -1], dtype=torch.int64,
                                                        device=device))
+
+    def _check_loaded(self) -> None:
+        """SVDpp's checks, and the time state as :meth:`prepare` leaves it: the training
+        days (first <= last, or unprepared), each user's last day and (for users with
+        ratings) mean day inside them, the
+        (user, day) keys ascending and inside users x days. An edited last day of -10^15
+        had predicted ratings of about -876."""
+        super()._check_loaded()
+        op = "fastmf.models.TimeSVDpp"
+        first, last = (int(v) for v in self.day_range.cpu())
+        if last < first:
+            if (first, last) != (0, -1):
+                raise ValueError(f"{op}: day_range must be (first, last) training days with "
+                                 f"first <= last, or (0, -1) before training; got "
+                                 f"({first}, {last})")
+            return
+        # t_u of a user without ratings is 0 and unused (dev_u is 0 there).
+        rated = (self.history_offsets[1:] > self.history_offsets[:-1]).cpu()
+        mean, latest = self.user_mean_day.cpu()[rated], self.user_last_day.cpu()
+        for name, days in (("user_mean_day", mean), ("user_last_day", latest)):
+            outside = ~((days >= first) & (days <= last))
+            if bool(outside.any()):
+                raise ValueError(f"{op}: {name} holds {days[outside][0].item()}, outside "
+                                 f"the training days [{first}, {last}]")
+        keys = self.user_day_keys.cpu()
+        limit = self.num_users * (last - first + 1)
+        if keys.numel() and (int(keys[0]) < 0 or int(keys[-1]) >= limit
+                             or bool((keys[1:] <= keys[:-1]).any())):
+            raise ValueError(f"{op}: user_day_keys must ascend strictly inside [0, {limit})")
 
     def get_config(self) -> dict:
         return dict(super().get_config(), num_bins=self.num_bins, beta=self.beta,
