@@ -188,21 +188,16 @@ def default_dim(data) -> int:
 def _reindex(data, user_map, item_map, what: str):
     """``data`` re-indexed into other id maps (a model's, the training data's); rows with
     users or items the maps do not hold are dropped, with a note."""
-    from fastmf.data import Interactions
-
-    users = user_map.lookup(data.user_map.raw_ids[data.users])
-    items = item_map.lookup(data.item_map.raw_ids[data.items])
-    keep = (users >= 0) & (items >= 0)
-    if not keep.any():
-        raise CliError(f"{what}: none of its users and items are in the training data")
-    dropped = int((~keep).sum())
+    try:
+        out = data.reindex(user_map, item_map)
+    except ValueError:
+        raise CliError(f"{what}: none of its users and items are in the training data") \
+            from None
+    dropped = len(data) - len(out)
     if dropped:
-        _note(f"{what}: {dropped:,} of {len(keep):,} interactions with users/items unknown "
+        _note(f"{what}: {dropped:,} of {len(data):,} interactions with users/items unknown "
               "to the model skipped")
-    return Interactions(users[keep], items[keep],
-                        None if data.ratings is None else data.ratings[keep],
-                        None if data.timestamps is None else data.timestamps[keep],
-                        user_map=user_map, item_map=item_map)
+    return out
 
 
 def _model_space(model, data, what: str = "--data"):

@@ -99,6 +99,11 @@ def _evaluate(model, test, train, metrics, k, batch_size) -> dict[str, float]:
 
     if isinstance(metrics, str):
         metrics = (metrics,)
+    # Indices of the model's own id maps (a test set read with maps of its own re-indexed).
+    maps = getattr(model, "user_map", None), getattr(model, "item_map", None)
+    test = test.in_maps_of(*maps, "fastmf.evaluate", "test")
+    if train is not None:
+        train = train.in_maps_of(*maps, "fastmf.evaluate", "train")
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"fastmf.evaluate: k must be a positive int, got {k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or (

@@ -112,7 +112,9 @@ def _as_interactions(data, name: str, like: Interactions | None = None) -> Inter
     columns. ``like``: the training set whose index space a validation set must use (a
     DataFrame's rows with raw ids unknown to it are dropped)."""
     if isinstance(data, Interactions):
-        return data
+        if like is None:
+            return data
+        return data.in_maps_of(like.user_map, like.item_map, "fastmf.fit", name)
     if hasattr(data, "tocsr") and hasattr(data, "nnz"):
         converted = Interactions.from_scipy(data)
         if like is not None and converted.shape != like.shape:
@@ -266,6 +268,12 @@ def fit(
     # An implicit loss with no negatives would train nothing (every step's loss is 0).
     num_negatives = _count("num_negatives", defaults.get("num_negatives", 4)
                            if num_negatives is None else num_negatives, 1 if implicit else 0)
+    if early_stopping is not None:
+        # Patience in epochs: 0 or less would stop after the first epoch whatever it scored.
+        early_stopping = _count("early_stopping", early_stopping, 1)
+        if valid is None:
+            raise ValueError("fastmf.fit: early_stopping needs valid= (the held-out "
+                             "interactions it monitors)")
     model.check_data(train)
     if train.weights is not None and not model.uses_weights:
         raise ValueError(
@@ -276,7 +284,9 @@ def fit(
     if not implicit and train.ratings is None:
         raise ValueError(f"fastmf.fit: loss {loss!r} needs ratings; these interactions have "
                          "none (use loss='bpr' or 'bce' for implicit feedback)")
-    seed = int(np.random.SeedSequence().entropy % (2**31)) if seed is None else int(seed)
+    seed = (int(np.random.SeedSequence().entropy % (2**31)) if seed is None
+            else _count("seed", seed, 0))
+    k = _count("k", k, 1)
     if resume and checkpoint is None:
         raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")
     if checkpoint is not None and dctx is not None:

@@ -132,6 +132,8 @@ def test_existing_maps_put_new_data_in_the_same_index_space():
          r"user ids contain 1 missing value\(s\) \(first at row 1\)"),
         (dict(users=[0, 1], items=[0, 1], timestamps=[1.0, np.nan]), ValueError,
          "timestamps contain 1"),
+        (dict(users=[0, 1], items=[0, 1], ratings=np.array(["1", "x"])), ValueError,
+         r"fastmf.Interactions: ratings must be numbers, got dtype <U1"),
     ],
 )
 def test_validation_errors(kwargs, error, match):

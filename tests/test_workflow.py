@@ -235,12 +235,97 @@ def test_fit_rejects_bad_input(ratings):
                             (dict(batch_size=True), "batch_size must be an int"),
                             (dict(loss="bpr", num_negatives=0), "num_negatives must be an "
                              "int >= 1, got 0"),
-                            (dict(loss="bce", num_negatives=2.5), "num_negatives")):
+                            (dict(loss="bce", num_negatives=2.5), "num_negatives"),
+                            # patience 0 or less stopped after the first epoch
+                            (dict(valid=train, early_stopping=0), "early_stopping must be an "
+                             "int >= 1, got 0"),
+                            (dict(valid=train, early_stopping=-1), "early_stopping must be"),
+                            (dict(early_stopping=3), "early_stopping needs valid="),
+                            (dict(seed=-1), "seed must be an int >= 0, got -1"),
+                            (dict(valid=train, k=0), "k must be an int >= 1, got 0")):
         before = model.user_factors.detach().clone()
         with pytest.raises(ValueError, match=message):
             fastmf.fit(model, implicit if "num_negatives" in kwargs else train,
                        progress=False, **kwargs)
         assert torch.equal(model.user_factors, before)  # nothing trained
+
+
+def own_maps(data, rows, extra_users=(), extra_items=()):
+    """``rows`` of ``data`` as a test file read on its own would give them: raw ids numbered
+    by the file (here in reverse), plus interactions of users and items the data lacks."""
+    users = [*data.user_map.raw_ids[data.users[rows]], *extra_users]
+    items = [*data.item_map.raw_ids[data.items[rows]], *extra_items]
+    ratings = np.concatenate([data.ratings[rows], np.full(len(extra_users), 3.0)])
+    own_users = fastmf.data.IdMap(sorted(set(users), key=str, reverse=True))
+    own_items = fastmf.data.IdMap(sorted(set(items), key=str, reverse=True))
+    return Interactions(own_users.index(users), own_items.index(items), ratings,
+                        user_map=own_users, item_map=own_items)
+
+
+def test_a_test_set_with_its_own_id_maps_is_scored_by_raw_id():
+    """A test set read with id maps of its own numbers users and items its own way; scored
+    by index it would be other users' ratings. evaluate and fit(valid=) re-index it through
+    the raw ids into the model's maps, leave out (with a warning) what the model does not
+    know, and refuse a test set that shares nothing with the training data."""
+    rng = np.random.default_rng(7)
+    n = 2000
+    data = Interactions.from_arrays([f"u{k}" for k in (rng.zipf(1.4, n) % 60)],
+                                    [f"i{k}" for k in (rng.zipf(1.3, n) % 40)],
+                                    ratings=rng.integers(1, 6, n).astype(float))
+    train, test = random_split(data, 0.2, seed=1)
+    torch.manual_seed(0)
+    model = fastmf.MF(train.num_users, train.num_items, dim=4)
+    fastmf.fit(model, train, epochs=3, progress=False)
+    metrics = ("rmse", "mae", "ndcg@5", "auc")
+    want = fastmf.evaluate(model, test, train=train, metrics=metrics)
+    rows = np.arange(len(test))
+    own = own_maps(test, rows)
+    assert not own.same_ids(model.user_map, model.item_map)
+    assert fastmf.evaluate(model, own, train=train, metrics=metrics) == want
+    # Unknown users and items: left out, with a warning.
+    more = own_maps(test, rows, extra_users=["new-user", "u1"], extra_items=["i1", "new-item"])
+    with pytest.warns(UserWarning, match="2 of .* test interactions have users or items"):
+        assert fastmf.evaluate(model, more, train=train, metrics=metrics) == want
+    # fit's validation set likewise.
+    torch.manual_seed(0)
+    a = fastmf.MF(train.num_users, train.num_items, dim=4)
+    torch.manual_seed(0)
+    b = fastmf.MF(train.num_users, train.num_items, dim=4)
+    rows_a = fastmf.fit(a, train, valid=test, epochs=2, progress=False).epochs
+    rows_b = fastmf.fit(b, train, valid=own, epochs=2, progress=False).epochs
+    assert [r["rmse"] for r in rows_a] == [r["rmse"] for r in rows_b]
+    strangers = Interactions.from_arrays(["x", "y"], ["p", "q"], ratings=[1.0, 2.0])
+    with pytest.raises(ValueError, match="none of the 2 test interactions has a user and an "
+                                         "item of the training data"):
+        fastmf.evaluate(model, strangers)
+    # Data built from indices (identity maps) is taken as indices, as before.
+    by_index = Interactions(test.users, test.items, test.ratings,
+                            user_map=train.num_users, item_map=train.num_items)
+    assert fastmf.evaluate(model, by_index, metrics=("rmse",))["rmse"] == want["rmse"]
+    # ... within the training data's index space.
+    beyond = Interactions([0, train.num_users], [1, 2], [3.0, 4.0],
+                          user_map=train.num_users + 1, item_map=train.num_items)
+    with pytest.raises(ValueError, match=f"the valid interactions hold user index "
+                                         f"{train.num_users}, but the training data has"):
+        fastmf.fit(model, train, valid=beyond, epochs=1, progress=False)
+
+
+def test_reindex_keeps_the_values_of_the_rows_it_keeps():
+    data = Interactions.from_arrays(["a", "b", "c", "a"], ["x", "y", "x", "z"],
+                                    ratings=[1.0, 2.0, 3.0, 4.0], timestamps=[10, 20, 30, 40])
+    data = data.with_weights([0.5, 1.0, 1.5, 2.0])
+    target_users = fastmf.data.IdMap(["c", "a"])
+    target_items = fastmf.data.IdMap(["z", "x"])
+    out = data.reindex(target_users, target_items)
+    assert out.users.tolist() == [1, 0, 1] and out.items.tolist() == [1, 1, 0]
+    assert out.ratings.tolist() == [1.0, 3.0, 4.0]
+    assert out.timestamps.tolist() == [10, 30, 40]
+    assert out.weights.tolist() == [0.5, 1.5, 2.0]
+    assert out.user_map is target_users and out.item_map is target_items
+    with pytest.raises(TypeError, match="user_map must be an IdMap"):
+        data.reindex(2, target_items)
+    with pytest.raises(ValueError, match="none of the 4 interactions has a user and an item"):
+        data.reindex(fastmf.data.IdMap(["q"]), target_items)
 
 
 def test_suggest_dim_rules():

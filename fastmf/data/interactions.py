@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,11 @@ class IdMap:
 
     def __len__(self) -> int:
         return len(self._raw)
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether this is :meth:`identity`'s map (raw ids are the indices)."""
+        return isinstance(self._lookup, pd.RangeIndex)
 
     def __repr__(self) -> str:
         return f"IdMap({len(self)} {self.kind} ids, raw dtype {self._raw.dtype})"
@@ -363,7 +369,12 @@ class Interactions:
         n = len(users)
         lengths = {"users": n, "items": len(items)}
         if ratings is not None:
-            ratings = _to_numpy(ratings).astype(np.float32, copy=False)
+            raw = _to_numpy(ratings)
+            try:
+                ratings = raw.astype(np.float32, copy=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"fastmf.Interactions: ratings must be numbers, got dtype "
+                                 f"{raw.dtype} ({exc})") from None
             lengths["ratings"] = len(ratings) if ratings.ndim == 1 else -1
         if timestamps is not None:
             timestamps = _as_timestamps(timestamps)
@@ -871,6 +882,74 @@ class Interactions:
             None if self.timestamps is None else self.timestamps[sel],
             weights=None if self.weights is None else self.weights[sel],
         )
+
+    def in_maps_of(self, user_map: IdMap | None, item_map: IdMap | None, who: str,
+                   name: str) -> Interactions:
+        """This data in the index space of ``user_map``/``item_map`` (a model's, a training
+        set's), for scoring against them. Data read with id maps of its own (a test file
+        read without ``user_map=``) numbers its users and items in its own way, and its
+        indices taken as they stand would be other users and items: such data is re-indexed
+        through its raw ids (:meth:`reindex`), the rows with users or items the maps do not
+        hold left out with a warning (a ValueError when none is left). Data with the same
+        maps, with identity maps (built from indices) or scored against no maps (None) is
+        returned as it is. ``who`` and ``name`` name the caller and the data in messages."""
+        if user_map is None or item_map is None:
+            return self
+        if self.same_ids(user_map, item_map) or (self.user_map.is_identity
+                                                  and self.item_map.is_identity):
+            for side, ids, m in (("user", self.users, user_map), ("item", self.items, item_map)):
+                if ids.max() >= len(m):
+                    raise ValueError(f"{who}: the {name} interactions hold {side} index "
+                                     f"{int(ids.max())}, but the training data has {len(m):,} "
+                                     f"{side}s")
+            return self
+        if not self._in_maps(user_map, item_map)[2].any():
+            raise ValueError(f"{who}: none of the {len(self):,} {name} interactions has a "
+                             "user and an item of the training data (its id maps hold other "
+                             "raw ids)")
+        out = self.reindex(user_map, item_map)
+        if len(out) < len(self):
+            warnings.warn(f"{who}: {len(self) - len(out):,} of {len(self):,} {name} "
+                          "interactions have users or items the training data does not "
+                          "know; they are left out", stacklevel=4)
+        return out
+
+    def _in_maps(self, user_map: IdMap, item_map: IdMap):
+        """(users, items, keep): each row's indices in the other maps (-1 where unknown) and
+        the rows both maps hold."""
+        users = user_map.lookup(self.user_map.raw_ids[self.users])
+        items = item_map.lookup(self.item_map.raw_ids[self.items])
+        return users, items, (users >= 0) & (items >= 0)
+
+    def same_ids(self, user_map: IdMap, item_map: IdMap) -> bool:
+        """Whether this data's id maps are ``user_map`` and ``item_map`` (the same objects,
+        or the same raw ids in the same order): then its indices mean the same users and
+        items."""
+        return all(own is other or (len(own) == len(other)
+                                    and np.array_equal(own.raw_ids, other.raw_ids))
+                   for own, other in ((self.user_map, user_map), (self.item_map, item_map)))
+
+    def reindex(self, user_map: IdMap, item_map: IdMap) -> Interactions:
+        """These interactions in other id maps (a model's, a training set's): each row's raw
+        user and item ids looked up there. Rows whose user or item those maps do not hold
+        are left out (compare ``len`` before and after); the ratings, timestamps and weights
+        of the others are kept. Titles and item metadata belong to the old item indices and
+        are not carried over.
+
+        >>> test = test.reindex(model.user_map, model.item_map)  # doctest: +SKIP
+        """
+        for name, m in (("user_map", user_map), ("item_map", item_map)):
+            if not isinstance(m, IdMap):
+                raise TypeError(f"fastmf.Interactions.reindex: {name} must be an IdMap, got "
+                                f"{type(m).__name__}")
+        users, items, keep = self._in_maps(user_map, item_map)
+        if not keep.any():
+            raise ValueError(f"fastmf.Interactions.reindex: none of the {len(self):,} "
+                             "interactions has a user and an item in these maps")
+        ratings, stamps, weights = (None if a is None else a[keep]
+                                    for a in (self.ratings, self.timestamps, self.weights))
+        return Interactions(users[keep], items[keep], ratings, stamps, user_map=user_map,
+                            item_map=item_map, weights=weights)
 
     def drop_duplicates(self, keep: str = "last") -> Interactions:
         """One row per (user, item) pair: the ``"first"`` or ``"last"`` occurrence in row
