@@ -4,6 +4,7 @@ validation, early stopping, checkpoints and exact resume."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -318,9 +319,13 @@ def fit(
     start_epoch = 0
     best_state = None
     resumed = None
+    # What a resumed run must repeat to end as an uninterrupted one would.
+    run = None if checkpoint is None or dctx is not None else _run_record(
+        train, loss=loss, batch_size=batch_size, lr=lr, reg=reg, num_negatives=num_negatives,
+        negative_distribution=str(negative_distribution), seed=seed)
     if resume:
         resumed = (dctx.resume(optimizer, checkpoint) if dctx is not None
-                   else _resume(model, optimizer, checkpoint))
+                   else _resume(model, optimizer, checkpoint, run))
     if resumed is not None:
         start_epoch, saved_history, best_state = resumed
         if saved_history is not None:
@@ -401,8 +406,9 @@ def fit(
             else:
                 bad_epochs += 1
         if checkpoint is not None:
-            (dctx.save_progress if dctx is not None else partial(_save_progress, model))(
-                optimizer, checkpoint, history, epoch, improved, early_stopping)
+            save = (dctx.save_progress if dctx is not None
+                    else partial(_save_progress, model, run=run))
+            save(optimizer, checkpoint, history, epoch, improved, early_stopping)
         if early_stopping and valid is not None and bad_epochs >= early_stopping:
             history.stopped_early = True
             break
@@ -425,11 +431,41 @@ def _best_path(path: Path) -> Path:
     return path.with_name(path.name + ".best")
 
 
-def _save_progress(model, optimizer, path: Path, history, epoch, improved, early_stopping):
+def _save_progress(model, optimizer, path: Path, history, epoch, improved, early_stopping,
+                   run=None):
     if improved and early_stopping:
         model.save(_best_path(path))
-    model.save(path, optimizer=optimizer,
-               extra={"epoch": epoch + 1, "history": history.to_dict()})
+    extra = {"epoch": epoch + 1, "history": history.to_dict()}
+    if run is not None:
+        extra["run"] = run
+    model.save(path, optimizer=optimizer, extra=extra)
+
+
+def _run_record(train, **settings) -> dict:
+    """The settings and data of a fit, as its checkpoint keeps them: a resumed run with
+    others does not end as the uninterrupted one would, and ``_resume`` says so. The data
+    enter as their size and a digest of their rows (about a millisecond for 100,000)."""
+    digest = hashlib.sha256()
+    for a in (train.users, train.items, train.ratings, train.weights):
+        if a is not None:
+            digest.update(np.ascontiguousarray(a).tobytes())
+    return {**settings, "data": f"{len(train)} rows, {train.num_users} users x "
+                                f"{train.num_items} items, sha256 {digest.hexdigest()[:16]}"}
+
+
+def _check_same_run(saved: dict, run: dict | None, path: Path) -> None:
+    """Warns when this fit resumes ``path`` with settings or data other than those it was
+    saved with (``run``: :func:`_run_record`). The epoch count may differ: resuming to
+    train longer is what it is for. Checkpoints written before the record say nothing."""
+    record = saved.get("run")
+    if run is None or not isinstance(record, dict):
+        return
+    changed = [f"{key} {record.get(key)!r} -> {value!r}" for key, value in run.items()
+               if record.get(key) != value]
+    if changed:
+        warnings.warn(f"fastmf.fit: resuming {path} with other settings than it was saved "
+                      f"with ({'; '.join(changed)}); the run will not end as an "
+                      "uninterrupted one would", stacklevel=4)
 
 
 def _saved_history(saved, path: Path) -> tuple[int, History] | None:
@@ -528,7 +564,7 @@ def _check_same_model(model: Recommender, saved, path: Path) -> None:
                          f"another config (saved, this model): {diff}")
 
 
-def _resume(model: Recommender, optimizer, path: Path):
+def _resume(model: Recommender, optimizer, path: Path, run: dict | None = None):
     """Load weights, optimizer state and history from ``path`` into ``model``/``optimizer``:
     ``(start epoch, history or None, best state)``, or None when ``path`` holds no
     checkpoint yet (a fresh start). A folder from ``model.save`` gives its weights, epoch 0
@@ -549,6 +585,7 @@ def _resume(model: Recommender, optimizer, path: Path):
         warnings.warn(f"fastmf.fit: {path} was written by model.save and holds no training "
                       "progress; training starts from its weights at epoch 0", stacklevel=3)
         return 0, None, None
+    _check_same_run(saved.extra, run, path)
     epoch, history = progress
     best_state = None
     best_path = _best_path(path)

@@ -528,6 +528,28 @@ def fit_model(data, path=None, resume=False, epochs=2, optimizer="adagrad", init
     return model
 
 
+def test_resume_with_other_settings_or_data_says_so(tmp_path):
+    """A resumed run ends as an uninterrupted one would only with the same settings and
+    data; the checkpoint keeps them and a resume with others warns, naming what changed.
+    More epochs is what resuming is for, and says nothing."""
+    import warnings
+
+    data = make_data()
+    fit_model(data, tmp_path / "ck", epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_model(data, tmp_path / "ck", resume=True, epochs=2)
+    torch.manual_seed(0)
+    model = fastmf.MF(data.num_users, data.num_items, 6)
+    with pytest.warns(UserWarning, match=r"other settings than it was saved with \(lr 0.15 -> "
+                                         r"0.3; seed 3 -> 4\)"):
+        fastmf.fit(model, data, epochs=3, lr=0.3, checkpoint=tmp_path / "ck", resume=True,
+                   seed=4, progress=False)
+    other = data.subset(np.arange(len(data) - 5))
+    with pytest.warns(UserWarning, match=rf"data '{len(data)} rows, .*' -> '{len(other)} rows"):
+        fit_model(other, tmp_path / "ck", resume=True, epochs=4)
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     data = make_data()
     straight = fit_model(data)
