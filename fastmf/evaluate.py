@@ -72,7 +72,8 @@ def evaluate(model, test: Interactions, *, train: Interactions | None = None,
       the vectors (``score_items`` for models without) for at most ``batch_size`` users
       (and about 4M scores) at a time, never all users × items at once;
     - ``"coverage"``, ``"novelty"``, ``"diversity"``: catalog coverage, mean self-information
-      (popularity from ``train``, else from ``test``) and intra-list diversity of the same
+      (``-log2`` of the share of users who interacted with each item in ``train``, else in
+      ``test``) and intra-list diversity of the same
       top-K lists (diversity: from the item vectors; ValueError for models without).
 
     Names are case-insensitive with the aliases of :func:`fastmf.metrics.parse_metric`
@@ -163,7 +164,9 @@ def _evaluate(model, test, train, metrics, k, batch_size) -> dict[str, float]:
                 out[key] = M.catalog_coverage(top, model.num_items)
             elif base == "novelty":
                 source = train if train is not None else test
-                pop = np.bincount(source.items, minlength=model.num_items)
+                # The users of each item (novelty's p(i) is the fraction of users who
+                # interacted with i), not its rows: a repeated interaction counted again.
+                pop = np.bincount(source.positive_structure()[1], minlength=model.num_items)
                 out[key] = M.novelty(top, pop, num_users=source.num_users)
             elif base == "diversity":
                 out[key] = M.intra_list_diversity(top, model.item_vectors()[0].detach().cpu())

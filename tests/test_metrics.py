@@ -266,6 +266,32 @@ def test_catalog_coverage():
         catalog_coverage(np.array([[10]]), 10)
 
 
+def test_evaluate_novelty_counts_the_users_of_each_item():
+    """evaluate's novelty takes p(i) as the fraction of users who interacted with i, as
+    novelty(num_users=...) defines it: a user's repeated interactions are one user. Counted
+    by rows, user 0's five clicks on item 1 made it look popular, and 25 made the call
+    raise (a count above the number of users)."""
+    import torch
+
+    import fastmf
+    from fastmf.data import Interactions
+
+    users, items = 10, 6
+    for repeats in (5, 25):
+        tu = list(range(users)) + [0] * repeats + [1, 2, 3]
+        ti = [0] * users + [1] * repeats + [2, 2, 2]
+        train = Interactions(tu, ti, user_map=users, item_map=items)
+        test = Interactions([4, 5], [3, 4], user_map=users, item_map=items)
+        torch.manual_seed(0)
+        model = fastmf.MF(users, items, dim=2)
+        got = fastmf.evaluate(model, test, train=train, metrics=("novelty@3",), k=3)
+        top = model.recommend(np.array([4, 5]), k=3, exclude=train)[0].numpy()
+        per_item = np.array([len({u for u, i in zip(tu, ti) if i == j}) for j in range(items)])
+        p = np.maximum(per_item, 1) / users
+        want = np.mean([np.mean(-np.log2(p[row])) for row in top])
+        assert got["novelty@3"] == pytest.approx(want)
+
+
 def test_novelty():
     counts = np.array([8, 4, 2, 0])  # a 0 counts as 1: p = 8/15, 4/15, 2/15, 1/15
     topk = np.array([[0, 1], [2, -1], [3, 3]])
