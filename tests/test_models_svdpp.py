@@ -372,10 +372,14 @@ def test_prepare_again_keeps_trained_day_biases():
 
 @pytest.mark.parametrize("cls", [SVDpp, TimeSVDpp])
 @pytest.mark.parametrize("change, message", [
-    (set_entry("model.history_offsets", 10, 10**6), r"history offsets must not decrease, got "
-                                               r"1000000 then \d+ at row 10"),
-    (set_entry("model.history_offsets", 0, 3), "history offsets must run from 0 to"),
-    (set_entry("model.history_offsets", -1, 7), "history offsets must run from 0 to"),
+    (set_entry("model.history_offsets", 10, 10**6),
+     r"history: offsets must be non-decreasing, got 1000000 then \d+ at offsets\[10\]"),
+    (set_entry("model.history_offsets", 0, 3),
+     r"history: offsets must start at 0, got offsets\[0\] = 3"),
+    (set_entry("model.history_offsets", -1, 7),
+     rf"history: offsets must be non-decreasing, got \d+ then 7 at offsets\[{NUM_USERS - 1}\]"),
+    (set_entry("model.history_offsets", -1, 10**6),
+     rf"history: offsets\[{NUM_USERS}\] = 1000000 is past the end of indices"),
     (set_entry("model.history_items", 4, NUM_ITEMS), rf"history holds index {NUM_ITEMS}, "
                                                 rf"outside \[0, {NUM_ITEMS}\)"),
     (set_entry("model.history_items", 2, -1), "history holds index -1"),

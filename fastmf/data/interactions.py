@@ -903,23 +903,17 @@ class Interactions:
                                      f"{int(ids.max())}, but the training data has {len(m):,} "
                                      f"{side}s")
             return self
-        if not self._in_maps(user_map, item_map)[2].any():
+        try:
+            out = self.reindex(user_map, item_map)
+        except ValueError:  # no row left
             raise ValueError(f"{who}: none of the {len(self):,} {name} interactions has a "
                              "user and an item of the training data (its id maps hold other "
-                             "raw ids)")
-        out = self.reindex(user_map, item_map)
+                             "raw ids)") from None
         if len(out) < len(self):
             warnings.warn(f"{who}: {len(self) - len(out):,} of {len(self):,} {name} "
                           "interactions have users or items the training data does not "
                           "know; they are left out", stacklevel=4)
         return out
-
-    def _in_maps(self, user_map: IdMap, item_map: IdMap):
-        """(users, items, keep): each row's indices in the other maps (-1 where unknown) and
-        the rows both maps hold."""
-        users = user_map.lookup(self.user_map.raw_ids[self.users])
-        items = item_map.lookup(self.item_map.raw_ids[self.items])
-        return users, items, (users >= 0) & (items >= 0)
 
     def same_ids(self, user_map: IdMap, item_map: IdMap) -> bool:
         """Whether this data's id maps are ``user_map`` and ``item_map`` (the same objects,
@@ -942,7 +936,9 @@ class Interactions:
             if not isinstance(m, IdMap):
                 raise TypeError(f"fastmf.Interactions.reindex: {name} must be an IdMap, got "
                                 f"{type(m).__name__}")
-        users, items, keep = self._in_maps(user_map, item_map)
+        users = user_map.lookup(self.user_map.raw_ids[self.users])
+        items = item_map.lookup(self.item_map.raw_ids[self.items])
+        keep = (users >= 0) & (items >= 0)
         if not keep.any():
             raise ValueError(f"fastmf.Interactions.reindex: none of the {len(self):,} "
                              "interactions has a user and an item in these maps")

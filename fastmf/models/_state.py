@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastmf.ops.checks import check_offsets_values
+
 
 def check_csr_state(op: str, name: str, indptr: Tensor, indices: Tensor, num_columns: int,
                     weights: Tensor | None = None, *, signed: bool = False) -> None:
@@ -20,16 +22,8 @@ def check_csr_state(op: str, name: str, indptr: Tensor, indices: Tensor, num_col
     matrix as loaded: indptr from 0 to nnz without decreasing, every index in [0,
     num_columns), every weight finite and (unless ``signed``) >= 0."""
     indptr, indices = indptr.detach().cpu(), indices.detach().cpu()
-    nnz = indices.numel()
-    if indptr.numel() == 0 or int(indptr[0]) != 0 or int(indptr[-1]) != nnz:
-        ends = "none" if indptr.numel() == 0 else f"{int(indptr[0])} to {int(indptr[-1])}"
-        raise ValueError(f"{op}: {name} offsets must run from 0 to its {nnz} entries, got "
-                         f"{ends}")
-    drops = torch.nonzero(indptr[1:] < indptr[:-1])
-    if drops.numel():
-        row = int(drops[0])
-        raise ValueError(f"{op}: {name} offsets must not decrease, got {int(indptr[row])} "
-                         f"then {int(indptr[row + 1])} at row {row}")
+    # The offsets' rules and messages of the bag ops (from 0, non-decreasing, to nnz).
+    check_offsets_values(f"{op.removeprefix('fastmf.')}: {name}", indptr, indices.numel())
     bad = torch.nonzero((indices < 0) | (indices >= num_columns))
     if bad.numel():
         raise ValueError(f"{op}: {name} holds index {int(indices[int(bad[0])])}, outside "

@@ -272,9 +272,7 @@ class SVDpp(Recommender):
         op = f"fastmf.models.{type(self).__name__}"
         check_csr_state(op, "history", self.history_offsets, self.history_items,
                         self.num_items)
-        if not torch.isfinite(self.global_mean).all():
-            raise ValueError(f"{op}: global_mean must be finite, got "
-                             f"{float(self.global_mean)}")
+        check_finite_number(op.removeprefix("fastmf."), global_mean=float(self.global_mean))
 
     def _set_history_sizes(self) -> None:
         """|N(u)|^-1/2 per user (0 for users without history), cached from the CSR."""
