@@ -959,4 +959,41 @@ inline void check_weight_values(const char* op, const scalar_t* w, int64_t n) {
                     *bad);
 }
 
+// pooled_rank_steps (fastmf/ops/checks.py check_pooled_rank_steps, in its order): the run's
+// ids (n,) int32/int64 of equal length, its weights undefined or (n,) float, batch_size and
+// num_negatives >= 1, the loss "bpr" or "bce", reg finite and >= 0, and (step, seed, stochastic
+// rounding) for each of the four tables. The tables, bags and optimizer settings are checked
+// by the ops the steps call, before their first write.
+inline void check_pooled_rank_steps(const char* op, const at::Tensor& users,
+                                    const at::Tensor& pos_items,
+                                    const std::optional<at::Tensor>& weights,
+                                    int64_t num_negatives, int64_t batch_size,
+                                    c10::string_view loss, double reg, at::IntArrayRef steps,
+                                    at::IntArrayRef seeds, at::IntArrayRef rounding) {
+  check_index_tensor(op, "users", users);
+  check_index_tensor(op, "pos_items", pos_items);
+  check_same_length(op, "users", users, "pos_items", pos_items);
+  check_device_of(op, "pos_items", pos_items, "users", users);
+  if (weights.has_value()) {
+    TORCH_CHECK_TYPE(at::isFloatingType(weights->scalar_type()), "fastmf.", op,
+                     ": weights must be a floating tensor, got ",
+                     py_dtype(weights->scalar_type()));
+    TORCH_CHECK_VALUE(weights->dim() == 1, "fastmf.", op, ": weights must be 1-D, got shape ",
+                      py_shape(weights->sizes()));
+    check_same_length(op, "users", users, "weights", *weights);
+    check_device_of(op, "weights", *weights, "users", users);
+  }
+  TORCH_CHECK_VALUE(batch_size >= 1, "fastmf.", op, ": batch_size must be >= 1, got ",
+                    batch_size);
+  TORCH_CHECK_VALUE(num_negatives >= 1, "fastmf.", op, ": num_negatives must be >= 1, got ",
+                    num_negatives);
+  TORCH_CHECK_VALUE(loss == c10::string_view("bpr") || loss == c10::string_view("bce"),
+                    "fastmf.", op, ": loss must be 'bpr' or 'bce', got '", std::string(loss),
+                    "'");
+  check_setting(op, "reg", reg);
+  TORCH_CHECK_VALUE(steps.size() == 4 && seeds.size() == 4 && rounding.size() == 4, "fastmf.",
+                    op, ": steps, seeds and stochastic_rounding must hold one value per table "
+                    "(4), got ", steps.size(), ", ", seeds.size(), " and ", rounding.size());
+}
+
 }  // namespace fastmf

@@ -9,7 +9,9 @@
 // the bundles of csrc/args.h at the op boundary (csrc/ops.h).
 //
 // A new family adds its schema block here, csrc/cpu/<family>.cpp and
-// csrc/cuda/<family>.cu, and its checks in csrc/checks.h.
+// csrc/cuda/<family>.cu, and its checks in csrc/checks.h. One op has no kernel of its own:
+// pooled_rank_steps (csrc/pooled_steps.cpp) is a loop over the other ops, registered for
+// both devices from that one file.
 #ifndef FASTMF_NO_PYTHON
 #include <Python.h>
 #endif
@@ -210,6 +212,27 @@ TORCH_LIBRARY(fastmf, m) {
       "float beta1, float beta2, float weight_decay, int weight_decay_mode, int step, "
       "int seed, bool stochastic_rounding, int step_b, int seed_b, "
       "bool stochastic_rounding_b) -> ()");
+  // Ranking steps of two-sided pooled embeddings (fastmf/ops/reference/pooled.py): for each
+  // run of batch_size ids of users/pos_items in turn (the t-th at draw step t), the uniform
+  // negatives of sample_negatives(users, pos_indptr, pos_indices, num_items, num_negatives,
+  // seed, t), each side's distinct ids pooled from its CSR bags (indptr, indices, weights)
+  // by its table and bias column (N, 1), the loss ("bpr" or "bce", each positive weighted
+  // by weights, plus reg times the squared pooled outputs over B) and one
+  // embedding_bag_backward_update_pair per side with the shared optimizer settings; steps,
+  // seeds, stochastic_rounding: the first step and the rounding of the user table, user bias,
+  // item table and item bias, in that order (step + t at run t). Returns the runs' losses.
+  m.def(
+      "pooled_rank_steps(Tensor(a!) user_table, Tensor(b!)? user_table_state1, "
+      "Tensor(c!)? user_table_state2, Tensor(d!) user_bias, Tensor(e!)? user_bias_state1, "
+      "Tensor(f!)? user_bias_state2, Tensor(g!) item_table, Tensor(h!)? item_table_state1, "
+      "Tensor(i!)? item_table_state2, Tensor(j!) item_bias, Tensor(k!)? item_bias_state1, "
+      "Tensor(l!)? item_bias_state2, Tensor user_indptr, Tensor user_indices, "
+      "Tensor user_weights, Tensor item_indptr, Tensor item_indices, Tensor item_weights, "
+      "Tensor users, Tensor pos_items, Tensor? weights, Tensor pos_indptr, "
+      "Tensor pos_indices, int num_items, int num_negatives, int batch_size, int seed, "
+      "str loss, float reg, int optimizer, float lr, float eps, float beta1, float beta2, "
+      "float weight_decay, int weight_decay_mode, int[] steps, int[] seeds, "
+      "int[] stochastic_rounding) -> Tensor");
 }
 
 #ifndef FASTMF_NO_PYTHON

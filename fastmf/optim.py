@@ -39,6 +39,7 @@ from fastmf.memory import cat_rows, empty_table
 from fastmf.nn import embedding as nn_embedding
 from fastmf.nn.embedding import embedding_kernels, stochastic_rounding_of, table_info
 from fastmf.ops import checks
+from fastmf.ops.args import RowOptimizerArgs
 from fastmf.ops.codes import Optimizer, Pooling, WeightDecay
 from fastmf.ops.reference.embedding_bag import random_bits, stochastic_round
 
@@ -61,6 +62,14 @@ def _step_hooks_registered(optimizer: torch.optim.Optimizer) -> bool:
                   getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
                   getattr(torch_optimizer, "_global_optimizer_post_hooks", None))
     return any(r is None or len(r) > 0 for r in registries)
+
+
+def has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step hook is registered on ``optimizer``, on one of its parts (a
+    :class:`CombinedOptimizer`) or for every optimizer: then a training loop must call
+    step() batch by batch, and an op that runs an epoch's steps in one call may not."""
+    parts = getattr(optimizer, "optimizers", ())
+    return _step_hooks_registered(optimizer) or any(has_step_hooks(p) for p in parts)
 
 
 def _is_legacy_dtype(param: Tensor) -> bool:
@@ -221,7 +230,7 @@ class _SparseOptimizer(torch.optim.Optimizer):
         group = self.hyperparameters(weight)
         self.check_group(group)
         step = self._next_step(weight)
-        self._fused_kernels(weight.device).embedding_bag_backward_update(
+        self.fused_kernels(weight.device).embedding_bag_backward_update(
             weight.detach(), *self.states(weight), grad_output, indices, offsets,
             per_sample_weights, int(pooling), *self._row_args(group, weight, step))
         self.state[weight]["step"] = step
@@ -244,14 +253,28 @@ class _SparseOptimizer(torch.optim.Optimizer):
         settings = self._row_args(group, weight, step)
         # (step, seed, stochastic rounding) of the second weight: its own.
         own_b = self._row_args(group, weight_b, step_b)[-3:]
-        self._fused_kernels(weight.device).embedding_bag_backward_update_pair(
+        self.fused_kernels(weight.device).embedding_bag_backward_update_pair(
             weight.detach(), *self.states(weight), grad_output, weight_b.detach(),
             *self.states(weight_b), grad_output_b, indices, offsets, per_sample_weights,
             int(pooling), *settings, *own_b)
         self.state[weight]["step"] = step
         self.state[weight_b]["step"] = step_b
 
-    def _fused_kernels(self, device: torch.device):
+    def next_row_args(self, weight: Tensor) -> RowOptimizerArgs:
+        """The settings of ``weight``'s next fused step, as :meth:`apply_fused` passes them to
+        the kernels: its group's, checked now, with the step count after this step, its
+        seed and its rounding. For an op that runs several steps in one call (step + t at
+        its t-th), which then counts them with :meth:`count_steps`."""
+        group = self.hyperparameters(weight)
+        self.check_group(group)
+        return RowOptimizerArgs(*self._row_args(group, weight, self._next_step(weight)))
+
+    def count_steps(self, weight: Tensor, count: int) -> None:
+        """Advance ``weight``'s step count by ``count`` fused steps an op ran in one call."""
+        if count:
+            self.state[weight]["step"] = self._next_step(weight) + count - 1
+
+    def fused_kernels(self, device: torch.device):
         """embedding_kernels(self.backend, device), resolved once per device."""
         cache = self.__dict__.setdefault("_fused_kernels_by_device", {})
         key = (self.backend, device)

@@ -438,7 +438,7 @@ def test_apply_fused_pair_equals_two_updates(name, groups, monkeypatch):
         return table, bias, fastmf.optim.apply_in_backward(make(params))
 
     pair, two = build(), build()
-    kernels = pair[2]._fused_kernels(torch.device("cpu"))
+    kernels = pair[2].fused_kernels(torch.device("cpu"))
     calls = []
     real = kernels.embedding_bag_backward_update_pair
     monkeypatch.setattr(kernels, "embedding_bag_backward_update_pair",

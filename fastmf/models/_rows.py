@@ -17,12 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from fastmf import ops
+from fastmf.ops.reference.pooled import pair_users
 
-
-def pair_users(user_at: Tensor, n: int) -> Tensor:
-    """The user position of every pair of B positives and their (B, n) negatives, laid out
-    as the pairs' item positions are: the B positives, then the negatives row by row."""
-    return torch.cat([user_at, user_at.repeat_interleave(n)])
+__all__ = ["pair_users", "table_kernels", "unique_ids"]
 
 
 def unique_ids(ids: Tensor, size: int) -> tuple[Tensor, Tensor]:

@@ -43,9 +43,11 @@ from fastmf.models._state import check_csr_state
 from fastmf.models.base import IMPLICIT, Recommender, pointwise_loss
 from fastmf.nn import EmbeddingBag
 from fastmf.nn.embedding import fused_optimizer
+from fastmf.ops.args import PooledSide
 from fastmf.ops.checks import accumulation_dtype
 from fastmf.ops.codes import Pooling
-from fastmf.ops.reference.embedding_bag import add_rows
+from fastmf.ops.reference.pooled import rank_backward, rank_forward
+from fastmf.optim import has_step_hooks
 from fastmf.recommender import warp_choice
 
 __all__ = ["Hybrid"]
@@ -330,92 +332,6 @@ class _Pooled:
         return (counts * (self.vec.square().sum(1) + self.bias.square())).sum()
 
 
-def _rank_forward(p: Tensor, bu: Tensor, q: Tensor, bi: Tensor, user_at: Tensor,
-                  pos_at: Tensor, neg_at: Tensor, loss: str, weights: Tensor | None,
-                  reg: float, kernels: ModuleType, batch: int | None = None):
-    """A ranking step's loss from the rows pooled once (see :class:`_RankLoss`) and what its
-    backward (:func:`_rank_backward`) needs: ``(value, (at_user, at_item, c_pos, c_neg),
-    counts)``."""
-    size, n = neg_at.shape
-    batch = size if batch is None else batch
-    flat_neg = neg_at.reshape(-1)
-    # Every pair (positives, then negatives row by row) scored by mf_forward on the
-    # distinct rows: the forward writes no (pairs, dim) block of gathered rows (at
-    # batch 4096 with 4 negatives such a block is 5 MB).
-    at_user = pair_users(user_at, n)
-    at_item = torch.cat([pos_at, flat_neg])
-    scores = kernels.mf_forward(at_user, at_item, p, q, bu, bi, 0.0)
-    pos, neg = scores[:size], scores[size:].view(size, n)
-    w = None if weights is None else weights.to(pos.dtype)
-    if loss == "bpr":
-        diff = neg - pos.unsqueeze(1)
-        pairs = diff.numel()
-        terms = torch.nn.functional.softplus(diff)
-        if w is not None:
-            terms = terms * w.unsqueeze(1)
-        value = terms.sum() / max(pairs, 1)
-        # d/d neg of softplus(neg - pos) is sigmoid(neg - pos); d/d pos its negative.
-        c_neg = diff.sigmoid_()
-        if w is not None:
-            c_neg.mul_(w.unsqueeze(1))
-        c_neg.div_(max(pairs, 1))
-        c_pos = c_neg.sum(1).neg_()
-    elif loss == "warp":  # n == 1: each positive's chosen violator
-        hinge = (1.0 - pos).add_(neg[:, 0])
-        value = (hinge * w).sum() / max(batch, 1)
-        c_pos = w.neg().div_(max(batch, 1))
-        c_neg = w.div(max(batch, 1)).unsqueeze(1)
-    else:  # bce
-        pairs = size * (n + 1)
-        softplus = torch.nn.functional.softplus
-        pos_terms = softplus(-pos)  # label 1: -log sigmoid(pos)
-        if w is not None:
-            pos_terms = pos_terms * w
-        value = (pos_terms.sum() + softplus(neg).sum()) / max(pairs, 1)
-        c_pos = torch.sigmoid(-pos).neg_()
-        if w is not None:
-            c_pos.mul_(w)
-        c_pos.div_(max(pairs, 1))
-        c_neg = torch.sigmoid(neg).div_(max(pairs, 1))
-    counts = None
-    if reg and size:
-        user_count = torch.bincount(user_at, minlength=len(p)).to(p.dtype)
-        item_count = torch.bincount(at_item, minlength=len(q)).to(q.dtype)
-        value = value + reg / batch * (
-            (user_count * (p.square().sum(1) + bu.square())).sum()
-            + (item_count * (q.square().sum(1) + bi.square())).sum())
-        counts = (user_count.mul_(2 * reg / batch), item_count.mul_(2 * reg / batch))
-    return value, (at_user, at_item, c_pos, c_neg), counts
-
-
-def _rank_backward(grad: Tensor, p: Tensor, bu: Tensor, q: Tensor, bi: Tensor,
-                   at_user: Tensor, at_item: Tensor, c_pos: Tensor, c_neg: Tensor, counts,
-                   kernels: ModuleType) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The gradients ``(grad_p, grad_bu, grad_q, grad_bi)`` of :func:`_rank_forward`'s
-    value times ``grad`` with respect to the distinct rows."""
-    size = c_pos.shape[0]
-    coef = torch.cat([c_pos, c_neg.reshape(-1)]).mul_(grad)
-    # Each pair's rows of the two tables' gradients (coef times the other side's row),
-    # summed into the distinct rows in index order, without forming the rows.
-    grad_p, grad_q = kernels.mf_backward_dense(coef, at_user, at_item, p, q)
-    # A user's bias takes each positive's terms summed first: under BPR they cancel
-    # exactly (c_pos = -sum c_neg), and a rounding residue would become a whole
-    # normalised step under Adagrad or Adam.
-    # add_rows: index_add_ on the CPU (a row's terms in index order; the native
-    # scatter_rows costs about 5 us a call more here, and Hybrid's step is what its
-    # comparison with LightFM times), and on CUDA a sorted, fixed-order sum where
-    # index_add_ adds with atomics: the same bits on every run there too.
-    grad_bu = add_rows(torch.zeros_like(bu), at_user[:size], (c_pos + c_neg.sum(1)).mul_(grad))
-    grad_bi = add_rows(torch.zeros_like(bi), at_item, coef)
-    if counts is not None:
-        user_count, item_count = (c * grad for c in counts)
-        grad_p.addcmul_(p, user_count.unsqueeze(1))
-        grad_bu.addcmul_(bu, user_count)
-        grad_q.addcmul_(q, item_count.unsqueeze(1))
-        grad_bi.addcmul_(bi, item_count)
-    return grad_p, grad_bu, grad_q, grad_bi
-
-
 class _RankLoss(torch.autograd.Function):
     """A ranking step's loss from the rows pooled once, with a hand-written backward:
     BPR (:func:`pairwise_loss`) or BCE (:func:`pointwise_loss`, positives labelled 1 and
@@ -442,15 +358,15 @@ class _RankLoss(torch.autograd.Function):
     def forward(ctx, p: Tensor, bu: Tensor, q: Tensor, bi: Tensor, user_at: Tensor,
                 pos_at: Tensor, neg_at: Tensor, loss: str, weights: Tensor | None, reg: float,
                 kernels: ModuleType, batch: int | None = None) -> Tensor:
-        value, saved, ctx.counts = _rank_forward(p, bu, q, bi, user_at, pos_at, neg_at, loss,
-                                                 weights, reg, kernels, batch)
+        value, saved, ctx.counts = rank_forward(p, bu, q, bi, user_at, pos_at, neg_at, loss,
+                                                weights, reg, kernels, batch)
         ctx.save_for_backward(p, bu, q, bi, *saved)
         ctx.kernels = kernels
         return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grads = _rank_backward(grad, *ctx.saved_tensors, ctx.counts, ctx.kernels)
+        grads = rank_backward(grad, *ctx.saved_tensors, ctx.counts, ctx.kernels)
         return *grads, None, None, None, None, None, None, None, None
 
 
@@ -658,14 +574,85 @@ class Hybrid(Recommender):
         optimizer.step()
         return total.detach(), size
 
+    def train_epoch(self, train, optimizer, *, batch_size: int, loss: str,
+                    num_negatives: int, sampler, generator: torch.Generator,
+                    reg: float) -> tuple[Tensor, list[int], int] | None:
+        """bpr and bce with uniform negatives, all four tables updated in backward by one
+        optimizer with one group (as :func:`fastmf.fit` trains them): the epoch as one
+        ``pooled_rank_steps`` call on the tables' backend (the batches, negatives and
+        updates of :meth:`batches` and :meth:`training_step`, bit for bit; the native op is
+        their loop in C++). Five epochs on ml-latest-small's warm split (BPR, batch 4,096,
+        two threads) took 47-54 ms this way against 70-76 ms batch by batch, alternated in
+        one process: the per-batch Python between the kernels is gone
+        (benchmarks/README.md, "Hybrid's epoch in one call"). None otherwise (fit runs the
+        batches)."""
+        if loss not in ("bpr", "bce") or sampler is None or sampler.distribution != "uniform":
+            return None
+        # A subclass that changes how batches are made or stepped keeps its own hooks.
+        cls = type(self)
+        if cls.batches is not Recommender.batches or cls.training_step is not Hybrid.training_step:
+            return None
+        fused = self._fused_sides(optimizer)
+        if fused is None:
+            return None
+        opt, sides = fused
+        device = self._param_device()
+        kernels = table_kernels(self, device, kernel="pooled_rank_steps")
+        # Batch by batch the optimizer's own backend applies the updates: the one call
+        # only where that is the tables' backend, so that it repeats them bit for bit.
+        if opt.fused_kernels(device) is not kernels:
+            return None
+        users, items, _, weights, _ = self._shuffled(train, loss, generator)
+        indptr, indices = sampler.csr(device)
+        optimizer.zero_grad()
+        losses = kernels.pooled_rank_steps(*sides, users, items, weights, indptr, indices,
+                                           sampler.num_items, num_negatives, batch_size,
+                                           generator.initial_seed(), loss, float(reg))
+        for side in (self.users, self.items):
+            for module in (side.table, side.bias):
+                opt.count_steps(module.weight, len(losses))
+        n = users.shape[0]
+        pairs = n * num_negatives if loss == "bpr" else n * (1 + num_negatives)
+        return losses, [min(batch_size, n - lo) for lo in range(0, n, batch_size)], pairs
+
+    def _fused_sides(self, optimizer) -> tuple[object, tuple[PooledSide, PooledSide]] | None:
+        """(the optimizer, both sides as ``pooled_rank_steps`` takes them) when one fused
+        optimizer updates all four tables in backward with one group's settings, on one
+        device, no step hook would be skipped and ``optimizer`` holds nothing else (so its
+        step() has nothing to do); else None."""
+        if not (self.users.updated_in_backward() and self.items.updated_in_backward()):
+            return None
+        modules = [m for side in (self.users, self.items) for m in (side.table, side.bias)]
+        weights = [m.weight for m in modules]
+        opt = fused_optimizer(weights[0])
+        if any(fused_optimizer(w) is not opt for w in weights):
+            return None
+        group = opt.hyperparameters(weights[0])
+        if any(opt.hyperparameters(w) is not group for w in weights) \
+                or len({w.device for w in weights}) > 1:
+            return None
+        if has_step_hooks(optimizer) or has_step_hooks(opt):
+            return None
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(all(p is not w for w in weights) for p in held):
+            return None
+        sides = tuple(PooledSide(side.table.weight.detach(), opt.states(side.table.weight),
+                                 opt.next_row_args(side.table.weight),
+                                 side.bias.weight.detach(), opt.states(side.bias.weight),
+                                 opt.next_row_args(side.bias.weight), side.indptr,
+                                 side.indices, side.weights)
+                      for side in (self.users, self.items))
+        return opt, sides
+
     def _rank_update(self, users: Tensor, items: Tensor, n: int, loss: str,
                      weights: Tensor | None, reg: float, batch: int | None = None) -> Tensor:
         """Pool ``users`` (B,) and ``items`` (the B positives, then their (B, n) negatives
         row by row) once per distinct id, take the ranking loss (:class:`_RankLoss`) and
         update the tables; returns the loss. When both sides' tables are updated in
         backward (as :func:`fastmf.fit` trains them) the step runs without an autograd
-        graph: :func:`_rank_forward` and :func:`_rank_backward` on the same values, and
-        each table's fused update with its pooled rows' gradient, which is what the
+        graph: :func:`~fastmf.ops.reference.pooled.rank_forward` and
+        :func:`~fastmf.ops.reference.pooled.rank_backward` on the same values, and each
+        table's fused update with its pooled rows' gradient, which is what the
         backward pass computes and queues; the same kernels in the same order on the same
         inputs, so the same bits. Otherwise it is a backward pass through
         :class:`_RankLoss`. (The graph, its engine and the queued updates were about a
@@ -696,10 +683,10 @@ class Hybrid(Recommender):
         size = users.shape[0]
         pu, pi = _PooledBags(self.users, users), _PooledBags(self.items, items)
         pos_at, neg_at = pi.inverse.split([size, size * n])
-        value, saved, counts = _rank_forward(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse,
+        value, saved, counts = rank_forward(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse,
                                              pos_at, neg_at.view(size, n), loss, weights,
                                              float(reg), kernels, batch)
-        grad_p, grad_bu, grad_q, grad_bi = _rank_backward(
+        grad_p, grad_bu, grad_q, grad_bi = rank_backward(
             torch.ones_like(value), pu.vec, pu.bias, pi.vec, pi.bias, *saved, counts, kernels)
         pu.update(grad_p, grad_bu)
         pi.update(grad_q, grad_bi)

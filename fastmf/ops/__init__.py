@@ -8,7 +8,10 @@ run: a backend is a module with the same functions and arguments as the others â
   (PyTorch's dispatcher picks the CPU or CUDA kernel by the tensors' device).
 
 Each backend module has one file per op family (``pointwise``: forward/backward, sparse
-updates, ``train_step``; ``pairwise``: ``train_step_pairwise``; ``topk``: ``topk_scores``).
+updates, ``train_step``; ``pairwise``: ``train_step_pairwise``; ``topk``: ``topk_scores``;
+``embedding_bag``: the bag lookups and fused updates; ``sampling``: negatives and an epoch's
+order; ``pooled``: ``pooled_rank_steps``, an epoch of ranking steps over pooled bags, a loop
+over the other families' ops).
 Loss and optimizer codes are in :mod:`fastmf.ops.codes`, the argument bundles in
 :mod:`fastmf.ops.args`, every Python-side input check in :mod:`fastmf.ops.checks`.
 

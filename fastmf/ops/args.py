@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastmf.ops.codes import Optimizer, WeightDecay
 
-__all__ = ["MFTables", "OptimizerArgs", "RowOptimizerArgs"]
+__all__ = ["MFTables", "OptimizerArgs", "PooledSide", "RowOptimizerArgs"]
 
 
 class MFTables(NamedTuple):
@@ -54,3 +54,24 @@ class RowOptimizerArgs(NamedTuple):
     step: int = 1
     seed: int = 0
     stochastic_rounding: bool = False
+
+
+class PooledSide(NamedTuple):
+    """One side (users or items) of the pooled ranking steps
+    (:func:`fastmf.ops.reference.pooled.pooled_rank_steps`): a table ``(N, K)`` and its bias
+    column ``(N, 1)``, each with its optimizer states ``(state1, state2)`` as the embedding
+    ops take them (None where the optimizer keeps none) and its :class:`RowOptimizerArgs`
+    (``step``: the step of the first run), and the CSR bags that pool its ids: ``indptr``
+    (R + 1,), ``indices`` (nnz,) rows of the tables, ``weights`` (nnz,) float (a features
+    matrix, identity rows included). The four tables of a call share the optimizer
+    settings; each has its own step, seed and rounding."""
+
+    table: Tensor
+    table_states: tuple[Tensor | None, Tensor | None]
+    table_args: RowOptimizerArgs
+    bias: Tensor
+    bias_states: tuple[Tensor | None, Tensor | None]
+    bias_args: RowOptimizerArgs
+    indptr: Tensor
+    indices: Tensor
+    weights: Tensor

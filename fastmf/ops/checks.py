@@ -820,3 +820,37 @@ def check_backward_update_pair(op, tables, indices, offsets, per_sample_weights,
             if a is not None and b is not None and \
                     a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
                 raise ValueError(f"fastmf.{op}: {names[j]} shares memory with {names[i]}")
+
+
+def check_pooled_rank_steps(op: str, users_side, items_side, users: torch.Tensor,
+                            pos_items: torch.Tensor, weights, num_negatives: int,
+                            batch_size: int, loss: str, reg: float) -> None:
+    """pooled_rank_steps' own arguments (csrc/checks.h check_pooled_rank_steps, in its
+    order), and that the four tables share the optimizer settings (their args differ in
+    step, seed and rounding only). The tables, bags and settings themselves are checked by
+    the ops the steps call, before their first write."""
+    check_index_tensor(op, "users", users)
+    check_index_tensor(op, "pos_items", pos_items)
+    check_same_length(op, users=users, pos_items=pos_items)
+    check_same_device(op, "users", users, pos_items=pos_items)
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            what = weights.dtype if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise TypeError(f"fastmf.{op}: weights must be a floating tensor, got {what}")
+        if weights.dim() != 1:
+            raise ValueError(f"fastmf.{op}: weights must be 1-D, got shape "
+                             f"{tuple(weights.shape)}")
+        check_same_length(op, users=users, weights=weights)
+        check_same_device(op, "users", users, weights=weights)
+    check_int(op, "batch_size", batch_size, 1)
+    check_int(op, "num_negatives", num_negatives, 1)
+    if loss not in ("bpr", "bce"):
+        raise ValueError(f"fastmf.{op}: loss must be 'bpr' or 'bce', got {loss!r}")
+    check_settings(op, reg=reg)
+    shared = users_side.table_args[:7]
+    for side, name in ((users_side, "user"), (items_side, "item")):
+        for args, table in ((side.table_args, "table"), (side.bias_args, "bias")):
+            if args[:7] != shared:
+                raise ValueError(f"fastmf.{op}: the {name} {table}'s optimizer settings "
+                                 f"{tuple(args[:7])} differ from the user table's "
+                                 f"{tuple(shared)}; the four tables share them")

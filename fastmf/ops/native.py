@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from fastmf._extension import native_available
-from fastmf.ops.args import MFTables, OptimizerArgs
+from fastmf.ops import checks
+from fastmf.ops.args import MFTables, OptimizerArgs, PooledSide
 from fastmf.ops.checks import accumulation_dtype
 from fastmf.ops.codes import Loss, Optimizer, PairwiseLoss, Pooling, WeightDecay, parse
 from fastmf.ops.reference.embedding_bag import add_rows, per_sample_weights_grad
@@ -44,6 +45,7 @@ __all__ = [
     "sparse_update",
     "embedding_bag_backward_update",
     "embedding_bag_backward_update_pair",
+    "pooled_rank_steps",
 ]
 
 
@@ -439,6 +441,36 @@ def scatter_rows(ids: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     return _differentiable(torch.ops.fastmf.scatter_rows.default, ids, rows, num_rows)
 
 
+def pooled_rank_steps(users_side: PooledSide, items_side: PooledSide, users: Tensor,
+                      pos_items: Tensor, weights: Tensor | None, pos_indptr: Tensor,
+                      pos_indices: Tensor, num_items: int, num_negatives: int,
+                      batch_size: int, seed: int, loss: str, reg: float) -> Tensor:
+    """In place: the ranking steps of each run of ``batch_size`` positives in turn, in one
+    call (``csrc/pooled_steps.cpp``: the loop of
+    :func:`fastmf.ops.reference.pooled.pooled_rank_steps` in C++ over the native kernels);
+    returns the runs' losses."""
+    op = "pooled_rank_steps"
+    checks.check_pooled_rank_steps(op, users_side, items_side, users, pos_items, weights,
+                                   num_negatives, batch_size, loss, reg)
+    a = users_side.table_args
+    sides = (users_side, items_side)
+    per_table = [(side.table_args, side.bias_args) for side in sides]
+    args = [x for pair in per_table for x in pair]
+    tables = [t for side in sides for t in (side.table, *side.table_states, side.bias,
+                                            *side.bias_states)]
+    with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+        losses = torch.ops.fastmf.pooled_rank_steps.default(
+            *tables, users_side.indptr, users_side.indices, users_side.weights,
+            items_side.indptr, items_side.indices, items_side.weights, users, pos_items,
+            weights, pos_indptr, pos_indices, int(num_items), int(num_negatives),
+            int(batch_size), int(seed), str(loss), float(reg), int(a.optimizer),
+            float(a.lr), float(a.eps), float(a.beta1), float(a.beta2), float(a.weight_decay),
+            int(a.weight_decay_mode), [int(x.step) for x in args], [int(x.seed) for x in args],
+            [int(bool(x.stochastic_rounding)) for x in args])
+    _written(*tables)
+    return losses
+
+
 def _tensors_by_name(names, args, kwargs):
     """(argument name, tensor) of every tensor argument, lists of tensors included."""
     for name, value in [*zip(names, args), *kwargs.items()]:
@@ -677,6 +709,16 @@ if native_available():
         @_register_fake("fastmf::embedding_bag_backward_update_pair")
         def _embedding_bag_backward_update_pair_fake(*args):
             return None
+
+    if hasattr(torch.ops.fastmf, "pooled_rank_steps"):
+
+        @_register_fake("fastmf::pooled_rank_steps")
+        def _pooled_rank_steps_fake(user_table, *args, **kwargs):
+            users, batch_size = args[17], args[24]
+            n = users.shape[0]
+            dtype = accumulation_dtype(user_table.dtype)
+            return user_table.new_empty((n // batch_size + (n % batch_size != 0),),
+                                        dtype=dtype)
 
         def _embedding_bag_forward_setup(ctx, inputs, output):
             weight, indices, offsets, per_sample_weights, pooling = inputs

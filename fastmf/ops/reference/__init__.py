@@ -26,6 +26,7 @@ from fastmf.ops.reference.pointwise import (
     train_step_sampled,
     train_steps_sampled,
 )
+from fastmf.ops.reference.pooled import pooled_rank_steps
 from fastmf.ops.reference.sampling import permutation, sample_negatives
 from fastmf.ops.reference.topk import topk_scores
 
@@ -34,7 +35,7 @@ NAME = "reference"
 __all__ = ["NAME", "embedding_bag_backward", "embedding_bag_backward_update",
            "embedding_bag_backward_update_pair", "embedding_bag_forward", "mf_backward",
            "mf_backward_dense", "mf_forward",
-           "permutation", "sample_negatives", "scatter_rows",
+           "permutation", "pooled_rank_steps", "sample_negatives", "scatter_rows",
            "sparse_adagrad_update", "sparse_sgd_update", "sparse_update", "topk_scores",
            "train_step", "train_step_pairwise", "train_step_pairwise_sampled",
            "train_steps_pairwise_sampled", "train_steps_sampled",
