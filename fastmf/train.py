@@ -341,11 +341,11 @@ def fit(
     best_state = None
     resumed = None
     # What a resumed run must repeat to end as an uninterrupted one would.
-    run = None if checkpoint is None or dctx is not None else _run_record(
+    run = None if checkpoint is None else _run_record(
         train, loss=loss, batch_size=batch_size, lr=lr, reg=reg, num_negatives=num_negatives,
         negative_distribution=str(negative_distribution), seed=seed)
     if resume:
-        resumed = (dctx.resume(optimizer, checkpoint) if dctx is not None
+        resumed = (dctx.resume(optimizer, checkpoint, run) if dctx is not None
                    else _resume(model, optimizer, checkpoint, run))
     if resumed is not None:
         start_epoch, saved_history, best_state = resumed
@@ -430,7 +430,7 @@ def fit(
             else:
                 bad_epochs += 1
         if checkpoint is not None:
-            save = (dctx.save_progress if dctx is not None
+            save = (partial(dctx.save_progress, run=run) if dctx is not None
                     else partial(_save_progress, model, run=run))
             save(optimizer, checkpoint, history, epoch, improved, early_stopping)
         if early_stopping and valid is not None and bad_epochs >= early_stopping:

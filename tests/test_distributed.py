@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,13 @@ def _fit_workers(rank: int, ckpt: Path) -> dict:
     history = fastmf.fit(model, train, valid=valid, epochs=3, checkpoint=ckpt / "fit_mf",
                          resume=True, **FIT_MF)
     res["fit_mf_resumed"] = (_local_state(model), _rows(history))
+    # Resumed once more with another learning rate: the main rank warns, naming it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastmf.fit(fd.shard(_mf(50)), train, valid=valid, epochs=4, checkpoint=ckpt / "fit_mf",
+                   resume=True, **dict(FIT_MF, lr=0.2))
+    res["fit_mf_other_run"] = [str(w.message) for w in caught
+                               if "other settings" in str(w.message)]
     try:
         fastmf.fit(fd.shard(_mf(1)), train, epochs=1, checkpoint=ckpt / "plain",
                    progress=False)
@@ -655,6 +663,13 @@ def test_fit_resumes_a_sharded_checkpoint(runs):
     model = _mf(1)
     history = fastmf.fit(model, train, valid=valid, epochs=3, **FIT_MF)
     _compare_fit(runs, "fit_mf_resumed", model, _rows(history))
+
+
+def test_fit_resuming_a_sharded_checkpoint_with_other_settings_warns(runs):
+    main, other = runs["two"]
+    assert len(main["fit_mf_other_run"]) == 1, main["fit_mf_other_run"]
+    assert "lr 0.1 -> 0.2" in main["fit_mf_other_run"][0]
+    assert other["fit_mf_other_run"] == []
 
 
 def test_fit_refuses_a_folder_that_is_not_a_sharded_checkpoint(runs):

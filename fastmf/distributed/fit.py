@@ -221,18 +221,23 @@ class FitContext:
         return list(getattr(optimizer, "optimizers", [optimizer]))
 
     def save_progress(self, optimizer, path: Path, history, epoch: int, improved: bool,
-                      early_stopping) -> None:
+                      early_stopping, run: dict | None = None) -> None:
+        """As ``fastmf.train._save_progress``: the sharded weights, optimizer states and
+        progress, with the fit's settings and data (``run``) for a resume to compare."""
         if improved and early_stopping:
             sharded_checkpoint.save(_best_path(path), self.model, process_group=self.group,
                                     extra={"epoch": epoch + 1})
+        extra = {"epoch": epoch + 1, "history": history.to_dict()}
+        if run is not None:
+            extra["run"] = run
         sharded_checkpoint.save(path, self.model, self._parts(optimizer),
-                                process_group=self.group,
-                                extra={"epoch": epoch + 1, "history": history.to_dict()})
+                                process_group=self.group, extra=extra)
 
-    def resume(self, optimizer, path: Path):
+    def resume(self, optimizer, path: Path, run: dict | None = None):
         """As ``fastmf.train._resume`` for a sharded checkpoint: ``(start epoch, history or
-        None, best state)`` or None when ``path`` holds none yet."""
-        from fastmf.train import _saved_history
+        None, best state)`` or None when ``path`` holds none yet; the main rank warns when
+        ``run`` (this fit's settings and data) differs from the one it was saved with."""
+        from fastmf.train import _check_same_run, _saved_history
 
         if sharded_checkpoint._committed(path) is None:
             if self.is_main:
@@ -244,6 +249,8 @@ class FitContext:
         progress = _saved_history(SimpleNamespace(extra=extra), path)
         if progress is None:
             return 0, None, None
+        if self.is_main:
+            _check_same_run(extra, run, path)
         epoch, history = progress
         best_state = None
         best = _best_path(path)
