@@ -408,6 +408,17 @@ def fit(
             total_loss, samples, seen = dctx.all_sum(total_loss, samples, seen)
         row = {"epoch": epoch + 1, "loss": float(total_loss) / max(seen, 1), "seconds": seconds,
                "samples_per_s": samples / max(seconds, 1e-9)}
+        if not np.isfinite(row["loss"]):
+            # Diverged: the weights the step wrote are NaN or inf, and every later epoch,
+            # evaluation, checkpoint and recommendation would carry them on. Stopped before
+            # this epoch's checkpoint, so a checkpoint keeps the last finite epoch.
+            if bar is not None:
+                bar.close()
+            raise FloatingPointError(
+                f"fastmf.fit: the training loss is {row['loss']} in epoch {epoch + 1}: "
+                f"training diverged and the model's weights are no longer finite; lower lr "
+                f"(now {lr}), raise reg (now {reg}) or use an adaptive optimizer (adagrad, "
+                "the default for most models)")
         if valid is not None and dctx is not None:
             row.update(dctx.evaluate(valid, train=train, metrics=metric_names, k=k))
         elif valid is not None:

@@ -168,6 +168,24 @@ def test_resume_gives_the_same_weights(tmp_path, ratings):
     assert fastmf.load_checkpoint(tmp_path / "ck").extra["epoch"] == 4
 
 
+def test_fit_stops_with_a_clear_error_when_training_diverges(tmp_path):
+    """An SGD step far too large: the loss is finite for two epochs, then NaN. fit raises
+    in that epoch, naming it and the settings, before its checkpoint: the folder keeps the
+    last finite epoch, whose weights are finite."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    data = Interactions(rng.integers(0, 50, n), rng.integers(0, 80, n), rng.uniform(1, 5, n))
+    torch.manual_seed(0)
+    model = fastmf.MF(50, 80, dim=8)
+    with pytest.raises(FloatingPointError, match=r"loss is nan in epoch 3: training diverged"
+                                                 r".*lr \(now 100000000.0\)"):
+        fastmf.fit(model, data, loss="mse", optimizer="sgd", lr=1e8, epochs=5,
+                   progress=False, checkpoint=tmp_path / "ck")
+    saved = fastmf.load_checkpoint(tmp_path / "ck")
+    assert saved.extra["epoch"] == 2
+    assert all(torch.isfinite(t).all() for t in saved.model.tables())
+
+
 @pytest.mark.parametrize("loss", ["bpr", "bce"])
 def test_fit_implicit_ranks_better_than_popularity(loss):
     data = fastmf.datasets.synthetic(num_users=400, num_items=200, num_interactions=16_000,
