@@ -260,6 +260,24 @@ class _SparseOptimizer(torch.optim.Optimizer):
         self.state[weight]["step"] = step
         self.state[weight_b]["step"] = step_b
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load_state_dict, then the states of float16/bfloat16 weights in the
+        accumulation type the kernels keep them in (float32): torch casts every floating
+        state to its parameter's dtype, which rounded the saved float32 sums and moments to
+        half precision and left them in a dtype the fused updates refuse (a resumed fit of
+        a half-precision model failed at its first step)."""
+        super().load_state_dict(state_dict)
+        saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        for saved_id, param in zip(saved_ids, params):
+            if param.dtype not in checks.HALF_DTYPES:
+                continue
+            dtype = checks.accumulation_dtype(param.dtype)
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, dtype=dtype,
+                                                      copy=True)
+
     def next_row_args(self, weight: Tensor) -> RowOptimizerArgs:
         """The settings of ``weight``'s next fused step, as :meth:`apply_fused` passes them to
         the kernels: its group's, checked now, with the step count after this step, its
@@ -609,6 +627,24 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         inner = ",\n".join("  " + repr(part).replace("\n", "\n  ") for part in self.optimizers)
         return f"CombinedOptimizer(\n{inner}\n)"
+
+def check_steps_its_tables(optimizer, params, op: str) -> None:
+    """ValueError when a fastmf.nn weight among ``params`` is updated in backward by an
+    optimizer other than ``optimizer`` (or one of its parts): a training loop that steps
+    ``optimizer`` would train that weight with the other one's settings (the newest
+    ``make_optimizer``, or an ``apply_in_backward`` call, takes the tables over)."""
+    holders = {id(h) for h in _holders(optimizer)}
+    for p in params:
+        fused = nn_embedding.fused_optimizer(p)
+        if fused is not None and id(fused) not in holders:
+            info = table_info(p)
+            name = info.name if info is not None else "a table"
+            lr = fused.hyperparameters(p)["lr"]
+            raise ValueError(f"{op}: the {name} weight is updated in backward by another "
+                             f"optimizer ({type(fused).__name__}, lr {lr}) than the one given: "
+                             "a later make_optimizer or apply_in_backward took the tables "
+                             "over; pass that optimizer, or make this one again")
+
 
 def _holders(optimizer) -> list:
     """The torch optimizers inside ``optimizer`` (itself, or the parts of a combined one)."""

@@ -433,6 +433,37 @@ def test_fit_save_load_round_trip_after_growth(rng, tmp_path):
     assert loaded.recommend([1], k=3)[0].shape == (1, 3)
 
 
+@pytest.mark.parametrize("dtype, optimizer", [(torch.bfloat16, "adagrad"),
+                                              (torch.float16, "adam")])
+def test_half_precision_model_saves_loads_and_resumes_exactly(rng, tmp_path, dtype, optimizer):
+    """A float16/bfloat16 Hybrid loads back in its dtype (its config keeps it), and a fit
+    resumed from its checkpoint ends bit for bit as the uninterrupted one: the optimizer's
+    float32 states come back as float32 (torch's load_state_dict casts them to the
+    parameter's dtype)."""
+    data = fastmf.datasets.synthetic(num_users=40, num_items=30, num_interactions=600, seed=2)
+    itf = Features.from_scipy(random_features(rng, 30, 5), id_map=data.item_map)
+
+    def run(epochs, resume=False):
+        torch.manual_seed(3)
+        model = Hybrid(data.num_users, data.num_items, dim=6, item_features=itf, dtype=dtype)
+        fastmf.fit(model, data, loss="bpr", epochs=epochs, optimizer=optimizer, seed=4,
+                   progress=False, checkpoint=tmp_path / "ck", resume=resume)
+        return model
+
+    straight = run(3)
+    loaded = fastmf.load(tmp_path / "ck")
+    assert loaded.users.table.weight.dtype == dtype and loaded.get_config()["dtype"] == \
+        str(dtype).removeprefix("torch.")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 straight.state_dict().values()))
+    run(1)
+    resumed = run(3, resume=True)
+    for a, b in zip(resumed.state_dict().values(), straight.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        Hybrid(4, 4, dim=2, dtype="int8")
+
+
 def test_fold_in_and_recommend_new_user_methods(rng):
     torch.manual_seed(8)
     items = rng.choice(30, 6, replace=False)

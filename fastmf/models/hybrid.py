@@ -52,6 +52,10 @@ from fastmf.recommender import warp_choice
 
 __all__ = ["Hybrid"]
 
+# The tables' dtypes by name (the config keeps the name).
+_TABLE_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                 "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 # The largest feature vocabulary (JSON bytes) a config keeps: checkpoints store the config
 # in config.json, which fastmf.load reads up to 16 MiB.
 MAX_VOCABULARY_BYTES = 4 * 2**20
@@ -459,12 +463,18 @@ class Hybrid(Recommender):
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64, user_features=None,
                  item_features=None, identity: bool = True, *, init_scale: float = 0.05,
-                 backend: str = "auto", device=None, dtype: torch.dtype = torch.float32):
+                 backend: str = "auto", device=None,
+                 dtype: torch.dtype | str = torch.float32):
         super().__init__()
         op = "fastmf.models.Hybrid"
         for name, value in (("num_users", num_users), ("num_items", num_items), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+        if isinstance(dtype, str):  # by name, as the config keeps it
+            if dtype not in _TABLE_DTYPES:
+                raise TypeError(f"{op}: dtype must be one of {sorted(_TABLE_DTYPES)}, got "
+                                f"{dtype!r}")
+            dtype = _TABLE_DTYPES[dtype]
         self.dim, self.init_scale = int(dim), float(init_scale)
         self._backend_name = backend
         common = dict(init_scale=init_scale, backend=backend, dtype=dtype, device=device)
@@ -486,7 +496,8 @@ class Hybrid(Recommender):
     def get_config(self) -> dict:
         return {"num_users": self.num_users, "num_items": self.num_items, "dim": self.dim,
                 "user_features": self.users.spec(), "item_features": self.items.spec(),
-                "identity": self.identity, "init_scale": self.init_scale}
+                "identity": self.identity, "init_scale": self.init_scale,
+                "dtype": str(self.users.table.weight.dtype).removeprefix("torch.")}
 
     def extra_repr(self) -> str:
         return (f"num_users={self.num_users}, num_items={self.num_items}, dim={self.dim}, "
