@@ -1139,7 +1139,7 @@ def main(argv=None) -> int:
     try:
         args.run(args)
     except (OSError, ValueError, KeyError, TypeError, IndexError, ImportError,
-            CheckpointError, CliError) as exc:
+            FloatingPointError, CheckpointError, CliError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fastmf {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -19,7 +19,8 @@ from fastmf import checkpoint as checkpoint_module
 from fastmf import metrics as metrics_module
 from fastmf.checkpoint import check_save_target
 from fastmf.data import Interactions, NegativeSampler
-from fastmf.optim import SparseAdagrad
+from fastmf.ops.checks import accumulation_dtype
+from fastmf.optim import SparseAdagrad, check_steps_its_tables
 from fastmf.recommender import EXPLICIT, IMPLICIT, Recommender, seed_of
 
 # A model's own ``defaults`` are merged over these.
@@ -326,6 +327,8 @@ def fit(
         optimizer = dctx.optimizer(optimizer, lr)
     elif optimizer is None or isinstance(optimizer, str):
         optimizer = model.make_optimizer(optimizer, lr)
+    else:
+        check_steps_its_tables(optimizer, model.parameters(), "fastmf.fit")
     model.prepare(train)
 
     metric_names = tuple(metrics) if metrics else (
@@ -408,17 +411,27 @@ def fit(
             total_loss, samples, seen = dctx.all_sum(total_loss, samples, seen)
         row = {"epoch": epoch + 1, "loss": float(total_loss) / max(seen, 1), "seconds": seconds,
                "samples_per_s": samples / max(seconds, 1e-9)}
+        # Diverged: the steps wrote NaN or inf, and every later epoch, evaluation,
+        # checkpoint and recommendation would carry them on. A batch's loss is taken before
+        # its update, so the weights themselves are checked too (a pass over them) where
+        # they are about to be evaluated, saved or returned. Stopped before this epoch's
+        # checkpoint, so a checkpoint keeps the last finite epoch.
+        what = None
         if not np.isfinite(row["loss"]):
-            # Diverged: the weights the step wrote are NaN or inf, and every later epoch,
-            # evaluation, checkpoint and recommendation would carry them on. Stopped before
-            # this epoch's checkpoint, so a checkpoint keeps the last finite epoch.
+            what = f"the training loss is {row['loss']}"
+        elif valid is not None or checkpoint is not None or epoch == epochs - 1:
+            bad = _non_finite_weights(model)
+            if dctx is not None:
+                bad = int(dctx.all_sum(bad)[0])  # the same decision on every rank
+            if bad:
+                what = "the weights hold NaN, inf or values too large to score with"
+        if what is not None:
             if bar is not None:
                 bar.close()
             raise FloatingPointError(
-                f"fastmf.fit: the training loss is {row['loss']} in epoch {epoch + 1}: "
-                f"training diverged and the model's weights are no longer finite; lower lr "
-                f"(now {lr}), raise reg (now {reg}) or use an adaptive optimizer (adagrad, "
-                "the default for most models)")
+                f"fastmf.fit: {what} in epoch {epoch + 1}: training diverged; lower lr (now "
+                f"{lr}), raise reg (now {reg}) or use an adaptive optimizer (adagrad, the "
+                "default for most models)")
         if valid is not None and dctx is not None:
             row.update(dctx.evaluate(valid, train=train, metrics=metric_names, k=k))
         elif valid is not None:
@@ -452,6 +465,21 @@ def fit(
     if dctx is not None:
         history.model = model
     return history
+
+
+def _non_finite_weights(model) -> int:
+    """How many of the model's floating parameters hold a NaN or an inf, or a row whose
+    squared norm overflows (this process's part, for a sharded model). Rows of finite norm²
+    have finite dot products (Cauchy-Schwarz); a step with a huge learning rate can leave
+    finite weights of 1e30 whose every score is inf or NaN."""
+    bad = 0
+    for p in model.parameters():
+        if p.is_floating_point():
+            squares = p.detach().to(accumulation_dtype(p.dtype)).square()
+            if squares.dim() >= 2:
+                squares = squares.sum(-1)
+            bad += not bool(torch.isfinite(squares).all())
+    return bad
 
 
 def _progress(enabled: bool, total: int, desc: str):

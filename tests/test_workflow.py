@@ -168,22 +168,60 @@ def test_resume_gives_the_same_weights(tmp_path, ratings):
     assert fastmf.load_checkpoint(tmp_path / "ck").extra["epoch"] == 4
 
 
-def test_fit_stops_with_a_clear_error_when_training_diverges(tmp_path):
-    """An SGD step far too large: the loss is finite for two epochs, then NaN. fit raises
-    in that epoch, naming it and the settings, before its checkpoint: the folder keeps the
-    last finite epoch, whose weights are finite."""
+def test_fit_refuses_an_optimizer_whose_tables_another_one_took_over():
+    """make_optimizer twice: the newer optimizer steps the tables in backward. fit given the
+    older one would have trained with the newer one's settings, silently."""
+    rng = np.random.default_rng(0)
+    data = Interactions(rng.integers(0, 60, 1500), rng.integers(0, 40, 1500))
+    model = fastmf.models.Hybrid(data.num_users, data.num_items, dim=8)
+    adagrad = model.make_optimizer("adagrad", 0.05)
+    sgd = model.make_optimizer("sgd", 1e-6)
+    with pytest.raises(ValueError, match=r"updated in backward by another optimizer "
+                                         r"\(SparseSGD, lr 1e-06\) than the one given"):
+        fastmf.fit(model, data, loss="bpr", epochs=1, optimizer=adagrad, progress=False)
+    history = fastmf.fit(model, data, loss="bpr", epochs=1, optimizer=sgd, progress=False)
+    assert np.isfinite(history.epochs[0]["loss"])
+
+
+def test_fit_stops_with_a_clear_error_when_training_diverges(tmp_path, capsys):
+    """An SGD step far too large. The loss is taken before each update, so the weights are
+    checked too where they are about to be saved, evaluated or returned: rows whose squared
+    norm overflows score inf or NaN though each weight is finite. fit raises naming the
+    epoch and the settings, before that epoch's checkpoint: the folder keeps the last
+    epoch whose weights score finitely. The CLI reports it as a one-line error, status 2."""
     rng = np.random.default_rng(0)
     n = 2000
     data = Interactions(rng.integers(0, 50, n), rng.integers(0, 80, n), rng.uniform(1, 5, n))
     torch.manual_seed(0)
     model = fastmf.MF(50, 80, dim=8)
-    with pytest.raises(FloatingPointError, match=r"loss is nan in epoch 3: training diverged"
-                                                 r".*lr \(now 100000000.0\)"):
+    with pytest.raises(FloatingPointError, match=r"values too large to score with in epoch "
+                                                 r"2: training diverged; lower lr "
+                                                 r"\(now 100000000.0\)"):
         fastmf.fit(model, data, loss="mse", optimizer="sgd", lr=1e8, epochs=5,
                    progress=False, checkpoint=tmp_path / "ck")
     saved = fastmf.load_checkpoint(tmp_path / "ck")
-    assert saved.extra["epoch"] == 2
-    assert all(torch.isfinite(t).all() for t in saved.model.tables())
+    assert saved.extra["epoch"] == 1
+    scores = saved.model.predict(torch.arange(50), torch.arange(50) % 80)
+    assert torch.isfinite(scores).all()
+    # One epoch, no checkpoint: its loss is finite (taken before the updates), the weights
+    # it returns would not be.
+    with pytest.raises(FloatingPointError, match="too large to score with in epoch 1"):
+        fastmf.fit(fastmf.MF(50, 80, dim=8), data, loss="mse", epochs=1, lr=1e30,
+                   progress=False)
+    # A NaN loss is caught as such.
+    with pytest.raises(FloatingPointError, match="the training loss is nan in epoch"):
+        fastmf.fit(fastmf.MF(50, 80, dim=8), data, loss="mse", optimizer="sgd", lr=1e8,
+                   epochs=5, progress=False)
+    path = tmp_path / "r.csv"
+    import pandas as pd
+
+    pd.DataFrame({"userId": data.users, "movieId": data.items,
+                  "rating": data.ratings}).to_csv(path, index=False)
+    code = cli_main(["train", "--data", str(path), "--epochs", "1", "--lr", "1e30", "--quiet",
+                     "--out", str(tmp_path / "model")])
+    assert code == 2
+    assert "training diverged" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
 
 
 @pytest.mark.parametrize("loss", ["bpr", "bce"])
