@@ -174,6 +174,23 @@ def test_hashed_features_and_collisions(movies):
     assert plain.collisions()["colliding_names"] == 0
 
 
+def test_pandas_missing_values_give_no_feature():
+    """pd.NA (string, Int64 and pyarrow-backed columns: convert_dtypes, parquet) and NaT
+    are missing values like None and NaN: no feature, in from_pandas and in transform."""
+    df = pd.DataFrame({"movieId": [10, 20, 30], "genres": ["Comedy|Drama", "Drama", None],
+                       "studio": ["A", None, "B"], "year": [1999, None, 2001]}).convert_dtypes()
+    assert df["studio"].isna().sum() == 1 and str(df["year"].dtype) == "Int64"
+    f = Features.from_pandas(df, "movieId", multi="genres", categorical=["studio", "year"],
+                             normalize=False)
+    assert f.feature_names.tolist() == ["genres=Comedy", "genres=Drama", "studio=A",
+                                        "studio=B", "year=1999", "year=2001"]
+    assert f.matrix.toarray().tolist() == [[1, 1, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0],
+                                           [0, 0, 0, 1, 0, 1]]
+    new = pd.DataFrame({"genres": [pd.NA, "Comedy"], "studio": ["B", pd.NA],
+                        "year": [pd.NA, 1999]}).astype({"year": "Int64"})
+    assert f.transform(new).toarray().tolist() == [[0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 1, 0]]
+
+
 def test_transform_new_rows(movies):
     f = Features.from_pandas(movies, "movieId", multi="genres", categorical="studio")
     new = pd.DataFrame({"genres": ["Drama|Horror"], "studio": ["B"]})

@@ -474,8 +474,16 @@ class Features:
 
 
 def _missing(value: Any) -> bool:
+    """None, NaN of any float type, pandas' NA and NaT, or a blank string: no feature.
+    (Columns from ``convert_dtypes()``, parquet or a pyarrow-backed read hold ``pd.NA``,
+    which had become a feature named ``"<NA>"`` shared by every row missing the value.)"""
+    if isinstance(value, str):
+        return value.strip() == ""
     if value is None:
         return True
-    if isinstance(value, float) and np.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip() == ""
+    if isinstance(value, float):  # np.float64 too
+        return value != value
+    if isinstance(value, int | np.integer):
+        return False
+    missing = pd.isna(value)  # pd.NA, pd.NaT, np.float32 NaN; an array for list-likes
+    return isinstance(missing, bool | np.bool_) and bool(missing)
