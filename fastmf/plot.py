@@ -320,6 +320,28 @@ def _project(op: str, x: np.ndarray, method: str, seed: int):
     return xy, ("t-SNE 1", "t-SNE 2")
 
 
+def _vectors(op: str, model, side: str) -> np.ndarray:
+    """The vectors a dot-product model scores with, (rows, dim) float64: ``item_vectors()``
+    or ``user_vectors(all users)`` (fastmf.MF's factors; a Hybrid's pooled feature vectors;
+    SVD++'s implicit-feedback sums), else ``<side>_factors``; a ValueError for models that
+    score through layers (GMF, MLP, NeuMF)."""
+    import torch
+
+    if getattr(model, "has_vectors", False):
+        with torch.no_grad():
+            if side == "item":
+                vectors = model.item_vectors()[0]
+            else:
+                rows = torch.arange(model.num_users, device=model._param_device())
+                vectors = model.user_vectors(rows)[0]
+        return vectors.detach().cpu().double().numpy()
+    factors = getattr(model, f"{side}_factors", None)
+    if isinstance(factors, torch.Tensor) and factors.dim() == 2:
+        return factors.detach().cpu().double().numpy()
+    raise ValueError(f"fastmf.plot.{op}: {type(model).__name__} has no {side} vectors to plot "
+                     "(it scores through layers, not a dot product of user and item vectors)")
+
+
 def embeddings(model, method: str = "pca", *, items=None, color_by=None, labels=None,
                metadata=None, raw_ids: bool = False, side: str = "item", path=None, ax=None,
                sample: int | None = 2000, seed: int = 0, figsize=(8.0, 7.0), dpi: int = 100,
@@ -327,7 +349,8 @@ def embeddings(model, method: str = "pca", *, items=None, color_by=None, labels=
     """The model's item (or user) vectors in 2-D: PCA, or t-SNE on cosine distances.
 
     Args:
-        model: a model with ``item_factors``/``user_factors`` (``fastmf.MF``).
+        model: a dot-product model (``fastmf.MF``, ``Hybrid``, SVD++, ALS, Item2Vec):
+            the vectors it scores with.
         method: ``"pca"`` (scikit-learn) or ``"tsne"`` (openTSNE when installed, else
             scikit-learn; perplexity ``min(30, (n - 1) / 3)``).
         items: the ids to plot (raw ids with ``raw_ids``); default all.
@@ -363,7 +386,10 @@ def embeddings(model, method: str = "pca", *, items=None, color_by=None, labels=
         raise ValueError(f"fastmf.plot.{op}: sample must be an int >= 3 or None, got "
                          f"{sample!r}")
     path = check_path(path, f"fastmf.plot.{op}: path")
-    table = getattr(model, f"{side}_factors").detach().cpu().double().numpy()
+    table = _vectors(op, model, side)
+    if method == "pca" and table.shape[1] < 2:
+        raise ValueError(f"fastmf.plot.{op}: PCA to 2-D needs vectors of at least 2 "
+                         f"dimensions; this model's are {table.shape[1]}-D")
     norms = np.linalg.norm(table, axis=1)
     pool = (np.arange(len(table)) if items is None
             else np.unique(_indices(op, model, side, items, raw_ids, "items")))
@@ -438,9 +464,10 @@ def history(history, path=None, *, ax=None, figsize=None, dpi: int = 100):
     path = check_path(path, f"fastmf.plot.{op}: path")
     names = ["loss"] + [key for key in rows[0] if key not in _NOT_METRICS
                         and all(isinstance(r.get(key), int | float) for r in rows)]
-    if "loss" not in rows[0]:
-        raise ValueError(f"fastmf.plot.{op}: the epoch records hold no 'loss' (keys: "
-                         f"{sorted(rows[0])})")
+    for n, row in enumerate(rows):
+        if not isinstance(row.get("loss"), int | float) or isinstance(row.get("loss"), bool):
+            raise ValueError(f"fastmf.plot.{op}: epoch record {n} holds no numeric 'loss' "
+                             f"(keys: {sorted(row)})")
     if ax is not None:
         names = ["loss"]
     ncols = min(3, len(names))
@@ -487,7 +514,7 @@ def popularity_vs_norm(model, path=None, *, ax=None, figsize=(7.0, 5.0), dpi: in
     import pandas as pd
 
     counts = np.asarray(popularity, dtype=np.float64)
-    norms = np.linalg.norm(model.item_factors.detach().cpu().double().numpy(), axis=1)
+    norms = np.linalg.norm(_vectors(op, model, "item"), axis=1)
     seen = counts > 0
     if seen.sum() < 2:
         raise ValueError(f"fastmf.plot.{op}: needs at least 2 items with training "

@@ -259,6 +259,35 @@ def test_popularity_vs_norm_png(trained, tmp_path):
         plot.popularity_vs_norm(fastmf.MF(5, 6, dim=2))
 
 
+def test_models_beyond_mf_plot_the_vectors_they_score_with(data, tmp_path):
+    """Hybrid (pooled feature vectors), not only MF's factors; a model without vectors, a
+    1-D model and a history record without a loss get clear errors."""
+    train, _ = random_split(data, test_fraction=0.2, seed=0)
+    torch.manual_seed(1)
+    model = fastmf.models.Hybrid(data.num_users, data.num_items, dim=4)
+    fastmf.fit(model, train, loss="bpr", epochs=1, progress=False)
+    fig = plot.embeddings(model, "pca", path=tmp_path / "h.png", figsize=(5, 4), dpi=60)
+    image(tmp_path / "h.png", 300, 240)
+    vectors = model.item_vectors()[0].detach().double().numpy()
+    from sklearn.decomposition import PCA
+
+    want = PCA(2, random_state=0).fit_transform(vectors)
+    got = points(fig)
+    for column in range(2):
+        sign = np.sign(got[:, column] @ want[:, column])
+        np.testing.assert_allclose(got[:, column], sign * want[:, column], atol=1e-6)
+    fig = plot.popularity_vs_norm(model, tmp_path / "p.png", figsize=(5, 4), dpi=60)
+    seen = model.item_popularity > 0
+    np.testing.assert_allclose(points(fig)[:, 1], np.linalg.norm(vectors, axis=1)[seen],
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="MLP has no item vectors to plot"):
+        plot.embeddings(fastmf.models.MLP(5, 6, layers=(8, 4)))
+    with pytest.raises(ValueError, match="needs vectors of at least 2 dimensions"):
+        plot.embeddings(fastmf.MF(5, 6, dim=1))
+    with pytest.raises(ValueError, match="epoch record 1 holds no numeric 'loss'"):
+        plot.history([{"epoch": 1, "loss": 1.0}, {"epoch": 2}])
+
+
 # -- optional dependencies and import cost ------------------------------------------------
 
 def test_missing_matplotlib_says_what_to_install(trained, monkeypatch):
