@@ -208,21 +208,37 @@ def load_movielens(path: str | os.PathLike) -> Interactions:
     """
     folder, fmt, ratings_file = _find_movielens(Path(path))
     names = ["userId", "movieId", "rating", "timestamp"]
-    if fmt == "csv":
-        df = pd.read_csv(
-            ratings_file,
-            dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float32,
-                   "timestamp": np.int64},
-        )
-    elif fmt == "dat":
-        df = _read_double_colon(ratings_file, names)
-    else:
-        df = pd.read_csv(ratings_file, sep="\t", header=None, names=names)
-    data = Interactions.from_pandas(df, "userId", "movieId", "rating", "timestamp")
-    items = _movielens_items(folder, fmt)
+
+    def read_ratings() -> Interactions:
+        if fmt == "csv":
+            df = pd.read_csv(
+                ratings_file,
+                dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float32,
+                       "timestamp": np.int64},
+            )
+        elif fmt == "dat":
+            df = _read_double_colon(ratings_file, names)
+        else:
+            df = pd.read_csv(ratings_file, sep="\t", header=None, names=names)
+        return Interactions.from_pandas(df, "userId", "movieId", "rating", "timestamp")
+
+    data = _naming_the_file(ratings_file, read_ratings)
+    items = _naming_the_file(folder, lambda: _movielens_items(folder, fmt))
     if items is not None:
         data = data.with_item_metadata(items, item_col="movieId", title_col="title")
     return data
+
+
+def _naming_the_file(path: Path, read):
+    """``read()``, with a file that does not parse (a non-numeric id, a missing column, a
+    bad genre index) reported as a ValueError that names ``path``: pandas' and int()'s own
+    messages name neither the file nor the reader."""
+    try:
+        return read()
+    except (ValueError, TypeError, IndexError, KeyError, pd.errors.ParserError) as exc:
+        detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ValueError(f"fastmf.load_movielens: cannot read the MovieLens files at {path}: "
+                         f"{detail}") from exc
 
 
 _RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

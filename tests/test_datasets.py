@@ -109,6 +109,23 @@ def test_load_movielens_errors(tmp_path):
         load_movielens(tmp_path)
 
 
+def test_load_movielens_names_the_file_that_does_not_parse(tmp_path):
+    folder = write_csv(tmp_path / "csv")
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,3.5,100\n"
+                                        "2,x,4,100\n")
+    with pytest.raises(ValueError, match=r"cannot read the MovieLens files at .*ratings.csv: "
+                                         r"invalid literal for int\(\) .* 'x'"):
+        load_movielens(folder)
+    folder = write_100k(tmp_path / "100k")
+    (folder / "u.genre").write_text("unknown|0\nAction|one\n")
+    with pytest.raises(ValueError, match=r"cannot read the MovieLens files at .*100k: "
+                                         r"invalid literal"):
+        load_movielens(folder)
+    (folder / "u.data").write_text("1\t20\t4\n2\t10\t3\n")  # no timestamps
+    with pytest.raises(ValueError, match=r"at .*u.data: .*timestamps"):
+        load_movielens(folder)
+
+
 @requires_ml_small
 def test_load_movielens_latest_small():
     data = load_movielens(ML_SMALL)
