@@ -474,12 +474,21 @@ def _non_finite_weights(model) -> int:
     finite weights of 1e30 whose every score is inf or NaN."""
     bad = 0
     for p in model.parameters():
-        if p.is_floating_point():
-            squares = p.detach().to(accumulation_dtype(p.dtype)).square()
-            if squares.dim() >= 2:
-                squares = squares.sum(-1)
-            bad += not bool(torch.isfinite(squares).all())
+        if not p.is_floating_point():
+            continue
+        rows = p.detach().reshape(-1, p.shape[-1] if p.dim() >= 2 else 1)
+        # In chunks of rows: the squares of a whole 10M x 64 table would be 2.5 GB more.
+        finite = True
+        for lo in range(0, rows.shape[0], _CHECK_ROWS):
+            chunk = rows[lo:lo + _CHECK_ROWS].to(accumulation_dtype(p.dtype))
+            finite = finite and bool(torch.isfinite(chunk.square().sum(-1)).all())
+            if not finite:
+                break
+        bad += not finite
     return bad
+
+
+_CHECK_ROWS = 1 << 16
 
 
 def _progress(enabled: bool, total: int, desc: str):
