@@ -138,7 +138,10 @@ def _evaluate(model, test, train, metrics, k, batch_size) -> dict[str, float]:
                 out[key] = getattr(M, base)(pred, test.ratings)
 
     users = np.unique(test.users)
-    exclude = train.to_csr(binary=True) if train is not None else None
+    # At the model's size: train may predate add_users/add_items (a prefix of its rows).
+    exclude = None if train is None else train.to_csr(
+        binary=True, shape=(max(model.num_users, train.num_users),
+                            max(model.num_items, train.num_items)))
     top_k = {key: cut for key, (base, cut) in wanted.items() if base in M._CUTOFF_METRICS}
     if top_k:
         longest = max(top_k.values())

@@ -769,7 +769,14 @@ class Recommender(nn.Module):
         if exclude is None:
             return None
         if isinstance(exclude, Interactions):
-            exclude = exclude.to_csr(binary=True)
+            # In the model's index space (data read with id maps of its own re-indexed by
+            # raw ids, as evaluate does), and at the model's size: data from before
+            # add_users/add_items covers a prefix of its rows.
+            exclude = exclude.in_maps_of(self.user_map, self.item_map, op, "exclude")
+            if exclude.num_users <= self.num_users and exclude.num_items <= self.num_items:
+                exclude = exclude.to_csr(binary=True, shape=(self.num_users, self.num_items))
+            else:
+                exclude = exclude.to_csr(binary=True)  # refused below, by its shape
         if sp.issparse(exclude):
             if exclude.ndim == 1:
                 exclude = sp.csr_matrix(exclude.reshape(1, -1))

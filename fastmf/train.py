@@ -129,6 +129,28 @@ _USER_COLUMNS = ("user", "userId", "user_id")
 _ITEM_COLUMNS = ("item", "itemId", "item_id", "movieId")
 
 
+def _in_model_maps(model, train: Interactions) -> Interactions:
+    """``train`` in the id maps of a model that has some (from the data it was trained on
+    or attached, grown by add_users/add_items), when ``train`` numbers its users and items
+    otherwise (read with maps of its own): re-indexed through the raw ids. Its indices taken
+    as they stand gave the model's rows of some users to others where the sizes matched,
+    silently. Data with the model's maps or with identity maps (built from indices) is
+    taken as it is. Raw ids the model does not know are a ValueError: grow it first."""
+    user_map, item_map = getattr(model, "user_map", None), getattr(model, "item_map", None)
+    if user_map is None or item_map is None or train.same_ids(user_map, item_map) or (
+            train.user_map.is_identity and train.item_map.is_identity):
+        return train
+    users = user_map.lookup(train.user_map.raw_ids[train.users])
+    items = item_map.lookup(train.item_map.raw_ids[train.items])
+    unknown = int(np.count_nonzero((users < 0) | (items < 0)))
+    if unknown:
+        raise ValueError(f"fastmf.fit: {unknown:,} of the {len(train):,} training interactions "
+                         "have raw user or item ids the model does not know (its id maps are "
+                         "those of the data it was trained on); add them first "
+                         "(model.add_users / add_items with raw_ids=) or train a new model")
+    return train.reindex(user_map, item_map)
+
+
 def _as_interactions(data, name: str, like: Interactions | None = None) -> Interactions:
     """``data`` as Interactions: an Interactions, a scipy.sparse user x item matrix (its
     values are the ratings) or a pandas DataFrame with user/item (and rating/timestamp)
@@ -297,6 +319,7 @@ def fit(
         if valid is None:
             raise ValueError("fastmf.fit: early_stopping needs valid= (the held-out "
                              "interactions it monitors)")
+    train = _in_model_maps(model, train)
     model.check_data(train)
     if train.weights is not None and not model.uses_weights:
         raise ValueError(

@@ -168,6 +168,45 @@ def test_resume_gives_the_same_weights(tmp_path, ratings):
     assert fastmf.load_checkpoint(tmp_path / "ck").extra["epoch"] == 4
 
 
+def test_training_again_and_excluding_through_raw_ids_after_growth():
+    """A model that has id maps (trained, then grown by add_users) meets data read with maps
+    of its own: fit re-indexes it through the raw ids (its indices as they stood gave users
+    each other's rows, silently), refuses raw ids it does not know; recommend's exclude
+    does the same, and evaluate's train= may predate the growth."""
+    rng = np.random.default_rng(0)
+    users = rng.choice([10, 20, 30], 300)
+    items = rng.integers(0, 20, 300)
+    ratings = np.select([users == 10, users == 20], [5.0, 1.0], 3.0)
+    train = Interactions.from_arrays(users, items, ratings)
+    torch.manual_seed(0)
+    model = fastmf.MF.from_interactions(train, dim=4)
+    opt = model.make_optimizer("adagrad", 0.1)
+    fastmf.fit(model, train, epochs=20, optimizer=opt, progress=False)
+    model.add_users(1, optimizer=opt, raw_ids=[15])
+    before = model.predict([10, 20, 30], [0, 0, 0], raw_ids=True)
+    assert before[0] > 4 and before[1] < 2
+    # Sorted raw ids [10 15 20 30] against the model's [10 20 30 15]: same sizes.
+    again = Interactions.from_arrays(np.r_[users, [15]], np.r_[items, [3]], np.r_[ratings, [3.0]])
+    fastmf.fit(model, again, epochs=1, lr=1e-9, progress=False)
+    # lr ~ 0: only the global mean moves (the new rating is in it); users keep their rows.
+    np.testing.assert_allclose(model.predict([10, 20, 30], [0, 0, 0], raw_ids=True), before,
+                               atol=1e-3)
+    assert model.user_map.raw_ids.tolist() == [10, 20, 30, 15]
+    stranger = Interactions.from_arrays(np.r_[users, [99]], np.r_[items, [3]])
+    with pytest.raises(ValueError, match="1 of the 301 training interactions have raw user or "
+                                         "item ids the model does not know"):
+        fastmf.fit(model, stranger, epochs=1, progress=False)
+    # exclude read on its own: raw user 20 saw item 5 only.
+    seen = Interactions.from_arrays(np.array([20, 30]), np.array([5, 7]))
+    top, _ = model.recommend([20], k=20, raw_ids=True, exclude=seen)
+    assert 5 not in top[0].tolist() and 7 in top[0].tolist()
+    # train= from before the growth: a prefix of the model's users.
+    old = Interactions(train.users, train.items, train.ratings, user_map=train.user_map,
+                       item_map=train.item_map)
+    got = fastmf.evaluate(model, old, train=old, metrics=("rmse", "ndcg@5"))
+    assert np.isfinite(got["rmse"]) and 0 <= got["ndcg@5"] <= 1
+
+
 def test_fit_refuses_an_optimizer_whose_tables_another_one_took_over():
     """make_optimizer twice: the newer optimizer steps the tables in backward. fit given the
     older one would have trained with the newer one's settings, silently."""

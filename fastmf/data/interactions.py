@@ -987,20 +987,28 @@ class Interactions:
 
     # ------------------------------------------------------------------ conversions
 
-    def to_csr(self, binary: bool = False) -> sp.csr_matrix:
+    def to_csr(self, binary: bool = False, *, shape: tuple[int, int] | None = None
+               ) -> sp.csr_matrix:
         """(num_users, num_items) float32 CSR, canonical (sorted indices, no duplicates).
 
         Values are the ratings (1 when there are none, or when ``binary=True``); duplicated
-        pairs are summed, so implicit data with repeats gives counts.
+        pairs are summed, so implicit data with repeats gives counts. ``shape``: a larger
+        (users, items) shape, the rows and columns past these data empty (a model grown by
+        add_users/add_items since it was trained on them).
 
         >>> Interactions([0, 0], [1, 1]).to_csr().toarray()
         array([[0., 2.]], dtype=float32)
         """
+        if shape is None:
+            shape = self.shape
+        elif len(shape) != 2 or shape[0] < self.num_users or shape[1] < self.num_items:
+            raise ValueError(f"fastmf.Interactions.to_csr: shape {tuple(shape)} is smaller "
+                             f"than the data's {self.shape}")
         if binary or self.ratings is None:
             values = np.ones(len(self), dtype=np.float32)
         else:
             values = self.ratings
-        csr = sp.csr_matrix((values, (self.users, self.items)), shape=self.shape)
+        csr = sp.csr_matrix((values, (self.users, self.items)), shape=tuple(shape))
         csr.sum_duplicates()
         if binary:
             csr.data[:] = 1.0
