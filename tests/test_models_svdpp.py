@@ -425,3 +425,46 @@ def test_timesvdpp_refuses_times_without_a_day(stamp):
     with pytest.raises(ValueError, match="timestamps must be finite, got NaT"):
         model(users, items, np.array(["2001-01-01", "NaT"], dtype="datetime64[s]"))
     assert torch.isfinite(model(users, items, torch.tensor([1.0e9, 1.1e9]))).all()
+
+
+@pytest.mark.parametrize("cls", [SVDpp, TimeSVDpp])
+def test_half_precision_models_recommend_and_evaluate(cls):
+    """float16 tables train, and every top-k path (recommend, similar_items, ranking
+    evaluation) scores their vectors in float32, as it does for float32 tables."""
+    data = random_data()
+    torch.manual_seed(0)
+    model = cls.from_interactions(data, dim=DIM, dtype=torch.float16)
+    fastmf.fit(model, data, epochs=2, progress=False)
+    top, scores = model.recommend([0, 1], k=4)
+    assert top.shape == (2, 4) and (top >= 0).all() and torch.isfinite(scores).all()
+    vectors, bias = model.item_vectors()
+    users, offset = model.user_vectors(torch.tensor([0, 1]))
+    want = users.float() @ vectors.float().T + bias.float()
+    # recommend returns scores in the model's dtype: float16 rounding.
+    torch.testing.assert_close(scores.float(), want.gather(1, top) + (
+        0 if offset is None else offset[:, None].float()), rtol=2e-3, atol=2e-3)
+    assert model.similar_items([0], k=3)[0].shape == (1, 3)
+    got = fastmf.evaluate(model, data, metrics=("ndcg@5", "rmse"))
+    assert 0 <= got["ndcg@5"] <= 1 and np.isfinite(got["rmse"])
+
+
+@pytest.mark.parametrize("cls", [SVDpp, TimeSVDpp])
+@pytest.mark.parametrize("side", ["user", "item"])
+def test_growth_is_refused_before_any_change(cls, side):
+    """coldstart.add_rows grew the tables and id map but not the count and per-user state:
+    the new ids were refused and the saved checkpoint did not load. Now refused up front."""
+    from fastmf.models import coldstart
+
+    data = random_data()
+    model = cls.from_interactions(data, dim=DIM)
+    opt = model.make_optimizer("adagrad", 0.05)
+    fastmf.fit(model, data, epochs=1, optimizer=opt, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tables = ([model.user_factors, model.user_bias] if side == "user"
+              else [model.item_factors, model.item_bias])
+    with pytest.raises(TypeError, match=f"{cls.__name__} keeps its {side} count"):
+        coldstart.add_rows(model, side, 2, optimizer=opt, tables=tables, raw_ids=[1000, 1001])
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(model.user_map) == data.num_users and len(model.item_map) == data.num_items

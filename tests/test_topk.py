@@ -409,6 +409,38 @@ def test_popular_items(backend):
     assert popular_items([4, 4], 3)[1].tolist() == [0, 1, -1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_popular_items_checks_its_exclusion_csr(backend):
+    counts = [5, 9, 1, 9]
+    with pytest.raises(ValueError, match="popular_items: exclude_indptr must be non-decreasing, "
+                                         "got 2 then 1 at query 1"):
+        popular_items(counts, 2, (torch.tensor([0, 2, 1]), torch.tensor([1, 3])),
+                      backend=backend)
+    with pytest.raises(ValueError, match=r"popular_items: exclude_indptr spans \[0, 5\) but "
+                                         "exclude_indices has 2 entries"):
+        popular_items(counts, 2, (torch.tensor([0, 1, 5]), torch.tensor([1, 3])),
+                      backend=backend)
+    with pytest.raises(IndexError, match="popular_items: exclude id 4 out of range"):
+        popular_items(counts, 2, (torch.tensor([0, 1]), torch.tensor([4])), backend=backend)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_vectors_are_scored_in_float32(backend, half):
+    """A half-precision model's vectors (SVD++, Item2Vec train them): the same ranking as
+    their float32 values, scores in float32."""
+    items, bias = make_topk_items(50, 8, seed=3)
+    queries = make_topk_queries(6, 8, seed=4)
+    items, bias, queries = (t.to(half) for t in (items, bias, queries))
+    got = topk_scores(queries, items, bias, 7, backend=backend)
+    want = topk_scores(queries.float(), items.float(), bias.float(), 7, backend=backend)
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    got = similar(items, [0, 5], 4, backend=backend)
+    want = similar(items.float(), [0, 5], 4, backend=backend)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 def recall_at(found, exact):
     hits = sum(len(set(f.tolist()) & set(e.tolist()) - {-1}) for f, e in zip(found, exact,
                                                                              strict=True))

@@ -596,6 +596,14 @@ def add_rows(model, side: str, n: int, features=None, *, catalog_features=None,
 
     if isinstance(model, Hybrid):
         return grow_hybrid(model, side, n, features, optimizer, raw_ids=raw_ids)
+    if hasattr(model, f"num_{side}s") and not isinstance(
+            getattr(type(model), f"num_{side}s", None), property):
+        # Its count (and, for SVD++ and timeSVD++, per-user history and day state) is its
+        # own, not its tables' rows: growing the tables left a model that refused the new
+        # ids and a checkpoint that load refused.
+        raise TypeError(f"{op}: {type(model).__name__} keeps its {side} count and {side} "
+                        "state beyond its tables; it cannot be grown (train a new model on "
+                        "the data with the new rows)")
     if tables is None:
         if not hasattr(model, "tables"):
             raise TypeError(f"{op}: pass tables= (the modules/parameters indexed by {side} "

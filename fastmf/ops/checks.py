@@ -446,6 +446,40 @@ def check_k(op: str, k) -> int:
     return int(k)
 
 
+def check_exclude_csr(op: str, exclude_indptr, exclude_indices, num_items: int,
+                      batch: int | None = None) -> None:
+    """An exclusion CSR (topk_scores' exclude, popular_items'): 1-D int32/int64 arrays,
+    ``batch + 1`` row pointers when ``batch`` is given, non-decreasing within the indices,
+    and item ids in ``[0, num_items)``."""
+    for name, t in (("exclude_indptr", exclude_indptr), ("exclude_indices", exclude_indices)):
+        if t.dtype not in ID_DTYPES:
+            raise TypeError(f"fastmf.{op}: {name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"fastmf.{op}: {name} must be 1-D, got shape {tuple(t.shape)}")
+    if batch is not None and exclude_indptr.shape[0] != batch + 1:
+        raise ValueError(
+            f"fastmf.{op}: exclude_indptr must have one entry per query plus one "
+            f"({batch + 1}), got {exclude_indptr.shape[0]}"
+        )
+    if exclude_indptr.shape[0] < 1:
+        raise ValueError(f"fastmf.{op}: exclude_indptr must hold at least one entry")
+    indptr = exclude_indptr.long()
+    start, stop, nnz = int(indptr[0]), int(indptr[-1]), exclude_indices.shape[0]
+    if start < 0 or stop > nnz:
+        raise ValueError(
+            f"fastmf.{op}: exclude_indptr spans [{start}, {stop}) but exclude_indices has "
+            f"{nnz} entries"
+        )
+    steps = indptr[1:] - indptr[:-1]
+    if steps.numel() and bool((steps < 0).any()):
+        b = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(
+            f"fastmf.{op}: exclude_indptr must be non-decreasing, got {int(indptr[b])} "
+            f"then {int(indptr[b + 1])} at query {b}"
+        )
+    check_ids(op, "exclude", exclude_indices[start:stop], num_items)
+
+
 def check_topk_inputs(
     queries, item_factors, item_bias, k, exclude_indptr, exclude_indices, candidates
 ) -> None:
@@ -471,33 +505,7 @@ def check_topk_inputs(
             "fastmf.topk_scores: exclude_indptr and exclude_indices must both be given or both None"
         )
     if exclude_indptr is not None:
-        for name, t in (("exclude_indptr", exclude_indptr), ("exclude_indices", exclude_indices)):
-            if t.dtype not in ID_DTYPES:
-                raise TypeError(f"fastmf.topk_scores: {name} must be int32 or int64, got {t.dtype}")
-            if t.dim() != 1:
-                raise ValueError(f"fastmf.topk_scores: {name} must be 1-D, got shape "
-                                 f"{tuple(t.shape)}")
-        if exclude_indptr.shape[0] != batch + 1:
-            raise ValueError(
-                f"fastmf.topk_scores: exclude_indptr must have one entry per query plus one "
-                f"({batch + 1}), got {exclude_indptr.shape[0]}"
-            )
-        indptr = exclude_indptr.long()
-        start, stop, nnz = int(indptr[0]), int(indptr[-1]), exclude_indices.shape[0]
-        if start < 0 or stop > nnz:
-            raise ValueError(
-                f"fastmf.topk_scores: exclude_indptr spans [{start}, {stop}) but "
-                f"exclude_indices has "
-                f"{nnz} entries"
-            )
-        steps = indptr[1:] - indptr[:-1]
-        if batch and bool((steps < 0).any()):
-            b = int(torch.nonzero(steps < 0)[0, 0])
-            raise ValueError(
-                f"fastmf.topk_scores: exclude_indptr must be non-decreasing, got {int(indptr[b])} "
-                f"then {int(indptr[b + 1])} at query {b}"
-            )
-        check_ids("topk_scores", "exclude", exclude_indices[start:stop], num_items)
+        check_exclude_csr("topk_scores", exclude_indptr, exclude_indices, num_items, batch)
     if candidates is not None:
         check_ids("topk_scores", "candidates", candidates, num_items)
 

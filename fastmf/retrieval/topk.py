@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fastmf import ops
-from fastmf.ops.checks import check_ids, check_k, check_weight
+from fastmf.ops.checks import HALF_DTYPES, check_exclude_csr, check_ids, check_k, check_weight
 from fastmf.retrieval._inputs import OP, as_index_tensor, exclude_csr
 
 METRICS = ("cosine", "dot")
@@ -32,7 +32,8 @@ def topk_scores(
 
     Args:
         queries: (B, K) float32/float64, e.g. the user factors of the users to serve (the
-            global mean and user bias do not change the order, so they are left out).
+            global mean and user bias do not change the order, so they are left out);
+            float16/bfloat16 queries, factors and bias are scored in float32.
         item_factors: (I, K), same dtype and device.
         item_bias: (I,) or None.
         k: how many items per query (> 0).
@@ -66,6 +67,11 @@ def topk_scores(
     k = check_k(OP, k)
     if queries.dim() != 2:
         raise ValueError(f"fastmf.{OP}: queries must be 2-D, got shape {tuple(queries.shape)}")
+    # A half-precision model's vectors are scored in float32 (the kernels take float32 and
+    # float64; SVD++, timeSVD++ and Item2Vec train float16/bfloat16 tables).
+    queries, item_factors, item_bias = (
+        t.float() if isinstance(t, Tensor) and t.dtype in HALF_DTYPES else t
+        for t in (queries, item_factors, item_bias))
     device = queries.device
     impl_name = ops.resolve_backend(backend, device, op=f"fastmf.{OP}")
     batch = queries.shape[0]
@@ -124,6 +130,8 @@ def similar(
     op = "similar"
     if metric not in METRICS:
         raise ValueError(f"fastmf.{op}: unknown metric {metric!r}; expected one of {METRICS}")
+    if isinstance(vectors, Tensor) and vectors.dtype in HALF_DTYPES:
+        vectors = vectors.float()  # scored in float32, as topk_scores scores half vectors
     check_weight(op, "vectors", vectors, 2)
     k = check_k(op, k)
     ids = as_index_tensor(op, "query_ids", query_ids, vectors.device)
@@ -176,13 +184,11 @@ def popular_items(
     if exclude is None:
         return ranking(k)
     indptr, indices = exclude_csr(op, exclude, None, device)
-    if indptr.dim() != 1 or indptr.shape[0] < 1:
-        raise ValueError(f"fastmf.{op}: exclude_indptr must be 1-D with at least one entry")
+    check_exclude_csr(op, indptr, indices, num_items)
     indptr = indptr.long()
     batch = indptr.shape[0] - 1
     start, stop = int(indptr[0]), int(indptr[-1])
     seen = indices[start:stop].long()
-    check_ids(op, "exclude", seen, num_items)
     lengths = indptr[1:] - indptr[:-1]
     # One global ranking, long enough that every user keeps k items after removing theirs.
     longest = int(lengths.max()) if batch else 0
