@@ -148,7 +148,13 @@ def _in_model_maps(model, train: Interactions) -> Interactions:
                          "have raw user or item ids the model does not know (its id maps are "
                          "those of the data it was trained on); add them first "
                          "(model.add_users / add_items with raw_ids=) or train a new model")
-    return train.reindex(user_map, item_map)
+    out = train.reindex(user_map, item_map)
+    if train.item_titles:  # kept, by raw id (reindex leaves them behind)
+        old = np.fromiter(train.item_titles, dtype=np.int64, count=len(train.item_titles))
+        new = item_map.lookup(train.item_map.raw_ids[old])
+        out.item_titles = {int(n): train.item_titles[int(o)]
+                           for o, n in zip(old, new, strict=True) if n >= 0}
+    return out
 
 
 def _as_interactions(data, name: str, like: Interactions | None = None) -> Interactions:
