@@ -294,7 +294,8 @@ def fit(
         dctx = FitContext.of(model, distributed)
         model = dctx.model
         progress = progress and dctx.is_main
-    train = _as_interactions(train, "train")
+    # In the model's id maps first, when it has some: valid then follows train's.
+    train = _in_model_maps(model, _as_interactions(train, "train"))
     if valid is not None:
         valid = _as_interactions(valid, "valid", like=train)
     name = model.public_name()
@@ -325,7 +326,6 @@ def fit(
         if valid is None:
             raise ValueError("fastmf.fit: early_stopping needs valid= (the held-out "
                              "interactions it monitors)")
-    train = _in_model_maps(model, train)
     model.check_data(train)
     if train.weights is not None and not model.uses_weights:
         raise ValueError(

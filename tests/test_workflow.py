@@ -188,8 +188,12 @@ def test_training_again_and_excluding_through_raw_ids_after_growth():
     # Sorted raw ids [10 15 20 30] against the model's [10 20 30 15]: same sizes.
     again = Interactions.from_arrays(np.r_[users, [15]], np.r_[items, [3]], np.r_[ratings, [3.0]])
     again.item_titles = {i: f"title of {raw}" for i, raw in enumerate(again.item_map.raw_ids)}
-    fastmf.fit(model, again, epochs=1, lr=1e-9, progress=False)
+    history = fastmf.fit(model, again, valid=again, epochs=1, lr=1e-9, metrics=("rmse",),
+                         progress=False)
     assert model.item_titles[int(model.item_map.lookup([7])[0])] == "title of 7"
+    # valid= read with the same maps of its own follows train into the model's.
+    assert history.epochs[0]["rmse"] == pytest.approx(
+        fastmf.evaluate(model, again, metrics=("rmse",))["rmse"], rel=1e-5)
     # lr ~ 0: only the global mean moves (the new rating is in it); users keep their rows.
     np.testing.assert_allclose(model.predict([10, 20, 30], [0, 0, 0], raw_ids=True), before,
                                atol=1e-3)
