@@ -464,6 +464,27 @@ def test_half_precision_model_saves_loads_and_resumes_exactly(rng, tmp_path, dty
         Hybrid(4, 4, dim=2, dtype="int8")
 
 
+def test_new_user_with_every_item_and_models_without_vectors():
+    """A new user who has every item gets padding from every model (a ranking fold-in had
+    no negatives to draw and raised for ALS, GMF, Item2Vec); fold-in on a model without
+    item vectors is a TypeError naming the model."""
+    from fastmf.models import ALS, GMF, MLP
+
+    data = fastmf.datasets.synthetic(num_users=30, num_items=12, num_interactions=160, seed=0)
+    for model in (fastmf.MF.from_interactions(data, dim=4), ALS.from_interactions(data, dim=4),
+                  GMF.from_interactions(data, dim=4)):
+        fastmf.fit(model, data, epochs=1, progress=False)
+        top, scores = model.recommend_new_user(list(range(12)), k=3)
+        assert top.tolist() == [-1, -1, -1] and scores.tolist() == [float("-inf")] * 3
+        top, _ = model.recommend_new_user(list(range(11)), k=3)
+        assert top.tolist()[:1] == [11]  # the one item left
+    mlp = MLP(30, 12, layers=(8, 4))
+    for call in (lambda: coldstart.fold_in(mlp, [1, 2]),
+                 lambda: coldstart.recommend_new_user(mlp, [1, 2])):
+        with pytest.raises(TypeError, match=r"\(MLP\): the model has no item vectors"):
+            call()
+
+
 def test_fold_in_and_recommend_new_user_methods(rng):
     torch.manual_seed(8)
     items = rng.choice(30, 6, replace=False)

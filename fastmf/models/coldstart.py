@@ -56,7 +56,12 @@ def _name(model) -> str:
 
 
 def _item_side(model) -> tuple[Tensor, Tensor | None]:
-    """(item vectors (N, D), item bias (N,) or None), detached."""
+    """(item vectors (N, D), item bias (N,) or None), detached. TypeError for a model
+    without them (MLP and NeuMF score through layers: their item_vectors raise
+    NotImplementedError, which reached fold-in's callers as such)."""
+    if getattr(model, "has_vectors", True) is False:
+        raise TypeError(f"{_name(model)}: the model has no item vectors (fold-in needs a "
+                        "dot-product model)")
     if hasattr(model, "item_vectors"):
         with torch.no_grad():
             vectors, bias = model.item_vectors()
@@ -353,7 +358,14 @@ def recommend_new_user(model, items, k: int = 10, *, ratings=None, exclude_seen:
     k = checks.check_k("models.coldstart.recommend_new_user", k)
     index, known = _item_indices(model, items, raw_ids, op)
     skip = index if exclude_seen else np.zeros(0, np.int64)
-    if len(index) == 0:
+    if exclude_seen and len(np.unique(index)) >= model.num_items:
+        # Every item is theirs: nothing left to recommend, whatever the fold-in (a ranking
+        # loss's fold-in has no negatives to draw then, and raised).
+        device = next(model.parameters()).device
+        top = torch.full((k,), -1, dtype=torch.int64, device=device)
+        scores = torch.full((k,), float("-inf"), dtype=_item_side(model)[0].dtype,
+                            device=device)
+    elif len(index) == 0:
         values = np.asarray(items if np.ndim(items) else [items], dtype=object).reshape(-1)
         what = ("no interacted item was given" if len(values) == 0 else
                 f"none of the {len(values)} item id(s) is known (first: {values[:5].tolist()})")
