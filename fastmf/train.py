@@ -140,15 +140,16 @@ def _in_model_maps(model, train: Interactions) -> Interactions:
     if user_map is None or item_map is None or train.same_ids(user_map, item_map) or (
             train.user_map.is_identity and train.item_map.is_identity):
         return train
-    users = user_map.lookup(train.user_map.raw_ids[train.users])
-    items = item_map.lookup(train.item_map.raw_ids[train.items])
-    unknown = int(np.count_nonzero((users < 0) | (items < 0)))
+    try:
+        out = train.reindex(user_map, item_map)
+    except ValueError:  # no row left
+        out = None
+    unknown = len(train) - (0 if out is None else len(out))
     if unknown:
         raise ValueError(f"fastmf.fit: {unknown:,} of the {len(train):,} training interactions "
                          "have raw user or item ids the model does not know (its id maps are "
                          "those of the data it was trained on); add them first "
                          "(model.add_users / add_items with raw_ids=) or train a new model")
-    out = train.reindex(user_map, item_map)
     if train.item_titles:  # kept, by raw id (reindex leaves them behind)
         old = np.fromiter(train.item_titles, dtype=np.int64, count=len(train.item_titles))
         new = item_map.lookup(train.item_map.raw_ids[old])
