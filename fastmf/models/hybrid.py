@@ -44,17 +44,13 @@ from fastmf.models.base import IMPLICIT, Recommender, pointwise_loss
 from fastmf.nn import EmbeddingBag
 from fastmf.nn.embedding import fused_optimizer
 from fastmf.ops.args import PooledSide
-from fastmf.ops.checks import accumulation_dtype
+from fastmf.ops.checks import accumulation_dtype, table_dtype
 from fastmf.ops.codes import Pooling
 from fastmf.ops.reference.pooled import rank_backward, rank_forward
 from fastmf.optim import has_step_hooks
 from fastmf.recommender import warp_choice
 
 __all__ = ["Hybrid"]
-
-# The tables' dtypes by name (the config keeps the name).
-_TABLE_DTYPES = {"float32": torch.float32, "float64": torch.float64,
-                 "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # The largest feature vocabulary (JSON bytes) a config keeps: checkpoints store the config
 # in config.json, which fastmf.load reads up to 16 MiB.
@@ -470,11 +466,7 @@ class Hybrid(Recommender):
         for name, value in (("num_users", num_users), ("num_items", num_items), ("dim", dim)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
-        if isinstance(dtype, str):  # by name, as the config keeps it
-            if dtype not in _TABLE_DTYPES:
-                raise TypeError(f"{op}: dtype must be one of {sorted(_TABLE_DTYPES)}, got "
-                                f"{dtype!r}")
-            dtype = _TABLE_DTYPES[dtype]
+        dtype = table_dtype(op, dtype)  # by name too, as the config keeps it
         self.dim, self.init_scale = int(dim), float(init_scale)
         self._backend_name = backend
         common = dict(init_scale=init_scale, backend=backend, dtype=dtype, device=device)
@@ -695,8 +687,8 @@ class Hybrid(Recommender):
         pu, pi = _PooledBags(self.users, users), _PooledBags(self.items, items)
         pos_at, neg_at = pi.inverse.split([size, size * n])
         value, saved, counts = rank_forward(pu.vec, pu.bias, pi.vec, pi.bias, pu.inverse,
-                                             pos_at, neg_at.view(size, n), loss, weights,
-                                             float(reg), kernels, batch)
+                                            pos_at, neg_at.view(size, n), loss, weights,
+                                            float(reg), kernels, batch)
         grad_p, grad_bu, grad_q, grad_bi = rank_backward(
             torch.ones_like(value), pu.vec, pu.bias, pi.vec, pi.bias, *saved, counts, kernels)
         pu.update(grad_p, grad_bu)

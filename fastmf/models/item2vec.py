@@ -46,13 +46,12 @@ from fastmf import checkpoint
 from fastmf import nn as fnn
 from fastmf.models._state import check_csr_state
 from fastmf.models.base import Batch, Recommender
+from fastmf.ops.checks import table_dtype
 
 __all__ = ["Item2Vec", "keep_probability", "sequences_to_interactions", "skipgram_pairs",
            "unigram_distribution"]
 
 OP = "fastmf.models.Item2Vec"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-           "bfloat16": torch.bfloat16}
 
 
 # -- the corpus --------------------------------------------------------------------------------
@@ -272,10 +271,7 @@ class Item2Vec(Recommender):
         if isinstance(power, bool) or not isinstance(power, int | float) or not (
                 0 <= power < float("inf")):
             raise ValueError(f"{OP}: power must be a finite number >= 0, got {power!r}")
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise TypeError(f"{OP}: dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
+        dtype = table_dtype(OP, dtype)
         self.subsample = None if subsample is None else float(subsample)
         self.power = float(power)
         self.init_scale = 0.5 / dim if init_scale is None else float(init_scale)

@@ -514,6 +514,19 @@ def check_topk_inputs(
 
 EMBEDDING_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# The tables' dtypes by the name a model's config keeps (str(dtype) without "torch.").
+TABLE_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def table_dtype(op: str, dtype):
+    """``dtype``, a torch dtype or its name as a config keeps it; TypeError naming the
+    choices for another name."""
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype not in TABLE_DTYPES:
+        raise TypeError(f"{op}: dtype must be one of {sorted(TABLE_DTYPES)}, got {dtype!r}")
+    return TABLE_DTYPES[dtype]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
