@@ -38,65 +38,46 @@ constexpr const char* kSamplerOp = "NegativeSampler.sample_step";
 using Bags5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
 
-// The ops the loop calls, looked up once.
-struct Ops {
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      int64_t, int64_t, int64_t, int64_t, c10::string_view)>
-      sample_negatives;
-  c10::TypedOperatorHandle<Bags5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&)>
-      unique_bags;
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const OptTensor&, int64_t)>
-      embedding_bag_forward;
-  c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, const OptTensor&, const OptTensor&,
-                                      double)>
-      mf_forward;
-  c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&)>
-      mf_backward_dense;
-  c10::TypedOperatorHandle<void(const at::Tensor&, const OptTensor&, const OptTensor&,
-                                const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                const OptTensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const OptTensor&, int64_t, int64_t, double,
-                                double, double, double, double, int64_t, int64_t, int64_t, bool,
-                                int64_t, int64_t, bool)>
-      update_pair;
-
-  static const Ops& get() {
-    static const Ops ops = [] {
-      auto& d = c10::Dispatcher::singleton();
-      auto find = [&](const char* name) { return d.findSchemaOrThrow(name, ""); };
-      Ops o{
-          find("fastmf::sample_negatives")
-              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                int64_t, int64_t, int64_t, int64_t, c10::string_view)>(),
-          find("fastmf::unique_bags")
-              .typed<Bags5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&)>(),
-          find("fastmf::embedding_bag_forward")
-              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const OptTensor&, int64_t)>(),
-          find("fastmf::mf_forward")
-              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const OptTensor&, const OptTensor&,
-                                double)>(),
-          find("fastmf::mf_backward_dense")
-              .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                        const at::Tensor&, const at::Tensor&,
-                                                        const at::Tensor&)>(),
-          find("fastmf::embedding_bag_backward_update_pair")
-              .typed<void(const at::Tensor&, const OptTensor&, const OptTensor&,
+// The signatures of the ops the loop calls (their schemas in csrc/fastmf.cpp).
+using SampleNegativesFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     int64_t, int64_t, int64_t, int64_t, c10::string_view);
+using UniqueBagsFn = Bags5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&);
+using BagForwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const OptTensor&, int64_t);
+using MfForwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const OptTensor&, const OptTensor&, double);
+using MfBackwardDenseFn = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&);
+using UpdatePairFn = void(const at::Tensor&, const OptTensor&, const OptTensor&,
                           const at::Tensor&, const at::Tensor&, const OptTensor&,
                           const OptTensor&, const at::Tensor&, const at::Tensor&,
-                          const at::Tensor&, const OptTensor&, int64_t, int64_t, double,
-                          double, double, double, double, int64_t, int64_t, int64_t, bool,
-                          int64_t, int64_t, bool)>(),
-      };
-      return o;
-    }();
+                          const at::Tensor&, const OptTensor&, int64_t, int64_t, double, double,
+                          double, double, double, int64_t, int64_t, int64_t, bool, int64_t,
+                          int64_t, bool);
+
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+// The ops the loop calls, looked up once.
+struct Ops {
+  c10::TypedOperatorHandle<SampleNegativesFn> sample_negatives =
+      op_handle<SampleNegativesFn>("fastmf::sample_negatives");
+  c10::TypedOperatorHandle<UniqueBagsFn> unique_bags =
+      op_handle<UniqueBagsFn>("fastmf::unique_bags");
+  c10::TypedOperatorHandle<BagForwardFn> embedding_bag_forward =
+      op_handle<BagForwardFn>("fastmf::embedding_bag_forward");
+  c10::TypedOperatorHandle<MfForwardFn> mf_forward = op_handle<MfForwardFn>("fastmf::mf_forward");
+  c10::TypedOperatorHandle<MfBackwardDenseFn> mf_backward_dense =
+      op_handle<MfBackwardDenseFn>("fastmf::mf_backward_dense");
+  c10::TypedOperatorHandle<UpdatePairFn> update_pair =
+      op_handle<UpdatePairFn>("fastmf::embedding_bag_backward_update_pair");
+
+  static const Ops& get() {
+    static const Ops ops;
     return ops;
   }
 };

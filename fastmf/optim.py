@@ -628,6 +628,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
         inner = ",\n".join("  " + repr(part).replace("\n", "\n  ") for part in self.optimizers)
         return f"CombinedOptimizer(\n{inner}\n)"
 
+
 def check_steps_its_tables(optimizer, params, op: str) -> None:
     """ValueError when a fastmf.nn weight among ``params`` is updated in backward by an
     optimizer other than ``optimizer`` (or one of its parts): a training loop that steps
