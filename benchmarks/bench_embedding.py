@@ -31,6 +31,11 @@ Workloads, K ∈ {32, 64, 128}, batch ∈ {1024, 8192, 65536}:
    and an output layer on [GMF product, MLP output], BCE; the MLP is stepped by
    ``torch.optim.Adam``, the tables by the path's optimizer.
 
+Each timed path cycles through the same 8 distinct batches (``--distinct-batches``), whose
+hot rows are the same (one rank -> id permutation per table), as consecutive batches of a
+training set are; before 2026-12-05 one batch was repeated, which kept the rows it touches
+in cache.
+
 Correctness first: before a path is timed, it takes 3 steps on 3 fresh batches from the
 same start as the textbook path of its optimizer (row-wise optimizers: the textbook model
 with a hand-written row-wise step, as FBGEMM's tests do), and every table and MLP weight
@@ -63,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import os
 import platform
 import statistics
@@ -180,10 +186,42 @@ class Batch:
         return self.users.shape[0]
 
 
-def make_batch(workload: str, batch: int, seed: int) -> Batch:
+# How many distinct batches a timed path cycles through (the hot rows the same in each, see
+# make_batch). Timing one batch over and over kept every row it touches in cache, which
+# flattered the paths whose time is in their kernels: mf, K = 64, batch 8,192, 2 threads,
+# 2-core AMD EPYC, two runs each way alternated: fastmf row-wise Adagrad 5.70 / 4.80 M
+# samples/s on one batch, 3.63 / 3.47 on 8; textbook Adagrad 1.50 / 1.43 and 1.52 / 1.34
+# (its time is in torch's sparse-gradient bookkeeping). A batch of 8,192 Zipf ids reaches
+# 3,650-3,720 rows of the 100k user table, three quarters of them not in the batch before.
+DISTINCT_BATCHES = 8
+
+
+def timed_batches(workload: str, batch: int, count: int = DISTINCT_BATCHES) -> list[Batch]:
+    """The distinct batches a timed path cycles through (the same for every path), with the
+    same hot rows."""
+    return [make_batch(workload, batch, seed=7 + s, stream=True) for s in range(count)]
+
+
+_HOT_ROWS: dict[int, np.ndarray] = {}
+
+
+def make_batch(workload: str, batch: int, seed: int, stream: bool = False) -> Batch:
+    """A batch of Zipf(1.0) ids. ``stream``: every such batch has the same hot rows (one
+    rank -> id permutation per table size, as a training set's popular items stay popular),
+    for timing; otherwise each batch has its own, for the correctness checks (whose
+    tolerances for half tables were set on those: rows shared by the 3 check batches take
+    more roundings)."""
     rng = np.random.default_rng(seed)
-    users = zipf_ids(NUM_USERS, batch, generator=rng)
-    items = zipf_ids(NUM_ITEMS, batch, generator=rng)
+
+    def stream_ids(num_rows: int, size: int) -> Tensor:
+        if not stream:
+            return zipf_ids(num_rows, size, generator=rng)
+        if num_rows not in _HOT_ROWS:
+            _HOT_ROWS[num_rows] = np.random.default_rng(num_rows).permutation(num_rows)
+        return zipf_ids(num_rows, size, generator=rng, permutation=_HOT_ROWS[num_rows])
+
+    users = stream_ids(NUM_USERS, batch)
+    items = stream_ids(NUM_ITEMS, batch)
     if workload == "mf":
         target = torch.from_numpy(rng.integers(1, 6, batch)).float()
     else:
@@ -199,10 +237,10 @@ def make_batch(workload: str, batch: int, seed: int) -> Batch:
         def weights(*shape):
             return torch.from_numpy(rng.uniform(0.5, 1.5, shape).astype(np.float32))
 
-        x.user_features = zipf_ids(NUM_FEATURES, batch * USER_FEATURES,
-                                   generator=rng).view(batch, USER_FEATURES)
-        x.item_features = zipf_ids(NUM_FEATURES, batch * ITEM_FEATURES,
-                                   generator=rng).view(batch, ITEM_FEATURES)
+        x.user_features = stream_ids(NUM_FEATURES, batch * USER_FEATURES).view(
+            batch, USER_FEATURES)
+        x.item_features = stream_ids(NUM_FEATURES, batch * ITEM_FEATURES).view(
+            batch, ITEM_FEATURES)
         x.user_weight, x.item_weight = weights(batch, 1), weights(batch, 1)
         x.user_feature_weights = weights(batch, USER_FEATURES)
         x.item_feature_weights = weights(batch, ITEM_FEATURES)
@@ -608,13 +646,14 @@ def cases():
 def test_embedding(benchmark, workload, dim, batch, path):
     trainer = Trainer(path, workload, dim)
     check(trainer, dim)
-    x = make_batch(workload, batch, seed=7)
-    trainer.step(x)  # warm-up (JIT, allocator)
+    xs = timed_batches(workload, batch, 1 if benchmark.disabled else DISTINCT_BATCHES)
+    trainer.step(xs[0])  # warm-up (JIT, allocator)
     benchmark.group = f"{workload} K={dim} batch={batch}"
     benchmark.extra_info.update(path=path.name, workload=workload, dim=dim, batch=batch,
-                                threads=THREADS)
-    benchmark.pedantic(trainer.step, args=(x,), rounds=5, iterations=max(1, 65536 // batch),
-                       warmup_rounds=1)
+                                threads=THREADS, distinct_batches=len(xs))
+    batches = itertools.cycle(xs)
+    benchmark.pedantic(lambda: trainer.step(next(batches)), rounds=5,
+                       iterations=max(1, 65536 // batch), warmup_rounds=1)
     if not benchmark.disabled:
         benchmark.extra_info["samples_per_s"] = batch / benchmark.stats.stats.mean
 
@@ -746,16 +785,16 @@ def model_ops_seconds(workload: str, dim: int, x: Batch, steps: int) -> float:
     return (CLOCK() - start) / steps
 
 
-def profile(trainer: Trainer, x: Batch, dim: int, steps: int) -> str:
+def profile(trainer: Trainer, xs: list[Batch], dim: int, steps: int) -> str:
     totals: dict[str, float] = {}
     with kernel_timer(trainer.path.kind, totals):
         start = CLOCK()
-        for _ in range(steps):
-            trainer.step(x)
+        for s in range(steps):
+            trainer.step(xs[s % len(xs)])
         total = (CLOCK() - start) / steps
     forward = totals.get("embedding_bag_forward", 0.0) / steps
     update = totals.get("embedding_bag_backward_update", 0.0) / steps
-    model = model_ops_seconds(trainer.workload, dim, x, steps)
+    model = model_ops_seconds(trainer.workload, dim, xs[0], steps)
     rest = total - forward - update - (0 if model != model else model)
     ms = 1e3
     return (f"| {trainer.path.name} | {total * ms:.2f} | {forward * ms:.2f} | {update * ms:.2f}"
@@ -776,10 +815,15 @@ def main(argv=None) -> None:
                         help="cpu: process CPU time, which other jobs on a loaded machine "
                              "disturb less (use with --threads 1: idle OpenMP threads "
                              "spin and count as CPU time)")
+    parser.add_argument("--distinct-batches", type=int, default=DISTINCT_BATCHES,
+                        help="how many distinct batches each path cycles through (1: one "
+                             "batch repeated, as runs before 2026-12-05 timed)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.distinct_batches < 1:
+        parser.error(f"--distinct-batches must be at least 1, got {args.distinct_batches}")
     torch.set_num_threads(args.threads)
     if ops.numba_available():
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
@@ -803,14 +847,14 @@ def main(argv=None) -> None:
 
 
 def run_size(workload: str, dim: int, batch: int, paths: list[Path], args) -> None:
-    x = make_batch(workload, batch, seed=7)
+    xs = timed_batches(workload, batch, args.distinct_batches)
     trainers = {}
     for path in paths:
         trainer = Trainer(path, workload, dim)
         check(trainer, dim)
-        trainer.step(x)
+        trainer.step(xs[0])
         start = time.perf_counter()
-        trainer.step(x)
+        trainer.step(xs[-1])
         trainers[path.name] = (trainer, max(1, int(args.seconds
                                                   / (time.perf_counter() - start))))
     _TEXTBOOK.clear()
@@ -821,15 +865,15 @@ def run_size(workload: str, dim: int, batch: int, paths: list[Path], args) -> No
         for name in names[r % len(names):] + names[:r % len(names)]:
             trainer, steps = trainers[name]
             start = CLOCK()
-            for _ in range(steps):
-                trainer.step(x)
+            for s in range(steps):
+                trainer.step(xs[s % len(xs)])
             rates[name].append(steps * batch / (CLOCK() - start))
     medians = {name: statistics.median(v) for name, v in rates.items()}
     textbook = medians.get("textbook-adagrad")
     fbgemm = medians.get("fbgemm-rowwise_adagrad-float32")
     print(f"\n{workload} K={dim} batch={batch}, load average {os.getloadavg()}; "
           f"M samples/s ({args.clock} clock), median (min–max) of {args.repeats} "
-          "interleaved windows")
+          f"interleaved windows, {len(xs)} distinct batches")
     print("| path | M samples/s | × textbook Adagrad | × FBGEMM row-wise Adagrad |")
     print("|---|---:|---:|---:|")
     for name in names:
@@ -845,7 +889,7 @@ def run_size(workload: str, dim: int, batch: int, paths: list[Path], args) -> No
         for name in names:
             trainer, steps = trainers[name]
             if trainer.path.kind not in ("textbook", "fbgemm", "floor"):
-                print(profile(trainer, x, dim, steps))
+                print(profile(trainer, xs, dim, steps))
 
 
 if __name__ == "__main__":

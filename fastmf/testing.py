@@ -166,14 +166,26 @@ def zipf_ids(
     generator: np.random.Generator | None = None,
     dtype: torch.dtype = torch.int64,
     device="cpu",
+    permutation: np.ndarray | None = None,
 ) -> torch.Tensor:
     """``size`` ids in [0, num_rows) with P(rank r) ∝ 1/r**exponent, ranks shuffled over
-    the ids so hot rows are spread across the table. Many duplicates by design."""
+    the ids so hot rows are spread across the table. Many duplicates by design.
+
+    ``permutation`` (a permutation of range(num_rows)) maps rank r to id permutation[r];
+    None draws one from the generator, so every call has its own hot rows. Pass one
+    permutation to every batch of a stream whose hot rows stay the same, as a training
+    set's popular items do."""
     rng = generator if generator is not None else np.random.default_rng()
     weights = 1.0 / np.arange(1, num_rows + 1, dtype=np.float64) ** exponent
     weights /= weights.sum()
     ranks = rng.choice(num_rows, size=size, p=weights)
-    perm = rng.permutation(num_rows)
+    if permutation is None:
+        perm = rng.permutation(num_rows)
+    else:
+        perm = np.asarray(permutation)
+        if perm.shape != (num_rows,):
+            raise ValueError(f"zipf_ids: permutation must have shape ({num_rows},), got "
+                             f"{perm.shape}")
     return torch.from_numpy(perm[ranks]).to(dtype=dtype, device=device)
 
 

@@ -273,3 +273,19 @@ def test_fit_epoch_order_is_the_permutation():
         order = permute("reference", 500, 77)
         assert torch.equal(batch.users.long(), torch.from_numpy(data.users)[order]), backend
         assert torch.equal(batch.items.long(), torch.from_numpy(data.items)[order]), backend
+
+
+def test_zipf_ids_with_one_permutation_keep_their_hot_rows():
+    """fastmf.testing.zipf_ids(permutation=...): rank r is id permutation[r], so batches
+    drawn with one permutation share their hot rows (the benchmarks' streams); a
+    permutation of the wrong length is refused."""
+    n = 5_000
+    perm = np.random.default_rng(0).permutation(n)
+    ranks = zipf_ids(n, 4_096, generator=np.random.default_rng(1), permutation=np.arange(n))
+    ids = zipf_ids(n, 4_096, generator=np.random.default_rng(1), permutation=perm)
+    assert torch.equal(ids, torch.from_numpy(perm)[ranks])
+    hottest = [int(torch.mode(zipf_ids(n, 4_096, generator=np.random.default_rng(s),
+                                       permutation=perm)).values) for s in (2, 3)]
+    assert hottest == [int(perm[0])] * 2
+    with pytest.raises(ValueError, match=r"permutation must have shape \(5000,\)"):
+        zipf_ids(n, 10, permutation=perm[:-1])
