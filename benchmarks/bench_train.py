@@ -3,6 +3,7 @@
 100k users × 20k items, Zipf(1.0) users and items, K ∈ {32, 64, 128},
 batch ∈ {1024, 8192, 65536}. Each case asserts its path is correct (against the
 reference, on the same model) before it is timed, and reports samples/s in extra_info.
+Each path is timed on 8 distinct batches with the same hot rows (see DISTINCT_BATCHES).
 
     pytest benchmarks/bench_train.py --benchmark-json=out.json
     python benchmarks/report.py out.json       # the table for benchmarks/README.md
@@ -10,20 +11,46 @@ reference, on the same model) before it is timed, and reports samples/s in extra
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import fastmf
 from fastmf.ops import Loss, MFTables, Optimizer, OptimizerArgs
 from fastmf.ops import reference as spec
-from fastmf.testing import BACKENDS, make_batch, requires_native, requires_numba, tolerance
+from fastmf.testing import (
+    BACKENDS,
+    make_batch,
+    requires_native,
+    requires_numba,
+    tolerance,
+    zipf_ids,
+)
 
 NUM_USERS, NUM_ITEMS = 100_000, 20_000
 DIMS = [32, 64, 128]
 BATCHES = [1024, 8192, 65536]
 LR = 0.05
+# Each timed path cycles through this many distinct batches whose hot users and items are the
+# same (one rank -> id permutation per table), as consecutive batches of a training set are.
+# Before 2026-12-05 one batch was repeated, which kept every row it touches in cache.
+DISTINCT_BATCHES = 8
+
+
+def stream_batches(batch: int, count: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``count`` (users, items, ratings) batches of Zipf(1.0) ids with the same hot rows."""
+    out = []
+    for s in range(count):
+        rng = np.random.default_rng(7 + s)
+        users, items = (zipf_ids(n, batch, generator=rng,
+                                 permutation=np.random.default_rng(n).permutation(n))
+                        for n in (NUM_USERS, NUM_ITEMS))
+        out.append((users, items, torch.from_numpy(rng.uniform(1.0, 5.0, batch)).float()))
+    return out
 
 
 class Textbook(nn.Module):
@@ -167,12 +194,14 @@ def test_train(benchmark, path, dim, batch):
     if path == "reference_compiled_dense" and benchmark.disabled and (dim, batch) != (32, 1024):
         pytest.skip("compiling is slow; one compiled case checks the path in --benchmark-disable")
     step = build(path, dim)
-    u, i, r = make_batch(NUM_USERS, NUM_ITEMS, batch, seed=7)
-    step(u, i, r)  # warm-up (JIT, compile, allocator)
+    batches = stream_batches(batch, 1 if benchmark.disabled else DISTINCT_BATCHES)
+    step(*batches[0])  # warm-up (JIT, compile, allocator)
     benchmark.group = f"train K={dim} batch={batch}"
-    benchmark.extra_info.update(path=path, dim=dim, batch=batch, kind="train")
-    benchmark.pedantic(step, args=(u, i, r), rounds=5, iterations=max(1, 65536 // batch),
-                       warmup_rounds=1)
+    benchmark.extra_info.update(path=path, dim=dim, batch=batch, kind="train",
+                                distinct_batches=len(batches))
+    cycle = itertools.cycle(batches)
+    benchmark.pedantic(lambda: step(*next(cycle)), rounds=5,
+                       iterations=max(1, 65536 // batch), warmup_rounds=1)
     if not benchmark.disabled:
         benchmark.extra_info["samples_per_s"] = batch / benchmark.stats.stats.mean
 
