@@ -504,3 +504,185 @@ def test_ann_missing_dependency_message(monkeypatch):
     monkeypatch.setitem(ann._MODULES, "faiss", "fastmf_no_such_module")
     with pytest.raises(ImportError, match=r"pip install fastmf\[ann\]"):
         ANNIndex(torch.randn(10, 4), backend="faiss")
+
+
+# The knobs' checks run right after the knobs are merged, before the backend is imported:
+# these tests run without faiss or hnswlib. (knob, bad value, error, what the message says)
+BAD_ANN_KNOBS = [
+    ("M", 0, ValueError, "M must be an int >= 2, got 0"),
+    ("M", 1, ValueError, "M must be an int >= 2, got 1"),
+    ("M", -1, ValueError, "M must be an int >= 2, got -1"),
+    ("M", 16.0, TypeError, "M must be an int >= 2, got float 16.0"),
+    ("M", True, TypeError, "M must be an int >= 2, got bool True"),
+    ("M", 1 << 31, ValueError, f"M must fit in a C int (at most {(1 << 31) - 1}), got "
+                               f"{1 << 31}"),
+    ("ef_construction", 0, ValueError, "ef_construction must be an int >= 1, got 0"),
+    ("ef_construction", None, TypeError, "ef_construction must be an int >= 1, got NoneType"),
+    ("ef_search", 0, ValueError, "ef_search must be an int >= 1, got 0"),
+    ("ef_search", -1, ValueError, "ef_search must be an int >= 1, got -1"),
+    ("ef_search", "a", TypeError, "ef_search must be an int >= 1, got str 'a'"),
+    ("ef_search", np.float64(64.0), TypeError, "ef_search must be an int >= 1, got float64"),
+    ("nlist", 0, ValueError, "nlist must be None (4·√I lists) or an int >= 1, got 0"),
+    ("nlist", -3, ValueError, "nlist must be None (4·√I lists) or an int >= 1, got -3"),
+    ("nlist", 8.5, TypeError, "nlist must be None (4·√I lists) or an int >= 1, got float"),
+    ("nprobe", 0, ValueError, "nprobe must be an int >= 1, got 0"),
+    ("nprobe", -1, ValueError, "nprobe must be an int >= 1, got -1"),
+    ("nprobe", 2.7, TypeError, "nprobe must be an int >= 1, got float 2.7"),
+    ("num_threads", 1.5, TypeError, "num_threads must be an int, got float 1.5"),
+]
+ANN_KNOB_KINDS = {  # the (backend, index) pairs that take each knob
+    "M": [("faiss", "hnsw"), ("hnswlib", "hnsw")],
+    "ef_construction": [("faiss", "hnsw"), ("hnswlib", "hnsw")],
+    "ef_search": [("faiss", "hnsw"), ("hnswlib", "hnsw")],
+    "nlist": [("faiss", "ivf")],
+    "nprobe": [("faiss", "ivf")],
+    "num_threads": [("hnswlib", "hnsw")],
+}
+
+
+class _UntouchableIndex:
+    """Stands in for a backend's index: a check that lets a bad value through fails here
+    instead of reaching faiss (where M=0 aborts the process and M=1 crashes it)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the index was touched ({name}) before the arguments were checked")
+
+    def __setattr__(self, name, value):
+        raise AssertionError(f"the index was touched ({name}) before the arguments were checked")
+
+
+@pytest.fixture
+def ann_without_backend(monkeypatch):
+    """ANNIndex with neither faiss nor hnswlib imported: builds an _UntouchableIndex."""
+    import fastmf.retrieval.ann as ann
+
+    monkeypatch.setattr(ann, "_import", lambda backend: None)
+    monkeypatch.setattr(ann.ANNIndex, "_build", lambda self, data: _UntouchableIndex())
+
+
+@pytest.mark.parametrize("backend,index,name,value,error,message", [
+    pytest.param(backend, index, name, value, error, message,
+                 id=f"{backend}-{index}-{name}={value!r}")
+    for name, value, error, message in BAD_ANN_KNOBS
+    for backend, index in ANN_KNOB_KINDS[name]
+])
+def test_ann_bad_knobs(ann_without_backend, backend, index, name, value, error, message):
+    items = torch.randn(60, 6, generator=torch.Generator().manual_seed(31))
+    with pytest.raises(error, match=re.escape(f"fastmf.ANNIndex: {message}")):
+        ANNIndex(items, backend=backend, index=index, **{name: value})
+
+
+@pytest.mark.parametrize("backend,index,name", [
+    ("faiss", "hnsw", "ef_search"), ("hnswlib", "hnsw", "ef_search"), ("faiss", "ivf", "nprobe")
+])
+def test_ann_bad_knob_setters(ann_without_backend, backend, index, name):
+    items = torch.randn(60, 6, generator=torch.Generator().manual_seed(32))
+    ann = ANNIndex(items, backend=backend, index=index)
+    before = dict(ann.knobs)
+    for knob, value, error, message in BAD_ANN_KNOBS:
+        if knob == name:
+            with pytest.raises(error, match=re.escape(f"fastmf.ANNIndex: {message}")):
+                setattr(ann, name, value)
+            assert ann.knobs == before
+
+
+def test_ann_knobs_accepted_and_knobs_of_other_kinds(ann_without_backend):
+    items = torch.randn(60, 6, generator=torch.Generator().manual_seed(33))
+    ann = ANNIndex(items, backend="faiss", index="hnsw", M=np.int64(2), ef_construction=1,
+                   ef_search=np.int32(1))
+    assert ann.knobs == {"M": 2, "ef_construction": 1, "ef_search": 1}
+    assert all(type(v) is int for v in ann.knobs.values())
+    ann = ANNIndex(items, backend="faiss", index="ivf", nlist=None, nprobe=1)
+    assert ann.knobs == {"nlist": None, "nprobe": 1}
+    ann = ANNIndex(items, backend="hnswlib", index="hnsw", num_threads=-1)
+    assert ann.knobs["num_threads"] == -1
+    # A knob the index does not take is refused as unknown, whatever its value; the
+    # attribute of another kind's knob stays an AttributeError.
+    with pytest.raises(TypeError, match=re.escape("unknown knobs ['M'] for faiss flat")):
+        ANNIndex(items, backend="faiss", index="flat", M=0)
+    with pytest.raises(TypeError, match=re.escape("unknown knobs ['ef_search'] for faiss ivf")):
+        ANNIndex(items, backend="faiss", index="ivf", ef_search=0)
+    with pytest.raises(TypeError, match=re.escape("unknown knobs ['nprobe'] for hnswlib hnsw")):
+        ANNIndex(items, backend="hnswlib", index="hnsw", nprobe=-1)
+    with pytest.raises(AttributeError, match="ef_search is an HNSW knob; this is flat"):
+        ANNIndex(items, backend="faiss", index="flat").ef_search = 0
+    with pytest.raises(AttributeError, match="nprobe is an IVF knob; this is hnsw"):
+        ANNIndex(items, backend="hnswlib", index="hnsw").nprobe = 0
+
+
+def bad_exclusions(batch, num_items, seed):
+    """(indptr, indices) pairs topk_scores refuses, with random ids where they are valid:
+    an id past the end or negative (which would alias another query's row), a decreasing
+    indptr, an indptr past the indices, one row pointer too few."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, num_items, size=3 * batch)
+    indptr = np.sort(rng.integers(1, len(ids), size=batch - 1))
+    indptr = np.concatenate([[0], indptr, [len(ids)]])
+    for b, bad in ((1, num_items + 39), (batch - 1, -12)):
+        wrong = ids.copy()
+        wrong[indptr[b]] = bad
+        yield indptr, wrong
+    decreasing = indptr.copy()
+    decreasing[1], decreasing[2] = indptr[2] + 1, indptr[2]
+    yield decreasing, ids
+    past = indptr.copy()
+    past[-1] = len(ids) + 4
+    yield past, ids
+    yield indptr[:-1], ids
+
+
+@pytest.mark.parametrize("backend,index", [
+    pytest.param(None, None, id="no-backend"),
+    pytest.param("faiss", "flat", marks=requires_faiss),
+    pytest.param("faiss", "hnsw", marks=requires_faiss),
+    pytest.param("hnswlib", "hnsw", marks=requires_hnswlib),
+])
+def test_ann_checks_its_exclusion_csr_as_topk_scores(request, backend, index):
+    """ANNIndex.search refuses the exclusion CSRs topk_scores refuses, with the same error."""
+    if backend is None:
+        request.getfixturevalue("ann_without_backend")
+    gen = torch.Generator().manual_seed(34)
+    items, bias = torch.randn(40, 6, generator=gen), torch.randn(40, generator=gen)
+    queries = torch.randn(5, 6, generator=gen)
+    ann = ANNIndex(items, bias, backend=backend or "faiss", index=index or "flat")
+    for indptr, indices in bad_exclusions(5, 40, seed=35):
+        for dtype in (torch.int32, torch.int64):
+            exclude = (torch.from_numpy(indptr).to(dtype), torch.from_numpy(indices).to(dtype))
+            with pytest.raises((IndexError, ValueError)) as want:
+                topk_scores(queries, items, bias, 4, exclude=exclude)
+            message = str(want.value).replace("fastmf.topk_scores:", "fastmf.ANNIndex:")
+            assert message.startswith("fastmf.ANNIndex:")
+            with pytest.raises(want.type, match=re.escape(message)):
+                ann.search(queries, 4, exclude=exclude)
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("faiss", marks=requires_faiss),
+    pytest.param("hnswlib", marks=requires_hnswlib),
+])
+def test_ann_hnsw_k_above_ef_search(backend):
+    """k (plus the longest exclusion row) above ef_search: full rows, not rows padded with
+    -1 after ef_search results; ef_search itself is left as set. Asked for every item, the
+    search (ef raised to 300) finds them all: the exact ranking, up to near-ties."""
+    gen = torch.Generator().manual_seed(36)
+    items, bias = torch.randn(300, 8, generator=gen), torch.randn(300, generator=gen) * 0.5
+    queries = torch.randn(7, 8, generator=gen)
+    ann = ANNIndex(items, bias, backend=backend, index="hnsw", ef_search=16)
+    exclude = make_topk_exclude(7, 300, seed=37, max_len=60)
+    for k, ex in ((300, None), (200, None), (180, exclude), (100, None)):
+        scores, ids = ann.search(queries, k, exclude=ex)
+        want = topk_scores(queries, items, bias, k, exclude=ex)
+        assert ids.shape == (7, k)
+        # Full rows where the exact top-k has them (row 1 of ``exclude`` bans every item),
+        # each score exact for its item, nothing excluded.
+        assert torch.equal(ids >= 0, want[1] >= 0)
+        assert (ids[torch.arange(7) != 1] >= 0).all()
+        assert_valid_topk((scores, ids), (scores, ids), queries, items, bias, ex)
+        if k == 300:  # every item, ranked as the exact path ranks them
+            assert torch.equal(ids.sort(1).values, torch.arange(300).expand(7, 300))
+            assert_valid_topk((scores, ids), want, queries, items, bias)
+        else:
+            assert recall_at(ids, want[1]) >= 0.98
+        assert ann.ef_search == 16
+        if backend == "faiss":
+            assert ann._index.hnsw.efSearch == 16

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastmf.ops.checks import check_k, check_weight
+from fastmf.ops.checks import check_exclude_csr, check_k, check_weight
 from fastmf.retrieval._inputs import exclude_csr
 
 OP = "ANNIndex"
@@ -30,6 +30,35 @@ _KNOBS = {
     ("hnswlib", "hnsw"): {"M": 32, "ef_construction": 200, "ef_search": 128, "num_threads": -1},
 }
 _MODULES = {"faiss": "faiss", "hnswlib": "hnswlib"}
+# The least value of each knob: faiss aborts, crashes or hangs on an HNSW graph with M < 2,
+# and a search with ef_search or nprobe 0 finds nothing (or fails in faiss). nlist None
+# picks the default; num_threads any int (hnswlib: <= 0 for all cores).
+_LEAST = {"M": 2, "ef_construction": 1, "ef_search": 1, "nlist": 1, "nprobe": 1,
+          "num_threads": None}
+_C_INT = (-(1 << 31), (1 << 31) - 1)  # faiss and hnswlib take the knobs as C ints
+
+
+def _check_knob(name: str, value) -> int | None:
+    """``value`` as an int, after checking it is an int (not a bool) in a C int's range
+    and at least the knob's least value; nlist may be None (the default count)."""
+    if name == "nlist" and value is None:
+        return None
+    low = _LEAST[name]
+    want = "an int" if low is None else f"an int >= {low}"
+    if name == "nlist":
+        want = f"None (4·√I lists) or {want}"
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"fastmf.{OP}: {name} must be {want}, got {type(value).__name__} {value!r}"
+        )
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"fastmf.{OP}: {name} must be {want}, got {value}")
+    if not _C_INT[0] <= value <= _C_INT[1]:
+        raise ValueError(
+            f"fastmf.{OP}: {name} must fit in a C int (at most {_C_INT[1]}), got {value}"
+        )
+    return value
 
 
 def _import(backend: str):
@@ -54,7 +83,9 @@ class ANNIndex:
         knobs: HNSW ``M``, ``ef_construction``, ``ef_search`` (and ``num_threads`` for
             hnswlib); IVF ``nlist`` (default ``4·√I``, at most I/39) and ``nprobe``.
             ``ef_search`` and ``nprobe`` can be changed later through the attributes of the
-            same name.
+            same name. Each is an int: ``M`` >= 2, the others >= 1 (``nlist`` may be None);
+            a bad one raises TypeError / ValueError before the backend is touched. A search
+            for more results than ``ef_search`` raises ef to that count for the call.
 
     >>> import torch
     >>> index = ANNIndex(torch.randn(1000, 16), torch.randn(1000))  # doctest: +SKIP
@@ -89,7 +120,8 @@ class ANNIndex:
                     f"{item_factors.shape[0]}"
                 )
         self.backend, self.kind = backend, index
-        self.knobs = {**defaults, **knobs}
+        self.knobs = {name: _check_knob(name, value)
+                      for name, value in {**defaults, **knobs}.items()}
         self.item_factors = item_factors.detach()
         self.item_bias = None if item_bias is None else item_bias.detach()
         self.num_items, self.dim = item_factors.shape
@@ -148,11 +180,12 @@ class ANNIndex:
     @ef_search.setter
     def ef_search(self, value: int) -> None:
         self.ef_search  # noqa: B018 - the kind check
-        self.knobs["ef_search"] = int(value)
+        value = _check_knob("ef_search", value)
         if self.backend == "hnswlib":
-            self._index.set_ef(int(value))
+            self._index.set_ef(value)
         else:
-            self._index.hnsw.efSearch = int(value)
+            self._index.hnsw.efSearch = value
+        self.knobs["ef_search"] = value
 
     @property
     def nprobe(self) -> int:
@@ -163,8 +196,9 @@ class ANNIndex:
     @nprobe.setter
     def nprobe(self, value: int) -> None:
         self.nprobe  # noqa: B018 - the kind check
-        self.knobs["nprobe"] = int(value)
-        self._index.nprobe = int(value)
+        value = _check_knob("nprobe", value)
+        self._index.nprobe = value
+        self.knobs["nprobe"] = value
 
     def _raw_search(self, rows: np.ndarray, fetch: int) -> np.ndarray:
         if self.backend == "hnswlib":
@@ -177,7 +211,13 @@ class ANNIndex:
             finally:
                 self._index.set_ef(ef)
             return labels.astype(np.int64)
-        _, labels = self._index.search(rows, fetch)
+        if self.kind == "hnsw" and fetch > self.knobs["ef_search"]:
+            # faiss returns at most ef_search results per query (the rest -1); raise ef for
+            # this call only, as above, leaving the index's efSearch as the user set it.
+            params = self._lib.SearchParametersHNSW(efSearch=fetch)
+            _, labels = self._index.search(rows, fetch, params=params)
+        else:
+            _, labels = self._index.search(rows, fetch)
         return labels.astype(np.int64)
 
     def search(self, queries: Tensor, k: int = 10, *, exclude=None) -> tuple[Tensor, Tensor]:
@@ -194,6 +234,10 @@ class ANNIndex:
             )
         batch, device = queries.shape[0], self.item_factors.device
         indptr, indices = exclude_csr(OP, exclude, batch, device)
+        if indptr is not None:
+            # As topk_scores checks it: an id out of range would alias another query's
+            # row in the (row, item) keys below and drop an item from that row.
+            check_exclude_csr(OP, indptr, indices, self.num_items, batch)
         longest = int((indptr[1:] - indptr[:-1]).max()) if indptr is not None and batch else 0
         fetch = min(k + longest, self.num_items)
         dtype = self.item_factors.dtype
