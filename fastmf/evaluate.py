@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fastmf.ops.checks import HALF_DTYPES
+
 if TYPE_CHECKING:
     from fastmf.data import Interactions
 
@@ -29,11 +31,20 @@ def predict_pairs(model, users, items, batch_size: int = 1 << 16) -> np.ndarray:
     return out
 
 
+def _scoring(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, float16/bfloat16 upcast to float32 (scored in float32, as
+    :func:`fastmf.retrieval.topk_scores` scores half vectors)."""
+    t = t.detach()
+    return t.float() if t.dtype in HALF_DTYPES else t
+
+
 def _score_source(model):
     """``users -> (len(users), num_items)`` ranking scores on the model's device, in the
     order :meth:`~fastmf.models.base.Recommender.recommend` ranks by: for dot-product
     models ``b_i + <u, v_i>`` (the user offset, e.g. MF's ``mu + b_u``, shifts a user's
-    scores alike, and adding it could merge near-ties in float32), else ``score_items``."""
+    scores alike, and adding it could merge near-ties in float32), else ``score_items``.
+    Half-precision vectors are scored in float32 (SVDpp's user vectors are float32 where
+    its item vectors are half)."""
     if not model.has_vectors:
         device = model._param_device()
         items = torch.arange(model.num_items, device=device)
@@ -44,16 +55,35 @@ def _score_source(model):
 
         return scored
     item_vectors, item_bias = model.item_vectors()
-    item_vectors = item_vectors.detach()
-    item_bias = item_bias.detach() if item_bias is not None else None
+    item_vectors = _scoring(item_vectors)
+    item_bias = _scoring(item_bias) if item_bias is not None else None
 
     def scores(users: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
             rows = model.user_vectors(torch.as_tensor(users, device=item_vectors.device))[0]
-        out = rows.detach() @ item_vectors.T
+        rows = _scoring(rows)
+        dtype = torch.promote_types(rows.dtype, item_vectors.dtype)
+        out = rows.to(dtype) @ item_vectors.T.to(dtype)
         return out + item_bias if item_bias is not None else out
 
     return scores
+
+
+def _heldout_matrix(model, test):
+    """The test set's items per user as a binary (model.num_users, model.num_items) CSR,
+    what the metrics rank the model's top-K lists and scores against: a test set built
+    from fewer users or items than the model has (indices, its id maps shorter) is padded
+    with empty rows and columns. A user or item index the model does not have is a
+    ValueError."""
+    shape = (model.num_users, model.num_items)
+    for side, ids, n in (("user", test.users, shape[0]), ("item", test.items, shape[1])):
+        if ids.size and int(ids.max()) >= n:
+            raise ValueError(f"fastmf.evaluate: the test interactions hold {side} index "
+                             f"{int(ids.max())}, but {model.public_name()} has {n:,} {side}s")
+    # The data's own shape may exceed the model's (longer id maps) though its indices fit.
+    csr = test.to_csr(binary=True, shape=(max(shape[0], test.num_users),
+                                          max(shape[1], test.num_items)))
+    return csr if csr.shape == shape else csr[:shape[0], :shape[1]]
 
 
 def evaluate(model, test: Interactions, *, train: Interactions | None = None,
@@ -143,6 +173,9 @@ def _evaluate(model, test, train, metrics, k, batch_size) -> dict[str, float]:
         binary=True, shape=(max(model.num_users, train.num_users),
                             max(model.num_items, train.num_items)))
     top_k = {key: cut for key, (base, cut) in wanted.items() if base in M._CUTOFF_METRICS}
+    # The held-out items at the model's size, as train above: the top-K lists and score
+    # rows span the model's items, whatever the test set's own shape.
+    heldout = _heldout_matrix(model, test) if top_k or "auc" in bases else None
     if top_k:
         longest = max(top_k.values())
         topk = np.empty((len(users), longest), dtype=np.int64)
@@ -152,7 +185,7 @@ def _evaluate(model, test, train, metrics, k, batch_size) -> dict[str, float]:
             topk[lo:lo + len(rows)] = items.cpu().numpy()
         ranking_cuts = sorted({cut for key, cut in top_k.items()
                                if wanted[key][0] in RANKING_METRICS})
-        ranking = (M.ranking_metrics(topk, test, k=ranking_cuts, users=users)
+        ranking = (M.ranking_metrics(topk, heldout, k=ranking_cuts, users=users)
                    if ranking_cuts else {})
         popularity = None
         for key, cut in top_k.items():
@@ -162,7 +195,7 @@ def _evaluate(model, test, train, metrics, k, batch_size) -> dict[str, float]:
             elif base == "serendipity":
                 if popularity is None:
                     popularity = np.bincount(train.items, minlength=model.num_items)
-                out[key] = M.serendipity(top, test, popularity, users=users)
+                out[key] = M.serendipity(top, heldout, popularity, users=users)
             elif base == "coverage":
                 out[key] = M.catalog_coverage(top, model.num_items)
             elif base == "novelty":
@@ -174,6 +207,6 @@ def _evaluate(model, test, train, metrics, k, batch_size) -> dict[str, float]:
             elif base == "diversity":
                 out[key] = M.intra_list_diversity(top, model.item_vectors()[0].detach().cpu())
     if "auc" in bases:
-        out["auc"] = M.auc(_score_source(model), test, exclude=exclude, users=users,
+        out["auc"] = M.auc(_score_source(model), heldout, exclude=exclude, users=users,
                            chunk_size=M.auc_chunk_size(model.num_items, batch_size))
     return {key: out[key] for key in wanted}

@@ -51,6 +51,7 @@ import scipy.sparse as sp
 import torch
 
 from fastmf.data.interactions import Interactions
+from fastmf.ops.checks import HALF_DTYPES
 
 __all__ = [
     "METRIC_NAMES",
@@ -79,7 +80,9 @@ __all__ = [
 
 def _np(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        # numpy has no bfloat16: half tensors convert through float32 (exact for both).
+        return (x.float() if x.dtype in HALF_DTYPES else x).numpy()
     return np.asarray(x)
 
 
@@ -246,6 +249,26 @@ def _int_k(k: Any, name: str, arg: str = "k") -> int:
     return int(k)
 
 
+def _cutoffs(k: Any, name: str) -> list[int]:
+    """The cut-offs of ``k`` (an int or an iterable of ints), each >= 1, at least one."""
+    ks = [_int_k(k, name)] if np.ndim(k) == 0 else [_int_k(v, name) for v in k]
+    if not ks:
+        raise ValueError(f"fastmf.metrics.{name}: k is an empty list")
+    for cut in ks:
+        if cut < 1:
+            raise ValueError(f"fastmf.metrics.{name}: k must be >= 1, got {cut}")
+    return ks
+
+
+def _user_rows(users: Any, name: str) -> np.ndarray:
+    """``users`` as (U,) int64; floats and bools are errors, not truncated to an index."""
+    rows = _np(users).reshape(-1)
+    if rows.size and rows.dtype.kind not in "iu":
+        raise TypeError(f"fastmf.metrics.{name}: users must hold int indices, got "
+                        f"{rows.dtype} {rows[:3].tolist()}")
+    return rows.astype(np.int64, copy=False)
+
+
 def _hits(
     topk: Any, heldout: Any, k: int | None, users: Any, name: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -271,7 +294,7 @@ def _hits(
             )
         rows = np.arange(num_users, dtype=np.int64)
     else:
-        rows = _np(users).astype(np.int64, copy=False).reshape(-1)
+        rows = _user_rows(users, name)
         if rows.shape[0] != top.shape[0]:
             raise ValueError(
                 f"fastmf.metrics.{name}: users has {rows.shape[0]} entries, topk "
@@ -422,17 +445,11 @@ def ranking_metrics(
     {'hr@10': ..., 'ndcg@10': ..., ..., 'users': 610}
     """
     top = _np(topk)
-    ks = [top.shape[1] if top.ndim == 2 else 1] if k is None else (
-        [_int_k(k, "ranking_metrics")] if np.ndim(k) == 0
-        else [_int_k(v, "ranking_metrics") for v in k]
-    )
-    if not ks:
-        raise ValueError("fastmf.metrics.ranking_metrics: k is an empty list")
+    ks = ([top.shape[1] if top.ndim == 2 else 1] if k is None
+          else _cutoffs(k, "ranking_metrics"))
     hits, n_rel, _ = _hits(top, heldout, max(ks), users, "ranking_metrics")
     out: dict[str, float] = {}
     for cut in sorted(set(ks)):
-        if cut < 1:
-            raise ValueError(f"fastmf.metrics.ranking_metrics: k must be >= 1, got {cut}")
         for metric in _RANKING:
             out[f"{metric}@{cut}"] = float(_per_user(metric, hits[:, :cut], n_rel).mean())
     out["users"] = int(len(n_rel))
@@ -723,8 +740,7 @@ def auc(
 
     dense = None
     if callable(scores):
-        rows = (np.flatnonzero(n_rel > 0) if users is None
-                else _np(users).astype(np.int64, copy=False).reshape(-1))
+        rows = np.flatnonzero(n_rel > 0) if users is None else _user_rows(users, "auc")
     else:
         dense = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(_np(scores))
         if dense.ndim != 2 or dense.shape[1] != num_items:
@@ -737,7 +753,7 @@ def auc(
                                  "user each row is")
             rows = np.arange(num_users, dtype=np.int64)
         else:
-            rows = _np(users).astype(np.int64, copy=False).reshape(-1)
+            rows = _user_rows(users, "auc")
             if rows.shape[0] != dense.shape[0]:
                 raise ValueError(f"fastmf.metrics.auc: users has {rows.shape[0]} entries, "
                                  f"scores {dense.shape[0]} rows")
@@ -814,12 +830,10 @@ def sampled_rank_metrics(
         raise ValueError("fastmf.metrics.sampled_rank_metrics: empty inputs")
     if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
         raise ValueError("fastmf.metrics.sampled_rank_metrics: scores contain NaN/inf")
+    ks = _cutoffs(k, "sampled_rank_metrics")
     rank = (neg >= pos[:, None]).sum(axis=1)
-    ks = [int(k)] if np.ndim(k) == 0 else [int(v) for v in k]
     out: dict[str, float] = {}
     for cut in ks:
-        if cut < 1:
-            raise ValueError(f"fastmf.metrics.sampled_rank_metrics: k must be >= 1, got {cut}")
         hit = rank < cut
         out[f"hr@{cut}"] = float(hit.mean())
         out[f"ndcg@{cut}"] = float(np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean())
@@ -831,28 +845,36 @@ def sampled_rank_metrics(
 # ----------------------------------------------------------------------------- beyond accuracy
 
 
-def _lists(topk: Any, name: str) -> np.ndarray:
+def _lists(topk: Any, name: str, num_items: int) -> np.ndarray:
+    """``topk`` as (U, K) int64, every entry an item in [0, num_items) or -1 (padding)."""
     top = _np(topk)
     if top.ndim != 2 or top.shape[0] == 0:
         raise ValueError(f"fastmf.metrics.{name}: topk must be a non-empty (U, K) array")
     if top.dtype.kind not in "iu":
         raise TypeError(f"fastmf.metrics.{name}: topk must hold int indices, got {top.dtype}")
-    return top.astype(np.int64, copy=False)
+    top = top.astype(np.int64, copy=False)
+    if top.size and (top.min() < -1 or top.max() >= num_items):
+        bad = int(top.min()) if top.min() < -1 else int(top.max())
+        raise IndexError(
+            f"fastmf.metrics.{name}: topk item {bad} out of range [0, {num_items}) "
+            "(-1 marks padding)"
+        )
+    return top
 
 
 def catalog_coverage(topk: Any, num_items: int) -> float:
     """Fraction of the catalogue recommended to anyone: distinct items in ``topk`` (U, K)
-    (ignoring ``-1`` padding) divided by ``num_items``.
+    (ignoring ``-1`` padding; any other entry must be in ``[0, num_items)``) divided by
+    ``num_items`` (an int >= 1).
 
     >>> catalog_coverage(np.array([[0, 1], [1, -1]]), 4)
     0.5
     """
-    top = _lists(topk, "catalog_coverage")
-    if top.size and top.max() >= num_items:
-        raise IndexError(
-            f"fastmf.metrics.catalog_coverage: item {int(top.max())} out of range "
-            f"[0, {num_items})"
-        )
+    num_items = _int_k(num_items, "catalog_coverage", "num_items")
+    if num_items < 1:
+        raise ValueError(f"fastmf.metrics.catalog_coverage: num_items must be >= 1, got "
+                         f"{num_items}")
+    top = _lists(topk, "catalog_coverage", num_items)
     seen = np.zeros(num_items, dtype=bool)
     seen[top[top >= 0]] = True
     return float(seen.sum() / num_items)
@@ -866,21 +888,18 @@ def novelty(topk: Any, item_popularity: Any, *, num_users: int | None = None) ->
     ``p(i) = count_i / sum(counts)``, or ``count_i / num_users`` (the fraction of users
     who interacted with ``i``) when ``num_users`` is given. Counts of 0 are treated as 1
     (an item never seen is as novel as one seen once). Each list's mean over its items
-    (``-1`` padding ignored) is averaged over lists.
+    (``-1`` padding ignored; any other entry must index ``item_popularity``) is averaged
+    over lists.
 
     >>> novelty(np.array([[0, 1]]), np.array([2, 2]))
     1.0
     """
-    top = _lists(topk, "novelty")
     counts = np.maximum(_popularity(item_popularity, None, "novelty"), 1.0)
+    top = _lists(topk, "novelty", len(counts))
     if num_users is not None and (isinstance(num_users, bool) or not isinstance(
             num_users, int | np.integer) or num_users < counts.max()):
         raise ValueError(f"fastmf.metrics.novelty: num_users must be an int >= the largest "
                          f"count ({counts.max():g}), got {num_users!r}")
-    if top.size and top.max() >= len(counts):
-        raise IndexError(
-            f"fastmf.metrics.novelty: item {int(top.max())} out of range [0, {len(counts)})"
-        )
     denominator = float(num_users) if num_users is not None else counts.sum()
     info = -np.log2(counts / denominator)
     valid = top >= 0
@@ -897,22 +916,29 @@ def intra_list_diversity(topk: Any, item_factors: Any, *, chunk_size: int = 4096
     lists.
 
     ``topk``: (U, K) int (``-1`` padding ignored; lists with fewer than 2 items are
-    skipped); ``item_factors``: (num_items, d) item vectors (a zero vector has cosine 0 with
-    everything). Uses ``sum_{i<j} cos = (||sum_i v_i||² - sum_i ||v_i||²) / 2`` on unit
-    vectors, in chunks of ``chunk_size`` lists, so memory is ``O(chunk_size * K * d)``.
+    skipped; any other entry an item in ``[0, num_items)``); ``item_factors``: (num_items, d)
+    finite item vectors (a zero vector has cosine 0 with everything; NaN/inf is a
+    ValueError). Uses ``sum_{i<j} cos = (||sum_i v_i||² - sum_i ||v_i||²) / 2`` on unit
+    vectors, in chunks of ``chunk_size`` (a positive int) lists, so memory is
+    ``O(chunk_size * K * d)``.
 
     >>> intra_list_diversity(np.array([[0, 1]]), np.array([[1.0, 0.0], [0.0, 1.0]]))
     1.0
     """
-    top = _lists(topk, "intra_list_diversity")
+    chunk_size = _int_k(chunk_size, "intra_list_diversity", "chunk_size")
+    if chunk_size < 1:
+        raise ValueError(f"fastmf.metrics.intra_list_diversity: chunk_size must be >= 1, got "
+                         f"{chunk_size}")
     factors = _np(item_factors).astype(np.float64, copy=False)
     if factors.ndim != 2:
         raise ValueError("fastmf.metrics.intra_list_diversity: item_factors must be (N, d)")
-    if top.size and top.max() >= factors.shape[0]:
-        raise IndexError(
-            f"fastmf.metrics.intra_list_diversity: item {int(top.max())} out of range "
-            f"[0, {factors.shape[0]})"
-        )
+    finite = np.isfinite(factors).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        value = factors[row][~np.isfinite(factors[row])][0]
+        raise ValueError(f"fastmf.metrics.intra_list_diversity: item_factors must be finite, "
+                         f"got {value} in row {row}")
+    top = _lists(topk, "intra_list_diversity", factors.shape[0])
     norms = np.linalg.norm(factors, axis=1, keepdims=True)
     unit = np.divide(factors, norms, out=np.zeros_like(factors), where=norms > 0)
     totals, count = 0.0, 0

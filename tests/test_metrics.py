@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -257,6 +259,30 @@ def test_sampled_rank_metrics_random_against_loop():
         sampled_rank_metrics(np.zeros(2), np.zeros((3, 3)))
 
 
+def test_sampled_rank_metrics_k_is_validated_not_truncated():
+    rng = np.random.default_rng(8)
+    pos = rng.standard_normal(40)
+    neg = rng.standard_normal((40, 20))
+    ranks = (neg >= pos[:, None]).sum(axis=1)
+    # Numpy ints are ints; each cut-off as computed by hand.
+    out = sampled_rank_metrics(pos, neg, k=(np.int64(2), np.int32(5)))
+    assert list(out) == ["hr@2", "ndcg@2", "mrr@2", "hr@5", "ndcg@5", "mrr@5", "auc"]
+    assert out["hr@2"] == pytest.approx(np.mean(ranks < 2))
+    assert out["mrr@5"] == pytest.approx(np.mean(np.where(ranks < 5, 1 / (ranks + 1), 0)))
+    assert sampled_rank_metrics(pos, neg, k=np.int64(2)) == {
+        key: out[key] for key in ("hr@2", "ndcg@2", "mrr@2", "auc")}
+    for bad in (2.7, "5", True, 2.0):
+        with pytest.raises(TypeError, match=rf"fastmf.metrics.sampled_rank_metrics: k must be "
+                                            rf"an int, got {re.escape(repr(bad))}"):
+            sampled_rank_metrics(pos, neg, k=bad)
+    with pytest.raises(TypeError, match="sampled_rank_metrics: k must be an int, got 2.5"):
+        sampled_rank_metrics(pos, neg, k=[1, 2.5])
+    with pytest.raises(ValueError, match="sampled_rank_metrics: k is an empty list"):
+        sampled_rank_metrics(pos, neg, k=[])
+    with pytest.raises(ValueError, match="sampled_rank_metrics: k must be >= 1, got 0"):
+        sampled_rank_metrics(pos, neg, k=[3, 0])
+
+
 # ----------------------------------------------------------------------------- beyond accuracy
 
 
@@ -343,6 +369,97 @@ def test_intra_list_diversity_against_pairwise_loop():
     assert intra_list_diversity(np.array([[0, 1, 2]]), same) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("bad", [-2, -7])
+def test_beyond_accuracy_metrics_reject_negative_items_other_than_padding(bad):
+    """Only -1 marks padding (as for the ranking metrics); other negative ids were
+    silently ignored."""
+    rng = np.random.default_rng(abs(bad))
+    topk = rng.integers(0, 10, (6, 4))
+    topk[1, 3] = -1  # padding is fine
+    counts = rng.integers(1, 9, 10)
+    factors = rng.standard_normal((10, 3))
+    # With padding only, the numbers are those of the lists without it.
+    assert catalog_coverage(topk, 10) == pytest.approx(len(set(topk.ravel()) - {-1}) / 10)
+    assert intra_list_diversity(topk, factors) > 0.0
+    topk[2, 0] = bad
+    message = rf"topk item {bad} out of range \[0, 10\) \(-1 marks padding\)"
+    with pytest.raises(IndexError, match="fastmf.metrics.catalog_coverage: " + message):
+        catalog_coverage(topk, 10)
+    with pytest.raises(IndexError, match="fastmf.metrics.novelty: " + message):
+        novelty(topk, counts)
+    with pytest.raises(IndexError, match="fastmf.metrics.intra_list_diversity: " + message):
+        intra_list_diversity(topk, factors)
+    with pytest.raises(IndexError, match=r"novelty: topk item 10 out of range \[0, 10\)"):
+        novelty(np.array([[3, 10]]), counts)
+
+
+def test_catalog_coverage_num_items_must_be_a_positive_int():
+    topk = np.random.default_rng(1).integers(0, 6, (5, 3))
+    assert catalog_coverage(topk, np.int64(8)) == pytest.approx(len(set(topk.ravel())) / 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it divided by 0 (nan and a RuntimeWarning)
+        for bad in (0, -3):
+            with pytest.raises(ValueError, match=rf"fastmf.metrics.catalog_coverage: num_items "
+                                                 rf"must be >= 1, got {bad}"):
+                catalog_coverage(np.array([[-1]]), bad)
+    for bad in (8.0, "8", True):
+        with pytest.raises(TypeError, match=rf"catalog_coverage: num_items must be an int, got "
+                                            rf"{re.escape(repr(bad))}"):
+            catalog_coverage(topk, bad)
+
+
+def test_intra_list_diversity_checks_chunk_size_and_factors():
+    rng = np.random.default_rng(6)
+    factors = rng.standard_normal((12, 4))
+    topk = np.stack([rng.permutation(12)[:4] for _ in range(9)])
+    want = intra_list_diversity(topk, factors)
+    assert 0.0 < want < 2.0
+    for chunk in (1, np.int64(4), 100):
+        assert intra_list_diversity(topk, factors, chunk_size=chunk) == pytest.approx(want)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"fastmf.metrics.intra_list_diversity: chunk_size "
+                                             rf"must be >= 1, got {bad}"):
+            intra_list_diversity(topk, factors, chunk_size=bad)
+    for bad in (2.5, "4", None, True):
+        with pytest.raises(TypeError, match=rf"intra_list_diversity: chunk_size must be an "
+                                            rf"int, got {re.escape(repr(bad))}"):
+            intra_list_diversity(topk, factors, chunk_size=bad)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = factors.copy()
+        bad[7, 2] = value
+        with pytest.raises(ValueError, match=rf"fastmf.metrics.intra_list_diversity: "
+                                             rf"item_factors must be finite, got {value} in "
+                                             rf"row 7"):
+            intra_list_diversity(topk, bad)
+        with pytest.raises(ValueError, match="item_factors must be finite"):
+            intra_list_diversity(topk, torch.from_numpy(bad).float())
+
+
+def test_half_precision_tensors_are_read_in_float32():
+    """numpy has no bfloat16: half tensors convert through float32 (exactly)."""
+    rng = np.random.default_rng(12)
+    factors = torch.from_numpy(rng.standard_normal((15, 4)))
+    topk = np.stack([rng.permutation(15)[:5] for _ in range(8)])
+    pos, neg = torch.from_numpy(rng.standard_normal(30)), torch.from_numpy(
+        rng.standard_normal((30, 9)))
+    scores, heldout, exclude, _, _ = auc_case(num_users=20, num_items=15, seed=3, ties=False)
+    counts = torch.from_numpy(rng.integers(1, 50, 15).astype(np.float64))
+    for dtype in (torch.float16, torch.bfloat16):
+        def same(t, dtype=dtype):  # the half values, in float64
+            return t.to(dtype).double()
+
+        assert intra_list_diversity(topk, factors.to(dtype)) == pytest.approx(
+            intra_list_diversity(topk, same(factors)))
+        assert sampled_rank_metrics(pos.to(dtype), neg.to(dtype), k=3) == pytest.approx(
+            sampled_rank_metrics(same(pos), same(neg), k=3))
+        assert novelty(topk, counts.to(dtype)) == pytest.approx(novelty(topk, same(counts)))
+        assert rmse(pos.to(dtype), neg[:, 0].to(dtype)) == pytest.approx(
+            rmse(same(pos), same(neg[:, 0])))
+        half_scores = same(torch.from_numpy(scores))
+        assert auc(torch.from_numpy(scores).to(dtype), heldout, exclude=exclude) == (
+            pytest.approx(auc(half_scores, heldout, exclude=exclude)))
+
+
 # ----------------------------------------------------------------------------- metric names
 
 
@@ -402,6 +519,36 @@ def test_ranking_k_must_be_an_int():
         ndcg_at_k(topk, heldout, k=2.5)
     with pytest.raises(TypeError, match="k must be an int, got True"):
         ranking_metrics(topk, heldout, k=[True])
+
+
+def test_users_must_be_int_indices():
+    """Float user ids were truncated to other users' rows (0.7 -> user 0)."""
+    topk, heldout, relevant = random_case(num_users=30, num_items=20, k=5, seed=13)
+    rows = np.array([3, 17, 4])
+    want = reference("ndcg", topk[:3], relevant, 5, users=rows.tolist())
+    for users in (rows, rows.astype(np.int32), rows.astype(np.uint8), torch.from_numpy(rows),
+                  rows.tolist()):
+        assert ndcg_at_k(topk[:3], heldout, users=users) == pytest.approx(want)
+    counts = np.arange(1, 21)
+    scores, auc_held, exclude, _, _ = auc_case(num_users=30, num_items=20, seed=13)
+    auc_rows = np.array([5, 9, 22, 9])
+    auc_want = auc(scores[auc_rows], auc_held, exclude=exclude, users=auc_rows)
+    assert auc(scores[auc_rows], auc_held, exclude=exclude,
+               users=auc_rows.astype(np.int16)) == auc_want
+    assert auc(lambda r: scores[r], auc_held, exclude=exclude,
+               users=torch.from_numpy(auc_rows).int()) == pytest.approx(auc_want)
+    for bad, shown in ((np.array([0.7, 1.2, 2.0]), r"float64 \[0.7, 1.2, 2.0\]"),
+                       (torch.tensor([0.5, 1.5, 2.5]), r"float32 \[0.5, 1.5, 2.5\]"),
+                       (np.array([True, False, True]), r"bool \[True, False, True\]")):
+        for name, call in (
+                ("ndcg_at_k", lambda u: ndcg_at_k(topk[:3], heldout, users=u)),
+                ("ranking_metrics", lambda u: ranking_metrics(topk[:3], heldout, users=u)),
+                ("serendipity", lambda u: serendipity(topk[:3], heldout, counts, users=u)),
+                ("auc", lambda u: auc(scores[:3], auc_held, exclude=exclude, users=u)),
+                ("auc", lambda u: auc(lambda r: scores[r], auc_held, users=u))):
+            with pytest.raises(TypeError, match=rf"fastmf.metrics.{name}: users must hold int "
+                                                rf"indices, got {shown}"):
+                call(bad)
 
 
 # ----------------------------------------------------------------------------- serendipity

@@ -429,6 +429,108 @@ def test_reindex_keeps_the_values_of_the_rows_it_keeps():
         data.reindex(fastmf.data.IdMap(["q"]), target_items)
 
 
+HALF_MODELS = {
+    "SVDpp": lambda dtype: fastmf.models.SVDpp(50, 40, dim=8, dtype=dtype),
+    "Item2Vec": lambda dtype: fastmf.models.Item2Vec(40, dim=8, dtype=dtype),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HALF_MODELS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_evaluate_scores_half_precision_models_in_float32(name, dtype):
+    """A float16/bfloat16 model is scored in float32 (SVDpp's user vectors are float32,
+    its item vectors half: the product raised a dtype mismatch; bfloat16 item vectors
+    could not become numpy for diversity): its metrics are those of the same weights in a
+    float32 model."""
+    data = fastmf.datasets.synthetic(num_users=50, num_items=40, num_interactions=400, seed=0)
+    train, test = random_split(data, test_fraction=0.25, seed=0)
+    half = HALF_MODELS[name](dtype)
+    half.attach_data(train)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in half.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    assert {p.dtype for p in half.parameters()} == {dtype}
+    full = HALF_MODELS[name](torch.float32)
+    full.attach_data(train)
+    full.load_state_dict(half.state_dict())  # the same (exactly representable) weights
+    metrics = ("auc", "ndcg@5", "hr@10", "serendipity@5", "diversity@5", "coverage@5")
+    got = fastmf.evaluate(half, test, train=train, metrics=metrics)
+    want = fastmf.evaluate(full, test, train=train, metrics=metrics)
+    # Item2Vec's user vectors are history means, rounded to the half type in the half model.
+    assert got == pytest.approx(want, abs=1e-3)
+    assert 0.0 < got["auc"] < 1.0 and got["diversity@5"] > 0.1 and got["coverage@5"] > 0.1
+    assert fastmf.evaluate(half, test, metrics="diversity")["diversity"] == pytest.approx(
+        fastmf.evaluate(full, test, metrics="diversity")["diversity"], abs=1e-3)
+
+
+def test_evaluate_pads_a_test_set_with_fewer_users_and_items_than_the_model():
+    """A test set built from indices covering fewer users/items than the model (its shape
+    from the largest index) is scored at the model's size, as train is: the ranking metrics
+    raised IndexError (a top-K item beyond the test set's items) and auc a shape mismatch
+    with train. The metrics are those of the same test set at the model's shape."""
+    data = fastmf.datasets.synthetic(num_users=50, num_items=40, num_interactions=400, seed=0)
+    train, _ = random_split(data, test_fraction=0.2, seed=0)
+    torch.manual_seed(0)
+    model = fastmf.MF(train.num_users, train.num_items, dim=8)
+    fastmf.fit(model, train, loss="mse", epochs=2, progress=False)
+    rng = np.random.default_rng(11)
+    users, items = rng.integers(0, 30, 40), rng.integers(0, 25, 40)
+    ratings = rng.uniform(1, 5, 40)
+    small = Interactions(users, items, ratings)
+    assert small.num_users < model.num_users and small.num_items < model.num_items
+    at_model = Interactions(users, items, ratings, user_map=model.num_users,
+                            item_map=model.num_items)
+    # Longer id maps than the model's, the indices within it: the same.
+    longer = Interactions(users, items, ratings, user_map=model.num_users + 7,
+                          item_map=model.num_items + 3)
+    metrics = ("rmse", "ndcg@10", "hr@5", "map@10", "serendipity@5", "auc", "coverage@5",
+               "novelty@5")
+    want = fastmf.evaluate(model, at_model, train=train, metrics=metrics)
+    assert fastmf.evaluate(model, small, train=train, metrics=metrics) == pytest.approx(want)
+    assert fastmf.evaluate(model, longer, train=train, metrics=metrics) == pytest.approx(want)
+    # ... and what the metrics give on the lists and scores directly.
+    heldout = at_model.to_csr(binary=True)
+    rows = np.unique(users)
+    topk = model.recommend(torch.as_tensor(rows), k=10, exclude=train)[0].numpy()
+    ranking = fastmf.metrics.ranking_metrics(topk, heldout, k=[5, 10], users=rows)
+    assert want["ndcg@10"] == pytest.approx(ranking["ndcg@10"])
+    assert want["hr@5"] == pytest.approx(ranking["hr@5"])
+    p, q, _, bi = model.tables()
+    scores = (p @ q.T + bi).detach().double().numpy()
+    assert want["auc"] == pytest.approx(fastmf.metrics.auc(
+        scores[rows], heldout, exclude=train.to_csr(binary=True), users=rows), abs=1e-6)
+    assert 0.0 < want["ndcg@10"] < 1.0 and 0.0 < want["auc"] < 1.0
+    # The audit's case: three users, items 3, 5, 7.
+    tiny = Interactions(np.array([0, 1, 2]), np.array([3, 5, 7]), np.array([4.0, 3.0, 5.0]))
+    tiny_at_model = Interactions([0, 1, 2], [3, 5, 7], [4.0, 3.0, 5.0],
+                                 user_map=model.num_users, item_map=model.num_items)
+    for metric in ("ndcg@10", "auc", "serendipity@10"):
+        assert fastmf.evaluate(model, tiny, train=train, metrics=(metric,)) == pytest.approx(
+            fastmf.evaluate(model, tiny_at_model, train=train, metrics=(metric,)))
+
+
+def test_evaluate_refuses_test_users_and_items_the_model_does_not_have():
+    """Padding the test set to the model's size, evaluate refuses indices beyond it (for a
+    model with id maps the re-indexing does; Item2Vec prepared from plain sequences has
+    none)."""
+    rng = np.random.default_rng(4)
+    model = fastmf.models.Item2Vec(40, dim=8)
+    model.prepare([rng.integers(0, 40, 6) for _ in range(20)])
+    assert model.user_map is None and model.num_users == 20
+    beyond = Interactions([0, 1], [3, 45])
+    for metric in ("ndcg@5", "auc"):
+        with pytest.raises(ValueError, match="fastmf.evaluate: the test interactions hold item "
+                                             "index 45, but fastmf.models.Item2Vec has 40 "
+                                             "items"):
+            fastmf.evaluate(model, beyond, metrics=(metric,))
+    with pytest.raises(ValueError, match="hold user index 25, but fastmf.models.Item2Vec has "
+                                         "20 users"):
+        fastmf.evaluate(model, Interactions([1, 25], [3, 4]), metrics=("hr@5",))
+    inside = Interactions(rng.integers(0, 20, 30), rng.integers(0, 40, 30))
+    assert 0.0 < fastmf.evaluate(model, inside, metrics=("auc",))["auc"] < 1.0
+
+
 def test_suggest_dim_rules():
     assert fastmf.suggest_dim(10_000) == min(600, round(1.6 * 10_000**0.56))
     assert fastmf.suggest_dim(10**9) == 600
