@@ -1097,7 +1097,37 @@ def _read(path: Path, backend: str = "auto") -> tuple[dict, dict]:
         tensors = load_file(weights)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"fastmf.load: cannot read {weights}: {exc}") from None
+    check_loaded_values(tensors.items(), weights, "fastmf.load")
     return config, tensors
+
+
+# Optimizer states that are sums of squares: never negative (a negative one makes the next
+# step's square root NaN).
+SQUARE_STATES = ("sum", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_loaded_values(items, where, who: str) -> None:
+    """Every floating tensor of ``items`` ((name, tensor) pairs) finite, and those named as
+    optimizer sums of squares (the last dotted or slashed part of the name in SQUARE_STATES,
+    or a table's Adagrad sum ``optimizer.<table>``) not negative. fastmf.fit refuses to train
+    into NaN or inf and nothing saves such values, so a file holding them was damaged or
+    edited (checksums can be recomputed), and a model loaded from it would predict NaN
+    without a word (``fastmf evaluate`` printed rmse=nan)."""
+    for name, tensor in items:
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(f"{who}: {where}: {name} holds {bad} NaN or infinite "
+                                  "values; the checkpoint is damaged")
+        last = name.replace("/", ".").rsplit(".", 1)[-1]
+        square = last in SQUARE_STATES or (name.startswith("optimizer.") and
+                                           name.count(".") == 1)
+        negative = int((tensor < 0).sum()) if square else 0
+        if negative:
+            raise CheckpointError(f"{who}: {where}: optimizer state {name} holds {negative} "
+                                  "negative values (it is a sum of squares); the checkpoint "
+                                  "is damaged")
 
 
 def load_checkpoint(path, *, device=None, backend: str = "auto") -> Checkpoint:

@@ -217,13 +217,20 @@ def _probe_writable(folder: Path, what: str) -> None:
 
 
 def _is_checkpoint(folder: Path) -> bool:
-    if (folder / "CURRENT").is_file():
-        return True
+    """A sharded checkpoint (its CURRENT names one of its versions) or an ordinary one (its
+    config.json is a fastmf config), each file read as loading reads it. A folder that
+    merely holds a file named CURRENT is neither: saving a sharded checkpoint removes the
+    folders of its other versions."""
+    from fastmf.checkpoint import CheckpointError, _read_config
+    from fastmf.distributed.checkpoint import _committed
+
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if (folder / "CURRENT").is_file():
+            return _committed(folder, "fastmf") is not None
+        _read_config(folder, "fastmf")
+    except (CheckpointError, OSError):
         return False
-    return isinstance(config, dict) and config.get("format") == "fastmf-checkpoint"
+    return True
 
 
 def _check_out(path) -> Path:
@@ -298,19 +305,9 @@ def _load_model(path, device_name=None):
 
         try:
             return load_model(path, device=device_name)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
             raise CliError(f"--model {path}: {exc}") from None
-    config = Path(path) / "config.json"
-    if config.is_file():
-        try:
-            settings = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            settings = {}  # fastmf.load says what is wrong with it
-        if not isinstance(settings, dict):
-            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-            raise CliError(f"--model {path}: {config} holds "
-                           f"{kind.get(type(settings), 'a number')}, not a JSON object; not "
-                           "a fastmf checkpoint")
+    # fastmf.load reads config.json within its size bound and says what is wrong with it.
     return load(path, device=device_name)
 
 

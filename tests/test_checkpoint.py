@@ -777,7 +777,7 @@ def _time_state(day_range=None, **entries):
 
 @pytest.mark.parametrize("cls, change, message", [
     ("Hybrid", set_entry("model.items.weights", 3, float("nan")),
-     "item_features weights must be finite and >= 0, got nan"),
+     "model.items.weights holds 1 NaN or infinite values"),
     ("Hybrid", set_entry("model.users.weights", 0, -2.0), "user_features weights must be"),
     ("Hybrid", set_entry("model.items.indices", 5, 10**6), "item_features holds index 1000000"),
     ("Hybrid", set_entry("model.users.indptr", 7, -4),
@@ -787,7 +787,8 @@ def _time_state(day_range=None, **entries):
     ("Item2Vec", set_entry("model.history_items", 0, -1), "history holds index -1"),
     ("TimeSVDpp", _time_state(user_last_day=(0, -10**15)),
      "user_last_day holds -1000000000000000, outside the training days"),
-    ("TimeSVDpp", _time_state(user_mean_day=(2, float("nan"))), "user_mean_day holds nan"),
+    ("TimeSVDpp", _time_state(user_mean_day=(2, float("nan"))),
+     "model.user_mean_day holds 1 NaN or infinite values"),
     ("TimeSVDpp", _time_state(day_range=[5, 2]), r"day_range must be \(first, last\)"),
     ("TimeSVDpp", _time_state(user_day_keys=(1, -3)), "user_day_keys must ascend strictly"),
 ])
@@ -805,3 +806,34 @@ def test_hand_edited_model_state_is_refused(tmp_path, cls, change, message):
     resealed(tmp_path / "ck", change)
     with pytest.raises(CheckpointError, match=message):
         fastmf.load(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("change, message", [
+    (set_entry("item_bias", 3, float("nan")), "item_bias holds 1 NaN or infinite values"),
+    (set_entry("user_factors", (2, 1), float("inf")),
+     "user_factors holds 1 NaN or infinite values"),
+    (set_entry("optimizer.item_factors", (0, 0), -1.0),
+     "optimizer state optimizer.item_factors holds 1 negative values"),
+    (set_entry("optimizer.user_factors", (4, 1), float("nan")),
+     "optimizer.user_factors holds 1 NaN or infinite values"),
+])
+def test_non_finite_weights_and_negative_sums_are_refused(tmp_path, change, message):
+    """A checkpoint edited to hold NaN or infinite weights, or a negative Adagrad sum, and
+    hashed again loaded without a word: ``fastmf evaluate`` printed rmse=nan with status 0,
+    and a resumed fit would take the square root of a negative sum."""
+    from fastmf.cli import main
+
+    data = fastmf.datasets.synthetic(num_users=50, num_items=40, num_interactions=400, seed=0)
+    torch.manual_seed(0)
+    model = fastmf.MF(50, 40, dim=4)
+    optimizer = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.1)
+    fastmf.fit(model, data, epochs=1, optimizer=optimizer, progress=False)
+    fastmf.checkpoint.save(model, tmp_path / "ck", optimizer=optimizer)
+    fastmf.checkpoint.load_checkpoint(tmp_path / "ck")  # as saved: loads
+    resealed(tmp_path / "ck", change)
+    with pytest.raises(CheckpointError, match=message):
+        fastmf.checkpoint.load_checkpoint(tmp_path / "ck")
+    csv = tmp_path / "test.csv"
+    data.to_pandas().to_csv(csv, index=False)
+    assert main(["evaluate", "--model", str(tmp_path / "ck"), "--data", str(csv),
+                 "--user-col", "user", "--item-col", "item"]) == 2

@@ -208,7 +208,7 @@ def test_recommend_and_evaluate_check_their_options(tmp_path, capsys):
     (model / "config.json").write_text(json.dumps([1, 2]))
     (model / "model.safetensors").write_bytes(b"")
     code, _, err = run(capsys, "recommend", "--model", model, "--user", "1")
-    assert code == 2 and "holds an array, not a JSON object" in one_line_error(err)
+    assert code == 2 and "config.json holds a JSON list, expected an object" in one_line_error(err)
 
 
 # -- outputs -----------------------------------------------------------------------------------

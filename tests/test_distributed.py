@@ -771,6 +771,111 @@ def test_load_model_refuses_what_it_cannot_build(runs, tmp_path):
             fd.load_model(copy)
 
 
+def test_load_model_distrusts_the_files(runs, tmp_path, capsys):
+    """A sharded checkpoint's files are checked before the model is built or anything is
+    read through them: CURRENT must name one of the folder's own versions (an absolute path
+    or ".." served a model from elsewhere), manifest.json and CURRENT must be JSON objects
+    of bounded size, the manifest's sizes must match the shards' headers (a 900-byte edit
+    to num_users made recommend build a 1 GB model first), a truncated shard and NaN
+    weights are refused; and the CLI says so in one line with status 2."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    import fastmf.distributed as fd
+    from fastmf.checkpoint import CheckpointError
+    from fastmf.cli import main
+
+    good = runs["ckpt"] / "cli"
+    version = json.loads((good / "CURRENT").read_text())["version"]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(good / version, elsewhere / version)
+
+    def case(name, edit):
+        copy = tmp_path / name
+        shutil.copytree(good, copy)
+        edit(copy)
+        return copy
+
+    def write(file, value):
+        file.write_text(value if isinstance(value, str) else json.dumps(value))
+
+    def manifest_edit(**change):
+        def edit(copy):
+            file = copy / version / "manifest.json"
+            manifest = json.loads(file.read_text())
+            manifest["model"].update(change)
+            write(file, manifest)
+        return edit
+
+    def shard_edit(copy):
+        file = copy / version / "shard-00000.safetensors"
+        tensors = load_file(file)
+        name = next(k for k in tensors if k.endswith("item_factors"))
+        tensors[name][1, 2] = float("nan")
+        save_file(tensors, file)
+
+    cases = [
+        (lambda c: write(c / "CURRENT", {"version": str(elsewhere / version)}),
+         "names version '/"),
+        (lambda c: write(c / "CURRENT", {"version": f"../elsewhere/{version}"}),
+         "names version '../elsewhere"),
+        (lambda c: write(c / "CURRENT", ["v"]), "CURRENT holds a JSON list"),
+        (lambda c: write(c / "CURRENT", {"version": "v-0123456789ab"}),
+         "holds no manifest.json"),
+        (lambda c: write(c / version / "manifest.json", [1, 2]),
+         "manifest.json holds a JSON list"),
+        (lambda c: (c / "CURRENT").write_bytes(b" " * (17 << 20)), "larger than"),
+        (manifest_edit(num_users=4_000_000), "table user_bias is \\[4000000\\]"),
+        (manifest_edit(num_users=2**40, dim=2**40), "cannot be built"),
+        (lambda c: (c / version / "shard-00001.safetensors").write_bytes(
+            (c / version / "shard-00001.safetensors").read_bytes()[:300]),
+         "cannot read .*shard-00001.safetensors"),
+        (shard_edit, "item_factors holds 1 NaN or infinite values"),
+    ]
+    for k, (edit, message) in enumerate(cases):
+        copy = case(f"c{k}", edit)
+        with pytest.raises(CheckpointError if k != 6 else ValueError, match=message):
+            fd.load_model(copy)
+        code = main(["recommend", "--model", str(copy), "--user", "1", "-k", "2"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and \
+            err.startswith(f"fastmf recommend: error: --model {copy}"), err
+
+
+def test_a_file_named_current_is_not_a_checkpoint(tmp_path, capsys):
+    """Saving a sharded checkpoint removes the folders of its older versions, so a folder
+    is taken for one only when its CURRENT names one of its own versions: a user's folder
+    that merely holds a file named CURRENT (and folders named v-...) is refused as --out
+    and by fastmf.distributed.save's check, and nothing in it is touched."""
+    import json
+
+    from fastmf.checkpoint import CheckpointError
+    from fastmf.cli import main
+    from fastmf.distributed.checkpoint import _committed, _remove_leftovers
+
+    folder = tmp_path / "mine"
+    (folder / "v-notes").mkdir(parents=True)
+    (folder / "v-notes" / "a.txt").write_text("mine")
+    (folder / "v-0123456789ab").mkdir()
+    for current in ("release 3", json.dumps({"version": "v-notes"}),
+                    json.dumps({"version": "v-0123456789ab"})):
+        (folder / "CURRENT").write_text(current)
+        with pytest.raises(CheckpointError):
+            _committed(folder, "fastmf.distributed.save")
+        data = _write_ratings(tmp_path / "ratings.csv")
+        assert main(_cli_args(data, "--out", str(folder))) == 2
+        assert "is a folder with other files in it" in capsys.readouterr().err
+    assert (folder / "v-notes" / "a.txt").read_text() == "mine"
+    assert (folder / "v-0123456789ab").is_dir()
+    # In a checkpoint's own folder, only the names save() gives are removed.
+    ours = tmp_path / "ours"
+    for name in ("v-0123456789ab", ".tmp-00000000000f", "v-keep", "v-0123456789abc"):
+        (ours / name).mkdir(parents=True)
+    _remove_leftovers(ours, None)
+    assert sorted(os.listdir(ours)) == ["v-0123456789abc", "v-keep"]
+
+
 def test_cli_train_distributed_needs_torchrun(tmp_path, capsys, monkeypatch):
     from fastmf.cli import main
 

@@ -383,7 +383,8 @@ def test_prepare_again_keeps_trained_day_biases():
     (set_entry("model.history_items", 4, NUM_ITEMS), rf"history holds index {NUM_ITEMS}, "
                                                 rf"outside \[0, {NUM_ITEMS}\)"),
     (set_entry("model.history_items", 2, -1), "history holds index -1"),
-    (set_entry("model.global_mean", (), float("nan")), "global_mean must be finite"),
+    (set_entry("model.global_mean", (), float("nan")),
+     "model.global_mean holds 1 NaN or infinite values"),
 ])
 def test_a_hand_edited_history_is_refused_at_load(tmp_path, cls, change, message):
     """N(u) is cut into bags without further checks, so a loaded one is checked first: a

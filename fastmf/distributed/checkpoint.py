@@ -29,17 +29,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from fastmf.checkpoint import _fsync, get_data, put_data
+from fastmf.checkpoint import (
+    MAX_CONFIG_BYTES,
+    CheckpointError,
+    _fsync,
+    _parse_json,
+    _read_bounded,
+    check_loaded_values,
+    get_data,
+    put_data,
+)
 
 from .modules import is_sharded
 from .routing import local_rows, world
@@ -53,6 +63,22 @@ DENSE = "dense.safetensors"
 # Prefix, in the dense file, of the raw-id maps, titles and popularity (rank 0's).
 DATA = "data/"
 _CHUNK_ROWS = 1 << 20
+# The names save() gives a version and its temporary folder (secrets.token_hex(6)): CURRENT
+# must name one of these, and only entries so named are ever removed.
+_VERSION = re.compile(r"v-[0-9a-f]{12}")
+_LEFTOVER = re.compile(r"(\.tmp-|v-)[0-9a-f]{12}")
+
+
+@contextlib.contextmanager
+def _open(file: Path):
+    """A checkpoint's safetensors file; one that safetensors cannot read (truncated, a bad
+    header) raises CheckpointError naming it."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except SafetensorError as exc:
+        raise CheckpointError(f"fastmf.distributed.load: cannot read {file}: {exc}") from None
+    with handle as f:
+        yield f
 
 
 def _shard_name(rank: int) -> str:
@@ -122,19 +148,40 @@ def _optimizer_parts(model: nn.Module, optimizer, index: int):
 
 
 def _remove_leftovers(path: Path, keep: str | None) -> None:
+    """Remove the versions and temporaries of earlier saves other than ``keep``: only
+    folders named as save() names them."""
     for entry in os.listdir(path):
-        if entry == keep or not (entry.startswith(".tmp-") or entry.startswith("v-")):
+        if entry == keep or not _LEFTOVER.fullmatch(entry):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(path / entry)
 
 
-def _committed(path: Path) -> str | None:
-    try:
-        with open(path / CURRENT, encoding="utf-8") as f:
-            return json.load(f)["version"]
-    except FileNotFoundError:
+def _read_object(file: Path, who: str) -> dict:
+    """A JSON object from a checkpoint file, read within MAX_CONFIG_BYTES."""
+    value = _parse_json(_read_bounded(file, MAX_CONFIG_BYTES, who), file, who)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{who}: {file} holds a JSON {type(value).__name__}, expected "
+                              "an object")
+    return value
+
+
+def _committed(path: Path, who: str = "fastmf.distributed.load") -> str | None:
+    """The version CURRENT names (None without CURRENT), checked: a name save() gives, of a
+    folder of ``path`` holding a manifest. Anything else is not a sharded checkpoint (or a
+    damaged one), and neither loading nor saving goes on: saving removes the other
+    versions' folders, which must not be a user's."""
+    file = path / CURRENT
+    if not os.path.lexists(file):
         return None
+    version = _read_object(file, who).get("version")
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise CheckpointError(f"{who}: {file} names version {version!r}; a sharded fastmf "
+                              "checkpoint's CURRENT names a folder v-<12 hex digits> beside it")
+    if not (path / version / MANIFEST).is_file():
+        raise CheckpointError(f"{who}: {file} names {version}, but {path / version} holds no "
+                              f"{MANIFEST}; not a complete sharded fastmf checkpoint")
+    return version
 
 
 def save(path, model: nn.Module, optimizers=(), *, process_group=None,
@@ -154,7 +201,7 @@ def save(path, model: nn.Module, optimizers=(), *, process_group=None,
             if any(path.iterdir()) and not (path / CURRENT).exists():
                 raise FileExistsError(f"fastmf.distributed.save: {path} exists and is not a "
                                       "sharded fastmf checkpoint; refusing to write into it")
-            _remove_leftovers(path, _committed(path))
+            _remove_leftovers(path, _committed(path, "fastmf.distributed.save"))
             tag = secrets.token_hex(6)
             (path / f".tmp-{tag}").mkdir()
         except Exception as exc:  # reported on every rank below
@@ -244,8 +291,7 @@ def _read_manifest(path: Path) -> tuple[Path, dict]:
         raise ValueError(f"fastmf.distributed.load: {path} has no {CURRENT} file (not a "
                          "sharded fastmf checkpoint, or no save was ever committed)")
     folder = path / version
-    with open(folder / MANIFEST, encoding="utf-8") as f:
-        manifest = json.load(f)
+    manifest = _read_object(folder / MANIFEST, "fastmf.distributed.load")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"fastmf.distributed.load: {folder / MANIFEST} has format "
                          f"{manifest.get('format')!r}, expected {FORMAT!r}")
@@ -263,7 +309,7 @@ def _reshard(folder: Path, old_world: int, key: str, target: torch.Tensor, num_r
                          f"rank {rank}, expected {mine}")
     filled = 0
     for old in range(old_world):
-        with safe_open(folder / _shard_name(old), framework="pt") as f:
+        with _open(folder / _shard_name(old)) as f:
             if key not in f.keys():
                 raise ValueError(f"fastmf.distributed.load: {_shard_name(old)} has no {key}")
             part = f.get_slice(key)
@@ -302,8 +348,10 @@ def load(path, model: nn.Module, optimizers=(), *, process_group=None) -> dict:
     manifest's ``extra``.
 
     Raises ValueError when the tables differ from the checkpoint's (names, shapes, dtypes)
-    or the optimizers do not match, FileNotFoundError when there is no checkpoint. Errors
-    are raised on every rank."""
+    or the optimizers do not match (before anything is written), CheckpointError (a
+    ValueError) when a loaded value is NaN or infinite or an optimizer's sum of squares is
+    negative (after loading: the model and optimizers then hold the damaged values),
+    FileNotFoundError when there is no checkpoint. Errors are raised on every rank."""
     rank, w = world(process_group)
     device = _comm_device(process_group)
     error = None
@@ -353,7 +401,7 @@ def _load(path: Path, model: nn.Module, optimizers, rank: int, w: int) -> None:
     for name in sorted(sharded):
         p = params[name]
         _reshard(folder, old_world, name, p.data, p.fastmf_shard.num_rows, rank, w)
-    with safe_open(folder / DENSE, framework="pt") as f:
+    with _open(folder / DENSE) as f:
         dense_keys = set(f.keys())
         state = model.state_dict()
         for name, tensor in state.items():
@@ -382,19 +430,26 @@ def _load(path: Path, model: nn.Module, optimizers, rank: int, w: int) -> None:
                     if key.startswith(prefix):
                         optimizer.state[p][key[len(prefix):]] = f.get_tensor(key).to(p.device)
     for index, optimizer in enumerate(optimizers):
-        with safe_open(folder / _shard_name(0), framework="pt") as f:
+        with _open(folder / _shard_name(0)) as f:
             shard_keys = [k for k in f.keys() if k.startswith(f"optim{index}/")]
         for key in shard_keys:
             _, name, state_key = key.split("/", 2)
             p = params[name]
             info = p.fastmf_shard
-            with safe_open(folder / _shard_name(0), framework="pt") as f:
+            with _open(folder / _shard_name(0)) as f:
                 row_shape = f.get_slice(key).get_shape()[1:]
                 dtype = f.get_slice(key).get_dtype()
             target = torch.empty((p.shape[0], *row_shape), device=p.device,
                                  dtype=_torch_dtype(dtype))
             _reshard(folder, old_world, key, target, info.num_rows, rank, w)
             optimizer.state[p][state_key] = target
+    check_loaded_values(model.state_dict().items(), folder, "fastmf.distributed.load")
+    names = _names(model)
+    for index, optimizer in enumerate(optimizers):
+        for p, state in optimizer.state.items():
+            check_loaded_values(((f"optim{index}/{names.get(id(p))}/{key}", value)
+                                 for key, value in state.items()), folder,
+                                "fastmf.distributed.load")
 
 
 def _load_data(model: nn.Module, f, keys, manifest: dict) -> None:
@@ -425,19 +480,48 @@ def load_model(path, *, device=None, backend: str = "auto") -> nn.Module:
         raise ValueError(f"fastmf.distributed.load_model: {folder / MANIFEST} names no model "
                          "class (the model was not a registered fastmf model); build the "
                          "sharded model and use fastmf.distributed.load")
-    model = build_model(manifest["model_class"], manifest.get("model"), folder / MANIFEST,
-                        device="cpu", backend=backend)
     old_world, tables = manifest.get("world_size"), manifest.get("tables")
     if isinstance(old_world, bool) or not isinstance(old_world, int) or not (
             1 <= old_world <= 1 << 20) or not isinstance(tables, dict):
         raise ValueError(f"fastmf.distributed.load_model: {folder / MANIFEST} has a bad "
                          f"world_size {old_world!r} or tables")
-    params = dict(model.named_parameters())
+    # The model's sizes come from the manifest, which is not trusted: its tables are checked
+    # against the model built on the meta device (no memory) and against the files' headers
+    # before the model is built for real, so a manifest naming a huge model costs nothing.
+    try:
+        meta = build_model(manifest["model_class"], manifest.get("model"), folder / MANIFEST,
+                           device="meta", backend=backend)
+    except RuntimeError as exc:  # sizes whose product overflows, even on the meta device
+        raise CheckpointError(f"fastmf.distributed.load_model: {folder / MANIFEST}: the "
+                              f"model it describes cannot be built ({exc})") from None
+    _check_files(folder, manifest, old_world, tables, meta)
+    model = build_model(manifest["model_class"], manifest.get("model"), folder / MANIFEST,
+                        device="cpu", backend=backend)
+    state = model.state_dict()
+    for name in sorted(tables):
+        _reshard(folder, old_world, name, state[name], state[name].shape[0], 0, 1)
+    with _open(folder / DENSE) as f:
+        keys = set(f.keys())
+        for name, tensor in state.items():
+            if name not in tables:
+                tensor.copy_(f.get_tensor(name))
+        model.load_state_dict(state, strict=True)
+        _load_data(model, f, keys, manifest)
+    check_loaded_values(model.state_dict().items(), folder, "fastmf.distributed.load_model")
+    return model.to(device) if device is not None else model
+
+
+def _check_files(folder: Path, manifest: dict, old_world: int, tables: dict,
+                 meta: nn.Module) -> None:
+    """load_model's checks before anything is allocated: the manifest's tables are the
+    model's (names, shapes, dtypes), every shard holds its rows of each table, and the dense
+    file every other tensor of the model, at the model's shapes and dtypes."""
+    state = meta.state_dict()
+    params = dict(meta.named_parameters())
     if not set(tables) <= set(params):
         raise ValueError(f"fastmf.distributed.load_model: the checkpoint's tables "
                          f"{sorted(tables)} are not all parameters of "
                          f"{manifest['model_class']} ({sorted(params)})")
-    state = model.state_dict()
     for name in sorted(tables):
         p = state[name]
         if tables[name] != {"rows": p.shape[0], "shape": list(p.shape),
@@ -445,8 +529,18 @@ def load_model(path, *, device=None, backend: str = "auto") -> nn.Module:
             raise ValueError(f"fastmf.distributed.load_model: table {name} is "
                              f"{list(p.shape)} {_dtype_name(p)} in the model, {tables[name]!r} "
                              "in the checkpoint")
-        _reshard(folder, old_world, name, p, p.shape[0], 0, 1)
-    with safe_open(folder / DENSE, framework="pt") as f:
+    for old in range(old_world):
+        with _open(folder / _shard_name(old)) as f:
+            keys = set(f.keys())
+            for name in sorted(tables):
+                p = state[name]
+                want = [local_rows(p.shape[0], old, old_world), *p.shape[1:]]
+                got = f.get_slice(name).get_shape() if name in keys else None
+                if got != want:
+                    raise ValueError(f"fastmf.distributed.load_model: {_shard_name(old)} holds "
+                                     f"{name} as {got}, expected {want} (rows {old}, "
+                                     f"{old} + {old_world}, ... of {p.shape[0]})")
+    with _open(folder / DENSE) as f:
         keys = set(f.keys())
         for name, tensor in state.items():
             if name in tables:
@@ -454,15 +548,17 @@ def load_model(path, *, device=None, backend: str = "auto") -> nn.Module:
             if name not in keys:
                 raise ValueError(f"fastmf.distributed.load_model: the checkpoint has no "
                                  f"{name}")
-            value = f.get_tensor(name)
-            if value.shape != tensor.shape or value.dtype != tensor.dtype:
+            part = f.get_slice(name)
+            shape, dtype = list(part.get_shape()), _ST_DTYPES.get(part.get_dtype())
+            if shape != list(tensor.shape) or dtype != tensor.dtype:
                 raise ValueError(f"fastmf.distributed.load_model: {name} is "
                                  f"{tuple(tensor.shape)} {tensor.dtype} in the model, "
-                                 f"{tuple(value.shape)} {value.dtype} in the checkpoint")
-            tensor.copy_(value)
-        model.load_state_dict(state, strict=True)
-        _load_data(model, f, keys, manifest)
-    return model.to(device) if device is not None else model
+                                 f"{tuple(shape)} {part.get_dtype()} in the checkpoint")
+
+
+_ST_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _torch_dtype(name: str) -> torch.dtype:
