@@ -628,7 +628,8 @@ _MODEL_SCHEMA = {
 _OPTIMIZER_SCHEMAS = {
     "SparseAdagrad": {
         "lr": (_non_negative, "a finite number >= 0"),
-        "eps": (_non_negative, "a finite number >= 0"),
+        # > 0, as SparseAdagrad requires (0 gives 0/0 on a zero gradient and sum).
+        "eps": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
         "initial_accumulator_value": (_non_negative, "a finite number >= 0"),
         "rowwise": (lambda v: isinstance(v, bool), "true or false"),
     },

@@ -674,7 +674,12 @@ def cmd_tune(args) -> None:
                        "trials": len(states), "valid_fraction": args.valid_fraction,
                        "data": str(args.data)}
     if out is not None:
-        write_config(out, config)
+        try:
+            write_config(out, config, overwrite=args.force)
+        except FileExistsError:
+            print(json.dumps(config))
+            raise CliError(f"--out {out} appeared while tuning; not overwritten (pass --force "
+                           "to overwrite it); the config is printed above") from None
         print(f"wrote {out}; train with it: fastmf train --config {out} --data {args.data}")
     else:
         print(json.dumps(config))
@@ -739,8 +744,11 @@ def cmd_recommend(args) -> None:
         # The cold-start answer ranks by popularity; shown by score like every list.
         order = np.argsort(-scores, kind="stable")
         items, scores = items[order], scores[order]
+        basis = ("most popular items" if model.item_popularity is not None else
+                 "the model keeps no item popularity counts, so these are its first items "
+                 "by index, not the most popular")
         print(f"top {args.k} for user {args.user}: fallback, the user is not in the "
-              "training data: most popular items")
+              f"training data: {basis}")
         if isinstance(raw, str) and model.user_map.raw_ids.dtype.kind in "iuf":
             _note(f"user {args.user!r} is not a number, but the model's user ids are "
                   f"{model.user_map.raw_ids.dtype}")
@@ -767,9 +775,13 @@ def cmd_plot(args) -> None:
 
     space = args.kind in ("pca", "tsne")
     for option, value in (("--color-by", args.color_by), ("--label", args.label),
-                          ("--min-count", args.min_count)):
+                          ("--min-count", args.min_count),
+                          ("--sample", args.sample is not None),
+                          ("--seed", args.seed is not None)):
         if value and not space:
             raise CliError(f"{option} applies to --kind pca and tsne, not {args.kind}")
+    args.sample = 2000 if args.sample is None else args.sample
+    args.seed = 0 if args.seed is None else args.seed
     if args.data is not None and not args.color_by:
         raise CliError("--data gives the item metadata for --color-by; pass --color-by too")
     out = Path(args.out)
@@ -789,9 +801,9 @@ def cmd_plot(args) -> None:
                 "checkpoint=DIR) keep it")
         try:
             history = History.from_dict(stored)
-        except TypeError:
+        except ValueError as exc:
             raise CliError(f"--model {args.model}: its stored history is not in the format "
-                           "fastmf.fit writes") from None
+                           f"fastmf.fit writes ({exc})") from None
         fig = plot.history(history, out)
     elif args.kind == "popularity":
         fig = plot.popularity_vs_norm(model, out)
@@ -1099,12 +1111,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--label", type=nonnegative_int, default=0, metavar="N",
                       help="pca/tsne: annotate the N most popular plotted items with their "
                            "titles (default 0)")
-    plot.add_argument("--sample", type=nonnegative_int, default=2000, metavar="N",
+    plot.add_argument("--sample", type=nonnegative_int, default=None, metavar="N",
                       help="pca/tsne: plot a random N of the items (default 2000; 0: all)")
     plot.add_argument("--min-count", type=nonnegative_int, default=0, metavar="N",
                       help="pca/tsne: only items with at least N training interactions (rare "
                            "items' vectors are mostly noise)")
-    plot.add_argument("--seed", type=nonnegative_int, default=0)
+    plot.add_argument("--seed", type=nonnegative_int, default=None,
+                      help="pca/tsne: the seed of the sample and of t-SNE (default 0)")
     _column_options(plot)
     plot.set_defaults(run=cmd_plot)
     return parser

@@ -298,6 +298,9 @@ def fetch_movielens(
         return _find_movielens(target)[0]  # ValueError if it is something else: kept
     if target.exists():
         raise FileExistsError(f"{where}: {target} exists and is not a folder")
+    if cache.exists() and not cache.is_dir():
+        raise FileExistsError(f"{where}: the cache folder {cache} is an existing file, not a "
+                              "folder; pass a folder as cache_dir (--cache-dir)")
     cache.mkdir(parents=True, exist_ok=True)
 
     fd, zip_name = tempfile.mkstemp(dir=cache, prefix=f".{name}.", suffix=".zip.part")

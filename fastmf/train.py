@@ -87,6 +87,37 @@ class History:
 
     @classmethod
     def from_dict(cls, data: dict) -> History:
+        """The History of :meth:`to_dict`'s output, checked (it comes from a checkpoint
+        file): ValueError naming the first field that is not as ``fit`` writes it."""
+        def bad(what: str, value) -> ValueError:
+            return ValueError(f"fastmf.History.from_dict: {what}, got {value!r:.60}")
+
+        def number(v) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        if not isinstance(data, dict) or not set(data) <= {
+                "epochs", "monitor", "best_epoch", "stopped_early"}:
+            raise bad("expected an object with epochs, monitor, best_epoch, stopped_early",
+                      data)
+        epochs = data.get("epochs", [])
+        if not isinstance(epochs, list):
+            raise bad("epochs must be a list of per-epoch records", epochs)
+        for n, row in enumerate(epochs):
+            if not isinstance(row, dict) or not all(isinstance(k, str) for k in row):
+                raise bad(f"epoch record {n} must be an object", row)
+            if not number(row.get("loss")):
+                raise bad(f"epoch record {n} must hold a numeric loss", row.get("loss"))
+            epoch = row.get("epoch", n + 1)
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise bad(f"epoch record {n}'s epoch must be an int >= 0", epoch)
+        best = data.get("best_epoch")
+        if best is not None and (isinstance(best, bool) or not isinstance(best, int)
+                                 or not 0 <= best < len(epochs)):
+            raise bad(f"best_epoch must be null or an int in [0, {len(epochs)})", best)
+        if not isinstance(data.get("monitor"), str | None):
+            raise bad("monitor must be null or a metric name", data.get("monitor"))
+        if not isinstance(data.get("stopped_early", False), bool):
+            raise bad("stopped_early must be true or false", data.get("stopped_early"))
         return cls(**data)
 
     def to_pandas(self):
@@ -577,22 +608,21 @@ def _saved_history(saved, path: Path) -> tuple[int, History] | None:
     if "epoch" not in extra and "history" not in extra:
         return None
     epoch, data = extra.get("epoch"), extra.get("history")
-    fields = {"epochs", "monitor", "best_epoch", "stopped_early"}
-    ok = (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0
-          and isinstance(data, dict) and set(data) == fields
-          and isinstance(data["epochs"], list) and len(data["epochs"]) == epoch
-          and all(isinstance(row, dict) for row in data["epochs"])
-          and (data["monitor"] is None or isinstance(data["monitor"], str))
-          and isinstance(data["stopped_early"], bool)
-          and (data["best_epoch"] is None or (
-              isinstance(data["best_epoch"], int) and not isinstance(data["best_epoch"], bool)
-              and 0 <= data["best_epoch"] < epoch)))
+    try:
+        history = History.from_dict(data)
+    except ValueError as exc:
+        history, problem = None, f"; {exc}"
+    else:
+        problem = ""
+    ok = (history is not None and isinstance(epoch, int) and not isinstance(epoch, bool)
+          and set(data) == {"epochs", "monitor", "best_epoch", "stopped_early"}
+          and len(history.epochs) == epoch)
     if not ok:
         from fastmf.checkpoint import CheckpointError
 
         raise CheckpointError(f"fastmf.fit: checkpoint {path} holds no valid training progress "
-                              f"(extra.epoch={epoch!r} and extra.history do not agree)")
-    return epoch, History.from_dict(data)
+                              f"(extra.epoch={epoch!r} and extra.history do not agree{problem})")
+    return epoch, history
 
 
 def _restore_optimizer(model: Recommender, optimizer, saved, path: Path) -> None:

@@ -565,16 +565,27 @@ def _reject_constant(name: str, where: str):
     raise ValueError(f"{where}: {name} is not a valid JSON value")
 
 
-def write_config(path: str | os.PathLike, config: dict) -> Path:
-    """Write ``config`` (checked) as JSON to ``path``, atomically (a temporary file then
-    ``os.replace``)."""
+def write_config(path: str | os.PathLike, config: dict, *, overwrite: bool = True) -> Path:
+    """Write ``config`` (checked) as JSON to ``path``, atomically (a temporary file, then
+    renamed into place). ``overwrite=False``: FileExistsError, and ``path`` left as it is,
+    when it exists at the moment of writing (an existence check made before a long tuning
+    run cannot see a file that appears during it)."""
     path = Path(path)
     text = json.dumps(check_config(config, f"fastmf.tune.write_config({str(path)!r})"),
                       indent=2, allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails, writing nothing, if path exists
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: create it exclusively
+                with open(path, "x", encoding="utf-8") as f:
+                    f.write(text)
     finally:
         tmp.unlink(missing_ok=True)
     return path

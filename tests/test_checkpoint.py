@@ -837,3 +837,18 @@ def test_non_finite_weights_and_negative_sums_are_refused(tmp_path, change, mess
     data.to_pandas().to_csv(csv, index=False)
     assert main(["evaluate", "--model", str(tmp_path / "ck"), "--data", str(csv),
                  "--user-col", "user", "--item-col", "item"]) == 2
+
+
+def test_optimizer_eps_zero_is_refused_by_the_schema(tmp_path):
+    """The schema took optimizer.eps = 0, which SparseAdagrad refuses: loading then failed
+    with the optimizer's ValueError, naming neither the file nor the field."""
+    model = fastmf.MF(20, 10, dim=4)
+    optimizer = fastmf.optim.SparseAdagrad(model.parameters(), lr=0.1)
+    fastmf.checkpoint.save(model, tmp_path / "ck", optimizer=optimizer)
+    file = tmp_path / "ck" / "config.json"
+    config = json.loads(file.read_text())
+    config["optimizer"]["eps"] = 0.0
+    config["config_sha256"] = fastmf.checkpoint._config_digest(config)
+    file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json.*eps.*a finite number > 0"):
+        fastmf.checkpoint.load_checkpoint(tmp_path / "ck")

@@ -307,6 +307,14 @@ def test_recommend_leaves_out_seen_items_and_marks_the_fallback(tmp_path, capsys
     assert scores == sorted(scores, reverse=True)
     code, out, err = run(capsys, "recommend", "--model", model, "--user", "abc", "-k", "3")
     assert code == 0 and "fallback" in out and "'abc' is not a number" in err, err
+    assert "most popular items" in out
+    # A model that keeps no popularity counts says what its fallback list is instead.
+    bare = fastmf.load(model)
+    bare.item_popularity = None
+    fastmf.checkpoint.save(bare, tmp_path / "bare")
+    code, out, err = run(capsys, "recommend", "--model", tmp_path / "bare", "--user", "99999",
+                         "-k", "3")
+    assert code == 0 and "no item popularity counts" in out and "most popular items" not in out
 
 
 def test_missing_movielens_release_says_how_to_get_it(tmp_path, monkeypatch, capsys):

@@ -393,3 +393,14 @@ def test_fetch_movielens_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="not a MovieLens folder"):
         fetch_movielens("ml-100k", tmp_path)
     assert (tmp_path / "ml-100k" / "mine.txt").read_text() == "keep"
+
+
+def test_fetch_movielens_cache_dir_that_is_a_file(tmp_path):
+    """--cache-dir naming a file gave a bare "[Errno 17] File exists"."""
+    from fastmf.datasets import fetch_movielens
+
+    cache = tmp_path / "ratings.csv"
+    cache.write_text("userId,movieId\n")
+    with pytest.raises(FileExistsError, match="is an existing file, not a folder"):
+        fetch_movielens("ml-latest-small", cache, url="http://127.0.0.1:9/never.zip")
+    assert cache.read_text() == "userId,movieId\n"

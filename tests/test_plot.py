@@ -383,6 +383,8 @@ def test_cli_history_needs_a_fit_checkpoint(capsys, data, saved_model, tmp_path)
 
 @pytest.mark.parametrize("argv, message", [
     (["--kind", "history", "--color-by", "Drama"], "--color-by applies to --kind pca and tsne"),
+    (["--kind", "popularity", "--sample", "5"], "--sample applies to --kind pca and tsne"),
+    (["--kind", "history", "--seed", "3"], "--seed applies to --kind pca and tsne"),
     (["--kind", "pca", "--data", "x"], "--data gives the item metadata for --color-by"),
     (["--kind", "pca", "--out", "items.jpgx"], "has extension 'jpgx'"),
     (["--kind", "pca", "--color-by", "Western", "--data", "ML"],
@@ -397,3 +399,32 @@ def test_cli_errors_are_one_line(capsys, movielens, saved_model, tmp_path, argv,
     code, _, err = run(capsys, "plot", "--model", saved_model, *argv)
     assert code == 2
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("history, message", [
+    ({"epochs": [{"loss": 1.0, "epoch": float("inf")}, {"loss": 0.5, "epoch": 2}],
+      "monitor": None, "best_epoch": None, "stopped_early": False},
+     "epoch record 0's epoch must be an int >= 0"),
+    ({"epochs": 5, "monitor": None, "best_epoch": None, "stopped_early": False},
+     "epochs must be a list"),
+    ({"epochs": [{"loss": 1.0, "epoch": "x"}], "monitor": None, "best_epoch": None,
+      "stopped_early": False}, "epoch must be an int"),
+    ({"epochs": [{"loss": 1.0}], "monitor": None, "best_epoch": "a", "stopped_early": False},
+     r"best_epoch must be null or an int in \[0, 1\)"),
+    ({"epochs": [{"loss": "low"}], "monitor": None, "best_epoch": None,
+      "stopped_early": False}, "epoch record 0 must hold a numeric loss"),
+    ([1, 2], "expected an object"),
+])
+def test_cli_history_checks_the_stored_history(capsys, tmp_path, history, message):
+    """The history plot read a checkpoint's stored history as it found it: an infinite
+    epoch number ended in an OverflowError (status 1), other values in messages such as
+    "'int' object is not iterable". Now one message, status 2, nothing written."""
+    fastmf.checkpoint.save(fastmf.MF(30, 20, dim=4), tmp_path / "ck",
+                           extra={"history": history})
+    out = tmp_path / "h.png"
+    code, _, err = run(capsys, "plot", "--model", tmp_path / "ck", "--kind", "history",
+                       "--out", out)
+    assert code == 2 and "its stored history is not in the format fastmf.fit writes" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(ValueError, match=message):
+        fastmf.train.History.from_dict(history)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -444,3 +445,43 @@ def test_default_space_is_documented_and_checked():
     assert DEFAULT_SEARCH_SPACE["dim"] == {"low": 8, "high": 256, "log": True}
     assert (DEFAULT_SEARCH_SPACE["epochs"]["low"], DEFAULT_SEARCH_SPACE["epochs"]["high"]) == (
         3, 40)
+
+
+def test_tune_out_that_appears_while_tuning_is_not_overwritten(tmp_path, capsys, monkeypatch):
+    """--out is checked before tuning, which can take hours; a file created under that name
+    meanwhile was replaced without --force. Now it is kept, the config printed instead."""
+    import fastmf.tune as tune_module
+
+    path = csv_ratings(tmp_path, 93)
+    best = tmp_path / "best.json"
+    tuned = tune_module.tune
+
+    def tune_then_a_file_appears(*args, **kwargs):
+        result = tuned(*args, **kwargs)
+        best.write_text("the user's notes")
+        return result
+
+    monkeypatch.setattr(tune_module, "tune", tune_then_a_file_appears)
+    args = ("tune", "--data", path, "--out", best, "--trials", "2", "--quiet",
+            "--space", '{"epochs": 1, "dim": 4}')
+    code, out, err = run(capsys, *args)
+    assert code == 2 and "appeared while tuning; not overwritten" in last_error(err)
+    assert best.read_text() == "the user's notes"
+    printed = json.loads(out.strip().splitlines()[-1])
+    assert printed["dim"] == 4 and printed["epochs"] == 1
+    best.unlink()
+    code, out, err = run(capsys, *args, "--force")
+    assert code == 0 and json.loads(best.read_text())["dim"] == 4
+
+
+def test_write_config_without_overwrite_leaves_an_existing_file(tmp_path):
+    config = {"loss": "bpr", "dim": 4, "epochs": 1, "num_negatives": 3, "lr": 0.05}
+    best = tmp_path / "best.json"
+    best.write_text("keep")
+    with pytest.raises(FileExistsError):
+        write_config(best, config, overwrite=False)
+    assert best.read_text() == "keep" and os.listdir(tmp_path) == ["best.json"]
+    write_config(tmp_path / "new.json", config, overwrite=False)
+    assert json.loads((tmp_path / "new.json").read_text())["dim"] == 4
+    write_config(best, config)
+    assert json.loads(best.read_text())["num_negatives"] == 3
