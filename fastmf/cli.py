@@ -296,10 +296,15 @@ def _write_split(folder: Path, parts, args, force: bool) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _is_sharded(path: Path) -> bool:
+    """A sharded checkpoint's folder (`train --distributed --out`), by its files."""
+    return (path / "CURRENT").is_file() and not (path / "config.json").exists()
+
+
 def _load_model(path, device_name=None):
     from fastmf.checkpoint import load
 
-    if (Path(path) / "CURRENT").is_file() and not (Path(path) / "config.json").exists():
+    if _is_sharded(Path(path)):
         # A sharded checkpoint (`train --distributed --out`): served as one model here.
         from fastmf.distributed import load_model
 
@@ -790,10 +795,17 @@ def cmd_plot(args) -> None:
     if out.exists() and not args.force:
         raise CliError(f"--out {args.out} exists; pass --force to overwrite it")
     out = plot.check_path(out, "--out")
-    saved = load_checkpoint(args.model)
-    model = saved.model
+    if _is_sharded(Path(args.model)):
+        from fastmf.distributed.checkpoint import _read_manifest
+
+        model = _load_model(args.model)
+        extra = _read_manifest(Path(args.model))[1].get("extra", {})
+        extra = extra if isinstance(extra, dict) else {}
+    else:
+        saved = load_checkpoint(args.model)
+        model, extra = saved.model, saved.extra
     if args.kind == "history":
-        stored = saved.extra.get("history")
+        stored = extra.get("history")
         if stored is None:
             raise CliError(
                 f"--model {args.model} holds no training history (`fastmf train --out` and "

@@ -843,6 +843,19 @@ def test_load_model_distrusts_the_files(runs, tmp_path, capsys):
             err.startswith(f"fastmf recommend: error: --model {copy}"), err
 
 
+def test_plot_draws_a_sharded_checkpoint(runs, tmp_path, capsys):
+    """plot loads a sharded checkpoint as evaluate and recommend do (it refused it: "has
+    no config.json")."""
+    pytest.importorskip("matplotlib")
+    from fastmf.cli import main
+
+    out = tmp_path / "pop.png"
+    code = main(["plot", "--model", str(runs["ckpt"] / "cli"), "--kind", "popularity",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert out.stat().st_size > 1000 and "popularity" in capsys.readouterr().out
+
+
 def test_a_file_named_current_is_not_a_checkpoint(tmp_path, capsys):
     """Saving a sharded checkpoint removes the folders of its older versions, so a folder
     is taken for one only when its CURRENT names one of its own versions: a user's folder
