@@ -713,10 +713,11 @@ class Recommender(nn.Module):
                       f"{list(unknown[:5])} get the popular-items fallback{hint}",
                       stacklevel=3)
 
-    def _to_raw(self, indices: Tensor):
-        """Item indices (with -1 padding) -> raw item ids (numpy; None for padding)."""
+    def _to_raw(self, indices: Tensor, side: str = "item"):
+        """Item (or with ``side="user"`` user) indices with -1 padding -> raw ids (numpy; an
+        object array with None for padding where there is any)."""
         idx = indices.cpu().numpy()
-        raw = self.item_map.raw_ids[np.where(idx >= 0, idx, 0)]
+        raw = getattr(self, f"{side}_map").raw_ids[np.where(idx >= 0, idx, 0)]
         if (idx < 0).any():
             raw = raw.astype(object)
             raw[idx < 0] = None
@@ -758,9 +759,13 @@ class Recommender(nn.Module):
         return out.double().cpu().numpy()
 
     def _exclusion_rows(self, exclude, users: np.ndarray, raw_ids: bool = False):
-        """Per-query CSR rows of ``exclude``: Interactions or a (num_users, num_items) sparse
-        matrix indexed by user; for a single query user also its own (1, num_items) row or
-        a list of item ids (raw with ``raw_ids``)."""
+        """Per-query CSR rows of ``exclude`` (one per entry of ``users``, None without
+        ``exclude``): Interactions or a (num_users, num_items) sparse matrix indexed by user
+        (an unknown user, index -1, gets an empty row: it has none there); for a single
+        query user, known or not, also its own (1, num_items) sparse row or a 1-D list,
+        array or tensor of item ids (raw with ``raw_ids``; unknown raw items are skipped).
+        Dense 2-D arrays are refused (ValueError): a 0/1 matrix would otherwise be read as
+        the item ids 0 and 1."""
         import scipy.sparse as sp
 
         from fastmf.data import Interactions
@@ -768,7 +773,8 @@ class Recommender(nn.Module):
         op = self._op("recommend")
         if exclude is None:
             return None
-        if isinstance(exclude, Interactions):
+        by_user = isinstance(exclude, Interactions)
+        if by_user:
             # In the model's index space (data read with id maps of its own re-indexed by
             # raw ids, as evaluate does), and at the model's size: data from before
             # add_users/add_items covers a prefix of its rows.
@@ -780,31 +786,38 @@ class Recommender(nn.Module):
         if sp.issparse(exclude):
             if exclude.ndim == 1:
                 exclude = sp.csr_matrix(exclude.reshape(1, -1))
-            if exclude.shape == (self.num_users, self.num_items):
-                return sp.csr_matrix(exclude)[users]
-            if exclude.shape == (1, self.num_items) and len(users) == 1:
+            if (not by_user and exclude.shape == (1, self.num_items)
+                    and len(users) == 1):
                 return sp.csr_matrix(exclude)
+            if exclude.shape == (self.num_users, self.num_items):
+                return _rows_of(sp.csr_matrix(exclude), users)
             single = " or (1, num_items) for one user" if len(users) == 1 else ""
             raise ValueError(f"{op}: exclude has shape {exclude.shape}, expected (num_users, "
                              f"num_items) = {(self.num_users, self.num_items)}{single}")
+        kind = type(exclude).__name__
         if isinstance(exclude, Tensor):
             exclude = exclude.detach().cpu().numpy()
         if isinstance(exclude, list | tuple | np.ndarray | range):
+            values = np.asarray(exclude)
+            if values.ndim != 1:
+                raise ValueError(f"{op}: exclude must be a 1-D list of item ids for one user "
+                                 "or a sparse matrix (scipy.sparse / Interactions) with one "
+                                 f"row per user; got a {values.shape} {kind}")
             if len(users) != 1:
                 raise ValueError(f"{op}: exclude as a list of item ids is for one user; got "
                                  f"{len(users)} users (pass a sparse matrix or "
                                  "Interactions for several)")
             if raw_ids:
-                index = self.item_map.lookup(np.asarray(exclude))
+                index = self.item_map.lookup(values)
                 index = index[index >= 0]
             else:
-                index = self._index_of(np.asarray(exclude), "item", False)
+                index = self._index_of(values, "item", False)
             index = np.unique(index)
             return sp.csr_matrix((np.ones(len(index), dtype=np.float32),
                                   index.astype(np.int64), np.array([0, len(index)])),
                                  shape=(1, self.num_items))
         raise TypeError(f"{op}: exclude must be Interactions, a scipy sparse matrix or (for "
-                        f"one user) a list of item ids, got {type(exclude).__name__}")
+                        f"one user) a list of item ids, got {kind}")
 
     @inference
     def recommend(self, users, k: int = 10, *, exclude=None, items=None,
@@ -819,14 +832,19 @@ class Recommender(nn.Module):
 
         - ``exclude``: items to leave out per user, usually their training items: an
           :class:`~fastmf.data.Interactions` or a (num_users, num_items) sparse matrix; for
-          a single user also that user's (1, num_items) CSR row or a list of item ids (raw
-          ids with ``raw_ids``).
+          a single user also that user's (1, num_items) sparse row or a 1-D list (array,
+          tensor) of item ids (raw ids with ``raw_ids``). Dense 2-D arrays are refused
+          (ValueError): convert a 0/1 matrix with ``scipy.sparse.csr_matrix`` first.
         - ``items``: rank only these candidate items.
+        - ``batch_size``: users scored per call (a positive int; default: the backend's
+          choice).
         - ``raw_ids``: users and ``items`` are raw ids and raw item ids come back (numpy;
-          ``None`` marks padding). A raw user id the model has never seen gets the
-          cold-start fallback: the most popular training items (``item_popularity``),
-          scored ``mu + b_i`` (dot-product models; NaN for others); unknown candidate items
-          are never returned.
+          ``None`` marks padding; half-precision scores as float32). A raw user id the
+          model has never seen gets the cold-start fallback: the most popular training
+          items (``item_popularity``), scored ``mu + b_i`` (dot-product models; NaN for
+          others), without the items ``exclude`` holds for that user (its list or
+          (1, num_items) row when it is the only user; a matrix indexed by user has no row
+          for it); unknown candidate items are never returned.
         - ``as_frame``: a pandas DataFrame instead, one row per recommendation (padding
           left out): ``user``, ``rank`` (1 = best), ``item``, ``score`` and ``title`` when
           the model knows titles; raw ids where the model holds id maps.
@@ -835,6 +853,12 @@ class Recommender(nn.Module):
         """
         op = self._op("recommend")
         k = checks.check_k(op.removeprefix("fastmf."), k)
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+                raise TypeError(f"{op}: batch_size must be a positive int or None, got "
+                                f"{batch_size!r}")
+            batch_size = checks.check_int(op.removeprefix("fastmf."), "batch_size",
+                                          batch_size, 1)
         index = self._index_of(users, "user", raw_ids)
         known = index >= 0
         if raw_ids and not known.all():
@@ -854,22 +878,29 @@ class Recommender(nn.Module):
             item_vecs, bias = self.item_vectors()
             item_vecs = item_vecs.detach()
             bias = bias.detach() if bias is not None else None
+        # Every query's row, unknown users' included (their fallback honours it too).
+        exclusion = self._exclusion_rows(exclude, index, raw_ids)
         if known.any():
             rows = index[known]
-            exclusion = self._exclusion_rows(exclude, rows, raw_ids)
+            known_exclusion = exclusion
+            if exclusion is not None and not known.all():
+                known_exclusion = exclusion[np.flatnonzero(known)]
             if vectors:
                 user_vecs, offset = self.user_vectors(torch.as_tensor(rows, device=device))
-                scores, top = self._topk(user_vecs.detach(), item_vecs, bias, k, exclusion,
-                                         candidates, batch_size)
+                scores, top = self._topk(user_vecs.detach(), item_vecs, bias, k,
+                                         known_exclusion, candidates, batch_size)
                 if offset is not None:
                     scores = torch.where(top >= 0, scores + offset.unsqueeze(1), scores)
             else:
-                scores, top = self._rank_scored(rows, k, exclusion, candidates, batch_size)
+                scores, top = self._rank_scored(rows, k, known_exclusion, candidates,
+                                                batch_size)
             mask = torch.as_tensor(known, device=device)
             out_items[mask], out_scores[mask] = top, scores.to(dtype)
         if not known.all():
-            top = self._most_popular(k, candidates)
-            scores = torch.full((k,), float("-inf"), dtype=dtype, device=device)
+            unknown = np.flatnonzero(~known)
+            top = self._most_popular(k, candidates, None if exclusion is None
+                                     else exclusion[unknown], len(unknown))
+            scores = torch.full(top.shape, float("-inf"), dtype=dtype, device=device)
             found = top >= 0
             scores[found] = self._cold_scores(top[found], bias).to(dtype)
             mask = torch.as_tensor(~known, device=device)
@@ -877,6 +908,8 @@ class Recommender(nn.Module):
         if as_frame:
             return self._frame(users, index, out_items, out_scores, raw_ids)
         if raw_ids:
+            if out_scores.dtype in checks.HALF_DTYPES:  # numpy has no bfloat16
+                out_scores = out_scores.float()
             return self._to_raw(out_items), out_scores.cpu().numpy()
         return out_items, out_scores
 
@@ -944,19 +977,23 @@ class Recommender(nn.Module):
             out_scores[lo:hi, :keep] = torch.where(pad, float("-inf"), scores.gather(1, order))
         return out_scores, out_items
 
-    def _most_popular(self, k: int, candidates: Tensor | None) -> Tensor:
-        """(k,) the most-interacted training items (among ``candidates``): the cold-start
-        ranking. Without popularity counts every item ties, so the lowest indices win."""
+    def _most_popular(self, k: int, candidates: Tensor | None, exclusion=None,
+                      count: int = 1) -> Tensor:
+        """(count, k) the most-interacted training items (among ``candidates``, without
+        the items of ``exclusion``'s row for each, a CSR with ``count`` rows or None): the
+        cold-start ranking, padded with -1. Without popularity counts every item ties, so
+        the lowest indices win."""
         from fastmf import retrieval
 
         device = self._param_device()
         counts = np.zeros(self.num_items) if self.item_popularity is None else (
             self.item_popularity)
         counts = torch.as_tensor(counts, dtype=torch.float64, device=device)
-        _, top = retrieval.topk_scores(counts.new_zeros((1, 0)), counts.new_zeros((len(counts), 0)),
-                                       counts, k, candidates=candidates,
+        _, top = retrieval.topk_scores(counts.new_zeros((count, 0)),
+                                       counts.new_zeros((len(counts), 0)), counts, k,
+                                       exclude=exclusion, candidates=candidates,
                                        backend=getattr(self, "backend", "auto"))
-        return top[0]
+        return top
 
     def _frame(self, users, index: np.ndarray, items: Tensor, scores: Tensor, raw_ids: bool):
         """recommend's ``as_frame`` DataFrame: one row per (user, rank) with an item."""
@@ -997,17 +1034,16 @@ class Recommender(nn.Module):
                            f"{list(np.asarray(ids)[index < 0][:5])}")
         scores, top = retrieval.similar(table, torch.as_tensor(index), k, metric,
                                         backend=getattr(self, "backend", "auto"))
-        if raw_ids:
-            id_map = getattr(self, f"{side}_map")
-            found = top.cpu().numpy()
-            raw = id_map.raw_ids[np.where(found >= 0, found, 0)]
-            return raw, scores.cpu().numpy()
+        if raw_ids:  # None marks padding (k >= the number of rows), as in recommend
+            return self._to_raw(top, side), scores.cpu().numpy()
         return top, scores
 
     def similar_items(self, items, k: int = 10, metric: str = "cosine", *,
                       raw_ids: bool = False):
         """The ``k`` items most similar to each query item by their vectors (``"cosine"``
         or ``"dot"``), the query itself left out: ``(items (B, k), scores (B, k))``.
+        Where fewer than ``k`` remain rows are padded with ``-1`` and ``-inf`` (with
+        ``raw_ids``: numpy raw ids, ``None`` for padding, as in :meth:`recommend`).
         TypeError for models without item vectors."""
         return self._similar("item", items, k, metric, raw_ids, "similar_items")
 
@@ -1070,6 +1106,21 @@ class Recommender(nn.Module):
         """
         return _analogy(self, positive, negative, k, metric=metric, side=side,
                         raw_ids=raw_ids, exclude=exclude, vectors=vectors)
+
+
+def _rows_of(matrix, users: np.ndarray):
+    """CSR rows ``users`` of ``matrix``, an empty row where ``users`` is -1 (an unknown
+    raw user has no row in the model's index space)."""
+    known = users >= 0
+    rows = matrix[np.where(known, users, 0)]
+    if known.all():
+        return rows
+    import scipy.sparse as sp
+
+    lengths = np.diff(rows.indptr)
+    keep = np.repeat(known, lengths)
+    indptr = np.concatenate([[0], np.cumsum(np.where(known, lengths, 0))])
+    return sp.csr_matrix((rows.data[keep], rows.indices[keep], indptr), shape=rows.shape)
 
 
 def _is_lookup(module: nn.Module) -> bool:
@@ -1178,9 +1229,4 @@ def _analogy(model: Recommender, positive, negative, k, *, metric, side, raw_ids
     top, scores = top[0], scores[0]
     if not raw_ids:
         return top, scores
-    idx = top.cpu().numpy()
-    raw = id_map.raw_ids[np.where(idx >= 0, idx, 0)]
-    if (idx < 0).any():
-        raw = raw.astype(object)
-        raw[idx < 0] = None
-    return raw, scores.cpu().numpy()
+    return model._to_raw(top, side), scores.cpu().numpy()
