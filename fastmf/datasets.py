@@ -140,11 +140,11 @@ def _read_text(path: Path) -> str:
         return raw.decode("latin-1")
 
 
-def _read_double_colon(path: Path, names: list[str]) -> pd.DataFrame:
+def _read_double_colon(path: Path, names: list[str], dtypes: dict) -> pd.DataFrame:
     # pandas only parses multi-character separators with the slow Python engine; the
     # ratings files hold nothing but numbers, so rewrite "::" to a tab and use the C parser.
     data = path.read_bytes().replace(b"::", b"\t")
-    return pd.read_csv(io.BytesIO(data), sep="\t", header=None, names=names)
+    return pd.read_csv(io.BytesIO(data), sep="\t", header=None, names=names, dtype=dtypes)
 
 
 def _movielens_items(folder: Path, fmt: str) -> pd.DataFrame | None:
@@ -209,17 +209,24 @@ def load_movielens(path: str | os.PathLike) -> Interactions:
     folder, fmt, ratings_file = _find_movielens(Path(path))
     names = ["userId", "movieId", "rating", "timestamp"]
 
+    # Every format read with these dtypes: integer ids and times (an id 1.5 is a damaged
+    # file; read as floats it made every id a float, 1 the raw id 1.0).
+    dtypes = {"userId": np.int64, "movieId": np.int64, "rating": np.float32,
+              "timestamp": np.int64}
+
     def read_ratings() -> Interactions:
         if fmt == "csv":
-            df = pd.read_csv(
-                ratings_file,
-                dtype={"userId": np.int64, "movieId": np.int64, "rating": np.float32,
-                       "timestamp": np.int64},
-            )
-        elif fmt == "dat":
-            df = _read_double_colon(ratings_file, names)
+            df = pd.read_csv(ratings_file, dtype=dtypes)
         else:
-            df = pd.read_csv(ratings_file, sep="\t", header=None, names=names)
+            try:
+                df = (_read_double_colon(ratings_file, names, dtypes) if fmt == "dat" else
+                      pd.read_csv(ratings_file, sep="\t", header=None, names=names,
+                                  dtype=dtypes))
+            except ValueError as exc:  # pandas names a headerless file's column by number
+                message = str(exc)
+                for n, name in enumerate(names):
+                    message = message.replace(f"column {n}", f"column {n} ({name})")
+                raise ValueError(message) from None
         return Interactions.from_pandas(df, "userId", "movieId", "rating", "timestamp")
 
     data = _naming_the_file(ratings_file, read_ratings)
@@ -574,6 +581,22 @@ def _synthetic_kernel(
                 ratings_out[off + j] = min(max(r, lo), hi)
 
 
+def _whole(name: str, value) -> int:
+    """``value`` as an int: an int or numpy integer, or a float with no fractional part
+    (TypeError otherwise: 2.5 users were silently 2)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer | float | np.floating):
+        raise TypeError(f"fastmf.synthetic: {name} must be an int, got "
+                        f"{type(value).__name__} {value!r}")
+    if isinstance(value, float | np.floating) and not float(value).is_integer():
+        raise TypeError(f"fastmf.synthetic: {name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _finite(value) -> bool:
+    return (isinstance(value, int | float | np.integer | np.floating)
+            and not isinstance(value, bool) and math.isfinite(value))
+
+
 def synthetic(
     num_users: int = 1_000,
     num_items: int = 500,
@@ -633,8 +656,25 @@ def synthetic(
     >>> len(data), data.num_users, data.num_items, truth.user_factors.shape
     (5000, 200, 100, (200, 4))
     """
-    num_users, num_items = int(num_users), int(num_items)
-    total, dim = int(num_interactions), int(dim)
+    num_users, num_items, total, dim = (
+        _whole("num_users", num_users), _whole("num_items", num_items),
+        _whole("num_interactions", num_interactions), _whole("dim", dim))
+    if min_user_interactions is not None:
+        min_user_interactions = _whole("min_user_interactions", min_user_interactions)
+    for name, value in (("noise", noise), ("zipf", zipf),
+                        ("activity_exponent", activity_exponent),
+                        ("max_user_fraction", max_user_fraction), ("signal", signal),
+                        ("user_bias_std", user_bias_std), ("item_bias_std", item_bias_std),
+                        ("global_mean", global_mean), ("rating_step", rating_step),
+                        ("selection_strength", selection_strength),
+                        ("mean_active_days", mean_active_days),
+                        *(("rating_scale", v) for v in rating_scale)):
+        if value is not None and not _finite(value):
+            raise ValueError(f"fastmf.synthetic: {name} must be a finite number, got {value!r}")
+    if user_bias_std < 0 or item_bias_std < 0 or mean_active_days <= 0:
+        raise ValueError("fastmf.synthetic: need user_bias_std >= 0, item_bias_std >= 0 and "
+                         f"mean_active_days > 0, got {user_bias_std}, {item_bias_std}, "
+                         f"{mean_active_days}")
     if num_users < 1 or num_items < 1 or dim < 1:
         raise ValueError(
             "fastmf.synthetic: num_users, num_items and dim must be >= 1, got "

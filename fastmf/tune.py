@@ -352,7 +352,8 @@ def tune(
       not finite (a diverging ``lr``) is pruned. Its value is the metric after its last
       epoch.
     - ``n_trials``, ``timeout`` (seconds): stop after this many trials or once this time
-      has passed (a running trial finishes first); either may be None.
+      has passed (a running trial finishes first); either may be None, not both (the study
+      would never end).
     - ``seed``: the validation split, the model initialization, the shuffles and
       negatives, and the default sampler ``TPESampler(seed=seed)``: the same call gives the
       same trials (unless ``timeout`` cuts it short at a different point).
@@ -378,6 +379,9 @@ def tune(
     if timeout is not None and (not _is_number(timeout) or timeout <= 0):
         raise ValueError(f"{where}: timeout must be a finite number of seconds > 0 or None, "
                          f"got {timeout!r}")
+    if n_trials is None and timeout is None:
+        raise ValueError(f"{where}: n_trials and timeout are both None: the study would never "
+                         "end; give a number of trials, a time limit in seconds, or both")
     if not _is_number(valid_fraction) or not 0 < valid_fraction < 1:
         raise ValueError(f"{where}: valid_fraction must be in (0, 1), got {valid_fraction!r}")
     if not _is_int(seed) or seed < 0:
@@ -565,6 +569,13 @@ def _reject_constant(name: str, where: str):
     raise ValueError(f"{where}: {name} is not a valid JSON value")
 
 
+def _json_scalar(value):
+    """numpy scalars (check_config takes them as numbers) as the Python ones JSON writes."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def write_config(path: str | os.PathLike, config: dict, *, overwrite: bool = True) -> Path:
     """Write ``config`` (checked) as JSON to ``path``, atomically (a temporary file, then
     renamed into place). ``overwrite=False``: FileExistsError, and ``path`` left as it is,
@@ -572,7 +583,7 @@ def write_config(path: str | os.PathLike, config: dict, *, overwrite: bool = Tru
     run cannot see a file that appears during it)."""
     path = Path(path)
     text = json.dumps(check_config(config, f"fastmf.tune.write_config({str(path)!r})"),
-                      indent=2, allow_nan=False) + "\n"
+                      indent=2, allow_nan=False, default=_json_scalar) + "\n"
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.write_text(text, encoding="utf-8")

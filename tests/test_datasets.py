@@ -122,7 +122,22 @@ def test_load_movielens_names_the_file_that_does_not_parse(tmp_path):
                                          r"invalid literal"):
         load_movielens(folder)
     (folder / "u.data").write_text("1\t20\t4\n2\t10\t3\n")  # no timestamps
-    with pytest.raises(ValueError, match=r"at .*u.data: .*timestamps"):
+    with pytest.raises(ValueError, match=r"at .*u.data: .*column 3 \(timestamp\)"):
+        load_movielens(folder)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("ratings.dat", "1::10::4::100\n1.5::20::3::200\n2::10::5::150\n"),
+    ("u.data", "1\t10\t4\t100\n2\t10.25\t5\t150\n"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,10,4,100\n1.5,20,3,200\n"),
+])
+def test_load_movielens_refuses_fractional_ids_in_every_format(tmp_path, name, text):
+    """ratings.dat and u.data took ids such as 1.5 (every id then a float, 1 the raw id
+    1.0); ratings.csv refused them. Now every format reads integer ids."""
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    (folder / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"cannot read the MovieLens files at .*{name}"):
         load_movielens(folder)
 
 
@@ -232,6 +247,34 @@ def test_synthetic_errors():
         synthetic(10, 10, 1_000)
     with pytest.raises(ValueError, match=">= 1"):
         synthetic(0, 10, 10)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(mean_active_days=float("nan")), ValueError, "mean_active_days must be a finite"),
+    (dict(mean_active_days=-365.0), ValueError, "mean_active_days > 0"),
+    (dict(zipf=float("nan")), ValueError, "zipf must be a finite number, got nan"),
+    (dict(signal=float("inf")), ValueError, "signal must be a finite number, got inf"),
+    (dict(noise=float("nan")), ValueError, "noise must be a finite number"),
+    (dict(global_mean=float("nan")), ValueError, "global_mean must be a finite number"),
+    (dict(user_bias_std=-0.1), ValueError, "user_bias_std >= 0"),
+    (dict(num_users=50.9), TypeError, "num_users must be a whole number, got 50.9"),
+    (dict(dim="8"), TypeError, "dim must be an int, got str '8'"),
+    (dict(min_user_interactions=2.5), TypeError, "min_user_interactions must be a whole"),
+])
+def test_synthetic_names_a_bad_parameter(kwargs, error, message):
+    """NaN timestamps became INT64_MIN, a negative activity span put timestamps before
+    time_range, NaN zipf or signal planted NaN weights and factors, NaN noise was blamed on
+    the ratings, and 50.9 users were 50: all without a word about the parameter."""
+    args = dict(num_users=50, num_items=40, num_interactions=400, seed=0) | kwargs
+    with pytest.raises(error, match=message):
+        synthetic(**args)
+
+
+def test_synthetic_takes_whole_floats_and_numpy_ints():
+    a = synthetic(np.int64(50), 40.0, 400, dim=np.int32(4), seed=1)
+    b = synthetic(50, 40, 400, dim=4, seed=1)
+    assert a.num_users == 50 and np.array_equal(a.items, b.items)
+    assert np.array_equal(a.ratings, b.ratings) and np.array_equal(a.timestamps, b.timestamps)
 
 
 # ============================================================================ exact files,

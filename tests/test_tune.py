@@ -485,3 +485,20 @@ def test_write_config_without_overwrite_leaves_an_existing_file(tmp_path):
     assert json.loads((tmp_path / "new.json").read_text())["dim"] == 4
     write_config(best, config)
     assert json.loads(best.read_text())["num_negatives"] == 3
+
+
+def test_tune_needs_a_trial_count_or_a_time_limit():
+    """n_trials=None with timeout=None ran trials without end."""
+    with pytest.raises(ValueError, match="n_trials and timeout are both None"):
+        fastmf.tune(ratings(62), n_trials=None, timeout=None,
+                    search_space={"dim": 4, "epochs": 1})
+
+
+def test_write_config_writes_numpy_numbers(tmp_path):
+    """check_config takes numpy ints and floats as numbers; write_config then failed in
+    json.dumps."""
+    config = {"loss": "mse", "dim": np.int64(8), "lr": np.float32(0.05), "seed": np.int32(3)}
+    write_config(tmp_path / "c.json", config)
+    back = json.loads((tmp_path / "c.json").read_text())
+    assert back == {"loss": "mse", "dim": 8, "lr": pytest.approx(0.05), "seed": 3}
+    assert type(back["dim"]) is int
