@@ -259,3 +259,44 @@ def test_no_known_item_without_item_vectors_is_popularity(rng):
     with pytest.warns(coldstart.PopularityFallbackWarning, match="popular-items fallback"):
         top, _ = coldstart.recommend_new_user(mlp, [], k=3)
     assert top.tolist() == np.argsort(-mlp.item_popularity, kind="stable")[:3].tolist()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (dict(lr="0.1"), "lr must be a finite number > 0, got '0.1'"),
+    (dict(lr=True), "lr must be a finite number > 0, got True"),
+    (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
+    (dict(seed=1.5), "seed must be an int >= 0, got 1.5"),
+    (dict(seed=-1), "seed must be an int >= 0, got -1"),
+])
+def test_fold_in_checks_lr_and_seed(kwargs, message):
+    """lr=inf folded in a NaN vector and recommend_new_user ranked items scored -inf without
+    a word; lr=nan, "0.1" and seed=1.5 failed with torch's messages; lr=True was 1.0."""
+    data = fastmf.datasets.synthetic(num_users=50, num_items=40, num_interactions=400, seed=0)
+    torch.manual_seed(0)
+    mf = fastmf.MF(50, 40, dim=4)
+    fastmf.fit(mf, data, loss="bpr", epochs=2, progress=False)
+    for call in (coldstart.fold_in, coldstart.recommend_new_user):
+        with pytest.raises(ValueError, match=message):
+            call(mf, [1, 5, 7], loss="bpr", **kwargs)
+
+
+def test_fold_in_without_reg_takes_the_least_norm_fit():
+    """reg=0 with fewer known items than dim + 1: the normal equations are singular, and
+    solve() returned an arbitrary exact fit (entries of -53). Now the least-squares step of
+    least norm: equal to numpy's lstsq on the same design, and it fits the ratings."""
+    data = fastmf.datasets.synthetic(num_users=50, num_items=40, num_interactions=400, seed=0)
+    torch.manual_seed(0)
+    mf = fastmf.MF(50, 40, dim=4)
+    fastmf.fit(mf, data, loss="mse", epochs=2, progress=False)
+    items, ratings = [1, 5, 7, 9], np.array([4.0, 3.0, 5.0, 2.0])
+    p, b = coldstart.fold_in(mf, items, ratings=ratings, reg=0.0, prior="zero")
+    q = mf.item_factors.detach().double()[items].numpy()
+    bi = mf.item_bias.detach().double()[items].numpy()
+    mu = float(mf.global_mean)
+    design = np.hstack([q, np.ones((len(items), 1))])
+    want = np.linalg.lstsq(design, ratings - mu - bi, rcond=None)[0]
+    np.testing.assert_allclose(p.double().numpy(), want[:-1], atol=1e-5)
+    np.testing.assert_allclose(b - mu, want[-1], atol=1e-5)
+    np.testing.assert_allclose(design @ want + mu + bi, ratings, atol=1e-6)

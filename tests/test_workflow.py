@@ -592,3 +592,27 @@ def test_cli_on_movielens(tmp_path, capsys):
     assert cli_main(["recommend", "--model", str(out_dir), "--user", "1", "-k", "3"]) == 0
     out = capsys.readouterr().out
     assert "(" in out.splitlines()[-1]  # MovieLens titles carry the year in parentheses
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(loss="bpr", monitor="rmse"), ValueError, "monitor 'rmse' is not among the validation"),
+    (dict(loss="bpr", monitor="ndcg@20"), ValueError, r"monitor 'ndcg@20' .*\('ndcg@10'"),
+    (dict(loss="mse", lr=True), TypeError, "lr must be a number, got bool True"),
+    (dict(loss="mse", reg="0.5"), TypeError, "reg must be a number, got str '0.5'"),
+    (dict(loss="mse", negative_distribution="bogus"), ValueError,
+     "negative_distribution='bogus' applies to the implicit losses"),
+    (dict(loss="mse", negative_distribution="popularity"), ValueError, "draws no negatives"),
+])
+def test_fit_refuses_arguments_before_training(kwargs, error, message):
+    """A monitor not among the validation metrics failed as a bare KeyError after the first
+    epoch had trained (and been checkpointed); lr=True trained at 1.0 and reg="0.5" at 0.5;
+    a negative distribution for an explicit loss was taken, ignored, and kept in the
+    checkpoint's run record. Now each is refused before anything trains."""
+    data = fastmf.datasets.synthetic(num_users=40, num_items=30, num_interactions=300, seed=0)
+    torch.manual_seed(0)
+    model = fastmf.MF(40, 30, dim=4)
+    before = [t.detach().clone() for t in model.tables() if t is not None]
+    with pytest.raises(error, match=message):
+        fastmf.fit(model, data, valid=data, epochs=2, progress=False, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(
+        before, [t for t in model.tables() if t is not None], strict=True))

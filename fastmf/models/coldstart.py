@@ -211,7 +211,8 @@ def fold_in(model, items, *, ratings=None, loss: str | None = None, reg: float |
 
     - ``loss="mse"`` (default with ``ratings``): ridge regression
       ``min Σ (r_i - mu - b_i - <p, q_i> - b_u)² + penalty``, closed form; without ratings
-      every target is 1.
+      every target is 1. With ``reg=0`` the least-squares step of least norm (fewer known
+      items than ``dim + 1`` leave many exact fits).
     - ``loss="bpr"``/``"bce"`` (default without ratings, when the model trains with one):
       ``steps`` full-batch Adam steps (``lr``) from the prior on ``p`` (and ``b_u`` for
       BCE, unpenalised) of the loss against ``num_negatives`` uniformly drawn
@@ -244,6 +245,12 @@ def fold_in(model, items, *, ratings=None, loss: str | None = None, reg: float |
     if isinstance(reg, bool) or not isinstance(reg, int | float) or not (
             np.isfinite(reg) and reg >= 0):
         raise ValueError(f"{op}: reg must be finite and >= 0, got {reg!r}")
+    # (lr=inf folded in a NaN vector, and recommend_new_user then ranked on -inf scores.)
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not (
+            np.isfinite(lr) and lr > 0):
+        raise ValueError(f"{op}: lr must be a finite number > 0, got {lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"{op}: seed must be an int >= 0, got {seed!r}")
     vectors, bias = _item_side(model)
     work = torch.float64
     q = vectors.to(work)
@@ -269,9 +276,15 @@ def fold_in(model, items, *, ratings=None, loss: str | None = None, reg: float |
         # unexplained. The user's bias is a last coordinate with a constant 1 feature.
         rest = target - mu - b[idx] - q[idx] @ p_prior - b_prior
         design = torch.cat([q[idx], torch.ones(len(index), 1, dtype=work, device=q.device)], 1)
-        gram = design.T @ design + reg * torch.eye(design.shape[1], dtype=work,
-                                                  device=q.device)
-        step = torch.linalg.solve(gram, design.T @ rest)
+        if reg > 0:
+            gram = design.T @ design + reg * torch.eye(design.shape[1], dtype=work,
+                                                      device=q.device)
+            step = torch.linalg.solve(gram, design.T @ rest)
+        else:
+            # Without the ridge term, fewer items than dim + 1 leave the normal equations
+            # singular; solve() then returned an arbitrary exact fit (entries of -53, scores
+            # of 20 on a 1-5 scale). The least-squares step of least norm instead.
+            step = torch.linalg.pinv(design) @ rest
         return ((p_prior + step[:-1]).to(vectors.dtype),
                 mu + b_prior + float(step[-1]))
     return _fold_in_ranking(q, b, idx, loss, reg, steps, lr, num_negatives, seed,
