@@ -754,3 +754,220 @@ def test_from_csv_read_csv_kwargs_cannot_override_the_layout(tmp_path):
         Interactions.from_csv(path, read_csv_kwargs={"header": None, "names": ["a", "b"]})
     data = Interactions.from_csv(path, read_csv_kwargs={"dtype": {"userId": str}})
     assert data.user_map.raw_ids.tolist() == ["1", "2"]
+
+
+# ============================================================================ audit fixes
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int8,
+                                   np.int16, np.int32, np.int64])
+def test_idmap_lookups_do_not_wrap_narrow_integer_raw_ids(dtype):
+    # pandas' get_indexer on a uint8/16/32 Index wrapped larger query ints: 261 found raw
+    # id 5 of a uint8 map, and user_index(257) returned an index instead of a KeyError.
+    rng = np.random.default_rng(np.dtype(dtype).num)
+    top = min(int(np.iinfo(dtype).max), 120)
+    raw = rng.choice(np.arange(1, top), 12, replace=False).astype(dtype)
+    m = IdMap(raw, kind="user")
+    assert m.raw_ids.dtype == dtype and m.raw_ids.tolist() == raw.tolist()
+    position = {int(r): i for i, r in enumerate(raw.tolist())}
+    for _ in range(30):
+        base = rng.choice(raw.astype(np.int64), int(rng.integers(1, 9)))
+        shifts = rng.choice([0, 0, 1 << 8, 1 << 16, 1 << 32, 1 << 40, -(1 << 8), -(1 << 32),
+                             -1000], len(base))
+        queries = base + shifts
+        want = [position.get(int(q), -1) for q in queries]
+        assert m.lookup(queries).tolist() == want
+        assert m.lookup(queries.tolist()).tolist() == want
+        for q, w in zip(queries.tolist(), want, strict=True):
+            if w >= 0:
+                assert m.index(q) == w
+            else:
+                with pytest.raises(KeyError, match=rf"1 unknown raw user id\(s\): \[{q}\]"):
+                    m.index(q)
+    big = np.array([int(raw[0]), 2**63 + int(raw[1])], dtype=np.uint64)
+    assert m.lookup(big).tolist() == [0, -1]
+
+    users = rng.choice(raw, 30)
+    items = rng.integers(1, 50, 30)
+    train = Interactions.from_arrays(users, items)
+    assert train.user_map.raw_ids.dtype == dtype
+    unknown = int(users[0]) + 256  # a raw id that wraps onto users[0] in a uint8 map
+    with pytest.raises(KeyError, match=rf"unknown raw user id\(s\): \[{unknown}\]"):
+        train.user_index(unknown)
+    with pytest.raises(KeyError, match=rf"1 user id\(s\) not in the user map \(first at row 1\): "
+                                       rf"\[{unknown}\]"):
+        Interactions.from_arrays([int(users[3]), unknown], [int(items[0]), int(items[1])],
+                                 user_map=train.user_map, item_map=train.item_map)
+    test = Interactions.from_arrays(
+        [unknown, int(users[3]), unknown + (1 << 32), int(users[5])],
+        [int(items[0]), int(items[3]), int(items[1]), int(items[5])],
+        ratings=[1.0, 2.0, 3.0, 4.0], user_map=train.user_map, item_map=train.item_map,
+        unknown="drop",
+    )
+    assert test.ratings.tolist() == [2.0, 4.0]
+    assert test.raw_user_ids(test.users).tolist() == [int(users[3]), int(users[5])]
+    assert test.raw_item_ids(test.items).tolist() == [int(items[3]), int(items[5])]
+
+
+def test_value_columns_mixing_ints_and_floats_are_numbers():
+    rng = np.random.default_rng(11)
+    n = 9
+    users, items = rng.integers(0, 4, n), rng.integers(0, 5, n)
+    mixed = [int(v) if k % 2 else float(v) + 0.25
+             for k, v in enumerate(rng.integers(1, 10**6, n))]
+    want = np.array(mixed, dtype=np.float64)
+    data = Interactions(users, items, weights=mixed, timestamps=mixed)
+    np.testing.assert_array_equal(data.weights, want.astype(np.float32))
+    assert data.timestamps.dtype == np.float64
+    np.testing.assert_array_equal(data.timestamps, want)
+    np.testing.assert_array_equal(Interactions(users, items).with_weights(tuple(mixed)).weights,
+                                  want.astype(np.float32))
+    raw = Interactions.from_arrays([f"u{u}" for u in users], items, timestamps=mixed)
+    np.testing.assert_array_equal(raw.timestamps, want)
+    ints = [int(v) for v in rng.integers(1, 2**40, n)]
+    assert Interactions(users, items, timestamps=ints).timestamps.tolist() == ints
+    # Not numbers: still refused, naming the column.
+    with pytest.raises(TypeError, match="fastmf.Interactions: weights must be numbers, got object"):
+        Interactions([0, 1], [0, 1], weights=[1, "2"])
+    with pytest.raises(TypeError, match="timestamps must be numbers or datetime64, got object"):
+        Interactions([0, 1], [0, 1], timestamps=[5, None])
+    with pytest.raises(ValueError, match=r"weights must be finite and >= 0; 1 are not \(first "
+                                         r"at row 1: nan\)"):
+        Interactions([0, 1], [0, 1], weights=[3, float("nan")])
+
+
+def test_from_arrays_drop_checks_lengths_before_masking():
+    # With unknown="drop" and an unknown id, a ratings/timestamps column of the wrong
+    # length failed in numpy's boolean indexing; it gets the message the other path gives.
+    rng = np.random.default_rng(5)
+    users = rng.integers(1, 6, 7)
+    items = np.r_[rng.integers(1, 3, 6), 9]  # item 9 is not in the map: its row is dropped
+    known = np.r_[items[:6], 2]
+    item_map = IdMap([1, 2])
+    for extra, name in ((dict(ratings=rng.random(5)), "ratings"),
+                        (dict(timestamps=rng.integers(0, 99, 8)), "timestamps")):
+        length = len(next(iter(extra.values())))
+        message = (rf"^fastmf.Interactions: mismatched lengths \{{'users': 7, 'items': 7, "
+                   rf"'{name}': {length}\}}$")
+        with pytest.raises(ValueError, match=message):
+            Interactions.from_arrays(users, known, item_map=item_map, **extra)
+        with pytest.raises(ValueError, match=message):
+            Interactions.from_arrays(users, items, item_map=item_map, unknown="drop", **extra)
+    ratings, stamps = rng.random(7).astype(np.float32), rng.integers(0, 99, 7)
+    kept = Interactions.from_arrays(users, items, ratings, stamps, item_map=item_map,
+                                    unknown="drop")
+    np.testing.assert_array_equal(kept.ratings, ratings[:6])
+    np.testing.assert_array_equal(kept.timestamps, stamps[:6])
+
+
+def test_uint64_timestamps_beyond_int64_are_refused():
+    rng = np.random.default_rng(8)
+    fine = rng.integers(0, 2**62, 6).astype(np.uint64)
+    data = Interactions(np.arange(6), np.arange(6), timestamps=fine)
+    assert data.timestamps.dtype == np.int64
+    assert data.timestamps.tolist() == fine.tolist()
+    big = fine.copy()
+    big[[2, 4]] = np.uint64(2**63) + rng.integers(0, 2**62, 2).astype(np.uint64)
+    match = rf"timestamps must fit in int64; 2 do not \(first at row 2: {int(big[2])}\)"
+    with pytest.raises(ValueError, match=match):
+        Interactions(np.arange(6), np.arange(6), timestamps=big)
+    with pytest.raises(ValueError, match=match):
+        Interactions.from_arrays(np.arange(6), np.arange(6), timestamps=big.tolist())
+    with pytest.raises(ValueError, match=r"timestamps must fit in int64; 1 do not \(first at "
+                                         rf"row 1: {-2**63 - 7}\)"):
+        Interactions([0, 1], [0, 1], timestamps=[5, -2**63 - 7])
+
+
+@pytest.mark.parametrize("value, error, shown", [
+    (2.5, TypeError, "2.5"), (3.0, TypeError, "3.0"), ("3", TypeError, "'3'"),
+    (True, TypeError, "True"), (-1, ValueError, "-1"),
+])
+def test_num_users_and_num_items_must_be_ints(value, error, shown):
+    for name in ("num_users", "num_items"):
+        with pytest.raises(error, match=rf"fastmf.Interactions.from_arrays: {name} must be an "
+                                        rf"int >= 0, got {shown}$"):
+            Interactions.from_arrays([0, 1, 1], [0, 1, 2], **{name: value})
+    data = Interactions.from_arrays([0, 1, 1], [0, 1, 2], num_users=np.int32(7), num_items=5)
+    assert data.shape == (7, 5) and data.items.tolist() == [0, 1, 2]
+
+
+def test_split_arguments_are_checked_and_named():
+    data = random_interactions(seed=4)
+    for call, where in ((lambda **kw: random_split(data, **kw), "random_split"),
+                        (lambda **kw: random_split(data, by_user=True, **kw), "random_split"),
+                        (lambda **kw: temporal_split(data, **kw), "temporal_split")):
+        for fraction in ("0.2", None, True, [0.2]):
+            with pytest.raises(TypeError, match=rf"fastmf.{where}: test_fraction must be a "
+                                                rf"number in \(0, 1\), got "):
+                call(test_fraction=fraction)
+        with pytest.raises(ValueError, match=rf"fastmf.{where}: test_fraction must be in "
+                                             r"\(0, 1\), got nan"):
+            call(test_fraction=float("nan"))
+    seeded = (lambda seed: random_split(data, 0.3, seed=seed),
+              lambda seed: random_split(data, 0.3, seed=seed, by_user=True),
+              lambda seed: leave_one_out(data, by="random", seed=seed),
+              lambda seed: leave_one_out(data, by="time", seed=seed),
+              lambda seed: kfold(data, 4, seed=seed))
+    names = ("random_split", "random_split", "leave_one_out", "leave_one_out", "kfold")
+    for split, where in zip(seeded, names, strict=True):
+        for seed in (-1, np.int64(-3)):
+            with pytest.raises(ValueError, match=rf"fastmf.{where}: seed must be an int >= 0, "
+                                                 rf"got {int(seed)}$"):
+                split(seed)
+        for seed, shown in ((1.5, "1.5"), ("3", "'3'"), (True, "True")):
+            with pytest.raises(TypeError, match=rf"fastmf.{where}: seed must be an int >= 0, "
+                                                rf"None or a numpy Generator, got {shown}$"):
+                split(seed)
+    # numpy ints and Generators seed as before: the same rows as the plain int.
+    for split in seeded[:3]:
+        a, b = split(np.uint32(17)), split(17)
+        np.testing.assert_array_equal(row_ids(a[1]), row_ids(b[1]))
+        c = split(np.random.default_rng(17))
+        np.testing.assert_array_equal(row_ids(c[1]), row_ids(b[1]))
+    a = [row_ids(test) for _, test in kfold(data, 4, seed=np.int16(9))]
+    b = [row_ids(test) for _, test in kfold(data, 4, seed=9)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert np.array_equal(np.sort(np.concatenate(a)), np.arange(len(data)))
+    train, test = random_split(data, np.float32(0.25), seed=3)
+    assert len(test) == round(0.25 * len(data)) and len(train) + len(test) == len(data)
+
+
+@pytest.mark.parametrize("alpha, error, match", [
+    (float("nan"), ValueError, "alpha must be finite and >= 0, got nan$"),
+    (float("inf"), ValueError, "alpha must be finite and >= 0, got inf$"),
+    (-float("inf"), ValueError, "alpha must be finite and >= 0, got -inf$"),
+    (-1.0, ValueError, r"alpha must be finite and >= 0, got -1.0: the items nobody interacted "
+                       r"with would get weight 0 \*\* alpha = inf"),
+    ("0.75", TypeError, "alpha must be a number, got '0.75'"),
+    (None, TypeError, "alpha must be a number, got None"),
+    (2000.0, ValueError, r"popularity \*\* alpha \(alpha=2000.0\) must be finite and >= 0; "
+                         r"\d+ are not \(first at item \d+: inf\)"),
+])
+def test_popularity_alpha_is_checked(alpha, error, match):
+    # nan/inf made every weight nan/inf and sample() spin forever; -1 gave the items with
+    # count 0 weight inf, so every negative was the same item.
+    data = random_interactions(seed=2)
+    with pytest.raises(error, match="fastmf.NegativeSampler: " + match):
+        NegativeSampler(data, distribution="popularity", alpha=alpha)
+    with pytest.raises(error, match="fastmf.NegativeSampler: " + match):
+        sample_negatives(data, np.array([0, 1]), 2, distribution="popularity", alpha=alpha,
+                         seed=0)
+
+
+def test_item_weights_are_checked_before_the_alias_table():
+    rng = np.random.default_rng(6)
+    data = Interactions([0, 0, 1, 2], [0, 1, 2, 2], user_map=3, item_map=6)
+    weights = rng.random(6) + 0.5
+    weights[3] = np.nan
+    with pytest.raises(ValueError, match=r"fastmf.NegativeSampler: weights must be finite and "
+                                         r">= 0; 1 are not \(first at item 3: nan\)"):
+        NegativeSampler(data, distribution=weights)
+    with pytest.raises(ValueError, match="weights sum to inf; scale them down"):
+        NegativeSampler(data, distribution=np.full(6, 1e308))
+    with pytest.raises(ValueError, match="all item weights are zero"):
+        NegativeSampler(data, distribution=np.zeros(6))
+    # A valid alpha of 0 is uniform over every item, those nobody interacted with included.
+    neg = sample_negatives(data, np.full(40_000, 2), 1, distribution="popularity", alpha=0,
+                           seed=1)
+    assert not (neg == 2).any()  # user 2's positive
+    np.testing.assert_allclose(frequencies(neg, 6)[[0, 1, 3, 4, 5]], 0.2, atol=0.01)

@@ -94,6 +94,55 @@ def test_from_scipy_checks_and_normalises():
         Features.from_scipy(m, id_map=IdMap.identity(5))
 
 
+def messy_csr(rng, dtype, shape=(7, 5), nnz=24):
+    """A CSR with duplicate entries, unsorted column indices within rows and explicit zeros,
+    built from its arrays (scipy keeps them as given), and its dense value."""
+    rows = np.sort(rng.integers(0, shape[0], nnz))
+    cols = rng.integers(0, shape[1], nnz)
+    values = rng.integers(1, 9, nnz).astype(dtype) + dtype(0.5)
+    values[rng.choice(nnz, 3, replace=False)] = 0  # explicit zeros
+    dense = np.zeros(shape)
+    np.add.at(dense, (rows, cols), values.astype(np.float64))
+    order = np.lexsort((-cols, rows))  # columns descending within each row: unsorted
+    indptr = np.searchsorted(rows[order], np.arange(shape[0] + 1)).astype(np.int32)
+    m = sp.csr_matrix((values[order], cols[order].astype(np.int32), indptr), shape=shape)
+    assert not m.has_sorted_indices and len(set(zip(rows, cols))) < nnz
+    return m, dense
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_from_scipy_and_weights_leave_the_callers_matrix_alone(dtype):
+    # sp.csr_matrix(raw, dtype=float32) shared the caller's indices/indptr (and data when
+    # float32); sum_duplicates/sort_indices/eliminate_zeros then rewrote them in place, so a
+    # float64 matrix came back holding other values.
+    rng = np.random.default_rng(21 if dtype is np.float64 else 22)
+    m, dense = messy_csr(rng, dtype)
+    before = [a.copy() for a in (m.data, m.indices, m.indptr)]
+    f = Features.from_scipy(m, normalize=False)
+    for a, b in zip(before, (m.data, m.indices, m.indptr), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(m.toarray(), dense)
+    np.testing.assert_allclose(f.raw.toarray(), dense, rtol=1e-6)
+    assert f.raw.has_canonical_format and f.raw.nnz == np.count_nonzero(dense)
+    np.testing.assert_allclose(f.matrix.toarray(), dense, rtol=1e-6)
+
+    # The constructor and weights() copy too.
+    m2, dense2 = messy_csr(rng, dtype)
+    before = [a.copy() for a in (m2.data, m2.indices, m2.indptr)]
+    direct = Features(m2, IdMap.identity(7), np.array([f"f{j}" for j in range(5)]),
+                      normalize=False)
+    np.testing.assert_allclose(direct.raw.toarray(), dense2, rtol=1e-6)
+    normalised = Features.from_scipy(m, normalize=True)
+    out = normalised.weights(m2, None)
+    sums = dense2.sum(1, keepdims=True)
+    np.testing.assert_allclose(out.toarray(), dense2 / np.where(sums > 0, sums, 1), rtol=1e-6)
+    out = f.weights(m2, None)
+    assert out.has_sorted_indices
+    np.testing.assert_allclose(out.toarray(), dense2, rtol=1e-6)
+    for a, b in zip(before, (m2.data, m2.indices, m2.indptr), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bad_tables(movies):
     with pytest.raises(ValueError, match="column 'nope' not found"):
         Features.from_pandas(movies, "movieId", multi="nope")

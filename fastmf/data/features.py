@@ -117,7 +117,9 @@ class Features:
                  hash_buckets: int | None = None, signed: bool = False,
                  spec: dict | None = None, hashed_names: dict[str, int] | None = None):
         op = "fastmf.data.Features"
-        raw = sp.csr_matrix(raw, dtype=np.float32)
+        # A copy of every array: without copy=True, scipy shares the caller's indices and
+        # indptr (and data, when already float32), which the in-place calls below rewrite.
+        raw = sp.csr_matrix(raw, dtype=np.float32, copy=True)
         raw.sum_duplicates()
         raw.sort_indices()
         if raw.shape[0] != len(id_map):
@@ -315,7 +317,7 @@ class Features:
         """``rows`` ((n, F) raw weights) with identity columns ``F + identity_start + r``
         appended (None: none) among ``num_identity`` of them (default: this object's row
         count), then normalised per this object's setting."""
-        rows = sp.csr_matrix(rows, dtype=np.float32)
+        rows = sp.csr_matrix(rows, dtype=np.float32, copy=True)  # sort_indices is in place
         n = rows.shape[0]
         if identity_start is not None:
             total = self.num_rows if num_identity is None else num_identity

@@ -146,7 +146,13 @@ class IdMap:
 
     def _index(self) -> pd.Index:
         if self._lookup is None:
-            self._lookup = pd.Index(self._raw)
+            raw = self._raw
+            if raw.dtype.kind in "iu" and raw.dtype.itemsize < 8:
+                # Looked up as int64, which holds every such id exactly: pandas'
+                # get_indexer on a uint8/16/32 Index wraps larger query ints (261 found raw
+                # id 5 of a uint8 map). ``raw_ids`` keep their own dtype.
+                raw = raw.astype(np.int64)
+            self._lookup = pd.Index(raw)
         return self._lookup
 
     def __len__(self) -> int:
@@ -228,12 +234,13 @@ def _encode(
     if num is not None and id_map is not None:
         raise ValueError(f"fastmf.Interactions: pass num_{kind}s or {kind}_map, not both")
     if num is not None:
+        num = _check_count(num, f"num_{kind}s", "fastmf.Interactions.from_arrays")
         if arr.dtype.kind not in "iu":
             raise TypeError(
                 f"fastmf.Interactions: with num_{kind}s, {kind}s must be integer indices, "
                 f"got {arr.dtype}"
             )
-        id_map = IdMap.identity(int(num), kind)
+        id_map = IdMap.identity(num, kind)
     arr = _decode_bytes_ids(arr, kind)
     if id_map is not None:
         return id_map.lookup(arr), id_map
@@ -249,6 +256,16 @@ def _encode(
             f"(first at row {first})"
         )
     return codes, IdMap(np.asarray(uniques), kind)
+
+
+def _check_count(value: Any, name: str, where: str) -> int:
+    """``value`` as an int >= 0: TypeError for anything but an int (a float such as 2.5
+    was truncated to 2), ValueError for a negative one."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{where}: {name} must be an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{where}: {name} must be an int >= 0, got {value!r}")
+    return int(value)
 
 
 def _decode_bytes_ids(arr: np.ndarray, kind: str) -> np.ndarray:
@@ -281,9 +298,30 @@ def _decode_bytes_ids(arr: np.ndarray, kind: str) -> np.ndarray:
     return out
 
 
+def _as_numbers(values: Any) -> np.ndarray:
+    """:func:`_to_numpy` for a column of values (weights, timestamps), not ids: an object
+    array holding only numbers (a list mixing ints and floats, which the raw-id converter
+    keeps as given; a pandas object column) becomes float64, or int64/uint64 when they are
+    all ints that fit. Anything else (strings, None, pandas NA) stays as it is, for the
+    caller's dtype check."""
+    arr = _to_numpy(values)
+    if arr.dtype != object or arr.size == 0:
+        return arr
+    kind = pd.api.types.infer_dtype(arr.reshape(-1), skipna=False)
+    if kind in ("floating", "mixed-integer-float", "integer-na"):  # "integer-na": NaN in ints
+        return arr.astype(np.float64)
+    if kind == "integer":
+        for dtype in (np.int64, np.uint64):
+            try:
+                return arr.astype(dtype)
+            except OverflowError:
+                pass
+    return arr
+
+
 def _as_weights(values: Any, where: str) -> np.ndarray:
     """(N,) float32 weights, refusing NaN/inf and negative values with the first bad row."""
-    weights = _to_numpy(values)
+    weights = _as_numbers(values)
     if weights.dtype.kind not in "iufb":
         raise TypeError(f"{where}: weights must be numbers, got {weights.dtype}")
     weights = weights.astype(np.float32, copy=False)
@@ -300,7 +338,21 @@ def _as_weights(values: Any, where: str) -> np.ndarray:
 def _as_timestamps(values: Any) -> np.ndarray:
     if isinstance(values, pd.Series) and isinstance(values.dtype, pd.DatetimeTZDtype):
         values = values.dt.tz_convert(None)
-    ts = _to_numpy(values)
+    ts = _as_numbers(values)
+    # Beyond int64 (uint64 above 2**63 - 1, or Python ints that fit no integer dtype):
+    # astype(int64) would wrap a uint64 to a negative, earliest time.
+    flat = ts.reshape(-1)
+    outside = None
+    if ts.dtype.kind == "u":
+        outside = flat > np.iinfo(np.int64).max
+    elif ts.dtype == object and pd.api.types.infer_dtype(flat, skipna=False) == "integer":
+        outside = np.array([not -(1 << 63) <= v < (1 << 63) for v in flat], dtype=bool)
+    if outside is not None and outside.any():
+        count, first = _first_rows(outside)
+        raise ValueError(
+            f"fastmf.Interactions: timestamps must fit in int64; {count} do not (first at row "
+            f"{first}: {flat[first]})"
+        )
     if ts.dtype.kind in "iu":
         return ts.astype(np.int64, copy=False)
     if ts.dtype.kind == "f":
@@ -484,6 +536,18 @@ class Interactions:
                 f"items={len(i_codes)}"
             )
         bad = (u_codes < 0) | (i_codes < 0)
+        if bad.any() and unknown == "drop":
+            # Lengths are checked before the rows are masked (a mask of another length
+            # would fail inside numpy); the constructor checks them otherwise.
+            lengths = {"users": len(u_codes), "items": len(i_codes)}
+            if ratings is not None:
+                ratings = _to_numpy(ratings)
+                lengths["ratings"] = len(ratings) if ratings.ndim == 1 else -1
+            if timestamps is not None:
+                timestamps = _as_timestamps(timestamps)
+                lengths["timestamps"] = len(timestamps) if timestamps.ndim == 1 else -1
+            if len(set(lengths.values())) != 1:
+                raise ValueError(f"fastmf.Interactions: mismatched lengths {lengths}")
         if bad.any():
             if unknown == "error":
                 for codes, raw, kind, num in (
@@ -505,8 +569,8 @@ class Interactions:
                     )
             keep = ~bad
             u_codes, i_codes = u_codes[keep], i_codes[keep]
-            ratings = None if ratings is None else _to_numpy(ratings)[keep]
-            timestamps = None if timestamps is None else _as_timestamps(timestamps)[keep]
+            ratings = None if ratings is None else ratings[keep]
+            timestamps = None if timestamps is None else timestamps[keep]
         return cls(
             u_codes, i_codes, ratings, timestamps, user_map=u_map, item_map=i_map
         )

@@ -420,14 +420,52 @@ def popularity(train: Any) -> np.ndarray:
     )
 
 
+def _check_alpha(alpha: Any) -> float:
+    """The popularity exponent as a float: a real number (TypeError), finite and >= 0
+    (ValueError): NaN or inf make every weight NaN/inf, and with alpha < 0 the items with
+    count 0 get weight ``0 ** alpha = inf``."""
+    if isinstance(alpha, bool | np.bool_) or not isinstance(alpha, int | float | np.integer
+                                                             | np.floating):
+        raise TypeError(f"fastmf.NegativeSampler: alpha must be a number, got {alpha!r}")
+    if not np.isfinite(alpha):
+        raise ValueError(f"fastmf.NegativeSampler: alpha must be finite and >= 0, got {alpha}")
+    if alpha < 0:
+        raise ValueError(
+            f"fastmf.NegativeSampler: alpha must be finite and >= 0, got {alpha}: the items "
+            "nobody interacted with would get weight 0 ** alpha = inf (pass distribution= an "
+            "array of weights for another scheme)"
+        )
+    return float(alpha)
+
+
+def _check_item_weights(weights: np.ndarray, what: str) -> None:
+    """Item weights (given, or popularity ** alpha) are finite, >= 0, not all zero, and
+    their sum is finite."""
+    bad = ~np.isfinite(weights) | (weights < 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"fastmf.NegativeSampler: {what} must be finite and >= 0; {int(bad.sum())} are "
+            f"not (first at item {first}: {weights[first]})"
+        )
+    if not weights.any():
+        raise ValueError("fastmf.NegativeSampler: all item weights are zero")
+    with np.errstate(over="ignore"):
+        total = weights.sum()
+    if not np.isfinite(total):
+        raise ValueError(f"fastmf.NegativeSampler: {what} sum to inf; scale them down")
+
+
 class NegativeSampler:
     """Reusable negative sampler over a fixed training set.
 
     ``train``: :class:`Interactions` or a (num_users, num_items) scipy.sparse matrix whose
     nonzeros are the positives. ``distribution``: ``"uniform"``, ``"popularity"``
-    (``popularity(train) ** alpha``, e.g. ``alpha=0.75``) or a (num_items,) array of
-    non-negative weights. Building costs one pass over ``train``; :meth:`sample` then costs
-    ``O(len(users) * num_negatives * log(deg))``.
+    (``popularity(train) ** alpha``, e.g. ``alpha=0.75``; ``alpha`` must be finite and
+    >= 0: a negative one would give the items nobody interacted with, count 0, an
+    infinite weight, and ``alpha=0`` is uniform) or a (num_items,) array of finite,
+    non-negative weights, not all zero. Building costs one pass over ``train``;
+    :meth:`sample` then costs ``O(len(users) * num_negatives * log(deg))``.
 
     >>> sampler = NegativeSampler(train, distribution="popularity", alpha=0.75)  # doctest: +SKIP
     >>> for epoch in range(10):  # doctest: +SKIP
@@ -447,7 +485,10 @@ class NegativeSampler:
             if distribution == "uniform":
                 weights = None
             elif distribution == "popularity":
-                weights = popularity(train).astype(np.float64) ** float(alpha)
+                alpha = _check_alpha(alpha)
+                with np.errstate(over="ignore"):  # an overflow is reported just below
+                    weights = popularity(train).astype(np.float64) ** alpha
+                what = f"popularity ** alpha (alpha={alpha})"
             else:
                 raise ValueError(
                     f"fastmf.NegativeSampler: distribution must be 'uniform', 'popularity' "
@@ -465,16 +506,17 @@ class NegativeSampler:
                     f"fastmf.NegativeSampler: weights must have shape ({self.num_items},), "
                     f"got {weights.shape}"
                 )
-            if not np.isfinite(weights).all() or (weights < 0).any():
-                raise ValueError("fastmf.NegativeSampler: weights must be finite and >= 0")
+            what = "weights"
             self.distribution = "weights"
         self.weights = weights
         if weights is not None:
+            # Checked before the alias table and the cumulative weights are built: NaN or
+            # inf weights (or a sum that overflows) leave no item drawable, and the exact
+            # fallback of the weighted kernel would then search forever.
+            _check_item_weights(weights, what)
             self._cumw = np.concatenate([[0.0], np.cumsum(weights)])
             self._prob, self._alias = build_alias(weights)
             self._weighted_items = int(np.count_nonzero(weights))
-            if self._weighted_items == 0:
-                raise ValueError("fastmf.NegativeSampler: all item weights are zero")
 
     def sample(
         self,

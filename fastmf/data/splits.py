@@ -5,7 +5,8 @@ and keep the input's row order within each side. For every split:
 
 - no interaction (row) is on both sides, and every row is on exactly one side
   (``len(train) + len(test) == len(data)``);
-- the result depends only on the data and ``seed`` (not on thread count or platform).
+- the result depends only on the data and ``seed`` (not on thread count or platform);
+  ``seed`` is an int >= 0, ``None`` (fresh entropy) or a :class:`numpy.random.Generator`.
 
 >>> train, test = random_split(data, test_fraction=0.2, seed=0)  # doctest: +SKIP
 >>> train, test = leave_one_out(data, by="time")  # doctest: +SKIP
@@ -13,7 +14,9 @@ and keep the input's row order within each side. For every split:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from numba import njit, prange
@@ -24,9 +27,30 @@ from fastmf.data.sampling import group_rows
 __all__ = ["random_split", "kfold", "leave_one_out", "temporal_split"]
 
 
-def _check_fraction(test_fraction: float, where: str) -> None:
+def _check_fraction(test_fraction: Any, where: str) -> float:
+    """``test_fraction`` as a float in (0, 1): TypeError for anything but a real number (a
+    string such as "0.2" failed deep inside numpy), ValueError outside (0, 1) or NaN."""
+    if isinstance(test_fraction, bool | np.bool_) or not isinstance(test_fraction,
+                                                                    numbers.Real):
+        raise TypeError(f"fastmf.{where}: test_fraction must be a number in (0, 1), got "
+                        f"{test_fraction!r}")
     if not 0.0 < float(test_fraction) < 1.0:
         raise ValueError(f"fastmf.{where}: test_fraction must be in (0, 1), got {test_fraction}")
+    return float(test_fraction)
+
+
+def _rng(seed: Any, where: str) -> np.random.Generator:
+    """numpy Generator of ``seed``: an int >= 0, None (fresh entropy) or a Generator (used
+    as it is); anything else is refused naming the function (numpy's own errors name
+    neither it nor ``seed``)."""
+    if seed is None or isinstance(seed, np.random.Generator):
+        return np.random.default_rng(seed)
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"fastmf.{where}: seed must be an int >= 0, None or a numpy "
+                        f"Generator, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"fastmf.{where}: seed must be an int >= 0, got {seed}")
+    return np.random.default_rng(int(seed))
 
 
 def _per_user_count(test_fraction: float, size: np.ndarray) -> np.ndarray:
@@ -90,8 +114,8 @@ def random_split(
 
     >>> train, test = random_split(data, 0.1, seed=42)  # doctest: +SKIP
     """
-    _check_fraction(test_fraction, "random_split")
-    rng = np.random.default_rng(seed)
+    test_fraction = _check_fraction(test_fraction, "random_split")
+    rng = _rng(seed, "random_split")
     n = len(data)
     test = np.zeros(n, dtype=bool)
     if not by_user:
@@ -105,9 +129,10 @@ def random_split(
 def kfold(
     data: Interactions, k: int = 5, *, seed: int = 0
 ) -> Iterator[tuple[Interactions, Interactions]]:
-    """Yield ``k`` (train, test) pairs: the rows are shuffled once and cut into ``k`` folds
-    of sizes differing by at most one; fold ``f`` is the test side of pair ``f``. Each row
-    is in exactly one test fold.
+    """An iterator of ``k`` (train, test) pairs: the rows are shuffled once and cut into
+    ``k`` folds of sizes differing by at most one; fold ``f`` is the test side of pair
+    ``f``. Each row is in exactly one test fold. ``k`` and ``seed`` are checked when it is
+    called, not at the first fold.
 
     >>> for train, test in kfold(data, k=5, seed=0):  # doctest: +SKIP
     ...     fit_and_score(train, test)
@@ -117,9 +142,16 @@ def kfold(
     n = len(data)
     if k > n:
         raise ValueError(f"fastmf.kfold: k={k} folds but only {n} interactions")
+    rng = _rng(seed, "kfold")
+    return _folds(data, int(k), rng)
+
+
+def _folds(data: Interactions, k: int, rng: np.random.Generator
+           ) -> Iterator[tuple[Interactions, Interactions]]:
+    n = len(data)
     fold_of_row = np.empty(n, dtype=np.int64)
-    fold_of_row[np.random.default_rng(seed).permutation(n)] = np.arange(n) % k
-    for fold in range(int(k)):
+    fold_of_row[rng.permutation(n)] = np.arange(n) % k
+    for fold in range(k):
         yield _split(data, fold_of_row == fold, "kfold")
 
 
@@ -142,6 +174,7 @@ def leave_one_out(
     >>> np.bincount(test.users).max()  # doctest: +SKIP
     1
     """
+    rng = _rng(seed, "leave_one_out")  # checked for by="time" too, which does not use it
     if by == "time":
         if data.timestamps is None:
             raise ValueError(
@@ -149,7 +182,7 @@ def leave_one_out(
             )
         keys = data.timestamps
     elif by == "random":
-        keys = np.random.default_rng(seed).random(len(data))
+        keys = rng.random(len(data))
     else:
         raise ValueError(f"fastmf.leave_one_out: by must be 'time' or 'random', got {by!r}")
     test = _latest_per_user(data, keys, lambda size: (size >= 2).astype(np.int64))
@@ -174,7 +207,7 @@ def temporal_split(
     >>> train.timestamps.max() <= test.timestamps.min()  # doctest: +SKIP
     True
     """
-    _check_fraction(test_fraction, "temporal_split")
+    test_fraction = _check_fraction(test_fraction, "temporal_split")
     if data.timestamps is None:
         raise ValueError("fastmf.temporal_split: needs timestamps")
     n = len(data)
