@@ -212,7 +212,7 @@ class MF(FactorTables, Recommender):
 
     def user_vectors(self, users) -> tuple[Tensor, Tensor]:
         """``(P[users], mu + b_u)``: the offset shifts a user's scores alike."""
-        users = self.as_ids(users, "users")
+        users = self.as_ids(users, "users", self.num_users, method="user_vectors")
         vectors = self.user_factors.detach()[users]
         if self.has_bias:
             return vectors, self.mu + self.user_bias.detach()[users]

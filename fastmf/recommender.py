@@ -649,7 +649,10 @@ class Recommender(nn.Module):
 
     def score_items(self, users: Tensor, items: Tensor) -> Tensor:
         """(B, M) scores of every user in ``users`` (B,) for every item in ``items`` (M,):
-        ``forward`` on chunks of at most ~4M pairs."""
+        ``forward`` on chunks of at most ~4M pairs. The ids are checked once
+        (:meth:`as_ids` with the model's sizes)."""
+        users = self.as_ids(users, "users", self.num_users, method="score_items")
+        items = self.as_ids(items, "items", self.num_items, method="score_items")
         num_users, num_items = len(users), len(items)
         out = torch.empty((num_users, num_items), dtype=self._param_dtype(), device=users.device)
         rows = max(1, SCORE_CHUNK // max(num_items, 1))
@@ -673,11 +676,37 @@ class Recommender(nn.Module):
         return table.detach()
 
     # -- ids ----------------------------------------------------------------------------------
-    def as_ids(self, ids, name: str) -> Tensor:
-        """Tensor ids on the model's device (numpy arrays and lists accepted)."""
-        if isinstance(ids, Tensor):
-            return ids
-        return torch.as_tensor(int64_ids(ids, f"{self._op()}: {name}"), device=self._param_device())
+    def as_ids(self, ids, name: str, num_rows: int | None = None, *,
+               method: str | None = None) -> Tensor:
+        """``ids`` as a tensor: numpy arrays and lists of integers as int64 on the model's
+        device, tensors as they are. With ``num_rows`` they are also checked as the ops
+        check theirs (:func:`fastmf.ops.checks.check_ids`): a 1-D int32/int64 tensor
+        (TypeError, ValueError) of ids in ``[0, num_rows)`` (IndexError; one min/max, a
+        host sync on a GPU). Errors name ``method`` (e.g. ``"forward"``), ``name`` and the
+        bad value: ``fastmf.models.ALS.forward: users id -1 out of range [0, 50)``."""
+        op = self._op(method)
+        if not isinstance(ids, Tensor):
+            ids = torch.as_tensor(int64_ids(ids, f"{op}: {name}"), device=self._param_device())
+        if num_rows is not None:
+            checks.check_ids(op.removeprefix("fastmf."), name, ids, num_rows)
+        return ids
+
+    def pair_ids(self, users, items, method: str = "forward") -> tuple[Tensor, Tensor]:
+        """``(users, items)`` of the pairs (users[b], items[b]) to score, as :meth:`as_ids`
+        tensors checked as :class:`fastmf.MF`'s ``mf_forward`` checks them, in its order:
+        int32/int64 and 1-D, then equal lengths (ValueError ``lengths differ``), then ids
+        in ``[0, num_users)`` and ``[0, num_items)`` (IndexError). The check of the
+        ``forward`` (and so ``predict``) of a model whose scoring does not check its ids
+        itself; costs one min/max per argument."""
+        users = self.as_ids(users, "users", method=method)
+        items = self.as_ids(items, "items", method=method)
+        op = self._op(method).removeprefix("fastmf.")
+        checks.check_ids(op, "users", users, None)
+        checks.check_ids(op, "items", items, None)
+        checks.check_same_length(op, users=users, items=items)
+        checks.check_ids(op, "users", users, self.num_users)
+        checks.check_ids(op, "items", items, self.num_items)
+        return users, items
 
     def _index_of(self, ids, side: str, raw_ids: bool) -> np.ndarray:
         """Indices (int64 numpy) of ``ids``; with ``raw_ids``, unknown raw ids become -1."""
@@ -751,9 +780,7 @@ class Recommender(nn.Module):
                 values = np.asarray(ids, dtype=object).reshape(-1)[index < 0]
                 raise KeyError(f"{self._op('predict')}: unknown raw {side} id(s): "
                                f"{values[:5].tolist()}")
-        if u.shape != i.shape:
-            raise ValueError(f"{self._op('predict')}: users and items must have the same "
-                             f"length, got {len(u)} and {len(i)}")
+        checks.check_same_length(self._op("predict").removeprefix("fastmf."), users=u, items=i)
         device = self._param_device()
         out = self.forward(torch.as_tensor(u, device=device), torch.as_tensor(i, device=device))
         return out.double().cpu().numpy()

@@ -294,3 +294,63 @@ def test_fastmf_fit_runs_one_sweep_per_epoch():
     torch.testing.assert_close(a.item_factors, b.item_factors, rtol=0, atol=0)
     np.testing.assert_allclose(history["loss"], losses, rtol=1e-6)
     assert a.item_map is data.item_map  # prepare() ran: raw ids and popularity for serving
+
+
+def zipf_ids(rng, n, size):
+    """``size`` ids in [0, n), Zipf-skewed (many duplicates) from 1 on, with 0 and n - 1
+    first."""
+    ids = (rng.zipf(1.4, size) % n)
+    ids[:2] = [0, n - 1]
+    return ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scores_of_good_ids_are_the_dot_products_of_the_tables(dtype):
+    data = random_problem(14, num_users=30, num_items=25).with_confidence(alpha=2.0)
+    model = make(data, seed=3, dim=5, dtype=dtype)
+    model.fit(data, epochs=2)
+    rng = np.random.default_rng(8)
+    users, items = zipf_ids(rng, 30, 400), zipf_ids(rng, 25, 400)
+    assert np.bincount(users).max() > 50  # duplicates, skewed
+    u, i = torch.as_tensor(users), torch.as_tensor(items)
+    x, y = model.user_factors.detach(), model.item_factors.detach()
+    exact = (x[u] * y[i]).sum(-1)  # what forward computed before its ids were checked
+    brute = np.einsum("bd,bd->b", x.double().numpy()[users], y.double().numpy()[items])
+    # user 0 and item 0 have no data (random_problem), so their rows stay near zero
+    trained = (users > 0) & (items > 0)
+    assert trained.sum() > 300 and np.all(np.abs(brute[trained]) > 1e-6)
+    for form in (torch.as_tensor, lambda a: torch.as_tensor(a, dtype=torch.int32),
+                 np.asarray, lambda a: a.astype(np.int32), lambda a: a.tolist()):
+        got = model.predict(form(users), form(items))
+        assert got.dtype == dtype and torch.equal(got, exact)
+        np.testing.assert_allclose(got.double().numpy(), brute, rtol=1e-5, atol=1e-7)
+        vectors, offset = model.user_vectors(form(users))
+        assert offset is None and torch.equal(vectors, x[u])
+    grid = model.score_items(users[:6].tolist(), items[:8].astype(np.int32))
+    np.testing.assert_allclose(grid.double().numpy(),
+                               x.double().numpy()[users[:6]] @ y.double().numpy()[items[:8]].T,
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("users, items, error, match", [
+    ([-1], [0], IndexError, r"users id -1 out of range \[0, 30\)"),
+    ([30], [0], IndexError, r"users id 30 out of range \[0, 30\)"),
+    ([0], [-1], IndexError, r"items id -1 out of range \[0, 25\)"),
+    ([0], [25], IndexError, r"items id 25 out of range \[0, 25\)"),
+    (torch.tensor([0.9]), torch.tensor([0]), TypeError,
+     "users must be int32 or int64, got torch.float32"),
+    ([0.9], [0], TypeError, "users must be integer ids, got dtype float64"),
+    ([0], [0, 1, 2], ValueError, r"lengths differ \(users has 1, items has 3\)"),
+    (0, 0, ValueError, r"users must be 1-D, got shape \(\)"),
+])
+def test_bad_ids_raise_as_mf_does(users, items, error, match):
+    # -1 used to score user 29, 0.9 user 0, and [0] against [0, 1, 2] broadcast.
+    data = random_problem(15, num_users=30, num_items=25)
+    model = make(data, dim=4)
+    model.fit(data, epochs=1)
+    for call in (model.predict, model.forward):
+        with pytest.raises(error, match=r"^fastmf\.models\.ALS\.forward: " + match):
+            call(users, items)
+    if match.startswith("users") and not isinstance(users, int):
+        with pytest.raises(error, match=r"^fastmf\.models\.ALS\.user_vectors: " + match):
+            model.user_vectors(users)

@@ -410,7 +410,7 @@ def test_bad_construction(rng):
     with pytest.raises(TypeError, match="item_features must be"):
         Hybrid(3, 10, item_features=[[1, 2]])
     model = Hybrid(3, 10, item_features=itf)
-    with pytest.raises(IndexError, match="item index 10 out of range"):
+    with pytest.raises(IndexError, match=r"Hybrid.forward: items id 10 out of range \[0, 10\)"):
         model(torch.tensor([0]), torch.tensor([10]))
 
 
@@ -802,3 +802,64 @@ def test_fit_on_the_device_trains_as_on_the_cpu(rng, device, loss):
     users = torch.arange(5)
     torch.testing.assert_close(got.recommend(users, k=5)[1].cpu(),
                                want.recommend(users, k=5)[1], rtol=1e-4, atol=1e-4)
+
+
+def test_scores_of_good_ids_in_every_form_equal_numpy_lightfm(rng):
+    torch.manual_seed(4)
+    uf = random_features(rng, 11, 4)
+    itf = random_features(rng, 13, 5)
+    model = Hybrid(11, 13, dim=3, user_features=Features.from_scipy(uf, kind="user"),
+                   item_features=Features.from_scipy(itf), init_scale=0.5)
+    with torch.no_grad():  # random biases too, so they are checked
+        model.users.bias.weight.uniform_(-1, 1)
+        model.items.bias.weight.uniform_(-1, 1)
+    wu = lightfm_numpy(model, uf, 11, True, True)
+    wi = lightfm_numpy(model, itf, 13, True, True)
+    eu, cu = side_arrays(model, "user")
+    ei, ci = side_arrays(model, "item")
+    p, bu, q, bi = wu @ eu, wu @ cu, wi @ ei, wi @ ci
+    users = (rng.zipf(1.4, 250) - 1) % 11
+    items = (rng.zipf(1.4, 250) - 1) % 13
+    users[:2], items[:2] = [0, 10], [12, 0]
+    assert np.bincount(users).max() > 30  # duplicates, skewed
+    expected = (p[users] * q[items]).sum(1) + bu[users] + bi[items]
+    assert np.all(np.abs(expected) > 1e-6)
+    reference = model.predict(torch.as_tensor(users), torch.as_tensor(items))
+    for form in (torch.as_tensor, lambda a: torch.as_tensor(a, dtype=torch.int32),
+                 np.asarray, lambda a: a.astype(np.int32), lambda a: a.tolist()):
+        got = model.predict(form(users), form(items))
+        assert torch.equal(got, reference)
+        np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-5, atol=1e-6)
+        vectors, offset = model.user_vectors(form(users))
+        np.testing.assert_allclose(vectors.detach().double().numpy(), p[users], rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(offset.detach().double().numpy(), bu[users], rtol=1e-5,
+                                   atol=1e-6)
+    grid = model.score_items(users[:4].tolist(), items[:6].astype(np.int32))
+    np.testing.assert_allclose(grid.detach().double().numpy(),
+                               p[users[:4]] @ q[items[:6]].T + bu[users[:4], None]
+                               + bi[items[:6]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("users, items, error, match", [
+    ([-1], [0], IndexError, r"users id -1 out of range \[0, 6\)"),
+    ([6], [0], IndexError, r"users id 6 out of range \[0, 6\)"),
+    ([0], [-1], IndexError, r"items id -1 out of range \[0, 10\)"),
+    (torch.tensor([0.9]), torch.tensor([1.9]), TypeError,
+     "users must be int32 or int64, got torch.float32"),
+    (torch.tensor([0]), torch.tensor([1.9], dtype=torch.float64), TypeError,
+     "items must be int32 or int64, got torch.float64"),
+    ([0.9], [1], TypeError, "users must be integer ids, got dtype float64"),
+    ([0], [0, 1, 2], ValueError, r"lengths differ \(users has 1, items has 3\)"),
+    (torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), ValueError,
+     r"users must be 1-D, got shape \(2, 1\)"),
+])
+def test_bad_scoring_ids_raise_as_mf_does(rng, users, items, error, match):
+    # 0.9 and 1.9 used to score user 0 and item 1.
+    model = Hybrid(6, 10, dim=3, item_features=random_features(rng, 10, 4))
+    for call in (model.predict, model.forward):
+        with pytest.raises(error, match=r"^fastmf\.models\.Hybrid\.forward: " + match):
+            call(users, items)
+    if match.startswith("users"):
+        with pytest.raises(error, match=r"^fastmf\.models\.Hybrid\.user_vectors: " + match):
+            model.user_vectors(users)

@@ -282,7 +282,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_negatives must be an int >= 1, got 0"):
         next(model.batches([np.array([1, 2])], batch_size=4, num_negatives=0))
     model.prepare([np.array([1, 2, 3])])
-    with pytest.raises(IndexError, match=r"user index 1 out of range \[0, 1\)"):
+    with pytest.raises(IndexError, match=r"Item2Vec.user_vectors: users id 1 out of range "
+                                         r"\[0, 1\)"):
         model.user_vectors([1])
 
 
@@ -351,3 +352,60 @@ def test_fit_save_load_round_trip(tmp_path):
     again = Item2Vec.from_interactions(data, dim=8, window=2, subsample=None)
     fastmf.fit(again, data, epochs=2, batch_size=512, progress=False, seed=3)
     assert torch.equal(again.item_embeddings.weight, model.item_embeddings.weight)
+
+
+def test_scores_of_good_ids_are_history_means_dotted_with_the_item():
+    rng = np.random.default_rng(12)
+    sequences = zipf_sequences(rng, 35, 40)
+    torch.manual_seed(2)
+    model = Item2Vec(40, dim=6, window=2, subsample=None, min_count=1)
+    train(model, sequences, epochs=1)
+    assert model.num_users == 35
+    weight = model.item_embeddings.weight.detach()
+    table = weight.double().numpy()
+    means = np.stack([table[np.asarray(s)].mean(0) for s in sequences])
+    users = (rng.zipf(1.3, 300) - 1) % 35
+    items = (rng.zipf(1.3, 300) - 1) % 40
+    users[:2], items[:2] = [0, 34], [39, 0]
+    assert np.bincount(users).max() > 30  # duplicates, skewed
+    brute = np.einsum("bd,bd->b", means[users], table[items])
+    assert np.all(np.abs(brute) > 1e-9)
+    # What forward computed before its ids were checked (the history pool, then the dot).
+    pooled = torch.stack([weight[torch.as_tensor(s)].float().mean(0) for s in sequences])
+    reference = model.predict(torch.as_tensor(users), torch.as_tensor(items))
+    for form in (torch.as_tensor, lambda a: torch.as_tensor(a, dtype=torch.int32),
+                 np.asarray, lambda a: a.astype(np.int32), lambda a: a.tolist()):
+        got = model.predict(form(users), form(items))
+        assert torch.equal(got, reference)
+        np.testing.assert_allclose(got.double().numpy(), brute, rtol=1e-5, atol=1e-7)
+        vectors, offset = model.user_vectors(form(users))
+        assert offset is None
+        torch.testing.assert_close(vectors, pooled[torch.as_tensor(users)])
+    grid = model.score_items(users[:5].tolist(), torch.as_tensor(items[:7], dtype=torch.int32))
+    np.testing.assert_allclose(grid.double().numpy(), means[users[:5]] @ table[items[:7]].T,
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("users, items, error, match", [
+    ([-1], [0], IndexError, r"users id -1 out of range \[0, 3\)"),
+    ([3], [0], IndexError, r"users id 3 out of range \[0, 3\)"),
+    ([0], [-1], IndexError, r"items id -1 out of range \[0, 10\)"),
+    ([0], [10], IndexError, r"items id 10 out of range \[0, 10\)"),
+    (torch.tensor([0]), torch.tensor([1.9]), TypeError,
+     "items must be int32 or int64, got torch.float32"),
+    (torch.tensor([0.9]), torch.tensor([1]), TypeError,
+     "users must be int32 or int64, got torch.float32"),
+    ([0], [1.5], TypeError, "items must be integer ids, got dtype float64"),
+    ([0], [0, 1, 2], ValueError, r"lengths differ \(users has 1, items has 3\)"),
+])
+def test_bad_scoring_ids_raise_as_mf_does(users, items, error, match):
+    # item -1 used to be item 9, 1.9 item 1, and one user broadcast over three items.
+    torch.manual_seed(0)
+    model = Item2Vec(10, dim=4, min_count=1)
+    model.prepare([np.array([1, 2, 3]), np.array([4, 4]), np.array([9, 0])])
+    for call in (model.predict, model.forward):
+        with pytest.raises(error, match=r"^fastmf\.models\.Item2Vec\.forward: " + match):
+            call(users, items)
+    if match.startswith("users"):
+        with pytest.raises(error, match=r"^fastmf\.models\.Item2Vec\.user_vectors: " + match):
+            model.user_vectors(users)

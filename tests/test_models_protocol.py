@@ -741,3 +741,173 @@ def test_models_that_skip_timestamps_never_read_them(name, split, monkeypatch):
         states.append(model.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+# -- id checks of the scoring entry points ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def audit_data():
+    return fastmf.datasets.synthetic(num_users=50, num_items=40, num_interactions=400, seed=0)
+
+
+def _scoring_model(name: str, data):
+    """A small trained (or randomly initialised) model of each kind, sized 50 x 40."""
+    from fastmf.models import ALS, Hybrid, Item2Vec
+
+    torch.manual_seed(0)
+    if name == "MF":
+        return fastmf.MF(50, 40, dim=4)
+    if name == "ALS":
+        model = ALS(50, 40, dim=4)
+        model.fit(data, epochs=2)
+        return model
+    if name == "Item2Vec":
+        model = Item2Vec(40, dim=4, min_count=1)
+        fastmf.fit(model, data, epochs=1, progress=False)
+        return model
+    model = Hybrid(50, 40, dim=4)
+    with torch.no_grad():
+        model.users.bias.weight.uniform_(-1, 1)
+        model.items.bias.weight.uniform_(-1, 1)
+    return model
+
+
+# (users, items) -> (error, the part of the message every model shares with MF's mf_forward)
+BAD_PAIRS = [
+    (([-1], [0]), IndexError, r"users id -1 out of range \[0, 50\)"),
+    (([50], [0]), IndexError, r"users id 50 out of range \[0, 50\)"),
+    (([0], [-1]), IndexError, r"items id -1 out of range \[0, 40\)"),
+    (([0], [40]), IndexError, r"items id 40 out of range \[0, 40\)"),
+    (([3, 0, 2], [1, 2, 40]), IndexError, r"items id 40 out of range \[0, 40\)"),
+    ((torch.tensor([0.9]), torch.tensor([0])), TypeError, "users must be int32 or int64"),
+    ((torch.tensor([0]), torch.tensor([1.9])), TypeError, "items must be int32 or int64"),
+    ((torch.tensor([0.9]), torch.tensor([1.9])), TypeError, "users must be int32 or int64"),
+    (([0.9], [0]), TypeError, "users must be integer ids, got dtype float64"),
+    (([0], np.array([1.0])), TypeError, "items must be integer ids, got dtype float64"),
+    (([0], [0, 1, 2]), ValueError, r"lengths differ \(users has 1, items has 3\)"),
+    (([0, 1], [0]), ValueError, r"lengths differ \(users has 2, items has 1\)"),
+    ((torch.tensor([0, 1], dtype=torch.int32), torch.tensor([5])), ValueError,
+     r"lengths differ \(users has 2, items has 1\)"),
+    # lengths are checked before ranges, as mf_forward checks them
+    (([-1, 0], [0]), ValueError, r"lengths differ \(users has 2, items has 1\)"),
+]
+
+
+@pytest.mark.parametrize("name", ["MF", "ALS", "Item2Vec", "Hybrid"])
+def test_scoring_refuses_bad_ids_as_mf_does(name, audit_data):
+    """Negative ids used to wrap to the last rows, float ids were truncated and unequal
+    lengths broadcast in ALS, Item2Vec and Hybrid; they now raise what MF raises, naming
+    the model's method, the argument and the value."""
+    model = _scoring_model(name, audit_data)
+    for (users, items), error, message in BAD_PAIRS:
+        for call in (model.predict, model.forward, model):
+            with pytest.raises(error, match=message) as caught:
+                call(users, items)
+            if name != "MF":  # MF's are its op's: fastmf.mf_forward
+                assert str(caught.value).startswith(f"fastmf.models.{name}.forward: "), (
+                    str(caught.value))
+
+
+@pytest.mark.parametrize("name", ["MF", "ALS", "Item2Vec", "Hybrid"])
+def test_user_vectors_and_score_items_refuse_bad_ids(name, audit_data):
+    model = _scoring_model(name, audit_data)
+    prefix = r"^fastmf\.MF\." if name == "MF" else rf"^fastmf\.models\.{name}\."
+    for users, error, message in [
+        ([-1], IndexError, r"users id -1 out of range \[0, 50\)"),
+        (torch.tensor([4, 50]), IndexError, r"users id 50 out of range \[0, 50\)"),
+        (np.array([3, -2], dtype=np.int32), IndexError, r"users id -2 out of range \[0, 50\)"),
+        (torch.tensor([0.9]), TypeError, "users must be int32 or int64, got torch.float32"),
+        ([0.5], TypeError, "users must be integer ids, got dtype float64"),
+        (torch.tensor([[0, 1]]), ValueError, r"users must be 1-D, got shape \(1, 2\)"),
+    ]:
+        with pytest.raises(error, match=prefix + "user_vectors: " + message):
+            model.user_vectors(users)
+        with pytest.raises(error, match=prefix + "score_items: " + message):
+            model.score_items(users, [0, 1])
+    for items, error, message in [
+        ([-1], IndexError, r"items id -1 out of range \[0, 40\)"),
+        (torch.tensor([40]), IndexError, r"items id 40 out of range \[0, 40\)"),
+        (torch.tensor([1.0]), TypeError, "items must be int32 or int64"),
+    ]:
+        with pytest.raises(error, match=prefix + "score_items: " + message):
+            model.score_items([0, 1], items)
+
+
+@pytest.mark.parametrize("name", ["MF", "ALS", "Item2Vec", "Hybrid"])
+def test_good_ids_in_every_form_score_alike(name, audit_data):
+    """int32 and int64 tensors, numpy arrays and lists, Zipf-random with duplicates: the same
+    scores (bit for bit) as int64 tensors, those of score_items and of the vectors."""
+    model = _scoring_model(name, audit_data)
+    rng = np.random.default_rng(3)
+    users = (rng.zipf(1.4, 300) - 1) % 50
+    items = (rng.zipf(1.4, 300) - 1) % 40
+    users[:2], items[:2] = [0, 49], [39, 0]
+    assert len(np.unique(users)) < len(users)  # duplicates
+    reference = model.predict(torch.as_tensor(users), torch.as_tensor(items))
+    assert reference.shape == (300,) and torch.isfinite(reference).all()
+    assert (reference != 0).sum() > 250
+    forms = [lambda a: torch.as_tensor(a, dtype=torch.int32), lambda a: a,
+             lambda a: a.astype(np.int32), lambda a: a.tolist(),
+             lambda a: torch.as_tensor(a)]
+    for form_u in forms:
+        for form_i in forms:
+            assert torch.equal(model.predict(form_u(users), form_i(items)), reference)
+    assert torch.equal(model(torch.as_tensor(users), torch.as_tensor(items)).detach(),
+                       reference)
+    grid = model.score_items(users[:7].tolist(), torch.as_tensor(items[:9], dtype=torch.int32))
+    pairs = model.predict(torch.as_tensor(users[:7]).repeat_interleave(9),
+                          torch.as_tensor(items[:9]).repeat(7))
+    torch.testing.assert_close(grid, pairs.view(7, 9))
+    vectors, offset = model.user_vectors(users.astype(np.int32))
+    item_vecs, bias = model.item_vectors()
+    via = (vectors.detach() * item_vecs.detach()[torch.as_tensor(items)]).sum(1)
+    via = via + (0 if offset is None else offset.detach())
+    via = via + (0 if bias is None else bias.detach()[torch.as_tensor(items)])
+    torch.testing.assert_close(via, reference, rtol=1e-5, atol=1e-6)
+    assert model.predict([], []).shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["ALS", "Item2Vec", "Hybrid"])
+def test_training_never_runs_the_id_checks_of_scoring(name, audit_data, monkeypatch):
+    """fit's epochs go through the models' own steps (ALS's sweeps, Item2Vec's SGNS step,
+    Hybrid's pooled steps, fused or batch by batch), not forward: the serving checks cost
+    training nothing."""
+    calls = []
+    original = Recommender.pair_ids
+
+    def counting(self, users, items, method="forward"):
+        calls.append(method)
+        return original(self, users, items, method)
+
+    monkeypatch.setattr(Recommender, "pair_ids", counting)
+    model = _scoring_model(name, audit_data)
+    for loss in (model.default_loss,) + (("warp", "mse") if name == "Hybrid" else ()):
+        fastmf.fit(model, audit_data, loss=loss, epochs=1, batch_size=128, progress=False)
+    assert calls == []
+    model.predict([0], [1])
+    assert calls == ["forward"]
+    # raw ids (the model now holds the data's id maps): the same length check
+    with pytest.raises(ValueError, match=rf"{name}.predict: lengths differ \(users has 1, "
+                                         r"items has 2\)"):
+        model.predict([0], [1, 2], raw_ids=True)
+
+
+def test_as_ids_and_pair_ids_of_any_model():
+    model = ProtoDot(6, 4, dim=3)
+    # Without a bound: converted only (the ops check them), as before.
+    assert torch.equal(model.as_ids([1, 2], "users"), torch.tensor([1, 2]))
+    floats = torch.tensor([0.5])
+    assert model.as_ids(floats, "users") is floats
+    ids = torch.tensor([5, 0], dtype=torch.int32)
+    assert model.as_ids(ids, "users", 6, method="forward") is ids
+    with pytest.raises(IndexError, match=r"ProtoDot.rank: users id 6 out of range \[0, 6\)"):
+        model.as_ids([6], "users", 6, method="rank")
+    with pytest.raises(TypeError, match="ProtoDot.rank: users must be integer ids"):
+        model.as_ids([1.5], "users", 6, method="rank")
+    users, items = model.pair_ids(np.array([5, 0]), torch.tensor([3, 3], dtype=torch.int32))
+    assert users.dtype == torch.int64 and items.dtype == torch.int32
+    with pytest.raises(ValueError, match=r"ProtoDot.predict: lengths differ \(users has 1, "
+                                         r"items has 2\)"):
+        model.pair_ids([5], [3, 3], "predict")
+    with pytest.raises(IndexError, match=r"ProtoDot.predict: items id 4 out of range \[0, 4\)"):
+        model.pair_ids([5], [4], "predict")

@@ -319,15 +319,18 @@ class ALS(FactorTables, Recommender):
     # ------------------------------------------------------------------ scoring
 
     def user_vectors(self, users) -> tuple[Tensor, None]:
-        return self.user_factors[self.as_ids(users, "users").long()], None
+        """``(X[users] (B, dim), None)``; ``users`` (B,) int32/int64 in [0, num_users)."""
+        users = self.as_ids(users, "users", self.num_users, method="user_vectors")
+        return self.user_factors[users.long()], None
 
     def item_vectors(self) -> tuple[Tensor, None]:
         return self.item_factors, None
 
     def forward(self, users, items) -> Tensor:
-        users = self.as_ids(users, "users").long()
-        items = self.as_ids(items, "items").long()
-        return (self.user_factors[users] * self.item_factors[items]).sum(-1)
+        """``<x_u, y_i>`` (B,) of the pairs; ids checked as MF's (:meth:`pair_ids`). Training
+        (the CG sweeps) never calls it."""
+        users, items = self.pair_ids(users, items)
+        return (self.user_factors[users.long()] * self.item_factors[items.long()]).sum(-1)
 
     # ------------------------------------------------------------------ training
 

@@ -517,17 +517,17 @@ class Hybrid(Recommender):
 
     # -- scoring -----------------------------------------------------------------------------
     def forward(self, users, items) -> Tensor:
-        """(B,) logits/ratings ``<p_u, q_i> + b_u + b_i``."""
-        users, items = self.as_ids(users, "users"), self.as_ids(items, "items")
-        if users.shape != items.shape:
-            raise ValueError(f"fastmf.models.Hybrid: users has shape {tuple(users.shape)} but "
-                             f"items {tuple(items.shape)}")
+        """(B,) logits/ratings ``<p_u, q_i> + b_u + b_i``; ids checked as MF's
+        (:meth:`pair_ids`). The training steps pool their batches themselves, without it."""
+        users, items = self.pair_ids(users, items)
         p, bu = self.users.pool(users)
         q, bi = self.items.pool(items)
         return (p * q).sum(1) + bu + bi
 
     def user_vectors(self, users) -> tuple[Tensor, Tensor]:
-        users = self.as_ids(users, "users")
+        """``(pooled user vectors (B, dim), user biases (B,))``; ``users`` (B,) int32/int64
+        in [0, num_users)."""
+        users = self.as_ids(users, "users", self.num_users, method="user_vectors")
         return self.users.pool(users)
 
     def item_vectors(self) -> tuple[Tensor, Tensor]:

@@ -402,12 +402,14 @@ class Item2Vec(Recommender):
         return self.item_embeddings.weight.detach(), None
 
     def user_vectors(self, users) -> tuple[Tensor, None]:
-        """(mean input vector of each user's history items (B, dim), no offset)."""
-        users = torch.as_tensor(users, device=self.history_indptr.device).long().reshape(-1)
-        if users.numel() and (int(users.min()) < 0 or int(users.max()) >= self.num_users):
-            bad = users[(users < 0) | (users >= self.num_users)][0]
-            raise IndexError(f"{OP}.user_vectors: user index {int(bad)} out of range "
-                             f"[0, {self.num_users})")
+        """(mean input vector of each user's history items (B, dim), no offset); ``users``
+        (B,) int32/int64 in [0, num_users)."""
+        users = self.as_ids(users, "users", self.num_users, method="user_vectors")
+        return self._history_vectors(users), None
+
+    def _history_vectors(self, users: Tensor) -> Tensor:
+        """:meth:`user_vectors` of ``users`` already checked."""
+        users = users.to(device=self.history_indptr.device, dtype=torch.int64)
         starts, stops = self.history_indptr[users], self.history_indptr[users + 1]
         sizes = stops - starts
         offsets = torch.zeros(len(users), dtype=torch.int64, device=users.device)
@@ -417,10 +419,12 @@ class Item2Vec(Recommender):
             int(sizes.sum()), device=users.device)
         weight = self.item_embeddings.weight.detach()
         pooled = F.embedding_bag(self.history_items[flat], weight.float(), offsets, mode="mean")
-        return pooled.to(weight.dtype), None
+        return pooled.to(weight.dtype)
 
     def forward(self, users, items) -> Tensor:
-        """``<mean of the user's history input vectors, input vector of the item>``."""
-        vectors, _ = self.user_vectors(self.as_ids(users, "users"))
-        items = self.as_ids(items, "items").long().reshape(-1)
-        return (vectors * self.item_embeddings.weight.detach()[items]).sum(-1)
+        """``<mean of the user's history input vectors, input vector of the item>`` (B,);
+        ids checked as MF's (:meth:`pair_ids`). Training (:meth:`training_step`) never calls
+        it."""
+        users, items = self.pair_ids(users, items)
+        vectors = self._history_vectors(users)
+        return (vectors * self.item_embeddings.weight.detach()[items.long()]).sum(-1)
