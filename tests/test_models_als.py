@@ -4,6 +4,7 @@ import numba
 import numpy as np
 import pytest
 import torch
+from _ids import ID_FORMS
 
 from fastmf.data import Interactions, leave_one_out
 from fastmf.models.als import ALS
@@ -319,8 +320,7 @@ def test_scores_of_good_ids_are_the_dot_products_of_the_tables(dtype):
     # user 0 and item 0 have no data (random_problem), so their rows stay near zero
     trained = (users > 0) & (items > 0)
     assert trained.sum() > 300 and np.all(np.abs(brute[trained]) > 1e-6)
-    for form in (torch.as_tensor, lambda a: torch.as_tensor(a, dtype=torch.int32),
-                 np.asarray, lambda a: a.astype(np.int32), lambda a: a.tolist()):
+    for form in ID_FORMS:
         got = model.predict(form(users), form(items))
         assert got.dtype == dtype and torch.equal(got, exact)
         np.testing.assert_allclose(got.double().numpy(), brute, rtol=1e-5, atol=1e-7)

@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from _ids import ID_FORMS
 
 import fastmf
 from fastmf import optim
@@ -54,21 +55,27 @@ def rng():
     return np.random.default_rng(7)
 
 
-def test_forward_equals_numpy_lightfm(rng):
-    torch.manual_seed(1)
-    uf = random_features(rng, 9, 5)
-    itf = random_features(rng, 12, 6)
-    model = Hybrid(9, 12, dim=4, user_features=Features.from_scipy(uf, kind="user"),
+def random_hybrid(rng, seed: int, num_users: int, num_items: int, dim: int):
+    """A Hybrid on random user and item features, with random biases too (so they are
+    checked), and its numpy LightFM-style (p, b_u, q, b_i) per user and item."""
+    torch.manual_seed(seed)
+    uf = random_features(rng, num_users, num_users // 2)
+    itf = random_features(rng, num_items, num_items // 2)
+    model = Hybrid(num_users, num_items, dim=dim,
+                   user_features=Features.from_scipy(uf, kind="user"),
                    item_features=Features.from_scipy(itf), init_scale=0.5)
-    with torch.no_grad():  # random biases too, so they are checked
+    with torch.no_grad():
         model.users.bias.weight.uniform_(-1, 1)
         model.items.bias.weight.uniform_(-1, 1)
-    wu = lightfm_numpy(model, uf, 9, True, True)
-    wi = lightfm_numpy(model, itf, 12, True, True)
+    wu = lightfm_numpy(model, uf, num_users, True, True)
+    wi = lightfm_numpy(model, itf, num_items, True, True)
     eu, cu = side_arrays(model, "user")
     ei, ci = side_arrays(model, "item")
-    p, bu = wu @ eu, wu @ cu
-    q, bi = wi @ ei, wi @ ci
+    return model, (wu @ eu, wu @ cu, wi @ ei, wi @ ci)
+
+
+def test_forward_equals_numpy_lightfm(rng):
+    model, (p, bu, q, bi) = random_hybrid(rng, 1, 9, 12, 4)
     users = rng.integers(0, 9, 50)
     items = rng.integers(0, 12, 50)
     expected = (p[users] * q[items]).sum(1) + bu[users] + bi[items]
@@ -805,19 +812,7 @@ def test_fit_on_the_device_trains_as_on_the_cpu(rng, device, loss):
 
 
 def test_scores_of_good_ids_in_every_form_equal_numpy_lightfm(rng):
-    torch.manual_seed(4)
-    uf = random_features(rng, 11, 4)
-    itf = random_features(rng, 13, 5)
-    model = Hybrid(11, 13, dim=3, user_features=Features.from_scipy(uf, kind="user"),
-                   item_features=Features.from_scipy(itf), init_scale=0.5)
-    with torch.no_grad():  # random biases too, so they are checked
-        model.users.bias.weight.uniform_(-1, 1)
-        model.items.bias.weight.uniform_(-1, 1)
-    wu = lightfm_numpy(model, uf, 11, True, True)
-    wi = lightfm_numpy(model, itf, 13, True, True)
-    eu, cu = side_arrays(model, "user")
-    ei, ci = side_arrays(model, "item")
-    p, bu, q, bi = wu @ eu, wu @ cu, wi @ ei, wi @ ci
+    model, (p, bu, q, bi) = random_hybrid(rng, 4, 11, 13, 3)
     users = (rng.zipf(1.4, 250) - 1) % 11
     items = (rng.zipf(1.4, 250) - 1) % 13
     users[:2], items[:2] = [0, 10], [12, 0]
@@ -825,8 +820,7 @@ def test_scores_of_good_ids_in_every_form_equal_numpy_lightfm(rng):
     expected = (p[users] * q[items]).sum(1) + bu[users] + bi[items]
     assert np.all(np.abs(expected) > 1e-6)
     reference = model.predict(torch.as_tensor(users), torch.as_tensor(items))
-    for form in (torch.as_tensor, lambda a: torch.as_tensor(a, dtype=torch.int32),
-                 np.asarray, lambda a: a.astype(np.int32), lambda a: a.tolist()):
+    for form in ID_FORMS:
         got = model.predict(form(users), form(items))
         assert torch.equal(got, reference)
         np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-5, atol=1e-6)

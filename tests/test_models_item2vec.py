@@ -4,6 +4,7 @@ against plain autograd with torch.optim, planted clusters, determinism, bad inpu
 import numpy as np
 import pytest
 import torch
+from _ids import ID_FORMS
 
 from fastmf.data import Interactions
 from fastmf.models.item2vec import (
@@ -373,8 +374,7 @@ def test_scores_of_good_ids_are_history_means_dotted_with_the_item():
     # What forward computed before its ids were checked (the history pool, then the dot).
     pooled = torch.stack([weight[torch.as_tensor(s)].float().mean(0) for s in sequences])
     reference = model.predict(torch.as_tensor(users), torch.as_tensor(items))
-    for form in (torch.as_tensor, lambda a: torch.as_tensor(a, dtype=torch.int32),
-                 np.asarray, lambda a: a.astype(np.int32), lambda a: a.tolist()):
+    for form in ID_FORMS:
         got = model.predict(form(users), form(items))
         assert torch.equal(got, reference)
         np.testing.assert_allclose(got.double().numpy(), brute, rtol=1e-5, atol=1e-7)
