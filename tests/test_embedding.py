@@ -989,6 +989,56 @@ def test_outside_backward_applies_immediately():
     assert opt.state[emb.weight]["step"] == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_a_pass_that_accumulates_into_the_table_updates_it(backend):
+    """An optimizer in backward steps its table only in a pass that would accumulate the
+    table's gradient: autograd.grad(out, [per_sample_weights]) (a gradient penalty) and
+    backward(inputs=[per_sample_weights]) had stepped it, where torch leaves a weight alone;
+    autograd.grad(out, [weight]) returns the weight's gradient, as torch's sparse one."""
+    rng = np.random.default_rng(3)
+    emb = fastmf.nn.EmbeddingBag(N, K, backend=backend)
+    plain = torch.nn.EmbeddingBag(N, K, mode="sum", sparse=True)
+    with torch.no_grad():
+        plain.weight.copy_(emb.weight)
+    opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseSGD(emb.parameters(), lr=0.1))
+    ids = torch.as_tensor(rng.integers(0, N, 12))
+    offsets = torch.tensor([0, 5, 5, 9])
+    psw = torch.as_tensor(rng.uniform(0.5, 1.5, 12), dtype=torch.float32).requires_grad_()
+
+    def loss(module):
+        return (module(ids, offsets, per_sample_weights=psw) ** 2).sum()
+
+    before = emb.weight.detach().clone()
+    got, = torch.autograd.grad(loss(emb), [psw])
+    want, = torch.autograd.grad(loss(plain), [psw])
+    torch.testing.assert_close(got, want)
+    loss(emb).backward(inputs=[psw])
+    assert torch.equal(emb.weight.detach(), before) and "step" not in opt.state[emb.weight]
+    got, = torch.autograd.grad(loss(emb), [emb.weight])
+    want, = torch.autograd.grad(loss(plain), [plain.weight])
+    assert got.is_sparse and torch.equal(emb.weight.detach(), before)
+    torch.testing.assert_close(got.to_dense(), want.to_dense())
+    loss(emb).backward()  # a pass that accumulates: the one update
+    torch.testing.assert_close(emb.weight.detach(), before - 0.1 * want.to_dense())
+    assert opt.state[emb.weight]["step"] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_ids_with_int64_offsets(backend):
+    """int64 offsets were narrowed to int32 ids' dtype before they were checked: [0, 2**32]
+    became [0, 0] and built other bags without a word. Now the pair is read in int64."""
+    rng = np.random.default_rng(4)
+    bag = fastmf.nn.EmbeddingBag(N, K, backend=backend)
+    ids = torch.as_tensor(rng.integers(0, N, 9), dtype=torch.int32)
+    for bad in ([0, 2**32], [0, 2**32 + 1]):
+        with pytest.raises(ValueError, match=rf"offsets\[1\] = {bad[1]} is past the end"):
+            bag(ids, torch.tensor(bad))
+    offsets = torch.tensor([0, 4, 4, 7])
+    want = torch.nn.functional.embedding_bag(ids.long(), bag.weight.detach(), offsets,
+                                             mode="sum")
+    torch.testing.assert_close(bag(ids, offsets).detach(), want)
+
+
 class _FailingBackward(torch.autograd.Function):
     """Identity whose backward raises: a backward pass that fails after the fused tables'
     backward has run (their node is later in the graph, so the engine runs it first)."""

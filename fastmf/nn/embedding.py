@@ -262,6 +262,24 @@ def _queue_use(weight: Tensor, use: BagUse) -> None:
         updates.apply()  # not inside a backward pass: nothing more will come
 
 
+def _pass_accumulates(ctx) -> bool | None:
+    """Whether this backward pass accumulates into the weight (the first input) of the
+    lookup whose backward node is ``ctx``: True for ``backward()`` (and ``backward(inputs=)``
+    naming the weight), None for ``backward(inputs=...)`` without it, False under
+    ``torch.autograd.grad`` (which returns gradients and accumulates none). An optimizer in
+    backward updates its weight only in the first case: ``autograd.grad(out,
+    [per_sample_weights])`` for a gradient penalty had stepped the table (torch leaves a
+    weight alone there), and ``autograd.grad(out, [weight])`` now returns the weight's
+    sparse gradient as for any other table."""
+    node = ctx.next_functions[0][0]
+    if node is None:
+        return None
+    try:
+        return True if torch._C._will_engine_execute_node(node) else None
+    except RuntimeError:  # "... running autograd.grad(). This is currently not supported."
+        return False
+
+
 class _EmbeddingBagFunction(torch.autograd.Function):
     """Bag lookup with the embedding_bag kernels; the weight's gradient is sparse COO (one
     row per index, uncoalesced, like nn.EmbeddingBag(sparse=True)), or, for a fused weight,
@@ -289,9 +307,13 @@ class _EmbeddingBagFunction(torch.autograd.Function):
             grad_psw = per_sample_weights_grad(grad_output, weight, indices, offsets)
         if ctx.needs_input_grad[0]:
             table = ctx.weight_ref()
-            if table is not None and fused_optimizer(table) is not None:
+            fused = table is not None and fused_optimizer(table) is not None
+            accumulates = _pass_accumulates(ctx) if fused else True
+            if fused and accumulates:
                 _queue_use(table, BagUse(ctx.sequence, grad_output, indices, offsets,
                                          None if psw is None else psw.detach(), ctx.pooling))
+            elif fused and accumulates is None:
+                pass  # backward(inputs=...) without this weight: nothing to update
             else:
                 rows = ctx.kernels.embedding_bag_backward(grad_output, indices, offsets,
                                                           None if psw is None else psw.detach(),
@@ -703,6 +725,11 @@ class EmbeddingBag(_Table):
         if offsets is None:
             raise ValueError(f"fastmf.{op}: offsets is required when ids is 1-D")
         checks.check_index_tensor(op, "offsets", offsets)
+        # Both in the wider of their dtypes: int64 offsets narrowed to int32 ids wrapped
+        # (offsets [0, 2**32] became [0, 0]) before any check could see them.
+        if offsets.dtype != ids.dtype:
+            dtype = torch.promote_types(ids.dtype, offsets.dtype)
+            ids = ids.to(dtype)
         offsets = offsets.to(device=ids.device, dtype=ids.dtype)
         num_ids = ids.shape[0]
         if not self.include_last_offset:
