@@ -47,9 +47,27 @@ __all__ = ["CombinedOptimizer", "SparseAdagrad", "SparseAdam", "SparseSGD", "app
            "grown_state"]
 
 
-def _sparse_parts(grad: Tensor) -> tuple[Tensor, Tensor]:
-    """(ids (nnz,), rows (nnz, ...)) of a COO gradient, coalesced or not."""
-    return grad._indices()[0], grad._values()
+def _sparse_parts(grad: Tensor, op: str = "fastmf.optim") -> tuple[Tensor, Tensor]:
+    """(ids (nnz,), rows (nnz, ...)) of a COO gradient, coalesced or not.
+
+    A gradient with more than one sparse dimension (``Tensor.to_sparse()`` of a 2-D
+    gradient: one value per nonzero element) is grouped by row first, as torch's sparse
+    optimizers take it: one row per distinct first index, zeros where that row has no
+    element. That allocates (distinct rows, ...) values, never the whole table."""
+    sparse_dim = grad.sparse_dim()
+    if sparse_dim == 1:
+        return grad._indices()[0], grad._values()
+    if sparse_dim == 0:
+        raise ValueError(f"{op}: a sparse gradient with no sparse dimension (shape "
+                         f"{tuple(grad.shape)}, sparse_dim 0) is not supported; give the "
+                         "parameter a dense gradient or a row-sparse one (to_sparse(1))")
+    grad = grad.coalesce()
+    indices, values = grad._indices(), grad._values()
+    # coalesced: indices sorted row-major, so the rows come out in increasing order
+    ids, rows_of = torch.unique_consecutive(indices[0], return_inverse=True)
+    rows = values.new_zeros((ids.numel(), *grad.shape[1:]))
+    rows[(rows_of, *indices[1:])] = values
+    return ids, rows
 
 
 def _step_hooks_registered(optimizer: torch.optim.Optimizer) -> bool:
@@ -77,6 +95,26 @@ def _is_legacy_dtype(param: Tensor) -> bool:
     return param.dtype in checks.WEIGHT_DTYPES
 
 
+class _TensorSet(nn_embedding._TensorMap):
+    """A set of tensors by identity, each dropped when it dies (weak references, as
+    fastmf.nn.embedding's maps): a raw ``id()`` kept instead could name a new tensor that
+    reuses the address of a freed one."""
+
+    def add(self, tensor: Tensor) -> None:
+        self[tensor] = True
+
+    def discard(self, tensor: Tensor | int) -> None:
+        """Drop ``tensor``; an int is the ``id()`` of a live tensor (fastmf.recommender
+        passes one): an entry under it is that tensor, since dead ones are dropped."""
+        if isinstance(tensor, int):
+            self._items.pop(tensor, None)
+        else:
+            self.pop(tensor)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class _SparseOptimizer(torch.optim.Optimizer):
     SETTINGS = ("lr", "weight_decay")
 
@@ -85,8 +123,24 @@ class _SparseOptimizer(torch.optim.Optimizer):
         if backend != "auto":
             ops.resolve_backend(backend)
         self.backend = backend
-        # ids of the parameters updated in backward (apply_in_backward); step() skips them.
-        self._in_backward: set[int] = set()
+        # The parameters apply_in_backward registered for this optimizer: step() looks for
+        # them (fastmf.nn.embedding.fused_optimizer(p) is self) only when there are some.
+        self._in_backward = _TensorSet()
+
+    def __getstate__(self) -> dict:
+        """torch's state (defaults, state, param_groups) and the backend. Not the kernel
+        cache (modules do not pickle), nor which parameters are updated in backward: a copy
+        (copy.deepcopy, pickle, torch.save/load) holds new parameter objects, so it steps
+        them in step() unless apply_in_backward is called on it. Hooks are dropped, as
+        torch drops them."""
+        state = super().__getstate__()
+        state["backend"] = self.backend
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("backend", "auto")
+        self._in_backward = _TensorSet()
 
     def check_groups(self) -> None:
         """Every group's settings are finite and >= 0 (betas in [0, 1)); they can be edited
@@ -101,7 +155,11 @@ class _SparseOptimizer(torch.optim.Optimizer):
         if "eps" in self.SETTINGS:
             checks.check_positive(op, eps=group["eps"])
         if "betas" in group:
-            checks.check_betas(op, *group["betas"])
+            betas = group["betas"]
+            if not isinstance(betas, tuple | list) or len(betas) != 2:
+                raise ValueError(f"fastmf.{type(self).__name__}: betas must be a pair, got "
+                                 f"{betas!r}")
+            checks.check_betas(op, *betas)
 
     def hyperparameters(self, param: Tensor) -> dict:
         """The group settings that apply to ``param`` (KeyError if it is not optimised)."""
@@ -120,6 +178,14 @@ class _SparseOptimizer(torch.optim.Optimizer):
 
     def weight_decay_mode(self, group: dict) -> WeightDecay:
         return WeightDecay.L2 if group["weight_decay"] else WeightDecay.NONE
+
+    def element_sparse_step(self, param: Tensor, grad: Tensor, group: dict,
+                            step: int) -> bool:
+        """A step with a gradient of several sparse dimensions (one value per element) that
+        the row form (:func:`_sparse_parts`: absent elements of a touched row are zeros)
+        would not give torch's numbers for; False where it does (SGD, Adagrad: a zero
+        gradient leaves an element as it is)."""
+        return False
 
     def dense_update(self, param: Tensor, grad: Tensor, group: dict, step: int) -> None:
         """Torch's update for a dense gradient, in place on ``param`` (float32/float64;
@@ -180,11 +246,13 @@ class _SparseOptimizer(torch.optim.Optimizer):
     step.hooked = True
 
     def _all_in_backward(self) -> bool:
-        """Whether an optimizer in backward updates every parameter (step() then skips
+        """Whether this optimizer updates every parameter in backward (step() then skips
         them all)."""
-        in_backward = self._in_backward
-        return bool(in_backward) and all(id(p) in in_backward for group in self.param_groups
-                                         for p in group["params"])
+        if not self._in_backward:
+            return False
+        fused_optimizer = nn_embedding.fused_optimizer
+        return all(fused_optimizer(p) is self for group in self.param_groups
+                   for p in group["params"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch's zero_grad; with ``set_to_none`` (the default) a plain loop that sets
@@ -205,14 +273,21 @@ class _SparseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.check_groups()
+        # The registry, not a list of ours: it forgets a weight that dies, and a new
+        # parameter is never mistaken for it.
+        fused_optimizer = nn_embedding.fused_optimizer if self._in_backward else None
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or id(p) in self._in_backward:
+                if p.grad is None or (fused_optimizer is not None
+                                      and fused_optimizer(p) is self):
                     continue
                 step = self._next_step(p)
                 if p.grad.is_sparse:
-                    ids, rows = _sparse_parts(p.grad)
-                    self.sparse_step(p, group, ids, rows, step)
+                    if p.grad.sparse_dim() < 2 or not self.element_sparse_step(p, p.grad,
+                                                                               group, step):
+                        ids, rows = _sparse_parts(p.grad,
+                                                  f"fastmf.{type(self).__name__}.step")
+                        self.sparse_step(p, group, ids, rows, step)
                 else:
                     self._dense_step(p, p.grad, group, step)
                 self.state[p]["step"] = step
@@ -336,12 +411,16 @@ class SparseAdagrad(_SparseOptimizer):
     def state_for(self, param: Tensor) -> Tensor:
         """The accumulator of ``param``: shaped like it, or (N,) when row-wise."""
         state = self.state[param]
+        dtype = checks.accumulation_dtype(param.dtype)
         if "sum" not in state:
             group = self.hyperparameters(param)
             shape = param.shape[:1] if group["rowwise"] else param.shape
-            state["sum"] = empty_table(shape, dtype=checks.accumulation_dtype(param.dtype),
-                                       device=param.device).fill_(
+            state["sum"] = empty_table(shape, dtype=dtype, device=param.device).fill_(
                 group["initial_accumulator_value"])
+        elif state["sum"].dtype != dtype:
+            # The parameter changed dtype (module.double(), .float()): as torch's optimizers
+            # go on, the sums go on in the new accumulation type.
+            state["sum"] = state["sum"].to(dtype)
         return state["sum"]
 
     def row_optimizer(self, group: dict) -> Optimizer:
@@ -450,16 +529,65 @@ class SparseAdam(_SparseOptimizer):
     def states(self, param: Tensor) -> tuple[Tensor, Tensor]:
         """(exp_avg like ``param``, exp_avg_sq like it or (N,) when row-wise)."""
         state = self.state[param]
+        dtype = checks.accumulation_dtype(param.dtype)
         if "exp_avg" not in state:
             group = self.hyperparameters(param)
-            dtype = checks.accumulation_dtype(param.dtype)
             state["exp_avg"] = empty_table(param.shape, dtype=dtype, device=param.device).zero_()
             shape = param.shape[:1] if group["rowwise"] and param.dim() == 2 else param.shape
             state["exp_avg_sq"] = empty_table(shape, dtype=dtype, device=param.device).zero_()
+        elif state["exp_avg"].dtype != dtype or state["exp_avg_sq"].dtype != dtype:
+            # The parameter changed dtype (module.double(), .float()): the moments go on in
+            # the new accumulation type, as torch's optimizers go on.
+            state["exp_avg"] = state["exp_avg"].to(dtype)
+            state["exp_avg_sq"] = state["exp_avg_sq"].to(dtype)
         return state["exp_avg"], state["exp_avg_sq"]
 
     def row_optimizer(self, group: dict) -> Optimizer:
         return Optimizer.ROWWISE_ADAM if group["rowwise"] else Optimizer.ADAM
+
+    def element_sparse_step(self, param, grad, group, step) -> bool:
+        """Element-wise (``rowwise=False``): torch.optim.SparseAdam's numbers for a gradient
+        of several sparse dimensions: only its elements' moments and weights move (in the
+        row form the absent elements of a touched row would decay). In the accumulation
+        type; half weights written back rounded as the sparse path rounds them. Row-wise
+        Adam keeps the row form (one ``v`` per row)."""
+        if group["rowwise"] or not param.is_contiguous():
+            return False
+        grad = grad.coalesce()
+        sparse_dim, shape = grad.sparse_dim(), grad.shape
+        indices = grad._indices()
+        width = math.prod(shape[sparse_dim:])
+        inner = torch.zeros_like(indices[0])
+        for d in range(1, sparse_dim):
+            inner = inner * shape[d] + indices[d]
+        cols = (inner.unsqueeze(1) * width
+                + torch.arange(width, device=inner.device)).reshape(-1)
+        rows = indices[0].unsqueeze(1).expand(-1, width).reshape(-1)
+        exp_avg, exp_avg_sq = self.states(param)
+        dtype = exp_avg.dtype
+        table = param.detach().view(shape[0], -1)
+        m_all, v_all = exp_avg.view(shape[0], -1), exp_avg_sq.view(shape[0], -1)
+        g = grad._values().reshape(-1).to(dtype)
+        w = table[rows, cols].to(dtype)
+        lr, eps, (beta1, beta2) = group["lr"], group["eps"], group["betas"]
+        decay = group["weight_decay"]
+        if decay and group["decoupled_weight_decay"]:
+            w = w * (1 - lr * decay)
+        elif decay:
+            g = g + decay * w
+        m, v = m_all[rows, cols], v_all[rows, cols]
+        m = m + (g - m) * (1 - beta1)
+        v = v + (g * g - v) * (1 - beta2)
+        m_all[rows, cols], v_all[rows, cols] = m, v
+        step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+        w = w - step_size * (m / (v.sqrt() + eps))
+        stochastic, seed = stochastic_rounding_of(param)
+        if stochastic:
+            bits = random_bits(rows, table.shape[1], seed, step)
+            bits = bits.gather(1, cols.unsqueeze(1)).squeeze(1)
+            w = stochastic_round(w.float(), param.dtype, bits)
+        table[rows, cols] = w.to(param.dtype)
+        return True
 
     def weight_decay_mode(self, group: dict) -> WeightDecay:
         if not group["weight_decay"]:
@@ -537,7 +665,7 @@ def apply_in_backward(optimizer: _SparseOptimizer) -> _SparseOptimizer:
                                "(apply_in_backward was called for it before)")
     for p, _ in tables:
         nn_embedding.register_fused(p, optimizer)
-        optimizer._in_backward.add(id(p))
+        optimizer._in_backward.add(p)
     return optimizer
 
 
@@ -550,6 +678,13 @@ class CombinedOptimizer(torch.optim.Optimizer):
     ``param_groups`` lists the parts' groups (the same dicts, so an LR scheduler or an edit
     of ``group["lr"]`` reaches the part that owns it); ``state`` reads every part's state.
     ``optimizers`` holds the parts.
+
+    Hooks registered on it run as a torch optimizer runs them: step pre/post hooks around
+    the parts' steps (``hook(self, args, kwargs)``, ``args == (self,)`` or ``(self,
+    closure)``), state_dict and load_state_dict hooks around theirs. Hooks registered for
+    every optimizer (``torch.optim.optimizer.register_optimizer_step_pre_hook``) run once
+    per part, in the part's step. A copy (``copy.deepcopy``, pickle, ``torch.save``) copies
+    every part and, as torch's copies do, keeps no hook.
 
     >>> import torch, fastmf
     >>> emb, head = fastmf.nn.Embedding(100, 8), torch.nn.Linear(8, 1)
@@ -580,11 +715,26 @@ class CombinedOptimizer(torch.optim.Optimizer):
         # so that LR schedulers and hook registration work; the groups and state are the
         # parts' own (properties below).
         self.defaults = {}
-        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-                     "_optimizer_load_state_dict_pre_hooks",
-                     "_optimizer_load_state_dict_post_hooks"):
+        self._new_hooks()
+
+    _HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+              "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+              "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
+    def _new_hooks(self) -> None:
+        for name in self._HOOKS:
             setattr(self, name, OrderedDict())
+
+    def __getstate__(self) -> dict:
+        """The parts (each copied through its own ``__getstate__``) and the defaults; no
+        hooks, as torch's ``Optimizer.__getstate__`` keeps none (they are often lambdas,
+        which do not pickle)."""
+        return {"optimizers": self.optimizers, "defaults": self.defaults}
+
+    def __setstate__(self, state: dict) -> None:
+        self.optimizers = list(state["optimizers"])
+        self.defaults = state.get("defaults", {})
+        self._new_hooks()
 
     @property
     def param_groups(self) -> list[dict]:
@@ -599,6 +749,35 @@ class CombinedOptimizer(torch.optim.Optimizer):
                                   "group to one of its optimizers")
 
     def step(self, closure=None):
+        """Every part's step; with step hooks registered on this optimizer, inside torch's
+        profiler label and between its pre- and post-hooks (as
+        ``torch.optim.Optimizer.profile_hook_step`` runs them; without, no label: see
+        the sparse optimizers' step for what it costs)."""
+        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
+            args = (self,) if closure is None else (self, closure)
+            return self._hooked_step(args, {})
+        return self._step(closure)
+
+    step.hooked = True
+
+    def _hooked_step(self, args: tuple, kwargs: dict):
+        with torch.autograd.profiler.record_function(
+                f"Optimizer.step#{type(self).__name__}.step"):
+            for pre_hook in list(self._optimizer_step_pre_hooks.values()):
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if isinstance(result, tuple) and len(result) == 2:
+                        args, kwargs = result
+                    else:
+                        raise RuntimeError(f"fastmf.optim.CombinedOptimizer.step: a step "
+                                           "pre-hook must return None or a tuple (new_args, "
+                                           f"new_kwargs), got {result!r}")
+            out = type(self)._step(*args, **kwargs)
+            for post_hook in list(self._optimizer_step_post_hooks.values()):
+                post_hook(self, args, kwargs)
+            return out
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -612,9 +791,28 @@ class CombinedOptimizer(torch.optim.Optimizer):
             part.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizers": [part.state_dict() for part in self.optimizers]}
+        """``{"optimizers": [each part's state_dict()]}``, after the state_dict pre-hooks
+        (``hook(self)``) and through the post-hooks (``hook(self, state_dict)``, whose
+        non-None result replaces it), as torch's state_dict runs them."""
+        for pre_hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre_hook(self)
+        state_dict = {"optimizers": [part.state_dict() for part in self.optimizers]}
+        for post_hook in list(self._optimizer_state_dict_post_hooks.values()):
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Each part's load_state_dict, after the load_state_dict pre-hooks (``hook(self,
+        state_dict)`` on a shallow copy; a non-None result replaces it) and before the
+        post-hooks (``hook(self)``), as torch's load_state_dict runs them."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         parts = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
         if not isinstance(parts, list) or len(parts) != len(self.optimizers):
             count = len(parts) if isinstance(parts, list) else "no"
@@ -623,6 +821,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
                              f"got {count}")
         for part, saved in zip(self.optimizers, parts, strict=True):
             part.load_state_dict(saved)
+        for post_hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post_hook(self)
 
     def __repr__(self) -> str:
         inner = ",\n".join("  " + repr(part).replace("\n", "\n  ") for part in self.optimizers)

@@ -482,3 +482,230 @@ def test_fused_mf_step_refuses_adam_codes_and_weight_decay():
     with pytest.raises(ValueError, match=r"fastmf\.train_step: the fused MF step has no "
                                          "weight_decay"):
         fastmf.train_step(model, opt, u, i, t)
+
+
+# --- copies, hooks, registry identity, fully sparse gradients, dtype changes, betas ------
+
+SPARSE_CLASSES = {"sgd": lambda p: fastmf.optim.SparseSGD(p, lr=0.2),
+                  "adagrad": lambda p: fastmf.optim.SparseAdagrad(p, lr=0.2),
+                  "adam": lambda p: fastmf.optim.SparseAdam(p, lr=0.05, betas=(0.8, 0.99))}
+
+
+def _copy(obj, how):
+    import copy
+    import io
+    import pickle
+
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _train(rng, emb, opt, head=None):
+    ids, targets = _batch(rng, 16)
+    out = emb(ids)
+    pred = head(out).squeeze(1) if head is not None else out.sum(1)
+    ((pred - targets) ** 2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("name", list(SPARSE_CLASSES))
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_copied_optimizer_steps_like_the_original(how, name, fused):
+    """A copy keeps the backend, steps (it is not in backward: its weights are new objects)
+    and gives the numbers the original gives on the same batches."""
+    torch.manual_seed(0)
+    emb = fastmf.nn.Embedding(N, K, backend="reference")
+    opt = SPARSE_CLASSES[name](emb.parameters())
+    opt.backend = "reference"
+    if fused:
+        fastmf.optim.apply_in_backward(opt)
+    rng = np.random.default_rng(5)
+    _train(rng, emb, opt)
+    emb2, opt2 = _copy((emb, opt), how)
+    assert opt2.backend == "reference" and opt2.param_groups[0]["params"][0] is emb2.weight
+    assert fastmf.nn.embedding.fused_optimizer(emb2.weight) is None
+    for seed in (6, 7):
+        _train(np.random.default_rng(seed), emb, opt)
+        _train(np.random.default_rng(seed), emb2, opt2)
+        torch.testing.assert_close(emb2.weight.detach(), emb.weight.detach(), **TOL)
+        for key, value in opt.state[emb.weight].items():
+            torch.testing.assert_close(opt2.state[emb2.weight][key], value, **TOL)
+    fastmf.optim.apply_in_backward(opt2)  # and a copy can be put in backward in turn
+    _train(np.random.default_rng(8), emb2, opt2)
+    assert emb2.weight.grad is None
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copied_combined_optimizer_works(how):
+    torch.manual_seed(0)
+    emb, head = fastmf.nn.Embedding(N, K), torch.nn.Linear(K, 1)
+    c = fastmf.optim.CombinedOptimizer([
+        fastmf.optim.apply_in_backward(fastmf.optim.SparseAdagrad(emb.parameters(), lr=0.1)),
+        torch.optim.Adam(head.parameters(), lr=0.01)])
+    c.register_step_pre_hook(lambda o, args, kwargs: None)
+    _train(np.random.default_rng(1), emb, c, head)
+    emb2, head2, c2 = _copy((emb, head, c), how)
+    assert len(c2.optimizers) == 2 and all(a is not b for a, b in zip(c.optimizers,
+                                                                       c2.optimizers))
+    assert not c2._optimizer_step_pre_hooks  # as torch's copies: no hooks
+    assert "SparseAdagrad" in repr(c2) and len(c2.param_groups) == 2
+    for seed in (2, 3):
+        _train(np.random.default_rng(seed), emb, c, head)
+        _train(np.random.default_rng(seed), emb2, c2, head2)
+    torch.testing.assert_close(emb2.weight.detach(), emb.weight.detach(), **TOL)
+    torch.testing.assert_close(head2.weight.detach(), head.weight.detach(), **TOL)
+    c2.load_state_dict(c.state_dict())
+
+
+def test_combined_optimizer_runs_its_hooks_as_torch_does():
+    """Step, state_dict and load_state_dict hooks run in torch's order with torch's
+    arguments (the same calls on torch.optim.SGD give the same record)."""
+    torch.manual_seed(0)
+    emb, head = fastmf.nn.Embedding(N, K), torch.nn.Linear(K, 1)
+    c = fastmf.optim.CombinedOptimizer([
+        fastmf.optim.SparseAdagrad(emb.parameters(), lr=0.1),
+        torch.optim.SGD(head.parameters(), lr=0.1)])
+    plain = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+
+    def record(opt):
+        calls = []
+        opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(
+            ("pre", o is opt, args == (opt,), kwargs, emb.weight.detach().clone())))
+        opt.register_step_post_hook(lambda o, args, kwargs: calls.append(
+            ("post", o is opt, args == (opt,), kwargs, emb.weight.detach().clone())))
+        opt.register_state_dict_pre_hook(lambda o: calls.append(("sd_pre", o is opt)))
+        opt.register_state_dict_post_hook(lambda o, sd: calls.append(
+            ("sd_post", o is opt)) or {**sd, "extra": 1})
+        opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(
+            ("load_pre", o is opt, sd.get("extra"))) or {k: v for k, v in sd.items()
+                                                        if k != "extra"})
+        opt.register_load_state_dict_post_hook(lambda o: calls.append(("load_post",
+                                                                       o is opt)))
+        return calls
+
+    ours, theirs = record(c), record(plain)
+    for opt, inputs in ((c, torch.tensor([1, 2, 2])), (plain, None)):
+        if inputs is not None:
+            head(emb(inputs)).sum().backward()
+        opt.step()
+        saved = opt.state_dict()
+        assert saved["extra"] == 1
+        opt.load_state_dict(saved)
+    strip = [call[:4] for call in ours]
+    assert strip == [call[:4] for call in theirs] == [
+        ("pre", True, True, {}), ("post", True, True, {}), ("sd_pre", True),
+        ("sd_post", True), ("load_pre", True, 1), ("load_post", True)]
+    assert torch.equal(ours[0][4], ours[1][4]) is False  # the parts step between them
+    assert fastmf.optim.has_step_hooks(c)
+
+
+def test_step_updates_a_new_weight_on_the_address_of_a_dead_one():
+    """step() skips only the weights the registry says this optimizer updates in backward:
+    a new parameter that lands on a freed weight's id() is stepped."""
+    import gc
+
+    torch.manual_seed(0)
+    emb = fastmf.nn.Embedding(N, K)
+    opt = fastmf.optim.apply_in_backward(fastmf.optim.SparseSGD(emb.parameters(), lr=0.1))
+    old_id = id(emb.weight)
+    opt.param_groups[0]["params"] = []
+    emb.weight = torch.nn.Parameter(torch.randn(N, K))
+    gc.collect()
+    keep, p = [], None
+    for _ in range(2000):
+        p = torch.nn.Parameter(torch.randn(N, K))
+        keep.append(p)
+        if id(p) == old_id:
+            break
+    emb.weight = p
+    opt.param_groups[0]["params"] = [p]
+    before = p.detach().clone()
+    emb(torch.tensor([1, 2])).sum().backward()
+    assert p.grad is not None and p.grad.is_sparse
+    opt.step()
+    torch.testing.assert_close(p.detach()[1:3], before[1:3] - 0.1)
+    # and the registry decides: a weight taken out of it is stepped too
+    emb2 = fastmf.nn.Embedding(N, K)
+    opt2 = fastmf.optim.apply_in_backward(fastmf.optim.SparseSGD(emb2.parameters(), lr=0.1))
+    fastmf.nn.embedding._FUSED.pop(emb2.weight)
+    emb2(torch.tensor([3])).sum().backward()
+    before = emb2.weight.detach().clone()
+    opt2.step()
+    torch.testing.assert_close(emb2.weight.detach()[3], before[3] - 0.1)
+
+
+@pytest.mark.parametrize("name", list(TORCH_OPTIMIZERS))
+@pytest.mark.parametrize("shape", [(N, K), (N, 1)])
+def test_fully_sparse_gradients_match_torch(name, shape):
+    """Gradients of several sparse dimensions (Tensor.to_sparse()), coalesced or not, with
+    rows partly present: torch's numbers over several steps."""
+    torch.manual_seed(0)
+    make_torch, make_ours = TORCH_OPTIMIZERS[name]
+    theirs = torch.nn.Parameter(torch.randn(shape))
+    ours = torch.nn.Parameter(theirs.detach().clone())
+    opt_theirs, opt_ours = make_torch([theirs]), make_ours([ours])
+    for step in range(4):
+        g = torch.randn(shape) * (torch.rand(shape) < 0.3)
+        sparse = g.to_sparse()
+        if step % 2:  # an uncoalesced one: every value split in two halves
+            sparse = torch.sparse_coo_tensor(sparse._indices().repeat(1, 2),
+                                             torch.cat([sparse._values() / 2] * 2), shape)
+        theirs.grad, ours.grad = sparse.clone(), sparse.clone()
+        opt_theirs.step()
+        opt_ours.step()
+        torch.testing.assert_close(ours.detach(), theirs.detach(), **TOL)
+
+
+@pytest.mark.parametrize("name", ["adagrad", "adam"])
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_steps_go_on_after_module_double_as_torch_does(name, fused):
+    torch.manual_seed(0)
+    ours = fastmf.nn.Embedding(N, K)
+    theirs = torch.nn.Embedding(N, K, sparse=True)
+    with torch.no_grad():
+        theirs.weight.copy_(ours.weight)
+    make_torch, make_ours = TORCH_OPTIMIZERS[name]
+    opt_theirs, opt_ours = make_torch(theirs.parameters()), make_ours(ours.parameters())
+    if fused:
+        fastmf.optim.apply_in_backward(opt_ours)
+    rng = np.random.default_rng(2)
+    for convert in (None, "double", None, "float", None):
+        if convert:
+            getattr(ours, convert)()
+            getattr(theirs, convert)()
+        ids, targets = _batch(rng, 16)
+        for module, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            targets = targets.to(module.weight.dtype)
+            ((module(ids).sum(1) - targets) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert ours.weight.dtype == theirs.weight.dtype
+        torch.testing.assert_close(ours.weight.detach(), theirs.weight.detach(), **TOL)
+    assert ours.weight.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in opt_ours.state[ours.weight].values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+@pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.999), 0.9])
+@pytest.mark.parametrize("where", ["param_groups", "add_param_group"])
+def test_bad_betas_in_a_group_are_named_at_step(betas, where):
+    emb, emb2 = fastmf.nn.Embedding(N, K), fastmf.nn.Embedding(N, K)
+    opt = fastmf.optim.SparseAdam(emb.parameters(), lr=0.1)
+    if where == "param_groups":
+        opt.param_groups[0]["betas"] = betas
+    else:
+        opt.add_param_group({"params": emb2.parameters(), "betas": betas})
+    torch.manual_seed(0)
+    (emb(torch.tensor([1, 2])) * torch.randn(2, K)).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"fastmf\.SparseAdam: betas must be a pair, got "):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)
