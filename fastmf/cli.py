@@ -408,7 +408,7 @@ def _train(args, distributed: bool) -> None:
         from fastmf.distributed.fit import FitContext, check_target
 
         main_rank = dist.get_rank() == 0
-        out = check_target(args.out, who="fastmf train: --out") if args.out else None
+        out = check_target(args.out, who="--out") if args.out else None
     else:
         main_rank = True
         out = _check_out(args.out) if args.out else None

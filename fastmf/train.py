@@ -384,6 +384,9 @@ def fit(
                          "none (use loss='bpr' or 'bce' for implicit feedback)")
     seed = (int(np.random.SeedSequence().entropy % (2**31)) if seed is None
             else _count("seed", seed, 0))
+    if dctx is not None:
+        # Every rank must slice the same global batches: rank 0's draw (or seed) on all.
+        seed = dctx.agree(seed)
     k = _count("k", k, 1)
     if resume and checkpoint is None:
         raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")

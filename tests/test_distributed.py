@@ -198,16 +198,23 @@ def _fit_workers(rank: int, ckpt: Path) -> dict:
     # Resumed once more with another learning rate: the main rank warns, naming it.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fastmf.fit(fd.shard(_mf(50)), train, valid=valid, epochs=4, checkpoint=ckpt / "fit_mf",
+        model = fd.shard(_mf(50))
+        fastmf.fit(model, train, valid=valid, epochs=4, checkpoint=ckpt / "fit_mf",
                    resume=True, **dict(FIT_MF, lr=0.2))
     res["fit_mf_other_run"] = [str(w.message) for w in caught
                                if "other settings" in str(w.message)]
+    res["fit_mf_other_lr"] = _local_state(model)
+    # A rowwise change is refused on every rank, as one process refuses it.
+    res["fit_mf_other_rowwise"] = _error(lambda: fastmf.fit(
+        fd.shard(_mf(50)), train, valid=valid, epochs=5, checkpoint=ckpt / "fit_mf",
+        resume=True, optimizer="rowwise_adagrad", **FIT_MF))
     try:
         fastmf.fit(fd.shard(_mf(1)), train, epochs=1, checkpoint=ckpt / "plain",
                    progress=False)
         res["fit_bad_target"] = "no error"
     except ValueError as exc:
         res["fit_bad_target"] = str(exc)
+    res.update(_fit_fixes(rank, ckpt, train))
 
     res["cli"] = _cli_worker(rank, ckpt)
 
@@ -224,6 +231,54 @@ def _fit_workers(rank: int, ckpt: Path) -> dict:
     history = fastmf.fit(model, train, valid=valid, epochs=2, distributed=True, **FIT_NEUMF)
     assert history.model is model  # NeuMF's tables are sharded in place
     res["fit_neumf"] = (_local_state(model), _rows(history))
+    return res
+
+
+# Weighted interactions and seed=None, each one epoch on 2 ranks against one process.
+FIT_WEIGHTED = dict(batch_size=BATCH, seed=7, epochs=1, progress=False, lr=0.1, reg=0.1,
+                    num_negatives=2)
+SEED_NONE_ENTROPY = (12345, 999)  # what each rank's SeedSequence draws: rank 0's wins
+
+
+def _weighted(train):
+    return train.with_weights(np.linspace(0.1, 3.0, len(train)))
+
+
+def _error(fn) -> tuple:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test compares type and text
+        return type(exc).__name__, str(exc), getattr(exc, "errno", None)
+    return ("no error",)
+
+
+def _fit_fixes(rank: int, ckpt: Path, train) -> dict:
+    """fit with weights and with seed=None; a checkpoint path that rank 0's checks refuse
+    (a name too long, a parent that is a file) and a save that rank 0 cannot prepare: the
+    same error on every rank, before training."""
+    from types import SimpleNamespace
+
+    import fastmf.distributed as fd
+
+    res: dict = {}
+    for loss in ("mse", "bpr", "bce"):
+        model = fd.shard(_mf(1))
+        history = fastmf.fit(model, _weighted(train), loss=loss, **FIT_WEIGHTED)
+        res[f"fit_weighted_{loss}"] = (_local_state(model), _rows(history))
+    real = np.random.SeedSequence
+    np.random.SeedSequence = lambda *a, **k: (real(*a, **k) if a or k else SimpleNamespace(
+        entropy=SEED_NONE_ENTROPY[rank]))  # fit's draw for seed=None, rank by rank
+    try:
+        model = fd.shard(_mf(1))
+        history = fastmf.fit(model, train, loss="mse", **dict(FIT_WEIGHTED, seed=None))
+    finally:
+        np.random.SeedSequence = real
+    res["fit_seed_none"] = (_local_state(model), _rows(history))
+    under_a_file = ckpt / "plain" / "notes.txt" / "ck"
+    for key, target in (("long", ckpt / ("x" * 300)), ("under_a_file", under_a_file)):
+        res[f"fit_target_{key}"] = _error(lambda t=target: fastmf.fit(
+            fd.shard(_mf(1)), train, epochs=1, checkpoint=t, progress=False))
+    res["save_under_a_file"] = _error(lambda: fd.save(under_a_file, fd.shard(_mf(1))))
     return res
 
 
@@ -670,11 +725,68 @@ def test_fit_resuming_a_sharded_checkpoint_with_other_settings_warns(runs):
     assert len(main["fit_mf_other_run"]) == 1, main["fit_mf_other_run"]
     assert "lr 0.1 -> 0.2" in main["fit_mf_other_run"][0]
     assert other["fit_mf_other_run"] == []
+    # ... and trains its fourth epoch at the new lr, as a one-process resume does.
+    import tempfile
+
+    train, valid = _fit_data(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        fastmf.fit(_mf(1), train, valid=valid, epochs=3, checkpoint=Path(tmp) / "ck", **FIT_MF)
+        model = _mf(50)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fastmf.fit(model, train, valid=valid, epochs=4, checkpoint=Path(tmp) / "ck",
+                       resume=True, **dict(FIT_MF, lr=0.2))
+        _close(_assemble([main["fit_mf_other_lr"], other["fit_mf_other_lr"]]),
+               _full_state(model))
+        one = _error(lambda: fastmf.fit(_mf(50), train, valid=valid, epochs=5,
+                                        checkpoint=Path(tmp) / "ck", resume=True,
+                                        optimizer="rowwise_adagrad", **FIT_MF))
+    assert main["fit_mf_other_rowwise"] == other["fit_mf_other_rowwise"]
+    kind, text, _ = main["fit_mf_other_rowwise"]
+    assert kind == one[0] == "ValueError", (main["fit_mf_other_rowwise"], one)
+    tail = "holds SparseAdagrad(rowwise=False) state but this run's optimizer is " \
+           "SparseAdagrad(rowwise=True); resume with optimizer='adagrad'"
+    assert tail in text and tail in one[1], (text, one[1])
 
 
 def test_fit_refuses_a_folder_that_is_not_a_sharded_checkpoint(runs):
     for r in runs["two"]:
         assert "not a sharded fastmf checkpoint" in r["fit_bad_target"], r["fit_bad_target"]
+
+
+@pytest.mark.parametrize("loss", ["mse", "bpr", "bce"])
+def test_fit_mf_with_weights_on_two_ranks_matches_one_process(runs, loss):
+    train, _ = _fit_data(False)
+    model = _mf(1)
+    history = fastmf.fit(model, _weighted(train), loss=loss, **FIT_WEIGHTED)
+    unweighted = _mf(1)
+    fastmf.fit(unweighted, train, loss=loss, **FIT_WEIGHTED)
+    assert not torch.allclose(model.user_factors, unweighted.user_factors, atol=1e-3)
+    _compare_fit(runs, f"fit_weighted_{loss}", model, _rows(history))
+
+
+def test_fit_seed_none_on_two_ranks_uses_rank_0s_seed(runs):
+    train, _ = _fit_data(False)
+    model = _mf(1)
+    history = fastmf.fit(model, train, loss="mse",
+                         **dict(FIT_WEIGHTED, seed=SEED_NONE_ENTROPY[0]))
+    _compare_fit(runs, "fit_seed_none", model, _rows(history))
+
+
+def test_fit_checkpoint_checks_fail_on_every_rank_before_training(runs, tmp_path):
+    main, other = runs["two"]
+    for key in ("fit_target_long", "fit_target_under_a_file", "save_under_a_file"):
+        assert main[key] == other[key], key
+    # As one process: the OSError of a name too long, the path's own.
+    long = main["fit_target_long"]
+    assert long[0] == "OSError" and long[2] == 36, long
+    one = _error(lambda: fastmf.checkpoint.check_save_target(tmp_path / ("x" * 300)))
+    assert one[0] == long[0] and one[2] == long[2]
+    kind, text, _ = main["fit_target_under_a_file"]
+    assert kind == "CheckpointError", text
+    assert text.startswith("fastmf.fit: checkpoint=") and "notes.txt is not a directory" in text
+    # save(): rank 0's own error, not "rank 0 could not prepare", on the other ranks too.
+    assert main["save_under_a_file"][0] == "NotADirectoryError", main["save_under_a_file"]
 
 
 def test_fit_neumf_distributed_matches_one_process(runs):
@@ -899,6 +1011,30 @@ def test_cli_train_distributed_needs_torchrun(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "--distributed needs the environment torchrun sets" in err
     assert "torchrun --nproc_per_node=N -m fastmf train --distributed" in err
+
+
+def test_python_m_fastmf_distributed_needs_torchrun(capsys, monkeypatch):
+    from fastmf.distributed.__main__ import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exc:
+        main(["--users", "10", "--items", "5", "--samples", "20"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert ("needs the environment torchrun sets (WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, "
+            "MASTER_PORT not set)") in err
+    assert "torchrun --nproc_per_node=N -m fastmf.distributed" in err
+
+
+def test_python_m_fastmf_distributed_resume_needs_a_checkpoint(capsys):
+    from fastmf.distributed.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--resume"])
+    assert exc.value.code == 2
+    assert "--resume needs --checkpoint" in capsys.readouterr().err
 
 
 # -- NCCL on GPUs: the same code path, skipped visibly without two GPUs ---------------------

@@ -21,6 +21,9 @@ import fastmf
 
 from . import fit_sharded, shard
 
+# What torchrun sets and init_process_group("env://") reads (as fastmf.cli checks them).
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastmf.distributed",
@@ -38,10 +41,22 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available() and "LOCAL_RANK" in os.environ
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if args.resume and args.checkpoint is None:
+        parser.error("--resume needs --checkpoint <folder> (the checkpoint to continue from)")
+    own = not (dist.is_available() and dist.is_initialized())
+    if own:
+        missing = [name for name in _TORCHRUN_ENV if name not in os.environ]
+        if missing:
+            parser.error(f"it needs the environment torchrun sets ({', '.join(missing)} not "
+                         "set); launch it as `torchrun --nproc_per_node=N -m "
+                         "fastmf.distributed ...`")
+    if own:
+        cuda = torch.cuda.is_available() and "LOCAL_RANK" in os.environ
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:  # a script calling main() in its own process group
+        cuda = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
     gen = torch.Generator().manual_seed(args.seed)
     users = torch.randint(0, args.users, (args.samples,), generator=gen)
@@ -60,10 +75,11 @@ def main(argv=None) -> None:
     history = fit_sharded(model, optimizer, users, items, ratings, loss=args.loss,
                           epochs=args.epochs, batch_size=args.batch_size, reg=args.reg,
                           seed=args.seed, checkpoint=args.checkpoint,
-                          resume=args.resume and args.checkpoint is not None, verbose=True)
+                          resume=args.resume, verbose=True)
     if dist.get_rank() == 0:
         print(f"final loss {history[-1]:.5f} on {dist.get_world_size()} rank(s)", flush=True)
-    dist.destroy_process_group()
+    if own:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

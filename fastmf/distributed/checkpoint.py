@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -106,6 +107,27 @@ def _agree(ok: bool, group, device) -> bool:
 
 def _broadcast_str(value: str | None, group) -> str:
     box = [value]
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it pickles back as itself (same type and text), else a RuntimeError
+    with its type and text: what :func:`_broadcast_error` can send."""
+    try:
+        back = pickle.loads(pickle.dumps(error))
+        if type(back) is type(error) and str(back) == str(error):
+            return error
+    except Exception:  # noqa: BLE001 - any pickling failure: send the text
+        pass
+    return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _broadcast_error(error: BaseException | None, group) -> BaseException | None:
+    """Rank 0's ``error`` (None: no error) on every rank, of the same type and text where
+    it pickles (:func:`_portable`); a collective."""
+    box = [None if error is None else _portable(error)]
     src = dist.get_global_rank(group, 0) if group is not None else 0
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
@@ -206,10 +228,13 @@ def save(path, model: nn.Module, optimizers=(), *, process_group=None,
             (path / f".tmp-{tag}").mkdir()
         except Exception as exc:  # reported on every rank below
             error, tag = exc, None
-    tag = _broadcast_str(tag, process_group)
+    tag, sent = _broadcast_str((tag, None if error is None else _portable(error)),
+                               process_group)
     if tag is None:
         if error is not None:
             raise error
+        if sent is not None:  # rank 0's error, with its text, here too
+            raise sent
         raise RuntimeError(f"fastmf.distributed.save: rank 0 could not prepare {path}")
     tmp = path / f".tmp-{tag}"
     try:

@@ -25,6 +25,7 @@ differ from one process:
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -181,11 +182,20 @@ class FitContext:
                         pred, valid.ratings))
             return self.agree(out)
         full = gather_model(self.model, self.group)
-        out = None
+        out = error = None
         if self.is_main:
-            full.prepare(train)
-            out = evaluate(full, valid, train=train, metrics=metrics, k=k)
-        return self.agree(out)
+            try:
+                full.prepare(train)
+                out = evaluate(full, valid, train=train, metrics=metrics, k=k)
+            except Exception as exc:  # raised on every rank below, not only here
+                error = exc
+        out, sent = self.agree((out, None if error is None
+                                else sharded_checkpoint._portable(error)))
+        if error is not None:
+            raise error
+        if sent is not None:
+            raise sent
+        return out
 
     @torch.no_grad()
     def _predict(self, users, items, chunk: int = 1 << 16) -> np.ndarray | None:
@@ -244,8 +254,16 @@ class FitContext:
                 warnings.warn(f"fastmf.fit: resume=True but {path} holds no checkpoint yet; "
                               "starting from scratch", stacklevel=3)
             return None
-        extra = sharded_checkpoint.load(path, self.model, self._parts(optimizer),
-                                        process_group=self.group)
+        parts = self._parts(optimizer)
+        _check_rowwise(path, parts)
+        # As the one-process resume: the state comes back, this run's settings (lr, ...)
+        # stay (load puts the saved ones in the groups).
+        kept = [[{k: v for k, v in g.items() if k != "params"} for g in part.param_groups]
+                for part in parts]
+        extra = sharded_checkpoint.load(path, self.model, parts, process_group=self.group)
+        for part, groups in zip(parts, kept, strict=True):
+            for group, settings in zip(part.param_groups, groups, strict=True):
+                group.update(settings)
         progress = _saved_history(SimpleNamespace(extra=extra), path)
         if progress is None:
             return 0, None, None
@@ -262,24 +280,88 @@ class FitContext:
         return epoch, history, best_state
 
 
+def _check_rowwise(path: Path, parts) -> None:
+    """ValueError (on every rank: each reads the same manifest) when the checkpoint's
+    optimizer groups were rowwise and this run's are not, or the other way round, as the
+    one-process resume refuses it."""
+    records = sharded_checkpoint._read_manifest(path)[1].get("optimizers", [])
+    names = {True: "'rowwise_adagrad'", False: "'adagrad'"}
+    for part, record in zip(parts, records, strict=False):
+        for group, saved in zip(part.param_groups, record.get("groups", []), strict=False):
+            mine, theirs = group.get("rowwise"), saved.get("settings", {}).get("rowwise")
+            if mine != theirs and mine is not None and theirs is not None:
+                kind = type(part).__name__
+                raise ValueError(
+                    f"fastmf.fit: checkpoint {path} holds {kind}(rowwise={theirs}) state but "
+                    f"this run's optimizer is {kind}(rowwise={mine}); resume with "
+                    f"optimizer={names.get(theirs, 'the same optimizer')} or start a new "
+                    "checkpoint")
+
+
 def check_target(path, group=None, who: str = "fastmf.distributed") -> Path:
-    """``path`` as a Path, refused on every rank (ValueError) when it (or its ``.best``
-    sibling) exists and is not a sharded checkpoint folder: checked before training, not
-    after the first epoch. A collective."""
+    """``path`` as a Path if :func:`fastmf.distributed.save` can write there, checked on
+    rank 0 before training, not after the first epoch, and refused on every rank with the
+    same error: ValueError when it (or its ``.best`` sibling) exists and is not a sharded
+    checkpoint folder, :class:`fastmf.checkpoint.CheckpointError` (a ValueError) when it
+    could not be created or written (the rules of :func:`fastmf.check_save_target`: the
+    nearest existing parent must be a writable folder), and rank 0's own error (e.g. an
+    OSError for a name too long) when a check itself fails. A collective."""
     path = Path(path)
-    problem = None
+    error = None
     if dist.get_rank(group) == 0:
-        for folder in (path, _best_path(path)):
-            if folder.exists() and (not folder.is_dir() or (
-                    any(folder.iterdir())
-                    and not (folder / sharded_checkpoint.CURRENT).exists())):
-                problem = (f"{who}={str(path)!r}: {folder} exists and is not a sharded fastmf "
-                           "checkpoint (a sharded run saves with fastmf.distributed.save)")
-                break
-    problem = _broadcast(problem, group)
-    if problem is not None:
-        raise ValueError(problem)
+        try:
+            _check_folder(path, who)
+        except Exception as exc:  # raised on every rank below
+            error = exc
+    sent = sharded_checkpoint._broadcast_error(error, group)
+    if error is not None:
+        raise error
+    if sent is not None:
+        raise sent
     return path
+
+
+def _check_folder(path: Path, who: str) -> None:
+    """Rank 0's part of :func:`check_target`."""
+    from fastmf.checkpoint import CheckpointError
+
+    for folder in (path, _best_path(path)):
+        try:  # any other OSError (a name too long, no permission) is the answer
+            os.lstat(folder)
+            exists = True
+        except (FileNotFoundError, NotADirectoryError):
+            exists = False
+        if exists and (not folder.is_dir() or (
+                any(folder.iterdir()) and not _committed_version(folder))):
+            raise ValueError(f"{who}={str(path)!r}: {folder} exists and is not a sharded "
+                             "fastmf checkpoint (a sharded run saves with "
+                             "fastmf.distributed.save)")
+        if folder.is_dir():
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise CheckpointError(f"{who}={str(path)!r}: cannot save to {folder}: the "
+                                      "folder is not writable")
+            continue
+        # Missing parents are created by the save; the nearest existing one decides.
+        ancestor = Path(os.path.abspath(folder)).parent
+        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise CheckpointError(f"{who}={str(path)!r}: cannot save to {folder}: {ancestor} "
+                                  "is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{who}={str(path)!r}: cannot save to {folder}: the folder "
+                                  f"{ancestor} is not writable")
+
+
+def _committed_version(folder: Path) -> bool:
+    """Whether ``folder`` is a sharded checkpoint: its CURRENT names one of its versions
+    (a file merely named CURRENT does not make it one; saving removes other versions)."""
+    from fastmf.checkpoint import CheckpointError
+
+    try:
+        return sharded_checkpoint._committed(folder, "fastmf.distributed") is not None
+    except (CheckpointError, OSError):
+        return False
 
 
 def _best_path(path: Path) -> Path:

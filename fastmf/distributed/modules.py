@@ -270,21 +270,25 @@ class ShardedMF(Recommender):
                       reg: float) -> tuple[Tensor, int]:
         """:meth:`fastmf.MF.training_step` on the sharded fused steps: ``batch`` is this
         rank's slice of the global batch; the loss returned is the global one."""
-        u, i = batch.users, batch.items
+        u, i, w = batch.users, batch.items, batch.weights
         if loss not in IMPLICIT:
-            return self.train_step(optimizer, u, i, batch.targets, loss=loss, reg=reg), len(u)
+            return self.train_step(optimizer, u, i, batch.targets, loss=loss, reg=reg,
+                                   weights=w), len(u)
         neg = batch.negatives
         k = neg.shape[1]
         if loss == "bpr":
             return self.train_step_pairwise(optimizer, u.repeat_interleave(k),
                                             i.repeat_interleave(k), neg.reshape(-1),
-                                            reg=reg), len(u) * k
+                                            reg=reg, weights=None if w is None
+                                            else w.repeat_interleave(k)), len(u) * k
         users = torch.cat([u, u.repeat_interleave(k)])
         items = torch.cat([i, neg.reshape(-1)])
         labels = torch.cat([torch.ones(len(u)), torch.zeros(len(u) * k)]).to(
             dtype=self.user_factors.dtype, device=u.device)
+        if w is not None:  # the negatives' rows weigh 1, as in fastmf.MF.training_step
+            w = torch.cat([w.to(labels.dtype), labels.new_ones(len(u) * k)])
         return self.train_step(optimizer, users, items, labels, loss="bce",
-                               reg=reg), len(users)
+                               reg=reg, weights=w), len(users)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -309,6 +313,21 @@ class ShardedMF(Recommender):
                             f"tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
         return ids.reshape(-1)
 
+    def _check_weights(self, who: str, weights, users: Tensor) -> Tensor | None:
+        """``weights`` (None, or (B,) floats like ``users``) in the tables' dtype, checked
+        finite and >= 0 as the fused steps check them."""
+        if weights is None:
+            return None
+        if not isinstance(weights, Tensor) or not weights.is_floating_point():
+            raise TypeError(f"fastmf.{who}: weights must be a floating point tensor, got "
+                            f"{getattr(weights, 'dtype', type(weights).__name__)}")
+        weights = weights.reshape(-1).to(self.user_factors.dtype)
+        checks.check_same_length(who, users=users,
+                                 weights=weights)
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError(f"fastmf.{who}: weights must be finite and >= 0")
+        return weights
+
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         users, items = self._check_ids("users", users), self._check_ids("items", items)
         checks.check_same_length("distributed.ShardedMF", users=users, items=items)
@@ -329,14 +348,17 @@ class ShardedMF(Recommender):
 
     @torch.no_grad()
     def train_step(self, optimizer, users: Tensor, items: Tensor, targets: Tensor, *,
-                   loss: str = "mse", reg: float = 0.0) -> Tensor:
+                   loss: str = "mse", reg: float = 0.0, weights: Tensor | None = None
+                   ) -> Tensor:
         """The sharded form of :func:`fastmf.train_step` (no autograd graph): route the ids,
         gather the rows, compute each sample's gradient coefficient locally, route the
         gradient rows back, and let each owner apply ``optimizer`` (SparseAdagrad or
         SparseSGD over this model's shards) once per unique row. Each rank passes its slice
         of the global batch; the mean loss and the reg term use the global batch size, so
-        the result equals one process running the whole batch. Returns the global loss
-        (the same 0-d tensor on every rank)."""
+        the result equals one process running the whole batch. ``weights`` (None or this
+        slice's (B,) finite weights >= 0) scale each sample's data term as in
+        :func:`fastmf.train_step`: ``mean_b(w_b * loss_b) + reg term``. Returns the global
+        loss (the same 0-d tensor on every rank)."""
         code = _parse_loss(Loss, loss, "distributed.ShardedMF.train_step")
         _fused_optimizer(self, optimizer)
         optimizer.check_groups()
@@ -345,6 +367,7 @@ class ShardedMF(Recommender):
         checks.check_same_length("distributed.ShardedMF.train_step", users=users, items=items,
                                  targets=targets)
         targets = targets.to(self.user_factors.dtype)
+        weights = self._check_weights("distributed.ShardedMF.train_step", weights, users)
         route_u = Route([users], self.num_users, self.group, "ShardedMF.train_step")
         route_i = Route([items], self.num_items, self.group, "ShardedMF.train_step")
         batch = route_u.global_batch
@@ -371,6 +394,8 @@ class ShardedMF(Recommender):
             else:
                 terms = F.binary_cross_entropy_with_logits(pred, targets, reduction="none")
                 dloss = torch.sigmoid(pred) - targets
+            if weights is not None:
+                terms, dloss = terms * weights, dloss * weights
             coef = (dloss / batch).unsqueeze(1)
             two_reg = 2.0 * reg / batch
             grad_u = [coef * q + two_reg * p]
@@ -387,11 +412,13 @@ class ShardedMF(Recommender):
     @torch.no_grad()
     def train_step_pairwise(self, optimizer, users: Tensor, pos_items: Tensor,
                             neg_items: Tensor, *, loss: str = "bpr",
-                            reg: float = 0.0) -> Tensor:
+                            reg: float = 0.0, weights: Tensor | None = None) -> Tensor:
         """The sharded form of :func:`fastmf.train_step_pairwise` (BPR): as
         :meth:`train_step`, with the item ids routed as two segments (positives, then
         negatives) so each item row sums its gradients in the single-process order
-        (all positives of the global batch, then all negatives)."""
+        (all positives of the global batch, then all negatives). ``weights`` (None or
+        this slice's (B,)) scale each sample's softplus term (the reg term is not
+        weighted)."""
         who = "distributed.ShardedMF.train_step_pairwise"
         _parse_loss(PairwiseLoss, loss, who)
         _fused_optimizer(self, optimizer)
@@ -401,6 +428,7 @@ class ShardedMF(Recommender):
         pos_items = self._check_ids("pos_items", pos_items)
         neg_items = self._check_ids("neg_items", neg_items)
         checks.check_same_length(who, users=users, pos_items=pos_items, neg_items=neg_items)
+        weights = self._check_weights(who, weights, users)
         route_u = Route([users], self.num_users, self.group, "ShardedMF.train_step_pairwise")
         route_i = Route([pos_items, neg_items], self.num_items, self.group,
                         "ShardedMF.train_step_pairwise")
@@ -419,14 +447,17 @@ class ShardedMF(Recommender):
                 bi, bj = i_rows[1][:n], i_rows[1][n:]
                 x = x + bi - bj
                 per_sample = per_sample + bi.pow(2) + bj.pow(2)
-            coef = (-torch.sigmoid(-x) / batch).unsqueeze(1)
+            dloss, terms = -torch.sigmoid(-x), F.softplus(-x)
+            if weights is not None:
+                dloss, terms = dloss * weights, terms * weights
+            coef = (dloss / batch).unsqueeze(1)
             two_reg = 2.0 * reg / batch
             grad_p = coef * (qi - qj) + two_reg * p
             grad_items = [torch.cat([coef * p + two_reg * qi, -coef * p + two_reg * qj])]
             if self.has_bias:
                 grad_items.append(torch.cat([coef + two_reg * bi.unsqueeze(1),
                                              -coef + two_reg * bj.unsqueeze(1)]))
-            total = torch.stack([F.softplus(-x).sum(), per_sample.sum()])
+            total = torch.stack([terms.sum(), per_sample.sum()])
             dist.all_reduce(total, group=self.group)
         rows = route_u.scatter(grad_p)
         with timings.phase("update"):
