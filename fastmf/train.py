@@ -335,78 +335,94 @@ def fit(
         dctx = FitContext.of(model, distributed)
         model = dctx.model
         progress = progress and dctx.is_main
-    # In the model's id maps first, when it has some: valid then follows train's.
-    train = _in_model_maps(model, _as_interactions(train, "train"))
-    if valid is not None:
-        valid = _as_interactions(valid, "valid", like=train)
-    name = model.public_name()
-    if loss is None:
-        loss = model.default_loss
-    if loss not in EXPLICIT + IMPLICIT:
-        raise ValueError(f"fastmf.fit: unknown loss {loss!r}; expected one of "
-                         f"{EXPLICIT + IMPLICIT}")
-    if loss not in model.losses:
-        raise ValueError(f"fastmf.fit: {name} does not train with loss {loss!r}; its losses "
-                         f"are {tuple(model.losses)}")
-    implicit = loss in IMPLICIT
-    kind = "implicit" if implicit else "explicit"
-    # The model's own defaults: per loss kind, then per loss (MF's "warp").
-    own = model.defaults or {}
-    defaults = {**DEFAULTS[kind], **own.get(kind, {}), **own.get(loss, {})}
-    epochs = _count("epochs", defaults["epochs"] if epochs is None else epochs, 0)
-    batch_size = _count("batch_size",
-                        defaults["batch_size"] if batch_size is None else batch_size, 1)
-    reg = defaults["reg"] if reg is None else _real("reg", reg)
-    lr = defaults["lr"] if lr is None else _real("lr", lr)
-    if not implicit and not (isinstance(negative_distribution, str)
-                             and negative_distribution == "uniform"):
-        raise ValueError(f"fastmf.fit: negative_distribution={negative_distribution!r} applies "
-                         f"to the implicit losses {IMPLICIT}, not {loss!r}, which draws no "
-                         "negatives")
-    # An implicit loss with no negatives would train nothing (every step's loss is 0).
-    num_negatives = _count("num_negatives", defaults.get("num_negatives", 4)
-                           if num_negatives is None else num_negatives, 1 if implicit else 0)
-    if early_stopping is not None:
-        # Patience in epochs: 0 or less would stop after the first epoch whatever it scored.
-        early_stopping = _count("early_stopping", early_stopping, 1)
-        if valid is None:
-            raise ValueError("fastmf.fit: early_stopping needs valid= (the held-out "
-                             "interactions it monitors)")
-    model.check_data(train)
-    if train.weights is not None and not model.uses_weights:
-        raise ValueError(
-            f"fastmf.fit: the interactions carry per-row weights, which "
-            f"{type(model).__name__}'s training step does not use; train without them "
-            "(train.with_weights(None)) or a model that uses them (fastmf.MF, "
-            "fastmf.models.ALS, Hybrid, GMF, MLP, NeuMF)")
-    if not implicit and train.ratings is None:
-        raise ValueError(f"fastmf.fit: loss {loss!r} needs ratings; these interactions have "
-                         "none (use loss='bpr' or 'bce' for implicit feedback)")
-    seed = (int(np.random.SeedSequence().entropy % (2**31)) if seed is None
-            else _count("seed", seed, 0))
+    # Distributed: a check that fails on one rank only (its data, its arguments) must not
+    # leave the others waiting in a collective, so the checks run under try and every rank
+    # learns the outcome, with each rank's data and settings, in one collective below.
+    problem = agreed = None
+    try:
+        # In the model's id maps first, when it has some: valid then follows train's.
+        train = _in_model_maps(model, _as_interactions(train, "train"))
+        if valid is not None:
+            valid = _as_interactions(valid, "valid", like=train)
+        name = model.public_name()
+        if loss is None:
+            loss = model.default_loss
+        if loss not in EXPLICIT + IMPLICIT:
+            raise ValueError(f"fastmf.fit: unknown loss {loss!r}; expected one of "
+                             f"{EXPLICIT + IMPLICIT}")
+        if loss not in model.losses:
+            raise ValueError(f"fastmf.fit: {name} does not train with loss {loss!r}; its losses "
+                             f"are {tuple(model.losses)}")
+        implicit = loss in IMPLICIT
+        kind = "implicit" if implicit else "explicit"
+        # The model's own defaults: per loss kind, then per loss (MF's "warp").
+        own = model.defaults or {}
+        defaults = {**DEFAULTS[kind], **own.get(kind, {}), **own.get(loss, {})}
+        epochs = _count("epochs", defaults["epochs"] if epochs is None else epochs, 0)
+        batch_size = _count("batch_size",
+                            defaults["batch_size"] if batch_size is None else batch_size, 1)
+        reg = defaults["reg"] if reg is None else _real("reg", reg)
+        lr = defaults["lr"] if lr is None else _real("lr", lr)
+        if not implicit and not (isinstance(negative_distribution, str)
+                                 and negative_distribution == "uniform"):
+            raise ValueError(f"fastmf.fit: negative_distribution={negative_distribution!r} applies "
+                             f"to the implicit losses {IMPLICIT}, not {loss!r}, which draws no "
+                             "negatives")
+        # An implicit loss with no negatives would train nothing (every step's loss is 0).
+        num_negatives = _count("num_negatives", defaults.get("num_negatives", 4)
+                               if num_negatives is None else num_negatives, 1 if implicit else 0)
+        if early_stopping is not None:
+            # Patience in epochs: 0 or less would stop after the first epoch whatever it scored.
+            early_stopping = _count("early_stopping", early_stopping, 1)
+            if valid is None:
+                raise ValueError("fastmf.fit: early_stopping needs valid= (the held-out "
+                                 "interactions it monitors)")
+        model.check_data(train)
+        if train.weights is not None and not model.uses_weights:
+            raise ValueError(
+                f"fastmf.fit: the interactions carry per-row weights, which "
+                f"{type(model).__name__}'s training step does not use; train without them "
+                "(train.with_weights(None)) or a model that uses them (fastmf.MF, "
+                "fastmf.models.ALS, Hybrid, GMF, MLP, NeuMF)")
+        if not implicit and train.ratings is None:
+            raise ValueError(f"fastmf.fit: loss {loss!r} needs ratings; these interactions have "
+                             "none (use loss='bpr' or 'bce' for implicit feedback)")
+        seed = (int(np.random.SeedSequence().entropy % (2**31)) if seed is None
+                else _count("seed", seed, 0))
+        k = _count("k", k, 1)
+        if resume and checkpoint is None:
+            raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")
+        if checkpoint is not None and dctx is None:
+            # Refuse a folder the saves could not use now, not after the first epoch.
+            checkpoint = check_save_target(checkpoint)
+            if early_stopping and valid is not None:
+                check_save_target(_best_path(checkpoint))
+            if checkpoint_module.MODELS.get(type(model).__name__) is not type(model):
+                raise ValueError(f"fastmf.fit: checkpoint= needs a registered model class; "
+                                 f"decorate {type(model).__qualname__} with "
+                                 "fastmf.checkpoint.register_model")
+        if dctx is not None:
+            optimizer = dctx.optimizer(optimizer, lr)
+            agreed = _agreement_record(
+                model, train, valid, optimizer, loss=loss, epochs=epochs, batch_size=batch_size,
+                lr=lr, reg=reg, num_negatives=num_negatives,
+                negative_distribution=negative_distribution, metrics=metrics, k=k,
+                early_stopping=early_stopping, monitor=monitor, checkpoint=checkpoint,
+                resume=resume, set_global_mean=set_global_mean)
+        elif optimizer is None or isinstance(optimizer, str):
+            optimizer = model.make_optimizer(optimizer, lr)
+        else:
+            check_steps_its_tables(optimizer, model.parameters(), "fastmf.fit")
+    except Exception as exc:
+        if dctx is None:
+            raise
+        problem = exc
     if dctx is not None:
-        # Every rank must slice the same global batches: rank 0's draw (or seed) on all.
-        seed = dctx.agree(seed)
-    k = _count("k", k, 1)
-    if resume and checkpoint is None:
-        raise ValueError("fastmf.fit: resume=True needs checkpoint=<folder>")
-    if checkpoint is not None and dctx is not None:
-        checkpoint = dctx.check_target(checkpoint)
-    elif checkpoint is not None:
-        # Refuse a folder the saves could not use now, not after the first epoch.
-        checkpoint = check_save_target(checkpoint)
-        if early_stopping and valid is not None:
-            check_save_target(_best_path(checkpoint))
-        if checkpoint_module.MODELS.get(type(model).__name__) is not type(model):
-            raise ValueError(f"fastmf.fit: checkpoint= needs a registered model class; "
-                             f"decorate {type(model).__qualname__} with "
-                             "fastmf.checkpoint.register_model")
-    if dctx is not None:
-        optimizer = dctx.optimizer(optimizer, lr)
-    elif optimizer is None or isinstance(optimizer, str):
-        optimizer = model.make_optimizer(optimizer, lr)
-    else:
-        check_steps_its_tables(optimizer, model.parameters(), "fastmf.fit")
+        # The same error on every rank when a rank's checks failed or its data or settings
+        # differ from rank 0's; every rank slices the same global batches: rank 0's seed.
+        seed = dctx.check_same(problem, agreed, seed)
+        if checkpoint is not None:
+            checkpoint = dctx.check_target(checkpoint)
     model.prepare(train)
 
     metric_names = tuple(metrics) if metrics else (
@@ -594,6 +610,44 @@ def _save_progress(model, optimizer, path: Path, history, epoch, improved, early
     if run is not None:
         extra["run"] = run
     model.save(path, optimizer=optimizer, extra=extra)
+
+
+def _agreement_record(model, train, valid, optimizer, **settings) -> dict:
+    """What every rank of a sharded fit must share, as text for
+    :meth:`fastmf.distributed.fit.FitContext.check_same` to compare: the data (size and
+    digest, as :func:`_run_record` keeps them), the settings, the model's config and the
+    optimizer's class and group settings (not the seed: rank 0's is used)."""
+    def text(value) -> str:
+        if isinstance(value, np.ndarray | torch.Tensor):
+            array = np.ascontiguousarray(np.asarray(value))
+            return (f"array {array.dtype} {array.shape} sha256 "
+                    f"{hashlib.sha256(array.tobytes()).hexdigest()[:16]}")
+        if isinstance(value, Path):
+            return repr(str(value))
+        return repr(value)
+
+    record = {key: text(value) for key, value in settings.items()}
+    record["data"] = _run_record(train)["data"]
+    record["valid"] = "none" if valid is None else _run_record(valid)["data"]
+    record["model"] = type(model).__qualname__
+    try:
+        config = model.get_config()
+    except Exception:  # noqa: BLE001 - a model without a config: its class only
+        config = {}
+    for key, value in sorted(config.items()):
+        if key not in ("device", "backend"):  # may differ per rank without harm
+            record[f"model {key}"] = text(value)
+    parts = list(getattr(optimizer, "optimizers", [optimizer]))
+    for index, part in enumerate(parts):
+        name = "optimizer" if len(parts) == 1 else f"optimizer[{index}]"
+        record[name] = type(part).__qualname__
+        record[f"{name} groups"] = str(len(part.param_groups))
+        for number, group in enumerate(part.param_groups):
+            record[f"{name} group {number} params"] = str(len(group["params"]))
+            for key, value in group.items():
+                if key != "params":
+                    record[f"{name} group {number} {key}"] = text(value)
+    return record
 
 
 def _run_record(train, **settings) -> dict:

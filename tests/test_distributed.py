@@ -279,6 +279,39 @@ def _fit_fixes(rank: int, ckpt: Path, train) -> dict:
         res[f"fit_target_{key}"] = _error(lambda t=target: fastmf.fit(
             fd.shard(_mf(1)), train, epochs=1, checkpoint=t, progress=False))
     res["save_under_a_file"] = _error(lambda: fd.save(under_a_file, fd.shard(_mf(1))))
+    res.update(_fit_agreement(rank, ckpt, train))
+    return res
+
+
+def _fit_agreement(rank: int, ckpt: Path, train) -> dict:
+    """A rank with other data or settings, or data its model cannot hold: the same error
+    on every rank, before training; and a model sharded over a 1-rank group of its own."""
+    import torch.distributed as dist
+
+    import fastmf.distributed as fd
+
+    res: dict = {}
+    users = train.users.copy()
+    if rank == 1:
+        users[5] = NUM_USERS + 10  # out of the model's range, on rank 1 only
+    bad = fastmf.data.Interactions.from_arrays(users, train.items, train.ratings)
+    res["agree_bad_id"] = _error(lambda: fastmf.fit(fd.shard(_mf(1)), bad, epochs=1,
+                                                    progress=False))
+    other = fastmf.datasets.synthetic(num_users=NUM_USERS, num_items=NUM_ITEMS,
+                                      num_interactions=len(train), seed=4 + rank)
+    res["agree_data"] = _error(lambda: fastmf.fit(fd.shard(_mf(1)), other, epochs=1,
+                                                  progress=False))
+    res["agree_lr"] = _error(lambda: fastmf.fit(
+        fd.shard(_mf(1)), train, **dict(FIT_WEIGHTED, lr=0.1 * (rank + 1))))
+    res["agree_optimizer"] = _error(lambda: fastmf.fit(
+        fd.shard(_mf(1)), train, optimizer=("adagrad", "sgd")[rank], **FIT_WEIGHTED))
+    # Each rank's own 1-rank group: two independent runs, each as one process.
+    groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    train, valid = _fit_data(False)
+    model = fd.shard(_mf(1), process_group=groups[rank])
+    history = fastmf.fit(model, train, valid=valid, epochs=2,
+                         checkpoint=ckpt / f"fit_mf_group{rank}", **FIT_MF)
+    res["fit_mf_own_group"] = (_local_state(model), _rows(history))
     return res
 
 
@@ -711,6 +744,36 @@ def test_fit_mf_on_two_ranks_matches_one_process(runs, tmp_path):
     assert not torch.allclose(model.user_factors, _mf(1).user_factors)
     assert {"rmse", "mae"} <= set(history.epochs[0])
     _compare_fit(runs, "fit_mf", model, _rows(history))
+
+
+def test_fit_mf_sharded_over_a_1_rank_group_is_one_process(runs):
+    train, valid = _fit_data(False)
+    model = _mf(1)
+    history = fastmf.fit(model, train, valid=valid, epochs=2, **FIT_MF)
+    for r in runs["two"]:  # each rank ran alone in its group: the whole batch, every step
+        state, rows = r["fit_mf_own_group"]
+        _close(_assemble([state]), _full_state(model))
+        assert len(rows) == len(history.epochs)
+        for mine, theirs in zip(rows, _rows(history), strict=True):
+            for name in theirs:
+                assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize(("key", "kind", "text"), [
+    ("agree_bad_id", "ValueError",
+     f"data has {NUM_USERS + 1} users x {NUM_ITEMS} items, the model {NUM_USERS}"),
+    ("agree_data", "ValueError", "but rank 1 has data "),
+    ("agree_lr", "ValueError", "rank 1 has lr 0.2 where rank 0 has 0.1"),
+    ("agree_optimizer", "ValueError",
+     "rank 1 has optimizer SparseSGD where rank 0 has SparseAdagrad"),
+])
+def test_fit_refuses_ranks_that_disagree_on_every_rank(runs, key, kind, text):
+    main, other = runs["two"]
+    assert main[key] == other[key], key  # the same type and text on every rank
+    assert main[key][0] == kind and text in main[key][1], main[key]
+    if key != "agree_bad_id":
+        assert main[key][1].startswith("fastmf.fit: the ranks of a sharded fit must pass "
+                                       "the same data"), main[key]
 
 
 def test_fit_resumes_a_sharded_checkpoint(runs):

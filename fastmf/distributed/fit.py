@@ -98,7 +98,8 @@ class FitContext:
     def of(cls, model: Recommender, distributed: bool) -> FitContext | None:
         """None for a model without shards unless ``distributed`` (then it is sharded over
         the default group: in place for tables that are submodules, a new
-        :class:`~fastmf.distributed.ShardedMF` for a :class:`fastmf.MF`)."""
+        :class:`~fastmf.distributed.ShardedMF` for a :class:`fastmf.MF`). A sharded model's
+        context is over the group its tables were sharded over (:func:`model_group`)."""
         if not any(is_sharded(p) for p in model.parameters()):
             if not distributed:
                 return None
@@ -107,7 +108,45 @@ class FitContext:
                                    "initialised (torch.distributed.init_process_group(), "
                                    "e.g. under torchrun)")
             model = shard(model)
-        return cls(model)
+        return cls(model, model_group(model))
+
+    # -- agreement ----------------------------------------------------------------------------
+    def check_same(self, error: BaseException | None, record: dict | None, seed):
+        """Before training, one ``all_gather_object`` over the group: when a rank's checks
+        failed (``error``: its own data out of the model's range, say), the first failing
+        rank's error is raised on every rank (of the same type and text where it pickles);
+        when a rank's ``record`` (its data digest and settings, as text) differs from rank
+        0's, the same ValueError on every rank names what differs and where. Returns rank
+        0's ``seed``, which every rank then uses."""
+        sent = None if error is None else sharded_checkpoint._portable(error)
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, (sent, record, seed), group=self.group)
+        for rank, (theirs, _, _) in enumerate(gathered):
+            if theirs is None:
+                continue
+            if rank == self.rank and error is not None:
+                raise error
+            theirs.add_note(f"(fastmf.fit: raised on rank {rank}, where the check failed; "
+                            "every rank of the fit raises it)")
+            raise theirs from error
+        first = gathered[0][1]
+        changed = []
+        for rank in range(1, self.world_size):
+            mine, differ = gathered[rank][1], []
+            for key in list(first) + [key for key in mine if key not in first]:
+                # Another optimizer (model) class: its settings differ too, unsaid.
+                if first.get(key) != mine.get(key) and not any(
+                        key.startswith(f"{other} ") for other in differ):
+                    differ.append(key)
+                    changed.append(f"rank {rank} has {key} {mine.get(key, '(none)')} where "
+                                   f"rank 0 has {first.get(key, '(none)')}")
+        if changed:
+            shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more"
+                                              if len(changed) > 8 else "")
+            raise ValueError(
+                f"fastmf.fit: the ranks of a sharded fit must pass the same data, model and "
+                f"settings, but {shown}")
+        return gathered[0][2]
 
     # -- optimizer --------------------------------------------------------------------------
     def make_optimizer(self, name: str | None, lr: float):
@@ -278,6 +317,26 @@ class FitContext:
             best_state = copy.deepcopy(self.model.state_dict())
             self.model.load_state_dict(current)
         return epoch, history, best_state
+
+
+def model_group(model: nn.Module):
+    """The process group ``model``'s shards live on (None: the default group), which
+    :func:`fastmf.fit` then slices batches, sums and checkpoints over. ValueError when its
+    sharded tables are over different groups."""
+    from .modules import _ShardedTable
+
+    default = dist.GroupMember.WORLD
+    found = []
+    for module in model.modules():
+        if isinstance(module, ShardedMF | _ShardedTable):
+            group = None if module.group is default else module.group
+            if not any(group is seen for seen in found):
+                found.append(group)
+    if len(found) > 1:
+        raise ValueError(f"fastmf.fit: {type(model).__name__}'s sharded tables are over "
+                         f"{len(found)} different process groups; shard the whole model over "
+                         "one (fastmf.distributed.shard(model, process_group=...))")
+    return found[0] if found else None
 
 
 def _check_rowwise(path: Path, parts) -> None:
