@@ -288,16 +288,7 @@ def _check_target(path: Path, who: str) -> Path:
         raise CheckpointError(f"{who}: cannot save to {path}: it is a link to "
                               f"{os.readlink(path)}, which does not exist")
     if info is None:
-        # Missing parents are created by the save; the nearest existing one decides.
-        ancestor = Path(os.path.abspath(path)).parent
-        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise CheckpointError(f"{who}: cannot save to {path}: {ancestor} is not a "
-                                  "directory")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise CheckpointError(f"{who}: cannot save to {path}: the folder {ancestor} is "
-                                  "not writable")
+        check_creatable(path, who)
         return path
     if not stat.S_ISDIR(info.st_mode):
         raise CheckpointError(f"{who}: {path} is a file, not a fastmf checkpoint folder; "
@@ -311,6 +302,20 @@ def _check_target(path: Path, who: str) -> Path:
             f"{who}: refusing to save to {path}: it is not a fastmf checkpoint (it holds "
             f"{shown}) and saving never replaces other files; choose a new or empty folder")
     return path
+
+
+def check_creatable(path: Path, where: str) -> None:
+    """A save can create the missing folder ``path``: missing parents are created by the
+    save, so the nearest existing one decides; it must be a writable folder
+    (CheckpointError ``"{where}: cannot save to {path}: ..."`` otherwise)."""
+    ancestor = Path(os.path.abspath(path)).parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CheckpointError(f"{where}: cannot save to {path}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{where}: cannot save to {path}: the folder {ancestor} is not "
+                              "writable")
 
 
 def check_save_target(path) -> Path:

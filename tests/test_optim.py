@@ -38,12 +38,9 @@ TORCH_OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(TORCH_OPTIMIZERS))
-@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-@pytest.mark.parametrize("id_dtype", ID_DTYPES)
-@pytest.mark.parametrize("module", ["Embedding", "EmbeddingBag"])
-def test_twenty_steps_match_torch(backend, name, fused, id_dtype, module):
+def twins(name: str, fused: bool, module: str = "Embedding", backend: str = "auto"):
+    """(ours, theirs, opt_ours, opt_theirs): a fastmf table and torch's sparse one from the
+    same weights, each with optimizer ``name`` (ours in backward when ``fused``)."""
     torch.manual_seed(0)
     if module == "Embedding":
         ours = fastmf.nn.Embedding(N, K, backend=backend)
@@ -57,6 +54,16 @@ def test_twenty_steps_match_torch(backend, name, fused, id_dtype, module):
     opt_theirs, opt_ours = make_torch(theirs.parameters()), make_ours(ours.parameters())
     if fused:
         fastmf.optim.apply_in_backward(opt_ours)
+    return ours, theirs, opt_ours, opt_theirs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(TORCH_OPTIMIZERS))
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("id_dtype", ID_DTYPES)
+@pytest.mark.parametrize("module", ["Embedding", "EmbeddingBag"])
+def test_twenty_steps_match_torch(backend, name, fused, id_dtype, module):
+    ours, theirs, opt_ours, opt_theirs = twins(name, fused, module, backend)
     rng = np.random.default_rng(1)
     proj = torch.randn(K)
     for step in range(STEPS):
@@ -667,15 +674,7 @@ def test_fully_sparse_gradients_match_torch(name, shape):
 @pytest.mark.parametrize("name", ["adagrad", "adam"])
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_steps_go_on_after_module_double_as_torch_does(name, fused):
-    torch.manual_seed(0)
-    ours = fastmf.nn.Embedding(N, K)
-    theirs = torch.nn.Embedding(N, K, sparse=True)
-    with torch.no_grad():
-        theirs.weight.copy_(ours.weight)
-    make_torch, make_ours = TORCH_OPTIMIZERS[name]
-    opt_theirs, opt_ours = make_torch(theirs.parameters()), make_ours(ours.parameters())
-    if fused:
-        fastmf.optim.apply_in_backward(opt_ours)
+    ours, theirs, opt_ours, opt_theirs = twins(name, fused)
     rng = np.random.default_rng(2)
     for convert in (None, "double", None, "float", None):
         if convert:

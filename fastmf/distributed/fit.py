@@ -382,7 +382,7 @@ def check_target(path, group=None, who: str = "fastmf.distributed") -> Path:
 
 def _check_folder(path: Path, who: str) -> None:
     """Rank 0's part of :func:`check_target`."""
-    from fastmf.checkpoint import CheckpointError
+    from fastmf.checkpoint import CheckpointError, check_creatable
 
     for folder in (path, _best_path(path)):
         try:  # any other OSError (a name too long, no permission) is the answer
@@ -400,16 +400,7 @@ def _check_folder(path: Path, who: str) -> None:
                 raise CheckpointError(f"{who}={str(path)!r}: cannot save to {folder}: the "
                                       "folder is not writable")
             continue
-        # Missing parents are created by the save; the nearest existing one decides.
-        ancestor = Path(os.path.abspath(folder)).parent
-        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise CheckpointError(f"{who}={str(path)!r}: cannot save to {folder}: {ancestor} "
-                                  "is not a directory")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise CheckpointError(f"{who}={str(path)!r}: cannot save to {folder}: the folder "
-                                  f"{ancestor} is not writable")
+        check_creatable(folder, f"{who}={str(path)!r}")
 
 
 def _committed_version(folder: Path) -> bool:
