@@ -222,11 +222,11 @@ def _is_checkpoint(folder: Path) -> bool:
     merely holds a file named CURRENT is neither: saving a sharded checkpoint removes the
     folders of its other versions."""
     from fastmf.checkpoint import CheckpointError, _read_config
-    from fastmf.distributed.checkpoint import _committed
+    from fastmf.distributed.checkpoint import is_sharded_checkpoint
 
+    if (folder / "CURRENT").is_file():
+        return is_sharded_checkpoint(folder)
     try:
-        if (folder / "CURRENT").is_file():
-            return _committed(folder, "fastmf") is not None
         _read_config(folder, "fastmf")
     except (CheckpointError, OSError):
         return False

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fastmf.checkpoint import (
+    _ST_DTYPES,
     MAX_CONFIG_BYTES,
     CheckpointError,
     _fsync,
@@ -204,6 +205,16 @@ def _committed(path: Path, who: str = "fastmf.distributed.load") -> str | None:
         raise CheckpointError(f"{who}: {file} names {version}, but {path / version} holds no "
                               f"{MANIFEST}; not a complete sharded fastmf checkpoint")
     return version
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` is a sharded checkpoint: its CURRENT names one of its versions
+    (:func:`_committed`). A folder that merely holds a file named CURRENT is not one, and
+    must not be taken for one: saving removes the other versions' folders."""
+    try:
+        return _committed(folder, "fastmf.distributed") is not None
+    except (CheckpointError, OSError):
+        return False
 
 
 def save(path, model: nn.Module, optimizers=(), *, process_group=None,
@@ -574,22 +585,20 @@ def _check_files(folder: Path, manifest: dict, old_world: int, tables: dict,
                 raise ValueError(f"fastmf.distributed.load_model: the checkpoint has no "
                                  f"{name}")
             part = f.get_slice(name)
-            shape, dtype = list(part.get_shape()), _ST_DTYPES.get(part.get_dtype())
+            shape = list(part.get_shape())
+            dtype = _ST_DTYPES.get(part.get_dtype(), (None,))[0]
             if shape != list(tensor.shape) or dtype != tensor.dtype:
                 raise ValueError(f"fastmf.distributed.load_model: {name} is "
                                  f"{tuple(tensor.shape)} {tensor.dtype} in the model, "
                                  f"{tuple(shape)} {part.get_dtype()} in the checkpoint")
 
 
-_ST_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+# The safetensors codes an optimizer state may have (of fastmf.checkpoint's table).
+_STATE_CODES = ("F32", "F64", "F16", "BF16", "I64", "I32")
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    table = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16,
-             "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32}
-    if name not in table:
+    if name not in _STATE_CODES:
         raise ValueError(f"fastmf.distributed.load: unsupported state dtype {name}")
-    return table[name]
+    return _ST_DTYPES[name][0]
 

@@ -391,7 +391,7 @@ def _check_folder(path: Path, who: str) -> None:
         except (FileNotFoundError, NotADirectoryError):
             exists = False
         if exists and (not folder.is_dir() or (
-                any(folder.iterdir()) and not _committed_version(folder))):
+                any(folder.iterdir()) and not sharded_checkpoint.is_sharded_checkpoint(folder))):
             raise ValueError(f"{who}={str(path)!r}: {folder} exists and is not a sharded "
                              "fastmf checkpoint (a sharded run saves with "
                              "fastmf.distributed.save)")
@@ -401,17 +401,6 @@ def _check_folder(path: Path, who: str) -> None:
                                       "folder is not writable")
             continue
         check_creatable(folder, f"{who}={str(path)!r}")
-
-
-def _committed_version(folder: Path) -> bool:
-    """Whether ``folder`` is a sharded checkpoint: its CURRENT names one of its versions
-    (a file merely named CURRENT does not make it one; saving removes other versions)."""
-    from fastmf.checkpoint import CheckpointError
-
-    try:
-        return sharded_checkpoint._committed(folder, "fastmf.distributed") is not None
-    except (CheckpointError, OSError):
-        return False
 
 
 def _best_path(path: Path) -> Path:

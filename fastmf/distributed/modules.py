@@ -314,18 +314,15 @@ class ShardedMF(Recommender):
         return ids.reshape(-1)
 
     def _check_weights(self, who: str, weights, users: Tensor) -> Tensor | None:
-        """``weights`` (None, or (B,) floats like ``users``) in the tables' dtype, checked
-        finite and >= 0 as the fused steps check them."""
+        """``weights`` (None, or (B,) floats like ``users``) in the tables' dtype, checked as
+        the fused steps check theirs (checks.check_step_weights)."""
         if weights is None:
             return None
         if not isinstance(weights, Tensor) or not weights.is_floating_point():
             raise TypeError(f"fastmf.{who}: weights must be a floating point tensor, got "
                             f"{getattr(weights, 'dtype', type(weights).__name__)}")
         weights = weights.reshape(-1).to(self.user_factors.dtype)
-        checks.check_same_length(who, users=users,
-                                 weights=weights)
-        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-            raise ValueError(f"fastmf.{who}: weights must be finite and >= 0")
+        checks.check_step_weights(who, weights, self.user_factors, users)
         return weights
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
